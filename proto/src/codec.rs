@@ -1,0 +1,171 @@
+//! MessagePack codec with named fields.
+//!
+//! `to_vec_named` writes structs as maps keyed by field name, so a reader
+//! ignores fields it does not know and defaults ones it does not find.
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::envelope::{Envelope, SCHEMA_VERSION};
+
+/// Why a payload could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("cannot encode payload: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+    #[error("payload is not valid Tocsin MessagePack: {0}")]
+    Decode(#[from] rmp_serde::decode::Error),
+    #[error("payload schema version {found} is newer than this reader's {supported}; upgrade this service")]
+    UnsupportedSchema { found: u32, supported: u32 },
+}
+
+/// Encodes a value as MessagePack with field names.
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    Ok(rmp_serde::to_vec_named(value)?)
+}
+
+/// Decodes a value written by [`encode`].
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    Ok(rmp_serde::from_slice(bytes)?)
+}
+
+/// Decodes an envelope and checks its schema version.
+pub fn decode_envelope<T: DeserializeOwned>(bytes: &[u8]) -> Result<Envelope<T>, CodecError> {
+    let env: Envelope<T> = decode(bytes)?;
+    if env.schema > SCHEMA_VERSION {
+        return Err(CodecError::UnsupportedSchema {
+            found: env.schema,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Alert, AlertStatus, Fingerprint, Labels, Origin, SourceKind};
+
+    fn sample() -> Envelope<Alert> {
+        let labels: Labels = [
+            ("alertname", "HighLatency"),
+            ("service", "api"),
+            ("severity", "critical"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        Envelope {
+            schema: 1,
+            source: "prod-am".into(),
+            received_at: "2025-01-15T10:00:01Z".parse().unwrap(),
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            body: Alert {
+                fingerprint: Fingerprint::from_labels(&labels),
+                status: AlertStatus::Firing,
+                labels,
+                annotations: [("summary".to_string(), "p99 > 2s".to_string())].into(),
+                starts_at: "2025-01-15T10:00:00.123456789Z".parse().unwrap(),
+                ends_at: None,
+                generator_url: Some("http://prometheus:9090/graph".into()),
+                dedup_key: None,
+                origin: Origin {
+                    kind: Some(SourceKind::Alertmanager),
+                    receiver: Some("incident-engine".into()),
+                    group_key: Some("{}:{alertname=\"HighLatency\"}".into()),
+                    group_labels: [("alertname".to_string(), "HighLatency".to_string())].into(),
+                    external_url: Some("http://alertmanager:9093".into()),
+                    event_digest: None,
+                },
+            },
+        }
+    }
+
+    /// The pinned encoding of [`sample`]. If this fails you changed the wire
+    /// format: make the change compatible (new fields with `#[serde(default)]`)
+    /// and re-pin, or bump SCHEMA_VERSION.
+    const GOLDEN: &str = include_str!("../tests/golden/alert_envelope.hex");
+
+    fn golden_bytes() -> Vec<u8> {
+        let hex: String = GOLDEN.split_whitespace().collect();
+        hex::decode(hex).expect("golden file is hex")
+    }
+
+    #[test]
+    fn golden_bytes_pin_the_encoding() {
+        let encoded = encode(&sample()).unwrap();
+        assert_eq!(
+            hex::encode(&encoded),
+            hex::encode(golden_bytes()),
+            "the MessagePack encoding of Envelope<Alert> changed"
+        );
+    }
+
+    #[test]
+    fn golden_bytes_decode() {
+        let decoded: Envelope<Alert> = decode_envelope(&golden_bytes()).unwrap();
+        assert_eq!(decoded, sample());
+    }
+
+    #[test]
+    fn encoding_is_a_map_with_field_names() {
+        let encoded = encode(&sample()).unwrap();
+        // fixmap marker, then the first key "schema" as a fixstr.
+        assert_eq!(encoded[0] & 0xf0, 0x80);
+        assert_eq!(&encoded[1..8], b"\xa6schema");
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_missing_optional_fields_default() {
+        #[derive(serde::Serialize)]
+        struct Future<'a> {
+            schema: u32,
+            source: &'a str,
+            received_at: &'a str,
+            body: FutureAlert<'a>,
+            added_in_v1_5: bool,
+        }
+        #[derive(serde::Serialize)]
+        struct FutureAlert<'a> {
+            fingerprint: &'a str,
+            status: &'a str,
+            labels: Labels,
+            starts_at: &'a str,
+            origin: Origin,
+            brand_new: u8,
+        }
+        let bytes = encode(&Future {
+            schema: 1,
+            source: "x",
+            received_at: "2025-01-15T10:00:01Z",
+            body: FutureAlert {
+                fingerprint: "cbf29ce484222325",
+                status: "resolved",
+                labels: Labels::new(),
+                starts_at: "2025-01-15T10:00:00Z",
+                origin: Origin::default(),
+                brand_new: 7,
+            },
+            added_in_v1_5: true,
+        })
+        .unwrap();
+        let env: Envelope<Alert> = decode_envelope(&bytes).unwrap();
+        assert_eq!(env.body.status, AlertStatus::Resolved);
+        assert!(env.body.annotations.is_empty());
+        assert_eq!(env.traceparent, None);
+    }
+
+    #[test]
+    fn newer_schema_is_refused_with_a_reason() {
+        let mut env = sample();
+        env.schema = SCHEMA_VERSION + 1;
+        let err = decode_envelope::<Alert>(&encode(&env).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("upgrade this service"), "{err}");
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for bytes in [&b""[..], b"\xc1", b"{\"json\":1}", b"\x81\xa6schema\xc0"] {
+            assert!(decode_envelope::<Alert>(bytes).is_err());
+        }
+    }
+}

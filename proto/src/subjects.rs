@@ -1,0 +1,142 @@
+//! Stream names, subjects and header names.
+//!
+//! Subjects are hierarchical so consumers can filter: `tocsin.alerts.<kind>.<fingerprint>`.
+//! Every token placed in a subject is checked with [`is_valid_token`] first.
+
+use crate::{alert::SourceKind, fingerprint::Fingerprint};
+
+/// Normalized alert events from ingest.
+pub const STREAM_ALERTS: &str = "ALERTS";
+/// The incident event log: the source of truth for every timeline.
+pub const STREAM_INCIDENTS: &str = "INCIDENTS";
+/// Commands to the incidents service (ack, resolve, ...). Work queue.
+pub const STREAM_COMMANDS: &str = "COMMANDS";
+/// One message per notification to deliver. Work queue.
+pub const STREAM_NOTIFY: &str = "NOTIFY";
+/// Messages no service could decode, with the reason, kept for inspection.
+pub const STREAM_DEADLETTER: &str = "DEADLETTER";
+
+pub const ALERTS_SUBJECTS: &str = "tocsin.alerts.>";
+pub const INCIDENTS_SUBJECTS: &str = "tocsin.incidents.>";
+pub const COMMANDS_SUBJECTS: &str = "tocsin.cmd.>";
+pub const NOTIFY_SUBJECTS: &str = "tocsin.notify.>";
+pub const DEADLETTER_SUBJECTS: &str = "tocsin.dlq.>";
+
+/// How a stream keeps its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Kept until they age out (by the stream's max age).
+    Limits,
+    /// Removed once a consumer acknowledged them.
+    WorkQueue,
+}
+
+/// One stream of the bus, as the runtime creates it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamDef {
+    pub name: &'static str,
+    pub subjects: &'static str,
+    pub retention: Retention,
+    pub description: &'static str,
+}
+
+/// Every stream Tocsin uses. The runtime creates or updates all of them at
+/// start-up, idempotently.
+pub const STREAMS: [StreamDef; 5] = [
+    StreamDef {
+        name: STREAM_ALERTS,
+        subjects: ALERTS_SUBJECTS,
+        retention: Retention::Limits,
+        description: "Tocsin: normalized alert events from ingest",
+    },
+    StreamDef {
+        name: STREAM_INCIDENTS,
+        subjects: INCIDENTS_SUBJECTS,
+        retention: Retention::Limits,
+        description: "Tocsin: incident event log (source of truth for timelines)",
+    },
+    StreamDef {
+        name: STREAM_COMMANDS,
+        subjects: COMMANDS_SUBJECTS,
+        retention: Retention::WorkQueue,
+        description: "Tocsin: commands to the incidents service",
+    },
+    StreamDef {
+        name: STREAM_NOTIFY,
+        subjects: NOTIFY_SUBJECTS,
+        retention: Retention::WorkQueue,
+        description: "Tocsin: notifications to deliver",
+    },
+    StreamDef {
+        name: STREAM_DEADLETTER,
+        subjects: DEADLETTER_SUBJECTS,
+        retention: Retention::Limits,
+        description: "Tocsin: undecodable or undeliverable messages with the reason",
+    },
+];
+
+/// NATS header names Tocsin sets.
+pub mod headers {
+    /// JetStream de-duplication id; derived from what the message means.
+    pub const MSG_ID: &str = "Nats-Msg-Id";
+    /// W3C trace context, so one incident can be followed through every service.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// Schema version of the payload, readable without decoding it.
+    pub const SCHEMA: &str = "Tocsin-Schema";
+    /// On dead-lettered messages: why it was dead-lettered.
+    pub const DLQ_REASON: &str = "Tocsin-Dlq-Reason";
+    /// On dead-lettered messages: the subject it originally had.
+    pub const DLQ_SUBJECT: &str = "Tocsin-Dlq-Subject";
+}
+
+/// Subject of an alert event: `tocsin.alerts.<kind>.<fingerprint>`.
+pub fn alert_subject(kind: SourceKind, fingerprint: &Fingerprint) -> String {
+    format!("tocsin.alerts.{}.{}", kind.as_str(), fingerprint)
+}
+
+/// Subject of a dead-lettered message from `stream`: `tocsin.dlq.<stream>`.
+pub fn dead_letter_subject(stream: &str) -> String {
+    format!("tocsin.dlq.{}", stream.to_ascii_lowercase())
+}
+
+/// Whether `s` may be used as one token of a subject: non-empty, at most 64
+/// bytes, and only ASCII letters, digits, `-` and `_` (no `.`, `*`, `>` or
+/// white space, which NATS gives meaning to).
+pub fn is_valid_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alert_subject_is_hierarchical() {
+        let fp = Fingerprint::parse("6a4f37c34a2d1e4b").unwrap();
+        assert_eq!(
+            alert_subject(SourceKind::Alertmanager, &fp),
+            "tocsin.alerts.alertmanager.6a4f37c34a2d1e4b"
+        );
+        assert_eq!(dead_letter_subject("ALERTS"), "tocsin.dlq.alerts");
+    }
+
+    #[test]
+    fn tokens() {
+        for ok in ["a", "prod-am", "grafana_1"] {
+            assert!(is_valid_token(ok), "{ok}");
+        }
+        for bad in ["", "a.b", "a b", "*", ">", "é", &"x".repeat(65)] {
+            assert!(!is_valid_token(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_stream_subject_is_under_tocsin() {
+        for s in STREAMS {
+            assert!(s.subjects.starts_with("tocsin.") && s.subjects.ends_with(".>"));
+        }
+    }
+}

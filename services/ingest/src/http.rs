@@ -1,0 +1,320 @@
+//! HTTP layer: routes, authentication, body limits, and the answer.
+
+use std::{sync::Arc, time::Instant};
+
+use axum::{
+    body::Body,
+    extract::State,
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::post,
+    Json, Router,
+};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tocsin_proto::{Alert, Timestamp};
+use tracing::Instrument;
+
+use crate::{
+    config::IngestConfig,
+    error::Rejection,
+    events::{IngestEvent, IngestMetrics},
+    publish::{PublishError, Publisher, Stored},
+    receivers::{alertmanager, generic, pagerduty},
+};
+
+pub(crate) struct AppState {
+    tokens: Vec<(String, [u8; 32])>,
+    max_body: usize,
+    retry_after: u64,
+    publisher: Publisher,
+    metrics: IngestMetrics,
+}
+
+impl AppState {
+    pub(crate) fn new(config: &IngestConfig, publisher: Publisher, metrics: IngestMetrics) -> Self {
+        AppState {
+            tokens: config
+                .tokens
+                .iter()
+                .map(|t| (t.source.clone(), digest(t.token.expose())))
+                .collect(),
+            max_body: config.max_body_bytes,
+            retry_after: config.retry_after.get().as_secs().max(1),
+            publisher,
+            metrics,
+        }
+    }
+
+    /// The source name of the token, compared in constant time over all tokens.
+    fn source_for(&self, presented: &str) -> Option<&str> {
+        let d = digest(presented);
+        let mut found = None;
+        for (source, expected) in &self.tokens {
+            if bool::from(expected.ct_eq(&d)) {
+                found = Some(source.as_str());
+            }
+        }
+        found
+    }
+
+    fn authenticate_bearer(&self, headers: &HeaderMap) -> Result<&str, Rejection> {
+        let value = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                Rejection::unauthorized(
+                    "missing bearer token: send `Authorization: Bearer <token>` with a token from ingest.tokens",
+                )
+            })?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .ok_or_else(|| {
+                Rejection::unauthorized("the Authorization header must be `Bearer <token>`")
+            })?;
+        self.source_for(token.trim())
+            .ok_or_else(|| Rejection::unauthorized("the bearer token is not valid"))
+    }
+
+    async fn read_body(&self, headers: &HeaderMap, body: Body) -> Result<Bytes, Rejection> {
+        let too_large = || {
+            Rejection::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "request body is larger than {} bytes (ingest.max_body_bytes); send fewer alerts per request or raise the limit",
+                    self.max_body
+                ),
+            )
+        };
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body as u64) {
+            return Err(too_large());
+        }
+        match Limited::new(body, self.max_body).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+            Err(e) => Err(Rejection::invalid(format!(
+                "cannot read the request body: {e}"
+            ))),
+        }
+    }
+
+    async fn store(
+        &self,
+        source: &str,
+        received_at: Timestamp,
+        traceparent: &str,
+        alerts: Vec<Alert>,
+    ) -> Result<Stored, Rejection> {
+        self.publisher
+            .publish(source, received_at, traceparent, alerts)
+            .await
+            .map_err(|e| match e {
+                PublishError::Encode(e) => Rejection::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("cannot encode alert: {e}"),
+                ),
+                other => Rejection::unavailable(
+                    format!(
+                        "alerts not stored: {other}; retry later (alerts already stored are de-duplicated)"
+                    ),
+                    self.retry_after,
+                ),
+            })
+    }
+}
+
+fn digest(s: &str) -> [u8; 32] {
+    Sha256::digest(s.as_bytes()).into()
+}
+
+/// A W3C traceparent: the caller's if it is well-formed, else a new one.
+fn traceparent(headers: &HeaderMap) -> String {
+    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        let parts: Vec<&str> = tp.split('-').collect();
+        let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if parts.len() == 4
+            && hex(parts[0], 2)
+            && hex(parts[1], 32)
+            && hex(parts[2], 16)
+            && hex(parts[3], 2)
+        {
+            return tp.to_ascii_lowercase();
+        }
+    }
+    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let span = uuid::Uuid::new_v4().simple().to_string();
+    format!("00-{trace}-{}-01", &span[..16])
+}
+
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/api/v1/alerts/alertmanager", post(alertmanager_handler))
+        .route("/v2/enqueue", post(pagerduty_handler))
+        .route("/api/v1/alerts", post(generic_handler))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn not_found() -> Response {
+    Rejection::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; Tocsin ingest serves POST /api/v1/alerts/alertmanager, POST /v2/enqueue and POST /api/v1/alerts",
+    )
+    .into_response()
+}
+
+/// Runs one request through `work` and turns the outcome into the answer,
+/// logging and counting it.
+async fn handle<Fut>(s: &AppState, endpoint: &'static str, tp: &str, work: Fut) -> Response
+where
+    Fut: std::future::Future<Output = Result<(String, Stored, Response), Rejection>>,
+{
+    let span = tracing::info_span!("ingest", endpoint, traceparent = %tp);
+    async move {
+        let started = Instant::now();
+        match work.await {
+            Ok((source, stored, response)) => {
+                IngestEvent::Accepted {
+                    endpoint,
+                    source: &source,
+                    stored: stored.stored,
+                    duplicates: stored.duplicates,
+                    elapsed: started.elapsed(),
+                }
+                .emit(&s.metrics);
+                response
+            }
+            Err(rejection) => {
+                IngestEvent::Rejected {
+                    endpoint,
+                    code: rejection.code,
+                    status: rejection.status.as_u16(),
+                    reason: &rejection.reason,
+                }
+                .emit(&s.metrics);
+                rejection.into_response()
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn alertmanager_handler(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let tp = traceparent(&headers);
+    handle(&s, "alertmanager", &tp, async {
+        let source = s.authenticate_bearer(&headers)?.to_string();
+        let bytes = s.read_body(&headers, body).await?;
+        let received_at = Timestamp::now();
+        let parsed = alertmanager::parse(&bytes).map_err(Rejection::invalid)?;
+        if parsed.truncated > 0 {
+            IngestEvent::Truncated {
+                endpoint: "alertmanager",
+                source: &source,
+                count: parsed.truncated,
+            }
+            .emit(&s.metrics);
+        }
+        let stored = s.store(&source, received_at, &tp, parsed.alerts).await?;
+        Ok((source, stored, accepted(stored)))
+    })
+    .await
+}
+
+async fn generic_handler(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let tp = traceparent(&headers);
+    handle(&s, "generic", &tp, async {
+        let source = s.authenticate_bearer(&headers)?.to_string();
+        let bytes = s.read_body(&headers, body).await?;
+        let received_at = Timestamp::now();
+        let alerts = generic::parse(&bytes, received_at).map_err(Rejection::invalid)?;
+        let stored = s.store(&source, received_at, &tp, alerts).await?;
+        Ok((source, stored, accepted(stored)))
+    })
+    .await
+}
+
+async fn pagerduty_handler(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let tp = traceparent(&headers);
+    handle(&s, "pagerduty", &tp, async {
+        let pd = Rejection::in_pagerduty_shape;
+        let bytes = s.read_body(&headers, body).await.map_err(pd)?;
+        // PagerDuty senders authenticate with the routing key in the body;
+        // a bearer header works too.
+        let source = if headers.contains_key(header::AUTHORIZATION) {
+            s.authenticate_bearer(&headers).map_err(pd)?.to_string()
+        } else {
+            match pagerduty::routing_key(&bytes) {
+                Some(key) => s
+                    .source_for(&key)
+                    .ok_or_else(|| {
+                        pd(Rejection::unauthorized(
+                            "'routing_key' is not a known integration key (it must equal one of ingest.tokens)",
+                        ))
+                    })?
+                    .to_string(),
+                None => {
+                    // Unauthenticated: say what is wrong with the event shape
+                    // first when it is not even an event.
+                    let errors = match pagerduty::parse(&bytes, "", Timestamp::now(), String::new) {
+                        Err(errors) => errors,
+                        Ok(_) => vec!["'routing_key' is missing or blank".to_string()],
+                    };
+                    return Err(Rejection::pagerduty_invalid(errors));
+                }
+            }
+        };
+        let received_at = Timestamp::now();
+        let parsed = pagerduty::parse(&bytes, &source, received_at, || {
+            uuid::Uuid::new_v4().simple().to_string()
+        })
+        .map_err(Rejection::pagerduty_invalid)?;
+        let dedup_key = parsed.dedup_key.clone();
+        let stored = s
+            .store(&source, received_at, &tp, vec![parsed.alert])
+            .await
+            .map_err(pd)?;
+        let response = (
+            StatusCode::ACCEPTED,
+            Json(json!({"status": "success", "message": "Event processed", "dedup_key": dedup_key})),
+        )
+            .into_response();
+        Ok((source, stored, response))
+    })
+    .await
+}
+
+fn accepted(stored: Stored) -> Response {
+    (
+        StatusCode::OK,
+        Json(json!({
+            "status": "success",
+            "stored": stored.stored,
+            "duplicates": stored.duplicates,
+        })),
+    )
+        .into_response()
+}

@@ -1,0 +1,358 @@
+//! PagerDuty Events API v2-compatible events (`POST /v2/enqueue`).
+//!
+//! Anything configured to send to PagerDuty can send to Tocsin by changing
+//! the URL. The routing key authenticates the sender (it must equal one of
+//! the ingest tokens), as it does at PagerDuty; a bearer header works too.
+//!
+//! Mapping: the dedup key names the incident (scoped to the integration, as
+//! PagerDuty scopes it to the routing key); `payload.severity`, `source`,
+//! `component`, `group` and `class` become labels, `summary`, `client`,
+//! `client_url` and `custom_details` (as JSON) become annotations.
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tocsin_proto::{Alert, AlertStatus, Fingerprint, Labels, Origin, SourceKind, Timestamp};
+
+use super::{parse_json, parse_time, require_object};
+
+/// Longest `dedup_key` PagerDuty accepts.
+pub const MAX_DEDUP_KEY: usize = 255;
+/// Longest `payload.summary` PagerDuty accepts.
+pub const MAX_SUMMARY: usize = 1024;
+
+#[derive(Debug, Deserialize)]
+pub struct Event {
+    #[serde(default)]
+    pub routing_key: Option<String>,
+    #[serde(default)]
+    pub event_action: Option<String>,
+    #[serde(default)]
+    pub dedup_key: Option<String>,
+    #[serde(default)]
+    pub payload: Option<Payload>,
+    #[serde(default)]
+    pub client: Option<String>,
+    #[serde(default)]
+    pub client_url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Payload {
+    #[serde(default)]
+    pub summary: Option<String>,
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(default)]
+    pub severity: Option<String>,
+    #[serde(default)]
+    pub timestamp: Option<String>,
+    #[serde(default)]
+    pub component: Option<String>,
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub class: Option<String>,
+    #[serde(default)]
+    pub custom_details: Option<serde_json::Value>,
+}
+
+/// A validated event: the alert to publish and the dedup key to answer with.
+#[derive(Debug)]
+pub struct Parsed {
+    pub routing_key: String,
+    pub dedup_key: String,
+    pub alert: Alert,
+}
+
+fn blank(s: &Option<String>) -> bool {
+    s.as_deref().is_none_or(|s| s.trim().is_empty())
+}
+
+/// Parses and validates an event. Every problem is listed, as PagerDuty does.
+/// `source` is the integration name the caller authenticated as (it scopes
+/// the dedup key); `new_key` makes a dedup key for triggers that lack one.
+pub fn parse(
+    body: &[u8],
+    source: &str,
+    received_at: Timestamp,
+    new_key: impl FnOnce() -> String,
+) -> Result<Parsed, Vec<String>> {
+    require_object(body, "a PagerDuty Events v2 event").map_err(|e| vec![e])?;
+    let ev: Event = parse_json(body).map_err(|e| vec![e])?;
+    validate(ev, body, source, received_at, new_key)
+}
+
+/// The routing key of a body, if it parses at all (for authentication
+/// before full validation).
+pub fn routing_key(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Key {
+        routing_key: Option<String>,
+    }
+    serde_json::from_slice::<Key>(body).ok()?.routing_key
+}
+
+fn validate(
+    ev: Event,
+    body: &[u8],
+    source: &str,
+    received_at: Timestamp,
+    new_key: impl FnOnce() -> String,
+) -> Result<Parsed, Vec<String>> {
+    let mut errors = Vec::new();
+    if blank(&ev.routing_key) {
+        errors.push("'routing_key' is missing or blank".to_string());
+    }
+    let status = match ev.event_action.as_deref() {
+        Some("trigger") => Some(AlertStatus::Firing),
+        Some("acknowledge") => Some(AlertStatus::Acknowledged),
+        Some("resolve") => Some(AlertStatus::Resolved),
+        None | Some("") => {
+            errors.push("'event_action' is missing or blank".to_string());
+            None
+        }
+        Some(other) => {
+            errors.push(format!(
+                "'event_action' is invalid ({other:?}); use trigger, acknowledge or resolve"
+            ));
+            None
+        }
+    };
+    if let Some(k) = &ev.dedup_key {
+        if k.chars().count() > MAX_DEDUP_KEY {
+            errors.push(format!(
+                "'dedup_key' is longer than {MAX_DEDUP_KEY} characters"
+            ));
+        }
+    }
+    if matches!(
+        status,
+        Some(AlertStatus::Acknowledged | AlertStatus::Resolved)
+    ) && blank(&ev.dedup_key)
+    {
+        errors.push(
+            "'dedup_key' is missing or blank; it is required for acknowledge and resolve".into(),
+        );
+    }
+    let mut starts_at = received_at;
+    let mut has_timestamp = false;
+    let mut labels = Labels::new();
+    let mut annotations = Labels::new();
+    if status == Some(AlertStatus::Firing) {
+        match &ev.payload {
+            None => errors.push("'payload' is missing; it is required for trigger".into()),
+            Some(p) => {
+                if blank(&p.summary) {
+                    errors.push("'payload.summary' is missing or blank".into());
+                } else if p.summary.as_deref().unwrap_or("").chars().count() > MAX_SUMMARY {
+                    errors.push(format!(
+                        "'payload.summary' is longer than {MAX_SUMMARY} characters"
+                    ));
+                }
+                if blank(&p.source) {
+                    errors.push("'payload.source' is missing or blank".into());
+                }
+                match p.severity.as_deref() {
+                    Some("critical" | "error" | "warning" | "info") => {}
+                    None | Some("") => errors.push("'payload.severity' is missing or blank".into()),
+                    Some(other) => errors.push(format!(
+                        "'payload.severity' is invalid ({other:?}); use critical, error, warning or info"
+                    )),
+                }
+            }
+        }
+    }
+    if let Some(p) = &ev.payload {
+        if let Some(ts) = p.timestamp.as_deref().filter(|t| !t.is_empty()) {
+            match parse_time("'payload.timestamp'", ts) {
+                Ok(t) if status == Some(AlertStatus::Firing) => {
+                    starts_at = t;
+                    has_timestamp = true;
+                }
+                Ok(_) => {}
+                Err(e) => errors.push(e),
+            }
+        }
+        for (name, value) in [
+            ("severity", &p.severity),
+            ("source", &p.source),
+            ("component", &p.component),
+            ("group", &p.group),
+            ("class", &p.class),
+        ] {
+            if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
+                labels.insert(name.to_string(), v.to_string());
+            }
+        }
+        if let Some(s) = p.summary.as_deref().filter(|s| !s.is_empty()) {
+            annotations.insert("summary".into(), s.to_string());
+        }
+        if let Some(d) = &p.custom_details {
+            annotations.insert("custom_details".into(), d.to_string());
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let status = status.expect("validated above");
+    let dedup_key = match ev.dedup_key.filter(|k| !k.trim().is_empty()) {
+        Some(k) => k,
+        None => new_key(),
+    };
+    labels.insert("dedup_key".into(), dedup_key.clone());
+    if let Some(c) = ev.client.filter(|c| !c.is_empty()) {
+        annotations.insert("client".into(), c);
+    }
+    let client_url = ev.client_url.filter(|u| !u.is_empty());
+    if let Some(u) = &client_url {
+        annotations.insert("client_url".into(), u.clone());
+    }
+    // The same dedup key from two integrations is two incidents, as at
+    // PagerDuty where keys are scoped to the routing key.
+    let identity: Labels = [
+        ("dedup_key".to_string(), dedup_key.clone()),
+        ("integration".to_string(), source.to_string()),
+    ]
+    .into();
+    // Events carry no start time unless payload.timestamp is set; then the
+    // digest of the body keeps a retried event on the same message id.
+    let event_digest = (!has_timestamp).then(|| hex::encode(&Sha256::digest(body)[..8]));
+    let alert = Alert {
+        fingerprint: Fingerprint::from_labels(&identity),
+        status,
+        labels,
+        annotations,
+        starts_at,
+        ends_at: (status == AlertStatus::Resolved).then_some(received_at),
+        generator_url: client_url.clone(),
+        dedup_key: Some(dedup_key.clone()),
+        origin: Origin {
+            kind: Some(SourceKind::Pagerduty),
+            external_url: client_url,
+            event_digest,
+            ..Origin::default()
+        },
+    };
+    Ok(Parsed {
+        routing_key: ev.routing_key.unwrap_or_default(),
+        dedup_key,
+        alert,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn now() -> Timestamp {
+        "2025-01-15T10:00:00Z".parse().unwrap()
+    }
+
+    fn run(v: serde_json::Value) -> Result<Parsed, Vec<String>> {
+        parse(v.to_string().as_bytes(), "grafana", now(), || {
+            "generated".into()
+        })
+    }
+
+    fn trigger() -> serde_json::Value {
+        json!({"routing_key":"0123456789abcdef0123456789abcdef","event_action":"trigger",
+               "dedup_key":"srv01/HTTP",
+               "payload":{"summary":"HTTP down on srv01","source":"srv01","severity":"critical",
+                          "timestamp":"2015-07-17T08:42:58.315+0000","component":"nginx",
+                          "custom_details":{"ping":"timeout"}},
+               "client":"Grafana","client_url":"https://grafana.example/d/1"})
+    }
+
+    #[test]
+    fn trigger_maps_to_a_firing_alert() {
+        let p = run(trigger()).unwrap();
+        assert_eq!(p.dedup_key, "srv01/HTTP");
+        let a = p.alert;
+        assert_eq!(a.status, AlertStatus::Firing);
+        assert_eq!(a.labels["severity"], "critical");
+        assert_eq!(a.labels["component"], "nginx");
+        assert_eq!(a.annotations["summary"], "HTTP down on srv01");
+        assert_eq!(a.annotations["custom_details"], r#"{"ping":"timeout"}"#);
+        assert_eq!(a.starts_at.to_string(), "2015-07-17T08:42:58.315Z");
+        assert_eq!(a.dedup_key.as_deref(), Some("srv01/HTTP"));
+    }
+
+    #[test]
+    fn ack_and_resolve_keep_the_fingerprint_of_the_trigger() {
+        let t = run(trigger()).unwrap().alert;
+        for (action, status) in [
+            ("acknowledge", AlertStatus::Acknowledged),
+            ("resolve", AlertStatus::Resolved),
+        ] {
+            let a = run(json!({"routing_key":"k","event_action":action,"dedup_key":"srv01/HTTP"}))
+                .unwrap()
+                .alert;
+            assert_eq!(a.status, status);
+            assert_eq!(a.fingerprint, t.fingerprint);
+        }
+        let other_integration = parse(
+            trigger().to_string().as_bytes(),
+            "datadog",
+            now(),
+            || unreachable!(),
+        )
+        .unwrap();
+        assert_ne!(other_integration.alert.fingerprint, t.fingerprint);
+    }
+
+    #[test]
+    fn trigger_without_dedup_key_gets_one() {
+        let mut ev = trigger();
+        ev.as_object_mut().unwrap().remove("dedup_key");
+        assert_eq!(run(ev).unwrap().dedup_key, "generated");
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let check = |ev: serde_json::Value, expected: &[&str]| {
+            let errors = run(ev.clone()).unwrap_err();
+            for e in expected {
+                assert!(
+                    errors.iter().any(|x| x.contains(e)),
+                    "{ev}: {errors:?} lacks {e}"
+                );
+            }
+        };
+        check(
+            json!({"event_action":"trigger"}),
+            &["'routing_key' is missing", "'payload' is missing"],
+        );
+        check(
+            json!({"routing_key":"k","event_action":"explode"}),
+            &["'event_action' is invalid"],
+        );
+        check(json!({"routing_key":"k"}), &["'event_action' is missing"]);
+        check(
+            json!({"routing_key":"k","event_action":"resolve"}),
+            &["'dedup_key' is missing"],
+        );
+        check(
+            json!({"routing_key":"k","event_action":"trigger","payload":{"severity":"bad"}}),
+            &[
+                "'payload.summary' is missing",
+                "'payload.source' is missing",
+                "'payload.severity' is invalid",
+            ],
+        );
+        check(
+            json!({"routing_key":"k","event_action":"trigger","dedup_key":"x".repeat(256),
+                   "payload":{"summary":"s".repeat(1025),"source":"a","severity":"info","timestamp":"nope"}}),
+            &[
+                "'dedup_key' is longer",
+                "'payload.summary' is longer",
+                "'payload.timestamp'",
+            ],
+        );
+        check(
+            json!({"routing_key":"k","event_action":"trigger","payload":{"summary":5}}),
+            &["payload.summary: invalid type"],
+        );
+        check(json!([1]), &["expected a JSON object"]);
+    }
+}

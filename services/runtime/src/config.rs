@@ -1,0 +1,517 @@
+//! Configuration loading.
+//!
+//! The pipeline (listeners, tokens, streams, later routes and policies) comes
+//! from one YAML file, `config/tocsin.yaml` by default. Runtime knobs (log
+//! level, grace period, admin address) come from flags and environment.
+//!
+//! - Every config struct uses `deny_unknown_fields`, so a typo is an error,
+//!   not a silently ignored setting.
+//! - Secrets are never written in the file: [`Secret`] expands `${ENV_VAR}`
+//!   (with `${VAR:-default}`), and every secret field has a `*_file` twin
+//!   read through [`SecretFile`] (relative paths are relative to the config
+//!   file's folder). `Debug` of a secret prints `***`.
+//! - Errors carry file, line and column and say how to fix the problem:
+//!   `config/tocsin.yaml:12:7: ingest.tokens[0]: unknown field `tokn`, ...`.
+
+use std::{
+    cell::RefCell,
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{de, de::DeserializeOwned, Deserialize, Deserializer};
+
+/// A configuration problem, located where possible.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line, when the problem has a place in the file.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(col) = self.column {
+                write!(f, ":{col}")?;
+            }
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl ConfigError {
+    /// An error about the file as a whole (no line), e.g. a missing section.
+    pub fn whole_file(file: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.into(),
+            line: None,
+            column: None,
+            message: message.into(),
+        }
+    }
+}
+
+thread_local! {
+    /// Folder of the config file being deserialized on this thread, so
+    /// `*_file` paths can be resolved relative to it.
+    static CONFIG_DIR: RefCell<Option<PathBuf>> = const { RefCell::new(None) };
+}
+
+/// Reads and deserializes a YAML config file.
+pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::whole_file(
+            path,
+            format!(
+                "cannot read config file: {e}; pass the right file with --config \
+                 (or TOCSIN_CONFIG), or start from the shipped config/tocsin.yaml"
+            ),
+        )
+    })?;
+    from_str(path, &text)
+}
+
+/// Deserializes YAML `text` as if read from `path` (used by [`load`] and tests).
+pub fn from_str<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    let dir = path
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
+        .map(Path::to_path_buf);
+    CONFIG_DIR.with(|d| *d.borrow_mut() = dir);
+    let result = serde_yaml_ng::from_str::<T>(text);
+    CONFIG_DIR.with(|d| *d.borrow_mut() = None);
+    result.map_err(|e| yaml_error(path, &e))
+}
+
+fn yaml_error(path: &Path, e: &serde_yaml_ng::Error) -> ConfigError {
+    let mut message = e.to_string();
+    // serde_yaml appends " at line L column C"; we print the place up front.
+    if let Some(i) = message.rfind(" at line ") {
+        message.truncate(i);
+    }
+    if message.contains("unknown field") {
+        message.push_str("; check the spelling, or remove the key");
+    }
+    let loc = e.location();
+    ConfigError {
+        file: path.to_path_buf(),
+        line: loc.as_ref().map(|l| l.line()),
+        column: loc.as_ref().map(|l| l.column()),
+        message,
+    }
+}
+
+/// Resolves `p` against the folder of the config file being loaded.
+pub fn resolve_path(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    CONFIG_DIR.with(|d| match &*d.borrow() {
+        Some(dir) => dir.join(p),
+        None => p.to_path_buf(),
+    })
+}
+
+/// Expands `${VAR}` and `${VAR:-default}`; `$$` is a literal `$`.
+pub fn expand_env(input: &str) -> Result<String, String> {
+    expand_with(input, |name| std::env::var(name).ok())
+}
+
+fn expand_with(input: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        if let Some(after) = rest.strip_prefix("$$") {
+            out.push('$');
+            rest = after;
+        } else if let Some(after) = rest.strip_prefix("${") {
+            let end = after.find('}').ok_or_else(|| {
+                format!("unclosed `${{` in {input:?}; write ${{NAME}}, or $$ for a literal $")
+            })?;
+            let inner = &after[..end];
+            let (name, default) = match inner.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (inner, None),
+            };
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(format!(
+                    "`${{{inner}}}` is not a valid environment variable reference; names use A-Z, 0-9 and _"
+                ));
+            }
+            match (lookup(name), default) {
+                (Some(v), _) => out.push_str(&v),
+                (None, Some(d)) => out.push_str(d),
+                (None, None) => {
+                    return Err(format!(
+                        "environment variable {name} is not set (referenced as ${{{name}}}); \
+                         export it, give a default with ${{{name}:-value}}, or use the *_file form"
+                    ))
+                }
+            }
+            rest = &after[end + 1..];
+        } else {
+            out.push('$');
+            rest = &rest[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Deserializes a string and converts it inside the scalar's visitor, so an
+/// error carries the line and column of the value itself (serde_yaml only
+/// locates errors raised while the scalar is being visited).
+fn from_scalar<'de, D, T, F>(d: D, expecting: &'static str, f: F) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    F: FnOnce(&str) -> Result<T, String>,
+{
+    struct V<F>(Option<F>, &'static str);
+    impl<'de, T, F: FnOnce(&str) -> Result<T, String>> de::Visitor<'de> for V<F> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.1)
+        }
+        fn visit_str<E: de::Error>(mut self, v: &str) -> Result<T, E> {
+            match self.0.take() {
+                Some(f) => f(v).map_err(E::custom),
+                None => Err(E::custom("value visited twice")),
+            }
+        }
+    }
+    d.deserialize_str(V(Some(f), expecting))
+}
+
+/// A string with `${ENV}` references expanded (for non-secret values such as URLs).
+#[derive(Clone, PartialEq, Eq)]
+pub struct EnvString(pub String);
+
+impl<'de> Deserialize<'de> for EnvString {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_scalar(d, "a string", |s| expand_env(s).map(EnvString))
+    }
+}
+
+impl fmt::Debug for EnvString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for EnvString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A secret value: `${ENV}` expanded, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret itself. Call only where it is used, never to log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_scalar(d, "a secret string", |raw| {
+            let value = expand_env(raw)?;
+            if value.is_empty() {
+                return Err(
+                    "secret is empty; set it (e.g. from an environment variable) or remove the key"
+                        .into(),
+                );
+            }
+            Ok(Secret(value))
+        })
+    }
+}
+
+/// A secret read from a file (the `*_file` form). The path may use `${ENV}`
+/// and is relative to the config file's folder; trailing white space and
+/// newlines are trimmed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretFile {
+    pub path: PathBuf,
+    secret: Secret,
+}
+
+impl SecretFile {
+    pub fn secret(&self) -> &Secret {
+        &self.secret
+    }
+}
+
+impl fmt::Debug for SecretFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretFile({})", self.path.display())
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretFile {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_scalar(d, "a path to a file holding a secret", |raw| {
+            let path = resolve_path(Path::new(&expand_env(raw)?));
+            let content = std::fs::read_to_string(&path).map_err(|e| {
+                format!(
+                    "cannot read secret file {}: {e}; create it or fix the path",
+                    path.display()
+                )
+            })?;
+            let value = content.trim_end().to_string();
+            if value.is_empty() {
+                return Err(format!("secret file {} is empty", path.display()));
+            }
+            Ok(SecretFile {
+                path,
+                secret: Secret(value),
+            })
+        })
+    }
+}
+
+/// Picks the one secret given as `name` or `name_file`.
+pub fn one_secret(
+    name: &str,
+    inline: Option<Secret>,
+    file: Option<SecretFile>,
+) -> Result<Option<Secret>, String> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(format!(
+            "both `{name}` and `{name}_file` are set; keep one of them"
+        )),
+        (Some(s), None) => Ok(Some(s)),
+        (None, Some(f)) => Ok(Some(f.secret)),
+        (None, None) => Ok(None),
+    }
+}
+
+/// A path in the config, `${ENV}` expanded and resolved against the config file's folder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigPath(pub PathBuf);
+
+impl<'de> Deserialize<'de> for ConfigPath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_scalar(d, "a file path", |raw| {
+            Ok(ConfigPath(resolve_path(Path::new(&expand_env(raw)?))))
+        })
+    }
+}
+
+/// A duration written as `500ms`, `5s`, `2m`, `1h`, `7d`, `1w` or a
+/// combination like `1h30m`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    pub const fn secs(s: u64) -> Self {
+        HumanDuration(Duration::from_secs(s))
+    }
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+/// Parses a [`HumanDuration`].
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let hint = "write a duration like 500ms, 30s, 5m, 1h30m, 7d or 2w";
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(format!("empty duration; {hint}"));
+    }
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        rest = rest.trim_start();
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(format!("invalid duration {s:?}; {hint}"));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("number too large in duration {s:?}"))?;
+        rest = rest[digits..].trim_start();
+        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let unit = &rest[..unit_len];
+        rest = rest[unit_len..].trim_start();
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
+            "w" => Duration::from_secs(n.saturating_mul(7 * 86_400)),
+            "" => return Err(format!("duration {s:?} lacks a unit; {hint}")),
+            other => return Err(format!("unknown unit {other:?} in duration {s:?}; {hint}")),
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_scalar(d, "a duration such as 30s or 5m", |s| {
+            parse_duration(s).map(HumanDuration)
+        })
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.0;
+        if d.subsec_millis() != 0 || d.as_secs() == 0 {
+            write!(f, "{}ms", d.as_millis())
+        } else {
+            write!(f, "{}s", d.as_secs())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "TOKEN" => Some("s3cret".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn expansion() {
+        let check = |input: &str, expected: Result<&str, &str>| {
+            let got = expand_with(input, env);
+            match expected {
+                Ok(e) => assert_eq!(got.as_deref(), Ok(e), "{input}"),
+                Err(fragment) => {
+                    let err = got.expect_err(input);
+                    assert!(err.contains(fragment), "{input}: {err}");
+                }
+            }
+        };
+        check("plain", Ok("plain"));
+        check("${TOKEN}", Ok("s3cret"));
+        check("a-${TOKEN}-b", Ok("a-s3cret-b"));
+        check("${MISSING:-dflt}", Ok("dflt"));
+        check("${TOKEN:-dflt}", Ok("s3cret"));
+        check("$$5", Ok("$5"));
+        check("cost $5", Ok("cost $5"));
+        check("${EMPTY}", Ok(""));
+        check("${MISSING}", Err("environment variable MISSING is not set"));
+        check("${TOKEN", Err("unclosed"));
+        check("${bad-name}", Err("not a valid environment variable"));
+    }
+
+    #[test]
+    fn durations() {
+        let ok =
+            |s: &str, secs: f64| assert_eq!(parse_duration(s).unwrap().as_secs_f64(), secs, "{s}");
+        ok("500ms", 0.5);
+        ok("5s", 5.0);
+        ok("2m", 120.0);
+        ok("1h30m", 5400.0);
+        ok("7d", 604_800.0);
+        ok("1w", 604_800.0);
+        ok("0", 0.0);
+        for bad in ["", "5", "5x", "m", "1.5s", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Sample {
+        name: String,
+        #[serde(default)]
+        secret: Option<Secret>,
+        #[serde(default)]
+        secret_file: Option<SecretFile>,
+        #[serde(default)]
+        timeout: Option<HumanDuration>,
+    }
+
+    #[test]
+    fn errors_are_located() {
+        let path = Path::new("conf/x.yaml");
+        let err = from_str::<Sample>(path, "name: a\nnmae: b\n").unwrap_err();
+        assert_eq!((err.line, err.column), (Some(2), Some(1)), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("conf/x.yaml:2:1: unknown field `nmae`"),
+            "{err}"
+        );
+
+        let err = from_str::<Sample>(path, "name: a\ntimeout: 5 parsecs\n").unwrap_err();
+        assert_eq!(err.line, Some(2), "{err}");
+        assert!(err.message.contains("unknown unit"), "{err}");
+
+        let err = from_str::<Sample>(path, "name: a\nsecret: ${TOCSIN_TEST_SURELY_UNSET_VAR}\n")
+            .unwrap_err();
+        assert_eq!(err.line, Some(2), "{err}");
+        assert!(
+            err.message
+                .contains("TOCSIN_TEST_SURELY_UNSET_VAR is not set"),
+            "{err}"
+        );
+
+        let err = from_str::<Sample>(path, "name: [a\n").unwrap_err();
+        assert!(err.line.is_some(), "{err}");
+    }
+
+    #[test]
+    fn secret_files_resolve_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tok"), "from-file\n").unwrap();
+        let cfg: Sample = from_str(
+            &dir.path().join("tocsin.yaml"),
+            "name: a\nsecret_file: tok\n",
+        )
+        .unwrap();
+        let f = cfg.secret_file.unwrap();
+        assert_eq!(f.secret().expose(), "from-file");
+        assert!(!format!("{f:?}").contains("from-file"));
+
+        let err = from_str::<Sample>(&dir.path().join("t.yaml"), "name: a\nsecret_file: nope\n")
+            .unwrap_err();
+        assert!(err.message.contains("cannot read secret file"), "{err}");
+        assert_eq!(err.line, Some(2));
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        assert_eq!(format!("{:?}", Secret::new("hunter2")), "Secret(***)");
+    }
+}

@@ -1,0 +1,29 @@
+//! # tocsin-runtime
+//!
+//! What every Tocsin service shares: configuration loading, the NATS
+//! connection (auth, TLS), JetStream stream setup, the admin HTTP server
+//! (`/livez`, `/readyz`, `/metrics`), tracing initialisation and graceful
+//! shutdown. Services get a connected client and a cancellation token from
+//! here and never deal with these concerns themselves.
+//!
+//! # Layout
+//! - [`config`]: YAML loading with `${ENV}` and `*_file` secrets, durations,
+//!   and errors that name file, line and fix.
+//! - [`nats`]: [`nats::NatsConfig`] and [`nats::connect`].
+//! - [`streams`]: [`streams::JetStreamConfig`] and idempotent stream creation.
+//! - [`admin`]: [`admin::Health`], [`admin::Metrics`] and the admin server.
+//! - [`telemetry`]: tracing subscriber set-up, human or JSON.
+//! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
+//! - [`error`]: the [`RuntimeError`] enum.
+#![deny(unreachable_pub)]
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod nats;
+pub mod shutdown;
+pub mod streams;
+pub mod telemetry;
+
+pub use error::RuntimeError;
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,137 @@
+//! JetStream streams: created or updated idempotently at start-up.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self,
+    stream::{Config, DiscardPolicy, RetentionPolicy, StorageType},
+};
+use serde::Deserialize;
+use tocsin_proto::subjects::{Retention, StreamDef, STREAMS};
+
+use crate::{config::HumanDuration, RuntimeError};
+
+/// `jetstream:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JetStreamConfig {
+    /// Stream replicas: 1 on one box, 3 on a NATS cluster. Default 1.
+    pub replicas: usize,
+    /// Window in which a repeated `Nats-Msg-Id` is dropped by the server.
+    /// Default 2m. Services stay idempotent beyond it.
+    pub duplicate_window: HumanDuration,
+    /// How long alert events are kept. Default 7d.
+    pub alerts_max_age: HumanDuration,
+    /// How long the incident event log is kept. Default 400d.
+    pub incidents_max_age: HumanDuration,
+    /// How long an unprocessed command or notification is kept. Default 7d.
+    pub work_max_age: HumanDuration,
+    /// How long dead-lettered messages are kept. Default 30d.
+    pub dead_letter_max_age: HumanDuration,
+    /// JetStream domain, for leaf-node set-ups. Default none.
+    pub domain: Option<String>,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        JetStreamConfig {
+            replicas: 1,
+            duplicate_window: HumanDuration::secs(120),
+            alerts_max_age: HumanDuration::secs(7 * 86_400),
+            incidents_max_age: HumanDuration::secs(400 * 86_400),
+            work_max_age: HumanDuration::secs(7 * 86_400),
+            dead_letter_max_age: HumanDuration::secs(30 * 86_400),
+            domain: None,
+        }
+    }
+}
+
+impl JetStreamConfig {
+    fn max_age(&self, def: &StreamDef) -> Duration {
+        match def.name {
+            tocsin_proto::subjects::STREAM_ALERTS => self.alerts_max_age.get(),
+            tocsin_proto::subjects::STREAM_INCIDENTS => self.incidents_max_age.get(),
+            tocsin_proto::subjects::STREAM_DEADLETTER => self.dead_letter_max_age.get(),
+            _ => self.work_max_age.get(),
+        }
+    }
+
+    /// The stream configuration Tocsin wants for `def`.
+    pub fn stream_config(&self, def: &StreamDef) -> Config {
+        let max_age = self.max_age(def);
+        Config {
+            name: def.name.to_string(),
+            description: Some(def.description.to_string()),
+            subjects: vec![def.subjects.to_string()],
+            retention: match def.retention {
+                Retention::Limits => RetentionPolicy::Limits,
+                Retention::WorkQueue => RetentionPolicy::WorkQueue,
+            },
+            storage: StorageType::File,
+            num_replicas: self.replicas,
+            // The duplicate window may not exceed the max age.
+            duplicate_window: self.duplicate_window.get().min(max_age),
+            max_age,
+            discard: DiscardPolicy::Old,
+            ..Default::default()
+        }
+    }
+
+    /// A JetStream context for this configuration.
+    pub fn context(&self, client: async_nats::Client) -> jetstream::Context {
+        match &self.domain {
+            Some(d) => jetstream::with_domain(client, d),
+            None => jetstream::new(client),
+        }
+    }
+}
+
+/// Creates every stream, or updates it to the wanted configuration.
+/// Idempotent: running it on every start is the intended use.
+pub async fn ensure_streams(
+    js: &jetstream::Context,
+    config: &JetStreamConfig,
+) -> Result<(), RuntimeError> {
+    for def in STREAMS.iter() {
+        let wanted = config.stream_config(def);
+        js.create_or_update_stream(wanted)
+            .await
+            .map_err(|e| RuntimeError::Stream {
+                stream: def.name.to_string(),
+                reason: e.to_string(),
+            })?;
+    }
+    Ok(())
+}
+
+/// Keeps trying [`ensure_streams`] until it succeeds (NATS may not be up
+/// yet), then marks the `jetstream` health check as passing. Returns early
+/// if `shutdown` is cancelled. An error JetStream will never accept (a
+/// changed retention policy, say) is logged at ERROR on every attempt, since
+/// an operator must act.
+pub async fn ensure_streams_until_ready(
+    js: &jetstream::Context,
+    config: &JetStreamConfig,
+    health: &crate::admin::Health,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> bool {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match ensure_streams(js, config).await {
+            Ok(()) => {
+                health.set_ok("jetstream");
+                tracing::info!("JetStream streams are in place");
+                return true;
+            }
+            Err(e) => {
+                health.set_failing("jetstream", e.to_string());
+                tracing::error!(error = %e, retry_in = ?delay, "cannot set up JetStream streams");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}

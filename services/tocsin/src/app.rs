@@ -1,0 +1,157 @@
+//! Start-up and shutdown, shared by `tocsin up` and the single-service commands.
+//!
+//! Order: admin server (so `/livez` answers at once), NATS client (retrying
+//! in the background), streams (ensured until they exist; `/readyz` says
+//! "not ready" until then), then the services. On shutdown the services get
+//! the cancellation first and have the grace period to finish in-flight
+//! work; then the NATS client is drained so every buffered publish is sent.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::Context as _;
+use tocsin_runtime::{
+    admin::{self, Health, Metrics},
+    nats, streams, CancellationToken,
+};
+use tokio::{net::TcpListener, task::JoinSet};
+
+use crate::config::{Config, Service};
+
+/// Runtime knobs that come from flags and environment, not the file.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub admin_listen: SocketAddr,
+    pub grace_period: Duration,
+}
+
+/// The sockets a process serves on, bound before anything starts (tests bind
+/// port 0 and read the address back).
+pub struct Listeners {
+    pub admin: TcpListener,
+    pub ingest: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses from `options` and `config` for `services`.
+    pub async fn bind(
+        config: &Config,
+        services: &[Service],
+        options: &Options,
+    ) -> anyhow::Result<Self> {
+        let admin = TcpListener::bind(options.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen on admin address {}", options.admin_listen))?;
+        let mut ingest = None;
+        if services.contains(&Service::Ingest) {
+            let addr = config.ingest.as_ref().context("no ingest section")?.listen;
+            ingest = Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("ingest cannot listen on {addr}"))?,
+            );
+        }
+        Ok(Listeners { admin, ingest })
+    }
+}
+
+/// Runs `services` until `shutdown` is cancelled or one of them fails.
+pub async fn run(
+    config: Config,
+    services: &[Service],
+    options: Options,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let health = Health::new();
+    health.set_failing("jetstream", "streams not set up yet");
+
+    if let Ok(addr) = listeners.admin.local_addr() {
+        tracing::info!(%addr, "admin endpoints: /livez /readyz /metrics");
+    }
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(admin::serve(
+        listeners.admin,
+        health.clone(),
+        metrics.clone(),
+        admin_stop.clone(),
+    ));
+
+    let names: Vec<&str> = services.iter().map(|s| s.name()).collect();
+    let client_name = format!("tocsin-{}", names.join("+"));
+    let client = nats::connect(&config.nats, &client_name, &metrics).await?;
+    health.watch_nats(client.clone());
+    let js = config.jetstream.context(client.clone());
+
+    let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
+    {
+        let (js, cfg, health, stop) = (
+            js.clone(),
+            config.jetstream.clone(),
+            health.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            streams::ensure_streams_until_ready(&js, &cfg, &health, &stop).await;
+        });
+    }
+
+    let mut ingest_listener = listeners.ingest;
+    for service in services {
+        match service {
+            Service::Ingest => {
+                let cfg = config.ingest.clone().context("no ingest section")?;
+                let listener = ingest_listener
+                    .take()
+                    .context("no ingest listener was bound")?;
+                let (client, js, metrics, stop) = (
+                    client.clone(),
+                    js.clone(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                );
+                tasks.spawn(async move {
+                    let r = tocsin_ingest::run(cfg, client, js, &metrics, listener, stop).await;
+                    ("ingest", r.map_err(anyhow::Error::from))
+                });
+            }
+        }
+    }
+
+    // Wait for the shutdown request, or for a service to stop by itself
+    // (which is a failure: services run until cancelled).
+    let mut failure = None;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        Some(joined) = tasks.join_next() => {
+            let (name, result) = joined.unwrap_or(("unknown", Err(anyhow::anyhow!("service task panicked"))));
+            let err = result.err().unwrap_or_else(|| anyhow::anyhow!("stopped unexpectedly"));
+            tracing::error!(service = name, error = %err, "service stopped; shutting down");
+            failure = Some(err.context(format!("service {name} stopped")));
+            shutdown.cancel();
+        }
+    }
+
+    let drained = tokio::time::timeout(options.grace_period, async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok((name, Err(e))) = joined {
+                tracing::error!(service = name, error = %e, "service failed while stopping");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(grace = ?options.grace_period, "grace period over; abandoning in-flight work");
+        tasks.abort_all();
+    }
+    if let Err(e) = tokio::time::timeout(Duration::from_secs(5), client.drain()).await {
+        tracing::warn!(error = %e, "NATS drain did not finish");
+    }
+    admin_stop.cancel();
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

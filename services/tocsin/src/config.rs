@@ -1,0 +1,62 @@
+//! The whole config file: runtime sections plus one section per service.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tocsin_ingest::IngestConfig;
+use tocsin_runtime::{
+    config::{self, ConfigError},
+    nats::NatsConfig,
+    streams::JetStreamConfig,
+};
+
+/// `config/tocsin.yaml`. Unknown keys are errors.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// How to reach NATS. Default `nats://127.0.0.1:4222`, no auth.
+    #[serde(default)]
+    pub nats: NatsConfig,
+    /// Stream settings (replicas, retention, duplicate window).
+    #[serde(default)]
+    pub jetstream: JetStreamConfig,
+    /// The ingest service; required to run it.
+    #[serde(default)]
+    pub ingest: Option<IngestConfig>,
+}
+
+/// Which services a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Ingest,
+}
+
+impl Service {
+    pub const ALL: [Service; 1] = [Service::Ingest];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Ingest => "ingest",
+        }
+    }
+}
+
+impl Config {
+    /// Loads and validates `path` for running `services`.
+    pub fn load(path: &Path, services: &[Service]) -> Result<Config, ConfigError> {
+        let cfg: Config = config::load(path)?;
+        for s in services {
+            match s {
+                Service::Ingest if cfg.ingest.is_none() => {
+                    return Err(ConfigError::whole_file(
+                        path,
+                        "no `ingest:` section; add one with at least one token \
+                         (see config/tocsin.yaml in the Tocsin repository)",
+                    ))
+                }
+                Service::Ingest => {}
+            }
+        }
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,16 @@
+//! # tocsin
+//!
+//! The `tocsin` command: `tocsin up` runs every service in one process on one
+//! config; `tocsin ingest` runs one service (also installed as the
+//! `tocsin-ingest` binary for deployments that run services separately);
+//! `tocsin check-config` validates a config file.
+//!
+//! # Layout
+//! - [`config`]: the whole config file, a section per service.
+//! - [`app`]: start-up and shutdown shared by every way of running services.
+//! - [`cli`]: the command line.
+#![deny(unreachable_pub)]
+
+pub mod app;
+pub mod cli;
+pub mod config;

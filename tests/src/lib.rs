@@ -1,0 +1,31 @@
+//! # tocsin-tests
+//!
+//! The test kit every Tocsin test uses, the end-to-end tests (`tests/`), and
+//! the benchmark harness (`src/bin/bench.rs`).
+//!
+//! # Layout
+//! - [`nats`]: [`NatsServer`], a real `nats-server` per test: random port,
+//!   JetStream in a temp dir with `sync_interval: always`, ready when a
+//!   client connects and JetStream answers, `stop()`/`restart()` for fault
+//!   tests, killed and cleaned up on drop.
+//! - [`tocsin`]: [`TocsinHarness`], Tocsin's services started in-process
+//!   through the same start-up path as `tocsin up`, on port-0 listeners.
+//! - [`bus`]: reading what landed on a stream.
+//! - [`http`]: small HTTP helpers.
+
+pub mod bus;
+pub mod http;
+pub mod nats;
+pub mod tocsin;
+
+pub use nats::NatsServer;
+pub use tocsin::TocsinHarness;
+
+/// Token the harness configures for ingest.
+pub const TEST_TOKEN: &str = "test-token-0123456789abcdef";
+
+/// Installs a test log subscriber once (`TOCSIN_TEST_LOG=debug` to see logs).
+pub fn init_logs() {
+    let filter = std::env::var("TOCSIN_TEST_LOG").unwrap_or_else(|_| "warn".into());
+    tocsin_runtime::telemetry::init_tracing(tocsin_runtime::telemetry::LogFormat::Human, &filter);
+}

