@@ -1,0 +1,195 @@
+//! The `tocsin` binary itself: check-config errors, and SIGTERM mid-burst.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use tocsin_proto::{subjects::STREAM_ALERTS, Alert};
+use tocsin_tests::{bus, NatsServer};
+use tokio::sync::Mutex;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tocsin");
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Runs `tocsin check-config FILE` with `env`; returns (exit code, stdout, stderr).
+fn check_config(file: &Path, env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("check-config").arg(file).env_remove("TOCSIN_INGEST_TOKEN");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run tocsin");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const VALID: &str = "\
+nats:
+  url: nats://127.0.0.1:4222
+ingest:
+  listen: 127.0.0.1:8080
+  tokens:
+    - source: alertmanager
+      token: ${TOCSIN_INGEST_TOKEN}
+";
+
+#[test]
+fn shipped_config_is_valid() {
+    let file = repo_root().join("config/tocsin.yaml");
+    let (code, stdout, stderr) = check_config(&file, &[("TOCSIN_INGEST_TOKEN", "0123456789abcdef0123")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(": ok"), "{stdout}");
+}
+
+#[test]
+fn config_errors_name_file_line_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = ("TOCSIN_INGEST_TOKEN", "0123456789abcdef0123");
+    // (file contents, env, expected "file:line", expected reason fragment)
+    let cases: &[(&str, &[(&str, &str)], usize, &str)] = &[
+        (
+            "nats:\n  url: nats://x:4222\ningest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\n  listn: 1.2.3.4:5\n",
+            &[token],
+            7,
+            "unknown field `listn`",
+        ),
+        (VALID, &[], 7, "environment variable TOCSIN_INGEST_TOKEN is not set"),
+        ("nats:\n  url: [unclosed\n", &[], 2, ""),
+        ("nats:\n  url: nats://x\n   bad: indentation\n", &[], 3, ""),
+        (
+            "ingest:\n  publish_timeout: soon\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\n",
+            &[token],
+            2,
+            "ingest.publish_timeout: invalid duration",
+        ),
+        (
+            "ingest:\n  tokens:\n    - source: am\n      token_file: missing-secret.txt\n",
+            &[],
+            4,
+            "cannot read secret file",
+        ),
+        ("jetstream:\n  replicas: three\n", &[], 2, "jetstream.replicas: invalid type"),
+    ];
+    for (i, (text, env, line, reason)) in cases.iter().enumerate() {
+        let file = write(dir.path(), &format!("case{i}.yaml"), text);
+        let (code, _, stderr) = check_config(&file, env);
+        assert_eq!(code, 2, "case {i}: {stderr}");
+        let place = format!("{}:{line}:", file.display());
+        assert!(stderr.starts_with(&place), "case {i}: expected {place} in {stderr}");
+        assert!(stderr.contains(reason), "case {i}: expected {reason:?} in {stderr}");
+    }
+
+    // A config without an ingest section cannot run ingest.
+    let file = write(dir.path(), "no-ingest.yaml", "nats:\n  url: nats://x:4222\n");
+    let (code, _, stderr) = check_config(&file, &[]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("no `ingest:` section"), "{stderr}");
+
+    let (code, _, stderr) = check_config(&dir.path().join("nope.yaml"), &[]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("cannot read config file"), "{stderr}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_burst_keeps_every_acknowledged_alert() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ingest_port, admin_port) = (free_port(), free_port());
+    let config = write(
+        dir.path(),
+        "tocsin.yaml",
+        &format!(
+            "nats:\n  url: {}\ningest:\n  listen: 127.0.0.1:{ingest_port}\n  tokens:\n    - source: burst\n      token: ${{TOCSIN_INGEST_TOKEN}}\n",
+            nats.url()
+        ),
+    );
+    let token = "burst-token-0123456789abcdef";
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["--config"])
+        .arg(&config)
+        .args(["--admin-listen", &format!("127.0.0.1:{admin_port}"), "--log-level", "warn", "up"])
+        .env("TOCSIN_INGEST_TOKEN", token)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start tocsin up");
+    let pid = child.id().expect("pid");
+
+    let http = reqwest::Client::new();
+    let ready = format!("http://127.0.0.1:{admin_port}/readyz");
+    let mut ok = false;
+    for _ in 0..400 {
+        if matches!(http.get(&ready).send().await, Ok(r) if r.status().is_success()) {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ok, "tocsin up did not become ready");
+
+    let url = format!("http://127.0.0.1:{ingest_port}/api/v1/alerts");
+    let acked: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let mut senders = Vec::new();
+    for worker in 0..6 {
+        let (url, acked) = (url.clone(), acked.clone());
+        senders.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            for n in 0.. {
+                let id = format!("w{worker}-{n}");
+                let body = format!(r#"[{{"labels":{{"alertname":"Term","id":"{id}"}}}}]"#);
+                match client.post(&url).bearer_auth(token).body(body).send().await {
+                    Ok(r) if r.status().is_success() => {
+                        acked.lock().await.insert(id);
+                    }
+                    _ => break,
+                }
+            }
+        }));
+    }
+    while acked.lock().await.len() < 150 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let killed = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("tocsin exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    for s in senders {
+        s.await.unwrap();
+    }
+
+    let js = async_nats::jetstream::new(nats.client().await);
+    let on_bus: BTreeSet<String> = bus::read_stream::<Alert>(&js, STREAM_ALERTS)
+        .await
+        .into_iter()
+        .map(|m| m.envelope.body.labels["id"].clone())
+        .collect();
+    let acked = acked.lock().await;
+    let lost: Vec<&String> = acked.iter().filter(|id| !on_bus.contains(*id)).collect();
+    assert!(lost.is_empty(), "answered 2xx but not on the bus: {lost:?}");
+}
