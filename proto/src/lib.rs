@@ -12,6 +12,9 @@
 //! - [`codec`]: MessagePack with named fields (`rmp_serde::to_vec_named`), so
 //!   fields can be added without breaking older readers.
 //! - [`fingerprint`]: Alertmanager-compatible alert fingerprints.
+//! - [`incident`]: incidents and the INCIDENTS stream's [`incident::LogEntry`].
+//! - [`command`]: commands (COMMANDS stream) and their replies.
+//! - [`silence`]: silences, matchers and recurring windows.
 //!
 //! # Compatibility rules
 //! New fields get `#[serde(default)]`; fields are never renamed or re-typed in
@@ -21,8 +24,12 @@
 
 pub mod alert;
 pub mod codec;
+pub mod command;
 pub mod envelope;
 pub mod fingerprint;
+pub mod incident;
+pub mod query;
+pub mod silence;
 pub mod subjects;
 
 pub use alert::{Alert, AlertStatus, Labels, Origin, SourceKind};

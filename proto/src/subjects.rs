@@ -87,11 +87,39 @@ pub mod headers {
     pub const DLQ_REASON: &str = "Tocsin-Dlq-Reason";
     /// On dead-lettered messages: the subject it originally had.
     pub const DLQ_SUBJECT: &str = "Tocsin-Dlq-Subject";
+    /// On commands: where to publish the [`crate::command::CommandReply`].
+    pub const REPLY_TO: &str = "Tocsin-Reply-To";
 }
 
 /// Subject of an alert event: `tocsin.alerts.<kind>.<fingerprint>`.
 pub fn alert_subject(kind: SourceKind, fingerprint: &Fingerprint) -> String {
     format!("tocsin.alerts.{}.{}", kind.as_str(), fingerprint)
+}
+
+/// Subject of an incident event: `tocsin.incidents.inc.<id>.<kind>`.
+pub fn incident_subject(id: &uuid::Uuid, kind: &str) -> String {
+    format!("tocsin.incidents.inc.{}.{kind}", id.simple())
+}
+
+/// Subject of a silence change: `tocsin.incidents.silence.<id>.<kind>`.
+/// Silence ids are generated as UUIDs (simple form) and checked with
+/// [`is_valid_token`] when created.
+pub fn silence_subject(id: &str, kind: &str) -> String {
+    format!("tocsin.incidents.silence.{id}.{kind}")
+}
+
+/// Filter for every incident event.
+pub const INCIDENT_EVENTS: &str = "tocsin.incidents.inc.>";
+
+/// Request/reply subjects served by the incidents service (core NATS, not
+/// stored: a query has no effect to keep).
+pub mod query {
+    /// Get one incident with its timeline.
+    pub const GET_INCIDENT: &str = "tocsin.query.incidents.get";
+    /// List incidents by filter.
+    pub const LIST_INCIDENTS: &str = "tocsin.query.incidents.list";
+    /// List silences.
+    pub const LIST_SILENCES: &str = "tocsin.query.silences.list";
 }
 
 /// Subject of a dead-lettered message from `stream`: `tocsin.dlq.<stream>`.

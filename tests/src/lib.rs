@@ -15,6 +15,7 @@
 
 pub mod bus;
 pub mod http;
+pub mod incidents;
 pub mod nats;
 pub mod tocsin;
 

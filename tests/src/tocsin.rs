@@ -6,6 +6,7 @@ use tocsin::{
     app::{self, Listeners, Options},
     config::{Config, Service},
 };
+use tocsin_incidents::clock::ManualClock;
 use tocsin_ingest::IngestConfig;
 use tocsin_runtime::{nats::NatsConfig, streams::JetStreamConfig, CancellationToken};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -17,7 +18,11 @@ pub struct TocsinHarness {
     pub ingest_url: String,
     pub admin_url: String,
     pub token: String,
+    /// The clock the services' timers run on; tests move it.
+    pub clock: ManualClock,
     pub shutdown: CancellationToken,
+    /// Holds the services' data (sled) while they run.
+    _data: Option<tempfile::TempDir>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -35,6 +40,7 @@ impl TocsinHarness {
             nats: nats_cfg,
             jetstream: JetStreamConfig::default(),
             ingest: Some(ingest),
+            incidents: Default::default(),
         }
     }
 
@@ -43,9 +49,20 @@ impl TocsinHarness {
         Self::start_with(Self::config(nats)).await
     }
 
-    /// Starts every service with `config` and waits until ready.
-    pub async fn start_with(config: Config) -> Self {
+    /// Starts every service with `config` and waits until ready. The
+    /// incidents data goes to a temp dir unless `config` names one; timers
+    /// run on a [`ManualClock`] starting now.
+    pub async fn start_with(mut config: Config) -> Self {
         crate::init_logs();
+        let mut data = None;
+        if config.incidents.data_dir.is_none() {
+            let dir = tempfile::tempdir().expect("temp dir");
+            config.incidents.data_dir = Some(tocsin_runtime::config::ConfigPath(
+                dir.path().join("incidents"),
+            ));
+            data = Some(dir);
+        }
+        let clock = ManualClock::new(jiff::Timestamp::now());
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ingest = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_url = format!("http://{}", admin.local_addr().unwrap());
@@ -54,6 +71,7 @@ impl TocsinHarness {
         let options = Options {
             admin_listen: admin.local_addr().unwrap(),
             grace_period: Duration::from_secs(10),
+            clock: std::sync::Arc::new(clock.clone()),
         };
         let listeners = Listeners {
             admin,
@@ -70,7 +88,9 @@ impl TocsinHarness {
             ingest_url,
             admin_url,
             token: TEST_TOKEN.to_string(),
+            clock,
             shutdown,
+            _data: data,
             task: Some(task),
         };
         h.wait_ready(Duration::from_secs(20)).await;

@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Instant};
 
 use axum::{
     body::Body,
-    extract::State,
+    extract::{Path, State},
     http::{header, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::post,
@@ -161,6 +161,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/alerts/alertmanager", post(alertmanager_handler))
         .route("/v2/enqueue", post(pagerduty_handler))
         .route("/api/v1/alerts", post(generic_handler))
+        .route("/api/v1/heartbeat/{name}", post(heartbeat_handler))
         .fallback(not_found)
         .with_state(state)
 }
@@ -169,7 +170,7 @@ async fn not_found() -> Response {
     Rejection::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such endpoint; Tocsin ingest serves POST /api/v1/alerts/alertmanager, POST /v2/enqueue and POST /api/v1/alerts",
+        "no such endpoint; Tocsin ingest serves POST /api/v1/alerts/alertmanager, POST /v2/enqueue, POST /api/v1/alerts and POST /api/v1/heartbeat/<name>",
     )
     .into_response()
 }
@@ -305,6 +306,51 @@ async fn pagerduty_handler(
         Ok((source, stored, response))
     })
     .await
+}
+
+/// A dead-man's-switch ping: the incidents service expects one per
+/// configured interval and opens an incident when it is missed.
+async fn heartbeat_handler(
+    State(s): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let tp = traceparent(&headers);
+    handle(&s, "heartbeat", &tp, async {
+        let source = s.authenticate_bearer(&headers)?.to_string();
+        if !tocsin_proto::subjects::is_valid_token(&name) {
+            return Err(Rejection::invalid(format!(
+                "heartbeat name {name:?} is not valid; use 1-64 letters, digits, - or _"
+            )));
+        }
+        let received_at = Timestamp::now();
+        let alert = heartbeat_ping(&name, received_at);
+        let stored = s.store(&source, received_at, &tp, vec![alert]).await?;
+        Ok((source, stored, accepted(stored)))
+    })
+    .await
+}
+
+fn heartbeat_ping(name: &str, at: Timestamp) -> Alert {
+    let labels: tocsin_proto::Labels = [
+        ("alertname".to_string(), "HeartbeatPing".to_string()),
+        ("heartbeat".to_string(), name.to_string()),
+    ]
+    .into();
+    Alert {
+        fingerprint: tocsin_proto::Fingerprint::from_labels(&labels),
+        status: tocsin_proto::AlertStatus::Resolved,
+        labels,
+        annotations: Default::default(),
+        starts_at: at,
+        ends_at: Some(at),
+        generator_url: None,
+        dedup_key: None,
+        origin: tocsin_proto::Origin {
+            kind: Some(tocsin_proto::SourceKind::Heartbeat),
+            ..Default::default()
+        },
+    }
 }
 
 fn accepted(stored: Stored) -> Response {

@@ -7,6 +7,8 @@
 //! - `POST /v2/enqueue`: PagerDuty Events API v2-compatible events.
 //! - `POST /api/v1/alerts`: Tocsin's generic JSON (also Alertmanager's
 //!   `/api/v2/alerts` array shape).
+//! - `POST /api/v1/heartbeat/<name>`: a dead-man's-switch ping for the
+//!   incidents service's `heartbeats`.
 //!
 //! A request is answered 2xx only after JetStream acknowledged every one of
 //! its alerts; each alert carries a `Nats-Msg-Id` derived from fingerprint,

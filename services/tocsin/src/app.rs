@@ -6,7 +6,9 @@
 //! the cancellation first and have the grace period to finish in-flight
 //! work; then the NATS client is drained so every buffered publish is sent.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tocsin_incidents::clock::Clock;
 
 use anyhow::Context as _;
 use tocsin_runtime::{
@@ -18,10 +20,12 @@ use tokio::{net::TcpListener, task::JoinSet};
 use crate::config::{Config, Service};
 
 /// Runtime knobs that come from flags and environment, not the file.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Options {
     pub admin_listen: SocketAddr,
     pub grace_period: Duration,
+    /// Time for timers (snooze ends, heartbeats); tests pass a manual clock.
+    pub clock: Arc<dyn Clock>,
 }
 
 /// The sockets a process serves on, bound before anything starts (tests bind
@@ -99,6 +103,22 @@ pub async fn run(
     let mut ingest_listener = listeners.ingest;
     for service in services {
         match service {
+            Service::Incidents => {
+                let (cfg, client, js, metrics, health, clock, stop) = (
+                    config.incidents.clone(),
+                    client.clone(),
+                    js.clone(),
+                    metrics.clone(),
+                    health.clone(),
+                    options.clock.clone(),
+                    shutdown.clone(),
+                );
+                tasks.spawn(async move {
+                    let r = tocsin_incidents::run(cfg, client, js, &metrics, &health, clock, stop)
+                        .await;
+                    ("incidents", r.map_err(anyhow::Error::from))
+                });
+            }
             Service::Ingest => {
                 let cfg = config.ingest.clone().context("no ingest section")?;
                 let listener = ingest_listener

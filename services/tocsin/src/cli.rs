@@ -55,6 +55,8 @@ pub enum Command {
     Up,
     /// Run the ingest service (HTTP receivers -> ALERTS stream).
     Ingest,
+    /// Run the incidents service (ALERTS + COMMANDS -> INCIDENTS).
+    Incidents,
     /// Validate a config file; exits non-zero and prints file, line and reason on errors.
     CheckConfig {
         /// File to check (default: --config).
@@ -92,6 +94,7 @@ pub fn main(forced: Option<Command>) -> ExitCode {
         }
         Command::Up => serve(&cli, &Service::ALL),
         Command::Ingest => serve(&cli, &[Service::Ingest]),
+        Command::Incidents => serve(&cli, &[Service::Incidents]),
     }
 }
 
@@ -113,6 +116,7 @@ fn serve(cli: &Cli, services: &[Service]) -> ExitCode {
     let options = Options {
         admin_listen: cli.admin_listen,
         grace_period: cli.grace_period,
+        clock: std::sync::Arc::new(tocsin_incidents::clock::SystemClock),
     };
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();

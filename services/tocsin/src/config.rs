@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use serde::Deserialize;
+use tocsin_incidents::IncidentsConfig;
 use tocsin_ingest::IngestConfig;
 use tocsin_runtime::{
     config::{self, ConfigError},
@@ -11,7 +12,7 @@ use tocsin_runtime::{
 };
 
 /// `config/tocsin.yaml`. Unknown keys are errors.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// How to reach NATS. Default `nats://127.0.0.1:4222`, no auth.
@@ -23,20 +24,25 @@ pub struct Config {
     /// The ingest service; required to run it.
     #[serde(default)]
     pub ingest: Option<IngestConfig>,
+    /// The incidents service; every key has a default.
+    #[serde(default)]
+    pub incidents: IncidentsConfig,
 }
 
 /// Which services a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {
     Ingest,
+    Incidents,
 }
 
 impl Service {
-    pub const ALL: [Service; 1] = [Service::Ingest];
+    pub const ALL: [Service; 2] = [Service::Ingest, Service::Incidents];
 
     pub fn name(self) -> &'static str {
         match self {
             Service::Ingest => "ingest",
+            Service::Incidents => "incidents",
         }
     }
 }
@@ -55,6 +61,10 @@ impl Config {
                     ))
                 }
                 Service::Ingest => {}
+                Service::Incidents => {
+                    tocsin_incidents::compile(&cfg.incidents)
+                        .map_err(|e| ConfigError::whole_file(path, e.to_string()))?;
+                }
             }
         }
         Ok(cfg)

@@ -21,7 +21,9 @@ fn repo_root() -> PathBuf {
 /// Runs `tocsin check-config FILE` with `env`; returns (exit code, stdout, stderr).
 fn check_config(file: &Path, env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(BIN);
-    cmd.arg("check-config").arg(file).env_remove("TOCSIN_INGEST_TOKEN");
+    cmd.arg("check-config")
+        .arg(file)
+        .env_remove("TOCSIN_INGEST_TOKEN");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -52,7 +54,8 @@ ingest:
 #[test]
 fn shipped_config_is_valid() {
     let file = repo_root().join("config/tocsin.yaml");
-    let (code, stdout, stderr) = check_config(&file, &[("TOCSIN_INGEST_TOKEN", "0123456789abcdef0123")]);
+    let (code, stdout, stderr) =
+        check_config(&file, &[("TOCSIN_INGEST_TOKEN", "0123456789abcdef0123")]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains(": ok"), "{stdout}");
 }
@@ -91,12 +94,22 @@ fn config_errors_name_file_line_and_reason() {
         let (code, _, stderr) = check_config(&file, env);
         assert_eq!(code, 2, "case {i}: {stderr}");
         let place = format!("{}:{line}:", file.display());
-        assert!(stderr.starts_with(&place), "case {i}: expected {place} in {stderr}");
-        assert!(stderr.contains(reason), "case {i}: expected {reason:?} in {stderr}");
+        assert!(
+            stderr.starts_with(&place),
+            "case {i}: expected {place} in {stderr}"
+        );
+        assert!(
+            stderr.contains(reason),
+            "case {i}: expected {reason:?} in {stderr}"
+        );
     }
 
     // A config without an ingest section cannot run ingest.
-    let file = write(dir.path(), "no-ingest.yaml", "nats:\n  url: nats://x:4222\n");
+    let file = write(
+        dir.path(),
+        "no-ingest.yaml",
+        "nats:\n  url: nats://x:4222\n",
+    );
     let (code, _, stderr) = check_config(&file, &[]);
     assert_eq!(code, 2);
     assert!(stderr.contains("no `ingest:` section"), "{stderr}");
@@ -131,7 +144,13 @@ async fn sigterm_during_a_burst_keeps_every_acknowledged_alert() {
     let mut child = tokio::process::Command::new(BIN)
         .args(["--config"])
         .arg(&config)
-        .args(["--admin-listen", &format!("127.0.0.1:{admin_port}"), "--log-level", "warn", "up"])
+        .args([
+            "--admin-listen",
+            &format!("127.0.0.1:{admin_port}"),
+            "--log-level",
+            "warn",
+            "up",
+        ])
         .env("TOCSIN_INGEST_TOKEN", token)
         .stdin(Stdio::null())
         .spawn()
@@ -172,7 +191,10 @@ async fn sigterm_during_a_burst_keeps_every_acknowledged_alert() {
     while acked.lock().await.len() < 150 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let killed = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(killed.success());
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await

@@ -1,0 +1,157 @@
+//! Commands to the incidents service (COMMANDS stream) and their replies.
+//!
+//! A caller publishes a [`Command`] to `tocsin.cmd.<action>` with
+//! `Nats-Msg-Id` = the command id and, to hear back, a reply subject in the
+//! `Tocsin-Reply-To` header; the incidents service publishes a
+//! [`CommandReply`] there once the command's effect is on the INCIDENTS
+//! stream. An accepted command is durable (work-queue stream) even if the
+//! caller goes away.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{
+    incident::{Actor, IncidentSummary},
+    silence::Silence,
+};
+
+/// Which incident a command is about.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IncidentRef {
+    Id(Uuid),
+    /// The short number (`#42`).
+    Number(u64),
+}
+
+impl std::fmt::Display for IncidentRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IncidentRef::Id(id) => write!(f, "{id}"),
+            IncidentRef::Number(n) => write!(f, "#{n}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Action {
+    Ack {
+        incident: IncidentRef,
+    },
+    Unack {
+        incident: IncidentRef,
+    },
+    Resolve {
+        incident: IncidentRef,
+    },
+    /// Pause escalation for `seconds`; the incident is triggered again after.
+    Snooze {
+        incident: IncidentRef,
+        seconds: u64,
+    },
+    Reopen {
+        incident: IncidentRef,
+    },
+    /// Escalate now.
+    Escalate {
+        incident: IncidentRef,
+        #[serde(default)]
+        reason: String,
+    },
+    Assign {
+        incident: IncidentRef,
+        user: String,
+    },
+    Note {
+        incident: IncidentRef,
+        text: String,
+    },
+    /// Progress of a runbook step.
+    Remediation {
+        incident: IncidentRef,
+        runbook: String,
+        step: String,
+        status: String,
+        #[serde(default)]
+        detail: String,
+    },
+    CreateSilence {
+        silence: Silence,
+    },
+    ExpireSilence {
+        id: String,
+    },
+}
+
+impl Action {
+    /// The last subject token: `tocsin.cmd.<name>`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Ack { .. } => "ack",
+            Action::Unack { .. } => "unack",
+            Action::Resolve { .. } => "resolve",
+            Action::Snooze { .. } => "snooze",
+            Action::Reopen { .. } => "reopen",
+            Action::Escalate { .. } => "escalate",
+            Action::Assign { .. } => "assign",
+            Action::Note { .. } => "note",
+            Action::Remediation { .. } => "remediation",
+            Action::CreateSilence { .. } => "create_silence",
+            Action::ExpireSilence { .. } => "expire_silence",
+        }
+    }
+
+    pub fn incident(&self) -> Option<&IncidentRef> {
+        match self {
+            Action::Ack { incident }
+            | Action::Unack { incident }
+            | Action::Resolve { incident }
+            | Action::Snooze { incident, .. }
+            | Action::Reopen { incident }
+            | Action::Escalate { incident, .. }
+            | Action::Assign { incident, .. }
+            | Action::Note { incident, .. }
+            | Action::Remediation { incident, .. } => Some(incident),
+            Action::CreateSilence { .. } | Action::ExpireSilence { .. } => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// Unique per command (a UUID); also its `Nats-Msg-Id`, so a retried
+    /// command is applied once.
+    pub id: String,
+    pub actor: Actor,
+    pub action: Action,
+}
+
+impl Command {
+    pub fn new(actor: Actor, action: Action) -> Self {
+        Command {
+            id: Uuid::now_v7().to_string(),
+            actor,
+            action,
+        }
+    }
+
+    pub fn subject(&self) -> String {
+        format!("tocsin.cmd.{}", self.action.name())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum CommandReply {
+    Accepted {
+        command_id: String,
+        message: String,
+        #[serde(default)]
+        incident: Option<IncidentSummary>,
+    },
+    Rejected {
+        command_id: String,
+        reason: String,
+    },
+}

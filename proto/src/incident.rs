@@ -1,0 +1,313 @@
+//! Incidents and the events of the INCIDENTS stream.
+//!
+//! The INCIDENTS stream is the truth: every incident's timeline is the
+//! ordered list of its [`IncidentEvent`]s, and every event carries the
+//! incident's [`IncidentSummary`] after the event, so consumers need no
+//! lookups. Subjects: `tocsin.incidents.inc.<incident id>.<kind>` and
+//! `tocsin.incidents.silence.<silence id>.<kind>`.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{alert::Labels, fingerprint::Fingerprint, silence::Silence, AlertStatus};
+
+/// Severity, lowest first (so `max` is the most severe).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Low,
+    Medium,
+    High,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Low => "low",
+            Severity::Medium => "medium",
+            Severity::High => "high",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IncidentStatus {
+    Triggered,
+    Acknowledged,
+    Resolved,
+}
+
+impl IncidentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IncidentStatus::Triggered => "triggered",
+            IncidentStatus::Acknowledged => "acknowledged",
+            IncidentStatus::Resolved => "resolved",
+        }
+    }
+}
+
+/// Who did something, and through what.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// User name, runbook name, integration name.
+    pub name: String,
+    /// `slack`, `sms`, `cli`, `api`, `runbook`, `escalation`, `integration`, `tocsin`.
+    pub via: String,
+}
+
+impl Actor {
+    pub fn new(name: impl Into<String>, via: impl Into<String>) -> Self {
+        Actor {
+            name: name.into(),
+            via: via.into(),
+        }
+    }
+}
+
+/// The incident as it is after an event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncidentSummary {
+    pub id: Uuid,
+    /// Short human number: `#42`.
+    pub number: u64,
+    pub dedup_key: String,
+    pub title: String,
+    pub severity: Severity,
+    pub status: IncidentStatus,
+    /// Labels shared by every alert of the incident.
+    pub labels: Labels,
+    pub opened_at: Timestamp,
+    /// When escalation may start paging (opened_at + group_wait).
+    pub announce_at: Timestamp,
+    #[serde(default)]
+    pub acknowledged_at: Option<Timestamp>,
+    #[serde(default)]
+    pub acknowledged_by: Option<Actor>,
+    #[serde(default)]
+    pub resolved_at: Option<Timestamp>,
+    #[serde(default)]
+    pub snoozed_until: Option<Timestamp>,
+    #[serde(default)]
+    pub assignee: Option<String>,
+    pub alerts_firing: u32,
+    pub alerts_total: u32,
+    #[serde(default)]
+    pub reopen_count: u32,
+    /// Set when every firing alert is silenced or inhibited: the incident is
+    /// visible but pages nobody.
+    #[serde(default)]
+    pub suppressed: Option<String>,
+}
+
+/// One alert as attached to an incident.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertInfo {
+    pub fingerprint: Fingerprint,
+    pub status: AlertStatus,
+    pub labels: Labels,
+    #[serde(default)]
+    pub annotations: Labels,
+    pub starts_at: Timestamp,
+    #[serde(default)]
+    pub ends_at: Option<Timestamp>,
+    #[serde(default)]
+    pub generator_url: Option<String>,
+    /// Why this alert pages nobody (`silenced by <id>`, `inhibited by <rule>`).
+    #[serde(default)]
+    pub suppressed: Option<String>,
+}
+
+/// What caused an event. Part of the event's message id, so re-deciding
+/// the same input after a crash publishes nothing new.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Cause {
+    /// An alert event at this ALERTS stream sequence.
+    Alert { seq: u64 },
+    /// A command with this id.
+    Command { id: String },
+    /// A timer (snooze end, missed heartbeat) with this id.
+    Timer { id: String },
+}
+
+impl Cause {
+    /// Short form used in message ids: `a:<seq>`, `c:<id>`, `t:<id>`.
+    pub fn key(&self) -> String {
+        match self {
+            Cause::Alert { seq } => format!("a:{seq}"),
+            Cause::Command { id } => format!("c:{id}"),
+            Cause::Timer { id } => format!("t:{id}"),
+        }
+    }
+}
+
+/// Why an incident was resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResolveReason {
+    /// Every attached alert resolved (auto-resolve).
+    AllAlertsResolved,
+    /// Someone (or a runbook) resolved it.
+    Manual,
+}
+
+/// What happened.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    /// A new incident, with its first alert.
+    Opened {
+        alert: AlertInfo,
+    },
+    /// An alert joined, fired again or changed (annotations, suppression).
+    AlertFiring {
+        alert: AlertInfo,
+    },
+    AlertResolved {
+        fingerprint: Fingerprint,
+        ends_at: Timestamp,
+    },
+    Acknowledged,
+    Unacknowledged,
+    Snoozed {
+        until: Timestamp,
+    },
+    /// A snooze ran out; the incident is triggered again.
+    SnoozeEnded,
+    /// Someone asked to escalate now.
+    Escalated {
+        #[serde(default)]
+        reason: String,
+    },
+    Assigned {
+        user: String,
+    },
+    NoteAdded {
+        text: String,
+    },
+    /// A runbook step reported progress.
+    Remediation {
+        runbook: String,
+        step: String,
+        status: String,
+        #[serde(default)]
+        detail: String,
+    },
+    Resolved {
+        reason: ResolveReason,
+    },
+    Reopened,
+}
+
+impl EventKind {
+    /// The last subject token: `opened`, `alert_firing`, ...
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Opened { .. } => "opened",
+            EventKind::AlertFiring { .. } => "alert_firing",
+            EventKind::AlertResolved { .. } => "alert_resolved",
+            EventKind::Acknowledged => "acknowledged",
+            EventKind::Unacknowledged => "unacknowledged",
+            EventKind::Snoozed { .. } => "snoozed",
+            EventKind::SnoozeEnded => "snooze_ended",
+            EventKind::Escalated { .. } => "escalated",
+            EventKind::Assigned { .. } => "assigned",
+            EventKind::NoteAdded { .. } => "note_added",
+            EventKind::Remediation { .. } => "remediation",
+            EventKind::Resolved { .. } => "resolved",
+            EventKind::Reopened => "reopened",
+        }
+    }
+}
+
+/// One entry of an incident's timeline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncidentEvent {
+    pub kind: EventKind,
+    pub at: Timestamp,
+    #[serde(default)]
+    pub actor: Option<Actor>,
+    pub cause: Cause,
+    /// The incident after this event.
+    pub incident: IncidentSummary,
+}
+
+/// A change to the set of silences.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SilenceChange {
+    Created { silence: Silence },
+    Expired { id: String },
+}
+
+/// One record of the INCIDENTS stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "entry", rename_all = "snake_case")]
+pub enum LogEntry {
+    Incident(IncidentEvent),
+    Silence {
+        change: SilenceChange,
+        at: Timestamp,
+        actor: Actor,
+        cause: Cause,
+    },
+}
+
+impl LogEntry {
+    pub fn cause(&self) -> &Cause {
+        match self {
+            LogEntry::Incident(e) => &e.cause,
+            LogEntry::Silence { cause, .. } => cause,
+        }
+    }
+
+    /// The subject this entry is published on.
+    pub fn subject(&self) -> String {
+        match self {
+            LogEntry::Incident(e) => {
+                crate::subjects::incident_subject(&e.incident.id, e.kind.name())
+            }
+            LogEntry::Silence { change, .. } => match change {
+                SilenceChange::Created { silence } => {
+                    crate::subjects::silence_subject(&silence.id, "created")
+                }
+                SilenceChange::Expired { id } => crate::subjects::silence_subject(id, "expired"),
+            },
+        }
+    }
+
+    /// The `Nats-Msg-Id`: cause + what + which. One input never yields two
+    /// entries with the same kind for the same incident (or silence), so a
+    /// re-decided input after a crash maps to the same ids.
+    pub fn msg_id(&self) -> String {
+        match self {
+            LogEntry::Incident(e) => {
+                let extra = match &e.kind {
+                    EventKind::AlertFiring { alert } => format!(":{}", alert.fingerprint),
+                    EventKind::AlertResolved { fingerprint, .. } => format!(":{fingerprint}"),
+                    _ => String::new(),
+                };
+                format!(
+                    "inc:{}:{}:{}{}",
+                    e.cause.key(),
+                    e.kind.name(),
+                    e.incident.id,
+                    extra
+                )
+            }
+            LogEntry::Silence { change, cause, .. } => match change {
+                SilenceChange::Created { silence } => {
+                    format!("sil:{}:created:{}", cause.key(), silence.id)
+                }
+                SilenceChange::Expired { id } => format!("sil:{}:expired:{id}", cause.key()),
+            },
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! `incidents:` section of the config file.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use serde::Deserialize;
+use tocsin_proto::{
+    incident::Severity,
+    silence::{Matcher, Recurrence},
+};
+use tocsin_runtime::config::{ConfigPath, HumanDuration};
+
+use crate::inhibit::InhibitRuleConfig;
+
+/// Configuration of the incidents service. Every field has a default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IncidentsConfig {
+    /// Where the sled projection lives. Default `.tocsin/data/incidents`.
+    /// Losing it is harmless: it is rebuilt from the INCIDENTS stream.
+    pub data_dir: Option<ConfigPath>,
+    /// Labels whose values make the dedup key. Default: `alertname` plus the
+    /// labels Alertmanager grouped the notification by; for other senders,
+    /// all of the alert's labels.
+    pub group_by: Vec<String>,
+    /// How long a new incident is held before escalation may page, to
+    /// collect sibling alerts. Default 0s.
+    pub group_wait: HumanDuration,
+    /// An alert firing again within this time after its incident resolved
+    /// reopens it instead of opening a new one. Default 1h.
+    pub reopen_window: HumanDuration,
+    /// Resolve an incident when every attached alert has resolved. Default true.
+    pub auto_resolve: bool,
+    /// Labels read for the severity, first found wins. Default `[severity, priority]`.
+    pub severity_labels: Vec<String>,
+    /// Extra label value -> severity mappings (case-insensitive), added to
+    /// the built-in ones (critical/P0/SEV1 ..., see `severity::DEFAULTS`).
+    pub severity_map: BTreeMap<String, Severity>,
+    /// Severity when no label says. Default `medium`.
+    pub default_severity: Severity,
+    /// Alertmanager-style inhibition rules.
+    pub inhibit_rules: Vec<InhibitRuleConfig>,
+    /// Recurring maintenance windows (silences defined in config).
+    pub maintenance_windows: Vec<MaintenanceWindow>,
+    /// Dead-man's switches: a ping is expected at least every interval.
+    pub heartbeats: Vec<HeartbeatConfig>,
+    /// How long a command may wait for redelivery if the service dies while
+    /// handling it. Default 30s.
+    pub command_ack_wait: HumanDuration,
+}
+
+impl Default for IncidentsConfig {
+    fn default() -> Self {
+        IncidentsConfig {
+            data_dir: None,
+            group_by: Vec::new(),
+            group_wait: HumanDuration::secs(0),
+            reopen_window: HumanDuration::secs(3600),
+            auto_resolve: true,
+            severity_labels: vec!["severity".into(), "priority".into()],
+            severity_map: BTreeMap::new(),
+            default_severity: Severity::Medium,
+            inhibit_rules: Vec::new(),
+            maintenance_windows: Vec::new(),
+            heartbeats: Vec::new(),
+            command_ack_wait: HumanDuration::secs(30),
+        }
+    }
+}
+
+impl IncidentsConfig {
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .as_ref()
+            .map(|p| p.0.clone())
+            .unwrap_or_else(|| PathBuf::from(".tocsin/data/incidents"))
+    }
+}
+
+/// A recurring maintenance window: alerts matching are recorded but page nobody.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceWindow {
+    pub name: String,
+    #[serde(deserialize_with = "crate::matchers::deserialize_matchers")]
+    pub matchers: Vec<Matcher>,
+    pub recurrence: Recurrence,
+    #[serde(default)]
+    pub comment: String,
+}
+
+/// A dead-man's switch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    /// Pinged at `POST /api/v1/heartbeat/<name>` on ingest.
+    pub name: String,
+    /// A ping is expected at least this often.
+    pub interval: HumanDuration,
+    /// Labels of the incident opened when a ping is missed (alertname
+    /// `HeartbeatMissed` and `heartbeat: <name>` are added).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Summary of that incident.
+    #[serde(default)]
+    pub summary: Option<String>,
+}

@@ -1,0 +1,866 @@
+//! The pure core: the projection of the INCIDENTS log, and the decisions
+//! that turn an input (alert, command, timer) into new log entries.
+//!
+//! No IO here. The service feeds inputs in order, publishes what
+//! [`Decider`] returns, and folds each published entry into the
+//! [`Projection`] with [`Projection::apply`] — the same fold that rebuilds
+//! the projection from the stream after a crash.
+//!
+//! **Decisions are convergent**: deciding an input against a projection
+//! that already contains some of that input's entries returns only the
+//! missing ones. That is what makes a crash between "published" and
+//! "recorded in sled" harmless: after catching up from the stream, the
+//! service decides the last input again and publishes only what is missing
+//! (and JetStream drops any repeat by its message id).
+//!
+//! "Now" for an alert or command is the time it was received (from its
+//! envelope), never the wall clock at processing time, so replaying the same
+//! inputs gives the same incidents however often the service restarts.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use jiff::{SignedDuration, Timestamp};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tocsin_proto::{
+    command::{Action, Command, IncidentRef},
+    incident::{
+        Actor, AlertInfo, Cause, EventKind, IncidentEvent, IncidentStatus, IncidentSummary,
+        LogEntry, ResolveReason, Severity, SilenceChange,
+    },
+    silence::Silence,
+    Alert, AlertStatus, Envelope, Fingerprint, Labels, SourceKind,
+};
+use uuid::Uuid;
+
+use crate::{inhibit::Inhibitor, severity::SeverityMap, silences::SilenceIndex};
+
+/// How many applied command ids an incident remembers, to answer a retried
+/// command as "already applied" instead of applying it twice.
+const REMEMBERED_COMMANDS: usize = 64;
+
+/// One incident in the projection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncidentState {
+    pub summary: IncidentSummary,
+    pub alerts: BTreeMap<Fingerprint, AlertInfo>,
+    #[serde(default)]
+    pub commands: VecDeque<String>,
+}
+
+/// The projection of the INCIDENTS stream plus the input cursor.
+#[derive(Default)]
+pub struct Projection {
+    pub incidents: HashMap<Uuid, IncidentState>,
+    /// Dedup key -> most recent incident with that key.
+    pub by_key: HashMap<String, Uuid>,
+    pub by_number: HashMap<u64, Uuid>,
+    pub silences: SilenceIndex,
+    pub next_number: u64,
+    /// Last INCIDENTS stream sequence applied.
+    pub incidents_seq: u64,
+    /// Last ALERTS stream sequence decided.
+    pub alerts_cursor: u64,
+    /// Cause of the last applied entry (to know whether the last input may
+    /// be only partly published).
+    pub last_cause: Option<Cause>,
+    /// Last heartbeat ping per monitor (not part of the log: a lost value
+    /// only delays a missed-heartbeat incident by one interval).
+    pub heartbeats: BTreeMap<String, Timestamp>,
+    /// Incidents not resolved.
+    pub open_count: u64,
+    /// Incidents changed since the last save.
+    pub dirty: std::collections::HashSet<Uuid>,
+    /// Silence ids changed since the last save.
+    pub dirty_silences: std::collections::HashSet<String>,
+}
+
+impl Projection {
+    pub fn new() -> Self {
+        Projection {
+            next_number: 1,
+            ..Default::default()
+        }
+    }
+
+    pub fn find(&self, r: &IncidentRef) -> Option<&IncidentState> {
+        let id = match r {
+            IncidentRef::Id(id) => *id,
+            IncidentRef::Number(n) => *self.by_number.get(n)?,
+        };
+        self.incidents.get(&id)
+    }
+
+    /// Folds one published entry (at stream sequence `seq`) into the projection.
+    pub fn apply(&mut self, entry: &LogEntry, seq: u64) {
+        if seq != 0 && seq <= self.incidents_seq {
+            return; // already applied (a repeat acknowledged as duplicate)
+        }
+        match entry {
+            LogEntry::Incident(e) => {
+                let id = e.incident.id;
+                let was_open = self
+                    .incidents
+                    .get(&id)
+                    .map(|st| st.summary.status != IncidentStatus::Resolved);
+                let st = self.incidents.entry(id).or_insert_with(|| IncidentState {
+                    summary: e.incident.clone(),
+                    alerts: BTreeMap::new(),
+                    commands: VecDeque::new(),
+                });
+                let is_open = e.incident.status != IncidentStatus::Resolved;
+                match (was_open, is_open) {
+                    (None | Some(false), true) => self.open_count += 1,
+                    (Some(true), false) => self.open_count = self.open_count.saturating_sub(1),
+                    _ => {}
+                }
+                change_alerts(&mut st.alerts, &e.kind);
+                st.summary = e.incident.clone();
+                if let Cause::Command { id: cid } = &e.cause {
+                    if !st.commands.contains(cid) {
+                        st.commands.push_back(cid.clone());
+                        if st.commands.len() > REMEMBERED_COMMANDS {
+                            st.commands.pop_front();
+                        }
+                    }
+                }
+                self.by_key.insert(e.incident.dedup_key.clone(), id);
+                self.by_number.insert(e.incident.number, id);
+                self.next_number = self.next_number.max(e.incident.number + 1);
+                self.dirty.insert(id);
+            }
+            LogEntry::Silence { change, .. } => match change {
+                SilenceChange::Created { silence } => {
+                    // Validated before it was published; an invalid one in an
+                    // old log is skipped, not fatal.
+                    if let Err(e) = self.silences.insert(silence.clone()) {
+                        tracing::warn!(id = %silence.id, error = %e, "skipping invalid silence in the log");
+                    }
+                    self.dirty_silences.insert(silence.id.clone());
+                }
+                SilenceChange::Expired { id } => {
+                    self.silences.remove(id);
+                    self.dirty_silences.insert(id.clone());
+                }
+            },
+        }
+        if let Cause::Alert { seq: a } = entry.cause() {
+            self.alerts_cursor = self.alerts_cursor.max(*a);
+        }
+        self.last_cause = Some(entry.cause().clone());
+        if seq != 0 {
+            self.incidents_seq = seq;
+        }
+    }
+
+    /// Where to resume reading ALERTS: the last input again if it may be
+    /// only partly published, else the one after it.
+    pub fn alerts_resume_from(&self) -> u64 {
+        match &self.last_cause {
+            Some(Cause::Alert { seq }) if *seq == self.alerts_cursor => self.alerts_cursor.max(1),
+            _ => self.alerts_cursor + 1,
+        }
+    }
+
+    /// Firing alerts of open incidents (for inhibition).
+    pub fn firing_alerts(&self) -> impl Iterator<Item = (&Fingerprint, &Labels)> + Clone {
+        self.incidents
+            .values()
+            .filter(|i| i.summary.status != IncidentStatus::Resolved)
+            .flat_map(|i| i.alerts.values())
+            .filter(|a| a.status == AlertStatus::Firing)
+            .map(|a| (&a.fingerprint, &a.labels))
+    }
+}
+
+/// The alert-map part of an event, shared by deciding and applying.
+fn change_alerts(alerts: &mut BTreeMap<Fingerprint, AlertInfo>, kind: &EventKind) {
+    match kind {
+        EventKind::Opened { alert } | EventKind::AlertFiring { alert } => {
+            alerts.insert(alert.fingerprint.clone(), alert.clone());
+        }
+        EventKind::AlertResolved {
+            fingerprint,
+            ends_at,
+        } => {
+            if let Some(a) = alerts.get_mut(fingerprint) {
+                a.status = AlertStatus::Resolved;
+                a.ends_at = Some(*ends_at);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Settings the decisions depend on.
+pub struct CoreConfig {
+    pub group_by: Vec<String>,
+    pub group_wait: SignedDuration,
+    pub reopen_window: SignedDuration,
+    pub auto_resolve: bool,
+    pub severity: SeverityMap,
+    pub inhibitor: Inhibitor,
+    /// Silences from config (maintenance windows).
+    pub windows: SilenceIndex,
+}
+
+/// The answer to a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Accepted(String),
+    Rejected(String),
+}
+
+/// Decides inputs against a projection.
+pub struct Decider<'a> {
+    pub cfg: &'a CoreConfig,
+    pub proj: &'a Projection,
+}
+
+/// Accumulates the entries of one input, stepping a scratch copy of each
+/// incident so every event carries the incident as it is after it.
+struct Batch<'a> {
+    cfg: &'a CoreConfig,
+    cause: Cause,
+    at: Timestamp,
+    actor: Option<Actor>,
+    entries: Vec<LogEntry>,
+}
+
+impl Batch<'_> {
+    fn push(&mut self, st: &mut IncidentState, kind: EventKind) {
+        step(st, &kind, self.at, self.actor.as_ref(), self.cfg);
+        self.entries.push(LogEntry::Incident(IncidentEvent {
+            kind,
+            at: self.at,
+            actor: self.actor.clone(),
+            cause: self.cause.clone(),
+            incident: st.summary.clone(),
+        }));
+    }
+}
+
+/// Applies `kind` to a scratch incident and recomputes what derives from it.
+fn step(
+    st: &mut IncidentState,
+    kind: &EventKind,
+    at: Timestamp,
+    actor: Option<&Actor>,
+    cfg: &CoreConfig,
+) {
+    change_alerts(&mut st.alerts, kind);
+    let s = &mut st.summary;
+    let clear_ack = |s: &mut IncidentSummary| {
+        s.acknowledged_at = None;
+        s.acknowledged_by = None;
+        s.snoozed_until = None;
+    };
+    match kind {
+        EventKind::Acknowledged => {
+            s.status = IncidentStatus::Acknowledged;
+            s.acknowledged_at = Some(at);
+            s.acknowledged_by = actor.cloned();
+        }
+        EventKind::Unacknowledged | EventKind::SnoozeEnded | EventKind::Escalated { .. } => {
+            s.status = IncidentStatus::Triggered;
+            clear_ack(s);
+        }
+        EventKind::Snoozed { until } => {
+            if s.status == IncidentStatus::Triggered {
+                s.status = IncidentStatus::Acknowledged;
+                s.acknowledged_at = Some(at);
+                s.acknowledged_by = actor.cloned();
+            }
+            s.snoozed_until = Some(*until);
+        }
+        EventKind::Assigned { user } => s.assignee = Some(user.clone()),
+        EventKind::Resolved { .. } => {
+            s.status = IncidentStatus::Resolved;
+            s.resolved_at = Some(at);
+            s.snoozed_until = None;
+        }
+        EventKind::Reopened => {
+            s.status = IncidentStatus::Triggered;
+            s.resolved_at = None;
+            s.reopen_count += 1;
+            clear_ack(s);
+        }
+        EventKind::Opened { .. }
+        | EventKind::AlertFiring { .. }
+        | EventKind::AlertResolved { .. }
+        | EventKind::NoteAdded { .. }
+        | EventKind::Remediation { .. } => {}
+    }
+    recompute(st, cfg);
+}
+
+/// Fields that follow from the attached alerts.
+fn recompute(st: &mut IncidentState, cfg: &CoreConfig) {
+    let firing: Vec<&AlertInfo> = st
+        .alerts
+        .values()
+        .filter(|a| a.status == AlertStatus::Firing)
+        .collect();
+    let s = &mut st.summary;
+    s.alerts_total = st.alerts.len() as u32;
+    s.alerts_firing = firing.len() as u32;
+    let pool: Vec<&AlertInfo> = if firing.is_empty() {
+        st.alerts.values().collect()
+    } else {
+        firing.clone()
+    };
+    s.severity = pool
+        .iter()
+        .map(|a| cfg.severity.of(&a.labels))
+        .max()
+        .unwrap_or(Severity::Info);
+    s.suppressed = if !firing.is_empty() && firing.iter().all(|a| a.suppressed.is_some()) {
+        firing[0].suppressed.clone()
+    } else {
+        None
+    };
+    let mut common: Option<Labels> = None;
+    for a in st.alerts.values() {
+        common = Some(match common {
+            None => a.labels.clone(),
+            Some(mut c) => {
+                c.retain(|k, v| a.labels.get(k) == Some(v));
+                c
+            }
+        });
+    }
+    s.labels = common.unwrap_or_default();
+}
+
+/// The dedup key of an alert: the sender's key when it gives one (scoped to
+/// the integration, as PagerDuty scopes keys to a routing key), else the
+/// grouping labels.
+pub fn dedup_key(cfg: &CoreConfig, source: &str, alert: &Alert) -> String {
+    if let Some(k) = &alert.dedup_key {
+        return format!("key:{source}:{k}");
+    }
+    let group: Labels = if !cfg.group_by.is_empty() {
+        cfg.group_by
+            .iter()
+            .map(|n| (n.clone(), alert.labels.get(n).cloned().unwrap_or_default()))
+            .collect()
+    } else if !alert.origin.group_labels.is_empty() {
+        let mut g = alert.origin.group_labels.clone();
+        if let Some(name) = alert.labels.get("alertname") {
+            g.insert("alertname".into(), name.clone());
+        }
+        g
+    } else {
+        alert.labels.clone()
+    };
+    let body: Vec<String> = group.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+    format!("labels:{{{}}}", body.join(","))
+}
+
+fn title_for(alert: &Alert, key: &str) -> String {
+    if let Some(s) = alert
+        .annotations
+        .get("summary")
+        .filter(|s| !s.trim().is_empty())
+    {
+        return s.chars().take(200).collect();
+    }
+    if let Some(name) = alert.alertname() {
+        let extra: Vec<String> = alert
+            .origin
+            .group_labels
+            .iter()
+            .filter(|(k, _)| k.as_str() != "alertname")
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        return if extra.is_empty() {
+            name.to_string()
+        } else {
+            format!("{name} ({})", extra.join(", "))
+        };
+    }
+    key.chars().take(200).collect()
+}
+
+/// A UUID v7 derived from the input, so deciding the same input twice
+/// names the same incident.
+fn incident_id(at: Timestamp, cause: &Cause, key: &str) -> Uuid {
+    let digest = Sha256::digest(format!("{}|{key}", cause.key()).as_bytes());
+    let mut rand = [0u8; 10];
+    rand.copy_from_slice(&digest[..10]);
+    let ms = at.as_millisecond().max(0) as u64;
+    uuid::Builder::from_unix_timestamp_millis(ms, &rand).into_uuid()
+}
+
+fn alert_info(alert: &Alert, suppressed: Option<String>) -> AlertInfo {
+    AlertInfo {
+        fingerprint: alert.fingerprint.clone(),
+        status: alert.status,
+        labels: alert.labels.clone(),
+        annotations: alert.annotations.clone(),
+        starts_at: alert.starts_at,
+        ends_at: alert.ends_at,
+        generator_url: alert.generator_url.clone(),
+        suppressed,
+    }
+}
+
+impl Decider<'_> {
+    fn batch(&self, cause: Cause, at: Timestamp, actor: Option<Actor>) -> Batch<'_> {
+        Batch {
+            cfg: self.cfg,
+            cause,
+            at,
+            actor,
+            entries: Vec::new(),
+        }
+    }
+
+    fn suppression(&self, alert: &Alert, at: Timestamp) -> Option<String> {
+        if let Some(id) = self.proj.silences.silenced_by(&alert.labels, at) {
+            return Some(format!("silenced by {id}"));
+        }
+        if let Some(id) = self.cfg.windows.silenced_by(&alert.labels, at) {
+            return Some(format!("in maintenance window {id}"));
+        }
+        if self.cfg.inhibitor.is_empty() {
+            return None;
+        }
+        // Sorted, so the source named in the reason is the same on every run.
+        let mut firing: Vec<(&Fingerprint, &Labels)> = self.proj.firing_alerts().collect();
+        firing.sort_by(|a, b| a.0.cmp(b.0));
+        self.cfg
+            .inhibitor
+            .inhibited_by(&alert.labels, firing.iter().copied())
+    }
+
+    /// Entries for one alert event received at `env.received_at`.
+    pub fn alert(&self, cause: Cause, env: &Envelope<Alert>) -> Vec<LogEntry> {
+        let alert = &env.body;
+        let at = env.received_at;
+        let key = dedup_key(self.cfg, &env.source, alert);
+        let latest = self
+            .proj
+            .by_key
+            .get(&key)
+            .and_then(|id| self.proj.incidents.get(id));
+        match alert.status {
+            AlertStatus::Acknowledged => {
+                let actor = Actor::new(env.source.clone(), "integration");
+                let mut b = self.batch(cause, at, Some(actor));
+                if let Some(inc) = latest.filter(|i| i.summary.status == IncidentStatus::Triggered)
+                {
+                    let mut st = inc.clone();
+                    b.push(&mut st, EventKind::Acknowledged);
+                }
+                b.entries
+            }
+            AlertStatus::Firing => self.firing(cause, at, &key, alert, latest),
+            AlertStatus::Resolved => {
+                let mut b = self.batch(cause, at, None);
+                if let Some(inc) = latest.filter(|i| i.alerts.contains_key(&alert.fingerprint)) {
+                    let mut st = inc.clone();
+                    let known = &st.alerts[&alert.fingerprint];
+                    if known.status == AlertStatus::Firing {
+                        let ends_at = alert.ends_at.unwrap_or(at);
+                        b.push(
+                            &mut st,
+                            EventKind::AlertResolved {
+                                fingerprint: alert.fingerprint.clone(),
+                                ends_at,
+                            },
+                        );
+                    }
+                    self.auto_resolve(&mut b, &mut st);
+                }
+                b.entries
+            }
+        }
+    }
+
+    fn auto_resolve(&self, b: &mut Batch<'_>, st: &mut IncidentState) {
+        if self.cfg.auto_resolve
+            && st.summary.status != IncidentStatus::Resolved
+            && !st.alerts.is_empty()
+            && st
+                .alerts
+                .values()
+                .all(|a| a.status == AlertStatus::Resolved)
+        {
+            b.push(
+                st,
+                EventKind::Resolved {
+                    reason: ResolveReason::AllAlertsResolved,
+                },
+            );
+        }
+    }
+
+    fn firing(
+        &self,
+        cause: Cause,
+        at: Timestamp,
+        key: &str,
+        alert: &Alert,
+        latest: Option<&IncidentState>,
+    ) -> Vec<LogEntry> {
+        let suppressed = self.suppression(alert, at);
+        let info = alert_info(alert, suppressed);
+        let mut b = self.batch(cause.clone(), at, None);
+        match latest {
+            Some(inc) if inc.summary.status != IncidentStatus::Resolved => {
+                let unchanged = inc.alerts.get(&alert.fingerprint).is_some_and(|a| {
+                    a.status == AlertStatus::Firing
+                        && a.starts_at == info.starts_at
+                        && a.labels == info.labels
+                        && a.annotations == info.annotations
+                        && a.suppressed == info.suppressed
+                });
+                if !unchanged {
+                    let mut st = inc.clone();
+                    b.push(&mut st, EventKind::AlertFiring { alert: info });
+                }
+            }
+            Some(inc) => {
+                let resolved_at = inc.summary.resolved_at.unwrap_or(inc.summary.opened_at);
+                let repeat = inc.alerts.get(&alert.fingerprint).is_some_and(|a| {
+                    a.status == AlertStatus::Firing && a.starts_at == alert.starts_at
+                });
+                if repeat {
+                    // A repeat notification of an alert that was still firing
+                    // when someone resolved the incident: not a new problem.
+                } else if at.duration_since(resolved_at) <= self.cfg.reopen_window {
+                    let mut st = inc.clone();
+                    b.push(&mut st, EventKind::Reopened);
+                    b.push(&mut st, EventKind::AlertFiring { alert: info });
+                } else {
+                    self.open(&mut b, key, alert, info);
+                }
+            }
+            None => self.open(&mut b, key, alert, info),
+        }
+        b.entries
+    }
+
+    fn open(&self, b: &mut Batch<'_>, key: &str, alert: &Alert, info: AlertInfo) {
+        let at = b.at;
+        let mut st = IncidentState {
+            summary: IncidentSummary {
+                id: incident_id(at, &b.cause, key),
+                number: self.proj.next_number,
+                dedup_key: key.to_string(),
+                title: title_for(alert, key),
+                severity: Severity::Info,
+                status: IncidentStatus::Triggered,
+                labels: Labels::new(),
+                opened_at: at,
+                announce_at: at.checked_add(self.cfg.group_wait).unwrap_or(at),
+                acknowledged_at: None,
+                acknowledged_by: None,
+                resolved_at: None,
+                snoozed_until: None,
+                assignee: None,
+                alerts_firing: 0,
+                alerts_total: 0,
+                reopen_count: 0,
+                suppressed: None,
+            },
+            alerts: BTreeMap::new(),
+            commands: VecDeque::new(),
+        };
+        b.push(&mut st, EventKind::Opened { alert: info });
+    }
+
+    /// Entries for a command, and the answer to give.
+    pub fn command(&self, cmd: &Command, at: Timestamp) -> (Vec<LogEntry>, Verdict) {
+        let cause = Cause::Command { id: cmd.id.clone() };
+        let mut b = self.batch(cause.clone(), at, Some(cmd.actor.clone()));
+        let verdict = match &cmd.action {
+            Action::CreateSilence { silence } => {
+                if self
+                    .proj
+                    .silences
+                    .get(&silence.id)
+                    .is_some_and(|s| s == silence)
+                {
+                    return (
+                        vec![],
+                        Verdict::Accepted(format!("silence {} already exists", silence.id)),
+                    );
+                }
+                if !tocsin_proto::subjects::is_valid_token(&silence.id) {
+                    return (
+                        vec![],
+                        Verdict::Rejected(format!(
+                            "silence id {:?} must be 1-64 letters, digits, - or _",
+                            silence.id
+                        )),
+                    );
+                }
+                match crate::silences::validate_silence(silence) {
+                    Err(e) => return (vec![], Verdict::Rejected(format!("invalid silence: {e}"))),
+                    Ok(()) => {
+                        let entry = LogEntry::Silence {
+                            change: SilenceChange::Created {
+                                silence: silence.clone(),
+                            },
+                            at,
+                            actor: cmd.actor.clone(),
+                            cause,
+                        };
+                        return (
+                            vec![entry],
+                            Verdict::Accepted(format!("silence {} created", silence.id)),
+                        );
+                    }
+                }
+            }
+            Action::ExpireSilence { id } => {
+                if self.proj.silences.get(id).is_none() {
+                    return (vec![], Verdict::Rejected(format!("no silence {id}")));
+                }
+                let entry = LogEntry::Silence {
+                    change: SilenceChange::Expired { id: id.clone() },
+                    at,
+                    actor: cmd.actor.clone(),
+                    cause,
+                };
+                return (
+                    vec![entry],
+                    Verdict::Accepted(format!("silence {id} expired")),
+                );
+            }
+            other => {
+                let Some(r) = other.incident() else {
+                    return (
+                        vec![],
+                        Verdict::Rejected("command names no incident".into()),
+                    );
+                };
+                let Some(inc) = self.proj.find(r) else {
+                    return (vec![], Verdict::Rejected(format!("no incident {r}")));
+                };
+                if inc.commands.contains(&cmd.id) {
+                    return (
+                        vec![],
+                        Verdict::Accepted(format!("command {} was already applied", cmd.id)),
+                    );
+                }
+                let mut st = inc.clone();
+                let n = st.summary.number;
+                let status = st.summary.status;
+                let resolved = status == IncidentStatus::Resolved;
+                let resolved_msg =
+                    || Verdict::Rejected(format!("incident #{n} is already resolved"));
+                match other {
+                    Action::Ack { .. } => match status {
+                        IncidentStatus::Resolved => resolved_msg(),
+                        IncidentStatus::Acknowledged => {
+                            let by = st
+                                .summary
+                                .acknowledged_by
+                                .as_ref()
+                                .map(|a| format!("{} ({})", a.name, a.via))
+                                .unwrap_or_else(|| "someone".into());
+                            let when = st
+                                .summary
+                                .acknowledged_at
+                                .map(|t| format!(" at {t}"))
+                                .unwrap_or_default();
+                            Verdict::Rejected(format!(
+                                "incident #{n} was already acknowledged by {by}{when}"
+                            ))
+                        }
+                        IncidentStatus::Triggered => {
+                            b.push(&mut st, EventKind::Acknowledged);
+                            Verdict::Accepted(format!("incident #{n} acknowledged"))
+                        }
+                    },
+                    Action::Unack { .. } => {
+                        if status == IncidentStatus::Acknowledged {
+                            b.push(&mut st, EventKind::Unacknowledged);
+                            Verdict::Accepted(format!("incident #{n} is triggered again"))
+                        } else {
+                            Verdict::Rejected(format!(
+                                "incident #{n} is {}, not acknowledged",
+                                status.as_str()
+                            ))
+                        }
+                    }
+                    Action::Resolve { .. } => {
+                        if resolved {
+                            resolved_msg()
+                        } else {
+                            b.push(
+                                &mut st,
+                                EventKind::Resolved {
+                                    reason: ResolveReason::Manual,
+                                },
+                            );
+                            Verdict::Accepted(format!("incident #{n} resolved"))
+                        }
+                    }
+                    Action::Snooze { seconds, .. } => {
+                        if resolved {
+                            resolved_msg()
+                        } else if *seconds == 0 || *seconds > 7 * 86_400 {
+                            Verdict::Rejected(format!(
+                                "snooze of {seconds}s is out of range (1s to 7 days)"
+                            ))
+                        } else {
+                            let until = at
+                                .checked_add(SignedDuration::from_secs(*seconds as i64))
+                                .unwrap_or(at);
+                            b.push(&mut st, EventKind::Snoozed { until });
+                            Verdict::Accepted(format!("incident #{n} snoozed until {until}"))
+                        }
+                    }
+                    Action::Reopen { .. } => {
+                        if resolved {
+                            b.push(&mut st, EventKind::Reopened);
+                            Verdict::Accepted(format!("incident #{n} reopened"))
+                        } else {
+                            Verdict::Rejected(format!(
+                                "incident #{n} is {}, not resolved",
+                                status.as_str()
+                            ))
+                        }
+                    }
+                    Action::Escalate { reason, .. } => {
+                        if resolved {
+                            resolved_msg()
+                        } else {
+                            b.push(
+                                &mut st,
+                                EventKind::Escalated {
+                                    reason: reason.clone(),
+                                },
+                            );
+                            Verdict::Accepted(format!("incident #{n} escalated"))
+                        }
+                    }
+                    Action::Assign { user, .. } => {
+                        if user.trim().is_empty() {
+                            Verdict::Rejected("assign needs a user".into())
+                        } else {
+                            b.push(&mut st, EventKind::Assigned { user: user.clone() });
+                            Verdict::Accepted(format!("incident #{n} assigned to {user}"))
+                        }
+                    }
+                    Action::Note { text, .. } => {
+                        if text.trim().is_empty() || text.len() > 10_000 {
+                            Verdict::Rejected("a note must have 1 to 10000 characters".into())
+                        } else {
+                            b.push(&mut st, EventKind::NoteAdded { text: text.clone() });
+                            Verdict::Accepted(format!("note added to incident #{n}"))
+                        }
+                    }
+                    Action::Remediation {
+                        runbook,
+                        step,
+                        status,
+                        detail,
+                        ..
+                    } => {
+                        b.push(
+                            &mut st,
+                            EventKind::Remediation {
+                                runbook: runbook.clone(),
+                                step: step.clone(),
+                                status: status.clone(),
+                                detail: detail.clone(),
+                            },
+                        );
+                        Verdict::Accepted(format!("remediation step recorded on incident #{n}"))
+                    }
+                    Action::CreateSilence { .. } | Action::ExpireSilence { .. } => {
+                        unreachable!("handled above")
+                    }
+                }
+            }
+        };
+        (b.entries, verdict)
+    }
+
+    /// Entries for timers due at `now`: snoozes that ran out. The timer id
+    /// names the incident and the snooze, so a restart repeats nothing.
+    pub fn timers(&self, now: Timestamp) -> Vec<LogEntry> {
+        let mut due: Vec<&IncidentState> = self
+            .proj
+            .incidents
+            .values()
+            .filter(|i| {
+                i.summary.status != IncidentStatus::Resolved
+                    && i.summary.snoozed_until.is_some_and(|u| u <= now)
+            })
+            .collect();
+        due.sort_by_key(|i| i.summary.number);
+        let mut out = Vec::new();
+        for inc in due {
+            let until = inc.summary.snoozed_until.expect("filtered");
+            let cause = Cause::Timer {
+                id: format!("snooze-{}-{}", inc.summary.id.simple(), until.as_second()),
+            };
+            let mut b = self.batch(cause, until, Some(Actor::new("tocsin", "tocsin")));
+            let mut st = inc.clone();
+            b.push(&mut st, EventKind::SnoozeEnded);
+            out.extend(b.entries);
+        }
+        out
+    }
+
+    /// The earliest snooze end, for the timer loop.
+    pub fn next_timer(&self) -> Option<Timestamp> {
+        self.proj
+            .incidents
+            .values()
+            .filter(|i| i.summary.status != IncidentStatus::Resolved)
+            .filter_map(|i| i.summary.snoozed_until)
+            .min()
+    }
+}
+
+/// A synthetic alert for a missed heartbeat (firing) or a ping (resolved).
+pub fn heartbeat_alert(
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    summary: Option<&str>,
+    firing: bool,
+    at: Timestamp,
+    since: Timestamp,
+) -> Alert {
+    let mut l: Labels = labels.clone();
+    l.insert("alertname".into(), "HeartbeatMissed".into());
+    l.insert("heartbeat".into(), name.into());
+    let mut annotations = Labels::new();
+    annotations.insert(
+        "summary".into(),
+        summary
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("Heartbeat {name} missed: no ping since {since}")),
+    );
+    let identity: Labels = [("heartbeat".to_string(), name.to_string())].into();
+    Alert {
+        fingerprint: Fingerprint::from_labels(&identity),
+        status: if firing {
+            AlertStatus::Firing
+        } else {
+            AlertStatus::Resolved
+        },
+        labels: l,
+        annotations,
+        starts_at: since,
+        ends_at: (!firing).then_some(at),
+        generator_url: None,
+        dedup_key: Some(format!("heartbeat-{name}")),
+        origin: tocsin_proto::Origin {
+            kind: Some(SourceKind::Heartbeat),
+            ..Default::default()
+        },
+    }
+}
+
+/// Silences in a log-independent form, for the store.
+pub fn silence_list(proj: &Projection) -> Vec<Silence> {
+    proj.silences.list().cloned().collect()
+}

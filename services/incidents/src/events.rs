@@ -1,0 +1,163 @@
+//! Telemetry: each event logs and counts together.
+
+use prometheus_client::metrics::{
+    counter::Counter,
+    family::Family,
+    gauge::Gauge,
+    histogram::{exponential_buckets, Histogram},
+};
+use tocsin_runtime::admin::{Labels, Metrics};
+
+#[derive(Clone)]
+pub struct IncidentsMetrics {
+    inputs: Family<Labels, Counter>,
+    events: Family<Labels, Counter>,
+    dead_letters: Family<Labels, Counter>,
+    pub(crate) open: Gauge,
+    catch_up: Counter,
+    latency: Histogram,
+}
+
+fn l(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+impl IncidentsMetrics {
+    pub fn register(m: &Metrics) -> Self {
+        let s = IncidentsMetrics {
+            inputs: Family::default(),
+            events: Family::default(),
+            dead_letters: Family::default(),
+            open: Gauge::default(),
+            catch_up: Counter::default(),
+            latency: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
+        };
+        m.register(
+            "tocsin_incidents_inputs",
+            "Inputs handled by kind (alert, command, timer, heartbeat) and outcome",
+            s.inputs.clone(),
+        );
+        m.register(
+            "tocsin_incidents_events",
+            "Entries written to the INCIDENTS stream, by kind",
+            s.events.clone(),
+        );
+        m.register(
+            "tocsin_incidents_dead_letters",
+            "Undecodable messages moved to the dead-letter subject, by stream",
+            s.dead_letters.clone(),
+        );
+        m.register(
+            "tocsin_incidents_open",
+            "Incidents not resolved",
+            s.open.clone(),
+        );
+        m.register(
+            "tocsin_incidents_catch_up_entries",
+            "INCIDENTS entries replayed into the projection at start-up",
+            s.catch_up.clone(),
+        );
+        m.register(
+            "tocsin_incidents_alert_latency_seconds",
+            "From ingest receiving an alert to its incident events being stored",
+            s.latency.clone(),
+        );
+        s
+    }
+}
+
+pub(crate) enum IncidentsEvent<'a> {
+    Input {
+        input: &'a str,
+        outcome: &'a str,
+    },
+    Written {
+        kind: &'a str,
+    },
+    DeadLettered {
+        stream: &'a str,
+        seq: u64,
+        reason: &'a str,
+    },
+    CaughtUp {
+        entries: u64,
+        incidents: usize,
+    },
+    AlertLatency {
+        seconds: f64,
+    },
+    CommandAnswered {
+        id: &'a str,
+        action: &'a str,
+        accepted: bool,
+        message: &'a str,
+    },
+    PublishFailed {
+        error: &'a str,
+    },
+}
+
+impl IncidentsEvent<'_> {
+    pub(crate) fn emit(&self, m: &IncidentsMetrics) {
+        match *self {
+            IncidentsEvent::Input { input, outcome } => {
+                m.inputs
+                    .get_or_create(&l(&[("input", input), ("outcome", outcome)]))
+                    .inc();
+            }
+            IncidentsEvent::Written { kind } => {
+                m.events.get_or_create(&l(&[("kind", kind)])).inc();
+            }
+            IncidentsEvent::DeadLettered {
+                stream,
+                seq,
+                reason,
+            } => {
+                m.dead_letters
+                    .get_or_create(&l(&[("stream", stream)]))
+                    .inc();
+                tracing::error!(
+                    stream,
+                    seq,
+                    reason,
+                    "undecodable message moved to the dead-letter subject"
+                );
+            }
+            IncidentsEvent::CaughtUp { entries, incidents } => {
+                m.catch_up.inc_by(entries);
+                tracing::info!(
+                    entries,
+                    incidents,
+                    "projection caught up with the INCIDENTS stream"
+                );
+            }
+            IncidentsEvent::AlertLatency { seconds } => m.latency.observe(seconds),
+            IncidentsEvent::CommandAnswered {
+                id,
+                action,
+                accepted,
+                message,
+            } => {
+                m.inputs
+                    .get_or_create(&l(&[
+                        ("input", "command"),
+                        ("outcome", if accepted { "accepted" } else { "rejected" }),
+                    ]))
+                    .inc();
+                tracing::info!(
+                    command_id = id,
+                    action,
+                    accepted,
+                    message,
+                    "command answered"
+                );
+            }
+            IncidentsEvent::PublishFailed { error } => {
+                tracing::warn!(error, "cannot write to the INCIDENTS stream; retrying");
+            }
+        }
+    }
+}

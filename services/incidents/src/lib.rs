@@ -1,0 +1,142 @@
+//! # tocsin-incidents
+//!
+//! Turns alerts into incidents. The single writer of the INCIDENTS stream:
+//! every incident's timeline is the ordered list of its entries there.
+//!
+//! Alerts that mean the same problem (same dedup key: the sender's key, or
+//! the grouping labels) become one incident with a human number, a title, a
+//! severity (the highest of its firing alerts), the alerts attached and a
+//! lifecycle (triggered -> acknowledged -> resolved, snoozed, reopened).
+//! Silences, maintenance windows and inhibition rules mark alerts as
+//! suppressed: recorded and visible, paging nobody. Commands (ack, resolve,
+//! snooze, ...) arrive on COMMANDS and are answered. Heartbeats open an
+//! incident when a ping is missed.
+//!
+//! # Exactly once
+//! The INCIDENTS stream is the truth; sled holds a projection with the last
+//! applied stream sequence and the ALERTS cursor, saved atomically. After a
+//! crash the service catches up from the stream, decides the last input
+//! again (decisions are convergent, message ids derive from cause + kind +
+//! incident) and goes on. A missing or corrupt store is rebuilt.
+//!
+//! # Layout
+//! - [`config`]: the `incidents:` section.
+//! - [`core`]: the pure projection and decisions.
+//! - [`matchers`], [`silences`], [`inhibit`], [`severity`]: pure label logic.
+//! - [`store`]: the sled projection store.
+//! - [`clock`]: system or manual time for timers.
+//! - `service`: the loop (catch up, consume, publish, save, ack).
+//! - `query`: request/reply queries.
+//! - [`events`], [`error`]: telemetry and errors.
+#![deny(unreachable_pub)]
+
+pub mod clock;
+pub mod config;
+pub mod core;
+pub mod error;
+pub mod events;
+pub mod inhibit;
+pub mod matchers;
+pub mod severity;
+pub mod silences;
+pub mod store;
+
+mod query;
+mod service;
+
+use std::sync::Arc;
+
+use async_nats::{jetstream, Client};
+use jiff::SignedDuration;
+use tocsin_proto::silence::Silence;
+use tocsin_runtime::admin::{Health, Metrics};
+use tokio_util::sync::CancellationToken;
+
+pub use config::IncidentsConfig;
+pub use error::IncidentsError;
+pub use service::COMMANDS_CONSUMER;
+
+/// Compiles the config into what the core needs, checking matchers,
+/// regexes and timezones. `tocsin check-config` calls this too.
+pub fn compile(config: &IncidentsConfig) -> Result<core::CoreConfig, IncidentsError> {
+    let err = IncidentsError::Config;
+    let inhibitor = inhibit::Inhibitor::new(&config.inhibit_rules).map_err(err)?;
+    let mut windows = silences::SilenceIndex::default();
+    for w in &config.maintenance_windows {
+        windows
+            .insert(Silence {
+                id: w.name.clone(),
+                matchers: w.matchers.clone(),
+                starts_at: jiff::Timestamp::MIN,
+                ends_at: jiff::Timestamp::MAX,
+                created_by: "config".into(),
+                comment: w.comment.clone(),
+                recurrence: Some(w.recurrence.clone()),
+            })
+            .map_err(|e| IncidentsError::Config(format!("maintenance window {:?}: {e}", w.name)))?;
+    }
+    for h in &config.heartbeats {
+        if !tocsin_proto::subjects::is_valid_token(&h.name) {
+            return Err(IncidentsError::Config(format!(
+                "heartbeat name {:?} must be 1-64 letters, digits, - or _",
+                h.name
+            )));
+        }
+        if h.interval.get().is_zero() {
+            return Err(IncidentsError::Config(format!(
+                "heartbeat {:?} has a zero interval",
+                h.name
+            )));
+        }
+    }
+    let dur = |d: std::time::Duration| SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX);
+    Ok(core::CoreConfig {
+        group_by: config.group_by.clone(),
+        group_wait: dur(config.group_wait.get()),
+        reopen_window: dur(config.reopen_window.get()),
+        auto_resolve: config.auto_resolve,
+        severity: severity::SeverityMap::new(
+            &config.severity_labels,
+            &config.severity_map,
+            config.default_severity,
+        ),
+        inhibitor,
+        windows,
+    })
+}
+
+/// Runs the incidents service until `shutdown` is cancelled: catches up
+/// from the INCIDENTS stream, then consumes ALERTS and COMMANDS, fires
+/// timers by `clock`, and answers queries. The `incidents` health check
+/// passes once it has caught up and answers queries.
+pub async fn run(
+    config: IncidentsConfig,
+    client: Client,
+    js: jetstream::Context,
+    metrics: &Metrics,
+    health: &Health,
+    clock: Arc<dyn clock::Clock>,
+    shutdown: CancellationToken,
+) -> Result<(), IncidentsError> {
+    health.set_failing("incidents", "catching up with the INCIDENTS stream");
+    let core = compile(&config)?;
+    let m = events::IncidentsMetrics::register(metrics);
+    let svc = service::Service::new(&config, core, client.clone(), js.clone(), m, clock)?;
+    if !svc.catch_up(&shutdown).await {
+        return Ok(());
+    }
+    let subs = query::subscribe(&client)
+        .await
+        .map_err(|e| IncidentsError::JetStream(format!("cannot subscribe to queries: {e}")))?;
+    health.set_ok("incidents");
+    let queries = tokio::spawn(query::serve(
+        client,
+        js,
+        subs,
+        svc.proj.clone(),
+        shutdown.clone(),
+    ));
+    let result = svc.run(shutdown).await;
+    let _ = queries.await;
+    result
+}

@@ -1,0 +1,737 @@
+//! The service loop: catch up, then feed alerts, commands and timers to the
+//! core in order, publish what it decides, fold it into the projection,
+//! save, and only then move on (ack the command / advance the cursor).
+
+use std::{
+    path::Path,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use async_nats::{
+    jetstream::{
+        self,
+        consumer::{pull, AckPolicy, DeliverPolicy},
+        message::PublishMessage,
+    },
+    Client, HeaderMap,
+};
+use futures::StreamExt;
+use jiff::{SignedDuration, Timestamp};
+use tocsin_proto::{
+    codec::{self, decode_envelope},
+    command::{Command, CommandReply},
+    incident::{Cause, IncidentStatus, LogEntry},
+    subjects::{self, headers, STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS},
+    Alert, Envelope, SourceKind,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    clock::Clock,
+    config::{HeartbeatConfig, IncidentsConfig},
+    core::{heartbeat_alert, CoreConfig, Decider, Projection, Verdict},
+    error::IncidentsError,
+    events::{IncidentsEvent, IncidentsMetrics},
+    store::Store,
+};
+
+/// Durable consumer of COMMANDS.
+pub const COMMANDS_CONSUMER: &str = "tocsin-incidents";
+
+pub(crate) type Shared = Arc<RwLock<Projection>>;
+
+pub(crate) struct Service {
+    core: CoreConfig,
+    heartbeats: Vec<HeartbeatConfig>,
+    pub(crate) proj: Shared,
+    store: Store,
+    js: jetstream::Context,
+    client: Client,
+    metrics: IncidentsMetrics,
+    clock: Arc<dyn Clock>,
+    started_at: Timestamp,
+    ack_wait: Duration,
+}
+
+fn read(p: &Shared) -> std::sync::RwLockReadGuard<'_, Projection> {
+    p.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write(p: &Shared) -> std::sync::RwLockWriteGuard<'_, Projection> {
+    p.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Why an input could not be finished now (it will be retried).
+struct Retry(String);
+
+impl Service {
+    pub(crate) fn new(
+        config: &IncidentsConfig,
+        core: CoreConfig,
+        client: Client,
+        js: jetstream::Context,
+        metrics: IncidentsMetrics,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, IncidentsError> {
+        let dir = config.data_dir();
+        let (store, proj) = open_store(&dir)?;
+        let started_at = clock.now();
+        Ok(Service {
+            core,
+            heartbeats: config.heartbeats.clone(),
+            proj: Arc::new(RwLock::new(proj)),
+            store,
+            js,
+            client,
+            metrics,
+            clock,
+            started_at,
+            ack_wait: config.command_ack_wait.get(),
+        })
+    }
+
+    /// Replays INCIDENTS entries the projection lacks. Retries until NATS
+    /// answers; returns false if shut down first.
+    pub(crate) async fn catch_up(&self, shutdown: &CancellationToken) -> bool {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.try_catch_up().await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot catch up with the INCIDENTS stream yet; retrying")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn try_catch_up(&self) -> Result<(), String> {
+        let mut stream = self
+            .js
+            .get_stream(STREAM_INCIDENTS)
+            .await
+            .map_err(|e| e.to_string())?;
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| e.to_string())?
+            .state
+            .last_sequence;
+        let from = {
+            let mut p = write(&self.proj);
+            if p.incidents_seq > last {
+                // The stream is behind the projection: a new or reset NATS.
+                // The stream is the truth; start over from it.
+                tracing::warn!(
+                    stored = p.incidents_seq,
+                    stream = last,
+                    "projection is ahead of the INCIDENTS stream; rebuilding from the stream"
+                );
+                let heartbeats = std::mem::take(&mut p.heartbeats);
+                *p = Projection::new();
+                p.heartbeats = heartbeats;
+            }
+            p.incidents_seq + 1
+        };
+        if from > last {
+            return Ok(());
+        }
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut msgs = consumer.messages().await.map_err(|e| e.to_string())?;
+        let mut n = 0u64;
+        loop {
+            if read(&self.proj).incidents_seq >= last {
+                break;
+            }
+            let msg = match tokio::time::timeout(Duration::from_secs(10), msgs.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => return Err(e.to_string()),
+                Ok(None) => return Err("INCIDENTS consumer ended".into()),
+                Err(_) => return Err("INCIDENTS catch-up stalled".into()),
+            };
+            let seq = msg.info().map_err(|e| e.to_string())?.stream_sequence;
+            let mut p = write(&self.proj);
+            match decode_envelope::<LogEntry>(&msg.payload) {
+                Ok(env) => p.apply(&env.body, seq),
+                Err(e) => {
+                    tracing::error!(seq, error = %e, "undecodable INCIDENTS entry skipped");
+                    p.incidents_seq = seq;
+                }
+            }
+            n += 1;
+            if n % 1000 == 0 {
+                self.save(&mut p);
+            }
+        }
+        let mut p = write(&self.proj);
+        self.save(&mut p);
+        IncidentsEvent::CaughtUp {
+            entries: n,
+            incidents: p.incidents.len(),
+        }
+        .emit(&self.metrics);
+        self.metrics.open.set(p.open_count as i64);
+        Ok(())
+    }
+
+    fn save(&self, p: &mut Projection) {
+        // A failed save only costs a longer catch-up after a restart: the
+        // stream has everything. Operators should still hear about it.
+        if let Err(e) = self.store.save(p) {
+            tracing::error!(error = %e, "cannot save the projection; it will be rebuilt from the stream on restart");
+        }
+    }
+
+    pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<(), IncidentsError> {
+        'outer: while !shutdown.is_cancelled() {
+            let resume = read(&self.proj).alerts_resume_from();
+            let (mut alerts, mut commands) = match self.consumers(resume).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to ALERTS/COMMANDS yet; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            tracing::info!(alerts_from = resume, "incidents service consuming");
+            loop {
+                let deadline = self.next_deadline();
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break 'outer,
+                    m = alerts.next() => match m {
+                        Some(Ok(msg)) => self.on_alert(msg, &shutdown).await,
+                        Some(Err(e)) => tracing::warn!(error = %e, "ALERTS consumer error"),
+                        None => continue 'outer,
+                    },
+                    m = commands.next() => match m {
+                        Some(Ok(msg)) => self.on_command(msg, &shutdown).await,
+                        Some(Err(e)) => tracing::warn!(error = %e, "COMMANDS consumer error"),
+                        None => continue 'outer,
+                    },
+                    _ = self.clock.wait(deadline) => self.on_timers(&shutdown).await,
+                }
+            }
+        }
+        {
+            let mut p = write(&self.proj);
+            self.save(&mut p);
+        }
+        self.store.flush().await;
+        tracing::info!("incidents service stopped");
+        Ok(())
+    }
+
+    async fn consumers(&self, alerts_from: u64) -> Result<(pull::Ordered, pull::Stream), String> {
+        let alerts = self
+            .js
+            .get_stream(STREAM_ALERTS)
+            .await
+            .map_err(|e| e.to_string())?
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: alerts_from.max(1),
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?;
+        let commands = self
+            .js
+            .get_stream(STREAM_COMMANDS)
+            .await
+            .map_err(|e| e.to_string())?
+            .get_or_create_consumer(
+                COMMANDS_CONSUMER,
+                pull::Config {
+                    durable_name: Some(COMMANDS_CONSUMER.into()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: self.ack_wait,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((alerts, commands))
+    }
+
+    fn next_deadline(&self) -> Option<Timestamp> {
+        let p = read(&self.proj);
+        let snooze = Decider {
+            cfg: &self.core,
+            proj: &p,
+        }
+        .next_timer();
+        let hb = self
+            .heartbeats
+            .iter()
+            .filter(|h| !heartbeat_open(&p, &h.name))
+            .map(|h| heartbeat_deadline(&p, h, self.started_at))
+            .min();
+        match (snooze, hb) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Publishes entries in order, folding each into the projection once
+    /// JetStream acknowledged it, then saves.
+    async fn publish_and_apply(
+        &self,
+        entries: Vec<LogEntry>,
+        traceparent: Option<&str>,
+    ) -> Result<usize, Retry> {
+        let n = entries.len();
+        for entry in entries {
+            let at = match &entry {
+                LogEntry::Incident(e) => e.at,
+                LogEntry::Silence { at, .. } => *at,
+            };
+            let env = Envelope::new("incidents", at, entry)
+                .with_traceparent(traceparent.map(str::to_string));
+            let payload = codec::encode(&env).map_err(|e| Retry(e.to_string()))?;
+            let mut h = HeaderMap::new();
+            h.insert(
+                headers::SCHEMA,
+                tocsin_proto::SCHEMA_VERSION.to_string().as_str(),
+            );
+            if let Some(tp) = traceparent {
+                h.insert(headers::TRACEPARENT, tp);
+            }
+            let publish = PublishMessage::build()
+                .payload(payload.into())
+                .headers(h)
+                .message_id(env.body.msg_id());
+            let ack = self
+                .js
+                .send_publish(env.body.subject(), publish)
+                .await
+                .map_err(|e| Retry(e.to_string()))?
+                .await
+                .map_err(|e| Retry(e.to_string()))?;
+            let kind = match &env.body {
+                LogEntry::Incident(e) => e.kind.name(),
+                LogEntry::Silence { .. } => "silence",
+            };
+            if !ack.duplicate {
+                IncidentsEvent::Written { kind }.emit(&self.metrics);
+            }
+            let mut p = write(&self.proj);
+            p.apply(&env.body, ack.sequence);
+        }
+        let mut p = write(&self.proj);
+        self.save(&mut p);
+        self.metrics.open.set(p.open_count as i64);
+        Ok(n)
+    }
+
+    /// Decides with `decide` and publishes, again and again until it works
+    /// or the service stops. Deciding afresh each time is safe: decisions
+    /// are convergent, so a half-published input only gets its missing part.
+    async fn settle<F>(
+        &self,
+        shutdown: &CancellationToken,
+        traceparent: Option<&str>,
+        decide: F,
+    ) -> Option<usize>
+    where
+        F: Fn(&Decider<'_>) -> Vec<LogEntry>,
+    {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let entries = {
+                let p = read(&self.proj);
+                decide(&Decider {
+                    cfg: &self.core,
+                    proj: &p,
+                })
+            };
+            match self.publish_and_apply(entries, traceparent).await {
+                Ok(n) => return Some(n),
+                Err(Retry(e)) => IncidentsEvent::PublishFailed { error: &e }.emit(&self.metrics),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn on_alert(&self, msg: jetstream::Message, shutdown: &CancellationToken) {
+        let Ok(info) = msg.info() else {
+            tracing::warn!("ALERTS message without JetStream info; skipped");
+            return;
+        };
+        let seq = info.stream_sequence;
+        if seq < read(&self.proj).alerts_resume_from() {
+            return; // already decided
+        }
+        let traceparent = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::TRACEPARENT))
+            .map(|v| v.to_string());
+        let env = match decode_envelope::<Alert>(&msg.payload) {
+            Ok(env) => env,
+            Err(e) => {
+                if !self
+                    .dead_letter(
+                        STREAM_ALERTS,
+                        &msg.subject,
+                        &msg.payload,
+                        seq,
+                        &e.to_string(),
+                        shutdown,
+                    )
+                    .await
+                {
+                    return;
+                }
+                IncidentsEvent::Input {
+                    input: "alert",
+                    outcome: "dead_letter",
+                }
+                .emit(&self.metrics);
+                self.advance(seq);
+                return;
+            }
+        };
+        let cause = Cause::Alert { seq };
+        let written = if env.body.origin.kind == Some(SourceKind::Heartbeat) {
+            match self
+                .on_ping(&env, cause, traceparent.as_deref(), shutdown)
+                .await
+            {
+                Some(n) => n,
+                None => return,
+            }
+        } else {
+            match self
+                .settle(shutdown, traceparent.as_deref(), |d| {
+                    d.alert(cause.clone(), &env)
+                })
+                .await
+            {
+                Some(n) => n,
+                None => return,
+            }
+        };
+        let outcome = if written > 0 { "changed" } else { "unchanged" };
+        IncidentsEvent::Input {
+            input: "alert",
+            outcome,
+        }
+        .emit(&self.metrics);
+        if written > 0 {
+            let lag = Timestamp::now()
+                .duration_since(env.received_at)
+                .as_secs_f64();
+            IncidentsEvent::AlertLatency {
+                seconds: lag.max(0.0),
+            }
+            .emit(&self.metrics);
+        }
+        self.advance(seq);
+    }
+
+    fn advance(&self, seq: u64) {
+        let mut p = write(&self.proj);
+        p.alerts_cursor = p.alerts_cursor.max(seq);
+        self.save(&mut p);
+    }
+
+    async fn on_ping(
+        &self,
+        env: &Envelope<Alert>,
+        cause: Cause,
+        tp: Option<&str>,
+        shutdown: &CancellationToken,
+    ) -> Option<usize> {
+        let name = env
+            .body
+            .labels
+            .get("heartbeat")
+            .cloned()
+            .unwrap_or_default();
+        let Some(hb) = self.heartbeats.iter().find(|h| h.name == name) else {
+            tracing::warn!(heartbeat = %name, "ping for a heartbeat that is not configured (incidents.heartbeats); ignored");
+            IncidentsEvent::Input {
+                input: "heartbeat",
+                outcome: "unknown",
+            }
+            .emit(&self.metrics);
+            return Some(0);
+        };
+        write(&self.proj)
+            .heartbeats
+            .insert(name.clone(), env.received_at);
+        if !heartbeat_open(&read(&self.proj), &name) {
+            return Some(0);
+        }
+        let alert = heartbeat_alert(
+            &name,
+            &hb.labels,
+            hb.summary.as_deref(),
+            false,
+            env.received_at,
+            env.received_at,
+        );
+        let synthetic = Envelope::new("heartbeat", env.received_at, alert);
+        self.settle(shutdown, tp, |d| d.alert(cause.clone(), &synthetic))
+            .await
+    }
+
+    async fn on_timers(&self, shutdown: &CancellationToken) {
+        let now = self.clock.now();
+        let Some(n) = self.settle(shutdown, None, |d| d.timers(now)).await else {
+            return;
+        };
+        if n > 0 {
+            IncidentsEvent::Input {
+                input: "timer",
+                outcome: "changed",
+            }
+            .emit(&self.metrics);
+        }
+        for hb in &self.heartbeats {
+            let (open, deadline, last) = {
+                let p = read(&self.proj);
+                (
+                    heartbeat_open(&p, &hb.name),
+                    heartbeat_deadline(&p, hb, self.started_at),
+                    p.heartbeats.get(&hb.name).copied(),
+                )
+            };
+            if open || now < deadline {
+                continue;
+            }
+            let since = last.unwrap_or(self.started_at);
+            let alert = heartbeat_alert(
+                &hb.name,
+                &hb.labels,
+                hb.summary.as_deref(),
+                true,
+                deadline,
+                since,
+            );
+            let env = Envelope::new("heartbeat", deadline, alert);
+            let cause = Cause::Timer {
+                id: format!("hb-{}-{}", hb.name, deadline.as_second()),
+            };
+            if self
+                .settle(shutdown, None, |d| d.alert(cause.clone(), &env))
+                .await
+                .is_none()
+            {
+                return;
+            }
+            IncidentsEvent::Input {
+                input: "heartbeat",
+                outcome: "missed",
+            }
+            .emit(&self.metrics);
+        }
+    }
+
+    async fn on_command(&self, msg: jetstream::Message, shutdown: &CancellationToken) {
+        let reply_to = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::REPLY_TO))
+            .map(|v| v.to_string());
+        let traceparent = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::TRACEPARENT))
+            .map(|v| v.to_string());
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let env = match decode_envelope::<Command>(&msg.payload) {
+            Ok(env) => env,
+            Err(e) => {
+                if self
+                    .dead_letter(
+                        STREAM_COMMANDS,
+                        &msg.subject,
+                        &msg.payload,
+                        seq,
+                        &e.to_string(),
+                        shutdown,
+                    )
+                    .await
+                {
+                    IncidentsEvent::Input {
+                        input: "command",
+                        outcome: "dead_letter",
+                    }
+                    .emit(&self.metrics);
+                    if let Err(e) = msg.ack().await {
+                        tracing::warn!(error = %e, "cannot ack a dead-lettered command");
+                    }
+                }
+                return;
+            }
+        };
+        let cmd = &env.body;
+        let verdict = std::sync::Mutex::new(Verdict::Rejected("not decided".into()));
+        let decided = self
+            .settle(shutdown, traceparent.as_deref(), |d| {
+                let (entries, v) = d.command(cmd, env.received_at);
+                *verdict.lock().unwrap_or_else(|e| e.into_inner()) = v;
+                entries
+            })
+            .await;
+        if decided.is_none() {
+            return; // shutting down; the command stays un-acked and is redelivered
+        }
+        let verdict = verdict.into_inner().unwrap_or_else(|e| e.into_inner());
+        let incident = cmd
+            .action
+            .incident()
+            .and_then(|r| read(&self.proj).find(r).map(|i| i.summary.clone()));
+        let (accepted, message) = match &verdict {
+            Verdict::Accepted(m) => (true, m.clone()),
+            Verdict::Rejected(m) => (false, m.clone()),
+        };
+        IncidentsEvent::CommandAnswered {
+            id: &cmd.id,
+            action: cmd.action.name(),
+            accepted,
+            message: &message,
+        }
+        .emit(&self.metrics);
+        if let Some(to) = reply_to {
+            let reply = match verdict {
+                Verdict::Accepted(message) => CommandReply::Accepted {
+                    command_id: cmd.id.clone(),
+                    message,
+                    incident,
+                },
+                Verdict::Rejected(reason) => CommandReply::Rejected {
+                    command_id: cmd.id.clone(),
+                    reason,
+                },
+            };
+            match codec::encode(&reply) {
+                Ok(bytes) => {
+                    if let Err(e) = self.client.publish(to, bytes.into()).await {
+                        tracing::warn!(error = %e, "cannot send a command reply");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot encode a command reply"),
+            }
+        }
+        // Acked only now: the effect is on the stream and in the projection.
+        if let Err(e) = msg.double_ack().await {
+            tracing::warn!(error = %e, command_id = %cmd.id, "command ack failed; it will be redelivered and answered as already applied");
+        }
+    }
+
+    /// Moves an undecodable message to `tocsin.dlq.<stream>` with the reason.
+    async fn dead_letter(
+        &self,
+        stream: &str,
+        subject: &str,
+        payload: &[u8],
+        seq: u64,
+        reason: &str,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let mut h = HeaderMap::new();
+        h.insert(
+            headers::DLQ_REASON,
+            reason
+                .chars()
+                .take(512)
+                .collect::<String>()
+                .replace(['\r', '\n'], " ")
+                .as_str(),
+        );
+        h.insert(headers::DLQ_SUBJECT, subject);
+        loop {
+            let publish = PublishMessage::build()
+                .payload(payload.to_vec().into())
+                .headers(h.clone())
+                .message_id(format!("dlq:{stream}:{seq}"));
+            let result = match self
+                .js
+                .send_publish(subjects::dead_letter_subject(stream), publish)
+                .await
+            {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match result {
+                Ok(()) => {
+                    IncidentsEvent::DeadLettered {
+                        stream,
+                        seq,
+                        reason,
+                    }
+                    .emit(&self.metrics);
+                    return true;
+                }
+                Err(e) => IncidentsEvent::PublishFailed { error: &e }.emit(&self.metrics),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+}
+
+fn heartbeat_key(name: &str) -> String {
+    format!("key:heartbeat:heartbeat-{name}")
+}
+
+fn heartbeat_open(p: &Projection, name: &str) -> bool {
+    p.by_key
+        .get(&heartbeat_key(name))
+        .and_then(|id| p.incidents.get(id))
+        .is_some_and(|i| i.summary.status != IncidentStatus::Resolved)
+}
+
+fn heartbeat_deadline(p: &Projection, hb: &HeartbeatConfig, started_at: Timestamp) -> Timestamp {
+    let last = p.heartbeats.get(&hb.name).copied().unwrap_or(started_at);
+    let interval = SignedDuration::try_from(hb.interval.get()).unwrap_or(SignedDuration::MAX);
+    last.checked_add(interval).unwrap_or(Timestamp::MAX)
+}
+
+/// Opens the store; a store that cannot be read is wiped and rebuilt.
+fn open_store(dir: &Path) -> Result<(Store, Projection), IncidentsError> {
+    let attempt = Store::open(dir).and_then(|s| s.load().map(|p| (s, p)));
+    match attempt {
+        Ok(x) => Ok(x),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "projection store unreadable; rebuilding it from the INCIDENTS stream");
+            Store::wipe(dir);
+            let store = Store::open(dir).map_err(|source| IncidentsError::Store {
+                dir: dir.display().to_string(),
+                source,
+            })?;
+            Ok((store, Projection::new()))
+        }
+    }
+}

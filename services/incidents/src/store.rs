@@ -1,0 +1,162 @@
+//! The sled projection store.
+//!
+//! One tree, key prefixes: `m/meta` (cursors), `i/<uuid>` (incidents),
+//! `s/<id>` (silences). Each save is one atomic `Batch`, so the cursors are
+//! always those of the state stored with them. sled is a cache of the
+//! INCIDENTS stream, never the record: if it is missing, unreadable or out
+//! of step with the stream, the service wipes it and rebuilds from the stream.
+
+use std::{collections::BTreeMap, path::Path};
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use tocsin_proto::{incident::Cause, silence::Silence};
+use uuid::Uuid;
+
+use crate::core::{IncidentState, Projection};
+
+const META: &[u8] = b"m/meta";
+const STORE_SCHEMA: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("stored record {key} does not decode: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    schema: u32,
+    incidents_seq: u64,
+    alerts_cursor: u64,
+    last_cause: Option<Cause>,
+    next_number: u64,
+    #[serde(default)]
+    heartbeats: BTreeMap<String, Timestamp>,
+}
+
+pub struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        let tree = db.open_tree("projection")?;
+        Ok(Store { db, tree })
+    }
+
+    /// Removes the store's files (to rebuild from the stream).
+    pub fn wipe(dir: &Path) {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the projection store");
+            }
+        }
+    }
+
+    /// Loads the projection; an empty store gives an empty projection.
+    pub fn load(&self) -> Result<Projection, StoreError> {
+        let mut p = Projection::new();
+        let Some(meta) = self.tree.get(META)? else {
+            return Ok(p);
+        };
+        let meta: Meta = decode("m/meta", &meta)?;
+        if meta.schema != STORE_SCHEMA {
+            return Err(StoreError::Corrupt {
+                key: "m/meta".into(),
+                reason: format!("store schema {} is not {STORE_SCHEMA}", meta.schema),
+            });
+        }
+        p.incidents_seq = meta.incidents_seq;
+        p.alerts_cursor = meta.alerts_cursor;
+        p.last_cause = meta.last_cause;
+        p.next_number = meta.next_number.max(1);
+        p.heartbeats = meta.heartbeats;
+        for kv in self.tree.scan_prefix(b"i/") {
+            let (k, v) = kv?;
+            let st: IncidentState = decode(&String::from_utf8_lossy(&k), &v)?;
+            let id = st.summary.id;
+            let newer = p
+                .by_key
+                .get(&st.summary.dedup_key)
+                .and_then(|other| p.incidents.get(other))
+                .is_none_or(|o| o.summary.number < st.summary.number);
+            if newer {
+                p.by_key.insert(st.summary.dedup_key.clone(), id);
+            }
+            p.by_number.insert(st.summary.number, id);
+            if st.summary.status != tocsin_proto::incident::IncidentStatus::Resolved {
+                p.open_count += 1;
+            }
+            p.incidents.insert(id, st);
+        }
+        for kv in self.tree.scan_prefix(b"s/") {
+            let (k, v) = kv?;
+            let s: Silence = decode(&String::from_utf8_lossy(&k), &v)?;
+            p.silences.insert(s).map_err(|reason| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into(),
+                reason,
+            })?;
+        }
+        Ok(p)
+    }
+
+    /// Writes what changed since the last save, with the cursors, atomically.
+    pub fn save(&self, p: &mut Projection) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for id in p.dirty.drain() {
+            if let Some(st) = p.incidents.get(&id) {
+                batch.insert(incident_key(&id), encode(st));
+            }
+        }
+        for id in p.dirty_silences.drain() {
+            let key = format!("s/{id}");
+            match p.silences.get(&id) {
+                Some(s) => batch.insert(key.as_bytes(), encode(s)),
+                None => batch.remove(key.as_bytes()),
+            }
+        }
+        let meta = Meta {
+            schema: STORE_SCHEMA,
+            incidents_seq: p.incidents_seq,
+            alerts_cursor: p.alerts_cursor,
+            last_cause: p.last_cause.clone(),
+            next_number: p.next_number,
+            heartbeats: p.heartbeats.clone(),
+        };
+        batch.insert(META, encode(&meta));
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    pub async fn flush(&self) {
+        if let Err(e) = self.db.flush_async().await {
+            tracing::warn!(error = %e, "cannot flush the projection store");
+        }
+    }
+}
+
+fn incident_key(id: &Uuid) -> Vec<u8> {
+    let mut k = b"i/".to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Encoding plain data structs to a Vec cannot fail.
+    rmp_serde::to_vec_named(v).expect("projection records encode")
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}

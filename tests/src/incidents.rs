@@ -1,0 +1,187 @@
+//! Talking to the incidents service over the bus: alerts with chosen
+//! receive times, commands with replies, queries, and the INCIDENTS log.
+
+use std::time::Duration;
+
+use async_nats::{jetstream, Client, HeaderMap};
+use futures::StreamExt;
+use jiff::Timestamp;
+use tocsin_proto::{
+    codec,
+    command::{Action, Command, CommandReply, IncidentRef},
+    incident::{Actor, IncidentSummary, LogEntry},
+    query::{GetIncident, IncidentDetail, ListIncidents, QueryReply},
+    subjects::{alert_subject, headers, query, STREAM_INCIDENTS},
+    Alert, AlertStatus, Envelope, Fingerprint, Labels, Origin, SourceKind,
+};
+
+use crate::bus;
+
+/// Builds labels from pairs.
+pub fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// An Alertmanager-style alert grouped by `group` labels.
+pub fn alert(
+    pairs: &[(&str, &str)],
+    group: &[&str],
+    status: AlertStatus,
+    starts_at: Timestamp,
+) -> Alert {
+    let l = labels(pairs);
+    let group_labels = l
+        .iter()
+        .filter(|(k, _)| group.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Alert {
+        fingerprint: Fingerprint::from_labels(&l),
+        status,
+        labels: l,
+        annotations: Labels::new(),
+        starts_at,
+        ends_at: (status == AlertStatus::Resolved).then_some(starts_at),
+        generator_url: None,
+        dedup_key: None,
+        origin: Origin {
+            kind: Some(SourceKind::Alertmanager),
+            group_labels,
+            ..Default::default()
+        },
+    }
+}
+
+/// Publishes an alert as ingest would, received at `at`. Returns its ALERTS sequence.
+pub async fn publish_alert(js: &jetstream::Context, alert: Alert, at: Timestamp) -> u64 {
+    let subject = alert_subject(
+        alert.origin.kind.unwrap_or(SourceKind::Generic),
+        &alert.fingerprint,
+    );
+    let mut msg_id = alert.msg_id();
+    msg_id.push_str(&format!(":{}", at.as_nanosecond()));
+    let env = Envelope::new("test", at, alert);
+    let mut h = HeaderMap::new();
+    h.insert(headers::MSG_ID, msg_id.as_str());
+    js.publish_with_headers(subject, h, codec::encode(&env).unwrap().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack")
+        .sequence
+}
+
+/// Sends a command received at `at` and waits for the reply.
+pub async fn command(
+    client: &Client,
+    js: &jetstream::Context,
+    actor: &str,
+    action: Action,
+    at: Timestamp,
+) -> CommandReply {
+    let cmd = Command::new(Actor::new(actor, "test"), action);
+    send_command(client, js, cmd, at).await
+}
+
+/// Sends `cmd` (its id is the message id) and waits for the reply.
+pub async fn send_command(
+    client: &Client,
+    js: &jetstream::Context,
+    cmd: Command,
+    at: Timestamp,
+) -> CommandReply {
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await.unwrap();
+    let mut h = HeaderMap::new();
+    h.insert(headers::REPLY_TO, inbox.as_str());
+    h.insert(headers::MSG_ID, cmd.id.as_str());
+    let env = Envelope::new("test", at, cmd.clone());
+    js.publish_with_headers(cmd.subject(), h, codec::encode(&env).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .expect("command answered within 20s")
+        .expect("reply");
+    codec::decode(&msg.payload).expect("reply decodes")
+}
+
+async fn ask<Q: serde::Serialize>(client: &Client, subject: &'static str, q: &Q) -> QueryReply {
+    let resp = client
+        .request(subject, codec::encode(q).unwrap().into())
+        .await
+        .expect("query answered");
+    codec::decode(&resp.payload).expect("query reply decodes")
+}
+
+/// Every incident (most recent first).
+pub async fn list(client: &Client, q: ListIncidents) -> Vec<IncidentSummary> {
+    match ask(client, query::LIST_INCIDENTS, &q).await {
+        QueryReply::Incidents { incidents } => incidents,
+        other => panic!("unexpected answer {other:?}"),
+    }
+}
+
+pub async fn get(client: &Client, r: IncidentRef) -> IncidentDetail {
+    match ask(
+        client,
+        query::GET_INCIDENT,
+        &GetIncident {
+            incident: r,
+            timeline: true,
+        },
+    )
+    .await
+    {
+        QueryReply::Incident(d) => *d,
+        other => panic!("unexpected answer {other:?}"),
+    }
+}
+
+/// Polls `list` until `done` holds (the service works asynchronously).
+pub async fn wait_for<F: Fn(&[IncidentSummary]) -> bool>(
+    client: &Client,
+    what: &str,
+    done: F,
+) -> Vec<IncidentSummary> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let all = list(
+            client,
+            ListIncidents {
+                limit: Some(1000),
+                ..Default::default()
+            },
+        )
+        .await;
+        if done(&all) {
+            return all;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}; incidents: {all:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every entry of the INCIDENTS stream with its message id.
+pub async fn log(js: &jetstream::Context) -> Vec<(String, LogEntry)> {
+    bus::read_stream::<LogEntry>(js, STREAM_INCIDENTS)
+        .await
+        .into_iter()
+        .map(|m| {
+            let id = m
+                .headers
+                .get(headers::MSG_ID)
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            (id, m.envelope.body)
+        })
+        .collect()
+}

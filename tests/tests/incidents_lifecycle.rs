@@ -1,0 +1,218 @@
+//! Grouping, lifecycle, reopen window — through the real bus.
+
+use jiff::{SignedDuration, Timestamp};
+use tocsin_proto::{
+    command::IncidentRef,
+    incident::{EventKind, IncidentStatus, LogEntry, ResolveReason, Severity},
+    AlertStatus,
+};
+use tocsin_tests::{
+    http,
+    incidents::{alert, get, log, publish_alert, wait_for},
+    NatsServer, TocsinHarness,
+};
+
+fn t(min: i64) -> Timestamp {
+    "2026-01-05T10:00:00Z".parse::<Timestamp>().unwrap() + SignedDuration::from_mins(min)
+}
+
+#[tokio::test]
+async fn grouping_resolve_reopen_and_new_incident_after_the_window() {
+    let nats = NatsServer::start().await;
+    let tocsin = TocsinHarness::start(&nats).await; // reopen_window: 1h (default)
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let group = ["alertname", "service"];
+    let api = |inst: &'static str, sev: &'static str| {
+        [
+            ("alertname", "HighLatency"),
+            ("service", "api"),
+            ("instance", inst),
+            ("severity", sev),
+        ]
+    };
+    let start = t(0);
+
+    // Three alerts of one group -> one incident with three alerts.
+    for (i, inst) in ["api-1", "api-2", "api-3"].into_iter().enumerate() {
+        let sev = if i == 1 { "critical" } else { "warning" };
+        publish_alert(
+            &js,
+            alert(&api(inst, sev), &group, AlertStatus::Firing, start),
+            t(i as i64),
+        )
+        .await;
+    }
+    // A different group -> a second incident.
+    let db = [
+        ("alertname", "HighLatency"),
+        ("service", "db"),
+        ("instance", "db-1"),
+        ("severity", "warning"),
+    ];
+    publish_alert(&js, alert(&db, &group, AlertStatus::Firing, start), t(3)).await;
+
+    let all = wait_for(&client, "two incidents, the first with 3 alerts", |all| {
+        all.len() == 2 && all.iter().any(|i| i.alerts_total == 3)
+    })
+    .await;
+    let api_inc = all
+        .iter()
+        .find(|i| i.labels.get("service").map(String::as_str) == Some("api"))
+        .unwrap();
+    assert_eq!(api_inc.number, 1);
+    assert_eq!(api_inc.status, IncidentStatus::Triggered);
+    assert_eq!(
+        api_inc.severity,
+        Severity::Critical,
+        "the highest of its alerts"
+    );
+    assert_eq!(api_inc.alerts_firing, 3);
+    assert_eq!(api_inc.title, "HighLatency (service=api)");
+    assert_eq!(api_inc.opened_at, t(0));
+    let db_inc = all.iter().find(|i| i.number == 2).unwrap();
+    assert_eq!(db_inc.alerts_total, 1);
+
+    // A repeat notification (same alert, same start) changes nothing.
+    let before = log(&js).await.len();
+    publish_alert(
+        &js,
+        alert(&api("api-1", "warning"), &group, AlertStatus::Firing, start),
+        t(4),
+    )
+    .await;
+
+    // All three resolve -> the incident resolves by itself.
+    for (i, inst) in ["api-1", "api-2", "api-3"].into_iter().enumerate() {
+        let sev = if i == 1 { "critical" } else { "warning" };
+        publish_alert(
+            &js,
+            alert(&api(inst, sev), &group, AlertStatus::Resolved, start),
+            t(10 + i as i64),
+        )
+        .await;
+    }
+    wait_for(&client, "api incident resolved", |all| {
+        all.iter()
+            .any(|i| i.number == 1 && i.status == IncidentStatus::Resolved)
+    })
+    .await;
+    let entries = log(&js).await;
+    assert_eq!(
+        entries.len(),
+        before + 4,
+        "3 alert_resolved + 1 resolved, nothing for the repeat"
+    );
+    match &entries.last().unwrap().1 {
+        LogEntry::Incident(e) => {
+            assert_eq!(
+                e.kind,
+                EventKind::Resolved {
+                    reason: ResolveReason::AllAlertsResolved
+                }
+            );
+            assert_eq!(e.incident.resolved_at, Some(t(12)));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Fires again 30 min after resolving (within 1h) -> the same incident reopens.
+    publish_alert(
+        &js,
+        alert(
+            &api("api-2", "critical"),
+            &group,
+            AlertStatus::Firing,
+            t(40),
+        ),
+        t(42),
+    )
+    .await;
+    let all = wait_for(&client, "incident #1 reopened", |all| {
+        all.iter()
+            .any(|i| i.number == 1 && i.status == IncidentStatus::Triggered && i.reopen_count == 1)
+    })
+    .await;
+    assert_eq!(all.len(), 2, "no new incident");
+    let detail = get(&client, IncidentRef::Number(1)).await;
+    assert_eq!(detail.incident.alerts_firing, 1);
+    let kinds: Vec<&str> = detail.timeline.iter().map(|e| e.kind.name()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "opened",
+            "alert_firing",
+            "alert_firing",
+            "alert_resolved",
+            "alert_resolved",
+            "alert_resolved",
+            "resolved",
+            "reopened",
+            "alert_firing"
+        ]
+    );
+
+    // Resolve again, then fire 2 hours later -> a new incident #3.
+    publish_alert(
+        &js,
+        alert(
+            &api("api-2", "critical"),
+            &group,
+            AlertStatus::Resolved,
+            t(40),
+        ),
+        t(50),
+    )
+    .await;
+    publish_alert(
+        &js,
+        alert(
+            &api("api-2", "critical"),
+            &group,
+            AlertStatus::Firing,
+            t(170),
+        ),
+        t(171),
+    )
+    .await;
+    let all = wait_for(&client, "incident #3", |all| {
+        all.iter().any(|i| i.number == 3)
+    })
+    .await;
+    let third = all.iter().find(|i| i.number == 3).unwrap();
+    assert_eq!(third.dedup_key, api_inc.dedup_key);
+    assert_eq!(third.status, IncidentStatus::Triggered);
+    assert_eq!(
+        all.iter().find(|i| i.number == 1).unwrap().status,
+        IncidentStatus::Resolved
+    );
+    tocsin.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_alertmanager_webhook_becomes_an_incident_end_to_end() {
+    let nats = NatsServer::start().await;
+    let tocsin = TocsinHarness::start(&nats).await;
+    let client = nats.client().await;
+    let a = http::post(
+        &reqwest::Client::new(),
+        &format!("{}/api/v1/alerts/alertmanager", tocsin.ingest_url),
+        Some(&tocsin.token),
+        include_str!("fixtures/alertmanager_3_alerts.json"),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    // Grouped by Alertmanager's groupLabels (alertname, service): one incident,
+    // two alerts firing, and the resolved third never seen firing is not attached.
+    let all = wait_for(&client, "one incident with 2 alerts", |all| {
+        all.len() == 1 && all[0].alerts_total == 2
+    })
+    .await;
+    let inc = &all[0];
+    assert_eq!(inc.title, "p99 > 2s");
+    assert_eq!(inc.severity, Severity::Critical);
+    assert_eq!(inc.status, IncidentStatus::Triggered);
+    let detail = get(&client, IncidentRef::Id(inc.id)).await;
+    assert_eq!(detail.timeline.len(), 2);
+    assert_eq!(detail.timeline[0].kind.name(), "opened");
+}
