@@ -141,6 +141,8 @@ impl Command {
     }
 }
 
+// A wire type built and read one at a time: boxing the summary would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum CommandReply {

@@ -248,6 +248,8 @@ pub enum SilenceChange {
 }
 
 /// One record of the INCIDENTS stream.
+// Built and read one at a time: boxing the event would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "entry", rename_all = "snake_case")]
 pub enum LogEntry {

@@ -57,6 +57,17 @@ pub fn alert(
 
 /// Publishes an alert as ingest would, received at `at`. Returns its ALERTS sequence.
 pub async fn publish_alert(js: &jetstream::Context, alert: Alert, at: Timestamp) -> u64 {
+    try_publish_alert(js, alert, at)
+        .await
+        .expect("alert published")
+}
+
+/// [`publish_alert`] that reports failure instead of panicking (fault tests).
+pub async fn try_publish_alert(
+    js: &jetstream::Context,
+    alert: Alert,
+    at: Timestamp,
+) -> Result<u64, String> {
     let subject = alert_subject(
         alert.origin.kind.unwrap_or(SourceKind::Generic),
         &alert.fingerprint,
@@ -66,12 +77,13 @@ pub async fn publish_alert(js: &jetstream::Context, alert: Alert, at: Timestamp)
     let env = Envelope::new("test", at, alert);
     let mut h = HeaderMap::new();
     h.insert(headers::MSG_ID, msg_id.as_str());
-    js.publish_with_headers(subject, h, codec::encode(&env).unwrap().into())
+    Ok(js
+        .publish_with_headers(subject, h, codec::encode(&env).unwrap().into())
         .await
-        .expect("publish")
+        .map_err(|e| e.to_string())?
         .await
-        .expect("ack")
-        .sequence
+        .map_err(|e| e.to_string())?
+        .sequence)
 }
 
 /// Sends a command received at `at` and waits for the reply.
@@ -93,22 +105,44 @@ pub async fn send_command(
     cmd: Command,
     at: Timestamp,
 ) -> CommandReply {
+    let id = cmd.id.clone();
+    send_command_with_msg_id(client, js, cmd, at, Some(&id))
+        .await
+        .expect("not a duplicate")
+}
+
+/// Sends `cmd` with the given `Nats-Msg-Id` (None: none, as a retry after
+/// the duplicate window would look). Returns None when JetStream dropped it
+/// as a duplicate (no reply comes then).
+pub async fn send_command_with_msg_id(
+    client: &Client,
+    js: &jetstream::Context,
+    cmd: Command,
+    at: Timestamp,
+    msg_id: Option<&str>,
+) -> Option<CommandReply> {
     let inbox = client.new_inbox();
     let mut sub = client.subscribe(inbox.clone()).await.unwrap();
     let mut h = HeaderMap::new();
     h.insert(headers::REPLY_TO, inbox.as_str());
-    h.insert(headers::MSG_ID, cmd.id.as_str());
+    if let Some(id) = msg_id {
+        h.insert(headers::MSG_ID, id);
+    }
     let env = Envelope::new("test", at, cmd.clone());
-    js.publish_with_headers(cmd.subject(), h, codec::encode(&env).unwrap().into())
+    let ack = js
+        .publish_with_headers(cmd.subject(), h, codec::encode(&env).unwrap().into())
         .await
         .unwrap()
         .await
         .unwrap();
+    if ack.duplicate {
+        return None;
+    }
     let msg = tokio::time::timeout(Duration::from_secs(20), sub.next())
         .await
         .expect("command answered within 20s")
         .expect("reply");
-    codec::decode(&msg.payload).expect("reply decodes")
+    Some(codec::decode(&msg.payload).expect("reply decodes"))
 }
 
 async fn ask<Q: serde::Serialize>(client: &Client, subject: &'static str, q: &Q) -> QueryReply {

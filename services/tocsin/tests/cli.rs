@@ -65,7 +65,8 @@ fn config_errors_name_file_line_and_reason() {
     let dir = tempfile::tempdir().unwrap();
     let token = ("TOCSIN_INGEST_TOKEN", "0123456789abcdef0123");
     // (file contents, env, expected "file:line", expected reason fragment)
-    let cases: &[(&str, &[(&str, &str)], usize, &str)] = &[
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], usize, &'a str);
+    let cases: &[Case] = &[
         (
             "nats:\n  url: nats://x:4222\ningest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\n  listn: 1.2.3.4:5\n",
             &[token],

@@ -1,0 +1,379 @@
+//! Commands on the COMMANDS stream, answered after their effect is stored.
+
+use jiff::{SignedDuration, Timestamp};
+use tocsin_proto::{
+    command::{Action, CommandReply, IncidentRef},
+    incident::{EventKind, IncidentStatus, LogEntry},
+    silence::{MatchOp, Matcher, Silence},
+    AlertStatus,
+};
+use tocsin_tests::{
+    incidents::{
+        alert, command, get, log, publish_alert, send_command, send_command_with_msg_id, wait_for,
+    },
+    NatsServer, TocsinHarness,
+};
+
+fn t(min: i64) -> Timestamp {
+    "2026-02-01T08:00:00Z".parse::<Timestamp>().unwrap() + SignedDuration::from_mins(min)
+}
+
+fn accepted(r: &CommandReply) -> bool {
+    matches!(r, CommandReply::Accepted { .. })
+}
+
+fn reason(r: &CommandReply) -> String {
+    match r {
+        CommandReply::Rejected { reason, .. } => reason.clone(),
+        CommandReply::Accepted { message, .. } => panic!("accepted: {message}"),
+    }
+}
+
+#[tokio::test]
+async fn ack_resolve_rejections_and_concurrent_acks() {
+    let nats = NatsServer::start().await;
+    let _tocsin = TocsinHarness::start(&nats).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let one = [("alertname", "DiskFull"), ("host", "db1")];
+    let two = [("alertname", "DiskFull"), ("host", "db2")];
+    publish_alert(
+        &js,
+        alert(&one, &["alertname", "host"], AlertStatus::Firing, t(0)),
+        t(0),
+    )
+    .await;
+    publish_alert(
+        &js,
+        alert(&two, &["alertname", "host"], AlertStatus::Firing, t(0)),
+        t(1),
+    )
+    .await;
+    wait_for(&client, "two incidents", |all| all.len() == 2).await;
+    let n1 = IncidentRef::Number(1);
+
+    // Ack then resolve.
+    let r = command(
+        &client,
+        &js,
+        "alice",
+        Action::Ack {
+            incident: n1.clone(),
+        },
+        t(2),
+    )
+    .await;
+    let CommandReply::Accepted { incident, .. } = &r else {
+        panic!("{r:?}")
+    };
+    let inc = incident.as_ref().unwrap();
+    assert_eq!(inc.status, IncidentStatus::Acknowledged);
+    assert_eq!(inc.acknowledged_by.as_ref().unwrap().name, "alice");
+    assert_eq!(inc.acknowledged_at, Some(t(2)));
+    let r = command(
+        &client,
+        &js,
+        "alice",
+        Action::Resolve {
+            incident: n1.clone(),
+        },
+        t(5),
+    )
+    .await;
+    assert!(accepted(&r), "{r:?}");
+
+    // Acknowledging a resolved incident is refused, with the reason.
+    let r = command(
+        &client,
+        &js,
+        "bob",
+        Action::Ack {
+            incident: n1.clone(),
+        },
+        t(6),
+    )
+    .await;
+    assert_eq!(reason(&r), "incident #1 is already resolved");
+    let r = command(
+        &client,
+        &js,
+        "bob",
+        Action::Ack {
+            incident: IncidentRef::Number(99),
+        },
+        t(6),
+    )
+    .await;
+    assert_eq!(reason(&r), "no incident #99");
+
+    // Two actors acknowledge #2 at the same time: one wins, the other is
+    // told who acknowledged first.
+    let n2 = IncidentRef::Number(2);
+    let (a, b) = tokio::join!(
+        command(
+            &client,
+            &js,
+            "carol",
+            Action::Ack {
+                incident: n2.clone()
+            },
+            t(7)
+        ),
+        command(
+            &client,
+            &js,
+            "dave",
+            Action::Ack {
+                incident: n2.clone()
+            },
+            t(7)
+        ),
+    );
+    let (winner, loser) = if accepted(&a) {
+        ("carol", &b)
+    } else {
+        ("dave", &a)
+    };
+    assert!(
+        accepted(&a) ^ accepted(&b),
+        "exactly one accepted: {a:?} {b:?}"
+    );
+    let why = reason(loser);
+    assert!(
+        why.starts_with(&format!(
+            "incident #2 was already acknowledged by {winner} (test)"
+        )),
+        "{why}"
+    );
+    let acks = log(&js)
+        .await
+        .into_iter()
+        .filter(|(_, e)| matches!(e, LogEntry::Incident(ev) if ev.kind == EventKind::Acknowledged && ev.incident.number == 2))
+        .count();
+    assert_eq!(acks, 1, "one acknowledgement event");
+
+    // A retried command (same id) is applied once: within the duplicate
+    // window JetStream drops it; later the service knows the id.
+    let cmd = tocsin_proto::command::Command::new(
+        tocsin_proto::incident::Actor::new("erin", "cli"),
+        Action::Note {
+            incident: n2.clone(),
+            text: "looking at the disk".into(),
+        },
+    );
+    let first = send_command(&client, &js, cmd.clone(), t(8)).await;
+    assert!(accepted(&first));
+    assert_eq!(
+        send_command_with_msg_id(&client, &js, cmd.clone(), t(8), Some(&cmd.id)).await,
+        None,
+        "dropped as a duplicate"
+    );
+    let again = send_command_with_msg_id(&client, &js, cmd.clone(), t(8), None)
+        .await
+        .unwrap();
+    let CommandReply::Accepted { message, .. } = &again else {
+        panic!("{again:?}")
+    };
+    assert!(message.contains("already applied"), "{message}");
+    let notes = get(&client, n2.clone())
+        .await
+        .timeline
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::NoteAdded { .. }))
+        .count();
+    assert_eq!(notes, 1);
+
+    // Other commands: unack, assign, escalate, snooze out of range, reopen.
+    assert!(accepted(
+        &command(
+            &client,
+            &js,
+            winner,
+            Action::Unack {
+                incident: n2.clone()
+            },
+            t(9)
+        )
+        .await
+    ));
+    assert!(accepted(
+        &command(
+            &client,
+            &js,
+            "lead",
+            Action::Assign {
+                incident: n2.clone(),
+                user: "frank".into()
+            },
+            t(9)
+        )
+        .await
+    ));
+    assert!(accepted(
+        &command(
+            &client,
+            &js,
+            "lead",
+            Action::Escalate {
+                incident: n2.clone(),
+                reason: "no progress".into()
+            },
+            t(10)
+        )
+        .await
+    ));
+    let r = command(
+        &client,
+        &js,
+        "lead",
+        Action::Snooze {
+            incident: n2.clone(),
+            seconds: 0,
+        },
+        t(10),
+    )
+    .await;
+    assert!(reason(&r).contains("out of range"));
+    let r = command(
+        &client,
+        &js,
+        "lead",
+        Action::Reopen {
+            incident: n2.clone(),
+        },
+        t(10),
+    )
+    .await;
+    assert!(reason(&r).contains("not resolved"));
+    assert!(accepted(
+        &command(
+            &client,
+            &js,
+            "lead",
+            Action::Reopen {
+                incident: n1.clone()
+            },
+            t(11)
+        )
+        .await
+    ));
+    let d = get(&client, n2).await;
+    assert_eq!(d.incident.assignee.as_deref(), Some("frank"));
+    assert_eq!(d.incident.status, IncidentStatus::Triggered);
+}
+
+#[tokio::test]
+async fn silenced_alerts_are_recorded_and_page_nobody() {
+    let nats = NatsServer::start().await;
+    let _tocsin = TocsinHarness::start(&nats).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let silence = Silence {
+        id: "maint-db".into(),
+        matchers: vec![
+            Matcher {
+                name: "service".into(),
+                op: MatchOp::Eq,
+                value: "db".into(),
+            },
+            Matcher {
+                name: "instance".into(),
+                op: MatchOp::Re,
+                value: "db-[12]".into(),
+            },
+        ],
+        starts_at: t(0),
+        ends_at: t(60),
+        created_by: "alice".into(),
+        comment: "disk swap".into(),
+        recurrence: None,
+    };
+    let r = command(
+        &client,
+        &js,
+        "alice",
+        Action::CreateSilence { silence },
+        t(0),
+    )
+    .await;
+    assert!(accepted(&r), "{r:?}");
+    let db = |inst: &'static str| [("alertname", "Down"), ("service", "db"), ("instance", inst)];
+    publish_alert(
+        &js,
+        alert(
+            &db("db-1"),
+            &["alertname", "instance"],
+            AlertStatus::Firing,
+            t(1),
+        ),
+        t(1),
+    )
+    .await;
+    publish_alert(
+        &js,
+        alert(
+            &db("db-12"),
+            &["alertname", "instance"],
+            AlertStatus::Firing,
+            t(1),
+        ),
+        t(2),
+    )
+    .await;
+    // After the silence ends, the same kind of alert pages.
+    publish_alert(
+        &js,
+        alert(
+            &db("db-2"),
+            &["alertname", "instance"],
+            AlertStatus::Firing,
+            t(61),
+        ),
+        t(61),
+    )
+    .await;
+    let all = wait_for(&client, "three incidents", |all| all.len() == 3).await;
+    let by_inst = |i: &str| {
+        all.iter()
+            .find(|x| x.labels.get("instance").map(String::as_str) == Some(i))
+            .unwrap()
+    };
+    assert_eq!(
+        by_inst("db-1").suppressed.as_deref(),
+        Some("silenced by maint-db")
+    );
+    assert_eq!(
+        by_inst("db-12").suppressed,
+        None,
+        "regex is anchored: db-12 is not db-[12]"
+    );
+    assert_eq!(by_inst("db-2").suppressed, None, "silence over");
+    let d = get(&client, IncidentRef::Number(by_inst("db-1").number)).await;
+    assert_eq!(
+        d.alerts[0].suppressed.as_deref(),
+        Some("silenced by maint-db")
+    );
+
+    let r = command(
+        &client,
+        &js,
+        "alice",
+        Action::ExpireSilence {
+            id: "maint-db".into(),
+        },
+        t(62),
+    )
+    .await;
+    assert!(accepted(&r));
+    let r = command(
+        &client,
+        &js,
+        "alice",
+        Action::ExpireSilence {
+            id: "maint-db".into(),
+        },
+        t(62),
+    )
+    .await;
+    assert_eq!(reason(&r), "no silence maint-db");
+}

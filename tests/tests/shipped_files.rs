@@ -1,0 +1,924 @@
+//! Every file Tocsin ships under `config/`, `deploy/` and `runbooks/` loads:
+//!
+//! - every YAML document parses, and every Kubernetes manifest names its
+//!   `apiVersion`, `kind` and `metadata.name`;
+//! - `config/tocsin.yaml` and the `tocsin.yaml` inside the Kubernetes
+//!   ConfigMap pass Tocsin's own config loader;
+//! - every NATS config keeps JetStream at `sync_interval: always` and passes
+//!   `nats-server -t`;
+//! - systemd units and Kubernetes containers start a binary that exists,
+//!   with a command line the real CLI accepts, and give it longer to stop
+//!   than its grace period;
+//! - example secrets hold placeholders only.
+//!
+//! No NATS server runs here (`nats-server -t` only reads a config).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use clap::Parser;
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+use tocsin::{
+    cli::Cli,
+    config::{Config, Service},
+};
+use tocsin_runtime::config::parse_duration;
+
+/// Binaries a unit or container may start: nats-server and the `[[bin]]`
+/// targets of services/tocsin (`tocsin`, `tocsin-ingest`, ...).
+fn binaries() -> BTreeSet<String> {
+    let manifest = read(&root().join("services/tocsin/Cargo.toml"));
+    let mut names = BTreeSet::from(["nats-server".to_string()]);
+    let mut in_bin = false;
+    for line in manifest.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_bin = line == "[[bin]]";
+        } else if let Some(v) = line.strip_prefix("name").map(str::trim_start) {
+            if in_bin {
+                if let Some(v) = v.strip_prefix('=') {
+                    names.insert(v.trim().trim_matches('"').to_string());
+                }
+            }
+        }
+    }
+    assert!(
+        names.contains("tocsin") && names.contains("tocsin-ingest"),
+        "services/tocsin/Cargo.toml: no tocsin/tocsin-ingest [[bin]] found in {names:?}"
+    );
+    names
+}
+
+/// Longest the NATS client flush may take after the grace period (app.rs).
+const NATS_DRAIN: Duration = Duration::from_secs(5);
+
+/// Default of `--grace-period` / `TOCSIN_GRACE_PERIOD`.
+const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+
+/// Default of `--admin-listen` / `TOCSIN_ADMIN_LISTEN`.
+const DEFAULT_ADMIN: &str = "127.0.0.1:9464";
+
+/// Placeholder that example secrets must use.
+const PLACEHOLDER: &str = "REPLACE_ME";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .expect("repository root")
+}
+
+/// Path relative to the repository root, for messages.
+fn rel(path: &Path) -> String {
+    path.strip_prefix(root())
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
+/// Every file under the shipped folders, sorted.
+fn shipped_files() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries {
+            let path = entry.expect("directory entry").path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for dir in ["config", "deploy", "runbooks"] {
+        walk(&root().join(dir), &mut out);
+    }
+    out.sort();
+    out
+}
+
+fn with_extension(exts: &[&str]) -> Vec<PathBuf> {
+    shipped_files()
+        .into_iter()
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| exts.contains(&e))
+        })
+        .collect()
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", rel(path)))
+}
+
+/// All documents of a YAML file (empty documents left out).
+fn yaml_documents(path: &Path) -> Result<Vec<Value>, String> {
+    let text = read(path);
+    let mut docs = Vec::new();
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+        let value = Value::deserialize(doc)
+            .map_err(|e| format!("{}: document {}: {e}", rel(path), i + 1))?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+fn is_k8s_manifest(path: &Path) -> bool {
+    path.starts_with(root().join("deploy/k8s"))
+}
+
+fn k8s_documents() -> Vec<(PathBuf, Value)> {
+    with_extension(&["yaml", "yml"])
+        .into_iter()
+        .filter(|p| is_k8s_manifest(p))
+        .flat_map(|p| {
+            let docs = yaml_documents(&p).unwrap_or_else(|e| panic!("{e}"));
+            docs.into_iter().map(move |d| (p.clone(), d))
+        })
+        .collect()
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    let mut cur = v;
+    for key in path {
+        cur = cur.get(*key)?;
+    }
+    cur.as_str()
+}
+
+fn kind(doc: &Value) -> &str {
+    str_at(doc, &["kind"]).unwrap_or("")
+}
+
+/// `${NAME}` references without a default: what must be in the environment.
+fn required_env_refs(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("${") {
+        rest = &rest[i + 2..];
+        let Some(end) = rest.find('}') else { break };
+        let inner = &rest[..end];
+        if !inner.contains(":-") {
+            names.insert(inner.to_string());
+        }
+        rest = &rest[end + 1..];
+    }
+    names
+}
+
+/// Loads a Tocsin config with the real loader, every service enabled, after
+/// giving each variable it needs a test value (long enough for a token).
+fn load_tocsin_config(origin: &str, path: &Path) -> Config {
+    for name in required_env_refs(&read(path)) {
+        // Only this test binary's environment; every test here sets the same values.
+        std::env::set_var(&name, format!("shipped-files-test-{name}"));
+    }
+    Config::load(path, &Service::ALL).unwrap_or_else(|e| panic!("{origin}: {e}"))
+}
+
+/// Tocsin config files embedded in Kubernetes ConfigMaps, written to a temp
+/// folder: (where it came from, the temp file).
+fn tocsin_configs_in_configmaps(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    for (path, doc) in k8s_documents() {
+        if kind(&doc) != "ConfigMap" {
+            continue;
+        }
+        let name = str_at(&doc, &["metadata", "name"]).unwrap_or_default();
+        if let Some(text) = str_at(&doc, &["data", "tocsin.yaml"]) {
+            let file = dir.join(format!("{name}.tocsin.yaml"));
+            std::fs::write(&file, text).expect("write temp config");
+            out.push((format!("{} (ConfigMap {name})", rel(&path)), file));
+        }
+    }
+    out
+}
+
+/// Lines of a NATS config without comments (`#` or `//` to the end of line).
+fn nats_conf_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| {
+            let l = l.split('#').next().unwrap_or("");
+            let l = l.split("//").next().unwrap_or("");
+            l.trim().to_string()
+        })
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// Whether a NATS config that enables JetStream fsyncs every write.
+fn check_sync_interval(origin: &str, text: &str) -> Result<(), String> {
+    let lines = nats_conf_lines(text);
+    let jetstream = lines.iter().any(|l| l.starts_with("jetstream"));
+    if !jetstream {
+        return Ok(());
+    }
+    let always = lines.iter().any(|l| {
+        l.strip_prefix("sync_interval").map(|r| {
+            r.trim_start_matches([' ', ':', '='])
+                .trim_matches(['"', '\'', ' '])
+        }) == Some("always")
+    });
+    if always {
+        Ok(())
+    } else {
+        Err(format!(
+            "{origin}: JetStream without `sync_interval: always` (design.md, \"NATS server\")"
+        ))
+    }
+}
+
+/// `nats-server -t -c FILE` with `env` added to its environment.
+fn nats_server_test_config(origin: &str, file: &Path, env: &[(&str, &str)]) -> Result<(), String> {
+    let bin = tocsin_tests::nats::nats_server_bin().unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(&bin)
+        .arg("-t")
+        .arg("-c")
+        .arg(file)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{origin}: nats-server -t rejects it: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn fail_on(problems: Vec<String>) {
+    assert!(problems.is_empty(), "\n{}\n", problems.join("\n"));
+}
+
+/// How a Tocsin process is started: binary name, arguments, environment.
+struct Launch {
+    origin: String,
+    binary: String,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+}
+
+impl Launch {
+    /// Parses the command line with the real CLI, the way the binary does
+    /// (`tocsin-ingest` takes the global flags only), and returns the grace
+    /// period and admin address it would run with.
+    fn check(&self) -> Result<(Duration, SocketAddr), String> {
+        let origin = &self.origin;
+        let mut argv = vec!["tocsin".to_string()];
+        argv.extend(self.args.iter().cloned());
+        match self.binary.as_str() {
+            "tocsin" => {}
+            // A single-service binary takes the global flags only (cli::main).
+            b if b.starts_with("tocsin-") && binaries().contains(b) => argv.push("up".into()),
+            other => return Err(format!("{origin}: {other} is not a Tocsin binary")),
+        }
+        let cli = Cli::try_parse_from(&argv)
+            .map_err(|e| format!("{origin}: the CLI rejects {argv:?}: {e}"))?;
+        if matches!(cli.command, tocsin::cli::Command::CheckConfig { .. }) {
+            return Err(format!("{origin}: runs check-config, not a service"));
+        }
+        // A flag wins over the variable, the variable over the default (clap).
+        let flag = |name: &str| {
+            self.args
+                .iter()
+                .any(|a| a == name || a.starts_with(&format!("{name}=")))
+        };
+        let grace = match self.env.get("TOCSIN_GRACE_PERIOD") {
+            _ if flag("--grace-period") => cli.grace_period,
+            Some(v) => {
+                parse_duration(v).map_err(|e| format!("{origin}: TOCSIN_GRACE_PERIOD: {e}"))?
+            }
+            None => DEFAULT_GRACE,
+        };
+        let admin = match self.env.get("TOCSIN_ADMIN_LISTEN") {
+            _ if flag("--admin-listen") => cli.admin_listen,
+            Some(v) => v
+                .parse()
+                .map_err(|e| format!("{origin}: TOCSIN_ADMIN_LISTEN={v}: {e}"))?,
+            None => DEFAULT_ADMIN.parse().expect("default admin address"),
+        };
+        if let Some(f) = self.env.get("TOCSIN_LOG_FORMAT") {
+            if !["human", "json"].contains(&f.as_str()) {
+                return Err(format!(
+                    "{origin}: TOCSIN_LOG_FORMAT={f}: use human or json"
+                ));
+            }
+        }
+        Ok((grace, admin))
+    }
+}
+
+/// A systemd unit: section name -> (key, value) in order.
+fn parse_unit(text: &str) -> BTreeMap<String, Vec<(String, String)>> {
+    let mut sections: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    let mut current = String::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if line.starts_with('[') && line.ends_with(']') {
+            current = line[1..line.len() - 1].to_string();
+            sections.entry(current.clone()).or_default();
+        } else if let Some((k, v)) = line.split_once('=') {
+            sections
+                .entry(current.clone())
+                .or_default()
+                .push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    sections
+}
+
+/// A systemd time span such as `45s`, `90`, `1min 30s` or `infinity`.
+fn systemd_timespan(v: &str) -> Option<Duration> {
+    if v == "infinity" {
+        return Some(Duration::MAX);
+    }
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    parse_duration(&v.replace("min", "m").replace("sec", "s")).ok()
+}
+
+fn check_unit(path: &Path) -> Result<(), String> {
+    let origin = rel(path);
+    let sections = parse_unit(&read(path));
+    for s in ["Unit", "Service", "Install"] {
+        if !sections.contains_key(s) {
+            return Err(format!("{origin}: no [{s}] section"));
+        }
+    }
+    let service = &sections["Service"];
+    let values = |key: &str| -> Vec<&str> {
+        service
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    let exec = values("ExecStart");
+    let [exec] = exec.as_slice() else {
+        return Err(format!(
+            "{origin}: needs exactly one ExecStart, has {exec:?}"
+        ));
+    };
+    let mut words = exec.split_whitespace();
+    let program = words
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches(['@', '-', ':', '+', '!']);
+    let binary = Path::new(program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    if !binaries().contains(&binary) {
+        return Err(format!(
+            "{origin}: ExecStart runs {program:?}; the binaries are {:?}",
+            binaries()
+        ));
+    }
+    if !Path::new(program).is_absolute() {
+        return Err(format!("{origin}: ExecStart needs an absolute path"));
+    }
+    if binary == "nats-server" {
+        return Ok(());
+    }
+    let env: BTreeMap<String, String> = values("Environment")
+        .iter()
+        .flat_map(|v| v.split_whitespace())
+        .filter_map(|kv| kv.trim_matches('"').split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let launch = Launch {
+        origin: origin.clone(),
+        binary,
+        args: words.map(str::to_string).collect(),
+        env,
+    };
+    let (grace, _) = launch.check()?;
+    if values("KillSignal") != ["SIGTERM"] {
+        return Err(format!("{origin}: Tocsin drains on KillSignal=SIGTERM"));
+    }
+    let stop = values("TimeoutStopSec")
+        .last()
+        .and_then(|v| systemd_timespan(v))
+        .ok_or_else(|| format!("{origin}: set TimeoutStopSec (longer than the grace period)"))?;
+    if stop <= grace + NATS_DRAIN {
+        return Err(format!(
+            "{origin}: TimeoutStopSec {stop:?} must exceed the grace period {grace:?} + {NATS_DRAIN:?} of NATS flush"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a pod template's Tocsin containers; returns how many there were.
+fn check_pod_template(origin: &str, spec: &Value) -> Result<usize, String> {
+    let containers = spec
+        .get("containers")
+        .and_then(Value::as_sequence)
+        .ok_or_else(|| format!("{origin}: no containers"))?;
+    let termination = spec
+        .get("terminationGracePeriodSeconds")
+        .and_then(Value::as_u64)
+        .unwrap_or(30);
+    let mut count = 0;
+    for c in containers {
+        let name = str_at(c, &["name"]).unwrap_or("?");
+        let origin = format!("{origin}, container {name}");
+        let strings = |key: &str| -> Vec<String> {
+            c.get(key)
+                .and_then(Value::as_sequence)
+                .map(|s| {
+                    s.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let command = strings("command");
+        let Some(program) = command.first() else {
+            continue;
+        };
+        let binary = Path::new(program)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        if !binaries().contains(&binary) {
+            return Err(format!(
+                "{origin}: runs {program:?}; the binaries are {:?}",
+                binaries()
+            ));
+        }
+        if binary == "nats-server" {
+            continue;
+        }
+        count += 1;
+        let mut env = BTreeMap::new();
+        for e in c
+            .get("env")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            if let (Some(k), Some(v)) = (str_at(e, &["name"]), str_at(e, &["value"])) {
+                env.insert(k.to_string(), v.to_string());
+            }
+        }
+        let launch = Launch {
+            origin: origin.clone(),
+            binary,
+            args: command[1..]
+                .iter()
+                .cloned()
+                .chain(strings("args"))
+                .collect(),
+            env,
+        };
+        let (grace, admin) = launch.check()?;
+        if admin.ip().is_loopback() {
+            return Err(format!(
+                "{origin}: admin address {admin} is loopback; the kubelet cannot probe it"
+            ));
+        }
+        let pre_stop = c
+            .get("lifecycle")
+            .and_then(|l| l.get("preStop"))
+            .and_then(|p| p.get("sleep"))
+            .and_then(|s| s.get("seconds"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let needed = grace + NATS_DRAIN + Duration::from_secs(pre_stop);
+        if Duration::from_secs(termination) <= needed {
+            return Err(format!(
+                "{origin}: terminationGracePeriodSeconds {termination} must exceed {needed:?} \
+                 (grace period + NATS flush + preStop)"
+            ));
+        }
+        let admin_port = c
+            .get("ports")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+            .find(|p| p.get("containerPort").and_then(Value::as_u64) == Some(admin.port().into()))
+            .and_then(|p| str_at(p, &["name"]))
+            .ok_or_else(|| {
+                format!(
+                    "{origin}: no container port {} (the admin address)",
+                    admin.port()
+                )
+            })?;
+        for (probe, path) in [("livenessProbe", "/livez"), ("readinessProbe", "/readyz")] {
+            let get = c.get(probe).and_then(|p| p.get("httpGet"));
+            let port = get.and_then(|g| g.get("port"));
+            let port_ok = port.and_then(Value::as_str) == Some(admin_port)
+                || port.and_then(Value::as_u64) == Some(admin.port().into());
+            if get.and_then(|g| str_at(g, &["path"])) != Some(path) || !port_ok {
+                return Err(format!(
+                    "{origin}: {probe} must GET {path} on the admin port {admin_port}"
+                ));
+            }
+        }
+    }
+    Ok(count)
+}
+
+#[test]
+fn every_yaml_file_parses_and_manifests_name_themselves() {
+    let files = with_extension(&["yaml", "yml"]);
+    assert!(
+        files.contains(&root().join("config/tocsin.yaml")),
+        "config/tocsin.yaml not found; is the walk broken? found {files:?}"
+    );
+    let mut problems = Vec::new();
+    let mut manifests = 0;
+    for path in &files {
+        let docs = match yaml_documents(path) {
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(e);
+                continue;
+            }
+        };
+        if docs.is_empty() {
+            problems.push(format!("{}: no YAML document", rel(path)));
+        }
+        if !is_k8s_manifest(path) {
+            continue;
+        }
+        for (i, doc) in docs.iter().enumerate() {
+            manifests += 1;
+            for key in [&["apiVersion"][..], &["kind"], &["metadata", "name"]] {
+                if str_at(doc, key).is_none_or(str::is_empty) {
+                    problems.push(format!(
+                        "{}: document {}: no {}",
+                        rel(path),
+                        i + 1,
+                        key.join(".")
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        manifests > 0,
+        "no Kubernetes manifest found under deploy/k8s"
+    );
+    fail_on(problems);
+}
+
+#[test]
+fn tocsin_configs_pass_the_real_loader() {
+    let config = load_tocsin_config("config/tocsin.yaml", &root().join("config/tocsin.yaml"));
+    assert!(
+        config.ingest.is_some(),
+        "config/tocsin.yaml: no ingest section"
+    );
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let embedded = tocsin_configs_in_configmaps(dir.path());
+    assert!(
+        !embedded.is_empty(),
+        "no ConfigMap under deploy/k8s carries a tocsin.yaml"
+    );
+    for (origin, file) in embedded {
+        // Line numbers in the error count from the start of the embedded file.
+        let config = load_tocsin_config(&origin, &file);
+        let ingest = config
+            .ingest
+            .unwrap_or_else(|| panic!("{origin}: no ingest section"));
+        assert!(
+            ingest.listen.ip().is_unspecified(),
+            "{origin}: ingest.listen {} is not reachable from the Service; use 0.0.0.0:8080",
+            ingest.listen
+        );
+        assert_eq!(
+            config.jetstream.replicas, 3,
+            "{origin}: the cluster runs 3 NATS nodes; use jetstream.replicas: 3"
+        );
+    }
+}
+
+#[test]
+fn nats_configs_fsync_every_write_and_pass_nats_server_check() {
+    let mut problems = Vec::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut checked = 0;
+    for path in with_extension(&["conf"]) {
+        if !path.starts_with(root().join("deploy/nats")) {
+            continue;
+        }
+        checked += 1;
+        let origin = rel(&path);
+        let mut text = read(&path);
+        problems.extend(check_sync_interval(&origin, &text).err());
+        // dev.sh fills these in before starting it.
+        text = text
+            .replace("@PORT@", "14222")
+            .replace("@STORE@", &dir.path().join("store").display().to_string());
+        let file = dir.path().join(format!("{checked}.conf"));
+        std::fs::write(&file, text).expect("write temp config");
+        problems.extend(nats_server_test_config(&origin, &file, &[]).err());
+    }
+    for (path, doc) in k8s_documents() {
+        if kind(&doc) != "ConfigMap" {
+            continue;
+        }
+        let data = doc.get("data").and_then(Value::as_mapping);
+        for (key, value) in data.into_iter().flatten() {
+            let (Some(key), Some(text)) = (key.as_str(), value.as_str()) else {
+                continue;
+            };
+            if !key.ends_with(".conf") {
+                continue;
+            }
+            checked += 1;
+            let origin = format!("{} ({key})", rel(&path));
+            problems.extend(check_sync_interval(&origin, text).err());
+            let file = dir.path().join(format!("{checked}.conf"));
+            std::fs::write(&file, text).expect("write temp config");
+            // The StatefulSet sets POD_NAME from the pod's name.
+            problems
+                .extend(nats_server_test_config(&origin, &file, &[("POD_NAME", "nats-0")]).err());
+        }
+    }
+    assert!(
+        checked >= 5,
+        "only {checked} NATS configs found; is the walk broken?"
+    );
+    fail_on(problems);
+}
+
+#[test]
+fn systemd_units_start_shipped_binaries_and_outlast_the_grace_period() {
+    let units = with_extension(&["service"]);
+    assert!(!units.is_empty(), "no systemd unit found under deploy/");
+    fail_on(units.iter().filter_map(|u| check_unit(u).err()).collect());
+}
+
+#[test]
+fn kubernetes_workloads_start_tocsin_the_way_the_cli_expects() {
+    let mut problems = Vec::new();
+    let mut tocsin_containers = 0;
+    for (path, doc) in k8s_documents() {
+        if !["Deployment", "StatefulSet", "DaemonSet", "Job"].contains(&kind(&doc)) {
+            continue;
+        }
+        let name = str_at(&doc, &["metadata", "name"]).unwrap_or("?");
+        let origin = format!("{} ({} {name})", rel(&path), kind(&doc));
+        let Some(spec) = doc
+            .get("spec")
+            .and_then(|s| s.get("template"))
+            .and_then(|t| t.get("spec"))
+        else {
+            problems.push(format!("{origin}: no spec.template.spec"));
+            continue;
+        };
+        match check_pod_template(&origin, spec) {
+            Ok(n) => tocsin_containers += n,
+            Err(e) => problems.push(e),
+        }
+    }
+    fail_on(problems);
+    assert!(tocsin_containers > 0, "no Kubernetes workload runs Tocsin");
+}
+
+#[test]
+fn kubernetes_wiring_is_consistent() {
+    let docs = k8s_documents();
+    let named = |k: &str, n: &str| {
+        docs.iter()
+            .any(|(_, d)| kind(d) == k && str_at(d, &["metadata", "name"]) == Some(n))
+    };
+    let mut problems = Vec::new();
+
+    // Every variable a Tocsin config needs is given to every Tocsin container,
+    // and every Secret it comes from is shaped by secret.example.yaml.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut required = BTreeSet::new();
+    for (_, file) in tocsin_configs_in_configmaps(dir.path()) {
+        required.extend(required_env_refs(&without_comment_lines(&read(&file))));
+    }
+    for (path, doc) in &docs {
+        let Some(spec) = doc
+            .get("spec")
+            .and_then(|s| s.get("template"))
+            .and_then(|t| t.get("spec"))
+        else {
+            continue;
+        };
+        for c in spec
+            .get("containers")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            let runs_tocsin = c
+                .get("command")
+                .and_then(Value::as_sequence)
+                .and_then(|s| s.first())
+                .and_then(Value::as_str)
+                .is_some_and(|p| {
+                    p.rsplit('/')
+                        .next()
+                        .is_some_and(|b| b.starts_with("tocsin"))
+                });
+            let origin = format!(
+                "{}, container {}",
+                rel(path),
+                str_at(c, &["name"]).unwrap_or("?")
+            );
+            let env = c
+                .get("env")
+                .and_then(Value::as_sequence)
+                .cloned()
+                .unwrap_or_default();
+            for e in &env {
+                if let Some(secret) = str_at(e, &["valueFrom", "secretKeyRef", "name"]) {
+                    let key = str_at(e, &["valueFrom", "secretKeyRef", "key"]).unwrap_or("");
+                    let shaped = docs.iter().any(|(_, d)| {
+                        kind(d) == "Secret"
+                            && str_at(d, &["metadata", "name"]) == Some(secret)
+                            && (d.get("stringData").and_then(|s| s.get(key)).is_some()
+                                || d.get("data").and_then(|s| s.get(key)).is_some())
+                    });
+                    if !shaped {
+                        problems.push(format!(
+                            "{origin}: Secret {secret} key {key} is in no example Secret"
+                        ));
+                    }
+                }
+                if let Some(cm) = str_at(e, &["valueFrom", "configMapKeyRef", "name"]) {
+                    if !named("ConfigMap", cm) {
+                        problems.push(format!("{origin}: no ConfigMap {cm}"));
+                    }
+                }
+            }
+            if !runs_tocsin {
+                continue;
+            }
+            for name in &required {
+                if !env.iter().any(|e| str_at(e, &["name"]) == Some(name)) {
+                    problems.push(format!(
+                        "{origin}: the config needs ${{{name}}}; add it to env"
+                    ));
+                }
+            }
+        }
+        for v in spec
+            .get("volumes")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(cm) = str_at(v, &["configMap", "name"]) {
+                if !named("ConfigMap", cm) {
+                    problems.push(format!("{}: volume from missing ConfigMap {cm}", rel(path)));
+                }
+            }
+        }
+        if kind(doc) == "StatefulSet" {
+            let svc = str_at(doc, &["spec", "serviceName"]).unwrap_or("");
+            if !named("Service", svc) {
+                problems.push(format!(
+                    "{}: serviceName {svc:?} is no Service here",
+                    rel(path)
+                ));
+            }
+        }
+    }
+
+    // Example Secrets hold placeholders only.
+    for (path, doc) in &docs {
+        if kind(doc) != "Secret" {
+            continue;
+        }
+        if !path.to_string_lossy().contains(".example.") {
+            problems.push(format!(
+                "{}: a Secret outside a *.example.yaml file",
+                rel(path)
+            ));
+        }
+        for (k, v) in doc
+            .get("stringData")
+            .and_then(Value::as_mapping)
+            .into_iter()
+            .flatten()
+        {
+            if v.as_str() != Some(PLACEHOLDER) {
+                problems.push(format!(
+                    "{}: {} must be {PLACEHOLDER}",
+                    rel(path),
+                    k.as_str().unwrap_or("?")
+                ));
+            }
+        }
+        if doc.get("data").is_some() {
+            problems.push(format!(
+                "{}: use stringData with {PLACEHOLDER} values",
+                rel(path)
+            ));
+        }
+    }
+
+    // kustomization.yaml applies every manifest except the examples.
+    let k8s = root().join("deploy/k8s");
+    if let Some((_, kust)) = docs.iter().find(|(_, d)| kind(d) == "Kustomization") {
+        let listed: BTreeSet<String> = kust
+            .get("resources")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        for (path, _) in &docs {
+            let file = path
+                .strip_prefix(&k8s)
+                .unwrap_or(path)
+                .display()
+                .to_string();
+            let example = file.contains(".example.");
+            if file == "kustomization.yaml" {
+                continue;
+            }
+            if example && listed.contains(&file) {
+                problems.push(format!("kustomization.yaml applies the example {file}"));
+            }
+            if !example && !listed.contains(&file) {
+                problems.push(format!("kustomization.yaml does not list {file}"));
+            }
+        }
+        for file in &listed {
+            if !k8s.join(file).is_file() {
+                problems.push(format!("kustomization.yaml lists missing {file}"));
+            }
+        }
+    }
+    fail_on(problems);
+}
+
+/// YAML text without comment lines (so commented examples need no env).
+fn without_comment_lines(text: &str) -> String {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn systemd_env_example_holds_placeholders_and_every_needed_variable() {
+    let example = root().join("deploy/systemd/tocsin.env.example");
+    let text = read(&example);
+    let mut problems = Vec::new();
+    let mut mentioned = BTreeSet::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let commented = line.starts_with('#');
+        let body = line.trim_start_matches('#').trim();
+        let Some((name, value)) = body.split_once('=') else {
+            if !commented {
+                problems.push(format!("{}: {line:?} is not NAME=value", rel(&example)));
+            }
+            continue;
+        };
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        {
+            if !commented {
+                problems.push(format!("{}: {line:?} is not NAME=value", rel(&example)));
+            }
+            continue;
+        }
+        mentioned.insert(name.to_string());
+        let secret = ["TOKEN", "PASSWORD", "SECRET", "KEY", "SEED"]
+            .iter()
+            .any(|s| name.ends_with(s));
+        if secret && value != PLACEHOLDER {
+            problems.push(format!("{}: {name} must be {PLACEHOLDER}", rel(&example)));
+        }
+    }
+    let config = read(&root().join("config/tocsin.yaml"));
+    for name in required_env_refs(&without_comment_lines(&config)) {
+        if !mentioned.contains(&name) {
+            problems.push(format!(
+                "{}: config/tocsin.yaml needs ${{{name}}}; add it",
+                rel(&example)
+            ));
+        }
+    }
+    fail_on(problems);
+}
