@@ -177,28 +177,34 @@ pub async fn get(client: &Client, r: IncidentRef) -> IncidentDetail {
     }
 }
 
-/// Polls `list` until `done` holds (the service works asynchronously).
+/// Polls `list` until `done` holds (the service works asynchronously, and
+/// may not answer queries yet while it starts).
 pub async fn wait_for<F: Fn(&[IncidentSummary]) -> bool>(
     client: &Client,
     what: &str,
     done: F,
 ) -> Vec<IncidentSummary> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let q = ListIncidents {
+        limit: Some(1000),
+        ..Default::default()
+    };
+    let mut last = Vec::new();
     loop {
-        let all = list(
-            client,
-            ListIncidents {
-                limit: Some(1000),
-                ..Default::default()
-            },
-        )
-        .await;
-        if done(&all) {
-            return all;
+        let answer = client
+            .request(query::LIST_INCIDENTS, codec::encode(&q).unwrap().into())
+            .await
+            .ok()
+            .and_then(|r| codec::decode::<QueryReply>(&r.payload).ok());
+        if let Some(QueryReply::Incidents { incidents }) = answer {
+            if done(&incidents) {
+                return incidents;
+            }
+            last = incidents;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}; incidents: {all:#?}"
+            "timed out waiting for {what}; incidents: {last:#?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -54,7 +54,12 @@ impl Store {
 
     /// Removes the store's files (to rebuild from the stream).
     pub fn wipe(dir: &Path) {
-        if let Err(e) = std::fs::remove_dir_all(dir) {
+        let removed = if dir.is_file() {
+            std::fs::remove_file(dir)
+        } else {
+            std::fs::remove_dir_all(dir)
+        };
+        if let Err(e) = removed {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the projection store");
             }

@@ -1,0 +1,157 @@
+//! Promise 2: sled is a cache of the INCIDENTS stream. A missing or corrupt
+//! store is rebuilt from the stream at start, never fatal, and the service
+//! then goes on exactly where the log says.
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::jetstream;
+use jiff::{SignedDuration, Timestamp};
+use tocsin_incidents::{clock::ManualClock, IncidentsConfig};
+use tocsin_proto::{query::ListIncidents, AlertStatus};
+use tocsin_runtime::{
+    admin::{Health, Metrics},
+    config::ConfigPath,
+    nats::NatsConfig,
+    streams::{ensure_streams, JetStreamConfig},
+    CancellationToken,
+};
+use tocsin_tests::{
+    incidents::{alert, list, log, publish_alert, wait_for},
+    NatsServer,
+};
+
+async fn run_until_stopped(
+    url: &str,
+    dir: &std::path::Path,
+) -> (tokio::task::JoinHandle<()>, CancellationToken) {
+    let metrics = Metrics::new();
+    let client = tocsin_runtime::nats::connect(&NatsConfig::for_url(url), "rebuild-test", &metrics)
+        .await
+        .unwrap();
+    let js = jetstream::new(client.clone());
+    let stop = CancellationToken::new();
+    let cfg = IncidentsConfig {
+        data_dir: Some(ConfigPath(dir.to_path_buf())),
+        ..Default::default()
+    };
+    let token = stop.clone();
+    let handle = tokio::spawn(async move {
+        let clock = Arc::new(ManualClock::new(Timestamp::now()));
+        tocsin_incidents::run(cfg, client, js, &metrics, &Health::new(), clock, token)
+            .await
+            .expect("service ran");
+    });
+    (handle, stop)
+}
+
+fn t(s: i64) -> Timestamp {
+    "2026-04-01T12:00:00Z".parse::<Timestamp>().unwrap() + SignedDuration::from_secs(s)
+}
+
+#[tokio::test]
+async fn a_missing_or_corrupt_store_is_rebuilt_from_the_stream() {
+    let nats = NatsServer::start().await;
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    ensure_streams(&js, &JetStreamConfig::default())
+        .await
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("incidents");
+
+    for g in 0..20 {
+        let group = format!("g{g}");
+        publish_alert(
+            &js,
+            alert(
+                &[("alertname", "Rebuild"), ("group", &group)],
+                &["alertname", "group"],
+                AlertStatus::Firing,
+                t(g),
+            ),
+            t(g),
+        )
+        .await;
+    }
+    let (svc, stop) = run_until_stopped(&nats.url(), &dir).await;
+    let before = wait_for(&client, "20 incidents", |all| all.len() == 20).await;
+    stop.cancel();
+    svc.await.unwrap();
+
+    // 1. Corrupt every file of the store.
+    let mut corrupted = 0;
+    for entry in walk(&dir) {
+        std::fs::write(&entry, b"\xde\xad\xbe\xef not a sled file").unwrap();
+        corrupted += 1;
+    }
+    assert!(corrupted > 0);
+    let (svc, stop) = run_until_stopped(&nats.url(), &dir).await;
+    let after = wait_for(&client, "20 incidents again", |all| all.len() == 20).await;
+    assert_eq!(after, before, "rebuilt from the stream");
+    // It goes on where the log says: a new group gets the next number, and
+    // old alerts are not decided again (no new entries for them).
+    let entries = log(&js).await.len();
+    publish_alert(
+        &js,
+        alert(
+            &[("alertname", "Rebuild"), ("group", "new")],
+            &["alertname", "group"],
+            AlertStatus::Firing,
+            t(100),
+        ),
+        t(100),
+    )
+    .await;
+    let all = wait_for(&client, "21 incidents", |all| all.len() == 21).await;
+    assert_eq!(all[0].number, 21);
+    assert_eq!(log(&js).await.len(), entries + 1);
+    stop.cancel();
+    svc.await.unwrap();
+
+    // 2. Remove the store altogether.
+    std::fs::remove_dir_all(&dir).unwrap();
+    let (svc, stop) = run_until_stopped(&nats.url(), &dir).await;
+    wait_for(&client, "21 incidents after losing the store", |all| {
+        all.len() == 21
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(log(&js).await.len(), entries + 1, "nothing decided twice");
+    let listed = list(
+        &client,
+        ListIncidents {
+            limit: Some(1000),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(&listed[1..], &after[..], "the same 20 old incidents");
+    stop.cancel();
+    svc.await.unwrap();
+
+    // 3. A store sled refuses to open (a file where its folder should be).
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::write(&dir, b"in the way").unwrap();
+    let (svc, stop) = run_until_stopped(&nats.url(), &dir).await;
+    let again = wait_for(&client, "21 incidents after an unopenable store", |all| {
+        all.len() == 21
+    })
+    .await;
+    assert_eq!(again, listed);
+    assert!(dir.is_dir(), "the store was recreated");
+    stop.cancel();
+    svc.await.unwrap();
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
