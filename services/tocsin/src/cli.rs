@@ -3,6 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
+use tocsin_proto::command::{Action, IncidentRef};
 use tocsin_runtime::{config::parse_duration, telemetry, CancellationToken};
 
 use crate::{
@@ -62,6 +63,70 @@ pub enum Command {
         /// File to check (default: --config).
         file: Option<PathBuf>,
     },
+    /// Acknowledge an incident (stops its escalation).
+    Ack(Target),
+    /// Return an acknowledged incident to triggered.
+    Unack(Target),
+    /// Resolve an incident.
+    Resolve(Target),
+    /// Reopen a resolved incident.
+    Reopen(Target),
+    /// Snooze an incident: escalation pauses, and it is triggered again after.
+    Snooze {
+        #[command(flatten)]
+        target: Target,
+        /// How long: 30m, 2h, ...
+        #[arg(value_parser = parse_duration)]
+        duration: std::time::Duration,
+    },
+    /// Escalate an incident now.
+    Escalate {
+        #[command(flatten)]
+        target: Target,
+        /// Why (recorded on the timeline).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Add a note to an incident's timeline.
+    Note {
+        #[command(flatten)]
+        target: Target,
+        /// The note.
+        text: String,
+    },
+    /// Assign an incident to someone.
+    Assign {
+        #[command(flatten)]
+        target: Target,
+        /// Who.
+        user: String,
+    },
+    /// List open incidents (most recent first).
+    List {
+        /// Include resolved incidents.
+        #[arg(long)]
+        all: bool,
+        /// How many at most.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Show an incident with its alerts and timeline.
+    Show {
+        /// Incident number (42 or #42) or id.
+        #[arg(value_parser = crate::ops::incident_ref)]
+        incident: IncidentRef,
+    },
+}
+
+/// Which incident, and who is acting.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Target {
+    /// Incident number (42 or #42) or id.
+    #[arg(value_parser = crate::ops::incident_ref)]
+    pub incident: IncidentRef,
+    /// Who is acting (recorded on the timeline). Default: $USER.
+    #[arg(long = "as", env = "USER", default_value = "operator")]
+    pub actor: String,
 }
 
 /// Entry point of every binary; `forced` fixes the command (`tocsin-ingest`).
@@ -92,6 +157,16 @@ pub fn main(forced: Option<Command>) -> ExitCode {
                 }
             }
         }
+        Command::Ack(_)
+        | Command::Unack(_)
+        | Command::Resolve(_)
+        | Command::Reopen(_)
+        | Command::Snooze { .. }
+        | Command::Escalate { .. }
+        | Command::Note { .. }
+        | Command::Assign { .. }
+        | Command::List { .. }
+        | Command::Show { .. } => operate(&cli),
         Command::Up => serve(&cli, &Service::ALL),
         Command::Ingest => serve(&cli, &[Service::Ingest]),
         Command::Incidents => serve(&cli, &[Service::Incidents]),
@@ -130,6 +205,109 @@ fn serve(cli: &Cli, services: &[Service]) -> ExitCode {
             tracing::error!(error = format!("{e:#}"), "tocsin stopped with an error");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs an operator command against the running services.
+fn operate(cli: &Cli) -> ExitCode {
+    let config = match Config::load(&cli.config, &[]) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let act = |t: &Target, action: Action| (t.actor.clone(), action);
+    let result: anyhow::Result<(bool, String)> = runtime.block_on(async {
+        let (actor, action) = match &cli.command {
+            Command::List { all, limit } => {
+                return crate::ops::list(&config, *all, *limit)
+                    .await
+                    .map(|s| (true, s))
+            }
+            Command::Show { incident } => {
+                return crate::ops::show(&config, incident.clone())
+                    .await
+                    .map(|s| (true, s))
+            }
+            Command::Ack(t) => act(
+                t,
+                Action::Ack {
+                    incident: t.incident.clone(),
+                },
+            ),
+            Command::Unack(t) => act(
+                t,
+                Action::Unack {
+                    incident: t.incident.clone(),
+                },
+            ),
+            Command::Resolve(t) => act(
+                t,
+                Action::Resolve {
+                    incident: t.incident.clone(),
+                },
+            ),
+            Command::Reopen(t) => act(
+                t,
+                Action::Reopen {
+                    incident: t.incident.clone(),
+                },
+            ),
+            Command::Snooze { target, duration } => act(
+                target,
+                Action::Snooze {
+                    incident: target.incident.clone(),
+                    seconds: duration.as_secs(),
+                },
+            ),
+            Command::Escalate { target, reason } => act(
+                target,
+                Action::Escalate {
+                    incident: target.incident.clone(),
+                    reason: reason.clone(),
+                },
+            ),
+            Command::Note { target, text } => act(
+                target,
+                Action::Note {
+                    incident: target.incident.clone(),
+                    text: text.clone(),
+                },
+            ),
+            Command::Assign { target, user } => act(
+                target,
+                Action::Assign {
+                    incident: target.incident.clone(),
+                    user: user.clone(),
+                },
+            ),
+            _ => unreachable!("only operator commands reach here"),
+        };
+        crate::ops::command(&config, &actor, action)
+            .await
+            .map(|(ok, m)| (ok, format!("{m}\n")))
+    });
+    match result {
+        Ok((true, out)) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Ok((false, reason)) => {
+            eprint!("rejected: {reason}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(3)
         }
     }
 }

@@ -9,8 +9,10 @@
 //! - [`config`]: the whole config file, a section per service.
 //! - [`app`]: start-up and shutdown shared by every way of running services.
 //! - [`cli`]: the command line.
+//! - [`ops`]: operator commands (`ack`, `resolve`, `list`, `show`, ...).
 #![deny(unreachable_pub)]
 
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod ops;

@@ -1,0 +1,94 @@
+//! `tocsin ack 1`, `resolve`, `list`, `show` against running services.
+
+use std::process::Command;
+
+use tocsin_tests::{http, incidents::wait_for, NatsServer, TocsinHarness};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tocsin");
+
+fn tocsin(config: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run tocsin");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_ack_resolve_list_and_show_from_the_command_line() {
+    let nats = NatsServer::start().await;
+    let tocsin_up = TocsinHarness::start(&nats).await;
+    let client = nats.client().await;
+    let a = http::post(
+        &reqwest::Client::new(),
+        &format!("{}/api/v1/alerts", tocsin_up.ingest_url),
+        Some(&tocsin_up.token),
+        r#"[{"labels":{"alertname":"QueueBacklog","queue":"billing","severity":"P1"},"annotations":{"summary":"billing queue backlog > 10k"}}]"#,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    wait_for(&client, "an incident", |all| all.len() == 1).await;
+
+    // The CLI needs only the nats section.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tocsin.yaml");
+    std::fs::write(&config, format!("nats:\n  url: {}\n", nats.url())).unwrap();
+    let run = |args: &'static [&'static str]| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || tocsin(&config, args))
+    };
+
+    let (code, out, err) = run(&["list"]).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("#1")
+            && out.contains("triggered")
+            && out.contains("high")
+            && out.contains("billing queue backlog > 10k"),
+        "{out}"
+    );
+
+    let (code, out, err) = run(&["ack", "#1", "--as", "alice"]).await.unwrap();
+    assert_eq!((code, out.trim()), (0, "incident #1 acknowledged"), "{err}");
+    let (code, _, err) = run(&["ack", "1", "--as", "bob"]).await.unwrap();
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("rejected: incident #1 was already acknowledged by alice (cli)"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["note", "1", "drained the queue", "--as", "alice"])
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = run(&["resolve", "1", "--as", "alice"]).await.unwrap();
+    assert_eq!((code, out.trim()), (0, "incident #1 resolved"), "{err}");
+
+    let (code, out, _) = run(&["list"]).await.unwrap();
+    assert_eq!(code, 0);
+    assert!(out.contains("no open incidents"), "{out}");
+    let (code, out, err) = run(&["show", "1"]).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    for expected in [
+        "#1 billing queue backlog > 10k",
+        "status:    resolved",
+        "opened",
+        "acknowledged by alice (cli)",
+        "note_added by alice (cli)",
+        "resolved by alice (cli)",
+    ] {
+        assert!(out.contains(expected), "{expected:?} not in:\n{out}");
+    }
+
+    let (code, _, err) = run(&["show", "7"]).await.unwrap();
+    assert_eq!(code, 3);
+    assert!(err.contains("no incident #7"), "{err}");
+    let (code, _, err) = run(&["ack", "seven"]).await.unwrap();
+    assert_eq!(code, 2, "bad arguments are usage errors");
+    assert!(err.contains("neither an incident number"), "{err}");
+}
