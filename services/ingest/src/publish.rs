@@ -1,7 +1,9 @@
 //! Publishing alerts to the ALERTS stream, answering only once JetStream
 //! acknowledged every one of them.
 
-use std::{future::IntoFuture, time::Duration};
+use std::{future::IntoFuture, sync::Arc, time::Duration};
+
+use tokio::sync::Semaphore;
 
 use async_nats::{
     jetstream::{self, message::PublishMessage},
@@ -36,12 +38,21 @@ pub struct Stored {
     pub duplicates: usize,
 }
 
+/// Alert publishes awaiting their acks at once, across all requests. Kept
+/// below async-nats's per-context limit (5,000), and taken all-or-nothing per
+/// chunk: if requests each held part of that limit while waiting for the
+/// rest, they could block one another until the publish timeout.
+const MAX_IN_FLIGHT: usize = 4096;
+/// Alerts sent before awaiting their acks.
+const CHUNK: usize = 256;
+
 /// Publishes alerts with `Nats-Msg-Id` set, and waits for every ack.
 #[derive(Clone)]
 pub struct Publisher {
     client: Client,
     js: jetstream::Context,
     timeout: Duration,
+    in_flight: Arc<Semaphore>,
 }
 
 impl Publisher {
@@ -51,6 +62,7 @@ impl Publisher {
             client,
             js,
             timeout,
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         }
     }
 
@@ -68,46 +80,31 @@ impl Publisher {
             return Err(PublishError::NotConnected);
         }
         let work = async {
-            let mut acks = Vec::with_capacity(alerts.len());
-            for alert in alerts {
-                let subject = alert_subject(
-                    alert
-                        .origin
-                        .kind
-                        .unwrap_or(tocsin_proto::SourceKind::Generic),
-                    &alert.fingerprint,
-                );
-                let msg_id = alert.msg_id();
-                let env = Envelope::new(source, received_at, alert)
-                    .with_traceparent(Some(traceparent.to_string()));
-                let payload = codec::encode(&env)?;
-                let mut h = HeaderMap::new();
-                h.insert(headers::TRACEPARENT, traceparent);
-                h.insert(headers::SCHEMA, SCHEMA_VERSION.to_string().as_str());
-                // headers() replaces the whole map: set it before message_id().
-                let publish = PublishMessage::build()
-                    .payload(payload.into())
-                    .headers(h)
-                    .message_id(msg_id);
-                let ack = self
-                    .js
-                    .send_publish(subject, publish)
+            let mut out = Stored::default();
+            let mut alerts = alerts.into_iter().peekable();
+            while alerts.peek().is_some() {
+                let chunk: Vec<Alert> = alerts.by_ref().take(CHUNK).collect();
+                let _permits = self
+                    .in_flight
+                    .acquire_many(chunk.len() as u32)
                     .await
                     .map_err(|e| PublishError::Refused(e.to_string()))?;
-                acks.push(ack);
-            }
-            let mut out = Stored::default();
-            for result in join_all(acks.into_iter().map(|a| a.into_future())).await {
-                let ack = result.map_err(|e| match e.kind() {
-                    jetstream::context::PublishErrorKind::TimedOut => {
-                        PublishError::TimedOut(self.timeout)
+                let mut acks = Vec::with_capacity(chunk.len());
+                for alert in chunk {
+                    acks.push(self.send(source, received_at, traceparent, alert).await?);
+                }
+                for result in join_all(acks.into_iter().map(|a| a.into_future())).await {
+                    let ack = result.map_err(|e| match e.kind() {
+                        jetstream::context::PublishErrorKind::TimedOut => {
+                            PublishError::TimedOut(self.timeout)
+                        }
+                        _ => PublishError::Refused(e.to_string()),
+                    })?;
+                    if ack.duplicate {
+                        out.duplicates += 1;
+                    } else {
+                        out.stored += 1;
                     }
-                    _ => PublishError::Refused(e.to_string()),
-                })?;
-                if ack.duplicate {
-                    out.duplicates += 1;
-                } else {
-                    out.stored += 1;
                 }
             }
             Ok(out)
@@ -116,5 +113,34 @@ impl Publisher {
             Ok(r) => r,
             Err(_) => Err(PublishError::TimedOut(self.timeout)),
         }
+    }
+
+    async fn send(
+        &self,
+        source: &str,
+        received_at: Timestamp,
+        traceparent: &str,
+        alert: Alert,
+    ) -> Result<jetstream::context::PublishAckFuture, PublishError> {
+        let subject = alert_subject(
+            alert.origin.kind.unwrap_or(tocsin_proto::SourceKind::Generic),
+            &alert.fingerprint,
+        );
+        let msg_id = alert.msg_id();
+        let env = Envelope::new(source, received_at, alert)
+            .with_traceparent(Some(traceparent.to_string()));
+        let payload = codec::encode(&env)?;
+        let mut h = HeaderMap::new();
+        h.insert(headers::TRACEPARENT, traceparent);
+        h.insert(headers::SCHEMA, SCHEMA_VERSION.to_string().as_str());
+        // headers() replaces the whole map: set it before message_id().
+        let publish = PublishMessage::build()
+            .payload(payload.into())
+            .headers(h)
+            .message_id(msg_id);
+        self.js
+            .send_publish(subject, publish)
+            .await
+            .map_err(|e| PublishError::Refused(e.to_string()))
     }
 }
