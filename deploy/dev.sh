@@ -103,6 +103,11 @@ cmd_up() {
   local tocsin_pid=""
   trap 'kill $tocsin_pid 2>/dev/null; wait $tocsin_pid 2>/dev/null; kill $nats_pid 2>/dev/null; wait $nats_pid 2>/dev/null' EXIT
   trap 'exit 130' INT TERM
+  for _ in $(seq 1 100); do
+    if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 0.2)" "$port" 2>/dev/null; then break; fi
+    kill -0 "$nats_pid" 2>/dev/null || die "nats-server exited; see .tocsin/nats.log"
+    sleep 0.1
+  done
 
   say "starting tocsin up (config/tocsin.yaml)"
   "$ROOT/target/release/tocsin" --config "$ROOT/config/tocsin.yaml" up &
@@ -129,9 +134,11 @@ PY
     admin      : http://$admin/readyz  http://$admin/metrics
     NATS       : $TOCSIN_NATS_URL  (JetStream data in .tocsin/nats)
 
-  Post a sample Alertmanager payload:
+  Post a sample Alertmanager payload, then list the incident it opened:
     curl -sS -H "Authorization: Bearer $TOCSIN_INGEST_TOKEN" -H 'Content-Type: application/json' \\
       --data @tests/tests/fixtures/alertmanager_3_alerts.json $ingest/api/v1/alerts/alertmanager
+    TOCSIN_NATS_URL=$TOCSIN_NATS_URL target/release/tocsin list
+    TOCSIN_NATS_URL=$TOCSIN_NATS_URL target/release/tocsin ack 1
 
   Ctrl-C stops Tocsin and NATS.
 INFO

@@ -211,7 +211,7 @@ fn serve(cli: &Cli, services: &[Service]) -> ExitCode {
 
 /// Runs an operator command against the running services.
 fn operate(cli: &Cli) -> ExitCode {
-    let config = match Config::load(&cli.config, &[]) {
+    let config = match crate::config::OperatorConfig::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");

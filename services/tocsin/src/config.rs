@@ -29,6 +29,23 @@ pub struct Config {
     pub incidents: IncidentsConfig,
 }
 
+/// The part of the config operator commands (`tocsin ack`, `list` ...)
+/// need: how to reach NATS. Other sections are not read, so their secrets
+/// need not be set on an operator's machine.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct OperatorConfig {
+    #[serde(default)]
+    pub nats: NatsConfig,
+    #[serde(default)]
+    pub jetstream: JetStreamConfig,
+}
+
+impl OperatorConfig {
+    pub fn load(path: &Path) -> Result<OperatorConfig, ConfigError> {
+        config::load(path)
+    }
+}
+
 /// Which services a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {

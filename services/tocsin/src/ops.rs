@@ -19,7 +19,7 @@ use tocsin_proto::{
 };
 use tocsin_runtime::admin::Metrics;
 
-use crate::config::Config;
+use crate::config::OperatorConfig as Config;
 
 /// How long to wait for NATS and for the incidents service.
 const PATIENCE: Duration = Duration::from_secs(10);

@@ -88,6 +88,23 @@ async fn operators_ack_resolve_list_and_show_from_the_command_line() {
     let (code, _, err) = run(&["show", "7"]).await.unwrap();
     assert_eq!(code, 3);
     assert!(err.contains("no incident #7"), "{err}");
+    // With the shipped config, an operator needs NATS's address and none of
+    // the services' secrets.
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/tocsin.yaml");
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&shipped)
+        .arg("list")
+        .env("TOCSIN_NATS_URL", nats.url())
+        .env_remove("TOCSIN_INGEST_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let (code, _, err) = run(&["ack", "seven"]).await.unwrap();
     assert_eq!(code, 2, "bad arguments are usage errors");
     assert!(err.contains("neither an incident number"), "{err}");
