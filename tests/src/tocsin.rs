@@ -97,6 +97,12 @@ impl TocsinHarness {
         h
     }
 
+    /// The services' clock now.
+    pub fn clock_now(&self) -> jiff::Timestamp {
+        use tocsin_incidents::clock::Clock;
+        self.clock.now()
+    }
+
     /// Polls `/readyz` until 200.
     pub async fn wait_ready(&self, within: Duration) {
         let client = reqwest::Client::new();
