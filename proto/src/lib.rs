@@ -14,6 +14,7 @@
 //! - [`fingerprint`]: Alertmanager-compatible alert fingerprints.
 //! - [`incident`]: incidents and the INCIDENTS stream's [`incident::LogEntry`].
 //! - [`command`]: commands (COMMANDS stream) and their replies.
+//! - [`notify`]: pages (NOTIFY stream).
 //! - [`silence`]: silences, matchers and recurring windows.
 //!
 //! # Compatibility rules
@@ -28,6 +29,7 @@ pub mod command;
 pub mod envelope;
 pub mod fingerprint;
 pub mod incident;
+pub mod notify;
 pub mod query;
 pub mod silence;
 pub mod subjects;
