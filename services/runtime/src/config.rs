@@ -325,8 +325,8 @@ impl<'de> Deserialize<'de> for ConfigPath {
 }
 
 /// A duration written as `500ms`, `5s`, `2m`, `1h`, `7d`, `1w` or a
-/// combination like `1h30m`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// combination like `1h30m`. The default is zero.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct HumanDuration(pub Duration);
 
 impl HumanDuration {

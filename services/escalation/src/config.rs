@@ -1,0 +1,162 @@
+//! `escalation:` section: routes, policies, schedules, users.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use tocsin_proto::{incident::Severity, notify::Channel, silence::Matcher, silence::Recurrence};
+use tocsin_runtime::config::{ConfigPath, HumanDuration};
+
+use crate::schedule::ScheduleConfig;
+
+/// Configuration of the escalation service.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EscalationConfig {
+    /// Where pending escalation steps are kept. Default `.tocsin/data/escalation`.
+    pub data_dir: Option<ConfigPath>,
+    /// The route tree (Alertmanager style): picks a policy per incident.
+    pub route: RouteConfig,
+    pub policies: Vec<PolicyConfig>,
+    pub schedules: Vec<ScheduleConfig>,
+    pub users: Vec<UserConfig>,
+}
+
+/// A node of the route tree. The root matches every incident; children are
+/// tried in order and the first match wins, unless it says `continue: true`.
+/// A node without a policy uses its parent's.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Matched against the incident's common labels (plus `severity`).
+    #[serde(
+        default,
+        deserialize_with = "tocsin_incidents::matchers::deserialize_matchers"
+    )]
+    pub matchers: Vec<Matcher>,
+    #[serde(default)]
+    pub policy: Option<String>,
+    #[serde(default, rename = "continue")]
+    pub continue_matching: bool,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// An escalation policy: levels tried in order until someone acknowledges.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub name: String,
+    pub levels: Vec<LevelConfig>,
+    /// How many more times to run through all levels after the last one.
+    /// Default 0.
+    #[serde(default)]
+    pub repeat: u32,
+    /// A level with nobody to page (empty schedule, outside its hours) is
+    /// skipped at once instead of waiting out its delay. Default true.
+    #[serde(default = "yes")]
+    pub skip_empty_levels: bool,
+    /// Page the acknowledger again when an acknowledgement is older than
+    /// this and the incident is still open. Default: never.
+    #[serde(default)]
+    pub renotify_acknowledged_after: Option<HumanDuration>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LevelConfig {
+    pub targets: Vec<TargetConfig>,
+    /// Time before the next level if nobody acknowledges. Default 15m.
+    #[serde(default = "fifteen_minutes")]
+    pub delay: HumanDuration,
+    /// Shorter (or longer) delays for some severities.
+    #[serde(default)]
+    pub delay_by_severity: BTreeMap<Severity, HumanDuration>,
+    /// Only page this level inside this weekly window (e.g. business hours);
+    /// outside it the level is skipped.
+    #[serde(default)]
+    pub active: Option<Recurrence>,
+}
+
+fn fifteen_minutes() -> HumanDuration {
+    HumanDuration::secs(15 * 60)
+}
+
+/// Who a level pages; written as a one-key map: `{user: alice}`,
+/// `{schedule: primary}`, `{slack_channel: "#ops"}`,
+/// `{pagerduty_service: payments}`, `{webhook: teams}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetConfig {
+    User(String),
+    /// Whoever is on call for this schedule when the level fires.
+    Schedule(String),
+    SlackChannel(String),
+    /// A PagerDuty service by its name in the notifier's config.
+    PagerdutyService(String),
+    /// An outbound webhook by its name in the notifier's config.
+    Webhook(String),
+}
+
+/// A person who can be paged.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    #[serde(default)]
+    pub email: Option<String>,
+    /// E.164, e.g. `+14155550100`.
+    #[serde(default)]
+    pub phone: Option<String>,
+    /// Slack member id, e.g. `U024BE7LH`.
+    #[serde(default)]
+    pub slack: Option<String>,
+    /// How to reach this user per severity. Default: the reference practice
+    /// (critical: SMS + email + Slack at once, SMS again after 5m; high: SMS +
+    /// email; medium and low: email + Slack; info: email), using only the
+    /// contact methods the user has.
+    #[serde(default)]
+    pub rules: BTreeMap<Severity, Vec<RuleStep>>,
+}
+
+/// Channels to use `after` the user is paged.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleStep {
+    pub channels: Vec<Channel>,
+    #[serde(default)]
+    pub after: HumanDuration,
+}
+
+const TARGET_FORMS: &str = "{user: NAME}, {schedule: NAME}, {slack_channel: \"#channel\"}, {pagerduty_service: NAME} or {webhook: NAME}";
+
+impl<'de> Deserialize<'de> for TargetConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let m: BTreeMap<String, String> = BTreeMap::deserialize(d)
+            .map_err(|e| D::Error::custom(format!("a target is {TARGET_FORMS} ({e})")))?;
+        let mut it = m.into_iter();
+        let (Some((kind, name)), None) = (it.next(), it.next()) else {
+            return Err(D::Error::custom(format!(
+                "a target has exactly one key: {TARGET_FORMS}"
+            )));
+        };
+        if name.trim().is_empty() {
+            return Err(D::Error::custom(format!("target {kind} has an empty name")));
+        }
+        Ok(match kind.as_str() {
+            "user" => TargetConfig::User(name),
+            "schedule" => TargetConfig::Schedule(name),
+            "slack_channel" => TargetConfig::SlackChannel(name),
+            "pagerduty_service" => TargetConfig::PagerdutyService(name),
+            "webhook" => TargetConfig::Webhook(name),
+            other => {
+                return Err(D::Error::custom(format!(
+                    "unknown target kind {other:?}; a target is {TARGET_FORMS}"
+                )))
+            }
+        })
+    }
+}
