@@ -82,6 +82,15 @@ pub enum Action {
     ExpireSilence {
         id: String,
     },
+    /// Escalation paged people for an incident (recorded on its timeline).
+    Paged {
+        incident: IncidentRef,
+        level: u32,
+        repeat: u32,
+        /// `alice via sms`, `#ops via slack`, ...
+        pages: Vec<String>,
+        reason: String,
+    },
 }
 
 impl Action {
@@ -99,6 +108,7 @@ impl Action {
             Action::Remediation { .. } => "remediation",
             Action::CreateSilence { .. } => "create_silence",
             Action::ExpireSilence { .. } => "expire_silence",
+            Action::Paged { .. } => "paged",
         }
     }
 
@@ -112,7 +122,8 @@ impl Action {
             | Action::Escalate { incident, .. }
             | Action::Assign { incident, .. }
             | Action::Note { incident, .. }
-            | Action::Remediation { incident, .. } => Some(incident),
+            | Action::Remediation { incident, .. }
+            | Action::Paged { incident, .. } => Some(incident),
             Action::CreateSilence { .. } | Action::ExpireSilence { .. } => None,
         }
     }

@@ -204,6 +204,14 @@ pub enum EventKind {
         reason: ResolveReason,
     },
     Reopened,
+    /// Escalation paged people (who, on which channel, and why).
+    Paged {
+        level: u32,
+        repeat: u32,
+        pages: Vec<String>,
+        #[serde(default)]
+        reason: String,
+    },
 }
 
 impl EventKind {
@@ -223,6 +231,7 @@ impl EventKind {
             EventKind::Remediation { .. } => "remediation",
             EventKind::Resolved { .. } => "resolved",
             EventKind::Reopened => "reopened",
+            EventKind::Paged { .. } => "paged",
         }
     }
 }

@@ -71,7 +71,9 @@ impl PageTarget {
 /// One notification to deliver.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Page {
-    /// Stable: incident + level + repeat + target + channel + rule step.
+    /// Stable: incident + generation + level + repeat + target + channel +
+    /// rule step (the generation changes when an incident is reopened or
+    /// paged again after an unacknowledge or a snooze).
     /// Also the `Nats-Msg-Id`, and the notifier's delivery-record key, so a
     /// page is delivered once however often it is published.
     pub id: String,
@@ -99,6 +101,7 @@ impl Page {
     /// The stable page id for these coordinates.
     pub fn make_id(
         incident: &uuid::Uuid,
+        generation: u32,
         level: u32,
         repeat: u32,
         target: &PageTarget,
@@ -106,7 +109,7 @@ impl Page {
         step: u32,
     ) -> String {
         format!(
-            "page:{}:{level}:{repeat}:{}:{}:{step}",
+            "page:{}:{generation}:{level}:{repeat}:{}:{}:{step}",
             incident.simple(),
             target.key(),
             channel.as_str()

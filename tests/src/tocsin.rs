@@ -41,6 +41,7 @@ impl TocsinHarness {
             jetstream: JetStreamConfig::default(),
             ingest: Some(ingest),
             incidents: Default::default(),
+            escalation: Default::default(),
         }
     }
 
@@ -54,14 +55,18 @@ impl TocsinHarness {
     /// run on a [`ManualClock`] starting now.
     pub async fn start_with(mut config: Config) -> Self {
         crate::init_logs();
-        let mut data = None;
+        let dir = tempfile::tempdir().expect("temp dir");
         if config.incidents.data_dir.is_none() {
-            let dir = tempfile::tempdir().expect("temp dir");
             config.incidents.data_dir = Some(tocsin_runtime::config::ConfigPath(
                 dir.path().join("incidents"),
             ));
-            data = Some(dir);
         }
+        if config.escalation.data_dir.is_none() {
+            config.escalation.data_dir = Some(tocsin_runtime::config::ConfigPath(
+                dir.path().join("escalation"),
+            ));
+        }
+        let data = Some(dir);
         let clock = ManualClock::new(jiff::Timestamp::now());
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ingest = TcpListener::bind("127.0.0.1:0").await.unwrap();

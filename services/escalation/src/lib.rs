@@ -1,13 +1,82 @@
-//! # tocsin-escalation (work in progress)
+//! # tocsin-escalation
 //!
-//! Decides who is paged, on which channel, and when. Done so far: the pure
-//! parts — on-call [`schedule`]s and their iCalendar export ([`ical`]), and
-//! the [`plan`]ner (route tree, policy levels, per-severity channels, delays,
-//! repeats, empty and out-of-hours levels) over the [`config`]. Still to come:
-//! the service loop with durable timers that publishes pages to NOTIFY.
+//! Decides who is paged, on which channel, and when; writes one NOTIFY
+//! message per page and never talks to a provider itself.
+//!
+//! An incident opens; the route tree picks a policy; level 0 pages whoever
+//! is on call now, on the channels that person's rules give for the
+//! severity; without an acknowledgement the next level follows after its
+//! delay, and the policy repeats as configured. An acknowledgement stops it,
+//! a resolve ends it, a snooze pauses it; each step lands on the incident's
+//! timeline (a `paged` command to the incidents service).
+//!
+//! # Durable timers
+//! Pending steps live in sled with the INCIDENTS cursor they reflect. After
+//! a restart the service catches up with INCIDENTS *before* firing anything,
+//! so no step fires for an incident acknowledged or resolved meanwhile, and
+//! overdue steps fire at once. Every page has a stable id (incident,
+//! generation, level, repeat, target, channel, rule step) used as its
+//! `Nats-Msg-Id`, so a step fired again after a crash pages nobody twice.
+//!
+//! # Layout
+//! - [`config`]: the `escalation:` section.
+//! - [`schedule`], [`ical`]: on-call schedules and their calendar export.
+//! - [`plan`]: routes, levels, channels, delays (pure).
+//! - [`track`]: the per-incident state machine (pure).
+//! - [`store`]: sled; `service`: the loop.
 #![deny(unreachable_pub)]
 
 pub mod config;
 pub mod ical;
 pub mod plan;
 pub mod schedule;
+pub mod store;
+pub mod track;
+
+mod service;
+
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use tocsin_incidents::clock::Clock;
+use tocsin_runtime::admin::{Health, Metrics};
+use tokio_util::sync::CancellationToken;
+
+pub use config::EscalationConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EscalationError {
+    /// The `escalation:` config is wrong; every problem is listed.
+    #[error("escalation config:\n  {}", .0.join("\n  "))]
+    Config(Vec<String>),
+    /// The store cannot be opened even after wiping it: fix the data directory.
+    #[error("escalation store: {0}")]
+    Store(String),
+}
+
+/// Checks the config (for `tocsin check-config`).
+pub fn check(config: &EscalationConfig) -> Result<(), EscalationError> {
+    plan::Planner::new(config)
+        .map(|_| ())
+        .map_err(EscalationError::Config)
+}
+
+/// Runs the escalation service until `shutdown` is cancelled.
+pub async fn run(
+    config: EscalationConfig,
+    js: jetstream::Context,
+    metrics: &Metrics,
+    health: &Health,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) -> Result<(), EscalationError> {
+    health.set_failing("escalation", "catching up with the INCIDENTS stream");
+    let planner = plan::Planner::new(&config).map_err(EscalationError::Config)?;
+    let dir = config
+        .data_dir
+        .as_ref()
+        .map(|p| p.0.clone())
+        .unwrap_or_else(|| std::path::PathBuf::from(".tocsin/data/escalation"));
+    let svc = service::Service::new(planner, &dir, js, clock, metrics)?;
+    svc.run(health, shutdown).await
+}

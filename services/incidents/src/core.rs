@@ -289,7 +289,8 @@ fn step(
         | EventKind::AlertFiring { .. }
         | EventKind::AlertResolved { .. }
         | EventKind::NoteAdded { .. }
-        | EventKind::Remediation { .. } => {}
+        | EventKind::Remediation { .. }
+        | EventKind::Paged { .. } => {}
     }
     recompute(st, cfg);
 }
@@ -772,6 +773,28 @@ impl Decider<'_> {
                             },
                         );
                         Verdict::Accepted(format!("remediation step recorded on incident #{n}"))
+                    }
+                    Action::Paged {
+                        level,
+                        repeat,
+                        pages,
+                        reason,
+                        ..
+                    } => {
+                        if resolved {
+                            resolved_msg()
+                        } else {
+                            b.push(
+                                &mut st,
+                                EventKind::Paged {
+                                    level: *level,
+                                    repeat: *repeat,
+                                    pages: pages.clone(),
+                                    reason: reason.clone(),
+                                },
+                            );
+                            Verdict::Accepted(format!("pages recorded on incident #{n}"))
+                        }
                     }
                     Action::CreateSilence { .. } | Action::ExpireSilence { .. } => {
                         unreachable!("handled above")

@@ -103,6 +103,20 @@ pub async fn run(
     let mut ingest_listener = listeners.ingest;
     for service in services {
         match service {
+            Service::Escalation => {
+                let (cfg, js, metrics, health, clock, stop) = (
+                    config.escalation.clone(),
+                    js.clone(),
+                    metrics.clone(),
+                    health.clone(),
+                    options.clock.clone(),
+                    shutdown.clone(),
+                );
+                tasks.spawn(async move {
+                    let r = tocsin_escalation::run(cfg, js, &metrics, &health, clock, stop).await;
+                    ("escalation", r.map_err(anyhow::Error::from))
+                });
+            }
             Service::Incidents => {
                 let (cfg, client, js, metrics, health, clock, stop) = (
                     config.incidents.clone(),

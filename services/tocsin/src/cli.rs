@@ -58,6 +58,8 @@ pub enum Command {
     Ingest,
     /// Run the incidents service (ALERTS + COMMANDS -> INCIDENTS).
     Incidents,
+    /// Run the escalation service (INCIDENTS -> NOTIFY, by policy and schedule).
+    Escalation,
     /// Validate a config file; exits non-zero and prints file, line and reason on errors.
     CheckConfig {
         /// File to check (default: --config).
@@ -170,6 +172,7 @@ pub fn main(forced: Option<Command>) -> ExitCode {
         Command::Up => serve(&cli, &Service::ALL),
         Command::Ingest => serve(&cli, &[Service::Ingest]),
         Command::Incidents => serve(&cli, &[Service::Incidents]),
+        Command::Escalation => serve(&cli, &[Service::Escalation]),
     }
 }
 

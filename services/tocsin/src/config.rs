@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use serde::Deserialize;
+use tocsin_escalation::EscalationConfig;
 use tocsin_incidents::IncidentsConfig;
 use tocsin_ingest::IngestConfig;
 use tocsin_runtime::{
@@ -27,6 +28,9 @@ pub struct Config {
     /// The incidents service; every key has a default.
     #[serde(default)]
     pub incidents: IncidentsConfig,
+    /// The escalation service: routes, policies, schedules, users.
+    #[serde(default)]
+    pub escalation: EscalationConfig,
 }
 
 /// The part of the config operator commands (`tocsin ack`, `list` ...)
@@ -51,15 +55,17 @@ impl OperatorConfig {
 pub enum Service {
     Ingest,
     Incidents,
+    Escalation,
 }
 
 impl Service {
-    pub const ALL: [Service; 2] = [Service::Ingest, Service::Incidents];
+    pub const ALL: [Service; 3] = [Service::Ingest, Service::Incidents, Service::Escalation];
 
     pub fn name(self) -> &'static str {
         match self {
             Service::Ingest => "ingest",
             Service::Incidents => "incidents",
+            Service::Escalation => "escalation",
         }
     }
 }
@@ -80,6 +86,10 @@ impl Config {
                 Service::Ingest => {}
                 Service::Incidents => {
                     tocsin_incidents::compile(&cfg.incidents)
+                        .map_err(|e| ConfigError::whole_file(path, e.to_string()))?;
+                }
+                Service::Escalation => {
+                    tocsin_escalation::check(&cfg.escalation)
                         .map_err(|e| ConfigError::whole_file(path, e.to_string()))?;
                 }
             }

@@ -1,0 +1,322 @@
+//! The escalation loop: follow INCIDENTS, fire due steps on the clock,
+//! publish pages (NOTIFY) and timeline records (COMMANDS), save.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use async_nats::{
+    jetstream::{self, consumer::pull, consumer::DeliverPolicy, message::PublishMessage},
+    HeaderMap,
+};
+use futures::StreamExt;
+use jiff::Timestamp;
+use prometheus_client::metrics::{
+    counter::Counter,
+    family::Family,
+    gauge::Gauge,
+    histogram::{exponential_buckets, Histogram},
+};
+use tocsin_incidents::clock::Clock;
+use tocsin_proto::{
+    codec::{self, decode_envelope},
+    incident::LogEntry,
+    subjects::{headers, STREAM_INCIDENTS},
+    Envelope,
+};
+use tocsin_runtime::admin::{Health, Labels, Metrics};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    plan::Planner,
+    store::Store,
+    track::{Effect, Key, Tracks},
+    EscalationError,
+};
+
+#[derive(Clone)]
+struct EscalationMetrics {
+    pages: Family<Labels, Counter>,
+    tracks: Gauge,
+    lateness: Histogram,
+}
+
+impl EscalationMetrics {
+    fn register(m: &Metrics) -> Self {
+        let s = EscalationMetrics {
+            pages: Family::default(),
+            tracks: Gauge::default(),
+            lateness: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+        };
+        m.register(
+            "tocsin_escalation_pages",
+            "Pages published to NOTIFY, by channel",
+            s.pages.clone(),
+        );
+        m.register(
+            "tocsin_escalation_tracks",
+            "Incidents (per policy) with escalation pending or paused",
+            s.tracks.clone(),
+        );
+        m.register(
+            "tocsin_escalation_timer_lateness_seconds",
+            "How late a due escalation step fired",
+            s.lateness.clone(),
+        );
+        s
+    }
+}
+
+pub(crate) struct Service {
+    planner: Planner,
+    tracks: Tracks,
+    seq: u64,
+    store: Store,
+    js: jetstream::Context,
+    clock: Arc<dyn Clock>,
+    metrics: EscalationMetrics,
+}
+
+fn open_store(dir: &Path) -> Result<(Store, Tracks, u64), EscalationError> {
+    match Store::open(dir).and_then(|s| s.load().map(|(t, q)| (s, t, q))) {
+        Ok(x) => Ok(x),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "escalation store unreadable; rebuilding it from the INCIDENTS stream");
+            Store::wipe(dir);
+            let s = Store::open(dir)
+                .map_err(|e| EscalationError::Store(format!("{}: {e}", dir.display())))?;
+            Ok((s, Tracks::default(), 0))
+        }
+    }
+}
+
+impl Service {
+    pub(crate) fn new(
+        planner: Planner,
+        dir: &Path,
+        js: jetstream::Context,
+        clock: Arc<dyn Clock>,
+        metrics: &Metrics,
+    ) -> Result<Self, EscalationError> {
+        let (store, tracks, seq) = open_store(dir)?;
+        Ok(Service {
+            planner,
+            tracks,
+            seq,
+            store,
+            js,
+            clock,
+            metrics: EscalationMetrics::register(metrics),
+        })
+    }
+
+    fn save(&self, changed: &[Key]) {
+        if let Err(e) = self.store.save(&self.tracks, changed, self.seq) {
+            tracing::error!(error = %e, "cannot save escalation state; it will be rebuilt from the stream on restart");
+        }
+        self.metrics.tracks.set(self.tracks.map.len() as i64);
+    }
+
+    fn apply(&mut self, payload: &[u8], seq: u64) -> Vec<Key> {
+        if seq <= self.seq {
+            return Vec::new();
+        }
+        self.seq = seq;
+        match decode_envelope::<LogEntry>(payload) {
+            Ok(Envelope {
+                body: LogEntry::Incident(ev),
+                ..
+            }) => self.tracks.on_event(&self.planner, &ev),
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                tracing::error!(seq, error = %e, "undecodable INCIDENTS entry skipped");
+                Vec::new()
+            }
+        }
+    }
+
+    async fn consumer(&self) -> Result<pull::Ordered, String> {
+        self.js
+            .get_stream(STREAM_INCIDENTS)
+            .await
+            .map_err(|e| e.to_string())?
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: self.seq + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .messages()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn last_seq(&self) -> Result<u64, String> {
+        let mut s = self
+            .js
+            .get_stream(STREAM_INCIDENTS)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(s.info()
+            .await
+            .map_err(|e| e.to_string())?
+            .state
+            .last_sequence)
+    }
+
+    /// Applies every INCIDENTS entry up to the stream's end as of now.
+    async fn drain(&mut self, msgs: &mut pull::Ordered) -> Result<(), String> {
+        let last = self.last_seq().await?;
+        let mut changed = Vec::new();
+        while self.seq < last {
+            let msg = match tokio::time::timeout(Duration::from_secs(5), msgs.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => return Err(e.to_string()),
+                Ok(None) => return Err("INCIDENTS consumer ended".into()),
+                Err(_) => return Err("INCIDENTS stalled".into()),
+            };
+            let seq = msg.info().map_err(|e| e.to_string())?.stream_sequence;
+            changed.extend(self.apply(&msg.payload, seq));
+        }
+        self.save(&changed);
+        Ok(())
+    }
+
+    pub(crate) async fn run(
+        mut self,
+        health: &Health,
+        shutdown: CancellationToken,
+    ) -> Result<(), EscalationError> {
+        'outer: while !shutdown.is_cancelled() {
+            let mut msgs = match self.consumer().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(error = %e, "INCIDENTS not available yet; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => continue,
+                    }
+                }
+            };
+            // Catch up before any timer fires: a step due during an outage
+            // must see the acknowledgement that came before it.
+            if let Err(e) = self.drain(&mut msgs).await {
+                tracing::warn!(error = %e, "cannot catch up with INCIDENTS; retrying");
+                continue;
+            }
+            health.set_ok("escalation");
+            loop {
+                let due = self.tracks.next_due();
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break 'outer,
+                    m = msgs.next() => match m {
+                        Some(Ok(msg)) => {
+                            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                            let changed = self.apply(&msg.payload, seq);
+                            self.save(&changed);
+                        }
+                        Some(Err(e)) => tracing::warn!(error = %e, "INCIDENTS consumer error"),
+                        None => continue 'outer,
+                    },
+                    _ = self.clock.wait(due) => {
+                        if let Err(e) = self.drain(&mut msgs).await {
+                            tracing::warn!(error = %e, "cannot read INCIDENTS before firing; retrying");
+                            continue 'outer;
+                        }
+                        if !self.fire_due(&shutdown).await {
+                            break 'outer;
+                        }
+                    }
+                }
+            }
+        }
+        self.store.flush().await;
+        tracing::info!("escalation service stopped");
+        Ok(())
+    }
+
+    /// Fires every due track. Effects are published before the track is
+    /// saved: a crash in between fires the step again with the same page
+    /// ids, which JetStream (and the notifier's delivery records) drop.
+    async fn fire_due(&mut self, shutdown: &CancellationToken) -> bool {
+        let now = self.clock.now();
+        for key in self.tracks.due(now) {
+            let due = self.tracks.map.get(&key).and_then(|t| t.due());
+            let effects = self.tracks.fire(&self.planner, &key, now);
+            if let Some(d) = due {
+                self.metrics
+                    .lateness
+                    .observe(now.duration_since(d).as_secs_f64().max(0.0));
+            }
+            for effect in &effects {
+                if !self.publish(effect, now, shutdown).await {
+                    return false;
+                }
+            }
+            self.save(std::slice::from_ref(&key));
+        }
+        true
+    }
+
+    async fn publish(&self, effect: &Effect, now: Timestamp, shutdown: &CancellationToken) -> bool {
+        let (subject, id, payload) = match effect {
+            Effect::Page(p) => (
+                p.subject(),
+                p.id.clone(),
+                codec::encode(&Envelope::new("escalation", now, p.as_ref().clone())),
+            ),
+            Effect::Record(c) => (
+                c.subject(),
+                c.id.clone(),
+                codec::encode(&Envelope::new("escalation", now, c.clone())),
+            ),
+        };
+        let payload = match payload {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode an escalation message");
+                return true;
+            }
+        };
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let mut h = HeaderMap::new();
+            h.insert(
+                headers::SCHEMA,
+                tocsin_proto::SCHEMA_VERSION.to_string().as_str(),
+            );
+            let publish = PublishMessage::build()
+                .payload(payload.clone().into())
+                .headers(h)
+                .message_id(id.clone());
+            let result = match self.js.send_publish(subject.clone(), publish).await {
+                Ok(ack) => ack.await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match result {
+                Ok(ack) => {
+                    if let Effect::Page(p) = effect {
+                        if !ack.duplicate {
+                            self.metrics
+                                .pages
+                                .get_or_create(&vec![(
+                                    "channel".to_string(),
+                                    p.channel.as_str().to_string(),
+                                )])
+                                .inc();
+                            tracing::info!(page = %p.id, incident = p.incident.number, channel = p.channel.as_str(), "page sent to NOTIFY");
+                        }
+                    }
+                    return true;
+                }
+                Err(e) => tracing::warn!(error = %e, subject, "cannot publish; retrying"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+}

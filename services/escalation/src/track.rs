@@ -1,0 +1,471 @@
+//! The pure escalation state machine: one [`Track`] per incident and policy,
+//! moved by incident events and by time. No IO: the service feeds it and
+//! performs the [`Effect`]s it returns.
+
+use std::collections::BTreeMap;
+
+use jiff::{SignedDuration, Timestamp};
+use serde::{Deserialize, Serialize};
+use tocsin_proto::{
+    command::{Action, Command, IncidentRef},
+    incident::{Actor, EventKind, IncidentEvent, IncidentStatus, IncidentSummary},
+    notify::{Channel, Page, PageTarget},
+};
+use uuid::Uuid;
+
+use crate::plan::{Next, PlannedPage, Planner};
+
+/// A rule step that pages later than its level fired (`after: 5m`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    pub due: Timestamp,
+    pub level: u32,
+    pub repeat: u32,
+    pub target: PageTarget,
+    pub channel: Channel,
+    pub address: String,
+    pub step: u32,
+    pub reason: String,
+}
+
+/// Where one incident is in one policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Track {
+    pub incident: IncidentSummary,
+    pub policy: String,
+    /// The level that fires at `next_at`, in round `repeat`.
+    pub level: u32,
+    pub repeat: u32,
+    /// None while stopped: acknowledged, snoozed, or every level done.
+    pub next_at: Option<Timestamp>,
+    pub pending: Vec<Pending>,
+    /// The last level that fired, to resume from after an unacknowledge.
+    pub fired: Option<(u32, u32)>,
+    /// When to page the acknowledger again (stale acknowledgement).
+    pub renotify_at: Option<Timestamp>,
+    #[serde(default)]
+    pub renotified: u32,
+    /// Changes when the incident reopens or is paged again after an
+    /// unacknowledge, a snooze or an escalate-now, so those pages get new ids.
+    #[serde(default)]
+    pub generation: u32,
+}
+
+impl Track {
+    /// The earliest moment this track needs attention.
+    pub fn due(&self) -> Option<Timestamp> {
+        let pending = self.pending.iter().map(|p| p.due).min();
+        [self.next_at, pending, self.renotify_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}
+
+/// What the service must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Publish to NOTIFY (`Nats-Msg-Id` = page id).
+    Page(Box<Page>),
+    /// Publish to COMMANDS (`Nats-Msg-Id` = command id): the timeline record.
+    Record(Command),
+}
+
+/// Key of a track: incident and policy.
+pub type Key = (Uuid, String);
+
+/// Every track.
+#[derive(Default)]
+pub struct Tracks {
+    pub map: BTreeMap<Key, Track>,
+}
+
+fn actor() -> Actor {
+    Actor::new("escalation", "escalation")
+}
+
+fn add(at: Timestamp, d: std::time::Duration) -> Timestamp {
+    SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| at.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
+impl Tracks {
+    /// Keys whose tracks changed are returned (to save them).
+    pub fn on_event(&mut self, planner: &Planner, ev: &IncidentEvent) -> Vec<Key> {
+        let inc = &ev.incident;
+        let keys: Vec<Key> = self.map.keys().filter(|k| k.0 == inc.id).cloned().collect();
+        if inc.status == IncidentStatus::Resolved || inc.suppressed.is_some() {
+            for k in &keys {
+                self.map.remove(k);
+            }
+            return keys;
+        }
+        for k in &keys {
+            if let Some(t) = self.map.get_mut(k) {
+                t.incident = inc.clone();
+            }
+        }
+        let start = |tracks: &mut Self, at: Timestamp| -> Vec<Key> {
+            for k in tracks
+                .map
+                .keys()
+                .filter(|k| k.0 == inc.id)
+                .cloned()
+                .collect::<Vec<_>>()
+            {
+                tracks.map.remove(&k);
+            }
+            let mut out = Vec::new();
+            for policy in planner.route(inc) {
+                let key = (inc.id, policy.clone());
+                tracks.map.insert(
+                    key.clone(),
+                    Track {
+                        incident: inc.clone(),
+                        policy,
+                        level: 0,
+                        repeat: 0,
+                        next_at: Some(at),
+                        pending: Vec::new(),
+                        fired: None,
+                        renotify_at: None,
+                        renotified: 0,
+                        generation: inc.reopen_count.saturating_mul(1000),
+                    },
+                );
+                out.push(key);
+            }
+            out
+        };
+        match &ev.kind {
+            EventKind::Opened { .. } => {
+                let mut changed = start(self, inc.announce_at.max(ev.at));
+                changed.extend(keys);
+                changed
+            }
+            EventKind::Reopened => {
+                let mut changed = start(self, ev.at);
+                changed.extend(keys);
+                changed
+            }
+            EventKind::Acknowledged | EventKind::Snoozed { .. } => {
+                for k in &keys {
+                    if let Some(t) = self.map.get_mut(k) {
+                        t.next_at = None;
+                        t.pending.clear();
+                        t.renotify_at = match ev.kind {
+                            EventKind::Acknowledged => planner
+                                .renotify_acknowledged_after(&t.policy)
+                                .map(|d| add(ev.at, d)),
+                            _ => None,
+                        };
+                    }
+                }
+                keys
+            }
+            EventKind::Unacknowledged | EventKind::SnoozeEnded => {
+                if keys.is_empty() {
+                    return start(self, ev.at);
+                }
+                for k in &keys {
+                    if let Some(t) = self.map.get_mut(k) {
+                        if let Some((l, r)) = t.fired {
+                            (t.level, t.repeat) = (l, r);
+                        }
+                        t.next_at = Some(ev.at);
+                        t.renotify_at = None;
+                        t.generation += 1;
+                    }
+                }
+                keys
+            }
+            EventKind::Escalated { .. } => {
+                if keys.is_empty() {
+                    return start(self, ev.at);
+                }
+                for k in &keys {
+                    if let Some(t) = self.map.get_mut(k) {
+                        // Escalate now: the next level fires at once (the
+                        // first one again if every level has run).
+                        if t.next_at.is_none() && t.fired.is_some() && t.renotify_at.is_none() {
+                            (t.level, t.repeat) = (0, t.repeat + 1);
+                        }
+                        t.next_at = Some(ev.at);
+                        t.renotify_at = None;
+                        t.generation += 1;
+                    }
+                }
+                keys
+            }
+            _ => {
+                // An incident that was suppressed at first and now pages.
+                if keys.is_empty() && inc.status == IncidentStatus::Triggered {
+                    return start(self, ev.at);
+                }
+                keys
+            }
+        }
+    }
+
+    /// The earliest due moment over all tracks.
+    pub fn next_due(&self) -> Option<Timestamp> {
+        self.map.values().filter_map(Track::due).min()
+    }
+
+    /// Keys due at `now`.
+    pub fn due(&self, now: Timestamp) -> Vec<Key> {
+        self.map
+            .iter()
+            .filter(|(_, t)| t.due().is_some_and(|d| d <= now))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Fires what is due on `key` at `now`.
+    pub fn fire(&mut self, planner: &Planner, key: &Key, now: Timestamp) -> Vec<Effect> {
+        let Some(t) = self.map.get_mut(key) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let inc_id = t.incident.id;
+        let generation = t.generation;
+        // Delayed rule steps.
+        let (due, later): (Vec<Pending>, Vec<Pending>) =
+            t.pending.drain(..).partition(|p| p.due <= now);
+        t.pending = later;
+        for p in due {
+            out.push(page(
+                &t.incident,
+                generation,
+                p.level,
+                p.repeat,
+                p.target,
+                p.channel,
+                p.address,
+                p.step,
+                p.reason,
+                p.due,
+            ));
+        }
+        // A stale acknowledgement.
+        if let Some(at) = t.renotify_at.filter(|at| *at <= now) {
+            if t.incident.status == IncidentStatus::Acknowledged {
+                let who = t
+                    .incident
+                    .acknowledged_by
+                    .as_ref()
+                    .map(|a| a.name.clone())
+                    .unwrap_or_default();
+                let (level, repeat) = t.fired.unwrap_or((0, 0));
+                let reason = format!(
+                    "acknowledged by {who} but still open; reminder {}",
+                    t.renotified + 1
+                );
+                let mut descriptions = Vec::new();
+                for pg in planner
+                    .user_pages(&who, t.incident.severity, None)
+                    .into_iter()
+                    .filter(|p| p.step == 0)
+                {
+                    descriptions.push(describe(&pg));
+                    out.push(page(
+                        &t.incident,
+                        generation,
+                        level,
+                        repeat,
+                        pg.target,
+                        pg.channel,
+                        pg.address,
+                        100 + t.renotified,
+                        reason.clone(),
+                        at,
+                    ));
+                }
+                if !descriptions.is_empty() {
+                    out.push(record(
+                        inc_id,
+                        generation,
+                        &t.policy,
+                        level,
+                        repeat,
+                        &format!("renotify-{}", t.renotified),
+                        descriptions,
+                        reason,
+                    ));
+                }
+                t.renotified += 1;
+                t.renotify_at = planner
+                    .renotify_acknowledged_after(&t.policy)
+                    .map(|d| add(now, d));
+            } else {
+                t.renotify_at = None;
+            }
+        }
+        // The next level, skipping empty ones when the policy says so.
+        let mut guard = 0;
+        while let Some(at) = t.next_at.filter(|at| *at <= now) {
+            guard += 1;
+            if t.incident.status != IncidentStatus::Triggered || guard > 64 {
+                t.next_at = None;
+                break;
+            }
+            let (level, repeat) = (t.level, t.repeat);
+            let plan = planner.level(&t.policy, level, &t.incident, now);
+            let next = planner.next(&t.policy, level, repeat, t.incident.severity);
+            let skip = plan.empty.is_some() && planner.skip_empty_levels(&t.policy);
+            let reason = if skip {
+                format!(
+                    "level {level} of policy {} skipped: {}",
+                    t.policy,
+                    plan.empty.clone().unwrap_or_default()
+                )
+            } else if level == 0 && repeat == 0 {
+                format!("level 0 of policy {}", t.policy)
+            } else {
+                format!(
+                    "level {level} (round {}) of policy {}: not acknowledged",
+                    repeat + 1,
+                    t.policy
+                )
+            };
+            let mut descriptions = Vec::new();
+            for pg in plan.pages {
+                descriptions.push(describe(&pg));
+                if pg.after.is_zero() {
+                    out.push(page(
+                        &t.incident,
+                        generation,
+                        level,
+                        repeat,
+                        pg.target,
+                        pg.channel,
+                        pg.address,
+                        pg.step,
+                        reason.clone(),
+                        at,
+                    ));
+                } else {
+                    t.pending.push(Pending {
+                        due: add(at, pg.after),
+                        level,
+                        repeat,
+                        target: pg.target,
+                        channel: pg.channel,
+                        address: pg.address,
+                        step: pg.step,
+                        reason: reason.clone(),
+                    });
+                }
+            }
+            out.push(record(
+                inc_id,
+                generation,
+                &t.policy,
+                level,
+                repeat,
+                "level",
+                descriptions,
+                reason,
+            ));
+            if !skip {
+                t.fired = Some((level, repeat));
+            }
+            match next {
+                Next::Level {
+                    level: l,
+                    repeat: r,
+                    after,
+                } => {
+                    t.level = l;
+                    t.repeat = r;
+                    t.next_at = Some(if skip { at } else { add(at, after) });
+                }
+                Next::Exhausted => t.next_at = None,
+            }
+            if !skip {
+                break;
+            }
+        }
+        out
+    }
+}
+
+fn describe(p: &PlannedPage) -> String {
+    let who = match &p.target {
+        PageTarget::User {
+            name,
+            schedule: Some(s),
+        } => format!("{name} (on call for {s})"),
+        PageTarget::User {
+            name,
+            schedule: None,
+        } => name.clone(),
+        PageTarget::SlackChannel { channel } => channel.clone(),
+        PageTarget::PagerdutyService { service } => format!("PagerDuty service {service}"),
+        PageTarget::Webhook { name } => format!("webhook {name}"),
+    };
+    if p.after.is_zero() {
+        format!("{who} via {}", p.channel.as_str())
+    } else {
+        format!(
+            "{who} via {} after {}s",
+            p.channel.as_str(),
+            p.after.as_secs()
+        )
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // the coordinates of a page; named at every call
+fn page(
+    inc: &IncidentSummary,
+    generation: u32,
+    level: u32,
+    repeat: u32,
+    target: PageTarget,
+    channel: Channel,
+    address: String,
+    step: u32,
+    reason: String,
+    due_at: Timestamp,
+) -> Effect {
+    Effect::Page(Box::new(Page {
+        id: Page::make_id(&inc.id, generation, level, repeat, &target, channel, step),
+        incident: inc.clone(),
+        level,
+        repeat,
+        target,
+        channel,
+        address,
+        reason,
+        due_at,
+    }))
+}
+
+#[allow(clippy::too_many_arguments)] // the coordinates of a record; named at every call
+fn record(
+    inc: Uuid,
+    generation: u32,
+    policy: &str,
+    level: u32,
+    repeat: u32,
+    what: &str,
+    pages: Vec<String>,
+    reason: String,
+) -> Effect {
+    Effect::Record(Command {
+        id: format!(
+            "esc-{}-{generation}-{policy}-{level}-{repeat}-{what}",
+            inc.simple()
+        ),
+        actor: actor(),
+        action: Action::Paged {
+            incident: IncidentRef::Id(inc),
+            level,
+            repeat,
+            pages,
+            reason,
+        },
+    })
+}

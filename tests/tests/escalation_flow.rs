@@ -1,0 +1,229 @@
+//! Escalation through the real bus on a manual clock: levels at the
+//! reference timings, channels by severity, ack stops it, resolve ends it,
+//! every step on the timeline, no page twice.
+
+use std::time::Duration;
+
+use jiff::SignedDuration;
+use tocsin_proto::{
+    command::{Action, CommandReply, IncidentRef},
+    incident::EventKind,
+    notify::{Channel, Page, PageTarget},
+    subjects::STREAM_NOTIFY,
+    AlertStatus,
+};
+use tocsin_tests::{
+    bus,
+    incidents::{alert, command, get, publish_alert, wait_for},
+    NatsServer, TocsinHarness,
+};
+
+const ESCALATION: &str = r##"
+route:
+  policy: default
+policies:
+  - name: default
+    levels:
+      - targets: [{schedule: primary}]
+        delay: 15m
+        delay_by_severity: {high: 5m}
+      - targets: [{schedule: secondary}]
+        delay: 15m
+      - targets: [{user: lead}]
+        delay: 30m
+      - targets: [{user: em}, {user: cto}]
+schedules:
+  - name: primary
+    timezone: Europe/Berlin
+    layers: [{name: all, participants: [alice], rotation: weekly, start: 2026-01-05}]
+  - name: secondary
+    timezone: Europe/Berlin
+    layers: [{name: all, participants: [bob], rotation: weekly, start: 2026-01-05}]
+users:
+  - {name: alice, email: alice@example.com, phone: "+14155550101", slack: U01ALICE}
+  - {name: bob, email: bob@example.com, phone: "+14155550102"}
+  - {name: lead, email: lead@example.com, slack: U01LEAD}
+  - {name: em, email: em@example.com}
+  - {name: cto, email: cto@example.com}
+"##;
+
+async fn pages(js: &async_nats::jetstream::Context) -> Vec<Page> {
+    bus::read_stream::<Page>(js, STREAM_NOTIFY)
+        .await
+        .into_iter()
+        .map(|m| m.envelope.body)
+        .collect()
+}
+
+/// Waits until NOTIFY holds `n` pages (the service works asynchronously),
+/// then a moment more to catch any extra.
+async fn expect_pages(js: &async_nats::jetstream::Context, n: usize) -> Vec<Page> {
+    for _ in 0..400 {
+        if pages(js).await.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let p = pages(js).await;
+    assert_eq!(
+        p.len(),
+        n,
+        "pages: {:#?}",
+        p.iter().map(|p| &p.id).collect::<Vec<_>>()
+    );
+    p
+}
+
+fn who(p: &Page) -> String {
+    match &p.target {
+        PageTarget::User { name, .. } => format!("{name}/{}", p.channel.as_str()),
+        other => format!("{}/{}", other.key(), p.channel.as_str()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn levels_fire_on_time_and_an_ack_stops_them() {
+    let nats = NatsServer::start().await;
+    let mut config = TocsinHarness::config(&nats);
+    config.escalation = serde_yaml_ng::from_str(ESCALATION).unwrap();
+    let tocsin = TocsinHarness::start_with(config).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+    let mins = |m: i64| t0 + SignedDuration::from_mins(m);
+
+    // A medium incident: level 0 pages alice (primary) by email and Slack.
+    let labels = [
+        ("alertname", "DiskFilling"),
+        ("host", "db1"),
+        ("severity", "warning"),
+    ];
+    publish_alert(
+        &js,
+        alert(&labels, &["alertname", "host"], AlertStatus::Firing, t0),
+        t0,
+    )
+    .await;
+    let p = expect_pages(&js, 2).await;
+    assert_eq!(
+        p.iter().map(who).collect::<Vec<_>>(),
+        ["alice/email", "alice/slack"]
+    );
+    assert_eq!(p[0].level, 0);
+    assert_eq!(p[0].address, "alice@example.com");
+    assert_eq!(p[1].address, "U01ALICE");
+    assert!(matches!(&p[0].target, PageTarget::User { schedule: Some(s), .. } if s == "primary"));
+    assert_eq!(p[0].incident.number, 1);
+    assert_eq!(p[0].subject(), "tocsin.notify.email");
+
+    // Nothing more before 15 minutes; level 1 (bob, email only) at 15.
+    tocsin.clock.set(mins(14));
+    expect_pages(&js, 2).await;
+    tocsin.clock.set(mins(15));
+    let p = expect_pages(&js, 3).await;
+    assert_eq!(who(&p[2]), "bob/email");
+    assert_eq!(p[2].level, 1);
+    assert_eq!(p[2].due_at, mins(15));
+
+    // Level 2 (the lead) at 30.
+    tocsin.clock.set(mins(30));
+    let p = expect_pages(&js, 5).await;
+    assert_eq!(
+        p[3..].iter().map(who).collect::<Vec<_>>(),
+        ["lead/email", "lead/slack"]
+    );
+
+    // Bob acknowledges: level 3 (at 60) never comes.
+    let r = command(
+        &client,
+        &js,
+        "bob",
+        Action::Ack {
+            incident: IncidentRef::Number(1),
+        },
+        mins(31),
+    )
+    .await;
+    assert!(matches!(r, CommandReply::Accepted { .. }), "{r:?}");
+    tocsin.clock.set(mins(61));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    expect_pages(&js, 5).await;
+
+    // Every step is on the timeline, with who was paged.
+    let d = get(&client, IncidentRef::Number(1)).await;
+    let paged: Vec<(u32, Vec<String>)> = d
+        .timeline
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Paged { level, pages, .. } => Some((*level, pages.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(paged.len(), 3, "{paged:?}");
+    assert_eq!(
+        paged[0].1,
+        [
+            "alice (on call for primary) via email",
+            "alice (on call for primary) via slack"
+        ]
+    );
+    assert_eq!(paged[2].1, ["lead via email", "lead via slack"]);
+
+    // No page twice: ids unique.
+    let mut ids: Vec<String> = pages(&js).await.into_iter().map(|p| p.id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_severity_escalates_faster_and_resolve_ends_it() {
+    let nats = NatsServer::start().await;
+    let mut config = TocsinHarness::config(&nats);
+    config.escalation = serde_yaml_ng::from_str(ESCALATION).unwrap();
+    let tocsin = TocsinHarness::start_with(config).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+    let mins = |m: i64| t0 + SignedDuration::from_mins(m);
+
+    let labels = [("alertname", "ApiDown"), ("severity", "P1")];
+    publish_alert(
+        &js,
+        alert(&labels, &["alertname"], AlertStatus::Firing, t0),
+        t0,
+    )
+    .await;
+    // High: SMS + email for alice at once.
+    let p = expect_pages(&js, 2).await;
+    assert_eq!(
+        p.iter().map(who).collect::<Vec<_>>(),
+        ["alice/sms", "alice/email"]
+    );
+    assert_eq!(p[0].channel, Channel::Sms);
+    assert_eq!(p[0].address, "+14155550101");
+    // Level 1 after 5 minutes, not 15.
+    tocsin.clock.set(mins(5));
+    let p = expect_pages(&js, 4).await;
+    assert_eq!(
+        p[2..].iter().map(who).collect::<Vec<_>>(),
+        ["bob/sms", "bob/email"]
+    );
+
+    // Resolved: nothing more, ever.
+    publish_alert(
+        &js,
+        alert(&labels, &["alertname"], AlertStatus::Resolved, t0),
+        mins(6),
+    )
+    .await;
+    wait_for(&client, "resolved", |all| {
+        all[0].status == tocsin_proto::incident::IncidentStatus::Resolved
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tocsin.clock.set(mins(200));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    expect_pages(&js, 4).await;
+}
