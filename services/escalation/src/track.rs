@@ -68,7 +68,7 @@ pub enum Effect {
     /// Publish to NOTIFY (`Nats-Msg-Id` = page id).
     Page(Box<Page>),
     /// Publish to COMMANDS (`Nats-Msg-Id` = command id): the timeline record.
-    Record(Command),
+    Record(Box<Command>),
 }
 
 /// Key of a track: incident and policy.
@@ -454,7 +454,7 @@ fn record(
     pages: Vec<String>,
     reason: String,
 ) -> Effect {
-    Effect::Record(Command {
+    Effect::Record(Box::new(Command {
         id: format!(
             "esc-{}-{generation}-{policy}-{level}-{repeat}-{what}",
             inc.simple()

@@ -27,8 +27,39 @@
 //! de-duplication never skips work. The two sides alternate which goes
 //! first. It prints alerts/s per round, the medians and their ratio, and
 //! latency percentiles; it exits non-zero if anything failed.
+//!
+//! ```text
+//! cargo run --release -p tocsin-tests --bin bench -- incidents
+//! ```
+//!
+//! `incidents` measures the incidents service alone, started in-process
+//! (`tocsin_incidents::run`, its own NATS connection, a fresh sled data dir,
+//! the default `incidents:` config, the system clock) on the same kind of
+//! private nats-server (or `--nats-url`):
+//!
+//! - **throughput**: ALERTS is pre-loaded with `--alerts` Alertmanager-style
+//!   alerts over `--groups` groups of up to 4 alerts (fires, repeats,
+//!   resolves and re-fires; with 2h pauses, so re-fires both reopen
+//!   incidents and open new ones) and a final sentinel alert, published
+//!   before the service starts and not timed. The clock runs from starting
+//!   the service until the sentinel's incident is listed by the list query
+//!   (polled every 50ms): alerts/s, INCIDENTS entries written, incidents
+//!   created.
+//! - **latency**: with the service caught up, `--live-alerts` new alerts (new
+//!   groups, re-fires, resolves: each one changes an incident) are
+//!   published at `--rate` alerts/s. Alert-to-event latency is the time from
+//!   just before an alert's publish to receiving (core NATS subscription on
+//!   `tocsin.incidents.inc.>`) the first INCIDENTS entry caused by it
+//!   (`Cause::Alert { seq }`): p50/p90/p99/max.
+//! - **memory**: VmRSS/VmHWM of this process (the service, its client, and
+//!   the bench's own client and bookkeeping) before the service starts and
+//!   after each phase, and of the private nats-server.
+//!
+//! It exits non-zero if publishing failed, the service failed or the
+//! sentinel or the end marker was never processed.
 
 use std::{
+    collections::HashMap,
     future::IntoFuture,
     process::ExitCode,
     sync::{
@@ -40,25 +71,35 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use async_nats::{
-    jetstream::{self, message::PublishMessage},
+    jetstream::{self, message::PublishMessage, stream},
     HeaderMap,
 };
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
-use futures::future::join_all;
+use futures::{future::join_all, StreamExt};
+use jiff::SignedDuration;
 use serde_json::{json, Value};
 use tocsin::{
     app,
     config::{Config, Service},
 };
-use tocsin_incidents::clock::SystemClock;
+use tocsin_incidents::{clock::SystemClock, IncidentsConfig};
 use tocsin_proto::{
-    codec,
-    subjects::{headers, STREAM_ALERTS},
-    Envelope, Fingerprint, Labels, Timestamp, SCHEMA_VERSION,
+    codec::{self, decode_envelope},
+    incident::{Cause, IncidentSummary, LogEntry},
+    query::{ListIncidents, QueryReply},
+    silence::{MatchOp, Matcher},
+    subjects::{alert_subject, headers, query, INCIDENT_EVENTS, STREAM_ALERTS, STREAM_INCIDENTS},
+    Alert, AlertStatus, Envelope, Fingerprint, Labels, SourceKind, Timestamp, SCHEMA_VERSION,
 };
-use tocsin_runtime::{nats::NatsConfig, CancellationToken};
-use tocsin_tests::{NatsServer, TocsinHarness, TEST_TOKEN};
+use tocsin_runtime::{
+    admin::{Health, Metrics},
+    config::ConfigPath,
+    nats::NatsConfig,
+    streams::{ensure_streams, JetStreamConfig},
+    CancellationToken,
+};
+use tocsin_tests::{incidents::alert, NatsServer, TocsinHarness, TEST_TOKEN};
 use tokio::net::TcpListener;
 
 /// How many failure messages to print per side.
@@ -80,6 +121,9 @@ enum Command {
     /// Alertmanager webhooks over HTTP against raw JetStream publishes of
     /// the same messages to the same server.
     Ingest(IngestArgs),
+    /// Alerts/s through the incidents service from a pre-loaded ALERTS
+    /// stream, then alert-to-event latency at a steady rate, and memory.
+    Incidents(IncidentsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -107,10 +151,35 @@ struct IngestArgs {
     nats_url: Option<String>,
 }
 
+#[derive(Args, Debug)]
+struct IncidentsArgs {
+    /// Alerts pre-loaded on ALERTS before the service starts (the
+    /// throughput phase), plus one sentinel alert.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
+    alerts: u32,
+    /// Groups (incident dedup keys) the pre-loaded alerts are spread over,
+    /// up to 4 alerts (instances) each.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    groups: u32,
+    /// Live alerts per second in the latency phase.
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..))]
+    rate: u32,
+    /// Live alerts published in the latency phase (0 skips it).
+    #[arg(long, default_value_t = 5_000)]
+    live_alerts: u32,
+    /// Use this NATS server (JetStream enabled, no auth, no Tocsin running
+    /// on it) instead of starting a private one. The service starts with an
+    /// empty data dir, so it replays what INCIDENTS holds and decides every
+    /// alert ALERTS holds.
+    #[arg(long)]
+    nats_url: Option<String>,
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Ingest(args) => ingest(args).await,
+        Command::Incidents(args) => incidents(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -750,6 +819,793 @@ fn print_round(round: usize, side: &str, r: &RoundResult) {
     );
 }
 
+/// Pre-load publishes sent before their acks are awaited.
+const PRELOAD_CHUNK: usize = 256;
+
+/// Alerts (instances) per group.
+const INSTANCES: u64 = 4;
+
+/// Alert time the pre-load pauses, ten times: longer than the default
+/// reopen window (1h), so some re-fires open new incidents.
+const PAUSE: SignedDuration = SignedDuration::from_hours(2);
+
+/// Alertname of the alert pre-loaded last: its incident marks the end of
+/// the throughput phase.
+const SENTINEL: &str = "Sentinel";
+
+/// Alertname of the alert published after the live ones: once its entry
+/// arrives, every live alert's has.
+const END_MARKER: &str = "BenchEnd";
+
+/// How long the service may take over the pre-load, and how often it says
+/// how far it got meanwhile.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(1800);
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// How long the live alerts may take to be decided after the last one.
+const DRAIN_LIMIT: Duration = Duration::from_secs(300);
+
+async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
+    let n_alerts = args.alerts as usize;
+    let groups = u64::from(args.groups);
+    let live = args.live_alerts as usize;
+    let rate = args.rate;
+
+    // NATS: private (like the tests) or the one given.
+    tocsin_tests::init_logs();
+    let private = match &args.nats_url {
+        Some(_) => None,
+        None => Some(NatsServer::start().await),
+    };
+    let nats_url = match (&private, &args.nats_url) {
+        (Some(nats), _) => nats.url(),
+        (None, Some(url)) => url.clone(),
+        (None, None) => unreachable!("a private server is started when no URL is given"),
+    };
+    // The bench's own client: publishes, queries, subscribes.
+    let client = async_nats::connect(&nats_url)
+        .await
+        .with_context(|| format!("cannot connect to {nats_url}"))?;
+    let js = jetstream::new(client.clone());
+    let js_config = JetStreamConfig::default();
+    ensure_streams(&js, &js_config)
+        .await
+        .context("cannot set up the streams")?;
+    let server_version = client.server_info().version;
+    let nats_pid = private.as_ref().and_then(nats_server_pid);
+    let defaults = IncidentsConfig::default();
+
+    let nonce = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    let mut gen = IncidentGen::new(nonce, groups);
+    // Alert time: a group comes up about every 45 minutes, plus the pauses;
+    // the pre-load ends an hour before now, where the live alerts begin.
+    let step = SignedDuration::from_nanos((2_700e9 / groups as f64) as i64);
+    let pause_every = (n_alerts / 10).max(1);
+    let span = step.as_nanos() * (n_alerts as i128 + 1)
+        + PAUSE.as_nanos() * (n_alerts / pause_every) as i128
+        + SignedDuration::from_hours(1).as_nanos();
+    let mut at = i64::try_from(span)
+        .ok()
+        .and_then(|ns| {
+            Timestamp::now()
+                .checked_sub(SignedDuration::from_nanos(ns))
+                .ok()
+        })
+        .context("too many alerts: their alert time would start before the year -9999")?;
+
+    println!(
+        "tocsin bench incidents: {n_alerts} alerts over {groups} groups pre-loaded, \
+         then {live} live alerts at {rate} alerts/s"
+    );
+    println!(
+        "machine: {} CPUs (available_parallelism); nats-server {}{}",
+        std::thread::available_parallelism()
+            .map(|n| n.get().to_string())
+            .unwrap_or_else(|_| "?".into()),
+        if server_version.is_empty() {
+            "version unknown".to_string()
+        } else {
+            format!("v{server_version}")
+        },
+        if private.is_some() {
+            " (private: JetStream file store in a temp dir, sync_interval: always)".to_string()
+        } else {
+            format!(" at {nats_url}")
+        },
+    );
+    println!(
+        "service: incidents alone, in-process, its own NATS connection, a fresh sled data dir, \
+         the default config (reopen_window {:?}, group_wait {:?}, auto_resolve {}), the system clock",
+        defaults.reopen_window.get(),
+        defaults.group_wait.get(),
+        defaults.auto_resolve,
+    );
+    println!(
+        "alerts: Alertmanager-style, grouped by alertname+group, up to {INSTANCES} per group; \
+         alert time advances {step:#} per alert with {} pauses of {PAUSE:#}",
+        n_alerts / pause_every,
+    );
+    println!();
+
+    // Pre-load, not timed: chunks of publishes, then their acks.
+    let preload_started = Instant::now();
+    let mut msg_n = 0u64;
+    let mut chunk = Vec::with_capacity(PRELOAD_CHUNK);
+    let mut preload_seqs = (u64::MAX, 0u64);
+    for i in 0..=n_alerts {
+        at += step;
+        let alert = if i < n_alerts {
+            if i > 0 && i % pause_every == 0 {
+                at += PAUSE;
+            }
+            gen.preload(at)
+        } else {
+            gen.marker(SENTINEL, at)
+        };
+        let (subject, msg) = alert_message(alert, at, nonce, msg_n)?;
+        msg_n += 1;
+        chunk.push(
+            js.send_publish(subject, msg)
+                .await
+                .with_context(|| format!("pre-load alert {i} not sent"))?,
+        );
+        if chunk.len() == PRELOAD_CHUNK || i == n_alerts {
+            for ack in join_all(chunk.drain(..).map(IntoFuture::into_future)).await {
+                let ack = ack.context("pre-load alert not stored")?;
+                if ack.duplicate {
+                    bail!(
+                        "pre-load alert (seq {}) acknowledged as a duplicate",
+                        ack.sequence
+                    );
+                }
+                preload_seqs = (
+                    preload_seqs.0.min(ack.sequence),
+                    preload_seqs.1.max(ack.sequence),
+                );
+            }
+        }
+    }
+    let preload_elapsed = preload_started.elapsed();
+    let preload_mix = std::mem::take(&mut gen.mix);
+    let sentinel_seq = preload_seqs.1;
+    let alerts_state = stream_state(&js, STREAM_ALERTS).await?;
+    // A fresh service decides ALERTS from its first message on.
+    let consumed = sentinel_seq + 1 - alerts_state.first_sequence.max(1);
+    let incidents_before = stream_state(&js, STREAM_INCIDENTS).await?;
+    let mem_base = Memory::read(None);
+    let nats_base = nats_pid.and_then(|p| Memory::read(Some(p)));
+
+    // Phase 1: start the service and time it through the pre-load.
+    let data_dir = tempfile::Builder::new()
+        .prefix("tocsin-bench-incidents-")
+        .tempdir()
+        .context("temp dir")?;
+    let config = IncidentsConfig {
+        data_dir: Some(ConfigPath(data_dir.path().to_path_buf())),
+        ..Default::default()
+    };
+    let metrics = Metrics::new();
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let mut service = {
+        let (url, metrics, stop, js_config) = (
+            nats_url.clone(),
+            metrics.clone(),
+            stop.clone(),
+            js_config.clone(),
+        );
+        tokio::spawn(async move {
+            let client = tocsin_runtime::nats::connect(
+                &NatsConfig::for_url(url),
+                "tocsin-incidents",
+                &metrics,
+            )
+            .await?;
+            let js = js_config.context(client.clone());
+            let health = Health::new();
+            tocsin_incidents::run(
+                config,
+                client,
+                js,
+                &metrics,
+                &health,
+                Arc::new(SystemClock),
+                stop,
+            )
+            .await?;
+            anyhow::Ok(())
+        })
+    };
+    let sentinel = wait_for_incident(
+        &client,
+        gen.matchers(SENTINEL),
+        &metrics,
+        &mut service,
+        CATCH_UP_LIMIT,
+    )
+    .await?;
+    let elapsed = started.elapsed();
+    let incidents_after1 = stream_state(&js, STREAM_INCIDENTS).await?;
+    let written1 = incidents_after1
+        .messages
+        .saturating_sub(incidents_before.messages);
+    let events1 = counter_samples(&metrics, "tocsin_incidents_events_total");
+    let inputs1 = counter_samples(&metrics, "tocsin_incidents_inputs_total");
+    let mem1 = Memory::read(None);
+    let nats1 = nats_pid.and_then(|p| Memory::read(Some(p)));
+
+    println!(
+        "phase 1, throughput: from starting the service until the sentinel's incident is listed"
+    );
+    println!(
+        "  pre-load (not timed): {} alerts on {STREAM_ALERTS} in {:.1}s ({:.0} alerts/s): {}, and the sentinel",
+        n_alerts,
+        preload_elapsed.as_secs_f64(),
+        (n_alerts + 1) as f64 / preload_elapsed.as_secs_f64(),
+        preload_mix.describe(),
+    );
+    println!(
+        "  service: {consumed} alerts decided in {:.2}s: {:.0} alerts/s",
+        elapsed.as_secs_f64(),
+        consumed as f64 / elapsed.as_secs_f64(),
+    );
+    if consumed != n_alerts as u64 + 1 {
+        println!(
+            "  note: {STREAM_ALERTS} held {} messages before this run's, which the fresh service decided too",
+            consumed - (n_alerts as u64 + 1)
+        );
+    }
+    println!(
+        "  {STREAM_INCIDENTS}: +{written1} entries (stream messages); {} incidents created (sentinel is #{})",
+        sum_where(&events1, "kind=\"opened\""),
+        sentinel.number,
+    );
+    println!("  entries by kind: {}", describe_samples(&events1));
+    println!("  inputs by outcome: {}", describe_samples(&inputs1));
+    println!();
+
+    // Phase 2: live alerts at a steady rate, each timed to its first entry.
+    let mut mem2 = None;
+    let mut nats2 = None;
+    if live > 0 {
+        let mut sub = client
+            .subscribe(INCIDENT_EVENTS)
+            .await
+            .context("cannot subscribe to incident events")?;
+        client.flush().await.context("flush")?;
+        let undecodable = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+        let receiver = {
+            let undecodable = undecodable.clone();
+            tokio::spawn(async move {
+                while let Some(msg) = sub.next().await {
+                    let received = Instant::now();
+                    match decode_envelope::<LogEntry>(&msg.payload) {
+                        Ok(env) => {
+                            if let Cause::Alert { seq } = env.body.cause() {
+                                if tx.send((*seq, received)).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                        Err(_) => {
+                            undecodable.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        };
+
+        let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+        let mut pending = Vec::with_capacity(live);
+        let phase_started = Instant::now();
+        for _ in 0..live {
+            ticker.tick().await;
+            let at = Timestamp::now();
+            let (subject, msg) = alert_message(gen.live(at), at, nonce, msg_n)?;
+            msg_n += 1;
+            let sent = Instant::now();
+            let ack = js
+                .send_publish(subject, msg)
+                .await
+                .context("live alert not sent")?;
+            pending.push(tokio::spawn(async move {
+                let result = ack.await;
+                (sent, Instant::now(), result)
+            }));
+        }
+        let publishing = phase_started.elapsed();
+        let live_mix = std::mem::take(&mut gen.mix);
+        let mut sent_at = Vec::with_capacity(live);
+        let mut ack_latencies = Vec::with_capacity(live);
+        for joined in join_all(pending).await {
+            let (sent, acked, result) = joined.context("ack task")?;
+            let ack = result.context("live alert not stored")?;
+            if ack.duplicate {
+                bail!(
+                    "live alert (seq {}) acknowledged as a duplicate",
+                    ack.sequence
+                );
+            }
+            sent_at.push((ack.sequence, sent));
+            ack_latencies.push(acked - sent);
+        }
+        ack_latencies.sort_unstable();
+
+        // The service decides in order: once the marker's entry is in, so
+        // are the entries of every live alert.
+        let at = Timestamp::now();
+        let (subject, msg) = alert_message(gen.marker(END_MARKER, at), at, nonce, msg_n)?;
+        let marker_sent = Instant::now();
+        let marker_seq = js
+            .send_publish(subject, msg)
+            .await
+            .context("end marker not sent")?
+            .await
+            .context("end marker not stored")?
+            .sequence;
+        let mut first: HashMap<u64, Instant> = HashMap::with_capacity(live + 1);
+        let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
+        let marker_received = loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some((seq, received))) => {
+                    first.entry(seq).or_insert(received);
+                    if seq == marker_seq {
+                        break received;
+                    }
+                }
+                Ok(None) => bail!("the incident events subscription ended"),
+                Err(_) => bail!(
+                    "the end marker was not decided within {DRAIN_LIMIT:?} of the last live alert"
+                ),
+            }
+        };
+        receiver.abort();
+        let mut latencies: Vec<Duration> = sent_at
+            .iter()
+            .filter_map(|(seq, sent)| first.get(seq).map(|r| r.saturating_duration_since(*sent)))
+            .collect();
+        latencies.sort_unstable();
+        let incidents_after2 = stream_state(&js, STREAM_INCIDENTS).await?;
+        mem2 = Memory::read(None);
+        nats2 = nats_pid.and_then(|p| Memory::read(Some(p)));
+
+        println!(
+            "phase 2, latency: live alerts at a steady rate on the caught-up service, \
+             from just before each publish to receiving the first {STREAM_INCIDENTS} entry it caused"
+        );
+        println!(
+            "  published {live} alerts in {:.2}s ({:.0} alerts/s): {}",
+            publishing.as_secs_f64(),
+            live as f64 / publishing.as_secs_f64(),
+            live_mix.describe(),
+        );
+        println!(
+            "  {} of {live} produced an {STREAM_INCIDENTS} entry (each is meant to; {} undecodable events)",
+            latencies.len(),
+            undecodable.load(Ordering::Relaxed),
+        );
+        println!(
+            "  alert-to-event latency: p50 {}, p90 {}, p99 {}, max {}",
+            ms(percentile(&latencies, 0.50)),
+            ms(percentile(&latencies, 0.90)),
+            ms(percentile(&latencies, 0.99)),
+            ms(latencies.last().copied()),
+        );
+        println!(
+            "  {STREAM_ALERTS} publish to ack (part of the above): p50 {}, p99 {}",
+            ms(percentile(&ack_latencies, 0.50)),
+            ms(percentile(&ack_latencies, 0.99)),
+        );
+        println!(
+            "  end marker, published after every live alert was acknowledged: its entry after {}",
+            ms(Some(marker_received - marker_sent)),
+        );
+        println!(
+            "  {STREAM_INCIDENTS}: +{} entries",
+            incidents_after2
+                .messages
+                .saturating_sub(incidents_after1.messages)
+        );
+        println!();
+    }
+
+    println!(
+        "memory: VmRSS / VmHWM (peak) of this bench process, which is the incidents service, its \
+         NATS client, and the bench's own client and bookkeeping; growth is VmRSS over before the service"
+    );
+    println!(
+        "{:<22} {:>24} {:>12} {:>24}",
+        "",
+        "bench process",
+        "growth",
+        match (nats_pid, nats_base) {
+            (Some(pid), Some(_)) => format!("nats-server (pid {pid})"),
+            _ => "nats-server".to_string(),
+        }
+    );
+    for (label, mem, nats) in [
+        ("before the service", mem_base, nats_base),
+        ("after phase 1", mem1, nats1),
+        ("after phase 2", mem2, nats2),
+    ] {
+        if label == "after phase 2" && live == 0 {
+            continue;
+        }
+        let growth = match (mem, mem_base) {
+            (Some(m), Some(b)) if label != "before the service" => {
+                format!("{:+.1} MiB", (m.rss_kib as f64 - b.rss_kib as f64) / 1024.0)
+            }
+            _ => String::new(),
+        };
+        println!(
+            "{label:<22} {:>24} {growth:>12} {:>24}",
+            mem.map(Memory::describe).unwrap_or_else(|| "-".into()),
+            nats.map(Memory::describe).unwrap_or_else(|| "-".into()),
+        );
+    }
+    if nats_base.is_none() {
+        println!(
+            "(nats-server's memory is not shown: {})",
+            if private.is_some() {
+                "its pid or /proc/<pid>/status could not be read"
+            } else {
+                "it is not a private server of this run"
+            }
+        );
+    }
+
+    stop.cancel();
+    match tokio::time::timeout(Duration::from_secs(30), service).await {
+        Ok(joined) => joined
+            .context("incidents service task")?
+            .context("the incidents service failed")?,
+        Err(_) => bail!("the incidents service did not stop within 30s"),
+    }
+    drop(client);
+    drop(data_dir);
+    drop(private);
+    Ok(())
+}
+
+/// A small deterministic generator (xorshift), as the crash test uses.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// What the generated alerts were.
+#[derive(Default)]
+struct Mix {
+    /// Firing alerts that were not firing (the new groups' included).
+    fired: usize,
+    /// The first alert of a group not seen before (live phase).
+    new_groups: usize,
+    /// A firing alert again, unchanged.
+    repeated: usize,
+    resolved: usize,
+}
+
+impl Mix {
+    fn describe(&self) -> String {
+        let mut parts = vec![format!("{} fire", self.fired - self.new_groups)];
+        if self.new_groups > 0 {
+            parts.insert(0, format!("{} new groups", self.new_groups));
+        }
+        if self.repeated > 0 {
+            parts.push(format!("{} repeat", self.repeated));
+        }
+        parts.push(format!("{} resolve", self.resolved));
+        parts.join(", ")
+    }
+}
+
+/// The run's alerts: group `g<n>` has alerts for up to [`INSTANCES`]
+/// instances. Every alert carries the run's nonce, so runs never share a
+/// fingerprint, a Nats-Msg-Id or an incident.
+struct IncidentGen {
+    rng: Rng,
+    run: String,
+    /// Groups so far: the pre-loaded ones, then the live phase's new ones.
+    groups: u64,
+    /// Alerts firing now, with their startsAt.
+    firing: HashMap<(u64, u64), Timestamp>,
+    mix: Mix,
+}
+
+impl IncidentGen {
+    fn new(nonce: u64, groups: u64) -> Self {
+        IncidentGen {
+            rng: Rng(0x5eed_1234_abcd_0042),
+            run: format!("{nonce:x}"),
+            groups,
+            firing: HashMap::new(),
+            mix: Mix::default(),
+        }
+    }
+
+    /// A pre-load alert, mixed like the crash test's input: a random alert
+    /// of a random group fires; if it is firing, it resolves or (as
+    /// Alertmanager re-sends) repeats, which changes nothing.
+    fn preload(&mut self, at: Timestamp) -> Alert {
+        let (g, k) = (self.rng.next() % self.groups, self.rng.next() % INSTANCES);
+        match self.firing.get(&(g, k)).copied() {
+            Some(since) if self.rng.next() % 2 == 0 => self.resolve(g, k, since),
+            Some(since) => {
+                self.mix.repeated += 1;
+                self.alert(g, k, AlertStatus::Firing, since)
+            }
+            None => self.fire(g, k, at),
+        }
+    }
+
+    /// A live alert, which always changes an incident: one in four is a new
+    /// group's first alert, else a random alert of a known group resolves
+    /// if it is firing, or fires (again: a new startsAt).
+    fn live(&mut self, at: Timestamp) -> Alert {
+        if self.rng.next() % 4 == 0 {
+            let g = self.groups;
+            self.groups += 1;
+            self.mix.new_groups += 1;
+            return self.fire(g, 0, at);
+        }
+        let (g, k) = (self.rng.next() % self.groups, self.rng.next() % INSTANCES);
+        match self.firing.get(&(g, k)).copied() {
+            Some(since) => self.resolve(g, k, since),
+            None => self.fire(g, k, at),
+        }
+    }
+
+    fn fire(&mut self, g: u64, k: u64, at: Timestamp) -> Alert {
+        self.firing.insert((g, k), at);
+        self.mix.fired += 1;
+        self.alert(g, k, AlertStatus::Firing, at)
+    }
+
+    fn resolve(&mut self, g: u64, k: u64, since: Timestamp) -> Alert {
+        self.firing.remove(&(g, k));
+        self.mix.resolved += 1;
+        self.alert(g, k, AlertStatus::Resolved, since)
+    }
+
+    fn alert(&self, g: u64, k: u64, status: AlertStatus, starts_at: Timestamp) -> Alert {
+        let group = format!("g{g:05}");
+        let instance = format!("bench-{k}:9100");
+        let severity = ["critical", "warning", "info"][(g % 3) as usize];
+        let mut a = alert(
+            &[
+                ("alertname", "BenchIncident"),
+                ("run", &self.run),
+                ("group", &group),
+                ("instance", &instance),
+                ("severity", severity),
+            ],
+            &["alertname", "run", "group"],
+            status,
+            starts_at,
+        );
+        a.annotations.insert(
+            "summary".into(),
+            format!("synthetic benchmark alert, group {group}"),
+        );
+        a
+    }
+
+    /// A firing alert alone in its group (the sentinel, the end marker).
+    fn marker(&self, alertname: &str, at: Timestamp) -> Alert {
+        alert(
+            &[("alertname", alertname), ("run", &self.run)],
+            &["alertname", "run"],
+            AlertStatus::Firing,
+            at,
+        )
+    }
+
+    /// Matches the incident of [`IncidentGen::marker`]`(alertname)`.
+    fn matchers(&self, alertname: &str) -> Vec<Matcher> {
+        [("alertname", alertname), ("run", self.run.as_str())]
+            .into_iter()
+            .map(|(name, value)| Matcher {
+                name: name.into(),
+                op: MatchOp::Eq,
+                value: value.into(),
+            })
+            .collect()
+    }
+}
+
+/// `alert` as ingest publishes it, received at `at` (envelope, traceparent
+/// and schema headers), with a Nats-Msg-Id made unique by `n`.
+fn alert_message(
+    alert: Alert,
+    at: Timestamp,
+    nonce: u64,
+    n: u64,
+) -> anyhow::Result<(String, PublishMessage)> {
+    let subject = alert_subject(
+        alert.origin.kind.unwrap_or(SourceKind::Generic),
+        &alert.fingerprint,
+    );
+    let msg_id = format!("{}:{n}", alert.msg_id());
+    let tp = traceparent(nonce, n);
+    let env = Envelope::new("bench", at, alert).with_traceparent(Some(tp.clone()));
+    let payload = codec::encode(&env)?;
+    let mut h = HeaderMap::new();
+    h.insert(headers::TRACEPARENT, tp.as_str());
+    h.insert(headers::SCHEMA, SCHEMA_VERSION.to_string().as_str());
+    let msg = PublishMessage::build()
+        .payload(payload.into())
+        .headers(h)
+        .message_id(msg_id);
+    Ok((subject, msg))
+}
+
+/// Polls the list query every 50ms until an incident matching `matchers`
+/// is listed, and returns it. Fails when the service stopped or `within`
+/// passed; says how far the service got every [`PROGRESS_EVERY`].
+async fn wait_for_incident(
+    client: &async_nats::Client,
+    matchers: Vec<Matcher>,
+    metrics: &Metrics,
+    service: &mut tokio::task::JoinHandle<anyhow::Result<()>>,
+    within: Duration,
+) -> anyhow::Result<IncidentSummary> {
+    let q = ListIncidents {
+        matchers,
+        limit: Some(1),
+        ..Default::default()
+    };
+    let payload = Bytes::from(codec::encode(&q)?);
+    let started = Instant::now();
+    let mut progress_at = started + PROGRESS_EVERY;
+    loop {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.request(query::LIST_INCIDENTS, payload.clone()),
+        )
+        .await;
+        if let Ok(Ok(reply)) = answer {
+            if let Ok(QueryReply::Incidents { incidents }) = codec::decode(&reply.payload) {
+                if let Some(found) = incidents.into_iter().next() {
+                    return Ok(found);
+                }
+            }
+        }
+        if service.is_finished() {
+            return match service.await {
+                Ok(Ok(())) => Err(anyhow::anyhow!("the incidents service stopped")),
+                Ok(Err(e)) => Err(e.context("the incidents service failed")),
+                Err(e) => Err(anyhow::anyhow!("the incidents service task failed: {e}")),
+            };
+        }
+        let now = Instant::now();
+        if now - started > within {
+            bail!("the sentinel's incident was not listed within {within:?}");
+        }
+        if now >= progress_at {
+            let inputs = counter_samples(metrics, "tocsin_incidents_inputs_total");
+            eprintln!(
+                "  ... {:.0}s: {} alerts decided",
+                (now - started).as_secs_f64(),
+                sum_where(&inputs, "input=\"alert\""),
+            );
+            progress_at += PROGRESS_EVERY;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The samples of counter `name` (labels, value) in `metrics`' text form.
+fn counter_samples(metrics: &Metrics, name: &str) -> Vec<(String, f64)> {
+    metrics
+        .encode()
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(r) => r.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            Some((labels.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of the samples whose labels contain `label` (`name="value"`).
+fn sum_where(samples: &[(String, f64)], label: &str) -> u64 {
+    samples
+        .iter()
+        .filter(|(labels, _)| labels.split(',').any(|l| l == label))
+        .map(|(_, v)| *v as u64)
+        .sum()
+}
+
+/// `value1/value2 count, ...`, sorted by the label values.
+fn describe_samples(samples: &[(String, f64)]) -> String {
+    let mut parts: Vec<(String, u64)> = samples
+        .iter()
+        .map(|(labels, v)| {
+            let values: Vec<&str> = labels
+                .split(',')
+                .filter_map(|kv| Some(kv.split_once('=')?.1.trim_matches('"')))
+                .collect();
+            (values.join("/"), *v as u64)
+        })
+        .collect();
+    parts.sort();
+    if parts.is_empty() {
+        return "-".into();
+    }
+    parts
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// VmRSS and VmHWM (peak RSS) of a process, in KiB.
+#[derive(Clone, Copy)]
+struct Memory {
+    rss_kib: u64,
+    hwm_kib: u64,
+}
+
+impl Memory {
+    /// Of this process (None) or `pid`; None where /proc does not say.
+    fn read(pid: Option<u32>) -> Option<Memory> {
+        let path = match pid {
+            Some(p) => format!("/proc/{p}/status"),
+            None => "/proc/self/status".to_string(),
+        };
+        let text = std::fs::read_to_string(path).ok()?;
+        let field = |name: &str| -> Option<u64> {
+            text.lines().find_map(|l| {
+                l.strip_prefix(name)?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+        };
+        Some(Memory {
+            rss_kib: field("VmRSS:")?,
+            hwm_kib: field("VmHWM:")?,
+        })
+    }
+
+    fn describe(self) -> String {
+        format!(
+            "{:.1} / {:.1} MiB",
+            self.rss_kib as f64 / 1024.0,
+            self.hwm_kib as f64 / 1024.0
+        )
+    }
+}
+
+/// The private nats-server's pid: [`NatsServer`] keeps its child to itself,
+/// but the server writes `<exe>_<pid>.ports` next to its store.
+fn nats_server_pid(nats: &NatsServer) -> Option<u32> {
+    let dir = nats.store_dir().parent()?.to_path_buf();
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        name.strip_suffix(".ports")?
+            .rsplit('_')
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
 /// A W3C traceparent unique to this run and `n`.
 fn traceparent(nonce: u64, n: u64) -> String {
     format!("00-{nonce:016x}{n:016x}-{n:016x}-01")
@@ -761,6 +1617,14 @@ async fn stream_messages(js: &jetstream::Context) -> anyhow::Result<u64> {
         .await
         .with_context(|| format!("no {STREAM_ALERTS} stream"))?;
     Ok(stream.info().await?.state.messages)
+}
+
+async fn stream_state(js: &jetstream::Context, name: &str) -> anyhow::Result<stream::State> {
+    let mut stream = js
+        .get_stream(name)
+        .await
+        .with_context(|| format!("no {name} stream"))?;
+    Ok(stream.info().await?.state.clone())
 }
 
 /// Nearest-rank percentile of sorted `v`.
