@@ -467,5 +467,5 @@ fn record(
             pages,
             reason,
         },
-    })
+    }))
 }
