@@ -14,6 +14,9 @@ use crate::schedule::ScheduleConfig;
 pub struct EscalationConfig {
     /// Where pending escalation steps are kept. Default `.tocsin/data/escalation`.
     pub data_dir: Option<ConfigPath>,
+    /// Address of the HTTP server for on-call calendars (iCalendar feeds at
+    /// `/calendars/<schedule>.ics`) and `/oncall/<schedule>`. Default: off.
+    pub calendar_listen: Option<std::net::SocketAddr>,
     /// The route tree (Alertmanager style): picks a policy per incident.
     pub route: RouteConfig,
     pub policies: Vec<PolicyConfig>,

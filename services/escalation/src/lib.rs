@@ -71,7 +71,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), EscalationError> {
     health.set_failing("escalation", "catching up with the INCIDENTS stream");
-    let planner = plan::Planner::new(&config).map_err(EscalationError::Config)?;
+    let planner = Arc::new(plan::Planner::new(&config).map_err(EscalationError::Config)?);
     let dir = config
         .data_dir
         .as_ref()

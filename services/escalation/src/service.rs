@@ -65,8 +65,13 @@ impl EscalationMetrics {
     }
 }
 
+/// A read-only view of the tracks for queries, updated on every save.
+pub(crate) type SharedTracks =
+    Arc<std::sync::RwLock<std::collections::BTreeMap<Key, crate::track::Track>>>;
+
 pub(crate) struct Service {
-    planner: Planner,
+    planner: Arc<Planner>,
+    pub(crate) shared: SharedTracks,
     tracks: Tracks,
     seq: u64,
     store: Store,
@@ -111,6 +116,13 @@ impl Service {
     fn save(&self, changed: &[Key]) {
         if let Err(e) = self.store.save(&self.tracks, changed, self.seq) {
             tracing::error!(error = %e, "cannot save escalation state; it will be rebuilt from the stream on restart");
+        }
+        let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
+        for k in changed {
+            match self.tracks.map.get(k) {
+                Some(t) => shared.insert(k.clone(), t.clone()),
+                None => shared.remove(k),
+            };
         }
         self.metrics.tracks.set(self.tracks.map.len() as i64);
     }
