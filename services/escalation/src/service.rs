@@ -95,15 +95,17 @@ fn open_store(dir: &Path) -> Result<(Store, Tracks, u64), EscalationError> {
 
 impl Service {
     pub(crate) fn new(
-        planner: Planner,
+        planner: Arc<Planner>,
         dir: &Path,
         js: jetstream::Context,
         clock: Arc<dyn Clock>,
         metrics: &Metrics,
     ) -> Result<Self, EscalationError> {
         let (store, tracks, seq) = open_store(dir)?;
+        let shared: SharedTracks = Arc::new(std::sync::RwLock::new(tracks.map.clone()));
         Ok(Service {
             planner,
+            shared,
             tracks,
             seq,
             store,
