@@ -85,15 +85,99 @@ impl Config {
                 }
                 Service::Ingest => {}
                 Service::Incidents => {
-                    tocsin_incidents::compile(&cfg.incidents)
-                        .map_err(|e| ConfigError::whole_file(path, e.to_string()))?;
+                    if let Err(e) = tocsin_incidents::compile(&cfg.incidents) {
+                        let msg = match e {
+                            tocsin_incidents::IncidentsError::Config(m) => m,
+                            other => other.to_string(),
+                        };
+                        return Err(located(
+                            path,
+                            "incidents",
+                            vec![format!("incidents: {msg}")],
+                        ));
+                    }
                 }
                 Service::Escalation => {
-                    tocsin_escalation::check(&cfg.escalation)
-                        .map_err(|e| ConfigError::whole_file(path, e.to_string()))?;
+                    if let Err(tocsin_escalation::EscalationError::Config(errors)) =
+                        tocsin_escalation::check(&cfg.escalation)
+                    {
+                        let errors = errors
+                            .into_iter()
+                            .map(|e| format!("escalation: {e}"))
+                            .collect();
+                        return Err(located(path, "escalation", errors));
+                    }
                 }
             }
         }
         Ok(cfg)
     }
+}
+
+/// Turns semantic errors (found after parsing, so without a position) into
+/// located ones: each message names the offending value in quotes, and the
+/// first line of the section holding that value is where to look. Several
+/// errors are reported together, one per line.
+fn located(path: &Path, section: &str, messages: Vec<String>) -> ConfigError {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.trim_end() == format!("{section}:"))
+        .unwrap_or(0);
+    let place = |message: &str| -> Option<(usize, usize)> {
+        // Suggestions ("did you mean \"Europe/Berlin\"?") are not the culprit.
+        let head = message.split("did you mean").next().unwrap_or(message);
+        let quoted: Vec<&str> = head
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|q| !q.is_empty())
+            .collect();
+        for needle in quoted.iter().rev() {
+            for (i, line) in lines.iter().enumerate().skip(start) {
+                if let Some(col) = find_token(line, needle) {
+                    return Some((i + 1, col + 1));
+                }
+            }
+        }
+        None
+    };
+    let mut errors: Vec<ConfigError> = messages
+        .iter()
+        .map(|m| {
+            let at = place(m);
+            ConfigError {
+                file: path.to_path_buf(),
+                line: at.map(|a| a.0).or(Some(start + 1)),
+                column: at.map(|a| a.1),
+                message: m.clone(),
+            }
+        })
+        .collect();
+    let mut first = errors.remove(0);
+    for e in errors {
+        first.message.push('\n');
+        first.message.push_str(&e.to_string());
+    }
+    first
+}
+
+/// Where `needle` stands in `line` as a whole YAML value (not inside a longer word).
+fn find_token(line: &str, needle: &str) -> Option<usize> {
+    let code = line.split(" #").next().unwrap_or(line);
+    let mut from = 0;
+    while let Some(i) = code[from..].find(needle) {
+        let at = from + i;
+        let before = code[..at].chars().next_back();
+        let after = code[at + needle.len()..].chars().next();
+        let boundary = |c: Option<char>| {
+            c.is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '-' || c == '.' || c == '/'))
+        };
+        if boundary(before) && boundary(after) {
+            return Some(at);
+        }
+        from = at + needle.len();
+    }
+    None
 }

@@ -120,6 +120,53 @@ fn config_errors_name_file_line_and_reason() {
     assert!(stderr.contains("cannot read config file"), "{stderr}");
 }
 
+#[test]
+fn escalation_mistakes_are_located_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = ("TOCSIN_INGEST_TOKEN", "0123456789abcdef0123");
+    let base = "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\n";
+    // (escalation section, expected line, expected fragments)
+    let cases: &[(&str, usize, &[&str])] = &[
+        (
+            "escalation:\n  route:\n    policy: web-oncall\n  policies:\n    - name: default\n      levels: [{targets: [{user: a}]}]\n  users: [{name: a, email: a@example.com}]\n",
+            7,
+            &["route names policy \"web-oncall\", which is not defined (defined: default)"],
+        ),
+        (
+            "escalation:\n  schedules:\n    - name: primary\n      timezone: Europe/Berln\n      layers: []\n",
+            8,
+            &["Europe/Berln", "did you mean \"Europe/Berlin\""],
+        ),
+        (
+            "escalation:\n  route: {policy: p}\n  policies:\n    - name: p\n      levels:\n        - targets: [{user: ghost}]\n  users: [{name: nobody, email: n@example.com}]\n",
+            10,
+            &["pages user \"ghost\", who is not defined (defined: nobody)"],
+        ),
+        (
+            "escalation:\n  route: {policy: p}\n  policies:\n    - name: p\n      levels:\n        - targets: [{user: mute}]\n  users:\n    - name: mute\n",
+            10,
+            &["pages user \"mute\", who has no contact method; give them an email, phone or slack id"],
+        ),
+    ];
+    for (i, (section, line, fragments)) in cases.iter().enumerate() {
+        let file = write(
+            dir.path(),
+            &format!("esc{i}.yaml"),
+            &format!("{base}{section}"),
+        );
+        let (code, _, stderr) = check_config(&file, &[token]);
+        assert_eq!(code, 2, "case {i}: {stderr}");
+        let place = format!("{}:{line}:", file.display());
+        assert!(
+            stderr.starts_with(&place),
+            "case {i}: expected {place} in {stderr}"
+        );
+        for f in *fragments {
+            assert!(stderr.contains(f), "case {i}: expected {f:?} in {stderr}");
+        }
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
