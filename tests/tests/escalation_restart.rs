@@ -1,0 +1,274 @@
+//! Promise 3, "timers survive": 1,000 incidents with pending escalation
+//! steps; the escalation service is killed (no drain) at arbitrary moments
+//! while the clock advances, and restarted. Afterwards every expected page
+//! was published exactly once, and none for an incident acknowledged before
+//! its step was due.
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use async_nats::{jetstream, HeaderMap};
+use jiff::{SignedDuration, Timestamp};
+use tocsin_escalation::EscalationConfig;
+use tocsin_incidents::clock::ManualClock;
+use tocsin_proto::{
+    codec,
+    incident::{
+        Actor, Cause, EventKind, IncidentEvent, IncidentStatus, IncidentSummary, LogEntry, Severity,
+    },
+    notify::Page,
+    subjects::{headers, STREAM_NOTIFY},
+    Envelope, Labels,
+};
+use tocsin_runtime::{
+    admin::{Health, Metrics},
+    config::ConfigPath,
+    nats::NatsConfig,
+    streams::{ensure_streams, JetStreamConfig},
+    CancellationToken,
+};
+use tocsin_tests::{bus, NatsServer};
+
+const N: u32 = 1_000;
+
+const POLICY: &str = "
+route: {policy: p}
+policies:
+  - name: p
+    levels:
+      - {targets: [{user: a}], delay: 5m}
+      - {targets: [{user: b}], delay: 10m}
+      - {targets: [{user: c}]}
+users:
+  - {name: a, email: a@example.com}
+  - {name: b, email: b@example.com}
+  - {name: c, email: c@example.com}
+";
+
+fn t0() -> Timestamp {
+    "2026-05-04T08:00:00Z".parse().unwrap()
+}
+
+fn summary(i: u32, status: IncidentStatus) -> IncidentSummary {
+    IncidentSummary {
+        id: uuid::Uuid::from_u128(0x1000_0000 + i as u128),
+        number: i as u64 + 1,
+        dedup_key: format!("k{i}"),
+        title: format!("incident {i}"),
+        severity: Severity::Medium,
+        status,
+        labels: Labels::from([("alertname".to_string(), "R".to_string())]),
+        opened_at: t0(),
+        announce_at: t0(),
+        acknowledged_at: None,
+        acknowledged_by: None,
+        resolved_at: None,
+        snoozed_until: None,
+        assignee: None,
+        alerts_firing: 1,
+        alerts_total: 1,
+        reopen_count: 0,
+        suppressed: None,
+    }
+}
+
+async fn publish_event(
+    js: &jetstream::Context,
+    i: u32,
+    kind: EventKind,
+    status: IncidentStatus,
+    at: Timestamp,
+) {
+    let entry = LogEntry::Incident(IncidentEvent {
+        kind,
+        at,
+        actor: Some(Actor::new("test", "test")),
+        cause: Cause::Timer {
+            id: format!("test-{i}-{}", status.as_str()),
+        },
+        incident: summary(i, status),
+    });
+    let mut h = HeaderMap::new();
+    h.insert(headers::MSG_ID, entry.msg_id().as_str());
+    let bytes = codec::encode(&Envelope::new("test", at, entry.clone())).unwrap();
+    js.publish_with_headers(entry.subject(), h, bytes.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+async fn start(
+    url: &str,
+    dir: &std::path::Path,
+    clock: Arc<ManualClock>,
+) -> (tokio::task::JoinHandle<()>, async_nats::Client) {
+    let metrics = Metrics::new();
+    let client = tocsin_runtime::nats::connect(&NatsConfig::for_url(url), "esc-restart", &metrics)
+        .await
+        .unwrap();
+    let js = jetstream::new(client.clone());
+    let mut cfg: EscalationConfig = serde_yaml_ng::from_str(POLICY).unwrap();
+    cfg.data_dir = Some(ConfigPath(dir.to_path_buf()));
+    let handle = tokio::spawn(async move {
+        tocsin_escalation::run(
+            cfg,
+            js,
+            &metrics,
+            &Health::new(),
+            clock,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    });
+    (handle, client)
+}
+
+/// The pages the policy calls for: level 0 at once, level 1 at 5m, level 2
+/// at 15m; incidents acknowledged at 2m get level 0 only, at 7m levels 0-1.
+fn expected() -> BTreeSet<(u32, u32)> {
+    let mut out = BTreeSet::new();
+    for i in 0..N {
+        let levels = match i % 3 {
+            0 => 2,
+            1 => 1,
+            _ => 3,
+        };
+        for l in 0..levels {
+            out.insert((i, l));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_are_exactly_those_due_across_kills_and_restarts() {
+    tocsin_tests::init_logs();
+    let nats = NatsServer::start().await;
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    ensure_streams(&js, &JetStreamConfig::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(t0()));
+    for i in 0..N {
+        publish_event(
+            &js,
+            i,
+            EventKind::Opened {
+                alert: dummy_alert(),
+            },
+            IncidentStatus::Triggered,
+            t0(),
+        )
+        .await;
+    }
+
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let (mut svc, mut conn) = start(&nats.url(), dir.path(), clock.clone()).await;
+    for minute in 0..=20i64 {
+        let now = t0() + SignedDuration::from_mins(minute);
+        // Acknowledgements, published before the clock passes them.
+        for (ack_minute, residue) in [(2, 1), (7, 0)] {
+            if minute == ack_minute {
+                for i in (0..N).filter(|i| i % 3 == residue) {
+                    publish_event(
+                        &js,
+                        i,
+                        EventKind::Acknowledged,
+                        IncidentStatus::Acknowledged,
+                        now,
+                    )
+                    .await;
+                }
+            }
+        }
+        clock.set(now);
+        // The service keeps up with the clock before it moves on (a real
+        // minute is long); kills land mid-firing and are caught up after.
+        let due_so_far = expected_by(minute);
+        if [0, 5, 6, 15, 16].contains(&minute) {
+            // Kill it somewhere in the middle of firing (or just after).
+            tokio::time::sleep(Duration::from_millis(next() % 250)).await;
+            svc.abort();
+            let _ = svc.await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.drain()).await;
+            (svc, conn) = start(&nats.url(), dir.path(), clock.clone()).await;
+        }
+        for _ in 0..1200 {
+            if bus::count(&js, STREAM_NOTIFY).await as usize >= due_so_far {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            bus::count(&js, STREAM_NOTIFY).await as usize >= due_so_far,
+            "minute {minute}: the due pages never came"
+        );
+    }
+
+    let want = expected();
+    for _ in 0..600 {
+        if bus::count(&js, STREAM_NOTIFY).await as usize >= want.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got: Vec<Page> = bus::read_stream::<Page>(&js, STREAM_NOTIFY)
+        .await
+        .into_iter()
+        .map(|m| m.envelope.body)
+        .collect();
+    svc.abort();
+
+    let ids: BTreeSet<&str> = got.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids.len(), got.len(), "a page was published twice");
+    let pages: BTreeSet<(u32, u32)> = got
+        .iter()
+        .map(|p| ((p.incident.number - 1) as u32, p.level))
+        .collect();
+    let missing: Vec<_> = want.difference(&pages).take(10).collect();
+    let extra: Vec<_> = pages.difference(&want).take(10).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?} extra {extra:?} (of {} expected, {} published)",
+        want.len(),
+        got.len()
+    );
+    // Each level fired when it was due (to the minute of the clock).
+    for p in &got {
+        let due = t0() + SignedDuration::from_mins([0, 5, 15][p.level as usize]);
+        assert_eq!(p.due_at, due, "{}", p.id);
+    }
+}
+
+/// How many pages are due by `minute`: level 0 at 0 for all, level 1 at 5
+/// for those not acknowledged at 2, level 2 at 15 for those never acknowledged.
+fn expected_by(minute: i64) -> usize {
+    expected()
+        .iter()
+        .filter(|(_, level)| [0, 5, 15][*level as usize] <= minute)
+        .count()
+}
+
+fn dummy_alert() -> tocsin_proto::incident::AlertInfo {
+    let labels = Labels::from([("alertname".to_string(), "R".to_string())]);
+    tocsin_proto::incident::AlertInfo {
+        fingerprint: tocsin_proto::Fingerprint::from_labels(&labels),
+        status: tocsin_proto::AlertStatus::Firing,
+        labels,
+        annotations: Labels::new(),
+        starts_at: t0(),
+        ends_at: None,
+        generator_url: None,
+        suppressed: None,
+    }
+}
