@@ -227,3 +227,81 @@ async fn high_severity_escalates_faster_and_resolve_ends_it() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     expect_pages(&js, 4).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snooze_pauses_then_resumes_and_escalate_now_skips_the_wait() {
+    let nats = NatsServer::start().await;
+    let mut config = TocsinHarness::config(&nats);
+    config.escalation = serde_yaml_ng::from_str(ESCALATION).unwrap();
+    let tocsin = TocsinHarness::start_with(config).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+    let mins = |m: i64| t0 + SignedDuration::from_mins(m);
+    let n1 = || IncidentRef::Number(1);
+
+    let labels = [("alertname", "QueueLag"), ("severity", "warning")];
+    publish_alert(
+        &js,
+        alert(&labels, &["alertname"], AlertStatus::Firing, t0),
+        t0,
+    )
+    .await;
+    expect_pages(&js, 2).await; // alice: email + slack
+
+    // Snoozed for 30 minutes: level 1, due at 15, does not come.
+    tocsin.clock.set(mins(1));
+    let r = command(
+        &client,
+        &js,
+        "alice",
+        Action::Snooze {
+            incident: n1(),
+            seconds: 1800,
+        },
+        mins(1),
+    )
+    .await;
+    assert!(matches!(r, CommandReply::Accepted { .. }), "{r:?}");
+    tocsin.clock.set(mins(20));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    expect_pages(&js, 2).await;
+
+    // The snooze ends at 31: the current responder is paged again (new page
+    // ids: a new generation), and the levels go on from there.
+    tocsin.clock.set(mins(31));
+    let p = expect_pages(&js, 4).await;
+    assert_eq!(
+        p[2..].iter().map(who).collect::<Vec<_>>(),
+        ["alice/email", "alice/slack"]
+    );
+    assert_ne!(p[2].id, p[0].id);
+
+    // Escalate now: level 1 at once instead of at 46.
+    tocsin.clock.set(mins(32));
+    let r = command(
+        &client,
+        &js,
+        "alice",
+        Action::Escalate {
+            incident: n1(),
+            reason: "need the DB expert".into(),
+        },
+        mins(32),
+    )
+    .await;
+    assert!(matches!(r, CommandReply::Accepted { .. }), "{r:?}");
+    let p = expect_pages(&js, 5).await;
+    assert_eq!(who(&p[4]), "bob/email");
+    assert_eq!(p[4].level, 1);
+    // ...and level 2 follows 15 minutes after that.
+    tocsin.clock.set(mins(46));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    expect_pages(&js, 5).await;
+    tocsin.clock.set(mins(47));
+    let p = expect_pages(&js, 7).await;
+    assert_eq!(
+        p[5..].iter().map(who).collect::<Vec<_>>(),
+        ["lead/email", "lead/slack"]
+    );
+}
