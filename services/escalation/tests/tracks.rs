@@ -1,0 +1,190 @@
+//! The escalation state machine without IO: empty levels skipped at once,
+//! out-of-hours levels, repeats, pending rule steps cancelled by an ack.
+
+use jiff::{SignedDuration, Timestamp};
+use tocsin_escalation::{
+    config::EscalationConfig,
+    plan::Planner,
+    track::{Effect, Tracks},
+};
+use tocsin_proto::{
+    incident::{Cause, EventKind, IncidentEvent, IncidentStatus, IncidentSummary, Severity},
+    notify::Page,
+    AlertStatus, Fingerprint, Labels,
+};
+
+const CONFIG: &str = r##"
+route: {policy: p}
+policies:
+  - name: p
+    repeat: 1
+    levels:
+      - targets: [{schedule: empty}]
+        delay: 10m
+      - targets: [{user: day}]
+        delay: 10m
+        active: {weekdays: [mon, tue, wed, thu, fri], start: "09:00", end: "17:00", timezone: UTC}
+      - targets: [{user: pager}]
+        delay: 20m
+schedules:
+  - {name: empty, timezone: UTC}
+users:
+  - {name: day, email: day@example.com}
+  - name: pager
+    email: pager@example.com
+    phone: "+15555550100"
+    rules:
+      critical: [{channels: [sms]}, {channels: [email], after: 5m}]
+"##;
+
+fn at(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+fn event(kind: EventKind, status: IncidentStatus, t: Timestamp) -> IncidentEvent {
+    let labels = Labels::from([("alertname".to_string(), "X".to_string())]);
+    IncidentEvent {
+        kind,
+        at: t,
+        actor: None,
+        cause: Cause::Timer { id: "t".into() },
+        incident: IncidentSummary {
+            id: uuid::Uuid::from_u128(7),
+            number: 7,
+            dedup_key: "k".into(),
+            title: "x".into(),
+            severity: Severity::Critical,
+            status,
+            labels,
+            opened_at: t,
+            announce_at: t,
+            acknowledged_at: None,
+            acknowledged_by: None,
+            resolved_at: None,
+            snoozed_until: None,
+            assignee: None,
+            alerts_firing: 1,
+            alerts_total: 1,
+            reopen_count: 0,
+            suppressed: None,
+        },
+    }
+}
+
+fn opened(t: Timestamp) -> IncidentEvent {
+    let labels = Labels::from([("alertname".to_string(), "X".to_string())]);
+    event(
+        EventKind::Opened {
+            alert: tocsin_proto::incident::AlertInfo {
+                fingerprint: Fingerprint::from_labels(&labels),
+                status: AlertStatus::Firing,
+                labels,
+                annotations: Labels::new(),
+                starts_at: t,
+                ends_at: None,
+                generator_url: None,
+                suppressed: None,
+            },
+        },
+        IncidentStatus::Triggered,
+        t,
+    )
+}
+
+/// Fires everything due up to `until`, minute by minute; returns
+/// (minute offset from `start`, "level/target/channel") per page.
+fn run(
+    planner: &Planner,
+    tracks: &mut Tracks,
+    start: Timestamp,
+    minutes: i64,
+) -> Vec<(i64, String)> {
+    let mut out = Vec::new();
+    for m in 0..=minutes {
+        let now = start + SignedDuration::from_mins(m);
+        for key in tracks.due(now) {
+            for e in tracks.fire(planner, &key, now) {
+                if let Effect::Page(p) = e {
+                    let Page {
+                        level,
+                        target,
+                        channel,
+                        ..
+                    } = *p;
+                    out.push((m, format!("{level}/{}/{}", target.key(), channel.as_str())));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn empty_levels_are_skipped_at_once_and_out_of_hours_levels_too() {
+    let planner =
+        Planner::new(&serde_yaml_ng::from_str::<EscalationConfig>(CONFIG).unwrap()).unwrap();
+    // Wednesday 10:00 UTC: the empty schedule is skipped at once, so the
+    // day user (in hours) is paged at minute 0, the pager at minute 10.
+    let start = at("2026-01-07T10:00:00Z");
+    let mut tracks = Tracks::default();
+    tracks.on_event(&planner, &opened(start));
+    let pages = run(&planner, &mut tracks, start, 70);
+    let expected: Vec<(i64, String)> = vec![
+        (0, "1/user:day/email".into()),
+        (10, "2/user:pager/sms".into()),
+        (15, "2/user:pager/email".into()), // the pager's rule: email after 5m
+        // repeat round: empty skipped again, day at 30, pager at 40 (+5).
+        (30, "1/user:day/email".into()),
+        (40, "2/user:pager/sms".into()),
+        (45, "2/user:pager/email".into()),
+    ];
+    assert_eq!(pages, expected);
+    assert!(tracks.next_due().is_none(), "exhausted after the repeat");
+
+    // Saturday: the day level is out of hours too, so the pager at once.
+    let saturday = at("2026-01-10T10:00:00Z");
+    let mut tracks = Tracks::default();
+    tracks.on_event(&planner, &opened(saturday));
+    let pages = run(&planner, &mut tracks, saturday, 3);
+    assert_eq!(pages[0], (0, "2/user:pager/sms".to_string()));
+}
+
+#[test]
+fn an_ack_cancels_pending_rule_steps_and_levels() {
+    let planner =
+        Planner::new(&serde_yaml_ng::from_str::<EscalationConfig>(CONFIG).unwrap()).unwrap();
+    let start = at("2026-01-10T10:00:00Z"); // Saturday: straight to the pager
+    let mut tracks = Tracks::default();
+    tracks.on_event(&planner, &opened(start));
+    let first = run(&planner, &mut tracks, start, 2);
+    assert_eq!(first, vec![(0, "2/user:pager/sms".to_string())]);
+    // Acknowledged at minute 3: the email due at 5 and everything after is cancelled.
+    tracks.on_event(
+        &planner,
+        &event(
+            EventKind::Acknowledged,
+            IncidentStatus::Acknowledged,
+            start + SignedDuration::from_mins(3),
+        ),
+    );
+    assert!(tracks.next_due().is_none());
+    assert!(run(
+        &planner,
+        &mut tracks,
+        start + SignedDuration::from_mins(3),
+        120
+    )
+    .is_empty());
+    // Resolved: the track is gone.
+    tracks.on_event(
+        &planner,
+        &event(
+            EventKind::Resolved {
+                reason: tocsin_proto::incident::ResolveReason::Manual,
+            },
+            IncidentStatus::Resolved,
+            start + SignedDuration::from_mins(4),
+        ),
+    );
+    assert!(tracks.map.is_empty());
+}
