@@ -340,9 +340,8 @@ impl Service {
             let mut p = write(&self.proj);
             p.apply(&env.body, ack.sequence);
         }
-        let mut p = write(&self.proj);
-        self.save(&mut p);
-        self.metrics.open.set(p.open_count as i64);
+        // Saved by the caller, once per input, together with the cursor.
+        self.metrics.open.set(read(&self.proj).open_count as i64);
         Ok(n)
     }
 
@@ -508,6 +507,7 @@ impl Service {
         let Some(n) = self.settle(shutdown, None, |d| d.timers(now)).await else {
             return;
         };
+        self.save(&mut write(&self.proj));
         if n > 0 {
             IncidentsEvent::Input {
                 input: "timer",
@@ -552,6 +552,7 @@ impl Service {
                 outcome: "missed",
             }
             .emit(&self.metrics);
+            self.save(&mut write(&self.proj));
         }
     }
 
@@ -605,6 +606,7 @@ impl Service {
         if decided.is_none() {
             return; // shutting down; the command stays un-acked and is redelivered
         }
+        self.save(&mut write(&self.proj));
         let verdict = verdict.into_inner().unwrap_or_else(|e| e.into_inner());
         let incident = cmd
             .action
