@@ -31,7 +31,7 @@
 use std::{collections::BTreeSet, fmt, str::FromStr, time::Duration};
 
 use jiff::{
-    civil::{Date, Time, Weekday},
+    civil::{Date, Time},
     tz::TimeZone,
     Span, Timestamp,
 };
@@ -770,37 +770,7 @@ fn secs_to_time(secs: u32) -> Time {
     Time::new((secs / 3600) as i8, (secs / 60 % 60) as i8, 0, 0).expect("in range")
 }
 
-fn parse_weekday(name: &str) -> Result<Weekday, String> {
-    use Weekday::*;
-    let day = match name.to_ascii_lowercase().as_str() {
-        "mon" | "monday" => Monday,
-        "tue" | "tuesday" => Tuesday,
-        "wed" | "wednesday" => Wednesday,
-        "thu" | "thursday" => Thursday,
-        "fri" | "friday" => Friday,
-        "sat" | "saturday" => Saturday,
-        "sun" | "sunday" => Sunday,
-        _ => {
-            return Err(format!(
-                "weekday {name:?} is not one of mon, tue, wed, thu, fri, sat, sun"
-            ))
-        }
-    };
-    Ok(day)
-}
-
-/// `HH:MM` (two digits each), 00:00 to 24:00, as seconds since midnight.
-/// The same syntax as silence recurrences.
-fn parse_hhmm(s: &str) -> Option<u32> {
-    let b = s.as_bytes();
-    if b.len() != 5 || b[2] != b':' || ![0, 1, 3, 4].iter().all(|&i| b[i].is_ascii_digit()) {
-        return None;
-    }
-    let digit = |i: usize| u32::from(b[i] - b'0');
-    let (h, m) = (digit(0) * 10 + digit(1), digit(3) * 10 + digit(4));
-    let secs = (h * 60 + m) * 60;
-    (m < 60 && secs <= SECS_PER_DAY).then_some(secs)
-}
+use tocsin_incidents::silences::{parse_hhmm, parse_weekday};
 
 /// "... is not a known IANA time zone", with the closest known name when
 /// the mistake looks like a typo.

@@ -43,17 +43,9 @@ impl Store {
         Ok(Store { db, tree })
     }
 
+    /// Removes the store's files (to rebuild from the stream).
     pub fn wipe(dir: &Path) {
-        let r = if dir.is_file() {
-            std::fs::remove_file(dir)
-        } else {
-            std::fs::remove_dir_all(dir)
-        };
-        if let Err(e) = r {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the escalation store");
-            }
-        }
+        tocsin_runtime::config::remove_store(dir);
     }
 
     /// Tracks and the INCIDENTS sequence they reflect.

@@ -91,7 +91,9 @@ impl CompiledRecurrence {
     }
 }
 
-fn parse_weekday(name: &str) -> Result<Weekday, String> {
+/// `mon`..`sun` or `monday`..`sunday`, any case (also used by on-call
+/// schedule restrictions, so both read weekdays the same way).
+pub fn parse_weekday(name: &str) -> Result<Weekday, String> {
     use Weekday::*;
     let day = match name.to_ascii_lowercase().as_str() {
         "mon" | "monday" => Monday,
@@ -103,7 +105,7 @@ fn parse_weekday(name: &str) -> Result<Weekday, String> {
         "sun" | "sunday" => Sunday,
         _ => {
             return Err(format!(
-                "recurrence weekday {name:?} is not one of mon, tue, wed, thu, fri, sat, sun"
+                "weekday {name:?} is not one of mon, tue, wed, thu, fri, sat, sun"
             ))
         }
     };
@@ -112,7 +114,7 @@ fn parse_weekday(name: &str) -> Result<Weekday, String> {
 
 /// `HH:MM` (two digits each, as in Alertmanager's time intervals), 00:00 to
 /// 24:00, as seconds since midnight.
-fn parse_hhmm(s: &str) -> Option<u32> {
+pub fn parse_hhmm(s: &str) -> Option<u32> {
     let b = s.as_bytes();
     if b.len() != 5 || b[2] != b':' || ![0, 1, 3, 4].iter().all(|&i| b[i].is_ascii_digit()) {
         return None;

@@ -54,16 +54,7 @@ impl Store {
 
     /// Removes the store's files (to rebuild from the stream).
     pub fn wipe(dir: &Path) {
-        let removed = if dir.is_file() {
-            std::fs::remove_file(dir)
-        } else {
-            std::fs::remove_dir_all(dir)
-        };
-        if let Err(e) = removed {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the projection store");
-            }
-        }
+        tocsin_runtime::config::remove_store(dir);
     }
 
     /// Loads the projection; an empty store gives an empty projection.
