@@ -184,8 +184,10 @@ async fn sigterm_during_a_burst_keeps_every_acknowledged_alert() {
         dir.path(),
         "tocsin.yaml",
         &format!(
-            "nats:\n  url: {}\ningest:\n  listen: 127.0.0.1:{ingest_port}\n  tokens:\n    - source: burst\n      token: ${{TOCSIN_INGEST_TOKEN}}\n",
-            nats.url()
+            "nats:\n  url: {}\ningest:\n  listen: 127.0.0.1:{ingest_port}\n  tokens:\n    - source: burst\n      token: ${{TOCSIN_INGEST_TOKEN}}\n\
+             incidents:\n  data_dir: {data}/incidents\nescalation:\n  data_dir: {data}/escalation\n",
+            nats.url(),
+            data = dir.path().display()
         ),
     );
     let token = "burst-token-0123456789abcdef";
