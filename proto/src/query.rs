@@ -1,7 +1,9 @@
-//! Queries served by the incidents service over NATS request/reply.
+//! Queries served over NATS request/reply by the incidents service (incidents,
+//! silences) and the escalation service (on call, escalation plans).
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use crate::{
     command::IncidentRef,
@@ -57,4 +59,223 @@ pub enum QueryReply {
     Incidents { incidents: Vec<IncidentSummary> },
     Silences { silences: Vec<Silence> },
     Error { reason: String },
+}
+
+// ---------------------------------------------------------------------------
+// Escalation queries
+// ---------------------------------------------------------------------------
+
+/// `tocsin.query.escalation.oncall`: who is on call for a schedule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnCallQuery {
+    pub schedule: String,
+    /// The instant to ask about. Default: now (the escalation service's clock).
+    #[serde(default)]
+    pub at: Option<Timestamp>,
+}
+
+/// One stretch of a schedule's timeline: `user` is on call from `start`
+/// (inclusive) to `end` (exclusive).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShiftView {
+    pub user: String,
+    pub start: Timestamp,
+    pub end: Timestamp,
+}
+
+/// Who is on call for a schedule at an instant. Also the JSON body of the
+/// escalation service's `GET /oncall/<schedule>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnCallView {
+    pub schedule: String,
+    pub at: Timestamp,
+    /// `None` when nobody is on call at `at`.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The layer that decided; `None` when an override decided (or nobody
+    /// is on call).
+    #[serde(default)]
+    pub layer: Option<String>,
+    /// When the deciding layer's shift (or the override) took over.
+    #[serde(default)]
+    pub shift_start: Option<Timestamp>,
+    /// When this answer (user and layer) next changes.
+    #[serde(default)]
+    pub shift_end: Option<Timestamp>,
+    /// The next few shifts starting after `at`, earliest first.
+    #[serde(default)]
+    pub next: Vec<ShiftView>,
+}
+
+/// The answer to an [`OnCallQuery`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum OnCallReply {
+    OnCall(Box<OnCallView>),
+    /// E.g. an unknown schedule (the reason lists the defined ones).
+    Error {
+        reason: String,
+    },
+}
+
+/// `tocsin.query.escalation.plan`: where an incident's escalation stands and
+/// what comes next.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanQuery {
+    pub incident: Uuid,
+}
+
+/// The state of one incident's escalation under one policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrackStatus {
+    /// A level is due at `next_at`.
+    Pending,
+    /// Acknowledged or snoozed: nothing fires until that ends.
+    Paused,
+    /// Every level and repeat has fired; nobody acknowledged.
+    Exhausted,
+}
+
+/// A level that will fire if nobody acknowledges, as projected from the
+/// current state with the schedules resolved at `at`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpcomingStep {
+    pub level: u32,
+    /// The round, 0 for the first run through the levels.
+    pub repeat: u32,
+    pub at: Timestamp,
+    /// Who it pages, as on the timeline: `alice (on call for primary) via
+    /// sms`, `alice via sms after 300s`.
+    #[serde(default)]
+    pub pages: Vec<String>,
+    /// Set when the level would page nobody, and why; if the policy skips
+    /// empty levels, the next step follows at once.
+    #[serde(default)]
+    pub empty: Option<String>,
+}
+
+/// One incident's escalation under one policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackView {
+    pub policy: String,
+    pub status: TrackStatus,
+    /// The level that fires next (or would, once resumed), in round `repeat`.
+    pub next_level: u32,
+    pub repeat: u32,
+    /// When `next_level` fires; `None` unless pending.
+    #[serde(default)]
+    pub next_at: Option<Timestamp>,
+    /// The levels still to come, this round and the next if the policy
+    /// repeats; capped at 20. Empty unless pending.
+    #[serde(default)]
+    pub upcoming: Vec<UpcomingStep>,
+}
+
+/// The answer to a [`PlanQuery`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum PlanReply {
+    Plan {
+        incident: Uuid,
+        /// One per policy the incident follows (usually one).
+        tracks: Vec<TrackView>,
+    },
+    /// E.g. the incident is not escalating (unknown, resolved, suppressed).
+    Error { reason: String },
+}
+
+/// `tocsin.query.escalation.schedules`: the schedules defined. The request
+/// payload is ignored (send an empty map).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListSchedules {}
+
+/// The answer to [`ListSchedules`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleList {
+    /// Schedule names, sorted.
+    pub schedules: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode};
+
+    #[test]
+    fn escalation_queries_round_trip() {
+        let at: Timestamp = "2026-03-02T07:50:00Z".parse().unwrap();
+        let on_call = OnCallReply::OnCall(Box::new(OnCallView {
+            schedule: "primary".into(),
+            at,
+            user: Some("alice".into()),
+            layer: Some("weekly".into()),
+            shift_start: Some(at),
+            shift_end: Some(at),
+            next: vec![ShiftView {
+                user: "bob".into(),
+                start: at,
+                end: at,
+            }],
+        }));
+        assert_eq!(
+            decode::<OnCallReply>(&encode(&on_call).unwrap()).unwrap(),
+            on_call
+        );
+        let plan = PlanReply::Plan {
+            incident: Uuid::nil(),
+            tracks: vec![TrackView {
+                policy: "default".into(),
+                status: TrackStatus::Pending,
+                next_level: 1,
+                repeat: 0,
+                next_at: Some(at),
+                upcoming: vec![UpcomingStep {
+                    level: 1,
+                    repeat: 0,
+                    at,
+                    pages: vec!["bob via sms".into()],
+                    empty: None,
+                }],
+            }],
+        };
+        assert_eq!(decode::<PlanReply>(&encode(&plan).unwrap()).unwrap(), plan);
+        // The request is an empty map.
+        assert_eq!(
+            decode::<ListSchedules>(&encode(&ListSchedules {}).unwrap()).unwrap(),
+            ListSchedules {}
+        );
+    }
+
+    /// Pins the encoding: if this fails, the wire format changed.
+    #[test]
+    fn on_call_query_golden_bytes() {
+        let q = OnCallQuery {
+            schedule: "p".into(),
+            at: None,
+        };
+        // {"schedule": "p", "at": nil}
+        assert_eq!(
+            encode(&q).unwrap(),
+            [
+                0x82, 0xa8, b's', b'c', b'h', b'e', b'd', b'u', b'l', b'e', 0xa1, b'p', 0xa2, b'a',
+                b't', 0xc0
+            ]
+        );
+        // A query without `at` asks about now.
+        let short = [
+            0x81, 0xa8, b's', b'c', b'h', b'e', b'd', b'u', b'l', b'e', 0xa1, b'p',
+        ];
+        assert_eq!(decode::<OnCallQuery>(&short).unwrap(), q);
+        let reply = OnCallReply::Error { reason: "x".into() };
+        // {"result": "error", "reason": "x"}
+        let mut expected = vec![0x82, 0xa6];
+        expected.extend_from_slice(b"result");
+        expected.push(0xa5);
+        expected.extend_from_slice(b"error");
+        expected.push(0xa6);
+        expected.extend_from_slice(b"reason");
+        expected.extend_from_slice(&[0xa1, b'x']);
+        assert_eq!(encode(&reply).unwrap(), expected);
+    }
 }

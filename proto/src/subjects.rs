@@ -111,8 +111,8 @@ pub fn silence_subject(id: &str, kind: &str) -> String {
 /// Filter for every incident event.
 pub const INCIDENT_EVENTS: &str = "tocsin.incidents.inc.>";
 
-/// Request/reply subjects served by the incidents service (core NATS, not
-/// stored: a query has no effect to keep).
+/// Request/reply subjects served by the incidents and escalation services
+/// (core NATS, not stored: a query has no effect to keep).
 pub mod query {
     /// Get one incident with its timeline.
     pub const GET_INCIDENT: &str = "tocsin.query.incidents.get";
@@ -120,6 +120,13 @@ pub mod query {
     pub const LIST_INCIDENTS: &str = "tocsin.query.incidents.list";
     /// List silences.
     pub const LIST_SILENCES: &str = "tocsin.query.silences.list";
+    /// Who is on call for a schedule ([`crate::query::OnCallQuery`]).
+    pub const ESCALATION_ONCALL: &str = "tocsin.query.escalation.oncall";
+    /// An incident's escalation state and upcoming levels
+    /// ([`crate::query::PlanQuery`]).
+    pub const ESCALATION_PLAN: &str = "tocsin.query.escalation.plan";
+    /// The schedules defined ([`crate::query::ListSchedules`]).
+    pub const ESCALATION_SCHEDULES: &str = "tocsin.query.escalation.schedules";
 }
 
 /// Subject of a dead-lettered message from `stream`: `tocsin.dlq.<stream>`.

@@ -17,6 +17,8 @@ use crate::{NatsServer, TEST_TOKEN};
 pub struct TocsinHarness {
     pub ingest_url: String,
     pub admin_url: String,
+    /// The escalation service's calendar server.
+    pub calendar_url: String,
     pub token: String,
     /// The clock the services' timers run on; tests move it.
     pub clock: ManualClock,
@@ -72,6 +74,8 @@ impl TocsinHarness {
         let ingest = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_url = format!("http://{}", admin.local_addr().unwrap());
         let ingest_url = format!("http://{}", ingest.local_addr().unwrap());
+        let calendar = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let calendar_url = format!("http://{}", calendar.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let options = Options {
             admin_listen: admin.local_addr().unwrap(),
@@ -81,6 +85,7 @@ impl TocsinHarness {
         let listeners = Listeners {
             admin,
             ingest: Some(ingest),
+            calendar: Some(calendar),
         };
         let task = tokio::spawn(app::run(
             config,
@@ -92,6 +97,7 @@ impl TocsinHarness {
         let h = TocsinHarness {
             ingest_url,
             admin_url,
+            calendar_url,
             token: TEST_TOKEN.to_string(),
             clock,
             shutdown,

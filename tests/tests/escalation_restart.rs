@@ -116,6 +116,7 @@ async fn start(
             &metrics,
             &Health::new(),
             clock,
+            None,
             CancellationToken::new(),
         )
         .await

@@ -24,7 +24,13 @@ async fn concurrent_large_webhooks_do_not_starve_each_other() {
                 .map(|n| format!(r#"{{"labels":{{"alertname":"Flood","req":"{r}","n":"{n}"}}}}"#))
                 .collect();
             let body = format!("[{}]", alerts.join(","));
-            let resp = reqwest::Client::new().post(url.as_str()).bearer_auth(token).body(body).send().await.unwrap();
+            let resp = reqwest::Client::new()
+                .post(url.as_str())
+                .bearer_auth(token)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
             (resp.status().as_u16(), resp.text().await.unwrap())
         }));
     }
@@ -33,5 +39,8 @@ async fn concurrent_large_webhooks_do_not_starve_each_other() {
         assert_eq!(status, 200, "{body}");
     }
     let js = async_nats::jetstream::new(nats.client().await);
-    assert_eq!(bus::count(&js, STREAM_ALERTS).await, (requests * per_request) as u64);
+    assert_eq!(
+        bus::count(&js, STREAM_ALERTS).await,
+        (requests * per_request) as u64
+    );
 }

@@ -24,6 +24,10 @@
 //! - [`plan`]: routes, levels, channels, delays (pure).
 //! - [`track`]: the per-incident state machine (pure).
 //! - [`store`]: sled; `service`: the loop.
+//! - `query`: NATS request/reply (`tocsin.query.escalation.*`): who is on
+//!   call, an incident's escalation plan, the schedules.
+//! - `http`: the calendar server (`calendar_listen`): `.ics` feeds and
+//!   `/oncall/<schedule>`.
 #![deny(unreachable_pub)]
 
 pub mod config;
@@ -33,6 +37,8 @@ pub mod schedule;
 pub mod store;
 pub mod track;
 
+mod http;
+mod query;
 mod service;
 
 use std::sync::Arc;
@@ -40,7 +46,8 @@ use std::sync::Arc;
 use async_nats::jetstream;
 use tocsin_incidents::clock::Clock;
 use tocsin_runtime::admin::{Health, Metrics};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
 pub use config::EscalationConfig;
 
@@ -61,13 +68,16 @@ pub fn check(config: &EscalationConfig) -> Result<(), EscalationError> {
         .map_err(EscalationError::Config)
 }
 
-/// Runs the escalation service until `shutdown` is cancelled.
+/// Runs the escalation service until `shutdown` is cancelled, answering
+/// queries and, given a `calendar` listener (bound to `calendar_listen`),
+/// serving the on-call calendars.
 pub async fn run(
     config: EscalationConfig,
     js: jetstream::Context,
     metrics: &Metrics,
     health: &Health,
     clock: Arc<dyn Clock>,
+    calendar: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), EscalationError> {
     health.set_failing("escalation", "catching up with the INCIDENTS stream");
@@ -77,6 +87,50 @@ pub async fn run(
         .as_ref()
         .map(|p| p.0.clone())
         .unwrap_or_else(|| std::path::PathBuf::from(".tocsin/data/escalation"));
-    let svc = service::Service::new(planner, &dir, js, clock, metrics)?;
-    svc.run(health, shutdown).await
+    let client = js.client();
+    let svc = service::Service::new(planner.clone(), &dir, js, clock.clone(), metrics)?;
+    // Subscribed before the service reports ready. NATS may not be up yet
+    // when Tocsin starts: keep trying rather than fail.
+    let mut delay = std::time::Duration::from_millis(100);
+    let subs = loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(2), query::subscribe(&client))
+            .await
+        {
+            Ok(Ok(s)) => break s,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot subscribe to escalation queries yet; retrying")
+            }
+            Err(_) => tracing::debug!("NATS not reachable yet for escalation queries; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(std::time::Duration::from_secs(2));
+    };
+    // Both tasks end with this future, also if it is dropped (an in-process
+    // crash in tests), so no stale responder outlives the service.
+    let queries = AbortOnDropHandle::new(tokio::spawn(query::serve(
+        client,
+        subs,
+        planner.clone(),
+        svc.shared.clone(),
+        clock.clone(),
+        planner.schedule_names(),
+        shutdown.clone(),
+    )));
+    let calendar = calendar.map(|listener| {
+        let (planner, names, stop) = (planner.clone(), planner.schedule_names(), shutdown.clone());
+        AbortOnDropHandle::new(tokio::spawn(async move {
+            if let Err(e) = http::serve(listener, planner, clock, names, stop).await {
+                tracing::error!(error = %e, "the on-call calendar server stopped");
+            }
+        }))
+    });
+    let result = svc.run(health, shutdown).await;
+    let _ = queries.await;
+    if let Some(c) = calendar {
+        let _ = c.await;
+    }
+    result
 }

@@ -252,6 +252,11 @@ impl Planner {
         self.schedules.get(name)
     }
 
+    /// Every schedule's name, sorted.
+    pub fn schedule_names(&self) -> Vec<String> {
+        self.schedules.keys().cloned().collect()
+    }
+
     pub fn levels(&self, policy: &str) -> usize {
         self.policies.get(policy).map_or(0, |p| p.levels.len())
     }

@@ -123,7 +123,10 @@ impl Publisher {
         alert: Alert,
     ) -> Result<jetstream::context::PublishAckFuture, PublishError> {
         let subject = alert_subject(
-            alert.origin.kind.unwrap_or(tocsin_proto::SourceKind::Generic),
+            alert
+                .origin
+                .kind
+                .unwrap_or(tocsin_proto::SourceKind::Generic),
             &alert.fingerprint,
         );
         let msg_id = alert.msg_id();

@@ -33,6 +33,8 @@ pub struct Options {
 pub struct Listeners {
     pub admin: TcpListener,
     pub ingest: Option<TcpListener>,
+    /// The escalation service's calendar server (`escalation.calendar_listen`).
+    pub calendar: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -54,7 +56,22 @@ impl Listeners {
                     .with_context(|| format!("ingest cannot listen on {addr}"))?,
             );
         }
-        Ok(Listeners { admin, ingest })
+        let mut calendar = None;
+        if let (true, Some(addr)) = (
+            services.contains(&Service::Escalation),
+            config.escalation.calendar_listen,
+        ) {
+            calendar = Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("escalation cannot serve calendars on {addr}"))?,
+            );
+        }
+        Ok(Listeners {
+            admin,
+            ingest,
+            calendar,
+        })
     }
 }
 
@@ -101,19 +118,23 @@ pub async fn run(
     }
 
     let mut ingest_listener = listeners.ingest;
+    let mut calendar_listener = listeners.calendar;
     for service in services {
         match service {
             Service::Escalation => {
-                let (cfg, js, metrics, health, clock, stop) = (
+                let (cfg, js, metrics, health, clock, calendar, stop) = (
                     config.escalation.clone(),
                     js.clone(),
                     metrics.clone(),
                     health.clone(),
                     options.clock.clone(),
+                    calendar_listener.take(),
                     shutdown.clone(),
                 );
                 tasks.spawn(async move {
-                    let r = tocsin_escalation::run(cfg, js, &metrics, &health, clock, stop).await;
+                    let r =
+                        tocsin_escalation::run(cfg, js, &metrics, &health, clock, calendar, stop)
+                            .await;
                     ("escalation", r.map_err(anyhow::Error::from))
                 });
             }

@@ -57,10 +57,44 @@
 //!
 //! It exits non-zero if publishing failed, the service failed or the
 //! sentinel or the end marker was never processed.
+//!
+//! ```text
+//! cargo run --release -p tocsin-tests --bin bench -- escalation
+//! ```
+//!
+//! `escalation` measures the escalation service alone with `--incidents`
+//! pending timers: started in-process (`tocsin_escalation::run`, its own NATS
+//! connection, a sled data dir in a temp dir, a `ManualClock`) on the same
+//! kind of private nats-server (or `--nats-url`). The policy has two levels,
+//! `{user: a}` then `{user: b}` (email only, so one page per level); incident
+//! `i` is announced `i mod --bursts` minutes after t0, so the level-1 steps
+//! come due in `--bursts` bursts, one a clock minute.
+//!
+//! - **load**: INCIDENTS is pre-loaded with one synthetic `Opened` entry per
+//!   incident (not timed); the service starts on an empty store with the
+//!   clock where every level 0 is due: time to ready (caught up), then until
+//!   every level-0 page is out. Every incident then has its level-1 step
+//!   pending: memory (this process, and the private nats-server) and the
+//!   store's size on disk.
+//! - **restart**: a clean stop; while it is down one incident in
+//!   [`ACK_EVERY`] of each burst is acknowledged; then a cold rebuild (an
+//!   empty data dir, tracks rebuilt from INCIDENTS, on a clock where nothing
+//!   is due, stopped once ready) and a warm restart on the saved store, each
+//!   timed from start to ready (the service's health check `escalation`).
+//! - **bursts**: the restarted service's clock is set to each burst's due
+//!   time in turn; a page's lateness is the real time from setting the clock
+//!   to receiving the page (core NATS subscription on `tocsin.notify.>`):
+//!   p50/p99/max over all pages, and per burst until its last page, with
+//!   pages/s. Also the service's own `tocsin_escalation_timer_lateness_seconds`,
+//!   which measures on the service's clock.
+//!
+//! It exits non-zero if the service failed, a page did not come, or a page
+//! came that should not have (for an acknowledged incident, or twice).
 
 use std::{
     collections::HashMap,
     future::IntoFuture,
+    path::Path,
     process::ExitCode,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -83,13 +117,24 @@ use tocsin::{
     app,
     config::{Config, Service},
 };
-use tocsin_incidents::{clock::SystemClock, IncidentsConfig};
+use tocsin_escalation::EscalationConfig;
+use tocsin_incidents::{
+    clock::{ManualClock, SystemClock},
+    IncidentsConfig,
+};
 use tocsin_proto::{
     codec::{self, decode_envelope},
-    incident::{Cause, IncidentSummary, LogEntry},
+    incident::{
+        Actor, AlertInfo, Cause, EventKind, IncidentEvent, IncidentStatus, IncidentSummary,
+        LogEntry, Severity,
+    },
+    notify::Page,
     query::{ListIncidents, QueryReply},
     silence::{MatchOp, Matcher},
-    subjects::{alert_subject, headers, query, INCIDENT_EVENTS, STREAM_ALERTS, STREAM_INCIDENTS},
+    subjects::{
+        alert_subject, headers, query, INCIDENT_EVENTS, NOTIFY_SUBJECTS, STREAM_ALERTS,
+        STREAM_COMMANDS, STREAM_INCIDENTS, STREAM_NOTIFY,
+    },
     Alert, AlertStatus, Envelope, Fingerprint, Labels, SourceKind, Timestamp, SCHEMA_VERSION,
 };
 use tocsin_runtime::{
@@ -124,6 +169,9 @@ enum Command {
     /// Alerts/s through the incidents service from a pre-loaded ALERTS
     /// stream, then alert-to-event latency at a steady rate, and memory.
     Incidents(IncidentsArgs),
+    /// Pending escalation timers: memory, restart-to-caught-up time, and
+    /// lateness of firing when they come due in bursts.
+    Escalation(EscalationArgs),
 }
 
 #[derive(Args, Debug)]
@@ -175,11 +223,28 @@ struct IncidentsArgs {
     nats_url: Option<String>,
 }
 
+#[derive(Args, Debug)]
+struct EscalationArgs {
+    /// Incidents opened; once level 0 has paged, each has its level-1 step
+    /// pending.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
+    incidents: u32,
+    /// Bursts the level-1 steps come due in, a clock minute apart (incident
+    /// i is announced i mod bursts minutes after the first).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    bursts: u32,
+    /// Use this NATS server (JetStream enabled, no auth, no Tocsin running
+    /// on it) instead of starting a private one.
+    #[arg(long)]
+    nats_url: Option<String>,
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Ingest(args) => ingest(args).await,
         Command::Incidents(args) => incidents(args).await,
+        Command::Escalation(args) => escalation(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -473,6 +538,7 @@ impl Tocsin {
         let listeners = app::Listeners {
             admin,
             ingest: Some(ingest),
+            calendar: None,
         };
         let task = tokio::spawn(app::run(
             config,
@@ -1269,6 +1335,803 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
     drop(data_dir);
     drop(private);
     Ok(())
+}
+
+/// The escalation bench's clock origin: level 0 of the first burst is due
+/// here.
+const ESC_T0: &str = "2026-05-04T08:00:00Z";
+
+/// One incident in this many of each burst is acknowledged while the
+/// service is down (restart phase), so it must not page at level 1.
+const ACK_EVERY: u32 = 100;
+
+/// How long the escalation service may take to be ready, to fire level 0
+/// for every incident, or to fire one burst.
+const ESC_LIMIT: Duration = Duration::from_secs(900);
+
+async fn escalation(args: EscalationArgs) -> anyhow::Result<()> {
+    let run_started = Instant::now();
+    let n = args.incidents;
+    let bursts = args.bursts;
+    if bursts > n {
+        bail!("--bursts ({bursts}) must not exceed --incidents ({n})");
+    }
+    // Level 1 comes due `delay` after each announce; the load phase's clock
+    // (the last announce) must stay before the first of them.
+    let delay_min = i64::from(bursts.max(10));
+
+    // NATS: private (like the tests) or the one given.
+    tocsin_tests::init_logs();
+    let private = match &args.nats_url {
+        Some(_) => None,
+        None => Some(NatsServer::start().await),
+    };
+    let nats_url = match (&private, &args.nats_url) {
+        (Some(nats), _) => nats.url(),
+        (None, Some(url)) => url.clone(),
+        (None, None) => unreachable!("a private server is started when no URL is given"),
+    };
+    // The bench's own client: publishes, stream info, the page subscription.
+    let client = async_nats::connect(&nats_url)
+        .await
+        .with_context(|| format!("cannot connect to {nats_url}"))?;
+    let js = jetstream::new(client.clone());
+    let js_config = JetStreamConfig::default();
+    ensure_streams(&js, &js_config)
+        .await
+        .context("cannot set up the streams")?;
+    let server_version = client.server_info().version;
+    let nats_pid = private.as_ref().and_then(nats_server_pid);
+
+    let nonce = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    let t0: Timestamp = ESC_T0.parse().context("t0")?;
+    let gen = EscalationGen { nonce, t0, bursts };
+    let acked: Vec<u32> = (0..n).filter(|i| gen.acked(*i)).collect();
+    let mut expected_per_burst = vec![0usize; bursts as usize];
+    for i in (0..n).filter(|i| !gen.acked(*i)) {
+        expected_per_burst[gen.burst(i) as usize] += 1;
+    }
+    let level0_clock = t0 + SignedDuration::from_mins(i64::from(bursts - 1));
+    let burst_due = |k: u32| t0 + SignedDuration::from_mins(delay_min + i64::from(k));
+
+    println!(
+        "tocsin bench escalation: {n} incidents, level-1 steps due in {bursts} bursts of ~{} \
+         one clock minute apart; {} acknowledged while the service is down",
+        n.div_ceil(bursts),
+        acked.len(),
+    );
+    println!(
+        "machine: {} CPUs (available_parallelism); nats-server {}{}",
+        std::thread::available_parallelism()
+            .map(|n| n.get().to_string())
+            .unwrap_or_else(|_| "?".into()),
+        if server_version.is_empty() {
+            "version unknown".to_string()
+        } else {
+            format!("v{server_version}")
+        },
+        if private.is_some() {
+            " (private: JetStream file store in a temp dir, sync_interval: always)".to_string()
+        } else {
+            format!(" at {nats_url}")
+        },
+    );
+    println!(
+        "service: escalation alone, in-process, its own NATS connection, a sled data dir in a temp dir, \
+         a ManualClock (set by the bench; pages carry clock time)"
+    );
+    println!(
+        "policy: level 0 {{user: a}}, after {delay_min}m level 1 {{user: b}}, no repeat; severity medium, \
+         users with an email only: one page (and one COMMANDS record) per level"
+    );
+    println!(
+        "incidents: synthetic INCIDENTS Opened entries, incident i announced at t0 + (i mod {bursts})m \
+         (t0 = {t0}); level 1 of burst k due at t0 + {delay_min}m + k m"
+    );
+    println!();
+
+    let notify_before = stream_state(&js, STREAM_NOTIFY).await?.messages;
+    let commands_before = stream_state(&js, STREAM_COMMANDS).await?.messages;
+
+    // Load, not timed: one Opened entry per incident, chunks of publishes
+    // then their acks.
+    let preload_started = Instant::now();
+    let mut entries = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let at = gen.announce_at(i);
+        entries.push(gen.entry(
+            i,
+            EventKind::Opened {
+                alert: gen.alert(i),
+            },
+            IncidentStatus::Triggered,
+            at,
+        )?);
+    }
+    publish_pipelined(&js, entries, "Opened entry").await?;
+    let preload_elapsed = preload_started.elapsed();
+    let mem_base = Memory::read(None);
+    let nats_base = nats_pid.and_then(|p| Memory::read(Some(p)));
+
+    // Phase 1: a first start on an empty store, the clock where every level
+    // 0 is due.
+    let data_dir = tempfile::Builder::new()
+        .prefix("tocsin-bench-escalation-")
+        .tempdir()
+        .context("temp dir")?;
+    let clock = Arc::new(ManualClock::new(level0_clock));
+    let config = escalation_config(data_dir.path(), delay_min)?;
+    let mut svc = EscalationService::start(&nats_url, &js_config, config, clock.clone());
+    let ready1 = svc.wait_ready(ESC_LIMIT).await?;
+    let paged1 = svc.wait_pages(u64::from(n), ESC_LIMIT).await?;
+    let firing1 = paged1 - ready1;
+    let tracks1 = svc.gauge("tocsin_escalation_tracks");
+    let mem1 = Memory::read(None);
+    let nats1 = nats_pid.and_then(|p| Memory::read(Some(p)));
+    let store1 = dir_size(data_dir.path());
+    let notify1 = stream_state(&js, STREAM_NOTIFY).await?.messages;
+
+    println!(
+        "phase 1, load: {n} incidents, then level 0 pages each one and its level 1 is pending"
+    );
+    println!(
+        "  pre-load (not timed): {n} Opened entries on {STREAM_INCIDENTS} in {:.1}s ({:.0} entries/s)",
+        preload_elapsed.as_secs_f64(),
+        f64::from(n) / preload_elapsed.as_secs_f64(),
+    );
+    println!(
+        "  first start, empty store: ready (caught up with {n} entries) after {:.2}s",
+        ready1.as_secs_f64(),
+    );
+    println!(
+        "  level 0, all due at once (clock at t0 + {}m): {n} pages in {:.2}s after ready ({:.0} pages/s)",
+        bursts - 1,
+        firing1.as_secs_f64(),
+        f64::from(n) / firing1.as_secs_f64(),
+    );
+    println!(
+        "  pending: {} tracks (tocsin_escalation_tracks); {STREAM_NOTIFY}: +{} messages; \
+         sled store {:.1} MiB on disk",
+        tracks1.map_or("?".into(), |t| format!("{t:.0}")),
+        notify1.saturating_sub(notify_before),
+        store1 as f64 / (1024.0 * 1024.0),
+    );
+    println!();
+
+    // Phase 2: restarts. A clean stop, acknowledgements while it is down.
+    let stop1 = svc.stop().await?;
+    let mem_stopped = Memory::read(None);
+    let nats_stopped = nats_pid.and_then(|p| Memory::read(Some(p)));
+    let mut ack_entries = Vec::with_capacity(acked.len());
+    for &i in &acked {
+        ack_entries.push(gen.entry(
+            i,
+            EventKind::Acknowledged,
+            IncidentStatus::Acknowledged,
+            level0_clock,
+        )?);
+    }
+    publish_pipelined(&js, ack_entries, "Acknowledged entry").await?;
+
+    // Every page from here on, seen as it is published.
+    let mut sub = client
+        .subscribe(NOTIFY_SUBJECTS)
+        .await
+        .context("cannot subscribe to NOTIFY subjects")?;
+    client.flush().await.context("flush")?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Option<Page>)>();
+    let receiver = tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let received = Instant::now();
+            let page = decode_envelope::<Page>(&msg.payload).ok().map(|e| e.body);
+            if tx.send((received, page)).is_err() {
+                break;
+            }
+        }
+    });
+
+    // Cold rebuild: an empty data dir, on a clock before anything is due
+    // (a rebuilt track has forgotten that level 0 fired).
+    let cold_dir = tempfile::Builder::new()
+        .prefix("tocsin-bench-escalation-cold-")
+        .tempdir()
+        .context("temp dir")?;
+    let cold_clock = Arc::new(ManualClock::new(t0 - SignedDuration::from_hours(1)));
+    let mut cold = EscalationService::start(
+        &nats_url,
+        &js_config,
+        escalation_config(cold_dir.path(), delay_min)?,
+        cold_clock,
+    );
+    let cold_ready = cold.wait_ready(ESC_LIMIT).await?;
+    let cold_tracks = cold.gauge("tocsin_escalation_tracks");
+    let mem_cold = Memory::read(None);
+    let nats_cold = nats_pid.and_then(|p| Memory::read(Some(p)));
+    let cold_stop = cold.stop().await?;
+    drop(cold_dir);
+
+    // Warm restart on the saved store, for phase 3.
+    let mut svc = EscalationService::start(
+        &nats_url,
+        &js_config,
+        escalation_config(data_dir.path(), delay_min)?,
+        clock.clone(),
+    );
+    let warm_ready = svc.wait_ready(ESC_LIMIT).await?;
+    let warm_tracks = svc.gauge("tocsin_escalation_tracks");
+    let mem2 = Memory::read(None);
+    let nats2 = nats_pid.and_then(|p| Memory::read(Some(p)));
+
+    println!("phase 2, restart: from starting the service to ready (health check `escalation` ok: caught up with {STREAM_INCIDENTS})");
+    println!(
+        "  clean stop of the phase-1 service (cancel, then its store flush): {:.2}s",
+        stop1.as_secs_f64()
+    );
+    println!(
+        "  while down: {} Acknowledged entries on {STREAM_INCIDENTS}",
+        acked.len()
+    );
+    println!(
+        "  cold rebuild (empty data dir, {} entries to apply): ready after {:.2}s, {} tracks; clean stop {:.2}s",
+        u64::from(n) + acked.len() as u64,
+        cold_ready.as_secs_f64(),
+        cold_tracks.map_or("?".into(), |t| format!("{t:.0}")),
+        cold_stop.as_secs_f64(),
+    );
+    println!(
+        "  warm restart (saved store: {} tracks to load, {} entries to apply): ready after {:.2}s, {} tracks",
+        tracks1.map_or("?".into(), |t| format!("{t:.0}")),
+        acked.len(),
+        warm_ready.as_secs_f64(),
+        warm_tracks.map_or("?".into(), |t| format!("{t:.0}")),
+    );
+    println!();
+
+    // Phase 3: the bursts, one clock minute at a time.
+    let mut failures: Vec<String> = Vec::new();
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut unexpected = 0usize;
+    let mut duplicates = 0usize;
+    let mut acked_paged = 0usize;
+    let mut undecodable = 0usize;
+    // Whatever the restarts published (nothing is due for them).
+    while let Ok((_, page)) = rx.try_recv() {
+        match page {
+            Some(_) => unexpected += 1,
+            None => undecodable += 1,
+        }
+    }
+    if unexpected > 0 {
+        failures.push(format!(
+            "{unexpected} pages published during the restarts, when nothing was due"
+        ));
+    }
+    println!(
+        "phase 3, bursts: the clock is set to each burst's due time once the previous burst's pages are all in; \
+         lateness = real time from setting the clock to receiving the page"
+    );
+    println!(
+        "{:>5}  {:>7} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "burst", "clock", "pages", "first", "p50", "p99", "last", "pages/s"
+    );
+    let mut lateness = Vec::with_capacity(n as usize);
+    let mut drains = Vec::with_capacity(bursts as usize);
+    let phase3_started = Instant::now();
+    for k in 0..bursts {
+        let due = burst_due(k);
+        let expected = expected_per_burst[k as usize];
+        let mut burst = Vec::with_capacity(expected);
+        let set_at = Instant::now();
+        clock.set(due);
+        let deadline = tokio::time::Instant::now() + ESC_LIMIT;
+        while burst.len() < expected {
+            let (received, page) = match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(x)) => x,
+                Ok(None) => bail!("the NOTIFY subscription ended"),
+                Err(_) => bail!(
+                    "burst {k}: {} of {expected} pages within {ESC_LIMIT:?}",
+                    burst.len()
+                ),
+            };
+            let Some(page) = page else {
+                undecodable += 1;
+                continue;
+            };
+            if !seen.insert(page.id.clone()) {
+                duplicates += 1;
+                continue;
+            }
+            match gen.index(&page.incident.id) {
+                Some(i) if page.level == 1 && page.due_at == due => {
+                    if gen.acked(i) {
+                        acked_paged += 1;
+                    } else {
+                        burst.push(received - set_at);
+                    }
+                }
+                _ => unexpected += 1,
+            }
+            if svc.task.is_finished() {
+                return Err(svc.failure().await);
+            }
+        }
+        burst.sort_unstable();
+        let last = burst.last().copied().unwrap_or_default();
+        println!(
+            "{:>5}  {:>7} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9.0}",
+            k + 1,
+            format!("+{}m", delay_min + i64::from(k)),
+            burst.len(),
+            ms(burst.first().copied()),
+            ms(percentile(&burst, 0.50)),
+            ms(percentile(&burst, 0.99)),
+            ms(Some(last)),
+            burst.len() as f64 / last.as_secs_f64(),
+        );
+        drains.push(last);
+        lateness.extend(burst);
+    }
+    let phase3_elapsed = phase3_started.elapsed();
+    // Stragglers: nothing else is due.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while let Ok((_, page)) = rx.try_recv() {
+        match page {
+            Some(p) if !seen.insert(p.id.clone()) => duplicates += 1,
+            Some(p) if gen.index(&p.incident.id).is_some_and(|i| gen.acked(i)) => acked_paged += 1,
+            Some(_) => unexpected += 1,
+            None => undecodable += 1,
+        }
+    }
+    receiver.abort();
+    lateness.sort_unstable();
+    let total_pages = lateness.len();
+    let lateness_sum = svc.gauge("tocsin_escalation_timer_lateness_seconds_sum");
+    let lateness_count = svc.gauge("tocsin_escalation_timer_lateness_seconds_count");
+    let tracks3 = svc.gauge("tocsin_escalation_tracks");
+    let mem3 = Memory::read(None);
+    let nats3 = nats_pid.and_then(|p| Memory::read(Some(p)));
+    let notify3 = stream_state(&js, STREAM_NOTIFY).await?.messages;
+    let commands3 = stream_state(&js, STREAM_COMMANDS).await?.messages;
+
+    println!(
+        "  all bursts: {total_pages} pages in {:.2}s; lateness p50 {}, p99 {}, max {}",
+        phase3_elapsed.as_secs_f64(),
+        ms(percentile(&lateness, 0.50)),
+        ms(percentile(&lateness, 0.99)),
+        ms(lateness.last().copied()),
+    );
+    drains.sort_unstable();
+    println!(
+        "  per-burst drain (clock set to last page): median {}, max {}; {:.0} pages/s overall",
+        ms(percentile(&drains, 0.50)),
+        ms(drains.last().copied()),
+        total_pages as f64 / drains.iter().sum::<Duration>().as_secs_f64(),
+    );
+    match (lateness_sum, lateness_count) {
+        (Some(sum), Some(count)) if count > 0.0 => println!(
+            "  service's tocsin_escalation_timer_lateness_seconds: {count:.0} steps, mean {:.3}s \
+             (on its clock: the ManualClock reads exactly the due time while a burst fires, so 0 here \
+             is expected; it cannot see real-time lateness)",
+            sum / count
+        ),
+        _ => println!("  service's tocsin_escalation_timer_lateness_seconds: no observations"),
+    }
+    println!(
+        "  no page for the {} acknowledged incidents: {}; duplicates {duplicates}; unexpected {unexpected}; undecodable {undecodable}",
+        acked.len(),
+        if acked_paged == 0 {
+            "none came".to_string()
+        } else {
+            format!("{acked_paged} CAME")
+        },
+    );
+    println!(
+        "  tracks left {} (stopped: every level done or acknowledged); {STREAM_NOTIFY} +{} messages, \
+         {STREAM_COMMANDS} +{} (expected +{} each)",
+        tracks3.map_or("?".into(), |t| format!("{t:.0}")),
+        notify3.saturating_sub(notify_before),
+        commands3.saturating_sub(commands_before),
+        2 * u64::from(n) - acked.len() as u64,
+    );
+    println!();
+
+    println!(
+        "memory: VmRSS / VmHWM (peak) of this bench process, which is the escalation service \
+         (in-process), its NATS client, and the bench's own client and bookkeeping; growth is VmRSS over before the service"
+    );
+    println!(
+        "{:<34} {:>24} {:>12} {:>24}",
+        "",
+        "bench process",
+        "growth",
+        match (nats_pid, nats_base) {
+            (Some(pid), Some(_)) => format!("nats-server (pid {pid})"),
+            _ => "nats-server".to_string(),
+        }
+    );
+    for (label, mem, nats) in [
+        ("before the service", mem_base, nats_base),
+        ("phase 1: tracks pending", mem1, nats1),
+        ("phase 1 service stopped", mem_stopped, nats_stopped),
+        ("cold rebuild ready", mem_cold, nats_cold),
+        ("warm restart ready", mem2, nats2),
+        ("after phase 3", mem3, nats3),
+    ] {
+        let growth = match (mem, mem_base) {
+            (Some(m), Some(b)) if label != "before the service" => {
+                format!("{:+.1} MiB", (m.rss_kib as f64 - b.rss_kib as f64) / 1024.0)
+            }
+            _ => String::new(),
+        };
+        println!(
+            "{label:<34} {:>24} {growth:>12} {:>24}",
+            mem.map(Memory::describe).unwrap_or_else(|| "-".into()),
+            nats.map(Memory::describe).unwrap_or_else(|| "-".into()),
+        );
+    }
+    if nats_base.is_none() {
+        println!(
+            "(nats-server's memory is not shown: {})",
+            if private.is_some() {
+                "its pid or /proc/<pid>/status could not be read"
+            } else {
+                "it is not a private server of this run"
+            }
+        );
+    }
+    println!(
+        "(one service at a time; memory a stopped one freed is not necessarily returned to the OS)"
+    );
+
+    let stop3 = svc.stop().await?;
+    println!();
+    println!(
+        "clean stop of the restarted service: {:.2}s; whole run {:.0}s",
+        stop3.as_secs_f64(),
+        run_started.elapsed().as_secs_f64()
+    );
+
+    if acked_paged > 0 {
+        failures.push(format!("{acked_paged} pages for acknowledged incidents"));
+    }
+    if duplicates > 0 {
+        failures.push(format!("{duplicates} pages published twice"));
+    }
+    if unexpected > 0 {
+        failures.push(format!("{unexpected} pages that were not due"));
+    }
+    drop(client);
+    drop(data_dir);
+    drop(private);
+    if !failures.is_empty() {
+        for f in &failures {
+            eprintln!("{f}");
+        }
+        bail!("the benchmark had failures; its figures are not valid");
+    }
+    Ok(())
+}
+
+/// The escalation bench's config: two levels, email-only users.
+fn escalation_config(dir: &Path, delay_min: i64) -> anyhow::Result<EscalationConfig> {
+    let mut config: EscalationConfig = serde_json::from_value(json!({
+        "route": {"policy": "bench"},
+        "policies": [{
+            "name": "bench",
+            "levels": [
+                {"targets": [{"user": "a"}], "delay": format!("{delay_min}m")},
+                {"targets": [{"user": "b"}]},
+            ],
+        }],
+        "users": [
+            {"name": "a", "email": "a@example.com"},
+            {"name": "b", "email": "b@example.com"},
+        ],
+    }))
+    .context("the bench's escalation config")?;
+    config.data_dir = Some(ConfigPath(dir.to_path_buf()));
+    tocsin_escalation::check(&config)?;
+    Ok(config)
+}
+
+/// The escalation service running in this process, on its own connection.
+struct EscalationService {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    health: Health,
+    metrics: Metrics,
+    started: Instant,
+}
+
+impl EscalationService {
+    fn start(
+        url: &str,
+        js_config: &JetStreamConfig,
+        config: EscalationConfig,
+        clock: Arc<ManualClock>,
+    ) -> Self {
+        let (metrics, health, stop) = (Metrics::new(), Health::new(), CancellationToken::new());
+        let started = Instant::now();
+        let task = {
+            let (url, js_config, metrics, health, stop) = (
+                url.to_string(),
+                js_config.clone(),
+                metrics.clone(),
+                health.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let client = tocsin_runtime::nats::connect(
+                    &NatsConfig::for_url(url),
+                    "tocsin-escalation",
+                    &metrics,
+                )
+                .await?;
+                let js = js_config.context(client);
+                tocsin_escalation::run(config, js, &metrics, &health, clock, None, stop).await?;
+                anyhow::Ok(())
+            })
+        };
+        EscalationService {
+            stop,
+            task,
+            health,
+            metrics,
+            started,
+        }
+    }
+
+    /// Why the service's task ended (it is finished).
+    async fn failure(&mut self) -> anyhow::Error {
+        match (&mut self.task).await {
+            Ok(Ok(())) => anyhow::anyhow!("the escalation service stopped"),
+            Ok(Err(e)) => e.context("the escalation service failed"),
+            Err(e) => anyhow::anyhow!("the escalation service task failed: {e}"),
+        }
+    }
+
+    /// Time from start until health says ready (caught up with INCIDENTS).
+    async fn wait_ready(&mut self, within: Duration) -> anyhow::Result<Duration> {
+        let mut progress_at = Instant::now() + PROGRESS_EVERY;
+        loop {
+            if self.health.is_ready() {
+                return Ok(self.started.elapsed());
+            }
+            if self.task.is_finished() {
+                return Err(self.failure().await);
+            }
+            let now = Instant::now();
+            if now - self.started > within {
+                bail!("the escalation service was not ready within {within:?}");
+            }
+            if now >= progress_at {
+                eprintln!(
+                    "  ... {:.0}s: catching up with {STREAM_INCIDENTS}",
+                    (now - self.started).as_secs_f64()
+                );
+                progress_at += PROGRESS_EVERY;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Time from start until the service has published `pages` pages.
+    async fn wait_pages(&mut self, pages: u64, within: Duration) -> anyhow::Result<Duration> {
+        let mut progress_at = Instant::now() + PROGRESS_EVERY;
+        loop {
+            let sent = self.pages();
+            if sent >= pages {
+                return Ok(self.started.elapsed());
+            }
+            if self.task.is_finished() {
+                return Err(self.failure().await);
+            }
+            let now = Instant::now();
+            if now - self.started > within {
+                bail!("{sent} of {pages} pages within {within:?}");
+            }
+            if now >= progress_at {
+                eprintln!(
+                    "  ... {:.0}s: {sent} of {pages} pages",
+                    (now - self.started).as_secs_f64()
+                );
+                progress_at += PROGRESS_EVERY;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Pages stored on NOTIFY (not duplicates), by the service's metric.
+    fn pages(&self) -> u64 {
+        counter_samples(&self.metrics, "tocsin_escalation_pages_total")
+            .iter()
+            .map(|(_, v)| *v as u64)
+            .sum()
+    }
+
+    /// An unlabelled sample (gauge, histogram sum or count) of the service.
+    fn gauge(&self, name: &str) -> Option<f64> {
+        counter_samples(&self.metrics, name)
+            .into_iter()
+            .find(|(labels, _)| labels.is_empty())
+            .map(|(_, v)| v)
+    }
+
+    /// A clean stop (cancel, await); how long it took.
+    async fn stop(self) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        self.stop.cancel();
+        match tokio::time::timeout(Duration::from_secs(60), self.task).await {
+            Ok(joined) => joined
+                .context("escalation service task")?
+                .context("the escalation service failed")?,
+            Err(_) => bail!("the escalation service did not stop within 60s"),
+        }
+        Ok(t.elapsed())
+    }
+}
+
+/// The escalation bench's synthetic incidents: incident `i` has an id made
+/// of the run's nonce and `i`, and is announced `i mod bursts` minutes
+/// after t0.
+struct EscalationGen {
+    nonce: u64,
+    t0: Timestamp,
+    bursts: u32,
+}
+
+impl EscalationGen {
+    fn id(&self, i: u32) -> uuid::Uuid {
+        uuid::Uuid::from_u128((u128::from(self.nonce) << 64) | u128::from(i))
+    }
+
+    /// `i` of one of this run's incidents.
+    fn index(&self, id: &uuid::Uuid) -> Option<u32> {
+        let v = id.as_u128();
+        ((v >> 64) as u64 == self.nonce)
+            .then(|| u32::try_from(v as u64).ok())
+            .flatten()
+    }
+
+    fn burst(&self, i: u32) -> u32 {
+        i % self.bursts
+    }
+
+    fn announce_at(&self, i: u32) -> Timestamp {
+        self.t0 + SignedDuration::from_mins(i64::from(self.burst(i)))
+    }
+
+    /// Acknowledged while the service is down: one in [`ACK_EVERY`] of each
+    /// burst.
+    fn acked(&self, i: u32) -> bool {
+        (i / self.bursts) % ACK_EVERY == ACK_EVERY / 2
+    }
+
+    fn labels(&self, i: u32) -> Labels {
+        [
+            ("alertname", "BenchEscalation".to_string()),
+            ("run", format!("{:x}", self.nonce)),
+            ("incident", i.to_string()),
+            ("severity", "warning".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    fn alert(&self, i: u32) -> AlertInfo {
+        let labels = self.labels(i);
+        AlertInfo {
+            fingerprint: Fingerprint::from_labels(&labels),
+            status: AlertStatus::Firing,
+            labels,
+            annotations: Labels::from([(
+                "summary".to_string(),
+                format!("synthetic escalation benchmark incident {i}"),
+            )]),
+            starts_at: self.announce_at(i),
+            ends_at: None,
+            generator_url: None,
+            suppressed: None,
+        }
+    }
+
+    fn summary(&self, i: u32, status: IncidentStatus, at: Timestamp) -> IncidentSummary {
+        let acknowledged = status == IncidentStatus::Acknowledged;
+        IncidentSummary {
+            id: self.id(i),
+            number: u64::from(i) + 1,
+            dedup_key: format!("bench-escalation-{:x}-{i}", self.nonce),
+            title: format!("synthetic escalation benchmark incident {i}"),
+            severity: Severity::Medium,
+            status,
+            labels: self.labels(i),
+            opened_at: self.announce_at(i),
+            announce_at: self.announce_at(i),
+            acknowledged_at: acknowledged.then_some(at),
+            acknowledged_by: acknowledged.then(|| Actor::new("bench-oncall", "bench")),
+            resolved_at: None,
+            snoozed_until: None,
+            assignee: None,
+            alerts_firing: 1,
+            alerts_total: 1,
+            reopen_count: 0,
+            suppressed: None,
+        }
+    }
+
+    /// An INCIDENTS entry about incident `i`, as the incidents service
+    /// writes it (envelope, `Nats-Msg-Id`).
+    fn entry(
+        &self,
+        i: u32,
+        kind: EventKind,
+        status: IncidentStatus,
+        at: Timestamp,
+    ) -> anyhow::Result<(String, PublishMessage)> {
+        let entry = LogEntry::Incident(IncidentEvent {
+            cause: Cause::Timer {
+                id: format!("bench-{:x}-{i}-{}", self.nonce, kind.name()),
+            },
+            kind,
+            at,
+            actor: Some(Actor::new("bench", "bench")),
+            incident: self.summary(i, status, at),
+        });
+        let mut h = HeaderMap::new();
+        h.insert(headers::SCHEMA, SCHEMA_VERSION.to_string().as_str());
+        let msg = PublishMessage::build()
+            .payload(codec::encode(&Envelope::new("bench", at, entry.clone()))?.into())
+            .headers(h)
+            .message_id(entry.msg_id());
+        Ok((entry.subject(), msg))
+    }
+}
+
+/// Publishes `messages` in chunks of [`PRELOAD_CHUNK`], then their acks;
+/// fails on a duplicate.
+async fn publish_pipelined(
+    js: &jetstream::Context,
+    messages: Vec<(String, PublishMessage)>,
+    what: &str,
+) -> anyhow::Result<()> {
+    let mut chunk = Vec::with_capacity(PRELOAD_CHUNK);
+    let total = messages.len();
+    for (n, (subject, msg)) in messages.into_iter().enumerate() {
+        chunk.push(
+            js.send_publish(subject, msg)
+                .await
+                .with_context(|| format!("{what} {n} not sent"))?,
+        );
+        if chunk.len() == PRELOAD_CHUNK || n + 1 == total {
+            for ack in join_all(chunk.drain(..).map(IntoFuture::into_future)).await {
+                let ack = ack.with_context(|| format!("{what} not stored"))?;
+                if ack.duplicate {
+                    bail!("{what} (seq {}) acknowledged as a duplicate", ack.sequence);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of the files under `dir`.
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_size(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// A small deterministic generator (xorshift), as the crash test uses.
