@@ -112,6 +112,14 @@ pub enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Who is on call now (or at --at), for one schedule or all.
+    Oncall {
+        /// Schedule name (default: every schedule).
+        schedule: Option<String>,
+        /// An instant (RFC 3339), e.g. 2026-12-24T20:00:00Z.
+        #[arg(long)]
+        at: Option<jiff::Timestamp>,
+    },
     /// Show an incident with its alerts and timeline.
     Show {
         /// Incident number (42 or #42) or id.
@@ -168,6 +176,7 @@ pub fn main(forced: Option<Command>) -> ExitCode {
         | Command::Note { .. }
         | Command::Assign { .. }
         | Command::List { .. }
+        | Command::Oncall { .. }
         | Command::Show { .. } => operate(&cli),
         Command::Up => serve(&cli, &Service::ALL),
         Command::Ingest => serve(&cli, &[Service::Ingest]),
@@ -238,6 +247,11 @@ fn operate(cli: &Cli) -> ExitCode {
             }
             Command::Show { incident } => {
                 return crate::ops::show(&config, incident.clone())
+                    .await
+                    .map(|s| (true, s))
+            }
+            Command::Oncall { schedule, at } => {
+                return crate::ops::oncall(&config, schedule.clone(), *at)
                     .await
                     .map(|s| (true, s))
             }

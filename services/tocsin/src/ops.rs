@@ -209,3 +209,71 @@ pub async fn show(config: &Config, incident: IncidentRef) -> anyhow::Result<Stri
     }
     Ok(out)
 }
+
+/// `tocsin oncall [SCHEDULE] [--at T]`: who is on call (for every schedule
+/// when none is named), until when, and who is next.
+pub async fn oncall(
+    config: &Config,
+    schedule: Option<String>,
+    at: Option<Timestamp>,
+) -> anyhow::Result<String> {
+    use tocsin_proto::query::{ListSchedules, OnCallQuery, OnCallReply, ScheduleList};
+    let client = connect(config).await?;
+    let names = match schedule {
+        Some(s) => vec![s],
+        None => {
+            let resp = tokio::time::timeout(
+                PATIENCE,
+                client.request(
+                    query::ESCALATION_SCHEDULES,
+                    codec::encode(&ListSchedules {})?.into(),
+                ),
+            )
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("no answer within {PATIENCE:?}; is the escalation service running?")
+            })?
+            .map_err(|e| {
+                anyhow::anyhow!("query failed ({e}); is the escalation service running?")
+            })?;
+            codec::decode::<ScheduleList>(&resp.payload)?.schedules
+        }
+    };
+    if names.is_empty() {
+        return Ok("(no schedules configured under escalation.schedules)\n".into());
+    }
+    let mut out = String::new();
+    for name in names {
+        let q = OnCallQuery {
+            schedule: name.clone(),
+            at,
+        };
+        let resp = tokio::time::timeout(
+            PATIENCE,
+            client.request(query::ESCALATION_ONCALL, codec::encode(&q)?.into()),
+        )
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("no answer within {PATIENCE:?}; is the escalation service running?")
+        })?
+        .map_err(|e| anyhow::anyhow!("query failed ({e}); is the escalation service running?"))?;
+        match codec::decode::<OnCallReply>(&resp.payload)? {
+            OnCallReply::OnCall(v) => {
+                let who = v.user.clone().unwrap_or_else(|| "nobody".into());
+                let until = v
+                    .shift_end
+                    .map(|t| format!(" until {t}"))
+                    .unwrap_or_default();
+                out.push_str(&format!("{name}: {who}{until}\n"));
+                for s in v.next.iter().take(3) {
+                    out.push_str(&format!(
+                        "  then {} from {} to {}\n",
+                        s.user, s.start, s.end
+                    ));
+                }
+            }
+            OnCallReply::Error { reason } => bail!("{reason}"),
+        }
+    }
+    Ok(out)
+}

@@ -109,3 +109,36 @@ async fn operators_ack_resolve_list_and_show_from_the_command_line() {
     assert_eq!(code, 2, "bad arguments are usage errors");
     assert!(err.contains("neither an incident number"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oncall_names_who_is_on_call_now_and_next() {
+    let nats = NatsServer::start().await;
+    let mut config = TocsinHarness::config(&nats);
+    config.escalation = serde_yaml_ng::from_str(
+        "schedules:\n  - name: primary\n    timezone: UTC\n    layers: [{name: daily, participants: [alice, bob], rotation: daily, handoff: \"09:00\", start: 2026-01-05}]\nusers:\n  - {name: alice, email: a@example.com}\n  - {name: bob, email: b@example.com}\n",
+    )
+    .unwrap();
+    let _tocsin_up = TocsinHarness::start_with(config).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tocsin.yaml");
+    std::fs::write(&cfg, format!("nats:\n  url: {}\n", nats.url())).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        let all = tocsin(&cfg, &["oncall", "--at", "2026-01-05T10:00:00Z"]);
+        let one = tocsin(&cfg, &["oncall", "primary", "--at", "2026-01-06T10:00:00Z"]);
+        let bad = tocsin(&cfg, &["oncall", "tertiary"]);
+        (all, one, bad)
+    })
+    .await
+    .unwrap();
+    let ((c1, all, e1), (c2, one, e2), (c3, _, e3)) = out;
+    assert_eq!(c1, 0, "{e1}");
+    assert!(
+        all.starts_with("primary: alice until 2026-01-06T09:00:00Z"),
+        "{all}"
+    );
+    assert!(all.contains("then bob from 2026-01-06T09:00:00Z"), "{all}");
+    assert_eq!(c2, 0, "{e2}");
+    assert!(one.starts_with("primary: bob"), "{one}");
+    assert_eq!(c3, 3);
+    assert!(e3.contains("tertiary") && e3.contains("primary"), "{e3}");
+}
