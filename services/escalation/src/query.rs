@@ -14,7 +14,6 @@ use tocsin_incidents::clock::Clock;
 use tocsin_proto::{
     codec,
     incident::IncidentStatus,
-    notify::PageTarget,
     query::{
         OnCallQuery, OnCallReply, OnCallView, PlanQuery, PlanReply, ScheduleList, ShiftView,
         TrackStatus, TrackView, UpcomingStep,
@@ -25,10 +24,10 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    plan::{Next, PlannedPage, Planner},
+    plan::{Next, Planner},
     schedule::Schedule,
     service::SharedTracks,
-    track::{Key, Track},
+    track::{describe, Key, Track},
 };
 
 /// Queue group, so several replicas could share queries.
@@ -282,32 +281,6 @@ pub(crate) fn upcoming(
         }
     }
     out
-}
-
-/// A page as the timeline records it (the same words as `track`'s records).
-fn describe(p: &PlannedPage) -> String {
-    let who = match &p.target {
-        PageTarget::User {
-            name,
-            schedule: Some(s),
-        } => format!("{name} (on call for {s})"),
-        PageTarget::User {
-            name,
-            schedule: None,
-        } => name.clone(),
-        PageTarget::SlackChannel { channel } => channel.clone(),
-        PageTarget::PagerdutyService { service } => format!("PagerDuty service {service}"),
-        PageTarget::Webhook { name } => format!("webhook {name}"),
-    };
-    if p.after.is_zero() {
-        format!("{who} via {}", p.channel.as_str())
-    } else {
-        format!(
-            "{who} via {} after {}s",
-            p.channel.as_str(),
-            p.after.as_secs()
-        )
-    }
 }
 
 /// `at + d`, saturating: a query may ask about any instant.

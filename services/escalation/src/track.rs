@@ -392,7 +392,8 @@ impl Tracks {
     }
 }
 
-fn describe(p: &PlannedPage) -> String {
+/// `alice (on call for primary) via sms`, for timelines and plans.
+pub(crate) fn describe(p: &PlannedPage) -> String {
     let who = match &p.target {
         PageTarget::User {
             name,
