@@ -188,3 +188,55 @@ fn an_ack_cancels_pending_rule_steps_and_levels() {
     );
     assert!(tracks.map.is_empty());
 }
+
+#[test]
+fn a_stale_acknowledgement_reminds_whoever_acknowledged() {
+    let yaml = r#"
+route: {policy: p}
+policies:
+  - name: p
+    renotify_acknowledged_after: 2h
+    levels: [{targets: [{user: pager}]}]
+users:
+  - {name: pager, email: pager@example.com, phone: "+15555550100"}
+"#;
+    let planner =
+        Planner::new(&serde_yaml_ng::from_str::<EscalationConfig>(yaml).unwrap()).unwrap();
+    let start = at("2026-01-07T10:00:00Z");
+    let mut tracks = Tracks::default();
+    tracks.on_event(&planner, &opened(start));
+    assert_eq!(
+        run(&planner, &mut tracks, start, 0).len(),
+        2,
+        "critical: sms + email"
+    );
+    let mut ack = event(
+        EventKind::Acknowledged,
+        IncidentStatus::Acknowledged,
+        start + SignedDuration::from_mins(10),
+    );
+    ack.incident.acknowledged_by = Some(tocsin_proto::incident::Actor::new("pager", "slack"));
+    tracks.on_event(&planner, &ack);
+    // Still open two hours after the acknowledgement: a reminder, then every 2h.
+    let pages = run(
+        &planner,
+        &mut tracks,
+        start + SignedDuration::from_mins(11),
+        300,
+    );
+    let minutes: Vec<i64> = pages.iter().map(|(m, _)| *m + 11).collect();
+    assert_eq!(minutes, [130, 130, 250, 250], "{pages:?}");
+    assert!(pages.iter().all(|(_, p)| p.starts_with("0/user:pager/")));
+    // Resolved: no more reminders.
+    tracks.on_event(
+        &planner,
+        &event(
+            EventKind::Resolved {
+                reason: tocsin_proto::incident::ResolveReason::Manual,
+            },
+            IncidentStatus::Resolved,
+            start + SignedDuration::from_mins(300),
+        ),
+    );
+    assert!(tracks.next_due().is_none());
+}
