@@ -87,6 +87,9 @@
 //!   p50/p99/max over all pages, and per burst until its last page, with
 //!   pages/s. Also the service's own `tocsin_escalation_timer_lateness_seconds`,
 //!   which measures on the service's clock.
+//! - **live entries**: [`LIVE_RESOLVES`] Resolved entries are published to
+//!   INCIDENTS while the service holds every track: time until it has
+//!   applied them all (its `tocsin_escalation_tracks` gauge), entries/s.
 //!
 //! It exits non-zero if the service failed, a page did not come, or a page
 //! came that should not have (for an acknowledged incident, or twice).
@@ -126,7 +129,7 @@ use tocsin_proto::{
     codec::{self, decode_envelope},
     incident::{
         Actor, AlertInfo, Cause, EventKind, IncidentEvent, IncidentStatus, IncidentSummary,
-        LogEntry, Severity,
+        LogEntry, ResolveReason, Severity,
     },
     notify::Page,
     query::{ListIncidents, QueryReply},
@@ -1349,6 +1352,10 @@ const ACK_EVERY: u32 = 100;
 /// for every incident, or to fire one burst.
 const ESC_LIMIT: Duration = Duration::from_secs(900);
 
+/// Incidents resolved while the service runs with every track still held
+/// (phase 4).
+const LIVE_RESOLVES: u32 = 1_000;
+
 async fn escalation(args: EscalationArgs) -> anyhow::Result<()> {
     let run_started = Instant::now();
     let n = args.incidents;
@@ -1693,6 +1700,7 @@ async fn escalation(args: EscalationArgs) -> anyhow::Result<()> {
     let tracks3 = svc.gauge("tocsin_escalation_tracks");
     let mem3 = Memory::read(None);
     let nats3 = nats_pid.and_then(|p| Memory::read(Some(p)));
+    let n_tracks3 = tracks3.unwrap_or(f64::from(n));
     let notify3 = stream_state(&js, STREAM_NOTIFY).await?.messages;
     let commands3 = stream_state(&js, STREAM_COMMANDS).await?.messages;
 
@@ -1738,6 +1746,46 @@ async fn escalation(args: EscalationArgs) -> anyhow::Result<()> {
     );
     println!();
 
+    // Phase 4: live INCIDENTS entries while every track is held.
+    let live = n.min(LIVE_RESOLVES);
+    let mut resolves = Vec::with_capacity(live as usize);
+    for i in 0..live {
+        resolves.push(gen.entry(
+            i,
+            EventKind::Resolved {
+                reason: ResolveReason::Manual,
+            },
+            IncidentStatus::Resolved,
+            burst_due(bursts - 1),
+        )?);
+    }
+    let live_started = Instant::now();
+    publish_pipelined(&js, resolves, "Resolved entry").await?;
+    let live_published = live_started.elapsed();
+    let live_applied = svc
+        .wait_tracks(n_tracks3 - f64::from(live), live_started, ESC_LIMIT)
+        .await?;
+    let mem4 = Memory::read(None);
+    let nats4 = nats_pid.and_then(|p| Memory::read(Some(p)));
+    println!(
+        "phase 4, live entries: {live} Resolved entries published to {STREAM_INCIDENTS} (pipelined) while the \
+         service holds {n_tracks3:.0} tracks, until it has applied them all (tocsin_escalation_tracks down by {live})"
+    );
+    println!(
+        "  published in {:.2}s ({:.0} entries/s); all applied after {:.2}s: {:.0} entries/s",
+        live_published.as_secs_f64(),
+        f64::from(live) / live_published.as_secs_f64(),
+        live_applied.as_secs_f64(),
+        f64::from(live) / live_applied.as_secs_f64(),
+    );
+    println!(
+        "  (for comparison, the warm restart applied {} entries on {} tracks in its catch-up, within {:.2}s of starting)",
+        acked.len(),
+        tracks1.map_or("?".into(), |t| format!("{t:.0}")),
+        warm_ready.as_secs_f64(),
+    );
+    println!();
+
     println!(
         "memory: VmRSS / VmHWM (peak) of this bench process, which is the escalation service \
          (in-process), its NATS client, and the bench's own client and bookkeeping; growth is VmRSS over before the service"
@@ -1759,6 +1807,7 @@ async fn escalation(args: EscalationArgs) -> anyhow::Result<()> {
         ("cold rebuild ready", mem_cold, nats_cold),
         ("warm restart ready", mem2, nats2),
         ("after phase 3", mem3, nats3),
+        ("after phase 4", mem4, nats4),
     ] {
         let growth = match (mem, mem_base) {
             (Some(m), Some(b)) if label != "before the service" => {
@@ -1944,6 +1993,38 @@ impl EscalationService {
         }
     }
 
+    /// Time from `since` until the service holds at most `at_most` tracks.
+    async fn wait_tracks(
+        &mut self,
+        at_most: f64,
+        since: Instant,
+        within: Duration,
+    ) -> anyhow::Result<Duration> {
+        let mut progress_at = Instant::now() + PROGRESS_EVERY;
+        loop {
+            let tracks = self.gauge("tocsin_escalation_tracks");
+            if tracks.is_some_and(|t| t <= at_most) {
+                return Ok(since.elapsed());
+            }
+            if self.task.is_finished() {
+                return Err(self.failure().await);
+            }
+            let now = Instant::now();
+            if now - since > within {
+                bail!("the service did not get down to {at_most} tracks within {within:?}");
+            }
+            if now >= progress_at {
+                eprintln!(
+                    "  ... {:.0}s: {} tracks",
+                    (now - since).as_secs_f64(),
+                    tracks.map_or("?".into(), |t| format!("{t:.0}"))
+                );
+                progress_at += PROGRESS_EVERY;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Pages stored on NOTIFY (not duplicates), by the service's metric.
     fn pages(&self) -> u64 {
         counter_samples(&self.metrics, "tocsin_escalation_pages_total")
@@ -2041,6 +2122,7 @@ impl EscalationGen {
 
     fn summary(&self, i: u32, status: IncidentStatus, at: Timestamp) -> IncidentSummary {
         let acknowledged = status == IncidentStatus::Acknowledged;
+        let resolved = status == IncidentStatus::Resolved;
         IncidentSummary {
             id: self.id(i),
             number: u64::from(i) + 1,
@@ -2053,10 +2135,10 @@ impl EscalationGen {
             announce_at: self.announce_at(i),
             acknowledged_at: acknowledged.then_some(at),
             acknowledged_by: acknowledged.then(|| Actor::new("bench-oncall", "bench")),
-            resolved_at: None,
+            resolved_at: resolved.then_some(at),
             snoozed_until: None,
             assignee: None,
-            alerts_firing: 1,
+            alerts_firing: u32::from(!resolved),
             alerts_total: 1,
             reopen_count: 0,
             suppressed: None,
