@@ -238,7 +238,7 @@ impl Service {
                             tracing::warn!(error = %e, "cannot read INCIDENTS before firing; retrying");
                             continue 'outer;
                         }
-                        if !self.fire_due(&shutdown).await {
+                        if !self.fire_due(&mut msgs, &shutdown).await {
                             break 'outer;
                         }
                     }
@@ -253,15 +253,26 @@ impl Service {
     /// Fires every due track. Effects are published before the track is
     /// saved: a crash in between fires the step again with the same page
     /// ids, which JetStream (and the notifier's delivery records) drop.
-    async fn fire_due(&mut self, shutdown: &CancellationToken) -> bool {
+    async fn fire_due(&mut self, msgs: &mut pull::Ordered, shutdown: &CancellationToken) -> bool {
         let now = self.clock.now();
+        let mut drained_at = std::time::Instant::now();
         for key in self.tracks.due(now) {
+            // A long burst takes seconds: take in acknowledgements that came
+            // meanwhile, so a step is not fired for an incident acknowledged
+            // after the burst began.
+            if drained_at.elapsed() > Duration::from_millis(250) {
+                if let Err(e) = self.drain(msgs).await {
+                    tracing::warn!(error = %e, "cannot read INCIDENTS during a burst");
+                }
+                drained_at = std::time::Instant::now();
+            }
             let due = self.tracks.map.get(&key).and_then(|t| t.due());
             let effects = self.tracks.fire(&self.planner, &key, now);
             if let Some(d) = due {
-                self.metrics
-                    .lateness
-                    .observe(now.duration_since(d).as_secs_f64().max(0.0));
+                // Measured when this step fires, not when the burst began:
+                // publishing earlier steps of a burst is part of the delay.
+                let late = self.clock.now().duration_since(d);
+                self.metrics.lateness.observe(late.as_secs_f64().max(0.0));
             }
             for effect in &effects {
                 if !self.publish(effect, now, shutdown).await {

@@ -65,6 +65,7 @@ impl Store {
                 rmp_serde::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             tracks.map.insert((t.incident.id, t.policy.clone()), t);
         }
+        tracks.reindex_all();
         Ok((tracks, seq))
     }
 

@@ -2,7 +2,7 @@
 //! moved by incident events and by time. No IO: the service feeds it and
 //! performs the [`Effect`]s it returns.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -74,10 +74,14 @@ pub enum Effect {
 /// Key of a track: incident and policy.
 pub type Key = (Uuid, String);
 
-/// Every track.
+/// Every track, with an index by due time so that finding the next due
+/// step and the incident's tracks does not scan them all (100k pending
+/// timers is a normal load).
 #[derive(Default)]
 pub struct Tracks {
     pub map: BTreeMap<Key, Track>,
+    index: BTreeSet<(Timestamp, Key)>,
+    indexed: HashMap<Key, Timestamp>,
 }
 
 fn actor() -> Actor {
@@ -92,10 +96,49 @@ fn add(at: Timestamp, d: std::time::Duration) -> Timestamp {
 }
 
 impl Tracks {
+    /// Rebuilds the due-time index (after filling `map` directly, as the
+    /// store does when loading).
+    pub fn reindex_all(&mut self) {
+        self.index.clear();
+        self.indexed.clear();
+        let keys: Vec<Key> = self.map.keys().cloned().collect();
+        for k in keys {
+            self.touch(&k);
+        }
+    }
+
+    /// Updates the index entry of one track.
+    fn touch(&mut self, key: &Key) {
+        if let Some(old) = self.indexed.remove(key) {
+            self.index.remove(&(old, key.clone()));
+        }
+        if let Some(d) = self.map.get(key).and_then(Track::due) {
+            self.index.insert((d, key.clone()));
+            self.indexed.insert(key.clone(), d);
+        }
+    }
+
+    /// The keys of one incident's tracks (keys sort by incident first).
+    fn keys_of(&self, id: Uuid) -> Vec<Key> {
+        self.map
+            .range((id, String::new())..)
+            .take_while(|(k, _)| k.0 == id)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     /// Keys whose tracks changed are returned (to save them).
     pub fn on_event(&mut self, planner: &Planner, ev: &IncidentEvent) -> Vec<Key> {
+        let changed = self.on_event_inner(planner, ev);
+        for k in &changed {
+            self.touch(k);
+        }
+        changed
+    }
+
+    fn on_event_inner(&mut self, planner: &Planner, ev: &IncidentEvent) -> Vec<Key> {
         let inc = &ev.incident;
-        let keys: Vec<Key> = self.map.keys().filter(|k| k.0 == inc.id).cloned().collect();
+        let keys: Vec<Key> = self.keys_of(inc.id);
         if inc.status == IncidentStatus::Resolved || inc.suppressed.is_some() {
             for k in &keys {
                 self.map.remove(k);
