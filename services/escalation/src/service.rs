@@ -69,6 +69,9 @@ impl EscalationMetrics {
 pub(crate) type SharedTracks =
     Arc<std::sync::RwLock<std::collections::BTreeMap<Key, crate::track::Track>>>;
 
+/// Due steps fired (and their messages pipelined) at a time.
+const FIRE_CHUNK: usize = 128;
+
 pub(crate) struct Service {
     planner: Arc<Planner>,
     pub(crate) shared: SharedTracks,
@@ -256,7 +259,13 @@ impl Service {
     async fn fire_due(&mut self, msgs: &mut pull::Ordered, shutdown: &CancellationToken) -> bool {
         let now = self.clock.now();
         let mut drained_at = std::time::Instant::now();
-        for key in self.tracks.due(now) {
+        // Steps are fired a chunk at a time: the chunk's messages are all
+        // sent before any ack is awaited (each ack waits for an fsync), then
+        // the chunk's tracks are saved. A crash in between fires them again
+        // with the same ids. The chunk stays far below async-nats's 5,000
+        // in-flight publishes, which ingest shares in `tocsin up`.
+        let due = self.tracks.due(now);
+        for chunk in due.chunks(FIRE_CHUNK) {
             // A long burst takes seconds: take in acknowledgements that came
             // meanwhile, so a step is not fired for an incident acknowledged
             // after the burst began.
@@ -266,82 +275,145 @@ impl Service {
                 }
                 drained_at = std::time::Instant::now();
             }
-            let due = self.tracks.map.get(&key).and_then(|t| t.due());
-            let effects = self.tracks.fire(&self.planner, &key, now);
-            if let Some(d) = due {
-                // Measured when this step fires, not when the burst began:
-                // publishing earlier steps of a burst is part of the delay.
-                let late = self.clock.now().duration_since(d);
-                self.metrics.lateness.observe(late.as_secs_f64().max(0.0));
-            }
-            for effect in &effects {
-                if !self.publish(effect, now, shutdown).await {
-                    return false;
+            let mut effects = Vec::new();
+            for key in chunk {
+                let due = self.tracks.map.get(key).and_then(|t| t.due());
+                effects.extend(self.tracks.fire(&self.planner, key, now));
+                if let Some(d) = due {
+                    // Measured when the step fires, not when the burst
+                    // began: earlier steps of a burst are part of the delay.
+                    let late = self.clock.now().duration_since(d);
+                    self.metrics.lateness.observe(late.as_secs_f64().max(0.0));
                 }
             }
-            self.save(std::slice::from_ref(&key));
+            if !self.publish_all(&effects, now, shutdown).await {
+                return false;
+            }
+            self.save(chunk);
         }
         true
     }
 
-    async fn publish(&self, effect: &Effect, now: Timestamp, shutdown: &CancellationToken) -> bool {
-        let (subject, id, payload) = match effect {
-            Effect::Page(p) => (
-                p.subject(),
-                p.id.clone(),
-                codec::encode(&Envelope::new("escalation", now, p.as_ref().clone())),
-            ),
-            Effect::Record(c) => (
-                c.subject(),
-                c.id.clone(),
-                codec::encode(&Envelope::new("escalation", now, c.clone())),
-            ),
-        };
-        let payload = match payload {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode an escalation message");
-                return true;
+    /// Sends every effect, then awaits the acks; any that failed is sent
+    /// again on its own until it succeeds (or the service stops).
+    async fn publish_all(
+        &self,
+        effects: &[Effect],
+        now: Timestamp,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let mut pending = Vec::with_capacity(effects.len());
+        let mut retry = Vec::new();
+        for effect in effects {
+            match self.send(effect, now).await {
+                Some(ack) => pending.push((effect, ack)),
+                None => retry.push(effect),
             }
-        };
+        }
+        for (effect, ack) in pending {
+            match ack.await {
+                Ok(ack) => self.count(effect, ack.duplicate),
+                Err(e) => {
+                    tracing::warn!(error = %e, "publish not acknowledged; retrying");
+                    retry.push(effect);
+                }
+            }
+        }
+        for effect in retry {
+            if !self.publish(effect, now, shutdown).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// One attempt to send an effect; the ack future on success.
+    async fn send(
+        &self,
+        effect: &Effect,
+        now: Timestamp,
+    ) -> Option<jetstream::context::PublishAckFuture> {
+        let (subject, id, payload) = encode_effect(effect, now)?;
+        let mut h = HeaderMap::new();
+        h.insert(
+            headers::SCHEMA,
+            tocsin_proto::SCHEMA_VERSION.to_string().as_str(),
+        );
+        let publish = PublishMessage::build()
+            .payload(payload.into())
+            .headers(h)
+            .message_id(id);
+        match self.js.send_publish(subject, publish).await {
+            Ok(ack) => Some(ack),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot publish; retrying");
+                None
+            }
+        }
+    }
+
+    fn count(&self, effect: &Effect, duplicate: bool) {
+        if let Effect::Page(p) = effect {
+            if !duplicate {
+                self.metrics
+                    .pages
+                    .get_or_create(&vec![(
+                        "channel".to_string(),
+                        p.channel.as_str().to_string(),
+                    )])
+                    .inc();
+                tracing::info!(page = %p.id, incident = p.incident.number, channel = p.channel.as_str(), "page sent to NOTIFY");
+            }
+        }
+    }
+
+    /// Sends one effect until JetStream acknowledges it (or the service stops).
+    async fn publish(&self, effect: &Effect, now: Timestamp, shutdown: &CancellationToken) -> bool {
         let mut delay = Duration::from_millis(100);
         loop {
-            let mut h = HeaderMap::new();
-            h.insert(
-                headers::SCHEMA,
-                tocsin_proto::SCHEMA_VERSION.to_string().as_str(),
-            );
-            let publish = PublishMessage::build()
-                .payload(payload.clone().into())
-                .headers(h)
-                .message_id(id.clone());
-            let result = match self.js.send_publish(subject.clone(), publish).await {
-                Ok(ack) => ack.await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+            let Some((subject, _, _)) = encode_effect(effect, now) else {
+                return true; // logged; retrying cannot help
             };
-            match result {
-                Ok(ack) => {
-                    if let Effect::Page(p) = effect {
-                        if !ack.duplicate {
-                            self.metrics
-                                .pages
-                                .get_or_create(&vec![(
-                                    "channel".to_string(),
-                                    p.channel.as_str().to_string(),
-                                )])
-                                .inc();
-                            tracing::info!(page = %p.id, incident = p.incident.number, channel = p.channel.as_str(), "page sent to NOTIFY");
-                        }
+            if let Some(ack) = self.send(effect, now).await {
+                match ack.await {
+                    Ok(ack) => {
+                        self.count(effect, ack.duplicate);
+                        return true;
                     }
-                    return true;
+                    Err(e) => {
+                        tracing::warn!(error = %e, subject, "publish not acknowledged; retrying")
+                    }
                 }
-                Err(e) => tracing::warn!(error = %e, subject, "cannot publish; retrying"),
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
                 _ = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+/// Subject, message id and payload of an effect (None if it cannot be
+/// encoded, which is logged: plain data always encodes).
+fn encode_effect(effect: &Effect, now: Timestamp) -> Option<(String, String, Vec<u8>)> {
+    let encoded = match effect {
+        Effect::Page(p) => (
+            p.subject(),
+            p.id.clone(),
+            codec::encode(&Envelope::new("escalation", now, p.as_ref().clone())),
+        ),
+        Effect::Record(c) => (
+            c.subject(),
+            c.id.clone(),
+            codec::encode(&Envelope::new("escalation", now, c.as_ref().clone())),
+        ),
+    };
+    match encoded {
+        (subject, id, Ok(payload)) => Some((subject, id, payload)),
+        (_, _, Err(e)) => {
+            tracing::error!(error = %e, "cannot encode an escalation message");
+            None
         }
     }
 }
