@@ -152,7 +152,22 @@ pub fn main(forced: Option<Command>) -> ExitCode {
     if let Some(c) = forced {
         cli.command = c;
     }
-    telemetry::init_tracing(cli.log_format, &cli.log_level);
+    // Operator commands print their answer; connection chatter would only
+    // get in the way, so they log warnings unless asked for more.
+    let operator = !matches!(
+        cli.command,
+        Command::Up
+            | Command::Ingest
+            | Command::Incidents
+            | Command::Escalation
+            | Command::CheckConfig { .. }
+    );
+    let level = if operator && std::env::var_os("TOCSIN_LOG").is_none() && cli.log_level == "info" {
+        "warn"
+    } else {
+        cli.log_level.as_str()
+    };
+    telemetry::init_tracing(cli.log_format, level);
     match cli.command {
         Command::CheckConfig { ref file } => {
             let path = file.clone().unwrap_or_else(|| cli.config.clone());
