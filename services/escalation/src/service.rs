@@ -22,7 +22,7 @@ use tocsin_proto::{
     subjects::{headers, STREAM_INCIDENTS},
     Envelope,
 };
-use tocsin_runtime::admin::{Health, Labels, Metrics};
+use tocsin_runtime::admin::{labels, Health, Labels, Metrics};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -357,10 +357,7 @@ impl Service {
             if !duplicate {
                 self.metrics
                     .pages
-                    .get_or_create(&vec![(
-                        "channel".to_string(),
-                        p.channel.as_str().to_string(),
-                    )])
+                    .get_or_create(&labels(&[("channel", p.channel.as_str())]))
                     .inc();
                 tracing::info!(page = %p.id, incident = p.incident.number, channel = p.channel.as_str(), "page sent to NOTIFY");
             }

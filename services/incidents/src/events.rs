@@ -6,7 +6,7 @@ use prometheus_client::metrics::{
     gauge::Gauge,
     histogram::{exponential_buckets, Histogram},
 };
-use tocsin_runtime::admin::{Labels, Metrics};
+use tocsin_runtime::admin::{labels, Labels, Metrics};
 
 #[derive(Clone)]
 pub struct IncidentsMetrics {
@@ -16,13 +16,6 @@ pub struct IncidentsMetrics {
     pub(crate) open: Gauge,
     catch_up: Counter,
     latency: Histogram,
-}
-
-fn l(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 impl IncidentsMetrics {
@@ -105,11 +98,11 @@ impl IncidentsEvent<'_> {
         match *self {
             IncidentsEvent::Input { input, outcome } => {
                 m.inputs
-                    .get_or_create(&l(&[("input", input), ("outcome", outcome)]))
+                    .get_or_create(&labels(&[("input", input), ("outcome", outcome)]))
                     .inc();
             }
             IncidentsEvent::Written { kind } => {
-                m.events.get_or_create(&l(&[("kind", kind)])).inc();
+                m.events.get_or_create(&labels(&[("kind", kind)])).inc();
             }
             IncidentsEvent::DeadLettered {
                 stream,
@@ -117,7 +110,7 @@ impl IncidentsEvent<'_> {
                 reason,
             } => {
                 m.dead_letters
-                    .get_or_create(&l(&[("stream", stream)]))
+                    .get_or_create(&labels(&[("stream", stream)]))
                     .inc();
                 tracing::error!(
                     stream,
@@ -142,7 +135,7 @@ impl IncidentsEvent<'_> {
                 message,
             } => {
                 m.inputs
-                    .get_or_create(&l(&[
+                    .get_or_create(&labels(&[
                         ("input", "command"),
                         ("outcome", if accepted { "accepted" } else { "rejected" }),
                     ]))

@@ -7,7 +7,7 @@ use prometheus_client::metrics::{
     family::Family,
     histogram::{exponential_buckets, Histogram},
 };
-use tocsin_runtime::admin::{Labels, Metrics};
+use tocsin_runtime::admin::{labels, Labels, Metrics};
 
 /// The ingest service's metrics.
 #[derive(Clone)]
@@ -48,13 +48,6 @@ impl IngestMetrics {
         );
         m
     }
-}
-
-fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 /// Something worth logging and counting.

@@ -27,6 +27,14 @@ use crate::RuntimeError;
 /// Label set used by simple labelled families.
 pub type Labels = Vec<(String, String)>;
 
+/// A [`Labels`] set from pairs: `labels(&[("endpoint", "alertmanager")])`.
+pub fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 /// The process's metric registry plus the runtime's own metrics.
 ///
 /// Services register their metrics at start-up; `/metrics` encodes the lot

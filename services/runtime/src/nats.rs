@@ -249,7 +249,7 @@ pub async fn connect(
                 Event::ClientError(_) => "client_error",
             };
             events
-                .get_or_create(&vec![("event".to_string(), kind.to_string())])
+                .get_or_create(&crate::admin::labels(&[("event", kind)]))
                 .inc();
             match event {
                 Event::Connected => {
