@@ -338,7 +338,7 @@ fn recompute(st: &mut IncidentState, cfg: &CoreConfig) {
 /// grouping labels.
 pub fn dedup_key(cfg: &CoreConfig, source: &str, alert: &Alert) -> String {
     if let Some(k) = &alert.dedup_key {
-        return format!("key:{source}:{k}");
+        return sender_key(source, k);
     }
     let group: Labels = if !cfg.group_by.is_empty() {
         cfg.group_by
@@ -843,6 +843,23 @@ impl Decider<'_> {
     }
 }
 
+fn sender_key(source: &str, key: &str) -> String {
+    format!("key:{source}:{key}")
+}
+
+/// The source name heartbeat alerts are decided under.
+pub const HEARTBEAT_SOURCE: &str = "heartbeat";
+
+/// The dedup key of heartbeat `name`'s incident (what [`dedup_key`] gives
+/// for [`heartbeat_alert`] under [`HEARTBEAT_SOURCE`]).
+pub fn heartbeat_key(name: &str) -> String {
+    sender_key(HEARTBEAT_SOURCE, &heartbeat_sender_key(name))
+}
+
+fn heartbeat_sender_key(name: &str) -> String {
+    format!("heartbeat-{name}")
+}
+
 /// A synthetic alert for a missed heartbeat (firing) or a ping (resolved).
 pub fn heartbeat_alert(
     name: &str,
@@ -875,7 +892,7 @@ pub fn heartbeat_alert(
         starts_at: since,
         ends_at: (!firing).then_some(at),
         generator_url: None,
-        dedup_key: Some(format!("heartbeat-{name}")),
+        dedup_key: Some(heartbeat_sender_key(name)),
         origin: tocsin_proto::Origin {
             kind: Some(SourceKind::Heartbeat),
             ..Default::default()

@@ -30,7 +30,9 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     clock::Clock,
     config::{HeartbeatConfig, IncidentsConfig},
-    core::{heartbeat_alert, CoreConfig, Decider, Projection, Verdict},
+    core::{
+        heartbeat_alert, heartbeat_key, CoreConfig, Decider, Projection, Verdict, HEARTBEAT_SOURCE,
+    },
     error::IncidentsError,
     events::{IncidentsEvent, IncidentsMetrics},
     store::Store,
@@ -497,7 +499,7 @@ impl Service {
             env.received_at,
             env.received_at,
         );
-        let synthetic = Envelope::new("heartbeat", env.received_at, alert);
+        let synthetic = Envelope::new(HEARTBEAT_SOURCE, env.received_at, alert);
         self.settle(shutdown, tp, |d| d.alert(cause.clone(), &synthetic))
             .await
     }
@@ -536,7 +538,7 @@ impl Service {
                 deadline,
                 since,
             );
-            let env = Envelope::new("heartbeat", deadline, alert);
+            let env = Envelope::new(HEARTBEAT_SOURCE, deadline, alert);
             let cause = Cause::Timer {
                 id: format!("hb-{}-{}", hb.name, deadline.as_second()),
             };
@@ -702,10 +704,6 @@ impl Service {
             }
         }
     }
-}
-
-fn heartbeat_key(name: &str) -> String {
-    format!("key:heartbeat:heartbeat-{name}")
 }
 
 fn heartbeat_open(p: &Projection, name: &str) -> bool {
