@@ -145,24 +145,32 @@ pub async fn send_command_with_msg_id(
     Some(codec::decode(&msg.payload).expect("reply decodes"))
 }
 
-async fn ask<Q: serde::Serialize>(client: &Client, subject: &'static str, q: &Q) -> QueryReply {
-    let resp = client
-        .request(subject, codec::encode(q).unwrap().into())
-        .await
-        .expect("query answered");
+/// Asks a request/reply query (MessagePack both ways) and decodes the answer.
+pub async fn ask<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
+    client: &Client,
+    subject: &'static str,
+    q: &Q,
+) -> R {
+    let resp = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(subject, codec::encode(q).unwrap().into()),
+    )
+    .await
+    .expect("query answered in time")
+    .expect("query answered");
     codec::decode(&resp.payload).expect("query reply decodes")
 }
 
 /// Every incident (most recent first).
 pub async fn list(client: &Client, q: ListIncidents) -> Vec<IncidentSummary> {
-    match ask(client, query::LIST_INCIDENTS, &q).await {
+    match ask::<_, QueryReply>(client, query::LIST_INCIDENTS, &q).await {
         QueryReply::Incidents { incidents } => incidents,
         other => panic!("unexpected answer {other:?}"),
     }
 }
 
 pub async fn get(client: &Client, r: IncidentRef) -> IncidentDetail {
-    match ask(
+    match ask::<_, QueryReply>(
         client,
         query::GET_INCIDENT,
         &GetIncident {

@@ -14,6 +14,7 @@
 //! - [`http`]: small HTTP helpers.
 
 pub mod bus;
+pub mod escalation;
 pub mod http;
 pub mod incidents;
 pub mod nats;

@@ -9,71 +9,13 @@ use tocsin_proto::{
     command::{Action, CommandReply, IncidentRef},
     incident::EventKind,
     notify::{Channel, Page, PageTarget},
-    subjects::STREAM_NOTIFY,
     AlertStatus,
 };
 use tocsin_tests::{
-    bus,
+    escalation::{expect_pages, pages, REFERENCE},
     incidents::{alert, command, get, publish_alert, wait_for},
     NatsServer, TocsinHarness,
 };
-
-const ESCALATION: &str = r##"
-route:
-  policy: default
-policies:
-  - name: default
-    levels:
-      - targets: [{schedule: primary}]
-        delay: 15m
-        delay_by_severity: {high: 5m}
-      - targets: [{schedule: secondary}]
-        delay: 15m
-      - targets: [{user: lead}]
-        delay: 30m
-      - targets: [{user: em}, {user: cto}]
-schedules:
-  - name: primary
-    timezone: Europe/Berlin
-    layers: [{name: all, participants: [alice], rotation: weekly, start: 2026-01-05}]
-  - name: secondary
-    timezone: Europe/Berlin
-    layers: [{name: all, participants: [bob], rotation: weekly, start: 2026-01-05}]
-users:
-  - {name: alice, email: alice@example.com, phone: "+14155550101", slack: U01ALICE}
-  - {name: bob, email: bob@example.com, phone: "+14155550102"}
-  - {name: lead, email: lead@example.com, slack: U01LEAD}
-  - {name: em, email: em@example.com}
-  - {name: cto, email: cto@example.com}
-"##;
-
-async fn pages(js: &async_nats::jetstream::Context) -> Vec<Page> {
-    bus::read_stream::<Page>(js, STREAM_NOTIFY)
-        .await
-        .into_iter()
-        .map(|m| m.envelope.body)
-        .collect()
-}
-
-/// Waits until NOTIFY holds `n` pages (the service works asynchronously),
-/// then a moment more to catch any extra.
-async fn expect_pages(js: &async_nats::jetstream::Context, n: usize) -> Vec<Page> {
-    for _ in 0..400 {
-        if pages(js).await.len() >= n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let p = pages(js).await;
-    assert_eq!(
-        p.len(),
-        n,
-        "pages: {:#?}",
-        p.iter().map(|p| &p.id).collect::<Vec<_>>()
-    );
-    p
-}
 
 fn who(p: &Page) -> String {
     match &p.target {
@@ -86,7 +28,7 @@ fn who(p: &Page) -> String {
 async fn levels_fire_on_time_and_an_ack_stops_them() {
     let nats = NatsServer::start().await;
     let mut config = TocsinHarness::config(&nats);
-    config.escalation = serde_yaml_ng::from_str(ESCALATION).unwrap();
+    config.escalation = serde_yaml_ng::from_str(REFERENCE).unwrap();
     let tocsin = TocsinHarness::start_with(config).await;
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
@@ -181,7 +123,7 @@ async fn levels_fire_on_time_and_an_ack_stops_them() {
 async fn high_severity_escalates_faster_and_resolve_ends_it() {
     let nats = NatsServer::start().await;
     let mut config = TocsinHarness::config(&nats);
-    config.escalation = serde_yaml_ng::from_str(ESCALATION).unwrap();
+    config.escalation = serde_yaml_ng::from_str(REFERENCE).unwrap();
     let tocsin = TocsinHarness::start_with(config).await;
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
@@ -232,7 +174,7 @@ async fn high_severity_escalates_faster_and_resolve_ends_it() {
 async fn snooze_pauses_then_resumes_and_escalate_now_skips_the_wait() {
     let nats = NatsServer::start().await;
     let mut config = TocsinHarness::config(&nats);
-    config.escalation = serde_yaml_ng::from_str(ESCALATION).unwrap();
+    config.escalation = serde_yaml_ng::from_str(REFERENCE).unwrap();
     let tocsin = TocsinHarness::start_with(config).await;
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());

@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use async_nats::Client;
 use jiff::SignedDuration;
-use serde::{de::DeserializeOwned, Serialize};
 use tocsin_proto::{
-    codec,
     command::{Action, CommandReply, IncidentRef},
     query::{
         ListSchedules, OnCallQuery, OnCallReply, PlanQuery, PlanReply, ScheduleList, TrackStatus,
@@ -17,53 +15,10 @@ use tocsin_proto::{
     AlertStatus,
 };
 use tocsin_tests::{
-    incidents::{alert, command, publish_alert, wait_for},
+    escalation::REFERENCE,
+    incidents::{alert, ask, command, publish_alert, wait_for},
     NatsServer, TocsinHarness,
 };
-
-const ESCALATION: &str = r##"
-route:
-  policy: default
-policies:
-  - name: default
-    levels:
-      - targets: [{schedule: primary}]
-        delay: 15m
-        delay_by_severity: {high: 5m}
-      - targets: [{schedule: secondary}]
-        delay: 15m
-      - targets: [{user: lead}]
-        delay: 30m
-      - targets: [{user: em}, {user: cto}]
-schedules:
-  - name: primary
-    timezone: Europe/Berlin
-    layers: [{name: all, participants: [alice], rotation: weekly, start: 2026-01-05}]
-  - name: secondary
-    timezone: Europe/Berlin
-    layers: [{name: all, participants: [bob], rotation: weekly, start: 2026-01-05}]
-users:
-  - {name: alice, email: alice@example.com, phone: "+14155550101", slack: U01ALICE}
-  - {name: bob, email: bob@example.com, phone: "+14155550102"}
-  - {name: lead, email: lead@example.com, slack: U01LEAD}
-  - {name: em, email: em@example.com}
-  - {name: cto, email: cto@example.com}
-"##;
-
-async fn ask<Q: Serialize, R: DeserializeOwned>(
-    client: &Client,
-    subject: &'static str,
-    q: &Q,
-) -> R {
-    let resp = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.request(subject, codec::encode(q).unwrap().into()),
-    )
-    .await
-    .expect("answered in time")
-    .expect("answered");
-    codec::decode(&resp.payload).expect("the answer decodes")
-}
 
 async fn plan(client: &Client, incident: uuid::Uuid) -> PlanReply {
     ask(client, query::ESCALATION_PLAN, &PlanQuery { incident }).await
@@ -73,7 +28,7 @@ async fn plan(client: &Client, incident: uuid::Uuid) -> PlanReply {
 async fn on_call_plan_and_calendar() {
     let nats = NatsServer::start().await;
     let mut config = TocsinHarness::config(&nats);
-    config.escalation = serde_yaml_ng::from_str(ESCALATION).unwrap();
+    config.escalation = serde_yaml_ng::from_str(REFERENCE).unwrap();
     let tocsin = TocsinHarness::start_with(config).await;
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());

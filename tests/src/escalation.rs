@@ -1,0 +1,67 @@
+//! Escalation in tests: a reference config and reading the pages it writes.
+
+use std::time::Duration;
+
+use tocsin_proto::{notify::Page, subjects::STREAM_NOTIFY};
+
+use crate::bus;
+
+/// The reference practice in small: primary (alice) at once, secondary
+/// (bob) after 15 minutes (5 for high), the lead at 30, manager and CTO at 60.
+pub const REFERENCE: &str = r##"
+route:
+  policy: default
+policies:
+  - name: default
+    levels:
+      - targets: [{schedule: primary}]
+        delay: 15m
+        delay_by_severity: {high: 5m}
+      - targets: [{schedule: secondary}]
+        delay: 15m
+      - targets: [{user: lead}]
+        delay: 30m
+      - targets: [{user: em}, {user: cto}]
+schedules:
+  - name: primary
+    timezone: Europe/Berlin
+    layers: [{name: all, participants: [alice], rotation: weekly, start: 2026-01-05}]
+  - name: secondary
+    timezone: Europe/Berlin
+    layers: [{name: all, participants: [bob], rotation: weekly, start: 2026-01-05}]
+users:
+  - {name: alice, email: alice@example.com, phone: "+14155550101", slack: U01ALICE}
+  - {name: bob, email: bob@example.com, phone: "+14155550102"}
+  - {name: lead, email: lead@example.com, slack: U01LEAD}
+  - {name: em, email: em@example.com}
+  - {name: cto, email: cto@example.com}
+"##;
+
+/// Every page on the NOTIFY stream, in order.
+pub async fn pages(js: &async_nats::jetstream::Context) -> Vec<Page> {
+    bus::read_stream::<Page>(js, STREAM_NOTIFY)
+        .await
+        .into_iter()
+        .map(|m| m.envelope.body)
+        .collect()
+}
+
+/// Waits until NOTIFY holds `n` pages (the service works asynchronously),
+/// then a moment more to catch any extra.
+pub async fn expect_pages(js: &async_nats::jetstream::Context, n: usize) -> Vec<Page> {
+    for _ in 0..400 {
+        if pages(js).await.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let p = pages(js).await;
+    assert_eq!(
+        p.len(),
+        n,
+        "pages: {:#?}",
+        p.iter().map(|p| &p.id).collect::<Vec<_>>()
+    );
+    p
+}
