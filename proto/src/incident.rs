@@ -106,6 +106,39 @@ pub struct IncidentSummary {
     pub suppressed: Option<String>,
 }
 
+impl IncidentSummary {
+    /// A new incident as opened: triggered, no alerts yet, announced at
+    /// once, lowest severity until its alerts say otherwise.
+    pub fn new(
+        id: Uuid,
+        number: u64,
+        dedup_key: impl Into<String>,
+        title: impl Into<String>,
+        opened_at: Timestamp,
+    ) -> Self {
+        IncidentSummary {
+            id,
+            number,
+            dedup_key: dedup_key.into(),
+            title: title.into(),
+            severity: Severity::Info,
+            status: IncidentStatus::Triggered,
+            labels: Labels::new(),
+            opened_at,
+            announce_at: opened_at,
+            acknowledged_at: None,
+            acknowledged_by: None,
+            resolved_at: None,
+            snoozed_until: None,
+            assignee: None,
+            alerts_firing: 0,
+            alerts_total: 0,
+            reopen_count: 0,
+            suppressed: None,
+        }
+    }
+}
+
 /// One alert as attached to an incident.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AlertInfo {

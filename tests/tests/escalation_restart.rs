@@ -50,24 +50,18 @@ fn t0() -> Timestamp {
 
 fn summary(i: u32, status: IncidentStatus) -> IncidentSummary {
     IncidentSummary {
-        id: uuid::Uuid::from_u128(0x1000_0000 + i as u128),
-        number: i as u64 + 1,
-        dedup_key: format!("k{i}"),
-        title: format!("incident {i}"),
         severity: Severity::Medium,
         status,
         labels: Labels::from([("alertname".to_string(), "R".to_string())]),
-        opened_at: t0(),
-        announce_at: t0(),
-        acknowledged_at: None,
-        acknowledged_by: None,
-        resolved_at: None,
-        snoozed_until: None,
-        assignee: None,
         alerts_firing: 1,
         alerts_total: 1,
-        reopen_count: 0,
-        suppressed: None,
+        ..IncidentSummary::new(
+            uuid::Uuid::from_u128(0x1000_0000 + i as u128),
+            i as u64 + 1,
+            format!("k{i}"),
+            format!("incident {i}"),
+            t0(),
+        )
     }
 }
 

@@ -366,24 +366,10 @@ users:
     fn incident(severity: Severity) -> IncidentSummary {
         let t0 = ts("2026-03-02T07:00:00Z");
         IncidentSummary {
-            id: Uuid::from_u128(42),
-            number: 42,
-            dedup_key: "k".into(),
-            title: "DiskFilling".into(),
             severity,
-            status: IncidentStatus::Triggered,
-            labels: Default::default(),
-            opened_at: t0,
-            announce_at: t0,
-            acknowledged_at: None,
-            acknowledged_by: None,
-            resolved_at: None,
-            snoozed_until: None,
-            assignee: None,
             alerts_firing: 1,
             alerts_total: 1,
-            reopen_count: 0,
-            suppressed: None,
+            ..IncidentSummary::new(Uuid::from_u128(42), 42, "k", "DiskFilling", t0)
         }
     }
 

@@ -10,7 +10,7 @@ use tocsin_escalation::{
     plan::{Next, Planner},
 };
 use tocsin_proto::{
-    incident::{IncidentStatus, IncidentSummary, Severity},
+    incident::{IncidentSummary, Severity},
     notify::{Channel, PageTarget},
     Labels,
 };
@@ -85,27 +85,14 @@ fn planner() -> Planner {
 fn incident(severity: Severity, labels: &[(&str, &str)]) -> IncidentSummary {
     let at: Timestamp = "2026-01-07T10:00:00Z".parse().unwrap();
     IncidentSummary {
-        id: uuid::Uuid::nil(),
-        number: 1,
-        dedup_key: "k".into(),
-        title: "t".into(),
         severity,
-        status: IncidentStatus::Triggered,
         labels: labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect::<Labels>(),
-        opened_at: at,
-        announce_at: at,
-        acknowledged_at: None,
-        acknowledged_by: None,
-        resolved_at: None,
-        snoozed_until: None,
-        assignee: None,
         alerts_firing: 1,
         alerts_total: 1,
-        reopen_count: 0,
-        suppressed: None,
+        ..IncidentSummary::new(uuid::Uuid::nil(), 1, "k", "t", at)
     }
 }
 

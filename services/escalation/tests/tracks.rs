@@ -49,24 +49,12 @@ fn event(kind: EventKind, status: IncidentStatus, t: Timestamp) -> IncidentEvent
         actor: None,
         cause: Cause::Timer { id: "t".into() },
         incident: IncidentSummary {
-            id: uuid::Uuid::from_u128(7),
-            number: 7,
-            dedup_key: "k".into(),
-            title: "x".into(),
             severity: Severity::Critical,
             status,
             labels,
-            opened_at: t,
-            announce_at: t,
-            acknowledged_at: None,
-            acknowledged_by: None,
-            resolved_at: None,
-            snoozed_until: None,
-            assignee: None,
             alerts_firing: 1,
             alerts_total: 1,
-            reopen_count: 0,
-            suppressed: None,
+            ..IncidentSummary::new(uuid::Uuid::from_u128(7), 7, "k", "x", t)
         },
     }
 }

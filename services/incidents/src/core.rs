@@ -547,24 +547,14 @@ impl Decider<'_> {
         let at = b.at;
         let mut st = IncidentState {
             summary: IncidentSummary {
-                id: incident_id(at, &b.cause, key),
-                number: self.proj.next_number,
-                dedup_key: key.to_string(),
-                title: title_for(alert, key),
-                severity: Severity::Info,
-                status: IncidentStatus::Triggered,
-                labels: Labels::new(),
-                opened_at: at,
                 announce_at: at.checked_add(self.cfg.group_wait).unwrap_or(at),
-                acknowledged_at: None,
-                acknowledged_by: None,
-                resolved_at: None,
-                snoozed_until: None,
-                assignee: None,
-                alerts_firing: 0,
-                alerts_total: 0,
-                reopen_count: 0,
-                suppressed: None,
+                ..IncidentSummary::new(
+                    incident_id(at, &b.cause, key),
+                    self.proj.next_number,
+                    key,
+                    title_for(alert, key),
+                    at,
+                )
             },
             alerts: BTreeMap::new(),
             commands: VecDeque::new(),
