@@ -920,28 +920,16 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
     let live = args.live_alerts as usize;
     let rate = args.rate;
 
-    // NATS: private (like the tests) or the one given.
-    tocsin_tests::init_logs();
-    let private = match &args.nats_url {
-        Some(_) => None,
-        None => Some(NatsServer::start().await),
-    };
-    let nats_url = match (&private, &args.nats_url) {
-        (Some(nats), _) => nats.url(),
-        (None, Some(url)) => url.clone(),
-        (None, None) => unreachable!("a private server is started when no URL is given"),
-    };
-    // The bench's own client: publishes, queries, subscribes.
-    let client = async_nats::connect(&nats_url)
-        .await
-        .with_context(|| format!("cannot connect to {nats_url}"))?;
-    let js = jetstream::new(client.clone());
+    // NATS: private (like the tests) or the one given; the bench's own client.
+    let BenchNats {
+        private,
+        url: nats_url,
+        client,
+        js,
+        version: server_version,
+        pid: nats_pid,
+    } = bench_nats(&args.nats_url).await?;
     let js_config = JetStreamConfig::default();
-    ensure_streams(&js, &js_config)
-        .await
-        .context("cannot set up the streams")?;
-    let server_version = client.server_info().version;
-    let nats_pid = private.as_ref().and_then(nats_server_pid);
     let defaults = IncidentsConfig::default();
 
     let nonce = SystemTime::now()
@@ -1286,46 +1274,15 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
         "memory: VmRSS / VmHWM (peak) of this bench process, which is the incidents service, its \
          NATS client, and the bench's own client and bookkeeping; growth is VmRSS over before the service"
     );
-    println!(
-        "{:<22} {:>24} {:>12} {:>24}",
-        "",
-        "bench process",
-        "growth",
-        match (nats_pid, nats_base) {
-            (Some(pid), Some(_)) => format!("nats-server (pid {pid})"),
-            _ => "nats-server".to_string(),
-        }
-    );
-    for (label, mem, nats) in [
+    let mut rows = vec![
         ("before the service", mem_base, nats_base),
         ("after phase 1", mem1, nats1),
         ("after phase 2", mem2, nats2),
-    ] {
-        if label == "after phase 2" && live == 0 {
-            continue;
-        }
-        let growth = match (mem, mem_base) {
-            (Some(m), Some(b)) if label != "before the service" => {
-                format!("{:+.1} MiB", (m.rss_kib as f64 - b.rss_kib as f64) / 1024.0)
-            }
-            _ => String::new(),
-        };
-        println!(
-            "{label:<22} {:>24} {growth:>12} {:>24}",
-            mem.map(Memory::describe).unwrap_or_else(|| "-".into()),
-            nats.map(Memory::describe).unwrap_or_else(|| "-".into()),
-        );
+    ];
+    if live == 0 {
+        rows.retain(|(label, _, _)| *label != "after phase 2");
     }
-    if nats_base.is_none() {
-        println!(
-            "(nats-server's memory is not shown: {})",
-            if private.is_some() {
-                "its pid or /proc/<pid>/status could not be read"
-            } else {
-                "it is not a private server of this run"
-            }
-        );
-    }
+    print_memory(22, &rows, nats_pid, private.is_some());
 
     stop.cancel();
     match tokio::time::timeout(Duration::from_secs(30), service).await {
@@ -1367,28 +1324,16 @@ async fn escalation(args: EscalationArgs) -> anyhow::Result<()> {
     // (the last announce) must stay before the first of them.
     let delay_min = i64::from(bursts.max(10));
 
-    // NATS: private (like the tests) or the one given.
-    tocsin_tests::init_logs();
-    let private = match &args.nats_url {
-        Some(_) => None,
-        None => Some(NatsServer::start().await),
-    };
-    let nats_url = match (&private, &args.nats_url) {
-        (Some(nats), _) => nats.url(),
-        (None, Some(url)) => url.clone(),
-        (None, None) => unreachable!("a private server is started when no URL is given"),
-    };
-    // The bench's own client: publishes, stream info, the page subscription.
-    let client = async_nats::connect(&nats_url)
-        .await
-        .with_context(|| format!("cannot connect to {nats_url}"))?;
-    let js = jetstream::new(client.clone());
+    // NATS: private (like the tests) or the one given; the bench's own client.
+    let BenchNats {
+        private,
+        url: nats_url,
+        client,
+        js,
+        version: server_version,
+        pid: nats_pid,
+    } = bench_nats(&args.nats_url).await?;
     let js_config = JetStreamConfig::default();
-    ensure_streams(&js, &js_config)
-        .await
-        .context("cannot set up the streams")?;
-    let server_version = client.server_info().version;
-    let nats_pid = private.as_ref().and_then(nats_server_pid);
 
     let nonce = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1790,47 +1735,20 @@ async fn escalation(args: EscalationArgs) -> anyhow::Result<()> {
         "memory: VmRSS / VmHWM (peak) of this bench process, which is the escalation service \
          (in-process), its NATS client, and the bench's own client and bookkeeping; growth is VmRSS over before the service"
     );
-    println!(
-        "{:<34} {:>24} {:>12} {:>24}",
-        "",
-        "bench process",
-        "growth",
-        match (nats_pid, nats_base) {
-            (Some(pid), Some(_)) => format!("nats-server (pid {pid})"),
-            _ => "nats-server".to_string(),
-        }
+    print_memory(
+        34,
+        &[
+            ("before the service", mem_base, nats_base),
+            ("phase 1: tracks pending", mem1, nats1),
+            ("phase 1 service stopped", mem_stopped, nats_stopped),
+            ("cold rebuild ready", mem_cold, nats_cold),
+            ("warm restart ready", mem2, nats2),
+            ("after phase 3", mem3, nats3),
+            ("after phase 4", mem4, nats4),
+        ],
+        nats_pid,
+        private.is_some(),
     );
-    for (label, mem, nats) in [
-        ("before the service", mem_base, nats_base),
-        ("phase 1: tracks pending", mem1, nats1),
-        ("phase 1 service stopped", mem_stopped, nats_stopped),
-        ("cold rebuild ready", mem_cold, nats_cold),
-        ("warm restart ready", mem2, nats2),
-        ("after phase 3", mem3, nats3),
-        ("after phase 4", mem4, nats4),
-    ] {
-        let growth = match (mem, mem_base) {
-            (Some(m), Some(b)) if label != "before the service" => {
-                format!("{:+.1} MiB", (m.rss_kib as f64 - b.rss_kib as f64) / 1024.0)
-            }
-            _ => String::new(),
-        };
-        println!(
-            "{label:<34} {:>24} {growth:>12} {:>24}",
-            mem.map(Memory::describe).unwrap_or_else(|| "-".into()),
-            nats.map(Memory::describe).unwrap_or_else(|| "-".into()),
-        );
-    }
-    if nats_base.is_none() {
-        println!(
-            "(nats-server's memory is not shown: {})",
-            if private.is_some() {
-                "its pid or /proc/<pid>/status could not be read"
-            } else {
-                "it is not a private server of this run"
-            }
-        );
-    }
     println!(
         "(one service at a time; memory a stopped one freed is not necessarily returned to the OS)"
     );
@@ -2498,6 +2416,50 @@ fn describe_samples(samples: &[(String, f64)]) -> String {
 }
 
 /// VmRSS and VmHWM (peak RSS) of a process, in KiB.
+/// The memory table: one row per moment, the first being the baseline the
+/// growth column is measured from.
+fn print_memory(
+    label_width: usize,
+    rows: &[(&str, Option<Memory>, Option<Memory>)],
+    nats_pid: Option<u32>,
+    private: bool,
+) {
+    let (mem_base, nats_base) = rows.first().map_or((None, None), |r| (r.1, r.2));
+    println!(
+        "{:<label_width$} {:>24} {:>12} {:>24}",
+        "",
+        "bench process",
+        "growth",
+        match (nats_pid, nats_base) {
+            (Some(pid), Some(_)) => format!("nats-server (pid {pid})"),
+            _ => "nats-server".to_string(),
+        }
+    );
+    for (i, (label, mem, nats)) in rows.iter().enumerate() {
+        let growth = match (mem, mem_base) {
+            (Some(m), Some(b)) if i > 0 => {
+                format!("{:+.1} MiB", (m.rss_kib as f64 - b.rss_kib as f64) / 1024.0)
+            }
+            _ => String::new(),
+        };
+        println!(
+            "{label:<label_width$} {:>24} {growth:>12} {:>24}",
+            mem.map(Memory::describe).unwrap_or_else(|| "-".into()),
+            nats.map(Memory::describe).unwrap_or_else(|| "-".into()),
+        );
+    }
+    if nats_base.is_none() {
+        println!(
+            "(nats-server's memory is not shown: {})",
+            if private {
+                "its pid or /proc/<pid>/status could not be read"
+            } else {
+                "it is not a private server of this run"
+            }
+        );
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Memory {
     rss_kib: u64,
@@ -2539,6 +2501,48 @@ impl Memory {
 
 /// The private nats-server's pid: [`NatsServer`] keeps its child to itself,
 /// but the server writes `<exe>_<pid>.ports` next to its store.
+/// The NATS a bench runs against: a private server (like the tests, with
+/// `sync_interval: always`) unless a URL is given, the bench's own client,
+/// and the streams in place.
+struct BenchNats {
+    private: Option<NatsServer>,
+    url: String,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    version: String,
+    pid: Option<u32>,
+}
+
+async fn bench_nats(url: &Option<String>) -> anyhow::Result<BenchNats> {
+    tocsin_tests::init_logs();
+    let private = match url {
+        Some(_) => None,
+        None => Some(NatsServer::start().await),
+    };
+    let url = match (&private, url) {
+        (Some(nats), _) => nats.url(),
+        (None, Some(url)) => url.clone(),
+        (None, None) => unreachable!("a private server is started when no URL is given"),
+    };
+    let client = async_nats::connect(&url)
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    let js = jetstream::new(client.clone());
+    ensure_streams(&js, &JetStreamConfig::default())
+        .await
+        .context("cannot set up the streams")?;
+    let version = client.server_info().version;
+    let pid = private.as_ref().and_then(nats_server_pid);
+    Ok(BenchNats {
+        private,
+        url,
+        client,
+        js,
+        version,
+        pid,
+    })
+}
+
 fn nats_server_pid(nats: &NatsServer) -> Option<u32> {
     let dir = nats.store_dir().parent()?.to_path_buf();
     std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
