@@ -4,7 +4,7 @@
 use std::{path::Path, sync::Arc, time::Duration};
 
 use async_nats::{
-    jetstream::{self, consumer::pull, consumer::DeliverPolicy, message::PublishMessage},
+    jetstream::{self, consumer::pull, message::PublishMessage},
     HeaderMap,
 };
 use futures::StreamExt;
@@ -23,6 +23,7 @@ use tocsin_proto::{
     Envelope,
 };
 use tocsin_runtime::admin::{labels, Health, Labels, Metrics};
+use tocsin_runtime::streams;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -151,34 +152,11 @@ impl Service {
     }
 
     async fn consumer(&self) -> Result<pull::Ordered, String> {
-        self.js
-            .get_stream(STREAM_INCIDENTS)
-            .await
-            .map_err(|e| e.to_string())?
-            .create_consumer(pull::OrderedConfig {
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: self.seq + 1,
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .messages()
-            .await
-            .map_err(|e| e.to_string())
+        streams::read_from(&self.js, STREAM_INCIDENTS, self.seq + 1).await
     }
 
     async fn last_seq(&self) -> Result<u64, String> {
-        let mut s = self
-            .js
-            .get_stream(STREAM_INCIDENTS)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(s.info()
-            .await
-            .map_err(|e| e.to_string())?
-            .state
-            .last_sequence)
+        streams::last_sequence(&self.js, STREAM_INCIDENTS).await
     }
 
     /// Applies every INCIDENTS entry up to the stream's end as of now.

@@ -11,7 +11,7 @@ use std::{
 use async_nats::{
     jetstream::{
         self,
-        consumer::{pull, AckPolicy, DeliverPolicy},
+        consumer::{pull, AckPolicy},
         message::PublishMessage,
     },
     Client, HeaderMap,
@@ -25,6 +25,7 @@ use tocsin_proto::{
     subjects::{self, headers, STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS},
     Alert, Envelope, SourceKind,
 };
+use tocsin_runtime::streams;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -113,17 +114,7 @@ impl Service {
     }
 
     async fn try_catch_up(&self) -> Result<(), String> {
-        let mut stream = self
-            .js
-            .get_stream(STREAM_INCIDENTS)
-            .await
-            .map_err(|e| e.to_string())?;
-        let last = stream
-            .info()
-            .await
-            .map_err(|e| e.to_string())?
-            .state
-            .last_sequence;
+        let last = streams::last_sequence(&self.js, STREAM_INCIDENTS).await?;
         let from = {
             let mut p = write(&self.proj);
             if p.incidents_seq > last {
@@ -143,16 +134,7 @@ impl Service {
         if from > last {
             return Ok(());
         }
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: from,
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut msgs = consumer.messages().await.map_err(|e| e.to_string())?;
+        let mut msgs = streams::read_from(&self.js, STREAM_INCIDENTS, from).await?;
         let mut n = 0u64;
         loop {
             if read(&self.proj).incidents_seq >= last {
@@ -240,22 +222,7 @@ impl Service {
     }
 
     async fn consumers(&self, alerts_from: u64) -> Result<(pull::Ordered, pull::Stream), String> {
-        let alerts = self
-            .js
-            .get_stream(STREAM_ALERTS)
-            .await
-            .map_err(|e| e.to_string())?
-            .create_consumer(pull::OrderedConfig {
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: alerts_from.max(1),
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .messages()
-            .await
-            .map_err(|e| e.to_string())?;
+        let alerts = streams::read_from(&self.js, STREAM_ALERTS, alerts_from).await?;
         let commands = self
             .js
             .get_stream(STREAM_COMMANDS)
@@ -305,46 +272,74 @@ impl Service {
         traceparent: Option<&str>,
     ) -> Result<usize, Retry> {
         let n = entries.len();
+        let mut stored = Vec::with_capacity(n);
+        let mut failure = None;
         for entry in entries {
-            let at = match &entry {
-                LogEntry::Incident(e) => e.at,
-                LogEntry::Silence { at, .. } => *at,
-            };
-            let env = Envelope::new("incidents", at, entry)
-                .with_traceparent(traceparent.map(str::to_string));
-            let payload = codec::encode(&env).map_err(|e| Retry(e.to_string()))?;
-            let mut h = HeaderMap::new();
-            h.insert(
-                headers::SCHEMA,
-                tocsin_proto::SCHEMA_VERSION.to_string().as_str(),
-            );
-            if let Some(tp) = traceparent {
-                h.insert(headers::TRACEPARENT, tp);
+            match self.publish_entry(&entry, traceparent).await {
+                Ok(seq) => stored.push((entry, seq)),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
             }
-            let publish = PublishMessage::build()
-                .payload(payload.into())
-                .headers(h)
-                .message_id(env.body.msg_id());
-            let ack = self
-                .js
-                .send_publish(env.body.subject(), publish)
-                .await
-                .map_err(|e| Retry(e.to_string()))?
-                .await
-                .map_err(|e| Retry(e.to_string()))?;
-            let kind = match &env.body {
+        }
+        // Folded in together, so queries never see half an input. What was
+        // stored before a failure is folded in too: deciding again then
+        // yields only the rest.
+        {
+            let mut p = write(&self.proj);
+            for (entry, seq) in &stored {
+                p.apply(entry, *seq);
+            }
+            self.metrics.open.set(p.open_count as i64);
+        }
+        // Saved by the caller, once per input, together with the cursor.
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(n),
+        }
+    }
+
+    /// Publishes one entry and waits for JetStream; returns its sequence.
+    async fn publish_entry(
+        &self,
+        entry: &LogEntry,
+        traceparent: Option<&str>,
+    ) -> Result<u64, Retry> {
+        let at = match entry {
+            LogEntry::Incident(e) => e.at,
+            LogEntry::Silence { at, .. } => *at,
+        };
+        let env =
+            Envelope::new("incidents", at, entry).with_traceparent(traceparent.map(str::to_string));
+        let payload = codec::encode(&env).map_err(|e| Retry(e.to_string()))?;
+        let mut h = HeaderMap::new();
+        h.insert(
+            headers::SCHEMA,
+            tocsin_proto::SCHEMA_VERSION.to_string().as_str(),
+        );
+        if let Some(tp) = traceparent {
+            h.insert(headers::TRACEPARENT, tp);
+        }
+        let publish = PublishMessage::build()
+            .payload(payload.into())
+            .headers(h)
+            .message_id(entry.msg_id());
+        let ack = self
+            .js
+            .send_publish(entry.subject(), publish)
+            .await
+            .map_err(|e| Retry(e.to_string()))?
+            .await
+            .map_err(|e| Retry(e.to_string()))?;
+        if !ack.duplicate {
+            let kind = match entry {
                 LogEntry::Incident(e) => e.kind.name(),
                 LogEntry::Silence { .. } => "silence",
             };
-            if !ack.duplicate {
-                IncidentsEvent::Written { kind }.emit(&self.metrics);
-            }
-            let mut p = write(&self.proj);
-            p.apply(&env.body, ack.sequence);
+            IncidentsEvent::Written { kind }.emit(&self.metrics);
         }
-        // Saved by the caller, once per input, together with the cursor.
-        self.metrics.open.set(read(&self.proj).open_count as i64);
-        Ok(n)
+        Ok(ack.sequence)
     }
 
     /// Decides with `decide` and publishes, again and again until it works

@@ -104,6 +104,40 @@ pub async fn ensure_streams(
     Ok(())
 }
 
+/// Every message of `stream` in order from sequence `start` (at least 1).
+/// An ordered consumer: nothing to clean up on the server, and it recreates
+/// itself after a reconnect.
+pub async fn read_from(
+    js: &jetstream::Context,
+    stream: &str,
+    start: u64,
+) -> Result<jetstream::consumer::pull::Ordered, String> {
+    js.get_stream(stream)
+        .await
+        .map_err(|e| e.to_string())?
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start.max(1),
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .messages()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The sequence of the last message in `stream` (0 when empty).
+pub async fn last_sequence(js: &jetstream::Context, stream: &str) -> Result<u64, String> {
+    let mut s = js.get_stream(stream).await.map_err(|e| e.to_string())?;
+    Ok(s.info()
+        .await
+        .map_err(|e| e.to_string())?
+        .state
+        .last_sequence)
+}
+
 /// Keeps trying [`ensure_streams`] until it succeeds (NATS may not be up
 /// yet), then marks the `jetstream` health check as passing. Returns early
 /// if `shutdown` is cancelled. An error JetStream will never accept (a
