@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::{
     incident::{Actor, IncidentSummary},
+    notify::Delivery,
     silence::Silence,
 };
 
@@ -91,6 +92,11 @@ pub enum Action {
         pages: Vec<String>,
         reason: String,
     },
+    /// The notifier delivered (or failed to deliver) a message for an incident.
+    Delivery {
+        incident: IncidentRef,
+        delivery: Delivery,
+    },
 }
 
 impl Action {
@@ -109,6 +115,7 @@ impl Action {
             Action::CreateSilence { .. } => "create_silence",
             Action::ExpireSilence { .. } => "expire_silence",
             Action::Paged { .. } => "paged",
+            Action::Delivery { .. } => "delivery",
         }
     }
 
@@ -123,7 +130,8 @@ impl Action {
             | Action::Assign { incident, .. }
             | Action::Note { incident, .. }
             | Action::Remediation { incident, .. }
-            | Action::Paged { incident, .. } => Some(incident),
+            | Action::Paged { incident, .. }
+            | Action::Delivery { incident, .. } => Some(incident),
             Action::CreateSilence { .. } | Action::ExpireSilence { .. } => None,
         }
     }

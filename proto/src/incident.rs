@@ -245,6 +245,10 @@ pub enum EventKind {
         #[serde(default)]
         reason: String,
     },
+    /// The notifier's receipt for a message about this incident.
+    Delivery {
+        delivery: crate::notify::Delivery,
+    },
 }
 
 impl EventKind {
@@ -265,6 +269,7 @@ impl EventKind {
             EventKind::Resolved { .. } => "resolved",
             EventKind::Reopened => "reopened",
             EventKind::Paged { .. } => "paged",
+            EventKind::Delivery { .. } => "delivery",
         }
     }
 }
@@ -336,6 +341,7 @@ impl LogEntry {
                 let extra = match &e.kind {
                     EventKind::AlertFiring { alert } => format!(":{}", alert.fingerprint),
                     EventKind::AlertResolved { fingerprint, .. } => format!(":{fingerprint}"),
+                    EventKind::Delivery { delivery } => format!(":{}", delivery.id),
                     _ => String::new(),
                 };
                 format!(

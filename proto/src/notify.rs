@@ -90,6 +90,9 @@ pub struct Page {
     /// Why this page: "level 1 of policy web-oncall (no acknowledgement after 15m)".
     pub reason: String,
     pub due_at: Timestamp,
+    /// A first page, or a reminder (a repeat round, or a stale acknowledgement).
+    #[serde(default)]
+    pub kind: MessageKind,
 }
 
 impl Page {
@@ -115,4 +118,134 @@ impl Page {
             channel.as_str()
         )
     }
+}
+
+/// What a message tells: a new page, a reminder, or a change of an incident
+/// already paged (each has its own template per channel).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageKind {
+    #[default]
+    Page,
+    /// A repeat round, or a reminder to whoever acknowledged.
+    Reminder,
+    Acknowledged,
+    Resolved,
+    /// A note on the incident, sent as a status update where a message was posted.
+    StatusUpdate,
+}
+
+impl MessageKind {
+    pub const ALL: [MessageKind; 5] = [
+        MessageKind::Page,
+        MessageKind::Reminder,
+        MessageKind::Acknowledged,
+        MessageKind::Resolved,
+        MessageKind::StatusUpdate,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Page => "page",
+            MessageKind::Reminder => "reminder",
+            MessageKind::Acknowledged => "acknowledged",
+            MessageKind::Resolved => "resolved",
+            MessageKind::StatusUpdate => "status_update",
+        }
+    }
+}
+
+/// What became of a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryOutcome {
+    /// The provider accepted it.
+    Sent,
+    /// The provider refused it for good (bad token, invalid payload): no retry.
+    Failed,
+    /// Retries ran out (the provider stayed down past `give_up_after`).
+    GaveUp,
+}
+
+impl DeliveryOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryOutcome::Sent => "sent",
+            DeliveryOutcome::Failed => "failed",
+            DeliveryOutcome::GaveUp => "gave_up",
+        }
+    }
+}
+
+/// Where a provider keeps what was sent, so it can be found and updated
+/// later (by any notifier replica: this travels on the incident timeline).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ProviderRef {
+    /// A Web API message: `chat.update` needs both.
+    SlackMessage { channel: String, ts: String },
+    /// An incoming webhook post (cannot be updated).
+    SlackWebhook,
+    /// A PagerDuty alert: acknowledged and resolved by this dedup key.
+    Pagerduty { service: String, dedup_key: String },
+    /// A Twilio message sid.
+    Sms { sid: String },
+    /// The `Message-ID` of an email, and to whom (status updates follow
+    /// in the same thread).
+    Email {
+        message_id: String,
+        #[serde(default)]
+        to: String,
+    },
+    /// The `webhook-id` of a webhook call.
+    Webhook { id: String },
+}
+
+/// A delivery receipt: recorded on the incident's timeline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// The page id, or for an update `<kind>:<incident event>:<provider ref>`.
+    pub id: String,
+    pub kind: MessageKind,
+    pub channel: Channel,
+    /// Who or what: `alice`, `#ops`, `pagerduty:payments`.
+    pub target: String,
+    pub outcome: DeliveryOutcome,
+    /// Attempts made (1 = first try).
+    pub attempts: u32,
+    /// The provider's error text for failures, or a short note.
+    #[serde(default)]
+    pub detail: String,
+    #[serde(default)]
+    pub provider: Option<ProviderRef>,
+}
+
+impl Delivery {
+    /// `alice via sms: sent`, for logs and the CLI.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "{} {} via {}: {}",
+            self.kind.as_str(),
+            self.target,
+            self.channel.as_str(),
+            self.outcome.as_str()
+        );
+        if !self.detail.is_empty() {
+            s.push_str(" (");
+            s.push_str(&self.detail);
+            s.push(')');
+        }
+        s
+    }
+}
+
+/// `action_id`s of the buttons on Slack messages; each button's `value` is
+/// the incident id (UUID). The chat-ops service maps them to commands.
+pub mod slack_actions {
+    pub const ACK: &str = "tocsin_ack";
+    pub const UNACK: &str = "tocsin_unack";
+    pub const RESOLVE: &str = "tocsin_resolve";
+    pub const ESCALATE: &str = "tocsin_escalate";
+    /// Snooze for one hour.
+    pub const SNOOZE: &str = "tocsin_snooze_1h";
 }

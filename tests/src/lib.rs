@@ -12,12 +12,23 @@
 //!   through the same start-up path as `tocsin up`, on port-0 listeners.
 //! - [`bus`]: reading what landed on a stream.
 //! - [`http`]: small HTTP helpers.
+//! - [`fakes`]: [`fakes::FakeProviders`], one local HTTP server standing in
+//!   for Slack, PagerDuty, Twilio and Standard Webhooks receivers: checks
+//!   requests as the real services do, answers with their real shapes,
+//!   records what it accepted, and can inject failures.
+//! - [`notifier`]: a notifier config aimed at the fakes, an escalation
+//!   config paging on every channel, and pages made by hand.
+//! - [`smtp`]: [`smtp::SmtpSink`], a real SMTP server (aiosmtpd) per test,
+//!   with the messages it received parsed into [`smtp::Mail`].
 
 pub mod bus;
 pub mod escalation;
+pub mod fakes;
 pub mod http;
 pub mod incidents;
 pub mod nats;
+pub mod notifier;
+pub mod smtp;
 pub mod tocsin;
 
 pub use nats::NatsServer;
@@ -28,6 +39,7 @@ pub const TEST_TOKEN: &str = "test-token-0123456789abcdef";
 
 /// Installs a test log subscriber once (`TOCSIN_TEST_LOG=debug` to see logs).
 pub fn init_logs() {
+    tocsin_runtime::install_crypto();
     let filter = std::env::var("TOCSIN_TEST_LOG").unwrap_or_else(|_| "warn".into());
     tocsin_runtime::telemetry::init_tracing(tocsin_runtime::telemetry::LogFormat::Human, &filter);
 }

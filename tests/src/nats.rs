@@ -78,6 +78,8 @@ impl NatsServer {
     /// Starts a server on a random port and waits until JetStream answers.
     /// Panics with installation instructions when no binary is found.
     pub async fn start() -> NatsServer {
+        // Every test starts here: HTTP clients need the TLS provider set.
+        tocsin_runtime::install_crypto();
         let bin = nats_server_bin().unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::Builder::new()
             .prefix("tocsin-nats-")

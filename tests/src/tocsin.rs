@@ -44,6 +44,7 @@ impl TocsinHarness {
             ingest: Some(ingest),
             incidents: Default::default(),
             escalation: Default::default(),
+            notifier: None,
         }
     }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tocsin_proto::{
     command::{Action, Command, IncidentRef},
     incident::{Actor, EventKind, IncidentEvent, IncidentStatus, IncidentSummary},
-    notify::{Channel, Page, PageTarget},
+    notify::{Channel, MessageKind, Page, PageTarget},
 };
 use uuid::Uuid;
 
@@ -242,6 +242,12 @@ impl Tracks {
                 }
                 keys
             }
+            // Receipts, notes and runbook progress change nothing here.
+            EventKind::Delivery { .. }
+            | EventKind::NoteAdded { .. }
+            | EventKind::Paged { .. }
+            | EventKind::Remediation { .. }
+            | EventKind::Assigned { .. } => keys,
             _ => {
                 // An incident that was suppressed at first and now pages.
                 if keys.is_empty() && inc.status == IncidentStatus::Triggered {
@@ -484,6 +490,12 @@ fn page(
         address,
         reason,
         due_at,
+        // Steps from 100 remind whoever acknowledged; repeat rounds page again.
+        kind: if repeat > 0 || step >= 100 {
+            MessageKind::Reminder
+        } else {
+            MessageKind::Page
+        },
     }))
 }
 

@@ -290,7 +290,8 @@ fn step(
         | EventKind::AlertResolved { .. }
         | EventKind::NoteAdded { .. }
         | EventKind::Remediation { .. }
-        | EventKind::Paged { .. } => {}
+        | EventKind::Paged { .. }
+        | EventKind::Delivery { .. } => {}
     }
     recompute(st, cfg);
 }
@@ -785,6 +786,17 @@ impl Decider<'_> {
                             );
                             Verdict::Accepted(format!("pages recorded on incident #{n}"))
                         }
+                    }
+                    Action::Delivery { delivery, .. } => {
+                        // Recorded whatever the incident's state: a page
+                        // sent just before a resolve still happened.
+                        b.push(
+                            &mut st,
+                            EventKind::Delivery {
+                                delivery: delivery.clone(),
+                            },
+                        );
+                        Verdict::Accepted(format!("delivery recorded on incident #{n}"))
                     }
                     Action::CreateSilence { .. } | Action::ExpireSilence { .. } => {
                         unreachable!("handled above")

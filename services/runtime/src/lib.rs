@@ -27,3 +27,11 @@ pub mod telemetry;
 
 pub use error::RuntimeError;
 pub use tokio_util::sync::CancellationToken;
+
+/// Makes rustls use the ring provider process-wide. HTTP clients (reqwest,
+/// lettre) are built without a default provider so that only ring, which
+/// the NATS client already uses, is compiled in. Call before building any
+/// HTTP client; calling again is harmless.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

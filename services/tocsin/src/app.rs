@@ -138,6 +138,24 @@ pub async fn run(
                     ("escalation", r.map_err(anyhow::Error::from))
                 });
             }
+            Service::Notifier => {
+                let Some(cfg) = config.notifier.clone() else {
+                    tracing::info!(
+                        "no `notifier:` section: pages wait on the NOTIFY stream for a notifier"
+                    );
+                    continue;
+                };
+                let (js, metrics, health, stop) = (
+                    js.clone(),
+                    metrics.clone(),
+                    health.clone(),
+                    shutdown.clone(),
+                );
+                tasks.spawn(async move {
+                    let r = tocsin_notifier::run(cfg, js, &metrics, &health, stop).await;
+                    ("notifier", r.map_err(anyhow::Error::from))
+                });
+            }
             Service::Incidents => {
                 let (cfg, client, js, metrics, health, clock, stop) = (
                     config.incidents.clone(),

@@ -60,6 +60,8 @@ pub enum Command {
     Incidents,
     /// Run the escalation service (INCIDENTS -> NOTIFY, by policy and schedule).
     Escalation,
+    /// Run the notifier (NOTIFY -> Slack, PagerDuty, SMS, email, webhooks).
+    Notifier,
     /// Validate a config file; exits non-zero and prints file, line and reason on errors.
     CheckConfig {
         /// File to check (default: --config).
@@ -141,6 +143,7 @@ pub struct Target {
 
 /// Entry point of every binary; `forced` fixes the command (`tocsin-ingest`).
 pub fn main(forced: Option<Command>) -> ExitCode {
+    tocsin_runtime::install_crypto();
     let mut cli = Cli::parse_from(match forced {
         // A single-service binary takes the global flags only.
         Some(_) => std::iter::once(std::ffi::OsString::from("tocsin"))
@@ -160,6 +163,7 @@ pub fn main(forced: Option<Command>) -> ExitCode {
             | Command::Ingest
             | Command::Incidents
             | Command::Escalation
+            | Command::Notifier
             | Command::CheckConfig { .. }
     );
     let level = if operator && std::env::var_os("TOCSIN_LOG").is_none() && cli.log_level == "info" {
@@ -197,6 +201,7 @@ pub fn main(forced: Option<Command>) -> ExitCode {
         Command::Ingest => serve(&cli, &[Service::Ingest]),
         Command::Incidents => serve(&cli, &[Service::Incidents]),
         Command::Escalation => serve(&cli, &[Service::Escalation]),
+        Command::Notifier => serve(&cli, &[Service::Notifier]),
     }
 }
 

@@ -6,6 +6,7 @@ use serde::Deserialize;
 use tocsin_escalation::EscalationConfig;
 use tocsin_incidents::IncidentsConfig;
 use tocsin_ingest::IngestConfig;
+use tocsin_notifier::NotifierConfig;
 use tocsin_runtime::{
     config::{self, ConfigError},
     nats::NatsConfig,
@@ -31,6 +32,10 @@ pub struct Config {
     /// The escalation service: routes, policies, schedules, users.
     #[serde(default)]
     pub escalation: EscalationConfig,
+    /// The notifier: providers, templates, retries. Without this section
+    /// `tocsin up` runs no notifier and pages wait on the NOTIFY stream.
+    #[serde(default)]
+    pub notifier: Option<NotifierConfig>,
 }
 
 /// The part of the config operator commands (`tocsin ack`, `list` ...)
@@ -56,16 +61,24 @@ pub enum Service {
     Ingest,
     Incidents,
     Escalation,
+    Notifier,
 }
 
 impl Service {
-    pub const ALL: [Service; 3] = [Service::Ingest, Service::Incidents, Service::Escalation];
+    /// What `tocsin up` runs (the notifier only with a `notifier:` section).
+    pub const ALL: [Service; 4] = [
+        Service::Ingest,
+        Service::Incidents,
+        Service::Escalation,
+        Service::Notifier,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Service::Ingest => "ingest",
             Service::Incidents => "incidents",
             Service::Escalation => "escalation",
+            Service::Notifier => "notifier",
         }
     }
 }
@@ -97,6 +110,27 @@ impl Config {
                         ));
                     }
                 }
+                Service::Notifier => match &cfg.notifier {
+                    None if services.len() == 1 => {
+                        return Err(ConfigError::whole_file(
+                            path,
+                            "no `notifier:` section; add one with at least one channel \
+                             (see config/tocsin.yaml in the Tocsin repository)",
+                        ))
+                    }
+                    None => {}
+                    Some(n) => {
+                        if let Err(tocsin_notifier::NotifierError::Config(errors)) =
+                            tocsin_notifier::check(n)
+                        {
+                            let errors = errors
+                                .into_iter()
+                                .map(|e| format!("notifier: {e}"))
+                                .collect();
+                            return Err(located(path, "notifier", errors));
+                        }
+                    }
+                },
                 Service::Escalation => {
                     if let Err(tocsin_escalation::EscalationError::Config(errors)) =
                         tocsin_escalation::check(&cfg.escalation)

@@ -205,7 +205,14 @@ pub async fn show(config: &Config, incident: IncidentRef) -> anyhow::Result<Stri
             .as_ref()
             .map(|a| format!(" by {} ({})", a.name, a.via))
             .unwrap_or_default();
-        out.push_str(&format!("    {}  {}{}\n", e.at, e.kind.name(), who));
+        let what = match &e.kind {
+            tocsin_proto::incident::EventKind::Delivery { delivery } => {
+                format!("delivery: {}", delivery.describe())
+            }
+            tocsin_proto::incident::EventKind::NoteAdded { text } => format!("note: {text}"),
+            other => other.name().to_string(),
+        };
+        out.push_str(&format!("    {}  {}{}\n", e.at, what, who));
     }
     Ok(out)
 }

@@ -79,7 +79,7 @@ async fn operators_ack_resolve_list_and_show_from_the_command_line() {
         "status:    resolved",
         "opened",
         "acknowledged by alice (cli)",
-        "note_added by alice (cli)",
+        "note: drained the queue by alice (cli)",
         "resolved by alice (cli)",
     ] {
         assert!(out.contains(expected), "{expected:?} not in:\n{out}");

@@ -244,6 +244,7 @@ struct EscalationArgs {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    tocsin_runtime::install_crypto();
     let result = match Cli::parse().command {
         Command::Ingest(args) => ingest(args).await,
         Command::Incidents(args) => incidents(args).await,

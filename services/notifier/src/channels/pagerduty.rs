@@ -1,0 +1,201 @@
+//! PagerDuty Events API v2: `trigger` on a page, `acknowledge` and
+//! `resolve` when the incident changes, all with `dedup_key` = the Tocsin
+//! incident id, so PagerDuty's alert follows Tocsin's incident (and a
+//! trigger sent again after a crash lands on the same alert).
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+use tocsin_proto::{
+    incident::Severity,
+    notify::{MessageKind, ProviderRef},
+};
+use tocsin_runtime::config::Secret;
+
+use super::{
+    body_text, classify_http, http_client, retry_after, transport_error, Outgoing, SendError,
+};
+use crate::config::PagerdutyConfig;
+
+/// The Events API's limit on `payload.summary`.
+pub const SUMMARY_MAX: usize = 1024;
+/// The Events API's limit on a whole event.
+const EVENT_MAX: usize = 512_000;
+
+pub struct Pagerduty {
+    client: reqwest::Client,
+    url: String,
+    keys: BTreeMap<String, Secret>,
+}
+
+/// Tocsin severity -> `payload.severity`.
+pub fn severity(s: Severity) -> &'static str {
+    match s {
+        Severity::Critical => "critical",
+        Severity::High => "error",
+        Severity::Medium | Severity::Low => "warning",
+        Severity::Info => "info",
+    }
+}
+
+/// Cuts to `max` characters (not bytes), marking the cut.
+pub fn cut(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(max - 1).collect();
+        t.push('…');
+        t
+    }
+}
+
+impl Pagerduty {
+    pub fn new(cfg: &PagerdutyConfig) -> Result<Pagerduty, String> {
+        let mut keys = BTreeMap::new();
+        for (name, svc) in &cfg.services {
+            let key = svc
+                .routing_key()
+                .map_err(|e| format!("pagerduty service {name:?}: {e}"))?;
+            if key.expose().len() != 32 {
+                return Err(format!(
+                    "pagerduty service {name:?}: the routing key has {} characters; PagerDuty integration keys have 32",
+                    key.expose().len()
+                ));
+            }
+            keys.insert(name.clone(), key);
+        }
+        Ok(Pagerduty {
+            client: http_client(cfg.guard.timeout.get()),
+            url: cfg
+                .url
+                .as_ref()
+                .map(|u| u.0.clone())
+                .unwrap_or_else(|| "https://events.pagerduty.com/v2/enqueue".into()),
+            keys,
+        })
+    }
+
+    pub fn has_service(&self, name: &str) -> bool {
+        self.keys.contains_key(name)
+    }
+
+    /// The event for `out` (exposed for tests of the exact shape).
+    pub fn event(out: &Outgoing, summary: &str, routing_key: &str) -> Value {
+        let inc = &out.incident;
+        let dedup_key = inc.id.to_string();
+        let action = match out.kind {
+            MessageKind::Acknowledged => "acknowledge",
+            MessageKind::Resolved => "resolve",
+            _ => "trigger",
+        };
+        if action != "trigger" {
+            return json!({
+                "routing_key": routing_key,
+                "event_action": action,
+                "dedup_key": dedup_key,
+            });
+        }
+        let label = |k: &str| inc.labels.get(k).cloned();
+        let source = label("instance")
+            .or_else(|| label("host"))
+            .or_else(|| label("service"))
+            .unwrap_or_else(|| "tocsin".into());
+        let mut payload = json!({
+            "summary": cut(summary, SUMMARY_MAX),
+            "source": source,
+            "severity": severity(inc.severity),
+            "timestamp": inc.opened_at.to_string(),
+            "custom_details": {
+                "incident": format!("INC-{}", inc.number),
+                "incident_id": dedup_key,
+                "status": inc.status.as_str(),
+                "reason": out.page.as_ref().map(|p| p.reason.clone()).unwrap_or_default(),
+                "alerts_firing": inc.alerts_firing,
+                "labels": inc.labels,
+                "link": out.ctx.incident.url,
+            },
+        });
+        if let Some(c) = label("service") {
+            payload["component"] = json!(c);
+        }
+        if let Some(g) = label("team").or_else(|| label("cluster")) {
+            payload["group"] = json!(g);
+        }
+        if let Some(c) = label("alertname") {
+            payload["class"] = json!(c);
+        }
+        let mut event = json!({
+            "routing_key": routing_key,
+            "event_action": "trigger",
+            "dedup_key": dedup_key,
+            "payload": payload,
+            "client": "Tocsin",
+        });
+        if let Some(url) = &out.ctx.incident.url {
+            event["client_url"] = json!(url);
+            event["links"] = json!([{"href": url, "text": format!("Tocsin INC-{}", inc.number)}]);
+        }
+        // Like Alertmanager's notifier: drop the details when over the limit.
+        if serde_json::to_vec(&event).map(|v| v.len()).unwrap_or(0) > EVENT_MAX {
+            event["payload"]["custom_details"] =
+                json!({"note": "details dropped: event over 512 KB"});
+        }
+        event
+    }
+
+    pub async fn send(&self, out: &Outgoing, summary: &str) -> Result<ProviderRef, SendError> {
+        let service = match &out.reference {
+            Some(ProviderRef::Pagerduty { service, .. }) => service.clone(),
+            _ => out.target.clone(),
+        };
+        let key = self.keys.get(&service).ok_or_else(|| {
+            SendError::permanent(format!(
+                "no PagerDuty service {service:?} in notifier.pagerduty.services (known: {})",
+                self.keys.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        let event = Self::event(out, summary, key.expose());
+        let resp = self
+            .client
+            .post(&self.url)
+            .json(&event)
+            .send()
+            .await
+            .map_err(|e| transport_error(&e))?;
+        let status = resp.status().as_u16();
+        let after = retry_after(resp.headers());
+        let text = body_text(resp).await;
+        if status == 202 || (200..300).contains(&status) {
+            let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            return Ok(ProviderRef::Pagerduty {
+                service,
+                dedup_key: answer["dedup_key"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| out.incident.id.to_string()),
+            });
+        }
+        let reason = match serde_json::from_str::<Value>(&text) {
+            Ok(v) if v["errors"].is_array() => format!(
+                "PagerDuty: HTTP {status}: {}: {}",
+                v["message"].as_str().unwrap_or("error"),
+                v["errors"]
+                    .as_array()
+                    .map(|e| e
+                        .iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; "))
+                    .unwrap_or_default()
+            ),
+            _ => format!("PagerDuty: HTTP {status}"),
+        };
+        // PagerDuty asks for tens of seconds after a 429.
+        let after = if status == 429 {
+            after.or(Some(std::time::Duration::from_secs(30)))
+        } else {
+            after
+        };
+        Err(classify_http(status, after, reason))
+    }
+}

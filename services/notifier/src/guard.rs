@@ -1,0 +1,226 @@
+//! Per-channel guards: circuit breaker, rate limit and retry backoff.
+//! Plain data over an injected `Instant`, tested without a provider.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::{BreakerConfig, RetryConfig};
+
+/// Breaker state, as `/metrics` shows it (0 closed, 1 half-open, 2 open).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    /// Probes are let through one at a time; `successes` in a row close it.
+    HalfOpen,
+    Open {
+        until: Instant,
+    },
+}
+
+/// A circuit breaker: closed -> open after `failures` consecutive failures;
+/// open -> half-open after `open_for`; half-open -> closed after `successes`
+/// successes in a row, or open again on a failure.
+#[derive(Debug)]
+pub struct Breaker {
+    cfg: BreakerConfig,
+    state: BreakerState,
+    failures: u32,
+    successes: u32,
+    /// A half-open probe is in flight: others wait.
+    probing: bool,
+}
+
+/// What a caller may do now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Permit {
+    /// Send. `probe` is true when this is a half-open probe.
+    Go { probe: bool },
+    /// Wait this long, then ask again.
+    Wait(Duration),
+}
+
+impl Breaker {
+    pub fn new(cfg: BreakerConfig) -> Self {
+        Breaker {
+            cfg,
+            state: BreakerState::Closed,
+            failures: 0,
+            successes: 0,
+            probing: false,
+        }
+    }
+
+    pub fn state(&self) -> BreakerState {
+        self.state
+    }
+
+    pub fn permit(&mut self, now: Instant) -> Permit {
+        if let BreakerState::Open { until } = self.state {
+            if now < until {
+                return Permit::Wait(until - now);
+            }
+            self.state = BreakerState::HalfOpen;
+            self.successes = 0;
+            self.probing = false;
+        }
+        match self.state {
+            BreakerState::Closed => Permit::Go { probe: false },
+            BreakerState::HalfOpen if !self.probing => {
+                self.probing = true;
+                Permit::Go { probe: true }
+            }
+            _ => Permit::Wait(Duration::from_millis(200)),
+        }
+    }
+
+    /// The provider answered (a success, or a refusal that is not an outage).
+    pub fn success(&mut self) {
+        self.failures = 0;
+        self.probing = false;
+        if self.state == BreakerState::HalfOpen {
+            self.successes += 1;
+            if self.successes >= self.cfg.successes.max(1) {
+                self.state = BreakerState::Closed;
+                self.successes = 0;
+            }
+        }
+    }
+
+    /// The provider failed (5xx, 429, timeout, connection refused).
+    /// Returns true when this opened the breaker.
+    pub fn failure(&mut self, now: Instant) -> bool {
+        self.probing = false;
+        self.successes = 0;
+        let open_for = self.cfg.open_for.get().max(Duration::from_millis(10));
+        match self.state {
+            BreakerState::HalfOpen => {
+                self.state = BreakerState::Open {
+                    until: now + open_for,
+                };
+                true
+            }
+            BreakerState::Closed => {
+                self.failures += 1;
+                if self.failures >= self.cfg.failures.max(1) {
+                    self.failures = 0;
+                    self.state = BreakerState::Open {
+                        until: now + open_for,
+                    };
+                    true
+                } else {
+                    false
+                }
+            }
+            BreakerState::Open { .. } => false,
+        }
+    }
+
+    /// A probe ended without an answer either way (e.g. the page was
+    /// already sent): let the next one through.
+    pub fn release(&mut self) {
+        self.probing = false;
+    }
+}
+
+/// Delay before retry `attempt` (1 = after the first failure): exponential
+/// from `initial`, capped at `max`, with ±20 % jitter so many pages
+/// waiting on one provider do not retry in lock step. A provider's
+/// `Retry-After` wins when it is longer.
+pub fn backoff(cfg: &RetryConfig, attempt: u32, retry_after: Option<Duration>) -> Duration {
+    let initial = cfg.initial.get().max(Duration::from_millis(10));
+    let max = cfg.max.get().max(initial);
+    let exp = initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    let base = exp.min(max);
+    let jitter = 0.8 + rand::random::<f64>() * 0.4;
+    let delay = base.mul_f64(jitter);
+    match retry_after {
+        Some(ra) => ra.max(delay.min(ra + Duration::from_millis(250))),
+        None => delay,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tocsin_runtime::config::HumanDuration;
+
+    fn breaker() -> Breaker {
+        Breaker::new(BreakerConfig::default())
+    }
+
+    #[test]
+    fn opens_after_five_consecutive_failures() {
+        let now = Instant::now();
+        let mut b = breaker();
+        for i in 0..4 {
+            assert!(!b.failure(now), "failure {i}");
+            assert_eq!(b.permit(now), Permit::Go { probe: false });
+        }
+        b.success(); // resets the count
+        for _ in 0..4 {
+            b.failure(now);
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert!(b.failure(now));
+        assert_eq!(b.permit(now), Permit::Wait(Duration::from_secs(60)));
+        assert_eq!(
+            b.permit(now + Duration::from_secs(59)),
+            Permit::Wait(Duration::from_secs(1))
+        );
+    }
+
+    #[test]
+    fn half_open_after_60s_closes_after_two_successes() {
+        let t0 = Instant::now();
+        let mut b = breaker();
+        for _ in 0..5 {
+            b.failure(t0);
+        }
+        let t1 = t0 + Duration::from_secs(60);
+        assert_eq!(b.permit(t1), Permit::Go { probe: true });
+        // one probe at a time
+        assert!(matches!(b.permit(t1), Permit::Wait(_)));
+        b.success();
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(b.permit(t1), Permit::Go { probe: true });
+        b.success();
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.permit(t1), Permit::Go { probe: false });
+    }
+
+    #[test]
+    fn a_failed_probe_opens_again() {
+        let t0 = Instant::now();
+        let mut b = breaker();
+        for _ in 0..5 {
+            b.failure(t0);
+        }
+        let t1 = t0 + Duration::from_secs(61);
+        assert_eq!(b.permit(t1), Permit::Go { probe: true });
+        assert!(b.failure(t1));
+        assert_eq!(b.permit(t1), Permit::Wait(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_honours_retry_after() {
+        let cfg = RetryConfig {
+            initial: HumanDuration::secs(1),
+            max: HumanDuration::secs(8),
+            give_up_after: HumanDuration::secs(3600),
+        };
+        let within = |d: Duration, lo: f64, hi: f64| {
+            let s = d.as_secs_f64();
+            assert!(s >= lo && s <= hi, "{s} not in {lo}..{hi}");
+        };
+        within(backoff(&cfg, 1, None), 0.8, 1.2);
+        within(backoff(&cfg, 2, None), 1.6, 2.4);
+        within(backoff(&cfg, 3, None), 3.2, 4.8);
+        within(backoff(&cfg, 10, None), 6.4, 9.6);
+        within(backoff(&cfg, 40, None), 6.4, 9.6);
+        // Retry-After 1 on the third attempt: about a second, not 4 s.
+        within(backoff(&cfg, 3, Some(Duration::from_secs(1))), 1.0, 1.25);
+        // A longer Retry-After wins.
+        within(backoff(&cfg, 1, Some(Duration::from_secs(30))), 30.0, 30.0);
+    }
+}

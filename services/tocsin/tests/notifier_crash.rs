@@ -1,0 +1,169 @@
+//! Effects happen once: 500 pages, the `tocsin notifier` process killed
+//! with SIGKILL (no drain) at random moments five times and restarted; the
+//! fake providers record every page exactly once.
+//!
+//! A kill can land between a provider accepting a message and the delivery
+//! record saying so. The restarted notifier finds such a page in doubt and
+//! asks the provider (Slack's history, Twilio's message list) before
+//! sending; PagerDuty and webhook receivers drop repeats by dedup key and
+//! `webhook-id` as the real ones do.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use tocsin_proto::notify::Channel;
+use tocsin_tests::{
+    fakes::{FakeProviders, Provider},
+    notifier::{config_yaml, page, publish_pages},
+    NatsServer,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tocsin");
+
+fn start(config: &Path) -> Child {
+    Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args([
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "warn",
+            "notifier",
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start tocsin notifier")
+}
+
+/// A pseudo-random number from the clock and a counter (no rand crate here).
+fn random(n: u64, below: u64) -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    (t ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9) % below
+}
+
+fn delivered(f: &FakeProviders) -> usize {
+    f.slack_posts().len() + f.sms().len() + f.webhooks().len() + f.pagerduty_alerts().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_five_times_every_page_arrives_exactly_once() {
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let notifier = config_yaml(&fakes, None, &dir.path().join("data"));
+    let indented: String = notifier.lines().map(|l| format!("  {l}\n")).collect();
+    let config = dir.path().join("tocsin.yaml");
+    std::fs::write(
+        &config,
+        format!("nats:\n  url: {}\nnotifier:\n{indented}", nats.url()),
+    )
+    .unwrap();
+
+    // Pages first, so the notifier meets a backlog, as after an outage.
+    let js = async_nats::jetstream::new(nats.client().await);
+    // The process creates the streams; wait for NOTIFY before publishing.
+    let mut child = start(&config);
+    for _ in 0..400 {
+        if js.get_stream("NOTIFY").await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mix = [
+        Channel::Slack,
+        Channel::Sms,
+        Channel::Slack,
+        Channel::Sms,
+        Channel::Pagerduty,
+        Channel::Webhook,
+    ];
+    let pages: Vec<_> = (1..=500u64)
+        .map(|n| page(n, mix[(n % mix.len() as u64) as usize]))
+        .collect();
+    let expected: BTreeMap<Channel, usize> = pages.iter().fold(BTreeMap::new(), |mut m, p| {
+        *m.entry(p.channel).or_default() += 1;
+        m
+    });
+    publish_pages(&js, &pages).await;
+
+    let mut kills = Vec::new();
+    for round in 0..5u64 {
+        let before = delivered(&fakes);
+        let mut child = start(&config);
+        // Let it get going (start-up, then sending), then kill it mid-flight.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while delivered(&fakes) == before && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(random(round, 120))).await;
+        child.kill().expect("SIGKILL");
+        child.wait().unwrap();
+        kills.push(delivered(&fakes));
+    }
+    assert!(
+        kills.last().copied().unwrap_or(0) < 500,
+        "every kill should land before the end: {kills:?}"
+    );
+
+    let mut child = start(&config);
+    let done = fakes
+        .wait_for(|f| delivered(f) >= 500, Duration::from_secs(60))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        done,
+        "not all delivered: {} of 500 after kills at {kills:?}",
+        delivered(&fakes)
+    );
+
+    // Exactly once, per page, by what identifies it at each provider.
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for p in fakes.slack_posts() {
+        let id = p.metadata["event_payload"]["delivery_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        *seen.entry(id).or_default() += 1;
+    }
+    for s in fakes.sms() {
+        *seen.entry(format!("sms:{}", s.to)).or_default() += 1;
+    }
+    for w in fakes.webhooks() {
+        *seen.entry(format!("hook:{}", w.id)).or_default() += 1;
+    }
+    for a in fakes.pagerduty_alerts() {
+        *seen.entry(format!("pd:{}", a.dedup_key)).or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "sent more than once: {twice:?}");
+    assert_eq!(fakes.slack_posts().len(), expected[&Channel::Slack]);
+    assert_eq!(fakes.sms().len(), expected[&Channel::Sms]);
+    assert_eq!(fakes.webhooks().len(), expected[&Channel::Webhook]);
+    assert_eq!(
+        fakes.pagerduty_alerts().len(),
+        expected[&Channel::Pagerduty]
+    );
+    let repeats = fakes.requests(Provider::PagerDuty) - expected[&Channel::Pagerduty]
+        + fakes.requests(Provider::Webhook)
+        - expected[&Channel::Webhook];
+    eprintln!(
+        "crash test: delivered count after each kill {kills:?}; {repeats} requests repeated to \
+         providers that drop repeats themselves (PagerDuty, webhooks)"
+    );
+
+    // Nothing left on NOTIFY: every page was acknowledged in the end.
+    let mut notify = js.get_stream("NOTIFY").await.unwrap();
+    assert_eq!(notify.info().await.unwrap().state.messages, 0);
+}

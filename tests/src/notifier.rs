@@ -1,0 +1,242 @@
+//! The notifier in tests: a config pointing every channel at the fakes and
+//! the SMTP sink, an escalation config that pages on every channel, and
+//! pages made by hand for load and crash tests.
+
+use std::path::Path;
+
+use tocsin_notifier::NotifierConfig;
+use tocsin_proto::{
+    codec,
+    incident::{IncidentSummary, Severity},
+    notify::{Channel, MessageKind, Page, PageTarget},
+    Envelope,
+};
+
+use crate::{fakes::FakeProviders, smtp::SmtpSink};
+
+/// Escalation for notifier tests: a critical incident pages alice (SMS,
+/// email and Slack DM at once, by the default rules), the #incidents Slack
+/// channel (id C0INCIDENTS), PagerDuty service `payments` and webhook `teams`.
+pub const ALL_CHANNELS: &str = r##"
+route:
+  policy: all
+policies:
+  - name: all
+    levels:
+      - targets: [{user: alice}, {slack_channel: C0INCIDENTS}, {pagerduty_service: payments}, {webhook: teams}]
+        delay: 15m
+users:
+  - {name: alice, email: alice@example.com, phone: "+14155550101", slack: U01ALICE}
+"##;
+
+/// Notifier config YAML for the fakes (and `smtp`, when given), with fast
+/// retries and a 1-second breaker so fault tests stay quick. `data_dir`
+/// holds the delivery records.
+pub fn config_yaml(fakes: &FakeProviders, smtp: Option<&SmtpSink>, data_dir: &Path) -> String {
+    let guard =
+        "{timeout: 3s, rate_per_second: 0, breaker: {failures: 5, open_for: 1s, successes: 2}}";
+    let email = match smtp {
+        Some(s) => format!(
+            "email:\n  host: {}\n  port: {}\n  tls: none\n  from: \"Tocsin <tocsin@example.com>\"\n  guard: {guard}\n",
+            s.host(),
+            s.port()
+        ),
+        None => String::new(),
+    };
+    format!(
+        r#"data_dir: {data}
+incident_url: "https://tocsin.example.com/incidents/{{{{number}}}}"
+status_page_url: https://status.example.com
+concurrency: 32
+ack_wait: 5s
+retry: {{initial: 100ms, max: 1s, give_up_after: 1h}}
+slack:
+  api_url: {slack}
+  token: {slack_token}
+  guard: {guard}
+pagerduty:
+  url: {pd}
+  services:
+    payments: {{routing_key: {pd_key}}}
+    # A 32-character key PagerDuty does not know: its events get 400.
+    broken: {{routing_key: ffffffffffffffffffffffffffffffff}}
+  guard: {guard}
+sms:
+  api_url: {twilio}
+  account_sid: {sid}
+  auth_token: {twilio_token}
+  from: "{from}"
+  guard: {guard}
+webhooks:
+  - name: teams
+    url: {hook}
+    secret: {secret}
+    guard: {guard}
+{email}"#,
+        data = data_dir.display(),
+        slack = fakes.slack_api_url(),
+        slack_token = FakeProviders::SLACK_TOKEN,
+        pd = fakes.pagerduty_url(),
+        pd_key = FakeProviders::PD_ROUTING_KEY,
+        twilio = fakes.twilio_url(),
+        sid = FakeProviders::TWILIO_SID,
+        twilio_token = FakeProviders::TWILIO_TOKEN,
+        from = FakeProviders::TWILIO_FROM,
+        hook = fakes.webhook_url("teams"),
+        secret = FakeProviders::WEBHOOK_SECRET,
+    )
+}
+
+/// [`config_yaml`] parsed.
+pub fn config(fakes: &FakeProviders, smtp: Option<&SmtpSink>, data_dir: &Path) -> NotifierConfig {
+    serde_yaml_ng::from_str(&config_yaml(fakes, smtp, data_dir)).expect("test notifier config")
+}
+
+/// A page made by hand (no incident behind it): incident number `n`, for
+/// `channel`, to the fakes' known targets.
+pub fn page(n: u64, channel: Channel) -> Page {
+    let id = uuid::Uuid::now_v7();
+    let mut inc = IncidentSummary::new(
+        id,
+        n,
+        format!("alertname=Load{n}"),
+        format!("Load test incident {n}"),
+        jiff::Timestamp::now(),
+    );
+    inc.severity = Severity::Critical;
+    inc.labels.insert("alertname".into(), format!("Load{n}"));
+    let (target, address) = match channel {
+        Channel::Sms => (
+            PageTarget::User {
+                name: "alice".into(),
+                schedule: None,
+            },
+            format!("+1415555{:04}", n % 10_000),
+        ),
+        Channel::Email => (
+            PageTarget::User {
+                name: "alice".into(),
+                schedule: None,
+            },
+            "alice@example.com".to_string(),
+        ),
+        Channel::Slack => (
+            PageTarget::SlackChannel {
+                channel: "C0LOAD".into(),
+            },
+            "C0LOAD".to_string(),
+        ),
+        Channel::Pagerduty => (
+            PageTarget::PagerdutyService {
+                service: "payments".into(),
+            },
+            String::new(),
+        ),
+        Channel::Webhook => (
+            PageTarget::Webhook {
+                name: "teams".into(),
+            },
+            String::new(),
+        ),
+    };
+    Page {
+        id: Page::make_id(&id, 0, 0, 0, &target, channel, 0),
+        incident: inc,
+        level: 0,
+        repeat: 0,
+        target,
+        channel,
+        address,
+        reason: "load test".into(),
+        due_at: jiff::Timestamp::now(),
+        kind: MessageKind::Page,
+    }
+}
+
+/// Publishes pages to NOTIFY with their ids as `Nats-Msg-Id`, all sent
+/// before any acknowledgement is awaited.
+pub async fn publish_pages(js: &async_nats::jetstream::Context, pages: &[Page]) {
+    let mut acks = Vec::new();
+    for p in pages {
+        let payload = codec::encode(&Envelope::new("test", jiff::Timestamp::now(), p.clone()))
+            .expect("encode page");
+        let publish = async_nats::jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .message_id(p.id.clone());
+        acks.push(
+            js.send_publish(p.subject(), publish)
+                .await
+                .expect("page sent"),
+        );
+        if acks.len() >= 256 {
+            for a in acks.drain(..) {
+                a.await.expect("page stored");
+            }
+        }
+    }
+    for a in acks {
+        a.await.expect("page stored");
+    }
+}
+
+/// A notifier running in-process on its own (no other service), as one
+/// replica: its own metrics, health and data dir.
+pub struct Replica {
+    pub metrics: tocsin_runtime::admin::Metrics,
+    pub shutdown: tokio_util::sync::CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), tocsin_notifier::NotifierError>>>,
+}
+
+impl Replica {
+    /// Ensures the streams exist, then starts the notifier with `config`.
+    pub async fn start(nats: &crate::NatsServer, config: NotifierConfig) -> Replica {
+        crate::init_logs();
+        let client = nats.client().await;
+        let js = async_nats::jetstream::new(client);
+        tocsin_runtime::streams::ensure_streams(
+            &js,
+            &tocsin_runtime::streams::JetStreamConfig::default(),
+        )
+        .await
+        .expect("streams");
+        let metrics = tocsin_runtime::admin::Metrics::new();
+        let health = tocsin_runtime::admin::Health::new();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (m, stop) = (metrics.clone(), shutdown.clone());
+        let task =
+            tokio::spawn(async move { tocsin_notifier::run(config, js, &m, &health, stop).await });
+        Replica {
+            metrics,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// The value of `tocsin_notifications_total` for a channel and outcome.
+    pub fn count(&self, channel: &str, outcome: &str) -> u64 {
+        let text = self.metrics.encode();
+        let key =
+            format!("tocsin_notifications_total{{channel=\"{channel}\",outcome=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Stops it (drain) and waits.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            t.await.expect("notifier task").expect("notifier ran");
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}

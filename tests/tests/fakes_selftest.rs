@@ -1,0 +1,731 @@
+//! Self-test of the test kit's fake providers and SMTP sink: each fake
+//! accepts what the real service accepts, rejects what it rejects with the
+//! real error shapes, and records what it accepted.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tocsin_tests::fakes::{form_encode, webhook_signature, Failure, FakeProviders as F, Provider};
+use tocsin_tests::smtp::SmtpSink;
+
+/// A plain client (after the kit's one-time set-up: logs, TLS crypto provider).
+fn client() -> reqwest::Client {
+    tocsin_tests::init_logs();
+    reqwest::Client::new()
+}
+
+struct Answer {
+    status: u16,
+    retry_after: Option<String>,
+    text: String,
+    json: Value,
+}
+
+async fn send(req: reqwest::RequestBuilder) -> Answer {
+    let resp = req.send().await.expect("request sent");
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let text = resp.text().await.unwrap_or_default();
+    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Answer {
+        status,
+        retry_after,
+        text,
+        json,
+    }
+}
+
+async fn slack(c: &reqwest::Client, fakes: &F, method: &str, body: Value) -> Answer {
+    send(
+        c.post(format!("{}/{method}", fakes.slack_api_url()))
+            .bearer_auth(F::SLACK_TOKEN)
+            .header("content-type", "application/json; charset=utf-8")
+            .body(body.to_string()),
+    )
+    .await
+}
+
+fn ack_button(style: &str, label: &str) -> Value {
+    json!([{"type": "actions", "block_id": "inc_42", "elements": [
+        {"type": "button", "action_id": "ack", "value": "INC-42", "style": style,
+         "text": {"type": "plain_text", "text": label}}]}])
+}
+
+#[tokio::test]
+async fn slack_web_api() {
+    let fakes = F::start().await;
+    let c = client();
+    let url = format!("{}/chat.postMessage", fakes.slack_api_url());
+    let msg = json!({"channel": "C123", "text": "hi"}).to_string();
+
+    let a = send(
+        c.post(&url)
+            .header("content-type", "application/json")
+            .body(msg.clone()),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.json.clone()),
+        (200, json!({"ok": false, "error": "not_authed"}))
+    );
+    let a = send(
+        c.post(&url)
+            .bearer_auth("xoxb-wrong")
+            .header("content-type", "application/json")
+            .body(msg.clone()),
+    )
+    .await;
+    assert_eq!(a.json["error"], "invalid_auth");
+    let a = send(
+        c.post(&url)
+            .bearer_auth(F::SLACK_TOKEN)
+            .header("content-type", "text/plain")
+            .body(msg),
+    )
+    .await;
+    assert_eq!(a.json["error"], "invalid_post_type");
+
+    let err = |a: Answer| a.json["error"].as_str().unwrap_or("").to_string();
+    assert_eq!(
+        err(slack(&c, &fakes, "chat.postMessage", json!({"text": "x"})).await),
+        "channel_not_found"
+    );
+    assert_eq!(
+        err(slack(&c, &fakes, "chat.postMessage", json!({"channel": "C1"})).await),
+        "no_text"
+    );
+    let bad = [
+        ack_button("default", "Acknowledge"),
+        ack_button("primary", &"x".repeat(76)),
+        json!([{"type": "section", "text": {"type": "mrkdwn", "text": "x"},
+                "accessory": {"type": "button", "text": {"type": "mrkdwn", "text": "x"}}}]),
+        json!([{"text": "no type"}]),
+        json!({"type": "section"}),
+    ];
+    for blocks in bad {
+        let a = slack(
+            &c,
+            &fakes,
+            "chat.postMessage",
+            json!({"channel": "C1", "text": "x", "blocks": blocks}),
+        )
+        .await;
+        assert_eq!(a.json["error"], "invalid_blocks", "{blocks}");
+    }
+    assert_eq!(
+        err(slack(
+            &c,
+            &fakes,
+            "chat.postMessage",
+            json!({"channel": "C1", "text": "x".repeat(40_001)})
+        )
+        .await),
+        "msg_too_long"
+    );
+
+    // Accepted: a channel post with blocks and metadata, and a DM by user id.
+    let metadata = json!({"event_type": "tocsin_page", "event_payload": {"page_id": "p-1"}});
+    let a = slack(
+        &c,
+        &fakes,
+        "chat.postMessage",
+        json!({"channel": "C123", "text": "INC-42 firing", "unknown_field": 1,
+               "blocks": ack_button("primary", "Acknowledge"), "metadata": metadata}),
+    )
+    .await;
+    assert_eq!(a.json["ok"], true, "{}", a.text);
+    assert_eq!(a.json["channel"], "C123");
+    assert_eq!(a.json["message"]["text"], "INC-42 firing");
+    let ts1 = a.json["ts"].as_str().unwrap().to_string();
+    assert_eq!(ts1.len(), "1700000000.000123".len());
+    let a = slack(
+        &c,
+        &fakes,
+        "chat.postMessage",
+        json!({"channel": "U42", "text": "you are paged"}),
+    )
+    .await;
+    assert_eq!(a.json["channel"], "D42");
+    let ts2 = a.json["ts"].as_str().unwrap().to_string();
+    assert!(ts2.parse::<f64>().unwrap() > ts1.parse::<f64>().unwrap());
+
+    // chat.update: only a known (channel, ts) pair.
+    let a = slack(
+        &c,
+        &fakes,
+        "chat.update",
+        json!({"channel": "C123", "ts": ts1, "text": "INC-42 acknowledged"}),
+    )
+    .await;
+    assert_eq!(
+        (a.json["ok"].clone(), a.json["text"].clone()),
+        (json!(true), json!("INC-42 acknowledged"))
+    );
+    let a = slack(
+        &c,
+        &fakes,
+        "chat.update",
+        json!({"channel": "U42", "ts": ts2, "text": "x"}),
+    )
+    .await;
+    assert_eq!(a.json["error"], "message_not_found");
+    let a = slack(
+        &c,
+        &fakes,
+        "chat.update",
+        json!({"channel": "D42", "ts": ts2, "text": "y"}),
+    )
+    .await;
+    assert_eq!(a.json["ok"], true);
+
+    // conversations.open and .history (JSON and form).
+    let a = slack(&c, &fakes, "conversations.open", json!({"users": "U42"})).await;
+    assert_eq!(a.json, json!({"ok": true, "channel": {"id": "D42"}}));
+    let a = slack(
+        &c,
+        &fakes,
+        "conversations.history",
+        json!({"channel": "C123", "include_all_metadata": true}),
+    )
+    .await;
+    assert_eq!(a.json["has_more"], false);
+    let msgs = a.json["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0]["ts"], ts1.as_str());
+    assert_eq!(msgs[0]["text"], "INC-42 acknowledged");
+    assert_eq!(msgs[0]["metadata"], metadata);
+    let a = send(
+        c.post(format!("{}/conversations.history", fakes.slack_api_url()))
+            .bearer_auth(F::SLACK_TOKEN)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form_encode(&[("channel", "C123"), ("oldest", &ts1)])),
+    )
+    .await;
+    assert_eq!(a.json["messages"], json!([]), "oldest is exclusive");
+    let a = send(
+        c.post(format!("{}/conversations.history", fakes.slack_api_url()))
+            .bearer_auth(F::SLACK_TOKEN)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form_encode(&[("channel", "C123"), ("oldest", "1")])),
+    )
+    .await;
+    assert_eq!(a.json["messages"].as_array().unwrap().len(), 1);
+    assert!(a.json["messages"][0].get("metadata").is_none());
+
+    let posts = fakes.slack_posts();
+    assert_eq!(posts.len(), 2);
+    assert_eq!(
+        (posts[0].channel.as_str(), posts[0].ts.as_str()),
+        ("C123", ts1.as_str())
+    );
+    assert_eq!(posts[0].metadata, metadata);
+    assert_eq!(posts[0].blocks[0]["block_id"], "inc_42");
+    assert_eq!(posts[0].body["unknown_field"], 1);
+    assert_eq!(posts[1].channel, "D42");
+    assert_eq!(fakes.slack_updates().len(), 2);
+    assert_eq!(fakes.rejected().len(), 12);
+    assert!(fakes
+        .rejected()
+        .iter()
+        .all(|r| r.provider == Provider::Slack && r.status == 200));
+    assert_eq!(fakes.requests(Provider::Slack), 20);
+}
+
+#[tokio::test]
+async fn slack_incoming_webhook() {
+    let fakes = F::start().await;
+    let c = client();
+    let post = |body: &str| {
+        c.post(fakes.slack_webhook_url())
+            .header("content-type", "application/json")
+            .body(body.to_string())
+    };
+    let a = send(post(r#"{"text":"INC-42 firing"}"#)).await;
+    assert_eq!((a.status, a.text.as_str()), (200, "ok"));
+    let a = send(post(r#"{"username":"x"}"#)).await;
+    assert_eq!((a.status, a.text.as_str()), (400, "no_text"));
+    let a = send(post("{nope")).await;
+    assert_eq!((a.status, a.text.as_str()), (400, "invalid_payload"));
+    assert_eq!(
+        fakes.slack_webhook_posts(),
+        vec![json!({"text": "INC-42 firing"})]
+    );
+    assert_eq!(fakes.requests(Provider::SlackWebhook), 3);
+}
+
+#[tokio::test]
+async fn pagerduty_events_and_dedup() {
+    let fakes = F::start().await;
+    let c = client();
+    let enqueue = |event: Value| {
+        send(
+            c.post(fakes.pagerduty_url())
+                .header("content-type", "application/json")
+                .body(event.to_string()),
+        )
+    };
+    let trigger = |key: &str, summary: &str| {
+        json!({"routing_key": F::PD_ROUTING_KEY, "event_action": "trigger", "dedup_key": key,
+               "payload": {"summary": summary, "source": "tocsin", "severity": "critical",
+                           "timestamp": "2015-07-17T08:42:58.315+0000",
+                           "custom_details": {"n": 1}},
+               "links": [{"href": "http://tocsin/incidents/42", "text": "incident"}]})
+    };
+    let action = |a: &str, key: &str| json!({"routing_key": F::PD_ROUTING_KEY, "event_action": a, "dedup_key": key});
+
+    // Every problem is listed.
+    let a = enqueue(json!({"routing_key": "short", "event_action": "trigger",
+                           "payload": {"summary": "x", "severity": "fatal",
+                                       "timestamp": "yesterday"},
+                           "links": [{"text": "no href"}]}))
+    .await;
+    assert_eq!(a.status, 400);
+    assert_eq!(a.json["status"], "invalid event");
+    assert_eq!(a.json["message"], "Event object is invalid");
+    let errors = a.json["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 5, "{errors:?}");
+    assert!(errors[0].as_str().unwrap().contains("routing_key"));
+    let a = enqueue(json!({"routing_key": "ffffffffffffffffffffffffffffffff",
+                           "event_action": "resolve"}))
+    .await;
+    assert_eq!(a.json["errors"].as_array().unwrap().len(), 2, "{}", a.text);
+    let mut huge = trigger("k", "big");
+    huge["payload"]["custom_details"]["blob"] = json!("x".repeat(520_000));
+    assert_eq!(enqueue(huge).await.status, 400);
+    let mut long = trigger("k", "x");
+    long["payload"]["summary"] = json!("s".repeat(1025));
+    assert_eq!(enqueue(long).await.status, 400);
+
+    // Dedup: merge while open, new alert after resolve, late actions dropped.
+    let a = enqueue(trigger("inc-42", "INC-42 firing")).await;
+    assert_eq!(
+        (a.status, a.json.clone()),
+        (
+            202,
+            json!({"status": "success", "message": "Event processed", "dedup_key": "inc-42"})
+        )
+    );
+    assert_eq!(enqueue(trigger("inc-42", "again")).await.status, 202);
+    assert_eq!(enqueue(action("acknowledge", "inc-42")).await.status, 202);
+    assert_eq!(enqueue(trigger("inc-42", "and again")).await.status, 202);
+    assert_eq!(enqueue(action("resolve", "inc-42")).await.status, 202);
+    assert_eq!(enqueue(action("acknowledge", "inc-42")).await.status, 202);
+    assert_eq!(enqueue(action("resolve", "never-seen")).await.status, 202);
+    assert_eq!(enqueue(trigger("inc-42", "reopened")).await.status, 202);
+    let mut no_key = trigger("", "generated key");
+    no_key.as_object_mut().unwrap().remove("dedup_key");
+    let a = enqueue(no_key).await;
+    let generated = a.json["dedup_key"].as_str().unwrap().to_string();
+    assert_eq!(generated.len(), 32);
+
+    let alerts = fakes.pagerduty_alerts();
+    let summary: Vec<_> = alerts
+        .iter()
+        .map(|a| (a.dedup_key.as_str(), a.status.as_str(), a.triggers))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("inc-42", "resolved", 3),
+            ("inc-42", "triggered", 1),
+            (generated.as_str(), "triggered", 1)
+        ]
+    );
+    assert_eq!(alerts[0].summary, "INC-42 firing");
+    assert_eq!(alerts[0].severity, "critical");
+    assert_eq!(fakes.pagerduty_events().len(), 9);
+    assert_eq!(fakes.requests(Provider::PagerDuty), 13);
+}
+
+#[tokio::test]
+async fn twilio_messages() {
+    let fakes = F::start().await;
+    let c = client();
+    let url = format!(
+        "{}/2010-04-01/Accounts/{}/Messages.json",
+        fakes.twilio_url(),
+        F::TWILIO_SID
+    );
+    let create = |pairs: &[(&str, &str)], token: &str| {
+        send(
+            c.post(&url)
+                .basic_auth(F::TWILIO_SID, Some(token))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form_encode(pairs)),
+        )
+    };
+    let ok = [
+        ("To", "+14155552345"),
+        ("From", F::TWILIO_FROM),
+        ("Body", "INC-42 firing"),
+    ];
+
+    let a = create(&ok, "wrong").await;
+    assert_eq!(a.status, 401);
+    assert_eq!(
+        a.json,
+        json!({"code": 20003, "message": "Authenticate",
+               "more_info": "https://www.twilio.com/docs/errors/20003", "status": 401})
+    );
+    let a = create(&[("To", "555-1234"), ok[1], ok[2]], F::TWILIO_TOKEN).await;
+    assert_eq!((a.status, a.json["code"].clone()), (400, json!(21211)));
+    assert_eq!(
+        a.json["message"],
+        "The 'To' number 555-1234 is not a valid phone number."
+    );
+    let a = create(&[ok[0], ok[2]], F::TWILIO_TOKEN).await;
+    assert_eq!((a.status, a.json["code"].clone()), (400, json!(21603)));
+    let long = "x".repeat(1601);
+    let a = create(&[ok[0], ok[1], ("Body", &long)], F::TWILIO_TOKEN).await;
+    assert_eq!((a.status, a.json["code"].clone()), (400, json!(21617)));
+
+    let a = create(&ok, F::TWILIO_TOKEN).await;
+    assert_eq!(a.status, 201, "{}", a.text);
+    let sid = a.json["sid"].as_str().unwrap().to_string();
+    assert!(sid.starts_with("SM") && sid.len() == 34);
+    assert_eq!(a.json["status"], "queued");
+    assert_eq!(a.json["num_segments"], "1");
+    assert_eq!(a.json["account_sid"], F::TWILIO_SID);
+    assert_eq!(a.json["date_sent"], Value::Null);
+    assert!(a.json["date_created"].as_str().unwrap().ends_with(" +0000"));
+    let long = "y".repeat(200);
+    let a = create(
+        &[
+            ("To", "+447700900123"),
+            ("MessagingServiceSid", "MG00000000000000000000000000000000"),
+            ("Body", &long),
+        ],
+        F::TWILIO_TOKEN,
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.json["num_segments"].clone()),
+        (201, json!("2"))
+    );
+
+    // Listing, newest first, filtered.
+    let today = jiff::Timestamp::now().strftime("%Y-%m-%d").to_string();
+    let list = |query: String| {
+        send(
+            c.get(format!("{url}?{query}"))
+                .basic_auth(F::TWILIO_SID, Some(F::TWILIO_TOKEN)),
+        )
+    };
+    let a = list(form_encode(&[("PageSize", "20")])).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json["page_size"], 20);
+    assert_eq!(a.json["next_page_uri"], Value::Null);
+    let listed = a.json["messages"].as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[1]["sid"], sid.as_str());
+    let a = list(form_encode(&[
+        ("To", "+14155552345"),
+        ("DateSent>", &today),
+    ]))
+    .await;
+    assert_eq!(a.json["messages"].as_array().unwrap().len(), 1);
+    let a = list(form_encode(&[("DateSent<", "2000-01-01")])).await;
+    assert_eq!(a.json["messages"], json!([]));
+
+    let sms = fakes.sms();
+    assert_eq!(sms.len(), 2);
+    assert_eq!(
+        (
+            sms[0].sid.as_str(),
+            sms[0].to.as_str(),
+            sms[0].from.as_deref()
+        ),
+        (sid.as_str(), "+14155552345", Some(F::TWILIO_FROM))
+    );
+    assert_eq!(
+        sms[1].messaging_service_sid.as_deref(),
+        Some("MG00000000000000000000000000000000")
+    );
+    assert_eq!(fakes.requests(Provider::Twilio), 9);
+}
+
+#[tokio::test]
+async fn standard_webhooks() {
+    let fakes = F::start().await;
+    let c = client();
+    let now = jiff::Timestamp::now().as_second().to_string();
+    let body = r#"{"type":"incident.opened","data":{"id":42}}"#;
+    let post = |name: &str, id: &str, ts: &str, sig: Option<String>, body: &str| {
+        let mut r = c
+            .post(fakes.webhook_url(name))
+            .header("content-type", "application/json")
+            .header("webhook-id", id)
+            .header("webhook-timestamp", ts)
+            .body(body.to_string());
+        if let Some(s) = sig {
+            r = r.header("webhook-signature", s);
+        }
+        send(r)
+    };
+    let sign = |id: &str, ts: &str, body: &str| {
+        webhook_signature(F::WEBHOOK_SECRET, id, ts, body.as_bytes())
+    };
+
+    let a = post("ops", "msg_1", &now, Some(sign("msg_1", &now, body)), body).await;
+    assert_eq!(a.status, 204);
+    // Several signatures, one valid; a repeat of the id is answered but not recorded.
+    let several = format!("v1,AAAA {} v2,xyz", sign("msg_1", &now, body));
+    assert_eq!(
+        post("ops", "msg_1", &now, Some(several), body).await.status,
+        204
+    );
+    let a = post("ops", "msg_2", &now, Some(sign("msg_1", &now, body)), body).await;
+    assert_eq!(
+        (a.status, a.json.clone()),
+        (401, json!({"error": "invalid signature"}))
+    );
+    assert_eq!(post("ops", "msg_3", &now, None, body).await.status, 401);
+    let old = (jiff::Timestamp::now().as_second() - 301).to_string();
+    let a = post("ops", "msg_4", &old, Some(sign("msg_4", &old, body)), body).await;
+    assert_eq!(a.status, 401);
+    let a = post(
+        "ops",
+        "msg_5",
+        &now,
+        Some(sign("msg_5", &now, "[1]")),
+        "[1]",
+    )
+    .await;
+    assert_eq!(a.status, 400);
+    assert_eq!(
+        post("unsigned-audit", "msg_6", &now, None, body)
+            .await
+            .status,
+        204
+    );
+
+    let calls = fakes.webhooks();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(
+        (
+            calls[0].name.as_str(),
+            calls[0].id.as_str(),
+            calls[0].timestamp.as_str()
+        ),
+        ("ops", "msg_1", now.as_str())
+    );
+    assert_eq!(calls[0].body["data"]["id"], 42);
+    assert_eq!(calls[1].name, "unsigned-audit");
+    assert_eq!(fakes.requests(Provider::Webhook), 7);
+    assert_eq!(fakes.rejected().len(), 4);
+}
+
+#[tokio::test]
+async fn failure_injection() {
+    let fakes = F::start().await;
+    let c = client();
+    let post = || {
+        slack(
+            &c,
+            &fakes,
+            "chat.postMessage",
+            json!({"channel": "C1", "text": "x"}),
+        )
+    };
+
+    fakes.fail_next(Provider::Slack, 2, Failure::Status(500));
+    fakes.fail_next(
+        Provider::Slack,
+        1,
+        Failure::RateLimited {
+            retry_after_secs: 7,
+        },
+    );
+    assert_eq!(post().await.status, 500);
+    assert_eq!(post().await.status, 500);
+    let a = post().await;
+    assert_eq!(
+        (a.status, a.retry_after.as_deref(), a.json.clone()),
+        (429, Some("7"), json!({"ok": false, "error": "ratelimited"}))
+    );
+    assert_eq!(post().await.json["ok"], true);
+
+    // Injected failures come before validation: even an invalid request gets them.
+    fakes.fail_next(Provider::PagerDuty, 1, Failure::Status(503));
+    let a = send(c.post(fakes.pagerduty_url()).body("not json")).await;
+    assert_eq!(a.status, 503);
+
+    fakes.fail_next(
+        Provider::Twilio,
+        1,
+        Failure::RateLimited {
+            retry_after_secs: 1,
+        },
+    );
+    let a = send(c.get(format!("{}/x", fakes.twilio_url()))).await;
+    assert_eq!(a.status, 404, "not a Twilio route: not counted");
+    let a = send(c.post(format!(
+        "{}/2010-04-01/Accounts/{}/Messages.json",
+        fakes.twilio_url(),
+        F::TWILIO_SID
+    )))
+    .await;
+    assert_eq!((a.status, a.json["code"].clone()), (429, json!(20429)));
+
+    // A hung request times the client out and records nothing.
+    fakes.fail_next(
+        Provider::Webhook,
+        1,
+        Failure::Hang(Duration::from_millis(400)),
+    );
+    let hung = c
+        .post(fakes.webhook_url("unsigned"))
+        .header("webhook-id", "h1")
+        .body("{}")
+        .timeout(Duration::from_millis(100))
+        .send()
+        .await;
+    assert!(hung.unwrap_err().is_timeout());
+    let a = send(
+        c.post(fakes.webhook_url("unsigned"))
+            .header("webhook-id", "h1")
+            .body("{}"),
+    )
+    .await;
+    assert_eq!(a.status, 204);
+    assert_eq!(fakes.webhooks().len(), 1);
+    assert_eq!(fakes.requests(Provider::Webhook), 2);
+
+    let rejected = fakes.rejected();
+    let seen: Vec<_> = rejected.iter().map(|r| (r.provider, r.status)).collect();
+    assert_eq!(
+        seen,
+        vec![
+            (Provider::Slack, 500),
+            (Provider::Slack, 500),
+            (Provider::Slack, 429),
+            (Provider::PagerDuty, 503),
+            (Provider::Twilio, 429)
+        ]
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&rejected[0].body).unwrap(),
+        json!({"ok": false, "error": "fatal_error"})
+    );
+    assert_eq!(fakes.slack_posts().len(), 1);
+}
+
+#[tokio::test]
+async fn wait_for_polls() {
+    let fakes = F::start().await;
+    let url = fakes.slack_webhook_url();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client()
+            .post(url)
+            .header("content-type", "application/json")
+            .body(r#"{"text":"late"}"#)
+            .send()
+            .await
+            .unwrap();
+    });
+    assert!(
+        fakes
+            .wait_for(
+                |f| f.slack_webhook_posts().len() == 1,
+                Duration::from_secs(3)
+            )
+            .await
+    );
+    assert!(
+        !fakes
+            .wait_for(|f| f.sms().len() == 1, Duration::from_millis(60))
+            .await
+    );
+}
+
+mod smtp {
+    use super::*;
+    use lettre::{
+        message::{header::ContentType, Mailbox, MultiPart},
+        transport::smtp::authentication::Credentials,
+        AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
+    };
+
+    fn message(subject: &str) -> Message {
+        Message::builder()
+            .from(
+                "Incident Bot <bot@example.test>"
+                    .parse::<Mailbox>()
+                    .unwrap(),
+            )
+            .to("oncall@example.test".parse::<Mailbox>().unwrap())
+            .to("backup@example.test".parse::<Mailbox>().unwrap())
+            .subject(subject)
+            .message_id(None)
+            .multipart(MultiPart::alternative_plain_html(
+                "p99 latency above 2s — café\nsecond line".to_string(),
+                "<p>p99 latency above 2s — café</p>".to_string(),
+            ))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn sink_receives_lettre_mail() {
+        let sink = SmtpSink::start().await;
+        let mailer = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(sink.host())
+            .port(sink.port())
+            .build();
+        let subject = "[FIRING] HighLatency — api été ✓";
+        let resp = mailer.send(message(subject)).await.expect("sent");
+        assert_eq!(resp.code().to_string(), "250");
+        let plain = Message::builder()
+            .from("bot@example.test".parse::<Mailbox>().unwrap())
+            .to("oncall@example.test".parse::<Mailbox>().unwrap())
+            .subject("plain")
+            .header(ContentType::TEXT_PLAIN)
+            .body(String::from("just text"))
+            .unwrap();
+        mailer.send(plain).await.expect("sent");
+
+        let mails = sink.wait_for_count(2, Duration::from_secs(5)).await;
+        assert_eq!(mails.len(), 2);
+        let m = &mails[0];
+        assert_eq!(m.mail_from, "bot@example.test");
+        assert_eq!(m.rcpt_tos, ["oncall@example.test", "backup@example.test"]);
+        assert_eq!(m.subject, subject);
+        assert_eq!(m.content_type, "multipart/alternative");
+        assert_eq!(m.text, "p99 latency above 2s — café\nsecond line");
+        assert_eq!(m.html, "<p>p99 latency above 2s — café</p>");
+        assert!(m.message_id.starts_with('<') && m.message_id.ends_with('>'));
+        assert!(m.raw.contains("\r\n"));
+        let p = &mails[1];
+        assert_eq!(
+            (p.subject.as_str(), p.content_type.as_str(), p.text.as_str()),
+            ("plain", "text/plain", "just text")
+        );
+        assert_eq!(p.message_id, "", "lettre adds none unless asked");
+    }
+
+    #[tokio::test]
+    async fn sink_requires_auth() {
+        let sink = SmtpSink::start_with_auth("tocsin", "s3cret").await;
+        let without = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(sink.host())
+            .port(sink.port())
+            .build();
+        let err = without.send(message("no auth")).await.unwrap_err();
+        assert!(err.is_permanent(), "{err}");
+        let wrong = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(sink.host())
+            .port(sink.port())
+            .credentials(Credentials::new("tocsin".into(), "wrong".into()))
+            .build();
+        assert!(wrong.send(message("wrong auth")).await.is_err());
+        let with = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(sink.host())
+            .port(sink.port())
+            .credentials(Credentials::new("tocsin".into(), "s3cret".into()))
+            .build();
+        with.send(message("with auth")).await.expect("sent");
+        let mails = sink.wait_for_count(1, Duration::from_secs(5)).await;
+        assert_eq!(mails.len(), 1);
+        assert_eq!(mails[0].subject, "with auth");
+    }
+}

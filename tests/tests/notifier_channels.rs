@@ -1,0 +1,387 @@
+//! Every channel through the real bus: an alert opens an incident,
+//! escalation pages alice (SMS, email, Slack DM), #incidents, PagerDuty and
+//! a webhook; the fakes check each request as the provider would, and the
+//! test checks it field by field. Acknowledge, resolve and a note then
+//! update what was sent: `chat.update` on the stored ts, PagerDuty
+//! acknowledge/resolve with the same dedup key, a thread reply, an email
+//! in the same thread.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tocsin_proto::{
+    command::{Action, IncidentRef},
+    incident::EventKind,
+    notify::{slack_actions, DeliveryOutcome, MessageKind, ProviderRef},
+    AlertStatus,
+};
+use tocsin_tests::{
+    fakes::{FakeProviders, Provider},
+    incidents::{alert, command, get, publish_alert, wait_for},
+    notifier::{self, ALL_CHANNELS},
+    smtp::SmtpSink,
+    NatsServer, TocsinHarness,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn action_ids(attachment_blocks: &Value) -> Vec<String> {
+    attachment_blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["type"] == "actions")
+        .flat_map(|b| b["elements"].as_array().unwrap().clone())
+        .map(|e| e["action_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_channel_gets_exactly_what_its_provider_expects_and_follows_the_incident() {
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let smtp = SmtpSink::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = TocsinHarness::config(&nats);
+    config.escalation = serde_yaml_ng::from_str(ALL_CHANNELS).unwrap();
+    config.notifier = Some(notifier::config(&fakes, Some(&smtp), data.path()));
+    let tocsin = TocsinHarness::start_with(config).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+
+    let labels = [
+        ("alertname", "HighLatency"),
+        ("service", "api"),
+        ("instance", "api-1"),
+        ("severity", "critical"),
+    ];
+    publish_alert(
+        &js,
+        alert(&labels, &["alertname", "service"], AlertStatus::Firing, t0),
+        t0,
+    )
+    .await;
+    let inc = wait_for(&client, "the incident", |l| l.len() == 1).await[0].clone();
+    let id = inc.id.to_string();
+    let url = "https://tocsin.example.com/incidents/1";
+
+    assert!(
+        fakes
+            .wait_for(
+                |f| f.slack_posts().len() == 2
+                    && f.pagerduty_events().len() == 1
+                    && f.sms().len() == 1
+                    && f.webhooks().len() == 1,
+                WAIT
+            )
+            .await,
+        "pages did not all arrive: {:?}",
+        fakes.rejected()
+    );
+    let mails = smtp.wait_for_count(1, WAIT).await;
+
+    // --- Slack: a DM to alice (Slack answers with the DM channel) and #incidents.
+    let posts = fakes.slack_posts();
+    let dm = posts
+        .iter()
+        .find(|p| p.channel == "D01ALICE")
+        .expect("DM to alice");
+    let chan = posts
+        .iter()
+        .find(|p| p.channel == "C0INCIDENTS")
+        .expect("post to #incidents");
+    for p in [dm, chan] {
+        assert!(p.text.contains("[CRITICAL] INC-1: "), "{}", p.text);
+        let att = &p.body["attachments"][0];
+        assert_eq!(att["color"], "#E01E5A");
+        let blocks = &att["blocks"];
+        let section = blocks[0]["text"]["text"].as_str().unwrap();
+        assert!(
+            section.contains(&format!("<{url}|Open incident INC-1>")),
+            "{section}"
+        );
+        assert_eq!(
+            action_ids(blocks),
+            [
+                slack_actions::ACK,
+                slack_actions::RESOLVE,
+                slack_actions::ESCALATE,
+                slack_actions::SNOOZE
+            ]
+        );
+        for b in blocks[1]["elements"].as_array().unwrap() {
+            assert_eq!(b["value"], id.as_str(), "button value is the incident id");
+        }
+        assert_eq!(p.metadata["event_type"], "tocsin_page");
+        assert!(p.metadata["event_payload"]["delivery_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("page:"));
+    }
+
+    // --- PagerDuty: a trigger keyed by the incident id.
+    let ev = &fakes.pagerduty_events()[0];
+    assert_eq!(ev["routing_key"], FakeProviders::PD_ROUTING_KEY);
+    assert_eq!(ev["event_action"], "trigger");
+    assert_eq!(ev["dedup_key"], id.as_str());
+    assert_eq!(ev["payload"]["severity"], "critical");
+    assert_eq!(ev["payload"]["source"], "api-1");
+    assert_eq!(ev["payload"]["component"], "api");
+    assert_eq!(ev["payload"]["class"], "HighLatency");
+    assert!(ev["payload"]["summary"]
+        .as_str()
+        .unwrap()
+        .starts_with("[CRITICAL] INC-1: "));
+    assert_eq!(ev["payload"]["custom_details"]["labels"]["service"], "api");
+    assert_eq!(ev["payload"]["custom_details"]["link"], url);
+    assert_eq!(ev["links"][0]["href"], url);
+    assert_eq!(ev["client"], "Tocsin");
+
+    // --- SMS: one segment, with how to acknowledge.
+    let sms = &fakes.sms()[0];
+    assert_eq!(sms.to, "+14155550101");
+    assert_eq!(sms.from.as_deref(), Some(FakeProviders::TWILIO_FROM));
+    assert!(sms.body.chars().count() <= 160, "{}", sms.body);
+    assert!(sms.body.starts_with("[CRITICAL] #1 "), "{}", sms.body);
+    assert!(
+        sms.body
+            .ends_with(&format!("Reply ACK 1 to {}", FakeProviders::TWILIO_FROM)),
+        "{}",
+        sms.body
+    );
+
+    // --- Email: multipart text + HTML to alice, with the link.
+    let mail = &mails[0];
+    assert_eq!(mail.rcpt_tos, ["alice@example.com"]);
+    assert_eq!(mail.mail_from, "tocsin@example.com");
+    assert!(
+        mail.subject.starts_with("[CRITICAL] INC-1: "),
+        "{}",
+        mail.subject
+    );
+    assert!(
+        mail.content_type.starts_with("multipart/alternative"),
+        "{}",
+        mail.content_type
+    );
+    assert!(
+        mail.text.contains(&format!("Open the incident: {url}")),
+        "{}",
+        mail.text
+    );
+    assert!(
+        mail.html.contains(&format!("<a href=\"{url}\">")),
+        "{}",
+        mail.html
+    );
+    assert!(mail.text.contains("service=api"), "{}", mail.text);
+
+    // --- Webhook: signed (the fake verified it), typed, with the incident.
+    let hook = &fakes.webhooks()[0];
+    assert_eq!(hook.name, "teams");
+    assert!(hook.id.starts_with("msg_"));
+    assert_eq!(hook.body["type"], "incident.page");
+    assert_eq!(hook.body["incident"]["id"], id.as_str());
+    assert_eq!(hook.body["page"]["target"], "webhook:teams");
+
+    // --- Receipts: six deliveries on the timeline, each with its provider reference.
+    let timeline = wait_timeline(&client, 6).await;
+    let mut channels: Vec<&str> = timeline.iter().map(|d| d.channel.as_str()).collect();
+    channels.sort();
+    assert_eq!(
+        channels,
+        ["email", "pagerduty", "slack", "slack", "sms", "webhook"]
+    );
+    for d in &timeline {
+        assert_eq!(d.outcome, DeliveryOutcome::Sent, "{d:?}");
+        assert_eq!(d.attempts, 1);
+    }
+    assert!(timeline.iter().any(|d| matches!(
+        &d.provider,
+        Some(ProviderRef::SlackMessage { channel, ts }) if channel == "D01ALICE" && *ts == dm.ts
+    )));
+
+    // --- Acknowledge: the Slack messages turn yellow (chat.update on the
+    // stored ts), PagerDuty's alert is acknowledged, the webhook hears it.
+    command(
+        &client,
+        &js,
+        "bob",
+        Action::Ack {
+            incident: IncidentRef::Number(1),
+        },
+        t0,
+    )
+    .await;
+    assert!(
+        fakes
+            .wait_for(
+                |f| f.slack_updates().len() == 2
+                    && f.pagerduty_events().len() == 2
+                    && f.webhooks().len() == 2,
+                WAIT
+            )
+            .await,
+        "ack updates: {:?}",
+        fakes.rejected()
+    );
+    let updates = fakes.slack_updates();
+    for p in [dm, chan] {
+        let u = updates
+            .iter()
+            .find(|u| u.channel == p.channel && u.ts == p.ts)
+            .unwrap_or_else(|| panic!("no chat.update of {} {}", p.channel, p.ts));
+        assert_eq!(u.body["attachments"][0]["color"], "#ECB22E");
+        assert!(u.text.contains("INC-1"), "{}", u.text);
+        let section = u.body["attachments"][0]["blocks"][0]["text"]["text"]
+            .as_str()
+            .unwrap();
+        assert!(section.contains("Acknowledged by bob"), "{section}");
+        assert_eq!(
+            action_ids(&u.body["attachments"][0]["blocks"]),
+            [
+                slack_actions::RESOLVE,
+                slack_actions::ESCALATE,
+                slack_actions::UNACK
+            ]
+        );
+    }
+    let ack = &fakes.pagerduty_events()[1];
+    assert_eq!(ack["event_action"], "acknowledge");
+    assert_eq!(ack["dedup_key"], id.as_str());
+    assert_eq!(fakes.pagerduty_alerts()[0].status, "acknowledged");
+    assert_eq!(fakes.webhooks()[1].body["type"], "incident.acknowledged");
+
+    // --- A note: the reference status update, in the Slack threads and
+    // the email thread.
+    command(
+        &client,
+        &js,
+        "bob",
+        Action::Note {
+            incident: IncidentRef::Number(1),
+            text: "Impact: 15% of API requests failing\nActions: scaling the API service".into(),
+        },
+        t0,
+    )
+    .await;
+    let mails = smtp.wait_for_count(2, WAIT).await;
+    assert!(fakes.wait_for(|f| f.slack_posts().len() == 4, WAIT).await);
+    let replies: Vec<_> = fakes
+        .slack_posts()
+        .into_iter()
+        .filter(|p| p.body["thread_ts"].is_string())
+        .collect();
+    assert_eq!(replies.len(), 2);
+    for r in &replies {
+        let parent = [dm, chan]
+            .into_iter()
+            .find(|p| p.channel == r.channel)
+            .unwrap();
+        assert_eq!(r.body["thread_ts"], parent.ts.as_str());
+        for line in [
+            "*[CRITICAL] Incident: ",
+            "ID: INC-1",
+            "Started: ",
+            "Impact: 15% of API requests failing",
+            "Next Update: ",
+            "Status Page: https://status.example.com",
+        ] {
+            assert!(r.text.contains(line), "{line:?} missing from {}", r.text);
+        }
+    }
+    let update = &mails[1];
+    assert!(update.subject.contains("Incident: "), "{}", update.subject);
+    assert!(
+        update
+            .raw
+            .contains(&format!("In-Reply-To: {}", mails[0].message_id)),
+        "{}",
+        update.raw
+    );
+    assert!(update
+        .text
+        .contains("Status Page: https://status.example.com"));
+
+    // --- Resolve: green, no buttons; PagerDuty resolved with the same key.
+    command(
+        &client,
+        &js,
+        "bob",
+        Action::Resolve {
+            incident: IncidentRef::Number(1),
+        },
+        t0,
+    )
+    .await;
+    assert!(
+        fakes
+            .wait_for(
+                |f| f.slack_updates().len() == 4 && f.pagerduty_events().len() == 3,
+                WAIT
+            )
+            .await
+    );
+    for u in &fakes.slack_updates()[2..] {
+        assert_eq!(u.body["attachments"][0]["color"], "#2EB67D");
+        assert!(u.text.contains("[RESOLVED] INC-1"), "{}", u.text);
+        assert!(action_ids(&u.body["attachments"][0]["blocks"]).is_empty());
+    }
+    let res = &fakes.pagerduty_events()[2];
+    assert_eq!(res["event_action"], "resolve");
+    assert_eq!(res["dedup_key"], id.as_str());
+    assert_eq!(fakes.pagerduty_alerts().len(), 1);
+    assert_eq!(fakes.pagerduty_alerts()[0].status, "resolved");
+
+    // Nothing was sent twice, and nothing failed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fakes.sms().len(), 1);
+    assert_eq!(smtp.messages().len(), 2);
+    assert!(fakes.rejected().is_empty(), "{:?}", fakes.rejected());
+    assert_eq!(fakes.requests(Provider::PagerDuty), 3);
+
+    // Metrics count the outcomes per channel.
+    let m = reqwest::get(format!("{}/metrics", tocsin.admin_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("tocsin_notifications_total{channel=\"sms\",outcome=\"sent\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.lines().any(
+            |l| l.starts_with("tocsin_notification_latency_seconds_count{channel=\"slack\"} 2")
+        ),
+        "{m}"
+    );
+    tocsin.stop().await.unwrap();
+}
+
+/// The incident's delivery receipts once there are at least `n` page receipts.
+async fn wait_timeline(
+    client: &async_nats::Client,
+    n: usize,
+) -> Vec<tocsin_proto::notify::Delivery> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let detail = get(client, IncidentRef::Number(1)).await;
+        let d: Vec<_> = detail
+            .timeline
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EventKind::Delivery { delivery } if delivery.kind == MessageKind::Page => {
+                    Some(delivery.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        if d.len() >= n || tokio::time::Instant::now() > deadline {
+            return d;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
