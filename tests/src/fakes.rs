@@ -807,6 +807,33 @@ fn slack_content(args: &Map<String, Value>) -> Result<(String, Value, Value), Re
     if blocks != Value::Null {
         check_blocks(&blocks).map_err(|m| slack_err_msg("invalid_blocks", m))?;
     }
+    // Attachments hold blocks of their own (Slack checks them the same
+    // way) and an optional `color`: a hex colour or good/warning/danger.
+    if attachments != Value::Null {
+        let list = attachments
+            .as_array()
+            .ok_or_else(|| slack_err("invalid_attachments"))?;
+        if list.len() > 100 {
+            return Err(slack_err("too_many_attachments"));
+        }
+        for a in list {
+            let a = a
+                .as_object()
+                .ok_or_else(|| slack_err("invalid_attachments"))?;
+            if let Some(b) = a.get("blocks") {
+                check_blocks(b).map_err(|m| slack_err_msg("invalid_blocks", m))?;
+            }
+            if let Some(c) = a.get("color") {
+                let c = c.as_str().unwrap_or_default();
+                let hex = c.len() == 7
+                    && c.starts_with('#')
+                    && c[1..].chars().all(|ch| ch.is_ascii_hexdigit());
+                if !hex && !["good", "warning", "danger"].contains(&c) {
+                    return Err(slack_err("invalid_attachments"));
+                }
+            }
+        }
+    }
     if text.is_empty() && !non_empty(&blocks) && !non_empty(&attachments) {
         return Err(slack_err("no_text"));
     }

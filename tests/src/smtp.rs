@@ -68,8 +68,19 @@ def authenticate(server, session, envelope, mechanism, auth_data):
 
 
 options = dict(hostname="127.0.0.1", port=port, decode_data=False, enable_SMTPUTF8=True)
+tls_mode = os.environ.get("SINK_TLS")
 if user is not None:
-    options.update(authenticator=authenticate, auth_required=True, auth_require_tls=False)
+    # With implicit TLS the whole session is encrypted, but aiosmtpd only
+    # counts STARTTLS as TLS: require TLS for logins in starttls mode only.
+    options.update(authenticator=authenticate, auth_required=True, auth_require_tls=(tls_mode == "starttls"))
+if tls_mode:
+    import ssl
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(os.environ["SINK_CERT"], os.environ["SINK_KEY"])
+    if tls_mode == "starttls":
+        options.update(tls_context=ctx, require_starttls=True)
+    else:
+        options.update(ssl_context=ctx)
 controller = Controller(Sink(), **options)
 controller.start()
 print(f"listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
@@ -79,6 +90,15 @@ try:
 finally:
     controller.stop()
 "#;
+
+/// How a TLS sink secures connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SinkTls {
+    /// Plain connection, `STARTTLS` required before mail (port 587 style).
+    Starttls,
+    /// TLS from the first byte (port 465 style).
+    Implicit,
+}
 
 /// A message the sink accepted, with the parts a test asserts on.
 #[derive(Clone, Debug)]
@@ -139,12 +159,27 @@ pub struct SmtpSink {
 impl SmtpSink {
     /// Starts a sink that accepts any message without authentication.
     pub async fn start() -> SmtpSink {
-        Self::spawn(None).await
+        Self::spawn(None, None).await
     }
 
     /// Starts a sink that requires `AUTH PLAIN`/`LOGIN` with these credentials (no TLS).
     pub async fn start_with_auth(user: &str, pass: &str) -> SmtpSink {
-        Self::spawn(Some((user, pass))).await
+        Self::spawn(Some((user, pass)), None).await
+    }
+
+    /// Starts a sink that speaks TLS (STARTTLS required, or implicit TLS
+    /// from the first byte) with a fresh self-signed certificate for
+    /// `localhost` ([`SmtpSink::ca_file`]), optionally requiring a login.
+    pub async fn start_tls(mode: SinkTls, auth: Option<(&str, &str)>) -> SmtpSink {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+            .expect("self-signed certificate");
+        let pem = (cert.cert.pem(), cert.key_pair.serialize_pem());
+        Self::spawn(auth, Some((mode, pem))).await
+    }
+
+    /// The PEM file of the certificate a TLS sink presents (trust it as a CA).
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("cert.pem")
     }
 
     /// The port it listens on.
@@ -217,7 +252,11 @@ impl SmtpSink {
         self.dir.path().join("mail")
     }
 
-    async fn spawn(auth: Option<(&str, &str)>) -> SmtpSink {
+    /// `tls`: the mode with the certificate and key (PEM).
+    async fn spawn(
+        auth: Option<(&str, &str)>,
+        tls: Option<(SinkTls, (String, String))>,
+    ) -> SmtpSink {
         let dir = tempfile::Builder::new()
             .prefix("tocsin-smtp-")
             .tempdir()
@@ -255,6 +294,18 @@ impl SmtpSink {
         if let Some((user, pass)) = auth {
             cmd.env("SINK_USER", user).env("SINK_PASS", pass);
         }
+        if let Some((mode, (cert, key))) = &tls {
+            let (c, k) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+            std::fs::write(&c, cert).expect("cert.pem");
+            std::fs::write(&k, key).expect("key.pem");
+            cmd.env("SINK_CERT", &c).env("SINK_KEY", &k).env(
+                "SINK_TLS",
+                match mode {
+                    SinkTls::Starttls => "starttls",
+                    SinkTls::Implicit => "implicit",
+                },
+            );
+        }
         let child = cmd.spawn().unwrap_or_else(|e| {
             panic!(
                 "cannot start {} for the SMTP sink: {e}; {INSTALL_HINT}",
@@ -266,15 +317,24 @@ impl SmtpSink {
             port,
             child: Some(child),
         };
-        sink.wait_ready().await;
+        sink.wait_ready(matches!(tls, Some((SinkTls::Implicit, _))))
+            .await;
         sink
     }
 
     /// Ready when a TCP client gets the `220` greeting.
-    async fn wait_ready(&mut self) {
+    async fn wait_ready(&mut self, implicit_tls: bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if greeting(self.port).await {
+            // An implicit-TLS server greets only inside TLS: a connection is enough.
+            let up = if implicit_tls {
+                tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                    .await
+                    .is_ok()
+            } else {
+                greeting(self.port).await
+            };
+            if up {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {

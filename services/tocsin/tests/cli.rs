@@ -265,3 +265,50 @@ async fn sigterm_during_a_burst_keeps_every_acknowledged_alert() {
     let lost: Vec<&String> = acked.iter().filter(|id| !on_bus.contains(*id)).collect();
     assert!(lost.is_empty(), "answered 2xx but not on the bus: {lost:?}");
 }
+
+#[test]
+fn a_template_naming_a_field_that_does_not_exist_fails_check_config_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("templates/sms")).unwrap();
+    write(
+        &dir.path().join("templates/sms"),
+        "page.hbs",
+        "[{{incident.severity_upper}}] #{{incident.number}}\n{{incident.titel}} reply ACK\n",
+    );
+    let file = write(
+        dir.path(),
+        "tocsin.yaml",
+        &format!("{VALID}notifier:\n  templates: templates\n"),
+    );
+    let (code, _, stderr) = check_config(&file, &[("TOCSIN_INGEST_TOKEN", "0123456789abcdef0123")]);
+    assert_eq!(code, 2, "{stderr}");
+    let template = dir.path().join("templates/sms/page.hbs");
+    assert!(stderr.contains(&template.display().to_string()), "{stderr}");
+    assert!(stderr.contains("line 2"), "{stderr}");
+    assert!(stderr.contains("incident.titel"), "{stderr}");
+    // The same file is refused at start-up too, before anything is sent.
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&file)
+        .arg("notifier")
+        .env("TOCSIN_INGEST_TOKEN", "0123456789abcdef0123")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("line 2"), "{err}");
+}
+
+#[test]
+fn a_notifier_channel_without_its_secret_fails_check_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "tocsin.yaml",
+        &format!("{VALID}notifier:\n  sms:\n    account_sid: AC0000\n    from: \"+15005550006\"\n"),
+    );
+    let (code, _, stderr) = check_config(&file, &[("TOCSIN_INGEST_TOKEN", "0123456789abcdef0123")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("auth_token"), "{stderr}");
+    assert!(stderr.contains("tocsin.yaml:"), "{stderr}");
+}

@@ -69,7 +69,8 @@ impl Email {
             ));
         if let Some(user) = &cfg.username {
             let pass = cfg
-                .password()?
+                .password()
+                .map_err(|e| format!("email: {e}"))?
                 .ok_or("email: `username` is set but neither `password` nor `password_file`")?;
             b = b.credentials(Credentials::new(user.0.clone(), pass.expose().to_string()));
         }
@@ -124,7 +125,11 @@ impl Email {
                 message_id,
                 to: out.address.clone(),
             }),
-            Err(e) if e.is_permanent() => Err(SendError::permanent(format!("SMTP: {e}"))),
+            // 5xx answers, and client-side refusals (no common login
+            // mechanism, an address lettre cannot encode) will not change.
+            Err(e) if e.is_permanent() || e.is_client() => {
+                Err(SendError::permanent(format!("SMTP: {e}")))
+            }
             Err(e) => Err(SendError::retry(format!("SMTP: {e}"))),
         }
     }

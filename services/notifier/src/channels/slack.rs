@@ -55,8 +55,8 @@ const PERMANENT: &[&str] = &[
 
 impl Slack {
     pub fn new(cfg: &SlackConfig) -> Result<Slack, String> {
-        let token = cfg.token()?;
-        let webhook_url = cfg.webhook_url()?;
+        let token = cfg.token().map_err(|e| format!("slack: {e}"))?;
+        let webhook_url = cfg.webhook_url().map_err(|e| format!("slack: {e}"))?;
         let mode = match (cfg.mode, &token, &webhook_url) {
             (Some(SlackMode::WebApi), None, _) => {
                 return Err("slack: mode web_api needs `token` or `token_file`".into())

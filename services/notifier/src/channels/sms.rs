@@ -44,7 +44,7 @@ impl Sms {
                 .map(|u| u.0.trim_end_matches('/').to_string())
                 .unwrap_or_else(|| "https://api.twilio.com".into()),
             sid,
-            token: cfg.auth_token()?,
+            token: cfg.auth_token().map_err(|e| format!("sms: {e}"))?,
             from,
             service,
         })
