@@ -26,10 +26,25 @@ async fn an_outage_opens_the_breaker_pages_wait_and_each_arrives_once() {
     let data = tempfile::tempdir().unwrap();
     // Twilio answers 500 five times, then recovers.
     fakes.fail_next(Provider::Twilio, 5, Failure::Status(500));
-    let replica = Replica::start(&nats, notifier::config(&fakes, None, data.path())).await;
+    let mut config = notifier::config(&fakes, None, data.path());
+    // Retries alone never wait more than 0.36 s: a longer pause is the breaker.
+    config.retry.max = tocsin_runtime::config::HumanDuration(Duration::from_millis(300));
+    let replica = Replica::start(&nats, config).await;
     let js = async_nats::jetstream::new(nats.client().await);
-    let pages: Vec<_> = (1..=3).map(|n| page(n, Channel::Sms)).collect();
-    publish_pages(&js, &pages).await;
+    // One page fails five times in a row: the breaker opens.
+    publish_pages(&js, &[page(1, Channel::Sms)]).await;
+    let opened = "tocsin_notifier_breaker_opened_total{channel=\"sms\"} 1";
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !replica.metrics.encode().contains(opened) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the breaker never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fakes.rejected().len(), 5);
+    // Pages arriving while it is open wait too.
+    publish_pages(&js, &[page(2, Channel::Sms), page(3, Channel::Sms)]).await;
 
     assert!(
         fakes.wait_for(|f| f.sms().len() == 3, WAIT).await,
@@ -43,18 +58,17 @@ async fn an_outage_opens_the_breaker_pages_wait_and_each_arrives_once() {
     to.sort();
     to.dedup();
     assert_eq!(to.len(), 3);
-    // Five failures, then one request per page: the open breaker held the
-    // pages back instead of hammering the provider.
+    // Five failures, then one request per page: while open (1 s) the
+    // breaker let nothing through, then a probe, then the rest.
     assert_eq!(fakes.requests(Provider::Twilio), 8);
-    let rejected = fakes.rejected();
-    assert_eq!(rejected.len(), 5);
-    let fifth = rejected[4].at;
-    let first_success = sms.iter().map(|s| s.at).min().unwrap();
-    assert!(
-        first_success.duration_since(fifth) >= Duration::from_millis(950),
-        "the breaker (open for 1s) let a request through after {:?}",
-        first_success.duration_since(fifth)
-    );
+    let fifth = fakes.rejected()[4].at;
+    for s in &sms {
+        let after = s.at.duration_since(fifth);
+        assert!(
+            after >= Duration::from_millis(950),
+            "a page went out {after:?} after the breaker opened"
+        );
+    }
     assert_eq!(replica.count("sms", "sent"), 3);
     let m = replica.metrics.encode();
     assert!(
@@ -164,4 +178,101 @@ async fn an_invalid_request_is_not_retried_and_the_timeline_says_why() {
         "{m}"
     );
     tocsin.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_never_recovers_is_given_up_on_and_a_slow_one_times_out() {
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = notifier::config(&fakes, None, data.path());
+    config.retry.give_up_after = tocsin_runtime::config::HumanDuration(Duration::from_millis(600));
+    if let Some(s) = config.slack.as_mut() {
+        s.guard.timeout = tocsin_runtime::config::HumanDuration(Duration::from_millis(300));
+    }
+    // PagerDuty is down for good; Slack hangs once, past the timeout.
+    fakes.fail_next(Provider::PagerDuty, 1000, Failure::Status(503));
+    fakes.fail_next(Provider::Slack, 1, Failure::Hang(Duration::from_secs(2)));
+    let replica = Replica::start(&nats, config).await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    publish_pages(&js, &[page(1, Channel::Pagerduty), page(2, Channel::Slack)]).await;
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while replica.count("pagerduty", "gave_up") == 0 || fakes.slack_posts().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gave up: {}, slack posts: {}",
+            replica.count("pagerduty", "gave_up"),
+            fakes.slack_posts().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The timed-out request was retried and the page posted once.
+    assert_eq!(fakes.slack_posts().len(), 1);
+    assert_eq!(replica.count("slack", "sent"), 1);
+    // The receipt for the given-up page is on the bus for the timeline.
+    let receipts = tocsin_tests::bus::read_stream::<tocsin_proto::command::Command>(
+        &js,
+        tocsin_proto::subjects::STREAM_COMMANDS,
+    )
+    .await;
+    let gave_up = receipts
+        .iter()
+        .find_map(|m| match &m.envelope.body.action {
+            tocsin_proto::command::Action::Delivery { delivery, .. }
+                if delivery.outcome == DeliveryOutcome::GaveUp =>
+            {
+                Some(delivery.clone())
+            }
+            _ => None,
+        })
+        .expect("a gave_up receipt");
+    assert!(gave_up.attempts >= 2, "{gave_up:?}");
+    assert!(gave_up.detail.contains("HTTP 503"), "{}", gave_up.detail);
+    replica.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_page_is_dead_lettered_not_lost_and_the_rest_go_on() {
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let replica = Replica::start(&nats, notifier::config(&fakes, None, data.path())).await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.publish("tocsin.notify.sms", "{\"not\":\"a page\"}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    publish_pages(&js, &[page(5, Channel::Sms)]).await;
+    assert!(fakes.wait_for(|f| f.sms().len() == 1, WAIT).await);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut dlq = js
+            .get_stream(tocsin_proto::subjects::STREAM_DEADLETTER)
+            .await
+            .unwrap();
+        let state = dlq.info().await.unwrap().state.clone();
+        if state.messages > 0 {
+            let m = dlq.get_raw_message(state.first_sequence).await.unwrap();
+            assert_eq!(&m.payload[..], b"{\"not\":\"a page\"}");
+            let reason = m
+                .headers
+                .get(tocsin_proto::subjects::headers::DLQ_REASON)
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            assert!(reason.contains("not a page"), "{reason}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(replica
+        .metrics
+        .encode()
+        .contains("tocsin_notifier_dead_letters_total 1"));
+    replica.stop().await;
 }

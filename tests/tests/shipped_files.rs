@@ -2,13 +2,16 @@
 //!
 //! - every YAML document parses, and every Kubernetes manifest names its
 //!   `apiVersion`, `kind` and `metadata.name`;
-//! - `config/tocsin.yaml` and the `tocsin.yaml` inside the Kubernetes
-//!   ConfigMap pass Tocsin's own config loader;
+//! - `config/tocsin.yaml` and every Tocsin config inside a Kubernetes
+//!   ConfigMap (`tocsin.yaml`, `notifier.yaml`) pass Tocsin's own config
+//!   loader, each for the services of the containers that start with it and
+//!   with the secret files those containers mount;
 //! - every NATS config keeps JetStream at `sync_interval: always` and passes
 //!   `nats-server -t`;
 //! - systemd units and Kubernetes containers start a binary that exists,
 //!   with a command line the real CLI accepts, and give it longer to stop
-//!   than its grace period;
+//!   than its grace period; the units and workloads listed in [`UNITS`] and
+//!   [`WORKLOADS`] are there, each unit on its own admin port;
 //! - example secrets hold placeholders only.
 //!
 //! No NATS server runs here (`nats-server -t` only reads a config).
@@ -65,6 +68,27 @@ const DEFAULT_ADMIN: &str = "127.0.0.1:9464";
 
 /// Placeholder that example secrets must use.
 const PLACEHOLDER: &str = "REPLACE_ME";
+
+/// systemd units shipped in deploy/systemd, each `<binary>.service` running
+/// that binary.
+const UNITS: &[&str] = &[
+    "tocsin",
+    "tocsin-ingest",
+    "tocsin-incidents",
+    "tocsin-escalation",
+    "tocsin-notifier",
+];
+
+/// Kubernetes workloads shipped in deploy/k8s running Tocsin: (kind, name,
+/// binary of its container).
+const WORKLOADS: &[(&str, &str, &str)] = &[
+    ("Deployment", "tocsin-ingest", "tocsin-ingest"),
+    ("Deployment", "tocsin-notifier", "tocsin-notifier"),
+];
+
+/// Content of every secret file in the test (long enough for a token, and
+/// exactly a PagerDuty routing key's 32 characters).
+const TEST_SECRET: &str = "shippedfilestestsecret0123456789";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -176,32 +200,276 @@ fn required_env_refs(text: &str) -> BTreeSet<String> {
     names
 }
 
-/// Loads a Tocsin config with the real loader, every service enabled, after
-/// giving each variable it needs a test value (long enough for a token).
-fn load_tocsin_config(origin: &str, path: &Path) -> Config {
+/// Loads a Tocsin config with the real loader for `services`, after giving
+/// each variable it needs a test value (long enough for a token).
+fn load_tocsin_config(origin: &str, path: &Path, services: &[Service]) -> Result<Config, String> {
     for name in required_env_refs(&read(path)) {
         // Only this test binary's environment; every test here sets the same values.
         std::env::set_var(&name, format!("shipped-files-test-{name}"));
     }
-    Config::load(path, &Service::ALL).unwrap_or_else(|e| panic!("{origin}: {e}"))
+    Config::load(path, services).map_err(|e| format!("{origin}: {e}"))
 }
 
-/// Tocsin config files embedded in Kubernetes ConfigMaps, written to a temp
-/// folder: (where it came from, the temp file).
-fn tocsin_configs_in_configmaps(dir: &Path) -> Vec<(String, PathBuf)> {
+/// A Tocsin config file embedded in a Kubernetes ConfigMap (every key
+/// ending in `.yaml`).
+struct Embedded {
+    /// Where it came from, for messages.
+    origin: String,
+    configmap: String,
+    key: String,
+    text: String,
+}
+
+fn tocsin_configs_in_configmaps() -> Vec<Embedded> {
     let mut out = Vec::new();
     for (path, doc) in k8s_documents() {
         if kind(&doc) != "ConfigMap" {
             continue;
         }
         let name = str_at(&doc, &["metadata", "name"]).unwrap_or_default();
-        if let Some(text) = str_at(&doc, &["data", "tocsin.yaml"]) {
-            let file = dir.join(format!("{name}.tocsin.yaml"));
-            std::fs::write(&file, text).expect("write temp config");
-            out.push((format!("{} (ConfigMap {name})", rel(&path)), file));
+        let data = doc.get("data").and_then(Value::as_mapping);
+        for (key, value) in data.into_iter().flatten() {
+            let (Some(key), Some(text)) = (key.as_str(), value.as_str()) else {
+                continue;
+            };
+            if !key.ends_with(".yaml") {
+                continue;
+            }
+            out.push(Embedded {
+                origin: format!("{} (ConfigMap {name}, {key})", rel(&path)),
+                configmap: name.to_string(),
+                key: key.to_string(),
+                text: text.to_string(),
+            });
         }
     }
     out
+}
+
+/// A container of a Kubernetes workload that runs a Tocsin binary.
+struct TocsinContainer {
+    /// File, workload and container, for messages.
+    origin: String,
+    /// The pod template's spec and the container.
+    pod: Value,
+    container: Value,
+    started: Started,
+}
+
+/// Every container of a workload under deploy/k8s that runs a Tocsin binary
+/// with a command line the CLI accepts (the others are reported by
+/// `kubernetes_workloads_start_tocsin_the_way_the_cli_expects`).
+fn tocsin_containers() -> Vec<TocsinContainer> {
+    let mut out = Vec::new();
+    for (path, doc) in k8s_documents() {
+        let Some(pod) = doc
+            .get("spec")
+            .and_then(|s| s.get("template"))
+            .and_then(|t| t.get("spec"))
+        else {
+            continue;
+        };
+        let workload = format!(
+            "{} ({} {})",
+            rel(&path),
+            kind(&doc),
+            str_at(&doc, &["metadata", "name"]).unwrap_or("?")
+        );
+        for c in pod
+            .get("containers")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            let origin = format!(
+                "{workload}, container {}",
+                str_at(c, &["name"]).unwrap_or("?")
+            );
+            let Some(launch) = container_launch(&origin, c) else {
+                continue;
+            };
+            if launch.binary == "nats-server" {
+                continue;
+            }
+            if let Ok(started) = launch.check() {
+                out.push(TocsinContainer {
+                    origin,
+                    pod: pod.clone(),
+                    container: c.clone(),
+                    started,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// How a container is started (`command` + `args`, literal `env` values);
+/// None without a command.
+fn container_launch(origin: &str, c: &Value) -> Option<Launch> {
+    let strings = |key: &str| -> Vec<String> {
+        c.get(key)
+            .and_then(Value::as_sequence)
+            .map(|s| {
+                s.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let command = strings("command");
+    let program = command.first()?;
+    let binary = Path::new(program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let mut env = BTreeMap::new();
+    for e in c
+        .get("env")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+    {
+        if let (Some(k), Some(v)) = (str_at(e, &["name"]), str_at(e, &["value"])) {
+            env.insert(k.to_string(), v.to_string());
+        }
+    }
+    Some(Launch {
+        origin: origin.to_string(),
+        binary,
+        args: command[1..]
+            .iter()
+            .cloned()
+            .chain(strings("args"))
+            .collect(),
+        env,
+    })
+}
+
+/// The pod volume named `name`.
+fn volume<'a>(pod: &'a Value, name: &str) -> Option<&'a Value> {
+    pod.get("volumes")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .find(|v| str_at(v, &["name"]) == Some(name))
+}
+
+/// The key of a ConfigMap or Secret volume that appears as `file` in the
+/// folder it is mounted on (`items` may rename keys).
+fn volume_key(source: &Value, file: &str) -> Option<String> {
+    match source.get("items").and_then(Value::as_sequence) {
+        Some(items) => items
+            .iter()
+            .find(|i| str_at(i, &["path"]) == Some(file))
+            .and_then(|i| str_at(i, &["key"]))
+            .map(str::to_string),
+        None => Some(file.to_string()),
+    }
+}
+
+/// The ConfigMap key a container's `--config` file comes from: (ConfigMap
+/// name, key), or why there is none.
+fn mounted_config(pod: &Value, c: &Value, config: &Path) -> Result<(String, String), String> {
+    for m in c
+        .get("volumeMounts")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+    {
+        let (Some(mount), Some(name)) = (str_at(m, &["mountPath"]), str_at(m, &["name"])) else {
+            continue;
+        };
+        let file = match str_at(m, &["subPath"]) {
+            Some(sub) if Path::new(mount) == config => sub.to_string(),
+            None if config.parent() == Some(Path::new(mount)) => config
+                .file_name()
+                .and_then(|f| f.to_str())
+                .unwrap_or_default()
+                .to_string(),
+            _ => continue,
+        };
+        let source = volume(pod, name)
+            .and_then(|v| v.get("configMap"))
+            .ok_or_else(|| format!("{} is not mounted from a ConfigMap", config.display()))?;
+        let cm = str_at(source, &["name"]).unwrap_or_default().to_string();
+        let key = volume_key(source, &file).ok_or_else(|| {
+            format!(
+                "{} is in no `items` entry of ConfigMap {cm}",
+                config.display()
+            )
+        })?;
+        return Ok((cm, key));
+    }
+    Err(format!(
+        "--config {} is on no volume mount; mount it from a ConfigMap",
+        config.display()
+    ))
+}
+
+/// Secret volumes a container mounts: (mount path, volume source).
+fn secret_mounts(pod: &Value, c: &Value) -> Vec<(String, Value)> {
+    c.get("volumeMounts")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| {
+            let source = volume(pod, str_at(m, &["name"])?)?.get("secret")?;
+            Some((str_at(m, &["mountPath"])?.to_string(), source.clone()))
+        })
+        .collect()
+}
+
+/// Keys an example Secret gives (stringData or data).
+fn example_secret_keys(docs: &[(PathBuf, Value)], name: &str) -> Option<BTreeSet<String>> {
+    let doc = docs
+        .iter()
+        .map(|(_, d)| d)
+        .find(|d| kind(d) == "Secret" && str_at(d, &["metadata", "name"]) == Some(name))?;
+    Some(
+        ["stringData", "data"]
+            .iter()
+            .filter_map(|k| doc.get(*k).and_then(Value::as_mapping))
+            .flatten()
+            .filter_map(|(k, _)| k.as_str().map(str::to_string))
+            .collect(),
+    )
+}
+
+/// Writes, under `dir`, a file for every key of every Secret the container
+/// mounts (as its example Secret gives them, holding [`TEST_SECRET`]), and
+/// returns `text` with each mount path pointing there instead.
+fn with_test_secret_files(
+    docs: &[(PathBuf, Value)],
+    pod: &Value,
+    c: &Value,
+    text: &str,
+    dir: &Path,
+) -> String {
+    let mut text = text.to_string();
+    for (i, (mount, source)) in secret_mounts(pod, c).into_iter().enumerate() {
+        let name = str_at(&source, &["secretName"]).unwrap_or_default();
+        let folder = dir.join(format!("secret-{i}-{name}"));
+        std::fs::create_dir_all(&folder).expect("temp secret folder");
+        for key in example_secret_keys(docs, name).unwrap_or_default() {
+            let file = match source.get("items").and_then(Value::as_sequence) {
+                Some(items) => match items
+                    .iter()
+                    .find(|it| str_at(it, &["key"]) == Some(key.as_str()))
+                    .and_then(|it| str_at(it, &["path"]))
+                {
+                    Some(p) => p.to_string(),
+                    None => continue,
+                },
+                None => key,
+            };
+            std::fs::write(folder.join(file), TEST_SECRET).expect("temp secret file");
+        }
+        let mount = mount.trim_end_matches('/');
+        text = text.replace(&format!("{mount}/"), &format!("{}/", folder.display()));
+    }
+    text
 }
 
 /// Lines of a NATS config without comments (`#` or `//` to the end of line).
@@ -271,25 +539,52 @@ struct Launch {
     env: BTreeMap<String, String>,
 }
 
+/// What a Tocsin process would run with.
+struct Started {
+    grace: Duration,
+    admin: SocketAddr,
+    /// The services it runs (`tocsin up`: all of them).
+    services: Vec<Service>,
+    /// Its config file.
+    config: PathBuf,
+}
+
 impl Launch {
     /// Parses the command line with the real CLI, the way the binary does
-    /// (`tocsin-ingest` takes the global flags only), and returns the grace
-    /// period and admin address it would run with.
-    fn check(&self) -> Result<(Duration, SocketAddr), String> {
+    /// (`tocsin-ingest` takes the global flags only), and returns what it
+    /// would run with.
+    fn check(&self) -> Result<Started, String> {
+        use tocsin::cli::Command;
         let origin = &self.origin;
         let mut argv = vec!["tocsin".to_string()];
         argv.extend(self.args.iter().cloned());
-        match self.binary.as_str() {
-            "tocsin" => {}
-            // A single-service binary takes the global flags only (cli::main).
-            b if b.starts_with("tocsin-") && binaries().contains(b) => argv.push("up".into()),
+        let forced = match self.binary.as_str() {
+            "tocsin" => None,
+            // A single-service binary takes the global flags only and runs
+            // its service (cli::main).
+            b if b.starts_with("tocsin-") && binaries().contains(b) => {
+                argv.push("up".into());
+                let service = Service::ALL
+                    .into_iter()
+                    .find(|s| b == format!("tocsin-{}", s.name()))
+                    .ok_or_else(|| format!("{origin}: {b} runs no service Tocsin knows"))?;
+                Some(service)
+            }
             other => return Err(format!("{origin}: {other} is not a Tocsin binary")),
-        }
+        };
         let cli = Cli::try_parse_from(&argv)
             .map_err(|e| format!("{origin}: the CLI rejects {argv:?}: {e}"))?;
-        if matches!(cli.command, tocsin::cli::Command::CheckConfig { .. }) {
-            return Err(format!("{origin}: runs check-config, not a service"));
-        }
+        let services = match (forced, &cli.command) {
+            (Some(s), _) => vec![s],
+            (None, Command::Up) => Service::ALL.to_vec(),
+            (None, Command::Ingest) => vec![Service::Ingest],
+            (None, Command::Incidents) => vec![Service::Incidents],
+            (None, Command::Escalation) => vec![Service::Escalation],
+            (None, Command::Notifier) => vec![Service::Notifier],
+            (None, other) => {
+                return Err(format!("{origin}: runs {other:?}, not a service"));
+            }
+        };
         // A flag wins over the variable, the variable over the default (clap).
         let flag = |name: &str| {
             self.args
@@ -310,6 +605,11 @@ impl Launch {
                 .map_err(|e| format!("{origin}: TOCSIN_ADMIN_LISTEN={v}: {e}"))?,
             None => DEFAULT_ADMIN.parse().expect("default admin address"),
         };
+        let config = match self.env.get("TOCSIN_CONFIG") {
+            _ if flag("--config") || flag("-c") => cli.config.clone(),
+            Some(v) => PathBuf::from(v),
+            None => PathBuf::from("config/tocsin.yaml"),
+        };
         if let Some(f) = self.env.get("TOCSIN_LOG_FORMAT") {
             if !["human", "json"].contains(&f.as_str()) {
                 return Err(format!(
@@ -317,7 +617,12 @@ impl Launch {
                 ));
             }
         }
-        Ok((grace, admin))
+        Ok(Started {
+            grace,
+            admin,
+            services,
+            config,
+        })
     }
 }
 
@@ -340,6 +645,17 @@ fn parse_unit(text: &str) -> BTreeMap<String, Vec<(String, String)>> {
         }
     }
     sections
+}
+
+/// `Environment=` assignments of a unit's [Service] section.
+fn unit_env(service: &[(String, String)]) -> BTreeMap<String, String> {
+    service
+        .iter()
+        .filter(|(k, _)| k == "Environment")
+        .flat_map(|(_, v)| v.split_whitespace())
+        .filter_map(|kv| kv.trim_matches('"').split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// A systemd time span such as `45s`, `90`, `1min 30s` or `infinity`.
@@ -394,22 +710,34 @@ fn check_unit(path: &Path) -> Result<(), String> {
     if !Path::new(program).is_absolute() {
         return Err(format!("{origin}: ExecStart needs an absolute path"));
     }
+    // Under ProtectSystem=strict only the state directory is writable, and
+    // relative data dirs (`.tocsin/data/...`) start from the working directory.
+    if values("ProtectSystem").last() == Some(&"strict") {
+        if let Some(dir) = values("WorkingDirectory").last() {
+            let state: Vec<PathBuf> = values("StateDirectory")
+                .iter()
+                .flat_map(|v| v.split_whitespace())
+                .map(|d| Path::new("/var/lib").join(d))
+                .collect();
+            if !state.iter().any(|s| Path::new(dir).starts_with(s)) {
+                return Err(format!(
+                    "{origin}: WorkingDirectory={dir} is read-only under ProtectSystem=strict; \
+                     use a StateDirectory ({state:?})"
+                ));
+            }
+        }
+    }
     if binary == "nats-server" {
         return Ok(());
     }
-    let env: BTreeMap<String, String> = values("Environment")
-        .iter()
-        .flat_map(|v| v.split_whitespace())
-        .filter_map(|kv| kv.trim_matches('"').split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let env = unit_env(service);
     let launch = Launch {
         origin: origin.clone(),
         binary,
         args: words.map(str::to_string).collect(),
         env,
     };
-    let (grace, _) = launch.check()?;
+    let grace = launch.check()?.grace;
     if values("KillSignal") != ["SIGTERM"] {
         return Err(format!("{origin}: Tocsin drains on KillSignal=SIGTERM"));
     }
@@ -439,57 +767,21 @@ fn check_pod_template(origin: &str, spec: &Value) -> Result<usize, String> {
     for c in containers {
         let name = str_at(c, &["name"]).unwrap_or("?");
         let origin = format!("{origin}, container {name}");
-        let strings = |key: &str| -> Vec<String> {
-            c.get(key)
-                .and_then(Value::as_sequence)
-                .map(|s| {
-                    s.iter()
-                        .filter_map(|v| v.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let command = strings("command");
-        let Some(program) = command.first() else {
+        let Some(launch) = container_launch(&origin, c) else {
             continue;
         };
-        let binary = Path::new(program)
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_string();
-        if !binaries().contains(&binary) {
+        let program = launch.binary.clone();
+        if !binaries().contains(&launch.binary) {
             return Err(format!(
                 "{origin}: runs {program:?}; the binaries are {:?}",
                 binaries()
             ));
         }
-        if binary == "nats-server" {
+        if launch.binary == "nats-server" {
             continue;
         }
         count += 1;
-        let mut env = BTreeMap::new();
-        for e in c
-            .get("env")
-            .and_then(Value::as_sequence)
-            .into_iter()
-            .flatten()
-        {
-            if let (Some(k), Some(v)) = (str_at(e, &["name"]), str_at(e, &["value"])) {
-                env.insert(k.to_string(), v.to_string());
-            }
-        }
-        let launch = Launch {
-            origin: origin.clone(),
-            binary,
-            args: command[1..]
-                .iter()
-                .cloned()
-                .chain(strings("args"))
-                .collect(),
-            env,
-        };
-        let (grace, admin) = launch.check()?;
+        let Started { grace, admin, .. } = launch.check()?;
         if admin.ip().is_loopback() {
             return Err(format!(
                 "{origin}: admin address {admin} is loopback; the kubelet cannot probe it"
@@ -583,34 +875,89 @@ fn every_yaml_file_parses_and_manifests_name_themselves() {
 
 #[test]
 fn tocsin_configs_pass_the_real_loader() {
-    let config = load_tocsin_config("config/tocsin.yaml", &root().join("config/tocsin.yaml"));
+    let config = load_tocsin_config(
+        "config/tocsin.yaml",
+        &root().join("config/tocsin.yaml"),
+        &Service::ALL,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     assert!(
         config.ingest.is_some(),
         "config/tocsin.yaml: no ingest section"
     );
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let embedded = tocsin_configs_in_configmaps(dir.path());
+    let embedded = tocsin_configs_in_configmaps();
     assert!(
-        !embedded.is_empty(),
+        embedded.iter().any(|e| e.key == "tocsin.yaml"),
         "no ConfigMap under deploy/k8s carries a tocsin.yaml"
     );
-    for (origin, file) in embedded {
-        // Line numbers in the error count from the start of the embedded file.
-        let config = load_tocsin_config(&origin, &file);
-        let ingest = config
-            .ingest
-            .unwrap_or_else(|| panic!("{origin}: no ingest section"));
-        assert!(
-            ingest.listen.ip().is_unspecified(),
-            "{origin}: ingest.listen {} is not reachable from the Service; use 0.0.0.0:8080",
-            ingest.listen
-        );
-        assert_eq!(
-            config.jetstream.replicas, 3,
-            "{origin}: the cluster runs 3 NATS nodes; use jetstream.replicas: 3"
-        );
+    let docs = k8s_documents();
+    let containers = tocsin_containers();
+    let mut problems = Vec::new();
+    let mut jetstream: Option<(&str, Value)> = None;
+    for (i, e) in embedded.iter().enumerate() {
+        // Every service creates or updates the streams at start: one
+        // `jetstream:` section for all of them, or they undo each other.
+        let js = serde_yaml_ng::from_str::<Value>(&e.text)
+            .ok()
+            .and_then(|v| v.get("jetstream").cloned())
+            .unwrap_or(Value::Null);
+        match &jetstream {
+            None => jetstream = Some((&e.origin, js)),
+            Some((first, j)) if *j != js => problems.push(format!(
+                "{}: its `jetstream:` section differs from {first}'s",
+                e.origin
+            )),
+            Some(_) => {}
+        }
+        // Loaded the way each container that starts with it loads it: for
+        // its services, with the secret files it mounts.
+        let users: Vec<&TocsinContainer> = containers
+            .iter()
+            .filter(|c| {
+                mounted_config(&c.pod, &c.container, &c.started.config).ok()
+                    == Some((e.configmap.clone(), e.key.clone()))
+            })
+            .collect();
+        if users.is_empty() {
+            problems.push(format!("{}: no Tocsin container starts with it", e.origin));
+        }
+        for (j, c) in users.into_iter().enumerate() {
+            let origin = format!("{} as {} reads it", e.origin, c.origin);
+            let work = dir.path().join(format!("{i}-{j}"));
+            std::fs::create_dir_all(&work).expect("temp folder");
+            let text = with_test_secret_files(&docs, &c.pod, &c.container, &e.text, &work);
+            let file = work.join(&e.key);
+            std::fs::write(&file, text).expect("write temp config");
+            // Line numbers in an error count from the start of the embedded file.
+            let config = match load_tocsin_config(&origin, &file, &c.started.services) {
+                Ok(c) => c,
+                Err(e) => {
+                    problems.push(e);
+                    continue;
+                }
+            };
+            if c.started.services.contains(&Service::Ingest) {
+                match &config.ingest {
+                    None => problems.push(format!("{origin}: no ingest section")),
+                    Some(ingest) if !ingest.listen.ip().is_unspecified() => {
+                        problems.push(format!(
+                            "{origin}: ingest.listen {} is not reachable from the Service; use 0.0.0.0:8080",
+                            ingest.listen
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
+            if config.jetstream.replicas != 3 {
+                problems.push(format!(
+                    "{origin}: the cluster runs 3 NATS nodes; use jetstream.replicas: 3"
+                ));
+            }
+        }
     }
+    fail_on(problems);
 }
 
 #[test]
@@ -671,6 +1018,83 @@ fn systemd_units_start_shipped_binaries_and_outlast_the_grace_period() {
 }
 
 #[test]
+fn expected_units_are_shipped_each_on_its_own_admin_port() {
+    let mut problems = Vec::new();
+    let mut ports: BTreeMap<u16, &str> = BTreeMap::new();
+    for unit in UNITS {
+        let path = root().join(format!("deploy/systemd/{unit}.service"));
+        if !path.is_file() {
+            problems.push(format!("{} is missing", rel(&path)));
+            continue;
+        }
+        let sections = parse_unit(&read(&path));
+        let service = sections.get("Service").cloned().unwrap_or_default();
+        let exec = service
+            .iter()
+            .find(|(k, _)| k == "ExecStart")
+            .and_then(|(_, v)| v.split_whitespace().next())
+            .unwrap_or_default();
+        if Path::new(exec).file_name().and_then(|n| n.to_str()) != Some(unit) {
+            problems.push(format!(
+                "{}: ExecStart runs {exec:?}, not {unit}",
+                rel(&path)
+            ));
+        }
+        // Several units may run on one host (not next to tocsin.service,
+        // but keep that one apart too).
+        let admin = unit_env(&service)
+            .get("TOCSIN_ADMIN_LISTEN")
+            .cloned()
+            .unwrap_or_else(|| DEFAULT_ADMIN.to_string());
+        match admin.parse::<SocketAddr>() {
+            Ok(a) => {
+                if let Some(other) = ports.insert(a.port(), unit) {
+                    problems.push(format!(
+                        "{}: admin port {} is {other}.service's too",
+                        rel(&path),
+                        a.port()
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!("{}: TOCSIN_ADMIN_LISTEN={admin}: {e}", rel(&path))),
+        }
+    }
+    fail_on(problems);
+}
+
+#[test]
+fn expected_kubernetes_workloads_are_shipped() {
+    let docs = k8s_documents();
+    let mut problems = Vec::new();
+    for (k, name, binary) in WORKLOADS {
+        let Some((path, doc)) = docs
+            .iter()
+            .find(|(_, d)| kind(d) == *k && str_at(d, &["metadata", "name"]) == Some(name))
+        else {
+            problems.push(format!("no {k} {name} under deploy/k8s"));
+            continue;
+        };
+        let runs = doc
+            .get("spec")
+            .and_then(|s| s.get("template"))
+            .and_then(|t| t.get("spec"))
+            .and_then(|s| s.get("containers"))
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| container_launch("", c))
+            .any(|l| l.binary == *binary);
+        if !runs {
+            problems.push(format!(
+                "{}: {k} {name} runs no {binary} container",
+                rel(path)
+            ));
+        }
+    }
+    fail_on(problems);
+}
+
+#[test]
 fn kubernetes_workloads_start_tocsin_the_way_the_cli_expects() {
     let mut problems = Vec::new();
     let mut tocsin_containers = 0;
@@ -706,13 +1130,10 @@ fn kubernetes_wiring_is_consistent() {
     };
     let mut problems = Vec::new();
 
-    // Every variable a Tocsin config needs is given to every Tocsin container,
-    // and every Secret it comes from is shaped by secret.example.yaml.
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut required = BTreeSet::new();
-    for (_, file) in tocsin_configs_in_configmaps(dir.path()) {
-        required.extend(required_env_refs(&without_comment_lines(&read(&file))));
-    }
+    // Every Tocsin container starts with a config from a ConfigMap, and is
+    // given every variable that config needs; every Secret a variable or a
+    // volume comes from is shaped by secret.example.yaml.
+    let embedded = tocsin_configs_in_configmaps();
     for (path, doc) in &docs {
         let Some(spec) = doc
             .get("spec")
@@ -771,10 +1192,31 @@ fn kubernetes_wiring_is_consistent() {
             if !runs_tocsin {
                 continue;
             }
-            for name in &required {
-                if !env.iter().any(|e| str_at(e, &["name"]) == Some(name)) {
+            let Some(started) = container_launch(&origin, c).and_then(|l| l.check().ok()) else {
+                continue; // reported by kubernetes_workloads_start_tocsin_the_way_the_cli_expects
+            };
+            let config = match mounted_config(spec, c, &started.config) {
+                Ok((cm, key)) => embedded.iter().find(|e| e.configmap == cm && e.key == key),
+                Err(e) => {
+                    problems.push(format!("{origin}: {e}"));
+                    continue;
+                }
+            };
+            let Some(config) = config else {
+                problems.push(format!(
+                    "{origin}: --config {} is in no ConfigMap here",
+                    started.config.display()
+                ));
+                continue;
+            };
+            for name in required_env_refs(&without_comment_lines(&config.text)) {
+                if !env
+                    .iter()
+                    .any(|e| str_at(e, &["name"]) == Some(name.as_str()))
+                {
                     problems.push(format!(
-                        "{origin}: the config needs ${{{name}}}; add it to env"
+                        "{origin}: {} needs ${{{name}}}; add it to env",
+                        config.key
                     ));
                 }
             }
@@ -788,6 +1230,31 @@ fn kubernetes_wiring_is_consistent() {
             if let Some(cm) = str_at(v, &["configMap", "name"]) {
                 if !named("ConfigMap", cm) {
                     problems.push(format!("{}: volume from missing ConfigMap {cm}", rel(path)));
+                }
+            }
+            if let Some(secret) = v.get("secret") {
+                let name = str_at(secret, &["secretName"]).unwrap_or("");
+                match example_secret_keys(&docs, name) {
+                    None => problems.push(format!(
+                        "{}: volume from Secret {name:?}, which no example Secret shapes",
+                        rel(path)
+                    )),
+                    Some(keys) => {
+                        for item in secret
+                            .get("items")
+                            .and_then(Value::as_sequence)
+                            .into_iter()
+                            .flatten()
+                        {
+                            let key = str_at(item, &["key"]).unwrap_or("");
+                            if !keys.contains(key) {
+                                problems.push(format!(
+                                    "{}: Secret {name} key {key} is in no example Secret",
+                                    rel(path)
+                                ));
+                            }
+                        }
+                    }
                 }
             }
         }

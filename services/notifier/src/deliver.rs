@@ -37,6 +37,7 @@ pub(crate) struct NotifierMetrics {
     request: Family<Labels, Histogram>,
     retries: Family<Labels, Counter>,
     breaker: Family<Labels, Gauge>,
+    breaker_opened: Family<Labels, Counter>,
     pub(crate) dead_letters: Counter,
 }
 
@@ -52,6 +53,7 @@ impl NotifierMetrics {
             request: Family::new_with_constructor(latency_histogram),
             retries: Family::default(),
             breaker: Family::default(),
+            breaker_opened: Family::default(),
             dead_letters: Counter::default(),
         };
         m.register(
@@ -78,6 +80,11 @@ impl NotifierMetrics {
             "tocsin_notifier_breaker_state",
             "Circuit breaker per channel: 0 closed, 1 half-open, 2 open",
             s.breaker.clone(),
+        );
+        m.register(
+            "tocsin_notifier_breaker_opened",
+            "Times a channel's circuit breaker opened",
+            s.breaker_opened.clone(),
         );
         m.register(
             "tocsin_notifier_dead_letters",
@@ -340,10 +347,13 @@ impl Deliverer {
                 return self.done(out, r.clone());
             }
         }
+        // A page redelivered that this replica has no record of may have
+        // been attempted by another replica (or before the store was lost).
+        let unknown = existing.is_none();
         let mut rec = existing.unwrap_or_else(|| Record::new(now));
         let doubt_since = match rec.state {
             State::InFlight { since } => Some(since),
-            _ if rec.attempts == 0 && redelivered => Some(rec.first_attempt),
+            _ if unknown && redelivered => Some(rec.first_attempt),
             _ => None,
         };
 
@@ -381,6 +391,12 @@ impl Deliverer {
             match permit {
                 Permit::Wait(d) => {
                     // Pages wait while the provider is down; spread them out.
+                    // Noting that this one was never attempted here spares a
+                    // look-up at the provider when it comes back (no flush
+                    // needed: losing the note only costs that look-up).
+                    if unknown {
+                        self.store.put_unflushed(&out.id, &rec);
+                    }
                     let jitter = Duration::from_millis(rand::random::<u64>() % 500);
                     return Step::Later(d + jitter);
                 }
@@ -436,6 +452,10 @@ impl Deliverer {
                 Ok(_) | Err(SendError::Permanent { .. }) => b.success(),
                 Err(SendError::Retry { .. }) => {
                     if b.failure(tokio::time::Instant::now()) {
+                        self.metrics
+                            .breaker_opened
+                            .get_or_create(&labels(&[("channel", out.channel.as_str())]))
+                            .inc();
                         tracing::warn!(
                             channel = out.channel.as_str(),
                             "circuit breaker open: pages on this channel wait"

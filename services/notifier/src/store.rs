@@ -103,6 +103,13 @@ impl Store {
         Ok(())
     }
 
+    /// Writes without waiting for the disk (for notes whose loss is harmless).
+    pub fn put_unflushed(&self, id: &str, rec: &Record) {
+        if let Ok(bytes) = tocsin_proto::codec::encode(rec) {
+            let _ = self.tree.insert(id.as_bytes(), bytes);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.tree.len()
     }

@@ -195,6 +195,9 @@ pub async fn run(
     // (which is a failure: services run until cancelled).
     let mut failure = None;
     tokio::select! {
+        // A service that returns because it was told to stop is no failure:
+        // look at the request first.
+        biased;
         _ = shutdown.cancelled() => {}
         Some(joined) = tasks.join_next() => {
             let (name, result) = joined.unwrap_or(("unknown", Err(anyhow::anyhow!("service task panicked"))));
