@@ -29,6 +29,10 @@ pub struct NotifierConfig {
     pub concurrency: Option<usize>,
     /// Redelivery of a page whose handler died. Default 30s.
     pub ack_wait: Option<HumanDuration>,
+    /// How long delivery records are kept. Keep it above the NOTIFY
+    /// stream's `work_max_age` (pages older than that are gone anyway).
+    /// Default 14d.
+    pub records_kept_for: Option<HumanDuration>,
     /// Retry policy shared by the channels (each may override it).
     pub retry: RetryConfig,
     pub slack: Option<SlackConfig>,
@@ -41,6 +45,12 @@ pub struct NotifierConfig {
 impl NotifierConfig {
     pub fn concurrency(&self) -> usize {
         self.concurrency.unwrap_or(32).clamp(1, 1024)
+    }
+    pub fn records_kept_for(&self) -> std::time::Duration {
+        self.records_kept_for
+            .map(|d| d.get())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(std::time::Duration::from_secs(14 * 86_400))
     }
     pub fn ack_wait(&self) -> std::time::Duration {
         self.ack_wait

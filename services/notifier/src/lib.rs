@@ -113,6 +113,30 @@ pub async fn run(
         ack_wait: config.ack_wait(),
     });
     let sync = tokio::spawn(service::run_sync(shared.clone(), shutdown.clone()));
+    let prune = {
+        let (store, keep, stop) = (
+            shared.d.store.clone(),
+            config.records_kept_for(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let before = jiff::Timestamp::now()
+                    .checked_sub(jiff::SignedDuration::try_from(keep).unwrap_or_default())
+                    .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+                let s = store.clone();
+                if let Ok(n) = tokio::task::spawn_blocking(move || s.prune(before)).await {
+                    if n > 0 {
+                        tracing::info!(removed = n, "old delivery records pruned");
+                    }
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+                }
+            }
+        })
+    };
     service::run_pages(
         shared.clone(),
         config.concurrency(),
@@ -121,6 +145,7 @@ pub async fn run(
     )
     .await;
     let _ = sync.await;
+    prune.abort();
     shared.d.store.flush().await;
     tracing::info!("notifier stopped");
     Ok(())

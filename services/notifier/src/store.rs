@@ -110,6 +110,23 @@ impl Store {
         }
     }
 
+    /// Removes records first attempted before `before` (the pages they
+    /// guard have long left the NOTIFY stream). Returns how many.
+    pub fn prune(&self, before: Timestamp) -> usize {
+        let mut removed = 0;
+        for item in self.tree.iter() {
+            let Ok((key, value)) = item else { continue };
+            let old = match rmp_decode(&value) {
+                Ok(r) => r.first_attempt < before,
+                Err(_) => true, // unreadable: useless
+            };
+            if old && self.tree.remove(&key).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     pub fn len(&self) -> usize {
         self.tree.len()
     }
@@ -150,5 +167,16 @@ mod tests {
         assert_eq!(r.attempts, 2);
         assert!(r.is_final());
         assert_eq!(s.get("page:2").unwrap(), None);
+
+        // Pruning keeps what is recent.
+        s.put(
+            "page:3",
+            &Record::new("2026-02-01T00:00:00Z".parse().unwrap()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.prune("2026-01-15T00:00:00Z".parse().unwrap()), 1);
+        assert_eq!(s.get("page:1").unwrap(), None);
+        assert!(s.get("page:3").unwrap().is_some());
     }
 }

@@ -58,7 +58,9 @@ async fn killed_five_times_every_page_arrives_exactly_once() {
     let nats = NatsServer::start().await;
     let fakes = FakeProviders::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let notifier = config_yaml(&fakes, None, &dir.path().join("data"));
+    // Paced (100 requests/s per channel) so the five kills land mid-run.
+    let notifier = config_yaml(&fakes, None, &dir.path().join("data"))
+        .replace("rate_per_second: 0", "rate_per_second: 100, burst: 10");
     let indented: String = notifier.lines().map(|l| format!("  {l}\n")).collect();
     let config = dir.path().join("tocsin.yaml");
     std::fs::write(
@@ -100,12 +102,14 @@ async fn killed_five_times_every_page_arrives_exactly_once() {
     for round in 0..5u64 {
         let before = delivered(&fakes);
         let mut child = start(&config);
-        // Let it get going (start-up, then sending), then kill it mid-flight.
+        // Kill it mid-flight: after a random 20 to 80 more deliveries, plus
+        // a random few milliseconds (requests are in flight all along).
+        let target = before + 20 + random(round, 60) as usize;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while delivered(&fakes) == before && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        while delivered(&fakes) < target && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        tokio::time::sleep(Duration::from_millis(random(round, 120))).await;
+        tokio::time::sleep(Duration::from_millis(random(round + 7, 15))).await;
         child.kill().expect("SIGKILL");
         child.wait().unwrap();
         kills.push(delivered(&fakes));
@@ -119,7 +123,15 @@ async fn killed_five_times_every_page_arrives_exactly_once() {
     let done = fakes
         .wait_for(|f| delivered(f) >= 500, Duration::from_secs(60))
         .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Pages a killed process had delivered but not acknowledged come back
+    // after ack_wait (5 s); the records say they were sent, and they are
+    // acknowledged without a second send.
+    let mut notify = js.get_stream("NOTIFY").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while notify.info().await.unwrap().state.messages > 0 && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(
@@ -164,6 +176,5 @@ async fn killed_five_times_every_page_arrives_exactly_once() {
     );
 
     // Nothing left on NOTIFY: every page was acknowledged in the end.
-    let mut notify = js.get_stream("NOTIFY").await.unwrap();
     assert_eq!(notify.info().await.unwrap().state.messages, 0);
 }

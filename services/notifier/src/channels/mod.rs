@@ -123,6 +123,17 @@ fn without_url(e: &reqwest::Error) -> String {
     s
 }
 
+/// Sends a request and reads the answer: status, `Retry-After` and body.
+/// No answer at all is a retryable error.
+pub async fn exchange(
+    req: reqwest::RequestBuilder,
+) -> Result<(u16, Option<Duration>, String), SendError> {
+    let resp = req.send().await.map_err(|e| transport_error(&e))?;
+    let status = resp.status().as_u16();
+    let after = retry_after(resp.headers());
+    Ok((status, after, body_text(resp).await))
+}
+
 /// Reads a response body, at most 64 KiB of it.
 pub async fn body_text(resp: reqwest::Response) -> String {
     let bytes = resp.bytes().await.unwrap_or_default();

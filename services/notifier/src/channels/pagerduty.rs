@@ -12,9 +12,7 @@ use tocsin_proto::{
 };
 use tocsin_runtime::config::Secret;
 
-use super::{
-    body_text, classify_http, http_client, retry_after, transport_error, Outgoing, SendError,
-};
+use super::{classify_http, exchange, http_client, Outgoing, SendError};
 use crate::config::PagerdutyConfig;
 
 /// The Events API's limit on `payload.summary`.
@@ -155,16 +153,7 @@ impl Pagerduty {
             ))
         })?;
         let event = Self::event(out, summary, key.expose());
-        let resp = self
-            .client
-            .post(&self.url)
-            .json(&event)
-            .send()
-            .await
-            .map_err(|e| transport_error(&e))?;
-        let status = resp.status().as_u16();
-        let after = retry_after(resp.headers());
-        let text = body_text(resp).await;
+        let (status, after, text) = exchange(self.client.post(&self.url).json(&event)).await?;
         if status == 202 || (200..300).contains(&status) {
             let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
             return Ok(ProviderRef::Pagerduty {

@@ -14,9 +14,7 @@ use tocsin_proto::{
 };
 use tocsin_runtime::config::Secret;
 
-use super::{
-    body_text, classify_http, http_client, retry_after, transport_error, Outgoing, SendError,
-};
+use super::{classify_http, exchange, http_client, Outgoing, SendError};
 use crate::config::{SlackConfig, SlackMode};
 
 pub struct Slack {
@@ -201,18 +199,14 @@ impl Slack {
             .token
             .as_ref()
             .ok_or_else(|| SendError::permanent("no Slack token configured"))?;
-        let resp = self
-            .client
-            .post(format!("{}/{method}", self.api_url))
-            .bearer_auth(token.expose())
-            .header("content-type", "application/json; charset=utf-8")
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| transport_error(&e))?;
-        let status = resp.status().as_u16();
-        let after = retry_after(resp.headers());
-        let text = body_text(resp).await;
+        let (status, after, text) = exchange(
+            self.client
+                .post(format!("{}/{method}", self.api_url))
+                .bearer_auth(token.expose())
+                .header("content-type", "application/json; charset=utf-8")
+                .json(body),
+        )
+        .await?;
         if status != 200 {
             return Err(classify_http(
                 status,
@@ -250,16 +244,7 @@ impl Slack {
         let mut body = message(out, text);
         // Incoming-webhook messages cannot be interactive here.
         strip_actions(&mut body);
-        let resp = self
-            .client
-            .post(url.expose())
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| transport_error(&e))?;
-        let status = resp.status().as_u16();
-        let after = retry_after(resp.headers());
-        let text = body_text(resp).await;
+        let (status, after, text) = exchange(self.client.post(url.expose()).json(&body)).await?;
         if status == 200 {
             Ok(ProviderRef::SlackWebhook)
         } else {

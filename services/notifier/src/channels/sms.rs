@@ -6,9 +6,7 @@ use serde_json::Value;
 use tocsin_proto::notify::ProviderRef;
 use tocsin_runtime::config::Secret;
 
-use super::{
-    body_text, classify_http, http_client, retry_after, transport_error, Outgoing, SendError,
-};
+use super::{classify_http, exchange, http_client, Outgoing, SendError};
 use crate::config::SmsConfig;
 
 /// Twilio's limit on `Body`.
@@ -78,17 +76,13 @@ impl Sms {
         if out.address.is_empty() {
             return Err(SendError::permanent("no phone number for this SMS"));
         }
-        let resp = self
-            .client
-            .post(self.url())
-            .basic_auth(&self.sid, Some(self.token.expose()))
-            .form(&self.form(&out.address, body))
-            .send()
-            .await
-            .map_err(|e| transport_error(&e))?;
-        let status = resp.status().as_u16();
-        let after = retry_after(resp.headers());
-        let text = body_text(resp).await;
+        let (status, after, text) = exchange(
+            self.client
+                .post(self.url())
+                .basic_auth(&self.sid, Some(self.token.expose()))
+                .form(&self.form(&out.address, body)),
+        )
+        .await?;
         let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         if (200..300).contains(&status) {
             return match answer["sid"].as_str() {
@@ -135,17 +129,13 @@ impl Sms {
         if let Some(f) = &self.from {
             query.push(("From", f.clone()));
         }
-        let resp = self
-            .client
-            .get(self.url())
-            .basic_auth(&self.sid, Some(self.token.expose()))
-            .query(&query)
-            .send()
-            .await
-            .map_err(|e| transport_error(&e))?;
-        let status = resp.status().as_u16();
-        let after = retry_after(resp.headers());
-        let text = body_text(resp).await;
+        let (status, after, text) = exchange(
+            self.client
+                .get(self.url())
+                .basic_auth(&self.sid, Some(self.token.expose()))
+                .query(&query),
+        )
+        .await?;
         if !(200..300).contains(&status) {
             return Err(classify_http(
                 status,

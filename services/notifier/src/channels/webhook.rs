@@ -10,9 +10,7 @@ use sha2::Sha256;
 use tocsin_proto::notify::ProviderRef;
 use tocsin_runtime::config::Secret;
 
-use super::{
-    body_text, classify_http, http_client, retry_after, transport_error, Outgoing, SendError,
-};
+use super::{classify_http, exchange, http_client, Outgoing, SendError};
 use crate::config::WebhookConfig;
 
 pub struct Webhook {
@@ -97,14 +95,7 @@ impl Webhook {
         if let Some(key) = &self.key {
             req = req.header("webhook-signature", sign(key, &id, ts, &bytes));
         }
-        let resp = req
-            .body(bytes)
-            .send()
-            .await
-            .map_err(|e| transport_error(&e))?;
-        let status = resp.status().as_u16();
-        let after = retry_after(resp.headers());
-        let text = body_text(resp).await;
+        let (status, after, text) = exchange(req.body(bytes)).await?;
         if (200..300).contains(&status) {
             Ok(ProviderRef::Webhook { id })
         } else {
