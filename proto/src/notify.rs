@@ -165,6 +165,9 @@ pub enum DeliveryOutcome {
     Failed,
     /// Retries ran out (the provider stayed down past `give_up_after`).
     GaveUp,
+    /// Not sent: by the time it could be, the incident was resolved,
+    /// silenced, or (for a first page) acknowledged.
+    Skipped,
 }
 
 impl DeliveryOutcome {
@@ -173,6 +176,7 @@ impl DeliveryOutcome {
             DeliveryOutcome::Sent => "sent",
             DeliveryOutcome::Failed => "failed",
             DeliveryOutcome::GaveUp => "gave_up",
+            DeliveryOutcome::Skipped => "skipped",
         }
     }
 }

@@ -334,6 +334,33 @@ async fn each_channel_gets_exactly_what_its_provider_expects_and_follows_the_inc
     assert_eq!(fakes.pagerduty_alerts().len(), 1);
     assert_eq!(fakes.pagerduty_alerts()[0].status, "resolved");
 
+    // A page that was still queued when the incident resolved (a backlog
+    // after an outage) wakes nobody: it is skipped, and the timeline says so.
+    let mut late = notifier::page(1, tocsin_proto::notify::Channel::Sms);
+    late.incident = inc.clone();
+    late.id = format!("{}-late", late.id);
+    notifier::publish_pages(&js, &[late]).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let skipped = loop {
+        let detail = get(&client, IncidentRef::Number(1)).await;
+        let found = detail.timeline.iter().find_map(|e| match &e.kind {
+            EventKind::Delivery { delivery } if delivery.outcome == DeliveryOutcome::Skipped => {
+                Some(delivery.clone())
+            }
+            _ => None,
+        });
+        if let Some(d) = found {
+            break d;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no skipped receipt");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        skipped.detail.contains("resolved before this page"),
+        "{}",
+        skipped.detail
+    );
+
     // Nothing was sent twice, and nothing failed.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(fakes.sms().len(), 1);

@@ -271,6 +271,7 @@ impl Deliverer {
             ),
             State::Failed { reason } => (DeliveryOutcome::Failed, reason.clone(), None),
             State::GaveUp { reason } => (DeliveryOutcome::GaveUp, reason.clone(), None),
+            State::Skipped { reason } => (DeliveryOutcome::Skipped, reason.clone(), None),
             State::Pending | State::InFlight { .. } => {
                 (DeliveryOutcome::GaveUp, rec.last_error.clone(), None)
             }
@@ -310,6 +311,10 @@ impl Deliverer {
             }
         }
         match receipt.outcome {
+            DeliveryOutcome::Skipped => tracing::info!(
+                delivery = %out.id, incident = out.incident.number, channel = out.channel.as_str(),
+                target = %out.target, reason = %receipt.detail, "not sent: the incident moved on"
+            ),
             DeliveryOutcome::Sent => tracing::info!(
                 delivery = %out.id, incident = out.incident.number, channel = out.channel.as_str(),
                 target = %out.target, kind = out.kind.as_str(), attempts = rec.attempts, "delivered"
@@ -333,7 +338,14 @@ impl Deliverer {
     /// Delivers `out` once. `redelivered`: the bus delivered this message
     /// before (to this or another replica), so a request may have gone out
     /// without its answer being recorded.
-    pub(crate) async fn process(&self, out: &Outgoing, redelivered: bool) -> Step {
+    /// `skip`: why this message should not be sent after all (the incident
+    /// moved on while it waited); recorded like any outcome.
+    pub(crate) async fn process(
+        &self,
+        out: &Outgoing,
+        redelivered: bool,
+        skip: Option<String>,
+    ) -> Step {
         let now = Timestamp::now();
         let existing = match self.store.get(&out.id) {
             Ok(r) => r,
@@ -351,6 +363,10 @@ impl Deliverer {
         // been attempted by another replica (or before the store was lost).
         let unknown = existing.is_none();
         let mut rec = existing.unwrap_or_else(|| Record::new(now));
+        if let Some(reason) = skip {
+            rec.state = State::Skipped { reason };
+            return self.finish(out, rec).await;
+        }
         let doubt_since = match rec.state {
             State::InFlight { since } => Some(since),
             _ if unknown && redelivered => Some(rec.first_attempt),

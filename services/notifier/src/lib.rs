@@ -111,6 +111,7 @@ pub async fn run(
         d,
         js,
         ack_wait: config.ack_wait(),
+        incidents: tokio::sync::OnceCell::new(),
     });
     let sync = tokio::spawn(service::run_sync(shared.clone(), shutdown.clone()));
     let prune = {

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use tocsin_proto::{
     codec::{self, decode_envelope},
     command::{Action, Command, IncidentRef},
-    incident::{Actor, EventKind, IncidentEvent, IncidentStatus, LogEntry},
+    incident::{Actor, EventKind, IncidentEvent, IncidentStatus, IncidentSummary, LogEntry},
     notify::{Channel, Delivery, DeliveryOutcome, MessageKind, Page, PageTarget, ProviderRef},
     subjects::{self, headers, STREAM_INCIDENTS, STREAM_NOTIFY},
     Envelope,
@@ -42,6 +42,7 @@ pub(crate) struct Shared {
     pub(crate) d: Deliverer,
     pub(crate) js: jetstream::Context,
     pub(crate) ack_wait: Duration,
+    pub(crate) incidents: tokio::sync::OnceCell<jetstream::stream::Stream>,
 }
 
 impl Shared {
@@ -154,6 +155,53 @@ impl Shared {
         }
     }
 
+    /// The incident as it is now: its last entry on INCIDENTS (None when
+    /// it cannot be read; the page is then sent).
+    async fn incident_now(&self, id: uuid::Uuid) -> Option<IncidentSummary> {
+        let stream = self
+            .incidents
+            .get_or_try_init(|| self.js.get_stream(STREAM_INCIDENTS))
+            .await
+            .ok()?;
+        let msg = stream
+            .get_last_raw_message_by_subject(&format!("tocsin.incidents.inc.{}.>", id.simple()))
+            .await
+            .ok()?;
+        match decode_envelope::<LogEntry>(&msg.payload) {
+            Ok(Envelope {
+                body: LogEntry::Incident(ev),
+                ..
+            }) => Some(ev.incident),
+            _ => None,
+        }
+    }
+
+    /// Why a page that waited (a backlog, a provider outage) should no
+    /// longer be sent: nobody is woken for an incident that is over.
+    async fn stale(&self, page: &Page) -> Option<String> {
+        let now = self.incident_now(page.incident.id).await?;
+        let n = now.number;
+        if now.status == IncidentStatus::Resolved {
+            return Some(format!(
+                "incident #{n} was resolved before this page could be sent"
+            ));
+        }
+        if let Some(why) = &now.suppressed {
+            return Some(format!("incident #{n} pages nobody now ({why})"));
+        }
+        if now.status == IncidentStatus::Acknowledged && page.kind == MessageKind::Page {
+            let by = now
+                .acknowledged_by
+                .as_ref()
+                .map(|a| format!(" by {}", a.name))
+                .unwrap_or_default();
+            return Some(format!(
+                "incident #{n} was acknowledged{by} before this page could be sent"
+            ));
+        }
+        None
+    }
+
     /// Runs one delivery to its end or to "later"; publishes the receipt.
     /// Returns the delay for a redelivery, or None when done.
     async fn deliver(
@@ -162,7 +210,11 @@ impl Shared {
         redelivered: bool,
         shutdown: &CancellationToken,
     ) -> Option<Duration> {
-        match self.d.process(out, redelivered).await {
+        let skip = match &out.page {
+            Some(p) => self.stale(p).await,
+            None => None,
+        };
+        match self.d.process(out, redelivered, skip).await {
             Step::Later(d) => Some(d),
             Step::Done { record, receipt } => {
                 if !record.receipt_published {

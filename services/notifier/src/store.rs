@@ -28,6 +28,10 @@ pub enum State {
     GaveUp {
         reason: String,
     },
+    /// Not sent: the incident had moved on (resolved, silenced, acknowledged).
+    Skipped {
+        reason: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,7 +60,10 @@ impl Record {
     pub fn is_final(&self) -> bool {
         matches!(
             self.state,
-            State::Sent { .. } | State::Failed { .. } | State::GaveUp { .. }
+            State::Sent { .. }
+                | State::Failed { .. }
+                | State::GaveUp { .. }
+                | State::Skipped { .. }
         )
     }
 }
