@@ -93,6 +93,44 @@
 //!
 //! It exits non-zero if the service failed, a page did not come, or a page
 //! came that should not have (for an acknowledged incident, or twice).
+//!
+//! ```text
+//! cargo run --release -p tocsin-tests --bin bench -- notifier
+//! ```
+//!
+//! `notifier` measures pages/s through the notifier to the local fake
+//! providers (`tocsin_tests::fakes`: Slack Web API, Twilio, Standard
+//! Webhooks; PagerDuty with `--pagerduty`) with 1 and 2 replicas. Each round
+//! and replica count gets a fresh private nats-server (an empty NOTIFY, a
+//! new durable consumer; so there is no `--nats-url`) and fresh fakes, and
+//! starts the replicas in-process (`tocsin_tests::notifier::Replica`: the
+//! test kit's notifier config, each replica its own NATS connection and data
+//! dir, sharing the durable consumer). [`NOTIFIER_WARM_UP`] pages are
+//! delivered first (not timed: the consumer exists and the HTTP connections
+//! are open); then `--pages` hand-made pages (`tocsin_tests::notifier::page`,
+//! the channels in turn) are published to NOTIFY as the escalation service
+//! publishes them, pipelined ([`PRELOAD_CHUNK`] sends, then their acks;
+//! at `--rate` pages/s if given, else as fast as that goes), while the
+//! replicas consume.
+//!
+//! - **throughput**: pages / (the fake's receipt of the last page - the
+//!   first page's publish).
+//! - **latency**: per page, from just before its publish was sent to NOTIFY
+//!   to the fake recording it (its `at`, on the same clock): p50/p99/max.
+//!   Without `--rate`, pages are published faster than they are delivered,
+//!   so this is mostly the wait behind the backlog.
+//!   The PagerDuty fake records no arrival time, so PagerDuty pages count
+//!   for throughput (their end is when the bench's 2ms poll saw them) and
+//!   exactly-once, not for latency.
+//! - **exactly-once**: what the fakes accepted, by what identifies a page at
+//!   each (Slack `metadata.event_payload.delivery_id` and the webhook body's
+//!   `id`: the page id; the SMS `To` number, one per page; the PagerDuty
+//!   `dedup_key`: the page's incident), must be every page once, nothing
+//!   else, no request rejected, and the replicas' `sent` counts must add up.
+//!
+//! The replica counts alternate which goes first. It prints each round, the
+//! medians, the 2-vs-1 ratio, and memory; it exits non-zero if a page was
+//! not delivered exactly once or a replica failed.
 
 use std::{
     collections::HashMap,
@@ -131,7 +169,7 @@ use tocsin_proto::{
         Actor, AlertInfo, Cause, EventKind, IncidentEvent, IncidentStatus, IncidentSummary,
         LogEntry, ResolveReason, Severity,
     },
-    notify::Page,
+    notify::{Channel, Page},
     query::{ListIncidents, QueryReply},
     silence::{MatchOp, Matcher},
     subjects::{
@@ -147,7 +185,12 @@ use tocsin_runtime::{
     streams::{ensure_streams, JetStreamConfig},
     CancellationToken,
 };
-use tocsin_tests::{incidents::alert, NatsServer, TocsinHarness, TEST_TOKEN};
+use tocsin_tests::{
+    fakes::{FakeProviders, Provider},
+    incidents::alert,
+    notifier::Replica,
+    NatsServer, TocsinHarness, TEST_TOKEN,
+};
 use tokio::net::TcpListener;
 
 /// How many failure messages to print per side.
@@ -175,6 +218,9 @@ enum Command {
     /// Pending escalation timers: memory, restart-to-caught-up time, and
     /// lateness of firing when they come due in bursts.
     Escalation(EscalationArgs),
+    /// Pages/s through the notifier to local fake providers with 1 and 2
+    /// replicas, and latency from NOTIFY publish to the fake's receipt.
+    Notifier(NotifierArgs),
 }
 
 #[derive(Args, Debug)]
@@ -242,6 +288,27 @@ struct EscalationArgs {
     nats_url: Option<String>,
 }
 
+#[derive(Args, Debug)]
+struct NotifierArgs {
+    /// Pages per round and replica count (after the warm-up's).
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pages: u32,
+    /// Rounds per replica count; the medians are reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+    /// Timed pages published per second; 0 publishes them as fast as
+    /// pipelined publishing goes, faster than the notifier delivers, so the
+    /// latency is mostly waiting behind the backlog. With a rate, pages/s
+    /// is at most the rate (a steady load, not the notifier's capacity).
+    #[arg(long, default_value_t = 0)]
+    rate: u32,
+    /// Page PagerDuty too (one page in four). Its fake records no arrival
+    /// time: PagerDuty pages count for throughput and exactly-once, not for
+    /// latency.
+    #[arg(long)]
+    pagerduty: bool,
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tocsin_runtime::install_crypto();
@@ -249,6 +316,7 @@ async fn main() -> ExitCode {
         Command::Ingest(args) => ingest(args).await,
         Command::Incidents(args) => incidents(args).await,
         Command::Escalation(args) => escalation(args).await,
+        Command::Notifier(args) => notifier(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -2133,6 +2201,615 @@ fn dir_size(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// Replica counts the notifier bench compares; odd rounds take them in
+/// this order, even rounds the other way round.
+const NOTIFIER_REPLICAS: [usize; 2] = [1, 2];
+
+/// Pages delivered at the start of each round, before the timed ones, not
+/// timed: once they are in, the durable consumer exists and the replicas'
+/// HTTP connections are open.
+const NOTIFIER_WARM_UP: usize = 64;
+
+/// How long a round's pages may take to reach the fakes.
+const NOTIFIER_LIMIT: Duration = Duration::from_secs(300);
+
+/// How often the bench looks at the fakes while pages arrive.
+const NOTIFIER_POLL: Duration = Duration::from_millis(2);
+
+/// How long the bench waits after the last page for late duplicates.
+const NOTIFIER_SETTLE: Duration = Duration::from_millis(500);
+
+/// The fakes the notifier bench pages through.
+const NOTIFIER_PROVIDERS: [Provider; 4] = [
+    Provider::Slack,
+    Provider::Twilio,
+    Provider::Webhook,
+    Provider::PagerDuty,
+];
+
+/// What one round with one replica count did.
+struct NotifierRound {
+    replicas: usize,
+    /// Timed pages (the warm-up's not included).
+    pages: usize,
+    /// From the first timed page's publish to the fakes' receipt of the
+    /// last.
+    elapsed: Duration,
+    /// From the first timed page's publish to the last one's ack.
+    publishing: Duration,
+    /// Publish to receipt of the timed pages whose fake records arrival
+    /// times, sorted.
+    latencies: Vec<Duration>,
+    /// Pages each replica sent (`tocsin_notifications_total`, outcome
+    /// `sent`), the warm-up's included.
+    sent: Vec<u64>,
+    /// Requests to the fakes beyond one per page (retries, redeliveries).
+    extra_requests: usize,
+    /// Pages not delivered exactly once, rejected requests, replica failures.
+    failures: Vec<String>,
+    /// This process and the round's nats-server before the replicas start.
+    before: (Option<Memory>, Option<Memory>),
+    /// The same once every page is in, the replicas still running.
+    delivered: (Option<Memory>, Option<Memory>),
+}
+
+impl NotifierRound {
+    fn rate(&self) -> f64 {
+        self.pages as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+async fn notifier(args: NotifierArgs) -> anyhow::Result<()> {
+    let pages = args.pages as usize;
+    let rounds = args.rounds as usize;
+    let mut channels = vec![Channel::Slack, Channel::Sms, Channel::Webhook];
+    if args.pagerduty {
+        channels.push(Channel::Pagerduty);
+    }
+    let channel_names: Vec<&str> = channels.iter().map(|c| c.as_str()).collect();
+
+    // What the rounds will run on, for the header: a nats-server like theirs
+    // and the test kit's config.
+    let BenchNats {
+        version: server_version,
+        ..
+    } = bench_nats(&None).await?;
+    let kit_config = {
+        let fakes = FakeProviders::start().await;
+        tocsin_tests::notifier::config(&fakes, None, Path::new("."))
+    };
+
+    println!(
+        "tocsin bench notifier: {pages} pages per round ({} in turn), {} replicas, {rounds} rounds",
+        channel_names.join(", "),
+        NOTIFIER_REPLICAS.map(|r| r.to_string()).join(" and "),
+    );
+    println!(
+        "machine: {} CPUs (available_parallelism); nats-server {} (private, a fresh one per round and \
+         replica count: JetStream file store in a temp dir, sync_interval: always)",
+        std::thread::available_parallelism()
+            .map(|n| n.get().to_string())
+            .unwrap_or_else(|_| "?".into()),
+        if server_version.is_empty() {
+            "version unknown".to_string()
+        } else {
+            format!("v{server_version}")
+        },
+    );
+    println!(
+        "notifier: replicas in-process (tocsin_tests::notifier::Replica), each with its own NATS connection \
+         and data dir, sharing NOTIFY's durable consumer; the test kit's config (concurrency {} per replica, \
+         ack_wait {:?}, fast retries, no rate limit)",
+        kit_config.concurrency(),
+        kit_config.ack_wait(),
+    );
+    println!(
+        "fakes: tocsin_tests::fakes, one local HTTP server in this process, \
+         fresh per round and replica count"
+    );
+    println!(
+        "pages: hand-made (tocsin_tests::notifier::page, one incident each); {NOTIFIER_WARM_UP} warm-up pages \
+         delivered first (not timed), then the timed ones published to NOTIFY pipelined ({PRELOAD_CHUNK} sends, \
+         then their acks) {} while the replicas consume",
+        if args.rate == 0 {
+            "as fast as that goes (--rate 0)".to_string()
+        } else {
+            format!("at {} pages/s (--rate)", args.rate)
+        },
+    );
+    println!(
+        "latency: from just before a page's publish is sent (the send, not its ack: the latency includes \
+         storing it on NOTIFY) to the fake recording it, same clock{}{}",
+        if args.rate == 0 {
+            "; published faster than delivered, so mostly the wait behind the backlog \
+             (--rate N: latency at a steady load)"
+        } else {
+            ""
+        },
+        if args.pagerduty {
+            "; PagerDuty pages are not in it (its fake records no arrival time), and the throughput's end is \
+             when the bench's 2ms poll saw every page"
+        } else {
+            ""
+        },
+    );
+    println!();
+
+    println!(
+        "{:>5}  {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  sent per replica",
+        "round", "replicas", "pages/s", "elapsed", "publish", "p50", "p99", "max",
+    );
+    let mut results: Vec<NotifierRound> = Vec::with_capacity(rounds * NOTIFIER_REPLICAS.len());
+    for round in 0..rounds {
+        let mut order = NOTIFIER_REPLICAS;
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for replicas in order {
+            let r = notifier_round(&channels, pages, args.rate, replicas).await?;
+            print_notifier_round(round, &r);
+            results.push(r);
+        }
+    }
+    println!();
+
+    let of = |replicas: usize| -> Vec<&NotifierRound> {
+        results.iter().filter(|r| r.replicas == replicas).collect()
+    };
+    let medians: Vec<f64> = NOTIFIER_REPLICAS
+        .iter()
+        .map(|n| median(of(*n).iter().map(|r| r.rate()).collect()))
+        .collect();
+    println!(
+        "median pages/s: {}; {} vs {} replicas: {:.2}x",
+        NOTIFIER_REPLICAS
+            .iter()
+            .zip(&medians)
+            .map(|(n, m)| format!("{n} {} {m:.0}", replicas_word(*n)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        NOTIFIER_REPLICAS[1],
+        NOTIFIER_REPLICAS[0],
+        medians[1] / medians[0],
+    );
+    println!(
+        "latency, publish to the fake's receipt: median of the rounds' p50 and p99; \
+         all rounds' pages pooled"
+    );
+    for n in NOTIFIER_REPLICAS {
+        let rs = of(n);
+        let secs = |q: f64| -> Vec<f64> {
+            rs.iter()
+                .filter_map(|r| percentile(&r.latencies, q))
+                .map(|d| d.as_secs_f64())
+                .collect()
+        };
+        let mut pooled: Vec<Duration> = rs.iter().flat_map(|r| r.latencies.clone()).collect();
+        pooled.sort_unstable();
+        let of_rounds = |q: f64| {
+            let v = secs(q);
+            (!v.is_empty()).then(|| Duration::from_secs_f64(median(v)))
+        };
+        println!(
+            "  {n} {:<8}  p50 {}, p99 {}; pooled ({} pages): p50 {}, p99 {}, max {}",
+            replicas_word(n),
+            ms(of_rounds(0.50)),
+            ms(of_rounds(0.99)),
+            pooled.len(),
+            ms(percentile(&pooled, 0.50)),
+            ms(percentile(&pooled, 0.99)),
+            ms(pooled.last().copied()),
+        );
+    }
+    println!(
+        "publish, first send to last ack (part of elapsed): median {}",
+        NOTIFIER_REPLICAS
+            .iter()
+            .map(|n| format!(
+                "{n} {} {:.2}s",
+                replicas_word(*n),
+                median(of(*n).iter().map(|r| r.publishing.as_secs_f64()).collect())
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    let failed: Vec<&String> = results.iter().flat_map(|r| &r.failures).collect();
+    let extra: usize = results.iter().map(|r| r.extra_requests).sum();
+    println!(
+        "exactly-once: {}",
+        if failed.is_empty() {
+            format!(
+                "every round's {} pages ({NOTIFIER_WARM_UP} warm-up + {pages}) delivered once each: as many distinct \
+                 pages at the fakes as published, no duplicates, nothing else, no request rejected, and the \
+                 replicas' sent counts add up",
+                NOTIFIER_WARM_UP + pages
+            )
+        } else {
+            format!("{} FAILURES (below)", failed.len())
+        },
+    );
+    println!(
+        "requests to the fakes beyond one per page (retries, redeliveries): {}",
+        if extra == 0 {
+            "none".to_string()
+        } else {
+            results
+                .iter()
+                .map(|r| r.extra_requests.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+                + " (per round, in the order above)"
+        },
+    );
+    println!();
+
+    println!(
+        "memory: VmRSS / VmHWM (peak) of this bench process, which is the replicas, their NATS clients, the fakes \
+         (with their records of every request) and the bench's bookkeeping; growth is VmRSS over the first row"
+    );
+    let mut rows: Vec<(String, Option<Memory>, Option<Memory>)> = Vec::new();
+    if let Some(first) = results.first() {
+        rows.push((
+            format!(
+                "round 1, {} {}: before",
+                first.replicas,
+                replicas_word(first.replicas)
+            ),
+            first.before.0,
+            first.before.1,
+        ));
+    }
+    for (i, r) in results.iter().enumerate() {
+        rows.push((
+            format!(
+                "round {}, {} {}: delivered",
+                i / NOTIFIER_REPLICAS.len() + 1,
+                r.replicas,
+                replicas_word(r.replicas)
+            ),
+            r.delivered.0,
+            r.delivered.1,
+        ));
+    }
+    rows.push(("after the last round".to_string(), Memory::read(None), None));
+    let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+    let rows: Vec<(&str, Option<Memory>, Option<Memory>)> =
+        rows.iter().map(|(l, m, n)| (l.as_str(), *m, *n)).collect();
+    print_memory(width, &rows, None, true);
+    println!(
+        "(each round has its own nats-server, stopped at its end; memory a round freed is not necessarily \
+         returned to the OS)"
+    );
+
+    if !failed.is_empty() {
+        for f in failed.iter().take(SHOW_FAILURES * results.len()) {
+            eprintln!("{f}");
+        }
+        bail!("the benchmark had failures; its figures are not valid");
+    }
+    Ok(())
+}
+
+fn replicas_word(n: usize) -> &'static str {
+    if n == 1 {
+        "replica"
+    } else {
+        "replicas"
+    }
+}
+
+fn print_notifier_round(round: usize, r: &NotifierRound) {
+    println!(
+        "{:>5}  {:>8} {:>9.0} {:>8.2}s {:>8.2}s {:>9} {:>9} {:>9}  {}{}",
+        round + 1,
+        r.replicas,
+        r.rate(),
+        r.elapsed.as_secs_f64(),
+        r.publishing.as_secs_f64(),
+        ms(percentile(&r.latencies, 0.50)),
+        ms(percentile(&r.latencies, 0.99)),
+        ms(r.latencies.last().copied()),
+        r.sent
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(" + "),
+        if r.failures.is_empty() {
+            String::new()
+        } else {
+            format!("  ({} FAILED)", r.failures.len())
+        },
+    );
+}
+
+/// One round with `replicas` replicas: a fresh nats-server and fakes, the
+/// warm-up, then `pages` pages timed from publish to receipt.
+async fn notifier_round(
+    channels: &[Channel],
+    pages: usize,
+    rate: u32,
+    replicas: usize,
+) -> anyhow::Result<NotifierRound> {
+    let BenchNats {
+        private,
+        client,
+        js,
+        pid: nats_pid,
+        ..
+    } = bench_nats(&None).await?;
+    let nats = private.as_ref().context("no private nats-server")?;
+    let fakes = FakeProviders::start().await;
+    let before = (
+        Memory::read(None),
+        nats_pid.and_then(|p| Memory::read(Some(p))),
+    );
+    let mut dirs = Vec::with_capacity(replicas);
+    let mut running = Vec::with_capacity(replicas);
+    for _ in 0..replicas {
+        let dir = tempfile::Builder::new()
+            .prefix("tocsin-bench-notifier-")
+            .tempdir()
+            .context("temp dir")?;
+        let config = tocsin_tests::notifier::config(&fakes, None, dir.path());
+        running.push(Replica::start(nats, config).await);
+        dirs.push(dir);
+    }
+
+    // The warm-up's pages, then the timed ones: incident numbers 1.., the
+    // channels in turn.
+    let total = NOTIFIER_WARM_UP + pages;
+    let all: Vec<Page> = (0..total)
+        .map(|i| {
+            let n = i as u64 + 1;
+            let channel = channels[i % channels.len()];
+            let mut page = tocsin_tests::notifier::page(n, channel);
+            if channel == Channel::Sms {
+                // A number of its own (the kit's repeat every 10,000).
+                page.address = format!("+1415{n:07}");
+            }
+            page
+        })
+        .collect();
+    let index: HashMap<String, usize> = all
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (receipt_key(p), i))
+        .collect();
+    if index.len() != total {
+        bail!("the bench's pages do not have distinct keys");
+    }
+    let mut warm_up = all
+        .iter()
+        .map(page_message)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let timed = warm_up.split_off(NOTIFIER_WARM_UP);
+
+    publish_pipelined(&js, warm_up, "warm-up page").await?;
+    wait_delivered(&fakes, NOTIFIER_WARM_UP, Instant::now()).await?;
+
+    let sent_at = publish_timed(&js, timed, rate).await?;
+    let first = sent_at[0];
+    let publishing = first.elapsed();
+    let seen_all = wait_delivered(&fakes, total, first).await?;
+    let delivered = (
+        Memory::read(None),
+        nats_pid.and_then(|p| Memory::read(Some(p))),
+    );
+
+    // Late duplicates, and the replicas' counts (after their records).
+    tokio::time::sleep(NOTIFIER_SETTLE).await;
+    let sent_by =
+        |r: &Replica| -> u64 { channels.iter().map(|c| r.count(c.as_str(), "sent")).sum() };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running.iter().map(sent_by).sum::<u64>() < total as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sent: Vec<u64> = running.iter().map(sent_by).collect();
+
+    // Every page at the fakes, by what identifies it there.
+    let mut copies = vec![0usize; total];
+    let mut received: Vec<Option<Instant>> = vec![None; total];
+    let mut unknown = 0usize;
+    let mut note = |key: Option<String>, at: Option<Instant>| match key.and_then(|k| index.get(&k))
+    {
+        Some(&i) => {
+            copies[i] += 1;
+            if copies[i] == 1 {
+                received[i] = at;
+            }
+        }
+        None => unknown += 1,
+    };
+    for p in fakes.slack_posts() {
+        let key = p.metadata["event_payload"]["delivery_id"].as_str();
+        note(key.map(str::to_string), Some(p.at));
+    }
+    for m in fakes.sms() {
+        note(Some(format!("sms:{}", m.to)), Some(m.at));
+    }
+    for w in fakes.webhooks() {
+        note(w.body["id"].as_str().map(str::to_string), Some(w.at));
+    }
+    for e in fakes.pagerduty_events() {
+        note(e["dedup_key"].as_str().map(|k| format!("pd:{k}")), None);
+    }
+    let requests: usize = NOTIFIER_PROVIDERS.iter().map(|p| fakes.requests(*p)).sum();
+    let rejected = fakes.rejected();
+
+    let mut failures = Vec::new();
+    let missing = copies.iter().filter(|c| **c == 0).count();
+    let duplicates: usize = copies.iter().map(|c| c.saturating_sub(1)).sum();
+    if missing > 0 {
+        failures.push(format!(
+            "{replicas} replicas: {missing} of {total} pages not delivered"
+        ));
+    }
+    if duplicates > 0 {
+        failures.push(format!(
+            "{replicas} replicas: {duplicates} pages delivered more than once"
+        ));
+    }
+    if unknown > 0 {
+        failures.push(format!(
+            "{replicas} replicas: {unknown} deliveries of no page of the round"
+        ));
+    }
+    if let Some(r) = rejected.first() {
+        failures.push(format!(
+            "{replicas} replicas: {} requests rejected by the fakes, e.g. {:?} {} {}",
+            rejected.len(),
+            r.provider,
+            r.status,
+            r.body.trim()
+        ));
+    }
+    let sent_total: u64 = sent.iter().sum();
+    if sent_total != total as u64 {
+        failures.push(format!(
+            "{replicas} replicas: the replicas counted {sent_total} pages sent, \
+             {total} were published"
+        ));
+    }
+
+    // The timed pages: publish to receipt.
+    let mut latencies = Vec::with_capacity(pages);
+    let mut last = first;
+    let mut untimed = false;
+    for (j, sent) in sent_at.iter().enumerate() {
+        match received[NOTIFIER_WARM_UP + j] {
+            Some(at) => {
+                latencies.push(at.saturating_duration_since(*sent));
+                last = last.max(at);
+            }
+            None => untimed = true,
+        }
+    }
+    latencies.sort_unstable();
+    let end = if untimed { seen_all } else { last };
+
+    for replica in running {
+        if let Err(e) = tokio::spawn(replica.stop()).await {
+            failures.push(format!("{replicas} replicas: a replica failed: {e}"));
+        }
+    }
+    drop(fakes);
+    drop(dirs);
+    drop(client);
+    drop(private);
+    Ok(NotifierRound {
+        replicas,
+        pages,
+        elapsed: end.saturating_duration_since(first),
+        publishing,
+        latencies,
+        sent,
+        extra_requests: requests.saturating_sub(total),
+        failures,
+        before,
+        delivered,
+    })
+}
+
+/// What identifies `page` at its fake: the page id for Slack (metadata
+/// `delivery_id`) and webhooks (the body's `id`), the number for SMS, the
+/// incident for PagerDuty (`dedup_key`).
+fn receipt_key(page: &Page) -> String {
+    match page.channel {
+        Channel::Sms => format!("sms:{}", page.address),
+        Channel::Pagerduty => format!("pd:{}", page.incident.id),
+        Channel::Slack | Channel::Webhook | Channel::Email => page.id.clone(),
+    }
+}
+
+/// `page` as the escalation service publishes it to NOTIFY (envelope,
+/// schema header, `Nats-Msg-Id` = page id).
+fn page_message(page: &Page) -> anyhow::Result<(String, PublishMessage)> {
+    let mut h = HeaderMap::new();
+    h.insert(headers::SCHEMA, SCHEMA_VERSION.to_string().as_str());
+    let msg = PublishMessage::build()
+        .payload(codec::encode(&Envelope::new("bench", Timestamp::now(), page.clone()))?.into())
+        .headers(h)
+        .message_id(page.id.clone());
+    Ok((page.subject(), msg))
+}
+
+/// Publishes the timed pages in chunks of [`PRELOAD_CHUNK`], then their
+/// acks, at `rate` pages/s (0: as fast as that goes); fails on a duplicate.
+/// Returns when each was sent (just before its send).
+async fn publish_timed(
+    js: &jetstream::Context,
+    messages: Vec<(String, PublishMessage)>,
+    rate: u32,
+) -> anyhow::Result<Vec<Instant>> {
+    let mut ticker =
+        (rate > 0).then(|| tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate))));
+    let mut chunk = Vec::with_capacity(PRELOAD_CHUNK);
+    let total = messages.len();
+    let mut sent = Vec::with_capacity(total);
+    for (n, (subject, msg)) in messages.into_iter().enumerate() {
+        if let Some(t) = &mut ticker {
+            t.tick().await;
+        }
+        sent.push(Instant::now());
+        chunk.push(
+            js.send_publish(subject, msg)
+                .await
+                .with_context(|| format!("page {n} not sent"))?,
+        );
+        if chunk.len() == PRELOAD_CHUNK || n + 1 == total {
+            for ack in join_all(chunk.drain(..).map(IntoFuture::into_future)).await {
+                let ack = ack.context("page not stored")?;
+                if ack.duplicate {
+                    bail!("page (seq {}) acknowledged as a duplicate", ack.sequence);
+                }
+            }
+        }
+    }
+    Ok(sent)
+}
+
+/// Polls the fakes every [`NOTIFIER_POLL`] until they accepted `expected`
+/// requests in all; when they were seen to. Fails after [`NOTIFIER_LIMIT`]
+/// from `since`; says how far they got every [`PROGRESS_EVERY`].
+async fn wait_delivered(
+    fakes: &FakeProviders,
+    expected: usize,
+    since: Instant,
+) -> anyhow::Result<Instant> {
+    let accepted = |f: &FakeProviders| {
+        f.slack_posts().len() + f.sms().len() + f.webhooks().len() + f.pagerduty_events().len()
+    };
+    // Counting requests is cheap; the records are copied only once there
+    // are enough requests, and again only when more came.
+    let mut checked = 0;
+    let mut progress_at = Instant::now() + PROGRESS_EVERY;
+    loop {
+        let requests: usize = NOTIFIER_PROVIDERS.iter().map(|p| fakes.requests(*p)).sum();
+        if requests >= expected && requests != checked {
+            checked = requests;
+            if accepted(fakes) >= expected {
+                return Ok(Instant::now());
+            }
+        }
+        let now = Instant::now();
+        if now - since > NOTIFIER_LIMIT {
+            bail!(
+                "{} of {expected} pages accepted by the fakes within {NOTIFIER_LIMIT:?}",
+                accepted(fakes)
+            );
+        }
+        if now >= progress_at {
+            eprintln!(
+                "  ... {:.0}s: {} of {expected} pages accepted",
+                (now - since).as_secs_f64(),
+                accepted(fakes)
+            );
+            progress_at += PROGRESS_EVERY;
+        }
+        tokio::time::sleep(NOTIFIER_POLL).await;
+    }
 }
 
 /// A small deterministic generator (xorshift), as the crash test uses.
