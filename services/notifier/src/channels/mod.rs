@@ -142,6 +142,7 @@ pub async fn body_text(resp: reqwest::Response) -> String {
 
 /// One HTTP client per channel, with that channel's timeout.
 pub fn http_client(timeout: Duration) -> reqwest::Client {
+    tocsin_runtime::install_crypto();
     reqwest::Client::builder()
         .timeout(if timeout.is_zero() {
             Duration::from_secs(10)

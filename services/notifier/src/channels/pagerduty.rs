@@ -188,3 +188,68 @@ impl Pagerduty {
         Err(classify_http(status, after, reason))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::templates::Context;
+    use tocsin_proto::incident::IncidentSummary;
+
+    fn outgoing(kind: MessageKind, severity: Severity) -> Outgoing {
+        let mut inc = IncidentSummary::new(
+            uuid::Uuid::nil(),
+            7,
+            "k",
+            "t",
+            "2026-01-01T00:00:00Z".parse().unwrap(),
+        );
+        inc.severity = severity;
+        Outgoing {
+            id: "page:x".into(),
+            kind,
+            channel: tocsin_proto::notify::Channel::Pagerduty,
+            incident: inc,
+            address: String::new(),
+            target: "payments".into(),
+            reference: None,
+            page: None,
+            ctx: Context::sample(),
+        }
+    }
+
+    #[test]
+    fn summary_is_cut_to_1024_characters_and_severity_is_mapped() {
+        let long = "é".repeat(3000);
+        let ev = Pagerduty::event(&outgoing(MessageKind::Page, Severity::High), &long, "k");
+        let summary = ev["payload"]["summary"].as_str().unwrap();
+        assert_eq!(summary.chars().count(), SUMMARY_MAX);
+        assert!(summary.ends_with('…'));
+        assert_eq!(ev["payload"]["severity"], "error");
+        for (s, want) in [
+            (Severity::Critical, "critical"),
+            (Severity::Medium, "warning"),
+            (Severity::Low, "warning"),
+            (Severity::Info, "info"),
+        ] {
+            assert_eq!(severity(s), want);
+        }
+    }
+
+    #[test]
+    fn acknowledge_and_resolve_carry_only_the_key_and_dedup_key() {
+        for (kind, action) in [
+            (MessageKind::Acknowledged, "acknowledge"),
+            (MessageKind::Resolved, "resolve"),
+        ] {
+            let ev = Pagerduty::event(&outgoing(kind, Severity::High), "", "key");
+            assert_eq!(
+                ev,
+                serde_json::json!({
+                    "routing_key": "key",
+                    "event_action": action,
+                    "dedup_key": uuid::Uuid::nil().to_string(),
+                })
+            );
+        }
+    }
+}

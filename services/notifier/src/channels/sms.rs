@@ -169,3 +169,28 @@ fn cut(body: &str) -> String {
 fn parse_rfc2822(s: &str) -> Option<jiff::Timestamp> {
     jiff::fmt::rfc2822::parse(s).ok().map(|z| z.timestamp())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_never_exceeds_1600_and_messaging_service_is_used_when_set() {
+        let cfg: SmsConfig = serde_yaml_ng::from_str(
+            "account_sid: AC123\nauth_token: t\nmessaging_service_sid: MG123\n",
+        )
+        .unwrap();
+        let sms = Sms::new(&cfg).unwrap();
+        let form = sms.form("+14155550100", &"x".repeat(5000));
+        assert_eq!(form[0], ("To", "+14155550100".to_string()));
+        assert_eq!(form[1], ("MessagingServiceSid", "MG123".to_string()));
+        assert_eq!(form[2].1.chars().count(), BODY_MAX);
+    }
+
+    #[test]
+    fn a_sender_is_required() {
+        let cfg: SmsConfig =
+            serde_yaml_ng::from_str("account_sid: AC123\nauth_token: t\n").unwrap();
+        assert!(Sms::new(&cfg).err().unwrap().contains("from"));
+    }
+}
