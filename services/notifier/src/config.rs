@@ -90,7 +90,9 @@ impl Default for RetryConfig {
 pub struct GuardConfig {
     /// Per request. Default 10s.
     pub timeout: HumanDuration,
-    /// Requests per second to this provider (token bucket). 0 = no limit.
+    /// Requests per second (token bucket) per destination: per PagerDuty
+    /// service (routing key), Slack channel or user, webhook; for SMS and
+    /// email per account. 0 = no limit.
     pub rate_per_second: u32,
     /// Burst allowed above the rate. Default: the rate.
     pub burst: Option<u32>,
@@ -195,7 +197,7 @@ pub struct PagerdutyConfig {
     pub url: Option<EnvString>,
     /// Services by the name escalation targets use (`{pagerduty_service: payments}`).
     pub services: BTreeMap<String, PagerdutyService>,
-    /// Default: 2 per second, the documented limit per integration key is about 120/min.
+    /// Default: 2 per second per service; PagerDuty documents about 120 events/min per integration key.
     #[serde(default = "pagerduty_guard")]
     pub guard: GuardConfig,
 }

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, num::NonZeroU32, sync::Mutex, time::Duration};
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use jiff::Timestamp;
 use prometheus_client::metrics::{
     counter::Counter,
@@ -95,17 +95,32 @@ impl NotifierMetrics {
     }
 }
 
-/// A channel's breaker and rate limiter.
+/// A provider's breaker and rate limiter. The limit applies per
+/// destination ([`destination`]): providers limit per integration key or
+/// channel, not per sender.
 struct Guard {
     breaker: Mutex<Breaker>,
-    limiter: Option<DefaultDirectRateLimiter>,
+    limiter: Option<DefaultKeyedRateLimiter<String>>,
+}
+
+/// What a provider rate-limits by: the PagerDuty service (its routing
+/// key), the Slack channel or user; SMS and email are limited per account.
+fn destination(out: &Outgoing) -> String {
+    match out.channel {
+        Channel::Pagerduty | Channel::Webhook => out.target.clone(),
+        Channel::Slack => match &out.reference {
+            Some(ProviderRef::SlackMessage { channel, .. }) => channel.clone(),
+            _ => out.address.clone(),
+        },
+        Channel::Sms | Channel::Email => String::new(),
+    }
 }
 
 impl Guard {
     fn new(cfg: &GuardConfig) -> Guard {
         let limiter = NonZeroU32::new(cfg.rate_per_second).map(|rate| {
             let burst = cfg.burst.and_then(NonZeroU32::new).unwrap_or(rate);
-            RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
         });
         Guard {
             breaker: Mutex::new(Breaker::new(cfg.breaker)),
@@ -132,7 +147,8 @@ pub(crate) struct Deliverer {
     sms: Option<Sms>,
     email: Option<Email>,
     webhooks: BTreeMap<String, Webhook>,
-    guards: BTreeMap<Channel, Guard>,
+    /// Per channel; per webhook for webhooks (each is its own endpoint).
+    guards: BTreeMap<(Channel, String), Guard>,
     retry: RetryConfig,
     pub(crate) store: Store,
     pub(crate) metrics: NotifierMetrics,
@@ -203,16 +219,26 @@ impl Deliverer {
         let (templates, slack, pagerduty, sms, email, webhooks) = build_parts(cfg)?;
         let mut guards = BTreeMap::new();
         let g = |c: Option<GuardConfig>| Guard::new(&c.unwrap_or_default());
-        guards.insert(Channel::Slack, g(cfg.slack.as_ref().map(|c| c.guard)));
+        let all = String::new;
         guards.insert(
-            Channel::Pagerduty,
+            (Channel::Slack, all()),
+            g(cfg.slack.as_ref().map(|c| c.guard)),
+        );
+        guards.insert(
+            (Channel::Pagerduty, all()),
             g(cfg.pagerduty.as_ref().map(|c| c.guard)),
         );
-        guards.insert(Channel::Sms, g(cfg.sms.as_ref().map(|c| c.guard)));
-        guards.insert(Channel::Email, g(cfg.email.as_ref().map(|c| c.guard)));
-        // Webhooks share one guard per channel kind, like the others; the
-        // first webhook's settings apply.
-        guards.insert(Channel::Webhook, g(cfg.webhooks.first().map(|c| c.guard)));
+        guards.insert((Channel::Sms, all()), g(cfg.sms.as_ref().map(|c| c.guard)));
+        guards.insert(
+            (Channel::Email, all()),
+            g(cfg.email.as_ref().map(|c| c.guard)),
+        );
+        // Each webhook is its own endpoint: one that is down does not hold
+        // back the others. Unknown names fail before any guard is needed.
+        guards.insert((Channel::Webhook, all()), g(None));
+        for w in &cfg.webhooks {
+            guards.insert((Channel::Webhook, w.name.clone()), g(Some(w.guard)));
+        }
         let reply_to = cfg
             .sms_reply_to
             .clone()
@@ -242,11 +268,24 @@ impl Deliverer {
         self.webhooks.get(name).is_some_and(|w| w.updates)
     }
 
-    fn guard(&self, c: Channel) -> &Guard {
-        self.guards.get(&c).expect("a guard per channel")
+    fn guard(&self, out: &Outgoing) -> &Guard {
+        let webhook = (out.channel, out.target.clone());
+        self.guards
+            .get(&webhook)
+            .filter(|_| out.channel == Channel::Webhook)
+            .or_else(|| self.guards.get(&(out.channel, String::new())))
+            .expect("a guard per channel")
     }
 
-    fn set_breaker_metric(&self, c: Channel, s: BreakerState) {
+    /// `channel`, plus `webhook` for a webhook's own breaker.
+    fn guard_labels(out: &Outgoing) -> Labels {
+        match out.channel {
+            Channel::Webhook => labels(&[("channel", "webhook"), ("webhook", &out.target)]),
+            c => labels(&[("channel", c.as_str())]),
+        }
+    }
+
+    fn set_breaker_metric(&self, out: &Outgoing, s: BreakerState) {
         let v = match s {
             BreakerState::Closed => 0,
             BreakerState::HalfOpen => 1,
@@ -254,7 +293,7 @@ impl Deliverer {
         };
         self.metrics
             .breaker
-            .get_or_create(&labels(&[("channel", c.as_str())]))
+            .get_or_create(&Self::guard_labels(out))
             .set(v);
     }
 
@@ -399,11 +438,11 @@ impl Deliverer {
             }
         };
 
-        let guard = self.guard(out.channel);
+        let guard = self.guard(out);
         let probe = {
             let mut b = guard.breaker.lock().unwrap_or_else(|e| e.into_inner());
             let permit = b.permit(tokio::time::Instant::now());
-            self.set_breaker_metric(out.channel, b.state());
+            self.set_breaker_metric(out, b.state());
             match permit {
                 Permit::Wait(d) => {
                     // Pages wait while the provider is down; spread them out.
@@ -420,7 +459,7 @@ impl Deliverer {
             }
         };
         if let Some(l) = &guard.limiter {
-            l.until_ready().await;
+            l.until_key_ready(&destination(out)).await;
         }
 
         // The attempt is on disk before the request leaves.
@@ -470,7 +509,7 @@ impl Deliverer {
                     if b.failure(tokio::time::Instant::now()) {
                         self.metrics
                             .breaker_opened
-                            .get_or_create(&labels(&[("channel", out.channel.as_str())]))
+                            .get_or_create(&Self::guard_labels(out))
                             .inc();
                         tracing::warn!(
                             channel = out.channel.as_str(),
@@ -479,7 +518,7 @@ impl Deliverer {
                     }
                 }
             }
-            self.set_breaker_metric(out.channel, b.state());
+            self.set_breaker_metric(out, b.state());
         }
 
         match result {
