@@ -183,6 +183,7 @@ pub async fn publish_pages(js: &async_nats::jetstream::Context, pages: &[Page]) 
 /// replica: its own metrics, health and data dir.
 pub struct Replica {
     pub metrics: tocsin_runtime::admin::Metrics,
+    pub health: tocsin_runtime::admin::Health,
     pub shutdown: tokio_util::sync::CancellationToken,
     task: Option<tokio::task::JoinHandle<Result<(), tocsin_notifier::NotifierError>>>,
 }
@@ -202,13 +203,27 @@ impl Replica {
         let metrics = tocsin_runtime::admin::Metrics::new();
         let health = tocsin_runtime::admin::Health::new();
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let (m, stop) = (metrics.clone(), shutdown.clone());
+        let (m, h, stop) = (metrics.clone(), health.clone(), shutdown.clone());
         let task =
-            tokio::spawn(async move { tocsin_notifier::run(config, js, &m, &health, stop).await });
+            tokio::spawn(async move { tocsin_notifier::run(config, js, &m, &h, stop).await });
         Replica {
             metrics,
+            health,
             shutdown,
             task: Some(task),
+        }
+    }
+
+    /// Waits until it is pulling pages (its `notifier` check passes).
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !self.health.is_ready() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "notifier not ready: {:?}",
+                self.health.report()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
 

@@ -17,6 +17,9 @@ async fn two_replicas_deliver_a_thousand_pages_exactly_once() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Replica::start(&nats, notifier::config(&fakes, None, d1.path())).await;
     let b = Replica::start(&nats, notifier::config(&fakes, None, d2.path())).await;
+    // Both pulling before the pages arrive, so both get a share.
+    a.wait_ready().await;
+    b.wait_ready().await;
     let js = async_nats::jetstream::new(nats.client().await);
     let channels = [
         Channel::Slack,
