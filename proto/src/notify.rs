@@ -136,14 +136,6 @@ pub enum MessageKind {
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 5] = [
-        MessageKind::Page,
-        MessageKind::Reminder,
-        MessageKind::Acknowledged,
-        MessageKind::Resolved,
-        MessageKind::StatusUpdate,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             MessageKind::Page => "page",

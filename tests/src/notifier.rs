@@ -255,3 +255,33 @@ impl Drop for Replica {
         }
     }
 }
+
+/// The delivery receipts on incident `number`'s timeline, in order, once
+/// `done` holds for them (panics after 20 s).
+pub async fn wait_receipts(
+    client: &async_nats::Client,
+    number: u64,
+    done: impl Fn(&[tocsin_proto::notify::Delivery]) -> bool,
+) -> Vec<tocsin_proto::notify::Delivery> {
+    use tocsin_proto::{command::IncidentRef, incident::EventKind};
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let detail = crate::incidents::get(client, IncidentRef::Number(number)).await;
+        let receipts: Vec<_> = detail
+            .timeline
+            .into_iter()
+            .filter_map(|e| match e.kind {
+                EventKind::Delivery { delivery } => Some(delivery),
+                _ => None,
+            })
+            .collect();
+        if done(&receipts) {
+            return receipts;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "receipts on #{number} never got there: {receipts:#?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -115,6 +115,16 @@ impl TocsinHarness {
         self.clock.now()
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.admin_url))
+            .await
+            .expect("metrics answered")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// Polls `/readyz` until 200.
     pub async fn wait_ready(&self, within: Duration) {
         let client = reqwest::Client::new();

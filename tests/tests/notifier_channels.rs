@@ -11,13 +11,12 @@ use std::time::Duration;
 use serde_json::Value;
 use tocsin_proto::{
     command::{Action, IncidentRef},
-    incident::EventKind,
     notify::{slack_actions, DeliveryOutcome, MessageKind, ProviderRef},
     AlertStatus,
 };
 use tocsin_tests::{
     fakes::{FakeProviders, Provider},
-    incidents::{alert, command, get, publish_alert, wait_for},
+    incidents::{alert, command, publish_alert, wait_for},
     notifier::{self, ALL_CHANNELS},
     smtp::SmtpSink,
     NatsServer, TocsinHarness,
@@ -186,7 +185,14 @@ async fn each_channel_gets_exactly_what_its_provider_expects_and_follows_the_inc
     assert_eq!(hook.body["page"]["target"], "webhook:teams");
 
     // --- Receipts: six deliveries on the timeline, each with its provider reference.
-    let timeline = wait_timeline(&client, 6).await;
+    let page_receipts = |d: &[tocsin_proto::notify::Delivery]| {
+        d.iter()
+            .filter(|d| d.kind == MessageKind::Page)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let timeline =
+        page_receipts(&notifier::wait_receipts(&client, 1, |d| page_receipts(d).len() >= 6).await);
     let mut channels: Vec<&str> = timeline.iter().map(|d| d.channel.as_str()).collect();
     channels.sort();
     assert_eq!(
@@ -340,21 +346,13 @@ async fn each_channel_gets_exactly_what_its_provider_expects_and_follows_the_inc
     late.incident = inc.clone();
     late.id = format!("{}-late", late.id);
     notifier::publish_pages(&js, &[late]).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let skipped = loop {
-        let detail = get(&client, IncidentRef::Number(1)).await;
-        let found = detail.timeline.iter().find_map(|e| match &e.kind {
-            EventKind::Delivery { delivery } if delivery.outcome == DeliveryOutcome::Skipped => {
-                Some(delivery.clone())
-            }
-            _ => None,
-        });
-        if let Some(d) = found {
-            break d;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no skipped receipt");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let skipped = notifier::wait_receipts(&client, 1, |d| {
+        d.iter().any(|d| d.outcome == DeliveryOutcome::Skipped)
+    })
+    .await
+    .into_iter()
+    .find(|d| d.outcome == DeliveryOutcome::Skipped)
+    .unwrap();
     assert!(
         skipped.detail.contains("resolved before this page"),
         "{}",
@@ -369,12 +367,7 @@ async fn each_channel_gets_exactly_what_its_provider_expects_and_follows_the_inc
     assert_eq!(fakes.requests(Provider::PagerDuty), 3);
 
     // Metrics count the outcomes per channel.
-    let m = reqwest::get(format!("{}/metrics", tocsin.admin_url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = tocsin.metrics().await;
     assert!(
         m.contains("tocsin_notifications_total{channel=\"sms\",outcome=\"sent\"} 1"),
         "{m}"
@@ -386,29 +379,4 @@ async fn each_channel_gets_exactly_what_its_provider_expects_and_follows_the_inc
         "{m}"
     );
     tocsin.stop().await.unwrap();
-}
-
-/// The incident's delivery receipts once there are at least `n` page receipts.
-async fn wait_timeline(
-    client: &async_nats::Client,
-    n: usize,
-) -> Vec<tocsin_proto::notify::Delivery> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let detail = get(client, IncidentRef::Number(1)).await;
-        let d: Vec<_> = detail
-            .timeline
-            .iter()
-            .filter_map(|e| match &e.kind {
-                EventKind::Delivery { delivery } if delivery.kind == MessageKind::Page => {
-                    Some(delivery.clone())
-                }
-                _ => None,
-            })
-            .collect();
-        if d.len() >= n || tokio::time::Instant::now() > deadline {
-            return d;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

@@ -5,14 +5,12 @@
 use std::time::Duration;
 
 use tocsin_proto::{
-    command::IncidentRef,
-    incident::EventKind,
     notify::{Channel, DeliveryOutcome},
     AlertStatus,
 };
 use tocsin_tests::{
     fakes::{Failure, FakeProviders, Provider},
-    incidents::{alert, get, publish_alert, wait_for},
+    incidents::{alert, publish_alert, wait_for},
     notifier::{self, page, publish_pages, Replica},
     NatsServer, TocsinHarness,
 };
@@ -138,22 +136,7 @@ async fn an_invalid_request_is_not_retried_and_the_timeline_says_why() {
     )
     .await;
     wait_for(&client, "the incident", |l| l.len() == 1).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let failure = loop {
-        let detail = get(&client, IncidentRef::Number(1)).await;
-        let found = detail.timeline.iter().find_map(|e| match &e.kind {
-            EventKind::Delivery { delivery } => Some(delivery.clone()),
-            _ => None,
-        });
-        if let Some(d) = found {
-            break d;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no receipt on the timeline"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let failure = notifier::wait_receipts(&client, 1, |d| !d.is_empty()).await[0].clone();
     assert_eq!(failure.outcome, DeliveryOutcome::Failed);
     assert_eq!(failure.channel, Channel::Pagerduty);
     assert_eq!(failure.attempts, 1);
@@ -167,12 +150,7 @@ async fn an_invalid_request_is_not_retried_and_the_timeline_says_why() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(fakes.requests(Provider::PagerDuty), 1);
     assert!(fakes.pagerduty_events().is_empty());
-    let m = reqwest::get(format!("{}/metrics", tocsin.admin_url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = tocsin.metrics().await;
     assert!(
         m.contains("tocsin_notifications_total{channel=\"pagerduty\",outcome=\"failed\"} 1"),
         "{m}"

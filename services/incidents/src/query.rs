@@ -1,12 +1,7 @@
 //! Queries over NATS request/reply: get an incident (with its timeline from
 //! the INCIDENTS stream), list incidents, list silences.
 
-use std::time::Duration;
-
-use async_nats::{
-    jetstream::{self, consumer::pull, consumer::DeliverPolicy},
-    Client,
-};
+use async_nats::{jetstream, Client};
 use futures::StreamExt;
 use tocsin_proto::{
     codec::{self, decode_envelope},
@@ -130,36 +125,18 @@ pub(crate) async fn timeline(
     js: &jetstream::Context,
     incident: &IncidentSummary,
 ) -> Result<Vec<IncidentEvent>, String> {
-    let stream = js
-        .get_stream(STREAM_INCIDENTS)
-        .await
-        .map_err(|e| e.to_string())?;
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: format!("tocsin.incidents.inc.{}.>", incident.id.simple()),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
+    let filter = format!("tocsin.incidents.inc.{}.>", incident.id.simple());
+    let msgs = tocsin_runtime::streams::read_matching(js, STREAM_INCIDENTS, filter).await?;
+    let out = msgs
+        .iter()
+        .filter_map(|m| match decode_envelope::<LogEntry>(&m.payload) {
+            Ok(env) => match env.body {
+                LogEntry::Incident(e) => Some(e),
+                LogEntry::Silence { .. } => None,
+            },
+            Err(_) => None,
         })
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut msgs = consumer.messages().await.map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    loop {
-        let msg = match tokio::time::timeout(Duration::from_secs(5), msgs.next()).await {
-            Ok(Some(Ok(m))) => m,
-            Ok(Some(Err(e))) => return Err(e.to_string()),
-            Ok(None) | Err(_) => break,
-        };
-        let pending = msg.info().map(|i| i.pending).unwrap_or(0);
-        if let Ok(env) = decode_envelope::<LogEntry>(&msg.payload) {
-            if let LogEntry::Incident(e) = env.body {
-                out.push(e);
-            }
-        }
-        if pending == 0 {
-            break;
-        }
-    }
+        .collect();
     Ok(out)
 }
 

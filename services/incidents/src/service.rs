@@ -22,7 +22,7 @@ use tocsin_proto::{
     codec::{self, decode_envelope},
     command::{Command, CommandReply},
     incident::{Cause, IncidentStatus, LogEntry},
-    subjects::{self, headers, STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS},
+    subjects::{headers, STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS},
     Alert, Envelope, SourceKind,
 };
 use tocsin_runtime::streams;
@@ -657,30 +657,16 @@ impl Service {
         reason: &str,
         shutdown: &CancellationToken,
     ) -> bool {
-        let mut h = HeaderMap::new();
-        h.insert(
-            headers::DLQ_REASON,
-            reason
-                .chars()
-                .take(512)
-                .collect::<String>()
-                .replace(['\r', '\n'], " ")
-                .as_str(),
-        );
-        h.insert(headers::DLQ_SUBJECT, subject);
         loop {
-            let publish = PublishMessage::build()
-                .payload(payload.to_vec().into())
-                .headers(h.clone())
-                .message_id(format!("dlq:{stream}:{seq}"));
-            let result = match self
-                .js
-                .send_publish(subjects::dead_letter_subject(stream), publish)
-                .await
-            {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
+            let result = streams::dead_letter(
+                &self.js,
+                stream,
+                subject,
+                payload.to_vec().into(),
+                seq,
+                reason,
+            )
+            .await;
             match result {
                 Ok(()) => {
                     IncidentsEvent::DeadLettered {

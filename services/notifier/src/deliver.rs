@@ -333,8 +333,7 @@ impl Deliverer {
     }
 
     /// Counts a final outcome (once: when it is first recorded).
-    fn count(&self, out: &Outgoing, rec: &Record) {
-        let receipt = Self::receipt(out, rec);
+    fn count(&self, out: &Outgoing, rec: &Record, receipt: &Delivery) {
         let l = labels(&[
             ("channel", out.channel.as_str()),
             ("outcome", receipt.outcome.as_str()),
@@ -562,8 +561,12 @@ impl Deliverer {
                 }
             }
         }
-        self.count(out, &rec);
-        self.done(out, rec)
+        let receipt = Self::receipt(out, &rec);
+        self.count(out, &rec, &receipt);
+        Step::Done {
+            record: rec,
+            receipt,
+        }
     }
 
     fn render(&self, out: &Outgoing) -> Result<Rendered, String> {

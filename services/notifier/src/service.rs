@@ -232,33 +232,20 @@ impl Shared {
     }
 
     async fn dead_letter(&self, msg: &jetstream::Message, reason: &str) {
-        let mut h = HeaderMap::new();
-        h.insert(
-            headers::DLQ_REASON,
-            reason
-                .chars()
-                .take(512)
-                .collect::<String>()
-                .replace(['\r', '\n'], " ")
-                .as_str(),
-        );
-        h.insert(headers::DLQ_SUBJECT, msg.subject.as_str());
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-        let publish = PublishMessage::build()
-            .payload(msg.payload.clone())
-            .headers(h)
-            .message_id(format!("dlq:{STREAM_NOTIFY}:{seq}"));
-        match self
-            .js
-            .send_publish(subjects::dead_letter_subject(STREAM_NOTIFY), publish)
-            .await
+        // One attempt: if it fails the message is acked anyway (it can never
+        // be processed), and the error below says so.
+        if let Err(e) = tocsin_runtime::streams::dead_letter(
+            &self.js,
+            STREAM_NOTIFY,
+            msg.subject.as_str(),
+            msg.payload.clone(),
+            seq,
+            reason,
+        )
+        .await
         {
-            Ok(ack) => {
-                if let Err(e) = ack.await {
-                    tracing::warn!(error = %e, "dead-letter publish not acknowledged");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot dead-letter a message"),
+            tracing::warn!(error = %e, "cannot dead-letter a message");
         }
         self.d.metrics.dead_letters.inc();
         tracing::error!(
@@ -320,26 +307,35 @@ async fn handle_page(s: Arc<Shared>, msg: jetstream::Message, shutdown: Cancella
     finish(&msg, later).await;
 }
 
-/// Creates (or finds) a durable consumer, retrying until NATS and the
-/// stream are there.
-async fn durable(
+/// Pulls from a durable consumer, creating it if needed; retries until NATS
+/// and the stream are there (None once `shutdown` is cancelled).
+async fn pull_from(
     js: &jetstream::Context,
     stream: &str,
-    config: pull::Config,
+    config: &pull::Config,
+    batch: usize,
     shutdown: &CancellationToken,
-) -> Option<jetstream::consumer::Consumer<pull::Config>> {
+) -> Option<pull::Stream> {
+    let open = || async {
+        let name = config.durable_name.clone().unwrap_or_default();
+        js.get_stream(stream)
+            .await
+            .map_err(|e| e.to_string())?
+            .get_or_create_consumer(&name, config.clone())
+            .await
+            .map_err(|e| e.to_string())?
+            .stream()
+            .max_messages_per_batch(batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| e.to_string())
+    };
     let mut delay = Duration::from_millis(100);
     loop {
-        let name = config.durable_name.clone().unwrap_or_default();
-        let r = match js.get_stream(stream).await {
-            Ok(st) => st
-                .get_or_create_consumer(&name, config.clone())
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match r {
-            Ok(c) => return Some(c),
+        match open().await {
+            Ok(m) => return Some(m),
             Err(e) => tracing::debug!(error = %e, stream, "consumer not available yet; retrying"),
         }
         tokio::select! {
@@ -347,6 +343,35 @@ async fn durable(
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// What a consumer loop does next.
+enum Next {
+    Message(Box<jetstream::Message>),
+    /// The consumer went away (deleted, stream ended): open it again.
+    Reopen,
+    Stop,
+}
+
+/// The next message; transient errors are logged and skipped, never the
+/// silent end of the loop.
+async fn next(messages: &mut pull::Stream, what: &str, shutdown: &CancellationToken) -> Next {
+    loop {
+        let m = tokio::select! {
+            _ = shutdown.cancelled() => return Next::Stop,
+            m = messages.next() => m,
+        };
+        match m {
+            Some(Ok(msg)) => return Next::Message(Box::new(msg)),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, consumer = what, "consumer error");
+                if matches!(e.kind(), pull::MessagesErrorKind::ConsumerDeleted) {
+                    return Next::Reopen;
+                }
+            }
+            None => return Next::Reopen,
+        }
     }
 }
 
@@ -358,63 +383,41 @@ pub(crate) async fn run_pages(
     shutdown: CancellationToken,
 ) {
     let sem = Arc::new(Semaphore::new(concurrency));
-    'outer: while !shutdown.is_cancelled() {
-        let config = pull::Config {
-            durable_name: Some(PAGES_CONSUMER.into()),
-            description: Some("Tocsin notifier: pages to deliver (shared by replicas)".into()),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: s.ack_wait,
-            max_deliver: -1,
-            max_ack_pending: (concurrency * 4) as i64,
-            filter_subject: subjects::NOTIFY_SUBJECTS.into(),
-            ..Default::default()
-        };
-        let Some(consumer) = durable(&s.js, STREAM_NOTIFY, config, &shutdown).await else {
-            break;
-        };
-        let mut messages = match consumer
-            .stream()
-            .max_messages_per_batch(concurrency.min(256))
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-        {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read NOTIFY; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
+    let config = pull::Config {
+        durable_name: Some(PAGES_CONSUMER.into()),
+        description: Some("Tocsin notifier: pages to deliver (shared by replicas)".into()),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: s.ack_wait,
+        max_deliver: -1,
+        max_ack_pending: (concurrency * 4) as i64,
+        filter_subject: subjects::NOTIFY_SUBJECTS.into(),
+        ..Default::default()
+    };
+    'open: while let Some(mut messages) = pull_from(
+        &s.js,
+        STREAM_NOTIFY,
+        &config,
+        concurrency.min(256),
+        &shutdown,
+    )
+    .await
+    {
         health.set_ok("notifier");
         loop {
             let permit = tokio::select! {
-                _ = shutdown.cancelled() => break 'outer,
+                _ = shutdown.cancelled() => break 'open,
                 p = sem.clone().acquire_owned() => p.expect("semaphore open"),
             };
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => break 'outer,
-                m = messages.next() => m,
-            };
-            match next {
-                Some(Ok(msg)) => {
+            match next(&mut messages, PAGES_CONSUMER, &shutdown).await {
+                Next::Message(msg) => {
                     let (s, stop) = (s.clone(), shutdown.clone());
                     tokio::spawn(async move {
-                        handle_page(s, msg, stop).await;
+                        handle_page(s, *msg, stop).await;
                         drop(permit);
                     });
                 }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "NOTIFY consumer error");
-                    if matches!(
-                        e.kind(),
-                        jetstream::consumer::pull::MessagesErrorKind::ConsumerDeleted
-                    ) {
-                        continue 'outer;
-                    }
-                }
-                None => continue 'outer,
+                Next::Reopen => continue 'open,
+                Next::Stop => break 'open,
             }
         }
     }
@@ -425,70 +428,43 @@ pub(crate) async fn run_pages(
 /// Incident changes: one at a time (across replicas too), so a message is
 /// never left showing an older state than the incident's.
 pub(crate) async fn run_sync(s: Arc<Shared>, shutdown: CancellationToken) {
-    'outer: while !shutdown.is_cancelled() {
-        let config = pull::Config {
-            durable_name: Some(SYNC_CONSUMER.into()),
-            description: Some(
-                "Tocsin notifier: incident changes that update messages already sent".into(),
-            ),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: s.ack_wait,
-            max_deliver: -1,
-            max_ack_pending: 1,
-            // From now on: what happened before the notifier first ran was
-            // never sent by it.
-            deliver_policy: DeliverPolicy::New,
-            filter_subjects: [
-                "acknowledged",
-                "unacknowledged",
-                "resolved",
-                "note_added",
-                "delivery",
-            ]
-            .iter()
-            .map(|k| format!("tocsin.incidents.inc.*.{k}"))
-            .collect(),
-            ..Default::default()
-        };
-        let Some(consumer) = durable(&s.js, STREAM_INCIDENTS, config, &shutdown).await else {
-            break;
-        };
-        let mut messages = match consumer
-            .stream()
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-        {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read INCIDENTS for updates; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
+    let config = pull::Config {
+        durable_name: Some(SYNC_CONSUMER.into()),
+        description: Some(
+            "Tocsin notifier: incident changes that update messages already sent".into(),
+        ),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: s.ack_wait,
+        max_deliver: -1,
+        max_ack_pending: 1,
+        // From now on: what happened before the notifier first ran was
+        // never sent by it.
+        deliver_policy: DeliverPolicy::New,
+        filter_subjects: [
+            "acknowledged",
+            "unacknowledged",
+            "resolved",
+            "note_added",
+            "delivery",
+        ]
+        .iter()
+        .map(|k| format!("tocsin.incidents.inc.*.{k}"))
+        .collect(),
+        ..Default::default()
+    };
+    'open: while let Some(mut messages) =
+        pull_from(&s.js, STREAM_INCIDENTS, &config, 1, &shutdown).await
+    {
         loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => break 'outer,
-                m = messages.next() => m,
-            };
-            match next {
-                Some(Ok(msg)) => {
+            match next(&mut messages, SYNC_CONSUMER, &shutdown).await {
+                Next::Message(msg) => {
                     let alive = keep_alive(&msg, s.ack_wait);
                     let later = handle_change(&s, &msg, &shutdown).await;
                     alive.abort();
                     finish(&msg, later).await;
                 }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "INCIDENTS update consumer error");
-                    if matches!(
-                        e.kind(),
-                        jetstream::consumer::pull::MessagesErrorKind::ConsumerDeleted
-                    ) {
-                        continue 'outer;
-                    }
-                }
-                None => continue 'outer,
+                Next::Reopen => continue 'open,
+                Next::Stop => break 'open,
             }
         }
     }
@@ -500,45 +476,21 @@ async fn sent_messages(
     js: &jetstream::Context,
     incident: uuid::Uuid,
 ) -> Result<Vec<Delivery>, String> {
-    let stream = js
-        .get_stream(STREAM_INCIDENTS)
-        .await
-        .map_err(|e| e.to_string())?;
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: subjects::incident_subject(&incident, "delivery"),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
+    let filter = subjects::incident_subject(&incident, "delivery");
+    let msgs = tocsin_runtime::streams::read_matching(js, STREAM_INCIDENTS, filter).await?;
+    Ok(msgs
+        .iter()
+        .filter_map(|m| match decode_envelope::<LogEntry>(&m.payload) {
+            Ok(Envelope {
+                body: LogEntry::Incident(ev),
+                ..
+            }) => match ev.kind {
+                EventKind::Delivery { delivery } => Some(delivery),
+                _ => None,
+            },
+            _ => None,
         })
-        .await
-        .map_err(|e| e.to_string())?;
-    let pending = consumer.cached_info().num_pending;
-    let mut out = Vec::new();
-    if pending == 0 {
-        return Ok(out);
-    }
-    let mut msgs = consumer.messages().await.map_err(|e| e.to_string())?;
-    loop {
-        let msg = match tokio::time::timeout(Duration::from_secs(5), msgs.next()).await {
-            Ok(Some(Ok(m))) => m,
-            Ok(Some(Err(e))) => return Err(e.to_string()),
-            Ok(None) => break,
-            Err(_) => return Err("reading delivery records timed out".into()),
-        };
-        if let Ok(Envelope {
-            body: LogEntry::Incident(ev),
-            ..
-        }) = decode_envelope::<LogEntry>(&msg.payload)
-        {
-            if let EventKind::Delivery { delivery } = ev.kind {
-                out.push(delivery);
-            }
-        }
-        if msg.info().map(|i| i.pending).unwrap_or(0) == 0 {
-            break;
-        }
-    }
-    Ok(out)
+        .collect())
 }
 
 /// What a change means for messages already sent.

@@ -134,14 +134,6 @@ impl Store {
         removed
     }
 
-    pub fn len(&self) -> usize {
-        self.tree.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tree.is_empty()
-    }
-
     pub async fn flush(&self) {
         let db = self.db.clone();
         let _ = tokio::task::spawn_blocking(move || db.flush()).await;

@@ -128,6 +128,78 @@ pub async fn read_from(
         .map_err(|e| e.to_string())
 }
 
+/// Every message of `stream` on subjects matching `filter`, in order, as
+/// of now (an ordered consumer read until nothing is pending).
+pub async fn read_matching(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: String,
+) -> Result<Vec<jetstream::Message>, String> {
+    use futures::StreamExt;
+    let consumer = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| e.to_string())?
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: filter,
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(out);
+    }
+    let mut msgs = consumer.messages().await.map_err(|e| e.to_string())?;
+    loop {
+        let msg = match tokio::time::timeout(Duration::from_secs(5), msgs.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(None) => break,
+            Err(_) => return Err(format!("reading {stream} timed out")),
+        };
+        let pending = msg.info().map(|i| i.pending).unwrap_or(0);
+        out.push(msg);
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Moves a message no one can process to `tocsin.dlq.<stream>`, with the
+/// reason and its original subject in headers; `seq` (its sequence in
+/// `stream`) makes the publish idempotent. One attempt: callers decide
+/// whether to retry.
+pub async fn dead_letter(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+    payload: bytes::Bytes,
+    seq: u64,
+    reason: &str,
+) -> Result<(), String> {
+    use tocsin_proto::subjects::{dead_letter_subject, headers};
+    let mut h = async_nats::HeaderMap::new();
+    let reason: String = reason.chars().take(512).collect();
+    h.insert(
+        headers::DLQ_REASON,
+        reason.replace(['\r', '\n'], " ").as_str(),
+    );
+    h.insert(headers::DLQ_SUBJECT, subject);
+    let publish = jetstream::message::PublishMessage::build()
+        .payload(payload)
+        .headers(h)
+        .message_id(format!("dlq:{stream}:{seq}"));
+    js.send_publish(dead_letter_subject(stream), publish)
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// The sequence of the last message in `stream` (0 when empty).
 pub async fn last_sequence(js: &jetstream::Context, stream: &str) -> Result<u64, String> {
     let mut s = js.get_stream(stream).await.map_err(|e| e.to_string())?;
