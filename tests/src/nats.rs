@@ -143,7 +143,8 @@ impl NatsServer {
         let conf = d.join("nats.conf");
         let port = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
         // sync_interval: always — fsync every write, as Tocsin's deployments
-        // do (see design.md: the default lost acknowledged writes under Jepsen).
+        // do (Jepsen's 2025 analysis of NATS 2.12 lost acknowledged writes under
+        // the default, an fsync every two minutes).
         std::fs::write(
             &conf,
             format!(

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tocsin_proto::{subjects::STREAM_ALERTS, Alert};
 use tocsin_tests::{bus, http, NatsServer, TocsinHarness};
 
-const PAYLOAD: &str = include_str!("fixtures/alertmanager_3_alerts.json");
+const PAYLOAD: &str = include_str!("../fixtures/alertmanager_3_alerts.json");
 
 #[tokio::test]
 async fn nats_outage_gives_503_then_the_retry_succeeds_once() {

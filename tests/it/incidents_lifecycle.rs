@@ -198,7 +198,7 @@ async fn an_alertmanager_webhook_becomes_an_incident_end_to_end() {
         &reqwest::Client::new(),
         &format!("{}/api/v1/alerts/alertmanager", tocsin.ingest_url),
         Some(&tocsin.token),
-        include_str!("fixtures/alertmanager_3_alerts.json"),
+        include_str!("../fixtures/alertmanager_3_alerts.json"),
     )
     .await;
     assert_eq!(a.status, 200, "{}", a.text);

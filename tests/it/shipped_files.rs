@@ -501,7 +501,7 @@ fn check_sync_interval(origin: &str, text: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{origin}: JetStream without `sync_interval: always` (design.md, \"NATS server\")"
+            "{origin}: JetStream without `sync_interval: always` (acknowledged writes can be lost on a crash otherwise)"
         ))
     }
 }

@@ -1,5 +1,5 @@
 //! The escalation planner against a config that follows the reference
-//! practice (design.md): primary at once, secondary after 15 minutes, team
+//! practice (the escalation levels of a common SRE on-call guide): primary at once, secondary after 15 minutes, team
 //! lead at 30, engineering manager and CTO at 60; faster for high severity.
 
 use std::time::Duration;

@@ -6,7 +6,7 @@ use tocsin_proto::{
 };
 use tocsin_tests::{bus, http, NatsServer, TocsinHarness};
 
-const PAYLOAD: &str = include_str!("fixtures/alertmanager_3_alerts.json");
+const PAYLOAD: &str = include_str!("../fixtures/alertmanager_3_alerts.json");
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs

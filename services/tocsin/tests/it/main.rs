@@ -1,0 +1,5 @@
+//! Integration tests, one binary (see tests/it/main.rs for why).
+
+mod cli;
+mod notifier_crash;
+mod ops;

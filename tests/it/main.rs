@@ -1,0 +1,26 @@
+//! The end-to-end tests: one binary (each test binary links the whole
+//! stack, so one binary instead of one per file saves most of the link time).
+//! Each module is one area; each test starts its own nats-server.
+
+mod escalation_flow;
+mod escalation_queries;
+mod escalation_restart;
+mod fakes_selftest;
+mod incidents_commands;
+mod incidents_crash;
+mod incidents_faults;
+mod incidents_inhibit;
+mod incidents_lifecycle;
+mod incidents_rebuild;
+mod ingest_alertmanager;
+mod ingest_concurrency;
+mod ingest_outage;
+mod ingest_pagerduty;
+mod ingest_rejections;
+mod ingest_shutdown;
+mod notifier_channels;
+mod notifier_email;
+mod notifier_faults;
+mod notifier_scale;
+mod notifier_slack_webhook;
+mod shipped_files;
