@@ -78,7 +78,8 @@ pub struct Page {
     /// page is delivered once however often it is published.
     pub id: String,
     pub incident: IncidentSummary,
-    /// Escalation level (0 = first) and repeat round (0 = first pass).
+    /// Escalation level and repeat round, 0-based on the wire (level 0 is
+    /// the first level; people read it as "level 1").
     pub level: u32,
     pub repeat: u32,
     pub target: PageTarget,
@@ -192,9 +193,15 @@ pub enum ProviderRef {
         message_id: String,
         #[serde(default)]
         to: String,
+        /// The page's subject: status updates answer it (`Re: …`).
+        #[serde(default)]
+        subject: String,
     },
     /// The `webhook-id` of a webhook call.
     Webhook { id: String },
+    /// Written to the console provider (log and file) instead of a
+    /// provider that is not configured.
+    Console,
 }
 
 /// A delivery receipt: recorded on the incident's timeline.

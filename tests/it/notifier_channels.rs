@@ -298,7 +298,8 @@ async fn each_channel_gets_exactly_what_its_provider_expects_and_follows_the_inc
         }
     }
     let update = &mails[1];
-    assert!(update.subject.contains("Incident: "), "{}", update.subject);
+    // The page's subject, answered: mail clients thread it with the page.
+    assert_eq!(update.subject, format!("Re: {}", mails[0].subject));
     assert!(
         update
             .raw

@@ -30,9 +30,9 @@ users:
 "##;
 
 /// Notifier config YAML for the fakes (and `smtp`, when given), with fast
-/// retries and a 1-second breaker so fault tests stay quick. `data_dir`
-/// holds the delivery records.
-pub fn config_yaml(fakes: &FakeProviders, smtp: Option<&SmtpSink>, data_dir: &Path) -> String {
+/// retries and a 1-second breaker so fault tests stay quick. (`_data_dir`
+/// is no longer used: delivery records live in the KV bucket on NATS.)
+pub fn config_yaml(fakes: &FakeProviders, smtp: Option<&SmtpSink>, _data_dir: &Path) -> String {
     let guard =
         "{timeout: 3s, rate_per_second: 0, breaker: {failures: 5, open_for: 1s, successes: 2}}";
     let email = match smtp {
@@ -44,8 +44,7 @@ pub fn config_yaml(fakes: &FakeProviders, smtp: Option<&SmtpSink>, data_dir: &Pa
         None => String::new(),
     };
     format!(
-        r#"data_dir: {data}
-incident_url: "https://tocsin.example.com/incidents/{{{{number}}}}"
+        r#"incident_url: "https://tocsin.example.com/incidents/{{{{number}}}}"
 status_page_url: https://status.example.com
 concurrency: 32
 ack_wait: 5s
@@ -73,7 +72,6 @@ webhooks:
     secret: {secret}
     guard: {guard}
 {email}"#,
-        data = data_dir.display(),
         slack = fakes.slack_api_url(),
         slack_token = FakeProviders::SLACK_TOKEN,
         pd = fakes.pagerduty_url(),
@@ -189,8 +187,23 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Ensures the streams exist, then starts the notifier with `config`.
+    /// Ensures the streams exist, then starts the notifier with `config`
+    /// on the system clock.
     pub async fn start(nats: &crate::NatsServer, config: NotifierConfig) -> Replica {
+        Self::start_with_clock(
+            nats,
+            config,
+            std::sync::Arc::new(tocsin_runtime::clock::SystemClock),
+        )
+        .await
+    }
+
+    /// [`Replica::start`] with the given clock.
+    pub async fn start_with_clock(
+        nats: &crate::NatsServer,
+        config: NotifierConfig,
+        clock: std::sync::Arc<dyn tocsin_runtime::clock::Clock>,
+    ) -> Replica {
         crate::init_logs();
         let client = nats.client().await;
         let js = async_nats::jetstream::new(client);
@@ -203,9 +216,15 @@ impl Replica {
         let metrics = tocsin_runtime::admin::Metrics::new();
         let health = tocsin_runtime::admin::Health::new();
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let (m, h, stop) = (metrics.clone(), health.clone(), shutdown.clone());
-        let task =
-            tokio::spawn(async move { tocsin_notifier::run(config, js, &m, &h, stop).await });
+        let ctx = tocsin_runtime::context::ServiceContext {
+            js,
+            metrics: metrics.clone(),
+            health: health.clone(),
+            clock,
+            jetstream: tocsin_runtime::streams::JetStreamConfig::default(),
+            shutdown: shutdown.clone(),
+        };
+        let task = tokio::spawn(async move { tocsin_notifier::run(config, &ctx).await });
         Replica {
             metrics,
             health,

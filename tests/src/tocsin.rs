@@ -45,6 +45,7 @@ impl TocsinHarness {
             incidents: Default::default(),
             escalation: Default::default(),
             notifier: None,
+            ..Default::default()
         }
     }
 

@@ -12,7 +12,9 @@ use tocsin_runtime::config::{
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NotifierConfig {
-    /// Where delivery records are kept. Default `.tocsin/data/notifier`.
+    /// No longer used: delivery records live in the JetStream KV bucket
+    /// `tocsin_deliveries`, shared by every replica. Accepted (and ignored,
+    /// with a warning) so older configs still load.
     pub data_dir: Option<ConfigPath>,
     /// Folder of template overrides (`<channel>/<kind>.hbs`, see
     /// config/templates/). Files not there use the shipped defaults.
@@ -25,14 +27,29 @@ pub struct NotifierConfig {
     /// The SMS number people reply to (`ACK 42`), shown in SMS pages. Default:
     /// the Twilio `from` number.
     pub sms_reply_to: Option<String>,
-    /// Pages handled at once per replica. Default 32.
+    /// Messages held at once (waiting for their destination's rate limit
+    /// or in a request), across replicas: the shared consumer's
+    /// `max_ack_pending` is four times this. Default 256.
     pub concurrency: Option<usize>,
-    /// Redelivery of a page whose handler died. Default 30s.
+    /// Redelivery of a page whose handler died. A page that waits (for a
+    /// rate limit, or in a slow request) is kept alive with in-progress
+    /// acknowledgements meanwhile. Default 30s.
     pub ack_wait: Option<HumanDuration>,
-    /// How long delivery records are kept. Keep it above the NOTIFY
-    /// stream's `work_max_age` (pages older than that are gone anyway).
-    /// Default 14d.
+    /// The longest a page is held waiting for its destination's rate limit;
+    /// a longer wait hands it back to the bus (redelivered when its turn
+    /// comes), so a backlog on one destination never fills the consumer.
+    /// Default 20s.
+    pub max_hold: Option<HumanDuration>,
+    /// How long delivery records are kept (the KV bucket's max age). Keep
+    /// it above the NOTIFY stream's `work_max_age` (pages older than that
+    /// are gone anyway). Default 14d.
     pub records_kept_for: Option<HumanDuration>,
+    /// IANA time zone of the times in messages (`Started: 14:30 CET`).
+    /// Default UTC.
+    pub timezone: Option<String>,
+    /// Writes messages to the log and a file instead of a provider that
+    /// is not configured (see [`ConsoleConfig`]). Default: off.
+    pub console: Option<ConsoleConfig>,
     /// Retry policy shared by the channels (each may override it).
     pub retry: RetryConfig,
     pub slack: Option<SlackConfig>,
@@ -44,7 +61,21 @@ pub struct NotifierConfig {
 
 impl NotifierConfig {
     pub fn concurrency(&self) -> usize {
-        self.concurrency.unwrap_or(32).clamp(1, 1024)
+        self.concurrency.unwrap_or(256).clamp(1, 8192)
+    }
+    pub fn max_hold(&self) -> std::time::Duration {
+        self.max_hold
+            .map(|d| d.get())
+            .unwrap_or(std::time::Duration::from_secs(20))
+    }
+    /// The time zone of times in messages (checked by [`crate::check`]).
+    pub fn zone(&self) -> Result<jiff::tz::TimeZone, String> {
+        match &self.timezone {
+            None => Ok(jiff::tz::TimeZone::UTC),
+            Some(name) => jiff::tz::TimeZone::get(name).map_err(|_| {
+                format!("timezone {name:?} is not an IANA time zone (e.g. Europe/Berlin, America/New_York, UTC)")
+            }),
+        }
     }
     pub fn records_kept_for(&self) -> std::time::Duration {
         self.records_kept_for
@@ -84,12 +115,25 @@ impl Default for RetryConfig {
     }
 }
 
+/// The console provider: messages for channels that have no provider are
+/// rendered with that channel's templates and written to the log (INFO)
+/// and, with `file`, appended to a file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// File the messages are appended to. Default: the log only.
+    pub file: Option<ConfigPath>,
+}
+
 /// Per-channel guards.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GuardConfig {
     /// Per request. Default 10s.
     pub timeout: HumanDuration,
+    /// Requests in flight at once per destination (per replica), so a
+    /// destination that hangs holds only its own pages. Default 8.
+    pub concurrency: Option<u32>,
     /// Requests per second (token bucket) per destination: per PagerDuty
     /// service (routing key), Slack channel or user, webhook; for SMS and
     /// email per account. 0 = no limit.
@@ -103,6 +147,7 @@ impl GuardConfig {
     fn with_rate(rate: u32) -> Self {
         GuardConfig {
             timeout: HumanDuration::secs(10),
+            concurrency: None,
             rate_per_second: rate,
             burst: None,
             breaker: BreakerConfig::default(),
@@ -243,6 +288,13 @@ pub struct SmsConfig {
     pub from: Option<EnvString>,
     #[serde(default)]
     pub messaging_service_sid: Option<EnvString>,
+    /// `gsm7` (default: characters GSM-7 lacks are transliterated or
+    /// dropped, 160 characters a segment) or `unicode` (kept, 70 a segment).
+    #[serde(default)]
+    pub encoding: Option<crate::providers::gsm::Encoding>,
+    /// Segments a message may cost; longer bodies are cut to fit. Default 1.
+    #[serde(default)]
+    pub max_segments: Option<usize>,
     #[serde(default = "sms_guard")]
     pub guard: GuardConfig,
 }

@@ -1,305 +1,347 @@
-//! One delivery, start to end: guard (breaker, rate limit), render, record
-//! the attempt, call the provider (or, after a crash mid-request, ask it
-//! whether the message arrived), record the outcome.
+//! The delivery engine: one message delivered once, and messages already
+//! sent brought up to date with their incident.
+//!
+//! A message (a page, or a status update in a page's thread) is claimed in
+//! its KV record before any wait, asks its lane for a turn, and right
+//! before the request reads the incident as it is now: a page whose
+//! incident moved on is recorded as skipped instead, and the message shows
+//! the incident's current state (alert count, status). The request is
+//! recorded as in flight before it leaves and its outcome before the bus
+//! message is acknowledged ([`crate::record`] has the rules).
+//!
+//! Updates follow the incident, not the event that triggered them: a sent
+//! message is brought to the incident's state *now*, with that state's
+//! version stored beside it, so an update can never land after a newer
+//! one and a reopened incident is never shown as resolved.
 
-use std::{collections::BTreeMap, num::NonZeroU32, sync::Mutex, time::Duration};
-
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use jiff::Timestamp;
-use prometheus_client::metrics::{
-    counter::Counter,
-    family::Family,
-    gauge::Gauge,
-    histogram::{exponential_buckets, Histogram},
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
 };
-use tocsin_proto::notify::{Channel, Delivery, DeliveryOutcome, MessageKind, ProviderRef};
-use tocsin_runtime::admin::{labels, Labels, Metrics};
+
+use async_nats::jetstream;
+use jiff::{SignedDuration, Timestamp};
+use tocsin_proto::{
+    incident::{IncidentStatus, IncidentSummary},
+    notify::{Delivery, DeliveryOutcome, MessageKind, Page, ProviderRef},
+};
+use tocsin_runtime::clock::Clock;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
-    channels::{
-        email::{Email, Parts},
-        pagerduty::Pagerduty,
-        slack::Slack,
-        sms::Sms,
-        webhook::Webhook,
-        Outgoing, SendError,
-    },
-    config::{GuardConfig, NotifierConfig, RetryConfig, SlackMode},
-    guard::{backoff, Breaker, BreakerState, Permit},
-    store::{Record, State, Store},
-    templates::Templates,
+    config::{NotifierConfig, RetryConfig},
+    events::NotifierMetrics,
+    guard::backoff,
+    incident::{Incidents, Now},
+    lanes::{Lanes, Turn},
+    providers::{self, Found, Lookup, Outgoing, Provider, Registry, SendError},
+    receipts,
+    record::{About, Arrival, Record, Shown, State},
+    records::{self, Records, Stored, WriteError},
+    templates::{Context, EventView, IncidentView, PageView, Templates, Times, TocsinView},
 };
 
-#[derive(Clone)]
-pub(crate) struct NotifierMetrics {
-    notifications: Family<Labels, Counter>,
-    latency: Family<Labels, Histogram>,
-    request: Family<Labels, Histogram>,
-    retries: Family<Labels, Counter>,
-    breaker: Family<Labels, Gauge>,
-    breaker_opened: Family<Labels, Counter>,
-    pub(crate) dead_letters: Counter,
-}
-
-fn latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.005, 2.0, 16))
-}
-
-impl NotifierMetrics {
-    pub(crate) fn register(m: &Metrics) -> Self {
-        let s = NotifierMetrics {
-            notifications: Family::default(),
-            latency: Family::new_with_constructor(latency_histogram),
-            request: Family::new_with_constructor(latency_histogram),
-            retries: Family::default(),
-            breaker: Family::default(),
-            breaker_opened: Family::default(),
-            dead_letters: Counter::default(),
-        };
-        m.register(
-            "tocsin_notifications",
-            "Messages delivered or not, by channel and outcome (sent, failed, gave_up)",
-            s.notifications.clone(),
-        );
-        m.register(
-            "tocsin_notification_latency_seconds",
-            "From the page being due to the provider accepting it, by channel",
-            s.latency.clone(),
-        );
-        m.register(
-            "tocsin_notifier_request_seconds",
-            "Duration of one provider request, by channel",
-            s.request.clone(),
-        );
-        m.register(
-            "tocsin_notifier_retries",
-            "Attempts that failed and will be retried, by channel",
-            s.retries.clone(),
-        );
-        m.register(
-            "tocsin_notifier_breaker_state",
-            "Circuit breaker per channel: 0 closed, 1 half-open, 2 open",
-            s.breaker.clone(),
-        );
-        m.register(
-            "tocsin_notifier_breaker_opened",
-            "Times a channel's circuit breaker opened",
-            s.breaker_opened.clone(),
-        );
-        m.register(
-            "tocsin_notifier_dead_letters",
-            "NOTIFY messages that could not be decoded",
-            s.dead_letters.clone(),
-        );
-        s
-    }
-}
-
-/// A provider's breaker and rate limiter. The limit applies per
-/// destination ([`destination`]): providers limit per integration key or
-/// channel, not per sender.
-struct Guard {
-    breaker: Mutex<Breaker>,
-    limiter: Option<DefaultKeyedRateLimiter<String>>,
-}
-
-/// What a provider rate-limits by: the PagerDuty service (its routing
-/// key), the Slack channel or user; SMS and email are limited per account.
-fn destination(out: &Outgoing) -> String {
-    match out.channel {
-        Channel::Pagerduty | Channel::Webhook => out.target.clone(),
-        Channel::Slack => match &out.reference {
-            Some(ProviderRef::SlackMessage { channel, .. }) => channel.clone(),
-            _ => out.address.clone(),
-        },
-        Channel::Sms | Channel::Email => String::new(),
-    }
-}
-
-impl Guard {
-    fn new(cfg: &GuardConfig) -> Guard {
-        let limiter = NonZeroU32::new(cfg.rate_per_second).map(|rate| {
-            let burst = cfg.burst.and_then(NonZeroU32::new).unwrap_or(rate);
-            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
-        });
-        Guard {
-            breaker: Mutex::new(Breaker::new(cfg.breaker)),
-            limiter,
-        }
-    }
-}
+/// Added to every lease beyond the time its work may take.
+const LEASE_MARGIN: Duration = Duration::from_secs(10);
 
 /// What the caller does with the bus message.
-// One per delivery, moved once: boxing would buy nothing.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-pub(crate) enum Step {
-    /// Final: publish this receipt (unless already published), then ack.
-    Done { record: Record, receipt: Delivery },
-    /// Not yet: redeliver after this long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Finish {
+    Ack,
+    /// Hand it back, to come again after this long.
     Later(Duration),
 }
 
-pub(crate) struct Deliverer {
-    templates: Templates,
-    slack: Option<Slack>,
-    pagerduty: Option<Pagerduty>,
-    sms: Option<Sms>,
-    email: Option<Email>,
-    webhooks: BTreeMap<String, Webhook>,
-    /// Per channel; per webhook for webhooks (each is its own endpoint).
-    guards: BTreeMap<(Channel, String), Guard>,
-    retry: RetryConfig,
-    pub(crate) store: Store,
-    pub(crate) metrics: NotifierMetrics,
-    pub(crate) incident_url: Option<String>,
-    pub(crate) status_page: Option<String>,
-    pub(crate) reply_to: Option<String>,
+impl Finish {
+    /// The sooner of two.
+    pub(crate) fn and(self, other: Finish) -> Finish {
+        match (self, other) {
+            (Finish::Ack, x) | (x, Finish::Ack) => x,
+            (Finish::Later(a), Finish::Later(b)) => Finish::Later(a.min(b)),
+        }
+    }
 }
 
-/// The templates and the configured providers.
-pub(crate) type Built = (
-    Templates,
-    Option<Slack>,
-    Option<Pagerduty>,
-    Option<Sms>,
-    Option<Email>,
-    BTreeMap<String, Webhook>,
-);
+/// A message to deliver once.
+#[derive(Debug, Clone)]
+pub(crate) struct Job {
+    /// The delivery id (page id, or `upd:status_update:<seq>:<record>`).
+    pub(crate) id: String,
+    pub(crate) about: About,
+    pub(crate) page: Option<Page>,
+    /// For a status update: the message it answers.
+    pub(crate) reference: Option<ProviderRef>,
+    /// The incident as the bus message has it (used when INCIDENTS has
+    /// no entry for it).
+    pub(crate) snapshot: IncidentSummary,
+    pub(crate) actor: Option<String>,
+    pub(crate) note: Option<String>,
+    pub(crate) at: Timestamp,
+}
 
-/// Builds the providers and templates; every problem is listed.
-pub(crate) fn build_parts(cfg: &NotifierConfig) -> Result<Built, Vec<String>> {
-    let mut errors = Vec::new();
-    let templates = match Templates::load(cfg.templates.as_ref().map(|p| p.0.as_path())) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            errors.extend(e.into_iter().map(|e| format!("template {e}")));
-            None
-        }
-    };
-    fn take<T>(errors: &mut Vec<String>, r: Option<Result<T, String>>) -> Option<T> {
-        match r {
-            Some(Ok(x)) => Some(x),
-            Some(Err(e)) => {
-                errors.push(e);
-                None
-            }
-            None => None,
-        }
-    }
-    let slack = take(&mut errors, cfg.slack.as_ref().map(Slack::new));
-    let pagerduty = take(&mut errors, cfg.pagerduty.as_ref().map(Pagerduty::new));
-    let sms = take(&mut errors, cfg.sms.as_ref().map(Sms::new));
-    let email = take(&mut errors, cfg.email.as_ref().map(Email::new));
-    let mut webhooks = BTreeMap::new();
-    for w in &cfg.webhooks {
-        if webhooks.contains_key(&w.name) {
-            errors.push(format!("webhook {:?} is defined twice", w.name));
-            continue;
-        }
-        match Webhook::new(w) {
-            Ok(h) => {
-                webhooks.insert(w.name.clone(), h);
-            }
-            Err(e) => errors.push(e),
+impl Job {
+    pub(crate) fn page(page: Page) -> Job {
+        let target = target_name(&page.target);
+        Job {
+            id: page.id.clone(),
+            about: About {
+                incident: page.incident.id,
+                number: page.incident.number,
+                kind: page.kind,
+                channel: page.channel,
+                target,
+                address: page.address.clone(),
+            },
+            reference: None,
+            snapshot: page.incident.clone(),
+            actor: None,
+            note: None,
+            at: page.due_at,
+            page: Some(page),
         }
     }
-    match templates {
-        Some(t) if errors.is_empty() => Ok((t, slack, pagerduty, sms, email, webhooks)),
-        _ => Err(errors),
+}
+
+/// `alice`, `#ops`, `payments`, `teams`.
+pub(crate) fn target_name(t: &tocsin_proto::notify::PageTarget) -> String {
+    use tocsin_proto::notify::PageTarget;
+    match t {
+        PageTarget::User { name, .. } => name.clone(),
+        PageTarget::SlackChannel { channel } => channel.clone(),
+        PageTarget::PagerdutyService { service } => service.clone(),
+        PageTarget::Webhook { name } => name.clone(),
     }
+}
+
+/// One lock per incident, so this replica brings an incident's messages
+/// up to date one change at a time (other replicas are kept in line by
+/// the records' revisions).
+#[derive(Default)]
+struct Locks(Mutex<HashMap<uuid::Uuid, Arc<tokio::sync::Mutex<()>>>>);
+
+impl Locks {
+    async fn lock(&self, id: uuid::Uuid) -> (tokio::sync::OwnedMutexGuard<()>, LockEntry<'_>) {
+        let m = {
+            let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(id).or_default().clone()
+        };
+        (m.lock_owned().await, LockEntry(self, id))
+    }
+}
+
+/// Removes the incident's lock when nobody else waits on it.
+struct LockEntry<'a>(&'a Locks, uuid::Uuid);
+
+impl Drop for LockEntry<'_> {
+    fn drop(&mut self) {
+        let mut map = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&self.1).is_some_and(|m| Arc::strong_count(m) <= 2) {
+            map.remove(&self.1);
+        }
+    }
+}
+
+pub(crate) struct Deliverer {
+    pub(crate) templates: Templates,
+    pub(crate) registry: Registry,
+    pub(crate) lanes: Lanes,
+    pub(crate) records: Records,
+    pub(crate) incidents: Incidents,
+    pub(crate) metrics: NotifierMetrics,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) js: jetstream::Context,
+    /// This replica, as record owners name it.
+    pub(crate) me: String,
+    retry: RetryConfig,
+    incident_url: Option<String>,
+    status_page: Option<String>,
+    reply_to: Option<String>,
+    times: Times,
+    locks: Locks,
+    /// Follow-up syncs spawned after a page was sent.
+    pub(crate) tasks: tokio_util::task::TaskTracker,
 }
 
 impl Deliverer {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         cfg: &NotifierConfig,
-        store: Store,
+        templates: Templates,
+        registry: Registry,
+        records: Records,
         metrics: NotifierMetrics,
+        clock: Arc<dyn Clock>,
+        js: jetstream::Context,
     ) -> Result<Deliverer, Vec<String>> {
-        let (templates, slack, pagerduty, sms, email, webhooks) = build_parts(cfg)?;
-        let mut guards = BTreeMap::new();
-        let g = |c: Option<GuardConfig>| Guard::new(&c.unwrap_or_default());
-        let all = String::new;
-        guards.insert(
-            (Channel::Slack, all()),
-            g(cfg.slack.as_ref().map(|c| c.guard)),
-        );
-        guards.insert(
-            (Channel::Pagerduty, all()),
-            g(cfg.pagerduty.as_ref().map(|c| c.guard)),
-        );
-        guards.insert((Channel::Sms, all()), g(cfg.sms.as_ref().map(|c| c.guard)));
-        guards.insert(
-            (Channel::Email, all()),
-            g(cfg.email.as_ref().map(|c| c.guard)),
-        );
-        // Each webhook is its own endpoint: one that is down does not hold
-        // back the others. Unknown names fail before any guard is needed.
-        guards.insert((Channel::Webhook, all()), g(None));
-        for w in &cfg.webhooks {
-            guards.insert((Channel::Webhook, w.name.clone()), g(Some(w.guard)));
-        }
+        let zone = cfg.zone().map_err(|e| vec![e])?;
         let reply_to = cfg
             .sms_reply_to
             .clone()
-            .or_else(|| sms.as_ref().and_then(|s| s.from().map(str::to_string)));
+            .or_else(|| registry.sms_from.clone());
         Ok(Deliverer {
             templates,
-            slack,
-            pagerduty,
-            sms,
-            email,
-            webhooks,
-            guards,
-            retry: cfg.retry,
-            store,
+            lanes: Lanes::new(cfg, metrics.clone()),
+            registry,
+            records,
+            incidents: Incidents::new(js.clone()),
             metrics,
+            clock,
+            me: uuid::Uuid::new_v4().simple().to_string(),
+            js,
+            retry: cfg.retry,
             incident_url: cfg.incident_url.clone(),
             status_page: cfg.status_page_url.clone(),
             reply_to,
+            times: Times { zone },
+            locks: Locks::default(),
+            tasks: tokio_util::task::TaskTracker::new(),
         })
     }
 
-    pub(crate) fn slack_mode(&self) -> Option<SlackMode> {
-        self.slack.as_ref().map(Slack::mode)
+    fn give_up_after(&self) -> Duration {
+        self.retry.give_up_after.get()
     }
 
-    pub(crate) fn webhook_wants_updates(&self, name: &str) -> bool {
-        self.webhooks.get(name).is_some_and(|w| w.updates)
-    }
-
-    fn guard(&self, out: &Outgoing) -> &Guard {
-        let webhook = (out.channel, out.target.clone());
-        self.guards
-            .get(&webhook)
-            .filter(|_| out.channel == Channel::Webhook)
-            .or_else(|| self.guards.get(&(out.channel, String::new())))
-            .expect("a guard per channel")
-    }
-
-    /// `channel`, plus `webhook` for a webhook's own breaker.
-    fn guard_labels(out: &Outgoing) -> Labels {
-        match out.channel {
-            Channel::Webhook => labels(&[("channel", "webhook"), ("webhook", &out.target)]),
-            c => labels(&[("channel", c.as_str())]),
+    #[allow(clippy::too_many_arguments)]
+    fn context(
+        &self,
+        inc: &IncidentSummary,
+        alerts: &[tocsin_proto::incident::AlertInfo],
+        kind: MessageKind,
+        page: PageView,
+        actor: Option<String>,
+        note: Option<String>,
+        at: Timestamp,
+    ) -> Context {
+        let resolved = inc.status == IncidentStatus::Resolved;
+        Context {
+            incident: IncidentView::new(inc, alerts, self.incident_url.as_deref(), &self.times),
+            page,
+            event: EventView {
+                kind: kind.as_str().into(),
+                actor,
+                at: self.times.long(at),
+                note,
+                // A resolved incident promises no further update.
+                next_update: if kind == MessageKind::StatusUpdate && !resolved {
+                    at.checked_add(SignedDuration::from_mins(30))
+                        .ok()
+                        .map(|t| self.times.short(t))
+                } else {
+                    None
+                },
+            },
+            tocsin: TocsinView {
+                status_page: self.status_page.clone(),
+                reply_to: self.reply_to.clone(),
+            },
         }
     }
 
-    fn set_breaker_metric(&self, out: &Outgoing, s: BreakerState) {
-        let v = match s {
-            BreakerState::Closed => 0,
-            BreakerState::HalfOpen => 1,
-            BreakerState::Open { .. } => 2,
-        };
-        self.metrics
-            .breaker
-            .get_or_create(&Self::guard_labels(out))
-            .set(v);
+    fn page_view(&self, job: &Job) -> PageView {
+        match &job.page {
+            Some(p) => PageView {
+                level: p.level + 1,
+                repeat: p.repeat,
+                reason: p.reason.clone(),
+                target: job.about.target.clone(),
+                address: job.about.address.clone(),
+            },
+            None => PageView {
+                level: 0,
+                repeat: 0,
+                reason: String::new(),
+                target: job.about.target.clone(),
+                address: String::new(),
+            },
+        }
     }
 
-    fn receipt(out: &Outgoing, rec: &Record) -> Delivery {
+    /// The message as it would be sent with `summary` (and `alerts`).
+    fn outgoing(
+        &self,
+        job: &Job,
+        summary: &IncidentSummary,
+        alerts: &[tocsin_proto::incident::AlertInfo],
+    ) -> Outgoing {
+        let ctx = self.context(
+            summary,
+            alerts,
+            job.about.kind,
+            self.page_view(job),
+            job.actor.clone(),
+            job.note.clone(),
+            job.at,
+        );
+        Outgoing {
+            id: job.id.clone(),
+            kind: job.about.kind,
+            channel: job.about.channel,
+            incident: summary.clone(),
+            address: job.about.address.clone(),
+            target: job.about.target.clone(),
+            reference: job.reference.clone(),
+            page: job.page.clone(),
+            ctx,
+        }
+    }
+
+    fn jitter(max_ms: u64) -> Duration {
+        Duration::from_millis(rand::random::<u64>() % max_ms.max(1))
+    }
+
+    /// Waits `d` on the clock.
+    async fn wait(&self, d: Duration, shutdown: &CancellationToken) -> bool {
+        if d.is_zero() {
+            return true;
+        }
+        let until = self
+            .clock
+            .now()
+            .checked_add(SignedDuration::try_from(d).unwrap_or_default())
+            .unwrap_or_else(|_| self.clock.now());
+        loop {
+            if self.clock.now() >= until {
+                return true;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = self.clock.wait(Some(until)) => {}
+            }
+        }
+    }
+
+    /// Why a page that waited should no longer be sent: nobody is woken
+    /// for an incident that is over.
+    fn stale(job: &Job, now: &IncidentSummary) -> Option<String> {
+        let page = job.page.as_ref()?;
+        let n = now.number;
+        if now.status == IncidentStatus::Resolved {
+            return Some(format!(
+                "incident #{n} was resolved before this page could be sent"
+            ));
+        }
+        if let Some(why) = &now.suppressed {
+            return Some(format!("incident #{n} pages nobody now ({why})"));
+        }
+        if now.status == IncidentStatus::Acknowledged && page.kind == MessageKind::Page {
+            let by = now
+                .acknowledged_by
+                .as_ref()
+                .map(|a| format!(" by {}", a.name))
+                .unwrap_or_default();
+            return Some(format!(
+                "incident #{n} was acknowledged{by} before this page could be sent"
+            ));
+        }
+        None
+    }
+
+    /// The receipt of a final record.
+    fn receipt(id: &str, rec: &Record) -> Delivery {
         let (outcome, detail, provider) = match &rec.state {
-            State::Sent { provider } => (
+            State::Sent { provider, .. } => (
                 DeliveryOutcome::Sent,
                 if rec.attempts > 1 {
                     format!("after {} attempts", rec.attempts)
@@ -311,15 +353,13 @@ impl Deliverer {
             State::Failed { reason } => (DeliveryOutcome::Failed, reason.clone(), None),
             State::GaveUp { reason } => (DeliveryOutcome::GaveUp, reason.clone(), None),
             State::Skipped { reason } => (DeliveryOutcome::Skipped, reason.clone(), None),
-            State::Pending | State::InFlight { .. } => {
-                (DeliveryOutcome::GaveUp, rec.last_error.clone(), None)
-            }
+            _ => (DeliveryOutcome::GaveUp, rec.last_error.clone(), None),
         };
         Delivery {
-            id: out.id.clone(),
-            kind: out.kind,
-            channel: out.channel,
-            target: out.target.clone(),
+            id: id.to_string(),
+            kind: rec.about.kind,
+            channel: rec.about.channel,
+            target: rec.about.target.clone(),
             outcome,
             attempts: rec.attempts,
             detail,
@@ -327,342 +367,685 @@ impl Deliverer {
         }
     }
 
-    fn done(&self, out: &Outgoing, record: Record) -> Step {
-        let receipt = Self::receipt(out, &record);
-        Step::Done { record, receipt }
-    }
-
-    /// Counts a final outcome (once: when it is first recorded).
-    fn count(&self, out: &Outgoing, rec: &Record, receipt: &Delivery) {
-        let l = labels(&[
-            ("channel", out.channel.as_str()),
-            ("outcome", receipt.outcome.as_str()),
-        ]);
-        self.metrics.notifications.get_or_create(&l).inc();
-        if receipt.outcome == DeliveryOutcome::Sent {
-            if let Some(p) = &out.page {
-                let late = Timestamp::now().duration_since(p.due_at);
-                self.metrics
-                    .latency
-                    .get_or_create(&labels(&[("channel", out.channel.as_str())]))
-                    .observe(late.as_secs_f64().max(0.0));
-            }
-        }
-        match receipt.outcome {
-            DeliveryOutcome::Skipped => tracing::info!(
-                delivery = %out.id, incident = out.incident.number, channel = out.channel.as_str(),
-                target = %out.target, reason = %receipt.detail, "not sent: the incident moved on"
-            ),
-            DeliveryOutcome::Sent => tracing::info!(
-                delivery = %out.id, incident = out.incident.number, channel = out.channel.as_str(),
-                target = %out.target, kind = out.kind.as_str(), attempts = rec.attempts, "delivered"
-            ),
-            _ => tracing::warn!(
-                delivery = %out.id, incident = out.incident.number, channel = out.channel.as_str(),
-                target = %out.target, outcome = receipt.outcome.as_str(), reason = %receipt.detail,
-                "not delivered"
-            ),
-        }
-    }
-
-    /// Marks the receipt of `id` as published.
-    pub(crate) async fn receipt_published(&self, id: &str, mut rec: Record) {
-        rec.receipt_published = true;
-        if let Err(e) = self.store.put(id, &rec).await {
-            tracing::warn!(error = %e, "cannot mark a receipt published; it may be published again");
-        }
-    }
-
-    /// Delivers `out` once. `redelivered`: the bus delivered this message
-    /// before (to this or another replica), so a request may have gone out
-    /// without its answer being recorded.
-    /// `skip`: why this message should not be sent after all (the incident
-    /// moved on while it waited); recorded like any outcome.
-    pub(crate) async fn process(
+    /// Publishes a final record's receipt (idempotent: its id is stable).
+    async fn publish_receipt(
         &self,
-        out: &Outgoing,
-        redelivered: bool,
-        skip: Option<String>,
-    ) -> Step {
-        let now = Timestamp::now();
-        let existing = match self.store.get(&out.id) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, delivery = %out.id, "cannot read the delivery record; retrying later");
-                return Step::Later(Duration::from_secs(1));
-            }
-        };
-        if let Some(r) = &existing {
-            if r.is_final() {
-                return self.done(out, r.clone());
-            }
-        }
-        // A page redelivered that this replica has no record of may have
-        // been attempted by another replica (or before the store was lost).
-        let unknown = existing.is_none();
-        let mut rec = existing.unwrap_or_else(|| Record::new(now));
-        if let Some(reason) = skip {
-            rec.state = State::Skipped { reason };
-            return self.finish(out, rec).await;
-        }
-        let doubt_since = match rec.state {
-            State::InFlight { since } => Some(since),
-            _ if unknown && redelivered => Some(rec.first_attempt),
-            _ => None,
-        };
-
-        // Give up once retries have gone on long enough.
-        let give_up = self.retry.give_up_after.get();
-        if rec.attempts > 0
-            && !give_up.is_zero()
-            && now.duration_since(rec.first_attempt).unsigned_abs() > give_up
+        id: &str,
+        rec: &Record,
+        shutdown: &CancellationToken,
+    ) -> Finish {
+        let receipt = Self::receipt(id, rec);
+        if receipts::publish(
+            &self.js,
+            self.clock.now(),
+            rec.about.incident,
+            &receipt,
+            shutdown,
+        )
+        .await
         {
-            rec.state = State::GaveUp {
-                reason: format!(
-                    "gave up after {} attempts over {}: {}",
-                    rec.attempts,
-                    tocsin_runtime::config::HumanDuration(give_up),
-                    rec.last_error
-                ),
+            Finish::Ack
+        } else {
+            Finish::Later(Duration::from_secs(1))
+        }
+    }
+
+    /// Writes a final record (whatever else happened to it meanwhile: our
+    /// outcome is what the provider told us) and publishes its receipt.
+    async fn finish(
+        &self,
+        job: &Job,
+        out: Option<&Outgoing>,
+        key: &str,
+        mut rec: Record,
+        mut rev: Option<u64>,
+        shutdown: &CancellationToken,
+    ) -> Finish {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.records.write(key, &rec, rev).await {
+                Ok(_) => break,
+                Err(WriteError::Conflict) => match self.records.get(key).await {
+                    Ok(Some(other)) if other.record.is_final() => {
+                        tracing::warn!(delivery = %job.id, theirs = ?other.record.state, ours = ?rec.state,
+                            "another replica recorded this message's outcome too");
+                        rec = other.record;
+                        break;
+                    }
+                    Ok(other) => rev = other.map(|o| o.revision),
+                    Err(e) => tracing::warn!(error = %e, "cannot read a delivery record; retrying"),
+                },
+                Err(WriteError::Failed(e)) => {
+                    tracing::warn!(error = %e, delivery = %job.id, "cannot record a delivery outcome; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Finish::Later(Duration::from_secs(1)),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        let receipt = Self::receipt(&job.id, &rec);
+        let fallback;
+        let out = match out {
+            Some(o) => o,
+            None => {
+                fallback = self.outgoing(job, &job.snapshot, &[]);
+                &fallback
+            }
+        };
+        self.metrics.outcome(
+            out,
+            receipt.outcome,
+            &receipt.detail,
+            rec.attempts,
+            self.clock.now(),
+        );
+        self.publish_receipt(&job.id, &rec, shutdown).await
+    }
+
+    /// Delivers `job` once.
+    pub(crate) async fn deliver(
+        self: &Arc<Self>,
+        job: &Job,
+        shutdown: &CancellationToken,
+    ) -> Finish {
+        let key = records::key(&job.about.incident, &job.id);
+        // A few rounds: each conflict means another replica moved the
+        // record on, and the next round decides again from what it wrote.
+        for _ in 0..5 {
+            match self.attempt(job, &key, shutdown).await {
+                Some(f) => return f,
+                None => continue,
+            }
+        }
+        self.metrics.handed_back(job.about.channel.as_str(), "busy");
+        Finish::Later(Duration::from_millis(500) + Self::jitter(500))
+    }
+
+    /// One round; `None` after a conflict (decide again).
+    async fn attempt(
+        self: &Arc<Self>,
+        job: &Job,
+        key: &str,
+        shutdown: &CancellationToken,
+    ) -> Option<Finish> {
+        let channel = job.about.channel.as_str();
+        let now = self.clock.now();
+        let stored = match self.records.get(key).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read a delivery record; later");
+                return Some(Finish::Later(Duration::from_secs(1)));
+            }
+        };
+        let doubt = match Record::arrival(
+            stored.as_ref().map(|s| &s.record),
+            now,
+            self.give_up_after(),
+        ) {
+            Arrival::Done => {
+                let s = stored.expect("a final record exists");
+                return Some(self.publish_receipt(&job.id, &s.record, shutdown).await);
+            }
+            Arrival::Busy(d) => {
+                self.metrics.handed_back(channel, "busy");
+                return Some(Finish::Later(
+                    d.clamp(Duration::from_millis(200), Duration::from_secs(30))
+                        + Self::jitter(300),
+                ));
+            }
+            Arrival::GiveUp(state) => {
+                let s = stored.expect("a record to give up on");
+                let mut rec = s.record;
+                rec.state = state;
+                return Some(
+                    self.finish(job, None, key, rec, Some(s.revision), shutdown)
+                        .await,
+                );
+            }
+            Arrival::Go { doubt } => doubt,
+        };
+        let mut rev = stored.as_ref().map(|s| s.revision);
+        let mut rec = stored
+            .map(|s| s.record)
+            .unwrap_or_else(|| Record::new(job.about.clone(), now));
+
+        let provider: Arc<dyn Provider> =
+            match self.registry.get(job.about.channel, &job.about.target) {
+                Found::Provider(p) => p.clone(),
+                Found::Missing(why) => {
+                    rec.failed(why);
+                    return Some(self.finish(job, None, key, rec, rev, shutdown).await);
+                }
             };
-            return self.finish(out, rec).await;
+        let preview = self.outgoing(job, &job.snapshot, &[]);
+        let dest = provider.destination(&preview);
+        let (wait, probe) = match self.lanes.turn(provider.name(), &dest, now) {
+            Turn::BreakerOpen(d) => {
+                self.metrics.handed_back(channel, "breaker");
+                return Some(Finish::Later(d + Self::jitter(500)));
+            }
+            Turn::TooFar(d) => {
+                self.metrics.handed_back(channel, "rate_limit");
+                // Back a little before the turn would come, to queue again.
+                let back = d
+                    .saturating_sub(Duration::from_secs(1))
+                    .max(Duration::from_millis(200));
+                return Some(Finish::Later(back + Self::jitter(200)));
+            }
+            Turn::After { wait, probe } => (wait, probe),
+        };
+        let lookups = if doubt.is_some() {
+            1 + providers::slack::LOOKUP_PAGES as u32
+        } else {
+            1
+        };
+        let lease = |from: Timestamp, extra: Duration| {
+            from.checked_add(
+                SignedDuration::try_from(extra + provider.timeout() * lookups + LEASE_MARGIN)
+                    .unwrap_or_default(),
+            )
+            .unwrap_or(from)
+        };
+
+        // Claimed before any wait: a copy of this message redelivered to
+        // another replica meanwhile finds it held, and waits.
+        if !wait.is_zero() {
+            rec.hold(&self.me, lease(now, wait));
+            match self.records.write(key, &rec, rev).await {
+                Ok(r) => rev = Some(r),
+                Err(e) => {
+                    if probe {
+                        self.lanes.release_probe(provider.name());
+                    }
+                    return match e {
+                        WriteError::Conflict => None,
+                        WriteError::Failed(e) => {
+                            tracing::warn!(error = %e, "cannot claim a delivery; later");
+                            Some(Finish::Later(Duration::from_secs(1)))
+                        }
+                    };
+                }
+            }
+            if !self.wait(wait, shutdown).await {
+                return Some(Finish::Later(Duration::from_secs(1)));
+            }
         }
 
-        // Render first: a template that cannot render will never send.
-        let rendered = match self.render(out) {
+        // The incident right before sending: nothing that changed while
+        // the page waited is missed, and the message shows it as it is.
+        let current: Option<Now> = match self.incidents.now(job.about.incident).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the incident; sending what the page carries");
+                None
+            }
+        };
+        let (summary, version) = match &current {
+            Some(n) => (n.summary.clone(), n.version),
+            None => (job.snapshot.clone(), 0),
+        };
+        if let Some(why) = Self::stale(job, &summary) {
+            if probe {
+                self.lanes.release_probe(provider.name());
+            }
+            rec.skipped(why);
+            let out = self.outgoing(job, &summary, &[]);
+            return Some(self.finish(job, Some(&out), key, rec, rev, shutdown).await);
+        }
+        let alerts =
+            if matches!(job.about.kind, MessageKind::Page | MessageKind::Reminder) && version > 0 {
+                self.incidents.alerts(job.about.incident, version).await
+            } else {
+                Vec::new()
+            };
+        let out = self.outgoing(job, &summary, &alerts);
+        let rendered = match provider.render(&self.templates, &out) {
             Ok(r) => r,
             Err(e) => {
-                rec.state = State::Failed { reason: e };
-                return self.finish(out, rec).await;
-            }
-        };
-
-        let guard = self.guard(out);
-        let probe = {
-            let mut b = guard.breaker.lock().unwrap_or_else(|e| e.into_inner());
-            let permit = b.permit(tokio::time::Instant::now());
-            self.set_breaker_metric(out, b.state());
-            match permit {
-                Permit::Wait(d) => {
-                    // Pages wait while the provider is down; spread them out.
-                    // Noting that this one was never attempted here spares a
-                    // look-up at the provider when it comes back (no flush
-                    // needed: losing the note only costs that look-up).
-                    if unknown {
-                        self.store.put_unflushed(&out.id, &rec);
-                    }
-                    let jitter = Duration::from_millis(rand::random::<u64>() % 500);
-                    return Step::Later(d + jitter);
+                if probe {
+                    self.lanes.release_probe(provider.name());
                 }
-                Permit::Go { probe } => probe,
+                rec.failed(e);
+                return Some(self.finish(job, Some(&out), key, rec, rev, shutdown).await);
             }
         };
-        if let Some(l) = &guard.limiter {
-            l.until_key_ready(&destination(out)).await;
-        }
 
-        // The attempt is on disk before the request leaves.
-        rec.attempts += 1;
-        rec.state = State::InFlight { since: now };
-        if let Err(e) = self.store.put(&out.id, &rec).await {
-            if probe {
-                guard
-                    .breaker
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .release();
+        // At most `concurrency` requests in flight per destination.
+        let slots = self.lanes.slots(provider.name(), &dest);
+        let _slot = tokio::select! {
+            _ = shutdown.cancelled() => return Some(Finish::Later(Duration::from_secs(1))),
+            s = slots.acquire_owned() => s.ok(),
+        };
+
+        // On record before the request leaves.
+        let sent_at = self.clock.now();
+        rec.in_flight(&self.me, sent_at, lease(sent_at, Duration::ZERO));
+        match self.records.write(key, &rec, rev).await {
+            Ok(r) => rev = Some(r),
+            Err(e) => {
+                if probe {
+                    self.lanes.release_probe(provider.name());
+                }
+                return match e {
+                    WriteError::Conflict => None,
+                    WriteError::Failed(e) => {
+                        tracing::warn!(error = %e, "cannot record a delivery attempt; later");
+                        Some(Finish::Later(Duration::from_secs(1)))
+                    }
+                };
             }
-            tracing::error!(error = %e, delivery = %out.id, "cannot record a delivery attempt; retrying later");
-            return Step::Later(Duration::from_secs(1));
         }
 
         let started = std::time::Instant::now();
-        let result = match doubt_since {
-            None => self.send(out, &rendered).await,
-            Some(since) => match self.find_sent(out, &rendered, since).await {
-                Ok(Some(r)) => {
-                    tracing::info!(delivery = %out.id, "an earlier attempt had reached the provider; not sending again");
+        let result = match doubt {
+            None => provider.send(&out, &rendered).await,
+            Some(since) => match provider.find_sent(&out, &rendered, since).await {
+                Lookup::Found(r) => {
+                    self.metrics.lookup(&out, "found", "");
                     Ok(r)
                 }
-                Ok(None) => self.send(out, &rendered).await,
-                // The provider is unreachable: check again later rather
-                // than risk a duplicate.
-                Err(e @ SendError::Retry { .. }) => Err(e),
-                // The provider will not tell (e.g. a missing scope): send.
-                Err(SendError::Permanent { reason }) => {
-                    tracing::warn!(delivery = %out.id, reason = %reason, "cannot check whether an earlier attempt arrived; sending again");
-                    self.send(out, &rendered).await
+                Lookup::NotFound => {
+                    self.metrics.lookup(&out, "not_found", "");
+                    rec.doubt_cleared();
+                    provider.send(&out, &rendered).await
+                }
+                Lookup::NotPossible => {
+                    rec.doubt_cleared();
+                    provider.send(&out, &rendered).await
+                }
+                Lookup::Undecided(why) => {
+                    self.metrics.lookup(&out, "undecided", &why);
+                    rec.doubt_cleared();
+                    provider.send(&out, &rendered).await
+                }
+                Lookup::Unreachable(e) => {
+                    self.metrics.lookup(&out, "unreachable", e.reason());
+                    self.lanes
+                        .failure(provider.name(), &dest, self.clock.now(), None);
+                    rec.lookup_failed(e.reason().to_string());
+                    let _ = self.records.write(key, &rec, rev).await;
+                    let delay = backoff(&self.retry, rec.attempts.max(1), None);
+                    self.metrics.handed_back(channel, "retry");
+                    return Some(Finish::Later(delay));
                 }
             },
         };
         self.metrics
-            .request
-            .get_or_create(&labels(&[("channel", out.channel.as_str())]))
-            .observe(started.elapsed().as_secs_f64());
-
-        {
-            let mut b = guard.breaker.lock().unwrap_or_else(|e| e.into_inner());
-            match &result {
-                Ok(_) | Err(SendError::Permanent { .. }) => b.success(),
-                Err(SendError::Retry { .. }) => {
-                    if b.failure(tokio::time::Instant::now()) {
-                        self.metrics
-                            .breaker_opened
-                            .get_or_create(&Self::guard_labels(out))
-                            .inc();
-                        tracing::warn!(
-                            channel = out.channel.as_str(),
-                            "circuit breaker open: pages on this channel wait"
-                        );
-                    }
-                }
+            .request(channel, started.elapsed().as_secs_f64());
+        match &result {
+            Ok(_) | Err(SendError::Permanent { .. }) => self.lanes.success(provider.name()),
+            Err(SendError::Retry { retry_after, .. }) => {
+                self.lanes
+                    .failure(provider.name(), &dest, self.clock.now(), *retry_after)
             }
-            self.set_breaker_metric(out, b.state());
         }
-
         match result {
-            Ok(provider) => {
-                rec.state = State::Sent { provider };
-                self.finish(out, rec).await
+            Ok(pref) => {
+                let shown = Shown {
+                    status: summary.status,
+                    version,
+                    by: summary.acknowledged_by.as_ref().map(|a| a.name.clone()),
+                };
+                rec.sent_as(pref, Some(shown));
+                let f = self.finish(job, Some(&out), key, rec, rev, shutdown).await;
+                // The incident may have changed while the page was on its
+                // way: bring the message up to date (the change's own sync
+                // may have run before this record said "sent").
+                if version > 0
+                    && matches!(job.about.kind, MessageKind::Page | MessageKind::Reminder)
+                {
+                    self.follow_up(job.about.incident, version, shutdown);
+                }
+                Some(f)
             }
             Err(SendError::Permanent { reason }) => {
-                rec.state = State::Failed { reason };
-                self.finish(out, rec).await
+                rec.failed(reason);
+                Some(self.finish(job, Some(&out), key, rec, rev, shutdown).await)
             }
             Err(SendError::Retry {
                 reason,
                 retry_after,
+                maybe_arrived,
             }) => {
-                self.metrics
-                    .retries
-                    .get_or_create(&labels(&[("channel", out.channel.as_str())]))
-                    .inc();
-                tracing::info!(delivery = %out.id, channel = out.channel.as_str(), attempt = rec.attempts, reason = %reason, "delivery failed; will retry");
-                rec.state = State::Pending;
-                rec.last_error = reason;
-                let delay = backoff(&self.retry, rec.attempts, retry_after);
-                if let Err(e) = self.store.put(&out.id, &rec).await {
-                    tracing::warn!(error = %e, "cannot record a failed attempt");
+                self.metrics.retry(&out, rec.attempts, &reason);
+                rec.retry_later(reason, maybe_arrived);
+                if let Err(e) = self.records.write(key, &rec, rev).await {
+                    tracing::warn!(error = ?e, "cannot record a failed attempt");
                 }
-                Step::Later(delay)
+                self.metrics.handed_back(channel, "retry");
+                Some(Finish::Later(backoff(
+                    &self.retry,
+                    rec.attempts,
+                    retry_after,
+                )))
             }
         }
     }
 
-    async fn finish(&self, out: &Outgoing, rec: Record) -> Step {
-        // Recorded before the bus message is acknowledged: a redelivery
-        // finds it and sends nothing.
-        loop {
-            match self.store.put(&out.id, &rec).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot record a delivery outcome; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+    /// After a page went out at `version`: if the incident has moved on,
+    /// bring its messages up to date (in the background; bounded retries —
+    /// the change's own sync retries too, through its bus message).
+    fn follow_up(
+        self: &Arc<Self>,
+        incident: uuid::Uuid,
+        version: u64,
+        shutdown: &CancellationToken,
+    ) {
+        let (d, stop) = (self.clone(), shutdown.clone());
+        self.tasks.spawn(async move {
+            for _ in 0..10 {
+                match d.incidents.now(incident).await {
+                    Ok(Some(n)) if n.version > version => {}
+                    Ok(_) => return,
+                    Err(_) => {}
+                }
+                match d.sync(incident, &Hint::default(), &stop).await {
+                    Ok(()) => return,
+                    Err(delay) => tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    },
                 }
             }
-        }
-        let receipt = Self::receipt(out, &rec);
-        self.count(out, &rec, &receipt);
-        Step::Done {
-            record: rec,
-            receipt,
-        }
-    }
-
-    fn render(&self, out: &Outgoing) -> Result<Rendered, String> {
-        let t = &self.templates;
-        let kind = out.kind.as_str();
-        let name = |ch: &str, part: Option<&str>| match part {
-            Some(p) => format!("{ch}/{kind}.{p}"),
-            None => format!("{ch}/{kind}"),
-        };
-        let render = |n: String| -> Result<String, String> {
-            if !t.has(&n) {
-                return Err(format!(
-                    "{} messages have no {kind} template ({n}.hbs)",
-                    out.channel.as_str()
-                ));
-            }
-            t.render(&n, &out.ctx)
-                .map_err(|e| format!("template {n}.hbs: {e}"))
-        };
-        Ok(match out.channel {
-            Channel::Slack => Rendered::Text(render(name("slack", None))?),
-            Channel::Sms => Rendered::Text(render(name("sms", None))?),
-            Channel::Webhook => Rendered::Text(render(name("webhook", None))?),
-            Channel::Pagerduty => match out.kind {
-                MessageKind::Page | MessageKind::Reminder => {
-                    Rendered::Text(render("pagerduty/page".to_string())?)
-                }
-                _ => Rendered::Text(String::new()),
-            },
-            Channel::Email => Rendered::Email(Parts {
-                subject: render(name("email", Some("subject")))?,
-                text: render(name("email", Some("txt")))?,
-                html: render(name("email", Some("html")))?,
-            }),
-        })
-    }
-
-    async fn send(&self, out: &Outgoing, r: &Rendered) -> Result<ProviderRef, SendError> {
-        let missing = |what: &str| {
-            Err(SendError::permanent(format!(
-                "{what} is not configured (notifier.{what})"
-            )))
-        };
-        match (out.channel, r) {
-            (Channel::Slack, Rendered::Text(t)) => match &self.slack {
-                Some(s) => s.send(out, t).await,
-                None => missing("slack"),
-            },
-            (Channel::Pagerduty, Rendered::Text(t)) => match &self.pagerduty {
-                Some(p) => p.send(out, t).await,
-                None => missing("pagerduty"),
-            },
-            (Channel::Sms, Rendered::Text(t)) => match &self.sms {
-                Some(s) => s.send(out, t).await,
-                None => missing("sms"),
-            },
-            (Channel::Webhook, Rendered::Text(t)) => match self.webhooks.get(&out.target) {
-                Some(w) => w.send(out, t).await,
-                None => Err(SendError::permanent(format!(
-                    "no webhook {:?} in notifier.webhooks",
-                    out.target
-                ))),
-            },
-            (Channel::Email, Rendered::Email(parts)) => match &self.email {
-                Some(e) => e.send(out, parts).await,
-                None => missing("email"),
-            },
-            _ => Err(SendError::permanent("internal: rendered the wrong shape")),
-        }
-    }
-
-    /// Whether an earlier attempt (whose answer was lost) reached the
-    /// provider. Providers that de-duplicate themselves (PagerDuty by
-    /// dedup_key, webhooks by `webhook-id`) and updates (idempotent) are
-    /// simply sent again.
-    async fn find_sent(
-        &self,
-        out: &Outgoing,
-        r: &Rendered,
-        since: Timestamp,
-    ) -> Result<Option<ProviderRef>, SendError> {
-        match (out.channel, r) {
-            (Channel::Slack, _) => match &self.slack {
-                Some(s) => s.find_sent(out, since).await,
-                None => Ok(None),
-            },
-            (Channel::Sms, Rendered::Text(t)) => match &self.sms {
-                Some(s) => s.find_sent(out, t, since).await,
-                None => Ok(None),
-            },
-            _ => Ok(None),
-        }
+        });
     }
 }
 
-enum Rendered {
-    Text(String),
-    Email(Parts),
+/// The hint a change event gives a sync: who did it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Hint {
+    pub(crate) actor: Option<String>,
+}
+
+impl Deliverer {
+    /// Brings every message sent for `incident` to the incident's state
+    /// now. `Err(delay)`: something must be tried again later.
+    pub(crate) async fn sync(
+        &self,
+        incident: uuid::Uuid,
+        hint: &Hint,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Duration> {
+        let (_guard, _entry) = self.locks.lock(incident).await;
+        let now = match self.incidents.now(incident).await {
+            Ok(Some(n)) => n,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read an incident to update its messages; later");
+                return Err(Duration::from_secs(1));
+            }
+        };
+        let stored = self.records.of_incident(&incident).await.map_err(|e| {
+            tracing::warn!(error = %e, "cannot list the messages sent for an incident; later");
+            Duration::from_secs(1)
+        })?;
+        let sent: Vec<Stored> = stored
+            .into_iter()
+            .filter(|s| {
+                matches!(
+                    s.record.about.kind,
+                    MessageKind::Page | MessageKind::Reminder
+                ) && s.record.sent().is_some()
+            })
+            .collect();
+        if sent.is_empty() {
+            return Ok(());
+        }
+        // Each message on its own: a slow channel does not hold the others.
+        let results = futures::future::join_all(
+            sent.into_iter()
+                .map(|s| self.sync_one(s, now.clone(), hint, shutdown)),
+        )
+        .await;
+        // The soonest retry any message asked for.
+        match results.into_iter().filter_map(Result::err).min() {
+            Some(d) => Err(d),
+            None => Ok(()),
+        }
+    }
+
+    async fn sync_one(
+        &self,
+        mut stored: Stored,
+        mut now: Now,
+        hint: &Hint,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Duration> {
+        let about = stored.record.about.clone();
+        let provider: Arc<dyn Provider> = match self.registry.get(about.channel, &about.target) {
+            Found::Provider(p) => p.clone(),
+            Found::Missing(_) => return Ok(()),
+        };
+        for _ in 0..8 {
+            let Some((pref, shown)) = stored.record.sent() else {
+                return Ok(());
+            };
+            let (pref, shown) = (
+                pref.clone(),
+                shown.cloned().unwrap_or(Shown {
+                    status: IncidentStatus::Triggered,
+                    version: 0,
+                    by: None,
+                }),
+            );
+            if shown.version >= now.version {
+                return Ok(());
+            }
+            let Some(kind) = provider.update(&pref, &shown, &now.summary) else {
+                return Ok(());
+            };
+            let job = Job {
+                id: format!("upd:{}:{}:{}", kind.as_str(), now.version, stored.key),
+                about: About {
+                    kind,
+                    ..about.clone()
+                },
+                page: None,
+                reference: Some(pref.clone()),
+                snapshot: now.summary.clone(),
+                actor: match kind {
+                    MessageKind::Acknowledged => {
+                        now.summary.acknowledged_by.as_ref().map(|a| a.name.clone())
+                    }
+                    _ => hint.actor.clone(),
+                },
+                note: None,
+                at: self.clock.now(),
+            };
+            let out = self.outgoing(&job, &now.summary, &[]);
+            let dest = provider.destination(&out);
+            let probe = match self.lanes.turn(provider.name(), &dest, self.clock.now()) {
+                Turn::BreakerOpen(d) | Turn::TooFar(d) => {
+                    self.metrics
+                        .handed_back(about.channel.as_str(), "rate_limit");
+                    return Err(d.max(Duration::from_millis(200)));
+                }
+                Turn::After { wait, probe } => {
+                    if !self.wait(wait, shutdown).await {
+                        return Err(Duration::from_secs(1));
+                    }
+                    probe
+                }
+            };
+            let rendered = match provider.render(&self.templates, &out) {
+                Ok(r) => r,
+                Err(e) => {
+                    if probe {
+                        self.lanes.release_probe(provider.name());
+                    }
+                    self.metrics.update(&out, "failed", &e);
+                    return Ok(());
+                }
+            };
+            let slots = self.lanes.slots(provider.name(), &dest);
+            let _slot = slots.acquire_owned().await.ok();
+            let started = std::time::Instant::now();
+            let result = provider.send(&out, &rendered).await;
+            self.metrics
+                .request(about.channel.as_str(), started.elapsed().as_secs_f64());
+            let shown_now = match &result {
+                Ok(_) => {
+                    self.lanes.success(provider.name());
+                    self.metrics.update(&out, "sent", "");
+                    let status = providers::status_after(kind).unwrap_or(shown.status);
+                    Shown {
+                        status,
+                        version: if status == now.summary.status {
+                            now.version
+                        } else {
+                            shown.version
+                        },
+                        by: now.summary.acknowledged_by.as_ref().map(|a| a.name.clone()),
+                    }
+                }
+                Err(SendError::Permanent { reason }) => {
+                    // It cannot be changed (deleted, too old to edit): stop
+                    // trying, and say so on the timeline.
+                    self.lanes.success(provider.name());
+                    self.metrics.update(&out, "failed", reason);
+                    Shown {
+                        version: now.version,
+                        ..shown.clone()
+                    }
+                }
+                Err(SendError::Retry {
+                    reason,
+                    retry_after,
+                    ..
+                }) => {
+                    self.lanes
+                        .failure(provider.name(), &dest, self.clock.now(), *retry_after);
+                    self.metrics.update(&out, "retry", reason);
+                    return Err(backoff(&self.retry, 1, *retry_after));
+                }
+            };
+            let receipt = Delivery {
+                id: out.id.clone(),
+                kind,
+                channel: about.channel,
+                target: about.target.clone(),
+                outcome: if result.is_ok() {
+                    DeliveryOutcome::Sent
+                } else {
+                    DeliveryOutcome::Failed
+                },
+                attempts: 1,
+                detail: result
+                    .as_ref()
+                    .err()
+                    .map(|e| e.reason().to_string())
+                    .unwrap_or_default(),
+                provider: result.as_ref().ok().cloned(),
+            };
+            let mut rec = stored.record.clone();
+            rec.state = State::Sent {
+                provider: pref.clone(),
+                shown: Some(shown_now),
+            };
+            match self
+                .records
+                .write(&stored.key, &rec, Some(stored.revision))
+                .await
+            {
+                Ok(r) => {
+                    stored.record = rec;
+                    stored.revision = r;
+                }
+                Err(WriteError::Conflict) => {
+                    // Another replica updated it meanwhile: read what it
+                    // did and check again below.
+                    match self.records.get(&stored.key).await {
+                        Ok(Some(s)) => stored = s,
+                        _ => return Err(Duration::from_millis(500)),
+                    }
+                }
+                Err(WriteError::Failed(e)) => {
+                    tracing::warn!(error = %e, "cannot record a message update; later");
+                    return Err(Duration::from_secs(1));
+                }
+            }
+            if !receipts::publish(
+                &self.js,
+                self.clock.now(),
+                about.incident,
+                &receipt,
+                shutdown,
+            )
+            .await
+            {
+                return Err(Duration::from_secs(1));
+            }
+            // The incident may have moved while the update was on its way.
+            match self.incidents.now(about.incident).await {
+                Ok(Some(n)) => now = n,
+                Ok(None) => return Ok(()),
+                Err(_) => return Err(Duration::from_secs(1)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Status updates (a note) in the thread of every message sent for
+    /// the incident that takes them.
+    pub(crate) async fn status_updates(
+        self: &Arc<Self>,
+        incident: &IncidentSummary,
+        seq: u64,
+        note: String,
+        actor: Option<String>,
+        at: Timestamp,
+        shutdown: &CancellationToken,
+    ) -> Finish {
+        let stored = match self.records.of_incident(&incident.id).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the messages sent for an incident; later");
+                return Finish::Later(Duration::from_secs(1));
+            }
+        };
+        let mut jobs = Vec::new();
+        for s in stored {
+            if !matches!(
+                s.record.about.kind,
+                MessageKind::Page | MessageKind::Reminder
+            ) {
+                continue;
+            }
+            let Some((pref, _)) = s.record.sent() else {
+                continue;
+            };
+            let Found::Provider(p) = self
+                .registry
+                .get(s.record.about.channel, &s.record.about.target)
+            else {
+                continue;
+            };
+            if !p.takes_status_updates(pref) {
+                continue;
+            }
+            let address = match pref {
+                ProviderRef::Email { to, .. } => to.clone(),
+                _ => s.record.about.address.clone(),
+            };
+            jobs.push(Job {
+                id: format!("upd:status_update:{seq}:{}", s.key),
+                about: About {
+                    kind: MessageKind::StatusUpdate,
+                    address,
+                    ..s.record.about.clone()
+                },
+                page: None,
+                reference: Some(pref.clone()),
+                snapshot: incident.clone(),
+                actor: actor.clone(),
+                note: Some(note.clone()),
+                at,
+            });
+        }
+        let results =
+            futures::future::join_all(jobs.iter().map(|j| self.deliver(j, shutdown))).await;
+        results.into_iter().fold(Finish::Ack, Finish::and)
+    }
 }

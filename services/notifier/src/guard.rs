@@ -1,9 +1,10 @@
-//! Per-channel guards: circuit breaker, rate limit and retry backoff.
-//! Plain data over an injected `Instant`, tested without a provider.
+//! Per-provider guards: circuit breaker, pacing (a rate limit that hands
+//! out turns) and retry backoff. Plain data over times from the injected
+//! clock, tested without a provider.
 
 use std::time::Duration;
 
-use tokio::time::Instant;
+use jiff::{SignedDuration, Timestamp as Instant};
 
 use crate::config::{BreakerConfig, RetryConfig};
 
@@ -58,7 +59,7 @@ impl Breaker {
     pub fn permit(&mut self, now: Instant) -> Permit {
         if let BreakerState::Open { until } = self.state {
             if now < until {
-                return Permit::Wait(until - now);
+                return Permit::Wait(until_from(now, until));
             }
             self.state = BreakerState::HalfOpen;
             self.successes = 0;
@@ -92,11 +93,11 @@ impl Breaker {
     pub fn failure(&mut self, now: Instant) -> bool {
         self.probing = false;
         self.successes = 0;
-        let open_for = self.cfg.open_for.get().max(Duration::from_millis(10));
+        let open_for = add(self.cfg.open_for.get().max(Duration::from_millis(10)));
         match self.state {
             BreakerState::HalfOpen => {
                 self.state = BreakerState::Open {
-                    until: now + open_for,
+                    until: now.saturating_add(open_for).unwrap_or(now),
                 };
                 true
             }
@@ -105,7 +106,7 @@ impl Breaker {
                 if self.failures >= self.cfg.failures.max(1) {
                     self.failures = 0;
                     self.state = BreakerState::Open {
-                        until: now + open_for,
+                        until: now.saturating_add(open_for).unwrap_or(now),
                     };
                     true
                 } else {
@@ -120,6 +121,59 @@ impl Breaker {
     /// already sent): let the next one through.
     pub fn release(&mut self) {
         self.probing = false;
+    }
+}
+
+fn add(d: Duration) -> SignedDuration {
+    SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
+}
+
+/// How long from `now` until `until` (zero when past).
+pub fn until_from(now: Instant, until: Instant) -> Duration {
+    Duration::try_from(until.duration_since(now)).unwrap_or_default()
+}
+
+/// A rate limit that hands out turns (GCRA): one request every
+/// `1/rate`, with up to `burst` at once. [`Pace::reserve`] books the next
+/// turn and says how long to wait for it, so many pages for one
+/// destination wait in line instead of all retrying at once.
+#[derive(Debug, Clone)]
+pub struct Pace {
+    interval: SignedDuration,
+    tolerance: SignedDuration,
+    /// The theoretical arrival time of the next request.
+    tat: Option<Instant>,
+}
+
+impl Pace {
+    pub fn new(rate_per_second: u32, burst: u32) -> Pace {
+        let interval =
+            SignedDuration::from_nanos(1_000_000_000 / i64::from(rate_per_second.max(1)));
+        Pace {
+            interval,
+            tolerance: interval * i32::try_from(burst.max(1) - 1).unwrap_or(i32::MAX),
+            tat: None,
+        }
+    }
+
+    /// Books a turn and returns how long until it, unless that is longer
+    /// than `max_wait`: then nothing is booked and `Err` says how long the
+    /// wait would be.
+    pub fn reserve(&mut self, now: Instant, max_wait: Duration) -> Result<Duration, Duration> {
+        let tat = self.tat.map_or(now, |t| t.max(now));
+        let allowed = tat.checked_sub(self.tolerance).unwrap_or(tat);
+        let wait = until_from(now, allowed);
+        if wait > max_wait {
+            return Err(wait);
+        }
+        self.tat = Some(tat.checked_add(self.interval).unwrap_or(tat));
+        Ok(wait)
+    }
+
+    /// The provider asked to wait until `until` (a 429): nobody goes before.
+    pub fn hold_until(&mut self, until: Instant) {
+        let t = until.checked_add(self.tolerance).unwrap_or(until);
+        self.tat = Some(self.tat.map_or(t, |x| x.max(t)));
     }
 }
 
@@ -149,9 +203,57 @@ mod tests {
         Breaker::new(BreakerConfig::default())
     }
 
+    fn at(s: f64) -> Instant {
+        Instant::from_second(1_800_000_000)
+            .unwrap()
+            .checked_add(SignedDuration::from_secs_f64(s))
+            .unwrap()
+    }
+
+    #[test]
+    fn pace_hands_out_turns_and_refuses_long_waits() {
+        let mut p = Pace::new(2, 1);
+        let t0 = at(0.0);
+        assert_eq!(p.reserve(t0, Duration::from_secs(5)), Ok(Duration::ZERO));
+        assert_eq!(
+            p.reserve(t0, Duration::from_secs(5)),
+            Ok(Duration::from_millis(500))
+        );
+        assert_eq!(
+            p.reserve(t0, Duration::from_secs(5)),
+            Ok(Duration::from_secs(1))
+        );
+        // 10 in line = 5 s: more is refused, and nothing is booked for it.
+        for _ in 3..11 {
+            p.reserve(t0, Duration::from_secs(5)).unwrap();
+        }
+        assert_eq!(
+            p.reserve(t0, Duration::from_secs(5)),
+            Err(Duration::from_millis(5500))
+        );
+        assert_eq!(
+            p.reserve(t0, Duration::from_secs(6)),
+            Ok(Duration::from_millis(5500))
+        );
+        // Idle time is not banked beyond the burst.
+        let mut q = Pace::new(1, 3);
+        let t = at(100.0);
+        for _ in 0..3 {
+            assert_eq!(q.reserve(t, Duration::ZERO), Ok(Duration::ZERO));
+        }
+        assert_eq!(q.reserve(t, Duration::ZERO), Err(Duration::from_secs(1)));
+        // A 429 holds everyone back.
+        let mut r = Pace::new(10, 1);
+        r.hold_until(at(30.0));
+        assert_eq!(
+            r.reserve(at(0.0), Duration::from_secs(60)),
+            Ok(Duration::from_secs(30))
+        );
+    }
+
     #[test]
     fn opens_after_five_consecutive_failures() {
-        let now = Instant::now();
+        let now = at(0.0);
         let mut b = breaker();
         for i in 0..4 {
             assert!(!b.failure(now), "failure {i}");
@@ -164,20 +266,17 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Closed);
         assert!(b.failure(now));
         assert_eq!(b.permit(now), Permit::Wait(Duration::from_secs(60)));
-        assert_eq!(
-            b.permit(now + Duration::from_secs(59)),
-            Permit::Wait(Duration::from_secs(1))
-        );
+        assert_eq!(b.permit(at(59.0)), Permit::Wait(Duration::from_secs(1)));
     }
 
     #[test]
     fn half_open_after_60s_closes_after_two_successes() {
-        let t0 = Instant::now();
+        let t0 = at(0.0);
         let mut b = breaker();
         for _ in 0..5 {
             b.failure(t0);
         }
-        let t1 = t0 + Duration::from_secs(60);
+        let t1 = at(60.0);
         assert_eq!(b.permit(t1), Permit::Go { probe: true });
         // one probe at a time
         assert!(matches!(b.permit(t1), Permit::Wait(_)));
@@ -191,12 +290,12 @@ mod tests {
 
     #[test]
     fn a_failed_probe_opens_again() {
-        let t0 = Instant::now();
+        let t0 = at(0.0);
         let mut b = breaker();
         for _ in 0..5 {
             b.failure(t0);
         }
-        let t1 = t0 + Duration::from_secs(61);
+        let t1 = at(61.0);
         assert_eq!(b.permit(t1), Permit::Go { probe: true });
         assert!(b.failure(t1));
         assert_eq!(b.permit(t1), Permit::Wait(Duration::from_secs(60)));

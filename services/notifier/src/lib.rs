@@ -2,152 +2,201 @@
 //!
 //! The only service that talks to notification providers. It takes pages
 //! from NOTIFY (written by escalation) and delivers them to Slack,
-//! PagerDuty, Twilio SMS, SMTP email or a webhook, rendered from handlebars
+//! PagerDuty, Twilio SMS, SMTP email or a webhook (or, for channels with
+//! no provider configured, the console), rendered from handlebars
 //! templates; it follows INCIDENTS to keep what it sent in step with the
 //! incident (the Slack message is updated and changes colour, the
-//! PagerDuty alert is acknowledged and resolved, notes become status
-//! updates); and it records every outcome on the incident's timeline.
+//! PagerDuty alert is acknowledged, resolved and triggered again on a
+//! reopen, notes become status updates); and it records every outcome on
+//! the incident's timeline.
 //!
 //! # Delivered once
-//! A delivery record per message id (the page id) lives in sled. The
-//! attempt is recorded (and flushed) before the request leaves and the
-//! outcome before the NOTIFY message is acknowledged, so a redelivered page
-//! is looked up, not sent again. When a request went out but its answer was
-//! lost (a crash mid-request, or the page redelivered to another replica),
-//! the provider is asked: Slack's channel history (the message carries the
-//! delivery id as metadata) and Twilio's message list are searched;
-//! PagerDuty (dedup key) and webhooks (`webhook-id`) drop repeats
-//! themselves; email keeps its `Message-ID`.
+//! A delivery record per message lives in the JetStream KV bucket
+//! `tocsin_deliveries`, shared by every replica, and every change to it is
+//! revision-checked. A page is claimed in its record before it waits for
+//! anything; the request is recorded as in flight before it leaves, and
+//! the outcome before the NOTIFY message is acknowledged. A redelivered
+//! page finds its record: final (nothing is sent), held by a live replica
+//! (handed back), or left in flight by a replica that died: then the
+//! provider is asked whether the request arrived (Slack's channel history
+//! and Twilio's message list, paged back to the attempt) before anything
+//! is sent again. PagerDuty (dedup key) and webhooks (`webhook-id`) drop
+//! repeats themselves; email keeps its `Message-ID`.
 //!
-//! # Guarded
-//! Retries back off exponentially with jitter and honour `Retry-After`; a
-//! 4xx that cannot succeed is not retried and lands on the timeline with
-//! the provider's error text. Each channel has a circuit breaker (open
-//! after 5 failures, half-open after 60 s, closed after 2 successes), a
-//! rate limit and a request timeout. While a provider is down its pages
-//! wait on the bus (negatively acknowledged with a delay), none is lost.
+//! # One destination delays only itself
+//! Each provider has a circuit breaker; each destination (a PagerDuty
+//! service, a Slack channel, the SMS account, ...) a pace at its rate
+//! limit and a cap on requests in flight. A page whose turn is further
+//! away than `max_hold` goes back to the bus until then.
 //!
 //! # Layout
 //! - [`config`]: the `notifier:` section.
 //! - [`templates`]: handlebars in strict mode, shipped defaults in
 //!   config/templates/, checked at start-up and by `tocsin check-config`.
-//! - [`channels`]: one module per provider (exact request shapes).
-//! - [`guard`]: circuit breaker and backoff (pure).
-//! - [`store`]: the sled delivery records.
-//! - `deliver`: one delivery from guard to record; `service`: the loops.
+//! - [`providers`]: the [`providers::Provider`] trait and one module per
+//!   provider (exact request shapes, look-ups, updates), and the registry.
+//! - [`record`]: the delivery state machine (pure); `records`: the KV bucket.
+//! - [`guard`]: circuit breaker, pacing and backoff (pure); `lanes`: per
+//!   provider and destination.
+//! - `deliver`: one delivery, and bringing sent messages up to date;
+//!   `pages` and `changes`: the two consumer loops; `receipts`: timeline
+//!   receipts; `incident`: the incident now; `events`: telemetry.
 #![deny(unreachable_pub)]
 
-pub mod channels;
 pub mod config;
 pub mod guard;
-pub mod store;
+pub mod providers;
+pub mod record;
+pub mod records;
 pub mod templates;
 
+mod changes;
+mod consumer;
 mod deliver;
-mod service;
+mod events;
+mod incident;
+mod lanes;
+mod pages;
+mod receipts;
 
 use std::sync::Arc;
 
-use async_nats::jetstream;
-use tocsin_runtime::admin::{Health, Metrics};
-use tokio_util::sync::CancellationToken;
+use tocsin_runtime::context::ServiceContext;
 
+pub use changes::CHANGES_CONSUMER;
 pub use config::NotifierConfig;
-pub use service::{PAGES_CONSUMER, SYNC_CONSUMER};
+pub use pages::PAGES_CONSUMER;
+pub use records::BUCKET as RECORDS_BUCKET;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NotifierError {
     /// The `notifier:` config or a template is wrong; every problem is listed.
     #[error("notifier config:\n  {}", .0.join("\n  "))]
     Config(Vec<String>),
-    /// The delivery records cannot be opened: fix the data directory.
-    #[error("notifier store: {0}")]
-    Store(String),
 }
 
 use tocsin_runtime::install_crypto;
 
-/// Checks the config and every template (for `tocsin check-config`).
-pub fn check(config: &NotifierConfig) -> Result<(), NotifierError> {
-    install_crypto();
-    deliver::build_parts(config)
-        .map(|_| ())
-        .map_err(NotifierError::Config)
+/// What `tocsin check-config` learns about the providers, to check the
+/// escalation config against them.
+pub struct Checked {
+    /// Channels that have a provider (or the console).
+    pub channels: Vec<tocsin_proto::notify::Channel>,
+    /// Channels only the console takes (a warning: fine for development).
+    pub console_takes: Vec<tocsin_proto::notify::Channel>,
+    /// PagerDuty services and webhooks by name.
+    pub pagerduty_services: Vec<String>,
+    pub webhooks: Vec<String>,
 }
 
-/// Runs the notifier until `shutdown` is cancelled.
-pub async fn run(
-    config: NotifierConfig,
-    js: jetstream::Context,
-    metrics: &Metrics,
-    health: &Health,
-    shutdown: CancellationToken,
-) -> Result<(), NotifierError> {
+/// Checks the config and every template (for `tocsin check-config`). Builds
+/// nothing that needs a runtime.
+pub fn check(config: &NotifierConfig) -> Result<Checked, NotifierError> {
     install_crypto();
-    health.set_failing("notifier", "connecting to NOTIFY");
-    let dir = config
-        .data_dir
-        .as_ref()
-        .map(|p| p.0.clone())
-        .unwrap_or_else(|| std::path::PathBuf::from(".tocsin/data/notifier"));
-    // Unlike the other services' stores this one is not a projection of a
-    // stream. An unreadable one is moved aside (kept for inspection), not
-    // deleted; with a fresh store every redelivered page is checked with
-    // its provider before it is sent (see "Delivered once").
-    let store = match store::Store::open(&dir) {
-        Ok(s) => s,
+    let mut errors = Vec::new();
+    if let Err(e) = config.zone() {
+        errors.push(e);
+    }
+    if let Err(e) = templates::Templates::load(config.templates.as_ref().map(|p| p.0.as_path())) {
+        errors.extend(e.into_iter().map(|e| format!("template {e}")));
+    }
+    let registry = match providers::Registry::build(config) {
+        Ok(r) => Some(r),
         Err(e) => {
-            let aside =
-                dir.with_extension(format!("unreadable-{}", jiff::Timestamp::now().as_second()));
-            tracing::error!(dir = %dir.display(), error = %e, aside = %aside.display(), "notifier store unreadable; moved aside, starting a new one");
-            let _ = std::fs::rename(&dir, &aside);
-            store::Store::open(&dir)
-                .map_err(|e| NotifierError::Store(format!("{}: {e}", dir.display())))?
+            errors.extend(e);
+            None
         }
     };
-    let d = deliver::Deliverer::new(&config, store, deliver::NotifierMetrics::register(metrics))
-        .map_err(NotifierError::Config)?;
-    let shared = Arc::new(service::Shared {
-        d,
-        js,
-        ack_wait: config.ack_wait(),
-        incidents: tokio::sync::OnceCell::new(),
-    });
-    let sync = tokio::spawn(service::run_sync(shared.clone(), shutdown.clone()));
-    let prune = {
-        let (store, keep, stop) = (
-            shared.d.store.clone(),
-            config.records_kept_for(),
-            shutdown.clone(),
+    if !errors.is_empty() {
+        return Err(NotifierError::Config(errors));
+    }
+    let registry = registry.expect("no errors");
+    use tocsin_proto::notify::Channel;
+    Ok(Checked {
+        channels: [
+            Channel::Sms,
+            Channel::Email,
+            Channel::Slack,
+            Channel::Pagerduty,
+        ]
+        .into_iter()
+        .filter(|c| registry.has_channel(*c))
+        .collect(),
+        console_takes: registry.console_takes(),
+        pagerduty_services: config
+            .pagerduty
+            .as_ref()
+            .map(|p| p.services.keys().cloned().collect())
+            .unwrap_or_default(),
+        webhooks: config.webhooks.iter().map(|w| w.name.clone()).collect(),
+    })
+}
+
+/// Runs the notifier until `ctx.shutdown` is cancelled.
+pub async fn run(config: NotifierConfig, ctx: &ServiceContext) -> Result<(), NotifierError> {
+    install_crypto();
+    ctx.health.set_failing("notifier", "connecting to NOTIFY");
+    if config.data_dir.is_some() {
+        tracing::warn!("notifier.data_dir is no longer used: delivery records live in the JetStream KV bucket {}", records::BUCKET);
+    }
+    let templates = templates::Templates::load(config.templates.as_ref().map(|p| p.0.as_path()))
+        .map_err(|e| {
+            NotifierError::Config(e.into_iter().map(|e| format!("template {e}")).collect())
+        })?;
+    let registry = providers::Registry::build(&config).map_err(NotifierError::Config)?;
+    for c in registry.console_takes() {
+        tracing::warn!(
+            channel = c.as_str(),
+            "no {} provider configured: its messages go to the console",
+            c.as_str()
         );
-        tokio::spawn(async move {
-            loop {
-                let before = jiff::Timestamp::now()
-                    .checked_sub(jiff::SignedDuration::try_from(keep).unwrap_or_default())
-                    .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
-                let s = store.clone();
-                if let Ok(n) = tokio::task::spawn_blocking(move || s.prune(before)).await {
-                    if n > 0 {
-                        tracing::info!(removed = n, "old delivery records pruned");
-                    }
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+    }
+    let metrics = events::NotifierMetrics::register(&ctx.metrics);
+    // The records bucket, created if needed (retried until NATS is there).
+    let records = {
+        let mut delay = std::time::Duration::from_millis(100);
+        loop {
+            match records::Records::open(&ctx.js, config.records_kept_for(), ctx.jetstream.replicas)
+                .await
+            {
+                Ok(r) => break r,
+                Err(e) => {
+                    ctx.health.set_failing("notifier", &e);
+                    tracing::debug!(error = %e, "delivery records not available yet; retrying");
                 }
             }
-        })
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(std::time::Duration::from_secs(2));
+        }
     };
-    service::run_pages(
-        shared.clone(),
+    let d = Arc::new(
+        deliver::Deliverer::new(
+            &config,
+            templates,
+            registry,
+            records,
+            metrics,
+            ctx.clock.clone(),
+            ctx.js.clone(),
+        )
+        .map_err(NotifierError::Config)?,
+    );
+    let ack_wait = config.ack_wait();
+    let changes = tokio::spawn(changes::run(d.clone(), ack_wait, ctx.shutdown.clone()));
+    pages::run(
+        d.clone(),
+        ack_wait,
         config.concurrency(),
-        health.clone(),
-        shutdown.clone(),
+        ctx.health.clone(),
+        ctx.shutdown.clone(),
     )
     .await;
-    let _ = sync.await;
-    prune.abort();
-    shared.d.store.flush().await;
+    let _ = changes.await;
+    d.tasks.close();
+    d.tasks.wait().await;
     tracing::info!("notifier stopped");
     Ok(())
 }

@@ -12,8 +12,9 @@ use std::{collections::BTreeMap, path::Path};
 use handlebars::Handlebars;
 use serde::Serialize;
 use tocsin_proto::{
-    incident::{IncidentSummary, Severity},
+    incident::{AlertInfo, IncidentStatus, IncidentSummary, Severity},
     notify::MessageKind,
+    AlertStatus,
 };
 
 /// How a template's output is escaped.
@@ -51,7 +52,6 @@ shipped! {
     "email/reminder.subject" => Escape::None,
     "email/reminder.txt" => Escape::None,
     "email/reminder.html" => Escape::Html,
-    "email/status_update.subject" => Escape::None,
     "email/status_update.txt" => Escape::None,
     "email/status_update.html" => Escape::Html,
     "webhook/page" => Escape::None,
@@ -257,18 +257,57 @@ pub struct IncidentView {
     /// `CRITICAL`.
     pub severity_upper: String,
     pub status: String,
+    pub is_triggered: bool,
+    pub is_acknowledged: bool,
+    pub is_resolved: bool,
+    /// Labels shared by every alert of the incident.
     pub labels: BTreeMap<String, String>,
-    /// RFC 3339 and `14:30 UTC`.
+    /// `2024-01-01 14:30 UTC` (in `notifier.timezone`).
     pub opened_at: String,
+    /// `14:30 UTC`.
     pub opened_at_short: String,
+    /// `2024-01-01T14:30:00Z`, for machines.
+    pub opened_at_rfc3339: String,
     pub acknowledged_at: Option<String>,
     pub acknowledged_by: Option<String>,
     pub resolved_at: Option<String>,
+    pub snoozed_until: Option<String>,
     pub assignee: Option<String>,
     pub alerts_firing: u32,
     pub alerts_total: u32,
+    /// The firing alerts (at most [`ALERTS_SHOWN`]), each with what sets it
+    /// apart from the others.
+    pub alerts: Vec<AlertView>,
+    /// Firing alerts not listed in `alerts`.
+    pub alerts_more: u32,
+    /// `db1, db2 +3`: what the firing alerts are about, in a few words.
+    pub instances: String,
+    /// The first firing alert's `summary` annotation.
+    pub summary: Option<String>,
+    /// The first `runbook_url` annotation of the firing alerts.
+    pub runbook_url: Option<String>,
+    /// The first firing alert's `generatorURL`.
+    pub generator_url: Option<String>,
     /// `incident_url` rendered for this incident, or null.
     pub url: Option<String>,
+}
+
+/// At most this many alerts are listed in a message.
+pub const ALERTS_SHOWN: usize = 10;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AlertView {
+    /// The labels that differ from the incident's common labels.
+    pub labels: BTreeMap<String, String>,
+    /// The same as `k=v k=v`.
+    pub labels_text: String,
+    pub summary: Option<String>,
+    pub description: Option<String>,
+    pub runbook_url: Option<String>,
+    pub generator_url: Option<String>,
+    /// `2024-01-01 14:29 UTC`.
+    pub starts_at: String,
+    pub status: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -288,6 +327,7 @@ pub struct EventView {
     pub kind: String,
     /// Who acknowledged, resolved or wrote the note.
     pub actor: Option<String>,
+    /// `2024-01-01 14:32 UTC`.
     pub at: String,
     /// The note of a status update; null otherwise.
     pub note: Option<String>,
@@ -302,17 +342,101 @@ pub struct TocsinView {
     pub reply_to: Option<String>,
 }
 
-/// `14:30 UTC`.
-pub fn short_time(t: jiff::Timestamp) -> String {
-    t.strftime("%H:%M UTC").to_string()
+/// How times are written in messages: in one zone, to the minute.
+#[derive(Debug, Clone)]
+pub struct Times {
+    pub zone: jiff::tz::TimeZone,
+}
+
+impl Default for Times {
+    fn default() -> Self {
+        Times {
+            zone: jiff::tz::TimeZone::UTC,
+        }
+    }
+}
+
+impl Times {
+    /// `2024-01-01 14:30 UTC`.
+    pub fn long(&self, t: jiff::Timestamp) -> String {
+        t.to_zoned_datetime(self.zone.clone())
+            .strftime("%Y-%m-%d %H:%M %Z")
+            .to_string()
+    }
+    /// `14:30 UTC`.
+    pub fn short(&self, t: jiff::Timestamp) -> String {
+        t.to_zoned_datetime(self.zone.clone())
+            .strftime("%H:%M %Z")
+            .to_string()
+    }
 }
 
 impl IncidentView {
-    pub fn new(s: &IncidentSummary, url_template: Option<&str>) -> IncidentView {
+    /// The incident as a message shows it; `alerts` are its alerts (all
+    /// of them, or none when they could not be read).
+    pub fn new(
+        s: &IncidentSummary,
+        alerts: &[AlertInfo],
+        url_template: Option<&str>,
+        times: &Times,
+    ) -> IncidentView {
         let url = url_template.map(|u| {
             u.replace("{{number}}", &s.number.to_string())
                 .replace("{{id}}", &s.id.to_string())
         });
+        let firing: Vec<&AlertInfo> = alerts
+            .iter()
+            .filter(|a| a.status == AlertStatus::Firing)
+            .collect();
+        let views: Vec<AlertView> = firing
+            .iter()
+            .take(ALERTS_SHOWN)
+            .map(|a| {
+                let labels: BTreeMap<String, String> = a
+                    .labels
+                    .iter()
+                    .filter(|(k, v)| s.labels.get(*k) != Some(*v))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                AlertView {
+                    labels_text: labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    labels,
+                    summary: a.annotations.get("summary").cloned(),
+                    description: a.annotations.get("description").cloned(),
+                    runbook_url: a.annotations.get("runbook_url").cloned(),
+                    generator_url: a.generator_url.clone(),
+                    starts_at: times.long(a.starts_at),
+                    status: a.status.as_str().to_string(),
+                }
+            })
+            .collect();
+        // What each firing alert is about: its instance (or host, or
+        // first distinguishing label value).
+        let names: Vec<String> = firing
+            .iter()
+            .filter_map(|a| {
+                ["instance", "host", "pod", "node", "service"]
+                    .iter()
+                    .find_map(|k| a.labels.get(*k).filter(|v| s.labels.get(*k) != Some(*v)))
+                    .or_else(|| {
+                        a.labels
+                            .iter()
+                            .find(|(k, v)| s.labels.get(*k) != Some(*v))
+                            .map(|(_, v)| v)
+                    })
+                    .cloned()
+            })
+            .collect();
+        let instances = match names.len() {
+            0 => String::new(),
+            1..=2 => names.join(", "),
+            n => format!("{}, {} +{}", names[0], names[1], n - 2),
+        };
+        let first = firing.first();
         IncidentView {
             id: s.id.to_string(),
             number: s.number,
@@ -321,19 +445,32 @@ impl IncidentView {
             severity: s.severity.as_str().to_string(),
             severity_upper: s.severity.as_str().to_uppercase(),
             status: s.status.as_str().to_string(),
+            is_triggered: s.status == IncidentStatus::Triggered,
+            is_acknowledged: s.status == IncidentStatus::Acknowledged,
+            is_resolved: s.status == IncidentStatus::Resolved,
             labels: s
                 .labels
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
-            opened_at: s.opened_at.to_string(),
-            opened_at_short: short_time(s.opened_at),
-            acknowledged_at: s.acknowledged_at.map(|t| t.to_string()),
+            opened_at: times.long(s.opened_at),
+            opened_at_short: times.short(s.opened_at),
+            opened_at_rfc3339: s.opened_at.to_string(),
+            acknowledged_at: s.acknowledged_at.map(|t| times.long(t)),
             acknowledged_by: s.acknowledged_by.as_ref().map(|a| a.name.clone()),
-            resolved_at: s.resolved_at.map(|t| t.to_string()),
+            resolved_at: s.resolved_at.map(|t| times.long(t)),
+            snoozed_until: s.snoozed_until.map(|t| times.long(t)),
             assignee: s.assignee.clone(),
             alerts_firing: s.alerts_firing,
             alerts_total: s.alerts_total,
+            alerts_more: (firing.len().saturating_sub(ALERTS_SHOWN)) as u32,
+            alerts: views,
+            instances,
+            summary: first.and_then(|a| a.annotations.get("summary").cloned()),
+            runbook_url: firing
+                .iter()
+                .find_map(|a| a.annotations.get("runbook_url").cloned()),
+            generator_url: first.and_then(|a| a.generator_url.clone()),
             url,
         }
     }
@@ -350,12 +487,42 @@ impl Context {
             "2024-01-01T14:30:00Z".parse().expect("valid"),
         );
         s.severity = Severity::Critical;
+        s.labels.insert("alertname".into(), "HighLatency".into());
         s.labels.insert("service".into(), "api".into());
         s.acknowledged_at = Some("2024-01-01T14:32:00Z".parse().expect("valid"));
+        s.alerts_firing = 2;
+        s.alerts_total = 2;
+        let alert = |instance: &str| {
+            let mut labels = s.labels.clone();
+            labels.insert("instance".into(), instance.into());
+            let mut annotations = tocsin_proto::alert::Labels::new();
+            annotations.insert("summary".into(), "p99 latency above 2s".into());
+            annotations.insert(
+                "description".into(),
+                "p99 latency has been above 2s for 10m".into(),
+            );
+            annotations.insert(
+                "runbook_url".into(),
+                "https://runbooks.example.com/high-latency".into(),
+            );
+            AlertInfo {
+                fingerprint: tocsin_proto::fingerprint::Fingerprint::from_labels(&labels),
+                status: AlertStatus::Firing,
+                labels,
+                annotations,
+                starts_at: "2024-01-01T14:29:00Z".parse().expect("valid"),
+                ends_at: None,
+                generator_url: Some("https://prometheus.example.com/graph?g0.expr=latency".into()),
+                suppressed: None,
+            }
+        };
+        let alerts = [alert("api-1:9090"), alert("api-2:9090")];
         Context {
             incident: IncidentView::new(
                 &s,
+                &alerts,
                 Some("https://tocsin.example.com/incidents/{{number}}"),
+                &Times::default(),
             ),
             page: PageView {
                 level: 1,
@@ -367,7 +534,7 @@ impl Context {
             event: EventView {
                 kind: MessageKind::Page.as_str().into(),
                 actor: Some("alice".into()),
-                at: "2024-01-01T14:32:00Z".into(),
+                at: "2024-01-01 14:32 UTC".into(),
                 note: Some("Impact: 15% of API requests failing".into()),
                 next_update: Some("15:00 UTC".into()),
             },

@@ -7,18 +7,22 @@
 //! here and never deal with these concerns themselves.
 //!
 //! # Layout
+//! - [`context`]: [`context::ServiceContext`], what every service is given.
 //! - [`config`]: YAML loading with `${ENV}` and `*_file` secrets, durations,
 //!   and errors that name file, line and fix.
 //! - [`nats`]: [`nats::NatsConfig`] and [`nats::connect`].
 //! - [`streams`]: [`streams::JetStreamConfig`] and idempotent stream creation.
 //! - [`admin`]: [`admin::Health`], [`admin::Metrics`] and the admin server.
+//! - [`clock`]: the one injected clock (system time, or manual in tests).
 //! - [`telemetry`]: tracing subscriber set-up, human or JSON.
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
 //! - [`error`]: the [`RuntimeError`] enum.
 #![deny(unreachable_pub)]
 
 pub mod admin;
+pub mod clock;
 pub mod config;
+pub mod context;
 pub mod error;
 pub mod nats;
 pub mod shutdown;

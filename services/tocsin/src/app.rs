@@ -145,14 +145,16 @@ pub async fn run(
                     );
                     continue;
                 };
-                let (js, metrics, health, stop) = (
-                    js.clone(),
-                    metrics.clone(),
-                    health.clone(),
-                    shutdown.clone(),
-                );
+                let ctx = tocsin_runtime::context::ServiceContext {
+                    js: js.clone(),
+                    metrics: metrics.clone(),
+                    health: health.clone(),
+                    clock: options.clock.clone(),
+                    jetstream: config.jetstream.clone(),
+                    shutdown: shutdown.clone(),
+                };
                 tasks.spawn(async move {
-                    let r = tocsin_notifier::run(cfg, js, &metrics, &health, stop).await;
+                    let r = tocsin_notifier::run(cfg, &ctx).await;
                     ("notifier", r.map_err(anyhow::Error::from))
                 });
             }

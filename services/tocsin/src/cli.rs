@@ -176,7 +176,10 @@ pub fn main(forced: Option<Command>) -> ExitCode {
         Command::CheckConfig { ref file } => {
             let path = file.clone().unwrap_or_else(|| cli.config.clone());
             match Config::load(&path, &Service::ALL) {
-                Ok(_) => {
+                Ok(c) => {
+                    for w in &c.warnings {
+                        eprintln!("warning: {w}");
+                    }
                     println!("{}: ok", path.display());
                     ExitCode::SUCCESS
                 }
@@ -213,6 +216,9 @@ fn serve(cli: &Cli, services: &[Service]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -36,6 +36,10 @@ pub struct Config {
     /// `tocsin up` runs no notifier and pages wait on the NOTIFY stream.
     #[serde(default)]
     pub notifier: Option<NotifierConfig>,
+    /// Problems that do not stop start-up (a channel only the console
+    /// takes), located like errors; `check-config` prints them.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 /// The part of the config operator commands (`tocsin ack`, `list` ...)
@@ -86,7 +90,7 @@ impl Service {
 impl Config {
     /// Loads and validates `path` for running `services`.
     pub fn load(path: &Path, services: &[Service]) -> Result<Config, ConfigError> {
-        let cfg: Config = config::load(path)?;
+        let mut cfg: Config = config::load(path)?;
         for s in services {
             match s {
                 Service::Ingest if cfg.ingest.is_none() => {
@@ -110,7 +114,7 @@ impl Config {
                         ));
                     }
                 }
-                Service::Notifier => match &cfg.notifier {
+                Service::Notifier => match &cfg.notifier.clone() {
                     None if services.len() == 1 => {
                         return Err(ConfigError::whole_file(
                             path,
@@ -119,17 +123,25 @@ impl Config {
                         ))
                     }
                     None => {}
-                    Some(n) => {
-                        if let Err(tocsin_notifier::NotifierError::Config(errors)) =
-                            tocsin_notifier::check(n)
-                        {
+                    Some(n) => match tocsin_notifier::check(n) {
+                        Err(tocsin_notifier::NotifierError::Config(errors)) => {
                             let errors = errors
                                 .into_iter()
                                 .map(|e| format!("notifier: {e}"))
                                 .collect();
                             return Err(located(path, "notifier", errors));
                         }
-                    }
+                        Ok(checked) => {
+                            let (errors, warnings) = pages_reach(&cfg.escalation, &checked);
+                            if !errors.is_empty() {
+                                return Err(located_each(path, errors));
+                            }
+                            cfg.warnings = warnings
+                                .into_iter()
+                                .map(|(m, at)| located_each(path, vec![(m, at)]).to_string())
+                                .collect();
+                        }
+                    },
                 },
                 Service::Escalation => {
                     if let Err(tocsin_escalation::EscalationError::Config(errors)) =
@@ -146,6 +158,235 @@ impl Config {
         }
         Ok(cfg)
     }
+}
+
+/// Where a cross-check message points: a value in a section, or a user.
+#[derive(Debug, Clone)]
+enum At {
+    /// The first line of `section` (from its start) holding `value`.
+    Value(&'static str, String),
+    /// The `name:` line of user `name` under `escalation.users`.
+    User(String),
+}
+
+/// A message and where it points.
+type Located = (String, At);
+
+/// Whether every page the escalation config can make has somewhere to go:
+/// PagerDuty services and webhooks that the notifier defines, and
+/// channels (for users, those their rules use and they have a contact for)
+/// that have a provider. A channel that only the console takes is a
+/// warning (fine for development, not for production).
+fn pages_reach(
+    esc: &EscalationConfig,
+    checked: &tocsin_notifier::Checked,
+) -> (Vec<Located>, Vec<Located>) {
+    use tocsin_escalation::config::TargetConfig;
+    use tocsin_proto::{incident::Severity, notify::Channel};
+    let (mut errors, mut warnings) = (Vec::new(), Vec::new());
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let channel = |c: Channel, what: String, at: At, errors: &mut Vec<_>, warnings: &mut Vec<_>| {
+        if checked.console_takes.contains(&c) {
+            warnings.push((
+                format!(
+                    "{what}: notifier.{} is not configured, so these pages only go to the console (notifier.console)",
+                    c.as_str()
+                ),
+                at,
+            ));
+        } else if !checked.channels.contains(&c) {
+            errors.push((
+                format!(
+                    "{what}, but notifier.{} is not configured: those pages would fail; configure it, or change the rules",
+                    c.as_str()
+                ),
+                at,
+            ));
+        }
+    };
+    for p in &esc.policies {
+        for (i, level) in p.levels.iter().enumerate() {
+            let n = i + 1;
+            for t in &level.targets {
+                match t {
+                    TargetConfig::PagerdutyService(name) => {
+                        if checked.pagerduty_services.contains(name) {
+                            continue;
+                        }
+                        let what = format!(
+                            "escalation: policy \"{}\" level {n} pages pagerduty_service \"{name}\"",
+                            p.name
+                        );
+                        if checked.console_takes.contains(&Channel::Pagerduty) {
+                            channel(
+                                Channel::Pagerduty,
+                                what,
+                                At::Value("escalation", name.clone()),
+                                &mut errors,
+                                &mut warnings,
+                            );
+                        } else {
+                            errors.push((
+                                format!(
+                                    "{what}, which notifier.pagerduty.services does not define (defined: {})",
+                                    list(&checked.pagerduty_services)
+                                ),
+                                At::Value("escalation", name.clone()),
+                            ));
+                        }
+                    }
+                    TargetConfig::Webhook(name) if !checked.webhooks.contains(name) => {
+                        errors.push((
+                            format!(
+                                "escalation: policy \"{}\" level {n} pages webhook \"{name}\", which notifier.webhooks does not define (defined: {})",
+                                p.name,
+                                list(&checked.webhooks)
+                            ),
+                            At::Value("escalation", name.clone()),
+                        ));
+                    }
+                    TargetConfig::SlackChannel(name) => channel(
+                        Channel::Slack,
+                        format!(
+                            "escalation: policy \"{}\" level {n} pages slack_channel \"{name}\"",
+                            p.name
+                        ),
+                        At::Value("escalation", name.clone()),
+                        &mut errors,
+                        &mut warnings,
+                    ),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let severities = [
+        Severity::Critical,
+        Severity::High,
+        Severity::Medium,
+        Severity::Low,
+        Severity::Info,
+    ];
+    // Users: one message per channel, naming every user it concerns.
+    let mut by_channel: Vec<(Channel, Vec<String>)> = Vec::new();
+    for u in &esc.users {
+        for sev in severities {
+            let steps = u
+                .rules
+                .get(&sev)
+                .cloned()
+                .unwrap_or_else(|| tocsin_escalation::plan::default_rules(sev));
+            for step in steps {
+                for c in step.channels {
+                    let reachable = match c {
+                        Channel::Sms => u.phone.is_some(),
+                        Channel::Email => u.email.is_some(),
+                        Channel::Slack => u.slack.is_some(),
+                        _ => true,
+                    };
+                    if !reachable {
+                        continue;
+                    }
+                    match by_channel.iter_mut().find(|(x, _)| *x == c) {
+                        Some((_, users)) if users.contains(&u.name) => {}
+                        Some((_, users)) => users.push(u.name.clone()),
+                        None => by_channel.push((c, vec![u.name.clone()])),
+                    }
+                }
+            }
+        }
+    }
+    for (c, users) in by_channel {
+        let names = users
+            .iter()
+            .map(|u| format!("\"{u}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let what = format!(
+            "escalation: user{} {names} {} paged by {} (by their rules, or the default rules, for some severities; the user has a contact for it)",
+            if users.len() == 1 { "" } else { "s" },
+            if users.len() == 1 { "is" } else { "are" },
+            c.as_str()
+        );
+        channel(
+            c,
+            what,
+            At::User(users[0].clone()),
+            &mut errors,
+            &mut warnings,
+        );
+    }
+    (errors, warnings)
+}
+
+/// Located cross-check messages, one per line.
+fn located_each(path: &Path, messages: Vec<Located>) -> ConfigError {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let section_start = |section: &str| {
+        lines
+            .iter()
+            .position(|l| l.trim_end() == format!("{section}:"))
+            .unwrap_or(0)
+    };
+    let place = |at: &At| -> Option<(usize, usize)> {
+        match at {
+            At::Value(section, value) => {
+                let start = section_start(section);
+                lines
+                    .iter()
+                    .enumerate()
+                    .skip(start)
+                    .find_map(|(i, l)| find_token(l, value).map(|c| (i + 1, c + 1)))
+            }
+            At::User(name) => {
+                let start = section_start("escalation");
+                let users = lines
+                    .iter()
+                    .enumerate()
+                    .skip(start)
+                    .find(|(_, l)| l.trim_start().starts_with("users:"))
+                    .map(|(i, _)| i)
+                    .unwrap_or(start);
+                lines.iter().enumerate().skip(users).find_map(|(i, l)| {
+                    let code = l.split(" #").next().unwrap_or(l);
+                    let at = code.find("name:")?;
+                    let rest = code[at + 5..].trim_start();
+                    let rest = rest.trim_start_matches(['"', '\'']);
+                    (rest.starts_with(name.as_str())
+                        && rest[name.len()..]
+                            .chars()
+                            .next()
+                            .is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '-')))
+                    .then(|| (i + 1, at + 1))
+                })
+            }
+        }
+    };
+    let mut errors: Vec<ConfigError> = messages
+        .iter()
+        .map(|(m, at)| {
+            let p = place(at);
+            ConfigError {
+                file: path.to_path_buf(),
+                line: p.map(|a| a.0),
+                column: p.map(|a| a.1),
+                message: m.clone(),
+            }
+        })
+        .collect();
+    let mut first = errors.remove(0);
+    for e in errors {
+        first.message.push('\n');
+        first.message.push_str(&e.to_string());
+    }
+    first
 }
 
 /// Turns semantic errors (found after parsing, so without a position) into

@@ -2,6 +2,10 @@
 //! authentication, multipart text + HTML. The `Message-ID` is derived from
 //! the delivery id, so a message sent again after a crash carries the same
 //! id and mail systems can fold the two.
+//!
+//! The SMTP transport (and its connection pool, which spawns a task) is
+//! built on first use, inside the runtime: building it while the config
+//! loads (`tocsin check-config`, or before the runtime starts) panics.
 
 use lettre::{
     message::{header::ContentType, Mailbox, MultiPart, SinglePart},
@@ -13,15 +17,28 @@ use lettre::{
 };
 use tocsin_proto::notify::ProviderRef;
 
-use super::{Outgoing, SendError};
+use futures::future::BoxFuture;
+
+use super::{Outgoing, Provider, Rendered, SendError};
 use crate::config::{EmailConfig, SmtpTls};
 
 pub struct Email {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    /// Everything needed to build the transport; built once, on first use.
+    settings: Settings,
+    transport: tokio::sync::OnceCell<AsyncSmtpTransport<Tokio1Executor>>,
     from: Mailbox,
+    timeout: std::time::Duration,
+}
+
+struct Settings {
+    host: String,
+    port: u16,
+    tls: Tls,
+    credentials: Option<Credentials>,
 }
 
 /// The three rendered parts.
+#[derive(Debug, Clone)]
 pub struct Parts {
     pub subject: String,
     pub text: String,
@@ -58,26 +75,47 @@ impl Email {
             SmtpTls::Starttls => Tls::Required(params()?),
             SmtpTls::Tls => Tls::Wrapper(params()?),
         };
-        let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
-            .port(port)
-            .tls(tls)
-            .timeout(Some(
-                cfg.guard
-                    .timeout
-                    .get()
-                    .max(std::time::Duration::from_secs(1)),
-            ));
-        if let Some(user) = &cfg.username {
-            let pass = cfg
-                .password()
-                .map_err(|e| format!("email: {e}"))?
-                .ok_or("email: `username` is set but neither `password` nor `password_file`")?;
-            b = b.credentials(Credentials::new(user.0.clone(), pass.expose().to_string()));
-        }
+        let credentials = match &cfg.username {
+            Some(user) => {
+                let pass = cfg
+                    .password()
+                    .map_err(|e| format!("email: {e}"))?
+                    .ok_or("email: `username` is set but neither `password` nor `password_file`")?;
+                Some(Credentials::new(user.0.clone(), pass.expose().to_string()))
+            }
+            None => None,
+        };
         Ok(Email {
-            transport: b.build(),
+            settings: Settings {
+                host,
+                port,
+                tls,
+                credentials,
+            },
+            transport: tokio::sync::OnceCell::new(),
             from,
+            timeout: cfg
+                .guard
+                .timeout
+                .get()
+                .max(std::time::Duration::from_secs(1)),
         })
+    }
+
+    async fn transport(&self) -> &AsyncSmtpTransport<Tokio1Executor> {
+        self.transport
+            .get_or_init(|| async {
+                let s = &self.settings;
+                let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&s.host)
+                    .port(s.port)
+                    .tls(s.tls.clone())
+                    .timeout(Some(self.timeout));
+                if let Some(c) = &s.credentials {
+                    b = b.credentials(c.clone());
+                }
+                b.build()
+            })
+            .await
     }
 
     /// The message (exposed for tests).
@@ -118,19 +156,58 @@ impl Email {
         Ok((msg, message_id))
     }
 
-    pub async fn send(&self, out: &Outgoing, parts: &Parts) -> Result<ProviderRef, SendError> {
+    pub async fn send_parts(
+        &self,
+        out: &Outgoing,
+        parts: &Parts,
+    ) -> Result<ProviderRef, SendError> {
         let (msg, message_id) = self.message(out, parts)?;
-        match self.transport.send(msg).await {
+        match self.transport().await.send(msg).await {
             Ok(_) => Ok(ProviderRef::Email {
                 message_id,
                 to: out.address.clone(),
+                subject: parts.subject.clone(),
             }),
             // 5xx answers, and client-side refusals (no common login
             // mechanism, an address lettre cannot encode) will not change.
             Err(e) if e.is_permanent() || e.is_client() => {
                 Err(SendError::permanent(format!("SMTP: {e}")))
             }
+            // No answer after the message went out may have delivered it.
+            Err(e) if e.is_timeout() => Err(SendError::Retry {
+                reason: format!("SMTP: {e}"),
+                retry_after: None,
+                maybe_arrived: true,
+            }),
             Err(e) => Err(SendError::retry(format!("SMTP: {e}"))),
         }
+    }
+}
+
+impl Provider for Email {
+    fn name(&self) -> &str {
+        "email"
+    }
+
+    fn timeout(&self) -> std::time::Duration {
+        self.timeout
+    }
+
+    fn send<'a>(
+        &'a self,
+        out: &'a Outgoing,
+        r: &'a Rendered,
+    ) -> BoxFuture<'a, Result<ProviderRef, SendError>> {
+        Box::pin(async move {
+            match r {
+                Rendered::Email(parts) => self.send_parts(out, parts).await,
+                Rendered::Text(_) => Err(SendError::permanent("internal: email rendered as text")),
+            }
+        })
+    }
+
+    /// Notes follow the page in its thread.
+    fn takes_status_updates(&self, sent: &ProviderRef) -> bool {
+        matches!(sent, ProviderRef::Email { to, .. } if !to.is_empty())
     }
 }

@@ -12,8 +12,12 @@ use tocsin_proto::{
 };
 use tocsin_runtime::config::Secret;
 
-use super::{classify_http, exchange, http_client, Outgoing, SendError};
+use futures::future::BoxFuture;
+use tocsin_proto::incident::{IncidentStatus, IncidentSummary};
+
+use super::{classify_http, exchange, http_client, Outgoing, Provider, Rendered, SendError};
 use crate::config::PagerdutyConfig;
+use crate::record::Shown;
 
 /// The Events API's limit on `payload.summary`.
 pub const SUMMARY_MAX: usize = 1024;
@@ -22,6 +26,7 @@ const EVENT_MAX: usize = 512_000;
 
 pub struct Pagerduty {
     client: reqwest::Client,
+    timeout: std::time::Duration,
     url: String,
     keys: BTreeMap<String, Secret>,
 }
@@ -64,6 +69,7 @@ impl Pagerduty {
         }
         Ok(Pagerduty {
             client: http_client(cfg.guard.timeout.get()),
+            timeout: cfg.guard.timeout.get(),
             url: cfg
                 .url
                 .as_ref()
@@ -141,7 +147,11 @@ impl Pagerduty {
         event
     }
 
-    pub async fn send(&self, out: &Outgoing, summary: &str) -> Result<ProviderRef, SendError> {
+    pub async fn send_event(
+        &self,
+        out: &Outgoing,
+        summary: &str,
+    ) -> Result<ProviderRef, SendError> {
         let service = match &out.reference {
             Some(ProviderRef::Pagerduty { service, .. }) => service.clone(),
             _ => out.target.clone(),
@@ -186,6 +196,54 @@ impl Pagerduty {
             after
         };
         Err(classify_http(status, after, reason))
+    }
+}
+
+impl Provider for Pagerduty {
+    fn name(&self) -> &str {
+        "pagerduty"
+    }
+
+    fn timeout(&self) -> std::time::Duration {
+        self.timeout
+    }
+
+    /// PagerDuty limits events per integration key: per service.
+    fn destination(&self, out: &Outgoing) -> String {
+        match &out.reference {
+            Some(ProviderRef::Pagerduty { service, .. }) => service.clone(),
+            _ => out.target.clone(),
+        }
+    }
+
+    fn send<'a>(
+        &'a self,
+        out: &'a Outgoing,
+        r: &'a Rendered,
+    ) -> BoxFuture<'a, Result<ProviderRef, SendError>> {
+        Box::pin(async move { self.send_event(out, &r.text()).await })
+    }
+
+    // No find_sent: PagerDuty drops a repeated trigger by its dedup_key.
+
+    /// PagerDuty's alert follows the incident: acknowledged, resolved, and
+    /// triggered again when it reopens. It has no "unacknowledge".
+    fn update(
+        &self,
+        sent: &ProviderRef,
+        shown: &Shown,
+        now: &IncidentSummary,
+    ) -> Option<MessageKind> {
+        if !matches!(sent, ProviderRef::Pagerduty { .. }) {
+            return None;
+        }
+        use IncidentStatus::*;
+        match (shown.status, now.status) {
+            (Triggered, Acknowledged) => Some(MessageKind::Acknowledged),
+            (Triggered | Acknowledged, Resolved) => Some(MessageKind::Resolved),
+            (Resolved, Triggered | Acknowledged) => Some(MessageKind::Page),
+            _ => None,
+        }
     }
 }
 

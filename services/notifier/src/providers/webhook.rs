@@ -10,11 +10,21 @@ use sha2::Sha256;
 use tocsin_proto::notify::ProviderRef;
 use tocsin_runtime::config::Secret;
 
-use super::{classify_http, exchange, http_client, Outgoing, SendError};
+use futures::future::BoxFuture;
+use tocsin_proto::{
+    incident::{IncidentStatus, IncidentSummary},
+    notify::MessageKind,
+};
+
+use super::{classify_http, exchange, http_client, Outgoing, Provider, Rendered, SendError};
 use crate::config::WebhookConfig;
+use crate::record::Shown;
 
 pub struct Webhook {
     pub name: String,
+    /// `webhook:<name>`: its breaker and metrics are its own.
+    provider_name: String,
+    timeout: std::time::Duration,
     client: reqwest::Client,
     url: Secret,
     key: Option<Vec<u8>>,
@@ -57,6 +67,8 @@ impl Webhook {
         };
         Ok(Webhook {
             name: cfg.name.clone(),
+            provider_name: format!("webhook:{}", cfg.name),
+            timeout: cfg.guard.timeout.get(),
             client: http_client(cfg.guard.timeout.get()),
             url,
             key,
@@ -64,7 +76,7 @@ impl Webhook {
         })
     }
 
-    pub async fn send(&self, out: &Outgoing, text: &str) -> Result<ProviderRef, SendError> {
+    pub async fn post(&self, out: &Outgoing, text: &str) -> Result<ProviderRef, SendError> {
         let id = format!("msg_{}", out.short_id());
         let page = out.page.as_ref().map(|p| {
             json!({
@@ -109,6 +121,55 @@ impl Webhook {
                 ),
             ))
         }
+    }
+}
+
+impl Provider for Webhook {
+    #[allow(clippy::misnamed_getters)] // the provider's name, not the webhook's
+    fn name(&self) -> &str {
+        &self.provider_name
+    }
+
+    fn timeout(&self) -> std::time::Duration {
+        self.timeout
+    }
+
+    fn destination(&self, _: &Outgoing) -> String {
+        self.name.clone()
+    }
+
+    fn send<'a>(
+        &'a self,
+        out: &'a Outgoing,
+        r: &'a Rendered,
+    ) -> BoxFuture<'a, Result<ProviderRef, SendError>> {
+        Box::pin(async move { self.post(out, &r.text()).await })
+    }
+
+    // No find_sent: receivers drop a repeated `webhook-id`.
+
+    /// One call per change (when `updates` is on).
+    fn update(
+        &self,
+        sent: &ProviderRef,
+        shown: &Shown,
+        now: &IncidentSummary,
+    ) -> Option<MessageKind> {
+        if !self.updates
+            || !matches!(sent, ProviderRef::Webhook { .. })
+            || shown.status == now.status
+        {
+            return None;
+        }
+        Some(match now.status {
+            IncidentStatus::Triggered => MessageKind::Page,
+            IncidentStatus::Acknowledged => MessageKind::Acknowledged,
+            IncidentStatus::Resolved => MessageKind::Resolved,
+        })
+    }
+
+    fn takes_status_updates(&self, sent: &ProviderRef) -> bool {
+        self.updates && matches!(sent, ProviderRef::Webhook { .. })
     }
 }
 

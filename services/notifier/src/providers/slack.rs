@@ -14,11 +14,23 @@ use tocsin_proto::{
 };
 use tocsin_runtime::config::Secret;
 
-use super::{classify_http, exchange, http_client, Outgoing, SendError};
+use futures::future::BoxFuture;
+use tocsin_proto::incident::IncidentSummary;
+
+use super::{
+    classify_http, exchange, http_client, Lookup, Outgoing, Provider, Rendered, SendError,
+};
 use crate::config::{SlackConfig, SlackMode};
+use crate::record::Shown;
+
+/// History pages read when looking for a message whose answer was lost.
+pub const LOOKUP_PAGES: usize = 10;
+/// Messages per history page (Slack recommends no more than 200).
+pub const LOOKUP_PAGE_SIZE: usize = 200;
 
 pub struct Slack {
     client: reqwest::Client,
+    timeout: std::time::Duration,
     mode: SlackMode,
     api_url: String,
     token: Option<Secret>,
@@ -72,6 +84,7 @@ impl Slack {
         };
         Ok(Slack {
             client: http_client(cfg.guard.timeout.get()),
+            timeout: cfg.guard.timeout.get(),
             mode,
             api_url: cfg
                 .api_url
@@ -90,7 +103,7 @@ impl Slack {
 
     /// Sends a page, or for `Acknowledged`/`Resolved` updates the message
     /// named by `out.reference`; a status update is a thread reply.
-    pub async fn send(&self, out: &Outgoing, text: &str) -> Result<ProviderRef, SendError> {
+    pub async fn send_text(&self, out: &Outgoing, text: &str) -> Result<ProviderRef, SendError> {
         if self.mode == SlackMode::Webhook {
             return self.webhook(out, text).await;
         }
@@ -142,56 +155,84 @@ impl Slack {
         }
     }
 
-    /// After a crash mid-request: was this message posted? Looks for its
-    /// metadata in the channel's recent history.
-    pub async fn find_sent(
-        &self,
-        out: &Outgoing,
-        since: jiff::Timestamp,
-    ) -> Result<Option<ProviderRef>, SendError> {
+    /// After a crash mid-request: was this message posted? Pages through
+    /// the channel's history (newest first, `cursor` after `cursor`) back
+    /// to a minute before the attempt, looking for the delivery id the
+    /// message carries as metadata. Bounded: past [`LOOKUP_PAGES`] pages it
+    /// cannot decide.
+    pub async fn find_posted(&self, out: &Outgoing, since: jiff::Timestamp) -> Lookup {
         if self.mode == SlackMode::Webhook || out.reference.is_some() {
-            return Ok(None); // cannot look; updates are idempotent anyway
+            // An incoming webhook cannot be read back; updates are idempotent.
+            return Lookup::NotPossible;
         }
         let channel = if out.address.starts_with('U') || out.address.starts_with('W') {
-            let answer = self
+            match self
                 .call("conversations.open", &json!({"users": out.address}))
-                .await?;
-            match answer["channel"]["id"].as_str() {
-                Some(id) => id.to_string(),
-                None => return Ok(None),
+                .await
+            {
+                Ok(answer) => match answer["channel"]["id"].as_str() {
+                    Some(id) => id.to_string(),
+                    None => {
+                        return Lookup::Undecided(
+                            "Slack conversations.open answered without a channel id".into(),
+                        )
+                    }
+                },
+                Err(e @ SendError::Retry { .. }) => return Lookup::Unreachable(e),
+                Err(e) => return Lookup::Undecided(e.reason().to_string()),
             }
         } else if let Some(id) = self.channel_ids.get(&out.address) {
             id.clone()
         } else if out.address.starts_with('#') {
-            return Ok(None); // a name: history needs the id (`channel_ids`)
+            return Lookup::Undecided(format!(
+                "cannot read the history of {} by name: map it to its id in notifier.slack.channel_ids",
+                out.address
+            ));
         } else {
             out.address.clone()
         };
         let oldest = since
             .checked_sub(jiff::SignedDuration::from_secs(60))
             .unwrap_or(since);
-        let answer = self
-            .call(
-                "conversations.history",
-                &json!({
-                    "channel": channel,
-                    "oldest": super::epoch_string(oldest),
-                    "include_all_metadata": true,
-                    "limit": 200,
-                }),
-            )
-            .await?;
-        let found = answer["messages"].as_array().and_then(|ms| {
-            ms.iter().find(|m| {
-                m["metadata"]["event_payload"]["delivery_id"].as_str() == Some(out.id.as_str())
-            })
-        });
-        Ok(found.and_then(|m| {
-            m["ts"].as_str().map(|ts| ProviderRef::SlackMessage {
-                channel: channel.clone(),
-                ts: ts.to_string(),
-            })
-        }))
+        let mut cursor: Option<String> = None;
+        for _ in 0..LOOKUP_PAGES {
+            let mut args = json!({
+                "channel": channel,
+                "oldest": super::epoch_string(oldest),
+                "include_all_metadata": true,
+                "limit": LOOKUP_PAGE_SIZE,
+            });
+            if let Some(c) = &cursor {
+                args["cursor"] = json!(c);
+            }
+            let answer = match self.call("conversations.history", &args).await {
+                Ok(a) => a,
+                Err(e @ SendError::Retry { .. }) => return Lookup::Unreachable(e),
+                Err(e) => return Lookup::Undecided(e.reason().to_string()),
+            };
+            let found = answer["messages"].as_array().and_then(|ms| {
+                ms.iter().find(|m| {
+                    m["metadata"]["event_payload"]["delivery_id"].as_str() == Some(out.id.as_str())
+                })
+            });
+            if let Some(ts) = found.and_then(|m| m["ts"].as_str()) {
+                return Lookup::Found(ProviderRef::SlackMessage {
+                    channel: channel.clone(),
+                    ts: ts.to_string(),
+                });
+            }
+            let next = answer["response_metadata"]["next_cursor"]
+                .as_str()
+                .filter(|c| !c.is_empty());
+            match (answer["has_more"].as_bool().unwrap_or(false), next) {
+                (true, Some(c)) => cursor = Some(c.to_string()),
+                _ => return Lookup::NotFound,
+            }
+        }
+        Lookup::Undecided(format!(
+            "more than {} messages in {channel} since the attempt",
+            LOOKUP_PAGES * LOOKUP_PAGE_SIZE
+        ))
     }
 
     async fn call(&self, method: &str, body: &Value) -> Result<Value, SendError> {
@@ -228,6 +269,7 @@ impl Slack {
             Err(SendError::Retry {
                 reason,
                 retry_after: after,
+                maybe_arrived: false,
             })
         } else if PERMANENT.contains(&error.as_str()) {
             Err(SendError::permanent(reason))
@@ -254,6 +296,73 @@ impl Slack {
                 format!("Slack webhook: HTTP {status}: {}", short(&text)),
             ))
         }
+    }
+}
+
+impl Provider for Slack {
+    fn name(&self) -> &str {
+        "slack"
+    }
+
+    fn timeout(&self) -> std::time::Duration {
+        self.timeout
+    }
+
+    /// Slack limits posting per channel.
+    fn destination(&self, out: &Outgoing) -> String {
+        match &out.reference {
+            Some(ProviderRef::SlackMessage { channel, .. }) => channel.clone(),
+            _ => out.address.clone(),
+        }
+    }
+
+    fn send<'a>(
+        &'a self,
+        out: &'a Outgoing,
+        r: &'a Rendered,
+    ) -> BoxFuture<'a, Result<ProviderRef, SendError>> {
+        Box::pin(async move { self.send_text(out, &r.text()).await })
+    }
+
+    fn find_sent<'a>(
+        &'a self,
+        out: &'a Outgoing,
+        _: &'a Rendered,
+        since: jiff::Timestamp,
+    ) -> BoxFuture<'a, Lookup> {
+        Box::pin(self.find_posted(out, since))
+    }
+
+    /// A Web API message is edited to show the incident now (colour,
+    /// buttons, who acknowledged); an incoming webhook posts a new message
+    /// for an acknowledgement or a resolve.
+    fn update(
+        &self,
+        sent: &ProviderRef,
+        shown: &Shown,
+        now: &IncidentSummary,
+    ) -> Option<MessageKind> {
+        let by = now.acknowledged_by.as_ref().map(|a| a.name.clone());
+        let same = shown.status == now.status
+            && (now.status != IncidentStatus::Acknowledged || shown.by == by);
+        if same {
+            return None;
+        }
+        match sent {
+            ProviderRef::SlackMessage { .. } => Some(super::kind_showing(now.status)),
+            ProviderRef::SlackWebhook if now.status != IncidentStatus::Triggered => {
+                Some(super::kind_showing(now.status))
+            }
+            ProviderRef::SlackWebhook => Some(MessageKind::Page),
+            _ => None,
+        }
+    }
+
+    fn takes_status_updates(&self, sent: &ProviderRef) -> bool {
+        matches!(
+            sent,
+            ProviderRef::SlackMessage { .. } | ProviderRef::SlackWebhook
+        )
     }
 }
 

@@ -1,19 +1,32 @@
 //! SMS through Twilio's Messages API: HTTP Basic auth, a form body with
 //! `To`, `From` or `MessagingServiceSid`, and `Body` (at most 1,600
-//! characters; the shipped template fits one 160-character segment).
+//! characters). Bodies are kept within `sms.max_segments` segments (one
+//! by default): transliterated to GSM-7, or counted as UCS-2 with
+//! `encoding: unicode` ([`super::gsm`]).
 
+use futures::future::BoxFuture;
 use serde_json::Value;
 use tocsin_proto::notify::ProviderRef;
 use tocsin_runtime::config::Secret;
 
-use super::{classify_http, exchange, http_client, Outgoing, SendError};
-use crate::config::SmsConfig;
+use super::{
+    classify_http, exchange, gsm, http_client, Lookup, Outgoing, Provider, Rendered, SendError,
+};
+use crate::{config::SmsConfig, templates::Templates};
+
+/// Pages of the message list read when looking for a message whose answer
+/// was lost, and messages per page (Twilio allows up to 1,000).
+pub const LOOKUP_PAGES: usize = 10;
+pub const LOOKUP_PAGE_SIZE: usize = 1000;
 
 /// Twilio's limit on `Body`.
 pub const BODY_MAX: usize = 1600;
 
 pub struct Sms {
     client: reqwest::Client,
+    timeout: std::time::Duration,
+    encoding: gsm::Encoding,
+    max_segments: usize,
     base: String,
     sid: String,
     token: Secret,
@@ -36,6 +49,9 @@ impl Sms {
         }
         Ok(Sms {
             client: http_client(cfg.guard.timeout.get()),
+            timeout: cfg.guard.timeout.get(),
+            encoding: cfg.encoding.unwrap_or(gsm::Encoding::Gsm7),
+            max_segments: cfg.max_segments.unwrap_or(1).clamp(1, 10),
             base: cfg
                 .api_url
                 .as_ref()
@@ -72,7 +88,7 @@ impl Sms {
         form
     }
 
-    pub async fn send(&self, out: &Outgoing, body: &str) -> Result<ProviderRef, SendError> {
+    pub async fn send_body(&self, out: &Outgoing, body: &str) -> Result<ProviderRef, SendError> {
         if out.address.is_empty() {
             return Err(SendError::permanent("no phone number for this SMS"));
         }
@@ -103,19 +119,17 @@ impl Sms {
             return Err(SendError::Retry {
                 reason,
                 retry_after: after,
+                maybe_arrived: false,
             });
         }
         Err(classify_http(status, after, reason))
     }
 
-    /// After a crash mid-request: was this SMS sent? Lists the messages to
-    /// this number since the attempt and compares bodies.
-    pub async fn find_sent(
-        &self,
-        out: &Outgoing,
-        body: &str,
-        since: jiff::Timestamp,
-    ) -> Result<Option<ProviderRef>, SendError> {
+    /// After a crash mid-request: was this SMS sent? Pages through the
+    /// messages sent to this number since the day before the attempt
+    /// (newest first, following `next_page_uri`) and compares bodies and
+    /// times. Bounded: past [`LOOKUP_PAGES`] pages it cannot decide.
+    pub async fn find_body(&self, out: &Outgoing, body: &str, since: jiff::Timestamp) -> Lookup {
         let day = since
             .checked_sub(jiff::SignedDuration::from_hours(24))
             .unwrap_or(since)
@@ -124,41 +138,103 @@ impl Sms {
         let mut query = vec![
             ("To", out.address.clone()),
             ("DateSent>", day),
-            ("PageSize", "100".to_string()),
+            ("PageSize", LOOKUP_PAGE_SIZE.to_string()),
         ];
         if let Some(f) = &self.from {
             query.push(("From", f.clone()));
         }
-        let (status, after, text) = exchange(
-            self.client
-                .get(self.url())
-                .basic_auth(&self.sid, Some(self.token.expose()))
-                .query(&query),
-        )
-        .await?;
-        if !(200..300).contains(&status) {
-            return Err(classify_http(
-                status,
-                after,
-                format!("Twilio message list: HTTP {status}"),
-            ));
-        }
-        let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         let body = cut(body);
-        let found = answer["messages"].as_array().and_then(|ms| {
-            ms.iter().find(|m| {
+        let mut next: Option<String> = None;
+        for _ in 0..LOOKUP_PAGES {
+            let req = match &next {
+                None => self.client.get(self.url()).query(&query),
+                Some(uri) => self.client.get(format!("{}{uri}", self.base)),
+            };
+            let (status, after, text) =
+                match exchange(req.basic_auth(&self.sid, Some(self.token.expose()))).await {
+                    Ok(x) => x,
+                    Err(e) => return Lookup::Unreachable(e),
+                };
+            if !(200..300).contains(&status) {
+                return match classify_http(
+                    status,
+                    after,
+                    format!("Twilio message list: HTTP {status}"),
+                ) {
+                    e @ SendError::Retry { .. } => Lookup::Unreachable(e),
+                    e => Lookup::Undecided(e.reason().to_string()),
+                };
+            }
+            let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            let messages = answer["messages"].as_array().cloned().unwrap_or_default();
+            let found = messages.iter().find(|m| {
                 m["body"].as_str() == Some(body.as_str())
                     && m["date_created"]
                         .as_str()
                         .and_then(parse_rfc2822)
                         .is_some_and(|t| t.as_second() + 60 >= since.as_second())
-            })
-        });
-        Ok(found
-            .and_then(|m| m["sid"].as_str())
-            .map(|sid| ProviderRef::Sms {
-                sid: sid.to_string(),
-            }))
+            });
+            if let Some(sid) = found.and_then(|m| m["sid"].as_str()) {
+                return Lookup::Found(ProviderRef::Sms {
+                    sid: sid.to_string(),
+                });
+            }
+            // Newest first: once a page ends before the attempt, older
+            // pages cannot hold it.
+            let older = messages.last().and_then(|m| {
+                m["date_created"]
+                    .as_str()
+                    .and_then(parse_rfc2822)
+                    .map(|t| t.as_second() + 60 < since.as_second())
+            });
+            match answer["next_page_uri"].as_str() {
+                Some(uri) if !uri.is_empty() && older != Some(true) => next = Some(uri.to_string()),
+                _ => return Lookup::NotFound,
+            }
+        }
+        Lookup::Undecided(format!(
+            "more than {} messages to {} since the attempt",
+            LOOKUP_PAGES * LOOKUP_PAGE_SIZE,
+            out.address
+        ))
+    }
+}
+
+impl Provider for Sms {
+    fn name(&self) -> &str {
+        "sms"
+    }
+
+    fn timeout(&self) -> std::time::Duration {
+        self.timeout
+    }
+
+    /// Kept within its segment budget, so the body sent is the body
+    /// rendered (and found again by [`Sms::find_body`]).
+    fn render(&self, t: &Templates, out: &Outgoing) -> Result<Rendered, String> {
+        let text = super::render_default(t, out)?.text();
+        Ok(Rendered::Text(gsm::fit(
+            &text,
+            self.encoding,
+            self.max_segments,
+        )))
+    }
+
+    fn send<'a>(
+        &'a self,
+        out: &'a Outgoing,
+        r: &'a Rendered,
+    ) -> BoxFuture<'a, Result<ProviderRef, SendError>> {
+        Box::pin(async move { self.send_body(out, &r.text()).await })
+    }
+
+    fn find_sent<'a>(
+        &'a self,
+        out: &'a Outgoing,
+        r: &'a Rendered,
+        since: jiff::Timestamp,
+    ) -> BoxFuture<'a, Lookup> {
+        Box::pin(async move { self.find_body(out, &r.text(), since).await })
     }
 }
 

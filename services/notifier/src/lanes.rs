@@ -1,0 +1,171 @@
+//! Lanes: what lets a slow or rate-limited destination delay only itself.
+//! Each provider has its circuit breaker; each destination (a PagerDuty
+//! service, a Slack channel, a webhook, the SMS or email account) has its
+//! own pace (turns handed out at its rate) and its own limit of requests
+//! in flight. A message asks its lane for a turn before it waits; a turn
+//! further away than `max_hold` is not taken, and the message goes back
+//! to the bus to return when its turn is near.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    num::NonZeroU32,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use jiff::Timestamp;
+use tokio::sync::Semaphore;
+
+use crate::{
+    config::{GuardConfig, NotifierConfig},
+    events::NotifierMetrics,
+    guard::{Breaker, Pace, Permit},
+};
+
+/// What a message may do now.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Turn {
+    /// Go after this long (zero: at once). `probe`: a half-open breaker's
+    /// trial request.
+    After { wait: Duration, probe: bool },
+    /// The breaker is open: come back after this long.
+    BreakerOpen(Duration),
+    /// The turn is further than `max_hold`: come back after this long.
+    TooFar(Duration),
+}
+
+pub(crate) struct Lanes {
+    guards: BTreeMap<String, GuardConfig>,
+    breakers: Mutex<HashMap<String, Breaker>>,
+    paces: Mutex<HashMap<(String, String), Pace>>,
+    slots: Mutex<HashMap<(String, String), Arc<Semaphore>>>,
+    max_hold: Duration,
+    metrics: NotifierMetrics,
+}
+
+impl Lanes {
+    pub(crate) fn new(cfg: &NotifierConfig, metrics: NotifierMetrics) -> Lanes {
+        let mut guards = BTreeMap::new();
+        if let Some(c) = &cfg.slack {
+            guards.insert("slack".to_string(), c.guard);
+        }
+        if let Some(c) = &cfg.pagerduty {
+            guards.insert("pagerduty".to_string(), c.guard);
+        }
+        if let Some(c) = &cfg.sms {
+            guards.insert("sms".to_string(), c.guard);
+        }
+        if let Some(c) = &cfg.email {
+            guards.insert("email".to_string(), c.guard);
+        }
+        for w in &cfg.webhooks {
+            guards.insert(format!("webhook:{}", w.name), w.guard);
+        }
+        Lanes {
+            guards,
+            breakers: Mutex::new(HashMap::new()),
+            paces: Mutex::new(HashMap::new()),
+            slots: Mutex::new(HashMap::new()),
+            max_hold: cfg.max_hold(),
+            metrics,
+        }
+    }
+
+    fn guard(&self, provider: &str) -> GuardConfig {
+        self.guards.get(provider).copied().unwrap_or_default()
+    }
+
+    /// Asks for a turn for `provider`'s `destination` at `now`.
+    pub(crate) fn turn(&self, provider: &str, destination: &str, now: Timestamp) -> Turn {
+        let g = self.guard(provider);
+        let probe = {
+            let mut bs = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+            let b = bs
+                .entry(provider.to_string())
+                .or_insert_with(|| Breaker::new(g.breaker));
+            let permit = b.permit(now);
+            self.metrics.breaker(provider, b.state());
+            match permit {
+                Permit::Wait(d) => return Turn::BreakerOpen(d),
+                Permit::Go { probe } => probe,
+            }
+        };
+        let Some(rate) = NonZeroU32::new(g.rate_per_second) else {
+            return Turn::After {
+                wait: Duration::ZERO,
+                probe,
+            };
+        };
+        let burst = g.burst.and_then(NonZeroU32::new).unwrap_or(rate);
+        let mut paces = self.paces.lock().unwrap_or_else(|e| e.into_inner());
+        let pace = paces
+            .entry((provider.to_string(), destination.to_string()))
+            .or_insert_with(|| Pace::new(rate.get(), burst.get()));
+        match pace.reserve(now, self.max_hold) {
+            Ok(wait) => Turn::After { wait, probe },
+            Err(far) => {
+                if probe {
+                    self.release_probe(provider);
+                }
+                Turn::TooFar(far)
+            }
+        }
+    }
+
+    /// A probe that did not happen (the message went elsewhere).
+    pub(crate) fn release_probe(&self, provider: &str) {
+        let mut bs = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = bs.get_mut(provider) {
+            b.release();
+        }
+    }
+
+    /// A request slot for the destination (at most `guard.concurrency`
+    /// requests in flight per destination).
+    pub(crate) fn slots(&self, provider: &str, destination: &str) -> Arc<Semaphore> {
+        let n = self.guard(provider).concurrency.unwrap_or(8).max(1) as usize;
+        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        s.entry((provider.to_string(), destination.to_string()))
+            .or_insert_with(|| Arc::new(Semaphore::new(n)))
+            .clone()
+    }
+
+    /// The provider answered (a success, or a refusal that is not an outage).
+    pub(crate) fn success(&self, provider: &str) {
+        let mut bs = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = bs.get_mut(provider) {
+            b.success();
+            self.metrics.breaker(provider, b.state());
+        }
+    }
+
+    /// The provider failed (5xx, 429, timeout). `retry_after`: it asked
+    /// everyone to wait (a 429), so the destination's next turns move.
+    pub(crate) fn failure(
+        &self,
+        provider: &str,
+        destination: &str,
+        now: Timestamp,
+        retry_after: Option<Duration>,
+    ) {
+        {
+            let mut bs = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(b) = bs.get_mut(provider) {
+                if b.failure(now) {
+                    self.metrics.breaker_opened(provider);
+                }
+                self.metrics.breaker(provider, b.state());
+            }
+        }
+        if let Some(ra) = retry_after {
+            let mut paces = self.paces.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(p) = paces.get_mut(&(provider.to_string(), destination.to_string())) {
+                if let Ok(until) =
+                    now.checked_add(jiff::SignedDuration::try_from(ra).unwrap_or_default())
+                {
+                    p.hold_until(until);
+                }
+            }
+        }
+    }
+}

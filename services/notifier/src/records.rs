@@ -1,0 +1,160 @@
+//! Delivery records in the JetStream KV bucket `tocsin_deliveries`, shared
+//! by every notifier replica. Creation is create-if-absent and every
+//! change names the revision it read, so two replicas can never both claim
+//! one attempt: the loser sees a conflict, reads again and decides again.
+//! Records expire with the bucket's `max_age` (`notifier.records_kept_for`).
+//!
+//! Keys are `d.<incident>.<digest of the message id>`, so the messages sent
+//! for an incident are found by one subject filter.
+
+use std::time::Duration;
+
+use crate::record::Record;
+use async_nats::jetstream::{
+    self,
+    kv::{self, CreateErrorKind, UpdateErrorKind},
+};
+
+/// The bucket's name (its stream is `KV_tocsin_deliveries`).
+pub const BUCKET: &str = "tocsin_deliveries";
+
+#[derive(Clone)]
+pub struct Records {
+    kv: kv::Store,
+    js: jetstream::Context,
+}
+
+/// A record as read, with the revision to name when changing it.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    pub key: String,
+    pub record: Record,
+    pub revision: u64,
+}
+
+/// Why a write did not happen.
+#[derive(Debug)]
+pub enum WriteError {
+    /// Someone else changed (or created) the record since it was read.
+    Conflict,
+    /// NATS did not take it (down, slow, full): try again later.
+    Failed(String),
+}
+
+/// The key of message `id` of `incident`.
+pub fn key(incident: &uuid::Uuid, id: &str) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(id.as_bytes());
+    format!("d.{}.{}", incident.simple(), hex::encode(&d[..12]))
+}
+
+impl Records {
+    /// Opens the bucket, creating it if needed (retried by the caller).
+    pub async fn open(
+        js: &jetstream::Context,
+        keep_for: Duration,
+        replicas: usize,
+    ) -> Result<Records, String> {
+        let kv = match js.get_key_value(BUCKET).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: BUCKET.into(),
+                    description: "Tocsin notifier: one delivery record per message".into(),
+                    history: 1,
+                    max_age: keep_for,
+                    storage: jetstream::stream::StorageType::File,
+                    num_replicas: replicas.max(1),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("cannot create the KV bucket {BUCKET}: {e}"))?,
+        };
+        Ok(Records { kv, js: js.clone() })
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Stored>, String> {
+        let entry = self
+            .kv
+            .entry(key)
+            .await
+            .map_err(|e| format!("cannot read delivery record {key}: {e}"))?;
+        let Some(entry) = entry else { return Ok(None) };
+        if entry.operation != kv::Operation::Put || entry.value.is_empty() {
+            return Ok(None);
+        }
+        let record = decode(&entry.value).map_err(|e| format!("delivery record {key}: {e}"))?;
+        Ok(Some(Stored {
+            key: key.to_string(),
+            record,
+            revision: entry.revision,
+        }))
+    }
+
+    /// Creates the record (`revision` None) or replaces the revision read.
+    /// Returns the new revision.
+    pub async fn write(
+        &self,
+        key: &str,
+        record: &Record,
+        revision: Option<u64>,
+    ) -> Result<u64, WriteError> {
+        let bytes =
+            tocsin_proto::codec::encode(record).map_err(|e| WriteError::Failed(e.to_string()))?;
+        match revision {
+            None => self
+                .kv
+                .create(key, bytes.into())
+                .await
+                .map_err(|e| match e.kind() {
+                    CreateErrorKind::AlreadyExists => WriteError::Conflict,
+                    _ => WriteError::Failed(e.to_string()),
+                }),
+            Some(rev) => self
+                .kv
+                .update(key, bytes.into(), rev)
+                .await
+                .map_err(|e| match e.kind() {
+                    UpdateErrorKind::WrongLastRevision => WriteError::Conflict,
+                    _ => WriteError::Failed(e.to_string()),
+                }),
+        }
+    }
+
+    /// Every record of `incident` (its messages and updates).
+    pub async fn of_incident(&self, incident: &uuid::Uuid) -> Result<Vec<Stored>, String> {
+        let filter = format!("$KV.{BUCKET}.d.{}.*", incident.simple());
+        let stream = format!("KV_{BUCKET}");
+        let msgs = tocsin_runtime::streams::read_matching(&self.js, &stream, filter).await?;
+        let prefix = format!("$KV.{BUCKET}.");
+        let mut out: Vec<Stored> = Vec::new();
+        for m in msgs {
+            let Some(key) = m.subject.strip_prefix(&prefix) else {
+                continue;
+            };
+            // History 1: one message per key, except a put racing the read;
+            // the later one wins.
+            out.retain(|s| s.key != key);
+            let op = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .map(|v| v.as_str().to_string());
+            if op.is_some() || m.payload.is_empty() {
+                continue; // a delete or purge marker
+            }
+            if let Ok(record) = decode(&m.payload) {
+                out.push(Stored {
+                    key: key.to_string(),
+                    record,
+                    revision: m.info().map(|i| i.stream_sequence).unwrap_or(0),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn decode(bytes: &[u8]) -> Result<Record, String> {
+    tocsin_proto::codec::decode(bytes).map_err(|e| e.to_string())
+}
