@@ -257,6 +257,179 @@ async fn slack_incoming_webhook() {
     assert_eq!(fakes.requests(Provider::SlackWebhook), 3);
 }
 
+/// Posts `n` messages to `channel`; their `ts`, oldest first.
+async fn post_many(c: &reqwest::Client, fakes: &F, channel: &str, n: usize) -> Vec<String> {
+    let mut ts = Vec::with_capacity(n);
+    for i in 0..n {
+        let a = slack(
+            c,
+            fakes,
+            "chat.postMessage",
+            json!({"channel": channel, "text": format!("message {i}")}),
+        )
+        .await;
+        assert_eq!(a.json["ok"], true, "{}", a.text);
+        ts.push(a.json["ts"].as_str().unwrap().to_string());
+    }
+    ts
+}
+
+fn ts_of(a: &Answer) -> Vec<String> {
+    a.json["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no messages in {}", a.text))
+        .iter()
+        .map(|m| m["ts"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn slack_history_pages_with_a_cursor() {
+    let fakes = F::start().await;
+    let c = client();
+    let posted = post_many(&c, &fakes, "C1", 200).await;
+    post_many(&c, &fakes, "C2", 3).await;
+    let newest_first: Vec<String> = posted.iter().rev().cloned().collect();
+
+    // 200 messages, limit 50: four pages, newest first, chained by cursor.
+    let mut seen = Vec::new();
+    let mut cursors = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut args = json!({"channel": "C1", "limit": 50});
+        if let Some(c) = &cursor {
+            args["cursor"] = json!(c);
+        }
+        let a = slack(&c, &fakes, "conversations.history", args).await;
+        pages += 1;
+        assert_eq!(a.json["ok"], true, "{}", a.text);
+        assert_eq!(ts_of(&a).len(), 50, "page {pages}");
+        seen.extend(ts_of(&a));
+        if a.json["has_more"] == json!(true) {
+            let next = a.json["response_metadata"]["next_cursor"]
+                .as_str()
+                .unwrap_or_else(|| panic!("has_more without a cursor: {}", a.text));
+            assert!(!next.is_empty());
+            cursors.push(next.to_string());
+            cursor = Some(next.to_string());
+        } else {
+            assert_eq!(a.json["has_more"], false, "{}", a.text);
+            let next = &a.json["response_metadata"]["next_cursor"];
+            assert!(next.is_null() || next == "", "{}", a.text);
+            break;
+        }
+        assert!(pages < 10, "the cursor chain does not end");
+    }
+    assert_eq!(pages, 4);
+    assert_eq!(seen, newest_first);
+    let distinct: std::collections::HashSet<_> = cursors.iter().collect();
+    assert_eq!(distinct.len(), 3, "{cursors:?}");
+
+    // The same walk as a form GET: the cursor is an ordinary argument.
+    let a = send(
+        c.get(format!(
+            "{}/conversations.history?{}",
+            fakes.slack_api_url(),
+            form_encode(&[("channel", "C1"), ("limit", "50"), ("cursor", &cursors[2]),])
+        ))
+        .bearer_auth(F::SLACK_TOKEN),
+    )
+    .await;
+    assert_eq!(ts_of(&a), newest_first[150..].to_vec());
+    assert_eq!(a.json["has_more"], false);
+
+    // Default limit 100; a limit above the maximum is capped, not refused.
+    let a = slack(
+        &c,
+        &fakes,
+        "conversations.history",
+        json!({"channel": "C1"}),
+    )
+    .await;
+    assert_eq!(ts_of(&a), newest_first[..100].to_vec());
+    assert_eq!(a.json["has_more"], true);
+    let a = slack(
+        &c,
+        &fakes,
+        "conversations.history",
+        json!({"channel": "C1", "limit": 5000}),
+    )
+    .await;
+    assert_eq!(ts_of(&a).len(), 200);
+    assert_eq!(a.json["has_more"], false);
+
+    // oldest/latest bound the walk; exclusive unless inclusive.
+    let a = slack(
+        &c,
+        &fakes,
+        "conversations.history",
+        json!({"channel": "C1", "oldest": posted[49], "limit": 100}),
+    )
+    .await;
+    assert_eq!(ts_of(&a), newest_first[..100].to_vec());
+    let next = a.json["response_metadata"]["next_cursor"].clone();
+    let a = slack(
+        &c,
+        &fakes,
+        "conversations.history",
+        json!({"channel": "C1", "oldest": posted[49], "limit": 100, "cursor": next}),
+    )
+    .await;
+    assert_eq!(ts_of(&a), newest_first[100..150].to_vec());
+    assert_eq!(a.json["has_more"], false);
+    let a = slack(
+        &c,
+        &fakes,
+        "conversations.history",
+        json!({"channel": "C1", "oldest": posted[49], "latest": posted[60],
+               "inclusive": true, "limit": 999}),
+    )
+    .await;
+    assert_eq!(ts_of(&a), newest_first[139..=150].to_vec());
+    let a = slack(
+        &c,
+        &fakes,
+        "conversations.history",
+        json!({"channel": "C1", "latest": posted[1], "limit": 999}),
+    )
+    .await;
+    assert_eq!(ts_of(&a), vec![posted[0].clone()]);
+
+    // Cursors and timestamps that do not parse are refused as Slack does.
+    for cursor in ["not a cursor", "bmV4dF90czp4eXo=", "dXNlcjpVMDYxTkZUVDI="] {
+        let a = slack(
+            &c,
+            &fakes,
+            "conversations.history",
+            json!({"channel": "C1", "cursor": cursor}),
+        )
+        .await;
+        assert_eq!(
+            (a.status, a.json.clone()),
+            (200, json!({"ok": false, "error": "invalid_cursor"})),
+            "{cursor}"
+        );
+    }
+    let a = slack(
+        &c,
+        &fakes,
+        "conversations.history",
+        json!({"channel": "C1", "oldest": "yesterday"}),
+    )
+    .await;
+    assert_eq!(a.json["error"], "invalid_ts_oldest");
+    let a = slack(
+        &c,
+        &fakes,
+        "conversations.history",
+        json!({"channel": "C1", "latest": "1x"}),
+    )
+    .await;
+    assert_eq!(a.json["error"], "invalid_ts_latest");
+    assert_eq!(fakes.requests(Provider::Slack), 203 + 4 + 1 + 2 + 4 + 3 + 2);
+}
+
 #[tokio::test]
 async fn pagerduty_events_and_dedup() {
     let fakes = F::start().await;

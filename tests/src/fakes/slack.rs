@@ -13,11 +13,12 @@
 use std::{collections::HashSet, time::Instant};
 
 use axum::http::Method;
+use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
 use super::{
     form::form_decode,
-    server::{str_arg, Ctx, Reply},
+    server::{b64, str_arg, Ctx, Reply},
     FakeProviders,
 };
 
@@ -449,13 +450,81 @@ fn ts_key(v: Option<&Value>) -> Option<(u64, u64)> {
     Some((secs.parse().ok()?, frac.parse().ok()?))
 }
 
+/// A timestamp argument: `Ok(None)` if absent or empty, `Err` if it does
+/// not parse.
+fn ts_arg(args: &Map<String, Value>, key: &str) -> Result<Option<(u64, u64)>, ()> {
+    match args.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        v => ts_key(v).map(Some).ok_or(()),
+    }
+}
+
+/// The cursor naming the message a page starts at. Slack's cursors for
+/// this method are opaque strings; the ones it hands out decode as
+/// base64 of `next_ts:` and that message's `ts` without its dot (the
+/// reference's example `bmV4dF90czoxNTEyMDg1ODYxMDAwNTQz` is
+/// `next_ts:1512085861000543`), and so are the fake's.
+fn cursor_for(ts: (u64, u64)) -> String {
+    b64().encode(format!("next_ts:{}{:06}", ts.0, ts.1))
+}
+
+/// The `ts` a cursor names, or `None` if it is not one this method handed out.
+fn cursor_ts(cursor: &str) -> Option<(u64, u64)> {
+    let decoded = String::from_utf8(b64().decode(cursor.trim()).ok()?).ok()?;
+    let digits = decoded.strip_prefix("next_ts:")?;
+    if digits.len() <= 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (secs, micros) = digits.split_at(digits.len() - 6);
+    Some((secs.parse().ok()?, micros.parse().ok()?))
+}
+
+/// `conversations.history`, paginated as the Slack API reference says:
+///
+/// - `limit`: "The maximum number of items to return. Fewer than the
+///   requested number of items may be returned, even if the end of the
+///   conversation history hasn't been reached. Maximum of 999." Default
+///   100; "We recommend no more than 200 results at a time." The
+///   reference documents no error for a larger value; the fake caps it
+///   at 999.
+/// - "The most recent messages in the time range are returned first."
+/// - `oldest`: "Only messages after this Unix timestamp will be included
+///   in results." `latest`: "Only messages before this Unix timestamp will
+///   be included in results. Default is the current time." `inclusive`:
+///   "Include messages with `oldest` or `latest` timestamps in results.
+///   Ignored unless either timestamp is specified." A timestamp that does
+///   not parse is `invalid_ts_oldest` / `invalid_ts_latest`.
+/// - "Responses will include a top-level `response_metadata` attribute
+///   containing a `next_cursor` value. By using this value as a `cursor`
+///   parameter in a subsequent request, along with `limit`, you may
+///   navigate through the collection page by virtual page." The fake
+///   includes it only while `has_more` is true ("An empty, null, or
+///   non-existent `next_cursor` in the response indicates no further
+///   results"); the next call repeats the other arguments and adds
+///   `cursor`. A cursor this method did not hand out is `invalid_cursor`
+///   ("Value passed for `cursor` was not valid or is no longer valid.").
+/// - `include_all_metadata`: "Return all metadata associated with this
+///   message." Default false: messages carry `metadata` only when it is
+///   true.
 fn history(state: &State, args: &Map<String, Value>) -> Reply {
     let channel = str_arg(args, "channel");
     if channel.is_empty() {
         return slack_err("channel_not_found");
     }
-    let oldest = ts_key(args.get("oldest"));
-    let latest = ts_key(args.get("latest"));
+    let Ok(oldest) = ts_arg(args, "oldest") else {
+        return slack_err("invalid_ts_oldest");
+    };
+    let Ok(latest) = ts_arg(args, "latest") else {
+        return slack_err("invalid_ts_latest");
+    };
+    let start = match str_arg(args, "cursor") {
+        "" => None,
+        c => match cursor_ts(c) {
+            Some(ts) => Some(ts),
+            None => return slack_err("invalid_cursor"),
+        },
+    };
     let inclusive = truthy(args.get("inclusive"));
     let with_metadata = truthy(args.get("include_all_metadata"));
     let limit = match args.get("limit") {
@@ -464,35 +533,25 @@ fn history(state: &State, args: &Map<String, Value>) -> Reply {
         _ => 100,
     }
     .clamp(1, 999) as usize;
-    let mut found: Vec<&SlackMessage> = state
+    let mut found: Vec<((u64, u64), &SlackMessage)> = state
         .messages
         .iter()
         .filter(|m| m.channel == channel)
-        .filter(|m| {
-            let key = ts_key(Some(&Value::String(m.ts.clone())));
-            let after = oldest.is_none_or(|o| {
-                if inclusive {
-                    key >= Some(o)
-                } else {
-                    key > Some(o)
-                }
-            });
-            let before = latest.is_none_or(|l| {
-                if inclusive {
-                    key <= Some(l)
-                } else {
-                    key < Some(l)
-                }
-            });
-            after && before
+        .filter_map(|m| Some((ts_key(Some(&Value::String(m.ts.clone())))?, m)))
+        .filter(|(key, _)| {
+            let after = oldest.is_none_or(|o| if inclusive { *key >= o } else { *key > o });
+            let before = latest.is_none_or(|l| if inclusive { *key <= l } else { *key < l });
+            // The cursor names the first message of its page.
+            let from_cursor = start.is_none_or(|s| *key <= s);
+            after && before && from_cursor
         })
         .collect();
-    found.sort_by_key(|m| std::cmp::Reverse(ts_key(Some(&Value::String(m.ts.clone())))));
-    let has_more = found.len() > limit;
+    found.sort_by_key(|(key, _)| std::cmp::Reverse(*key));
+    let next = found.get(limit).map(|(key, _)| *key);
     let messages: Vec<Value> = found
         .into_iter()
         .take(limit)
-        .map(|m| {
+        .map(|(_, m)| {
             let mut v = json!({"type": "message", "ts": m.ts, "text": m.text, "bot_id": "B0FAKE"});
             if m.blocks != Value::Null {
                 v["blocks"] = m.blocks.clone();
@@ -506,10 +565,12 @@ fn history(state: &State, args: &Map<String, Value>) -> Reply {
             v
         })
         .collect();
-    Reply::json(
-        200,
-        json!({"ok": true, "messages": messages, "has_more": has_more}),
-    )
+    let mut answer = json!({"ok": true, "messages": messages, "has_more": next.is_some(),
+                            "pin_count": 0});
+    if let Some(ts) = next {
+        answer["response_metadata"] = json!({"next_cursor": cursor_for(ts)});
+    }
+    Reply::json(200, answer)
 }
 
 /// Block Kit checks: what Slack answers `invalid_blocks` for (the subset
@@ -673,6 +734,21 @@ mod tests {
         assert_eq!(k("1700000000"), Some((1_700_000_000, 0)));
         assert!(k("1700000000.000123") < k("1700000000.1"));
         assert_eq!(k(""), None);
+    }
+
+    #[test]
+    fn cursors_are_slack_shaped() {
+        // The reference's example cursor names the message it starts at.
+        assert_eq!(
+            cursor_ts("bmV4dF90czoxNTEyMDg1ODYxMDAwNTQz"),
+            Some((1_512_085_861, 543))
+        );
+        assert_eq!(
+            cursor_for((1_512_085_861, 543)),
+            "bmV4dF90czoxNTEyMDg1ODYxMDAwNTQz"
+        );
+        assert_eq!(cursor_ts("bmV4dF90czo="), None, "next_ts: without digits");
+        assert_eq!(cursor_ts("!"), None);
     }
 
     #[test]
