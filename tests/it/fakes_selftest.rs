@@ -621,6 +621,208 @@ async fn twilio_messages() {
     assert_eq!(fakes.requests(Provider::Twilio), 9);
 }
 
+fn sids(a: &Answer) -> Vec<String> {
+    a.json["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no messages in {}", a.text))
+        .iter()
+        .map(|m| m["sid"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn twilio_list_pages_like_twilio() {
+    let fakes = F::start().await;
+    let c = client();
+    let list_url = format!(
+        "{}/2010-04-01/Accounts/{}/Messages.json",
+        fakes.twilio_url(),
+        F::TWILIO_SID
+    );
+    let path = format!("/2010-04-01/Accounts/{}/Messages.json", F::TWILIO_SID);
+    let create = |pairs: Vec<(&'static str, String)>| {
+        let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        send(
+            c.post(&list_url)
+                .basic_auth(F::TWILIO_SID, Some(F::TWILIO_TOKEN))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form_encode(&pairs)),
+        )
+    };
+    let get = |uri: &str| {
+        send(
+            c.get(format!("{}{uri}", fakes.twilio_url()))
+                .basic_auth(F::TWILIO_SID, Some(F::TWILIO_TOKEN)),
+        )
+    };
+    let mut to_a = Vec::new();
+    for i in 0..250 {
+        let a = create(vec![
+            ("To", "+14155550100".into()),
+            ("From", F::TWILIO_FROM.into()),
+            ("Body", format!("page {i}")),
+        ])
+        .await;
+        assert_eq!(a.status, 201, "{}", a.text);
+        to_a.push(a.json["sid"].as_str().unwrap().to_string());
+    }
+    for i in 0..5 {
+        let a = create(vec![
+            ("To", "+14155550199".into()),
+            (
+                "MessagingServiceSid",
+                "MG00000000000000000000000000000000".into(),
+            ),
+            ("Body", format!("other {i}")),
+        ])
+        .await;
+        assert_eq!(a.status, 201, "{}", a.text);
+    }
+    let newest_first: Vec<String> = to_a.iter().rev().cloned().collect();
+
+    // 250 messages, PageSize 100: three pages by next_page_uri.
+    let query = form_encode(&[("To", "+14155550100"), ("PageSize", "100")]);
+    let first = get(&format!("{path}?{query}")).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    let first_uri = format!("{path}?To=%2B14155550100&PageSize=100&Page=0");
+    assert_eq!(first.json["first_page_uri"], first_uri.as_str());
+    assert_eq!(first.json["uri"], first_uri.as_str());
+    assert_eq!(first.json["previous_page_uri"], Value::Null);
+    assert_eq!(
+        (
+            first.json["page"].clone(),
+            first.json["page_size"].clone(),
+            first.json["start"].clone(),
+            first.json["end"].clone()
+        ),
+        (json!(0), json!(100), json!(0), json!(99))
+    );
+    assert_eq!(
+        first.json["next_page_uri"],
+        format!(
+            "{path}?To=%2B14155550100&PageSize=100&Page=1&PageToken=PA{}",
+            newest_first[99]
+        )
+        .as_str()
+    );
+    let mut pages = vec![first];
+    while let Some(next) = pages.last().unwrap().json["next_page_uri"].as_str() {
+        let a = get(next).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        pages.push(a);
+        assert!(pages.len() < 10, "next_page_uri does not end");
+    }
+    assert_eq!(pages.len(), 3);
+    let walked: Vec<String> = pages.iter().flat_map(sids).collect();
+    assert_eq!(walked, newest_first);
+    let (second, third) = (&pages[1], &pages[2]);
+    assert_eq!(
+        (
+            second.json["page"].clone(),
+            second.json["start"].clone(),
+            second.json["end"].clone()
+        ),
+        (json!(1), json!(100), json!(199))
+    );
+    assert_eq!(
+        (
+            third.json["page"].clone(),
+            third.json["start"].clone(),
+            third.json["end"].clone()
+        ),
+        (json!(2), json!(200), json!(249))
+    );
+    assert_eq!(third.json["next_page_uri"], Value::Null);
+    assert_eq!(third.json["first_page_uri"], first_uri.as_str());
+    // previous_page_uri leads back to the page before.
+    let back = get(second.json["previous_page_uri"].as_str().unwrap()).await;
+    assert_eq!(sids(&back), newest_first[..100].to_vec());
+    assert_eq!(back.json["page"], 0);
+
+    // PageSize: default 50, at most 1000.
+    let a = get(&path).await;
+    assert_eq!(
+        (sids(&a).len(), a.json["page_size"].clone()),
+        (50, json!(50))
+    );
+    let a = get(&format!("{path}?PageSize=5000")).await;
+    assert_eq!(
+        (sids(&a).len(), a.json["page_size"].clone()),
+        (255, json!(1000))
+    );
+    assert_eq!(a.json["next_page_uri"], Value::Null);
+
+    // Filters: To, From, DateSent (a GMT date; a time of day is ignored).
+    let all = |q: &[(&str, &str)]| {
+        let mut q = q.to_vec();
+        q.push(("PageSize", "1000"));
+        get(&format!("{path}?{}", form_encode(&q)))
+    };
+    assert_eq!(sids(&all(&[("To", "+14155550199")]).await).len(), 5);
+    assert_eq!(sids(&all(&[("From", F::TWILIO_FROM)]).await), newest_first);
+    let newest = &a.json["messages"][0]["date_sent"];
+    let sent = jiff::fmt::rfc2822::parse(newest.as_str().unwrap())
+        .unwrap()
+        .timestamp();
+    let day = sent.strftime("%Y-%m-%d").to_string();
+    let oldest_day =
+        jiff::fmt::rfc2822::parse(a.json["messages"][254]["date_sent"].as_str().unwrap())
+            .unwrap()
+            .timestamp()
+            .strftime("%Y-%m-%d")
+            .to_string();
+    let a = all(&[("DateSent>", &oldest_day), ("DateSent<", &day)]).await;
+    assert_eq!(sids(&a).len(), 255, "{}", a.json["uri"]);
+    assert_eq!(
+        a.json["uri"],
+        format!("{path}?DateSent%3C={day}&DateSent%3E={oldest_day}&PageSize=1000&Page=0").as_str()
+    );
+    let later_that_day = (sent + jiff::SignedDuration::from_secs(1)).to_string();
+    let a = all(&[("DateSent>", &later_that_day)]).await;
+    assert!(sids(&a).contains(&newest_first[0]), "DateSent is a date");
+    let a = all(&[("DateSent", "2000-01-01")]).await;
+    assert_eq!(sids(&a).len(), 0);
+    assert_eq!(
+        (
+            a.json["start"].clone(),
+            a.json["end"].clone(),
+            a.json["next_page_uri"].clone()
+        ),
+        (json!(0), json!(0), Value::Null)
+    );
+    assert_eq!(sids(&all(&[("DateSent<", "2000-01-01")]).await).len(), 0);
+    assert_eq!(sids(&all(&[("DateSent>", "2999-01-01")]).await).len(), 0);
+
+    // Paging needs the token the API handed out.
+    let a = get(&format!("{path}?PageSize=100&Page=1")).await;
+    assert_eq!(
+        (a.status, a.json["code"].clone(), a.json["message"].clone()),
+        (
+            400,
+            json!(70002),
+            json!("Paged requests must include a PageToken")
+        )
+    );
+    let a = get(&format!("{path}?PageSize=100&Page=1&PageToken=PAnope")).await;
+    assert_eq!(
+        (a.status, a.json["code"].clone()),
+        (400, json!(20001)),
+        "{}",
+        a.text
+    );
+    let a = all(&[("DateSent", "last tuesday")]).await;
+    assert_eq!(
+        (a.status, a.json["code"].clone()),
+        (400, json!(20001)),
+        "{}",
+        a.text
+    );
+    assert_eq!(
+        fakes.requests(Provider::Twilio),
+        255 + 3 + 1 + 2 + 2 + 2 + 1 + 2 + 3
+    );
+}
+
 #[tokio::test]
 async fn standard_webhooks() {
     let fakes = F::start().await;

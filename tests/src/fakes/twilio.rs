@@ -14,7 +14,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use super::{
-    form::form_decode,
+    form::{form_decode, form_encode},
     server::{b64, reason, Ctx, Reply, Req},
     FakeProviders,
 };
@@ -241,12 +241,37 @@ fn twilio_json(m: &TwilioMessage, listed: bool) -> Value {
     })
 }
 
-/// A `DateSent` bound: a whole UTC day or an instant.
-enum DateBound {
-    Day(jiff::civil::Date),
-    At(jiff::Timestamp),
+/// The message list's filters, in the order Twilio writes them into the
+/// page URIs.
+const FILTERS: [&str; 5] = ["To", "From", "DateSent", "DateSent<", "DateSent>"];
+
+/// The `DateSent` filters' date: Twilio's reference documents "GMT dates
+/// in the following formats: YYYY-MM-DD (to find Messages with a specific
+/// sent_date), <=YYYY-MM-DD (to find Messages with sent_dates on and
+/// before a specific date), and >=YYYY-MM-DD (to find Messages with
+/// sent_dates on and after a specific date)". A date-time (as the helper
+/// libraries send) counts as its GMT date: the filters never narrow below
+/// a day.
+fn sent_date(v: &str) -> Option<jiff::civil::Date> {
+    if let Ok(d) = v.parse::<jiff::civil::Date>() {
+        return Some(d);
+    }
+    let t = v.parse::<jiff::Timestamp>().ok()?;
+    Some(t.to_zoned_datetime(jiff::tz::TimeZone::UTC).date())
 }
 
+/// `GET …/Messages.json`, as Twilio's reference describes it: "Results
+/// are sorted by the DateSent field, with the most recent messages
+/// appearing first", filtered by `To`, `From` and the `DateSent` dates,
+/// `PageSize` messages a page ("The default is 50, and the maximum is
+/// 1000"; larger values are answered as 1000). Every page carries the
+/// envelope `first_page_uri`, `next_page_uri` (`null` on the last page),
+/// `previous_page_uri` (`null` on the first), `uri`, `page`, `page_size`,
+/// `start` and `end`. The next and previous URIs repeat the filters and
+/// add `Page` and a `PageToken` (`PA` + the last message's sid, `PB` +
+/// the first's), so that paging is not thrown off by messages sent
+/// meanwhile; a page other than the first needs its token, as at Twilio
+/// (400, code 70002).
 fn list(state: &State, req: &Req) -> Reply {
     let query = form_decode(&req.query);
     let get = |k: &str| {
@@ -255,30 +280,30 @@ fn list(state: &State, req: &Req) -> Reply {
             .find(|(qk, _)| qk == k)
             .map(|(_, v)| v.as_str())
     };
-    let mut bounds = Vec::new();
+    let mut dates = Vec::new();
     for key in ["DateSent", "DateSent>", "DateSent<"] {
         if let Some(v) = get(key) {
-            let b = if let Ok(t) = v.parse::<jiff::Timestamp>() {
-                DateBound::At(t)
-            } else if let Ok(d) = v.parse::<jiff::civil::Date>() {
-                DateBound::Day(d)
-            } else {
+            let Some(d) = sent_date(v) else {
                 return twilio_error(
                     400,
                     20001,
                     &format!("Invalid value for {key}: {v:?} is not a date (YYYY-MM-DD)"),
                 );
             };
-            bounds.push((key, b));
+            dates.push((key, d));
         }
     }
     let page_size = get("PageSize")
         .and_then(|p| p.parse::<usize>().ok())
         .unwrap_or(50)
         .clamp(1, 1000);
+    let page = get("Page")
+        .and_then(|p| p.parse::<usize>().ok())
+        .unwrap_or(0);
+    let token = get("PageToken").filter(|t| !t.is_empty());
     let to = get("To");
     let from = get("From");
-    let messages: Vec<Value> = state
+    let found: Vec<&TwilioMessage> = state
         .messages
         .iter()
         .rev()
@@ -286,30 +311,84 @@ fn list(state: &State, req: &Req) -> Reply {
         .filter(|m| from.is_none_or(|f| m.sms.from.as_deref() == Some(f)))
         .filter(|m| {
             let day = m.created.to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
-            bounds.iter().all(|(key, b)| {
-                let ord = match b {
-                    DateBound::Day(d) => day.cmp(d),
-                    DateBound::At(t) => m.created.cmp(t),
-                };
-                match *key {
-                    "DateSent>" => ord.is_ge(),
-                    "DateSent<" => ord.is_le(),
-                    _ => ord.is_eq(),
-                }
+            dates.iter().all(|(key, d)| match *key {
+                "DateSent>" => day >= *d,
+                "DateSent<" => day <= *d,
+                _ => day == *d,
             })
         })
-        .take(page_size)
-        .map(|m| twilio_json(m, true))
         .collect();
-    let uri = format!(
-        "/2010-04-01/Accounts/{}/Messages.json?PageSize={page_size}&Page=0",
-        FakeProviders::TWILIO_SID
-    );
+    let position = |sid: &str| found.iter().position(|m| m.sms.sid == sid);
+    // The slice of `found` this page holds.
+    let (from_idx, to_idx) = match token {
+        None if page > 0 => {
+            return twilio_error(400, 70002, "Paged requests must include a PageToken")
+        }
+        None => (0, page_size.min(found.len())),
+        Some(t) => {
+            let after = t.strip_prefix("PA").and_then(position);
+            let before = t.strip_prefix("PB").and_then(position);
+            match (after, before) {
+                (Some(i), _) => (i + 1, (i + 1 + page_size).min(found.len())),
+                (_, Some(i)) => (i.saturating_sub(page_size), i),
+                _ => return twilio_error(400, 20001, &format!("Invalid PageToken: {t:?}")),
+            }
+        }
+    };
+    let items = &found[from_idx..to_idx];
+    // The page URIs: the filters as given, then PageSize, Page, PageToken.
+    let mut filters: Vec<(&str, &str)> = FILTERS
+        .iter()
+        .filter_map(|k| get(k).map(|v| (*k, v)))
+        .collect();
+    filters.push(("PageSize", ""));
+    let page_uri = |page: usize, token: Option<String>| {
+        let size = page_size.to_string();
+        let page = page.to_string();
+        let mut pairs: Vec<(&str, &str)> = filters
+            .iter()
+            .map(|(k, v)| {
+                if *k == "PageSize" {
+                    (*k, size.as_str())
+                } else {
+                    (*k, *v)
+                }
+            })
+            .collect();
+        pairs.push(("Page", &page));
+        if let Some(t) = &token {
+            pairs.push(("PageToken", t));
+        }
+        format!(
+            "/2010-04-01/Accounts/{}/Messages.json?{}",
+            FakeProviders::TWILIO_SID,
+            form_encode(&pairs)
+        )
+    };
+    let next = match items.last() {
+        Some(last) if to_idx < found.len() => {
+            Value::String(page_uri(page + 1, Some(format!("PA{}", last.sms.sid))))
+        }
+        _ => Value::Null,
+    };
+    let previous = match items.first() {
+        Some(first) if from_idx > 0 => Value::String(page_uri(
+            page.saturating_sub(1),
+            Some(format!("PB{}", first.sms.sid)),
+        )),
+        _ => Value::Null,
+    };
+    let start = page * page_size;
+    let messages: Vec<Value> = items.iter().map(|m| twilio_json(m, true)).collect();
     Reply::json(
         200,
-        json!({"messages": messages, "next_page_uri": null, "previous_page_uri": null,
-               "first_page_uri": uri, "uri": uri, "page": 0, "page_size": page_size,
-               "start": 0, "end": messages.len().saturating_sub(1)}),
+        json!({"messages": messages,
+               "first_page_uri": page_uri(0, None),
+               "next_page_uri": next,
+               "previous_page_uri": previous,
+               "uri": page_uri(page, token.map(str::to_string)),
+               "page": page, "page_size": page_size,
+               "start": start, "end": start + items.len().max(1) - 1}),
     )
 }
 
