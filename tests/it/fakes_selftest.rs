@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tocsin_tests::fakes::{form_encode, webhook_signature, Failure, FakeProviders as F, Provider};
+use tocsin_tests::fakes::{
+    form_encode, webhook_signature, Failure, FakeProviders as F, Outcome, Provider, RateLimit,
+    RateLimitKey, RequestCounts,
+};
 use tocsin_tests::smtp::SmtpSink;
 
 /// A plain client (after the kit's one-time set-up: logs, TLS crypto provider).
@@ -987,6 +990,311 @@ async fn failure_injection() {
         json!({"ok": false, "error": "fatal_error"})
     );
     assert_eq!(fakes.slack_posts().len(), 1);
+}
+
+/// A limit no test outlasts: the second request within 100 s is refused.
+fn slow(burst: u32, key: RateLimitKey) -> RateLimit {
+    RateLimit {
+        per_second: 0.01,
+        burst,
+        key,
+    }
+}
+
+fn retry_after_secs(a: &Answer) -> u64 {
+    a.retry_after
+        .as_deref()
+        .unwrap_or_else(|| panic!("no Retry-After: {}", a.text))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn rate_limits_answer_as_the_providers_do() {
+    let fakes = F::start().await;
+    let c = client();
+    let post = |channel: &str| {
+        slack(
+            &c,
+            &fakes,
+            "chat.postMessage",
+            json!({"channel": channel, "text": "x"}),
+        )
+    };
+
+    // Slack chat.postMessage, per channel: 429 with Retry-After and Slack's body.
+    fakes.set_rate_limit(Provider::Slack, slow(2, RateLimitKey::PerChannel));
+    let first = post("C1").await;
+    assert_eq!(first.json["ok"], true);
+    assert_eq!(post("C1").await.json["ok"], true, "a burst of 2");
+    let a = post("C1").await;
+    assert_eq!(
+        (a.status, a.json.clone()),
+        (429, json!({"ok": false, "error": "ratelimited"}))
+    );
+    let wait = retry_after_secs(&a);
+    assert!((90..=100).contains(&wait), "Retry-After {wait}");
+    assert_eq!(post("C2").await.json["ok"], true, "another channel");
+    let ts = first.json["ts"].as_str().unwrap();
+    let update = json!({"channel": "C1", "ts": ts, "text": "y"});
+    let a = slack(&c, &fakes, "chat.update", update.clone()).await;
+    assert_eq!(a.json["ok"], true, "chat.update has its own limit");
+    fakes.set_operation_rate_limit(
+        Provider::Slack,
+        "chat.update",
+        slow(1, RateLimitKey::Global),
+    );
+    assert_eq!(
+        slack(&c, &fakes, "chat.update", update.clone()).await.json["ok"],
+        true
+    );
+    let a = slack(&c, &fakes, "chat.update", update).await;
+    assert_eq!(
+        (a.status, a.json["error"].clone()),
+        (429, json!("ratelimited"))
+    );
+    let a = slack(&c, &fakes, "chat.postMessage", json!({"channel": "C1"})).await;
+    assert_eq!(
+        (a.status, a.json["error"].clone()),
+        (429, json!("ratelimited")),
+        "the limit comes before the method's checks"
+    );
+    let unauthed = send(
+        c.post(format!("{}/chat.postMessage", fakes.slack_api_url()))
+            .header("content-type", "application/json")
+            .body(json!({"channel": "C1", "text": "x"}).to_string()),
+    )
+    .await;
+    assert_eq!(
+        (unauthed.status, unauthed.json["error"].clone()),
+        (200, json!("not_authed")),
+        "authentication comes first"
+    );
+
+    // Twilio, account-wide: 429 with error 20429; listing is not limited.
+    fakes.set_rate_limit(Provider::Twilio, slow(1, RateLimitKey::Global));
+    let url = format!(
+        "{}/2010-04-01/Accounts/{}/Messages.json",
+        fakes.twilio_url(),
+        F::TWILIO_SID
+    );
+    let sms = |to: &str| {
+        send(
+            c.post(&url)
+                .basic_auth(F::TWILIO_SID, Some(F::TWILIO_TOKEN))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form_encode(&[
+                    ("To", to),
+                    ("From", F::TWILIO_FROM),
+                    ("Body", "x"),
+                ])),
+        )
+    };
+    assert_eq!(sms("+14155550100").await.status, 201);
+    let a = sms("+14155550101").await;
+    assert_eq!(
+        (a.status, a.json.clone(), a.retry_after.clone()),
+        (
+            429,
+            json!({"code": 20429, "message": "Too Many Requests",
+                   "more_info": "https://www.twilio.com/docs/errors/20429", "status": 429}),
+            None
+        )
+    );
+    let a = send(c.get(&url).basic_auth(F::TWILIO_SID, Some(F::TWILIO_TOKEN))).await;
+    assert_eq!(a.status, 200);
+
+    // PagerDuty, per integration key: 429, the event is not ingested.
+    fakes.set_rate_limit(Provider::PagerDuty, slow(1, RateLimitKey::PerChannel));
+    let event = |key: &str| {
+        json!({"routing_key": key, "event_action": "trigger", "dedup_key": "k",
+               "payload": {"summary": "s", "source": "tocsin", "severity": "critical"}})
+    };
+    let enqueue = |e: Value| {
+        send(
+            c.post(fakes.pagerduty_url())
+                .header("content-type", "application/json")
+                .body(e.to_string()),
+        )
+    };
+    assert_eq!(enqueue(event(F::PD_ROUTING_KEY)).await.status, 202);
+    let a = enqueue(event(F::PD_ROUTING_KEY)).await;
+    assert_eq!(
+        (a.status, a.json["status"].clone(), a.retry_after.clone()),
+        (429, json!("throttle event"), None)
+    );
+    let a = enqueue(event("ffffffffffffffffffffffffffffffff")).await;
+    assert_eq!(a.status, 400, "an unknown key is no integration's traffic");
+    assert_eq!(fakes.pagerduty_alerts()[0].triggers, 1);
+
+    // Webhook receivers and Slack incoming webhooks, per URL.
+    fakes.set_rate_limit(Provider::Webhook, slow(1, RateLimitKey::PerChannel));
+    fakes.set_rate_limit(Provider::SlackWebhook, slow(1, RateLimitKey::PerChannel));
+    let hook = |name: &str, id: &str| {
+        send(
+            c.post(fakes.webhook_url(name))
+                .header("webhook-id", id)
+                .body("{}"),
+        )
+    };
+    assert_eq!(hook("unsigned-a", "1").await.status, 204);
+    let a = hook("unsigned-a", "2").await;
+    assert_eq!(
+        (a.status, a.json.clone()),
+        (429, json!({"error": "rate limited"}))
+    );
+    assert!(retry_after_secs(&a) >= 90);
+    assert_eq!(hook("unsigned-b", "3").await.status, 204);
+    let incoming = || {
+        send(
+            c.post(fakes.slack_webhook_url())
+                .header("content-type", "application/json")
+                .body(r#"{"text":"x"}"#),
+        )
+    };
+    assert_eq!(incoming().await.status, 200);
+    let a = incoming().await;
+    assert_eq!((a.status, a.text.as_str()), (429, "rate_limited"));
+    assert!(retry_after_secs(&a) >= 90);
+
+    // Refused requests are counted and recorded as rejected, by destination.
+    assert_eq!(
+        fakes.counts(Provider::Slack),
+        RequestCounts {
+            accepted: 5,
+            invalid: 1,
+            rate_limited: 3,
+            ..Default::default()
+        }
+    );
+    assert_eq!(
+        fakes.operation_counts(Provider::Slack, "chat.postMessage"),
+        RequestCounts {
+            accepted: 3,
+            invalid: 1,
+            rate_limited: 2,
+            ..Default::default()
+        }
+    );
+    let limited: Vec<_> = fakes
+        .timeline(Provider::Slack)
+        .into_iter()
+        .filter(|r| r.outcome == Outcome::RateLimited)
+        .map(|r| (r.operation, r.destination, r.status))
+        .collect();
+    assert_eq!(
+        limited,
+        vec![
+            ("chat.postMessage".to_string(), "C1".to_string(), 429),
+            ("chat.update".to_string(), "C1".to_string(), 429),
+            ("chat.postMessage".to_string(), "C1".to_string(), 429),
+        ]
+    );
+    for p in [
+        Provider::Twilio,
+        Provider::PagerDuty,
+        Provider::Webhook,
+        Provider::SlackWebhook,
+    ] {
+        assert_eq!(fakes.counts(p).rate_limited, 1, "{p:?}");
+    }
+    let rejected_429 = fakes.rejected().iter().filter(|r| r.status == 429).count();
+    assert_eq!(rejected_429, 7);
+
+    // Limits are off again once cleared.
+    fakes.clear_rate_limits();
+    assert_eq!(post("C1").await.json["ok"], true);
+    assert_eq!(sms("+14155550100").await.status, 201);
+}
+
+#[tokio::test]
+async fn counts_timeline_and_updates_per_message() {
+    let fakes = F::start().await;
+    let c = client();
+    let post = |channel: &str| {
+        slack(
+            &c,
+            &fakes,
+            "chat.postMessage",
+            json!({"channel": channel, "text": "x"}),
+        )
+    };
+    fakes.fail_next(Provider::Slack, 1, Failure::Status(500));
+    assert_eq!(post("C1").await.status, 500);
+    fakes.fail_next(Provider::Slack, 1, Failure::Hang(Duration::from_millis(50)));
+    assert_eq!(post("C1").await.json["ok"], true, "answered, not recorded");
+    let a = post("C1").await;
+    let ts1 = a.json["ts"].as_str().unwrap().to_string();
+    let a = post("U7").await;
+    let ts2 = a.json["ts"].as_str().unwrap().to_string();
+    assert_eq!(post("").await.json["error"], "channel_not_found");
+    for text in ["ack", "resolved"] {
+        let a = slack(
+            &c,
+            &fakes,
+            "chat.update",
+            json!({"channel": "C1", "ts": ts1, "text": text}),
+        )
+        .await;
+        assert_eq!(a.json["ok"], true);
+    }
+
+    assert_eq!(
+        fakes.counts(Provider::Slack),
+        RequestCounts {
+            accepted: 4,
+            invalid: 1,
+            rate_limited: 0,
+            injected: 1,
+            hung: 1,
+        }
+    );
+    assert_eq!(fakes.counts(Provider::Slack).total(), 7);
+    assert_eq!(fakes.counts(Provider::Slack).rejected(), 2);
+    assert_eq!(fakes.requests(Provider::Slack), 7);
+    assert_eq!(
+        fakes
+            .operation_counts(Provider::Slack, "chat.update")
+            .accepted,
+        2
+    );
+    assert_eq!(fakes.counts(Provider::Twilio), RequestCounts::default());
+
+    let timeline = fakes.timeline(Provider::Slack);
+    let seen: Vec<_> = timeline
+        .iter()
+        .map(|r| {
+            (
+                r.operation.as_str(),
+                r.destination.as_str(),
+                r.outcome,
+                r.status,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("chat.postMessage", "C1", Outcome::Injected, 500),
+            ("chat.postMessage", "C1", Outcome::Hung, 0),
+            ("chat.postMessage", "C1", Outcome::Accepted, 200),
+            ("chat.postMessage", "D7", Outcome::Accepted, 200),
+            ("chat.postMessage", "", Outcome::Invalid, 200),
+            ("chat.update", "C1", Outcome::Accepted, 200),
+            ("chat.update", "C1", Outcome::Accepted, 200),
+        ]
+    );
+    assert!(timeline
+        .windows(2)
+        .all(|w| w[0].received_at <= w[1].received_at));
+    assert!(timeline.iter().all(|r| r.provider == Provider::Slack));
+    let posts = fakes.slack_posts();
+    assert!(timeline[2].received_at <= posts[0].at);
+
+    let per_ts = fakes.slack_updates_per_ts();
+    assert_eq!(per_ts.get(&ts1), Some(&2));
+    assert_eq!(per_ts.get(&ts2), Some(&0));
+    assert_eq!(per_ts.len(), 2);
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@
 use serde_json::{json, Value};
 
 use super::{
-    server::{reason, str_arg, Ctx, Reply},
+    server::{reason, str_arg, Ctx, Reply, Req},
     FakeProviders,
 };
 
@@ -86,7 +86,23 @@ fn parses_as_iso8601(s: &str) -> bool {
     false
 }
 
+/// The `routing_key` of an event (`""` if it has none).
+pub(super) fn describe(req: &Req) -> String {
+    serde_json::from_slice::<Value>(&req.body)
+        .ok()
+        .and_then(|v| v.get("routing_key")?.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// `POST /v2/enqueue`.
+///
+/// PagerDuty documents "a limit of approximately 120 calls/minute per
+/// integration key"; over it "The response to the API call will say
+/// `429 - Request Limit Exceeded` and PagerDuty will not ingest the
+/// event", with no `Retry-After`. A limit set with
+/// [`FakeProviders::set_rate_limit`] applies once the event names the
+/// integration key (an unknown key is no integration's traffic), before
+/// the event's other checks.
 pub(super) fn enqueue(ctx: &mut Ctx<'_>) -> Reply {
     let req = ctx.req;
     if req.body.len() > 512_000 {
@@ -100,8 +116,12 @@ pub(super) fn enqueue(ctx: &mut Ctx<'_>) -> Reply {
         Ok(_) => return pd_invalid(vec!["Event object must be a JSON object".into()]),
         Err(e) => return pd_invalid(vec![format!("Invalid JSON: {e}")]),
     };
+    let routing_key = event.get("routing_key").and_then(Value::as_str);
+    if routing_key == Some(FakeProviders::PD_ROUTING_KEY) && ctx.throttled().is_some() {
+        return status_reply(429).throttled();
+    }
     let mut errors = Vec::new();
-    match event.get("routing_key").and_then(Value::as_str) {
+    match routing_key {
         None | Some("") => errors.push("'routing_key' is missing or blank".to_string()),
         Some(k) if k.chars().count() != 32 => errors
             .push("Length of 'routing_key' is incorrect (should be 32 characters)".to_string()),

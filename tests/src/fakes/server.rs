@@ -21,7 +21,11 @@ use axum::{
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
-use super::{pagerduty, slack, twilio, webhook, Failure, Provider, Rejected};
+use super::{
+    pagerduty,
+    ratelimit::{self, Limiter},
+    slack, twilio, webhook, Failure, Outcome, Provider, Rejected, RequestRecord,
+};
 
 pub(super) struct Shared {
     records: Mutex<Records>,
@@ -70,7 +74,10 @@ impl Shared {
 #[derive(Clone, Default)]
 pub(super) struct Records {
     pub failures: HashMap<Provider, VecDeque<Failure>>,
+    /// Rate limits in force, by provider and operation.
+    pub limits: HashMap<(Provider, String), Arc<Limiter>>,
     pub requests: HashMap<Provider, usize>,
+    pub timeline: Vec<RequestRecord>,
     pub rejected: Vec<Rejected>,
     pub slack: slack::State,
     pub pagerduty: pagerduty::State,
@@ -124,6 +131,8 @@ pub(super) struct Reply {
     pub headers: Vec<(&'static str, String)>,
     /// Recorded in `rejected` (Slack answers its errors with 200).
     pub error: bool,
+    /// Refused by a rate limit.
+    pub rate_limited: bool,
 }
 
 impl Reply {
@@ -134,6 +143,7 @@ impl Reply {
             body: v.to_string(),
             headers: vec![],
             error: status >= 400,
+            rate_limited: false,
         }
     }
 
@@ -144,6 +154,7 @@ impl Reply {
             body: s.to_string(),
             headers: vec![],
             error: status >= 400,
+            rate_limited: false,
         }
     }
 
@@ -154,12 +165,20 @@ impl Reply {
             body: String::new(),
             headers: vec![],
             error: status >= 400,
+            rate_limited: false,
         }
     }
 
     /// Marks the answer as an error whatever its status.
     pub fn failed(mut self) -> Reply {
         self.error = true;
+        self
+    }
+
+    /// Marks the answer as a rate limit's refusal.
+    pub fn throttled(mut self) -> Reply {
+        self.error = true;
+        self.rate_limited = true;
         self
     }
 
@@ -190,6 +209,44 @@ pub(super) struct Ctx<'a> {
     pub shared: &'a Shared,
     pub rec: &'a mut Records,
     pub req: &'a Req,
+    provider: Provider,
+    operation: &'a str,
+    destination: &'a str,
+    /// Answering against a scratch copy: rate limits are not consulted.
+    scratch: bool,
+}
+
+impl Ctx<'_> {
+    /// `Some(Retry-After value)` if the rate limit set for this request's
+    /// provider and operation refuses it now; otherwise the request takes
+    /// a token and goes on. Providers call this where their real
+    /// counterpart enforces its limit.
+    pub fn throttled(&self) -> Option<String> {
+        if self.scratch {
+            return None;
+        }
+        let limiter = self
+            .rec
+            .limits
+            .get(&(self.provider, self.operation.to_string()))?;
+        limiter
+            .take(self.destination)
+            .err()
+            .map(ratelimit::retry_after)
+    }
+}
+
+/// What a request is (the provider's operation) and where it goes (its
+/// destination), read from the request alone so that it is known for
+/// injected failures too.
+fn describe(provider: Provider, req: &Req) -> (String, String) {
+    match provider {
+        Provider::Slack => slack::describe_api(req),
+        Provider::SlackWebhook => ("POST".into(), req.param.clone()),
+        Provider::PagerDuty => ("POST".into(), pagerduty::describe(req)),
+        Provider::Twilio => (req.method.as_str().into(), twilio::describe(req)),
+        Provider::Webhook => ("POST".into(), req.param.clone()),
+    }
 }
 
 type Handler = fn(&mut Ctx<'_>) -> Reply;
@@ -209,34 +266,14 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Counts the request, applies an injected failure if one is queued, else
-/// runs `handler` and records an error answer in `rejected`.
+/// Counts the request and notes it in the timeline; applies an injected
+/// failure if one is queued, else runs `handler`; records an error answer
+/// in `rejected`.
 async fn handle(shared: Arc<Shared>, provider: Provider, req: Req, handler: Handler) -> Response {
-    let injected = {
-        let mut rec = shared.lock();
-        *rec.requests.entry(provider).or_default() += 1;
-        rec.failures.get_mut(&provider).and_then(|q| q.pop_front())
-    };
-    let reply = match injected {
-        None => {
-            let mut rec = shared.lock();
-            let reply = handler(&mut Ctx {
-                shared: &shared,
-                rec: &mut rec,
-                req: &req,
-            });
-            if reply.error {
-                rec.rejected.push(Rejected {
-                    provider,
-                    status: reply.status,
-                    body: reply.body.clone(),
-                    at: Instant::now(),
-                });
-            }
-            reply
-        }
-        Some(Failure::Hang(d)) => {
-            tokio::time::sleep(d).await;
+    match answer(&shared, provider, &req, handler) {
+        Ok(reply) => reply.into_response(),
+        Err(hang) => {
+            tokio::time::sleep(hang).await;
             // Answer as the provider would, against a scratch copy of the
             // state, so that nothing is recorded.
             let mut scratch = shared.lock().clone();
@@ -244,20 +281,79 @@ async fn handle(shared: Arc<Shared>, provider: Provider, req: Req, handler: Hand
                 shared: &shared,
                 rec: &mut scratch,
                 req: &req,
+                provider,
+                operation: "",
+                destination: "",
+                scratch: true,
             })
+            .into_response()
+        }
+    }
+}
+
+/// The synchronous part of [`handle`], under one lock so that the
+/// timeline is in arrival order and a handler sees one consistent state:
+/// the answer, or `Err(how long to hang)`.
+fn answer(
+    shared: &Shared,
+    provider: Provider,
+    req: &Req,
+    handler: Handler,
+) -> Result<Reply, std::time::Duration> {
+    let received_at = Instant::now();
+    let (operation, destination) = describe(provider, req);
+    let mut rec = shared.lock();
+    *rec.requests.entry(provider).or_default() += 1;
+    let injected = rec.failures.get_mut(&provider).and_then(|q| q.pop_front());
+    let mut record = RequestRecord {
+        provider,
+        operation,
+        destination,
+        outcome: Outcome::Accepted,
+        status: 0,
+        received_at,
+    };
+    let reply = match injected {
+        Some(Failure::Hang(d)) => {
+            record.outcome = Outcome::Hung;
+            rec.timeline.push(record);
+            return Err(d);
         }
         Some(failure) => {
-            let reply = failure_reply(provider, &failure);
-            shared.lock().rejected.push(Rejected {
+            record.outcome = Outcome::Injected;
+            failure_reply(provider, &failure)
+        }
+        None => {
+            let reply = handler(&mut Ctx {
+                shared,
+                rec: &mut rec,
+                req,
                 provider,
-                status: reply.status,
-                body: reply.body.clone(),
-                at: Instant::now(),
+                operation: &record.operation,
+                destination: &record.destination,
+                scratch: false,
             });
+            record.outcome = if reply.rate_limited {
+                Outcome::RateLimited
+            } else if reply.error {
+                Outcome::Invalid
+            } else {
+                Outcome::Accepted
+            };
             reply
         }
     };
-    reply.into_response()
+    record.status = reply.status;
+    rec.timeline.push(record);
+    if reply.error {
+        rec.rejected.push(Rejected {
+            provider,
+            status: reply.status,
+            body: reply.body.clone(),
+            at: Instant::now(),
+        });
+    }
+    Ok(reply)
 }
 
 /// The provider-shaped answer to an injected failure.

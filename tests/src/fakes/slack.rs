@@ -10,7 +10,10 @@
 //! (microseconds, strictly increasing), as Slack's do, so `oldest` filters
 //! computed from real time work in `conversations.history`.
 
-use std::{collections::HashSet, time::Instant};
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::Instant,
+};
 
 use axum::http::Method;
 use base64::Engine as _;
@@ -18,7 +21,7 @@ use serde_json::{json, Map, Value};
 
 use super::{
     form::form_decode,
-    server::{b64, str_arg, Ctx, Reply},
+    server::{b64, str_arg, Ctx, Reply, Req},
     FakeProviders,
 };
 
@@ -99,6 +102,18 @@ impl FakeProviders {
         self.lock().slack.updates.clone()
     }
 
+    /// How many accepted `chat.update`s each posted message got, by its
+    /// `ts` (0 for a message never updated).
+    pub fn slack_updates_per_ts(&self) -> BTreeMap<String, usize> {
+        let rec = self.lock();
+        let mut counts: BTreeMap<String, usize> =
+            rec.slack.posts.iter().map(|p| (p.ts.clone(), 0)).collect();
+        for u in &rec.slack.updates {
+            *counts.entry(u.ts.clone()).or_default() += 1;
+        }
+        counts
+    }
+
     /// Accepted Slack incoming-webhook bodies, in arrival order.
     pub fn slack_webhook_posts(&self) -> Vec<Value> {
         self.lock().slack.webhook_posts.clone()
@@ -146,22 +161,26 @@ fn slack_err_msg(error: &str, message: String) -> Reply {
     .failed()
 }
 
-/// The Web API: `/slack/api/{method}`.
-pub(super) fn api(ctx: &mut Ctx<'_>) -> Reply {
-    let req = ctx.req;
-    let method = req.param.as_str();
-    let json_only = match method {
-        "chat.postMessage" | "chat.update" => true,
-        "conversations.open" | "conversations.history" => false,
-        _ => return Reply::json(404, json!({"ok": false, "error": "unknown_method"})),
-    };
-    // Arguments: JSON body, or (conversations.*) a form body or a GET query.
+/// Whether the method takes JSON bodies only (`chat.*`) or also form
+/// bodies and queries (`conversations.*`); `None` for a method the fake
+/// does not know.
+fn json_only(method: &str) -> Option<bool> {
+    match method {
+        "chat.postMessage" | "chat.update" => Some(true),
+        "conversations.open" | "conversations.history" => Some(false),
+        _ => None,
+    }
+}
+
+/// The arguments (JSON body, or for `conversations.*` a form body or a
+/// GET query) and a `token` argument given in a form.
+fn parse_args(req: &Req, json_only: bool) -> Result<(Map<String, Value>, Option<String>), Reply> {
     let mut form_token = None;
-    let args: Map<String, Value> = if req.method == Method::GET && !json_only {
+    let args = if req.method == Method::GET && !json_only {
         form_args(&req.query, &mut form_token)
     } else {
         match req.media_type().as_deref() {
-            None => return slack_err("missing_post_type"),
+            None => return Err(slack_err("missing_post_type")),
             Some("application/json") => {
                 let charset_ok = req
                     .header("content-type")
@@ -174,18 +193,70 @@ pub(super) fn api(ctx: &mut Ctx<'_>) -> Reply {
                     })
                     .is_none_or(|cs| cs == "utf-8" || cs == "utf8");
                 if !charset_ok {
-                    return slack_err("invalid_charset");
+                    return Err(slack_err("invalid_charset"));
                 }
                 match serde_json::from_slice::<Value>(&req.body) {
                     Ok(Value::Object(m)) => m,
-                    _ => return slack_err("invalid_json"),
+                    _ => return Err(slack_err("invalid_json")),
                 }
             }
             Some("application/x-www-form-urlencoded") if !json_only => {
                 form_args(&String::from_utf8_lossy(&req.body), &mut form_token)
             }
-            Some(_) => return slack_err("invalid_post_type"),
+            Some(_) => return Err(slack_err("invalid_post_type")),
         }
+    };
+    Ok((args, form_token))
+}
+
+/// Posting to a user id goes to the DM with that user.
+fn conversation_of(channel: &str) -> String {
+    match channel.strip_prefix('U') {
+        Some(rest) => format!("D{rest}"),
+        None => channel.to_string(),
+    }
+}
+
+/// The method, and the conversation it is about (`""` if none is named).
+pub(super) fn describe_api(req: &Req) -> (String, String) {
+    let method = req.param.clone();
+    let args = json_only(&method).and_then(|j| parse_args(req, j).ok());
+    let destination = match args {
+        Some((args, _)) if method == "conversations.open" => match args.get("users") {
+            Some(Value::Array(users)) => users
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(","),
+            _ => str_arg(&args, "users").to_string(),
+        },
+        Some((args, _)) => conversation_of(str_arg(&args, "channel")),
+        None => String::new(),
+    };
+    (method, destination)
+}
+
+/// The Web API: `/slack/api/{method}`.
+///
+/// Slack limits each method "per API method per app per workspace", and
+/// `chat.postMessage` also per channel ("generally allows posting one
+/// message per second per channel"); over a limit it answers HTTP 429 with
+/// `{"ok":false,"error":"ratelimited"}` and a `Retry-After` header of
+/// seconds ("Refer to the `Retry-After` header for when to retry the
+/// request").
+/// The fake applies a limit set with
+/// [`FakeProviders::set_rate_limit`] (`chat.postMessage`) or
+/// [`FakeProviders::set_operation_rate_limit`] (any method) once the token
+/// is checked (a limit is the app's) and before the method's own checks.
+pub(super) fn api(ctx: &mut Ctx<'_>) -> Reply {
+    let req = ctx.req;
+    let method = req.param.as_str();
+    let Some(json_only) = json_only(method) else {
+        return Reply::json(404, json!({"ok": false, "error": "unknown_method"}));
+    };
+    let (args, form_token) = match parse_args(req, json_only) {
+        Ok(parsed) => parsed,
+        Err(reply) => return reply,
     };
     // Auth: the bearer header (or, for form bodies, a `token` argument).
     let token = match req.header("authorization") {
@@ -196,6 +267,11 @@ pub(super) fn api(ctx: &mut Ctx<'_>) -> Reply {
         None => return slack_err("not_authed"),
         Some(t) if t != FakeProviders::SLACK_TOKEN => return slack_err("invalid_auth"),
         Some(_) => {}
+    }
+    if let Some(after) = ctx.throttled() {
+        return api_status_reply(429)
+            .with_header("retry-after", after)
+            .throttled();
     }
     match method {
         "chat.postMessage" => post_message(ctx, args),
@@ -306,11 +382,7 @@ fn post_message(ctx: &mut Ctx<'_>, args: Map<String, Value>) -> Reply {
         Ok(c) => c,
         Err(r) => return r,
     };
-    // Posting to a user id goes to the DM with that user.
-    let channel = match channel.strip_prefix('U') {
-        Some(rest) => format!("D{rest}"),
-        None => channel.to_string(),
-    };
+    let channel = conversation_of(channel);
     let ts = ctx.shared.next_ts();
     let thread_ts = args
         .get("thread_ts")
@@ -693,8 +765,15 @@ fn check_button(b: &Map<String, Value>, at: &str) -> Result<(), String> {
 // ---------------------------------------------------------------------------
 // Incoming webhooks
 
-/// An incoming webhook: `/slack/services/T…/B…/…`.
+/// An incoming webhook: `/slack/services/T…/B…/…`. A rate limit applies
+/// per webhook URL before any check, answered as Slack does: 429,
+/// `Retry-After`, `rate_limited`.
 pub(super) fn incoming_webhook(ctx: &mut Ctx<'_>) -> Reply {
+    if let Some(after) = ctx.throttled() {
+        return webhook_status_reply(429)
+            .with_header("retry-after", after)
+            .throttled();
+    }
     let req = ctx.req;
     let parsed = if req.media_type().as_deref() == Some("application/x-www-form-urlencoded") {
         form_decode(&String::from_utf8_lossy(&req.body))

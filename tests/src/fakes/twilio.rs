@@ -99,7 +99,29 @@ fn basic_auth(req: &Req) -> Option<(String, String)> {
     Some((u.to_string(), p.to_string()))
 }
 
+/// The `To` number of a message sent, or of a list's `To` filter (`""` if none).
+pub(super) fn describe(req: &Req) -> String {
+    let pairs = if req.method == Method::POST {
+        form_decode(&String::from_utf8_lossy(&req.body))
+    } else {
+        form_decode(&req.query)
+    };
+    pairs
+        .into_iter()
+        .find(|(k, _)| k == "To")
+        .map(|(_, v)| v)
+        .unwrap_or_default()
+}
+
 /// `/2010-04-01/Accounts/{sid}/Messages.json`: `POST` creates, `GET` lists.
+///
+/// Twilio answers error 20429 (HTTP 429 "Too Many Requests") when an
+/// account exceeds its REST API concurrency; "Requests that receive 429
+/// responses aren't processed and are safe to retry after backing off",
+/// and no `Retry-After` is documented. A limit set with
+/// [`FakeProviders::set_rate_limit`] (sending, operation `POST`) or
+/// [`FakeProviders::set_operation_rate_limit`] (`GET` for listing) applies
+/// once the request is authenticated, before the message's checks.
 pub(super) fn messages(ctx: &mut Ctx<'_>) -> Reply {
     let req = ctx.req;
     let authed = basic_auth(req).is_some_and(|(u, p)| {
@@ -107,6 +129,9 @@ pub(super) fn messages(ctx: &mut Ctx<'_>) -> Reply {
     });
     if !authed {
         return twilio_error(401, 20003, "Authenticate");
+    }
+    if ctx.throttled().is_some() {
+        return status_reply(429).throttled();
     }
     match req.method {
         Method::POST => create(&mut ctx.rec.twilio, req),

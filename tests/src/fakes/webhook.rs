@@ -82,8 +82,15 @@ fn webhook_mac(secret: &str, id: &str, timestamp: &str, body: &[u8]) -> Hmac<Sha
     mac
 }
 
-/// `POST /hooks/{name}`.
+/// `POST /hooks/{name}`. A rate limit set with
+/// [`FakeProviders::set_rate_limit`] applies per receiver before any
+/// check: 429 with `Retry-After`.
 pub(super) fn receive(ctx: &mut Ctx<'_>) -> Reply {
+    if let Some(after) = ctx.throttled() {
+        return rate_limited_reply()
+            .with_header("retry-after", after)
+            .throttled();
+    }
     let req = ctx.req;
     let name = req.param.clone();
     let unsigned = name.starts_with("unsigned");
