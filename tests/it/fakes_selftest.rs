@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tocsin_tests::fakes::{form_encode, webhook_signature, Failure, FakeProviders as F, Provider};
+use tocsin_tests::fakes::{
+    form_encode, webhook_signature, Failure, FakeProviders as F, Outcome, Provider, RateLimit,
+    RateLimitKey, RequestCounts,
+};
 use tocsin_tests::smtp::SmtpSink;
 
 /// A plain client (after the kit's one-time set-up: logs, TLS crypto provider).
@@ -257,6 +260,179 @@ async fn slack_incoming_webhook() {
     assert_eq!(fakes.requests(Provider::SlackWebhook), 3);
 }
 
+/// Posts `n` messages to `channel`; their `ts`, oldest first.
+async fn post_many(c: &reqwest::Client, fakes: &F, channel: &str, n: usize) -> Vec<String> {
+    let mut ts = Vec::with_capacity(n);
+    for i in 0..n {
+        let a = slack(
+            c,
+            fakes,
+            "chat.postMessage",
+            json!({"channel": channel, "text": format!("message {i}")}),
+        )
+        .await;
+        assert_eq!(a.json["ok"], true, "{}", a.text);
+        ts.push(a.json["ts"].as_str().unwrap().to_string());
+    }
+    ts
+}
+
+fn ts_of(a: &Answer) -> Vec<String> {
+    a.json["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no messages in {}", a.text))
+        .iter()
+        .map(|m| m["ts"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn slack_history_pages_with_a_cursor() {
+    let fakes = F::start().await;
+    let c = client();
+    let posted = post_many(&c, &fakes, "C1", 200).await;
+    post_many(&c, &fakes, "C2", 3).await;
+    let newest_first: Vec<String> = posted.iter().rev().cloned().collect();
+
+    // 200 messages, limit 50: four pages, newest first, chained by cursor.
+    let mut seen = Vec::new();
+    let mut cursors = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut args = json!({"channel": "C1", "limit": 50});
+        if let Some(c) = &cursor {
+            args["cursor"] = json!(c);
+        }
+        let a = slack(&c, &fakes, "conversations.history", args).await;
+        pages += 1;
+        assert_eq!(a.json["ok"], true, "{}", a.text);
+        assert_eq!(ts_of(&a).len(), 50, "page {pages}");
+        seen.extend(ts_of(&a));
+        if a.json["has_more"] == json!(true) {
+            let next = a.json["response_metadata"]["next_cursor"]
+                .as_str()
+                .unwrap_or_else(|| panic!("has_more without a cursor: {}", a.text));
+            assert!(!next.is_empty());
+            cursors.push(next.to_string());
+            cursor = Some(next.to_string());
+        } else {
+            assert_eq!(a.json["has_more"], false, "{}", a.text);
+            let next = &a.json["response_metadata"]["next_cursor"];
+            assert!(next.is_null() || next == "", "{}", a.text);
+            break;
+        }
+        assert!(pages < 10, "the cursor chain does not end");
+    }
+    assert_eq!(pages, 4);
+    assert_eq!(seen, newest_first);
+    let distinct: std::collections::HashSet<_> = cursors.iter().collect();
+    assert_eq!(distinct.len(), 3, "{cursors:?}");
+
+    // The same walk as a form GET: the cursor is an ordinary argument.
+    let a = send(
+        c.get(format!(
+            "{}/conversations.history?{}",
+            fakes.slack_api_url(),
+            form_encode(&[("channel", "C1"), ("limit", "50"), ("cursor", &cursors[2]),])
+        ))
+        .bearer_auth(F::SLACK_TOKEN),
+    )
+    .await;
+    assert_eq!(ts_of(&a), newest_first[150..].to_vec());
+    assert_eq!(a.json["has_more"], false);
+
+    // Default limit 100; a limit above the maximum is capped, not refused.
+    let a = slack(
+        &c,
+        &fakes,
+        "conversations.history",
+        json!({"channel": "C1"}),
+    )
+    .await;
+    assert_eq!(ts_of(&a), newest_first[..100].to_vec());
+    assert_eq!(a.json["has_more"], true);
+    let a = slack(
+        &c,
+        &fakes,
+        "conversations.history",
+        json!({"channel": "C1", "limit": 5000}),
+    )
+    .await;
+    assert_eq!(ts_of(&a).len(), 200);
+    assert_eq!(a.json["has_more"], false);
+
+    // oldest/latest bound the walk; exclusive unless inclusive.
+    let a = slack(
+        &c,
+        &fakes,
+        "conversations.history",
+        json!({"channel": "C1", "oldest": posted[49], "limit": 100}),
+    )
+    .await;
+    assert_eq!(ts_of(&a), newest_first[..100].to_vec());
+    let next = a.json["response_metadata"]["next_cursor"].clone();
+    let a = slack(
+        &c,
+        &fakes,
+        "conversations.history",
+        json!({"channel": "C1", "oldest": posted[49], "limit": 100, "cursor": next}),
+    )
+    .await;
+    assert_eq!(ts_of(&a), newest_first[100..150].to_vec());
+    assert_eq!(a.json["has_more"], false);
+    let a = slack(
+        &c,
+        &fakes,
+        "conversations.history",
+        json!({"channel": "C1", "oldest": posted[49], "latest": posted[60],
+               "inclusive": true, "limit": 999}),
+    )
+    .await;
+    assert_eq!(ts_of(&a), newest_first[139..=150].to_vec());
+    let a = slack(
+        &c,
+        &fakes,
+        "conversations.history",
+        json!({"channel": "C1", "latest": posted[1], "limit": 999}),
+    )
+    .await;
+    assert_eq!(ts_of(&a), vec![posted[0].clone()]);
+
+    // Cursors and timestamps that do not parse are refused as Slack does.
+    for cursor in ["not a cursor", "bmV4dF90czp4eXo=", "dXNlcjpVMDYxTkZUVDI="] {
+        let a = slack(
+            &c,
+            &fakes,
+            "conversations.history",
+            json!({"channel": "C1", "cursor": cursor}),
+        )
+        .await;
+        assert_eq!(
+            (a.status, a.json.clone()),
+            (200, json!({"ok": false, "error": "invalid_cursor"})),
+            "{cursor}"
+        );
+    }
+    let a = slack(
+        &c,
+        &fakes,
+        "conversations.history",
+        json!({"channel": "C1", "oldest": "yesterday"}),
+    )
+    .await;
+    assert_eq!(a.json["error"], "invalid_ts_oldest");
+    let a = slack(
+        &c,
+        &fakes,
+        "conversations.history",
+        json!({"channel": "C1", "latest": "1x"}),
+    )
+    .await;
+    assert_eq!(a.json["error"], "invalid_ts_latest");
+    assert_eq!(fakes.requests(Provider::Slack), 203 + 4 + 1 + 2 + 4 + 3 + 2);
+}
+
 #[tokio::test]
 async fn pagerduty_events_and_dedup() {
     let fakes = F::start().await;
@@ -448,6 +624,208 @@ async fn twilio_messages() {
     assert_eq!(fakes.requests(Provider::Twilio), 9);
 }
 
+fn sids(a: &Answer) -> Vec<String> {
+    a.json["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no messages in {}", a.text))
+        .iter()
+        .map(|m| m["sid"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn twilio_list_pages_like_twilio() {
+    let fakes = F::start().await;
+    let c = client();
+    let list_url = format!(
+        "{}/2010-04-01/Accounts/{}/Messages.json",
+        fakes.twilio_url(),
+        F::TWILIO_SID
+    );
+    let path = format!("/2010-04-01/Accounts/{}/Messages.json", F::TWILIO_SID);
+    let create = |pairs: Vec<(&'static str, String)>| {
+        let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        send(
+            c.post(&list_url)
+                .basic_auth(F::TWILIO_SID, Some(F::TWILIO_TOKEN))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form_encode(&pairs)),
+        )
+    };
+    let get = |uri: &str| {
+        send(
+            c.get(format!("{}{uri}", fakes.twilio_url()))
+                .basic_auth(F::TWILIO_SID, Some(F::TWILIO_TOKEN)),
+        )
+    };
+    let mut to_a = Vec::new();
+    for i in 0..250 {
+        let a = create(vec![
+            ("To", "+14155550100".into()),
+            ("From", F::TWILIO_FROM.into()),
+            ("Body", format!("page {i}")),
+        ])
+        .await;
+        assert_eq!(a.status, 201, "{}", a.text);
+        to_a.push(a.json["sid"].as_str().unwrap().to_string());
+    }
+    for i in 0..5 {
+        let a = create(vec![
+            ("To", "+14155550199".into()),
+            (
+                "MessagingServiceSid",
+                "MG00000000000000000000000000000000".into(),
+            ),
+            ("Body", format!("other {i}")),
+        ])
+        .await;
+        assert_eq!(a.status, 201, "{}", a.text);
+    }
+    let newest_first: Vec<String> = to_a.iter().rev().cloned().collect();
+
+    // 250 messages, PageSize 100: three pages by next_page_uri.
+    let query = form_encode(&[("To", "+14155550100"), ("PageSize", "100")]);
+    let first = get(&format!("{path}?{query}")).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    let first_uri = format!("{path}?To=%2B14155550100&PageSize=100&Page=0");
+    assert_eq!(first.json["first_page_uri"], first_uri.as_str());
+    assert_eq!(first.json["uri"], first_uri.as_str());
+    assert_eq!(first.json["previous_page_uri"], Value::Null);
+    assert_eq!(
+        (
+            first.json["page"].clone(),
+            first.json["page_size"].clone(),
+            first.json["start"].clone(),
+            first.json["end"].clone()
+        ),
+        (json!(0), json!(100), json!(0), json!(99))
+    );
+    assert_eq!(
+        first.json["next_page_uri"],
+        format!(
+            "{path}?To=%2B14155550100&PageSize=100&Page=1&PageToken=PA{}",
+            newest_first[99]
+        )
+        .as_str()
+    );
+    let mut pages = vec![first];
+    while let Some(next) = pages.last().unwrap().json["next_page_uri"].as_str() {
+        let a = get(next).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        pages.push(a);
+        assert!(pages.len() < 10, "next_page_uri does not end");
+    }
+    assert_eq!(pages.len(), 3);
+    let walked: Vec<String> = pages.iter().flat_map(sids).collect();
+    assert_eq!(walked, newest_first);
+    let (second, third) = (&pages[1], &pages[2]);
+    assert_eq!(
+        (
+            second.json["page"].clone(),
+            second.json["start"].clone(),
+            second.json["end"].clone()
+        ),
+        (json!(1), json!(100), json!(199))
+    );
+    assert_eq!(
+        (
+            third.json["page"].clone(),
+            third.json["start"].clone(),
+            third.json["end"].clone()
+        ),
+        (json!(2), json!(200), json!(249))
+    );
+    assert_eq!(third.json["next_page_uri"], Value::Null);
+    assert_eq!(third.json["first_page_uri"], first_uri.as_str());
+    // previous_page_uri leads back to the page before.
+    let back = get(second.json["previous_page_uri"].as_str().unwrap()).await;
+    assert_eq!(sids(&back), newest_first[..100].to_vec());
+    assert_eq!(back.json["page"], 0);
+
+    // PageSize: default 50, at most 1000.
+    let a = get(&path).await;
+    assert_eq!(
+        (sids(&a).len(), a.json["page_size"].clone()),
+        (50, json!(50))
+    );
+    let a = get(&format!("{path}?PageSize=5000")).await;
+    assert_eq!(
+        (sids(&a).len(), a.json["page_size"].clone()),
+        (255, json!(1000))
+    );
+    assert_eq!(a.json["next_page_uri"], Value::Null);
+
+    // Filters: To, From, DateSent (a GMT date; a time of day is ignored).
+    let all = |q: &[(&str, &str)]| {
+        let mut q = q.to_vec();
+        q.push(("PageSize", "1000"));
+        get(&format!("{path}?{}", form_encode(&q)))
+    };
+    assert_eq!(sids(&all(&[("To", "+14155550199")]).await).len(), 5);
+    assert_eq!(sids(&all(&[("From", F::TWILIO_FROM)]).await), newest_first);
+    let newest = &a.json["messages"][0]["date_sent"];
+    let sent = jiff::fmt::rfc2822::parse(newest.as_str().unwrap())
+        .unwrap()
+        .timestamp();
+    let day = sent.strftime("%Y-%m-%d").to_string();
+    let oldest_day =
+        jiff::fmt::rfc2822::parse(a.json["messages"][254]["date_sent"].as_str().unwrap())
+            .unwrap()
+            .timestamp()
+            .strftime("%Y-%m-%d")
+            .to_string();
+    let a = all(&[("DateSent>", &oldest_day), ("DateSent<", &day)]).await;
+    assert_eq!(sids(&a).len(), 255, "{}", a.json["uri"]);
+    assert_eq!(
+        a.json["uri"],
+        format!("{path}?DateSent%3C={day}&DateSent%3E={oldest_day}&PageSize=1000&Page=0").as_str()
+    );
+    let later_that_day = (sent + jiff::SignedDuration::from_secs(1)).to_string();
+    let a = all(&[("DateSent>", &later_that_day)]).await;
+    assert!(sids(&a).contains(&newest_first[0]), "DateSent is a date");
+    let a = all(&[("DateSent", "2000-01-01")]).await;
+    assert_eq!(sids(&a).len(), 0);
+    assert_eq!(
+        (
+            a.json["start"].clone(),
+            a.json["end"].clone(),
+            a.json["next_page_uri"].clone()
+        ),
+        (json!(0), json!(0), Value::Null)
+    );
+    assert_eq!(sids(&all(&[("DateSent<", "2000-01-01")]).await).len(), 0);
+    assert_eq!(sids(&all(&[("DateSent>", "2999-01-01")]).await).len(), 0);
+
+    // Paging needs the token the API handed out.
+    let a = get(&format!("{path}?PageSize=100&Page=1")).await;
+    assert_eq!(
+        (a.status, a.json["code"].clone(), a.json["message"].clone()),
+        (
+            400,
+            json!(70002),
+            json!("Paged requests must include a PageToken")
+        )
+    );
+    let a = get(&format!("{path}?PageSize=100&Page=1&PageToken=PAnope")).await;
+    assert_eq!(
+        (a.status, a.json["code"].clone()),
+        (400, json!(20001)),
+        "{}",
+        a.text
+    );
+    let a = all(&[("DateSent", "last tuesday")]).await;
+    assert_eq!(
+        (a.status, a.json["code"].clone()),
+        (400, json!(20001)),
+        "{}",
+        a.text
+    );
+    assert_eq!(
+        fakes.requests(Provider::Twilio),
+        255 + 3 + 1 + 2 + 2 + 2 + 1 + 2 + 3
+    );
+}
+
 #[tokio::test]
 async fn standard_webhooks() {
     let fakes = F::start().await;
@@ -612,6 +990,311 @@ async fn failure_injection() {
         json!({"ok": false, "error": "fatal_error"})
     );
     assert_eq!(fakes.slack_posts().len(), 1);
+}
+
+/// A limit no test outlasts: the second request within 100 s is refused.
+fn slow(burst: u32, key: RateLimitKey) -> RateLimit {
+    RateLimit {
+        per_second: 0.01,
+        burst,
+        key,
+    }
+}
+
+fn retry_after_secs(a: &Answer) -> u64 {
+    a.retry_after
+        .as_deref()
+        .unwrap_or_else(|| panic!("no Retry-After: {}", a.text))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn rate_limits_answer_as_the_providers_do() {
+    let fakes = F::start().await;
+    let c = client();
+    let post = |channel: &str| {
+        slack(
+            &c,
+            &fakes,
+            "chat.postMessage",
+            json!({"channel": channel, "text": "x"}),
+        )
+    };
+
+    // Slack chat.postMessage, per channel: 429 with Retry-After and Slack's body.
+    fakes.set_rate_limit(Provider::Slack, slow(2, RateLimitKey::PerChannel));
+    let first = post("C1").await;
+    assert_eq!(first.json["ok"], true);
+    assert_eq!(post("C1").await.json["ok"], true, "a burst of 2");
+    let a = post("C1").await;
+    assert_eq!(
+        (a.status, a.json.clone()),
+        (429, json!({"ok": false, "error": "ratelimited"}))
+    );
+    let wait = retry_after_secs(&a);
+    assert!((90..=100).contains(&wait), "Retry-After {wait}");
+    assert_eq!(post("C2").await.json["ok"], true, "another channel");
+    let ts = first.json["ts"].as_str().unwrap();
+    let update = json!({"channel": "C1", "ts": ts, "text": "y"});
+    let a = slack(&c, &fakes, "chat.update", update.clone()).await;
+    assert_eq!(a.json["ok"], true, "chat.update has its own limit");
+    fakes.set_operation_rate_limit(
+        Provider::Slack,
+        "chat.update",
+        slow(1, RateLimitKey::Global),
+    );
+    assert_eq!(
+        slack(&c, &fakes, "chat.update", update.clone()).await.json["ok"],
+        true
+    );
+    let a = slack(&c, &fakes, "chat.update", update).await;
+    assert_eq!(
+        (a.status, a.json["error"].clone()),
+        (429, json!("ratelimited"))
+    );
+    let a = slack(&c, &fakes, "chat.postMessage", json!({"channel": "C1"})).await;
+    assert_eq!(
+        (a.status, a.json["error"].clone()),
+        (429, json!("ratelimited")),
+        "the limit comes before the method's checks"
+    );
+    let unauthed = send(
+        c.post(format!("{}/chat.postMessage", fakes.slack_api_url()))
+            .header("content-type", "application/json")
+            .body(json!({"channel": "C1", "text": "x"}).to_string()),
+    )
+    .await;
+    assert_eq!(
+        (unauthed.status, unauthed.json["error"].clone()),
+        (200, json!("not_authed")),
+        "authentication comes first"
+    );
+
+    // Twilio, account-wide: 429 with error 20429; listing is not limited.
+    fakes.set_rate_limit(Provider::Twilio, slow(1, RateLimitKey::Global));
+    let url = format!(
+        "{}/2010-04-01/Accounts/{}/Messages.json",
+        fakes.twilio_url(),
+        F::TWILIO_SID
+    );
+    let sms = |to: &str| {
+        send(
+            c.post(&url)
+                .basic_auth(F::TWILIO_SID, Some(F::TWILIO_TOKEN))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form_encode(&[
+                    ("To", to),
+                    ("From", F::TWILIO_FROM),
+                    ("Body", "x"),
+                ])),
+        )
+    };
+    assert_eq!(sms("+14155550100").await.status, 201);
+    let a = sms("+14155550101").await;
+    assert_eq!(
+        (a.status, a.json.clone(), a.retry_after.clone()),
+        (
+            429,
+            json!({"code": 20429, "message": "Too Many Requests",
+                   "more_info": "https://www.twilio.com/docs/errors/20429", "status": 429}),
+            None
+        )
+    );
+    let a = send(c.get(&url).basic_auth(F::TWILIO_SID, Some(F::TWILIO_TOKEN))).await;
+    assert_eq!(a.status, 200);
+
+    // PagerDuty, per integration key: 429, the event is not ingested.
+    fakes.set_rate_limit(Provider::PagerDuty, slow(1, RateLimitKey::PerChannel));
+    let event = |key: &str| {
+        json!({"routing_key": key, "event_action": "trigger", "dedup_key": "k",
+               "payload": {"summary": "s", "source": "tocsin", "severity": "critical"}})
+    };
+    let enqueue = |e: Value| {
+        send(
+            c.post(fakes.pagerduty_url())
+                .header("content-type", "application/json")
+                .body(e.to_string()),
+        )
+    };
+    assert_eq!(enqueue(event(F::PD_ROUTING_KEY)).await.status, 202);
+    let a = enqueue(event(F::PD_ROUTING_KEY)).await;
+    assert_eq!(
+        (a.status, a.json["status"].clone(), a.retry_after.clone()),
+        (429, json!("throttle event"), None)
+    );
+    let a = enqueue(event("ffffffffffffffffffffffffffffffff")).await;
+    assert_eq!(a.status, 400, "an unknown key is no integration's traffic");
+    assert_eq!(fakes.pagerduty_alerts()[0].triggers, 1);
+
+    // Webhook receivers and Slack incoming webhooks, per URL.
+    fakes.set_rate_limit(Provider::Webhook, slow(1, RateLimitKey::PerChannel));
+    fakes.set_rate_limit(Provider::SlackWebhook, slow(1, RateLimitKey::PerChannel));
+    let hook = |name: &str, id: &str| {
+        send(
+            c.post(fakes.webhook_url(name))
+                .header("webhook-id", id)
+                .body("{}"),
+        )
+    };
+    assert_eq!(hook("unsigned-a", "1").await.status, 204);
+    let a = hook("unsigned-a", "2").await;
+    assert_eq!(
+        (a.status, a.json.clone()),
+        (429, json!({"error": "rate limited"}))
+    );
+    assert!(retry_after_secs(&a) >= 90);
+    assert_eq!(hook("unsigned-b", "3").await.status, 204);
+    let incoming = || {
+        send(
+            c.post(fakes.slack_webhook_url())
+                .header("content-type", "application/json")
+                .body(r#"{"text":"x"}"#),
+        )
+    };
+    assert_eq!(incoming().await.status, 200);
+    let a = incoming().await;
+    assert_eq!((a.status, a.text.as_str()), (429, "rate_limited"));
+    assert!(retry_after_secs(&a) >= 90);
+
+    // Refused requests are counted and recorded as rejected, by destination.
+    assert_eq!(
+        fakes.counts(Provider::Slack),
+        RequestCounts {
+            accepted: 5,
+            invalid: 1,
+            rate_limited: 3,
+            ..Default::default()
+        }
+    );
+    assert_eq!(
+        fakes.operation_counts(Provider::Slack, "chat.postMessage"),
+        RequestCounts {
+            accepted: 3,
+            invalid: 1,
+            rate_limited: 2,
+            ..Default::default()
+        }
+    );
+    let limited: Vec<_> = fakes
+        .timeline(Provider::Slack)
+        .into_iter()
+        .filter(|r| r.outcome == Outcome::RateLimited)
+        .map(|r| (r.operation, r.destination, r.status))
+        .collect();
+    assert_eq!(
+        limited,
+        vec![
+            ("chat.postMessage".to_string(), "C1".to_string(), 429),
+            ("chat.update".to_string(), "C1".to_string(), 429),
+            ("chat.postMessage".to_string(), "C1".to_string(), 429),
+        ]
+    );
+    for p in [
+        Provider::Twilio,
+        Provider::PagerDuty,
+        Provider::Webhook,
+        Provider::SlackWebhook,
+    ] {
+        assert_eq!(fakes.counts(p).rate_limited, 1, "{p:?}");
+    }
+    let rejected_429 = fakes.rejected().iter().filter(|r| r.status == 429).count();
+    assert_eq!(rejected_429, 7);
+
+    // Limits are off again once cleared.
+    fakes.clear_rate_limits();
+    assert_eq!(post("C1").await.json["ok"], true);
+    assert_eq!(sms("+14155550100").await.status, 201);
+}
+
+#[tokio::test]
+async fn counts_timeline_and_updates_per_message() {
+    let fakes = F::start().await;
+    let c = client();
+    let post = |channel: &str| {
+        slack(
+            &c,
+            &fakes,
+            "chat.postMessage",
+            json!({"channel": channel, "text": "x"}),
+        )
+    };
+    fakes.fail_next(Provider::Slack, 1, Failure::Status(500));
+    assert_eq!(post("C1").await.status, 500);
+    fakes.fail_next(Provider::Slack, 1, Failure::Hang(Duration::from_millis(50)));
+    assert_eq!(post("C1").await.json["ok"], true, "answered, not recorded");
+    let a = post("C1").await;
+    let ts1 = a.json["ts"].as_str().unwrap().to_string();
+    let a = post("U7").await;
+    let ts2 = a.json["ts"].as_str().unwrap().to_string();
+    assert_eq!(post("").await.json["error"], "channel_not_found");
+    for text in ["ack", "resolved"] {
+        let a = slack(
+            &c,
+            &fakes,
+            "chat.update",
+            json!({"channel": "C1", "ts": ts1, "text": text}),
+        )
+        .await;
+        assert_eq!(a.json["ok"], true);
+    }
+
+    assert_eq!(
+        fakes.counts(Provider::Slack),
+        RequestCounts {
+            accepted: 4,
+            invalid: 1,
+            rate_limited: 0,
+            injected: 1,
+            hung: 1,
+        }
+    );
+    assert_eq!(fakes.counts(Provider::Slack).total(), 7);
+    assert_eq!(fakes.counts(Provider::Slack).rejected(), 2);
+    assert_eq!(fakes.requests(Provider::Slack), 7);
+    assert_eq!(
+        fakes
+            .operation_counts(Provider::Slack, "chat.update")
+            .accepted,
+        2
+    );
+    assert_eq!(fakes.counts(Provider::Twilio), RequestCounts::default());
+
+    let timeline = fakes.timeline(Provider::Slack);
+    let seen: Vec<_> = timeline
+        .iter()
+        .map(|r| {
+            (
+                r.operation.as_str(),
+                r.destination.as_str(),
+                r.outcome,
+                r.status,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("chat.postMessage", "C1", Outcome::Injected, 500),
+            ("chat.postMessage", "C1", Outcome::Hung, 0),
+            ("chat.postMessage", "C1", Outcome::Accepted, 200),
+            ("chat.postMessage", "D7", Outcome::Accepted, 200),
+            ("chat.postMessage", "", Outcome::Invalid, 200),
+            ("chat.update", "C1", Outcome::Accepted, 200),
+            ("chat.update", "C1", Outcome::Accepted, 200),
+        ]
+    );
+    assert!(timeline
+        .windows(2)
+        .all(|w| w[0].received_at <= w[1].received_at));
+    assert!(timeline.iter().all(|r| r.provider == Provider::Slack));
+    let posts = fakes.slack_posts();
+    assert!(timeline[2].received_at <= posts[0].at);
+
+    let per_ts = fakes.slack_updates_per_ts();
+    assert_eq!(per_ts.get(&ts1), Some(&2));
+    assert_eq!(per_ts.get(&ts2), Some(&0));
+    assert_eq!(per_ts.len(), 2);
 }
 
 #[tokio::test]

@@ -13,9 +13,12 @@
 //! - [`bus`]: reading what landed on a stream.
 //! - [`http`]: small HTTP helpers.
 //! - [`fakes`]: [`fakes::FakeProviders`], one local HTTP server standing in
-//!   for Slack, PagerDuty, Twilio and Standard Webhooks receivers: checks
-//!   requests as the real services do, answers with their real shapes,
-//!   records what it accepted, and can inject failures.
+//!   for Slack, PagerDuty, Twilio and Standard Webhooks receivers (one
+//!   module per provider): checks requests as the real services do,
+//!   answers with their real shapes, pages lists as they do (Slack cursors,
+//!   Twilio page URIs), records what it accepted and a timeline of every
+//!   request, can inject failures, and can enforce production-like rate
+//!   limits (off by default).
 //! - [`notifier`]: a notifier config aimed at the fakes, an escalation
 //!   config paging on every channel, and pages made by hand.
 //! - [`smtp`]: [`smtp::SmtpSink`], a real SMTP server (aiosmtpd) per test,
