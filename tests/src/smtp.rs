@@ -193,6 +193,18 @@ impl SmtpSink {
     }
 
     /// Every message accepted so far, in arrival order.
+    /// The messages once there are at least `n` (fewer after `timeout`).
+    pub async fn wait_for(&self, n: usize, timeout: std::time::Duration) -> Vec<Mail> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let m = self.messages();
+            if m.len() >= n || tokio::time::Instant::now() >= deadline {
+                return m;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn messages(&self) -> Vec<Mail> {
         let mut numbered: Vec<(u64, PathBuf)> = std::fs::read_dir(self.mail_dir())
             .map(|entries| {

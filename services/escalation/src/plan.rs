@@ -324,14 +324,14 @@ impl Planner {
         else {
             return LevelPlan {
                 pages: vec![],
-                empty: Some(format!("policy {policy} has no level {level}")),
+                empty: Some(format!("policy {policy} has no level {}", level + 1)),
             };
         };
         if let Some(active) = &l.active {
             if !active.contains(at) {
                 return LevelPlan {
                     pages: vec![],
-                    empty: Some(format!("level {level} is outside its active hours")),
+                    empty: Some(format!("level {} is outside its active hours", level + 1)),
                 };
             }
         }

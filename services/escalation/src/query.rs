@@ -528,7 +528,7 @@ users:
         assert!(steps[0].pages.is_empty());
         assert_eq!(
             steps[0].empty.as_deref(),
-            Some("level 0 is outside its active hours")
+            Some("level 1 is outside its active hours")
         );
         assert_eq!((steps[1].level, steps[1].at), (1, at));
         assert_eq!(steps[1].pages, ["em via email"]);

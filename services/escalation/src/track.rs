@@ -364,17 +364,19 @@ impl Tracks {
             let plan = planner.level(&t.policy, level, &t.incident, now);
             let next = planner.next(&t.policy, level, repeat, t.incident.severity);
             let skip = plan.empty.is_some() && planner.skip_empty_levels(&t.policy);
+            // Levels are numbered from 1 for people (the wire's are 0-based).
+            let shown = level + 1;
             let reason = if skip {
                 format!(
-                    "level {level} of policy {} skipped: {}",
+                    "level {shown} of policy {} skipped: {}",
                     t.policy,
                     plan.empty.clone().unwrap_or_default()
                 )
             } else if level == 0 && repeat == 0 {
-                format!("level 0 of policy {}", t.policy)
+                format!("level 1 of policy {}", t.policy)
             } else {
                 format!(
-                    "level {level} (round {}) of policy {}: not acknowledged",
+                    "level {shown} (round {}) of policy {}: not acknowledged",
                     repeat + 1,
                     t.policy
                 )

@@ -388,16 +388,31 @@ impl IncidentView {
             .iter()
             .filter(|a| a.status == AlertStatus::Firing)
             .collect();
+        // What sets each firing alert apart: the labels it does not share
+        // with the others; for a lone alert (everything shared), the
+        // labels that say where it is.
+        const WHERE: [&str; 6] = ["instance", "host", "pod", "node", "job", "service"];
+        let apart = |a: &AlertInfo| -> BTreeMap<String, String> {
+            let own: BTreeMap<String, String> = a
+                .labels
+                .iter()
+                .filter(|(k, v)| s.labels.get(*k) != Some(*v))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if !own.is_empty() {
+                return own;
+            }
+            WHERE
+                .iter()
+                .filter_map(|k| a.labels.get(*k).map(|v| (k.to_string(), v.clone())))
+                .take(2)
+                .collect()
+        };
         let views: Vec<AlertView> = firing
             .iter()
             .take(ALERTS_SHOWN)
             .map(|a| {
-                let labels: BTreeMap<String, String> = a
-                    .labels
-                    .iter()
-                    .filter(|(k, v)| s.labels.get(*k) != Some(*v))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
+                let labels = apart(a);
                 AlertView {
                     labels_text: labels
                         .iter()
@@ -414,20 +429,15 @@ impl IncidentView {
                 }
             })
             .collect();
-        // What each firing alert is about: its instance (or host, or
-        // first distinguishing label value).
+        // What each firing alert is about, in a word: where it is.
         let names: Vec<String> = firing
             .iter()
             .filter_map(|a| {
-                ["instance", "host", "pod", "node", "service"]
+                let l = apart(a);
+                WHERE
                     .iter()
-                    .find_map(|k| a.labels.get(*k).filter(|v| s.labels.get(*k) != Some(*v)))
-                    .or_else(|| {
-                        a.labels
-                            .iter()
-                            .find(|(k, v)| s.labels.get(*k) != Some(*v))
-                            .map(|(_, v)| v)
-                    })
+                    .find_map(|k| l.get(*k))
+                    .or_else(|| l.values().next())
                     .cloned()
             })
             .collect();

@@ -77,6 +77,7 @@ struct SlackMessage {
     ts: String,
     text: String,
     blocks: Value,
+    attachments: Value,
     metadata: Value,
     thread_ts: Option<String>,
 }
@@ -112,6 +113,21 @@ impl FakeProviders {
             *counts.entry(u.ts.clone()).or_default() += 1;
         }
         counts
+    }
+
+    /// A message as it stands now (after every `chat.update`): `text`,
+    /// `blocks`, `attachments` (colour and the blocks with the buttons)
+    /// and `metadata`; None if no such message was posted.
+    pub fn slack_message(&self, channel: &str, ts: &str) -> Option<Value> {
+        self.lock()
+            .slack
+            .messages
+            .iter()
+            .find(|m| m.channel == channel && m.ts == ts)
+            .map(|m| {
+                json!({"text": m.text, "blocks": m.blocks, "attachments": m.attachments,
+                       "metadata": m.metadata})
+            })
     }
 
     /// Accepted Slack incoming-webhook bodies, in arrival order.
@@ -402,6 +418,7 @@ fn post_message(ctx: &mut Ctx<'_>, args: Map<String, Value>) -> Reply {
         ts: ts.clone(),
         text: text.clone(),
         blocks: blocks.clone(),
+        attachments: json_arg(&args, "attachments").unwrap_or(Value::Null),
         metadata: metadata.clone(),
         thread_ts,
     });
@@ -442,6 +459,12 @@ fn update(ctx: &mut Ctx<'_>, args: Map<String, Value>) -> Reply {
     stored.text = text.clone();
     if blocks != Value::Null {
         stored.blocks = blocks.clone();
+    }
+    // chat.update replaces the attachments it is given.
+    if let Ok(a) = json_arg(&args, "attachments") {
+        if a != Value::Null {
+            stored.attachments = a;
+        }
     }
     if metadata != Value::Null {
         stored.metadata = metadata;

@@ -239,7 +239,7 @@ fn levels_page_whoever_is_on_call_and_report_empty_levels() {
         }
     );
     assert_eq!(db.empty, None);
-    // db level 1 only pages in Berlin business hours.
+    // db level index 1 (the second level, "level 2" to people) only pages in Berlin business hours.
     let saturday: Timestamp = "2026-01-10T10:00:00Z".parse().unwrap();
     // High pages by SMS and email; the lead has no phone, so email only.
     let lead = p.level("db", 1, &inc, wednesday_week1);
@@ -251,7 +251,7 @@ fn levels_page_whoever_is_on_call_and_report_empty_levels() {
     assert!(off.pages.is_empty());
     assert_eq!(
         off.empty.as_deref(),
-        Some("level 1 is outside its active hours")
+        Some("level 2 is outside its active hours")
     );
     assert!(p.skip_empty_levels("db"));
     assert_eq!(

@@ -3,3 +3,5 @@
 mod cli;
 mod notifier_crash;
 mod ops;
+mod page_path;
+mod support;

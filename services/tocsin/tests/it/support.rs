@@ -1,0 +1,290 @@
+//! Running Tocsin as an operator does: real `tocsin` processes, one per
+//! service or `tocsin up`, with a config that names every channel at once
+//! (Slack, PagerDuty, Twilio and webhooks at the fakes, email at a real
+//! SMTP server).
+//!
+//! `TOCSIN_TEST_BIN` runs the tests against another `tocsin` binary (an
+//! older build, to see a test fail on the defect it was written for).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use tocsin_tests::{fakes::FakeProviders, notifier::config_yaml, smtp::SmtpSink, NatsServer};
+
+pub const TOKEN: &str = "process-test-token-0123456789";
+
+pub fn bin() -> String {
+    std::env::var("TOCSIN_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tocsin").to_string())
+}
+
+/// A free TCP port on loopback (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `tocsin` process, killed on drop. Its log goes to a file
+/// (printed when a test fails to become ready).
+pub struct Proc {
+    pub child: Option<Child>,
+    pub admin: u16,
+    pub log: PathBuf,
+    args: Vec<String>,
+    config: PathBuf,
+    cwd: PathBuf,
+}
+
+impl Proc {
+    /// Starts `tocsin <args>` with `config`, in `cwd`.
+    pub fn start(config: &Path, cwd: &Path, args: &[&str]) -> Proc {
+        let mut p = Proc {
+            child: None,
+            admin: 0,
+            log: PathBuf::new(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            config: config.to_path_buf(),
+            cwd: cwd.to_path_buf(),
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        self.admin = free_port();
+        self.log = self.cwd.join(format!(
+            "tocsin-{}-{}.log",
+            self.args.join("-"),
+            self.admin
+        ));
+        let log = std::fs::File::create(&self.log).unwrap();
+        let child = Command::new(bin())
+            .current_dir(&self.cwd)
+            .arg("--config")
+            .arg(&self.config)
+            .args([
+                "--admin-listen",
+                &format!("127.0.0.1:{}", self.admin),
+                "--log-level",
+                "info",
+                "--grace-period",
+                "2s",
+            ])
+            .args(&self.args)
+            .env("TOCSIN_INGEST_TOKEN", TOKEN)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start tocsin");
+        self.child = Some(child);
+    }
+
+    /// Waits until `/readyz` answers 200 (panics with the log after 30 s).
+    pub async fn ready(&mut self) {
+        let url = format!("http://127.0.0.1:{}/readyz", self.admin);
+        let client = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client.get(&url).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!(
+                        "tocsin {:?} exited with {status}:\n{}",
+                        self.args,
+                        std::fs::read_to_string(&self.log).unwrap_or_default()
+                    );
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "tocsin {:?} not ready:\n{}",
+                self.args,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, and wait for it to drain and exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again with the same arguments.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Knobs of [`full_config`].
+pub struct Setup {
+    /// Replaces the notifier's guard of every channel.
+    pub guard: String,
+    /// Per-channel guard overrides (`sms`, `pagerduty`, `slack`).
+    pub sms_guard: Option<String>,
+    pub pagerduty_guard: Option<String>,
+    pub slack_guard: Option<String>,
+    /// Extra notifier keys (`concurrency: 8`).
+    pub notifier_extra: String,
+    pub escalation: String,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            guard: "{timeout: 3s, rate_per_second: 0, breaker: {failures: 5, open_for: 1s, successes: 2}}".into(),
+            sms_guard: None,
+            pagerduty_guard: None,
+            slack_guard: None,
+            notifier_extra: String::new(),
+            escalation: tocsin_tests::notifier::ALL_CHANNELS.to_string(),
+        }
+    }
+}
+
+/// A whole config: NATS at `nats`, ingest on `ingest_port`, incidents with
+/// its data under `dir`, escalation from `setup`, and a notifier with every
+/// channel (email at `smtp`).
+pub fn full_config(
+    nats: &NatsServer,
+    fakes: &FakeProviders,
+    smtp: &SmtpSink,
+    ingest_port: u16,
+    dir: &Path,
+    setup: &Setup,
+) -> PathBuf {
+    let default_guard =
+        "{timeout: 3s, rate_per_second: 0, breaker: {failures: 5, open_for: 1s, successes: 2}}";
+    let mut notifier = config_yaml(fakes, Some(smtp), &dir.join("unused"));
+    // Each channel's `guard:` line, in the order config_yaml writes them:
+    // slack, pagerduty, sms, webhooks, email.
+    let guards = [
+        setup.slack_guard.clone(),
+        setup.pagerduty_guard.clone(),
+        setup.sms_guard.clone(),
+        None,
+        None,
+    ];
+    let mut out = String::new();
+    let mut i = 0;
+    for line in notifier.lines() {
+        if line.trim_start().starts_with("guard: ") && line.contains(default_guard) {
+            let g = guards
+                .get(i)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| setup.guard.clone());
+            out.push_str(&line.replace(default_guard, &g));
+            i += 1;
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    notifier = out;
+    // Extra keys replace the ones config_yaml wrote.
+    for extra in setup.notifier_extra.lines().filter(|l| !l.trim().is_empty()) {
+        let key = extra.split(':').next().unwrap_or_default();
+        let mut replaced = false;
+        notifier = notifier
+            .lines()
+            .map(|l| {
+                if l.starts_with(&format!("{key}:")) {
+                    replaced = true;
+                    extra.to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n";
+        if !replaced {
+            notifier.push_str(extra);
+            notifier.push('\n');
+        }
+    }
+    let indent = |s: &str| -> String { s.lines().map(|l| format!("  {l}\n")).collect() };
+    let config = format!(
+        "nats:\n  url: {url}\n  reconnect_max_delay: 250ms\n\
+         ingest:\n  listen: 127.0.0.1:{ingest_port}\n  tokens:\n    - source: test\n      token: ${{TOCSIN_INGEST_TOKEN}}\n\
+         incidents:\n  data_dir: {data}/incidents\n\
+         escalation:\n  data_dir: {data}/escalation\n{esc}\
+         notifier:\n{notifier}",
+        url = nats.url(),
+        data = dir.display(),
+        esc = indent(setup.escalation.trim_start_matches('\n')),
+        notifier = indent(&notifier),
+    );
+    let path = dir.join("tocsin.yaml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+/// Posts alerts (generic JSON) to ingest until it answers 200.
+pub async fn post_alerts(ingest_port: u16, alerts: &serde_json::Value) {
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{ingest_port}/api/v1/alerts");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match client
+            .post(&url)
+            .bearer_auth(TOKEN)
+            .json(alerts)
+            .send()
+            .await
+        {
+            Ok(r) if r.status() == 200 => return,
+            Ok(r) if r.status().is_client_error() => {
+                panic!("ingest refused: {} {}", r.status(), r.text().await.unwrap_or_default())
+            }
+            _ => {}
+        }
+        assert!(tokio::time::Instant::now() < deadline, "ingest never took the alerts");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A critical alert of group `name`.
+pub fn alert(name: &str, status: &str) -> serde_json::Value {
+    serde_json::json!({
+        "labels": {"alertname": name, "severity": "critical", "instance": format!("{name}-host:9100")},
+        "annotations": {"summary": format!("{name} is down"), "runbook_url": format!("https://runbooks.example.com/{name}")},
+        "generatorURL": format!("https://prometheus.example.com/graph?g0.expr=up%7Bjob%3D%22{name}%22%7D"),
+        "status": status,
+    })
+}
