@@ -521,7 +521,7 @@ impl Deliverer {
             };
         let preview = self.outgoing(job, &job.snapshot, &[]);
         let dest = provider.destination(&preview);
-        let (wait, probe) = match self.lanes.turn(provider.name(), &dest, now) {
+        let (wait, probe, held) = match self.lanes.turn(provider.name(), &dest, now) {
             Turn::BreakerOpen(d) => {
                 self.metrics.handed_back(channel, "breaker");
                 return Some(Finish::Later(d + Self::jitter(500)));
@@ -534,7 +534,7 @@ impl Deliverer {
                     .max(Duration::from_millis(200));
                 return Some(Finish::Later(back + Self::jitter(200)));
             }
-            Turn::After { wait, probe } => (wait, probe),
+            Turn::After { wait, probe, held } => (wait, probe, held),
         };
         let lookups = if doubt.is_some() {
             1 + providers::slack::LOOKUP_PAGES as u32
@@ -572,6 +572,7 @@ impl Deliverer {
                 return Some(Finish::Later(Duration::from_secs(1)));
             }
         }
+        drop(held);
 
         // The incident right before sending: nothing that changed while
         // the page waited is missed, and the message shows it as it is.
@@ -862,10 +863,11 @@ impl Deliverer {
                         .handed_back(about.channel.as_str(), "rate_limit");
                     return Err(d.max(Duration::from_millis(200)));
                 }
-                Turn::After { wait, probe } => {
+                Turn::After { wait, probe, held } => {
                     if !self.wait(wait, shutdown).await {
                         return Err(Duration::from_secs(1));
                     }
+                    drop(held);
                     probe
                 }
             };

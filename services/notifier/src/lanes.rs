@@ -23,19 +23,38 @@ use crate::{
 };
 
 /// What a message may do now.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum Turn {
     /// Go after this long (zero: at once). `probe`: a half-open breaker's
-    /// trial request.
-    After { wait: Duration, probe: bool },
+    /// trial request. `held`: counts this message among those its lane
+    /// holds while it waits (released on drop).
+    After {
+        wait: Duration,
+        probe: bool,
+        held: Option<Held>,
+    },
     /// The breaker is open: come back after this long.
     BreakerOpen(Duration),
     /// The turn is further than `max_hold`: come back after this long.
     TooFar(Duration),
 }
 
+/// One message held by a lane while it waits for its turn.
+#[derive(Debug)]
+pub(crate) struct Held(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 pub(crate) struct Lanes {
     guards: BTreeMap<String, GuardConfig>,
+    /// Messages waiting per destination, and how many may: a backlog on
+    /// one destination must never take the consumer's whole capacity.
+    waiting: Mutex<HashMap<(String, String), Arc<std::sync::atomic::AtomicUsize>>>,
+    max_waiting: usize,
     breakers: Mutex<HashMap<String, Breaker>>,
     paces: Mutex<HashMap<(String, String), Pace>>,
     slots: Mutex<HashMap<(String, String), Arc<Semaphore>>>,
@@ -66,6 +85,8 @@ impl Lanes {
             breakers: Mutex::new(HashMap::new()),
             paces: Mutex::new(HashMap::new()),
             slots: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(HashMap::new()),
+            max_waiting: (cfg.concurrency() / 2).max(1),
             max_hold: cfg.max_hold(),
             metrics,
         }
@@ -94,15 +115,37 @@ impl Lanes {
             return Turn::After {
                 wait: Duration::ZERO,
                 probe,
+                held: None,
             };
+        };
+        let key = (provider.to_string(), destination.to_string());
+        let waiting = {
+            let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            w.entry(key.clone()).or_default().clone()
         };
         let burst = g.burst.and_then(NonZeroU32::new).unwrap_or(rate);
         let mut paces = self.paces.lock().unwrap_or_else(|e| e.into_inner());
         let pace = paces
-            .entry((provider.to_string(), destination.to_string()))
+            .entry(key)
             .or_insert_with(|| Pace::new(rate.get(), burst.get()));
-        match pace.reserve(now, self.max_hold) {
-            Ok(wait) => Turn::After { wait, probe },
+        // A message that would wait, when the lane already holds its share,
+        // goes back to the bus too (with the wait it would have had).
+        let full = waiting.load(std::sync::atomic::Ordering::Relaxed) >= self.max_waiting;
+        let max_wait = if full { Duration::ZERO } else { self.max_hold };
+        match pace.reserve(now, max_wait) {
+            Ok(wait) if wait.is_zero() => Turn::After {
+                wait,
+                probe,
+                held: None,
+            },
+            Ok(wait) => {
+                waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Turn::After {
+                    wait,
+                    probe,
+                    held: Some(Held(waiting)),
+                }
+            }
             Err(far) => {
                 if probe {
                     self.release_probe(provider);

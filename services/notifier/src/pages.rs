@@ -1,8 +1,11 @@
-//! Pages from NOTIFY: one durable work-queue consumer every replica shares.
-//! Each page is handled in its own task; nothing here limits how many are
-//! held but the consumer's `max_ack_pending`, because the lanes decide who
-//! waits ([`crate::lanes`]): a page whose turn is far away goes back to the
-//! bus instead of holding a slot that another destination could use.
+//! Pages from NOTIFY: one durable work-queue consumer per channel
+//! (`tocsin-notifier-sms`, `-email`, `-slack`, `-pagerduty`, `-webhook`),
+//! each shared by every replica. A page handed back to wait for its turn
+//! still counts against its consumer's `max_ack_pending` until it comes
+//! back, so a channel's backlog can only ever fill its own consumer: SMS
+//! never waits for PagerDuty's rate limit. Within a channel the lanes
+//! ([`crate::lanes`]) keep one destination from holding more than its
+//! share. Each page is handled in its own task.
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,8 +15,8 @@ use async_nats::jetstream::{
 };
 use tocsin_proto::{
     codec::decode_envelope,
-    notify::Page,
-    subjects::{self, STREAM_NOTIFY},
+    notify::{Channel, Page},
+    subjects::STREAM_NOTIFY,
 };
 use tocsin_runtime::admin::Health;
 use tokio_util::sync::CancellationToken;
@@ -23,8 +26,18 @@ use crate::{
     deliver::{Deliverer, Finish, Job},
 };
 
-/// The durable consumer every replica shares for pages.
+/// The prefix of the durable consumers every replica shares for pages:
+/// `tocsin-notifier-<channel>`.
 pub const PAGES_CONSUMER: &str = "tocsin-notifier";
+
+/// The channels, each with its consumer.
+const CHANNELS: [Channel; 5] = [
+    Channel::Sms,
+    Channel::Email,
+    Channel::Slack,
+    Channel::Pagerduty,
+    Channel::Webhook,
+];
 
 pub(crate) async fn run(
     d: Arc<Deliverer>,
@@ -33,23 +46,65 @@ pub(crate) async fn run(
     health: Health,
     shutdown: CancellationToken,
 ) {
+    // The one consumer for every channel older versions used overlaps the
+    // per-channel ones, which a work-queue stream does not allow.
+    consumer::retire(&d.js, STREAM_NOTIFY, PAGES_CONSUMER).await;
+    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let loops: Vec<_> = CHANNELS
+        .iter()
+        .map(|c| {
+            tokio::spawn(run_channel(
+                d.clone(),
+                *c,
+                ack_wait,
+                held,
+                health.clone(),
+                opened.clone(),
+                shutdown.clone(),
+            ))
+        })
+        .collect();
+    for l in loops {
+        let _ = l.await;
+    }
+}
+
+async fn run_channel(
+    d: Arc<Deliverer>,
+    channel: Channel,
+    ack_wait: Duration,
+    held: usize,
+    health: Health,
+    opened: Arc<std::sync::atomic::AtomicUsize>,
+    shutdown: CancellationToken,
+) {
+    let name = format!("{PAGES_CONSUMER}-{}", channel.as_str());
     let config = pull::Config {
-        durable_name: Some(PAGES_CONSUMER.into()),
-        description: Some("Tocsin notifier: pages to deliver (shared by replicas)".into()),
+        durable_name: Some(name.clone()),
+        description: Some(format!(
+            "Tocsin notifier: {} pages to deliver (shared by replicas)",
+            channel.as_str()
+        )),
         ack_policy: AckPolicy::Explicit,
         ack_wait,
         max_deliver: -1,
         max_ack_pending: (held * 4) as i64,
-        filter_subject: subjects::NOTIFY_SUBJECTS.into(),
+        filter_subject: format!("tocsin.notify.{}", channel.as_str()),
         ..Default::default()
     };
     let tasks = tokio_util::task::TaskTracker::new();
+    let mut counted = false;
     'open: while let Some(mut messages) =
         consumer::open(&d.js, STREAM_NOTIFY, &config, held.min(256), &shutdown).await
     {
-        health.set_ok("notifier");
+        if !counted {
+            counted = true;
+            if opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == CHANNELS.len() {
+                health.set_ok("notifier");
+            }
+        }
         loop {
-            match consumer::next(&mut messages, PAGES_CONSUMER, &shutdown).await {
+            match consumer::next(&mut messages, &name, &shutdown).await {
                 Next::Message(msg) => {
                     let (d, stop) = (d.clone(), shutdown.clone());
                     tasks.spawn(async move { handle(d, *msg, ack_wait, stop).await });

@@ -57,11 +57,9 @@ impl Proc {
 
     fn spawn(&mut self) {
         self.admin = free_port();
-        self.log = self.cwd.join(format!(
-            "tocsin-{}-{}.log",
-            self.args.join("-"),
-            self.admin
-        ));
+        self.log = self
+            .cwd
+            .join(format!("tocsin-{}-{}.log", self.args.join("-"), self.admin));
         let log = std::fs::File::create(&self.log).unwrap();
         let child = Command::new(bin())
             .current_dir(&self.cwd)
@@ -189,7 +187,10 @@ pub fn full_config(
 ) -> PathBuf {
     let default_guard =
         "{timeout: 3s, rate_per_second: 0, breaker: {failures: 5, open_for: 1s, successes: 2}}";
-    let mut notifier = config_yaml(fakes, Some(smtp), &dir.join("unused"));
+    // TOCSIN_TEST_WITHOUT_EMAIL leaves email out, to run these tests
+    // against an old binary that aborts when email is configured.
+    let email = std::env::var_os("TOCSIN_TEST_WITHOUT_EMAIL").is_none();
+    let mut notifier = config_yaml(fakes, email.then_some(smtp), &dir.join("unused"));
     // Each channel's `guard:` line, in the order config_yaml writes them:
     // slack, pagerduty, sms, webhooks, email.
     let guards = [
@@ -217,7 +218,11 @@ pub fn full_config(
     }
     notifier = out;
     // Extra keys replace the ones config_yaml wrote.
-    for extra in setup.notifier_extra.lines().filter(|l| !l.trim().is_empty()) {
+    for extra in setup
+        .notifier_extra
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+    {
         let key = extra.split(':').next().unwrap_or_default();
         let mut replaced = false;
         notifier = notifier
@@ -270,11 +275,18 @@ pub async fn post_alerts(ingest_port: u16, alerts: &serde_json::Value) {
         {
             Ok(r) if r.status() == 200 => return,
             Ok(r) if r.status().is_client_error() => {
-                panic!("ingest refused: {} {}", r.status(), r.text().await.unwrap_or_default())
+                panic!(
+                    "ingest refused: {} {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                )
             }
             _ => {}
         }
-        assert!(tokio::time::Instant::now() < deadline, "ingest never took the alerts");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ingest never took the alerts"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
