@@ -14,6 +14,8 @@ mod incidents_lifecycle;
 mod incidents_rebuild;
 mod ingest_alertmanager;
 mod ingest_concurrency;
+mod ingest_connections;
+mod ingest_hostile;
 mod ingest_outage;
 mod ingest_pagerduty;
 mod ingest_rejections;
