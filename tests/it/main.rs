@@ -16,6 +16,7 @@ mod ingest_alertmanager;
 mod ingest_concurrency;
 mod ingest_connections;
 mod ingest_hostile;
+mod ingest_limits;
 mod ingest_outage;
 mod ingest_pagerduty;
 mod ingest_rejections;
