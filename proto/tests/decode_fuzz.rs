@@ -56,8 +56,17 @@ fn any_value() -> impl Strategy<Value = Value> {
         any::<f64>().prop_map(Value::from),
         ".{0,12}".prop_map(Value::String),
         prop::sample::select(vec![
-            "firing", "resolved", "opened", "acknowledged", "critical", "slack", "email",
-            "2025-01-15T10:00:00Z", "9999-12-31T23:59:59Z", "cbf29ce484222325", "",
+            "firing",
+            "resolved",
+            "opened",
+            "acknowledged",
+            "critical",
+            "slack",
+            "email",
+            "2025-01-15T10:00:00Z",
+            "9999-12-31T23:59:59Z",
+            "cbf29ce484222325",
+            "",
         ])
         .prop_map(|s| Value::String(s.into())),
     ];

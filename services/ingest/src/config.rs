@@ -181,6 +181,13 @@ impl TryFrom<RawIngestConfig> for IngestConfig {
                 r.max_inflight_bytes, r.max_body_bytes
             ));
         }
+        if r.max_inflight_bytes > u32::MAX as usize {
+            return Err(format!(
+                "ingest.max_inflight_bytes is {}; the most is {} (4 GiB)",
+                r.max_inflight_bytes,
+                u32::MAX
+            ));
+        }
         if r.max_connections < 16 {
             return Err(format!(
                 "ingest.max_connections is {}; use at least 16 (default 4096)",
@@ -350,6 +357,10 @@ mod tests {
         );
         check(&format!("{tok}max_connections: 1\n"), "at least 16");
         check(
+            &format!("{tok}max_inflight_bytes: 9999999999999\n"),
+            "the most is 4294967295",
+        );
+        check(
             &format!("{tok}idle_timeout: 0\n"),
             "ingest.idle_timeout is 0",
         );
@@ -365,5 +376,88 @@ mod tests {
             &format!("{tok}limits: {{label_bytes: 5}}\n"),
             "unknown field `label_bytes`",
         );
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn config() -> ProptestConfig {
+            let cases = std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(256);
+            ProptestConfig {
+                cases,
+                ..ProptestConfig::default()
+            }
+        }
+
+        /// `key: value` lines of the ingest section with plausible and
+        /// hostile values, in any order and indentation.
+        fn section() -> impl Strategy<Value = String> {
+            let key = prop::sample::select(vec![
+                "listen",
+                "max_body_bytes",
+                "publish_timeout",
+                "retry_after",
+                "tokens",
+                "max_inflight_bytes",
+                "max_connections",
+                "idle_timeout",
+                "header_read_timeout",
+                "body_read_timeout",
+                "limits",
+                "alerts_per_request",
+                "label_value_bytes",
+                "alert_bytes",
+                "source",
+                "token",
+                "token_file",
+                "- source",
+            ]);
+            let value = prop::sample::select(vec![
+                "0",
+                "1",
+                "16",
+                "1024",
+                "18446744073709551616",
+                "-1",
+                "5s",
+                "0s",
+                "1h",
+                "x",
+                "127.0.0.1:0",
+                "[::1]:8080",
+                "0123456789abcdef0123",
+                "${UNSET_FUZZ}",
+                "[]",
+                "{}",
+                "{alerts_per_request: 0}",
+                "~",
+                "\"\"",
+                "é",
+            ]);
+            let indent = prop::sample::select(vec!["", "  ", "    "]);
+            prop::collection::vec((indent, key, value), 0..12).prop_map(|lines| {
+                lines
+                    .into_iter()
+                    .map(|(i, k, v)| format!("{i}{k}: {v}\n"))
+                    .collect()
+            })
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            #[test]
+            fn loading_never_panics(text in section()) {
+                if let Ok(c) = load(&text) {
+                    prop_assert!(c.max_inflight_bytes >= c.max_body_bytes);
+                    prop_assert!(c.header_read_timeout >= c.idle_timeout);
+                    prop_assert!(!c.tokens.is_empty());
+                }
+            }
+        }
     }
 }

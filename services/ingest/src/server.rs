@@ -419,3 +419,77 @@ impl AsyncWrite for IdleIo {
         self.inner.is_write_vectored()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(busy: bool) -> (Entry, CancellationToken) {
+        let close = CancellationToken::new();
+        (
+            Entry {
+                busy: Arc::new(AtomicBool::new(busy)),
+                close: close.clone(),
+            },
+            close,
+        )
+    }
+
+    #[test]
+    fn the_oldest_connection_without_a_request_is_evicted() {
+        let mut t = Table::default();
+        let mut tokens = Vec::new();
+        for (id, busy) in [(1, true), (2, false), (3, false)] {
+            let (e, c) = entry(busy);
+            t.entries.insert(id, e);
+            tokens.push(c);
+        }
+        assert!(t.evict_oldest_idle());
+        assert!(!tokens[0].is_cancelled(), "busy: kept");
+        assert!(tokens[1].is_cancelled(), "oldest idle: closed");
+        assert!(!tokens[2].is_cancelled());
+        assert_eq!(t.entries.keys().copied().collect::<Vec<_>>(), [1, 3]);
+        t.entries[&3].busy.store(true, Ordering::Release);
+        assert!(!t.evict_oldest_idle(), "every connection is in a request");
+        assert_eq!(t.entries.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_told_why() {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server_side, _) = listener.accept().await.unwrap();
+        refuse(server_side);
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("retry-after: 1"), "{answer}");
+        let body = answer.split_once("\r\n\r\n").unwrap().1;
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"], "too_many_connections");
+    }
+
+    // The clock is paused: time moves only when every task waits, so the
+    // request's silence below lasts 4 idle timeouts without wall-clock waits.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_times_out_but_not_during_a_request() {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server_side, _) = listener.accept().await.unwrap();
+        let busy = Arc::new(AtomicBool::new(true));
+        let mut io = IdleIo::new(server_side, Duration::from_millis(50), busy.clone());
+        let mut buf = [0u8; 8];
+        // In a request: no timeout, however long it is silent.
+        let read = tokio::time::timeout(Duration::from_millis(200), io.read(&mut buf)).await;
+        assert!(read.is_err(), "still waiting: {read:?}");
+        busy.store(false, Ordering::Release);
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+}

@@ -10,6 +10,9 @@ pub mod alertmanager;
 pub mod generic;
 pub mod pagerduty;
 
+#[cfg(test)]
+mod fuzz;
+
 use serde::Deserialize;
 use tocsin_proto::{Labels, Timestamp};
 
