@@ -3,7 +3,7 @@
 //! `to_vec_named` writes structs as maps keyed by field name, so a reader
 //! ignores fields it does not know and defaults ones it does not find.
 
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Serialize};
 
 use crate::envelope::{Envelope, SCHEMA_VERSION};
 

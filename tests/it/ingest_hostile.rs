@@ -367,3 +367,83 @@ async fn dedup_key_spellings_405_json_and_pagerduty_change_events() {
         a.text
     );
 }
+
+/// The sizing documented for `ingest.max_inflight_bytes`: with the budget
+/// full of the largest accepted requests (1 MiB, 1,000 alerts of ~1 KiB),
+/// ingest's memory grows by about 4 x the budget (5 x allowed for noise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_in_flight_budget_stays_within_the_documented_memory() {
+    const BUDGET: usize = 16 << 20;
+    let nats = NatsServer::start().await;
+    let mut config = TocsinHarness::config(&nats);
+    {
+        let ingest = config.ingest.as_mut().unwrap();
+        ingest.max_inflight_bytes = BUDGET;
+        ingest.publish_timeout =
+            tocsin_runtime::config::HumanDuration(std::time::Duration::from_secs(30));
+    }
+    let tocsin = TocsinHarness::start_with(config).await;
+    let url = format!("{}/api/v1/alerts", tocsin.ingest_url);
+    // Built before the baseline: the client's copies are not ingest's.
+    let bodies: Vec<bytes::Bytes> = (0..BUDGET >> 20)
+        .map(|r| {
+            let alerts: Vec<Value> = (0..1000)
+                .map(|n| {
+                    json!({"labels": {"alertname": "Sizing", "req": r.to_string(), "n": n.to_string(),
+                                      "instance": format!("host-{n:05}.example.com:9100"),
+                                      "job": "node", "severity": "warning"},
+                           "annotations": {"summary": "x".repeat(700)}})
+                })
+                .collect();
+            let body = json!(alerts).to_string();
+            assert!(body.len() <= 1 << 20, "{}", body.len());
+            bytes::Bytes::from(body)
+        })
+        .collect();
+    let before = rss_bytes();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_bytes(), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for body in bodies {
+        let (url, token) = (url.clone(), tocsin.token.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            // A 503 (budget full at that instant) is retried, as senders do.
+            loop {
+                let a = http::post(&client, &url, Some(&token), body.clone()).await;
+                if a.status != 503 {
+                    return (a.status, a.text);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let (status, text) = t.await.unwrap();
+        assert_eq!(status, 200, "{text}");
+    }
+    sampler.abort();
+    let grown = peak
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .saturating_sub(before);
+    println!(
+        "in-flight budget {} MiB: RSS before {} MiB, peak growth {} MiB ({:.1} x the budget)",
+        BUDGET >> 20,
+        before >> 20,
+        grown >> 20,
+        grown as f64 / BUDGET as f64
+    );
+    assert!(
+        grown < 5 * BUDGET as u64,
+        "RSS grew by {} MiB, over 5 x the {} MiB budget",
+        grown >> 20,
+        BUDGET >> 20
+    );
+}

@@ -44,11 +44,12 @@ pub(crate) struct AppState {
     body_timeout: Duration,
 }
 
-/// A request body and its share of `ingest.max_inflight_bytes`, given back
-/// when the request is answered.
+/// A request body and its share of `ingest.max_inflight_bytes`. The bytes
+/// are dropped once parsed; the share is kept until the request is
+/// answered, since the parsed and encoded alerts take its place.
 struct HeldBody {
     bytes: Bytes,
-    _permit: OwnedSemaphorePermit,
+    share: OwnedSemaphorePermit,
 }
 
 impl AppState {
@@ -173,7 +174,7 @@ impl AppState {
         }
         Ok(HeldBody {
             bytes,
-            _permit: permit,
+            share: permit,
         })
     }
 
@@ -308,9 +309,13 @@ async fn alertmanager_handler(
     let tp = traceparent(&headers);
     handle(&s, "alertmanager", &tp, async {
         let source = s.authenticate_bearer(&headers)?.to_string();
-        let body = s.read_body(&headers, body).await?;
+        let HeldBody {
+            bytes,
+            share: _held,
+        } = s.read_body(&headers, body).await?;
         let received_at = Timestamp::now();
-        let parsed = alertmanager::parse(&body.bytes, &s.limits)?;
+        let parsed = alertmanager::parse(&bytes, &s.limits)?;
+        drop(bytes);
         if parsed.truncated > 0 {
             IngestEvent::Truncated {
                 endpoint: "alertmanager",
@@ -335,9 +340,13 @@ async fn generic_handler(
     let tp = traceparent(&headers);
     handle(&s, "generic", &tp, async {
         let source = s.authenticate_bearer(&headers)?.to_string();
-        let body = s.read_body(&headers, body).await?;
+        let HeldBody {
+            bytes,
+            share: _held,
+        } = s.read_body(&headers, body).await?;
         let received_at = Timestamp::now();
-        let alerts = generic::parse(&body.bytes, received_at, &s.limits)?;
+        let alerts = generic::parse(&bytes, received_at, &s.limits)?;
+        drop(bytes);
         let stored = s.store(&source, received_at, &tp, alerts, "alerts").await?;
         Ok((source, stored, accepted(stored)))
     })
@@ -387,8 +396,11 @@ async fn pagerduty_handler(
     let tp = traceparent(&headers);
     handle(&s, "pagerduty", &tp, async {
         let pd = Rejection::in_pagerduty_shape;
-        let body = s.read_body(&headers, body).await.map_err(pd)?;
-        let bytes = &body.bytes;
+        let HeldBody {
+            bytes,
+            share: _held,
+        } = s.read_body(&headers, body).await.map_err(pd)?;
+        let bytes = &bytes;
         let source = pagerduty_source(&s, &headers, bytes, || {
             pagerduty::parse(bytes, "", Timestamp::now(), &s.limits, String::new)
                 .err()
@@ -426,8 +438,11 @@ async fn pagerduty_change_handler(
     let tp = traceparent(&headers);
     handle(&s, "pagerduty_change", &tp, async {
         let pd = Rejection::in_pagerduty_shape;
-        let body = s.read_body(&headers, body).await.map_err(pd)?;
-        let bytes = &body.bytes;
+        let HeldBody {
+            bytes,
+            share: _held,
+        } = s.read_body(&headers, body).await.map_err(pd)?;
+        let bytes = &bytes;
         let source = pagerduty_source(&s, &headers, bytes, || {
             pagerduty::parse_change(bytes, "", Timestamp::now(), &s.limits)
                 .err()
