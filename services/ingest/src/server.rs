@@ -157,11 +157,16 @@ pub(crate) async fn serve(
                 }
             },
         };
-        if open.load(Ordering::Acquire) >= settings.max_connections {
-            let evicted = table
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .evict_oldest_idle();
+        let now_open = open.load(Ordering::Acquire);
+        if now_open >= settings.max_connections {
+            // An evicted connection counts as open until its task has run;
+            // should those pile up (a flood faster than they are dropped),
+            // refuse rather than evict more.
+            let evicted = now_open < 2 * settings.max_connections
+                && table
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .evict_oldest_idle();
             let event = IngestEvent::ConnectionLimit {
                 max: settings.max_connections,
                 evicted,
