@@ -23,9 +23,16 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
     Ok(rmp_serde::to_vec_named(value)?)
 }
 
+/// Deepest nesting accepted. Tocsin's types nest well under ten levels;
+/// rmp-serde's own limit (1024) lets a hostile message overflow a thread's
+/// stack through fields the reader ignores, before the limit is reached.
+pub const MAX_DEPTH: usize = 64;
+
 /// Decodes a value written by [`encode`].
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    Ok(rmp_serde::from_slice(bytes)?)
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(MAX_DEPTH);
+    Ok(T::deserialize(&mut de)?)
 }
 
 /// Decodes an envelope and checks its schema version.

@@ -61,6 +61,25 @@ impl Rejection {
         r
     }
 
+    /// A request with more alerts than `ingest.limits.alerts_per_request`.
+    /// `hint` names the sender's own setting, where it has one.
+    pub fn too_many_alerts(count: usize, limit: usize, hint: &str) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_alerts",
+            format!(
+                "{count} alerts in one request, the limit is {limit} (ingest.limits.alerts_per_request); \
+                 send fewer per request ({hint}) or raise the limit"
+            ),
+        )
+    }
+
+    /// Something in the request that could never be stored, however often
+    /// it is retried (an alert over the size the bus or the config allows).
+    pub fn too_large(reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", reason)
+    }
+
     /// A PagerDuty-shaped 400 listing every problem found.
     pub fn pagerduty_invalid(errors: Vec<String>) -> Self {
         Rejection {

@@ -1,13 +1,22 @@
 //! Telemetry: each event logs and counts together, so logs and metrics agree.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
 
 use prometheus_client::metrics::{
     counter::Counter,
     family::Family,
+    gauge::Gauge,
     histogram::{exponential_buckets, Histogram},
 };
 use tocsin_runtime::admin::{labels, Labels, Metrics};
+
+use crate::server::Closed;
 
 /// The ingest service's metrics.
 #[derive(Clone)]
@@ -16,6 +25,15 @@ pub struct IngestMetrics {
     alerts: Family<Labels, Counter>,
     truncated: Counter,
     publish_seconds: Histogram,
+    pub(crate) connections_open: Gauge,
+    connections_evicted: Counter,
+    connections_rejected: Counter,
+    connections_closed: Family<Labels, Counter>,
+    accept_errors: Counter,
+    /// The connection-limit and accept-error WARNs are rate-limited: under
+    /// a flood they would otherwise be written thousands of times a second.
+    limit_warn: Arc<RateLimitedWarn>,
+    accept_warn: Arc<RateLimitedWarn>,
 }
 
 impl IngestMetrics {
@@ -25,7 +43,39 @@ impl IngestMetrics {
             alerts: Family::default(),
             truncated: Counter::default(),
             publish_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            connections_open: Gauge::default(),
+            connections_evicted: Counter::default(),
+            connections_rejected: Counter::default(),
+            connections_closed: Family::default(),
+            accept_errors: Counter::default(),
+            limit_warn: Arc::default(),
+            accept_warn: Arc::default(),
         };
+        metrics.register(
+            "tocsin_ingest_connections_open",
+            "Open HTTP connections to ingest (capped by ingest.max_connections)",
+            m.connections_open.clone(),
+        );
+        metrics.register(
+            "tocsin_ingest_connections_evicted",
+            "Connections without a request in progress closed to make room under ingest.max_connections",
+            m.connections_evicted.clone(),
+        );
+        metrics.register(
+            "tocsin_ingest_connections_rejected",
+            "New connections refused (503) at ingest.max_connections with a request in progress on every open one",
+            m.connections_rejected.clone(),
+        );
+        metrics.register(
+            "tocsin_ingest_connections_closed",
+            "Ingest connections closed, by reason (normal, idle_timeout, header_timeout, evicted, shutdown, error)",
+            m.connections_closed.clone(),
+        );
+        metrics.register(
+            "tocsin_ingest_accept_errors",
+            "Errors accepting ingest connections (e.g. out of file descriptors)",
+            m.accept_errors.clone(),
+        );
         metrics.register(
             "tocsin_ingest_requests",
             "Ingest requests by endpoint and outcome (accepted, or the rejection code)",
@@ -69,6 +119,18 @@ pub(crate) enum IngestEvent<'a> {
         endpoint: &'a str,
         source: &'a str,
         count: u64,
+    },
+    /// A new connection arrived at `ingest.max_connections`: the oldest
+    /// idle one was closed for it (`evicted`) or it was refused.
+    ConnectionLimit {
+        max: usize,
+        evicted: bool,
+    },
+    ConnectionClosed {
+        reason: Closed,
+    },
+    AcceptFailed {
+        error: &'a std::io::Error,
     },
 }
 
@@ -129,6 +191,86 @@ impl IngestEvent<'_> {
                     "Alertmanager truncated this webhook; raise max_alerts in its webhook_config"
                 );
             }
+            IngestEvent::ConnectionLimit { max, evicted } => {
+                if evicted {
+                    m.connections_evicted.inc();
+                } else {
+                    m.connections_rejected.inc();
+                }
+                if let Some(suppressed) = m.limit_warn.admit() {
+                    tracing::warn!(
+                        max_connections = max,
+                        evicted,
+                        similar_since_last_warning = suppressed,
+                        "ingest is at ingest.max_connections: closing the oldest idle connection for a new one, \
+                         or refusing it when every connection has a request in progress. Many idle or slow \
+                         connections suggest a flood; see tocsin_ingest_connections_* in /metrics"
+                    );
+                }
+            }
+            IngestEvent::ConnectionClosed { reason } => {
+                m.connections_closed
+                    .get_or_create(&labels(&[("reason", reason.as_str())]))
+                    .inc();
+            }
+            IngestEvent::AcceptFailed { error } => {
+                m.accept_errors.inc();
+                if let Some(suppressed) = m.accept_warn.admit() {
+                    tracing::warn!(
+                        %error,
+                        similar_since_last_warning = suppressed,
+                        "ingest cannot accept connections; if out of file descriptors, raise the open-file \
+                         limit or lower ingest.max_connections"
+                    );
+                }
+            }
         }
+    }
+}
+
+/// Lets a WARN through at most once per interval, counting the rest.
+pub(crate) struct RateLimitedWarn {
+    interval: Duration,
+    last: Mutex<Option<Instant>>,
+    suppressed: AtomicU64,
+}
+
+impl Default for RateLimitedWarn {
+    fn default() -> Self {
+        RateLimitedWarn {
+            interval: Duration::from_secs(10),
+            last: Mutex::new(None),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+}
+
+impl RateLimitedWarn {
+    /// `Some(n)` when this occurrence should be logged, `n` being how many
+    /// were held back since the last one logged.
+    pub(crate) fn admit(&self) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < self.interval) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_are_rate_limited_and_count_what_they_held_back() {
+        let w = RateLimitedWarn::default();
+        assert_eq!(w.admit(), Some(0));
+        assert_eq!(w.admit(), None);
+        assert_eq!(w.admit(), None);
+        *w.last.lock().unwrap() = Some(Instant::now() - Duration::from_secs(11));
+        assert_eq!(w.admit(), Some(2));
     }
 }

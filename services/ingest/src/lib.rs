@@ -5,6 +5,8 @@
 //! - `POST /api/v1/alerts/alertmanager`: Alertmanager's webhook (version 4),
 //!   unchanged; point a `webhook_configs` entry at it.
 //! - `POST /v2/enqueue`: PagerDuty Events API v2-compatible events.
+//! - `POST /v2/change/enqueue`: PagerDuty change events, recorded as `info`
+//!   alerts that end by themselves.
 //! - `POST /api/v1/alerts`: Tocsin's generic JSON (also Alertmanager's
 //!   `/api/v2/alerts` array shape).
 //! - `POST /api/v1/heartbeat/<name>`: a dead-man's-switch ping for the
@@ -22,7 +24,14 @@
 //! - [`events`]: metrics and typed telemetry events.
 //! - [`receivers`]: pure parsers, one per format, body -> `Vec<Alert>`.
 //! - [`publish`]: JetStream publishing with message ids and ack waiting.
-//! - `http`: routes, authentication, body limits.
+//! - `http`: routes, authentication, body limits and deadlines, the
+//!   in-flight byte budget.
+//! - `server`: connections (hyper HTTP/1 with a header read timeout, an idle
+//!   timeout and a cap on open connections that evicts the oldest idle one).
+//!
+//! Every bound on what comes from outside is in [`config::IngestConfig`]
+//! and [`config::Limits`]; what exceeds one gets a 4xx naming the field and
+//! the key, and only what a retry can fix gets 503 + `Retry-After`.
 #![deny(unreachable_pub)]
 
 pub mod config;
@@ -32,6 +41,7 @@ pub mod publish;
 pub mod receivers;
 
 mod http;
+mod server;
 
 use std::sync::Arc;
 
@@ -54,21 +64,36 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
-    let publisher = publish::Publisher::new(client, js, config.publish_timeout.get());
+    let publisher = publish::Publisher::new(
+        client,
+        js,
+        config.publish_timeout.get(),
+        config.limits.alert_bytes,
+    );
+    let ingest_metrics = events::IngestMetrics::register(metrics);
     let state = Arc::new(http::AppState::new(
         &config,
         publisher,
-        events::IngestMetrics::register(metrics),
+        ingest_metrics.clone(),
     ));
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    tracing::info!(%addr, "ingest listening");
-    axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(|source| IngestError::Serve { addr, source })?;
+    let settings = server::Settings {
+        max_connections: server::fit_open_files(config.max_connections),
+        idle_timeout: config.idle_timeout.get(),
+        header_read_timeout: config.header_read_timeout.get(),
+    };
+    tracing::info!(%addr, max_connections = settings.max_connections, "ingest listening");
+    server::serve(
+        listener,
+        http::router(state),
+        settings,
+        ingest_metrics,
+        shutdown,
+    )
+    .await?;
     tracing::info!("ingest stopped");
     Ok(())
 }

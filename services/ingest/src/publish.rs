@@ -25,8 +25,49 @@ pub enum PublishError {
     TimedOut(Duration),
     #[error("JetStream refused the alert: {0}")]
     Refused(String),
+    /// The ALERTS stream is full or the server is out of storage: a retry
+    /// can succeed once space is freed.
+    #[error("the ALERTS stream cannot take more now ({0}); the stream is full or NATS is out of storage")]
+    Storage(String),
+    /// An alert no retry could ever store (over `ingest.limits.alert_bytes`
+    /// or the NATS server's `max_payload`). Nothing of the request was sent.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("cannot encode alert: {0}")]
     Encode(#[from] codec::CodecError),
+}
+
+impl PublishError {
+    /// Sorts a JetStream publish or ack error into what a retry can fix
+    /// (the default) and what it cannot.
+    fn from_jetstream(e: &jetstream::context::PublishError, timeout: Duration) -> Self {
+        use jetstream::context::PublishErrorKind as K;
+        let text = e.to_string();
+        match e.kind() {
+            K::TimedOut => PublishError::TimedOut(timeout),
+            K::MaxPayloadExceeded => PublishError::TooLarge(format!(
+                "the alert is larger than the NATS server accepts ({text}); \
+                 lower ingest.limits.alert_bytes below the server's max_payload"
+            )),
+            _ if text.contains("message size exceeds maximum") => PublishError::TooLarge(format!(
+                "the alert is larger than the ALERTS stream accepts ({text})"
+            )),
+            _ if text.contains("insufficient resources")
+                || text.contains("maximum bytes")
+                || text.contains("maximum messages") =>
+            {
+                PublishError::Storage(text)
+            }
+            _ => PublishError::Refused(text),
+        }
+    }
+}
+
+/// One alert encoded and checked, ready to send.
+struct Prepared {
+    subject: String,
+    msg_id: String,
+    payload: Vec<u8>,
 }
 
 /// What happened to a request's alerts.
@@ -53,37 +94,105 @@ pub struct Publisher {
     js: jetstream::Context,
     timeout: Duration,
     in_flight: Arc<Semaphore>,
+    /// `ingest.limits.alert_bytes`: largest encoded alert envelope.
+    alert_bytes: usize,
 }
 
 impl Publisher {
-    pub fn new(client: Client, mut js: jetstream::Context, timeout: Duration) -> Self {
+    pub fn new(
+        client: Client,
+        mut js: jetstream::Context,
+        timeout: Duration,
+        alert_bytes: usize,
+    ) -> Self {
         js.set_timeout(timeout);
         Publisher {
             client,
             js,
             timeout,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            alert_bytes,
         }
+    }
+
+    /// Encodes every alert and checks its size before anything is sent, so
+    /// a request with one alert that can never be stored stores nothing
+    /// and gets a 4xx instead of a 503 that would be retried forever.
+    fn prepare(
+        &self,
+        source: &str,
+        received_at: Timestamp,
+        traceparent: &str,
+        alerts: Vec<Alert>,
+        what: &str,
+    ) -> Result<Vec<Prepared>, PublishError> {
+        // max_payload covers headers and payload together.
+        let max_payload = self.client.max_payload();
+        let mut out = Vec::with_capacity(alerts.len());
+        for (i, alert) in alerts.into_iter().enumerate() {
+            let subject = alert_subject(
+                alert
+                    .origin
+                    .kind
+                    .unwrap_or(tocsin_proto::SourceKind::Generic),
+                &alert.fingerprint,
+            );
+            let msg_id = alert.msg_id();
+            let env = Envelope::new(source, received_at, alert)
+                .with_traceparent(Some(traceparent.to_string()));
+            let payload = codec::encode(&env)?;
+            let name = if what == "alerts" {
+                format!("alerts[{i}]")
+            } else {
+                what.to_string()
+            };
+            if payload.len() > self.alert_bytes {
+                return Err(PublishError::TooLarge(format!(
+                    "{name}: {} bytes as stored, the limit is {} (ingest.limits.alert_bytes); \
+                     shorten its labels, annotations or links",
+                    payload.len(),
+                    self.alert_bytes
+                )));
+            }
+            let wire = payload.len() + header_bytes(traceparent, &msg_id);
+            if max_payload > 0 && wire > max_payload {
+                return Err(PublishError::TooLarge(format!(
+                    "{name}: {wire} bytes with its headers, the NATS server's max_payload is {max_payload}; \
+                     lower ingest.limits.alert_bytes below it, or raise max_payload on the server"
+                )));
+            }
+            out.push(Prepared {
+                subject,
+                msg_id,
+                payload,
+            });
+        }
+        Ok(out)
     }
 
     /// Stores every alert or fails. On failure some alerts may be stored
     /// already; a retry of the same request is safe because their message
     /// ids are derived from what they mean.
+    ///
+    /// `what` names the alerts in errors: `"alerts"` gives `alerts[3]`, any
+    /// other word (`"event"`) is used as is for a request of one alert.
     pub async fn publish(
         &self,
         source: &str,
         received_at: Timestamp,
         traceparent: &str,
         alerts: Vec<Alert>,
+        what: &str,
     ) -> Result<Stored, PublishError> {
+        let prepared = self.prepare(source, received_at, traceparent, alerts, what)?;
         if !tocsin_runtime::nats::is_connected(&self.client) {
             return Err(PublishError::NotConnected);
         }
         let work = async {
             let mut out = Stored::default();
-            let mut alerts = alerts.into_iter().peekable();
+            let mut alerts = prepared.into_iter().peekable();
             while alerts.peek().is_some() {
-                let chunk: Vec<Alert> = alerts.by_ref().take(CHUNK).collect();
+                let chunk: Vec<Prepared> = alerts.by_ref().take(CHUNK).collect();
                 let _permits = self
                     .in_flight
                     .acquire_many(chunk.len() as u32)
@@ -91,15 +200,10 @@ impl Publisher {
                     .map_err(|e| PublishError::Refused(e.to_string()))?;
                 let mut acks = Vec::with_capacity(chunk.len());
                 for alert in chunk {
-                    acks.push(self.send(source, received_at, traceparent, alert).await?);
+                    acks.push(self.send(traceparent, alert).await?);
                 }
                 for result in join_all(acks.into_iter().map(|a| a.into_future())).await {
-                    let ack = result.map_err(|e| match e.kind() {
-                        jetstream::context::PublishErrorKind::TimedOut => {
-                            PublishError::TimedOut(self.timeout)
-                        }
-                        _ => PublishError::Refused(e.to_string()),
-                    })?;
+                    let ack = result.map_err(|e| PublishError::from_jetstream(&e, self.timeout))?;
                     if ack.duplicate {
                         out.duplicates += 1;
                     } else {
@@ -117,33 +221,32 @@ impl Publisher {
 
     async fn send(
         &self,
-        source: &str,
-        received_at: Timestamp,
         traceparent: &str,
-        alert: Alert,
+        alert: Prepared,
     ) -> Result<jetstream::context::PublishAckFuture, PublishError> {
-        let subject = alert_subject(
-            alert
-                .origin
-                .kind
-                .unwrap_or(tocsin_proto::SourceKind::Generic),
-            &alert.fingerprint,
-        );
-        let msg_id = alert.msg_id();
-        let env = Envelope::new(source, received_at, alert)
-            .with_traceparent(Some(traceparent.to_string()));
-        let payload = codec::encode(&env)?;
         let mut h = HeaderMap::new();
         h.insert(headers::TRACEPARENT, traceparent);
         h.insert(headers::SCHEMA, SCHEMA_VERSION.to_string().as_str());
         // headers() replaces the whole map: set it before message_id().
         let publish = PublishMessage::build()
-            .payload(payload.into())
+            .payload(alert.payload.into())
             .headers(h)
-            .message_id(msg_id);
+            .message_id(alert.msg_id);
         self.js
-            .send_publish(subject, publish)
+            .send_publish(alert.subject, publish)
             .await
-            .map_err(|e| PublishError::Refused(e.to_string()))
+            .map_err(|e| PublishError::from_jetstream(&e, self.timeout))
     }
+}
+
+/// The size of the header block [`Publisher::send`] writes (NATS counts it
+/// against `max_payload`): `NATS/1.0\r\n`, one `Name: value\r\n` per header,
+/// and a blank line.
+fn header_bytes(traceparent: &str, msg_id: &str) -> usize {
+    let line = |name: &str, value: &str| name.len() + 2 + value.len() + 2;
+    "NATS/1.0\r\n".len()
+        + line(headers::TRACEPARENT, traceparent)
+        + line(headers::SCHEMA, &SCHEMA_VERSION.to_string())
+        + line("Nats-Msg-Id", msg_id)
+        + 2
 }

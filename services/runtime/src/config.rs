@@ -529,4 +529,117 @@ mod tests {
     fn secrets_do_not_print() {
         assert_eq!(format!("{:?}", Secret::new("hunter2")), "Secret(***)");
     }
+
+    /// The loader over hostile text: whatever the file holds, loading
+    /// returns a value or a located error, never a panic. Cases: 256, or
+    /// `PROPTEST_CASES`; a failure prints its seed and minimal input.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn config() -> ProptestConfig {
+            let cases = std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(256);
+            ProptestConfig {
+                cases,
+                ..ProptestConfig::default()
+            }
+        }
+
+        /// YAML made of the pieces real config files use, in any order.
+        fn yaml_soup() -> impl Strategy<Value = String> {
+            let piece = prop_oneof![
+                prop::sample::select(vec![
+                    "name: ",
+                    "secret: ",
+                    "secret_file: ",
+                    "timeout: ",
+                    "nmae: ",
+                    "\n",
+                    "  ",
+                    "- ",
+                    ": ",
+                    "[",
+                    "]",
+                    "{",
+                    "}",
+                    ",",
+                    "\"",
+                    "'",
+                    "#",
+                    "&a ",
+                    "*a",
+                    "!!str ",
+                    "${",
+                    "}",
+                    "$$",
+                    "${TOKEN:-x}",
+                    "${UNSET_TOCSIN_FUZZ_VAR}",
+                    "5s",
+                    "1h30m",
+                    "99999999999999999999s",
+                    "ms",
+                    "~",
+                    "null",
+                    "true",
+                    "0x1F",
+                    "\t",
+                    "|\n  ",
+                    ">-\n  ",
+                    "---\n",
+                    "...\n",
+                    "? ",
+                    "\u{feff}",
+                    "é",
+                    "\u{0}",
+                ])
+                .prop_map(String::from),
+                ".{0,6}",
+            ];
+            prop::collection::vec(piece, 0..40).prop_map(|v| v.concat())
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            #[test]
+            fn loading_arbitrary_text_never_panics(text in ".{0,200}") {
+                let _ = from_str::<Sample>(Path::new("f.yaml"), &text);
+                let _ = from_str::<serde_yaml_ng::Value>(Path::new("f.yaml"), &text);
+            }
+
+            #[test]
+            fn loading_yaml_like_text_never_panics(text in yaml_soup()) {
+                if let Err(e) = from_str::<Sample>(Path::new("dir/f.yaml"), &text) {
+                    prop_assert!(e.to_string().starts_with("dir/f.yaml"), "{e}");
+                    prop_assert!(!e.message.is_empty());
+                }
+                let _ = from_str::<Vec<Sample>>(Path::new("f.yaml"), &text);
+            }
+
+            #[test]
+            fn scalars_never_panic(text in ".{0,40}") {
+                let _ = parse_duration(&text);
+                let _ = expand_with(&text, env);
+            }
+        }
+
+        #[test]
+        fn deep_nesting_and_alias_bombs_are_errors() {
+            for text in [
+                "[".repeat(10_000),
+                "{a: ".repeat(5_000),
+                "- ".repeat(5_000),
+                // Billion laughs: each level doubles the previous.
+                (1..32).fold("a0: &a0 [x, x]\n".to_string(), |t, i| {
+                    format!("{t}a{i}: &a{i} [*a{p}, *a{p}]\n", p = i - 1)
+                }),
+            ] {
+                let _ = from_str::<Sample>(Path::new("f.yaml"), &text);
+                let _ = from_str::<serde_yaml_ng::Value>(Path::new("f.yaml"), &text);
+            }
+        }
+    }
 }

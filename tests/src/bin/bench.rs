@@ -415,8 +415,9 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     // A realistic raw payload: one alert of a webhook body, converted the way
     // ingest converts it, in an envelope, encoded.
     let sample_body = alerts.body(0, 0);
-    let sample = tocsin_ingest::receivers::alertmanager::parse(&sample_body)
-        .map_err(|e| anyhow::anyhow!("generated webhook body does not parse: {e}"))?;
+    let sample =
+        tocsin_ingest::receivers::alertmanager::parse(&sample_body, &Default::default())
+            .map_err(|e| anyhow::anyhow!("generated webhook body does not parse: {}", e.reason))?;
     let sample_alert = sample
         .alerts
         .into_iter()

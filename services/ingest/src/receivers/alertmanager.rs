@@ -1,14 +1,21 @@
 //! Alertmanager webhook payload, version 4, exactly as Alertmanager sends it.
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use tocsin_proto::{Alert, AlertStatus, Fingerprint, Labels, Origin, SourceKind};
 
-use super::{clean_labels, is_zero_time, parse_json, parse_time, require_object};
+use super::{
+    check_annotations, check_labels, clean_labels, is_zero_time, parse_element, parse_json,
+    parse_time, require_object,
+};
+use crate::{config::Limits, error::Rejection};
 
 /// The webhook body (`webhook_configs`). Field names are Alertmanager's.
+/// `alerts` are kept as raw JSON until their number is checked, so a body
+/// of 45,000 tiny alerts costs a pointer each, not a parsed alert each.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct WebhookMessage {
+pub struct WebhookMessage<'a> {
     #[serde(default)]
     pub version: Option<String>,
     #[serde(default)]
@@ -27,7 +34,8 @@ pub struct WebhookMessage {
     pub common_annotations: Labels,
     #[serde(default, rename = "externalURL")]
     pub external_url: String,
-    pub alerts: Vec<WebhookAlert>,
+    #[serde(borrow)]
+    pub alerts: Vec<&'a RawValue>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,10 +61,26 @@ pub struct Parsed {
     pub truncated: u64,
 }
 
-/// Parses and normalizes one webhook body.
-pub fn parse(body: &[u8]) -> Result<Parsed, String> {
-    require_object(body, "an Alertmanager webhook payload")?;
-    let msg: WebhookMessage = parse_json(body)?;
+/// Parses and normalizes one webhook body, checking it against `limits`:
+/// too many alerts is a 413, anything else wrong a 400 naming the field.
+pub fn parse(body: &[u8], limits: &Limits) -> Result<Parsed, Rejection> {
+    parse_inner(body, limits).map_err(|e| e.unwrap_or_else(Rejection::invalid))
+}
+
+fn parse_inner(body: &[u8], limits: &Limits) -> Result<Parsed, Result<Rejection, String>> {
+    require_object(body, "an Alertmanager webhook payload").map_err(Err)?;
+    let msg: WebhookMessage = parse_json(body).map_err(Err)?;
+    if msg.alerts.len() > limits.alerts_per_request {
+        return Err(Ok(Rejection::too_many_alerts(
+            msg.alerts.len(),
+            limits.alerts_per_request,
+            "lower max_alerts in the webhook_config",
+        )));
+    }
+    validate(msg, limits).map_err(Err)
+}
+
+fn validate(msg: WebhookMessage<'_>, limits: &Limits) -> Result<Parsed, String> {
     if let Some(v) = &msg.version {
         if v != "4" {
             return Err(format!(
@@ -71,6 +95,7 @@ pub fn parse(body: &[u8]) -> Result<Parsed, String> {
             ));
         }
     }
+    check_labels("groupLabels", &msg.group_labels, limits)?;
     let origin = Origin {
         kind: Some(SourceKind::Alertmanager),
         receiver: non_empty(msg.receiver),
@@ -83,7 +108,7 @@ pub fn parse(body: &[u8]) -> Result<Parsed, String> {
         .alerts
         .into_iter()
         .enumerate()
-        .map(|(i, a)| convert(i, a, &origin))
+        .map(|(i, raw)| convert(i, parse_element(i, raw)?, &origin, limits))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Parsed {
         alerts,
@@ -91,7 +116,7 @@ pub fn parse(body: &[u8]) -> Result<Parsed, String> {
     })
 }
 
-fn convert(i: usize, a: WebhookAlert, origin: &Origin) -> Result<Alert, String> {
+fn convert(i: usize, a: WebhookAlert, origin: &Origin, limits: &Limits) -> Result<Alert, String> {
     let status = match a.status.as_str() {
         "firing" => AlertStatus::Firing,
         "resolved" => AlertStatus::Resolved,
@@ -101,7 +126,8 @@ fn convert(i: usize, a: WebhookAlert, origin: &Origin) -> Result<Alert, String> 
             ))
         }
     };
-    let labels = clean_labels(&format!("alerts[{i}].labels"), a.labels)?;
+    let labels = clean_labels(&format!("alerts[{i}].labels"), a.labels, limits)?;
+    check_annotations(&format!("alerts[{i}].annotations"), &a.annotations, limits)?;
     let starts_at = parse_time(&format!("alerts[{i}].startsAt"), &a.starts_at)?;
     let ends_at = match a.ends_at.as_deref() {
         None | Some("") => None,
@@ -146,6 +172,10 @@ mod tests {
      "externalURL":"http://alertmanager:9093",
      "version":"4","groupKey":"{}:{alertname=\"HighLatency\"}","truncatedAlerts":0,
      "notification_reason":"first notification","routeLabels":{}}"#;
+
+    fn parse(body: &[u8]) -> Result<Parsed, String> {
+        super::parse(body, &Limits::default()).map_err(|r| r.reason)
+    }
 
     #[test]
     fn parses_the_reference_payload() {
@@ -215,6 +245,47 @@ mod tests {
             r#""alerts":5,"x":["#,
             "alerts: invalid type",
         );
+        check(
+            r#""groupLabels":{"alertname":"HighLatency"}"#,
+            r#""groupLabels":{"alert-name":"HighLatency"}"#,
+            r#"groupLabels."alert-name": not a valid label name"#,
+        );
+        check(
+            r#""annotations":{"summary":"p99 > 2s"}"#,
+            r#""annotations":{"summary":"\u0000"}"#,
+            "alerts[0].annotations.summary: the value contains the control character U+0000",
+        );
+    }
+
+    #[test]
+    fn too_many_alerts_is_a_413_before_they_are_parsed() {
+        let one = r#"{"status":"firing","labels":{"a":"b"},"startsAt":"2025-01-15T10:00:00Z"}"#;
+        // Broken alerts past the limit: refused for their number, unparsed.
+        let body = format!(r#"{{"alerts":[{one},{one},{one},{{"broken":1}}]}}"#);
+        let limits = Limits {
+            alerts_per_request: 3,
+            ..Limits::default()
+        };
+        let r = super::parse(body.as_bytes(), &limits).unwrap_err();
+        assert_eq!(r.status.as_u16(), 413);
+        assert!(
+            r.reason.contains(
+                "4 alerts in one request, the limit is 3 (ingest.limits.alerts_per_request)"
+            ),
+            "{}",
+            r.reason
+        );
+        let limits = Limits {
+            alerts_per_request: 4,
+            ..Limits::default()
+        };
+        let r = super::parse(body.as_bytes(), &limits).unwrap_err();
+        assert_eq!(r.status.as_u16(), 400);
+        assert!(
+            r.reason.starts_with("alerts[3]: missing field"),
+            "{}",
+            r.reason
+        );
     }
 
     #[test]
@@ -224,6 +295,7 @@ mod tests {
             ("{", "malformed JSON"),
             ("[]", "expected a JSON object"),
             ("{}", "missing field `alerts`"),
+            ("{\"alerts\":[]}}}}garbage", "trailing characters"),
         ] {
             let err = parse(body.as_bytes()).unwrap_err();
             assert!(err.contains(fragment), "{body:?}: {err}");

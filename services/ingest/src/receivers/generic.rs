@@ -15,19 +15,25 @@
 //! | `fingerprint` | no | 16 lowercase hex digits; default: Alertmanager's hash of the labels |
 //! | `dedup_key` | no | any string naming the incident directly (up to 255 characters) |
 //!
-//! `starts_at`, `ends_at` and `generator_url` are accepted as aliases.
+//! `starts_at`, `ends_at`, `generator_url` and `dedupKey` are accepted as
+//! aliases.
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use tocsin_proto::{Alert, AlertStatus, Fingerprint, Labels, Origin, SourceKind, Timestamp};
 
-use super::{clean_labels, is_zero_time, parse_json, parse_time};
+use super::{check_annotations, clean_labels, is_zero_time, parse_element, parse_json, parse_time};
+use crate::{config::Limits, error::Rejection};
 
+/// `{"alerts": [...]}`; other keys are ignored. The alerts stay raw JSON
+/// until their number is checked.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Body {
-    Wrapped { alerts: Vec<serde_json::Value> },
-    Bare(Vec<serde_json::Value>),
+struct Wrapped<'a> {
+    #[serde(borrow)]
+    alerts: Vec<&'a RawValue>,
 }
+
+const SHAPE: &str = "expected {\"alerts\": [...]} or a JSON array of alerts";
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -45,41 +51,56 @@ struct GenericAlert {
     generator_url: Option<String>,
     #[serde(default)]
     fingerprint: Option<String>,
-    #[serde(default)]
+    // camelCase would make this `dedupKey` only; the documented spelling
+    // is `dedup_key`, and both are accepted.
+    #[serde(default, alias = "dedup_key")]
     dedup_key: Option<String>,
 }
 
-/// Parses a generic request body.
-pub fn parse(body: &[u8], received_at: Timestamp) -> Result<Vec<Alert>, String> {
-    let items = match parse_json::<serde_json::Value>(body)? {
-        v @ serde_json::Value::Array(_) | v @ serde_json::Value::Object(_) => {
-            serde_json::from_value::<Body>(v)
-                .map_err(|_| "expected {\"alerts\": [...]} or a JSON array of alerts".to_string())?
+/// Parses a generic request body, checking it against `limits`: too many
+/// alerts is a 413, anything else wrong a 400 naming the field.
+pub fn parse(
+    body: &[u8],
+    received_at: Timestamp,
+    limits: &Limits,
+) -> Result<Vec<Alert>, Rejection> {
+    let items: Vec<&RawValue> = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => parse_json(body).map_err(Rejection::invalid)?,
+        Some(b'{') => {
+            // Syntax errors first, so they are named as such.
+            parse_json::<serde::de::IgnoredAny>(body).map_err(Rejection::invalid)?;
+            parse_json::<Wrapped>(body)
+                .map_err(|_| Rejection::invalid(SHAPE))?
+                .alerts
         }
-        _ => return Err("expected {\"alerts\": [...]} or a JSON array of alerts".into()),
+        _ => {
+            parse_json::<serde::de::IgnoredAny>(body).map_err(Rejection::invalid)?;
+            return Err(Rejection::invalid(SHAPE));
+        }
     };
-    let items = match items {
-        Body::Wrapped { alerts } | Body::Bare(alerts) => alerts,
-    };
+    if items.len() > limits.alerts_per_request {
+        return Err(Rejection::too_many_alerts(
+            items.len(),
+            limits.alerts_per_request,
+            "split the batch",
+        ));
+    }
     items
         .into_iter()
         .enumerate()
-        .map(|(i, v)| {
-            let raw: GenericAlert = serde_path_to_error::deserialize(v).map_err(|e| {
-                let path = e.path().to_string();
-                if path == "." {
-                    format!("alerts[{i}]: {}", e.into_inner())
-                } else {
-                    format!("alerts[{i}].{path}: {}", e.into_inner())
-                }
-            })?;
-            convert(i, raw, received_at)
-        })
-        .collect()
+        .map(|(i, raw)| convert(i, parse_element(i, raw)?, received_at, limits))
+        .collect::<Result<_, String>>()
+        .map_err(Rejection::invalid)
 }
 
-fn convert(i: usize, a: GenericAlert, received_at: Timestamp) -> Result<Alert, String> {
-    let labels = clean_labels(&format!("alerts[{i}].labels"), a.labels)?;
+fn convert(
+    i: usize,
+    a: GenericAlert,
+    received_at: Timestamp,
+    limits: &Limits,
+) -> Result<Alert, String> {
+    let labels = clean_labels(&format!("alerts[{i}].labels"), a.labels, limits)?;
+    check_annotations(&format!("alerts[{i}].annotations"), &a.annotations, limits)?;
     let starts_at = match a.starts_at.as_deref() {
         None | Some("") => received_at,
         Some(s) => parse_time(&format!("alerts[{i}].startsAt"), s)?,
@@ -153,6 +174,10 @@ mod tests {
         "2025-01-15T10:00:00Z".parse().unwrap()
     }
 
+    fn parse(body: &[u8], received_at: Timestamp) -> Result<Vec<Alert>, String> {
+        super::parse(body, received_at, &Limits::default()).map_err(|r| r.reason)
+    }
+
     #[test]
     fn both_shapes_and_defaults() {
         let one =
@@ -215,5 +240,41 @@ mod tests {
         );
         check(json!("hello"), "expected {\"alerts\"");
         check(json!({"alert":[]}), "expected {\"alerts\"");
+        check(json!({"alerts":{}}), "expected {\"alerts\"");
+        check(
+            json!([{"labels":{"a":"b"},"annotations":{"x":"\u{1b}[31m"}}]),
+            "alerts[0].annotations.x: the value contains the control character U+001B",
+        );
+        for body in ["[]]", "[] x", "{\"alerts\":[]}}"] {
+            let err = parse(body.as_bytes(), now()).unwrap_err();
+            assert!(err.contains("trailing characters"), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn both_dedup_key_spellings() {
+        for field in ["dedup_key", "dedupKey"] {
+            let body = json!([{"labels":{"a":"b"}, field: "k1"}]);
+            let a = parse(body.to_string().as_bytes(), now()).unwrap();
+            assert_eq!(a[0].dedup_key.as_deref(), Some("k1"), "{field}");
+        }
+    }
+
+    #[test]
+    fn too_many_alerts_is_a_413() {
+        let body = json!({"alerts": [{"labels":{"a":"b"}}, {"labels":{"a":"c"}}], "other": 1});
+        let limits = Limits {
+            alerts_per_request: 1,
+            ..Limits::default()
+        };
+        let r = super::parse(body.to_string().as_bytes(), now(), &limits).unwrap_err();
+        assert_eq!(r.status.as_u16(), 413);
+        assert!(
+            r.reason.contains("2 alerts in one request, the limit is 1"),
+            "{}",
+            r.reason
+        );
+        let ok = super::parse(body.to_string().as_bytes(), now(), &Limits::default()).unwrap();
+        assert_eq!(ok.len(), 2);
     }
 }

@@ -8,12 +8,21 @@
 //! PagerDuty scopes it to the routing key); `payload.severity`, `source`,
 //! `component`, `group` and `class` become labels, `summary`, `client`,
 //! `client_url` and `custom_details` (as JSON) become annotations.
+//!
+//! Change events (`POST /v2/change/enqueue`: deploys, builds, config
+//! changes from Grafana or CI) are recorded as `info` alerts that end by
+//! themselves ([`CHANGE_EVENT_LASTS`] after they arrive), so they are on
+//! the record next to incidents without paging anyone for themselves.
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tocsin_proto::{Alert, AlertStatus, Fingerprint, Labels, Origin, SourceKind, Timestamp};
 
-use super::{parse_json, parse_time, require_object};
+use super::{check_annotation_value, check_label_value, parse_json, parse_time, require_object};
+use crate::config::Limits;
+
+/// How long after it arrived a change event's alert ends (`endsAt`).
+pub const CHANGE_EVENT_LASTS: jiff::SignedDuration = jiff::SignedDuration::from_secs(60);
 
 /// Longest `dedup_key` PagerDuty accepts.
 pub const MAX_DEDUP_KEY: usize = 255;
@@ -75,11 +84,145 @@ pub fn parse(
     body: &[u8],
     source: &str,
     received_at: Timestamp,
+    limits: &Limits,
     new_key: impl FnOnce() -> String,
 ) -> Result<Parsed, Vec<String>> {
     require_object(body, "a PagerDuty Events v2 event").map_err(|e| vec![e])?;
     let ev: Event = parse_json(body).map_err(|e| vec![e])?;
-    validate(ev, body, source, received_at, new_key)
+    let parsed = validate(ev, body, source, received_at, new_key)?;
+    check_bounds(&parsed.alert, limits)?;
+    Ok(parsed)
+}
+
+/// A PagerDuty change event (`POST /v2/change/enqueue`).
+#[derive(Debug, Deserialize)]
+pub struct ChangeEvent {
+    #[serde(default)]
+    pub routing_key: Option<String>,
+    #[serde(default)]
+    pub payload: Option<ChangePayload>,
+    #[serde(default)]
+    pub links: Option<serde_json::Value>,
+    #[serde(default)]
+    pub images: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChangePayload {
+    #[serde(default)]
+    pub summary: Option<String>,
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(default)]
+    pub timestamp: Option<String>,
+    #[serde(default)]
+    pub custom_details: Option<serde_json::Value>,
+}
+
+/// Parses and validates a change event into an `info` alert that is firing
+/// from its timestamp and ends [`CHANGE_EVENT_LASTS`] after it arrived.
+/// Every problem is listed, as PagerDuty does.
+pub fn parse_change(
+    body: &[u8],
+    source: &str,
+    received_at: Timestamp,
+    limits: &Limits,
+) -> Result<Alert, Vec<String>> {
+    require_object(body, "a PagerDuty change event").map_err(|e| vec![e])?;
+    let ev: ChangeEvent = parse_json(body).map_err(|e| vec![e])?;
+    let mut errors = Vec::new();
+    if blank(&ev.routing_key) {
+        errors.push("'routing_key' is missing or blank".to_string());
+    }
+    let Some(p) = ev.payload else {
+        errors.push("'payload' is missing".into());
+        return Err(errors);
+    };
+    if blank(&p.summary) {
+        errors.push("'payload.summary' is missing or blank".into());
+    } else if p.summary.as_deref().unwrap_or("").chars().count() > MAX_SUMMARY {
+        errors.push(format!(
+            "'payload.summary' is longer than {MAX_SUMMARY} characters"
+        ));
+    }
+    let mut starts_at = received_at;
+    if let Some(ts) = p.timestamp.as_deref().filter(|t| !t.is_empty()) {
+        match parse_time("'payload.timestamp'", ts) {
+            Ok(t) => starts_at = t,
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let digest = hex::encode(&Sha256::digest(body)[..8]);
+    let mut labels: Labels = [
+        ("severity".to_string(), "info".to_string()),
+        ("event_type".to_string(), "change".to_string()),
+    ]
+    .into();
+    if let Some(s) = p.source.filter(|s| !s.is_empty()) {
+        labels.insert("source".into(), s);
+    }
+    let mut annotations = Labels::new();
+    annotations.insert("summary".into(), p.summary.unwrap_or_default());
+    if let Some(d) = &p.custom_details {
+        annotations.insert("custom_details".into(), d.to_string());
+    }
+    if let Some(l) = &ev.links {
+        annotations.insert("links".into(), l.to_string());
+    }
+    // Each change event is its own record, named by its content so that a
+    // retried request maps to the same alert and message id.
+    let dedup_key = format!("change-{digest}");
+    labels.insert("dedup_key".into(), dedup_key.clone());
+    let identity: Labels = [
+        ("dedup_key".to_string(), dedup_key.clone()),
+        ("integration".to_string(), source.to_string()),
+    ]
+    .into();
+    let alert = Alert {
+        fingerprint: Fingerprint::from_labels(&identity),
+        status: AlertStatus::Firing,
+        labels,
+        annotations,
+        starts_at,
+        ends_at: Some(starts_at.max(received_at) + CHANGE_EVENT_LASTS),
+        generator_url: None,
+        dedup_key: Some(dedup_key),
+        origin: Origin {
+            kind: Some(SourceKind::Pagerduty),
+            event_digest: Some(digest),
+            ..Origin::default()
+        },
+    };
+    check_bounds(&alert, limits)?;
+    Ok(alert)
+}
+
+/// Checks an event's labels and annotations against `limits`, naming the
+/// event's own fields.
+fn check_bounds(alert: &Alert, limits: &Limits) -> Result<(), Vec<String>> {
+    let field = |name: &str| match name {
+        "dedup_key" | "client" | "client_url" | "links" => format!("'{name}'"),
+        other => format!("'payload.{other}'"),
+    };
+    let mut errors = Vec::new();
+    for (name, value) in &alert.labels {
+        if let Err(e) = check_label_value(&field(name), value, limits) {
+            errors.push(e);
+        }
+    }
+    for (name, value) in &alert.annotations {
+        if let Err(e) = check_annotation_value(&field(name), value, limits) {
+            errors.push(e);
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
 }
 
 /// The routing key of a body, if it parses at all (for authentication
@@ -250,9 +393,13 @@ mod tests {
     }
 
     fn run(v: serde_json::Value) -> Result<Parsed, Vec<String>> {
-        parse(v.to_string().as_bytes(), "grafana", now(), || {
-            "generated".into()
-        })
+        parse(
+            v.to_string().as_bytes(),
+            "grafana",
+            now(),
+            &Limits::default(),
+            || "generated".into(),
+        )
     }
 
     fn trigger() -> serde_json::Value {
@@ -295,6 +442,7 @@ mod tests {
             trigger().to_string().as_bytes(),
             "datadog",
             now(),
+            &Limits::default(),
             || unreachable!(),
         )
         .unwrap();
@@ -354,5 +502,53 @@ mod tests {
             &["payload.summary: invalid type"],
         );
         check(json!([1]), &["expected a JSON object"]);
+        check(
+            json!({"routing_key":"k","event_action":"trigger",
+                   "payload":{"summary":"s","source":"a\r\nb","severity":"info",
+                              "custom_details":{"x":"y".repeat(20_000)}}}),
+            &[
+                "'payload.source': the value contains the control character U+000D",
+                "'payload.custom_details': 20008 bytes, the limit is 16384",
+            ],
+        );
+    }
+
+    #[test]
+    fn change_events_are_info_alerts_that_end_by_themselves() {
+        let ev = json!({"routing_key":"k",
+            "payload":{"summary":"Deployed v2","timestamp":"2025-01-15T09:59:00Z","source":"ci",
+                       "custom_details":{"build":7}},
+            "links":[{"href":"https://ci/7","text":"build"}]});
+        let body = ev.to_string();
+        let a = parse_change(body.as_bytes(), "grafana", now(), &Limits::default()).unwrap();
+        assert_eq!(a.status, AlertStatus::Firing);
+        assert_eq!(a.labels["severity"], "info");
+        assert_eq!(a.labels["event_type"], "change");
+        assert_eq!(a.labels["source"], "ci");
+        assert_eq!(a.annotations["summary"], "Deployed v2");
+        assert_eq!(
+            a.annotations["links"],
+            r#"[{"href":"https://ci/7","text":"build"}]"#
+        );
+        assert_eq!(a.starts_at.to_string(), "2025-01-15T09:59:00Z");
+        assert_eq!(a.ends_at.unwrap().to_string(), "2025-01-15T10:01:00Z");
+        let again = parse_change(body.as_bytes(), "grafana", now(), &Limits::default()).unwrap();
+        assert_eq!(again.msg_id(), a.msg_id(), "a retry is the same message");
+        let errors = parse_change(
+            json!({"payload":{"timestamp":"nope"}})
+                .to_string()
+                .as_bytes(),
+            "g",
+            now(),
+            &Limits::default(),
+        )
+        .unwrap_err();
+        for e in [
+            "'routing_key' is missing",
+            "'payload.summary' is missing",
+            "'payload.timestamp'",
+        ] {
+            assert!(errors.iter().any(|x| x.contains(e)), "{errors:?} lacks {e}");
+        }
     }
 }
