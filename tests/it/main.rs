@@ -11,6 +11,7 @@ mod incidents_crash;
 mod incidents_faults;
 mod incidents_inhibit;
 mod incidents_lifecycle;
+mod incidents_poison;
 mod incidents_rebuild;
 mod ingest_alertmanager;
 mod ingest_concurrency;

@@ -168,10 +168,16 @@ pub async fn read_matching(
     Ok(out)
 }
 
+/// What of a dead-lettered payload is kept when the whole does not fit in
+/// one message (an input of nearly NATS's `max_payload` plus the headers).
+const DEAD_LETTER_KEEP: usize = 64 * 1024;
+
 /// Moves a message no one can process to `tocsin.dlq.<stream>`, with the
 /// reason and its original subject in headers; `seq` (its sequence in
 /// `stream`) makes the publish idempotent. One attempt: callers decide
-/// whether to retry.
+/// whether to retry. A payload too large to go with the headers is cut to
+/// its first 64 KiB (the reason says so), so a dead letter never fails
+/// for its size.
 pub async fn dead_letter(
     js: &jetstream::Context,
     stream: &str,
@@ -180,6 +186,56 @@ pub async fn dead_letter(
     seq: u64,
     reason: &str,
 ) -> Result<(), String> {
+    match publish_dead_letter(js, stream, subject, payload.clone(), seq, reason).await {
+        Err(DeadLetterError::TooLarge(e)) if payload.len() > DEAD_LETTER_KEEP => {
+            tracing::warn!(
+                stream,
+                seq,
+                error = e,
+                "dead letter too large; keeping the first 64 KiB of its payload"
+            );
+            let reason = format!(
+                "{reason} (payload cut to its first {DEAD_LETTER_KEEP} of {} bytes)",
+                payload.len()
+            );
+            publish_dead_letter(
+                js,
+                stream,
+                subject,
+                payload.slice(..DEAD_LETTER_KEEP),
+                seq,
+                &reason,
+            )
+            .await
+            .map_err(DeadLetterError::into_string)
+        }
+        other => other.map_err(DeadLetterError::into_string),
+    }
+}
+
+/// Whether a dead letter failed for its size (then cut and sent again).
+enum DeadLetterError {
+    TooLarge(String),
+    Other(String),
+}
+
+impl DeadLetterError {
+    fn into_string(self) -> String {
+        match self {
+            DeadLetterError::TooLarge(s) | DeadLetterError::Other(s) => s,
+        }
+    }
+}
+
+async fn publish_dead_letter(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+    payload: bytes::Bytes,
+    seq: u64,
+    reason: &str,
+) -> Result<(), DeadLetterError> {
+    use jetstream::context::{PublishError, PublishErrorKind};
     use tocsin_proto::subjects::{dead_letter_subject, headers};
     let mut h = async_nats::HeaderMap::new();
     let reason: String = reason.chars().take(512).collect();
@@ -192,12 +248,25 @@ pub async fn dead_letter(
         .payload(payload)
         .headers(h)
         .message_id(format!("dlq:{stream}:{seq}"));
+    let sort = |e: PublishError| {
+        let too_large = e.kind() == PublishErrorKind::MaxPayloadExceeded
+            || std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<jetstream::Error>())
+                .is_some_and(|j| {
+                    j.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+                });
+        if too_large {
+            DeadLetterError::TooLarge(e.to_string())
+        } else {
+            DeadLetterError::Other(e.to_string())
+        }
+    };
     js.send_publish(dead_letter_subject(stream), publish)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(sort)?
         .await
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(sort)
 }
 
 /// The sequence of the last message in `stream` (0 when empty).
