@@ -79,7 +79,7 @@ async fn a_600_kb_label_is_stored_truncated_and_the_next_100_alerts_become_incid
     // Every stored entry is within the budget, and nothing was dead-lettered.
     let stored = bus::read_stream::<LogEntry>(&js, STREAM_INCIDENTS).await;
     assert_eq!(stored.len(), 101);
-    let mut s = js.get_stream(STREAM_INCIDENTS).await.unwrap();
+    let s = js.get_stream(STREAM_INCIDENTS).await.unwrap();
     for m in &stored {
         let raw = s.get_raw_message(m.seq).await.unwrap();
         assert!(

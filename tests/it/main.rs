@@ -25,3 +25,4 @@ mod notifier_faults;
 mod notifier_scale;
 mod notifier_slack_webhook;
 mod shipped_files;
+mod storage_limits;
