@@ -178,9 +178,8 @@ impl JetStreamConfig {
         })
     }
 
-    /// The storage budget: what every stream's room adds up to. NATS must
-    /// have this much in its `max_file_store` (times the replicas, per node
-    /// of a cluster).
+    /// The storage budget: what every stream's room adds up to. Every NATS
+    /// node keeping a replica must have this much in its `max_file_store`.
     pub fn storage_budget(&self) -> u64 {
         STREAMS
             .iter()
@@ -275,10 +274,9 @@ fn stream_error_hint(reason: &str, config: &JetStreamConfig) -> String {
     if reason.contains("insufficient") || reason.contains("10047") {
         format!(
             "{reason}; NATS reserves each stream's max_bytes, and the jetstream.*_max_bytes \
-             settings add up to {} bytes (x {} replicas): raise max_file_store in the NATS \
-             config or lower them",
-            config.storage_budget(),
-            config.replicas
+             settings add up to {} bytes, which every NATS node keeping a replica must have \
+             free in its max_file_store: raise max_file_store in the NATS config or lower them",
+            config.storage_budget()
         )
     } else {
         reason.to_string()
