@@ -222,3 +222,53 @@ async fn a_command_the_incidents_stream_refuses_is_dead_lettered_after_bounded_r
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_cut_alert_decided_again_after_a_restart_writes_nothing_new() {
+    let nats = NatsServer::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = TocsinHarness::config(&nats);
+    config.incidents.data_dir = Some(tocsin_runtime::config::ConfigPath(
+        data.path().join("incidents"),
+    ));
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    let now = Timestamp::now();
+    let big = alert(
+        &[("alertname", "Poison"), ("blob", &"y".repeat(400_000))],
+        &["alertname"],
+        AlertStatus::Firing,
+        now,
+    );
+
+    let tocsin = TocsinHarness::start_with(config.clone()).await;
+    publish_alert(&js, big, now).await;
+    wait_for(&client, "the cut alert's incident", |all| all.len() == 1).await;
+    tocsin.stop().await.unwrap();
+
+    // On start the service decides its last input again (it may have been
+    // only partly published): the same cut gives the same alert, so
+    // nothing is written for it.
+    let _tocsin = TocsinHarness::start_with(config).await;
+    publish_alert(
+        &js,
+        alert(
+            &[("alertname", "After")],
+            &["alertname"],
+            AlertStatus::Firing,
+            now,
+        ),
+        now,
+    )
+    .await;
+    wait_for(&client, "the next alert's incident", |all| all.len() == 2).await;
+    let kinds: Vec<&str> = bus::read_stream::<LogEntry>(&js, STREAM_INCIDENTS)
+        .await
+        .iter()
+        .map(|m| match &m.envelope.body {
+            LogEntry::Incident(e) => e.kind.name(),
+            LogEntry::Silence { .. } => "silence",
+        })
+        .collect();
+    assert_eq!(kinds, ["opened", "opened"]);
+}

@@ -391,23 +391,7 @@ impl Service {
         let mut stored = Vec::with_capacity(n);
         let mut failure = None;
         for mut entry in entries {
-            match self.limits.fit_entry(&mut entry) {
-                Ok(true) => tracing::warn!(
-                    subject = %entry.subject(),
-                    max_entry_bytes = self.limits.max_entry_bytes,
-                    "entry over incidents.max_entry_bytes: its longest texts were cut"
-                ),
-                Ok(false) => {}
-                Err(e) => {
-                    failure = Some(Failure::Permanent {
-                        reason: "too_large",
-                        detail: e.0,
-                        cause: entry.cause().clone(),
-                    });
-                    break;
-                }
-            }
-            match self.publish_entry(&entry, traceparent).await {
+            match self.publish_entry(&mut entry, traceparent).await {
                 Ok(seq) => stored.push((entry, seq)),
                 Err(e) => {
                     failure = Some(e);
@@ -433,22 +417,33 @@ impl Service {
     }
 
     /// Publishes one entry and waits for JetStream; returns its sequence.
+    /// An entry over `max_entry_bytes` is cut first (in place: the cut
+    /// entry is what the caller folds in).
     async fn publish_entry(
         &self,
-        entry: &LogEntry,
+        entry: &mut LogEntry,
         traceparent: Option<&str>,
     ) -> Result<u64, Failure> {
-        let at = match entry {
-            LogEntry::Incident(e) => e.at,
-            LogEntry::Silence { at, .. } => *at,
-        };
-        let env =
-            Envelope::new("incidents", at, entry).with_traceparent(traceparent.map(str::to_string));
-        let payload = codec::encode(&env).map_err(|e| Failure::Permanent {
-            reason: "too_large",
-            detail: e.to_string(),
-            cause: entry.cause().clone(),
-        })?;
+        let mut payload = encode_entry(entry, traceparent)?;
+        if payload.len() > self.limits.max_entry_bytes {
+            match self.limits.fit_entry(entry) {
+                Ok(_) => tracing::warn!(
+                    subject = %entry.subject(),
+                    bytes = payload.len(),
+                    max_entry_bytes = self.limits.max_entry_bytes,
+                    "entry over incidents.max_entry_bytes: its longest texts were cut"
+                ),
+                Err(e) => {
+                    return Err(Failure::Permanent {
+                        reason: "too_large",
+                        detail: e.0,
+                        cause: entry.cause().clone(),
+                    })
+                }
+            }
+            payload = encode_entry(entry, traceparent)?;
+        }
+        let entry = &*entry;
         let mut h = HeaderMap::new();
         h.insert(
             headers::SCHEMA,
@@ -518,12 +513,6 @@ impl Service {
                     cause,
                 }) => {
                     attempts += 1;
-                    IncidentsEvent::InputFailed {
-                        attempt: attempts,
-                        of: self.max_attempts,
-                        error: &detail,
-                    }
-                    .emit(&self.metrics);
                     if attempts >= self.max_attempts {
                         stall.moving();
                         return Err(Stop::GaveUp {
@@ -532,6 +521,12 @@ impl Service {
                             cause,
                         });
                     }
+                    IncidentsEvent::InputFailed {
+                        attempt: attempts,
+                        of: self.max_attempts,
+                        error: &detail,
+                    }
+                    .emit(&self.metrics);
                     stall.failing(&detail);
                 }
             }
@@ -565,7 +560,13 @@ impl Service {
                 return;
             }
         };
-        match self.limits.bound_alert(&mut env.body) {
+        // The message holds the encoded alert: a small one needs no look.
+        let bounded = if msg.payload.len() <= self.limits.max_alert_bytes() {
+            Ok(false)
+        } else {
+            self.limits.bound_alert(&mut env.body)
+        };
+        match bounded {
             Ok(false) => {}
             Ok(true) => tracing::warn!(
                 seq,
@@ -967,6 +968,21 @@ impl Service {
             delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
+}
+
+/// The envelope of `entry` as published.
+fn encode_entry(entry: &LogEntry, traceparent: Option<&str>) -> Result<Vec<u8>, Failure> {
+    let at = match entry {
+        LogEntry::Incident(e) => e.at,
+        LogEntry::Silence { at, .. } => *at,
+    };
+    let env =
+        Envelope::new("incidents", at, entry).with_traceparent(traceparent.map(str::to_string));
+    codec::encode(&env).map_err(|e| Failure::Permanent {
+        reason: "too_large",
+        detail: e.to_string(),
+        cause: entry.cause().clone(),
+    })
 }
 
 /// The cause of heartbeat `name`'s missed-ping incident due at `deadline`.
