@@ -67,7 +67,9 @@ async fn undecodable_alerts_go_to_the_dead_letter_subject_and_are_counted() {
     .await
     .text;
     assert!(
-        metrics.contains(r#"tocsin_incidents_dead_letters_total{stream="ALERTS"} 2"#),
+        metrics.contains(
+            r#"tocsin_incidents_dead_letters_total{stream="ALERTS",reason="undecodable"} 2"#
+        ),
         "{metrics}"
     );
 }

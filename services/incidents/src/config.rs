@@ -46,7 +46,29 @@ pub struct IncidentsConfig {
     /// How long a command may wait for redelivery if the service dies while
     /// handling it. Default 30s.
     pub command_ack_wait: HumanDuration,
+    /// Largest encoded INCIDENTS entry written, in bytes. An alert is cut
+    /// to a quarter of it before it is decided, and an entry still larger
+    /// has its longest texts cut (with a `…[truncated N bytes]` marker);
+    /// one that cannot be cut enough is dead-lettered. Kept well under
+    /// NATS's `max_payload` (1 MiB by default). Default 262144 (256 KiB).
+    pub max_entry_bytes: usize,
+    /// Annotations an alert keeps when it must be cut; the rest are dropped
+    /// (their count is noted). Default 64.
+    pub max_annotations: usize,
+    /// Attempts at an input that fails for a reason retrying cannot fix
+    /// (JetStream refuses the entry, it cannot be made small enough) before
+    /// it goes to the DEADLETTER stream and the next input is taken.
+    /// Failures that can pass (NATS down, a full stream) are retried
+    /// without limit. Default 5.
+    pub max_attempts: u32,
+    /// `/readyz` reports `incidents: cannot make progress: <reason>` once
+    /// one input has been failing for this long. Default 30s.
+    pub stalled_after: HumanDuration,
 }
+
+/// Bounds of `max_entry_bytes`: room for an incident with its alert, and
+/// well under the 1 MiB NATS `max_payload` default.
+pub const MAX_ENTRY_BYTES_RANGE: std::ops::RangeInclusive<usize> = 16 * 1024..=768 * 1024;
 
 impl Default for IncidentsConfig {
     fn default() -> Self {
@@ -63,6 +85,10 @@ impl Default for IncidentsConfig {
             maintenance_windows: Vec::new(),
             heartbeats: Vec::new(),
             command_ack_wait: HumanDuration::secs(30),
+            max_entry_bytes: 256 * 1024,
+            max_annotations: 64,
+            max_attempts: 5,
+            stalled_after: HumanDuration::secs(30),
         }
     }
 }

@@ -809,23 +809,18 @@ impl Decider<'_> {
 
     /// Entries for timers due at `now`: snoozes that ran out. The timer id
     /// names the incident and the snooze, so a restart repeats nothing.
-    pub fn timers(&self, now: Timestamp) -> Vec<LogEntry> {
-        let mut due: Vec<&IncidentState> = self
+    /// Timers `skip` names are left out (the service gave up on them).
+    pub fn timers(&self, now: Timestamp, skip: impl Fn(&Cause) -> bool) -> Vec<LogEntry> {
+        let mut due: Vec<(&IncidentState, Timestamp, Cause)> = self
             .proj
             .incidents
             .values()
-            .filter(|i| {
-                i.summary.status != IncidentStatus::Resolved
-                    && i.summary.snoozed_until.is_some_and(|u| u <= now)
-            })
+            .filter_map(|i| snooze_timer(i).map(|(at, cause)| (i, at, cause)))
+            .filter(|(_, at, cause)| *at <= now && !skip(cause))
             .collect();
-        due.sort_by_key(|i| i.summary.number);
+        due.sort_by_key(|(i, _, _)| i.summary.number);
         let mut out = Vec::new();
-        for inc in due {
-            let until = inc.summary.snoozed_until.expect("filtered");
-            let cause = Cause::Timer {
-                id: format!("snooze-{}-{}", inc.summary.id.simple(), until.as_second()),
-            };
+        for (inc, until, cause) in due {
             let mut b = self.batch(cause, until, Some(Actor::new("tocsin", "tocsin")));
             let mut st = inc.clone();
             b.push(&mut st, EventKind::SnoozeEnded);
@@ -834,15 +829,29 @@ impl Decider<'_> {
         out
     }
 
-    /// The earliest snooze end, for the timer loop.
-    pub fn next_timer(&self) -> Option<Timestamp> {
+    /// The earliest snooze end not skipped, for the timer loop.
+    pub fn next_timer(&self, skip: impl Fn(&Cause) -> bool) -> Option<Timestamp> {
         self.proj
             .incidents
             .values()
-            .filter(|i| i.summary.status != IncidentStatus::Resolved)
-            .filter_map(|i| i.summary.snoozed_until)
+            .filter_map(snooze_timer)
+            .filter(|(_, cause)| !skip(cause))
+            .map(|(at, _)| at)
             .min()
     }
+}
+
+/// The timer that ends `inc`'s snooze, if it is snoozed and not resolved:
+/// when it is due, and its cause.
+pub fn snooze_timer(inc: &IncidentState) -> Option<(Timestamp, Cause)> {
+    if inc.summary.status == IncidentStatus::Resolved {
+        return None;
+    }
+    let until = inc.summary.snoozed_until?;
+    let cause = Cause::Timer {
+        id: format!("snooze-{}-{}", inc.summary.id.simple(), until.as_second()),
+    };
+    Some((until, cause))
 }
 
 fn sender_key(source: &str, key: &str) -> String {

@@ -40,7 +40,7 @@ impl IncidentsMetrics {
         );
         m.register(
             "tocsin_incidents_dead_letters",
-            "Undecodable messages moved to the dead-letter subject, by stream",
+            "Inputs moved to the DEADLETTER stream, by stream and reason (undecodable, too_large, refused)",
             s.dead_letters.clone(),
         );
         m.register(
@@ -73,7 +73,22 @@ pub(crate) enum IncidentsEvent<'a> {
     DeadLettered {
         stream: &'a str,
         seq: u64,
+        /// Low-cardinality: `undecodable`, `too_large`, `refused`.
         reason: &'a str,
+        detail: &'a str,
+    },
+    /// An input failed for a reason retrying cannot fix; it is tried again
+    /// up to `of` times, then dead-lettered.
+    InputFailed {
+        attempt: u32,
+        of: u32,
+        error: &'a str,
+    },
+    /// A timer whose entries cannot be written is skipped until a restart.
+    TimerAbandoned {
+        timer: &'a str,
+        reason: &'a str,
+        detail: &'a str,
     },
     CaughtUp {
         entries: u64,
@@ -108,15 +123,35 @@ impl IncidentsEvent<'_> {
                 stream,
                 seq,
                 reason,
+                detail,
             } => {
                 m.dead_letters
-                    .get_or_create(&labels(&[("stream", stream)]))
+                    .get_or_create(&labels(&[("stream", stream), ("reason", reason)]))
                     .inc();
                 tracing::error!(
                     stream,
                     seq,
                     reason,
-                    "undecodable message moved to the dead-letter subject"
+                    detail,
+                    "input moved to the DEADLETTER stream; the next one is processed"
+                );
+            }
+            IncidentsEvent::InputFailed { attempt, of, error } => {
+                tracing::warn!(attempt, of, error, "input failed; retrying");
+            }
+            IncidentsEvent::TimerAbandoned {
+                timer,
+                reason,
+                detail,
+            } => {
+                m.inputs
+                    .get_or_create(&labels(&[("input", "timer"), ("outcome", "abandoned")]))
+                    .inc();
+                tracing::error!(
+                    timer,
+                    reason,
+                    detail,
+                    "timer cannot be recorded; skipped until the service restarts"
                 );
             }
             IncidentsEvent::CaughtUp { entries, incidents } => {

@@ -23,6 +23,7 @@
 //! - [`config`]: the `incidents:` section.
 //! - [`core`]: the pure projection and decisions.
 //! - [`matchers`], [`silences`], [`inhibit`], [`severity`]: pure label logic.
+//! - [`limits`]: cutting alerts and entries to the size budget.
 //! - [`store`]: the sled projection store.
 //! - [`clock`]: system or manual time for timers.
 //! - `service`: the loop (catch up, consume, publish, save, ack).
@@ -36,6 +37,7 @@ pub mod core;
 pub mod error;
 pub mod events;
 pub mod inhibit;
+pub mod limits;
 pub mod matchers;
 pub mod severity;
 pub mod silences;
@@ -89,6 +91,24 @@ pub fn compile(config: &IncidentsConfig) -> Result<core::CoreConfig, IncidentsEr
             )));
         }
     }
+    if !config::MAX_ENTRY_BYTES_RANGE.contains(&config.max_entry_bytes) {
+        return Err(IncidentsError::Config(format!(
+            "max_entry_bytes is {}; use {} to {} (well under NATS's 1 MiB max_payload)",
+            config.max_entry_bytes,
+            config::MAX_ENTRY_BYTES_RANGE.start(),
+            config::MAX_ENTRY_BYTES_RANGE.end()
+        )));
+    }
+    if config.max_attempts == 0 {
+        return Err(IncidentsError::Config(
+            "max_attempts is 0; use at least 1 (default 5)".into(),
+        ));
+    }
+    if config.max_annotations == 0 {
+        return Err(IncidentsError::Config(
+            "max_annotations is 0; use at least 1 (default 64)".into(),
+        ));
+    }
     let dur = |d: std::time::Duration| SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX);
     Ok(core::CoreConfig {
         group_by: config.group_by.clone(),
@@ -121,7 +141,15 @@ pub async fn run(
     health.set_failing("incidents", "catching up with the INCIDENTS stream");
     let core = compile(&config)?;
     let m = events::IncidentsMetrics::register(metrics);
-    let svc = service::Service::new(&config, core, client.clone(), js.clone(), m, clock)?;
+    let svc = service::Service::new(
+        &config,
+        core,
+        client.clone(),
+        js.clone(),
+        m,
+        health.clone(),
+        clock,
+    )?;
     if !svc.catch_up(&shutdown).await {
         return Ok(());
     }

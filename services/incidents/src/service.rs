@@ -3,16 +3,19 @@
 //! save, and only then move on (ack the command / advance the cursor).
 
 use std::{
+    collections::HashSet,
     path::Path,
-    sync::{Arc, RwLock},
-    time::Duration,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
 };
 
 use async_nats::{
     jetstream::{
         self,
         consumer::{pull, AckPolicy},
+        context::{PublishError, PublishErrorKind},
         message::PublishMessage,
+        ErrorCode,
     },
     Client, HeaderMap,
 };
@@ -25,7 +28,7 @@ use tocsin_proto::{
     subjects::{headers, STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS},
     Alert, Envelope, SourceKind,
 };
-use tocsin_runtime::streams;
+use tocsin_runtime::{admin::Health, streams};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -36,6 +39,7 @@ use crate::{
     },
     error::IncidentsError,
     events::{IncidentsEvent, IncidentsMetrics},
+    limits::Limits,
     store::Store,
 };
 
@@ -55,6 +59,13 @@ pub(crate) struct Service {
     clock: Arc<dyn Clock>,
     started_at: Timestamp,
     ack_wait: Duration,
+    health: Health,
+    limits: Limits,
+    max_attempts: u32,
+    stalled_after: Duration,
+    /// Timers given up on (their entries could not be written): skipped,
+    /// so a timer that cannot fire does not fire again and again.
+    abandoned: Mutex<HashSet<Cause>>,
 }
 
 fn read(p: &Shared) -> std::sync::RwLockReadGuard<'_, Projection> {
@@ -65,8 +76,93 @@ fn write(p: &Shared) -> std::sync::RwLockWriteGuard<'_, Projection> {
     p.write().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Why an input could not be finished now (it will be retried).
-struct Retry(String);
+/// Why an input could not be finished.
+enum Failure {
+    /// May pass (NATS down, a timeout, a full stream): retried without limit.
+    Transient(String),
+    /// Retrying cannot help (JetStream refuses the entry, it is too large):
+    /// retried `max_attempts` times, then dead-lettered.
+    Permanent {
+        /// Low-cardinality metric label: `refused`, `too_large`.
+        reason: &'static str,
+        detail: String,
+        /// Cause of the entry that failed.
+        cause: Cause,
+    },
+}
+
+/// Why [`Service::settle`] stopped without finishing an input.
+enum Stop {
+    Shutdown,
+    GaveUp {
+        reason: &'static str,
+        /// Why, for the dead-letter header and the command's answer.
+        detail: String,
+        cause: Cause,
+    },
+}
+
+/// Sorts a publish failure: only a refusal the same message would get
+/// again is permanent.
+fn classify(e: &PublishError, cause: &Cause) -> Failure {
+    let permanent = match e.kind() {
+        PublishErrorKind::MaxPayloadExceeded => true,
+        PublishErrorKind::Other => std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<jetstream::Error>())
+            .is_some_and(|js| {
+                matches!(
+                    js.error_code(),
+                    ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+                        | ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM
+                )
+            }),
+        _ => false,
+    };
+    if permanent {
+        Failure::Permanent {
+            reason: "refused",
+            detail: e.to_string(),
+            cause: cause.clone(),
+        }
+    } else {
+        Failure::Transient(e.to_string())
+    }
+}
+
+/// Reports on `/readyz` an input that keeps failing past `stalled_after`,
+/// and clears the report once it moves.
+struct Stall<'a> {
+    health: &'a Health,
+    since: Instant,
+    after: Duration,
+    reported: bool,
+}
+
+impl<'a> Stall<'a> {
+    fn new(health: &'a Health, after: Duration) -> Self {
+        Stall {
+            health,
+            since: Instant::now(),
+            after,
+            reported: false,
+        }
+    }
+
+    fn failing(&mut self, reason: &str) {
+        if self.since.elapsed() >= self.after {
+            self.health
+                .set_failing("incidents", format!("cannot make progress: {reason}"));
+            self.reported = true;
+        }
+    }
+
+    fn moving(&mut self) {
+        if self.reported {
+            self.health.set_ok("incidents");
+            self.reported = false;
+        }
+    }
+}
 
 impl Service {
     pub(crate) fn new(
@@ -75,6 +171,7 @@ impl Service {
         client: Client,
         js: jetstream::Context,
         metrics: IncidentsMetrics,
+        health: Health,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, IncidentsError> {
         let dir = config.data_dir();
@@ -91,7 +188,22 @@ impl Service {
             clock,
             started_at,
             ack_wait: config.command_ack_wait.get(),
+            health,
+            limits: Limits {
+                max_entry_bytes: config.max_entry_bytes,
+                max_annotations: config.max_annotations,
+            },
+            max_attempts: config.max_attempts,
+            stalled_after: config.stalled_after.get(),
+            abandoned: Mutex::new(HashSet::new()),
         })
+    }
+
+    fn is_abandoned(&self, cause: &Cause) -> bool {
+        self.abandoned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(cause)
     }
 
     /// Replays INCIDENTS entries the projection lacks. Retries until NATS
@@ -251,12 +363,14 @@ impl Service {
             cfg: &self.core,
             proj: &p,
         }
-        .next_timer();
+        .next_timer(|c| self.is_abandoned(c));
         let hb = self
             .heartbeats
             .iter()
             .filter(|h| !heartbeat_open(&p, &h.name))
-            .map(|h| heartbeat_deadline(&p, h, self.started_at))
+            .map(|h| (h, heartbeat_deadline(&p, h, self.started_at)))
+            .filter(|(h, d)| !self.is_abandoned(&heartbeat_cause(&h.name, *d)))
+            .map(|(_, d)| d)
             .min();
         match (snooze, hb) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -265,17 +379,19 @@ impl Service {
     }
 
     /// Publishes entries in order, folding each into the projection once
-    /// JetStream acknowledged it, then saves.
+    /// JetStream acknowledged it. An entry over the size budget is cut
+    /// first (deterministically), and the cut entry is what is published
+    /// and folded in, so a rebuild from the stream gives the same state.
     async fn publish_and_apply(
         &self,
         entries: Vec<LogEntry>,
         traceparent: Option<&str>,
-    ) -> Result<usize, Retry> {
+    ) -> Result<usize, Failure> {
         let n = entries.len();
         let mut stored = Vec::with_capacity(n);
         let mut failure = None;
-        for entry in entries {
-            match self.publish_entry(&entry, traceparent).await {
+        for mut entry in entries {
+            match self.publish_entry(&mut entry, traceparent).await {
                 Ok(seq) => stored.push((entry, seq)),
                 Err(e) => {
                     failure = Some(e);
@@ -301,18 +417,33 @@ impl Service {
     }
 
     /// Publishes one entry and waits for JetStream; returns its sequence.
+    /// An entry over `max_entry_bytes` is cut first (in place: the cut
+    /// entry is what the caller folds in).
     async fn publish_entry(
         &self,
-        entry: &LogEntry,
+        entry: &mut LogEntry,
         traceparent: Option<&str>,
-    ) -> Result<u64, Retry> {
-        let at = match entry {
-            LogEntry::Incident(e) => e.at,
-            LogEntry::Silence { at, .. } => *at,
-        };
-        let env =
-            Envelope::new("incidents", at, entry).with_traceparent(traceparent.map(str::to_string));
-        let payload = codec::encode(&env).map_err(|e| Retry(e.to_string()))?;
+    ) -> Result<u64, Failure> {
+        let mut payload = encode_entry(entry, traceparent)?;
+        if payload.len() > self.limits.max_entry_bytes {
+            match self.limits.fit_entry(entry) {
+                Ok(_) => tracing::warn!(
+                    subject = %entry.subject(),
+                    bytes = payload.len(),
+                    max_entry_bytes = self.limits.max_entry_bytes,
+                    "entry over incidents.max_entry_bytes: its longest texts were cut"
+                ),
+                Err(e) => {
+                    return Err(Failure::Permanent {
+                        reason: "too_large",
+                        detail: e.0,
+                        cause: entry.cause().clone(),
+                    })
+                }
+            }
+            payload = encode_entry(entry, traceparent)?;
+        }
+        let entry = &*entry;
         let mut h = HeaderMap::new();
         h.insert(
             headers::SCHEMA,
@@ -329,9 +460,9 @@ impl Service {
             .js
             .send_publish(entry.subject(), publish)
             .await
-            .map_err(|e| Retry(e.to_string()))?
+            .map_err(|e| classify(&e, entry.cause()))?
             .await
-            .map_err(|e| Retry(e.to_string()))?;
+            .map_err(|e| classify(&e, entry.cause()))?;
         if !ack.duplicate {
             let kind = match entry {
                 LogEntry::Incident(e) => e.kind.name(),
@@ -342,19 +473,23 @@ impl Service {
         Ok(ack.sequence)
     }
 
-    /// Decides with `decide` and publishes, again and again until it works
-    /// or the service stops. Deciding afresh each time is safe: decisions
-    /// are convergent, so a half-published input only gets its missing part.
+    /// Decides with `decide` and publishes until it works, the service
+    /// stops, or a failure retrying cannot fix has happened `max_attempts`
+    /// times. Deciding afresh each time is safe: decisions are convergent,
+    /// so a half-published input only gets its missing part. An input that
+    /// keeps failing past `stalled_after` is reported on `/readyz`.
     async fn settle<F>(
         &self,
         shutdown: &CancellationToken,
         traceparent: Option<&str>,
         decide: F,
-    ) -> Option<usize>
+    ) -> Result<usize, Stop>
     where
         F: Fn(&Decider<'_>) -> Vec<LogEntry>,
     {
         let mut delay = Duration::from_millis(100);
+        let mut attempts = 0u32;
+        let mut stall = Stall::new(&self.health, self.stalled_after);
         loop {
             let entries = {
                 let p = read(&self.proj);
@@ -364,11 +499,39 @@ impl Service {
                 })
             };
             match self.publish_and_apply(entries, traceparent).await {
-                Ok(n) => return Some(n),
-                Err(Retry(e)) => IncidentsEvent::PublishFailed { error: &e }.emit(&self.metrics),
+                Ok(n) => {
+                    stall.moving();
+                    return Ok(n);
+                }
+                Err(Failure::Transient(e)) => {
+                    IncidentsEvent::PublishFailed { error: &e }.emit(&self.metrics);
+                    stall.failing(&e);
+                }
+                Err(Failure::Permanent {
+                    reason,
+                    detail,
+                    cause,
+                }) => {
+                    attempts += 1;
+                    if attempts >= self.max_attempts {
+                        stall.moving();
+                        return Err(Stop::GaveUp {
+                            reason,
+                            detail: format!("after {attempts} attempts: {detail}"),
+                            cause,
+                        });
+                    }
+                    IncidentsEvent::InputFailed {
+                        attempt: attempts,
+                        of: self.max_attempts,
+                        error: &detail,
+                    }
+                    .emit(&self.metrics);
+                    stall.failing(&detail);
+                }
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return None,
+                _ = shutdown.cancelled() => return Err(Stop::Shutdown),
                 _ = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(Duration::from_secs(2));
@@ -389,49 +552,51 @@ impl Service {
             .as_ref()
             .and_then(|h| h.get(headers::TRACEPARENT))
             .map(|v| v.to_string());
-        let env = match decode_envelope::<Alert>(&msg.payload) {
+        let mut env = match decode_envelope::<Alert>(&msg.payload) {
             Ok(env) => env,
             Err(e) => {
-                if !self
-                    .dead_letter(
-                        STREAM_ALERTS,
-                        &msg.subject,
-                        &msg.payload,
-                        seq,
-                        &e.to_string(),
-                        shutdown,
-                    )
-                    .await
-                {
-                    return;
-                }
-                IncidentsEvent::Input {
-                    input: "alert",
-                    outcome: "dead_letter",
-                }
-                .emit(&self.metrics);
-                self.advance(seq);
+                self.give_up_alert(&msg, seq, "undecodable", &e.to_string(), shutdown)
+                    .await;
                 return;
             }
         };
-        let cause = Cause::Alert { seq };
-        let written = if env.body.origin.kind == Some(SourceKind::Heartbeat) {
-            match self
-                .on_ping(&env, cause, traceparent.as_deref(), shutdown)
-                .await
-            {
-                Some(n) => n,
-                None => return,
-            }
+        // The message holds the encoded alert: a small one needs no look.
+        let bounded = if msg.payload.len() <= self.limits.max_alert_bytes() {
+            Ok(false)
         } else {
-            match self
-                .settle(shutdown, traceparent.as_deref(), |d| {
-                    d.alert(cause.clone(), &env)
-                })
+            self.limits.bound_alert(&mut env.body)
+        };
+        match bounded {
+            Ok(false) => {}
+            Ok(true) => tracing::warn!(
+                seq,
+                fingerprint = %env.body.fingerprint,
+                max_alert_bytes = self.limits.max_alert_bytes(),
+                "alert over a quarter of incidents.max_entry_bytes: its longest labels and annotations were cut"
+            ),
+            Err(e) => {
+                self.give_up_alert(&msg, seq, "too_large", &e.0, shutdown)
+                    .await;
+                return;
+            }
+        }
+        let cause = Cause::Alert { seq };
+        let settled = if env.body.origin.kind == Some(SourceKind::Heartbeat) {
+            self.on_ping(&env, cause, traceparent.as_deref(), shutdown)
                 .await
-            {
-                Some(n) => n,
-                None => return,
+        } else {
+            self.settle(shutdown, traceparent.as_deref(), |d| {
+                d.alert(cause.clone(), &env)
+            })
+            .await
+        };
+        let written = match settled {
+            Ok(n) => n,
+            Err(Stop::Shutdown) => return,
+            Err(Stop::GaveUp { reason, detail, .. }) => {
+                self.give_up_alert(&msg, seq, reason, &detail, shutdown)
+                    .await;
+                return;
             }
         };
         let outcome = if written > 0 { "changed" } else { "unchanged" };
@@ -452,6 +617,38 @@ impl Service {
         self.advance(seq);
     }
 
+    /// Moves an alert that cannot be decided or applied to DEADLETTER and
+    /// goes past it.
+    async fn give_up_alert(
+        &self,
+        msg: &jetstream::Message,
+        seq: u64,
+        reason: &'static str,
+        detail: &str,
+        shutdown: &CancellationToken,
+    ) {
+        if !self
+            .dead_letter(
+                STREAM_ALERTS,
+                &msg.subject,
+                &msg.payload,
+                seq,
+                reason,
+                detail,
+                shutdown,
+            )
+            .await
+        {
+            return;
+        }
+        IncidentsEvent::Input {
+            input: "alert",
+            outcome: "dead_letter",
+        }
+        .emit(&self.metrics);
+        self.advance(seq);
+    }
+
     fn advance(&self, seq: u64) {
         let mut p = write(&self.proj);
         p.alerts_cursor = p.alerts_cursor.max(seq);
@@ -464,7 +661,7 @@ impl Service {
         cause: Cause,
         tp: Option<&str>,
         shutdown: &CancellationToken,
-    ) -> Option<usize> {
+    ) -> Result<usize, Stop> {
         let name = env
             .body
             .labels
@@ -478,13 +675,13 @@ impl Service {
                 outcome: "unknown",
             }
             .emit(&self.metrics);
-            return Some(0);
+            return Ok(0);
         };
         write(&self.proj)
             .heartbeats
             .insert(name.clone(), env.received_at);
         if !heartbeat_open(&read(&self.proj), &name) {
-            return Some(0);
+            return Ok(0);
         }
         let alert = heartbeat_alert(
             &name,
@@ -499,10 +696,40 @@ impl Service {
             .await
     }
 
+    /// Records that a timer's entries cannot be written: it is skipped from
+    /// now on (until a restart), so it neither blocks nor spins.
+    fn abandon_timer(&self, reason: &'static str, detail: &str, cause: Cause) {
+        IncidentsEvent::TimerAbandoned {
+            timer: &cause.key(),
+            reason,
+            detail,
+        }
+        .emit(&self.metrics);
+        self.abandoned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(cause);
+    }
+
     async fn on_timers(&self, shutdown: &CancellationToken) {
         let now = self.clock.now();
-        let Some(n) = self.settle(shutdown, None, |d| d.timers(now)).await else {
-            return;
+        let n = match self
+            .settle(shutdown, None, |d| d.timers(now, |c| self.is_abandoned(c)))
+            .await
+        {
+            Ok(n) => n,
+            Err(Stop::Shutdown) => return,
+            Err(Stop::GaveUp {
+                reason,
+                detail,
+                cause,
+            }) => {
+                // The timers stored before the failing one are folded in;
+                // the next round takes those after it.
+                self.abandon_timer(reason, &detail, cause);
+                self.save(&mut write(&self.proj));
+                return;
+            }
         };
         self.save(&mut write(&self.proj));
         if n > 0 {
@@ -521,7 +748,8 @@ impl Service {
                     p.heartbeats.get(&hb.name).copied(),
                 )
             };
-            if open || now < deadline {
+            let cause = heartbeat_cause(&hb.name, deadline);
+            if open || now < deadline || self.is_abandoned(&cause) {
                 continue;
             }
             let since = last.unwrap_or(self.started_at);
@@ -534,15 +762,16 @@ impl Service {
                 since,
             );
             let env = Envelope::new(HEARTBEAT_SOURCE, deadline, alert);
-            let cause = Cause::Timer {
-                id: format!("hb-{}-{}", hb.name, deadline.as_second()),
-            };
-            if self
+            match self
                 .settle(shutdown, None, |d| d.alert(cause.clone(), &env))
                 .await
-                .is_none()
             {
-                return;
+                Ok(_) => {}
+                Err(Stop::Shutdown) => return,
+                Err(Stop::GaveUp { reason, detail, .. }) => {
+                    self.abandon_timer(reason, &detail, cause);
+                    continue;
+                }
             }
             IncidentsEvent::Input {
                 input: "heartbeat",
@@ -568,26 +797,8 @@ impl Service {
         let env = match decode_envelope::<Command>(&msg.payload) {
             Ok(env) => env,
             Err(e) => {
-                if self
-                    .dead_letter(
-                        STREAM_COMMANDS,
-                        &msg.subject,
-                        &msg.payload,
-                        seq,
-                        &e.to_string(),
-                        shutdown,
-                    )
-                    .await
-                {
-                    IncidentsEvent::Input {
-                        input: "command",
-                        outcome: "dead_letter",
-                    }
-                    .emit(&self.metrics);
-                    if let Err(e) = msg.ack().await {
-                        tracing::warn!(error = %e, "cannot ack a dead-lettered command");
-                    }
-                }
+                self.give_up_command(&msg, seq, "undecodable", &e.to_string(), None, shutdown)
+                    .await;
                 return;
             }
         };
@@ -600,8 +811,26 @@ impl Service {
                 entries
             })
             .await;
-        if decided.is_none() {
-            return; // shutting down; the command stays un-acked and is redelivered
+        match decided {
+            Ok(_) => {}
+            // Shutting down: the command stays un-acked and is redelivered.
+            Err(Stop::Shutdown) => return,
+            Err(Stop::GaveUp { reason, detail, .. }) => {
+                self.save(&mut write(&self.proj));
+                let answer = reply_to.map(|to| {
+                    let reply = CommandReply::Rejected {
+                        command_id: cmd.id.clone(),
+                        reason: format!(
+                            "the command could not be applied and was moved to the \
+                             dead-letter stream: {detail}"
+                        ),
+                    };
+                    (to, reply)
+                });
+                self.give_up_command(&msg, seq, reason, &detail, answer, shutdown)
+                    .await;
+                return;
+            }
         }
         self.save(&mut write(&self.proj));
         let verdict = verdict.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -632,14 +861,7 @@ impl Service {
                     reason,
                 },
             };
-            match codec::encode(&reply) {
-                Ok(bytes) => {
-                    if let Err(e) = self.client.publish(to, bytes.into()).await {
-                        tracing::warn!(error = %e, "cannot send a command reply");
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "cannot encode a command reply"),
-            }
+            self.reply(to, &reply).await;
         }
         // Acked only now: the effect is on the stream and in the projection.
         if let Err(e) = msg.double_ack().await {
@@ -647,16 +869,71 @@ impl Service {
         }
     }
 
-    /// Moves an undecodable message to `tocsin.dlq.<stream>` with the reason.
+    async fn reply(&self, to: String, reply: &CommandReply) {
+        match codec::encode(reply) {
+            Ok(bytes) => {
+                if let Err(e) = self.client.publish(to, bytes.into()).await {
+                    tracing::warn!(error = %e, "cannot send a command reply");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode a command reply"),
+        }
+    }
+
+    /// Moves a command that cannot be decoded or applied to DEADLETTER,
+    /// answers it if it can, and acks it so the next one comes.
+    async fn give_up_command(
+        &self,
+        msg: &jetstream::Message,
+        seq: u64,
+        reason: &'static str,
+        detail: &str,
+        answer: Option<(String, CommandReply)>,
+        shutdown: &CancellationToken,
+    ) {
+        if !self
+            .dead_letter(
+                STREAM_COMMANDS,
+                &msg.subject,
+                &msg.payload,
+                seq,
+                reason,
+                detail,
+                shutdown,
+            )
+            .await
+        {
+            return;
+        }
+        IncidentsEvent::Input {
+            input: "command",
+            outcome: "dead_letter",
+        }
+        .emit(&self.metrics);
+        if let Some((to, reply)) = answer {
+            self.reply(to, &reply).await;
+        }
+        if let Err(e) = msg.double_ack().await {
+            tracing::warn!(error = %e, "cannot ack a dead-lettered command; it will be dead-lettered again (once: same message id)");
+        }
+    }
+
+    /// Moves a message to `tocsin.dlq.<stream>` with the reason. Retries
+    /// until it is stored (reporting a stall on `/readyz`); returns false
+    /// if shut down first.
+    #[allow(clippy::too_many_arguments)]
     async fn dead_letter(
         &self,
         stream: &str,
         subject: &str,
         payload: &[u8],
         seq: u64,
-        reason: &str,
+        reason: &'static str,
+        detail: &str,
         shutdown: &CancellationToken,
     ) -> bool {
+        let mut stall = Stall::new(&self.health, self.stalled_after);
+        let mut delay = Duration::from_millis(100);
         loop {
             let result = streams::dead_letter(
                 &self.js,
@@ -664,26 +941,54 @@ impl Service {
                 subject,
                 payload.to_vec().into(),
                 seq,
-                reason,
+                detail,
             )
             .await;
             match result {
                 Ok(()) => {
+                    stall.moving();
                     IncidentsEvent::DeadLettered {
                         stream,
                         seq,
                         reason,
+                        detail,
                     }
                     .emit(&self.metrics);
                     return true;
                 }
-                Err(e) => IncidentsEvent::PublishFailed { error: &e }.emit(&self.metrics),
+                Err(e) => {
+                    IncidentsEvent::PublishFailed { error: &e }.emit(&self.metrics);
+                    stall.failing(&format!("cannot dead-letter {stream} message {seq}: {e}"));
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
+            delay = (delay * 2).min(Duration::from_secs(2));
         }
+    }
+}
+
+/// The envelope of `entry` as published.
+fn encode_entry(entry: &LogEntry, traceparent: Option<&str>) -> Result<Vec<u8>, Failure> {
+    let at = match entry {
+        LogEntry::Incident(e) => e.at,
+        LogEntry::Silence { at, .. } => *at,
+    };
+    let env =
+        Envelope::new("incidents", at, entry).with_traceparent(traceparent.map(str::to_string));
+    codec::encode(&env).map_err(|e| Failure::Permanent {
+        reason: "too_large",
+        detail: e.to_string(),
+        cause: entry.cause().clone(),
+    })
+}
+
+/// The cause of heartbeat `name`'s missed-ping incident due at `deadline`.
+fn heartbeat_cause(name: &str, deadline: Timestamp) -> Cause {
+    Cause::Timer {
+        id: format!("hb-{}-{}", name, deadline.as_second()),
     }
 }
 

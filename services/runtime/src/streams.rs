@@ -1,15 +1,33 @@
-//! JetStream streams: created or updated idempotently at start-up.
+//! JetStream streams: created or updated idempotently at start-up, each
+//! with its share of the storage budget, and watched while running.
+//!
+//! Every stream has a `max_bytes` limit. NATS reserves that room in its
+//! `max_file_store` when the stream is created, so one stream filling up
+//! cannot take the others' room: ALERTS (the smallest share) refuses new
+//! alerts when full, and ingest answers 503, while INCIDENTS, COMMANDS and
+//! NOTIFY keep their room. [`watch_storage`] reports a stream that cannot
+//! take new messages on `/readyz` and in `/metrics`.
 
-use std::time::Duration;
+use std::{fmt, sync::atomic::AtomicU64, time::Duration};
 
 use async_nats::jetstream::{
     self,
     stream::{Config, DiscardPolicy, RetentionPolicy, StorageType},
 };
-use serde::Deserialize;
-use tocsin_proto::subjects::{Retention, StreamDef, STREAMS};
+use prometheus_client::metrics::{family::Family, gauge::Gauge};
+use serde::{de, Deserialize, Deserializer};
+use tocsin_proto::subjects::{
+    Retention, StreamDef, STREAMS, STREAM_ALERTS, STREAM_COMMANDS, STREAM_DEADLETTER,
+    STREAM_INCIDENTS, STREAM_NOTIFY,
+};
 
-use crate::{config::HumanDuration, RuntimeError};
+use crate::{
+    admin::{labels, Health, Labels, Metrics},
+    config::HumanDuration,
+    RuntimeError,
+};
+
+const MIB: u64 = 1024 * 1024;
 
 /// `jetstream:` section.
 #[derive(Debug, Clone, Deserialize)]
@@ -28,8 +46,90 @@ pub struct JetStreamConfig {
     pub work_max_age: HumanDuration,
     /// How long dead-lettered messages are kept. Default 30d.
     pub dead_letter_max_age: HumanDuration,
+    /// Room of ALERTS in bytes, the smallest share: when full it refuses
+    /// new alerts (ingest answers 503) instead of taking the others' room.
+    /// Default 536870912 (512 MiB).
+    #[serde(deserialize_with = "bytes")]
+    pub alerts_max_bytes: u64,
+    /// Room of INCIDENTS in bytes; when full, new entries wait (nothing is
+    /// dropped). Default 4294967296 (4 GiB).
+    #[serde(deserialize_with = "bytes")]
+    pub incidents_max_bytes: u64,
+    /// Room of COMMANDS in bytes. Default 805306368 (768 MiB).
+    #[serde(deserialize_with = "bytes")]
+    pub commands_max_bytes: u64,
+    /// Room of NOTIFY in bytes. Default 805306368 (768 MiB).
+    #[serde(deserialize_with = "bytes")]
+    pub notify_max_bytes: u64,
+    /// Room of DEADLETTER in bytes; when full the oldest dead letters go.
+    /// Default 805306368 (768 MiB).
+    #[serde(deserialize_with = "bytes")]
+    pub dead_letter_max_bytes: u64,
+    /// How often each process reads the streams' usage for `/readyz` and
+    /// `tocsin_stream_usage_ratio`. Default 5s.
+    pub storage_check_interval: HumanDuration,
+    /// A stream that refuses new messages when full is reported as full
+    /// (not ready) from this share of its `max_bytes` on. Default 0.95.
+    #[serde(deserialize_with = "ratio")]
+    pub full_ratio: f64,
     /// JetStream domain, for leaf-node set-ups. Default none.
     pub domain: Option<String>,
+}
+
+/// A positive number of bytes, checked while the scalar is read so a
+/// wrong value is reported with its line.
+fn bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    struct V;
+    impl de::Visitor<'_> for V {
+        type Value = u64;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a number of bytes, at least 1048576 (1 MiB)")
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+            if v < MIB {
+                return Err(E::custom(format!(
+                    "{v} bytes is too small for a stream; give at least 1048576 (1 MiB)"
+                )));
+            }
+            Ok(v)
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+            match u64::try_from(v) {
+                Ok(v) => self.visit_u64(v),
+                Err(_) => Err(E::custom(format!(
+                    "{v} is negative; give a number of bytes, at least 1048576 (1 MiB)"
+                ))),
+            }
+        }
+    }
+    d.deserialize_u64(V)
+}
+
+/// A share above 0 and at most 1.
+fn ratio<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    struct V;
+    impl de::Visitor<'_> for V {
+        type Value = f64;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a share above 0 and at most 1, such as 0.95")
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<f64, E> {
+            if v > 0.0 && v <= 1.0 {
+                Ok(v)
+            } else {
+                Err(E::custom(format!(
+                    "{v} is not a share; give a number above 0 and at most 1, such as 0.95"
+                )))
+            }
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<f64, E> {
+            self.visit_f64(v as f64)
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<f64, E> {
+            self.visit_f64(v as f64)
+        }
+    }
+    d.deserialize_f64(V)
 }
 
 impl Default for JetStreamConfig {
@@ -41,6 +141,13 @@ impl Default for JetStreamConfig {
             incidents_max_age: HumanDuration::secs(400 * 86_400),
             work_max_age: HumanDuration::secs(7 * 86_400),
             dead_letter_max_age: HumanDuration::secs(30 * 86_400),
+            alerts_max_bytes: 512 * MIB,
+            incidents_max_bytes: 4096 * MIB,
+            commands_max_bytes: 768 * MIB,
+            notify_max_bytes: 768 * MIB,
+            dead_letter_max_bytes: 768 * MIB,
+            storage_check_interval: HumanDuration::secs(5),
+            full_ratio: 0.95,
             domain: None,
         }
     }
@@ -54,6 +161,31 @@ impl JetStreamConfig {
             tocsin_proto::subjects::STREAM_DEADLETTER => self.dead_letter_max_age.get(),
             _ => self.work_max_age.get(),
         }
+    }
+
+    /// The room of `stream` in bytes, and the config key that sets it.
+    pub fn max_bytes(&self, stream: &str) -> Option<(u64, &'static str)> {
+        Some(match stream {
+            STREAM_ALERTS => (self.alerts_max_bytes, "jetstream.alerts_max_bytes"),
+            STREAM_INCIDENTS => (self.incidents_max_bytes, "jetstream.incidents_max_bytes"),
+            STREAM_COMMANDS => (self.commands_max_bytes, "jetstream.commands_max_bytes"),
+            STREAM_NOTIFY => (self.notify_max_bytes, "jetstream.notify_max_bytes"),
+            STREAM_DEADLETTER => (
+                self.dead_letter_max_bytes,
+                "jetstream.dead_letter_max_bytes",
+            ),
+            _ => return None,
+        })
+    }
+
+    /// The storage budget: what every stream's room adds up to. Every NATS
+    /// node keeping a replica must have this much in its `max_file_store`.
+    pub fn storage_budget(&self) -> u64 {
+        STREAMS
+            .iter()
+            .filter_map(|d| self.max_bytes(d.name))
+            .map(|(b, _)| b)
+            .sum()
     }
 
     /// The stream configuration Tocsin wants for `def`.
@@ -72,7 +204,19 @@ impl JetStreamConfig {
             // The duplicate window may not exceed the max age.
             duplicate_window: self.duplicate_window.get().min(max_age),
             max_age,
-            discard: DiscardPolicy::Old,
+            max_bytes: self
+                .max_bytes(def.name)
+                .map(|(b, _)| i64::try_from(b).unwrap_or(i64::MAX))
+                .unwrap_or(-1),
+            // Only dead letters may make room by dropping the oldest: the
+            // others are alerts not yet decided, the record, and work not
+            // yet done, so a full stream refuses the new message instead
+            // (the writer retries, and `/readyz` says which stream is full).
+            discard: if def.name == STREAM_DEADLETTER {
+                DiscardPolicy::Old
+            } else {
+                DiscardPolicy::New
+            },
             ..Default::default()
         }
     }
@@ -86,22 +230,57 @@ impl JetStreamConfig {
     }
 }
 
-/// Creates every stream, or updates it to the wanted configuration.
-/// Idempotent: running it on every start is the intended use.
+/// Creates every stream, or updates it to the wanted configuration
+/// (limits, retention times and discard policy of an existing stream are
+/// brought to the config). Idempotent: running it on every start is the
+/// intended use. A stream that already holds more than its configured
+/// `max_bytes` keeps its current limit, since lowering it could delete
+/// messages; an error is logged naming the key to raise.
 pub async fn ensure_streams(
     js: &jetstream::Context,
     config: &JetStreamConfig,
 ) -> Result<(), RuntimeError> {
     for def in STREAMS.iter() {
-        let wanted = config.stream_config(def);
+        let mut wanted = config.stream_config(def);
+        if let Ok(mut existing) = js.get_stream(def.name).await {
+            if let Ok(info) = existing.info().await {
+                let held = info.state.bytes;
+                if wanted.max_bytes >= 0 && held > wanted.max_bytes as u64 {
+                    let key = config.max_bytes(def.name).map(|(_, k)| k).unwrap_or("");
+                    tracing::error!(
+                        stream = def.name,
+                        held_bytes = held,
+                        wanted_max_bytes = wanted.max_bytes,
+                        kept_max_bytes = info.config.max_bytes,
+                        "stream holds more than {key}; its current limit is kept so nothing is \
+                         deleted: raise {key} to at least what it holds"
+                    );
+                    wanted.max_bytes = info.config.max_bytes;
+                }
+            }
+        }
         js.create_or_update_stream(wanted)
             .await
             .map_err(|e| RuntimeError::Stream {
                 stream: def.name.to_string(),
-                reason: e.to_string(),
+                reason: stream_error_hint(&e.to_string(), config),
             })?;
     }
     Ok(())
+}
+
+/// Adds what to do to JetStream's "insufficient storage" refusal.
+fn stream_error_hint(reason: &str, config: &JetStreamConfig) -> String {
+    if reason.contains("insufficient") || reason.contains("10047") {
+        format!(
+            "{reason}; NATS reserves each stream's max_bytes, and the jetstream.*_max_bytes \
+             settings add up to {} bytes, which every NATS node keeping a replica must have \
+             free in its max_file_store: raise max_file_store in the NATS config or lower them",
+            config.storage_budget()
+        )
+    } else {
+        reason.to_string()
+    }
 }
 
 /// Every message of `stream` in order from sequence `start` (at least 1).
@@ -168,10 +347,16 @@ pub async fn read_matching(
     Ok(out)
 }
 
+/// What of a dead-lettered payload is kept when the whole does not fit in
+/// one message (an input of nearly NATS's `max_payload` plus the headers).
+const DEAD_LETTER_KEEP: usize = 64 * 1024;
+
 /// Moves a message no one can process to `tocsin.dlq.<stream>`, with the
 /// reason and its original subject in headers; `seq` (its sequence in
 /// `stream`) makes the publish idempotent. One attempt: callers decide
-/// whether to retry.
+/// whether to retry. A payload too large to go with the headers is cut to
+/// its first 64 KiB (the reason says so), so a dead letter never fails
+/// for its size.
 pub async fn dead_letter(
     js: &jetstream::Context,
     stream: &str,
@@ -180,6 +365,56 @@ pub async fn dead_letter(
     seq: u64,
     reason: &str,
 ) -> Result<(), String> {
+    match publish_dead_letter(js, stream, subject, payload.clone(), seq, reason).await {
+        Err(DeadLetterError::TooLarge(e)) if payload.len() > DEAD_LETTER_KEEP => {
+            tracing::warn!(
+                stream,
+                seq,
+                error = e,
+                "dead letter too large; keeping the first 64 KiB of its payload"
+            );
+            let reason = format!(
+                "{reason} (payload cut to its first {DEAD_LETTER_KEEP} of {} bytes)",
+                payload.len()
+            );
+            publish_dead_letter(
+                js,
+                stream,
+                subject,
+                payload.slice(..DEAD_LETTER_KEEP),
+                seq,
+                &reason,
+            )
+            .await
+            .map_err(DeadLetterError::into_string)
+        }
+        other => other.map_err(DeadLetterError::into_string),
+    }
+}
+
+/// Whether a dead letter failed for its size (then cut and sent again).
+enum DeadLetterError {
+    TooLarge(String),
+    Other(String),
+}
+
+impl DeadLetterError {
+    fn into_string(self) -> String {
+        match self {
+            DeadLetterError::TooLarge(s) | DeadLetterError::Other(s) => s,
+        }
+    }
+}
+
+async fn publish_dead_letter(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+    payload: bytes::Bytes,
+    seq: u64,
+    reason: &str,
+) -> Result<(), DeadLetterError> {
+    use jetstream::context::{PublishError, PublishErrorKind};
     use tocsin_proto::subjects::{dead_letter_subject, headers};
     let mut h = async_nats::HeaderMap::new();
     let reason: String = reason.chars().take(512).collect();
@@ -192,12 +427,25 @@ pub async fn dead_letter(
         .payload(payload)
         .headers(h)
         .message_id(format!("dlq:{stream}:{seq}"));
+    let sort = |e: PublishError| {
+        let too_large = e.kind() == PublishErrorKind::MaxPayloadExceeded
+            || std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<jetstream::Error>())
+                .is_some_and(|j| {
+                    j.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+                });
+        if too_large {
+            DeadLetterError::TooLarge(e.to_string())
+        } else {
+            DeadLetterError::Other(e.to_string())
+        }
+    };
     js.send_publish(dead_letter_subject(stream), publish)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(sort)?
         .await
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(sort)
 }
 
 /// The sequence of the last message in `stream` (0 when empty).
@@ -239,5 +487,182 @@ pub async fn ensure_streams_until_ready(
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Runs [`ensure_streams_until_ready`], then [`watch_storage`] until
+/// `shutdown`: what every process runs beside its services.
+pub async fn ensure_and_watch(
+    js: jetstream::Context,
+    config: JetStreamConfig,
+    health: Health,
+    metrics: Metrics,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    if ensure_streams_until_ready(&js, &config, &health, &shutdown).await {
+        watch_storage(&js, &config, &health, &metrics, &shutdown).await;
+    }
+}
+
+/// Reads every stream's usage each `storage_check_interval` and reports:
+/// `tocsin_stream_usage_ratio{stream}` (bytes held / max_bytes),
+/// `tocsin_stream_full{stream}` (1 while a stream that refuses new
+/// messages is at `full_ratio` or more), and the `storage` check of
+/// `/readyz`, which fails naming each full stream (or a JetStream account
+/// out of storage) and why. A stream that drops its oldest messages
+/// (DEADLETTER) is never reported as full.
+pub async fn watch_storage(
+    js: &jetstream::Context,
+    config: &JetStreamConfig,
+    health: &Health,
+    metrics: &Metrics,
+    shutdown: &tokio_util::sync::CancellationToken,
+) {
+    let usage = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    let full = Family::<Labels, Gauge>::default();
+    metrics.register(
+        "tocsin_stream_usage_ratio",
+        "Bytes held by a stream over its max_bytes",
+        usage.clone(),
+    );
+    metrics.register(
+        "tocsin_stream_full",
+        "1 while a stream is full and refuses new messages",
+        full.clone(),
+    );
+    loop {
+        match storage_problems(js, config, &usage, &full).await {
+            Ok(problems) if problems.is_empty() => health.set_ok("storage"),
+            Ok(problems) => {
+                let reason = problems.join("; ");
+                tracing::warn!(
+                    reason,
+                    "JetStream storage: a stream cannot take new messages"
+                );
+                health.set_failing("storage", reason);
+            }
+            // NATS unreachable: the `nats` check says so; keep the last state.
+            Err(e) => tracing::debug!(error = e, "cannot read stream usage"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(config.storage_check_interval.get()) => {}
+        }
+    }
+}
+
+async fn storage_problems(
+    js: &jetstream::Context,
+    config: &JetStreamConfig,
+    usage: &Family<Labels, Gauge<f64, AtomicU64>>,
+    full: &Family<Labels, Gauge>,
+) -> Result<Vec<String>, String> {
+    let mut problems = Vec::new();
+    for def in STREAMS.iter() {
+        let mut stream = js.get_stream(def.name).await.map_err(|e| e.to_string())?;
+        let info = stream.info().await.map_err(|e| e.to_string())?;
+        let l = labels(&[("stream", def.name)]);
+        let max = info.config.max_bytes;
+        if max <= 0 {
+            usage.get_or_create(&l).set(0.0);
+            full.get_or_create(&l).set(0);
+            continue;
+        }
+        let held = info.state.bytes;
+        let ratio = held as f64 / max as f64;
+        usage.get_or_create(&l).set(ratio);
+        let is_full = info.config.discard == DiscardPolicy::New && ratio >= config.full_ratio;
+        full.get_or_create(&l).set(i64::from(is_full));
+        if is_full {
+            let key = config
+                .max_bytes(def.name)
+                .map(|(_, k)| k)
+                .unwrap_or("its max_bytes");
+            problems.push(format!(
+                "{} is full ({held} of {max} bytes, {:.0}%): new messages are refused; \
+                 free room (consume or purge it, or wait for max_age) or raise {key}",
+                def.name,
+                ratio * 100.0
+            ));
+        }
+    }
+    // The account's own storage limit, when NATS sets one.
+    let account = js.query_account().await.map_err(|e| e.to_string())?;
+    if let Some(max) = account.limits.max_storage.filter(|m| *m > 0) {
+        let ratio = account.storage as f64 / max as f64;
+        if ratio >= config.full_ratio {
+            problems.push(format!(
+                "the JetStream account's storage is full ({} of {max} bytes): writes fail \
+                 with insufficient resources; raise the account's max_file limit in NATS",
+                account.storage
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn the_default_budget_fits_the_shipped_nats_configs() {
+        let c = JetStreamConfig::default();
+        // deploy/k8s has max_file_store 8GB, deploy/nats 20GB; leave room
+        // for the notifier's own bucket and compaction.
+        assert!(
+            c.storage_budget() <= 7 * 1024 * MIB,
+            "{}",
+            c.storage_budget()
+        );
+        let share = |s| c.max_bytes(s).unwrap().0;
+        for other in [
+            STREAM_INCIDENTS,
+            STREAM_COMMANDS,
+            STREAM_NOTIFY,
+            STREAM_DEADLETTER,
+        ] {
+            assert!(
+                share(STREAM_ALERTS) < share(other),
+                "ALERTS is the smallest"
+            );
+        }
+        for def in STREAMS.iter() {
+            let s = c.stream_config(def);
+            assert!(s.max_bytes > 0, "{} has a limit", def.name);
+            let discard = if def.name == STREAM_DEADLETTER {
+                DiscardPolicy::Old
+            } else {
+                DiscardPolicy::New
+            };
+            assert_eq!(s.discard, discard, "{}", def.name);
+        }
+    }
+
+    #[test]
+    fn bad_sizes_and_ratios_are_located_errors() {
+        let load = |yaml: &str| {
+            crate::config::from_str::<JetStreamConfig>(Path::new("tocsin.yaml"), yaml)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = load("replicas: 1\nalerts_max_bytes: 1000\n");
+        assert!(e.starts_with("tocsin.yaml:2:"), "{e}");
+        assert!(e.contains("at least 1048576"), "{e}");
+        let e = load("incidents_max_bytes: -5\n");
+        assert!(e.starts_with("tocsin.yaml:1:"), "{e}");
+        assert!(e.contains("a number of bytes"), "{e}");
+        let e = load("full_ratio: 1.5\n");
+        assert!(e.starts_with("tocsin.yaml:1:"), "{e}");
+        assert!(e.contains("above 0 and at most 1"), "{e}");
+        let ok: JetStreamConfig = crate::config::from_str(
+            Path::new("tocsin.yaml"),
+            "alerts_max_bytes: 1073741824\nfull_ratio: 0.9\n",
+        )
+        .unwrap();
+        assert_eq!(ok.alerts_max_bytes, 1024 * MIB);
+        assert_eq!(ok.full_ratio, 0.9);
     }
 }

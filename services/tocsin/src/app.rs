@@ -105,17 +105,13 @@ pub async fn run(
     let js = config.jetstream.context(client.clone());
 
     let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
-    {
-        let (js, cfg, health, stop) = (
-            js.clone(),
-            config.jetstream.clone(),
-            health.clone(),
-            shutdown.clone(),
-        );
-        tokio::spawn(async move {
-            streams::ensure_streams_until_ready(&js, &cfg, &health, &stop).await;
-        });
-    }
+    tokio::spawn(streams::ensure_and_watch(
+        js.clone(),
+        config.jetstream.clone(),
+        health.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
 
     let mut ingest_listener = listeners.ingest;
     let mut calendar_listener = listeners.calendar;
