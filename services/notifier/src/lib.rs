@@ -156,8 +156,13 @@ pub async fn run(config: NotifierConfig, ctx: &ServiceContext) -> Result<(), Not
     let records = {
         let mut delay = std::time::Duration::from_millis(100);
         loop {
-            match records::Records::open(&ctx.js, config.records_kept_for(), ctx.jetstream.replicas)
-                .await
+            match records::Records::open(
+                &ctx.js,
+                config.records_kept_for(),
+                ctx.jetstream.replicas,
+                ctx.jetstream.deliveries_max_bytes,
+            )
+            .await
             {
                 Ok(r) => break r,
                 Err(e) => {

@@ -54,6 +54,7 @@ impl Records {
         js: &jetstream::Context,
         keep_for: Duration,
         replicas: usize,
+        max_bytes: u64,
     ) -> Result<Records, String> {
         let kv = match js.get_key_value(BUCKET).await {
             Ok(kv) => kv,
@@ -65,6 +66,9 @@ impl Records {
                     max_age: keep_for,
                     storage: jetstream::stream::StorageType::File,
                     num_replicas: replicas.max(1),
+                    // Reserved room (a full bucket refuses new records: the
+                    // page waits on the bus, nothing is lost).
+                    max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
                     ..Default::default()
                 })
                 .await

@@ -65,6 +65,10 @@ pub struct JetStreamConfig {
     /// Default 805306368 (768 MiB).
     #[serde(deserialize_with = "bytes")]
     pub dead_letter_max_bytes: u64,
+    /// Room of the notifier's delivery records (the KV bucket
+    /// `tocsin_deliveries`). Default 268435456 (256 MiB).
+    #[serde(deserialize_with = "bytes")]
+    pub deliveries_max_bytes: u64,
     /// How often each process reads the streams' usage for `/readyz` and
     /// `tocsin_stream_usage_ratio`. Default 5s.
     pub storage_check_interval: HumanDuration,
@@ -146,6 +150,7 @@ impl Default for JetStreamConfig {
             commands_max_bytes: 768 * MIB,
             notify_max_bytes: 768 * MIB,
             dead_letter_max_bytes: 768 * MIB,
+            deliveries_max_bytes: 256 * MIB,
             storage_check_interval: HumanDuration::secs(5),
             full_ratio: 0.95,
             domain: None,
