@@ -388,7 +388,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     };
 
     // The raw side's own client.
-    let raw_client = async_nats::connect(&nats_url)
+    let raw_client = tocsin_tests::nats::connect_url(&nats_url)
         .await
         .with_context(|| format!("cannot connect to {nats_url}"))?;
     let mut js = jetstream::new(raw_client.clone());
@@ -3202,7 +3202,7 @@ async fn bench_nats(url: &Option<String>) -> anyhow::Result<BenchNats> {
         (None, Some(url)) => url.clone(),
         (None, None) => unreachable!("a private server is started when no URL is given"),
     };
-    let client = async_nats::connect(&url)
+    let client = tocsin_tests::nats::connect_url(&url)
         .await
         .with_context(|| format!("cannot connect to {url}"))?;
     let js = jetstream::new(client.clone());
