@@ -540,3 +540,63 @@ async fn the_notifier_keeps_its_delivery_records_in_its_kv_bucket() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_create_streams_but_only_the_admin_changes_them() {
+    let nats = NatsServer::start().await;
+    let admin = jetstream::new(nats.client().await);
+    let max_age = |js: jetstream::Context| async move {
+        js.get_stream(STREAM_ALERTS)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .config
+            .max_age
+    };
+
+    // A fresh server: the services create the streams themselves.
+    let tocsin = TocsinHarness::start(&nats).await;
+    assert_eq!(
+        max_age(admin.clone()).await,
+        Duration::from_secs(7 * 86_400)
+    );
+    tocsin.stop().await.unwrap();
+
+    // A service's user may not change one (a shorter max age drops messages).
+    let (client, mut errors) = watched(&nats, "ingest").await;
+    refused_request(
+        &client,
+        &mut errors,
+        "$JS.API.STREAM.UPDATE.ALERTS",
+        r#"{"name":"ALERTS","subjects":["tocsin.alerts.>"],"max_age":1000000000}"#,
+    )
+    .await;
+
+    // Tocsin with other settings still starts; the stream keeps its own
+    // (no update is attempted without the admin's credentials).
+    let mut config = TocsinHarness::config(&nats);
+    config.jetstream.alerts_max_age = tocsin_runtime::config::HumanDuration::secs(3 * 86_400);
+    let tocsin = TocsinHarness::start_with(config.clone()).await;
+    tocsin.stop().await.unwrap();
+    assert_eq!(
+        max_age(admin.clone()).await,
+        Duration::from_secs(7 * 86_400)
+    );
+
+    // Given the admin's credentials, it applies them.
+    config
+        .nats
+        .credentials
+        .insert("admin", Credential::Read(nats.auth("admin")));
+    let _tocsin = TocsinHarness::start_with(config).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while max_age(admin.clone()).await != Duration::from_secs(3 * 86_400) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ALERTS not updated within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
