@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Tocsin developer entry point. Needs only Rust (cargo) and Python 3.
 #
-#   ./deploy/dev.sh up       install what is missing, start NATS and Tocsin,
-#                            print the ingest URL, token and a curl line
+#   ./deploy/dev.sh up       install what is missing, start NATS (with a user
+#                            and password per service) and Tocsin, print the
+#                            ingest URL, token and a curl line
 #   ./deploy/dev.sh test     install what is missing, run the whole test suite
 #   ./deploy/dev.sh deps     only install the pinned tools into .tocsin/venv
 #   ./deploy/dev.sh bench …  run the benchmark harness (release build)
@@ -12,6 +13,10 @@
 #   TOCSIN_NATS_PORT     port of the local NATS started by `up` (default 14222)
 #   TOCSIN_INGEST_TOKEN  ingest token for `up` (default: generated once, kept
 #                        in .tocsin/ingest-token)
+#
+# `up` makes the NATS users' passwords once (.tocsin/nats-passwords.env, mode
+# 0600) and writes .tocsin/env (the operator's: `. .tocsin/env` before
+# `target/release/tocsin list`).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -100,12 +105,31 @@ cmd_up() {
   export TOCSIN_INGEST_TOKEN
   export TOCSIN_NATS_URL="nats://127.0.0.1:$port"
 
+  # NATS runs with a user per service (deploy/nats/permissions.conf), as in
+  # production. Passwords are made once and kept in .tocsin (mode 0600);
+  # NATS gets them all, `tocsin up` its services' only.
+  local passwords="$STATE/nats-passwords.env"
+  "$ROOT/deploy/nats/passwords.sh" "$passwords"
+  nats_password() { sed -n "s/^TOCSIN_NATS_$1_PASSWORD=//p" "$passwords"; }
+  local s
+  for s in INGEST INCIDENTS ESCALATION NOTIFIER; do
+    export "TOCSIN_NATS_${s}_PASSWORD=$(nats_password "$s")"
+  done
+  (umask 077; cat > "$STATE/env" <<ENV
+# The operator's NATS credentials for the Tocsin of ./deploy/dev.sh up:
+#   . .tocsin/env && target/release/tocsin list
+export TOCSIN_NATS_URL=$TOCSIN_NATS_URL
+export TOCSIN_NATS_OPERATOR_PASSWORD=$(nats_password OPERATOR)
+ENV
+  )
+
   say "building tocsin (release; the first build takes a few minutes)"
   cargo build --locked --release -p tocsin --bin tocsin
 
-  say "starting nats-server on 127.0.0.1:$port (data in .tocsin/nats)"
+  say "starting nats-server on 127.0.0.1:$port (data in .tocsin/nats, authentication on)"
   sed -e "s|@PORT@|$port|" -e "s|@STORE@|$data|" "$ROOT/deploy/nats/local.conf" > "$STATE/nats.conf"
-  "$NATS_SERVER_BIN" -c "$STATE/nats.conf" >"$STATE/nats.log" 2>&1 &
+  cp "$ROOT/deploy/nats/permissions.conf" "$STATE/permissions.conf"
+  (set -a; . "$passwords"; exec "$NATS_SERVER_BIN" -c "$STATE/nats.conf") >"$STATE/nats.log" 2>&1 &
   local nats_pid=$!
   local tocsin_pid=""
   trap 'kill $tocsin_pid 2>/dev/null; wait $tocsin_pid 2>/dev/null; kill $nats_pid 2>/dev/null; wait $nats_pid 2>/dev/null' EXIT
@@ -139,13 +163,16 @@ PY
                  $ingest/api/v1/alerts                 (generic JSON)
     token      : $TOCSIN_INGEST_TOKEN
     admin      : http://$admin/readyz  http://$admin/metrics
-    NATS       : $TOCSIN_NATS_URL  (JetStream data in .tocsin/nats)
+    NATS       : $TOCSIN_NATS_URL  (JetStream data in .tocsin/nats; a user and
+                 password per service, in .tocsin/nats-passwords.env)
 
-  Post a sample Alertmanager payload, then list the incident it opened:
+  Post a sample Alertmanager payload, then list the incident it opened and
+  acknowledge it, with the operator's NATS credentials (.tocsin/env):
     curl -sS -H "Authorization: Bearer $TOCSIN_INGEST_TOKEN" -H 'Content-Type: application/json' \\
       --data @tests/fixtures/alertmanager_3_alerts.json $ingest/api/v1/alerts/alertmanager
-    TOCSIN_NATS_URL=$TOCSIN_NATS_URL target/release/tocsin list
-    TOCSIN_NATS_URL=$TOCSIN_NATS_URL target/release/tocsin ack 1
+    . .tocsin/env
+    target/release/tocsin list
+    target/release/tocsin ack 1
 
   Ctrl-C stops Tocsin and NATS.
 INFO
@@ -157,5 +184,5 @@ case "${1:-}" in
   test) shift; cmd_test "$@" ;;
   deps) shift; need_cargo; ensure_tools; say "tools ready: $NATS_SERVER_BIN" ;;
   bench) shift; cmd_bench "$@" ;;
-  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

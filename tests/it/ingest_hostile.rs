@@ -127,6 +127,12 @@ fn rss_bytes() -> u64 {
 /// the per-request limit before its alerts are built.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_batches_are_refused_without_blowing_up_memory() {
+    if !tocsin_tests::in_own_process(&format!(
+        "{}::huge_batches_are_refused_without_blowing_up_memory",
+        module_path!()
+    )) {
+        return;
+    }
     let nats = NatsServer::start().await;
     let tocsin = TocsinHarness::start(&nats).await;
     let url = format!("{}/api/v1/alerts", tocsin.ingest_url);
@@ -373,6 +379,13 @@ async fn dedup_key_spellings_405_json_and_pagerduty_change_events() {
 /// ingest's memory grows by about 4 x the budget (5 x allowed for noise).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_in_flight_budget_stays_within_the_documented_memory() {
+    // Measures this process's RSS: alone, so no other test's memory counts.
+    if !tocsin_tests::in_own_process(&format!(
+        "{}::a_full_in_flight_budget_stays_within_the_documented_memory",
+        module_path!()
+    )) {
+        return;
+    }
     const BUDGET: usize = 16 << 20;
     let nats = NatsServer::start().await;
     let mut config = TocsinHarness::config(&nats);

@@ -22,6 +22,7 @@ mod ingest_outage;
 mod ingest_pagerduty;
 mod ingest_rejections;
 mod ingest_shutdown;
+mod nats_auth;
 mod notifier_channels;
 mod notifier_email;
 mod notifier_faults;

@@ -6,8 +6,13 @@
 //!   ConfigMap (`tocsin.yaml`, `notifier.yaml`) pass Tocsin's own config
 //!   loader, each for the services of the containers that start with it and
 //!   with the secret files those containers mount;
-//! - every NATS config keeps JetStream at `sync_interval: always` and passes
-//!   `nats-server -t`;
+//! - every NATS config keeps JetStream at `sync_interval: always`, lets in
+//!   only the users of `deploy/nats/permissions.conf` (the Kubernetes copy
+//!   identical to it), and passes `nats-server -t` with the passwords
+//!   `deploy/nats/passwords.sh` makes and, for the cluster, certificates of
+//!   a throw-away CA; the cluster listens on explicit addresses with TLS for
+//!   clients and mutual TLS between nodes; only Tocsin's pods may reach
+//!   NATS in Kubernetes;
 //! - systemd units and Kubernetes containers start a binary that exists,
 //!   with a command line the real CLI accepts, and give it longer to stop
 //!   than its grace period; the units and workloads listed in [`UNITS`] and
@@ -960,52 +965,133 @@ fn tocsin_configs_pass_the_real_loader() {
     fail_on(problems);
 }
 
-#[test]
-fn nats_configs_fsync_every_write_and_pass_nats_server_check() {
-    let mut problems = Vec::new();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut checked = 0;
+/// The shipped users and permissions, included by every NATS config.
+fn permissions_conf() -> PathBuf {
+    root().join("deploy/nats/permissions.conf")
+}
+
+/// Every NATS config shipped: (origin, text), the files under deploy/nats
+/// (but the included permissions.conf) and the `nats.conf` keys of
+/// Kubernetes ConfigMaps, with the ConfigMap's other `.conf` keys (files
+/// it includes).
+fn nats_configs() -> Vec<(String, String, BTreeMap<String, String>)> {
+    let mut out = Vec::new();
+    let shared = BTreeMap::from([("permissions.conf".to_string(), read(&permissions_conf()))]);
     for path in with_extension(&["conf"]) {
-        if !path.starts_with(root().join("deploy/nats")) {
+        if !path.starts_with(root().join("deploy/nats")) || path == permissions_conf() {
             continue;
         }
-        checked += 1;
-        let origin = rel(&path);
-        let mut text = read(&path);
-        problems.extend(check_sync_interval(&origin, &text).err());
-        // dev.sh fills these in before starting it.
-        text = text
-            .replace("@PORT@", "14222")
-            .replace("@STORE@", &dir.path().join("store").display().to_string());
-        let file = dir.path().join(format!("{checked}.conf"));
-        std::fs::write(&file, text).expect("write temp config");
-        problems.extend(nats_server_test_config(&origin, &file, &[]).err());
+        out.push((rel(&path), read(&path), shared.clone()));
     }
     for (path, doc) in k8s_documents() {
         if kind(&doc) != "ConfigMap" {
             continue;
         }
-        let data = doc.get("data").and_then(Value::as_mapping);
-        for (key, value) in data.into_iter().flatten() {
-            let (Some(key), Some(text)) = (key.as_str(), value.as_str()) else {
-                continue;
-            };
-            if !key.ends_with(".conf") {
-                continue;
-            }
-            checked += 1;
-            let origin = format!("{} ({key})", rel(&path));
-            problems.extend(check_sync_interval(&origin, text).err());
-            let file = dir.path().join(format!("{checked}.conf"));
-            std::fs::write(&file, text).expect("write temp config");
-            // The StatefulSet sets POD_NAME from the pod's name.
-            problems
-                .extend(nats_server_test_config(&origin, &file, &[("POD_NAME", "nats-0")]).err());
+        let data: BTreeMap<String, String> = doc
+            .get("data")
+            .and_then(Value::as_mapping)
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
+            .filter(|(k, _)| k.ends_with(".conf"))
+            .collect();
+        if let Some(conf) = data.get("nats.conf") {
+            let mut included = data.clone();
+            included.remove("nats.conf");
+            out.push((
+                format!("{} (nats.conf)", rel(&path)),
+                conf.clone(),
+                included,
+            ));
         }
     }
+    out
+}
+
+/// The passwords deploy/nats/passwords.sh makes, as (variable, value).
+fn made_passwords(dir: &Path) -> Vec<(String, String)> {
+    let file = dir.join("nats-server.env");
+    let out = Command::new(root().join("deploy/nats/passwords.sh"))
+        .arg(&file)
+        .output()
+        .expect("run deploy/nats/passwords.sh");
     assert!(
-        checked >= 5,
-        "only {checked} NATS configs found; is the walk broken?"
+        out.status.success(),
+        "deploy/nats/passwords.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    read(&file)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A throw-away CA and one node certificate (for `nats-1` and the test's
+/// address, server and client use, as deploy/README.md makes them), written
+/// as the files the cluster configs name.
+fn throwaway_tls(dir: &Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
+    };
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).expect("CA certificate");
+    let key = KeyPair::generate().expect("node key");
+    let mut node = CertificateParams::new(vec!["nats-1".to_string()]).expect("node params");
+    node.subject_alt_names
+        .push(SanType::IpAddress("10.0.0.11".parse().expect("address")));
+    node.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let node = node
+        .signed_by(&key, &ca, &ca_key)
+        .expect("node certificate");
+    std::fs::create_dir_all(dir).expect("tls folder");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("ca.pem");
+    std::fs::write(dir.join("nats.pem"), node.pem()).expect("nats.pem");
+    std::fs::write(dir.join("nats-key.pem"), key.serialize_pem()).expect("nats-key.pem");
+}
+
+/// Where systemd's LoadCredential= puts nats-server's files (the TLS drop-in).
+const NATS_CREDENTIALS: &str = "/run/credentials/nats-server.service/";
+
+#[test]
+fn nats_configs_fsync_every_write_and_pass_nats_server_check() {
+    let mut problems = Vec::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tls = dir.path().join("tls");
+    throwaway_tls(&tls);
+    let mut env = made_passwords(dir.path());
+    // A cluster node's own address (nats-server.env), and the pod's name
+    // (the StatefulSet sets it).
+    env.push(("TOCSIN_NATS_ADDRESS".into(), "10.0.0.11".into()));
+    env.push(("POD_NAME".into(), "nats-0".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let configs = nats_configs();
+    for (i, (origin, text, included)) in configs.iter().enumerate() {
+        problems.extend(check_sync_interval(origin, text).err());
+        // Installed as it says: next to the files it includes.
+        let folder = dir.path().join(i.to_string());
+        std::fs::create_dir_all(&folder).expect("temp folder");
+        for (name, content) in included {
+            std::fs::write(folder.join(name), content).expect("write included file");
+        }
+        // dev.sh fills these in before starting it.
+        let text = text
+            .replace("@PORT@", "14222")
+            .replace("@STORE@", &dir.path().join("store").display().to_string())
+            .replace(NATS_CREDENTIALS, &format!("{}/", tls.display()));
+        let file = folder.join("nats.conf");
+        std::fs::write(&file, text).expect("write temp config");
+        problems.extend(nats_server_test_config(origin, &file, &env).err());
+    }
+    assert!(
+        configs.len() >= 5,
+        "only {} NATS configs found; is the walk broken?",
+        configs.len()
     );
     fail_on(problems);
 }
@@ -1388,4 +1474,263 @@ fn systemd_env_example_holds_placeholders_and_every_needed_variable() {
         }
     }
     fail_on(problems);
+}
+
+/// A NATS config with its `include`s inlined from `files`, without
+/// comments.
+fn nats_conf_resolved(text: &str, files: &BTreeMap<String, String>) -> String {
+    let mut out = String::new();
+    for line in nats_conf_lines(text) {
+        match line.strip_prefix("include") {
+            Some(rest) if rest.starts_with([' ', '\t']) => {
+                let file = rest.trim().trim_matches(['"', '\'']);
+                let name = file.trim_start_matches("./");
+                let included = files.get(name).cloned().unwrap_or_default();
+                out.push_str(&nats_conf_resolved(&included, files));
+            }
+            _ => {
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// Whether a NATS config lets only known users in: an `authorization`
+/// block with users, and no `no_auth_user` that would let anonymous
+/// clients in as someone.
+fn check_authorization(origin: &str, resolved: &str) -> Result<(), String> {
+    let has_block = resolved.lines().any(|l| {
+        l.strip_prefix("authorization")
+            .is_some_and(|r| r.trim_start_matches([' ', ':', '=']).starts_with('{'))
+    });
+    let has_users = resolved.lines().any(|l| l.starts_with("users"));
+    if !has_block || !has_users {
+        return Err(format!(
+            "{origin}: no `authorization {{ users: [...] }}`; anyone who reaches NATS could inject alerts and read pages"
+        ));
+    }
+    if resolved.lines().any(|l| l.starts_with("no_auth_user")) {
+        return Err(format!(
+            "{origin}: `no_auth_user` lets clients without credentials in"
+        ));
+    }
+    Ok(())
+}
+
+/// `key: value` lines of a (resolved) NATS config whose key is `key`, with
+/// the value unquoted.
+fn nats_values<'a>(resolved: &'a str, key: &str) -> Vec<&'a str> {
+    resolved
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(key)?;
+            if !rest.starts_with([' ', ':', '=']) {
+                return None;
+            }
+            Some(
+                rest.trim_start_matches([' ', ':', '='])
+                    .trim_matches(['"', '\'', ' ']),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn every_shipped_nats_config_requires_authorization() {
+    let mut problems = Vec::new();
+    let configs = nats_configs();
+    for (origin, text, included) in &configs {
+        let resolved = nats_conf_resolved(text, included);
+        problems.extend(check_authorization(origin, &resolved).err());
+        // Listening: loopback on one box, an explicit address on a cluster
+        // node; only a pod listens on every interface of its own (see the
+        // comment in nats-statefulset.yaml).
+        let pod = origin.contains("deploy/k8s");
+        for host in nats_values(&resolved, "host")
+            .into_iter()
+            .chain(nats_values(&resolved, "listen"))
+        {
+            if ["0.0.0.0", "::", "[::]", ""].contains(&host) || host.starts_with("0.0.0.0:") {
+                problems.push(format!("{origin}: listens on every interface ({host:?})"));
+            }
+        }
+        if !pod && !resolved.lines().any(|l| l.starts_with("host")) {
+            problems.push(format!(
+                "{origin}: no `host`: nats-server would listen on every interface"
+            ));
+        }
+        // A cluster outside Kubernetes crosses networks: TLS for clients,
+        // mutual TLS between nodes.
+        if origin.contains("deploy/nats/cluster") {
+            let tls_blocks = resolved.lines().filter(|l| l.starts_with("tls")).count();
+            let verify = nats_values(&resolved, "verify").contains(&"true");
+            if tls_blocks < 2 || !verify {
+                problems.push(format!(
+                    "{origin}: a cluster node needs `tls` for clients and `cluster.tls` with `verify: true`"
+                ));
+            }
+        }
+    }
+    assert!(
+        configs.len() >= 5,
+        "only {} NATS configs found",
+        configs.len()
+    );
+    fail_on(problems);
+}
+
+#[test]
+fn the_nats_users_are_tocsins_identities_and_kubernetes_carries_the_same_permissions() {
+    let shipped = read(&permissions_conf());
+    let users: BTreeSet<String> = nats_conf_lines(&shipped)
+        .iter()
+        .filter_map(|l| {
+            let rest = l.split("user:").nth(1)?;
+            Some(rest.split(',').next()?.trim().to_string())
+        })
+        .collect();
+    let identities: BTreeSet<String> = tocsin_runtime::nats::IDENTITIES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(
+        users, identities,
+        "deploy/nats/permissions.conf's users must be the identities Tocsin connects as"
+    );
+    // passwords.sh makes a password for each (and nothing else).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let made: BTreeSet<String> = made_passwords(dir.path())
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let wanted: BTreeSet<String> = identities
+        .iter()
+        .map(|i| tocsin_tests::nats::password_variable(i))
+        .collect();
+    assert_eq!(made, wanted);
+
+    let mut copies = 0;
+    for (origin, _, included) in nats_configs() {
+        if let Some(copy) = included.get("permissions.conf") {
+            copies += 1;
+            assert!(
+                *copy == shipped,
+                "{origin}: its permissions.conf differs from deploy/nats/permissions.conf; copy it again"
+            );
+        }
+    }
+    assert!(copies >= 5, "only {copies} configs carry permissions.conf");
+}
+
+#[test]
+fn only_tocsins_pods_reach_nats_in_kubernetes() {
+    let docs = k8s_documents();
+    let labels = |v: &Value, path: &[&str]| -> BTreeMap<String, String> {
+        let mut cur = v;
+        for k in path {
+            match cur.get(*k) {
+                Some(next) => cur = next,
+                None => return BTreeMap::new(),
+            }
+        }
+        cur.as_mapping()
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
+            .collect()
+    };
+    let nats_pods = docs
+        .iter()
+        .find(|(_, d)| kind(d) == "StatefulSet" && str_at(d, &["metadata", "name"]) == Some("nats"))
+        .map(|(_, d)| labels(d, &["spec", "template", "metadata", "labels"]))
+        .expect("the nats StatefulSet");
+    let tocsin_pods: Vec<BTreeMap<String, String>> = docs
+        .iter()
+        .filter(|(_, d)| kind(d) == "Deployment")
+        .map(|(_, d)| labels(d, &["spec", "template", "metadata", "labels"]))
+        .collect();
+    let selects = |selector: &BTreeMap<String, String>, pod: &BTreeMap<String, String>| {
+        !selector.is_empty() && selector.iter().all(|(k, v)| pod.get(k) == Some(v))
+    };
+    let policy = docs
+        .iter()
+        .find(|(_, d)| {
+            kind(d) == "NetworkPolicy"
+                && selects(
+                    &labels(d, &["spec", "podSelector", "matchLabels"]),
+                    &nats_pods,
+                )
+        })
+        .map(|(_, d)| d)
+        .expect("no NetworkPolicy selects the NATS pods: anything in the cluster could connect");
+    let types = policy.get("spec").and_then(|s| s.get("policyTypes"));
+    assert!(
+        types
+            .and_then(Value::as_sequence)
+            .is_some_and(|t| t.iter().any(|t| t.as_str() == Some("Ingress"))),
+        "the NATS NetworkPolicy must restrict Ingress"
+    );
+    // Each rule: which pods, which ports.
+    let mut client_from = Vec::new();
+    let mut cluster_from = Vec::new();
+    for rule in policy
+        .get("spec")
+        .and_then(|s| s.get("ingress"))
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+    {
+        let ports: Vec<u64> = rule
+            .get("ports")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.get("port").and_then(Value::as_u64))
+            .collect();
+        assert!(
+            !ports.is_empty(),
+            "a rule of the NATS NetworkPolicy opens every port"
+        );
+        let from: Vec<&Value> = rule
+            .get("from")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+            .collect();
+        assert!(
+            !from.is_empty(),
+            "a rule of the NATS NetworkPolicy admits everyone"
+        );
+        for f in from {
+            assert!(
+                f.get("ipBlock").is_none() && f.get("namespaceSelector").is_none(),
+                "the NATS NetworkPolicy admits more than pods of this namespace: {f:?}"
+            );
+            let selector = labels(f, &["podSelector", "matchLabels"]);
+            for port in &ports {
+                match port {
+                    4222 => client_from.push(selector.clone()),
+                    6222 => cluster_from.push(selector.clone()),
+                    other => panic!("the NATS NetworkPolicy opens port {other}"),
+                }
+            }
+        }
+    }
+    // 4222: every Tocsin pod, and the NATS pods not; 6222: NATS pods only.
+    for pod in &tocsin_pods {
+        assert!(
+            client_from.iter().any(|s| selects(s, pod)),
+            "a Tocsin pod ({pod:?}) cannot reach NATS on 4222"
+        );
+    }
+    assert!(!client_from.is_empty() && !cluster_from.is_empty());
+    for s in &cluster_from {
+        assert!(selects(s, &nats_pods), "6222 is open to {s:?}");
+        assert!(
+            tocsin_pods.iter().all(|p| !selects(s, p)),
+            "6222 is open to Tocsin's pods"
+        );
+    }
 }

@@ -46,3 +46,23 @@ pub fn init_logs() {
     let filter = std::env::var("TOCSIN_TEST_LOG").unwrap_or_else(|_| "warn".into());
     tocsin_runtime::telemetry::init_tracing(tocsin_runtime::telemetry::LogFormat::Human, &filter);
 }
+
+/// For a test that measures its own process (its RSS, its open files):
+/// all tests of a binary share one process, so such a test runs itself
+/// again alone, in a child process of the test binary. Call it first with
+/// the test's path (`module::test_name`, without the binary's name):
+/// returns true in the child, which goes on with the test; in the parent it
+/// waits for the child, panics if it failed, and returns false.
+pub fn in_own_process(test: &str) -> bool {
+    if std::env::var_os("TOCSIN_TEST_ALONE").is_some() {
+        return true;
+    }
+    let test = test.split_once("::").map_or(test, |(_, rest)| rest);
+    let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env("TOCSIN_TEST_ALONE", "1")
+        .status()
+        .expect("run the test in a process of its own");
+    assert!(status.success(), "{test} failed in its own process");
+    false
+}

@@ -1,12 +1,19 @@
-//! A real nats-server per test.
+//! A real nats-server per test, with authentication on: the users and
+//! permissions of `deploy/nats/permissions.conf`, the file every shipped
+//! NATS config includes, each user with a random password of this server.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use tempfile::TempDir;
+use tocsin_runtime::{
+    config::Secret,
+    nats::{NatsAuth, IDENTITIES},
+};
 
 /// Oldest nats-server the project supports (JetStream per-message TTL and
 /// message scheduling are 2.12 features).
@@ -66,12 +73,25 @@ fn check_version(bin: &Path) -> Result<(), String> {
     }
 }
 
-/// A nats-server with JetStream, private to one test.
+/// The shipped users and permissions, included by every NATS config.
+pub fn permissions_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/permissions.conf")
+}
+
+/// The variable nats-server reads `identity`'s password from.
+pub fn password_variable(identity: &str) -> String {
+    format!("TOCSIN_NATS_{}_PASSWORD", identity.to_ascii_uppercase())
+}
+
+/// A nats-server with JetStream, private to one test. Clients need a user
+/// and password: every identity of [`IDENTITIES`] (the services, the
+/// operator, the admin) has one, made up for this server.
 pub struct NatsServer {
     bin: PathBuf,
     dir: TempDir,
     port: u16,
     child: Option<Child>,
+    passwords: BTreeMap<&'static str, String>,
 }
 
 impl NatsServer {
@@ -85,11 +105,18 @@ impl NatsServer {
             .prefix("tocsin-nats-")
             .tempdir()
             .expect("temp dir");
+        let passwords = IDENTITIES
+            .iter()
+            // A letter first: nats-server reads the variable as a config
+            // value, and a leading digit would make it a number.
+            .map(|id| (*id, format!("p{}", uuid::Uuid::new_v4().simple())))
+            .collect();
         let mut server = NatsServer {
             bin,
             dir,
             port: 0,
             child: None,
+            passwords,
         };
         server.spawn(None);
         server.port = server.wait_for_ports_file();
@@ -97,8 +124,22 @@ impl NatsServer {
         server
     }
 
-    /// `nats://127.0.0.1:<port>`.
+    /// `nats://admin:<password>@127.0.0.1:<port>`: the address with the
+    /// admin's credentials in it, which Tocsin's config loader and
+    /// `NatsConfig::for_url` take as the shared credentials. For tests that
+    /// run a service directly or inspect streams, with every permission;
+    /// the harness ([`crate::TocsinHarness`]) connects each service as
+    /// itself instead.
     pub fn url(&self) -> String {
+        format!(
+            "nats://admin:{}@127.0.0.1:{}",
+            self.password("admin"),
+            self.port
+        )
+    }
+
+    /// `nats://127.0.0.1:<port>`, without credentials.
+    pub fn address(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
@@ -106,16 +147,48 @@ impl NatsServer {
         self.port
     }
 
+    /// The password of `identity` (one of [`IDENTITIES`]) on this server.
+    pub fn password(&self, identity: &str) -> &str {
+        self.passwords.get(identity).unwrap_or_else(|| {
+            panic!("{identity} is not a NATS user; the users are {IDENTITIES:?}")
+        })
+    }
+
+    /// `identity`'s credentials, as `nats.credentials.<identity>` holds them.
+    pub fn auth(&self, identity: &str) -> NatsAuth {
+        NatsAuth::UserPassword {
+            user: identity.to_string(),
+            password: Secret::new(self.password(identity)),
+        }
+    }
+
+    /// A client connected as `identity`, with its inbox prefix
+    /// (`_INBOX.<identity>`), as Tocsin connects; an error when the server
+    /// refuses it.
+    pub async fn client_as(
+        &self,
+        identity: &str,
+    ) -> Result<async_nats::Client, async_nats::ConnectError> {
+        async_nats::ConnectOptions::with_user_and_password(
+            identity.to_string(),
+            self.password(identity).to_string(),
+        )
+        .custom_inbox_prefix(tocsin_runtime::nats::inbox_prefix(identity))
+        .connect(self.address())
+        .await
+    }
+
     /// Where JetStream keeps its files.
     pub fn store_dir(&self) -> PathBuf {
         self.dir.path().join("js")
     }
 
-    /// A plain client (no retry on initial connect).
+    /// A client with every permission (the admin; no retry on initial
+    /// connect), for tests that publish or inspect directly.
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url())
+        self.client_as("admin")
             .await
-            .expect("connect to test nats-server")
+            .expect("connect to test nats-server as admin")
     }
 
     /// Kills the server (SIGKILL: no goodbye to clients), keeping its store.
@@ -145,11 +218,16 @@ impl NatsServer {
         // sync_interval: always — fsync every write, as Tocsin's deployments
         // do (Jepsen's 2025 analysis of NATS 2.12 lost acknowledged writes under
         // the default, an fsync every two minutes).
+        // The shipped permissions, byte for byte: nats-server resolves an
+        // include relative to the including file, so a copy sits next to it.
+        std::fs::copy(permissions_file(), d.join("permissions.conf"))
+            .expect("copy deploy/nats/permissions.conf");
         std::fs::write(
             &conf,
             format!(
                 "host: 127.0.0.1\nport: {port}\nports_file_dir: \"{ports}\"\n\
-                 jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n",
+                 jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n\
+                 authorization {{\n  include ./permissions.conf\n}}\n",
                 ports = d.display(),
                 store = d.join("js").display(),
             ),
@@ -163,6 +241,11 @@ impl NatsServer {
         let child = Command::new(&self.bin)
             .arg("-c")
             .arg(&conf)
+            .envs(
+                self.passwords
+                    .iter()
+                    .map(|(id, pw)| (password_variable(id), pw.clone())),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
@@ -201,11 +284,14 @@ impl NatsServer {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let attempt = async {
-                let client = async_nats::ConnectOptions::new()
-                    .connection_timeout(Duration::from_millis(500))
-                    .connect(self.url())
-                    .await
-                    .ok()?;
+                let client = async_nats::ConnectOptions::with_user_and_password(
+                    "admin".into(),
+                    self.password("admin").to_string(),
+                )
+                .connection_timeout(Duration::from_millis(500))
+                .connect(self.address())
+                .await
+                .ok()?;
                 let js = async_nats::jetstream::new(client);
                 js.query_account().await.ok()
             };
@@ -231,6 +317,27 @@ impl NatsServer {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
     }
+}
+
+/// A client for `url`, with the credentials it carries
+/// (`nats://user:password@host:port`, as [`NatsServer::url`] gives; the
+/// NATS client itself ignores them), without retrying.
+pub async fn connect_url(url: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+    let config = tocsin_runtime::nats::NatsConfig::for_url(url);
+    let opts = match config.auth {
+        NatsAuth::UserPassword { user, password } => {
+            async_nats::ConnectOptions::with_user_and_password(user, password.expose().to_string())
+        }
+        NatsAuth::Token(t) => async_nats::ConnectOptions::with_token(t.expose().to_string()),
+        _ => async_nats::ConnectOptions::new(),
+    };
+    let servers: Vec<String> = config
+        .url
+        .0
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    opts.connect(servers).await
 }
 
 fn parse_ports_file(text: &str) -> Option<u16> {

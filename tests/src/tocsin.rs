@@ -8,10 +8,19 @@ use tocsin::{
 };
 use tocsin_incidents::clock::ManualClock;
 use tocsin_ingest::IngestConfig;
-use tocsin_runtime::{nats::NatsConfig, streams::JetStreamConfig, CancellationToken};
+use tocsin_runtime::{
+    nats::{Credential, NatsConfig},
+    streams::JetStreamConfig,
+    CancellationToken,
+};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{NatsServer, TEST_TOKEN};
+
+/// The NATS identities the harness gives credentials: the services it runs
+/// and the operator CLI.
+pub const SERVICE_IDENTITIES: [&str; 5] =
+    ["ingest", "incidents", "escalation", "notifier", "operator"];
 
 /// Running services plus what a test needs to talk to them.
 pub struct TocsinHarness {
@@ -30,12 +39,20 @@ pub struct TocsinHarness {
 
 impl TocsinHarness {
     /// A config for `nats` with one ingest token ([`TEST_TOKEN`], source `test`)
-    /// and a short publish timeout, so outage tests answer quickly.
+    /// and a short publish timeout, so outage tests answer quickly. Every
+    /// service (and the operator) connects with its own NATS user
+    /// (`nats.credentials.<service>`), so each runs with the shipped
+    /// permissions; there are no shared credentials to fall back on.
     pub fn config(nats: &NatsServer) -> Config {
         let mut ingest = IngestConfig::with_token("test", TEST_TOKEN);
         ingest.publish_timeout = tocsin_runtime::config::HumanDuration(Duration::from_secs(2));
         ingest.retry_after = tocsin_runtime::config::HumanDuration(Duration::from_secs(1));
-        let mut nats_cfg = NatsConfig::for_url(nats.url());
+        let mut nats_cfg = NatsConfig::for_url(nats.address());
+        for identity in SERVICE_IDENTITIES {
+            nats_cfg
+                .credentials
+                .insert(identity, Credential::Read(nats.auth(identity)));
+        }
         nats_cfg.reconnect_max_delay =
             tocsin_runtime::config::HumanDuration(Duration::from_millis(250));
         Config {

@@ -43,8 +43,10 @@ pub fn labels(pairs: &[(&str, &str)]) -> Labels {
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
-    /// 1 while connected to NATS.
+    /// 1 while every NATS client of this process is connected.
     pub nats_connected: Gauge,
+    /// Each client's connection state, by client name, behind the gauge.
+    nats_clients: Arc<Mutex<BTreeMap<String, bool>>>,
     /// NATS connection events by kind.
     pub nats_events: Family<Labels, Counter>,
 }
@@ -62,7 +64,7 @@ impl Metrics {
         let nats_events = Family::<Labels, Counter>::default();
         registry.register(
             "tocsin_nats_connected",
-            "1 while this process is connected to NATS",
+            "1 while every NATS client of this process (one per service) is connected",
             nats_connected.clone(),
         );
         registry.register(
@@ -73,8 +75,18 @@ impl Metrics {
         Metrics {
             registry: Arc::new(Mutex::new(registry)),
             nats_connected,
+            nats_clients: Arc::default(),
             nats_events,
         }
+    }
+
+    /// Records whether the NATS client `client` is connected; the gauge is
+    /// 1 only while every client seen so far is.
+    pub fn set_nats_connected(&self, client: &str, connected: bool) {
+        let mut clients = self.nats_clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients.insert(client.to_string(), connected);
+        self.nats_connected
+            .set(i64::from(clients.values().all(|c| *c)));
     }
 
     /// Registers a metric. `name` should start with `tocsin_<service>_`.
@@ -98,7 +110,8 @@ impl Metrics {
 #[derive(Clone)]
 enum Check {
     Fixed(Result<(), String>),
-    Nats(Client),
+    /// Passes while every client is connected; each named for messages.
+    Nats(Vec<(String, Client)>),
 }
 
 /// Readiness: a set of named checks; ready when all pass.
@@ -124,7 +137,13 @@ impl Health {
 
     /// Adds a live check that passes while `client` is connected.
     pub fn watch_nats(&self, client: Client) {
-        self.set("nats", Check::Nats(client));
+        self.set("nats", Check::Nats(vec![(String::new(), client)]));
+    }
+
+    /// The `nats` check for several clients (one per service, each named):
+    /// it passes while every one of them is connected.
+    pub fn watch_nats_clients(&self, clients: Vec<(String, Client)>) {
+        self.set("nats", Check::Nats(clients));
     }
 
     fn set(&self, name: &str, check: Check) {
@@ -146,8 +165,21 @@ impl Health {
         for (name, check) in checks {
             let state = match check {
                 Check::Fixed(r) => r,
-                Check::Nats(c) if crate::nats::is_connected(&c) => Ok(()),
-                Check::Nats(c) => Err(format!("not connected ({})", c.connection_state())),
+                Check::Nats(clients) => {
+                    let down: Vec<String> = clients
+                        .iter()
+                        .filter(|(_, c)| !crate::nats::is_connected(c))
+                        .map(|(name, c)| match name.as_str() {
+                            "" => c.connection_state().to_string(),
+                            name => format!("{name}: {}", c.connection_state()),
+                        })
+                        .collect();
+                    if down.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(format!("not connected ({})", down.join(", ")))
+                    }
+                }
             };
             match state {
                 Ok(()) => out.insert(name, "ok".to_string()),

@@ -22,6 +22,13 @@ pub enum RuntimeError {
         url: String,
         source: async_nats::ConnectError,
     },
+    /// A process asked for the NATS credentials of an identity whose
+    /// `nats.credentials` entry was not read when the config was loaded.
+    #[error(
+        "nats.credentials.{identity} was not read when the config was loaded; \
+         load the config for the services this process runs"
+    )]
+    CredentialsNotRead { identity: String },
     /// JetStream refused a stream definition (e.g. a change it cannot apply in place).
     #[error("cannot create or update stream {stream}: {reason}")]
     Stream { stream: String, reason: String },

@@ -235,41 +235,17 @@ impl JetStreamConfig {
     }
 }
 
-/// Creates every stream, or updates it to the wanted configuration
-/// (limits, retention times and discard policy of an existing stream are
-/// brought to the config). Idempotent: running it on every start is the
-/// intended use. A stream that already holds more than its configured
-/// `max_bytes` keeps its current limit, since lowering it could delete
-/// messages; an error is logged naming the key to raise.
+/// Creates every stream, or updates it to the wanted configuration.
+/// Idempotent: running it on every start is the intended use. A stream
+/// already as wanted costs one look-up; only a missing one is created and
+/// only a differing one updated (which the shipped NATS permissions leave
+/// to the admin user).
 pub async fn ensure_streams(
     js: &jetstream::Context,
     config: &JetStreamConfig,
 ) -> Result<(), RuntimeError> {
-    for def in STREAMS.iter() {
-        let mut wanted = config.stream_config(def);
-        if let Ok(mut existing) = js.get_stream(def.name).await {
-            if let Ok(info) = existing.info().await {
-                let held = info.state.bytes;
-                if wanted.max_bytes >= 0 && held > wanted.max_bytes as u64 {
-                    let key = config.max_bytes(def.name).map(|(_, k)| k).unwrap_or("");
-                    tracing::error!(
-                        stream = def.name,
-                        held_bytes = held,
-                        wanted_max_bytes = wanted.max_bytes,
-                        kept_max_bytes = info.config.max_bytes,
-                        "stream holds more than {key}; its current limit is kept so nothing is \
-                         deleted: raise {key} to at least what it holds"
-                    );
-                    wanted.max_bytes = info.config.max_bytes;
-                }
-            }
-        }
-        js.create_or_update_stream(wanted)
-            .await
-            .map_err(|e| RuntimeError::Stream {
-                stream: def.name.to_string(),
-                reason: stream_error_hint(&e.to_string(), config),
-            })?;
+    for drift in create_missing_streams(js, config).await? {
+        update_stream(js, &drift, config).await?;
     }
     Ok(())
 }
@@ -286,6 +262,161 @@ fn stream_error_hint(reason: &str, config: &JetStreamConfig) -> String {
     } else {
         reason.to_string()
     }
+}
+
+/// A stream whose settings on the server differ from the wanted ones.
+#[derive(Debug, Clone)]
+pub struct Drift {
+    /// The configuration Tocsin wants.
+    pub wanted: Config,
+    /// What differs, e.g. `max_age 7d -> 14d`.
+    pub differences: Vec<String>,
+}
+
+/// Creates every stream that does not exist yet (a create can neither
+/// change nor empty a stream that exists: NATS refuses one whose settings
+/// differ) and returns those whose settings differ from the wanted ones.
+pub async fn create_missing_streams(
+    js: &jetstream::Context,
+    config: &JetStreamConfig,
+) -> Result<Vec<Drift>, RuntimeError> {
+    let mut drifts = Vec::new();
+    for def in STREAMS.iter() {
+        let wanted = config.stream_config(def);
+        let failed = |reason: String| RuntimeError::Stream {
+            stream: def.name.to_string(),
+            reason,
+        };
+        let mut wanted = wanted;
+        let existing = match js.get_stream(def.name).await {
+            Ok(mut s) => {
+                let info = s.info().await.map_err(|e| failed(e.to_string()))?;
+                // Lowering a room below what a stream holds could delete
+                // messages: it keeps its current limit, and the operator is
+                // told which key to raise.
+                let held = info.state.bytes;
+                if wanted.max_bytes >= 0 && held > wanted.max_bytes as u64 {
+                    let key = config.max_bytes(def.name).map(|(_, k)| k).unwrap_or("");
+                    tracing::error!(
+                        stream = def.name,
+                        held_bytes = held,
+                        wanted_max_bytes = wanted.max_bytes,
+                        kept_max_bytes = info.config.max_bytes,
+                        "stream holds more than {key}; its current limit is kept so nothing is \
+                         deleted: raise {key} to at least what it holds"
+                    );
+                    wanted.max_bytes = info.config.max_bytes;
+                }
+                Some(info.config.clone())
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::context::GetStreamErrorKind::JetStream(j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                ) =>
+            {
+                None
+            }
+            Err(e) => return Err(failed(e.to_string())),
+        };
+        let existing = match existing {
+            Some(c) => c,
+            None => match js.create_stream(wanted.clone()).await {
+                Ok(_) => continue,
+                // Someone else created it meanwhile (another process): compare with theirs.
+                Err(e) => match js.get_stream(def.name).await {
+                    Ok(mut s) => s
+                        .info()
+                        .await
+                        .map_err(|e| failed(e.to_string()))?
+                        .config
+                        .clone(),
+                    Err(_) => return Err(failed(stream_error_hint(&e.to_string(), config))),
+                },
+            },
+        };
+        let differences = differences(&existing, &wanted);
+        if !differences.is_empty() {
+            drifts.push(Drift {
+                wanted,
+                differences,
+            });
+        }
+    }
+    Ok(drifts)
+}
+
+/// Updates a stream to the wanted settings.
+pub async fn update_stream(
+    js: &jetstream::Context,
+    drift: &Drift,
+    config: &JetStreamConfig,
+) -> Result<(), RuntimeError> {
+    js.update_stream(drift.wanted.clone())
+        .await
+        .map(|_| ())
+        .map_err(|e| RuntimeError::Stream {
+            stream: drift.wanted.name.clone(),
+            reason: format!(
+                "it differs from the `jetstream:` settings ({}) and cannot be updated: {}",
+                drift.differences.join(", "),
+                stream_error_hint(&e.to_string(), config)
+            ),
+        })
+}
+
+/// What Tocsin sets on a stream and `existing` has otherwise.
+fn differences(existing: &Config, wanted: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut differ = |what: &str, is: String, want: String| {
+        if is != want {
+            out.push(format!("{what} {is} -> {want}"));
+        }
+    };
+    let dur = |d: Duration| HumanDuration(d).to_string();
+    differ(
+        "subjects",
+        existing.subjects.join(","),
+        wanted.subjects.join(","),
+    );
+    differ(
+        "retention",
+        format!("{:?}", existing.retention),
+        format!("{:?}", wanted.retention),
+    );
+    differ(
+        "storage",
+        format!("{:?}", existing.storage),
+        format!("{:?}", wanted.storage),
+    );
+    differ(
+        "replicas",
+        existing.num_replicas.to_string(),
+        wanted.num_replicas.to_string(),
+    );
+    differ("max_age", dur(existing.max_age), dur(wanted.max_age));
+    differ(
+        "duplicate_window",
+        dur(existing.duplicate_window),
+        dur(wanted.duplicate_window),
+    );
+    differ(
+        "discard",
+        format!("{:?}", existing.discard),
+        format!("{:?}", wanted.discard),
+    );
+    differ(
+        "max_bytes",
+        existing.max_bytes.to_string(),
+        wanted.max_bytes.to_string(),
+    );
+    differ(
+        "description",
+        format!("{:?}", existing.description),
+        format!("{:?}", wanted.description),
+    );
+    out
 }
 
 /// Every message of `stream` in order from sequence `start` (at least 1).
@@ -463,25 +594,28 @@ pub async fn last_sequence(js: &jetstream::Context, stream: &str) -> Result<u64,
         .last_sequence)
 }
 
-/// Keeps trying [`ensure_streams`] until it succeeds (NATS may not be up
-/// yet), then marks the `jetstream` health check as passing. Returns early
-/// if `shutdown` is cancelled. An error JetStream will never accept (a
-/// changed retention policy, say) is logged at ERROR on every attempt, since
-/// an operator must act.
+/// Keeps trying until every stream exists (NATS may not be up yet), then
+/// marks the `jetstream` health check as passing. Returns early if
+/// `shutdown` is cancelled. An error JetStream will never accept is logged
+/// at ERROR on every attempt, since an operator must act.
+///
+/// A stream that exists with other settings than the `jetstream:` section
+/// (after the section was changed) keeps working as it is: with `update`
+/// (the connection's user may change streams: the admin, or a shared user)
+/// it is updated, otherwise a WARN says what differs and how to apply it.
+/// The shipped NATS permissions let services create streams but not
+/// change them, since a change (a shorter max age) can drop stored messages.
 pub async fn ensure_streams_until_ready(
     js: &jetstream::Context,
     config: &JetStreamConfig,
+    update: bool,
     health: &crate::admin::Health,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> bool {
     let mut delay = Duration::from_millis(100);
-    loop {
-        match ensure_streams(js, config).await {
-            Ok(()) => {
-                health.set_ok("jetstream");
-                tracing::info!("JetStream streams are in place");
-                return true;
-            }
+    let drifts = loop {
+        match create_missing_streams(js, config).await {
+            Ok(drifts) => break drifts,
             Err(e) => {
                 health.set_failing("jetstream", e.to_string());
                 tracing::error!(error = %e, retry_in = ?delay, "cannot set up JetStream streams");
@@ -492,7 +626,28 @@ pub async fn ensure_streams_until_ready(
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(5));
+    };
+    health.set_ok("jetstream");
+    tracing::info!("JetStream streams are in place");
+    for drift in drifts {
+        let stream = drift.wanted.name.as_str();
+        let differs = drift.differences.join(", ");
+        if !update {
+            tracing::warn!(
+                stream,
+                differs,
+                "stream {stream} differs from the `jetstream:` settings ({differs}); it keeps \
+                 working as it is. A service's NATS user may create streams but not change them: \
+                 start Tocsin once with nats.credentials.admin set, or change it as the NATS admin"
+            );
+            continue;
+        }
+        match update_stream(js, &drift, config).await {
+            Ok(()) => tracing::info!(stream, differs, "stream {stream} updated ({differs})"),
+            Err(e) => tracing::warn!(stream, error = %e, "stream {stream} keeps its settings"),
+        }
     }
+    true
 }
 
 /// Runs [`ensure_streams_until_ready`], then [`watch_storage`] until
@@ -500,11 +655,12 @@ pub async fn ensure_streams_until_ready(
 pub async fn ensure_and_watch(
     js: jetstream::Context,
     config: JetStreamConfig,
+    update: bool,
     health: Health,
     metrics: Metrics,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    if ensure_streams_until_ready(&js, &config, &health, &shutdown).await {
+    if ensure_streams_until_ready(&js, &config, update, &health, &shutdown).await {
         watch_storage(&js, &config, &health, &metrics, &shutdown).await;
     }
 }

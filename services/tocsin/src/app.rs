@@ -1,10 +1,12 @@
 //! Start-up and shutdown, shared by `tocsin up` and the single-service commands.
 //!
-//! Order: admin server (so `/livez` answers at once), NATS client (retrying
-//! in the background), streams (ensured until they exist; `/readyz` says
-//! "not ready" until then), then the services. On shutdown the services get
-//! the cancellation first and have the grace period to finish in-flight
-//! work; then the NATS client is drained so every buffered publish is sent.
+//! Order: admin server (so `/livez` answers at once), NATS clients (one per
+//! service, each as that service's NATS identity with its own credentials,
+//! retrying in the background), streams (ensured until they exist;
+//! `/readyz` says "not ready" until then), then the services. On shutdown
+//! the services get the cancellation first and have the grace period to
+//! finish in-flight work; then the NATS clients are drained so every
+//! buffered publish is sent.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -98,29 +100,89 @@ pub async fn run(
         admin_stop.clone(),
     ));
 
-    let names: Vec<&str> = services.iter().map(|s| s.name()).collect();
-    let client_name = format!("tocsin-{}", names.join("+"));
-    let client = nats::connect(&config.nats, &client_name, &metrics).await?;
-    health.watch_nats(client.clone());
-    let js = config.jetstream.context(client.clone());
+    // One client per service, as that service's NATS identity: in `tocsin
+    // up` each service works with exactly the permissions it has when it
+    // runs alone. The notifier connects only when it runs.
+    let mut clients: Vec<(Service, async_nats::Client)> = Vec::new();
+    for service in services {
+        if *service == Service::Notifier && config.notifier.is_none() {
+            continue;
+        }
+        let name = service.name();
+        let client =
+            nats::connect_as(&config.nats, name, &format!("tocsin-{name}"), &metrics).await?;
+        clients.push((*service, client));
+    }
+    health.watch_nats_clients(
+        clients
+            .iter()
+            .map(|(s, c)| (s.name().to_string(), c.clone()))
+            .collect(),
+    );
+    let client_of = |service: Service| -> anyhow::Result<async_nats::Client> {
+        clients
+            .iter()
+            .find(|(s, _)| *s == service)
+            .map(|(_, c)| c.clone())
+            .with_context(|| format!("no NATS client for {}", service.name()))
+    };
 
     let mut tasks: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
-    tokio::spawn(streams::ensure_and_watch(
-        js.clone(),
-        config.jetstream.clone(),
-        health.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    // Streams: set up by the admin identity when it has credentials (it may
+    // also change them), else by the first service, whose NATS user may
+    // create the streams but, with its own credentials, not change them.
+    {
+        let (setup, update) = if config.nats.has_own_credentials(Config::ADMIN) {
+            // Its own metrics: a connection closed after set-up is no outage.
+            let admin = nats::connect_as(
+                &config.nats,
+                Config::ADMIN,
+                "tocsin-admin-setup",
+                &Metrics::new(),
+            )
+            .await?;
+            (Some(admin), true)
+        } else {
+            let update = clients
+                .first()
+                .is_none_or(|(s, _)| !config.nats.has_own_credentials(s.name()));
+            (None, update)
+        };
+        let js = match (&setup, clients.first()) {
+            (Some(admin), _) => config.jetstream.context(admin.clone()),
+            (None, Some((_, c))) => config.jetstream.context(c.clone()),
+            (None, None) => anyhow::bail!("no service to run"),
+        };
+        // Storage is watched (read-only) with the first service's client.
+        let watch = clients
+            .first()
+            .map(|(_, c)| config.jetstream.context(c.clone()));
+        let (cfg, health, metrics, stop) = (
+            config.jetstream.clone(),
+            health.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let ready =
+                streams::ensure_streams_until_ready(&js, &cfg, update, &health, &stop).await;
+            if let Some(admin) = setup {
+                let _ = tokio::time::timeout(Duration::from_secs(5), admin.drain()).await;
+            }
+            if let (true, Some(watch)) = (ready, watch) {
+                streams::watch_storage(&watch, &cfg, &health, &metrics, &stop).await;
+            }
+        });
+    }
 
     let mut ingest_listener = listeners.ingest;
     let mut calendar_listener = listeners.calendar;
     for service in services {
         match service {
             Service::Escalation => {
-                let (cfg, js, metrics, health, clock, calendar, stop) = (
+                let js = config.jetstream.context(client_of(Service::Escalation)?);
+                let (cfg, metrics, health, clock, calendar, stop) = (
                     config.escalation.clone(),
-                    js.clone(),
                     metrics.clone(),
                     health.clone(),
                     options.clock.clone(),
@@ -142,7 +204,7 @@ pub async fn run(
                     continue;
                 };
                 let ctx = tocsin_runtime::context::ServiceContext {
-                    js: js.clone(),
+                    js: config.jetstream.context(client_of(Service::Notifier)?),
                     metrics: metrics.clone(),
                     health: health.clone(),
                     clock: options.clock.clone(),
@@ -155,10 +217,10 @@ pub async fn run(
                 });
             }
             Service::Incidents => {
-                let (cfg, client, js, metrics, health, clock, stop) = (
+                let client = client_of(Service::Incidents)?;
+                let js = config.jetstream.context(client.clone());
+                let (cfg, metrics, health, clock, stop) = (
                     config.incidents.clone(),
-                    client.clone(),
-                    js.clone(),
                     metrics.clone(),
                     health.clone(),
                     options.clock.clone(),
@@ -175,12 +237,9 @@ pub async fn run(
                 let listener = ingest_listener
                     .take()
                     .context("no ingest listener was bound")?;
-                let (client, js, metrics, stop) = (
-                    client.clone(),
-                    js.clone(),
-                    metrics.clone(),
-                    shutdown.clone(),
-                );
+                let client = client_of(Service::Ingest)?;
+                let js = config.jetstream.context(client.clone());
+                let (metrics, stop) = (metrics.clone(), shutdown.clone());
                 tasks.spawn(async move {
                     let r = tocsin_ingest::run(cfg, client, js, &metrics, listener, stop).await;
                     ("ingest", r.map_err(anyhow::Error::from))
@@ -218,7 +277,8 @@ pub async fn run(
         tracing::warn!(grace = ?options.grace_period, "grace period over; abandoning in-flight work");
         tasks.abort_all();
     }
-    if let Err(e) = tokio::time::timeout(Duration::from_secs(5), client.drain()).await {
+    let drains = futures::future::join_all(clients.iter().map(|(_, c)| c.drain()));
+    if let Err(e) = tokio::time::timeout(Duration::from_secs(5), drains).await {
         tracing::warn!(error = %e, "NATS drain did not finish");
     }
     admin_stop.cancel();

@@ -9,7 +9,7 @@ use tocsin_ingest::IngestConfig;
 use tocsin_notifier::NotifierConfig;
 use tocsin_runtime::{
     config::{self, ConfigError},
-    nats::NatsConfig,
+    nats::{self, NatsConfig},
     streams::JetStreamConfig,
 };
 
@@ -17,7 +17,8 @@ use tocsin_runtime::{
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// How to reach NATS. Default `nats://127.0.0.1:4222`, no auth.
+    /// How to reach NATS and as whom (`nats.credentials.<service>`).
+    /// Default `nats://127.0.0.1:4222`, no auth.
     #[serde(default)]
     pub nats: NatsConfig,
     /// Stream settings (replicas, retention, duplicate window).
@@ -43,7 +44,8 @@ pub struct Config {
 }
 
 /// The part of the config operator commands (`tocsin ack`, `list` ...)
-/// need: how to reach NATS. Other sections are not read, so their secrets
+/// need: how to reach NATS, as the `operator` identity. Other sections, and
+/// the other identities' `nats.credentials`, are not read, so their secrets
 /// need not be set on an operator's machine.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct OperatorConfig {
@@ -54,8 +56,11 @@ pub struct OperatorConfig {
 }
 
 impl OperatorConfig {
+    /// The NATS identity operator commands connect as.
+    pub const IDENTITY: &'static str = "operator";
+
     pub fn load(path: &Path) -> Result<OperatorConfig, ConfigError> {
-        config::load(path)
+        nats::reading_credentials_of(&[Self::IDENTITY], || config::load(path))
     }
 }
 
@@ -77,6 +82,8 @@ impl Service {
         Service::Notifier,
     ];
 
+    /// Its name, which is also its NATS identity (`nats.credentials.<name>`,
+    /// the NATS user of the shipped configs).
     pub fn name(self) -> &'static str {
         match self {
             Service::Ingest => "ingest",
@@ -88,9 +95,17 @@ impl Service {
 }
 
 impl Config {
-    /// Loads and validates `path` for running `services`.
+    /// The NATS identity that sets up the streams when it has credentials
+    /// (`nats.credentials.admin`); see `app::run`.
+    pub const ADMIN: &'static str = "admin";
+
+    /// Loads and validates `path` for running `services`. Of
+    /// `nats.credentials`, only the entries of those services (and of the
+    /// admin) are read: a host needs the secrets of what it runs only.
     pub fn load(path: &Path, services: &[Service]) -> Result<Config, ConfigError> {
-        let mut cfg: Config = config::load(path)?;
+        let mut identities: Vec<&str> = services.iter().map(|s| s.name()).collect();
+        identities.push(Self::ADMIN);
+        let mut cfg: Config = nats::reading_credentials_of(&identities, || config::load(path))?;
         for s in services {
             match s {
                 Service::Ingest if cfg.ingest.is_none() => {

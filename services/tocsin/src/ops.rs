@@ -25,7 +25,13 @@ use crate::config::OperatorConfig as Config;
 const PATIENCE: Duration = Duration::from_secs(10);
 
 async fn connect(config: &Config) -> anyhow::Result<Client> {
-    let client = tocsin_runtime::nats::connect(&config.nats, "tocsin-cli", &Metrics::new()).await?;
+    let client = tocsin_runtime::nats::connect_as(
+        &config.nats,
+        Config::IDENTITY,
+        "tocsin-cli",
+        &Metrics::new(),
+    )
+    .await?;
     tokio::time::timeout(PATIENCE, client.flush())
         .await
         .map_err(|_| {

@@ -242,8 +242,9 @@ struct IngestArgs {
     /// the benchmark runs.
     #[arg(long)]
     with_incidents: bool,
-    /// Use this NATS server (JetStream enabled, no auth) instead of starting
-    /// a private one.
+    /// Use this NATS server (JetStream enabled; with authentication, the
+    /// admin's credentials in the URL: nats://admin:PASSWORD@host:4222)
+    /// instead of starting a private one.
     #[arg(long)]
     nats_url: Option<String>,
 }
@@ -264,8 +265,9 @@ struct IncidentsArgs {
     /// Live alerts published in the latency phase (0 skips it).
     #[arg(long, default_value_t = 5_000)]
     live_alerts: u32,
-    /// Use this NATS server (JetStream enabled, no auth, no Tocsin running
-    /// on it) instead of starting a private one. The service starts with an
+    /// Use this NATS server (JetStream enabled, no Tocsin running on it;
+    /// with authentication, the admin's credentials in the URL:
+    /// nats://admin:PASSWORD@host:4222) instead of starting a private one. The service starts with an
     /// empty data dir, so it replays what INCIDENTS holds and decides every
     /// alert ALERTS holds.
     #[arg(long)]
@@ -282,8 +284,9 @@ struct EscalationArgs {
     /// i is announced i mod bursts minutes after the first).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     bursts: u32,
-    /// Use this NATS server (JetStream enabled, no auth, no Tocsin running
-    /// on it) instead of starting a private one.
+    /// Use this NATS server (JetStream enabled, no Tocsin running on it;
+    /// with authentication, the admin's credentials in the URL:
+    /// nats://admin:PASSWORD@host:4222) instead of starting a private one.
     #[arg(long)]
     nats_url: Option<String>,
 }
@@ -388,7 +391,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     };
 
     // The raw side's own client.
-    let raw_client = async_nats::connect(&nats_url)
+    let raw_client = tocsin_tests::nats::connect_url(&nats_url)
         .await
         .with_context(|| format!("cannot connect to {nats_url}"))?;
     let mut js = jetstream::new(raw_client.clone());
@@ -3203,7 +3206,7 @@ async fn bench_nats(url: &Option<String>) -> anyhow::Result<BenchNats> {
         (None, Some(url)) => url.clone(),
         (None, None) => unreachable!("a private server is started when no URL is given"),
     };
-    let client = async_nats::connect(&url)
+    let client = tocsin_tests::nats::connect_url(&url)
         .await
         .with_context(|| format!("cannot connect to {url}"))?;
     let js = jetstream::new(client.clone());

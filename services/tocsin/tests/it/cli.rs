@@ -54,8 +54,18 @@ ingest:
 #[test]
 fn shipped_config_is_valid() {
     let file = repo_root().join("config/tocsin.yaml");
-    let (code, stdout, stderr) =
-        check_config(&file, &[("TOCSIN_INGEST_TOKEN", "0123456789abcdef0123")]);
+    // The services' NATS passwords (nats.credentials); not the operator's,
+    // which only operator commands read.
+    let (code, stdout, stderr) = check_config(
+        &file,
+        &[
+            ("TOCSIN_INGEST_TOKEN", "0123456789abcdef0123"),
+            ("TOCSIN_NATS_INGEST_PASSWORD", "p0123456789abcdef"),
+            ("TOCSIN_NATS_INCIDENTS_PASSWORD", "p0123456789abcdef"),
+            ("TOCSIN_NATS_ESCALATION_PASSWORD", "p0123456789abcdef"),
+            ("TOCSIN_NATS_NOTIFIER_PASSWORD", "p0123456789abcdef"),
+        ],
+    );
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains(": ok"), "{stdout}");
 }

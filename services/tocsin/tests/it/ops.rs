@@ -88,15 +88,17 @@ async fn operators_ack_resolve_list_and_show_from_the_command_line() {
     let (code, _, err) = run(&["show", "7"]).await.unwrap();
     assert_eq!(code, 3);
     assert!(err.contains("no incident #7"), "{err}");
-    // With the shipped config, an operator needs NATS's address and none of
-    // the services' secrets.
+    // With the shipped config, an operator needs NATS's address and the
+    // operator's NATS password, and none of the services' secrets.
     let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/tocsin.yaml");
     let out = Command::new(BIN)
         .arg("--config")
         .arg(&shipped)
         .arg("list")
-        .env("TOCSIN_NATS_URL", nats.url())
+        .env("TOCSIN_NATS_URL", nats.address())
+        .env("TOCSIN_NATS_OPERATOR_PASSWORD", nats.password("operator"))
         .env_remove("TOCSIN_INGEST_TOKEN")
+        .env_remove("TOCSIN_NATS_INGEST_PASSWORD")
         .output()
         .unwrap();
     assert!(
