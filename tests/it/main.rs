@@ -26,6 +26,7 @@ mod nats_auth;
 mod notifier_channels;
 mod notifier_email;
 mod notifier_faults;
+mod notifier_once;
 mod notifier_scale;
 mod notifier_slack_webhook;
 mod shipped_files;

@@ -491,8 +491,8 @@ impl Deliverer {
             Arrival::Busy(d) => {
                 self.metrics.handed_back(channel, "busy");
                 return Some(Finish::Later(
-                    d.clamp(Duration::from_millis(200), Duration::from_secs(30))
-                        + Self::jitter(300),
+                    // Not the whole lease: the holder usually finishes well before it.
+                    d.clamp(Duration::from_millis(200), Duration::from_secs(3)) + Self::jitter(300),
                 ));
             }
             Arrival::GiveUp(state) => {

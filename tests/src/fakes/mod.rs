@@ -79,6 +79,9 @@ pub enum Failure {
     },
     /// Sleep this long, then answer as the provider would, but record nothing.
     Hang(Duration),
+    /// Sleep this long, then answer (and record) as the provider would: a
+    /// slow provider.
+    Slow(Duration),
 }
 
 /// A request answered with an error, injected or by validation.
@@ -221,6 +224,18 @@ impl FakeProviders {
     }
 
     /// Every request that reached `provider`, including failed, injected and repeated ones.
+    /// Requests to `provider` that have arrived, including those still
+    /// waiting on an injected [`Failure::Slow`].
+    pub fn started(&self, provider: Provider) -> usize {
+        self.shared
+            .started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&provider)
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub fn requests(&self, provider: Provider) -> usize {
         self.lock().requests.get(&provider).copied().unwrap_or(0)
     }

@@ -32,6 +32,9 @@ pub(super) struct Shared {
     /// Outside `records` so that answers given against a scratch copy
     /// (hung requests) never hand out a `ts` a later message gets too.
     last_ts_micros: AtomicU64,
+    /// Requests that have arrived, per provider, counted before any
+    /// injected delay (a slow request is "started" while it waits).
+    pub(super) started: Mutex<std::collections::HashMap<Provider, usize>>,
 }
 
 impl Shared {
@@ -39,6 +42,7 @@ impl Shared {
         Shared {
             records: Mutex::new(Records::default()),
             last_ts_micros: AtomicU64::new(0),
+            started: Mutex::new(Default::default()),
         }
     }
 
@@ -86,6 +90,7 @@ pub(super) struct Records {
 }
 
 /// A request as the handlers see it.
+#[derive(Clone)]
 pub(super) struct Req {
     pub method: Method,
     /// The route's path parameter: Slack method, Twilio account sid,
@@ -270,6 +275,40 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
 /// failure if one is queued, else runs `handler`; records an error answer
 /// in `rejected`.
 async fn handle(shared: Arc<Shared>, provider: Provider, req: Req, handler: Handler) -> Response {
+    *shared
+        .started
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(provider)
+        .or_default() += 1;
+    // A slow answer: wait first, then answer (and record) as usual.
+    let delay = {
+        let mut rec = shared.lock();
+        match rec.failures.get(&provider).and_then(|q| q.front()) {
+            Some(Failure::Slow(d)) => {
+                let d = *d;
+                rec.failures.get_mut(&provider).and_then(|q| q.pop_front());
+                Some(d)
+            }
+            _ => None,
+        }
+    };
+    if let Some(d) = delay {
+        // The provider takes the request and answers late: what it does
+        // happens even if the client gave up waiting (as at a real
+        // provider), so it runs in a task of its own.
+        let (shared, req) = (shared.clone(), req.clone());
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(d).await;
+            match answer(&shared, provider, &req, handler) {
+                Ok(reply) => reply.into_response(),
+                Err(_) => Reply::json(500, serde_json::json!({})).into_response(),
+            }
+        });
+        return task
+            .await
+            .unwrap_or_else(|_| axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
     match answer(&shared, provider, &req, handler) {
         Ok(reply) => reply.into_response(),
         Err(hang) => {
@@ -376,7 +415,7 @@ fn failure_reply(provider: Provider, failure: &Failure) -> Reply {
             Provider::Twilio => twilio::status_reply(*code),
             Provider::Webhook => webhook::status_reply(*code),
         },
-        Failure::Hang(_) => unreachable!("hang is handled by the caller"),
+        Failure::Hang(_) | Failure::Slow(_) => unreachable!("handled by the caller"),
     };
     reply.failed()
 }

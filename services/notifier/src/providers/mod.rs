@@ -459,10 +459,11 @@ pub async fn exchange(
     Ok((status, after, body_text(resp).await))
 }
 
-/// Reads a response body, at most 1 MiB of it (a history page with 200
-/// messages and their metadata is a few hundred KiB).
+/// Reads a response body, at most 8 MiB of it (a Twilio list page of
+/// 1,000 messages is about 1 MiB; a cut body fails to parse, and a look-up
+/// then says it cannot decide).
 pub async fn body_text(mut resp: reqwest::Response) -> String {
-    const MAX: usize = 1 << 20;
+    const MAX: usize = 8 << 20;
     let mut out = Vec::new();
     while let Ok(Some(chunk)) = resp.chunk().await {
         out.extend_from_slice(&chunk[..chunk.len().min(MAX - out.len())]);

@@ -165,7 +165,10 @@ impl Sms {
                     e => Lookup::Undecided(e.reason().to_string()),
                 };
             }
-            let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            let answer: Value = match serde_json::from_str(&text) {
+                Ok(v) => v,
+                Err(e) => return Lookup::Undecided(format!("Twilio message list: not JSON: {e}")),
+            };
             let messages = answer["messages"].as_array().cloned().unwrap_or_default();
             let found = messages.iter().find(|m| {
                 m["body"].as_str() == Some(body.as_str())

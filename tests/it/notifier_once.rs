@@ -1,0 +1,320 @@
+//! Delivered once when the answer is lost, and one outcome per page.
+//!
+//! A request that times out may still have arrived. The next attempt asks
+//! the provider first, paging back through its history to the attempt:
+//! Slack's `conversations.history` (200 a page) and Twilio's message list
+//! (1,000 a page), after a burst bigger than one page. Past its bounds the
+//! look-up cannot decide: that is counted, and the page is sent.
+//!
+//! Two copies of one page (a redelivery while the first is in a slow
+//! request) and a resolve between them: one outcome, never "skipped" and
+//! "sent" both.
+
+use std::time::Duration;
+
+use tocsin_proto::{
+    incident::IncidentStatus,
+    notify::{Channel, DeliveryOutcome},
+    AlertStatus,
+};
+use tocsin_runtime::config::HumanDuration;
+use tocsin_tests::{
+    fakes::{Failure, FakeProviders, Provider},
+    incidents::{alert, publish_alert, wait_for},
+    notifier::{self, page, publish_pages, Replica},
+    NatsServer, TocsinHarness,
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A replica whose requests time out after 3 s and whose first retry comes
+/// 8 s after a failure: time for the test to bury the lost message under
+/// newer ones.
+async fn replica(nats: &NatsServer, fakes: &FakeProviders) -> Replica {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = notifier::config(fakes, None, dir.path());
+    config.retry.initial = HumanDuration(Duration::from_secs(8));
+    config.retry.max = HumanDuration(Duration::from_secs(8));
+    let r = Replica::start(nats, config).await;
+    r.wait_ready().await;
+    r
+}
+
+fn lookups(r: &Replica, channel: &str, result: &str) -> u64 {
+    let key =
+        format!("tocsin_notifier_lookups_total{{channel=\"{channel}\",result=\"{result}\"}} ");
+    r.metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Posts `n` messages to a Slack channel (as other senders would).
+async fn slack_noise(fakes: &FakeProviders, channel: &str, n: usize) {
+    let client = reqwest::Client::new();
+    for i in 0..n {
+        let r = client
+            .post(format!("{}/chat.postMessage", fakes.slack_api_url()))
+            .bearer_auth(FakeProviders::SLACK_TOKEN)
+            .json(&serde_json::json!({"channel": channel, "text": format!("chatter {i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+}
+
+/// Sends `n` SMS to `to` (as other senders on the account would).
+async fn sms_noise(fakes: &FakeProviders, to: &str, n: usize) {
+    let client = reqwest::Client::new();
+    let url = format!(
+        "{}/2010-04-01/Accounts/{}/Messages.json",
+        fakes.twilio_url(),
+        FakeProviders::TWILIO_SID
+    );
+    for i in 0..n {
+        let r = client
+            .post(&url)
+            .basic_auth(FakeProviders::TWILIO_SID, Some(FakeProviders::TWILIO_TOKEN))
+            .form(&[
+                ("To", to),
+                ("From", FakeProviders::TWILIO_FROM),
+                ("Body", &format!("other message {i}")),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+}
+
+/// Waits until the fake has recorded `n` accepted requests of `provider`.
+async fn accepted(fakes: &FakeProviders, provider: Provider, n: usize) {
+    assert!(
+        fakes
+            .wait_for(|f| f.counts(provider).accepted >= n, WAIT)
+            .await,
+        "{provider:?}: {:?}",
+        fakes.counts(provider)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_page_whose_answer_was_lost_is_found_three_history_pages_back() {
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let r = replica(&nats, &fakes).await;
+    // Slack takes the message but answers after the 3 s timeout.
+    fakes.fail_next(Provider::Slack, 1, Failure::Slow(Duration::from_secs(4)));
+    let js = async_nats::jetstream::new(nats.client().await);
+    let p = page(1, Channel::Slack);
+    publish_pages(&js, std::slice::from_ref(&p)).await;
+    accepted(&fakes, Provider::Slack, 1).await;
+    assert_eq!(fakes.slack_posts().len(), 1);
+    // 450 newer messages in the channel before the retry: the page is on
+    // the third page of the history.
+    slack_noise(&fakes, &p.address, 450).await;
+    assert!(
+        fakes
+            .wait_for(|_| lookups(&r, "slack", "found") == 1, WAIT)
+            .await,
+        "the look-up did not find it: {}",
+        r.metrics.encode()
+    );
+    let mine = fakes
+        .slack_posts()
+        .into_iter()
+        .filter(|m| m.metadata["event_payload"]["delivery_id"] == p.id.as_str())
+        .count();
+    assert_eq!(mine, 1, "posted once");
+    assert!(
+        fakes
+            .wait_for(|_| r.count("slack", "sent") == 1, WAIT)
+            .await
+    );
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sms_whose_answer_was_lost_is_found_past_the_first_page_of_the_list() {
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let r = replica(&nats, &fakes).await;
+    fakes.fail_next(Provider::Twilio, 1, Failure::Slow(Duration::from_secs(4)));
+    let js = async_nats::jetstream::new(nats.client().await);
+    let p = page(2, Channel::Sms);
+    publish_pages(&js, std::slice::from_ref(&p)).await;
+    accepted(&fakes, Provider::Twilio, 1).await;
+    // 1,100 newer messages to the same number: the list's second page.
+    sms_noise(&fakes, &p.address, 1100).await;
+    assert!(
+        fakes
+            .wait_for(|_| lookups(&r, "sms", "found") == 1, WAIT)
+            .await,
+        "the look-up did not find it: {}",
+        r.metrics.encode()
+    );
+    let mine = fakes
+        .sms()
+        .into_iter()
+        .filter(|m| !m.body.starts_with("other message"))
+        .count();
+    assert_eq!(mine, 1, "sent once");
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_look_up_past_its_bounds_is_counted_as_undecided_and_the_page_sent() {
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let r = replica(&nats, &fakes).await;
+    fakes.fail_next(Provider::Slack, 1, Failure::Slow(Duration::from_secs(4)));
+    let js = async_nats::jetstream::new(nats.client().await);
+    let p = page(3, Channel::Slack);
+    publish_pages(&js, std::slice::from_ref(&p)).await;
+    accepted(&fakes, Provider::Slack, 1).await;
+    // More than the look-up reads (10 pages of 200).
+    slack_noise(&fakes, &p.address, 2050).await;
+    assert!(
+        fakes
+            .wait_for(|_| lookups(&r, "slack", "undecided") == 1, WAIT)
+            .await,
+        "{}",
+        r.metrics.encode()
+    );
+    // Sent again (a repeat beats a lost page), and that is on record.
+    assert!(
+        fakes
+            .wait_for(
+                |f| f
+                    .slack_posts()
+                    .iter()
+                    .filter(|m| m.metadata["event_payload"]["delivery_id"] == p.id.as_str())
+                    .count()
+                    == 2,
+                WAIT
+            )
+            .await
+    );
+    r.stop().await;
+}
+
+/// Defect: a page sent after its incident resolved, with both a `skipped`
+/// and a `sent` receipt. Here the first copy is in a slow Slack request
+/// when the incident is resolved and a second copy of the page arrives
+/// (as a redelivery after a NATS restart would): the second finds the page
+/// claimed and waits; the timeline gets one outcome, and the message is
+/// then shown resolved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_copies_of_a_page_and_a_resolve_between_them_give_one_outcome() {
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = TocsinHarness::config(&nats);
+    config.escalation = serde_yaml_ng::from_str(
+        r##"
+route: {policy: ops}
+policies:
+  - name: ops
+    levels: [{targets: [{slack_channel: C0OPS}], delay: 15m}]
+"##,
+    )
+    .unwrap();
+    config.notifier = Some(notifier::config(&fakes, None, dir.path()));
+    let tocsin = TocsinHarness::start_with(config).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+    fakes.fail_next(Provider::Slack, 1, Failure::Slow(Duration::from_secs(2)));
+    let mut notify = js.get_stream("NOTIFY").await.unwrap();
+    publish_alert(
+        &js,
+        alert(
+            &[("alertname", "Slow"), ("severity", "critical")],
+            &["alertname"],
+            AlertStatus::Firing,
+            t0,
+        ),
+        t0,
+    )
+    .await;
+    let inc = wait_for(&client, "opened", |l| l.len() == 1).await[0].clone();
+    // The page is on its way (the slow request has started).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while fakes.started(Provider::Slack) == 0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Resolved meanwhile, and a second copy of the page on NOTIFY.
+    tocsin_tests::incidents::command(
+        &client,
+        &js,
+        "alice",
+        tocsin_proto::command::Action::Resolve {
+            incident: tocsin_proto::command::IncidentRef::Number(inc.number),
+        },
+        tocsin.clock_now(),
+    )
+    .await;
+    let first = notify.info().await.unwrap().state.first_sequence;
+    let msg = notify
+        .get_raw_message(first)
+        .await
+        .expect("the page is still on NOTIFY (in flight)");
+    js.publish_with_headers(
+        msg.subject.to_string(),
+        {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Nats-Msg-Id", "a-second-copy");
+            h
+        },
+        msg.payload.clone(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+
+    // Settled: both copies acknowledged, the message shown resolved.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while notify.info().await.unwrap().state.messages > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "NOTIFY not drained");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let receipts = notifier::wait_receipts(&client, inc.number, |r| {
+        r.iter()
+            .any(|d| d.kind == tocsin_proto::notify::MessageKind::Page)
+    })
+    .await;
+    let outcomes: Vec<_> = receipts
+        .iter()
+        .filter(|d| d.kind == tocsin_proto::notify::MessageKind::Page)
+        .map(|d| d.outcome)
+        .collect();
+    assert_eq!(
+        outcomes,
+        [DeliveryOutcome::Sent],
+        "one outcome: {receipts:#?}"
+    );
+    let post = &fakes.slack_posts()[0];
+    assert!(
+        fakes
+            .wait_for(
+                |f| f
+                    .slack_message(&post.channel, &post.ts)
+                    .is_some_and(|m| m.to_string().contains("RESOLVED")),
+                WAIT
+            )
+            .await,
+        "the page was sent before the resolve landed: it must be shown resolved now"
+    );
+    let now = tocsin_tests::incidents::get(
+        &client,
+        tocsin_proto::command::IncidentRef::Number(inc.number),
+    )
+    .await;
+    assert_eq!(now.incident.status, IncidentStatus::Resolved);
+    drop(tocsin);
+}
