@@ -174,6 +174,10 @@ PY
     target/release/tocsin list
     target/release/tocsin ack 1
 
+  No provider accounts are configured: every page is written, as Slack,
+  SMS and email would have received it, to the log and to
+    .tocsin/pages.txt      (tail -f .tocsin/pages.txt)
+
   Ctrl-C stops Tocsin and NATS.
 INFO
   wait "$tocsin_pid"

@@ -597,6 +597,94 @@ mod tests {
     }
 
     #[test]
+    fn a_resolved_incident_s_status_update_neither_alarms_nor_promises_more() {
+        let t = Templates::load(None).unwrap();
+        let mut ctx = Context::sample();
+        ctx.event.kind = "status_update".into();
+        ctx.incident.status = "resolved".into();
+        ctx.incident.is_resolved = true;
+        ctx.incident.is_triggered = false;
+        // (The deliverer leaves next_update out for a resolved incident.)
+        ctx.event.next_update = None;
+        for name in [
+            "email/status_update.txt",
+            "email/status_update.html",
+            "slack/status_update",
+            "webhook/status_update",
+        ] {
+            let text = t.render(name, &ctx).unwrap();
+            assert!(!text.contains('🚨'), "{name}: {text}");
+            assert!(!text.contains(":rotating_light:"), "{name}: {text}");
+            assert!(!text.contains("Next Update"), "{name}: {text}");
+            assert!(text.contains("RESOLVED"), "{name}: {text}");
+        }
+        // While open it still follows the reference format.
+        let open = t
+            .render("email/status_update.txt", &Context::sample())
+            .unwrap();
+        assert!(open.starts_with("🚨 [CRITICAL] Incident: "), "{open}");
+        assert!(open.contains("Next Update: 15:00 UTC"), "{open}");
+    }
+
+    #[test]
+    fn times_are_to_the_minute_in_the_configured_zone() {
+        let t: jiff::Timestamp = "2026-01-15T13:30:42.123456789Z".parse().unwrap();
+        let utc = Times::default();
+        assert_eq!(utc.long(t), "2026-01-15 13:30 UTC");
+        assert_eq!(utc.short(t), "13:30 UTC");
+        let berlin = Times {
+            zone: jiff::tz::TimeZone::get("Europe/Berlin").unwrap(),
+        };
+        assert_eq!(berlin.long(t), "2026-01-15 14:30 CET");
+        let summer: jiff::Timestamp = "2026-07-15T13:30:00Z".parse().unwrap();
+        assert_eq!(berlin.short(summer), "15:30 CEST");
+    }
+
+    #[test]
+    fn pages_name_the_alerts_that_fire_and_their_sources() {
+        let t = Templates::load(None).unwrap();
+        let ctx = Context::sample();
+        // Two firing alerts that differ by instance.
+        assert_eq!(ctx.incident.instances, "api-1:9090, api-2:9090");
+        assert_eq!(ctx.incident.alerts.len(), 2);
+        assert_eq!(ctx.incident.alerts[0].labels_text, "instance=api-1:9090");
+        let slack = t.render("slack/page", &ctx).unwrap();
+        for want in [
+            "instance=api-1:9090",
+            "instance=api-2:9090",
+            "https://prometheus.example.com/graph",
+            "Runbook: <https://runbooks.example.com/high-latency>",
+            "2024-01-01 14:30 UTC",
+        ] {
+            assert!(slack.contains(want), "{want:?} missing: {slack}");
+        }
+        let mail = t.render("email/page.txt", &ctx).unwrap();
+        assert!(
+            mail.contains("Runbook:   https://runbooks.example.com/high-latency"),
+            "{mail}"
+        );
+        assert!(mail.contains("p99 latency above 2s"), "{mail}");
+        assert!(
+            !mail.contains("T14:30:00Z"),
+            "no machine times for people: {mail}"
+        );
+    }
+
+    #[test]
+    fn an_sms_page_fits_one_segment_even_with_emoji_and_accents() {
+        let t = Templates::load(None).unwrap();
+        let mut ctx = Context::sample();
+        ctx.incident.title = "🔥 Base de données surchargée — réplica “eu-west” 🚀".into();
+        ctx.incident.instances = "db-prod-ünïcødé-1.example.com:5432, db-2 +3".into();
+        let rendered = t.render("sms/page", &ctx).unwrap();
+        let body = crate::providers::gsm::fit(&rendered, crate::providers::gsm::Encoding::Gsm7, 1);
+        assert!(crate::providers::gsm::is_gsm7(&body), "{body}");
+        assert_eq!(crate::providers::gsm::segments(&body), 1, "{body}");
+        assert!(body.contains("Reply ACK 42 to +15005550006"), "{body}");
+        assert!(body.contains("Base de données surchargée"), "{body}");
+    }
+
+    #[test]
     fn escapes_per_flavour() {
         let mut ctx = Context::sample();
         ctx.incident.title = "a <b> & c".into();

@@ -322,3 +322,98 @@ fn a_notifier_channel_without_its_secret_fails_check_config() {
     assert!(stderr.contains("auth_token"), "{stderr}");
     assert!(stderr.contains("tocsin.yaml:"), "{stderr}");
 }
+
+/// `check-config` refuses configs that page into the void: an escalation
+/// target naming a PagerDuty service or webhook the notifier does not
+/// define, and user rules using a channel that is not configured. Each is
+/// an error with the file and the line of the culprit; with the console
+/// taking unconfigured channels (development) it is a warning instead.
+#[test]
+fn pages_that_could_never_be_delivered_are_config_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = ("TOCSIN_INGEST_TOKEN", "0123456789abcdef0123");
+    let base = |escalation: &str, notifier: &str| {
+        format!("{VALID}escalation:\n{escalation}notifier:\n{notifier}")
+    };
+    let policy = "  route: {policy: p}
+  policies:
+    - name: p
+      levels:
+        - targets: [{user: alice}]
+        - targets: [{pagerduty_service: payments}, {webhook: teams}]
+  users:
+    - {name: alice, email: alice@example.com}
+";
+    let pd = "  pagerduty:
+    services:
+      billing: {routing_key: 0123456789abcdef0123456789abcdef}
+  webhooks:
+    - {name: chat, url: https://chat.example.com/hook}
+  email: {host: smtp.example.com, from: tocsin@example.com}
+";
+    let file = write(dir.path(), "void.yaml", &base(policy, pd));
+    let (code, _, stderr) = check_config(&file, &[token]);
+    assert_eq!(code, 2, "{stderr}");
+    let line_of = |needle: &str| {
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .lines()
+            .position(|l| l.contains(needle))
+            .unwrap()
+            + 1
+    };
+    let targets = line_of("{pagerduty_service: payments}");
+    assert!(
+        stderr.contains(&format!("void.yaml:{targets}:"))
+            && stderr.contains("pagerduty_service \"payments\", which notifier.pagerduty.services does not define (defined: billing)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .contains("webhook \"teams\", which notifier.webhooks does not define (defined: chat)"),
+        "{stderr}"
+    );
+
+    // Alice has an email only, so only email matters: configured here.
+    // Give her a phone (SMS in the default rules) with no SMS provider.
+    let users_sms = policy.replace(
+        "{name: alice, email: alice@example.com}",
+        "{name: alice, email: alice@example.com, phone: \"+14155550101\"}",
+    );
+    let fixed_targets = users_sms.replace(
+        "        - targets: [{pagerduty_service: payments}, {webhook: teams}]\n",
+        "",
+    );
+    let file = write(dir.path(), "sms.yaml", &base(&fixed_targets, pd));
+    let (code, _, stderr) = check_config(&file, &[token]);
+    assert_eq!(code, 2, "{stderr}");
+    let alice = line_of_in(&file, "{name: alice");
+    assert!(
+        stderr.contains(&format!("sms.yaml:{alice}:"))
+            && stderr.contains("user \"alice\" is paged by sms")
+            && stderr.contains("notifier.sms is not configured"),
+        "{stderr}"
+    );
+
+    // The console takes unconfigured channels: a warning, exit 0.
+    let with_console = format!("{pd}  console: {{}}\n");
+    let file = write(dir.path(), "dev.yaml", &base(&fixed_targets, &with_console));
+    let (code, stdout, stderr) = check_config(&file, &[token]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(": ok"), "{stdout}");
+    assert!(
+        stderr.contains("warning: ")
+            && stderr
+                .contains("notifier.sms is not configured, so these pages only go to the console"),
+        "{stderr}"
+    );
+}
+
+fn line_of_in(file: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .position(|l| l.contains(needle))
+        .unwrap()
+        + 1
+}

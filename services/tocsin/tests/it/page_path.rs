@@ -354,3 +354,63 @@ async fn settle(js: &async_nats::jetstream::Context) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The quick start shows a page: the shipped config, as `./deploy/dev.sh
+/// up` runs it (only the NATS address, passwords and ports differ), opens
+/// an incident for an alert and writes each page, rendered as Slack, SMS
+/// and email would have received it, to the console file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_config_starts_and_shows_the_first_page() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ingest = free_port();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/tocsin.yaml");
+    let text = std::fs::read_to_string(shipped).unwrap().replace(
+        "listen: 127.0.0.1:8080",
+        &format!("listen: 127.0.0.1:{ingest}"),
+    );
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    let config = dir.path().join("config/tocsin.yaml");
+    std::fs::write(&config, text).unwrap();
+    let mut cmd_env = vec![("TOCSIN_NATS_URL".to_string(), nats.address())];
+    for who in ["ingest", "incidents", "escalation", "notifier"] {
+        cmd_env.push((
+            tocsin_tests::nats::password_variable(who),
+            nats.password(who).to_string(),
+        ));
+    }
+    let mut up = Proc::start_with_env(&config, dir.path(), &["up"], &cmd_env);
+    up.ready().await;
+    post_alerts(
+        ingest,
+        &serde_json::json!([{"labels": {"alertname": "DiskFull", "severity": "critical", "instance": "db1:9100"},
+                             "annotations": {"summary": "/var is 97% full"}}]),
+    )
+    .await;
+    let pages = dir.path().join(".tocsin/pages.txt");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let text = loop {
+        let t = std::fs::read_to_string(&pages).unwrap_or_default();
+        if t.contains("sms to ") && t.contains("email to ") && t.contains("slack to #incidents") {
+            break t;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no pages in {}:\n{t}\n{}",
+            pages.display(),
+            up.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(text.contains("INC-1"), "{text}");
+    assert!(text.contains("/var is 97% full"), "{text}");
+    assert!(
+        text.contains("Reply ACK 1"),
+        "the SMS as it would be sent: {text}"
+    );
+    assert!(
+        text.contains("Subject: [CRITICAL] INC-1"),
+        "the email: {text}"
+    );
+    up.stop();
+}

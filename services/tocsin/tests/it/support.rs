@@ -38,11 +38,22 @@ pub struct Proc {
     args: Vec<String>,
     config: PathBuf,
     cwd: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Proc {
     /// Starts `tocsin <args>` with `config`, in `cwd`.
     pub fn start(config: &Path, cwd: &Path, args: &[&str]) -> Proc {
+        Self::start_with_env(config, cwd, args, &[])
+    }
+
+    /// [`Proc::start`] with extra environment variables.
+    pub fn start_with_env(
+        config: &Path,
+        cwd: &Path,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> Proc {
         let mut p = Proc {
             child: None,
             admin: 0,
@@ -50,6 +61,7 @@ impl Proc {
             args: args.iter().map(|s| s.to_string()).collect(),
             config: config.to_path_buf(),
             cwd: cwd.to_path_buf(),
+            env: env.to_vec(),
         };
         p.spawn();
         p
@@ -75,6 +87,7 @@ impl Proc {
             ])
             .args(&self.args)
             .env("TOCSIN_INGEST_TOKEN", TOKEN)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
