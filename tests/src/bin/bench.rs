@@ -310,6 +310,15 @@ struct NotifierArgs {
     /// latency.
     #[arg(long)]
     pagerduty: bool,
+    /// Mixed channels at production rate limits instead: `--pages` is then
+    /// the number of incidents (default 100), each paging a user by SMS and
+    /// Slack DM (20 users), the #incidents Slack channel, PagerDuty and a
+    /// webhook; the notifier paces as configured for production (Slack 1/s
+    /// per channel or user, burst 3; PagerDuty 2/s per service; SMS 10/s;
+    /// webhooks 20/s) and the fakes enforce Slack's and PagerDuty's limits.
+    /// Prints per-channel p50/p99/max from publish to the provider.
+    #[arg(long)]
+    mixed: bool,
 }
 
 #[tokio::main]
@@ -2266,6 +2275,9 @@ impl NotifierRound {
 }
 
 async fn notifier(args: NotifierArgs) -> anyhow::Result<()> {
+    if args.mixed {
+        return notifier_mixed(args).await;
+    }
     let pages = args.pages as usize;
     let rounds = args.rounds as usize;
     let mut channels = vec![Channel::Slack, Channel::Sms, Channel::Webhook];
@@ -2493,6 +2505,249 @@ async fn notifier(args: NotifierArgs) -> anyhow::Result<()> {
         }
         bail!("the benchmark had failures; its figures are not valid");
     }
+    Ok(())
+}
+
+/// Users the mixed run pages (SMS and Slack DM).
+const MIXED_USERS: usize = 20;
+
+/// `--mixed`: production rate limits, every channel at once.
+async fn notifier_mixed(args: NotifierArgs) -> anyhow::Result<()> {
+    use tocsin_proto::notify::PageTarget;
+    use tocsin_tests::fakes::{RateLimit, RateLimitKey};
+    // `--pages` keeps its default of 2,000 for the plain run; here it is incidents.
+    let incidents = if args.pages == 2_000 { 100 } else { args.pages as usize };
+    println!(
+        "tocsin bench notifier --mixed: {incidents} incidents, each paging a user by SMS and Slack DM \
+         ({MIXED_USERS} users in turn), the #incidents Slack channel, PagerDuty and a webhook; {} rounds \
+         of 1 and 2 replicas",
+        args.rounds
+    );
+    println!(
+        "rate limits: the notifier paces Slack at 1/s per channel or user (burst 3), PagerDuty 2/s per \
+         service, SMS 10/s, webhooks 20/s; the fakes refuse Slack above 1/s per channel (burst 3) and \
+         PagerDuty above 2/s per integration key with 429, as the real APIs do"
+    );
+    println!(
+        "latency: from just before a page's publish to the fake recording it; all pages published at once \
+         (a burst), so a channel's latency is its own backlog at its own rate"
+    );
+    println!();
+    let channels = ["sms", "slack DM", "slack #incidents", "pagerduty", "webhook"];
+    let mut table: Vec<(usize, usize, String, Vec<Duration>, usize)> = Vec::new();
+    for round in 0..args.rounds as usize {
+        for replicas in NOTIFIER_REPLICAS {
+            let BenchNats { private, js, .. } = bench_nats(&None).await?;
+            let nats = private.as_ref().context("no private nats-server")?;
+            let fakes = FakeProviders::start().await;
+            fakes.set_rate_limit(
+                Provider::Slack,
+                RateLimit {
+                    per_second: 1.0,
+                    burst: 3,
+                    key: RateLimitKey::PerChannel,
+                },
+            );
+            fakes.set_rate_limit(
+                Provider::PagerDuty,
+                RateLimit {
+                    per_second: 2.0,
+                    burst: 2,
+                    key: RateLimitKey::PerChannel,
+                },
+            );
+            let mut running = Vec::new();
+            let mut dirs = Vec::new();
+            for _ in 0..replicas {
+                let dir = tempfile::tempdir()?;
+                let mut config = tocsin_tests::notifier::config(&fakes, None, dir.path());
+                if let Some(c) = config.slack.as_mut() {
+                    c.guard.rate_per_second = 1;
+                    c.guard.burst = Some(3);
+                }
+                if let Some(c) = config.pagerduty.as_mut() {
+                    c.guard.rate_per_second = 2;
+                    c.guard.burst = Some(2);
+                }
+                if let Some(c) = config.sms.as_mut() {
+                    c.guard.rate_per_second = 10;
+                }
+                for w in &mut config.webhooks {
+                    w.guard.rate_per_second = 20;
+                }
+                // Every replica paces on its own: two replicas may together
+                // go above a limit, which the fakes then refuse (counted).
+                running.push(Replica::start(nats, config).await);
+                dirs.push(dir);
+            }
+            for r in &running {
+                r.wait_ready().await;
+            }
+            // The pages, each with its channel's name.
+            let mut all: Vec<(&str, Page)> = Vec::new();
+            for i in 0..incidents {
+                let n = i as u64 + 1;
+                let user = format!("user{}", i % MIXED_USERS);
+                let mut sms = tocsin_tests::notifier::page(n, Channel::Sms);
+                sms.address = format!("+1415{n:07}");
+                let inc = sms.incident.clone();
+                let mut dm = tocsin_tests::notifier::page(n, Channel::Slack);
+                let mut channel = tocsin_tests::notifier::page(n, Channel::Slack);
+                let mut pd = tocsin_tests::notifier::page(n, Channel::Pagerduty);
+                let mut hook = tocsin_tests::notifier::page(n, Channel::Webhook);
+                for p in [&mut dm, &mut channel, &mut pd, &mut hook] {
+                    p.incident = inc.clone();
+                }
+                let user_target = PageTarget::User {
+                    name: user.clone(),
+                    schedule: None,
+                };
+                sms.target = user_target.clone();
+                dm.target = user_target.clone();
+                dm.address = format!("U{:08}", i % MIXED_USERS);
+                channel.target = PageTarget::SlackChannel {
+                    channel: "C0INCIDENTS".into(),
+                };
+                channel.address = "C0INCIDENTS".into();
+                for p in [&mut sms, &mut dm, &mut channel, &mut pd, &mut hook] {
+                    p.id = Page::make_id(&inc.id, 0, 0, 0, &p.target, p.channel, 0);
+                }
+                all.push(("sms", sms));
+                all.push(("slack DM", dm));
+                all.push(("slack #incidents", channel));
+                all.push(("pagerduty", pd));
+                all.push(("webhook", hook));
+            }
+            let by_key: HashMap<String, (usize, &str)> = all
+                .iter()
+                .enumerate()
+                .map(|(i, (c, p))| {
+                    let key = match p.channel {
+                        Channel::Sms => format!("sms:{}", p.address),
+                        Channel::Pagerduty => format!("pd:{}", p.incident.id),
+                        _ => p.id.clone(),
+                    };
+                    (key, (i, *c))
+                })
+                .collect();
+            let messages = all
+                .iter()
+                .map(|(_, p)| page_message(p))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let sent_at = publish_timed(&js, messages, 0).await?;
+            let total = all.len();
+            let first = sent_at[0];
+            let deadline = Instant::now() + Duration::from_secs(30 + incidents as u64 * 2);
+            let delivered = |f: &FakeProviders| {
+                f.sms().len() + f.slack_posts().len() + f.webhooks().len() + f.pagerduty_events().len()
+            };
+            while delivered(&fakes) < total {
+                if Instant::now() > deadline {
+                    bail!(
+                        "{replicas} replicas: only {} of {total} pages delivered",
+                        delivered(&fakes)
+                    );
+                }
+                tokio::time::sleep(NOTIFIER_POLL * 50).await;
+            }
+            let mut lat: HashMap<&str, Vec<Duration>> = HashMap::new();
+            let mut seen = vec![0usize; total];
+            let mut note = |key: String, at: Instant| {
+                if let Some(&(i, c)) = by_key.get(&key) {
+                    seen[i] += 1;
+                    if seen[i] == 1 {
+                        lat.entry(c)
+                            .or_default()
+                            .push(at.saturating_duration_since(sent_at[i]));
+                    }
+                }
+            };
+            for m in fakes.sms() {
+                note(format!("sms:{}", m.to), m.at);
+            }
+            for p in fakes.slack_posts() {
+                if let Some(id) = p.metadata["event_payload"]["delivery_id"].as_str() {
+                    note(id.to_string(), p.at);
+                }
+            }
+            for w in fakes.webhooks() {
+                if let Some(id) = w.body["id"].as_str() {
+                    note(id.to_string(), w.at);
+                }
+            }
+            // PagerDuty events and the fake's accepted PagerDuty requests
+            // are both in arrival order: the n-th event arrived at the n-th.
+            let pd_times: Vec<Instant> = fakes
+                .timeline(Provider::PagerDuty)
+                .into_iter()
+                .filter(|r| r.outcome == tocsin_tests::fakes::Outcome::Accepted)
+                .map(|r| r.received_at)
+                .collect();
+            for (e, at) in fakes.pagerduty_events().iter().zip(pd_times) {
+                if let Some(k) = e["dedup_key"].as_str() {
+                    note(format!("pd:{k}"), at);
+                }
+            }
+            let duplicates: usize = seen.iter().map(|n| n.saturating_sub(1)).sum();
+            let refused = [Provider::Slack, Provider::PagerDuty, Provider::Twilio, Provider::Webhook]
+                .iter()
+                .map(|p| fakes.counts(*p).rate_limited)
+                .sum::<usize>();
+            if duplicates > 0 || seen.contains(&0) {
+                bail!(
+                    "{replicas} replicas: {duplicates} duplicates, {} missing",
+                    seen.iter().filter(|n| **n == 0).count()
+                );
+            }
+            let elapsed = first.elapsed();
+            println!(
+                "round {} with {replicas} {}: {total} pages in {:.1}s, each once; {refused} requests refused \
+                 with 429 by the fakes (retried after Retry-After)",
+                round + 1,
+                replicas_word(replicas),
+                elapsed.as_secs_f64()
+            );
+            for c in channels {
+                let mut v = lat.remove(c).unwrap_or_default();
+                v.sort_unstable();
+                table.push((round, replicas, c.to_string(), v, refused));
+            }
+            for r in running {
+                r.stop().await;
+            }
+            drop(fakes);
+            drop(dirs);
+            drop(private);
+        }
+    }
+    println!();
+    println!(
+        "{:<18} {:>8} {:>7} {:>10} {:>10} {:>10}",
+        "channel", "replicas", "pages", "p50", "p99", "max"
+    );
+    for replicas in NOTIFIER_REPLICAS {
+        for c in channels {
+            let mut pooled: Vec<Duration> = table
+                .iter()
+                .filter(|(_, r, ch, _, _)| *r == replicas && ch == c)
+                .flat_map(|(_, _, _, v, _)| v.clone())
+                .collect();
+            pooled.sort_unstable();
+            println!(
+                "{:<18} {:>8} {:>7} {:>10} {:>10} {:>10}",
+                c,
+                replicas,
+                pooled.len(),
+                ms(percentile(&pooled, 0.50)),
+                ms(percentile(&pooled, 0.99)),
+                ms(pooled.last().copied()),
+            );
+        }
+    }
+    println!(
+        "(the #incidents channel takes one message a second: its last page waits about as many seconds as \
+         there are incidents; the other channels are not held back by it)"
+    );
     Ok(())
 }
 
