@@ -104,17 +104,15 @@ async fn start(
     let mut cfg: EscalationConfig = serde_yaml_ng::from_str(POLICY).unwrap();
     cfg.data_dir = Some(ConfigPath(dir.to_path_buf()));
     let handle = tokio::spawn(async move {
-        tocsin_escalation::run(
-            cfg,
+        let ctx = tocsin_runtime::context::ServiceContext {
             js,
-            &metrics,
-            &Health::new(),
+            metrics,
+            health: Health::new(),
             clock,
-            None,
-            CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+            jetstream: Default::default(),
+            shutdown: CancellationToken::new(),
+        };
+        tocsin_escalation::run(cfg, &ctx, None).await.unwrap();
     });
     (handle, client)
 }

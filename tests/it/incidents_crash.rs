@@ -118,8 +118,16 @@ async fn start(
     let (cfg, token, conn) = (config(dir), stop.clone(), client.clone());
     let clock = Arc::new(ManualClock::new("2026-03-01T00:00:00Z".parse().unwrap()));
     let handle = tokio::spawn(async move {
-        let health = Health::new();
-        let r = tocsin_incidents::run(cfg, client, js, &metrics, &health, clock, token).await;
+        let _ = client;
+        let ctx = tocsin_runtime::context::ServiceContext {
+            js,
+            metrics,
+            health: Health::new(),
+            clock,
+            jetstream: Default::default(),
+            shutdown: token,
+        };
+        let r = tocsin_incidents::run(cfg, &ctx, None).await;
         r.expect("incidents service ran");
     });
     (handle, stop, conn)

@@ -37,7 +37,16 @@ async fn run_until_stopped(
     let token = stop.clone();
     let handle = tokio::spawn(async move {
         let clock = Arc::new(ManualClock::new(Timestamp::now()));
-        tocsin_incidents::run(cfg, client, js, &metrics, &Health::new(), clock, token)
+        let _ = client;
+        let ctx = tocsin_runtime::context::ServiceContext {
+            js,
+            metrics,
+            health: Health::new(),
+            clock,
+            jetstream: Default::default(),
+            shutdown: token,
+        };
+        tocsin_incidents::run(cfg, &ctx, None)
             .await
             .expect("service ran");
     });

@@ -12,7 +12,7 @@ async fn concurrent_large_webhooks_do_not_starve_each_other() {
     let mut config = TocsinHarness::config(&nats);
     // Generous, so a failure here means starvation, not a slow disk.
     config.ingest.as_mut().unwrap().publish_timeout =
-        tocsin_runtime::config::HumanDuration(std::time::Duration::from_secs(30));
+        tocsin_runtime::config::HumanDuration(std::time::Duration::from_secs(120));
     let tocsin = TocsinHarness::start_with(config).await;
     let url = Arc::new(format!("{}/api/v1/alerts", tocsin.ingest_url));
     let (requests, per_request) = (24, 1000);

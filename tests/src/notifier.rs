@@ -224,7 +224,7 @@ impl Replica {
             jetstream: tocsin_runtime::streams::JetStreamConfig::default(),
             shutdown: shutdown.clone(),
         };
-        let task = tokio::spawn(async move { tocsin_notifier::run(config, &ctx).await });
+        let task = tokio::spawn(async move { tocsin_notifier::run(config, &ctx, None).await });
         Replica {
             metrics,
             health,

@@ -42,12 +42,10 @@ mod query;
 mod service;
 
 use std::sync::Arc;
+use tocsin_runtime::context::ServiceContext;
 
-use async_nats::jetstream;
-use tocsin_incidents::clock::Clock;
-use tocsin_runtime::admin::{Health, Metrics};
 use tokio::net::TcpListener;
-use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
+use tokio_util::task::AbortOnDropHandle;
 
 pub use config::EscalationConfig;
 
@@ -68,18 +66,21 @@ pub fn check(config: &EscalationConfig) -> Result<(), EscalationError> {
         .map_err(EscalationError::Config)
 }
 
-/// Runs the escalation service until `shutdown` is cancelled, answering
-/// queries and, given a `calendar` listener (bound to `calendar_listen`),
-/// serving the on-call calendars.
+/// Runs the escalation service until `ctx.shutdown` is cancelled,
+/// answering queries and, given a `calendar` listener (bound to
+/// `calendar_listen`), serving the on-call calendars.
 pub async fn run(
     config: EscalationConfig,
-    js: jetstream::Context,
-    metrics: &Metrics,
-    health: &Health,
-    clock: Arc<dyn Clock>,
+    ctx: &ServiceContext,
     calendar: Option<TcpListener>,
-    shutdown: CancellationToken,
 ) -> Result<(), EscalationError> {
+    let (js, metrics, health, clock, shutdown) = (
+        ctx.js.clone(),
+        &ctx.metrics,
+        &ctx.health,
+        ctx.clock.clone(),
+        ctx.shutdown.clone(),
+    );
     health.set_failing("escalation", "catching up with the INCIDENTS stream");
     let planner = Arc::new(plan::Planner::new(&config).map_err(EscalationError::Config)?);
     let dir = config

@@ -46,13 +46,9 @@ pub mod store;
 mod query;
 mod service;
 
-use std::sync::Arc;
-
-use async_nats::{jetstream, Client};
 use jiff::SignedDuration;
 use tocsin_proto::silence::Silence;
-use tocsin_runtime::admin::{Health, Metrics};
-use tokio_util::sync::CancellationToken;
+use tocsin_runtime::context::ServiceContext;
 
 pub use config::IncidentsConfig;
 pub use error::IncidentsError;
@@ -125,19 +121,24 @@ pub fn compile(config: &IncidentsConfig) -> Result<core::CoreConfig, IncidentsEr
     })
 }
 
-/// Runs the incidents service until `shutdown` is cancelled: catches up
-/// from the INCIDENTS stream, then consumes ALERTS and COMMANDS, fires
-/// timers by `clock`, and answers queries. The `incidents` health check
-/// passes once it has caught up and answers queries.
+/// Runs the incidents service until `ctx.shutdown` is cancelled: catches
+/// up from the INCIDENTS stream, then consumes ALERTS and COMMANDS, fires
+/// timers by `ctx.clock`, and answers queries. The `incidents` health
+/// check passes once it has caught up and answers queries. It serves no
+/// HTTP (`_listener` is for the one signature every service has).
 pub async fn run(
     config: IncidentsConfig,
-    client: Client,
-    js: jetstream::Context,
-    metrics: &Metrics,
-    health: &Health,
-    clock: Arc<dyn clock::Clock>,
-    shutdown: CancellationToken,
+    ctx: &ServiceContext,
+    _listener: Option<tokio::net::TcpListener>,
 ) -> Result<(), IncidentsError> {
+    let (client, js, metrics, health, clock, shutdown) = (
+        ctx.client(),
+        ctx.js.clone(),
+        &ctx.metrics,
+        &ctx.health,
+        ctx.clock.clone(),
+        ctx.shutdown.clone(),
+    );
     health.set_failing("incidents", "catching up with the INCIDENTS stream");
     let core = compile(&config)?;
     let m = events::IncidentsMetrics::register(metrics);

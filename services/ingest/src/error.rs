@@ -10,6 +10,9 @@ use serde_json::json;
 /// Why the ingest service could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
+    /// Started without a listener: bind `ingest.listen` first.
+    #[error("{0}")]
+    Listen(String),
     /// The HTTP server failed (the listener broke).
     #[error("ingest HTTP server on {addr}: {source}")]
     Serve {

@@ -4,6 +4,7 @@ use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
+use tocsin_runtime::clock::Clock;
 
 use axum::{
     body::Body,
@@ -42,6 +43,9 @@ pub(crate) struct AppState {
     inflight: Arc<Semaphore>,
     max_inflight: usize,
     body_timeout: Duration,
+    /// The one clock: stamps each alert's receive time (and a missing
+    /// `startsAt`).
+    clock: Arc<dyn Clock>,
 }
 
 /// A request body and its share of `ingest.max_inflight_bytes`. The bytes
@@ -53,8 +57,14 @@ struct HeldBody {
 }
 
 impl AppState {
-    pub(crate) fn new(config: &IngestConfig, publisher: Publisher, metrics: IngestMetrics) -> Self {
+    pub(crate) fn new(
+        config: &IngestConfig,
+        publisher: Publisher,
+        metrics: IngestMetrics,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         AppState {
+            clock,
             tokens: config
                 .tokens
                 .iter()
@@ -313,7 +323,7 @@ async fn alertmanager_handler(
             bytes,
             share: _held,
         } = s.read_body(&headers, body).await?;
-        let received_at = Timestamp::now();
+        let received_at = s.clock.now();
         let parsed = alertmanager::parse(&bytes, &s.limits)?;
         drop(bytes);
         if parsed.truncated > 0 {
@@ -344,7 +354,7 @@ async fn generic_handler(
             bytes,
             share: _held,
         } = s.read_body(&headers, body).await?;
-        let received_at = Timestamp::now();
+        let received_at = s.clock.now();
         let alerts = generic::parse(&bytes, received_at, &s.limits)?;
         drop(bytes);
         let stored = s.store(&source, received_at, &tp, alerts, "alerts").await?;
@@ -402,11 +412,11 @@ async fn pagerduty_handler(
         } = s.read_body(&headers, body).await.map_err(pd)?;
         let bytes = &bytes;
         let source = pagerduty_source(&s, &headers, bytes, || {
-            pagerduty::parse(bytes, "", Timestamp::now(), &s.limits, String::new)
+            pagerduty::parse(bytes, "", s.clock.now(), &s.limits, String::new)
                 .err()
                 .unwrap_or_default()
         })?;
-        let received_at = Timestamp::now();
+        let received_at = s.clock.now();
         let parsed = pagerduty::parse(bytes, &source, received_at, &s.limits, || {
             uuid::Uuid::new_v4().simple().to_string()
         })
@@ -444,11 +454,11 @@ async fn pagerduty_change_handler(
         } = s.read_body(&headers, body).await.map_err(pd)?;
         let bytes = &bytes;
         let source = pagerduty_source(&s, &headers, bytes, || {
-            pagerduty::parse_change(bytes, "", Timestamp::now(), &s.limits)
+            pagerduty::parse_change(bytes, "", s.clock.now(), &s.limits)
                 .err()
                 .unwrap_or_default()
         })?;
-        let received_at = Timestamp::now();
+        let received_at = s.clock.now();
         let alert = pagerduty::parse_change(bytes, &source, received_at, &s.limits)
             .map_err(Rejection::pagerduty_invalid)?;
         let stored = s
@@ -480,7 +490,7 @@ async fn heartbeat_handler(
                 "heartbeat name {name:?} is not valid; use 1-64 letters, digits, - or _"
             )));
         }
-        let received_at = Timestamp::now();
+        let received_at = s.clock.now();
         let alert = heartbeat_ping(&name, received_at);
         let stored = s
             .store(&source, received_at, &tp, vec![alert], "heartbeat")

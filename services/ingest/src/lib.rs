@@ -45,28 +45,28 @@ mod server;
 
 use std::sync::Arc;
 
-use async_nats::{jetstream, Client};
-use tocsin_runtime::admin::Metrics;
+use tocsin_runtime::context::ServiceContext;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 pub use config::IngestConfig;
 pub use error::IngestError;
 
-/// Serves the ingest endpoints on `listener` until `shutdown` is cancelled,
-/// then stops accepting connections, finishes the requests in flight (each
-/// waits for its JetStream acks) and returns.
+/// Serves the ingest endpoints on `listener` until `ctx.shutdown` is
+/// cancelled, then stops accepting connections, finishes the requests in
+/// flight (each waits for its JetStream acks) and returns.
 pub async fn run(
     config: IngestConfig,
-    client: Client,
-    js: jetstream::Context,
-    metrics: &Metrics,
-    listener: TcpListener,
-    shutdown: CancellationToken,
+    ctx: &ServiceContext,
+    listener: Option<TcpListener>,
 ) -> Result<(), IngestError> {
+    let listener = listener.ok_or_else(|| {
+        IngestError::Listen("ingest needs a listener (ingest.listen)".to_string())
+    })?;
+    let metrics = &ctx.metrics;
+    let shutdown = ctx.shutdown.clone();
     let publisher = publish::Publisher::new(
-        client,
-        js,
+        ctx.client(),
+        ctx.js.clone(),
         config.publish_timeout.get(),
         config.limits.alert_bytes,
     );
@@ -75,6 +75,7 @@ pub async fn run(
         &config,
         publisher,
         ingest_metrics.clone(),
+        ctx.clock.clone(),
     ));
     let addr = listener
         .local_addr()

@@ -132,8 +132,13 @@ pub fn check(config: &NotifierConfig) -> Result<Checked, NotifierError> {
     })
 }
 
-/// Runs the notifier until `ctx.shutdown` is cancelled.
-pub async fn run(config: NotifierConfig, ctx: &ServiceContext) -> Result<(), NotifierError> {
+/// Runs the notifier until `ctx.shutdown` is cancelled. It serves no HTTP
+/// (`_listener` is for the one signature every service has).
+pub async fn run(
+    config: NotifierConfig,
+    ctx: &ServiceContext,
+    _listener: Option<tokio::net::TcpListener>,
+) -> Result<(), NotifierError> {
     install_crypto();
     ctx.health.set_failing("notifier", "connecting to NOTIFY");
     if config.data_dir.is_some() {

@@ -1,5 +1,7 @@
 //! What every service is given: one [`ServiceContext`], so every service's
-//! `run` has the same shape and the composition in `tocsin up` is a loop.
+//! `run` has the same shape, `run(config, &ctx, listener)` (the listener:
+//! a socket bound before start, for the services that serve HTTP), and the
+//! composition in `tocsin up` is a loop.
 
 use std::sync::Arc;
 
@@ -26,6 +28,19 @@ pub struct ServiceContext {
 }
 
 impl ServiceContext {
+    /// A context for one service on `js` (tests, benches and tools that
+    /// start a service by itself): its own metrics and health.
+    pub fn standalone(js: jetstream::Context, clock: Arc<dyn Clock>) -> ServiceContext {
+        ServiceContext {
+            js,
+            metrics: Metrics::new(),
+            health: Health::new(),
+            clock,
+            jetstream: JetStreamConfig::default(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
     /// The NATS client behind the JetStream context.
     pub fn client(&self) -> async_nats::Client {
         self.js.client()

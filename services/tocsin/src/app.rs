@@ -13,6 +13,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tocsin_incidents::clock::Clock;
 
 use anyhow::Context as _;
+use tocsin_runtime::context::ServiceContext;
 use tocsin_runtime::{
     admin::{self, Health, Metrics},
     nats, streams, CancellationToken,
@@ -75,6 +76,37 @@ impl Listeners {
             calendar,
         })
     }
+}
+
+/// Runs one service: its section of the config, its context, its
+/// listener. Returns its name and how it ended.
+async fn start(
+    service: Service,
+    config: Config,
+    ctx: ServiceContext,
+    listener: Option<TcpListener>,
+) -> (&'static str, anyhow::Result<()>) {
+    let r = match service {
+        Service::Ingest => match config.ingest {
+            Some(c) => tocsin_ingest::run(c, &ctx, listener)
+                .await
+                .map_err(Into::into),
+            None => Err(anyhow::anyhow!("no ingest section")),
+        },
+        Service::Incidents => tocsin_incidents::run(config.incidents, &ctx, listener)
+            .await
+            .map_err(Into::into),
+        Service::Escalation => tocsin_escalation::run(config.escalation, &ctx, listener)
+            .await
+            .map_err(Into::into),
+        Service::Notifier => match config.notifier {
+            Some(c) => tocsin_notifier::run(c, &ctx, listener)
+                .await
+                .map_err(Into::into),
+            None => Ok(()),
+        },
+    };
+    (service.name(), r)
 }
 
 /// Runs `services` until `shutdown` is cancelled or one of them fails.
@@ -175,77 +207,35 @@ pub async fn run(
         });
     }
 
+    // One context per service (its own NATS identity), one signature:
+    // `run(config, &ctx, listener)`.
     let mut ingest_listener = listeners.ingest;
     let mut calendar_listener = listeners.calendar;
     for service in services {
-        match service {
-            Service::Escalation => {
-                let js = config.jetstream.context(client_of(Service::Escalation)?);
-                let (cfg, metrics, health, clock, calendar, stop) = (
-                    config.escalation.clone(),
-                    metrics.clone(),
-                    health.clone(),
-                    options.clock.clone(),
-                    calendar_listener.take(),
-                    shutdown.clone(),
-                );
-                tasks.spawn(async move {
-                    let r =
-                        tocsin_escalation::run(cfg, js, &metrics, &health, clock, calendar, stop)
-                            .await;
-                    ("escalation", r.map_err(anyhow::Error::from))
-                });
-            }
-            Service::Notifier => {
-                let Some(cfg) = config.notifier.clone() else {
-                    tracing::info!(
-                        "no `notifier:` section: pages wait on the NOTIFY stream for a notifier"
-                    );
-                    continue;
-                };
-                let ctx = tocsin_runtime::context::ServiceContext {
-                    js: config.jetstream.context(client_of(Service::Notifier)?),
-                    metrics: metrics.clone(),
-                    health: health.clone(),
-                    clock: options.clock.clone(),
-                    jetstream: config.jetstream.clone(),
-                    shutdown: shutdown.clone(),
-                };
-                tasks.spawn(async move {
-                    let r = tocsin_notifier::run(cfg, &ctx).await;
-                    ("notifier", r.map_err(anyhow::Error::from))
-                });
-            }
-            Service::Incidents => {
-                let client = client_of(Service::Incidents)?;
-                let js = config.jetstream.context(client.clone());
-                let (cfg, metrics, health, clock, stop) = (
-                    config.incidents.clone(),
-                    metrics.clone(),
-                    health.clone(),
-                    options.clock.clone(),
-                    shutdown.clone(),
-                );
-                tasks.spawn(async move {
-                    let r = tocsin_incidents::run(cfg, client, js, &metrics, &health, clock, stop)
-                        .await;
-                    ("incidents", r.map_err(anyhow::Error::from))
-                });
-            }
-            Service::Ingest => {
-                let cfg = config.ingest.clone().context("no ingest section")?;
-                let listener = ingest_listener
-                    .take()
-                    .context("no ingest listener was bound")?;
-                let client = client_of(Service::Ingest)?;
-                let js = config.jetstream.context(client.clone());
-                let (metrics, stop) = (metrics.clone(), shutdown.clone());
-                tasks.spawn(async move {
-                    let r = tocsin_ingest::run(cfg, client, js, &metrics, listener, stop).await;
-                    ("ingest", r.map_err(anyhow::Error::from))
-                });
-            }
+        if *service == Service::Notifier && config.notifier.is_none() {
+            tracing::info!(
+                "no `notifier:` section: pages wait on the NOTIFY stream for a notifier"
+            );
+            continue;
         }
+        let ctx = ServiceContext {
+            js: config.jetstream.context(client_of(*service)?),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            clock: options.clock.clone(),
+            jetstream: config.jetstream.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let listener = match service {
+            Service::Ingest => Some(
+                ingest_listener
+                    .take()
+                    .context("no ingest listener was bound")?,
+            ),
+            Service::Escalation => calendar_listener.take(),
+            _ => None,
+        };
+        tasks.spawn(start(*service, config.clone(), ctx, listener));
     }
 
     // Wait for the shutdown request, or for a service to stop by itself

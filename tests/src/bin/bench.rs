@@ -1144,17 +1144,16 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
             )
             .await?;
             let js = js_config.context(client.clone());
-            let health = Health::new();
-            tocsin_incidents::run(
-                config,
-                client,
+            let _ = client;
+            let ctx = tocsin_runtime::context::ServiceContext {
                 js,
-                &metrics,
-                &health,
-                Arc::new(SystemClock),
-                stop,
-            )
-            .await?;
+                metrics: metrics.clone(),
+                health: Health::new(),
+                clock: Arc::new(SystemClock),
+                jetstream: js_config.clone(),
+                shutdown: stop,
+            };
+            tocsin_incidents::run(config, &ctx, None).await?;
             anyhow::Ok(())
         })
     };
@@ -1919,8 +1918,15 @@ impl EscalationService {
                     &metrics,
                 )
                 .await?;
-                let js = js_config.context(client);
-                tocsin_escalation::run(config, js, &metrics, &health, clock, None, stop).await?;
+                let ctx = tocsin_runtime::context::ServiceContext {
+                    js: js_config.context(client),
+                    metrics: metrics.clone(),
+                    health: health.clone(),
+                    clock,
+                    jetstream: js_config.clone(),
+                    shutdown: stop,
+                };
+                tocsin_escalation::run(config, &ctx, None).await?;
                 anyhow::Ok(())
             })
         };
@@ -2516,7 +2522,11 @@ async fn notifier_mixed(args: NotifierArgs) -> anyhow::Result<()> {
     use tocsin_proto::notify::PageTarget;
     use tocsin_tests::fakes::{RateLimit, RateLimitKey};
     // `--pages` keeps its default of 2,000 for the plain run; here it is incidents.
-    let incidents = if args.pages == 2_000 { 100 } else { args.pages as usize };
+    let incidents = if args.pages == 2_000 {
+        100
+    } else {
+        args.pages as usize
+    };
     println!(
         "tocsin bench notifier --mixed: {incidents} incidents, each paging a user by SMS and Slack DM \
          ({MIXED_USERS} users in turn), the #incidents Slack channel, PagerDuty and a webhook; {} rounds \
@@ -2533,7 +2543,13 @@ async fn notifier_mixed(args: NotifierArgs) -> anyhow::Result<()> {
          (a burst), so a channel's latency is its own backlog at its own rate"
     );
     println!();
-    let channels = ["sms", "slack DM", "slack #incidents", "pagerduty", "webhook"];
+    let channels = [
+        "sms",
+        "slack DM",
+        "slack #incidents",
+        "pagerduty",
+        "webhook",
+    ];
     let mut table: Vec<(usize, usize, String, Vec<Duration>, usize)> = Vec::new();
     for round in 0..args.rounds as usize {
         for replicas in NOTIFIER_REPLICAS {
@@ -2639,7 +2655,10 @@ async fn notifier_mixed(args: NotifierArgs) -> anyhow::Result<()> {
             let first = sent_at[0];
             let deadline = Instant::now() + Duration::from_secs(30 + incidents as u64 * 2);
             let delivered = |f: &FakeProviders| {
-                f.sms().len() + f.slack_posts().len() + f.webhooks().len() + f.pagerduty_events().len()
+                f.sms().len()
+                    + f.slack_posts().len()
+                    + f.webhooks().len()
+                    + f.pagerduty_events().len()
             };
             while delivered(&fakes) < total {
                 if Instant::now() > deadline {
@@ -2689,10 +2708,15 @@ async fn notifier_mixed(args: NotifierArgs) -> anyhow::Result<()> {
                 }
             }
             let duplicates: usize = seen.iter().map(|n| n.saturating_sub(1)).sum();
-            let refused = [Provider::Slack, Provider::PagerDuty, Provider::Twilio, Provider::Webhook]
-                .iter()
-                .map(|p| fakes.counts(*p).rate_limited)
-                .sum::<usize>();
+            let refused = [
+                Provider::Slack,
+                Provider::PagerDuty,
+                Provider::Twilio,
+                Provider::Webhook,
+            ]
+            .iter()
+            .map(|p| fakes.counts(*p).rate_limited)
+            .sum::<usize>();
             if duplicates > 0 || seen.contains(&0) {
                 bail!(
                     "{replicas} replicas: {duplicates} duplicates, {} missing",
