@@ -112,7 +112,7 @@ cmd_up() {
   "$ROOT/deploy/nats/passwords.sh" "$passwords"
   nats_password() { sed -n "s/^TOCSIN_NATS_$1_PASSWORD=//p" "$passwords"; }
   local s
-  for s in INGEST INCIDENTS ESCALATION NOTIFIER; do
+  for s in INGEST INCIDENTS ESCALATION NOTIFIER CHATOPS; do
     export "TOCSIN_NATS_${s}_PASSWORD=$(nats_password "$s")"
   done
   (umask 077; cat > "$STATE/env" <<ENV
@@ -162,6 +162,7 @@ PY
                  $ingest/v2/enqueue                    (PagerDuty Events v2)
                  $ingest/api/v1/alerts                 (generic JSON)
     token      : $TOCSIN_INGEST_TOKEN
+    chat-ops   : http://127.0.0.1:8082/status.json  (Slack, SMS and /api/v1: see chatops in config/tocsin.yaml)
     admin      : http://$admin/readyz  http://$admin/metrics
     NATS       : $TOCSIN_NATS_URL  (JetStream data in .tocsin/nats; a user and
                  password per service, in .tocsin/nats-passwords.env)

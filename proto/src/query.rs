@@ -49,6 +49,10 @@ pub struct ListIncidents {
     /// Most recent first; default 100, at most 1000.
     #[serde(default)]
     pub limit: Option<usize>,
+    /// Only incidents numbered below this: the cursor of the next page
+    /// (the last number of the page before).
+    #[serde(default)]
+    pub before: Option<u64>,
 }
 
 /// An answer to any query.
@@ -195,6 +199,95 @@ pub struct ListSchedules {}
 pub struct ScheduleList {
     /// Schedule names, sorted.
     pub schedules: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Report (answered by the chat-ops service)
+// ---------------------------------------------------------------------------
+
+/// `tocsin.query.report`: incident figures over the last `since_seconds`
+/// (up to the answering service's clock).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportQuery {
+    pub since_seconds: u64,
+}
+
+/// The answer to a [`ReportQuery`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ReportReply {
+    Report(Box<Report>),
+    Error { reason: String },
+}
+
+/// Mean, median and 90th percentile of durations, in whole seconds
+/// (`None` when nothing was measured).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DurationStats {
+    /// How many durations were measured.
+    pub count: u64,
+    pub mean_seconds: Option<u64>,
+    pub p50_seconds: Option<u64>,
+    pub p90_seconds: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeverityCount {
+    pub severity: Severity,
+    pub incidents: u64,
+}
+
+/// MTTA and MTTR of the incidents with one `service` label value
+/// (`(none)` for incidents without one).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceFigures {
+    pub service: String,
+    pub incidents: u64,
+    pub mtta: DurationStats,
+    pub mttr: DurationStats,
+}
+
+/// An alert name and how much it fired.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertCount {
+    pub alertname: String,
+    /// Incidents it opened or joined.
+    pub incidents: u64,
+    /// Alerts of that name attached to them.
+    pub alerts: u64,
+}
+
+/// Pages one person received.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersonLoad {
+    pub user: String,
+    pub pages: u64,
+    /// Distinct nights with at least one page in the night hours.
+    pub nights_woken: u64,
+}
+
+/// Incident figures over a window: incidents opened in `[since, until]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub since: Timestamp,
+    pub until: Timestamp,
+    pub incidents: u64,
+    /// More incidents were opened than the report looks at; it covers the newest.
+    #[serde(default)]
+    pub truncated: bool,
+    pub by_severity: Vec<SeverityCount>,
+    /// Time to acknowledge: from opened to the first acknowledgement.
+    pub mtta: DurationStats,
+    /// Time to resolve: from opened to the first resolution.
+    pub mttr: DurationStats,
+    pub by_service: Vec<ServiceFigures>,
+    pub resolved: u64,
+    /// Of the resolved, those a runbook resolved.
+    pub resolved_by_runbook: u64,
+    /// `resolved_by_runbook / resolved`, in thousandths (0 when none resolved).
+    pub runbook_share_permille: u64,
+    pub noisiest_alerts: Vec<AlertCount>,
+    pub oncall_load: Vec<PersonLoad>,
 }
 
 #[cfg(test)]

@@ -127,6 +127,9 @@ pub mod query {
     pub const ESCALATION_PLAN: &str = "tocsin.query.escalation.plan";
     /// The schedules defined ([`crate::query::ListSchedules`]).
     pub const ESCALATION_SCHEDULES: &str = "tocsin.query.escalation.schedules";
+    /// MTTA, MTTR and on-call load over a window, answered by chat-ops
+    /// ([`crate::query::ReportQuery`]).
+    pub const REPORT: &str = "tocsin.query.report";
 }
 
 /// Subject of a dead-lettered message from `stream`: `tocsin.dlq.<stream>`.

@@ -2,6 +2,9 @@
 //! stack, so one binary instead of one per file saves most of the link time).
 //! Each module is one area; each test starts its own nats-server.
 
+mod api_v1;
+mod chatops_slack;
+mod chatops_sms;
 mod escalation_flow;
 mod escalation_queries;
 mod escalation_restart;

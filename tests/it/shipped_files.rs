@@ -82,6 +82,7 @@ const UNITS: &[&str] = &[
     "tocsin-incidents",
     "tocsin-escalation",
     "tocsin-notifier",
+    "tocsin-chatops",
 ];
 
 /// Kubernetes workloads shipped in deploy/k8s running Tocsin: (kind, name,
@@ -89,6 +90,7 @@ const UNITS: &[&str] = &[
 const WORKLOADS: &[(&str, &str, &str)] = &[
     ("Deployment", "tocsin-ingest", "tocsin-ingest"),
     ("Deployment", "tocsin-notifier", "tocsin-notifier"),
+    ("Deployment", "tocsin-chatops", "tocsin-chatops"),
 ];
 
 /// Content of every secret file in the test (long enough for a token, and

@@ -21,10 +21,14 @@
 //!   limits (off by default).
 //! - [`notifier`]: a notifier config aimed at the fakes, an escalation
 //!   config paging on every channel, and pages made by hand.
+//! - [`chatops`]: Slack- and Twilio-signed requests to the chat-ops
+//!   service (signed here independently of the service's own code), and a
+//!   chat-ops config aimed at the fakes.
 //! - [`smtp`]: [`smtp::SmtpSink`], a real SMTP server (aiosmtpd) per test,
 //!   with the messages it received parsed into [`smtp::Mail`].
 
 pub mod bus;
+pub mod chatops;
 pub mod escalation;
 pub mod fakes;
 pub mod http;

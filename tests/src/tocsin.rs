@@ -19,8 +19,14 @@ use crate::{NatsServer, TEST_TOKEN};
 
 /// The NATS identities the harness gives credentials: the services it runs
 /// and the operator CLI.
-pub const SERVICE_IDENTITIES: [&str; 5] =
-    ["ingest", "incidents", "escalation", "notifier", "operator"];
+pub const SERVICE_IDENTITIES: [&str; 6] = [
+    "ingest",
+    "incidents",
+    "escalation",
+    "notifier",
+    "chatops",
+    "operator",
+];
 
 /// Running services plus what a test needs to talk to them.
 pub struct TocsinHarness {
@@ -28,6 +34,9 @@ pub struct TocsinHarness {
     pub admin_url: String,
     /// The escalation service's calendar server.
     pub calendar_url: String,
+    /// The chat-ops service (Slack, Twilio, `/api/v1`, `/status.json`);
+    /// it runs when the config has a `chatops:` section.
+    pub chatops_url: String,
     pub token: String,
     /// The clock the services' timers run on; tests move it.
     pub clock: ManualClock,
@@ -95,6 +104,8 @@ impl TocsinHarness {
         let ingest_url = format!("http://{}", ingest.local_addr().unwrap());
         let calendar = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let calendar_url = format!("http://{}", calendar.local_addr().unwrap());
+        let chatops = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let chatops_url = format!("http://{}", chatops.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let options = Options {
             admin_listen: admin.local_addr().unwrap(),
@@ -105,6 +116,7 @@ impl TocsinHarness {
             admin,
             ingest: Some(ingest),
             calendar: Some(calendar),
+            chatops: Some(chatops),
         };
         let task = tokio::spawn(app::run(
             config,
@@ -117,6 +129,7 @@ impl TocsinHarness {
             ingest_url,
             admin_url,
             calendar_url,
+            chatops_url,
             token: TEST_TOKEN.to_string(),
             clock,
             shutdown,

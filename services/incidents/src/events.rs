@@ -8,6 +8,22 @@ use prometheus_client::metrics::{
 };
 use tocsin_runtime::admin::{labels, Labels, Metrics};
 
+/// Buckets of the time-to-acknowledge and time-to-resolve histograms:
+/// 30s, 1m, 2m, 5m, 10m, 15m, 30m, 1h, 2h, 4h, 8h, 24h.
+const RESPONSE_BUCKETS: [f64; 12] = [
+    30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0,
+];
+
+/// Distinct `service` label values the response-time histograms keep;
+/// later ones count as `other`, so an alert's labels cannot grow /metrics.
+const MAX_SERVICES: usize = 100;
+
+type ResponseHistograms = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn response_histogram() -> Histogram {
+    Histogram::new(RESPONSE_BUCKETS)
+}
+
 #[derive(Clone)]
 pub struct IncidentsMetrics {
     inputs: Family<Labels, Counter>,
@@ -16,6 +32,9 @@ pub struct IncidentsMetrics {
     pub(crate) open: Gauge,
     catch_up: Counter,
     latency: Histogram,
+    time_to_ack: ResponseHistograms,
+    time_to_resolve: ResponseHistograms,
+    services: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl IncidentsMetrics {
@@ -27,7 +46,20 @@ impl IncidentsMetrics {
             open: Gauge::default(),
             catch_up: Counter::default(),
             latency: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
+            time_to_ack: Family::new_with_constructor(response_histogram),
+            time_to_resolve: Family::new_with_constructor(response_histogram),
+            services: Default::default(),
         };
+        m.register(
+            "tocsin_incidents_time_to_acknowledge_seconds",
+            "From an incident's opening to an acknowledgement (MTTA), by the incident's service label and severity",
+            s.time_to_ack.clone(),
+        );
+        m.register(
+            "tocsin_incidents_time_to_resolve_seconds",
+            "From an incident's opening to its resolution (MTTR), by the incident's service label and severity",
+            s.time_to_resolve.clone(),
+        );
         m.register(
             "tocsin_incidents_inputs",
             "Inputs handled by kind (alert, command, timer, heartbeat) and outcome",
@@ -106,6 +138,34 @@ pub(crate) enum IncidentsEvent<'a> {
     PublishFailed {
         error: &'a str,
     },
+    /// An incident was acknowledged (`resolved` false) or resolved, this
+    /// long after it opened.
+    ResponseTime {
+        resolved: bool,
+        service: &'a str,
+        severity: &'a str,
+        seconds: f64,
+    },
+}
+
+/// The response time an incident entry records, if any: an acknowledgement
+/// or a resolution, measured from the incident's opening.
+pub(crate) fn response_time(
+    e: &tocsin_proto::incident::IncidentEvent,
+) -> Option<IncidentsEvent<'_>> {
+    use tocsin_proto::incident::EventKind;
+    let resolved = match e.kind {
+        EventKind::Acknowledged => false,
+        EventKind::Resolved { .. } => true,
+        _ => return None,
+    };
+    let i = &e.incident;
+    Some(IncidentsEvent::ResponseTime {
+        resolved,
+        service: i.labels.get("service").map(String::as_str).unwrap_or(""),
+        severity: i.severity.as_str(),
+        seconds: e.at.duration_since(i.opened_at).as_secs_f64().max(0.0),
+    })
 }
 
 impl IncidentsEvent<'_> {
@@ -185,6 +245,32 @@ impl IncidentsEvent<'_> {
             }
             IncidentsEvent::PublishFailed { error } => {
                 tracing::warn!(error, "cannot write to the INCIDENTS stream; retrying");
+            }
+            IncidentsEvent::ResponseTime {
+                resolved,
+                service,
+                severity,
+                seconds,
+            } => {
+                let service = {
+                    let mut seen = m.services.lock().unwrap_or_else(|e| e.into_inner());
+                    if service.is_empty() {
+                        "none"
+                    } else if seen.contains(service) || seen.len() < MAX_SERVICES {
+                        seen.insert(service.to_string());
+                        service
+                    } else {
+                        "other"
+                    }
+                };
+                let family = if resolved {
+                    &m.time_to_resolve
+                } else {
+                    &m.time_to_ack
+                };
+                family
+                    .get_or_create(&labels(&[("service", service), ("severity", severity)]))
+                    .observe(seconds);
             }
         }
     }

@@ -153,6 +153,7 @@ fn list(proj: &Shared, q: ListIncidents) -> QueryReply {
         .filter(|s| q.status.is_empty() || q.status.contains(&s.status))
         .filter(|s| q.min_severity.is_none_or(|m| s.severity >= m))
         .filter(|s| q.since.is_none_or(|t| s.opened_at >= t))
+        .filter(|s| q.before.is_none_or(|n| s.number < n))
         .filter(|s| matchers.matches(&s.labels))
         .cloned()
         .collect();

@@ -469,6 +469,13 @@ impl Service {
                 LogEntry::Silence { .. } => "silence",
             };
             IncidentsEvent::Written { kind }.emit(&self.metrics);
+            // MTTA/MTTR: observed once, when the entry is first stored.
+            if let Some(t) = match entry {
+                LogEntry::Incident(e) => crate::events::response_time(e),
+                LogEntry::Silence { .. } => None,
+            } {
+                t.emit(&self.metrics);
+            }
         }
         Ok(ack.sequence)
     }

@@ -16,7 +16,7 @@ use prometheus_client::metrics::{
 };
 use tocsin_runtime::admin::{labels, Labels, Metrics};
 
-use crate::server::Closed;
+use tocsin_runtime::http_server::{Closed, ConnectionEvents};
 
 /// The ingest service's metrics.
 #[derive(Clone)]
@@ -225,6 +225,23 @@ impl IngestEvent<'_> {
                 }
             }
         }
+    }
+}
+
+/// The shared connection layer reports here.
+impl ConnectionEvents for IngestMetrics {
+    fn accept_failed(&self, error: &std::io::Error) {
+        IngestEvent::AcceptFailed { error }.emit(self);
+    }
+    fn limit_reached(&self, max: usize, evicted: bool) {
+        IngestEvent::ConnectionLimit { max, evicted }.emit(self);
+    }
+    fn opened(&self) {
+        self.connections_open.inc();
+    }
+    fn closed(&self, reason: Closed) {
+        self.connections_open.dec();
+        IngestEvent::ConnectionClosed { reason }.emit(self);
     }
 }
 

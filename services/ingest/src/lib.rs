@@ -26,8 +26,9 @@
 //! - [`publish`]: JetStream publishing with message ids and ack waiting.
 //! - `http`: routes, authentication, body limits and deadlines, the
 //!   in-flight byte budget.
-//! - `server`: connections (hyper HTTP/1 with a header read timeout, an idle
-//!   timeout and a cap on open connections that evicts the oldest idle one).
+//! - connections: `tocsin_runtime::http_server` (hyper HTTP/1 with a header
+//!   read timeout, an idle timeout and a cap on open connections that evicts
+//!   the oldest idle one), reporting to [`events`].
 //!
 //! Every bound on what comes from outside is in [`config::IngestConfig`]
 //! and [`config::Limits`]; what exceeds one gets a 4xx naming the field and
@@ -41,11 +42,10 @@ pub mod publish;
 pub mod receivers;
 
 mod http;
-mod server;
 
 use std::sync::Arc;
 
-use tocsin_runtime::context::ServiceContext;
+use tocsin_runtime::{context::ServiceContext, http_server};
 use tokio::net::TcpListener;
 
 pub use config::IngestConfig;
@@ -81,20 +81,24 @@ pub async fn run(
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let settings = server::Settings {
-        max_connections: server::fit_open_files(config.max_connections),
+    let settings = http_server::Settings {
+        max_connections: http_server::fit_open_files(
+            config.max_connections,
+            "ingest.max_connections",
+        ),
         idle_timeout: config.idle_timeout.get(),
         header_read_timeout: config.header_read_timeout.get(),
+        refusal: r#"{"status":"error","error":"too_many_connections","reason":"ingest is at ingest.max_connections with a request in progress on every connection; retry later"}"#,
     };
     tracing::info!(%addr, max_connections = settings.max_connections, "ingest listening");
-    server::serve(
+    http_server::serve(
         listener,
         http::router(state),
         settings,
         ingest_metrics,
         shutdown,
     )
-    .await?;
+    .await;
     tracing::info!("ingest stopped");
     Ok(())
 }

@@ -13,6 +13,8 @@
 //! - [`nats`]: [`nats::NatsConfig`] and [`nats::connect`].
 //! - [`streams`]: [`streams::JetStreamConfig`] and idempotent stream creation.
 //! - [`admin`]: [`admin::Health`], [`admin::Metrics`] and the admin server.
+//! - [`http_server`]: the bounded connection layer under a service's HTTP
+//!   router (header timeout, head size, idle timeout, connection cap).
 //! - [`clock`]: the one injected clock (system time, or manual in tests).
 //! - [`telemetry`]: tracing subscriber set-up, human or JSON.
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
@@ -24,6 +26,7 @@ pub mod clock;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod http_server;
 pub mod nats;
 pub mod shutdown;
 pub mod streams;

@@ -38,6 +38,8 @@ pub struct Listeners {
     pub ingest: Option<TcpListener>,
     /// The escalation service's calendar server (`escalation.calendar_listen`).
     pub calendar: Option<TcpListener>,
+    /// The chat-ops service's endpoints (`chatops.listen`).
+    pub chatops: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -70,10 +72,19 @@ impl Listeners {
                     .with_context(|| format!("escalation cannot serve calendars on {addr}"))?,
             );
         }
+        let mut chatops = None;
+        if let (true, Some(c)) = (services.contains(&Service::Chatops), &config.chatops) {
+            chatops = Some(
+                TcpListener::bind(c.listen)
+                    .await
+                    .with_context(|| format!("chatops cannot listen on {}", c.listen))?,
+            );
+        }
         Ok(Listeners {
             admin,
             ingest,
             calendar,
+            chatops,
         })
     }
 }
@@ -99,6 +110,12 @@ async fn start(
         Service::Escalation => tocsin_escalation::run(config.escalation, &ctx, listener)
             .await
             .map_err(Into::into),
+        Service::Chatops => match config.chatops {
+            Some(c) => tocsin_chatops::run(c, &ctx, listener)
+                .await
+                .map_err(Into::into),
+            None => Ok(()),
+        },
         Service::Notifier => match config.notifier {
             Some(c) => tocsin_notifier::run(c, &ctx, listener)
                 .await
@@ -138,6 +155,9 @@ pub async fn run(
     let mut clients: Vec<(Service, async_nats::Client)> = Vec::new();
     for service in services {
         if *service == Service::Notifier && config.notifier.is_none() {
+            continue;
+        }
+        if *service == Service::Chatops && config.chatops.is_none() {
             continue;
         }
         let name = service.name();
@@ -211,11 +231,16 @@ pub async fn run(
     // `run(config, &ctx, listener)`.
     let mut ingest_listener = listeners.ingest;
     let mut calendar_listener = listeners.calendar;
+    let mut chatops_listener = listeners.chatops;
     for service in services {
         if *service == Service::Notifier && config.notifier.is_none() {
             tracing::info!(
                 "no `notifier:` section: pages wait on the NOTIFY stream for a notifier"
             );
+            continue;
+        }
+        if *service == Service::Chatops && config.chatops.is_none() {
+            tracing::info!("no `chatops:` section: no Slack, SMS, API or status endpoints");
             continue;
         }
         let ctx = ServiceContext {
@@ -233,6 +258,11 @@ pub async fn run(
                     .context("no ingest listener was bound")?,
             ),
             Service::Escalation => calendar_listener.take(),
+            Service::Chatops => Some(
+                chatops_listener
+                    .take()
+                    .context("no chatops listener was bound")?,
+            ),
             _ => None,
         };
         tasks.spawn(start(*service, config.clone(), ctx, listener));

@@ -62,6 +62,17 @@ pub enum Command {
     Escalation,
     /// Run the notifier (NOTIFY -> Slack, PagerDuty, SMS, email, webhooks).
     Notifier,
+    /// Run chat-ops (Slack buttons and /tocsin, SMS replies, the HTTP API, status.json).
+    Chatops,
+    /// MTTA, MTTR and on-call load over a window (asks the chat-ops service).
+    Report {
+        /// How far back: 30d, 12h, 2w.
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        since: std::time::Duration,
+        /// `text` or `json`.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+    },
     /// Validate a config file; exits non-zero and prints file, line and reason on errors.
     CheckConfig {
         /// File to check (default: --config).
@@ -164,6 +175,7 @@ pub fn main(forced: Option<Command>) -> ExitCode {
             | Command::Incidents
             | Command::Escalation
             | Command::Notifier
+            | Command::Chatops
             | Command::CheckConfig { .. }
     );
     let level = if operator && std::env::var_os("TOCSIN_LOG").is_none() && cli.log_level == "info" {
@@ -199,12 +211,14 @@ pub fn main(forced: Option<Command>) -> ExitCode {
         | Command::Assign { .. }
         | Command::List { .. }
         | Command::Oncall { .. }
-        | Command::Show { .. } => operate(&cli),
+        | Command::Show { .. }
+        | Command::Report { .. } => operate(&cli),
         Command::Up => serve(&cli, &Service::ALL),
         Command::Ingest => serve(&cli, &[Service::Ingest]),
         Command::Incidents => serve(&cli, &[Service::Incidents]),
         Command::Escalation => serve(&cli, &[Service::Escalation]),
         Command::Notifier => serve(&cli, &[Service::Notifier]),
+        Command::Chatops => serve(&cli, &[Service::Chatops]),
     }
 }
 
@@ -273,6 +287,11 @@ fn operate(cli: &Cli) -> ExitCode {
             }
             Command::Show { incident } => {
                 return crate::ops::show(&config, incident.clone())
+                    .await
+                    .map(|s| (true, s))
+            }
+            Command::Report { since, output } => {
+                return crate::ops::report(&config, *since, output == "json")
                     .await
                     .map(|s| (true, s))
             }

@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use serde::Deserialize;
+use tocsin_chatops::ChatopsConfig;
 use tocsin_escalation::EscalationConfig;
 use tocsin_incidents::IncidentsConfig;
 use tocsin_ingest::IngestConfig;
@@ -37,6 +38,11 @@ pub struct Config {
     /// `tocsin up` runs no notifier and pages wait on the NOTIFY stream.
     #[serde(default)]
     pub notifier: Option<NotifierConfig>,
+    /// Chat-ops and the HTTP API: Slack, SMS replies, `/api/v1`,
+    /// `/status.json`, reports. Without this section `tocsin up` runs no
+    /// chat-ops service.
+    #[serde(default)]
+    pub chatops: Option<ChatopsConfig>,
     /// Problems that do not stop start-up (a channel only the console
     /// takes), located like errors; `check-config` prints them.
     #[serde(skip)]
@@ -71,15 +77,18 @@ pub enum Service {
     Incidents,
     Escalation,
     Notifier,
+    Chatops,
 }
 
 impl Service {
-    /// What `tocsin up` runs (the notifier only with a `notifier:` section).
-    pub const ALL: [Service; 4] = [
+    /// What `tocsin up` runs (the notifier and chat-ops only with their
+    /// sections).
+    pub const ALL: [Service; 5] = [
         Service::Ingest,
         Service::Incidents,
         Service::Escalation,
         Service::Notifier,
+        Service::Chatops,
     ];
 
     /// Its name, which is also its NATS identity (`nats.credentials.<name>`,
@@ -90,11 +99,30 @@ impl Service {
             Service::Incidents => "incidents",
             Service::Escalation => "escalation",
             Service::Notifier => "notifier",
+            Service::Chatops => "chatops",
         }
     }
 }
 
 impl Config {
+    /// Gives chat-ops who is who (names, Slack ids, phone numbers) from
+    /// `escalation.users`: one list of people, kept in one place.
+    pub fn compose_chatops_users(&mut self) {
+        let users = self
+            .escalation
+            .users
+            .iter()
+            .map(|u| tocsin_chatops::config::ChatUser {
+                name: u.name.clone(),
+                slack: u.slack.clone(),
+                phone: u.phone.clone(),
+            })
+            .collect();
+        if let Some(c) = self.chatops.as_mut() {
+            c.users = users;
+        }
+    }
+
     /// The NATS identity that sets up the streams when it has credentials
     /// (`nats.credentials.admin`); see `app::run`.
     pub const ADMIN: &'static str = "admin";
@@ -106,6 +134,7 @@ impl Config {
         let mut identities: Vec<&str> = services.iter().map(|s| s.name()).collect();
         identities.push(Self::ADMIN);
         let mut cfg: Config = nats::reading_credentials_of(&identities, || config::load(path))?;
+        cfg.compose_chatops_users();
         for s in services {
             match s {
                 Service::Ingest if cfg.ingest.is_none() => {
@@ -158,6 +187,14 @@ impl Config {
                         }
                     },
                 },
+                Service::Chatops => {
+                    if cfg.chatops.is_none() && services.len() == 1 {
+                        return Err(ConfigError::whole_file(
+                            path,
+                            "no `chatops:` section; add one (see config/tocsin.yaml in the Tocsin repository)",
+                        ));
+                    }
+                }
                 Service::Escalation => {
                     if let Err(tocsin_escalation::EscalationError::Config(errors)) =
                         tocsin_escalation::check(&cfg.escalation)

@@ -290,3 +290,111 @@ pub async fn oncall(
     }
     Ok(out)
 }
+
+/// How long a report may take (it reads every incident of the window).
+const REPORT_PATIENCE: Duration = Duration::from_secs(120);
+
+/// `tocsin report --since 30d [--output json]`: asks the chat-ops service
+/// (`tocsin.query.report`), which computes it from the incidents service's
+/// answers with its clock as "now".
+pub async fn report(config: &Config, since: Duration, json: bool) -> anyhow::Result<String> {
+    use tocsin_proto::query::{ReportQuery, ReportReply};
+    let client = connect(config).await?;
+    let q = ReportQuery {
+        since_seconds: since.as_secs(),
+    };
+    let resp = tokio::time::timeout(
+        REPORT_PATIENCE,
+        client.request(query::REPORT, codec::encode(&q)?.into()),
+    )
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!("no report within {REPORT_PATIENCE:?}; is the chatops service running?")
+    })?
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "report query failed ({e}); is the chatops service running (a `chatops:` section)?"
+        )
+    })?;
+    let report = match codec::decode::<ReportReply>(&resp.payload)? {
+        ReportReply::Report(r) => r,
+        ReportReply::Error { reason } => bail!("{reason}"),
+    };
+    if json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&report)?));
+    }
+    Ok(report_text(&report))
+}
+
+/// Seconds as `1h 05m`, `4m 10s`, `12s`; `-` for none.
+fn human(s: Option<u64>) -> String {
+    match s {
+        None => "-".into(),
+        Some(s) if s >= 3600 => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
+        Some(s) if s >= 60 => format!("{}m {:02}s", s / 60, s % 60),
+        Some(s) => format!("{s}s"),
+    }
+}
+
+fn report_text(r: &tocsin_proto::query::Report) -> String {
+    let stats = |d: &tocsin_proto::query::DurationStats| {
+        format!(
+            "mean {:<9} p50 {:<9} p90 {:<9} (n={})",
+            human(d.mean_seconds),
+            human(d.p50_seconds),
+            human(d.p90_seconds),
+            d.count
+        )
+    };
+    let mut out = format!("Incidents opened {} .. {}\n", r.since, r.until);
+    if r.truncated {
+        out.push_str("(only the newest incidents: raise chatops.report.max_incidents for all)\n");
+    }
+    out.push_str(&format!("  total: {}", r.incidents));
+    for s in &r.by_severity {
+        out.push_str(&format!("  {}: {}", s.severity.as_str(), s.incidents));
+    }
+    out.push_str(&format!(
+        "\n  MTTA: {}\n  MTTR: {}\n",
+        stats(&r.mtta),
+        stats(&r.mttr)
+    ));
+    out.push_str(&format!(
+        "  resolved: {}, by a runbook: {} ({}.{}%)\n",
+        r.resolved,
+        r.resolved_by_runbook,
+        r.runbook_share_permille / 10,
+        r.runbook_share_permille % 10
+    ));
+    if !r.by_service.is_empty() {
+        out.push_str("\nBy service:\n");
+        for s in &r.by_service {
+            out.push_str(&format!(
+                "  {:<20} {:>5} incidents  MTTA {:<9} MTTR {}\n",
+                s.service,
+                s.incidents,
+                human(s.mtta.mean_seconds),
+                human(s.mttr.mean_seconds)
+            ));
+        }
+    }
+    if !r.noisiest_alerts.is_empty() {
+        out.push_str("\nNoisiest alerts:\n");
+        for a in &r.noisiest_alerts {
+            out.push_str(&format!(
+                "  {:<30} {:>5} incidents {:>6} alerts\n",
+                a.alertname, a.incidents, a.alerts
+            ));
+        }
+    }
+    if !r.oncall_load.is_empty() {
+        out.push_str("\nOn-call load:\n");
+        for p in &r.oncall_load {
+            out.push_str(&format!(
+                "  {:<20} {:>5} pages {:>4} nights woken\n",
+                p.user, p.pages, p.nights_woken
+            ));
+        }
+    }
+    out
+}

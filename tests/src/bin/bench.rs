@@ -624,6 +624,7 @@ impl Tocsin {
             admin,
             ingest: Some(ingest),
             calendar: None,
+            chatops: None,
         };
         let task = tokio::spawn(app::run(
             config,

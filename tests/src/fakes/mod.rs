@@ -46,7 +46,7 @@ mod webhook;
 pub use form::{form_decode, form_encode};
 pub use pagerduty::PdAlert;
 pub use ratelimit::{RateLimit, RateLimitKey};
-pub use slack::{SlackPost, SlackUpdate};
+pub use slack::{SlackPost, SlackResponse, SlackUpdate};
 pub use twilio::Sms;
 pub use webhook::{webhook_signature, WebhookCall};
 
@@ -59,6 +59,8 @@ pub enum Provider {
     Slack,
     /// Slack incoming webhook (`/slack/services/...`).
     SlackWebhook,
+    /// Slack interaction `response_url`s (`/slack/actions/...`).
+    SlackResponse,
     /// PagerDuty Events API v2 (`/pagerduty/v2/enqueue`).
     PagerDuty,
     /// Twilio Messages (`/twilio/2010-04-01/Accounts/{sid}/Messages.json`).

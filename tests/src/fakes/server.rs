@@ -248,6 +248,7 @@ fn describe(provider: Provider, req: &Req) -> (String, String) {
     match provider {
         Provider::Slack => slack::describe_api(req),
         Provider::SlackWebhook => ("POST".into(), req.param.clone()),
+        Provider::SlackResponse => ("POST".into(), req.param.clone()),
         Provider::PagerDuty => ("POST".into(), pagerduty::describe(req)),
         Provider::Twilio => (req.method.as_str().into(), twilio::describe(req)),
         Provider::Webhook => ("POST".into(), req.param.clone()),
@@ -261,6 +262,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/slack/api/{method}", any(slack_api))
         .route("/slack/services/{a}/{b}/{c}", post(slack_webhook))
+        .route("/slack/actions/{a}/{b}/{c}", post(slack_response))
         .route("/pagerduty/v2/enqueue", post(pagerduty_enqueue))
         .route(
             "/twilio/2010-04-01/Accounts/{sid}/Messages.json",
@@ -401,7 +403,9 @@ fn failure_reply(provider: Provider, failure: &Failure) -> Reply {
         Failure::RateLimited { retry_after_secs } => {
             let r = match provider {
                 Provider::Slack => slack::api_status_reply(429),
-                Provider::SlackWebhook => slack::webhook_status_reply(429),
+                Provider::SlackWebhook | Provider::SlackResponse => {
+                    slack::webhook_status_reply(429)
+                }
                 Provider::PagerDuty => pagerduty::status_reply(429),
                 Provider::Twilio => twilio::status_reply(429),
                 Provider::Webhook => webhook::rate_limited_reply(),
@@ -410,7 +414,7 @@ fn failure_reply(provider: Provider, failure: &Failure) -> Reply {
         }
         Failure::Status(code) => match provider {
             Provider::Slack => slack::api_status_reply(*code),
-            Provider::SlackWebhook => slack::webhook_status_reply(*code),
+            Provider::SlackWebhook | Provider::SlackResponse => slack::webhook_status_reply(*code),
             Provider::PagerDuty => pagerduty::status_reply(*code),
             Provider::Twilio => twilio::status_reply(*code),
             Provider::Webhook => webhook::status_reply(*code),
@@ -462,6 +466,17 @@ async fn slack_webhook(
 ) -> Response {
     let req = Req::new(Method::POST, format!("{a}/{b}/{c}"), &uri, headers, body);
     handle(s, Provider::SlackWebhook, req, slack::incoming_webhook).await
+}
+
+async fn slack_response(
+    State(s): State<Arc<Shared>>,
+    Path((a, b, c)): Path<(String, String, String)>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let req = Req::new(Method::POST, format!("{a}/{b}/{c}"), &uri, headers, body);
+    handle(s, Provider::SlackResponse, req, slack::response_url).await
 }
 
 async fn pagerduty_enqueue(

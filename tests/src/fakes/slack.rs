@@ -1,6 +1,7 @@
 //! The Slack fake: the Web API (`chat.postMessage`, `chat.update`,
-//! `conversations.open`, `conversations.history`) under `/slack/api/`, and
-//! incoming webhooks under `/slack/services/`.
+//! `conversations.open`, `conversations.history`) under `/slack/api/`,
+//! incoming webhooks under `/slack/services/`, and the `response_url`s
+//! Slack hands to interactions under `/slack/actions/`.
 //!
 //! Requests are checked as Slack does: a bot token (bearer header, or a
 //! `token` argument in a form body), JSON bodies for `chat.*`, JSON, form
@@ -61,6 +62,22 @@ pub struct SlackUpdate {
     pub at: Instant,
 }
 
+/// An accepted post to an interaction's `response_url`.
+#[derive(Clone, Debug)]
+pub struct SlackResponse {
+    /// The URL's `T…/…/…` path, as handed out by
+    /// [`FakeProviders::slack_response_url`].
+    pub path: String,
+    /// `response_type` (`ephemeral` when absent, as at Slack).
+    pub response_type: String,
+    /// The `text` (`""` if absent).
+    pub text: String,
+    /// The whole body.
+    pub body: Value,
+    /// When it arrived.
+    pub at: Instant,
+}
+
 /// What the Slack fake holds.
 #[derive(Clone, Default)]
 pub(super) struct State {
@@ -68,6 +85,7 @@ pub(super) struct State {
     updates: Vec<SlackUpdate>,
     messages: Vec<SlackMessage>,
     webhook_posts: Vec<Value>,
+    responses: Vec<SlackResponse>,
 }
 
 /// A Slack message as it stands now (after updates), for `conversations.history`.
@@ -133,6 +151,17 @@ impl FakeProviders {
     /// Accepted Slack incoming-webhook bodies, in arrival order.
     pub fn slack_webhook_posts(&self) -> Vec<Value> {
         self.lock().slack.webhook_posts.clone()
+    }
+
+    /// A fresh interaction `response_url` (Slack's are
+    /// `https://hooks.slack.com/actions/T…/<n>/<secret>`); `n` tells them apart.
+    pub fn slack_response_url(&self, n: u64) -> String {
+        format!("{}/slack/actions/T000/{n}/R{n:06}", self.base_url())
+    }
+
+    /// Accepted posts to response URLs, in arrival order.
+    pub fn slack_responses(&self) -> Vec<SlackResponse> {
+        self.lock().slack.responses.clone()
     }
 }
 
@@ -822,6 +851,47 @@ pub(super) fn incoming_webhook(ctx: &mut Ctx<'_>) -> Reply {
     }
     ctx.rec.slack.webhook_posts.push(Value::Object(body));
     Reply::text(200, "ok")
+}
+
+// ---------------------------------------------------------------------------
+// Response URLs
+
+/// A post to an interaction's `response_url`: JSON with `text` or
+/// `blocks`; `response_type` `ephemeral` or `in_channel`;
+/// `replace_original` / `delete_original` booleans. Slack answers `ok`.
+pub(super) fn response_url(ctx: &mut Ctx<'_>) -> Reply {
+    let req = ctx.req;
+    if req.media_type().as_deref() != Some("application/json") {
+        return Reply::text(400, "invalid_payload").failed();
+    }
+    let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(&req.body) else {
+        return Reply::text(400, "invalid_payload");
+    };
+    let text = str_arg(&body, "text").to_string();
+    let Ok(blocks) = json_arg(&body, "blocks") else {
+        return Reply::text(400, "invalid_blocks");
+    };
+    if text.is_empty() && !non_empty(&blocks) {
+        return Reply::text(400, "no_text");
+    }
+    let response_type = match body.get("response_type") {
+        None => "ephemeral".to_string(),
+        Some(Value::String(t)) if t == "ephemeral" || t == "in_channel" => t.clone(),
+        Some(_) => return Reply::text(400, "invalid_response_type"),
+    };
+    for flag in ["replace_original", "delete_original"] {
+        if body.get(flag).is_some_and(|v| !v.is_boolean()) {
+            return Reply::text(400, "invalid_payload");
+        }
+    }
+    ctx.rec.slack.responses.push(SlackResponse {
+        path: req.param.clone(),
+        response_type,
+        text,
+        body: Value::Object(body),
+        at: Instant::now(),
+    });
+    Reply::json(200, json!({"ok": true}))
 }
 
 #[cfg(test)]

@@ -64,6 +64,7 @@ fn shipped_config_is_valid() {
             ("TOCSIN_NATS_INCIDENTS_PASSWORD", "p0123456789abcdef"),
             ("TOCSIN_NATS_ESCALATION_PASSWORD", "p0123456789abcdef"),
             ("TOCSIN_NATS_NOTIFIER_PASSWORD", "p0123456789abcdef"),
+            ("TOCSIN_NATS_CHATOPS_PASSWORD", "p0123456789abcdef"),
         ],
     );
     assert_eq!(code, 0, "{stderr}");

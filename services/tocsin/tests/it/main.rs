@@ -4,4 +4,5 @@ mod cli;
 mod notifier_crash;
 mod ops;
 mod page_path;
+mod report;
 mod support;

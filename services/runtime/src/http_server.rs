@@ -1,6 +1,8 @@
-//! The connection layer under the router: hyper's HTTP/1 server with a
-//! header read timeout and a bounded header buffer, an idle timeout, and a
-//! cap on open connections.
+//! The connection layer under a service's HTTP router (ingest, chat-ops):
+//! hyper's HTTP/1 server with a header read timeout and a bounded header
+//! buffer, an idle timeout, and a cap on open connections. What happens to
+//! connections is reported to the service through [`ConnectionEvents`], so
+//! each service logs and counts under its own names.
 //!
 //! Why not `axum::serve`: it has no header timeout, no connection cap and
 //! no way to close one connection, so a few thousand idle or slowloris
@@ -39,27 +41,39 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{
-    events::{IngestEvent, IngestMetrics},
-    IngestError,
-};
-
 /// Largest request head (request line plus headers) buffered; a larger one
 /// gets 431. Alertmanager's and PagerDuty senders' heads are well under
 /// 1 KiB. hyper's own default (about 400 KiB) would let each slowloris
 /// connection hold that much.
-pub(crate) const MAX_HEAD_BYTES: usize = 16 * 1024;
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 
-/// File descriptors kept for everything but ingest connections: NATS, the
-/// admin and calendar servers, sled's files, outbound HTTP of the notifier.
+/// File descriptors kept for everything but a server's connections: NATS,
+/// the admin and calendar servers, sled's files, outbound HTTP of the notifier.
 const FD_RESERVE: u64 = 1024;
 
-/// Connection settings, from the `ingest:` section.
+/// Connection settings, from the service's section.
 #[derive(Debug, Clone)]
-pub(crate) struct Settings {
+pub struct Settings {
     pub max_connections: usize,
     pub idle_timeout: Duration,
     pub header_read_timeout: Duration,
+    /// The JSON body of the 503 written to a connection refused at the cap
+    /// (names the service and its `max_connections` key).
+    pub refusal: &'static str,
+}
+
+/// What a server reports about its connections; each service logs and
+/// counts these under its own metric names.
+pub trait ConnectionEvents: Clone + Send + Sync + 'static {
+    /// `accept` failed (EMFILE and the like).
+    fn accept_failed(&self, error: &io::Error);
+    /// A new connection arrived at `max`: the oldest idle one was closed
+    /// for it (`evicted`), or it was refused.
+    fn limit_reached(&self, max: usize, evicted: bool);
+    /// A connection was accepted.
+    fn opened(&self);
+    /// A connection ended.
+    fn closed(&self, reason: Closed);
 }
 
 /// One open connection as the accept loop sees it.
@@ -98,7 +112,8 @@ impl Table {
 
 /// Raises the soft open-file limit so `wanted` connections fit next to
 /// the rest of the process, or lowers the connection cap to what fits.
-pub(crate) fn fit_open_files(wanted: usize) -> usize {
+/// `key` names the setting in warnings (`ingest.max_connections`).
+pub fn fit_open_files(wanted: usize, key: &str) -> usize {
     let need = wanted as u64 + FD_RESERVE;
     match rlimit::increase_nofile_limit(need) {
         Ok(limit) if limit >= need => wanted,
@@ -108,7 +123,7 @@ pub(crate) fn fit_open_files(wanted: usize) -> usize {
                 max_connections = wanted,
                 open_file_limit = limit,
                 using = fits,
-                "the open-file limit (RLIMIT_NOFILE) is too low for ingest.max_connections; \
+                "the open-file limit (RLIMIT_NOFILE) is too low for {key}; \
                  capping connections lower. Raise LimitNOFILE (systemd) or ulimit -n to at least {need}"
             );
             fits
@@ -121,15 +136,14 @@ pub(crate) fn fit_open_files(wanted: usize) -> usize {
 }
 
 /// Serves `router` on `listener` until `shutdown`, then lets requests in
-/// progress finish (each waits for its JetStream acks), closes idle
-/// connections and returns.
-pub(crate) async fn serve(
+/// progress finish, closes idle connections and returns.
+pub async fn serve<E: ConnectionEvents>(
     listener: TcpListener,
     router: Router,
     settings: Settings,
-    metrics: IngestMetrics,
+    metrics: E,
     shutdown: CancellationToken,
-) -> Result<(), IngestError> {
+) {
     let table = Arc::new(Mutex::new(Table::default()));
     let open = Arc::new(AtomicUsize::new(0));
     let stopping = Arc::new(AtomicBool::new(false));
@@ -151,7 +165,7 @@ pub(crate) async fn serve(
                 Err(e) => {
                     // EMFILE and the like: logged (rate-limited), and a short
                     // pause so a persistent error does not spin the loop.
-                    IngestEvent::AcceptFailed { error: &e }.emit(&metrics);
+                    metrics.accept_failed(&e);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -167,13 +181,9 @@ pub(crate) async fn serve(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .evict_oldest_idle();
-            let event = IngestEvent::ConnectionLimit {
-                max: settings.max_connections,
-                evicted,
-            };
-            event.emit(&metrics);
+            metrics.limit_reached(settings.max_connections, evicted);
             if !evicted {
-                refuse(stream);
+                refuse(stream, settings.refusal);
                 continue;
             }
         }
@@ -194,7 +204,7 @@ pub(crate) async fn serve(
             id
         };
         open.fetch_add(1, Ordering::AcqRel);
-        metrics.connections_open.inc();
+        metrics.opened();
         let (table, open, stopping, metrics, builder, service) = (
             table.clone(),
             open.clone(),
@@ -240,8 +250,7 @@ pub(crate) async fn serve(
                 .entries
                 .remove(&id);
             open.fetch_sub(1, Ordering::AcqRel);
-            metrics.connections_open.dec();
-            IngestEvent::ConnectionClosed { reason: outcome }.emit(&metrics);
+            metrics.closed(outcome);
         });
     }
 
@@ -259,24 +268,22 @@ pub(crate) async fn serve(
     }
     tasks.close();
     tasks.wait().await;
-    Ok(())
 }
 
 /// A new connection over the cap with every open one in a request: told so
 /// in one write (no waiting on a client that does not read), then closed.
-fn refuse(stream: TcpStream) {
-    const BODY: &str = r#"{"status":"error","error":"too_many_connections","reason":"ingest is at ingest.max_connections with a request in progress on every connection; retry later"}"#;
+fn refuse(stream: TcpStream, body: &str) {
     let answer = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
-         connection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
-        BODY.len()
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
     );
     let _ = stream.try_write(answer.as_bytes());
 }
 
-/// Why a connection ended (the label of `tocsin_ingest_connections_closed_total`).
+/// Why a connection ended (the label of `tocsin_<service>_connections_closed_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Closed {
+pub enum Closed {
     /// The client closed it, or it ended normally.
     Normal,
     /// Nothing received for `idle_timeout` with no request in progress.
@@ -292,7 +299,7 @@ pub(crate) enum Closed {
 }
 
 impl Closed {
-    pub(crate) fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Closed::Normal => "normal",
             Closed::IdleTimeout => "idle_timeout",
@@ -390,7 +397,7 @@ impl AsyncRead for IdleIo {
                 match this.sleep.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        "nothing received within ingest.idle_timeout",
+                        "nothing received within the idle timeout",
                     ))),
                     Poll::Pending => Poll::Pending,
                 }
@@ -467,7 +474,10 @@ mod tests {
             .await
             .unwrap();
         let (server_side, _) = listener.accept().await.unwrap();
-        refuse(server_side);
+        refuse(
+            server_side,
+            r#"{"status":"error","error":"too_many_connections","reason":"x"}"#,
+        );
         let mut answer = String::new();
         client.read_to_string(&mut answer).await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");

@@ -1,0 +1,124 @@
+//! Commands and queries over NATS, as the `chatops` identity: a command is
+//! stored on COMMANDS (with its id as `Nats-Msg-Id`) and its answer awaited
+//! on this process's inbox; queries are request/reply.
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::{jetstream, Client, HeaderMap};
+use futures::StreamExt;
+use tocsin_proto::{
+    codec,
+    command::{Action, Command, CommandReply},
+    incident::{Actor, IncidentSummary},
+    subjects::headers,
+    Envelope,
+};
+use tocsin_runtime::clock::Clock;
+
+use crate::ChatopsError;
+
+/// What became of a command.
+// Built and read one at a time: boxing the summary would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub(crate) enum Outcome {
+    Accepted {
+        message: String,
+        incident: Option<IncidentSummary>,
+    },
+    Rejected {
+        reason: String,
+    },
+}
+
+#[derive(Clone)]
+pub(crate) struct Bus {
+    client: Client,
+    js: jetstream::Context,
+    clock: Arc<dyn Clock>,
+    patience: Duration,
+}
+
+impl Bus {
+    pub(crate) fn new(
+        client: Client,
+        js: jetstream::Context,
+        clock: Arc<dyn Clock>,
+        patience: Duration,
+    ) -> Self {
+        Bus {
+            client,
+            js,
+            clock,
+            patience,
+        }
+    }
+
+    /// Sends `action` as `actor` and waits for the incidents service's answer.
+    pub(crate) async fn command(
+        &self,
+        actor: Actor,
+        action: Action,
+    ) -> Result<Outcome, ChatopsError> {
+        let cmd = Command::new(actor, action);
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| ChatopsError::Bus(format!("cannot subscribe for the answer: {e}")))?;
+        let mut h = HeaderMap::new();
+        h.insert(headers::REPLY_TO, inbox.as_str());
+        h.insert(headers::MSG_ID, cmd.id.as_str());
+        let env = Envelope::new("chatops", self.clock.now(), cmd.clone());
+        let payload = codec::encode(&env).map_err(|e| ChatopsError::Bus(e.to_string()))?;
+        let stored = tokio::time::timeout(self.patience, async {
+            self.js
+                .publish_with_headers(cmd.subject(), h, payload.into())
+                .await
+                .map_err(|e| ChatopsError::Bus(format!("cannot send the command: {e}")))?
+                .await
+                .map_err(|e| ChatopsError::Bus(format!("JetStream did not store the command: {e}")))
+        })
+        .await
+        .map_err(|_| ChatopsError::Bus("NATS did not store the command in time".into()))?;
+        stored?;
+        let msg = tokio::time::timeout(self.patience, replies.next())
+            .await
+            .map_err(|_| ChatopsError::NoAnswer)?
+            .ok_or(ChatopsError::NoAnswer)?;
+        Ok(
+            match codec::decode::<CommandReply>(&msg.payload)
+                .map_err(|e| ChatopsError::Bus(e.to_string()))?
+            {
+                CommandReply::Accepted {
+                    message, incident, ..
+                } => Outcome::Accepted { message, incident },
+                CommandReply::Rejected { reason, .. } => Outcome::Rejected { reason },
+            },
+        )
+    }
+
+    /// Asks `subject` and decodes the answer.
+    pub(crate) async fn query<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        subject: &'static str,
+        q: &Q,
+    ) -> Result<R, ChatopsError> {
+        let payload = codec::encode(q).map_err(|e| ChatopsError::Bus(e.to_string()))?;
+        let resp =
+            tokio::time::timeout(self.patience, self.client.request(subject, payload.into()))
+                .await
+                .map_err(|_| ChatopsError::NoAnswer)?
+                .map_err(|e| ChatopsError::Bus(format!("query {subject} failed: {e}")))?;
+        codec::decode(&resp.payload).map_err(|e| ChatopsError::Bus(e.to_string()))
+    }
+
+    pub(crate) fn now(&self) -> jiff::Timestamp {
+        self.clock.now()
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+}
