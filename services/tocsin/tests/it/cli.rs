@@ -214,6 +214,7 @@ async fn sigterm_during_a_burst_keeps_every_acknowledged_alert() {
         ])
         .env("TOCSIN_INGEST_TOKEN", token)
         .stdin(Stdio::null())
+        .kill_on_drop(true)
         .spawn()
         .expect("start tocsin up");
     let pid = child.id().expect("pid");
