@@ -2,8 +2,6 @@
 //! reference timings, channels by severity, ack stops it, resolve ends it,
 //! every step on the timeline, no page twice.
 
-use std::time::Duration;
-
 use jiff::SignedDuration;
 use tocsin_proto::{
     command::{Action, CommandReply, IncidentRef},
@@ -47,7 +45,7 @@ async fn levels_fire_on_time_and_an_ack_stops_them() {
         t0,
     )
     .await;
-    let p = expect_pages(&js, 2).await;
+    let p = expect_pages(&tocsin, &js, 2).await;
     assert_eq!(
         p.iter().map(who).collect::<Vec<_>>(),
         ["alice/email", "alice/slack"]
@@ -61,16 +59,16 @@ async fn levels_fire_on_time_and_an_ack_stops_them() {
 
     // Nothing more before 15 minutes; level 1 (bob, email only) at 15.
     tocsin.clock.set(mins(14));
-    expect_pages(&js, 2).await;
+    expect_pages(&tocsin, &js, 2).await;
     tocsin.clock.set(mins(15));
-    let p = expect_pages(&js, 3).await;
+    let p = expect_pages(&tocsin, &js, 3).await;
     assert_eq!(who(&p[2]), "bob/email");
     assert_eq!(p[2].level, 1);
     assert_eq!(p[2].due_at, mins(15));
 
     // Level 2 (the lead) at 30.
     tocsin.clock.set(mins(30));
-    let p = expect_pages(&js, 5).await;
+    let p = expect_pages(&tocsin, &js, 5).await;
     assert_eq!(
         p[3..].iter().map(who).collect::<Vec<_>>(),
         ["lead/email", "lead/slack"]
@@ -89,8 +87,7 @@ async fn levels_fire_on_time_and_an_ack_stops_them() {
     .await;
     assert!(matches!(r, CommandReply::Accepted { .. }), "{r:?}");
     tocsin.clock.set(mins(61));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    expect_pages(&js, 5).await;
+    expect_pages(&tocsin, &js, 5).await;
 
     // Every step is on the timeline, with who was paged.
     let d = get(&client, IncidentRef::Number(1)).await;
@@ -138,7 +135,7 @@ async fn high_severity_escalates_faster_and_resolve_ends_it() {
     )
     .await;
     // High: SMS + email for alice at once.
-    let p = expect_pages(&js, 2).await;
+    let p = expect_pages(&tocsin, &js, 2).await;
     assert_eq!(
         p.iter().map(who).collect::<Vec<_>>(),
         ["alice/sms", "alice/email"]
@@ -147,7 +144,7 @@ async fn high_severity_escalates_faster_and_resolve_ends_it() {
     assert_eq!(p[0].address, "+14155550101");
     // Level 1 after 5 minutes, not 15.
     tocsin.clock.set(mins(5));
-    let p = expect_pages(&js, 4).await;
+    let p = expect_pages(&tocsin, &js, 4).await;
     assert_eq!(
         p[2..].iter().map(who).collect::<Vec<_>>(),
         ["bob/sms", "bob/email"]
@@ -164,10 +161,9 @@ async fn high_severity_escalates_faster_and_resolve_ends_it() {
         all[0].status == tocsin_proto::incident::IncidentStatus::Resolved
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tocsin.settled(&js).await;
     tocsin.clock.set(mins(200));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    expect_pages(&js, 4).await;
+    expect_pages(&tocsin, &js, 4).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,7 +185,7 @@ async fn snooze_pauses_then_resumes_and_escalate_now_skips_the_wait() {
         t0,
     )
     .await;
-    expect_pages(&js, 2).await; // alice: email + slack
+    expect_pages(&tocsin, &js, 2).await; // alice: email + slack
 
     // Snoozed for 30 minutes: level 1, due at 15, does not come.
     tocsin.clock.set(mins(1));
@@ -206,13 +202,12 @@ async fn snooze_pauses_then_resumes_and_escalate_now_skips_the_wait() {
     .await;
     assert!(matches!(r, CommandReply::Accepted { .. }), "{r:?}");
     tocsin.clock.set(mins(20));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    expect_pages(&js, 2).await;
+    expect_pages(&tocsin, &js, 2).await;
 
     // The snooze ends at 31: the current responder is paged again (new page
     // ids: a new generation), and the levels go on from there.
     tocsin.clock.set(mins(31));
-    let p = expect_pages(&js, 4).await;
+    let p = expect_pages(&tocsin, &js, 4).await;
     assert_eq!(
         p[2..].iter().map(who).collect::<Vec<_>>(),
         ["alice/email", "alice/slack"]
@@ -233,15 +228,14 @@ async fn snooze_pauses_then_resumes_and_escalate_now_skips_the_wait() {
     )
     .await;
     assert!(matches!(r, CommandReply::Accepted { .. }), "{r:?}");
-    let p = expect_pages(&js, 5).await;
+    let p = expect_pages(&tocsin, &js, 5).await;
     assert_eq!(who(&p[4]), "bob/email");
     assert_eq!(p[4].level, 1);
     // ...and level 2 follows 15 minutes after that.
     tocsin.clock.set(mins(46));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    expect_pages(&js, 5).await;
+    expect_pages(&tocsin, &js, 5).await;
     tocsin.clock.set(mins(47));
-    let p = expect_pages(&js, 7).await;
+    let p = expect_pages(&tocsin, &js, 7).await;
     assert_eq!(
         p[5..].iter().map(who).collect::<Vec<_>>(),
         ["lead/email", "lead/slack"]

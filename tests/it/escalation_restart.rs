@@ -9,20 +9,21 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 use async_nats::{jetstream, HeaderMap};
 use jiff::{SignedDuration, Timestamp};
 use tocsin_escalation::EscalationConfig;
-use tocsin_incidents::clock::ManualClock;
 use tocsin_proto::{
     codec,
     incident::{
         Actor, Cause, EventKind, IncidentEvent, IncidentStatus, IncidentSummary, LogEntry, Severity,
     },
     notify::Page,
-    subjects::{headers, STREAM_NOTIFY},
+    subjects::{headers, STREAM_INCIDENTS, STREAM_NOTIFY},
     Envelope, Labels,
 };
+use tocsin_runtime::clock::{Clock, ManualClock};
 use tocsin_runtime::{
     admin::{Health, Metrics},
     config::ConfigPath,
     nats::NatsConfig,
+    progress::Progress,
     streams::{ensure_streams, JetStreamConfig},
     CancellationToken,
 };
@@ -95,6 +96,7 @@ async fn start(
     url: &str,
     dir: &std::path::Path,
     clock: Arc<ManualClock>,
+    progress: &Progress,
 ) -> (tokio::task::JoinHandle<()>, async_nats::Client) {
     let metrics = Metrics::new();
     let client = tocsin_runtime::nats::connect(&NatsConfig::for_url(url), "esc-restart", &metrics)
@@ -103,6 +105,7 @@ async fn start(
     let js = jetstream::new(client.clone());
     let mut cfg: EscalationConfig = serde_yaml_ng::from_str(POLICY).unwrap();
     cfg.data_dir = Some(ConfigPath(dir.to_path_buf()));
+    let watermark = progress.of("escalation");
     let handle = tokio::spawn(async move {
         let ctx = tocsin_runtime::context::ServiceContext {
             js,
@@ -111,6 +114,7 @@ async fn start(
             clock,
             jetstream: Default::default(),
             shutdown: CancellationToken::new(),
+            watermark,
         };
         tocsin_escalation::run(cfg, &ctx, None).await.unwrap();
     });
@@ -158,14 +162,10 @@ async fn pages_are_exactly_those_due_across_kills_and_restarts() {
         .await;
     }
 
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
-    let (mut svc, mut conn) = start(&nats.url(), dir.path(), clock.clone()).await;
+    let progress = Progress::new();
+    let mut rng = tocsin_tests::TestRng::new("escalation_restart: kill points");
+    let mut next = move || rng.next_u64();
+    let (mut svc, mut conn) = start(&nats.url(), dir.path(), clock.clone(), &progress).await;
     for minute in 0..=20i64 {
         let now = t0() + SignedDuration::from_mins(minute);
         // Acknowledgements, published before the clock passes them.
@@ -193,7 +193,7 @@ async fn pages_are_exactly_those_due_across_kills_and_restarts() {
             svc.abort();
             let _ = svc.await;
             let _ = tokio::time::timeout(Duration::from_secs(2), conn.drain()).await;
-            (svc, conn) = start(&nats.url(), dir.path(), clock.clone()).await;
+            (svc, conn) = start(&nats.url(), dir.path(), clock.clone(), &progress).await;
         }
         for _ in 0..1200 {
             if bus::count(&js, STREAM_NOTIFY).await as usize >= due_so_far {
@@ -214,7 +214,18 @@ async fn pages_are_exactly_those_due_across_kills_and_restarts() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Settled: every INCIDENTS entry applied and every step due by now
+    // fired (its page acknowledged by JetStream), so none is still to come.
+    let last = tocsin_runtime::streams::last_sequence(&js, STREAM_INCIDENTS)
+        .await
+        .unwrap();
+    let now = clock.now();
+    progress
+        .wait_until("escalation", Duration::from_secs(30), |m| {
+            m.read(STREAM_INCIDENTS) >= last && m.timers_reached(now)
+        })
+        .await
+        .expect("escalation settles");
     let got: Vec<Page> = bus::read_stream::<Page>(&js, STREAM_NOTIFY)
         .await
         .into_iter()

@@ -126,6 +126,7 @@ async fn start(
             clock,
             jetstream: Default::default(),
             shutdown: token,
+            watermark: tocsin_runtime::progress::Watermark::detached("test"),
         };
         let r = tocsin_incidents::run(cfg, &ctx, None).await;
         r.expect("incidents service ran");
@@ -235,13 +236,13 @@ async fn crashes_and_a_nats_restart_change_nothing() {
         let input = input.clone();
         tokio::spawn(async move { publish_all(&js, input).await })
     };
-    let mut rng = Rng(0xdead_beef_0bad_cafe);
+    let mut rng = tocsin_tests::TestRng::new("incidents_crash: kill points");
     for round in 0..6 {
         let (svc, _stop, conn) = start(&nats_b.url(), dir_b.path()).await;
-        tokio::time::sleep(Duration::from_millis(150 + rng.next() % 400)).await;
+        tokio::time::sleep(Duration::from_millis(150 + rng.below(400))).await;
         if round == 3 {
             nats_b.restart().await;
-            tokio::time::sleep(Duration::from_millis(100 + rng.next() % 300)).await;
+            tokio::time::sleep(Duration::from_millis(100 + rng.below(300))).await;
         }
         svc.abort(); // a crash: no draining, no final save
         let _ = svc.await;

@@ -1,7 +1,5 @@
 //! Bad input on the bus, timers on an injected clock.
 
-use std::time::Duration;
-
 use jiff::{SignedDuration, Timestamp};
 use tocsin_proto::{
     command::{Action, IncidentRef},
@@ -107,9 +105,8 @@ async fn snooze_ends_on_the_clock_and_missed_heartbeats_open_incidents() {
     let at = |m: i64| start + SignedDuration::from_mins(m);
     tocsin.clock.set(at(30));
     publish_alert(&js, heartbeat_ping("nightly-backup"), at(30)).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    tocsin.clock.set(at(89));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tocsin.settled(&js).await;
+    tocsin.settle(&js, at(89)).await;
     assert!(
         tocsin_tests::incidents::list(&client, Default::default())
             .await
@@ -174,7 +171,7 @@ async fn snooze_ends_on_the_clock_and_missed_heartbeats_open_incidents() {
         IncidentStatus::Acknowledged
     );
     tocsin.clock.advance(SignedDuration::from_mins(29));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tocsin.settled(&js).await;
     assert_eq!(
         get(&client, n.clone()).await.incident.status,
         IncidentStatus::Acknowledged

@@ -2,16 +2,17 @@
 //! store is rebuilt from the stream at start, never fatal, and the service
 //! then goes on exactly where the log says.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use async_nats::jetstream;
 use jiff::{SignedDuration, Timestamp};
 use tocsin_incidents::{clock::ManualClock, IncidentsConfig};
-use tocsin_proto::{query::ListIncidents, AlertStatus};
+use tocsin_proto::{query::ListIncidents, subjects::STREAM_ALERTS, AlertStatus};
 use tocsin_runtime::{
     admin::{Health, Metrics},
     config::ConfigPath,
     nats::NatsConfig,
+    progress::Progress,
     streams::{ensure_streams, JetStreamConfig},
     CancellationToken,
 };
@@ -23,8 +24,10 @@ use tocsin_tests::{
 async fn run_until_stopped(
     url: &str,
     dir: &std::path::Path,
-) -> (tokio::task::JoinHandle<()>, CancellationToken) {
+) -> (tokio::task::JoinHandle<()>, CancellationToken, Progress) {
     let metrics = Metrics::new();
+    let progress = Progress::new();
+    let watermark = progress.of("incidents");
     let client = tocsin_runtime::nats::connect(&NatsConfig::for_url(url), "rebuild-test", &metrics)
         .await
         .unwrap();
@@ -45,12 +48,28 @@ async fn run_until_stopped(
             clock,
             jetstream: Default::default(),
             shutdown: token,
+            watermark,
         };
         tocsin_incidents::run(cfg, &ctx, None)
             .await
             .expect("service ran");
     });
-    (handle, stop)
+    (handle, stop, progress)
+}
+
+/// Waits until this run of the service has handled every alert on ALERTS
+/// (its decisions written), so anything it would decide twice is on the
+/// log by now.
+async fn handled_every_alert(js: &jetstream::Context, progress: &Progress) {
+    let last = tocsin_runtime::streams::last_sequence(js, STREAM_ALERTS)
+        .await
+        .unwrap();
+    progress
+        .wait_until("incidents", std::time::Duration::from_secs(30), |m| {
+            m.read(STREAM_ALERTS) >= last
+        })
+        .await
+        .expect("the incidents service handles every alert");
 }
 
 fn t(s: i64) -> Timestamp {
@@ -82,7 +101,7 @@ async fn a_missing_or_corrupt_store_is_rebuilt_from_the_stream() {
         )
         .await;
     }
-    let (svc, stop) = run_until_stopped(&nats.url(), &dir).await;
+    let (svc, stop, _) = run_until_stopped(&nats.url(), &dir).await;
     let before = wait_for(&client, "20 incidents", |all| all.len() == 20).await;
     stop.cancel();
     svc.await.unwrap();
@@ -94,7 +113,7 @@ async fn a_missing_or_corrupt_store_is_rebuilt_from_the_stream() {
         corrupted += 1;
     }
     assert!(corrupted > 0);
-    let (svc, stop) = run_until_stopped(&nats.url(), &dir).await;
+    let (svc, stop, _) = run_until_stopped(&nats.url(), &dir).await;
     let after = wait_for(&client, "20 incidents again", |all| all.len() == 20).await;
     assert_eq!(after, before, "rebuilt from the stream");
     // It goes on where the log says: a new group gets the next number, and
@@ -119,12 +138,12 @@ async fn a_missing_or_corrupt_store_is_rebuilt_from_the_stream() {
 
     // 2. Remove the store altogether.
     std::fs::remove_dir_all(&dir).unwrap();
-    let (svc, stop) = run_until_stopped(&nats.url(), &dir).await;
+    let (svc, stop, progress) = run_until_stopped(&nats.url(), &dir).await;
     wait_for(&client, "21 incidents after losing the store", |all| {
         all.len() == 21
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    handled_every_alert(&js, &progress).await;
     assert_eq!(log(&js).await.len(), entries + 1, "nothing decided twice");
     let listed = list(
         &client,
@@ -141,7 +160,7 @@ async fn a_missing_or_corrupt_store_is_rebuilt_from_the_stream() {
     // 3. A store sled refuses to open (a file where its folder should be).
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::write(&dir, b"in the way").unwrap();
-    let (svc, stop) = run_until_stopped(&nats.url(), &dir).await;
+    let (svc, stop, _) = run_until_stopped(&nats.url(), &dir).await;
     let again = wait_for(&client, "21 incidents after an unopenable store", |all| {
         all.len() == 21
     })

@@ -361,7 +361,7 @@ async fn each_channel_gets_exactly_what_its_provider_expects_and_follows_the_inc
     );
 
     // Nothing was sent twice, and nothing failed.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tocsin.settled(&js).await;
     assert_eq!(fakes.sms().len(), 1);
     assert_eq!(smtp.messages().len(), 2);
     assert!(fakes.rejected().is_empty(), "{:?}", fakes.rejected());

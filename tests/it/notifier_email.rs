@@ -73,7 +73,7 @@ async fn a_refused_login_fails_without_retrying() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tocsin_tests::notifier::settled(&js, Duration::from_secs(30)).await;
     let m = replica.metrics.encode();
     assert!(
         !m.contains("tocsin_notifier_retries_total{channel=\"email\"}"),

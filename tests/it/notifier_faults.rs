@@ -49,7 +49,7 @@ async fn an_outage_opens_the_breaker_pages_wait_and_each_arrives_once() {
         "SMS after recovery: {:?}",
         fakes.sms()
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    notifier::settled(&js, WAIT).await;
     let sms = fakes.sms();
     assert_eq!(sms.len(), 3, "each page once");
     let mut to: Vec<_> = sms.iter().map(|s| s.to.clone()).collect();
@@ -147,7 +147,7 @@ async fn an_invalid_request_is_not_retried_and_the_timeline_says_why() {
         failure.detail
     );
     // No retry.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tocsin.settled(&js).await;
     assert_eq!(fakes.requests(Provider::PagerDuty), 1);
     assert!(fakes.pagerduty_events().is_empty());
     let m = tocsin.metrics().await;

@@ -44,7 +44,8 @@ async fn two_replicas_deliver_a_thousand_pages_exactly_once() {
         fakes.webhooks().len(),
         fakes.pagerduty_events().len()
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Settled: every page acknowledged, so no request is still to come.
+    notifier::settled(&js, Duration::from_secs(30)).await;
 
     // Exactly once per page, counted by what identifies it at each provider.
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();

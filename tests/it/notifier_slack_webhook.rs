@@ -103,7 +103,7 @@ async fn webhook_mode_posts_the_page_then_each_change() {
         .unwrap()
         .contains("[RESOLVED] INC-1"));
     assert_eq!(posts[2]["attachments"][0]["color"], "#2EB67D");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tocsin.settled(&js).await;
     assert_eq!(fakes.slack_webhook_posts().len(), 3);
     assert!(
         fakes.slack_posts().is_empty(),

@@ -1,7 +1,5 @@
 //! Escalation in tests: a reference config and reading the pages it writes.
 
-use std::time::Duration;
-
 use tocsin_proto::{notify::Page, subjects::STREAM_NOTIFY};
 
 use crate::bus;
@@ -46,16 +44,15 @@ pub async fn pages(js: &async_nats::jetstream::Context) -> Vec<Page> {
         .collect()
 }
 
-/// Waits until NOTIFY holds `n` pages (the service works asynchronously),
-/// then a moment more to catch any extra.
-pub async fn expect_pages(js: &async_nats::jetstream::Context, n: usize) -> Vec<Page> {
-    for _ in 0..400 {
-        if pages(js).await.len() >= n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(150)).await;
+/// The pages on NOTIFY once the engine has settled at the clock's time,
+/// asserting there are exactly `n`: every page due by now has been sent and
+/// none more will come until the clock moves.
+pub async fn expect_pages(
+    tocsin: &crate::TocsinHarness,
+    js: &async_nats::jetstream::Context,
+    n: usize,
+) -> Vec<Page> {
+    tocsin.settled(js).await;
     let p = pages(js).await;
     assert_eq!(
         p.len(),

@@ -192,30 +192,26 @@ pub async fn wait_for<F: Fn(&[IncidentSummary]) -> bool>(
     what: &str,
     done: F,
 ) -> Vec<IncidentSummary> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let q = ListIncidents {
         limit: Some(1000),
         ..Default::default()
     };
-    let mut last = Vec::new();
-    loop {
+    let q = &q;
+    let done = &done;
+    crate::eventually(what, || async move {
         let answer = client
-            .request(query::LIST_INCIDENTS, codec::encode(&q).unwrap().into())
+            .request(query::LIST_INCIDENTS, codec::encode(q).unwrap().into())
             .await
             .ok()
             .and_then(|r| codec::decode::<QueryReply>(&r.payload).ok());
-        if let Some(QueryReply::Incidents { incidents }) = answer {
-            if done(&incidents) {
-                return incidents;
-            }
-            last = incidents;
+        match answer {
+            Some(QueryReply::Incidents { incidents }) if done(&incidents) => Ok(incidents),
+            Some(QueryReply::Incidents { incidents }) => Err(incidents),
+            // No answer yet: the service may still be starting.
+            _ => Err(Vec::new()),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}; incidents: {last:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 /// Every entry of the INCIDENTS stream with its message id.

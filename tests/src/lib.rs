@@ -70,3 +70,78 @@ pub fn in_own_process(test: &str) -> bool {
     assert!(status.success(), "{test} failed in its own process");
     false
 }
+
+/// How long [`eventually`] waits by default: long enough for a loaded CI
+/// machine, short enough that a hang fails the test rather than CI.
+pub const EVENTUALLY: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Polls `check` (every 20 ms) until it returns `Ok`, at most `limit`;
+/// on timeout returns its last `Err`. The one polling loop of the tests:
+/// it waits for something to happen, never to prove that it did not (see
+/// [`TocsinHarness::settled`] for that).
+pub async fn eventually_within<T, E, F, Fut>(
+    limit: std::time::Duration,
+    mut check: F,
+) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match check().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// [`eventually_within`] [`EVENTUALLY`], panicking with `what` and the last
+/// error.
+pub async fn eventually<T, E, F, Fut>(what: &str, check: F) -> T
+where
+    E: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    match eventually_within(EVENTUALLY, check).await {
+        Ok(v) => v,
+        Err(e) => panic!("{what} did not happen within {EVENTUALLY:?}; last seen: {e:?}"),
+    }
+}
+
+/// The random numbers of a randomized test (kill points, delays): one per
+/// test, seeded from `TOCSIN_TEST_SEED` when set, else from the time. The
+/// seed is printed first, so a failure can be re-run exactly:
+/// `TOCSIN_TEST_SEED=<seed> cargo test <test>`.
+pub struct TestRng(u64);
+
+impl TestRng {
+    pub fn new(test: &str) -> TestRng {
+        let seed = std::env::var("TOCSIN_TEST_SEED")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| {
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                (t.as_nanos() as u64) | 1
+            });
+        eprintln!("{test}: random seed {seed} (re-run with TOCSIN_TEST_SEED={seed})");
+        TestRng(seed.max(1))
+    }
+
+    /// The next number (xorshift64*).
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}

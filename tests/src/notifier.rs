@@ -223,6 +223,7 @@ impl Replica {
             clock,
             jetstream: tocsin_runtime::streams::JetStreamConfig::default(),
             shutdown: shutdown.clone(),
+            watermark: tocsin_runtime::progress::Watermark::detached("test"),
         };
         let task = tokio::spawn(async move { tocsin_notifier::run(config, &ctx, None).await });
         Replica {
@@ -283,8 +284,8 @@ pub async fn wait_receipts(
     done: impl Fn(&[tocsin_proto::notify::Delivery]) -> bool,
 ) -> Vec<tocsin_proto::notify::Delivery> {
     use tocsin_proto::{command::IncidentRef, incident::EventKind};
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
+    let done = &done;
+    crate::eventually(&format!("the receipts on #{number}"), || async move {
         let detail = crate::incidents::get(client, IncidentRef::Number(number)).await;
         let receipts: Vec<_> = detail
             .timeline
@@ -295,12 +296,53 @@ pub async fn wait_receipts(
             })
             .collect();
         if done(&receipts) {
-            return receipts;
+            Ok(receipts)
+        } else {
+            Err(receipts)
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "receipts on #{number} never got there: {receipts:#?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    })
+    .await
+}
+
+/// Waits until every notifier consumer (one per channel on NOTIFY, and
+/// the status-update consumer on INCIDENTS) has no page pending and none
+/// unacknowledged: each page has reached its outcome and its receipt is
+/// on COMMANDS, since a page is acknowledged only after that. Returns at
+/// once when no notifier consumer exists. Panics after `limit`.
+pub async fn settled(js: &async_nats::jetstream::Context, limit: std::time::Duration) {
+    use futures::TryStreamExt;
+    use tocsin_proto::subjects::{STREAM_INCIDENTS, STREAM_NOTIFY};
+    let result = crate::eventually_within(limit, || async {
+        let mut busy = Vec::new();
+        for name in [STREAM_NOTIFY, STREAM_INCIDENTS] {
+            let Ok(stream) = js.get_stream(name).await else {
+                continue;
+            };
+            let infos: Vec<_> = match stream.consumers().try_collect().await {
+                Ok(infos) => infos,
+                Err(e) => {
+                    busy.push(format!("cannot list the consumers of {name}: {e}"));
+                    continue;
+                }
+            };
+            for info in infos {
+                let is_notifier = info.name.starts_with("tocsin-notifier");
+                if is_notifier && (info.num_pending > 0 || info.num_ack_pending > 0) {
+                    busy.push(format!(
+                        "{}: {} pending, {} unacknowledged",
+                        info.name, info.num_pending, info.num_ack_pending
+                    ));
+                }
+            }
+        }
+        if busy.is_empty() {
+            Ok(())
+        } else {
+            Err(busy)
+        }
+    })
+    .await;
+    if let Err(busy) = result {
+        panic!("the notifier did not settle: {busy:?}");
     }
 }

@@ -10,6 +10,7 @@ use tocsin_incidents::clock::ManualClock;
 use tocsin_ingest::IngestConfig;
 use tocsin_runtime::{
     nats::{Credential, NatsConfig},
+    progress::Progress,
     streams::JetStreamConfig,
     CancellationToken,
 };
@@ -38,8 +39,11 @@ pub struct TocsinHarness {
     /// it runs when the config has a `chatops:` section.
     pub chatops_url: String,
     pub token: String,
-    /// The clock the services' timers run on; tests move it.
+    /// The clock the services' timers run on; tests move it (and then
+    /// [`TocsinHarness::settle`]).
     pub clock: ManualClock,
+    /// The services' watermarks.
+    pub progress: Progress,
     pub shutdown: CancellationToken,
     /// Holds the services' data (sled) while they run.
     _data: Option<tempfile::TempDir>,
@@ -107,10 +111,12 @@ impl TocsinHarness {
         let chatops = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let chatops_url = format!("http://{}", chatops.local_addr().unwrap());
         let shutdown = CancellationToken::new();
+        let progress = Progress::new();
         let options = Options {
             admin_listen: admin.local_addr().unwrap(),
             grace_period: Duration::from_secs(10),
             clock: std::sync::Arc::new(clock.clone()),
+            progress: progress.clone(),
         };
         let listeners = Listeners {
             admin,
@@ -132,6 +138,7 @@ impl TocsinHarness {
             chatops_url,
             token: TEST_TOKEN.to_string(),
             clock,
+            progress,
             shutdown,
             _data: data,
             task: Some(task),
@@ -144,6 +151,75 @@ impl TocsinHarness {
     pub fn clock_now(&self) -> jiff::Timestamp {
         use tocsin_incidents::clock::Clock;
         self.clock.now()
+    }
+
+    /// Moves the clock to `t`, then waits until the engine has settled
+    /// there (see [`TocsinHarness::settled`]).
+    pub async fn settle(&self, js: &async_nats::jetstream::Context, t: jiff::Timestamp) {
+        self.clock.set(t);
+        self.settled(js).await;
+    }
+
+    /// Waits until the engine has done everything that is due: incidents
+    /// has handled every alert and command on the bus and fired every timer
+    /// due by now, escalation has applied every INCIDENTS entry and fired
+    /// every step due by now, and every notifier consumer has settled every
+    /// page (none pending, none unacknowledged); repeated until a round adds
+    /// nothing to any stream. Each service reports its watermark only once
+    /// the effects are acknowledged by JetStream, so after this returns,
+    /// what has not happened will not happen until the clock moves or new
+    /// input arrives: tests assert absence after it, never after a sleep.
+    pub async fn settled(&self, js: &async_nats::jetstream::Context) {
+        use tocsin_incidents::clock::Clock;
+        use tocsin_proto::subjects::{
+            STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS, STREAM_NOTIFY,
+        };
+        const LIMIT: Duration = Duration::from_secs(30);
+        let last = |stream: &'static str| async move {
+            tocsin_runtime::streams::last_sequence(js, stream)
+                .await
+                .unwrap_or(0)
+        };
+        let mut round = 0;
+        loop {
+            round += 1;
+            assert!(round < 50, "the engine never settled: streams keep growing");
+            let now = self.clock.now();
+            let before = [
+                last(STREAM_ALERTS).await,
+                last(STREAM_COMMANDS).await,
+                last(STREAM_INCIDENTS).await,
+                last(STREAM_NOTIFY).await,
+            ];
+            let (alerts, commands) = (before[0], before[1]);
+            self.progress
+                .wait_until("incidents", LIMIT, |m| {
+                    m.read(STREAM_ALERTS) >= alerts
+                        && m.read(STREAM_COMMANDS) >= commands
+                        && m.timers_reached(now)
+                })
+                .await
+                .unwrap_or_else(|m| panic!("incidents did not settle at {now} (alerts {alerts}, commands {commands}): {m:?}"));
+            let incidents = last(STREAM_INCIDENTS).await;
+            self.progress
+                .wait_until("escalation", LIMIT, |m| {
+                    m.read(STREAM_INCIDENTS) >= incidents && m.timers_reached(now)
+                })
+                .await
+                .unwrap_or_else(|m| {
+                    panic!("escalation did not settle at {now} (INCIDENTS {incidents}): {m:?}")
+                });
+            crate::notifier::settled(js, LIMIT).await;
+            let after = [
+                last(STREAM_ALERTS).await,
+                last(STREAM_COMMANDS).await,
+                last(STREAM_INCIDENTS).await,
+                last(STREAM_NOTIFY).await,
+            ];
+            if after == before {
+                return;
+            }
+        }
     }
 
     /// The `/metrics` text.

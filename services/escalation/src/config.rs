@@ -33,7 +33,7 @@ pub struct RouteConfig {
     /// Matched against the incident's common labels (plus `severity`).
     #[serde(
         default,
-        deserialize_with = "tocsin_incidents::matchers::deserialize_matchers"
+        deserialize_with = "tocsin_rules::matchers::deserialize_matchers"
     )]
     pub matchers: Vec<Matcher>,
     #[serde(default)]

@@ -19,7 +19,7 @@ use axum::{
 };
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
-use tocsin_incidents::clock::Clock;
+use tocsin_runtime::clock::Clock;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -149,7 +149,7 @@ async fn oncall(
 mod tests {
     use super::*;
     use axum::{body::Body, http::Request};
-    use tocsin_incidents::clock::ManualClock;
+    use tocsin_runtime::clock::ManualClock;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tower::ServiceExt;
 

@@ -128,7 +128,7 @@ pub async fn run(
             }
         }))
     });
-    let result = svc.run(health, shutdown).await;
+    let result = svc.run(health, shutdown, ctx.watermark.clone()).await;
     let _ = queries.await;
     if let Some(c) = calendar {
         let _ = c.await;

@@ -7,12 +7,12 @@ use std::{
 };
 
 use jiff::Timestamp;
-use tocsin_incidents::{matchers::MatcherSet, silences::CompiledRecurrence};
 use tocsin_proto::{
     incident::{IncidentSummary, Severity},
     notify::{Channel, PageTarget},
     Labels,
 };
+use tocsin_rules::{matchers::MatcherSet, time::timezone, window::WeeklyWindow};
 
 use crate::{
     config::{EscalationConfig, LevelConfig, RouteConfig, RuleStep, TargetConfig, UserConfig},
@@ -50,7 +50,7 @@ struct Level {
     targets: Vec<TargetConfig>,
     delay: Duration,
     delay_by_severity: BTreeMap<Severity, Duration>,
-    active: Option<CompiledRecurrence>,
+    active: Option<WeeklyWindow>,
 }
 
 struct Policy {
@@ -432,16 +432,18 @@ fn names<'a>(it: impl Iterator<Item = &'a String>) -> String {
 }
 
 fn compile_level(policy: &str, i: usize, l: &LevelConfig, errors: &mut Vec<String>) -> Level {
-    let active = l
-        .active
-        .as_ref()
-        .and_then(|r| match CompiledRecurrence::new(r) {
+    let active = l.active.as_ref().and_then(|r| {
+        match timezone(&r.timezone)
+            .map_err(|e| format!("timezone {e}"))
+            .and_then(|tz| WeeklyWindow::new(&r.weekdays, &r.start, &r.end, tz))
+        {
             Ok(c) => Some(c),
             Err(e) => {
                 errors.push(format!("policy {policy:?} level {i} active: {e}"));
                 None
             }
-        });
+        }
+    });
     Level {
         targets: l.targets.clone(),
         delay: l.delay.get(),

@@ -10,7 +10,6 @@ use std::{collections::BTreeMap, sync::Arc};
 use async_nats::Client;
 use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
-use tocsin_incidents::clock::Clock;
 use tocsin_proto::{
     codec,
     incident::IncidentStatus,
@@ -20,6 +19,7 @@ use tocsin_proto::{
     },
     subjects::query,
 };
+use tocsin_runtime::clock::Clock;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 

@@ -36,6 +36,10 @@ use jiff::{
     Span, Timestamp,
 };
 use serde::{de, Deserialize, Deserializer};
+use tocsin_rules::{
+    time::{parse_hhmm, resolve, secs_to_time, timezone, SECS_PER_DAY},
+    window::WeeklyWindow,
+};
 use tocsin_runtime::config::{parse_duration, HumanDuration};
 
 /// The most shifts [`Schedule::shifts`] returns; the timeline is cut there.
@@ -54,7 +58,6 @@ const MAX_STEPS: usize = 100_000;
 /// for `12h` than a wish to be paged in turns every twelve minutes.
 const MIN_ROTATION: Duration = Duration::from_secs(60 * 60);
 
-const SECS_PER_DAY: u32 = 24 * 60 * 60;
 const DEFAULT_HANDOFF: &str = "09:00";
 
 // ---------------------------------------------------------------------------
@@ -293,7 +296,7 @@ struct Layer {
     name: String,
     participants: Vec<String>,
     rotation: CompiledRotation,
-    restrict: Option<Window>,
+    restrict: Option<WeeklyWindow>,
 }
 
 #[derive(Clone, Debug)]
@@ -306,17 +309,6 @@ enum CompiledRotation {
     },
     /// Shift `k` begins at `anchor + k * len` (nanoseconds).
     Absolute { anchor: Timestamp, len: i128 },
-}
-
-/// A [`RestrictConfig`] ready to evaluate in the schedule's time zone.
-#[derive(Clone, Debug)]
-struct Window {
-    /// Indexed by `Weekday::to_monday_zero_offset`.
-    weekdays: [bool; 7],
-    /// Seconds since local midnight, `0..SECS_PER_DAY`.
-    start: u32,
-    /// Seconds since local midnight, `0..=SECS_PER_DAY` (`24:00`).
-    end: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -363,8 +355,7 @@ impl Schedule {
                 .to_string());
         }
         let here = format!("schedule {:?}", c.name);
-        let tz = TimeZone::get(&c.timezone)
-            .map_err(|_| format!("{here}: timezone {}", unknown_timezone(&c.timezone)))?;
+        let tz = timezone(&c.timezone).map_err(|e| format!("{here}: timezone {e}"))?;
 
         let mut layers: Vec<Layer> = Vec::with_capacity(c.layers.len());
         for (i, l) in c.layers.iter().enumerate() {
@@ -568,7 +559,7 @@ impl Layer {
         let restrict = c
             .restrict
             .as_ref()
-            .map(Window::new)
+            .map(|r| WeeklyWindow::new(&r.weekdays, &r.start, &r.end, tz.clone()))
             .transpose()
             .map_err(|e| format!("restrict: {e}"))?
             .filter(|w| !w.always());
@@ -585,7 +576,7 @@ impl Layer {
     fn at(&self, tz: &TimeZone, at: Timestamp) -> (Option<&str>, Timestamp, Timestamp) {
         let mut bounds = Bounds::ALL;
         if let Some(w) = &self.restrict {
-            let (inside, start, end) = w.state(tz, at);
+            let (inside, start, end) = w.state(at);
             if !inside {
                 return (None, start, end);
             }
@@ -656,104 +647,6 @@ fn calendar_start(tz: &TimeZone, first: Date, days: i64, handoff: Time, k: i64) 
         })
 }
 
-impl Window {
-    fn new(c: &RestrictConfig) -> Result<Window, String> {
-        let mut weekdays = [c.weekdays.is_empty(); 7];
-        for name in &c.weekdays {
-            weekdays[parse_weekday(name)?.to_monday_zero_offset() as usize] = true;
-        }
-        let start = parse_hhmm(&c.start)
-            .filter(|&s| s < SECS_PER_DAY)
-            .ok_or_else(|| {
-                format!(
-                    "start {:?} is not a time HH:MM from 00:00 to 23:59",
-                    c.start
-                )
-            })?;
-        let end = parse_hhmm(&c.end)
-            .ok_or_else(|| format!("end {:?} is not a time HH:MM from 00:00 to 24:00", c.end))?;
-        Ok(Window {
-            weekdays,
-            start,
-            end,
-        })
-    }
-
-    /// Every day, all day: the same as no restriction. Dropping it keeps
-    /// [`Window::state`] from having to find the end of an endless window.
-    fn always(&self) -> bool {
-        self.weekdays.iter().all(|&d| d)
-            && (self.start == self.end || (self.start == 0 && self.end == SECS_PER_DAY))
-    }
-
-    /// The window that opens on local date `day`, if `day` is listed.
-    fn opening_on(&self, tz: &TimeZone, day: Date) -> Option<(Timestamp, Timestamp)> {
-        if !self.weekdays[day.weekday().to_monday_zero_offset() as usize] {
-            return None;
-        }
-        let open = resolve(tz, day, secs_to_time(self.start))?;
-        let (end_day, end) = if self.end == SECS_PER_DAY || self.end <= self.start {
-            (day.tomorrow().ok()?, self.end % SECS_PER_DAY)
-        } else {
-            (day, self.end)
-        };
-        let close = resolve(tz, end_day, secs_to_time(end))?;
-        // Both ends inside one DST gap can collapse a short window.
-        (open < close).then_some((open, close))
-    }
-
-    /// Whether `at` is inside the window, and the interval around `at` over
-    /// which that holds (windows that touch, like Mon–Fri 00:00–24:00, count
-    /// as one).
-    fn state(&self, tz: &TimeZone, at: Timestamp) -> (bool, Timestamp, Timestamp) {
-        let today = tz.to_datetime(at).date();
-        // A window containing `at` opened at most two local dates ago, and
-        // with at least one listed weekday a window opens in every 7 days,
-        // so the 8 dates before and after `today` hold both the previous
-        // close and the next open, and any run of touching windows around
-        // `at` (it spans at most 6 days, or `always` would have dropped it).
-        // Hence the MIN/MAX defaults below never survive.
-        let mut runs = [(Timestamp::MIN, Timestamp::MIN); 17];
-        let mut n = 0;
-        for offset in -8..=8 {
-            let Some((open, close)) = today
-                .checked_add(Span::new().days(offset))
-                .ok()
-                .and_then(|day| self.opening_on(tz, day))
-            else {
-                continue;
-            };
-            if n > 0 && open <= runs[n - 1].1 {
-                runs[n - 1].1 = runs[n - 1].1.max(close);
-            } else {
-                runs[n] = (open, close);
-                n += 1;
-            }
-        }
-        let (mut before, mut after) = (Timestamp::MIN, Timestamp::MAX);
-        for &(open, close) in &runs[..n] {
-            if open <= at && at < close {
-                return (true, open, close);
-            }
-            if close <= at {
-                before = before.max(close);
-            } else {
-                after = open;
-                break;
-            }
-        }
-        (false, before, after)
-    }
-}
-
-/// Resolves a local date and time in `tz`: a time in a DST gap moves
-/// forward by the gap, a repeated time means its first occurrence.
-fn resolve(tz: &TimeZone, date: Date, time: Time) -> Option<Timestamp> {
-    tz.to_ambiguous_timestamp(date.to_datetime(time))
-        .compatible()
-        .ok()
-}
-
 /// Saturates at the ends of jiff's range instead of failing.
 fn from_nanos(n: i128) -> Timestamp {
     Timestamp::from_nanosecond(n).unwrap_or(if n < 0 {
@@ -761,62 +654,6 @@ fn from_nanos(n: i128) -> Timestamp {
     } else {
         Timestamp::MAX
     })
-}
-
-/// `0..SECS_PER_DAY` as a time of day; `SECS_PER_DAY` (24:00) callers map
-/// to the next day's 00:00 first.
-fn secs_to_time(secs: u32) -> Time {
-    let secs = secs % SECS_PER_DAY;
-    Time::new((secs / 3600) as i8, (secs / 60 % 60) as i8, 0, 0).expect("in range")
-}
-
-use tocsin_incidents::silences::{parse_hhmm, parse_weekday};
-
-/// "... is not a known IANA time zone", with the closest known name when
-/// the mistake looks like a typo.
-fn unknown_timezone(name: &str) -> String {
-    let wanted = name.to_ascii_lowercase();
-    let closest = jiff::tz::db()
-        .available()
-        .map(|n| {
-            let n = n.as_str().to_string();
-            let full = n.to_ascii_lowercase();
-            // A bare city ("berlin") is compared with the last part only.
-            let city = match wanted.contains('/') {
-                true => &full,
-                false => full.rsplit('/').next().unwrap_or(&full),
-            };
-            let d = edit_distance(&wanted, &full).min(edit_distance(&wanted, city));
-            (d, n)
-        })
-        .min();
-    match closest {
-        Some((d, n)) if d <= 3 && !wanted.is_empty() => {
-            format!("{name:?} is not a known IANA time zone; did you mean {n:?}?")
-        }
-        _ => format!(
-            "{name:?} is not a known IANA time zone; write one like Europe/Berlin, \
-             America/New_York or UTC"
-        ),
-    }
-}
-
-/// Levenshtein distance, by chars.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diag = row[0];
-        row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let next = (diag + usize::from(ca != cb))
-                .min(row[j] + 1)
-                .min(row[j + 1] + 1);
-            diag = row[j + 1];
-            row[j + 1] = next;
-        }
-    }
-    row[b.len()]
 }
 
 #[cfg(test)]
@@ -1893,16 +1730,5 @@ schedules:
         check("monthly", Err(r#"invalid rotation "monthly""#));
         check("", Err("invalid rotation"));
         assert_eq!(Rotation::Weekly.length(), Duration::from_secs(604_800));
-    }
-
-    #[test]
-    fn timezone_suggestions() {
-        assert_eq!(edit_distance("europe/berln", "europe/berlin"), 1);
-        assert_eq!(edit_distance("", "abc"), 3);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-        assert!(unknown_timezone("Europe/Pairs").contains(r#"did you mean "Europe/Paris"?"#));
-        assert!(unknown_timezone("berlin").contains(r#"did you mean "Europe/Berlin"?"#));
-        assert!(unknown_timezone("New_Yorck").contains(r#"did you mean "America/New_York"?"#));
-        assert!(unknown_timezone("").contains("write one like"));
     }
 }

@@ -15,7 +15,6 @@ use prometheus_client::metrics::{
     gauge::Gauge,
     histogram::{exponential_buckets, Histogram},
 };
-use tocsin_incidents::clock::Clock;
 use tocsin_proto::{
     codec::{self, decode_envelope},
     incident::LogEntry,
@@ -23,7 +22,8 @@ use tocsin_proto::{
     Envelope,
 };
 use tocsin_runtime::admin::{labels, Health, Labels, Metrics};
-use tocsin_runtime::streams;
+use tocsin_runtime::clock::Clock;
+use tocsin_runtime::{progress::Watermark, streams};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -181,6 +181,7 @@ impl Service {
         mut self,
         health: &Health,
         shutdown: CancellationToken,
+        watermark: Watermark,
     ) -> Result<(), EscalationError> {
         'outer: while !shutdown.is_cancelled() {
             let mut msgs = match self.consumer().await {
@@ -201,7 +202,10 @@ impl Service {
             }
             health.set_ok("escalation");
             loop {
+                // Everything read is applied and every step due before
+                // `due` has fired (its pages acknowledged by JetStream).
                 let due = self.tracks.next_due();
+                watermark.report(&[(STREAM_INCIDENTS, self.seq)], due);
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break 'outer,

@@ -38,7 +38,7 @@ pub mod error;
 pub mod events;
 pub mod inhibit;
 pub mod limits;
-pub mod matchers;
+pub use tocsin_rules::matchers;
 pub mod severity;
 pub mod silences;
 pub mod store;
@@ -165,7 +165,7 @@ pub async fn run(
         svc.proj.clone(),
         shutdown.clone(),
     ));
-    let result = svc.run(shutdown).await;
+    let result = svc.run(shutdown, ctx.watermark.clone()).await;
     let _ = queries.await;
     result
 }

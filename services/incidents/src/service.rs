@@ -28,7 +28,7 @@ use tocsin_proto::{
     subjects::{headers, STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS},
     Alert, Envelope, SourceKind,
 };
-use tocsin_runtime::{admin::Health, streams};
+use tocsin_runtime::{admin::Health, progress::Watermark, streams};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -291,10 +291,14 @@ impl Service {
         }
     }
 
-    pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<(), IncidentsError> {
+    pub(crate) async fn run(
+        self,
+        shutdown: CancellationToken,
+        watermark: Watermark,
+    ) -> Result<(), IncidentsError> {
         'outer: while !shutdown.is_cancelled() {
             let resume = read(&self.proj).alerts_resume_from();
-            let (mut alerts, mut commands) = match self.consumers(resume).await {
+            let (mut alerts, mut commands, commands_floor) = match self.consumers(resume).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot subscribe to ALERTS/COMMANDS yet; retrying");
@@ -305,18 +309,36 @@ impl Service {
                 }
             };
             tracing::info!(alerts_from = resume, "incidents service consuming");
+            // How far each input stream is handled: ALERTS up to the
+            // cursor, COMMANDS up to the consumer's ack floor.
+            let mut alerts_seq = resume.saturating_sub(1);
+            let mut commands_seq = commands_floor;
             loop {
+                // Every input read is handled and every timer due before
+                // `deadline` has fired, its entries written.
                 let deadline = self.next_deadline();
+                watermark.report(
+                    &[(STREAM_ALERTS, alerts_seq), (STREAM_COMMANDS, commands_seq)],
+                    deadline,
+                );
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break 'outer,
                     m = alerts.next() => match m {
-                        Some(Ok(msg)) => self.on_alert(msg, &shutdown).await,
+                        Some(Ok(msg)) => {
+                            let seq = msg.info().map(|i| i.stream_sequence).ok();
+                            self.on_alert(msg, &shutdown).await;
+                            alerts_seq = alerts_seq.max(seq.unwrap_or(0));
+                        }
                         Some(Err(e)) => tracing::warn!(error = %e, "ALERTS consumer error"),
                         None => continue 'outer,
                     },
                     m = commands.next() => match m {
-                        Some(Ok(msg)) => self.on_command(msg, &shutdown).await,
+                        Some(Ok(msg)) => {
+                            let seq = msg.info().map(|i| i.stream_sequence).ok();
+                            self.on_command(msg, &shutdown).await;
+                            commands_seq = commands_seq.max(seq.unwrap_or(0));
+                        }
                         Some(Err(e)) => tracing::warn!(error = %e, "COMMANDS consumer error"),
                         None => continue 'outer,
                     },
@@ -333,9 +355,15 @@ impl Service {
         Ok(())
     }
 
-    async fn consumers(&self, alerts_from: u64) -> Result<(pull::Ordered, pull::Stream), String> {
+    /// The ALERTS reader from `alerts_from`, the COMMANDS consumer's
+    /// messages, and the COMMANDS sequence up to which every command was
+    /// already handled (acknowledged) before.
+    async fn consumers(
+        &self,
+        alerts_from: u64,
+    ) -> Result<(pull::Ordered, pull::Stream, u64), String> {
         let alerts = streams::read_from(&self.js, STREAM_ALERTS, alerts_from).await?;
-        let commands = self
+        let mut consumer = self
             .js
             .get_stream(STREAM_COMMANDS)
             .await
@@ -350,11 +378,15 @@ impl Service {
                 },
             )
             .await
-            .map_err(|e| e.to_string())?
-            .messages()
-            .await
             .map_err(|e| e.to_string())?;
-        Ok((alerts, commands))
+        let floor = consumer
+            .info()
+            .await
+            .map_err(|e| e.to_string())?
+            .ack_floor
+            .stream_sequence;
+        let commands = consumer.messages().await.map_err(|e| e.to_string())?;
+        Ok((alerts, commands, floor))
     }
 
     fn next_deadline(&self) -> Option<Timestamp> {

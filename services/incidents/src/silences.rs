@@ -6,123 +6,35 @@
 
 use std::collections::BTreeMap;
 
-use jiff::{civil::Weekday, tz::TimeZone, Timestamp};
+use jiff::Timestamp;
 use tocsin_proto::{
     silence::{Recurrence, Silence},
     Labels,
 };
+use tocsin_rules::{time::timezone, window::WeeklyWindow};
 
 use crate::matchers::MatcherSet;
 
-const SECS_PER_DAY: u32 = 24 * 60 * 60;
-
-/// A [`Recurrence`] ready to evaluate.
-///
-/// The window is defined on local wall-clock time, not as a duration from
-/// its start: the question asked is "does the clock on the wall in
-/// `timezone` read between `start` and `end`?". That makes it DST-correct by
-/// construction, the way people planning maintenance mean it, at the price
-/// of windows that are shorter or longer in real time on the nights the
-/// clocks change. In Europe/Berlin a daily 01:00–04:00 window lasts 2 real
-/// hours on 2025-03-30 (02:00 CET jumps to 03:00 CEST) and 4 real hours on
-/// 2025-10-26 (03:00 CEST falls back to 02:00 CET, so 02:00–03:00 happens
-/// twice), and a window inside the skipped hour does not happen that night.
+/// A [`Recurrence`] ready to evaluate: a [`WeeklyWindow`] in the
+/// recurrence's time zone, so maintenance windows follow the same DST rule
+/// as on-call schedules (a skipped local time moves forward by the gap, a
+/// repeated one is its first occurrence). In Europe/Berlin a daily
+/// 01:00–04:00 window lasts 2 real hours on 2025-03-30 and 4 on 2025-10-26.
 #[derive(Clone, Debug)]
-pub struct CompiledRecurrence {
-    /// Indexed by `Weekday::to_monday_zero_offset`.
-    weekdays: [bool; 7],
-    /// Seconds since local midnight, `0..SECS_PER_DAY`.
-    start: u32,
-    /// Seconds since local midnight, `0..=SECS_PER_DAY` (`24:00`).
-    end: u32,
-    tz: TimeZone,
-}
+pub struct CompiledRecurrence(WeeklyWindow);
 
 impl CompiledRecurrence {
     pub fn new(r: &Recurrence) -> Result<Self, String> {
-        let mut weekdays = [r.weekdays.is_empty(); 7];
-        for name in &r.weekdays {
-            weekdays[parse_weekday(name)?.to_monday_zero_offset() as usize] = true;
-        }
-        let start = parse_hhmm(&r.start)
-            .filter(|&s| s < SECS_PER_DAY)
-            .ok_or_else(|| {
-                format!(
-                    "recurrence start {:?} is not a time HH:MM from 00:00 to 23:59",
-                    r.start
-                )
-            })?;
-        let end = parse_hhmm(&r.end).ok_or_else(|| {
-            format!(
-                "recurrence end {:?} is not a time HH:MM from 00:00 to 24:00",
-                r.end
-            )
-        })?;
-        let tz = TimeZone::get(&r.timezone).map_err(|_| {
-            format!(
-                "recurrence timezone {:?} is not a known IANA time zone (e.g. Europe/Berlin, UTC)",
-                r.timezone
-            )
-        })?;
-        Ok(CompiledRecurrence {
-            weekdays,
-            start,
-            end,
-            tz,
-        })
+        let tz = timezone(&r.timezone).map_err(|e| format!("recurrence timezone {e}"))?;
+        WeeklyWindow::new(&r.weekdays, &r.start, &r.end, tz)
+            .map(CompiledRecurrence)
+            .map_err(|e| format!("recurrence {e}"))
     }
 
-    /// Whether the local wall-clock time at `at` is inside the window.
+    /// Whether `at` is inside the window.
     pub fn contains(&self, at: Timestamp) -> bool {
-        let local = self.tz.to_datetime(at);
-        let day = local.weekday();
-        let t = local.time();
-        // Whole seconds suffice: start and end are whole minutes, so
-        // `floor(t) >= start` iff `t >= start`, and likewise for `<`.
-        let secs = t.hour() as u32 * 3600 + t.minute() as u32 * 60 + t.second() as u32;
-        let listed = |d: Weekday| self.weekdays[d.to_monday_zero_offset() as usize];
-        if self.start < self.end {
-            listed(day) && self.start <= secs && secs < self.end
-        } else {
-            // Crosses midnight (or lasts 24h when start == end): the part
-            // after midnight belongs to the day the window started on.
-            (listed(day) && secs >= self.start) || (listed(day.previous()) && secs < self.end)
-        }
+        self.0.contains(at)
     }
-}
-
-/// `mon`..`sun` or `monday`..`sunday`, any case (also used by on-call
-/// schedule restrictions, so both read weekdays the same way).
-pub fn parse_weekday(name: &str) -> Result<Weekday, String> {
-    use Weekday::*;
-    let day = match name.to_ascii_lowercase().as_str() {
-        "mon" | "monday" => Monday,
-        "tue" | "tuesday" => Tuesday,
-        "wed" | "wednesday" => Wednesday,
-        "thu" | "thursday" => Thursday,
-        "fri" | "friday" => Friday,
-        "sat" | "saturday" => Saturday,
-        "sun" | "sunday" => Sunday,
-        _ => {
-            return Err(format!(
-                "weekday {name:?} is not one of mon, tue, wed, thu, fri, sat, sun"
-            ))
-        }
-    };
-    Ok(day)
-}
-
-/// `HH:MM` (two digits each, as in Alertmanager's time intervals), 00:00 to
-/// 24:00, as seconds since midnight.
-pub fn parse_hhmm(s: &str) -> Option<u32> {
-    let b = s.as_bytes();
-    if b.len() != 5 || b[2] != b':' || ![0, 1, 3, 4].iter().all(|&i| b[i].is_ascii_digit()) {
-        return None;
-    }
-    let digit = |i: usize| u32::from(b[i] - b'0');
-    let (h, m) = (digit(0) * 10 + digit(1), digit(3) * 10 + digit(4));
-    let secs = (h * 60 + m) * 60;
-    (m < 60 && secs <= SECS_PER_DAY).then_some(secs)
 }
 
 /// A validated silence with its matchers and recurrence compiled.
@@ -327,16 +239,19 @@ mod tests {
     }
 
     #[test]
-    fn window_inside_the_skipped_hour_does_not_happen() {
-        // 02:15–02:45 does not exist in Berlin on 2025-03-30.
+    fn window_inside_the_skipped_hour_moves_past_the_jump() {
+        // 02:15–02:45 does not exist in Berlin on 2025-03-30: it happens at
+        // 03:15–03:45 CEST, moved forward by the gap.
         let r = recurrence(&[], "02:15", "02:45", "Europe/Berlin");
-        check(&r, "2025-03-30T01:00:00Z", false); // 03:00 CEST
-        check(&r, "2025-03-30T01:30:00Z", false); // 03:30 CEST
         check(&r, "2025-03-30T00:30:00Z", false); // 01:30 CET
-                                                  // ...and happens twice on 2025-10-26.
+        check(&r, "2025-03-30T01:00:00Z", false); // 03:00 CEST
+        check(&r, "2025-03-30T01:30:00Z", true); // 03:30 CEST
+        check(&r, "2025-03-30T01:45:00Z", false); // 03:45 CEST
+                                                  // On 2025-10-26 02:15–02:45 happens twice on the wall; the window is
+                                                  // the first one only.
         check(&r, "2025-10-26T00:30:00Z", true); // 02:30 CEST
         check(&r, "2025-10-26T01:00:00Z", false); // 02:00 CET
-        check(&r, "2025-10-26T01:30:00Z", true); // 02:30 CET
+        check(&r, "2025-10-26T01:30:00Z", false); // 02:30 CET
     }
 
     #[test]

@@ -11,12 +11,14 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     admin::{Health, Metrics},
     clock::Clock,
+    progress::Watermark,
     streams::JetStreamConfig,
 };
 
 /// The NATS client and JetStream context (with the service's own
 /// credentials), the process's metrics and health, the one clock, the
-/// JetStream settings (replicas, retention) and the shutdown signal.
+/// JetStream settings (replicas, retention), the shutdown signal and the
+/// service's watermark.
 #[derive(Clone)]
 pub struct ServiceContext {
     pub js: jetstream::Context,
@@ -25,6 +27,9 @@ pub struct ServiceContext {
     pub clock: Arc<dyn Clock>,
     pub jetstream: JetStreamConfig,
     pub shutdown: CancellationToken,
+    /// Where the service reports how far it has got (see
+    /// [`crate::progress`]).
+    pub watermark: Watermark,
 }
 
 impl ServiceContext {
@@ -38,6 +43,7 @@ impl ServiceContext {
             clock,
             jetstream: JetStreamConfig::default(),
             shutdown: CancellationToken::new(),
+            watermark: Watermark::detached("standalone"),
         }
     }
 

@@ -28,6 +28,7 @@ pub mod context;
 pub mod error;
 pub mod http_server;
 pub mod nats;
+pub mod progress;
 pub mod shutdown;
 pub mod streams;
 pub mod telemetry;

@@ -10,7 +10,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use tocsin_incidents::clock::Clock;
+use tocsin_runtime::{clock::Clock, progress::Progress};
 
 use anyhow::Context as _;
 use tocsin_runtime::context::ServiceContext;
@@ -29,6 +29,8 @@ pub struct Options {
     pub grace_period: Duration,
     /// Time for timers (snooze ends, heartbeats); tests pass a manual clock.
     pub clock: Arc<dyn Clock>,
+    /// Where the services report their watermarks (tests wait on it).
+    pub progress: Progress,
 }
 
 /// The sockets a process serves on, bound before anything starts (tests bind
@@ -250,6 +252,7 @@ pub async fn run(
             clock: options.clock.clone(),
             jetstream: config.jetstream.clone(),
             shutdown: shutdown.clone(),
+            watermark: options.progress.of(service.name()),
         };
         let listener = match service {
             Service::Ingest => Some(

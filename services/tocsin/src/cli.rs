@@ -243,7 +243,8 @@ fn serve(cli: &Cli, services: &[Service]) -> ExitCode {
     let options = Options {
         admin_listen: cli.admin_listen,
         grace_period: cli.grace_period,
-        clock: std::sync::Arc::new(tocsin_incidents::clock::SystemClock),
+        clock: std::sync::Arc::new(tocsin_runtime::clock::SystemClock),
+        progress: Default::default(),
     };
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();

@@ -619,6 +619,7 @@ impl Tocsin {
             admin_listen: admin_addr,
             grace_period: Duration::from_secs(10),
             clock: Arc::new(SystemClock),
+            progress: Default::default(),
         };
         let listeners = app::Listeners {
             admin,
@@ -1153,6 +1154,7 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
                 clock: Arc::new(SystemClock),
                 jetstream: js_config.clone(),
                 shutdown: stop,
+                watermark: tocsin_runtime::progress::Watermark::detached("test"),
             };
             tocsin_incidents::run(config, &ctx, None).await?;
             anyhow::Ok(())
@@ -1926,6 +1928,7 @@ impl EscalationService {
                     clock,
                     jetstream: js_config.clone(),
                     shutdown: stop,
+                    watermark: tocsin_runtime::progress::Watermark::detached("test"),
                 };
                 tocsin_escalation::run(config, &ctx, None).await?;
                 anyhow::Ok(())

@@ -40,15 +40,6 @@ fn start(config: &Path) -> Child {
         .expect("start tocsin notifier")
 }
 
-/// A pseudo-random number from the clock and a counter (no rand crate here).
-fn random(n: u64, below: u64) -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64;
-    (t ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9) % below
-}
-
 fn delivered(f: &FakeProviders) -> usize {
     f.slack_posts().len() + f.sms().len() + f.webhooks().len() + f.pagerduty_alerts().len()
 }
@@ -99,17 +90,18 @@ async fn killed_five_times_every_page_arrives_exactly_once() {
     publish_pages(&js, &pages).await;
 
     let mut kills = Vec::new();
-    for round in 0..5u64 {
+    let mut rng = tocsin_tests::TestRng::new("notifier_crash: kill points");
+    for _round in 0..5u64 {
         let before = delivered(&fakes);
         let mut child = start(&config);
         // Kill it mid-flight: after a random 20 to 80 more deliveries, plus
         // a random few milliseconds (requests are in flight all along).
-        let target = before + 20 + random(round, 60) as usize;
+        let target = before + 20 + rng.below(60) as usize;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while delivered(&fakes) < target && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        tokio::time::sleep(Duration::from_millis(random(round + 7, 15))).await;
+        tokio::time::sleep(Duration::from_millis(rng.below(15))).await;
         child.kill().expect("SIGKILL");
         child.wait().unwrap();
         kills.push(delivered(&fakes));
