@@ -258,22 +258,34 @@ impl Tracks {
         }
     }
 
-    /// The earliest due moment over all tracks.
+    /// The earliest due moment over all tracks (from the index).
     pub fn next_due(&self) -> Option<Timestamp> {
-        self.map.values().filter_map(Track::due).min()
+        let next = self.index.first().map(|(d, _)| *d);
+        debug_assert_eq!(
+            next,
+            self.map.values().filter_map(Track::due).min(),
+            "the due-time index is stale"
+        );
+        next
     }
 
-    /// Keys due at `now`.
+    /// Keys due at `now`, earliest first (from the index).
     pub fn due(&self, now: Timestamp) -> Vec<Key> {
-        self.map
+        self.index
             .iter()
-            .filter(|(_, t)| t.due().is_some_and(|d| d <= now))
-            .map(|(k, _)| k.clone())
+            .take_while(|(d, _)| *d <= now)
+            .map(|(_, k)| k.clone())
             .collect()
     }
 
-    /// Fires what is due on `key` at `now`.
+    /// Fires what is due on `key` at `now`, keeping the index up to date.
     pub fn fire(&mut self, planner: &Planner, key: &Key, now: Timestamp) -> Vec<Effect> {
+        let effects = self.fire_inner(planner, key, now);
+        self.touch(key);
+        effects
+    }
+
+    fn fire_inner(&mut self, planner: &Planner, key: &Key, now: Timestamp) -> Vec<Effect> {
         let Some(t) = self.map.get_mut(key) else {
             return Vec::new();
         };
