@@ -73,6 +73,9 @@ pub struct Projection {
     pub dirty: std::collections::HashSet<Uuid>,
     /// Silence ids changed since the last save.
     pub dirty_silences: std::collections::HashSet<String>,
+    /// Snoozed, unresolved incidents by when their snooze ends: the timer
+    /// loop reads its head instead of scanning every incident.
+    pub snoozes: std::collections::BTreeSet<(Timestamp, Uuid)>,
 }
 
 impl Projection {
@@ -91,6 +94,17 @@ impl Projection {
         self.incidents.get(&id)
     }
 
+    /// Keeps [`Projection::snoozes`] in step with incident `id`, whose
+    /// snooze ended at `before` (if it had one) before the change.
+    pub fn reindex_snooze(&mut self, id: Uuid, before: Option<Timestamp>) {
+        if let Some(at) = before {
+            self.snoozes.remove(&(at, id));
+        }
+        if let Some((at, _)) = self.incidents.get(&id).and_then(snooze_timer) {
+            self.snoozes.insert((at, id));
+        }
+    }
+
     /// Folds one published entry (at stream sequence `seq`) into the projection.
     pub fn apply(&mut self, entry: &LogEntry, seq: u64) {
         if seq != 0 && seq <= self.incidents_seq {
@@ -99,6 +113,11 @@ impl Projection {
         match entry {
             LogEntry::Incident(e) => {
                 let id = e.incident.id;
+                let snoozed_until = self
+                    .incidents
+                    .get(&id)
+                    .and_then(snooze_timer)
+                    .map(|(at, _)| at);
                 let was_open = self
                     .incidents
                     .get(&id)
@@ -128,6 +147,7 @@ impl Projection {
                 self.by_number.insert(e.incident.number, id);
                 self.next_number = self.next_number.max(e.incident.number + 1);
                 self.dirty.insert(id);
+                self.reindex_snooze(id, snoozed_until);
             }
             LogEntry::Silence { change, .. } => match change {
                 SilenceChange::Created { silence } => {
@@ -813,10 +833,12 @@ impl Decider<'_> {
     pub fn timers(&self, now: Timestamp, skip: impl Fn(&Cause) -> bool) -> Vec<LogEntry> {
         let mut due: Vec<(&IncidentState, Timestamp, Cause)> = self
             .proj
-            .incidents
-            .values()
+            .snoozes
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .filter_map(|(_, id)| self.proj.incidents.get(id))
             .filter_map(|i| snooze_timer(i).map(|(at, cause)| (i, at, cause)))
-            .filter(|(_, at, cause)| *at <= now && !skip(cause))
+            .filter(|(_, _, cause)| !skip(cause))
             .collect();
         due.sort_by_key(|(i, _, _)| i.summary.number);
         let mut out = Vec::new();
@@ -831,13 +853,25 @@ impl Decider<'_> {
 
     /// The earliest snooze end not skipped, for the timer loop.
     pub fn next_timer(&self, skip: impl Fn(&Cause) -> bool) -> Option<Timestamp> {
-        self.proj
-            .incidents
-            .values()
-            .filter_map(snooze_timer)
-            .filter(|(_, cause)| !skip(cause))
-            .map(|(at, _)| at)
-            .min()
+        let next = self
+            .proj
+            .snoozes
+            .iter()
+            .filter_map(|(_, id)| self.proj.incidents.get(id).and_then(snooze_timer))
+            .find(|(_, cause)| !skip(cause))
+            .map(|(at, _)| at);
+        debug_assert_eq!(
+            next,
+            self.proj
+                .incidents
+                .values()
+                .filter_map(snooze_timer)
+                .filter(|(_, cause)| !skip(cause))
+                .map(|(at, _)| at)
+                .min(),
+            "the snooze index is stale"
+        );
+        next
     }
 }
 

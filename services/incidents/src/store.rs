@@ -92,6 +92,7 @@ impl Store {
                 p.open_count += 1;
             }
             p.incidents.insert(id, st);
+            p.reindex_snooze(id, None);
         }
         for kv in self.tree.scan_prefix(b"s/") {
             let (k, v) = kv?;
