@@ -49,7 +49,7 @@ pub struct IncidentState {
 }
 
 /// The projection of the INCIDENTS stream plus the input cursor.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Projection {
     pub incidents: HashMap<Uuid, IncidentState>,
     /// Dedup key -> most recent incident with that key.

@@ -34,6 +34,8 @@
 pub mod clock;
 pub mod config;
 pub mod core;
+#[cfg(test)]
+mod core_props;
 pub mod error;
 pub mod events;
 pub mod inhibit;
