@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use async_nats::{jetstream, Client, HeaderMap};
+use async_nats::{jetstream, Client};
 use futures::StreamExt;
 use tocsin_proto::{
     codec,
@@ -67,14 +67,19 @@ impl Bus {
             .subscribe(inbox.clone())
             .await
             .map_err(|e| ChatopsError::Bus(format!("cannot subscribe for the answer: {e}")))?;
-        let mut h = HeaderMap::new();
-        h.insert(headers::REPLY_TO, inbox.as_str());
-        h.insert(headers::MSG_ID, cmd.id.as_str());
         let env = Envelope::new("chatops", self.clock.now(), cmd.clone());
         let payload = codec::encode(&env).map_err(|e| ChatopsError::Bus(e.to_string()))?;
         let stored = tokio::time::timeout(self.patience, async {
             self.js
-                .publish_with_headers(cmd.subject(), h, payload.into())
+                .send_publish(
+                    cmd.subject(),
+                    tocsin_runtime::bus::message(
+                        payload,
+                        cmd.id.clone(),
+                        None,
+                        &[(headers::REPLY_TO, inbox.as_str())],
+                    ),
+                )
                 .await
                 .map_err(|e| ChatopsError::Bus(format!("cannot send the command: {e}")))?
                 .await

@@ -3,10 +3,7 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use async_nats::{
-    jetstream::{self, consumer::pull, message::PublishMessage},
-    HeaderMap,
-};
+use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use jiff::Timestamp;
 use prometheus_client::metrics::{
@@ -18,7 +15,7 @@ use prometheus_client::metrics::{
 use tocsin_proto::{
     codec::{self, decode_envelope},
     incident::LogEntry,
-    subjects::{headers, STREAM_INCIDENTS},
+    subjects::STREAM_INCIDENTS,
     Envelope,
 };
 use tocsin_runtime::admin::{labels, Health, Labels, Metrics};
@@ -316,15 +313,7 @@ impl Service {
         now: Timestamp,
     ) -> Option<jetstream::context::PublishAckFuture> {
         let (subject, id, payload) = encode_effect(effect, now)?;
-        let mut h = HeaderMap::new();
-        h.insert(
-            headers::SCHEMA,
-            tocsin_proto::SCHEMA_VERSION.to_string().as_str(),
-        );
-        let publish = PublishMessage::build()
-            .payload(payload.into())
-            .headers(h)
-            .message_id(id);
+        let publish = tocsin_runtime::bus::message(payload, id, None, &[]);
         match self.js.send_publish(subject, publish).await {
             Ok(ack) => Some(ack),
             Err(e) => {

@@ -14,10 +14,9 @@ use async_nats::{
         self,
         consumer::{pull, AckPolicy},
         context::{PublishError, PublishErrorKind},
-        message::PublishMessage,
         ErrorCode,
     },
-    Client, HeaderMap,
+    Client,
 };
 use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
@@ -476,18 +475,7 @@ impl Service {
             payload = encode_entry(entry, traceparent)?;
         }
         let entry = &*entry;
-        let mut h = HeaderMap::new();
-        h.insert(
-            headers::SCHEMA,
-            tocsin_proto::SCHEMA_VERSION.to_string().as_str(),
-        );
-        if let Some(tp) = traceparent {
-            h.insert(headers::TRACEPARENT, tp);
-        }
-        let publish = PublishMessage::build()
-            .payload(payload.into())
-            .headers(h)
-            .message_id(entry.msg_id());
+        let publish = tocsin_runtime::bus::message(payload, entry.msg_id(), traceparent, &[]);
         let ack = self
             .js
             .send_publish(entry.subject(), publish)

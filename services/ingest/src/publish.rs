@@ -5,10 +5,7 @@ use std::{future::IntoFuture, sync::Arc, time::Duration};
 
 use tokio::sync::Semaphore;
 
-use async_nats::{
-    jetstream::{self, message::PublishMessage},
-    Client, HeaderMap,
-};
+use async_nats::{jetstream, Client};
 use futures::future::join_all;
 use tocsin_proto::{
     codec,
@@ -224,14 +221,8 @@ impl Publisher {
         traceparent: &str,
         alert: Prepared,
     ) -> Result<jetstream::context::PublishAckFuture, PublishError> {
-        let mut h = HeaderMap::new();
-        h.insert(headers::TRACEPARENT, traceparent);
-        h.insert(headers::SCHEMA, SCHEMA_VERSION.to_string().as_str());
-        // headers() replaces the whole map: set it before message_id().
-        let publish = PublishMessage::build()
-            .payload(alert.payload.into())
-            .headers(h)
-            .message_id(alert.msg_id);
+        let publish =
+            tocsin_runtime::bus::message(alert.payload, alert.msg_id, Some(traceparent), &[]);
         self.js
             .send_publish(alert.subject, publish)
             .await

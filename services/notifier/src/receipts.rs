@@ -6,16 +6,12 @@
 
 use std::time::Duration;
 
-use async_nats::{
-    jetstream::{self, message::PublishMessage},
-    HeaderMap,
-};
+use async_nats::jetstream;
 use tocsin_proto::{
     codec,
     command::{Action, Command, IncidentRef},
     incident::Actor,
     notify::Delivery,
-    subjects::headers,
     Envelope,
 };
 use tokio_util::sync::CancellationToken;
@@ -46,15 +42,7 @@ pub(crate) async fn publish(
     };
     let mut delay = Duration::from_millis(100);
     loop {
-        let mut h = HeaderMap::new();
-        h.insert(
-            headers::SCHEMA,
-            tocsin_proto::SCHEMA_VERSION.to_string().as_str(),
-        );
-        let publish = PublishMessage::build()
-            .payload(payload.clone().into())
-            .headers(h)
-            .message_id(cmd.id.clone());
+        let publish = tocsin_runtime::bus::message(payload.clone(), cmd.id.clone(), None, &[]);
         let r = match js.send_publish(cmd.subject(), publish).await {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),

@@ -22,6 +22,7 @@
 #![deny(unreachable_pub)]
 
 pub mod admin;
+pub mod bus;
 pub mod clock;
 pub mod config;
 pub mod context;

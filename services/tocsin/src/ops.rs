@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use async_nats::{Client, HeaderMap};
+use async_nats::Client;
 use futures::StreamExt;
 use jiff::Timestamp;
 use tocsin_proto::{
@@ -67,11 +67,14 @@ pub async fn command(
     let cmd = Command::new(Actor::new(actor, "cli"), action);
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(inbox.clone()).await?;
-    let mut h = HeaderMap::new();
-    h.insert(headers::REPLY_TO, inbox.as_str());
-    h.insert(headers::MSG_ID, cmd.id.as_str());
     let env = Envelope::new("cli", Timestamp::now(), cmd.clone());
-    js.publish_with_headers(cmd.subject(), h, codec::encode(&env)?.into())
+    let message = tocsin_runtime::bus::message(
+        codec::encode(&env)?,
+        cmd.id.clone(),
+        None,
+        &[(headers::REPLY_TO, inbox.as_str())],
+    );
+    js.send_publish(cmd.subject(), message)
         .await
         .context("cannot send the command")?
         .await
