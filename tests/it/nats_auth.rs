@@ -172,6 +172,7 @@ async fn each_service_works_with_its_own_credentials() {
     let operator = OperatorConfig {
         nats: config.nats.clone(),
         jetstream: config.jetstream.clone(),
+        ..Default::default()
     };
     let tocsin = TocsinHarness::start_with(config).await;
     let admin = jetstream::new(nats.client().await);

@@ -178,6 +178,92 @@ fn escalation_mistakes_are_located_with_the_fix() {
     }
 }
 
+/// Mistakes an operator meets first, each reported once at its own line:
+/// a short token (not at the start of `ingest:`), a user defined twice
+/// (at the second definition, without errors about the ignored copy), a
+/// phone number that is not E.164, an email without `@`, and a
+/// `tocsin_severity` matcher that names no severity.
+#[test]
+fn check_config_points_at_each_mistake_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = ("TOCSIN_INGEST_TOKEN", "0123456789abcdef0123");
+    let base = "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\n";
+    let policy = "escalation:\n  route: {policy: p}\n  policies:\n    - name: p\n      levels:\n        - targets: [{user: alice}]\n";
+    let secret = write(dir.path(), "short-secret", "tooshort\n");
+    // (file, expected line, expected fragments, fragments that must not appear)
+    let cases: Vec<(String, usize, &[&str], &[&str])> = vec![
+        (
+            format!("nats:\n  url: nats://x:4222\n{base}    - source: grafana\n      token: short-token\n"),
+            8,
+            &["shorter than 16 characters", "openssl rand"],
+            &[],
+        ),
+        (
+            format!("{base}    - source: grafana\n      token_file: {}\n", secret.display()),
+            6,
+            &["shorter than 16 characters"],
+            &[],
+        ),
+        (
+            format!("{base}{policy}  users:\n    - {{name: alice, email: a@example.com}}\n    - name: alice\n      slack: U0000BOB\n"),
+            13,
+            &["user \"alice\" is defined twice"],
+            &["no contact method", "\n"],
+        ),
+        (
+            format!("{base}{policy}  users:\n    - name: alice\n      email: a@example.com\n      phone: \"555-0100\"\n"),
+            14,
+            &["phone \"555-0100\" is not an E.164 number", "+14155550100"],
+            &[],
+        ),
+        (
+            format!("{base}{policy}  users:\n    - {{name: alice, email: alice.example.com}}\n"),
+            12,
+            &["email \"alice.example.com\" is not an email address"],
+            &[],
+        ),
+        (
+            format!("{base}escalation:\n  route:\n    policy: p\n    routes:\n      - matchers: ['tocsin_severity=\"crit\"']\n        policy: p\n  policies:\n    - name: p\n      levels:\n        - targets: [{{user: alice}}]\n  users:\n    - {{name: alice, email: a@example.com}}\n"),
+            9,
+            &["tocsin_severity=\"crit\" names no severity", "critical, high, medium, low, info"],
+            &[],
+        ),
+        (
+            format!("{base}escalation:\n  route:\n    policy: p\n    routes:\n      - matchers: ['tocsin_severity=~\"crit|hgh\"']\n        policy: p\n  policies:\n    - name: p\n      levels:\n        - targets: [{{user: alice}}]\n  users:\n    - {{name: alice, email: a@example.com}}\n"),
+            9,
+            &["names no severity"],
+            &[],
+        ),
+    ];
+    for (i, (text, line, fragments, absent)) in cases.iter().enumerate() {
+        let file = write(dir.path(), &format!("mistake{i}.yaml"), text);
+        let (code, _, stderr) = check_config(&file, &[token]);
+        assert_eq!(code, 2, "case {i}: {stderr}");
+        let place = format!("{}:{line}:", file.display());
+        assert!(
+            stderr.starts_with(&place),
+            "case {i}: expected {place} in {stderr}"
+        );
+        for f in *fragments {
+            assert!(stderr.contains(f), "case {i}: expected {f:?} in {stderr}");
+        }
+        for f in *absent {
+            assert!(
+                !stderr.trim_end().contains(f),
+                "case {i}: {f:?} should not be in {stderr}"
+            );
+        }
+    }
+    // Matchers that do name severities pass.
+    let file = write(
+        dir.path(),
+        "severities-ok.yaml",
+        &format!("{base}escalation:\n  route:\n    policy: p\n    routes:\n      - matchers: ['tocsin_severity=~\"critical|high\"', 'tocsin_severity!=\"info\"']\n        policy: p\n  policies:\n    - name: p\n      levels:\n        - targets: [{{user: alice}}]\n  users:\n    - {{name: alice, email: a@example.com, phone: \"+4915112345678\"}}\n"),
+    );
+    let (code, _, stderr) = check_config(&file, &[token]);
+    assert_eq!(code, 0, "{stderr}");
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
