@@ -342,8 +342,59 @@ fn serve(cli: &Cli, services: &[Service]) -> ExitCode {
     }
 }
 
+/// The file `./deploy/dev.sh up` writes in the checkout: the operator's
+/// NATS address and password for the development NATS.
+pub const DEV_ENV: &str = ".tocsin/env";
+
+/// Reads the `export TOCSIN_NATS_…=…` lines of [`DEV_ENV`] in the current
+/// folder into the environment, so operator commands reach the NATS of
+/// `./deploy/dev.sh up` without a prefix. Only when neither
+/// `TOCSIN_NATS_URL` nor `TOCSIN_NATS_OPERATOR_PASSWORD` is set (an
+/// operator's own settings always win, and a password set for another NATS
+/// is never sent to the address of a file), and only from a file of the
+/// current user that nobody else may read or write (dev.sh makes it 0600).
+/// Returns the file when it was used.
+fn load_dev_env() -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    if std::env::var_os("TOCSIN_NATS_URL").is_some()
+        || std::env::var_os("TOCSIN_NATS_OPERATOR_PASSWORD").is_some()
+    {
+        return None;
+    }
+    let path = PathBuf::from(DEV_ENV);
+    let meta = std::fs::metadata(&path).ok()?;
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if !meta.is_file() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        return None;
+    }
+    let text = std::fs::read_to_string(&path).ok()?;
+    let mut found = false;
+    for line in text.lines() {
+        let Some((name, value)) = line
+            .trim()
+            .strip_prefix("export ")
+            .and_then(|l| l.split_once('='))
+        else {
+            continue;
+        };
+        if name.starts_with("TOCSIN_NATS_")
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            && std::env::var_os(name).is_none()
+        {
+            std::env::set_var(name, value.trim());
+            found = true;
+        }
+    }
+    found.then_some(path)
+}
+
 /// Runs an operator command against the running services.
 fn operate(cli: &Cli) -> ExitCode {
+    // Before any thread starts: it sets environment variables.
+    let dev_env = load_dev_env();
     let mut config = match crate::config::OperatorConfig::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -452,6 +503,23 @@ fn operate(cli: &Cli) -> ExitCode {
         crate::ops::command(&config, &actor, action)
             .await
             .map(|m| format!("{m}\n"))
+    });
+    // Where the address came from, when NATS cannot be reached.
+    let result = result.map_err(|e| {
+        let Some(u) = e.downcast_ref::<crate::ops::NatsUnreachable>() else {
+            return e;
+        };
+        let hint = match &dev_env {
+            Some(p) => format!(
+                "the address is from {}, written by ./deploy/dev.sh up: is it running?",
+                p.display()
+            ),
+            None => format!(
+                "set nats.url in {} or TOCSIN_NATS_URL (for ./deploy/dev.sh up, run from the checkout: {DEV_ENV} is read)",
+                cli.config.display()
+            ),
+        };
+        anyhow::anyhow!("{u}; {hint}")
     });
     exit(result)
 }

@@ -52,27 +52,44 @@ fn refused(reason: impl Into<String>) -> anyhow::Error {
     Refused(reason.into()).into()
 }
 
+/// NATS cannot be reached (the message names the URL tried).
+#[derive(Debug)]
+pub struct NatsUnreachable(pub String);
+
+impl std::fmt::Display for NatsUnreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NatsUnreachable {}
+
 /// One attempt to reach NATS (no retries, so no lines of warnings before
 /// the answer); the error names the URL tried.
 async fn connect(config: &Config) -> anyhow::Result<Client> {
     let patience = config.patience;
-    let client = tocsin_runtime::nats::connect_once_as(
+    let url = &config.nats.url;
+    let client = match tocsin_runtime::nats::connect_once_as(
         &config.nats,
         Config::IDENTITY,
         "tocsin-cli",
         &Metrics::new(),
     )
-    .await?;
-    tokio::time::timeout(patience, client.flush())
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "cannot reach NATS at {} within {patience:?}",
-                config.nats.url
-            )
-        })?
-        .with_context(|| format!("cannot reach NATS at {}", config.nats.url))?;
-    Ok(client)
+    .await
+    {
+        Ok(c) => c,
+        Err(e @ tocsin_runtime::RuntimeError::Connect { .. }) => {
+            return Err(NatsUnreachable(e.to_string()).into())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match tokio::time::timeout(patience, client.flush()).await {
+        Err(_) => {
+            Err(NatsUnreachable(format!("cannot reach NATS at {url} within {patience:?}")).into())
+        }
+        Ok(Err(e)) => Err(NatsUnreachable(format!("cannot reach NATS at {url}: {e}")).into()),
+        Ok(Ok(())) => Ok(client),
+    }
 }
 
 /// Parses `42`, `#42` or an incident UUID.

@@ -504,3 +504,153 @@ fn line_of_in(file: &Path, needle: &str) -> usize {
         .unwrap()
         + 1
 }
+
+/// What an operator meets first: with no NATS at the configured address,
+/// one line names the URL tried (no lines of warnings, no 10 s wait) and
+/// the exit code is 3; the service flags are not in operator commands'
+/// help; `snooze --help` says the whole sentence.
+#[test]
+fn operator_commands_fail_fast_naming_the_nats_url_and_keep_their_help_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write(
+        dir.path(),
+        "tocsin.yaml",
+        &format!("nats:\n  url: nats://127.0.0.1:{port}\n"),
+    );
+    let started = std::time::Instant::now();
+    let out = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["--config", config.to_str().unwrap(), "list"])
+        .env_remove("TOCSIN_NATS_URL")
+        .env_remove("TOCSIN_NATS_OPERATOR_PASSWORD")
+        .env_remove("TOCSIN_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains(&format!("nats://127.0.0.1:{port}")),
+        "names the URL: {stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(!stderr.contains("WARN"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    for cmd in ["list", "ack", "show", "snooze", "oncall", "silence"] {
+        let out = Command::new(BIN).args([cmd, "--help"]).output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{cmd}: {help}");
+        assert!(
+            !help.contains("--admin-listen") && !help.contains("--grace-period"),
+            "service flags in `{cmd} --help`:\n{help}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["snooze", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.starts_with(
+            "Snooze an incident: nobody is paged until the snooze ends, then it is triggered again and escalation resumes\n"
+        ),
+        "{help}"
+    );
+    // The services still take them.
+    let out = Command::new(BIN).args(["--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("--admin-listen") && help.contains("--grace-period"),
+        "{help}"
+    );
+}
+
+/// `./deploy/dev.sh up` writes `.tocsin/env` (mode 0600) with the dev
+/// NATS's address and the operator's password: operator commands run from
+/// the checkout read it, so no `TOCSIN_NATS_URL=` prefix is needed; an
+/// address set by the operator wins, and a file others may read is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_find_the_dev_nats_from_the_checkout() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let nats = NatsServer::start().await;
+    let _tocsin = tocsin_tests::TocsinHarness::start(&nats).await;
+    let checkout = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(checkout.path().join(".tocsin")).unwrap();
+    let env = checkout.path().join(".tocsin/env");
+    std::fs::write(
+        &env,
+        format!(
+            "# The operator's NATS credentials\nexport TOCSIN_NATS_URL={}\nexport TOCSIN_NATS_OPERATOR_PASSWORD={}\n",
+            nats.address(),
+            nats.password("operator")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&env, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let shipped = repo_root().join("config/tocsin.yaml");
+    let run = move |cwd: PathBuf, url: Option<String>| {
+        let shipped = shipped.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = Command::new(BIN);
+            cmd.current_dir(cwd)
+                .arg("--config")
+                .arg(&shipped)
+                .arg("list")
+                .env_remove("TOCSIN_NATS_URL")
+                .env_remove("TOCSIN_NATS_OPERATOR_PASSWORD");
+            if let Some(u) = url {
+                cmd.env("TOCSIN_NATS_URL", u);
+            }
+            let out = cmd.output().unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
+    };
+    let (code, out, err) = run(checkout.path().to_path_buf(), None).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("no open incidents"), "{out}");
+
+    // An operator's own setting wins: the file is not read at all (its
+    // password is not sent to another address).
+    let other = format!("nats://127.0.0.1:{}", free_port());
+    let (code, _, err) = run(checkout.path().to_path_buf(), Some(other.clone()))
+        .await
+        .unwrap();
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("TOCSIN_NATS_OPERATOR_PASSWORD is not set"),
+        "{err}"
+    );
+
+    // A file others may read is not trusted.
+    std::fs::set_permissions(&env, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, err) = run(checkout.path().to_path_buf(), None).await.unwrap();
+    assert_ne!(code, 0, "{err}");
+}
+
+/// The shipped (development) config opens no incident that nothing could
+/// prevent: a heartbeat there would open a critical "stopped arriving"
+/// incident ten minutes into every `./deploy/dev.sh up`, where nothing
+/// pings it. It is shipped commented out, as an example.
+#[test]
+fn the_shipped_config_has_no_heartbeat_nothing_pings() {
+    let text = std::fs::read_to_string(repo_root().join("config/tocsin.yaml")).unwrap();
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    let heartbeats = &doc["incidents"]["heartbeats"];
+    assert!(
+        heartbeats.is_null() || heartbeats.as_sequence().is_some_and(|s| s.is_empty()),
+        "config/tocsin.yaml turns on heartbeats {heartbeats:?}, which nothing pings in ./deploy/dev.sh up"
+    );
+    assert!(
+        text.contains("#   - name: alertmanager-watchdog"),
+        "the example stays, commented out"
+    );
+}
