@@ -365,15 +365,21 @@ async fn the_shipped_config_starts_and_shows_the_first_page() {
     let dir = tempfile::tempdir().unwrap();
     let ingest = free_port();
     let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/tocsin.yaml");
-    let text = std::fs::read_to_string(shipped).unwrap().replace(
-        "listen: 127.0.0.1:8080",
-        &format!("listen: 127.0.0.1:{ingest}"),
-    );
+    let text = std::fs::read_to_string(shipped)
+        .unwrap()
+        .replace(
+            "listen: 127.0.0.1:8080",
+            &format!("listen: 127.0.0.1:{ingest}"),
+        )
+        .replace(
+            "listen: 127.0.0.1:8082",
+            &format!("listen: 127.0.0.1:{}", free_port()),
+        );
     std::fs::create_dir_all(dir.path().join("config")).unwrap();
     let config = dir.path().join("config/tocsin.yaml");
     std::fs::write(&config, text).unwrap();
     let mut cmd_env = vec![("TOCSIN_NATS_URL".to_string(), nats.address())];
-    for who in ["ingest", "incidents", "escalation", "notifier"] {
+    for who in ["ingest", "incidents", "escalation", "notifier", "chatops"] {
         cmd_env.push((
             tocsin_tests::nats::password_variable(who),
             nats.password(who).to_string(),
