@@ -140,6 +140,17 @@ pub async fn command(config: &Config, actor: &str, action: Action) -> anyhow::Re
     }
 }
 
+/// A failed request in words: nobody answering means the service is not
+/// running (or not connected to this NATS).
+fn request_failed(e: &async_nats::RequestError, service: &str) -> anyhow::Error {
+    match e.kind() {
+        async_nats::RequestErrorKind::NoResponders => {
+            anyhow::anyhow!("no {service} service answers on this NATS; is it running?")
+        }
+        _ => anyhow::anyhow!("query failed ({e}); is the {service} service running?"),
+    }
+}
+
 /// `ack of incident #42`, for messages about a command.
 fn describe(action: &Action) -> String {
     match action.incident() {
@@ -160,7 +171,7 @@ async fn ask<Q: serde::Serialize>(
         .map_err(|_| {
             anyhow::anyhow!("no answer within {patience:?}; is the incidents service running?")
         })?
-        .map_err(|e| anyhow::anyhow!("query failed ({e}); is the incidents service running?"))?;
+        .map_err(|e| request_failed(&e, "incidents"))?;
     Ok(codec::decode(&resp.payload)?)
 }
 
@@ -582,9 +593,7 @@ pub async fn oncall(
             .map_err(|_| {
                 anyhow::anyhow!("no answer within {patience:?}; is the escalation service running?")
             })?
-            .map_err(|e| {
-                anyhow::anyhow!("query failed ({e}); is the escalation service running?")
-            })?;
+            .map_err(|e| request_failed(&e, "escalation"))?;
             codec::decode::<ScheduleList>(&resp.payload)?.schedules
         }
     };
@@ -602,7 +611,7 @@ pub async fn oncall(
         .map_err(|_| {
             anyhow::anyhow!("no answer within {patience:?}; is the escalation service running?")
         })?
-        .map_err(|e| anyhow::anyhow!("query failed ({e}); is the escalation service running?"))?;
+        .map_err(|e| request_failed(&e, "escalation"))?;
         match codec::decode::<OnCallReply>(&resp.payload)? {
             OnCallReply::OnCall(v) => views.push(*v),
             OnCallReply::Error { reason } => return Err(refused(reason)),

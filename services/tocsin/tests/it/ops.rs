@@ -202,6 +202,16 @@ async fn ack_while_incidents_is_down_is_queued_and_applied_later() {
         "{out}"
     );
     assert!(!err.contains("error"), "{err}");
+    // A query has nobody to answer it: exit 3, saying which service.
+    let cfg = dir.path().join("tocsin.yaml");
+    let (code, _, err) = tokio::task::spawn_blocking(move || tocsin(&cfg, &["list"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("no incidents service answers on this NATS; is it running?"),
+        "{err}"
+    );
 
     // The incidents service applies it when it runs again.
     let _again = TocsinHarness::start_with(config).await;
