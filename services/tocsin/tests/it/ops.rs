@@ -304,6 +304,14 @@ async fn show_list_json_silences_and_completions() {
     ] {
         let (code, out, err) = run(args.clone()).await.unwrap();
         assert_eq!(code, 0, "{args:?}: {out}{err}");
+        if args[0] == "snooze" {
+            // To the second, not the nanosecond.
+            let until = out.trim().rsplit(' ').next().unwrap();
+            assert!(
+                until.len() == 20 && until.ends_with('Z') && !until.contains('.'),
+                "{out}"
+            );
+        }
     }
 
     let (code, out, err) = run(vec!["show", "1"]).await.unwrap();
