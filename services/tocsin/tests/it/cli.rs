@@ -205,6 +205,12 @@ fn check_config_points_at_each_mistake_once() {
             &[],
         ),
         (
+            format!("{base}chatops:\n  api:\n    tokens:\n      - name: grafana\n        token: short\n        scopes: [read]\n"),
+            9,
+            &["the token is 5 characters; use at least 16"],
+            &[],
+        ),
+        (
             format!("{base}{policy}  users:\n    - {{name: alice, email: a@example.com}}\n    - name: alice\n      slack: U0000BOB\n"),
             13,
             &["user \"alice\" is defined twice"],
