@@ -12,15 +12,13 @@ use tocsin_proto::{subjects::STREAM_ALERTS, Alert};
 use tocsin_tests::{bus, NatsServer};
 use tokio::sync::Mutex;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tocsin");
-
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 /// Runs `tocsin check-config FILE` with `env`; returns (exit code, stdout, stderr).
 fn check_config(file: &Path, env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(crate::support::bin());
     cmd.arg("check-config")
         .arg(file)
         .env_remove("TOCSIN_INGEST_TOKEN");
@@ -294,7 +292,7 @@ async fn sigterm_during_a_burst_keeps_every_acknowledged_alert() {
         ),
     );
     let token = "burst-token-0123456789abcdef";
-    let mut child = tokio::process::Command::new(BIN)
+    let mut child = tokio::process::Command::new(crate::support::bin())
         .args(["--config"])
         .arg(&config)
         .args([
@@ -390,7 +388,7 @@ fn a_template_naming_a_field_that_does_not_exist_fails_check_config_with_file_an
     assert!(stderr.contains("line 2"), "{stderr}");
     assert!(stderr.contains("incident.titel"), "{stderr}");
     // The same file is refused at start-up too, before anything is sent.
-    let out = Command::new(BIN)
+    let out = Command::new(crate::support::bin())
         .arg("--config")
         .arg(&file)
         .arg("notifier")
@@ -525,7 +523,7 @@ fn operator_commands_fail_fast_naming_the_nats_url_and_keep_their_help_short() {
         &format!("nats:\n  url: nats://127.0.0.1:{port}\n"),
     );
     let started = std::time::Instant::now();
-    let out = Command::new(BIN)
+    let out = Command::new(crate::support::bin())
         .current_dir(dir.path())
         .args(["--config", config.to_str().unwrap(), "list"])
         .env_remove("TOCSIN_NATS_URL")
@@ -548,7 +546,10 @@ fn operator_commands_fail_fast_naming_the_nats_url_and_keep_their_help_short() {
     );
 
     for cmd in ["list", "ack", "show", "snooze", "oncall", "silence"] {
-        let out = Command::new(BIN).args([cmd, "--help"]).output().unwrap();
+        let out = Command::new(crate::support::bin())
+            .args([cmd, "--help"])
+            .output()
+            .unwrap();
         let help = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{cmd}: {help}");
         assert!(
@@ -556,7 +557,7 @@ fn operator_commands_fail_fast_naming_the_nats_url_and_keep_their_help_short() {
             "service flags in `{cmd} --help`:\n{help}"
         );
     }
-    let out = Command::new(BIN)
+    let out = Command::new(crate::support::bin())
         .args(["snooze", "--help"])
         .output()
         .unwrap();
@@ -568,7 +569,10 @@ fn operator_commands_fail_fast_naming_the_nats_url_and_keep_their_help_short() {
         "{help}"
     );
     // The services still take them.
-    let out = Command::new(BIN).args(["--help"]).output().unwrap();
+    let out = Command::new(crate::support::bin())
+        .args(["--help"])
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(
         help.contains("--admin-listen") && help.contains("--grace-period"),
@@ -602,7 +606,7 @@ async fn operator_commands_find_the_dev_nats_from_the_checkout() {
     let run = move |cwd: PathBuf, url: Option<String>| {
         let shipped = shipped.clone();
         tokio::task::spawn_blocking(move || {
-            let mut cmd = Command::new(BIN);
+            let mut cmd = Command::new(crate::support::bin());
             cmd.current_dir(cwd)
                 .arg("--config")
                 .arg(&shipped)

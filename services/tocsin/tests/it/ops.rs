@@ -4,10 +4,8 @@ use std::process::Command;
 
 use tocsin_tests::{http, incidents::wait_for, NatsServer, TocsinHarness};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tocsin");
-
 fn tocsin(config: &std::path::Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(crate::support::bin())
         .arg("--config")
         .arg(config)
         .args(args)
@@ -94,7 +92,7 @@ async fn operators_ack_resolve_list_and_show_from_the_command_line() {
     // With the shipped config, an operator needs NATS's address and the
     // operator's NATS password, and none of the services' secrets.
     let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/tocsin.yaml");
-    let out = Command::new(BIN)
+    let out = Command::new(crate::support::bin())
         .arg("--config")
         .arg(&shipped)
         .arg("list")
