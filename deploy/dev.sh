@@ -15,8 +15,9 @@
 #                        in .tocsin/ingest-token)
 #
 # `up` makes the NATS users' passwords once (.tocsin/nats-passwords.env, mode
-# 0600) and writes .tocsin/env (the operator's: `. .tocsin/env` before
-# `target/release/tocsin list`).
+# 0600) and writes .tocsin/env (mode 0600): the operator's NATS address and
+# password, which `tocsin list`, `tocsin ack` ... read by themselves when run
+# from the checkout; `. .tocsin/env` also puts target/release/tocsin on the PATH.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -115,11 +116,15 @@ cmd_up() {
   for s in INGEST INCIDENTS ESCALATION NOTIFIER CHATOPS; do
     export "TOCSIN_NATS_${s}_PASSWORD=$(nats_password "$s")"
   done
+  rm -f "$STATE/env"
   (umask 077; cat > "$STATE/env" <<ENV
-# The operator's NATS credentials for the Tocsin of ./deploy/dev.sh up:
-#   . .tocsin/env && target/release/tocsin list
+# The operator's NATS credentials for the Tocsin of ./deploy/dev.sh up.
+# tocsin reads the TOCSIN_NATS_ lines itself when run from the checkout
+# (unless TOCSIN_NATS_URL or TOCSIN_NATS_OPERATOR_PASSWORD is set);
+# \`. .tocsin/env\` also puts target/release (tocsin) on the PATH.
 export TOCSIN_NATS_URL=$TOCSIN_NATS_URL
 export TOCSIN_NATS_OPERATOR_PASSWORD=$(nats_password OPERATOR)
+export PATH="$ROOT/target/release:\$PATH"
 ENV
   )
 
@@ -168,12 +173,15 @@ PY
                  password per service, in .tocsin/nats-passwords.env)
 
   Post a sample Alertmanager payload, then list the incident it opened and
-  acknowledge it, with the operator's NATS credentials (.tocsin/env):
+  acknowledge it (run from this folder, tocsin finds this NATS and the
+  operator's password in .tocsin/env by itself):
     curl -sS -H "Authorization: Bearer $TOCSIN_INGEST_TOKEN" -H 'Content-Type: application/json' \\
       --data @tests/fixtures/alertmanager_3_alerts.json $ingest/api/v1/alerts/alertmanager
-    . .tocsin/env
     target/release/tocsin list
     target/release/tocsin ack 1
+
+  tocsin on your PATH, in this shell:  . .tocsin/env
+  or for good:                         cargo install --locked --path services/tocsin
 
   No provider accounts are configured: every page is written, as Slack,
   SMS and email would have received it, to the log and to

@@ -109,6 +109,9 @@ pub struct OnCallView {
     /// The next few shifts starting after `at`, earliest first.
     #[serde(default)]
     pub next: Vec<ShiftView>,
+    /// The schedule's IANA timezone (its handoffs are local times there).
+    #[serde(default)]
+    pub timezone: Option<String>,
 }
 
 /// The answer to an [`OnCallQuery`].
@@ -310,6 +313,7 @@ mod tests {
                 start: at,
                 end: at,
             }],
+            timezone: Some("Europe/Berlin".into()),
         }));
         assert_eq!(
             decode::<OnCallReply>(&encode(&on_call).unwrap()).unwrap(),

@@ -86,6 +86,19 @@ async fn snooze_ends_on_the_clock_and_missed_heartbeats_open_incidents() {
     let http_client = reqwest::Client::new();
     let ping = format!("{}/api/v1/heartbeat/nightly-backup", tocsin.ingest_url);
 
+    // A ping for a heartbeat nobody configured is refused, naming the
+    // configured ones: it would never be checked.
+    let unknown = format!("{}/api/v1/heartbeat/nightly-backups", tocsin.ingest_url);
+    let a = http::post(&http_client, &unknown, Some(&tocsin.token), "").await;
+    assert_eq!(a.status, 404, "{}", a.text);
+    assert_eq!(a.json["error"], "unknown_heartbeat", "{}", a.text);
+    let reason = a.json["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("\"nightly-backups\"") && reason.contains("configured: nightly-backup"),
+        "{}",
+        a.text
+    );
+
     // The ingest endpoint puts a heartbeat ping on the bus.
     let a = http::post(&http_client, &ping, Some(&tocsin.token), "").await;
     assert_eq!(a.status, 200, "{}", a.text);

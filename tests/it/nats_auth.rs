@@ -172,6 +172,7 @@ async fn each_service_works_with_its_own_credentials() {
     let operator = OperatorConfig {
         nats: config.nats.clone(),
         jetstream: config.jetstream.clone(),
+        ..Default::default()
     };
     let tocsin = TocsinHarness::start_with(config).await;
     let admin = jetstream::new(nats.client().await);
@@ -200,9 +201,10 @@ async fn each_service_works_with_its_own_credentials() {
 
     // The operator CLI, as the operator: a list (a query) and an ack (a
     // command answered on the operator's inbox).
-    let listed = ops::list(&operator, false, 10).await.unwrap();
+    let text = ops::Style::new(false);
+    let listed = ops::list(&operator, false, 10, &text).await.unwrap();
     assert!(listed.contains("#1 "), "{listed}");
-    let (accepted, message) = ops::command(
+    let message = ops::command(
         &operator,
         "alice",
         Action::Ack {
@@ -211,8 +213,10 @@ async fn each_service_works_with_its_own_credentials() {
     )
     .await
     .unwrap();
-    assert!(accepted, "{message}");
-    let shown = ops::show(&operator, IncidentRef::Number(1)).await.unwrap();
+    assert!(message.contains("acknowledged"), "{message}");
+    let shown = ops::show(&operator, IncidentRef::Number(1), &text)
+        .await
+        .unwrap();
     assert!(shown.contains("acknowledged by alice (cli)"), "{shown}");
 }
 

@@ -245,12 +245,32 @@ struct RawApi {
 #[serde(deny_unknown_fields)]
 struct RawToken {
     name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "token_value")]
     token: Option<Secret>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "token_file")]
     token_file: Option<SecretFile>,
     /// `[read]` or `[read, write]`.
     scopes: Vec<String>,
+}
+
+/// An API token is checked where it is written, so `check-config` points
+/// at its line.
+fn long_enough(token: &str) -> Result<(), String> {
+    let n = token.chars().count();
+    if n < MIN_TOKEN_LEN {
+        return Err(format!(
+            "the token is {n} characters; use at least {MIN_TOKEN_LEN} (e.g. openssl rand -hex 24)"
+        ));
+    }
+    Ok(())
+}
+
+fn token_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+    Secret::deserialize_checked(d, long_enough).map(Some)
+}
+
+fn token_file<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SecretFile>, D::Error> {
+    SecretFile::deserialize_checked(d, long_enough).map(Some)
 }
 
 fn default_listen() -> SocketAddr {

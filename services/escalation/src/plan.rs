@@ -10,6 +10,7 @@ use jiff::Timestamp;
 use tocsin_proto::{
     incident::{IncidentSummary, Severity},
     notify::{Channel, PageTarget},
+    silence::MatchOp,
     Labels,
 };
 use tocsin_rules::{matchers::MatcherSet, time::timezone, window::WeeklyWindow};
@@ -126,8 +127,31 @@ impl Planner {
         let mut errors = Vec::new();
         let mut users = BTreeMap::new();
         for u in &cfg.users {
-            if users.insert(u.name.clone(), u.clone()).is_some() {
-                errors.push(format!("user {:?} is defined twice", u.name));
+            // The first definition counts: checking the others too would
+            // report their mistakes as the user's.
+            if users.contains_key(&u.name) {
+                errors.push(format!(
+                    "user {:?} is defined twice; keep one definition",
+                    u.name
+                ));
+                continue;
+            }
+            users.insert(u.name.clone(), u.clone());
+            if let Some(phone) = &u.phone {
+                if !is_e164(phone) {
+                    errors.push(format!(
+                        "user {:?}: phone {phone:?} is not an E.164 number; write + then the country code and number, 8 to 15 digits, e.g. \"+14155550100\"",
+                        u.name
+                    ));
+                }
+            }
+            if let Some(email) = &u.email {
+                if !is_email(email) {
+                    errors.push(format!(
+                        "user {:?}: email {email:?} is not an email address; write e.g. alice@example.com",
+                        u.name
+                    ));
+                }
             }
             for (sev, steps) in &u.rules {
                 for s in steps {
@@ -241,7 +265,7 @@ impl Planner {
     /// The policies an incident follows (usually one; more with `continue`).
     pub fn route(&self, incident: &IncidentSummary) -> Vec<String> {
         let mut labels: Labels = incident.labels.clone();
-        labels.insert("tocsin_severity".into(), incident.severity.as_str().into());
+        labels.insert(SEVERITY_LABEL.into(), incident.severity.as_str().into());
         let mut out = Vec::new();
         walk(&self.route, &labels, None, &mut out);
         out.dedup();
@@ -474,6 +498,32 @@ fn compile_route(
         errors.push(format!("{path}: {e}"));
         MatcherSet::default()
     });
+    for m in r.matchers.iter().filter(|m| m.name == SEVERITY_LABEL) {
+        let Ok(one) = MatcherSet::new(std::slice::from_ref(m)) else {
+            continue;
+        };
+        let matched = SEVERITIES
+            .iter()
+            .filter(|s| {
+                let labels: Labels = [(SEVERITY_LABEL.to_string(), s.to_string())].into();
+                one.matches(&labels)
+            })
+            .count();
+        let useless = match m.op {
+            // Must name (or match) one of the severities...
+            MatchOp::Eq | MatchOp::Re => matched == 0,
+            // ... or exclude one.
+            MatchOp::NotEq | MatchOp::NotRe => matched == SEVERITIES.len(),
+        };
+        if useless {
+            errors.push(format!(
+                "{path}: matcher {SEVERITY_LABEL}{}\"{}\" names no severity; {SEVERITY_LABEL} is one of {}",
+                m.op.as_str(),
+                m.value,
+                SEVERITIES.join(", ")
+            ));
+        }
+    }
     let routes = r
         .routes
         .iter()
@@ -486,6 +536,36 @@ fn compile_route(
         continue_matching: r.continue_matching,
         routes,
     }
+}
+
+/// The label routes see the incident's severity under.
+const SEVERITY_LABEL: &str = "tocsin_severity";
+
+/// Every value `tocsin_severity` takes.
+const SEVERITIES: [&str; 5] = ["critical", "high", "medium", "low", "info"];
+
+/// E.164: `+`, then 8 to 15 digits, the first not 0.
+fn is_e164(phone: &str) -> bool {
+    let Some(digits) = phone.strip_prefix('+') else {
+        return false;
+    };
+    (8..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
+}
+
+/// Something `@` a domain (`root@localhost` too), without spaces, at most
+/// 254 characters; the mail server is the judge of the rest.
+fn is_email(email: &str) -> bool {
+    let Some((local, domain)) = email.rsplit_once('@') else {
+        return false;
+    };
+    email.len() <= 254
+        && !local.is_empty()
+        && !domain.is_empty()
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 /// Alertmanager's route matching: depth first; the first matching child

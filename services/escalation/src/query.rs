@@ -158,6 +158,7 @@ pub(crate) fn on_call_view(schedule: &Schedule, at: Timestamp) -> OnCallView {
         shift_start: now.as_ref().map(|o| o.shift_start),
         shift_end: now.as_ref().map(|o| o.shift_end),
         next: next_shifts(schedule, at, NEXT_SHIFTS),
+        timezone: schedule.timezone().iana_name().map(str::to_string),
     }
 }
 

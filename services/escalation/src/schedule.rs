@@ -407,6 +407,11 @@ impl Schedule {
         &self.name
     }
 
+    /// The zone its handoffs and windows are local times in.
+    pub fn timezone(&self) -> &TimeZone {
+        &self.tz
+    }
+
     /// Every user named in a layer or an override, e.g. to check that each
     /// has a contact method.
     pub fn participants(&self) -> BTreeSet<&str> {

@@ -724,7 +724,11 @@ impl Decider<'_> {
                                 .checked_add(SignedDuration::from_secs(*seconds as i64))
                                 .unwrap_or(at);
                             b.push(&mut st, EventKind::Snoozed { until });
-                            Verdict::Accepted(format!("incident #{n} snoozed until {until}"))
+                            // To the second: people read this answer.
+                            Verdict::Accepted(format!(
+                                "incident #{n} snoozed until {}",
+                                until.strftime("%Y-%m-%dT%H:%M:%SZ")
+                            ))
                         }
                     }
                     Action::Reopen { .. } => {

@@ -42,6 +42,10 @@ use crate::{
     store::Store,
 };
 
+/// How long the INCIDENTS stream may be missing at start-up before it is
+/// worth a warning: on a first start it is being created alongside.
+const STREAMS_CREATED_WITHIN: Duration = Duration::from_secs(30);
+
 /// Durable consumer of COMMANDS.
 pub const COMMANDS_CONSUMER: &str = "tocsin-incidents";
 
@@ -209,9 +213,18 @@ impl Service {
     /// answers; returns false if shut down first.
     pub(crate) async fn catch_up(&self, shutdown: &CancellationToken) -> bool {
         let mut delay = Duration::from_millis(100);
+        let started = std::time::Instant::now();
         loop {
             match self.try_catch_up().await {
                 Ok(()) => return true,
+                // On a first start the streams are being created alongside
+                // (app start-up): not worth a warning unless it lasts.
+                Err(e)
+                    if e.contains("stream not found")
+                        && started.elapsed() < STREAMS_CREATED_WITHIN =>
+                {
+                    tracing::debug!(error = %e, "waiting for the INCIDENTS stream to be created")
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot catch up with the INCIDENTS stream yet; retrying")
                 }
@@ -243,6 +256,9 @@ impl Service {
             p.incidents_seq + 1
         };
         if from > last {
+            // Nothing to replay: the saved projection is current. Its open
+            // count is what /metrics shows from now on.
+            self.metrics.open.set(read(&self.proj).open_count as i64);
             return Ok(());
         }
         let mut msgs = streams::read_from(&self.js, STREAM_INCIDENTS, from).await?;

@@ -44,6 +44,10 @@ pub struct IngestConfig {
     pub body_read_timeout: HumanDuration,
     /// Bounds on what one request and one alert may carry.
     pub limits: Limits,
+    /// The dead-man's switches a ping may name (`incidents.heartbeats` of
+    /// the same config file, filled in by the `tocsin` command); a ping for
+    /// any other name gets 404. `None`: any valid name is taken.
+    pub heartbeats: Option<Vec<String>>,
 }
 
 /// Bounds on alerts, checked before anything is published. An alert over
@@ -124,10 +128,30 @@ struct RawIngestConfig {
 #[serde(deny_unknown_fields)]
 struct RawToken {
     source: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "token_value")]
     token: Option<Secret>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "token_file")]
     token_file: Option<SecretFile>,
+}
+
+/// A token is checked where it is written, so `check-config` points at its
+/// line.
+fn long_enough(token: &str) -> Result<(), String> {
+    if token.chars().count() < MIN_TOKEN_LEN {
+        return Err(format!(
+            "the token is shorter than {MIN_TOKEN_LEN} characters; \
+             use a long random value, e.g. from `openssl rand -hex 24`"
+        ));
+    }
+    Ok(())
+}
+
+fn token_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+    Secret::deserialize_checked(d, long_enough).map(Some)
+}
+
+fn token_file<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SecretFile>, D::Error> {
+    SecretFile::deserialize_checked(d, long_enough).map(Some)
 }
 
 fn default_listen() -> SocketAddr {
@@ -273,6 +297,7 @@ impl TryFrom<RawIngestConfig> for IngestConfig {
             header_read_timeout: r.header_read_timeout,
             body_read_timeout: r.body_read_timeout,
             limits: r.limits,
+            heartbeats: None,
         })
     }
 }
@@ -295,6 +320,7 @@ impl IngestConfig {
             header_read_timeout: default_header_read_timeout(),
             body_read_timeout: default_body_read_timeout(),
             limits: Limits::default(),
+            heartbeats: None,
         }
     }
 }

@@ -46,6 +46,8 @@ pub(crate) struct AppState {
     /// The one clock: stamps each alert's receive time (and a missing
     /// `startsAt`).
     clock: Arc<dyn Clock>,
+    /// Heartbeat names a ping may use (`None`: any).
+    heartbeats: Option<Vec<String>>,
 }
 
 /// A request body and its share of `ingest.max_inflight_bytes`. The bytes
@@ -78,6 +80,7 @@ impl AppState {
             inflight: Arc::new(Semaphore::new(config.max_inflight_bytes)),
             max_inflight: config.max_inflight_bytes,
             body_timeout: config.body_read_timeout.get(),
+            heartbeats: config.heartbeats.clone(),
         }
     }
 
@@ -489,6 +492,23 @@ async fn heartbeat_handler(
             return Err(Rejection::invalid(format!(
                 "heartbeat name {name:?} is not valid; use 1-64 letters, digits, - or _"
             )));
+        }
+        if let Some(known) = &s.heartbeats {
+            if !known.contains(&name) {
+                let configured = if known.is_empty() {
+                    "none are configured".to_string()
+                } else {
+                    format!("configured: {}", known.join(", "))
+                };
+                return Err(Rejection::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_heartbeat",
+                    format!(
+                        "no heartbeat {name:?} under incidents.heartbeats ({configured}); \
+                         a ping for it would never be checked"
+                    ),
+                ));
+            }
         }
         let received_at = s.clock.now();
         let alert = heartbeat_ping(&name, received_at);

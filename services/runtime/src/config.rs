@@ -240,6 +240,17 @@ impl fmt::Debug for Secret {
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Secret::deserialize_checked(d, |_| Ok(()))
+    }
+}
+
+impl Secret {
+    /// Deserializes a secret and applies `check` (e.g. a shortest length)
+    /// to its value, so an error points at the line that sets it.
+    pub fn deserialize_checked<'de, D: Deserializer<'de>>(
+        d: D,
+        check: impl FnOnce(&str) -> Result<(), String>,
+    ) -> Result<Secret, D::Error> {
         from_scalar(d, "a secret string", |raw| {
             let value = expand_env(raw)?;
             if value.is_empty() {
@@ -248,6 +259,7 @@ impl<'de> Deserialize<'de> for Secret {
                         .into(),
                 );
             }
+            check(&value)?;
             Ok(Secret(value))
         })
     }
@@ -276,6 +288,17 @@ impl fmt::Debug for SecretFile {
 
 impl<'de> Deserialize<'de> for SecretFile {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        SecretFile::deserialize_checked(d, |_| Ok(()))
+    }
+}
+
+impl SecretFile {
+    /// Deserializes a secret file and applies `check` to the secret it
+    /// holds, so an error points at the line that names the file.
+    pub fn deserialize_checked<'de, D: Deserializer<'de>>(
+        d: D,
+        check: impl FnOnce(&str) -> Result<(), String>,
+    ) -> Result<SecretFile, D::Error> {
         from_scalar(d, "a path to a file holding a secret", |raw| {
             let path = resolve_path(Path::new(&expand_env(raw)?));
             let content = std::fs::read_to_string(&path).map_err(|e| {
@@ -288,6 +311,7 @@ impl<'de> Deserialize<'de> for SecretFile {
             if value.is_empty() {
                 return Err(format!("secret file {} is empty", path.display()));
             }
+            check(&value).map_err(|e| format!("secret file {}: {e}", path.display()))?;
             Ok(SecretFile {
                 path,
                 secret: Secret(value),

@@ -531,7 +531,7 @@ pub async fn connect(
     client_name: &str,
     metrics: &Metrics,
 ) -> Result<Client, RuntimeError> {
-    connect_with(config, &config.auth, None, client_name, metrics).await
+    connect_with(config, &config.auth, None, client_name, metrics, true).await
 }
 
 /// Connects as `identity` (one of [`IDENTITIES`]): with its credentials
@@ -546,7 +546,20 @@ pub async fn connect_as(
     metrics: &Metrics,
 ) -> Result<Client, RuntimeError> {
     let auth = config.auth_for(identity)?;
-    connect_with(config, auth, Some(identity), client_name, metrics).await
+    connect_with(config, auth, Some(identity), client_name, metrics, true).await
+}
+
+/// [`connect_as`] for a short-lived client (the operator CLI): one attempt
+/// at each server, then [`RuntimeError::Connect`] naming the URL, instead
+/// of retrying (and logging each retry) for ever.
+pub async fn connect_once_as(
+    config: &NatsConfig,
+    identity: &str,
+    client_name: &str,
+    metrics: &Metrics,
+) -> Result<Client, RuntimeError> {
+    let auth = config.auth_for(identity)?;
+    connect_with(config, auth, Some(identity), client_name, metrics, false).await
 }
 
 /// The inbox prefix of `identity`: `_INBOX.<identity>`.
@@ -560,12 +573,12 @@ async fn connect_with(
     identity: Option<&str>,
     client_name: &str,
     metrics: &Metrics,
+    retry_initial: bool,
 ) -> Result<Client, RuntimeError> {
     let max_delay = config.reconnect_max_delay.get();
     let mut opts = ConnectOptions::new()
         .name(client_name)
         .connection_timeout(config.connect_timeout.get())
-        .retry_on_initial_connect()
         .max_reconnects(None)
         .reconnect_delay_callback(move |attempts| {
             // 0, 50ms, 100ms, 200ms ... capped: quick to come back after a
@@ -577,6 +590,9 @@ async fn connect_with(
                 exp.min(max_delay)
             }
         });
+    if retry_initial {
+        opts = opts.retry_on_initial_connect();
+    }
     if let Some(identity) = identity {
         opts = opts.custom_inbox_prefix(inbox_prefix(identity));
     }

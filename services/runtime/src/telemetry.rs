@@ -33,7 +33,13 @@ pub fn init_tracing(format: LogFormat, filter: &str) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Human => builder.with_target(true).try_init(),
+        // Colour codes only for a person at a terminal, never into files
+        // or pipes (journald, `2> log`, `| less`); NO_COLOR turns them off.
+        LogFormat::Human => {
+            use std::io::IsTerminal as _;
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            builder.with_target(true).with_ansi(colour).try_init()
+        }
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }

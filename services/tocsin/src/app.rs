@@ -101,9 +101,20 @@ async fn start(
 ) -> (&'static str, anyhow::Result<()>) {
     let r = match service {
         Service::Ingest => match config.ingest {
-            Some(c) => tocsin_ingest::run(c, &ctx, listener)
-                .await
-                .map_err(Into::into),
+            Some(mut c) => {
+                // Pings name the incidents service's heartbeats (same file).
+                c.heartbeats = Some(
+                    config
+                        .incidents
+                        .heartbeats
+                        .iter()
+                        .map(|h| h.name.clone())
+                        .collect(),
+                );
+                tocsin_ingest::run(c, &ctx, listener)
+                    .await
+                    .map_err(Into::into)
+            }
             None => Err(anyhow::anyhow!("no ingest section")),
         },
         Service::Incidents => tocsin_incidents::run(config.incidents, &ctx, listener)

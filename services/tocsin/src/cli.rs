@@ -35,17 +35,24 @@ pub struct Cli {
         default_value = "human"
     )]
     pub log_format: telemetry::LogFormat,
-    /// Address of /livez, /readyz and /metrics.
+    /// Services: address of /livez, /readyz and /metrics (before the command:
+    /// `tocsin --admin-listen 127.0.0.1:9465 up`).
     #[arg(
         long,
-        global = true,
         env = "TOCSIN_ADMIN_LISTEN",
-        default_value = "127.0.0.1:9464"
+        default_value = "127.0.0.1:9464",
+        help_heading = "Service options (before the command)"
     )]
     pub admin_listen: SocketAddr,
-    /// How long in-flight work may take to finish after SIGTERM/SIGINT.
-    #[arg(long, global = true, env = "TOCSIN_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    /// Services: how long in-flight work may take to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "TOCSIN_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration,
+          help_heading = "Service options (before the command)")]
     pub grace_period: std::time::Duration,
+    /// Operator commands: how long to wait for NATS and for the services'
+    /// answer (`tocsin --timeout 30s ack 42`).
+    #[arg(long, env = "TOCSIN_TIMEOUT", default_value = "10s", value_parser = parse_duration,
+          help_heading = "Operator options (before the command)")]
+    pub timeout: std::time::Duration,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -69,9 +76,8 @@ pub enum Command {
         /// How far back: 30d, 12h, 2w.
         #[arg(long, default_value = "30d", value_parser = parse_duration)]
         since: std::time::Duration,
-        /// `text` or `json`.
-        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-        output: String,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// Validate a config file; exits non-zero and prints file, line and reason on errors.
     CheckConfig {
@@ -86,11 +92,12 @@ pub enum Command {
     Resolve(Target),
     /// Reopen a resolved incident.
     Reopen(Target),
-    /// Snooze an incident: escalation pauses, and it is triggered again after.
+    /// Snooze an incident: nobody is paged until the snooze ends, then it is
+    /// triggered again and escalation resumes.
     Snooze {
         #[command(flatten)]
         target: Target,
-        /// How long: 30m, 2h, ...
+        /// How long, e.g. 30m, 2h or 1d.
         #[arg(value_parser = parse_duration)]
         duration: std::time::Duration,
     },
@@ -121,9 +128,11 @@ pub enum Command {
         /// Include resolved incidents.
         #[arg(long)]
         all: bool,
-        /// How many at most.
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
+        /// How many at most (1 to 1000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        limit: u16,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// Who is on call now (or at --at), for one schedule or all.
     Oncall {
@@ -132,13 +141,73 @@ pub enum Command {
         /// An instant (RFC 3339), e.g. 2026-12-24T20:00:00Z.
         #[arg(long)]
         at: Option<jiff::Timestamp>,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// Show an incident with its alerts and timeline.
     Show {
         /// Incident number (42 or #42) or id.
         #[arg(value_parser = crate::ops::incident_ref)]
         incident: IncidentRef,
+        #[command(flatten)]
+        output: OutputArg,
     },
+    /// Silences: alerts matching them page nobody until they end.
+    #[command(subcommand)]
+    Silence(SilenceCommand),
+    /// Print a shell completion script: `tocsin completions bash > /etc/bash_completion.d/tocsin`.
+    Completions {
+        /// bash, zsh or fish.
+        #[arg(value_parser = ["bash", "zsh", "fish"])]
+        shell: String,
+    },
+}
+
+/// `tocsin silence add|list|expire`.
+#[derive(Debug, Subcommand)]
+pub enum SilenceCommand {
+    /// Silence alerts matching every matcher, from now for DURATION.
+    Add {
+        /// Matchers in Alertmanager's syntax: service=payments, severity=~"high|critical", env!=dev.
+        #[arg(required = true, num_args = 1..)]
+        matchers: Vec<String>,
+        /// How long, 1m to 90d, e.g. 2h.
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: String,
+        /// Why (shown in the list and on suppressed alerts).
+        #[arg(long, default_value = "")]
+        comment: String,
+        /// Who is silencing. Default: $USER.
+        #[arg(long = "as", env = "USER", default_value = "operator")]
+        actor: String,
+    },
+    /// List silences (active, pending and expired), newest first.
+    List {
+        #[command(flatten)]
+        output: OutputArg,
+    },
+    /// End a silence now.
+    Expire {
+        /// The silence id (from `tocsin silence list`).
+        id: String,
+        /// Who is expiring it. Default: $USER.
+        #[arg(long = "as", env = "USER", default_value = "operator")]
+        actor: String,
+    },
+}
+
+/// `--output text|json` of the read commands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OutputArg {
+    /// `text` for people, `json` for programs (fields in the README).
+    #[arg(long, short = 'o', default_value = "text", value_parser = ["text", "json"])]
+    pub output: String,
+}
+
+impl OutputArg {
+    fn style(&self) -> crate::ops::Style {
+        crate::ops::Style::new(self.output == "json")
+    }
 }
 
 /// Which incident, and who is acting.
@@ -177,6 +246,7 @@ pub fn main(forced: Option<Command>) -> ExitCode {
             | Command::Notifier
             | Command::Chatops
             | Command::CheckConfig { .. }
+            | Command::Completions { .. }
     );
     let level = if operator && std::env::var_os("TOCSIN_LOG").is_none() && cli.log_level == "info" {
         "warn"
@@ -212,7 +282,18 @@ pub fn main(forced: Option<Command>) -> ExitCode {
         | Command::List { .. }
         | Command::Oncall { .. }
         | Command::Show { .. }
+        | Command::Silence(_)
         | Command::Report { .. } => operate(&cli),
+        Command::Completions { ref shell } => {
+            let shell = match shell.as_str() {
+                "bash" => clap_complete::Shell::Bash,
+                "zsh" => clap_complete::Shell::Zsh,
+                _ => clap_complete::Shell::Fish,
+            };
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "tocsin", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Command::Up => serve(&cli, &Service::ALL),
         Command::Ingest => serve(&cli, &[Service::Ingest]),
         Command::Incidents => serve(&cli, &[Service::Incidents]),
@@ -262,15 +343,67 @@ fn serve(cli: &Cli, services: &[Service]) -> ExitCode {
     }
 }
 
+/// The file `./deploy/dev.sh up` writes in the checkout: the operator's
+/// NATS address and password for the development NATS.
+pub const DEV_ENV: &str = ".tocsin/env";
+
+/// Reads the `export TOCSIN_NATS_…=…` lines of [`DEV_ENV`] in the current
+/// folder into the environment, so operator commands reach the NATS of
+/// `./deploy/dev.sh up` without a prefix. Only when neither
+/// `TOCSIN_NATS_URL` nor `TOCSIN_NATS_OPERATOR_PASSWORD` is set (an
+/// operator's own settings always win, and a password set for another NATS
+/// is never sent to the address of a file), and only from a file of the
+/// current user that nobody else may read or write (dev.sh makes it 0600).
+/// Returns the file when it was used.
+fn load_dev_env() -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    if std::env::var_os("TOCSIN_NATS_URL").is_some()
+        || std::env::var_os("TOCSIN_NATS_OPERATOR_PASSWORD").is_some()
+    {
+        return None;
+    }
+    let path = PathBuf::from(DEV_ENV);
+    let meta = std::fs::metadata(&path).ok()?;
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if !meta.is_file() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        return None;
+    }
+    let text = std::fs::read_to_string(&path).ok()?;
+    let mut found = false;
+    for line in text.lines() {
+        let Some((name, value)) = line
+            .trim()
+            .strip_prefix("export ")
+            .and_then(|l| l.split_once('='))
+        else {
+            continue;
+        };
+        if name.starts_with("TOCSIN_NATS_")
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            && std::env::var_os(name).is_none()
+        {
+            std::env::set_var(name, value.trim());
+            found = true;
+        }
+    }
+    found.then_some(path)
+}
+
 /// Runs an operator command against the running services.
 fn operate(cli: &Cli) -> ExitCode {
-    let config = match crate::config::OperatorConfig::load(&cli.config) {
+    // Before any thread starts: it sets environment variables.
+    let dev_env = load_dev_env();
+    let mut config = match crate::config::OperatorConfig::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(2);
         }
     };
+    config.patience = cli.timeout;
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -279,27 +412,40 @@ fn operate(cli: &Cli) -> ExitCode {
         }
     };
     let act = |t: &Target, action: Action| (t.actor.clone(), action);
-    let result: anyhow::Result<(bool, String)> = runtime.block_on(async {
+    let result: anyhow::Result<String> = runtime.block_on(async {
         let (actor, action) = match &cli.command {
-            Command::List { all, limit } => {
-                return crate::ops::list(&config, *all, *limit)
-                    .await
-                    .map(|s| (true, s))
+            Command::List { all, limit, output } => {
+                return crate::ops::list(&config, *all, usize::from(*limit), &output.style()).await
             }
-            Command::Show { incident } => {
-                return crate::ops::show(&config, incident.clone())
-                    .await
-                    .map(|s| (true, s))
+            Command::Show { incident, output } => {
+                return crate::ops::show(&config, incident.clone(), &output.style()).await
             }
             Command::Report { since, output } => {
-                return crate::ops::report(&config, *since, output == "json")
-                    .await
-                    .map(|s| (true, s))
+                return crate::ops::report(&config, *since, output.output == "json").await
             }
-            Command::Oncall { schedule, at } => {
-                return crate::ops::oncall(&config, schedule.clone(), *at)
-                    .await
-                    .map(|s| (true, s))
+            Command::Oncall {
+                schedule,
+                at,
+                output,
+            } => return crate::ops::oncall(&config, schedule.clone(), *at, &output.style()).await,
+            Command::Silence(SilenceCommand::List { output }) => {
+                return crate::ops::silences(&config, &output.style()).await
+            }
+            Command::Silence(SilenceCommand::Add {
+                matchers,
+                duration,
+                comment,
+                actor,
+            }) => {
+                let silence =
+                    crate::ops::new_silence(matchers, duration, comment, actor).map_err(Usage)?;
+                let id = silence.id.clone();
+                let m =
+                    crate::ops::command(&config, actor, Action::CreateSilence { silence }).await?;
+                return Ok(format!("{m}\n{id}\n"));
+            }
+            Command::Silence(SilenceCommand::Expire { id, actor }) => {
+                (actor.clone(), Action::ExpireSilence { id: id.clone() })
             }
             Command::Ack(t) => act(
                 t,
@@ -357,20 +503,77 @@ fn operate(cli: &Cli) -> ExitCode {
         };
         crate::ops::command(&config, &actor, action)
             .await
-            .map(|(ok, m)| (ok, format!("{m}\n")))
+            .map(|m| format!("{m}\n"))
     });
+    // Where the address came from, when NATS cannot be reached.
+    let result = result.map_err(|e| {
+        let Some(u) = e.downcast_ref::<crate::ops::NatsUnreachable>() else {
+            return e;
+        };
+        let hint = match &dev_env {
+            Some(p) => format!(
+                "the address is from {}, written by ./deploy/dev.sh up: is it running?",
+                p.display()
+            ),
+            None => format!(
+                "set nats.url in {} or TOCSIN_NATS_URL (for ./deploy/dev.sh up, run from the checkout: {DEV_ENV} is read)",
+                cli.config.display()
+            ),
+        };
+        anyhow::anyhow!("{u}; {hint}")
+    });
+    exit(result)
+}
+
+/// Exit codes of operator commands (documented in the README).
+pub mod exit {
+    /// Done; the answer is printed.
+    pub const OK: u8 = 0;
+    /// A service answered and refused (an unknown incident or schedule, a
+    /// command that does not apply); the reason is printed.
+    pub const REFUSED: u8 = 1;
+    /// A usage or config error.
+    pub const USAGE: u8 = 2;
+    /// NATS or the service that answers cannot be reached.
+    pub const UNREACHABLE: u8 = 3;
+    /// The command is stored on the bus and will be applied when the
+    /// incidents service runs, but it has not answered yet.
+    pub const QUEUED: u8 = 4;
+}
+
+/// Bad input found after parsing the command line (a matcher, a duration).
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// Prints an operator command's outcome and picks its exit code.
+fn exit(result: anyhow::Result<String>) -> ExitCode {
     match result {
-        Ok((true, out)) => {
+        Ok(out) => {
             print!("{out}");
-            ExitCode::SUCCESS
-        }
-        Ok((false, reason)) => {
-            eprint!("rejected: {reason}");
-            ExitCode::from(1)
+            ExitCode::from(exit::OK)
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(3)
+            if let Some(u) = e.downcast_ref::<Usage>() {
+                eprintln!("error: {u}");
+                ExitCode::from(exit::USAGE)
+            } else if let Some(r) = e.downcast_ref::<crate::ops::Refused>() {
+                eprintln!("rejected: {r}");
+                ExitCode::from(exit::REFUSED)
+            } else if let Some(q) = e.downcast_ref::<crate::ops::Queued>() {
+                println!("{q}");
+                ExitCode::from(exit::QUEUED)
+            } else {
+                eprintln!("error: {e:#}");
+                ExitCode::from(exit::UNREACHABLE)
+            }
         }
     }
 }

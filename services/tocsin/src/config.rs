@@ -53,12 +53,30 @@ pub struct Config {
 /// need: how to reach NATS, as the `operator` identity. Other sections, and
 /// the other identities' `nats.credentials`, are not read, so their secrets
 /// need not be set on an operator's machine.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct OperatorConfig {
     #[serde(default)]
     pub nats: NatsConfig,
     #[serde(default)]
     pub jetstream: JetStreamConfig,
+    /// How long a command waits for NATS and for the services' answers
+    /// (`--timeout`, not from the file).
+    #[serde(skip, default = "default_patience")]
+    pub patience: std::time::Duration,
+}
+
+fn default_patience() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        OperatorConfig {
+            nats: NatsConfig::default(),
+            jetstream: JetStreamConfig::default(),
+            patience: default_patience(),
+        }
+    }
 }
 
 impl OperatorConfig {
@@ -461,6 +479,20 @@ fn located(path: &Path, section: &str, messages: Vec<String>) -> ConfigError {
             .step_by(2)
             .filter(|q| !q.is_empty())
             .collect();
+        // "user \"alice\" is defined twice": the second `name: alice`.
+        if head.contains("is defined twice") {
+            if let Some(name) = quoted.first() {
+                let defs: Vec<(usize, usize)> = lines
+                    .iter()
+                    .enumerate()
+                    .skip(start)
+                    .filter_map(|(i, l)| name_at(l, name).map(|c| (i + 1, c + 1)))
+                    .collect();
+                if let Some(second) = defs.get(1) {
+                    return Some(*second);
+                }
+            }
+        }
         for needle in quoted.iter().rev() {
             for (i, line) in lines.iter().enumerate().skip(start) {
                 if let Some(col) = find_token(line, needle) {
@@ -488,6 +520,29 @@ fn located(path: &Path, section: &str, messages: Vec<String>) -> ConfigError {
         first.message.push_str(&e.to_string());
     }
     first
+}
+
+/// Where `name: <name>` (quoted or not) stands in `line`: the column of `name:`.
+fn name_at(line: &str, name: &str) -> Option<usize> {
+    let code = line.split(" #").next().unwrap_or(line);
+    let mut from = 0;
+    while let Some(i) = code[from..].find("name:") {
+        let at = from + i;
+        let before = code[..at].chars().next_back();
+        let rest = code[at + 5..].trim_start();
+        let rest = rest.trim_start_matches(['"', '\'']);
+        if before.is_none_or(|c| !(c.is_alphanumeric() || c == '_'))
+            && rest.starts_with(name)
+            && rest[name.len()..]
+                .chars()
+                .next()
+                .is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '-' || c == '.'))
+        {
+            return Some(at);
+        }
+        from = at + 5;
+    }
+    None
 }
 
 /// Where `needle` stands in `line` as a whole YAML value (not inside a longer word).

@@ -8,11 +8,11 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use async_nats::Client;
 use futures::StreamExt;
-use jiff::Timestamp;
+use jiff::{tz::TimeZone, Timestamp};
 use tocsin_proto::{
     codec,
     command::{Action, Command, CommandReply, IncidentRef},
-    incident::{Actor, IncidentStatus},
+    incident::{Actor, IncidentEvent, IncidentStatus, IncidentSummary},
     query::{GetIncident, ListIncidents, QueryReply},
     subjects::{headers, query},
     Envelope,
@@ -21,27 +21,75 @@ use tocsin_runtime::admin::Metrics;
 
 use crate::config::OperatorConfig as Config;
 
-/// How long to wait for NATS and for the incidents service.
-const PATIENCE: Duration = Duration::from_secs(10);
+/// A service answered and refused: an unknown incident or schedule, a
+/// command that does not apply. The CLI prints the reason and exits 1.
+#[derive(Debug)]
+pub struct Refused(pub String);
 
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// A command is stored on the COMMANDS stream but no answer came in time
+/// (the incidents service is down or busy): it is applied when the service
+/// runs. The CLI says so and exits 4.
+#[derive(Debug)]
+pub struct Queued(pub String);
+
+impl std::fmt::Display for Queued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Queued {}
+
+fn refused(reason: impl Into<String>) -> anyhow::Error {
+    Refused(reason.into()).into()
+}
+
+/// NATS cannot be reached (the message names the URL tried).
+#[derive(Debug)]
+pub struct NatsUnreachable(pub String);
+
+impl std::fmt::Display for NatsUnreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NatsUnreachable {}
+
+/// One attempt to reach NATS (no retries, so no lines of warnings before
+/// the answer); the error names the URL tried.
 async fn connect(config: &Config) -> anyhow::Result<Client> {
-    let client = tocsin_runtime::nats::connect_as(
+    let patience = config.patience;
+    let url = &config.nats.url;
+    let client = match tocsin_runtime::nats::connect_once_as(
         &config.nats,
         Config::IDENTITY,
         "tocsin-cli",
         &Metrics::new(),
     )
-    .await?;
-    tokio::time::timeout(PATIENCE, client.flush())
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "cannot reach NATS at {} within {PATIENCE:?}",
-                config.nats.url
-            )
-        })?
-        .with_context(|| format!("cannot reach NATS at {}", config.nats.url))?;
-    Ok(client)
+    .await
+    {
+        Ok(c) => c,
+        Err(e @ tocsin_runtime::RuntimeError::Connect { .. }) => {
+            return Err(NatsUnreachable(e.to_string()).into())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match tokio::time::timeout(patience, client.flush()).await {
+        Err(_) => {
+            Err(NatsUnreachable(format!("cannot reach NATS at {url} within {patience:?}")).into())
+        }
+        Ok(Err(e)) => Err(NatsUnreachable(format!("cannot reach NATS at {url}: {e}")).into()),
+        Ok(Ok(())) => Ok(client),
+    }
 }
 
 /// Parses `42`, `#42` or an incident UUID.
@@ -55,13 +103,12 @@ pub fn incident_ref(s: &str) -> Result<IncidentRef, String> {
         .map_err(|_| format!("{s:?} is neither an incident number (42, #42) nor an incident id"))
 }
 
-/// Sends `action` as `actor` and waits for the answer. Returns whether it
-/// was accepted, and the message to print.
-pub async fn command(
-    config: &Config,
-    actor: &str,
-    action: Action,
-) -> anyhow::Result<(bool, String)> {
+/// Sends `action` as `actor` and waits for the answer: the message to
+/// print when it was accepted; [`Refused`] with the reason when it was not;
+/// [`Queued`] when it is stored but no answer came within the patience.
+pub async fn command(config: &Config, actor: &str, action: Action) -> anyhow::Result<String> {
+    let patience = config.patience;
+    let what = describe(&action);
     let client = connect(config).await?;
     let js = config.jetstream.context(client.clone());
     let cmd = Command::new(Actor::new(actor, "cli"), action);
@@ -79,37 +126,165 @@ pub async fn command(
         .context("cannot send the command")?
         .await
         .context("JetStream did not store the command")?;
-    let msg = tokio::time::timeout(PATIENCE, replies.next())
+    let msg = tokio::time::timeout(patience, replies.next())
         .await
         .map_err(|_| {
-            anyhow::anyhow!(
-                "the command is stored but no answer came within {PATIENCE:?}; \
-                 is the incidents service running? It will apply the command when it runs"
-            )
+            anyhow::Error::new(Queued(format!(
+                "queued: {what} is stored on the bus (command {}), but the incidents \
+                 service did not answer within {patience:?}; it will apply it when it runs \
+                 (tocsin show tells when it has)",
+                cmd.id
+            )))
         })?
         .context("reply subscription closed")?;
-    Ok(match codec::decode::<CommandReply>(&msg.payload)? {
-        CommandReply::Accepted { message, .. } => (true, message),
-        CommandReply::Rejected { reason, .. } => (false, reason),
-    })
+    match codec::decode::<CommandReply>(&msg.payload)? {
+        CommandReply::Accepted { message, .. } => Ok(message),
+        CommandReply::Rejected { reason, .. } => Err(refused(reason)),
+    }
+}
+
+/// A failed request in words: nobody answering means the service is not
+/// running (or not connected to this NATS).
+fn request_failed(e: &async_nats::RequestError, service: &str) -> anyhow::Error {
+    match e.kind() {
+        async_nats::RequestErrorKind::NoResponders => {
+            anyhow::anyhow!("no {service} service answers on this NATS; is it running?")
+        }
+        _ => anyhow::anyhow!("query failed ({e}); is the {service} service running?"),
+    }
+}
+
+/// `ack of incident #42`, for messages about a command.
+fn describe(action: &Action) -> String {
+    match action.incident() {
+        Some(r) => format!("{} of incident {r}", action.name()),
+        None => action.name().to_string(),
+    }
 }
 
 async fn ask<Q: serde::Serialize>(
+    config: &Config,
     client: &Client,
     subject: &'static str,
     q: &Q,
 ) -> anyhow::Result<QueryReply> {
-    let resp = tokio::time::timeout(PATIENCE, client.request(subject, codec::encode(q)?.into()))
+    let patience = config.patience;
+    let resp = tokio::time::timeout(patience, client.request(subject, codec::encode(q)?.into()))
         .await
         .map_err(|_| {
-            anyhow::anyhow!("no answer within {PATIENCE:?}; is the incidents service running?")
+            anyhow::anyhow!("no answer within {patience:?}; is the incidents service running?")
         })?
-        .map_err(|e| anyhow::anyhow!("query failed ({e}); is the incidents service running?"))?;
+        .map_err(|e| request_failed(&e, "incidents"))?;
     Ok(codec::decode(&resp.payload)?)
 }
 
+/// How an answer is printed: for people (`text`, colour only on a
+/// terminal, times in the local zone) or for programs (`json`, stable
+/// fields documented in the README, times in RFC 3339 UTC).
+#[derive(Clone, Debug)]
+pub struct Style {
+    pub json: bool,
+    pub colour: bool,
+    /// The zone of times in text (the system's, `TZ`).
+    pub tz: TimeZone,
+}
+
+impl Style {
+    /// Text or JSON; colour when stdout is a terminal and `NO_COLOR` is not set.
+    pub fn new(json: bool) -> Style {
+        use std::io::IsTerminal as _;
+        Style {
+            json,
+            colour: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+            tz: TimeZone::system(),
+        }
+    }
+
+    /// `2026-11-29 15:04:05 CET`.
+    fn time(&self, t: Timestamp) -> String {
+        local_time(t, &self.tz)
+    }
+
+    /// `text` in an ANSI colour (`31` red, `32` green, `33` yellow, `1` bold) on a terminal.
+    fn paint(&self, code: &str, text: &str) -> String {
+        if self.colour {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
+    }
+
+    fn status(&self, i: &IncidentSummary) -> String {
+        let word = status_word(i);
+        let code = match word {
+            "triggered" => "31",
+            "acknowledged" | "snoozed" => "33",
+            _ => "32",
+        };
+        self.paint(code, word)
+    }
+}
+
+/// `2026-11-29 15:04:05 CET` in `tz`.
+fn local_time(t: Timestamp, tz: &TimeZone) -> String {
+    t.to_zoned_datetime(tz.clone())
+        .strftime("%Y-%m-%d %H:%M:%S %Z")
+        .to_string()
+}
+
+/// `triggered`, `acknowledged`, `snoozed` (acknowledged with a snooze
+/// running) or `resolved`.
+fn status_word(i: &IncidentSummary) -> &'static str {
+    match i.status {
+        IncidentStatus::Resolved => "resolved",
+        _ if i.snoozed_until.is_some() => "snoozed",
+        s => s.as_str(),
+    }
+}
+
+fn rfc3339(t: Option<Timestamp>) -> serde_json::Value {
+    t.map(|t| serde_json::Value::String(t.to_string()))
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn actor_json(a: Option<&Actor>) -> serde_json::Value {
+    a.map(|a| serde_json::json!({"name": a.name, "via": a.via}))
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// The fields `list` and `show` print in JSON for an incident.
+fn incident_json(i: &IncidentSummary) -> serde_json::Value {
+    serde_json::json!({
+        "number": i.number,
+        "id": i.id.to_string(),
+        "title": i.title,
+        "status": status_word(i),
+        "severity": i.severity.as_str(),
+        "labels": i.labels,
+        "alerts_firing": i.alerts_firing,
+        "alerts_total": i.alerts_total,
+        "opened_at": i.opened_at.to_string(),
+        "acknowledged_at": rfc3339(i.acknowledged_at),
+        "acknowledged_by": actor_json(i.acknowledged_by.as_ref()),
+        "snoozed_until": rfc3339(i.snoozed_until),
+        "resolved_at": rfc3339(i.resolved_at),
+        "assignee": i.assignee,
+        "reopen_count": i.reopen_count,
+        "suppressed": i.suppressed,
+    })
+}
+
+fn to_json(v: &serde_json::Value) -> anyhow::Result<String> {
+    Ok(format!("{}\n", serde_json::to_string_pretty(v)?))
+}
+
 /// `tocsin list`: one line per incident, most recent first.
-pub async fn list(config: &Config, all: bool, limit: usize) -> anyhow::Result<String> {
+pub async fn list(
+    config: &Config,
+    all: bool,
+    limit: usize,
+    style: &Style,
+) -> anyhow::Result<String> {
     let client = connect(config).await?;
     let q = ListIncidents {
         status: if all {
@@ -120,26 +295,40 @@ pub async fn list(config: &Config, all: bool, limit: usize) -> anyhow::Result<St
         limit: Some(limit),
         ..Default::default()
     };
-    let QueryReply::Incidents { incidents } = ask(&client, query::LIST_INCIDENTS, &q).await? else {
+    let QueryReply::Incidents { incidents } =
+        ask(config, &client, query::LIST_INCIDENTS, &q).await?
+    else {
         bail!("unexpected answer to a list query");
     };
-    let mut out = format!(
-        "{:<7} {:<13} {:<9} {:<7} {:<20} TITLE\n",
-        "#", "STATUS", "SEVERITY", "ALERTS", "OPENED"
+    if style.json {
+        let list: Vec<_> = incidents.iter().map(incident_json).collect();
+        return to_json(&serde_json::json!({ "incidents": list }));
+    }
+    let mut out = style.paint(
+        "1",
+        &format!(
+            "{:<7} {:<13} {:<9} {:<7} {:<24} {:<12} {:<24} TITLE",
+            "#", "STATUS", "SEVERITY", "ALERTS", "OPENED", "ASSIGNEE", "SNOOZED UNTIL"
+        ),
     );
+    out.push('\n');
     for i in &incidents {
-        let status = if i.suppressed.is_some() {
-            format!("{}*", i.status.as_str())
-        } else {
-            i.status.as_str().to_string()
-        };
+        let mark = if i.suppressed.is_some() { "*" } else { "" };
+        // Padding counts visible characters, not colour codes.
+        let status = format!("{}{mark}", status_word(i));
+        let pad = " ".repeat(13usize.saturating_sub(status.chars().count()));
         out.push_str(&format!(
-            "{:<7} {:<13} {:<9} {:<7} {:<20} {}\n",
+            "{:<7} {}{mark}{pad} {:<9} {:<7} {:<24} {:<12} {:<24} {}\n",
             format!("#{}", i.number),
-            status,
+            style.status(i),
             i.severity.as_str(),
             format!("{}/{}", i.alerts_firing, i.alerts_total),
-            i.opened_at.strftime("%Y-%m-%d %H:%M:%S").to_string(),
+            style.time(i.opened_at),
+            i.assignee.as_deref().unwrap_or("-"),
+            i.snoozed_until
+                .filter(|_| i.status != IncidentStatus::Resolved)
+                .map(|t| style.time(t))
+                .unwrap_or_else(|| "-".into()),
             i.title
         ));
     }
@@ -156,10 +345,82 @@ pub async fn list(config: &Config, all: bool, limit: usize) -> anyhow::Result<St
     Ok(out)
 }
 
-/// `tocsin show 42`: the incident, its alerts and its timeline.
-pub async fn show(config: &Config, incident: IncidentRef) -> anyhow::Result<String> {
+/// One timeline entry in words: `paged alice via sms, alice via email
+/// (level 1 of policy standard)`, `snoozed until ...`, `escalated: no
+/// progress`.
+fn describe_event(e: &IncidentEvent, style: &Style) -> String {
+    use tocsin_proto::incident::{EventKind, ResolveReason};
+    match &e.kind {
+        EventKind::Opened { alert } => format!("opened by alert {}", alert.fingerprint),
+        EventKind::AlertFiring { alert } => format!("alert {} firing", alert.fingerprint),
+        EventKind::AlertResolved { fingerprint, .. } => format!("alert {fingerprint} resolved"),
+        EventKind::Acknowledged => "acknowledged".into(),
+        EventKind::Unacknowledged => "unacknowledged".into(),
+        EventKind::Snoozed { until } => format!("snoozed until {}", style.time(*until)),
+        EventKind::SnoozeEnded => "snooze ended: triggered again".into(),
+        EventKind::Escalated { reason } if reason.is_empty() => "escalated".into(),
+        EventKind::Escalated { reason } => format!("escalated: {reason}"),
+        EventKind::Assigned { user } => format!("assigned to {user}"),
+        EventKind::NoteAdded { text } => format!("note: {text}"),
+        EventKind::Remediation {
+            runbook,
+            step,
+            status,
+            detail,
+        } => {
+            let mut s = format!("runbook {runbook} step {step}: {status}");
+            if !detail.is_empty() {
+                s.push_str(&format!(" ({detail})"));
+            }
+            s
+        }
+        EventKind::Resolved {
+            reason: ResolveReason::AllAlertsResolved,
+        } => "resolved: every alert resolved".into(),
+        EventKind::Resolved { .. } => "resolved".into(),
+        EventKind::Reopened => "reopened".into(),
+        EventKind::Paged {
+            level,
+            repeat,
+            pages,
+            reason,
+        } => {
+            // The wire's levels count from 0; people's from 1.
+            let why = if reason.is_empty() {
+                match repeat {
+                    0 => format!("level {}", level + 1),
+                    r => format!("level {} (round {})", level + 1, r + 1),
+                }
+            } else {
+                reason.clone()
+            };
+            let who = if pages.is_empty() {
+                "nobody".to_string()
+            } else {
+                pages.join(", ")
+            };
+            format!("paged {who} ({why})")
+        }
+        EventKind::Delivery { delivery } => format!("delivery: {}", delivery.describe()),
+    }
+}
+
+/// The last escalate reason on the timeline, if any.
+fn escalate_reason(timeline: &[IncidentEvent]) -> Option<&str> {
+    timeline.iter().rev().find_map(|e| match &e.kind {
+        tocsin_proto::incident::EventKind::Escalated { reason } if !reason.is_empty() => {
+            Some(reason.as_str())
+        }
+        _ => None,
+    })
+}
+
+/// `tocsin show 42`: the incident, its alerts (with their annotations and
+/// links) and its timeline.
+pub async fn show(config: &Config, incident: IncidentRef, style: &Style) -> anyhow::Result<String> {
     let client = connect(config).await?;
     let d = match ask(
+        config,
         &client,
         query::GET_INCIDENT,
         &GetIncident {
@@ -170,26 +431,83 @@ pub async fn show(config: &Config, incident: IncidentRef) -> anyhow::Result<Stri
     .await?
     {
         QueryReply::Incident(d) => d,
-        QueryReply::Error { reason } => bail!("{reason}"),
+        QueryReply::Error { reason } => return Err(refused(reason)),
         _ => bail!("unexpected answer to a get query"),
     };
     let i = &d.incident;
-    let mut out = format!("#{} {}\n", i.number, i.title);
+    if style.json {
+        let mut v = incident_json(i);
+        v["escalate_reason"] = escalate_reason(&d.timeline).into();
+        v["alerts"] = d
+            .alerts
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "fingerprint": a.fingerprint.to_string(),
+                    "status": a.status.as_str(),
+                    "labels": a.labels,
+                    "annotations": a.annotations,
+                    "starts_at": a.starts_at.to_string(),
+                    "ends_at": rfc3339(a.ends_at),
+                    "generator_url": a.generator_url,
+                    "suppressed": a.suppressed,
+                })
+            })
+            .collect();
+        v["timeline"] = d
+            .timeline
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "at": e.at.to_string(),
+                    "event": e.kind.name(),
+                    "actor": actor_json(e.actor.as_ref()),
+                    "text": describe_event(e, &Style { colour: false, tz: TimeZone::UTC, json: true }),
+                })
+            })
+            .collect();
+        return to_json(&v);
+    }
+    let mut out = style.paint("1", &format!("#{} {}", i.number, i.title));
+    out.push('\n');
     out.push_str(&format!(
         "  id:        {}\n  status:    {}",
         i.id,
-        i.status.as_str()
+        style.status(i)
     ));
-    if let Some(a) = &i.acknowledged_by {
-        out.push_str(&format!(" (acknowledged by {} via {})", a.name, a.via));
+    match (i.status, i.snoozed_until, &i.acknowledged_by) {
+        (IncidentStatus::Resolved, _, _) => {}
+        (_, Some(until), by) => {
+            out.push_str(&format!(" until {}", style.time(until)));
+            if let Some(a) = by {
+                out.push_str(&format!(" (by {} via {})", a.name, a.via));
+            }
+        }
+        (IncidentStatus::Acknowledged, None, Some(a)) => {
+            out.push_str(&format!(" (acknowledged by {} via {})", a.name, a.via));
+        }
+        _ => {}
     }
     out.push_str(&format!(
         "\n  severity:  {}\n  opened:    {}\n",
         i.severity.as_str(),
-        i.opened_at
+        style.time(i.opened_at)
     ));
+    if let Some(t) = i
+        .acknowledged_at
+        .filter(|_| i.status == IncidentStatus::Acknowledged)
+    {
+        out.push_str(&format!("  acknowledged: {}\n", style.time(t)));
+    }
     if let Some(r) = i.resolved_at {
-        out.push_str(&format!("  resolved:  {r}\n"));
+        out.push_str(&format!("  resolved:  {}\n", style.time(r)));
+    }
+    out.push_str(&format!(
+        "  assignee:  {}\n",
+        i.assignee.as_deref().unwrap_or("-")
+    ));
+    if let Some(r) = escalate_reason(&d.timeline) {
+        out.push_str(&format!("  escalated: {r}\n"));
     }
     if let Some(s) = &i.suppressed {
         out.push_str(&format!("  suppressed: {s}\n"));
@@ -206,6 +524,26 @@ pub async fn show(config: &Config, incident: IncidentRef) -> anyhow::Result<Stri
             a.status.as_str(),
             labels.join(" ")
         ));
+        // The well-known annotations first, then the rest.
+        let known = ["summary", "description", "runbook_url"];
+        for k in known {
+            if let Some(v) = a.annotations.get(k) {
+                out.push_str(&format!("      {k}: {}\n", one_block(v)));
+            }
+        }
+        for (k, v) in a
+            .annotations
+            .iter()
+            .filter(|(k, _)| !known.contains(&k.as_str()))
+        {
+            out.push_str(&format!("      {k}: {}\n", one_block(v)));
+        }
+        if let Some(u) = &a.generator_url {
+            out.push_str(&format!("      source: {u}\n"));
+        }
+        if let Some(s) = &a.suppressed {
+            out.push_str(&format!("      suppressed: {s}\n"));
+        }
     }
     out.push_str("  timeline:\n");
     for e in &d.timeline {
@@ -214,32 +552,41 @@ pub async fn show(config: &Config, incident: IncidentRef) -> anyhow::Result<Stri
             .as_ref()
             .map(|a| format!(" by {} ({})", a.name, a.via))
             .unwrap_or_default();
+        let what = describe_event(e, style);
         let what = match &e.kind {
-            tocsin_proto::incident::EventKind::Delivery { delivery } => {
-                format!("delivery: {}", delivery.describe())
-            }
-            tocsin_proto::incident::EventKind::NoteAdded { text } => format!("note: {text}"),
-            other => other.name().to_string(),
+            tocsin_proto::incident::EventKind::Paged { .. } => style.paint("31", &what),
+            tocsin_proto::incident::EventKind::Acknowledged
+            | tocsin_proto::incident::EventKind::Snoozed { .. } => style.paint("33", &what),
+            tocsin_proto::incident::EventKind::Resolved { .. } => style.paint("32", &what),
+            _ => what,
         };
-        out.push_str(&format!("    {}  {}{}\n", e.at, what, who));
+        out.push_str(&format!("    {}  {}{}\n", style.time(e.at), what, who));
     }
     Ok(out)
 }
 
+/// A multi-line text on one line per line, indented under its key.
+fn one_block(v: &str) -> String {
+    v.trim_end().replace('\n', "\n        ")
+}
+
 /// `tocsin oncall [SCHEDULE] [--at T]`: who is on call (for every schedule
-/// when none is named), until when, and who is next.
+/// when none is named), until when, and who is next; times in the
+/// schedule's zone.
 pub async fn oncall(
     config: &Config,
     schedule: Option<String>,
     at: Option<Timestamp>,
+    style: &Style,
 ) -> anyhow::Result<String> {
     use tocsin_proto::query::{ListSchedules, OnCallQuery, OnCallReply, ScheduleList};
+    let patience = config.patience;
     let client = connect(config).await?;
     let names = match schedule {
         Some(s) => vec![s],
         None => {
             let resp = tokio::time::timeout(
-                PATIENCE,
+                patience,
                 client.request(
                     query::ESCALATION_SCHEDULES,
                     codec::encode(&ListSchedules {})?.into(),
@@ -247,51 +594,187 @@ pub async fn oncall(
             )
             .await
             .map_err(|_| {
-                anyhow::anyhow!("no answer within {PATIENCE:?}; is the escalation service running?")
+                anyhow::anyhow!("no answer within {patience:?}; is the escalation service running?")
             })?
-            .map_err(|e| {
-                anyhow::anyhow!("query failed ({e}); is the escalation service running?")
-            })?;
+            .map_err(|e| request_failed(&e, "escalation"))?;
             codec::decode::<ScheduleList>(&resp.payload)?.schedules
         }
     };
-    if names.is_empty() {
-        return Ok("(no schedules configured under escalation.schedules)\n".into());
-    }
-    let mut out = String::new();
+    let mut views = Vec::new();
     for name in names {
         let q = OnCallQuery {
             schedule: name.clone(),
             at,
         };
         let resp = tokio::time::timeout(
-            PATIENCE,
+            patience,
             client.request(query::ESCALATION_ONCALL, codec::encode(&q)?.into()),
         )
         .await
         .map_err(|_| {
-            anyhow::anyhow!("no answer within {PATIENCE:?}; is the escalation service running?")
+            anyhow::anyhow!("no answer within {patience:?}; is the escalation service running?")
         })?
-        .map_err(|e| anyhow::anyhow!("query failed ({e}); is the escalation service running?"))?;
+        .map_err(|e| request_failed(&e, "escalation"))?;
         match codec::decode::<OnCallReply>(&resp.payload)? {
-            OnCallReply::OnCall(v) => {
-                let who = v.user.clone().unwrap_or_else(|| "nobody".into());
-                let until = v
-                    .shift_end
-                    .map(|t| format!(" until {t}"))
-                    .unwrap_or_default();
-                out.push_str(&format!("{name}: {who}{until}\n"));
-                for s in v.next.iter().take(3) {
-                    out.push_str(&format!(
-                        "  then {} from {} to {}\n",
-                        s.user, s.start, s.end
-                    ));
-                }
-            }
-            OnCallReply::Error { reason } => bail!("{reason}"),
+            OnCallReply::OnCall(v) => views.push(*v),
+            OnCallReply::Error { reason } => return Err(refused(reason)),
+        }
+    }
+    if style.json {
+        let list: Vec<_> = views
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "schedule": v.schedule,
+                    "timezone": v.timezone,
+                    "at": v.at.to_string(),
+                    "user": v.user,
+                    "layer": v.layer,
+                    "shift_start": rfc3339(v.shift_start),
+                    "shift_end": rfc3339(v.shift_end),
+                    "next": v.next.iter().map(|s| serde_json::json!({
+                        "user": s.user, "start": s.start.to_string(), "end": s.end.to_string()
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        return to_json(&serde_json::json!({ "schedules": list }));
+    }
+    if views.is_empty() {
+        return Ok("(no schedules configured under escalation.schedules)\n".into());
+    }
+    let mut out = String::new();
+    for v in &views {
+        let tz = v
+            .timezone
+            .as_deref()
+            .and_then(|z| TimeZone::get(z).ok())
+            .unwrap_or(TimeZone::UTC);
+        let t = |at: Timestamp| local_time(at, &tz);
+        let who = v.user.clone().unwrap_or_else(|| "nobody".into());
+        let until = v
+            .shift_end
+            .map(|e| format!(" until {}", t(e)))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{}: {}{until}\n",
+            v.schedule,
+            style.paint("1", &who)
+        ));
+        for s in v.next.iter().take(3) {
+            out.push_str(&format!(
+                "  then {} from {} to {}\n",
+                s.user,
+                t(s.start),
+                t(s.end)
+            ));
         }
     }
     Ok(out)
+}
+
+/// The silences (and their state now) in text or JSON.
+pub async fn silences(config: &Config, style: &Style) -> anyhow::Result<String> {
+    let client = connect(config).await?;
+    let reply = ask(
+        config,
+        &client,
+        query::LIST_SILENCES,
+        &serde_json::Map::new(),
+    )
+    .await?;
+    let QueryReply::Silences { mut silences } = reply else {
+        if let QueryReply::Error { reason } = reply {
+            return Err(refused(reason));
+        }
+        bail!("unexpected answer to a silences query");
+    };
+    silences.sort_by_key(|s| std::cmp::Reverse(s.starts_at));
+    let now = Timestamp::now();
+    let state = |s: &tocsin_proto::silence::Silence| {
+        if s.ends_at <= now {
+            "expired"
+        } else if s.starts_at > now {
+            "pending"
+        } else {
+            "active"
+        }
+    };
+    let matchers = |s: &tocsin_proto::silence::Silence| -> Vec<String> {
+        s.matchers
+            .iter()
+            .map(|m| format!("{}{}\"{}\"", m.name, m.op.as_str(), m.value))
+            .collect()
+    };
+    if style.json {
+        let list: Vec<_> = silences
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "id": s.id,
+                    "state": state(s),
+                    "matchers": matchers(s),
+                    "starts_at": s.starts_at.to_string(),
+                    "ends_at": s.ends_at.to_string(),
+                    "created_by": s.created_by,
+                    "comment": s.comment,
+                })
+            })
+            .collect();
+        return to_json(&serde_json::json!({ "silences": list }));
+    }
+    if silences.is_empty() {
+        return Ok("(no silences)\n".into());
+    }
+    let mut out = style.paint(
+        "1",
+        &format!(
+            "{:<38} {:<8} {:<24} {:<12} MATCHERS  COMMENT",
+            "ID", "STATE", "ENDS", "BY"
+        ),
+    );
+    out.push('\n');
+    for s in &silences {
+        out.push_str(&format!(
+            "{:<38} {:<8} {:<24} {:<12} {}  {}\n",
+            s.id,
+            state(s),
+            style.time(s.ends_at),
+            s.created_by,
+            matchers(s).join(" "),
+            s.comment
+        ));
+    }
+    Ok(out)
+}
+
+/// `tocsin silence add`: matchers (`service=payments`,
+/// `severity=~"high|critical"`), for `duration` (1m to 90d), from now.
+pub fn new_silence(
+    matchers: &[String],
+    duration: &str,
+    comment: &str,
+    actor: &str,
+) -> Result<tocsin_proto::silence::Silence, String> {
+    use tocsin_chatops::parse;
+    let mut parsed = Vec::new();
+    for m in matchers {
+        parsed.push(parse::parse_matcher(m)?);
+    }
+    parse::check_matchers(&parsed)?;
+    let seconds = parse::silence_duration(duration)?;
+    let now = Timestamp::now();
+    Ok(tocsin_proto::silence::Silence {
+        id: uuid::Uuid::now_v7().to_string(),
+        matchers: parsed,
+        starts_at: now,
+        ends_at: now
+            .checked_add(jiff::SignedDuration::from_secs(seconds as i64))
+            .map_err(|e| format!("duration: {e}"))?,
+        created_by: actor.to_string(),
+        comment: comment.to_string(),
+        recurrence: None,
+    })
 }
 
 /// How long a report may take (it reads every incident of the window).
@@ -321,7 +804,7 @@ pub async fn report(config: &Config, since: Duration, json: bool) -> anyhow::Res
     })?;
     let report = match codec::decode::<ReportReply>(&resp.payload)? {
         ReportReply::Report(r) => r,
-        ReportReply::Error { reason } => bail!("{reason}"),
+        ReportReply::Error { reason } => return Err(refused(reason)),
     };
     if json {
         return Ok(format!("{}\n", serde_json::to_string_pretty(&report)?));

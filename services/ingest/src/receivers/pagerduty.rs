@@ -43,6 +43,9 @@ pub struct Event {
     pub client: Option<String>,
     #[serde(default)]
     pub client_url: Option<String>,
+    /// `[{"href": …, "text": …}]`, kept as the `links` annotation.
+    #[serde(default)]
+    pub links: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -349,6 +352,9 @@ fn validate(
     let client_url = ev.client_url.filter(|u| !u.is_empty());
     if let Some(u) = &client_url {
         annotations.insert("client_url".into(), u.clone());
+    }
+    if let Some(l) = ev.links.filter(|l| !l.is_null()) {
+        annotations.insert("links".into(), l.to_string());
     }
     // The same dedup key from two integrations is two incidents, as at
     // PagerDuty where keys are scoped to the routing key.

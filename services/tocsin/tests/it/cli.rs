@@ -12,15 +12,13 @@ use tocsin_proto::{subjects::STREAM_ALERTS, Alert};
 use tocsin_tests::{bus, NatsServer};
 use tokio::sync::Mutex;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tocsin");
-
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 /// Runs `tocsin check-config FILE` with `env`; returns (exit code, stdout, stderr).
 fn check_config(file: &Path, env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(crate::support::bin());
     cmd.arg("check-config")
         .arg(file)
         .env_remove("TOCSIN_INGEST_TOKEN");
@@ -178,6 +176,98 @@ fn escalation_mistakes_are_located_with_the_fix() {
     }
 }
 
+/// Mistakes an operator meets first, each reported once at its own line:
+/// a short token (not at the start of `ingest:`), a user defined twice
+/// (at the second definition, without errors about the ignored copy), a
+/// phone number that is not E.164, an email without `@`, and a
+/// `tocsin_severity` matcher that names no severity.
+#[test]
+fn check_config_points_at_each_mistake_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = ("TOCSIN_INGEST_TOKEN", "0123456789abcdef0123");
+    let base = "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\n";
+    let policy = "escalation:\n  route: {policy: p}\n  policies:\n    - name: p\n      levels:\n        - targets: [{user: alice}]\n";
+    let secret = write(dir.path(), "short-secret", "tooshort\n");
+    // (file, expected line, expected fragments, fragments that must not appear)
+    let cases: Vec<(String, usize, &[&str], &[&str])> = vec![
+        (
+            format!("nats:\n  url: nats://x:4222\n{base}    - source: grafana\n      token: short-token\n"),
+            8,
+            &["shorter than 16 characters", "openssl rand"],
+            &[],
+        ),
+        (
+            format!("{base}    - source: grafana\n      token_file: {}\n", secret.display()),
+            6,
+            &["shorter than 16 characters"],
+            &[],
+        ),
+        (
+            format!("{base}chatops:\n  api:\n    tokens:\n      - name: grafana\n        token: short\n        scopes: [read]\n"),
+            9,
+            &["the token is 5 characters; use at least 16"],
+            &[],
+        ),
+        (
+            format!("{base}{policy}  users:\n    - {{name: alice, email: a@example.com}}\n    - name: alice\n      slack: U0000BOB\n"),
+            13,
+            &["user \"alice\" is defined twice"],
+            &["no contact method", "\n"],
+        ),
+        (
+            format!("{base}{policy}  users:\n    - name: alice\n      email: a@example.com\n      phone: \"555-0100\"\n"),
+            14,
+            &["phone \"555-0100\" is not an E.164 number", "+14155550100"],
+            &[],
+        ),
+        (
+            format!("{base}{policy}  users:\n    - {{name: alice, email: alice.example.com}}\n"),
+            12,
+            &["email \"alice.example.com\" is not an email address"],
+            &[],
+        ),
+        (
+            format!("{base}escalation:\n  route:\n    policy: p\n    routes:\n      - matchers: ['tocsin_severity=\"crit\"']\n        policy: p\n  policies:\n    - name: p\n      levels:\n        - targets: [{{user: alice}}]\n  users:\n    - {{name: alice, email: a@example.com}}\n"),
+            9,
+            &["tocsin_severity=\"crit\" names no severity", "critical, high, medium, low, info"],
+            &[],
+        ),
+        (
+            format!("{base}escalation:\n  route:\n    policy: p\n    routes:\n      - matchers: ['tocsin_severity=~\"crit|hgh\"']\n        policy: p\n  policies:\n    - name: p\n      levels:\n        - targets: [{{user: alice}}]\n  users:\n    - {{name: alice, email: a@example.com}}\n"),
+            9,
+            &["names no severity"],
+            &[],
+        ),
+    ];
+    for (i, (text, line, fragments, absent)) in cases.iter().enumerate() {
+        let file = write(dir.path(), &format!("mistake{i}.yaml"), text);
+        let (code, _, stderr) = check_config(&file, &[token]);
+        assert_eq!(code, 2, "case {i}: {stderr}");
+        let place = format!("{}:{line}:", file.display());
+        assert!(
+            stderr.starts_with(&place),
+            "case {i}: expected {place} in {stderr}"
+        );
+        for f in *fragments {
+            assert!(stderr.contains(f), "case {i}: expected {f:?} in {stderr}");
+        }
+        for f in *absent {
+            assert!(
+                !stderr.trim_end().contains(f),
+                "case {i}: {f:?} should not be in {stderr}"
+            );
+        }
+    }
+    // Matchers that do name severities pass.
+    let file = write(
+        dir.path(),
+        "severities-ok.yaml",
+        &format!("{base}escalation:\n  route:\n    policy: p\n    routes:\n      - matchers: ['tocsin_severity=~\"critical|high\"', 'tocsin_severity!=\"info\"']\n        policy: p\n  policies:\n    - name: p\n      levels:\n        - targets: [{{user: alice}}]\n  users:\n    - {{name: alice, email: a@example.com, phone: \"+4915112345678\"}}\n"),
+    );
+    let (code, _, stderr) = check_config(&file, &[token]);
+    assert_eq!(code, 0, "{stderr}");
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -202,7 +292,7 @@ async fn sigterm_during_a_burst_keeps_every_acknowledged_alert() {
         ),
     );
     let token = "burst-token-0123456789abcdef";
-    let mut child = tokio::process::Command::new(BIN)
+    let mut child = tokio::process::Command::new(crate::support::bin())
         .args(["--config"])
         .arg(&config)
         .args([
@@ -299,7 +389,7 @@ fn a_template_naming_a_field_that_does_not_exist_fails_check_config_with_file_an
     assert!(stderr.contains("line 2"), "{stderr}");
     assert!(stderr.contains("incident.titel"), "{stderr}");
     // The same file is refused at start-up too, before anything is sent.
-    let out = Command::new(BIN)
+    let out = Command::new(crate::support::bin())
         .arg("--config")
         .arg(&file)
         .arg("notifier")
@@ -418,4 +508,160 @@ fn line_of_in(file: &Path, needle: &str) -> usize {
         .position(|l| l.contains(needle))
         .unwrap()
         + 1
+}
+
+/// What an operator meets first: with no NATS at the configured address,
+/// one line names the URL tried (no lines of warnings, no 10 s wait) and
+/// the exit code is 3; the service flags are not in operator commands'
+/// help; `snooze --help` says the whole sentence.
+#[test]
+fn operator_commands_fail_fast_naming_the_nats_url_and_keep_their_help_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write(
+        dir.path(),
+        "tocsin.yaml",
+        &format!("nats:\n  url: nats://127.0.0.1:{port}\n"),
+    );
+    let started = std::time::Instant::now();
+    let out = Command::new(crate::support::bin())
+        .current_dir(dir.path())
+        .args(["--config", config.to_str().unwrap(), "list"])
+        .env_remove("TOCSIN_NATS_URL")
+        .env_remove("TOCSIN_NATS_OPERATOR_PASSWORD")
+        .env_remove("TOCSIN_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains(&format!("nats://127.0.0.1:{port}")),
+        "names the URL: {stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(!stderr.contains("WARN"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    for cmd in ["list", "ack", "show", "snooze", "oncall", "silence"] {
+        let out = Command::new(crate::support::bin())
+            .args([cmd, "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{cmd}: {help}");
+        assert!(
+            !help.contains("--admin-listen") && !help.contains("--grace-period"),
+            "service flags in `{cmd} --help`:\n{help}"
+        );
+    }
+    let out = Command::new(crate::support::bin())
+        .args(["snooze", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.starts_with(
+            "Snooze an incident: nobody is paged until the snooze ends, then it is triggered again and escalation resumes\n"
+        ),
+        "{help}"
+    );
+    // The services still take them.
+    let out = Command::new(crate::support::bin())
+        .args(["--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("--admin-listen") && help.contains("--grace-period"),
+        "{help}"
+    );
+}
+
+/// `./deploy/dev.sh up` writes `.tocsin/env` (mode 0600) with the dev
+/// NATS's address and the operator's password: operator commands run from
+/// the checkout read it, so no `TOCSIN_NATS_URL=` prefix is needed; an
+/// address set by the operator wins, and a file others may read is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_find_the_dev_nats_from_the_checkout() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let nats = NatsServer::start().await;
+    let _tocsin = tocsin_tests::TocsinHarness::start(&nats).await;
+    let checkout = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(checkout.path().join(".tocsin")).unwrap();
+    let env = checkout.path().join(".tocsin/env");
+    std::fs::write(
+        &env,
+        format!(
+            "# The operator's NATS credentials\nexport TOCSIN_NATS_URL={}\nexport TOCSIN_NATS_OPERATOR_PASSWORD={}\n",
+            nats.address(),
+            nats.password("operator")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&env, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let shipped = repo_root().join("config/tocsin.yaml");
+    let run = move |cwd: PathBuf, url: Option<String>| {
+        let shipped = shipped.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = Command::new(crate::support::bin());
+            cmd.current_dir(cwd)
+                .arg("--config")
+                .arg(&shipped)
+                .arg("list")
+                .env_remove("TOCSIN_NATS_URL")
+                .env_remove("TOCSIN_NATS_OPERATOR_PASSWORD");
+            if let Some(u) = url {
+                cmd.env("TOCSIN_NATS_URL", u);
+            }
+            let out = cmd.output().unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
+    };
+    let (code, out, err) = run(checkout.path().to_path_buf(), None).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("no open incidents"), "{out}");
+
+    // An operator's own setting wins: the file is not read at all (its
+    // password is not sent to another address).
+    let other = format!("nats://127.0.0.1:{}", free_port());
+    let (code, _, err) = run(checkout.path().to_path_buf(), Some(other.clone()))
+        .await
+        .unwrap();
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("TOCSIN_NATS_OPERATOR_PASSWORD is not set"),
+        "{err}"
+    );
+
+    // A file others may read is not trusted.
+    std::fs::set_permissions(&env, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, err) = run(checkout.path().to_path_buf(), None).await.unwrap();
+    assert_ne!(code, 0, "{err}");
+}
+
+/// The shipped (development) config opens no incident that nothing could
+/// prevent: a heartbeat there would open a critical "stopped arriving"
+/// incident ten minutes into every `./deploy/dev.sh up`, where nothing
+/// pings it. It is shipped commented out, as an example.
+#[test]
+fn the_shipped_config_has_no_heartbeat_nothing_pings() {
+    let text = std::fs::read_to_string(repo_root().join("config/tocsin.yaml")).unwrap();
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    let heartbeats = &doc["incidents"]["heartbeats"];
+    assert!(
+        heartbeats.is_null() || heartbeats.as_sequence().is_some_and(|s| s.is_empty()),
+        "config/tocsin.yaml turns on heartbeats {heartbeats:?}, which nothing pings in ./deploy/dev.sh up"
+    );
+    assert!(
+        text.contains("#   - name: alertmanager-watchdog"),
+        "the example stays, commented out"
+    );
 }

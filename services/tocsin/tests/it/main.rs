@@ -1,6 +1,7 @@
 //! Integration tests, one binary (see tests/it/main.rs for why).
 
 mod cli;
+mod first_run;
 mod notifier_crash;
 mod ops;
 mod page_path;

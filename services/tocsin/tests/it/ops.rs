@@ -4,13 +4,13 @@ use std::process::Command;
 
 use tocsin_tests::{http, incidents::wait_for, NatsServer, TocsinHarness};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tocsin");
-
 fn tocsin(config: &std::path::Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(crate::support::bin())
         .arg("--config")
         .arg(config)
         .args(args)
+        // Times in text are in the local zone: make it known.
+        .env("TZ", "Europe/Berlin")
         .output()
         .expect("run tocsin");
     (
@@ -85,13 +85,14 @@ async fn operators_ack_resolve_list_and_show_from_the_command_line() {
         assert!(out.contains(expected), "{expected:?} not in:\n{out}");
     }
 
+    // An unknown incident is a refusal (1), not "cannot reach" (3).
     let (code, _, err) = run(&["show", "7"]).await.unwrap();
-    assert_eq!(code, 3);
+    assert_eq!(code, 1, "{err}");
     assert!(err.contains("no incident #7"), "{err}");
     // With the shipped config, an operator needs NATS's address and the
     // operator's NATS password, and none of the services' secrets.
     let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/tocsin.yaml");
-    let out = Command::new(BIN)
+    let out = Command::new(crate::support::bin())
         .arg("--config")
         .arg(&shipped)
         .arg("list")
@@ -117,7 +118,7 @@ async fn oncall_names_who_is_on_call_now_and_next() {
     let nats = NatsServer::start().await;
     let mut config = TocsinHarness::config(&nats);
     config.escalation = serde_yaml_ng::from_str(
-        "schedules:\n  - name: primary\n    timezone: UTC\n    layers: [{name: daily, participants: [alice, bob], rotation: daily, handoff: \"09:00\", start: 2026-01-05}]\nusers:\n  - {name: alice, email: a@example.com}\n  - {name: bob, email: b@example.com}\n",
+        "schedules:\n  - name: primary\n    timezone: Europe/Berlin\n    layers: [{name: daily, participants: [alice, bob], rotation: daily, handoff: \"09:00\", start: 2026-01-05}]\nusers:\n  - {name: alice, email: a@example.com}\n  - {name: bob, email: b@example.com}\n",
     )
     .unwrap();
     let _tocsin_up = TocsinHarness::start_with(config).await;
@@ -128,19 +129,369 @@ async fn oncall_names_who_is_on_call_now_and_next() {
         let all = tocsin(&cfg, &["oncall", "--at", "2026-01-05T10:00:00Z"]);
         let one = tocsin(&cfg, &["oncall", "primary", "--at", "2026-01-06T10:00:00Z"]);
         let bad = tocsin(&cfg, &["oncall", "tertiary"]);
-        (all, one, bad)
+        let json = tocsin(
+            &cfg,
+            &["oncall", "--at", "2026-01-05T10:00:00Z", "--output", "json"],
+        );
+        (all, one, bad, json)
     })
     .await
     .unwrap();
-    let ((c1, all, e1), (c2, one, e2), (c3, _, e3)) = out;
+    let ((c1, all, e1), (c2, one, e2), (c3, _, e3), json) = out;
     assert_eq!(c1, 0, "{e1}");
+    // Times in the schedule's zone, with the zone (handoff 09:00 Berlin).
     assert!(
-        all.starts_with("primary: alice until 2026-01-06T09:00:00Z"),
+        all.starts_with("primary: alice until 2026-01-06 09:00:00 CET"),
         "{all}"
     );
-    assert!(all.contains("then bob from 2026-01-06T09:00:00Z"), "{all}");
+    assert!(
+        all.contains("then bob from 2026-01-06 09:00:00 CET to 2026-01-07 09:00:00 CET"),
+        "{all}"
+    );
     assert_eq!(c2, 0, "{e2}");
     assert!(one.starts_with("primary: bob"), "{one}");
-    assert_eq!(c3, 3);
+    // An unknown schedule is a refusal (1) naming the defined ones.
+    assert_eq!(c3, 1, "{e3}");
     assert!(e3.contains("tertiary") && e3.contains("primary"), "{e3}");
+    assert_eq!(json.0, 0, "{}", json.2);
+    let v: serde_json::Value = serde_json::from_str(&json.1).expect(&json.1);
+    let p = &v["schedules"][0];
+    assert_eq!(p["schedule"], "primary");
+    assert_eq!(p["timezone"], "Europe/Berlin");
+    assert_eq!(p["user"], "alice");
+    assert_eq!(p["shift_end"], "2026-01-06T08:00:00Z");
+    assert_eq!(p["next"][0]["user"], "bob");
+    for field in ["at", "layer", "shift_start"] {
+        assert!(p.get(field).is_some(), "{field} in {p}");
+    }
+}
+
+/// `tocsin ack` while the incidents service is down: the command is stored
+/// on the COMMANDS stream, so the CLI says it is queued and exits 4 (not
+/// "error" and 3); the incidents service applies it when it runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_while_incidents_is_down_is_queued_and_applied_later() {
+    let nats = NatsServer::start().await;
+    let config = TocsinHarness::config(&nats);
+    let tocsin_up = TocsinHarness::start_with(config.clone()).await;
+    let client = nats.client().await;
+    let a = http::post(
+        &reqwest::Client::new(),
+        &format!("{}/api/v1/alerts", tocsin_up.ingest_url),
+        Some(&tocsin_up.token),
+        r#"[{"labels":{"alertname":"DiskFull","severity":"critical"}}]"#,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    wait_for(&client, "an incident", |all| all.len() == 1).await;
+    tocsin_up.stop().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tocsin.yaml");
+    std::fs::write(&cfg, format!("nats:\n  url: {}\n", nats.url())).unwrap();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        tocsin(&cfg, &["--timeout", "1s", "ack", "1", "--as", "alice"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 4, "stdout: {out}\nstderr: {err}");
+    assert!(
+        out.contains("queued") && out.contains("ack") && out.contains("#1"),
+        "{out}"
+    );
+    assert!(!err.contains("error"), "{err}");
+    // A query has nobody to answer it: exit 3, saying which service.
+    let cfg = dir.path().join("tocsin.yaml");
+    let (code, _, err) = tokio::task::spawn_blocking(move || tocsin(&cfg, &["list"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("no incidents service answers on this NATS; is it running?"),
+        "{err}"
+    );
+
+    // The incidents service applies it when it runs again.
+    let _again = TocsinHarness::start_with(config).await;
+    wait_for(&client, "the queued ack applied", |all| {
+        all.len() == 1 && all[0].status == tocsin_proto::incident::IncidentStatus::Acknowledged
+    })
+    .await;
+    let d =
+        tocsin_tests::incidents::get(&client, tocsin_proto::command::IncidentRef::Number(1)).await;
+    assert_eq!(
+        d.incident.acknowledged_by.map(|a| a.name),
+        Some("alice".to_string())
+    );
+}
+
+/// What an operator reads: `show` says "snoozed until", the assignee, the
+/// escalate reason, who was paged, the annotations, the alert's link and
+/// PagerDuty's details and links; `list` has assignee and snooze columns
+/// and times with a zone; no colour codes when not on a terminal; and
+/// `--output json` of list, show, oncall and silence list holds the
+/// documented fields. `tocsin silence add|list|expire` and `completions`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_list_json_silences_and_completions() {
+    let nats = NatsServer::start().await;
+    let mut config = TocsinHarness::config(&nats);
+    config.escalation = serde_yaml_ng::from_str(
+        "route: {policy: p}\npolicies:\n  - name: p\n    levels:\n      - targets: [{user: alice}]\nusers:\n  - {name: alice, email: alice@example.com}\n",
+    )
+    .unwrap();
+    let tocsin_up = TocsinHarness::start_with(config).await;
+    let client = nats.client().await;
+    let http_client = reqwest::Client::new();
+    let a = http::post(
+        &http_client,
+        &format!("{}/api/v1/alerts", tocsin_up.ingest_url),
+        Some(&tocsin_up.token),
+        r#"[{"labels":{"alertname":"DiskFull","severity":"critical","host":"db1"},
+             "annotations":{"summary":"/var is 97% full","description":"grows 1 GB an hour\nsince the deploy","runbook_url":"https://runbooks.example.com/disk"},
+             "generatorURL":"https://prometheus.example.com/graph?g0.expr=disk"}]"#,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    wait_for(&client, "incident #1", |all| all.len() == 1).await;
+    let pd = serde_json::json!({
+        "routing_key": tocsin_up.token, "event_action": "trigger", "dedup_key": "pd-1",
+        "payload": {"summary": "Checkout latency high", "source": "grafana", "severity": "warning",
+                    "custom_details": {"p99_ms": 2400}},
+        "links": [{"href": "https://grafana.example.com/d/checkout", "text": "dashboard"}]
+    });
+    let a = http::post(
+        &http_client,
+        &format!("{}/v2/enqueue", tocsin_up.ingest_url),
+        None,
+        pd.to_string(),
+    )
+    .await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    wait_for(&client, "incident #2", |all| all.len() == 2).await;
+    // The first level pages alice once the services' clock passes the opening.
+    tocsin_up
+        .clock
+        .set(jiff::Timestamp::now() + jiff::SignedDuration::from_secs(1));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let d =
+            tocsin_tests::incidents::get(&client, tocsin_proto::command::IncidentRef::Number(1))
+                .await;
+        if d.timeline.iter().any(|e| e.kind.name() == "paged") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never paged: {:#?}",
+            d.timeline
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tocsin.yaml");
+    std::fs::write(&cfg, format!("nats:\n  url: {}\n", nats.url())).unwrap();
+    let run = |args: Vec<&'static str>| {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || tocsin(&cfg, &args))
+    };
+    for args in [
+        vec!["assign", "1", "bob", "--as", "carol"],
+        vec!["escalate", "1", "--reason", "no progress", "--as", "carol"],
+        vec!["snooze", "1", "30m", "--as", "carol"],
+    ] {
+        let (code, out, err) = run(args.clone()).await.unwrap();
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        if args[0] == "snooze" {
+            // To the second, not the nanosecond.
+            let until = out.trim().rsplit(' ').next().unwrap();
+            assert!(
+                until.len() == 20 && until.ends_with('Z') && !until.contains('.'),
+                "{out}"
+            );
+        }
+    }
+
+    let (code, out, err) = run(vec!["show", "1"]).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    for expected in [
+        "status:    snoozed until 20",
+        "(by carol via cli)",
+        "assignee:  bob",
+        "escalated: no progress",
+        "summary: /var is 97% full",
+        "description: grows 1 GB an hour\n        since the deploy",
+        "runbook_url: https://runbooks.example.com/disk",
+        "source: https://prometheus.example.com/graph?g0.expr=disk",
+        "paged alice via email",
+        "level 1 of policy p",
+        "snoozed until 20",
+        "assigned to bob by carol (cli)",
+        "escalated: no progress by carol (cli)",
+    ] {
+        assert!(out.contains(expected), "{expected:?} not in:\n{out}");
+    }
+    assert!(!out.contains("acknowledged by"), "{out}");
+    assert!(
+        out.contains(" CET") || out.contains(" CEST"),
+        "times with a zone:\n{out}"
+    );
+    assert!(
+        !out.contains('\x1b'),
+        "no colour codes off a terminal:\n{out}"
+    );
+
+    let (code, out, err) = run(vec!["show", "2"]).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    for expected in [
+        "custom_details: ",
+        "2400",
+        "links: ",
+        "https://grafana.example.com/d/checkout",
+    ] {
+        assert!(out.contains(expected), "{expected:?} not in:\n{out}");
+    }
+
+    let (code, out, err) = run(vec!["list"]).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("ASSIGNEE") && out.contains("SNOOZED UNTIL"),
+        "{out}"
+    );
+    let row = out.lines().find(|l| l.starts_with("#1 ")).expect("row #1");
+    assert!(row.contains("snoozed") && row.contains(" bob "), "{row}");
+    assert!(
+        row.matches(" CET").count() + row.matches(" CEST").count() == 2,
+        "{row}"
+    );
+    assert!(!out.contains('\x1b'), "{out}");
+
+    // JSON: the documented fields.
+    let (code, out, err) = run(vec!["list", "--output", "json"]).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    let one = v["incidents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["number"] == 1)
+        .expect("#1 listed")
+        .clone();
+    for field in [
+        "number",
+        "id",
+        "title",
+        "status",
+        "severity",
+        "labels",
+        "alerts_firing",
+        "alerts_total",
+        "opened_at",
+        "acknowledged_at",
+        "acknowledged_by",
+        "snoozed_until",
+        "resolved_at",
+        "assignee",
+        "reopen_count",
+        "suppressed",
+    ] {
+        assert!(one.get(field).is_some(), "{field} missing in {one}");
+    }
+    assert_eq!(one["status"], "snoozed");
+    assert_eq!(one["assignee"], "bob");
+    assert!(
+        one["snoozed_until"].as_str().unwrap().ends_with('Z'),
+        "{one}"
+    );
+    let (code, out, err) = run(vec!["show", "1", "-o", "json"]).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(v["escalate_reason"], "no progress");
+    assert_eq!(
+        v["alerts"][0]["annotations"]["runbook_url"],
+        "https://runbooks.example.com/disk"
+    );
+    assert_eq!(
+        v["alerts"][0]["generator_url"],
+        "https://prometheus.example.com/graph?g0.expr=disk"
+    );
+    let events: Vec<&str> = v["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert!(
+        events.contains(&"opened") && events.contains(&"paged") && events.contains(&"snoozed"),
+        "{events:?}"
+    );
+    for e in v["timeline"].as_array().unwrap() {
+        for field in ["at", "event", "actor", "text"] {
+            assert!(e.get(field).is_some(), "{field} missing in {e}");
+        }
+    }
+
+    // Silences: add, list (text and JSON), expire.
+    let (code, out, err) = run(vec![
+        "silence",
+        "add",
+        "service=payments",
+        "severity=~\"high|critical\"",
+        "--for",
+        "2h",
+        "--comment",
+        "maintenance",
+        "--as",
+        "carol",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let id = out.lines().last().unwrap().trim().to_string();
+    assert!(out.contains("created"), "{out}");
+    let (code, out, err) = run(vec!["silence", "list"]).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&id)
+            && out.contains("active")
+            && out.contains("service=\"payments\"")
+            && out.contains("maintenance"),
+        "{out}"
+    );
+    let (code, out, err) = run(vec!["silence", "list", "--output", "json"])
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    let s = &v["silences"][0];
+    assert_eq!(s["id"], id.as_str());
+    assert_eq!(s["state"], "active");
+    assert_eq!(s["matchers"][1], "severity=~\"high|critical\"");
+    assert_eq!(s["created_by"], "carol");
+    assert_eq!(s["comment"], "maintenance");
+    for field in ["starts_at", "ends_at"] {
+        assert!(s[field].is_string(), "{field} in {s}");
+    }
+    let expire: &'static str = Box::leak(id.clone().into_boxed_str());
+    let (code, out, err) = run(vec!["silence", "expire", expire]).await.unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = run(vec!["silence", "expire", "no-such-silence"])
+        .await
+        .unwrap();
+    assert_eq!(code, 1, "{err}");
+    let (code, _, err) = run(vec!["silence", "add", "service", "--for", "2h"])
+        .await
+        .unwrap();
+    assert_eq!(code, 2, "a bad matcher is a usage error: {err}");
+    assert!(err.contains("invalid matcher"), "{err}");
+
+    // Completions for three shells.
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = run(vec!["completions", shell]).await.unwrap();
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains("silence") && out.contains("snooze"),
+            "{shell}: {out}"
+        );
+    }
 }
