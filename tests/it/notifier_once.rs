@@ -318,3 +318,59 @@ policies:
     assert_eq!(now.incident.status, IncidentStatus::Resolved);
     drop(tocsin);
 }
+
+/// The page's first replica dies after delivering it but before JetStream
+/// has its acknowledgement, and the redelivery lands on another replica:
+/// the delivery record in the shared KV bucket alone stops a second send.
+/// The provider is never asked (no look-up), so the record is what decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_redelivered_to_another_replica_is_stopped_by_the_kv_record_alone() {
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let first = replica(&nats, &fakes).await;
+    let p = page(7, Channel::Sms);
+    publish_pages(&js, std::slice::from_ref(&p)).await;
+    assert!(
+        fakes.wait_for(|f| f.sms().len() == 1, WAIT).await,
+        "the first replica sent it"
+    );
+    notifier::settled(&js, WAIT).await;
+    // Killed: the task is aborted, nothing drains.
+    drop(first);
+
+    let other = replica(&nats, &fakes).await;
+    // The copy JetStream hands out again when the replica holding it dies
+    // unacknowledged: the same page, under a message id of its own so the
+    // stream's de-duplication does not drop it first.
+    let payload = tocsin_proto::codec::encode(&tocsin_proto::Envelope::new(
+        "test",
+        jiff::Timestamp::now(),
+        p.clone(),
+    ))
+    .unwrap();
+    js.send_publish(
+        p.subject(),
+        tocsin_runtime::bus::message(payload, format!("{}:redelivered", p.id), None, &[]),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    notifier::settled(&js, WAIT).await;
+
+    assert_eq!(fakes.sms().len(), 1, "sent once across both replicas");
+    assert_eq!(
+        fakes.requests(Provider::Twilio),
+        1,
+        "no look-up request either: {:?}",
+        fakes.timeline(Provider::Twilio)
+    );
+    let m = other.metrics.encode();
+    assert!(
+        !m.lines()
+            .any(|l| l.starts_with("tocsin_notifier_lookups_total{") && !l.ends_with(" 0")),
+        "the other replica looked the page up: {m}"
+    );
+    other.stop().await;
+}
