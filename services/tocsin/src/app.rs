@@ -116,6 +116,12 @@ async fn start(
                 .map_err(Into::into),
             None => Ok(()),
         },
+        Service::Remediation => match config.remediation {
+            Some(c) => tocsin_remediation::run(c, &ctx, listener)
+                .await
+                .map_err(Into::into),
+            None => Ok(()),
+        },
         Service::Notifier => match config.notifier {
             Some(c) => tocsin_notifier::run(c, &ctx, listener)
                 .await
@@ -158,6 +164,9 @@ pub async fn run(
             continue;
         }
         if *service == Service::Chatops && config.chatops.is_none() {
+            continue;
+        }
+        if *service == Service::Remediation && config.remediation.is_none() {
             continue;
         }
         let name = service.name();
@@ -241,6 +250,10 @@ pub async fn run(
         }
         if *service == Service::Chatops && config.chatops.is_none() {
             tracing::info!("no `chatops:` section: no Slack, SMS, API or status endpoints");
+            continue;
+        }
+        if *service == Service::Remediation && config.remediation.is_none() {
+            tracing::info!("no `remediation:` section: no runbooks run");
             continue;
         }
         let ctx = ServiceContext {

@@ -64,6 +64,18 @@ pub enum Command {
     Notifier,
     /// Run chat-ops (Slack buttons and /tocsin, SMS replies, the HTTP API, status.json).
     Chatops,
+    /// Run the remediation service (INCIDENTS -> runbooks -> COMMANDS).
+    Remediation,
+    /// Runbooks: check files, list what the config loads.
+    #[command(subcommand)]
+    Runbook(RunbookCommand),
+    /// A tiny HTTP service for the demo runbook: GET /health answers 200
+    /// until POST /break, 503 after, until POST /repair.
+    DemoTarget {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:9477")]
+        listen: SocketAddr,
+    },
     /// MTTA, MTTR and on-call load over a window (asks the chat-ops service).
     Report {
         /// How far back: 30d, 12h, 2w.
@@ -141,6 +153,21 @@ pub enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum RunbookCommand {
+    /// Check runbook files: schema, unknown step types, templates naming
+    /// unknown fields, programs not on remediation.allowed_programs (of
+    /// --config). Prints file:line and the reason for each bad file.
+    Lint {
+        /// Runbook files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// The runbooks the config's remediation.runbook_dirs hold, and the
+    /// files refused.
+    List,
+}
+
 /// Which incident, and who is acting.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Target {
@@ -176,6 +203,8 @@ pub fn main(forced: Option<Command>) -> ExitCode {
             | Command::Escalation
             | Command::Notifier
             | Command::Chatops
+            | Command::Remediation
+            | Command::DemoTarget { .. }
             | Command::CheckConfig { .. }
     );
     let level = if operator && std::env::var_os("TOCSIN_LOG").is_none() && cli.log_level == "info" {
@@ -219,6 +248,9 @@ pub fn main(forced: Option<Command>) -> ExitCode {
         Command::Escalation => serve(&cli, &[Service::Escalation]),
         Command::Notifier => serve(&cli, &[Service::Notifier]),
         Command::Chatops => serve(&cli, &[Service::Chatops]),
+        Command::Remediation => serve(&cli, &[Service::Remediation]),
+        Command::Runbook(ref r) => crate::runbooks::command(&cli.config, r),
+        Command::DemoTarget { listen } => crate::demo::main(listen),
     }
 }
 

@@ -216,6 +216,17 @@ pub async fn show(config: &Config, incident: IncidentRef) -> anyhow::Result<Stri
                 format!("delivery: {}", delivery.describe())
             }
             tocsin_proto::incident::EventKind::NoteAdded { text } => format!("note: {text}"),
+            tocsin_proto::incident::EventKind::Remediation {
+                runbook,
+                step,
+                status,
+                detail,
+                ..
+            } => {
+                // Step output is multi-line: indent it under the entry.
+                let detail = detail.replace('\n', "\n        ");
+                format!("remediation {runbook}/{step} {status}: {detail}")
+            }
             other => other.name().to_string(),
         };
         out.push_str(&format!("    {}  {}{}\n", e.at, what, who));
