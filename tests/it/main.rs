@@ -32,5 +32,6 @@ mod notifier_faults;
 mod notifier_once;
 mod notifier_scale;
 mod notifier_slack_webhook;
+mod remediation_flow;
 mod shipped_files;
 mod storage_limits;

@@ -21,7 +21,7 @@
 //! - [`state`]: the KV buckets (runs, leases, guardrails).
 //! - [`engine`]: guardrails, runs, resume, timeline, escalation.
 //! - `service`: the consumer loop.
-//! - [`error`]: [`RemediationError`].
+//! - [`error`]: the error type, [`RemediationError`].
 #![deny(unreachable_pub)]
 
 pub mod config;

@@ -261,17 +261,12 @@ pub async fn http(
     let mut body = Vec::new();
     let mut resp = resp;
     let mut dropped = 0usize;
-    loop {
-        match tokio::time::timeout(timeout, resp.chunk()).await {
-            Ok(Ok(Some(c))) => {
-                let room = limits.max_output.saturating_sub(body.len());
-                body.extend_from_slice(&c[..c.len().min(room)]);
-                dropped += c.len().saturating_sub(room);
-                if dropped > 16 * limits.max_output.max(1024) {
-                    break;
-                }
-            }
-            _ => break,
+    while let Ok(Ok(Some(c))) = tokio::time::timeout(timeout, resp.chunk()).await {
+        let room = limits.max_output.saturating_sub(body.len());
+        body.extend_from_slice(&c[..c.len().min(room)]);
+        dropped += c.len().saturating_sub(room);
+        if dropped > 16 * limits.max_output.max(1024) {
+            break;
         }
     }
     let ms = started.elapsed().as_millis() as u64;
