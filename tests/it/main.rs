@@ -33,5 +33,6 @@ mod notifier_once;
 mod notifier_scale;
 mod notifier_slack_webhook;
 mod remediation_flow;
+mod remediation_guardrails;
 mod shipped_files;
 mod storage_limits;

@@ -913,10 +913,7 @@ impl Engine {
         for _ in 0..10 {
             let (mut b, rev) = match self.guards.get::<Breaker>(&key).await {
                 Ok(Some((b, rev))) => (b, Some(rev)),
-                Ok(None) => (
-                    Breaker::default(),
-                    self.guards.tombstone(&key).await.ok().flatten(),
-                ),
+                Ok(None) => (Breaker::default(), None),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the breaker");
                     return None;
@@ -1022,7 +1019,7 @@ impl Engine {
         if let Some(max) = g.max_runs_per_hour {
             let (c, rev) = match self.guards.get::<Count>(&hkey).await? {
                 Some((c, rev)) => (c, Some(rev)),
-                None => (Count::default(), self.guards.tombstone(&hkey).await?),
+                None => (Count::default(), None),
             };
             if c.n >= max {
                 return Ok(Err(format!(
@@ -1080,7 +1077,7 @@ impl Engine {
                     Err(WriteError::Conflict) => {
                         (c, rev) = match self.guards.get::<Count>(&hkey).await? {
                             Some((c, r)) => (c, Some(r)),
-                            None => (Count::default(), self.guards.tombstone(&hkey).await?),
+                            None => (Count::default(), None),
                         };
                     }
                     Err(WriteError::Failed(e)) => {

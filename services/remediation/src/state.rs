@@ -84,17 +84,6 @@ impl Bucket {
         Ok(Some((v, entry.revision)))
     }
 
-    /// The revision of a key that is absent or deleted (for an update that
-    /// re-creates it), or None when it never existed.
-    pub async fn tombstone(&self, key: &str) -> Result<Option<u64>, String> {
-        let entry = self
-            .kv
-            .entry(key)
-            .await
-            .map_err(|e| format!("cannot read {key}: {e}"))?;
-        Ok(entry.map(|e| e.revision))
-    }
-
     /// Creates (`revision` None) or replaces the revision read; the new revision.
     pub async fn write<T: Serialize>(
         &self,
@@ -168,7 +157,8 @@ pub async fn take_lease(
         let rev = match current {
             Some((l, _)) if !l.free_at(now) && l.run != run => return Ok(false),
             Some((_, rev)) => Some(rev),
-            None => locks.tombstone(key).await?,
+            // Absent: create it (a concurrent creator makes this conflict).
+            None => None,
         };
         match locks.write(key, &mine, rev).await {
             Ok(_) => return Ok(true),
