@@ -4,5 +4,6 @@ mod cli;
 mod notifier_crash;
 mod ops;
 mod page_path;
+mod remediation_crash;
 mod report;
 mod support;
