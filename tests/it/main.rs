@@ -34,5 +34,6 @@ mod notifier_scale;
 mod notifier_slack_webhook;
 mod remediation_flow;
 mod remediation_guardrails;
+mod remediation_runbooks;
 mod shipped_files;
 mod storage_limits;

@@ -1031,7 +1031,12 @@ impl Engine {
         let until = add(now, self.config.lease_ttl());
         let mut leases = Vec::new();
         if let Some(t) = &g.concurrency_key {
-            let value = template::render(t, &rec.context(rb)).map_err(Later)?;
+            let value = match template::render(t, &rec.context(rb)) {
+                Ok(v) => v,
+                // A label the key names is missing: that cannot change by
+                // retrying, so the run is skipped, saying why.
+                Err(m) => return Ok(Err(format!("concurrency_key: {m}"))),
+            };
             let key = format!("key.{}.{}", rb.name, state::digest(&value));
             if !state::take_lease(&self.locks, &key, &rec.run, now, until).await? {
                 return Ok(Err(format!(
