@@ -375,3 +375,77 @@ steps:
     let p = page_for(&js, 1).await;
     assert!(p.iter().any(|p| p.incident.number == 1 && p.level == 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_survives_a_restart_and_pages_when_it_runs_out() {
+    let nats = NatsServer::start().await;
+    let rb = Runbooks::new();
+    rb.add(
+        "slow",
+        r#"
+name: slow
+match: {labels: ['alertname="Slow"']}
+page: on_failure
+hold_at_most: 5m
+steps:
+  - id: settle
+    wait: 10m
+    timeout: 1h
+"#,
+    );
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(&nats, &rb.path(), &[]);
+    cfg.incidents.data_dir = Some(tocsin_runtime::config::ConfigPath(
+        data.path().join("incidents"),
+    ));
+    cfg.escalation.data_dir = Some(tocsin_runtime::config::ConfigPath(
+        data.path().join("escalation"),
+    ));
+    let tocsin = TocsinHarness::start_with(cfg.clone()).await;
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+    let mins = |m: i64| t0 + SignedDuration::from_mins(m);
+    publish_alert(
+        &js,
+        alert(
+            &[("alertname", "Slow")],
+            &["alertname"],
+            AlertStatus::Firing,
+            t0,
+        ),
+        t0,
+    )
+    .await;
+    wait_timeline(&client, 1, "the run", |tl| has(tl, "run", "started")).await;
+    assert!(has(
+        &wait_timeline(&client, 1, "the hold", |tl| has(tl, "run", "held")).await,
+        "run",
+        "held"
+    ));
+
+    // Every service restarts mid-hold (escalation from its store and the
+    // stream; remediation takes the run over).
+    tocsin.stop().await.unwrap();
+    let tocsin = TocsinHarness::start_with(cfg).await;
+    tocsin.clock.set(mins(2));
+    wait_timeline(&client, 1, "the takeover", |tl| has(tl, "run", "resumed")).await;
+    publish_alert(
+        &js,
+        alert(
+            &[("alertname", "Other")],
+            &["alertname"],
+            AlertStatus::Firing,
+            mins(2),
+        ),
+        mins(2),
+    )
+    .await;
+    tocsin.clock.set(mins(3));
+    let p = page_for(&js, 2).await;
+    assert!(p.iter().all(|p| p.incident.number == 2), "{p:#?}");
+
+    tocsin.clock.set(mins(6));
+    let p = page_for(&js, 1).await;
+    assert!(p.iter().any(|p| p.incident.number == 1 && p.level == 0));
+}
