@@ -449,3 +449,80 @@ steps:
     let p = page_for(&js, 1).await;
     assert!(p.iter().any(|p| p.incident.number == 1 && p.level == 0));
 }
+
+/// The quick-start demo as shipped: `tocsin demo-target` fires its own
+/// alert through ingest when broken; runbooks/demo-heal.yaml repairs it, the
+/// alert resolves, and nobody is paged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_demo_runbook_heals_the_demo_target_through_ingest() {
+    let nats = NatsServer::start().await;
+    let rb = Runbooks::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = format!("http://{}", listener.local_addr().unwrap());
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../runbooks/demo-heal.yaml"),
+    )
+    .unwrap();
+    assert!(shipped.contains("http://127.0.0.1:9477"));
+    rb.add(
+        "demo-heal",
+        &shipped.replace("http://127.0.0.1:9477", &target),
+    );
+    let tocsin = TocsinHarness::start_with(config(&nats, &rb.path(), &[])).await;
+    let stop = CancellationToken::new();
+    let alerter = tocsin::demo::Alerter {
+        url: format!("{}/api/v1/alerts", tocsin.ingest_url),
+        token: tocsin.token.clone(),
+        client: reqwest::Client::new(),
+    };
+    tokio::spawn(tocsin::demo::serve_with(
+        listener,
+        Some(alerter),
+        stop.clone(),
+    ));
+    let http = reqwest::Client::new();
+    let r = http.post(format!("{target}/break")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    let tl = wait_timeline(&client, 1, "the run to succeed", |tl| {
+        has(tl, "run", "succeeded")
+    })
+    .await;
+    for step in ["repair", "verify", "note", "done"] {
+        assert!(has(&tl, step, "succeeded"), "{step}: {:#?}", steps(&tl));
+    }
+    assert_eq!(
+        get(&client, IncidentRef::Number(1)).await.incident.status,
+        IncidentStatus::Resolved
+    );
+    assert_eq!(
+        http.get(format!("{target}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Nobody paged: past the group wait and the hold, an incident no
+    // runbook takes pages, the demo's never.
+    let t0 = tocsin.clock_now();
+    let later = t0 + SignedDuration::from_mins(10);
+    tocsin.clock.set(later);
+    publish_alert(
+        &js,
+        alert(
+            &[("alertname", "Other")],
+            &["alertname"],
+            AlertStatus::Firing,
+            later,
+        ),
+        later,
+    )
+    .await;
+    tocsin.clock.set(later + SignedDuration::from_mins(1));
+    let p = page_for(&js, 2).await;
+    assert!(p.iter().all(|p| p.incident.number == 2), "{p:#?}");
+    stop.cancel();
+}

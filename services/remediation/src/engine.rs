@@ -822,6 +822,14 @@ impl Engine {
                 let id = format!("rem-{}-{}-{name}", state::digest(&rec.run), step.id);
                 match self.send(&rb.name, action, id, true).await {
                     Ok(Some(CommandReply::Accepted { message, .. })) => ok(message),
+                    // What the step wanted is already so (the alert resolved
+                    // the incident when the fix took): done, not failed.
+                    Ok(Some(CommandReply::Rejected { reason, .. }))
+                        if step.kind() == Kind::Resolve
+                            && reason.ends_with("is already resolved") =>
+                    {
+                        ok(reason)
+                    }
                     Ok(Some(CommandReply::Rejected { reason, .. })) => {
                         fail(format!("{name} rejected: {reason}"))
                     }

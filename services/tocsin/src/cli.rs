@@ -75,6 +75,12 @@ pub enum Command {
         /// Where to listen.
         #[arg(long, default_value = "127.0.0.1:9477")]
         listen: SocketAddr,
+        /// Ingest's generic JSON URL (http://127.0.0.1:8080/api/v1/alerts):
+        /// breaking the target fires its DemoTargetDown alert there,
+        /// repairing it resolves it. The token is read from
+        /// $TOCSIN_INGEST_TOKEN.
+        #[arg(long)]
+        alert_url: Option<String>,
     },
     /// MTTA, MTTR and on-call load over a window (asks the chat-ops service).
     Report {
@@ -250,7 +256,10 @@ pub fn main(forced: Option<Command>) -> ExitCode {
         Command::Chatops => serve(&cli, &[Service::Chatops]),
         Command::Remediation => serve(&cli, &[Service::Remediation]),
         Command::Runbook(ref r) => crate::runbooks::command(&cli.config, r),
-        Command::DemoTarget { listen } => crate::demo::main(listen),
+        Command::DemoTarget {
+            listen,
+            ref alert_url,
+        } => crate::demo::main(listen, alert_url.clone()),
     }
 }
 

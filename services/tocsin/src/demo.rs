@@ -2,6 +2,9 @@
 //! and repaired by requests, for the demo runbook (runbooks/demo-heal.yaml).
 //! `GET /health` answers 200 `{"status":"ok"}` or 503
 //! `{"status":"broken"}`; `POST /break` and `POST /repair` switch it.
+//! Given an ingest URL (`--alert-url`, token in `$TOCSIN_INGEST_TOKEN`) it
+//! is its own monitor: breaking it fires the `DemoTargetDown` alert and
+//! repairing it resolves the alert, as Prometheus and Alertmanager would.
 
 use std::{
     net::SocketAddr,
@@ -16,30 +19,81 @@ use axum::{extract::State, http::StatusCode, routing::get, routing::post, Json, 
 use tocsin_runtime::CancellationToken;
 use tokio::net::TcpListener;
 
+/// Where the target reports its own alert (generic JSON ingest).
+#[derive(Clone)]
+pub struct Alerter {
+    pub url: String,
+    pub token: String,
+    pub client: reqwest::Client,
+}
+
+impl Alerter {
+    async fn send(&self, status: &str) {
+        let body = serde_json::json!([{
+            "labels": {"alertname": "DemoTargetDown", "service": "demo-target", "severity": "critical"},
+            "annotations": {"summary": "the demo target's /health is failing"},
+            "status": status,
+        }]);
+        let sent = self
+            .client
+            .post(&self.url)
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => eprintln!(
+                "demo target: ingest answered {} to the {status} alert",
+                r.status()
+            ),
+            Err(e) => eprintln!("demo target: cannot send the {status} alert: {e}"),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Target {
+    broken: Arc<AtomicBool>,
+    alerter: Option<Alerter>,
+}
+
+impl Target {
+    async fn set(&self, broken: bool) -> Json<serde_json::Value> {
+        self.broken.store(broken, Ordering::SeqCst);
+        if let Some(a) = &self.alerter {
+            a.send(if broken { "firing" } else { "resolved" }).await;
+        }
+        Json(serde_json::json!({"status": if broken { "broken" } else { "ok" }}))
+    }
+}
+
 /// The router (tests serve it on their own listener).
 pub fn router() -> Router {
-    let broken = Arc::new(AtomicBool::new(false));
+    router_with(None)
+}
+
+/// The router, reporting its own alert to `alerter`.
+pub fn router_with(alerter: Option<Alerter>) -> Router {
+    let target = Target {
+        broken: Arc::new(AtomicBool::new(false)),
+        alerter,
+    };
     Router::new()
         .route("/health", get(health))
         .route(
             "/break",
-            post(|State(b): State<Arc<AtomicBool>>| async move {
-                b.store(true, Ordering::SeqCst);
-                Json(serde_json::json!({"status": "broken"}))
-            }),
+            post(|State(t): State<Target>| async move { t.set(true).await }),
         )
         .route(
             "/repair",
-            post(|State(b): State<Arc<AtomicBool>>| async move {
-                b.store(false, Ordering::SeqCst);
-                Json(serde_json::json!({"status": "ok"}))
-            }),
+            post(|State(t): State<Target>| async move { t.set(false).await }),
         )
-        .with_state(broken)
+        .with_state(target)
 }
 
-async fn health(State(b): State<Arc<AtomicBool>>) -> (StatusCode, Json<serde_json::Value>) {
-    if b.load(Ordering::SeqCst) {
+async fn health(State(t): State<Target>) -> (StatusCode, Json<serde_json::Value>) {
+    if t.broken.load(Ordering::SeqCst) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({"status": "broken"})),
@@ -51,12 +105,35 @@ async fn health(State(b): State<Arc<AtomicBool>>) -> (StatusCode, Json<serde_jso
 
 /// Serves until `stop`.
 pub async fn serve(listener: TcpListener, stop: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router())
+    serve_with(listener, None, stop).await
+}
+
+/// Serves until `stop`, reporting its alert to `alerter`.
+pub async fn serve_with(
+    listener: TcpListener,
+    alerter: Option<Alerter>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router_with(alerter))
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
 }
 
-pub fn main(listen: SocketAddr) -> ExitCode {
+pub fn main(listen: SocketAddr, alert_url: Option<String>) -> ExitCode {
+    let alerter = match alert_url {
+        None => None,
+        Some(url) => match std::env::var("TOCSIN_INGEST_TOKEN") {
+            Ok(token) if !token.is_empty() => Some(Alerter {
+                url,
+                token,
+                client: reqwest::Client::new(),
+            }),
+            _ => {
+                eprintln!("--alert-url needs the ingest token in $TOCSIN_INGEST_TOKEN");
+                return ExitCode::from(2);
+            }
+        },
+    };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -71,7 +148,7 @@ pub fn main(listen: SocketAddr) -> ExitCode {
         );
         let stop = CancellationToken::new();
         tocsin_runtime::shutdown::cancel_on_signals(stop.clone());
-        serve(listener, stop).await
+        serve_with(listener, alerter, stop).await
     });
     match r {
         Ok(()) => ExitCode::SUCCESS,
