@@ -113,7 +113,7 @@ cmd_up() {
   "$ROOT/deploy/nats/passwords.sh" "$passwords"
   nats_password() { sed -n "s/^TOCSIN_NATS_$1_PASSWORD=//p" "$passwords"; }
   local s
-  for s in INGEST INCIDENTS ESCALATION NOTIFIER CHATOPS; do
+  for s in INGEST INCIDENTS ESCALATION NOTIFIER CHATOPS REMEDIATION; do
     export "TOCSIN_NATS_${s}_PASSWORD=$(nats_password "$s")"
   done
   rm -f "$STATE/env"
@@ -137,7 +137,8 @@ ENV
   (set -a; . "$passwords"; exec "$NATS_SERVER_BIN" -c "$STATE/nats.conf") >"$STATE/nats.log" 2>&1 &
   local nats_pid=$!
   local tocsin_pid=""
-  trap 'kill $tocsin_pid 2>/dev/null; wait $tocsin_pid 2>/dev/null; kill $nats_pid 2>/dev/null; wait $nats_pid 2>/dev/null' EXIT
+  local demo_pid=""
+  trap 'kill $demo_pid $tocsin_pid 2>/dev/null; wait $demo_pid $tocsin_pid 2>/dev/null; kill $nats_pid 2>/dev/null; wait $nats_pid 2>/dev/null' EXIT
   trap 'exit 130' INT TERM
   for _ in $(seq 1 100); do
     if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 0.2)" "$port" 2>/dev/null; then break; fi
@@ -160,6 +161,10 @@ PY
   done
 
   local ingest="http://127.0.0.1:8080"
+  say "starting the demo target on 127.0.0.1:9477 (runbooks/demo-heal.yaml heals it)"
+  "$ROOT/target/release/tocsin" demo-target --listen 127.0.0.1:9477 --alert-url "$ingest/api/v1/alerts" &
+  demo_pid=$!
+
   cat <<INFO
 
   Tocsin is up.
@@ -182,6 +187,11 @@ PY
 
   tocsin on your PATH, in this shell:  . .tocsin/env
   or for good:                         cargo install --locked --path services/tocsin
+
+  Watch a runbook heal an incident with no page: break the demo target (it
+  fires its own alert), then look at the incident's timeline:
+    curl -sS -X POST http://127.0.0.1:9477/break
+    target/release/tocsin show 1     # or the number tocsin list shows
 
   No provider accounts are configured: every page is written, as Slack,
   SMS and email would have received it, to the log and to

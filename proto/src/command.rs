@@ -76,6 +76,10 @@ pub enum Action {
         status: String,
         #[serde(default)]
         detail: String,
+        /// With status `held`: escalation keeps the first level back until
+        /// then (or until the run reports `succeeded`/`failed`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hold_until: Option<jiff::Timestamp>,
     },
     CreateSilence {
         silence: Silence,

@@ -232,6 +232,11 @@ pub enum EventKind {
         status: String,
         #[serde(default)]
         detail: String,
+        /// With status `held`: the first escalation level waits until then,
+        /// unless the run ends first (step `run`, status `succeeded` or
+        /// `failed`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hold_until: Option<Timestamp>,
     },
     Resolved {
         reason: ResolveReason,

@@ -34,5 +34,8 @@ mod notifier_faults;
 mod notifier_once;
 mod notifier_scale;
 mod notifier_slack_webhook;
+mod remediation_flow;
+mod remediation_guardrails;
+mod remediation_runbooks;
 mod shipped_files;
 mod storage_limits;

@@ -420,17 +420,12 @@ async fn services_being_built_can_do_their_jobs() {
     .await;
     wait_for(&admin_client, "the incident", |l| l.len() == 1).await;
 
-    // remediation: reads INCIDENTS (in order, and with its durable
-    // consumer), keeps state in its KV buckets, sends commands and gets
-    // the answers.
-    let client = nats.client_as("remediation").await.unwrap();
+    // remediation: reads INCIDENTS through its durable consumer, keeps
+    // state in its KV buckets, sends the commands a runbook sends and gets
+    // the answers; nothing else.
+    let (client, mut errors) = watched(&nats, "remediation").await;
     let js = jetstream::new(client.clone());
-    let mut ordered = tocsin_runtime::streams::read_from(&js, STREAM_INCIDENTS, 1)
-        .await
-        .unwrap();
     use futures::StreamExt;
-    let first = tokio::time::timeout(WAIT, ordered.next()).await.unwrap();
-    assert!(first.unwrap().is_ok());
     let durable = js
         .get_stream(STREAM_INCIDENTS)
         .await
@@ -474,6 +469,18 @@ async fn services_being_built_can_do_their_jobs() {
     )
     .await;
     assert!(matches!(reply, CommandReply::Accepted { .. }), "{reply:?}");
+    client
+        .publish("tocsin.cmd.create_silence", "x".into())
+        .await
+        .unwrap();
+    expect_refused(&mut errors, "Publish to \"tocsin.cmd.create_silence\"").await;
+    refused_request(
+        &client,
+        &mut errors,
+        "$JS.API.CONSUMER.CREATE.INCIDENTS",
+        r#"{"stream_name":"INCIDENTS","config":{"ack_policy":"none"}}"#,
+    )
+    .await;
 
     // chatops: commands (a button press) and queries.
     let client = nats.client_as("chatops").await.unwrap();

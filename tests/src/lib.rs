@@ -24,6 +24,8 @@
 //! - [`chatops`]: Slack- and Twilio-signed requests to the chat-ops
 //!   service (signed here independently of the service's own code), and a
 //!   chat-ops config aimed at the fakes.
+//! - [`remediation`]: a config with runbooks in a temp folder, a recording
+//!   program, the demo target, and reading runbook steps off a timeline.
 //! - [`smtp`]: [`smtp::SmtpSink`], a real SMTP server (aiosmtpd) per test,
 //!   with the messages it received parsed into [`smtp::Mail`].
 
@@ -35,6 +37,7 @@ pub mod http;
 pub mod incidents;
 pub mod nats;
 pub mod notifier;
+pub mod remediation;
 pub mod smtp;
 pub mod tocsin;
 

@@ -20,12 +20,13 @@ use crate::{NatsServer, TEST_TOKEN};
 
 /// The NATS identities the harness gives credentials: the services it runs
 /// and the operator CLI.
-pub const SERVICE_IDENTITIES: [&str; 6] = [
+pub const SERVICE_IDENTITIES: [&str; 7] = [
     "ingest",
     "incidents",
     "escalation",
     "notifier",
     "chatops",
+    "remediation",
     "operator",
 ];
 

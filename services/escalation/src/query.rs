@@ -386,6 +386,8 @@ users:
             renotify_at: None,
             renotified: 0,
             generation: 0,
+            held_from: None,
+            cause: None,
         }
     }
 

@@ -49,6 +49,15 @@ pub struct Track {
     /// unacknowledge, a snooze or an escalate-now, so those pages get new ids.
     #[serde(default)]
     pub generation: u32,
+    /// While a runbook holds the first level back (`page: on_failure`): when
+    /// the level was due before the hold. The hold ends at `next_at`, or
+    /// sooner when the run ends.
+    #[serde(default)]
+    pub held_from: Option<Timestamp>,
+    /// Why the next level fires early (an escalate-now reason, a failed
+    /// runbook), put on its pages.
+    #[serde(default)]
+    pub cause: Option<String>,
 }
 
 impl Track {
@@ -176,6 +185,8 @@ impl Tracks {
                         renotify_at: None,
                         renotified: 0,
                         generation: inc.reopen_count.saturating_mul(1000),
+                        held_from: None,
+                        cause: None,
                     },
                 );
                 out.push(key);
@@ -224,12 +235,16 @@ impl Tracks {
                 }
                 keys
             }
-            EventKind::Escalated { .. } => {
+            EventKind::Escalated { reason } => {
                 if keys.is_empty() {
                     return start(self, ev.at);
                 }
                 for k in &keys {
                     if let Some(t) = self.map.get_mut(k) {
+                        t.held_from = None;
+                        if !reason.is_empty() {
+                            t.cause = Some(reason.clone());
+                        }
                         // Escalate now: the next level fires at once (the
                         // first one again if every level has run).
                         if t.next_at.is_none() && t.fired.is_some() && t.renotify_at.is_none() {
@@ -242,7 +257,45 @@ impl Tracks {
                 }
                 keys
             }
-            // Receipts, notes and runbook progress change nothing here.
+            // A runbook holds the first level back while it works, until
+            // `hold_until`; its run's end releases the hold: a failure fires
+            // the level at once (with the runbook's reason), a success lets
+            // it come when it was due (usually the incident is resolved by
+            // then).
+            EventKind::Remediation {
+                step,
+                status,
+                detail,
+                hold_until,
+                ..
+            } if step == "run" => {
+                for k in &keys {
+                    let Some(t) = self.map.get_mut(k) else {
+                        continue;
+                    };
+                    match (status.as_str(), hold_until) {
+                        ("held", Some(until)) if t.fired.is_none() => {
+                            if let Some(n) = t.next_at {
+                                t.held_from = Some(t.held_from.unwrap_or(n));
+                                t.next_at = Some(n.max(*until));
+                            }
+                        }
+                        ("failed", _) if t.held_from.is_some() => {
+                            t.held_from = None;
+                            t.next_at = Some(ev.at);
+                            t.cause = Some(detail.clone());
+                        }
+                        ("succeeded" | "released", _) => {
+                            if let Some(from) = t.held_from.take() {
+                                t.next_at = Some(from.max(ev.at));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                keys
+            }
+            // Receipts, notes and other runbook progress change nothing here.
             EventKind::Delivery { .. }
             | EventKind::NoteAdded { .. }
             | EventKind::Paged { .. }
@@ -393,6 +446,11 @@ impl Tracks {
                     t.policy
                 )
             };
+            let reason = match t.cause.take() {
+                Some(c) if !skip => format!("{reason}: {c}"),
+                _ => reason,
+            };
+            t.held_from = None;
             let mut descriptions = Vec::new();
             for pg in plan.pages {
                 descriptions.push(describe(&pg));

@@ -776,6 +776,7 @@ impl Decider<'_> {
                         step,
                         status,
                         detail,
+                        hold_until,
                         ..
                     } => {
                         b.push(
@@ -785,6 +786,7 @@ impl Decider<'_> {
                                 step: step.clone(),
                                 status: status.clone(),
                                 detail: detail.clone(),
+                                hold_until: *hold_until,
                             },
                         );
                         Verdict::Accepted(format!("remediation step recorded on incident #{n}"))

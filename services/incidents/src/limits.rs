@@ -275,6 +275,7 @@ fn cut_entry(entry: &mut LogEntry, cap: usize) {
                     step,
                     status,
                     detail,
+                    ..
                 } => {
                     for t in [runbook, step, status, detail] {
                         cut_text(t, cap);

@@ -129,6 +129,12 @@ async fn start(
                 .map_err(Into::into),
             None => Ok(()),
         },
+        Service::Remediation => match config.remediation {
+            Some(c) => tocsin_remediation::run(c, &ctx, listener)
+                .await
+                .map_err(Into::into),
+            None => Ok(()),
+        },
         Service::Notifier => match config.notifier {
             Some(c) => tocsin_notifier::run(c, &ctx, listener)
                 .await
@@ -171,6 +177,9 @@ pub async fn run(
             continue;
         }
         if *service == Service::Chatops && config.chatops.is_none() {
+            continue;
+        }
+        if *service == Service::Remediation && config.remediation.is_none() {
             continue;
         }
         let name = service.name();
@@ -254,6 +263,10 @@ pub async fn run(
         }
         if *service == Service::Chatops && config.chatops.is_none() {
             tracing::info!("no `chatops:` section: no Slack, SMS, API or status endpoints");
+            continue;
+        }
+        if *service == Service::Remediation && config.remediation.is_none() {
+            tracing::info!("no `remediation:` section: no runbooks run");
             continue;
         }
         let ctx = ServiceContext {

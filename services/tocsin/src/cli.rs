@@ -71,6 +71,24 @@ pub enum Command {
     Notifier,
     /// Run chat-ops (Slack buttons and /tocsin, SMS replies, the HTTP API, status.json).
     Chatops,
+    /// Run the remediation service (INCIDENTS -> runbooks -> COMMANDS).
+    Remediation,
+    /// Runbooks: check files, list what the config loads.
+    #[command(subcommand)]
+    Runbook(RunbookCommand),
+    /// A tiny HTTP service for the demo runbook: GET /health answers 200
+    /// until POST /break, 503 after, until POST /repair.
+    DemoTarget {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:9477")]
+        listen: SocketAddr,
+        /// Ingest's generic JSON URL (http://127.0.0.1:8080/api/v1/alerts):
+        /// breaking the target fires its DemoTargetDown alert there,
+        /// repairing it resolves it. The token is read from
+        /// $TOCSIN_INGEST_TOKEN.
+        #[arg(long)]
+        alert_url: Option<String>,
+    },
     /// MTTA, MTTR and on-call load over a window (asks the chat-ops service).
     Report {
         /// How far back: 30d, 12h, 2w.
@@ -210,6 +228,21 @@ impl OutputArg {
     }
 }
 
+#[derive(Debug, Subcommand)]
+pub enum RunbookCommand {
+    /// Check runbook files: schema, unknown step types, templates naming
+    /// unknown fields, programs not on remediation.allowed_programs (of
+    /// --config). Prints file:line and the reason for each bad file.
+    Lint {
+        /// Runbook files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// The runbooks the config's remediation.runbook_dirs hold, and the
+    /// files refused.
+    List,
+}
+
 /// Which incident, and who is acting.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Target {
@@ -245,6 +278,8 @@ pub fn main(forced: Option<Command>) -> ExitCode {
             | Command::Escalation
             | Command::Notifier
             | Command::Chatops
+            | Command::Remediation
+            | Command::DemoTarget { .. }
             | Command::CheckConfig { .. }
             | Command::Completions { .. }
     );
@@ -300,6 +335,12 @@ pub fn main(forced: Option<Command>) -> ExitCode {
         Command::Escalation => serve(&cli, &[Service::Escalation]),
         Command::Notifier => serve(&cli, &[Service::Notifier]),
         Command::Chatops => serve(&cli, &[Service::Chatops]),
+        Command::Remediation => serve(&cli, &[Service::Remediation]),
+        Command::Runbook(ref r) => crate::runbooks::command(&cli.config, r),
+        Command::DemoTarget {
+            listen,
+            ref alert_url,
+        } => crate::demo::main(listen, alert_url.clone()),
     }
 }
 

@@ -8,6 +8,7 @@ use tocsin_escalation::EscalationConfig;
 use tocsin_incidents::IncidentsConfig;
 use tocsin_ingest::IngestConfig;
 use tocsin_notifier::NotifierConfig;
+use tocsin_remediation::RemediationConfig;
 use tocsin_runtime::{
     config::{self, ConfigError},
     nats::{self, NatsConfig},
@@ -43,6 +44,10 @@ pub struct Config {
     /// chat-ops service.
     #[serde(default)]
     pub chatops: Option<ChatopsConfig>,
+    /// Runbooks that act on incidents. Without this section `tocsin up`
+    /// runs no remediation service.
+    #[serde(default)]
+    pub remediation: Option<RemediationConfig>,
     /// Problems that do not stop start-up (a channel only the console
     /// takes), located like errors; `check-config` prints them.
     #[serde(skip)]
@@ -96,17 +101,19 @@ pub enum Service {
     Escalation,
     Notifier,
     Chatops,
+    Remediation,
 }
 
 impl Service {
-    /// What `tocsin up` runs (the notifier and chat-ops only with their
-    /// sections).
-    pub const ALL: [Service; 5] = [
+    /// What `tocsin up` runs (the notifier, chat-ops and remediation only
+    /// with their sections).
+    pub const ALL: [Service; 6] = [
         Service::Ingest,
         Service::Incidents,
         Service::Escalation,
         Service::Notifier,
         Service::Chatops,
+        Service::Remediation,
     ];
 
     /// Its name, which is also its NATS identity (`nats.credentials.<name>`,
@@ -118,6 +125,7 @@ impl Service {
             Service::Escalation => "escalation",
             Service::Notifier => "notifier",
             Service::Chatops => "chatops",
+            Service::Remediation => "remediation",
         }
     }
 }
@@ -204,6 +212,26 @@ impl Config {
                                 .collect();
                         }
                     },
+                },
+                Service::Remediation => match &cfg.remediation {
+                    None if services.len() == 1 => {
+                        return Err(ConfigError::whole_file(
+                            path,
+                            "no `remediation:` section; add one with runbook_dirs \
+                             (see config/tocsin.yaml in the Tocsin repository)",
+                        ))
+                    }
+                    None => {}
+                    Some(r) => {
+                        // A bad runbook is refused and the others run: it
+                        // is reported, not a reason to stop.
+                        let (_, errors) = tocsin_remediation::load_runbooks(r);
+                        cfg.warnings.extend(
+                            errors
+                                .into_iter()
+                                .map(|e| format!("runbook refused (the others run): {e}")),
+                        );
+                    }
                 },
                 Service::Chatops => {
                     if cfg.chatops.is_none() && services.len() == 1 {

@@ -10,9 +10,13 @@
 //! - [`app`]: start-up and shutdown shared by every way of running services.
 //! - [`cli`]: the command line.
 //! - [`ops`]: operator commands (`ack`, `resolve`, `list`, `show`, ...).
+//! - [`runbooks`]: `tocsin runbook lint|list`.
+//! - [`demo`]: `tocsin demo-target`, the service the demo runbook heals.
 #![deny(unreachable_pub)]
 
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod ops;
+pub mod runbooks;

@@ -367,12 +367,11 @@ fn describe_event(e: &IncidentEvent, style: &Style) -> String {
             step,
             status,
             detail,
+            ..
         } => {
-            let mut s = format!("runbook {runbook} step {step}: {status}");
-            if !detail.is_empty() {
-                s.push_str(&format!(" ({detail})"));
-            }
-            s
+            // Step output is multi-line: indent it under the entry.
+            let detail = detail.replace('\n', "\n        ");
+            format!("remediation {runbook}/{step} {status}: {detail}")
         }
         EventKind::Resolved {
             reason: ResolveReason::AllAlertsResolved,

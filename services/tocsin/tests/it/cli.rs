@@ -63,6 +63,7 @@ fn shipped_config_is_valid() {
             ("TOCSIN_NATS_ESCALATION_PASSWORD", "p0123456789abcdef"),
             ("TOCSIN_NATS_NOTIFIER_PASSWORD", "p0123456789abcdef"),
             ("TOCSIN_NATS_CHATOPS_PASSWORD", "p0123456789abcdef"),
+            ("TOCSIN_NATS_REMEDIATION_PASSWORD", "p0123456789abcdef"),
         ],
     );
     assert_eq!(code, 0, "{stderr}");
@@ -663,5 +664,49 @@ fn the_shipped_config_has_no_heartbeat_nothing_pings() {
     assert!(
         text.contains("#   - name: alertmanager-watchdog"),
         "the example stays, commented out"
+    );
+}
+
+/// `tocsin runbook lint`: every shipped runbook passes with the shipped
+/// config; a bad file fails with file:line and the reason, exit 1.
+#[test]
+fn runbook_lint_names_file_line_and_reason() {
+    let root = repo_root();
+    let shipped: Vec<PathBuf> = std::fs::read_dir(root.join("runbooks"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    assert!(!shipped.is_empty());
+    let out = Command::new(crate::support::bin())
+        .arg("--config")
+        .arg(root.join("config/tocsin.yaml"))
+        .args(["runbook", "lint"])
+        .args(&shipped)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert_eq!(stdout.matches(": ok (").count(), shipped.len(), "{stdout}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(
+        dir.path(),
+        "bad.yaml",
+        "name: bad\nmatch: {}\nsteps:\n  - id: wipe\n    exec: {argv: [sh, -c, \"rm -rf {{labels.dir}}\"]}\n",
+    );
+    let out = Command::new(crate::support::bin())
+        .arg("--config")
+        .arg(root.join("config/tocsin.yaml"))
+        .args(["runbook", "lint"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{}:5", bad.display()))
+            && stdout.contains("program \"sh\" is not on remediation.allowed_programs"),
+        "{stdout}"
     );
 }

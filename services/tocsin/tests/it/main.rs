@@ -5,5 +5,6 @@ mod first_run;
 mod notifier_crash;
 mod ops;
 mod page_path;
+mod remediation_crash;
 mod report;
 mod support;

@@ -1,0 +1,171 @@
+//! The loop: the durable consumer `tocsin-remediation` on INCIDENTS (shared
+//! by every replica), each event in its own task (at most
+//! `max_parallel_runs` at once), kept alive with in-progress acks while its
+//! runs work, acknowledged when they ended. A replica that dies leaves its
+//! events unacknowledged; JetStream hands them to another replica after
+//! `ack_wait`, which resumes the runs from their records.
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::jetstream::{
+    self,
+    consumer::{pull, AckPolicy, DeliverPolicy},
+    AckKind,
+};
+use futures::StreamExt;
+use tocsin_proto::{
+    codec::decode_envelope, incident::LogEntry, subjects::STREAM_INCIDENTS, Envelope,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::Engine;
+
+/// The durable consumer every replica shares.
+pub const CONSUMER: &str = "tocsin-remediation";
+
+/// The incident events a runbook can start on.
+const KINDS: [&str; 4] = ["opened", "reopened", "escalated", "acknowledged"];
+
+pub(crate) async fn run(
+    engine: Arc<Engine>,
+    health: tocsin_runtime::admin::Health,
+    shutdown: CancellationToken,
+) {
+    let ack_wait = engine.config.ack_wait();
+    let parallel = engine.config.max_parallel_runs.max(1);
+    let config = pull::Config {
+        durable_name: Some(CONSUMER.into()),
+        description: Some("Tocsin remediation: incident events that start runbooks".into()),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait,
+        max_deliver: -1,
+        // No more than can run at once: an event waiting in the client
+        // buffer would otherwise come back while its run has not started.
+        max_ack_pending: i64::try_from(parallel).unwrap_or(32),
+        // From now on: runbooks do not act on incidents older than the service.
+        deliver_policy: DeliverPolicy::New,
+        filter_subjects: KINDS
+            .iter()
+            .map(|k| format!("tocsin.incidents.inc.*.{k}"))
+            .collect(),
+        ..Default::default()
+    };
+    let permits = Arc::new(tokio::sync::Semaphore::new(parallel));
+    let tasks = tokio_util::task::TaskTracker::new();
+    health.set_failing("remediation", "consumer not open yet");
+    'open: while let Some(mut messages) = open(&engine.js, &config, parallel, &shutdown).await {
+        health.set_ok("remediation");
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break 'open,
+                p = permits.clone().acquire_owned() => p.expect("never closed"),
+            };
+            let m = tokio::select! {
+                _ = shutdown.cancelled() => break 'open,
+                m = messages.next() => m,
+            };
+            match m {
+                Some(Ok(msg)) => {
+                    let (engine, stop) = (engine.clone(), shutdown.clone());
+                    tasks.spawn(async move {
+                        let alive = keep_alive(&msg, ack_wait);
+                        tokio::select! {
+                            // Stopping: the event stays unacknowledged and
+                            // comes back to a replica, which resumes the run.
+                            _ = stop.cancelled() => {}
+                            r = handle(&engine, &msg) => {
+                                let ack = match r {
+                                    Ok(()) => msg.double_ack().await,
+                                    Err(delay) => msg.ack_with(AckKind::Nak(Some(delay))).await,
+                                };
+                                if let Err(e) = ack {
+                                    tracing::warn!(error = %e, "cannot acknowledge an incident event; it comes back and its run records say what is done");
+                                }
+                            }
+                        }
+                        alive.abort();
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, consumer = CONSUMER, "consumer error");
+                    if matches!(e.kind(), pull::MessagesErrorKind::ConsumerDeleted) {
+                        continue 'open;
+                    }
+                }
+                None => continue 'open,
+            }
+        }
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+async fn handle(engine: &Arc<Engine>, msg: &jetstream::Message) -> Result<(), Duration> {
+    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+    let ev = match decode_envelope::<LogEntry>(&msg.payload) {
+        Ok(Envelope {
+            body: LogEntry::Incident(ev),
+            ..
+        }) => ev,
+        // Not ours to judge: the incidents service wrote it.
+        _ => return Ok(()),
+    };
+    match engine.on_event(&ev, seq).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::warn!(error = %e.0, incident = ev.incident.number, "cannot work on an incident event now; retrying");
+            Err(Duration::from_secs(2))
+        }
+    }
+}
+
+async fn open(
+    js: &jetstream::Context,
+    config: &pull::Config,
+    batch: usize,
+    shutdown: &CancellationToken,
+) -> Option<pull::Stream> {
+    let open = || async {
+        js.get_stream(STREAM_INCIDENTS)
+            .await
+            .map_err(|e| e.to_string())?
+            .create_consumer(config.clone())
+            .await
+            .map_err(|e| e.to_string())?
+            .stream()
+            .max_messages_per_batch(batch.min(256))
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match open().await {
+            Ok(m) => return Some(m),
+            Err(e) => {
+                tracing::debug!(error = %e, "remediation consumer not available yet; retrying")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// In-progress acks while the runs of an event work.
+fn keep_alive(msg: &jetstream::Message, ack_wait: Duration) -> tokio::task::JoinHandle<()> {
+    let (client, reply) = (msg.context.client(), msg.reply.clone());
+    tokio::spawn(async move {
+        let Some(reply) = reply else { return };
+        let every = (ack_wait / 3).max(Duration::from_millis(200));
+        loop {
+            tokio::time::sleep(every).await;
+            let _ = client.publish(reply.clone(), "+WPI".into()).await;
+        }
+    })
+}
