@@ -206,15 +206,10 @@ impl Service {
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break 'outer,
-                    m = msgs.next() => match m {
-                        Some(Ok(msg)) => {
-                            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-                            let changed = self.apply(&msg.payload, seq);
-                            self.save(&changed);
-                        }
-                        Some(Err(e)) => tracing::warn!(error = %e, "INCIDENTS consumer error"),
-                        None => continue 'outer,
-                    },
+                    // Timers before new entries: under a steady stream of
+                    // entries the timer arm would otherwise never win, and
+                    // no step would fire until the stream went quiet. A due
+                    // step first takes in every entry stored so far (drain).
                     _ = self.clock.wait(due) => {
                         if let Err(e) = self.drain(&mut msgs).await {
                             tracing::warn!(error = %e, "cannot read INCIDENTS before firing; retrying");
@@ -224,6 +219,15 @@ impl Service {
                             break 'outer;
                         }
                     }
+                    m = msgs.next() => match m {
+                        Some(Ok(msg)) => {
+                            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                            let changed = self.apply(&msg.payload, seq);
+                            self.save(&changed);
+                        }
+                        Some(Err(e)) => tracing::warn!(error = %e, "INCIDENTS consumer error"),
+                        None => continue 'outer,
+                    },
                 }
             }
         }

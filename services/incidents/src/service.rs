@@ -339,6 +339,10 @@ impl Service {
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break 'outer,
+                    // Timers before inputs: under a steady stream of alerts
+                    // a snooze end or a missed heartbeat must still fire on
+                    // time, not when the stream goes quiet.
+                    _ = self.clock.wait(deadline) => self.on_timers(&shutdown).await,
                     m = alerts.next() => match m {
                         Some(Ok(msg)) => {
                             let seq = msg.info().map(|i| i.stream_sequence).ok();
@@ -357,7 +361,6 @@ impl Service {
                         Some(Err(e)) => tracing::warn!(error = %e, "COMMANDS consumer error"),
                         None => continue 'outer,
                     },
-                    _ = self.clock.wait(deadline) => self.on_timers(&shutdown).await,
                 }
             }
         }
