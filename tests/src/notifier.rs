@@ -236,14 +236,16 @@ impl Replica {
 
     /// Waits until it is pulling pages (its `notifier` check passes).
     pub async fn wait_ready(&self) {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !self.health.is_ready() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "notifier not ready: {:?}",
-                self.health.report()
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        let ready = crate::eventually_within(std::time::Duration::from_secs(20), || async {
+            if self.health.is_ready() {
+                Ok(())
+            } else {
+                Err(self.health.report())
+            }
+        })
+        .await;
+        if let Err(report) = ready {
+            panic!("notifier not ready: {report:?}");
         }
     }
 

@@ -236,22 +236,18 @@ impl TocsinHarness {
     /// Polls `/readyz` until 200.
     pub async fn wait_ready(&self, within: Duration) {
         let client = reqwest::Client::new();
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if let Ok(r) = client
-                .get(format!("{}/readyz", self.admin_url))
-                .send()
-                .await
-            {
-                if r.status().is_success() {
-                    return;
-                }
+        let url = format!("{}/readyz", self.admin_url);
+        let (client, url) = (&client, &url);
+        let ready = crate::eventually_within(within, || async move {
+            match client.get(url).send().await {
+                Ok(r) if r.status().is_success() => Ok(()),
+                Ok(r) => Err(r.text().await.unwrap_or_default()),
+                Err(e) => Err(e.to_string()),
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "tocsin not ready within {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        })
+        .await;
+        if let Err(last) = ready {
+            panic!("tocsin not ready within {within:?}: {last}");
         }
     }
 
