@@ -24,15 +24,14 @@ use std::{
 use serde_json::{json, Value};
 use tocsin_proto::{
     codec,
-    incident::IncidentStatus,
+    incident::{IncidentStatus, IncidentSummary},
     notify::slack_actions,
-    query::{PlanQuery, PlanReply, TrackStatus},
+    query::{ListIncidents, PlanQuery, PlanReply, QueryReply, TrackStatus},
     subjects::query,
 };
 use tocsin_tests::{
     chatops::{block_actions_body, post_slack, SLACK_SECRET},
     fakes::{FakeProviders, SlackPost},
-    incidents::wait_for,
     nats::password_variable,
     smtp::SmtpSink,
     NatsServer,
@@ -118,7 +117,9 @@ impl Alertmanager {
         std::fs::write(
             &config,
             format!(
-                r#"global:
+                r#"# Alerts carry their own endsAt (as Prometheus sends them), so the
+# resolve timeout never applies; long, so nothing resolves by itself.
+global:
   resolve_timeout: 1h
 route:
   receiver: tocsin
@@ -326,6 +327,41 @@ async fn plan_until(
     }
 }
 
+/// Polls the incident list until `done` holds; panics after [`WAIT`]
+/// with what it saw last and every log.
+async fn incidents_until(
+    client: &async_nats::Client,
+    what: &str,
+    done: impl Fn(&[IncidentSummary]) -> bool,
+    procs: &[Proc],
+    am: &Alertmanager,
+) -> Vec<IncidentSummary> {
+    let q = ListIncidents {
+        limit: Some(100),
+        ..Default::default()
+    };
+    let (q, done) = (&q, &done);
+    let seen = tocsin_tests::eventually_within(WAIT, || async move {
+        let answer = client
+            .request(query::LIST_INCIDENTS, codec::encode(q).unwrap().into())
+            .await
+            .ok()
+            .and_then(|r| codec::decode::<QueryReply>(&r.payload).ok());
+        match answer {
+            Some(QueryReply::Incidents { incidents }) if done(&incidents) => Ok(incidents),
+            Some(QueryReply::Incidents { incidents }) => Err(incidents),
+            _ => Err(Vec::new()),
+        }
+    })
+    .await;
+    seen.unwrap_or_else(|last| {
+        panic!(
+            "{what} did not happen within {WAIT:?}; incidents: {last:?}{}",
+            logs(procs, am)
+        )
+    })
+}
+
 /// Every process's log, for a failure message.
 fn logs(procs: &[Proc], am: &Alertmanager) -> String {
     let mut s = String::new();
@@ -419,7 +455,8 @@ async fn alertmanager_to_resolved_with_every_service_a_separate_process() {
     ))
     .await;
     let client = nats.client().await;
-    let inc = wait_for(&client, "the incident", |l| l.len() == 1).await[0].clone();
+    let inc =
+        incidents_until(&client, "the incident", |l| l.len() == 1, &procs, &am).await[0].clone();
     assert_eq!(inc.status, IncidentStatus::Triggered);
     assert_eq!(
         inc.labels.get("service").map(String::as_str),
@@ -498,9 +535,13 @@ async fn alertmanager_to_resolved_with_every_service_a_separate_process() {
     )
     .await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
-    let acked = wait_for(&client, "the acknowledgement", |l| {
-        l[0].status == IncidentStatus::Acknowledged
-    })
+    let acked = incidents_until(
+        &client,
+        "the acknowledgement",
+        |l| l[0].status == IncidentStatus::Acknowledged,
+        &procs,
+        &am,
+    )
     .await;
     let by = acked[0].acknowledged_by.clone().unwrap();
     assert_eq!((by.name.as_str(), by.via.as_str()), ("alice", "slack"));
@@ -541,9 +582,13 @@ async fn alertmanager_to_resolved_with_every_service_a_separate_process() {
         jiff::Timestamp::now() - jiff::SignedDuration::from_secs(1),
     ))
     .await;
-    let resolved = wait_for(&client, "the resolve", |l| {
-        l[0].status == IncidentStatus::Resolved
-    })
+    let resolved = incidents_until(
+        &client,
+        "the resolve",
+        |l| l[0].status == IncidentStatus::Resolved,
+        &procs,
+        &am,
+    )
     .await;
     assert_eq!(resolved.len(), 1, "the same incident, resolved");
     assert_eq!(resolved[0].id, inc.id);
