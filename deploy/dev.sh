@@ -6,10 +6,14 @@
 #                            ingest URL, token and a curl line
 #   ./deploy/dev.sh test     install what is missing, run the whole test suite
 #   ./deploy/dev.sh deps     only install the pinned tools into .tocsin/venv
+#                            (and Alertmanager, see ALERTMANAGER_BIN)
 #   ./deploy/dev.sh bench …  run the benchmark harness (release build)
 #
 # Environment:
 #   NATS_SERVER_BIN      use this nats-server (2.12+) instead of the pinned one
+#   ALERTMANAGER_BIN     Prometheus Alertmanager for the end-to-end test (else
+#                        alertmanager / prometheus-alertmanager on the PATH,
+#                        else installed with apt-get when run as root)
 #   TOCSIN_NATS_PORT     port of the local NATS started by `up` (default 14222)
 #   TOCSIN_INGEST_TOKEN  ingest token for `up` (default: generated once, kept
 #                        in .tocsin/ingest-token)
@@ -74,10 +78,38 @@ ensure_tools() {
   export PATH="$venv/bin:$PATH"
 }
 
+# Prometheus Alertmanager, which the end-to-end test runs in front of
+# ingest (services/tocsin/tests/it/alertmanager.rs): ALERTMANAGER_BIN, else
+# alertmanager or prometheus-alertmanager (Debian's name) on the PATH, else
+# Debian's package when running as root with apt-get. Exports
+# ALERTMANAGER_BIN; without one the test fails (it never skips).
+AM_INSTALL_HINT="install Prometheus Alertmanager (Debian/Ubuntu: apt-get install prometheus-alertmanager; or a release from https://github.com/prometheus/alertmanager/releases) and set ALERTMANAGER_BIN to its binary"
+ensure_alertmanager() {
+  if [ -n "${ALERTMANAGER_BIN:-}" ]; then
+    "$ALERTMANAGER_BIN" --version >/dev/null 2>&1 || die "ALERTMANAGER_BIN=$ALERTMANAGER_BIN does not run ($ALERTMANAGER_BIN --version failed); $AM_INSTALL_HINT."
+    export ALERTMANAGER_BIN
+    return
+  fi
+  local found
+  found="$(command -v alertmanager || command -v prometheus-alertmanager || true)"
+  if [ -z "$found" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing Prometheus Alertmanager (apt-get install prometheus-alertmanager) for the end-to-end test"
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus-alertmanager >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 \
+           && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus-alertmanager >/dev/null 2>&1; }; } \
+      || die "apt-get could not install prometheus-alertmanager; $AM_INSTALL_HINT."
+    found="$(command -v alertmanager || command -v prometheus-alertmanager || true)"
+  fi
+  [ -n "$found" ] || die "Prometheus Alertmanager not found, and the end-to-end test needs it; $AM_INSTALL_HINT."
+  export ALERTMANAGER_BIN="$found"
+}
+
 cmd_test() {
   need_cargo
   ensure_tools
+  ensure_alertmanager
   say "nats-server: $("$NATS_SERVER_BIN" --version)"
+  say "alertmanager: $("$ALERTMANAGER_BIN" --version 2>&1 | head -n 1)"
   cd "$ROOT"
   say "cargo test --workspace"
   cargo test --workspace --locked "$@"
@@ -205,7 +237,7 @@ INFO
 case "${1:-}" in
   up) shift; cmd_up "$@" ;;
   test) shift; cmd_test "$@" ;;
-  deps) shift; need_cargo; ensure_tools; say "tools ready: $NATS_SERVER_BIN" ;;
+  deps) shift; need_cargo; ensure_tools; ensure_alertmanager; say "tools ready: $NATS_SERVER_BIN $ALERTMANAGER_BIN" ;;
   bench) shift; cmd_bench "$@" ;;
-  *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

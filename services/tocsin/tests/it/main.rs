@@ -1,5 +1,6 @@
 //! Integration tests, one binary (see tests/it/main.rs for why).
 
+mod alertmanager;
 mod cli;
 mod first_run;
 mod notifier_crash;
