@@ -196,6 +196,46 @@ where
     d.deserialize_str(V(Some(f), expecting))
 }
 
+// Which optional top-level sections a load reads (`None`: all).
+thread_local! {
+    static READ_SECTIONS: std::cell::RefCell<Option<Vec<String>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `load` (a config load) reading, of the sections deserialized
+/// through [`section`], only those named in `sections`; the others are
+/// skipped as if absent (their syntax, secrets and `${ENV}` references
+/// unread), so a host needs only the secrets of the services it runs.
+/// `check-config` reads them all.
+pub fn reading_sections<T>(sections: &[&str], load: impl FnOnce() -> T) -> T {
+    READ_SECTIONS
+        .with(|r| *r.borrow_mut() = Some(sections.iter().map(|s| s.to_string()).collect()));
+    let out = load();
+    READ_SECTIONS.with(|r| *r.borrow_mut() = None);
+    out
+}
+
+/// Deserializes the optional top-level section `name` (a
+/// `deserialize_with` helper for a service's own section): its value, or,
+/// when [`reading_sections`] leaves it out, its default (absent).
+pub fn section<'de, D, T>(name: &'static str, d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    let read = READ_SECTIONS.with(|r| {
+        r.borrow()
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == name))
+    });
+    if read {
+        T::deserialize(d)
+    } else {
+        de::IgnoredAny::deserialize(d)?;
+        Ok(T::default())
+    }
+}
+
 /// A string with `${ENV}` references expanded (for non-secret values such as URLs).
 #[derive(Clone, PartialEq, Eq)]
 pub struct EnvString(pub String);

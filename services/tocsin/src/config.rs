@@ -27,7 +27,7 @@ pub struct Config {
     #[serde(default)]
     pub jetstream: JetStreamConfig,
     /// The ingest service; required to run it.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "section_ingest")]
     pub ingest: Option<IngestConfig>,
     /// The incidents service; every key has a default.
     #[serde(default)]
@@ -37,22 +37,43 @@ pub struct Config {
     pub escalation: EscalationConfig,
     /// The notifier: providers, templates, retries. Without this section
     /// `tocsin up` runs no notifier and pages wait on the NOTIFY stream.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "section_notifier")]
     pub notifier: Option<NotifierConfig>,
     /// Chat-ops and the HTTP API: Slack, SMS replies, `/api/v1`,
     /// `/status.json`, reports. Without this section `tocsin up` runs no
     /// chat-ops service.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "section_chatops")]
     pub chatops: Option<ChatopsConfig>,
     /// Runbooks that act on incidents. Without this section `tocsin up`
     /// runs no remediation service.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "section_remediation")]
     pub remediation: Option<RemediationConfig>,
     /// Problems that do not stop start-up (a channel only the console
     /// takes), located like errors; `check-config` prints them.
     #[serde(skip)]
     pub warnings: Vec<String>,
 }
+
+// The sections that hold secrets (ingest tokens, provider credentials,
+// signing secrets) are read through `config::section`, so a process reads
+// only those of the services it runs (`Config::load`). `incidents` and
+// `escalation` hold none and are always read: other services use them
+// (heartbeat names, users).
+macro_rules! section_fn {
+    ($name:ident, $section:literal, $ty:ty) => {
+        fn $name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<$ty, D::Error> {
+            tocsin_runtime::config::section($section, d)
+        }
+    };
+}
+section_fn!(section_ingest, "ingest", Option<IngestConfig>);
+section_fn!(section_notifier, "notifier", Option<NotifierConfig>);
+section_fn!(section_chatops, "chatops", Option<ChatopsConfig>);
+section_fn!(
+    section_remediation,
+    "remediation",
+    Option<RemediationConfig>
+);
 
 /// The part of the config operator commands (`tocsin ack`, `list` ...)
 /// need: how to reach NATS, as the `operator` identity. Other sections, and
@@ -155,11 +176,16 @@ impl Config {
 
     /// Loads and validates `path` for running `services`. Of
     /// `nats.credentials`, only the entries of those services (and of the
-    /// admin) are read: a host needs the secrets of what it runs only.
+    /// admin) are read, and of the `ingest`, `notifier`, `chatops` and
+    /// `remediation` sections only those of `services`: a host needs the
+    /// secrets of what it runs only.
     pub fn load(path: &Path, services: &[Service]) -> Result<Config, ConfigError> {
         let mut identities: Vec<&str> = services.iter().map(|s| s.name()).collect();
         identities.push(Self::ADMIN);
-        let mut cfg: Config = nats::reading_credentials_of(&identities, || config::load(path))?;
+        let sections: Vec<&str> = services.iter().map(|s| s.name()).collect();
+        let mut cfg: Config = nats::reading_credentials_of(&identities, || {
+            config::reading_sections(&sections, || config::load(path))
+        })?;
         cfg.compose_chatops_users();
         for s in services {
             match s {

@@ -710,3 +710,50 @@ fn runbook_lint_names_file_line_and_reason() {
         "{stdout}"
     );
 }
+
+/// A process needs the secrets of the services it runs, not the others':
+/// an ingest host has no Slack signing secret, SMTP password or Twilio
+/// token, and must start without them; the service that uses a secret
+/// still refuses to start without it, naming the variable.
+#[test]
+fn a_service_starts_without_the_secrets_of_services_it_does_not_run() {
+    use tocsin::config::{Config, Service};
+    let shipped = std::fs::read_to_string(repo_root().join("config/tocsin.yaml")).unwrap();
+    assert!(
+        std::env::var_os("TOCSIN_SLACK_SIGNING_SECRET").is_none(),
+        "this test needs TOCSIN_SLACK_SIGNING_SECRET unset"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let text = shipped
+        .replace("${TOCSIN_INGEST_TOKEN}", "ingest-token-0123456789abcdef")
+        .replace(
+            "${TOCSIN_NATS_INGEST_PASSWORD}",
+            "ingest-password-0123456789",
+        )
+        .replace(
+            "${TOCSIN_NATS_CHATOPS_PASSWORD}",
+            "chatops-password-0123456789",
+        )
+        .replace(
+            "  # slack:\n  #   signing_secret: ${TOCSIN_SLACK_SIGNING_SECRET}",
+            "  slack:\n    signing_secret: ${TOCSIN_SLACK_SIGNING_SECRET}",
+        );
+    assert!(text.contains("\n    signing_secret: ${TOCSIN_SLACK_SIGNING_SECRET}"));
+    let file = write(dir.path(), "tocsin.yaml", &text);
+
+    let ingest = Config::load(&file, &[Service::Ingest]);
+    assert!(
+        ingest.is_ok(),
+        "ingest alone: {:?}",
+        ingest.err().map(|e| e.to_string())
+    );
+
+    let chatops = Config::load(&file, &[Service::Chatops])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        chatops.contains("TOCSIN_SLACK_SIGNING_SECRET"),
+        "chat-ops needs its own secret: {chatops:?}"
+    );
+}
