@@ -232,6 +232,9 @@ struct RemediationArgs {
     /// replica count.
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     incidents: u32,
+    /// remediation.max_parallel_runs of each replica.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    parallel: u32,
 }
 
 #[derive(Args, Debug)]
@@ -3571,10 +3574,9 @@ async fn remediation_bench(args: RemediationArgs) -> anyhow::Result<()> {
             "name: bench\nmatch: {labels: ['alertname=\"Bench\"']}\nguardrails: {max_concurrent: 1000}\nsteps:\n  - id: fix\n    exec: {argv: [/bin/true]}\n",
         );
         let mut cfg = TocsinHarness::config(&nats);
-        cfg.remediation = Some(tocsin_tests::remediation::remediation_config(
-            &rb.path(),
-            &["/bin/true"],
-        ));
+        let mut rc = tocsin_tests::remediation::remediation_config(&rb.path(), &["/bin/true"]);
+        rc.max_parallel_runs = args.parallel as usize;
+        cfg.remediation = Some(rc.clone());
         let tocsin = TocsinHarness::start_with(cfg).await;
         let mut others = Vec::new();
         for _ in 1..replicas {
@@ -3583,7 +3585,7 @@ async fn remediation_bench(args: RemediationArgs) -> anyhow::Result<()> {
                 jetstream::new(client),
                 Arc::new(SystemClock),
             );
-            let c = tocsin_tests::remediation::remediation_config(&rb.path(), &["/bin/true"]);
+            let c = rc.clone();
             let run_ctx = ctx.clone();
             others.push((
                 ctx,
