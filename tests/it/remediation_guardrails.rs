@@ -284,3 +284,73 @@ steps:
         "{skip}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_records_what_would_run_and_runs_nothing() {
+    let nats = NatsServer::start().await;
+    let rb = Runbooks::new();
+    let rec = rb.recorder();
+    let out = rb.record_file();
+    for (name, dry) in [("dry", "dry_run: true"), ("live", "")] {
+        rb.add(
+            name,
+            &format!(
+                r#"
+name: {name}
+match: {{labels: ['alertname="{name}"']}}
+{dry}
+page: on_failure
+steps:
+  - id: act
+    exec: {{argv: ["{rec}", "{{{{labels.host}}}}"], env: {{RECORD_TO: "{out}"}}}}
+  - id: done
+    resolve: true
+"#,
+                rec = rec.display(),
+                out = out.display()
+            ),
+        );
+    }
+    let programs = [rec.to_str().unwrap()];
+    // The runbook's own switch; then the global one for every runbook.
+    for global in [false, true] {
+        let mut cfg = config(&nats, &rb.path(), &programs);
+        cfg.remediation.as_mut().unwrap().dry_run = global;
+        let tocsin = TocsinHarness::start_with(cfg).await;
+        let client = nats.client().await;
+        let js = jetstream::new(client.clone());
+        let t0 = tocsin.clock_now();
+        let name = if global { "live" } else { "dry" };
+        let host = format!("h-{global}");
+        publish_alert(
+            &js,
+            alert(
+                &[("alertname", name), ("host", host.as_str())],
+                &["host"],
+                AlertStatus::Firing,
+                t0,
+            ),
+            t0,
+        )
+        .await;
+        let n = if global { 2 } else { 1 };
+        let tl = wait_timeline(&client, n, "the dry run", |tl| has(tl, "run", "succeeded")).await;
+        let s = steps(&tl);
+        let act = s.iter().find(|e| e.1 == "act").unwrap();
+        assert_eq!(act.2, "dry_run", "{s:#?}");
+        assert!(
+            act.3
+                .contains(&format!("would run [\"{}\", \"{host}\"]", rec.display())),
+            "{}",
+            act.3
+        );
+        assert_eq!(s.iter().find(|e| e.1 == "done").unwrap().2, "dry_run");
+        // Nothing ran, nothing was resolved, and pages are not held back.
+        assert!(!has(&tl, "run", "held"), "{s:#?}");
+        assert!(rb.recorded().is_empty(), "{:?}", rb.recorded());
+        assert!(!tl
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::Resolved { .. })));
+        tocsin.stop().await.unwrap();
+    }
+}

@@ -83,6 +83,7 @@ const UNITS: &[&str] = &[
     "tocsin-escalation",
     "tocsin-notifier",
     "tocsin-chatops",
+    "tocsin-remediation",
 ];
 
 /// Kubernetes workloads shipped in deploy/k8s running Tocsin: (kind, name,

@@ -1053,8 +1053,13 @@ impl Engine {
             }
             leases.push(key);
         }
+        // Slots are tried from a place that depends on the run, so
+        // concurrent runs rarely try the same slot and a free one is found
+        // in a read or two (not a scan of every held one).
         let mut slot = None;
-        for i in 0..g.max_concurrent {
+        let first = u32::from_str_radix(&state::digest(&rec.run)[..8], 16).unwrap_or(0);
+        for j in 0..g.max_concurrent {
+            let i = (first.wrapping_add(j)) % g.max_concurrent;
             let key = format!("slot.{}.{i}", rb.name);
             if state::take_lease(&self.locks, &key, &rec.run, now, until).await? {
                 slot = Some(key);

@@ -106,6 +106,9 @@ pub async fn exec(e: &ExecStep, ctx: &Value, timeout: Duration, limits: &Limits)
         Err(err) => return fail(format!("cannot start {program:?}: {err}")),
     };
     let pid = child.id();
+    // Whatever ends this attempt (timeout, shutdown, the run's own
+    // timeout dropping it), the whole group goes with it.
+    let mut group = Group(pid);
     let out = child
         .stdout
         .take()
@@ -122,6 +125,8 @@ pub async fn exec(e: &ExecStep, ctx: &Value, timeout: Duration, limits: &Limits)
             None
         }
     };
+    // Reaped: its pid (the group id) may be reused, so no signal after this.
+    group.0 = None;
     let collect = |h: Option<tokio::task::JoinHandle<String>>| async move {
         match h {
             // The group is dead or done; a grandchild holding the pipe open
@@ -164,6 +169,15 @@ pub async fn exec(e: &ExecStep, ctx: &Value, timeout: Duration, limits: &Limits)
             "duration_ms": ms,
             "attempts": 1,
         }),
+    }
+}
+
+/// Kills the process group when dropped (unless disarmed).
+struct Group(Option<u32>);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        kill_group(self.0);
     }
 }
 

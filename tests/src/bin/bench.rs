@@ -221,6 +221,20 @@ enum Command {
     /// Pages/s through the notifier to local fake providers with 1 and 2
     /// replicas, and latency from NOTIFY publish to the fake's receipt.
     Notifier(NotifierArgs),
+    /// Runbook runs: latency from an incident's `opened` entry to its run's
+    /// `started` entry, and runs/s, with 1 and 2 remediation replicas.
+    Remediation(RemediationArgs),
+}
+
+#[derive(Args, Debug)]
+struct RemediationArgs {
+    /// Matching incidents opened (as fast as they can be published) per
+    /// replica count.
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    incidents: u32,
+    /// remediation.max_parallel_runs of each replica.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    parallel: u32,
 }
 
 #[derive(Args, Debug)]
@@ -329,6 +343,7 @@ async fn main() -> ExitCode {
         Command::Incidents(args) => incidents(args).await,
         Command::Escalation(args) => escalation(args).await,
         Command::Notifier(args) => notifier(args).await,
+        Command::Remediation(args) => remediation_bench(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -3539,6 +3554,159 @@ async fn stream_state(js: &jetstream::Context, name: &str) -> anyhow::Result<str
         .await
         .with_context(|| format!("no {name} stream"))?;
     Ok(stream.info().await?.state.clone())
+}
+
+/// `bench remediation`: every service in-process (as `tocsin up`) on a
+/// private nats-server, one runbook matching every incident (one `exec`
+/// step, `/bin/true`; `max_concurrent: 1000`), plus a second remediation
+/// replica for the 2-replica round. `--incidents` alerts, each opening an
+/// incident, are published at once; the INCIDENTS entries are followed on a
+/// core subscription. Latency: an incident's `opened` entry received to its
+/// run's `started` entry received (guardrails decided, the run recorded).
+/// Rate: runs ended (`succeeded`) per second from the first `opened` to the
+/// last `succeeded`.
+async fn remediation_bench(args: RemediationArgs) -> anyhow::Result<()> {
+    use std::collections::HashMap;
+    let n = args.incidents as usize;
+    let mut failed = false;
+    for replicas in [1usize, 2] {
+        let nats = NatsServer::start().await;
+        let rb = tocsin_tests::remediation::Runbooks::new();
+        rb.add(
+            "bench",
+            "name: bench\nmatch: {labels: ['alertname=\"Bench\"']}\nguardrails: {max_concurrent: 1000}\nsteps:\n  - id: fix\n    exec: {argv: [/bin/true]}\n",
+        );
+        let mut cfg = TocsinHarness::config(&nats);
+        let mut rc = tocsin_tests::remediation::remediation_config(&rb.path(), &["/bin/true"]);
+        rc.max_parallel_runs = args.parallel as usize;
+        cfg.remediation = Some(rc.clone());
+        let tocsin = TocsinHarness::start_with(cfg).await;
+        let mut others = Vec::new();
+        for _ in 1..replicas {
+            let client = nats.client_as("remediation").await?;
+            let ctx = tocsin_runtime::context::ServiceContext::standalone(
+                jetstream::new(client),
+                Arc::new(SystemClock),
+            );
+            let c = rc.clone();
+            let run_ctx = ctx.clone();
+            others.push((
+                ctx,
+                tokio::spawn(async move { tocsin_remediation::run(c, &run_ctx, None).await }),
+            ));
+        }
+        let client = nats.client().await;
+        let js = jetstream::new(client.clone());
+        let mut sub = client.subscribe(INCIDENT_EVENTS).await?;
+        // Wait for the consumers (they start with new events).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = match js.get_stream(STREAM_INCIDENTS).await {
+                Ok(s) => s.consumer_info(tocsin_remediation::CONSUMER).await.is_ok(),
+                Err(_) => false,
+            };
+            if ready {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the remediation consumer did not appear");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let collector = tokio::spawn(async move {
+            let mut opened: HashMap<uuid::Uuid, Instant> = HashMap::new();
+            let mut started: HashMap<uuid::Uuid, Instant> = HashMap::new();
+            let mut ended: HashMap<uuid::Uuid, Instant> = HashMap::new();
+            while ended.len() < n {
+                let Ok(Some(msg)) =
+                    tokio::time::timeout(Duration::from_secs(120), sub.next()).await
+                else {
+                    break;
+                };
+                let now = Instant::now();
+                let Ok(env) = decode_envelope::<LogEntry>(&msg.payload) else {
+                    continue;
+                };
+                let LogEntry::Incident(ev) = env.body else {
+                    continue;
+                };
+                match &ev.kind {
+                    EventKind::Opened { .. } => {
+                        opened.entry(ev.incident.id).or_insert(now);
+                    }
+                    EventKind::Remediation { step, status, .. } if step == "run" => {
+                        match status.as_str() {
+                            "started" => {
+                                started.entry(ev.incident.id).or_insert(now);
+                            }
+                            "succeeded" | "failed" | "skipped" => {
+                                ended.entry(ev.incident.id).or_insert(now);
+                            }
+                            _ => {}
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            (opened, started, ended)
+        });
+        let t0 = tocsin.clock_now();
+        let mut acks = Vec::with_capacity(n);
+        for i in 0..n {
+            let host = format!("h{i}");
+            let a = alert(
+                &[("alertname", "Bench"), ("host", host.as_str())],
+                &["host"],
+                AlertStatus::Firing,
+                t0,
+            );
+            let subject = alert_subject(SourceKind::Alertmanager, &a.fingerprint);
+            let mut h = HeaderMap::new();
+            h.insert(headers::MSG_ID, format!("bench-{i}").as_str());
+            let env = Envelope::new("bench", t0, a);
+            acks.push(
+                js.publish_with_headers(subject, h, codec::encode(&env)?.into())
+                    .await?,
+            );
+        }
+        for a in acks {
+            a.await?;
+        }
+        let (opened, started, ended) = collector.await?;
+        let mut lat: Vec<Duration> = started
+            .iter()
+            .filter_map(|(id, s)| opened.get(id).map(|o| s.saturating_duration_since(*o)))
+            .collect();
+        lat.sort();
+        let first = opened.values().min().copied();
+        let last = ended.values().max().copied();
+        let secs = match (first, last) {
+            (Some(f), Some(l)) => l.saturating_duration_since(f).as_secs_f64(),
+            _ => f64::NAN,
+        };
+        println!(
+            "remediation, {replicas} replica(s): {} incidents, {} runs started, {} ended; opened -> run started p50 {} p99 {} max {}; {:.0} runs/s",
+            opened.len(),
+            started.len(),
+            ended.len(),
+            ms(percentile(&lat, 0.5)),
+            ms(percentile(&lat, 0.99)),
+            ms(lat.last().copied()),
+            ended.len() as f64 / secs
+        );
+        if ended.len() < n {
+            failed = true;
+        }
+        for (ctx, task) in others {
+            ctx.shutdown.cancel();
+            let _ = task.await;
+        }
+        tocsin.stop().await?;
+    }
+    if failed {
+        bail!("not every run ended");
+    }
+    Ok(())
 }
 
 /// Nearest-rank percentile of sorted `v`.

@@ -228,3 +228,83 @@ users:
     );
     assert!(tracks.next_due().is_none());
 }
+
+fn remediation(status: &str, hold: Option<Timestamp>, detail: &str, t: Timestamp) -> IncidentEvent {
+    event(
+        EventKind::Remediation {
+            runbook: "rb".into(),
+            step: "run".into(),
+            status: status.into(),
+            detail: detail.into(),
+            hold_until: hold,
+        },
+        IncidentStatus::Triggered,
+        t,
+    )
+}
+
+/// (minute, reason) of each page fired from `start` to `minutes`, with
+/// `events` (minute, event) fed in before firing at their minute.
+fn held_run(events: &[(i64, IncidentEvent)], start: Timestamp, minutes: i64) -> Vec<(i64, String)> {
+    let planner = Planner::new(
+        &serde_yaml_ng::from_str::<EscalationConfig>(
+            "route: {policy: p}\npolicies:\n  - name: p\n    levels:\n      - targets: [{user: pager}]\nusers:\n  - {name: pager, email: pager@example.com}\n",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut tracks = Tracks::default();
+    let mut out = Vec::new();
+    for m in 0..=minutes {
+        let now = start + SignedDuration::from_mins(m);
+        for (_, ev) in events.iter().filter(|(at, _)| *at == m) {
+            tracks.on_event(&planner, ev);
+        }
+        for key in tracks.due(now) {
+            for e in tracks.fire(&planner, &key, now) {
+                if let Effect::Page(p) = e {
+                    out.push((m, p.reason.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_runbooks_hold_keeps_the_first_level_back_until_the_run_ends_or_the_hold_runs_out() {
+    let t = at("2026-01-07T10:00:00Z");
+    let min = |m: i64| t + SignedDuration::from_mins(m);
+    // Announced at minute 1 (group wait), held until minute 5.
+    let mut open = opened(t);
+    open.incident.announce_at = min(1);
+    let held = remediation("held", Some(min(5)), "", t);
+    // The hold runs out: the page at minute 5, not at 1.
+    let pages = held_run(&[(0, open.clone()), (0, held.clone())], t, 8);
+    assert_eq!(pages.iter().map(|p| p.0).collect::<Vec<_>>(), [5]);
+    // The run fails at minute 2: the page at once, saying why.
+    let failed = remediation(
+        "failed",
+        None,
+        "runbook rb failed at step fix: exit 1",
+        min(2),
+    );
+    let pages = held_run(&[(0, open.clone()), (0, held.clone()), (2, failed)], t, 8);
+    assert_eq!(pages.len(), 1, "{pages:?}");
+    assert_eq!(pages[0].0, 2);
+    assert!(
+        pages[0]
+            .1
+            .ends_with(": runbook rb failed at step fix: exit 1"),
+        "{}",
+        pages[0].1
+    );
+    // The run succeeds before the level was due: it comes when it was due.
+    let ok = remediation("succeeded", None, "", t);
+    let pages = held_run(&[(0, open.clone()), (0, held.clone()), (0, ok)], t, 8);
+    assert_eq!(pages.iter().map(|p| p.0).collect::<Vec<_>>(), [1]);
+    // A hold after the level fired changes nothing.
+    let late = remediation("held", Some(min(9)), "", min(2));
+    let pages = held_run(&[(0, open), (2, late)], t, 8);
+    assert_eq!(pages.iter().map(|p| p.0).collect::<Vec<_>>(), [1]);
+}

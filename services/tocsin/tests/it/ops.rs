@@ -495,3 +495,43 @@ async fn show_list_json_silences_and_completions() {
         );
     }
 }
+
+/// `tocsin show` lists a runbook's steps with their outcome, duration and
+/// output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_lists_runbook_steps_with_their_output() {
+    use tocsin_tests::remediation::{has, wait_timeline, Runbooks};
+    let nats = NatsServer::start().await;
+    let rb = Runbooks::new();
+    rb.add(
+        "echo",
+        "name: echo\nmatch: {labels: ['alertname=\"Echo\"']}\nsteps:\n  - id: hello\n    exec: {argv: [/bin/echo, \"hello {{labels.host}}\"]}\n",
+    );
+    let config = tocsin_tests::remediation::config(&nats, &rb.path(), &["/bin/echo"]);
+    let tocsin_up = TocsinHarness::start_with(config).await;
+    let client = nats.client().await;
+    let a = http::post(
+        &reqwest::Client::new(),
+        &format!("{}/api/v1/alerts", tocsin_up.ingest_url),
+        Some(&tocsin_up.token),
+        r#"[{"labels":{"alertname":"Echo","host":"web1"}}]"#,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    wait_timeline(&client, 1, "the run", |tl| has(tl, "run", "succeeded")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tocsin.yaml");
+    std::fs::write(&cfg, format!("nats:\n  url: {}\n", nats.url())).unwrap();
+    let (code, out, err) = tokio::task::spawn_blocking(move || tocsin(&cfg, &["show", "1"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    for expected in [
+        "remediation echo/run started: runbook echo: 1 step(s)",
+        "remediation echo/hello succeeded: exec hello: exit 0 in ",
+        "stdout: hello web1",
+        "remediation echo/run succeeded: runbook echo succeeded by echo (runbook)",
+    ] {
+        assert!(out.contains(expected), "{expected:?} not in:\n{out}");
+    }
+}
