@@ -664,7 +664,7 @@ impl Deliverer {
                 Lookup::Unreachable(e) => {
                     self.metrics.lookup(&out, "unreachable", e.reason());
                     self.lanes
-                        .failure(provider.name(), &dest, self.clock.now(), None);
+                        .failure(provider.name(), &dest, self.clock.now(), None, false);
                     rec.lookup_failed(e.reason().to_string());
                     let _ = self.records.write(key, &rec, rev).await;
                     let delay = backoff(&self.retry, rec.attempts.max(1), None);
@@ -677,10 +677,17 @@ impl Deliverer {
             .request(channel, started.elapsed().as_secs_f64());
         match &result {
             Ok(_) | Err(SendError::Permanent { .. }) => self.lanes.success(provider.name()),
-            Err(SendError::Retry { retry_after, .. }) => {
-                self.lanes
-                    .failure(provider.name(), &dest, self.clock.now(), *retry_after)
-            }
+            Err(SendError::Retry {
+                retry_after,
+                rate_limited,
+                ..
+            }) => self.lanes.failure(
+                provider.name(),
+                &dest,
+                self.clock.now(),
+                *retry_after,
+                *rate_limited,
+            ),
         }
         match result {
             Ok(pref) => {
@@ -709,6 +716,7 @@ impl Deliverer {
                 reason,
                 retry_after,
                 maybe_arrived,
+                ..
             }) => {
                 self.metrics.retry(&out, rec.attempts, &reason);
                 rec.retry_later(reason, maybe_arrived);
@@ -915,10 +923,16 @@ impl Deliverer {
                 Err(SendError::Retry {
                     reason,
                     retry_after,
+                    rate_limited,
                     ..
                 }) => {
-                    self.lanes
-                        .failure(provider.name(), &dest, self.clock.now(), *retry_after);
+                    self.lanes.failure(
+                        provider.name(),
+                        &dest,
+                        self.clock.now(),
+                        *retry_after,
+                        *rate_limited,
+                    );
                     self.metrics.update(&out, "retry", reason);
                     return Err(backoff(&self.retry, 1, *retry_after));
                 }

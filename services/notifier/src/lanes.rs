@@ -183,15 +183,21 @@ impl Lanes {
     }
 
     /// The provider failed (5xx, 429, timeout). `retry_after`: it asked
-    /// everyone to wait (a 429), so the destination's next turns move.
+    /// to wait, so the destination's next turns move. A rate limit
+    /// (`rate_limited`: a 429) is about that destination only: the
+    /// provider answered, so it counts as an answer for the breaker, and
+    /// other destinations go on at their own pace.
     pub(crate) fn failure(
         &self,
         provider: &str,
         destination: &str,
         now: Timestamp,
         retry_after: Option<Duration>,
+        rate_limited: bool,
     ) {
-        {
+        if rate_limited {
+            self.success(provider);
+        } else {
             let mut bs = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(b) = bs.get_mut(provider) {
                 if b.failure(now) {
@@ -210,5 +216,41 @@ impl Lanes {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lanes() -> Lanes {
+        let metrics = NotifierMetrics::register(&tocsin_runtime::admin::Metrics::new());
+        Lanes::new(&NotifierConfig::default(), metrics)
+    }
+
+    fn open(l: &Lanes, destination: &str, now: Timestamp) -> bool {
+        matches!(l.turn("slack", destination, now), Turn::BreakerOpen(_))
+    }
+
+    #[test]
+    fn rate_limits_on_one_destination_do_not_open_the_providers_breaker() {
+        let l = lanes();
+        let now = Timestamp::from_second(1_000_000).unwrap();
+        let _ = l.turn("slack", "#incidents", now);
+        for _ in 0..20 {
+            l.failure(
+                "slack",
+                "#incidents",
+                now,
+                Some(Duration::from_secs(1)),
+                true,
+            );
+        }
+        assert!(!open(&l, "D0ALICE", now), "a DM waits for #incidents' 429s");
+        // Failures of the provider itself still open it.
+        for _ in 0..20 {
+            l.failure("slack", "#incidents", now, None, false);
+        }
+        assert!(open(&l, "D0ALICE", now));
     }
 }

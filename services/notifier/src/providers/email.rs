@@ -178,6 +178,7 @@ impl Email {
                 reason: format!("SMTP: {e}"),
                 retry_after: None,
                 maybe_arrived: true,
+                rate_limited: false,
             }),
             Err(e) => Err(SendError::retry(format!("SMTP: {e}"))),
         }

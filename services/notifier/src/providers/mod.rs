@@ -31,13 +31,16 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendError {
     /// The provider is down, slow or rate limiting: try again later (after
-    /// `retry_after` when it said so). Counts against the breaker.
+    /// `retry_after` when it said so). Counts against the provider's
+    /// breaker unless `rate_limited`: a 429 holds back only the destination
+    /// it was for (its pace), since the provider is up and answering.
     /// `maybe_arrived`: the request left and no answer came (a timeout),
     /// so the next attempt asks the provider first.
     Retry {
         reason: String,
         retry_after: Option<Duration>,
         maybe_arrived: bool,
+        rate_limited: bool,
     },
     /// Sending this again cannot succeed (bad token, invalid payload,
     /// unknown target): recorded as failed, never retried.
@@ -50,6 +53,7 @@ impl SendError {
             reason: reason.into(),
             retry_after: None,
             maybe_arrived: false,
+            rate_limited: false,
         }
     }
     pub fn permanent(reason: impl Into<String>) -> Self {
@@ -408,6 +412,7 @@ pub fn classify_http(status: u16, retry_after: Option<Duration>, reason: String)
             reason,
             retry_after,
             maybe_arrived: false,
+            rate_limited: status == 429,
         },
         _ => SendError::Permanent { reason },
     }
@@ -437,6 +442,7 @@ pub fn transport_error(e: &reqwest::Error) -> SendError {
         reason: format!("{what}: {}", without_url(e)),
         retry_after: None,
         maybe_arrived: maybe,
+        rate_limited: false,
     }
 }
 

@@ -270,6 +270,7 @@ impl Slack {
                 reason,
                 retry_after: after,
                 maybe_arrived: false,
+                rate_limited: true,
             })
         } else if PERMANENT.contains(&error.as_str()) {
             Err(SendError::permanent(reason))

@@ -120,6 +120,7 @@ impl Sms {
                 reason,
                 retry_after: after,
                 maybe_arrived: false,
+                rate_limited: true,
             });
         }
         Err(classify_http(status, after, reason))
