@@ -160,13 +160,8 @@ impl Tracks {
             }
         }
         let start = |tracks: &mut Self, at: Timestamp| -> Vec<Key> {
-            for k in tracks
-                .map
-                .keys()
-                .filter(|k| k.0 == inc.id)
-                .cloned()
-                .collect::<Vec<_>>()
-            {
+            // The incident's own tracks (a range: keys sort by incident).
+            for k in tracks.keys_of(inc.id) {
                 tracks.map.remove(&k);
             }
             let mut out = Vec::new();
