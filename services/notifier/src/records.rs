@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::record::Record;
 use async_nats::jetstream::{
     self,
-    kv::{self, CreateErrorKind, UpdateErrorKind},
+    kv::{self},
 };
 
 /// The bucket's name (its stream is `KV_tocsin_deliveries`).
@@ -32,14 +32,7 @@ pub struct Stored {
     pub revision: u64,
 }
 
-/// Why a write did not happen.
-#[derive(Debug)]
-pub enum WriteError {
-    /// Someone else changed (or created) the record since it was read.
-    Conflict,
-    /// NATS did not take it (down, slow, full): try again later.
-    Failed(String),
-}
+pub use tocsin_runtime::kv::WriteError;
 
 /// The key of message `id` of `incident`.
 pub fn key(incident: &uuid::Uuid, id: &str) -> String {
@@ -105,24 +98,7 @@ impl Records {
     ) -> Result<u64, WriteError> {
         let bytes =
             tocsin_proto::codec::encode(record).map_err(|e| WriteError::Failed(e.to_string()))?;
-        match revision {
-            None => self
-                .kv
-                .create(key, bytes.into())
-                .await
-                .map_err(|e| match e.kind() {
-                    CreateErrorKind::AlreadyExists => WriteError::Conflict,
-                    _ => WriteError::Failed(e.to_string()),
-                }),
-            Some(rev) => self
-                .kv
-                .update(key, bytes.into(), rev)
-                .await
-                .map_err(|e| match e.kind() {
-                    UpdateErrorKind::WrongLastRevision => WriteError::Conflict,
-                    _ => WriteError::Failed(e.to_string()),
-                }),
-        }
+        tocsin_runtime::kv::write_checked(&self.kv, key, bytes, revision).await
     }
 
     /// Every record of `incident` (its messages and updates).

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{
     self,
-    kv::{self, CreateErrorKind, UpdateErrorKind},
+    kv::{self},
 };
 use jiff::Timestamp;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -19,23 +19,7 @@ pub const RUNS: &str = "tocsin_remediation_runs";
 pub const LOCKS: &str = "tocsin_remediation_locks";
 pub const GUARDS: &str = "tocsin_remediation";
 
-/// Why a write did not happen.
-#[derive(Debug)]
-pub enum WriteError {
-    /// Someone else changed (or created) the record since it was read.
-    Conflict,
-    /// NATS did not take it: try again later.
-    Failed(String),
-}
-
-impl std::fmt::Display for WriteError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            WriteError::Conflict => write!(f, "changed by another replica"),
-            WriteError::Failed(e) => write!(f, "{e}"),
-        }
-    }
-}
+pub use tocsin_runtime::kv::WriteError;
 
 /// One bucket of JSON records.
 #[derive(Clone)]
@@ -92,24 +76,7 @@ impl Bucket {
         revision: Option<u64>,
     ) -> Result<u64, WriteError> {
         let bytes = serde_json::to_vec(value).map_err(|e| WriteError::Failed(e.to_string()))?;
-        match revision {
-            None => self
-                .kv
-                .create(key, bytes.into())
-                .await
-                .map_err(|e| match e.kind() {
-                    CreateErrorKind::AlreadyExists => WriteError::Conflict,
-                    _ => WriteError::Failed(e.to_string()),
-                }),
-            Some(rev) => self
-                .kv
-                .update(key, bytes.into(), rev)
-                .await
-                .map_err(|e| match e.kind() {
-                    UpdateErrorKind::WrongLastRevision => WriteError::Conflict,
-                    _ => WriteError::Failed(e.to_string()),
-                }),
-        }
+        tocsin_runtime::kv::write_checked(&self.kv, key, bytes, revision).await
     }
 
     /// Writes `value` whether the key is there or not (last writer wins:

@@ -28,6 +28,7 @@ pub mod config;
 pub mod context;
 pub mod error;
 pub mod http_server;
+pub mod kv;
 pub mod nats;
 pub mod progress;
 pub mod shutdown;

@@ -372,39 +372,6 @@ fn logs(procs: &[Proc], am: &Alertmanager) -> String {
     s
 }
 
-/// Waits until NOTIFY is empty and the notifier's change consumer has
-/// nothing pending or unacknowledged: every page and update handled.
-async fn settle(js: &async_nats::jetstream::Context) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let notify = js
-            .get_stream("NOTIFY")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .state
-            .messages;
-        let incidents = js.get_stream("INCIDENTS").await.unwrap();
-        let changes = match incidents
-            .consumer_info(tocsin_notifier::CHANGES_CONSUMER)
-            .await
-        {
-            Ok(i) => i.num_pending + i.num_ack_pending as u64,
-            Err(_) => 1,
-        };
-        if notify == 0 && changes == 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not settled: NOTIFY {notify}, changes {changes}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Alertmanager -> ingest -> incident -> pages on every channel; a signed
 /// Slack button press acknowledges, escalation pauses (level 2 is no
 /// longer due), Slack and PagerDuty show the acknowledgement; the alert
@@ -623,7 +590,7 @@ async fn alertmanager_to_resolved_with_every_service_a_separate_process() {
         logs(&procs, &am)
     );
     let js = async_nats::jetstream::new(client.clone());
-    settle(&js).await;
+    tocsin_tests::notifier::settled(&js, WAIT).await;
     // Settled: one page per channel and target, no level 2 (bob was never
     // paged), no second SMS or email (those channels take no updates).
     assert_eq!(fakes.sms().len(), 1, "{:?}", fakes.sms());

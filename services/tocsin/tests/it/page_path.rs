@@ -289,7 +289,7 @@ async fn resolve_then_refire_while_the_notifier_is_down_ends_triggered_everywher
         "{}",
         notifier.log_text()
     );
-    settle(&js).await;
+    tocsin_tests::notifier::settled(&js, WAIT).await;
 
     let pd = fakes.pagerduty_alerts();
     assert_eq!(pd.len(), 1, "one PagerDuty alert (one dedup key)");
@@ -319,39 +319,6 @@ async fn resolve_then_refire_while_the_notifier_is_down_ends_triggered_everywher
         &mut notifier,
     ] {
         p.stop();
-    }
-}
-
-/// Waits until NOTIFY is empty and the notifier's change consumer has
-/// nothing pending or unacknowledged.
-async fn settle(js: &async_nats::jetstream::Context) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let notify = js
-            .get_stream("NOTIFY")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .state
-            .messages;
-        // (`tocsin-notifier-sync` is what older notifiers called it.)
-        let incidents = js.get_stream("INCIDENTS").await.unwrap();
-        let mut changes = 0;
-        for name in [tocsin_notifier::CHANGES_CONSUMER, "tocsin-notifier-sync"] {
-            if let Ok(i) = incidents.consumer_info(name).await {
-                changes += i.num_pending + i.num_ack_pending as u64;
-            }
-        }
-        if notify == 0 && changes == 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not settled: NOTIFY {notify}, changes {changes}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -1,0 +1,49 @@
+//! Records in JetStream KV that several replicas share: a write either
+//! creates a key that must not exist yet or replaces the exact revision the
+//! writer read, so two replicas can never both claim the same record.
+
+use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
+
+/// Why a write did not happen.
+#[derive(Debug)]
+pub enum WriteError {
+    /// Someone else changed (or created) the record since it was read.
+    Conflict,
+    /// NATS did not take it (down, slow, full): try again later.
+    Failed(String),
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteError::Conflict => write!(f, "changed by another replica"),
+            WriteError::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Creates `key` (`revision` None: it must not exist) or replaces the
+/// `revision` read; the new revision.
+pub async fn write_checked(
+    store: &kv::Store,
+    key: &str,
+    bytes: Vec<u8>,
+    revision: Option<u64>,
+) -> Result<u64, WriteError> {
+    match revision {
+        None => store
+            .create(key, bytes.into())
+            .await
+            .map_err(|e| match e.kind() {
+                CreateErrorKind::AlreadyExists => WriteError::Conflict,
+                _ => WriteError::Failed(e.to_string()),
+            }),
+        Some(rev) => store
+            .update(key, bytes.into(), rev)
+            .await
+            .map_err(|e| match e.kind() {
+                UpdateErrorKind::WrongLastRevision => WriteError::Conflict,
+                _ => WriteError::Failed(e.to_string()),
+            }),
+    }
+}
