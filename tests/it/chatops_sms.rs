@@ -14,7 +14,6 @@ use tocsin_tests::{
     chatops::{self, post_sms, twilio_signature, TWILIO_TOKEN, TWILIO_URL},
     fakes::FakeProviders,
     incidents::{alert, get, publish_alert, wait_for},
-    notifier::{self, ALL_CHANNELS},
     NatsServer, TocsinHarness,
 };
 
@@ -26,12 +25,8 @@ async fn sms_replies_acknowledge_and_resolve_and_bad_signatures_change_nothing()
     let nats = NatsServer::start().await;
     let fakes = FakeProviders::start().await;
     let data = tempfile::tempdir().unwrap();
-    let mut config = TocsinHarness::config(&nats);
-    config.escalation = serde_yaml_ng::from_str(ALL_CHANNELS).unwrap();
-    config.notifier = Some(notifier::config(&fakes, None, data.path()));
-    config.chatops = Some(chatops::config(&fakes));
-    config.compose_chatops_users();
-    let tocsin = TocsinHarness::start_with(config).await;
+    let tocsin =
+        TocsinHarness::start_with(chatops::harness_config(&nats, &fakes, data.path())).await;
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
     let t0 = tocsin.clock_now();

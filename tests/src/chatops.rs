@@ -147,3 +147,19 @@ pub fn config(fakes: &FakeProviders) -> ChatopsConfig {
     c.status.cache_for = tocsin_runtime::config::HumanDuration(std::time::Duration::ZERO);
     c
 }
+
+/// The harness config for chat-ops tests: every channel of
+/// [`crate::notifier::ALL_CHANNELS`], the notifier on `fakes` (its data in
+/// `data_dir`) and chat-ops, with chat-ops' users taken from escalation's.
+pub fn harness_config(
+    nats: &crate::NatsServer,
+    fakes: &FakeProviders,
+    data_dir: &std::path::Path,
+) -> tocsin::config::Config {
+    let mut config = crate::TocsinHarness::config(nats);
+    config.escalation = serde_yaml_ng::from_str(crate::notifier::ALL_CHANNELS).unwrap();
+    config.notifier = Some(crate::notifier::config(fakes, None, data_dir));
+    config.chatops = Some(self::config(fakes));
+    config.compose_chatops_users();
+    config
+}
