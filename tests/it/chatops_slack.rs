@@ -158,6 +158,7 @@ async fn the_ack_button_acknowledges_as_the_slack_user_stops_escalation_and_upda
                 "escalation not paused: {other:?}"
             ),
         }
+        // Poll interval of a wait for something to happen (with a deadline), not a wait to prove that nothing did.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 

@@ -56,6 +56,7 @@ async fn sms_replies_acknowledge_and_resolve_and_bad_signatures_change_nothing()
         .any(|e| matches!(e.kind, EventKind::Paged { .. }))
     {
         assert!(tokio::time::Instant::now() < deadline, "no paged entry");
+        // Poll interval of a wait for something to happen (with a deadline), not a wait to prove that nothing did.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let url = format!("{}/twilio/sms", tocsin.chatops_url);

@@ -245,6 +245,7 @@ policies:
     let deadline = tokio::time::Instant::now() + WAIT;
     while fakes.started(Provider::Slack) == 0 {
         assert!(tokio::time::Instant::now() < deadline);
+        // Poll interval of a wait for something to happen (with a deadline), not a wait to prove that nothing did.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Resolved meanwhile, and a second copy of the page on NOTIFY.
@@ -281,6 +282,7 @@ policies:
     let deadline = tokio::time::Instant::now() + WAIT;
     while notify.info().await.unwrap().state.messages > 0 {
         assert!(tokio::time::Instant::now() < deadline, "NOTIFY not drained");
+        // Poll interval of a wait for something to happen (with a deadline), not a wait to prove that nothing did.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let receipts = notifier::wait_receipts(&client, inc.number, |r| {

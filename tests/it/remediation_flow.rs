@@ -61,6 +61,7 @@ async fn page_for(js: &jetstream::Context, n: u64) -> Vec<tocsin_proto::notify::
             tokio::time::Instant::now() < deadline,
             "no page for #{n}; pages: {p:#?}"
         );
+        // Poll interval of a wait for something to happen (with a deadline), not a wait to prove that nothing did.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }

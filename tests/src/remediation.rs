@@ -148,6 +148,7 @@ pub async fn wait_timeline<F: Fn(&[IncidentEvent]) -> bool>(
             "timed out waiting for {what} on incident #{n}; runbook entries: {:#?}",
             steps(&tl)
         );
+        // Poll interval of a wait for something to happen (with a deadline), not a wait to prove that nothing did.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -180,6 +180,7 @@ receivers:
                 "alertmanager not ready:\n{}",
                 am.log_text()
             );
+            // Poll interval of a wait for something to happen (with a deadline), not a wait to prove that nothing did.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -323,6 +324,7 @@ async fn plan_until(
                 "{what}: the escalation plan is {other:?}"
             ),
         }
+        // Poll interval of a wait for something to happen (with a deadline), not a wait to prove that nothing did.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

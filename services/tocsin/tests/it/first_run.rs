@@ -29,6 +29,7 @@ async fn wait_metric(admin: u16, name: &str, want: f64) -> Option<f64> {
         if v == Some(want) || tokio::time::Instant::now() > deadline {
             return v;
         }
+        // Poll interval of a wait for something to happen (with a deadline), not a wait to prove that nothing did.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -285,6 +285,7 @@ async fn show_list_json_silences_and_completions() {
             "never paged: {:#?}",
             d.timeline
         );
+        // Poll interval of a wait for something to happen (with a deadline), not a wait to prove that nothing did.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 

@@ -130,6 +130,7 @@ async fn pages_waiting_on_a_rate_limit_are_sent_exactly_once() {
             "{}",
             notifier.log_text()
         );
+        // Poll interval of a wait for something to happen (with a deadline), not a wait to prove that nothing did.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let sms = fakes.sms();
@@ -278,6 +279,7 @@ async fn resolve_then_refire_while_the_notifier_is_down_ends_triggered_everywher
             tokio::time::Instant::now() < deadline,
             "no pages for the reopen"
         );
+        // Poll interval of a wait for something to happen (with a deadline), not a wait to prove that nothing did.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -380,6 +382,7 @@ async fn the_shipped_config_starts_and_shows_the_first_page() {
             pages.display(),
             up.log_text()
         );
+        // Poll interval of a wait for something to happen (with a deadline), not a wait to prove that nothing did.
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(text.contains("INC-1"), "{text}");

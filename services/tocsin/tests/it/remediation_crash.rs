@@ -55,6 +55,7 @@ async fn until_recorded(p: &Path, line: &str) {
             p.display(),
             lines(p)
         );
+        // Poll interval of a wait for something to happen (with a deadline), not a wait to prove that nothing did.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -136,6 +137,7 @@ steps:
             "no consumer; log: {}",
             std::fs::read_to_string(&log1).unwrap_or_default()
         );
+        // Poll interval of a wait for something to happen (with a deadline), not a wait to prove that nothing did.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let t0 = tocsin.clock_now();
