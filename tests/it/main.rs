@@ -16,6 +16,7 @@ mod incidents_crash;
 mod incidents_faults;
 mod incidents_inhibit;
 mod incidents_lifecycle;
+mod incidents_memory;
 mod incidents_poison;
 mod incidents_rebuild;
 mod ingest_alertmanager;

@@ -165,6 +165,7 @@ pub async fn run(
         js,
         subs,
         svc.proj.clone(),
+        svc.store.clone(),
         shutdown.clone(),
     ));
     let result = svc.run(shutdown, ctx.watermark.clone()).await;
