@@ -161,7 +161,6 @@ pub async fn run(
         .map_err(|e| IncidentsError::JetStream(format!("cannot subscribe to queries: {e}")))?;
     health.set_ok("incidents");
     let queries = tokio::spawn(query::serve(
-        client,
         js,
         subs,
         svc.proj.clone(),

@@ -2,13 +2,13 @@
 //! the INCIDENTS stream), list incidents, list silences.
 
 use async_nats::{jetstream, Client};
-use futures::StreamExt;
 use tocsin_proto::{
     codec::{self, decode_envelope},
     incident::{IncidentEvent, IncidentStatus, IncidentSummary, LogEntry},
     query::{GetIncident, IncidentDetail, ListIncidents, QueryReply},
     subjects::{query, STREAM_INCIDENTS},
 };
+use tocsin_runtime::query::Queries;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -21,75 +21,57 @@ use crate::{
 /// Queue group, so several replicas could share queries.
 const QUEUE: &str = "tocsin-incidents";
 
-pub(crate) type Subscriptions = futures::stream::SelectAll<async_nats::Subscriber>;
-
-pub(crate) async fn subscribe(
-    client: &Client,
-) -> Result<Subscriptions, async_nats::SubscribeError> {
-    let get = client
-        .queue_subscribe(query::GET_INCIDENT, QUEUE.into())
-        .await?;
-    let list = client
-        .queue_subscribe(query::LIST_INCIDENTS, QUEUE.into())
-        .await?;
-    let silences = client
-        .queue_subscribe(query::LIST_SILENCES, QUEUE.into())
-        .await?;
-    // Make sure the server has the subscriptions before we say we are ready.
-    client.flush().await.map_err(|e| {
-        async_nats::SubscribeError::with_source(async_nats::client::SubscribeErrorKind::Other, e)
-    })?;
-    Ok(futures::stream::select_all([get, list, silences]))
+pub(crate) async fn subscribe(client: &Client) -> Result<Queries, async_nats::SubscribeError> {
+    Queries::subscribe(
+        client,
+        QUEUE,
+        &[
+            query::GET_INCIDENT,
+            query::LIST_INCIDENTS,
+            query::LIST_SILENCES,
+        ],
+    )
+    .await
 }
 
 pub(crate) async fn serve(
-    client: Client,
     js: jetstream::Context,
-    mut subs: Subscriptions,
+    queries: Queries,
     proj: Shared,
     store: Store,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            m = subs.next() => match m { Some(m) => m, None => return },
-        };
-        let Some(reply) = msg.reply.clone() else {
-            continue;
-        };
-        let answer = match msg.subject.as_str() {
-            query::GET_INCIDENT => match codec::decode::<GetIncident>(&msg.payload) {
-                Ok(q) => get(&js, &proj, &store, q).await,
-                Err(e) => QueryReply::Error {
-                    reason: format!("bad query: {e}"),
-                },
-            },
-            query::LIST_INCIDENTS => match codec::decode::<ListIncidents>(&msg.payload) {
-                Ok(q) => list(&proj, &store, q),
-                Err(e) => QueryReply::Error {
-                    reason: format!("bad query: {e}"),
-                },
-            },
-            _ => QueryReply::Silences {
-                silences: proj
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .silences
-                    .list()
-                    .cloned()
-                    .collect(),
-            },
-        };
-        match codec::encode(&answer) {
-            Ok(bytes) => {
-                if let Err(e) = client.publish(reply, bytes.into()).await {
-                    tracing::warn!(error = %e, "cannot answer a query");
-                }
+    queries
+        .serve(shutdown, |subject, payload| {
+            let (js, proj, store) = (&js, &proj, &store);
+            async move {
+                let answer = match subject.as_str() {
+                    query::GET_INCIDENT => match codec::decode::<GetIncident>(&payload) {
+                        Ok(q) => get(js, proj, store, q).await,
+                        Err(e) => QueryReply::Error {
+                            reason: format!("bad query: {e}"),
+                        },
+                    },
+                    query::LIST_INCIDENTS => match codec::decode::<ListIncidents>(&payload) {
+                        Ok(q) => list(proj, store, q),
+                        Err(e) => QueryReply::Error {
+                            reason: format!("bad query: {e}"),
+                        },
+                    },
+                    _ => QueryReply::Silences {
+                        silences: proj
+                            .read()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .silences
+                            .list()
+                            .cloned()
+                            .collect(),
+                    },
+                };
+                codec::encode(&answer).map_err(|e| e.to_string())
             }
-            Err(e) => tracing::error!(error = %e, "cannot encode a query answer"),
-        }
-    }
+        })
+        .await
 }
 
 async fn get(js: &jetstream::Context, proj: &Shared, store: &Store, q: GetIncident) -> QueryReply {

@@ -223,7 +223,7 @@ impl Service {
     /// Replays INCIDENTS entries the projection lacks. Retries until NATS
     /// answers; returns false if shut down first.
     pub(crate) async fn catch_up(&self, shutdown: &CancellationToken) -> bool {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = tocsin_runtime::retry::Backoff::standard();
         let started = std::time::Instant::now();
         loop {
             match self.try_catch_up().await {
@@ -240,11 +240,9 @@ impl Service {
                     tracing::warn!(error = %e, "cannot catch up with the INCIDENTS stream yet; retrying")
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(delay) => {}
+            if !backoff.wait(shutdown).await {
+                return false;
             }
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
 
@@ -373,18 +371,20 @@ impl Service {
         shutdown: CancellationToken,
         watermark: Watermark,
     ) -> Result<(), IncidentsError> {
+        let mut reconnect = tocsin_runtime::retry::Backoff::standard();
         'outer: while !shutdown.is_cancelled() {
             let resume = read(&self.proj).alerts_resume_from();
             let (mut alerts, mut commands, commands_floor) = match self.consumers(resume).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot subscribe to ALERTS/COMMANDS yet; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    if !reconnect.wait(&shutdown).await {
+                        break;
                     }
+                    continue;
                 }
             };
+            reconnect.reset();
             tracing::info!(alerts_from = resume, "incidents service consuming");
             // How far each input stream is handled: ALERTS up to the
             // cursor, COMMANDS up to the consumer's ack floor.
@@ -591,7 +591,7 @@ impl Service {
     where
         F: Fn(&Decider<'_>) -> Vec<LogEntry>,
     {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = tocsin_runtime::retry::Backoff::standard();
         let mut attempts = 0u32;
         let mut stall = Stall::new(&self.health, self.stalled_after);
         let mut restored = 0;
@@ -617,11 +617,9 @@ impl Service {
                 if let Err(e) = loaded {
                     IncidentsEvent::PublishFailed { error: &e }.emit(&self.metrics);
                     stall.failing(&e);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Err(Stop::Shutdown),
-                        _ = tokio::time::sleep(delay) => {}
+                    if !backoff.wait(shutdown).await {
+                        return Err(Stop::Shutdown);
                     }
-                    delay = (delay * 2).min(Duration::from_secs(2));
                     continue;
                 }
             }
@@ -657,11 +655,9 @@ impl Service {
                     stall.failing(&detail);
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return Err(Stop::Shutdown),
-                _ = tokio::time::sleep(delay) => {}
+            if !backoff.wait(shutdown).await {
+                return Err(Stop::Shutdown);
             }
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
 
@@ -1060,7 +1056,7 @@ impl Service {
         shutdown: &CancellationToken,
     ) -> bool {
         let mut stall = Stall::new(&self.health, self.stalled_after);
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = tocsin_runtime::retry::Backoff::standard();
         loop {
             let result = streams::dead_letter(
                 &self.js,
@@ -1088,11 +1084,9 @@ impl Service {
                     stall.failing(&format!("cannot dead-letter {stream} message {seq}: {e}"));
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(delay) => {}
+            if !backoff.wait(shutdown).await {
+                return false;
             }
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
 }
@@ -1134,17 +1128,11 @@ fn heartbeat_deadline(p: &Projection, hb: &HeartbeatConfig, started_at: Timestam
 
 /// Opens the store; a store that cannot be read is wiped and rebuilt.
 fn open_store(dir: &Path, evict_before: Timestamp) -> Result<(Store, Projection), IncidentsError> {
-    let attempt = Store::open(dir).and_then(|s| s.load(evict_before).map(|p| (s, p)));
-    match attempt {
-        Ok(x) => Ok(x),
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "projection store unreadable; rebuilding it from the INCIDENTS stream");
-            Store::wipe(dir);
-            let store = Store::open(dir).map_err(|source| IncidentsError::Store {
-                dir: dir.display().to_string(),
-                source,
-            })?;
-            Ok((store, Projection::new()))
-        }
-    }
+    tocsin_runtime::store::open_or_rebuild(dir, "projection store", |d| {
+        Store::open(d).and_then(|s| s.load(evict_before).map(|p| (s, p)))
+    })
+    .map_err(|source| IncidentsError::Store {
+        dir: dir.display().to_string(),
+        source,
+    })
 }

@@ -53,11 +53,6 @@ impl Store {
         Ok(Store { db, tree })
     }
 
-    /// Removes the store's files (to rebuild from the stream).
-    pub fn wipe(dir: &Path) {
-        tocsin_runtime::config::remove_store(dir);
-    }
-
     /// Loads the projection; an empty store gives an empty projection.
     /// Incidents resolved before `evict_before` stay in the store (only
     /// their number and dedup key are indexed in memory).

@@ -15,6 +15,9 @@
 //! - [`admin`]: [`admin::Health`], [`admin::Metrics`] and the admin server.
 //! - [`http_server`]: the bounded connection layer under a service's HTTP
 //!   router (header timeout, head size, idle timeout, connection cap).
+//! - [`retry`]: [`retry::Backoff`], the one retry pacing of the service loops.
+//! - [`store`]: open a local cache store, or wipe and rebuild it.
+//! - [`query`]: the one request/reply query loop.
 //! - [`clock`]: the one injected clock (system time, or manual in tests).
 //! - [`telemetry`]: tracing subscriber set-up, human or JSON.
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
@@ -31,7 +34,10 @@ pub mod http_server;
 pub mod kv;
 pub mod nats;
 pub mod progress;
+pub mod query;
+pub mod retry;
 pub mod shutdown;
+pub mod store;
 pub mod streams;
 pub mod telemetry;
 
