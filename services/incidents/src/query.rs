@@ -128,7 +128,7 @@ pub(crate) async fn timeline(
     js: &jetstream::Context,
     incident: &IncidentSummary,
 ) -> Result<Vec<IncidentEvent>, String> {
-    let filter = format!("tocsin.incidents.inc.{}.>", incident.id.simple());
+    let filter = tocsin_proto::subjects::incident_events_of(&incident.id);
     let msgs = tocsin_runtime::streams::read_matching(js, STREAM_INCIDENTS, filter).await?;
     let out = msgs
         .iter()
@@ -164,7 +164,7 @@ pub(crate) async fn replay_incident(
     id: uuid::Uuid,
     upto: u64,
 ) -> Result<Option<IncidentState>, String> {
-    let filter = format!("tocsin.incidents.inc.{}.>", id.simple());
+    let filter = tocsin_proto::subjects::incident_events_of(&id);
     let msgs = tocsin_runtime::streams::read_matching(js, STREAM_INCIDENTS, filter).await?;
     let mut scratch = Projection::new();
     for m in &msgs {

@@ -46,7 +46,7 @@ pub(crate) async fn run(
         deliver_policy: DeliverPolicy::New,
         filter_subjects: KINDS
             .iter()
-            .map(|k| format!("tocsin.incidents.inc.*.{k}"))
+            .map(|k| tocsin_proto::subjects::incident_events_kind(k))
             .collect(),
         ..Default::default()
     };
