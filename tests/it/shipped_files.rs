@@ -259,7 +259,7 @@ pub(crate) fn load_tocsin_config(
 }
 
 /// A Tocsin config file embedded in a Kubernetes ConfigMap (every key
-/// ending in `.yaml`).
+/// ending in `.yaml` that names `nats:` or `jetstream:`).
 pub(crate) struct Embedded {
     /// Where it came from, for messages.
     pub(crate) origin: String,
@@ -281,6 +281,12 @@ pub(crate) fn tocsin_configs_in_configmaps() -> Vec<Embedded> {
                 continue;
             };
             if !key.ends_with(".yaml") {
+                continue;
+            }
+            // Runbooks (tocsin-runbooks) are YAML too: a Tocsin config
+            // names NATS or the streams.
+            let parsed = serde_yaml_ng::from_str::<Value>(text).ok();
+            if parsed.is_some_and(|v| v.get("nats").is_none() && v.get("jetstream").is_none()) {
                 continue;
             }
             out.push(Embedded {
