@@ -41,8 +41,8 @@ use tocsin_runtime::config::parse_duration;
 
 use crate::shipped_files::{
     binaries, container_launch, fail_on, k8s_documents, kind, load_tocsin_config, mounted_config,
-    needed_env_refs, read, rel, root, str_at, tocsin_configs_in_configmaps,
-    yaml_documents, Launch, NATS_DRAIN, PLACEHOLDER,
+    needed_env_refs, read, rel, root, str_at, tocsin_configs_in_configmaps, yaml_documents, Launch,
+    NATS_DRAIN, PLACEHOLDER,
 };
 
 /// Programs of the Debian base image that runbooks may run (findutils,
@@ -125,10 +125,7 @@ fn compose_launch(name: &str, svc: &Value) -> Option<Launch> {
     } else {
         entrypoint.into_iter().chain(command).collect()
     };
-    let binary = Path::new(argv.first()?)
-        .file_name()?
-        .to_str()?
-        .to_string();
+    let binary = Path::new(argv.first()?).file_name()?.to_str()?.to_string();
     if !binary.starts_with("tocsin") {
         return None;
     }
@@ -365,10 +362,7 @@ fn every_service_is_deployed_in_compose_kubernetes_and_systemd() {
                     .and_then(Value::as_u64)
                     .unwrap_or(1);
                 if n < 2 {
-                    problems.push(format!(
-                        "{}: {binary} has {n} replica(s); run 2",
-                        rel(path)
-                    ));
+                    problems.push(format!("{}: {binary} has {n} replica(s); run 2", rel(path)));
                 }
             }
         }
@@ -431,7 +425,10 @@ fn compose_file_is_well_formed() {
     let stages: BTreeSet<String> = dockerfile_stages().into_iter().map(|(n, _, _)| n).collect();
     let mut problems = Vec::new();
     let mut used_volumes = BTreeSet::new();
-    assert!(!services.is_empty(), "deploy/compose/compose.yaml: no services");
+    assert!(
+        !services.is_empty(),
+        "deploy/compose/compose.yaml: no services"
+    );
     for (name, svc) in &services {
         let origin = format!("deploy/compose/compose.yaml, service {name}");
         if svc.get("image").is_none() && svc.get("build").is_none() {
@@ -542,7 +539,9 @@ fn compose_file_is_well_formed() {
     }
     for v in &declared {
         if !used_volumes.contains(v) {
-            problems.push(format!("deploy/compose/compose.yaml: volume {v} is used by no service"));
+            problems.push(format!(
+                "deploy/compose/compose.yaml: volume {v} is used by no service"
+            ));
         }
     }
     assert!(names.len() >= 3 + Service::ALL.len());
@@ -777,10 +776,7 @@ fn compose_tocsin_containers_start_the_way_the_cli_expects() {
                 .iter()
                 .any(|p| p.ends_with(&format!(":{}", addr.port())))
             {
-                problems.push(format!(
-                    "{origin}: port {} is not published",
-                    addr.port()
-                ));
+                problems.push(format!("{origin}: port {} is not published", addr.port()));
             }
         }
         // Runbooks: the mounted files are the repository's and load.
@@ -816,7 +812,9 @@ fn compose_tocsin_containers_start_the_way_the_cli_expects() {
                     };
                     let host = compose_dir().join(&source);
                     if !host.starts_with(compose_dir().join("../../runbooks"))
-                        && !host.canonicalize().is_ok_and(|h| h.starts_with(root().join("runbooks")))
+                        && !host
+                            .canonicalize()
+                            .is_ok_and(|h| h.starts_with(root().join("runbooks")))
                     {
                         problems.push(format!(
                             "{origin}: runbook {target} is not from the repository's runbooks/"
@@ -840,7 +838,10 @@ fn compose_tocsin_containers_start_the_way_the_cli_expects() {
             }
         }
     }
-    assert!(count >= Service::ALL.len(), "only {count} Tocsin services in compose");
+    assert!(
+        count >= Service::ALL.len(),
+        "only {count} Tocsin services in compose"
+    );
     fail_on(problems);
 }
 
@@ -874,7 +875,10 @@ fn cli_env_vars() -> BTreeSet<String> {
     }
     let mut out = BTreeSet::new();
     walk(&tocsin::cli::Cli::command(), &mut out);
-    assert!(out.contains("TOCSIN_ADMIN_LISTEN"), "clap walk found {out:?}");
+    assert!(
+        out.contains("TOCSIN_ADMIN_LISTEN"),
+        "clap walk found {out:?}"
+    );
     out
 }
 
@@ -904,7 +908,11 @@ fn variables_the_deploy_files_set_are_ones_tocsin_reads() {
             .and_then(|s| compose_file_source(&svc, &s.config))
             .map(|p| read(&p))
             .unwrap_or_default();
-        check(&launch.origin, compose_env(&svc).into_keys().collect(), &config);
+        check(
+            &launch.origin,
+            compose_env(&svc).into_keys().collect(),
+            &config,
+        );
     }
     // Kubernetes.
     let embedded = tocsin_configs_in_configmaps();
@@ -963,14 +971,21 @@ fn variables_the_deploy_files_set_are_ones_tocsin_reads() {
             continue;
         }
         let text = read(&path);
-        if !text.lines().any(|l| l.contains("ExecStart=/usr/local/bin/tocsin")) {
+        if !text
+            .lines()
+            .any(|l| l.contains("ExecStart=/usr/local/bin/tocsin"))
+        {
             continue;
         }
         let vars = text
             .lines()
             .filter_map(|l| l.trim().strip_prefix("Environment="))
             .flat_map(|v| v.split_whitespace())
-            .filter_map(|kv| kv.trim_matches('"').split_once('=').map(|(k, _)| k.to_string()))
+            .filter_map(|kv| {
+                kv.trim_matches('"')
+                    .split_once('=')
+                    .map(|(k, _)| k.to_string())
+            })
             .collect();
         check(&rel(&path), vars, &shipped);
     }
@@ -1110,7 +1125,9 @@ fn kustomize_overlays_patch_what_the_base_has() {
                     Ok(docs) => targets.extend(docs.iter().map(|d| {
                         (
                             kind(d).to_string(),
-                            str_at(d, &["metadata", "name"]).unwrap_or_default().to_string(),
+                            str_at(d, &["metadata", "name"])
+                                .unwrap_or_default()
+                                .to_string(),
                         )
                     })),
                     Err(e) => problems.push(format!("{origin}: patch {file}: {e}")),
@@ -1119,7 +1136,9 @@ fn kustomize_overlays_patch_what_the_base_has() {
                 if let Ok(d) = serde_yaml_ng::from_str::<Value>(inline) {
                     targets.push((
                         kind(&d).to_string(),
-                        str_at(&d, &["metadata", "name"]).unwrap_or_default().to_string(),
+                        str_at(&d, &["metadata", "name"])
+                            .unwrap_or_default()
+                            .to_string(),
                     ));
                 }
             }
@@ -1128,7 +1147,9 @@ fn kustomize_overlays_patch_what_the_base_has() {
             }
             for (k, n) in targets {
                 if !in_base(&k, &n) {
-                    problems.push(format!("{origin}: patches {k} {n}, which the base does not have"));
+                    problems.push(format!(
+                        "{origin}: patches {k} {n}, which the base does not have"
+                    ));
                 }
             }
         }
@@ -1255,7 +1276,11 @@ fn kubernetes_runbooks_are_the_repositorys_and_load_with_the_allowed_programs() 
             .into_iter()
             .flatten()
         {
-            let origin = format!("{}, container {}", rel(path), str_at(c, &["name"]).unwrap_or("?"));
+            let origin = format!(
+                "{}, container {}",
+                rel(path),
+                str_at(c, &["name"]).unwrap_or("?")
+            );
             let Some(started) = container_launch(&origin, c).and_then(|l| l.check().ok()) else {
                 continue;
             };
@@ -1272,8 +1297,16 @@ fn kubernetes_runbooks_are_the_repositorys_and_load_with_the_allowed_programs() 
                 continue;
             };
             let config: Value = serde_yaml_ng::from_str(&text).expect("config parses");
-            let allowed = strings(config.get("remediation").and_then(|r| r.get("allowed_programs")));
-            let dirs = strings(config.get("remediation").and_then(|r| r.get("runbook_dirs")));
+            let allowed = strings(
+                config
+                    .get("remediation")
+                    .and_then(|r| r.get("allowed_programs")),
+            );
+            let dirs = strings(
+                config
+                    .get("remediation")
+                    .and_then(|r| r.get("runbook_dirs")),
+            );
             let image = str_at(c, &["image"]).unwrap_or_default();
             let target = if image.contains("tocsin-remediation") {
                 "remediation"
@@ -1308,7 +1341,9 @@ fn kubernetes_runbooks_are_the_repositorys_and_load_with_the_allowed_programs() 
                     })
                     .and_then(|v| str_at(v, &["configMap", "name"]));
                 let Some(cm) = cm else {
-                    problems.push(format!("{origin}: runbook_dirs {d} is mounted from no ConfigMap"));
+                    problems.push(format!(
+                        "{origin}: runbook_dirs {d} is mounted from no ConfigMap"
+                    ));
                     continue;
                 };
                 let Some((_, cmdoc)) = docs.iter().find(|(_, x)| {
@@ -1339,7 +1374,9 @@ fn kubernetes_runbooks_are_the_repositorys_and_load_with_the_allowed_programs() 
                 let (loaded, errors) =
                     tocsin_remediation::runbook::load_dirs(std::slice::from_ref(&folder), &allowed);
                 for e in errors {
-                    problems.push(format!("{origin}: a runbook of ConfigMap {cm} does not load: {e}"));
+                    problems.push(format!(
+                        "{origin}: a runbook of ConfigMap {cm} does not load: {e}"
+                    ));
                 }
                 if loaded.is_empty() {
                     problems.push(format!("{origin}: ConfigMap {cm} holds no runbook"));
@@ -1389,28 +1426,47 @@ fn nats_helm_values_make_a_3_node_jetstream_cluster_with_every_users_password() 
         (&["config", "cluster", "enabled"][..], Value::Bool(true)),
         (&["config", "cluster", "replicas"], Value::from(3)),
         (&["config", "jetstream", "enabled"], Value::Bool(true)),
-        (&["config", "jetstream", "fileStore", "enabled"], Value::Bool(true)),
-        (&["config", "jetstream", "fileStore", "pvc", "enabled"], Value::Bool(true)),
-        (&["config", "jetstream", "merge", "sync_interval"], Value::from("always")),
+        (
+            &["config", "jetstream", "fileStore", "enabled"],
+            Value::Bool(true),
+        ),
+        (
+            &["config", "jetstream", "fileStore", "pvc", "enabled"],
+            Value::Bool(true),
+        ),
+        (
+            &["config", "jetstream", "merge", "sync_interval"],
+            Value::from("always"),
+        ),
     ] {
         if at(p) != Some(&want) {
-            problems.push(format!("{origin}: {} must be {want:?}, is {:?}", p.join("."), at(p)));
+            problems.push(format!(
+                "{origin}: {} must be {want:?}, is {:?}",
+                p.join("."),
+                at(p)
+            ));
         }
     }
-    let tag = at(&["container", "image", "tag"]).and_then(Value::as_str).unwrap_or("");
+    let tag = at(&["container", "image", "tag"])
+        .and_then(Value::as_str)
+        .unwrap_or("");
     let minor = tag
         .strip_prefix("2.")
         .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|m| m.parse::<u32>().ok());
     if !minor.is_some_and(|m| m >= 12) {
-        problems.push(format!("{origin}: container.image.tag {tag:?}: NATS 2.12+ is needed"));
+        problems.push(format!(
+            "{origin}: container.image.tag {tag:?}: NATS 2.12+ is needed"
+        ));
     }
     // Every identity's password from the tocsin-nats Secret (whose keys
     // secret.example.yaml shapes).
     let docs = k8s_documents();
     let secret_keys: BTreeSet<String> = docs
         .iter()
-        .find(|(_, d)| kind(d) == "Secret" && str_at(d, &["metadata", "name"]) == Some("tocsin-nats"))
+        .find(|(_, d)| {
+            kind(d) == "Secret" && str_at(d, &["metadata", "name"]) == Some("tocsin-nats")
+        })
         .and_then(|(_, d)| d.get("stringData").and_then(Value::as_mapping).cloned())
         .into_iter()
         .flatten()
@@ -1421,7 +1477,8 @@ fn nats_helm_values_make_a_3_node_jetstream_cluster_with_every_users_password() 
         let e = at(&["container", "env", var.as_str()]);
         let secret = e.and_then(|e| str_at(e, &["valueFrom", "secretKeyRef", "name"]));
         let key = e.and_then(|e| str_at(e, &["valueFrom", "secretKeyRef", "key"]));
-        if secret != Some("tocsin-nats") || key != Some(var.as_str()) || !secret_keys.contains(&var) {
+        if secret != Some("tocsin-nats") || key != Some(var.as_str()) || !secret_keys.contains(&var)
+        {
             problems.push(format!(
                 "{origin}: container.env.{var} must come from the tocsin-nats Secret key {var}"
             ));
@@ -1432,13 +1489,16 @@ fn nats_helm_values_make_a_3_node_jetstream_cluster_with_every_users_password() 
     for line in conf.lines() {
         if let Some(file) = line.strip_prefix("include ") {
             if !files.contains_key(file.trim()) {
-                problems.push(format!("{origin}: includes {file}, which configMap.merge.data lacks"));
+                problems.push(format!(
+                    "{origin}: includes {file}, which configMap.merge.data lacks"
+                ));
             }
         }
     }
     // permissions.conf is deploy/nats's own, handed over by the install
     // command (no copy in the values to fall out of step).
-    let set_file = r"--set-file 'configMap.merge.data.permissions\.conf=deploy/nats/permissions.conf'";
+    let set_file =
+        r"--set-file 'configMap.merge.data.permissions\.conf=deploy/nats/permissions.conf'";
     if at(&["configMap", "merge", "data", "permissions.conf"]).is_some() {
         problems.push(format!(
             "{origin}: carries a copy of permissions.conf; `{set_file}` gives the chart the file itself"
@@ -1446,7 +1506,10 @@ fn nats_helm_values_make_a_3_node_jetstream_cluster_with_every_users_password() 
     }
     for doc in [path.clone(), root().join("deploy/README.md")] {
         if !read(&doc).contains(set_file) {
-            problems.push(format!("{}: the helm install command needs {set_file}", rel(&doc)));
+            problems.push(format!(
+                "{}: the helm install command needs {set_file}",
+                rel(&doc)
+            ));
         }
     }
     assert!(files.contains_key("permissions.conf"));
@@ -1507,7 +1570,9 @@ fn dockerfile_builds_every_binary_into_a_small_non_root_image() {
             .unwrap_or_else(|| "root".to_string());
         let uid = user.split(':').next().unwrap_or_default();
         if uid == "root" || uid == "0" || uid.is_empty() {
-            problems.push(format!("Dockerfile: {target} runs as {user:?}; use a non-root user"));
+            problems.push(format!(
+                "Dockerfile: {target} runs as {user:?}; use a non-root user"
+            ));
         }
         let programs = image_programs(target);
         for b in binaries().into_iter().filter(|b| b.starts_with("tocsin")) {
@@ -1516,7 +1581,9 @@ fn dockerfile_builds_every_binary_into_a_small_non_root_image() {
             }
         }
         let entry = chain.iter().find_map(|(_, _, body)| {
-            body.iter().rev().find_map(|l| l.strip_prefix("ENTRYPOINT "))
+            body.iter()
+                .rev()
+                .find_map(|l| l.strip_prefix("ENTRYPOINT "))
         });
         match entry.and_then(|e| serde_json::from_str::<Vec<String>>(e).ok()) {
             Some(argv) if argv.first().is_some_and(|p| programs.contains(p)) => {}
@@ -1535,7 +1602,9 @@ fn dockerfile_builds_every_binary_into_a_small_non_root_image() {
             let args: Vec<&&str> = words[1..].iter().filter(|w| !w.starts_with("--")).collect();
             for src in &args[..args.len().saturating_sub(1)] {
                 if !root().join(src).exists() {
-                    problems.push(format!("Dockerfile: COPY {src}: no such file in the repository"));
+                    problems.push(format!(
+                        "Dockerfile: COPY {src}: no such file in the repository"
+                    ));
                 }
             }
         }

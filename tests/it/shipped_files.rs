@@ -1078,7 +1078,11 @@ fn nats_configs() -> Vec<(String, String, BTreeMap<String, String>)> {
         .pop()
         .unwrap_or(Value::Null);
     let (conf, files) = helm_values_nats_conf(&doc);
-    out.push((format!("{} (as the chart renders it)", rel(&values)), conf, files));
+    out.push((
+        format!("{} (as the chart renders it)", rel(&values)),
+        conf,
+        files,
+    ));
     out
 }
 
@@ -1153,8 +1157,7 @@ pub(crate) fn helm_values_nats_conf(values: &Value) -> (String, BTreeMap<String,
         .flatten()
         .filter_map(|(k, v)| {
             let k = k.as_str()?;
-            k.ends_with("$include")
-                .then(|| (k.to_string(), scalar(v)))
+            k.ends_with("$include").then(|| (k.to_string(), scalar(v)))
         })
         .collect();
     includes.sort();
