@@ -116,9 +116,8 @@ fn compose_launch(name: &str, svc: &Value) -> Option<Launch> {
     let entrypoint = strings(svc.get("entrypoint"));
     let command = strings(svc.get("command"));
     let argv: Vec<String> = if entrypoint.is_empty() {
-        if svc.get("build").is_none() {
-            return None; // another image (nats)
-        }
+        // Another image (nats) has no build.
+        svc.get("build")?;
         std::iter::once(IMAGE_ENTRYPOINT.to_string())
             .chain(command)
             .collect()
@@ -580,7 +579,7 @@ fn compose_runs_a_3_node_nats_cluster_with_tocsins_users() {
             .strip_prefix("2.")
             .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
             .and_then(|m| m.parse::<u32>().ok());
-        if !minor.is_some_and(|m| m >= 12) {
+        if minor.is_none_or(|m| m < 12) {
             problems.push(format!("{origin}: {image}: NATS 2.12 or newer is needed"));
         }
         let argv = strings(svc.get("command"));
@@ -1454,7 +1453,7 @@ fn nats_helm_values_make_a_3_node_jetstream_cluster_with_every_users_password() 
         .strip_prefix("2.")
         .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|m| m.parse::<u32>().ok());
-    if !minor.is_some_and(|m| m >= 12) {
+    if minor.is_none_or(|m| m < 12) {
         problems.push(format!(
             "{origin}: container.image.tag {tag:?}: NATS 2.12+ is needed"
         ));
