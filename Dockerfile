@@ -33,7 +33,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # ---- kubectl for the remediation image (checked against its sha256) ------
 FROM debian:${DEBIAN_RELEASE}-slim AS kubectl
 ARG KUBECTL_VERSION=v1.32.4
-ARG TARGETARCH=amd64
+# Set by BuildKit to the platform being built (amd64, arm64).
+ARG TARGETARCH
 ADD https://dl.k8s.io/release/${KUBECTL_VERSION}/bin/linux/${TARGETARCH}/kubectl /kubectl
 ADD https://dl.k8s.io/release/${KUBECTL_VERSION}/bin/linux/${TARGETARCH}/kubectl.sha256 /kubectl.sha256
 RUN echo "$(cat /kubectl.sha256)  /kubectl" | sha256sum --check --strict - \
