@@ -8,7 +8,9 @@
 //!   a PodDisruptionBudget (`minAvailable: 1`);
 //! - the compose file is well formed (services, `depends_on` targets, bind
 //!   mounts that exist, named volumes declared, build contexts and targets
-//!   of the Dockerfile, one host port per replica), its 3 NATS nodes form
+//!   of the Dockerfile, one host port per replica; `docker compose config`
+//!   validates it against the Compose spec when Docker Compose is
+//!   installed), its 3 NATS nodes form
 //!   one cluster with the users of deploy/nats/permissions.conf, and each
 //!   Tocsin container starts a binary with a command line the CLI accepts,
 //!   is health-checked on `/readyz` of its admin port, and passes Tocsin's
@@ -545,6 +547,44 @@ fn compose_file_is_well_formed() {
     }
     assert!(names.len() >= 3 + Service::ALL.len());
     fail_on(problems);
+
+    // Docker Compose itself, when installed (the checks above run anyway):
+    // `config` interpolates and validates against the Compose spec, with
+    // env.example's variables filled in.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let env_file = dir.path().join("compose.env");
+    let filled: String = read(&compose_dir().join("env.example"))
+        .lines()
+        .map(|l| l.replace(PLACEHOLDER, "p0123456789abcdef0123456789abcdef"))
+        .map(|l| l + "\n")
+        .collect();
+    std::fs::write(&env_file, filled).expect("env file");
+    for argv in [&["docker", "compose"][..], &["docker-compose"]] {
+        let works = Command::new(argv[0])
+            .args(&argv[1..])
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !works {
+            continue;
+        }
+        let out = Command::new(argv[0])
+            .args(&argv[1..])
+            .arg("--env-file")
+            .arg(&env_file)
+            .arg("-f")
+            .arg(compose_dir().join("compose.yaml"))
+            .args(["config", "--quiet"])
+            .output()
+            .expect("run docker compose config");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.trim().is_empty(),
+            "{} config rejects deploy/compose/compose.yaml: {stderr}",
+            argv.join(" ")
+        );
+        break;
+    }
 }
 
 #[test]
