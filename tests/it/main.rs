@@ -7,6 +7,7 @@ mod chatops_slack;
 mod chatops_sms;
 mod config_keys;
 mod crate_layers;
+mod deploy_files;
 mod escalation_flow;
 mod escalation_queries;
 mod escalation_restart;
