@@ -147,6 +147,24 @@ pub struct Guardrails {
     /// A run taking longer fails (default 30m).
     #[serde(default = "half_hour")]
     pub run_timeout: HumanDuration,
+    /// A run waits for a person's decision before it starts
+    /// (`tocsin runbook approve|deny <run>`); no decision within
+    /// `timeout` escalates the incident.
+    #[serde(default)]
+    pub require_approval: Option<Approval>,
+}
+
+/// `require_approval: {timeout: 15m}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approval {
+    /// How long a run waits for approve or deny (default 15m; 1s to 7d).
+    #[serde(default = "quarter_hour")]
+    pub timeout: HumanDuration,
+}
+
+fn quarter_hour() -> HumanDuration {
+    HumanDuration::secs(900)
 }
 
 fn one() -> u32 {
@@ -172,6 +190,7 @@ impl Default for Guardrails {
             breaker_after: 5,
             breaker_reset: hour(),
             run_timeout: half_hour(),
+            require_approval: None,
         }
     }
 }
@@ -488,6 +507,14 @@ pub fn check(rb: &Runbook, allowed: &[String]) -> Vec<Problem> {
             "guardrails.breaker_after must be at least 1".into(),
             Some("breaker_after".into()),
         ));
+    }
+    if let Some(a) = &rb.guardrails.require_approval {
+        if a.timeout.0 < Duration::from_secs(1) || a.timeout.0 > Duration::from_secs(7 * 86400) {
+            out.push((
+                "guardrails.require_approval.timeout must be 1s to 7d".into(),
+                Some("require_approval".into()),
+            ));
+        }
     }
     if let Err(e) = MatcherSet::new(&rb.matches.labels) {
         out.push((format!("match.labels: {e}"), Some("labels".into())));

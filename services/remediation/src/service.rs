@@ -23,8 +23,9 @@ use crate::engine::Engine;
 /// The durable consumer every replica shares.
 pub const CONSUMER: &str = "tocsin-remediation";
 
-/// The incident events a runbook can start on.
-const KINDS: [&str; 4] = ["opened", "reopened", "escalated", "acknowledged"];
+/// The incident events a runbook can start on, and people's requests
+/// (`runbook`: run by hand, approve, deny).
+const KINDS: [&str; 5] = ["opened", "reopened", "escalated", "acknowledged", "runbook"];
 
 pub(crate) async fn run(
     engine: Arc<Engine>,
