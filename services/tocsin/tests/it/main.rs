@@ -8,4 +8,5 @@ mod ops;
 mod page_path;
 mod remediation_crash;
 mod report;
+mod runbook_cli;
 mod support;
