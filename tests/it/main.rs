@@ -40,5 +40,6 @@ mod remediation_approval;
 mod remediation_flow;
 mod remediation_guardrails;
 mod remediation_runbooks;
+mod remediation_steps;
 mod shipped_files;
 mod storage_limits;

@@ -25,7 +25,8 @@ use serde_json::{json, Value};
 use tocsin_proto::{
     codec,
     command::{Action, Command, CommandReply, IncidentRef},
-    incident::{Actor, EventKind, IncidentEvent, RunbookRequest},
+    incident::{Actor, EventKind, IncidentEvent, IncidentSummary, RunbookRequest},
+    notify::{Channel, MessageKind, Page, PageTarget},
     subjects::headers,
     Envelope,
 };
@@ -118,6 +119,10 @@ pub struct RunRecord {
     /// incident event started it.
     #[serde(default)]
     pub requested_by: String,
+    /// The incident when the run started (what a `notify` step's message
+    /// shows of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<IncidentSummary>,
 }
 
 impl RunState {
@@ -694,6 +699,7 @@ impl Engine {
             approval_deadline: None,
             approved_by: String::new(),
             requested_by: String::new(),
+            summary: Some(inc.clone()),
         }
     }
 
@@ -1007,7 +1013,8 @@ impl Engine {
             let repeatable = step.idempotent
                 || matches!(
                     step.kind(),
-                    Kind::Wait | Kind::Check | Kind::Ack | Kind::Resolve
+                    // A notify's message id makes a repeat a no-op.
+                    Kind::Wait | Kind::Check | Kind::Ack | Kind::Resolve | Kind::Notify
                 );
             if st.started && !repeatable {
                 let summary = format!(
@@ -1247,6 +1254,66 @@ impl Engine {
                     }
                 }
                 steps::check(&self.http, c, ctx, timeout, &self.limits).await
+            }
+            Kind::Nats => {
+                let n = step.nats.as_ref().expect("checked at load");
+                if dry {
+                    return match template::render(&n.subject, ctx) {
+                        Ok(s) => ok(format!("would request {s}")),
+                        Err(m) => fail(m),
+                    };
+                }
+                steps::nats(&self.js.client(), n, ctx, timeout, &self.limits).await
+            }
+            Kind::Notify => {
+                let n = step.notify.as_ref().expect("checked at load");
+                let (target, channel, to) = match (&n.slack, &n.webhook) {
+                    (Some(c), _) => match render(c) {
+                        Ok(c) => (
+                            PageTarget::SlackChannel { channel: c.clone() },
+                            Channel::Slack,
+                            format!("slack {c}"),
+                        ),
+                        Err(m) => return fail(m),
+                    },
+                    (None, Some(w)) => match render(w) {
+                        Ok(w) => (
+                            PageTarget::Webhook { name: w.clone() },
+                            Channel::Webhook,
+                            format!("webhook {w}"),
+                        ),
+                        Err(m) => return fail(m),
+                    },
+                    (None, None) => return fail("notify names no slack channel or webhook".into()),
+                };
+                let message = match render(&n.message) {
+                    Ok(m) => steps::cut(&m, 4000),
+                    Err(m) => return fail(m),
+                };
+                if dry {
+                    return ok(format!("would post to {to}: {message}"));
+                }
+                let Some(incident) = rec.summary.clone() else {
+                    return fail(
+                        "the run has no incident summary (started by an older version)".into(),
+                    );
+                };
+                let page = Page {
+                    id: format!("rem:{}:{}", state::digest(&rec.run), step.id),
+                    incident,
+                    level: 0,
+                    repeat: 0,
+                    target,
+                    channel,
+                    address: String::new(),
+                    reason: format!("runbook {}: {message}", rb.name),
+                    due_at: self.clock.now(),
+                    kind: MessageKind::Page,
+                };
+                match self.publish_page(&page).await {
+                    Ok(()) => ok(format!("posted to {to} through the notifier")),
+                    Err(e) => fail(format!("cannot post to {to}: {e}")),
+                }
             }
             Kind::Wait => {
                 let d = step
@@ -1603,6 +1670,22 @@ impl Engine {
                 Err(_) => tokio::time::sleep(Duration::from_millis(200 << i)).await,
             }
         }
+    }
+
+    /// Puts a message on NOTIFY for the notifier (its id is the message id,
+    /// so a repeat is dropped by JetStream).
+    async fn publish_page(&self, page: &Page) -> Result<(), String> {
+        let env = Envelope::new("remediation", self.clock.now(), page.clone());
+        let payload = codec::encode(&env).map_err(|e| e.to_string())?;
+        let mut h = HeaderMap::new();
+        h.insert(headers::MSG_ID, page.id.as_str());
+        self.js
+            .publish_with_headers(page.subject(), h, payload.into())
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     /// Sends a command; with `wait`, waits for the incidents service's

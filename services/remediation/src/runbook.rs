@@ -235,6 +235,12 @@ pub struct Step {
     /// Escalates now, with this reason (a template).
     #[serde(default)]
     pub escalate: Option<String>,
+    /// A NATS request: a subject, a payload, the reply expected.
+    #[serde(default)]
+    pub nats: Option<NatsStep>,
+    /// Posts a message to a Slack channel or a webhook through the notifier.
+    #[serde(default)]
+    pub notify: Option<NotifyStep>,
     /// Time for one attempt (default 60s; at most 1h).
     #[serde(default)]
     pub timeout: Option<HumanDuration>,
@@ -313,6 +319,39 @@ pub struct CheckStep {
     pub interval: Option<HumanDuration>,
 }
 
+/// `nats: {subject, payload, expect}`: a request; the step succeeds on a
+/// reply for which `expect` holds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsStep {
+    /// A template; rendered, every token must be plain (no `*`, `>`,
+    /// spaces or empty tokens). The remediation NATS user may publish to
+    /// `remediation.>` as shipped.
+    pub subject: String,
+    /// JSON whose strings are templates (sent as JSON), or a string
+    /// template (sent as text). Default: empty.
+    #[serde(default)]
+    pub payload: Option<serde_json::Value>,
+    /// A template condition over `result` (`result.body`, `result.json`);
+    /// default: any reply.
+    #[serde(default)]
+    pub expect: Option<String>,
+}
+
+/// `notify: {slack: "#ops", message: ...}` or `{webhook: name, message: ...}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyStep {
+    /// A Slack channel (`"#ops"`, or its id).
+    #[serde(default)]
+    pub slack: Option<String>,
+    /// A webhook by its name under `notifier.webhooks`.
+    #[serde(default)]
+    pub webhook: Option<String>,
+    /// The message (a template).
+    pub message: String,
+}
+
 /// A step's type, for dispatch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -324,6 +363,8 @@ pub enum Kind {
     Ack,
     Resolve,
     Escalate,
+    Nats,
+    Notify,
 }
 
 impl Kind {
@@ -337,6 +378,8 @@ impl Kind {
             Kind::Ack => "ack",
             Kind::Resolve => "resolve",
             Kind::Escalate => "escalate",
+            Kind::Nats => "nats",
+            Kind::Notify => "notify",
         }
     }
 }
@@ -368,6 +411,12 @@ impl Step {
         }
         if self.escalate.is_some() {
             k.push(Kind::Escalate);
+        }
+        if self.nats.is_some() {
+            k.push(Kind::Nats);
+        }
+        if self.notify.is_some() {
+            k.push(Kind::Notify);
         }
         k
     }
@@ -559,7 +608,7 @@ pub fn check(rb: &Runbook, allowed: &[String]) -> Vec<Problem> {
             match kinds.len() {
                 0 => out.push((
                     format!(
-                        "{what} has no type; give exactly one of http, exec, wait, check, annotate, ack, resolve, escalate"
+                        "{what} has no type; give exactly one of http, exec, wait, check, annotate, ack, resolve, escalate, nats, notify"
                     ),
                     at.clone(),
                 )),
@@ -591,6 +640,43 @@ pub fn check(rb: &Runbook, allowed: &[String]) -> Vec<Problem> {
             }
             if let Some(e) = &s.escalate {
                 templates.push(("escalate", e, false));
+            }
+            let mut json_templates: Vec<(&str, &serde_json::Value)> = Vec::new();
+            if let Some(n) = &s.nats {
+                templates.push(("nats.subject", &n.subject, false));
+                if n.subject.contains(['*', '>', ' ']) {
+                    out.push((
+                        format!("{what}: nats.subject {:?} must name one subject (no `*`, `>` or spaces)", n.subject),
+                        at.clone(),
+                    ));
+                }
+                if let Some(e) = &n.expect {
+                    templates.push(("nats.expect", e, true));
+                }
+                if let Some(p) = &n.payload {
+                    json_templates.push(("nats.payload", p));
+                }
+            }
+            if let Some(n) = &s.notify {
+                templates.push(("notify.message", &n.message, false));
+                match (&n.slack, &n.webhook) {
+                    (Some(c), None) => templates.push(("notify.slack", c, false)),
+                    (None, Some(w)) => templates.push(("notify.webhook", w, false)),
+                    _ => out.push((
+                        format!("{what}: notify needs exactly one of slack (a channel) or webhook (a name)"),
+                        at.clone(),
+                    )),
+                }
+            }
+            for (field, v) in json_templates {
+                let mut strings = Vec::new();
+                json_strings(v, &mut strings);
+                for p in strings
+                    .iter()
+                    .flat_map(|t| template::check(t, &params, &ids, false))
+                {
+                    out.push((format!("{what}: {field}: {p}"), at.clone()));
+                }
             }
             let mut execs: Vec<&ExecStep> = Vec::new();
             let mut https: Vec<&HttpStep> = Vec::new();
@@ -833,6 +919,41 @@ steps:
                 "name: a\nmatch: {}\nsteps:\n  - id: x\n    wait: 1s\n    on_failure: explode\n",
                 6,
                 "unknown variant `explode`",
+            ),
+            (
+                "name: a\nmatch: {}\nsteps:\n  - id: x\n    nats: {subject: \"remediation.{{labels.svc}}\", expect: \"{{eq result.nope 1}}\"}\n",
+                4,
+                "unknown field result.nope",
+            ),
+            (
+                "name: a\nmatch: {}\nsteps:\n  - id: x\n    nats: {subject: \"remediation.>\"}\n",
+                4,
+                "must name one subject",
+            ),
+            (
+                "name: a\nmatch: {}\nsteps:\n  - id: x\n    nats: {subject: a, payload: {k: \"{{params.nope}}\"}}\n",
+                4,
+                "nats.payload",
+            ),
+            (
+                "name: a\nmatch: {}\nsteps:\n  - id: x\n    notify: {message: hi}\n",
+                4,
+                "notify needs exactly one of slack",
+            ),
+            (
+                "name: a\nmatch: {}\nsteps:\n  - id: x\n    notify: {slack: \"#ops\", message: \"{{incident.nope}}\"}\n",
+                4,
+                "unknown field incident.nope",
+            ),
+            (
+                "name: a\nmatch: {}\nsteps:\n  - id: x\n    notify: {email: a, message: hi}\n",
+                5,
+                "unknown field `email`",
+            ),
+            (
+                "name: a\nmatch: {}\nguardrails:\n  require_approval: {timeout: 0s}\nsteps:\n  - id: x\n    wait: 1s\n",
+                4,
+                "require_approval.timeout must be 1s to 7d",
             ),
         ];
         for (text, line, part) in cases {
