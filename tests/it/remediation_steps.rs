@@ -138,3 +138,83 @@ async fn nats_requests_get_their_reply_and_notify_posts_through_the_notifier() {
     assert_eq!(msg.incident.number, 1);
     assert_eq!(msg.reason, "runbook flush: flushed api");
 }
+
+/// `on: [{escalated_to: 2}]` starts when the second level fires (not the
+/// first), once; `on: [acknowledged]` when someone acknowledges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_start_when_a_given_escalation_level_fires_and_on_acknowledge() {
+    use jiff::SignedDuration;
+    use tocsin_proto::{
+        command::{Action, IncidentRef},
+        incident::EventKind,
+    };
+    let nats = NatsServer::start().await;
+    let rb = Runbooks::new();
+    rb.add(
+        "second",
+        "name: second\nmatch: {labels: ['alertname=\"Slow\"']}\non: [{escalated_to: 2}]\nsteps:\n  - id: note\n    annotate: second level reached\n",
+    );
+    rb.add(
+        "acked",
+        "name: acked\nmatch: {labels: ['alertname=\"Slow\"']}\non: [acknowledged]\nsteps:\n  - id: note\n    annotate: thanks for acknowledging\n",
+    );
+    let tocsin = TocsinHarness::start_with(config(&nats, &rb.path(), &[])).await;
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+    publish_alert(
+        &js,
+        alert(
+            &[("alertname", "Slow")],
+            &["alertname"],
+            AlertStatus::Firing,
+            t0,
+        ),
+        t0,
+    )
+    .await;
+    // Level 1 after the group wait, level 2 fifteen minutes later.
+    tocsin.settle(&js, t0 + SignedDuration::from_mins(1)).await;
+    tocsin.settle(&js, t0 + SignedDuration::from_mins(17)).await;
+    let tl = wait_timeline(&client, 1, "the second level's run", |tl| {
+        steps(tl)
+            .iter()
+            .any(|(r, s, st, _)| r == "second" && s == "run" && st == "succeeded")
+    })
+    .await;
+    let position = |f: &dyn Fn(&EventKind) -> bool| tl.iter().position(|e| f(&e.kind));
+    let level2 = position(&|k| matches!(k, EventKind::Paged { level: 1, .. })).unwrap();
+    let started: Vec<usize> = tl
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| {
+            matches!(&e.kind, EventKind::Remediation { runbook, step, status, .. }
+                if runbook == "second" && step == "run" && status == "started")
+        })
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(started.len(), 1, "{:#?}", steps(&tl));
+    assert!(started[0] > level2, "{:#?}", steps(&tl));
+    assert!(!steps(&tl).iter().any(|(r, ..)| r == "acked"));
+
+    let reply = tocsin_tests::incidents::command(
+        &client,
+        &js,
+        "alice",
+        Action::Ack {
+            incident: IncidentRef::Number(1),
+        },
+        t0 + SignedDuration::from_mins(18),
+    )
+    .await;
+    assert!(
+        matches!(reply, tocsin_proto::command::CommandReply::Accepted { .. }),
+        "{reply:?}"
+    );
+    wait_timeline(&client, 1, "the acknowledge's run", |tl| {
+        steps(tl)
+            .iter()
+            .any(|(r, s, st, _)| r == "acked" && s == "run" && st == "succeeded")
+    })
+    .await;
+}

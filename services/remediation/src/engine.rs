@@ -275,11 +275,10 @@ impl Engine {
         if ev.incident.status == tocsin_proto::incident::IncidentStatus::Resolved {
             return Ok(());
         }
-        let kind = ev.kind.name();
         let matching: Vec<Runbook> = self
             .runbooks()
             .iter()
-            .filter(|l| l.runbook.applies(kind, &ev.incident))
+            .filter(|l| l.runbook.applies(&ev.kind, &ev.incident))
             .map(|l| l.runbook.clone())
             .collect();
         let results =

@@ -21,7 +21,7 @@ use std::{
 
 use serde::Deserialize;
 use tocsin_proto::{
-    incident::{IncidentSummary, Severity},
+    incident::{EventKind, IncidentStatus, IncidentSummary, Severity},
     silence::Matcher,
 };
 use tocsin_rules::matchers::{deserialize_matchers, MatcherSet};
@@ -90,24 +90,69 @@ pub struct MatchSpec {
     pub severities: Vec<Severity>,
 }
 
-/// The incident events a run can start on.
+/// The incident events a run can start on: `opened`, `reopened`,
+/// `escalated` (someone, or a runbook, asked to escalate now),
+/// `acknowledged`, or `{escalated_to: N}`: escalation level N (counted
+/// from 1, as `tocsin show` does) fired its pages, the first round only,
+/// while the incident is unacknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "TriggerText")]
 pub enum Trigger {
     Opened,
     Reopened,
     Escalated,
     Acknowledged,
+    EscalatedTo(u32),
+}
+
+/// A trigger as written: a name, or `{escalated_to: N}`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TriggerText {
+    Name(String),
+    Level(LevelTrigger),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LevelTrigger {
+    escalated_to: u32,
+}
+
+impl TryFrom<TriggerText> for Trigger {
+    type Error = String;
+    fn try_from(t: TriggerText) -> Result<Self, String> {
+        match t {
+            TriggerText::Level(l) => Ok(Trigger::EscalatedTo(l.escalated_to)),
+            TriggerText::Name(n) => match n.as_str() {
+                "opened" => Ok(Trigger::Opened),
+                "reopened" => Ok(Trigger::Reopened),
+                "escalated" => Ok(Trigger::Escalated),
+                "acknowledged" => Ok(Trigger::Acknowledged),
+                other => Err(format!(
+                    "unknown trigger {other:?}; expected opened, reopened, escalated, acknowledged or {{escalated_to: N}}"
+                )),
+            },
+        }
+    }
 }
 
 impl Trigger {
-    /// The INCIDENTS subject kind.
-    pub fn kind(self) -> &'static str {
-        match self {
-            Trigger::Opened => "opened",
-            Trigger::Reopened => "reopened",
-            Trigger::Escalated => "escalated",
-            Trigger::Acknowledged => "acknowledged",
+    /// Whether incident event `ev` (of `incident`) is this trigger.
+    pub fn fits(self, ev: &EventKind, incident: &IncidentSummary) -> bool {
+        match (self, ev) {
+            (Trigger::Opened, EventKind::Opened { .. })
+            | (Trigger::Reopened, EventKind::Reopened)
+            | (Trigger::Escalated, EventKind::Escalated { .. })
+            | (Trigger::Acknowledged, EventKind::Acknowledged) => true,
+            // Level numbers on the wire count from 0. Reminders to whoever
+            // acknowledged record the same level: not a new escalation.
+            (Trigger::EscalatedTo(n), EventKind::Paged { level, repeat, .. }) => {
+                *repeat == 0
+                    && level.checked_add(1) == Some(n)
+                    && incident.status == IncidentStatus::Triggered
+            }
+            _ => false,
         }
     }
 }
@@ -446,9 +491,9 @@ impl Runbook {
             .unwrap_or(Duration::from_secs(600))
     }
 
-    /// Whether the runbook acts on `incident` after an event of `kind`.
-    pub fn applies(&self, kind: &str, incident: &IncidentSummary) -> bool {
-        if !self.on.iter().any(|t| t.kind() == kind) {
+    /// Whether the runbook acts on `incident` after event `ev`.
+    pub fn applies(&self, ev: &EventKind, incident: &IncidentSummary) -> bool {
+        if !self.on.iter().any(|t| t.fits(ev, incident)) {
             return false;
         }
         if !self.matches.severities.is_empty()
@@ -563,6 +608,16 @@ pub fn check(rb: &Runbook, allowed: &[String]) -> Vec<Problem> {
                 "guardrails.require_approval.timeout must be 1s to 7d".into(),
                 Some("require_approval".into()),
             ));
+        }
+    }
+    for t in &rb.on {
+        if let Trigger::EscalatedTo(n) = t {
+            if *n == 0 || *n > 100 {
+                out.push((
+                    format!("on: escalated_to {n}: levels count from 1 (at most 100)"),
+                    Some("escalated_to".into()),
+                ));
+            }
         }
     }
     if let Err(e) = MatcherSet::new(&rb.matches.labels) {
@@ -972,9 +1027,41 @@ steps:
         inc.labels
             .insert("alertname".into(), "HighAPILatency".into());
         inc.severity = Severity::High;
-        assert!(rb.applies("opened", &inc));
-        assert!(!rb.applies("acknowledged", &inc));
+        let opened = EventKind::Opened {
+            alert: serde_json::from_value(serde_json::json!({
+                "fingerprint": "0123456789abcdef", "source": "test", "labels": {},
+                "starts_at": "2026-01-01T00:00:00Z", "status": "firing"
+            }))
+            .unwrap_or_else(|e| panic!("alert info: {e}")),
+        };
+        assert!(rb.applies(&opened, &inc));
+        assert!(!rb.applies(&EventKind::Acknowledged, &inc));
         inc.severity = Severity::Low;
-        assert!(!rb.applies("opened", &inc));
+        assert!(!rb.applies(&opened, &inc));
+    }
+
+    #[test]
+    fn escalated_to_a_level_fits_its_first_round_while_unacknowledged() {
+        let text = "name: a\nmatch: {}\non: [acknowledged, {escalated_to: 2}]\nsteps:\n  - id: x\n    wait: 1s\n";
+        let rb = check_text(text).unwrap();
+        let mut inc =
+            IncidentSummary::new(uuid::Uuid::nil(), 1, "k", "t", jiff::Timestamp::UNIX_EPOCH);
+        let paged = |level, repeat| EventKind::Paged {
+            level,
+            repeat,
+            pages: vec![],
+            reason: String::new(),
+        };
+        assert!(rb.applies(&paged(1, 0), &inc));
+        assert!(!rb.applies(&paged(0, 0), &inc));
+        assert!(!rb.applies(&paged(1, 1), &inc));
+        assert!(rb.applies(&EventKind::Acknowledged, &inc));
+        inc.status = IncidentStatus::Acknowledged;
+        assert!(!rb.applies(&paged(1, 0), &inc));
+        let e = check_text(&text.replace("escalated_to: 2", "escalated_to: 0")).unwrap_err();
+        assert!(
+            e.contains("rb.yaml:3") && e.contains("levels count from 1"),
+            "{e}"
+        );
     }
 }

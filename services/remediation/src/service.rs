@@ -23,9 +23,16 @@ use crate::engine::Engine;
 /// The durable consumer every replica shares.
 pub const CONSUMER: &str = "tocsin-remediation";
 
-/// The incident events a runbook can start on, and people's requests
-/// (`runbook`: run by hand, approve, deny).
-const KINDS: [&str; 5] = ["opened", "reopened", "escalated", "acknowledged", "runbook"];
+/// The incident events a runbook can start on (`paged`: a level fired),
+/// and people's requests (`runbook`: run by hand, approve, deny).
+const KINDS: [&str; 6] = [
+    "opened",
+    "reopened",
+    "escalated",
+    "acknowledged",
+    "paged",
+    "runbook",
+];
 
 pub(crate) async fn run(
     engine: Arc<Engine>,
