@@ -257,3 +257,65 @@ async fn no_decision_before_the_timeout_escalates_even_across_a_restart() {
     );
     assert!(rb.recorded().is_empty(), "{:?}", rb.recorded());
 }
+
+/// `/tocsin approve <run>` in Slack approves as the mapped user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_slash_command_approves_as_the_slack_user() {
+    use tocsin_tests::{
+        chatops::{harness_config, post_slack, slash_body},
+        fakes::FakeProviders,
+        remediation::remediation_config,
+    };
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let rb = Runbooks::new();
+    let programs = gated(&rb, "immediately");
+    let programs: Vec<&str> = programs.iter().map(String::as_str).collect();
+    let mut cfg = harness_config(&nats, &fakes, data.path());
+    cfg.remediation = Some(remediation_config(&rb.path(), &programs));
+    let tocsin = TocsinHarness::start_with(cfg).await;
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+    publish_alert(
+        &js,
+        alert(
+            &[("alertname", "Gated"), ("service", "api")],
+            &["alertname"],
+            AlertStatus::Firing,
+            t0,
+        ),
+        t0,
+    )
+    .await;
+    let tl = wait_timeline(&client, 1, "the wait for approval", |tl| {
+        waiting_run(tl).is_some()
+    })
+    .await;
+    let run = waiting_run(&tl).unwrap();
+    let r = post_slack(
+        &format!("{}/slack/commands", tocsin.chatops_url),
+        &slash_body(
+            "U01ALICE",
+            &format!("approve {run}"),
+            "https://hooks.slack.com/x",
+        ),
+        t0.as_second(),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let answer: serde_json::Value = r.json().await.unwrap();
+    let text = answer["text"].as_str().unwrap_or_default();
+    assert!(
+        text.contains(&format!("of run {run} recorded on incident #1")),
+        "{text}"
+    );
+    let tl = wait_timeline(&client, 1, "the approved run", |tl| {
+        has(tl, "run", "succeeded")
+    })
+    .await;
+    let approved = detail_of(&tl, "run", "approved");
+    assert!(approved.contains("alice (slack)"), "{approved}");
+    assert_eq!(rb.recorded(), ["restart", "api"]);
+}
