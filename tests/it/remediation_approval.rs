@@ -319,3 +319,61 @@ async fn a_slack_slash_command_approves_as_the_slack_user() {
     assert!(approved.contains("alice (slack)"), "{approved}");
     assert_eq!(rb.recorded(), ["restart", "api"]);
 }
+
+/// An incident resolved while its run waits: the run ends as skipped, and
+/// leaves the waiting runs, so its deadline pages nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolving_the_incident_ends_a_waiting_run_as_skipped() {
+    let nats = NatsServer::start().await;
+    let rb = Runbooks::new();
+    let programs = gated(&rb, "immediately");
+    let programs: Vec<&str> = programs.iter().map(String::as_str).collect();
+    let tocsin = TocsinHarness::start_with(config(&nats, &rb.path(), &programs)).await;
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+    publish_alert(
+        &js,
+        alert(
+            &[("alertname", "Gated"), ("service", "api")],
+            &["alertname"],
+            AlertStatus::Firing,
+            t0,
+        ),
+        t0,
+    )
+    .await;
+    let tl = wait_timeline(&client, 1, "the wait for approval", |tl| {
+        waiting_run(tl).is_some()
+    })
+    .await;
+    let run = waiting_run(&tl).unwrap();
+    let reply = command(
+        &client,
+        &js,
+        "alice",
+        Action::Resolve {
+            incident: IncidentRef::Number(1),
+        },
+        t0,
+    )
+    .await;
+    assert!(matches!(reply, CommandReply::Accepted { .. }), "{reply:?}");
+    let tl = wait_timeline(&client, 1, "the skipped run", |tl| {
+        has(tl, "run", "skipped")
+    })
+    .await;
+    assert_eq!(
+        detail_of(&tl, "run", "skipped"),
+        "the incident was resolved before anyone approved or denied the run"
+    );
+    let runs = js.get_key_value("tocsin_remediation_runs").await.unwrap();
+    let record: serde_json::Value =
+        serde_json::from_slice(&runs.get(format!("run.{run}")).await.unwrap().unwrap()).unwrap();
+    assert_eq!(record["state"], "skipped", "{record}");
+    let guards = js.get_key_value("tocsin_remediation").await.unwrap();
+    let waiting: serde_json::Value =
+        serde_json::from_slice(&guards.get("approvals").await.unwrap().unwrap()).unwrap();
+    assert!(waiting.get(&run).is_none(), "{waiting}");
+    assert!(rb.recorded().is_empty(), "{:?}", rb.recorded());
+}

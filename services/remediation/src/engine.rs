@@ -272,6 +272,9 @@ impl Engine {
         if let EventKind::Runbook { request } = &ev.kind {
             return self.on_request(ev, request, seq).await;
         }
+        if let EventKind::Resolved { .. } = &ev.kind {
+            return self.drop_waiting(ev).await;
+        }
         if ev.incident.status == tocsin_proto::incident::IncidentStatus::Resolved {
             return Ok(());
         }
@@ -569,6 +572,44 @@ impl Engine {
             }
         }
         self.index_waiting(&rec.run, None).await
+    }
+
+    /// An incident resolved: its runs still waiting for approval will not
+    /// be needed; they end as skipped (nobody is paged about them).
+    async fn drop_waiting(&self, ev: &IncidentEvent) -> Result<(), Later> {
+        let prefix = format!("{}.", ev.incident.id.simple());
+        let waiting: Vec<String> = self
+            .guards
+            .get::<BTreeMap<String, Timestamp>>(APPROVALS)
+            .await?
+            .map(|(m, _)| m.into_keys().filter(|r| r.starts_with(&prefix)).collect())
+            .unwrap_or_default();
+        for run in waiting {
+            let key = format!("run.{run}");
+            for _ in 0..10 {
+                let Some((mut rec, rev)) = self.runs.get::<RunRecord>(&key).await? else {
+                    break;
+                };
+                if rec.state != RunState::AwaitingApproval {
+                    break;
+                }
+                rec.state = RunState::Skipped;
+                rec.detail =
+                    "the incident was resolved before anyone approved or denied the run".into();
+                match self.runs.write(&key, &rec, Some(rev)).await {
+                    Ok(_) => {
+                        self.counters.run("skipped");
+                        self.timeline(&rec, RUN, "skipped", rec.detail.clone(), None)
+                            .await;
+                        break;
+                    }
+                    Err(WriteError::Conflict) => continue,
+                    Err(WriteError::Failed(e)) => return Err(Later(e)),
+                }
+            }
+            self.index_waiting(&run, None).await?;
+        }
+        Ok(())
     }
 
     /// Ends run `run` if it still waits for approval past its deadline.

@@ -24,14 +24,16 @@ use crate::engine::Engine;
 pub const CONSUMER: &str = "tocsin-remediation";
 
 /// The incident events a runbook can start on (`paged`: a level fired),
-/// and people's requests (`runbook`: run by hand, approve, deny).
-const KINDS: [&str; 6] = [
+/// people's requests (`runbook`: run by hand, approve, deny), and
+/// `resolved` (which ends the incident's runs waiting for approval).
+const KINDS: [&str; 7] = [
     "opened",
     "reopened",
     "escalated",
     "acknowledged",
     "paged",
     "runbook",
+    "resolved",
 ];
 
 pub(crate) async fn run(

@@ -117,6 +117,9 @@ pub async fn remote(config: &OperatorConfig, c: &RunbookCommand) -> anyhow::Resu
             else {
                 anyhow::bail!("the remediation service answered something else");
             };
+            let needs_approval = runbooks
+                .iter()
+                .any(|r| r.name == *name && r.approval_timeout_secs.is_some());
             if !runbooks.iter().any(|r| r.name == *name) {
                 let names: Vec<&str> = runbooks.iter().map(|r| r.name.as_str()).collect();
                 return Err(Refused(format!(
@@ -145,8 +148,13 @@ pub async fn remote(config: &OperatorConfig, c: &RunbookCommand) -> anyhow::Resu
                     "message": message,
                 }));
             }
+            let next = if needs_approval && !*dry_run {
+                "the run waits for approval first (its id is on the timeline)"
+            } else {
+                "the remediation service starts it"
+            };
             Ok(format!(
-                "{message}\nthe remediation service starts it; `tocsin show {incident}` lists its steps\n"
+                "{message}\n{next}; `tocsin show {incident}` lists its steps\n"
             ))
         }
         RunbookCommand::Approve { run, who } | RunbookCommand::Deny { run, who } => {
