@@ -377,3 +377,95 @@ async fn resolving_the_incident_ends_a_waiting_run_as_skipped() {
     assert!(waiting.get(&run).is_none(), "{waiting}");
     assert!(rb.recorded().is_empty(), "{:?}", rb.recorded());
 }
+
+/// Two replicas share the waiting runs: an approval runs its run once, a
+/// denial and a timeout each end theirs once, whichever replica reads the
+/// decision or sweeps the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_decide_each_waiting_run_once() {
+    use std::sync::Arc;
+    use tocsin_runtime::context::ServiceContext;
+    use tocsin_tests::remediation::remediation_config;
+    let nats = NatsServer::start().await;
+    let rb = Runbooks::new();
+    let programs = gated(&rb, "immediately");
+    let programs: Vec<&str> = programs.iter().map(String::as_str).collect();
+    let tocsin = TocsinHarness::start_with(config(&nats, &rb.path(), &programs)).await;
+    let client2 = nats.client_as("remediation").await.unwrap();
+    let ctx2 = ServiceContext::standalone(
+        jetstream::new(client2.clone()),
+        Arc::new(tocsin.clock.clone()),
+    );
+    let replica2 = {
+        let (c, ctx) = (remediation_config(&rb.path(), &programs), ctx2.clone());
+        tokio::spawn(async move { tocsin_remediation::run(c, &ctx, None).await })
+    };
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+    for service in ["s1", "s2", "s3"] {
+        publish_alert(
+            &js,
+            alert(
+                &[("alertname", "Gated"), ("service", service)],
+                &["alertname", "service"],
+                AlertStatus::Firing,
+                t0,
+            ),
+            t0,
+        )
+        .await;
+    }
+    let mut runs = Vec::new();
+    for n in 1..=3u64 {
+        let tl = wait_timeline(&client, n, "the wait for approval", |tl| {
+            waiting_run(tl).is_some()
+        })
+        .await;
+        runs.push(waiting_run(&tl).unwrap());
+    }
+    let on = |n: u64, run: &str, approve: bool| {
+        let request = if approve {
+            RunbookRequest::Approve { run: run.into() }
+        } else {
+            RunbookRequest::Deny { run: run.into() }
+        };
+        Action::Runbook {
+            incident: IncidentRef::Number(n),
+            request,
+        }
+    };
+    let r = command(&client, &js, "alice", on(1, &runs[0], true), t0).await;
+    assert!(matches!(r, CommandReply::Accepted { .. }), "{r:?}");
+    let r = command(&client, &js, "bob", on(2, &runs[1], false), t0).await;
+    assert!(matches!(r, CommandReply::Accepted { .. }), "{r:?}");
+    let ended = |n: u64, status: &'static str| {
+        let client = client.clone();
+        async move {
+            wait_timeline(&client, n, "the run's end", move |tl| {
+                has(tl, "run", status) && (status == "succeeded" || !escalations(tl).is_empty())
+            })
+            .await
+        }
+    };
+    let tl1 = ended(1, "succeeded").await;
+    let tl2 = ended(2, "failed").await;
+    // Past the deadline only once both decisions were read.
+    tocsin.clock.set(t0 + SignedDuration::from_mins(16));
+    let tl3 = ended(3, "failed").await;
+    let denied = detail_of(&tl2, "run", "failed");
+    assert!(denied.contains("approval denied by bob"), "{denied}");
+    let timed_out = detail_of(&tl3, "run", "failed");
+    assert!(timed_out.contains("no approve or deny by"), "{timed_out}");
+    // The approved run ran once; the others never ran.
+    assert_eq!(rb.recorded(), ["restart", "s1"]);
+    assert!(!has(&tl1, "run", "failed"), "{:#?}", steps(&tl1));
+    let kv = js.get_key_value("tocsin_remediation_runs").await.unwrap();
+    for (run, state) in runs.iter().zip(["succeeded", "failed", "failed"]) {
+        let record: serde_json::Value =
+            serde_json::from_slice(&kv.get(format!("run.{run}")).await.unwrap().unwrap()).unwrap();
+        assert_eq!(record["state"], state, "{record}");
+    }
+    ctx2.shutdown.cancel();
+    replica2.await.unwrap().unwrap();
+}

@@ -425,8 +425,9 @@ impl Engine {
             };
             match rec.state {
                 RunState::AwaitingApproval => {
-                    let now = self.clock.now();
-                    let late = rec.approval_deadline.is_some_and(|d| d <= now);
+                    // A decision counts when it was made (recorded on the
+                    // timeline), not when this replica reads it.
+                    let late = rec.approval_deadline.is_some_and(|d| d <= ev.at);
                     if late {
                         rec.state = RunState::Failed;
                         rec.failed_step = APPROVAL.into();
