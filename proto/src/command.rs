@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::{
-    incident::{Actor, IncidentSummary},
+    incident::{Actor, IncidentSummary, RunbookRequest},
     notify::Delivery,
     silence::Silence,
 };
@@ -101,6 +101,12 @@ pub enum Action {
         incident: IncidentRef,
         delivery: Delivery,
     },
+    /// A request to the remediation service (start a runbook, approve or
+    /// deny a run), recorded on the incident's timeline for it to read.
+    Runbook {
+        incident: IncidentRef,
+        request: RunbookRequest,
+    },
 }
 
 impl Action {
@@ -120,6 +126,7 @@ impl Action {
             Action::ExpireSilence { .. } => "expire_silence",
             Action::Paged { .. } => "paged",
             Action::Delivery { .. } => "delivery",
+            Action::Runbook { .. } => "runbook",
         }
     }
 
@@ -135,7 +142,8 @@ impl Action {
             | Action::Note { incident, .. }
             | Action::Remediation { incident, .. }
             | Action::Paged { incident, .. }
-            | Action::Delivery { incident, .. } => Some(incident),
+            | Action::Delivery { incident, .. }
+            | Action::Runbook { incident, .. } => Some(incident),
             Action::CreateSilence { .. } | Action::ExpireSilence { .. } => None,
         }
     }

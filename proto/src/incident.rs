@@ -254,6 +254,39 @@ pub enum EventKind {
     Delivery {
         delivery: crate::notify::Delivery,
     },
+    /// Someone asked the remediation service to start a runbook on this
+    /// incident, or decided a run waiting for approval (the actor is who).
+    Runbook {
+        request: RunbookRequest,
+    },
+}
+
+/// What a person asks of the remediation service about an incident
+/// (`tocsin runbook run|approve|deny`); it reads these from INCIDENTS.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum RunbookRequest {
+    /// Start runbook `runbook` now (its `match` is not checked).
+    Run {
+        runbook: String,
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// Let run `run`, waiting for approval, go ahead.
+    Approve { run: String },
+    /// Refuse run `run`: it does not run and the incident escalates.
+    Deny { run: String },
+}
+
+impl RunbookRequest {
+    /// `run`, `approve` or `deny`.
+    pub fn op(&self) -> &'static str {
+        match self {
+            RunbookRequest::Run { .. } => "run",
+            RunbookRequest::Approve { .. } => "approve",
+            RunbookRequest::Deny { .. } => "deny",
+        }
+    }
 }
 
 impl EventKind {
@@ -275,6 +308,7 @@ impl EventKind {
             EventKind::Reopened => "reopened",
             EventKind::Paged { .. } => "paged",
             EventKind::Delivery { .. } => "delivery",
+            EventKind::Runbook { .. } => "runbook",
         }
     }
 }

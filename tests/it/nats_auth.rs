@@ -474,6 +474,12 @@ async fn services_being_built_can_do_their_jobs() {
         .await
         .unwrap();
     expect_refused(&mut errors, "Publish to \"tocsin.cmd.create_silence\"").await;
+    // Its `notify` steps reach Slack channels and webhooks, never a person.
+    client
+        .publish("tocsin.notify.sms", "x".into())
+        .await
+        .unwrap();
+    expect_refused(&mut errors, "Publish to \"tocsin.notify.sms\"").await;
     refused_request(
         &client,
         &mut errors,

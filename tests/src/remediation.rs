@@ -167,3 +167,25 @@ pub async fn demo_target(stop: tocsin_runtime::CancellationToken) -> String {
     tokio::spawn(tocsin::demo::serve(listener, stop));
     url
 }
+
+/// The id of the run waiting for approval on a timeline (from its
+/// `awaiting_approval` entry, which says how to approve it).
+pub fn waiting_run(tl: &[IncidentEvent]) -> Option<String> {
+    steps(tl).iter().find_map(|(_, step, status, detail)| {
+        if step != "run" || status != "awaiting_approval" {
+            return None;
+        }
+        let rest = detail.split("tocsin runbook approve ").nth(1)?;
+        Some(rest.split('`').next()?.to_string())
+    })
+}
+
+/// The reasons of the timeline's `escalated` entries.
+pub fn escalations(tl: &[IncidentEvent]) -> Vec<String> {
+    tl.iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Escalated { reason } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect()
+}

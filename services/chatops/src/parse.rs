@@ -7,7 +7,7 @@ use std::time::Duration;
 use regex::Regex;
 use tocsin_proto::{
     command::IncidentRef,
-    incident::IncidentStatus,
+    incident::{IncidentStatus, RunbookRequest},
     silence::{MatchOp, Matcher},
 };
 
@@ -53,6 +53,12 @@ pub enum SlashCommand {
         seconds: u64,
         comment: String,
     },
+    /// `approve <run>` / `deny <run>`: decides a runbook run waiting for
+    /// approval (the incident is the one the run id names).
+    Runbook {
+        incident: IncidentRef,
+        request: RunbookRequest,
+    },
     Help,
 }
 
@@ -75,7 +81,18 @@ pub const HELP: &str = "*/tocsin* commands:\n\
 • `note 42 text` · `show 42` · `list [open|triggered|acknowledged|resolved|all]`\n\
 • `oncall [schedule]`\n\
 • `silence service=payments severity=~\"high|critical\" for 2h [comment]`\n\
+• `approve <run>` · `deny <run>` (a runbook run waiting for approval; the id is on the timeline)\n\
 • `help`";
+
+/// The incident a run id (`<incident id>.<runbook>.<sequence>`) names.
+pub fn run_incident(run: &str) -> Option<uuid::Uuid> {
+    let mut parts = run.split('.');
+    let (id, name, seq) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || name.is_empty() || seq.parse::<u64>().is_err() {
+        return None;
+    }
+    uuid::Uuid::parse_str(id).ok()
+}
 
 /// Parses the text after `/tocsin`.
 pub fn parse_slash(text: &str) -> Result<SlashCommand, String> {
@@ -182,6 +199,25 @@ pub fn parse_slash(text: &str) -> Result<SlashCommand, String> {
             })
         }
         "silence" | "mute" => parse_silence(rest),
+        "approve" | "deny" => {
+            let (run, tail) = split_word(rest);
+            no_more(tail.trim(), &format!("/tocsin {verb} <run>"))?;
+            let incident = run_incident(run).ok_or_else(|| {
+                format!(
+                    "`{verb}` needs a run id from the incident's timeline: `/tocsin {verb} <run>`"
+                )
+            })?;
+            let run = run.to_string();
+            let request = if verb == "approve" {
+                RunbookRequest::Approve { run }
+            } else {
+                RunbookRequest::Deny { run }
+            };
+            Ok(SlashCommand::Runbook {
+                incident: IncidentRef::Id(incident),
+                request,
+            })
+        }
         other => Err(format!("unknown command `{other}`. Try `/tocsin help`.")),
     }
 }
@@ -516,6 +552,36 @@ mod tests {
             op,
             value: value.into(),
         }
+    }
+
+    #[test]
+    fn approve_and_deny_name_a_run() {
+        let id = "0191e0a455f27c1e9a6b2b1b8d0e4f11";
+        let run = format!("{id}.restart-api.42");
+        let inc = IncidentRef::Id(id.parse().unwrap());
+        assert_eq!(
+            parse_slash(&format!("approve {run}")),
+            Ok(SlashCommand::Runbook {
+                incident: inc.clone(),
+                request: RunbookRequest::Approve { run: run.clone() }
+            })
+        );
+        assert_eq!(
+            parse_slash(&format!("DENY {run}")),
+            Ok(SlashCommand::Runbook {
+                incident: inc,
+                request: RunbookRequest::Deny { run: run.clone() }
+            })
+        );
+        for bad in [
+            "approve",
+            "approve 42",
+            "deny x.y.z",
+            &format!("approve {run} now"),
+        ] {
+            assert!(parse_slash(bad).is_err(), "{bad}");
+        }
+        assert!(parse_slash(&format!("approve {run}")).unwrap().writes());
     }
 
     #[test]

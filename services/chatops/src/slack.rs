@@ -328,6 +328,9 @@ async fn run(app: &App, actor: &str, cmd: SlashCommand) -> String {
             send(Action::Escalate { incident, reason }).await
         }
         SlashCommand::Note { incident, text } => send(Action::Note { incident, text }).await,
+        SlashCommand::Runbook { incident, request } => {
+            send(Action::Runbook { incident, request }).await
+        }
         SlashCommand::Show(incident) => match ops::get_incident(app, incident, true).await {
             Ok(Ok(d)) => ops::show_text(&d),
             Ok(Err(reason)) => capitalise(&reason),

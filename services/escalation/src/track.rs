@@ -295,6 +295,7 @@ impl Tracks {
             | EventKind::NoteAdded { .. }
             | EventKind::Paged { .. }
             | EventKind::Remediation { .. }
+            | EventKind::Runbook { .. }
             | EventKind::Assigned { .. } => keys,
             _ => {
                 // An incident that was suppressed at first and now pages.

@@ -29,7 +29,7 @@ use tocsin_proto::{
     command::{Action, Command, IncidentRef},
     incident::{
         Actor, AlertInfo, Cause, EventKind, IncidentEvent, IncidentStatus, IncidentSummary,
-        LogEntry, ResolveReason, Severity, SilenceChange,
+        LogEntry, ResolveReason, RunbookRequest, Severity, SilenceChange,
     },
     silence::Silence,
     Alert, AlertStatus, Envelope, Fingerprint, Labels, SourceKind,
@@ -396,7 +396,8 @@ fn step(
         | EventKind::NoteAdded { .. }
         | EventKind::Remediation { .. }
         | EventKind::Paged { .. }
-        | EventKind::Delivery { .. } => {}
+        | EventKind::Delivery { .. }
+        | EventKind::Runbook { .. } => {}
     }
     recompute(st, cfg);
 }
@@ -922,6 +923,37 @@ impl<'a> Decider<'a> {
                             },
                         );
                         Verdict::Accepted(format!("delivery recorded on incident #{n}"))
+                    }
+                    Action::Runbook { request, .. } => {
+                        let (what, name) = match request {
+                            RunbookRequest::Run { runbook, .. } => ("runbook", runbook),
+                            RunbookRequest::Approve { run } | RunbookRequest::Deny { run } => {
+                                ("run", run)
+                            }
+                        };
+                        let ok = !name.is_empty()
+                            && name.len() <= 200
+                            && name.bytes().all(|c| {
+                                c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.')
+                            });
+                        if resolved {
+                            resolved_msg()
+                        } else if !ok {
+                            Verdict::Rejected(format!(
+                                "{what} {name:?} must be 1 to 200 letters, digits, `-`, `_` or `.`"
+                            ))
+                        } else {
+                            b.push(
+                                &mut st,
+                                EventKind::Runbook {
+                                    request: request.clone(),
+                                },
+                            );
+                            Verdict::Accepted(format!(
+                                "{} of {what} {name} recorded on incident #{n} for the remediation service",
+                                request.op()
+                            ))
+                        }
                     }
                     Action::CreateSilence { .. } | Action::ExpireSilence { .. } => {
                         unreachable!("handled above")

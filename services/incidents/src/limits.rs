@@ -297,7 +297,9 @@ fn cut_entry(entry: &mut LogEntry, cap: usize) {
                 | EventKind::Snoozed { .. }
                 | EventKind::SnoozeEnded
                 | EventKind::Resolved { .. }
-                | EventKind::Reopened => {}
+                | EventKind::Reopened
+                // Names checked when the command was accepted (200 bytes at most).
+                | EventKind::Runbook { .. } => {}
             }
         }
         LogEntry::Silence { change, actor, .. } => {

@@ -25,7 +25,8 @@ use serde_json::{json, Value};
 use tocsin_proto::{
     codec,
     command::{Action, Command, CommandReply, IncidentRef},
-    incident::{Actor, EventKind, IncidentEvent},
+    incident::{Actor, EventKind, IncidentEvent, IncidentSummary, RunbookRequest},
+    notify::{Channel, MessageKind, Page, PageTarget},
     subjects::headers,
     Envelope,
 };
@@ -43,11 +44,21 @@ use crate::{
 /// The step name of run-level timeline entries.
 pub const RUN: &str = "run";
 
+/// The `failed_step` of a run that never started: denied, or no decision
+/// on its approval in time.
+pub const APPROVAL: &str = "approval";
+
+/// The key (in `tocsin_remediation`) of the runs waiting for approval and
+/// their deadlines, read by every replica's sweeper.
+pub const APPROVALS: &str = "approvals";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunState {
     /// Created; guardrails not decided yet.
     Claimed,
+    /// Waits for `tocsin runbook approve|deny` (`require_approval`).
+    AwaitingApproval,
     Running,
     Succeeded,
     Failed,
@@ -98,6 +109,33 @@ pub struct RunRecord {
     pub failed_step: String,
     #[serde(default)]
     pub takeovers: u32,
+    /// With `require_approval`: no decision by then escalates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_deadline: Option<Timestamp>,
+    /// Who approved it (empty: nobody yet, or no approval needed).
+    #[serde(default)]
+    pub approved_by: String,
+    /// Who started it by hand (`tocsin runbook run`); empty when an
+    /// incident event started it.
+    #[serde(default)]
+    pub requested_by: String,
+    /// The incident when the run started (what a `notify` step's message
+    /// shows of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<IncidentSummary>,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Claimed => "claimed",
+            RunState::AwaitingApproval => "awaiting_approval",
+            RunState::Running => "running",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Skipped => "skipped",
+        }
+    }
 }
 
 impl RunRecord {
@@ -192,6 +230,8 @@ pub struct Engine {
     /// Runs this process is working on (a redelivered event for one of
     /// them waits instead of taking its own run over).
     pub active: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Wakes this replica's approval sweeper (a run started waiting).
+    pub waiting: tokio::sync::Notify,
 }
 
 /// Removes a run from `active` when dropped.
@@ -229,14 +269,19 @@ impl Engine {
 
     /// Handles one INCIDENTS event: every runbook it starts, run to its end.
     pub async fn on_event(self: &Arc<Self>, ev: &IncidentEvent, seq: u64) -> Result<(), Later> {
+        if let EventKind::Runbook { request } = &ev.kind {
+            return self.on_request(ev, request, seq).await;
+        }
+        if let EventKind::Resolved { .. } = &ev.kind {
+            return self.drop_waiting(ev).await;
+        }
         if ev.incident.status == tocsin_proto::incident::IncidentStatus::Resolved {
             return Ok(());
         }
-        let kind = ev.kind.name();
         let matching: Vec<Runbook> = self
             .runbooks()
             .iter()
-            .filter(|l| l.runbook.applies(kind, &ev.incident))
+            .filter(|l| l.runbook.applies(&ev.kind, &ev.incident))
             .map(|l| l.runbook.clone())
             .collect();
         let results =
@@ -252,20 +297,34 @@ impl Engine {
         seq: u64,
     ) -> Result<(), Later> {
         let run = format!("{}.{}.{seq}", ev.incident.id.simple(), rb.name);
+        let rec = self.new_record(rb, ev, &run);
+        self.drive(rb, &run, Some(rec)).await
+    }
+
+    /// Works on run `run` until it ends or waits: creates its record from
+    /// `new` when absent, then starts, resumes or finishes it by its state.
+    async fn drive(
+        self: &Arc<Self>,
+        rb: &Runbook,
+        run: &str,
+        new: Option<RunRecord>,
+    ) -> Result<(), Later> {
         let key = format!("run.{run}");
         let fresh = self
             .active
             .lock()
-            .map(|mut a| a.insert(run.clone()))
+            .map(|mut a| a.insert(run.to_string()))
             .unwrap_or(false);
         if !fresh {
             return Err(Later(format!("run {run} is in progress in this process")));
         }
-        let _active = Active(self, run.clone());
+        let _active = Active(self, run.to_string());
         for _ in 0..10 {
             match self.runs.get::<RunRecord>(&key).await? {
                 None => {
-                    let rec = self.new_record(rb, ev, &run);
+                    let Some(rec) = new.clone() else {
+                        return Ok(());
+                    };
                     match self.runs.write(&key, &rec, None).await {
                         Ok(rev) => return self.start(rb, rec, rev).await,
                         Err(WriteError::Conflict) => continue,
@@ -274,14 +333,369 @@ impl Engine {
                 }
                 Some((rec, rev)) => {
                     return match rec.state {
+                        RunState::Failed if rec.failed_step == APPROVAL => {
+                            // Denied or timed out, and maybe broken off
+                            // before the page: say it again (the ids
+                            // make a repeat a no-op).
+                            self.refused(&rec).await
+                        }
                         RunState::Succeeded | RunState::Failed | RunState::Skipped => Ok(()),
+                        RunState::AwaitingApproval => self.announce_wait(rb, &rec).await,
                         RunState::Claimed => self.start(rb, rec, rev).await,
                         RunState::Running => self.resume(rb, rec, rev).await,
-                    }
+                    };
                 }
             }
         }
         Err(Later(format!("run {run}: the record keeps changing")))
+    }
+
+    /// The loaded runbook `name`.
+    fn find(&self, name: &str) -> Option<Runbook> {
+        self.runbooks()
+            .iter()
+            .find(|l| l.runbook.name == name)
+            .map(|l| l.runbook.clone())
+    }
+
+    /// Handles a person's request read from INCIDENTS: start a runbook by
+    /// hand (every guardrail but `match` applies), or approve or deny a
+    /// run waiting for approval.
+    pub async fn on_request(
+        self: &Arc<Self>,
+        ev: &IncidentEvent,
+        request: &RunbookRequest,
+        seq: u64,
+    ) -> Result<(), Later> {
+        let who = ev
+            .actor
+            .as_ref()
+            .map(|a| format!("{} ({})", a.name, a.via))
+            .unwrap_or_else(|| "someone".into());
+        let inc = &ev.incident;
+        let (run, approve) = match request {
+            RunbookRequest::Run { runbook, dry_run } => {
+                let Some(rb) = self.find(runbook) else {
+                    self.note(inc.id, runbook, "ignored", format!("{who} asked to run runbook {runbook}, which the remediation service has not loaded; nothing runs"), seq).await;
+                    return Ok(());
+                };
+                let run = format!("{}.{}.{seq}", inc.id.simple(), rb.name);
+                let mut rec = self.new_record(&rb, ev, &run);
+                rec.dry_run |= *dry_run;
+                rec.requested_by = who;
+                return self.drive(&rb, &run, Some(rec)).await;
+            }
+            RunbookRequest::Approve { run } => (run, true),
+            RunbookRequest::Deny { run } => (run, false),
+        };
+        let op = request.op();
+        let key = format!("run.{run}");
+        let named = run.split('.').nth(1).unwrap_or("").to_string();
+        for _ in 0..10 {
+            let Some((mut rec, rev)) = self.runs.get::<RunRecord>(&key).await? else {
+                self.note(
+                    inc.id,
+                    &named,
+                    "ignored",
+                    format!("{op} by {who} ignored: there is no run {run}"),
+                    seq,
+                )
+                .await;
+                return Ok(());
+            };
+            if rec.incident != inc.id {
+                self.note(
+                    inc.id,
+                    &named,
+                    "ignored",
+                    format!(
+                        "{op} by {who} ignored: run {run} is not a run on incident #{}",
+                        inc.number
+                    ),
+                    seq,
+                )
+                .await;
+                return Ok(());
+            }
+            let Some(rb) = self.find(&rec.runbook) else {
+                // Not loaded any more: the run cannot go on; a denial still
+                // pages (below, by the deadline) as the run said it would.
+                self.note(inc.id, &rec.runbook, "ignored", format!("{op} by {who} ignored: runbook {} is not loaded now; the run waits until its deadline", rec.runbook), seq).await;
+                return Ok(());
+            };
+            match rec.state {
+                RunState::AwaitingApproval => {
+                    // A decision counts when it was made (recorded on the
+                    // timeline), not when this replica reads it.
+                    let late = rec.approval_deadline.is_some_and(|d| d <= ev.at);
+                    if late {
+                        rec.state = RunState::Failed;
+                        rec.failed_step = APPROVAL.into();
+                        rec.detail = timed_out(&rec);
+                    } else if approve {
+                        rec.state = RunState::Claimed;
+                        rec.approved_by = who.clone();
+                    } else {
+                        rec.state = RunState::Failed;
+                        rec.failed_step = APPROVAL.into();
+                        rec.detail = format!("approval denied by {who}");
+                    }
+                    match self.runs.write(&key, &rec, Some(rev)).await {
+                        Ok(_) => {}
+                        Err(WriteError::Conflict) => continue,
+                        Err(WriteError::Failed(e)) => return Err(Later(e)),
+                    }
+                    if rec.state == RunState::Failed {
+                        return self.refused(&rec).await;
+                    }
+                    self.index_waiting(run, None).await?;
+                    self.timeline(
+                        &rec,
+                        RUN,
+                        "approved",
+                        format!("run {run} of runbook {} approved by {who}", rb.name),
+                        None,
+                    )
+                    .await;
+                    return self.drive(&rb, run, None).await;
+                }
+                // The same decision again (its event came back after a
+                // crash): carry on with what it decided.
+                RunState::Claimed | RunState::Running if approve && !rec.approved_by.is_empty() => {
+                    return self.drive(&rb, run, None).await
+                }
+                RunState::Failed if !approve && rec.failed_step == APPROVAL => {
+                    return self.refused(&rec).await
+                }
+                other => {
+                    self.note(
+                        inc.id,
+                        &rec.runbook,
+                        "ignored",
+                        format!(
+                            "{op} by {who} ignored: run {run} is {}, not waiting for approval",
+                            other.as_str()
+                        ),
+                        seq,
+                    )
+                    .await;
+                    return Ok(());
+                }
+            }
+        }
+        Err(Later(format!("run {run}: the record keeps changing")))
+    }
+
+    /// Records that run `rec` waits for approval: the index every replica's
+    /// sweeper reads, the hold (`page: on_failure`) and how to decide.
+    async fn announce_wait(&self, rb: &Runbook, rec: &RunRecord) -> Result<(), Later> {
+        let deadline = rec
+            .approval_deadline
+            .unwrap_or_else(|| add(rec.started_at, Duration::from_secs(900)));
+        self.index_waiting(&rec.run, Some(deadline)).await?;
+        self.waiting.notify_one();
+        if rec.held {
+            let until = add(rec.started_at, rb.hold_at_most());
+            self.timeline(
+                rec,
+                RUN,
+                "held",
+                format!(
+                    "runbook {} waits for approval: the first page waits until {until} unless the run ends first",
+                    rb.name
+                ),
+                Some(until),
+            )
+            .await;
+        }
+        let run = &rec.run;
+        self.timeline(
+            rec,
+            RUN,
+            "awaiting_approval",
+            format!(
+                "runbook {} waits for approval before it runs: `tocsin runbook approve {run}` or `tocsin runbook deny {run}`; with no decision by {deadline} the incident escalates",
+                rb.name
+            ),
+            None,
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Adds run `run` (with its deadline) to the waiting runs, or takes it
+    /// off (`None`).
+    async fn index_waiting(&self, run: &str, deadline: Option<Timestamp>) -> Result<(), Later> {
+        for _ in 0..20 {
+            let (mut idx, rev) = match self
+                .guards
+                .get::<BTreeMap<String, Timestamp>>(APPROVALS)
+                .await?
+            {
+                Some((m, rev)) => (m, Some(rev)),
+                None => (BTreeMap::new(), None),
+            };
+            let unchanged = match deadline {
+                Some(d) => idx.insert(run.to_string(), d) == Some(d),
+                None => idx.remove(run).is_none(),
+            };
+            if unchanged {
+                return Ok(());
+            }
+            match self.guards.write(APPROVALS, &idx, rev).await {
+                Ok(_) => return Ok(()),
+                Err(WriteError::Conflict) => continue,
+                Err(WriteError::Failed(e)) => return Err(Later(e)),
+            }
+        }
+        Err(Later(
+            "the list of runs waiting for approval keeps changing".into(),
+        ))
+    }
+
+    /// A run that will not run (denied, or no decision in time): says so,
+    /// pages (the `failed` entry ends a hold; otherwise the incident
+    /// escalates now) and leaves the waiting runs.
+    async fn refused(&self, rec: &RunRecord) -> Result<(), Later> {
+        let reason = format!("runbook {} did not run: {}", rec.runbook, rec.detail);
+        tracing::warn!(run = %rec.run, incident = rec.number, %reason, "run refused");
+        self.counters.run("refused");
+        self.timeline(rec, RUN, "failed", reason.clone(), None)
+            .await;
+        if !rec.held {
+            let id = format!("rem-{}-escalate", state::digest(&rec.run));
+            let action = Action::Escalate {
+                incident: IncidentRef::Id(rec.incident),
+                reason,
+            };
+            if let Err(e) = self.send(&rec.runbook, action, id, false).await {
+                return Err(Later(format!("cannot escalate: {e}")));
+            }
+        }
+        self.index_waiting(&rec.run, None).await
+    }
+
+    /// An incident resolved: its runs still waiting for approval will not
+    /// be needed; they end as skipped (nobody is paged about them).
+    async fn drop_waiting(&self, ev: &IncidentEvent) -> Result<(), Later> {
+        let prefix = format!("{}.", ev.incident.id.simple());
+        let waiting: Vec<String> = self
+            .guards
+            .get::<BTreeMap<String, Timestamp>>(APPROVALS)
+            .await?
+            .map(|(m, _)| m.into_keys().filter(|r| r.starts_with(&prefix)).collect())
+            .unwrap_or_default();
+        for run in waiting {
+            let key = format!("run.{run}");
+            for _ in 0..10 {
+                let Some((mut rec, rev)) = self.runs.get::<RunRecord>(&key).await? else {
+                    break;
+                };
+                if rec.state != RunState::AwaitingApproval {
+                    break;
+                }
+                rec.state = RunState::Skipped;
+                rec.detail =
+                    "the incident was resolved before anyone approved or denied the run".into();
+                match self.runs.write(&key, &rec, Some(rev)).await {
+                    Ok(_) => {
+                        self.counters.run("skipped");
+                        self.timeline(&rec, RUN, "skipped", rec.detail.clone(), None)
+                            .await;
+                        break;
+                    }
+                    Err(WriteError::Conflict) => continue,
+                    Err(WriteError::Failed(e)) => return Err(Later(e)),
+                }
+            }
+            self.index_waiting(&run, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends run `run` if it still waits for approval past its deadline.
+    async fn time_out(&self, run: &str) -> Result<(), Later> {
+        let key = format!("run.{run}");
+        for _ in 0..10 {
+            let Some((mut rec, rev)) = self.runs.get::<RunRecord>(&key).await? else {
+                return self.index_waiting(run, None).await;
+            };
+            match rec.state {
+                RunState::AwaitingApproval => {
+                    if rec.approval_deadline.is_some_and(|d| d > self.clock.now()) {
+                        return Ok(());
+                    }
+                    rec.state = RunState::Failed;
+                    rec.failed_step = APPROVAL.into();
+                    rec.detail = timed_out(&rec);
+                    match self.runs.write(&key, &rec, Some(rev)).await {
+                        Ok(_) => return self.refused(&rec).await,
+                        Err(WriteError::Conflict) => continue,
+                        Err(WriteError::Failed(e)) => return Err(Later(e)),
+                    }
+                }
+                RunState::Failed if rec.failed_step == APPROVAL => return self.refused(&rec).await,
+                _ => return self.index_waiting(run, None).await,
+            }
+        }
+        Ok(())
+    }
+
+    /// Every replica: ends the runs whose approval did not come in time.
+    /// Wakes at the next deadline (by the service clock), when a run
+    /// starts waiting here, and every 5 s for runs other replicas added.
+    pub async fn sweep_approvals(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            let idx = match self
+                .guards
+                .get::<BTreeMap<String, Timestamp>>(APPROVALS)
+                .await
+            {
+                Ok(v) => v.map(|(m, _)| m).unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the runs waiting for approval");
+                    BTreeMap::new()
+                }
+            };
+            let now = self.clock.now();
+            let mut next: Option<Timestamp> = None;
+            for (run, deadline) in idx {
+                if deadline <= now {
+                    if let Err(e) = self.time_out(&run).await {
+                        tracing::warn!(error = %e.0, %run, "cannot end a run whose approval timed out; retrying");
+                    }
+                } else {
+                    next = Some(next.map_or(deadline, |n| n.min(deadline)));
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.clock.wait(next), if next.is_some() => {}
+                _ = self.waiting.notified() => {}
+                // Poll interval for runs other replicas put on the list.
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    }
+
+    /// A run-level line on incident `incident`'s timeline that belongs to
+    /// no run (a request that names none); its id comes from the request.
+    async fn note(&self, incident: Uuid, runbook: &str, status: &str, detail: String, seq: u64) {
+        tracing::info!(%incident, runbook, %detail, "runbook request");
+        let action = Action::Remediation {
+            incident: IncidentRef::Id(incident),
+            runbook: runbook.to_string(),
+            step: RUN.into(),
+            status: status.into(),
+            detail,
+            hold_until: None,
+        };
+        if let Err(e) = self
+            .send(runbook, action, format!("rem-request-{seq}"), false)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot record a runbook request's outcome on the timeline");
+        }
     }
 
     fn new_record(&self, rb: &Runbook, ev: &IncidentEvent, run: &str) -> RunRecord {
@@ -323,6 +737,10 @@ impl Engine {
             detail: String::new(),
             failed_step: String::new(),
             takeovers: 0,
+            approval_deadline: None,
+            approved_by: String::new(),
+            requested_by: String::new(),
+            summary: Some(inc.clone()),
         }
     }
 
@@ -351,33 +769,44 @@ impl Engine {
         rev: u64,
     ) -> Result<(), Later> {
         let now = self.clock.now();
-        let decision = self.guardrails(rb, &rec, now).await?;
-        match decision {
-            Err(reason) => {
-                rec.state = RunState::Skipped;
-                rec.detail = reason.clone();
+        if let Some(a) = &rb.guardrails.require_approval {
+            if rec.approved_by.is_empty() && !rec.dry_run {
+                // What would skip the run anyway skips it now, not after
+                // someone approved it.
+                if let Some(reason) = self.blocked(rb, &rec, now).await? {
+                    return self.skip(rb, rec, rev, reason).await;
+                }
+                rec.state = RunState::AwaitingApproval;
+                rec.approval_deadline = Some(add(now, a.timeout.0));
+                rec.held = rb.page == PageMode::OnFailure;
                 if self.save(&rec, rev).await?.is_none() {
                     return Ok(());
                 }
-                self.counters.run("skipped");
-                tracing::info!(runbook = %rb.name, incident = rec.number, %reason, "run skipped");
-                self.timeline(&rec, RUN, "skipped", reason, None).await;
-                Ok(())
+                return self.announce_wait(rb, &rec).await;
             }
+        }
+        let decision = self.guardrails(rb, &rec, now).await?;
+        match decision {
+            Err(reason) => self.skip(rb, rec, rev, reason).await,
             Ok(leases) => {
                 rec.state = RunState::Running;
                 rec.leases = leases;
+                // A run that waited for approval announced its hold then.
+                let announced = rec.approval_deadline.is_some();
                 rec.held = rb.page == PageMode::OnFailure && !rec.dry_run;
                 let Some(rev) = self.save(&rec, rev).await? else {
                     return Ok(());
                 };
                 let steps = rb.steps.len();
-                let mode = if rec.dry_run {
-                    " (dry run: nothing is changed)"
+                let mut mode = if rec.dry_run {
+                    " (dry run: nothing is changed)".to_string()
                 } else {
-                    ""
+                    String::new()
                 };
-                if rec.held {
+                if !rec.requested_by.is_empty() {
+                    mode.push_str(&format!("; started by hand by {}", rec.requested_by));
+                }
+                if rec.held && !announced {
                     let until = add(now, rb.hold_at_most());
                     self.timeline(
                         &rec,
@@ -402,6 +831,89 @@ impl Engine {
                 self.execute(rb, rec, rev).await
             }
         }
+    }
+
+    /// Records a run as skipped, with the reason.
+    async fn skip(
+        &self,
+        rb: &Runbook,
+        mut rec: RunRecord,
+        rev: u64,
+        reason: String,
+    ) -> Result<(), Later> {
+        rec.state = RunState::Skipped;
+        rec.detail = reason.clone();
+        if self.save(&rec, rev).await?.is_none() {
+            return Ok(());
+        }
+        self.counters.run("skipped");
+        tracing::info!(runbook = %rb.name, incident = rec.number, %reason, "run skipped");
+        self.timeline(&rec, RUN, "skipped", reason, None).await;
+        Ok(())
+    }
+
+    /// Why the runbook cannot run now, read-only: switched off, breaker
+    /// open, cooling down (checked again, and counted, when it starts).
+    async fn blocked(
+        &self,
+        rb: &Runbook,
+        rec: &RunRecord,
+        now: Timestamp,
+    ) -> Result<Option<String>, Later> {
+        if let Some(why) = self.disabled(rb).await? {
+            return Ok(Some(why));
+        }
+        if let Some((b, _)) = self
+            .guards
+            .get::<Breaker>(&format!("breaker.{}", rb.name))
+            .await?
+        {
+            if let Some(until) = b.open_until.filter(|u| *u > now) {
+                return Ok(Some(format!(
+                    "breaker open after {} consecutive failed runs, until {until}",
+                    b.consecutive_failures
+                )));
+            }
+        }
+        if !rb.guardrails.cooldown.0.is_zero() {
+            let dedup = rec.context["incident"]["dedup_key"].as_str().unwrap_or("");
+            let ckey = format!("cool.{}.{}", rb.name, state::digest(dedup));
+            if let Some((c, _)) = self.guards.get::<Cooldown>(&ckey).await? {
+                if let Some(until) = c.until.filter(|u| *u > now) {
+                    return Ok(Some(format!(
+                        "cooldown: a run for this dedup key started less than {:?} ago; next run allowed after {until}",
+                        rb.guardrails.cooldown.0
+                    )));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether the kill switch or the runbook's own switch is off, and by whom.
+    async fn disabled(&self, rb: &Runbook) -> Result<Option<String>, Later> {
+        for (key, what) in [
+            (
+                "disabled._all".to_string(),
+                "remediation is switched off (kill switch)".to_string(),
+            ),
+            (
+                format!("disabled.{}", rb.name),
+                format!("runbook {} is disabled", rb.name),
+            ),
+        ] {
+            if let Some((d, _)) = self.guards.get::<Disabled>(&key).await? {
+                if d.disabled {
+                    let by = if d.by.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" by {}", d.by)
+                    };
+                    return Ok(Some(format!("{what}{by}")));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Takes over a run another replica was running when it went silent.
@@ -542,7 +1054,8 @@ impl Engine {
             let repeatable = step.idempotent
                 || matches!(
                     step.kind(),
-                    Kind::Wait | Kind::Check | Kind::Ack | Kind::Resolve
+                    // A notify's message id makes a repeat a no-op.
+                    Kind::Wait | Kind::Check | Kind::Ack | Kind::Resolve | Kind::Notify
                 );
             if st.started && !repeatable {
                 let summary = format!(
@@ -783,6 +1296,66 @@ impl Engine {
                 }
                 steps::check(&self.http, c, ctx, timeout, &self.limits).await
             }
+            Kind::Nats => {
+                let n = step.nats.as_ref().expect("checked at load");
+                if dry {
+                    return match template::render(&n.subject, ctx) {
+                        Ok(s) => ok(format!("would request {s}")),
+                        Err(m) => fail(m),
+                    };
+                }
+                steps::nats(&self.js.client(), n, ctx, timeout, &self.limits).await
+            }
+            Kind::Notify => {
+                let n = step.notify.as_ref().expect("checked at load");
+                let (target, channel, to) = match (&n.slack, &n.webhook) {
+                    (Some(c), _) => match render(c) {
+                        Ok(c) => (
+                            PageTarget::SlackChannel { channel: c.clone() },
+                            Channel::Slack,
+                            format!("slack {c}"),
+                        ),
+                        Err(m) => return fail(m),
+                    },
+                    (None, Some(w)) => match render(w) {
+                        Ok(w) => (
+                            PageTarget::Webhook { name: w.clone() },
+                            Channel::Webhook,
+                            format!("webhook {w}"),
+                        ),
+                        Err(m) => return fail(m),
+                    },
+                    (None, None) => return fail("notify names no slack channel or webhook".into()),
+                };
+                let message = match render(&n.message) {
+                    Ok(m) => steps::cut(&m, 4000),
+                    Err(m) => return fail(m),
+                };
+                if dry {
+                    return ok(format!("would post to {to}: {message}"));
+                }
+                let Some(incident) = rec.summary.clone() else {
+                    return fail(
+                        "the run has no incident summary (started by an older version)".into(),
+                    );
+                };
+                let page = Page {
+                    id: format!("rem:{}:{}", state::digest(&rec.run), step.id),
+                    incident,
+                    level: 0,
+                    repeat: 0,
+                    target,
+                    channel,
+                    address: String::new(),
+                    reason: format!("runbook {}: {message}", rb.name),
+                    due_at: self.clock.now(),
+                    kind: MessageKind::Page,
+                };
+                match self.publish_page(&page).await {
+                    Ok(()) => ok(format!("posted to {to} through the notifier")),
+                    Err(e) => fail(format!("cannot post to {to}: {e}")),
+                }
+            }
             Kind::Wait => {
                 let d = step
                     .wait
@@ -964,26 +1537,8 @@ impl Engine {
         now: Timestamp,
     ) -> Result<Result<Vec<String>, String>, Later> {
         let g = &rb.guardrails;
-        for (key, what) in [
-            (
-                "disabled._all".to_string(),
-                "remediation is switched off (kill switch)".to_string(),
-            ),
-            (
-                format!("disabled.{}", rb.name),
-                format!("runbook {} is disabled", rb.name),
-            ),
-        ] {
-            if let Some((d, _)) = self.guards.get::<Disabled>(&key).await? {
-                if d.disabled {
-                    let by = if d.by.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" by {}", d.by)
-                    };
-                    return Ok(Err(format!("{what}{by}")));
-                }
-            }
+        if let Some(why) = self.disabled(rb).await? {
+            return Ok(Err(why));
         }
         let bkey = format!("breaker.{}", rb.name);
         if let Some((mut b, rev)) = self.guards.get::<Breaker>(&bkey).await? {
@@ -1158,6 +1713,22 @@ impl Engine {
         }
     }
 
+    /// Puts a message on NOTIFY for the notifier (its id is the message id,
+    /// so a repeat is dropped by JetStream).
+    async fn publish_page(&self, page: &Page) -> Result<(), String> {
+        let env = Envelope::new("remediation", self.clock.now(), page.clone());
+        let payload = codec::encode(&env).map_err(|e| e.to_string())?;
+        let mut h = HeaderMap::new();
+        h.insert(headers::MSG_ID, page.id.as_str());
+        self.js
+            .publish_with_headers(page.subject(), h, payload.into())
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
     /// Sends a command; with `wait`, waits for the incidents service's
     /// answer (Ok(None): JetStream had it already, so it was applied).
     async fn send(
@@ -1207,5 +1778,13 @@ impl Engine {
                 .map_err(|e| e.to_string()),
             _ => Err("no answer from the incidents service within 15s".into()),
         }
+    }
+}
+
+/// Why a run that waited for approval did not run.
+fn timed_out(rec: &RunRecord) -> String {
+    match rec.approval_deadline {
+        Some(d) => format!("no approve or deny by {d} (require_approval.timeout)"),
+        None => "no approve or deny in time (require_approval.timeout)".into(),
     }
 }

@@ -21,10 +21,13 @@
 //! - [`state`]: the KV buckets (runs, leases, guardrails).
 //! - [`engine`]: guardrails, runs, resume, timeline, escalation.
 //! - `service`: the consumer loop.
+//! - [`control`]: requests on `tocsin.query.remediation` (runbooks, a
+//!   run's state, switches).
 //! - [`error`]: the error type, [`RemediationError`].
 #![deny(unreachable_pub)]
 
 pub mod config;
+pub mod control;
 pub mod engine;
 pub mod error;
 pub mod runbook;
@@ -141,10 +144,15 @@ pub async fn run(
         limits,
         counters,
         active: Default::default(),
+        waiting: Default::default(),
     });
     let reload = reload_on_hangup(engine.clone(), shutdown.clone());
+    let sweeper = tokio::spawn(engine.clone().sweep_approvals(shutdown.clone()));
+    let control = tokio::spawn(control::serve(engine.clone(), shutdown.clone()));
     service::run(engine, ctx.health.clone(), shutdown).await;
     reload.abort();
+    sweeper.abort();
+    control.abort();
     Ok(())
 }
 

@@ -21,7 +21,7 @@ use std::{
 
 use serde::Deserialize;
 use tocsin_proto::{
-    incident::{IncidentSummary, Severity},
+    incident::{EventKind, IncidentStatus, IncidentSummary, Severity},
     silence::Matcher,
 };
 use tocsin_rules::matchers::{deserialize_matchers, MatcherSet};
@@ -90,24 +90,69 @@ pub struct MatchSpec {
     pub severities: Vec<Severity>,
 }
 
-/// The incident events a run can start on.
+/// The incident events a run can start on: `opened`, `reopened`,
+/// `escalated` (someone, or a runbook, asked to escalate now),
+/// `acknowledged`, or `{escalated_to: N}`: escalation level N (counted
+/// from 1, as `tocsin show` does) fired its pages, the first round only,
+/// while the incident is unacknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "TriggerText")]
 pub enum Trigger {
     Opened,
     Reopened,
     Escalated,
     Acknowledged,
+    EscalatedTo(u32),
+}
+
+/// A trigger as written: a name, or `{escalated_to: N}`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TriggerText {
+    Name(String),
+    Level(LevelTrigger),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LevelTrigger {
+    escalated_to: u32,
+}
+
+impl TryFrom<TriggerText> for Trigger {
+    type Error = String;
+    fn try_from(t: TriggerText) -> Result<Self, String> {
+        match t {
+            TriggerText::Level(l) => Ok(Trigger::EscalatedTo(l.escalated_to)),
+            TriggerText::Name(n) => match n.as_str() {
+                "opened" => Ok(Trigger::Opened),
+                "reopened" => Ok(Trigger::Reopened),
+                "escalated" => Ok(Trigger::Escalated),
+                "acknowledged" => Ok(Trigger::Acknowledged),
+                other => Err(format!(
+                    "unknown trigger {other:?}; expected opened, reopened, escalated, acknowledged or {{escalated_to: N}}"
+                )),
+            },
+        }
+    }
 }
 
 impl Trigger {
-    /// The INCIDENTS subject kind.
-    pub fn kind(self) -> &'static str {
-        match self {
-            Trigger::Opened => "opened",
-            Trigger::Reopened => "reopened",
-            Trigger::Escalated => "escalated",
-            Trigger::Acknowledged => "acknowledged",
+    /// Whether incident event `ev` (of `incident`) is this trigger.
+    pub fn fits(self, ev: &EventKind, incident: &IncidentSummary) -> bool {
+        match (self, ev) {
+            (Trigger::Opened, EventKind::Opened { .. })
+            | (Trigger::Reopened, EventKind::Reopened)
+            | (Trigger::Escalated, EventKind::Escalated { .. })
+            | (Trigger::Acknowledged, EventKind::Acknowledged) => true,
+            // Level numbers on the wire count from 0. Reminders to whoever
+            // acknowledged record the same level: not a new escalation.
+            (Trigger::EscalatedTo(n), EventKind::Paged { level, repeat, .. }) => {
+                *repeat == 0
+                    && level.checked_add(1) == Some(n)
+                    && incident.status == IncidentStatus::Triggered
+            }
+            _ => false,
         }
     }
 }
@@ -147,6 +192,24 @@ pub struct Guardrails {
     /// A run taking longer fails (default 30m).
     #[serde(default = "half_hour")]
     pub run_timeout: HumanDuration,
+    /// A run waits for a person's decision before it starts
+    /// (`tocsin runbook approve|deny <run>`); no decision within
+    /// `timeout` escalates the incident.
+    #[serde(default)]
+    pub require_approval: Option<Approval>,
+}
+
+/// `require_approval: {timeout: 15m}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approval {
+    /// How long a run waits for approve or deny (default 15m; 1s to 7d).
+    #[serde(default = "quarter_hour")]
+    pub timeout: HumanDuration,
+}
+
+fn quarter_hour() -> HumanDuration {
+    HumanDuration::secs(900)
 }
 
 fn one() -> u32 {
@@ -172,6 +235,7 @@ impl Default for Guardrails {
             breaker_after: 5,
             breaker_reset: hour(),
             run_timeout: half_hour(),
+            require_approval: None,
         }
     }
 }
@@ -216,6 +280,12 @@ pub struct Step {
     /// Escalates now, with this reason (a template).
     #[serde(default)]
     pub escalate: Option<String>,
+    /// A NATS request: a subject, a payload, the reply expected.
+    #[serde(default)]
+    pub nats: Option<NatsStep>,
+    /// Posts a message to a Slack channel or a webhook through the notifier.
+    #[serde(default)]
+    pub notify: Option<NotifyStep>,
     /// Time for one attempt (default 60s; at most 1h).
     #[serde(default)]
     pub timeout: Option<HumanDuration>,
@@ -294,6 +364,39 @@ pub struct CheckStep {
     pub interval: Option<HumanDuration>,
 }
 
+/// `nats: {subject, payload, expect}`: a request; the step succeeds on a
+/// reply for which `expect` holds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsStep {
+    /// A template; rendered, every token must be plain (no `*`, `>`,
+    /// spaces or empty tokens). The remediation NATS user may publish to
+    /// `remediation.>` as shipped.
+    pub subject: String,
+    /// JSON whose strings are templates (sent as JSON), or a string
+    /// template (sent as text). Default: empty.
+    #[serde(default)]
+    pub payload: Option<serde_json::Value>,
+    /// A template condition over `result` (`result.body`, `result.json`);
+    /// default: any reply.
+    #[serde(default)]
+    pub expect: Option<String>,
+}
+
+/// `notify: {slack: "#ops", message: ...}` or `{webhook: name, message: ...}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyStep {
+    /// A Slack channel (`"#ops"`, or its id).
+    #[serde(default)]
+    pub slack: Option<String>,
+    /// A webhook by its name under `notifier.webhooks`.
+    #[serde(default)]
+    pub webhook: Option<String>,
+    /// The message (a template).
+    pub message: String,
+}
+
 /// A step's type, for dispatch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -305,6 +408,8 @@ pub enum Kind {
     Ack,
     Resolve,
     Escalate,
+    Nats,
+    Notify,
 }
 
 impl Kind {
@@ -318,6 +423,8 @@ impl Kind {
             Kind::Ack => "ack",
             Kind::Resolve => "resolve",
             Kind::Escalate => "escalate",
+            Kind::Nats => "nats",
+            Kind::Notify => "notify",
         }
     }
 }
@@ -350,6 +457,12 @@ impl Step {
         if self.escalate.is_some() {
             k.push(Kind::Escalate);
         }
+        if self.nats.is_some() {
+            k.push(Kind::Nats);
+        }
+        if self.notify.is_some() {
+            k.push(Kind::Notify);
+        }
         k
     }
 
@@ -378,9 +491,9 @@ impl Runbook {
             .unwrap_or(Duration::from_secs(600))
     }
 
-    /// Whether the runbook acts on `incident` after an event of `kind`.
-    pub fn applies(&self, kind: &str, incident: &IncidentSummary) -> bool {
-        if !self.on.iter().any(|t| t.kind() == kind) {
+    /// Whether the runbook acts on `incident` after event `ev`.
+    pub fn applies(&self, ev: &EventKind, incident: &IncidentSummary) -> bool {
+        if !self.on.iter().any(|t| t.fits(ev, incident)) {
             return false;
         }
         if !self.matches.severities.is_empty()
@@ -489,6 +602,24 @@ pub fn check(rb: &Runbook, allowed: &[String]) -> Vec<Problem> {
             Some("breaker_after".into()),
         ));
     }
+    if let Some(a) = &rb.guardrails.require_approval {
+        if a.timeout.0 < Duration::from_secs(1) || a.timeout.0 > Duration::from_secs(7 * 86400) {
+            out.push((
+                "guardrails.require_approval.timeout must be 1s to 7d".into(),
+                Some("require_approval".into()),
+            ));
+        }
+    }
+    for t in &rb.on {
+        if let Trigger::EscalatedTo(n) = t {
+            if *n == 0 || *n > 100 {
+                out.push((
+                    format!("on: escalated_to {n}: levels count from 1 (at most 100)"),
+                    Some("escalated_to".into()),
+                ));
+            }
+        }
+    }
     if let Err(e) = MatcherSet::new(&rb.matches.labels) {
         out.push((format!("match.labels: {e}"), Some("labels".into())));
     }
@@ -532,7 +663,7 @@ pub fn check(rb: &Runbook, allowed: &[String]) -> Vec<Problem> {
             match kinds.len() {
                 0 => out.push((
                     format!(
-                        "{what} has no type; give exactly one of http, exec, wait, check, annotate, ack, resolve, escalate"
+                        "{what} has no type; give exactly one of http, exec, wait, check, annotate, ack, resolve, escalate, nats, notify"
                     ),
                     at.clone(),
                 )),
@@ -564,6 +695,43 @@ pub fn check(rb: &Runbook, allowed: &[String]) -> Vec<Problem> {
             }
             if let Some(e) = &s.escalate {
                 templates.push(("escalate", e, false));
+            }
+            let mut json_templates: Vec<(&str, &serde_json::Value)> = Vec::new();
+            if let Some(n) = &s.nats {
+                templates.push(("nats.subject", &n.subject, false));
+                if n.subject.contains(['*', '>', ' ']) {
+                    out.push((
+                        format!("{what}: nats.subject {:?} must name one subject (no `*`, `>` or spaces)", n.subject),
+                        at.clone(),
+                    ));
+                }
+                if let Some(e) = &n.expect {
+                    templates.push(("nats.expect", e, true));
+                }
+                if let Some(p) = &n.payload {
+                    json_templates.push(("nats.payload", p));
+                }
+            }
+            if let Some(n) = &s.notify {
+                templates.push(("notify.message", &n.message, false));
+                match (&n.slack, &n.webhook) {
+                    (Some(c), None) => templates.push(("notify.slack", c, false)),
+                    (None, Some(w)) => templates.push(("notify.webhook", w, false)),
+                    _ => out.push((
+                        format!("{what}: notify needs exactly one of slack (a channel) or webhook (a name)"),
+                        at.clone(),
+                    )),
+                }
+            }
+            for (field, v) in json_templates {
+                let mut strings = Vec::new();
+                json_strings(v, &mut strings);
+                for p in strings
+                    .iter()
+                    .flat_map(|t| template::check(t, &params, &ids, false))
+                {
+                    out.push((format!("{what}: {field}: {p}"), at.clone()));
+                }
             }
             let mut execs: Vec<&ExecStep> = Vec::new();
             let mut https: Vec<&HttpStep> = Vec::new();
@@ -807,6 +975,41 @@ steps:
                 6,
                 "unknown variant `explode`",
             ),
+            (
+                "name: a\nmatch: {}\nsteps:\n  - id: x\n    nats: {subject: \"remediation.{{labels.svc}}\", expect: \"{{eq result.nope 1}}\"}\n",
+                4,
+                "unknown field result.nope",
+            ),
+            (
+                "name: a\nmatch: {}\nsteps:\n  - id: x\n    nats: {subject: \"remediation.>\"}\n",
+                4,
+                "must name one subject",
+            ),
+            (
+                "name: a\nmatch: {}\nsteps:\n  - id: x\n    nats: {subject: a, payload: {k: \"{{params.nope}}\"}}\n",
+                4,
+                "nats.payload",
+            ),
+            (
+                "name: a\nmatch: {}\nsteps:\n  - id: x\n    notify: {message: hi}\n",
+                4,
+                "notify needs exactly one of slack",
+            ),
+            (
+                "name: a\nmatch: {}\nsteps:\n  - id: x\n    notify: {slack: \"#ops\", message: \"{{incident.nope}}\"}\n",
+                4,
+                "unknown field incident.nope",
+            ),
+            (
+                "name: a\nmatch: {}\nsteps:\n  - id: x\n    notify: {email: a, message: hi}\n",
+                5,
+                "unknown field `email`",
+            ),
+            (
+                "name: a\nmatch: {}\nguardrails:\n  require_approval: {timeout: 0s}\nsteps:\n  - id: x\n    wait: 1s\n",
+                4,
+                "require_approval.timeout must be 1s to 7d",
+            ),
         ];
         for (text, line, part) in cases {
             let e = check_text(text).unwrap_err();
@@ -824,9 +1027,41 @@ steps:
         inc.labels
             .insert("alertname".into(), "HighAPILatency".into());
         inc.severity = Severity::High;
-        assert!(rb.applies("opened", &inc));
-        assert!(!rb.applies("acknowledged", &inc));
+        let opened = EventKind::Opened {
+            alert: serde_json::from_value(serde_json::json!({
+                "fingerprint": "0123456789abcdef", "source": "test", "labels": {},
+                "starts_at": "2026-01-01T00:00:00Z", "status": "firing"
+            }))
+            .unwrap_or_else(|e| panic!("alert info: {e}")),
+        };
+        assert!(rb.applies(&opened, &inc));
+        assert!(!rb.applies(&EventKind::Acknowledged, &inc));
         inc.severity = Severity::Low;
-        assert!(!rb.applies("opened", &inc));
+        assert!(!rb.applies(&opened, &inc));
+    }
+
+    #[test]
+    fn escalated_to_a_level_fits_its_first_round_while_unacknowledged() {
+        let text = "name: a\nmatch: {}\non: [acknowledged, {escalated_to: 2}]\nsteps:\n  - id: x\n    wait: 1s\n";
+        let rb = check_text(text).unwrap();
+        let mut inc =
+            IncidentSummary::new(uuid::Uuid::nil(), 1, "k", "t", jiff::Timestamp::UNIX_EPOCH);
+        let paged = |level, repeat| EventKind::Paged {
+            level,
+            repeat,
+            pages: vec![],
+            reason: String::new(),
+        };
+        assert!(rb.applies(&paged(1, 0), &inc));
+        assert!(!rb.applies(&paged(0, 0), &inc));
+        assert!(!rb.applies(&paged(1, 1), &inc));
+        assert!(rb.applies(&EventKind::Acknowledged, &inc));
+        inc.status = IncidentStatus::Acknowledged;
+        assert!(!rb.applies(&paged(1, 0), &inc));
+        let e = check_text(&text.replace("escalated_to: 2", "escalated_to: 0")).unwrap_err();
+        assert!(
+            e.contains("rb.yaml:3") && e.contains("levels count from 1"),
+            "{e}"
+        );
     }
 }

@@ -23,8 +23,18 @@ use crate::engine::Engine;
 /// The durable consumer every replica shares.
 pub const CONSUMER: &str = "tocsin-remediation";
 
-/// The incident events a runbook can start on.
-const KINDS: [&str; 4] = ["opened", "reopened", "escalated", "acknowledged"];
+/// The incident events a runbook can start on (`paged`: a level fired),
+/// people's requests (`runbook`: run by hand, approve, deny), and
+/// `resolved` (which ends the incident's runs waiting for approval).
+const KINDS: [&str; 7] = [
+    "opened",
+    "reopened",
+    "escalated",
+    "acknowledged",
+    "paged",
+    "runbook",
+    "resolved",
+];
 
 pub(crate) async fn run(
     engine: Arc<Engine>,

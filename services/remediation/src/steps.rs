@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::{
-    runbook::{CheckStep, ExecStep, HttpStep},
+    runbook::{CheckStep, ExecStep, HttpStep, NatsStep},
     template,
 };
 
@@ -354,6 +354,110 @@ pub fn render_json(v: &Value, ctx: &Value) -> Result<Value, String> {
         }
         other => other.clone(),
     })
+}
+
+/// Runs a `nats` request: the subject rendered (every token plain), the
+/// payload's strings rendered as data, the reply bounded and checked with
+/// `expect` (over `result`).
+pub async fn nats(
+    client: &async_nats::Client,
+    n: &NatsStep,
+    ctx: &Value,
+    timeout: Duration,
+    limits: &Limits,
+) -> Outcome {
+    let fail = |summary: String| Outcome {
+        ok: false,
+        summary,
+        output: empty_output("failed"),
+    };
+    let subject = match template::render(&n.subject, ctx) {
+        Ok(s) => s,
+        Err(m) => return fail(m),
+    };
+    let plain = |t: &str| {
+        !t.is_empty()
+            && t != "*"
+            && t != ">"
+            && !t.chars().any(|c| c.is_whitespace() || c.is_control())
+    };
+    if subject.len() > 255 || !subject.split('.').all(plain) {
+        return fail(format!(
+            "subject {subject:?} is not one plain NATS subject (no `*`, `>`, spaces or empty tokens)"
+        ));
+    }
+    let payload: Vec<u8> = match &n.payload {
+        None => Vec::new(),
+        Some(Value::String(s)) => match template::render(s, ctx) {
+            Ok(s) => s.into_bytes(),
+            Err(m) => return fail(m),
+        },
+        Some(v) => match render_json(v, ctx) {
+            Ok(v) => serde_json::to_vec(&v).unwrap_or_default(),
+            Err(m) => return fail(m),
+        },
+    };
+    let started = std::time::Instant::now();
+    let request = async_nats::Request::new()
+        .payload(payload.into())
+        .timeout(Some(timeout));
+    let reply = match client.send_request(subject.clone(), request).await {
+        Ok(r) => r,
+        Err(e) => {
+            let why = match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => {
+                    format!("nobody answers on {subject}")
+                }
+                async_nats::RequestErrorKind::TimedOut => {
+                    format!("no reply on {subject} within {timeout:?}")
+                }
+                _ => format!("request on {subject} failed: {e}"),
+            };
+            return fail(why);
+        }
+    };
+    let ms = started.elapsed().as_millis() as u64;
+    let bytes = &reply.payload[..];
+    let text = cut(&String::from_utf8_lossy(bytes), limits.max_output);
+    let parsed: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+    let mut output = json!({
+        "status": "succeeded",
+        "exit_code": null,
+        "stdout": "",
+        "stderr": "",
+        "http_status": null,
+        "body": text,
+        "json": parsed,
+        "captures": {},
+        "duration_ms": ms,
+        "attempts": 1,
+    });
+    let holds = match &n.expect {
+        None => Ok(true),
+        Some(e) => {
+            let mut with = ctx.clone();
+            if let Value::Object(m) = &mut with {
+                m.insert("result".into(), output.clone());
+            }
+            template::condition(e, &with)
+        }
+    };
+    let (ok, summary) = match holds {
+        Ok(true) => (true, format!("reply on {subject}")),
+        Ok(false) => (
+            false,
+            format!("the reply on {subject} is not what `expect` wants"),
+        ),
+        Err(m) => (false, format!("expect: {m}")),
+    };
+    if !ok {
+        output["status"] = "failed".into();
+    }
+    Outcome {
+        ok,
+        summary,
+        output,
+    }
 }
 
 /// Runs a `check`: the probe every `interval` until `until` holds, for at

@@ -210,7 +210,9 @@ fn check_path(
             )),
             _ => None,
         },
-        "result" => Some("`result` exists only in a check's `until`".into()),
+        "result" => {
+            Some("`result` exists only in a check's `until` and a nats step's `expect`".into())
+        }
         h if second.is_none() && HELPERS.contains(&h) => None,
         _ => Some(format!(
             "unknown field {tok}; templates read incident, labels, annotations, params, steps{}",

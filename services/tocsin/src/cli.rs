@@ -241,6 +241,75 @@ pub enum RunbookCommand {
     /// The runbooks the config's remediation.runbook_dirs hold, and the
     /// files refused.
     List,
+    /// Start runbook NAME on an incident now, through the remediation
+    /// service: every guardrail applies but `match`.
+    Run {
+        /// The runbook's name.
+        name: String,
+        /// Incident number (42 or #42) or id.
+        #[arg(long, value_parser = crate::ops::incident_ref)]
+        incident: IncidentRef,
+        /// Only record what it would do.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Let a run waiting for approval (`require_approval`) go ahead.
+    Approve {
+        /// The run id (on the incident's timeline).
+        run: String,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Refuse a run waiting for approval: it does not run, and the incident
+    /// escalates now.
+    Deny {
+        /// The run id (on the incident's timeline).
+        run: String,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Switch a runbook off (no new run starts; runs in progress go on), or
+    /// every runbook with --all (the kill switch).
+    Disable {
+        /// The runbook's name.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Every runbook (the kill switch).
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Switch a runbook (or with --all, the kill switch) back on.
+    Enable {
+        /// The runbook's name.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// The kill switch.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        who: Who,
+    },
+}
+
+impl RunbookCommand {
+    /// Whether it asks the running services (the others read local files).
+    fn remote(&self) -> bool {
+        !matches!(self, RunbookCommand::Lint { .. } | RunbookCommand::List)
+    }
+}
+
+/// Who is acting, and how the answer is printed.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Who {
+    /// Who is acting (recorded on the timeline). Default: $USER.
+    #[arg(long = "as", env = "USER", default_value = "operator")]
+    pub actor: String,
+    #[command(flatten)]
+    pub output: OutputArg,
 }
 
 /// Which incident, and who is acting.
@@ -319,6 +388,7 @@ pub fn main(forced: Option<Command>) -> ExitCode {
         | Command::Show { .. }
         | Command::Silence(_)
         | Command::Report { .. } => operate(&cli),
+        Command::Runbook(ref r) if r.remote() => operate(&cli),
         Command::Completions { ref shell } => {
             let shell = match shell.as_str() {
                 "bash" => clap_complete::Shell::Bash,
@@ -469,6 +539,9 @@ fn operate(cli: &Cli) -> ExitCode {
                 at,
                 output,
             } => return crate::ops::oncall(&config, schedule.clone(), *at, &output.style()).await,
+            Command::Runbook(r) => {
+                return crate::runbooks::remote(&config, r).await;
+            }
             Command::Silence(SilenceCommand::List { output }) => {
                 return crate::ops::silences(&config, &output.style()).await
             }
@@ -584,7 +657,7 @@ pub mod exit {
 
 /// Bad input found after parsing the command line (a matcher, a duration).
 #[derive(Debug)]
-struct Usage(String);
+pub(crate) struct Usage(pub(crate) String);
 
 impl std::fmt::Display for Usage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -66,7 +66,7 @@ impl std::error::Error for NatsUnreachable {}
 
 /// One attempt to reach NATS (no retries, so no lines of warnings before
 /// the answer); the error names the URL tried.
-async fn connect(config: &Config) -> anyhow::Result<Client> {
+pub(crate) async fn connect(config: &Config) -> anyhow::Result<Client> {
     let patience = config.patience;
     let url = &config.nats.url;
     let client = match tocsin_runtime::nats::connect_once_as(
@@ -145,7 +145,7 @@ pub async fn command(config: &Config, actor: &str, action: Action) -> anyhow::Re
 
 /// A failed request in words: nobody answering means the service is not
 /// running (or not connected to this NATS).
-fn request_failed(e: &async_nats::RequestError, service: &str) -> anyhow::Error {
+pub(crate) fn request_failed(e: &async_nats::RequestError, service: &str) -> anyhow::Error {
     match e.kind() {
         async_nats::RequestErrorKind::NoResponders => {
             anyhow::anyhow!("no {service} service answers on this NATS; is it running?")
@@ -274,7 +274,7 @@ fn incident_json(i: &IncidentSummary) -> serde_json::Value {
     })
 }
 
-fn to_json(v: &serde_json::Value) -> anyhow::Result<String> {
+pub(crate) fn to_json(v: &serde_json::Value) -> anyhow::Result<String> {
     Ok(format!("{}\n", serde_json::to_string_pretty(v)?))
 }
 
@@ -401,6 +401,18 @@ fn describe_event(e: &IncidentEvent, style: &Style) -> String {
             format!("paged {who} ({why})")
         }
         EventKind::Delivery { delivery } => format!("delivery: {}", delivery.describe()),
+        EventKind::Runbook { request } => match request {
+            tocsin_proto::incident::RunbookRequest::Run { runbook, dry_run } => format!(
+                "asked to run runbook {runbook}{}",
+                if *dry_run { " (dry run)" } else { "" }
+            ),
+            tocsin_proto::incident::RunbookRequest::Approve { run } => {
+                format!("approved runbook run {run}")
+            }
+            tocsin_proto::incident::RunbookRequest::Deny { run } => {
+                format!("denied runbook run {run}")
+            }
+        },
     }
 }
 

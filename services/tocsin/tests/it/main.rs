@@ -7,5 +7,7 @@ mod notifier_crash;
 mod ops;
 mod page_path;
 mod remediation_crash;
+mod remediation_reload;
 mod report;
+mod runbook_cli;
 mod support;
