@@ -30,15 +30,17 @@ use crate::{
     EscalationError,
 };
 
+/// Registered once per process (a service that loses its lease and takes
+/// it again reuses them).
 #[derive(Clone)]
-struct EscalationMetrics {
+pub(crate) struct EscalationMetrics {
     pages: Family<Labels, Counter>,
     tracks: Gauge,
     lateness: Histogram,
 }
 
 impl EscalationMetrics {
-    fn register(m: &Metrics) -> Self {
+    pub(crate) fn register(m: &Metrics) -> Self {
         let s = EscalationMetrics {
             pages: Family::default(),
             tracks: Gauge::default(),
@@ -100,7 +102,7 @@ impl Service {
         dir: &Path,
         js: jetstream::Context,
         clock: Arc<dyn Clock>,
-        metrics: &Metrics,
+        metrics: EscalationMetrics,
     ) -> Result<Self, EscalationError> {
         let (store, tracks, seq) = open_store(dir)?;
         let shared: SharedTracks = Arc::new(std::sync::RwLock::new(tracks.map.clone()));
@@ -112,7 +114,7 @@ impl Service {
             store,
             js,
             clock,
-            metrics: EscalationMetrics::register(metrics),
+            metrics,
         })
     }
 

@@ -102,6 +102,8 @@ pub fn compile(config: &IncidentsConfig) -> Result<core::CoreConfig, IncidentsEr
             "max_attempts is 0; use at least 1 (default 5)".into(),
         ));
     }
+    tocsin_runtime::lease::check_ttl("incidents.lease_ttl", config.lease_ttl.get())
+        .map_err(IncidentsError::Config)?;
     if config.max_annotations == 0 {
         return Err(IncidentsError::Config(
             "max_annotations is 0; use at least 1 (default 64)".into(),
@@ -123,27 +125,47 @@ pub fn compile(config: &IncidentsConfig) -> Result<core::CoreConfig, IncidentsEr
     })
 }
 
-/// Runs the incidents service until `ctx.shutdown` is cancelled: catches
-/// up from the INCIDENTS stream, then consumes ALERTS and COMMANDS, fires
-/// timers by `ctx.clock`, and answers queries. The `incidents` health
-/// check passes once it has caught up and answers queries. It serves no
-/// HTTP (`_listener` is for the one signature every service has).
+/// Runs the incidents service until `ctx.shutdown` is cancelled, as the
+/// active instance while it holds the `incidents` lease and as a standby
+/// otherwise (`tocsin_runtime::lease::lead`): each time it takes the lease
+/// it starts afresh from its store and catches up from the INCIDENTS stream
+/// before it consumes or publishes anything. It serves no HTTP (`_listener`
+/// is for the one signature every service has).
 pub async fn run(
     config: IncidentsConfig,
     ctx: &ServiceContext,
     _listener: Option<tokio::net::TcpListener>,
 ) -> Result<(), IncidentsError> {
-    let (client, js, metrics, health, clock, shutdown) = (
+    // Checked before waiting: a standby with a bad config fails at start.
+    compile(&config)?;
+    let m = events::IncidentsMetrics::register(&ctx.metrics);
+    let ttl = config.lease_ttl.get();
+    tocsin_runtime::lease::lead(ctx, "incidents", ttl, |tenure| {
+        let (config, m) = (config.clone(), m.clone());
+        async move { run_active(config, &tenure, m).await }
+    })
+    .await
+}
+
+/// One tenure as the active instance: catches up from the INCIDENTS
+/// stream, then consumes ALERTS and COMMANDS, fires timers by `ctx.clock`,
+/// and answers queries, until `ctx.shutdown` is cancelled (or the lease is
+/// lost, and this future dropped). The `incidents` health check passes once
+/// it has caught up and answers queries.
+async fn run_active(
+    config: IncidentsConfig,
+    ctx: &ServiceContext,
+    m: events::IncidentsMetrics,
+) -> Result<(), IncidentsError> {
+    let (client, js, health, clock, shutdown) = (
         ctx.client(),
         ctx.js.clone(),
-        &ctx.metrics,
         &ctx.health,
         ctx.clock.clone(),
         ctx.shutdown.clone(),
     );
     health.set_failing("incidents", "catching up with the INCIDENTS stream");
     let core = compile(&config)?;
-    let m = events::IncidentsMetrics::register(metrics);
     let svc = service::Service::new(
         &config,
         core,
@@ -160,13 +182,15 @@ pub async fn run(
         .await
         .map_err(|e| IncidentsError::JetStream(format!("cannot subscribe to queries: {e}")))?;
     health.set_ok("incidents");
-    let queries = tokio::spawn(query::serve(
+    // Aborted with this future too (a lost lease drops it): no stale
+    // responder outlives the tenure.
+    let queries = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(query::serve(
         client,
         js,
         subs,
         svc.proj.clone(),
         shutdown.clone(),
-    ));
+    )));
     let result = svc.run(shutdown, ctx.watermark.clone()).await;
     let _ = queries.await;
     result

@@ -15,6 +15,8 @@
 //! - [`admin`]: [`admin::Health`], [`admin::Metrics`] and the admin server.
 //! - [`http_server`]: the bounded connection layer under a service's HTTP
 //!   router (header timeout, head size, idle timeout, connection cap).
+//! - [`lease`]: one active instance per role (incidents, escalation), the
+//!   others standing by: a lease in JetStream KV.
 //! - [`clock`]: the one injected clock (system time, or manual in tests).
 //! - [`telemetry`]: tracing subscriber set-up, human or JSON.
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
@@ -29,6 +31,7 @@ pub mod context;
 pub mod error;
 pub mod http_server;
 pub mod kv;
+pub mod lease;
 pub mod nats;
 pub mod progress;
 pub mod shutdown;
