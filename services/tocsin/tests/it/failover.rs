@@ -229,6 +229,17 @@ impl Poster {
     }
 }
 
+/// When the lease of `role` was last written (JetStream's time, ns).
+async fn lease_writes(js: &jetstream::Context, role: &str) -> i128 {
+    let stream = format!("KV_{}", tocsin_runtime::lease::bucket(role));
+    let mut s = js.get_stream(&stream).await.expect("lease bucket");
+    let last = s.info().await.expect("stream info").state.last_sequence;
+    match s.get_raw_message(last).await {
+        Ok(m) => m.time.unix_timestamp_nanos(),
+        Err(_) => 0,
+    }
+}
+
 /// The highest term of `role` seen on `stream`.
 async fn max_term(js: &jetstream::Context, stream: &str, role: &str) -> u64 {
     read_raw(js, stream)
@@ -329,6 +340,7 @@ async fn a_standby_takes_over_and_nothing_is_lost_or_duplicated() {
         let term = max_term(&js, STREAM_INCIDENTS, "incidents").await;
         let killed_at = ns_since_epoch(SystemTime::now());
         incidents[active].kill();
+        let last_renewal = lease_writes(&js, "incidents").await;
         // The standby's first new incident, as stored by JetStream.
         let first = eventually_within(TAKEOVER, || async {
             read_raw(&js, STREAM_INCIDENTS)
@@ -341,7 +353,13 @@ async fn a_standby_takes_over_and_nothing_is_lost_or_duplicated() {
         .await
         .unwrap_or_else(|e| panic!("kill {kill}: {e}\n{}", incidents[1 - active].log_text()));
         let secs = (first - killed_at) as f64 / 1e9;
-        eprintln!("failover {kill}: kill -> first new incident {secs:.2}s");
+        let taken = lease_writes(&js, "incidents").await;
+        eprintln!(
+            "failover {kill}: kill -> first new incident {secs:.2}s (last renewal {:.2}s \
+             before the kill, the lease taken {:.2}s after it)",
+            (killed_at - last_renewal) as f64 / 1e9,
+            (taken - killed_at) as f64 / 1e9,
+        );
         failovers.push(secs);
         // The killed one comes back as the standby.
         incidents[active].restart();
