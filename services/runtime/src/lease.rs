@@ -361,6 +361,31 @@ async fn acquire(
             Some(b) => {
                 poll = b.timing.poll_every();
                 match read(b).await {
+                    // Still ours (this instance stood down, say while NATS
+                    // was unreachable, and nobody took the lease since): take
+                    // it back at once, in the same term, instead of waiting
+                    // for it to expire. Nothing of the old tenure runs any
+                    // more.
+                    Ok(Some((r, rev))) if r.holder == me => {
+                        let term = r.term_at(rev);
+                        let sent = Instant::now();
+                        let record = Record {
+                            holder: me.to_string(),
+                            term: Some(term),
+                        };
+                        match write_checked(&b.kv, KEY, encode(&record), Some(rev)).await {
+                            Ok(rev) => {
+                                let mut s = State::Standby;
+                                s.acquired(b.timing, sent, rev);
+                                if let State::Leader { term: t, .. } = &mut s {
+                                    *t = term;
+                                }
+                                let (tx, _) = watch::channel(s);
+                                return bucket.map(|b| (b, tx));
+                            }
+                            Err(e) => format!("standby: cannot take back its own lease: {e}"),
+                        }
+                    }
                     Ok(Some((r, rev))) => {
                         passing = true;
                         format!("standby: {} is active (term {})", r.holder, r.term_at(rev))

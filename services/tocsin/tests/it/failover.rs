@@ -609,3 +609,90 @@ async fn a_frozen_active_instance_never_acts_after_its_standby_took_over() {
     assert_eq!(unique.len(), names.len(), "an alert in two incidents");
     assert_eq!(names.len(), total);
 }
+
+/// NATS goes away: the active instance cannot renew its lease and stands
+/// down (2/3 of the TTL after its last renewal, `tocsin_leader` 0 on both);
+/// when NATS is back exactly one instance is active again, and every alert
+/// is in exactly one incident, written by terms that never go back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_cut_off_from_nats_stands_down_and_one_is_active_again() {
+    let mut nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ingest_port = free_port();
+    let (cfg_a, cfg_b) = (
+        config(&nats, dir.path(), ingest_port, "a"),
+        config(&nats, dir.path(), ingest_port, "b"),
+    );
+    let mut ingest = Proc::start(&cfg_a, dir.path(), &["ingest"]);
+    ingest.ready().await;
+    let mut incidents = [
+        Proc::start(&cfg_a, dir.path(), &["incidents"]),
+        Proc::start(&cfg_b, dir.path(), &["incidents"]),
+    ];
+    for p in incidents.iter_mut() {
+        p.ready().await;
+    }
+    let active = active_of(&incidents, "incidents").await;
+    let opened_count = |n: usize, js: jetstream::Context| async move {
+        let have = read_raw(&js, STREAM_INCIDENTS)
+            .await
+            .iter()
+            .filter(|r| opened(r).is_some())
+            .count();
+        if have >= n {
+            Ok(())
+        } else {
+            Err(have)
+        }
+    };
+    for i in 0..3 {
+        post_alerts(
+            ingest_port,
+            &serde_json::json!([alert(&format!("Outage{i}"), "firing")]),
+        )
+        .await;
+    }
+    let js = jetstream::new(nats.client().await);
+    eventually_within(TAKEOVER, || opened_count(3, js.clone()))
+        .await
+        .expect("the first incidents");
+
+    nats.stop();
+    eventually_within(TAKEOVER, || async {
+        let states = [
+            role_state(&incidents[0], "incidents").await,
+            role_state(&incidents[1], "incidents").await,
+        ];
+        if states.iter().all(|(_, leader)| *leader == Some(0)) {
+            Ok(())
+        } else {
+            Err(format!("{states:?}"))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the active instance never stood down: {e}"));
+    assert!(incidents[active].log_text().contains("standing down"));
+
+    nats.restart().await;
+    active_of(&incidents, "incidents").await;
+    for i in 3..6 {
+        post_alerts(
+            ingest_port,
+            &serde_json::json!([alert(&format!("Outage{i}"), "firing")]),
+        )
+        .await;
+    }
+    let js = jetstream::new(nats.client().await);
+    eventually_within(TAKEOVER, || opened_count(6, js.clone()))
+        .await
+        .expect("every alert has its incident");
+    let raws = read_raw(&js, STREAM_INCIDENTS).await;
+    terms_never_go_back(&raws, "incidents", STREAM_INCIDENTS);
+    let names: BTreeSet<String> = raws
+        .iter()
+        .filter_map(opened)
+        .map(|(name, _, _)| name)
+        .collect();
+    assert_eq!(names.len(), 6);
+    assert_eq!(raws.iter().filter_map(opened).count(), 6);
+}
