@@ -165,6 +165,9 @@ async fn run_active(
         ctx.shutdown.clone(),
     );
     health.set_failing("incidents", "catching up with the INCIDENTS stream");
+    if !streams_in_place(&js, &shutdown).await {
+        return Ok(());
+    }
     let core = compile(&config)?;
     let svc = service::Service::new(
         &config,
@@ -194,4 +197,40 @@ async fn run_active(
     let result = svc.run(shutdown, ctx.watermark.clone()).await;
     let _ = queries.await;
     result
+}
+
+/// Waits until the streams incidents reads and writes exist; false if shut
+/// down first. On a first start they are being created alongside (app
+/// start-up, in some order): a missing one is worth a warning only if it
+/// stays missing.
+async fn streams_in_place(
+    js: &async_nats::jetstream::Context,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> bool {
+    use tocsin_proto::subjects::{STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS};
+    let started = std::time::Instant::now();
+    let mut delay = std::time::Duration::from_millis(50);
+    loop {
+        let mut missing = None;
+        for stream in [STREAM_INCIDENTS, STREAM_ALERTS, STREAM_COMMANDS] {
+            if let Err(e) = js.get_stream(stream).await {
+                missing = Some((stream, e));
+                break;
+            }
+        }
+        match missing {
+            None => return true,
+            Some((stream, e)) if started.elapsed() < std::time::Duration::from_secs(30) => {
+                tracing::debug!(stream, error = %e, "waiting for the stream to be created")
+            }
+            Some((stream, e)) => {
+                tracing::warn!(stream, error = %e, "cannot find the stream yet; retrying")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(std::time::Duration::from_secs(2));
+    }
 }
