@@ -708,10 +708,7 @@ mod tests {
         let t = Timing {
             ttl: Duration::from_secs(5),
         };
-        assert_eq!(
-            t.renew_every(),
-            Duration::from_millis(1666) + Duration::from_nanos(666_667)
-        );
+        assert_eq!(t.renew_every(), Duration::from_nanos(1_666_666_666));
         assert_eq!(t.poll_every(), Duration::from_millis(500));
         assert!(t.valid_for() + t.renew_every() <= t.ttl);
         assert!(check_ttl("incidents.lease_ttl", Duration::from_millis(300))
