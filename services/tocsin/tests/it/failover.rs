@@ -376,20 +376,20 @@ async fn a_standby_takes_over_and_nothing_is_lost_or_duplicated() {
         let killed_at = ns_since_epoch(SystemTime::now());
         escalation[active].kill();
         escalation_kills.push((killed_at, term));
-        eventually_within(TAKEOVER, || async {
-            let n = read_raw(&js, STREAM_NOTIFY)
+        let first = eventually_within(TAKEOVER, || async {
+            read_raw(&js, STREAM_NOTIFY)
                 .await
-                .iter()
-                .filter(|r| r.lease.as_ref().is_some_and(|(_, t)| *t > term))
-                .count();
-            if n > 0 {
-                Ok(())
-            } else {
-                Err("no page from a new escalation term yet")
-            }
+                .into_iter()
+                .find(|r| r.lease.as_ref().is_some_and(|(_, t)| *t > term))
+                .map(|r| r.time_ns)
+                .ok_or("no page from a new escalation term yet")
         })
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", escalation[1 - active].log_text()));
+        eprintln!(
+            "escalation failover: kill -> first page from the standby {:.2}s",
+            (first - killed_at) as f64 / 1e9
+        );
         escalation[active].restart();
         escalation[active].ready().await;
     }
