@@ -99,7 +99,7 @@ pub struct Page {
 impl Page {
     /// `tocsin.notify.<channel>`.
     pub fn subject(&self) -> String {
-        format!("tocsin.notify.{}", self.channel.as_str())
+        crate::subjects::notify_subject(self.channel.as_str())
     }
 
     /// The stable page id for these coordinates.

@@ -111,6 +111,22 @@ pub fn silence_subject(id: &str, kind: &str) -> String {
 /// Filter for every incident event.
 pub const INCIDENT_EVENTS: &str = "tocsin.incidents.inc.>";
 
+/// Filter for every event of one incident: `tocsin.incidents.inc.<id>.>`.
+pub fn incident_events_of(id: &uuid::Uuid) -> String {
+    format!("tocsin.incidents.inc.{}.>", id.simple())
+}
+
+/// Filter for one kind of event of every incident:
+/// `tocsin.incidents.inc.*.<kind>` (kind as [`incident_subject`] names it).
+pub fn incident_events_kind(kind: &str) -> String {
+    format!("tocsin.incidents.inc.*.{kind}")
+}
+
+/// Subject of the pages for one channel: `tocsin.notify.<channel>`.
+pub fn notify_subject(channel: &str) -> String {
+    format!("tocsin.notify.{channel}")
+}
+
 /// Request/reply subjects served by the incidents and escalation services
 /// (core NATS, not stored: a query has no effect to keep).
 pub mod query {
@@ -150,6 +166,25 @@ pub fn is_valid_token(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filters_name_the_subjects_they_select() {
+        let id = uuid::Uuid::from_u128(0xabc);
+        let subject = incident_subject(&id, "opened");
+        assert_eq!(
+            subject,
+            "tocsin.incidents.inc.00000000000000000000000000000abc.opened"
+        );
+        assert_eq!(
+            incident_events_of(&id),
+            "tocsin.incidents.inc.00000000000000000000000000000abc.>"
+        );
+        assert_eq!(
+            incident_events_kind("opened"),
+            "tocsin.incidents.inc.*.opened"
+        );
+        assert_eq!(notify_subject("sms"), "tocsin.notify.sms");
+    }
 
     #[test]
     fn alert_subject_is_hierarchical() {

@@ -40,7 +40,7 @@ use tocsin_runtime::config::parse_duration;
 
 /// Binaries a unit or container may start: nats-server and the `[[bin]]`
 /// targets of services/tocsin (`tocsin`, `tocsin-ingest`, ...).
-fn binaries() -> BTreeSet<String> {
+pub(crate) fn binaries() -> BTreeSet<String> {
     let manifest = read(&root().join("services/tocsin/Cargo.toml"));
     let mut names = BTreeSet::from(["nats-server".to_string()]);
     let mut in_bin = false;
@@ -63,7 +63,7 @@ fn binaries() -> BTreeSet<String> {
 }
 
 /// Longest the NATS client flush may take after the grace period (app.rs).
-const NATS_DRAIN: Duration = Duration::from_secs(5);
+pub(crate) const NATS_DRAIN: Duration = Duration::from_secs(5);
 
 /// Default of `--grace-period` / `TOCSIN_GRACE_PERIOD`.
 const DEFAULT_GRACE: Duration = Duration::from_secs(30);
@@ -72,7 +72,7 @@ const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 const DEFAULT_ADMIN: &str = "127.0.0.1:9464";
 
 /// Placeholder that example secrets must use.
-const PLACEHOLDER: &str = "REPLACE_ME";
+pub(crate) const PLACEHOLDER: &str = "REPLACE_ME";
 
 /// systemd units shipped in deploy/systemd, each `<binary>.service` running
 /// that binary.
@@ -90,15 +90,18 @@ const UNITS: &[&str] = &[
 /// binary of its container).
 const WORKLOADS: &[(&str, &str, &str)] = &[
     ("Deployment", "tocsin-ingest", "tocsin-ingest"),
+    ("Deployment", "tocsin-incidents", "tocsin-incidents"),
+    ("Deployment", "tocsin-escalation", "tocsin-escalation"),
     ("Deployment", "tocsin-notifier", "tocsin-notifier"),
     ("Deployment", "tocsin-chatops", "tocsin-chatops"),
+    ("Deployment", "tocsin-remediation", "tocsin-remediation"),
 ];
 
 /// Content of every secret file in the test (long enough for a token, and
 /// exactly a PagerDuty routing key's 32 characters).
 const TEST_SECRET: &str = "shippedfilestestsecret0123456789";
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .canonicalize()
@@ -106,7 +109,7 @@ fn root() -> PathBuf {
 }
 
 /// Path relative to the repository root, for messages.
-fn rel(path: &Path) -> String {
+pub(crate) fn rel(path: &Path) -> String {
     path.strip_prefix(root())
         .unwrap_or(path)
         .display()
@@ -147,12 +150,12 @@ fn with_extension(exts: &[&str]) -> Vec<PathBuf> {
         .collect()
 }
 
-fn read(path: &Path) -> String {
+pub(crate) fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", rel(path)))
 }
 
 /// All documents of a YAML file (empty documents left out).
-fn yaml_documents(path: &Path) -> Result<Vec<Value>, String> {
+pub(crate) fn yaml_documents(path: &Path) -> Result<Vec<Value>, String> {
     let text = read(path);
     let mut docs = Vec::new();
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
@@ -165,11 +168,14 @@ fn yaml_documents(path: &Path) -> Result<Vec<Value>, String> {
     Ok(docs)
 }
 
+/// The Kubernetes manifests of the kustomize base (the overlays hold
+/// patches, and nats-values.yaml Helm values: tests/it/deploy_files.rs
+/// checks those).
 fn is_k8s_manifest(path: &Path) -> bool {
-    path.starts_with(root().join("deploy/k8s"))
+    path.starts_with(root().join("deploy/k8s/base"))
 }
 
-fn k8s_documents() -> Vec<(PathBuf, Value)> {
+pub(crate) fn k8s_documents() -> Vec<(PathBuf, Value)> {
     with_extension(&["yaml", "yml"])
         .into_iter()
         .filter(|p| is_k8s_manifest(p))
@@ -180,7 +186,7 @@ fn k8s_documents() -> Vec<(PathBuf, Value)> {
         .collect()
 }
 
-fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+pub(crate) fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     let mut cur = v;
     for key in path {
         cur = cur.get(*key)?;
@@ -188,12 +194,12 @@ fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     cur.as_str()
 }
 
-fn kind(doc: &Value) -> &str {
+pub(crate) fn kind(doc: &Value) -> &str {
     str_at(doc, &["kind"]).unwrap_or("")
 }
 
 /// `${NAME}` references without a default: what must be in the environment.
-fn required_env_refs(text: &str) -> BTreeSet<String> {
+pub(crate) fn required_env_refs(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let mut rest = text;
     while let Some(i) = rest.find("${") {
@@ -208,9 +214,43 @@ fn required_env_refs(text: &str) -> BTreeSet<String> {
     names
 }
 
+/// The `${NAME}` references (without a default) a process running
+/// `services` must have in its environment: those of the sections it reads.
+/// `Config::load` skips the `ingest`, `notifier`, `chatops` and
+/// `remediation` sections of services it does not run, and the
+/// `nats.credentials` of other identities (the admin's it reads).
+pub(crate) fn needed_env_refs(text: &str, services: &[Service]) -> BTreeSet<String> {
+    let Ok(mut doc) = serde_yaml_ng::from_str::<Value>(text) else {
+        return required_env_refs(&without_comment_lines(text));
+    };
+    let names: Vec<&str> = services.iter().map(|s| s.name()).collect();
+    if let Some(top) = doc.as_mapping_mut() {
+        for section in ["ingest", "notifier", "chatops", "remediation"] {
+            if !names.contains(&section) {
+                top.remove(section);
+            }
+        }
+        if let Some(creds) = top
+            .get_mut("nats")
+            .and_then(|n| n.get_mut("credentials"))
+            .and_then(Value::as_mapping_mut)
+        {
+            creds.retain(|k, _| {
+                k.as_str()
+                    .is_some_and(|k| k == "admin" || names.contains(&k))
+            });
+        }
+    }
+    required_env_refs(&serde_yaml_ng::to_string(&doc).unwrap_or_default())
+}
+
 /// Loads a Tocsin config with the real loader for `services`, after giving
 /// each variable it needs a test value (long enough for a token).
-fn load_tocsin_config(origin: &str, path: &Path, services: &[Service]) -> Result<Config, String> {
+pub(crate) fn load_tocsin_config(
+    origin: &str,
+    path: &Path,
+    services: &[Service],
+) -> Result<Config, String> {
     for name in required_env_refs(&read(path)) {
         // Only this test binary's environment; every test here sets the same values.
         std::env::set_var(&name, format!("shipped-files-test-{name}"));
@@ -219,16 +259,16 @@ fn load_tocsin_config(origin: &str, path: &Path, services: &[Service]) -> Result
 }
 
 /// A Tocsin config file embedded in a Kubernetes ConfigMap (every key
-/// ending in `.yaml`).
-struct Embedded {
+/// ending in `.yaml` that names `nats:` or `jetstream:`).
+pub(crate) struct Embedded {
     /// Where it came from, for messages.
-    origin: String,
-    configmap: String,
-    key: String,
-    text: String,
+    pub(crate) origin: String,
+    pub(crate) configmap: String,
+    pub(crate) key: String,
+    pub(crate) text: String,
 }
 
-fn tocsin_configs_in_configmaps() -> Vec<Embedded> {
+pub(crate) fn tocsin_configs_in_configmaps() -> Vec<Embedded> {
     let mut out = Vec::new();
     for (path, doc) in k8s_documents() {
         if kind(&doc) != "ConfigMap" {
@@ -241,6 +281,12 @@ fn tocsin_configs_in_configmaps() -> Vec<Embedded> {
                 continue;
             };
             if !key.ends_with(".yaml") {
+                continue;
+            }
+            // Runbooks (tocsin-runbooks) are YAML too: a Tocsin config
+            // names NATS or the streams.
+            let parsed = serde_yaml_ng::from_str::<Value>(text).ok();
+            if parsed.is_some_and(|v| v.get("nats").is_none() && v.get("jetstream").is_none()) {
                 continue;
             }
             out.push(Embedded {
@@ -314,7 +360,7 @@ fn tocsin_containers() -> Vec<TocsinContainer> {
 
 /// How a container is started (`command` + `args`, literal `env` values);
 /// None without a command.
-fn container_launch(origin: &str, c: &Value) -> Option<Launch> {
+pub(crate) fn container_launch(origin: &str, c: &Value) -> Option<Launch> {
     let strings = |key: &str| -> Vec<String> {
         c.get(key)
             .and_then(Value::as_sequence)
@@ -379,7 +425,11 @@ fn volume_key(source: &Value, file: &str) -> Option<String> {
 
 /// The ConfigMap key a container's `--config` file comes from: (ConfigMap
 /// name, key), or why there is none.
-fn mounted_config(pod: &Value, c: &Value, config: &Path) -> Result<(String, String), String> {
+pub(crate) fn mounted_config(
+    pod: &Value,
+    c: &Value,
+    config: &Path,
+) -> Result<(String, String), String> {
     for m in c
         .get("volumeMounts")
         .and_then(Value::as_sequence)
@@ -481,7 +531,7 @@ fn with_test_secret_files(
 }
 
 /// Lines of a NATS config without comments (`#` or `//` to the end of line).
-fn nats_conf_lines(text: &str) -> Vec<String> {
+pub(crate) fn nats_conf_lines(text: &str) -> Vec<String> {
     text.lines()
         .map(|l| {
             let l = l.split('#').next().unwrap_or("");
@@ -515,7 +565,11 @@ fn check_sync_interval(origin: &str, text: &str) -> Result<(), String> {
 }
 
 /// `nats-server -t -c FILE` with `env` added to its environment.
-fn nats_server_test_config(origin: &str, file: &Path, env: &[(&str, &str)]) -> Result<(), String> {
+pub(crate) fn nats_server_test_config(
+    origin: &str,
+    file: &Path,
+    env: &[(&str, &str)],
+) -> Result<(), String> {
     let bin = tocsin_tests::nats::nats_server_bin().unwrap_or_else(|e| panic!("{e}"));
     let out = Command::new(&bin)
         .arg("-t")
@@ -535,33 +589,33 @@ fn nats_server_test_config(origin: &str, file: &Path, env: &[(&str, &str)]) -> R
     }
 }
 
-fn fail_on(problems: Vec<String>) {
+pub(crate) fn fail_on(problems: Vec<String>) {
     assert!(problems.is_empty(), "\n{}\n", problems.join("\n"));
 }
 
 /// How a Tocsin process is started: binary name, arguments, environment.
-struct Launch {
-    origin: String,
-    binary: String,
-    args: Vec<String>,
-    env: BTreeMap<String, String>,
+pub(crate) struct Launch {
+    pub(crate) origin: String,
+    pub(crate) binary: String,
+    pub(crate) args: Vec<String>,
+    pub(crate) env: BTreeMap<String, String>,
 }
 
 /// What a Tocsin process would run with.
-struct Started {
-    grace: Duration,
-    admin: SocketAddr,
+pub(crate) struct Started {
+    pub(crate) grace: Duration,
+    pub(crate) admin: SocketAddr,
     /// The services it runs (`tocsin up`: all of them).
-    services: Vec<Service>,
+    pub(crate) services: Vec<Service>,
     /// Its config file.
-    config: PathBuf,
+    pub(crate) config: PathBuf,
 }
 
 impl Launch {
     /// Parses the command line with the real CLI, the way the binary does
     /// (`tocsin-ingest` takes the global flags only), and returns what it
     /// would run with.
-    fn check(&self) -> Result<Started, String> {
+    pub(crate) fn check(&self) -> Result<Started, String> {
         use tocsin::cli::Command;
         let origin = &self.origin;
         let mut argv = vec!["tocsin".to_string()];
@@ -589,6 +643,8 @@ impl Launch {
             (None, Command::Incidents) => vec![Service::Incidents],
             (None, Command::Escalation) => vec![Service::Escalation],
             (None, Command::Notifier) => vec![Service::Notifier],
+            (None, Command::Chatops) => vec![Service::Chatops],
+            (None, Command::Remediation) => vec![Service::Remediation],
             (None, other) => {
                 return Err(format!("{origin}: runs {other:?}, not a service"));
             }
@@ -1008,7 +1064,118 @@ fn nats_configs() -> Vec<(String, String, BTreeMap<String, String>)> {
             ));
         }
     }
+    // Docker Compose's nodes: deploy/nats/permissions.conf mounted next to
+    // their config, as it is.
+    for path in with_extension(&["conf"]) {
+        if path.starts_with(root().join("deploy/compose")) {
+            out.push((rel(&path), read(&path), shared.clone()));
+        }
+    }
+    // What the NATS Helm chart makes of nats-values.yaml.
+    let values = root().join("deploy/k8s/nats-values.yaml");
+    let doc = yaml_documents(&values)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .pop()
+        .unwrap_or(Value::Null);
+    let (conf, files) = helm_values_nats_conf(&doc);
+    out.push((
+        format!("{} (as the chart renders it)", rel(&values)),
+        conf,
+        files,
+    ));
     out
+}
+
+/// A node's nats.conf as the official NATS Helm chart (1.x) renders
+/// `values` (deploy/k8s/nats-values.yaml), for what Tocsin relies on: the
+/// client and monitoring ports, `config.cluster` (routes to every replica),
+/// `config.jetstream` (file and memory store, its `merge`), and the
+/// `*$include` keys of `config.merge` (sorted, as the chart does); with the
+/// files of `configMap.merge.data` it mounts next to it (permissions.conf
+/// from deploy/nats, as the install command's `--set-file` gives it, unless
+/// the values hold one). The JetStream
+/// folder is `@STORE@`, filled in by the test that runs `nats-server -t`.
+pub(crate) fn helm_values_nats_conf(values: &Value) -> (String, BTreeMap<String, String>) {
+    let at = |path: &[&str]| -> Option<&Value> {
+        let mut cur = values;
+        for k in path {
+            cur = cur.get(*k)?;
+        }
+        Some(cur)
+    };
+    let scalar = |v: &Value| -> String {
+        match v {
+            Value::String(s) => s.clone(),
+            other => serde_yaml_ng::to_string(other)
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        }
+    };
+    let enabled = |path: &[&str]| at(path).and_then(Value::as_bool) == Some(true);
+    let mut conf = String::from(
+        "server_name: $POD_NAME\nport: 4222\nhttp_port: 8222\n\
+         lame_duck_grace_period: 10s\nlame_duck_duration: 30s\n",
+    );
+    if enabled(&["config", "cluster", "enabled"]) {
+        let replicas = at(&["config", "cluster", "replicas"])
+            .and_then(Value::as_u64)
+            .unwrap_or(3);
+        let routes: Vec<String> = (0..replicas)
+            .map(|i| format!("nats://nats-{i}.nats-headless:6222"))
+            .collect();
+        conf.push_str(&format!(
+            "cluster {{\n  name: nats\n  port: 6222\n  routes: [{}]\n}}\n",
+            routes.join(", ")
+        ));
+    }
+    if enabled(&["config", "jetstream", "enabled"]) {
+        conf.push_str("jetstream {\n");
+        if enabled(&["config", "jetstream", "fileStore", "enabled"]) {
+            conf.push_str("  store_dir: @STORE@\n");
+            if let Some(max) = at(&["config", "jetstream", "fileStore", "maxSize"]) {
+                conf.push_str(&format!("  max_file_store: {}\n", scalar(max)));
+            }
+        }
+        if enabled(&["config", "jetstream", "memoryStore", "enabled"]) {
+            if let Some(max) = at(&["config", "jetstream", "memoryStore", "maxSize"]) {
+                conf.push_str(&format!("  max_memory_store: {}\n", scalar(max)));
+            }
+        }
+        for (k, v) in at(&["config", "jetstream", "merge"])
+            .and_then(Value::as_mapping)
+            .into_iter()
+            .flatten()
+        {
+            conf.push_str(&format!("  {}: {}\n", scalar(k), scalar(v)));
+        }
+        conf.push_str("}\n");
+    }
+    let mut includes: Vec<(String, String)> = at(&["config", "merge"])
+        .and_then(Value::as_mapping)
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| {
+            let k = k.as_str()?;
+            k.ends_with("$include").then(|| (k.to_string(), scalar(v)))
+        })
+        .collect();
+    includes.sort();
+    for (_, file) in includes {
+        conf.push_str(&format!("include {file}\n"));
+    }
+    let mut files: BTreeMap<String, String> = at(&["configMap", "merge", "data"])
+        .and_then(Value::as_mapping)
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
+        .collect();
+    // What `helm install --set-file` adds (the install command in the
+    // values file, checked by tests/it/deploy_files.rs).
+    files
+        .entry("permissions.conf".to_string())
+        .or_insert_with(|| read(&permissions_conf()));
+    (conf, files)
 }
 
 /// The passwords deploy/nats/passwords.sh makes, as (variable, value).
@@ -1072,6 +1239,8 @@ fn nats_configs_fsync_every_write_and_pass_nats_server_check() {
     // (the StatefulSet sets it).
     env.push(("TOCSIN_NATS_ADDRESS".into(), "10.0.0.11".into()));
     env.push(("POD_NAME".into(), "nats-0".into()));
+    // A Docker Compose node's name (compose.yaml sets it).
+    env.push(("NATS_SERVER_NAME".into(), "nats-1".into()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let configs = nats_configs();
     for (i, (origin, text, included)) in configs.iter().enumerate() {
@@ -1298,7 +1467,7 @@ fn kubernetes_wiring_is_consistent() {
                 ));
                 continue;
             };
-            for name in required_env_refs(&without_comment_lines(&config.text)) {
+            for name in needed_env_refs(&config.text, &started.services) {
                 if !env
                     .iter()
                     .any(|e| str_at(e, &["name"]) == Some(name.as_str()))
@@ -1392,7 +1561,7 @@ fn kubernetes_wiring_is_consistent() {
     }
 
     // kustomization.yaml applies every manifest except the examples.
-    let k8s = root().join("deploy/k8s");
+    let k8s = root().join("deploy/k8s/base");
     if let Some((_, kust)) = docs.iter().find(|(_, d)| kind(d) == "Kustomization") {
         let listed: BTreeSet<String> = kust
             .get("resources")
@@ -1428,7 +1597,7 @@ fn kubernetes_wiring_is_consistent() {
 }
 
 /// YAML text without comment lines (so commented examples need no env).
-fn without_comment_lines(text: &str) -> String {
+pub(crate) fn without_comment_lines(text: &str) -> String {
     text.lines()
         .filter(|l| !l.trim_start().starts_with('#'))
         .collect::<Vec<_>>()
@@ -1550,7 +1719,7 @@ fn every_shipped_nats_config_requires_authorization() {
         // Listening: loopback on one box, an explicit address on a cluster
         // node; only a pod listens on every interface of its own (see the
         // comment in nats-statefulset.yaml).
-        let pod = origin.contains("deploy/k8s");
+        let pod = origin.contains("deploy/k8s") || origin.contains("deploy/compose");
         for host in nats_values(&resolved, "host")
             .into_iter()
             .chain(nats_values(&resolved, "listen"))

@@ -269,53 +269,41 @@ pub(crate) async fn build(app: &App, since_seconds: u64) -> ReportReply {
 
 /// Answers `tocsin.query.report` (queue group: one replica answers).
 pub(crate) async fn serve(app: std::sync::Arc<App>, shutdown: tokio_util::sync::CancellationToken) {
-    use futures::StreamExt;
     let client = app.bus.client().clone();
-    let mut sub = loop {
-        match client
-            .queue_subscribe(
-                tocsin_proto::subjects::query::REPORT,
-                "tocsin-chatops".into(),
-            )
-            .await
+    let mut backoff = tocsin_runtime::retry::Backoff::standard();
+    let queries = loop {
+        match tocsin_runtime::query::Queries::subscribe(
+            &client,
+            "tocsin-chatops",
+            &[tocsin_proto::subjects::query::REPORT],
+        )
+        .await
         {
-            Ok(s) => break s,
+            Ok(q) => break q,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot subscribe to report queries; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                if !backoff.wait(&shutdown).await {
+                    return;
                 }
             }
         }
     };
-    loop {
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            m = sub.next() => match m { Some(m) => m, None => return },
-        };
-        let Some(reply) = msg.reply.clone() else {
-            continue;
-        };
-        let app = app.clone();
-        let client = client.clone();
-        // Reports are few and slow; one at a time per replica keeps the
-        // incidents service's query load bounded.
-        let answer = match tocsin_proto::codec::decode::<ReportQuery>(&msg.payload) {
-            Ok(q) => build(&app, q.since_seconds).await,
-            Err(e) => ReportReply::Error {
-                reason: format!("bad report query: {e}"),
-            },
-        };
-        match tocsin_proto::codec::encode(&answer) {
-            Ok(b) => {
-                if let Err(e) = client.publish(reply, b.into()).await {
-                    tracing::warn!(error = %e, "cannot answer a report query");
-                }
+    // Reports are few and slow; one at a time per replica keeps the
+    // incidents service's query load bounded.
+    queries
+        .serve(shutdown, |_, payload| {
+            let app = app.clone();
+            async move {
+                let answer = match tocsin_proto::codec::decode::<ReportQuery>(&payload) {
+                    Ok(q) => build(&app, q.since_seconds).await,
+                    Err(e) => ReportReply::Error {
+                        reason: format!("bad report query: {e}"),
+                    },
+                };
+                tocsin_proto::codec::encode(&answer).map_err(|e| e.to_string())
             }
-            Err(e) => tracing::error!(error = %e, "cannot encode a report"),
-        }
-    }
+        })
+        .await
 }
 
 #[cfg(test)]

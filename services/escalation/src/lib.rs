@@ -23,7 +23,8 @@
 //! - [`schedule`], [`ical`]: on-call schedules and their calendar export.
 //! - [`plan`]: routes, levels, channels, delays (pure).
 //! - [`track`]: the per-incident state machine (pure).
-//! - [`store`]: sled; `service`: the loop.
+//! - [`store`]: sled; `service`: the loop; `events`: its telemetry (each
+//!   event logs and counts together).
 //! - `query`: NATS request/reply (`tocsin.query.escalation.*`): who is on
 //!   call, an incident's escalation plan, the schedules.
 //! - `http`: the calendar server (`calendar_listen`): `.ics` feeds and
@@ -37,6 +38,7 @@ pub mod schedule;
 pub mod store;
 pub mod track;
 
+mod events;
 mod http;
 mod query;
 mod service;
@@ -86,7 +88,7 @@ pub async fn run(
 ) -> Result<(), EscalationError> {
     // Checked before waiting: a standby with a bad config fails at start.
     check(&config)?;
-    let metrics = service::EscalationMetrics::register(&ctx.metrics);
+    let metrics = events::EscalationMetrics::register(&ctx.metrics);
     // The calendars come from the config alone: served by standbys too, for
     // the whole life of the process.
     let calendar = match calendar {
@@ -121,7 +123,7 @@ pub async fn run(
 async fn run_active(
     config: EscalationConfig,
     ctx: &ServiceContext,
-    metrics: service::EscalationMetrics,
+    metrics: events::EscalationMetrics,
 ) -> Result<(), EscalationError> {
     let (js, health, clock, shutdown) = (
         ctx.js.clone(),
@@ -140,7 +142,7 @@ async fn run_active(
     let svc = service::Service::new(planner.clone(), &dir, js, clock.clone(), metrics)?;
     // Subscribed before the service reports ready. NATS may not be up yet
     // when Tocsin starts: keep trying rather than fail.
-    let mut delay = std::time::Duration::from_millis(100);
+    let mut backoff = tocsin_runtime::retry::Backoff::standard();
     let subs = loop {
         match tokio::time::timeout(std::time::Duration::from_secs(2), query::subscribe(&client))
             .await
@@ -151,17 +153,14 @@ async fn run_active(
             }
             Err(_) => tracing::debug!("NATS not reachable yet for escalation queries; retrying"),
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(delay) => {}
+        if !backoff.wait(&shutdown).await {
+            return Ok(());
         }
-        delay = (delay * 2).min(std::time::Duration::from_secs(2));
     };
     // The query task ends with this future, also if it is dropped (a lost
     // lease, an in-process crash in tests), so no stale responder outlives
     // the tenure.
     let queries = AbortOnDropHandle::new(tokio::spawn(query::serve(
-        client,
         subs,
         planner.clone(),
         svc.shared.clone(),

@@ -8,7 +8,6 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use async_nats::Client;
-use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
 use tocsin_proto::{
     codec,
@@ -20,6 +19,7 @@ use tocsin_proto::{
     subjects::query,
 };
 use tocsin_runtime::clock::Clock;
+use tocsin_runtime::query::Queries;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -39,84 +39,64 @@ pub(crate) const NEXT_SHIFTS: usize = 5;
 /// The most upcoming steps a plan lists per track.
 pub(crate) const MAX_UPCOMING: usize = 20;
 
-pub(crate) type Subscriptions = futures::stream::SelectAll<async_nats::Subscriber>;
-
-pub(crate) async fn subscribe(
-    client: &Client,
-) -> Result<Subscriptions, async_nats::SubscribeError> {
-    let mut subs = Vec::new();
-    for subject in [
-        query::ESCALATION_ONCALL,
-        query::ESCALATION_PLAN,
-        query::ESCALATION_SCHEDULES,
-    ] {
-        subs.push(client.queue_subscribe(subject, QUEUE.into()).await?);
-    }
-    // Make sure the server has the subscriptions before we say we are ready.
-    client.flush().await.map_err(|e| {
-        async_nats::SubscribeError::with_source(async_nats::client::SubscribeErrorKind::Other, e)
-    })?;
-    Ok(futures::stream::select_all(subs))
+pub(crate) async fn subscribe(client: &Client) -> Result<Queries, async_nats::SubscribeError> {
+    Queries::subscribe(
+        client,
+        QUEUE,
+        &[
+            query::ESCALATION_ONCALL,
+            query::ESCALATION_PLAN,
+            query::ESCALATION_SCHEDULES,
+        ],
+    )
+    .await
 }
 
 /// Answers queries until `shutdown` is cancelled. `schedules` is every
 /// schedule name, for listing and for errors naming the defined ones.
 pub(crate) async fn serve(
-    client: Client,
-    mut subs: Subscriptions,
+    queries: Queries,
     planner: Arc<Planner>,
     tracks: SharedTracks,
     clock: Arc<dyn Clock>,
     schedules: Vec<String>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            m = subs.next() => match m { Some(m) => m, None => return },
-        };
-        let Some(reply) = msg.reply.clone() else {
-            continue;
-        };
-        let answer = match msg.subject.as_str() {
-            query::ESCALATION_ONCALL => {
-                codec::encode(&match codec::decode::<OnCallQuery>(&msg.payload) {
-                    Ok(q) => on_call(
-                        &planner,
-                        &schedules,
-                        &q.schedule,
-                        q.at.unwrap_or(clock.now()),
-                    ),
-                    Err(e) => OnCallReply::Error {
-                        reason: format!("bad query: {e}"),
-                    },
-                })
-            }
-            query::ESCALATION_PLAN => {
-                codec::encode(&match codec::decode::<PlanQuery>(&msg.payload) {
-                    Ok(q) => {
-                        let tracks = tracks.read().unwrap_or_else(|e| e.into_inner());
-                        plan(&planner, &tracks, q.incident, clock.now())
-                    }
-                    Err(e) => PlanReply::Error {
-                        reason: format!("bad query: {e}"),
-                    },
-                })
-            }
-            // The request carries nothing, so any payload will do.
-            _ => codec::encode(&ScheduleList {
-                schedules: schedules.clone(),
-            }),
-        };
-        match answer {
-            Ok(bytes) => {
-                if let Err(e) = client.publish(reply, bytes.into()).await {
-                    tracing::warn!(error = %e, "cannot answer a query");
+    queries
+        .serve(shutdown, |subject, payload| {
+            let answer = match subject.as_str() {
+                query::ESCALATION_ONCALL => {
+                    codec::encode(&match codec::decode::<OnCallQuery>(&payload) {
+                        Ok(q) => on_call(
+                            &planner,
+                            &schedules,
+                            &q.schedule,
+                            q.at.unwrap_or(clock.now()),
+                        ),
+                        Err(e) => OnCallReply::Error {
+                            reason: format!("bad query: {e}"),
+                        },
+                    })
                 }
-            }
-            Err(e) => tracing::error!(error = %e, "cannot encode a query answer"),
-        }
-    }
+                query::ESCALATION_PLAN => {
+                    codec::encode(&match codec::decode::<PlanQuery>(&payload) {
+                        Ok(q) => {
+                            let tracks = tracks.read().unwrap_or_else(|e| e.into_inner());
+                            plan(&planner, &tracks, q.incident, clock.now())
+                        }
+                        Err(e) => PlanReply::Error {
+                            reason: format!("bad query: {e}"),
+                        },
+                    })
+                }
+                // The request carries nothing, so any payload will do.
+                _ => codec::encode(&ScheduleList {
+                    schedules: schedules.clone(),
+                }),
+            };
+            std::future::ready(answer.map_err(|e| e.to_string()))
+        })
+        .await
 }
 
 /// The schedule called `name`, or an error naming the defined ones.

@@ -6,64 +6,24 @@ use std::{path::Path, sync::Arc, time::Duration};
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use jiff::Timestamp;
-use prometheus_client::metrics::{
-    counter::Counter,
-    family::Family,
-    gauge::Gauge,
-    histogram::{exponential_buckets, Histogram},
-};
 use tocsin_proto::{
     codec::{self, decode_envelope},
     incident::LogEntry,
     subjects::STREAM_INCIDENTS,
     Envelope,
 };
-use tocsin_runtime::admin::{labels, Health, Labels, Metrics};
+use tocsin_runtime::admin::Health;
 use tocsin_runtime::clock::Clock;
 use tocsin_runtime::{progress::Watermark, streams};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    events::{EscalationEvent, EscalationMetrics},
     plan::Planner,
     store::Store,
     track::{Effect, Key, Tracks},
     EscalationError,
 };
-
-/// Registered once per process (a service that loses its lease and takes
-/// it again reuses them).
-#[derive(Clone)]
-pub(crate) struct EscalationMetrics {
-    pages: Family<Labels, Counter>,
-    tracks: Gauge,
-    lateness: Histogram,
-}
-
-impl EscalationMetrics {
-    pub(crate) fn register(m: &Metrics) -> Self {
-        let s = EscalationMetrics {
-            pages: Family::default(),
-            tracks: Gauge::default(),
-            lateness: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
-        };
-        m.register(
-            "tocsin_escalation_pages",
-            "Pages published to NOTIFY, by channel",
-            s.pages.clone(),
-        );
-        m.register(
-            "tocsin_escalation_tracks",
-            "Incidents (per policy) with escalation pending or paused",
-            s.tracks.clone(),
-        );
-        m.register(
-            "tocsin_escalation_timer_lateness_seconds",
-            "How late a due escalation step fired",
-            s.lateness.clone(),
-        );
-        s
-    }
-}
 
 /// A read-only view of the tracks for queries, updated on every save.
 pub(crate) type SharedTracks =
@@ -84,16 +44,10 @@ pub(crate) struct Service {
 }
 
 fn open_store(dir: &Path) -> Result<(Store, Tracks, u64), EscalationError> {
-    match Store::open(dir).and_then(|s| s.load().map(|(t, q)| (s, t, q))) {
-        Ok(x) => Ok(x),
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "escalation store unreadable; rebuilding it from the INCIDENTS stream");
-            Store::wipe(dir);
-            let s = Store::open(dir)
-                .map_err(|e| EscalationError::Store(format!("{}: {e}", dir.display())))?;
-            Ok((s, Tracks::default(), 0))
-        }
-    }
+    tocsin_runtime::store::open_or_rebuild(dir, "escalation store", |d| {
+        Store::open(d).and_then(|s| s.load().map(|(t, q)| (s, t, q)))
+    })
+    .map_err(|e| EscalationError::Store(format!("{}: {e}", dir.display())))
 }
 
 impl Service {
@@ -120,7 +74,10 @@ impl Service {
 
     fn save(&self, changed: &[Key]) {
         if let Err(e) = self.store.save(&self.tracks, changed, self.seq) {
-            tracing::error!(error = %e, "cannot save escalation state; it will be rebuilt from the stream on restart");
+            EscalationEvent::SaveFailed {
+                error: &e.to_string(),
+            }
+            .emit(&self.metrics);
         }
         let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
         for k in changed {
@@ -129,7 +86,10 @@ impl Service {
                 None => shared.remove(k),
             };
         }
-        self.metrics.tracks.set(self.tracks.map.len() as i64);
+        EscalationEvent::Tracks {
+            count: self.tracks.map.len(),
+        }
+        .emit(&self.metrics);
     }
 
     fn apply(&mut self, payload: &[u8], seq: u64) -> Vec<Key> {
@@ -144,7 +104,11 @@ impl Service {
             }) => self.tracks.on_event(&self.planner, &ev),
             Ok(_) => Vec::new(),
             Err(e) => {
-                tracing::error!(seq, error = %e, "undecodable INCIDENTS entry skipped");
+                EscalationEvent::Undecodable {
+                    seq,
+                    error: &e.to_string(),
+                }
+                .emit(&self.metrics);
                 Vec::new()
             }
         }
@@ -182,21 +146,27 @@ impl Service {
         shutdown: CancellationToken,
         watermark: Watermark,
     ) -> Result<(), EscalationError> {
+        let mut reconnect = tocsin_runtime::retry::Backoff::standard();
         'outer: while !shutdown.is_cancelled() {
             let mut msgs = match self.consumer().await {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::debug!(error = %e, "INCIDENTS not available yet; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(250)) => continue,
+                    if !reconnect.wait(&shutdown).await {
+                        break;
                     }
+                    continue;
                 }
             };
+            reconnect.reset();
             // Catch up before any timer fires: a step due during an outage
             // must see the acknowledgement that came before it.
             if let Err(e) = self.drain(&mut msgs).await {
-                tracing::warn!(error = %e, "cannot catch up with INCIDENTS; retrying");
+                EscalationEvent::ReadFailed {
+                    during: "catch-up",
+                    error: &e,
+                }
+                .emit(&self.metrics);
                 continue;
             }
             health.set_ok("escalation");
@@ -214,7 +184,7 @@ impl Service {
                     // step first takes in every entry stored so far (drain).
                     _ = self.clock.wait(due) => {
                         if let Err(e) = self.drain(&mut msgs).await {
-                            tracing::warn!(error = %e, "cannot read INCIDENTS before firing; retrying");
+                            EscalationEvent::ReadFailed { during: "before firing", error: &e }.emit(&self.metrics);
                             continue 'outer;
                         }
                         if !self.fire_due(&mut msgs, &shutdown).await {
@@ -256,7 +226,11 @@ impl Service {
             // after the burst began.
             if drained_at.elapsed() > Duration::from_millis(250) {
                 if let Err(e) = self.drain(msgs).await {
-                    tracing::warn!(error = %e, "cannot read INCIDENTS during a burst");
+                    EscalationEvent::ReadFailed {
+                        during: "a burst",
+                        error: &e,
+                    }
+                    .emit(&self.metrics);
                 }
                 drained_at = std::time::Instant::now();
             }
@@ -268,7 +242,10 @@ impl Service {
                     // Measured when the step fires, not when the burst
                     // began: earlier steps of a burst are part of the delay.
                     let late = self.clock.now().duration_since(d);
-                    self.metrics.lateness.observe(late.as_secs_f64().max(0.0));
+                    EscalationEvent::Fired {
+                        late_seconds: late.as_secs_f64(),
+                    }
+                    .emit(&self.metrics);
                 }
             }
             if !self.publish_all(&effects, now, shutdown).await {
@@ -299,7 +276,11 @@ impl Service {
             match ack.await {
                 Ok(ack) => self.count(effect, ack.duplicate),
                 Err(e) => {
-                    tracing::warn!(error = %e, "publish not acknowledged; retrying");
+                    EscalationEvent::PublishFailed {
+                        subject: &effect_subject(effect),
+                        error: &e.to_string(),
+                    }
+                    .emit(&self.metrics);
                     retry.push(effect);
                 }
             }
@@ -323,7 +304,11 @@ impl Service {
         match self.js.send_publish(subject, publish).await {
             Ok(ack) => Some(ack),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot publish; retrying");
+                EscalationEvent::PublishFailed {
+                    subject: &effect_subject(effect),
+                    error: &e.to_string(),
+                }
+                .emit(&self.metrics);
                 None
             }
         }
@@ -332,18 +317,19 @@ impl Service {
     fn count(&self, effect: &Effect, duplicate: bool) {
         if let Effect::Page(p) = effect {
             if !duplicate {
-                self.metrics
-                    .pages
-                    .get_or_create(&labels(&[("channel", p.channel.as_str())]))
-                    .inc();
-                tracing::info!(page = %p.id, incident = p.incident.number, channel = p.channel.as_str(), "page sent to NOTIFY");
+                EscalationEvent::PageSent {
+                    page: &p.id,
+                    incident: p.incident.number,
+                    channel: p.channel.as_str(),
+                }
+                .emit(&self.metrics);
             }
         }
     }
 
     /// Sends one effect until JetStream acknowledges it (or the service stops).
     async fn publish(&self, effect: &Effect, now: Timestamp, shutdown: &CancellationToken) -> bool {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = tocsin_runtime::retry::Backoff::standard();
         loop {
             let Some((subject, _, _)) = encode_effect(effect, now) else {
                 return true; // logged; retrying cannot help
@@ -354,22 +340,29 @@ impl Service {
                         self.count(effect, ack.duplicate);
                         return true;
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, subject, "publish not acknowledged; retrying")
+                    Err(e) => EscalationEvent::PublishFailed {
+                        subject: &subject,
+                        error: &e.to_string(),
                     }
+                    .emit(&self.metrics),
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(delay) => {}
+            if !backoff.wait(shutdown).await {
+                return false;
             }
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
 }
 
 /// Subject, message id and payload of an effect (None if it cannot be
 /// encoded, which is logged: plain data always encodes).
+fn effect_subject(effect: &Effect) -> String {
+    match effect {
+        Effect::Page(p) => p.subject(),
+        Effect::Record(c) => c.subject(),
+    }
+}
+
 fn encode_effect(effect: &Effect, now: Timestamp) -> Option<(String, String, Vec<u8>)> {
     let encoded = match effect {
         Effect::Page(p) => (

@@ -43,11 +43,6 @@ impl Store {
         Ok(Store { db, tree })
     }
 
-    /// Removes the store's files (to rebuild from the stream).
-    pub fn wipe(dir: &Path) {
-        tocsin_runtime::config::remove_store(dir);
-    }
-
     /// Tracks and the INCIDENTS sequence they reflect.
     pub fn load(&self) -> Result<(Tracks, u64), StoreError> {
         let mut tracks = Tracks::default();

@@ -17,7 +17,10 @@
 //! envelope), never the wall clock at processing time, so replaying the same
 //! inputs gives the same incidents however often the service restarts.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::{
+    cell::Cell,
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
+};
 
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -54,7 +57,15 @@ pub struct Projection {
     pub incidents: HashMap<Uuid, IncidentState>,
     /// Dedup key -> most recent incident with that key.
     pub by_key: HashMap<String, Uuid>,
-    pub by_number: HashMap<u64, Uuid>,
+    /// Number -> incident, for every incident (in memory or not), in order.
+    pub by_number: BTreeMap<u64, Uuid>,
+    /// Incidents whose state is not in memory, only in the store: resolved
+    /// ones past the reopen window ([`Projection::evict`]). The service
+    /// loads one back ([`Projection::restore`]) when an input touches it.
+    pub cold: HashSet<Uuid>,
+    /// Resolved incidents in memory by when they were resolved: the
+    /// candidates for eviction, oldest first.
+    pub resolved: BTreeSet<(Timestamp, Uuid)>,
     pub silences: SilenceIndex,
     pub next_number: u64,
     /// Last INCIDENTS stream sequence applied.
@@ -87,11 +98,75 @@ impl Projection {
     }
 
     pub fn find(&self, r: &IncidentRef) -> Option<&IncidentState> {
-        let id = match r {
-            IncidentRef::Id(id) => *id,
-            IncidentRef::Number(n) => *self.by_number.get(n)?,
-        };
-        self.incidents.get(&id)
+        self.incidents.get(&self.id_of(r)?)
+    }
+
+    /// The id `r` names, if the incident exists (in memory or not).
+    pub fn id_of(&self, r: &IncidentRef) -> Option<Uuid> {
+        match r {
+            IncidentRef::Id(id) => {
+                (self.incidents.contains_key(id) || self.cold.contains(id)).then_some(*id)
+            }
+            IncidentRef::Number(n) => self.by_number.get(n).copied(),
+        }
+    }
+
+    /// The incident an entry changes, if its state is not in memory: the
+    /// service must [`Projection::restore`] it before folding the entry in.
+    pub fn cold_target(&self, entry: &LogEntry) -> Option<Uuid> {
+        match entry {
+            LogEntry::Incident(e) => Some(e.incident.id).filter(|id| self.cold.contains(id)),
+            LogEntry::Silence { .. } => None,
+        }
+    }
+
+    /// Puts a cold incident's state (read from the store) back in memory.
+    pub fn restore(&mut self, st: IncidentState) {
+        let id = st.summary.id;
+        if !self.cold.remove(&id) {
+            return; // already in memory: the copy there is newer
+        }
+        let resolved_at = resolved_key(&st);
+        self.incidents.insert(id, st);
+        if let Some(at) = resolved_at {
+            self.resolved.insert((at, id));
+        }
+    }
+
+    /// Takes resolved incidents resolved before `before` out of memory
+    /// (they stay in the store; their number and dedup key stay indexed).
+    /// Incidents changed since the last save stay until they are saved.
+    /// Returns how many left.
+    pub fn evict(&mut self, before: Timestamp) -> usize {
+        let mut kept = Vec::new();
+        let mut n = 0;
+        while let Some(&(at, id)) = self.resolved.first() {
+            if at >= before {
+                break;
+            }
+            self.resolved.pop_first();
+            if self.dirty.contains(&id) {
+                kept.push((at, id));
+                continue;
+            }
+            if self.incidents.remove(&id).is_some() {
+                self.cold.insert(id);
+                n += 1;
+            }
+        }
+        self.resolved.extend(kept);
+        n
+    }
+
+    /// Keeps [`Projection::resolved`] in step with incident `id`, which was
+    /// resolved at `before` (if it was) before the change.
+    fn reindex_resolved(&mut self, id: Uuid, before: Option<Timestamp>) {
+        if let Some(at) = before {
+            self.resolved.remove(&(at, id));
+        }
+        if let Some(at) = self.incidents.get(&id).and_then(resolved_key) {
+            self.resolved.insert((at, id));
+        }
     }
 
     /// Keeps [`Projection::snoozes`] in step with incident `id`, whose
@@ -118,6 +193,11 @@ impl Projection {
                     .get(&id)
                     .and_then(snooze_timer)
                     .map(|(at, _)| at);
+                let was_resolved_at = self.incidents.get(&id).and_then(resolved_key);
+                debug_assert!(
+                    !self.cold.contains(&id),
+                    "an entry for an incident not in memory must be restored first"
+                );
                 let was_open = self
                     .incidents
                     .get(&id)
@@ -148,6 +228,7 @@ impl Projection {
                 self.next_number = self.next_number.max(e.incident.number + 1);
                 self.dirty.insert(id);
                 self.reindex_snooze(id, snoozed_until);
+                self.reindex_resolved(id, was_resolved_at);
             }
             LogEntry::Silence { change, .. } => match change {
                 SilenceChange::Created { silence } => {
@@ -235,6 +316,10 @@ pub enum Verdict {
 pub struct Decider<'a> {
     pub cfg: &'a CoreConfig,
     pub proj: &'a Projection,
+    /// An incident the decision needed whose state is not in memory. A
+    /// decision that sets it is not to be used: the caller restores that
+    /// incident and decides again.
+    pub missed: Cell<Option<Uuid>>,
 }
 
 /// Accumulates the entries of one input, stepping a scratch copy of each
@@ -427,7 +512,25 @@ fn alert_info(alert: &Alert, suppressed: Option<String>) -> AlertInfo {
     }
 }
 
-impl Decider<'_> {
+impl<'a> Decider<'a> {
+    pub fn new(cfg: &'a CoreConfig, proj: &'a Projection) -> Self {
+        Decider {
+            cfg,
+            proj,
+            missed: Cell::new(None),
+        }
+    }
+
+    /// Incident `id`'s state, noting in [`Decider::missed`] when it is
+    /// not in memory.
+    fn state(&self, id: Uuid) -> Option<&'a IncidentState> {
+        let proj: &'a Projection = self.proj;
+        if proj.cold.contains(&id) {
+            self.missed.set(Some(id));
+        }
+        proj.incidents.get(&id)
+    }
+
     fn batch(&self, cause: Cause, at: Timestamp, actor: Option<Actor>) -> Batch<'_> {
         Batch {
             cfg: self.cfg,
@@ -461,11 +564,7 @@ impl Decider<'_> {
         let alert = &env.body;
         let at = env.received_at;
         let key = dedup_key(self.cfg, &env.source, alert);
-        let latest = self
-            .proj
-            .by_key
-            .get(&key)
-            .and_then(|id| self.proj.incidents.get(id));
+        let latest = self.proj.by_key.get(&key).and_then(|id| self.state(*id));
         match alert.status {
             AlertStatus::Acknowledged => {
                 let actor = Actor::new(env.source.clone(), "integration");
@@ -649,7 +748,7 @@ impl Decider<'_> {
                         Verdict::Rejected("command names no incident".into()),
                     );
                 };
-                let Some(inc) = self.proj.find(r) else {
+                let Some(inc) = self.proj.id_of(r).and_then(|id| self.state(id)) else {
                     return (vec![], Verdict::Rejected(format!("no incident {r}")));
                 };
                 if inc.commands.contains(&cmd.id) {
@@ -879,6 +978,12 @@ impl Decider<'_> {
         );
         next
     }
+}
+
+/// When `inc` was resolved, if it is resolved (the eviction order).
+fn resolved_key(inc: &IncidentState) -> Option<Timestamp> {
+    (inc.summary.status == IncidentStatus::Resolved)
+        .then(|| inc.summary.resolved_at.unwrap_or(inc.summary.opened_at))
 }
 
 /// The timer that ends `inc`'s snooze, if it is snoozed and not resolved:

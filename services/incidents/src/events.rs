@@ -31,6 +31,9 @@ pub struct IncidentsMetrics {
     dead_letters: Family<Labels, Counter>,
     pub(crate) open: Gauge,
     catch_up: Counter,
+    in_memory: Gauge,
+    evicted: Counter,
+    restored: Counter,
     latency: Histogram,
     time_to_ack: ResponseHistograms,
     time_to_resolve: ResponseHistograms,
@@ -45,6 +48,9 @@ impl IncidentsMetrics {
             dead_letters: Family::default(),
             open: Gauge::default(),
             catch_up: Counter::default(),
+            in_memory: Gauge::default(),
+            evicted: Counter::default(),
+            restored: Counter::default(),
             latency: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
             time_to_ack: Family::new_with_constructor(response_histogram),
             time_to_resolve: Family::new_with_constructor(response_histogram),
@@ -84,6 +90,21 @@ impl IncidentsMetrics {
             "tocsin_incidents_catch_up_entries",
             "INCIDENTS entries replayed into the projection at start-up",
             s.catch_up.clone(),
+        );
+        m.register(
+            "tocsin_incidents_in_memory",
+            "Incidents whose state is held in memory (open ones and those resolved within the reopen window)",
+            s.in_memory.clone(),
+        );
+        m.register(
+            "tocsin_incidents_evicted",
+            "Resolved incidents taken out of memory after the reopen window",
+            s.evicted.clone(),
+        );
+        m.register(
+            "tocsin_incidents_restored",
+            "Incidents read back into memory because an input touched them",
+            s.restored.clone(),
         );
         m.register(
             "tocsin_incidents_alert_latency_seconds",
@@ -126,6 +147,13 @@ pub(crate) enum IncidentsEvent<'a> {
         entries: u64,
         incidents: usize,
     },
+    /// Resolved incidents left memory; `in_memory` remain.
+    Evicted {
+        incidents: usize,
+        in_memory: usize,
+    },
+    /// An incident was read back into memory.
+    Restored,
     AlertLatency {
         seconds: f64,
     },
@@ -216,11 +244,23 @@ impl IncidentsEvent<'_> {
             }
             IncidentsEvent::CaughtUp { entries, incidents } => {
                 m.catch_up.inc_by(entries);
+                m.in_memory.set(incidents as i64);
                 tracing::info!(
                     entries,
                     incidents,
                     "projection caught up with the INCIDENTS stream"
                 );
+            }
+            IncidentsEvent::Evicted {
+                incidents,
+                in_memory,
+            } => {
+                m.evicted.inc_by(incidents as u64);
+                m.in_memory.set(in_memory as i64);
+                tracing::debug!(incidents, in_memory, "resolved incidents left memory");
+            }
+            IncidentsEvent::Restored => {
+                m.restored.inc();
             }
             IncidentsEvent::AlertLatency { seconds } => m.latency.observe(seconds),
             IncidentsEvent::CommandAnswered {

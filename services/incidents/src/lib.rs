@@ -188,10 +188,10 @@ async fn run_active(
     // Aborted with this future too (a lost lease drops it): no stale
     // responder outlives the tenure.
     let queries = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(query::serve(
-        client,
         js,
         subs,
         svc.proj.clone(),
+        svc.store.clone(),
         shutdown.clone(),
     )));
     let result = svc.run(shutdown, ctx.watermark.clone()).await;

@@ -2,100 +2,103 @@
 //! the INCIDENTS stream), list incidents, list silences.
 
 use async_nats::{jetstream, Client};
-use futures::StreamExt;
 use tocsin_proto::{
     codec::{self, decode_envelope},
-    incident::{IncidentEvent, IncidentSummary, LogEntry},
+    incident::{IncidentEvent, IncidentStatus, IncidentSummary, LogEntry},
     query::{GetIncident, IncidentDetail, ListIncidents, QueryReply},
     subjects::{query, STREAM_INCIDENTS},
 };
+use tocsin_runtime::query::Queries;
 use tokio_util::sync::CancellationToken;
 
-use crate::{matchers::MatcherSet, service::Shared};
+use crate::{
+    core::{IncidentState, Projection},
+    matchers::MatcherSet,
+    service::Shared,
+    store::Store,
+};
 
 /// Queue group, so several replicas could share queries.
 const QUEUE: &str = "tocsin-incidents";
 
-pub(crate) type Subscriptions = futures::stream::SelectAll<async_nats::Subscriber>;
-
-pub(crate) async fn subscribe(
-    client: &Client,
-) -> Result<Subscriptions, async_nats::SubscribeError> {
-    let get = client
-        .queue_subscribe(query::GET_INCIDENT, QUEUE.into())
-        .await?;
-    let list = client
-        .queue_subscribe(query::LIST_INCIDENTS, QUEUE.into())
-        .await?;
-    let silences = client
-        .queue_subscribe(query::LIST_SILENCES, QUEUE.into())
-        .await?;
-    // Make sure the server has the subscriptions before we say we are ready.
-    client.flush().await.map_err(|e| {
-        async_nats::SubscribeError::with_source(async_nats::client::SubscribeErrorKind::Other, e)
-    })?;
-    Ok(futures::stream::select_all([get, list, silences]))
+pub(crate) async fn subscribe(client: &Client) -> Result<Queries, async_nats::SubscribeError> {
+    Queries::subscribe(
+        client,
+        QUEUE,
+        &[
+            query::GET_INCIDENT,
+            query::LIST_INCIDENTS,
+            query::LIST_SILENCES,
+        ],
+    )
+    .await
 }
 
 pub(crate) async fn serve(
-    client: Client,
     js: jetstream::Context,
-    mut subs: Subscriptions,
+    queries: Queries,
     proj: Shared,
+    store: Store,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            m = subs.next() => match m { Some(m) => m, None => return },
-        };
-        let Some(reply) = msg.reply.clone() else {
-            continue;
-        };
-        let answer = match msg.subject.as_str() {
-            query::GET_INCIDENT => match codec::decode::<GetIncident>(&msg.payload) {
-                Ok(q) => get(&js, &proj, q).await,
-                Err(e) => QueryReply::Error {
-                    reason: format!("bad query: {e}"),
-                },
-            },
-            query::LIST_INCIDENTS => match codec::decode::<ListIncidents>(&msg.payload) {
-                Ok(q) => list(&proj, q),
-                Err(e) => QueryReply::Error {
-                    reason: format!("bad query: {e}"),
-                },
-            },
-            _ => QueryReply::Silences {
-                silences: proj
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .silences
-                    .list()
-                    .cloned()
-                    .collect(),
-            },
-        };
-        match codec::encode(&answer) {
-            Ok(bytes) => {
-                if let Err(e) = client.publish(reply, bytes.into()).await {
-                    tracing::warn!(error = %e, "cannot answer a query");
-                }
+    queries
+        .serve(shutdown, |subject, payload| {
+            let (js, proj, store) = (&js, &proj, &store);
+            async move {
+                let answer = match subject.as_str() {
+                    query::GET_INCIDENT => match codec::decode::<GetIncident>(&payload) {
+                        Ok(q) => get(js, proj, store, q).await,
+                        Err(e) => QueryReply::Error {
+                            reason: format!("bad query: {e}"),
+                        },
+                    },
+                    query::LIST_INCIDENTS => match codec::decode::<ListIncidents>(&payload) {
+                        Ok(q) => list(proj, store, q),
+                        Err(e) => QueryReply::Error {
+                            reason: format!("bad query: {e}"),
+                        },
+                    },
+                    _ => QueryReply::Silences {
+                        silences: proj
+                            .read()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .silences
+                            .list()
+                            .cloned()
+                            .collect(),
+                    },
+                };
+                codec::encode(&answer).map_err(|e| e.to_string())
             }
-            Err(e) => tracing::error!(error = %e, "cannot encode a query answer"),
-        }
-    }
+        })
+        .await
 }
 
-async fn get(js: &jetstream::Context, proj: &Shared, q: GetIncident) -> QueryReply {
+async fn get(js: &jetstream::Context, proj: &Shared, store: &Store, q: GetIncident) -> QueryReply {
     let found = {
         let p = proj.read().unwrap_or_else(|e| e.into_inner());
-        p.find(&q.incident).map(|i| {
-            (
-                i.summary.clone(),
-                i.alerts.values().cloned().collect::<Vec<_>>(),
-            )
-        })
+        match p.id_of(&q.incident) {
+            Some(id) => match p.incidents.get(&id) {
+                Some(i) => Some(Ok(i.clone())),
+                None => Some(Err(id)),
+            },
+            None => None,
+        }
     };
+    // One that left memory is read from the store, then the stream.
+    let found = match found {
+        Some(Ok(st)) => Some(st),
+        Some(Err(id)) => match cold(js, store, id).await {
+            Ok(st) => Some(st),
+            Err(e) => {
+                return QueryReply::Error {
+                    reason: format!("cannot read incident {}: {e}", q.incident),
+                }
+            }
+        },
+        None => None,
+    }
+    .map(|i| (i.summary, i.alerts.into_values().collect::<Vec<_>>()));
     let Some((incident, alerts)) = found else {
         return QueryReply::Error {
             reason: format!("no incident {}", q.incident),
@@ -125,7 +128,7 @@ pub(crate) async fn timeline(
     js: &jetstream::Context,
     incident: &IncidentSummary,
 ) -> Result<Vec<IncidentEvent>, String> {
-    let filter = format!("tocsin.incidents.inc.{}.>", incident.id.simple());
+    let filter = tocsin_proto::subjects::incident_events_of(&incident.id);
     let msgs = tocsin_runtime::streams::read_matching(js, STREAM_INCIDENTS, filter).await?;
     let out = msgs
         .iter()
@@ -140,24 +143,96 @@ pub(crate) async fn timeline(
     Ok(out)
 }
 
-fn list(proj: &Shared, q: ListIncidents) -> QueryReply {
+/// An incident no longer in memory: from the store, else the stream.
+async fn cold(
+    js: &jetstream::Context,
+    store: &Store,
+    id: uuid::Uuid,
+) -> Result<IncidentState, String> {
+    if let Ok(Some(st)) = store.incident(&id) {
+        return Ok(st);
+    }
+    replay_incident(js, id, u64::MAX)
+        .await?
+        .ok_or_else(|| "not on the INCIDENTS stream".to_string())
+}
+
+/// Incident `id` as its entries on the INCIDENTS stream up to sequence
+/// `upto` make it (None if it has none).
+pub(crate) async fn replay_incident(
+    js: &jetstream::Context,
+    id: uuid::Uuid,
+    upto: u64,
+) -> Result<Option<IncidentState>, String> {
+    let filter = tocsin_proto::subjects::incident_events_of(&id);
+    let msgs = tocsin_runtime::streams::read_matching(js, STREAM_INCIDENTS, filter).await?;
+    let mut scratch = Projection::new();
+    for m in &msgs {
+        let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
+        if seq > upto {
+            break;
+        }
+        if let Ok(env) = decode_envelope::<LogEntry>(&m.payload) {
+            scratch.apply(&env.body, seq);
+        }
+    }
+    Ok(scratch.incidents.remove(&id))
+}
+
+/// Incidents newest first. Those in memory are filtered under the lock;
+/// those that left memory (resolved long ago) are read from the store
+/// after it, only as far as the page needs.
+fn list(proj: &Shared, store: &Store, q: ListIncidents) -> QueryReply {
     let matchers = match MatcherSet::new(&q.matchers) {
         Ok(m) => m,
         Err(e) => return QueryReply::Error { reason: e },
     };
-    let p = proj.read().unwrap_or_else(|e| e.into_inner());
-    let mut incidents: Vec<IncidentSummary> = p
-        .incidents
-        .values()
-        .map(|i| &i.summary)
-        .filter(|s| q.status.is_empty() || q.status.contains(&s.status))
-        .filter(|s| q.min_severity.is_none_or(|m| s.severity >= m))
-        .filter(|s| q.since.is_none_or(|t| s.opened_at >= t))
-        .filter(|s| q.before.is_none_or(|n| s.number < n))
-        .filter(|s| matchers.matches(&s.labels))
-        .cloned()
-        .collect();
-    incidents.sort_by_key(|s| std::cmp::Reverse(s.number));
-    incidents.truncate(q.limit.unwrap_or(100).min(1000));
+    let limit = q.limit.unwrap_or(100).min(1000);
+    let keep = |s: &IncidentSummary| {
+        (q.status.is_empty() || q.status.contains(&s.status))
+            && q.min_severity.is_none_or(|m| s.severity >= m)
+            && q.since.is_none_or(|t| s.opened_at >= t)
+            && matchers.matches(&s.labels)
+    };
+    let want_cold = q.status.is_empty() || q.status.contains(&IncidentStatus::Resolved);
+    // Newest first: an incident in memory (already filtered) or the id of
+    // one to read from the store.
+    let candidates: Vec<Result<IncidentSummary, uuid::Uuid>> = {
+        let p = proj.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        let mut found = 0;
+        let upper = q.before.unwrap_or(u64::MAX);
+        for (_, id) in p.by_number.range(..upper).rev() {
+            match p.incidents.get(id) {
+                Some(i) if keep(&i.summary) => {
+                    out.push(Ok(i.summary.clone()));
+                    found += 1;
+                    if found >= limit {
+                        break;
+                    }
+                }
+                Some(_) => {}
+                None if want_cold => out.push(Err(*id)),
+                None => {}
+            }
+        }
+        out
+    };
+    let mut incidents = Vec::new();
+    for c in candidates {
+        if incidents.len() >= limit {
+            break;
+        }
+        match c {
+            Ok(s) => incidents.push(s),
+            Err(id) => {
+                if let Ok(Some(st)) = store.incident(&id) {
+                    if keep(&st.summary) {
+                        incidents.push(st.summary);
+                    }
+                }
+            }
+        }
+    }
     QueryReply::Incidents { incidents }
 }

@@ -46,6 +46,17 @@ use crate::{
 /// worth a warning: on a first start it is being created alongside.
 const STREAMS_CREATED_WITHIN: Duration = Duration::from_secs(30);
 
+/// A resolved incident stays in memory at least this long, even with a
+/// shorter reopen window, so the receipts that follow a resolution do not
+/// each read it back from the store.
+pub(crate) const KEEP_RESOLVED_AT_LEAST: SignedDuration = SignedDuration::from_mins(10);
+
+/// Before when an incident must have been resolved to leave memory at `now`.
+pub(crate) fn keep_resolved_until(now: Timestamp, reopen_window: SignedDuration) -> Timestamp {
+    now.checked_sub(reopen_window.max(KEEP_RESOLVED_AT_LEAST))
+        .unwrap_or(Timestamp::MIN)
+}
+
 /// Durable consumer of COMMANDS.
 pub const COMMANDS_CONSUMER: &str = "tocsin-incidents";
 
@@ -55,7 +66,7 @@ pub(crate) struct Service {
     core: CoreConfig,
     heartbeats: Vec<HeartbeatConfig>,
     pub(crate) proj: Shared,
-    store: Store,
+    pub(crate) store: Store,
     js: jetstream::Context,
     client: Client,
     metrics: IncidentsMetrics,
@@ -178,8 +189,8 @@ impl Service {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, IncidentsError> {
         let dir = config.data_dir();
-        let (store, proj) = open_store(&dir)?;
         let started_at = clock.now();
+        let (store, proj) = open_store(&dir, keep_resolved_until(started_at, core.reopen_window))?;
         Ok(Service {
             core,
             heartbeats: config.heartbeats.clone(),
@@ -212,7 +223,7 @@ impl Service {
     /// Replays INCIDENTS entries the projection lacks. Retries until NATS
     /// answers; returns false if shut down first.
     pub(crate) async fn catch_up(&self, shutdown: &CancellationToken) -> bool {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = tocsin_runtime::retry::Backoff::standard();
         let started = std::time::Instant::now();
         loop {
             match self.try_catch_up().await {
@@ -229,11 +240,9 @@ impl Service {
                     tracing::warn!(error = %e, "cannot catch up with the INCIDENTS stream yet; retrying")
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(delay) => {}
+            if !backoff.wait(shutdown).await {
+                return false;
             }
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
 
@@ -274,8 +283,16 @@ impl Service {
                 Err(_) => return Err("INCIDENTS catch-up stalled".into()),
             };
             let seq = msg.info().map_err(|e| e.to_string())?.stream_sequence;
+            let decoded = decode_envelope::<LogEntry>(&msg.payload);
+            if let Ok(env) = &decoded {
+                let cold = read(&self.proj).cold_target(&env.body);
+                if let Some(id) = cold {
+                    // Its state as it was before this entry.
+                    self.restore(id, Some(seq - 1)).await?;
+                }
+            }
             let mut p = write(&self.proj);
-            match decode_envelope::<LogEntry>(&msg.payload) {
+            match decoded {
                 Ok(env) => p.apply(&env.body, seq),
                 Err(e) => {
                     tracing::error!(seq, error = %e, "undecodable INCIDENTS entry skipped");
@@ -303,7 +320,50 @@ impl Service {
         // stream has everything. Operators should still hear about it.
         if let Err(e) = self.store.save(p) {
             tracing::error!(error = %e, "cannot save the projection; it will be rebuilt from the stream on restart");
+            return;
         }
+        // Saved, so resolved incidents past the reopen window can leave
+        // memory: they are read back when an input touches them.
+        let evicted = p.evict(self.evict_before());
+        if evicted > 0 {
+            IncidentsEvent::Evicted {
+                incidents: evicted,
+                in_memory: p.incidents.len(),
+            }
+            .emit(&self.metrics);
+        }
+    }
+
+    /// Resolved before this, an incident may leave memory: the reopen
+    /// window (at least [`KEEP_RESOLVED_AT_LEAST`]) has passed.
+    fn evict_before(&self) -> Timestamp {
+        keep_resolved_until(self.clock.now(), self.core.reopen_window)
+    }
+
+    /// Loads incident `id`, which left memory, back into the projection:
+    /// from the store, or (if the store lacks it) from its entries on the
+    /// INCIDENTS stream up to sequence `upto` (default: what the
+    /// projection has applied).
+    async fn restore(&self, id: uuid::Uuid, upto: Option<u64>) -> Result<(), String> {
+        let stored = match self.store.incident(&id) {
+            Ok(st) => st,
+            Err(e) => {
+                tracing::warn!(incident = %id, error = %e, "stored incident unreadable; reading it from the stream");
+                None
+            }
+        };
+        let st = match stored {
+            Some(st) => st,
+            None => {
+                let upto = upto.unwrap_or_else(|| read(&self.proj).incidents_seq);
+                crate::query::replay_incident(&self.js, id, upto)
+                    .await?
+                    .ok_or_else(|| format!("incident {id} is neither stored nor on the stream"))?
+            }
+        };
+        write(&self.proj).restore(st);
+        IncidentsEvent::Restored.emit(&self.metrics);
+        Ok(())
     }
 
     pub(crate) async fn run(
@@ -311,18 +371,20 @@ impl Service {
         shutdown: CancellationToken,
         watermark: Watermark,
     ) -> Result<(), IncidentsError> {
+        let mut reconnect = tocsin_runtime::retry::Backoff::standard();
         'outer: while !shutdown.is_cancelled() {
             let resume = read(&self.proj).alerts_resume_from();
             let (mut alerts, mut commands, commands_floor) = match self.consumers(resume).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot subscribe to ALERTS/COMMANDS yet; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    if !reconnect.wait(&shutdown).await {
+                        break;
                     }
+                    continue;
                 }
             };
+            reconnect.reset();
             tracing::info!(alerts_from = resume, "incidents service consuming");
             // How far each input stream is handled: ALERTS up to the
             // cursor, COMMANDS up to the consumer's ack floor.
@@ -409,11 +471,7 @@ impl Service {
 
     fn next_deadline(&self) -> Option<Timestamp> {
         let p = read(&self.proj);
-        let snooze = Decider {
-            cfg: &self.core,
-            proj: &p,
-        }
-        .next_timer(|c| self.is_abandoned(c));
+        let snooze = Decider::new(&self.core, &p).next_timer(|c| self.is_abandoned(c));
         let hb = self
             .heartbeats
             .iter()
@@ -533,17 +591,38 @@ impl Service {
     where
         F: Fn(&Decider<'_>) -> Vec<LogEntry>,
     {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = tocsin_runtime::retry::Backoff::standard();
         let mut attempts = 0u32;
         let mut stall = Stall::new(&self.health, self.stalled_after);
+        let mut restored = 0;
         loop {
-            let entries = {
+            let (entries, missed) = {
                 let p = read(&self.proj);
-                decide(&Decider {
-                    cfg: &self.core,
-                    proj: &p,
-                })
+                let d = Decider::new(&self.core, &p);
+                let entries = decide(&d);
+                (entries, d.missed.get())
             };
+            if let Some(id) = missed {
+                // The input touches a resolved incident no longer in
+                // memory: load it and decide again. One input touches one
+                // incident, so this ends; the bound is a guard.
+                restored += 1;
+                let loaded: Result<(), String> = match self.restore(id, None).await {
+                    Ok(()) if restored <= 4 => continue,
+                    Ok(()) => Err(format!(
+                        "incident {id} left memory again as soon as it was loaded"
+                    )),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = loaded {
+                    IncidentsEvent::PublishFailed { error: &e }.emit(&self.metrics);
+                    stall.failing(&e);
+                    if !backoff.wait(shutdown).await {
+                        return Err(Stop::Shutdown);
+                    }
+                    continue;
+                }
+            }
             match self.publish_and_apply(entries, traceparent).await {
                 Ok(n) => {
                     stall.moving();
@@ -576,11 +655,9 @@ impl Service {
                     stall.failing(&detail);
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return Err(Stop::Shutdown),
-                _ = tokio::time::sleep(delay) => {}
+            if !backoff.wait(shutdown).await {
+                return Err(Stop::Shutdown);
             }
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
 
@@ -979,7 +1056,7 @@ impl Service {
         shutdown: &CancellationToken,
     ) -> bool {
         let mut stall = Stall::new(&self.health, self.stalled_after);
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = tocsin_runtime::retry::Backoff::standard();
         loop {
             let result = streams::dead_letter(
                 &self.js,
@@ -1007,11 +1084,9 @@ impl Service {
                     stall.failing(&format!("cannot dead-letter {stream} message {seq}: {e}"));
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(delay) => {}
+            if !backoff.wait(shutdown).await {
+                return false;
             }
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
 }
@@ -1052,18 +1127,12 @@ fn heartbeat_deadline(p: &Projection, hb: &HeartbeatConfig, started_at: Timestam
 }
 
 /// Opens the store; a store that cannot be read is wiped and rebuilt.
-fn open_store(dir: &Path) -> Result<(Store, Projection), IncidentsError> {
-    let attempt = Store::open(dir).and_then(|s| s.load().map(|p| (s, p)));
-    match attempt {
-        Ok(x) => Ok(x),
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "projection store unreadable; rebuilding it from the INCIDENTS stream");
-            Store::wipe(dir);
-            let store = Store::open(dir).map_err(|source| IncidentsError::Store {
-                dir: dir.display().to_string(),
-                source,
-            })?;
-            Ok((store, Projection::new()))
-        }
-    }
+fn open_store(dir: &Path, evict_before: Timestamp) -> Result<(Store, Projection), IncidentsError> {
+    tocsin_runtime::store::open_or_rebuild(dir, "projection store", |d| {
+        Store::open(d).and_then(|s| s.load(evict_before).map(|p| (s, p)))
+    })
+    .map_err(|source| IncidentsError::Store {
+        dir: dir.display().to_string(),
+        source,
+    })
 }

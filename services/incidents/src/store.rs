@@ -37,6 +37,7 @@ struct Meta {
     heartbeats: BTreeMap<String, Timestamp>,
 }
 
+#[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
@@ -52,13 +53,10 @@ impl Store {
         Ok(Store { db, tree })
     }
 
-    /// Removes the store's files (to rebuild from the stream).
-    pub fn wipe(dir: &Path) {
-        tocsin_runtime::config::remove_store(dir);
-    }
-
     /// Loads the projection; an empty store gives an empty projection.
-    pub fn load(&self) -> Result<Projection, StoreError> {
+    /// Incidents resolved before `evict_before` stay in the store (only
+    /// their number and dedup key are indexed in memory).
+    pub fn load(&self, evict_before: Timestamp) -> Result<Projection, StoreError> {
         let mut p = Projection::new();
         let Some(meta) = self.tree.get(META)? else {
             return Ok(p);
@@ -75,21 +73,32 @@ impl Store {
         p.last_cause = meta.last_cause;
         p.next_number = meta.next_number.max(1);
         p.heartbeats = meta.heartbeats;
+        // Number of the incident each dedup key names so far (the newest wins).
+        let mut key_numbers: std::collections::HashMap<String, u64> = Default::default();
         for kv in self.tree.scan_prefix(b"i/") {
             let (k, v) = kv?;
             let st: IncidentState = decode(&String::from_utf8_lossy(&k), &v)?;
             let id = st.summary.id;
-            let newer = p
-                .by_key
+            let number = st.summary.number;
+            let newer = key_numbers
                 .get(&st.summary.dedup_key)
-                .and_then(|other| p.incidents.get(other))
-                .is_none_or(|o| o.summary.number < st.summary.number);
+                .is_none_or(|n| *n < number);
             if newer {
+                key_numbers.insert(st.summary.dedup_key.clone(), number);
                 p.by_key.insert(st.summary.dedup_key.clone(), id);
             }
-            p.by_number.insert(st.summary.number, id);
-            if st.summary.status != tocsin_proto::incident::IncidentStatus::Resolved {
+            p.by_number.insert(number, id);
+            let resolved = st.summary.status == tocsin_proto::incident::IncidentStatus::Resolved;
+            if !resolved {
                 p.open_count += 1;
+            }
+            let resolved_at = st.summary.resolved_at.unwrap_or(st.summary.opened_at);
+            if resolved && resolved_at < evict_before {
+                p.cold.insert(id);
+                continue;
+            }
+            if resolved {
+                p.resolved.insert((resolved_at, id));
             }
             p.incidents.insert(id, st);
             p.reindex_snooze(id, None);
@@ -103,6 +112,14 @@ impl Store {
             })?;
         }
         Ok(p)
+    }
+
+    /// One stored incident (one that left memory), if the store has it.
+    pub fn incident(&self, id: &Uuid) -> Result<Option<IncidentState>, StoreError> {
+        match self.tree.get(incident_key(id))? {
+            Some(v) => decode(&format!("i/{id}"), &v).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Writes what changed since the last save, with the cursors, atomically.

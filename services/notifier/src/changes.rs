@@ -56,7 +56,7 @@ pub(crate) async fn run(d: Arc<Deliverer>, ack_wait: Duration, shutdown: Cancell
         deliver_policy: DeliverPolicy::New,
         filter_subjects: KINDS
             .iter()
-            .map(|k| format!("tocsin.incidents.inc.*.{k}"))
+            .map(|k| tocsin_proto::subjects::incident_events_kind(k))
             .collect(),
         ..Default::default()
     };

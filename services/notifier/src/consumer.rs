@@ -36,17 +36,15 @@ pub(crate) async fn open(
             .await
             .map_err(|e| e.to_string())
     };
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = tocsin_runtime::retry::Backoff::standard();
     loop {
         match open().await {
             Ok(m) => return Some(m),
             Err(e) => tracing::debug!(error = %e, stream, "consumer not available yet; retrying"),
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            _ = tokio::time::sleep(delay) => {}
+        if !backoff.wait(shutdown).await {
+            return None;
         }
-        delay = (delay * 2).min(Duration::from_secs(2));
     }
 }
 

@@ -401,7 +401,7 @@ impl Deliverer {
         mut rev: Option<u64>,
         shutdown: &CancellationToken,
     ) -> Finish {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = tocsin_runtime::retry::Backoff::standard();
         loop {
             match self.records.write(key, &rec, rev).await {
                 Ok(_) => break,
@@ -417,11 +417,9 @@ impl Deliverer {
                 },
                 Err(WriteError::Failed(e)) => {
                     tracing::warn!(error = %e, delivery = %job.id, "cannot record a delivery outcome; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Finish::Later(Duration::from_secs(1)),
-                        _ = tokio::time::sleep(delay) => {}
+                    if !backoff.wait(shutdown).await {
+                        return Finish::Later(Duration::from_secs(1));
                     }
-                    delay = (delay * 2).min(Duration::from_secs(2));
                 }
             }
         }

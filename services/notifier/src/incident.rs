@@ -61,7 +61,7 @@ impl Incidents {
             .await
             .map_err(|e| format!("cannot read INCIDENTS: {e}"))?;
         let msg = match stream
-            .get_last_raw_message_by_subject(&format!("tocsin.incidents.inc.{}.>", id.simple()))
+            .get_last_raw_message_by_subject(&tocsin_proto::subjects::incident_events_of(&id))
             .await
         {
             Ok(m) => m,

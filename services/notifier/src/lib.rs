@@ -159,7 +159,7 @@ pub async fn run(
     let metrics = events::NotifierMetrics::register(&ctx.metrics);
     // The records bucket, created if needed (retried until NATS is there).
     let records = {
-        let mut delay = std::time::Duration::from_millis(100);
+        let mut backoff = tocsin_runtime::retry::Backoff::standard();
         loop {
             match records::Records::open(
                 &ctx.js,
@@ -175,11 +175,9 @@ pub async fn run(
                     tracing::debug!(error = %e, "delivery records not available yet; retrying");
                 }
             }
-            tokio::select! {
-                _ = ctx.shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(delay) => {}
+            if !backoff.wait(&ctx.shutdown).await {
+                return Ok(());
             }
-            delay = (delay * 2).min(std::time::Duration::from_secs(2));
         }
     };
     let d = Arc::new(

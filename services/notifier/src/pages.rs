@@ -89,7 +89,7 @@ async fn run_channel(
         ack_wait,
         max_deliver: -1,
         max_ack_pending: (held * 4) as i64,
-        filter_subject: format!("tocsin.notify.{}", channel.as_str()),
+        filter_subject: tocsin_proto::subjects::notify_subject(channel.as_str()),
         ..Default::default()
     };
     let tasks = tokio_util::task::TaskTracker::new();

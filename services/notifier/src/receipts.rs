@@ -4,8 +4,6 @@
 //! or when a redelivered message finds its record final) is dropped by
 //! JetStream's duplicate window.
 
-use std::time::Duration;
-
 use async_nats::jetstream;
 use tocsin_proto::{
     codec,
@@ -40,7 +38,7 @@ pub(crate) async fn publish(
             return true;
         }
     };
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = tocsin_runtime::retry::Backoff::standard();
     loop {
         let publish = tocsin_runtime::bus::message(payload.clone(), cmd.id.clone(), None, &[]);
         let r = match js.send_publish(cmd.subject(), publish).await {
@@ -51,10 +49,8 @@ pub(crate) async fn publish(
             Ok(()) => return true,
             Err(e) => tracing::warn!(error = %e, "cannot publish a delivery receipt; retrying"),
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(delay) => {}
+        if !backoff.wait(shutdown).await {
+            return false;
         }
-        delay = (delay * 2).min(Duration::from_secs(2));
     }
 }

@@ -46,7 +46,7 @@ pub(crate) async fn run(
         deliver_policy: DeliverPolicy::New,
         filter_subjects: KINDS
             .iter()
-            .map(|k| format!("tocsin.incidents.inc.*.{k}"))
+            .map(|k| tocsin_proto::subjects::incident_events_kind(k))
             .collect(),
         ..Default::default()
     };
@@ -141,7 +141,7 @@ async fn open(
             .await
             .map_err(|e| e.to_string())
     };
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = tocsin_runtime::retry::Backoff::standard();
     loop {
         match open().await {
             Ok(m) => return Some(m),
@@ -149,11 +149,9 @@ async fn open(
                 tracing::debug!(error = %e, "remediation consumer not available yet; retrying")
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            _ = tokio::time::sleep(delay) => {}
+        if !backoff.wait(shutdown).await {
+            return None;
         }
-        delay = (delay * 2).min(Duration::from_secs(2));
     }
 }
 

@@ -461,21 +461,6 @@ impl fmt::Display for HumanDuration {
     }
 }
 
-/// Removes a service's local store (a folder, or a file in its place) so it
-/// can be rebuilt from the stream. Missing is fine; other failures are logged.
-pub fn remove_store(dir: &Path) {
-    let removed = if dir.is_file() {
-        std::fs::remove_file(dir)
-    } else {
-        std::fs::remove_dir_all(dir)
-    };
-    if let Err(e) = removed {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the local store");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,6 +17,9 @@
 //!   router (header timeout, head size, idle timeout, connection cap).
 //! - [`lease`]: one active instance per role (incidents, escalation), the
 //!   others standing by: a lease in JetStream KV.
+//! - [`retry`]: [`retry::Backoff`], the one retry pacing of the service loops.
+//! - [`store`]: open a local cache store, or wipe and rebuild it.
+//! - [`query`]: the one request/reply query loop.
 //! - [`clock`]: the one injected clock (system time, or manual in tests).
 //! - [`telemetry`]: tracing subscriber set-up, human or JSON.
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
@@ -34,7 +37,10 @@ pub mod kv;
 pub mod lease;
 pub mod nats;
 pub mod progress;
+pub mod query;
+pub mod retry;
 pub mod shutdown;
+pub mod store;
 pub mod streams;
 pub mod telemetry;
 

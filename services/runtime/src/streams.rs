@@ -612,20 +612,19 @@ pub async fn ensure_streams_until_ready(
     health: &crate::admin::Health,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> bool {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff =
+        crate::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let drifts = loop {
         match create_missing_streams(js, config).await {
             Ok(drifts) => break drifts,
             Err(e) => {
                 health.set_failing("jetstream", e.to_string());
-                tracing::error!(error = %e, retry_in = ?delay, "cannot set up JetStream streams");
+                tracing::error!(error = %e, retry_in = ?backoff.delay(), "cannot set up JetStream streams");
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(delay) => {}
+        if !backoff.wait(shutdown).await {
+            return false;
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     };
     health.set_ok("jetstream");
     tracing::info!("JetStream streams are in place");
