@@ -617,3 +617,58 @@ async fn services_create_streams_but_only_the_admin_changes_them() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// The leases (one active incidents and escalation instance, the others
+/// standing by): each service creates its own lease bucket and writes and
+/// reads its one key there, and nothing else: not another key, not the
+/// other service's lease, not a purge.
+#[tokio::test]
+async fn each_service_holds_only_its_own_lease() {
+    let nats = NatsServer::start().await;
+    for (role, other) in [("incidents", "escalation"), ("escalation", "incidents")] {
+        let (client, mut errors) = watched(&nats, role).await;
+        let js = jetstream::new(client.clone());
+        let bucket = tocsin_runtime::lease::bucket(role);
+        let kv = js
+            .create_key_value(jetstream::kv::Config {
+                bucket: bucket.clone(),
+                history: 1,
+                max_age: Duration::from_secs(5),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{role} cannot create {bucket}: {e}"));
+        let key = tocsin_runtime::lease::KEY;
+        let rev = kv.create(key, "a".into()).await.unwrap();
+        let rev = kv.update(key, "b".into(), rev).await.unwrap();
+        let entry = kv.entry(key).await.unwrap().unwrap();
+        assert_eq!((entry.revision, &entry.value[..]), (rev, &b"b"[..]));
+        kv.delete_expect_revision(key, Some(rev)).await.unwrap();
+
+        client
+            .publish(format!("$KV.{bucket}.other"), "x".into())
+            .await
+            .unwrap();
+        expect_refused(&mut errors, &format!("Publish to \"$KV.{bucket}.other\"")).await;
+        let theirs = tocsin_runtime::lease::bucket(other);
+        client
+            .publish(format!("$KV.{theirs}.{key}"), "x".into())
+            .await
+            .unwrap();
+        expect_refused(&mut errors, &format!("Publish to \"$KV.{theirs}.{key}\"")).await;
+        refused_request(
+            &client,
+            &mut errors,
+            &format!("$JS.API.DIRECT.GET.KV_{theirs}.$KV.{theirs}.{key}"),
+            "",
+        )
+        .await;
+        refused_request(
+            &client,
+            &mut errors,
+            &format!("$JS.API.STREAM.PURGE.KV_{bucket}"),
+            "{}",
+        )
+        .await;
+    }
+}

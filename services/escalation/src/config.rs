@@ -22,6 +22,19 @@ pub struct EscalationConfig {
     pub policies: Vec<PolicyConfig>,
     pub schedules: Vec<ScheduleConfig>,
     pub users: Vec<UserConfig>,
+    /// The lease that makes one escalation instance active and the others
+    /// standbys (see `tocsin_runtime::lease`): a standby takes over within
+    /// about this long after the active one dies. 1s to 10m. Default 5s.
+    pub lease_ttl: Option<HumanDuration>,
+}
+
+impl EscalationConfig {
+    /// `lease_ttl`, or its default (5s).
+    pub fn lease_ttl(&self) -> std::time::Duration {
+        self.lease_ttl
+            .map(|d| d.get())
+            .unwrap_or(std::time::Duration::from_secs(5))
+    }
 }
 
 /// A node of the route tree. The root matches every incident; children are

@@ -63,22 +63,70 @@ pub enum EscalationError {
 
 /// Checks the config (for `tocsin check-config`).
 pub fn check(config: &EscalationConfig) -> Result<(), EscalationError> {
-    plan::Planner::new(config)
-        .map(|_| ())
-        .map_err(EscalationError::Config)
+    let planned = plan::Planner::new(config).map(|_| ());
+    let lease = tocsin_runtime::lease::check_ttl("escalation.lease_ttl", config.lease_ttl());
+    match (planned, lease) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(mut all), lease) => {
+            all.extend(lease.err());
+            Err(EscalationError::Config(all))
+        }
+        (Ok(()), Err(e)) => Err(EscalationError::Config(vec![e])),
+    }
 }
 
-/// Runs the escalation service until `ctx.shutdown` is cancelled,
-/// answering queries and, given a `calendar` listener (bound to
-/// `calendar_listen`), serving the on-call calendars.
+/// Runs the escalation service until `ctx.shutdown` is cancelled, as the
+/// active instance while it holds the `escalation` lease and as a standby
+/// otherwise (`tocsin_runtime::lease::lead`): each time it takes the lease
+/// it starts afresh from its store and catches up with INCIDENTS before any
+/// step fires. While active it answers queries and, given a `calendar`
+/// listener (bound to `calendar_listen`), serves the on-call calendars.
 pub async fn run(
     config: EscalationConfig,
     ctx: &ServiceContext,
     calendar: Option<TcpListener>,
 ) -> Result<(), EscalationError> {
-    let (js, metrics, health, clock, shutdown) = (
+    // Checked before waiting: a standby with a bad config fails at start.
+    check(&config)?;
+    let metrics = events::EscalationMetrics::register(&ctx.metrics);
+    // The calendars come from the config alone: served by standbys too, for
+    // the whole life of the process.
+    let calendar = match calendar {
+        Some(listener) => {
+            let planner = Arc::new(plan::Planner::new(&config).map_err(EscalationError::Config)?);
+            let (names, clock, stop) = (
+                planner.schedule_names(),
+                ctx.clock.clone(),
+                ctx.shutdown.clone(),
+            );
+            Some(AbortOnDropHandle::new(tokio::spawn(async move {
+                if let Err(e) = http::serve(listener, planner, clock, names, stop).await {
+                    tracing::error!(error = %e, "the on-call calendar server stopped");
+                }
+            })))
+        }
+        None => None,
+    };
+    let ttl = config.lease_ttl();
+    let result = tocsin_runtime::lease::lead(ctx, "escalation", ttl, |tenure| {
+        let (config, metrics) = (config.clone(), metrics.clone());
+        async move { run_active(config, &tenure, metrics).await }
+    })
+    .await;
+    if let Some(c) = calendar {
+        let _ = c.await;
+    }
+    result
+}
+
+/// One tenure as the active instance.
+async fn run_active(
+    config: EscalationConfig,
+    ctx: &ServiceContext,
+    metrics: events::EscalationMetrics,
+) -> Result<(), EscalationError> {
+    let (js, health, clock, shutdown) = (
         ctx.js.clone(),
-        &ctx.metrics,
         &ctx.health,
         ctx.clock.clone(),
         ctx.shutdown.clone(),
@@ -109,8 +157,9 @@ pub async fn run(
             return Ok(());
         }
     };
-    // Both tasks end with this future, also if it is dropped (an in-process
-    // crash in tests), so no stale responder outlives the service.
+    // The query task ends with this future, also if it is dropped (a lost
+    // lease, an in-process crash in tests), so no stale responder outlives
+    // the tenure.
     let queries = AbortOnDropHandle::new(tokio::spawn(query::serve(
         subs,
         planner.clone(),
@@ -119,18 +168,7 @@ pub async fn run(
         planner.schedule_names(),
         shutdown.clone(),
     )));
-    let calendar = calendar.map(|listener| {
-        let (planner, names, stop) = (planner.clone(), planner.schedule_names(), shutdown.clone());
-        AbortOnDropHandle::new(tokio::spawn(async move {
-            if let Err(e) = http::serve(listener, planner, clock, names, stop).await {
-                tracing::error!(error = %e, "the on-call calendar server stopped");
-            }
-        }))
-    });
     let result = svc.run(health, shutdown, ctx.watermark.clone()).await;
     let _ = queries.await;
-    if let Some(c) = calendar {
-        let _ = c.await;
-    }
     result
 }

@@ -12,7 +12,7 @@ use tocsin_proto::{
     subjects::STREAM_INCIDENTS,
     Envelope,
 };
-use tocsin_runtime::admin::{Health, Metrics};
+use tocsin_runtime::admin::Health;
 use tocsin_runtime::clock::Clock;
 use tocsin_runtime::{progress::Watermark, streams};
 use tokio_util::sync::CancellationToken;
@@ -56,7 +56,7 @@ impl Service {
         dir: &Path,
         js: jetstream::Context,
         clock: Arc<dyn Clock>,
-        metrics: &Metrics,
+        metrics: EscalationMetrics,
     ) -> Result<Self, EscalationError> {
         let (store, tracks, seq) = open_store(dir)?;
         let shared: SharedTracks = Arc::new(std::sync::RwLock::new(tracks.map.clone()));
@@ -68,7 +68,7 @@ impl Service {
             store,
             js,
             clock,
-            metrics: EscalationMetrics::register(metrics),
+            metrics,
         })
     }
 

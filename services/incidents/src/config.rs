@@ -64,6 +64,10 @@ pub struct IncidentsConfig {
     /// `/readyz` reports `incidents: cannot make progress: <reason>` once
     /// one input has been failing for this long. Default 30s.
     pub stalled_after: HumanDuration,
+    /// The lease that makes one incidents instance active and the others
+    /// standbys (see `tocsin_runtime::lease`): a standby takes over within
+    /// about this long after the active one dies. 1s to 10m. Default 5s.
+    pub lease_ttl: HumanDuration,
 }
 
 /// Bounds of `max_entry_bytes`: room for an incident with its alert, and
@@ -89,6 +93,7 @@ impl Default for IncidentsConfig {
             max_annotations: 64,
             max_attempts: 5,
             stalled_after: HumanDuration::secs(30),
+            lease_ttl: HumanDuration::secs(5),
         }
     }
 }

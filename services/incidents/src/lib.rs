@@ -102,6 +102,8 @@ pub fn compile(config: &IncidentsConfig) -> Result<core::CoreConfig, IncidentsEr
             "max_attempts is 0; use at least 1 (default 5)".into(),
         ));
     }
+    tocsin_runtime::lease::check_ttl("incidents.lease_ttl", config.lease_ttl.get())
+        .map_err(IncidentsError::Config)?;
     if config.max_annotations == 0 {
         return Err(IncidentsError::Config(
             "max_annotations is 0; use at least 1 (default 64)".into(),
@@ -123,27 +125,50 @@ pub fn compile(config: &IncidentsConfig) -> Result<core::CoreConfig, IncidentsEr
     })
 }
 
-/// Runs the incidents service until `ctx.shutdown` is cancelled: catches
-/// up from the INCIDENTS stream, then consumes ALERTS and COMMANDS, fires
-/// timers by `ctx.clock`, and answers queries. The `incidents` health
-/// check passes once it has caught up and answers queries. It serves no
-/// HTTP (`_listener` is for the one signature every service has).
+/// Runs the incidents service until `ctx.shutdown` is cancelled, as the
+/// active instance while it holds the `incidents` lease and as a standby
+/// otherwise (`tocsin_runtime::lease::lead`): each time it takes the lease
+/// it starts afresh from its store and catches up from the INCIDENTS stream
+/// before it consumes or publishes anything. It serves no HTTP (`_listener`
+/// is for the one signature every service has).
 pub async fn run(
     config: IncidentsConfig,
     ctx: &ServiceContext,
     _listener: Option<tokio::net::TcpListener>,
 ) -> Result<(), IncidentsError> {
-    let (client, js, metrics, health, clock, shutdown) = (
+    // Checked before waiting: a standby with a bad config fails at start.
+    compile(&config)?;
+    let m = events::IncidentsMetrics::register(&ctx.metrics);
+    let ttl = config.lease_ttl.get();
+    tocsin_runtime::lease::lead(ctx, "incidents", ttl, |tenure| {
+        let (config, m) = (config.clone(), m.clone());
+        async move { run_active(config, &tenure, m).await }
+    })
+    .await
+}
+
+/// One tenure as the active instance: catches up from the INCIDENTS
+/// stream, then consumes ALERTS and COMMANDS, fires timers by `ctx.clock`,
+/// and answers queries, until `ctx.shutdown` is cancelled (or the lease is
+/// lost, and this future dropped). The `incidents` health check passes once
+/// it has caught up and answers queries.
+async fn run_active(
+    config: IncidentsConfig,
+    ctx: &ServiceContext,
+    m: events::IncidentsMetrics,
+) -> Result<(), IncidentsError> {
+    let (client, js, health, clock, shutdown) = (
         ctx.client(),
         ctx.js.clone(),
-        &ctx.metrics,
         &ctx.health,
         ctx.clock.clone(),
         ctx.shutdown.clone(),
     );
     health.set_failing("incidents", "catching up with the INCIDENTS stream");
+    if !streams_in_place(&js, &shutdown).await {
+        return Ok(());
+    }
     let core = compile(&config)?;
-    let m = events::IncidentsMetrics::register(metrics);
     let svc = service::Service::new(
         &config,
         core,
@@ -160,14 +185,52 @@ pub async fn run(
         .await
         .map_err(|e| IncidentsError::JetStream(format!("cannot subscribe to queries: {e}")))?;
     health.set_ok("incidents");
-    let queries = tokio::spawn(query::serve(
+    // Aborted with this future too (a lost lease drops it): no stale
+    // responder outlives the tenure.
+    let queries = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(query::serve(
         js,
         subs,
         svc.proj.clone(),
         svc.store.clone(),
         shutdown.clone(),
-    ));
+    )));
     let result = svc.run(shutdown, ctx.watermark.clone()).await;
     let _ = queries.await;
     result
+}
+
+/// Waits until the streams incidents reads and writes exist; false if shut
+/// down first. On a first start they are being created alongside (app
+/// start-up, in some order): a missing one is worth a warning only if it
+/// stays missing.
+async fn streams_in_place(
+    js: &async_nats::jetstream::Context,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> bool {
+    use tocsin_proto::subjects::{STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS};
+    let started = std::time::Instant::now();
+    let mut delay = std::time::Duration::from_millis(50);
+    loop {
+        let mut missing = None;
+        for stream in [STREAM_INCIDENTS, STREAM_ALERTS, STREAM_COMMANDS] {
+            if let Err(e) = js.get_stream(stream).await {
+                missing = Some((stream, e));
+                break;
+            }
+        }
+        match missing {
+            None => return true,
+            Some((stream, e)) if started.elapsed() < std::time::Duration::from_secs(30) => {
+                tracing::debug!(stream, error = %e, "waiting for the stream to be created")
+            }
+            Some((stream, e)) => {
+                tracing::warn!(stream, error = %e, "cannot find the stream yet; retrying")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(std::time::Duration::from_secs(2));
+    }
 }

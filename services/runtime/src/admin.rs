@@ -49,6 +49,9 @@ pub struct Metrics {
     nats_clients: Arc<Mutex<BTreeMap<String, bool>>>,
     /// NATS connection events by kind.
     pub nats_events: Family<Labels, Counter>,
+    /// `tocsin_leader{role}`: 1 while this process holds the role's lease
+    /// (see [`crate::lease`]), 0 while it stands by.
+    pub leader: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -72,11 +75,18 @@ impl Metrics {
             "NATS connection events by kind",
             nats_events.clone(),
         );
+        let leader = Family::<Labels, Gauge>::default();
+        registry.register(
+            "tocsin_leader",
+            "1 while this process holds the role's lease and acts, 0 while it stands by",
+            leader.clone(),
+        );
         Metrics {
             registry: Arc::new(Mutex::new(registry)),
             nats_connected,
             nats_clients: Arc::default(),
             nats_events,
+            leader,
         }
     }
 
@@ -110,6 +120,8 @@ impl Metrics {
 #[derive(Clone)]
 enum Check {
     Fixed(Result<(), String>),
+    /// Passes, with something to say (a standby: `standby: ...`).
+    Passing(String),
     /// Passes while every client is connected; each named for messages.
     Nats(Vec<(String, Client)>),
 }
@@ -128,6 +140,12 @@ impl Health {
     /// Marks `name` as passing.
     pub fn set_ok(&self, name: &str) {
         self.set(name, Check::Fixed(Ok(())));
+    }
+
+    /// Marks `name` as passing with `detail` shown instead of `ok` (a
+    /// standby instance: ready, but not the active one).
+    pub fn set_passing(&self, name: &str, detail: impl Into<String>) {
+        self.set(name, Check::Passing(detail.into()));
     }
 
     /// Marks `name` as failing with `reason`.
@@ -164,6 +182,10 @@ impl Health {
         let mut out = BTreeMap::new();
         for (name, check) in checks {
             let state = match check {
+                Check::Passing(detail) => {
+                    out.insert(name, detail);
+                    continue;
+                }
                 Check::Fixed(r) => r,
                 Check::Nats(clients) => {
                     let down: Vec<String> = clients

@@ -4,10 +4,21 @@ use async_nats::{jetstream::message::PublishMessage, HeaderMap};
 use bytes::Bytes;
 use tocsin_proto::{subjects::headers, SCHEMA_VERSION};
 
+tokio::task_local! {
+    /// The lease tenure (`<role>/<term>`) the current task acts under, set
+    /// by [`crate::lease::lead`] around a service's run.
+    pub static LEASE: String;
+}
+
+/// The header naming the lease tenure that published a message.
+pub const LEASE_HEADER: &str = "Tocsin-Lease";
+
 /// A JetStream message with the headers every Tocsin message carries: the
 /// message id (so JetStream drops a repeat), the schema version, and the
 /// W3C `traceparent` when the input had one; `extra` adds others (such as
-/// the reply-to inbox of a command).
+/// the reply-to inbox of a command). A message published by a service that
+/// runs under a lease ([`crate::lease`]) also carries `Tocsin-Lease:
+/// <role>/<term>`, so the stream shows which tenure wrote it.
 pub fn message(
     payload: impl Into<Bytes>,
     msg_id: impl Into<String>,
@@ -22,6 +33,7 @@ pub fn message(
     for (name, value) in extra {
         h.insert(*name, *value);
     }
+    let _ = LEASE.try_with(|tenure| h.insert(LEASE_HEADER, tenure.as_str()));
     // headers() replaces the whole map: set it before message_id().
     PublishMessage::build()
         .payload(payload.into())

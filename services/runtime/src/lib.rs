@@ -15,6 +15,8 @@
 //! - [`admin`]: [`admin::Health`], [`admin::Metrics`] and the admin server.
 //! - [`http_server`]: the bounded connection layer under a service's HTTP
 //!   router (header timeout, head size, idle timeout, connection cap).
+//! - [`lease`]: one active instance per role (incidents, escalation), the
+//!   others standing by: a lease in JetStream KV.
 //! - [`retry`]: [`retry::Backoff`], the one retry pacing of the service loops.
 //! - [`store`]: open a local cache store, or wipe and rebuild it.
 //! - [`query`]: the one request/reply query loop.
@@ -32,6 +34,7 @@ pub mod context;
 pub mod error;
 pub mod http_server;
 pub mod kv;
+pub mod lease;
 pub mod nats;
 pub mod progress;
 pub mod query;

@@ -2,6 +2,7 @@
 
 mod alertmanager;
 mod cli;
+mod failover;
 mod first_run;
 mod notifier_crash;
 mod ops;

@@ -1,0 +1,730 @@
+//! One active instance per role, any number of standbys: a lease in
+//! JetStream KV.
+//!
+//! Each role that must have a single writer (`incidents`, `escalation`) has
+//! its own KV bucket `tocsin_lease_<role>` with one key, `leader`. The
+//! bucket's `max_age` is the lease TTL, so a key nobody renews vanishes
+//! TTL after its last write, by the NATS server's clock alone.
+//!
+//! - **Acquire**: a standby reads the key every `ttl / 10` (at most 500 ms);
+//!   when it is absent (expired, or released by a holder that stopped) it
+//!   creates it (create-if-absent: of several standbys exactly one wins).
+//!   The term of that tenure is the revision the create got, so terms only
+//!   grow.
+//! - **Renew**: the holder replaces the revision it wrote (a
+//!   revision-checked update) every `ttl / 3`. A conflict means someone else
+//!   holds the lease now: the holder stops at once.
+//! - **Fence**: the holder acts only until `sent + 2/3 ttl`, where `sent` is
+//!   when it *sent* its last successful create or renewal, measured on the
+//!   local monotonic clock. The server stored that write after `sent`, so
+//!   the key lives until at least `sent + ttl`: the holder stops acting a
+//!   third of the TTL before anyone else can take the lease, whatever
+//!   happened meanwhile (NATS unreachable, the process frozen). The last
+//!   third is the margin for messages already on the wire and for the
+//!   drift between the two clocks' rates.
+//!
+//! # Which clock
+//! Neither the injected clock (`ServiceContext::clock`: business time,
+//! frozen in tests, and wall time in production, which NTP may step) nor
+//! a timestamp stored in the key (another host's wall clock) decides who
+//! holds the lease. Expiry is the NATS server's `max_age`; the holder's
+//! deadline is its own monotonic clock. No two clocks are ever compared,
+//! only durations, each measured on one clock.
+//!
+//! # Acting only while holding
+//! [`lead`] runs the role's service one tenure at a time: it waits for the
+//! lease, runs the service with a shutdown token of its own, and polls the
+//! service's future only while the lease is valid (checked at every poll,
+//! so nothing is published after the deadline, even by a process that was
+//! frozen past it). When the lease is lost the service's future is dropped
+//! and the instance waits again; the next tenure starts the service afresh,
+//! so it catches up from the streams before it acts. Every JetStream message
+//! published during a tenure carries the header `Tocsin-Lease:
+//! <role>/<term>` (see [`crate::bus::message`]), so the stream itself shows
+//! which tenure wrote what.
+//!
+//! A standby is ready (it is doing its job: waiting): `/readyz` shows the
+//! role's check as `standby: ...`, and `tocsin_leader{role}` is 0 (1 on the
+//! holder).
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context as TaskContext, Poll},
+    time::Duration,
+};
+
+use async_nats::jetstream::{self, kv};
+use serde::{Deserialize, Serialize};
+use tokio::{sync::watch, time::Instant};
+
+use crate::{
+    admin::{labels, Metrics},
+    context::ServiceContext,
+    kv::{write_checked, WriteError},
+};
+
+/// The key of the lease in its role's bucket.
+pub const KEY: &str = "leader";
+
+/// Shortest and longest lease TTL accepted (`<role>.lease_ttl`).
+pub const TTL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(600);
+
+/// The bucket of `role`'s lease: `tocsin_lease_<role>` (its stream is
+/// `KV_tocsin_lease_<role>`).
+pub fn bucket(role: &str) -> String {
+    format!("tocsin_lease_{role}")
+}
+
+/// Checks a configured TTL; the error names the key.
+pub fn check_ttl(key: &str, ttl: Duration) -> Result<(), String> {
+    if TTL_RANGE.contains(&ttl) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{key} is {ttl:?}; use 1s to 10m (default 5s): a standby takes over within about \
+             this long after the active instance dies"
+        ))
+    }
+}
+
+/// What the key holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Who holds it: host, process and a per-start suffix.
+    pub holder: String,
+    /// The term, once the holder has renewed (the create's revision until
+    /// then: see [`Record::term_at`]).
+    #[serde(default)]
+    pub term: Option<u64>,
+}
+
+impl Record {
+    /// The term of a record stored at `revision`.
+    pub fn term_at(&self, revision: u64) -> u64 {
+        self.term.unwrap_or(revision)
+    }
+}
+
+/// The lease as one instance sees it: the pure state machine, driven by
+/// the times it is given (the monotonic clock in [`lead`], chosen instants
+/// in tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Not holding: waiting for the lease.
+    Standby,
+    /// Holding `term` (the key at `revision`) and allowed to act until
+    /// `valid_until`.
+    Leader {
+        term: u64,
+        revision: u64,
+        valid_until: Instant,
+    },
+}
+
+/// The lease's timing, derived from the TTL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    pub ttl: Duration,
+}
+
+impl Timing {
+    /// How often the holder renews: a third of the TTL.
+    pub fn renew_every(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// How long after sending a successful write the holder may act: two
+    /// thirds of the TTL (the key lives at least a whole TTL after it).
+    pub fn valid_for(&self) -> Duration {
+        self.ttl * 2 / 3
+    }
+
+    /// How often a standby looks at the key.
+    pub fn poll_every(&self) -> Duration {
+        (self.ttl / 10).min(Duration::from_millis(500))
+    }
+}
+
+impl State {
+    /// Whether the instance may act at `now`.
+    pub fn acting(&self, now: Instant) -> bool {
+        matches!(self, State::Leader { valid_until, .. } if now < *valid_until)
+    }
+
+    /// When acting must stop (None: not holding).
+    pub fn fence_at(&self) -> Option<Instant> {
+        match self {
+            State::Leader { valid_until, .. } => Some(*valid_until),
+            State::Standby => None,
+        }
+    }
+
+    /// The lease was created (won) by a write sent at `sent`, which got
+    /// `revision`: the term.
+    pub fn acquired(&mut self, timing: Timing, sent: Instant, revision: u64) {
+        *self = State::Leader {
+            term: revision,
+            revision,
+            valid_until: sent + timing.valid_for(),
+        };
+    }
+
+    /// A renewal sent at `sent` stored `revision`. A renewal that comes
+    /// back after the deadline it would have saved changes nothing: the
+    /// holder has stopped, and stays stopped until it wins the lease again.
+    pub fn renewed(&mut self, timing: Timing, sent: Instant, revision: u64, now: Instant) {
+        if let State::Leader {
+            revision: rev,
+            valid_until,
+            ..
+        } = self
+        {
+            if now >= *valid_until {
+                *self = State::Standby;
+                return;
+            }
+            *rev = revision;
+            *valid_until = (*valid_until).max(sent + timing.valid_for());
+        }
+    }
+
+    /// Someone else holds the lease (a renewal conflicted), or it was given
+    /// up.
+    pub fn lost(&mut self) {
+        *self = State::Standby;
+    }
+
+    /// At `now`, past the deadline: the same as lost.
+    pub fn expire(&mut self, now: Instant) {
+        if !self.acting(now) {
+            *self = State::Standby;
+        }
+    }
+}
+
+/// A process-unique holder id: host, pid and a per-lease suffix (two
+/// instances in one process, as tests run them, differ too).
+fn holder_id(role: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{host}/{}/{role}-{:x}{nanos:08x}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Sets `tocsin_leader{role}`.
+fn set_leader(metrics: &Metrics, role: &str, leader: bool) {
+    metrics
+        .leader
+        .get_or_create(&labels(&[("role", role)]))
+        .set(i64::from(leader));
+}
+
+/// How one tenure ended.
+enum Tenure<E> {
+    /// The service returned (shutdown, or an error).
+    Returned(Result<(), E>),
+    /// The lease was lost or ran out: the service was stopped.
+    Fenced,
+}
+
+/// Polls `inner` only while `state` allows acting.
+struct Guarded<'a, F> {
+    inner: Pin<Box<F>>,
+    state: &'a watch::Sender<State>,
+}
+
+impl<F: Future> Future for Guarded<'_, F> {
+    type Output = Option<F::Output>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        if !self.state.borrow().acting(Instant::now()) {
+            return Poll::Ready(None);
+        }
+        self.inner.as_mut().poll(cx).map(Some)
+    }
+}
+
+/// The role's lease bucket, and the TTL it enforces.
+struct Bucket {
+    kv: kv::Store,
+    timing: Timing,
+}
+
+async fn open_bucket(
+    js: &jetstream::Context,
+    role: &str,
+    ttl: Duration,
+    replicas: usize,
+) -> Result<Bucket, String> {
+    let name = bucket(role);
+    let kv = match js.get_key_value(&name).await {
+        Ok(kv) => kv,
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: name.clone(),
+                description: format!("Tocsin: the {role} lease (max_age = lease TTL)"),
+                history: 1,
+                max_age: ttl,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas.max(1),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("cannot create the KV bucket {name}: {e}"))?,
+    };
+    // The bucket's max_age is the TTL every instance of the role obeys: an
+    // instance configured otherwise uses it (and says so), so no two
+    // instances ever work with different TTLs.
+    let actual = kv.status().await.map_err(|e| e.to_string())?.max_age();
+    if actual.is_zero() {
+        return Err(format!(
+            "the KV bucket {name} has no max_age, so a lease would never expire; delete it \
+             (nats kv del {name}, as the NATS admin) and start again"
+        ));
+    }
+    if actual != ttl {
+        tracing::warn!(
+            role,
+            bucket = %name,
+            configured = ?ttl,
+            bucket_max_age = ?actual,
+            "{role}.lease_ttl differs from the lease bucket's max_age; using the bucket's. \
+             To change it, stop every {role} instance and delete the bucket (as the NATS admin)"
+        );
+    }
+    Ok(Bucket {
+        kv,
+        timing: Timing { ttl: actual },
+    })
+}
+
+async fn read(b: &Bucket) -> Result<Option<(Record, u64)>, String> {
+    let entry = b.kv.entry(KEY).await.map_err(|e| e.to_string())?;
+    let Some(entry) = entry else { return Ok(None) };
+    if entry.operation != kv::Operation::Put || entry.value.is_empty() {
+        return Ok(None);
+    }
+    let record: Record = serde_json::from_slice(&entry.value)
+        .map_err(|e| format!("the lease record does not decode: {e}"))?;
+    Ok(Some((record, entry.revision)))
+}
+
+fn encode(r: &Record) -> Vec<u8> {
+    serde_json::to_vec(r).unwrap_or_default()
+}
+
+/// Waits for the lease: returns the bucket and the state (Leader), or None
+/// on shutdown. Reports standby on `/readyz` meanwhile.
+async fn acquire(
+    ctx: &ServiceContext,
+    role: &str,
+    ttl: Duration,
+    me: &str,
+) -> Option<(Bucket, watch::Sender<State>)> {
+    let mut bucket: Option<Bucket> = None;
+    let mut last_note = String::new();
+    loop {
+        let poll;
+        // Ready while someone else is seen holding the lease: this instance
+        // is a working standby. Not ready while the lease cannot be read.
+        let mut passing = false;
+        let note = match &bucket {
+            None => match open_bucket(&ctx.js, role, ttl, ctx.jetstream.replicas).await {
+                Ok(b) => {
+                    bucket = Some(b);
+                    continue;
+                }
+                Err(e) => {
+                    poll = Duration::from_millis(500);
+                    format!("standby: cannot open the lease bucket yet: {e}")
+                }
+            },
+            Some(b) => {
+                poll = b.timing.poll_every();
+                match read(b).await {
+                    // Still ours (this instance stood down, say while NATS
+                    // was unreachable, and nobody took the lease since): take
+                    // it back at once, in the same term, instead of waiting
+                    // for it to expire. Nothing of the old tenure runs any
+                    // more.
+                    Ok(Some((r, rev))) if r.holder == me => {
+                        let term = r.term_at(rev);
+                        let sent = Instant::now();
+                        let record = Record {
+                            holder: me.to_string(),
+                            term: Some(term),
+                        };
+                        match write_checked(&b.kv, KEY, encode(&record), Some(rev)).await {
+                            Ok(rev) => {
+                                let mut s = State::Standby;
+                                s.acquired(b.timing, sent, rev);
+                                if let State::Leader { term: t, .. } = &mut s {
+                                    *t = term;
+                                }
+                                let (tx, _) = watch::channel(s);
+                                return bucket.map(|b| (b, tx));
+                            }
+                            Err(e) => format!("standby: cannot take back its own lease: {e}"),
+                        }
+                    }
+                    Ok(Some((r, rev))) => {
+                        passing = true;
+                        format!("standby: {} is active (term {})", r.holder, r.term_at(rev))
+                    }
+                    Ok(None) => {
+                        let sent = Instant::now();
+                        let record = Record {
+                            holder: me.to_string(),
+                            term: None,
+                        };
+                        match write_checked(&b.kv, KEY, encode(&record), None).await {
+                            Ok(rev) => {
+                                let mut s = State::Standby;
+                                s.acquired(b.timing, sent, rev);
+                                let (tx, _) = watch::channel(s);
+                                return bucket.map(|b| (b, tx));
+                            }
+                            Err(WriteError::Conflict) => {
+                                passing = true;
+                                "standby: another instance took the lease".to_string()
+                            }
+                            Err(WriteError::Failed(e)) => {
+                                format!("standby: cannot take the free lease: {e}")
+                            }
+                        }
+                    }
+                    Err(e) => format!("standby: cannot read the lease: {e}"),
+                }
+            }
+        };
+        if note != last_note {
+            tracing::info!(role, "{note}");
+            if passing {
+                ctx.health.set_passing(role, note.clone());
+            } else {
+                ctx.health.set_failing(role, note.clone());
+            }
+            last_note = note;
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(poll) => {}
+        }
+    }
+}
+
+/// Renews until the lease is lost or runs out; updates `state`. Returns
+/// when the instance must stop acting.
+async fn renew(b: &Bucket, state: &watch::Sender<State>, role: &str, me: &str) {
+    let timing = b.timing;
+    let mut next = Instant::now() + timing.renew_every();
+    loop {
+        let Some(fence) = state.borrow().fence_at() else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(fence) => {
+                state.send_modify(|s| s.expire(Instant::now()));
+                if !state.borrow().acting(Instant::now()) {
+                    tracing::warn!(role, "could not renew the lease in time; standing down");
+                    return;
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(next) => {}
+        }
+        let (term, revision) = match *state.borrow() {
+            State::Leader { term, revision, .. } => (term, revision),
+            State::Standby => return,
+        };
+        let record = Record {
+            holder: me.to_string(),
+            term: Some(term),
+        };
+        let sent = Instant::now();
+        let wait = fence.saturating_duration_since(sent);
+        let result = tokio::time::timeout(
+            wait,
+            write_checked(&b.kv, KEY, encode(&record), Some(revision)),
+        )
+        .await;
+        match result {
+            Ok(Ok(rev)) => {
+                state.send_modify(|s| s.renewed(timing, sent, rev, Instant::now()));
+                next = sent + timing.renew_every();
+            }
+            Ok(Err(WriteError::Conflict)) => {
+                // Our own earlier renewal may have landed without its answer
+                // reaching us: then the key is ours, at a newer revision.
+                match read(b).await {
+                    Ok(Some((r, rev))) if r.holder == me && r.term_at(rev) == term => {
+                        state.send_modify(|s| {
+                            if let State::Leader { revision, .. } = s {
+                                *revision = rev;
+                            }
+                        });
+                        next = Instant::now();
+                    }
+                    other => {
+                        let now_held = match other {
+                            Ok(Some((r, rev))) => format!("{} (term {})", r.holder, r.term_at(rev)),
+                            Ok(None) => "nobody".into(),
+                            Err(e) => format!("unknown ({e})"),
+                        };
+                        tracing::warn!(role, term, held_by = %now_held, "lost the lease; standing down");
+                        state.send_modify(State::lost);
+                        return;
+                    }
+                }
+            }
+            Ok(Err(WriteError::Failed(e))) => {
+                tracing::warn!(role, term, error = %e, "cannot renew the lease; retrying");
+                next = Instant::now() + Duration::from_millis(100).min(timing.renew_every());
+            }
+            Err(_) => {
+                tracing::warn!(role, term, "renewing the lease timed out");
+                next = Instant::now();
+            }
+        }
+    }
+}
+
+/// Gives the lease up (the service stopped while holding it), so a standby
+/// takes over at once instead of after the TTL.
+async fn release(b: &Bucket, state: &watch::Sender<State>) {
+    let revision = match *state.borrow() {
+        State::Leader { revision, .. } => Some(revision),
+        State::Standby => None,
+    };
+    state.send_modify(State::lost);
+    if let Some(rev) = revision {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            b.kv.delete_expect_revision(KEY, Some(rev)),
+        )
+        .await;
+    }
+}
+
+/// Releases the lease if a tenure's future is dropped while holding it
+/// (a service task aborted in-process): nothing of it can act any more, so
+/// a standby need not wait out the TTL. A killed process releases nothing;
+/// its lease expires.
+struct ReleaseOnDrop {
+    kv: kv::Store,
+    state: Arc<watch::Sender<State>>,
+    armed: bool,
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let State::Leader { revision, .. } = *self.state.borrow() else {
+            return;
+        };
+        self.state.send_modify(State::lost);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let kv = self.kv.clone();
+            rt.spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    kv.delete_expect_revision(KEY, Some(revision)),
+                )
+                .await;
+            });
+        }
+    }
+}
+
+/// Runs `service` for `role` only while this instance holds the role's
+/// lease (see the module docs): waits for it, runs one tenure, and when the
+/// lease is lost stops the service (dropping its future) and waits again.
+/// Returns when `ctx.shutdown` is cancelled (releasing the lease) or the
+/// service fails.
+pub async fn lead<F, Fut, E>(
+    ctx: &ServiceContext,
+    role: &str,
+    ttl: Duration,
+    mut service: F,
+) -> Result<(), E>
+where
+    F: FnMut(ServiceContext) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+{
+    let me = holder_id(role);
+    set_leader(&ctx.metrics, role, false);
+    ctx.health.set_failing(role, "waiting for the lease");
+    loop {
+        let Some((bucket, state)) = acquire(ctx, role, ttl, &me).await else {
+            return Ok(());
+        };
+        let state = Arc::new(state);
+        let term = match *state.borrow() {
+            State::Leader { term, .. } => term,
+            State::Standby => continue,
+        };
+        let mut guard = ReleaseOnDrop {
+            kv: bucket.kv.clone(),
+            state: state.clone(),
+            armed: true,
+        };
+        tracing::info!(role, term, holder = %me, "took the lease: this instance is active");
+        set_leader(&ctx.metrics, role, true);
+        let stop = ctx.shutdown.child_token();
+        let tenure_ctx = ServiceContext {
+            shutdown: stop.clone(),
+            ..ctx.clone()
+        };
+        let label = format!("{role}/{term}");
+        let tenure = {
+            let run = crate::bus::LEASE.scope(label, service(tenure_ctx));
+            let guarded = Guarded {
+                inner: Box::pin(run),
+                state: &state,
+            };
+            let renewing = renew(&bucket, &state, role, &me);
+            tokio::select! {
+                biased;
+                // The renewal loop ends only when acting must stop.
+                _ = renewing => Tenure::Fenced,
+                r = guarded => match r {
+                    Some(r) => Tenure::Returned(r),
+                    None => Tenure::Fenced,
+                },
+            }
+            // The service's future is dropped here: nothing more of it runs.
+        };
+        stop.cancel();
+        set_leader(&ctx.metrics, role, false);
+        guard.armed = false;
+        match tenure {
+            Tenure::Returned(r) => {
+                release(&bucket, &state).await;
+                tracing::info!(role, term, "gave up the lease");
+                if r.is_err() || ctx.shutdown.is_cancelled() {
+                    return r;
+                }
+                // The service returned by itself without a shutdown: run it
+                // again under a new tenure.
+            }
+            Tenure::Fenced => {
+                tracing::warn!(
+                    role,
+                    term,
+                    "no longer holding the lease: stopped acting, standing by"
+                );
+                ctx.health
+                    .set_passing(role, format!("standby: lost the lease (term {term})"));
+                if ctx.shutdown.is_cancelled() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing() -> Timing {
+        Timing {
+            ttl: Duration::from_secs(6),
+        }
+    }
+
+    #[test]
+    fn the_holder_acts_only_until_two_thirds_of_the_ttl_after_its_last_sent_write() {
+        let t = timing();
+        let t0 = Instant::now();
+        let s = |secs: f64| t0 + Duration::from_secs_f64(secs);
+        let mut st = State::Standby;
+        assert!(!st.acting(t0));
+        assert_eq!(st.fence_at(), None);
+
+        // Won at revision 7 with a create sent at t0: term 7, valid 4 s.
+        st.acquired(t, t0, 7);
+        assert!(st.acting(s(0.0)) && st.acting(s(3.999)));
+        assert!(!st.acting(s(4.0)), "stops a third of the TTL before expiry");
+        assert_eq!(st.fence_at(), Some(s(4.0)));
+
+        // Renewed every 2 s: a renewal sent at 2 s extends to 6 s.
+        st.renewed(t, s(2.0), 9, s(2.1));
+        assert_eq!(
+            st,
+            State::Leader {
+                term: 7,
+                revision: 9,
+                valid_until: s(6.0)
+            }
+        );
+        // An older renewal answered late never shortens the deadline.
+        st.renewed(t, s(1.0), 10, s(2.2));
+        assert_eq!(st.fence_at(), Some(s(6.0)));
+
+        // Renewals fail from here on (NATS unreachable): it fences itself at
+        // 6 s, while the key (last written after 2 s) lives until >= 8 s.
+        st.expire(s(5.9));
+        assert!(st.acting(s(5.9)));
+        st.expire(s(6.0));
+        assert_eq!(st, State::Standby);
+
+        // A renewal that comes back after the deadline changes nothing.
+        let mut late = State::Standby;
+        late.acquired(t, t0, 3);
+        late.renewed(t, s(3.5), 4, s(4.5));
+        assert_eq!(late, State::Standby, "frozen past the deadline: stays down");
+
+        // A conflict: lost at once.
+        let mut st = State::Standby;
+        st.acquired(t, t0, 11);
+        st.lost();
+        assert!(!st.acting(s(0.1)));
+    }
+
+    #[test]
+    fn timing_follows_the_ttl() {
+        let t = Timing {
+            ttl: Duration::from_secs(5),
+        };
+        assert_eq!(t.renew_every(), Duration::from_nanos(1_666_666_666));
+        assert_eq!(t.poll_every(), Duration::from_millis(500));
+        assert!(t.valid_for() + t.renew_every() <= t.ttl);
+        assert!(check_ttl("incidents.lease_ttl", Duration::from_millis(300))
+            .unwrap_err()
+            .contains("incidents.lease_ttl is 300ms; use 1s to 10m"));
+        assert!(check_ttl("x", Duration::from_secs(5)).is_ok());
+    }
+
+    #[test]
+    fn the_term_is_the_creating_revision_until_renewed() {
+        let r = Record {
+            holder: "h".into(),
+            term: None,
+        };
+        assert_eq!(r.term_at(12), 12);
+        let r: Record = serde_json::from_slice(br#"{"holder":"h","term":12}"#).unwrap();
+        assert_eq!(r.term_at(15), 12);
+    }
+}

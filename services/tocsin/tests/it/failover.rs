@@ -1,0 +1,705 @@
+//! Failover: two `tocsin incidents` and two `tocsin escalation` processes
+//! (each pair sharing one lease, each process with its own data directory),
+//! ingest, and alerts posted steadily. The active incidents process is
+//! SIGKILLed again and again; each time the standby takes over by itself,
+//! catches up and opens the next incident. The same for escalation: a page
+//! due after the kill is still published exactly once. Afterwards, from the
+//! streams: every alert ingest accepted is in exactly one incident, no
+//! incident id or number twice, no INCIDENTS entry twice, every page once,
+//! and the lease terms in the `Tocsin-Lease` header of every INCIDENTS and
+//! NOTIFY message never go back (two instances never both acted).
+//!
+//! `TOCSIN_TEST_LEASE_TTL` (default 2s) sets `lease_ttl`; the failover times
+//! (kill -> the standby's first new incident, as stored by JetStream) are
+//! printed with their median.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use async_nats::jetstream;
+use tocsin_proto::{
+    codec::decode_envelope,
+    incident::{EventKind, LogEntry},
+    notify::Page,
+    subjects::{STREAM_INCIDENTS, STREAM_NOTIFY},
+};
+use tocsin_tests::{eventually_within, NatsServer};
+
+use crate::support::{alert, free_port, post_alerts, Proc};
+
+/// Kills of the active incidents process.
+const INCIDENTS_KILLS: usize = 5;
+/// Kills of the active escalation process.
+const ESCALATION_KILLS: usize = 2;
+/// How long a standby may take (lease TTL, catch-up, process start).
+const TAKEOVER: Duration = Duration::from_secs(30);
+
+fn lease_ttl() -> String {
+    std::env::var("TOCSIN_TEST_LEASE_TTL").unwrap_or_else(|_| "2s".into())
+}
+
+/// A config for one instance (`name`): its own data directories, each
+/// service connecting as its own NATS user (so the shipped permissions,
+/// lease buckets included, are what the processes run with).
+fn config(nats: &NatsServer, dir: &Path, ingest_port: u16, name: &str) -> PathBuf {
+    let cred = |id: &str| {
+        format!(
+            "    {id}: {{user: {id}, password: {}}}\n",
+            nats.password(id)
+        )
+    };
+    let ttl = lease_ttl();
+    let text = format!(
+        r#"nats:
+  url: {url}
+  reconnect_max_delay: 250ms
+  credentials:
+{ingest}{incidents}{escalation}ingest:
+  listen: 127.0.0.1:{ingest_port}
+  tokens:
+    - source: test
+      token: ${{TOCSIN_INGEST_TOKEN}}
+incidents:
+  data_dir: {data}/incidents-{name}
+  lease_ttl: {ttl}
+escalation:
+  data_dir: {data}/escalation-{name}
+  lease_ttl: {ttl}
+  route: {{policy: two}}
+  policies:
+    - name: two
+      levels:
+        - {{targets: [{{slack_channel: C0FIRST}}], delay: 4s}}
+        - {{targets: [{{slack_channel: C0SECOND}}], delay: 1h}}
+"#,
+        url = nats.address(),
+        ingest = cred("ingest"),
+        incidents = cred("incidents"),
+        escalation = cred("escalation"),
+        data = dir.display(),
+    );
+    let path = dir.join(format!("tocsin-{name}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// One stored message: sequence, server time (ns since the epoch), its
+/// `Tocsin-Lease` header, its message id, and its payload.
+struct Raw {
+    seq: u64,
+    time_ns: i128,
+    lease: Option<(String, u64)>,
+    msg_id: String,
+    payload: Vec<u8>,
+}
+
+async fn read_raw(js: &jetstream::Context, stream: &str) -> Vec<Raw> {
+    let mut s = js.get_stream(stream).await.expect("stream exists");
+    let state = s.info().await.expect("stream info").state.clone();
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return out;
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        let Ok(m) = s.get_raw_message(seq).await else {
+            continue;
+        };
+        let header = |name: &str| m.headers.get(name).map(|v| v.to_string());
+        let lease = header("Tocsin-Lease").and_then(|v| {
+            let (role, term) = v.split_once('/')?;
+            Some((role.to_string(), term.parse().ok()?))
+        });
+        out.push(Raw {
+            seq,
+            time_ns: m.time.unix_timestamp_nanos(),
+            lease,
+            msg_id: header("Nats-Msg-Id").unwrap_or_default(),
+            payload: m.payload.to_vec(),
+        });
+    }
+    out
+}
+
+/// The alertname of an INCIDENTS `opened` entry, with the incident's id and number.
+fn opened(raw: &Raw) -> Option<(String, String, u64)> {
+    let env = decode_envelope::<LogEntry>(&raw.payload).ok()?;
+    let LogEntry::Incident(e) = env.body else {
+        return None;
+    };
+    let EventKind::Opened { alert } = &e.kind else {
+        return None;
+    };
+    Some((
+        alert.labels.get("alertname")?.clone(),
+        e.incident.id.to_string(),
+        e.incident.number,
+    ))
+}
+
+fn ns_since_epoch(t: SystemTime) -> i128 {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as i128
+}
+
+/// Each process's `/readyz` check for `role`, and its `tocsin_leader` value.
+async fn role_state(p: &Proc, role: &str) -> (String, Option<i64>) {
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{}", p.admin);
+    let check = match client.get(format!("{base}/readyz")).send().await {
+        Ok(r) => r
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v["checks"][role].as_str().map(str::to_string))
+            .unwrap_or_default(),
+        Err(e) => format!("unreachable: {e}"),
+    };
+    let line = format!("tocsin_leader{{role=\"{role}\"}} ");
+    let leader = match client.get(format!("{base}/metrics")).send().await {
+        Ok(r) => r.text().await.ok().and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix(&line).and_then(|v| v.trim().parse().ok()))
+        }),
+        Err(_) => None,
+    };
+    (check, leader)
+}
+
+/// Which of `pair` is active (`/readyz` `ok` and `tocsin_leader` 1) while
+/// the other stands by (`standby: ...`, 0).
+async fn active_of(pair: &[Proc; 2], role: &str) -> usize {
+    let found = eventually_within(TAKEOVER, || async {
+        let a = role_state(&pair[0], role).await;
+        let b = role_state(&pair[1], role).await;
+        let ok = |s: &(String, Option<i64>)| s.0 == "ok" && s.1 == Some(1);
+        let standby = |s: &(String, Option<i64>)| s.0.starts_with("standby: ") && s.1 == Some(0);
+        match (ok(&a) && standby(&b), ok(&b) && standby(&a)) {
+            (true, _) => Ok(0),
+            (_, true) => Ok(1),
+            _ => Err(format!("{a:?} / {b:?}")),
+        }
+    })
+    .await;
+    found.unwrap_or_else(|e| panic!("no one active {role} with a standby: {e}"))
+}
+
+/// Posts one new alert every 100 ms until told to stop; the names ingest
+/// accepted (answered 200).
+struct Poster {
+    accepted: Arc<Mutex<Vec<String>>>,
+    stop: tocsin_runtime::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Poster {
+    fn start(ingest_port: u16, prefix: &'static str) -> Poster {
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let stop = tocsin_runtime::CancellationToken::new();
+        let (acc, halt) = (accepted.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut n = 0;
+            while !halt.is_cancelled() {
+                let name = format!("{prefix}{n:04}");
+                post_alerts(ingest_port, &serde_json::json!([alert(&name, "firing")])).await;
+                acc.lock().unwrap().push(name);
+                n += 1;
+                // Pacing of the steady flow, not a wait for an outcome.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Poster {
+            accepted,
+            stop,
+            task,
+        }
+    }
+
+    async fn finish(self) -> Vec<String> {
+        self.stop.cancel();
+        self.task.await.unwrap();
+        let v = self.accepted.lock().unwrap().clone();
+        v
+    }
+
+    fn count(&self) -> usize {
+        self.accepted.lock().unwrap().len()
+    }
+}
+
+/// When the lease of `role` was last written (JetStream's time, ns).
+async fn lease_writes(js: &jetstream::Context, role: &str) -> i128 {
+    let stream = format!("KV_{}", tocsin_runtime::lease::bucket(role));
+    let mut s = js.get_stream(&stream).await.expect("lease bucket");
+    let last = s.info().await.expect("stream info").state.last_sequence;
+    match s.get_raw_message(last).await {
+        Ok(m) => m.time.unix_timestamp_nanos(),
+        Err(_) => 0,
+    }
+}
+
+/// The highest term of `role` seen on `stream`.
+async fn max_term(js: &jetstream::Context, stream: &str, role: &str) -> u64 {
+    read_raw(js, stream)
+        .await
+        .iter()
+        .filter_map(|r| r.lease.as_ref())
+        .filter(|(r, _)| r == role)
+        .map(|(_, t)| *t)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Every message of `stream` carries `role`'s lease header, and the terms
+/// never go back: once a newer tenure wrote, no older one ever did again.
+fn terms_never_go_back(raws: &[Raw], role: &str, stream: &str) -> Vec<u64> {
+    let mut terms = Vec::new();
+    let mut last = 0;
+    for r in raws {
+        let Some((rl, term)) = &r.lease else {
+            panic!("{stream} seq {} has no Tocsin-Lease header", r.seq);
+        };
+        assert_eq!(rl, role, "{stream} seq {} written under {rl}", r.seq);
+        assert!(
+            *term >= last,
+            "{stream} seq {} written by term {term} after term {last} had written: two \
+             instances acted at once",
+            r.seq
+        );
+        if *term > last {
+            terms.push(*term);
+        }
+        last = *term;
+    }
+    terms
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn kill_signal(p: &Proc, signal: &str) {
+    let pid = p.child.as_ref().expect("running").id().to_string();
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_and_nothing_is_lost_or_duplicated() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ingest_port = free_port();
+    let (cfg_a, cfg_b) = (
+        config(&nats, dir.path(), ingest_port, "a"),
+        config(&nats, dir.path(), ingest_port, "b"),
+    );
+    let js = jetstream::new(nats.client().await);
+    let mut ingest = Proc::start(&cfg_a, dir.path(), &["ingest"]);
+    ingest.ready().await;
+    let mut incidents = [
+        Proc::start(&cfg_a, dir.path(), &["incidents"]),
+        Proc::start(&cfg_b, dir.path(), &["incidents"]),
+    ];
+    let mut escalation = [
+        Proc::start(&cfg_a, dir.path(), &["escalation"]),
+        Proc::start(&cfg_b, dir.path(), &["escalation"]),
+    ];
+    for p in incidents.iter_mut().chain(escalation.iter_mut()) {
+        // A standby is ready too: it is doing its job, waiting.
+        p.ready().await;
+    }
+    active_of(&incidents, "incidents").await;
+    active_of(&escalation, "escalation").await;
+
+    let poster = Poster::start(ingest_port, "Failover");
+    let mut failovers = Vec::new();
+    for kill in 0..INCIDENTS_KILLS {
+        let active = active_of(&incidents, "incidents").await;
+        // Alerts are flowing and being handled by the active one.
+        let posted = poster.count();
+        eventually_within(TAKEOVER, || async {
+            let n = read_raw(&js, STREAM_INCIDENTS)
+                .await
+                .iter()
+                .filter(|r| opened(r).is_some())
+                .count();
+            if n > posted {
+                Ok(())
+            } else {
+                Err(n)
+            }
+        })
+        .await
+        .expect("incidents opened before the kill");
+        let term = max_term(&js, STREAM_INCIDENTS, "incidents").await;
+        let killed_at = ns_since_epoch(SystemTime::now());
+        incidents[active].kill();
+        let last_renewal = lease_writes(&js, "incidents").await;
+        // The standby's first new incident, as stored by JetStream.
+        let first = eventually_within(TAKEOVER, || async {
+            read_raw(&js, STREAM_INCIDENTS)
+                .await
+                .into_iter()
+                .find(|r| r.lease.as_ref().is_some_and(|(_, t)| *t > term) && opened(r).is_some())
+                .map(|r| r.time_ns)
+                .ok_or("no incident opened by a new term yet")
+        })
+        .await
+        .unwrap_or_else(|e| panic!("kill {kill}: {e}\n{}", incidents[1 - active].log_text()));
+        let secs = (first - killed_at) as f64 / 1e9;
+        let taken = lease_writes(&js, "incidents").await;
+        eprintln!(
+            "failover {kill}: kill -> first new incident {secs:.2}s (last renewal {:.2}s \
+             before the kill, the lease taken {:.2}s after it)",
+            (killed_at - last_renewal) as f64 / 1e9,
+            (taken - killed_at) as f64 / 1e9,
+        );
+        failovers.push(secs);
+        // The killed one comes back as the standby.
+        incidents[active].restart();
+        incidents[active].ready().await;
+        assert_eq!(active_of(&incidents, "incidents").await, 1 - active);
+    }
+
+    // Escalation: kill the active one while level-1 pages are due (4 s after
+    // each incident opens, and an incident opens every 100 ms).
+    let mut escalation_kills = Vec::new();
+    for _ in 0..ESCALATION_KILLS {
+        let active = active_of(&escalation, "escalation").await;
+        let term = max_term(&js, STREAM_NOTIFY, "escalation").await;
+        let killed_at = ns_since_epoch(SystemTime::now());
+        escalation[active].kill();
+        escalation_kills.push((killed_at, term));
+        let first = eventually_within(TAKEOVER, || async {
+            read_raw(&js, STREAM_NOTIFY)
+                .await
+                .into_iter()
+                .find(|r| r.lease.as_ref().is_some_and(|(_, t)| *t > term))
+                .map(|r| r.time_ns)
+                .ok_or("no page from a new escalation term yet")
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", escalation[1 - active].log_text()));
+        eprintln!(
+            "escalation failover: kill -> first page from the standby {:.2}s",
+            (first - killed_at) as f64 / 1e9
+        );
+        escalation[active].restart();
+        escalation[active].ready().await;
+    }
+
+    let accepted = poster.finish().await;
+    // Every accepted alert opens its incident, and each incident pages
+    // level 0 and, 4 s later, level 1.
+    let expected: BTreeSet<String> = accepted.iter().cloned().collect();
+    assert_eq!(expected.len(), accepted.len());
+    let incidents_log = eventually_within(Duration::from_secs(60), || async {
+        let raws = read_raw(&js, STREAM_INCIDENTS).await;
+        let n = raws.iter().filter(|r| opened(r).is_some()).count();
+        if n >= expected.len() {
+            Ok(raws)
+        } else {
+            Err(format!("{n} of {} incidents", expected.len()))
+        }
+    })
+    .await
+    .expect("every accepted alert has its incident");
+    let pages = eventually_within(Duration::from_secs(60), || async {
+        let raws = read_raw(&js, STREAM_NOTIFY).await;
+        if raws.len() >= 2 * expected.len() {
+            Ok(raws)
+        } else {
+            Err(format!("{} of {} pages", raws.len(), 2 * expected.len()))
+        }
+    })
+    .await
+    .expect("every incident paged at both levels");
+
+    // INCIDENTS: every accepted alert in exactly one incident; ids and
+    // numbers unique; no entry twice.
+    let mut by_alert: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut ids, mut numbers) = (BTreeSet::new(), BTreeSet::new());
+    for (name, id, number) in incidents_log.iter().filter_map(opened) {
+        *by_alert.entry(name.clone()).or_default() += 1;
+        assert!(ids.insert(id.clone()), "incident id {id} opened twice");
+        assert!(
+            numbers.insert(number),
+            "incident number {number} used twice"
+        );
+    }
+    let seen: BTreeSet<String> = by_alert.keys().cloned().collect();
+    assert_eq!(
+        seen, expected,
+        "incidents opened for exactly the accepted alerts"
+    );
+    assert!(
+        by_alert.values().all(|n| *n == 1),
+        "an alert in two incidents"
+    );
+    let mut msg_ids = BTreeSet::new();
+    for r in &incidents_log {
+        assert!(
+            msg_ids.insert(r.msg_id.clone()),
+            "INCIDENTS entry {} stored twice (seq {})",
+            r.msg_id,
+            r.seq
+        );
+    }
+    let incident_terms = terms_never_go_back(&incidents_log, "incidents", STREAM_INCIDENTS);
+    assert!(
+        incident_terms.len() > INCIDENTS_KILLS,
+        "a new incidents term after every kill: {incident_terms:?}"
+    );
+
+    // NOTIFY: one page per incident and level, none twice.
+    let mut per: BTreeMap<(u64, u32), usize> = BTreeMap::new();
+    let mut page_ids = BTreeSet::new();
+    for r in &pages {
+        let p = decode_envelope::<Page>(&r.payload).unwrap().body;
+        assert!(page_ids.insert(p.id.clone()), "page {} sent twice", p.id);
+        *per.entry((p.incident.number, p.level)).or_default() += 1;
+    }
+    for n in &numbers {
+        for level in [0, 1] {
+            assert_eq!(
+                per.get(&(*n, level)),
+                Some(&1),
+                "incident {n} level {level}: pages {:?}",
+                per.get(&(*n, level))
+            );
+        }
+    }
+    assert_eq!(pages.len(), 2 * numbers.len());
+    let page_terms = terms_never_go_back(&pages, "escalation", STREAM_NOTIFY);
+    assert!(
+        page_terms.len() > ESCALATION_KILLS,
+        "a new escalation term after every kill: {page_terms:?}"
+    );
+    // Level-1 pages that fell due after each kill were sent by a later
+    // term (and, as above, once).
+    for (killed_at, term) in escalation_kills {
+        let due_after = pages.iter().any(|r| {
+            let p = decode_envelope::<Page>(&r.payload).unwrap().body;
+            p.level == 1
+                && p.due_at.as_nanosecond() > killed_at
+                && r.lease.as_ref().is_some_and(|(_, t)| *t > term)
+        });
+        assert!(
+            due_after,
+            "no level-1 page due after the escalation kill was sent by the next term"
+        );
+    }
+
+    let mut f = failovers.clone();
+    eprintln!(
+        "failover (lease_ttl {}): kill -> standby's first new incident: {:?} s, median {:.2} s",
+        lease_ttl(),
+        failovers
+            .iter()
+            .map(|s| (s * 100.0).round() / 100.0)
+            .collect::<Vec<_>>(),
+        median(&mut f)
+    );
+}
+
+/// A frozen active instance (SIGSTOP, as a VM pause or a long GC would do)
+/// loses its lease; the standby takes over; when the old one resumes it
+/// must not act: it stands down before it publishes anything, so every
+/// INCIDENTS entry after the takeover comes from the new holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_active_instance_never_acts_after_its_standby_took_over() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ingest_port = free_port();
+    let (cfg_a, cfg_b) = (
+        config(&nats, dir.path(), ingest_port, "a"),
+        config(&nats, dir.path(), ingest_port, "b"),
+    );
+    let js = jetstream::new(nats.client().await);
+    let mut ingest = Proc::start(&cfg_a, dir.path(), &["ingest"]);
+    ingest.ready().await;
+    let mut incidents = [
+        Proc::start(&cfg_a, dir.path(), &["incidents"]),
+        Proc::start(&cfg_b, dir.path(), &["incidents"]),
+    ];
+    for p in incidents.iter_mut() {
+        p.ready().await;
+    }
+    let active = active_of(&incidents, "incidents").await;
+
+    // Some incidents, all handled: nothing is in flight when it freezes.
+    for i in 0..5 {
+        post_alerts(
+            ingest_port,
+            &serde_json::json!([alert(&format!("Before{i}"), "firing")]),
+        )
+        .await;
+    }
+    let opened_count = |n: usize| {
+        let js = js.clone();
+        async move {
+            let have = read_raw(&js, STREAM_INCIDENTS)
+                .await
+                .iter()
+                .filter(|r| opened(r).is_some())
+                .count();
+            if have >= n {
+                Ok(())
+            } else {
+                Err(have)
+            }
+        }
+    };
+    eventually_within(TAKEOVER, || opened_count(5))
+        .await
+        .expect("the first incidents");
+    let old_term = max_term(&js, STREAM_INCIDENTS, "incidents").await;
+    kill_signal(&incidents[active], "-STOP");
+
+    // Alerts keep coming while it is frozen; the standby takes over.
+    let poster = Poster::start(ingest_port, "Frozen");
+    let first_new = eventually_within(TAKEOVER, || async {
+        read_raw(&js, STREAM_INCIDENTS)
+            .await
+            .into_iter()
+            .find(|r| r.lease.as_ref().is_some_and(|(_, t)| *t > old_term))
+            .map(|r| r.seq)
+            .ok_or("no entry from a new term yet")
+    })
+    .await
+    .expect("the standby took over");
+    // The frozen one resumes (past its deadline) while alerts keep coming,
+    // and stands down: /readyz says standby, tocsin_leader is 0.
+    kill_signal(&incidents[active], "-CONT");
+    let new_active = active_of(&incidents, "incidents").await;
+    assert_eq!(new_active, 1 - active);
+    let resumed_log = eventually_within(TAKEOVER, || async {
+        let log = incidents[active].log_text();
+        if log.contains("standing down") || log.contains("stopped acting") {
+            Ok(log)
+        } else {
+            Err("the resumed instance has not said it stood down")
+        }
+    })
+    .await
+    .expect("the resumed instance stands down");
+    let accepted = poster.finish().await;
+    let total = 5 + accepted.len();
+    eventually_within(TAKEOVER, || opened_count(total))
+        .await
+        .expect("every alert has its incident");
+
+    let raws = read_raw(&js, STREAM_INCIDENTS).await;
+    terms_never_go_back(&raws, "incidents", STREAM_INCIDENTS);
+    let late: Vec<u64> = raws
+        .iter()
+        .filter(|r| r.seq > first_new)
+        .filter(|r| r.lease.as_ref().is_some_and(|(_, t)| *t <= old_term))
+        .map(|r| r.seq)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "the frozen instance wrote {late:?} after the takeover\n{resumed_log}"
+    );
+    let names: Vec<String> = raws
+        .iter()
+        .filter_map(opened)
+        .map(|(name, _, _)| name)
+        .collect();
+    let unique: BTreeSet<&String> = names.iter().collect();
+    assert_eq!(unique.len(), names.len(), "an alert in two incidents");
+    assert_eq!(names.len(), total);
+}
+
+/// NATS goes away: the active instance cannot renew its lease and stands
+/// down (2/3 of the TTL after its last renewal, `tocsin_leader` 0 on both);
+/// when NATS is back exactly one instance is active again, and every alert
+/// is in exactly one incident, written by terms that never go back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_cut_off_from_nats_stands_down_and_one_is_active_again() {
+    let mut nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ingest_port = free_port();
+    let (cfg_a, cfg_b) = (
+        config(&nats, dir.path(), ingest_port, "a"),
+        config(&nats, dir.path(), ingest_port, "b"),
+    );
+    let mut ingest = Proc::start(&cfg_a, dir.path(), &["ingest"]);
+    ingest.ready().await;
+    let mut incidents = [
+        Proc::start(&cfg_a, dir.path(), &["incidents"]),
+        Proc::start(&cfg_b, dir.path(), &["incidents"]),
+    ];
+    for p in incidents.iter_mut() {
+        p.ready().await;
+    }
+    let active = active_of(&incidents, "incidents").await;
+    let opened_count = |n: usize, js: jetstream::Context| async move {
+        let have = read_raw(&js, STREAM_INCIDENTS)
+            .await
+            .iter()
+            .filter(|r| opened(r).is_some())
+            .count();
+        if have >= n {
+            Ok(())
+        } else {
+            Err(have)
+        }
+    };
+    for i in 0..3 {
+        post_alerts(
+            ingest_port,
+            &serde_json::json!([alert(&format!("Outage{i}"), "firing")]),
+        )
+        .await;
+    }
+    let js = jetstream::new(nats.client().await);
+    eventually_within(TAKEOVER, || opened_count(3, js.clone()))
+        .await
+        .expect("the first incidents");
+
+    nats.stop();
+    eventually_within(TAKEOVER, || async {
+        let states = [
+            role_state(&incidents[0], "incidents").await,
+            role_state(&incidents[1], "incidents").await,
+        ];
+        if states.iter().all(|(_, leader)| *leader == Some(0)) {
+            Ok(())
+        } else {
+            Err(format!("{states:?}"))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the active instance never stood down: {e}"));
+    assert!(incidents[active].log_text().contains("standing down"));
+
+    nats.restart().await;
+    active_of(&incidents, "incidents").await;
+    for i in 3..6 {
+        post_alerts(
+            ingest_port,
+            &serde_json::json!([alert(&format!("Outage{i}"), "firing")]),
+        )
+        .await;
+    }
+    let js = jetstream::new(nats.client().await);
+    eventually_within(TAKEOVER, || opened_count(6, js.clone()))
+        .await
+        .expect("every alert has its incident");
+    let raws = read_raw(&js, STREAM_INCIDENTS).await;
+    terms_never_go_back(&raws, "incidents", STREAM_INCIDENTS);
+    let names: BTreeSet<String> = raws
+        .iter()
+        .filter_map(opened)
+        .map(|(name, _, _)| name)
+        .collect();
+    assert_eq!(names.len(), 6);
+    assert_eq!(raws.iter().filter_map(opened).count(), 6);
+}
