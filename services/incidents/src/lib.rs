@@ -209,7 +209,7 @@ async fn streams_in_place(
 ) -> bool {
     use tocsin_proto::subjects::{STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS};
     let started = std::time::Instant::now();
-    let mut delay = std::time::Duration::from_millis(50);
+    let mut backoff = tocsin_runtime::retry::Backoff::standard();
     loop {
         let mut missing = None;
         for stream in [STREAM_INCIDENTS, STREAM_ALERTS, STREAM_COMMANDS] {
@@ -227,10 +227,8 @@ async fn streams_in_place(
                 tracing::warn!(stream, error = %e, "cannot find the stream yet; retrying")
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(delay) => {}
+        if !backoff.wait(shutdown).await {
+            return false;
         }
-        delay = (delay * 2).min(std::time::Duration::from_secs(2));
     }
 }

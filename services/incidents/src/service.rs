@@ -372,23 +372,10 @@ impl Service {
         watermark: Watermark,
     ) -> Result<(), IncidentsError> {
         let mut reconnect = tocsin_runtime::retry::Backoff::standard();
-        let started = Instant::now();
         'outer: while !shutdown.is_cancelled() {
             let resume = read(&self.proj).alerts_resume_from();
             let (mut alerts, mut commands, commands_floor) = match self.consumers(resume).await {
                 Ok(c) => c,
-                // On a first start ALERTS and COMMANDS may still be being
-                // created alongside INCIDENTS: not worth a warning unless it lasts.
-                Err(e)
-                    if e.contains("stream not found")
-                        && started.elapsed() < STREAMS_CREATED_WITHIN =>
-                {
-                    tracing::debug!(error = %e, "waiting for the ALERTS/COMMANDS streams to be created");
-                    if !reconnect.wait(&shutdown).await {
-                        break;
-                    }
-                    continue;
-                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot subscribe to ALERTS/COMMANDS yet; retrying");
                     if !reconnect.wait(&shutdown).await {
