@@ -251,12 +251,16 @@ impl Config {
                     Some(r) => {
                         // A bad runbook is refused and the others run: it
                         // is reported, not a reason to stop.
-                        let (_, errors) = tocsin_remediation::load_runbooks(r);
+                        let (loaded, errors) = tocsin_remediation::load_runbooks(r);
                         cfg.warnings.extend(
                             errors
                                 .into_iter()
                                 .map(|e| format!("runbook refused (the others run): {e}")),
                         );
+                        cfg.warnings.extend(holds_need_group_wait(
+                            &loaded,
+                            cfg.incidents.group_wait.get(),
+                        ));
                     }
                 },
                 Service::Chatops => {
@@ -282,6 +286,39 @@ impl Config {
         }
         Ok(cfg)
     }
+}
+
+/// The shortest `incidents.group_wait` that lets a runbook's hold land
+/// before escalation's first level (the run starts on `opened` and records
+/// its hold within milliseconds; this leaves room for a loaded bus).
+pub const HOLD_NEEDS_GROUP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A runbook that holds pages (`page: on_failure`) only holds them if its
+/// hold is recorded before escalation pages the first level, which happens
+/// once `incidents.group_wait` has passed: a warning per such runbook when
+/// group_wait is shorter than [`HOLD_NEEDS_GROUP_WAIT`].
+fn holds_need_group_wait(
+    loaded: &[tocsin_remediation::runbook::Loaded],
+    group_wait: std::time::Duration,
+) -> Vec<String> {
+    if group_wait >= HOLD_NEEDS_GROUP_WAIT {
+        return Vec::new();
+    }
+    loaded
+        .iter()
+        .filter(|l| l.runbook.page == tocsin_remediation::runbook::PageMode::OnFailure)
+        .map(|l| {
+            format!(
+                "{}: runbook \"{}\" holds pages (page: on_failure), but incidents.group_wait is {:?}: \
+                 escalation may page before the run records its hold; set incidents.group_wait \
+                 to at least {}s",
+                l.path.display(),
+                l.runbook.name,
+                group_wait,
+                HOLD_NEEDS_GROUP_WAIT.as_secs()
+            )
+        })
+        .collect()
 }
 
 /// Where a cross-check message points: a value in a section, or a user.

@@ -757,3 +757,44 @@ fn a_service_starts_without_the_secrets_of_services_it_does_not_run() {
         "chat-ops needs its own secret: {chatops:?}"
     );
 }
+
+/// A runbook that holds pages only holds them if its hold is recorded
+/// before escalation pages the first level (after `incidents.group_wait`):
+/// with a shorter group_wait, `check-config` warns, naming the runbook file
+/// and the fix; with enough, it says nothing.
+#[test]
+fn a_held_runbook_without_group_wait_is_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let books = dir.path().join("runbooks");
+    std::fs::create_dir(&books).unwrap();
+    write(
+        &books,
+        "heal.yaml",
+        "name: heal\nmatch: {labels: ['alertname=\"Down\"']}\npage: on_failure\nhold_at_most: 2m\n\
+         steps:\n  - id: note\n    annotate: healing\n",
+    );
+    let config = |group_wait: &str| {
+        format!(
+            "nats: {{url: \"nats://127.0.0.1:1\"}}\n\
+             ingest:\n  tokens:\n    - {{source: am, token: \"${{TOCSIN_INGEST_TOKEN}}\"}}\n\
+             incidents:\n  group_wait: {group_wait}\n\
+             remediation:\n  runbook_dirs: [\"{}\"]\n",
+            books.display()
+        )
+    };
+    let token = ("TOCSIN_INGEST_TOKEN", "0123456789abcdef0123");
+    let file = write(dir.path(), "zero.yaml", &config("0s"));
+    let (code, stdout, stderr) = check_config(&file, &[token]);
+    assert_eq!(code, 0, "a warning, not an error: {stdout}{stderr}");
+    assert!(
+        stderr.contains("warning: ")
+            && stderr.contains("heal.yaml")
+            && stderr.contains("runbook \"heal\" holds pages (page: on_failure)")
+            && stderr.contains("set incidents.group_wait to at least 2s"),
+        "{stderr}"
+    );
+    let file = write(dir.path(), "five.yaml", &config("5s"));
+    let (code, stdout, stderr) = check_config(&file, &[token]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(!stderr.contains("holds pages"), "{stderr}");
+}
