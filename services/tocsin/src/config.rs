@@ -232,10 +232,11 @@ impl Config {
                             if !errors.is_empty() {
                                 return Err(located_each(path, errors));
                             }
-                            cfg.warnings = warnings
-                                .into_iter()
-                                .map(|(m, at)| located_each(path, vec![(m, at)]).to_string())
-                                .collect();
+                            cfg.warnings.extend(
+                                warnings
+                                    .into_iter()
+                                    .map(|(m, at)| located_each(path, vec![(m, at)]).to_string()),
+                            );
                         }
                     },
                 },
