@@ -35,6 +35,7 @@ use uuid::Uuid;
 
 use crate::{
     config::RemediationConfig,
+    events::{RemediationEvent, RemediationMetrics, RunEnd},
     runbook::{Kind, Loaded, OnFailure, PageMode, Runbook, Step},
     state::{self, Breaker, Bucket, Cooldown, Count, Disabled, WriteError},
     steps::{self, empty_output, Limits, Outcome},
@@ -190,32 +191,6 @@ enum StepsEnd {
     Lost,
 }
 
-/// Counters for `/metrics` (labels: outcome only).
-#[derive(Clone, Default)]
-pub struct Counters {
-    pub runs: prometheus_client::metrics::family::Family<
-        Vec<(String, String)>,
-        prometheus_client::metrics::counter::Counter,
-    >,
-    pub steps: prometheus_client::metrics::family::Family<
-        Vec<(String, String)>,
-        prometheus_client::metrics::counter::Counter,
-    >,
-}
-
-impl Counters {
-    fn run(&self, outcome: &str) {
-        self.runs
-            .get_or_create(&vec![("outcome".into(), outcome.into())])
-            .inc();
-    }
-    fn step(&self, outcome: &str) {
-        self.steps
-            .get_or_create(&vec![("outcome".into(), outcome.into())])
-            .inc();
-    }
-}
-
 pub struct Engine {
     pub js: jetstream::Context,
     pub runs: Bucket,
@@ -226,7 +201,7 @@ pub struct Engine {
     pub clock: Arc<dyn Clock>,
     pub http: reqwest::Client,
     pub limits: Limits,
-    pub counters: Counters,
+    pub metrics: RemediationMetrics,
     /// Runs this process is working on (a redelivered event for one of
     /// them waits instead of taking its own run over).
     pub active: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -558,8 +533,13 @@ impl Engine {
     /// escalates now) and leaves the waiting runs.
     async fn refused(&self, rec: &RunRecord) -> Result<(), Later> {
         let reason = format!("runbook {} did not run: {}", rec.runbook, rec.detail);
-        tracing::warn!(run = %rec.run, incident = rec.number, %reason, "run refused");
-        self.counters.run("refused");
+        RemediationEvent::RunEnded {
+            runbook: &rec.runbook,
+            incident: rec.number,
+            end: RunEnd::Refused,
+            reason: &reason,
+        }
+        .emit(&self.metrics);
         self.timeline(rec, RUN, "failed", reason.clone(), None)
             .await;
         if !rec.held {
@@ -599,7 +579,13 @@ impl Engine {
                     "the incident was resolved before anyone approved or denied the run".into();
                 match self.runs.write(&key, &rec, Some(rev)).await {
                     Ok(_) => {
-                        self.counters.run("skipped");
+                        RemediationEvent::RunEnded {
+                            runbook: &rec.runbook,
+                            incident: rec.number,
+                            end: RunEnd::Skipped,
+                            reason: &rec.detail,
+                        }
+                        .emit(&self.metrics);
                         self.timeline(&rec, RUN, "skipped", rec.detail.clone(), None)
                             .await;
                         break;
@@ -846,8 +832,13 @@ impl Engine {
         if self.save(&rec, rev).await?.is_none() {
             return Ok(());
         }
-        self.counters.run("skipped");
-        tracing::info!(runbook = %rb.name, incident = rec.number, %reason, "run skipped");
+        RemediationEvent::RunEnded {
+            runbook: &rb.name,
+            incident: rec.number,
+            end: RunEnd::Skipped,
+            reason: &reason,
+        }
+        .emit(&self.metrics);
         self.timeline(&rec, RUN, "skipped", reason, None).await;
         Ok(())
     }
@@ -1075,7 +1066,7 @@ impl Engine {
                     Some(r) => *rev = r,
                     None => return Ok(StepsEnd::Lost),
                 }
-                self.counters.step("failed");
+                RemediationEvent::StepEnded { outcome: "failed" }.emit(&self.metrics);
                 self.timeline(rec, &step.id, "failed", summary.clone(), None)
                     .await;
                 if phase == Phase::Main {
@@ -1106,7 +1097,7 @@ impl Engine {
                         Some(r) => *rev = r,
                         None => return Ok(StepsEnd::Lost),
                     }
-                    self.counters.step("skipped");
+                    RemediationEvent::StepEnded { outcome: "skipped" }.emit(&self.metrics);
                     self.timeline(
                         rec,
                         &step.id,
@@ -1157,7 +1148,7 @@ impl Engine {
             } else {
                 "failed"
             };
-            self.counters.step(status);
+            RemediationEvent::StepEnded { outcome: status }.emit(&self.metrics);
             let detail = self.describe(prefix, step, &outcome);
             self.timeline(rec, &step.id, status, detail, None).await;
             if !outcome.ok && phase == Phase::Main {
@@ -1442,8 +1433,13 @@ impl Engine {
         let breaker_note = self.count_outcome(rb, failure.is_none()).await;
         match failure {
             None => {
-                self.counters.run("succeeded");
-                tracing::info!(runbook = %rb.name, incident = rec.number, "run succeeded");
+                RemediationEvent::RunEnded {
+                    runbook: &rb.name,
+                    incident: rec.number,
+                    end: RunEnd::Succeeded,
+                    reason: "",
+                }
+                .emit(&self.metrics);
                 self.timeline(
                     &rec,
                     RUN,
@@ -1454,7 +1450,6 @@ impl Engine {
                 .await;
             }
             Some((step, summary)) => {
-                self.counters.run("failed");
                 let mut reason = format!(
                     "runbook {} failed at step {step}: {}",
                     rb.name,
@@ -1467,7 +1462,13 @@ impl Engine {
                     reason.push_str("; ");
                     reason.push_str(b);
                 }
-                tracing::warn!(runbook = %rb.name, incident = rec.number, %reason, "run failed");
+                RemediationEvent::RunEnded {
+                    runbook: &rb.name,
+                    incident: rec.number,
+                    end: RunEnd::Failed,
+                    reason: &reason,
+                }
+                .emit(&self.metrics);
                 self.timeline(&rec, RUN, "failed", reason.clone(), None)
                     .await;
                 // A held page fires now (the `failed` entry ends the hold,

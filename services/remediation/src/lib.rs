@@ -23,6 +23,7 @@
 //! - `service`: the consumer loop.
 //! - [`control`]: requests on `tocsin.query.remediation` (runbooks, a
 //!   run's state, switches).
+//! - [`events`]: telemetry (each event logs and counts together).
 //! - [`error`]: the error type, [`RemediationError`].
 #![deny(unreachable_pub)]
 
@@ -30,6 +31,7 @@ pub mod config;
 pub mod control;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod runbook;
 pub mod state;
 pub mod steps;
@@ -111,17 +113,7 @@ pub async fn run(
             }
         }
     };
-    let counters = engine::Counters::default();
-    ctx.metrics.register(
-        "tocsin_remediation_runs",
-        "Runbook runs ended, by outcome (succeeded, failed, skipped)",
-        counters.runs.clone(),
-    );
-    ctx.metrics.register(
-        "tocsin_remediation_steps",
-        "Runbook steps ended, by outcome (succeeded, failed, skipped, dry_run)",
-        counters.steps.clone(),
-    );
+    let metrics = events::RemediationMetrics::register(&ctx.metrics);
     let limits = steps::Limits {
         max_output: config.max_output_bytes.clamp(64, 1 << 20),
         path: config.exec_path.clone(),
@@ -142,7 +134,7 @@ pub async fn run(
         clock: ctx.clock.clone(),
         http,
         limits,
-        counters,
+        metrics,
         active: Default::default(),
         waiting: Default::default(),
     });
