@@ -292,6 +292,16 @@ pub async fn run(
             ),
             _ => None,
         };
+        // Not ready until the service says so: a service that reads from
+        // "now on" (remediation's consumer) must not miss what comes in
+        // between the admin server answering and the service's task
+        // starting. Ingest and chat-ops answer requests and keep no check.
+        if matches!(
+            service,
+            Service::Incidents | Service::Escalation | Service::Notifier | Service::Remediation
+        ) {
+            health.set_failing(service.name(), "starting");
+        }
         tasks.spawn(start(*service, config.clone(), ctx, listener));
     }
 
