@@ -293,24 +293,45 @@ impl EventKind {
     /// The last subject token: `opened`, `alert_firing`, ...
     pub fn name(&self) -> &'static str {
         match self {
-            EventKind::Opened { .. } => "opened",
-            EventKind::AlertFiring { .. } => "alert_firing",
-            EventKind::AlertResolved { .. } => "alert_resolved",
-            EventKind::Acknowledged => "acknowledged",
-            EventKind::Unacknowledged => "unacknowledged",
-            EventKind::Snoozed { .. } => "snoozed",
-            EventKind::SnoozeEnded => "snooze_ended",
-            EventKind::Escalated { .. } => "escalated",
-            EventKind::Assigned { .. } => "assigned",
-            EventKind::NoteAdded { .. } => "note_added",
-            EventKind::Remediation { .. } => "remediation",
-            EventKind::Resolved { .. } => "resolved",
-            EventKind::Reopened => "reopened",
-            EventKind::Paged { .. } => "paged",
-            EventKind::Delivery { .. } => "delivery",
-            EventKind::Runbook { .. } => "runbook",
+            EventKind::Opened { .. } => kind::OPENED,
+            EventKind::AlertFiring { .. } => kind::ALERT_FIRING,
+            EventKind::AlertResolved { .. } => kind::ALERT_RESOLVED,
+            EventKind::Acknowledged => kind::ACKNOWLEDGED,
+            EventKind::Unacknowledged => kind::UNACKNOWLEDGED,
+            EventKind::Snoozed { .. } => kind::SNOOZED,
+            EventKind::SnoozeEnded => kind::SNOOZE_ENDED,
+            EventKind::Escalated { .. } => kind::ESCALATED,
+            EventKind::Assigned { .. } => kind::ASSIGNED,
+            EventKind::NoteAdded { .. } => kind::NOTE_ADDED,
+            EventKind::Remediation { .. } => kind::REMEDIATION,
+            EventKind::Resolved { .. } => kind::RESOLVED,
+            EventKind::Reopened => kind::REOPENED,
+            EventKind::Paged { .. } => kind::PAGED,
+            EventKind::Delivery { .. } => kind::DELIVERY,
+            EventKind::Runbook { .. } => kind::RUNBOOK,
         }
     }
+}
+
+/// The names of incident event kinds: the last token of an incident event's
+/// subject ([`crate::subjects::incident_subject`]) and [`EventKind::name`].
+pub mod kind {
+    pub const OPENED: &str = "opened";
+    pub const ALERT_FIRING: &str = "alert_firing";
+    pub const ALERT_RESOLVED: &str = "alert_resolved";
+    pub const ACKNOWLEDGED: &str = "acknowledged";
+    pub const UNACKNOWLEDGED: &str = "unacknowledged";
+    pub const SNOOZED: &str = "snoozed";
+    pub const SNOOZE_ENDED: &str = "snooze_ended";
+    pub const ESCALATED: &str = "escalated";
+    pub const ASSIGNED: &str = "assigned";
+    pub const NOTE_ADDED: &str = "note_added";
+    pub const REMEDIATION: &str = "remediation";
+    pub const RESOLVED: &str = "resolved";
+    pub const REOPENED: &str = "reopened";
+    pub const PAGED: &str = "paged";
+    pub const DELIVERY: &str = "delivery";
+    pub const RUNBOOK: &str = "runbook";
 }
 
 /// One entry of an incident's timeline.

@@ -31,13 +31,13 @@ const OLD_CONSUMER: &str = "tocsin-notifier-sync";
 
 /// The kinds of change that alter what a sent message shows.
 pub(crate) const KINDS: [&str; 7] = [
-    "acknowledged",
-    "unacknowledged",
-    "resolved",
-    "reopened",
-    "snoozed",
-    "snooze_ended",
-    "note_added",
+    tocsin_proto::incident::kind::ACKNOWLEDGED,
+    tocsin_proto::incident::kind::UNACKNOWLEDGED,
+    tocsin_proto::incident::kind::RESOLVED,
+    tocsin_proto::incident::kind::REOPENED,
+    tocsin_proto::incident::kind::SNOOZED,
+    tocsin_proto::incident::kind::SNOOZE_ENDED,
+    tocsin_proto::incident::kind::NOTE_ADDED,
 ];
 
 pub(crate) async fn run(d: Arc<Deliverer>, ack_wait: Duration, shutdown: CancellationToken) {

@@ -27,13 +27,13 @@ pub const CONSUMER: &str = "tocsin-remediation";
 /// people's requests (`runbook`: run by hand, approve, deny), and
 /// `resolved` (which ends the incident's runs waiting for approval).
 const KINDS: [&str; 7] = [
-    "opened",
-    "reopened",
-    "escalated",
-    "acknowledged",
-    "paged",
-    "runbook",
-    "resolved",
+    tocsin_proto::incident::kind::OPENED,
+    tocsin_proto::incident::kind::REOPENED,
+    tocsin_proto::incident::kind::ESCALATED,
+    tocsin_proto::incident::kind::ACKNOWLEDGED,
+    tocsin_proto::incident::kind::PAGED,
+    tocsin_proto::incident::kind::RUNBOOK,
+    tocsin_proto::incident::kind::RESOLVED,
 ];
 
 pub(crate) async fn run(
