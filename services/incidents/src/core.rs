@@ -66,6 +66,11 @@ pub struct Projection {
     /// Resolved incidents in memory by when they were resolved: the
     /// candidates for eviction, oldest first.
     pub resolved: BTreeSet<(Timestamp, Uuid)>,
+    /// The latest time of an incident event applied: how far the inputs
+    /// have come. Eviction counts the reopen window from here (not from
+    /// the wall clock), so a backlog of old alerts does not read back and
+    /// evict again the incidents its own alerts keep touching.
+    pub inputs_at: Timestamp,
     pub silences: SilenceIndex,
     pub next_number: u64,
     /// Last INCIDENTS stream sequence applied.
@@ -229,6 +234,7 @@ impl Projection {
                 self.dirty.insert(id);
                 self.reindex_snooze(id, snoozed_until);
                 self.reindex_resolved(id, was_resolved_at);
+                self.inputs_at = self.inputs_at.max(e.at);
             }
             LogEntry::Silence { change, .. } => match change {
                 SilenceChange::Created { silence } => {

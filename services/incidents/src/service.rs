@@ -324,7 +324,10 @@ impl Service {
         }
         // Saved, so resolved incidents past the reopen window can leave
         // memory: they are read back when an input touches them.
-        let evicted = p.evict(self.evict_before());
+        let evicted = p.evict(keep_resolved_until(
+            self.clock.now().min(p.inputs_at),
+            self.core.reopen_window,
+        ));
         if evicted > 0 {
             IncidentsEvent::Evicted {
                 incidents: evicted,
@@ -332,12 +335,6 @@ impl Service {
             }
             .emit(&self.metrics);
         }
-    }
-
-    /// Resolved before this, an incident may leave memory: the reopen
-    /// window (at least [`KEEP_RESOLVED_AT_LEAST`]) has passed.
-    fn evict_before(&self) -> Timestamp {
-        keep_resolved_until(self.clock.now(), self.core.reopen_window)
     }
 
     /// Loads incident `id`, which left memory, back into the projection:
