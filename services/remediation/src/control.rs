@@ -9,10 +9,10 @@
 
 use std::sync::Arc;
 
-use futures::StreamExt;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use tocsin_proto::codec;
+use tocsin_runtime::query::Queries;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -90,36 +90,36 @@ pub struct RunInfo {
 /// Answers requests until `shutdown`; resubscribes if the subscription ends.
 pub(crate) async fn serve(engine: Arc<Engine>, shutdown: CancellationToken) {
     let client = engine.js.client();
-    loop {
-        let mut sub = match client.queue_subscribe(SUBJECT, QUEUE.into()).await {
-            Ok(s) => s,
+    let mut backoff = tocsin_runtime::retry::Backoff::standard();
+    while !shutdown.is_cancelled() {
+        let queries = match Queries::subscribe(&client, QUEUE, &[SUBJECT]).await {
+            Ok(q) => q,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot answer remediation requests yet; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                if !backoff.wait(&shutdown).await {
+                    return;
                 }
+                continue;
             }
         };
-        loop {
-            let msg = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                m = sub.next() => m,
-            };
-            let Some(msg) = msg else { break };
-            let Some(reply) = msg.reply.clone() else {
-                continue;
-            };
-            let answer = match codec::decode::<Control>(&msg.payload) {
-                Ok(c) => answer(&engine, c).await,
-                Err(e) => ControlReply::Error {
-                    reason: format!("not a remediation request: {e}"),
-                },
-            };
-            let payload = codec::encode(&answer).unwrap_or_default();
-            if let Err(e) = client.publish(reply, payload.into()).await {
-                tracing::warn!(error = %e, "cannot answer a remediation request");
-            }
+        backoff.reset();
+        queries
+            .serve(shutdown.clone(), |_, payload| {
+                let engine = engine.clone();
+                async move {
+                    let answer = match codec::decode::<Control>(&payload) {
+                        Ok(c) => answer(&engine, c).await,
+                        Err(e) => ControlReply::Error {
+                            reason: format!("not a remediation request: {e}"),
+                        },
+                    };
+                    codec::encode(&answer).map_err(|e| e.to_string())
+                }
+            })
+            .await;
+        // The subscription ended (a reconnect gone wrong): a pause, then again.
+        if !shutdown.is_cancelled() && !backoff.wait(&shutdown).await {
+            return;
         }
     }
 }
