@@ -3611,6 +3611,7 @@ async fn remediation_bench(args: RemediationArgs) -> anyhow::Result<()> {
             if Instant::now() > deadline {
                 bail!("the remediation consumer did not appear");
             }
+            // Poll interval of a wait for the consumer to exist (bench set-up).
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let collector = tokio::spawn(async move {

@@ -307,8 +307,8 @@ async fn plan_until(
     what: &str,
     done: impl Fn(&PlanReply) -> bool,
 ) -> PlanReply {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    let done = &done;
+    tocsin_tests::eventually_within(WAIT, || async move {
         let reply = client
             .request(
                 query::ESCALATION_PLAN,
@@ -318,15 +318,12 @@ async fn plan_until(
             .ok()
             .and_then(|r| codec::decode::<PlanReply>(&r.payload).ok());
         match reply {
-            Some(r) if done(&r) => return r,
-            other => assert!(
-                tokio::time::Instant::now() < deadline,
-                "{what}: the escalation plan is {other:?}"
-            ),
+            Some(r) if done(&r) => Ok(r),
+            other => Err(other),
         }
-        // Poll interval of a wait for something to happen (with a deadline), not a wait to prove that nothing did.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
+    .unwrap_or_else(|last| panic!("{what}: the escalation plan is {last:?}"))
 }
 
 /// Polls the incident list until `done` holds; panics after [`WAIT`]

@@ -54,19 +54,18 @@ async fn loaded(client: &async_nats::Client) -> Option<Vec<String>> {
 }
 
 async fn wait_loaded(client: &async_nats::Client, want: &[&str], log: &Path) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let got = loaded(client).await;
-        if got.as_deref().is_some_and(|g| g == want) {
-            return;
+    let last = tocsin_tests::eventually_within(Duration::from_secs(30), || async {
+        match loaded(client).await {
+            Some(g) if g == want => Ok(()),
+            other => Err(other),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
+    })
+    .await;
+    if let Err(got) = last {
+        panic!(
             "loaded {got:?}, want {want:?}; log:\n{}",
             std::fs::read_to_string(log).unwrap_or_default()
         );
-        // Poll interval of a wait for something to happen (with a deadline), not a wait to prove that nothing did.
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
