@@ -8,7 +8,8 @@
 //! remediation service reads them.
 
 use async_nats::jetstream;
-use jiff::SignedDuration;
+use jiff::{SignedDuration, Timestamp};
+use tocsin::config::Config;
 use tocsin_proto::{
     command::{Action, CommandReply, IncidentRef},
     incident::{EventKind, IncidentEvent, RunbookRequest},
@@ -60,6 +61,38 @@ fn decide(run: &str, approve: bool) -> Action {
     }
 }
 
+/// Publishes a firing `Gated` alert for `service`, grouped by `group`.
+async fn publish_gated(js: &jetstream::Context, service: &str, group: &[&str], at: Timestamp) {
+    publish_alert(
+        js,
+        alert(
+            &[("alertname", "Gated"), ("service", service)],
+            group,
+            AlertStatus::Firing,
+            at,
+        ),
+        at,
+    )
+    .await;
+}
+
+/// Waits until incident `n` has a run waiting for approval; its id.
+async fn awaiting(client: &async_nats::Client, n: u64) -> String {
+    let tl = wait_timeline(client, n, "the wait for approval", |tl| {
+        waiting_run(tl).is_some()
+    })
+    .await;
+    waiting_run(&tl).unwrap()
+}
+
+/// `cfg` with the incidents and escalation stores in `dir`, so a restart
+/// of every service keeps them.
+fn kept_across_restarts(mut cfg: Config, dir: &std::path::Path) -> Config {
+    cfg.incidents.data_dir = Some(tocsin_runtime::config::ConfigPath(dir.join("incidents")));
+    cfg.escalation.data_dir = Some(tocsin_runtime::config::ConfigPath(dir.join("escalation")));
+    cfg
+}
+
 fn detail_of(tl: &[IncidentEvent], step: &str, status: &str) -> String {
     steps(tl)
         .into_iter()
@@ -75,29 +108,13 @@ async fn a_waiting_run_holds_the_page_survives_a_restart_and_runs_when_approved(
     let programs = gated(&rb, "on_failure");
     let programs: Vec<&str> = programs.iter().map(String::as_str).collect();
     let data = tempfile::tempdir().unwrap();
-    let mut cfg = config(&nats, &rb.path(), &programs);
-    cfg.incidents.data_dir = Some(tocsin_runtime::config::ConfigPath(
-        data.path().join("incidents"),
-    ));
-    cfg.escalation.data_dir = Some(tocsin_runtime::config::ConfigPath(
-        data.path().join("escalation"),
-    ));
+    let cfg = kept_across_restarts(config(&nats, &rb.path(), &programs), data.path());
     let tocsin = TocsinHarness::start_with(cfg.clone()).await;
     let client = nats.client().await;
     let js = jetstream::new(client.clone());
     let t0 = tocsin.clock_now();
     let mins = |m: i64| t0 + SignedDuration::from_mins(m);
-    publish_alert(
-        &js,
-        alert(
-            &[("alertname", "Gated"), ("service", "api")],
-            &["alertname"],
-            AlertStatus::Firing,
-            t0,
-        ),
-        t0,
-    )
-    .await;
+    publish_gated(&js, "api", &["alertname"], t0).await;
     let tl = wait_timeline(&client, 1, "the wait for approval", |tl| {
         waiting_run(tl).is_some() && has(tl, "run", "held")
     })
@@ -153,22 +170,8 @@ async fn deny_escalates_at_once_and_the_timeline_says_who_denied() {
     let client = nats.client().await;
     let js = jetstream::new(client.clone());
     let t0 = tocsin.clock_now();
-    publish_alert(
-        &js,
-        alert(
-            &[("alertname", "Gated"), ("service", "api")],
-            &["alertname"],
-            AlertStatus::Firing,
-            t0,
-        ),
-        t0,
-    )
-    .await;
-    let tl = wait_timeline(&client, 1, "the wait for approval", |tl| {
-        waiting_run(tl).is_some()
-    })
-    .await;
-    let run = waiting_run(&tl).unwrap();
+    publish_gated(&js, "api", &["alertname"], t0).await;
+    let run = awaiting(&client, 1).await;
     let reply = command(&client, &js, "bob", decide(&run, false), t0).await;
     assert!(matches!(reply, CommandReply::Accepted { .. }), "{reply:?}");
     let tl = wait_timeline(&client, 1, "the escalation", |tl| {
@@ -208,32 +211,13 @@ async fn no_decision_before_the_timeout_escalates_even_across_a_restart() {
     let programs = gated(&rb, "immediately");
     let programs: Vec<&str> = programs.iter().map(String::as_str).collect();
     let data = tempfile::tempdir().unwrap();
-    let mut cfg = config(&nats, &rb.path(), &programs);
-    cfg.incidents.data_dir = Some(tocsin_runtime::config::ConfigPath(
-        data.path().join("incidents"),
-    ));
-    cfg.escalation.data_dir = Some(tocsin_runtime::config::ConfigPath(
-        data.path().join("escalation"),
-    ));
+    let cfg = kept_across_restarts(config(&nats, &rb.path(), &programs), data.path());
     let tocsin = TocsinHarness::start_with(cfg.clone()).await;
     let client = nats.client().await;
     let js = jetstream::new(client.clone());
     let t0 = tocsin.clock_now();
-    publish_alert(
-        &js,
-        alert(
-            &[("alertname", "Gated"), ("service", "api")],
-            &["alertname"],
-            AlertStatus::Firing,
-            t0,
-        ),
-        t0,
-    )
-    .await;
-    wait_timeline(&client, 1, "the wait for approval", |tl| {
-        waiting_run(tl).is_some()
-    })
-    .await;
+    publish_gated(&js, "api", &["alertname"], t0).await;
+    awaiting(&client, 1).await;
     // Every service restarts while the run waits; the new remediation
     // service finds the waiting run on the bus.
     tocsin.stop().await.unwrap();
@@ -278,22 +262,8 @@ async fn a_slack_slash_command_approves_as_the_slack_user() {
     let client = nats.client().await;
     let js = jetstream::new(client.clone());
     let t0 = tocsin.clock_now();
-    publish_alert(
-        &js,
-        alert(
-            &[("alertname", "Gated"), ("service", "api")],
-            &["alertname"],
-            AlertStatus::Firing,
-            t0,
-        ),
-        t0,
-    )
-    .await;
-    let tl = wait_timeline(&client, 1, "the wait for approval", |tl| {
-        waiting_run(tl).is_some()
-    })
-    .await;
-    let run = waiting_run(&tl).unwrap();
+    publish_gated(&js, "api", &["alertname"], t0).await;
+    let run = awaiting(&client, 1).await;
     let r = post_slack(
         &format!("{}/slack/commands", tocsin.chatops_url),
         &slash_body(
@@ -332,22 +302,8 @@ async fn resolving_the_incident_ends_a_waiting_run_as_skipped() {
     let client = nats.client().await;
     let js = jetstream::new(client.clone());
     let t0 = tocsin.clock_now();
-    publish_alert(
-        &js,
-        alert(
-            &[("alertname", "Gated"), ("service", "api")],
-            &["alertname"],
-            AlertStatus::Firing,
-            t0,
-        ),
-        t0,
-    )
-    .await;
-    let tl = wait_timeline(&client, 1, "the wait for approval", |tl| {
-        waiting_run(tl).is_some()
-    })
-    .await;
-    let run = waiting_run(&tl).unwrap();
+    publish_gated(&js, "api", &["alertname"], t0).await;
+    let run = awaiting(&client, 1).await;
     let reply = command(
         &client,
         &js,
@@ -404,25 +360,11 @@ async fn two_replicas_decide_each_waiting_run_once() {
     let js = jetstream::new(client.clone());
     let t0 = tocsin.clock_now();
     for service in ["s1", "s2", "s3"] {
-        publish_alert(
-            &js,
-            alert(
-                &[("alertname", "Gated"), ("service", service)],
-                &["alertname", "service"],
-                AlertStatus::Firing,
-                t0,
-            ),
-            t0,
-        )
-        .await;
+        publish_gated(&js, service, &["alertname", "service"], t0).await;
     }
     let mut runs = Vec::new();
     for n in 1..=3u64 {
-        let tl = wait_timeline(&client, n, "the wait for approval", |tl| {
-            waiting_run(tl).is_some()
-        })
-        .await;
-        runs.push(waiting_run(&tl).unwrap());
+        runs.push(awaiting(&client, n).await);
     }
     let on = |n: u64, run: &str, approve: bool| {
         let request = if approve {
