@@ -5,9 +5,9 @@
 //! run that was in a repeatable step resumes; no completed step runs twice.
 //! The recording program appends its argv to a file per runbook.
 
+use crate::support::start_remediation;
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::Duration,
 };
 
@@ -17,26 +17,6 @@ use tocsin_tests::{
     remediation::{has, steps, wait_timeline, Runbooks},
     NatsServer, TocsinHarness,
 };
-
-const BIN: &str = env!("CARGO_BIN_EXE_tocsin");
-
-fn start(config: &Path, log: &Path) -> Child {
-    Command::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .args([
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--log-level",
-            "info",
-            "remediation",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("start tocsin remediation")
-}
 
 fn lines(p: &Path) -> Vec<String> {
     std::fs::read_to_string(p)
@@ -123,7 +103,7 @@ steps:
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
     let log1 = rb.dir.path().join("first.log");
-    let mut child = start(&config, &log1);
+    let mut child = start_remediation(&config, &log1);
     // The consumer starts with new events: open the incidents once it is there.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -162,7 +142,7 @@ steps:
     child.wait().unwrap();
 
     let log2 = rb.dir.path().join("second.log");
-    let mut child = start(&config, &log2);
+    let mut child = start_remediation(&config, &log2);
     // The incidents service takes ALERTS in order: Crashy opened #1.
     let (crashy, resumable) = (1, 2);
     let tl = wait_timeline(&client, crashy, "crashy to fail safe", |tl| {

@@ -3,11 +3,8 @@
 //! reload is refused (file and line in the log) while the others keep
 //! running.
 
-use std::{
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use crate::support::start_remediation;
+use std::{path::Path, process::Command, time::Duration};
 
 use tocsin_proto::{codec, AlertStatus};
 use tocsin_remediation::control::{self, Control, ControlReply};
@@ -16,24 +13,6 @@ use tocsin_tests::{
     remediation::{has, wait_timeline, Runbooks},
     NatsServer, TocsinHarness,
 };
-
-fn start(config: &Path, log: &Path) -> Child {
-    Command::new(crate::support::bin())
-        .arg("--config")
-        .arg(config)
-        .args([
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--log-level",
-            "info",
-            "remediation",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("start tocsin remediation")
-}
 
 /// The runbooks the process has loaded, asked over NATS.
 async fn loaded(client: &async_nats::Client) -> Option<Vec<String>> {
@@ -95,7 +74,7 @@ async fn sighup_loads_a_new_runbook_and_a_bad_file_keeps_the_others() {
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
     let log = rb.dir.path().join("remediation.log");
-    let mut child = start(&config, &log);
+    let mut child = start_remediation(&config, &log);
     wait_loaded(&client, &["first"], &log).await;
 
     // A new runbook and a broken one, then SIGHUP.

@@ -20,6 +20,25 @@ pub fn bin() -> String {
     std::env::var("TOCSIN_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tocsin").to_string())
 }
 
+/// Starts `tocsin remediation` with `config`, its log (stderr) in `log`.
+pub fn start_remediation(config: &Path, log: &Path) -> Child {
+    Command::new(bin())
+        .arg("--config")
+        .arg(config)
+        .args([
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "info",
+            "remediation",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start tocsin remediation")
+}
+
 /// A free TCP port on loopback (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
