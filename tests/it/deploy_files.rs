@@ -42,9 +42,9 @@ use tocsin::config::Service;
 use tocsin_runtime::config::parse_duration;
 
 use crate::shipped_files::{
-    binaries, container_launch, fail_on, k8s_documents, kind, load_tocsin_config, mounted_config,
-    needed_env_refs, read, rel, root, str_at, tocsin_configs_in_configmaps, yaml_documents, Launch,
-    NATS_DRAIN, PLACEHOLDER,
+    binaries, container_launch, containers, fail_on, k8s_documents, kind, load_tocsin_config,
+    mounted_config, needed_env_refs, pod_spec, read, rel, root, str_at,
+    tocsin_configs_in_configmaps, yaml_documents, Launch, NATS_DRAIN, PLACEHOLDER,
 };
 
 /// Programs of the Debian base image that runbooks may run (findutils,
@@ -956,19 +956,10 @@ fn variables_the_deploy_files_set_are_ones_tocsin_reads() {
     // Kubernetes.
     let embedded = tocsin_configs_in_configmaps();
     for (path, d) in k8s_documents() {
-        let Some(pod) = d
-            .get("spec")
-            .and_then(|s| s.get("template"))
-            .and_then(|t| t.get("spec"))
-        else {
+        let Some(pod) = pod_spec(&d) else {
             continue;
         };
-        for c in pod
-            .get("containers")
-            .and_then(Value::as_sequence)
-            .into_iter()
-            .flatten()
-        {
+        for c in containers(pod) {
             let origin = format!(
                 "{}, container {}",
                 rel(&path),
@@ -1302,19 +1293,10 @@ fn kubernetes_runbooks_are_the_repositorys_and_load_with_the_allowed_programs() 
     let mut problems = Vec::new();
     let mut checked = 0;
     for (path, d) in &docs {
-        let Some(pod) = d
-            .get("spec")
-            .and_then(|s| s.get("template"))
-            .and_then(|t| t.get("spec"))
-        else {
+        let Some(pod) = pod_spec(d) else {
             continue;
         };
-        for c in pod
-            .get("containers")
-            .and_then(Value::as_sequence)
-            .into_iter()
-            .flatten()
-        {
+        for c in containers(pod) {
             let origin = format!(
                 "{}, container {}",
                 rel(path),

@@ -186,6 +186,19 @@ pub(crate) fn k8s_documents() -> Vec<(PathBuf, Value)> {
         .collect()
 }
 
+/// The pod spec of a workload (`spec.template.spec`), if it has one.
+pub(crate) fn pod_spec(doc: &Value) -> Option<&Value> {
+    doc.get("spec")?.get("template")?.get("spec")
+}
+
+/// The containers of a pod spec.
+pub(crate) fn containers(pod: &Value) -> impl Iterator<Item = &Value> {
+    pod.get("containers")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+}
+
 pub(crate) fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     let mut cur = v;
     for key in path {
@@ -316,11 +329,7 @@ struct TocsinContainer {
 fn tocsin_containers() -> Vec<TocsinContainer> {
     let mut out = Vec::new();
     for (path, doc) in k8s_documents() {
-        let Some(pod) = doc
-            .get("spec")
-            .and_then(|s| s.get("template"))
-            .and_then(|t| t.get("spec"))
-        else {
+        let Some(pod) = pod_spec(&doc) else {
             continue;
         };
         let workload = format!(
@@ -329,12 +338,7 @@ fn tocsin_containers() -> Vec<TocsinContainer> {
             kind(&doc),
             str_at(&doc, &["metadata", "name"]).unwrap_or("?")
         );
-        for c in pod
-            .get("containers")
-            .and_then(Value::as_sequence)
-            .into_iter()
-            .flatten()
-        {
+        for c in containers(pod) {
             let origin = format!(
                 "{workload}, container {}",
                 str_at(c, &["name"]).unwrap_or("?")
@@ -1332,10 +1336,7 @@ fn expected_kubernetes_workloads_are_shipped() {
             problems.push(format!("no {k} {name} under deploy/k8s"));
             continue;
         };
-        let runs = doc
-            .get("spec")
-            .and_then(|s| s.get("template"))
-            .and_then(|t| t.get("spec"))
+        let runs = pod_spec(doc)
             .and_then(|s| s.get("containers"))
             .and_then(Value::as_sequence)
             .into_iter()
@@ -1362,11 +1363,7 @@ fn kubernetes_workloads_start_tocsin_the_way_the_cli_expects() {
         }
         let name = str_at(&doc, &["metadata", "name"]).unwrap_or("?");
         let origin = format!("{} ({} {name})", rel(&path), kind(&doc));
-        let Some(spec) = doc
-            .get("spec")
-            .and_then(|s| s.get("template"))
-            .and_then(|t| t.get("spec"))
-        else {
+        let Some(spec) = pod_spec(&doc) else {
             problems.push(format!("{origin}: no spec.template.spec"));
             continue;
         };
@@ -1393,19 +1390,10 @@ fn kubernetes_wiring_is_consistent() {
     // volume comes from is shaped by secret.example.yaml.
     let embedded = tocsin_configs_in_configmaps();
     for (path, doc) in &docs {
-        let Some(spec) = doc
-            .get("spec")
-            .and_then(|s| s.get("template"))
-            .and_then(|t| t.get("spec"))
-        else {
+        let Some(spec) = pod_spec(doc) else {
             continue;
         };
-        for c in spec
-            .get("containers")
-            .and_then(Value::as_sequence)
-            .into_iter()
-            .flatten()
-        {
+        for c in containers(spec) {
             let runs_tocsin = c
                 .get("command")
                 .and_then(Value::as_sequence)
