@@ -88,7 +88,7 @@ async fn get(js: &jetstream::Context, proj: &Shared, store: &Store, q: GetIncide
     // One that left memory is read from the store, then the stream.
     let found = match found {
         Some(Ok(st)) => Some(st),
-        Some(Err(id)) => match cold(js, store, id).await {
+        Some(Err(id)) => match cold(js, store, id, u64::MAX).await {
             Ok(st) => Some(st),
             Err(e) => {
                 return QueryReply::Error {
@@ -143,18 +143,24 @@ pub(crate) async fn timeline(
     Ok(out)
 }
 
-/// An incident no longer in memory: from the store, else the stream.
-async fn cold(
+/// An incident no longer in memory: from the store, else from its entries
+/// on the INCIDENTS stream up to sequence `upto`.
+pub(crate) async fn cold(
     js: &jetstream::Context,
     store: &Store,
     id: uuid::Uuid,
+    upto: u64,
 ) -> Result<IncidentState, String> {
-    if let Ok(Some(st)) = store.incident(&id) {
-        return Ok(st);
+    match store.incident(&id) {
+        Ok(Some(st)) => return Ok(st),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(incident = %id, error = %e, "stored incident unreadable; reading it from the stream")
+        }
     }
-    replay_incident(js, id, u64::MAX)
+    replay_incident(js, id, upto)
         .await?
-        .ok_or_else(|| "not on the INCIDENTS stream".to_string())
+        .ok_or_else(|| format!("incident {id} is neither stored nor on the INCIDENTS stream"))
 }
 
 /// Incident `id` as its entries on the INCIDENTS stream up to sequence

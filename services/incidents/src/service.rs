@@ -342,22 +342,8 @@ impl Service {
     /// INCIDENTS stream up to sequence `upto` (default: what the
     /// projection has applied).
     async fn restore(&self, id: uuid::Uuid, upto: Option<u64>) -> Result<(), String> {
-        let stored = match self.store.incident(&id) {
-            Ok(st) => st,
-            Err(e) => {
-                tracing::warn!(incident = %id, error = %e, "stored incident unreadable; reading it from the stream");
-                None
-            }
-        };
-        let st = match stored {
-            Some(st) => st,
-            None => {
-                let upto = upto.unwrap_or_else(|| read(&self.proj).incidents_seq);
-                crate::query::replay_incident(&self.js, id, upto)
-                    .await?
-                    .ok_or_else(|| format!("incident {id} is neither stored nor on the stream"))?
-            }
-        };
+        let upto = upto.unwrap_or_else(|| read(&self.proj).incidents_seq);
+        let st = crate::query::cold(&self.js, &self.store, id, upto).await?;
         write(&self.proj).restore(st);
         IncidentsEvent::Restored.emit(&self.metrics);
         Ok(())
