@@ -8,6 +8,11 @@
 #   ./deploy/dev.sh deps     only install the pinned tools into .tocsin/venv
 #                            (and Alertmanager, see ALERTMANAGER_BIN)
 #   ./deploy/dev.sh bench …  run the benchmark harness (release build)
+#   ./deploy/dev.sh chaos [--long] [--seed N] [--cluster|--single]
+#                            the chaos tests alone, their table shown: every
+#                            service twice as separate processes, SIGKILLs,
+#                            NATS restarts (--long soaks ten times longer;
+#                            --seed replays a run)
 #
 # Environment:
 #   NATS_SERVER_BIN      use this nats-server (2.12+) instead of the pinned one
@@ -120,6 +125,25 @@ cmd_bench() {
   ensure_tools
   cd "$ROOT"
   cargo run --locked --release -p tocsin-tests --bin bench -- "$@"
+}
+
+cmd_chaos() {
+  need_cargo
+  ensure_tools
+  local filter="chaos::" arg
+  while [ $# -gt 0 ]; do
+    arg="$1"; shift
+    case "$arg" in
+      --long) export TOCSIN_CHAOS_LONG=1 ;;
+      --seed) [ $# -gt 0 ] || die "--seed needs a number"; export TOCSIN_TEST_SEED="$1"; shift ;;
+      --seed=*) export TOCSIN_TEST_SEED="${arg#--seed=}" ;;
+      --cluster) filter="chaos::chaos_on_a_three_node" ;;
+      --single) filter="chaos::chaos_every_process" ;;
+      *) die "chaos: unknown option $arg (--long, --seed N, --cluster, --single)" ;;
+    esac
+  done
+  cd "$ROOT"
+  cargo test --locked -p tocsin --test it "$filter" -- --nocapture --test-threads=1
 }
 
 cmd_up() {
@@ -239,5 +263,6 @@ case "${1:-}" in
   test) shift; cmd_test "$@" ;;
   deps) shift; need_cargo; ensure_tools; ensure_alertmanager; say "tools ready: $NATS_SERVER_BIN $ALERTMANAGER_BIN" ;;
   bench) shift; cmd_bench "$@" ;;
-  *) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  chaos) shift; cmd_chaos "$@" ;;
+  *) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

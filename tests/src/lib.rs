@@ -41,7 +41,7 @@ pub mod remediation;
 pub mod smtp;
 pub mod tocsin;
 
-pub use nats::NatsServer;
+pub use nats::{NatsCluster, NatsServer};
 pub use tocsin::TocsinHarness;
 
 /// Token the harness configures for ingest.
@@ -141,6 +141,12 @@ impl TestRng {
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A generator of its own for another task, drawn from this one (so
+    /// the whole run still follows from the one printed seed).
+    pub fn fork(&mut self) -> TestRng {
+        TestRng(self.next_u64() | 1)
     }
 
     /// A number in `0..n` (`n > 0`).

@@ -92,6 +92,16 @@ pub struct NatsServer {
     port: u16,
     child: Option<Child>,
     passwords: BTreeMap<&'static str, String>,
+    /// Set on a node of a [`NatsCluster`].
+    cluster: Option<ClusterNode>,
+}
+
+/// What makes a server one node of a [`NatsCluster`].
+#[derive(Clone)]
+struct ClusterNode {
+    name: String,
+    route_port: u16,
+    routes: Vec<u16>,
 }
 
 impl NatsServer {
@@ -105,18 +115,13 @@ impl NatsServer {
             .prefix("tocsin-nats-")
             .tempdir()
             .expect("temp dir");
-        let passwords = IDENTITIES
-            .iter()
-            // A letter first: nats-server reads the variable as a config
-            // value, and a leading digit would make it a number.
-            .map(|id| (*id, format!("p{}", uuid::Uuid::new_v4().simple())))
-            .collect();
         let mut server = NatsServer {
             bin,
             dir,
             port: 0,
             child: None,
-            passwords,
+            passwords: new_passwords(),
+            cluster: None,
         };
         server.spawn(None);
         server.port = server.wait_for_ports_file();
@@ -199,6 +204,17 @@ impl NatsServer {
         }
     }
 
+    /// SIGTERM (a clean shutdown: nats-server closes its clients and
+    /// flushes its store) and waits for it to exit, keeping its store.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops (if running) and starts again on the same port with the same
     /// store, and waits until JetStream answers.
     pub async fn restart(&mut self) {
@@ -222,12 +238,28 @@ impl NatsServer {
         // include relative to the including file, so a copy sits next to it.
         std::fs::copy(permissions_file(), d.join("permissions.conf"))
             .expect("copy deploy/nats/permissions.conf");
+        // A cluster node: its name, its route port and every node's route.
+        let cluster = match &self.cluster {
+            Some(c) => format!(
+                "server_name: {name}\ncluster {{\n  name: tocsin\n  listen: 127.0.0.1:{rp}\n  \
+                 routes: [{routes}]\n}}\n",
+                name = c.name,
+                rp = c.route_port,
+                routes = c
+                    .routes
+                    .iter()
+                    .map(|p| format!("nats-route://127.0.0.1:{p}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            None => String::new(),
+        };
         std::fs::write(
             &conf,
             format!(
                 "host: 127.0.0.1\nport: {port}\nports_file_dir: \"{ports}\"\n\
                  jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n\
-                 authorization {{\n  include ./permissions.conf\n}}\n",
+                 authorization {{\n  include ./permissions.conf\n}}\n{cluster}",
                 ports = d.display(),
                 store = d.join("js").display(),
             ),
@@ -317,6 +349,122 @@ impl NatsServer {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
     }
+}
+
+fn new_passwords() -> BTreeMap<&'static str, String> {
+    IDENTITIES
+        .iter()
+        // A letter first: nats-server reads the variable as a config
+        // value, and a leading digit would make it a number.
+        .map(|id| (*id, format!("p{}", uuid::Uuid::new_v4().simple())))
+        .collect()
+}
+
+/// Three nats-servers on loopback routed into one JetStream cluster (each
+/// with its own store, `sync_interval: always`, the shipped users with the
+/// same passwords on every node), private to one test. A node can be
+/// killed and restarted on its ports with its store, as a node of a real
+/// cluster is.
+pub struct NatsCluster {
+    nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts three nodes and waits until each answers JetStream (a meta
+    /// leader is elected).
+    pub async fn start() -> NatsCluster {
+        tocsin_runtime::install_crypto();
+        let bin = nats_server_bin().unwrap_or_else(|e| panic!("{e}"));
+        let passwords = new_passwords();
+        // Fixed ports, chosen now: every node's config names every route,
+        // and a restarted node must come back where the others expect it.
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let routes: Vec<u16> = ports.iter().map(|(_, r)| *r).collect();
+        let mut nodes = Vec::new();
+        for (i, (client, route)) in ports.iter().enumerate() {
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("tocsin-nats-{}-", i + 1))
+                .tempdir()
+                .expect("temp dir");
+            let mut node = NatsServer {
+                bin: bin.clone(),
+                dir,
+                port: *client,
+                child: None,
+                passwords: passwords.clone(),
+                cluster: Some(ClusterNode {
+                    name: format!("n{}", i + 1),
+                    route_port: *route,
+                    routes: routes.clone(),
+                }),
+            };
+            node.spawn(Some(*client));
+            nodes.push(node);
+        }
+        for node in nodes.iter_mut() {
+            node.wait_ready().await;
+        }
+        NatsCluster { nodes }
+    }
+
+    /// Every node's address, comma-separated, without credentials (what
+    /// `nats.url` takes).
+    pub fn address(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.address())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The password of `identity`, the same on every node.
+    pub fn password(&self, identity: &str) -> &str {
+        self.nodes[0].password(identity)
+    }
+
+    /// An admin client that knows every node (it moves to another when
+    /// its node goes away).
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::ConnectOptions::with_user_and_password(
+            "admin".into(),
+            self.password("admin").to_string(),
+        )
+        .custom_inbox_prefix(tocsin_runtime::nats::inbox_prefix("admin"))
+        .retry_on_initial_connect()
+        .connect(self.nodes.iter().map(|n| n.address()).collect::<Vec<_>>())
+        .await
+        .expect("connect to the test cluster as admin")
+    }
+
+    pub fn node(&mut self, i: usize) -> &mut NatsServer {
+        &mut self.nodes[i]
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Every node's log, for a failure message.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("----- nats node {}\n{}", i + 1, n.log()))
+            .collect()
+    }
+}
+
+/// A free TCP port on loopback (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind loopback")
+        .local_addr()
+        .expect("local address")
+        .port()
 }
 
 /// A client for `url`, with the credentials it carries

@@ -29,7 +29,7 @@ use tocsin_proto::{
 };
 use tocsin_tests::{eventually_within, NatsServer};
 
-use crate::support::{alert, free_port, post_alerts, Proc};
+use crate::support::{alert, free_port, post_alerts, read_raw, terms_never_go_back, Proc, Raw};
 
 /// Kills of the active incidents process.
 const INCIDENTS_KILLS: usize = 5;
@@ -85,43 +85,6 @@ escalation:
     let path = dir.join(format!("tocsin-{name}.yaml"));
     std::fs::write(&path, text).unwrap();
     path
-}
-
-/// One stored message: sequence, server time (ns since the epoch), its
-/// `Tocsin-Lease` header, its message id, and its payload.
-struct Raw {
-    seq: u64,
-    time_ns: i128,
-    lease: Option<(String, u64)>,
-    msg_id: String,
-    payload: Vec<u8>,
-}
-
-async fn read_raw(js: &jetstream::Context, stream: &str) -> Vec<Raw> {
-    let mut s = js.get_stream(stream).await.expect("stream exists");
-    let state = s.info().await.expect("stream info").state.clone();
-    let mut out = Vec::new();
-    if state.messages == 0 {
-        return out;
-    }
-    for seq in state.first_sequence..=state.last_sequence {
-        let Ok(m) = s.get_raw_message(seq).await else {
-            continue;
-        };
-        let header = |name: &str| m.headers.get(name).map(|v| v.to_string());
-        let lease = header("Tocsin-Lease").and_then(|v| {
-            let (role, term) = v.split_once('/')?;
-            Some((role.to_string(), term.parse().ok()?))
-        });
-        out.push(Raw {
-            seq,
-            time_ns: m.time.unix_timestamp_nanos(),
-            lease,
-            msg_id: header("Nats-Msg-Id").unwrap_or_default(),
-            payload: m.payload.to_vec(),
-        });
-    }
-    out
 }
 
 /// The alertname of an INCIDENTS `opened` entry, with the incident's id and number.
@@ -250,30 +213,6 @@ async fn max_term(js: &jetstream::Context, stream: &str, role: &str) -> u64 {
         .map(|(_, t)| *t)
         .max()
         .unwrap_or(0)
-}
-
-/// Every message of `stream` carries `role`'s lease header, and the terms
-/// never go back: once a newer tenure wrote, no older one ever did again.
-fn terms_never_go_back(raws: &[Raw], role: &str, stream: &str) -> Vec<u64> {
-    let mut terms = Vec::new();
-    let mut last = 0;
-    for r in raws {
-        let Some((rl, term)) = &r.lease else {
-            panic!("{stream} seq {} has no Tocsin-Lease header", r.seq);
-        };
-        assert_eq!(rl, role, "{stream} seq {} written under {rl}", r.seq);
-        assert!(
-            *term >= last,
-            "{stream} seq {} written by term {term} after term {last} had written: two \
-             instances acted at once",
-            r.seq
-        );
-        if *term > last {
-            terms.push(*term);
-        }
-        last = *term;
-    }
-    terms
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -1,6 +1,7 @@
 //! Integration tests, one binary (see tests/it/main.rs for why).
 
 mod alertmanager;
+mod chaos;
 mod cli;
 mod failover;
 mod first_run;

@@ -217,12 +217,33 @@ pub fn full_config(
     dir: &Path,
     setup: &Setup,
 ) -> PathBuf {
+    let notifier = notifier_section(fakes, smtp, setup);
+    let indent = |s: &str| -> String { s.lines().map(|l| format!("  {l}\n")).collect() };
+    let config = format!(
+        "nats:\n  url: {url}\n  reconnect_max_delay: 250ms\n\
+         ingest:\n  listen: 127.0.0.1:{ingest_port}\n  tokens:\n    - source: test\n      token: ${{TOCSIN_INGEST_TOKEN}}\n\
+         incidents:\n  data_dir: {data}/incidents\n\
+         escalation:\n  data_dir: {data}/escalation\n{esc}\
+         notifier:\n{notifier}",
+        url = nats.url(),
+        data = dir.display(),
+        esc = indent(setup.escalation.trim_start_matches('\n')),
+        notifier = indent(&notifier),
+    );
+    let path = dir.join("tocsin.yaml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+/// The `notifier:` section (unindented) of [`full_config`]: every channel
+/// at the fakes and email at `smtp`, with `setup`'s guards and extra keys.
+pub fn notifier_section(fakes: &FakeProviders, smtp: &SmtpSink, setup: &Setup) -> String {
     let default_guard =
         "{timeout: 3s, rate_per_second: 0, breaker: {failures: 5, open_for: 1s, successes: 2}}";
     // TOCSIN_TEST_WITHOUT_EMAIL leaves email out, to run these tests
     // against an old binary that aborts when email is configured.
     let email = std::env::var_os("TOCSIN_TEST_WITHOUT_EMAIL").is_none();
-    let mut notifier = config_yaml(fakes, email.then_some(smtp), &dir.join("unused"));
+    let mut notifier = config_yaml(fakes, email.then_some(smtp), Path::new("unused"));
     // Each channel's `guard:` line, in the order config_yaml writes them:
     // slack, pagerduty, sms, webhooks, email.
     let guards = [
@@ -275,21 +296,7 @@ pub fn full_config(
             notifier.push('\n');
         }
     }
-    let indent = |s: &str| -> String { s.lines().map(|l| format!("  {l}\n")).collect() };
-    let config = format!(
-        "nats:\n  url: {url}\n  reconnect_max_delay: 250ms\n\
-         ingest:\n  listen: 127.0.0.1:{ingest_port}\n  tokens:\n    - source: test\n      token: ${{TOCSIN_INGEST_TOKEN}}\n\
-         incidents:\n  data_dir: {data}/incidents\n\
-         escalation:\n  data_dir: {data}/escalation\n{esc}\
-         notifier:\n{notifier}",
-        url = nats.url(),
-        data = dir.display(),
-        esc = indent(setup.escalation.trim_start_matches('\n')),
-        notifier = indent(&notifier),
-    );
-    let path = dir.join("tocsin.yaml");
-    std::fs::write(&path, config).unwrap();
-    path
+    notifier
 }
 
 /// Posts alerts (generic JSON) to ingest until it answers 200.
@@ -331,4 +338,123 @@ pub fn alert(name: &str, status: &str) -> serde_json::Value {
         "generatorURL": format!("https://prometheus.example.com/graph?g0.expr=up%7Bjob%3D%22{name}%22%7D"),
         "status": status,
     })
+}
+
+/// One stored message: sequence, server time (ns since the epoch), its
+/// `Tocsin-Lease` header, its message id and payload.
+pub struct Raw {
+    pub seq: u64,
+    pub time_ns: i128,
+    pub lease: Option<(String, u64)>,
+    pub msg_id: String,
+    pub payload: Vec<u8>,
+}
+
+/// Every message of `stream` now (panics if it cannot be read).
+pub async fn read_raw(js: &async_nats::jetstream::Context, stream: &str) -> Vec<Raw> {
+    try_read(js, stream, 1, &[])
+        .await
+        .unwrap_or_else(|e| panic!("cannot read {stream}: {e:#}"))
+}
+
+/// The messages of `stream` from sequence `from` on (only those on the
+/// `filters` subjects, unless empty), up to the last one stored when the
+/// read began; an error when NATS does not answer (it may be restarting).
+pub async fn try_read(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    from: u64,
+    filters: &[String],
+) -> anyhow::Result<Vec<Raw>> {
+    use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+    use futures::StreamExt as _;
+    let mut s = js.get_stream(stream).await?;
+    let raw = |seq: u64, time_ns: i128, headers: Option<&async_nats::HeaderMap>, payload: &[u8]| {
+        let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.to_string());
+        let lease = header("Tocsin-Lease").and_then(|v| {
+            let (role, term) = v.split_once('/')?;
+            Some((role.to_string(), term.parse().ok()?))
+        });
+        Raw {
+            seq,
+            time_ns,
+            lease,
+            msg_id: header("Nats-Msg-Id").unwrap_or_default(),
+            payload: payload.to_vec(),
+        }
+    };
+    // A work queue takes no ordered consumer: message by message.
+    if s.cached_info().config.retention == async_nats::jetstream::stream::RetentionPolicy::WorkQueue
+    {
+        assert!(filters.is_empty(), "{stream}: no filters on a work queue");
+        let state = s.info().await?.state.clone();
+        let mut out = Vec::new();
+        if state.messages == 0 {
+            return Ok(out);
+        }
+        for seq in from.max(state.first_sequence)..=state.last_sequence {
+            // A gap: acknowledged (gone) meanwhile.
+            if let Ok(m) = s.get_raw_message(seq).await {
+                out.push(raw(
+                    seq,
+                    m.time.unix_timestamp_nanos(),
+                    Some(&m.headers),
+                    &m.payload,
+                ));
+            }
+        }
+        return Ok(out);
+    }
+    let mut consumer = s
+        .create_consumer(OrderedConfig {
+            filter_subjects: filters.to_vec(),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: from.max(1),
+            },
+            ..Default::default()
+        })
+        .await?;
+    let mut out = Vec::new();
+    if consumer.info().await?.num_pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer.messages().await?;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("{stream}: no message within 5 s"))?
+            .ok_or_else(|| anyhow::anyhow!("{stream}: the consumer ended"))??;
+        let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        let time_ns = info.published.unix_timestamp_nanos();
+        out.push(raw(seq, time_ns, m.headers.as_ref(), &m.payload));
+        if pending == 0 {
+            return Ok(out);
+        }
+    }
+}
+
+/// Every message of `stream` carries `role`'s lease header, and the terms
+/// never go back: once a newer tenure wrote, no older one ever did again.
+/// Returns the terms in the order they first wrote.
+pub fn terms_never_go_back(raws: &[Raw], role: &str, stream: &str) -> Vec<u64> {
+    let mut terms = Vec::new();
+    let mut last = 0;
+    for r in raws {
+        let Some((rl, term)) = &r.lease else {
+            panic!("{stream} seq {} has no Tocsin-Lease header", r.seq);
+        };
+        assert_eq!(rl, role, "{stream} seq {} written under {rl}", r.seq);
+        assert!(
+            *term >= last,
+            "{stream} seq {} written by term {term} after term {last} had written: two \
+             instances acted at once",
+            r.seq
+        );
+        if *term > last {
+            terms.push(*term);
+        }
+        last = *term;
+    }
+    terms
 }
