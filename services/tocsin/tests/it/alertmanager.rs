@@ -4,7 +4,10 @@
 //! the Slack/PagerDuty/Twilio/webhook fakes, a real SMTP server, and
 //! Alertmanager with a `webhook_configs` receiver pointing at ingest with a
 //! bearer token. Alerts go into Alertmanager's own API (`POST
-//! /api/v2/alerts`) as Prometheus sends them.
+//! /api/v2/alerts`) as Prometheus sends them. The remediation process runs
+//! the shipped `demo-heal` runbook against `tocsin demo-target`: when the
+//! target breaks and its alert comes through Alertmanager, the runbook
+//! heals it and resolves the incident, and nobody is paged.
 //!
 //! The services run on the system clock, so nothing here waits for an
 //! escalation delay: level 2 is 10 minutes away, and "escalation stopped"
@@ -24,9 +27,10 @@ use std::{
 use serde_json::{json, Value};
 use tocsin_proto::{
     codec,
-    incident::{IncidentStatus, IncidentSummary},
+    command::IncidentRef,
+    incident::{EventKind, IncidentStatus, IncidentSummary},
     notify::slack_actions,
-    query::{ListIncidents, PlanQuery, PlanReply, QueryReply, TrackStatus},
+    query::{GetIncident, ListIncidents, PlanQuery, PlanReply, QueryReply, TrackStatus},
     subjects::query,
 };
 use tocsin_tests::{
@@ -62,7 +66,14 @@ users:
 "##;
 
 /// The services, each run as `tocsin <service>`.
-const SERVICES: [&str; 5] = ["ingest", "incidents", "escalation", "notifier", "chatops"];
+const SERVICES: [&str; 6] = [
+    "ingest",
+    "incidents",
+    "escalation",
+    "notifier",
+    "chatops",
+    "remediation",
+];
 
 const INSTALL_HINT: &str = "install Prometheus Alertmanager: `./deploy/dev.sh deps` \
     (as root with apt-get it installs Debian's prometheus-alertmanager), \
@@ -249,17 +260,19 @@ fn checkout_alert(starts_at: jiff::Timestamp, ends_at: jiff::Timestamp) -> Value
 }
 
 /// The config: NATS with a user per service (each password from its own
-/// variable), ingest, incidents, escalation by [`POLICY`], the notifier
-/// with every channel at the fakes and the SMTP server, and chat-ops with
-/// Slack's signing secret.
+/// variable), ingest, incidents (a 2 s group wait, so a runbook that holds
+/// pages records its hold first), escalation by [`POLICY`], the notifier
+/// with every channel at the fakes and the SMTP server, chat-ops with
+/// Slack's signing secret, and remediation with the shipped `demo-heal`
+/// runbook aimed at the demo target on `demo`.
 fn config(
     nats: &NatsServer,
     fakes: &FakeProviders,
     smtp: &SmtpSink,
-    ingest: u16,
-    chatops: u16,
+    ports: (u16, u16, u16),
     dir: &Path,
 ) -> PathBuf {
+    let (ingest, chatops, demo) = ports;
     let setup = Setup {
         escalation: POLICY.to_string(),
         ..Setup::default()
@@ -279,6 +292,29 @@ fn config(
         &with_admin,
         &format!("  url: {}\n{credentials}", nats.address()),
     );
+    let incidents = format!("incidents:\n  data_dir: {}/incidents\n", dir.display());
+    assert!(text.contains(&incidents), "{text}");
+    text = text.replace(&incidents, &format!("{incidents}  group_wait: 2s\n"));
+    // The shipped runbook as it is, but for where the demo target listens.
+    let runbooks = dir.join("runbooks");
+    std::fs::create_dir_all(&runbooks).unwrap();
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../runbooks/demo-heal.yaml"),
+    )
+    .unwrap();
+    assert!(shipped.contains("target: http://127.0.0.1:9477"));
+    std::fs::write(
+        runbooks.join("demo-heal.yaml"),
+        shipped.replace(
+            "target: http://127.0.0.1:9477",
+            &format!("target: http://127.0.0.1:{demo}"),
+        ),
+    )
+    .unwrap();
+    text.push_str(&format!(
+        "remediation:\n  runbook_dirs: [\"{}\"]\n",
+        runbooks.display()
+    ));
     text.push_str(&format!(
         "chatops:\n  listen: 127.0.0.1:{chatops}\n  slack:\n    signing_secret: ${{TOCSIN_SLACK_SIGNING_SECRET}}\n    response_url_prefixes: [\"{}/slack/actions/\"]\n",
         fakes.base_url()
@@ -384,8 +420,14 @@ async fn alertmanager_to_resolved_with_every_service_a_separate_process() {
     let fakes = FakeProviders::start().await;
     let smtp = SmtpSink::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let (ingest_port, chatops_port) = (free_port(), free_port());
-    let config = config(&nats, &fakes, &smtp, ingest_port, chatops_port, dir.path());
+    let (ingest_port, chatops_port, demo_port) = (free_port(), free_port(), free_port());
+    let config = config(
+        &nats,
+        &fakes,
+        &smtp,
+        (ingest_port, chatops_port, demo_port),
+        dir.path(),
+    );
 
     // Each service its own process, with only its own NATS password.
     // (Every process gets the Slack signing secret: a `${VAR}` outside
@@ -406,6 +448,14 @@ async fn alertmanager_to_resolved_with_every_service_a_separate_process() {
     for p in procs.iter_mut() {
         p.ready().await;
     }
+    // The demo target (`tocsin demo-target`), healthy for now.
+    let mut demo = std::process::Command::new(crate::support::bin())
+        .args(["demo-target", "--listen", &format!("127.0.0.1:{demo_port}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tocsin demo-target");
     let am = Alertmanager::start(
         &format!("http://127.0.0.1:{ingest_port}/api/v1/alerts/alertmanager"),
         TOKEN,
@@ -601,6 +651,7 @@ async fn alertmanager_to_resolved_with_every_service_a_separate_process() {
         .map(|e| e["event_action"].as_str().unwrap_or_default().to_string())
         .collect();
     assert_eq!(pd, ["trigger", "acknowledge", "resolve"]);
+    let webhooks_before = fakes.webhooks().len();
     // Everything came in through Alertmanager's webhook: its firing and
     // its resolved notification (at least; Alertmanager retries a request
     // that timed out on a slow machine, and JetStream drops the copy).
@@ -628,6 +679,104 @@ async fn alertmanager_to_resolved_with_every_service_a_separate_process() {
             .is_some_and(|a| a.iter().all(|x| x["status"]["state"] != "active")),
         "{am_alerts}"
     );
+
+    // A failure a runbook knows: the demo target breaks, Prometheus fires
+    // DemoTargetDown through Alertmanager; `demo-heal` holds the pages,
+    // repairs the target, checks it and resolves the incident. Nobody is
+    // paged: once everything settled, the providers hold exactly what they
+    // held before.
+    let http = reqwest::Client::new();
+    let demo_url = format!("http://127.0.0.1:{demo_port}");
+    tocsin_tests::eventually_within(WAIT, || async {
+        match http.post(format!("{demo_url}/break")).send().await {
+            Ok(r) if r.status() == 200 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+    .expect("the demo target breaks");
+    am.push(json!([{
+        "labels": {"alertname": "DemoTargetDown", "service": "demo-target", "severity": "critical"},
+        "annotations": {"summary": "the demo target's /health is failing"},
+        "startsAt": (jiff::Timestamp::now() - jiff::SignedDuration::from_secs(10)).to_string(),
+        "endsAt": (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600)).to_string(),
+    }]))
+    .await;
+    let healed = incidents_until(
+        &client,
+        "the runbook resolving the demo incident",
+        |l| {
+            l.iter().any(|i| {
+                i.labels.get("alertname").map(String::as_str) == Some("DemoTargetDown")
+                    && i.status == IncidentStatus::Resolved
+            })
+        },
+        &procs,
+        &am,
+    )
+    .await;
+    let demo_incident = healed
+        .iter()
+        .find(|i| i.labels.get("alertname").map(String::as_str) == Some("DemoTargetDown"))
+        .unwrap()
+        .clone();
+    let health = http
+        .get(format!("{demo_url}/health"))
+        .send()
+        .await
+        .expect("the demo target answers");
+    assert_eq!(health.status(), 200, "the runbook repaired the target");
+    let detail = client
+        .request(
+            query::GET_INCIDENT,
+            codec::encode(&GetIncident {
+                incident: IncidentRef::Id(demo_incident.id),
+                timeline: true,
+            })
+            .unwrap()
+            .into(),
+        )
+        .await
+        .expect("the incidents service answers");
+    let Ok(QueryReply::Incident(detail)) = codec::decode::<QueryReply>(&detail.payload) else {
+        panic!("no detail for the demo incident");
+    };
+    let steps: Vec<(String, String)> = detail
+        .timeline
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Remediation { step, status, .. } => Some((step.clone(), status.clone())),
+            _ => None,
+        })
+        .collect();
+    for (step, status) in [
+        ("run", "held"),
+        ("repair", "succeeded"),
+        ("verify", "succeeded"),
+    ] {
+        assert!(
+            steps.iter().any(|(s, st)| s == step && st == status),
+            "no {step} {status} on the timeline: {steps:?}{}",
+            logs(&procs, &am)
+        );
+    }
+    assert!(
+        !detail
+            .timeline
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::Paged { .. })),
+        "the demo incident paged: {:?}",
+        detail.timeline
+    );
+    tocsin_tests::notifier::settled(&js, WAIT).await;
+    assert_eq!(fakes.sms().len(), 1, "{:?}", fakes.sms());
+    assert_eq!(smtp.messages().len(), 1);
+    assert_eq!(fakes.slack_posts().len(), 2);
+    assert_eq!(fakes.pagerduty_events().len(), 3);
+    assert_eq!(fakes.webhooks().len(), webhooks_before);
+    let _ = demo.kill();
+    let _ = demo.wait();
+
     eprintln!(
         "alertmanager end to end: {:.1} s ({:.1} s to start the processes)",
         t_start.elapsed().as_secs_f64(),
