@@ -8,8 +8,10 @@ use tocsin_proto::{
     AlertStatus,
 };
 use tocsin_tests::{
+    eventually,
     incidents::{
-        alert, command, get, log, publish_alert, send_command, send_command_with_msg_id, wait_for,
+        alert, command, get, log, publish_alert, publish_alerts_pipelined, send_command,
+        send_command_with_msg_id, wait_for,
     },
     NatsServer, TocsinHarness,
 };
@@ -376,4 +378,79 @@ async fn silenced_alerts_are_recorded_and_page_nobody() {
     )
     .await;
     assert_eq!(reason(&r), "no silence maint-db");
+}
+
+/// An operator's acknowledgement does not queue behind an alert storm: the
+/// incidents service takes commands in turn with alerts, so an ack sent
+/// while thousands of alerts wait is applied long before the last of them
+/// (it used to read alerts first as long as any were waiting).
+#[tokio::test]
+async fn an_ack_sent_during_an_alert_storm_is_not_kept_waiting_behind_it() {
+    const STORM: usize = 3_000;
+    let nats = NatsServer::start().await;
+    let _tocsin = TocsinHarness::start(&nats).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let first = [("alertname", "DiskFull"), ("host", "db1")];
+    publish_alert(
+        &js,
+        alert(&first, &["alertname", "host"], AlertStatus::Firing, t(0)),
+        t(0),
+    )
+    .await;
+    wait_for(&client, "the first incident", |all| all.len() == 1).await;
+
+    // The storm: each alert a new group, all stored before the ack.
+    let storm: Vec<_> = (0..STORM)
+        .map(|i| {
+            let host = format!("web{i:05}");
+            let a = alert(
+                &[("alertname", "Storm"), ("host", host.as_str())],
+                &["alertname", "host"],
+                AlertStatus::Firing,
+                t(1),
+            );
+            (a, t(1))
+        })
+        .collect();
+    publish_alerts_pipelined(&js, storm).await;
+    let r = command(
+        &client,
+        &js,
+        "alice",
+        Action::Ack {
+            incident: IncidentRef::Number(1),
+        },
+        t(2),
+    )
+    .await;
+    assert!(accepted(&r), "{r:?}");
+
+    // Where the acknowledgement landed among the storm's incidents.
+    let entries = eventually("every storm alert has its incident", || async {
+        let entries = log(&js).await;
+        let opened = entries
+            .iter()
+            .filter(|(_, e)| matches!(e, LogEntry::Incident(i) if matches!(i.kind, EventKind::Opened { .. })))
+            .count();
+        if opened == STORM + 1 {
+            Ok(entries)
+        } else {
+            Err(opened)
+        }
+    })
+    .await;
+    let ack_at = entries
+        .iter()
+        .position(|(_, e)| matches!(e, LogEntry::Incident(i) if i.kind == EventKind::Acknowledged))
+        .expect("the acknowledgement is stored");
+    let opened_after = entries[ack_at..]
+        .iter()
+        .filter(|(_, e)| matches!(e, LogEntry::Incident(i) if matches!(i.kind, EventKind::Opened { .. })))
+        .count();
+    assert!(
+        opened_after > STORM / 2,
+        "the acknowledgement waited for the storm: only {opened_after} of its {STORM} incidents \
+         opened after it"
+    );
 }

@@ -86,6 +86,36 @@ pub async fn try_publish_alert(
         .sequence)
 }
 
+/// Publishes many alerts at once, as a storm arrives: every publish is
+/// sent before any acknowledgement is awaited. Returns their sequences.
+pub async fn publish_alerts_pipelined(
+    js: &jetstream::Context,
+    alerts: Vec<(Alert, Timestamp)>,
+) -> Vec<u64> {
+    let mut pending = Vec::with_capacity(alerts.len());
+    for (alert, at) in alerts {
+        let subject = alert_subject(
+            alert.origin.kind.unwrap_or(SourceKind::Generic),
+            &alert.fingerprint,
+        );
+        let mut msg_id = alert.msg_id();
+        msg_id.push_str(&format!(":{}", at.as_nanosecond()));
+        let env = Envelope::new("test", at, alert);
+        let mut h = HeaderMap::new();
+        h.insert(headers::MSG_ID, msg_id.as_str());
+        pending.push(
+            js.publish_with_headers(subject, h, codec::encode(&env).unwrap().into())
+                .await
+                .expect("alert sent"),
+        );
+    }
+    let mut seqs = Vec::with_capacity(pending.len());
+    for ack in pending {
+        seqs.push(ack.await.expect("alert stored").sequence);
+    }
+    seqs
+}
+
 /// Sends a command received at `at` and waits for the reply.
 pub async fn command(
     client: &Client,
