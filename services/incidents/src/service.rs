@@ -357,7 +357,7 @@ impl Service {
         let mut reconnect = tocsin_runtime::retry::Backoff::standard();
         'outer: while !shutdown.is_cancelled() {
             let resume = read(&self.proj).alerts_resume_from();
-            let (mut alerts, mut commands, commands_floor) = match self.consumers(resume).await {
+            let (alerts, commands, commands_floor) = match self.consumers(resume).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot subscribe to ALERTS/COMMANDS yet; retrying");
@@ -369,6 +369,18 @@ impl Service {
             };
             reconnect.reset();
             tracing::info!(alerts_from = resume, "incidents service consuming");
+            // Alerts and commands in turn: an operator's acknowledgement
+            // never waits behind an alert storm (nor alerts behind a burst
+            // of commands). Either stream ending makes both anew.
+            let ended = || futures::stream::once(futures::future::ready(Input::Ended));
+            let mut inputs = futures::stream::select(
+                alerts
+                    .map(|m| Input::Alert(m.map_err(|e| e.to_string())))
+                    .chain(ended()),
+                commands
+                    .map(|m| Input::Command(m.map_err(|e| e.to_string())))
+                    .chain(ended()),
+            );
             // How far each input stream is handled: ALERTS up to the
             // cursor, COMMANDS up to the consumer's ack floor.
             let mut alerts_seq = resume.saturating_sub(1);
@@ -388,23 +400,20 @@ impl Service {
                     // a snooze end or a missed heartbeat must still fire on
                     // time, not when the stream goes quiet.
                     _ = self.clock.wait(deadline) => self.on_timers(&shutdown).await,
-                    m = alerts.next() => match m {
-                        Some(Ok(msg)) => {
+                    m = inputs.next() => match m {
+                        Some(Input::Alert(Ok(msg))) => {
                             let seq = msg.info().map(|i| i.stream_sequence).ok();
                             self.on_alert(msg, &shutdown).await;
                             alerts_seq = alerts_seq.max(seq.unwrap_or(0));
                         }
-                        Some(Err(e)) => tracing::warn!(error = %e, "ALERTS consumer error"),
-                        None => continue 'outer,
-                    },
-                    m = commands.next() => match m {
-                        Some(Ok(msg)) => {
+                        Some(Input::Alert(Err(e))) => tracing::warn!(error = %e, "ALERTS consumer error"),
+                        Some(Input::Command(Ok(msg))) => {
                             let seq = msg.info().map(|i| i.stream_sequence).ok();
                             self.on_command(msg, &shutdown).await;
                             commands_seq = commands_seq.max(seq.unwrap_or(0));
                         }
-                        Some(Err(e)) => tracing::warn!(error = %e, "COMMANDS consumer error"),
-                        None => continue 'outer,
+                        Some(Input::Command(Err(e))) => tracing::warn!(error = %e, "COMMANDS consumer error"),
+                        Some(Input::Ended) | None => continue 'outer,
                     },
                 }
             }
@@ -1118,4 +1127,12 @@ fn open_store(dir: &Path, evict_before: Timestamp) -> Result<(Store, Projection)
         dir: dir.display().to_string(),
         source,
     })
+}
+
+/// What the service reads next: an alert, a command, or the end of either
+/// stream.
+enum Input {
+    Alert(Result<jetstream::Message, String>),
+    Command(Result<jetstream::Message, String>),
+    Ended,
 }
