@@ -276,7 +276,14 @@ async fn crashes_and_a_nats_restart_change_nothing() {
     // The same entries, in the same order, as the uninterrupted run.
     let ref_ids: Vec<&str> = reference.iter().map(|(id, _)| id.as_str()).collect();
     let crash_ids: Vec<&str> = crashed.iter().map(|(id, _)| id.as_str()).collect();
-    assert_eq!(crash_ids.len(), ref_ids.len(), "entry count differs");
+    // Which entries differ, for the failure message.
+    let missing: Vec<&&str> = ref_ids.iter().filter(|i| !crash_ids.contains(i)).collect();
+    let extra: Vec<&&str> = crash_ids.iter().filter(|i| !ref_ids.contains(i)).collect();
+    assert_eq!(
+        crash_ids.len(),
+        ref_ids.len(),
+        "entry count differs; missing {missing:?}, extra {extra:?}"
+    );
     assert_eq!(crash_ids, ref_ids, "entries differ");
     assert_eq!(crashed, reference, "entry contents differ");
     // The same incidents, and the live service agrees with its log.

@@ -191,6 +191,7 @@ async fn run_active(
         js,
         subs,
         svc.proj.clone(),
+        svc.durable.clone(),
         svc.store.clone(),
         shutdown.clone(),
     )));

@@ -38,13 +38,17 @@ pub(crate) async fn serve(
     js: jetstream::Context,
     queries: Queries,
     proj: Shared,
+    durable: crate::service::Durable,
     store: Store,
     shutdown: CancellationToken,
 ) {
     queries
         .serve(shutdown, |subject, payload| {
-            let (js, proj, store) = (&js, &proj, &store);
+            let (js, proj, store, durable) = (&js, &proj, &store, &durable);
             async move {
+                // Answers show only what is stored: not while a batch of
+                // alerts is folded in ahead of JetStream's acknowledgement.
+                let _stored = durable.read().await;
                 let answer = match subject.as_str() {
                     query::GET_INCIDENT => match codec::decode::<GetIncident>(&payload) {
                         Ok(q) => get(js, proj, store, q).await,

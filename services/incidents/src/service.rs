@@ -5,7 +5,10 @@
 use std::{
     collections::HashSet,
     path::Path,
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -18,7 +21,7 @@ use async_nats::{
     },
     Client,
 };
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use jiff::{SignedDuration, Timestamp};
 use tocsin_proto::{
     codec::{self, decode_envelope},
@@ -62,10 +65,16 @@ pub const COMMANDS_CONSUMER: &str = "tocsin-incidents";
 
 pub(crate) type Shared = Arc<RwLock<Projection>>;
 
+/// Held (written) while the projection holds entries JetStream has not
+/// acknowledged yet; queries take it (read) to answer from stored state
+/// only.
+pub(crate) type Durable = Arc<tokio::sync::RwLock<()>>;
+
 pub(crate) struct Service {
     core: CoreConfig,
     heartbeats: Vec<HeartbeatConfig>,
     pub(crate) proj: Shared,
+    pub(crate) durable: Durable,
     pub(crate) store: Store,
     js: jetstream::Context,
     client: Client,
@@ -80,6 +89,40 @@ pub(crate) struct Service {
     /// Timers given up on (their entries could not be written): skipped,
     /// so a timer that cannot fire does not fire again and again.
     abandoned: Mutex<HashSet<Cause>>,
+    /// Alerts up to this ALERTS sequence go one at a time, each entry
+    /// awaited ([`Service::on_alert`]): set when a batch failed, so what
+    /// made it fail is met by the path that retries, reports and
+    /// dead-letters.
+    careful_until: AtomicU64,
+}
+
+/// JetStream stores a message only if the stream's last sequence is this
+/// (the incidents service is the stream's only writer).
+const EXPECTED_LAST_SEQUENCE: &str = "Nats-Expected-Last-Sequence";
+
+/// At most this many alerts are decided and sent before JetStream's
+/// acknowledgements of their entries are awaited.
+const ALERT_BATCH: usize = 64;
+
+/// An entry sent to JetStream whose acknowledgement is still to come.
+type Sent = (jetstream::context::PublishAckFuture, LogEntry);
+
+/// An alert of a batch: its sequence, when ingest received it, and how
+/// many entries it wrote.
+type Handled = (u64, Timestamp, usize);
+
+/// How [`Service::send_alert`] dealt with one alert of a batch.
+enum Fast {
+    /// Its entries are sent and folded in.
+    Sent(Handled),
+    /// Decided before (below the resume point).
+    Skip,
+    /// It needs the one-at-a-time path: a heartbeat, an undecodable or
+    /// oversized alert or entry, an incident to load back, or an alert
+    /// after a failed batch.
+    Careful,
+    /// A send failed.
+    Failed(String),
 }
 
 fn read(p: &Shared) -> std::sync::RwLockReadGuard<'_, Projection> {
@@ -195,6 +238,7 @@ impl Service {
             core,
             heartbeats: config.heartbeats.clone(),
             proj: Arc::new(RwLock::new(proj)),
+            durable: Arc::new(tokio::sync::RwLock::new(())),
             store,
             js,
             client,
@@ -210,6 +254,7 @@ impl Service {
             max_attempts: config.max_attempts,
             stalled_after: config.stalled_after.get(),
             abandoned: Mutex::new(HashSet::new()),
+            careful_until: AtomicU64::new(0),
         })
     }
 
@@ -400,21 +445,46 @@ impl Service {
                     // a snooze end or a missed heartbeat must still fire on
                     // time, not when the stream goes quiet.
                     _ = self.clock.wait(deadline) => self.on_timers(&shutdown).await,
-                    m = inputs.next() => match m {
-                        Some(Input::Alert(Ok(msg))) => {
-                            let seq = msg.info().map(|i| i.stream_sequence).ok();
-                            self.on_alert(msg, &shutdown).await;
-                            alerts_seq = alerts_seq.max(seq.unwrap_or(0));
+                    m = inputs.next() => {
+                        let Some(first) = m else { continue 'outer };
+                        // Alerts already waiting join it, up to a batch.
+                        let mut ready = vec![first];
+                        while ready.len() < ALERT_BATCH && matches!(ready.last(), Some(Input::Alert(Ok(_)))) {
+                            match inputs.next().now_or_never() {
+                                Some(Some(i)) => ready.push(i),
+                                _ => break,
+                            }
                         }
-                        Some(Input::Alert(Err(e))) => tracing::warn!(error = %e, "ALERTS consumer error"),
-                        Some(Input::Command(Ok(msg))) => {
-                            let seq = msg.info().map(|i| i.stream_sequence).ok();
-                            self.on_command(msg, &shutdown).await;
-                            commands_seq = commands_seq.max(seq.unwrap_or(0));
+                        let mut alerts = Vec::new();
+                        for input in ready {
+                            if let Input::Alert(Ok(msg)) = input {
+                                alerts.push(msg);
+                                continue;
+                            }
+                            if !alerts.is_empty() {
+                                match self.on_alerts(std::mem::take(&mut alerts), &shutdown).await {
+                                    Some(seq) => alerts_seq = alerts_seq.max(seq),
+                                    None => continue 'outer,
+                                }
+                            }
+                            match input {
+                                Input::Command(Ok(msg)) => {
+                                    let seq = msg.info().map(|i| i.stream_sequence).ok();
+                                    self.on_command(msg, &shutdown).await;
+                                    commands_seq = commands_seq.max(seq.unwrap_or(0));
+                                }
+                                Input::Alert(Err(e)) => tracing::warn!(error = %e, "ALERTS consumer error"),
+                                Input::Command(Err(e)) => tracing::warn!(error = %e, "COMMANDS consumer error"),
+                                Input::Alert(Ok(_)) | Input::Ended => continue 'outer,
+                            }
                         }
-                        Some(Input::Command(Err(e))) => tracing::warn!(error = %e, "COMMANDS consumer error"),
-                        Some(Input::Ended) | None => continue 'outer,
-                    },
+                        if !alerts.is_empty() {
+                            match self.on_alerts(alerts, &shutdown).await {
+                                Some(seq) => alerts_seq = alerts_seq.max(seq),
+                                None => continue 'outer,
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -553,20 +623,43 @@ impl Service {
             .await
             .map_err(|e| classify(&e, entry.cause()))?;
         if !ack.duplicate {
-            let kind = match entry {
-                LogEntry::Incident(e) => e.kind.name(),
-                LogEntry::Silence { .. } => "silence",
-            };
-            IncidentsEvent::Written { kind }.emit(&self.metrics);
-            // MTTA/MTTR: observed once, when the entry is first stored.
-            if let Some(t) = match entry {
-                LogEntry::Incident(e) => crate::events::response_time(e),
-                LogEntry::Silence { .. } => None,
-            } {
-                t.emit(&self.metrics);
-            }
+            self.written(entry);
         }
         Ok(ack.sequence)
+    }
+
+    /// Counts an entry JetStream stored for the first time.
+    fn written(&self, entry: &LogEntry) {
+        let kind = match entry {
+            LogEntry::Incident(e) => e.kind.name(),
+            LogEntry::Silence { .. } => "silence",
+        };
+        IncidentsEvent::Written { kind }.emit(&self.metrics);
+        // MTTA/MTTR: observed once, when the entry is first stored.
+        if let Some(t) = match entry {
+            LogEntry::Incident(e) => crate::events::response_time(e),
+            LogEntry::Silence { .. } => None,
+        } {
+            t.emit(&self.metrics);
+        }
+    }
+
+    /// Counts a handled alert, and how long it took from ingest when it
+    /// changed something.
+    fn alert_done(&self, written: usize, received_at: Timestamp, now: Timestamp) {
+        let outcome = if written > 0 { "changed" } else { "unchanged" };
+        IncidentsEvent::Input {
+            input: "alert",
+            outcome,
+        }
+        .emit(&self.metrics);
+        if written > 0 {
+            let lag = now.duration_since(received_at).as_secs_f64();
+            IncidentsEvent::AlertLatency {
+                seconds: lag.max(0.0),
+            }
+            .emit(&self.metrics);
+        }
     }
 
     /// Decides with `decide` and publishes until it works, the service
@@ -653,6 +746,201 @@ impl Service {
         }
     }
 
+    /// Alerts read together. Each is decided on the projection with the
+    /// entries of the ones before it folded in, and its entries are sent
+    /// without waiting; the acknowledgements are awaited together and the
+    /// projection saved once. So a storm costs one round trip to JetStream
+    /// per batch, not one per entry.
+    ///
+    /// Exactly once still holds: entries are stored in the order of their
+    /// inputs or not at all (each names the stream sequence it must follow,
+    /// so after a lost one every later one is refused), every entry's
+    /// message id comes from its cause, and nothing is saved before every
+    /// entry it depends on is stored. A crash before the save is a crash
+    /// mid-input: the restart folds in what was stored and decides the
+    /// rest again. A failed send or acknowledgement does the same without
+    /// the crash ([`Service::roll_back`]). Alerts that need more care (see
+    /// [`Fast`]) go one at a time after what is in flight is finished.
+    ///
+    /// Returns the highest ALERTS sequence handled, or None when the
+    /// consumers must be made again.
+    async fn on_alerts(
+        &self,
+        msgs: Vec<jetstream::Message>,
+        shutdown: &CancellationToken,
+    ) -> Option<u64> {
+        // Taken before the first entry is folded in ahead of its
+        // acknowledgement, let go before an alert goes the careful way
+        // (which may wait long, on a full stream say).
+        let mut ahead = None;
+        let mut sent: Vec<Sent> = Vec::new();
+        let mut handled: Vec<Handled> = Vec::new();
+        let mut top = 0;
+        // The stream's last sequence each entry expects: if one is lost (a
+        // reconnect drops what was on the wire), every later one is refused
+        // instead of being stored after a gap, out of order.
+        let mut last_seq = read(&self.proj).incidents_seq;
+        for msg in msgs {
+            let Ok(info) = msg.info() else {
+                tracing::warn!("ALERTS message without JetStream info; skipped");
+                continue;
+            };
+            let seq = info.stream_sequence;
+            top = top.max(seq);
+            if ahead.is_none() {
+                ahead = Some(self.durable.write().await);
+            }
+            match self.send_alert(&msg, seq, &mut sent, &mut last_seq).await {
+                Fast::Sent(h) => handled.push(h),
+                Fast::Skip => {}
+                Fast::Careful => {
+                    if let Err(e) = self.finish(&mut sent, &mut handled).await {
+                        self.roll_back(top, &e, shutdown).await;
+                        return None;
+                    }
+                    ahead = None;
+                    self.on_alert(msg, shutdown).await;
+                    last_seq = read(&self.proj).incidents_seq;
+                }
+                Fast::Failed(e) => {
+                    self.roll_back(top, &e, shutdown).await;
+                    return None;
+                }
+            }
+        }
+        if let Err(e) = self.finish(&mut sent, &mut handled).await {
+            self.roll_back(top, &e, shutdown).await;
+            return None;
+        }
+        Some(top)
+    }
+
+    /// Decides one alert of a batch and sends its entries, folding each
+    /// into the projection as it goes (see [`Service::on_alerts`]).
+    async fn send_alert(
+        &self,
+        msg: &jetstream::Message,
+        seq: u64,
+        sent: &mut Vec<Sent>,
+        last_seq: &mut u64,
+    ) -> Fast {
+        if seq < read(&self.proj).alerts_resume_from() {
+            return Fast::Skip; // already decided
+        }
+        if seq <= self.careful_until.load(Ordering::Relaxed)
+            || msg.payload.len() > self.limits.max_alert_bytes()
+        {
+            return Fast::Careful;
+        }
+        let Ok(env) = decode_envelope::<Alert>(&msg.payload) else {
+            return Fast::Careful;
+        };
+        if env.body.origin.kind == Some(SourceKind::Heartbeat) {
+            return Fast::Careful;
+        }
+        let traceparent = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::TRACEPARENT))
+            .map(|v| v.to_string());
+        let (entries, missed) = {
+            let p = read(&self.proj);
+            let d = Decider::new(&self.core, &p);
+            let entries = d.alert(Cause::Alert { seq }, &env);
+            (entries, d.missed.get())
+        };
+        if missed.is_some() {
+            return Fast::Careful;
+        }
+        let most = self.limits.max_entry_bytes.min(self.client.max_payload());
+        let mut payloads = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            match encode_entry(entry, traceparent.as_deref()) {
+                Ok(p) if p.len() <= most => payloads.push(p),
+                _ => return Fast::Careful,
+            }
+        }
+        let n = entries.len();
+        for (entry, payload) in entries.into_iter().zip(payloads) {
+            let expected = last_seq.to_string();
+            let message = tocsin_runtime::bus::message(
+                payload,
+                entry.msg_id(),
+                traceparent.as_deref(),
+                &[(EXPECTED_LAST_SEQUENCE, &expected)],
+            );
+            match self.js.send_publish(entry.subject(), message).await {
+                Ok(ack) => {
+                    write(&self.proj).apply(&entry, 0);
+                    sent.push((ack, entry));
+                    *last_seq += 1;
+                }
+                Err(e) => return Fast::Failed(e.to_string()),
+            }
+        }
+        Fast::Sent((seq, env.received_at, n))
+    }
+
+    /// Awaits the acknowledgements of what a batch sent, then records its
+    /// alerts as handled and saves the projection once.
+    async fn finish(&self, sent: &mut Vec<Sent>, handled: &mut Vec<Handled>) -> Result<(), String> {
+        let mut top = 0;
+        for (ack, entry) in sent.drain(..) {
+            let ack = ack.await.map_err(|e| e.to_string())?;
+            top = top.max(ack.sequence);
+            if !ack.duplicate {
+                self.written(&entry);
+            }
+        }
+        if handled.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut p = write(&self.proj);
+            p.incidents_seq = p.incidents_seq.max(top);
+            if let Some(last) = handled.iter().map(|h| h.0).max() {
+                p.alerts_cursor = p.alerts_cursor.max(last);
+            }
+            self.metrics.open.set(p.open_count as i64);
+            self.save(&mut p);
+        }
+        let now = Timestamp::now();
+        for (_, received_at, written) in handled.drain(..) {
+            self.alert_done(written, received_at, now);
+        }
+        Ok(())
+    }
+
+    /// A batch failed (`error`): the projection may hold entries JetStream
+    /// never stored. Starts again from what is saved plus what the stream
+    /// holds; the batch's alerts after the stored prefix then go one at a
+    /// time.
+    async fn roll_back(&self, last: u64, error: &str, shutdown: &CancellationToken) {
+        IncidentsEvent::PublishFailed { error }.emit(&self.metrics);
+        self.careful_until.fetch_max(last, Ordering::Relaxed);
+        let mut backoff = tocsin_runtime::retry::Backoff::standard();
+        loop {
+            let keep = keep_resolved_until(self.clock.now(), self.core.reopen_window);
+            match self.store.load(keep) {
+                Ok(p) => {
+                    *write(&self.proj) = p;
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reload the projection after a failed batch; retrying");
+                    if !backoff.wait(shutdown).await {
+                        return;
+                    }
+                }
+            }
+        }
+        // What the batch stored is a prefix of it (see on_alerts): folded
+        // in, its cursor is where deciding must go on. (Deciding again an
+        // alert before it, on a projection with later alerts folded in,
+        // could decide differently.)
+        self.catch_up(shutdown).await;
+    }
+
     async fn on_alert(&self, msg: jetstream::Message, shutdown: &CancellationToken) {
         let Ok(info) = msg.info() else {
             tracing::warn!("ALERTS message without JetStream info; skipped");
@@ -714,21 +1002,7 @@ impl Service {
                 return;
             }
         };
-        let outcome = if written > 0 { "changed" } else { "unchanged" };
-        IncidentsEvent::Input {
-            input: "alert",
-            outcome,
-        }
-        .emit(&self.metrics);
-        if written > 0 {
-            let lag = Timestamp::now()
-                .duration_since(env.received_at)
-                .as_secs_f64();
-            IncidentsEvent::AlertLatency {
-                seconds: lag.max(0.0),
-            }
-            .emit(&self.metrics);
-        }
+        self.alert_done(written, env.received_at, Timestamp::now());
         self.advance(seq);
     }
 
