@@ -17,7 +17,7 @@ use async_nats::{
         self,
         consumer::{pull, AckPolicy},
         context::{PublishError, PublishErrorKind},
-        ErrorCode,
+        AckKind, ErrorCode,
     },
     Client,
 };
@@ -94,39 +94,83 @@ pub(crate) struct Service {
     /// made it fail is met by the path that retries, reports and
     /// dead-letters.
     careful_until: AtomicU64,
+    /// The same for commands, by COMMANDS sequence.
+    careful_commands: AtomicU64,
+    /// Commands of a failed batch not answered yet.
+    give_back: Mutex<Vec<jetstream::Message>>,
 }
 
 /// JetStream stores a message only if the stream's last sequence is this
 /// (the incidents service is the stream's only writer).
 const EXPECTED_LAST_SEQUENCE: &str = "Nats-Expected-Last-Sequence";
 
-/// At most this many alerts are decided and sent before JetStream's
+/// At most this many inputs are decided and sent before JetStream's
 /// acknowledgements of their entries are awaited.
-const ALERT_BATCH: usize = 64;
+const BATCH: usize = 64;
 
 /// An entry sent to JetStream whose acknowledgement is still to come.
 type Sent = (jetstream::context::PublishAckFuture, LogEntry);
 
-/// An alert of a batch: its sequence, when ingest received it, and how
-/// many entries it wrote.
-type Handled = (u64, Timestamp, usize);
+/// An input of a batch whose entries are sent: what is left to do once
+/// they are stored.
+enum Handled {
+    /// Its sequence, when ingest received it, and how many entries it wrote.
+    Alert(u64, Timestamp, usize),
+    /// Answer and acknowledge it.
+    Command {
+        msg: Box<jetstream::Message>,
+        cmd: Box<Command>,
+        verdict: Verdict,
+    },
+}
 
-/// How [`Service::send_alert`] dealt with one alert of a batch.
+/// How [`Service::send_alert`] and [`Service::send_command`] dealt with
+/// one input of a batch.
 enum Fast {
     /// Its entries are sent and folded in.
     Sent(Handled),
     /// Decided before (below the resume point).
     Skip,
     /// It needs the one-at-a-time path: a heartbeat, an undecodable or
-    /// oversized alert or entry, an incident to load back, or an alert
+    /// oversized input or entry, an incident to load back, or an alert
     /// after a failed batch.
     Careful,
     /// A send failed.
     Failed(String),
 }
 
+/// An input read with others.
+enum Ready {
+    Alert(jetstream::Message),
+    Command(jetstream::Message),
+}
+
+impl Ready {
+    /// A command of a failed batch, to give back.
+    fn command(self) -> Option<jetstream::Message> {
+        match self {
+            Ready::Command(m) => Some(m),
+            Ready::Alert(_) => None,
+        }
+    }
+}
+
+impl Handled {
+    /// A command not answered yet, to give back.
+    fn command(self) -> Option<jetstream::Message> {
+        match self {
+            Handled::Command { msg, .. } => Some(*msg),
+            Handled::Alert(..) => None,
+        }
+    }
+}
+
 fn read(p: &Shared) -> std::sync::RwLockReadGuard<'_, Projection> {
     p.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn write(p: &Shared) -> std::sync::RwLockWriteGuard<'_, Projection> {
@@ -255,6 +299,8 @@ impl Service {
             stalled_after: config.stalled_after.get(),
             abandoned: Mutex::new(HashSet::new()),
             careful_until: AtomicU64::new(0),
+            careful_commands: AtomicU64::new(0),
+            give_back: Mutex::new(Vec::new()),
         })
     }
 
@@ -401,6 +447,13 @@ impl Service {
     ) -> Result<(), IncidentsError> {
         let mut reconnect = tocsin_runtime::retry::Backoff::standard();
         'outer: while !shutdown.is_cancelled() {
+            // Commands of a failed batch, given back to come again at once.
+            let given_back = std::mem::take(&mut *lock(&self.give_back));
+            for msg in given_back {
+                if let Err(e) = msg.ack_with(AckKind::Nak(None)).await {
+                    tracing::debug!(error = %e, "cannot give a command back; it comes again after ack_wait");
+                }
+            }
             let resume = read(&self.proj).alerts_resume_from();
             let (alerts, commands, commands_floor) = match self.consumers(resume).await {
                 Ok(c) => c,
@@ -447,42 +500,30 @@ impl Service {
                     _ = self.clock.wait(deadline) => self.on_timers(&shutdown).await,
                     m = inputs.next() => {
                         let Some(first) = m else { continue 'outer };
-                        // Alerts already waiting join it, up to a batch.
+                        // Inputs already waiting join it, up to a batch.
                         let mut ready = vec![first];
-                        while ready.len() < ALERT_BATCH && matches!(ready.last(), Some(Input::Alert(Ok(_)))) {
+                        while ready.len() < BATCH && ready.last().is_some_and(Input::is_ok) {
                             match inputs.next().now_or_never() {
                                 Some(Some(i)) => ready.push(i),
                                 _ => break,
                             }
                         }
-                        let mut alerts = Vec::new();
+                        let mut batch = Vec::new();
                         for input in ready {
-                            if let Input::Alert(Ok(msg)) = input {
-                                alerts.push(msg);
-                                continue;
-                            }
-                            if !alerts.is_empty() {
-                                match self.on_alerts(std::mem::take(&mut alerts), &shutdown).await {
-                                    Some(seq) => alerts_seq = alerts_seq.max(seq),
-                                    None => continue 'outer,
-                                }
-                            }
                             match input {
-                                Input::Command(Ok(msg)) => {
-                                    let seq = msg.info().map(|i| i.stream_sequence).ok();
-                                    self.on_command(msg, &shutdown).await;
-                                    commands_seq = commands_seq.max(seq.unwrap_or(0));
-                                }
+                                Input::Alert(Ok(msg)) => batch.push(Ready::Alert(msg)),
+                                Input::Command(Ok(msg)) => batch.push(Ready::Command(msg)),
                                 Input::Alert(Err(e)) => tracing::warn!(error = %e, "ALERTS consumer error"),
                                 Input::Command(Err(e)) => tracing::warn!(error = %e, "COMMANDS consumer error"),
-                                Input::Alert(Ok(_)) | Input::Ended => continue 'outer,
+                                Input::Ended => continue 'outer,
                             }
                         }
-                        if !alerts.is_empty() {
-                            match self.on_alerts(alerts, &shutdown).await {
-                                Some(seq) => alerts_seq = alerts_seq.max(seq),
-                                None => continue 'outer,
+                        match self.on_inputs(batch, &shutdown).await {
+                            Some((a, c)) => {
+                                alerts_seq = alerts_seq.max(a);
+                                commands_seq = commands_seq.max(c);
                             }
+                            None => continue 'outer,
                         }
                     }
                 }
@@ -746,73 +787,110 @@ impl Service {
         }
     }
 
-    /// Alerts read together. Each is decided on the projection with the
+    /// Inputs read together. Each is decided on the projection with the
     /// entries of the ones before it folded in, and its entries are sent
-    /// without waiting; the acknowledgements are awaited together and the
-    /// projection saved once. So a storm costs one round trip to JetStream
-    /// per batch, not one per entry.
+    /// without waiting; the acknowledgements are awaited together, the
+    /// projection saved once, then commands are answered and acknowledged.
+    /// So a storm costs one round trip to JetStream per batch, not one per
+    /// entry.
     ///
     /// Exactly once still holds: entries are stored in the order of their
     /// inputs or not at all (each names the stream sequence it must follow,
     /// so after a lost one every later one is refused), every entry's
-    /// message id comes from its cause, and nothing is saved before every
-    /// entry it depends on is stored. A crash before the save is a crash
-    /// mid-input: the restart folds in what was stored and decides the
-    /// rest again. A failed send or acknowledgement does the same without
-    /// the crash ([`Service::roll_back`]). Alerts that need more care (see
-    /// [`Fast`]) go one at a time after what is in flight is finished.
+    /// message id comes from its cause, and nothing is saved, answered or
+    /// acknowledged before every entry it depends on is stored. A crash
+    /// before the save is a crash mid-input: the restart folds in what was
+    /// stored and decides the rest again (a command not acknowledged comes
+    /// again and is recognised as applied). A failed send or
+    /// acknowledgement does the same without the crash
+    /// ([`Service::roll_back`]). Inputs that need more care (see [`Fast`])
+    /// go one at a time after what is in flight is finished.
     ///
-    /// Returns the highest ALERTS sequence handled, or None when the
-    /// consumers must be made again.
-    async fn on_alerts(
+    /// Returns the highest ALERTS and COMMANDS sequences handled, or None
+    /// when the consumers must be made again.
+    async fn on_inputs(
         &self,
-        msgs: Vec<jetstream::Message>,
+        inputs: Vec<Ready>,
         shutdown: &CancellationToken,
-    ) -> Option<u64> {
+    ) -> Option<(u64, u64)> {
         // Taken before the first entry is folded in ahead of its
-        // acknowledgement, let go before an alert goes the careful way
+        // acknowledgement, let go before an input goes the careful way
         // (which may wait long, on a full stream say).
         let mut ahead = None;
         let mut sent: Vec<Sent> = Vec::new();
         let mut handled: Vec<Handled> = Vec::new();
-        let mut top = 0;
+        let (mut top_alert, mut top_command) = (0, 0);
         // The stream's last sequence each entry expects: if one is lost (a
         // reconnect drops what was on the wire), every later one is refused
         // instead of being stored after a gap, out of order.
         let mut last_seq = read(&self.proj).incidents_seq;
-        for msg in msgs {
+        let mut inputs = inputs.into_iter();
+        while let Some(input) = inputs.next() {
+            let (msg, is_alert) = match input {
+                Ready::Alert(m) => (m, true),
+                Ready::Command(m) => (m, false),
+            };
             let Ok(info) = msg.info() else {
-                tracing::warn!("ALERTS message without JetStream info; skipped");
+                tracing::warn!("input without JetStream info; skipped");
                 continue;
             };
             let seq = info.stream_sequence;
-            top = top.max(seq);
             if ahead.is_none() {
                 ahead = Some(self.durable.write().await);
             }
-            match self.send_alert(&msg, seq, &mut sent, &mut last_seq).await {
+            let fast = if is_alert {
+                top_alert = top_alert.max(seq);
+                self.send_alert(&msg, seq, &mut sent, &mut last_seq).await
+            } else {
+                top_command = top_command.max(seq);
+                if seq <= self.careful_commands.load(Ordering::Relaxed) {
+                    Fast::Careful
+                } else {
+                    self.send_command(msg.clone(), &mut sent, &mut last_seq)
+                        .await
+                }
+            };
+            match fast {
                 Fast::Sent(h) => handled.push(h),
                 Fast::Skip => {}
                 Fast::Careful => {
                     if let Err(e) = self.finish(&mut sent, &mut handled).await {
-                        self.roll_back(top, &e, shutdown).await;
+                        let rest = handled
+                            .into_iter()
+                            .filter_map(Handled::command)
+                            .chain(inputs.filter_map(Ready::command));
+                        self.roll_back((top_alert, top_command), &e, rest, shutdown)
+                            .await;
                         return None;
                     }
                     ahead = None;
-                    self.on_alert(msg, shutdown).await;
+                    if is_alert {
+                        self.on_alert(msg, shutdown).await;
+                    } else {
+                        self.on_command(msg, shutdown).await;
+                    }
                     last_seq = read(&self.proj).incidents_seq;
                 }
                 Fast::Failed(e) => {
-                    self.roll_back(top, &e, shutdown).await;
+                    let current = (!is_alert).then_some(msg);
+                    let rest = handled
+                        .into_iter()
+                        .filter_map(Handled::command)
+                        .chain(current)
+                        .chain(inputs.filter_map(Ready::command));
+                    self.roll_back((top_alert, top_command), &e, rest, shutdown)
+                        .await;
                     return None;
                 }
             }
         }
         if let Err(e) = self.finish(&mut sent, &mut handled).await {
-            self.roll_back(top, &e, shutdown).await;
+            let rest = handled.into_iter().filter_map(Handled::command);
+            self.roll_back((top_alert, top_command), &e, rest, shutdown)
+                .await;
             return None;
         }
-        Some(top)
+        Some((top_alert, top_command))
     }
 
     /// Decides one alert of a batch and sends its entries, folding each
@@ -852,21 +930,40 @@ impl Service {
         if missed.is_some() {
             return Fast::Careful;
         }
+        let n = entries.len();
+        if let Err(fast) = self
+            .send_entries(entries, traceparent.as_deref(), sent, last_seq)
+            .await
+        {
+            return fast;
+        }
+        Fast::Sent(Handled::Alert(seq, env.received_at, n))
+    }
+
+    /// Sends one input's entries (each naming the stream sequence it must
+    /// follow) and folds each into the projection; `Err` says how the input
+    /// must go instead (nothing is sent if an entry is too large).
+    async fn send_entries(
+        &self,
+        entries: Vec<LogEntry>,
+        traceparent: Option<&str>,
+        sent: &mut Vec<Sent>,
+        last_seq: &mut u64,
+    ) -> Result<(), Fast> {
         let most = self.limits.max_entry_bytes.min(self.client.max_payload());
         let mut payloads = Vec::with_capacity(entries.len());
         for entry in &entries {
-            match encode_entry(entry, traceparent.as_deref()) {
+            match encode_entry(entry, traceparent) {
                 Ok(p) if p.len() <= most => payloads.push(p),
-                _ => return Fast::Careful,
+                _ => return Err(Fast::Careful),
             }
         }
-        let n = entries.len();
         for (entry, payload) in entries.into_iter().zip(payloads) {
             let expected = last_seq.to_string();
             let message = tocsin_runtime::bus::message(
                 payload,
                 entry.msg_id(),
-                traceparent.as_deref(),
+                traceparent,
                 &[(EXPECTED_LAST_SEQUENCE, &expected)],
             );
             match self.js.send_publish(entry.subject(), message).await {
@@ -875,14 +972,53 @@ impl Service {
                     sent.push((ack, entry));
                     *last_seq += 1;
                 }
-                Err(e) => return Fast::Failed(e.to_string()),
+                Err(e) => return Err(Fast::Failed(e.to_string())),
             }
         }
-        Fast::Sent((seq, env.received_at, n))
+        Ok(())
     }
 
-    /// Awaits the acknowledgements of what a batch sent, then records its
-    /// alerts as handled and saves the projection once.
+    /// Decides one command of a batch and sends its entries (see
+    /// [`Service::on_inputs`]).
+    async fn send_command(
+        &self,
+        msg: jetstream::Message,
+        sent: &mut Vec<Sent>,
+        last_seq: &mut u64,
+    ) -> Fast {
+        let Ok(env) = decode_envelope::<Command>(&msg.payload) else {
+            return Fast::Careful;
+        };
+        let traceparent = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::TRACEPARENT))
+            .map(|v| v.to_string());
+        let ((entries, verdict), missed) = {
+            let p = read(&self.proj);
+            let d = Decider::new(&self.core, &p);
+            let decided = d.command(&env.body, env.received_at);
+            (decided, d.missed.get())
+        };
+        if missed.is_some() {
+            return Fast::Careful;
+        }
+        if let Err(fast) = self
+            .send_entries(entries, traceparent.as_deref(), sent, last_seq)
+            .await
+        {
+            return fast;
+        }
+        Fast::Sent(Handled::Command {
+            msg: Box::new(msg),
+            cmd: Box::new(env.body),
+            verdict,
+        })
+    }
+
+    /// Awaits the acknowledgements of what a batch sent, saves the
+    /// projection once with the alerts recorded as handled, then answers
+    /// and acknowledges the commands.
     async fn finish(&self, sent: &mut Vec<Sent>, handled: &mut Vec<Handled>) -> Result<(), String> {
         let mut top = 0;
         for (ack, entry) in sent.drain(..) {
@@ -898,26 +1034,46 @@ impl Service {
         {
             let mut p = write(&self.proj);
             p.incidents_seq = p.incidents_seq.max(top);
-            if let Some(last) = handled.iter().map(|h| h.0).max() {
-                p.alerts_cursor = p.alerts_cursor.max(last);
+            for h in handled.iter() {
+                if let Handled::Alert(seq, _, _) = h {
+                    p.alerts_cursor = p.alerts_cursor.max(*seq);
+                }
             }
             self.metrics.open.set(p.open_count as i64);
             self.save(&mut p);
         }
         let now = Timestamp::now();
-        for (_, received_at, written) in handled.drain(..) {
-            self.alert_done(written, received_at, now);
+        for h in handled.drain(..) {
+            match h {
+                Handled::Alert(_, received_at, written) => {
+                    self.alert_done(written, received_at, now)
+                }
+                Handled::Command { msg, cmd, verdict } => {
+                    self.command_done(*msg, &cmd, verdict).await
+                }
+            }
         }
         Ok(())
     }
 
     /// A batch failed (`error`): the projection may hold entries JetStream
     /// never stored. Starts again from what is saved plus what the stream
-    /// holds; the batch's alerts after the stored prefix then go one at a
-    /// time.
-    async fn roll_back(&self, last: u64, error: &str, shutdown: &CancellationToken) {
+    /// holds; the batch's inputs after the stored prefix then go one at a
+    /// time (alerts and commands up to `last`), and its commands not yet
+    /// answered (`unfinished`) are given back at once to come again.
+    async fn roll_back(
+        &self,
+        last: (u64, u64),
+        error: &str,
+        unfinished: impl IntoIterator<Item = jetstream::Message>,
+        shutdown: &CancellationToken,
+    ) {
         IncidentsEvent::PublishFailed { error }.emit(&self.metrics);
-        self.careful_until.fetch_max(last, Ordering::Relaxed);
+        self.careful_until.fetch_max(last.0, Ordering::Relaxed);
+        self.careful_commands.fetch_max(last.1, Ordering::Relaxed);
+        // Given back once this reader of COMMANDS is gone (see run), or a
+        // message given back now would come to it and wait for ack_wait.
+        lock(&self.give_back).extend(unfinished);
         let mut backoff = tocsin_runtime::retry::Backoff::standard();
         loop {
             let keep = keep_resolved_until(self.clock.now(), self.core.reopen_window);
@@ -1223,6 +1379,17 @@ impl Service {
         }
         self.save(&mut write(&self.proj));
         let verdict = verdict.into_inner().unwrap_or_else(|e| e.into_inner());
+        self.command_done(msg, cmd, verdict).await;
+    }
+
+    /// Answers a command whose effect is stored and in the projection
+    /// (to its reply subject, if it has one), then acknowledges it.
+    async fn command_done(&self, msg: jetstream::Message, cmd: &Command, verdict: Verdict) {
+        let reply_to = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::REPLY_TO))
+            .map(|v| v.to_string());
         let incident = cmd
             .action
             .incident()
@@ -1409,4 +1576,10 @@ enum Input {
     Alert(Result<jetstream::Message, String>),
     Command(Result<jetstream::Message, String>),
     Ended,
+}
+
+impl Input {
+    fn is_ok(&self) -> bool {
+        matches!(self, Input::Alert(Ok(_)) | Input::Command(Ok(_)))
+    }
 }

@@ -48,6 +48,7 @@ impl Store {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
+            .cache_capacity(tocsin_runtime::store::CACHE_BYTES)
             .open()?;
         let tree = db.open_tree("projection")?;
         Ok(Store { db, tree })

@@ -6,6 +6,11 @@
 
 use std::path::Path;
 
+/// The page cache of each sled store. sled's own default is 1 GiB; the
+/// services keep their state in memory and read their store back only at
+/// start-up, so its pages need not stay cached.
+pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Opens the cache at `dir` with `open` (which also loads it). On failure
 /// the folder is removed and `open` runs once more on the empty folder;
 /// only that second failure is returned. `what` names the store in the log.
