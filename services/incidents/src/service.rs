@@ -916,11 +916,7 @@ impl Service {
         if env.body.origin.kind == Some(SourceKind::Heartbeat) {
             return Fast::Careful;
         }
-        let traceparent = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(headers::TRACEPARENT))
-            .map(|v| v.to_string());
+        let traceparent = header(msg, headers::TRACEPARENT);
         let (entries, missed) = {
             let p = read(&self.proj);
             let d = Decider::new(&self.core, &p);
@@ -989,11 +985,7 @@ impl Service {
         let Ok(env) = decode_envelope::<Command>(&msg.payload) else {
             return Fast::Careful;
         };
-        let traceparent = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(headers::TRACEPARENT))
-            .map(|v| v.to_string());
+        let traceparent = header(&msg, headers::TRACEPARENT);
         let ((entries, verdict), missed) = {
             let p = read(&self.proj);
             let d = Decider::new(&self.core, &p);
@@ -1106,11 +1098,7 @@ impl Service {
         if seq < read(&self.proj).alerts_resume_from() {
             return; // already decided
         }
-        let traceparent = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(headers::TRACEPARENT))
-            .map(|v| v.to_string());
+        let traceparent = header(&msg, headers::TRACEPARENT);
         let mut env = match decode_envelope::<Alert>(&msg.payload) {
             Ok(env) => env,
             Err(e) => {
@@ -1328,16 +1316,8 @@ impl Service {
     }
 
     async fn on_command(&self, msg: jetstream::Message, shutdown: &CancellationToken) {
-        let reply_to = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(headers::REPLY_TO))
-            .map(|v| v.to_string());
-        let traceparent = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(headers::TRACEPARENT))
-            .map(|v| v.to_string());
+        let reply_to = header(&msg, headers::REPLY_TO);
+        let traceparent = header(&msg, headers::TRACEPARENT);
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         let env = match decode_envelope::<Command>(&msg.payload) {
             Ok(env) => env,
@@ -1385,11 +1365,7 @@ impl Service {
     /// Answers a command whose effect is stored and in the projection
     /// (to its reply subject, if it has one), then acknowledges it.
     async fn command_done(&self, msg: jetstream::Message, cmd: &Command, verdict: Verdict) {
-        let reply_to = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(headers::REPLY_TO))
-            .map(|v| v.to_string());
+        let reply_to = header(&msg, headers::REPLY_TO);
         let incident = cmd
             .action
             .incident()
@@ -1582,4 +1558,12 @@ impl Input {
     fn is_ok(&self) -> bool {
         matches!(self, Input::Alert(Ok(_)) | Input::Command(Ok(_)))
     }
+}
+
+/// A header of `msg`, if it has it.
+fn header(msg: &jetstream::Message, name: &str) -> Option<String> {
+    msg.headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.to_string())
 }
