@@ -181,6 +181,9 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
     println!("== alert to page: separate processes vs Alertmanager");
     outcomes.push(super::page_path::page_path(quick, reps).await?);
     println!();
+    println!("== storm: many alerts over few groups, separate processes vs Alertmanager");
+    outcomes.push(super::storm::storm(quick, reps).await?);
+    println!();
 
     let mut report = Report {
         unix_time,
@@ -280,18 +283,19 @@ fn print_table(r: &Report) {
             }
         );
     }
-    println!(
-        "(ratio = Tocsin median / peer median; `better` per figure is in the JSON. \
-         Tocsin columns: {})",
-        r.figures
-            .iter()
-            .filter(|f| f.tocsin_side != "Tocsin")
-            .map(|f| format!("{}: {}", f.metric, f.tocsin_side))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect::<Vec<_>>()
-            .join("; ")
-    );
+    println!("ratio = Tocsin median / peer median (the JSON says per figure whether higher or lower is better)");
+    println!("what the Tocsin column measures:");
+    let mut sides: BTreeMap<&str, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for f in &r.figures {
+        sides
+            .entry(f.tocsin_side.as_str())
+            .or_default()
+            .insert(format!("{} / {}", f.scenario, f.metric));
+    }
+    for (side, figures) in sides {
+        let figures: Vec<String> = figures.into_iter().collect();
+        println!("  {side}: {}", figures.join(", "));
+    }
 }
 
 pub fn compare(args: CompareArgs) -> anyhow::Result<()> {
@@ -324,8 +328,8 @@ pub fn compare(args: CompareArgs) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "{:<70} {:>10} {:>10} {:>9}  {}",
-        "figure (median)", "A", "B", "change", ""
+        "{:<80} {:>10} {:>10} {:>9}",
+        "figure (median)", "A", "B", "change"
     );
     let index = |r: &Report| -> BTreeMap<String, (f64, String)> {
         let mut m = BTreeMap::new();
@@ -361,7 +365,7 @@ pub fn compare(args: CompareArgs) -> anyhow::Result<()> {
             _ => ("-".into(), ""),
         };
         println!(
-            "{:<70} {:>10} {:>10} {:>9}  {}",
+            "{:<80} {:>10} {:>10} {:>9}  {}",
             k,
             va.map(num).unwrap_or_else(|| "-".into()),
             vb.map(num).unwrap_or_else(|| "-".into()),

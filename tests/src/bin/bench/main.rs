@@ -138,7 +138,8 @@
 //! ```
 //!
 //! `all` (also `./deploy/dev.sh bench all`, which builds target/release/tocsin
-//! first) runs the side-by-side scenarios one after the other, each
+//! first) runs the side-by-side scenarios (ingest, alert→page, storm) one
+//! after the other, each
 //! `--repetitions` times (default 3; `--quick`: once, with the small sizes
 //! given below, a minute or two after the build), against a real
 //! Prometheus Alertmanager (`ALERTMANAGER_BIN`, else `alertmanager` or
@@ -197,9 +198,22 @@
 //!   an alert's page being the first notification carrying it. Also CPU
 //!   seconds per 1,000 alerts (nats-server + the four tocsin processes vs
 //!   Alertmanager) and every process's peak RSS.
+//! - **storm** (fresh processes per repetition and side, as alert→page but
+//!   with incidents `group_by: [alertname, storm_group]`): 1,000,000 alerts
+//!   over 10,000 groups (`--quick`: 20,000 over 200), alert i in group
+//!   i mod groups, each alert unique (`instance`), 100 per request from 8
+//!   keep-alive connections as fast as they are answered, to ingest's
+//!   generic endpoint and to Alertmanager's v2 API (`group_by: [alertname,
+//!   storm_group]`, `group_wait: 0s`, `group_interval: 1h`); then one
+//!   sentinel alert in a group of its own. Accepted alerts/s: alerts / the
+//!   time until the last request was answered 200. Processed alerts/s:
+//!   alerts / the time until the sentinel's page arrived (Tocsin's incidents
+//!   service reads ALERTS in order, so it has handled every alert before;
+//!   Alertmanager has taken each alert when it answered). Peak RSS: every
+//!   process, and their sum. Every group must be paged exactly once.
 //!
-//! `all` exits non-zero, naming what, if any request failed or any alert was
-//! lost or paged twice, on either side.
+//! `all` exits non-zero, naming what, if any request failed or any alert
+//! (storm: group) was lost or paged twice, on either side.
 
 use std::{
     collections::HashMap,
@@ -265,6 +279,7 @@ use tokio::net::TcpListener;
 mod all;
 mod page_path;
 mod peer;
+mod storm;
 
 /// How many failure messages to print per side.
 const SHOW_FAILURES: usize = 5;

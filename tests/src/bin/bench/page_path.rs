@@ -26,11 +26,15 @@ use super::{
 
 /// The label that makes every alert its own group (and incident), and
 /// identifies its page at the receiver.
-const ID_LABEL: &str = "bench_id";
+pub const ID_LABEL: &str = "bench_id";
 
 /// How long after the last send a page may still come before its alert
 /// counts as lost.
 const LOST_AFTER: Duration = Duration::from_secs(60);
+
+/// What the Tocsin column of the latency figures measures.
+const SIDE: &str =
+    "separate processes: nats-server, tocsin ingest, incidents, escalation, notifier";
 
 /// The services, each run as `tocsin <service>` with its own NATS user.
 const SERVICES: [&str; 4] = ["ingest", "incidents", "escalation", "notifier"];
@@ -84,11 +88,11 @@ struct SideResult {
 }
 
 /// Where a side sends its alerts.
-struct Target {
-    url: String,
-    bearer: Option<String>,
+pub struct Target {
+    pub url: String,
+    pub bearer: Option<String>,
     /// The v2 API (Alertmanager) or Tocsin's generic JSON.
-    alertmanager: bool,
+    pub alertmanager: bool,
 }
 
 impl Target {
@@ -120,7 +124,7 @@ impl Target {
 
 /// The ids a receiver's POST carries: Tocsin's webhook body has one page
 /// (`incident.labels`), Alertmanager's one notification of a group's alerts.
-fn ids_in(body: &[u8]) -> Vec<String> {
+pub fn ids_in(body: &[u8]) -> Vec<String> {
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
         return Vec::new();
     };
@@ -277,25 +281,40 @@ async fn drive(
     Ok((latencies, pages_per_s, lost, duplicated, failed))
 }
 
-/// One Tocsin repetition: fresh nats-server, processes, data.
-async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> {
-    let bin = tocsin_bin()?;
-    let nats = NatsServer::start().await;
-    let nats_pid = super::nats_server_pid(&nats);
-    let receiver = Receiver::start().await?;
-    let dir = tempfile::Builder::new()
-        .prefix("tocsin-bench-pages-")
-        .tempdir()?;
-    let ingest_port = peer::free_port()?;
-    let token = format!("bench-{}", uuid::Uuid::new_v4().simple());
-    let cred = |id: &str| {
-        format!(
-            "    {id}: {{user: {id}, password: \"{}\"}}\n",
-            nats.password(id)
-        )
-    };
-    let config = format!(
-        r#"nats:
+/// nats-server and `tocsin ingest`, `incidents`, `escalation` and
+/// `notifier` as separate processes, each with its own NATS user, paging
+/// `{webhook: bench}` at `hook` at once for every new incident. Everything
+/// is killed and removed on drop.
+pub struct TocsinStack {
+    // Field order is drop order: the processes before NATS and the dir.
+    pub procs: Vec<Proc>,
+    _nats: NatsServer,
+    pub nats_pid: Option<u32>,
+    pub ingest_url: String,
+    pub token: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TocsinStack {
+    /// `incidents_extra`: more keys of the `incidents:` section (indented
+    /// two spaces), e.g. `  group_by: [alertname, g]\n`.
+    pub async fn start(hook: &str, incidents_extra: &str) -> anyhow::Result<TocsinStack> {
+        let bin = tocsin_bin()?;
+        let nats = NatsServer::start().await;
+        let nats_pid = super::nats_server_pid(&nats);
+        let dir = tempfile::Builder::new()
+            .prefix("tocsin-bench-pages-")
+            .tempdir()?;
+        let ingest_port = peer::free_port()?;
+        let token = format!("bench-{}", uuid::Uuid::new_v4().simple());
+        let cred = |id: &str| {
+            format!(
+                "    {id}: {{user: {id}, password: \"{}\"}}\n",
+                nats.password(id)
+            )
+        };
+        let config = format!(
+            r#"nats:
   url: {url}
   reconnect_max_delay: 250ms
   credentials:
@@ -307,7 +326,7 @@ async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> 
 incidents:
   data_dir: {data}/incidents
   group_wait: 0s
-escalation:
+{incidents_extra}escalation:
   data_dir: {data}/escalation
   route: {{policy: bench}}
   policies:
@@ -322,80 +341,108 @@ notifier:
       updates: false
       guard: {{timeout: 10s, concurrency: 256, rate_per_second: 0}}
 "#,
-        url = nats.address(),
-        ingest = cred("ingest"),
-        incidents = cred("incidents"),
-        escalation = cred("escalation"),
-        notifier = cred("notifier"),
-        data = dir.path().display(),
-        hook = receiver.url,
-    );
-    let config_path = dir.path().join("tocsin.yaml");
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&config_path)?;
-        std::io::Write::write_all(&mut f, config.as_bytes())?;
-    }
-    let mut procs = Vec::new();
-    for service in SERVICES {
-        let admin = peer::free_port()?;
-        let mut cmd = Command::new(&bin);
-        cmd.current_dir(dir.path())
-            .arg("--config")
-            .arg(&config_path)
-            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-            .args(["--log-level", "warn", "--grace-period", "2s", service]);
-        if service == "ingest" {
-            cmd.env("TOCSIN_INGEST_TOKEN", &token);
+            url = nats.address(),
+            ingest = cred("ingest"),
+            incidents = cred("incidents"),
+            escalation = cred("escalation"),
+            notifier = cred("notifier"),
+            data = dir.path().display(),
+        );
+        // It holds the NATS passwords: only for this user.
+        let config_path = dir.path().join("tocsin.yaml");
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&config_path)?;
+            std::io::Write::write_all(&mut f, config.as_bytes())?;
         }
-        let mut p = Proc::spawn(
-            &format!("tocsin {service}"),
-            cmd,
-            &dir.path().join(format!("{service}.log")),
-        )?;
-        p.wait_http_ok(
-            &format!("http://127.0.0.1:{admin}/readyz"),
-            Duration::from_secs(60),
-        )
-        .await?;
-        procs.push(p);
+        let mut procs = Vec::new();
+        for service in SERVICES {
+            let admin = peer::free_port()?;
+            let mut cmd = Command::new(&bin);
+            cmd.current_dir(dir.path())
+                .arg("--config")
+                .arg(&config_path)
+                .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+                .args(["--log-level", "warn", "--grace-period", "2s", service]);
+            if service == "ingest" {
+                cmd.env("TOCSIN_INGEST_TOKEN", &token);
+            }
+            let mut p = Proc::spawn(
+                &format!("tocsin {service}"),
+                cmd,
+                &dir.path().join(format!("{service}.log")),
+            )?;
+            p.wait_http_ok(
+                &format!("http://127.0.0.1:{admin}/readyz"),
+                Duration::from_secs(60),
+            )
+            .await?;
+            procs.push(p);
+        }
+        Ok(TocsinStack {
+            procs,
+            _nats: nats,
+            nats_pid,
+            ingest_url: format!("http://127.0.0.1:{ingest_port}"),
+            token,
+            _dir: dir,
+        })
     }
-    let target = Target {
-        url: format!("http://127.0.0.1:{ingest_port}/api/v1/alerts"),
-        bearer: Some(token),
-        alertmanager: false,
-    };
-    warm_up("Tocsin", &target, &receiver, run).await?;
-    let mut pids: Vec<Option<u32>> = vec![nats_pid];
-    pids.extend(procs.iter().map(|p| Some(p.pid())));
-    let cpu_before = peer::cpu_ticks_of(&pids);
-    let mut check = || -> anyhow::Result<()> {
-        for p in procs.iter_mut() {
+
+    /// nats-server's and every process's pid.
+    pub fn pids(&self) -> Vec<Option<u32>> {
+        let mut pids = vec![self.nats_pid];
+        pids.extend(self.procs.iter().map(|p| Some(p.pid())));
+        pids
+    }
+
+    /// Fails if a process has exited.
+    pub fn check(&mut self) -> anyhow::Result<()> {
+        for p in self.procs.iter_mut() {
             p.check_running()?;
         }
         Ok(())
+    }
+
+    /// Peak RSS of nats-server and every process.
+    pub fn rss(&self) -> Vec<(String, Option<f64>)> {
+        let mut rss = vec![("nats-server".to_string(), peer::peak_rss_mib(self.nats_pid))];
+        for p in &self.procs {
+            rss.push((p.name.clone(), peer::peak_rss_mib(Some(p.pid()))));
+        }
+        rss
+    }
+}
+
+/// One Tocsin repetition: fresh nats-server, processes, data.
+async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> {
+    let receiver = Receiver::start().await?;
+    let mut stack = TocsinStack::start(&receiver.url, "").await?;
+    let target = Target {
+        url: format!("{}/api/v1/alerts", stack.ingest_url),
+        bearer: Some(stack.token.clone()),
+        alertmanager: false,
     };
-    let (latencies, pages_per_s, lost, duplicated, failed) =
-        drive("Tocsin", &target, &receiver, phases, run, &mut check).await?;
+    warm_up("Tocsin", &target, &receiver, run).await?;
+    let pids = stack.pids();
+    let cpu_before = peer::cpu_ticks_of(&pids);
+    let (latencies, pages_per_s, lost, duplicated, failed) = {
+        let mut check = || stack.check();
+        drive("Tocsin", &target, &receiver, phases, run, &mut check).await?
+    };
     let cpu_after = peer::cpu_ticks_of(&pids);
     let total: usize = phases.iter().map(|p| p.alerts()).sum();
     let cpu_per_1k = match (cpu_before, cpu_after) {
         (Some(a), Some(b)) => (b - a) as f64 / peer::clock_ticks() / total as f64 * 1000.0,
         _ => f64::NAN,
     };
-    let mut rss = vec![("nats-server".to_string(), peer::peak_rss_mib(nats_pid))];
-    for p in &procs {
-        rss.push((p.name.clone(), peer::peak_rss_mib(Some(p.pid()))));
-    }
-    for p in procs.iter_mut() {
-        p.check_running()?;
-    }
-    drop(procs);
-    drop(nats);
+    let rss = stack.rss();
+    stack.check()?;
+    drop(stack);
     Ok(SideResult {
         latencies,
         pages_per_s,
@@ -409,7 +456,7 @@ notifier:
 
 /// One alert through before the clock starts (connections open, consumers
 /// created); an error if its page does not come within 60 s.
-async fn warm_up(
+pub async fn warm_up(
     side: &str,
     target: &Target,
     receiver: &Receiver,
@@ -578,18 +625,19 @@ pub async fn page_path(quick: bool, reps: u32) -> anyhow::Result<Outcome> {
                     better,
                     "Alertmanager",
                 )
-                .side(
-                    "separate processes: nats-server, tocsin ingest/incidents/escalation/notifier",
-                ),
+                .side(SIDE),
             );
         }
-        figures.push(Figure::new(
-            &format!("alert→page {}/s", p.rate),
-            "pages/s sustained",
-            "pages/s",
-            "higher",
-            "Alertmanager",
-        ));
+        figures.push(
+            Figure::new(
+                &format!("alert→page {}/s", p.rate),
+                "pages/s sustained",
+                "pages/s",
+                "higher",
+                "Alertmanager",
+            )
+            .side(SIDE),
+        );
     }
     figures.push(
         Figure::new(
