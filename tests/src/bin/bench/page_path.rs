@@ -430,12 +430,35 @@ async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> 
     warm_up("Tocsin", &target, &receiver, run).await?;
     let pids = stack.pids();
     let cpu_before = peer::cpu_ticks_of(&pids);
+    let each_before: Vec<Option<u64>> = pids.iter().map(|p| peer::cpu_ticks(*p)).collect();
     let (latencies, pages_per_s, lost, duplicated, failed) = {
         let mut check = || stack.check();
         drive("Tocsin", &target, &receiver, phases, run, &mut check).await?
     };
     let cpu_after = peer::cpu_ticks_of(&pids);
     let total: usize = phases.iter().map(|p| p.alerts()).sum();
+    // Where the CPU went, per process (s per 1k alerts).
+    let names = std::iter::once("nats-server".to_string())
+        .chain(stack.procs.iter().map(|p| p.name.clone()));
+    let each: Vec<String> = names
+        .zip(pids.iter().zip(each_before))
+        .map(|(name, (pid, before))| {
+            let v = match (before, peer::cpu_ticks(*pid)) {
+                (Some(a), Some(b)) => {
+                    format!(
+                        "{:.3}",
+                        (b - a) as f64 / peer::clock_ticks() / total as f64 * 1000.0
+                    )
+                }
+                _ => "?".into(),
+            };
+            format!("{name} {v}")
+        })
+        .collect();
+    println!(
+        "  Tocsin: CPU s per 1k alerts by process: {}",
+        each.join(", ")
+    );
     let cpu_per_1k = match (cpu_before, cpu_after) {
         (Some(a), Some(b)) => (b - a) as f64 / peer::clock_ticks() / total as f64 * 1000.0,
         _ => f64::NAN,
