@@ -210,7 +210,10 @@
 //!   alerts / the time until the sentinel's page arrived (Tocsin's incidents
 //!   service reads ALERTS in order, so it has handled every alert before;
 //!   Alertmanager has taken each alert when it answered). Peak RSS: every
-//!   process, and their sum. Every group must be paged exactly once.
+//!   process, and their sum. Every group must be paged, Tocsin's exactly
+//!   once (an incident per group); Alertmanager's later notifications of a
+//!   group (alerts that joined during its first flush, with `group_wait:
+//!   0s`) are counted and printed, not failures.
 //!
 //! `all` exits non-zero, naming what, if any request failed or any alert
 //! (storm: group) was lost or paged twice, on either side.
