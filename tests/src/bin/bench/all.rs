@@ -33,10 +33,20 @@ pub struct AllArgs {
     /// Repetitions of every scenario (default 3; 1 with --quick).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
     repetitions: Option<u32>,
+    /// Run only these scenarios (repeat or comma-separate); default all.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Scenario>,
     /// Where to write the figures as JSON (default
     /// <target dir>/bench/all-<unix time>.json).
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    Ingest,
+    AlertToPage,
+    Storm,
 }
 
 #[derive(Args, Debug)]
@@ -173,17 +183,24 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
     println!();
 
     let mut outcomes = Vec::new();
-    println!(
-        "== ingest: Tocsin ingest (HTTP) vs raw JetStream vs Alertmanager POST /api/v2/alerts"
-    );
-    outcomes.push(ingest_side_by_side(quick, reps).await?);
-    println!();
-    println!("== alert to page: separate processes vs Alertmanager");
-    outcomes.push(super::page_path::page_path(quick, reps).await?);
-    println!();
-    println!("== storm: many alerts over few groups, separate processes vs Alertmanager");
-    outcomes.push(super::storm::storm(quick, reps).await?);
-    println!();
+    let run = |s: Scenario| args.only.is_empty() || args.only.contains(&s);
+    if run(Scenario::Ingest) {
+        println!(
+            "== ingest: Tocsin ingest (HTTP) vs raw JetStream vs Alertmanager POST /api/v2/alerts"
+        );
+        outcomes.push(ingest_side_by_side(quick, reps).await?);
+        println!();
+    }
+    if run(Scenario::AlertToPage) {
+        println!("== alert to page: separate processes vs Alertmanager");
+        outcomes.push(super::page_path::page_path(quick, reps).await?);
+        println!();
+    }
+    if run(Scenario::Storm) {
+        println!("== storm: many alerts over few groups, separate processes vs Alertmanager");
+        outcomes.push(super::storm::storm(quick, reps).await?);
+        println!();
+    }
 
     let mut report = Report {
         unix_time,

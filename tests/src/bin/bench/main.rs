@@ -133,7 +133,7 @@
 //! not delivered exactly once or a replica failed.
 //!
 //! ```text
-//! cargo run --release -p tocsin-tests --bin bench -- all [--quick] [--repetitions N] [--json FILE]
+//! cargo run --release -p tocsin-tests --bin bench -- all [--quick] [--repetitions N] [--only SCENARIO,...] [--json FILE]
 //! cargo run --release -p tocsin-tests --bin bench -- compare A.json B.json
 //! ```
 //!
@@ -141,7 +141,8 @@
 //! first) runs the side-by-side scenarios (ingest, alert→page, storm) one
 //! after the other, each
 //! `--repetitions` times (default 3; `--quick`: once, with the small sizes
-//! given below, a minute or two after the build), against a real
+//! given below, a minute or two after the build; `--only ingest`,
+//! `alert-to-page` or `storm` runs those alone), against a real
 //! Prometheus Alertmanager (`ALERTMANAGER_BIN`, else `alertmanager` or
 //! `prometheus-alertmanager` on the PATH; started by the bench with its own
 //! storage in a temp dir, a free port, `--cluster.listen-address=` and one

@@ -288,7 +288,7 @@ async fn drive(
 pub struct TocsinStack {
     // Field order is drop order: the processes before NATS and the dir.
     pub procs: Vec<Proc>,
-    _nats: NatsServer,
+    pub nats: NatsServer,
     pub nats_pid: Option<u32>,
     pub ingest_url: String,
     pub token: String,
@@ -297,8 +297,13 @@ pub struct TocsinStack {
 
 impl TocsinStack {
     /// `incidents_extra`: more keys of the `incidents:` section (indented
-    /// two spaces), e.g. `  group_by: [alertname, g]\n`.
-    pub async fn start(hook: &str, incidents_extra: &str) -> anyhow::Result<TocsinStack> {
+    /// two spaces), e.g. `  group_by: [alertname, g]\n`; `top_extra`: more
+    /// top-level sections (e.g. `jetstream:`).
+    pub async fn start(
+        hook: &str,
+        incidents_extra: &str,
+        top_extra: &str,
+    ) -> anyhow::Result<TocsinStack> {
         let bin = tocsin_bin()?;
         let nats = NatsServer::start().await;
         let nats_pid = super::nats_server_pid(&nats);
@@ -340,7 +345,7 @@ notifier:
       url: {hook}
       updates: false
       guard: {{timeout: 10s, concurrency: 256, rate_per_second: 0}}
-"#,
+{top_extra}"#,
             url = nats.address(),
             ingest = cred("ingest"),
             incidents = cred("incidents"),
@@ -385,7 +390,7 @@ notifier:
         }
         Ok(TocsinStack {
             procs,
-            _nats: nats,
+            nats,
             nats_pid,
             ingest_url: format!("http://127.0.0.1:{ingest_port}"),
             token,
@@ -421,7 +426,7 @@ notifier:
 /// One Tocsin repetition: fresh nats-server, processes, data.
 async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> {
     let receiver = Receiver::start().await?;
-    let mut stack = TocsinStack::start(&receiver.url, "").await?;
+    let mut stack = TocsinStack::start(&receiver.url, "", "").await?;
     let target = Target {
         url: format!("{}/api/v1/alerts", stack.ingest_url),
         bearer: Some(stack.token.clone()),

@@ -16,6 +16,8 @@ use std::{
 use anyhow::bail;
 use serde_json::{json, Value};
 
+use tocsin_proto::subjects::{STREAM_ALERTS, STREAM_INCIDENTS, STREAM_NOTIFY};
+
 use super::{
     all::{Figure, Outcome},
     page_path::{warm_up, Target, TocsinStack},
@@ -256,6 +258,8 @@ async fn tocsin_side(run: &str, size: Size) -> anyhow::Result<StormResult> {
     let mut stack = TocsinStack::start(
         &receiver.url,
         &format!("  group_by: [alertname, {GROUP_LABEL}]\n"),
+        // A million alerts outgrow ALERTS' default 512 MiB.
+        "jetstream:\n  alerts_max_bytes: 4294967296\n",
     )
     .await?;
     let target = Target {
@@ -268,6 +272,19 @@ async fn tocsin_side(run: &str, size: Size) -> anyhow::Result<StormResult> {
         let mut check = || stack.check();
         drive("Tocsin", &target, &receiver, run, size, &mut check).await?
     };
+    // What the storm left on disk, per alert.
+    let js = async_nats::jetstream::new(stack.nats.client().await);
+    let mut sizes = Vec::new();
+    for name in [STREAM_ALERTS, STREAM_INCIDENTS, STREAM_NOTIFY] {
+        let st = super::stream_state(&js, name).await?;
+        sizes.push(format!(
+            "{name} {} messages, {:.1} MiB ({:.0} B per alert)",
+            st.messages,
+            st.bytes as f64 / 1048576.0,
+            st.bytes as f64 / size.alerts as f64
+        ));
+    }
+    println!("  Tocsin: streams: {}", sizes.join("; "));
     let rss = stack.rss();
     stack.check()?;
     Ok(StormResult {
