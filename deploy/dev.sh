@@ -8,7 +8,7 @@
 #   ./deploy/dev.sh deps     only install the pinned tools into .tocsin/venv
 #                            (and Alertmanager, see ALERTMANAGER_BIN)
 #   ./deploy/dev.sh bench …  run the benchmark harness (release build)
-#   ./deploy/dev.sh bench all [--quick] [--json FILE]
+#   ./deploy/dev.sh bench all [--quick] [--only SCENARIO] [--json FILE]
 #                            every side-by-side scenario (Tocsin vs raw
 #                            JetStream and Prometheus Alertmanager), one
 #                            table, figures as JSON (default

@@ -69,8 +69,18 @@ pub struct Figure {
     /// What the Tocsin column measures (e.g. which processes' CPU).
     pub tocsin_side: String,
     pub peer: String,
+    /// Per repetition; a figure that could not be measured is NaN (null in
+    /// the JSON).
+    #[serde(deserialize_with = "nulls_as_nan")]
     pub tocsin: Vec<f64>,
+    #[serde(deserialize_with = "nulls_as_nan")]
     pub peer_values: Vec<f64>,
+}
+
+/// serde_json writes NaN as null; read it back as NaN.
+fn nulls_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+    let v: Vec<Option<f64>> = Deserialize::deserialize(d)?;
+    Ok(v.into_iter().map(|x| x.unwrap_or(f64::NAN)).collect())
 }
 
 impl Figure {

@@ -317,8 +317,8 @@ enum Command {
     /// `started` entry, and runs/s, with 1 and 2 remediation replicas.
     Remediation(RemediationArgs),
     /// Every side-by-side scenario (ingest vs raw JetStream and
-    /// Alertmanager; alert to page through separate processes vs
-    /// Alertmanager), repeated; one table and a JSON file.
+    /// Alertmanager; alert to page and a storm through separate processes
+    /// vs Alertmanager), repeated; one table and a JSON file.
     All(all::AllArgs),
     /// Two `bench all` JSON files side by side, with the change in %.
     Compare(all::CompareArgs),
