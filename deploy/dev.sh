@@ -8,6 +8,13 @@
 #   ./deploy/dev.sh deps     only install the pinned tools into .tocsin/venv
 #                            (and Alertmanager, see ALERTMANAGER_BIN)
 #   ./deploy/dev.sh bench …  run the benchmark harness (release build)
+#   ./deploy/dev.sh bench all [--quick] [--only SCENARIO] [--json FILE]
+#                            every side-by-side scenario (Tocsin vs raw
+#                            JetStream and Prometheus Alertmanager), one
+#                            table, figures as JSON (default
+#                            target/bench/all-<unix time>.json)
+#   ./deploy/dev.sh bench compare A.json B.json
+#                            two `bench all` files side by side, change in %
 #   ./deploy/dev.sh chaos [--long] [--seed N] [--cluster|--single]
 #                            the chaos tests alone, their table shown: every
 #                            service twice as separate processes, SIGKILLs,
@@ -124,6 +131,12 @@ cmd_bench() {
   need_cargo
   ensure_tools
   cd "$ROOT"
+  if [ "${1:-}" = all ]; then
+    # `bench all` runs target/release/tocsin as separate processes and a
+    # real Alertmanager (ALERTMANAGER_BIN, else on the PATH).
+    # Built with the bench in one go, so both share one feature set.
+    cargo build --locked --release -p tocsin-tests --bin bench -p tocsin --bin tocsin
+  fi
   cargo run --locked --release -p tocsin-tests --bin bench -- "$@"
 }
 
@@ -264,5 +277,5 @@ case "${1:-}" in
   deps) shift; need_cargo; ensure_tools; ensure_alertmanager; say "tools ready: $NATS_SERVER_BIN $ALERTMANAGER_BIN" ;;
   bench) shift; cmd_bench "$@" ;;
   chaos) shift; cmd_chaos "$@" ;;
-  *) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

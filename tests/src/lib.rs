@@ -1,7 +1,7 @@
 //! # tocsin-tests
 //!
 //! The test kit every Tocsin test uses, the end-to-end tests (`tests/`), and
-//! the benchmark harness (`src/bin/bench.rs`).
+//! the benchmark harness (`src/bin/bench/main.rs` and its modules).
 //!
 //! # Layout
 //! - [`nats`]: [`NatsServer`], a real `nats-server` per test: random port,

@@ -131,6 +131,93 @@
 //! The replica counts alternate which goes first. It prints each round, the
 //! medians, the 2-vs-1 ratio, and memory; it exits non-zero if a page was
 //! not delivered exactly once or a replica failed.
+//!
+//! ```text
+//! cargo run --release -p tocsin-tests --bin bench -- all [--quick] [--repetitions N] [--only SCENARIO,...] [--json FILE]
+//! cargo run --release -p tocsin-tests --bin bench -- compare A.json B.json
+//! ```
+//!
+//! `all` (also `./deploy/dev.sh bench all`, which builds target/release/tocsin
+//! first) runs the side-by-side scenarios (ingest, alert→page, storm) one
+//! after the other, each
+//! `--repetitions` times (default 3; `--quick`: once, with the small sizes
+//! given below, a minute or two after the build; `--only ingest`,
+//! `alert-to-page` or `storm` runs those alone), against a real
+//! Prometheus Alertmanager (`ALERTMANAGER_BIN`, else `alertmanager` or
+//! `prometheus-alertmanager` on the PATH; started by the bench with its own
+//! storage in a temp dir, a free port, `--cluster.listen-address=` and one
+//! webhook receiver: an HTTP server inside the bench). It prints one table
+//! at the end: per figure, Tocsin's median (min–max over the repetitions),
+//! the peer's, which peer, and the ratio Tocsin/peer; then the peak RSS
+//! (VmHWM) of every process. It writes the same figures as JSON (`--json`,
+//! default `<target dir>/bench/all-<unix time>.json`) with the machine's
+//! facts: cores, fsync latency p50/p99 (a 4 KiB write + fsync, 200 times,
+//! in `<target dir>/bench`), the kernel, nats-server's and Alertmanager's
+//! `--version` and the git commit (`-dirty` with uncommitted changes).
+//! `compare` prints every median of two such files side by side with the
+//! change in % (and better/worse by the figure's direction, when over 5%).
+//!
+//! - **ingest** (`ingest`'s code paths, on a private nats-server with
+//!   `sync_interval: always`; 400 requests x 100 alerts per side and
+//!   repetition, `--quick` 100 x 100, 8 keep-alive connections): Tocsin's
+//!   in-process ingest (Alertmanager v4 webhooks to
+//!   `/api/v1/alerts/alertmanager`), the raw JetStream side, and the same
+//!   alerts as v2 API bodies (`[{labels, annotations, startsAt, endsAt,
+//!   generatorURL}]`) POSTed to Alertmanager's `POST /api/v2/alerts` from
+//!   the same kind of connections. The three sides rotate which goes first.
+//!   Alertmanager groups by the webhook bodies' group (alertname, run,
+//!   round, req) with `group_wait: 1h`, so while measured it accepts,
+//!   groups and holds the alerts (in memory: it writes no alert to disk)
+//!   and sends nothing, as ingest accepts and stores. Figures: alerts/s;
+//!   CPU seconds per 1,000 alerts from /proc/<pid>/stat utime+stime read
+//!   before and after each side: for Tocsin and raw JetStream the
+//!   nats-server plus this whole bench process (ingest runs in it, and so
+//!   do the HTTP client and the raw publisher), for Alertmanager its process
+//!   alone (the bench's CPU during Alertmanager's round, i.e. the HTTP
+//!   client's cost, is printed as `bench CPU` to subtract from Tocsin's for
+//!   a server-side comparison); peak RSS of nats-server + the bench process
+//!   vs Alertmanager's. Afterwards ALERTS must hold every Tocsin and raw
+//!   message and Alertmanager every alert (`GET /api/v2/alerts`).
+//! - **alert→page** (fresh processes per repetition and side): nats-server
+//!   with the shipped users and `tocsin ingest`, `incidents`, `escalation`
+//!   and `notifier` as separate processes (target/release/tocsin or
+//!   `TOCSIN_BIN`; each with its own NATS user in `nats.credentials`;
+//!   incidents `group_wait: 0s`; one policy whose only level targets
+//!   `{webhook: bench}`; the notifier's webhook `bench` at the bench's
+//!   receiver, `rate_per_second: 0`, `updates: false`). One warm-up alert
+//!   goes through first (not timed). Then new alert groups, one alert per
+//!   request and each a new incident (a unique `bench_id` label), go to
+//!   ingest's generic `POST /api/v1/alerts` at 100 alerts/s for 30s, then
+//!   1,000 alerts/s for 30s (`--quick`: 10s, then 5s). Latency is from just
+//!   before the request is sent to the receiver getting the page (the
+//!   webhook body's `incident.labels.bench_id`): p50/p90/p99/max per phase;
+//!   pages/s sustained is a phase's pages / (its first send -> its last
+//!   page). Lost: no page 60s after the last send; duplicated: pages
+//!   beyond the first per alert. The peer: the same alerts to a fresh
+//!   Alertmanager (`group_by: [alertname, bench_id]`, `group_wait: 0s`,
+//!   `group_interval: 1m`) whose webhook goes to the same kind of receiver,
+//!   an alert's page being the first notification carrying it. Also CPU
+//!   seconds per 1,000 alerts (nats-server + the four tocsin processes vs
+//!   Alertmanager) and every process's peak RSS.
+//! - **storm** (fresh processes per repetition and side, as alert→page but
+//!   with incidents `group_by: [alertname, storm_group]`): 1,000,000 alerts
+//!   over 10,000 groups (`--quick`: 20,000 over 200), alert i in group
+//!   i mod groups, each alert unique (`instance`), 100 per request from 8
+//!   keep-alive connections as fast as they are answered, to ingest's
+//!   generic endpoint and to Alertmanager's v2 API (`group_by: [alertname,
+//!   storm_group]`, `group_wait: 0s`, `group_interval: 1h`); then one
+//!   sentinel alert in a group of its own. Accepted alerts/s: alerts / the
+//!   time until the last request was answered 200. Processed alerts/s:
+//!   alerts / the time until the sentinel's page arrived (Tocsin's incidents
+//!   service reads ALERTS in order, so it has handled every alert before;
+//!   Alertmanager has taken each alert when it answered). Peak RSS: every
+//!   process, and their sum. Every group must be paged, Tocsin's exactly
+//!   once (an incident per group); Alertmanager's later notifications of a
+//!   group (alerts that joined during its first flush, with `group_wait:
+//!   0s`) are counted and printed, not failures.
+//!
+//! `all` exits non-zero, naming what, if any request failed or any alert
+//! (storm: group) was lost or paged twice, on either side.
 
 use std::{
     collections::HashMap,
@@ -193,6 +280,11 @@ use tocsin_tests::{
 };
 use tokio::net::TcpListener;
 
+mod all;
+mod page_path;
+mod peer;
+mod storm;
+
 /// How many failure messages to print per side.
 const SHOW_FAILURES: usize = 5;
 
@@ -224,6 +316,12 @@ enum Command {
     /// Runbook runs: latency from an incident's `opened` entry to its run's
     /// `started` entry, and runs/s, with 1 and 2 remediation replicas.
     Remediation(RemediationArgs),
+    /// Every side-by-side scenario (ingest vs raw JetStream and
+    /// Alertmanager; alert to page and a storm through separate processes
+    /// vs Alertmanager), repeated; one table and a JSON file.
+    All(all::AllArgs),
+    /// Two `bench all` JSON files side by side, with the change in %.
+    Compare(all::CompareArgs),
 }
 
 #[derive(Args, Debug)]
@@ -344,6 +442,8 @@ async fn main() -> ExitCode {
         Command::Escalation(args) => escalation(args).await,
         Command::Notifier(args) => notifier(args).await,
         Command::Remediation(args) => remediation_bench(args).await,
+        Command::All(args) => all::all(args).await,
+        Command::Compare(args) => all::compare(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

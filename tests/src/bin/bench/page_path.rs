@@ -1,0 +1,749 @@
+//! `bench all`'s alert-to-page scenario: nats-server and `tocsin ingest`,
+//! `incidents`, `escalation` and `notifier` as separate processes (each its
+//! own NATS user), new alert groups at a steady rate into ingest's generic
+//! endpoint, and the time until the notifier's webhook reaches a receiver
+//! in the bench; beside it the same alerts into a real Alertmanager
+//! (`group_wait: 0s`, one group per alert) with its webhook at the same
+//! kind of receiver.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{bail, Context as _};
+use serde_json::{json, Value};
+use tocsin_tests::NatsServer;
+
+use super::{
+    all::{Figure, Outcome},
+    ms,
+    peer::{self, Alertmanager, Grouping, Proc, Receiver},
+    percentile,
+};
+
+/// The label that makes every alert its own group (and incident), and
+/// identifies its page at the receiver.
+pub const ID_LABEL: &str = "bench_id";
+
+/// How long after the last send a page may still come before its alert
+/// counts as lost.
+const LOST_AFTER: Duration = Duration::from_secs(60);
+
+/// What the Tocsin column of the latency figures measures.
+const SIDE: &str =
+    "separate processes: nats-server, tocsin ingest, incidents, escalation, notifier";
+
+/// The services, each run as `tocsin <service>` with its own NATS user.
+const SERVICES: [&str; 4] = ["ingest", "incidents", "escalation", "notifier"];
+
+/// The `tocsin` binary: `TOCSIN_BIN`, else `tocsin` next to this bench
+/// (target/release/tocsin; `./deploy/dev.sh bench` builds it).
+fn tocsin_bin() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("TOCSIN_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let p = exe
+        .parent()
+        .context("bench binary has no folder")?
+        .join("tocsin");
+    if !p.is_file() {
+        bail!(
+            "{} not found: build it first (cargo build --release --locked -p tocsin), or set TOCSIN_BIN",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// A phase: alerts/s for so long.
+#[derive(Clone, Copy)]
+struct Phase {
+    rate: u32,
+    secs: u32,
+}
+
+impl Phase {
+    fn alerts(self) -> usize {
+        (self.rate * self.secs) as usize
+    }
+}
+
+/// What one side of one repetition measured, per phase.
+struct SideResult {
+    /// Per phase: sorted latencies of the alerts paged.
+    latencies: Vec<Vec<Duration>>,
+    /// Per phase: pages / (first send of the phase -> its last page).
+    pages_per_s: Vec<f64>,
+    lost: usize,
+    duplicated: usize,
+    failed: Vec<String>,
+    /// CPU seconds per 1,000 alerts of the measured processes.
+    cpu_per_1k: f64,
+    /// Peak RSS per process (name, MiB).
+    rss: Vec<(String, Option<f64>)>,
+}
+
+/// Where a side sends its alerts.
+pub struct Target {
+    pub url: String,
+    pub bearer: Option<String>,
+    /// The v2 API (Alertmanager) or Tocsin's generic JSON.
+    pub alertmanager: bool,
+}
+
+impl Target {
+    fn body(&self, id: &str) -> Value {
+        let labels = json!({
+            "alertname": "BenchPage",
+            ID_LABEL: id,
+            "severity": "critical",
+            "service": "bench",
+            "instance": format!("{id}:9100"),
+        });
+        let annotations = json!({"summary": format!("benchmark alert {id}")});
+        if self.alertmanager {
+            json!([{
+                "labels": labels,
+                "annotations": annotations,
+                "startsAt": jiff::Timestamp::now().to_string(),
+                "generatorURL": "http://prometheus:9090/graph?g0.expr=bench",
+            }])
+        } else {
+            json!([{
+                "labels": labels,
+                "annotations": annotations,
+                "status": "firing",
+            }])
+        }
+    }
+}
+
+/// The ids a receiver's POST carries: Tocsin's webhook body has one page
+/// (`incident.labels`), Alertmanager's one notification of a group's alerts.
+pub fn ids_in(body: &[u8]) -> Vec<String> {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return Vec::new();
+    };
+    if let Some(id) = v["incident"]["labels"][ID_LABEL].as_str() {
+        return vec![id.to_string()];
+    }
+    v["alerts"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x["labels"][ID_LABEL].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Sends `phases` of new alerts to `target` at their steady rates (each a
+/// request of its own, from a pool of keep-alive connections), then waits
+/// until every alert has its page or [`LOST_AFTER`] has passed.
+async fn drive(
+    side: &str,
+    target: &Target,
+    receiver: &Receiver,
+    phases: &[Phase],
+    run: &str,
+    check: &mut dyn FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<(Vec<Vec<Duration>>, Vec<f64>, usize, usize, Vec<String>)> {
+    let client = reqwest::Client::builder()
+        .http1_only()
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let total: usize = phases.iter().map(|p| p.alerts()).sum();
+    let mut handles = Vec::with_capacity(total);
+    let mut phase_start = Vec::new();
+    let mut n = 0usize;
+    receiver.take();
+    for (pi, phase) in phases.iter().enumerate() {
+        let start = Instant::now();
+        phase_start.push(start);
+        for i in 0..phase.alerts() {
+            let due = start + Duration::from_secs_f64(i as f64 / phase.rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+            let id = format!("{run}-{n}");
+            let body = serde_json::to_vec(&target.body(&id))?;
+            let mut req = client
+                .post(&target.url)
+                .header("content-type", "application/json")
+                .body(body);
+            if let Some(b) = &target.bearer {
+                req = req.bearer_auth(b);
+            }
+            handles.push(tokio::spawn(async move {
+                let sent = Instant::now();
+                let r = match req.send().await {
+                    Ok(r) if r.status() == 200 => Ok(()),
+                    Ok(r) => {
+                        let status = r.status();
+                        Err(format!(
+                            "{status} {}",
+                            r.text().await.unwrap_or_default().trim()
+                        ))
+                    }
+                    Err(e) => Err(format!("not sent: {e}")),
+                };
+                (pi, sent, r)
+            }));
+            n += 1;
+        }
+        println!(
+            "  {side}: phase {} ({} alerts/s for {}s) sent in {:.1}s, {} pages received so far",
+            pi + 1,
+            phase.rate,
+            phase.secs,
+            start.elapsed().as_secs_f64(),
+            receiver.count()
+        );
+    }
+    let sending_ended = Instant::now();
+    let mut sent: Vec<(usize, Instant)> = Vec::with_capacity(total);
+    let mut failed = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (pi, at, r) = h.await?;
+        sent.push((pi, at));
+        if let Err(e) = r {
+            failed.push(format!("{side}: alert {run}-{i}: {e}"));
+        }
+    }
+    // Wait for every page (or the lost deadline).
+    let mut got: HashMap<usize, Vec<Instant>> = HashMap::new();
+    let prefix = format!("{run}-");
+    loop {
+        for a in receiver.take() {
+            for id in ids_in(&a.body) {
+                if let Some(k) = id
+                    .strip_prefix(&prefix)
+                    .and_then(|s| s.parse::<usize>().ok())
+                {
+                    got.entry(k).or_default().push(a.at);
+                }
+            }
+        }
+        let complete = (0..total).all(|k| got.contains_key(&k));
+        if complete || sending_ended.elapsed() > LOST_AFTER {
+            break;
+        }
+        check()?;
+        // Poll interval of a wait with a deadline.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Late duplicates: a short look after the last page.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for a in receiver.take() {
+        for id in ids_in(&a.body) {
+            if let Some(k) = id
+                .strip_prefix(&prefix)
+                .and_then(|s| s.parse::<usize>().ok())
+            {
+                got.entry(k).or_default().push(a.at);
+            }
+        }
+    }
+    let mut latencies = vec![Vec::new(); phases.len()];
+    let mut last_page = vec![None::<Instant>; phases.len()];
+    let mut paged = vec![0usize; phases.len()];
+    let (mut lost, mut duplicated) = (0, 0);
+    for (k, (pi, at)) in sent.iter().enumerate() {
+        match got.get(&k) {
+            Some(times) => {
+                let first = *times.iter().min().expect("non-empty");
+                latencies[*pi].push(first.saturating_duration_since(*at));
+                paged[*pi] += 1;
+                last_page[*pi] = Some(last_page[*pi].map_or(first, |l: Instant| l.max(first)));
+                if times.len() > 1 {
+                    duplicated += times.len() - 1;
+                }
+            }
+            None => lost += 1,
+        }
+    }
+    let unknown: usize = got.keys().filter(|k| **k >= total).count();
+    if unknown > 0 {
+        failed.push(format!("{side}: {unknown} pages for alerts never sent"));
+    }
+    for l in &mut latencies {
+        l.sort_unstable();
+    }
+    let pages_per_s = (0..phases.len())
+        .map(|pi| match last_page[pi] {
+            Some(end) => paged[pi] as f64 / end.duration_since(phase_start[pi]).as_secs_f64(),
+            None => 0.0,
+        })
+        .collect();
+    Ok((latencies, pages_per_s, lost, duplicated, failed))
+}
+
+/// nats-server and `tocsin ingest`, `incidents`, `escalation` and
+/// `notifier` as separate processes, each with its own NATS user, paging
+/// `{webhook: bench}` at `hook` at once for every new incident. Everything
+/// is killed and removed on drop.
+pub struct TocsinStack {
+    // Field order is drop order: the processes before NATS and the dir.
+    pub procs: Vec<Proc>,
+    pub nats: NatsServer,
+    pub nats_pid: Option<u32>,
+    pub ingest_url: String,
+    pub token: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TocsinStack {
+    /// `incidents_extra`: more keys of the `incidents:` section (indented
+    /// two spaces), e.g. `  group_by: [alertname, g]\n`; `top_extra`: more
+    /// top-level sections (e.g. `jetstream:`).
+    pub async fn start(
+        hook: &str,
+        incidents_extra: &str,
+        top_extra: &str,
+    ) -> anyhow::Result<TocsinStack> {
+        let bin = tocsin_bin()?;
+        let nats = NatsServer::start().await;
+        let nats_pid = super::nats_server_pid(&nats);
+        let dir = tempfile::Builder::new()
+            .prefix("tocsin-bench-pages-")
+            .tempdir()?;
+        let ingest_port = peer::free_port()?;
+        let token = format!("bench-{}", uuid::Uuid::new_v4().simple());
+        let cred = |id: &str| {
+            format!(
+                "    {id}: {{user: {id}, password: \"{}\"}}\n",
+                nats.password(id)
+            )
+        };
+        let config = format!(
+            r#"nats:
+  url: {url}
+  reconnect_max_delay: 250ms
+  credentials:
+{ingest}{incidents}{escalation}{notifier}ingest:
+  listen: 127.0.0.1:{ingest_port}
+  tokens:
+    - source: bench
+      token: ${{TOCSIN_INGEST_TOKEN}}
+incidents:
+  data_dir: {data}/incidents
+  group_wait: 0s
+{incidents_extra}escalation:
+  data_dir: {data}/escalation
+  route: {{policy: bench}}
+  policies:
+    - name: bench
+      levels:
+        - targets: [{{webhook: bench}}]
+notifier:
+  concurrency: 256
+  webhooks:
+    - name: bench
+      url: {hook}
+      updates: false
+      guard: {{timeout: 10s, concurrency: 256, rate_per_second: 0}}
+{top_extra}"#,
+            url = nats.address(),
+            ingest = cred("ingest"),
+            incidents = cred("incidents"),
+            escalation = cred("escalation"),
+            notifier = cred("notifier"),
+            data = dir.path().display(),
+        );
+        // It holds the NATS passwords: only for this user.
+        let config_path = dir.path().join("tocsin.yaml");
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&config_path)?;
+            std::io::Write::write_all(&mut f, config.as_bytes())?;
+        }
+        let mut procs = Vec::new();
+        for service in SERVICES {
+            let admin = peer::free_port()?;
+            let mut cmd = Command::new(&bin);
+            cmd.current_dir(dir.path())
+                .arg("--config")
+                .arg(&config_path)
+                .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+                .args(["--log-level", "warn", "--grace-period", "2s", service]);
+            if service == "ingest" {
+                cmd.env("TOCSIN_INGEST_TOKEN", &token);
+            }
+            let mut p = Proc::spawn(
+                &format!("tocsin {service}"),
+                cmd,
+                &dir.path().join(format!("{service}.log")),
+            )?;
+            p.wait_http_ok(
+                &format!("http://127.0.0.1:{admin}/readyz"),
+                Duration::from_secs(60),
+            )
+            .await?;
+            procs.push(p);
+        }
+        Ok(TocsinStack {
+            procs,
+            nats,
+            nats_pid,
+            ingest_url: format!("http://127.0.0.1:{ingest_port}"),
+            token,
+            _dir: dir,
+        })
+    }
+
+    /// nats-server's and every process's pid.
+    pub fn pids(&self) -> Vec<Option<u32>> {
+        let mut pids = vec![self.nats_pid];
+        pids.extend(self.procs.iter().map(|p| Some(p.pid())));
+        pids
+    }
+
+    /// Fails if a process has exited.
+    pub fn check(&mut self) -> anyhow::Result<()> {
+        for p in self.procs.iter_mut() {
+            p.check_running()?;
+        }
+        Ok(())
+    }
+
+    /// Peak RSS of nats-server and every process.
+    pub fn rss(&self) -> Vec<(String, Option<f64>)> {
+        let mut rss = vec![("nats-server".to_string(), peer::peak_rss_mib(self.nats_pid))];
+        for p in &self.procs {
+            rss.push((p.name.clone(), peer::peak_rss_mib(Some(p.pid()))));
+        }
+        rss
+    }
+}
+
+/// One Tocsin repetition: fresh nats-server, processes, data.
+async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> {
+    let receiver = Receiver::start().await?;
+    let mut stack = TocsinStack::start(&receiver.url, "", "").await?;
+    let target = Target {
+        url: format!("{}/api/v1/alerts", stack.ingest_url),
+        bearer: Some(stack.token.clone()),
+        alertmanager: false,
+    };
+    warm_up("Tocsin", &target, &receiver, run).await?;
+    let pids = stack.pids();
+    let cpu_before = peer::cpu_ticks_of(&pids);
+    let each_before: Vec<Option<u64>> = pids.iter().map(|p| peer::cpu_ticks(*p)).collect();
+    let (latencies, pages_per_s, lost, duplicated, failed) = {
+        let mut check = || stack.check();
+        drive("Tocsin", &target, &receiver, phases, run, &mut check).await?
+    };
+    let cpu_after = peer::cpu_ticks_of(&pids);
+    let total: usize = phases.iter().map(|p| p.alerts()).sum();
+    // Where the CPU went, per process (s per 1k alerts).
+    let names = std::iter::once("nats-server".to_string())
+        .chain(stack.procs.iter().map(|p| p.name.clone()));
+    let each: Vec<String> = names
+        .zip(pids.iter().zip(each_before))
+        .map(|(name, (pid, before))| {
+            let v = match (before, peer::cpu_ticks(*pid)) {
+                (Some(a), Some(b)) => {
+                    format!(
+                        "{:.3}",
+                        (b - a) as f64 / peer::clock_ticks() / total as f64 * 1000.0
+                    )
+                }
+                _ => "?".into(),
+            };
+            format!("{name} {v}")
+        })
+        .collect();
+    println!(
+        "  Tocsin: CPU s per 1k alerts by process: {}",
+        each.join(", ")
+    );
+    let cpu_per_1k = match (cpu_before, cpu_after) {
+        (Some(a), Some(b)) => (b - a) as f64 / peer::clock_ticks() / total as f64 * 1000.0,
+        _ => f64::NAN,
+    };
+    let rss = stack.rss();
+    stack.check()?;
+    drop(stack);
+    Ok(SideResult {
+        latencies,
+        pages_per_s,
+        lost,
+        duplicated,
+        failed,
+        cpu_per_1k,
+        rss,
+    })
+}
+
+/// One alert through before the clock starts (connections open, consumers
+/// created); an error if its page does not come within 60 s.
+pub async fn warm_up(
+    side: &str,
+    target: &Target,
+    receiver: &Receiver,
+    run: &str,
+) -> anyhow::Result<()> {
+    let id = format!("{run}-warmup");
+    let mut req = reqwest::Client::new()
+        .post(&target.url)
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&target.body(&id))?);
+    if let Some(b) = &target.bearer {
+        req = req.bearer_auth(b);
+    }
+    let r = req.send().await.context("warm-up alert not sent")?;
+    if r.status() != 200 {
+        bail!(
+            "{side}: warm-up alert refused: {} {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if receiver.count() > 0 {
+            let got = receiver.take();
+            if got.iter().any(|a| ids_in(&a.body).contains(&id)) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{side}: the warm-up alert's page did not come within 60s");
+        }
+        // Poll interval of a wait with a deadline.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One Alertmanager repetition: a fresh Alertmanager.
+async fn alertmanager_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> {
+    let receiver = Receiver::start().await?;
+    let mut am = Alertmanager::start(
+        &receiver.url,
+        &Grouping {
+            group_by: format!("[alertname, {ID_LABEL}]"),
+            group_wait: "0s".into(),
+            group_interval: "1m".into(),
+        },
+    )
+    .await?;
+    let target = Target {
+        url: am.alerts_url(),
+        bearer: None,
+        alertmanager: true,
+    };
+    warm_up("Alertmanager", &target, &receiver, run).await?;
+    let pid = Some(am.proc.pid());
+    let cpu_before = peer::cpu_ticks(pid);
+    let (latencies, pages_per_s, lost, duplicated, failed) = {
+        let proc = &mut am.proc;
+        let mut check = || proc.check_running();
+        drive("Alertmanager", &target, &receiver, phases, run, &mut check).await?
+    };
+    let cpu_after = peer::cpu_ticks(pid);
+    let total: usize = phases.iter().map(|p| p.alerts()).sum();
+    let cpu_per_1k = match (cpu_before, cpu_after) {
+        (Some(a), Some(b)) => (b - a) as f64 / peer::clock_ticks() / total as f64 * 1000.0,
+        _ => f64::NAN,
+    };
+    let rss = vec![("alertmanager".to_string(), peer::peak_rss_mib(pid))];
+    Ok(SideResult {
+        latencies,
+        pages_per_s,
+        lost,
+        duplicated,
+        failed,
+        cpu_per_1k,
+        rss,
+    })
+}
+
+fn print_side(rep: usize, side: &str, phases: &[Phase], r: &SideResult) {
+    for (pi, phase) in phases.iter().enumerate() {
+        let l = &r.latencies[pi];
+        println!(
+            "{:>5}  {:<13} {:>6}/s  p50 {:>9} p90 {:>9} p99 {:>9} max {:>9}  {:>7.0} pages/s",
+            rep + 1,
+            side,
+            phase.rate,
+            ms(percentile(l, 0.50)),
+            ms(percentile(l, 0.90)),
+            ms(percentile(l, 0.99)),
+            ms(l.last().copied()),
+            r.pages_per_s[pi],
+        );
+    }
+    println!(
+        "{:>5}  {:<13} lost {}, duplicated {}, failed requests {}, CPU {:.3} s per 1k alerts; peak RSS {}",
+        rep + 1,
+        side,
+        r.lost,
+        r.duplicated,
+        r.failed.len(),
+        r.cpu_per_1k,
+        r.rss
+            .iter()
+            .map(|(n, m)| format!(
+                "{n} {}",
+                m.map(|m| format!("{m:.1} MiB")).unwrap_or_else(|| "?".into())
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
+
+/// Item 3: alert to page, Tocsin as separate processes vs Alertmanager.
+pub async fn page_path(quick: bool, reps: u32) -> anyhow::Result<Outcome> {
+    let phases = if quick {
+        [
+            Phase {
+                rate: 100,
+                secs: 10,
+            },
+            Phase {
+                rate: 1000,
+                secs: 5,
+            },
+        ]
+    } else {
+        [
+            Phase {
+                rate: 100,
+                secs: 30,
+            },
+            Phase {
+                rate: 1000,
+                secs: 30,
+            },
+        ]
+    };
+    println!(
+        "phases: {}; a new group (and incident) per alert; lost = no page {}s after the last send",
+        phases
+            .iter()
+            .map(|p| format!("{} alerts/s for {}s", p.rate, p.secs))
+            .collect::<Vec<_>>()
+            .join(", then "),
+        LOST_AFTER.as_secs()
+    );
+    let nonce = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    let mut figures: Vec<Figure> = Vec::new();
+    for p in &phases {
+        for (metric, better) in [
+            ("p50", "lower"),
+            ("p90", "lower"),
+            ("p99", "lower"),
+            ("max", "lower"),
+        ] {
+            figures.push(
+                Figure::new(
+                    &format!("alert→page {}/s", p.rate),
+                    metric,
+                    "ms",
+                    better,
+                    "Alertmanager",
+                )
+                .side(SIDE),
+            );
+        }
+        figures.push(
+            Figure::new(
+                &format!("alert→page {}/s", p.rate),
+                "pages/s sustained",
+                "pages/s",
+                "higher",
+                "Alertmanager",
+            )
+            .side(SIDE),
+        );
+    }
+    figures.push(
+        Figure::new(
+            "alert→page",
+            "CPU per 1k alerts",
+            "s",
+            "lower",
+            "Alertmanager",
+        )
+        .side("nats-server + the 4 tocsin processes"),
+    );
+    figures.push(
+        Figure::new(
+            "alert→page",
+            "peak RSS, all processes",
+            "MiB",
+            "lower",
+            "Alertmanager",
+        )
+        .side("nats-server + the 4 tocsin processes"),
+    );
+    let mut outcome = Outcome::default();
+    println!(
+        "{:>5}  {:<13} {:>8}  latency from the request sent to the webhook receiver's receipt",
+        "rep", "side", "rate"
+    );
+    for rep in 0..reps as usize {
+        let run = format!("{nonce:x}r{rep}");
+        let order: [bool; 2] = if rep % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for tocsin in order {
+            let (side, r) = if tocsin {
+                ("Tocsin", tocsin_side(&phases, &format!("{run}t")).await?)
+            } else {
+                (
+                    "Alertmanager",
+                    alertmanager_side(&phases, &format!("{run}a")).await?,
+                )
+            };
+            print_side(rep, side, &phases, &r);
+            let mut i = 0;
+            let mut push = |v: f64| {
+                if tocsin {
+                    figures[i].tocsin.push(v);
+                } else {
+                    figures[i].peer_values.push(v);
+                }
+                i += 1;
+            };
+            for (pi, l) in r.latencies.iter().enumerate() {
+                for q in [0.50, 0.90, 0.99, 1.0] {
+                    push(percentile(l, q).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3));
+                }
+                push(r.pages_per_s[pi]);
+            }
+            push(r.cpu_per_1k);
+            push(r.rss.iter().filter_map(|(_, m)| *m).sum());
+            for (name, mib) in &r.rss {
+                outcome.rss(format!("alert→page: {name}"), *mib);
+            }
+            if r.lost > 0 || r.duplicated > 0 || !r.failed.is_empty() {
+                for f in r.failed.iter().take(super::SHOW_FAILURES) {
+                    eprintln!("  {f}");
+                }
+                outcome.problems.push(format!(
+                    "alert→page, {side}, repetition {}: {} lost, {} duplicated, {} failed requests{}",
+                    rep + 1,
+                    r.lost,
+                    r.duplicated,
+                    r.failed.len(),
+                    r.failed.first().map(|f| format!(" (first: {f})")).unwrap_or_default()
+                ));
+            }
+        }
+    }
+    outcome.figures = figures;
+    Ok(outcome)
+}
