@@ -104,6 +104,9 @@ pub(crate) struct Service {
 /// (the incidents service is the stream's only writer).
 const EXPECTED_LAST_SEQUENCE: &str = "Nats-Expected-Last-Sequence";
 
+/// While both wait, this many alerts are read for each command.
+const ALERTS_PER_COMMAND: usize = 3;
+
 /// At most this many inputs are decided and sent before JetStream's
 /// acknowledgements of their entries are awaited.
 const BATCH: usize = 64;
@@ -467,17 +470,28 @@ impl Service {
             };
             reconnect.reset();
             tracing::info!(alerts_from = resume, "incidents service consuming");
-            // Alerts and commands in turn: an operator's acknowledgement
-            // never waits behind an alert storm (nor alerts behind a burst
-            // of commands). Either stream ending makes both anew.
+            // Alerts and commands in turn, ALERTS_PER_COMMAND alerts to a
+            // command while both wait: an operator's acknowledgement never
+            // waits behind an alert storm, and the receipts of the pages a
+            // storm sends (two commands a page) do not halve how fast it
+            // opens incidents. Either stream ending makes both anew.
             let ended = || futures::stream::once(futures::future::ready(Input::Ended));
-            let mut inputs = futures::stream::select(
+            let mut turn = 0usize;
+            let mut inputs = futures::stream::select_with_strategy(
                 alerts
                     .map(|m| Input::Alert(m.map_err(|e| e.to_string())))
                     .chain(ended()),
                 commands
                     .map(|m| Input::Command(m.map_err(|e| e.to_string())))
                     .chain(ended()),
+                move |_: &mut ()| {
+                    turn = (turn + 1) % (ALERTS_PER_COMMAND + 1);
+                    if turn == 0 {
+                        futures::stream::PollNext::Right
+                    } else {
+                        futures::stream::PollNext::Left
+                    }
+                },
             );
             // How far each input stream is handled: ALERTS up to the
             // cursor, COMMANDS up to the consumer's ack floor.
@@ -1035,16 +1049,20 @@ impl Service {
             self.save(&mut p);
         }
         let now = Timestamp::now();
+        // Commands are answered and acknowledged all at once: each
+        // acknowledgement is a round trip to JetStream.
+        let mut done = Vec::new();
         for h in handled.drain(..) {
             match h {
                 Handled::Alert(_, received_at, written) => {
                     self.alert_done(written, received_at, now)
                 }
                 Handled::Command { msg, cmd, verdict } => {
-                    self.command_done(*msg, &cmd, verdict).await
+                    done.push(async move { self.command_done(*msg, &cmd, verdict).await })
                 }
             }
         }
+        futures::future::join_all(done).await;
         Ok(())
     }
 

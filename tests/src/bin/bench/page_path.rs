@@ -307,9 +307,15 @@ impl TocsinStack {
         let bin = tocsin_bin()?;
         let nats = NatsServer::start().await;
         let nats_pid = super::nats_server_pid(&nats);
+        // TOCSIN_BENCH_KEEP=1 keeps the processes' logs and data (the
+        // folder is printed) to look at after the run.
         let dir = tempfile::Builder::new()
             .prefix("tocsin-bench-pages-")
+            .disable_cleanup(std::env::var_os("TOCSIN_BENCH_KEEP").is_some())
             .tempdir()?;
+        if std::env::var_os("TOCSIN_BENCH_KEEP").is_some() {
+            eprintln!("  keeping {} (TOCSIN_BENCH_KEEP)", dir.path().display());
+        }
         let ingest_port = peer::free_port()?;
         let token = format!("bench-{}", uuid::Uuid::new_v4().simple());
         let cred = |id: &str| {
