@@ -72,8 +72,16 @@ const LEVEL_DELAY: Duration = Duration::from_secs(10);
 /// the acknowledgement while it is running; one that was down must read
 /// it before it fires what fell due meanwhile).
 const ACK_MARGIN: Duration = Duration::from_secs(1);
-/// How long anything may take to settle after the chaos.
-const SETTLE: Duration = Duration::from_secs(180);
+/// How long anything may take to settle after the chaos: 3 minutes, 15
+/// with `TOCSIN_CHAOS_LONG` (PagerDuty's 2 events/s alone then needs most
+/// of the soak for its backlog).
+fn settle_limit() -> Duration {
+    if std::env::var_os("TOCSIN_CHAOS_LONG").is_some() {
+        Duration::from_secs(900)
+    } else {
+        Duration::from_secs(180)
+    }
+}
 
 /// Level 0 pages the `teams` webhook and PagerDuty at once; level 1 pages
 /// the webhook again 10 s later unless someone acknowledged. alice is who
@@ -379,7 +387,7 @@ async fn send_all(scale: &Scale, ports: [u16; 2], sent: Arc<Mutex<Sent>>) {
                 tokio::time::sleep_until(started + gap * i as u32).await;
                 let body = webhook(g, b, n, &starts_at);
                 let mut attempt = 0usize;
-                let deadline = Instant::now() + SETTLE;
+                let deadline = Instant::now() + settle_limit();
                 loop {
                     let port = ports[(i + attempt) % 2];
                     let r = client
@@ -402,7 +410,8 @@ async fn send_all(scale: &Scale, ports: [u16; 2], sent: Arc<Mutex<Sent>>) {
                     attempt += 1;
                     assert!(
                         Instant::now() < deadline,
-                        "no ingest replica took webhook {i} within {SETTLE:?}"
+                        "no ingest replica took webhook {i} within {:?}",
+                        settle_limit()
                     );
                     // Alertmanager's retry pause, not a wait for an outcome.
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -524,7 +533,7 @@ async fn operators(
                     // The operator's reaction time, not a wait for an outcome.
                     tokio::time::sleep(Duration::from_nanos((at - now_ns) as u64)).await;
                 }
-                let deadline = Instant::now() + SETTLE;
+                let deadline = Instant::now() + settle_limit();
                 let mut tries = 0;
                 loop {
                     tries += 1;
@@ -801,7 +810,7 @@ async fn scenario(test: &str, mut bus: Bus) {
 
     // Settle: every group has its incident, and every incident opened has
     // been seen by the operators (so the sampled acks are under way).
-    eventually_within(SETTLE, || async {
+    eventually_within(settle_limit(), || async {
         let n = seen.lock().unwrap().opened.len();
         if n >= scale.groups {
             Ok(())
@@ -870,7 +879,7 @@ async fn scenario(test: &str, mut bus: Bus) {
         }
         m
     };
-    let waited = eventually_within(SETTLE, || async {
+    let waited = eventually_within(settle_limit(), || async {
         let pages = pages_of(&fakes);
         let missing = never_acked
             .iter()
@@ -885,12 +894,13 @@ async fn scenario(test: &str, mut bus: Bus) {
     .await;
     if let Err(missing) = waited {
         panic!(
-            "{missing} unacknowledged incidents still lack a page after {SETTLE:?}; rejected {:?}{}",
+            "{missing} unacknowledged incidents still lack a page after {:?}; rejected {:?}{}",
+            settle_limit(),
             fakes.rejected(),
             fleet.logs()
         );
     }
-    tocsin_tests::notifier::settled(&js, SETTLE).await;
+    tocsin_tests::notifier::settled(&js, settle_limit()).await;
 
     // The record.
     let log = read_raw(&js, STREAM_INCIDENTS).await;
