@@ -68,6 +68,19 @@ pub async fn try_publish_alert(
     alert: Alert,
     at: Timestamp,
 ) -> Result<u64, String> {
+    let (subject, h, payload) = alert_message(alert, at);
+    Ok(js
+        .publish_with_headers(subject, h, payload.into())
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?
+        .sequence)
+}
+
+/// An alert received at `at` as ingest stores it: subject, headers (its
+/// message id) and the encoded envelope.
+fn alert_message(alert: Alert, at: Timestamp) -> (String, HeaderMap, Vec<u8>) {
     let subject = alert_subject(
         alert.origin.kind.unwrap_or(SourceKind::Generic),
         &alert.fingerprint,
@@ -77,13 +90,7 @@ pub async fn try_publish_alert(
     let env = Envelope::new("test", at, alert);
     let mut h = HeaderMap::new();
     h.insert(headers::MSG_ID, msg_id.as_str());
-    Ok(js
-        .publish_with_headers(subject, h, codec::encode(&env).unwrap().into())
-        .await
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?
-        .sequence)
+    (subject, h, codec::encode(&env).unwrap())
 }
 
 /// Publishes many alerts at once, as a storm arrives: every publish is
@@ -94,17 +101,9 @@ pub async fn publish_alerts_pipelined(
 ) -> Vec<u64> {
     let mut pending = Vec::with_capacity(alerts.len());
     for (alert, at) in alerts {
-        let subject = alert_subject(
-            alert.origin.kind.unwrap_or(SourceKind::Generic),
-            &alert.fingerprint,
-        );
-        let mut msg_id = alert.msg_id();
-        msg_id.push_str(&format!(":{}", at.as_nanosecond()));
-        let env = Envelope::new("test", at, alert);
-        let mut h = HeaderMap::new();
-        h.insert(headers::MSG_ID, msg_id.as_str());
+        let (subject, h, payload) = alert_message(alert, at);
         pending.push(
-            js.publish_with_headers(subject, h, codec::encode(&env).unwrap().into())
+            js.publish_with_headers(subject, h, payload.into())
                 .await
                 .expect("alert sent"),
         );

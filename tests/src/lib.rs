@@ -47,6 +47,14 @@ pub use tocsin::TocsinHarness;
 /// Token the harness configures for ingest.
 pub const TEST_TOKEN: &str = "test-token-0123456789abcdef";
 
+/// SIGTERM to `child` (a process's clean shutdown), then waits for it to exit.
+pub fn terminate(mut child: std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
 /// Installs a test log subscriber once (`TOCSIN_TEST_LOG=debug` to see logs).
 pub fn init_logs() {
     tocsin_runtime::install_crypto();

@@ -207,11 +207,8 @@ impl NatsServer {
     /// SIGTERM (a clean shutdown: nats-server closes its clients and
     /// flushes its store) and waits for it to exit, keeping its store.
     pub fn terminate(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            crate::terminate(child);
         }
     }
 

@@ -18,16 +18,15 @@ use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{NatsServer, TEST_TOKEN};
 
-/// The NATS identities the harness gives credentials: the services it runs
-/// and the operator CLI.
-pub const SERVICE_IDENTITIES: [&str; 7] = [
+/// Every Tocsin service, by the name `tocsin <service>` runs it under and
+/// its NATS user's name.
+pub const SERVICES: [&str; 6] = [
     "ingest",
     "incidents",
     "escalation",
     "notifier",
     "chatops",
     "remediation",
-    "operator",
 ];
 
 /// Running services plus what a test needs to talk to them.
@@ -62,7 +61,8 @@ impl TocsinHarness {
         ingest.publish_timeout = tocsin_runtime::config::HumanDuration(Duration::from_secs(2));
         ingest.retry_after = tocsin_runtime::config::HumanDuration(Duration::from_secs(1));
         let mut nats_cfg = NatsConfig::for_url(nats.address());
-        for identity in SERVICE_IDENTITIES {
+        // The services it runs and the operator CLI.
+        for identity in SERVICES.into_iter().chain(["operator"]) {
             nats_cfg
                 .credentials
                 .insert(identity, Credential::Read(nats.auth(identity)));

@@ -38,6 +38,7 @@ use tocsin_tests::{
     fakes::{FakeProviders, SlackPost},
     nats::password_variable,
     smtp::SmtpSink,
+    tocsin::SERVICES,
     NatsServer,
 };
 
@@ -64,16 +65,6 @@ users:
   - {name: alice, email: alice@example.com, phone: "+14155550101", slack: U01ALICE}
   - {name: bob, email: bob@example.com, phone: "+14155550102", slack: U01BOB}
 "##;
-
-/// The services, each run as `tocsin <service>`.
-const SERVICES: [&str; 6] = [
-    "ingest",
-    "incidents",
-    "escalation",
-    "notifier",
-    "chatops",
-    "remediation",
-];
 
 const INSTALL_HINT: &str = "install Prometheus Alertmanager: `./deploy/dev.sh deps` \
     (as root with apt-get it installs Debian's prometheus-alertmanager), \

@@ -48,22 +48,13 @@ use tocsin_tests::{
     eventually_within,
     fakes::FakeProviders,
     smtp::SmtpSink,
+    tocsin::SERVICES,
     NatsCluster, NatsServer, TestRng,
 };
 
 use crate::support::{
     bin, free_port, notifier_section, read_raw, terms_never_go_back, try_read, Proc, Setup, TOKEN,
 };
-
-/// Every service, each run twice.
-const SERVICES: [&str; 6] = [
-    "ingest",
-    "incidents",
-    "escalation",
-    "notifier",
-    "chatops",
-    "remediation",
-];
 
 /// The second level is due this long after an incident opens.
 const LEVEL_DELAY: Duration = Duration::from_secs(10);

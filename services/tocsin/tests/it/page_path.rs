@@ -348,14 +348,7 @@ async fn the_shipped_config_starts_and_shows_the_first_page() {
     let config = dir.path().join("config/tocsin.yaml");
     std::fs::write(&config, text).unwrap();
     let mut cmd_env = vec![("TOCSIN_NATS_URL".to_string(), nats.address())];
-    for who in [
-        "ingest",
-        "incidents",
-        "escalation",
-        "notifier",
-        "chatops",
-        "remediation",
-    ] {
+    for who in tocsin_tests::tocsin::SERVICES {
         cmd_env.push((
             tocsin_tests::nats::password_variable(who),
             nats.password(who).to_string(),

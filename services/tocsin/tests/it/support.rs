@@ -147,11 +147,8 @@ impl Proc {
 
     /// SIGTERM, and wait for it to drain and exit.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            tocsin_tests::terminate(c);
         }
     }
 

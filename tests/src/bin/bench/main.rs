@@ -558,22 +558,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         "tocsin bench ingest: {requests} requests x {per_request} alerts = {per_round} alerts per round and side, \
          {connections} connections, {rounds} rounds"
     );
-    println!(
-        "machine: {} CPUs (available_parallelism); nats-server {}{}",
-        std::thread::available_parallelism()
-            .map(|n| n.get().to_string())
-            .unwrap_or_else(|_| "?".into()),
-        if server_version.is_empty() {
-            "version unknown".to_string()
-        } else {
-            format!("v{server_version}")
-        },
-        if private.is_some() {
-            " (private: JetStream file store in a temp dir, sync_interval: always)".to_string()
-        } else {
-            format!(" at {nats_url}")
-        },
-    );
+    print_machine(&server_version, private.is_some(), &nats_url);
     println!(
         "services: {}",
         if args.with_incidents {
@@ -1156,22 +1141,7 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
         "tocsin bench incidents: {n_alerts} alerts over {groups} groups pre-loaded, \
          then {live} live alerts at {rate} alerts/s"
     );
-    println!(
-        "machine: {} CPUs (available_parallelism); nats-server {}{}",
-        std::thread::available_parallelism()
-            .map(|n| n.get().to_string())
-            .unwrap_or_else(|_| "?".into()),
-        if server_version.is_empty() {
-            "version unknown".to_string()
-        } else {
-            format!("v{server_version}")
-        },
-        if private.is_some() {
-            " (private: JetStream file store in a temp dir, sync_interval: always)".to_string()
-        } else {
-            format!(" at {nats_url}")
-        },
-    );
+    print_machine(&server_version, private.is_some(), &nats_url);
     println!(
         "service: incidents alone, in-process, its own NATS connection, a fresh sled data dir, \
          the default config (reopen_window {:?}, group_wait {:?}, auto_resolve {}), the system clock",
@@ -1554,22 +1524,7 @@ async fn escalation(args: EscalationArgs) -> anyhow::Result<()> {
         n.div_ceil(bursts),
         acked.len(),
     );
-    println!(
-        "machine: {} CPUs (available_parallelism); nats-server {}{}",
-        std::thread::available_parallelism()
-            .map(|n| n.get().to_string())
-            .unwrap_or_else(|_| "?".into()),
-        if server_version.is_empty() {
-            "version unknown".to_string()
-        } else {
-            format!("v{server_version}")
-        },
-        if private.is_some() {
-            " (private: JetStream file store in a temp dir, sync_interval: always)".to_string()
-        } else {
-            format!(" at {nats_url}")
-        },
-    );
+    print_machine(&server_version, private.is_some(), &nats_url);
     println!(
         "service: escalation alone, in-process, its own NATS connection, a sled data dir in a temp dir, \
          a ManualClock (set by the bench; pages carry clock time)"
@@ -3833,4 +3788,24 @@ fn ms(d: Option<Duration>) -> String {
         Some(d) => format!("{:.1}ms", d.as_secs_f64() * 1e3),
         None => "-".into(),
     }
+}
+
+/// The machine line every benchmark prints: CPUs and which nats-server.
+fn print_machine(server_version: &str, private: bool, nats_url: &str) {
+    println!(
+        "machine: {} CPUs (available_parallelism); nats-server {}{}",
+        std::thread::available_parallelism()
+            .map(|n| n.get().to_string())
+            .unwrap_or_else(|_| "?".into()),
+        if server_version.is_empty() {
+            "version unknown".to_string()
+        } else {
+            format!("v{server_version}")
+        },
+        if private {
+            " (private: JetStream file store in a temp dir, sync_interval: always)".to_string()
+        } else {
+            format!(" at {nats_url}")
+        },
+    );
 }

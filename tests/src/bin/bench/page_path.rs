@@ -235,7 +235,8 @@ async fn drive(
         // Poll interval of a wait with a deadline.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Late duplicates: a short look after the last page.
+    // Late duplicates: a bounded look after the last page (a harness that
+    // reports what it saw, not a test; a repeat later than this goes uncounted).
     tokio::time::sleep(Duration::from_millis(500)).await;
     for a in receiver.take() {
         for id in ids_in(&a.body) {
@@ -488,6 +489,33 @@ async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> 
     })
 }
 
+/// A fresh Alertmanager grouping by `alertname` and `label`, sending at
+/// once (`group_wait: 0s`, then every `group_interval`) to a new receiver,
+/// warmed up: the receiver, Alertmanager and where to send alerts.
+pub async fn alertmanager_peer(
+    label: &str,
+    group_interval: &str,
+    run: &str,
+) -> anyhow::Result<(Receiver, Alertmanager, Target)> {
+    let receiver = Receiver::start().await?;
+    let am = Alertmanager::start(
+        &receiver.url,
+        &Grouping {
+            group_by: format!("[alertname, {label}]"),
+            group_wait: "0s".into(),
+            group_interval: group_interval.into(),
+        },
+    )
+    .await?;
+    let target = Target {
+        url: am.alerts_url(),
+        bearer: None,
+        alertmanager: true,
+    };
+    warm_up("Alertmanager", &target, &receiver, run).await?;
+    Ok((receiver, am, target))
+}
+
 /// One alert through before the clock starts (connections open, consumers
 /// created); an error if its page does not come within 60 s.
 pub async fn warm_up(
@@ -530,22 +558,7 @@ pub async fn warm_up(
 
 /// One Alertmanager repetition: a fresh Alertmanager.
 async fn alertmanager_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> {
-    let receiver = Receiver::start().await?;
-    let mut am = Alertmanager::start(
-        &receiver.url,
-        &Grouping {
-            group_by: format!("[alertname, {ID_LABEL}]"),
-            group_wait: "0s".into(),
-            group_interval: "1m".into(),
-        },
-    )
-    .await?;
-    let target = Target {
-        url: am.alerts_url(),
-        bearer: None,
-        alertmanager: true,
-    };
-    warm_up("Alertmanager", &target, &receiver, run).await?;
+    let (receiver, mut am, target) = alertmanager_peer(ID_LABEL, "1m", run).await?;
     let pid = Some(am.proc.pid());
     let cpu_before = peer::cpu_ticks(pid);
     let (latencies, pages_per_s, lost, duplicated, failed) = {
