@@ -558,7 +558,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         "tocsin bench ingest: {requests} requests x {per_request} alerts = {per_round} alerts per round and side, \
          {connections} connections, {rounds} rounds"
     );
-    print_machine(&server_version, private.is_some(), &nats_url);
+    print_machine(&server_version, &nats_where(private.is_some(), &nats_url));
     println!(
         "services: {}",
         if args.with_incidents {
@@ -1141,7 +1141,7 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
         "tocsin bench incidents: {n_alerts} alerts over {groups} groups pre-loaded, \
          then {live} live alerts at {rate} alerts/s"
     );
-    print_machine(&server_version, private.is_some(), &nats_url);
+    print_machine(&server_version, &nats_where(private.is_some(), &nats_url));
     println!(
         "service: incidents alone, in-process, its own NATS connection, a fresh sled data dir, \
          the default config (reopen_window {:?}, group_wait {:?}, auto_resolve {}), the system clock",
@@ -1524,7 +1524,7 @@ async fn escalation(args: EscalationArgs) -> anyhow::Result<()> {
         n.div_ceil(bursts),
         acked.len(),
     );
-    print_machine(&server_version, private.is_some(), &nats_url);
+    print_machine(&server_version, &nats_where(private.is_some(), &nats_url));
     println!(
         "service: escalation alone, in-process, its own NATS connection, a sled data dir in a temp dir, \
          a ManualClock (set by the bench; pages carry clock time)"
@@ -2382,17 +2382,10 @@ async fn notifier(args: NotifierArgs) -> anyhow::Result<()> {
         channel_names.join(", "),
         NOTIFIER_REPLICAS.map(|r| r.to_string()).join(" and "),
     );
-    println!(
-        "machine: {} CPUs (available_parallelism); nats-server {} (private, a fresh one per round and \
-         replica count: JetStream file store in a temp dir, sync_interval: always)",
-        std::thread::available_parallelism()
-            .map(|n| n.get().to_string())
-            .unwrap_or_else(|_| "?".into()),
-        if server_version.is_empty() {
-            "version unknown".to_string()
-        } else {
-            format!("v{server_version}")
-        },
+    print_machine(
+        &server_version,
+        " (private, a fresh one per round and replica count: JetStream file store in a temp dir, \
+         sync_interval: always)",
     );
     println!(
         "notifier: replicas in-process (tocsin_tests::notifier::Replica), each with its own NATS connection \
@@ -3790,10 +3783,20 @@ fn ms(d: Option<Duration>) -> String {
     }
 }
 
-/// The machine line every benchmark prints: CPUs and which nats-server.
-fn print_machine(server_version: &str, private: bool, nats_url: &str) {
+/// Which nats-server, for [`print_machine`]: a private one, or `url`.
+fn nats_where(private: bool, url: &str) -> String {
+    if private {
+        " (private: JetStream file store in a temp dir, sync_interval: always)".to_string()
+    } else {
+        format!(" at {url}")
+    }
+}
+
+/// The machine line every benchmark prints: CPUs, and which nats-server
+/// (`which` follows its version).
+fn print_machine(server_version: &str, which: &str) {
     println!(
-        "machine: {} CPUs (available_parallelism); nats-server {}{}",
+        "machine: {} CPUs (available_parallelism); nats-server {}{which}",
         std::thread::available_parallelism()
             .map(|n| n.get().to_string())
             .unwrap_or_else(|_| "?".into()),
@@ -3801,11 +3804,6 @@ fn print_machine(server_version: &str, private: bool, nats_url: &str) {
             "version unknown".to_string()
         } else {
             format!("v{server_version}")
-        },
-        if private {
-            " (private: JetStream file store in a temp dir, sync_interval: always)".to_string()
-        } else {
-            format!(" at {nats_url}")
         },
     );
 }
