@@ -105,14 +105,14 @@ ensure_alertmanager() {
   local found
   found="$(command -v alertmanager || command -v prometheus-alertmanager || true)"
   if [ -z "$found" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    say "installing Prometheus Alertmanager (apt-get install prometheus-alertmanager) for the end-to-end test"
+    say "installing Prometheus Alertmanager (apt-get install prometheus-alertmanager) for the end-to-end test and bench all"
     { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus-alertmanager >/dev/null 2>&1 \
       || { apt-get update -qq >/dev/null 2>&1 \
            && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus-alertmanager >/dev/null 2>&1; }; } \
       || die "apt-get could not install prometheus-alertmanager; $AM_INSTALL_HINT."
     found="$(command -v alertmanager || command -v prometheus-alertmanager || true)"
   fi
-  [ -n "$found" ] || die "Prometheus Alertmanager not found, and the end-to-end test needs it; $AM_INSTALL_HINT."
+  [ -n "$found" ] || die "Prometheus Alertmanager not found, and the end-to-end test and bench all need it; $AM_INSTALL_HINT."
   export ALERTMANAGER_BIN="$found"
 }
 
@@ -133,8 +133,10 @@ cmd_bench() {
   cd "$ROOT"
   if [ "${1:-}" = all ]; then
     # `bench all` runs target/release/tocsin as separate processes and a
-    # real Alertmanager (ALERTMANAGER_BIN, else on the PATH).
-    # Built with the bench in one go, so both share one feature set.
+    # real Alertmanager (ALERTMANAGER_BIN, else on the PATH; installed as
+    # the test command installs it). Built with the bench in one go, so
+    # both share one feature set.
+    ensure_alertmanager
     cargo build --locked --release -p tocsin-tests --bin bench -p tocsin --bin tocsin
   fi
   cargo run --locked --release -p tocsin-tests --bin bench -- "$@"

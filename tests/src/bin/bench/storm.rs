@@ -133,16 +133,8 @@ async fn drive(
                     if let Some(b) = &bearer {
                         req = req.bearer_auth(b);
                     }
-                    match req.send().await {
-                        Ok(resp) if resp.status() == 200 => {
-                            let _ = resp.bytes().await;
-                        }
-                        Ok(resp) => failures.push(format!(
-                            "request {r}: {} {}",
-                            resp.status(),
-                            resp.text().await.unwrap_or_default().trim()
-                        )),
-                        Err(e) => failures.push(format!("request {r}: not sent: {e}")),
+                    if let Err(e) = super::page_path::send_as_alertmanager_does(req).await {
+                        failures.push(format!("request {r}: {e}"));
                     }
                 }
                 if failures.is_empty() {
