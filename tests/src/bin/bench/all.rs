@@ -27,7 +27,8 @@ use super::{
 
 #[derive(Args, Debug)]
 pub struct AllArgs {
-    /// One repetition and small sizes (the whole run takes a minute or two).
+    /// One repetition and small sizes (the whole run takes about six
+    /// minutes).
     #[arg(long)]
     quick: bool,
     /// Repetitions of every scenario (default 3; 1 with --quick).
@@ -40,6 +41,14 @@ pub struct AllArgs {
     /// <target dir>/bench/all-<unix time>.json).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Pending escalation timers of the timers scenario (default 100,000;
+    /// 10,000 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(10..=10_000_000))]
+    timers: Option<u32>,
+    /// Open incidents of the recovery scenario (default 100,000; 5,000 with
+    /// --quick).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    incidents: Option<u32>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,7 +56,14 @@ pub enum Scenario {
     Ingest,
     AlertToPage,
     Storm,
+    Timers,
+    Recovery,
+    Notifier,
 }
+
+/// The `peer` of a figure nothing runs beside: its `peer_values` are empty
+/// (the table prints `—`, `compare` leaves it out).
+pub const NO_PEER: &str = "—";
 
 #[derive(Args, Debug)]
 pub struct CompareArgs {
@@ -68,9 +84,10 @@ pub struct Figure {
     pub better: String,
     /// What the Tocsin column measures (e.g. which processes' CPU).
     pub tocsin_side: String,
+    /// [`NO_PEER`] where nothing runs beside Tocsin.
     pub peer: String,
     /// Per repetition; a figure that could not be measured is NaN (null in
-    /// the JSON).
+    /// the JSON). `peer_values` is empty where there is no peer.
     #[serde(deserialize_with = "nulls_as_nan")]
     pub tocsin: Vec<f64>,
     #[serde(deserialize_with = "nulls_as_nan")]
@@ -100,6 +117,15 @@ impl Figure {
     pub fn side(mut self, what: &str) -> Figure {
         self.tocsin_side = what.into();
         self
+    }
+
+    /// One repetition's value, in the Tocsin column or the peer's.
+    pub fn push(&mut self, tocsin: bool, v: f64) {
+        if tocsin {
+            self.tocsin.push(v);
+        } else {
+            self.peer_values.push(v);
+        }
     }
 
     fn key(&self) -> String {
@@ -211,6 +237,27 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
         outcomes.push(super::storm::storm(quick, reps).await?);
         println!();
     }
+    if run(Scenario::Timers) {
+        println!("== timers: pending escalation timers, the escalation service alone (no peer)");
+        let n = args.timers.unwrap_or(if quick { 10_000 } else { 100_000 });
+        outcomes.push(super::timers::timers(n, reps).await?);
+        println!();
+    }
+    if run(Scenario::Recovery) {
+        println!(
+            "== recovery: incidents and escalation SIGKILLed with many open incidents, separate processes (no peer)"
+        );
+        let n = args
+            .incidents
+            .unwrap_or(if quick { 5_000 } else { 100_000 });
+        outcomes.push(super::recovery::recovery(n, reps).await?);
+        println!();
+    }
+    if run(Scenario::Notifier) {
+        println!("== notifier: pages/s to the fake providers, 2 replicas vs 1");
+        outcomes.push(super::notifier_all::notifier(quick, reps).await?);
+        println!();
+    }
 
     let mut report = Report {
         unix_time,
@@ -274,7 +321,7 @@ fn num(x: f64) -> String {
 
 fn cell(v: &[f64]) -> String {
     if v.is_empty() {
-        return "-".into();
+        return NO_PEER.into();
     }
     let (lo, hi) = min_max(v);
     if v.len() == 1 {
@@ -365,10 +412,12 @@ pub fn compare(args: CompareArgs) -> anyhow::Result<()> {
                 format!("{} (Tocsin)", f.key()),
                 (median(f.tocsin.clone()), f.better.clone()),
             );
-            m.insert(
-                format!("{} ({})", f.key(), f.peer),
-                (median(f.peer_values.clone()), f.better.clone()),
-            );
+            if !f.peer_values.is_empty() {
+                m.insert(
+                    format!("{} ({})", f.key(), f.peer),
+                    (median(f.peer_values.clone()), f.better.clone()),
+                );
+            }
         }
         m
     };
