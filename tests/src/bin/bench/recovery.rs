@@ -507,6 +507,7 @@ async fn wait_quiet(
 ) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let mut last: Option<(Vec<u64>, Instant)> = None;
+    let mut progress_at = started + PROGRESS_EVERY;
     loop {
         let mut seqs = Vec::new();
         let mut busy = Vec::new();
@@ -544,6 +545,18 @@ async fn wait_quiet(
                 "the engine was not quiet within {limit:?}: {}",
                 busy.join("; ")
             );
+        }
+        if now >= progress_at {
+            println!(
+                "  ... {:.0}s: not quiet yet: {}",
+                (now - started).as_secs_f64(),
+                if busy.is_empty() {
+                    "the streams still grow".to_string()
+                } else {
+                    busy.join("; ")
+                }
+            );
+            progress_at += PROGRESS_EVERY;
         }
         stack.check()?;
         // Poll interval of a wait with a deadline.
