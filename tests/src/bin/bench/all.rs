@@ -220,30 +220,41 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
 
     let mut outcomes = Vec::new();
     let run = |s: Scenario| args.only.is_empty() || args.only.contains(&s);
+    // How long each scenario took, for the last line.
+    let mut took: Vec<(&str, Duration)> = Vec::new();
     if run(Scenario::Ingest) {
+        let t = Instant::now();
         println!(
             "== ingest: Tocsin ingest (HTTP) vs raw JetStream vs Alertmanager POST /api/v2/alerts"
         );
         outcomes.push(ingest_side_by_side(quick, reps).await?);
+        took.push(("ingest", t.elapsed()));
         println!();
     }
     if run(Scenario::AlertToPage) {
+        let t = Instant::now();
         println!("== alert to page: separate processes vs Alertmanager");
         outcomes.push(super::page_path::page_path(quick, reps).await?);
+        took.push(("alert-to-page", t.elapsed()));
         println!();
     }
     if run(Scenario::Storm) {
+        let t = Instant::now();
         println!("== storm: many alerts over few groups, separate processes vs Alertmanager");
         outcomes.push(super::storm::storm(quick, reps).await?);
+        took.push(("storm", t.elapsed()));
         println!();
     }
     if run(Scenario::Timers) {
+        let t = Instant::now();
         println!("== timers: pending escalation timers, the escalation service alone (no peer)");
         let n = args.timers.unwrap_or(if quick { 10_000 } else { 100_000 });
         outcomes.push(super::timers::timers(n, reps).await?);
+        took.push(("timers", t.elapsed()));
         println!();
     }
     if run(Scenario::Recovery) {
+        let t = Instant::now();
         println!(
             "== recovery: incidents and escalation SIGKILLed with many open incidents, separate processes (no peer)"
         );
@@ -251,11 +262,14 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
             .incidents
             .unwrap_or(if quick { 5_000 } else { 100_000 });
         outcomes.push(super::recovery::recovery(n, reps).await?);
+        took.push(("recovery", t.elapsed()));
         println!();
     }
     if run(Scenario::Notifier) {
+        let t = Instant::now();
         println!("== notifier: pages/s to the fake providers, 2 replicas vs 1");
         outcomes.push(super::notifier_all::notifier(quick, reps).await?);
+        took.push(("notifier", t.elapsed()));
         println!();
     }
 
@@ -284,9 +298,13 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", json_path.display()))?;
     println!();
     println!(
-        "figures written to {} (compare two runs: bench compare A.json B.json); took {:.0}s",
+        "figures written to {} (compare two runs: bench compare A.json B.json); took {:.0}s ({})",
         json_path.display(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        took.iter()
+            .map(|(name, d)| format!("{name} {:.0}s", d.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     if !report.problems.is_empty() {
         for p in &report.problems {
