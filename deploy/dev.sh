@@ -9,8 +9,9 @@
 #                            (and Alertmanager, see ALERTMANAGER_BIN)
 #   ./deploy/dev.sh bench …  run the benchmark harness (release build)
 #   ./deploy/dev.sh bench all [--quick] [--only SCENARIO] [--json FILE]
-#                            every side-by-side scenario (Tocsin vs raw
-#                            JetStream and Prometheus Alertmanager), one
+#                            every scenario (ingest, alert-to-page, storm:
+#                            Tocsin vs raw JetStream and Prometheus
+#                            Alertmanager; timers, recovery, notifier), one
 #                            table, figures as JSON (default
 #                            target/bench/all-<unix time>.json)
 #   ./deploy/dev.sh bench compare A.json B.json

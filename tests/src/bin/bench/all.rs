@@ -27,7 +27,8 @@ use super::{
 
 #[derive(Args, Debug)]
 pub struct AllArgs {
-    /// One repetition and small sizes (the whole run takes a minute or two).
+    /// One repetition and small sizes (the whole run takes about six
+    /// minutes).
     #[arg(long)]
     quick: bool,
     /// Repetitions of every scenario (default 3; 1 with --quick).
@@ -40,6 +41,14 @@ pub struct AllArgs {
     /// <target dir>/bench/all-<unix time>.json).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Pending escalation timers of the timers scenario (default 100,000;
+    /// 10,000 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(10..=10_000_000))]
+    timers: Option<u32>,
+    /// Open incidents of the recovery scenario (default 100,000; 5,000 with
+    /// --quick).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    incidents: Option<u32>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,7 +56,14 @@ pub enum Scenario {
     Ingest,
     AlertToPage,
     Storm,
+    Timers,
+    Recovery,
+    Notifier,
 }
+
+/// The `peer` of a figure nothing runs beside: its `peer_values` are empty
+/// (the table prints `—`, `compare` leaves it out).
+pub const NO_PEER: &str = "—";
 
 #[derive(Args, Debug)]
 pub struct CompareArgs {
@@ -68,9 +84,10 @@ pub struct Figure {
     pub better: String,
     /// What the Tocsin column measures (e.g. which processes' CPU).
     pub tocsin_side: String,
+    /// [`NO_PEER`] where nothing runs beside Tocsin.
     pub peer: String,
     /// Per repetition; a figure that could not be measured is NaN (null in
-    /// the JSON).
+    /// the JSON). `peer_values` is empty where there is no peer.
     #[serde(deserialize_with = "nulls_as_nan")]
     pub tocsin: Vec<f64>,
     #[serde(deserialize_with = "nulls_as_nan")]
@@ -100,6 +117,15 @@ impl Figure {
     pub fn side(mut self, what: &str) -> Figure {
         self.tocsin_side = what.into();
         self
+    }
+
+    /// One repetition's value, in the Tocsin column or the peer's.
+    pub fn push(&mut self, tocsin: bool, v: f64) {
+        if tocsin {
+            self.tocsin.push(v);
+        } else {
+            self.peer_values.push(v);
+        }
     }
 
     fn key(&self) -> String {
@@ -194,21 +220,56 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
 
     let mut outcomes = Vec::new();
     let run = |s: Scenario| args.only.is_empty() || args.only.contains(&s);
+    // How long each scenario took, for the last line.
+    let mut took: Vec<(&str, Duration)> = Vec::new();
     if run(Scenario::Ingest) {
+        let t = Instant::now();
         println!(
             "== ingest: Tocsin ingest (HTTP) vs raw JetStream vs Alertmanager POST /api/v2/alerts"
         );
         outcomes.push(ingest_side_by_side(quick, reps).await?);
+        took.push(("ingest", t.elapsed()));
         println!();
     }
     if run(Scenario::AlertToPage) {
+        let t = Instant::now();
         println!("== alert to page: separate processes vs Alertmanager");
         outcomes.push(super::page_path::page_path(quick, reps).await?);
+        took.push(("alert-to-page", t.elapsed()));
         println!();
     }
     if run(Scenario::Storm) {
+        let t = Instant::now();
         println!("== storm: many alerts over few groups, separate processes vs Alertmanager");
         outcomes.push(super::storm::storm(quick, reps).await?);
+        took.push(("storm", t.elapsed()));
+        println!();
+    }
+    if run(Scenario::Timers) {
+        let t = Instant::now();
+        println!("== timers: pending escalation timers, the escalation service alone (no peer)");
+        let n = args.timers.unwrap_or(if quick { 10_000 } else { 100_000 });
+        outcomes.push(super::timers::timers(n, reps).await?);
+        took.push(("timers", t.elapsed()));
+        println!();
+    }
+    if run(Scenario::Recovery) {
+        let t = Instant::now();
+        println!(
+            "== recovery: incidents and escalation SIGKILLed with many open incidents, separate processes (no peer)"
+        );
+        let n = args
+            .incidents
+            .unwrap_or(if quick { 5_000 } else { 100_000 });
+        outcomes.push(super::recovery::recovery(n, reps).await?);
+        took.push(("recovery", t.elapsed()));
+        println!();
+    }
+    if run(Scenario::Notifier) {
+        let t = Instant::now();
+        println!("== notifier: pages/s to the fake providers, 2 replicas vs 1");
+        outcomes.push(super::notifier_all::notifier(quick, reps).await?);
+        took.push(("notifier", t.elapsed()));
         println!();
     }
 
@@ -237,9 +298,13 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", json_path.display()))?;
     println!();
     println!(
-        "figures written to {} (compare two runs: bench compare A.json B.json); took {:.0}s",
+        "figures written to {} (compare two runs: bench compare A.json B.json); took {:.0}s ({})",
         json_path.display(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        took.iter()
+            .map(|(name, d)| format!("{name} {:.0}s", d.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     if !report.problems.is_empty() {
         for p in &report.problems {
@@ -274,7 +339,7 @@ fn num(x: f64) -> String {
 
 fn cell(v: &[f64]) -> String {
     if v.is_empty() {
-        return "-".into();
+        return NO_PEER.into();
     }
     let (lo, hi) = min_max(v);
     if v.len() == 1 {
@@ -365,10 +430,12 @@ pub fn compare(args: CompareArgs) -> anyhow::Result<()> {
                 format!("{} (Tocsin)", f.key()),
                 (median(f.tocsin.clone()), f.better.clone()),
             );
-            m.insert(
-                format!("{} ({})", f.key(), f.peer),
-                (median(f.peer_values.clone()), f.better.clone()),
-            );
+            if !f.peer_values.is_empty() {
+                m.insert(
+                    format!("{} ({})", f.key(), f.peer),
+                    (median(f.peer_values.clone()), f.better.clone()),
+                );
+            }
         }
         m
     };

@@ -133,22 +133,26 @@
 //! not delivered exactly once or a replica failed.
 //!
 //! ```text
-//! cargo run --release -p tocsin-tests --bin bench -- all [--quick] [--repetitions N] [--only SCENARIO,...] [--json FILE]
+//! cargo run --release -p tocsin-tests --bin bench -- all [--quick] [--repetitions N] [--only SCENARIO,...] [--json FILE] [--timers N] [--incidents N]
 //! cargo run --release -p tocsin-tests --bin bench -- compare A.json B.json
 //! ```
 //!
 //! `all` (also `./deploy/dev.sh bench all`, which builds target/release/tocsin
-//! first) runs the side-by-side scenarios (ingest, alert→page, storm) one
-//! after the other, each
+//! first) runs the scenarios (ingest, alert→page, storm side by side with a
+//! peer; timers, recovery and notifier on Tocsin's own) one after the
+//! other, each
 //! `--repetitions` times (default 3; `--quick`: once, with the small sizes
-//! given below, a minute or two after the build; `--only ingest`,
-//! `alert-to-page` or `storm` runs those alone), against a real
+//! given below, about six minutes after the build; `--only ingest`,
+//! `alert-to-page`, `storm`, `timers`, `recovery` or `notifier` runs those
+//! alone), against a real
 //! Prometheus Alertmanager (`ALERTMANAGER_BIN`, else `alertmanager` or
 //! `prometheus-alertmanager` on the PATH; started by the bench with its own
 //! storage in a temp dir, a free port, `--cluster.listen-address=` and one
 //! webhook receiver: an HTTP server inside the bench). It prints one table
 //! at the end: per figure, Tocsin's median (min–max over the repetitions),
-//! the peer's, which peer, and the ratio Tocsin/peer; then the peak RSS
+//! the peer's, which peer, and the ratio Tocsin/peer (a figure with no
+//! peer shows `—` there, has no peer values in the JSON and no peer line in
+//! `compare`); then the peak RSS
 //! (VmHWM) of every process. It writes the same figures as JSON (`--json`,
 //! default `<target dir>/bench/all-<unix time>.json`) with the machine's
 //! facts: cores, fsync latency p50/p99 (a 4 KiB write + fsync, 200 times,
@@ -216,8 +220,52 @@
 //!   group (alerts that joined during its first flush, with `group_wait:
 //!   0s`) are counted and printed, not failures.
 //!
+//! - **timers** (no peer): the `escalation` bench above, run once per
+//!   repetition with 100,000 incidents (`--quick` 10,000; `--timers N`) in
+//!   10 bursts. Figures: VmRSS growth of the bench process (the service is
+//!   in it) per 1,000 pending level-1 steps, over before the service
+//!   started; the bursts' lateness p50/p99 (phase 3); cold rebuild and warm
+//!   restart to ready (phase 2). Peak RSS: the bench process (its peak
+//!   reset at the start of each repetition through /proc/self/clear_refs)
+//!   and nats-server. A page that should not have come is a problem.
+//! - **recovery** (no peer; fresh processes per repetition): the
+//!   alert→page processes and config; 100,000 alerts (`--quick` 5,000;
+//!   `--incidents N`), each a new incident (its own `bench_id`), 100 per
+//!   request from 8 keep-alive connections to ingest's generic endpoint,
+//!   then until every incident's page has come (at most 60s + 10ms per
+//!   incident) and the engine is quiet (no stream's last sequence moved for
+//!   2s, no durable consumer with anything pending or unacknowledged; at
+//!   most as long again). Then `tocsin incidents` and `tocsin escalation`
+//!   are SIGKILLed, a sentinel alert (a new incident) is sent to ingest
+//!   while they are down, and both are started again on the same data
+//!   dirs. Figures, from the restart (polled every 20ms): each to its
+//!   role's lease (its `/readyz` check no longer `standby: ...` or
+//!   `waiting for the lease`: the killed process released nothing, so its
+//!   lease runs out first), each to ready (the check `ok`: active and
+//!   caught up with INCIDENTS; a standby answers 200 too), and both ready
+//!   and caught up: the sentinel's page at the receiver (incidents has
+//!   handled ALERTS to its last sequence and escalation applied the
+//!   sentinel's INCIDENTS entry; within 600s). Also
+//!   the load's incidents opened and paged per second, and the peak RSS of
+//!   every process with the incidents open (before the kill) and of the
+//!   two restarted ones. Problems: a page of a loaded incident coming again
+//!   within 1s of the sentinel's, or the open incidents listed after the
+//!   restart (the list query, 500 a page) not being exactly the N loaded
+//!   and the sentinel.
+//! - **notifier** (2 replicas in the Tocsin column, 1 replica in the
+//!   peer's): the `notifier` bench above, one round per repetition, with
+//!   2,000 pages (`--quick` 500; slack, sms and webhook in turn, no rate
+//!   limit, published as fast as they go): pages/s and publish-to-fake
+//!   p50/p99; then `notifier --mixed` with 50 incidents (`--quick` 10) at
+//!   the production rate limits: per channel (sms, slack DM, slack
+//!   #incidents, pagerduty, webhook) publish-to-provider p50/p99. Peak RSS:
+//!   the bench process (replicas and fakes in-process; reset at the start).
+//!   A page not delivered exactly once, a rejected request or a replica's
+//!   failure is a problem.
+//!
 //! `all` exits non-zero, naming what, if any request failed or any alert
-//! (storm: group) was lost or paged twice, on either side.
+//! (storm: group) was lost or paged twice, on either side, or a timers,
+//! recovery or notifier problem above.
 
 use std::{
     collections::HashMap,
@@ -281,9 +329,12 @@ use tocsin_tests::{
 use tokio::net::TcpListener;
 
 mod all;
+mod notifier_all;
 mod page_path;
 mod peer;
+mod recovery;
 mod storm;
+mod timers;
 
 /// How many failure messages to print per side.
 const SHOW_FAILURES: usize = 5;
@@ -316,9 +367,11 @@ enum Command {
     /// Runbook runs: latency from an incident's `opened` entry to its run's
     /// `started` entry, and runs/s, with 1 and 2 remediation replicas.
     Remediation(RemediationArgs),
-    /// Every side-by-side scenario (ingest vs raw JetStream and
-    /// Alertmanager; alert to page and a storm through separate processes
-    /// vs Alertmanager), repeated; one table and a JSON file.
+    /// Every scenario (ingest vs raw JetStream and Alertmanager; alert to
+    /// page and a storm through separate processes vs Alertmanager; pending
+    /// escalation timers; recovery of incidents and escalation from SIGKILL
+    /// with many open incidents; the notifier with 2 replicas vs 1),
+    /// repeated; one table and a JSON file.
     All(all::AllArgs),
     /// Two `bench all` JSON files side by side, with the change in %.
     Compare(all::CompareArgs),
@@ -1482,7 +1535,40 @@ const ESC_LIMIT: Duration = Duration::from_secs(900);
 /// (phase 4).
 const LIVE_RESOLVES: u32 = 1_000;
 
+/// What one run of the escalation bench measured, for `bench all`'s
+/// timers scenario.
+struct EscalationResult {
+    /// Incidents, each with its level-1 step pending after phase 1.
+    timers: u32,
+    /// VmRSS growth of this process (the in-process service) with every
+    /// level-1 step pending, over before the service started, in MiB.
+    growth_mib: f64,
+    /// Every burst's pages' lateness (phase 3), sorted.
+    lateness: Vec<Duration>,
+    /// Start to ready of the cold rebuild and of the warm restart.
+    cold_ready: Duration,
+    warm_ready: Duration,
+    /// Peak RSS (VmHWM, MiB) of the private nats-server at the end (None
+    /// with `--nats-url`).
+    nats_peak_mib: Option<f64>,
+    /// Pages that should not have come (acknowledged, twice, not due).
+    failures: Vec<String>,
+}
+
 async fn escalation(args: EscalationArgs) -> anyhow::Result<()> {
+    let r = escalation_run(&args).await?;
+    if !r.failures.is_empty() {
+        for f in &r.failures {
+            eprintln!("{f}");
+        }
+        bail!("the benchmark had failures; its figures are not valid");
+    }
+    Ok(())
+}
+
+/// The escalation bench (module doc): prints every phase and returns its
+/// figures; an error if the service failed or a page did not come.
+async fn escalation_run(args: &EscalationArgs) -> anyhow::Result<EscalationResult> {
     let run_started = Instant::now();
     let n = args.incidents;
     let bursts = args.bursts;
@@ -1924,16 +2010,23 @@ async fn escalation(args: EscalationArgs) -> anyhow::Result<()> {
     if unexpected > 0 {
         failures.push(format!("{unexpected} pages that were not due"));
     }
+    let nats_peak_mib = nats_pid.and_then(|p| peer::peak_rss_mib(Some(p)));
     drop(client);
     drop(data_dir);
     drop(private);
-    if !failures.is_empty() {
-        for f in &failures {
-            eprintln!("{f}");
-        }
-        bail!("the benchmark had failures; its figures are not valid");
-    }
-    Ok(())
+    let growth_mib = match (mem1, mem_base) {
+        (Some(m), Some(b)) => (m.rss_kib as f64 - b.rss_kib as f64) / 1024.0,
+        _ => f64::NAN,
+    };
+    Ok(EscalationResult {
+        timers: n,
+        growth_mib,
+        lateness,
+        cold_ready,
+        warm_ready,
+        nats_peak_mib,
+        failures,
+    })
 }
 
 /// The escalation bench's config: two levels, email-only users.
@@ -2355,9 +2448,29 @@ impl NotifierRound {
 }
 
 async fn notifier(args: NotifierArgs) -> anyhow::Result<()> {
-    if args.mixed {
-        return notifier_mixed(args).await;
+    let failures: Vec<String> = if args.mixed {
+        notifier_mixed(&args).await?.failures
+    } else {
+        let results = notifier_plain(&args).await?;
+        let shown = SHOW_FAILURES * results.len();
+        results
+            .into_iter()
+            .flat_map(|r| r.failures)
+            .take(shown)
+            .collect()
+    };
+    if !failures.is_empty() {
+        for f in &failures {
+            eprintln!("{f}");
+        }
+        bail!("the benchmark had failures; its figures are not valid");
     }
+    Ok(())
+}
+
+/// The notifier bench without `--mixed` (module doc): prints every round,
+/// the medians and memory, and returns the rounds (each with its failures).
+async fn notifier_plain(args: &NotifierArgs) -> anyhow::Result<Vec<NotifierRound>> {
     let pages = args.pages as usize;
     let rounds = args.rounds as usize;
     let mut channels = vec![Channel::Slack, Channel::Sms, Channel::Webhook];
@@ -2571,21 +2684,38 @@ async fn notifier(args: NotifierArgs) -> anyhow::Result<()> {
         "(each round has its own nats-server, stopped at its end; memory a round freed is not necessarily \
          returned to the OS)"
     );
-
-    if !failed.is_empty() {
-        for f in failed.iter().take(SHOW_FAILURES * results.len()) {
-            eprintln!("{f}");
-        }
-        bail!("the benchmark had failures; its figures are not valid");
-    }
-    Ok(())
+    Ok(results)
 }
 
 /// Users the mixed run pages (SMS and Slack DM).
 const MIXED_USERS: usize = 20;
 
+/// The channels of `--mixed`, as its table names them.
+const MIXED_CHANNELS: [&str; 5] = [
+    "sms",
+    "slack DM",
+    "slack #incidents",
+    "pagerduty",
+    "webhook",
+];
+
+/// One channel of one `--mixed` round (rows in the order of the rounds):
+/// publish-to-provider latencies, sorted.
+struct MixedRow {
+    replicas: usize,
+    channel: &'static str,
+    latencies: Vec<Duration>,
+}
+
+/// What `--mixed` measured: a row per round, replica count and channel,
+/// and pages not delivered exactly once.
+struct MixedResult {
+    rows: Vec<MixedRow>,
+    failures: Vec<String>,
+}
+
 /// `--mixed`: production rate limits, every channel at once.
-async fn notifier_mixed(args: NotifierArgs) -> anyhow::Result<()> {
+async fn notifier_mixed(args: &NotifierArgs) -> anyhow::Result<MixedResult> {
     use tocsin_proto::notify::PageTarget;
     use tocsin_tests::fakes::{RateLimit, RateLimitKey};
     // `--pages` keeps its default of 2,000 for the plain run; here it is incidents.
@@ -2610,14 +2740,9 @@ async fn notifier_mixed(args: NotifierArgs) -> anyhow::Result<()> {
          (a burst), so a channel's latency is its own backlog at its own rate"
     );
     println!();
-    let channels = [
-        "sms",
-        "slack DM",
-        "slack #incidents",
-        "pagerduty",
-        "webhook",
-    ];
-    let mut table: Vec<(usize, usize, String, Vec<Duration>, usize)> = Vec::new();
+    let channels = MIXED_CHANNELS;
+    let mut table: Vec<MixedRow> = Vec::new();
+    let mut failures = Vec::new();
     for round in 0..args.rounds as usize {
         for replicas in NOTIFIER_REPLICAS {
             let BenchNats { private, js, .. } = bench_nats(&None).await?;
@@ -2720,7 +2845,11 @@ async fn notifier_mixed(args: NotifierArgs) -> anyhow::Result<()> {
             let sent_at = publish_timed(&js, messages, 0).await?;
             let total = all.len();
             let first = sent_at[0];
-            let deadline = Instant::now() + Duration::from_secs(30 + incidents as u64 * 2);
+            // The #incidents channel's pages at 1/s, and room for a few of
+            // PagerDuty's 30s waits after a 429 (two replicas pace on their
+            // own, so together they can go over its limit).
+            let limit = Duration::from_secs(120 + incidents as u64 * 2);
+            let deadline = Instant::now() + limit;
             let delivered = |f: &FakeProviders| {
                 f.sms().len()
                     + f.slack_posts().len()
@@ -2729,10 +2858,12 @@ async fn notifier_mixed(args: NotifierArgs) -> anyhow::Result<()> {
             };
             while delivered(&fakes) < total {
                 if Instant::now() > deadline {
-                    bail!(
-                        "{replicas} replicas: only {} of {total} pages delivered",
-                        delivered(&fakes)
+                    // Counted as missing below.
+                    eprintln!(
+                        "  {replicas} replicas: only {} of {total} pages delivered within {limit:?}",
+                        delivered(&fakes),
                     );
+                    break;
                 }
                 tokio::time::sleep(NOTIFIER_POLL * 50).await;
             }
@@ -2784,24 +2915,35 @@ async fn notifier_mixed(args: NotifierArgs) -> anyhow::Result<()> {
             .iter()
             .map(|p| fakes.counts(*p).rate_limited)
             .sum::<usize>();
-            if duplicates > 0 || seen.contains(&0) {
-                bail!(
-                    "{replicas} replicas: {duplicates} duplicates, {} missing",
-                    seen.iter().filter(|n| **n == 0).count()
-                );
+            let missing = seen.iter().filter(|n| **n == 0).count();
+            if duplicates > 0 || missing > 0 {
+                failures.push(format!(
+                    "round {}, {replicas} {}: {duplicates} duplicates, {missing} missing",
+                    round + 1,
+                    replicas_word(replicas),
+                ));
             }
             let elapsed = first.elapsed();
             println!(
-                "round {} with {replicas} {}: {total} pages in {:.1}s, each once; {refused} requests refused \
+                "round {} with {replicas} {}: {total} pages in {:.1}s, {}; {refused} requests refused \
                  with 429 by the fakes (retried after Retry-After)",
                 round + 1,
                 replicas_word(replicas),
-                elapsed.as_secs_f64()
+                elapsed.as_secs_f64(),
+                if duplicates > 0 || missing > 0 {
+                    format!("{duplicates} DUPLICATES, {missing} MISSING")
+                } else {
+                    "each once".to_string()
+                },
             );
             for c in channels {
-                let mut v = lat.remove(c).unwrap_or_default();
-                v.sort_unstable();
-                table.push((round, replicas, c.to_string(), v, refused));
+                let mut latencies = lat.remove(c).unwrap_or_default();
+                latencies.sort_unstable();
+                table.push(MixedRow {
+                    replicas,
+                    channel: c,
+                    latencies,
+                });
             }
             for r in running {
                 r.stop().await;
@@ -2820,8 +2962,8 @@ async fn notifier_mixed(args: NotifierArgs) -> anyhow::Result<()> {
         for c in channels {
             let mut pooled: Vec<Duration> = table
                 .iter()
-                .filter(|(_, r, ch, _, _)| *r == replicas && ch == c)
-                .flat_map(|(_, _, _, v, _)| v.clone())
+                .filter(|r| r.replicas == replicas && r.channel == c)
+                .flat_map(|r| r.latencies.iter().copied())
                 .collect();
             pooled.sort_unstable();
             println!(
@@ -2839,7 +2981,10 @@ async fn notifier_mixed(args: NotifierArgs) -> anyhow::Result<()> {
         "(the #incidents channel takes one message a second: its last page waits about as many seconds as \
          there are incidents; the other channels are not held back by it)"
     );
-    Ok(())
+    Ok(MixedResult {
+        rows: table,
+        failures,
+    })
 }
 
 fn replicas_word(n: usize) -> &'static str {
@@ -3397,9 +3542,12 @@ async fn wait_for_incident(
 
 /// The samples of counter `name` (labels, value) in `metrics`' text form.
 fn counter_samples(metrics: &Metrics, name: &str) -> Vec<(String, f64)> {
-    metrics
-        .encode()
-        .lines()
+    samples(&metrics.encode(), name)
+}
+
+/// The samples of metric `name` (labels, value) in Prometheus text `text`.
+fn samples(text: &str, name: &str) -> Vec<(String, f64)> {
+    text.lines()
         .filter_map(|line| {
             let rest = line.strip_prefix(name)?;
             let (labels, value) = match rest.strip_prefix('{') {
@@ -3774,6 +3922,11 @@ fn median(mut v: Vec<f64>) -> f64 {
         n if n % 2 == 1 => v[n / 2],
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
+}
+
+/// [`percentile`] in ms; NaN for none.
+fn percentile_ms(v: &[Duration], q: f64) -> f64 {
+    percentile(v, q).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
 }
 
 fn ms(d: Option<Duration>) -> String {

@@ -12,6 +12,10 @@ use std::{
     collections::HashMap,
     path::PathBuf,
     process::Command,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -90,6 +94,7 @@ struct SideResult {
 }
 
 /// Where a side sends its alerts.
+#[derive(Clone)]
 pub struct Target {
     pub url: String,
     pub bearer: Option<String>,
@@ -98,7 +103,37 @@ pub struct Target {
 }
 
 impl Target {
+    /// POSTs `body` on a new connection; an error unless answered 200.
+    pub async fn post_one(&self, body: &Value) -> anyhow::Result<()> {
+        let mut req = reqwest::Client::new()
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(body)?);
+        if let Some(b) = &self.bearer {
+            req = req.bearer_auth(b);
+        }
+        let r = req.send().await.context("not sent")?;
+        if r.status() != 200 {
+            bail!(
+                "refused: {} {}",
+                r.status(),
+                r.text().await.unwrap_or_default().trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// One alert, new group and incident `id`, in a request of its own.
     fn body(&self, id: &str) -> Value {
+        self.alerts(&[id])
+    }
+
+    /// A request of one alert per id, each a new group and incident.
+    pub fn alerts(&self, ids: &[&str]) -> Value {
+        Value::Array(ids.iter().map(|id| self.alert(id)).collect())
+    }
+
+    fn alert(&self, id: &str) -> Value {
         let labels = json!({
             "alertname": "BenchPage",
             ID_LABEL: id,
@@ -108,20 +143,73 @@ impl Target {
         });
         let annotations = json!({"summary": format!("benchmark alert {id}")});
         if self.alertmanager {
-            json!([{
+            json!({
                 "labels": labels,
                 "annotations": annotations,
                 "startsAt": jiff::Timestamp::now().to_string(),
                 "generatorURL": "http://prometheus:9090/graph?g0.expr=bench",
-            }])
+            })
         } else {
-            json!([{
+            json!({
                 "labels": labels,
                 "annotations": annotations,
                 "status": "firing",
-            }])
+            })
         }
     }
+}
+
+/// POSTs `requests` requests (`body(r)` the r-th's) to `target` from
+/// `connections` keep-alive connections, each sending its next request as
+/// soon as its last is answered; what failed ("request r: why"), or an
+/// error if a sender task failed.
+pub async fn post_all(
+    target: &Target,
+    requests: usize,
+    connections: usize,
+    body: Arc<dyn Fn(usize) -> Vec<u8> + Send + Sync>,
+) -> anyhow::Result<Vec<String>> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let client = reqwest::Client::builder()
+                .http1_only()
+                .tcp_nodelay(true)
+                .pool_max_idle_per_host(1)
+                .timeout(Duration::from_secs(60))
+                .build();
+            let (next, body) = (next.clone(), body.clone());
+            let (url, bearer) = (target.url.clone(), target.bearer.clone());
+            tokio::spawn(async move {
+                let client = client.map_err(|e| vec![e.to_string()])?;
+                let mut failures = Vec::new();
+                loop {
+                    let r = next.fetch_add(1, Ordering::Relaxed);
+                    if r >= requests {
+                        break;
+                    }
+                    let mut req = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body(r));
+                    if let Some(b) = &bearer {
+                        req = req.bearer_auth(b);
+                    }
+                    if let Err(e) = send_as_alertmanager_does(req).await {
+                        failures.push(format!("request {r}: {e}"));
+                    }
+                }
+                Ok::<_, Vec<String>>(failures)
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for t in tasks {
+        match t.await? {
+            Ok(f) | Err(f) => failures.extend(f),
+        }
+    }
+    Ok(failures)
 }
 
 /// The ids a receiver's POST carries: Tocsin's webhook body has one page
@@ -332,11 +420,16 @@ pub async fn send_as_alertmanager_does(req: reqwest::RequestBuilder) -> Result<u
 /// is killed and removed on drop.
 pub struct TocsinStack {
     // Field order is drop order: the processes before NATS and the dir.
+    /// One per [`SERVICES`], in its order.
     pub procs: Vec<Proc>,
     pub nats: NatsServer,
     pub nats_pid: Option<u32>,
     pub ingest_url: String,
     pub token: String,
+    /// Each process's admin port (`/readyz`, `/metrics`), as `procs`.
+    admin_ports: Vec<u16>,
+    bin: PathBuf,
+    config_path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -415,38 +508,80 @@ notifier:
                 .open(&config_path)?;
             std::io::Write::write_all(&mut f, config.as_bytes())?;
         }
-        let mut procs = Vec::new();
+        let mut stack = TocsinStack {
+            procs: Vec::new(),
+            nats,
+            nats_pid,
+            ingest_url: format!("http://127.0.0.1:{ingest_port}"),
+            token,
+            admin_ports: Vec::new(),
+            bin,
+            config_path,
+            _dir: dir,
+        };
         for service in SERVICES {
             let admin = peer::free_port()?;
-            let mut cmd = Command::new(&bin);
-            cmd.current_dir(dir.path())
-                .arg("--config")
-                .arg(&config_path)
-                .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-                .args(["--log-level", "warn", "--grace-period", "2s", service]);
-            if service == "ingest" {
-                cmd.env("TOCSIN_INGEST_TOKEN", &token);
-            }
-            let mut p = Proc::spawn(
-                &format!("tocsin {service}"),
-                cmd,
-                &dir.path().join(format!("{service}.log")),
-            )?;
+            stack.admin_ports.push(admin);
+            let mut p = stack.spawn(service, "")?;
             p.wait_http_ok(
                 &format!("http://127.0.0.1:{admin}/readyz"),
                 Duration::from_secs(60),
             )
             .await?;
-            procs.push(p);
+            stack.procs.push(p);
         }
-        Ok(TocsinStack {
-            procs,
-            nats,
-            nats_pid,
-            ingest_url: format!("http://127.0.0.1:{ingest_port}"),
-            token,
-            _dir: dir,
-        })
+        Ok(stack)
+    }
+
+    /// Starts `tocsin <service>` on the stack's config and its admin port,
+    /// logging to `<service><log_suffix>.log`; does not wait for it.
+    fn spawn(&self, service: &str, log_suffix: &str) -> anyhow::Result<Proc> {
+        let admin = self.admin_ports[Self::index(service)?];
+        let dir = self._dir.path();
+        let mut cmd = Command::new(&self.bin);
+        cmd.current_dir(dir)
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .args(["--log-level", "warn", "--grace-period", "2s", service]);
+        if service == "ingest" {
+            cmd.env("TOCSIN_INGEST_TOKEN", &self.token);
+        }
+        Proc::spawn(
+            &format!("tocsin {service}"),
+            cmd,
+            &dir.join(format!("{service}{log_suffix}.log")),
+        )
+    }
+
+    fn index(service: &str) -> anyhow::Result<usize> {
+        SERVICES
+            .iter()
+            .position(|s| *s == service)
+            .with_context(|| format!("no service {service}"))
+    }
+
+    /// `service`'s process.
+    pub fn proc(&mut self, service: &str) -> anyhow::Result<&mut Proc> {
+        Ok(&mut self.procs[Self::index(service)?])
+    }
+
+    /// `service`'s admin URL (`/readyz`, `/metrics` under it).
+    pub fn admin_url(&self, service: &str) -> anyhow::Result<String> {
+        Ok(format!(
+            "http://127.0.0.1:{}",
+            self.admin_ports[Self::index(service)?]
+        ))
+    }
+
+    /// SIGKILLs `service` (if still running: see [`Proc::kill`]) and starts
+    /// it again on the same config, data dir and admin port, logging to
+    /// `<service><log_suffix>.log`; does not wait for it to be ready.
+    pub fn respawn(&mut self, service: &str, log_suffix: &str) -> anyhow::Result<()> {
+        let i = Self::index(service)?;
+        self.procs[i].kill();
+        self.procs[i] = self.spawn(service, log_suffix)?;
+        Ok(())
     }
 
     /// nats-server's and every process's pid.
@@ -474,16 +609,28 @@ notifier:
     }
 }
 
-/// One Tocsin repetition: fresh nats-server, processes, data.
-async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> {
+/// A fresh [`TocsinStack`] (`incidents_extra`, `top_extra` as there)
+/// paging a new receiver, warmed up: the receiver, the stack and where to
+/// send alerts (ingest's generic endpoint).
+pub async fn tocsin_peer(
+    incidents_extra: &str,
+    top_extra: &str,
+    run: &str,
+) -> anyhow::Result<(Receiver, TocsinStack, Target)> {
     let receiver = Receiver::start().await?;
-    let mut stack = TocsinStack::start(&receiver.url, "", "").await?;
+    let stack = TocsinStack::start(&receiver.url, incidents_extra, top_extra).await?;
     let target = Target {
         url: format!("{}/api/v1/alerts", stack.ingest_url),
         bearer: Some(stack.token.clone()),
         alertmanager: false,
     };
     warm_up("Tocsin", &target, &receiver, run).await?;
+    Ok((receiver, stack, target))
+}
+
+/// One Tocsin repetition: fresh nats-server, processes, data.
+async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> {
+    let (receiver, mut stack, target) = tocsin_peer("", "", run).await?;
     let pids = stack.pids();
     let cpu_before = peer::cpu_ticks_of(&pids);
     let each_before: Vec<Option<u64>> = pids.iter().map(|p| peer::cpu_ticks(*p)).collect();
@@ -569,21 +716,10 @@ pub async fn warm_up(
     run: &str,
 ) -> anyhow::Result<()> {
     let id = format!("{run}-warmup");
-    let mut req = reqwest::Client::new()
-        .post(&target.url)
-        .header("content-type", "application/json")
-        .body(serde_json::to_vec(&target.body(&id))?);
-    if let Some(b) = &target.bearer {
-        req = req.bearer_auth(b);
-    }
-    let r = req.send().await.context("warm-up alert not sent")?;
-    if r.status() != 200 {
-        bail!(
-            "{side}: warm-up alert refused: {} {}",
-            r.status(),
-            r.text().await.unwrap_or_default()
-        );
-    }
+    target
+        .post_one(&target.body(&id))
+        .await
+        .with_context(|| format!("{side}: the warm-up alert"))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if receiver.count() > 0 {
@@ -774,16 +910,12 @@ pub async fn page_path(quick: bool, reps: u32) -> anyhow::Result<Outcome> {
             print_side(rep, side, &phases, &r);
             let mut i = 0;
             let mut push = |v: f64| {
-                if tocsin {
-                    figures[i].tocsin.push(v);
-                } else {
-                    figures[i].peer_values.push(v);
-                }
+                figures[i].push(tocsin, v);
                 i += 1;
             };
             for (pi, l) in r.latencies.iter().enumerate() {
                 for q in [0.50, 0.90, 0.99, 1.0] {
-                    push(percentile(l, q).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3));
+                    push(super::percentile_ms(l, q));
                 }
                 push(r.pages_per_s[pi]);
             }

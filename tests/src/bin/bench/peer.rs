@@ -88,12 +88,17 @@ impl Proc {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+
+    /// SIGKILLs it (no chance to flush or stop cleanly) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -134,6 +139,13 @@ pub fn cpu_ticks_of(pids: &[Option<u32>]) -> Option<u64> {
 /// VmHWM (peak RSS) of `pid` (None: this process), in MiB.
 pub fn peak_rss_mib(pid: Option<u32>) -> Option<f64> {
     super::Memory::read(pid).map(|m| m.hwm_kib as f64 / 1024.0)
+}
+
+/// Resets this process's VmHWM to its current RSS (`/proc/self/clear_refs`
+/// with 5), so a later [`peak_rss_mib`] of it is the peak since; where that
+/// cannot be written the peak stays the process's whole life's.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// One POST the receiver got: when, and its body.

@@ -1,26 +1,24 @@
 //! `bench all`'s storm: many alerts over a few groups, as fast as 8
 //! connections of 100-alert requests go, into Tocsin (the separate
-//! processes of [`TocsinStack`], incidents grouped by `storm_group`) and
-//! into Alertmanager (grouped the same way): accepted alerts/s, processed
-//! alerts/s (until a sentinel alert sent last has its page) and peak RSS.
+//! processes of [`TocsinStack`](super::page_path::TocsinStack), incidents
+//! grouped by `storm_group`) and into Alertmanager (grouped the same way):
+//! accepted alerts/s, processed alerts/s (until a sentinel alert sent last
+//! has its page) and peak RSS.
 
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
+    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::bail;
+use anyhow::Context as _;
 use serde_json::{json, Value};
 
 use tocsin_proto::subjects::{STREAM_ALERTS, STREAM_INCIDENTS, STREAM_NOTIFY};
 
 use super::{
     all::{Figure, Outcome},
-    page_path::{alertmanager_peer, warm_up, Target, TocsinStack},
+    page_path::{alertmanager_peer, post_all, tocsin_peer, Target},
     peer::{self, Receiver},
 };
 
@@ -102,59 +100,22 @@ async fn drive(
         limit,
     } = size;
     let requests = alerts / PER_REQUEST;
-    let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
-    let tasks: Vec<_> = (0..CONNECTIONS)
-        .map(|_| {
-            let client = reqwest::Client::builder()
-                .http1_only()
-                .tcp_nodelay(true)
-                .pool_max_idle_per_host(1)
-                .timeout(Duration::from_secs(60))
-                .build();
-            let (next, run) = (next.clone(), run.to_string());
-            let (url, bearer, am) = (
-                target.url.clone(),
-                target.bearer.clone(),
-                target.alertmanager,
-            );
-            tokio::spawn(async move {
-                let client = client.map_err(|e| vec![e.to_string()])?;
-                let mut failures = Vec::new();
-                loop {
-                    let r = next.fetch_add(1, Ordering::Relaxed);
-                    if r >= requests {
-                        break;
-                    }
-                    let mut req = client
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .body(body(am, &run, r, groups));
-                    if let Some(b) = &bearer {
-                        req = req.bearer_auth(b);
-                    }
-                    if let Err(e) = super::page_path::send_as_alertmanager_does(req).await {
-                        failures.push(format!("request {r}: {e}"));
-                    }
-                }
-                if failures.is_empty() {
-                    Ok(())
-                } else {
-                    Err(failures)
-                }
-            })
-        })
-        .collect();
+    let am = target.alertmanager;
+    let run_owned = run.to_string();
+    let failures = post_all(
+        target,
+        requests,
+        CONNECTIONS,
+        Arc::new(move |r| body(am, &run_owned, r, groups)),
+    )
+    .await?;
     let mut problems = Vec::new();
-    for t in tasks {
-        match t.await? {
-            Ok(()) => {}
-            Err(f) => problems.push(format!(
-                "{side}: {} failed requests, first: {}",
-                f.len(),
-                f[0]
-            )),
-        }
+    if let Some(first) = failures.first() {
+        problems.push(format!(
+            "{side}: {} failed requests, first: {first}",
+            failures.len()
+        ));
     }
     let sent = started.elapsed();
     let accepted = alerts as f64 / sent.as_secs_f64();
@@ -173,17 +134,10 @@ async fn drive(
     } else {
         s["status"] = json!("firing");
     }
-    let mut req = reqwest::Client::new()
-        .post(&target.url)
-        .header("content-type", "application/json")
-        .body(serde_json::to_vec(&json!([s]))?);
-    if let Some(b) = &target.bearer {
-        req = req.bearer_auth(b);
-    }
-    let resp = req.send().await?;
-    if resp.status() != 200 {
-        bail!("{side}: the sentinel was refused: {}", resp.status());
-    }
+    target
+        .post_one(&json!([s]))
+        .await
+        .with_context(|| format!("{side}: the sentinel"))?;
     let mut pages: HashMap<String, usize> = HashMap::new();
     let mut last_progress = Instant::now();
     let processed = loop {
@@ -247,20 +201,13 @@ async fn drive(
 }
 
 async fn tocsin_side(run: &str, size: Size) -> anyhow::Result<StormResult> {
-    let receiver = Receiver::start().await?;
-    let mut stack = TocsinStack::start(
-        &receiver.url,
+    let (receiver, mut stack, target) = tocsin_peer(
         &format!("  group_by: [alertname, {GROUP_LABEL}]\n"),
         // A million alerts outgrow ALERTS' default 512 MiB.
         "jetstream:\n  alerts_max_bytes: 4294967296\n",
+        run,
     )
     .await?;
-    let target = Target {
-        url: format!("{}/api/v1/alerts", stack.ingest_url),
-        bearer: Some(stack.token.clone()),
-        alertmanager: false,
-    };
-    warm_up("Tocsin", &target, &receiver, run).await?;
     let (accepted, processed, problems) = {
         let mut check = || stack.check();
         drive("Tocsin", &target, &receiver, run, size, &mut check).await?
@@ -389,11 +336,7 @@ pub async fn storm(quick: bool, reps: u32) -> anyhow::Result<Outcome> {
                 .into_iter()
                 .enumerate()
             {
-                if tocsin {
-                    figures[i].tocsin.push(v);
-                } else {
-                    figures[i].peer_values.push(v);
-                }
+                figures[i].push(tocsin, v);
             }
             for (n, m) in &r.rss {
                 outcome.rss(format!("storm: {n}"), *m);

@@ -1,0 +1,601 @@
+//! `bench all`'s recovery scenario: every service a separate process (the
+//! [`TocsinStack`] of alert→page, the same config), N alerts each opening
+//! an incident (and paging it) through ingest's generic endpoint; once the
+//! engine is quiet, the incidents and escalation processes are SIGKILLed,
+//! a sentinel alert is sent while they are down, and both are started again:
+//! the time from the restart until each has taken its role's lease (the
+//! killed process's lease runs out first: it released nothing), until each
+//! is active and caught up with INCIDENTS (its `/readyz` check `ok`; a
+//! standby answers 200 too, with `standby: ...`), and until the sentinel's
+//! page arrives (incidents has handled ALERTS to its last sequence,
+//! escalation has applied the sentinel's INCIDENTS entry). Then the open
+//! incidents are listed: all N must be there, and no page may come again.
+//! There is no peer.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use futures::TryStreamExt as _;
+use tocsin_proto::{
+    codec,
+    incident::IncidentStatus,
+    query::{ListIncidents, QueryReply},
+    subjects::{query, STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS, STREAM_NOTIFY},
+};
+
+use super::{
+    all::{Figure, Outcome, NO_PEER},
+    page_path::{ids_in, post_all, tocsin_peer, TocsinStack, ID_LABEL},
+    peer::{self, Receiver},
+    PROGRESS_EVERY,
+};
+
+/// Alerts per request, and connections, while opening the incidents.
+const PER_REQUEST: usize = 100;
+const CONNECTIONS: usize = 8;
+
+/// The engine counts as quiet once no stream has grown for this long and
+/// no durable consumer has anything pending or unacknowledged.
+const QUIET: Duration = Duration::from_secs(2);
+
+/// How long the two restarted services may take to be ready and caught up.
+const RECOVERY_LIMIT: Duration = Duration::from_secs(600);
+
+/// The two services killed and restarted.
+const KILLED: [&str; 2] = ["incidents", "escalation"];
+
+/// What one repetition measured.
+struct RecoveryResult {
+    /// Incidents opened and paged per second while loading.
+    opened_per_s: f64,
+    /// From the restart, each of [`KILLED`]: lease taken, and active and
+    /// caught up with INCIDENTS.
+    lease: [Duration; 2],
+    ready: [Duration; 2],
+    /// From the restart: the sentinel's page at the receiver.
+    caught_up: Duration,
+    /// Peak RSS of every process with N incidents open, before the kill.
+    loaded_rss: Vec<(String, Option<f64>)>,
+    /// Peak RSS of the restarted processes, after listing every incident.
+    restarted_rss: Vec<(String, Option<f64>)>,
+    problems: Vec<String>,
+}
+
+pub async fn recovery(n: u32, reps: u32) -> anyhow::Result<Outcome> {
+    let n = n as usize;
+    let load_limit = load_limit(n);
+    println!(
+        "{n} alerts, each opening an incident and paging it ({PER_REQUEST} per request, {CONNECTIONS} connections, \
+         ingest's generic endpoint; within {load_limit:?}); once quiet (no stream grew for {QUIET:?}, no durable \
+         consumer busy) SIGKILL incidents and escalation, send a sentinel alert, start both again"
+    );
+    println!(
+        "from the restart: lease = the service's /readyz check leaves `standby: ...` (the killed process's lease \
+         expired); ready = the check is `ok` (active, caught up with {STREAM_INCIDENTS}); caught up = the sentinel's \
+         page arrived (incidents handled {STREAM_ALERTS} to its last sequence, escalation applied the sentinel's \
+         entry); all within {RECOVERY_LIMIT:?}"
+    );
+    let nonce = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    let scenario = format!("recovery, {n} open");
+    let side =
+        "separate processes (as alert→page); incidents and escalation SIGKILLed and restarted";
+    let figure = |metric: &str, unit: &str, better: &str| {
+        Figure::new(&scenario, metric, unit, better, NO_PEER).side(side)
+    };
+    let mut figures = vec![
+        figure(
+            "incidents opened and paged per s (load)",
+            "incidents/s",
+            "higher",
+        ),
+        figure("incidents: restart to lease", "s", "lower"),
+        figure(
+            "incidents: restart to ready (active, caught up)",
+            "s",
+            "lower",
+        ),
+        figure("escalation: restart to lease", "s", "lower"),
+        figure(
+            "escalation: restart to ready (active, caught up)",
+            "s",
+            "lower",
+        ),
+        figure("both ready and caught up (sentinel paged)", "s", "lower"),
+        figure("peak RSS, all processes, before the kill", "MiB", "lower"),
+    ];
+    let mut outcome = Outcome::default();
+    for rep in 0..reps as usize {
+        let run = format!("{nonce:x}v{rep}");
+        let r = once(n, &run, load_limit).await?;
+        let both = r.ready[0].max(r.ready[1]).max(r.caught_up);
+        println!(
+            "{:>5}  opened {:.0}/s; from the restart: incidents lease {:.2}s, ready {:.2}s; escalation lease {:.2}s, \
+             ready {:.2}s; sentinel paged {:.2}s",
+            rep + 1,
+            r.opened_per_s,
+            r.lease[0].as_secs_f64(),
+            r.ready[0].as_secs_f64(),
+            r.lease[1].as_secs_f64(),
+            r.ready[1].as_secs_f64(),
+            r.caught_up.as_secs_f64(),
+        );
+        let loaded: f64 = r.loaded_rss.iter().filter_map(|(_, m)| *m).sum();
+        let values = [
+            r.opened_per_s,
+            r.lease[0].as_secs_f64(),
+            r.ready[0].as_secs_f64(),
+            r.lease[1].as_secs_f64(),
+            r.ready[1].as_secs_f64(),
+            both.as_secs_f64(),
+            loaded,
+        ];
+        for (f, v) in figures.iter_mut().zip(values) {
+            f.push(true, v);
+        }
+        for (name, mib) in &r.loaded_rss {
+            outcome.rss(format!("{scenario}: {name}"), *mib);
+        }
+        for (name, mib) in &r.restarted_rss {
+            outcome.rss(format!("{scenario}: {name}, restarted"), *mib);
+        }
+        outcome.problems.extend(
+            r.problems
+                .into_iter()
+                .map(|p| format!("recovery, repetition {}: {p}", rep + 1)),
+        );
+    }
+    outcome.figures = figures;
+    Ok(outcome)
+}
+
+/// How long opening and paging `n` incidents may take, and then getting
+/// quiet (the pages' receipts applied): a minute, plus 10ms an incident
+/// (100/s; the page path does a few hundred a second on 2 cores).
+fn load_limit(n: usize) -> Duration {
+    Duration::from_secs(60) + Duration::from_millis(10) * n as u32
+}
+
+async fn once(n: usize, run: &str, load_limit: Duration) -> anyhow::Result<RecoveryResult> {
+    let (receiver, mut stack, target) = tocsin_peer("", "", run).await?;
+    let client = stack.nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut problems = Vec::new();
+
+    // Load: every alert a new incident, each paged once.
+    let prefix = format!("{run}-");
+    let index = |id: &str| -> Option<usize> { id.strip_prefix(&prefix)?.parse().ok() };
+    // Pages per loaded incident.
+    let mut pages = vec![0u32; n];
+    let mut paged = 0usize;
+    let count = |pages: &mut [u32], body: &[u8]| -> usize {
+        let mut new = 0;
+        for id in ids_in(body) {
+            if let Some(k) = index(&id).filter(|k| *k < n) {
+                new += usize::from(pages[k] == 0);
+                pages[k] += 1;
+            }
+        }
+        new
+    };
+    let started = Instant::now();
+    let requests = n.div_ceil(PER_REQUEST);
+    let body = {
+        let (target, run) = (target.clone(), run.to_string());
+        Arc::new(move |r: usize| {
+            let ids: Vec<String> = (r * PER_REQUEST..((r + 1) * PER_REQUEST).min(n))
+                .map(|k| format!("{run}-{k}"))
+                .collect();
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            serde_json::to_vec(&target.alerts(&ids)).expect("JSON encodes")
+        })
+    };
+    let failures = post_all(&target, requests, CONNECTIONS, body).await?;
+    if let Some(first) = failures.first() {
+        bail!(
+            "{} of {requests} requests failed while opening the incidents, first: {first}",
+            failures.len()
+        );
+    }
+    println!(
+        "  {n} alerts accepted in {:.1}s; waiting for their pages",
+        started.elapsed().as_secs_f64()
+    );
+    let mut progress_at = Instant::now() + PROGRESS_EVERY;
+    let mut last_page = started;
+    while paged < n {
+        for a in receiver.take() {
+            paged += count(&mut pages, &a.body);
+            last_page = a.at;
+        }
+        if started.elapsed() > load_limit {
+            bail!("{paged} of {n} incidents paged within {load_limit:?}");
+        }
+        if Instant::now() >= progress_at {
+            println!(
+                "  ... {:.0}s: {paged} of {n} paged",
+                started.elapsed().as_secs_f64()
+            );
+            progress_at += PROGRESS_EVERY;
+        }
+        stack.check()?;
+        // Poll interval of a wait with a deadline.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let opened = last_page.duration_since(started);
+    let settled = wait_quiet(&js, &mut stack, load_limit).await?;
+    println!(
+        "  {n} incidents paged {:.1}s after the first send ({:.0}/s); quiet {:.1}s later",
+        opened.as_secs_f64(),
+        n as f64 / opened.as_secs_f64(),
+        settled.as_secs_f64()
+    );
+    for a in receiver.take() {
+        count(&mut pages, &a.body);
+    }
+    let twice: usize = pages.iter().map(|p| p.saturating_sub(1) as usize).sum();
+    if twice > 0 {
+        problems.push(format!(
+            "{twice} pages beyond the first of an incident while loading"
+        ));
+    }
+    let loaded_rss = stack.rss();
+    println!(
+        "  with {n} open: {}; peak RSS {}",
+        gauges(&stack).await,
+        describe_rss(&loaded_rss)
+    );
+
+    // The kill, a sentinel while they are down, the restart.
+    for s in KILLED {
+        stack.proc(s)?.kill();
+    }
+    let sentinel = format!("{run}-sentinel");
+    target
+        .post_one(&target.alerts(&[&sentinel]))
+        .await
+        .context("the sentinel alert")?;
+    let alerts_last = super::stream_state(&js, STREAM_ALERTS).await?.last_sequence;
+    let restarted = Instant::now();
+    for s in KILLED {
+        stack.respawn(s, ".restarted")?;
+    }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let urls: Vec<String> = KILLED
+        .iter()
+        .map(|s| Ok(format!("{}/readyz", stack.admin_url(s)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let mut lease: [Option<Duration>; 2] = [None, None];
+    let mut ready: [Option<Duration>; 2] = [None, None];
+    let mut caught_up = None;
+    let mut again = 0usize;
+    let mut progress_at = restarted + PROGRESS_EVERY;
+    loop {
+        for (i, url) in urls.iter().enumerate() {
+            if ready[i].is_some() {
+                continue;
+            }
+            let Some(check) = role_check(&http, url, KILLED[i]).await else {
+                continue;
+            };
+            let at = restarted.elapsed();
+            if !(check.starts_with("standby") || check == "waiting for the lease") {
+                lease[i].get_or_insert(at);
+            }
+            if check == "ok" {
+                ready[i] = Some(at);
+            }
+        }
+        for a in receiver.take() {
+            for id in ids_in(&a.body) {
+                if id == sentinel {
+                    caught_up.get_or_insert(a.at.duration_since(restarted));
+                } else if index(&id).is_some() {
+                    again += 1;
+                }
+            }
+        }
+        if let ([Some(il), Some(el)], [Some(i), Some(e)], Some(c)) = (lease, ready, caught_up) {
+            break finish(
+                &mut stack,
+                &client,
+                &receiver,
+                RecoveryParts {
+                    n,
+                    run,
+                    opened_per_s: n as f64 / opened.as_secs_f64(),
+                    lease: [il, el],
+                    ready: [i, e],
+                    caught_up: c,
+                    again,
+                    loaded_rss,
+                    problems,
+                },
+            )
+            .await;
+        }
+        let now = Instant::now();
+        if now - restarted > RECOVERY_LIMIT {
+            bail!(
+                "not recovered within {RECOVERY_LIMIT:?} of the restart: incidents lease {}, ready {}; escalation \
+                 lease {}, ready {}; sentinel paged {} (ALERTS last sequence {alerts_last})",
+                yes_no(lease[0]),
+                yes_no(ready[0]),
+                yes_no(lease[1]),
+                yes_no(ready[1]),
+                yes_no(caught_up),
+            );
+        }
+        if now >= progress_at {
+            println!(
+                "  ... {:.0}s after the restart: incidents lease {}, ready {}; escalation lease {}, ready {}; \
+                 sentinel paged {}",
+                (now - restarted).as_secs_f64(),
+                yes_no(lease[0]),
+                yes_no(ready[0]),
+                yes_no(lease[1]),
+                yes_no(ready[1]),
+                yes_no(caught_up),
+            );
+            progress_at += PROGRESS_EVERY;
+        }
+        for s in KILLED {
+            stack.proc(s)?.check_running()?;
+        }
+        // Poll interval of a wait with a deadline.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What [`once`] measured up to the sentinel's page.
+struct RecoveryParts<'a> {
+    n: usize,
+    run: &'a str,
+    opened_per_s: f64,
+    lease: [Duration; 2],
+    ready: [Duration; 2],
+    caught_up: Duration,
+    /// Pages of the loaded incidents after the restart.
+    again: usize,
+    loaded_rss: Vec<(String, Option<f64>)>,
+    problems: Vec<String>,
+}
+
+/// After the sentinel's page: a bounded look for pages that come again,
+/// and every open incident listed.
+async fn finish(
+    stack: &mut TocsinStack,
+    client: &async_nats::Client,
+    receiver: &Receiver,
+    parts: RecoveryParts<'_>,
+) -> anyhow::Result<RecoveryResult> {
+    let RecoveryParts {
+        n,
+        run,
+        opened_per_s,
+        lease,
+        ready,
+        caught_up,
+        mut again,
+        loaded_rss,
+        mut problems,
+    } = parts;
+    // A harness that reports what it saw: a page later than this goes
+    // uncounted.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let prefix = format!("{run}-");
+    for a in receiver.take() {
+        again += ids_in(&a.body)
+            .iter()
+            .filter(|id| id.starts_with(&prefix))
+            .count();
+    }
+    if again > 0 {
+        problems.push(format!(
+            "{again} pages of incidents paged before the kill came again after the restart"
+        ));
+    }
+    let listed = open_incidents(client, &prefix).await?;
+    let (mut loaded, mut sentinel, mut other) = (0usize, 0usize, 0usize);
+    for id in &listed {
+        match id.strip_prefix(&prefix) {
+            Some("sentinel") => sentinel += 1,
+            Some("warmup") => {}
+            Some(k) if k.parse::<usize>().is_ok_and(|k| k < n) => loaded += 1,
+            _ => other += 1,
+        }
+    }
+    println!(
+        "  after the restart: {} open incidents of this run listed ({loaded} of the {n} loaded, the warm-up's, \
+         sentinel {sentinel}, other {other}); {}",
+        listed.len(),
+        gauges(stack).await,
+    );
+    if loaded != n || sentinel != 1 || other != 0 {
+        problems.push(format!(
+            "after the restart {loaded} of {n} loaded incidents, {sentinel} sentinel(s) and {other} others listed open"
+        ));
+    }
+    let restarted_rss: Vec<(String, Option<f64>)> = KILLED
+        .iter()
+        .map(|s| {
+            let pid = stack.proc(s)?.pid();
+            Ok((format!("tocsin {s}"), peer::peak_rss_mib(Some(pid))))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    println!(
+        "  restarted processes' peak RSS (recovery and listing): {}",
+        describe_rss(&restarted_rss)
+    );
+    stack.check()?;
+    Ok(RecoveryResult {
+        opened_per_s,
+        lease,
+        ready,
+        caught_up,
+        loaded_rss,
+        restarted_rss,
+        problems,
+    })
+}
+
+/// The `/readyz` check of `role` (`ok`, `standby: ...`, `catching up ...`),
+/// None while the process does not answer.
+async fn role_check(http: &reqwest::Client, url: &str, role: &str) -> Option<String> {
+    let body: serde_json::Value = http.get(url).send().await.ok()?.json().await.ok()?;
+    body["checks"][role].as_str().map(str::to_string)
+}
+
+fn yes_no(d: Option<Duration>) -> String {
+    d.map_or("not yet".into(), |d| format!("at {:.2}s", d.as_secs_f64()))
+}
+
+fn describe_rss(rss: &[(String, Option<f64>)]) -> String {
+    rss.iter()
+        .map(|(n, m)| {
+            format!(
+                "{n} {}",
+                m.map(|m| format!("{m:.1} MiB"))
+                    .unwrap_or_else(|| "?".into())
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The incidents and escalation gauges that say what they hold.
+async fn gauges(stack: &TocsinStack) -> String {
+    let mut out = Vec::new();
+    for (service, names) in [
+        (
+            "incidents",
+            &["tocsin_incidents_open", "tocsin_incidents_in_memory"][..],
+        ),
+        ("escalation", &["tocsin_escalation_tracks"][..]),
+    ] {
+        let Ok(url) = stack.admin_url(service) else {
+            continue;
+        };
+        let text = match reqwest::get(format!("{url}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        for name in names {
+            let v: f64 = super::samples(&text, name).iter().map(|(_, v)| v).sum();
+            out.push(format!("{name} {v:.0}"));
+        }
+    }
+    out.join(", ")
+}
+
+/// Waits until no stream has grown for [`QUIET`] and no durable consumer
+/// (incidents' on COMMANDS, the notifier's on NOTIFY and INCIDENTS) has
+/// anything pending or unacknowledged; how long that took. Fails after
+/// `limit` or if a process exited.
+async fn wait_quiet(
+    js: &async_nats::jetstream::Context,
+    stack: &mut TocsinStack,
+    limit: Duration,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut last: Option<(Vec<u64>, Instant)> = None;
+    let mut progress_at = started + PROGRESS_EVERY;
+    loop {
+        let mut seqs = Vec::new();
+        let mut busy = Vec::new();
+        for name in [
+            STREAM_ALERTS,
+            STREAM_COMMANDS,
+            STREAM_INCIDENTS,
+            STREAM_NOTIFY,
+        ] {
+            seqs.push(super::stream_state(js, name).await?.last_sequence);
+            let stream = js.get_stream(name).await?;
+            let infos: Vec<_> = stream.consumers().try_collect().await?;
+            for info in infos {
+                if info.config.durable_name.is_some()
+                    && (info.num_pending > 0 || info.num_ack_pending > 0)
+                {
+                    busy.push(format!(
+                        "{} on {name}: {} pending, {} unacknowledged",
+                        info.name, info.num_pending, info.num_ack_pending
+                    ));
+                }
+            }
+        }
+        let now = Instant::now();
+        match &last {
+            Some((prev, since)) if *prev == seqs => {
+                if busy.is_empty() && now - *since >= QUIET {
+                    return Ok(started.elapsed());
+                }
+            }
+            _ => last = Some((seqs, now)),
+        }
+        if now - started > limit {
+            bail!(
+                "the engine was not quiet within {limit:?}: {}",
+                busy.join("; ")
+            );
+        }
+        if now >= progress_at {
+            println!(
+                "  ... {:.0}s: not quiet yet: {}",
+                (now - started).as_secs_f64(),
+                if busy.is_empty() {
+                    "the streams still grow".to_string()
+                } else {
+                    busy.join("; ")
+                }
+            );
+            progress_at += PROGRESS_EVERY;
+        }
+        stack.check()?;
+        // Poll interval of a wait with a deadline.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The `ID_LABEL` of every open incident (triggered or acknowledged)
+/// whose label starts with `prefix`, listed a page of 500 at a time.
+async fn open_incidents(client: &async_nats::Client, prefix: &str) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut before = None;
+    loop {
+        let q = ListIncidents {
+            status: vec![IncidentStatus::Triggered, IncidentStatus::Acknowledged],
+            limit: Some(500),
+            before,
+            ..Default::default()
+        };
+        let reply = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.request(query::LIST_INCIDENTS, Bytes::from(codec::encode(&q)?)),
+        )
+        .await
+        .context("the list query was not answered within 10s")??;
+        let incidents = match codec::decode(&reply.payload)? {
+            QueryReply::Incidents { incidents } => incidents,
+            other => bail!("the list query answered {other:?}"),
+        };
+        let Some(last) = incidents.last() else {
+            return Ok(out);
+        };
+        before = Some(last.number);
+        out.extend(
+            incidents
+                .iter()
+                .filter_map(|i| i.labels.get(ID_LABEL))
+                .filter(|id| id.starts_with(prefix))
+                .cloned(),
+        );
+    }
+}
