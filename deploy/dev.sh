@@ -14,6 +14,10 @@
 #                            Alertmanager; timers, recovery, notifier), one
 #                            table, figures as JSON (default
 #                            target/bench/all-<unix time>.json)
+#   ./deploy/dev.sh bench --debug all --quick
+#                            the same with the test build's binaries (no
+#                            release build; a smoke run, as CI does: the
+#                            figures are not representative)
 #   ./deploy/dev.sh bench compare A.json B.json
 #                            two `bench all` files side by side, change in %
 #   ./deploy/dev.sh chaos [--long] [--seed N] [--cluster|--single]
@@ -132,6 +136,16 @@ cmd_bench() {
   need_cargo
   ensure_tools
   cd "$ROOT"
+  if [ "${1:-}" = --debug ]; then
+    # The binaries the test command builds (target/debug/bench and
+    # target/debug/tocsin; nothing more to compile after it): a smoke run
+    # of the harness, as CI does. The bench says its figures are not
+    # representative; measure with a release build (without --debug).
+    shift
+    [ "${1:-}" = all ] && ensure_alertmanager
+    cargo test --workspace --locked --no-run -q
+    exec "${CARGO_TARGET_DIR:-$ROOT/target}/debug/bench" "$@"
+  fi
   if [ "${1:-}" = all ]; then
     # `bench all` runs target/release/tocsin as separate processes and a
     # real Alertmanager (ALERTMANAGER_BIN, else on the PATH; installed as
@@ -280,5 +294,5 @@ case "${1:-}" in
   deps) shift; need_cargo; ensure_tools; ensure_alertmanager; say "tools ready: $NATS_SERVER_BIN $ALERTMANAGER_BIN" ;;
   bench) shift; cmd_bench "$@" ;;
   chaos) shift; cmd_chaos "$@" ;;
-  *) sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,41p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

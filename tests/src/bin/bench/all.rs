@@ -143,6 +143,10 @@ pub struct Machine {
     pub alertmanager: String,
     pub git_commit: String,
     pub kernel: String,
+    /// "release", or "debug" (a smoke run; the figures are not
+    /// representative). Files written before it say nothing (read as "").
+    #[serde(default)]
+    pub build: String,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -216,6 +220,12 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
         machine.alertmanager,
         machine.git_commit
     );
+    if machine.build == "debug" {
+        println!(
+            "build: DEBUG (a smoke run: these figures are not representative; \
+             ./deploy/dev.sh bench all measures a release build)"
+        );
+    }
     println!();
 
     let mut outcomes = Vec::new();
@@ -398,22 +408,32 @@ pub fn compare(args: CompareArgs) -> anyhow::Result<()> {
     };
     let (a, b) = (read(&args.a)?, read(&args.b)?);
     println!(
-        "A: {} (commit {}, {} cores, fsync p50 {:.2}ms, {}{})",
+        "A: {} (commit {}, {} cores, fsync p50 {:.2}ms, {}{}{})",
         args.a.display(),
         a.machine.git_commit,
         a.machine.cores,
         a.machine.fsync_p50_ms,
         a.machine.nats_server,
-        if a.quick { ", quick" } else { "" }
+        if a.quick { ", quick" } else { "" },
+        if a.machine.build == "debug" {
+            ", DEBUG build"
+        } else {
+            ""
+        }
     );
     println!(
-        "B: {} (commit {}, {} cores, fsync p50 {:.2}ms, {}{})",
+        "B: {} (commit {}, {} cores, fsync p50 {:.2}ms, {}{}{})",
         args.b.display(),
         b.machine.git_commit,
         b.machine.cores,
         b.machine.fsync_p50_ms,
         b.machine.nats_server,
-        if b.quick { ", quick" } else { "" }
+        if b.quick { ", quick" } else { "" },
+        if b.machine.build == "debug" {
+            ", DEBUG build"
+        } else {
+            ""
+        }
     );
     if a.quick != b.quick {
         println!("warning: one run is --quick and the other is not; sizes differ");
@@ -546,8 +566,16 @@ async fn machine_facts(dir: &Path) -> anyhow::Result<Machine> {
         alertmanager,
         git_commit,
         kernel,
+        build: BUILD.into(),
     })
 }
+
+/// How this bench (and, from the same build, `tocsin`) was compiled.
+const BUILD: &str = if cfg!(debug_assertions) {
+    "debug"
+} else {
+    "release"
+};
 
 /// The v2 API body (`POST /api/v2/alerts`) of the same alerts as a webhook
 /// body made by [`AlertGen::body`].
