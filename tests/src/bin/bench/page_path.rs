@@ -787,14 +787,7 @@ fn print_side(rep: usize, side: &str, phases: &[Phase], r: &SideResult) {
         r.duplicated,
         r.failed.len(),
         r.cpu_per_1k,
-        r.rss
-            .iter()
-            .map(|(n, m)| format!(
-                "{n} {}",
-                m.map(|m| format!("{m:.1} MiB")).unwrap_or_else(|| "?".into())
-            ))
-            .collect::<Vec<_>>()
-            .join(", ")
+        peer::describe_rss(&r.rss)
     );
 }
 

@@ -315,3 +315,17 @@ impl Alertmanager {
         format!("http://127.0.0.1:{}/api/v2/alerts", self.port)
     }
 }
+
+/// Peak RSS per process as one line: `name 12.3 MiB, other ?`.
+pub fn describe_rss(rss: &[(String, Option<f64>)]) -> String {
+    rss.iter()
+        .map(|(n, m)| {
+            format!(
+                "{n} {}",
+                m.map(|m| format!("{m:.1} MiB"))
+                    .unwrap_or_else(|| "?".into())
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -249,7 +249,7 @@ async fn once(n: usize, run: &str, load_limit: Duration) -> anyhow::Result<Recov
     println!(
         "  with {n} open: {}; peak RSS {}",
         gauges(&stack).await,
-        describe_rss(&loaded_rss)
+        super::peer::describe_rss(&loaded_rss)
     );
 
     // The kill, a sentinel while they are down, the restart.
@@ -433,7 +433,7 @@ async fn finish(
         .collect::<anyhow::Result<_>>()?;
     println!(
         "  restarted processes' peak RSS (recovery and listing): {}",
-        describe_rss(&restarted_rss)
+        super::peer::describe_rss(&restarted_rss)
     );
     stack.check()?;
     Ok(RecoveryResult {
@@ -456,19 +456,6 @@ async fn role_check(http: &reqwest::Client, url: &str, role: &str) -> Option<Str
 
 fn yes_no(d: Option<Duration>) -> String {
     d.map_or("not yet".into(), |d| format!("at {:.2}s", d.as_secs_f64()))
-}
-
-fn describe_rss(rss: &[(String, Option<f64>)]) -> String {
-    rss.iter()
-        .map(|(n, m)| {
-            format!(
-                "{n} {}",
-                m.map(|m| format!("{m:.1} MiB"))
-                    .unwrap_or_else(|| "?".into())
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// The incidents and escalation gauges that say what they hold.

@@ -322,15 +322,7 @@ pub async fn storm(quick: bool, reps: u32) -> anyhow::Result<Outcome> {
                 name,
                 r.accepted_per_s,
                 r.processed_per_s,
-                r.rss
-                    .iter()
-                    .map(|(n, m)| format!(
-                        "{n} {}",
-                        m.map(|m| format!("{m:.1} MiB"))
-                            .unwrap_or_else(|| "?".into())
-                    ))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                peer::describe_rss(&r.rss)
             );
             for (i, v) in [r.accepted_per_s, r.processed_per_s, rss_sum]
                 .into_iter()
