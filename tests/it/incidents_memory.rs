@@ -37,6 +37,13 @@ async fn an_evicted_incident_still_answers_repeats_commands_and_queries() {
     // #1 opens, and a human resolves it while its alert still fires.
     publish_alert(&js, alert(&api, &group, AlertStatus::Firing, at(0)), at(0)).await;
     wait_for(&client, "incident #1", |all| all.len() == 1).await;
+    let m = tocsin.metrics().await;
+    assert_eq!(metric(&m, "tocsin_incidents_open"), 1.0, "{m}");
+    assert_eq!(
+        metric(&m, "tocsin_incidents_in_memory"),
+        1.0,
+        "a new incident is in memory as soon as it opens"
+    );
     let reply = command(
         &client,
         &js,

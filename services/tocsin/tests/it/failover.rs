@@ -46,13 +46,23 @@ fn lease_ttl() -> String {
 /// service connecting as its own NATS user (so the shipped permissions,
 /// lease buckets included, are what the processes run with).
 fn config(nats: &NatsServer, dir: &Path, ingest_port: u16, name: &str) -> PathBuf {
+    config_with_ttl(nats, dir, ingest_port, name, &lease_ttl())
+}
+
+/// [`config`] with the lease TTL `ttl`.
+fn config_with_ttl(
+    nats: &NatsServer,
+    dir: &Path,
+    ingest_port: u16,
+    name: &str,
+    ttl: &str,
+) -> PathBuf {
     let cred = |id: &str| {
         format!(
             "    {id}: {{user: {id}, password: {}}}\n",
             nats.password(id)
         )
     };
-    let ttl = lease_ttl();
     let text = format!(
         r#"nats:
   url: {url}
@@ -641,4 +651,121 @@ async fn an_instance_cut_off_from_nats_stands_down_and_one_is_active_again() {
         .collect();
     assert_eq!(names.len(), 6);
     assert_eq!(raws.iter().filter_map(opened).count(), 6);
+}
+
+/// The number of INCIDENTS `opened` entries, once there are at least `n`.
+async fn opened_at_least(n: usize, js: jetstream::Context) -> Result<usize, usize> {
+    let have = read_raw(&js, STREAM_INCIDENTS)
+        .await
+        .iter()
+        .filter(|r| opened(r).is_some())
+        .count();
+    if have >= n {
+        Ok(have)
+    } else {
+        Err(have)
+    }
+}
+
+/// Waits until `p` is the active instance of `role` (`/readyz` `ok`,
+/// `tocsin_leader` 1).
+async fn becomes_active(p: &Proc, role: &str) {
+    eventually_within(TAKEOVER, || async {
+        match role_state(p, role).await {
+            (check, Some(1)) if check == "ok" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{role} never became active again: {e}\n{}", p.log_text()));
+}
+
+/// A restarted instance (the same host and data directory) takes back the
+/// lease its SIGKILLed predecessor held at once, instead of waiting for it
+/// to expire: holding the lock on the data directory proves the predecessor
+/// is gone. With a 10-minute lease TTL, the restarted incidents and
+/// escalation processes are active again, and the next alert has its
+/// incident, well within `TAKEOVER` (30 s); each restart starts a new term.
+/// A second process on the same data directory stands by while the first
+/// lives (it cannot take the lock, so it waits like any standby) and takes
+/// over as soon as the first is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_instance_takes_its_own_lease_back_at_once() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ingest_port = free_port();
+    let cfg = config_with_ttl(&nats, dir.path(), ingest_port, "a", "10m");
+    let mut ingest = Proc::start(&cfg, dir.path(), &["ingest"]);
+    ingest.ready().await;
+    let mut procs = [
+        Proc::start(&cfg, dir.path(), &["incidents"]),
+        Proc::start(&cfg, dir.path(), &["escalation"]),
+    ];
+    for p in procs.iter_mut() {
+        p.ready().await;
+    }
+    becomes_active(&procs[0], "incidents").await;
+    becomes_active(&procs[1], "escalation").await;
+    post_alerts(ingest_port, &serde_json::json!([alert("Outage0", "firing")])).await;
+    let js = jetstream::new(nats.client().await);
+    eventually_within(TAKEOVER, || opened_at_least(1, js.clone()))
+        .await
+        .expect("the first incident");
+    let first_term = max_term(&js, STREAM_INCIDENTS, "incidents").await;
+    assert!(first_term > 0, "INCIDENTS entries carry the lease term");
+
+    for p in procs.iter_mut() {
+        p.restart();
+    }
+    becomes_active(&procs[0], "incidents").await;
+    becomes_active(&procs[1], "escalation").await;
+    for p in &procs {
+        assert!(
+            p.log_text().contains("took back the lease of its predecessor"),
+            "the restarted process says how it got the lease:\n{}",
+            p.log_text()
+        );
+    }
+    post_alerts(ingest_port, &serde_json::json!([alert("Outage1", "firing")])).await;
+    eventually_within(TAKEOVER, || opened_at_least(2, js.clone()))
+        .await
+        .expect("the restarted instance opens the next incident");
+    let second_term = max_term(&js, STREAM_INCIDENTS, "incidents").await;
+    assert!(
+        second_term > first_term,
+        "a new tenure, a new term ({first_term} -> {second_term})"
+    );
+
+    // A twin on the same data directory while the first one lives: a
+    // standby, seeing the active instance.
+    let mut twin = Proc::start(&cfg, dir.path(), &["incidents"]);
+    twin.ready().await;
+    eventually_within(TAKEOVER, || async {
+        match role_state(&twin, "incidents").await {
+            (check, Some(0)) if check.starts_with("standby: ") && check.contains(" is active") => {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the twin is not a standby: {e}\n{}", twin.log_text()));
+    assert_eq!(role_state(&procs[0], "incidents").await.1, Some(1));
+    procs[0].kill();
+    becomes_active(&twin, "incidents").await;
+    post_alerts(ingest_port, &serde_json::json!([alert("Outage2", "firing")])).await;
+    eventually_within(TAKEOVER, || opened_at_least(3, js.clone()))
+        .await
+        .expect("the twin opens the next incident");
+
+    let raws = read_raw(&js, STREAM_INCIDENTS).await;
+    let terms = terms_never_go_back(&raws, "incidents", STREAM_INCIDENTS);
+    assert!(terms.len() >= 3, "three tenures wrote INCIDENTS: {terms:?}");
+    let names: BTreeSet<String> = raws
+        .iter()
+        .filter_map(opened)
+        .map(|(name, _, _)| name)
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(raws.iter().filter_map(opened).count(), 3);
 }
