@@ -63,7 +63,7 @@ fn inputs() -> Vec<(Alert, Timestamp)> {
             ("severity", sev),
         ];
         let a = match firing.get(&(g, k)).copied() {
-            Some(since) if rng.next() % 2 == 0 => {
+            Some(since) if rng.next().is_multiple_of(2) => {
                 firing.remove(&(g, k));
                 alert(
                     &pairs,

@@ -35,6 +35,14 @@ impl EscalationConfig {
             .map(|d| d.get())
             .unwrap_or(std::time::Duration::from_secs(5))
     }
+
+    /// `data_dir`, or its default (`.tocsin/data/escalation`).
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self.data_dir
+            .as_ref()
+            .map(|p| p.0.clone())
+            .unwrap_or_else(|| std::path::PathBuf::from(".tocsin/data/escalation"))
+    }
 }
 
 /// A node of the route tree. The root matches every incident; children are

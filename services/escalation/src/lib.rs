@@ -108,7 +108,8 @@ pub async fn run(
         None => None,
     };
     let ttl = config.lease_ttl();
-    let result = tocsin_runtime::lease::lead(ctx, "escalation", ttl, |tenure| {
+    let data_dir = config.data_dir();
+    let result = tocsin_runtime::lease::lead(ctx, "escalation", ttl, &data_dir, |tenure| {
         let (config, metrics) = (config.clone(), metrics.clone());
         async move { run_active(config, &tenure, metrics).await }
     })
@@ -133,11 +134,7 @@ async fn run_active(
     );
     health.set_failing("escalation", "catching up with the INCIDENTS stream");
     let planner = Arc::new(plan::Planner::new(&config).map_err(EscalationError::Config)?);
-    let dir = config
-        .data_dir
-        .as_ref()
-        .map(|p| p.0.clone())
-        .unwrap_or_else(|| std::path::PathBuf::from(".tocsin/data/escalation"));
+    let dir = config.data_dir();
     let client = js.client();
     let svc = service::Service::new(planner.clone(), &dir, js, clock.clone(), metrics)?;
     // Subscribed before the service reports ready. NATS may not be up yet

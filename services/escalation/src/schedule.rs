@@ -547,7 +547,7 @@ impl Layer {
             ));
         }
         let day = Duration::from_secs(SECS_PER_DAY.into());
-        let rotation = if len.as_nanos() % day.as_nanos() == 0 {
+        let rotation = if len.as_nanos().is_multiple_of(day.as_nanos()) {
             CompiledRotation::Calendar {
                 start: c.start,
                 days: (len.as_secs() / day.as_secs()) as i64,

@@ -29,7 +29,7 @@ pub struct IncidentsMetrics {
     inputs: Family<Labels, Counter>,
     events: Family<Labels, Counter>,
     dead_letters: Family<Labels, Counter>,
-    pub(crate) open: Gauge,
+    open: Gauge,
     catch_up: Counter,
     in_memory: Gauge,
     evicted: Counter,
@@ -41,6 +41,13 @@ pub struct IncidentsMetrics {
 }
 
 impl IncidentsMetrics {
+    /// The projection's size: `tocsin_incidents_open` and
+    /// `tocsin_incidents_in_memory`, after every change.
+    pub(crate) fn sizes(&self, open: u64, in_memory: usize) {
+        self.open.set(open as i64);
+        self.in_memory.set(in_memory as i64);
+    }
+
     pub fn register(m: &Metrics) -> Self {
         let s = IncidentsMetrics {
             inputs: Family::default(),

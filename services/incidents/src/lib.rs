@@ -140,7 +140,8 @@ pub async fn run(
     compile(&config)?;
     let m = events::IncidentsMetrics::register(&ctx.metrics);
     let ttl = config.lease_ttl.get();
-    tocsin_runtime::lease::lead(ctx, "incidents", ttl, |tenure| {
+    let data_dir = config.data_dir();
+    tocsin_runtime::lease::lead(ctx, "incidents", ttl, &data_dir, |tenure| {
         let (config, m) = (config.clone(), m.clone());
         async move { run_active(config, &tenure, m).await }
     })

@@ -361,7 +361,8 @@ impl Service {
         if from > last {
             // Nothing to replay: the saved projection is current. Its open
             // count is what /metrics shows from now on.
-            self.metrics.open.set(read(&self.proj).open_count as i64);
+            let p = read(&self.proj);
+            self.metrics.sizes(p.open_count, p.incidents.len());
             return Ok(());
         }
         let mut msgs = streams::read_from(&self.js, STREAM_INCIDENTS, from).await?;
@@ -394,7 +395,7 @@ impl Service {
                 }
             }
             n += 1;
-            if n % 1000 == 0 {
+            if n.is_multiple_of(1000) {
                 self.save(&mut p);
             }
         }
@@ -405,7 +406,7 @@ impl Service {
             incidents: p.incidents.len(),
         }
         .emit(&self.metrics);
-        self.metrics.open.set(p.open_count as i64);
+        self.metrics.sizes(p.open_count, p.incidents.len());
         Ok(())
     }
 
@@ -632,7 +633,7 @@ impl Service {
             for (entry, seq) in &stored {
                 p.apply(entry, *seq);
             }
-            self.metrics.open.set(p.open_count as i64);
+            self.metrics.sizes(p.open_count, p.incidents.len());
         }
         // Saved by the caller, once per input, together with the cursor.
         match failure {
@@ -1045,7 +1046,7 @@ impl Service {
                     p.alerts_cursor = p.alerts_cursor.max(*seq);
                 }
             }
-            self.metrics.open.set(p.open_count as i64);
+            self.metrics.sizes(p.open_count, p.incidents.len());
             self.save(&mut p);
         }
         let now = Timestamp::now();

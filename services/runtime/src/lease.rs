@@ -23,6 +23,22 @@
 //!   third is the margin for messages already on the wire and for the
 //!   drift between the two clocks' rates.
 //!
+//! - **Take back after a restart**: each instance locks a file in its
+//!   data directory (`lease.lock`, an exclusive `flock`, held while [`lead`]
+//!   runs) and, while it holds that lock, writes the lock's id (a random id
+//!   kept in the file, with the host name) into the lease record. An
+//!   instance that finds the lease held under its own lock id takes it at
+//!   once with a revision-checked write, in a new term, instead of waiting
+//!   for it to expire: the operating system releases the lock only when the
+//!   process holding it has exited, so the previous holder can no longer
+//!   act. A restarted process (systemd, Kubernetes, `tocsin up`) is active
+//!   again within a poll, whatever the TTL. A second live process on the
+//!   same directory cannot take the lock and waits like any standby; a
+//!   frozen holder keeps its lock. The data directory must be on a local
+//!   file system (flock over NFS is not reliable), and must never be copied
+//!   to a second instance while the first one runs (the copy would carry
+//!   the same id).
+//!
 //! # Which clock
 //! Neither the injected clock (`ServiceContext::clock`: business time,
 //! frozen in tests, and wall time in production, which NTP may step) nor
@@ -48,7 +64,10 @@
 //! holder).
 
 use std::{
+    fs::{File, TryLockError},
     future::Future,
+    io::{Read, Seek, Write},
+    path::{Path, PathBuf},
     pin::Pin,
     sync::Arc,
     task::{Context as TaskContext, Poll},
@@ -99,6 +118,10 @@ pub struct Record {
     /// then: see [`Record::term_at`]).
     #[serde(default)]
     pub term: Option<u64>,
+    /// The id of the data-directory lock the holder held when it wrote
+    /// this (see the module docs), if it held one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<String>,
 }
 
 impl Record {
@@ -205,12 +228,9 @@ impl State {
     }
 }
 
-/// A process-unique holder id: host, pid and a per-lease suffix (two
-/// instances in one process, as tests run them, differ too).
-fn holder_id(role: &str) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let host = std::env::var("HOSTNAME")
+/// This host's name (`HOSTNAME`, else `/etc/hostname`).
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())
         .or_else(|| {
@@ -219,7 +239,15 @@ fn holder_id(role: &str) -> String {
                 .map(|h| h.trim().to_string())
         })
         .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "host".into());
+        .unwrap_or_else(|| "host".into())
+}
+
+/// A process-unique holder id: host, pid and a per-lease suffix (two
+/// instances in one process, as tests run them, differ too).
+fn holder_id(role: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let host = host_name();
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -229,6 +257,107 @@ fn holder_id(role: &str) -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// The exclusive lock on `<data dir>/lease.lock`, held while [`lead`] runs
+/// (dropped with the file, or by the operating system when the process
+/// dies).
+struct DirLock {
+    _file: File,
+    /// `<host>/<random id kept in the file>`.
+    id: String,
+}
+
+/// The lock file in `dir`.
+fn lock_path(dir: &Path) -> PathBuf {
+    dir.join("lease.lock")
+}
+
+/// Takes the lock on `dir` if no live process holds it: None when another
+/// one does. Creates the directory, and the file with a new random id.
+fn lock_dir(dir: &Path) -> std::io::Result<Option<DirLock>> {
+    std::fs::create_dir_all(dir)?;
+    let mut file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(lock_path(dir))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => return Ok(None),
+        Err(TryLockError::Error(e)) => return Err(e),
+    }
+    let mut kept = String::new();
+    file.read_to_string(&mut kept)?;
+    let kept = kept.trim();
+    let id = if kept.len() == 32 && kept.bytes().all(|b| b.is_ascii_hexdigit()) {
+        kept.to_string()
+    } else {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        file.set_len(0)?;
+        file.rewind()?;
+        file.write_all(format!("{id}\n").as_bytes())?;
+        file.sync_all()?;
+        id
+    };
+    Ok(Some(DirLock {
+        _file: file,
+        id: format!("{}/{id}", host_name()),
+    }))
+}
+
+/// Who this instance is: its holder id and, while it holds one, its
+/// data-directory lock.
+struct Me {
+    holder: String,
+    dir: PathBuf,
+    lock: Option<DirLock>,
+    /// What the last failed attempt to lock said (logged once).
+    lock_error: Option<String>,
+}
+
+impl Me {
+    /// Tries to take the data-directory lock if not held yet.
+    fn try_lock(&mut self, role: &str) {
+        if self.lock.is_some() {
+            return;
+        }
+        let dir = &self.dir;
+        match lock_dir(dir) {
+            Ok(lock) => {
+                self.lock = lock;
+                self.lock_error = None;
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.lock_error.as_ref() != Some(&e) {
+                    tracing::warn!(
+                        role,
+                        path = %lock_path(dir).display(),
+                        error = %e,
+                        "cannot lock the data directory's lease.lock; after a restart this \
+                         instance waits for its old lease to expire (check the directory's \
+                         permissions)"
+                    );
+                }
+                self.lock_error = Some(e);
+            }
+        }
+    }
+
+    fn lock_id(&self) -> Option<String> {
+        self.lock.as_ref().map(|l| l.id.clone())
+    }
+
+    /// The record this instance writes for `term` (None: the write's revision).
+    fn record(&self, term: Option<u64>) -> Record {
+        Record {
+            holder: self.holder.clone(),
+            term,
+            lock: self.lock_id(),
+        }
+    }
 }
 
 /// Sets `tocsin_leader{role}`.
@@ -338,7 +467,7 @@ async fn acquire(
     ctx: &ServiceContext,
     role: &str,
     ttl: Duration,
-    me: &str,
+    me: &mut Me,
 ) -> Option<(Bucket, watch::Sender<State>)> {
     let mut bucket: Option<Bucket> = None;
     let mut last_note = String::new();
@@ -360,19 +489,17 @@ async fn acquire(
             },
             Some(b) => {
                 poll = b.timing.poll_every();
+                me.try_lock(role);
                 match read(b).await {
                     // Still ours (this instance stood down, say while NATS
                     // was unreachable, and nobody took the lease since): take
                     // it back at once, in the same term, instead of waiting
                     // for it to expire. Nothing of the old tenure runs any
                     // more.
-                    Ok(Some((r, rev))) if r.holder == me => {
+                    Ok(Some((r, rev))) if r.holder == me.holder => {
                         let term = r.term_at(rev);
                         let sent = Instant::now();
-                        let record = Record {
-                            holder: me.to_string(),
-                            term: Some(term),
-                        };
+                        let record = me.record(Some(term));
                         match write_checked(&b.kv, KEY, encode(&record), Some(rev)).await {
                             Ok(rev) => {
                                 let mut s = State::Standby;
@@ -386,16 +513,44 @@ async fn acquire(
                             Err(e) => format!("standby: cannot take back its own lease: {e}"),
                         }
                     }
+                    // Held under the lock this instance holds now: the
+                    // process that wrote it has exited (see the module
+                    // docs). Take it in a new term (the write's revision).
+                    Ok(Some((r, rev))) if r.lock.is_some() && r.lock == me.lock_id() => {
+                        let sent = Instant::now();
+                        let record = me.record(None);
+                        match write_checked(&b.kv, KEY, encode(&record), Some(rev)).await {
+                            Ok(new_rev) => {
+                                tracing::info!(
+                                    role,
+                                    predecessor = %r.holder,
+                                    predecessor_term = r.term_at(rev),
+                                    term = new_rev,
+                                    "took back the lease of its predecessor at once: this \
+                                     process holds the lock on the data directory the \
+                                     predecessor held, so that process has exited"
+                                );
+                                let mut s = State::Standby;
+                                s.acquired(b.timing, sent, new_rev);
+                                let (tx, _) = watch::channel(s);
+                                return bucket.map(|b| (b, tx));
+                            }
+                            Err(WriteError::Conflict) => {
+                                passing = true;
+                                "standby: another instance took the lease".to_string()
+                            }
+                            Err(WriteError::Failed(e)) => {
+                                format!("standby: cannot take back its predecessor's lease: {e}")
+                            }
+                        }
+                    }
                     Ok(Some((r, rev))) => {
                         passing = true;
                         format!("standby: {} is active (term {})", r.holder, r.term_at(rev))
                     }
                     Ok(None) => {
                         let sent = Instant::now();
-                        let record = Record {
-                            holder: me.to_string(),
-                            term: None,
-                        };
+                        let record = me.record(None);
                         match write_checked(&b.kv, KEY, encode(&record), None).await {
                             Ok(rev) => {
                                 let mut s = State::Standby;
@@ -434,7 +589,7 @@ async fn acquire(
 
 /// Renews until the lease is lost or runs out; updates `state`. Returns
 /// when the instance must stop acting.
-async fn renew(b: &Bucket, state: &watch::Sender<State>, role: &str, me: &str) {
+async fn renew(b: &Bucket, state: &watch::Sender<State>, role: &str, me: &Me) {
     let timing = b.timing;
     let mut next = Instant::now() + timing.renew_every();
     loop {
@@ -456,10 +611,7 @@ async fn renew(b: &Bucket, state: &watch::Sender<State>, role: &str, me: &str) {
             State::Leader { term, revision, .. } => (term, revision),
             State::Standby => return,
         };
-        let record = Record {
-            holder: me.to_string(),
-            term: Some(term),
-        };
+        let record = me.record(Some(term));
         let sent = Instant::now();
         let wait = fence.saturating_duration_since(sent);
         let result = tokio::time::timeout(
@@ -476,7 +628,7 @@ async fn renew(b: &Bucket, state: &watch::Sender<State>, role: &str, me: &str) {
                 // Our own earlier renewal may have landed without its answer
                 // reaching us: then the key is ours, at a newer revision.
                 match read(b).await {
-                    Ok(Some((r, rev))) if r.holder == me && r.term_at(rev) == term => {
+                    Ok(Some((r, rev))) if r.holder == me.holder && r.term_at(rev) == term => {
                         state.send_modify(|s| {
                             if let State::Leader { revision, .. } = s {
                                 *revision = rev;
@@ -561,22 +713,30 @@ impl Drop for ReleaseOnDrop {
 /// lease (see the module docs): waits for it, runs one tenure, and when the
 /// lease is lost stops the service (dropping its future) and waits again.
 /// Returns when `ctx.shutdown` is cancelled (releasing the lease) or the
-/// service fails.
+/// service fails. `data_dir` is the role's data directory, whose
+/// `lease.lock` lets a restarted process take its predecessor's lease back
+/// at once (the module docs); it is locked for as long as this runs.
 pub async fn lead<F, Fut, E>(
     ctx: &ServiceContext,
     role: &str,
     ttl: Duration,
+    data_dir: &Path,
     mut service: F,
 ) -> Result<(), E>
 where
     F: FnMut(ServiceContext) -> Fut,
     Fut: Future<Output = Result<(), E>>,
 {
-    let me = holder_id(role);
+    let mut me = Me {
+        holder: holder_id(role),
+        dir: data_dir.to_path_buf(),
+        lock: None,
+        lock_error: None,
+    };
     set_leader(&ctx.metrics, role, false);
     ctx.health.set_failing(role, "waiting for the lease");
     loop {
-        let Some((bucket, state)) = acquire(ctx, role, ttl, &me).await else {
+        let Some((bucket, state)) = acquire(ctx, role, ttl, &mut me).await else {
             return Ok(());
         };
         let state = Arc::new(state);
@@ -589,7 +749,7 @@ where
             state: state.clone(),
             armed: true,
         };
-        tracing::info!(role, term, holder = %me, "took the lease: this instance is active");
+        tracing::info!(role, term, holder = %me.holder, "took the lease: this instance is active");
         set_leader(&ctx.metrics, role, true);
         let stop = ctx.shutdown.child_token();
         let tenure_ctx = ServiceContext {
@@ -722,9 +882,39 @@ mod tests {
         let r = Record {
             holder: "h".into(),
             term: None,
+            lock: None,
         };
         assert_eq!(r.term_at(12), 12);
         let r: Record = serde_json::from_slice(br#"{"holder":"h","term":12}"#).unwrap();
         assert_eq!(r.term_at(15), 12);
+    }
+
+    #[test]
+    fn the_data_directory_lock_is_exclusive_and_keeps_its_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("incidents");
+        let first = lock_dir(&data).unwrap().expect("a free directory locks");
+        assert!(
+            lock_dir(&data).unwrap().is_none(),
+            "a second lock on a held directory fails"
+        );
+        let id = first.id.clone();
+        assert!(id.starts_with(&format!("{}/", host_name())), "{id}");
+        drop(first);
+        let again = lock_dir(&data).unwrap().expect("free again once dropped");
+        assert_eq!(again.id, id, "the id is kept in the directory");
+        let other = lock_dir(&dir.path().join("escalation")).unwrap().unwrap();
+        assert_ne!(other.id, id, "each directory has its own id");
+
+        // A record written under the lock names it; old records have none.
+        let r: Record = serde_json::from_slice(br#"{"holder":"h","term":3}"#).unwrap();
+        assert_eq!(r.lock, None);
+        let with = Record {
+            holder: "h".into(),
+            term: Some(3),
+            lock: Some(id.clone()),
+        };
+        let back: Record = serde_json::from_slice(&encode(&with)).unwrap();
+        assert_eq!(back, with);
     }
 }

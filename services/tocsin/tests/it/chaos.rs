@@ -509,7 +509,7 @@ async fn operators(
                 _ => continue,
             };
             turn += 1;
-            let via_slack = turn % 2 == 0;
+            let via_slack = turn.is_multiple_of(2);
             let (seen, cfg, acks, fakes_url) = (
                 seen.clone(),
                 operator_cfg.clone(),

@@ -706,7 +706,11 @@ async fn a_restarted_instance_takes_its_own_lease_back_at_once() {
     }
     becomes_active(&procs[0], "incidents").await;
     becomes_active(&procs[1], "escalation").await;
-    post_alerts(ingest_port, &serde_json::json!([alert("Outage0", "firing")])).await;
+    post_alerts(
+        ingest_port,
+        &serde_json::json!([alert("Outage0", "firing")]),
+    )
+    .await;
     let js = jetstream::new(nats.client().await);
     eventually_within(TAKEOVER, || opened_at_least(1, js.clone()))
         .await
@@ -721,12 +725,17 @@ async fn a_restarted_instance_takes_its_own_lease_back_at_once() {
     becomes_active(&procs[1], "escalation").await;
     for p in &procs {
         assert!(
-            p.log_text().contains("took back the lease of its predecessor"),
+            p.log_text()
+                .contains("took back the lease of its predecessor"),
             "the restarted process says how it got the lease:\n{}",
             p.log_text()
         );
     }
-    post_alerts(ingest_port, &serde_json::json!([alert("Outage1", "firing")])).await;
+    post_alerts(
+        ingest_port,
+        &serde_json::json!([alert("Outage1", "firing")]),
+    )
+    .await;
     eventually_within(TAKEOVER, || opened_at_least(2, js.clone()))
         .await
         .expect("the restarted instance opens the next incident");
@@ -753,7 +762,11 @@ async fn a_restarted_instance_takes_its_own_lease_back_at_once() {
     assert_eq!(role_state(&procs[0], "incidents").await.1, Some(1));
     procs[0].kill();
     becomes_active(&twin, "incidents").await;
-    post_alerts(ingest_port, &serde_json::json!([alert("Outage2", "firing")])).await;
+    post_alerts(
+        ingest_port,
+        &serde_json::json!([alert("Outage2", "firing")]),
+    )
+    .await;
     eventually_within(TAKEOVER, || opened_at_least(3, js.clone()))
         .await
         .expect("the twin opens the next incident");

@@ -3375,7 +3375,7 @@ impl IncidentGen {
     fn preload(&mut self, at: Timestamp) -> Alert {
         let (g, k) = (self.rng.next() % self.groups, self.rng.next() % INSTANCES);
         match self.firing.get(&(g, k)).copied() {
-            Some(since) if self.rng.next() % 2 == 0 => self.resolve(g, k, since),
+            Some(since) if self.rng.next().is_multiple_of(2) => self.resolve(g, k, since),
             Some(since) => {
                 self.mix.repeated += 1;
                 self.alert(g, k, AlertStatus::Firing, since)
@@ -3388,7 +3388,7 @@ impl IncidentGen {
     /// group's first alert, else a random alert of a known group resolves
     /// if it is firing, or fires (again: a new startsAt).
     fn live(&mut self, at: Timestamp) -> Alert {
-        if self.rng.next() % 4 == 0 {
+        if self.rng.next().is_multiple_of(4) {
             let g = self.groups;
             self.groups += 1;
             self.mix.new_groups += 1;

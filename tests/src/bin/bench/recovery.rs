@@ -4,7 +4,8 @@
 //! engine is quiet, the incidents and escalation processes are SIGKILLed,
 //! a sentinel alert is sent while they are down, and both are started again:
 //! the time from the restart until each has taken its role's lease (the
-//! killed process's lease runs out first: it released nothing), until each
+//! restarted process takes its killed predecessor's lease back at once: it
+//! holds the lock on the same data directory), until each
 //! is active and caught up with INCIDENTS (its `/readyz` check `ok`; a
 //! standby answers 200 too, with `standby: ...`), and until the sentinel's
 //! page arrives (incidents has handled ALERTS to its last sequence,
@@ -74,8 +75,8 @@ pub async fn recovery(n: u32, reps: u32) -> anyhow::Result<Outcome> {
          consumer busy) SIGKILL incidents and escalation, send a sentinel alert, start both again"
     );
     println!(
-        "from the restart: lease = the service's /readyz check leaves `standby: ...` (the killed process's lease \
-         expired); ready = the check is `ok` (active, caught up with {STREAM_INCIDENTS}); caught up = the sentinel's \
+        "from the restart: lease = the service's /readyz check leaves `standby: ...` (taken back at once: the \
+         restarted process holds the killed one's data-directory lock); ready = the check is `ok` (active, caught up with {STREAM_INCIDENTS}); caught up = the sentinel's \
          page arrived (incidents handled {STREAM_ALERTS} to its last sequence, escalation applied the sentinel's \
          entry); all within {RECOVERY_LIMIT:?}"
     );
