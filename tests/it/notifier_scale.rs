@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use tocsin_proto::notify::Channel;
 use tocsin_tests::{
-    fakes::FakeProviders,
+    fakes::{FakeProviders, Provider, RateLimit, RateLimitKey},
     notifier::{self, page, publish_pages, Replica},
     NatsServer,
 };
@@ -85,6 +85,83 @@ async fn two_replicas_deliver_a_thousand_pages_exactly_once() {
     let (na, nb) = (per(&a), per(&b));
     assert_eq!(na + nb, 1000, "replica a {na}, b {nb}");
     assert!(na > 0 && nb > 0, "both replicas worked: a {na}, b {nb}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// `tocsin_notifier_replicas` as `r` reports it.
+fn replicas_seen(r: &Replica) -> Option<u64> {
+    r.metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix("tocsin_notifier_replicas "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A destination's rate limit (`guard.rate_per_second`) holds for all
+/// replicas together, not for each: two replicas that see each other
+/// (`tocsin_notifier_replicas` 2) each send at half the rate. PagerDuty
+/// (the fake, like the real one per integration key) takes 2 events/s with
+/// a little burst; the notifier is configured at 2/s. Two replicas pacing
+/// 2/s each would get 429s; together they get none, and every page is
+/// delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_together_keep_a_destinations_rate_limit() {
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    fakes.set_rate_limit(
+        Provider::PagerDuty,
+        RateLimit {
+            per_second: 2.0,
+            burst: 3,
+            key: RateLimitKey::PerChannel,
+        },
+    );
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let paced = |dir: &std::path::Path| {
+        let mut config = notifier::config(&fakes, None, dir);
+        let guard = &mut config.pagerduty.as_mut().expect("pagerduty").guard;
+        guard.rate_per_second = 2;
+        guard.burst = Some(1);
+        config
+    };
+    let a = Replica::start(&nats, paced(d1.path())).await;
+    let b = Replica::start(&nats, paced(d2.path())).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let seen = tocsin_tests::eventually_within(Duration::from_secs(20), || async {
+        match (replicas_seen(&a), replicas_seen(&b)) {
+            (Some(2), Some(2)) => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+    if let Err(seen) = seen {
+        panic!("the replicas never saw each other (tocsin_notifier_replicas {seen:?})");
+    }
+
+    let js = async_nats::jetstream::new(nats.client().await);
+    let pages: Vec<_> = (1..=16u64).map(|n| page(n, Channel::Pagerduty)).collect();
+    publish_pages(&js, &pages).await;
+    assert!(
+        fakes
+            .wait_for(
+                |f| f.pagerduty_events().len() >= 16,
+                Duration::from_secs(60)
+            )
+            .await,
+        "all 16 events delivered: {}",
+        fakes.pagerduty_events().len()
+    );
+    let counts = fakes.counts(Provider::PagerDuty);
+    assert_eq!(
+        counts.rate_limited, 0,
+        "two replicas together stayed within PagerDuty's rate: {counts:?}"
+    );
+    assert_eq!(counts.accepted, 16, "{counts:?}");
+    let by_a = a.count("pagerduty", "sent");
+    let by_b = b.count("pagerduty", "sent");
+    assert_eq!(by_a + by_b, 16, "each page sent once ({by_a} + {by_b})");
     a.stop().await;
     b.stop().await;
 }
