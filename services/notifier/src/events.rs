@@ -34,6 +34,7 @@ pub(crate) struct NotifierMetrics {
     handed_back: Family<Labels, Counter>,
     updates: Family<Labels, Counter>,
     pub(crate) dead_letters: Counter,
+    replicas: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -41,6 +42,11 @@ fn latency_histogram() -> Histogram {
 }
 
 impl NotifierMetrics {
+    /// `tocsin_notifier_replicas`.
+    pub(crate) fn replicas(&self, n: u32) {
+        self.replicas.set(i64::from(n));
+    }
+
     pub(crate) fn register(m: &Metrics) -> Self {
         let s = NotifierMetrics {
             notifications: Family::default(),
@@ -53,7 +59,14 @@ impl NotifierMetrics {
             handed_back: Family::default(),
             updates: Family::default(),
             dead_letters: Counter::default(),
+            replicas: Gauge::default(),
         };
+        s.replicas.set(1);
+        m.register(
+            "tocsin_notifier_replicas",
+            "Notifier replicas running, as this one sees them (each destination's rate limit is shared among them)",
+            s.replicas.clone(),
+        );
         m.register(
             "tocsin_notifications",
             "Messages delivered or not, by channel and outcome (sent, failed, gave_up, skipped)",

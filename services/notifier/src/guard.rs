@@ -139,6 +139,11 @@ pub fn until_from(now: Instant, until: Instant) -> Duration {
 /// destination wait in line instead of all retrying at once.
 #[derive(Debug, Clone)]
 pub struct Pace {
+    /// `1/rate`: the interval with the whole rate to itself.
+    base: SignedDuration,
+    burst: u32,
+    /// How many replicas share the rate (see [`Pace::share`]).
+    share: u32,
     interval: SignedDuration,
     tolerance: SignedDuration,
     /// The theoretical arrival time of the next request.
@@ -147,13 +152,32 @@ pub struct Pace {
 
 impl Pace {
     pub fn new(rate_per_second: u32, burst: u32) -> Pace {
-        let interval =
-            SignedDuration::from_nanos(1_000_000_000 / i64::from(rate_per_second.max(1)));
-        Pace {
-            interval,
-            tolerance: interval * i32::try_from(burst.max(1) - 1).unwrap_or(i32::MAX),
+        let base = SignedDuration::from_nanos(1_000_000_000 / i64::from(rate_per_second.max(1)));
+        let mut p = Pace {
+            base,
+            burst: burst.max(1),
+            share: 0,
+            interval: base,
+            tolerance: SignedDuration::ZERO,
             tat: None,
+        };
+        p.share(1);
+        p
+    }
+
+    /// `replicas` send to the same destination, each at its own pace: this
+    /// one takes `1/replicas` of the rate and of the burst (at least one),
+    /// so together they stay within the destination's limit. Turns already
+    /// booked stay booked.
+    pub fn share(&mut self, replicas: u32) {
+        let n = replicas.max(1);
+        if n == self.share {
+            return;
         }
+        self.share = n;
+        self.interval = self.base * i32::try_from(n).unwrap_or(i32::MAX);
+        let burst = (self.burst / n).max(1);
+        self.tolerance = self.interval * i32::try_from(burst - 1).unwrap_or(i32::MAX);
     }
 
     /// Books a turn and returns how long until it, unless that is longer
@@ -242,6 +266,29 @@ mod tests {
             assert_eq!(q.reserve(t, Duration::ZERO), Ok(Duration::ZERO));
         }
         assert_eq!(q.reserve(t, Duration::ZERO), Err(Duration::from_secs(1)));
+        // Shared by two replicas: half the rate and half the burst each.
+        let mut h = Pace::new(2, 4);
+        h.share(2);
+        let t = at(200.0);
+        for _ in 0..2 {
+            assert_eq!(h.reserve(t, Duration::ZERO), Ok(Duration::ZERO));
+        }
+        assert_eq!(h.reserve(t, Duration::ZERO), Err(Duration::from_secs(1)));
+        assert_eq!(
+            h.reserve(t, Duration::from_secs(5)),
+            Ok(Duration::from_secs(1))
+        );
+        // Alone again: the whole rate and burst from the turns already
+        // booked (the next at 3 s, less the burst's 1.5 s).
+        h.share(1);
+        assert_eq!(
+            h.reserve(t, Duration::from_secs(5)),
+            Ok(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            h.reserve(t, Duration::from_secs(5)),
+            Ok(Duration::from_secs(2))
+        );
         // A 429 holds everyone back.
         let mut r = Pace::new(10, 1);
         r.hold_until(at(30.0));

@@ -59,6 +59,9 @@ pub(crate) struct Lanes {
     paces: Mutex<HashMap<(String, String), Pace>>,
     slots: Mutex<HashMap<(String, String), Arc<Semaphore>>>,
     max_hold: Duration,
+    /// Notifier replicas running (this one included), who share every
+    /// destination's rate (see [`crate::replicas`]).
+    replicas: std::sync::atomic::AtomicU32,
     metrics: NotifierMetrics,
 }
 
@@ -88,8 +91,17 @@ impl Lanes {
             waiting: Mutex::new(HashMap::new()),
             max_waiting: (cfg.concurrency() / 2).max(1),
             max_hold: cfg.max_hold(),
+            replicas: std::sync::atomic::AtomicU32::new(1),
             metrics,
         }
+    }
+
+    /// `n` replicas are running: each destination's pace takes its share
+    /// from its next turn on.
+    pub(crate) fn set_replicas(&self, n: u32) {
+        let n = n.max(1);
+        self.replicas.store(n, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.replicas(n);
     }
 
     fn guard(&self, provider: &str) -> GuardConfig {
@@ -128,6 +140,7 @@ impl Lanes {
         let pace = paces
             .entry(key)
             .or_insert_with(|| Pace::new(rate.get(), burst.get()));
+        pace.share(self.replicas.load(std::sync::atomic::Ordering::Relaxed));
         // A message that would wait, when the lane already holds its share,
         // goes back to the bus too (with the wait it would have had).
         let full = waiting.load(std::sync::atomic::Ordering::Relaxed) >= self.max_waiting;

@@ -27,7 +27,10 @@
 //! Each provider has a circuit breaker; each destination (a PagerDuty
 //! service, a Slack channel, the SMS account, ...) a pace at its rate
 //! limit and a cap on requests in flight. A page whose turn is further
-//! away than `max_hold` goes back to the bus until then.
+//! away than `max_hold` goes back to the bus until then. A destination's
+//! rate is shared by the replicas running (`replicas`: each counts the
+//! others through the KV bucket `tocsin_notifier_replicas`), so together
+//! they keep the provider's limit.
 //!
 //! # Layout
 //! - [`config`]: the `notifier:` section.
@@ -58,6 +61,7 @@ mod incident;
 mod lanes;
 mod pages;
 mod receipts;
+mod replicas;
 
 use std::sync::Arc;
 
@@ -194,6 +198,11 @@ pub async fn run(
     );
     let ack_wait = config.ack_wait();
     let changes = tokio::spawn(changes::run(d.clone(), ack_wait, ctx.shutdown.clone()));
+    let beats = {
+        let (d, js, stop) = (d.clone(), ctx.js.clone(), ctx.shutdown.clone());
+        let n = ctx.jetstream.replicas;
+        tokio::spawn(async move { replicas::run(js, &d.lanes, n, stop).await })
+    };
     pages::run(
         d.clone(),
         ack_wait,
@@ -203,6 +212,7 @@ pub async fn run(
     )
     .await;
     let _ = changes.await;
+    let _ = beats.await;
     d.tasks.close();
     d.tasks.wait().await;
     tracing::info!("notifier stopped");

@@ -1,0 +1,138 @@
+//! How many notifier replicas are running, so that together they keep each
+//! destination's rate limit (`guard.rate_per_second` is the provider's
+//! limit, not each replica's).
+//!
+//! Every replica puts its own key (a random id per start) into the KV bucket
+//! `tocsin_notifier_replicas` every [`BEAT`]. The bucket keeps one value per
+//! key (history 1) for three beats (`max_age`), so its message count is the
+//! number of replicas that beat within that time, by the NATS server's
+//! clock alone: a replica that stops or dies drops out of the count within
+//! three beats, one that starts is counted at its first beat. Each replica
+//! then paces every destination at `1/n` of its rate and burst
+//! ([`crate::guard::Pace::share`]). The count errs high for a moment (a
+//! replica just gone is still counted), never low once every replica has
+//! beaten, so together they stay under the limit; the cost is a slower
+//! pace for up to three beats after a replica goes. The bucket lives in
+//! memory: it is rebuilt by the next beats after a NATS restart.
+//!
+//! While NATS cannot be reached the last count stays in force.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use tokio_util::sync::CancellationToken;
+
+use crate::lanes::Lanes;
+
+/// The bucket's name (its stream is `KV_tocsin_notifier_replicas`).
+pub(crate) const BUCKET: &str = "tocsin_notifier_replicas";
+
+/// How often each replica says it is running.
+pub(crate) const BEAT: Duration = Duration::from_secs(2);
+
+/// How long a beat counts: the bucket's `max_age`.
+const KEPT: Duration = Duration::from_secs(6);
+
+/// The bucket (created if needed) and its stream, whose message count is
+/// the count of replicas.
+struct Bucket {
+    kv: kv::Store,
+    stream: jetstream::stream::Stream,
+}
+
+async fn open(js: &jetstream::Context, replicas: usize) -> Result<Bucket, String> {
+    let kv = match js.get_key_value(BUCKET).await {
+        Ok(kv) => kv,
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: BUCKET.into(),
+                description:
+                    "Tocsin notifier: the replicas running (one key each, kept three beats)".into(),
+                history: 1,
+                max_age: KEPT,
+                storage: jetstream::stream::StorageType::Memory,
+                num_replicas: replicas.max(1),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("cannot create the KV bucket {BUCKET}: {e}"))?,
+    };
+    let stream = js
+        .get_stream(format!("KV_{BUCKET}"))
+        .await
+        .map_err(|e| format!("cannot open the stream of {BUCKET}: {e}"))?;
+    Ok(Bucket { kv, stream })
+}
+
+/// One beat: says this replica is running, and counts the replicas that are
+/// (the stream's messages, asked afresh: one per key that beat within
+/// `max_age`).
+async fn beat(b: &mut Bucket, id: &str) -> Result<u64, String> {
+    b.kv.put(id, "1".into())
+        .await
+        .map_err(|e| format!("cannot write to {BUCKET}: {e}"))?;
+    let info = b
+        .stream
+        .info()
+        .await
+        .map_err(|e| format!("cannot read {BUCKET}: {e}"))?;
+    Ok(info.state.messages)
+}
+
+/// Beats every [`BEAT`] and sets the share of `lanes` until `shutdown`.
+pub(crate) async fn run(
+    js: jetstream::Context,
+    lanes: &Lanes,
+    stream_replicas: usize,
+    shutdown: CancellationToken,
+) {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let mut store: Option<Bucket> = None;
+    let mut seen = 1u32;
+    let mut failing: Option<String> = None;
+    loop {
+        let counted = async {
+            if store.is_none() {
+                store = Some(open(&js, stream_replicas).await?);
+            }
+            match &mut store {
+                Some(b) => beat(b, &id).await,
+                None => Err("no bucket".to_string()),
+            }
+        };
+        let counted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = tokio::time::timeout(BEAT, counted) => r,
+        };
+        match counted {
+            Ok(Ok(n)) => {
+                // At least this replica, whatever the count says.
+                let n = u32::try_from(n).unwrap_or(u32::MAX).max(1);
+                if n != seen {
+                    tracing::info!(
+                        replicas = n,
+                        "notifier replicas running: {n}; each sends to a destination at 1/{n} of its rate"
+                    );
+                    seen = n;
+                }
+                lanes.set_replicas(n);
+                failing = None;
+            }
+            Ok(Err(e)) => {
+                if failing.as_ref() != Some(&e) {
+                    tracing::warn!(error = %e, replicas = seen, "cannot count the notifier replicas; keeping the last count");
+                }
+                failing = Some(e);
+                // Reopened next time (the bucket may have gone with NATS).
+                store = None;
+            }
+            Err(_) => {
+                tracing::debug!(replicas = seen, "counting the notifier replicas timed out");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(BEAT) => {}
+        }
+    }
+}
