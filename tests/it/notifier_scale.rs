@@ -89,15 +89,6 @@ async fn two_replicas_deliver_a_thousand_pages_exactly_once() {
     b.stop().await;
 }
 
-/// `tocsin_notifier_replicas` as `r` reports it.
-fn replicas_seen(r: &Replica) -> Option<u64> {
-    r.metrics
-        .encode()
-        .lines()
-        .find_map(|l| l.strip_prefix("tocsin_notifier_replicas "))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// A destination's rate limit (`guard.rate_per_second`) holds for all
 /// replicas together, not for each: two replicas that see each other
 /// (`tocsin_notifier_replicas` 2) each send at half the rate. PagerDuty
@@ -129,15 +120,10 @@ async fn two_replicas_together_keep_a_destinations_rate_limit() {
     let b = Replica::start(&nats, paced(d2.path())).await;
     a.wait_ready().await;
     b.wait_ready().await;
-    let seen = tocsin_tests::eventually_within(Duration::from_secs(20), || async {
-        match (replicas_seen(&a), replicas_seen(&b)) {
-            (Some(2), Some(2)) => Ok(()),
-            other => Err(other),
+    for r in [&a, &b] {
+        if let Err(e) = r.wait_replicas(2).await {
+            panic!("the replicas never saw each other: {e}");
         }
-    })
-    .await;
-    if let Err(seen) = seen {
-        panic!("the replicas never saw each other (tocsin_notifier_replicas {seen:?})");
     }
 
     let js = async_nats::jetstream::new(nats.client().await);

@@ -249,6 +249,29 @@ impl Replica {
         }
     }
 
+    /// Waits until it counts `n` notifier replicas running
+    /// (`tocsin_notifier_replicas`, from their beats in the KV bucket
+    /// `tocsin_notifier_replicas`): from then on it paces each destination
+    /// at `1/n` of its rate.
+    pub async fn wait_replicas(&self, n: u64) -> Result<(), String> {
+        crate::eventually_within(std::time::Duration::from_secs(20), || async {
+            let seen = self
+                .metrics
+                .encode()
+                .lines()
+                .find_map(|l| l.strip_prefix("tocsin_notifier_replicas "))
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if seen == Some(n) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "tocsin_notifier_replicas is {seen:?}, not {n}, after 20 s"
+                ))
+            }
+        })
+        .await
+    }
+
     /// The value of `tocsin_notifications_total` for a channel and outcome.
     pub fn count(&self, channel: &str, outcome: &str) -> u64 {
         let text = self.metrics.encode();

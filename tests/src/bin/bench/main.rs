@@ -2783,13 +2783,18 @@ async fn notifier_mixed(args: &NotifierArgs) -> anyhow::Result<MixedResult> {
                 for w in &mut config.webhooks {
                     w.guard.rate_per_second = 20;
                 }
-                // Every replica paces on its own: two replicas may together
-                // go above a limit, which the fakes then refuse (counted).
+                // The replicas share each limit once they count each other
+                // (below); what the fakes still refuse is counted.
                 running.push(Replica::start(nats, config).await);
                 dirs.push(dir);
             }
             for r in &running {
                 r.wait_ready().await;
+            }
+            for r in &running {
+                r.wait_replicas(replicas as u64)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("notifier replicas: {e}"))?;
             }
             // The pages, each with its channel's name.
             let mut all: Vec<(&str, Page)> = Vec::new();
