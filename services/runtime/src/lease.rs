@@ -177,6 +177,14 @@ impl State {
         matches!(self, State::Leader { valid_until, .. } if now < *valid_until)
     }
 
+    /// The term held (None: not holding).
+    pub fn term(&self) -> Option<u64> {
+        match self {
+            State::Leader { term, .. } => Some(*term),
+            State::Standby => None,
+        }
+    }
+
     /// When acting must stop (None: not holding).
     pub fn fence_at(&self) -> Option<Instant> {
         match self {
@@ -461,6 +469,20 @@ fn encode(r: &Record) -> Vec<u8> {
     serde_json::to_vec(r).unwrap_or_default()
 }
 
+/// Writes `record` over `expected` (None: only if the key is absent) and,
+/// once stored, returns the state of holding it: valid from the moment the
+/// write was sent, in the record's term (None: the write's revision).
+async fn take(b: &Bucket, record: &Record, expected: Option<u64>) -> Result<State, WriteError> {
+    let sent = Instant::now();
+    let revision = write_checked(&b.kv, KEY, encode(record), expected).await?;
+    let mut s = State::Standby;
+    s.acquired(b.timing, sent, revision);
+    if let (Some(term), State::Leader { term: t, .. }) = (record.term, &mut s) {
+        *t = term;
+    }
+    Ok(s)
+}
+
 /// Waits for the lease: returns the bucket and the state (Leader), or None
 /// on shutdown. Reports standby on `/readyz` meanwhile.
 async fn acquire(
@@ -497,19 +519,8 @@ async fn acquire(
                     // for it to expire. Nothing of the old tenure runs any
                     // more.
                     Ok(Some((r, rev))) if r.holder == me.holder => {
-                        let term = r.term_at(rev);
-                        let sent = Instant::now();
-                        let record = me.record(Some(term));
-                        match write_checked(&b.kv, KEY, encode(&record), Some(rev)).await {
-                            Ok(rev) => {
-                                let mut s = State::Standby;
-                                s.acquired(b.timing, sent, rev);
-                                if let State::Leader { term: t, .. } = &mut s {
-                                    *t = term;
-                                }
-                                let (tx, _) = watch::channel(s);
-                                return bucket.map(|b| (b, tx));
-                            }
+                        match take(b, &me.record(Some(r.term_at(rev))), Some(rev)).await {
+                            Ok(s) => return bucket.map(|b| (b, watch::channel(s).0)),
                             Err(e) => format!("standby: cannot take back its own lease: {e}"),
                         }
                     }
@@ -517,23 +528,18 @@ async fn acquire(
                     // process that wrote it has exited (see the module
                     // docs). Take it in a new term (the write's revision).
                     Ok(Some((r, rev))) if r.lock.is_some() && r.lock == me.lock_id() => {
-                        let sent = Instant::now();
-                        let record = me.record(None);
-                        match write_checked(&b.kv, KEY, encode(&record), Some(rev)).await {
-                            Ok(new_rev) => {
+                        match take(b, &me.record(None), Some(rev)).await {
+                            Ok(s) => {
                                 tracing::info!(
                                     role,
                                     predecessor = %r.holder,
                                     predecessor_term = r.term_at(rev),
-                                    term = new_rev,
+                                    term = s.term(),
                                     "took back the lease of its predecessor at once: this \
                                      process holds the lock on the data directory the \
                                      predecessor held, so that process has exited"
                                 );
-                                let mut s = State::Standby;
-                                s.acquired(b.timing, sent, new_rev);
-                                let (tx, _) = watch::channel(s);
-                                return bucket.map(|b| (b, tx));
+                                return bucket.map(|b| (b, watch::channel(s).0));
                             }
                             Err(WriteError::Conflict) => {
                                 passing = true;
@@ -548,25 +554,16 @@ async fn acquire(
                         passing = true;
                         format!("standby: {} is active (term {})", r.holder, r.term_at(rev))
                     }
-                    Ok(None) => {
-                        let sent = Instant::now();
-                        let record = me.record(None);
-                        match write_checked(&b.kv, KEY, encode(&record), None).await {
-                            Ok(rev) => {
-                                let mut s = State::Standby;
-                                s.acquired(b.timing, sent, rev);
-                                let (tx, _) = watch::channel(s);
-                                return bucket.map(|b| (b, tx));
-                            }
-                            Err(WriteError::Conflict) => {
-                                passing = true;
-                                "standby: another instance took the lease".to_string()
-                            }
-                            Err(WriteError::Failed(e)) => {
-                                format!("standby: cannot take the free lease: {e}")
-                            }
+                    Ok(None) => match take(b, &me.record(None), None).await {
+                        Ok(s) => return bucket.map(|b| (b, watch::channel(s).0)),
+                        Err(WriteError::Conflict) => {
+                            passing = true;
+                            "standby: another instance took the lease".to_string()
                         }
-                    }
+                        Err(WriteError::Failed(e)) => {
+                            format!("standby: cannot take the free lease: {e}")
+                        }
+                    },
                     Err(e) => format!("standby: cannot read the lease: {e}"),
                 }
             }
