@@ -139,6 +139,8 @@ async fn two_replicas_together_keep_a_destinations_rate_limit() {
         "all 16 events delivered: {}",
         fakes.pagerduty_events().len()
     );
+    // Settled: every page acknowledged, its outcome recorded and counted.
+    notifier::settled(&js, Duration::from_secs(30)).await;
     let counts = fakes.counts(Provider::PagerDuty);
     assert_eq!(
         counts.rate_limited, 0,
