@@ -31,7 +31,7 @@
 //!   once with a revision-checked write, in a new term, instead of waiting
 //!   for it to expire: the operating system releases the lock only when the
 //!   process holding it has exited, so the previous holder can no longer
-//!   act. A restarted process (systemd, Kubernetes, `tocsin up`) is active
+//!   act. A restarted process (systemd, a container restarted in its pod) is active
 //!   again within a poll, whatever the TTL. A second live process on the
 //!   same directory cannot take the lock and waits like any standby; a
 //!   frozen holder keeps its lock. The data directory must be on a local
