@@ -49,24 +49,22 @@ impl Records {
         replicas: usize,
         max_bytes: u64,
     ) -> Result<Records, String> {
-        let kv = match js.get_key_value(BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: BUCKET.into(),
-                    description: "Tocsin notifier: one delivery record per message".into(),
-                    history: 1,
-                    max_age: keep_for,
-                    storage: jetstream::stream::StorageType::File,
-                    num_replicas: replicas.max(1),
-                    // Reserved room (a full bucket refuses new records: the
-                    // page waits on the bus, nothing is lost).
-                    max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| format!("cannot create the KV bucket {BUCKET}: {e}"))?,
-        };
+        let kv = tocsin_runtime::kv::open_or_create(
+            js,
+            kv::Config {
+                bucket: BUCKET.into(),
+                description: "Tocsin notifier: one delivery record per message".into(),
+                history: 1,
+                max_age: keep_for,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas.max(1),
+                // Reserved room (a full bucket refuses new records: the
+                // page waits on the bus, nothing is lost).
+                max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
+                ..Default::default()
+            },
+        )
+        .await?;
         Ok(Records { kv, js: js.clone() })
     }
 

@@ -41,22 +41,20 @@ struct Bucket {
 }
 
 async fn open(js: &jetstream::Context, replicas: usize) -> Result<Bucket, String> {
-    let kv = match js.get_key_value(BUCKET).await {
-        Ok(kv) => kv,
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: BUCKET.into(),
-                description:
-                    "Tocsin notifier: the replicas running (one key each, kept three beats)".into(),
-                history: 1,
-                max_age: KEPT,
-                storage: jetstream::stream::StorageType::Memory,
-                num_replicas: replicas.max(1),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("cannot create the KV bucket {BUCKET}: {e}"))?,
-    };
+    let kv = tocsin_runtime::kv::open_or_create(
+        js,
+        kv::Config {
+            bucket: BUCKET.into(),
+            description: "Tocsin notifier: the replicas running (one key each, kept three beats)"
+                .into(),
+            history: 1,
+            max_age: KEPT,
+            storage: jetstream::stream::StorageType::Memory,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        },
+    )
+    .await?;
     let stream = js
         .get_stream(format!("KV_{BUCKET}"))
         .await
@@ -92,13 +90,11 @@ pub(crate) async fn run(
     let mut failing: Option<String> = None;
     loop {
         let counted = async {
-            if store.is_none() {
-                store = Some(open(&js, stream_replicas).await?);
-            }
-            match &mut store {
-                Some(b) => beat(b, &id).await,
-                None => Err("no bucket".to_string()),
-            }
+            let b = match &mut store {
+                Some(b) => b,
+                None => store.insert(open(&js, stream_replicas).await?),
+            };
+            beat(b, &id).await
         };
         let counted = tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -35,21 +35,19 @@ impl Bucket {
         max_age: Duration,
         replicas: usize,
     ) -> Result<Bucket, String> {
-        let kv = match js.get_key_value(name).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: name.into(),
-                    description: description.into(),
-                    history: 1,
-                    max_age,
-                    storage: jetstream::stream::StorageType::File,
-                    num_replicas: replicas.max(1),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| format!("cannot create the KV bucket {name}: {e}"))?,
-        };
+        let kv = tocsin_runtime::kv::open_or_create(
+            js,
+            kv::Config {
+                bucket: name.into(),
+                description: description.into(),
+                history: 1,
+                max_age,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas.max(1),
+                ..Default::default()
+            },
+        )
+        .await?;
         Ok(Bucket { kv })
     }
 

@@ -2,7 +2,25 @@
 //! creates a key that must not exist yet or replaces the exact revision the
 //! writer read, so two replicas can never both claim the same record.
 
-use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
+use async_nats::jetstream::{
+    self,
+    kv::{self, CreateErrorKind, UpdateErrorKind},
+};
+
+/// The KV bucket `config.bucket`, created with `config` if it does not
+/// exist yet (an existing bucket is used as it is).
+pub async fn open_or_create(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<kv::Store, String> {
+    if let Ok(kv) = js.get_key_value(&config.bucket).await {
+        return Ok(kv);
+    }
+    let name = config.bucket.clone();
+    js.create_key_value(config)
+        .await
+        .map_err(|e| format!("cannot create the KV bucket {name}: {e}"))
+}
 
 /// Why a write did not happen.
 #[derive(Debug)]

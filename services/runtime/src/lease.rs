@@ -413,21 +413,19 @@ async fn open_bucket(
     replicas: usize,
 ) -> Result<Bucket, String> {
     let name = bucket(role);
-    let kv = match js.get_key_value(&name).await {
-        Ok(kv) => kv,
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: name.clone(),
-                description: format!("Tocsin: the {role} lease (max_age = lease TTL)"),
-                history: 1,
-                max_age: ttl,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: replicas.max(1),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("cannot create the KV bucket {name}: {e}"))?,
-    };
+    let kv = crate::kv::open_or_create(
+        js,
+        kv::Config {
+            bucket: name.clone(),
+            description: format!("Tocsin: the {role} lease (max_age = lease TTL)"),
+            history: 1,
+            max_age: ttl,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        },
+    )
+    .await?;
     // The bucket's max_age is the TTL every instance of the role obeys: an
     // instance configured otherwise uses it (and says so), so no two
     // instances ever work with different TTLs.
