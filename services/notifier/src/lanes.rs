@@ -96,10 +96,9 @@ impl Lanes {
         }
     }
 
-    /// `n` replicas are running: each destination's pace takes its share
-    /// from its next turn on.
+    /// `n` (at least 1) replicas are running: each destination's pace takes
+    /// its share from its next turn on.
     pub(crate) fn set_replicas(&self, n: u32) {
-        let n = n.max(1);
         self.replicas.store(n, std::sync::atomic::Ordering::Relaxed);
         self.metrics.replicas(n);
     }

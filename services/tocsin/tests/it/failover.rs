@@ -113,6 +113,20 @@ fn opened(raw: &Raw) -> Option<(String, String, u64)> {
     ))
 }
 
+/// The number of INCIDENTS `opened` entries, once there are at least `n`.
+async fn opened_at_least(n: usize, js: jetstream::Context) -> Result<usize, usize> {
+    let have = read_raw(&js, STREAM_INCIDENTS)
+        .await
+        .iter()
+        .filter(|r| opened(r).is_some())
+        .count();
+    if have >= n {
+        Ok(have)
+    } else {
+        Err(have)
+    }
+}
+
 fn ns_since_epoch(t: SystemTime) -> i128 {
     t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as i128
 }
@@ -272,20 +286,9 @@ async fn a_standby_takes_over_and_nothing_is_lost_or_duplicated() {
         let active = active_of(&incidents, "incidents").await;
         // Alerts are flowing and being handled by the active one.
         let posted = poster.count();
-        eventually_within(TAKEOVER, || async {
-            let n = read_raw(&js, STREAM_INCIDENTS)
-                .await
-                .iter()
-                .filter(|r| opened(r).is_some())
-                .count();
-            if n > posted {
-                Ok(())
-            } else {
-                Err(n)
-            }
-        })
-        .await
-        .expect("incidents opened before the kill");
+        eventually_within(TAKEOVER, || opened_at_least(posted + 1, js.clone()))
+            .await
+            .expect("incidents opened before the kill");
         let term = max_term(&js, STREAM_INCIDENTS, "incidents").await;
         let killed_at = ns_since_epoch(SystemTime::now());
         incidents[active].kill();
@@ -490,22 +493,7 @@ async fn a_frozen_active_instance_never_acts_after_its_standby_took_over() {
         )
         .await;
     }
-    let opened_count = |n: usize| {
-        let js = js.clone();
-        async move {
-            let have = read_raw(&js, STREAM_INCIDENTS)
-                .await
-                .iter()
-                .filter(|r| opened(r).is_some())
-                .count();
-            if have >= n {
-                Ok(())
-            } else {
-                Err(have)
-            }
-        }
-    };
-    eventually_within(TAKEOVER, || opened_count(5))
+    eventually_within(TAKEOVER, || opened_at_least(5, js.clone()))
         .await
         .expect("the first incidents");
     let old_term = max_term(&js, STREAM_INCIDENTS, "incidents").await;
@@ -540,7 +528,7 @@ async fn a_frozen_active_instance_never_acts_after_its_standby_took_over() {
     .expect("the resumed instance stands down");
     let accepted = poster.finish().await;
     let total = 5 + accepted.len();
-    eventually_within(TAKEOVER, || opened_count(total))
+    eventually_within(TAKEOVER, || opened_at_least(total, js.clone()))
         .await
         .expect("every alert has its incident");
 
@@ -589,18 +577,6 @@ async fn an_instance_cut_off_from_nats_stands_down_and_one_is_active_again() {
         p.ready().await;
     }
     let active = active_of(&incidents, "incidents").await;
-    let opened_count = |n: usize, js: jetstream::Context| async move {
-        let have = read_raw(&js, STREAM_INCIDENTS)
-            .await
-            .iter()
-            .filter(|r| opened(r).is_some())
-            .count();
-        if have >= n {
-            Ok(())
-        } else {
-            Err(have)
-        }
-    };
     for i in 0..3 {
         post_alerts(
             ingest_port,
@@ -609,7 +585,7 @@ async fn an_instance_cut_off_from_nats_stands_down_and_one_is_active_again() {
         .await;
     }
     let js = jetstream::new(nats.client().await);
-    eventually_within(TAKEOVER, || opened_count(3, js.clone()))
+    eventually_within(TAKEOVER, || opened_at_least(3, js.clone()))
         .await
         .expect("the first incidents");
 
@@ -639,7 +615,7 @@ async fn an_instance_cut_off_from_nats_stands_down_and_one_is_active_again() {
         .await;
     }
     let js = jetstream::new(nats.client().await);
-    eventually_within(TAKEOVER, || opened_count(6, js.clone()))
+    eventually_within(TAKEOVER, || opened_at_least(6, js.clone()))
         .await
         .expect("every alert has its incident");
     let raws = read_raw(&js, STREAM_INCIDENTS).await;
@@ -651,20 +627,6 @@ async fn an_instance_cut_off_from_nats_stands_down_and_one_is_active_again() {
         .collect();
     assert_eq!(names.len(), 6);
     assert_eq!(raws.iter().filter_map(opened).count(), 6);
-}
-
-/// The number of INCIDENTS `opened` entries, once there are at least `n`.
-async fn opened_at_least(n: usize, js: jetstream::Context) -> Result<usize, usize> {
-    let have = read_raw(&js, STREAM_INCIDENTS)
-        .await
-        .iter()
-        .filter(|r| opened(r).is_some())
-        .count();
-    if have >= n {
-        Ok(have)
-    } else {
-        Err(have)
-    }
 }
 
 /// Waits until `p` is the active instance of `role` (`/readyz` `ok`,
