@@ -543,7 +543,9 @@ notifier:
             .arg("--config")
             .arg(&self.config_path)
             .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-            .args(["--log-level", "warn", "--grace-period", "2s", service]);
+            // TOCSIN_BENCH_LOG=info (or debug) for the processes' own logs
+            // (kept with TOCSIN_BENCH_KEEP): timestamps of start-up and lease.
+            .args(["--log-level", &log_level(), "--grace-period", "2s", service]);
         if service == "ingest" {
             cmd.env("TOCSIN_INGEST_TOKEN", &self.token);
         }
@@ -607,6 +609,12 @@ notifier:
         }
         rss
     }
+}
+
+/// The processes' log level: `$TOCSIN_BENCH_LOG`, else `warn` (quiet
+/// under load).
+fn log_level() -> String {
+    std::env::var("TOCSIN_BENCH_LOG").unwrap_or_else(|_| "warn".to_string())
 }
 
 /// A fresh [`TocsinStack`] (`incidents_extra`, `top_extra` as there)
