@@ -160,7 +160,7 @@ async fn run_active(
     let queries = AbortOnDropHandle::new(tokio::spawn(query::serve(
         subs,
         planner.clone(),
-        svc.shared.clone(),
+        svc.store.clone(),
         clock.clone(),
         planner.schedule_names(),
         shutdown.clone(),

@@ -5,7 +5,7 @@
 //! ([`on_call`], [`plan`], [`upcoming`]); [`serve`] only decodes, calls them
 //! and replies.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::sync::Arc;
 
 use async_nats::Client;
 use jiff::{SignedDuration, Timestamp};
@@ -26,8 +26,8 @@ use uuid::Uuid;
 use crate::{
     plan::{Next, Planner},
     schedule::Schedule,
-    service::SharedTracks,
-    track::{describe, Key, Track},
+    store::Store,
+    track::{describe, Track},
 };
 
 /// Queue group, so several replicas could share queries.
@@ -57,7 +57,7 @@ pub(crate) async fn subscribe(client: &Client) -> Result<Queries, async_nats::Su
 pub(crate) async fn serve(
     queries: Queries,
     planner: Arc<Planner>,
-    tracks: SharedTracks,
+    store: Store,
     clock: Arc<dyn Clock>,
     schedules: Vec<String>,
     shutdown: CancellationToken,
@@ -80,10 +80,12 @@ pub(crate) async fn serve(
                 }
                 query::ESCALATION_PLAN => {
                     codec::encode(&match codec::decode::<PlanQuery>(&payload) {
-                        Ok(q) => {
-                            let tracks = tracks.read().unwrap_or_else(|e| e.into_inner());
-                            plan(&planner, &tracks, q.incident, clock.now())
-                        }
+                        Ok(q) => match store.tracks_of(q.incident) {
+                            Ok(tracks) => plan(&planner, &tracks, q.incident, clock.now()),
+                            Err(e) => PlanReply::Error {
+                                reason: format!("cannot read the escalation store: {e}"),
+                            },
+                        },
                         Err(e) => PlanReply::Error {
                             reason: format!("bad query: {e}"),
                         },
@@ -169,17 +171,18 @@ fn next_shifts(schedule: &Schedule, at: Timestamp, n: usize) -> Vec<ShiftView> {
     }
 }
 
-/// Every track of `incident` with what comes next, projected from `now`.
+/// Every track of `incident` (among `tracks`: the store's for that
+/// incident) with what comes next, projected from `now`.
 pub(crate) fn plan(
     planner: &Planner,
-    tracks: &BTreeMap<Key, Track>,
+    tracks: &[Track],
     incident: Uuid,
     now: Timestamp,
 ) -> PlanReply {
     let views: Vec<TrackView> = tracks
-        .range((incident, String::new())..)
-        .take_while(|(k, _)| k.0 == incident)
-        .map(|(_, t)| track_view(planner, t, now))
+        .iter()
+        .filter(|t| t.incident.id == incident)
+        .map(|t| track_view(planner, t, now))
         .collect();
     if views.is_empty() {
         return PlanReply::Error {
@@ -522,17 +525,13 @@ users:
         let p = planner();
         let at = ts(BEFORE_HANDOFF);
         let id = Uuid::from_u128(42);
-        let mut tracks = BTreeMap::new();
         let pending = track("default", Severity::Medium, 1, Some(at));
         let mut exhausted = track("twice", Severity::Medium, 1, None);
         exhausted.repeat = 1;
-        tracks.insert((id, "default".to_string()), pending);
-        tracks.insert((id, "twice".to_string()), exhausted);
         // Another incident's track is not listed.
-        tracks.insert(
-            (Uuid::from_u128(43), "default".to_string()),
-            track("default", Severity::Medium, 0, Some(at)),
-        );
+        let mut other = track("default", Severity::Medium, 0, Some(at));
+        other.incident.id = Uuid::from_u128(43);
+        let mut tracks = vec![pending, exhausted, other];
         let PlanReply::Plan {
             incident,
             tracks: views,
@@ -554,7 +553,7 @@ users:
         );
 
         // Acknowledged (or snoozed): paused, nothing upcoming.
-        for t in tracks.values_mut() {
+        for t in tracks.iter_mut() {
             t.next_at = None;
             t.incident.status = IncidentStatus::Acknowledged;
         }

@@ -25,19 +25,32 @@ use crate::{
     EscalationError,
 };
 
-/// A read-only view of the tracks for queries, updated on every save.
-pub(crate) type SharedTracks =
-    Arc<std::sync::RwLock<std::collections::BTreeMap<Key, crate::track::Track>>>;
-
 /// Due steps fired (and their messages pipelined) at a time.
 const FIRE_CHUNK: usize = 128;
 
+/// Why [`Service::drain`] stopped short.
+enum DrainError {
+    /// Reading INCIDENTS failed: read again.
+    Read(String),
+    /// The store cannot be read: the service cannot go on.
+    Store(EscalationError),
+}
+
+/// INCIDENTS entries applied at most between two saves while catching up:
+/// bounds the tracks held in memory at once.
+const SAVE_EVERY: usize = 1024;
+
 pub(crate) struct Service {
     planner: Arc<Planner>,
-    pub(crate) shared: SharedTracks,
+    /// The due-time index of every track; the tracks of the incidents being
+    /// handled (the rest are in `store`).
     tracks: Tracks,
+    /// Keys changed and not saved yet (a save failed): saved with the next
+    /// change, and their tracks stay at hand until then.
+    unsaved: Vec<Key>,
     seq: u64,
-    store: Store,
+    /// The tracks (queries read them through a clone).
+    pub(crate) store: Store,
     js: jetstream::Context,
     clock: Arc<dyn Clock>,
     metrics: EscalationMetrics,
@@ -59,11 +72,10 @@ impl Service {
         metrics: EscalationMetrics,
     ) -> Result<Self, EscalationError> {
         let (store, tracks, seq) = open_store(dir)?;
-        let shared: SharedTracks = Arc::new(std::sync::RwLock::new(tracks.map.clone()));
         Ok(Service {
             planner,
-            shared,
             tracks,
+            unsaved: Vec::new(),
             seq,
             store,
             js,
@@ -72,36 +84,50 @@ impl Service {
         })
     }
 
-    fn save(&self, changed: &[Key]) {
-        if let Err(e) = self.store.save(&self.tracks, changed, self.seq) {
-            EscalationEvent::SaveFailed {
+    /// Saves the changed tracks with the INCIDENTS cursor, then lets the
+    /// tracks at hand go (if the save failed they stay, and are saved with
+    /// the next change).
+    fn save(&mut self, changed: &[Key]) {
+        self.unsaved.extend_from_slice(changed);
+        match self.store.save(&self.tracks, &self.unsaved, self.seq) {
+            Ok(()) => {
+                self.unsaved.clear();
+                self.tracks.release();
+            }
+            Err(e) => EscalationEvent::SaveFailed {
                 error: &e.to_string(),
             }
-            .emit(&self.metrics);
-        }
-        let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
-        for k in changed {
-            match self.tracks.map.get(k) {
-                Some(t) => shared.insert(k.clone(), t.clone()),
-                None => shared.remove(k),
-            };
+            .emit(&self.metrics),
         }
         EscalationEvent::Tracks {
-            count: self.tracks.map.len(),
+            count: self.tracks.count(),
         }
         .emit(&self.metrics);
     }
 
-    fn apply(&mut self, payload: &[u8], seq: u64) -> Vec<Key> {
-        if seq <= self.seq {
-            return Vec::new();
+    /// Puts `incident`'s stored tracks at hand, if they are not yet.
+    fn fetch(&mut self, incident: uuid::Uuid) -> Result<(), EscalationError> {
+        if !self.tracks.is_loaded(incident) {
+            let stored = self.store.tracks_of(incident).map_err(|e| {
+                EscalationError::Store(format!("cannot read the tracks of {incident}: {e}"))
+            })?;
+            self.tracks.load(incident, stored);
         }
-        self.seq = seq;
-        match decode_envelope::<LogEntry>(payload) {
+        Ok(())
+    }
+
+    fn apply(&mut self, payload: &[u8], seq: u64) -> Result<Vec<Key>, EscalationError> {
+        if seq <= self.seq {
+            return Ok(Vec::new());
+        }
+        let changed = match decode_envelope::<LogEntry>(payload) {
             Ok(Envelope {
                 body: LogEntry::Incident(ev),
                 ..
-            }) => self.tracks.on_event(&self.planner, &ev),
+            }) => {
+                self.fetch(ev.incident.id)?;
+                self.tracks.on_event(&self.planner, &ev)
+            }
             Ok(_) => Vec::new(),
             Err(e) => {
                 EscalationEvent::Undecodable {
@@ -111,7 +137,9 @@ impl Service {
                 .emit(&self.metrics);
                 Vec::new()
             }
-        }
+        };
+        self.seq = seq;
+        Ok(changed)
     }
 
     async fn consumer(&self) -> Result<pull::Ordered, String> {
@@ -123,21 +151,57 @@ impl Service {
     }
 
     /// Applies every INCIDENTS entry up to the stream's end as of now.
-    async fn drain(&mut self, msgs: &mut pull::Ordered) -> Result<(), String> {
-        let last = self.last_seq().await?;
+    async fn drain(&mut self, msgs: &mut pull::Ordered) -> Result<(), DrainError> {
+        let last = self.last_seq().await.map_err(DrainError::Read)?;
         let mut changed = Vec::new();
-        while self.seq < last {
+        let mut applied = 0usize;
+        let result = loop {
+            if self.seq >= last {
+                break Ok(());
+            }
             let msg = match tokio::time::timeout(Duration::from_secs(5), msgs.next()).await {
                 Ok(Some(Ok(m))) => m,
-                Ok(Some(Err(e))) => return Err(e.to_string()),
-                Ok(None) => return Err("INCIDENTS consumer ended".into()),
-                Err(_) => return Err("INCIDENTS stalled".into()),
+                Ok(Some(Err(e))) => break Err(DrainError::Read(e.to_string())),
+                Ok(None) => break Err(DrainError::Read("INCIDENTS consumer ended".into())),
+                Err(_) => break Err(DrainError::Read("INCIDENTS stalled".into())),
             };
-            let seq = msg.info().map_err(|e| e.to_string())?.stream_sequence;
-            changed.extend(self.apply(&msg.payload, seq));
-        }
+            let seq = match msg.info() {
+                Ok(info) => info.stream_sequence,
+                Err(e) => break Err(DrainError::Read(e.to_string())),
+            };
+            match self.apply(&msg.payload, seq) {
+                Ok(c) => changed.extend(c),
+                Err(e) => break Err(DrainError::Store(e)),
+            }
+            // A long catch-up (a cold start reads the whole stream) saves
+            // as it goes, so it holds a bounded number of tracks at once.
+            applied += 1;
+            if applied.is_multiple_of(SAVE_EVERY) {
+                self.save(&changed);
+                changed.clear();
+            }
+        };
+        // What was applied is saved, also when reading stopped half way.
         self.save(&changed);
-        Ok(())
+        result
+    }
+
+    /// [`Service::drain`]'s errors turned into what the loop does next:
+    /// Ok(false) to read again (a read failure, reported), Err to stop (the
+    /// store cannot be read).
+    fn drained(
+        &self,
+        result: Result<(), DrainError>,
+        during: &'static str,
+    ) -> Result<bool, EscalationError> {
+        match result {
+            Ok(()) => Ok(true),
+            Err(DrainError::Read(e)) => {
+                EscalationEvent::ReadFailed { during, error: &e }.emit(&self.metrics);
+                Ok(false)
+            }
+            Err(DrainError::Store(e)) => Err(e),
+        }
     }
 
     pub(crate) async fn run(
@@ -161,12 +225,8 @@ impl Service {
             reconnect.reset();
             // Catch up before any timer fires: a step due during an outage
             // must see the acknowledgement that came before it.
-            if let Err(e) = self.drain(&mut msgs).await {
-                EscalationEvent::ReadFailed {
-                    during: "catch-up",
-                    error: &e,
-                }
-                .emit(&self.metrics);
+            let drained = self.drain(&mut msgs).await;
+            if !self.drained(drained, "catch-up")? {
                 continue;
             }
             health.set_ok("escalation");
@@ -183,18 +243,18 @@ impl Service {
                     // no step would fire until the stream went quiet. A due
                     // step first takes in every entry stored so far (drain).
                     _ = self.clock.wait(due) => {
-                        if let Err(e) = self.drain(&mut msgs).await {
-                            EscalationEvent::ReadFailed { during: "before firing", error: &e }.emit(&self.metrics);
+                        let drained = self.drain(&mut msgs).await;
+                        if !self.drained(drained, "before firing")? {
                             continue 'outer;
                         }
-                        if !self.fire_due(&mut msgs, &shutdown).await {
+                        if !self.fire_due(&mut msgs, &shutdown).await? {
                             break 'outer;
                         }
                     }
                     m = msgs.next() => match m {
                         Some(Ok(msg)) => {
                             let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-                            let changed = self.apply(&msg.payload, seq);
+                            let changed = self.apply(&msg.payload, seq)?;
                             self.save(&changed);
                         }
                         Some(Err(e)) => tracing::warn!(error = %e, "INCIDENTS consumer error"),
@@ -211,7 +271,14 @@ impl Service {
     /// Fires every due track. Effects are published before the track is
     /// saved: a crash in between fires the step again with the same page
     /// ids, which JetStream (and the notifier's delivery records) drop.
-    async fn fire_due(&mut self, msgs: &mut pull::Ordered, shutdown: &CancellationToken) -> bool {
+    ///
+    /// Ok(false) if the service stopped meanwhile; Err if the store cannot
+    /// be read.
+    async fn fire_due(
+        &mut self,
+        msgs: &mut pull::Ordered,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, EscalationError> {
         let now = self.clock.now();
         let mut drained_at = std::time::Instant::now();
         // Steps are fired a chunk at a time: the chunk's messages are all
@@ -225,17 +292,13 @@ impl Service {
             // meanwhile, so a step is not fired for an incident acknowledged
             // after the burst began.
             if drained_at.elapsed() > Duration::from_millis(250) {
-                if let Err(e) = self.drain(msgs).await {
-                    EscalationEvent::ReadFailed {
-                        during: "a burst",
-                        error: &e,
-                    }
-                    .emit(&self.metrics);
-                }
+                let drained = self.drain(msgs).await;
+                self.drained(drained, "a burst")?;
                 drained_at = std::time::Instant::now();
             }
             let mut effects = Vec::new();
             for key in chunk {
+                self.fetch(key.0)?;
                 let due = self.tracks.map.get(key).and_then(|t| t.due());
                 effects.extend(self.tracks.fire(&self.planner, key, now));
                 if let Some(d) = due {
@@ -249,11 +312,11 @@ impl Service {
                 }
             }
             if !self.publish_all(&effects, now, shutdown).await {
-                return false;
+                return Ok(false);
             }
             self.save(chunk);
         }
-        true
+        Ok(true)
     }
 
     /// Sends every effect, then awaits the acks; any that failed is sent

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use crate::track::{Key, Track, Tracks};
 
@@ -21,6 +22,9 @@ struct Meta {
     incidents_seq: u64,
 }
 
+/// Cheap to clone (sled's handles are shared): the query task reads
+/// through a clone.
+#[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
@@ -31,6 +35,10 @@ fn key(k: &Key) -> Vec<u8> {
     v.extend_from_slice(k.0.as_bytes());
     v.extend_from_slice(k.1.as_bytes());
     v
+}
+
+fn decode(v: &[u8]) -> Result<Track, StoreError> {
+    rmp_serde::from_slice(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 impl Store {
@@ -44,7 +52,9 @@ impl Store {
         Ok(Store { db, tree })
     }
 
-    /// Tracks and the INCIDENTS sequence they reflect.
+    /// The due-time index and count of the stored tracks (not the tracks:
+    /// those are read when needed, [`Store::tracks_of`]) and the INCIDENTS
+    /// sequence they reflect.
     pub fn load(&self) -> Result<(Tracks, u64), StoreError> {
         let mut tracks = Tracks::default();
         let seq = match self.tree.get(b"m/meta")? {
@@ -57,12 +67,20 @@ impl Store {
         };
         for kv in self.tree.scan_prefix(b"t/") {
             let (_, v) = kv?;
-            let t: Track =
-                rmp_serde::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            tracks.map.insert((t.incident.id, t.policy.clone()), t);
+            let t = decode(&v)?;
+            tracks.index_stored(&(t.incident.id, t.policy.clone()), t.due());
         }
-        tracks.reindex_all();
         Ok((tracks, seq))
+    }
+
+    /// Every stored track of `incident`, by policy name.
+    pub fn tracks_of(&self, incident: Uuid) -> Result<Vec<Track>, StoreError> {
+        let mut prefix = b"t/".to_vec();
+        prefix.extend_from_slice(incident.as_bytes());
+        self.tree
+            .scan_prefix(prefix)
+            .map(|kv| decode(&kv?.1))
+            .collect()
     }
 
     /// Saves the given tracks (removed ones are deleted) with the cursor.

@@ -2,7 +2,7 @@
 //! moved by incident events and by time. No IO: the service feeds it and
 //! performs the [`Effect`]s it returns.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -83,14 +83,38 @@ pub enum Effect {
 /// Key of a track: incident and policy.
 pub type Key = (Uuid, String);
 
-/// Every track, with an index by due time so that finding the next due
-/// step and the incident's tracks does not scan them all (100k pending
-/// timers is a normal load).
+/// A policy's number in [`Tracks`]' table of names: the due-time index
+/// holds it instead of the name, so each entry is a few dozen bytes
+/// whatever the policy is called.
+type PolicyId = u32;
+
+/// The tracks and a due-time index over all of them.
+///
+/// Used alone (the unit tests) `map` holds every track. The service holds
+/// only the index in memory (a million pending timers is a normal load for
+/// a fleet): the tracks live in its store, and `map` is the working set, the
+/// tracks of the incidents being handled. The service loads an incident's
+/// tracks before it hands the incident to [`Tracks::on_event`] or
+/// [`Tracks::fire`] ([`Tracks::load`]), saves what changed, then lets the
+/// working set go ([`Tracks::release`]).
 #[derive(Default)]
 pub struct Tracks {
+    /// The tracks at hand (see above).
     pub map: BTreeMap<Key, Track>,
-    index: BTreeSet<(Timestamp, Key)>,
-    indexed: HashMap<Key, Timestamp>,
+    /// Every track with a due time, at hand or not.
+    index: BTreeSet<(Timestamp, Uuid, PolicyId)>,
+    /// The tracks at hand and those removed since they were loaded or
+    /// created, with the due time each is indexed under (None: not
+    /// indexed). A key absent here and in `map` is no track, or a stored
+    /// one whose incident is not loaded.
+    known: HashMap<Key, Option<Timestamp>>,
+    /// Incidents whose stored tracks are all at hand.
+    loaded: HashSet<Uuid>,
+    /// Policy names by [`PolicyId`], and back.
+    policies: Vec<String>,
+    policy_ids: HashMap<String, PolicyId>,
+    /// How many tracks there are, at hand or not.
+    count: usize,
 }
 
 fn actor() -> Actor {
@@ -105,25 +129,92 @@ fn add(at: Timestamp, d: std::time::Duration) -> Timestamp {
 }
 
 impl Tracks {
-    /// Rebuilds the due-time index (after filling `map` directly, as the
-    /// store does when loading).
+    /// Rebuilds the index from `map` (after filling `map` directly, with
+    /// every track).
     pub fn reindex_all(&mut self) {
         self.index.clear();
-        self.indexed.clear();
+        self.known.clear();
+        self.count = 0;
         let keys: Vec<Key> = self.map.keys().cloned().collect();
         for k in keys {
             self.touch(&k);
         }
     }
 
-    /// Updates the index entry of one track.
-    fn touch(&mut self, key: &Key) {
-        if let Some(old) = self.indexed.remove(key) {
-            self.index.remove(&(old, key.clone()));
+    /// Adds a stored track that is not at hand to the index and the count
+    /// (the service, reading its store at start-up).
+    pub fn index_stored(&mut self, key: &Key, due: Option<Timestamp>) {
+        if let Some(d) = due {
+            let policy = self.policy_id(&key.1);
+            self.index.insert((d, key.0, policy));
         }
-        if let Some(d) = self.map.get(key).and_then(Track::due) {
-            self.index.insert((d, key.clone()));
-            self.indexed.insert(key.clone(), d);
+        self.count += 1;
+    }
+
+    /// Whether `incident`'s stored tracks are at hand.
+    pub fn is_loaded(&self, incident: Uuid) -> bool {
+        self.loaded.contains(&incident)
+    }
+
+    /// Puts `incident`'s stored tracks at hand (all of them, as the store
+    /// has them: each indexed under its due time already). Once per
+    /// incident until [`Tracks::release`]: what is at hand may have
+    /// changed since it was stored.
+    pub fn load(&mut self, incident: Uuid, stored: Vec<Track>) {
+        if !self.loaded.insert(incident) {
+            return;
+        }
+        for t in stored {
+            let key = (incident, t.policy.clone());
+            self.known.insert(key.clone(), t.due());
+            self.map.insert(key, t);
+        }
+    }
+
+    /// Lets the tracks at hand go (once every change is saved): the index
+    /// and the count keep them.
+    pub fn release(&mut self) {
+        self.map.clear();
+        self.known.clear();
+        self.loaded.clear();
+    }
+
+    /// How many tracks there are.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    fn policy_id(&mut self, name: &str) -> PolicyId {
+        if let Some(id) = self.policy_ids.get(name) {
+            return *id;
+        }
+        let id = PolicyId::try_from(self.policies.len()).unwrap_or(PolicyId::MAX);
+        self.policies.push(name.to_string());
+        self.policy_ids.insert(name.to_string(), id);
+        id
+    }
+
+    /// Updates the index entry and the count of a track at hand (or just
+    /// removed).
+    fn touch(&mut self, key: &Key) {
+        let policy = self.policy_id(&key.1);
+        let old = self.known.remove(key);
+        if let Some(Some(d)) = old {
+            self.index.remove(&(d, key.0, policy));
+        }
+        match self.map.get(key) {
+            Some(t) => {
+                let due = t.due();
+                if let Some(d) = due {
+                    self.index.insert((d, key.0, policy));
+                }
+                self.known.insert(key.clone(), due);
+                if old.is_none() {
+                    self.count += 1;
+                }
+            }
+            None if old.is_some() => self.count -= 1,
+            None => {}
         }
     }
 
@@ -309,21 +400,18 @@ impl Tracks {
 
     /// The earliest due moment over all tracks (from the index).
     pub fn next_due(&self) -> Option<Timestamp> {
-        let next = self.index.first().map(|(d, _)| *d);
-        debug_assert_eq!(
-            next,
-            self.map.values().filter_map(Track::due).min(),
-            "the due-time index is stale"
-        );
-        next
+        self.index.first().map(|(d, _, _)| *d)
     }
 
     /// Keys due at `now`, earliest first (from the index).
     pub fn due(&self, now: Timestamp) -> Vec<Key> {
         self.index
             .iter()
-            .take_while(|(d, _)| *d <= now)
-            .map(|(_, k)| k.clone())
+            .take_while(|(d, _, _)| *d <= now)
+            .map(|(_, id, p)| {
+                let policy = self.policies.get(*p as usize).cloned().unwrap_or_default();
+                (*id, policy)
+            })
             .collect()
     }
 

@@ -5,7 +5,7 @@ use jiff::{SignedDuration, Timestamp};
 use tocsin_escalation::{
     config::EscalationConfig,
     plan::Planner,
-    track::{Effect, Tracks},
+    track::{Effect, Key, Track, Tracks},
 };
 use tocsin_proto::{
     incident::{Cause, EventKind, IncidentEvent, IncidentStatus, IncidentSummary, Severity},
@@ -307,4 +307,240 @@ fn a_runbooks_hold_keeps_the_first_level_back_until_the_run_ends_or_the_hold_run
     let late = remediation("held", Some(min(9)), "", min(2));
     let pages = held_run(&[(0, open), (2, late)], t, 8);
     assert_eq!(pages.iter().map(|p| p.0).collect::<Vec<_>>(), [1]);
+}
+
+/// Two policies for every incident, so an incident has several tracks,
+/// loaded and saved together.
+const TWO_POLICIES: &str = r##"
+route:
+  policy: q
+  routes:
+    - {policy: p, continue: true}
+    - {policy: q}
+policies:
+  - name: p
+    repeat: 2
+    renotify_acknowledged_after: 30m
+    levels:
+      - targets: [{user: a}]
+        delay: 5m
+      - targets: [{user: b}]
+        delay: 5m
+  - name: q
+    levels:
+      - targets: [{user: b}]
+        delay: 7m
+users:
+  - {name: a, email: a@example.com}
+  - name: b
+    email: b@example.com
+    rules:
+      critical: [{channels: [email]}, {channels: [email], after: 3m}]
+"##;
+
+fn event_of(id: u128, kind: EventKind, status: IncidentStatus, t: Timestamp) -> IncidentEvent {
+    let mut ev = event(kind, status, t);
+    ev.incident.id = uuid::Uuid::from_u128(id);
+    ev.incident.number = id as u64;
+    ev
+}
+
+/// What happens at a minute: events (applied together, then saved once),
+/// a restart (the stored side rebuilds its index from the store), or
+/// nothing but firing what is due.
+enum Step {
+    Events(Vec<IncidentEvent>),
+    Restart,
+}
+
+/// Tracks as the service keeps them: the index in memory, the tracks in a
+/// store, loaded per incident when needed and let go once saved.
+struct Stored {
+    tracks: Tracks,
+    store: std::collections::BTreeMap<Key, Track>,
+    changed: Vec<Key>,
+}
+
+impl Stored {
+    fn load(&mut self, id: uuid::Uuid) {
+        if self.tracks.is_loaded(id) {
+            return;
+        }
+        let stored: Vec<Track> = self
+            .store
+            .range((id, String::new())..)
+            .take_while(|(k, _)| k.0 == id)
+            .map(|(_, t)| t.clone())
+            .collect();
+        self.tracks.load(id, stored);
+    }
+
+    fn save(&mut self) {
+        for k in self.changed.drain(..) {
+            match self.tracks.map.get(&k) {
+                Some(t) => self.store.insert(k, t.clone()),
+                None => self.store.remove(&k),
+            };
+        }
+        self.tracks.release();
+    }
+
+    fn restart(&mut self) {
+        self.tracks = Tracks::default();
+        for (k, t) in &self.store {
+            self.tracks.index_stored(k, t.due());
+        }
+    }
+}
+
+/// (minute, incident number, "level/target/channel") per page.
+type Paged = Vec<(i64, u64, String)>;
+
+fn pages_of(effects: Vec<Effect>, minute: i64, out: &mut Paged) {
+    for e in effects {
+        if let Effect::Page(p) = e {
+            let Page {
+                level,
+                target,
+                channel,
+                incident,
+                ..
+            } = *p;
+            out.push((
+                minute,
+                incident.number,
+                format!("{level}/{}/{}", target.key(), channel.as_str()),
+            ));
+        }
+    }
+}
+
+#[test]
+fn tracks_kept_in_a_store_page_exactly_as_tracks_kept_in_memory() {
+    let planner =
+        Planner::new(&serde_yaml_ng::from_str::<EscalationConfig>(TWO_POLICIES).unwrap()).unwrap();
+    let start = at("2026-01-07T10:00:00Z");
+    let t = |m: i64| start + SignedDuration::from_mins(m);
+    use EventKind as K;
+    use IncidentStatus as S;
+    let resolved = || K::Resolved {
+        reason: tocsin_proto::incident::ResolveReason::Manual,
+    };
+    let opened_of = |id: u128, m: i64| {
+        let mut ev = opened(t(m));
+        ev.incident.id = uuid::Uuid::from_u128(id);
+        ev.incident.number = id as u64;
+        ev
+    };
+    let script: Vec<(i64, Step)> = vec![
+        (0, Step::Events(vec![opened_of(1, 0), opened_of(2, 0)])),
+        (
+            6,
+            Step::Events(vec![event_of(1, K::Acknowledged, S::Acknowledged, t(6))]),
+        ),
+        (
+            12,
+            Step::Events(vec![
+                event_of(1, K::Unacknowledged, S::Triggered, t(12)),
+                event_of(
+                    2,
+                    K::Escalated {
+                        reason: "now".into(),
+                    },
+                    S::Triggered,
+                    t(12),
+                ),
+            ]),
+        ),
+        (13, Step::Restart),
+        (
+            40,
+            Step::Events(vec![
+                event_of(2, resolved(), S::Resolved, t(40)),
+                event_of(2, K::Reopened, S::Triggered, t(40)),
+                {
+                    let mut ack = event_of(1, K::Acknowledged, S::Acknowledged, t(40));
+                    ack.incident.acknowledged_by =
+                        Some(tocsin_proto::incident::Actor::new("a", "slack"));
+                    ack
+                },
+            ]),
+        ),
+        (
+            80,
+            Step::Events(vec![
+                opened_of(3, 80),
+                event_of(3, resolved(), S::Resolved, t(80)),
+                opened_of(4, 80),
+            ]),
+        ),
+        (95, Step::Restart),
+    ];
+    let end = 160;
+
+    // In memory: every track in `map`, never let go.
+    let mut memory = Tracks::default();
+    let mut memory_pages = Paged::new();
+    // Stored: the service's way.
+    let mut stored = Stored {
+        tracks: Tracks::default(),
+        store: Default::default(),
+        changed: Vec::new(),
+    };
+    let mut stored_pages = Paged::new();
+    for minute in 0..=end {
+        for (_, step) in script.iter().filter(|(m, _)| *m == minute) {
+            match step {
+                Step::Events(events) => {
+                    for ev in events {
+                        memory.on_event(&planner, ev);
+                        stored.load(ev.incident.id);
+                        let changed = stored.tracks.on_event(&planner, ev);
+                        stored.changed.extend(changed);
+                    }
+                    stored.save();
+                }
+                Step::Restart => stored.restart(),
+            }
+        }
+        let now = t(minute);
+        let due = memory.due(now);
+        assert_eq!(due, stored.tracks.due(now), "due at minute {minute}");
+        for key in due {
+            pages_of(memory.fire(&planner, &key, now), minute, &mut memory_pages);
+            stored.load(key.0);
+            pages_of(
+                stored.tracks.fire(&planner, &key, now),
+                minute,
+                &mut stored_pages,
+            );
+            stored.changed.push(key);
+        }
+        stored.save();
+        assert_eq!(
+            memory.next_due(),
+            stored.tracks.next_due(),
+            "minute {minute}"
+        );
+        assert_eq!(memory.count(), memory.map.len(), "minute {minute}");
+        assert_eq!(stored.tracks.count(), memory.count(), "minute {minute}");
+        assert!(stored.tracks.map.is_empty(), "let go once saved");
+        assert_eq!(stored.store, memory.map, "the store after minute {minute}");
+    }
+    assert_eq!(stored_pages, memory_pages);
+    // The script did page: both policies, repeats, the rule's later email,
+    // the stale-acknowledgement reminder, the reopened incident, not the
+    // incident resolved as it opened.
+    let incidents: std::collections::BTreeSet<u64> =
+        memory_pages.iter().map(|(_, n, _)| *n).collect();
+    assert_eq!(incidents, [1, 2, 4].into());
+    assert!(memory_pages.len() > 20, "{memory_pages:?}");
+    assert!(
+        memory_pages.iter().any(|(m, n, _)| *n == 2 && *m >= 40),
+        "the reopened incident pages again: {memory_pages:?}"
+    );
+    assert!(
+        memory_pages.iter().any(|(m, n, _)| *n == 1 && *m >= 70),
+        "the acknowledger of #1 is reminded after 30m: {memory_pages:?}"
+    );
 }
