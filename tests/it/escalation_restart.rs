@@ -276,3 +276,110 @@ fn dummy_alert() -> tocsin_proto::incident::AlertInfo {
         suppressed: None,
     }
 }
+
+/// Tracks in the store of the slow-load test: enough that reading them
+/// takes longer than the lease TTL (1 s) in a test build.
+const SLOW_TRACKS: u32 = 100_000;
+
+/// Promise 3 at scale: a store that takes longer than the lease TTL to read
+/// (a million pending timers take seconds) must not cost the instance its
+/// lease. On one runtime thread a load done on it stops the lease's renewal
+/// too: the instance lost the lease while it loaded, took it back, loaded
+/// again, and never became ready. Read off the async runtime, the renewal
+/// goes on and the instance becomes ready in the term it took.
+#[tokio::test(flavor = "current_thread")]
+async fn a_store_slower_to_read_than_the_lease_ttl_does_not_cost_the_lease() {
+    use tocsin_escalation::{
+        store::Store,
+        track::{Key, Track, Tracks},
+    };
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let next = t0() + SignedDuration::from_hours(24);
+    {
+        let store = Store::open(dir.path()).unwrap();
+        let mut tracks = Tracks::default();
+        for i in 0..SLOW_TRACKS {
+            let incident = summary(i, IncidentStatus::Triggered);
+            let key: Key = (incident.id, "p".to_string());
+            tracks.map.insert(
+                key,
+                Track {
+                    incident,
+                    policy: "p".into(),
+                    level: 1,
+                    repeat: 0,
+                    next_at: Some(next),
+                    pending: Vec::new(),
+                    fired: Some((0, 0)),
+                    renotify_at: None,
+                    renotified: 0,
+                    generation: 0,
+                    held_from: None,
+                    cause: None,
+                },
+            );
+        }
+        let keys: Vec<Key> = tracks.map.keys().cloned().collect();
+        store.save(&tracks, &keys, 0).unwrap();
+        store.flush().await;
+        let started = std::time::Instant::now();
+        let (loaded, _) = store.load().unwrap();
+        assert_eq!(loaded.count(), SLOW_TRACKS as usize);
+        eprintln!(
+            "reading the store of {SLOW_TRACKS} tracks took {:.2}s here (lease TTL 1s)",
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    let metrics = Metrics::new();
+    let client =
+        tocsin_runtime::nats::connect(&NatsConfig::for_url(nats.url()), "esc-slow", &metrics)
+            .await
+            .unwrap();
+    let js = jetstream::new(client.clone());
+    ensure_streams(&js, &JetStreamConfig::default())
+        .await
+        .unwrap();
+    let mut cfg: EscalationConfig = serde_yaml_ng::from_str(POLICY).unwrap();
+    cfg.data_dir = Some(ConfigPath(dir.path().to_path_buf()));
+    cfg.lease_ttl = Some(tocsin_runtime::config::HumanDuration::secs(1));
+    let (health, shutdown) = (Health::new(), CancellationToken::new());
+    let service = {
+        let (health, shutdown, metrics) = (health.clone(), shutdown.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let ctx = tocsin_runtime::context::ServiceContext {
+                js,
+                metrics,
+                health,
+                clock: Arc::new(ManualClock::new(t0())),
+                jetstream: Default::default(),
+                shutdown,
+                watermark: Progress::new().of("escalation"),
+            };
+            tocsin_escalation::run(cfg, &ctx, None).await
+        })
+    };
+    // Ready: active, its store read, caught up with INCIDENTS.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, checks) = health.report();
+        if checks.get("escalation").map(String::as_str) == Some("ok") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "escalation not ready within 60s: {checks:?}"
+        );
+        // Poll interval of a wait with a deadline.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        metrics
+            .encode()
+            .contains("tocsin_leader{role=\"escalation\"} 1"),
+        "the active instance reports itself leader"
+    );
+    shutdown.cancel();
+    service.await.unwrap().unwrap();
+}
