@@ -136,7 +136,16 @@ async fn run_active(
     let planner = Arc::new(plan::Planner::new(&config).map_err(EscalationError::Config)?);
     let dir = config.data_dir();
     let client = js.client();
-    let svc = service::Service::new(planner.clone(), &dir, js, clock.clone(), metrics)?;
+    // Reading the store takes seconds with a million tracks: off the async
+    // threads, so the lease goes on being renewed meanwhile.
+    let svc = {
+        let (planner, clock) = (planner.clone(), clock.clone());
+        tokio::task::spawn_blocking(move || {
+            service::Service::new(planner, &dir, js, clock, metrics)
+        })
+        .await
+        .map_err(|e| EscalationError::Store(format!("reading the store stopped: {e}")))??
+    };
     // Subscribed before the service reports ready. NATS may not be up yet
     // when Tocsin starts: keep trying rather than fail.
     let mut backoff = tocsin_runtime::retry::Backoff::standard();

@@ -286,18 +286,24 @@ impl Service {
         // the chunk's tracks are saved. A crash in between fires them again
         // with the same ids. The chunk stays far below async-nats's 5,000
         // in-flight publishes, which ingest shares in `tocsin up`.
-        let due = self.tracks.due(now);
-        for chunk in due.chunks(FIRE_CHUNK) {
+        let mut after = None;
+        loop {
             // A long burst takes seconds: take in acknowledgements that came
             // meanwhile, so a step is not fired for an incident acknowledged
-            // after the burst began.
+            // after the burst began. (A step they make due at once, such as
+            // an escalate-now, fires on the loop's next turn.)
             if drained_at.elapsed() > Duration::from_millis(250) {
                 let drained = self.drain(msgs).await;
                 self.drained(drained, "a burst")?;
                 drained_at = std::time::Instant::now();
             }
+            // The due steps a chunk at a time, from the index.
+            let (chunk, next) = self.tracks.due_after(now, after.as_ref(), FIRE_CHUNK);
+            if chunk.is_empty() {
+                break;
+            }
             let mut effects = Vec::new();
-            for key in chunk {
+            for key in &chunk {
                 self.fetch(key.0)?;
                 let due = self.tracks.map.get(key).and_then(|t| t.due());
                 effects.extend(self.tracks.fire(&self.planner, key, now));
@@ -314,7 +320,11 @@ impl Service {
             if !self.publish_all(&effects, now, shutdown).await {
                 return Ok(false);
             }
-            self.save(chunk);
+            self.save(&chunk);
+            match next {
+                Some(c) => after = Some(c),
+                None => break,
+            }
         }
         Ok(true)
     }

@@ -83,6 +83,10 @@ pub enum Effect {
 /// Key of a track: incident and policy.
 pub type Key = (Uuid, String);
 
+/// Where [`Tracks::due_after`] left off.
+#[derive(Clone, Copy, Debug)]
+pub struct DueCursor((Timestamp, Uuid, PolicyId));
+
 /// A policy's number in [`Tracks`]' table of names: the due-time index
 /// holds it instead of the name, so each entry is a few dozen bytes
 /// whatever the policy is called.
@@ -405,14 +409,49 @@ impl Tracks {
 
     /// Keys due at `now`, earliest first (from the index).
     pub fn due(&self, now: Timestamp) -> Vec<Key> {
-        self.index
-            .iter()
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let (keys, next) = self.due_after(now, after.as_ref(), 1024);
+            out.extend(keys);
+            match next {
+                Some(c) => after = Some(c),
+                None => return out,
+            }
+        }
+    }
+
+    /// Up to `n` keys due at `now` that come after `after` in the index,
+    /// earliest first, and where the next call starts (None: no more). A
+    /// burst of a million due steps is taken a chunk at a time, without a
+    /// list of them all; a track fired meanwhile is indexed under a later
+    /// time, and one whose time did not change is not taken twice.
+    pub fn due_after(
+        &self,
+        now: Timestamp,
+        after: Option<&DueCursor>,
+        n: usize,
+    ) -> (Vec<Key>, Option<DueCursor>) {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let from = after.map_or(Unbounded, |c| Excluded(c.0));
+        let entries: Vec<(Timestamp, Uuid, PolicyId)> = self
+            .index
+            .range((from, Unbounded))
             .take_while(|(d, _, _)| *d <= now)
+            .take(n)
+            .copied()
+            .collect();
+        let next = (entries.len() == n)
+            .then(|| entries.last().copied().map(DueCursor))
+            .flatten();
+        let keys = entries
+            .into_iter()
             .map(|(_, id, p)| {
-                let policy = self.policies.get(*p as usize).cloned().unwrap_or_default();
-                (*id, policy)
+                let policy = self.policies.get(p as usize).cloned().unwrap_or_default();
+                (id, policy)
             })
-            .collect()
+            .collect();
+        (keys, next)
     }
 
     /// Fires what is due on `key` at `now`, keeping the index up to date.

@@ -12,6 +12,10 @@ pub enum IncidentsError {
         dir: String,
         source: crate::store::StoreError,
     },
+    /// Reading the projection store stopped short (its thread panicked or
+    /// the runtime is shutting down).
+    #[error("reading the projection store: {0}")]
+    StoreRead(String),
     /// JetStream refused to set up a consumer.
     #[error("JetStream: {0}")]
     JetStream(String),

@@ -170,15 +170,17 @@ async fn run_active(
         return Ok(());
     }
     let core = compile(&config)?;
-    let svc = service::Service::new(
-        &config,
-        core,
-        client.clone(),
-        js.clone(),
-        m,
-        health.clone(),
-        clock,
-    )?;
+    // Reading the store takes seconds with many incidents: off the async
+    // threads, so the lease goes on being renewed meanwhile.
+    let svc = {
+        let (config, client, js, health) =
+            (config.clone(), client.clone(), js.clone(), health.clone());
+        tokio::task::spawn_blocking(move || {
+            service::Service::new(&config, core, client, js, m, health, clock)
+        })
+        .await
+        .map_err(|e| IncidentsError::StoreRead(e.to_string()))??
+    };
     if !svc.catch_up(&shutdown).await {
         return Ok(());
     }

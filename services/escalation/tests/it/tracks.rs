@@ -508,15 +508,26 @@ fn tracks_kept_in_a_store_page_exactly_as_tracks_kept_in_memory() {
         assert_eq!(due, stored.tracks.due(now), "due at minute {minute}");
         for key in due {
             pages_of(memory.fire(&planner, &key, now), minute, &mut memory_pages);
-            stored.load(key.0);
-            pages_of(
-                stored.tracks.fire(&planner, &key, now),
-                minute,
-                &mut stored_pages,
-            );
-            stored.changed.push(key);
         }
-        stored.save();
+        // The service fires a chunk at a time from the index, saving each.
+        let mut after = None;
+        loop {
+            let (chunk, next) = stored.tracks.due_after(now, after.as_ref(), 2);
+            for key in chunk {
+                stored.load(key.0);
+                pages_of(
+                    stored.tracks.fire(&planner, &key, now),
+                    minute,
+                    &mut stored_pages,
+                );
+                stored.changed.push(key);
+            }
+            stored.save();
+            match next {
+                Some(c) => after = Some(c),
+                None => break,
+            }
+        }
         assert_eq!(
             memory.next_due(),
             stored.tracks.next_due(),

@@ -1127,6 +1127,8 @@ fn print_round(round: usize, side: &str, r: &RoundResult) {
 
 /// Pre-load publishes sent before their acks are awaited.
 const PRELOAD_CHUNK: usize = 256;
+/// Entries the escalation bench makes at a time before publishing them.
+const PRELOAD_SLICE: usize = 10_000;
 
 /// Alerts (instances) per group.
 const INSTANCES: u64 = 4;
@@ -1588,7 +1590,16 @@ async fn escalation_run(args: &EscalationArgs) -> anyhow::Result<EscalationResul
         version: server_version,
         pid: nats_pid,
     } = bench_nats(&args.nats_url).await?;
-    let js_config = JetStreamConfig::default();
+    // No notifier takes the pages: NOTIFY and COMMANDS keep both levels'
+    // messages of every incident (about 1.2 KiB each), beyond their default
+    // limits with a million incidents.
+    let mut js_config = JetStreamConfig::default();
+    let room = u64::from(n) * 4 * 1024;
+    js_config.notify_max_bytes = js_config.notify_max_bytes.max(room);
+    js_config.commands_max_bytes = js_config.commands_max_bytes.max(room);
+    ensure_streams(&js, &js_config)
+        .await
+        .context("cannot widen NOTIFY and COMMANDS")?;
 
     let nonce = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1629,21 +1640,25 @@ async fn escalation_run(args: &EscalationArgs) -> anyhow::Result<EscalationResul
     let commands_before = stream_state(&js, STREAM_COMMANDS).await?.messages;
 
     // Load, not timed: one Opened entry per incident, chunks of publishes
-    // then their acks.
+    // then their acks. Made a slice at a time: the bench process is the
+    // service too, and memory the allocator keeps after a large load would
+    // hide the service's growth (a million entries take over 1.5 GiB).
     let preload_started = Instant::now();
-    let mut entries = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        let at = gen.announce_at(i);
-        entries.push(gen.entry(
-            i,
-            EventKind::Opened {
-                alert: gen.alert(i),
-            },
-            IncidentStatus::Triggered,
-            at,
-        )?);
+    for from in (0..n).step_by(PRELOAD_SLICE) {
+        let mut entries = Vec::with_capacity(PRELOAD_SLICE);
+        for i in from..n.min(from.saturating_add(PRELOAD_SLICE as u32)) {
+            let at = gen.announce_at(i);
+            entries.push(gen.entry(
+                i,
+                EventKind::Opened {
+                    alert: gen.alert(i),
+                },
+                IncidentStatus::Triggered,
+                at,
+            )?);
+        }
+        publish_pipelined(&js, entries, "Opened entry").await?;
     }
-    publish_pipelined(&js, entries, "Opened entry").await?;
     let preload_elapsed = preload_started.elapsed();
     let mem_base = Memory::read(None);
     let nats_base = nats_pid.and_then(|p| Memory::read(Some(p)));
