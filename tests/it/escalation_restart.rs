@@ -361,18 +361,14 @@ async fn a_store_slower_to_read_than_the_lease_ttl_does_not_cost_the_lease() {
         })
     };
     // Ready: active, its store read, caught up with INCIDENTS.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    let ready = tocsin_tests::eventually_within(Duration::from_secs(60), || {
         let (_, checks) = health.report();
-        if checks.get("escalation").map(String::as_str) == Some("ok") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "escalation not ready within 60s: {checks:?}"
-        );
-        // Poll interval of a wait with a deadline.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let ok = checks.get("escalation").map(String::as_str) == Some("ok");
+        std::future::ready(if ok { Ok(()) } else { Err(checks) })
+    })
+    .await;
+    if let Err(checks) = ready {
+        panic!("escalation not ready within 60s: {checks:?}");
     }
     assert!(
         metrics

@@ -133,18 +133,6 @@ fn add(at: Timestamp, d: std::time::Duration) -> Timestamp {
 }
 
 impl Tracks {
-    /// Rebuilds the index from `map` (after filling `map` directly, with
-    /// every track).
-    pub fn reindex_all(&mut self) {
-        self.index.clear();
-        self.known.clear();
-        self.count = 0;
-        let keys: Vec<Key> = self.map.keys().cloned().collect();
-        for k in keys {
-            self.touch(&k);
-        }
-    }
-
     /// Adds a stored track that is not at hand to the index and the count
     /// (the service, reading its store at start-up).
     pub fn index_stored(&mut self, key: &Key, due: Option<Timestamp>) {
@@ -409,16 +397,7 @@ impl Tracks {
 
     /// Keys due at `now`, earliest first (from the index).
     pub fn due(&self, now: Timestamp) -> Vec<Key> {
-        let mut out = Vec::new();
-        let mut after = None;
-        loop {
-            let (keys, next) = self.due_after(now, after.as_ref(), 1024);
-            out.extend(keys);
-            match next {
-                Some(c) => after = Some(c),
-                None => return out,
-            }
-        }
+        self.due_after(now, None, usize::MAX).0
     }
 
     /// Up to `n` keys due at `now` that come after `after` in the index,
