@@ -721,6 +721,24 @@ async fn ingest_side_by_side(quick: bool, reps: u32) -> anyhow::Result<Outcome> 
         batches: requests,
         per_batch: per_request,
         tasks: connections,
+        atomic: false,
+    };
+    // The same messages as atomic batches (NATS 2.12, ADR-50), one batch a
+    // request, on a stream of their own: does one commit per request raise
+    // the ceiling? (On nats-server 2.12 it does not: the server still
+    // syncs every message of a batch on its own.)
+    js.create_stream(jetstream::stream::Config {
+        name: super::ATOMIC_STREAM.into(),
+        subjects: vec!["bench.atomic.>".into()],
+        storage: jetstream::stream::StorageType::File,
+        allow_atomic_publish: true,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", super::ATOMIC_STREAM))?;
+    let atomic = RawSide {
+        atomic: true,
+        ..raw.clone()
     };
     let clients = (0..connections)
         .map(|_| {
@@ -746,12 +764,28 @@ async fn ingest_side_by_side(quick: bool, reps: u32) -> anyhow::Result<Outcome> 
     let mut rate = [
         Figure::new("ingest", "alerts/s", "alerts/s", "higher", "raw JetStream")
             .side("Tocsin ingest over HTTP, in-process"),
+        Figure::new(
+            "ingest",
+            "alerts/s",
+            "alerts/s",
+            "higher",
+            "raw JetStream, atomic batches of a request's alerts",
+        )
+        .side("Tocsin ingest over HTTP, in-process"),
         Figure::new("ingest", "alerts/s", "alerts/s", "higher", "Alertmanager")
             .side("Tocsin ingest over HTTP, in-process"),
     ];
     let mut cpu = [
         Figure::new("ingest", "CPU per 1k alerts", "s", "lower", "raw JetStream")
             .side("nats-server + bench process (ingest and its HTTP client)"),
+        Figure::new(
+            "ingest",
+            "CPU per 1k alerts",
+            "s",
+            "lower",
+            "raw JetStream, atomic batches of a request's alerts",
+        )
+        .side("nats-server + bench process (ingest and its HTTP client)"),
         Figure::new("ingest", "CPU per 1k alerts", "s", "lower", "Alertmanager")
             .side("nats-server + bench process (ingest and its HTTP client)"),
     ];
@@ -767,8 +801,8 @@ async fn ingest_side_by_side(quick: bool, reps: u32) -> anyhow::Result<Outcome> 
                 .collect::<anyhow::Result<_>>()?,
         );
         let bodies: Arc<Vec<Bytes>> = Arc::new(bodies.into_iter().map(Bytes::from).collect());
-        for k in 0..3 {
-            match (k + rep) % 3 {
+        for k in 0..4 {
+            match (k + rep) % 4 {
                 0 => {
                     let before = (peer::cpu_ticks(nats_pid), peer::cpu_ticks(None));
                     let r = super::ingest_round(
@@ -801,9 +835,14 @@ async fn ingest_side_by_side(quick: bool, reps: u32) -> anyhow::Result<Outcome> 
                     }
                     failures.extend(r.failures.iter().map(|f| format!("ingest: {f}")));
                 }
-                1 => {
+                1 | 2 => {
+                    let (side, name, i) = if (k + rep) % 4 == 1 {
+                        (&raw, "raw JetStream", 0)
+                    } else {
+                        (&atomic, "atomic batches", 1)
+                    };
                     let before = (peer::cpu_ticks(nats_pid), peer::cpu_ticks(None));
-                    let r = raw.round(rep).await;
+                    let r = side.round(rep).await;
                     let after = (peer::cpu_ticks(nats_pid), peer::cpu_ticks(None));
                     let ticks = match (before, after) {
                         ((Some(n0), Some(b0)), (Some(n1), Some(b1))) => Some(n1 - n0 + b1 - b0),
@@ -811,16 +850,10 @@ async fn ingest_side_by_side(quick: bool, reps: u32) -> anyhow::Result<Outcome> 
                     };
                     let bench = after.1.zip(before.1).map(|(a, b)| a - b);
                     let c = cpu_per_1000(ticks, r.stored, hz);
-                    print_row(
-                        rep,
-                        "raw JetStream",
-                        &r,
-                        c,
-                        cpu_per_1000(bench, r.stored, hz),
-                    );
-                    rate[0].peer_values.push(r.rate());
-                    cpu[0].peer_values.push(c);
-                    failures.extend(r.failures.iter().map(|f| format!("raw JetStream: {f}")));
+                    print_row(rep, name, &r, c, cpu_per_1000(bench, r.stored, hz));
+                    rate[i].peer_values.push(r.rate());
+                    cpu[i].peer_values.push(c);
+                    failures.extend(r.failures.iter().map(|f| format!("{name}: {f}")));
                 }
                 _ => {
                     let before = (peer::cpu_ticks(am_pid), peer::cpu_ticks(None));
@@ -832,8 +865,8 @@ async fn ingest_side_by_side(quick: bool, reps: u32) -> anyhow::Result<Outcome> 
                     let client = cpu_per_1000(bench, r.stored, hz);
                     am_client_cpu.push(client);
                     print_row(rep, "Alertmanager", &r, c, client);
-                    rate[1].peer_values.push(r.rate());
-                    cpu[1].peer_values.push(c);
+                    rate[2].peer_values.push(r.rate());
+                    cpu[2].peer_values.push(c);
                     failures.extend(r.failures.iter().map(|f| format!("Alertmanager: {f}")));
                 }
             }
@@ -855,6 +888,21 @@ async fn ingest_side_by_side(quick: bool, reps: u32) -> anyhow::Result<Outcome> 
             "ALERTS holds {stream} messages, expected {expected}"
         ));
     }
+    let atomic_stored = js
+        .get_stream(super::ATOMIC_STREAM)
+        .await
+        .map_err(|e| anyhow::anyhow!("no {} stream: {e}", super::ATOMIC_STREAM))?
+        .info()
+        .await?
+        .state
+        .messages;
+    let atomic_expected = (reps as usize * per_round) as u64;
+    if atomic_stored != atomic_expected {
+        failures.push(format!(
+            "{} holds {atomic_stored} messages, expected {atomic_expected}",
+            super::ATOMIC_STREAM
+        ));
+    }
     let held = reqwest::Client::new()
         .get(&*am_url)
         .send()
@@ -870,7 +918,11 @@ async fn ingest_side_by_side(quick: bool, reps: u32) -> anyhow::Result<Outcome> 
             "Alertmanager holds {held} alerts, expected {am_expected}"
         ));
     }
-    println!("stored: ALERTS +{stream} (expected {expected}); Alertmanager holds {held} alerts (expected {am_expected})");
+    println!(
+        "stored: ALERTS +{stream} (expected {expected}); {} {atomic_stored} (expected {atomic_expected}); \
+         Alertmanager holds {held} alerts (expected {am_expected})",
+        super::ATOMIC_STREAM
+    );
 
     outcome.rss("ingest: nats-server".into(), peer::peak_rss_mib(nats_pid));
     outcome.rss(

@@ -661,6 +661,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         batches: requests,
         per_batch: per_request,
         tasks: connections,
+        atomic: false,
     };
     let mut ingest_results = Vec::with_capacity(rounds);
     let mut raw_results = Vec::with_capacity(rounds);
@@ -988,7 +989,14 @@ struct RawSide {
     per_batch: usize,
     /// Publishing tasks (= HTTP connections).
     tasks: usize,
+    /// Each batch as one JetStream atomic batch (NATS 2.12, ADR-50) on
+    /// [`ATOMIC_STREAM`] instead of one publish per message on ALERTS.
+    atomic: bool,
 }
+
+/// The stream the atomic side writes: ALERTS' storage, with atomic
+/// publishes allowed.
+pub const ATOMIC_STREAM: &str = "BENCH_ATOMIC";
 
 impl RawSide {
     /// One round: the same number of messages as ingest's, in batches, from
@@ -1033,6 +1041,17 @@ impl RawSide {
     async fn batch(&self, index: usize) -> Result<(), String> {
         let tp = traceparent(self.nonce, index as u64);
         let first = index * self.per_batch;
+        if self.atomic {
+            return publish_atomic_batch(
+                &self.js.client(),
+                &self.payload,
+                self.nonce,
+                &tp,
+                first,
+                self.per_batch,
+            )
+            .await;
+        }
         publish_batch(
             &self.js,
             &self.payload,
@@ -1084,6 +1103,55 @@ async fn publish_batch(
             problems.len()
         )),
     }
+}
+
+/// Publishes messages `first..first + count` as one atomic batch (each
+/// with its own message id, as ingest's) and awaits the commit's ack.
+async fn publish_atomic_batch(
+    client: &async_nats::Client,
+    payload: &Bytes,
+    nonce: u64,
+    traceparent: &str,
+    first: usize,
+    count: usize,
+) -> Result<(), String> {
+    let batch_id = format!("{nonce:016x}-{first}");
+    for (i, n) in (first..first + count).enumerate() {
+        let mut h = HeaderMap::new();
+        h.insert(headers::TRACEPARENT, traceparent);
+        h.insert(headers::SCHEMA, SCHEMA_VERSION.to_string().as_str());
+        h.insert(
+            "Nats-Msg-Id",
+            format!("bench:{nonce:016x}:atomic:{n:019}").as_str(),
+        );
+        h.insert("Nats-Batch-Id", batch_id.as_str());
+        h.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+        let subject = format!("bench.atomic.{n}");
+        if i + 1 < count {
+            client
+                .publish_with_headers(subject, h, payload.clone())
+                .await
+                .map_err(|e| format!("message {n} not sent: {e}"))?;
+            continue;
+        }
+        h.insert("Nats-Batch-Commit", "1");
+        let reply = client
+            .request_with_headers(subject, h, payload.clone())
+            .await
+            .map_err(|e| format!("batch {batch_id} not committed: {e}"))?;
+        let v: Value = serde_json::from_slice(&reply.payload)
+            .map_err(|e| format!("batch {batch_id}: unreadable ack: {e}"))?;
+        if let Some(err) = v.get("error") {
+            return Err(format!("batch {batch_id} refused: {err}"));
+        }
+        if v["count"].as_u64() != Some(count as u64) {
+            return Err(format!(
+                "batch {batch_id}: ack counts {} of {count}",
+                v["count"]
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn collect(started: Instant, tasks: Vec<tokio::task::JoinHandle<TaskResult>>) -> RoundResult {

@@ -640,6 +640,8 @@ pub async fn tocsin_peer(
 async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> {
     let (receiver, mut stack, target) = tocsin_peer("", "", run).await?;
     let pids = stack.pids();
+    let js = async_nats::jetstream::new(tocsin_tests::nats::connect_url(&stack.nats.url()).await?);
+    let writes_before = stream_writes(&js).await?;
     let cpu_before = peer::cpu_ticks_of(&pids);
     let each_before: Vec<Option<u64>> = pids.iter().map(|p| peer::cpu_ticks(*p)).collect();
     let (latencies, pages_per_s, lost, duplicated, failed) = {
@@ -670,6 +672,26 @@ async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> 
         "  Tocsin: CPU s per 1k alerts by process: {}",
         each.join(", ")
     );
+    // Every message stored is a synced write (sync_interval: always):
+    // what one alert costs the bus, by stream (KV_* are the notifier's
+    // delivery records), counted from each stream's last sequence.
+    let writes_after = stream_writes(&js).await?;
+    let per_alert: Vec<String> = writes_after
+        .iter()
+        .filter_map(|(name, after)| {
+            let d = after - writes_before.get(name).copied().unwrap_or(0);
+            (d > 0).then(|| format!("{name} {:.2}", d as f64 / total as f64))
+        })
+        .collect();
+    let sum: u64 = writes_after
+        .iter()
+        .map(|(name, after)| after - writes_before.get(name).copied().unwrap_or(0))
+        .sum();
+    println!(
+        "  Tocsin: JetStream messages stored per alert: {:.2} ({})",
+        sum as f64 / total as f64,
+        per_alert.join(", ")
+    );
     let cpu_per_1k = match (cpu_before, cpu_after) {
         (Some(a), Some(b)) => (b - a) as f64 / peer::clock_ticks() / total as f64 * 1000.0,
         _ => f64::NAN,
@@ -686,6 +708,22 @@ async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> 
         cpu_per_1k,
         rss,
     })
+}
+
+/// Every stream's last sequence: how many messages it has stored.
+async fn stream_writes(
+    js: &async_nats::jetstream::Context,
+) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    use futures::TryStreamExt as _;
+    let infos: Vec<_> = js
+        .streams()
+        .try_collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot list streams: {e}"))?;
+    Ok(infos
+        .into_iter()
+        .map(|i| (i.config.name, i.state.last_sequence))
+        .collect())
 }
 
 /// A fresh Alertmanager grouping by `alertname` and `label`, sending at
