@@ -333,6 +333,7 @@ mod notifier_all;
 mod page_path;
 mod peer;
 mod recovery;
+mod schedules;
 mod storm;
 mod timers;
 
