@@ -220,14 +220,22 @@
 //!   group (alerts that joined during its first flush, with `group_wait:
 //!   0s`) are counted and printed, not failures.
 //!
-//! - **timers** (no peer): the `escalation` bench above, run once per
+//! - **timers**: the `escalation` bench above, run once per
 //!   repetition with 100,000 incidents (`--quick` 10,000; `--timers N`) in
 //!   10 bursts. Figures: VmRSS growth of the bench process (the service is
 //!   in it) per 1,000 pending level-1 steps, over before the service
 //!   started; the bursts' lateness p50/p99 (phase 3); cold rebuild and warm
 //!   restart to ready (phase 2). Peak RSS: the bench process (its peak
 //!   reset at the start of each repetition through /proc/self/clear_refs)
-//!   and nats-server. A page that should not have come is a problem.
+//!   and nats-server. A page that should not have come is a problem. The
+//!   peer of the memory and lateness figures: as many JetStream message
+//!   schedules on a fresh nats-server (`schedules.rs`), one tenth of them
+//!   due in the same second: nats-server's VmRSS growth with all pending,
+//!   and the lateness of the generated messages at an ordered consumer.
+//! - **ingest** also runs the raw side as JetStream atomic batches (one
+//!   batch of 100 per request, on a stream of its own with atomic
+//!   publishes allowed); **alert→page** prints the JetStream messages
+//!   stored per alert, by stream (last-sequence deltas over the run).
 //! - **recovery** (no peer; fresh processes per repetition): the
 //!   alert→page processes and config; 100,000 alerts (`--quick` 5,000;
 //!   `--incidents N`), each a new incident (its own `bench_id`), 100 per
@@ -1065,6 +1073,14 @@ impl RawSide {
     }
 }
 
+/// The headers ingest gives an alert message (besides its id).
+fn alert_headers(traceparent: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(headers::TRACEPARENT, traceparent);
+    h.insert(headers::SCHEMA, SCHEMA_VERSION.to_string().as_str());
+    h
+}
+
 /// Publishes messages `first..first + count` and awaits every ack.
 async fn publish_batch(
     js: &jetstream::Context,
@@ -1076,12 +1092,9 @@ async fn publish_batch(
 ) -> Result<(), String> {
     let mut acks = Vec::with_capacity(count);
     for n in first..first + count {
-        let mut h = HeaderMap::new();
-        h.insert(headers::TRACEPARENT, traceparent);
-        h.insert(headers::SCHEMA, SCHEMA_VERSION.to_string().as_str());
         let msg = PublishMessage::build()
             .payload(payload.clone())
-            .headers(h)
+            .headers(alert_headers(traceparent))
             .message_id(format!("bench:{nonce:016x}:firing:{n:019}"));
         let ack = js
             .send_publish(format!("tocsin.alerts.bench.{n}"), msg)
@@ -1118,9 +1131,7 @@ async fn publish_atomic_batch(
 ) -> Result<(), String> {
     let batch_id = format!("{nonce:016x}-{first}");
     for (i, n) in (first..first + count).enumerate() {
-        let mut h = HeaderMap::new();
-        h.insert(headers::TRACEPARENT, traceparent);
-        h.insert(headers::SCHEMA, SCHEMA_VERSION.to_string().as_str());
+        let mut h = alert_headers(traceparent);
         h.insert(
             "Nats-Msg-Id",
             format!("bench:{nonce:016x}:atomic:{n:019}").as_str(),
