@@ -49,6 +49,10 @@ pub struct AllArgs {
     /// --quick).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     incidents: Option<u32>,
+    /// Groups the storm's alerts are spread over (default 10,000; 200 with
+    /// --quick): fewer groups, more alerts per incident.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    storm_groups: Option<u32>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -251,7 +255,7 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
     if run(Scenario::Storm) {
         let t = Instant::now();
         println!("== storm: many alerts over few groups, separate processes vs Alertmanager");
-        outcomes.push(super::storm::storm(quick, reps).await?);
+        outcomes.push(super::storm::storm(quick, reps, args.storm_groups).await?);
         took.push(("storm", t.elapsed()));
         println!();
     }

@@ -252,8 +252,8 @@ async fn alertmanager_side(run: &str, size: Size) -> anyhow::Result<StormResult>
 }
 
 /// Item 4: the storm, Tocsin (separate processes) vs Alertmanager.
-pub async fn storm(quick: bool, reps: u32) -> anyhow::Result<Outcome> {
-    let size = if quick {
+pub async fn storm(quick: bool, reps: u32, groups: Option<u32>) -> anyhow::Result<Outcome> {
+    let mut size = if quick {
         Size {
             alerts: 20_000,
             groups: 200,
@@ -266,6 +266,9 @@ pub async fn storm(quick: bool, reps: u32) -> anyhow::Result<Outcome> {
             limit: Duration::from_secs(3600),
         }
     };
+    if let Some(g) = groups {
+        size.groups = g as usize;
+    }
     let Size { alerts, groups, .. } = size;
     println!(
         "{alerts} alerts over {groups} groups ({PER_REQUEST} per request, {CONNECTIONS} connections, as fast as they go), then a sentinel alert in a group of its own"
