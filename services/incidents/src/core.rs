@@ -339,6 +339,18 @@ struct Batch<'a> {
 }
 
 impl Batch<'_> {
+    /// An entry whose incident-after is already known (see
+    /// [`joined_summary`]).
+    fn push_summary(&mut self, summary: IncidentSummary, kind: EventKind) {
+        self.entries.push(LogEntry::Incident(IncidentEvent {
+            kind,
+            at: self.at,
+            actor: self.actor.clone(),
+            cause: self.cause.clone(),
+            incident: summary,
+        }));
+    }
+
     fn push(&mut self, st: &mut IncidentState, kind: EventKind) {
         step(st, &kind, self.at, self.actor.as_ref(), self.cfg);
         self.entries.push(LogEntry::Incident(IncidentEvent {
@@ -406,6 +418,53 @@ fn step(
         | EventKind::Runbook { .. } => {}
     }
     recompute(st, cfg);
+}
+
+/// The summary of open incident `inc` after firing alert `info` joins it
+/// or fires again, worked out from the summary alone, without copying the
+/// incident's alerts or looking at each of them: an incident with 10,000
+/// alerts would otherwise cost 10,000 copies for every alert that joins
+/// it. `None` where that cannot be done exactly (suppression, which
+/// depends on every firing alert; an alert whose labels changed; no
+/// alerts yet): the caller then steps a copy as for any other event.
+/// Exact because the alert-derived fields are counts, a maximum over the
+/// firing alerts (or over all of them while none fires) and an
+/// intersection, all of which only grow or stay when a firing alert is
+/// added; debug builds check every use against the full recomputation.
+fn joined_summary(
+    inc: &IncidentState,
+    info: &AlertInfo,
+    cfg: &CoreConfig,
+) -> Option<IncidentSummary> {
+    if info.status != AlertStatus::Firing
+        || info.suppressed.is_some()
+        || inc.summary.suppressed.is_some()
+        || inc.alerts.is_empty()
+    {
+        return None;
+    }
+    let old = inc.alerts.get(&info.fingerprint);
+    if old.is_some_and(|o| o.labels != info.labels || o.suppressed.is_some()) {
+        return None;
+    }
+    let was_firing = old.is_some_and(|o| o.status == AlertStatus::Firing);
+    let mut s = inc.summary.clone();
+    if old.is_none() {
+        s.alerts_total += 1;
+        s.labels.retain(|k, v| info.labels.get(k) == Some(v));
+    }
+    if !was_firing {
+        s.alerts_firing += 1;
+    }
+    let severity = cfg.severity.of(&info.labels);
+    // While no alert fired, the severity was over every alert; now it is
+    // over the firing ones, and this is the only one.
+    s.severity = if inc.summary.alerts_firing == 0 {
+        severity
+    } else {
+        s.severity.max(severity)
+    };
+    Some(s)
 }
 
 /// Fields that follow from the attached alerts.
@@ -645,8 +704,29 @@ impl<'a> Decider<'a> {
                         && a.suppressed == info.suppressed
                 });
                 if !unchanged {
-                    let mut st = inc.clone();
-                    b.push(&mut st, EventKind::AlertFiring { alert: info });
+                    match joined_summary(inc, &info, self.cfg) {
+                        Some(summary) => {
+                            #[cfg(debug_assertions)]
+                            {
+                                let mut st = inc.clone();
+                                step(
+                                    &mut st,
+                                    &EventKind::AlertFiring {
+                                        alert: info.clone(),
+                                    },
+                                    at,
+                                    None,
+                                    self.cfg,
+                                );
+                                debug_assert_eq!(st.summary, summary, "incremental summary");
+                            }
+                            b.push_summary(summary, EventKind::AlertFiring { alert: info });
+                        }
+                        None => {
+                            let mut st = inc.clone();
+                            b.push(&mut st, EventKind::AlertFiring { alert: info });
+                        }
+                    }
                 }
             }
             Some(inc) => {
