@@ -431,6 +431,9 @@ fn step(
 /// firing alerts (or over all of them while none fires) and an
 /// intersection, all of which only grow or stay when a firing alert is
 /// added; debug builds check every use against the full recomputation.
+/// One difference: the severity kept is the one worked out under the
+/// config of its time, so a severity map changed since reaches an open
+/// incident at its next full recomputation (a resolved alert, a command).
 fn joined_summary(
     inc: &IncidentState,
     info: &AlertInfo,
