@@ -41,7 +41,7 @@ fn decode(v: &[u8]) -> Result<Track, StoreError> {
     rmp_serde::from_slice(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-/// sled's page cache for the tracks: a quarter of the runtime's default.
+/// sled's page cache for the tracks (a quarter of the incidents store's).
 /// Tracks are read per incident when an entry or a due step needs them,
 /// from the operating system's page cache when sled's misses.
 const CACHE_BYTES: u64 = 16 * 1024 * 1024;

@@ -353,13 +353,7 @@ impl Batch<'_> {
 
     fn push(&mut self, st: &mut IncidentState, kind: EventKind) {
         step(st, &kind, self.at, self.actor.as_ref(), self.cfg);
-        self.entries.push(LogEntry::Incident(IncidentEvent {
-            kind,
-            at: self.at,
-            actor: self.actor.clone(),
-            cause: self.cause.clone(),
-            incident: st.summary.clone(),
-        }));
+        self.push_summary(st.summary.clone(), kind);
     }
 }
 
@@ -467,6 +461,17 @@ fn joined_summary(
     } else {
         s.severity.max(severity)
     };
+    #[cfg(debug_assertions)]
+    {
+        // The full path, for comparison (an alert event does not use
+        // its time or actor).
+        let mut st = inc.clone();
+        let kind = EventKind::AlertFiring {
+            alert: info.clone(),
+        };
+        step(&mut st, &kind, inc.summary.opened_at, None, cfg);
+        debug_assert_eq!(st.summary, s, "incremental summary");
+    }
     Some(s)
 }
 
@@ -709,21 +714,7 @@ impl<'a> Decider<'a> {
                 if !unchanged {
                     match joined_summary(inc, &info, self.cfg) {
                         Some(summary) => {
-                            #[cfg(debug_assertions)]
-                            {
-                                let mut st = inc.clone();
-                                step(
-                                    &mut st,
-                                    &EventKind::AlertFiring {
-                                        alert: info.clone(),
-                                    },
-                                    at,
-                                    None,
-                                    self.cfg,
-                                );
-                                debug_assert_eq!(st.summary, summary, "incremental summary");
-                            }
-                            b.push_summary(summary, EventKind::AlertFiring { alert: info });
+                            b.push_summary(summary, EventKind::AlertFiring { alert: info })
                         }
                         None => {
                             let mut st = inc.clone();

@@ -43,12 +43,17 @@ pub struct Store {
     tree: sled::Tree,
 }
 
+/// sled's page cache (its own default is 1 GiB): incidents keeps what is
+/// open in memory and reads its store at start-up and for incidents
+/// evicted from memory, so its pages need not stay cached.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
-            .cache_capacity(tocsin_runtime::store::CACHE_BYTES)
+            .cache_capacity(CACHE_BYTES)
             .open()?;
         let tree = db.open_tree("projection")?;
         Ok(Store { db, tree })

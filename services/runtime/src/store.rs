@@ -7,13 +7,6 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// The page cache of the incidents store (sled's own default is 1 GiB):
-/// incidents keeps what is open in memory and reads its store at start-up
-/// and for incidents evicted from memory, so its pages need not stay
-/// cached. Escalation, which reads tracks from its store as it goes, sets
-/// a smaller one of its own.
-pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
-
 /// How long an open waits for the folder's lock to be let go (see
 /// [`open_or_rebuild`]).
 const LOCKED_WAIT: Duration = Duration::from_secs(30);

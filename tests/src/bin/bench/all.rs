@@ -892,13 +892,8 @@ async fn ingest_side_by_side(quick: bool, reps: u32) -> anyhow::Result<Outcome> 
             "ALERTS holds {stream} messages, expected {expected}"
         ));
     }
-    let atomic_stored = js
-        .get_stream(super::ATOMIC_STREAM)
-        .await
-        .map_err(|e| anyhow::anyhow!("no {} stream: {e}", super::ATOMIC_STREAM))?
-        .info()
+    let atomic_stored = super::stream_state(&js, super::ATOMIC_STREAM)
         .await?
-        .state
         .messages;
     let atomic_expected = (reps as usize * per_round) as u64;
     if atomic_stored != atomic_expected {

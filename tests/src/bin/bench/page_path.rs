@@ -675,18 +675,20 @@ async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> 
     // Every message stored is a synced write (sync_interval: always):
     // what one alert costs the bus, by stream (KV_* are the notifier's
     // delivery records), counted from each stream's last sequence.
-    let writes_after = stream_writes(&js).await?;
-    let per_alert: Vec<String> = writes_after
-        .iter()
-        .filter_map(|(name, after)| {
-            let d = after - writes_before.get(name).copied().unwrap_or(0);
-            (d > 0).then(|| format!("{name} {:.2}", d as f64 / total as f64))
+    let written: Vec<(String, u64)> = stream_writes(&js)
+        .await?
+        .into_iter()
+        .map(|(name, after)| {
+            let d = after - writes_before.get(&name).copied().unwrap_or(0);
+            (name, d)
         })
+        .filter(|(_, d)| *d > 0)
         .collect();
-    let sum: u64 = writes_after
+    let per_alert: Vec<String> = written
         .iter()
-        .map(|(name, after)| after - writes_before.get(name).copied().unwrap_or(0))
-        .sum();
+        .map(|(name, d)| format!("{name} {:.2}", *d as f64 / total as f64))
+        .collect();
+    let sum: u64 = written.iter().map(|(_, d)| d).sum();
     println!(
         "  Tocsin: JetStream messages stored per alert: {:.2} ({})",
         sum as f64 / total as f64,
