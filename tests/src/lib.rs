@@ -37,6 +37,7 @@ pub mod http;
 pub mod incidents;
 pub mod nats;
 pub mod notifier;
+pub mod ports;
 pub mod remediation;
 pub mod smtp;
 pub mod tocsin;

@@ -10,6 +10,8 @@ use std::{
 };
 
 use tempfile::TempDir;
+
+use crate::ports::free_port;
 use tocsin_runtime::{
     config::Secret,
     nats::{NatsAuth, IDENTITIES},
@@ -123,7 +125,9 @@ impl NatsServer {
             passwords: new_passwords(),
             cluster: None,
         };
-        server.spawn(None);
+        // A port outside the ephemeral range, so that no client connection
+        // takes it while the server is stopped for a restart on it.
+        server.spawn(free_port());
         server.port = server.wait_for_ports_file();
         server.wait_ready().await;
         server
@@ -216,7 +220,7 @@ impl NatsServer {
     /// store, and waits until JetStream answers.
     pub async fn restart(&mut self) {
         self.stop();
-        self.spawn(Some(self.port));
+        self.spawn(self.port);
         self.wait_ready().await;
     }
 
@@ -224,10 +228,9 @@ impl NatsServer {
         self.child.is_some()
     }
 
-    fn spawn(&mut self, port: Option<u16>) {
+    fn spawn(&mut self, port: u16) {
         let d = self.dir.path();
         let conf = d.join("nats.conf");
-        let port = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
         // sync_interval: always — fsync every write, as Tocsin's deployments
         // do (Jepsen's 2025 analysis of NATS 2.12 lost acknowledged writes under
         // the default, an fsync every two minutes).
@@ -395,7 +398,7 @@ impl NatsCluster {
                     routes: routes.clone(),
                 }),
             };
-            node.spawn(Some(*client));
+            node.spawn(*client);
             nodes.push(node);
         }
         for node in nodes.iter_mut() {
@@ -453,15 +456,6 @@ impl NatsCluster {
             .map(|(i, n)| format!("----- nats node {}\n{}", i + 1, n.log()))
             .collect()
     }
-}
-
-/// A free TCP port on loopback (bound and released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind loopback")
-        .local_addr()
-        .expect("local address")
-        .port()
 }
 
 /// A client for `url`, with the credentials it carries

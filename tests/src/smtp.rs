@@ -276,10 +276,7 @@ impl SmtpSink {
         std::fs::create_dir(dir.path().join("mail")).expect("mail dir");
         let script = dir.path().join("sink.py");
         std::fs::write(&script, SINK_PY).expect("write sink.py");
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-            l.local_addr().expect("local addr").port()
-        };
+        let port = crate::ports::free_port();
         let log = std::fs::File::create(dir.path().join("sink.log")).expect("sink.log");
         let (python, pythonpath) = python();
         let mut cmd = Command::new(&python);

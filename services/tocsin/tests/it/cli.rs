@@ -9,7 +9,7 @@ use std::{
 };
 
 use tocsin_proto::{subjects::STREAM_ALERTS, Alert};
-use tocsin_tests::{bus, NatsServer};
+use tocsin_tests::{bus, ports::free_port, NatsServer};
 use tokio::sync::Mutex;
 
 fn repo_root() -> PathBuf {
@@ -267,14 +267,6 @@ fn check_config_points_at_each_mistake_once() {
     );
     let (code, _, stderr) = check_config(&file, &[token]);
     assert_eq!(code, 0, "{stderr}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@ use std::{
     time::Duration,
 };
 
+pub use tocsin_tests::ports::free_port;
 use tocsin_tests::{fakes::FakeProviders, notifier::config_yaml, smtp::SmtpSink, NatsServer};
 
 pub const TOKEN: &str = "process-test-token-0123456789";
@@ -37,15 +38,6 @@ pub fn start_remediation(config: &Path, log: &Path) -> Child {
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .expect("start tocsin remediation")
-}
-
-/// A free TCP port on loopback (bound and released; good enough for tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A running `tocsin` process, killed on drop. Its log goes to a file

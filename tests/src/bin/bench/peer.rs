@@ -15,11 +15,9 @@ use axum::{extract::State, http::StatusCode, routing::post, Router};
 use bytes::Bytes;
 use tokio::net::TcpListener;
 
-/// A free TCP port on loopback (bound and released).
+/// A free TCP port on loopback, outside the kernel's ephemeral range.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(tocsin_tests::ports::free_port())
 }
 
 /// A child process, killed (SIGKILL) and reaped on drop.
