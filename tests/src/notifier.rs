@@ -204,8 +204,22 @@ impl Replica {
         config: NotifierConfig,
         clock: std::sync::Arc<dyn tocsin_runtime::clock::Clock>,
     ) -> Replica {
+        Self::start_as("admin", nats, config, clock).await
+    }
+
+    /// [`Replica::start_with_clock`] connected as `user` (`notifier`: with
+    /// the shipped permissions of the notifier's NATS user).
+    pub async fn start_as(
+        user: &str,
+        nats: &crate::NatsServer,
+        config: NotifierConfig,
+        clock: std::sync::Arc<dyn tocsin_runtime::clock::Clock>,
+    ) -> Replica {
         crate::init_logs();
-        let client = nats.client().await;
+        let client = nats
+            .client_as(user)
+            .await
+            .unwrap_or_else(|e| panic!("connect to the test nats-server as {user}: {e}"));
         let js = async_nats::jetstream::new(client);
         tocsin_runtime::streams::ensure_streams(
             &js,

@@ -519,7 +519,7 @@ impl Deliverer {
             };
         let preview = self.outgoing(job, &job.snapshot, &[]);
         let dest = provider.destination(&preview);
-        let (wait, probe, held) = match self.lanes.turn(provider.name(), &dest, now) {
+        let (wait, probe, held) = match self.lanes.turn(provider.name(), &dest, now).await {
             Turn::BreakerOpen(d) => {
                 self.metrics.handed_back(channel, "breaker");
                 return Some(Finish::Later(d + Self::jitter(500)));
@@ -662,7 +662,8 @@ impl Deliverer {
                 Lookup::Unreachable(e) => {
                     self.metrics.lookup(&out, "unreachable", e.reason());
                     self.lanes
-                        .failure(provider.name(), &dest, self.clock.now(), None, false);
+                        .failure(provider.name(), &dest, self.clock.now(), None, false)
+                        .await;
                     rec.lookup_failed(e.reason().to_string());
                     let _ = self.records.write(key, &rec, rev).await;
                     let delay = backoff(&self.retry, rec.attempts.max(1), None);
@@ -679,13 +680,17 @@ impl Deliverer {
                 retry_after,
                 rate_limited,
                 ..
-            }) => self.lanes.failure(
-                provider.name(),
-                &dest,
-                self.clock.now(),
-                *retry_after,
-                *rate_limited,
-            ),
+            }) => {
+                self.lanes
+                    .failure(
+                        provider.name(),
+                        &dest,
+                        self.clock.now(),
+                        *retry_after,
+                        *rate_limited,
+                    )
+                    .await
+            }
         }
         match result {
             Ok(pref) => {
@@ -863,7 +868,11 @@ impl Deliverer {
             };
             let out = self.outgoing(&job, &now.summary, &[]);
             let dest = provider.destination(&out);
-            let probe = match self.lanes.turn(provider.name(), &dest, self.clock.now()) {
+            let probe = match self
+                .lanes
+                .turn(provider.name(), &dest, self.clock.now())
+                .await
+            {
                 Turn::BreakerOpen(d) | Turn::TooFar(d) => {
                     self.metrics
                         .handed_back(about.channel.as_str(), "rate_limit");
@@ -924,13 +933,15 @@ impl Deliverer {
                     rate_limited,
                     ..
                 }) => {
-                    self.lanes.failure(
-                        provider.name(),
-                        &dest,
-                        self.clock.now(),
-                        *retry_after,
-                        *rate_limited,
-                    );
+                    self.lanes
+                        .failure(
+                            provider.name(),
+                            &dest,
+                            self.clock.now(),
+                            *retry_after,
+                            *rate_limited,
+                        )
+                        .await;
                     self.metrics.update(&out, "retry", reason);
                     return Err(backoff(&self.retry, 1, *retry_after));
                 }

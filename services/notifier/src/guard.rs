@@ -184,20 +184,37 @@ impl Pace {
     /// than `max_wait`: then nothing is booked and `Err` says how long the
     /// wait would be.
     pub fn reserve(&mut self, now: Instant, max_wait: Duration) -> Result<Duration, Duration> {
-        let tat = self.tat.map_or(now, |t| t.max(now));
-        let allowed = tat.checked_sub(self.tolerance).unwrap_or(tat);
-        let wait = until_from(now, allowed);
-        if wait > max_wait {
-            return Err(wait);
-        }
-        self.tat = Some(tat.checked_add(self.interval).unwrap_or(tat));
+        let (wait, tat) = self.book(self.tat, now, max_wait)?;
+        self.tat = Some(tat);
         Ok(wait)
     }
 
     /// The provider asked to wait until `until` (a 429): nobody goes before.
     pub fn hold_until(&mut self, until: Instant) {
+        self.tat = Some(self.held(self.tat, until));
+    }
+
+    /// [`Pace::reserve`] on a `tat` kept elsewhere (the replicas' shared
+    /// one): the wait and the `tat` after the booking.
+    pub fn book(
+        &self,
+        tat: Option<Instant>,
+        now: Instant,
+        max_wait: Duration,
+    ) -> Result<(Duration, Instant), Duration> {
+        let tat = tat.map_or(now, |t| t.max(now));
+        let allowed = tat.checked_sub(self.tolerance).unwrap_or(tat);
+        let wait = until_from(now, allowed);
+        if wait > max_wait {
+            return Err(wait);
+        }
+        Ok((wait, tat.checked_add(self.interval).unwrap_or(tat)))
+    }
+
+    /// [`Pace::hold_until`] on a `tat` kept elsewhere: the `tat` after it.
+    pub fn held(&self, tat: Option<Instant>, until: Instant) -> Instant {
         let t = until.checked_add(self.tolerance).unwrap_or(until);
-        self.tat = Some(self.tat.map_or(t, |x| x.max(t)));
+        tat.map_or(t, |x| x.max(t))
     }
 }
 

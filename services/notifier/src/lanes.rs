@@ -20,7 +20,21 @@ use crate::{
     config::{GuardConfig, NotifierConfig},
     events::NotifierMetrics,
     guard::{Breaker, Pace, Permit},
+    paces::SharedPaces,
 };
+
+/// How long a booking in the shared bucket may take; longer, the replica
+/// books alone (at its share of the rate) and tries the bucket again after
+/// [`SHARED_RETRY`], so pages are not held up by a slow or unreachable NATS.
+const SHARED_TIMEOUT: Duration = Duration::from_millis(500);
+const SHARED_RETRY: Duration = Duration::from_secs(2);
+
+fn no_answer() -> String {
+    format!(
+        "no answer from {} within {SHARED_TIMEOUT:?}",
+        crate::paces::BUCKET
+    )
+}
 
 /// What a message may do now.
 #[derive(Debug)]
@@ -62,6 +76,10 @@ pub(crate) struct Lanes {
     /// Notifier replicas running (this one included), who share every
     /// destination's rate (see [`crate::replicas`]).
     replicas: std::sync::atomic::AtomicU32,
+    /// Where the replicas book turns together (see [`crate::paces`]).
+    shared: Mutex<Option<Arc<SharedPaces>>>,
+    /// When a booking there last failed (cleared by one that worked).
+    shared_failed: Mutex<Option<std::time::Instant>>,
     metrics: NotifierMetrics,
 }
 
@@ -92,6 +110,8 @@ impl Lanes {
             max_waiting: (cfg.concurrency() / 2).max(1),
             max_hold: cfg.max_hold(),
             replicas: std::sync::atomic::AtomicU32::new(1),
+            shared: Mutex::new(None),
+            shared_failed: Mutex::new(None),
             metrics,
         }
     }
@@ -107,8 +127,50 @@ impl Lanes {
         self.guards.get(provider).copied().unwrap_or_default()
     }
 
-    /// Asks for a turn for `provider`'s `destination` at `now`.
-    pub(crate) fn turn(&self, provider: &str, destination: &str, now: Timestamp) -> Turn {
+    /// The bucket the replicas book their turns in (see [`crate::paces`]);
+    /// `None` while it cannot be opened.
+    pub(crate) fn set_shared(&self, shared: Option<Arc<SharedPaces>>) {
+        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = shared;
+    }
+
+    /// The shared bucket, when more than one replica is running (and it
+    /// did not fail in the last [`SHARED_RETRY`]).
+    fn shared(&self) -> Option<Arc<SharedPaces>> {
+        if self.replicas.load(std::sync::atomic::Ordering::Relaxed) < 2 {
+            return None;
+        }
+        let failed = *self.shared_failed.lock().unwrap_or_else(|e| e.into_inner());
+        if failed.is_some_and(|at| at.elapsed() < SHARED_RETRY) {
+            return None;
+        }
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The shared bucket answered (`None`) or failed: said once per change.
+    fn shared_failing(&self, error: Option<&str>) {
+        let was = std::mem::replace(
+            &mut *self.shared_failed.lock().unwrap_or_else(|e| e.into_inner()),
+            error.map(|_| std::time::Instant::now()),
+        )
+        .is_some();
+        match error {
+            Some(e) if !was => tracing::warn!(
+                error = %e,
+                "cannot book turns with the other notifier replicas; each books its share of every rate limit alone until it can"
+            ),
+            None if was => tracing::info!("booking turns with the other notifier replicas again"),
+            _ => {}
+        }
+    }
+
+    /// Asks for a turn for `provider`'s `destination` at `now`: with other
+    /// replicas running, booked with them in the shared bucket (at the
+    /// destination's whole rate), else (or when the bucket fails) here, at
+    /// this replica's share of the rate.
+    pub(crate) async fn turn(&self, provider: &str, destination: &str, now: Timestamp) -> Turn {
         let g = self.guard(provider);
         let probe = {
             let mut bs = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
@@ -122,7 +184,7 @@ impl Lanes {
                 Permit::Go { probe } => probe,
             }
         };
-        let Some(rate) = NonZeroU32::new(g.rate_per_second) else {
+        let Some(whole) = whole_pace(g) else {
             return Turn::After {
                 wait: Duration::ZERO,
                 probe,
@@ -134,17 +196,29 @@ impl Lanes {
             let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
             w.entry(key.clone()).or_default().clone()
         };
-        let burst = g.burst.and_then(NonZeroU32::new).unwrap_or(rate);
-        let mut paces = self.paces.lock().unwrap_or_else(|e| e.into_inner());
-        let pace = paces
-            .entry(key)
-            .or_insert_with(|| Pace::new(rate.get(), burst.get()));
-        pace.share(self.replicas.load(std::sync::atomic::Ordering::Relaxed));
         // A message that would wait, when the lane already holds its share,
         // goes back to the bus too (with the wait it would have had).
         let full = waiting.load(std::sync::atomic::Ordering::Relaxed) >= self.max_waiting;
         let max_wait = if full { Duration::ZERO } else { self.max_hold };
-        match pace.reserve(now, max_wait) {
+        let mut booked = None;
+        if let Some(shared) = self.shared() {
+            let asked = shared.book(provider, destination, &whole, now, max_wait);
+            match tokio::time::timeout(SHARED_TIMEOUT, asked).await {
+                Ok(Ok(b)) => {
+                    self.shared_failing(None);
+                    booked = Some(b);
+                }
+                Ok(Err(e)) => self.shared_failing(Some(&e)),
+                Err(_) => self.shared_failing(Some(&no_answer())),
+            }
+        }
+        let booked = booked.unwrap_or_else(|| {
+            let mut paces = self.paces.lock().unwrap_or_else(|e| e.into_inner());
+            let pace = paces.entry(key).or_insert(whole);
+            pace.share(self.replicas.load(std::sync::atomic::Ordering::Relaxed));
+            pace.reserve(now, max_wait)
+        });
+        match booked {
             Ok(wait) if wait.is_zero() => Turn::After {
                 wait,
                 probe,
@@ -199,7 +273,7 @@ impl Lanes {
     /// (`rate_limited`: a 429) is about that destination only: the
     /// provider answered, so it counts as an answer for the breaker, and
     /// other destinations go on at their own pace.
-    pub(crate) fn failure(
+    pub(crate) async fn failure(
         &self,
         provider: &str,
         destination: &str,
@@ -218,17 +292,37 @@ impl Lanes {
                 self.metrics.breaker(provider, b.state());
             }
         }
-        if let Some(ra) = retry_after {
-            let mut paces = self.paces.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(p) = paces.get_mut(&(provider.to_string(), destination.to_string())) {
-                if let Ok(until) =
-                    now.checked_add(jiff::SignedDuration::try_from(ra).unwrap_or_default())
-                {
-                    p.hold_until(until);
-                }
+        let Some(until) = retry_after.and_then(|ra| {
+            now.checked_add(jiff::SignedDuration::try_from(ra).unwrap_or_default())
+                .ok()
+        }) else {
+            return;
+        };
+        let Some(whole) = whole_pace(self.guard(provider)) else {
+            return;
+        };
+        self.paces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((provider.to_string(), destination.to_string()))
+            .or_insert_with(|| whole.clone())
+            .hold_until(until);
+        if let Some(shared) = self.shared() {
+            let asked = shared.hold_until(provider, destination, &whole, until);
+            match tokio::time::timeout(SHARED_TIMEOUT, asked).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => self.shared_failing(Some(&e)),
+                Err(_) => self.shared_failing(Some(&no_answer())),
             }
         }
     }
+}
+
+/// A destination's pace at its whole rate and burst; `None` unpaced.
+fn whole_pace(g: GuardConfig) -> Option<Pace> {
+    let rate = NonZeroU32::new(g.rate_per_second)?;
+    let burst = g.burst.and_then(NonZeroU32::new).unwrap_or(rate);
+    Some(Pace::new(rate.get(), burst.get()))
 }
 
 #[cfg(test)]
@@ -240,15 +334,18 @@ mod tests {
         Lanes::new(&NotifierConfig::default(), metrics)
     }
 
-    fn open(l: &Lanes, destination: &str, now: Timestamp) -> bool {
-        matches!(l.turn("slack", destination, now), Turn::BreakerOpen(_))
+    async fn open(l: &Lanes, destination: &str, now: Timestamp) -> bool {
+        matches!(
+            l.turn("slack", destination, now).await,
+            Turn::BreakerOpen(_)
+        )
     }
 
-    #[test]
-    fn rate_limits_on_one_destination_do_not_open_the_providers_breaker() {
+    #[tokio::test]
+    async fn rate_limits_on_one_destination_do_not_open_the_providers_breaker() {
         let l = lanes();
         let now = Timestamp::from_second(1_000_000).unwrap();
-        let _ = l.turn("slack", "#incidents", now);
+        let _ = l.turn("slack", "#incidents", now).await;
         for _ in 0..20 {
             l.failure(
                 "slack",
@@ -256,13 +353,17 @@ mod tests {
                 now,
                 Some(Duration::from_secs(1)),
                 true,
-            );
+            )
+            .await;
         }
-        assert!(!open(&l, "D0ALICE", now), "a DM waits for #incidents' 429s");
+        assert!(
+            !open(&l, "D0ALICE", now).await,
+            "a DM waits for #incidents' 429s"
+        );
         // Failures of the provider itself still open it.
         for _ in 0..20 {
-            l.failure("slack", "#incidents", now, None, false);
+            l.failure("slack", "#incidents", now, None, false).await;
         }
-        assert!(open(&l, "D0ALICE", now));
+        assert!(open(&l, "D0ALICE", now).await);
     }
 }

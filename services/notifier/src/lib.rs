@@ -28,9 +28,9 @@
 //! service, a Slack channel, the SMS account, ...) a pace at its rate
 //! limit and a cap on requests in flight. A page whose turn is further
 //! away than `max_hold` goes back to the bus until then. A destination's
-//! rate is shared by the replicas running (`replicas`: each counts the
-//! others through the KV bucket `tocsin_notifier_replicas`), so together
-//! they keep the provider's limit.
+//! rate is the replicas' together: while more than one runs (`replicas`:
+//! each counts the others through the KV bucket `tocsin_notifier_replicas`)
+//! they book its turns in the KV bucket `tocsin_notifier_paces` (`paces`).
 //!
 //! # Layout
 //! - [`config`]: the `notifier:` section.
@@ -59,6 +59,7 @@ mod deliver;
 mod events;
 mod incident;
 mod lanes;
+mod paces;
 mod pages;
 mod receipts;
 mod replicas;

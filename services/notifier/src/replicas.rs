@@ -7,13 +7,16 @@
 //! key (history 1) for three beats (`max_age`), so its message count is the
 //! number of replicas that beat within that time, by the NATS server's
 //! clock alone: a replica that stops or dies drops out of the count within
-//! three beats, one that starts is counted at its first beat. Each replica
-//! then paces every destination at `1/n` of its rate and burst
-//! ([`crate::guard::Pace::share`]). The count errs high for a moment (a
-//! replica just gone is still counted), never low once every replica has
-//! beaten, so together they stay under the limit; the cost is a slower
-//! pace for up to three beats after a replica goes. The bucket lives in
-//! memory: it is rebuilt by the next beats after a NATS restart.
+//! three beats, one that starts is counted at its first beat. While the
+//! count is above one the replicas book every destination's turns together
+//! ([`crate::paces`], opened here beside this bucket); where that bucket
+//! does not answer, each paces a destination at `1/n` of its rate and
+//! burst ([`crate::guard::Pace::share`]). The count errs high for a moment
+//! (a replica just gone is still counted), never low once every replica
+//! has beaten, so together they stay under the limit; the cost is a round
+//! trip per turn (or, on the fallback, a slower pace) for up to three
+//! beats after the last other replica goes. Both buckets live in memory:
+//! they are rebuilt by the next beats after a NATS restart.
 //!
 //! While NATS cannot be reached the last count stays in force.
 
@@ -38,6 +41,18 @@ const KEPT: Duration = Duration::from_secs(6);
 struct Bucket {
     kv: kv::Store,
     stream: jetstream::stream::Stream,
+}
+
+/// Opens both buckets and hands the replicas' shared paces to `lanes`.
+async fn open_both(
+    js: &jetstream::Context,
+    lanes: &Lanes,
+    replicas: usize,
+) -> Result<Bucket, String> {
+    let b = open(js, replicas).await?;
+    let paces = crate::paces::open(js, replicas).await?;
+    lanes.set_shared(Some(std::sync::Arc::new(paces)));
+    Ok(b)
 }
 
 async fn open(js: &jetstream::Context, replicas: usize) -> Result<Bucket, String> {
@@ -92,7 +107,7 @@ pub(crate) async fn run(
         let counted = async {
             let b = match &mut store {
                 Some(b) => b,
-                None => store.insert(open(&js, stream_replicas).await?),
+                None => store.insert(open_both(&js, lanes, stream_replicas).await?),
             };
             beat(b, &id).await
         };
@@ -107,7 +122,7 @@ pub(crate) async fn run(
                 if n != seen {
                     tracing::info!(
                         replicas = n,
-                        "notifier replicas running: {n}; each sends to a destination at 1/{n} of its rate"
+                        "notifier replicas running: {n}; they book each destination's turns together"
                     );
                     seen = n;
                 }
