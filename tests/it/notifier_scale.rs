@@ -220,3 +220,37 @@ async fn two_replicas_together_use_a_destinations_whole_rate() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A replica that stops leaves the count of replicas at once (its key
+/// purged from `tocsin_notifier_replicas`), so the others do not go on
+/// sharing each destination with it for three more beats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_stops_leaves_the_count_at_once() {
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let clock = || -> std::sync::Arc<dyn tocsin_runtime::clock::Clock> {
+        std::sync::Arc::new(tocsin_runtime::clock::SystemClock)
+    };
+    let config = |dir: &std::path::Path| notifier::config(&fakes, None, dir);
+    let a = Replica::start_as("notifier", &nats, config(d1.path()), clock()).await;
+    let b = Replica::start_as("notifier", &nats, config(d2.path()), clock()).await;
+    for r in [&a, &b] {
+        r.wait_ready().await;
+        if let Err(e) = r.wait_replicas(2).await {
+            panic!("the replicas never saw each other: {e}");
+        }
+    }
+    b.stop().await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let mut stream = js
+        .get_stream("KV_tocsin_notifier_replicas")
+        .await
+        .expect("the replicas' bucket");
+    let counted = stream.info().await.expect("its state").state.messages;
+    assert_eq!(counted, 1, "the stopped replica's key is still counted");
+    if let Err(e) = a.wait_replicas(1).await {
+        panic!("the running replica still counts two: {e}");
+    }
+    a.stop().await;
+}

@@ -6,8 +6,9 @@
 //! `tocsin_notifier_replicas` every [`BEAT`]. The bucket keeps one value per
 //! key (history 1) for three beats (`max_age`), so its message count is the
 //! number of replicas that beat within that time, by the NATS server's
-//! clock alone: a replica that stops or dies drops out of the count within
-//! three beats, one that starts is counted at its first beat. While the
+//! clock alone: a replica that dies drops out of the count within three
+//! beats, one that stops purges its key ([`leave`]) and drops out at the
+//! others' next beat, one that starts is counted at its first beat. While the
 //! count is above one the replicas book every destination's turns together
 //! ([`crate::paces`], opened here beside this bucket); where that bucket
 //! does not answer, each paces a destination at `1/n` of its rate and
@@ -92,6 +93,23 @@ async fn beat(b: &mut Bucket, id: &str) -> Result<u64, String> {
     Ok(info.state.messages)
 }
 
+/// This replica stops: its key leaves the bucket (the subject purged, so
+/// no delete marker is left to be counted), and the others count one less
+/// at their next beat instead of three beats later.
+async fn leave(b: &Bucket, id: &str) {
+    let subject = format!("$KV.{BUCKET}.{id}");
+    let purge = async { b.stream.purge().filter(subject).await };
+    match tokio::time::timeout(BEAT, purge).await {
+        Ok(Ok(_)) => tracing::debug!("left the count of notifier replicas"),
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "cannot leave the count of notifier replicas; it drops out within three beats")
+        }
+        Err(_) => tracing::info!(
+            "no answer leaving the count of notifier replicas; it drops out within three beats"
+        ),
+    }
+}
+
 /// Beats every [`BEAT`] and sets the share of `lanes` until `shutdown`.
 pub(crate) async fn run(
     js: jetstream::Context,
@@ -112,7 +130,7 @@ pub(crate) async fn run(
             beat(b, &id).await
         };
         let counted = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
             r = tokio::time::timeout(BEAT, counted) => r,
         };
         match counted {
@@ -142,8 +160,11 @@ pub(crate) async fn run(
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(BEAT) => {}
         }
+    }
+    if let Some(b) = &store {
+        leave(b, &id).await;
     }
 }
