@@ -87,8 +87,16 @@ impl Service {
     /// Saves the changed tracks with the INCIDENTS cursor, then lets the
     /// tracks at hand go (if the save failed they stay, and are saved with
     /// the next change).
+    ///
+    /// With nothing changed nothing is written: the stored cursor stays at
+    /// the last entry that changed a track, and the entries after it, read
+    /// again after a restart, change nothing again.
     fn save(&mut self, changed: &[Key]) {
         self.unsaved.extend_from_slice(changed);
+        if self.unsaved.is_empty() {
+            self.tracks.release();
+            return;
+        }
         match self.store.save(&self.tracks, &self.unsaved, self.seq) {
             Ok(()) => {
                 self.unsaved.clear();

@@ -237,9 +237,14 @@ impl Tracks {
             }
             return keys;
         }
+        // The tracks whose copy of the incident this event changes.
+        let mut differ = Vec::new();
         for k in &keys {
             if let Some(t) = self.map.get_mut(k) {
-                t.incident = inc.clone();
+                if t.incident != *inc {
+                    t.incident = inc.clone();
+                    differ.push(k.clone());
+                }
             }
         }
         let start = |tracks: &mut Self, at: Timestamp| -> Vec<Key> {
@@ -373,13 +378,16 @@ impl Tracks {
                 }
                 keys
             }
-            // Receipts, notes and other runbook progress change nothing here.
+            // Receipts, notes and other runbook progress change nothing
+            // here but the tracks' copy of the incident, and only when the
+            // incident itself changed (a receipt usually leaves it as it
+            // was): nothing else is to be saved.
             EventKind::Delivery { .. }
             | EventKind::NoteAdded { .. }
             | EventKind::Paged { .. }
             | EventKind::Remediation { .. }
             | EventKind::Runbook { .. }
-            | EventKind::Assigned { .. } => keys,
+            | EventKind::Assigned { .. } => differ,
             _ => {
                 // An incident that was suppressed at first and now pages.
                 if keys.is_empty() && inc.status == IncidentStatus::Triggered {

@@ -555,3 +555,48 @@ fn tracks_kept_in_a_store_page_exactly_as_tracks_kept_in_memory() {
         "the acknowledger of #1 is reminded after 30m: {memory_pages:?}"
     );
 }
+
+/// A receipt (a `paged` entry, a delivery, a note) that leaves the incident
+/// as it was changes no track, so the service writes nothing for it: two
+/// of the three INCIDENTS entries of every page are receipts. One that
+/// does change the incident (here its assignee) still reaches the tracks'
+/// copy of it.
+#[test]
+fn receipts_that_leave_the_incident_as_it_was_change_no_track() {
+    let planner =
+        Planner::new(&serde_yaml_ng::from_str::<EscalationConfig>(CONFIG).unwrap()).unwrap();
+    let start = at("2026-01-07T10:00:00Z");
+    let mut tracks = Tracks::default();
+    let open = opened(start);
+    assert!(!tracks.on_event(&planner, &open).is_empty());
+    let later = start + SignedDuration::from_secs(1);
+    let same = |kind: EventKind| IncidentEvent {
+        kind,
+        at: later,
+        actor: None,
+        cause: Cause::Timer { id: "r".into() },
+        incident: open.incident.clone(),
+    };
+    for kind in [
+        EventKind::Paged {
+            level: 1,
+            repeat: 0,
+            pages: vec!["p1".into()],
+            reason: String::new(),
+        },
+        EventKind::NoteAdded {
+            text: "looking".into(),
+        },
+    ] {
+        let changed = tracks.on_event(&planner, &same(kind.clone()));
+        assert!(changed.is_empty(), "{} changed {changed:?}", kind.name());
+    }
+    let mut assigned = same(EventKind::NoteAdded {
+        text: "mine".into(),
+    });
+    assigned.incident.assignee = Some("alice".into());
+    let changed = tracks.on_event(&planner, &assigned);
+    assert_eq!(changed.len(), 1, "the incident changed: its track is saved");
+    let track = tracks.map.values().next().expect("the track");
+    assert_eq!(track.incident.assignee.as_deref(), Some("alice"));
+}
