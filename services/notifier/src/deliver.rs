@@ -699,6 +699,7 @@ impl Deliverer {
                     version,
                     by: summary.acknowledged_by.as_ref().map(|a| a.name.clone()),
                 };
+                let sent = (pref.clone(), shown.clone());
                 rec.sent_as(pref, Some(shown));
                 let f = self.finish(job, Some(&out), key, rec, rev, shutdown).await;
                 // The incident may have changed while the page was on its
@@ -707,7 +708,7 @@ impl Deliverer {
                 if version > 0
                     && matches!(job.about.kind, MessageKind::Page | MessageKind::Reminder)
                 {
-                    self.follow_up(job.about.incident, version, shutdown);
+                    self.follow_up(job.about.incident, provider, sent, shutdown);
                 }
                 Some(f)
             }
@@ -736,20 +737,27 @@ impl Deliverer {
         }
     }
 
-    /// After a page went out at `version`: if the incident has moved on,
-    /// bring its messages up to date (in the background; bounded retries —
-    /// the change's own sync retries too, through its bus message).
+    /// After a page went out (`sent`: as what, showing what): if the
+    /// incident has moved on so that the message would be updated, bring
+    /// its messages up to date (in the background; bounded retries — the
+    /// change's own sync retries too, through its bus message). Most later
+    /// entries are receipts (`paged`, `delivery`) that change nothing the
+    /// message shows: then nothing more is read.
     fn follow_up(
         self: &Arc<Self>,
         incident: uuid::Uuid,
-        version: u64,
+        provider: Arc<dyn Provider>,
+        sent: (ProviderRef, Shown),
         shutdown: &CancellationToken,
     ) {
         let (d, stop) = (self.clone(), shutdown.clone());
         self.tasks.spawn(async move {
+            let (pref, shown) = sent;
             for _ in 0..10 {
                 match d.incidents.now(incident).await {
-                    Ok(Some(n)) if n.version > version => {}
+                    Ok(Some(n))
+                        if n.version > shown.version
+                            && provider.update(&pref, &shown, &n.summary).is_some() => {}
                     Ok(_) => return,
                     Err(_) => {}
                 }

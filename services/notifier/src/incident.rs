@@ -6,7 +6,7 @@
 //! not answer).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -34,13 +34,50 @@ pub(crate) struct Incidents {
     stream: tokio::sync::OnceCell<jetstream::stream::Stream>,
     /// Alerts by incident and version, kept briefly: the pages of one
     /// incident (one per channel and person) go out together.
-    alerts: Mutex<HashMap<(uuid::Uuid, u64), Cached>>,
+    alerts: Mutex<AlertsCache>,
 }
 
-/// Alerts read at an instant.
-type Cached = (Instant, Vec<AlertInfo>);
+type Version = (uuid::Uuid, u64);
+
+/// Alerts by incident and version, each with when it was read, and the
+/// same in the order read, so what is too old leaves from the front (no
+/// scan of the whole cache per page).
+#[derive(Default)]
+struct AlertsCache {
+    map: HashMap<Version, (Instant, Vec<AlertInfo>)>,
+    order: VecDeque<(Instant, Version)>,
+}
+
+impl AlertsCache {
+    fn expire(&mut self) {
+        while let Some(&(at, key)) = self.order.front() {
+            if at.elapsed() < ALERTS_KEPT && self.order.len() <= ALERTS_MAX {
+                break;
+            }
+            self.order.pop_front();
+            // Only the entry this was queued for (read again since: kept).
+            if self.map.get(&key).is_some_and(|(t, _)| *t == at) {
+                self.map.remove(&key);
+            }
+        }
+    }
+
+    fn get(&mut self, key: &Version) -> Option<Vec<AlertInfo>> {
+        self.expire();
+        self.map.get(key).map(|(_, a)| a.clone())
+    }
+
+    fn insert(&mut self, key: Version, alerts: Vec<AlertInfo>) {
+        let at = Instant::now();
+        self.map.insert(key, (at, alerts));
+        self.order.push_back((at, key));
+        self.expire();
+    }
+}
 
 const ALERTS_KEPT: Duration = Duration::from_secs(5);
+/// At most this many incidents' alerts are kept.
+const ALERTS_MAX: usize = 4096;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Incidents {
@@ -48,7 +85,7 @@ impl Incidents {
         Incidents {
             js,
             stream: tokio::sync::OnceCell::new(),
-            alerts: Mutex::new(HashMap::new()),
+            alerts: Mutex::new(AlertsCache::default()),
         }
     }
 
@@ -84,12 +121,13 @@ impl Incidents {
     /// The incident's alerts (empty when the incidents service does not
     /// answer in time: the page goes out with the summary only).
     pub(crate) async fn alerts(&self, id: uuid::Uuid, version: u64) -> Vec<AlertInfo> {
-        {
-            let mut cache = self.alerts.lock().unwrap_or_else(|e| e.into_inner());
-            cache.retain(|_, (at, _)| at.elapsed() < ALERTS_KEPT);
-            if let Some((_, a)) = cache.get(&(id, version)) {
-                return a.clone();
-            }
+        let cached = self
+            .alerts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(id, version));
+        if let Some(a) = cached {
+            return a;
         }
         let q = GetIncident {
             incident: IncidentRef::Id(id),
@@ -118,7 +156,25 @@ impl Incidents {
         self.alerts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert((id, version), (Instant::now(), alerts.clone()));
+            .insert((id, version), alerts.clone());
         alerts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_alerts_cache_keeps_at_most_its_bound_and_forgets_the_oldest_first() {
+        let mut c = AlertsCache::default();
+        let id = uuid::Uuid::from_u128(1);
+        for v in 0..(ALERTS_MAX as u64 + 10) {
+            c.insert((id, v), Vec::new());
+        }
+        assert_eq!(c.map.len(), ALERTS_MAX);
+        assert_eq!(c.order.len(), ALERTS_MAX);
+        assert!(c.get(&(id, 0)).is_none(), "the oldest left first");
+        assert!(c.get(&(id, ALERTS_MAX as u64 + 9)).is_some());
     }
 }
