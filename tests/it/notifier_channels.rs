@@ -15,7 +15,7 @@ use tocsin_proto::{
     AlertStatus,
 };
 use tocsin_tests::{
-    fakes::{FakeProviders, Provider},
+    fakes::{Failure, FakeProviders, Provider},
     incidents::{alert, command, publish_alert, wait_for},
     notifier::{self, ALL_CHANNELS},
     smtp::SmtpSink,
@@ -380,4 +380,77 @@ async fn each_channel_gets_exactly_what_its_provider_expects_and_follows_the_inc
         "{m}"
     );
     tocsin.stop().await.unwrap();
+}
+
+/// An incident acknowledged while its page is on the way to Slack: the
+/// change's own update finds the message not sent yet and leaves it, so
+/// the notifier, once Slack answers, sees that the incident moved on in a
+/// way the message shows and updates it (`chat.update` with the
+/// acknowledgement). Receipts after a page (`paged`, `delivery`) move the
+/// incident on too, but change nothing the message shows, and bring no
+/// update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_while_its_page_is_on_the_way_the_message_is_updated_once_sent() {
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = TocsinHarness::config(&nats);
+    config.escalation = serde_yaml_ng::from_str(
+        r##"
+route: {policy: channel}
+policies:
+  - name: channel
+    levels:
+      - targets: [{slack_channel: C0INCIDENTS}]
+        delay: 15m
+"##,
+    )
+    .unwrap();
+    config.notifier = Some(notifier::config(&fakes, None, data.path()));
+    // Slack takes 2 s to answer the page.
+    fakes.fail_next(Provider::Slack, 1, Failure::Slow(Duration::from_secs(2)));
+    let tocsin = TocsinHarness::start_with(config).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+    let labels = [("alertname", "DiskFull"), ("severity", "critical")];
+    publish_alert(
+        &js,
+        alert(&labels, &["alertname"], AlertStatus::Firing, t0),
+        t0,
+    )
+    .await;
+    wait_for(&client, "the incident", |l| l.len() == 1).await;
+    // The page has reached Slack, which has not answered yet.
+    assert!(
+        fakes
+            .wait_for(|f| f.started(Provider::Slack) >= 1, WAIT)
+            .await,
+        "the page never reached Slack"
+    );
+    assert!(fakes.slack_posts().is_empty(), "Slack answered too early");
+    command(
+        &client,
+        &js,
+        "bob",
+        Action::Ack {
+            incident: IncidentRef::Number(1),
+        },
+        t0,
+    )
+    .await;
+    assert!(
+        fakes.wait_for(|f| f.slack_updates().len() == 1, WAIT).await,
+        "the message was never updated: posts {:?}, rejected {:?}",
+        fakes.slack_posts().len(),
+        fakes.rejected()
+    );
+    let post = &fakes.slack_posts()[0];
+    let update = &fakes.slack_updates()[0];
+    assert_eq!(update.ts, post.ts, "the page's message is the one updated");
+    let section = update.body["attachments"][0]["blocks"][0]["text"]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(section.contains("Acknowledged by bob"), "{section}");
 }
