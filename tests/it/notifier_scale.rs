@@ -10,6 +10,18 @@ use tocsin_tests::{
     NatsServer,
 };
 
+/// Waits until both replicas pull pages and count each other.
+async fn counted_together(a: &Replica, b: &Replica) {
+    for r in [a, b] {
+        r.wait_ready().await;
+    }
+    for r in [a, b] {
+        if let Err(e) = r.wait_replicas(2).await {
+            panic!("the replicas never saw each other: {e}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_deliver_a_thousand_pages_exactly_once() {
     let nats = NatsServer::start().await;
@@ -118,13 +130,7 @@ async fn two_replicas_together_keep_a_destinations_rate_limit() {
     };
     let a = Replica::start(&nats, paced(d1.path())).await;
     let b = Replica::start(&nats, paced(d2.path())).await;
-    a.wait_ready().await;
-    b.wait_ready().await;
-    for r in [&a, &b] {
-        if let Err(e) = r.wait_replicas(2).await {
-            panic!("the replicas never saw each other: {e}");
-        }
-    }
+    counted_together(&a, &b).await;
 
     let js = async_nats::jetstream::new(nats.client().await);
     let pages: Vec<_> = (1..=16u64).map(|n| page(n, Channel::Pagerduty)).collect();
@@ -181,13 +187,7 @@ async fn two_replicas_together_use_a_destinations_whole_rate() {
     // bucket the turns are booked in.
     let a = Replica::start_as("notifier", &nats, paced(d1.path()), clock.clone()).await;
     let b = Replica::start_as("notifier", &nats, paced(d2.path()), clock.clone()).await;
-    a.wait_ready().await;
-    b.wait_ready().await;
-    for r in [&a, &b] {
-        if let Err(e) = r.wait_replicas(2).await {
-            panic!("the replicas never saw each other: {e}");
-        }
-    }
+    counted_together(&a, &b).await;
 
     let js = async_nats::jetstream::new(nats.client().await);
     let pages: Vec<_> = (1..=10u64).map(|n| page(n, Channel::Slack)).collect();
@@ -235,12 +235,7 @@ async fn a_replica_that_stops_leaves_the_count_at_once() {
     let config = |dir: &std::path::Path| notifier::config(&fakes, None, dir);
     let a = Replica::start_as("notifier", &nats, config(d1.path()), clock()).await;
     let b = Replica::start_as("notifier", &nats, config(d2.path()), clock()).await;
-    for r in [&a, &b] {
-        r.wait_ready().await;
-        if let Err(e) = r.wait_replicas(2).await {
-            panic!("the replicas never saw each other: {e}");
-        }
-    }
+    counted_together(&a, &b).await;
     b.stop().await;
     let js = async_nats::jetstream::new(nats.client().await);
     let mut stream = js
