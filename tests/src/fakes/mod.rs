@@ -45,7 +45,7 @@ mod webhook;
 
 pub use form::{form_decode, form_encode};
 pub use pagerduty::PdAlert;
-pub use ratelimit::{RateLimit, RateLimitKey};
+pub use ratelimit::{RateLimit, RateLimitKey, WindowLimit};
 pub use slack::{SlackPost, SlackResponse, SlackUpdate};
 pub use twilio::Sms;
 pub use webhook::{webhook_signature, WebhookCall};
@@ -84,6 +84,15 @@ pub enum Failure {
     /// Sleep this long, then answer (and record) as the provider would: a
     /// slow provider.
     Slow(Duration),
+}
+
+/// The operation that sends a message at `provider` (what its rate limit
+/// applies to).
+fn sending_operation(provider: Provider) -> &'static str {
+    match provider {
+        Provider::Slack => "chat.postMessage",
+        _ => "POST",
+    }
 }
 
 /// A request answered with an error, injected or by validation.
@@ -281,11 +290,7 @@ impl FakeProviders {
     /// each provider's handler) and recorded as [`Outcome::RateLimited`].
     /// Replaces a limit set before; limits are off until set.
     pub fn set_rate_limit(&self, provider: Provider, limit: RateLimit) {
-        let operation = match provider {
-            Provider::Slack => "chat.postMessage",
-            _ => "POST",
-        };
-        self.set_operation_rate_limit(provider, operation, limit);
+        self.set_operation_rate_limit(provider, sending_operation(provider), limit);
     }
 
     /// Limits one operation of `provider` (see [`RequestRecord::operation`]),
@@ -295,6 +300,16 @@ impl FakeProviders {
         self.lock()
             .limits
             .insert((provider, operation.to_string()), limiter);
+    }
+
+    /// Limits what `provider` accepts for its sending operation (as
+    /// [`FakeProviders::set_rate_limit`]) by a count over a sliding window:
+    /// PagerDuty's "approximately 120 calls/minute per integration key".
+    pub fn set_window_limit(&self, provider: Provider, limit: WindowLimit) {
+        self.lock().limits.insert(
+            (provider, sending_operation(provider).to_string()),
+            Arc::new(ratelimit::Limiter::window(limit)),
+        );
     }
 
     /// Removes every rate limit.

@@ -100,7 +100,8 @@ pub(super) fn describe(req: &Req) -> String {
 /// integration key"; over it "The response to the API call will say
 /// `429 - Request Limit Exceeded` and PagerDuty will not ingest the
 /// event", with no `Retry-After`. A limit set with
-/// [`FakeProviders::set_rate_limit`] applies once the event names the
+/// [`FakeProviders::set_window_limit`] (120 events in 60 s is
+/// PagerDuty's) or [`FakeProviders::set_rate_limit`] applies once the event names the
 /// integration key (an unknown key is no integration's traffic), before
 /// the event's other checks.
 pub(super) fn enqueue(ctx: &mut Ctx<'_>) -> Reply {

@@ -1,6 +1,11 @@
 //! Production-like rate limits, off until a test sets one.
 
-use std::{num::NonZeroU32, time::Duration};
+use std::{
+    collections::{HashMap, VecDeque},
+    num::NonZeroU32,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use governor::{clock::Clock, DefaultKeyedRateLimiter, Quota};
 
@@ -16,9 +21,10 @@ use governor::{clock::Clock, DefaultKeyedRateLimiter, Quota};
 ///   allowed" (`per_second: 1.0`, a small `burst`,
 ///   [`RateLimitKey::PerChannel`]).
 /// - PagerDuty Events API v2: "approximately 120 calls/minute per
-///   integration key", counted over the 60 seconds before each call
-///   (`per_second: 2.0`, [`RateLimitKey::PerChannel`]; a bucket refills
-///   steadily where PagerDuty's window does not).
+///   integration key", counted over the 60 seconds before each call: a
+///   [`WindowLimit`] of 120 events in 60 s, [`RateLimitKey::PerChannel`]
+///   (a bucket at `per_second: 2.0` is stricter: it refills steadily
+///   where PagerDuty's window does not).
 /// - Twilio: error 20429 when an account exceeds its allowed REST API
 ///   concurrency; no rate is published ([`RateLimitKey::Global`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -28,6 +34,21 @@ pub struct RateLimit {
     /// Requests allowed at once before the rate applies (≥ 1).
     pub burst: u32,
     /// What the buckets are kept per.
+    pub key: RateLimitKey,
+}
+
+/// A limit counted over a sliding window (see
+/// [`FakeProviders::set_window_limit`](super::FakeProviders::set_window_limit)):
+/// at most `events` requests in any `window`, per [`RateLimitKey`]; a
+/// request over it is refused until the oldest counted one is `window`
+/// old. PagerDuty's Events API v2 counts this way.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WindowLimit {
+    /// Requests allowed in any window (≥ 1).
+    pub events: u32,
+    /// The window (> 0).
+    pub window: Duration,
+    /// What the windows are kept per.
     pub key: RateLimitKey,
 }
 
@@ -43,11 +64,21 @@ pub enum RateLimitKey {
     PerChannel,
 }
 
-/// A [`RateLimit`] in force.
+/// A [`RateLimit`] or [`WindowLimit`] in force.
 pub(super) struct Limiter {
     key: RateLimitKey,
+    kind: Kind,
+}
+
+enum Kind {
     // governor's GCRA is the token bucket the notifier itself paces with.
-    buckets: DefaultKeyedRateLimiter<String>,
+    Buckets(DefaultKeyedRateLimiter<String>),
+    Window {
+        events: usize,
+        window: Duration,
+        /// Per key, when each request counted in the window came.
+        seen: Mutex<HashMap<String, VecDeque<Instant>>>,
+    },
 }
 
 impl Limiter {
@@ -63,19 +94,62 @@ impl Limiter {
             .allow_burst(burst);
         Limiter {
             key: limit.key,
-            buckets: DefaultKeyedRateLimiter::keyed(quota),
+            kind: Kind::Buckets(DefaultKeyedRateLimiter::keyed(quota)),
+        }
+    }
+
+    pub fn window(limit: WindowLimit) -> Limiter {
+        assert!(limit.events >= 1, "WindowLimit.events must be at least 1");
+        assert!(
+            !limit.window.is_zero(),
+            "WindowLimit.window must be longer than zero"
+        );
+        Limiter {
+            key: limit.key,
+            kind: Kind::Window {
+                events: limit.events as usize,
+                window: limit.window,
+                seen: Mutex::new(HashMap::new()),
+            },
         }
     }
 
     /// Takes a token for `destination`; `Err(wait)` if there is none yet.
     pub fn take(&self, destination: &str) -> Result<(), Duration> {
+        self.take_at(destination, Instant::now())
+    }
+
+    /// [`Limiter::take`] at `now` (a window's clock; a bucket keeps its own).
+    fn take_at(&self, destination: &str, now: Instant) -> Result<(), Duration> {
         let key = match self.key {
             RateLimitKey::Global => String::new(),
             RateLimitKey::PerChannel => destination.to_string(),
         };
-        self.buckets
-            .check_key(&key)
-            .map_err(|refused| refused.wait_time_from(self.buckets.clock().now()))
+        match &self.kind {
+            Kind::Buckets(b) => b
+                .check_key(&key)
+                .map_err(|refused| refused.wait_time_from(b.clock().now())),
+            Kind::Window {
+                events,
+                window,
+                seen,
+            } => {
+                let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                let q = seen.entry(key).or_default();
+                while q.front().is_some_and(|t| now.duration_since(*t) >= *window) {
+                    q.pop_front();
+                }
+                match q.front() {
+                    Some(oldest) if q.len() >= *events => {
+                        Err(*window - now.duration_since(*oldest))
+                    }
+                    _ => {
+                        q.push_back(now);
+                        Ok(())
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -109,5 +183,39 @@ mod tests {
         assert_eq!(g.take("C1"), Ok(()));
         assert!(g.take("C2").is_err());
         assert_eq!(retry_after(Duration::from_millis(10)), "1");
+    }
+
+    #[test]
+    fn a_window_takes_its_events_at_any_pace_then_refuses_until_the_oldest_ages_out() {
+        let l = Limiter::window(WindowLimit {
+            events: 3,
+            window: Duration::from_millis(300),
+            key: RateLimitKey::PerChannel,
+        });
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // All at once: a window has no steady refill, only its count.
+        for ms in [0, 1, 2] {
+            assert_eq!(l.take_at("K1", at(ms)), Ok(()));
+        }
+        assert_eq!(
+            l.take_at("K1", at(100)),
+            Err(Duration::from_millis(200)),
+            "until the first is 300 ms old"
+        );
+        assert_eq!(
+            l.take_at("K2", at(100)),
+            Ok(()),
+            "another key has its own window"
+        );
+        assert_eq!(
+            l.take_at("K1", at(300)),
+            Ok(()),
+            "the oldest left the window"
+        );
+        assert!(
+            l.take_at("K1", at(300)).is_err(),
+            "three in the window again"
+        );
     }
 }

@@ -2812,7 +2812,7 @@ struct MixedResult {
 /// `--mixed`: production rate limits, every channel at once.
 async fn notifier_mixed(args: &NotifierArgs) -> anyhow::Result<MixedResult> {
     use tocsin_proto::notify::PageTarget;
-    use tocsin_tests::fakes::{RateLimit, RateLimitKey};
+    use tocsin_tests::fakes::{RateLimit, RateLimitKey, WindowLimit};
     // `--pages` keeps its default of 2,000 for the plain run; here it is incidents.
     let incidents = if args.pages == 2_000 {
         100
@@ -2828,7 +2828,7 @@ async fn notifier_mixed(args: &NotifierArgs) -> anyhow::Result<MixedResult> {
     println!(
         "rate limits: the notifier paces Slack at 1/s per channel or user (burst 3), PagerDuty 2/s per \
          service, SMS 10/s, webhooks 20/s; the fakes refuse Slack above 1/s per channel (burst 3) and \
-         PagerDuty above 2/s per integration key with 429, as the real APIs do"
+         PagerDuty above 120 events in any 60 s per integration key with 429, as the real APIs do"
     );
     println!(
         "latency: from just before a page's publish to the fake recording it; all pages published at once \
@@ -2851,11 +2851,12 @@ async fn notifier_mixed(args: &NotifierArgs) -> anyhow::Result<MixedResult> {
                     key: RateLimitKey::PerChannel,
                 },
             );
-            fakes.set_rate_limit(
+            // PagerDuty counts events over the last 60 s, per integration key.
+            fakes.set_window_limit(
                 Provider::PagerDuty,
-                RateLimit {
-                    per_second: 2.0,
-                    burst: 2,
+                WindowLimit {
+                    events: 120,
+                    window: Duration::from_secs(60),
                     key: RateLimitKey::PerChannel,
                 },
             );
