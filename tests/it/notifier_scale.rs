@@ -249,3 +249,43 @@ async fn a_replica_that_stops_leaves_the_count_at_once() {
     }
     a.stop().await;
 }
+
+/// Where the bucket of shared paces cannot be opened (here another stream
+/// already holds its subjects; in the field, a NATS user whose permissions
+/// predate it), the replicas still count each other, so each paces a
+/// destination at its share of the rate, and every page goes out once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_the_shared_paces_the_replicas_still_count_each_other() {
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "HOLDS_THE_PACES_SUBJECTS".into(),
+        subjects: vec!["$KV.tocsin_notifier_paces.>".into()],
+        storage: async_nats::jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await
+    .expect("a stream on the paces bucket's subjects");
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let clock = || -> std::sync::Arc<dyn tocsin_runtime::clock::Clock> {
+        std::sync::Arc::new(tocsin_runtime::clock::SystemClock)
+    };
+    let config = |dir: &std::path::Path| notifier::config(&fakes, None, dir);
+    let a = Replica::start_as("notifier", &nats, config(d1.path()), clock()).await;
+    let b = Replica::start_as("notifier", &nats, config(d2.path()), clock()).await;
+    counted_together(&a, &b).await;
+    let pages: Vec<_> = (1..=20u64).map(|n| page(n, Channel::Webhook)).collect();
+    publish_pages(&js, &pages).await;
+    assert!(
+        fakes
+            .wait_for(|f| f.webhooks().len() >= 20, Duration::from_secs(30))
+            .await,
+        "{} of 20 pages delivered",
+        fakes.webhooks().len()
+    );
+    notifier::settled(&js, Duration::from_secs(30)).await;
+    assert_eq!(fakes.webhooks().len(), 20, "each page once");
+    a.stop().await;
+    b.stop().await;
+}

@@ -44,16 +44,30 @@ struct Bucket {
     stream: jetstream::stream::Stream,
 }
 
-/// Opens both buckets and hands the replicas' shared paces to `lanes`.
-async fn open_both(
+/// Opens the bucket of shared paces and hands it to `lanes`; false (said
+/// once, in `failing`) if it cannot be opened, e.g. under a NATS user whose
+/// permissions predate it: the replicas are still counted, and each paces
+/// a destination at its share of the rate.
+async fn open_paces(
     js: &jetstream::Context,
     lanes: &Lanes,
     replicas: usize,
-) -> Result<Bucket, String> {
-    let b = open(js, replicas).await?;
-    let paces = crate::paces::open(js, replicas).await?;
-    lanes.set_shared(Some(std::sync::Arc::new(paces)));
-    Ok(b)
+    failing: &mut Option<String>,
+) -> bool {
+    let error = match tokio::time::timeout(BEAT, crate::paces::open(js, replicas)).await {
+        Ok(Ok(paces)) => {
+            lanes.set_shared(Some(std::sync::Arc::new(paces)));
+            *failing = None;
+            return true;
+        }
+        Ok(Err(e)) => e,
+        Err(_) => format!("no answer opening {} within {BEAT:?}", crate::paces::BUCKET),
+    };
+    if failing.as_ref() != Some(&error) {
+        tracing::warn!(error = %error, "cannot open the notifier replicas' shared paces; each replica paces a destination at its share of the rate until it can");
+    }
+    *failing = Some(error);
+    false
 }
 
 async fn open(js: &jetstream::Context, replicas: usize) -> Result<Bucket, String> {
@@ -121,11 +135,15 @@ pub(crate) async fn run(
     let mut store: Option<Bucket> = None;
     let mut seen = 1u32;
     let mut failing: Option<String> = None;
+    // The shared paces: opened once the replicas can be counted, again
+    // after the count failed (the in-memory bucket may have gone with NATS).
+    let mut paces_open = false;
+    let mut paces_failing: Option<String> = None;
     loop {
         let counted = async {
             let b = match &mut store {
                 Some(b) => b,
-                None => store.insert(open_both(&js, lanes, stream_replicas).await?),
+                None => store.insert(open(&js, stream_replicas).await?),
             };
             beat(b, &id).await
         };
@@ -146,6 +164,12 @@ pub(crate) async fn run(
                 }
                 lanes.set_replicas(n);
                 failing = None;
+                if !paces_open {
+                    paces_open = tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        opened = open_paces(&js, lanes, stream_replicas, &mut paces_failing) => opened,
+                    };
+                }
             }
             Ok(Err(e)) => {
                 if failing.as_ref() != Some(&e) {
@@ -154,6 +178,7 @@ pub(crate) async fn run(
                 failing = Some(e);
                 // Reopened next time (the bucket may have gone with NATS).
                 store = None;
+                paces_open = false;
             }
             Err(_) => {
                 tracing::debug!(replicas = seen, "counting the notifier replicas timed out");
