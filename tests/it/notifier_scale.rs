@@ -10,6 +10,14 @@ use tocsin_tests::{
     NatsServer,
 };
 
+/// A replica with the test kit's config, connected as the notifier's NATS
+/// user (the shipped permissions), on the system clock.
+async fn as_notifier(nats: &NatsServer, fakes: &FakeProviders, dir: &std::path::Path) -> Replica {
+    let config = notifier::config(fakes, None, dir);
+    let clock = std::sync::Arc::new(tocsin_runtime::clock::SystemClock);
+    Replica::start_as("notifier", nats, config, clock).await
+}
+
 /// Waits until both replicas pull pages and count each other.
 async fn counted_together(a: &Replica, b: &Replica) {
     for r in [a, b] {
@@ -103,11 +111,12 @@ async fn two_replicas_deliver_a_thousand_pages_exactly_once() {
 
 /// A destination's rate limit (`guard.rate_per_second`) holds for all
 /// replicas together, not for each: two replicas that see each other
-/// (`tocsin_notifier_replicas` 2) each send at half the rate. PagerDuty
-/// (the fake, like the real one per integration key) takes 2 events/s with
-/// a little burst; the notifier is configured at 2/s. Two replicas pacing
-/// 2/s each would get 429s; together they get none, and every page is
-/// delivered once.
+/// (`tocsin_notifier_replicas` 2) book its turns together
+/// (`tocsin_notifier_paces`). The PagerDuty fake takes 2 events/s per
+/// integration key with a little burst, a steady bucket (stricter than
+/// PagerDuty's 120 in any 60 s, so that an overshoot shows); the notifier
+/// is configured at 2/s. Two replicas pacing 2/s each would get 429s;
+/// together they get none, and every page is delivered once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_together_keep_a_destinations_rate_limit() {
     let nats = NatsServer::start().await;
@@ -229,12 +238,8 @@ async fn a_replica_that_stops_leaves_the_count_at_once() {
     let nats = NatsServer::start().await;
     let fakes = FakeProviders::start().await;
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let clock = || -> std::sync::Arc<dyn tocsin_runtime::clock::Clock> {
-        std::sync::Arc::new(tocsin_runtime::clock::SystemClock)
-    };
-    let config = |dir: &std::path::Path| notifier::config(&fakes, None, dir);
-    let a = Replica::start_as("notifier", &nats, config(d1.path()), clock()).await;
-    let b = Replica::start_as("notifier", &nats, config(d2.path()), clock()).await;
+    let a = as_notifier(&nats, &fakes, d1.path()).await;
+    let b = as_notifier(&nats, &fakes, d2.path()).await;
     counted_together(&a, &b).await;
     b.stop().await;
     let js = async_nats::jetstream::new(nats.client().await);
@@ -268,12 +273,8 @@ async fn without_the_shared_paces_the_replicas_still_count_each_other() {
     .await
     .expect("a stream on the paces bucket's subjects");
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let clock = || -> std::sync::Arc<dyn tocsin_runtime::clock::Clock> {
-        std::sync::Arc::new(tocsin_runtime::clock::SystemClock)
-    };
-    let config = |dir: &std::path::Path| notifier::config(&fakes, None, dir);
-    let a = Replica::start_as("notifier", &nats, config(d1.path()), clock()).await;
-    let b = Replica::start_as("notifier", &nats, config(d2.path()), clock()).await;
+    let a = as_notifier(&nats, &fakes, d1.path()).await;
+    let b = as_notifier(&nats, &fakes, d2.path()).await;
     counted_together(&a, &b).await;
     let pages: Vec<_> = (1..=20u64).map(|n| page(n, Channel::Webhook)).collect();
     publish_pages(&js, &pages).await;
