@@ -10,12 +10,12 @@ use std::{
 };
 
 use tempfile::TempDir;
-
-use crate::ports::free_port;
 use tocsin_runtime::{
     config::Secret,
     nats::{NatsAuth, IDENTITIES},
 };
+
+use crate::ports::free_port;
 
 /// Oldest nats-server the project supports (JetStream per-message TTL and
 /// message scheduling are 2.12 features).

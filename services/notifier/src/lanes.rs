@@ -29,13 +29,6 @@ use crate::{
 const SHARED_TIMEOUT: Duration = Duration::from_millis(500);
 const SHARED_RETRY: Duration = Duration::from_secs(2);
 
-fn no_answer() -> String {
-    format!(
-        "no answer from {} within {SHARED_TIMEOUT:?}",
-        crate::paces::BUCKET
-    )
-}
-
 /// What a message may do now.
 #[derive(Debug)]
 pub(crate) enum Turn {
@@ -127,10 +120,10 @@ impl Lanes {
         self.guards.get(provider).copied().unwrap_or_default()
     }
 
-    /// The bucket the replicas book their turns in (see [`crate::paces`]);
-    /// `None` while it cannot be opened.
-    pub(crate) fn set_shared(&self, shared: Option<Arc<SharedPaces>>) {
-        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = shared;
+    /// The bucket the replicas book their turns in (see [`crate::paces`]),
+    /// once it is open.
+    pub(crate) fn set_shared(&self, shared: Arc<SharedPaces>) {
+        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared);
     }
 
     /// The shared bucket, when more than one replica is running (and it
@@ -147,6 +140,28 @@ impl Lanes {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// What the shared bucket answers to `asked` within [`SHARED_TIMEOUT`];
+    /// `None` if it failed or did not answer (said once, and the bucket is
+    /// left alone for [`SHARED_RETRY`]).
+    async fn ask_shared<T>(
+        &self,
+        asked: impl std::future::Future<Output = Result<T, String>>,
+    ) -> Option<T> {
+        let error = match tokio::time::timeout(SHARED_TIMEOUT, asked).await {
+            Ok(Ok(answer)) => {
+                self.shared_failing(None);
+                return Some(answer);
+            }
+            Ok(Err(e)) => e,
+            Err(_) => format!(
+                "no answer from {} within {SHARED_TIMEOUT:?}",
+                crate::paces::BUCKET
+            ),
+        };
+        self.shared_failing(Some(&error));
+        None
     }
 
     /// The shared bucket answered (`None`) or failed: said once per change.
@@ -200,18 +215,13 @@ impl Lanes {
         // goes back to the bus too (with the wait it would have had).
         let full = waiting.load(std::sync::atomic::Ordering::Relaxed) >= self.max_waiting;
         let max_wait = if full { Duration::ZERO } else { self.max_hold };
-        let mut booked = None;
-        if let Some(shared) = self.shared() {
-            let asked = shared.book(provider, destination, &whole, now, max_wait);
-            match tokio::time::timeout(SHARED_TIMEOUT, asked).await {
-                Ok(Ok(b)) => {
-                    self.shared_failing(None);
-                    booked = Some(b);
-                }
-                Ok(Err(e)) => self.shared_failing(Some(&e)),
-                Err(_) => self.shared_failing(Some(&no_answer())),
+        let booked = match self.shared() {
+            Some(shared) => {
+                self.ask_shared(shared.book(provider, destination, &whole, now, max_wait))
+                    .await
             }
-        }
+            None => None,
+        };
         let booked = booked.unwrap_or_else(|| {
             let mut paces = self.paces.lock().unwrap_or_else(|e| e.into_inner());
             let pace = paces.entry(key).or_insert(whole);
@@ -308,12 +318,8 @@ impl Lanes {
             .or_insert_with(|| whole.clone())
             .hold_until(until);
         if let Some(shared) = self.shared() {
-            let asked = shared.hold_until(provider, destination, &whole, until);
-            match tokio::time::timeout(SHARED_TIMEOUT, asked).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => self.shared_failing(Some(&e)),
-                Err(_) => self.shared_failing(Some(&no_answer())),
-            }
+            self.ask_shared(shared.hold_until(provider, destination, &whole, until))
+                .await;
         }
     }
 }

@@ -56,18 +56,27 @@ async fn open_paces(
 ) -> bool {
     let error = match tokio::time::timeout(BEAT, crate::paces::open(js, replicas)).await {
         Ok(Ok(paces)) => {
-            lanes.set_shared(Some(std::sync::Arc::new(paces)));
+            lanes.set_shared(std::sync::Arc::new(paces));
             *failing = None;
             return true;
         }
         Ok(Err(e)) => e,
         Err(_) => format!("no answer opening {} within {BEAT:?}", crate::paces::BUCKET),
     };
-    if failing.as_ref() != Some(&error) {
+    if news(failing, &error) {
         tracing::warn!(error = %error, "cannot open the notifier replicas' shared paces; each replica paces a destination at its share of the rate until it can");
     }
-    *failing = Some(error);
     false
+}
+
+/// Whether `error` is not what `last` already said (a failure that goes
+/// on is logged once); `last` becomes it.
+fn news(last: &mut Option<String>, error: &str) -> bool {
+    if last.as_deref() == Some(error) {
+        return false;
+    }
+    *last = Some(error.to_string());
+    true
 }
 
 async fn open(js: &jetstream::Context, replicas: usize) -> Result<Bucket, String> {
@@ -158,7 +167,7 @@ pub(crate) async fn run(
                 if n != seen {
                     tracing::info!(
                         replicas = n,
-                        "notifier replicas running: {n}; they book each destination's turns together"
+                        "notifier replicas running: {n} (more than one: they book each destination's turns together)"
                     );
                     seen = n;
                 }
@@ -172,10 +181,9 @@ pub(crate) async fn run(
                 }
             }
             Ok(Err(e)) => {
-                if failing.as_ref() != Some(&e) {
+                if news(&mut failing, &e) {
                     tracing::warn!(error = %e, replicas = seen, "cannot count the notifier replicas; keeping the last count");
                 }
-                failing = Some(e);
                 // Reopened next time (the bucket may have gone with NATS).
                 store = None;
                 paces_open = false;

@@ -454,7 +454,7 @@ impl TocsinStack {
         if std::env::var_os("TOCSIN_BENCH_KEEP").is_some() {
             eprintln!("  keeping {} (TOCSIN_BENCH_KEEP)", dir.path().display());
         }
-        let ingest_port = peer::free_port()?;
+        let ingest_port = tocsin_tests::ports::free_port();
         let token = format!("bench-{}", uuid::Uuid::new_v4().simple());
         let cred = |id: &str| {
             format!(
@@ -520,7 +520,7 @@ notifier:
             _dir: dir,
         };
         for service in SERVICES {
-            let admin = peer::free_port()?;
+            let admin = tocsin_tests::ports::free_port();
             stack.admin_ports.push(admin);
             let mut p = stack.spawn(service, "")?;
             p.wait_http_ok(

@@ -15,11 +15,6 @@ use axum::{extract::State, http::StatusCode, routing::post, Router};
 use bytes::Bytes;
 use tokio::net::TcpListener;
 
-/// A free TCP port on loopback, outside the kernel's ephemeral range.
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(tocsin_tests::ports::free_port())
-}
-
 /// A child process, killed (SIGKILL) and reaped on drop.
 pub struct Proc {
     pub name: String,
@@ -285,7 +280,7 @@ impl Alertmanager {
                 interval = grouping.group_interval,
             ),
         )?;
-        let port = free_port()?;
+        let port = tocsin_tests::ports::free_port();
         let mut cmd = Command::new(&bin);
         cmd.arg(format!("--config.file={}", config.display()))
             .arg(format!(
