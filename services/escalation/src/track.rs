@@ -85,7 +85,53 @@ pub type Key = (Uuid, String);
 
 /// Where [`Tracks::due_after`] left off.
 #[derive(Clone, Copy, Debug)]
-pub struct DueCursor((Timestamp, Uuid, PolicyId));
+pub struct DueCursor(Due);
+
+/// One entry of the due-time index: the due time (seconds, then
+/// nanoseconds), the incident and the policy's number, packed big-endian
+/// into 32 bytes so that the bytes sort as the tuple does. A tuple of the
+/// same fields takes 40 (alignment padding); with a million pending timers
+/// the difference is about 10 MiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Due([u8; 32]);
+
+impl Due {
+    fn new(at: Timestamp, incident: Uuid, policy: PolicyId) -> Due {
+        // Whole seconds and the nanoseconds past them (both truncated
+        // towards zero, so of one sign) order as the timestamps do;
+        // flipping the sign bits makes the two's-complement values sort
+        // as unsigned big-endian bytes do.
+        let secs = (at.as_second() as u64) ^ (1 << 63);
+        let nanos = (at.subsec_nanosecond() as u32) ^ (1 << 31);
+        let mut b = [0u8; 32];
+        b[..8].copy_from_slice(&secs.to_be_bytes());
+        b[8..12].copy_from_slice(&nanos.to_be_bytes());
+        b[12..28].copy_from_slice(incident.as_bytes());
+        b[28..].copy_from_slice(&policy.to_be_bytes());
+        Due(b)
+    }
+
+    fn field<const N: usize>(&self, from: usize) -> [u8; N] {
+        let mut f = [0u8; N];
+        f.copy_from_slice(&self.0[from..from + N]);
+        f
+    }
+
+    fn at(&self) -> Timestamp {
+        let secs = (u64::from_be_bytes(self.field(0)) ^ (1 << 63)) as i64;
+        let nanos = (u32::from_be_bytes(self.field(8)) ^ (1 << 31)) as i32;
+        // Always valid: both parts came from one timestamp.
+        Timestamp::new(secs, nanos).unwrap_or(Timestamp::MAX)
+    }
+
+    fn incident(&self) -> Uuid {
+        Uuid::from_bytes(self.field(12))
+    }
+
+    fn policy(&self) -> PolicyId {
+        PolicyId::from_be_bytes(self.field(28))
+    }
+}
 
 /// A policy's number in [`Tracks`]' table of names: the due-time index
 /// holds it instead of the name, so each entry is a few dozen bytes
@@ -106,7 +152,7 @@ pub struct Tracks {
     /// The tracks at hand (see above).
     pub map: BTreeMap<Key, Track>,
     /// Every track with a due time, at hand or not.
-    index: BTreeSet<(Timestamp, Uuid, PolicyId)>,
+    index: BTreeSet<Due>,
     /// The tracks at hand and those removed since they were loaded or
     /// created, with the due time each is indexed under (None: not
     /// indexed). A key absent here and in `map` is no track, or a stored
@@ -138,7 +184,7 @@ impl Tracks {
     pub fn index_stored(&mut self, key: &Key, due: Option<Timestamp>) {
         if let Some(d) = due {
             let policy = self.policy_id(&key.1);
-            self.index.insert((d, key.0, policy));
+            self.index.insert(Due::new(d, key.0, policy));
         }
         self.count += 1;
     }
@@ -192,13 +238,13 @@ impl Tracks {
         let policy = self.policy_id(&key.1);
         let old = self.known.remove(key);
         if let Some(Some(d)) = old {
-            self.index.remove(&(d, key.0, policy));
+            self.index.remove(&Due::new(d, key.0, policy));
         }
         match self.map.get(key) {
             Some(t) => {
                 let due = t.due();
                 if let Some(d) = due {
-                    self.index.insert((d, key.0, policy));
+                    self.index.insert(Due::new(d, key.0, policy));
                 }
                 self.known.insert(key.clone(), due);
                 if old.is_none() {
@@ -400,7 +446,7 @@ impl Tracks {
 
     /// The earliest due moment over all tracks (from the index).
     pub fn next_due(&self) -> Option<Timestamp> {
-        self.index.first().map(|(d, _, _)| *d)
+        self.index.first().map(Due::at)
     }
 
     /// Keys due at `now`, earliest first (from the index).
@@ -421,10 +467,10 @@ impl Tracks {
     ) -> (Vec<Key>, Option<DueCursor>) {
         use std::ops::Bound::{Excluded, Unbounded};
         let from = after.map_or(Unbounded, |c| Excluded(c.0));
-        let entries: Vec<(Timestamp, Uuid, PolicyId)> = self
+        let entries: Vec<Due> = self
             .index
             .range((from, Unbounded))
-            .take_while(|(d, _, _)| *d <= now)
+            .take_while(|d| d.at() <= now)
             .take(n)
             .copied()
             .collect();
@@ -433,9 +479,13 @@ impl Tracks {
             .flatten();
         let keys = entries
             .into_iter()
-            .map(|(_, id, p)| {
-                let policy = self.policies.get(p as usize).cloned().unwrap_or_default();
-                (id, policy)
+            .map(|d| {
+                let policy = self
+                    .policies
+                    .get(d.policy() as usize)
+                    .cloned()
+                    .unwrap_or_default();
+                (d.incident(), policy)
             })
             .collect();
         (keys, next)
@@ -706,4 +756,66 @@ fn record(
             reason,
         },
     }))
+}
+
+#[cfg(test)]
+mod due_tests {
+    use super::*;
+
+    /// The packed index entry sorts exactly as the tuple it packs, and
+    /// gives back what was packed, for timestamps before and after the
+    /// epoch, with and without fractions, and at jiff's limits.
+    #[test]
+    fn the_packed_due_entry_sorts_as_its_fields_and_gives_them_back() {
+        let times: Vec<Timestamp> = [
+            (
+                Timestamp::MIN.as_second(),
+                Timestamp::MIN.subsec_nanosecond(),
+            ),
+            (-86_400, 0),
+            (-5, -999_999_999),
+            (-5, -1),
+            (-5, 0),
+            (-1, -1),
+            (0, 0),
+            (0, 1),
+            (1, 0),
+            (5, 999_999_999),
+            (1_777_881_600, 500_000_000),
+            (
+                Timestamp::MAX.as_second(),
+                Timestamp::MAX.subsec_nanosecond(),
+            ),
+        ]
+        .into_iter()
+        .map(|(s, n)| Timestamp::new(s, n).expect("a valid timestamp"))
+        .collect();
+        let ids = [
+            Uuid::nil(),
+            Uuid::from_u128(7),
+            Uuid::from_u128(1 << 127),
+            Uuid::max(),
+        ];
+        let policies = [0, 1, 256, PolicyId::MAX];
+        let mut tuples = Vec::new();
+        for t in &times {
+            for id in &ids {
+                for p in &policies {
+                    tuples.push((*t, *id, *p));
+                }
+            }
+        }
+        let mut by_tuple = tuples.clone();
+        by_tuple.sort();
+        let mut by_bytes: Vec<Due> = tuples
+            .iter()
+            .map(|(t, i, p)| Due::new(*t, *i, *p))
+            .collect();
+        by_bytes.sort();
+        let back: Vec<(Timestamp, Uuid, PolicyId)> = by_bytes
+            .iter()
+            .map(|d| (d.at(), d.incident(), d.policy()))
+            .collect();
+        assert_eq!(back, by_tuple);
+    }
 }
