@@ -379,3 +379,94 @@ async fn a_store_slower_to_read_than_the_lease_ttl_does_not_cost_the_lease() {
     shutdown.cancel();
     service.await.unwrap().unwrap();
 }
+
+/// Entries that change no track (receipts, notes) write nothing, but the
+/// stored cursor may not fall far behind because of them: a backlog of
+/// receipts once left it 150,000 entries behind, which a restart after a
+/// kill then read again (5 s). After 3,000 notes on an incident whose
+/// track they do not change, a killed instance's store has its cursor
+/// within 1,024 entries of the stream's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_that_change_no_track_still_move_the_stored_cursor_along() {
+    const NOTES: u32 = 3_000;
+    let nats = NatsServer::start().await;
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    ensure_streams(&js, &JetStreamConfig::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let progress = Progress::new();
+    let clock = Arc::new(ManualClock::new(t0()));
+    let (service, conn) = start(&nats.url(), dir.path(), clock, &progress).await;
+    publish_event(
+        &js,
+        0,
+        EventKind::Opened {
+            alert: dummy_alert(),
+        },
+        IncidentStatus::Triggered,
+        t0(),
+    )
+    .await;
+    // Its first level pages at once; after that nothing is due for 5m.
+    progress
+        .wait_until("escalation", Duration::from_secs(30), |m| {
+            m.read(STREAM_INCIDENTS) >= 1 && m.timers_reached(t0())
+        })
+        .await
+        .expect("the first level fires");
+    // Notes leave the incident as it was (its summary is the same).
+    let mut acks = Vec::new();
+    for n in 0..NOTES {
+        let entry = LogEntry::Incident(IncidentEvent {
+            kind: EventKind::NoteAdded {
+                text: format!("note {n}"),
+            },
+            at: t0(),
+            actor: Some(Actor::new("test", "test")),
+            cause: Cause::Timer {
+                id: format!("note-{n}"),
+            },
+            incident: summary(0, IncidentStatus::Triggered),
+        });
+        let mut h = HeaderMap::new();
+        h.insert(headers::MSG_ID, entry.msg_id().as_str());
+        let bytes = codec::encode(&Envelope::new("test", t0(), entry.clone())).unwrap();
+        acks.push(
+            js.publish_with_headers(entry.subject(), h, bytes.into())
+                .await
+                .unwrap(),
+        );
+    }
+    let mut last = 0;
+    for a in acks {
+        last = a.await.unwrap().sequence;
+    }
+    // Applied up to the last note, then killed (no clean stop).
+    progress
+        .wait_until("escalation", Duration::from_secs(60), |m| {
+            m.read(STREAM_INCIDENTS) >= last
+        })
+        .await
+        .expect("escalation applies every note");
+    service.abort();
+    let _ = service.await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.drain()).await;
+    let stored = tocsin_tests::eventually_within(Duration::from_secs(10), || {
+        // The killed instance's tasks let the store go as they are dropped.
+        std::future::ready(
+            tocsin_escalation::store::Store::open(dir.path())
+                .and_then(|s| s.load())
+                .map(|(_, seq)| seq)
+                .map_err(|e| e.to_string()),
+        )
+    })
+    .await
+    .expect("the store opens once the killed instance let it go");
+    assert!(
+        stored + 1024 >= last,
+        "stored cursor {stored}, stream end {last}: a restart would read {} entries again",
+        last - stored
+    );
+}
