@@ -1,7 +1,8 @@
 //! Resolved incidents leave memory once the reopen window has passed, and
-//! come back from the store whenever an input or a query touches them: the
-//! service's memory follows the open incidents, not its whole history, and
-//! no decision changes because of it.
+//! the least recently changed open ones beyond `incidents.max_in_memory`;
+//! they come back from the store whenever an input or a query touches them:
+//! the service's memory stays bounded, not its whole history or a storm's
+//! every incident, and no decision changes because of it.
 
 use jiff::SignedDuration;
 use tocsin_proto::{
@@ -148,6 +149,155 @@ async fn an_evicted_incident_still_answers_repeats_commands_and_queries() {
     assert_eq!(
         third.dedup_key,
         all.iter().find(|i| i.number == 1).unwrap().dedup_key
+    );
+    tocsin.stop().await.unwrap();
+}
+
+/// A storm that opens more incidents than `max_in_memory` keeps only that
+/// many in memory; the others still take their alerts, commands and
+/// queries, still inhibit (their firing sources stay indexed), and a
+/// restart on the same store loads no more than the limit either.
+#[tokio::test]
+async fn open_incidents_beyond_the_limit_leave_memory_and_still_answer() {
+    let nats = NatsServer::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = TocsinHarness::config(&nats);
+    config.incidents = serde_yaml_ng::from_str(&format!(
+        "data_dir: {}\nmax_in_memory: 2\ninhibit_rules:\n  - name: node-down\n    source_matchers: ['alertname=\"NodeDown\"']\n    target_matchers: ['severity=\"warning\"']\n    equal: [instance]\n",
+        data.path().join("incidents").display()
+    ))
+    .unwrap();
+    let tocsin = TocsinHarness::start_with(config.clone()).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+    let at = |min: i64| t0 + SignedDuration::from_mins(min);
+    let group = ["alertname", "instance"];
+    let node_down = [
+        ("alertname", "NodeDown"),
+        ("instance", "n1"),
+        ("severity", "critical"),
+    ];
+    let others: Vec<[(&str, &str); 3]> = ["a", "b", "c"]
+        .iter()
+        .map(|i| {
+            [
+                ("alertname", "HighLatency"),
+                ("instance", *i),
+                ("severity", "critical"),
+            ]
+        })
+        .collect();
+
+    // #1 (the inhibiting source), then #2-#4: four open, two in memory.
+    publish_alert(
+        &js,
+        alert(&node_down, &group, AlertStatus::Firing, at(0)),
+        at(0),
+    )
+    .await;
+    for (k, labels) in others.iter().enumerate() {
+        let t = at(1 + k as i64);
+        publish_alert(&js, alert(labels, &group, AlertStatus::Firing, t), t).await;
+    }
+    wait_for(&client, "four incidents", |all| all.len() == 4).await;
+    tocsin.settled(&js).await;
+    let m = tocsin.metrics().await;
+    assert_eq!(metric(&m, "tocsin_incidents_open"), 4.0, "{m}");
+    assert_eq!(
+        metric(&m, "tocsin_incidents_in_memory"),
+        2.0,
+        "only max_in_memory stay: {m}"
+    );
+
+    // #1 left memory first; its firing NodeDown still inhibits a new
+    // warning of its instance.
+    let warning = [
+        ("alertname", "DiskSlow"),
+        ("instance", "n1"),
+        ("severity", "warning"),
+    ];
+    publish_alert(
+        &js,
+        alert(&warning, &group, AlertStatus::Firing, at(5)),
+        at(5),
+    )
+    .await;
+    let all = wait_for(&client, "incident #5", |all| all.len() == 5).await;
+    let five = all.iter().find(|i| i.number == 5).unwrap();
+    let reason = five.suppressed.as_deref().expect("#5 is inhibited");
+    assert!(
+        reason.starts_with("inhibited by rule \"node-down\""),
+        "{reason}"
+    );
+
+    // #2's alert resolves: #2 (out of memory) resolves, nothing new opens.
+    publish_alert(
+        &js,
+        alert(&others[0], &group, AlertStatus::Resolved, at(1)),
+        at(6),
+    )
+    .await;
+    // #3 (out of memory) is acknowledged by number.
+    let reply = command(
+        &client,
+        &js,
+        "alice",
+        Action::Ack {
+            incident: IncidentRef::Number(3),
+        },
+        at(7),
+    )
+    .await;
+    assert!(matches!(reply, CommandReply::Accepted { .. }), "{reply:?}");
+    tocsin.settled(&js).await;
+    let two = get(&client, IncidentRef::Number(2)).await;
+    assert_eq!(two.incident.status, IncidentStatus::Resolved);
+    let open = list(
+        &client,
+        ListIncidents {
+            status: vec![IncidentStatus::Triggered, IncidentStatus::Acknowledged],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        open.iter()
+            .map(|i| (i.number, i.status))
+            .collect::<Vec<_>>(),
+        [
+            (5, IncidentStatus::Triggered),
+            (4, IncidentStatus::Triggered),
+            (3, IncidentStatus::Acknowledged),
+            (1, IncidentStatus::Triggered),
+        ],
+        "the open list holds those out of memory too"
+    );
+    let m = tocsin.metrics().await;
+    assert_eq!(metric(&m, "tocsin_incidents_open"), 4.0, "{m}");
+    assert!(metric(&m, "tocsin_incidents_in_memory") <= 2.0, "{m}");
+
+    // Restarted on the same store: still at most two in memory, and #1
+    // (read from the store, not into memory) still inhibits.
+    tocsin.stop().await.unwrap();
+    let tocsin = TocsinHarness::start_with(config).await;
+    let m = tocsin.metrics().await;
+    assert_eq!(metric(&m, "tocsin_incidents_open"), 4.0, "{m}");
+    assert!(metric(&m, "tocsin_incidents_in_memory") <= 2.0, "{m}");
+    let warning2 = [
+        ("alertname", "MemoryLow"),
+        ("instance", "n1"),
+        ("severity", "warning"),
+    ];
+    let t = tocsin.clock_now();
+    publish_alert(&js, alert(&warning2, &group, AlertStatus::Firing, t), t).await;
+    let all = wait_for(&client, "incident #6", |all| all.len() == 6).await;
+    let six = all.iter().find(|i| i.number == 6).unwrap();
+    assert!(
+        six.suppressed
+            .as_deref()
+            .is_some_and(|r| r.starts_with("inhibited by rule \"node-down\"")),
+        "{six:?}"
     );
     tocsin.stop().await.unwrap();
 }

@@ -68,6 +68,15 @@ pub struct IncidentsConfig {
     /// standbys (see `tocsin_runtime::lease`): a standby takes over within
     /// about this long after the active one dies. 1s to 10m. Default 5s.
     pub lease_ttl: HumanDuration,
+    /// Incidents whose whole state (alerts, labels) is held in memory; the
+    /// least recently changed of the rest wait in the data dir's store,
+    /// open ones too, and come back when an alert or command touches them
+    /// (a read of the local store). Every incident's number and dedup key,
+    /// and the firing alerts that can inhibit others, stay in memory
+    /// whatever this is. Snoozed incidents always stay. Bounds the
+    /// service's memory in an alert storm that opens many incidents. At
+    /// least 1. Default 10000.
+    pub max_in_memory: usize,
 }
 
 /// Bounds of `max_entry_bytes`: room for an incident with its alert, and
@@ -94,6 +103,7 @@ impl Default for IncidentsConfig {
             max_attempts: 5,
             stalled_after: HumanDuration::secs(30),
             lease_ttl: HumanDuration::secs(5),
+            max_in_memory: 10_000,
         }
     }
 }

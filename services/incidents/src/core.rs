@@ -36,7 +36,11 @@ use tocsin_proto::{
 };
 use uuid::Uuid;
 
-use crate::{inhibit::Inhibitor, severity::SeverityMap, silences::SilenceIndex};
+use crate::{
+    inhibit::{Inhibitor, Sources},
+    severity::SeverityMap,
+    silences::SilenceIndex,
+};
 
 /// How many applied command ids an incident remembers, to answer a retried
 /// command as "already applied" instead of applying it twice.
@@ -92,6 +96,19 @@ pub struct Projection {
     /// Snoozed, unresolved incidents by when their snooze ends: the timer
     /// loop reads its head instead of scanning every incident.
     pub snoozes: std::collections::BTreeSet<(Timestamp, Uuid)>,
+    /// The firing alerts of open incidents that can inhibit others, by
+    /// rule ([`Projection::set_inhibitor`]; none until then).
+    pub sources: Sources,
+    /// The open incidents among [`Projection::cold`]: their state left
+    /// memory to keep it within the limit ([`Projection::evict_over`]).
+    pub cold_open: HashSet<Uuid>,
+    /// The incidents in memory by when an entry last changed them (or they
+    /// came back into memory), least recent first: the order they leave
+    /// memory in when there are more than the limit.
+    recent: BTreeSet<(u64, Uuid)>,
+    recent_at: HashMap<Uuid, u64>,
+    /// The clock of [`Projection::recent`].
+    touches: u64,
 }
 
 impl Projection {
@@ -99,6 +116,21 @@ impl Projection {
         Projection {
             next_number: 1,
             ..Default::default()
+        }
+    }
+
+    /// Indexes the firing alerts of the open incidents in memory by
+    /// `inhibitor`'s rules, and keeps them indexed from now on.
+    pub fn set_inhibitor(&mut self, inhibitor: std::sync::Arc<Inhibitor>) {
+        self.sources = Sources::new(inhibitor);
+        for (id, st) in &self.incidents {
+            if st.summary.status != IncidentStatus::Resolved {
+                for a in st.alerts.values() {
+                    if a.status == AlertStatus::Firing {
+                        self.sources.add(*id, &a.fingerprint, &a.labels);
+                    }
+                }
+            }
         }
     }
 
@@ -131,11 +163,99 @@ impl Projection {
         if !self.cold.remove(&id) {
             return; // already in memory: the copy there is newer
         }
+        self.cold_open.remove(&id);
         let resolved_at = resolved_key(&st);
         self.incidents.insert(id, st);
         if let Some(at) = resolved_at {
             self.resolved.insert((at, id));
         }
+        self.touch(id);
+    }
+
+    /// Puts a stored incident's state in memory as [`Store::load`] reads
+    /// it, as recent as its number says (the newest stay when there are
+    /// more than the limit).
+    ///
+    /// [`Store::load`]: crate::store::Store::load
+    pub fn insert_loaded(&mut self, st: IncidentState) {
+        let id = st.summary.id;
+        if st.summary.status != IncidentStatus::Resolved {
+            for a in firing(&st.alerts, None) {
+                self.sources.add(id, &a.fingerprint, &a.labels);
+            }
+        }
+        if let Some(at) = resolved_key(&st) {
+            self.resolved.insert((at, id));
+        }
+        self.recent_at.insert(id, st.summary.number);
+        self.recent.insert((st.summary.number, id));
+        self.touches = self.touches.max(st.summary.number);
+        self.incidents.insert(id, st);
+        self.reindex_snooze(id, None);
+    }
+
+    /// A stored incident that stays out of memory as [`Store::load`]
+    /// reads it (resolved before the reopen window).
+    ///
+    /// [`Store::load`]: crate::store::Store::load
+    pub fn insert_cold(&mut self, id: Uuid) {
+        self.cold.insert(id);
+    }
+
+    /// Marks incident `id` as just changed (or just back in memory).
+    fn touch(&mut self, id: Uuid) {
+        self.touches += 1;
+        if let Some(old) = self.recent_at.insert(id, self.touches) {
+            self.recent.remove(&(old, id));
+        }
+        self.recent.insert((self.touches, id));
+    }
+
+    /// Takes incident `id`, in memory, out of it (it is in the store).
+    fn leave_memory(&mut self, id: Uuid) -> bool {
+        let Some(st) = self.incidents.remove(&id) else {
+            return false;
+        };
+        if let Some(t) = self.recent_at.remove(&id) {
+            self.recent.remove(&(t, id));
+        }
+        match resolved_key(&st) {
+            Some(at) => {
+                self.resolved.remove(&(at, id));
+            }
+            None => {
+                self.cold_open.insert(id);
+            }
+        }
+        self.cold.insert(id);
+        true
+    }
+
+    /// Takes the least recently changed incidents out of memory until at
+    /// most `max` are left, open ones too (they stay in the store, and
+    /// their number, dedup key and inhibiting alerts stay indexed; an input
+    /// that touches one loads it back). Incidents changed since the last
+    /// save and snoozed ones (the timer loop reads them) stay. Returns how
+    /// many left.
+    pub fn evict_over(&mut self, max: usize) -> usize {
+        let mut kept = Vec::new();
+        let mut n = 0;
+        while self.incidents.len() > max {
+            let Some((t, id)) = self.recent.pop_first() else {
+                break;
+            };
+            let snoozed = self.incidents.get(&id).and_then(snooze_timer).is_some();
+            if snoozed || self.dirty.contains(&id) {
+                kept.push((t, id));
+                continue;
+            }
+            self.recent.insert((t, id));
+            if self.leave_memory(id) {
+                n += 1;
+            }
+        }
+        self.recent.extend(kept);
+        n
     }
 
     /// Takes resolved incidents resolved before `before` out of memory
@@ -149,14 +269,15 @@ impl Projection {
             if at >= before {
                 break;
             }
-            self.resolved.pop_first();
             if self.dirty.contains(&id) {
+                self.resolved.pop_first();
                 kept.push((at, id));
                 continue;
             }
-            if self.incidents.remove(&id).is_some() {
-                self.cold.insert(id);
+            if self.leave_memory(id) {
                 n += 1;
+            } else {
+                self.resolved.pop_first();
             }
         }
         self.resolved.extend(kept);
@@ -218,7 +339,26 @@ impl Projection {
                     (Some(true), false) => self.open_count = self.open_count.saturating_sub(1),
                     _ => {}
                 }
+                // The inhibiting sources: an incident that stays open
+                // changes at most the one alert its entry names; one that
+                // opens or resolves adds or takes all of its firing alerts.
+                let which = match (was_open == Some(true) && is_open, alert_of(&e.kind)) {
+                    (true, None) => None,
+                    (true, Some(fp)) => Some(Some(fp)),
+                    (false, _) => Some(None),
+                };
+                let which = which.filter(|_| self.sources.is_set());
+                if let (Some(only), Some(true)) = (which, was_open) {
+                    for a in firing(&st.alerts, only) {
+                        self.sources.remove(id, &a.fingerprint, &a.labels);
+                    }
+                }
                 change_alerts(&mut st.alerts, &e.kind);
+                if let (Some(only), true) = (which, is_open) {
+                    for a in firing(&st.alerts, only) {
+                        self.sources.add(id, &a.fingerprint, &a.labels);
+                    }
+                }
                 st.summary = e.incident.clone();
                 if let Cause::Command { id: cid } = &e.cause {
                     if !st.commands.contains(cid) {
@@ -234,6 +374,7 @@ impl Projection {
                 self.dirty.insert(id);
                 self.reindex_snooze(id, snoozed_until);
                 self.reindex_resolved(id, was_resolved_at);
+                self.touch(id);
                 self.inputs_at = self.inputs_at.max(e.at);
             }
             LogEntry::Silence { change, .. } => match change {
@@ -280,6 +421,28 @@ impl Projection {
     }
 }
 
+/// The alert an event changes, if it changes one.
+fn alert_of(kind: &EventKind) -> Option<&Fingerprint> {
+    match kind {
+        EventKind::Opened { alert } | EventKind::AlertFiring { alert } => Some(&alert.fingerprint),
+        EventKind::AlertResolved { fingerprint, .. } => Some(fingerprint),
+        _ => None,
+    }
+}
+
+/// The firing alerts among `alerts`: only `only`, if given (it may be
+/// absent or not firing), or all of them.
+fn firing<'a>(
+    alerts: &'a BTreeMap<Fingerprint, AlertInfo>,
+    only: Option<&Fingerprint>,
+) -> Vec<&'a AlertInfo> {
+    let pick: Box<dyn Iterator<Item = &'a AlertInfo>> = match only {
+        Some(fp) => Box::new(alerts.get(fp).into_iter()),
+        None => Box::new(alerts.values()),
+    };
+    pick.filter(|a| a.status == AlertStatus::Firing).collect()
+}
+
 /// The alert-map part of an event, shared by deciding and applying.
 fn change_alerts(alerts: &mut BTreeMap<Fingerprint, AlertInfo>, kind: &EventKind) {
     match kind {
@@ -306,7 +469,7 @@ pub struct CoreConfig {
     pub reopen_window: SignedDuration,
     pub auto_resolve: bool,
     pub severity: SeverityMap,
-    pub inhibitor: Inhibitor,
+    pub inhibitor: std::sync::Arc<Inhibitor>,
     /// Silences from config (maintenance windows).
     pub windows: SilenceIndex,
 }
@@ -625,12 +788,27 @@ impl<'a> Decider<'a> {
         if self.cfg.inhibitor.is_empty() {
             return None;
         }
-        // Sorted, so the source named in the reason is the same on every run.
-        let mut firing: Vec<(&Fingerprint, &Labels)> = self.proj.firing_alerts().collect();
-        firing.sort_by(|a, b| a.0.cmp(b.0));
-        self.cfg
-            .inhibitor
-            .inhibited_by(&alert.labels, firing.iter().copied())
+        // A projection built without the rules (the core's unit tests)
+        // goes through every firing alert; the service's looks its index
+        // up, which debug builds check against that.
+        let scan = || {
+            // Sorted, so the source named in the reason is the same on every run.
+            let mut firing: Vec<(&Fingerprint, &Labels)> = self.proj.firing_alerts().collect();
+            firing.sort_by(|a, b| a.0.cmp(b.0));
+            self.cfg
+                .inhibitor
+                .inhibited_by(&alert.labels, firing.iter().copied())
+        };
+        if !self.proj.sources.is_set() {
+            return scan();
+        }
+        let indexed = self.proj.sources.inhibited_by(&alert.labels);
+        // (The scan sees only the incidents in memory.)
+        debug_assert!(
+            !self.proj.cold_open.is_empty() || indexed == scan(),
+            "the index of inhibiting sources is stale"
+        );
+        indexed
     }
 
     /// Entries for one alert event received at `env.received_at`.

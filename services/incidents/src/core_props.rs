@@ -88,6 +88,24 @@ fn alert(group: u8, instance: u8, firing: bool, at: Timestamp) -> Alert {
     }
 }
 
+/// The default config with two inhibition rules: firing `Group0` alerts
+/// inhibit every critical alert of their instance (themselves included on
+/// both sides, so the two-sided case is at work), and `Group1` alerts
+/// inhibit `Group2` alerts whatever their labels.
+fn config() -> IncidentsConfig {
+    let inhibit_rules = serde_json::from_str(
+        r#"[
+            {"source_matchers": ["alertname=\"Group0\""], "target_matchers": ["severity=\"critical\""], "equal": ["instance"]},
+            {"name": "any", "source_matchers": ["alertname=\"Group1\""], "target_matchers": ["alertname=\"Group2\""]}
+        ]"#,
+    )
+    .expect("the rules parse");
+    IncidentsConfig {
+        inhibit_rules,
+        ..Default::default()
+    }
+}
+
 fn command(n: u64, action: impl Fn(IncidentRef) -> Action) -> Command {
     Command::new(Actor::new("ana", "cli"), action(IncidentRef::Number(n)))
 }
@@ -112,15 +130,18 @@ enum Input {
 }
 
 fn run(ops: &[Op], cuts: &[prop::sample::Index]) -> Result<(), TestCaseError> {
-    let cfg = compile(&IncidentsConfig::default()).expect("default config compiles");
+    let cfg = compile(&config()).expect("the test config compiles");
     let mut proj = Projection::new();
+    proj.set_inhibitor(cfg.inhibitor.clone());
     let mut log: Vec<LogEntry> = Vec::new();
     let mut now: Timestamp = "2026-03-01T00:00:00Z".parse().unwrap();
     let mut alert_seq = 0;
-    // The same inputs against a projection that evicts every resolved
-    // incident after each input (as the service does past the reopen
-    // window) and reads it back from a store when a decision misses it.
+    // The same inputs against a projection that evicts every incident it
+    // can after each input (as the service does past the reopen window for
+    // resolved ones, and beyond `max_in_memory` for any) and reads it back
+    // from a store when a decision misses it.
     let mut lean = Projection::new();
+    lean.set_inhibitor(cfg.inhibitor.clone());
     let mut store: std::collections::HashMap<uuid::Uuid, crate::core::IncidentState> =
         Default::default();
     for (i, op) in ops.iter().enumerate() {
@@ -197,6 +218,29 @@ fn run(ops: &[Op], cuts: &[prop::sample::Index]) -> Result<(), TestCaseError> {
             store.insert(id, lean.incidents[&id].clone());
         }
         lean.evict(Timestamp::MAX);
+        // Open ones too, all but the snoozed.
+        lean.evict_over(0);
+        prop_assert!(lean
+            .incidents
+            .values()
+            .all(|st| st.summary.snoozed_until.is_some()));
+        // The index of inhibiting sources answers as going through every
+        // firing alert (of the projection holding them all) does, in both.
+        let mut firing: Vec<_> = proj.firing_alerts().collect();
+        firing.sort_by(|a, b| a.0.cmp(b.0));
+        for target in (0..4).flat_map(|g| (0..3).map(move |i| alert(g, i, true, now).labels)) {
+            let scanned = cfg.inhibitor.inhibited_by(&target, firing.iter().copied());
+            for p in [&proj, &lean] {
+                prop_assert_eq!(
+                    p.sources.inhibited_by(&target),
+                    scanned.clone(),
+                    "op {} ({:?}): inhibition of {:?}",
+                    i,
+                    op,
+                    target
+                );
+            }
+        }
         prop_assert!(lean
             .incidents
             .values()

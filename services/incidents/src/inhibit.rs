@@ -7,10 +7,15 @@
 //! an alert never inhibits itself and alerts matching both sides do not
 //! inhibit each other.
 
-use std::fmt;
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    sync::Arc,
+};
 
 use serde::Deserialize;
 use tocsin_proto::{silence::Matcher, Fingerprint, Labels};
+use uuid::Uuid;
 
 use crate::matchers::{deserialize_matchers, MatcherSet};
 
@@ -166,6 +171,116 @@ impl Inhibitor {
             }
         }
         None
+    }
+}
+
+/// The firing alerts of open incidents that can inhibit, indexed per rule
+/// by the values of the rule's `equal` labels, so deciding whether an alert
+/// is inhibited looks up one entry per rule instead of going through every
+/// firing alert (Alertmanager keeps a cache of source alerts per rule for
+/// the same reason). Only alerts matching a rule's source matchers are
+/// held, so the index is as large as the firing sources, not the alerts.
+///
+/// The projection keeps it in step as it folds entries in
+/// ([`crate::core::Projection::apply`]); it holds the sources of every open
+/// incident, in memory or not.
+#[derive(Clone, Default)]
+pub struct Sources {
+    inhibitor: Option<Arc<Inhibitor>>,
+    /// Per rule (config order): `equal` label values -> the firing sources
+    /// with those values.
+    by_rule: Vec<HashMap<Vec<String>, RuleSources>>,
+}
+
+/// Firing sources of one rule with the same `equal` values, in fingerprint
+/// order (and incident, in case two open incidents hold the same alert):
+/// whether each also matches the rule's target matchers (the two-sided
+/// case).
+type RuleSources = BTreeMap<(Fingerprint, Uuid), bool>;
+
+impl Sources {
+    pub fn new(inhibitor: Arc<Inhibitor>) -> Sources {
+        Sources {
+            by_rule: vec![HashMap::new(); inhibitor.rules.len()],
+            inhibitor: Some(inhibitor),
+        }
+    }
+
+    /// Whether rules were given (a projection built without them, as in
+    /// the unit tests of the core, keeps no index).
+    pub fn is_set(&self) -> bool {
+        self.inhibitor.is_some()
+    }
+
+    /// `alert` of open incident `incident` is firing.
+    pub fn add(&mut self, incident: Uuid, fingerprint: &Fingerprint, labels: &Labels) {
+        let Some(inhibitor) = &self.inhibitor else {
+            return;
+        };
+        for (rule, index) in inhibitor.rules.iter().zip(self.by_rule.iter_mut()) {
+            if rule.source.matches(labels) {
+                index
+                    .entry(rule.equal_values(labels))
+                    .or_default()
+                    .insert((fingerprint.clone(), incident), rule.target.matches(labels));
+            }
+        }
+    }
+
+    /// `alert` of `incident` no longer inhibits (resolved, or its incident is).
+    pub fn remove(&mut self, incident: Uuid, fingerprint: &Fingerprint, labels: &Labels) {
+        let Some(inhibitor) = &self.inhibitor else {
+            return;
+        };
+        for (rule, index) in inhibitor.rules.iter().zip(self.by_rule.iter_mut()) {
+            if !rule.source.matches(labels) {
+                continue;
+            }
+            let values = rule.equal_values(labels);
+            if let Some(sources) = index.get_mut(&values) {
+                sources.remove(&(fingerprint.clone(), incident));
+                if sources.is_empty() {
+                    index.remove(&values);
+                }
+            }
+        }
+    }
+
+    /// The reason `target` is inhibited, as [`Inhibitor::inhibited_by`]
+    /// gives it for every firing alert of an open incident in fingerprint
+    /// order; None if no rules were given.
+    pub fn inhibited_by(&self, target: &Labels) -> Option<String> {
+        let inhibitor = self.inhibitor.as_ref()?;
+        for (rule, index) in inhibitor.rules.iter().zip(&self.by_rule) {
+            if !rule.target.matches(target) {
+                continue;
+            }
+            let exclude_two_sided = rule.source.matches(target);
+            let found = index
+                .get(&rule.equal_values(target))
+                .into_iter()
+                .flatten()
+                .find(|(_, also_target)| !(exclude_two_sided && **also_target));
+            if let Some(((fingerprint, _), _)) = found {
+                let i = Inhibition {
+                    rule_name: rule.name.as_deref(),
+                    rule_index: rule.index,
+                    source: fingerprint,
+                };
+                return Some(i.to_string());
+            }
+        }
+        None
+    }
+}
+
+impl Rule {
+    /// The values of the `equal` labels (a missing label is "").
+    fn equal_values(&self, labels: &Labels) -> Vec<String> {
+        self.equal
+            .iter()
+            .map(|n| labels.get(n).cloned().unwrap_or_default())
+            .collect()
     }
 }
 

@@ -104,6 +104,11 @@ pub fn compile(config: &IncidentsConfig) -> Result<core::CoreConfig, IncidentsEr
     }
     tocsin_runtime::lease::check_ttl("incidents.lease_ttl", config.lease_ttl.get())
         .map_err(IncidentsError::Config)?;
+    if config.max_in_memory == 0 {
+        return Err(IncidentsError::Config(
+            "max_in_memory is 0; use at least 1 (default 10000)".into(),
+        ));
+    }
     if config.max_annotations == 0 {
         return Err(IncidentsError::Config(
             "max_annotations is 0; use at least 1 (default 64)".into(),
@@ -120,7 +125,7 @@ pub fn compile(config: &IncidentsConfig) -> Result<core::CoreConfig, IncidentsEr
             &config.severity_map,
             config.default_severity,
         ),
-        inhibitor,
+        inhibitor: std::sync::Arc::new(inhibitor),
         windows,
     })
 }

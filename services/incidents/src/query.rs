@@ -190,8 +190,9 @@ pub(crate) async fn replay_incident(
 }
 
 /// Incidents newest first. Those in memory are filtered under the lock;
-/// those that left memory (resolved long ago) are read from the store
-/// after it, only as far as the page needs.
+/// those that left memory (resolved long ago, or beyond
+/// `incidents.max_in_memory`) are read from the store after it, only as
+/// far as the page needs.
 fn list(proj: &Shared, store: &Store, q: ListIncidents) -> QueryReply {
     let matchers = match MatcherSet::new(&q.matchers) {
         Ok(m) => m,
@@ -222,7 +223,7 @@ fn list(proj: &Shared, store: &Store, q: ListIncidents) -> QueryReply {
                     }
                 }
                 Some(_) => {}
-                None if want_cold => out.push(Err(*id)),
+                None if want_cold || p.cold_open.contains(id) => out.push(Err(*id)),
                 None => {}
             }
         }

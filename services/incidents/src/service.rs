@@ -85,6 +85,8 @@ pub(crate) struct Service {
     health: Health,
     limits: Limits,
     max_attempts: u32,
+    /// Incidents held in memory at most ([`Projection::evict_over`]).
+    max_in_memory: usize,
     stalled_after: Duration,
     /// Timers given up on (their entries could not be written): skipped,
     /// so a timer that cannot fire does not fire again and again.
@@ -280,7 +282,12 @@ impl Service {
     ) -> Result<Self, IncidentsError> {
         let dir = config.data_dir();
         let started_at = clock.now();
-        let (store, proj) = open_store(&dir, keep_resolved_until(started_at, core.reopen_window))?;
+        let (store, proj) = open_store(
+            &dir,
+            keep_resolved_until(started_at, core.reopen_window),
+            config.max_in_memory,
+            rules(&core),
+        )?;
         Ok(Service {
             core,
             heartbeats: config.heartbeats.clone(),
@@ -299,6 +306,7 @@ impl Service {
                 max_annotations: config.max_annotations,
             },
             max_attempts: config.max_attempts,
+            max_in_memory: config.max_in_memory,
             stalled_after: config.stalled_after.get(),
             abandoned: Mutex::new(HashSet::new()),
             careful_until: AtomicU64::new(0),
@@ -355,6 +363,9 @@ impl Service {
                 let heartbeats = std::mem::take(&mut p.heartbeats);
                 *p = Projection::new();
                 p.heartbeats = heartbeats;
+                if let Some(r) = rules(&self.core) {
+                    p.set_inhibitor(r);
+                }
             }
             p.incidents_seq + 1
         };
@@ -422,7 +433,7 @@ impl Service {
         let evicted = p.evict(keep_resolved_until(
             self.clock.now().min(p.inputs_at),
             self.core.reopen_window,
-        ));
+        )) + p.evict_over(self.max_in_memory);
         if evicted > 0 {
             IncidentsEvent::Evicted {
                 incidents: evicted,
@@ -1088,7 +1099,7 @@ impl Service {
         let mut backoff = tocsin_runtime::retry::Backoff::standard();
         loop {
             let keep = keep_resolved_until(self.clock.now(), self.core.reopen_window);
-            match self.store.load(keep) {
+            match self.store.load(keep, self.max_in_memory, rules(&self.core)) {
                 Ok(p) => {
                     *write(&self.proj) = p;
                     break;
@@ -1544,8 +1555,10 @@ fn heartbeat_cause(name: &str, deadline: Timestamp) -> Cause {
 fn heartbeat_open(p: &Projection, name: &str) -> bool {
     p.by_key
         .get(&heartbeat_key(name))
-        .and_then(|id| p.incidents.get(id))
-        .is_some_and(|i| i.summary.status != IncidentStatus::Resolved)
+        .is_some_and(|id| match p.incidents.get(id) {
+            Some(i) => i.summary.status != IncidentStatus::Resolved,
+            None => p.cold_open.contains(id),
+        })
 }
 
 fn heartbeat_deadline(p: &Projection, hb: &HeartbeatConfig, started_at: Timestamp) -> Timestamp {
@@ -1554,10 +1567,24 @@ fn heartbeat_deadline(p: &Projection, hb: &HeartbeatConfig, started_at: Timestam
     last.checked_add(interval).unwrap_or(Timestamp::MAX)
 }
 
+/// The inhibition rules a projection indexes the firing alerts by (none
+/// if there are none).
+fn rules(core: &CoreConfig) -> Option<Arc<crate::inhibit::Inhibitor>> {
+    (!core.inhibitor.is_empty()).then(|| core.inhibitor.clone())
+}
+
 /// Opens the store; a store that cannot be read is wiped and rebuilt.
-fn open_store(dir: &Path, evict_before: Timestamp) -> Result<(Store, Projection), IncidentsError> {
+fn open_store(
+    dir: &Path,
+    evict_before: Timestamp,
+    max_in_memory: usize,
+    rules: Option<Arc<crate::inhibit::Inhibitor>>,
+) -> Result<(Store, Projection), IncidentsError> {
     tocsin_runtime::store::open_or_rebuild(dir, "projection store", |d| {
-        Store::open(d).and_then(|s| s.load(evict_before).map(|p| (s, p)))
+        Store::open(d).and_then(|s| {
+            s.load(evict_before, max_in_memory, rules.clone())
+                .map(|p| (s, p))
+        })
     })
     .map_err(|source| IncidentsError::Store {
         dir: dir.display().to_string(),

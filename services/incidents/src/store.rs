@@ -6,14 +6,17 @@
 //! INCIDENTS stream, never the record: if it is missing, unreadable or out
 //! of step with the stream, the service wipes it and rebuilds from the stream.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use tocsin_proto::{incident::Cause, silence::Silence};
 use uuid::Uuid;
 
-use crate::core::{IncidentState, Projection};
+use crate::{
+    core::{IncidentState, Projection},
+    inhibit::Inhibitor,
+};
 
 const META: &[u8] = b"m/meta";
 const STORE_SCHEMA: u32 = 1;
@@ -61,9 +64,20 @@ impl Store {
 
     /// Loads the projection; an empty store gives an empty projection.
     /// Incidents resolved before `evict_before` stay in the store (only
-    /// their number and dedup key are indexed in memory).
-    pub fn load(&self, evict_before: Timestamp) -> Result<Projection, StoreError> {
+    /// their number and dedup key are indexed in memory), and of the rest
+    /// at most `max_in_memory` are held in memory (the newest, and every
+    /// snoozed one); the firing alerts of every open one are indexed by
+    /// `inhibitor`'s rules, if given.
+    pub fn load(
+        &self,
+        evict_before: Timestamp,
+        max_in_memory: usize,
+        inhibitor: Option<Arc<Inhibitor>>,
+    ) -> Result<Projection, StoreError> {
         let mut p = Projection::new();
+        if let Some(i) = inhibitor {
+            p.set_inhibitor(i);
+        }
         let Some(meta) = self.tree.get(META)? else {
             return Ok(p);
         };
@@ -100,14 +114,13 @@ impl Store {
             }
             let resolved_at = st.summary.resolved_at.unwrap_or(st.summary.opened_at);
             if resolved && resolved_at < evict_before {
-                p.cold.insert(id);
+                p.insert_cold(id);
                 continue;
             }
-            if resolved {
-                p.resolved.insert((resolved_at, id));
+            p.insert_loaded(st);
+            if p.incidents.len() > max_in_memory {
+                p.evict_over(max_in_memory);
             }
-            p.incidents.insert(id, st);
-            p.reindex_snooze(id, None);
         }
         for kv in self.tree.scan_prefix(b"s/") {
             let (k, v) = kv?;
