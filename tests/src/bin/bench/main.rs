@@ -439,6 +439,15 @@ struct IncidentsArgs {
     /// Live alerts published in the latency phase (0 skips it).
     #[arg(long, default_value_t = 5_000)]
     live_alerts: u32,
+    /// Configure one inhibition rule (Alertmanager's usual one: a firing
+    /// `severity="critical"` alert inhibits `severity="warning"` alerts
+    /// with the same `instance`); a third of the groups are critical, a
+    /// third warning.
+    #[arg(long)]
+    inhibit: bool,
+    /// The service's `incidents.max_in_memory` (default: the service's).
+    #[arg(long)]
+    max_in_memory: Option<usize>,
     /// Use this NATS server (JetStream enabled, no Tocsin running on it;
     /// with authentication, the admin's credentials in the URL:
     /// nats://admin:PASSWORD@host:4222) instead of starting a private one. The service starts with an
@@ -1279,10 +1288,16 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
     print_machine(&server_version, &nats_where(private.is_some(), &nats_url));
     println!(
         "service: incidents alone, in-process, its own NATS connection, a fresh sled data dir, \
-         the default config (reopen_window {:?}, group_wait {:?}, auto_resolve {}), the system clock",
+         the default config (reopen_window {:?}, group_wait {:?}, auto_resolve {}, max_in_memory {}){}, the system clock",
         defaults.reopen_window.get(),
         defaults.group_wait.get(),
         defaults.auto_resolve,
+        args.max_in_memory.unwrap_or(defaults.max_in_memory),
+        if args.inhibit {
+            " and one inhibition rule (critical hides warnings of the same instance; --inhibit)"
+        } else {
+            ""
+        },
     );
     println!(
         "alerts: Alertmanager-style, grouped by alertname+group, up to {INSTANCES} per group; \
@@ -1346,6 +1361,18 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
         .context("temp dir")?;
     let config = IncidentsConfig {
         data_dir: Some(ConfigPath(data_dir.path().to_path_buf())),
+        inhibit_rules: if args.inhibit {
+            serde_json::from_value(serde_json::json!([{
+                "name": "critical hides warnings",
+                "source_matchers": ["severity=\"critical\""],
+                "target_matchers": ["severity=\"warning\""],
+                "equal": ["instance"],
+            }]))
+            .context("the inhibition rule")?
+        } else {
+            Vec::new()
+        },
+        max_in_memory: args.max_in_memory.unwrap_or(defaults.max_in_memory),
         ..Default::default()
     };
     let metrics = Metrics::new();

@@ -602,10 +602,20 @@ notifier:
     }
 
     /// Peak RSS of nats-server and every process.
+    /// Peak RSS (VmHWM) of nats-server and each process.
     pub fn rss(&self) -> Vec<(String, Option<f64>)> {
-        let mut rss = vec![("nats-server".to_string(), peer::peak_rss_mib(self.nats_pid))];
+        self.memory(peer::peak_rss_mib)
+    }
+
+    /// RSS now (VmRSS) of nats-server and each process.
+    pub fn rss_now(&self) -> Vec<(String, Option<f64>)> {
+        self.memory(peer::rss_mib)
+    }
+
+    fn memory(&self, of: fn(Option<u32>) -> Option<f64>) -> Vec<(String, Option<f64>)> {
+        let mut rss = vec![("nats-server".to_string(), of(self.nats_pid))];
         for p in &self.procs {
-            rss.push((p.name.clone(), peer::peak_rss_mib(Some(p.pid()))));
+            rss.push((p.name.clone(), of(Some(p.pid()))));
         }
         rss
     }

@@ -134,6 +134,11 @@ pub fn peak_rss_mib(pid: Option<u32>) -> Option<f64> {
     super::Memory::read(pid).map(|m| m.hwm_kib as f64 / 1024.0)
 }
 
+/// `pid`'s resident memory now (VmRSS), in MiB.
+pub fn rss_mib(pid: Option<u32>) -> Option<f64> {
+    super::Memory::read(pid).map(|m| m.rss_kib as f64 / 1024.0)
+}
+
 /// Resets this process's VmHWM to its current RSS (`/proc/self/clear_refs`
 /// with 5), so a later [`peak_rss_mib`] of it is the peak since; where that
 /// cannot be written the peak stays the process's whole life's.

@@ -61,6 +61,9 @@ struct RecoveryResult {
     caught_up: Duration,
     /// Peak RSS of every process with N incidents open, before the kill.
     loaded_rss: Vec<(String, Option<f64>)>,
+    /// RSS of every process once quiet with N incidents open, before the
+    /// kill (what N open incidents cost, without the load's peaks).
+    quiet_rss: Vec<(String, Option<f64>)>,
     /// Peak RSS of the restarted processes, after listing every incident.
     restarted_rss: Vec<(String, Option<f64>)>,
     problems: Vec<String>,
@@ -110,6 +113,12 @@ pub async fn recovery(n: u32, reps: u32) -> anyhow::Result<Outcome> {
         ),
         figure("both ready and caught up (sentinel paged)", "s", "lower"),
         figure("peak RSS, all processes, before the kill", "MiB", "lower"),
+        figure(
+            "RSS once quiet with all open, the Tocsin processes",
+            "MiB",
+            "lower",
+        ),
+        figure("RSS once quiet with all open, nats-server", "MiB", "lower"),
     ];
     let mut outcome = Outcome::default();
     for rep in 0..reps as usize {
@@ -128,6 +137,13 @@ pub async fn recovery(n: u32, reps: u32) -> anyhow::Result<Outcome> {
             r.caught_up.as_secs_f64(),
         );
         let loaded: f64 = r.loaded_rss.iter().filter_map(|(_, m)| *m).sum();
+        let sum = |nats: bool| -> f64 {
+            r.quiet_rss
+                .iter()
+                .filter(|(name, _)| (name == "nats-server") == nats)
+                .filter_map(|(_, m)| *m)
+                .sum()
+        };
         let values = [
             r.opened_per_s,
             r.lease[0].as_secs_f64(),
@@ -136,6 +152,8 @@ pub async fn recovery(n: u32, reps: u32) -> anyhow::Result<Outcome> {
             r.ready[1].as_secs_f64(),
             both.as_secs_f64(),
             loaded,
+            sum(false),
+            sum(true),
         ];
         for (f, v) in figures.iter_mut().zip(values) {
             f.push(true, v);
@@ -247,10 +265,12 @@ async fn once(n: usize, run: &str, load_limit: Duration) -> anyhow::Result<Recov
         ));
     }
     let loaded_rss = stack.rss();
+    let quiet_rss = stack.rss_now();
     println!(
-        "  with {n} open: {}; peak RSS {}",
+        "  with {n} open: {}; peak RSS {}; RSS now {}",
         gauges(&stack).await,
-        super::peer::describe_rss(&loaded_rss)
+        super::peer::describe_rss(&loaded_rss),
+        super::peer::describe_rss(&quiet_rss)
     );
 
     // The kill, a sentinel while they are down, the restart.
@@ -318,6 +338,7 @@ async fn once(n: usize, run: &str, load_limit: Duration) -> anyhow::Result<Recov
                     caught_up: c,
                     again,
                     loaded_rss,
+                    quiet_rss,
                     problems,
                 },
             )
@@ -367,6 +388,7 @@ struct RecoveryParts<'a> {
     /// Pages of the loaded incidents after the restart.
     again: usize,
     loaded_rss: Vec<(String, Option<f64>)>,
+    quiet_rss: Vec<(String, Option<f64>)>,
     problems: Vec<String>,
 }
 
@@ -387,6 +409,7 @@ async fn finish(
         caught_up,
         mut again,
         loaded_rss,
+        quiet_rss,
         mut problems,
     } = parts;
     // A harness that reports what it saw: a page later than this goes
@@ -443,6 +466,7 @@ async fn finish(
         ready,
         caught_up,
         loaded_rss,
+        quiet_rss,
         restarted_rss,
         problems,
     })
