@@ -237,24 +237,25 @@ impl Projection {
     /// that touches one loads it back). Incidents changed since the last
     /// save and snoozed ones (the timer loop reads them) stay. Returns how
     /// many left.
+    ///
+    /// One that must stay goes to the back of the order, so the next call
+    /// does not look at it again first; each call looks at every incident
+    /// in memory at most once.
     pub fn evict_over(&mut self, max: usize) -> usize {
-        let mut kept = Vec::new();
         let mut n = 0;
-        while self.incidents.len() > max {
-            let Some((t, id)) = self.recent.pop_first() else {
+        let mut looks = self.recent.len();
+        while self.incidents.len() > max && looks > 0 {
+            looks -= 1;
+            let Some((_, id)) = self.recent.pop_first() else {
                 break;
             };
             let snoozed = self.incidents.get(&id).and_then(snooze_timer).is_some();
             if snoozed || self.dirty.contains(&id) {
-                kept.push((t, id));
-                continue;
-            }
-            self.recent.insert((t, id));
-            if self.leave_memory(id) {
+                self.touch(id);
+            } else if self.leave_memory(id) {
                 n += 1;
             }
         }
-        self.recent.extend(kept);
         n
     }
 
