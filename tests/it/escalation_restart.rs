@@ -73,23 +73,35 @@ async fn publish_event(
     status: IncidentStatus,
     at: Timestamp,
 ) {
+    let cause = format!("test-{i}-{}", status.as_str());
+    let (subject, h, bytes) = message(i, kind, status, at, cause);
+    js.publish_with_headers(subject, h, bytes)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// An INCIDENTS entry about incident `i` caused by timer `cause` (its
+/// message id), as published: subject, headers, payload.
+fn message(
+    i: u32,
+    kind: EventKind,
+    status: IncidentStatus,
+    at: Timestamp,
+    cause: String,
+) -> (String, HeaderMap, bytes::Bytes) {
     let entry = LogEntry::Incident(IncidentEvent {
         kind,
         at,
         actor: Some(Actor::new("test", "test")),
-        cause: Cause::Timer {
-            id: format!("test-{i}-{}", status.as_str()),
-        },
+        cause: Cause::Timer { id: cause },
         incident: summary(i, status),
     });
     let mut h = HeaderMap::new();
     h.insert(headers::MSG_ID, entry.msg_id().as_str());
     let bytes = codec::encode(&Envelope::new("test", at, entry.clone())).unwrap();
-    js.publish_with_headers(entry.subject(), h, bytes.into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    (entry.subject(), h, bytes.into())
 }
 
 async fn start(
@@ -419,25 +431,17 @@ async fn entries_that_change_no_track_still_move_the_stored_cursor_along() {
     // Notes leave the incident as it was (its summary is the same).
     let mut acks = Vec::new();
     for n in 0..NOTES {
-        let entry = LogEntry::Incident(IncidentEvent {
-            kind: EventKind::NoteAdded {
-                text: format!("note {n}"),
-            },
-            at: t0(),
-            actor: Some(Actor::new("test", "test")),
-            cause: Cause::Timer {
-                id: format!("note-{n}"),
-            },
-            incident: summary(0, IncidentStatus::Triggered),
-        });
-        let mut h = HeaderMap::new();
-        h.insert(headers::MSG_ID, entry.msg_id().as_str());
-        let bytes = codec::encode(&Envelope::new("test", t0(), entry.clone())).unwrap();
-        acks.push(
-            js.publish_with_headers(entry.subject(), h, bytes.into())
-                .await
-                .unwrap(),
+        let note = EventKind::NoteAdded {
+            text: format!("note {n}"),
+        };
+        let (subject, h, bytes) = message(
+            0,
+            note,
+            IncidentStatus::Triggered,
+            t0(),
+            format!("note-{n}"),
         );
+        acks.push(js.publish_with_headers(subject, h, bytes).await.unwrap());
     }
     let mut last = 0;
     for a in acks {
