@@ -82,6 +82,14 @@ async fn publish_event(
         .unwrap();
 }
 
+/// Incident `i` opens at t0.
+async fn publish_opened(js: &jetstream::Context, i: u32) {
+    let opened = EventKind::Opened {
+        alert: dummy_alert(),
+    };
+    publish_event(js, i, opened, IncidentStatus::Triggered, t0()).await;
+}
+
 /// An INCIDENTS entry about incident `i` caused by timer `cause` (its
 /// message id), as published: subject, headers, payload.
 fn message(
@@ -162,16 +170,7 @@ async fn pages_are_exactly_those_due_across_kills_and_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(t0()));
     for i in 0..N {
-        publish_event(
-            &js,
-            i,
-            EventKind::Opened {
-                alert: dummy_alert(),
-            },
-            IncidentStatus::Triggered,
-            t0(),
-        )
-        .await;
+        publish_opened(&js, i).await;
     }
 
     let progress = Progress::new();
@@ -411,16 +410,7 @@ async fn entries_that_change_no_track_still_move_the_stored_cursor_along() {
     let progress = Progress::new();
     let clock = Arc::new(ManualClock::new(t0()));
     let (service, conn) = start(&nats.url(), dir.path(), clock, &progress).await;
-    publish_event(
-        &js,
-        0,
-        EventKind::Opened {
-            alert: dummy_alert(),
-        },
-        IncidentStatus::Triggered,
-        t0(),
-    )
-    .await;
+    publish_opened(&js, 0).await;
     // Its first level pages at once; after that nothing is due for 5m.
     progress
         .wait_until("escalation", Duration::from_secs(30), |m| {

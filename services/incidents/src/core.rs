@@ -123,14 +123,8 @@ impl Projection {
     /// `inhibitor`'s rules, and keeps them indexed from now on.
     pub fn set_inhibitor(&mut self, inhibitor: std::sync::Arc<Inhibitor>) {
         self.sources = Sources::new(inhibitor);
-        for (id, st) in &self.incidents {
-            if st.summary.status != IncidentStatus::Resolved {
-                for a in st.alerts.values() {
-                    if a.status == AlertStatus::Firing {
-                        self.sources.add(*id, &a.fingerprint, &a.labels);
-                    }
-                }
-            }
+        for st in self.incidents.values() {
+            index_sources(&mut self.sources, st);
         }
     }
 
@@ -179,11 +173,7 @@ impl Projection {
     /// [`Store::load`]: crate::store::Store::load
     pub fn insert_loaded(&mut self, st: IncidentState) {
         let id = st.summary.id;
-        if st.summary.status != IncidentStatus::Resolved {
-            for a in firing(&st.alerts, None) {
-                self.sources.add(id, &a.fingerprint, &a.labels);
-            }
-        }
+        index_sources(&mut self.sources, &st);
         if let Some(at) = resolved_key(&st) {
             self.resolved.insert((at, id));
         }
@@ -419,6 +409,15 @@ impl Projection {
             .flat_map(|i| i.alerts.values())
             .filter(|a| a.status == AlertStatus::Firing)
             .map(|a| (&a.fingerprint, &a.labels))
+    }
+}
+
+/// Adds the firing alerts of `st`, if it is open, to the inhibiting sources.
+fn index_sources(sources: &mut Sources, st: &IncidentState) {
+    if st.summary.status != IncidentStatus::Resolved {
+        for a in firing(&st.alerts, None) {
+            sources.add(st.summary.id, &a.fingerprint, &a.labels);
+        }
     }
 }
 
