@@ -51,6 +51,13 @@
 //!   just before an alert's publish to receiving (core NATS subscription on
 //!   `tocsin.incidents.inc.>`) the first INCIDENTS entry caused by it
 //!   (`Cause::Alert { seq }`): p50/p90/p99/max.
+//! - **receipts**: `--receipts` `paged` commands (what escalation records
+//!   for every page; the notifier's `delivery` receipts take the same
+//!   path), one per incident from #1 up, published to COMMANDS as fast as
+//!   their acks come back: time from the first publish until the service's
+//!   COMMANDS consumer has acknowledged the last one (its ack floor, polled
+//!   every 20ms): commands/s, and how many incidents were loaded back from
+//!   the local store for them (`tocsin_incidents_restored_total`).
 //! - **memory**: VmRSS/VmHWM of this process (the service, its client, and
 //!   the bench's own client and bookkeeping) before the service starts and
 //!   after each phase, and of the private nats-server.
@@ -308,6 +315,7 @@ use tocsin_incidents::{
 };
 use tocsin_proto::{
     codec::{self, decode_envelope},
+    command::{Action, Command as BusCommand, IncidentRef},
     incident::{
         Actor, AlertInfo, Cause, EventKind, IncidentEvent, IncidentStatus, IncidentSummary,
         LogEntry, ResolveReason, Severity,
@@ -439,6 +447,12 @@ struct IncidentsArgs {
     /// Live alerts published in the latency phase (0 skips it).
     #[arg(long, default_value_t = 5_000)]
     live_alerts: u32,
+    /// `paged` receipts published to COMMANDS in the receipts phase, one
+    /// per incident from #1 up (the oldest first, so at a low
+    /// `--max-in-memory` most name an incident out of memory), cycling
+    /// when there are fewer incidents (0 skips it).
+    #[arg(long, default_value_t = 10_000)]
+    receipts: u32,
     /// Configure one inhibition rule (Alertmanager's usual one: a firing
     /// `severity="critical"` alert inhibits `severity="warning"` alerts
     /// with the same `instance`); a third of the groups are critical, a
@@ -1601,6 +1615,90 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
         println!();
     }
 
+    // Phase 3: receipts, the commands every page brings (escalation's
+    // `paged`, the notifier's `delivery`).
+    let mut mem3 = None;
+    let mut nats3 = None;
+    if args.receipts > 0 {
+        let numbers = sentinel.number.max(1);
+        let n = args.receipts as u64;
+        let restored_before = restored(&metrics);
+        let answered_before = commands_answered(&metrics);
+        let phase_started = Instant::now();
+        let mut chunk = Vec::with_capacity(PRELOAD_CHUNK);
+        let mut last_seq = 0u64;
+        for i in 0..n {
+            let cmd = BusCommand::new(
+                Actor::new("bench", "bench"),
+                Action::Paged {
+                    incident: IncidentRef::Number(i % numbers + 1),
+                    level: 0,
+                    repeat: 0,
+                    pages: vec!["alice via slack".into()],
+                    reason: "bench receipt".into(),
+                },
+            );
+            let mut h = HeaderMap::new();
+            h.insert(headers::MSG_ID, cmd.id.as_str());
+            let env = Envelope::new("bench", Timestamp::now(), cmd.clone());
+            let payload = codec::encode(&env).context("encode a receipt")?;
+            chunk.push(
+                js.send_publish(
+                    cmd.subject(),
+                    PublishMessage::build().headers(h).payload(payload.into()),
+                )
+                .await
+                .context("receipt not sent")?,
+            );
+            if chunk.len() == PRELOAD_CHUNK || i + 1 == n {
+                for ack in join_all(chunk.drain(..).map(IntoFuture::into_future)).await {
+                    last_seq = last_seq.max(ack.context("receipt not stored")?.sequence);
+                }
+            }
+        }
+        let publishing = phase_started.elapsed();
+        let mut consumer: jetstream::consumer::PullConsumer = js
+            .get_consumer_from_stream(tocsin_incidents::COMMANDS_CONSUMER, STREAM_COMMANDS)
+            .await
+            .context("the incidents service's COMMANDS consumer")?;
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        loop {
+            let floor = consumer
+                .info()
+                .await
+                .context("COMMANDS consumer info")?
+                .ack_floor
+                .stream_sequence;
+            if floor >= last_seq {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the receipts were not all applied within {DRAIN_LIMIT:?} (ack floor {floor} of {last_seq})");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let elapsed = phase_started.elapsed();
+        mem3 = Memory::read(None);
+        nats3 = nats_pid.and_then(|p| Memory::read(Some(p)));
+        println!(
+            "phase 3, receipts: {n} `paged` commands, one per incident from #1 to #{numbers} in turn, \
+             published to {} as fast as acked, until the service's consumer acknowledged the last",
+            STREAM_COMMANDS
+        );
+        println!(
+            "  published in {:.2}s; applied in {:.2}s: {:.0} commands/s",
+            publishing.as_secs_f64(),
+            elapsed.as_secs_f64(),
+            n as f64 / elapsed.as_secs_f64(),
+        );
+        println!(
+            "  commands answered: {}; incidents loaded back from the local store: {}",
+            commands_answered(&metrics) - answered_before,
+            restored(&metrics) - restored_before,
+        );
+        println!();
+    }
+
     println!(
         "memory: VmRSS / VmHWM (peak) of this bench process, which is the incidents service, its \
          NATS client, and the bench's own client and bookkeeping; growth is VmRSS over before the service"
@@ -1609,9 +1707,13 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
         ("before the service", mem_base, nats_base),
         ("after phase 1", mem1, nats1),
         ("after phase 2", mem2, nats2),
+        ("after phase 3", mem3, nats3),
     ];
     if live == 0 {
         rows.retain(|(label, _, _)| *label != "after phase 2");
+    }
+    if args.receipts == 0 {
+        rows.retain(|(label, _, _)| *label != "after phase 3");
     }
     print_memory(22, &rows, nats_pid, private.is_some());
 
@@ -3671,6 +3773,22 @@ async fn wait_for_incident(
 /// The samples of counter `name` (labels, value) in `metrics`' text form.
 fn counter_samples(metrics: &Metrics, name: &str) -> Vec<(String, f64)> {
     samples(&metrics.encode(), name)
+}
+
+/// Commands the incidents service answered (accepted or rejected).
+fn commands_answered(metrics: &Metrics) -> u64 {
+    sum_where(
+        &counter_samples(metrics, "tocsin_incidents_inputs_total"),
+        "input=\"command\"",
+    )
+}
+
+/// Incidents the incidents service loaded back into memory.
+fn restored(metrics: &Metrics) -> u64 {
+    counter_samples(metrics, "tocsin_incidents_restored_total")
+        .iter()
+        .map(|(_, v)| *v as u64)
+        .sum()
 }
 
 /// The samples of metric `name` (labels, value) in Prometheus text `text`.
