@@ -4,12 +4,17 @@
 //! the service's memory stays bounded, not its whole history or a storm's
 //! every incident, and no decision changes because of it.
 
+use std::time::Duration;
+
+use futures::StreamExt;
 use jiff::SignedDuration;
 use tocsin_proto::{
-    command::{Action, CommandReply, IncidentRef},
-    incident::IncidentStatus,
+    codec,
+    command::{Action, Command, CommandReply, IncidentRef},
+    incident::{Actor, IncidentStatus},
     query::ListIncidents,
-    AlertStatus,
+    subjects::headers,
+    AlertStatus, Envelope,
 };
 use tocsin_tests::{
     incidents::{alert, command, get, list, log, publish_alert, wait_for},
@@ -299,5 +304,85 @@ async fn open_incidents_beyond_the_limit_leave_memory_and_still_answer() {
             .is_some_and(|r| r.starts_with("inhibited by rule \"node-down\"")),
         "{six:?}"
     );
+    tocsin.stop().await.unwrap();
+}
+
+/// Commands that come together (here: waiting while the service was down)
+/// for more incidents than `max_in_memory`, most of them out of memory:
+/// they are applied together, and each reply carries its incident as the
+/// command left it, although the save after them sends some of those
+/// incidents out of memory again before the replies go.
+#[tokio::test]
+async fn commands_on_incidents_out_of_memory_are_answered_with_their_incident() {
+    let nats = NatsServer::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = TocsinHarness::config(&nats);
+    config.incidents = serde_yaml_ng::from_str(&format!(
+        "data_dir: {}\nmax_in_memory: 2\n",
+        data.path().join("incidents").display()
+    ))
+    .unwrap();
+    let tocsin = TocsinHarness::start_with(config.clone()).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+    let group = ["alertname", "instance"];
+    let instances = ["a", "b", "c", "d", "e", "f"];
+    for (k, instance) in instances.iter().enumerate() {
+        let t = t0 + SignedDuration::from_mins(k as i64);
+        let labels = [("alertname", "HighLatency"), ("instance", *instance)];
+        publish_alert(&js, alert(&labels, &group, AlertStatus::Firing, t), t).await;
+    }
+    wait_for(&client, "six incidents", |all| all.len() == 6).await;
+    tocsin.settled(&js).await;
+    tocsin.stop().await.unwrap();
+
+    // While it is down, one acknowledgement for each incident waits.
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.unwrap();
+    for n in 1..=6u64 {
+        let cmd = Command::new(
+            Actor::new("alice", "test"),
+            Action::Ack {
+                incident: IncidentRef::Number(n),
+            },
+        );
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::REPLY_TO, inbox.as_str());
+        h.insert(headers::MSG_ID, cmd.id.as_str());
+        let env = Envelope::new("test", t0, cmd.clone());
+        js.publish_with_headers(cmd.subject(), h, codec::encode(&env).unwrap().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    let tocsin = TocsinHarness::start_with(config).await;
+    let mut answered = Vec::new();
+    while answered.len() < 6 {
+        let msg = tokio::time::timeout(Duration::from_secs(20), replies.next())
+            .await
+            .expect("every acknowledgement answered within 20s")
+            .expect("reply");
+        match codec::decode(&msg.payload).unwrap() {
+            CommandReply::Accepted {
+                incident: Some(summary),
+                ..
+            } => answered.push((summary.number, summary.status)),
+            other => panic!("an acknowledgement answered without its incident: {other:?}"),
+        }
+    }
+    answered.sort_unstable_by_key(|(n, _)| *n);
+    assert_eq!(
+        answered,
+        (1..=6u64)
+            .map(|n| (n, IncidentStatus::Acknowledged))
+            .collect::<Vec<_>>()
+    );
+    tocsin.settled(&js).await;
+    let m = tocsin.metrics().await;
+    assert!(metric(&m, "tocsin_incidents_restored_total") >= 4.0, "{m}");
+    assert!(metric(&m, "tocsin_incidents_in_memory") <= 2.0, "{m}");
     tocsin.stop().await.unwrap();
 }

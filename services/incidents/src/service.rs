@@ -26,7 +26,7 @@ use jiff::{SignedDuration, Timestamp};
 use tocsin_proto::{
     codec::{self, decode_envelope},
     command::{Command, CommandReply},
-    incident::{Cause, IncidentStatus, LogEntry},
+    incident::{Cause, IncidentStatus, IncidentSummary, LogEntry},
     subjects::{headers, STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS},
     Alert, Envelope, SourceKind,
 };
@@ -943,15 +943,9 @@ impl Service {
             return Fast::Careful;
         }
         let traceparent = header(msg, headers::TRACEPARENT);
-        let (entries, missed) = {
-            let p = read(&self.proj);
-            let d = Decider::new(&self.core, &p);
-            let entries = d.alert(Cause::Alert { seq }, &env);
-            (entries, d.missed.get())
-        };
-        if missed.is_some() {
+        let Some(entries) = self.decide_in_batch(|d| d.alert(Cause::Alert { seq }, &env)) else {
             return Fast::Careful;
-        }
+        };
         let n = entries.len();
         if let Err(fast) = self
             .send_entries(entries, traceparent.as_deref(), sent, last_seq)
@@ -960,6 +954,44 @@ impl Service {
             return fast;
         }
         Fast::Sent(Handled::Alert(seq, env.received_at, n))
+    }
+
+    /// Decides one input of a batch on the projection. An incident it
+    /// touches that left memory is loaded back from the local store first,
+    /// so receipts and alerts for incidents out of memory stay in the
+    /// batch (a storm's receipts mostly name such incidents). None: the
+    /// input must go the careful way (the store does not have the
+    /// incident, or it cannot be read; that way reads the stream).
+    ///
+    /// Loading back mid-batch is safe: nothing leaves memory before the
+    /// batch is saved, so an incident out of memory has no entry in
+    /// flight, and the store holds its state as of the save that evicted
+    /// it, which is its whole state.
+    fn decide_in_batch<T>(&self, decide: impl Fn(&Decider<'_>) -> T) -> Option<T> {
+        // One input touches one incident; the bound is a guard.
+        for _ in 0..4 {
+            let (decided, missed) = {
+                let p = read(&self.proj);
+                let d = Decider::new(&self.core, &p);
+                let decided = decide(&d);
+                (decided, d.missed.get())
+            };
+            let Some(id) = missed else {
+                return Some(decided);
+            };
+            match self.store.incident(&id) {
+                Ok(Some(st)) => {
+                    write(&self.proj).restore(st);
+                    IncidentsEvent::Restored.emit(&self.metrics);
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!(incident = %id, error = %e, "stored incident unreadable; reading it from the stream");
+                    return None;
+                }
+            }
+        }
+        None
     }
 
     /// Sends one input's entries (each naming the stream sequence it must
@@ -1012,15 +1044,11 @@ impl Service {
             return Fast::Careful;
         };
         let traceparent = header(&msg, headers::TRACEPARENT);
-        let ((entries, verdict), missed) = {
-            let p = read(&self.proj);
-            let d = Decider::new(&self.core, &p);
-            let decided = d.command(&env.body, env.received_at);
-            (decided, d.missed.get())
-        };
-        if missed.is_some() {
+        let Some((entries, verdict)) =
+            self.decide_in_batch(|d| d.command(&env.body, env.received_at))
+        else {
             return Fast::Careful;
-        }
+        };
         if let Err(fast) = self
             .send_entries(entries, traceparent.as_deref(), sent, last_seq)
             .await
@@ -1049,12 +1077,16 @@ impl Service {
         if handled.is_empty() {
             return Ok(());
         }
+        // The commands' incidents as their replies carry them, taken
+        // before the save: it may send them out of memory.
+        let mut summaries = Vec::new();
         {
             let mut p = write(&self.proj);
             p.incidents_seq = p.incidents_seq.max(top);
             for h in handled.iter() {
-                if let Handled::Alert(seq, _, _) = h {
-                    p.alerts_cursor = p.alerts_cursor.max(*seq);
+                match h {
+                    Handled::Alert(seq, _, _) => p.alerts_cursor = p.alerts_cursor.max(*seq),
+                    Handled::Command { cmd, .. } => summaries.push(summary_of(&p, cmd)),
                 }
             }
             self.metrics.sizes(p.open_count, p.incidents.len());
@@ -1064,13 +1096,15 @@ impl Service {
         // Commands are answered and acknowledged all at once: each
         // acknowledgement is a round trip to JetStream.
         let mut done = Vec::new();
+        let mut summaries = summaries.into_iter();
         for h in handled.drain(..) {
             match h {
                 Handled::Alert(_, received_at, written) => {
                     self.alert_done(written, received_at, now)
                 }
                 Handled::Command { msg, cmd, verdict } => {
-                    done.push(async move { self.command_done(*msg, &cmd, verdict).await })
+                    let incident = summaries.next().flatten();
+                    done.push(async move { self.command_done(*msg, &cmd, verdict, incident).await })
                 }
             }
         }
@@ -1387,19 +1421,27 @@ impl Service {
                 return;
             }
         }
-        self.save(&mut write(&self.proj));
+        let incident = {
+            let mut p = write(&self.proj);
+            let incident = summary_of(&p, cmd);
+            self.save(&mut p);
+            incident
+        };
         let verdict = verdict.into_inner().unwrap_or_else(|e| e.into_inner());
-        self.command_done(msg, cmd, verdict).await;
+        self.command_done(msg, cmd, verdict, incident).await;
     }
 
-    /// Answers a command whose effect is stored and in the projection
-    /// (to its reply subject, if it has one), then acknowledges it.
-    async fn command_done(&self, msg: jetstream::Message, cmd: &Command, verdict: Verdict) {
+    /// Answers a command whose effect is stored (to its reply subject, if
+    /// it has one, with its incident as it was once the effect was folded
+    /// in), then acknowledges it.
+    async fn command_done(
+        &self,
+        msg: jetstream::Message,
+        cmd: &Command,
+        verdict: Verdict,
+        incident: Option<IncidentSummary>,
+    ) {
         let reply_to = header(&msg, headers::REPLY_TO);
-        let incident = cmd
-            .action
-            .incident()
-            .and_then(|r| read(&self.proj).find(r).map(|i| i.summary.clone()));
         let (accepted, message) = match &verdict {
             Verdict::Accepted(m) => (true, m.clone()),
             Verdict::Rejected(m) => (false, m.clone()),
@@ -1546,6 +1588,15 @@ fn encode_entry(entry: &LogEntry, traceparent: Option<&str>) -> Result<Vec<u8>, 
 }
 
 /// The cause of heartbeat `name`'s missed-ping incident due at `deadline`.
+/// The incident `cmd` names, as a reply carries it (None: it names none,
+/// or none that exists).
+fn summary_of(p: &Projection, cmd: &Command) -> Option<IncidentSummary> {
+    cmd.action
+        .incident()
+        .and_then(|r| p.find(r))
+        .map(|i| i.summary.clone())
+}
+
 fn heartbeat_cause(name: &str, deadline: Timestamp) -> Cause {
     Cause::Timer {
         id: format!("hb-{}-{}", name, deadline.as_second()),
