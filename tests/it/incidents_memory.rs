@@ -28,6 +28,22 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} not in /metrics"))
 }
 
+/// The test kit's config with the incidents section `yaml` and a data
+/// dir in `data`, so a restart finds the store.
+fn with_incidents(
+    nats: &NatsServer,
+    data: &tempfile::TempDir,
+    yaml: &str,
+) -> tocsin::config::Config {
+    let mut config = TocsinHarness::config(nats);
+    config.incidents = serde_yaml_ng::from_str(&format!(
+        "data_dir: {}\n{yaml}",
+        data.path().join("incidents").display()
+    ))
+    .unwrap();
+    config
+}
+
 #[tokio::test]
 async fn an_evicted_incident_still_answers_repeats_commands_and_queries() {
     let nats = NatsServer::start().await;
@@ -166,12 +182,11 @@ async fn an_evicted_incident_still_answers_repeats_commands_and_queries() {
 async fn open_incidents_beyond_the_limit_leave_memory_and_still_answer() {
     let nats = NatsServer::start().await;
     let data = tempfile::tempdir().unwrap();
-    let mut config = TocsinHarness::config(&nats);
-    config.incidents = serde_yaml_ng::from_str(&format!(
-        "data_dir: {}\nmax_in_memory: 2\ninhibit_rules:\n  - name: node-down\n    source_matchers: ['alertname=\"NodeDown\"']\n    target_matchers: ['severity=\"warning\"']\n    equal: [instance]\n",
-        data.path().join("incidents").display()
-    ))
-    .unwrap();
+    let config = with_incidents(
+        &nats,
+        &data,
+        "max_in_memory: 2\ninhibit_rules:\n  - name: node-down\n    source_matchers: ['alertname=\"NodeDown\"']\n    target_matchers: ['severity=\"warning\"']\n    equal: [instance]\n",
+    );
     let tocsin = TocsinHarness::start_with(config.clone()).await;
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
@@ -316,12 +331,7 @@ async fn open_incidents_beyond_the_limit_leave_memory_and_still_answer() {
 async fn commands_on_incidents_out_of_memory_are_answered_with_their_incident() {
     let nats = NatsServer::start().await;
     let data = tempfile::tempdir().unwrap();
-    let mut config = TocsinHarness::config(&nats);
-    config.incidents = serde_yaml_ng::from_str(&format!(
-        "data_dir: {}\nmax_in_memory: 2\n",
-        data.path().join("incidents").display()
-    ))
-    .unwrap();
+    let config = with_incidents(&nats, &data, "max_in_memory: 2\n");
     let tocsin = TocsinHarness::start_with(config.clone()).await;
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
