@@ -137,8 +137,8 @@ enum Fast {
     /// Decided before (below the resume point).
     Skip,
     /// It needs the one-at-a-time path: a heartbeat, an undecodable or
-    /// oversized input or entry, an incident to load back, or an alert
-    /// after a failed batch.
+    /// oversized input or entry, an incident out of memory that the local
+    /// store does not have, or an alert after a failed batch.
     Careful,
     /// A send failed.
     Failed(String),
@@ -755,8 +755,8 @@ impl Service {
                 (entries, d.missed.get())
             };
             if let Some(id) = missed {
-                // The input touches a resolved incident no longer in
-                // memory: load it and decide again. One input touches one
+                // The input touches an incident no longer in memory:
+                // load it and decide again. One input touches one
                 // incident, so this ends; the bound is a guard.
                 restored += 1;
                 let loaded: Result<(), String> = match self.restore(id, None).await {
