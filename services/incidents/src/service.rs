@@ -121,11 +121,13 @@ type Sent = (jetstream::context::PublishAckFuture, LogEntry);
 enum Handled {
     /// Its sequence, when ingest received it, and how many entries it wrote.
     Alert(u64, Timestamp, usize),
-    /// Answer and acknowledge it.
+    /// Answer and acknowledge it; the reply carries `incident`, taken
+    /// before the batch's save (which may send it out of memory).
     Command {
         msg: Box<jetstream::Message>,
         cmd: Box<Command>,
         verdict: Verdict,
+        incident: Option<Box<IncidentSummary>>,
     },
 }
 
@@ -450,9 +452,15 @@ impl Service {
     async fn restore(&self, id: uuid::Uuid, upto: Option<u64>) -> Result<(), String> {
         let upto = upto.unwrap_or_else(|| read(&self.proj).incidents_seq);
         let st = crate::query::cold(&self.js, &self.store, id, upto).await?;
+        self.put_back(st);
+        Ok(())
+    }
+
+    /// Puts an incident read back from the store (or the stream) into the
+    /// projection.
+    fn put_back(&self, st: crate::core::IncidentState) {
         write(&self.proj).restore(st);
         IncidentsEvent::Restored.emit(&self.metrics);
-        Ok(())
     }
 
     pub(crate) async fn run(
@@ -980,10 +988,7 @@ impl Service {
                 return Some(decided);
             };
             match self.store.incident(&id) {
-                Ok(Some(st)) => {
-                    write(&self.proj).restore(st);
-                    IncidentsEvent::Restored.emit(&self.metrics);
-                }
+                Ok(Some(st)) => self.put_back(st),
                 Ok(None) => return None,
                 Err(e) => {
                     tracing::warn!(incident = %id, error = %e, "stored incident unreadable; reading it from the stream");
@@ -1059,6 +1064,7 @@ impl Service {
             msg: Box::new(msg),
             cmd: Box::new(env.body),
             verdict,
+            incident: None, // taken in finish
         })
     }
 
@@ -1077,16 +1083,15 @@ impl Service {
         if handled.is_empty() {
             return Ok(());
         }
-        // The commands' incidents as their replies carry them, taken
-        // before the save: it may send them out of memory.
-        let mut summaries = Vec::new();
         {
             let mut p = write(&self.proj);
             p.incidents_seq = p.incidents_seq.max(top);
-            for h in handled.iter() {
+            for h in handled.iter_mut() {
                 match h {
                     Handled::Alert(seq, _, _) => p.alerts_cursor = p.alerts_cursor.max(*seq),
-                    Handled::Command { cmd, .. } => summaries.push(summary_of(&p, cmd)),
+                    Handled::Command { cmd, incident, .. } => {
+                        *incident = summary_of(&p, cmd).map(Box::new)
+                    }
                 }
             }
             self.metrics.sizes(p.open_count, p.incidents.len());
@@ -1096,16 +1101,20 @@ impl Service {
         // Commands are answered and acknowledged all at once: each
         // acknowledgement is a round trip to JetStream.
         let mut done = Vec::new();
-        let mut summaries = summaries.into_iter();
         for h in handled.drain(..) {
             match h {
                 Handled::Alert(_, received_at, written) => {
                     self.alert_done(written, received_at, now)
                 }
-                Handled::Command { msg, cmd, verdict } => {
-                    let incident = summaries.next().flatten();
-                    done.push(async move { self.command_done(*msg, &cmd, verdict, incident).await })
-                }
+                Handled::Command {
+                    msg,
+                    cmd,
+                    verdict,
+                    incident,
+                } => done.push(async move {
+                    self.command_done(*msg, &cmd, verdict, incident.map(|i| *i))
+                        .await
+                }),
             }
         }
         futures::future::join_all(done).await;
@@ -1587,7 +1596,6 @@ fn encode_entry(entry: &LogEntry, traceparent: Option<&str>) -> Result<Vec<u8>, 
     })
 }
 
-/// The cause of heartbeat `name`'s missed-ping incident due at `deadline`.
 /// The incident `cmd` names, as a reply carries it (None: it names none,
 /// or none that exists).
 fn summary_of(p: &Projection, cmd: &Command) -> Option<IncidentSummary> {
@@ -1597,6 +1605,7 @@ fn summary_of(p: &Projection, cmd: &Command) -> Option<IncidentSummary> {
         .map(|i| i.summary.clone())
 }
 
+/// The cause of heartbeat `name`'s missed-ping incident due at `deadline`.
 fn heartbeat_cause(name: &str, deadline: Timestamp) -> Cause {
     Cause::Timer {
         id: format!("hb-{}-{}", name, deadline.as_second()),

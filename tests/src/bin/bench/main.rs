@@ -1675,6 +1675,9 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
             if Instant::now() > deadline {
                 bail!("the receipts were not all applied within {DRAIN_LIMIT:?} (ack floor {floor} of {last_seq})");
             }
+            // Polling the ack floor (nothing announces it) until it
+            // reaches the last receipt: the 20 ms is the figure's
+            // resolution, not a wait for something not to happen.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let elapsed = phase_started.elapsed();
