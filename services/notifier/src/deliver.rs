@@ -291,16 +291,16 @@ impl Deliverer {
         Duration::from_millis(rand::random::<u64>() % max_ms.max(1))
     }
 
-    /// Waits `d` on the clock.
-    async fn wait(&self, d: Duration, shutdown: &CancellationToken) -> bool {
+    /// Waits on the clock until `d` after `from`, the time the turn was
+    /// booked at: the turn is a time on the clock, so whatever passed
+    /// since (a record written, the clock read again) is not waited twice.
+    async fn wait(&self, from: Timestamp, d: Duration, shutdown: &CancellationToken) -> bool {
         if d.is_zero() {
             return true;
         }
-        let until = self
-            .clock
-            .now()
+        let until = from
             .checked_add(SignedDuration::try_from(d).unwrap_or_default())
-            .unwrap_or_else(|_| self.clock.now());
+            .unwrap_or(from);
         loop {
             if self.clock.now() >= until {
                 return true;
@@ -566,7 +566,7 @@ impl Deliverer {
                     };
                 }
             }
-            if !self.wait(wait, shutdown).await {
+            if !self.wait(now, wait, shutdown).await {
                 return Some(Finish::Later(Duration::from_secs(1)));
             }
         }
@@ -876,18 +876,15 @@ impl Deliverer {
             };
             let out = self.outgoing(&job, &now.summary, &[]);
             let dest = provider.destination(&out);
-            let probe = match self
-                .lanes
-                .turn(provider.name(), &dest, self.clock.now())
-                .await
-            {
+            let booked_at = self.clock.now();
+            let probe = match self.lanes.turn(provider.name(), &dest, booked_at).await {
                 Turn::BreakerOpen(d) | Turn::TooFar(d) => {
                     self.metrics
                         .handed_back(about.channel.as_str(), "rate_limit");
                     return Err(d.max(Duration::from_millis(200)));
                 }
                 Turn::After { wait, probe, held } => {
-                    if !self.wait(wait, shutdown).await {
+                    if !self.wait(booked_at, wait, shutdown).await {
                         return Err(Duration::from_secs(1));
                     }
                     drop(held);
