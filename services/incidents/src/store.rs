@@ -48,8 +48,12 @@ pub struct Store {
 
 /// sled's page cache (its own default is 1 GiB): incidents keeps what is
 /// open in memory and reads its store at start-up and for incidents
-/// evicted from memory, so its pages need not stay cached.
-const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// evicted from memory, so its pages need not stay cached. 64 MiB (until
+/// 2026-11) held about 56 MiB with 100,000 open; 16 MiB took 35 MiB off
+/// the service's resident memory with no slower restart or receipts
+/// (`bench all --only recovery --incidents 100000`, `bench incidents
+/// --max-in-memory 1000`, which reads nearly every receipt's incident here).
+const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
