@@ -51,6 +51,18 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 need_cargo() {
   command -v cargo >/dev/null 2>&1 || die "cargo not found. Install Rust from https://rustup.rs (rustup), then run this again."
+  allocator_features
+}
+
+# The binaries allocate with jemalloc (the `jemalloc` feature, on by
+# default), whose build runs make. Where make is missing they are built
+# with the system's allocator instead (--no-default-features), so the
+# Quick start needs only Rust and Python.
+FEATURES=()
+allocator_features() {
+  command -v make >/dev/null 2>&1 && return
+  FEATURES=(--no-default-features)
+  say "make not found: building with the system's allocator instead of jemalloc (install make to use jemalloc)"
 }
 
 nats_version_ok() { # $1 = binary
@@ -129,7 +141,7 @@ cmd_test() {
   say "alertmanager: $("$ALERTMANAGER_BIN" --version 2>&1 | head -n 1)"
   cd "$ROOT"
   say "cargo test --workspace"
-  cargo test --workspace --locked "$@"
+  cargo test --workspace --locked "${FEATURES[@]}" "$@"
 }
 
 cmd_bench() {
@@ -143,7 +155,7 @@ cmd_bench() {
     # representative; measure with a release build (without --debug).
     shift
     [ "${1:-}" = all ] && ensure_alertmanager
-    cargo test --workspace --locked --no-run -q
+    cargo test --workspace --locked "${FEATURES[@]}" --no-run -q
     exec "${CARGO_TARGET_DIR:-$ROOT/target}/debug/bench" "$@"
   fi
   if [ "${1:-}" = all ]; then
@@ -152,9 +164,9 @@ cmd_bench() {
     # the test command installs it). Built with the bench in one go, so
     # both share one feature set.
     ensure_alertmanager
-    cargo build --locked --release -p tocsin-tests --bin bench -p tocsin --bin tocsin
+    cargo build --locked --release "${FEATURES[@]}" -p tocsin-tests --bin bench -p tocsin --bin tocsin
   fi
-  cargo run --locked --release -p tocsin-tests --bin bench -- "$@"
+  cargo run --locked --release "${FEATURES[@]}" -p tocsin-tests --bin bench -- "$@"
 }
 
 cmd_chaos() {
@@ -173,7 +185,7 @@ cmd_chaos() {
     esac
   done
   cd "$ROOT"
-  cargo test --locked -p tocsin --test it "$filter" -- --nocapture --test-threads=1
+  cargo test --locked "${FEATURES[@]}" -p tocsin --test it "$filter" -- --nocapture --test-threads=1
 }
 
 cmd_up() {
@@ -215,7 +227,7 @@ ENV
   )
 
   say "building tocsin (release; the first build takes a few minutes)"
-  cargo build --locked --release -p tocsin --bin tocsin
+  cargo build --locked --release "${FEATURES[@]}" -p tocsin --bin tocsin
 
   say "starting nats-server on 127.0.0.1:$port (data in .tocsin/nats, authentication on)"
   sed -e "s|@PORT@|$port|" -e "s|@STORE@|$data|" "$ROOT/deploy/nats/local.conf" > "$STATE/nats.conf"
