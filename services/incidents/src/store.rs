@@ -48,11 +48,10 @@ pub struct Store {
 
 /// sled's page cache (its own default is 1 GiB): incidents keeps what is
 /// open in memory and reads its store at start-up and for incidents
-/// evicted from memory, so its pages need not stay cached. 64 MiB (until
-/// 2026-11) held about 56 MiB with 100,000 open; 16 MiB took 35 MiB off
-/// the service's resident memory with no slower restart or receipts
-/// (`bench all --only recovery --incidents 100000`, `bench incidents
-/// --max-in-memory 1000`, which reads nearly every receipt's incident here).
+/// evicted from memory, so its pages need not stay cached: a quarter of
+/// the 64 MiB it had took 35 MiB off the service with 100,000 open and
+/// slowed neither restarts nor receipts read back from the store
+/// (`bench all --only recovery`, `bench incidents --max-in-memory 1000`).
 const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 impl Store {

@@ -291,16 +291,8 @@ impl Deliverer {
         Duration::from_millis(rand::random::<u64>() % max_ms.max(1))
     }
 
-    /// Waits on the clock until `d` after `from`, the time the turn was
-    /// booked at: the turn is a time on the clock, so whatever passed
-    /// since (a record written, the clock read again) is not waited twice.
-    async fn wait(&self, from: Timestamp, d: Duration, shutdown: &CancellationToken) -> bool {
-        if d.is_zero() {
-            return true;
-        }
-        let until = from
-            .checked_add(SignedDuration::try_from(d).unwrap_or_default())
-            .unwrap_or(from);
+    /// Waits until `until` on the clock (false: shutting down).
+    async fn wait(&self, until: Timestamp, shutdown: &CancellationToken) -> bool {
         loop {
             if self.clock.now() >= until {
                 return true;
@@ -519,7 +511,7 @@ impl Deliverer {
             };
         let preview = self.outgoing(job, &job.snapshot, &[]);
         let dest = provider.destination(&preview);
-        let (wait, probe, held) = match self.lanes.turn(provider.name(), &dest, now).await {
+        let (at, probe, held) = match self.lanes.turn(provider.name(), &dest, now).await {
             Turn::BreakerOpen(d) => {
                 self.metrics.handed_back(channel, "breaker");
                 return Some(Finish::Later(d + Self::jitter(500)));
@@ -532,7 +524,7 @@ impl Deliverer {
                     .max(Duration::from_millis(200));
                 return Some(Finish::Later(back + Self::jitter(200)));
             }
-            Turn::After { wait, probe, held } => (wait, probe, held),
+            Turn::At { at, probe, held } => (at, probe, held),
         };
         let lookups = if doubt.is_some() {
             1 + providers::slack::LOOKUP_PAGES as u32
@@ -549,7 +541,8 @@ impl Deliverer {
 
         // Claimed before any wait: a copy of this message redelivered to
         // another replica meanwhile finds it held, and waits.
-        if !wait.is_zero() {
+        if at > now {
+            let wait = Duration::try_from(at.duration_since(now)).unwrap_or_default();
             rec.hold(&self.me, lease(now, wait));
             match self.records.write(key, &rec, rev).await {
                 Ok(r) => rev = Some(r),
@@ -566,7 +559,7 @@ impl Deliverer {
                     };
                 }
             }
-            if !self.wait(now, wait, shutdown).await {
+            if !self.wait(at, shutdown).await {
                 return Some(Finish::Later(Duration::from_secs(1)));
             }
         }
@@ -876,15 +869,18 @@ impl Deliverer {
             };
             let out = self.outgoing(&job, &now.summary, &[]);
             let dest = provider.destination(&out);
-            let booked_at = self.clock.now();
-            let probe = match self.lanes.turn(provider.name(), &dest, booked_at).await {
+            let probe = match self
+                .lanes
+                .turn(provider.name(), &dest, self.clock.now())
+                .await
+            {
                 Turn::BreakerOpen(d) | Turn::TooFar(d) => {
                     self.metrics
                         .handed_back(about.channel.as_str(), "rate_limit");
                     return Err(d.max(Duration::from_millis(200)));
                 }
-                Turn::After { wait, probe, held } => {
-                    if !self.wait(booked_at, wait, shutdown).await {
+                Turn::At { at, probe, held } => {
+                    if !self.wait(at, shutdown).await {
                         return Err(Duration::from_secs(1));
                     }
                     drop(held);

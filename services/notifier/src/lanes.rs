@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 use tokio::sync::Semaphore;
 
 use crate::{
@@ -32,11 +32,13 @@ const SHARED_RETRY: Duration = Duration::from_secs(2);
 /// What a message may do now.
 #[derive(Debug)]
 pub(crate) enum Turn {
-    /// Go after this long (zero: at once). `probe`: a half-open breaker's
-    /// trial request. `held`: counts this message among those its lane
-    /// holds while it waits (released on drop).
-    After {
-        wait: Duration,
+    /// Go at `at` on the clock (the `now` the turn was asked at: at
+    /// once). A time, not a wait, so nothing that passes between booking
+    /// and waiting is waited again. `probe`: a half-open breaker's trial
+    /// request. `held`: counts this message among those its lane holds
+    /// while it waits (released on drop).
+    At {
+        at: Timestamp,
         probe: bool,
         held: Option<Held>,
     },
@@ -200,8 +202,8 @@ impl Lanes {
             }
         };
         let Some(whole) = whole_pace(g) else {
-            return Turn::After {
-                wait: Duration::ZERO,
+            return Turn::At {
+                at: now,
                 probe,
                 held: None,
             };
@@ -229,15 +231,17 @@ impl Lanes {
             pace.reserve(now, max_wait)
         });
         match booked {
-            Ok(wait) if wait.is_zero() => Turn::After {
-                wait,
+            Ok(wait) if wait.is_zero() => Turn::At {
+                at: now,
                 probe,
                 held: None,
             },
             Ok(wait) => {
                 waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Turn::After {
-                    wait,
+                Turn::At {
+                    at: now
+                        .checked_add(SignedDuration::try_from(wait).unwrap_or_default())
+                        .unwrap_or(now),
                     probe,
                     held: Some(Held(waiting)),
                 }
