@@ -232,12 +232,20 @@ ENV
   say "starting nats-server on 127.0.0.1:$port (data in .tocsin/nats, authentication on)"
   sed -e "s|@PORT@|$port|" -e "s|@STORE@|$data|" "$ROOT/deploy/nats/local.conf" > "$STATE/nats.conf"
   cp "$ROOT/deploy/nats/permissions.conf" "$STATE/permissions.conf"
-  (set -a; . "$passwords"; exec "$NATS_SERVER_BIN" -c "$STATE/nats.conf") >"$STATE/nats.log" 2>&1 &
+  # NATS, tocsin and the demo target run in sessions of their own, so a
+  # Ctrl-C at the terminal reaches this script only; on the way out it stops
+  # them in order: tocsin with one SIGTERM (it drains: in-flight deliveries
+  # finish, consumers stop cleanly), then NATS once tocsin has exited. (With
+  # the terminal's SIGINT as well, tocsin would take the script's SIGTERM as
+  # a second signal and exit without draining, while NATS went down under it.)
+  local detach=()
+  command -v setsid >/dev/null 2>&1 && detach=(setsid)
+  (set -a; . "$passwords"; exec "${detach[@]}" "$NATS_SERVER_BIN" -c "$STATE/nats.conf") >"$STATE/nats.log" 2>&1 &
   local nats_pid=$!
   local tocsin_pid=""
   local demo_pid=""
   trap 'kill $demo_pid $tocsin_pid 2>/dev/null; wait $demo_pid $tocsin_pid 2>/dev/null; kill $nats_pid 2>/dev/null; wait $nats_pid 2>/dev/null' EXIT
-  trap 'exit 130' INT TERM
+  trap 'say "stopping: tocsin drains, then NATS"; exit 130' INT TERM
   for _ in $(seq 1 100); do
     if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 0.2)" "$port" 2>/dev/null; then break; fi
     kill -0 "$nats_pid" 2>/dev/null || die "nats-server exited; see .tocsin/nats.log"
@@ -245,7 +253,7 @@ ENV
   done
 
   say "starting tocsin up (config/tocsin.yaml)"
-  "$ROOT/target/release/tocsin" --config "$ROOT/config/tocsin.yaml" up &
+  "${detach[@]}" "$ROOT/target/release/tocsin" --config "$ROOT/config/tocsin.yaml" up &
   tocsin_pid=$!
 
   local admin="${TOCSIN_ADMIN_LISTEN:-127.0.0.1:9464}"
@@ -260,7 +268,7 @@ PY
 
   local ingest="http://127.0.0.1:8080"
   say "starting the demo target on 127.0.0.1:9477 (runbooks/demo-heal.yaml heals it)"
-  "$ROOT/target/release/tocsin" demo-target --listen 127.0.0.1:9477 --alert-url "$ingest/api/v1/alerts" &
+  "${detach[@]}" "$ROOT/target/release/tocsin" demo-target --listen 127.0.0.1:9477 --alert-url "$ingest/api/v1/alerts" &
   demo_pid=$!
 
   cat <<INFO
