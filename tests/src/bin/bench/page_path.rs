@@ -612,6 +612,11 @@ notifier:
         self.memory(peer::rss_mib)
     }
 
+    /// PSS now of nats-server and each process ([`peer::pss_mib`]).
+    pub fn pss_now(&self) -> Vec<(String, Option<f64>)> {
+        self.memory(peer::pss_mib)
+    }
+
     fn memory(&self, of: fn(Option<u32>) -> Option<f64>) -> Vec<(String, Option<f64>)> {
         let mut rss = vec![("nats-server".to_string(), of(self.nats_pid))];
         for p in &self.procs {

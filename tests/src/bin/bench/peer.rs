@@ -139,6 +139,28 @@ pub fn rss_mib(pid: Option<u32>) -> Option<f64> {
     super::Memory::read(pid).map(|m| m.rss_kib as f64 / 1024.0)
 }
 
+/// `pid`'s proportional set size now (`Pss` of /proc/PID/smaps_rollup):
+/// its resident memory with each page shared with other processes (the
+/// binary's code, mapped by every Tocsin process) counted in shares, so the
+/// PSS of several processes adds up to the memory they take together. In
+/// MiB; None where /proc does not say.
+pub fn pss_mib(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/smaps_rollup"),
+        None => "/proc/self/smaps_rollup".to_string(),
+    };
+    let text = std::fs::read_to_string(path).ok()?;
+    let kib: u64 = text.lines().find_map(|l| {
+        l.strip_prefix("Pss:")?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    })?;
+    Some(kib as f64 / 1024.0)
+}
+
 /// Resets this process's VmHWM to its current RSS (`/proc/self/clear_refs`
 /// with 5), so a later [`peak_rss_mib`] of it is the peak since; where that
 /// cannot be written the peak stays the process's whole life's.

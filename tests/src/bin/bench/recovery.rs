@@ -64,6 +64,8 @@ struct RecoveryResult {
     /// RSS of every process once quiet with N incidents open, before the
     /// kill (what N open incidents cost, without the load's peaks).
     quiet_rss: Vec<(String, Option<f64>)>,
+    /// The same once settled ([`settle`]), and PSS then.
+    settled: Settled,
     /// Peak RSS of the restarted processes, after listing every incident.
     restarted_rss: Vec<(String, Option<f64>)>,
     problems: Vec<String>,
@@ -119,6 +121,16 @@ pub async fn recovery(n: u32, reps: u32) -> anyhow::Result<Outcome> {
             "lower",
         ),
         figure("RSS once quiet with all open, nats-server", "MiB", "lower"),
+        figure(
+            "RSS settled with all open, the Tocsin processes",
+            "MiB",
+            "lower",
+        ),
+        figure(
+            "PSS settled with all open, the Tocsin processes (shared pages counted once)",
+            "MiB",
+            "lower",
+        ),
     ];
     let mut outcome = Outcome::default();
     for rep in 0..reps as usize {
@@ -138,11 +150,15 @@ pub async fn recovery(n: u32, reps: u32) -> anyhow::Result<Outcome> {
         );
         let loaded: f64 = r.loaded_rss.iter().filter_map(|(_, m)| *m).sum();
         let sum = |nats: bool| -> f64 {
-            r.quiet_rss
-                .iter()
-                .filter(|(name, _)| (name == "nats-server") == nats)
-                .filter_map(|(_, m)| *m)
-                .sum()
+            if nats {
+                r.quiet_rss
+                    .iter()
+                    .filter(|(name, _)| name == "nats-server")
+                    .filter_map(|(_, m)| *m)
+                    .sum()
+            } else {
+                tocsin_sum(&r.quiet_rss)
+            }
         };
         let values = [
             r.opened_per_s,
@@ -154,6 +170,8 @@ pub async fn recovery(n: u32, reps: u32) -> anyhow::Result<Outcome> {
             loaded,
             sum(false),
             sum(true),
+            tocsin_sum(&r.settled.rss),
+            tocsin_sum(&r.settled.pss),
         ];
         for (f, v) in figures.iter_mut().zip(values) {
             f.push(true, v);
@@ -272,6 +290,13 @@ async fn once(n: usize, run: &str, load_limit: Duration) -> anyhow::Result<Recov
         super::peer::describe_rss(&loaded_rss),
         super::peer::describe_rss(&quiet_rss)
     );
+    let settled = settle(&mut stack).await?;
+    println!(
+        "  settled {:.1}s later: RSS {}; PSS {}",
+        settled.after.as_secs_f64(),
+        super::peer::describe_rss(&settled.rss),
+        super::peer::describe_rss(&settled.pss)
+    );
 
     // The kill, a sentinel while they are down, the restart.
     for s in KILLED {
@@ -339,6 +364,7 @@ async fn once(n: usize, run: &str, load_limit: Duration) -> anyhow::Result<Recov
                     again,
                     loaded_rss,
                     quiet_rss,
+                    settled,
                     problems,
                 },
             )
@@ -389,6 +415,7 @@ struct RecoveryParts<'a> {
     again: usize,
     loaded_rss: Vec<(String, Option<f64>)>,
     quiet_rss: Vec<(String, Option<f64>)>,
+    settled: Settled,
     problems: Vec<String>,
 }
 
@@ -410,6 +437,7 @@ async fn finish(
         mut again,
         loaded_rss,
         quiet_rss,
+        settled,
         mut problems,
     } = parts;
     // A harness that reports what it saw: a page later than this goes
@@ -467,6 +495,7 @@ async fn finish(
         caught_up,
         loaded_rss,
         quiet_rss,
+        settled,
         restarted_rss,
         problems,
     })
@@ -506,6 +535,53 @@ async fn gauges(stack: &TocsinStack) -> String {
         }
     }
     out.join(", ")
+}
+
+/// The Tocsin processes' sum of `mib` (nats-server left out).
+fn tocsin_sum(mib: &[(String, Option<f64>)]) -> f64 {
+    mib.iter()
+        .filter(|(name, _)| name != "nats-server")
+        .filter_map(|(_, m)| *m)
+        .sum()
+}
+
+/// Memory once settled: RSS and PSS of every process, and how long after
+/// the quiet sample.
+struct Settled {
+    after: Duration,
+    rss: Vec<(String, Option<f64>)>,
+    pss: Vec<(String, Option<f64>)>,
+}
+
+/// How long the Tocsin processes' RSS must not fall before it counts as
+/// settled, and the longest [`settle`] waits.
+const SETTLE_STEADY: Duration = Duration::from_secs(5);
+const SETTLE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Waits, with the engine quiet, until the Tocsin processes' RSS has not
+/// fallen by more than 1 MiB for [`SETTLE_STEADY`] (at most
+/// [`SETTLE_LIMIT`]): the allocator hands memory the services freed back
+/// to the system over seconds (jemalloc's decay), so RSS right after the
+/// load still holds some of the load's garbage. Then RSS and PSS.
+async fn settle(stack: &mut TocsinStack) -> anyhow::Result<Settled> {
+    let started = Instant::now();
+    let mut low = tocsin_sum(&stack.rss_now());
+    let mut low_since = started;
+    while started.elapsed() < SETTLE_LIMIT && low_since.elapsed() < SETTLE_STEADY {
+        // Poll interval of a wait with a deadline.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stack.check()?;
+        let now = tocsin_sum(&stack.rss_now());
+        if now < low - 1.0 {
+            low = now;
+            low_since = Instant::now();
+        }
+    }
+    Ok(Settled {
+        after: started.elapsed(),
+        rss: stack.rss_now(),
+        pss: stack.pss_now(),
+    })
 }
 
 /// Waits until no stream has grown for [`QUIET`] and no durable consumer
