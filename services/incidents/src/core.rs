@@ -58,7 +58,10 @@ pub struct IncidentState {
 /// The projection of the INCIDENTS stream plus the input cursor.
 #[derive(Clone, Default)]
 pub struct Projection {
-    pub incidents: HashMap<Uuid, IncidentState>,
+    /// The incidents in memory. Each state is boxed: the table keeps the
+    /// size of its largest moment (a batch's peak), and a slot is then a
+    /// pointer instead of a whole state (about 360 bytes).
+    pub incidents: HashMap<Uuid, Box<IncidentState>>,
     /// Dedup key -> most recent incident with that key.
     pub by_key: HashMap<String, Uuid>,
     /// Number -> incident, for every incident (in memory or not), in order.
@@ -129,7 +132,7 @@ impl Projection {
     }
 
     pub fn find(&self, r: &IncidentRef) -> Option<&IncidentState> {
-        self.incidents.get(&self.id_of(r)?)
+        self.incidents.get(&self.id_of(r)?).map(Box::as_ref)
     }
 
     /// The id `r` names, if the incident exists (in memory or not).
@@ -159,7 +162,7 @@ impl Projection {
         }
         self.cold_open.remove(&id);
         let resolved_at = resolved_key(&st);
-        self.incidents.insert(id, st);
+        self.incidents.insert(id, Box::new(st));
         if let Some(at) = resolved_at {
             self.resolved.insert((at, id));
         }
@@ -180,7 +183,7 @@ impl Projection {
         self.recent_at.insert(id, st.summary.number);
         self.recent.insert((st.summary.number, id));
         self.touches = self.touches.max(st.summary.number);
-        self.incidents.insert(id, st);
+        self.incidents.insert(id, Box::new(st));
         self.reindex_snooze(id, None);
     }
 
@@ -239,7 +242,12 @@ impl Projection {
             let Some((_, id)) = self.recent.pop_first() else {
                 break;
             };
-            let snoozed = self.incidents.get(&id).and_then(snooze_timer).is_some();
+            let snoozed = self
+                .incidents
+                .get(&id)
+                .map(Box::as_ref)
+                .and_then(snooze_timer)
+                .is_some();
             if snoozed || self.dirty.contains(&id) {
                 self.touch(id);
             } else if self.leave_memory(id) {
@@ -281,7 +289,12 @@ impl Projection {
         if let Some(at) = before {
             self.resolved.remove(&(at, id));
         }
-        if let Some(at) = self.incidents.get(&id).and_then(resolved_key) {
+        if let Some(at) = self
+            .incidents
+            .get(&id)
+            .map(Box::as_ref)
+            .and_then(resolved_key)
+        {
             self.resolved.insert((at, id));
         }
     }
@@ -292,7 +305,12 @@ impl Projection {
         if let Some(at) = before {
             self.snoozes.remove(&(at, id));
         }
-        if let Some((at, _)) = self.incidents.get(&id).and_then(snooze_timer) {
+        if let Some((at, _)) = self
+            .incidents
+            .get(&id)
+            .map(Box::as_ref)
+            .and_then(snooze_timer)
+        {
             self.snoozes.insert((at, id));
         }
     }
@@ -308,9 +326,14 @@ impl Projection {
                 let snoozed_until = self
                     .incidents
                     .get(&id)
+                    .map(Box::as_ref)
                     .and_then(snooze_timer)
                     .map(|(at, _)| at);
-                let was_resolved_at = self.incidents.get(&id).and_then(resolved_key);
+                let was_resolved_at = self
+                    .incidents
+                    .get(&id)
+                    .map(Box::as_ref)
+                    .and_then(resolved_key);
                 debug_assert!(
                     !self.cold.contains(&id),
                     "an entry for an incident not in memory must be restored first"
@@ -319,10 +342,12 @@ impl Projection {
                     .incidents
                     .get(&id)
                     .map(|st| st.summary.status != IncidentStatus::Resolved);
-                let st = self.incidents.entry(id).or_insert_with(|| IncidentState {
-                    summary: e.incident.clone(),
-                    alerts: BTreeMap::new(),
-                    commands: VecDeque::new(),
+                let st = self.incidents.entry(id).or_insert_with(|| {
+                    Box::new(IncidentState {
+                        summary: e.incident.clone(),
+                        alerts: BTreeMap::new(),
+                        commands: VecDeque::new(),
+                    })
                 });
                 let is_open = e.incident.status != IncidentStatus::Resolved;
                 match (was_open, is_open) {
@@ -765,7 +790,7 @@ impl<'a> Decider<'a> {
         if proj.cold.contains(&id) {
             self.missed.set(Some(id));
         }
-        proj.incidents.get(&id)
+        proj.incidents.get(&id).map(Box::as_ref)
     }
 
     fn batch(&self, cause: Cause, at: Timestamp, actor: Option<Actor>) -> Batch<'_> {
@@ -1231,7 +1256,7 @@ impl<'a> Decider<'a> {
             .snoozes
             .iter()
             .take_while(|(at, _)| *at <= now)
-            .filter_map(|(_, id)| self.proj.incidents.get(id))
+            .filter_map(|(_, id)| self.proj.incidents.get(id).map(Box::as_ref))
             .filter_map(|i| snooze_timer(i).map(|(at, cause)| (i, at, cause)))
             .filter(|(_, _, cause)| !skip(cause))
             .collect();
@@ -1252,7 +1277,13 @@ impl<'a> Decider<'a> {
             .proj
             .snoozes
             .iter()
-            .filter_map(|(_, id)| self.proj.incidents.get(id).and_then(snooze_timer))
+            .filter_map(|(_, id)| {
+                self.proj
+                    .incidents
+                    .get(id)
+                    .map(Box::as_ref)
+                    .and_then(snooze_timer)
+            })
             .find(|(_, cause)| !skip(cause))
             .map(|(at, _)| at);
         debug_assert_eq!(
@@ -1260,7 +1291,7 @@ impl<'a> Decider<'a> {
             self.proj
                 .incidents
                 .values()
-                .filter_map(snooze_timer)
+                .filter_map(|st| snooze_timer(st))
                 .filter(|(_, cause)| !skip(cause))
                 .map(|(at, _)| at)
                 .min(),

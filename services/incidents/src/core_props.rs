@@ -215,7 +215,7 @@ fn run(ops: &[Op], cuts: &[prop::sample::Index]) -> Result<(), TestCaseError> {
             lean.apply(e, log.len() as u64);
         }
         for id in lean.dirty.drain() {
-            store.insert(id, lean.incidents[&id].clone());
+            store.insert(id, (*lean.incidents[&id]).clone());
         }
         lean.evict(Timestamp::MAX);
         // Open ones too, all but the snoozed.

@@ -83,7 +83,7 @@ async fn get(js: &jetstream::Context, proj: &Shared, store: &Store, q: GetIncide
         let p = proj.read().unwrap_or_else(|e| e.into_inner());
         match p.id_of(&q.incident) {
             Some(id) => match p.incidents.get(&id) {
-                Some(i) => Some(Ok(i.clone())),
+                Some(i) => Some(Ok(IncidentState::clone(i))),
                 None => Some(Err(id)),
             },
             None => None,
@@ -186,7 +186,7 @@ pub(crate) async fn replay_incident(
             scratch.apply(&env.body, seq);
         }
     }
-    Ok(scratch.incidents.remove(&id))
+    Ok(scratch.incidents.remove(&id).map(|st| *st))
 }
 
 /// Incidents newest first. Those in memory are filtered under the lock;
