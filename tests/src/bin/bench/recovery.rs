@@ -11,7 +11,9 @@
 //! page arrives (incidents has handled ALERTS to its last sequence,
 //! escalation has applied the sentinel's INCIDENTS entry). Then the open
 //! incidents are listed: all N must be there, and no page may come again.
-//! There is no peer.
+//! Memory with the N open is read twice before the kill: once quiet, and
+//! once settled (the RSS no longer falling as the allocator hands the
+//! load's freed memory back), RSS and PSS. There is no peer.
 
 use std::{
     sync::Arc,
