@@ -132,7 +132,12 @@ impl Projection {
     }
 
     pub fn find(&self, r: &IncidentRef) -> Option<&IncidentState> {
-        self.incidents.get(&self.id_of(r)?).map(Box::as_ref)
+        self.in_memory(&self.id_of(r)?)
+    }
+
+    /// Incident `id`'s state, if it is in memory.
+    pub fn in_memory(&self, id: &Uuid) -> Option<&IncidentState> {
+        self.incidents.get(id).map(Box::as_ref)
     }
 
     /// The id `r` names, if the incident exists (in memory or not).
@@ -242,12 +247,7 @@ impl Projection {
             let Some((_, id)) = self.recent.pop_first() else {
                 break;
             };
-            let snoozed = self
-                .incidents
-                .get(&id)
-                .map(Box::as_ref)
-                .and_then(snooze_timer)
-                .is_some();
+            let snoozed = self.in_memory(&id).and_then(snooze_timer).is_some();
             if snoozed || self.dirty.contains(&id) {
                 self.touch(id);
             } else if self.leave_memory(id) {
@@ -289,12 +289,7 @@ impl Projection {
         if let Some(at) = before {
             self.resolved.remove(&(at, id));
         }
-        if let Some(at) = self
-            .incidents
-            .get(&id)
-            .map(Box::as_ref)
-            .and_then(resolved_key)
-        {
+        if let Some(at) = self.in_memory(&id).and_then(resolved_key) {
             self.resolved.insert((at, id));
         }
     }
@@ -305,12 +300,7 @@ impl Projection {
         if let Some(at) = before {
             self.snoozes.remove(&(at, id));
         }
-        if let Some((at, _)) = self
-            .incidents
-            .get(&id)
-            .map(Box::as_ref)
-            .and_then(snooze_timer)
-        {
+        if let Some((at, _)) = self.in_memory(&id).and_then(snooze_timer) {
             self.snoozes.insert((at, id));
         }
     }
@@ -323,17 +313,8 @@ impl Projection {
         match entry {
             LogEntry::Incident(e) => {
                 let id = e.incident.id;
-                let snoozed_until = self
-                    .incidents
-                    .get(&id)
-                    .map(Box::as_ref)
-                    .and_then(snooze_timer)
-                    .map(|(at, _)| at);
-                let was_resolved_at = self
-                    .incidents
-                    .get(&id)
-                    .map(Box::as_ref)
-                    .and_then(resolved_key);
+                let snoozed_until = self.in_memory(&id).and_then(snooze_timer).map(|(at, _)| at);
+                let was_resolved_at = self.in_memory(&id).and_then(resolved_key);
                 debug_assert!(
                     !self.cold.contains(&id),
                     "an entry for an incident not in memory must be restored first"
@@ -790,7 +771,7 @@ impl<'a> Decider<'a> {
         if proj.cold.contains(&id) {
             self.missed.set(Some(id));
         }
-        proj.incidents.get(&id).map(Box::as_ref)
+        proj.in_memory(&id)
     }
 
     fn batch(&self, cause: Cause, at: Timestamp, actor: Option<Actor>) -> Batch<'_> {
@@ -1256,7 +1237,7 @@ impl<'a> Decider<'a> {
             .snoozes
             .iter()
             .take_while(|(at, _)| *at <= now)
-            .filter_map(|(_, id)| self.proj.incidents.get(id).map(Box::as_ref))
+            .filter_map(|(_, id)| self.proj.in_memory(id))
             .filter_map(|i| snooze_timer(i).map(|(at, cause)| (i, at, cause)))
             .filter(|(_, _, cause)| !skip(cause))
             .collect();
@@ -1277,13 +1258,7 @@ impl<'a> Decider<'a> {
             .proj
             .snoozes
             .iter()
-            .filter_map(|(_, id)| {
-                self.proj
-                    .incidents
-                    .get(id)
-                    .map(Box::as_ref)
-                    .and_then(snooze_timer)
-            })
+            .filter_map(|(_, id)| self.proj.in_memory(id).and_then(snooze_timer))
             .find(|(_, cause)| !skip(cause))
             .map(|(at, _)| at);
         debug_assert_eq!(

@@ -82,8 +82,8 @@ async fn get(js: &jetstream::Context, proj: &Shared, store: &Store, q: GetIncide
     let found = {
         let p = proj.read().unwrap_or_else(|e| e.into_inner());
         match p.id_of(&q.incident) {
-            Some(id) => match p.incidents.get(&id) {
-                Some(i) => Some(Ok(IncidentState::clone(i))),
+            Some(id) => match p.in_memory(&id) {
+                Some(i) => Some(Ok(i.clone())),
                 None => Some(Err(id)),
             },
             None => None,

@@ -16,8 +16,8 @@
 
 /// The allocator of every Tocsin binary (the `jemalloc` feature, on by
 /// default): jemalloc, with its background threads handing freed memory
-/// back to the operating system while a service is quiet. With glibc's allocator a service kept what a busy
-/// spell had freed: with 100,000 open incidents, once quiet, the notifier
+/// back to the operating system while a service is quiet. With glibc's
+/// allocator a service kept what a busy spell had freed: with 100,000 open incidents, once quiet, the notifier
 /// held 110 MiB (74 after an explicit `malloc_trim`) and the Tocsin
 /// processes 414 MiB together; with jemalloc 55-61 and 351-359 MiB, the
 /// rest of the run no slower (`bench all --only recovery --incidents
