@@ -140,7 +140,15 @@ cmd_test() {
   say "nats-server: $("$NATS_SERVER_BIN" --version)"
   say "alertmanager: $("$ALERTMANAGER_BIN" --version 2>&1 | head -n 1)"
   cd "$ROOT"
-  say "cargo test --workspace"
+  # The integration tests mostly wait on nats-server, the disk and timers,
+  # not on the CPU: at least 4 at a time (libtest's default is one per
+  # core), so the two chaos tests (about 90 s each) run beside each other
+  # and beside the rest instead of taking a 2-core machine's turns alone.
+  local threads
+  threads="$(nproc 2>/dev/null || echo 2)"
+  [ "$threads" -ge 4 ] || threads=4
+  export RUST_TEST_THREADS="${RUST_TEST_THREADS:-$threads}"
+  say "cargo test --workspace (RUST_TEST_THREADS=$RUST_TEST_THREADS)"
   cargo test --workspace --locked "${FEATURES[@]}" "$@"
 }
 

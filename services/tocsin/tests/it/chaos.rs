@@ -731,13 +731,8 @@ async fn run_chaos(
     chaos
 }
 
-/// The two scenarios run one after the other: each is a dozen processes
-/// on a small machine already.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 /// The whole scenario on `bus`; prints the table and asserts on it.
 async fn scenario(test: &str, mut bus: Bus) {
-    let _turn = ONE_AT_A_TIME.lock().await;
     let t0 = Instant::now();
     let scale = Scale::from_env();
     let mut rng = TestRng::new(test);
