@@ -436,6 +436,11 @@ impl NatsCluster {
         .expect("connect to the test cluster as admin")
     }
 
+    /// The nodes, to connect to one of them.
+    pub fn nodes(&self) -> &[NatsServer] {
+        &self.nodes
+    }
+
     pub fn node(&mut self, i: usize) -> &mut NatsServer {
         &mut self.nodes[i]
     }

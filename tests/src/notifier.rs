@@ -215,18 +215,41 @@ impl Replica {
         config: NotifierConfig,
         clock: std::sync::Arc<dyn tocsin_runtime::clock::Clock>,
     ) -> Replica {
+        Self::start_with(user, nats, config, clock, 1).await
+    }
+
+    /// [`Replica::start_as`] as the notifier's NATS user, with its streams
+    /// and buckets at `replicas` (3 on a [`crate::NatsCluster`], `nats`
+    /// one of its nodes).
+    pub async fn start_replicated(
+        nats: &crate::NatsServer,
+        config: NotifierConfig,
+        clock: std::sync::Arc<dyn tocsin_runtime::clock::Clock>,
+        replicas: usize,
+    ) -> Replica {
+        Self::start_with("notifier", nats, config, clock, replicas).await
+    }
+
+    async fn start_with(
+        user: &str,
+        nats: &crate::NatsServer,
+        config: NotifierConfig,
+        clock: std::sync::Arc<dyn tocsin_runtime::clock::Clock>,
+        replicas: usize,
+    ) -> Replica {
         crate::init_logs();
+        let jetstream = tocsin_runtime::streams::JetStreamConfig {
+            replicas,
+            ..Default::default()
+        };
         let client = nats
             .client_as(user)
             .await
             .unwrap_or_else(|e| panic!("connect to the test nats-server as {user}: {e}"));
         let js = async_nats::jetstream::new(client);
-        tocsin_runtime::streams::ensure_streams(
-            &js,
-            &tocsin_runtime::streams::JetStreamConfig::default(),
-        )
-        .await
-        .expect("streams");
+        tocsin_runtime::streams::ensure_streams(&js, &jetstream)
+            .await
+            .expect("streams");
         let metrics = tocsin_runtime::admin::Metrics::new();
         let health = tocsin_runtime::admin::Health::new();
         let shutdown = tokio_util::sync::CancellationToken::new();
@@ -235,7 +258,7 @@ impl Replica {
             metrics: metrics.clone(),
             health: health.clone(),
             clock,
-            jetstream: tocsin_runtime::streams::JetStreamConfig::default(),
+            jetstream,
             shutdown: shutdown.clone(),
             watermark: tocsin_runtime::progress::Watermark::detached("test"),
         };
@@ -288,9 +311,15 @@ impl Replica {
 
     /// The value of `tocsin_notifications_total` for a channel and outcome.
     pub fn count(&self, channel: &str, outcome: &str) -> u64 {
+        self.metric(&format!(
+            "tocsin_notifications_total{{channel=\"{channel}\",outcome=\"{outcome}\"}}"
+        ))
+    }
+
+    /// The value of a metric, its labels written out (0 if it is not there).
+    pub fn metric(&self, name: &str) -> u64 {
         let text = self.metrics.encode();
-        let key =
-            format!("tocsin_notifications_total{{channel=\"{channel}\",outcome=\"{outcome}\"}} ");
+        let key = format!("{name} ");
         text.lines()
             .find_map(|l| l.strip_prefix(&key))
             .and_then(|v| v.trim().parse().ok())

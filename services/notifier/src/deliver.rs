@@ -511,7 +511,7 @@ impl Deliverer {
             };
         let preview = self.outgoing(job, &job.snapshot, &[]);
         let dest = provider.destination(&preview);
-        let (at, probe, held) = match self.lanes.turn(provider.name(), &dest, now).await {
+        let (at, probe, held) = match self.lanes.turn(provider.name(), &dest, &*self.clock).await {
             Turn::BreakerOpen(d) => {
                 self.metrics.handed_back(channel, "breaker");
                 return Some(Finish::Later(d + Self::jitter(500)));
@@ -869,11 +869,7 @@ impl Deliverer {
             };
             let out = self.outgoing(&job, &now.summary, &[]);
             let dest = provider.destination(&out);
-            let probe = match self
-                .lanes
-                .turn(provider.name(), &dest, self.clock.now())
-                .await
-            {
+            let probe = match self.lanes.turn(provider.name(), &dest, &*self.clock).await {
                 Turn::BreakerOpen(d) | Turn::TooFar(d) => {
                     self.metrics
                         .handed_back(about.channel.as_str(), "rate_limit");

@@ -32,6 +32,7 @@ pub(crate) struct NotifierMetrics {
     breaker_opened: Family<Labels, Counter>,
     lookups: Family<Labels, Counter>,
     handed_back: Family<Labels, Counter>,
+    booked_alone: Family<Labels, Counter>,
     updates: Family<Labels, Counter>,
     pub(crate) dead_letters: Counter,
     replicas: Gauge,
@@ -57,6 +58,7 @@ impl NotifierMetrics {
             breaker_opened: Family::default(),
             lookups: Family::default(),
             handed_back: Family::default(),
+            booked_alone: Family::default(),
             updates: Family::default(),
             dead_letters: Counter::default(),
             replicas: Gauge::default(),
@@ -108,6 +110,13 @@ impl NotifierMetrics {
             "Messages handed back to the bus to come back later, by channel and why \
              (rate_limit, breaker, busy, retry)",
             s.handed_back.clone(),
+        );
+        m.register(
+            "tocsin_notifier_booked_alone",
+            "Turns this replica booked alone, at its share of a destination's rate, while other \
+             replicas run: the bucket they book in together (tocsin_notifier_paces) failed, \
+             did not answer or could not be opened; by channel",
+            s.booked_alone.clone(),
         );
         m.register(
             "tocsin_notifier_updates",
@@ -210,6 +219,13 @@ impl NotifierMetrics {
                 "cannot tell whether an earlier attempt arrived; sending again"),
             _ => tracing::debug!(delivery = %out.id, result, "looked up an earlier attempt"),
         }
+    }
+
+    /// A turn booked alone while other replicas run.
+    pub(crate) fn booked_alone(&self, provider: &str) {
+        self.booked_alone
+            .get_or_create(&provider_labels(provider))
+            .inc();
     }
 
     pub(crate) fn handed_back(&self, channel: &str, why: &str) {

@@ -14,6 +14,7 @@ use std::{
 };
 
 use jiff::{SignedDuration, Timestamp};
+use tocsin_runtime::clock::Clock;
 use tokio::sync::Semaphore;
 
 use crate::{
@@ -58,21 +59,27 @@ impl Drop for Held {
     }
 }
 
+/// Something kept per destination: (provider, destination).
+type PerDestination<T> = Mutex<HashMap<(String, String), T>>;
+
 pub(crate) struct Lanes {
     guards: BTreeMap<String, GuardConfig>,
     /// Messages waiting per destination, and how many may: a backlog on
     /// one destination must never take the consumer's whole capacity.
-    waiting: Mutex<HashMap<(String, String), Arc<std::sync::atomic::AtomicUsize>>>,
+    waiting: PerDestination<Arc<std::sync::atomic::AtomicUsize>>,
     max_waiting: usize,
     breakers: Mutex<HashMap<String, Breaker>>,
-    paces: Mutex<HashMap<(String, String), Pace>>,
-    slots: Mutex<HashMap<(String, String), Arc<Semaphore>>>,
+    paces: PerDestination<Pace>,
+    slots: PerDestination<Arc<Semaphore>>,
     max_hold: Duration,
     /// Notifier replicas running (this one included), who share every
     /// destination's rate (see [`crate::replicas`]).
     replicas: std::sync::atomic::AtomicU32,
     /// Where the replicas book turns together (see [`crate::paces`]).
     shared: Mutex<Option<Arc<SharedPaces>>>,
+    /// One booking in the shared bucket per destination at a time from
+    /// this replica (held by the booking and those waiting for it).
+    booking: PerDestination<Arc<tokio::sync::Mutex<()>>>,
     /// When a booking there last failed (cleared by one that worked).
     shared_failed: Mutex<Option<std::time::Instant>>,
     metrics: NotifierMetrics,
@@ -106,6 +113,7 @@ impl Lanes {
             max_hold: cfg.max_hold(),
             replicas: std::sync::atomic::AtomicU32::new(1),
             shared: Mutex::new(None),
+            booking: Mutex::new(HashMap::new()),
             shared_failed: Mutex::new(None),
             metrics,
         }
@@ -183,11 +191,12 @@ impl Lanes {
         }
     }
 
-    /// Asks for a turn for `provider`'s `destination` at `now`: with other
-    /// replicas running, booked with them in the shared bucket (at the
-    /// destination's whole rate), else (or when the bucket fails) here, at
-    /// this replica's share of the rate.
-    pub(crate) async fn turn(&self, provider: &str, destination: &str, now: Timestamp) -> Turn {
+    /// Asks for a turn for `provider`'s `destination` now on `clock`: with
+    /// other replicas running, booked with them in the shared bucket (at
+    /// the destination's whole rate), else (or when the bucket fails) here,
+    /// at this replica's share of the rate.
+    pub(crate) async fn turn(&self, provider: &str, destination: &str, clock: &dyn Clock) -> Turn {
+        let now = clock.now();
         let g = self.guard(provider);
         let probe = {
             let mut bs = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
@@ -217,17 +226,18 @@ impl Lanes {
         // goes back to the bus too (with the wait it would have had).
         let full = waiting.load(std::sync::atomic::Ordering::Relaxed) >= self.max_waiting;
         let max_wait = if full { Duration::ZERO } else { self.max_hold };
-        let booked = match self.shared() {
-            Some(shared) => {
-                self.ask_shared(shared.book(provider, destination, &whole, now, max_wait))
-                    .await
-            }
-            None => None,
+        let (booked, now) = match self.shared() {
+            Some(_) => self.book_shared(&key, &whole, clock, max_wait).await,
+            None => (None, now),
         };
         let booked = booked.unwrap_or_else(|| {
+            let replicas = self.replicas.load(std::sync::atomic::Ordering::Relaxed);
+            if replicas > 1 {
+                self.metrics.booked_alone(provider);
+            }
             let mut paces = self.paces.lock().unwrap_or_else(|e| e.into_inner());
             let pace = paces.entry(key).or_insert(whole);
-            pace.share(self.replicas.load(std::sync::atomic::Ordering::Relaxed));
+            pace.share(replicas);
             pace.reserve(now, max_wait)
         });
         match booked {
@@ -253,6 +263,50 @@ impl Lanes {
                 Turn::TooFar(far)
             }
         }
+    }
+
+    /// Books the destination's next turn in the shared bucket, one booking
+    /// per destination at a time from this replica, at the clock's time
+    /// once it is this booking's go (also returned). Otherwise a burst of
+    /// pages for one destination races itself for its key, and a booking
+    /// that loses 16 times in a row is made alone; this way only the
+    /// replicas race. The wait for the other bookings does not count
+    /// against [`SHARED_TIMEOUT`]: each of them does, and once one fails
+    /// the others book alone at once.
+    async fn book_shared(
+        &self,
+        key: &(String, String),
+        whole: &Pace,
+        clock: &dyn Clock,
+        max_wait: Duration,
+    ) -> (Option<Result<Duration, Duration>>, Timestamp) {
+        let lock = self
+            .booking
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let booked = {
+            let _go = lock.lock().await;
+            let now = clock.now();
+            // The bucket may have failed while this booking waited.
+            let booked = match self.shared() {
+                Some(shared) => {
+                    self.ask_shared(shared.book(&key.0, &key.1, whole, now, max_wait))
+                        .await
+                }
+                None => None,
+            };
+            (booked, now)
+        };
+        // Forgotten once no other booking holds or waits for it (the map
+        // and this one hold the only references).
+        let mut locks = self.booking.lock().unwrap_or_else(|e| e.into_inner());
+        if locks.get(key).is_some_and(|l| Arc::ptr_eq(l, &lock)) && Arc::strong_count(&lock) == 2 {
+            locks.remove(key);
+        }
+        booked
     }
 
     /// A probe that did not happen (the message went elsewhere).
@@ -345,8 +399,9 @@ mod tests {
     }
 
     async fn open(l: &Lanes, destination: &str, now: Timestamp) -> bool {
+        let clock = tocsin_runtime::clock::ManualClock::new(now);
         matches!(
-            l.turn("slack", destination, now).await,
+            l.turn("slack", destination, &clock).await,
             Turn::BreakerOpen(_)
         )
     }
@@ -355,7 +410,8 @@ mod tests {
     async fn rate_limits_on_one_destination_do_not_open_the_providers_breaker() {
         let l = lanes();
         let now = Timestamp::from_second(1_000_000).unwrap();
-        let _ = l.turn("slack", "#incidents", now).await;
+        let clock = tocsin_runtime::clock::ManualClock::new(now);
+        let _ = l.turn("slack", "#incidents", &clock).await;
         for _ in 0..20 {
             l.failure(
                 "slack",

@@ -171,14 +171,16 @@ pub(crate) async fn run(
                     );
                     seen = n;
                 }
-                lanes.set_replicas(n);
                 failing = None;
+                // The shared paces first: sharing the count before them would
+                // have the replica book alone at its share until they open.
                 if !paces_open {
                     paces_open = tokio::select! {
                         _ = shutdown.cancelled() => break,
                         opened = open_paces(&js, lanes, stream_replicas, &mut paces_failing) => opened,
                     };
                 }
+                lanes.set_replicas(n);
             }
             Ok(Err(e)) => {
                 if news(&mut failing, &e) {

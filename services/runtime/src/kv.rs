@@ -54,6 +54,7 @@ pub async fn write_checked(
             .await
             .map_err(|e| match e.kind() {
                 CreateErrorKind::AlreadyExists => WriteError::Conflict,
+                _ if wrong_last_sequence(&e) => WriteError::Conflict,
                 _ => WriteError::Failed(e.to_string()),
             }),
         Some(rev) => store
@@ -61,7 +62,29 @@ pub async fn write_checked(
             .await
             .map_err(|e| match e.kind() {
                 UpdateErrorKind::WrongLastRevision => WriteError::Conflict,
+                _ if wrong_last_sequence(&e) => WriteError::Conflict,
                 _ => WriteError::Failed(e.to_string()),
             }),
     }
+}
+
+/// Whether JetStream refused a write because the key's last revision was
+/// not the one expected. A clustered stream (NATS 2.12) answers that with
+/// error code 10164 ("wrong last sequence", without the number), which
+/// async-nats 0.51 knows only as an unnamed publish error, not as the
+/// conflict it is (10071 on one server).
+fn wrong_last_sequence(e: &(dyn std::error::Error + 'static)) -> bool {
+    use jetstream::ErrorCode;
+    let mut source = Some(e);
+    while let Some(e) = source {
+        if let Some(js) = e.downcast_ref::<jetstream::Error>() {
+            return matches!(
+                js.error_code(),
+                ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+                    | ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+            );
+        }
+        source = e.source();
+    }
+    false
 }
