@@ -156,10 +156,14 @@ pub(crate) async fn run(
             };
             beat(b, &id).await
         };
-        let counted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = tokio::time::timeout(BEAT, counted) => r,
-        };
+        // Not cut short by `shutdown`: a put already sent could reach the
+        // stream after `leave` purged the key (JetStream takes the API
+        // request and the message on separate queues) and count this
+        // replica three beats longer.
+        let counted = tokio::time::timeout(BEAT, counted).await;
+        if shutdown.is_cancelled() {
+            break;
+        }
         match counted {
             Ok(Ok(n)) => {
                 // At least this replica, whatever the count says.
@@ -199,7 +203,15 @@ pub(crate) async fn run(
             _ = tokio::time::sleep(BEAT) => {}
         }
     }
-    if let Some(b) = &store {
+    // Reopened if the last beat failed, so the key still leaves.
+    let bucket = match store {
+        Some(b) => Some(b),
+        None => tokio::time::timeout(BEAT, open(&js, stream_replicas))
+            .await
+            .ok()
+            .and_then(Result::ok),
+    };
+    if let Some(b) = &bucket {
         leave(b, &id).await;
     }
 }
