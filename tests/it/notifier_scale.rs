@@ -207,6 +207,14 @@ async fn paced_burst(a_node: &NatsServer, b_node: &NatsServer, replicas: usize, 
     let a = Replica::start_replicated(a_node, paced(d1.path()), clock.clone(), replicas).await;
     let b = Replica::start_replicated(b_node, paced(d2.path()), clock.clone(), replicas).await;
     counted_together(&a, &b).await;
+    // Both book in the shared bucket. Creating it on a busy cluster can
+    // take longer than a beat (each replica books alone at its share
+    // until the next beat opens it): not what this test is about.
+    for r in [&a, &b] {
+        if let Err(e) = r.wait_metric("tocsin_notifier_shared_paces", 1).await {
+            panic!("the shared paces never opened: {e}");
+        }
+    }
 
     // 3 turns at once, then one a second; at most 23 (all within
     // `max_hold`, 20 s).

@@ -291,19 +291,18 @@ impl Replica {
     /// `tocsin_notifier_replicas`): from then on it paces each destination
     /// at `1/n` of its rate.
     pub async fn wait_replicas(&self, n: u64) -> Result<(), String> {
+        self.wait_metric("tocsin_notifier_replicas", n).await
+    }
+
+    /// Waits (20 s at most) until the metric `name` (labels written out)
+    /// is `value`.
+    pub async fn wait_metric(&self, name: &str, value: u64) -> Result<(), String> {
         crate::eventually_within(std::time::Duration::from_secs(20), || async {
-            let seen = self
-                .metrics
-                .encode()
-                .lines()
-                .find_map(|l| l.strip_prefix("tocsin_notifier_replicas "))
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            if seen == Some(n) {
+            let seen = self.metric(name);
+            if seen == value {
                 Ok(())
             } else {
-                Err(format!(
-                    "tocsin_notifier_replicas is {seen:?}, not {n}, after 20 s"
-                ))
+                Err(format!("{name} is {seen}, not {value}, after 20 s"))
             }
         })
         .await

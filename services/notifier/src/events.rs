@@ -36,6 +36,7 @@ pub(crate) struct NotifierMetrics {
     updates: Family<Labels, Counter>,
     pub(crate) dead_letters: Counter,
     replicas: Gauge,
+    shared_paces: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -43,6 +44,11 @@ fn latency_histogram() -> Histogram {
 }
 
 impl NotifierMetrics {
+    /// `tocsin_notifier_shared_paces`: the bucket is open.
+    pub(crate) fn shared_paces_open(&self) {
+        self.shared_paces.set(1);
+    }
+
     /// `tocsin_notifier_replicas`.
     pub(crate) fn replicas(&self, n: u32) {
         self.replicas.set(i64::from(n));
@@ -62,12 +68,19 @@ impl NotifierMetrics {
             updates: Family::default(),
             dead_letters: Counter::default(),
             replicas: Gauge::default(),
+            shared_paces: Gauge::default(),
         };
         s.replicas.set(1);
         m.register(
             "tocsin_notifier_replicas",
             "Notifier replicas running, as this one sees them (each destination's rate limit is shared among them)",
             s.replicas.clone(),
+        );
+        m.register(
+            "tocsin_notifier_shared_paces",
+            "1 once this replica has the bucket it books turns in with the other replicas \
+             (tocsin_notifier_paces) open, 0 until then",
+            s.shared_paces.clone(),
         );
         m.register(
             "tocsin_notifications",

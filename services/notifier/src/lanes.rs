@@ -134,6 +134,7 @@ impl Lanes {
     /// once it is open.
     pub(crate) fn set_shared(&self, shared: Arc<SharedPaces>) {
         *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared);
+        self.metrics.shared_paces_open();
     }
 
     /// The shared bucket, when more than one replica is running (and it

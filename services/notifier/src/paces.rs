@@ -119,16 +119,8 @@ impl SharedPaces {
         next: impl Fn(Option<Timestamp>) -> Result<(T, Timestamp), E>,
     ) -> Result<Result<T, E>, String> {
         for _ in 0..TRIES {
-            let entry = self
-                .kv
-                .entry(key)
-                .await
-                .map_err(|e| format!("cannot read {BUCKET}: {e}"))?;
-            let (tat, revision) = match entry {
-                Some(e) if e.operation == kv::Operation::Put => {
-                    (decode(&e.value), Some(e.revision))
-                }
-                Some(e) => (None, Some(e.revision)),
+            let (tat, revision) = match self.read(key).await? {
+                Some((value, revision)) => (value.as_deref().and_then(decode), Some(revision)),
                 None => (None, None),
             };
             let (out, tat) = match next(tat) {
@@ -144,6 +136,33 @@ impl SharedPaces {
         Err(format!(
             "{BUCKET}: {TRIES} bookings in a row lost to other replicas"
         ))
+    }
+}
+
+impl SharedPaces {
+    /// The key's value (None if deleted) and revision, from the stream's
+    /// leader: on a cluster a direct get may be answered by a replica that
+    /// does not have the last booking yet, and every booking written over
+    /// that stale revision would be refused and tried again.
+    async fn read(&self, key: &str) -> Result<Option<(Option<Vec<u8>>, u64)>, String> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let subject = format!("$KV.{BUCKET}.{key}");
+        match self
+            .kv
+            .stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(m) => {
+                let deleted = m
+                    .headers
+                    .get("KV-Operation")
+                    .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+                Ok(Some(((!deleted).then(|| m.payload.to_vec()), m.sequence)))
+            }
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(format!("cannot read {BUCKET}: {e}")),
+        }
     }
 }
 
