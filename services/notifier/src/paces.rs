@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use jiff::Timestamp;
 use sha2::{Digest, Sha256};
-use tocsin_runtime::kv::{write_checked, WriteError};
+use tocsin_runtime::kv::{read_checked, write_checked, WriteError};
 
 use crate::guard::Pace;
 
@@ -119,7 +119,10 @@ impl SharedPaces {
         next: impl Fn(Option<Timestamp>) -> Result<(T, Timestamp), E>,
     ) -> Result<Result<T, E>, String> {
         for _ in 0..TRIES {
-            let (tat, revision) = match self.read(key).await? {
+            let (tat, revision) = match read_checked(&self.kv, key)
+                .await
+                .map_err(|e| format!("cannot read {BUCKET}: {e}"))?
+            {
                 Some((value, revision)) => (value.as_deref().and_then(decode), Some(revision)),
                 None => (None, None),
             };
@@ -136,33 +139,6 @@ impl SharedPaces {
         Err(format!(
             "{BUCKET}: {TRIES} bookings in a row lost to other replicas"
         ))
-    }
-}
-
-impl SharedPaces {
-    /// The key's value (None if deleted) and revision, from the stream's
-    /// leader: on a cluster a direct get may be answered by a replica that
-    /// does not have the last booking yet, and every booking written over
-    /// that stale revision would be refused and tried again.
-    async fn read(&self, key: &str) -> Result<Option<(Option<Vec<u8>>, u64)>, String> {
-        use async_nats::jetstream::stream::LastRawMessageErrorKind;
-        let subject = format!("$KV.{BUCKET}.{key}");
-        match self
-            .kv
-            .stream
-            .get_last_raw_message_by_subject(&subject)
-            .await
-        {
-            Ok(m) => {
-                let deleted = m
-                    .headers
-                    .get("KV-Operation")
-                    .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
-                Ok(Some(((!deleted).then(|| m.payload.to_vec()), m.sequence)))
-            }
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(format!("cannot read {BUCKET}: {e}")),
-        }
     }
 }
 

@@ -40,6 +40,31 @@ impl std::fmt::Display for WriteError {
     }
 }
 
+/// `key`'s value (None: deleted) and revision, for a [`write_checked`]
+/// over it; None if it was never written. Read from the stream's leader
+/// (`STREAM.MSG.GET`): `kv::Store::entry` uses a direct get, which any
+/// replica of a clustered bucket may answer before it has the last write,
+/// and a write over that stale revision is refused and must be tried
+/// again.
+pub async fn read_checked(
+    store: &kv::Store,
+    key: &str,
+) -> Result<Option<(Option<Vec<u8>>, u64)>, String> {
+    use jetstream::stream::LastRawMessageErrorKind;
+    let subject = format!("{}{key}", store.prefix);
+    match store.stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => {
+            let deleted = m
+                .headers
+                .get("KV-Operation")
+                .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+            Ok(Some(((!deleted).then(|| m.payload.to_vec()), m.sequence)))
+        }
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Creates `key` (`revision` None: it must not exist) or replaces the
 /// `revision` read; the new revision.
 pub async fn write_checked(
