@@ -47,6 +47,27 @@ pub fn decode_envelope<T: DeserializeOwned>(bytes: &[u8]) -> Result<Envelope<T>,
     Ok(env)
 }
 
+/// Decodes an ALERTS message: the alerts it holds, in order. A message on
+/// an alert's own subject holds one (`Envelope<Alert>`); one on
+/// [`crate::subjects::alert_batch_subject`] holds a request's several
+/// (`Envelope<Vec<Alert>>`).
+pub fn decode_alerts(
+    subject: &str,
+    bytes: &[u8],
+) -> Result<Envelope<Vec<crate::Alert>>, CodecError> {
+    if crate::subjects::is_alert_batch(subject) {
+        return decode_envelope(bytes);
+    }
+    let one = decode_envelope::<crate::Alert>(bytes)?;
+    Ok(Envelope {
+        schema: one.schema,
+        source: one.source,
+        received_at: one.received_at,
+        traceparent: one.traceparent,
+        body: vec![one.body],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,5 +195,32 @@ mod tests {
         for bytes in [&b""[..], b"\xc1", b"{\"json\":1}", b"\x81\xa6schema\xc0"] {
             assert!(decode_envelope::<Alert>(bytes).is_err());
         }
+    }
+
+    #[test]
+    fn an_alerts_message_holds_one_alert_or_a_requests_several() {
+        use crate::subjects::{alert_batch_subject, alert_subject};
+        let one = sample();
+        let subject = alert_subject(SourceKind::Alertmanager, &one.body.fingerprint);
+        let decoded = decode_alerts(&subject, &encode(&one).unwrap()).unwrap();
+        assert_eq!(decoded.body, vec![one.body.clone()]);
+        assert_eq!(decoded.source, one.source);
+
+        let mut second = one.body.clone();
+        second.status = AlertStatus::Resolved;
+        let batch = Envelope::new(
+            "am",
+            one.received_at,
+            vec![one.body.clone(), second.clone()],
+        );
+        let bytes = encode(&batch).unwrap();
+        let subject = alert_batch_subject(SourceKind::Alertmanager);
+        let decoded = decode_alerts(&subject, &bytes).unwrap();
+        assert_eq!(decoded.body, vec![one.body.clone(), second]);
+        // A batch on an alert's own subject (or the reverse) is refused, not
+        // read as something else.
+        let single = alert_subject(SourceKind::Alertmanager, &one.body.fingerprint);
+        assert!(decode_alerts(&single, &bytes).is_err());
+        assert!(decode_alerts(&subject, &encode(&one).unwrap()).is_err());
     }
 }

@@ -162,8 +162,14 @@ pub struct AlertInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Cause {
-    /// An alert event at this ALERTS stream sequence.
-    Alert { seq: u64 },
+    /// An alert event at this ALERTS stream sequence; `index` is its place
+    /// in the message when the message holds several alerts of one request
+    /// (see [`crate::subjects::alert_batch_subject`]), 0 otherwise.
+    Alert {
+        seq: u64,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        index: u32,
+    },
     /// A command with this id.
     Command { id: String },
     /// A timer (snooze end, missed heartbeat) with this id.
@@ -171,14 +177,25 @@ pub enum Cause {
 }
 
 impl Cause {
-    /// Short form used in message ids: `a:<seq>`, `c:<id>`, `t:<id>`.
+    /// An alert alone in its ALERTS message.
+    pub fn alert(seq: u64) -> Self {
+        Cause::Alert { seq, index: 0 }
+    }
+
+    /// Short form used in message ids: `a:<seq>` (`a:<seq>.<index>` for an
+    /// alert after the first of a message), `c:<id>`, `t:<id>`.
     pub fn key(&self) -> String {
         match self {
-            Cause::Alert { seq } => format!("a:{seq}"),
+            Cause::Alert { seq, index: 0 } => format!("a:{seq}"),
+            Cause::Alert { seq, index } => format!("a:{seq}.{index}"),
             Cause::Command { id } => format!("c:{id}"),
             Cause::Timer { id } => format!("t:{id}"),
         }
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Why an incident was resolved.

@@ -96,6 +96,26 @@ pub fn alert_subject(kind: SourceKind, fingerprint: &Fingerprint) -> String {
     format!("tocsin.alerts.{}.{}", kind.as_str(), fingerprint)
 }
 
+/// Last token of [`alert_batch_subject`].
+pub const ALERT_BATCH: &str = "batch";
+
+/// Subject of a message holding several alerts of one request (an
+/// `Envelope<Vec<Alert>>`, in the order the request gave them):
+/// `tocsin.alerts.<kind>.batch`. A fingerprint is 16 hex digits, so no
+/// alert's subject ends in `batch`. Ingest stores a request of several
+/// alerts this way so that JetStream syncs one message for all of them.
+pub fn alert_batch_subject(kind: SourceKind) -> String {
+    format!("tocsin.alerts.{}.{ALERT_BATCH}", kind.as_str())
+}
+
+/// Whether an ALERTS message holds several alerts ([`alert_batch_subject`]).
+pub fn is_alert_batch(subject: &str) -> bool {
+    subject
+        .rsplit('.')
+        .next()
+        .is_some_and(|last| last == ALERT_BATCH)
+}
+
 /// Subject of an incident event: `tocsin.incidents.inc.<id>.<kind>`.
 pub fn incident_subject(id: &uuid::Uuid, kind: &str) -> String {
     format!("tocsin.incidents.inc.{}.{kind}", id.simple())
@@ -194,6 +214,13 @@ mod tests {
             "tocsin.alerts.alertmanager.6a4f37c34a2d1e4b"
         );
         assert_eq!(dead_letter_subject("ALERTS"), "tocsin.dlq.alerts");
+        let batch = alert_batch_subject(SourceKind::Alertmanager);
+        assert_eq!(batch, "tocsin.alerts.alertmanager.batch");
+        assert!(is_alert_batch(&batch));
+        assert!(!is_alert_batch(&alert_subject(
+            SourceKind::Alertmanager,
+            &fp
+        )));
     }
 
     #[test]

@@ -102,8 +102,7 @@ async fn snooze_ends_on_the_clock_and_missed_heartbeats_open_incidents() {
     // The ingest endpoint puts a heartbeat ping on the bus.
     let a = http::post(&http_client, &ping, Some(&tocsin.token), "").await;
     assert_eq!(a.status, 200, "{}", a.text);
-    let pings =
-        bus::read_stream::<tocsin_proto::Alert>(&js, tocsin_proto::subjects::STREAM_ALERTS).await;
+    let pings = bus::read_alerts(&js).await;
     assert_eq!(pings.len(), 1);
     assert_eq!(
         pings[0].envelope.body.origin.kind,

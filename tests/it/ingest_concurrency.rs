@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use tocsin_proto::subjects::STREAM_ALERTS;
 use tocsin_tests::{bus, NatsServer, TocsinHarness};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,7 +39,7 @@ async fn concurrent_large_webhooks_do_not_starve_each_other() {
     }
     let js = async_nats::jetstream::new(nats.client().await);
     assert_eq!(
-        bus::count(&js, STREAM_ALERTS).await,
+        bus::count_alerts(&js).await,
         (requests * per_request) as u64
     );
 }

@@ -5,7 +5,7 @@
 //! still stored.
 
 use serde_json::{json, Value};
-use tocsin_proto::{subjects::STREAM_ALERTS, Alert, AlertStatus};
+use tocsin_proto::AlertStatus;
 use tocsin_tests::{bus, http, NatsServer, TocsinHarness};
 
 fn generic_alert(labels: Value) -> Value {
@@ -96,11 +96,7 @@ async fn an_oversized_label_is_refused_and_the_next_batch_is_stored() {
     );
 
     let js = async_nats::jetstream::new(nats.client().await);
-    assert_eq!(
-        bus::count(&js, STREAM_ALERTS).await,
-        0,
-        "nothing was stored"
-    );
+    assert_eq!(bus::count_alerts(&js).await, 0, "nothing was stored");
 
     let batch: Vec<Value> = (0..100)
         .map(|n| generic_alert(json!({"alertname": "Normal", "n": n.to_string()})))
@@ -108,7 +104,7 @@ async fn an_oversized_label_is_refused_and_the_next_batch_is_stored() {
     let a = http::post(&client, &generic, token, json!(batch).to_string()).await;
     assert_eq!(a.status, 200, "{}", a.text);
     assert_eq!(a.json["stored"], 100);
-    assert_eq!(bus::count(&js, STREAM_ALERTS).await, 100);
+    assert_eq!(bus::count_alerts(&js).await, 100);
 }
 
 /// VmRSS of this process in bytes (the harness runs ingest in-process).
@@ -174,7 +170,7 @@ async fn huge_batches_are_refused_without_blowing_up_memory() {
         grown >> 20
     );
     let js = async_nats::jetstream::new(nats.client().await);
-    assert_eq!(bus::count(&js, STREAM_ALERTS).await, 0);
+    assert_eq!(bus::count_alerts(&js).await, 0);
 }
 
 /// Defect 4: a body just under max_body_bytes whose alert is larger than
@@ -310,7 +306,7 @@ async fn dedup_key_spellings_405_json_and_pagerduty_change_events() {
         let a = http::post(&client, &generic, token, body).await;
         assert_eq!(a.status, 200, "{field}: {}", a.text);
     }
-    let stored = bus::read_stream::<Alert>(&js, STREAM_ALERTS).await;
+    let stored = bus::read_alerts(&js).await;
     let keys: Vec<Option<String>> = stored
         .iter()
         .map(|m| m.envelope.body.dedup_key.clone())
@@ -342,7 +338,7 @@ async fn dedup_key_spellings_405_json_and_pagerduty_change_events() {
     let a = http::post(&client, &url, None, change.to_string()).await;
     assert_eq!(a.status, 202, "{}", a.text);
     assert_eq!(a.json["status"], "success", "{}", a.text);
-    let stored = bus::read_stream::<Alert>(&js, STREAM_ALERTS).await;
+    let stored = bus::read_alerts(&js).await;
     assert_eq!(stored.len(), 3);
     let c = &stored[2].envelope.body;
     assert_eq!(c.status, AlertStatus::Firing);
@@ -357,7 +353,7 @@ async fn dedup_key_spellings_405_json_and_pagerduty_change_events() {
     // A retried change event is stored once.
     let a = http::post(&client, &url, None, change.to_string()).await;
     assert_eq!(a.status, 202, "{}", a.text);
-    assert_eq!(bus::count(&js, STREAM_ALERTS).await, 3);
+    assert_eq!(bus::count_alerts(&js).await, 3);
     // A change event without a summary is refused in PagerDuty's shape.
     let a = http::post(
         &client,

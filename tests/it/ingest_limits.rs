@@ -170,7 +170,7 @@ async fn an_alert_over_the_servers_max_payload_is_413_and_a_full_stream_is_503()
     );
     let js = async_nats::jetstream::new(nats.client().await);
     assert_eq!(
-        bus::count(&js, STREAM_ALERTS).await,
+        bus::count_alerts(&js).await,
         0,
         "nothing of the request was stored"
     );

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use tocsin_proto::{subjects::STREAM_ALERTS, Alert};
 use tocsin_tests::{bus, http, NatsServer, TocsinHarness};
 
 const PAYLOAD: &str = include_str!("../fixtures/alertmanager_3_alerts.json");
@@ -66,11 +65,11 @@ async fn nats_outage_gives_503_then_the_retry_succeeds_once() {
     let a = http::post(&client, &url, Some(&tocsin.token), PAYLOAD).await;
     assert_eq!(a.status, 200, "{}", a.text);
     let js = async_nats::jetstream::new(nats.client().await);
-    let stored = bus::read_stream::<Alert>(&js, STREAM_ALERTS).await;
+    let stored = bus::read_alerts(&js).await;
     assert_eq!(stored.len(), 3, "three alerts, no duplicates");
     let a = http::post(&client, &url, Some(&tocsin.token), PAYLOAD).await;
     assert_eq!((a.status, a.json["duplicates"].as_u64()), (200, Some(3)));
-    assert_eq!(bus::count(&js, STREAM_ALERTS).await, 3);
+    assert_eq!(bus::count_alerts(&js).await, 3);
 
     let metrics = http::get(&client, &format!("{}/metrics", tocsin.admin_url))
         .await

@@ -1,7 +1,7 @@
 //! PagerDuty Events API v2-compatible endpoint through the real bus.
 
 use serde_json::json;
-use tocsin_proto::{subjects::STREAM_ALERTS, Alert, AlertStatus};
+use tocsin_proto::AlertStatus;
 use tocsin_tests::{bus, http, NatsServer, TocsinHarness};
 
 #[tokio::test]
@@ -35,7 +35,7 @@ async fn trigger_acknowledge_resolve_with_one_dedup_key() {
     }
 
     let js = async_nats::jetstream::new(nats.client().await);
-    let stored = bus::read_stream::<Alert>(&js, STREAM_ALERTS).await;
+    let stored = bus::read_alerts(&js).await;
     let statuses: Vec<AlertStatus> = stored.iter().map(|m| m.envelope.body.status).collect();
     assert_eq!(
         statuses,
@@ -61,7 +61,7 @@ async fn trigger_acknowledge_resolve_with_one_dedup_key() {
     // The same trigger sent twice (a retry) is stored once.
     let a = http::post(&client, &url, None, trigger.to_string()).await;
     assert_eq!(a.status, 202);
-    assert_eq!(bus::count(&js, STREAM_ALERTS).await, 3);
+    assert_eq!(bus::count_alerts(&js).await, 3);
 
     // A trigger without dedup_key gets one, as at PagerDuty.
     let a = http::post(
@@ -125,7 +125,7 @@ async fn invalid_events_get_pagerdutys_400_shape() {
 
     let js = async_nats::jetstream::new(nats.client().await);
     assert_eq!(
-        bus::count(&js, STREAM_ALERTS).await,
+        bus::count_alerts(&js).await,
         0,
         "nothing invalid reached the bus"
     );

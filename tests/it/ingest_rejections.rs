@@ -1,6 +1,5 @@
 //! Bad input: auth, size and shape errors, each named, none reaching the bus.
 
-use tocsin_proto::subjects::STREAM_ALERTS;
 use tocsin_tests::{bus, http, NatsServer, TocsinHarness};
 
 const GOOD: &str = r#"{"version":"4","status":"firing","receiver":"r","groupLabels":{},"commonLabels":{},
@@ -140,10 +139,10 @@ async fn every_bad_request_is_named_and_nothing_reaches_the_bus() {
 
     // The service is still fine and nothing bad was stored.
     let js = async_nats::jetstream::new(nats.client().await);
-    assert_eq!(bus::count(&js, STREAM_ALERTS).await, 0);
+    assert_eq!(bus::count_alerts(&js).await, 0);
     let a = http::post(&client, &am, token, GOOD).await;
     assert_eq!(a.status, 200, "{}", a.text);
-    assert_eq!(bus::count(&js, STREAM_ALERTS).await, 1);
+    assert_eq!(bus::count_alerts(&js).await, 1);
 
     // Rejections are counted.
     let metrics = http::get(&client, &format!("{}/metrics", tocsin.admin_url))

@@ -2,7 +2,6 @@
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
-use tocsin_proto::{subjects::STREAM_ALERTS, Alert};
 use tocsin_tests::{bus, NatsServer, TocsinHarness};
 use tokio::sync::Mutex;
 
@@ -46,7 +45,7 @@ async fn every_acknowledged_request_survives_a_shutdown_mid_burst() {
     }
 
     let js = async_nats::jetstream::new(nats.client().await);
-    let on_bus: BTreeSet<String> = bus::read_stream::<Alert>(&js, STREAM_ALERTS)
+    let on_bus: BTreeSet<String> = bus::read_alerts(&js)
         .await
         .into_iter()
         .map(|m| m.envelope.body.labels["id"].clone())

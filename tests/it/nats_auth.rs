@@ -248,7 +248,7 @@ async fn the_notifiers_credentials_cannot_publish_alerts() {
         r#"tocsin_nats_events_total{event="permissions_violation"}"#,
     )
     .await;
-    assert_eq!(bus::count(&admin, STREAM_ALERTS).await, 0);
+    assert_eq!(bus::count_alerts(&admin).await, 0);
 
     // The same with the raw error in hand.
     let (client, mut errors) = watched(&nats, "notifier").await;
@@ -264,7 +264,7 @@ async fn the_notifiers_credentials_cannot_publish_alerts() {
         "Publish to \"tocsin.alerts.alertmanager.6a4f37c34a2d1e4b\"",
     )
     .await;
-    assert_eq!(bus::count(&admin, STREAM_ALERTS).await, 0);
+    assert_eq!(bus::count_alerts(&admin).await, 0);
 }
 
 #[tokio::test]
@@ -309,7 +309,7 @@ async fn the_operator_cannot_purge_delete_or_publish_alerts() {
         "Publish to \"tocsin.alerts.generic.6a4f37c34a2d1e4b\"",
     )
     .await;
-    assert_eq!(bus::count(&admin, STREAM_ALERTS).await, 0);
+    assert_eq!(bus::count_alerts(&admin).await, 0);
 }
 
 #[tokio::test]

@@ -2,7 +2,11 @@
 
 use async_nats::{jetstream, HeaderMap};
 use serde::de::DeserializeOwned;
-use tocsin_proto::{codec::decode_envelope, Envelope};
+use tocsin_proto::{
+    codec::{decode_alerts, decode_envelope},
+    subjects::STREAM_ALERTS,
+    Alert, Envelope,
+};
 
 /// One stored message, decoded.
 #[derive(Debug)]
@@ -37,6 +41,44 @@ pub async fn read_stream<T: DeserializeOwned>(
         });
     }
     out
+}
+
+/// Every alert currently on ALERTS, in order: a message holding several
+/// alerts of one request gives each of them (with the message's sequence,
+/// subject and headers).
+pub async fn read_alerts(js: &jetstream::Context) -> Vec<Stored<Alert>> {
+    let mut s = js.get_stream(STREAM_ALERTS).await.expect("stream exists");
+    let info = s.info().await.expect("stream info").state.clone();
+    let mut out = Vec::new();
+    if info.messages == 0 {
+        return out;
+    }
+    for seq in info.first_sequence..=info.last_sequence {
+        let Ok(msg) = s.get_raw_message(seq).await else {
+            continue; // deleted
+        };
+        let env = decode_alerts(&msg.subject, &msg.payload).expect("stored alerts decode");
+        for alert in env.body {
+            out.push(Stored {
+                seq,
+                subject: msg.subject.to_string(),
+                headers: msg.headers.clone(),
+                envelope: Envelope {
+                    schema: env.schema,
+                    source: env.source.clone(),
+                    received_at: env.received_at,
+                    traceparent: env.traceparent.clone(),
+                    body: alert,
+                },
+            });
+        }
+    }
+    out
+}
+
+/// Number of alerts on ALERTS (a message may hold several).
+pub async fn count_alerts(js: &jetstream::Context) -> u64 {
+    read_alerts(js).await.len() as u64
 }
 
 /// Number of messages in `stream`.

@@ -11,7 +11,7 @@ use tocsin_proto::{
     command::{Action, Command, CommandReply, IncidentRef},
     incident::{Actor, IncidentSummary, LogEntry},
     query::{GetIncident, IncidentDetail, ListIncidents, QueryReply},
-    subjects::{alert_subject, headers, query, STREAM_INCIDENTS},
+    subjects::{alert_batch_subject, alert_subject, headers, query, STREAM_INCIDENTS},
     Alert, AlertStatus, Envelope, Fingerprint, Labels, Origin, SourceKind,
 };
 
@@ -71,6 +71,38 @@ pub async fn try_publish_alert(
     let (subject, h, payload) = alert_message(alert, at);
     Ok(js
         .publish_with_headers(subject, h, payload.into())
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?
+        .sequence)
+}
+
+/// Publishes several alerts received together at `at` in one message, as
+/// ingest stores a request of several (one alert: as
+/// [`try_publish_alert`]). Returns its ALERTS sequence.
+pub async fn try_publish_alerts(
+    js: &jetstream::Context,
+    alerts: Vec<Alert>,
+    at: Timestamp,
+) -> Result<u64, String> {
+    if alerts.len() == 1 {
+        let one = alerts.into_iter().next().expect("one alert");
+        return try_publish_alert(js, one, at).await;
+    }
+    let first = alerts.first().ok_or("no alerts")?;
+    let subject = alert_batch_subject(first.origin.kind.unwrap_or(SourceKind::Generic));
+    let msg_id = format!(
+        "batch:{}:{}:{}",
+        first.msg_id(),
+        alerts.len(),
+        at.as_nanosecond()
+    );
+    let env = Envelope::new("test", at, alerts);
+    let mut h = HeaderMap::new();
+    h.insert(headers::MSG_ID, msg_id.as_str());
+    Ok(js
+        .publish_with_headers(subject, h, codec::encode(&env).unwrap().into())
         .await
         .map_err(|e| e.to_string())?
         .await

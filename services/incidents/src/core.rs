@@ -55,6 +55,56 @@ pub struct IncidentState {
     pub commands: VecDeque<String>,
 }
 
+/// Where an alert sits on the ALERTS stream: its message's sequence and its
+/// place in that message (0 unless the message holds several alerts of one
+/// request). Ordered as the alerts are read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AlertPos {
+    pub seq: u64,
+    pub index: u32,
+}
+
+impl AlertPos {
+    /// The alert an entry's cause names, if an alert caused it.
+    pub fn of(cause: &Cause) -> Option<Self> {
+        match cause {
+            Cause::Alert { seq, index } => Some(AlertPos {
+                seq: *seq,
+                index: *index,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Every alert of message `seq`, however many it holds: where a message
+    /// that cannot be read at all is recorded as decided.
+    pub fn whole(seq: u64) -> Self {
+        AlertPos {
+            seq,
+            index: u32::MAX,
+        }
+    }
+
+    /// The place after this one: the next alert of the same message (which
+    /// may not exist; reading then goes on with the next message).
+    pub fn next(self) -> Self {
+        match self.index.checked_add(1) {
+            Some(index) => AlertPos { index, ..self },
+            None => AlertPos {
+                seq: self.seq + 1,
+                index: 0,
+            },
+        }
+    }
+
+    pub fn cause(self) -> Cause {
+        Cause::Alert {
+            seq: self.seq,
+            index: self.index,
+        }
+    }
+}
+
 /// The projection of the INCIDENTS stream plus the input cursor.
 #[derive(Clone, Default)]
 pub struct Projection {
@@ -82,8 +132,8 @@ pub struct Projection {
     pub next_number: u64,
     /// Last INCIDENTS stream sequence applied.
     pub incidents_seq: u64,
-    /// Last ALERTS stream sequence decided.
-    pub alerts_cursor: u64,
+    /// The last alert decided.
+    pub alerts_cursor: AlertPos,
     /// Cause of the last applied entry (to know whether the last input may
     /// be only partly published).
     pub last_cause: Option<Cause>,
@@ -389,8 +439,8 @@ impl Projection {
                 }
             },
         }
-        if let Cause::Alert { seq: a } = entry.cause() {
-            self.alerts_cursor = self.alerts_cursor.max(*a);
+        if let Some(at) = AlertPos::of(entry.cause()) {
+            self.alerts_cursor = self.alerts_cursor.max(at);
         }
         self.last_cause = Some(entry.cause().clone());
         if seq != 0 {
@@ -398,12 +448,15 @@ impl Projection {
         }
     }
 
-    /// Where to resume reading ALERTS: the last input again if it may be
+    /// Where to resume reading ALERTS: the last alert again if it may be
     /// only partly published, else the one after it.
-    pub fn alerts_resume_from(&self) -> u64 {
-        match &self.last_cause {
-            Some(Cause::Alert { seq }) if *seq == self.alerts_cursor => self.alerts_cursor.max(1),
-            _ => self.alerts_cursor + 1,
+    pub fn alerts_resume_from(&self) -> AlertPos {
+        match self.last_cause.as_ref().and_then(AlertPos::of) {
+            Some(last) if last == self.alerts_cursor => AlertPos {
+                seq: last.seq.max(1),
+                ..last
+            },
+            _ => self.alerts_cursor.next(),
         }
     }
 

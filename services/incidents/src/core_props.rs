@@ -154,7 +154,7 @@ fn run(ops: &[Op], cuts: &[prop::sample::Index]) -> Result<(), TestCaseError> {
             } => {
                 alert_seq += 1;
                 Input::Alert(
-                    Cause::Alert { seq: alert_seq },
+                    Cause::alert(alert_seq),
                     Envelope::new("am", now, alert(*group, *instance, *firing, now)),
                 )
             }

@@ -132,7 +132,9 @@ pub(crate) enum IncidentsEvent<'a> {
     },
     DeadLettered {
         stream: &'a str,
-        seq: u64,
+        /// Its place on the stream: the sequence, or `<sequence>.<index>`
+        /// for one alert of a message holding several.
+        at: &'a str,
         /// Low-cardinality: `undecodable`, `too_large`, `refused`.
         reason: &'a str,
         detail: &'a str,
@@ -216,7 +218,7 @@ impl IncidentsEvent<'_> {
             }
             IncidentsEvent::DeadLettered {
                 stream,
-                seq,
+                at,
                 reason,
                 detail,
             } => {
@@ -225,7 +227,7 @@ impl IncidentsEvent<'_> {
                     .inc();
                 tracing::error!(
                     stream,
-                    seq,
+                    at,
                     reason,
                     detail,
                     "input moved to the DEADLETTER stream; the next one is processed"

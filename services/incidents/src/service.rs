@@ -24,10 +24,10 @@ use async_nats::{
 use futures::{FutureExt as _, StreamExt};
 use jiff::{SignedDuration, Timestamp};
 use tocsin_proto::{
-    codec::{self, decode_envelope},
+    codec::{self, decode_alerts, decode_envelope},
     command::{Command, CommandReply},
     incident::{Cause, IncidentStatus, IncidentSummary, LogEntry},
-    subjects::{headers, STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS},
+    subjects::{headers, is_alert_batch, STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS},
     Alert, Envelope, SourceKind,
 };
 use tocsin_runtime::{admin::Health, progress::Watermark, streams};
@@ -37,7 +37,8 @@ use crate::{
     clock::Clock,
     config::{HeartbeatConfig, IncidentsConfig},
     core::{
-        heartbeat_alert, heartbeat_key, CoreConfig, Decider, Projection, Verdict, HEARTBEAT_SOURCE,
+        heartbeat_alert, heartbeat_key, AlertPos, CoreConfig, Decider, Projection, Verdict,
+        HEARTBEAT_SOURCE,
     },
     error::IncidentsError,
     events::{IncidentsEvent, IncidentsMetrics},
@@ -113,14 +114,21 @@ const ALERTS_PER_COMMAND: usize = 3;
 /// acknowledgements of their entries are awaited.
 const BATCH: usize = 64;
 
+/// At most this many entries are sent before their acknowledgements are
+/// awaited (mid-batch if need be: an ALERTS message can hold a request's
+/// hundreds of alerts). async-nats holds a permit for each acknowledgement
+/// not yet awaited, 5,000 per context, and waits for one when none is left.
+const MAX_SENT: usize = 2048;
+
 /// An entry sent to JetStream whose acknowledgement is still to come.
 type Sent = (jetstream::context::PublishAckFuture, LogEntry);
 
 /// An input of a batch whose entries are sent: what is left to do once
 /// they are stored.
 enum Handled {
-    /// Its sequence, when ingest received it, and how many entries it wrote.
-    Alert(u64, Timestamp, usize),
+    /// Where it is on ALERTS, when ingest received it, and how many
+    /// entries it wrote.
+    Alert(AlertPos, Timestamp, usize),
     /// Answer and acknowledge it; the reply carries `incident`, taken
     /// before the batch's save (which may send it out of memory).
     Command {
@@ -136,8 +144,9 @@ enum Handled {
 enum Fast {
     /// Its entries are sent and folded in.
     Sent(Handled),
-    /// Decided before (below the resume point).
-    Skip,
+    /// Nothing left to do: its alerts are sent (and in `handled`), or
+    /// were decided before (below the resume point).
+    Done,
     /// It needs the one-at-a-time path: a heartbeat, an undecodable or
     /// oversized input or entry, an incident out of memory that the local
     /// store does not have, or an alert after a failed batch.
@@ -477,7 +486,7 @@ impl Service {
                     tracing::debug!(error = %e, "cannot give a command back; it comes again after ack_wait");
                 }
             }
-            let resume = read(&self.proj).alerts_resume_from();
+            let resume = read(&self.proj).alerts_resume_from().seq.max(1);
             let (alerts, commands, commands_floor) = match self.consumers(resume).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -874,7 +883,8 @@ impl Service {
             }
             let fast = if is_alert {
                 top_alert = top_alert.max(seq);
-                self.send_alert(&msg, seq, &mut sent, &mut last_seq).await
+                self.send_alert(&msg, seq, &mut sent, &mut handled, &mut last_seq)
+                    .await
             } else {
                 top_command = top_command.max(seq);
                 if seq <= self.careful_commands.load(Ordering::Relaxed) {
@@ -886,7 +896,7 @@ impl Service {
             };
             match fast {
                 Fast::Sent(h) => handled.push(h),
-                Fast::Skip => {}
+                Fast::Done => {}
                 Fast::Careful => {
                     if let Err(e) = self.finish(&mut sent, &mut handled).await {
                         let rest = handled
@@ -927,41 +937,84 @@ impl Service {
         Some((top_alert, top_command))
     }
 
-    /// Decides one alert of a batch and sends its entries, folding each
-    /// into the projection as it goes (see [`Service::on_alerts`]).
+    /// Decides the alerts of one ALERTS message in a batch and sends their
+    /// entries, folding each into the projection as it goes (see
+    /// [`Service::on_alerts`]); each decided alert joins `handled`. On
+    /// `Careful` the alerts before the one that needs care are in `sent`
+    /// and `handled`, and the careful way goes on from there.
     async fn send_alert(
         &self,
         msg: &jetstream::Message,
         seq: u64,
         sent: &mut Vec<Sent>,
+        handled: &mut Vec<Handled>,
         last_seq: &mut u64,
     ) -> Fast {
-        if seq < read(&self.proj).alerts_resume_from() {
-            return Fast::Skip; // already decided
+        let resume = read(&self.proj).alerts_resume_from();
+        if seq < resume.seq {
+            return Fast::Done; // already decided
         }
+        let batch = is_alert_batch(&msg.subject);
+        let budget = self.limits.max_alert_bytes();
         if seq <= self.careful_until.load(Ordering::Relaxed)
-            || msg.payload.len() > self.limits.max_alert_bytes()
+            || (!batch && msg.payload.len() > budget)
         {
             return Fast::Careful;
         }
-        let Ok(env) = decode_envelope::<Alert>(&msg.payload) else {
+        let Ok(env) = decode_alerts(&msg.subject, &msg.payload) else {
             return Fast::Careful;
         };
-        if env.body.origin.kind == Some(SourceKind::Heartbeat) {
-            return Fast::Careful;
-        }
+        // Each alert of a small message is small; in a larger one each is
+        // measured.
+        let measure = batch && msg.payload.len() > budget;
         let traceparent = header(msg, headers::TRACEPARENT);
-        let Some(entries) = self.decide_in_batch(|d| d.alert(Cause::Alert { seq }, &env)) else {
-            return Fast::Careful;
-        };
-        let n = entries.len();
-        if let Err(fast) = self
-            .send_entries(entries, traceparent.as_deref(), sent, last_seq)
-            .await
-        {
-            return fast;
+        let Envelope {
+            schema,
+            source,
+            received_at,
+            body,
+            ..
+        } = env;
+        for (index, alert) in body.into_iter().enumerate() {
+            let at = AlertPos {
+                seq,
+                index: index as u32,
+            };
+            if at < resume {
+                continue;
+            }
+            if alert.origin.kind == Some(SourceKind::Heartbeat)
+                || (measure && codec::encode(&alert).map_or(usize::MAX, |b| b.len()) > budget)
+            {
+                return Fast::Careful;
+            }
+            let one = Envelope {
+                schema,
+                source: source.clone(),
+                received_at,
+                traceparent: None,
+                body: alert,
+            };
+            let Some(entries) = self.decide_in_batch(|d| d.alert(at.cause(), &one)) else {
+                return Fast::Careful;
+            };
+            let n = entries.len();
+            if let Err(fast) = self
+                .send_entries(entries, traceparent.as_deref(), sent, last_seq)
+                .await
+            {
+                return fast;
+            }
+            handled.push(Handled::Alert(at, received_at, n));
+            // A request's alerts can be many: their acknowledgements are
+            // awaited before async-nats runs out of permits for them.
+            if sent.len() >= MAX_SENT {
+                if let Err(e) = self.finish(sent, handled).await {
+                    return Fast::Failed(e);
+                }
+            }
         }
-        Fast::Sent(Handled::Alert(seq, env.received_at, n))
+        Fast::Done
     }
 
     /// Decides one input of a batch on the projection. An incident it
@@ -1088,7 +1141,7 @@ impl Service {
             p.incidents_seq = p.incidents_seq.max(top);
             for h in handled.iter_mut() {
                 match h {
-                    Handled::Alert(seq, _, _) => p.alerts_cursor = p.alerts_cursor.max(*seq),
+                    Handled::Alert(at, _, _) => p.alerts_cursor = p.alerts_cursor.max(*at),
                     Handled::Command { cmd, incident, .. } => {
                         *incident = summary_of(&p, cmd).map(Box::new)
                     }
@@ -1162,26 +1215,112 @@ impl Service {
         self.catch_up(shutdown).await;
     }
 
+    /// Decides the alerts of one ALERTS message one at a time, from where
+    /// deciding stands (an earlier try may have decided some of them).
     async fn on_alert(&self, msg: jetstream::Message, shutdown: &CancellationToken) {
         let Ok(info) = msg.info() else {
             tracing::warn!("ALERTS message without JetStream info; skipped");
             return;
         };
         let seq = info.stream_sequence;
-        if seq < read(&self.proj).alerts_resume_from() {
+        let resume = read(&self.proj).alerts_resume_from();
+        if seq < resume.seq {
             return; // already decided
         }
         let traceparent = header(&msg, headers::TRACEPARENT);
-        let mut env = match decode_envelope::<Alert>(&msg.payload) {
+        let env = match decode_alerts(&msg.subject, &msg.payload) {
             Ok(env) => env,
             Err(e) => {
-                self.give_up_alert(&msg, seq, "undecodable", &e.to_string(), shutdown)
-                    .await;
+                let whole = AlertPos::whole(seq);
+                let at = seq.to_string();
+                self.give_up_alert(
+                    &msg.subject,
+                    &msg.payload,
+                    whole,
+                    &at,
+                    "undecodable",
+                    &e.to_string(),
+                    shutdown,
+                )
+                .await;
                 return;
             }
         };
-        // The message holds the encoded alert: a small one needs no look.
-        let bounded = if msg.payload.len() <= self.limits.max_alert_bytes() {
+        let batch = is_alert_batch(&msg.subject);
+        // A message of one alert holds the encoded alert: a small one needs
+        // no look.
+        let small = !batch && msg.payload.len() <= self.limits.max_alert_bytes();
+        let Envelope {
+            schema,
+            source,
+            received_at,
+            body,
+            ..
+        } = env;
+        for (index, alert) in body.into_iter().enumerate() {
+            let at = AlertPos {
+                seq,
+                index: index as u32,
+            };
+            if at < resume {
+                continue;
+            }
+            let one = Envelope {
+                schema,
+                source: source.clone(),
+                received_at,
+                traceparent: None,
+                body: alert,
+            };
+            let went_on = self
+                .on_one_alert(
+                    &msg,
+                    batch,
+                    at,
+                    one,
+                    small,
+                    traceparent.as_deref(),
+                    shutdown,
+                )
+                .await;
+            if !went_on {
+                return; // shut down
+            }
+        }
+    }
+
+    /// Decides one alert (the careful way); false if the service stopped
+    /// before it was decided.
+    #[allow(clippy::too_many_arguments)]
+    async fn on_one_alert(
+        &self,
+        msg: &jetstream::Message,
+        batch: bool,
+        at: AlertPos,
+        mut env: Envelope<Alert>,
+        small: bool,
+        traceparent: Option<&str>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        // What goes to DEADLETTER if it cannot be decided: the message, or
+        // this alert of a batch as a message of its own (as it came).
+        let dead_letter_payload = |env: &Envelope<Alert>| -> (String, Vec<u8>, String) {
+            if !batch {
+                return (
+                    msg.subject.to_string(),
+                    msg.payload.to_vec(),
+                    at.seq.to_string(),
+                );
+            }
+            let kind = env.body.origin.kind.unwrap_or(SourceKind::Generic);
+            (
+                tocsin_proto::subjects::alert_subject(kind, &env.body.fingerprint),
+                codec::encode(env).unwrap_or_default(),
+                format!("{}.{}", at.seq, at.index),
+            )
+        };
+        let as_came = (!small).then(|| dead_letter_payload(&env));
+        let bounded = if small {
             Ok(false)
         } else {
             self.limits.bound_alert(&mut env.body)
@@ -1189,75 +1328,81 @@ impl Service {
         match bounded {
             Ok(false) => {}
             Ok(true) => tracing::warn!(
-                seq,
+                seq = at.seq,
+                index = at.index,
                 fingerprint = %env.body.fingerprint,
                 max_alert_bytes = self.limits.max_alert_bytes(),
                 "alert over a quarter of incidents.max_entry_bytes: its longest labels and annotations were cut"
             ),
             Err(e) => {
-                self.give_up_alert(&msg, seq, "too_large", &e.0, shutdown)
+                let (subject, payload, key) = as_came.unwrap_or_else(|| dead_letter_payload(&env));
+                return self
+                    .give_up_alert(&subject, &payload, at, &key, "too_large", &e.0, shutdown)
                     .await;
-                return;
             }
         }
-        let cause = Cause::Alert { seq };
+        let cause = at.cause();
         let settled = if env.body.origin.kind == Some(SourceKind::Heartbeat) {
-            self.on_ping(&env, cause, traceparent.as_deref(), shutdown)
-                .await
+            self.on_ping(&env, cause, traceparent, shutdown).await
         } else {
-            self.settle(shutdown, traceparent.as_deref(), |d| {
-                d.alert(cause.clone(), &env)
-            })
-            .await
+            self.settle(shutdown, traceparent, |d| d.alert(cause.clone(), &env))
+                .await
         };
         let written = match settled {
             Ok(n) => n,
-            Err(Stop::Shutdown) => return,
+            Err(Stop::Shutdown) => return false,
             Err(Stop::GaveUp { reason, detail, .. }) => {
-                self.give_up_alert(&msg, seq, reason, &detail, shutdown)
+                let (subject, payload, key) = as_came.unwrap_or_else(|| dead_letter_payload(&env));
+                return self
+                    .give_up_alert(&subject, &payload, at, &key, reason, &detail, shutdown)
                     .await;
-                return;
             }
         };
         self.alert_done(written, env.received_at, Timestamp::now());
-        self.advance(seq);
+        self.advance(at);
+        true
     }
 
-    /// Moves an alert that cannot be decided or applied to DEADLETTER and
-    /// goes past it.
+    /// Moves an alert that cannot be decided or applied to DEADLETTER (as
+    /// `subject` and `payload`, `key` its place on ALERTS) and goes past it;
+    /// false if the service stopped first.
+    #[allow(clippy::too_many_arguments)]
     async fn give_up_alert(
         &self,
-        msg: &jetstream::Message,
-        seq: u64,
+        subject: &str,
+        payload: &[u8],
+        at: AlertPos,
+        key: &str,
         reason: &'static str,
         detail: &str,
         shutdown: &CancellationToken,
-    ) {
+    ) -> bool {
         if !self
             .dead_letter(
                 STREAM_ALERTS,
-                &msg.subject,
-                &msg.payload,
-                seq,
+                subject,
+                payload,
+                key,
                 reason,
                 detail,
                 shutdown,
             )
             .await
         {
-            return;
+            return false;
         }
         IncidentsEvent::Input {
             input: "alert",
             outcome: "dead_letter",
         }
         .emit(&self.metrics);
-        self.advance(seq);
+        self.advance(at);
+        true
     }
 
-    fn advance(&self, seq: u64) {
+    fn advance(&self, at: AlertPos) {
         let mut p = write(&self.proj);
-        p.alerts_cursor = p.alerts_cursor.max(seq);
+        p.alerts_cursor = p.alerts_cursor.max(at);
         self.save(&mut p);
     }
 
@@ -1509,7 +1654,7 @@ impl Service {
                 STREAM_COMMANDS,
                 &msg.subject,
                 &msg.payload,
-                seq,
+                &seq.to_string(),
                 reason,
                 detail,
                 shutdown,
@@ -1540,7 +1685,7 @@ impl Service {
         stream: &str,
         subject: &str,
         payload: &[u8],
-        seq: u64,
+        at: &str,
         reason: &'static str,
         detail: &str,
         shutdown: &CancellationToken,
@@ -1553,7 +1698,7 @@ impl Service {
                 stream,
                 subject,
                 payload.to_vec().into(),
-                seq,
+                at,
                 detail,
             )
             .await;
@@ -1562,7 +1707,7 @@ impl Service {
                     stall.moving();
                     IncidentsEvent::DeadLettered {
                         stream,
-                        seq,
+                        at,
                         reason,
                         detail,
                     }
@@ -1571,7 +1716,7 @@ impl Service {
                 }
                 Err(e) => {
                     IncidentsEvent::PublishFailed { error: &e }.emit(&self.metrics);
-                    stall.failing(&format!("cannot dead-letter {stream} message {seq}: {e}"));
+                    stall.failing(&format!("cannot dead-letter {stream} message {at}: {e}"));
                 }
             }
             if !backoff.wait(shutdown).await {

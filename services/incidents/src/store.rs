@@ -33,7 +33,10 @@ pub enum StoreError {
 struct Meta {
     schema: u32,
     incidents_seq: u64,
+    /// The last alert decided: its ALERTS message, and its place in it.
     alerts_cursor: u64,
+    #[serde(default)]
+    alerts_index: u32,
     last_cause: Option<Cause>,
     next_number: u64,
     #[serde(default)]
@@ -92,7 +95,10 @@ impl Store {
             });
         }
         p.incidents_seq = meta.incidents_seq;
-        p.alerts_cursor = meta.alerts_cursor;
+        p.alerts_cursor = crate::core::AlertPos {
+            seq: meta.alerts_cursor,
+            index: meta.alerts_index,
+        };
         p.last_cause = meta.last_cause;
         p.next_number = meta.next_number.max(1);
         p.heartbeats = meta.heartbeats;
@@ -162,7 +168,8 @@ impl Store {
         let meta = Meta {
             schema: STORE_SCHEMA,
             incidents_seq: p.incidents_seq,
-            alerts_cursor: p.alerts_cursor,
+            alerts_cursor: p.alerts_cursor.seq,
+            alerts_index: p.alerts_cursor.index,
             last_cause: p.last_cause.clone(),
             next_number: p.next_number,
             heartbeats: p.heartbeats.clone(),

@@ -1,5 +1,13 @@
 //! Publishing alerts to the ALERTS stream, answering only once JetStream
 //! acknowledged every one of them.
+//!
+//! A request of one alert is one message on the alert's own subject. A
+//! request of several is stored in as few messages as fit
+//! ([`alert_batch_subject`]: up to [`BATCH_ALERTS`] alerts and
+//! [`BATCH_BYTES`] each), because JetStream syncs every message to disk on
+//! its own: one sync for a webhook's hundred alerts instead of a hundred.
+//! Each such message's id is derived from its alerts' ids, so a retried
+//! request is still dropped by JetStream's duplicate window.
 
 use std::{future::IntoFuture, sync::Arc, time::Duration};
 
@@ -9,7 +17,7 @@ use async_nats::{jetstream, Client};
 use futures::future::join_all;
 use tocsin_proto::{
     codec,
-    subjects::{alert_subject, headers},
+    subjects::{alert_batch_subject, alert_subject, headers},
     Alert, Envelope, Timestamp, SCHEMA_VERSION,
 };
 
@@ -60,12 +68,21 @@ impl PublishError {
     }
 }
 
-/// One alert encoded and checked, ready to send.
+/// One message encoded and checked, ready to send: one alert, or several
+/// of one request.
 struct Prepared {
     subject: String,
     msg_id: String,
     payload: Vec<u8>,
+    /// How many alerts it holds.
+    alerts: usize,
 }
+
+/// Most alerts stored in one message.
+pub const BATCH_ALERTS: usize = 256;
+/// Largest message of several alerts (smaller if the NATS server's
+/// `max_payload` is).
+pub const BATCH_BYTES: usize = 512 * 1024;
 
 /// What happened to a request's alerts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -76,12 +93,12 @@ pub struct Stored {
     pub duplicates: usize,
 }
 
-/// Alert publishes awaiting their acks at once, across all requests. Kept
+/// Messages awaiting their acks at once, across all requests. Kept
 /// below async-nats's per-context limit (5,000), and taken all-or-nothing per
 /// chunk: if requests each held part of that limit while waiting for the
 /// rest, they could block one another until the publish timeout.
 const MAX_IN_FLIGHT: usize = 4096;
-/// Alerts sent before awaiting their acks.
+/// Messages sent before awaiting their acks.
 const CHUNK: usize = 256;
 
 /// Publishes alerts with `Nats-Msg-Id` set, and waits for every ack.
@@ -114,7 +131,9 @@ impl Publisher {
 
     /// Encodes every alert and checks its size before anything is sent, so
     /// a request with one alert that can never be stored stores nothing
-    /// and gets a 4xx instead of a 503 that would be retried forever.
+    /// and gets a 4xx instead of a 503 that would be retried forever. The
+    /// alerts of a request of several are then put together in messages
+    /// of up to [`BATCH_ALERTS`] alerts and [`BATCH_BYTES`].
     fn prepare(
         &self,
         source: &str,
@@ -126,7 +145,7 @@ impl Publisher {
         // max_payload covers headers and payload together.
         let max_payload = self.client.max_payload();
         let mut out = Vec::with_capacity(alerts.len());
-        for (i, alert) in alerts.into_iter().enumerate() {
+        for (i, alert) in alerts.iter().enumerate() {
             let subject = alert_subject(
                 alert
                     .origin
@@ -162,9 +181,84 @@ impl Publisher {
                 subject,
                 msg_id,
                 payload,
+                alerts: 1,
             });
         }
-        Ok(out)
+        if out.len() < 2 {
+            return Ok(out);
+        }
+        let most = if max_payload > 0 {
+            BATCH_BYTES.min(max_payload)
+        } else {
+            BATCH_BYTES
+        };
+        let mut messages = Vec::new();
+        let mut from = 0;
+        while from < out.len() {
+            // A batch's encoding is smaller than the sum of its alerts'
+            // (one envelope instead of one each), and its header block is
+            // about one alert's.
+            let mut to = from + 1;
+            let mut bytes = out[from].payload.len() + header_bytes(traceparent, &out[from].msg_id);
+            while to < out.len() && to - from < BATCH_ALERTS {
+                let more = out[to].payload.len();
+                if bytes + more > most {
+                    break;
+                }
+                bytes += more;
+                to += 1;
+            }
+            if to - from == 1 {
+                messages.push(std::mem::replace(
+                    &mut out[from],
+                    Prepared {
+                        subject: String::new(),
+                        msg_id: String::new(),
+                        payload: Vec::new(),
+                        alerts: 0,
+                    },
+                ));
+            } else {
+                messages.push(self.batch(
+                    source,
+                    received_at,
+                    traceparent,
+                    &alerts[from..to],
+                    &out[from..to],
+                )?);
+            }
+            from = to;
+        }
+        Ok(messages)
+    }
+
+    /// One message holding `alerts` (checked one by one as `each`).
+    fn batch(
+        &self,
+        source: &str,
+        received_at: Timestamp,
+        traceparent: &str,
+        alerts: &[Alert],
+        each: &[Prepared],
+    ) -> Result<Prepared, PublishError> {
+        use sha2::{Digest, Sha256};
+        let kind = alerts[0]
+            .origin
+            .kind
+            .unwrap_or(tocsin_proto::SourceKind::Generic);
+        let env = Envelope::new(source, received_at, alerts)
+            .with_traceparent(Some(traceparent.to_string()));
+        let mut ids = Sha256::new();
+        for p in each {
+            ids.update(p.msg_id.as_bytes());
+            ids.update(b"\n");
+        }
+        Ok(Prepared {
+            subject: alert_batch_subject(kind),
+            msg_id: format!("alerts:{}", hex::encode(&ids.finalize()[..16])),
+            payload: codec::encode(&env)?,
+            alerts: alerts.len(),
+        })
     }
 
     /// Stores every alert or fails. On failure some alerts may be stored
@@ -187,24 +281,27 @@ impl Publisher {
         }
         let work = async {
             let mut out = Stored::default();
-            let mut alerts = prepared.into_iter().peekable();
-            while alerts.peek().is_some() {
-                let chunk: Vec<Prepared> = alerts.by_ref().take(CHUNK).collect();
+            let mut messages = prepared.into_iter().peekable();
+            while messages.peek().is_some() {
+                let chunk: Vec<Prepared> = messages.by_ref().take(CHUNK).collect();
                 let _permits = self
                     .in_flight
                     .acquire_many(chunk.len() as u32)
                     .await
                     .map_err(|e| PublishError::Refused(e.to_string()))?;
                 let mut acks = Vec::with_capacity(chunk.len());
-                for alert in chunk {
-                    acks.push(self.send(traceparent, alert).await?);
+                let mut counts = Vec::with_capacity(chunk.len());
+                for message in chunk {
+                    counts.push(message.alerts);
+                    acks.push(self.send(traceparent, message).await?);
                 }
-                for result in join_all(acks.into_iter().map(|a| a.into_future())).await {
+                let results = join_all(acks.into_iter().map(|a| a.into_future())).await;
+                for (result, n) in results.into_iter().zip(counts) {
                     let ack = result.map_err(|e| PublishError::from_jetstream(&e, self.timeout))?;
                     if ack.duplicate {
-                        out.duplicates += 1;
+                        out.duplicates += n;
                     } else {
-                        out.stored += 1;
+                        out.stored += n;
                     }
                 }
             }

@@ -148,7 +148,7 @@ async fn dead_letter(d: &Deliverer, msg: &jetstream::Message, reason: &str) {
         STREAM_NOTIFY,
         msg.subject.as_str(),
         msg.payload.clone(),
-        seq,
+        &seq.to_string(),
         reason,
     )
     .await

@@ -488,8 +488,9 @@ pub async fn read_matching(
 const DEAD_LETTER_KEEP: usize = 64 * 1024;
 
 /// Moves a message no one can process to `tocsin.dlq.<stream>`, with the
-/// reason and its original subject in headers; `seq` (its sequence in
-/// `stream`) makes the publish idempotent. One attempt: callers decide
+/// reason and its original subject in headers; `at` (its place in
+/// `stream`: the sequence, or `<sequence>.<index>` for one alert of a
+/// message holding several) makes the publish idempotent. One attempt: callers decide
 /// whether to retry. A payload too large to go with the headers is cut to
 /// its first 64 KiB (the reason says so), so a dead letter never fails
 /// for its size.
@@ -498,14 +499,14 @@ pub async fn dead_letter(
     stream: &str,
     subject: &str,
     payload: bytes::Bytes,
-    seq: u64,
+    at: &str,
     reason: &str,
 ) -> Result<(), String> {
-    match publish_dead_letter(js, stream, subject, payload.clone(), seq, reason).await {
+    match publish_dead_letter(js, stream, subject, payload.clone(), at, reason).await {
         Err(DeadLetterError::TooLarge(e)) if payload.len() > DEAD_LETTER_KEEP => {
             tracing::warn!(
                 stream,
-                seq,
+                at,
                 error = e,
                 "dead letter too large; keeping the first 64 KiB of its payload"
             );
@@ -518,7 +519,7 @@ pub async fn dead_letter(
                 stream,
                 subject,
                 payload.slice(..DEAD_LETTER_KEEP),
-                seq,
+                at,
                 &reason,
             )
             .await
@@ -547,7 +548,7 @@ async fn publish_dead_letter(
     stream: &str,
     subject: &str,
     payload: bytes::Bytes,
-    seq: u64,
+    at: &str,
     reason: &str,
 ) -> Result<(), DeadLetterError> {
     use jetstream::context::{PublishError, PublishErrorKind};
@@ -562,7 +563,7 @@ async fn publish_dead_letter(
     let publish = jetstream::message::PublishMessage::build()
         .payload(payload)
         .headers(h)
-        .message_id(format!("dlq:{stream}:{seq}"));
+        .message_id(format!("dlq:{stream}:{at}"));
     let sort = |e: PublishError| {
         let too_large = e.kind() == PublishErrorKind::MaxPayloadExceeded
             || std::error::Error::source(&e)

@@ -8,7 +8,6 @@ use std::{
     time::Duration,
 };
 
-use tocsin_proto::{subjects::STREAM_ALERTS, Alert};
 use tocsin_tests::{bus, ports::free_port, NatsServer};
 use tokio::sync::Mutex;
 
@@ -351,7 +350,7 @@ async fn sigterm_during_a_burst_keeps_every_acknowledged_alert() {
     }
 
     let js = async_nats::jetstream::new(nats.client().await);
-    let on_bus: BTreeSet<String> = bus::read_stream::<Alert>(&js, STREAM_ALERTS)
+    let on_bus: BTreeSet<String> = bus::read_alerts(&js)
         .await
         .into_iter()
         .map(|m| m.envelope.body.labels["id"].clone())

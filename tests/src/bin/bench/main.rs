@@ -635,7 +635,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         .into_iter()
         .next()
         .context("generated webhook body has no alerts")?;
-    let envelope = Envelope::new("test", Timestamp::now(), sample_alert)
+    let envelope = Envelope::new("test", Timestamp::now(), sample_alert.clone())
         .with_traceparent(Some(traceparent(nonce, 0)));
     let raw_payload = Bytes::from(codec::encode(&envelope)?);
 
@@ -694,6 +694,13 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         per_batch: per_request,
         tasks: connections,
         atomic: false,
+        whole: None,
+    };
+    // The same messages as ingest stores: a request's alerts in one.
+    let raw = if per_request > 1 {
+        raw.whole(&sample_alert)?
+    } else {
+        raw
     };
     let mut ingest_results = Vec::with_capacity(rounds);
     let mut raw_results = Vec::with_capacity(rounds);
@@ -722,7 +729,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let ingest_median = median(ingest_results.iter().map(RoundResult::rate).collect());
     let raw_median = median(raw_results.iter().map(RoundResult::rate).collect());
     println!(
-        "median ingest: {ingest_median:.0} alerts/s, median raw JetStream: {raw_median:.0} msgs/s, ratio: {:.1}%",
+        "median ingest: {ingest_median:.0} alerts/s, median raw JetStream: {raw_median:.0} alerts/s, ratio: {:.1}%",
         100.0 * ingest_median / raw_median
     );
     let all = |rs: &[RoundResult]| {
@@ -737,14 +744,15 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         ms(percentile(&ingest_lat, 0.99)),
     );
     println!(
-        "raw per-batch latency ({per_request} messages):    p50 {}, p99 {}",
+        "raw per-batch latency ({per_request} alerts):      p50 {}, p99 {}",
         ms(percentile(&raw_lat, 0.50)),
         ms(percentile(&raw_lat, 0.99)),
     );
 
     // Nothing was de-duplicated or lost: the stream grew by everything sent.
     let stream_after = stream_messages(&js).await?;
-    let expected = (2 * rounds * per_round) as u64;
+    let expected =
+        (rounds * (ingest_messages(requests, per_request) + raw.messages_per_round())) as u64;
     let grown = stream_after.saturating_sub(stream_before);
     println!("{STREAM_ALERTS} stream: +{grown} messages (expected +{expected})");
 
@@ -1024,6 +1032,40 @@ struct RawSide {
     /// Each batch as one JetStream atomic batch (NATS 2.12, ADR-50) on
     /// [`ATOMIC_STREAM`] instead of one publish per message on ALERTS.
     atomic: bool,
+    /// Each batch as one message holding `per_batch` alerts, the way
+    /// ingest stores a request's alerts (this payload, an encoded
+    /// `Envelope<Vec<Alert>>`), instead of a message per alert.
+    whole: Option<Bytes>,
+}
+
+impl RawSide {
+    /// The side that stores each batch as one message, as ingest does.
+    fn whole(&self, alert: &tocsin_proto::Alert) -> anyhow::Result<Self> {
+        let alerts = vec![alert.clone(); self.per_batch];
+        let env = Envelope::new("test", Timestamp::now(), alerts)
+            .with_traceparent(Some(traceparent(self.nonce, 0)));
+        Ok(RawSide {
+            whole: Some(Bytes::from(codec::encode(&env)?)),
+            atomic: false,
+            ..self.clone()
+        })
+    }
+
+    /// ALERTS messages a round of this side adds.
+    fn messages_per_round(&self) -> usize {
+        match (&self.whole, self.atomic) {
+            (Some(_), _) => self.batches,
+            (None, true) => 0,
+            (None, false) => self.batches * self.per_batch,
+        }
+    }
+}
+
+/// ALERTS messages ingest stores for `requests` requests of `per_request`
+/// alerts (small ones: each message holds up to
+/// [`tocsin_ingest::publish::BATCH_ALERTS`]).
+fn ingest_messages(requests: usize, per_request: usize) -> usize {
+    requests * per_request.div_ceil(tocsin_ingest::publish::BATCH_ALERTS)
 }
 
 /// The stream the atomic side writes: ALERTS' storage, with atomic
@@ -1073,6 +1115,25 @@ impl RawSide {
     async fn batch(&self, index: usize) -> Result<(), String> {
         let tp = traceparent(self.nonce, index as u64);
         let first = index * self.per_batch;
+        if let Some(payload) = &self.whole {
+            let msg = PublishMessage::build()
+                .payload(payload.clone())
+                .headers(alert_headers(&tp))
+                .message_id(format!("bench:{:016x}:request:{index:019}", self.nonce));
+            let subject =
+                tocsin_proto::subjects::alert_batch_subject(tocsin_proto::SourceKind::Generic);
+            let ack = self
+                .js
+                .send_publish(subject, msg)
+                .await
+                .map_err(|e| format!("request {index} not sent: {e}"))?
+                .await
+                .map_err(|e| format!("request {index} not stored: {e}"))?;
+            if ack.duplicate {
+                return Err(format!("request {index} acknowledged as a duplicate"));
+            }
+            return Ok(());
+        }
         if self.atomic {
             return publish_atomic_batch(
                 &self.js.client(),
@@ -1487,7 +1548,7 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
                     let received = Instant::now();
                     match decode_envelope::<LogEntry>(&msg.payload) {
                         Ok(env) => {
-                            if let Cause::Alert { seq } = env.body.cause() {
+                            if let Cause::Alert { seq, .. } = env.body.cause() {
                                 if tx.send((*seq, received)).is_err() {
                                     break;
                                 }
