@@ -462,6 +462,10 @@ struct IncidentsArgs {
     /// The service's `incidents.max_in_memory` (default: the service's).
     #[arg(long)]
     max_in_memory: Option<usize>,
+    /// Pre-loaded alerts per ALERTS message: 1 as a request of one alert
+    /// is stored, more as ingest stores a webhook's several (up to 256).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    per_message: u32,
     /// Use this NATS server (JetStream enabled, no Tocsin running on it;
     /// with authentication, the admin's credentials in the URL:
     /// nats://admin:PASSWORD@host:4222) instead of starting a private one. The service starts with an
@@ -1381,29 +1385,45 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
     );
     println!();
 
-    // Pre-load, not timed: chunks of publishes, then their acks.
+    // Pre-load, not timed: chunks of publishes, then their acks. With
+    // --per-message, consecutive alerts share a message (never across a
+    // pause; the sentinel alone), received when the first of them was.
+    let per_message = args.per_message as usize;
     let preload_started = Instant::now();
     let mut msg_n = 0u64;
     let mut chunk = Vec::with_capacity(PRELOAD_CHUNK);
     let mut preload_seqs = (u64::MAX, 0u64);
+    let mut together: Vec<Alert> = Vec::with_capacity(per_message);
+    let mut together_at = at;
     for i in 0..=n_alerts {
         at += step;
-        let alert = if i < n_alerts {
-            if i > 0 && i % pause_every == 0 {
+        let paused = i > 0 && i < n_alerts && i % pause_every == 0;
+        let mut messages = Vec::with_capacity(2);
+        if !together.is_empty() && (paused || i == n_alerts || together.len() == per_message) {
+            let alerts = std::mem::take(&mut together);
+            messages.push(alerts_message(alerts, together_at, nonce, msg_n)?);
+            msg_n += 1;
+        }
+        if i < n_alerts {
+            if paused {
                 at += PAUSE;
             }
-            gen.preload(at)
+            if together.is_empty() {
+                together_at = at;
+            }
+            together.push(gen.preload(at));
         } else {
-            gen.marker(SENTINEL, at)
-        };
-        let (subject, msg) = alert_message(alert, at, nonce, msg_n)?;
-        msg_n += 1;
-        chunk.push(
-            js.send_publish(subject, msg)
-                .await
-                .with_context(|| format!("pre-load alert {i} not sent"))?,
-        );
-        if chunk.len() == PRELOAD_CHUNK || i == n_alerts {
+            messages.push(alert_message(gen.marker(SENTINEL, at), at, nonce, msg_n)?);
+            msg_n += 1;
+        }
+        for (subject, msg) in messages {
+            chunk.push(
+                js.send_publish(subject, msg)
+                    .await
+                    .with_context(|| format!("pre-load message {msg_n} not sent"))?,
+            );
+        }
+        if chunk.len() >= PRELOAD_CHUNK || i == n_alerts {
             for ack in join_all(chunk.drain(..).map(IntoFuture::into_future)).await {
                 let ack = ack.context("pre-load alert not stored")?;
                 if ack.duplicate {
@@ -1421,10 +1441,13 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
     }
     let preload_elapsed = preload_started.elapsed();
     let preload_mix = std::mem::take(&mut gen.mix);
-    let sentinel_seq = preload_seqs.1;
     let alerts_state = stream_state(&js, STREAM_ALERTS).await?;
-    // A fresh service decides ALERTS from its first message on.
-    let consumed = sentinel_seq + 1 - alerts_state.first_sequence.max(1);
+    // A fresh service decides ALERTS from its first message on: this run's
+    // alerts, and those of the messages before them (counted as one each).
+    let consumed = (n_alerts as u64 + 1)
+        + preload_seqs
+            .0
+            .saturating_sub(alerts_state.first_sequence.max(1));
     let incidents_before = stream_state(&js, STREAM_INCIDENTS).await?;
     let mem_base = Memory::read(None);
     let nats_base = nats_pid.and_then(|p| Memory::read(Some(p)));
@@ -1504,7 +1527,7 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
         "phase 1, throughput: from starting the service until the sentinel's incident is listed"
     );
     println!(
-        "  pre-load (not timed): {} alerts on {STREAM_ALERTS} in {:.1}s ({:.0} alerts/s): {}, and the sentinel",
+        "  pre-load (not timed): {} alerts on {STREAM_ALERTS} ({msg_n} messages, --per-message {per_message}) in {:.1}s ({:.0} alerts/s): {}, and the sentinel",
         n_alerts,
         preload_elapsed.as_secs_f64(),
         (n_alerts + 1) as f64 / preload_elapsed.as_secs_f64(),
@@ -3777,6 +3800,35 @@ fn alert_message(
         .headers(h)
         .message_id(msg_id);
     Ok((subject, msg))
+}
+
+/// Several alerts received together at `at`, as ingest stores a request of
+/// several: one message on the kind's batch subject.
+fn alerts_message(
+    alerts: Vec<Alert>,
+    at: Timestamp,
+    nonce: u64,
+    n: u64,
+) -> anyhow::Result<(String, PublishMessage)> {
+    if alerts.len() == 1 {
+        let one = alerts.into_iter().next().context("one alert")?;
+        return alert_message(one, at, nonce, n);
+    }
+    let kind = alerts
+        .first()
+        .and_then(|a| a.origin.kind)
+        .unwrap_or(SourceKind::Generic);
+    let tp = traceparent(nonce, n);
+    let env = Envelope::new("bench", at, alerts).with_traceparent(Some(tp.clone()));
+    let payload = codec::encode(&env)?;
+    let mut h = HeaderMap::new();
+    h.insert(headers::TRACEPARENT, tp.as_str());
+    h.insert(headers::SCHEMA, SCHEMA_VERSION.to_string().as_str());
+    let msg = PublishMessage::build()
+        .payload(payload.into())
+        .headers(h)
+        .message_id(format!("bench:{nonce:016x}:batch:{n}"));
+    Ok((tocsin_proto::subjects::alert_batch_subject(kind), msg))
 }
 
 /// Polls the list query every 50ms until an incident matching `matchers`
