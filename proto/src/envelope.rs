@@ -37,3 +37,24 @@ impl<T> Envelope<T> {
         self
     }
 }
+
+impl<T> Envelope<Vec<T>> {
+    /// Each item of the body in an envelope of its own (the same source,
+    /// receive time and trace context), in order.
+    pub fn split(self) -> impl Iterator<Item = Envelope<T>> {
+        let Envelope {
+            schema,
+            source,
+            received_at,
+            traceparent,
+            body,
+        } = self;
+        body.into_iter().map(move |item| Envelope {
+            schema,
+            source: source.clone(),
+            received_at,
+            traceparent: traceparent.clone(),
+            body: item,
+        })
+    }
+}

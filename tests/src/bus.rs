@@ -22,6 +22,40 @@ pub async fn read_stream<T: DeserializeOwned>(
     js: &jetstream::Context,
     stream: &str,
 ) -> Vec<Stored<T>> {
+    stored(js, stream)
+        .await
+        .into_iter()
+        .map(|(seq, msg)| Stored {
+            seq,
+            subject: msg.subject.to_string(),
+            envelope: decode_envelope::<T>(&msg.payload).expect("stored message decodes"),
+            headers: msg.headers,
+        })
+        .collect()
+}
+
+/// Every alert currently on ALERTS, in order: a message holding several
+/// alerts of one request gives each of them (with the message's sequence,
+/// subject and headers).
+pub async fn read_alerts(js: &jetstream::Context) -> Vec<Stored<Alert>> {
+    let mut out = Vec::new();
+    for (seq, msg) in stored(js, STREAM_ALERTS).await {
+        let env = decode_alerts(&msg.subject, &msg.payload).expect("stored alerts decode");
+        out.extend(env.split().map(|envelope| Stored {
+            seq,
+            subject: msg.subject.to_string(),
+            headers: msg.headers.clone(),
+            envelope,
+        }));
+    }
+    out
+}
+
+/// Every message currently in `stream` with its sequence, in order.
+async fn stored(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Vec<(u64, async_nats::jetstream::message::StreamMessage)> {
     let mut s = js.get_stream(stream).await.expect("stream exists");
     let info = s.info().await.expect("stream info").state.clone();
     let mut out = Vec::new();
@@ -32,46 +66,7 @@ pub async fn read_stream<T: DeserializeOwned>(
         let Ok(msg) = s.get_raw_message(seq).await else {
             continue; // deleted
         };
-        let envelope = decode_envelope::<T>(&msg.payload).expect("stored message decodes");
-        out.push(Stored {
-            seq,
-            subject: msg.subject.to_string(),
-            headers: msg.headers,
-            envelope,
-        });
-    }
-    out
-}
-
-/// Every alert currently on ALERTS, in order: a message holding several
-/// alerts of one request gives each of them (with the message's sequence,
-/// subject and headers).
-pub async fn read_alerts(js: &jetstream::Context) -> Vec<Stored<Alert>> {
-    let mut s = js.get_stream(STREAM_ALERTS).await.expect("stream exists");
-    let info = s.info().await.expect("stream info").state.clone();
-    let mut out = Vec::new();
-    if info.messages == 0 {
-        return out;
-    }
-    for seq in info.first_sequence..=info.last_sequence {
-        let Ok(msg) = s.get_raw_message(seq).await else {
-            continue; // deleted
-        };
-        let env = decode_alerts(&msg.subject, &msg.payload).expect("stored alerts decode");
-        for alert in env.body {
-            out.push(Stored {
-                seq,
-                subject: msg.subject.to_string(),
-                headers: msg.headers.clone(),
-                envelope: Envelope {
-                    schema: env.schema,
-                    source: env.source.clone(),
-                    received_at: env.received_at,
-                    traceparent: env.traceparent.clone(),
-                    body: alert,
-                },
-            });
-        }
+        out.push((seq, msg));
     }
     out
 }

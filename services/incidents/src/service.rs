@@ -968,33 +968,15 @@ impl Service {
         // measured.
         let measure = batch && msg.payload.len() > budget;
         let traceparent = header(msg, headers::TRACEPARENT);
-        let Envelope {
-            schema,
-            source,
-            received_at,
-            body,
-            ..
-        } = env;
-        for (index, alert) in body.into_iter().enumerate() {
-            let at = AlertPos {
-                seq,
-                index: index as u32,
-            };
+        for (at, one) in each_alert(seq, env) {
             if at < resume {
                 continue;
             }
-            if alert.origin.kind == Some(SourceKind::Heartbeat)
-                || (measure && codec::encode(&alert).map_or(usize::MAX, |b| b.len()) > budget)
+            if one.body.origin.kind == Some(SourceKind::Heartbeat)
+                || (measure && codec::encode(&one.body).map_or(usize::MAX, |b| b.len()) > budget)
             {
                 return Fast::Careful;
             }
-            let one = Envelope {
-                schema,
-                source: source.clone(),
-                received_at,
-                traceparent: None,
-                body: alert,
-            };
             let Some(entries) = self.decide_in_batch(|d| d.alert(at.cause(), &one)) else {
                 return Fast::Careful;
             };
@@ -1005,7 +987,7 @@ impl Service {
             {
                 return fast;
             }
-            handled.push(Handled::Alert(at, received_at, n));
+            handled.push(Handled::Alert(at, one.received_at, n));
             // A request's alerts can be many: their acknowledgements are
             // awaited before async-nats runs out of permits for them.
             if sent.len() >= MAX_SENT {
@@ -1250,28 +1232,10 @@ impl Service {
         // A message of one alert holds the encoded alert: a small one needs
         // no look.
         let small = !batch && msg.payload.len() <= self.limits.max_alert_bytes();
-        let Envelope {
-            schema,
-            source,
-            received_at,
-            body,
-            ..
-        } = env;
-        for (index, alert) in body.into_iter().enumerate() {
-            let at = AlertPos {
-                seq,
-                index: index as u32,
-            };
+        for (at, one) in each_alert(seq, env) {
             if at < resume {
                 continue;
             }
-            let one = Envelope {
-                schema,
-                source: source.clone(),
-                received_at,
-                traceparent: None,
-                body: alert,
-            };
             let went_on = self
                 .on_one_alert(
                     &msg,
@@ -1724,6 +1688,21 @@ impl Service {
             }
         }
     }
+}
+
+/// The alerts of ALERTS message `seq`, each with its place and in an
+/// envelope of its own.
+fn each_alert(
+    seq: u64,
+    env: Envelope<Vec<Alert>>,
+) -> impl Iterator<Item = (AlertPos, Envelope<Alert>)> {
+    env.split().enumerate().map(move |(index, one)| {
+        let at = AlertPos {
+            seq,
+            index: index as u32,
+        };
+        (at, one)
+    })
 }
 
 /// The envelope of `entry` as published.

@@ -3791,13 +3791,9 @@ fn alert_message(
     let msg_id = format!("{}:{n}", alert.msg_id());
     let tp = traceparent(nonce, n);
     let env = Envelope::new("bench", at, alert).with_traceparent(Some(tp.clone()));
-    let payload = codec::encode(&env)?;
-    let mut h = HeaderMap::new();
-    h.insert(headers::TRACEPARENT, tp.as_str());
-    h.insert(headers::SCHEMA, SCHEMA_VERSION.to_string().as_str());
     let msg = PublishMessage::build()
-        .payload(payload.into())
-        .headers(h)
+        .payload(codec::encode(&env)?.into())
+        .headers(alert_headers(&tp))
         .message_id(msg_id);
     Ok((subject, msg))
 }
@@ -3820,13 +3816,9 @@ fn alerts_message(
         .unwrap_or(SourceKind::Generic);
     let tp = traceparent(nonce, n);
     let env = Envelope::new("bench", at, alerts).with_traceparent(Some(tp.clone()));
-    let payload = codec::encode(&env)?;
-    let mut h = HeaderMap::new();
-    h.insert(headers::TRACEPARENT, tp.as_str());
-    h.insert(headers::SCHEMA, SCHEMA_VERSION.to_string().as_str());
     let msg = PublishMessage::build()
-        .payload(payload.into())
-        .headers(h)
+        .payload(codec::encode(&env)?.into())
+        .headers(alert_headers(&tp))
         .message_id(format!("bench:{nonce:016x}:batch:{n}"));
     Ok((tocsin_proto::subjects::alert_batch_subject(kind), msg))
 }
