@@ -11,7 +11,7 @@ use tocsin_proto::{
 };
 use tocsin_tests::{
     bus,
-    incidents::{alert, command, get, publish_alert, wait_for},
+    incidents::{alert, command, get, publish_alert, try_publish_alerts, wait_for},
     NatsServer, TocsinHarness,
 };
 
@@ -129,6 +129,67 @@ async fn a_600_kb_label_is_stored_truncated_and_the_next_100_alerts_become_incid
         !m.contains("tocsin_incidents_dead_letters_total{"),
         "nothing dead-lettered: {m}"
     );
+}
+
+/// One alert of a message holding several (as ingest stores a webhook)
+/// that can never be decided goes to DEADLETTER alone, as a message of its
+/// own on its own subject; the alerts around it are decided.
+#[tokio::test]
+async fn an_undecidable_alert_of_a_batch_is_dead_lettered_alone() {
+    let nats = NatsServer::start().await;
+    let _tocsin = TocsinHarness::start(&nats).await;
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    let now = Timestamp::now();
+    let one = |name: &str| {
+        alert(
+            &[("alertname", name)],
+            &["alertname"],
+            AlertStatus::Firing,
+            now,
+        )
+    };
+    // A dedup key of 300 KB: over a quarter of the entry budget, and a key
+    // is never cut, so the alert can never be decided.
+    let mut poison = one("Poison");
+    poison.dedup_key = Some("k".repeat(300_000));
+    let seq = try_publish_alerts(&js, vec![one("Before"), poison.clone(), one("After")], now)
+        .await
+        .expect("published");
+
+    let all = wait_for(&client, "the two decidable alerts", |all| all.len() == 2).await;
+    let mut titles: Vec<&str> = all.iter().map(|i| i.title.as_str()).collect();
+    titles.sort_unstable();
+    assert_eq!(titles, ["After", "Before"]);
+
+    let dead = bus::read_stream::<tocsin_proto::Alert>(&js, STREAM_DEADLETTER).await;
+    assert_eq!(dead.len(), 1, "only the poison alert");
+    assert_eq!(dead[0].envelope.body, poison, "the alert as it came");
+    assert_eq!(
+        dead[0]
+            .headers
+            .get(headers::DLQ_SUBJECT)
+            .map(|v| v.as_str().to_string()),
+        Some(format!("tocsin.alerts.alertmanager.{}", poison.fingerprint))
+    );
+    assert_eq!(
+        dead[0]
+            .headers
+            .get("Nats-Msg-Id")
+            .map(|v| v.as_str().to_string()),
+        Some(format!("dlq:ALERTS:{seq}.1"))
+    );
+    let reason = dead[0]
+        .headers
+        .get(headers::DLQ_REASON)
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default();
+    assert!(reason.contains("dedup key"), "{reason}");
+
+    // The line goes on.
+    publish_alert(&js, one("Later"), now).await;
+    wait_for(&client, "the alert after", |all| all.len() == 3).await;
+    assert_eq!(bus::count(&js, STREAM_DEADLETTER).await, 1);
 }
 
 #[tokio::test]
