@@ -135,9 +135,17 @@ steps:
         .await;
     }
     // Mid-run: crashy's `two` is running (recorded, then sleeping);
-    // resumable's `first` is done and it waits in `settle`.
+    // resumable's `first` is done and it waits in `settle`. Done means in
+    // its run record, not only in the file it writes: a kill between the
+    // two finds `first` in flight, and a step that is not idempotent is
+    // then failed safe instead of resumed (seen once in dev.sh test). The
+    // timeline entry of a step is published after its record is saved.
     until_recorded(&crashy_out, "two").await;
     until_recorded(&resumable_out, "first").await;
+    wait_timeline(&client, 2, "resumable's first step recorded", |tl| {
+        has(tl, "first", "succeeded")
+    })
+    .await;
     child.kill().expect("SIGKILL");
     child.wait().unwrap();
 
