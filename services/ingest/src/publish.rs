@@ -193,38 +193,31 @@ impl Publisher {
             BATCH_BYTES
         };
         let mut messages = Vec::new();
+        let mut each = out.into_iter().peekable();
         let mut from = 0;
-        while from < out.len() {
+        while let Some(first) = each.next() {
             // A batch's encoding is smaller than the sum of its alerts'
             // (one envelope instead of one each), and its header block is
             // about one alert's.
-            let mut to = from + 1;
-            let mut bytes = out[from].payload.len() + header_bytes(traceparent, &out[from].msg_id);
-            while to < out.len() && to - from < BATCH_ALERTS {
-                let more = out[to].payload.len();
-                if bytes + more > most {
+            let mut bytes = first.payload.len() + header_bytes(traceparent, &first.msg_id);
+            let mut chunk = vec![first];
+            while chunk.len() < BATCH_ALERTS {
+                let Some(next) = each.next_if(|p| bytes + p.payload.len() <= most) else {
                     break;
-                }
-                bytes += more;
-                to += 1;
+                };
+                bytes += next.payload.len();
+                chunk.push(next);
             }
-            if to - from == 1 {
-                messages.push(std::mem::replace(
-                    &mut out[from],
-                    Prepared {
-                        subject: String::new(),
-                        msg_id: String::new(),
-                        payload: Vec::new(),
-                        alerts: 0,
-                    },
-                ));
+            let to = from + chunk.len();
+            if chunk.len() == 1 {
+                messages.extend(chunk);
             } else {
                 messages.push(self.batch(
                     source,
                     received_at,
                     traceparent,
                     &alerts[from..to],
-                    &out[from..to],
+                    &chunk,
                 )?);
             }
             from = to;

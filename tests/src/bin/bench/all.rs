@@ -726,8 +726,7 @@ async fn ingest_side_by_side(quick: bool, reps: u32) -> anyhow::Result<Outcome> 
         batches: requests,
         per_batch: per_request,
         tasks: connections,
-        atomic: false,
-        whole: None,
+        mode: super::RawMode::PerAlert,
     };
     // The same messages as ingest stores (a request's alerts in one): the
     // ceiling for Tocsin's design.
@@ -746,7 +745,7 @@ async fn ingest_side_by_side(quick: bool, reps: u32) -> anyhow::Result<Outcome> 
     .await
     .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", super::ATOMIC_STREAM))?;
     let atomic = RawSide {
-        atomic: true,
+        mode: super::RawMode::Atomic,
         ..raw.clone()
     };
     let clients = (0..connections)

@@ -697,8 +697,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         batches: requests,
         per_batch: per_request,
         tasks: connections,
-        atomic: false,
-        whole: None,
+        mode: RawMode::PerAlert,
     };
     // The same messages as ingest stores: a request's alerts in one.
     let raw = if per_request > 1 {
@@ -1033,13 +1032,21 @@ struct RawSide {
     per_batch: usize,
     /// Publishing tasks (= HTTP connections).
     tasks: usize,
-    /// Each batch as one JetStream atomic batch (NATS 2.12, ADR-50) on
-    /// [`ATOMIC_STREAM`] instead of one publish per message on ALERTS.
-    atomic: bool,
-    /// Each batch as one message holding `per_batch` alerts, the way
-    /// ingest stores a request's alerts (this payload, an encoded
-    /// `Envelope<Vec<Alert>>`), instead of a message per alert.
-    whole: Option<Bytes>,
+    /// How a batch is published.
+    mode: RawMode,
+}
+
+/// How [`RawSide`] publishes a batch.
+#[derive(Clone)]
+enum RawMode {
+    /// One publish per message (alert) on ALERTS.
+    PerAlert,
+    /// One JetStream atomic batch (NATS 2.12, ADR-50) of those messages, on
+    /// [`ATOMIC_STREAM`].
+    Atomic,
+    /// One message holding the batch's alerts, the way ingest stores a
+    /// request's (this payload, an encoded `Envelope<Vec<Alert>>`).
+    Whole(Bytes),
 }
 
 impl RawSide {
@@ -1049,18 +1056,17 @@ impl RawSide {
         let env = Envelope::new("test", Timestamp::now(), alerts)
             .with_traceparent(Some(traceparent(self.nonce, 0)));
         Ok(RawSide {
-            whole: Some(Bytes::from(codec::encode(&env)?)),
-            atomic: false,
+            mode: RawMode::Whole(Bytes::from(codec::encode(&env)?)),
             ..self.clone()
         })
     }
 
     /// ALERTS messages a round of this side adds.
     fn messages_per_round(&self) -> usize {
-        match (&self.whole, self.atomic) {
-            (Some(_), _) => self.batches,
-            (None, true) => 0,
-            (None, false) => self.batches * self.per_batch,
+        match self.mode {
+            RawMode::Whole(_) => self.batches,
+            RawMode::Atomic => 0,
+            RawMode::PerAlert => self.batches * self.per_batch,
         }
     }
 }
@@ -1119,45 +1125,49 @@ impl RawSide {
     async fn batch(&self, index: usize) -> Result<(), String> {
         let tp = traceparent(self.nonce, index as u64);
         let first = index * self.per_batch;
-        if let Some(payload) = &self.whole {
-            let msg = PublishMessage::build()
-                .payload(payload.clone())
-                .headers(alert_headers(&tp))
-                .message_id(format!("bench:{:016x}:request:{index:019}", self.nonce));
-            let subject =
-                tocsin_proto::subjects::alert_batch_subject(tocsin_proto::SourceKind::Generic);
-            let ack = self
-                .js
-                .send_publish(subject, msg)
-                .await
-                .map_err(|e| format!("request {index} not sent: {e}"))?
-                .await
-                .map_err(|e| format!("request {index} not stored: {e}"))?;
-            if ack.duplicate {
-                return Err(format!("request {index} acknowledged as a duplicate"));
+        match &self.mode {
+            RawMode::Whole(payload) => {
+                let msg = PublishMessage::build()
+                    .payload(payload.clone())
+                    .headers(alert_headers(&tp))
+                    .message_id(format!("bench:{:016x}:request:{index:019}", self.nonce));
+                let subject =
+                    tocsin_proto::subjects::alert_batch_subject(tocsin_proto::SourceKind::Generic);
+                let ack = self
+                    .js
+                    .send_publish(subject, msg)
+                    .await
+                    .map_err(|e| format!("request {index} not sent: {e}"))?
+                    .await
+                    .map_err(|e| format!("request {index} not stored: {e}"))?;
+                if ack.duplicate {
+                    return Err(format!("request {index} acknowledged as a duplicate"));
+                }
+                Ok(())
             }
-            return Ok(());
+            RawMode::Atomic => {
+                publish_atomic_batch(
+                    &self.js.client(),
+                    &self.payload,
+                    self.nonce,
+                    &tp,
+                    first,
+                    self.per_batch,
+                )
+                .await
+            }
+            RawMode::PerAlert => {
+                publish_batch(
+                    &self.js,
+                    &self.payload,
+                    self.nonce,
+                    &tp,
+                    first,
+                    self.per_batch,
+                )
+                .await
+            }
         }
-        if self.atomic {
-            return publish_atomic_batch(
-                &self.js.client(),
-                &self.payload,
-                self.nonce,
-                &tp,
-                first,
-                self.per_batch,
-            )
-            .await;
-        }
-        publish_batch(
-            &self.js,
-            &self.payload,
-            self.nonce,
-            &tp,
-            first,
-            self.per_batch,
-        )
-        .await
     }
 }
 
