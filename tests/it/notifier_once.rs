@@ -376,3 +376,33 @@ async fn a_page_redelivered_to_another_replica_is_stopped_by_the_kv_record_alone
     );
     other.stop().await;
 }
+
+/// A page that need not wait for its turn (no rate limit) is recorded
+/// twice: in flight before the request, then its outcome. Each record is a
+/// synced write, so a claim written for a wait of zero cost every page a
+/// third (a turn taken "now" is a later instant than the attempt's now).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_that_need_not_wait_is_recorded_twice_in_flight_then_its_outcome() {
+    const PAGES: u64 = 20;
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let r = replica(&nats, &fakes).await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let pages: Vec<_> = (1..=PAGES).map(|n| page(n, Channel::Webhook)).collect();
+    publish_pages(&js, &pages).await;
+    accepted(&fakes, Provider::Webhook, PAGES as usize).await;
+    notifier::settled(&js, WAIT).await;
+    assert_eq!(r.count("webhook", "sent"), PAGES);
+    let mut records = js
+        .get_stream(format!("KV_{}", tocsin_notifier::records::BUCKET))
+        .await
+        .unwrap();
+    let state = records.info().await.unwrap().state.clone();
+    assert_eq!(state.messages, PAGES, "one record per page");
+    assert_eq!(
+        state.last_sequence,
+        2 * PAGES,
+        "records written: in flight, then the outcome, for each page"
+    );
+    r.stop().await;
+}

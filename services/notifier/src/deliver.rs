@@ -540,7 +540,11 @@ impl Deliverer {
         };
 
         // Claimed before any wait: a copy of this message redelivered to
-        // another replica meanwhile finds it held, and waits.
+        // another replica meanwhile finds it held, and waits. A turn given
+        // for "now" is the clock's time when it was booked, after the `now`
+        // above: compared with that, every page would wait and write a claim
+        // (a synced write) for nothing.
+        let now = self.clock.now();
         if at > now {
             let wait = Duration::try_from(at.duration_since(now)).unwrap_or_default();
             rec.hold(&self.me, lease(now, wait));
