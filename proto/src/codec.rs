@@ -55,10 +55,27 @@ pub fn decode_alerts(
     subject: &str,
     bytes: &[u8],
 ) -> Result<Envelope<Vec<crate::Alert>>, CodecError> {
-    if crate::subjects::is_alert_batch(subject) {
+    decode_one_or_many(crate::subjects::is_alert_batch(subject), bytes)
+}
+
+/// Decodes a COMMANDS message: the commands it holds, in order (several
+/// on a [`crate::command::batch_subject`], else one).
+pub fn decode_commands(
+    subject: &str,
+    bytes: &[u8],
+) -> Result<Envelope<Vec<crate::command::Command>>, CodecError> {
+    decode_one_or_many(crate::command::is_batch(subject), bytes)
+}
+
+/// An `Envelope<Vec<T>>` if `many`, else an `Envelope<T>` as one of one.
+fn decode_one_or_many<T: DeserializeOwned>(
+    many: bool,
+    bytes: &[u8],
+) -> Result<Envelope<Vec<T>>, CodecError> {
+    if many {
         return decode_envelope(bytes);
     }
-    let one = decode_envelope::<crate::Alert>(bytes)?;
+    let one = decode_envelope::<T>(bytes)?;
     Ok(Envelope {
         schema: one.schema,
         source: one.source,

@@ -170,6 +170,35 @@ impl Command {
     pub fn subject(&self) -> String {
         format!("tocsin.cmd.{}", self.action.name())
     }
+
+    /// Whether a message on `subject` may carry this command: its own
+    /// subject (or, in a message of several, [`batch_subject`] of its
+    /// action). NATS permissions are given per subject, so a command is
+    /// applied only on its action's subject: a client allowed to publish
+    /// receipts cannot send a resolve on the receipt subject.
+    pub fn fits_subject(&self, subject: &str) -> bool {
+        let Some(rest) = subject.strip_prefix("tocsin.cmd.") else {
+            return false;
+        };
+        let action = rest.strip_suffix(BATCH_SUFFIX).unwrap_or(rest);
+        action == self.action.name()
+    }
+}
+
+/// Ends the subject of a message holding several commands of one action.
+const BATCH_SUFFIX: &str = ".batch";
+
+/// Subject of a message holding several commands of `action` (an
+/// `Envelope<Vec<Command>>`): `tocsin.cmd.<action>.batch`. A service that
+/// sends many receipts at once (escalation firing a burst of steps) sends
+/// them in one message, which JetStream syncs once.
+pub fn batch_subject(action: &str) -> String {
+    format!("tocsin.cmd.{action}{BATCH_SUFFIX}")
+}
+
+/// Whether a COMMANDS message holds several commands ([`batch_subject`]).
+pub fn is_batch(subject: &str) -> bool {
+    subject.starts_with("tocsin.cmd.") && subject.ends_with(BATCH_SUFFIX)
 }
 
 // A wire type built and read one at a time: boxing the summary would buy nothing.
@@ -187,4 +216,58 @@ pub enum CommandReply {
         command_id: String,
         reason: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::incident::Actor;
+
+    #[test]
+    fn a_command_fits_its_own_subject_and_its_actions_batch_only() {
+        let ack = Command::new(
+            Actor::new("alice", "test"),
+            Action::Ack {
+                incident: IncidentRef::Number(1),
+            },
+        );
+        assert!(ack.fits_subject("tocsin.cmd.ack"));
+        assert!(ack.fits_subject(&batch_subject("ack")));
+        assert!(is_batch(&batch_subject("ack")));
+        for other in [
+            "tocsin.cmd.delivery",
+            "tocsin.cmd.paged.batch",
+            "tocsin.cmd.ack.x",
+            "tocsin.cmd.acknowledge",
+            "tocsin.alerts.ack",
+            "ack",
+        ] {
+            assert!(!ack.fits_subject(other), "{other}");
+        }
+        assert!(!is_batch("tocsin.cmd.ack"));
+        assert!(!is_batch("tocsin.alerts.generic.batch"));
+    }
+
+    #[test]
+    fn a_batch_decodes_in_order_and_a_single_command_as_one() {
+        let cmds: Vec<Command> = (0..3)
+            .map(|n| {
+                Command::new(
+                    Actor::new("escalation", "tocsin"),
+                    Action::Note {
+                        incident: IncidentRef::Number(n),
+                        text: format!("n{n}"),
+                    },
+                )
+            })
+            .collect();
+        let now = jiff::Timestamp::now();
+        let bytes = crate::codec::encode(&crate::Envelope::new("t", now, cmds.clone())).unwrap();
+        let got = crate::codec::decode_commands(&batch_subject("note"), &bytes).unwrap();
+        assert_eq!(got.body, cmds);
+        let one = crate::codec::encode(&crate::Envelope::new("t", now, cmds[0].clone())).unwrap();
+        let got = crate::codec::decode_commands("tocsin.cmd.note", &one).unwrap();
+        assert_eq!(got.body, vec![cmds[0].clone()]);
+        assert!(crate::codec::decode_commands("tocsin.cmd.note", &bytes).is_err());
+    }
 }

@@ -454,3 +454,124 @@ async fn an_ack_sent_during_an_alert_storm_is_not_kept_waiting_behind_it() {
          opened after it"
     );
 }
+
+/// Receipts sent together (escalation sends a burst's `paged` records in
+/// one message): each is applied once; a command that does not belong on
+/// the message's subject is dead-lettered alone (its own message, its own
+/// subject, its place `<seq>.<index>`) while the others are applied; and
+/// the same receipts sent again in another message (a step fired again
+/// after a crash, in another chunk) are found applied.
+#[tokio::test]
+async fn receipts_sent_together_are_each_applied_once_and_a_misfit_goes_alone() {
+    use tocsin_proto::{
+        codec,
+        command::{batch_subject, Command},
+        incident::Actor,
+        subjects::{headers, STREAM_COMMANDS, STREAM_DEADLETTER},
+        Envelope,
+    };
+    use tocsin_tests::bus;
+    let nats = NatsServer::start().await;
+    let _tocsin = TocsinHarness::start(&nats).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    for name in ["A", "B", "C"] {
+        publish_alert(
+            &js,
+            alert(
+                &[("alertname", name)],
+                &["alertname"],
+                AlertStatus::Firing,
+                t(0),
+            ),
+            t(0),
+        )
+        .await;
+    }
+    wait_for(&client, "three incidents", |l| l.len() == 3).await;
+    let escalation = Actor::new("escalation", "tocsin");
+    let paged = |n: u64, level: u32| {
+        Command::new(
+            escalation.clone(),
+            Action::Paged {
+                incident: IncidentRef::Number(n),
+                level,
+                repeat: 0,
+                pages: vec![format!("user{n} via sms")],
+                reason: format!("level {}", level + 1),
+            },
+        )
+    };
+    let send = |id: &'static str, body: Vec<Command>| {
+        let js = js.clone();
+        async move {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(headers::MSG_ID, id);
+            let env = Envelope::new("escalation", t(1), body);
+            js.publish_with_headers(
+                batch_subject("paged"),
+                h,
+                codec::encode(&env).unwrap().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+            .sequence
+        }
+    };
+    let settled_with = |want: usize| {
+        let js = js.clone();
+        async move {
+            eventually("the receipts applied and their message taken", || async {
+                let paged = log(&js)
+                    .await
+                    .into_iter()
+                    .filter(|(_, e)| {
+                        matches!(e, LogEntry::Incident(ev) if matches!(ev.kind, EventKind::Paged { .. }))
+                    })
+                    .count();
+                match (paged, bus::count(&js, STREAM_COMMANDS).await) {
+                    (n, 0) if n == want => Ok(()),
+                    other => Err(other),
+                }
+            })
+            .await
+        }
+    };
+
+    // Three receipts in one message.
+    send("receipts-1", (1..=3).map(|n| paged(n, 0)).collect()).await;
+    settled_with(3).await;
+
+    // Three more with a misfit among them.
+    let misfit = Command::new(
+        escalation.clone(),
+        Action::Resolve {
+            incident: IncidentRef::Number(1),
+        },
+    );
+    let together = vec![paged(1, 1), misfit.clone(), paged(2, 1), paged(3, 1)];
+    let seq = send("receipts-2", together.clone()).await;
+    settled_with(6).await;
+    let dead = bus::read_stream::<Command>(&js, STREAM_DEADLETTER).await;
+    assert_eq!(dead.len(), 1, "only the misfit");
+    assert_eq!(dead[0].envelope.body, misfit);
+    let header = |name: &str| {
+        dead[0]
+            .headers
+            .get(name)
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(header(headers::DLQ_SUBJECT), "tocsin.cmd.resolve");
+    assert_eq!(header(headers::MSG_ID), format!("dlq:COMMANDS:{seq}.1"));
+    assert!(header(headers::DLQ_REASON).contains("tocsin.cmd.paged.batch"));
+    let all = wait_for(&client, "three incidents", |l| l.len() == 3).await;
+    assert!(all.iter().all(|i| i.status == IncidentStatus::Triggered));
+
+    // The same receipts again, in another message: nothing new.
+    let again: Vec<_> = together.into_iter().filter(|c| c.id != misfit.id).collect();
+    send("receipts-3", again).await;
+    settled_with(6).await;
+}

@@ -672,3 +672,65 @@ async fn each_service_holds_only_its_own_lease() {
         .await;
     }
 }
+
+/// A service may publish only its own commands' subjects (the notifier:
+/// `tocsin.cmd.delivery`), and a command is applied only on the subject
+/// of its action: otherwise a notifier's credentials could resolve any
+/// incident by sending a resolve on the receipt subject. Such a command is
+/// dead-lettered with the reason, never applied.
+#[tokio::test]
+async fn a_command_on_another_actions_subject_is_dead_lettered_not_applied() {
+    use tocsin_proto::{
+        codec,
+        command::Command,
+        incident::Actor,
+        subjects::{headers, STREAM_DEADLETTER},
+        Envelope,
+    };
+    let nats = NatsServer::start().await;
+    let tocsin = TocsinHarness::start(&nats).await;
+    let admin_client = nats.client().await;
+    let admin = jetstream::new(admin_client.clone());
+    let t0 = tocsin.clock_now();
+    publish_alert(
+        &admin,
+        alert(
+            &[("alertname", "DiskFull"), ("host", "db1")],
+            &["alertname"],
+            AlertStatus::Firing,
+            t0,
+        ),
+        t0,
+    )
+    .await;
+    wait_for(&admin_client, "the incident", |l| l.len() == 1).await;
+
+    let js = jetstream::new(nats.client_as("notifier").await.unwrap());
+    let forged = Command::new(
+        Actor::new("mallory", "notifier"),
+        Action::Resolve {
+            incident: IncidentRef::Number(1),
+        },
+    );
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::MSG_ID, forged.id.as_str());
+    let payload = codec::encode(&Envelope::new("notifier", t0, forged)).unwrap();
+    js.publish_with_headers("tocsin.cmd.delivery", h, payload.into())
+        .await
+        .expect("the notifier may publish receipts")
+        .await
+        .expect("stored on COMMANDS");
+
+    let why = tocsin_tests::eventually("the forged command dead-lettered", || async {
+        let mut dlq = admin.get_stream(STREAM_DEADLETTER).await.unwrap();
+        let last = dlq.info().await.unwrap().state.last_sequence;
+        match dlq.get_raw_message(last).await {
+            Ok(m) if last > 0 => Ok(m.headers.get(headers::DLQ_REASON).unwrap().to_string()),
+            _ => Err("nothing dead-lettered yet"),
+        }
+    })
+    .await;
+    assert!(why.contains("tocsin.cmd.resolve"), "{why}");
+    let listed = tocsin_tests::incidents::list(&admin_client, Default::default()).await;
+    assert_eq!(listed[0].status, IncidentStatus::Triggered);
+}

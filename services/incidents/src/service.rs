@@ -24,8 +24,8 @@ use async_nats::{
 use futures::{FutureExt as _, StreamExt};
 use jiff::{SignedDuration, Timestamp};
 use tocsin_proto::{
-    codec::{self, decode_alerts, decode_envelope},
-    command::{Command, CommandReply},
+    codec::{self, decode_alerts, decode_commands, decode_envelope},
+    command::{is_batch as is_command_batch, Command, CommandReply},
     incident::{Cause, IncidentStatus, IncidentSummary, LogEntry},
     subjects::{headers, is_alert_batch, STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS},
     Alert, Envelope, SourceKind,
@@ -129,12 +129,13 @@ enum Handled {
     /// Where it is on ALERTS, when ingest received it, and how many
     /// entries it wrote.
     Alert(AlertPos, Timestamp, usize),
-    /// Answer and acknowledge it; the reply carries `incident`, taken
-    /// before the batch's save (which may send it out of memory).
+    /// Answer and acknowledge it: each command it holds (one, or a batch's
+    /// several) with its verdict; the reply to a message of one command
+    /// carries `incident`, taken before the batch's save (which may send
+    /// it out of memory).
     Command {
         msg: Box<jetstream::Message>,
-        cmd: Box<Command>,
-        verdict: Verdict,
+        decided: Vec<(Command, Verdict)>,
         incident: Option<Box<IncidentSummary>>,
     },
 }
@@ -890,7 +891,7 @@ impl Service {
                 if seq <= self.careful_commands.load(Ordering::Relaxed) {
                     Fast::Careful
                 } else {
-                    self.send_command(msg.clone(), &mut sent, &mut last_seq)
+                    self.send_command(msg.clone(), &mut sent, &mut handled, &mut last_seq)
                         .await
                 }
             };
@@ -1072,33 +1073,51 @@ impl Service {
         Ok(())
     }
 
-    /// Decides one command of a batch and sends its entries (see
-    /// [`Service::on_inputs`]).
+    /// Decides the commands of one COMMANDS message in a batch (one, or a
+    /// batch's several) and sends their entries (see
+    /// [`Service::on_inputs`]). The message is answered and acknowledged
+    /// once all of them are stored; a command that needs care sends the
+    /// whole message the careful way, where the ones already decided are
+    /// found applied (an incident remembers the commands it took).
     async fn send_command(
         &self,
         msg: jetstream::Message,
         sent: &mut Vec<Sent>,
+        handled: &mut Vec<Handled>,
         last_seq: &mut u64,
     ) -> Fast {
-        let Ok(env) = decode_envelope::<Command>(&msg.payload) else {
+        let Ok(env) = decode_commands(&msg.subject, &msg.payload) else {
             return Fast::Careful;
         };
+        if env.body.iter().any(|c| !c.fits_subject(&msg.subject)) {
+            return Fast::Careful;
+        }
         let traceparent = header(&msg, headers::TRACEPARENT);
-        let Some((entries, verdict)) =
-            self.decide_in_batch(|d| d.command(&env.body, env.received_at))
-        else {
-            return Fast::Careful;
-        };
-        if let Err(fast) = self
-            .send_entries(entries, traceparent.as_deref(), sent, last_seq)
-            .await
-        {
-            return fast;
+        let mut decided = Vec::with_capacity(env.body.len());
+        for one in env.split() {
+            let Some((entries, verdict)) =
+                self.decide_in_batch(|d| d.command(&one.body, one.received_at))
+            else {
+                return Fast::Careful;
+            };
+            if let Err(fast) = self
+                .send_entries(entries, traceparent.as_deref(), sent, last_seq)
+                .await
+            {
+                return fast;
+            }
+            decided.push((one.body, verdict));
+            // The message is acknowledged only at its end; what it decided
+            // so far may be saved before (a redelivery finds it applied).
+            if sent.len() >= MAX_SENT {
+                if let Err(e) = self.finish(sent, handled).await {
+                    return Fast::Failed(e);
+                }
+            }
         }
         Fast::Sent(Handled::Command {
             msg: Box::new(msg),
-            cmd: Box::new(env.body),
-            verdict,
+            decided,
             incident: None, // taken in finish
         })
     }
@@ -1124,8 +1143,12 @@ impl Service {
             for h in handled.iter_mut() {
                 match h {
                     Handled::Alert(at, _, _) => p.alerts_cursor = p.alerts_cursor.max(*at),
-                    Handled::Command { cmd, incident, .. } => {
-                        *incident = summary_of(&p, cmd).map(Box::new)
+                    Handled::Command {
+                        decided, incident, ..
+                    } => {
+                        if let [(cmd, _)] = decided.as_slice() {
+                            *incident = summary_of(&p, cmd).map(Box::new)
+                        }
                     }
                 }
             }
@@ -1143,11 +1166,10 @@ impl Service {
                 }
                 Handled::Command {
                     msg,
-                    cmd,
-                    verdict,
+                    decided,
                     incident,
                 } => done.push(async move {
-                    self.command_done(*msg, &cmd, verdict, incident.map(|i| *i))
+                    self.commands_done(*msg, decided, incident.map(|i| *i))
                         .await
                 }),
             }
@@ -1497,11 +1519,16 @@ impl Service {
         }
     }
 
+    /// The careful way for a COMMANDS message: each command it holds (one,
+    /// or a batch's several) settled on its own. A command that cannot be
+    /// applied is dead-lettered (a message of one is answered "rejected");
+    /// of several, it goes alone, as a message of its own on its own
+    /// subject with its place (`<seq>.<index>`), and the others are applied.
     async fn on_command(&self, msg: jetstream::Message, shutdown: &CancellationToken) {
         let reply_to = header(&msg, headers::REPLY_TO);
         let traceparent = header(&msg, headers::TRACEPARENT);
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-        let env = match decode_envelope::<Command>(&msg.payload) {
+        let env = match decode_commands(&msg.subject, &msg.payload) {
             Ok(env) => env,
             Err(e) => {
                 self.give_up_command(&msg, seq, "undecodable", &e.to_string(), None, shutdown)
@@ -1509,21 +1536,45 @@ impl Service {
                 return;
             }
         };
-        let cmd = &env.body;
-        let verdict = std::sync::Mutex::new(Verdict::Rejected("not decided".into()));
-        let decided = self
-            .settle(shutdown, traceparent.as_deref(), |d| {
-                let (entries, v) = d.command(cmd, env.received_at);
-                *verdict.lock().unwrap_or_else(|e| e.into_inner()) = v;
-                entries
-            })
-            .await;
-        match decided {
-            Ok(_) => {}
-            // Shutting down: the command stays un-acked and is redelivered.
-            Err(Stop::Shutdown) => return,
-            Err(Stop::GaveUp { reason, detail, .. }) => {
-                self.save(&mut write(&self.proj));
+        let batch = is_command_batch(&msg.subject);
+        let mut decided = Vec::with_capacity(env.body.len());
+        for (index, one) in env.split().enumerate() {
+            let cmd = &one.body;
+            let (reason, detail) = if !cmd.fits_subject(&msg.subject) {
+                (
+                    "wrong_subject",
+                    format!(
+                        "a {} command is applied only when published on {}, not on {}",
+                        cmd.action.name(),
+                        cmd.subject(),
+                        msg.subject
+                    ),
+                )
+            } else {
+                let verdict = std::sync::Mutex::new(Verdict::Rejected("not decided".into()));
+                let settled = self
+                    .settle(shutdown, traceparent.as_deref(), |d| {
+                        let (entries, v) = d.command(cmd, one.received_at);
+                        *verdict.lock().unwrap_or_else(|e| e.into_inner()) = v;
+                        entries
+                    })
+                    .await;
+                match settled {
+                    Ok(_) => {
+                        let verdict = verdict.into_inner().unwrap_or_else(|e| e.into_inner());
+                        decided.push((one.body, verdict));
+                        continue;
+                    }
+                    // Shutting down: the message stays un-acked and is
+                    // redelivered; what it applied is found applied.
+                    Err(Stop::Shutdown) => return,
+                    Err(Stop::GaveUp { reason, detail, .. }) => {
+                        self.save(&mut write(&self.proj));
+                        (reason, detail)
+                    }
+                }
+            };
+            if !batch {
                 let answer = reply_to.map(|to| {
                     let reply = CommandReply::Rejected {
                         command_id: cmd.id.clone(),
@@ -1538,56 +1589,90 @@ impl Service {
                     .await;
                 return;
             }
+            let payload = match codec::encode(&one) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, command_id = %cmd.id, "cannot encode a command to dead-letter it");
+                    continue;
+                }
+            };
+            // A message of one command, with that command's own subject.
+            let at = format!("{seq}.{index}");
+            if !self
+                .dead_letter(
+                    STREAM_COMMANDS,
+                    &cmd.subject(),
+                    &payload,
+                    &at,
+                    reason,
+                    &detail,
+                    shutdown,
+                )
+                .await
+            {
+                return;
+            }
+            IncidentsEvent::Input {
+                input: "command",
+                outcome: "dead_letter",
+            }
+            .emit(&self.metrics);
         }
         let incident = {
             let mut p = write(&self.proj);
-            let incident = summary_of(&p, cmd);
+            let incident = match decided.as_slice() {
+                [(cmd, _)] => summary_of(&p, cmd),
+                _ => None,
+            };
             self.save(&mut p);
             incident
         };
-        let verdict = verdict.into_inner().unwrap_or_else(|e| e.into_inner());
-        self.command_done(msg, cmd, verdict, incident).await;
+        self.commands_done(msg, decided, incident).await;
     }
 
-    /// Answers a command whose effect is stored (to its reply subject, if
-    /// it has one, with its incident as it was once the effect was folded
-    /// in), then acknowledges it.
-    async fn command_done(
+    /// Answers the commands of a message whose effects are stored (a
+    /// message of one command, to its reply subject if it has one, with its
+    /// incident as it was once the effect was folded in; a batch's are not
+    /// answered), then acknowledges the message.
+    async fn commands_done(
         &self,
         msg: jetstream::Message,
-        cmd: &Command,
-        verdict: Verdict,
+        decided: Vec<(Command, Verdict)>,
         incident: Option<IncidentSummary>,
     ) {
-        let reply_to = header(&msg, headers::REPLY_TO);
-        let (accepted, message) = match &verdict {
-            Verdict::Accepted(m) => (true, m.clone()),
-            Verdict::Rejected(m) => (false, m.clone()),
-        };
-        IncidentsEvent::CommandAnswered {
-            id: &cmd.id,
-            action: cmd.action.name(),
-            accepted,
-            message: &message,
+        for (cmd, verdict) in &decided {
+            let (accepted, message) = match verdict {
+                Verdict::Accepted(m) => (true, m),
+                Verdict::Rejected(m) => (false, m),
+            };
+            IncidentsEvent::CommandAnswered {
+                id: &cmd.id,
+                action: cmd.action.name(),
+                accepted,
+                message,
+            }
+            .emit(&self.metrics);
         }
-        .emit(&self.metrics);
-        if let Some(to) = reply_to {
+        let reply_to = header(&msg, headers::REPLY_TO);
+        if let (Some(to), false, [(cmd, verdict)]) =
+            (reply_to, is_command_batch(&msg.subject), decided.as_slice())
+        {
             let reply = match verdict {
                 Verdict::Accepted(message) => CommandReply::Accepted {
                     command_id: cmd.id.clone(),
-                    message,
+                    message: message.clone(),
                     incident,
                 },
                 Verdict::Rejected(reason) => CommandReply::Rejected {
                     command_id: cmd.id.clone(),
-                    reason,
+                    reason: reason.clone(),
                 },
             };
             self.reply(to, &reply).await;
         }
-        // Acked only now: the effect is on the stream and in the projection.
+        // Acked only now: the effects are on the stream and in the projection.
         if let Err(e) = msg.double_ack().await {
-            tracing::warn!(error = %e, command_id = %cmd.id, "command ack failed; it will be redelivered and answered as already applied");
+            tracing::warn!(error = %e, subject = %msg.subject, "command ack failed; it will be redelivered and answered as already applied");
         }
     }
 
