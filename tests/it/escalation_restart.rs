@@ -263,6 +263,25 @@ async fn pages_are_exactly_those_due_across_kills_and_restarts() {
         let due = t0() + SignedDuration::from_mins([0, 5, 15][p.level as usize]);
         assert_eq!(p.due_at, due, "{}", p.id);
     }
+    // Each page's timeline record is on COMMANDS (records go several to a
+    // message; one fired again after a kill may come twice, in another
+    // message, with its id: the incidents service applies it once).
+    let recorded: BTreeSet<(u32, u32)> = bus::read_commands(&js)
+        .await
+        .into_iter()
+        .map(|r| match r.envelope.body.action {
+            tocsin_proto::command::Action::Paged {
+                incident: tocsin_proto::command::IncidentRef::Id(id),
+                level,
+                ..
+            } => ((id.as_u128() - 0x1000_0000) as u32, level),
+            other => panic!("not a paged record: {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        recorded, want,
+        "a page without its record, or a record without its page"
+    );
 }
 
 /// How many pages are due by `minute`: level 0 at 0 for all, level 1 at 5
@@ -462,5 +481,55 @@ async fn entries_that_change_no_track_still_move_the_stored_cursor_along() {
         stored + 1024 >= last,
         "stored cursor {stored}, stream end {last}: a restart would read {} entries again",
         last - stored
+    );
+}
+
+/// A burst of due steps sends its pages one message each (the notifier
+/// takes them one by one) but its timeline records together: each message
+/// on COMMANDS is a synced write, and a record each made a burst cost two
+/// synced writes a page. Every record is there once, one per page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_due_steps_sends_its_timeline_records_together() {
+    const BURST: u32 = 300;
+    let nats = NatsServer::start().await;
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    ensure_streams(&js, &JetStreamConfig::default())
+        .await
+        .unwrap();
+    for i in 0..BURST {
+        publish_opened(&js, i).await;
+    }
+    let last = tocsin_runtime::streams::last_sequence(&js, STREAM_INCIDENTS)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let progress = Progress::new();
+    let clock = Arc::new(ManualClock::new(t0()));
+    let (service, _conn) = start(&nats.url(), dir.path(), clock, &progress).await;
+    progress
+        .wait_until("escalation", Duration::from_secs(60), |m| {
+            m.read(STREAM_INCIDENTS) >= last && m.timers_reached(t0())
+        })
+        .await
+        .expect("every first level fires");
+    service.abort();
+    assert_eq!(bus::count(&js, STREAM_NOTIFY).await, BURST as u64);
+    let records = bus::read_commands(&js).await;
+    let incidents: BTreeSet<String> = records
+        .iter()
+        .map(|r| match &r.envelope.body.action {
+            tocsin_proto::command::Action::Paged {
+                incident, level: 0, ..
+            } => incident.to_string(),
+            other => panic!("not a first-level paged record: {other:?}"),
+        })
+        .collect();
+    assert_eq!(records.len(), BURST as usize, "one record per page");
+    assert_eq!(incidents.len(), BURST as usize, "one per incident");
+    let messages = bus::count(&js, tocsin_proto::subjects::STREAM_COMMANDS).await;
+    assert!(
+        messages <= (BURST / 64) as u64,
+        "{messages} messages on COMMANDS for {BURST} records"
     );
 }

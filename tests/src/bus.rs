@@ -3,8 +3,9 @@
 use async_nats::{jetstream, HeaderMap};
 use serde::de::DeserializeOwned;
 use tocsin_proto::{
-    codec::{decode_alerts, decode_envelope},
-    subjects::STREAM_ALERTS,
+    codec::{decode_alerts, decode_commands, decode_envelope},
+    command::Command,
+    subjects::{STREAM_ALERTS, STREAM_COMMANDS},
     Alert, Envelope,
 };
 
@@ -38,9 +39,25 @@ pub async fn read_stream<T: DeserializeOwned>(
 /// alerts of one request gives each of them (with the message's sequence,
 /// subject and headers).
 pub async fn read_alerts(js: &jetstream::Context) -> Vec<Stored<Alert>> {
+    read_each(js, STREAM_ALERTS, decode_alerts).await
+}
+
+/// Every command currently on COMMANDS, in order: a message holding
+/// several gives each of them (with the message's sequence, subject and
+/// headers).
+pub async fn read_commands(js: &jetstream::Context) -> Vec<Stored<Command>> {
+    read_each(js, STREAM_COMMANDS, decode_commands).await
+}
+
+/// Every item of every message on `stream`, as `decode` splits them.
+async fn read_each<T, E: std::fmt::Debug>(
+    js: &jetstream::Context,
+    stream: &str,
+    decode: impl Fn(&str, &[u8]) -> Result<Envelope<Vec<T>>, E>,
+) -> Vec<Stored<T>> {
     let mut out = Vec::new();
-    for (seq, msg) in stored(js, STREAM_ALERTS).await {
-        let env = decode_alerts(&msg.subject, &msg.payload).expect("stored alerts decode");
+    for (seq, msg) in stored(js, stream).await {
+        let env = decode(&msg.subject, &msg.payload).expect("stored messages decode");
         out.extend(env.split().map(|envelope| Stored {
             seq,
             subject: msg.subject.to_string(),

@@ -8,6 +8,7 @@ use futures::StreamExt;
 use jiff::Timestamp;
 use tocsin_proto::{
     codec::{self, decode_envelope},
+    command::{batch_subject, Command},
     incident::LogEntry,
     subjects::STREAM_INCIDENTS,
     Envelope,
@@ -347,7 +348,10 @@ impl Service {
     }
 
     /// Sends every effect, then awaits the acks; any that failed is sent
-    /// again on its own until it succeeds (or the service stops).
+    /// again on its own until it succeeds (or the service stops). The
+    /// timeline records go together, as few messages as fit
+    /// ([`record_batches`]): a burst's records cost one synced write per
+    /// batch, not one each.
     async fn publish_all(
         &self,
         effects: &[Effect],
@@ -356,22 +360,38 @@ impl Service {
     ) -> bool {
         let mut pending = Vec::with_capacity(effects.len());
         let mut retry = Vec::new();
-        for effect in effects {
+        let (records, pages): (Vec<&Effect>, Vec<&Effect>) =
+            effects.iter().partition(|e| matches!(e, Effect::Record(_)));
+        for effect in pages {
             match self.send(effect, now).await {
-                Some(ack) => pending.push((effect, ack)),
+                Some(ack) => pending.push((vec![effect], ack)),
                 None => retry.push(effect),
             }
         }
-        for (effect, ack) in pending {
+        for batch in record_batches(&records) {
+            let sent = match batch.as_slice() {
+                [one] => self.send(one, now).await,
+                several => self.send_records(several, now).await,
+            };
+            match sent {
+                Some(ack) => pending.push((batch, ack)),
+                None => retry.extend(batch),
+            }
+        }
+        for (sent, ack) in pending {
             match ack.await {
-                Ok(ack) => self.count(effect, ack.duplicate),
+                Ok(ack) => {
+                    for effect in sent {
+                        self.count(effect, ack.duplicate);
+                    }
+                }
                 Err(e) => {
                     EscalationEvent::PublishFailed {
-                        subject: &effect_subject(effect),
+                        subject: &effect_subject(sent[0]),
                         error: &e.to_string(),
                     }
                     .emit(&self.metrics);
-                    retry.push(effect);
+                    retry.extend(sent);
                 }
             }
         }
@@ -381,6 +401,52 @@ impl Service {
             }
         }
         true
+    }
+
+    /// One attempt to send several timeline records (of one action) in one
+    /// message; the ack future on success. Its message id comes from the
+    /// records' ids, so the same records sent again are dropped; records
+    /// sent again in another grouping (after a crash) are found applied by
+    /// the incidents service, which remembers the commands an incident took.
+    async fn send_records(
+        &self,
+        records: &[&Effect],
+        now: Timestamp,
+    ) -> Option<jetstream::context::PublishAckFuture> {
+        use sha2::{Digest, Sha256};
+        let cmds: Vec<&Command> = records
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Record(c) => Some(c.as_ref()),
+                Effect::Page(_) => None,
+            })
+            .collect();
+        let mut ids = Sha256::new();
+        for c in &cmds {
+            ids.update(c.id.as_bytes());
+            ids.update(b"\n");
+        }
+        let id = format!("records:{}", hex::encode(&ids.finalize()[..16]));
+        let subject = batch_subject(cmds[0].action.name());
+        let payload = match codec::encode(&Envelope::new("escalation", now, &cmds)) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode timeline records");
+                return None;
+            }
+        };
+        let publish = tocsin_runtime::bus::message(payload, id, None, &[]);
+        match self.js.send_publish(subject.clone(), publish).await {
+            Ok(ack) => Some(ack),
+            Err(e) => {
+                EscalationEvent::PublishFailed {
+                    subject: &subject,
+                    error: &e.to_string(),
+                }
+                .emit(&self.metrics);
+                None
+            }
+        }
     }
 
     /// One attempt to send an effect; the ack future on success.
@@ -444,6 +510,39 @@ impl Service {
     }
 }
 
+/// Most timeline records in one message, and most bytes (the records'
+/// encoded sizes summed; far below NATS's 1 MiB `max_payload`).
+const RECORDS_PER_MESSAGE: usize = 256;
+const RECORD_BYTES_PER_MESSAGE: usize = 256 * 1024;
+
+/// The timeline records of a chunk grouped into messages: in order, of one
+/// action each, at most [`RECORDS_PER_MESSAGE`] and
+/// [`RECORD_BYTES_PER_MESSAGE`] a message (a record too large to share
+/// goes alone).
+fn record_batches<'a>(records: &[&'a Effect]) -> Vec<Vec<&'a Effect>> {
+    let mut out: Vec<Vec<&'a Effect>> = Vec::new();
+    let mut bytes: usize = 0;
+    let mut action = "";
+    for effect in records {
+        let Effect::Record(c) = effect else { continue };
+        let size = codec::encode(c.as_ref()).map_or(usize::MAX, |b| b.len());
+        let fits = out.last().is_some_and(|last| {
+            last.len() < RECORDS_PER_MESSAGE
+                && action == c.action.name()
+                && bytes.saturating_add(size) <= RECORD_BYTES_PER_MESSAGE
+        });
+        if fits {
+            bytes += size;
+        } else {
+            out.push(Vec::new());
+            bytes = size;
+            action = c.action.name();
+        }
+        out.last_mut().expect("pushed above").push(*effect);
+    }
+    out
+}
+
 /// Subject, message id and payload of an effect (None if it cannot be
 /// encoded, which is logged: plain data always encodes).
 fn effect_subject(effect: &Effect) -> String {
@@ -472,5 +571,65 @@ fn encode_effect(effect: &Effect, now: Timestamp) -> Option<(String, String, Vec
             tracing::error!(error = %e, "cannot encode an escalation message");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod record_batch_tests {
+    use super::*;
+    use tocsin_proto::{
+        command::{Action, IncidentRef},
+        incident::Actor,
+    };
+
+    fn record(n: u128, note: bool, text: usize) -> Effect {
+        let incident = IncidentRef::Id(uuid::Uuid::from_u128(n));
+        let action = if note {
+            Action::Note {
+                incident,
+                text: "x".repeat(text),
+            }
+        } else {
+            Action::Paged {
+                incident,
+                level: 0,
+                repeat: 0,
+                pages: vec!["x".repeat(text)],
+                reason: String::new(),
+            }
+        };
+        Effect::Record(Box::new(Command {
+            id: format!("r{n}"),
+            actor: Actor::new("escalation", "tocsin"),
+            action,
+        }))
+    }
+
+    fn sizes(effects: &[Effect]) -> Vec<usize> {
+        let refs: Vec<&Effect> = effects.iter().collect();
+        record_batches(&refs).iter().map(Vec::len).collect()
+    }
+
+    #[test]
+    fn records_are_grouped_in_order_by_count_bytes_and_action() {
+        let many: Vec<Effect> = (0..600).map(|n| record(n, false, 10)).collect();
+        assert_eq!(sizes(&many), [256, 256, 88]);
+        let mixed = [
+            record(1, false, 10),
+            record(2, false, 10),
+            record(3, true, 10),
+            record(4, false, 10),
+        ];
+        assert_eq!(sizes(&mixed), [2, 1, 1]);
+        // 100 KiB each: two to a message; one over the bound goes alone.
+        let big: Vec<Effect> = (0..5).map(|n| record(n, false, 100 * 1024)).collect();
+        assert_eq!(sizes(&big), [2, 2, 1]);
+        let huge = [
+            record(1, false, 10),
+            record(2, false, 300 * 1024),
+            record(3, false, 10),
+        ];
+        assert_eq!(sizes(&huge), [1, 1, 1]);
+        assert!(sizes(&[]).is_empty());
     }
 }
