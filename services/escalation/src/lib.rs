@@ -138,10 +138,11 @@ async fn run_active(
     let client = js.client();
     // Reading the store takes seconds with a million tracks: off the async
     // threads, so the lease goes on being renewed meanwhile.
+    let watchdog = health.watchdog("escalation", tocsin_runtime::admin::STUCK_AFTER);
     let svc = {
         let (planner, clock) = (planner.clone(), clock.clone());
         tokio::task::spawn_blocking(move || {
-            service::Service::new(planner, &dir, js, clock, metrics)
+            service::Service::new(planner, &dir, js, clock, metrics, watchdog)
         })
         .await
         .map_err(|e| EscalationError::Store(format!("reading the store stopped: {e}")))??

@@ -13,7 +13,7 @@ use tocsin_proto::{
     subjects::STREAM_INCIDENTS,
     Envelope,
 };
-use tocsin_runtime::admin::Health;
+use tocsin_runtime::admin::{Health, Watchdog};
 use tocsin_runtime::clock::Clock;
 use tocsin_runtime::{progress::Watermark, streams};
 use tokio_util::sync::CancellationToken;
@@ -58,6 +58,8 @@ pub(crate) struct Service {
     js: jetstream::Context,
     clock: Arc<dyn Clock>,
     metrics: EscalationMetrics,
+    /// Marks each read and write of the store (see `Watchdog`).
+    watchdog: Watchdog,
 }
 
 fn open_store(dir: &Path) -> Result<(Store, Tracks, u64), EscalationError> {
@@ -74,6 +76,7 @@ impl Service {
         js: jetstream::Context,
         clock: Arc<dyn Clock>,
         metrics: EscalationMetrics,
+        watchdog: Watchdog,
     ) -> Result<Self, EscalationError> {
         let (store, tracks, seq) = open_store(dir)?;
         Ok(Service {
@@ -86,6 +89,7 @@ impl Service {
             js,
             clock,
             metrics,
+            watchdog,
         })
     }
 
@@ -106,7 +110,10 @@ impl Service {
                 return;
             }
         }
-        match self.store.save(&self.tracks, &self.unsaved, self.seq) {
+        let busy = self.watchdog.busy("saving tracks to the local store");
+        let saved = self.store.save(&self.tracks, &self.unsaved, self.seq);
+        drop(busy);
+        match saved {
             Ok(()) => {
                 self.unsaved.clear();
                 self.saved_seq = self.seq;
@@ -126,6 +133,7 @@ impl Service {
     /// Puts `incident`'s stored tracks at hand, if they are not yet.
     fn fetch(&mut self, incident: uuid::Uuid) -> Result<(), EscalationError> {
         if !self.tracks.is_loaded(incident) {
+            let _busy = self.watchdog.busy("reading tracks from the local store");
             let stored = self.store.tracks_of(incident).map_err(|e| {
                 EscalationError::Store(format!("cannot read the tracks of {incident}: {e}"))
             })?;

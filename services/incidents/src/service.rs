@@ -89,6 +89,8 @@ pub(crate) struct Service {
     /// Incidents held in memory at most ([`Projection::evict_over`]).
     max_in_memory: usize,
     stalled_after: Duration,
+    /// Marks each read and write of the local store (see `Watchdog`).
+    watchdog: tocsin_runtime::admin::Watchdog,
     /// Timers given up on (their entries could not be written): skipped,
     /// so a timer that cannot fire does not fire again and again.
     abandoned: Mutex<HashSet<Cause>>,
@@ -312,7 +314,7 @@ impl Service {
             clock,
             started_at,
             ack_wait: config.command_ack_wait.get(),
-            health,
+            health: health.clone(),
             limits: Limits {
                 max_entry_bytes: config.max_entry_bytes,
                 max_annotations: config.max_annotations,
@@ -320,6 +322,7 @@ impl Service {
             max_attempts: config.max_attempts,
             max_in_memory: config.max_in_memory,
             stalled_after: config.stalled_after.get(),
+            watchdog: health.watchdog("incidents", tocsin_runtime::admin::STUCK_AFTER),
             abandoned: Mutex::new(HashSet::new()),
             careful_until: AtomicU64::new(0),
             careful_commands: AtomicU64::new(0),
@@ -436,7 +439,12 @@ impl Service {
     fn save(&self, p: &mut Projection) {
         // A failed save only costs a longer catch-up after a restart: the
         // stream has everything. Operators should still hear about it.
-        if let Err(e) = self.store.save(p) {
+        let busy = self
+            .watchdog
+            .busy("saving the projection to the local store");
+        let saved = self.store.save(p);
+        drop(busy);
+        if let Err(e) = saved {
             tracing::error!(error = %e, "cannot save the projection; it will be rebuilt from the stream on restart");
             return;
         }
@@ -1023,7 +1031,12 @@ impl Service {
             let Some(id) = missed else {
                 return Some(decided);
             };
-            match self.store.incident(&id) {
+            let busy = self
+                .watchdog
+                .busy("reading an incident from the local store");
+            let stored = self.store.incident(&id);
+            drop(busy);
+            match stored {
                 Ok(Some(st)) => self.put_back(st),
                 Ok(None) => return None,
                 Err(e) => {

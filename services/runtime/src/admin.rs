@@ -4,6 +4,7 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use async_nats::Client;
@@ -124,7 +125,58 @@ enum Check {
     Passing(String),
     /// Passes while every client is connected; each named for messages.
     Nats(Vec<(String, Client)>),
+    /// Passes unless a step of a service's loop has run too long.
+    Watchdog(Watchdog),
 }
+
+/// A service loop's watchdog: the loop marks each step of local work (its
+/// store's reads and writes, deciding) while it runs; one that has not
+/// finished after `limit` fails both `/readyz` and `/livez`, so a loop that
+/// hangs (as sled once did, holding a lock every later write waited for)
+/// is reported and, under a supervisor that probes `/livez`, restarted.
+/// Waits for NATS are not marked: a broker outage is the `nats` check's,
+/// and restarting would not end it.
+#[derive(Clone)]
+pub struct Watchdog {
+    busy: Arc<Mutex<Option<(Instant, &'static str)>>>,
+    limit: Duration,
+}
+
+impl Watchdog {
+    /// Marks the loop busy with `what` until the guard is dropped.
+    pub fn busy(&self, what: &'static str) -> Busy {
+        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), what));
+        Busy(self.clone())
+    }
+
+    /// What has been running too long, if anything.
+    fn stuck(&self) -> Option<String> {
+        let busy = *self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let (since, what) = busy?;
+        let took = since.elapsed();
+        (took >= self.limit).then(|| {
+            format!(
+                "stuck: {what} has not finished after {} s (limit {} s)",
+                took.as_secs(),
+                self.limit.as_secs()
+            )
+        })
+    }
+}
+
+/// A step of local work in progress (see [`Watchdog`]).
+pub struct Busy(Watchdog);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.busy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// How long one step of a service loop's local work may take before the
+/// service counts as stuck. The longest legitimate step here is a store
+/// write of a few MiB (well under a second); a minute is far beyond it.
+pub const STUCK_AFTER: Duration = Duration::from_secs(60);
 
 /// Readiness: a set of named checks; ready when all pass.
 #[derive(Clone, Default)]
@@ -164,6 +216,30 @@ impl Health {
         self.set("nats", Check::Nats(clients));
     }
 
+    /// A watchdog for `service`'s loop, reported as the check
+    /// `<service>_loop` (see [`Watchdog`]).
+    pub fn watchdog(&self, service: &str, limit: Duration) -> Watchdog {
+        let w = Watchdog {
+            busy: Arc::default(),
+            limit,
+        };
+        self.set(&format!("{service}_loop"), Check::Watchdog(w.clone()));
+        w
+    }
+
+    /// Whether no watchdog reports its loop stuck, and what is stuck.
+    pub fn liveness(&self) -> (bool, BTreeMap<String, String>) {
+        let checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        let stuck: BTreeMap<String, String> = checks
+            .iter()
+            .filter_map(|(name, check)| match check {
+                Check::Watchdog(w) => w.stuck().map(|why| (name.clone(), why)),
+                _ => None,
+            })
+            .collect();
+        (stuck.is_empty(), stuck)
+    }
+
     fn set(&self, name: &str, check: Check) {
         self.checks
             .lock()
@@ -187,6 +263,7 @@ impl Health {
                     continue;
                 }
                 Check::Fixed(r) => r,
+                Check::Watchdog(w) => w.stuck().map_or(Ok(()), Err),
                 Check::Nats(clients) => {
                     let down: Vec<String> = clients
                         .iter()
@@ -228,10 +305,21 @@ struct AdminState {
 /// The admin router, for embedding or tests.
 pub fn router(health: Health, metrics: Metrics) -> Router {
     Router::new()
-        .route("/livez", get(|| async { "ok\n" }))
+        .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
         .with_state(AdminState { health, metrics })
+}
+
+/// Alive unless a service loop is stuck (see [`Watchdog`]): `ok`, or 503
+/// with what is stuck.
+async fn livez(State(s): State<AdminState>) -> Response {
+    let (alive, stuck) = s.health.liveness();
+    if alive {
+        return "ok\n".into_response();
+    }
+    let body = serde_json::json!({ "status": "stuck", "checks": stuck });
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {
@@ -274,4 +362,36 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
         .map_err(|source| RuntimeError::Admin { addr, source })
+}
+
+#[cfg(test)]
+mod watchdog_tests {
+    use super::*;
+
+    #[test]
+    fn a_step_running_past_the_limit_fails_readiness_and_liveness_until_it_ends() {
+        let health = Health::new();
+        health.set_ok("escalation");
+        // A limit of zero: any step in progress counts as stuck.
+        let w = health.watchdog("escalation", Duration::ZERO);
+        let patient = health.watchdog("incidents", Duration::from_secs(3600));
+        assert!(health.is_ready());
+        assert!(health.liveness().0);
+        {
+            let _busy = w.busy("saving the tracks");
+            let _fine = patient.busy("saving the projection");
+            let (ready, checks) = health.report();
+            assert!(!ready);
+            assert!(
+                checks["escalation_loop"].contains("stuck: saving the tracks"),
+                "{checks:?}"
+            );
+            assert_eq!(checks["incidents_loop"], "ok");
+            let (alive, stuck) = health.liveness();
+            assert!(!alive);
+            assert_eq!(stuck.keys().collect::<Vec<_>>(), ["escalation_loop"]);
+        }
+        assert!(health.is_ready());
+        assert!(health.liveness().0);
+    }
 }
