@@ -93,6 +93,27 @@ async fn refused_request(
     expect_refused(errors, &format!("Publish to \"{subject}\"")).await;
 }
 
+/// Tocsin running with one open incident (#1), opened at the returned time.
+async fn one_incident(nats: &NatsServer) -> (TocsinHarness, jiff::Timestamp) {
+    let tocsin = TocsinHarness::start(nats).await;
+    let admin_client = nats.client().await;
+    let admin = jetstream::new(admin_client.clone());
+    let t0 = tocsin.clock_now();
+    publish_alert(
+        &admin,
+        alert(
+            &[("alertname", "DiskFull"), ("host", "db1")],
+            &["alertname"],
+            AlertStatus::Firing,
+            t0,
+        ),
+        t0,
+    )
+    .await;
+    wait_for(&admin_client, "the incident", |l| l.len() == 1).await;
+    (tocsin, t0)
+}
+
 /// One page on NOTIFY, put there as the admin.
 async fn one_page(admin: &jetstream::Context) {
     notifier::publish_pages(admin, &[notifier::page(1, Channel::Sms)]).await;
@@ -403,22 +424,7 @@ async fn no_service_can_take_over_another_ones_durable_consumer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_being_built_can_do_their_jobs() {
     let nats = NatsServer::start().await;
-    let tocsin = TocsinHarness::start(&nats).await;
-    let admin_client = nats.client().await;
-    let admin = jetstream::new(admin_client.clone());
-    let t0 = tocsin.clock_now();
-    publish_alert(
-        &admin,
-        alert(
-            &[("alertname", "DiskFull"), ("host", "db1")],
-            &["alertname"],
-            AlertStatus::Firing,
-            t0,
-        ),
-        t0,
-    )
-    .await;
-    wait_for(&admin_client, "the incident", |l| l.len() == 1).await;
+    let (_tocsin, t0) = one_incident(&nats).await;
 
     // remediation: reads INCIDENTS through its durable consumer, keeps
     // state in its KV buckets, sends the commands a runbook sends and gets
@@ -688,22 +694,9 @@ async fn a_command_on_another_actions_subject_is_dead_lettered_not_applied() {
         Envelope,
     };
     let nats = NatsServer::start().await;
-    let tocsin = TocsinHarness::start(&nats).await;
+    let (_tocsin, t0) = one_incident(&nats).await;
     let admin_client = nats.client().await;
     let admin = jetstream::new(admin_client.clone());
-    let t0 = tocsin.clock_now();
-    publish_alert(
-        &admin,
-        alert(
-            &[("alertname", "DiskFull"), ("host", "db1")],
-            &["alertname"],
-            AlertStatus::Firing,
-            t0,
-        ),
-        t0,
-    )
-    .await;
-    wait_for(&admin_client, "the incident", |l| l.len() == 1).await;
 
     let js = jetstream::new(nats.client_as("notifier").await.unwrap());
     let forged = Command::new(

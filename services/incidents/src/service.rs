@@ -1612,24 +1612,11 @@ impl Service {
             // A message of one command, with that command's own subject.
             let at = format!("{seq}.{index}");
             if !self
-                .dead_letter(
-                    STREAM_COMMANDS,
-                    &cmd.subject(),
-                    &payload,
-                    &at,
-                    reason,
-                    &detail,
-                    shutdown,
-                )
+                .dead_letter_command(&cmd.subject(), &payload, &at, reason, &detail, shutdown)
                 .await
             {
                 return;
             }
-            IncidentsEvent::Input {
-                input: "command",
-                outcome: "dead_letter",
-            }
-            .emit(&self.metrics);
         }
         let incident = {
             let mut p = write(&self.proj);
@@ -1712,8 +1699,7 @@ impl Service {
         shutdown: &CancellationToken,
     ) {
         if !self
-            .dead_letter(
-                STREAM_COMMANDS,
+            .dead_letter_command(
                 &msg.subject,
                 &msg.payload,
                 &seq.to_string(),
@@ -1725,17 +1711,45 @@ impl Service {
         {
             return;
         }
-        IncidentsEvent::Input {
-            input: "command",
-            outcome: "dead_letter",
-        }
-        .emit(&self.metrics);
         if let Some((to, reply)) = answer {
             self.reply(to, &reply).await;
         }
         if let Err(e) = msg.double_ack().await {
             tracing::warn!(error = %e, "cannot ack a dead-lettered command; it will be dead-lettered again (once: same message id)");
         }
+    }
+
+    /// Moves a command (a message, or one command of a batch at
+    /// `<seq>.<index>`) to `tocsin.dlq.commands`, counted as a command
+    /// input dead-lettered; false if shut down first.
+    async fn dead_letter_command(
+        &self,
+        subject: &str,
+        payload: &[u8],
+        at: &str,
+        reason: &'static str,
+        detail: &str,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let done = self
+            .dead_letter(
+                STREAM_COMMANDS,
+                subject,
+                payload,
+                at,
+                reason,
+                detail,
+                shutdown,
+            )
+            .await;
+        if done {
+            IncidentsEvent::Input {
+                input: "command",
+                outcome: "dead_letter",
+            }
+            .emit(&self.metrics);
+        }
+        done
     }
 
     /// Moves a message to `tocsin.dlq.<stream>` with the reason. Retries
