@@ -34,6 +34,9 @@ fn decode_all(bytes: &[u8]) {
     one::<LogEntry>(bytes);
     one::<Page>(bytes);
     one::<Command>(bytes);
+    // Messages of several: a request's alerts, a burst's records.
+    one::<Vec<Alert>>(bytes);
+    one::<Vec<Command>>(bytes);
 }
 
 fn golden() -> Vec<u8> {
