@@ -130,7 +130,7 @@ enum Check {
 }
 
 /// A service loop's watchdog: the loop marks each step of local work (its
-/// store's reads and writes, deciding) while it runs; one that has not
+/// store's reads and writes) while it runs; one that has not
 /// finished after `limit` fails both `/readyz` and `/livez`, so a loop that
 /// hangs (as sled once did, holding a lock every later write waited for)
 /// is reported and, under a supervisor that probes `/livez`, restarted.
