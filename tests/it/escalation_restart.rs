@@ -112,6 +112,15 @@ fn message(
     (entry.subject(), h, bytes.into())
 }
 
+/// An admin JetStream context on `nats`, with Tocsin's streams made.
+async fn streams_on(nats: &NatsServer) -> jetstream::Context {
+    let js = jetstream::new(nats.client().await);
+    ensure_streams(&js, &JetStreamConfig::default())
+        .await
+        .unwrap();
+    js
+}
+
 async fn start(
     url: &str,
     dir: &std::path::Path,
@@ -162,11 +171,7 @@ fn expected() -> BTreeSet<(u32, u32)> {
 async fn pages_are_exactly_those_due_across_kills_and_restarts() {
     tocsin_tests::init_logs();
     let nats = NatsServer::start().await;
-    let client = nats.client().await;
-    let js = jetstream::new(client.clone());
-    ensure_streams(&js, &JetStreamConfig::default())
-        .await
-        .unwrap();
+    let js = streams_on(&nats).await;
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(t0()));
     for i in 0..N {
@@ -420,11 +425,7 @@ async fn a_store_slower_to_read_than_the_lease_ttl_does_not_cost_the_lease() {
 async fn entries_that_change_no_track_still_move_the_stored_cursor_along() {
     const NOTES: u32 = 3_000;
     let nats = NatsServer::start().await;
-    let client = nats.client().await;
-    let js = jetstream::new(client.clone());
-    ensure_streams(&js, &JetStreamConfig::default())
-        .await
-        .unwrap();
+    let js = streams_on(&nats).await;
     let dir = tempfile::tempdir().unwrap();
     let progress = Progress::new();
     let clock = Arc::new(ManualClock::new(t0()));
@@ -492,11 +493,7 @@ async fn entries_that_change_no_track_still_move_the_stored_cursor_along() {
 async fn a_burst_of_due_steps_sends_its_timeline_records_together() {
     const BURST: u32 = 300;
     let nats = NatsServer::start().await;
-    let client = nats.client().await;
-    let js = jetstream::new(client.clone());
-    ensure_streams(&js, &JetStreamConfig::default())
-        .await
-        .unwrap();
+    let js = streams_on(&nats).await;
     for i in 0..BURST {
         publish_opened(&js, i).await;
     }

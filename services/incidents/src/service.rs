@@ -1390,11 +1390,6 @@ impl Service {
         {
             return false;
         }
-        IncidentsEvent::Input {
-            input: "alert",
-            outcome: "dead_letter",
-        }
-        .emit(&self.metrics);
         self.advance(at);
         true
     }
@@ -1612,7 +1607,15 @@ impl Service {
             // A message of one command, with that command's own subject.
             let at = format!("{seq}.{index}");
             if !self
-                .dead_letter_command(&cmd.subject(), &payload, &at, reason, &detail, shutdown)
+                .dead_letter(
+                    STREAM_COMMANDS,
+                    &cmd.subject(),
+                    &payload,
+                    &at,
+                    reason,
+                    &detail,
+                    shutdown,
+                )
                 .await
             {
                 return;
@@ -1699,7 +1702,8 @@ impl Service {
         shutdown: &CancellationToken,
     ) {
         if !self
-            .dead_letter_command(
+            .dead_letter(
+                STREAM_COMMANDS,
                 &msg.subject,
                 &msg.payload,
                 &seq.to_string(),
@@ -1719,42 +1723,10 @@ impl Service {
         }
     }
 
-    /// Moves a command (a message, or one command of a batch at
-    /// `<seq>.<index>`) to `tocsin.dlq.commands`, counted as a command
-    /// input dead-lettered; false if shut down first.
-    async fn dead_letter_command(
-        &self,
-        subject: &str,
-        payload: &[u8],
-        at: &str,
-        reason: &'static str,
-        detail: &str,
-        shutdown: &CancellationToken,
-    ) -> bool {
-        let done = self
-            .dead_letter(
-                STREAM_COMMANDS,
-                subject,
-                payload,
-                at,
-                reason,
-                detail,
-                shutdown,
-            )
-            .await;
-        if done {
-            IncidentsEvent::Input {
-                input: "command",
-                outcome: "dead_letter",
-            }
-            .emit(&self.metrics);
-        }
-        done
-    }
-
-    /// Moves a message to `tocsin.dlq.<stream>` with the reason. Retries
-    /// until it is stored (reporting a stall on `/readyz`); returns false
-    /// if shut down first.
+    /// Moves a message (or one alert or command of a message, `at`
+    /// `<seq>.<index>`) to `tocsin.dlq.<stream>` with the reason, counted as
+    /// an input dead-lettered. Retries until it is stored (reporting a stall
+    /// on `/readyz`); returns false if shut down first.
     #[allow(clippy::too_many_arguments)]
     async fn dead_letter(
         &self,
@@ -1786,6 +1758,15 @@ impl Service {
                         at,
                         reason,
                         detail,
+                    }
+                    .emit(&self.metrics);
+                    IncidentsEvent::Input {
+                        input: if stream == STREAM_ALERTS {
+                            "alert"
+                        } else {
+                            "command"
+                        },
+                        outcome: "dead_letter",
                     }
                     .emit(&self.metrics);
                     return true;
