@@ -21,7 +21,7 @@ use async_nats::{
     },
     Client,
 };
-use futures::{FutureExt as _, StreamExt};
+use futures::{stream::BoxStream, FutureExt as _, StreamExt};
 use jiff::{SignedDuration, Timestamp};
 use tocsin_proto::{
     codec::{self, decode_alerts, decode_commands, decode_envelope},
@@ -30,7 +30,7 @@ use tocsin_proto::{
     subjects::{headers, is_alert_batch, STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS},
     Alert, Envelope, SourceKind,
 };
-use tocsin_runtime::{admin::Health, progress::Watermark, streams};
+use tocsin_runtime::{admin::Health, progress::Watermark, pull::Puller, streams};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -63,6 +63,8 @@ pub(crate) fn keep_resolved_until(now: Timestamp, reopen_window: SignedDuration)
 
 /// Durable consumer of COMMANDS.
 pub const COMMANDS_CONSUMER: &str = "tocsin-incidents";
+/// Commands pulled at a time (async-nats's default for a pull stream).
+const COMMANDS_PULL: usize = 200;
 
 pub(crate) type Shared = Arc<RwLock<Projection>>;
 
@@ -496,7 +498,7 @@ impl Service {
                 }
             }
             let resume = read(&self.proj).alerts_resume_from().seq.max(1);
-            let (alerts, commands, commands_floor) = match self.consumers(resume).await {
+            let (alerts, commands, commands_floor) = match self.consumers(resume, &shutdown).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot subscribe to ALERTS/COMMANDS yet; retrying");
@@ -519,9 +521,7 @@ impl Service {
                 alerts
                     .map(|m| Input::Alert(m.map_err(|e| e.to_string())))
                     .chain(ended()),
-                commands
-                    .map(|m| Input::Command(m.map_err(|e| e.to_string())))
-                    .chain(ended()),
+                commands.map(|m| Input::Command(Ok(m))).chain(ended()),
                 move |_: &mut ()| {
                     turn = (turn + 1) % (ALERTS_PER_COMMAND + 1);
                     if turn == 0 {
@@ -596,31 +596,25 @@ impl Service {
     async fn consumers(
         &self,
         alerts_from: u64,
-    ) -> Result<(pull::Ordered, pull::Stream, u64), String> {
+        shutdown: &CancellationToken,
+    ) -> Result<(pull::Ordered, BoxStream<'static, jetstream::Message>, u64), String> {
         let alerts = streams::read_from(&self.js, STREAM_ALERTS, alerts_from).await?;
-        let mut consumer = self
-            .js
-            .get_stream(STREAM_COMMANDS)
-            .await
-            .map_err(|e| e.to_string())?
-            .get_or_create_consumer(
-                COMMANDS_CONSUMER,
-                pull::Config {
-                    durable_name: Some(COMMANDS_CONSUMER.into()),
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: self.ack_wait,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let floor = consumer
-            .info()
-            .await
-            .map_err(|e| e.to_string())?
-            .ack_floor
-            .stream_sequence;
-        let commands = consumer.messages().await.map_err(|e| e.to_string())?;
+        let mut commands = Puller::new(
+            &self.js,
+            STREAM_COMMANDS,
+            pull::Config {
+                durable_name: Some(COMMANDS_CONSUMER.into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: self.ack_wait,
+                ..Default::default()
+            },
+            COMMANDS_PULL,
+        );
+        let Some(info) = commands.open(shutdown).await else {
+            return Err("stopping".into());
+        };
+        let floor = info.ack_floor.stream_sequence;
+        let commands = commands.into_stream(shutdown.clone()).boxed();
         Ok((alerts, commands, floor))
     }
 

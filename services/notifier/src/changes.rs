@@ -9,7 +9,7 @@ use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::{
     self,
-    consumer::{pull, AckPolicy, DeliverPolicy},
+    consumer::{pull::Config, AckPolicy, DeliverPolicy},
 };
 use tocsin_proto::{
     codec::decode_envelope,
@@ -17,10 +17,11 @@ use tocsin_proto::{
     subjects::STREAM_INCIDENTS,
     Envelope,
 };
+use tocsin_runtime::pull::{self, Puller};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    consumer::{self, Next},
+    consumer,
     deliver::{Deliverer, Finish, Hint},
 };
 
@@ -41,8 +42,8 @@ pub(crate) const KINDS: [&str; 7] = [
 ];
 
 pub(crate) async fn run(d: Arc<Deliverer>, ack_wait: Duration, shutdown: CancellationToken) {
-    consumer::retire(&d.js, STREAM_INCIDENTS, OLD_CONSUMER).await;
-    let config = pull::Config {
+    pull::retire(&d.js, STREAM_INCIDENTS, OLD_CONSUMER).await;
+    let config = Config {
         durable_name: Some(CHANGES_CONSUMER.into()),
         description: Some(
             "Tocsin notifier: incident changes that update messages already sent".into(),
@@ -61,24 +62,15 @@ pub(crate) async fn run(d: Arc<Deliverer>, ack_wait: Duration, shutdown: Cancell
         ..Default::default()
     };
     let tasks = tokio_util::task::TaskTracker::new();
-    'open: while let Some(mut messages) =
-        consumer::open(&d.js, STREAM_INCIDENTS, &config, 64, &shutdown).await
-    {
-        loop {
-            match consumer::next(&mut messages, CHANGES_CONSUMER, &shutdown).await {
-                Next::Message(msg) => {
-                    let (d, stop) = (d.clone(), shutdown.clone());
-                    tasks.spawn(async move {
-                        let alive = consumer::keep_alive(&msg, ack_wait);
-                        let f = handle(&d, &msg, &stop).await;
-                        alive.abort();
-                        consumer::finish(&msg, f).await;
-                    });
-                }
-                Next::Reopen => continue 'open,
-                Next::Stop => break 'open,
-            }
-        }
+    let mut changes = Puller::new(&d.js, STREAM_INCIDENTS, config, 64);
+    while let Some(msg) = changes.next(&shutdown).await {
+        let (d, stop) = (d.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let alive = pull::keep_alive(&msg, ack_wait);
+            let f = handle(&d, &msg, &stop).await;
+            alive.abort();
+            consumer::finish(&msg, f).await;
+        });
     }
     tasks.close();
     tasks.wait().await;

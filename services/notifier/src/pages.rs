@@ -11,18 +11,21 @@ use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::{
     self,
-    consumer::{pull, AckPolicy},
+    consumer::{pull::Config, AckPolicy},
 };
 use tocsin_proto::{
     codec::decode_envelope,
     notify::{Channel, Page},
     subjects::STREAM_NOTIFY,
 };
-use tocsin_runtime::admin::Health;
+use tocsin_runtime::{
+    admin::Health,
+    pull::{self, Puller},
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    consumer::{self, Next},
+    consumer,
     deliver::{Deliverer, Finish, Job},
 };
 
@@ -48,7 +51,7 @@ pub(crate) async fn run(
 ) {
     // The one consumer for every channel older versions used overlaps the
     // per-channel ones, which a work-queue stream does not allow.
-    consumer::retire(&d.js, STREAM_NOTIFY, PAGES_CONSUMER).await;
+    pull::retire(&d.js, STREAM_NOTIFY, PAGES_CONSUMER).await;
     let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let loops: Vec<_> = CHANNELS
         .iter()
@@ -79,7 +82,7 @@ async fn run_channel(
     shutdown: CancellationToken,
 ) {
     let name = format!("{PAGES_CONSUMER}-{}", channel.as_str());
-    let config = pull::Config {
+    let config = Config {
         durable_name: Some(name.clone()),
         description: Some(format!(
             "Tocsin notifier: {} pages to deliver (shared by replicas)",
@@ -93,25 +96,14 @@ async fn run_channel(
         ..Default::default()
     };
     let tasks = tokio_util::task::TaskTracker::new();
-    let mut counted = false;
-    'open: while let Some(mut messages) =
-        consumer::open(&d.js, STREAM_NOTIFY, &config, held.min(256), &shutdown).await
-    {
-        if !counted {
-            counted = true;
-            if opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == CHANNELS.len() {
-                health.set_ok("notifier");
-            }
+    let mut pages = Puller::new(&d.js, STREAM_NOTIFY, config, held.min(256));
+    if pages.open(&shutdown).await.is_some() {
+        if opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == CHANNELS.len() {
+            health.set_ok("notifier");
         }
-        loop {
-            match consumer::next(&mut messages, &name, &shutdown).await {
-                Next::Message(msg) => {
-                    let (d, stop) = (d.clone(), shutdown.clone());
-                    tasks.spawn(async move { handle(d, *msg, ack_wait, stop).await });
-                }
-                Next::Reopen => continue 'open,
-                Next::Stop => break 'open,
-            }
+        while let Some(msg) = pages.next(&shutdown).await {
+            let (d, stop) = (d.clone(), shutdown.clone());
+            tasks.spawn(async move { handle(d, msg, ack_wait, stop).await });
         }
     }
     // Let deliveries in flight finish (the app's grace period bounds this).
@@ -133,7 +125,7 @@ async fn handle(
             return;
         }
     };
-    let alive = consumer::keep_alive(&msg, ack_wait);
+    let alive = pull::keep_alive(&msg, ack_wait);
     let f = d.deliver(&Job::page(page), &shutdown).await;
     alive.abort();
     consumer::finish(&msg, f).await;

@@ -9,13 +9,13 @@ use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::{
     self,
-    consumer::{pull, AckPolicy, DeliverPolicy},
+    consumer::{pull::Config, AckPolicy, DeliverPolicy},
     AckKind,
 };
-use futures::StreamExt;
 use tocsin_proto::{
     codec::decode_envelope, incident::LogEntry, subjects::STREAM_INCIDENTS, Envelope,
 };
+use tocsin_runtime::pull::{self, Puller};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Engine;
@@ -43,7 +43,7 @@ pub(crate) async fn run(
 ) {
     let ack_wait = engine.config.ack_wait();
     let parallel = engine.config.max_parallel_runs.max(1);
-    let config = pull::Config {
+    let config = Config {
         durable_name: Some(CONSUMER.into()),
         description: Some("Tocsin remediation: incident events that start runbooks".into()),
         ack_policy: AckPolicy::Explicit,
@@ -63,48 +63,37 @@ pub(crate) async fn run(
     let permits = Arc::new(tokio::sync::Semaphore::new(parallel));
     let tasks = tokio_util::task::TaskTracker::new();
     health.set_failing("remediation", "consumer not open yet");
-    'open: while let Some(mut messages) = open(&engine.js, &config, parallel, &shutdown).await {
+    let mut events = Puller::new(&engine.js, STREAM_INCIDENTS, config, parallel.min(256));
+    if events.open(&shutdown).await.is_some() {
         health.set_ok("remediation");
         loop {
             let permit = tokio::select! {
-                _ = shutdown.cancelled() => break 'open,
+                _ = shutdown.cancelled() => break,
                 p = permits.clone().acquire_owned() => p.expect("never closed"),
             };
-            let m = tokio::select! {
-                _ = shutdown.cancelled() => break 'open,
-                m = messages.next() => m,
+            let Some(msg) = events.next(&shutdown).await else {
+                break;
             };
-            match m {
-                Some(Ok(msg)) => {
-                    let (engine, stop) = (engine.clone(), shutdown.clone());
-                    tasks.spawn(async move {
-                        let alive = keep_alive(&msg, ack_wait);
-                        tokio::select! {
-                            // Stopping: the event stays unacknowledged and
-                            // comes back to a replica, which resumes the run.
-                            _ = stop.cancelled() => {}
-                            r = handle(&engine, &msg) => {
-                                let ack = match r {
-                                    Ok(()) => msg.double_ack().await,
-                                    Err(delay) => msg.ack_with(AckKind::Nak(Some(delay))).await,
-                                };
-                                if let Err(e) = ack {
-                                    tracing::warn!(error = %e, "cannot acknowledge an incident event; it comes back and its run records say what is done");
-                                }
-                            }
+            let (engine, stop) = (engine.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                let alive = pull::keep_alive(&msg, ack_wait);
+                tokio::select! {
+                    // Stopping: the event stays unacknowledged and
+                    // comes back to a replica, which resumes the run.
+                    _ = stop.cancelled() => {}
+                    r = handle(&engine, &msg) => {
+                        let ack = match r {
+                            Ok(()) => msg.double_ack().await,
+                            Err(delay) => msg.ack_with(AckKind::Nak(Some(delay))).await,
+                        };
+                        if let Err(e) = ack {
+                            tracing::warn!(error = %e, "cannot acknowledge an incident event; it comes back and its run records say what is done");
                         }
-                        alive.abort();
-                        drop(permit);
-                    });
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, consumer = CONSUMER, "consumer error");
-                    if matches!(e.kind(), pull::MessagesErrorKind::ConsumerDeleted) {
-                        continue 'open;
                     }
                 }
-                None => continue 'open,
-            }
+                alive.abort();
+                drop(permit);
+            });
         }
     }
     tasks.close();
@@ -128,52 +117,4 @@ async fn handle(engine: &Arc<Engine>, msg: &jetstream::Message) -> Result<(), Du
             Err(Duration::from_secs(2))
         }
     }
-}
-
-async fn open(
-    js: &jetstream::Context,
-    config: &pull::Config,
-    batch: usize,
-    shutdown: &CancellationToken,
-) -> Option<pull::Stream> {
-    let open = || async {
-        js.get_stream(STREAM_INCIDENTS)
-            .await
-            .map_err(|e| e.to_string())?
-            .create_consumer(config.clone())
-            .await
-            .map_err(|e| e.to_string())?
-            .stream()
-            .max_messages_per_batch(batch.min(256))
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-            .map_err(|e| e.to_string())
-    };
-    let mut backoff = tocsin_runtime::retry::Backoff::standard();
-    loop {
-        match open().await {
-            Ok(m) => return Some(m),
-            Err(e) => {
-                tracing::debug!(error = %e, "remediation consumer not available yet; retrying")
-            }
-        }
-        if !backoff.wait(shutdown).await {
-            return None;
-        }
-    }
-}
-
-/// In-progress acks while the runs of an event work.
-fn keep_alive(msg: &jetstream::Message, ack_wait: Duration) -> tokio::task::JoinHandle<()> {
-    let (client, reply) = (msg.context.client(), msg.reply.clone());
-    tokio::spawn(async move {
-        let Some(reply) = reply else { return };
-        let every = (ack_wait / 3).max(Duration::from_millis(200));
-        loop {
-            tokio::time::sleep(every).await;
-            let _ = client.publish(reply.clone(), "+WPI".into()).await;
-        }
-    })
 }

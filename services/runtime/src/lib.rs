@@ -17,6 +17,8 @@
 //!   router (header timeout, head size, idle timeout, connection cap).
 //! - [`lease`]: one active instance per role (incidents, escalation), the
 //!   others standing by: a lease in JetStream KV.
+//! - [`pull`]: [`pull::Puller`], a durable pull consumer that keeps pulling
+//!   (opened again after a pull that went nowhere).
 //! - [`retry`]: [`retry::Backoff`], the one retry pacing of the service loops.
 //! - [`store`]: open a local cache store, or wipe and rebuild it.
 //! - [`query`]: the one request/reply query loop.
@@ -37,6 +39,7 @@ pub mod kv;
 pub mod lease;
 pub mod nats;
 pub mod progress;
+pub mod pull;
 pub mod query;
 pub mod retry;
 pub mod shutdown;
