@@ -1206,7 +1206,12 @@ impl Service {
         let mut backoff = tocsin_runtime::retry::Backoff::standard();
         loop {
             let keep = keep_resolved_until(self.clock.now(), self.core.reopen_window);
-            match self.store.load(keep, self.max_in_memory, rules(&self.core)) {
+            let busy = self
+                .watchdog
+                .busy("reloading the projection from the local store");
+            let loaded = self.store.load(keep, self.max_in_memory, rules(&self.core));
+            drop(busy);
+            match loaded {
                 Ok(p) => {
                     *write(&self.proj) = p;
                     break;

@@ -138,21 +138,39 @@ enum Check {
 /// and restarting would not end it.
 #[derive(Clone)]
 pub struct Watchdog {
-    busy: Arc<Mutex<Option<(Instant, &'static str)>>>,
+    /// The steps in progress, by the number each was given; a clone of
+    /// the watchdog marks steps of its own beside the others'.
+    busy: Arc<Mutex<Marks>>,
     limit: Duration,
+}
+
+#[derive(Default)]
+struct Marks {
+    next: u64,
+    running: std::collections::BTreeMap<u64, (Instant, &'static str)>,
 }
 
 impl Watchdog {
     /// Marks the loop busy with `what` until the guard is dropped.
     pub fn busy(&self, what: &'static str) -> Busy {
-        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), what));
-        Busy(self.clone())
+        let mut marks = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let n = marks.next;
+        marks.next += 1;
+        marks.running.insert(n, (Instant::now(), what));
+        Busy(self.clone(), n)
     }
 
-    /// What has been running too long, if anything.
+    /// What has been running too long, if anything (the oldest step).
     fn stuck(&self) -> Option<String> {
-        let busy = *self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        let (since, what) = busy?;
+        let oldest = self
+            .busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .running
+            .values()
+            .min_by_key(|(since, _)| *since)
+            .copied();
+        let (since, what) = oldest?;
         let took = since.elapsed();
         (took >= self.limit).then(|| {
             format!(
@@ -165,11 +183,16 @@ impl Watchdog {
 }
 
 /// A step of local work in progress (see [`Watchdog`]).
-pub struct Busy(Watchdog);
+pub struct Busy(Watchdog, u64);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        *self.0.busy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.0
+            .busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .running
+            .remove(&self.1);
     }
 }
 
@@ -393,5 +416,26 @@ mod watchdog_tests {
         }
         assert!(health.is_ready());
         assert!(health.liveness().0);
+    }
+
+    /// Two steps at once (the watchdog is `Clone`; a task of the service
+    /// may mark a step while its loop is in another): the one that ends
+    /// does not clear the other's mark, and the older start counts.
+    #[test]
+    fn a_step_that_ends_leaves_another_still_running_marked() {
+        let health = Health::new();
+        let w = health.watchdog("incidents", Duration::ZERO);
+        let first = w.busy("reading an incident back");
+        {
+            let _second = w.busy("saving the projection");
+        }
+        let (ready, checks) = health.report();
+        assert!(!ready, "{checks:?}");
+        assert!(
+            checks["incidents_loop"].contains("stuck: reading an incident back"),
+            "{checks:?}"
+        );
+        drop(first);
+        assert!(health.is_ready());
     }
 }
