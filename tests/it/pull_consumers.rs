@@ -56,7 +56,10 @@ async fn replicas_opening_a_new_consumer_together_on_a_cluster_both_pull() {
             tokio::spawn(replica(a.clone(), "a")),
             tokio::spawn(replica(b.clone(), "b")),
         ];
-        let waiting = tocsin_tests::eventually_within(Duration::from_secs(15), || async {
+        // 20 s: well short of the 35 s a lost first pull costs, and room
+        // for the info request itself, which can take 10 s while the new
+        // consumer's leader is elected.
+        let waiting = tocsin_tests::eventually_within(Duration::from_secs(20), || async {
             let info = a
                 .get_stream(&name)
                 .await
@@ -72,7 +75,7 @@ async fn replicas_opening_a_new_consumer_together_on_a_cluster_both_pull() {
         })
         .await;
         if let Err(e) = waiting {
-            panic!("round {round}: both replicas opened the consumer, but after 15 s {e}, not 2");
+            panic!("round {round}: both replicas opened the consumer, but after 20 s {e}, not 2");
         }
         // And a message reaches one of them.
         a.publish(format!("work.{round}"), "job".into())
