@@ -67,6 +67,15 @@ pub fn decode_commands(
     decode_one_or_many(crate::command::is_batch(subject), bytes)
 }
 
+/// Decodes a NOTIFY message: the pages it holds, in order (several on a
+/// [`crate::subjects::notify_batch_subject`], else one).
+pub fn decode_pages(
+    subject: &str,
+    bytes: &[u8],
+) -> Result<Envelope<Vec<crate::notify::Page>>, CodecError> {
+    decode_one_or_many(crate::subjects::is_notify_batch(subject), bytes)
+}
+
 /// An `Envelope<Vec<T>>` if `many`, else an `Envelope<T>` as one of one.
 fn decode_one_or_many<T: DeserializeOwned>(
     many: bool,

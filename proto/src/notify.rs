@@ -74,8 +74,9 @@ pub struct Page {
     /// Stable: incident + generation + level + repeat + target + channel +
     /// rule step (the generation changes when an incident is reopened or
     /// paged again after an unacknowledge or a snooze).
-    /// Also the `Nats-Msg-Id`, and the notifier's delivery-record key, so a
-    /// page is delivered once however often it is published.
+    /// Also the `Nats-Msg-Id` of a message holding it alone (one holding
+    /// several has an id made of theirs), and the notifier's delivery-record
+    /// key, so a page is delivered once however often it is published.
     pub id: String,
     pub incident: IncidentSummary,
     /// Escalation level and repeat round, 0-based on the wire (level 0 is

@@ -11,7 +11,8 @@ pub const STREAM_ALERTS: &str = "ALERTS";
 pub const STREAM_INCIDENTS: &str = "INCIDENTS";
 /// Commands to the incidents service (ack, resolve, ...). Work queue.
 pub const STREAM_COMMANDS: &str = "COMMANDS";
-/// One message per notification to deliver. Work queue.
+/// Pages to deliver: one a message, or several for one channel from an
+/// escalation burst. Work queue.
 pub const STREAM_NOTIFY: &str = "NOTIFY";
 /// Messages no service could decode, with the reason, kept for inspection.
 pub const STREAM_DEADLETTER: &str = "DEADLETTER";
@@ -147,6 +148,18 @@ pub fn notify_subject(channel: &str) -> String {
     format!("tocsin.notify.{channel}")
 }
 
+/// Subject of a message holding several pages for one channel (an
+/// `Envelope<Vec<Page>>`, escalation's pages of one burst):
+/// `tocsin.notify.<channel>.batch`.
+pub fn notify_batch_subject(channel: &str) -> String {
+    format!("tocsin.notify.{channel}.batch")
+}
+
+/// Whether a NOTIFY message holds several pages ([`notify_batch_subject`]).
+pub fn is_notify_batch(subject: &str) -> bool {
+    subject.starts_with("tocsin.notify.") && subject.ends_with(".batch")
+}
+
 /// Request/reply subjects served by the incidents and escalation services
 /// (core NATS, not stored: a query has no effect to keep).
 pub mod query {
@@ -204,6 +217,10 @@ mod tests {
             "tocsin.incidents.inc.*.opened"
         );
         assert_eq!(notify_subject("sms"), "tocsin.notify.sms");
+        assert_eq!(notify_batch_subject("sms"), "tocsin.notify.sms.batch");
+        assert!(is_notify_batch(&notify_batch_subject("slack")));
+        assert!(!is_notify_batch(&notify_subject("slack")));
+        assert!(!is_notify_batch("tocsin.cmd.paged.batch"));
     }
 
     #[test]

@@ -34,9 +34,10 @@ fn decode_all(bytes: &[u8]) {
     one::<LogEntry>(bytes);
     one::<Page>(bytes);
     one::<Command>(bytes);
-    // Messages of several: a request's alerts, a burst's records.
+    // Messages of several: a request's alerts, a burst's records and pages.
     one::<Vec<Alert>>(bytes);
     one::<Vec<Command>>(bytes);
+    one::<Vec<Page>>(bytes);
 }
 
 fn golden() -> Vec<u8> {

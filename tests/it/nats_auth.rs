@@ -12,7 +12,7 @@ use tocsin::{config::OperatorConfig, ops};
 use tocsin_proto::{
     command::{Action, CommandReply, IncidentRef},
     incident::IncidentStatus,
-    notify::{Channel, Page},
+    notify::Channel,
     subjects::{query, STREAM_ALERTS, STREAM_INCIDENTS, STREAM_NOTIFY},
     AlertStatus,
 };
@@ -217,7 +217,7 @@ async fn each_service_works_with_its_own_credentials() {
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let pages = bus::read_stream::<Page>(&admin, STREAM_NOTIFY).await;
+    let pages = bus::read_pages(&admin).await;
     assert!(pages.iter().all(|p| p.envelope.body.incident.number == 1));
 
     // The operator CLI, as the operator: a list (a query) and an ack (a

@@ -21,7 +21,7 @@ use tocsin_runtime::config::HumanDuration;
 use tocsin_tests::{
     fakes::{Failure, FakeProviders, Provider},
     incidents::{alert, publish_alert, wait_for},
-    notifier::{self, page, publish_pages, Replica},
+    notifier::{self, page, publish_batch, publish_pages, Replica},
     NatsServer, TocsinHarness,
 };
 
@@ -404,5 +404,45 @@ async fn a_page_that_need_not_wait_is_recorded_twice_in_flight_then_its_outcome(
         2 * PAGES,
         "records written: in flight, then the outcome, for each page"
     );
+    r.stop().await;
+}
+
+/// Pages sent together (an escalation burst: several for one channel in
+/// one NOTIFY message) are each delivered once. One that fails (a 500)
+/// hands the whole message back; when it comes again the others find
+/// their delivery records and are not sent again. One of them published
+/// again alone (fired again after a crash, in another grouping) is not
+/// sent twice either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pages_sent_together_are_each_delivered_once_when_one_must_come_again() {
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let r = Replica::start(&nats, notifier::config(&fakes, None, dir.path())).await;
+    r.wait_ready().await;
+    fakes.fail_next(Provider::Webhook, 1, Failure::Status(500));
+    let js = async_nats::jetstream::new(nats.client().await);
+    let pages: Vec<_> = (1..=8).map(|n| page(n, Channel::Webhook)).collect();
+    publish_batch(&js, &pages).await;
+    publish_pages(&js, &pages[..1]).await;
+    assert!(
+        fakes
+            .wait_for(
+                |f| f.counts(Provider::Webhook).accepted >= 8,
+                Duration::from_secs(60)
+            )
+            .await,
+        "every page of the message delivered: {:?}",
+        fakes.counts(Provider::Webhook)
+    );
+    notifier::settled(&js, Duration::from_secs(60)).await;
+    let counts = fakes.counts(Provider::Webhook);
+    assert_eq!(counts.accepted, 8, "each page once: {counts:?}");
+    assert_eq!(
+        fakes.requests(Provider::Webhook),
+        9,
+        "8 pages and the one refused"
+    );
+    assert_eq!(r.count("webhook", "sent"), 8);
     r.stop().await;
 }

@@ -3,7 +3,7 @@
 use async_nats::{jetstream, HeaderMap};
 use serde::de::DeserializeOwned;
 use tocsin_proto::{
-    codec::{decode_alerts, decode_commands, decode_envelope},
+    codec::{decode_alerts, decode_commands, decode_envelope, decode_pages},
     command::Command,
     subjects::{STREAM_ALERTS, STREAM_COMMANDS},
     Alert, Envelope,
@@ -47,6 +47,12 @@ pub async fn read_alerts(js: &jetstream::Context) -> Vec<Stored<Alert>> {
 /// headers).
 pub async fn read_commands(js: &jetstream::Context) -> Vec<Stored<Command>> {
     read_each(js, STREAM_COMMANDS, decode_commands).await
+}
+
+/// Every page currently on NOTIFY, in order: a message holding several
+/// (an escalation burst's, for one channel) gives each of them.
+pub async fn read_pages(js: &jetstream::Context) -> Vec<Stored<tocsin_proto::notify::Page>> {
+    read_each(js, tocsin_proto::subjects::STREAM_NOTIFY, decode_pages).await
 }
 
 /// Every item of every message on `stream`, as `decode` splits them.

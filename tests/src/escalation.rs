@@ -1,6 +1,6 @@
 //! Escalation in tests: a reference config and reading the pages it writes.
 
-use tocsin_proto::{notify::Page, subjects::STREAM_NOTIFY};
+use tocsin_proto::notify::Page;
 
 use crate::bus;
 
@@ -37,7 +37,7 @@ users:
 
 /// Every page on the NOTIFY stream, in order.
 pub async fn pages(js: &async_nats::jetstream::Context) -> Vec<Page> {
-    bus::read_stream::<Page>(js, STREAM_NOTIFY)
+    bus::read_pages(js)
         .await
         .into_iter()
         .map(|m| m.envelope.body)

@@ -153,6 +153,39 @@ pub fn page(n: u64, channel: Channel) -> Page {
 
 /// Publishes pages to NOTIFY with their ids as `Nats-Msg-Id`, all sent
 /// before any acknowledgement is awaited.
+/// Publishes `pages` (all for one channel) in one NOTIFY message, as
+/// escalation sends a burst's: on `tocsin.notify.<channel>.batch`, its
+/// message id made of the pages' ids.
+pub async fn publish_batch(js: &async_nats::jetstream::Context, pages: &[Page]) {
+    let channel = pages[0].channel;
+    assert!(pages.iter().all(|p| p.channel == channel), "one channel");
+    let payload = codec::encode(&Envelope::new(
+        "test",
+        jiff::Timestamp::now(),
+        pages.to_vec(),
+    ))
+    .expect("encode pages");
+    let id = format!(
+        "pages:{}",
+        pages
+            .iter()
+            .map(|p| p.id.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let publish = async_nats::jetstream::message::PublishMessage::build()
+        .payload(payload.into())
+        .message_id(id);
+    js.send_publish(
+        tocsin_proto::subjects::notify_batch_subject(channel.as_str()),
+        publish,
+    )
+    .await
+    .expect("pages sent")
+    .await
+    .expect("pages stored");
+}
+
 pub async fn publish_pages(js: &async_nats::jetstream::Context, pages: &[Page]) {
     let mut acks = Vec::new();
     for p in pages {

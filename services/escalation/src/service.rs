@@ -10,7 +10,8 @@ use tocsin_proto::{
     codec::{self, decode_envelope},
     command::{batch_subject, Command},
     incident::LogEntry,
-    subjects::STREAM_INCIDENTS,
+    notify::Page,
+    subjects::{notify_batch_subject, STREAM_INCIDENTS},
     Envelope,
 };
 use tocsin_runtime::admin::{Health, Watchdog};
@@ -356,10 +357,10 @@ impl Service {
     }
 
     /// Sends every effect, then awaits the acks; any that failed is sent
-    /// again on its own until it succeeds (or the service stops). The
-    /// timeline records go together, as few messages as fit
-    /// ([`record_batches`]): a burst's records cost one synced write per
-    /// batch, not one each.
+    /// again on its own until it succeeds (or the service stops). The pages
+    /// of a channel and the timeline records of an action go together, as
+    /// few messages as fit ([`batches`]): a burst costs one synced write per
+    /// message, not one per page and record.
     async fn publish_all(
         &self,
         effects: &[Effect],
@@ -368,18 +369,22 @@ impl Service {
     ) -> bool {
         let mut pending = Vec::with_capacity(effects.len());
         let mut retry = Vec::new();
-        let (records, pages): (Vec<&Effect>, Vec<&Effect>) =
+        let (records, mut pages): (Vec<&Effect>, Vec<&Effect>) =
             effects.iter().partition(|e| matches!(e, Effect::Record(_)));
-        for effect in pages {
-            match self.send(effect, now).await {
-                Some(ack) => pending.push((vec![effect], ack)),
-                None => retry.push(effect),
-            }
-        }
-        for batch in record_batches(&records) {
+        // A channel's pages together (each channel has its own consumer),
+        // channels in the order they first come, pages in theirs.
+        let mut first: Vec<String> = Vec::new();
+        pages.sort_by_cached_key(|e| {
+            let subject = effect_subject(e);
+            first.iter().position(|s| *s == subject).unwrap_or_else(|| {
+                first.push(subject);
+                first.len() - 1
+            })
+        });
+        for batch in batches(&pages).into_iter().chain(batches(&records)) {
             let sent = match batch.as_slice() {
                 [one] => self.send(one, now).await,
-                several => self.send_records(several, now).await,
+                several => self.send_batch(several, now).await,
             };
             match sent {
                 Some(ack) => pending.push((batch, ack)),
@@ -411,35 +416,47 @@ impl Service {
         true
     }
 
-    /// One attempt to send several timeline records (of one action) in one
-    /// message; the ack future on success. Its message id comes from the
-    /// records' ids, so the same records sent again are dropped; records
-    /// sent again in another grouping (after a crash) are found applied by
-    /// the incidents service, which remembers the commands an incident took.
-    async fn send_records(
+    /// One attempt to send several effects of one subject in one message
+    /// (timeline records of one action, or pages for one channel); the ack
+    /// future on success. Its message id comes from the effects' ids, so
+    /// the same effects sent again are dropped. Effects fired again after a
+    /// crash in another grouping get through: the incidents service finds
+    /// such a record applied (an incident remembers the commands it took),
+    /// and the notifier finds such a page in its delivery records.
+    async fn send_batch(
         &self,
-        records: &[&Effect],
+        effects: &[&Effect],
         now: Timestamp,
     ) -> Option<jetstream::context::PublishAckFuture> {
         use sha2::{Digest, Sha256};
-        let cmds: Vec<&Command> = records
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Record(c) => Some(c.as_ref()),
-                Effect::Page(_) => None,
-            })
-            .collect();
         let mut ids = Sha256::new();
-        for c in &cmds {
-            ids.update(c.id.as_bytes());
+        for e in effects {
+            ids.update(effect_id(e).as_bytes());
             ids.update(b"\n");
         }
-        let id = format!("records:{}", hex::encode(&ids.finalize()[..16]));
-        let subject = batch_subject(cmds[0].action.name());
-        let payload = match codec::encode(&Envelope::new("escalation", now, &cmds)) {
+        let digest = hex::encode(&ids.finalize()[..16]);
+        let (subject, id, payload) = match effects[0] {
+            Effect::Record(c) => {
+                let cmds: Vec<&Command> = effects.iter().filter_map(|e| e.record()).collect();
+                (
+                    batch_subject(c.action.name()),
+                    format!("records:{digest}"),
+                    codec::encode(&Envelope::new("escalation", now, &cmds)),
+                )
+            }
+            Effect::Page(p) => {
+                let pages: Vec<&Page> = effects.iter().filter_map(|e| e.page()).collect();
+                (
+                    notify_batch_subject(p.channel.as_str()),
+                    format!("pages:{digest}"),
+                    codec::encode(&Envelope::new("escalation", now, &pages)),
+                )
+            }
+        };
+        let payload = match payload {
             Ok(p) => p,
             Err(e) => {
-                tracing::error!(error = %e, "cannot encode timeline records");
+                tracing::error!(error = %e, "cannot encode escalation messages");
                 return None;
             }
         };
@@ -518,41 +535,53 @@ impl Service {
     }
 }
 
-/// Most timeline records in one message, and most bytes (the records'
-/// encoded sizes summed; far below NATS's 1 MiB `max_payload`).
+/// Most timeline records in one message.
 const RECORDS_PER_MESSAGE: usize = 256;
-const RECORD_BYTES_PER_MESSAGE: usize = 256 * 1024;
+/// Most pages in one message: the notifier works on a message's pages at
+/// once and acknowledges them as one, so a message of pages is kept small
+/// (`notifier.concurrency` counts messages).
+const PAGES_PER_MESSAGE: usize = 16;
+/// Most bytes in one message (the effects' encoded sizes summed; far below
+/// NATS's 1 MiB `max_payload`).
+const BYTES_PER_MESSAGE: usize = 256 * 1024;
 
-/// The timeline records of a chunk grouped into messages: in order, of one
-/// action each, at most [`RECORDS_PER_MESSAGE`] and
-/// [`RECORD_BYTES_PER_MESSAGE`] a message (a record too large to share
-/// goes alone).
-fn record_batches<'a>(records: &[&'a Effect]) -> Vec<Vec<&'a Effect>> {
+/// The effects of a chunk grouped into messages: in order, consecutive
+/// effects of one subject each (records of one action, pages for one
+/// channel), at most [`RECORDS_PER_MESSAGE`] records or
+/// [`PAGES_PER_MESSAGE`] pages and [`BYTES_PER_MESSAGE`] a message (an
+/// effect too large to share goes alone).
+fn batches<'a>(effects: &[&'a Effect]) -> Vec<Vec<&'a Effect>> {
     let mut out: Vec<Vec<&'a Effect>> = Vec::new();
     let mut bytes: usize = 0;
-    let mut action = "";
-    for effect in records {
-        let Effect::Record(c) = effect else { continue };
-        let size = codec::encode(c.as_ref()).map_or(usize::MAX, |b| b.len());
+    let mut subject = String::new();
+    for effect in effects {
+        let (size, most) = match effect {
+            Effect::Record(c) => (
+                codec::encode(c.as_ref()).map_or(usize::MAX, |b| b.len()),
+                RECORDS_PER_MESSAGE,
+            ),
+            Effect::Page(p) => (
+                codec::encode(p.as_ref()).map_or(usize::MAX, |b| b.len()),
+                PAGES_PER_MESSAGE,
+            ),
+        };
+        let this = effect_subject(effect);
         let fits = out.last().is_some_and(|last| {
-            last.len() < RECORDS_PER_MESSAGE
-                && action == c.action.name()
-                && bytes.saturating_add(size) <= RECORD_BYTES_PER_MESSAGE
+            last.len() < most && subject == this && bytes.saturating_add(size) <= BYTES_PER_MESSAGE
         });
         if fits {
             bytes += size;
         } else {
             out.push(Vec::new());
             bytes = size;
-            action = c.action.name();
+            subject = this;
         }
         out.last_mut().expect("pushed above").push(*effect);
     }
     out
 }
 
-/// Subject, message id and payload of an effect (None if it cannot be
-/// encoded, which is logged: plain data always encodes).
+/// The subject an effect goes to.
 fn effect_subject(effect: &Effect) -> String {
     match effect {
         Effect::Page(p) => p.subject(),
@@ -560,6 +589,15 @@ fn effect_subject(effect: &Effect) -> String {
     }
 }
 
+fn effect_id(effect: &Effect) -> &str {
+    match effect {
+        Effect::Page(p) => &p.id,
+        Effect::Record(c) => &c.id,
+    }
+}
+
+/// Subject, message id and payload of an effect (None if it cannot be
+/// encoded, which is logged: plain data always encodes).
 fn encode_effect(effect: &Effect, now: Timestamp) -> Option<(String, String, Vec<u8>)> {
     let encoded = match effect {
         Effect::Page(p) => (
@@ -583,7 +621,7 @@ fn encode_effect(effect: &Effect, now: Timestamp) -> Option<(String, String, Vec
 }
 
 #[cfg(test)]
-mod record_batch_tests {
+mod batch_tests {
     use super::*;
     use tocsin_proto::{
         command::{Action, IncidentRef},
@@ -615,7 +653,7 @@ mod record_batch_tests {
 
     fn sizes(effects: &[Effect]) -> Vec<usize> {
         let refs: Vec<&Effect> = effects.iter().collect();
-        record_batches(&refs).iter().map(Vec::len).collect()
+        batches(&refs).iter().map(Vec::len).collect()
     }
 
     #[test]
@@ -639,5 +677,44 @@ mod record_batch_tests {
         ];
         assert_eq!(sizes(&huge), [1, 1, 1]);
         assert!(sizes(&[]).is_empty());
+    }
+
+    fn page(n: u64, channel: tocsin_proto::notify::Channel) -> Effect {
+        let incident = tocsin_proto::incident::IncidentSummary::new(
+            uuid::Uuid::from_u128(n.into()),
+            n,
+            format!("k{n}"),
+            format!("incident {n}"),
+            Timestamp::UNIX_EPOCH,
+        );
+        Effect::Page(Box::new(Page {
+            id: format!("p{n}"),
+            incident,
+            level: 0,
+            repeat: 0,
+            target: tocsin_proto::notify::PageTarget::Webhook { name: "w".into() },
+            channel,
+            address: String::new(),
+            reason: String::new(),
+            due_at: Timestamp::UNIX_EPOCH,
+            kind: Default::default(),
+        }))
+    }
+
+    #[test]
+    fn pages_are_grouped_by_channel_a_few_to_a_message() {
+        use tocsin_proto::notify::Channel;
+        let many: Vec<Effect> = (0..40).map(|n| page(n, Channel::Webhook)).collect();
+        assert_eq!(sizes(&many), [16, 16, 8]);
+        let mixed = [
+            page(1, Channel::Sms),
+            page(2, Channel::Sms),
+            page(3, Channel::Email),
+            page(4, Channel::Sms),
+        ];
+        assert_eq!(sizes(&mixed), [2, 1, 1], "consecutive pages of one channel");
+        // A record never shares a message with a page.
+        let both = [page(1, Channel::Sms), record(2, false, 10)];
+        assert_eq!(sizes(&both), [1, 1]);
     }
 }

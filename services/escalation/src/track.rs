@@ -74,10 +74,27 @@ impl Track {
 /// What the service must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect {
-    /// Publish to NOTIFY (`Nats-Msg-Id` = page id).
+    /// Publish to NOTIFY (`Nats-Msg-Id` = page id when sent alone).
     Page(Box<Page>),
-    /// Publish to COMMANDS (`Nats-Msg-Id` = command id): the timeline record.
+    /// Publish to COMMANDS (`Nats-Msg-Id` = command id when sent alone):
+    /// the timeline record.
     Record(Box<Command>),
+}
+
+impl Effect {
+    pub fn page(&self) -> Option<&Page> {
+        match self {
+            Effect::Page(p) => Some(p),
+            Effect::Record(_) => None,
+        }
+    }
+
+    pub fn record(&self) -> Option<&Command> {
+        match self {
+            Effect::Record(c) => Some(c),
+            Effect::Page(_) => None,
+        }
+    }
 }
 
 /// Key of a track: incident and policy.

@@ -5,7 +5,10 @@
 //! back, so a channel's backlog can only ever fill its own consumer: SMS
 //! never waits for PagerDuty's rate limit. Within a channel the lanes
 //! ([`crate::lanes`]) keep one destination from holding more than its
-//! share. Each page is handled in its own task.
+//! share. Each message is handled in its own task: a page, or the pages
+//! of an escalation burst for this channel (up to 16, on
+//! `tocsin.notify.<channel>.batch`), worked on at once and acknowledged
+//! together.
 
 use std::{sync::Arc, time::Duration};
 
@@ -13,11 +16,7 @@ use async_nats::jetstream::{
     self,
     consumer::{pull::Config, AckPolicy},
 };
-use tocsin_proto::{
-    codec::decode_envelope,
-    notify::{Channel, Page},
-    subjects::STREAM_NOTIFY,
-};
+use tocsin_proto::{codec::decode_pages, notify::Channel, subjects::STREAM_NOTIFY};
 use tocsin_runtime::{
     admin::Health,
     pull::{self, Puller},
@@ -92,7 +91,11 @@ async fn run_channel(
         ack_wait,
         max_deliver: -1,
         max_ack_pending: (held * 4) as i64,
-        filter_subject: tocsin_proto::subjects::notify_subject(channel.as_str()),
+        // Its pages one to a message, and escalation's bursts several.
+        filter_subjects: vec![
+            tocsin_proto::subjects::notify_subject(channel.as_str()),
+            tocsin_proto::subjects::notify_batch_subject(channel.as_str()),
+        ],
         ..Default::default()
     };
     let tasks = tokio_util::task::TaskTracker::new();
@@ -117,7 +120,7 @@ async fn handle(
     ack_wait: Duration,
     shutdown: CancellationToken,
 ) {
-    let page = match decode_envelope::<Page>(&msg.payload) {
+    let pages = match decode_pages(msg.subject.as_str(), &msg.payload) {
         Ok(env) => env.body,
         Err(e) => {
             dead_letter(&d, &msg, &format!("not a page: {e}")).await;
@@ -126,7 +129,18 @@ async fn handle(
         }
     };
     let alive = pull::keep_alive(&msg, ack_wait);
-    let f = d.deliver(&Job::page(page), &shutdown).await;
+    // A message of several pages (a burst's, for this channel): all at
+    // once, and the message handed back whole if any must come again (the
+    // soonest); those already sent then find their delivery records and
+    // are not sent twice.
+    let f = futures::future::join_all(
+        pages
+            .into_iter()
+            .map(|page| async { d.deliver(&Job::page(page), &shutdown).await }),
+    )
+    .await
+    .into_iter()
+    .fold(Finish::Ack, Finish::and);
     alive.abort();
     consumer::finish(&msg, f).await;
 }

@@ -2039,9 +2039,20 @@ async fn escalation_run(args: &EscalationArgs) -> anyhow::Result<EscalationResul
     let receiver = tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
             let received = Instant::now();
-            let page = decode_envelope::<Page>(&msg.payload).ok().map(|e| e.body);
-            if tx.send((received, page)).is_err() {
-                break;
+            // One page, or several of a burst in one message.
+            match tocsin_proto::codec::decode_pages(msg.subject.as_str(), &msg.payload) {
+                Ok(env) => {
+                    for page in env.body {
+                        if tx.send((received, Some(page))).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(_) => {
+                    if tx.send((received, None)).is_err() {
+                        return;
+                    }
+                }
             }
         }
     });
