@@ -209,7 +209,9 @@
 //!   `group_interval: 1m`) whose webhook goes to the same kind of receiver,
 //!   an alert's page being the first notification carrying it. Also CPU
 //!   seconds per 1,000 alerts (nats-server + the four tocsin processes vs
-//!   Alertmanager) and every process's peak RSS.
+//!   Alertmanager; Tocsin's read once its pages' receipts are applied,
+//!   COMMANDS and NOTIFY empty, at most 120 s after the last page, with the
+//!   messages each stream stored per alert) and every process's peak RSS.
 //! - **storm** (fresh processes per repetition and side, as alert→page but
 //!   with incidents `group_by: [alertname, storm_group]`): 1,000,000 alerts
 //!   over 10,000 groups (`--quick`: 20,000 over 200), alert i in group

@@ -663,6 +663,20 @@ async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> 
         let mut check = || stack.check();
         drive("Tocsin", &target, &receiver, phases, run, &mut check).await?
     };
+    // The pages are in; their receipts (COMMANDS, then INCIDENTS) may still
+    // be queued. Counted once applied, so the CPU and the writes below are
+    // a page's whole cost, not what was done by the time it arrived.
+    let drain_started = Instant::now();
+    let drained = receipts_applied(&js, Duration::from_secs(120)).await;
+    println!(
+        "  Tocsin: receipts {} {:.1} s after the last page",
+        if drained {
+            "all applied"
+        } else {
+            "NOT all applied"
+        },
+        drain_started.elapsed().as_secs_f64()
+    );
     let cpu_after = peer::cpu_ticks_of(&pids);
     let total: usize = phases.iter().map(|p| p.alerts()).sum();
     // Where the CPU went, per process (s per 1k alerts).
@@ -728,6 +742,30 @@ async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> 
 }
 
 /// Every stream's last sequence: how many messages it has stored.
+/// Waits (up to `limit`) until COMMANDS and NOTIFY are empty (both work
+/// queues: every receipt and page taken and acknowledged); whether they
+/// emptied.
+async fn receipts_applied(js: &async_nats::jetstream::Context, limit: Duration) -> bool {
+    use tocsin_proto::subjects::{STREAM_COMMANDS, STREAM_NOTIFY};
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut left = 0;
+        for name in [STREAM_COMMANDS, STREAM_NOTIFY] {
+            left += match js.get_stream(name).await {
+                Ok(mut s) => s.info().await.map_or(1, |i| i.state.messages),
+                Err(_) => 1,
+            };
+        }
+        if left == 0 {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn stream_writes(
     js: &async_nats::jetstream::Context,
 ) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
