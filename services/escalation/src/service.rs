@@ -111,9 +111,11 @@ impl Service {
                 return;
             }
         }
-        let busy = self.watchdog.busy("saving tracks to the local store");
-        let saved = self.store.save(&self.tracks, &self.unsaved, self.seq);
-        drop(busy);
+        let saved = self
+            .watchdog
+            .during("saving tracks to the local store", || {
+                self.store.save(&self.tracks, &self.unsaved, self.seq)
+            });
         match saved {
             Ok(()) => {
                 self.unsaved.clear();
@@ -134,10 +136,14 @@ impl Service {
     /// Puts `incident`'s stored tracks at hand, if they are not yet.
     fn fetch(&mut self, incident: uuid::Uuid) -> Result<(), EscalationError> {
         if !self.tracks.is_loaded(incident) {
-            let _busy = self.watchdog.busy("reading tracks from the local store");
-            let stored = self.store.tracks_of(incident).map_err(|e| {
-                EscalationError::Store(format!("cannot read the tracks of {incident}: {e}"))
-            })?;
+            let stored = self
+                .watchdog
+                .during("reading tracks from the local store", || {
+                    self.store.tracks_of(incident)
+                })
+                .map_err(|e| {
+                    EscalationError::Store(format!("cannot read the tracks of {incident}: {e}"))
+                })?;
             self.tracks.load(incident, stored);
         }
         Ok(())
@@ -375,7 +381,7 @@ impl Service {
         // channels in the order they first come, pages in theirs.
         let mut first: Vec<String> = Vec::new();
         pages.sort_by_cached_key(|e| {
-            let subject = effect_subject(e);
+            let subject = e.subject();
             first.iter().position(|s| *s == subject).unwrap_or_else(|| {
                 first.push(subject);
                 first.len() - 1
@@ -400,7 +406,7 @@ impl Service {
                 }
                 Err(e) => {
                     EscalationEvent::PublishFailed {
-                        subject: &effect_subject(sent[0]),
+                        subject: &sent[0].subject(),
                         error: &e.to_string(),
                     }
                     .emit(&self.metrics);
@@ -431,7 +437,7 @@ impl Service {
         use sha2::{Digest, Sha256};
         let mut ids = Sha256::new();
         for e in effects {
-            ids.update(effect_id(e).as_bytes());
+            ids.update(e.id().as_bytes());
             ids.update(b"\n");
         }
         let digest = hex::encode(&ids.finalize()[..16]);
@@ -486,7 +492,7 @@ impl Service {
             Ok(ack) => Some(ack),
             Err(e) => {
                 EscalationEvent::PublishFailed {
-                    subject: &effect_subject(effect),
+                    subject: &effect.subject(),
                     error: &e.to_string(),
                 }
                 .emit(&self.metrics);
@@ -565,7 +571,7 @@ fn batches<'a>(effects: &[&'a Effect]) -> Vec<Vec<&'a Effect>> {
                 PAGES_PER_MESSAGE,
             ),
         };
-        let this = effect_subject(effect);
+        let this = effect.subject();
         let fits = out.last().is_some_and(|last| {
             last.len() < most && subject == this && bytes.saturating_add(size) <= BYTES_PER_MESSAGE
         });
@@ -579,21 +585,6 @@ fn batches<'a>(effects: &[&'a Effect]) -> Vec<Vec<&'a Effect>> {
         out.last_mut().expect("pushed above").push(*effect);
     }
     out
-}
-
-/// The subject an effect goes to.
-fn effect_subject(effect: &Effect) -> String {
-    match effect {
-        Effect::Page(p) => p.subject(),
-        Effect::Record(c) => c.subject(),
-    }
-}
-
-fn effect_id(effect: &Effect) -> &str {
-    match effect {
-        Effect::Page(p) => &p.id,
-        Effect::Record(c) => &c.id,
-    }
 }
 
 /// Subject, message id and payload of an effect (None if it cannot be

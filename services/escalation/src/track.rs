@@ -82,6 +82,22 @@ pub enum Effect {
 }
 
 impl Effect {
+    /// The subject it is published on when sent alone.
+    pub fn subject(&self) -> String {
+        match self {
+            Effect::Page(p) => p.subject(),
+            Effect::Record(c) => c.subject(),
+        }
+    }
+
+    /// Its page or command id.
+    pub fn id(&self) -> &str {
+        match self {
+            Effect::Page(p) => &p.id,
+            Effect::Record(c) => &c.id,
+        }
+    }
+
     pub fn page(&self) -> Option<&Page> {
         match self {
             Effect::Page(p) => Some(p),

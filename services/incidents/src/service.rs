@@ -441,11 +441,11 @@ impl Service {
     fn save(&self, p: &mut Projection) {
         // A failed save only costs a longer catch-up after a restart: the
         // stream has everything. Operators should still hear about it.
-        let busy = self
+        let saved = self
             .watchdog
-            .busy("saving the projection to the local store");
-        let saved = self.store.save(p);
-        drop(busy);
+            .during("saving the projection to the local store", || {
+                self.store.save(p)
+            });
         if let Err(e) = saved {
             tracing::error!(error = %e, "cannot save the projection; it will be rebuilt from the stream on restart");
             return;
@@ -1025,11 +1025,11 @@ impl Service {
             let Some(id) = missed else {
                 return Some(decided);
             };
-            let busy = self
+            let stored = self
                 .watchdog
-                .busy("reading an incident from the local store");
-            let stored = self.store.incident(&id);
-            drop(busy);
+                .during("reading an incident from the local store", || {
+                    self.store.incident(&id)
+                });
             match stored {
                 Ok(Some(st)) => self.put_back(st),
                 Ok(None) => return None,
@@ -1206,11 +1206,11 @@ impl Service {
         let mut backoff = tocsin_runtime::retry::Backoff::standard();
         loop {
             let keep = keep_resolved_until(self.clock.now(), self.core.reopen_window);
-            let busy = self
+            let loaded = self
                 .watchdog
-                .busy("reloading the projection from the local store");
-            let loaded = self.store.load(keep, self.max_in_memory, rules(&self.core));
-            drop(busy);
+                .during("reloading the projection from the local store", || {
+                    self.store.load(keep, self.max_in_memory, rules(&self.core))
+                });
             match loaded {
                 Ok(p) => {
                     *write(&self.proj) = p;

@@ -82,7 +82,7 @@ async fn run_channel(
 ) {
     let name = format!("{PAGES_CONSUMER}-{}", channel.as_str());
     let config = Config {
-        durable_name: Some(name.clone()),
+        durable_name: Some(name),
         description: Some(format!(
             "Tocsin notifier: {} pages to deliver (shared by replicas)",
             channel.as_str()

@@ -160,16 +160,22 @@ impl Watchdog {
         Busy(self.clone(), n)
     }
 
-    /// What has been running too long, if anything (the oldest step).
+    /// Runs `f` marked busy with `what`.
+    pub fn during<T>(&self, what: &'static str, f: impl FnOnce() -> T) -> T {
+        let _busy = self.busy(what);
+        f()
+    }
+
+    /// What has been running too long, if anything: the oldest step, the
+    /// one with the lowest number (numbers are given in the order marked).
     fn stuck(&self) -> Option<String> {
         let oldest = self
             .busy
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .running
-            .values()
-            .min_by_key(|(since, _)| *since)
-            .copied();
+            .first_key_value()
+            .map(|(_, step)| *step);
         let (since, what) = oldest?;
         let took = since.elapsed();
         (took >= self.limit).then(|| {

@@ -741,14 +741,12 @@ async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> 
     })
 }
 
-/// Every stream's last sequence: how many messages it has stored.
 /// Waits (up to `limit`) until COMMANDS and NOTIFY are empty (both work
 /// queues: every receipt and page taken and acknowledged); whether they
 /// emptied.
 async fn receipts_applied(js: &async_nats::jetstream::Context, limit: Duration) -> bool {
     use tocsin_proto::subjects::{STREAM_COMMANDS, STREAM_NOTIFY};
-    let deadline = Instant::now() + limit;
-    loop {
+    tocsin_tests::eventually_within(limit, || async {
         let mut left = 0;
         for name in [STREAM_COMMANDS, STREAM_NOTIFY] {
             left += match js.get_stream(name).await {
@@ -757,15 +755,16 @@ async fn receipts_applied(js: &async_nats::jetstream::Context, limit: Duration) 
             };
         }
         if left == 0 {
-            return true;
+            Ok(())
+        } else {
+            Err(left)
         }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
+    .is_ok()
 }
 
+/// Every stream's last sequence: how many messages it has stored.
 async fn stream_writes(
     js: &async_nats::jetstream::Context,
 ) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
