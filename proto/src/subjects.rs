@@ -90,6 +90,10 @@ pub mod headers {
     pub const DLQ_SUBJECT: &str = "Tocsin-Dlq-Subject";
     /// On commands: where to publish the [`crate::command::CommandReply`].
     pub const REPLY_TO: &str = "Tocsin-Reply-To";
+    /// On a COMMANDS message of several commands: how many it holds, so the
+    /// incidents service can give alerts their turns by command, not by
+    /// message, without decoding it first (a hint for scheduling only).
+    pub const ITEMS: &str = "Tocsin-Items";
 }
 
 /// Subject of an alert event: `tocsin.alerts.<kind>.<fingerprint>`.

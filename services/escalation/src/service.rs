@@ -11,7 +11,7 @@ use tocsin_proto::{
     command::{batch_subject, Command},
     incident::LogEntry,
     notify::Page,
-    subjects::{notify_batch_subject, STREAM_INCIDENTS},
+    subjects::{headers, notify_batch_subject, STREAM_INCIDENTS},
     Envelope,
 };
 use tocsin_runtime::admin::{Health, Watchdog};
@@ -466,7 +466,9 @@ impl Service {
                 return None;
             }
         };
-        let publish = tocsin_runtime::bus::message(payload, id, None, &[]);
+        let items = effects.len().to_string();
+        let publish =
+            tocsin_runtime::bus::message(payload, id, None, &[(headers::ITEMS, items.as_str())]);
         match self.js.send_publish(subject.clone(), publish).await {
             Ok(ack) => Some(ack),
             Err(e) => {

@@ -111,8 +111,77 @@ pub(crate) struct Service {
 /// (the incidents service is the stream's only writer).
 const EXPECTED_LAST_SEQUENCE: &str = "Nats-Expected-Last-Sequence";
 
-/// While both wait, this many alerts are read for each command.
-const ALERTS_PER_COMMAND: usize = 3;
+/// While both wait, this many ALERTS messages are read for each command.
+const ALERTS_PER_COMMAND: u64 = 3;
+/// At most this many ALERTS messages are owed to the commands read before
+/// (a message of 64 receipts owes 192).
+const MAX_ALERTS_OWED: u64 = ALERTS_PER_COMMAND * BATCH as u64;
+
+/// Whose turn it is, ALERTS or COMMANDS, while both have messages waiting:
+/// `ALERTS_PER_COMMAND` ALERTS messages for each *command*, so a COMMANDS
+/// message holding several (the notifier's receipts, escalation's `paged`
+/// records, whose senders put their number in `Tocsin-Items`) takes the
+/// turns of that many and does not make receipts outrun a storm's alerts.
+/// What alerts are owed is forgotten when ALERTS has nothing waiting: only
+/// a backlog is shared out, and a command never waits behind credit that
+/// built up while alerts were quiet.
+#[derive(Debug)]
+struct Turns {
+    /// ALERTS messages still owed before the next command.
+    owed: u64,
+    /// ALERTS messages taken so far (counted as they are taken).
+    alerts_taken: Arc<AtomicU64>,
+    /// Commands taken beyond one a message, not yet counted here.
+    extra_commands: Arc<AtomicU64>,
+    /// `alerts_taken` when ALERTS was last given the turn, if it was.
+    alerts_turn: Option<u64>,
+}
+
+impl Turns {
+    fn new() -> Turns {
+        Turns {
+            owed: 0,
+            alerts_taken: Arc::new(AtomicU64::new(0)),
+            extra_commands: Arc::new(AtomicU64::new(0)),
+            alerts_turn: None,
+        }
+    }
+
+    /// How many commands a COMMANDS message holds, by its `Tocsin-Items`
+    /// header (1 without one; at most `BATCH`).
+    fn commands_in(msg: &jetstream::Message) -> u64 {
+        Self::commands_in_message(msg)
+    }
+
+    fn commands_in_message(msg: &async_nats::Message) -> u64 {
+        msg.headers
+            .as_ref()
+            .and_then(|h| h.get(headers::ITEMS))
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+            .unwrap_or(1)
+            .clamp(1, BATCH as u64)
+    }
+
+    fn next(&mut self) -> futures::stream::PollNext {
+        use futures::stream::PollNext;
+        let taken = self.alerts_taken.load(Ordering::Relaxed);
+        if self.alerts_turn == Some(taken) {
+            // ALERTS had its turn and gave nothing: no backlog to share.
+            self.owed = 0;
+        }
+        let extra = self.extra_commands.swap(0, Ordering::Relaxed);
+        self.owed = (self.owed + extra * ALERTS_PER_COMMAND).min(MAX_ALERTS_OWED);
+        if self.owed > 0 {
+            self.owed -= 1;
+            self.alerts_turn = Some(taken);
+            PollNext::Left
+        } else {
+            self.owed = ALERTS_PER_COMMAND;
+            self.alerts_turn = None;
+            PollNext::Right
+        }
+    }
+}
 
 /// At most this many inputs are decided and sent before JetStream's
 /// acknowledgements of their entries are awaited.
@@ -511,25 +580,28 @@ impl Service {
             reconnect.reset();
             tracing::info!(alerts_from = resume, "incidents service consuming");
             // Alerts and commands in turn, ALERTS_PER_COMMAND alerts to a
-            // command while both wait: an operator's acknowledgement never
+            // command while both wait (`Turns`): an operator's acknowledgement never
             // waits behind an alert storm, and the receipts of the pages a
             // storm sends (two commands a page) do not halve how fast it
             // opens incidents. Either stream ending makes both anew.
             let ended = || futures::stream::once(futures::future::ready(Input::Ended));
-            let mut turn = 0usize;
+            let mut turns = Turns::new();
+            let (alerts_taken, extra_commands) =
+                (turns.alerts_taken.clone(), turns.extra_commands.clone());
             let mut inputs = futures::stream::select_with_strategy(
                 alerts
-                    .map(|m| Input::Alert(m.map_err(|e| e.to_string())))
+                    .map(move |m| {
+                        alerts_taken.fetch_add(1, Ordering::Relaxed);
+                        Input::Alert(m.map_err(|e| e.to_string()))
+                    })
                     .chain(ended()),
-                commands.map(|m| Input::Command(Ok(m))).chain(ended()),
-                move |_: &mut ()| {
-                    turn = (turn + 1) % (ALERTS_PER_COMMAND + 1);
-                    if turn == 0 {
-                        futures::stream::PollNext::Right
-                    } else {
-                        futures::stream::PollNext::Left
-                    }
-                },
+                commands
+                    .map(move |m| {
+                        extra_commands.fetch_add(Turns::commands_in(&m) - 1, Ordering::Relaxed);
+                        Input::Command(Ok(m))
+                    })
+                    .chain(ended()),
+                move |_: &mut ()| turns.next(),
             );
             // How far each input stream is handled: ALERTS up to the
             // cursor, COMMANDS up to the consumer's ack floor.
@@ -1888,4 +1960,81 @@ fn header(msg: &jetstream::Message, name: &str) -> Option<String> {
         .as_ref()
         .and_then(|h| h.get(name))
         .map(|v| v.to_string())
+}
+
+#[cfg(test)]
+mod turns_tests {
+    use super::*;
+    use futures::stream::PollNext;
+
+    /// Runs `n` turns with both streams waiting: an alert is taken on each
+    /// ALERTS turn, and each COMMANDS turn takes a message of the next size
+    /// in `commands` (1 once they run out). Returns the turns as 'A'/'C'.
+    fn run(turns: &mut Turns, n: usize, commands: &[u64]) -> String {
+        let mut sizes = commands.iter();
+        (0..n)
+            .map(|_| match turns.next() {
+                PollNext::Left => {
+                    turns.alerts_taken.fetch_add(1, Ordering::Relaxed);
+                    'A'
+                }
+                PollNext::Right => {
+                    let k = sizes.next().copied().unwrap_or(1);
+                    turns.extra_commands.fetch_add(k - 1, Ordering::Relaxed);
+                    'C'
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn three_alerts_messages_to_a_command_while_both_wait() {
+        assert_eq!(run(&mut Turns::new(), 12, &[]), "CAAACAAACAAA");
+    }
+
+    #[test]
+    fn a_message_of_several_commands_takes_the_turns_of_that_many() {
+        let s = run(&mut Turns::new(), 24, &[6, 1, 1]);
+        assert_eq!(s, format!("C{}CAAAC", "A".repeat(18)));
+    }
+
+    #[test]
+    fn what_alerts_are_owed_is_forgotten_while_alerts_are_quiet() {
+        let mut t = Turns::new();
+        // A message of 64 receipts, ALERTS empty: its turn gives nothing.
+        assert_eq!(t.next(), PollNext::Right);
+        t.extra_commands.fetch_add(63, Ordering::Relaxed);
+        assert_eq!(t.next(), PollNext::Left);
+        // ... so the next command is not kept waiting behind 192 alerts.
+        assert_eq!(t.next(), PollNext::Right);
+        // Owed turns never exceed the bound.
+        t.extra_commands.fetch_add(10_000, Ordering::Relaxed);
+        let s = run(&mut t, 300, &[]);
+        assert_eq!(s.find('C'), Some(MAX_ALERTS_OWED as usize));
+    }
+
+    #[test]
+    fn the_number_of_commands_comes_from_the_header_within_bounds() {
+        let msg = |v: Option<&str>| {
+            let mut h = async_nats::HeaderMap::new();
+            if let Some(v) = v {
+                h.insert(headers::ITEMS, v);
+            }
+            async_nats::Message {
+                subject: "tocsin.cmd.delivery.batch".into(),
+                reply: None,
+                payload: bytes::Bytes::new(),
+                headers: Some(h),
+                status: None,
+                description: None,
+                length: 0,
+            }
+        };
+        let n = |v| Turns::commands_in_message(&msg(v));
+        assert_eq!(n(Some("6")), 6);
+        assert_eq!(n(None), 1);
+        assert_eq!(n(Some("0")), 1);
+        assert_eq!(n(Some("junk")), 1);
+        assert_eq!(n(Some("100000")), BATCH as u64);
+    }
 }
