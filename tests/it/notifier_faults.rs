@@ -189,11 +189,7 @@ async fn a_provider_that_never_recovers_is_given_up_on_and_a_slow_one_times_out(
     assert_eq!(fakes.slack_posts().len(), 1);
     assert_eq!(replica.count("slack", "sent"), 1);
     // The receipt for the given-up page is on the bus for the timeline.
-    let receipts = tocsin_tests::bus::read_stream::<tocsin_proto::command::Command>(
-        &js,
-        tocsin_proto::subjects::STREAM_COMMANDS,
-    )
-    .await;
+    let receipts = tocsin_tests::bus::read_commands(&js).await;
     let gave_up = receipts
         .iter()
         .find_map(|m| match &m.envelope.body.action {

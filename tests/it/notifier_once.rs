@@ -446,3 +446,43 @@ async fn pages_sent_together_are_each_delivered_once_when_one_must_come_again() 
     assert_eq!(r.count("webhook", "sent"), 8);
     r.stop().await;
 }
+
+/// The receipts of pages delivered together go several to a COMMANDS
+/// message (each message is a synced write on the server), each receipt
+/// once: 16 pages in one NOTIFY message, delivered at once, leave their 16
+/// receipts in at most 8 messages (one each before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn receipts_of_pages_delivered_together_share_commands_messages() {
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let r = Replica::start(&nats, notifier::config(&fakes, None, dir.path())).await;
+    r.wait_ready().await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let pages: Vec<_> = (1..=16).map(|n| page(n, Channel::Webhook)).collect();
+    publish_batch(&js, &pages).await;
+    notifier::settled(&js, WAIT).await;
+    assert_eq!(fakes.counts(Provider::Webhook).accepted, 16);
+    let receipts = tocsin_tests::bus::read_commands(&js).await;
+    let ids: std::collections::BTreeSet<&str> = receipts
+        .iter()
+        .map(|c| c.envelope.body.id.as_str())
+        .collect();
+    assert_eq!(
+        (receipts.len(), ids.len()),
+        (16, 16),
+        "one receipt a page: {ids:?}"
+    );
+    assert!(receipts.iter().all(|c| matches!(
+        &c.envelope.body.action,
+        tocsin_proto::command::Action::Delivery { delivery, .. }
+            if delivery.outcome == DeliveryOutcome::Sent
+    )));
+    let messages: std::collections::BTreeSet<u64> = receipts.iter().map(|c| c.seq).collect();
+    assert!(
+        messages.len() <= 8,
+        "16 receipts in {} COMMANDS messages",
+        messages.len()
+    );
+    r.stop().await;
+}

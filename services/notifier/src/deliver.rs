@@ -161,6 +161,7 @@ pub(crate) struct Deliverer {
     locks: Locks,
     /// Follow-up syncs spawned after a page was sent.
     pub(crate) tasks: tokio_util::task::TaskTracker,
+    receipts: receipts::Receipts,
 }
 
 impl Deliverer {
@@ -179,6 +180,7 @@ impl Deliverer {
             .sms_reply_to
             .clone()
             .or_else(|| registry.sms_from.clone());
+        let receipts = receipts::Receipts::start(js.clone(), clock.clone());
         Ok(Deliverer {
             templates,
             lanes: Lanes::new(cfg, metrics.clone()),
@@ -196,6 +198,7 @@ impl Deliverer {
             times: Times { zone },
             locks: Locks::default(),
             tasks: tokio_util::task::TaskTracker::new(),
+            receipts,
         })
     }
 
@@ -367,14 +370,10 @@ impl Deliverer {
         shutdown: &CancellationToken,
     ) -> Finish {
         let receipt = Self::receipt(id, rec);
-        if receipts::publish(
-            &self.js,
-            self.clock.now(),
-            rec.about.incident,
-            &receipt,
-            shutdown,
-        )
-        .await
+        if self
+            .receipts
+            .publish(rec.about.incident, &receipt, shutdown)
+            .await
         {
             Finish::Ack
         } else {
@@ -992,14 +991,10 @@ impl Deliverer {
                     return Err(Duration::from_secs(1));
                 }
             }
-            if !receipts::publish(
-                &self.js,
-                self.clock.now(),
-                about.incident,
-                &receipt,
-                shutdown,
-            )
-            .await
+            if !self
+                .receipts
+                .publish(about.incident, &receipt, shutdown)
+                .await
             {
                 return Err(Duration::from_secs(1));
             }
