@@ -250,3 +250,50 @@ async fn an_undecodable_page_is_dead_lettered_not_lost_and_the_rest_go_on() {
         .contains("tocsin_notifier_dead_letters_total 1"));
     replica.stop().await;
 }
+
+/// A destination's request slots are held for the request only, not for
+/// the records and the receipt after it: with one slot, a page whose
+/// receipt cannot be stored yet (COMMANDS is gone) does not keep the next
+/// page for the same destination from being sent. Once COMMANDS is back,
+/// both receipts are stored, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_that_cannot_be_stored_yet_does_not_hold_the_destinations_request_slot() {
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = notifier::config(&fakes, None, data.path());
+    config.webhooks[0].guard.concurrency = Some(1);
+    let replica = Replica::start(&nats, config).await;
+    replica.wait_ready().await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let commands = js
+        .get_stream(tocsin_proto::subjects::STREAM_COMMANDS)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    js.delete_stream(tocsin_proto::subjects::STREAM_COMMANDS)
+        .await
+        .unwrap();
+    publish_pages(&js, &[page(1, Channel::Webhook), page(2, Channel::Webhook)]).await;
+    assert!(
+        fakes
+            .wait_for(|f| f.counts(Provider::Webhook).accepted == 2, WAIT)
+            .await,
+        "both pages sent while the first one's receipt waits: {:?}",
+        fakes.counts(Provider::Webhook)
+    );
+    js.create_stream(commands).await.unwrap();
+    notifier::settled(&js, WAIT).await;
+    let receipts = tocsin_tests::bus::read_commands(&js).await;
+    let ids: std::collections::BTreeSet<&str> = receipts
+        .iter()
+        .map(|c| c.envelope.body.id.as_str())
+        .collect();
+    assert_eq!((receipts.len(), ids.len()), (2, 2), "{ids:?}");
+    assert_eq!(fakes.counts(Provider::Webhook).accepted, 2);
+    replica.stop().await;
+}

@@ -607,9 +607,11 @@ impl Deliverer {
             }
         };
 
-        // At most `concurrency` requests in flight per destination.
+        // At most `concurrency` requests in flight per destination: the
+        // slot is held for the request only, not for the records and the
+        // receipt around it.
         let slots = self.lanes.slots(provider.name(), &dest);
-        let _slot = tokio::select! {
+        let slot = tokio::select! {
             _ = shutdown.cancelled() => return Some(Finish::Later(Duration::from_secs(1))),
             s = slots.acquire_owned() => s.ok(),
         };
@@ -668,6 +670,7 @@ impl Deliverer {
                 }
             },
         };
+        drop(slot);
         self.metrics
             .request(channel, started.elapsed().as_secs_f64());
         match &result {
