@@ -10,9 +10,10 @@
 //! one message on `tocsin.cmd.delivery.batch` (an `Envelope<Vec<Command>>`,
 //! message id made of their ids); a receipt alone goes on
 //! `tocsin.cmd.delivery` as one command. A caller waits until JetStream has
-//! its receipt, as before. If a message of several cannot be stored (a NATS
-//! user whose permissions predate the batch subject, a payload over the
-//! server's limit), its receipts are published one at a time.
+//! its receipt, as before. If a message of several cannot be stored, its
+//! receipts are published one at a time; if that works at once (a NATS
+//! user whose permissions predate the batch subject), receipts go one at a
+//! time for a minute.
 
 use std::{
     sync::Arc,
@@ -115,7 +116,7 @@ async fn run(js: jetstream::Context, clock: Arc<dyn Clock>, mut rx: mpsc::Unboun
             }
         }
         let together = refused.is_none_or(|at| at.elapsed() >= ALONE_AFTER_REFUSAL);
-        if !store(&js, clock.now(), items, together).await {
+        if store(&js, clock.now(), items, together).await {
             refused = Some(Instant::now());
         }
     }
@@ -123,21 +124,24 @@ async fn run(js: jetstream::Context, clock: Arc<dyn Clock>, mut rx: mpsc::Unboun
 
 /// Stores `items` (in one message if there are several and `together`,
 /// else or failing that one at a time), retrying until JetStream has each
-/// or no caller waits for it; false when a message of several failed.
+/// or no caller waits for it. True when a message of several was refused
+/// while the same receipts one at a time were stored at once (a NATS user
+/// without the batch subject); a failure both ways is the server's, not
+/// the batch's.
 async fn store(
     js: &jetstream::Context,
     now: jiff::Timestamp,
     mut items: Vec<Item>,
     together: bool,
 ) -> bool {
-    let mut stored_together = true;
+    let mut batch_failed = false;
     if items.len() > 1 && together {
         match publish_together(js, now, &items).await {
             Ok(()) => {
                 for i in items {
                     let _ = i.stored.send(());
                 }
-                return true;
+                return false;
             }
             Err(e) => {
                 tracing::warn!(
@@ -145,15 +149,16 @@ async fn store(
                     receipts = items.len(),
                     "cannot publish delivery receipts together; one at a time"
                 );
-                stored_together = false;
+                batch_failed = true;
             }
         }
     }
     let mut backoff = tocsin_runtime::retry::Backoff::standard();
+    let mut first_round = true;
     loop {
         items.retain(|i| !i.stored.is_closed());
         if items.is_empty() {
-            return stored_together;
+            return false;
         }
         let results = futures::future::join_all(items.iter().map(|i| alone(js, now, &i.cmd))).await;
         let mut left = Vec::new();
@@ -168,10 +173,11 @@ async fn store(
                 }
             }
         }
-        items = left;
-        if items.is_empty() {
-            return stored_together;
+        if left.is_empty() {
+            return batch_failed && first_round;
         }
+        items = left;
+        first_round = false;
         tokio::time::sleep(backoff.step()).await;
     }
 }
