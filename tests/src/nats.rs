@@ -96,6 +96,8 @@ pub struct NatsServer {
     passwords: BTreeMap<&'static str, String>,
     /// Set on a node of a [`NatsCluster`].
     cluster: Option<ClusterNode>,
+    /// The permissions file's text, when a test changed the shipped one.
+    permissions: Option<String>,
 }
 
 /// What makes a server one node of a [`NatsCluster`].
@@ -110,6 +112,13 @@ impl NatsServer {
     /// Starts a server on a random port and waits until JetStream answers.
     /// Panics with installation instructions when no binary is found.
     pub async fn start() -> NatsServer {
+        Self::start_with_permissions(|shipped| shipped.to_string()).await
+    }
+
+    /// [`NatsServer::start`] with `edit` applied to the text of
+    /// `deploy/nats/permissions.conf` (a user whose permissions predate a
+    /// subject, say).
+    pub async fn start_with_permissions(edit: impl FnOnce(&str) -> String) -> NatsServer {
         // Every test starts here: HTTP clients need the TLS provider set.
         tocsin_runtime::install_crypto();
         let bin = nats_server_bin().unwrap_or_else(|e| panic!("{e}"));
@@ -124,7 +133,13 @@ impl NatsServer {
             child: None,
             passwords: new_passwords(),
             cluster: None,
+            permissions: None,
         };
+        let shipped = std::fs::read_to_string(permissions_file()).expect("read permissions.conf");
+        let edited = edit(&shipped);
+        if edited != shipped {
+            server.permissions = Some(edited);
+        }
         // A port outside the ephemeral range, so that no client connection
         // takes it while the server is stopped for a restart on it.
         server.spawn(free_port());
@@ -236,8 +251,13 @@ impl NatsServer {
         // the default, an fsync every two minutes).
         // The shipped permissions, byte for byte: nats-server resolves an
         // include relative to the including file, so a copy sits next to it.
-        std::fs::copy(permissions_file(), d.join("permissions.conf"))
-            .expect("copy deploy/nats/permissions.conf");
+        match &self.permissions {
+            Some(text) => std::fs::write(d.join("permissions.conf"), text)
+                .expect("write the changed permissions.conf"),
+            None => std::fs::copy(permissions_file(), d.join("permissions.conf"))
+                .map(|_| ())
+                .expect("copy deploy/nats/permissions.conf"),
+        }
         // A cluster node: its name, its route port and every node's route.
         let cluster = match &self.cluster {
             Some(c) => format!(
@@ -397,6 +417,7 @@ impl NatsCluster {
                     route_port: *route,
                     routes: routes.clone(),
                 }),
+                permissions: None,
             };
             node.spawn(*client);
             nodes.push(node);
