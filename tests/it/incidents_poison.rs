@@ -1,7 +1,7 @@
 //! Poison inputs: an input too big for the INCIDENTS stream, or one
 //! JetStream refuses for good, must never stop the line.
 
-use async_nats::jetstream::{self, stream::Config};
+use async_nats::jetstream;
 use jiff::Timestamp;
 use tocsin_proto::{
     command::{Action, CommandReply, IncidentRef},
@@ -214,15 +214,7 @@ async fn a_command_the_incidents_stream_refuses_is_dead_lettered_after_bounded_r
     let n = IncidentRef::Number(1);
 
     // A real refusal: the INCIDENTS stream takes no message over 4 KiB.
-    let mut cfg: Config = js
-        .get_stream(STREAM_INCIDENTS)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .config
-        .clone();
+    let mut cfg = tocsin_tests::bus::stream_config(&js, STREAM_INCIDENTS).await;
     cfg.max_message_size = 4096;
     js.update_stream(cfg).await.unwrap();
 

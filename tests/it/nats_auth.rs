@@ -569,13 +569,8 @@ async fn services_create_streams_but_only_the_admin_changes_them() {
     let nats = NatsServer::start().await;
     let admin = jetstream::new(nats.client().await);
     let max_age = |js: jetstream::Context| async move {
-        js.get_stream(STREAM_ALERTS)
+        tocsin_tests::bus::stream_config(&js, STREAM_ALERTS)
             .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .config
             .max_age
     };
 

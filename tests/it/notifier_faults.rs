@@ -266,15 +266,8 @@ async fn a_receipt_that_cannot_be_stored_yet_does_not_hold_the_destinations_requ
     let replica = Replica::start(&nats, config).await;
     replica.wait_ready().await;
     let js = async_nats::jetstream::new(nats.client().await);
-    let commands = js
-        .get_stream(tocsin_proto::subjects::STREAM_COMMANDS)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .config
-        .clone();
+    let commands =
+        tocsin_tests::bus::stream_config(&js, tocsin_proto::subjects::STREAM_COMMANDS).await;
     js.delete_stream(tocsin_proto::subjects::STREAM_COMMANDS)
         .await
         .unwrap();

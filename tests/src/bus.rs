@@ -55,6 +55,18 @@ pub async fn read_pages(js: &jetstream::Context) -> Vec<Stored<tocsin_proto::not
     read_each(js, tocsin_proto::subjects::STREAM_NOTIFY, decode_pages).await
 }
 
+/// `stream`'s configuration as the server has it.
+pub async fn stream_config(js: &jetstream::Context, stream: &str) -> jetstream::stream::Config {
+    js.get_stream(stream)
+        .await
+        .expect("stream exists")
+        .info()
+        .await
+        .expect("stream info")
+        .config
+        .clone()
+}
+
 /// Every item of every message on `stream`, as `decode` splits them.
 async fn read_each<T, E: std::fmt::Debug>(
     js: &jetstream::Context,

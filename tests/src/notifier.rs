@@ -151,8 +151,6 @@ pub fn page(n: u64, channel: Channel) -> Page {
     }
 }
 
-/// Publishes pages to NOTIFY with their ids as `Nats-Msg-Id`, all sent
-/// before any acknowledgement is awaited.
 /// Publishes `pages` (all for one channel) in one NOTIFY message, as
 /// escalation sends a burst's: on `tocsin.notify.<channel>.batch`, its
 /// message id made of the pages' ids.
@@ -186,6 +184,8 @@ pub async fn publish_batch(js: &async_nats::jetstream::Context, pages: &[Page]) 
     .expect("pages stored");
 }
 
+/// Publishes pages to NOTIFY with their ids as `Nats-Msg-Id`, all sent
+/// before any acknowledgement is awaited.
 pub async fn publish_pages(js: &async_nats::jetstream::Context, pages: &[Page]) {
     let mut acks = Vec::new();
     for p in pages {

@@ -149,11 +149,7 @@ impl Turns {
 
     /// How many commands a COMMANDS message holds, by its `Tocsin-Items`
     /// header (1 without one; at most `BATCH`).
-    fn commands_in(msg: &jetstream::Message) -> u64 {
-        Self::commands_in_message(msg)
-    }
-
-    fn commands_in_message(msg: &async_nats::Message) -> u64 {
+    fn commands_in(msg: &async_nats::Message) -> u64 {
         msg.headers
             .as_ref()
             .and_then(|h| h.get(headers::ITEMS))
@@ -580,10 +576,11 @@ impl Service {
             reconnect.reset();
             tracing::info!(alerts_from = resume, "incidents service consuming");
             // Alerts and commands in turn, ALERTS_PER_COMMAND alerts to a
-            // command while both wait (`Turns`): an operator's acknowledgement never
-            // waits behind an alert storm, and the receipts of the pages a
-            // storm sends (two commands a page) do not halve how fast it
-            // opens incidents. Either stream ending makes both anew.
+            // command while both wait (`Turns`): an operator's
+            // acknowledgement never waits behind an alert storm, and the
+            // receipts of the pages a storm sends (two commands a page) do
+            // not halve how fast it opens incidents. Either stream ending
+            // makes both anew.
             let ended = || futures::stream::once(futures::future::ready(Input::Ended));
             let mut turns = Turns::new();
             let (alerts_taken, extra_commands) =
@@ -2030,7 +2027,7 @@ mod turns_tests {
                 length: 0,
             }
         };
-        let n = |v| Turns::commands_in_message(&msg(v));
+        let n = |v| Turns::commands_in(&msg(v));
         assert_eq!(n(Some("6")), 6);
         assert_eq!(n(None), 1);
         assert_eq!(n(Some("0")), 1);

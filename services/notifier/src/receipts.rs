@@ -185,11 +185,7 @@ async fn store(
 async fn alone(js: &jetstream::Context, now: jiff::Timestamp, cmd: &Command) -> Result<(), String> {
     let payload = codec::encode(&Envelope::new("notifier", now, cmd)).map_err(|e| e.to_string())?;
     let publish = tocsin_runtime::bus::message(payload, cmd.id.clone(), None, &[]);
-    let ack = js
-        .send_publish(cmd.subject(), publish)
-        .await
-        .map_err(|e| e.to_string())?;
-    ack.await.map(|_| ()).map_err(|e| e.to_string())
+    stored(js, cmd.subject(), publish).await
 }
 
 async fn publish_together(
@@ -213,8 +209,17 @@ async fn publish_together(
     let items = cmds.len().to_string();
     let publish =
         tocsin_runtime::bus::message(payload, id, None, &[(headers::ITEMS, items.as_str())]);
+    stored(js, batch_subject("delivery"), publish).await
+}
+
+/// Publishes `msg` and waits until JetStream has stored it.
+async fn stored(
+    js: &jetstream::Context,
+    subject: String,
+    msg: jetstream::message::PublishMessage,
+) -> Result<(), String> {
     let ack = js
-        .send_publish(batch_subject("delivery"), publish)
+        .send_publish(subject, msg)
         .await
         .map_err(|e| e.to_string())?;
     ack.await.map(|_| ()).map_err(|e| e.to_string())
