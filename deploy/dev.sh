@@ -11,7 +11,8 @@
 #   ./deploy/dev.sh bench all [--quick] [--only SCENARIO] [--json FILE]
 #                            every scenario (ingest, alert-to-page, storm:
 #                            Tocsin vs raw JetStream and Prometheus
-#                            Alertmanager; timers, recovery, notifier), one
+#                            Alertmanager; timers, recovery, notifier,
+#                            scale-out), one
 #                            table, figures as JSON (default
 #                            target/bench/all-<unix time>.json)
 #   ./deploy/dev.sh bench --debug all --quick

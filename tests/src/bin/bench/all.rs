@@ -63,6 +63,7 @@ pub enum Scenario {
     Timers,
     Recovery,
     Notifier,
+    ScaleOut,
 }
 
 /// The `peer` of a figure nothing runs beside: its `peer_values` are empty
@@ -284,6 +285,16 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
         println!("== notifier: pages/s to the fake providers, 2 replicas vs 1");
         outcomes.push(super::notifier_all::notifier(quick, reps).await?);
         took.push(("notifier", t.elapsed()));
+        println!();
+    }
+
+    if run(Scenario::ScaleOut) {
+        let t = Instant::now();
+        println!(
+            "== scale-out: incidents partitioned by dedup key, 2 partitions vs 1, a model (partitioning is not built; see ARCHITECTURE.md, \"Scaling out\")"
+        );
+        outcomes.push(super::scale_out::scale_out(quick, reps).await?);
+        took.push(("scale-out", t.elapsed()));
         println!();
     }
 

@@ -287,7 +287,7 @@
 use std::{
     collections::HashMap,
     future::IntoFuture,
-    path::Path,
+    path::{Path, PathBuf},
     process::ExitCode,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -351,6 +351,7 @@ mod notifier_all;
 mod page_path;
 mod peer;
 mod recovery;
+mod scale_out;
 mod schedules;
 mod storm;
 mod timers;
@@ -475,6 +476,11 @@ struct IncidentsArgs {
     /// alert ALERTS holds.
     #[arg(long)]
     nats_url: Option<String>,
+    /// After the pre-load, print `ready` and wait until this file exists
+    /// before starting the service (`bench all`'s scale-out scenario starts
+    /// its partitions together this way; at most ten minutes).
+    #[arg(long)]
+    start_when: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -1333,6 +1339,23 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// How long the live alerts may take to be decided after the last one.
 const DRAIN_LIMIT: Duration = Duration::from_secs(300);
 
+/// Says `ready` (one line on stdout) and waits until `go` exists.
+async fn wait_for_file(go: &Path) -> anyhow::Result<()> {
+    println!("{READY} waiting for {}", go.display());
+    std::io::Write::flush(&mut std::io::stdout())?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !go.exists() {
+        if Instant::now() > deadline {
+            bail!("{} did not appear within ten minutes", go.display());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
+
+/// What `bench incidents --start-when` prints once its pre-load is in.
+pub const READY: &str = "ready:";
+
 async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
     let n_alerts = args.alerts as usize;
     let groups = u64::from(args.groups);
@@ -1485,6 +1508,9 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
         max_in_memory: args.max_in_memory.unwrap_or(defaults.max_in_memory),
         ..Default::default()
     };
+    if let Some(go) = &args.start_when {
+        wait_for_file(go).await?;
+    }
     let metrics = Metrics::new();
     let stop = CancellationToken::new();
     let started = Instant::now();

@@ -1,0 +1,211 @@
+//! `bench all`'s scale-out scenario: the partitioned layout that
+//! ARCHITECTURE.md's "Scaling out" designs, measured as a model on this
+//! machine. Tocsin does not partition incidents yet; what can be measured
+//! is what the design rests on: dedup keys that never meet can be decided
+//! by independent writers, each with its own stream leader. So each
+//! partition here is a complete `bench incidents` run in a process of its
+//! own (its own nats-server, incidents service and sled store) over its
+//! own groups, as if ingest had routed the alerts by the hash of their
+//! dedup key; 1 partition decides all the alerts, 2 partitions half each,
+//! started together once both pre-loads are in. What the model leaves out
+//! (and a built partitioning would pay): silences and inhibition read
+//! across partitions, incident numbers from one sequence, consumers that
+//! read every partition. So the ratio is an upper bound for this machine.
+
+use std::{path::Path, process::Stdio, time::Duration};
+
+use anyhow::{bail, Context as _};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+use super::{
+    all::{Figure, Outcome},
+    READY,
+};
+
+const TOCSIN_SIDE: &str = "2 partitions by dedup key (each its own nats-server and incidents service, half the groups each, started together)";
+const PEER: &str = "1 partition (all the groups)";
+/// A partition's run, pre-load and nats-server start included.
+const RUN_LIMIT: Duration = Duration::from_secs(900);
+
+pub async fn scale_out(quick: bool, reps: u32) -> anyhow::Result<Outcome> {
+    let (alerts, groups) = if quick {
+        (10_000, 1_000)
+    } else {
+        (100_000, 10_000)
+    };
+    println!(
+        "{alerts} alerts over {groups} groups (`bench incidents`' load, a message per alert) decided by 1 partition, \
+         then by 2 partitions with half of each; alerts/s = all the alerts over the time until the last partition decided its last"
+    );
+    let mut rate = Figure::new(
+        "scale-out, incidents alone",
+        "alerts/s decided",
+        "alerts/s",
+        "higher",
+        PEER,
+    )
+    .side(TOCSIN_SIDE);
+    let mut outcome = Outcome::default();
+    for rep in 1..=reps {
+        for partitions in [1u32, 2] {
+            let run = partitions_run(partitions, alerts, groups).await?;
+            println!(
+                "  {rep:>3}  {partitions} partition(s): {:.0} alerts/s ({})",
+                run.rate,
+                run.each
+                    .iter()
+                    .map(|(n, secs)| format!("{n} in {secs:.2}s"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            rate.push(partitions == 2, run.rate);
+            if run.decided != u64::from(alerts) + u64::from(partitions) {
+                outcome.problems.push(format!(
+                    "scale-out, {partitions} partition(s): {} alerts decided, not {} (with a sentinel each)",
+                    run.decided,
+                    u64::from(alerts) + u64::from(partitions)
+                ));
+            }
+        }
+    }
+    outcome.figures.push(rate);
+    Ok(outcome)
+}
+
+struct PartitionsRun {
+    /// Alerts decided by every partition over the slowest one's time.
+    rate: f64,
+    decided: u64,
+    /// Per partition: alerts decided, seconds.
+    each: Vec<(u64, f64)>,
+}
+
+/// Runs `partitions` copies of `bench incidents`, each over its share of
+/// the alerts and groups, and starts their services together.
+async fn partitions_run(
+    partitions: u32,
+    alerts: u32,
+    groups: u32,
+) -> anyhow::Result<PartitionsRun> {
+    let exe = std::env::current_exe().context("the bench binary's path")?;
+    let dir = tempfile::Builder::new()
+        .prefix("tocsin-bench-scale-")
+        .tempdir()
+        .context("temp dir")?;
+    let go = dir.path().join("go");
+    let mut children = Vec::new();
+    for p in 0..partitions {
+        children.push(spawn(
+            &exe,
+            p,
+            &go,
+            alerts / partitions,
+            groups / partitions,
+            dir.path(),
+        )?);
+    }
+    let work = async {
+        // Every pre-load in, then all start at once.
+        let mut outputs = Vec::new();
+        for (child, lines) in &mut children {
+            outputs.push(read_until_ready(child, lines).await?);
+        }
+        std::fs::write(&go, b"go").with_context(|| format!("cannot write {}", go.display()))?;
+        let mut each = Vec::new();
+        for ((child, lines), mut out) in children.iter_mut().zip(outputs) {
+            while let Some(line) = lines.next_line().await? {
+                out.push_str(&line);
+                out.push('\n');
+            }
+            let status = child.wait().await?;
+            if !status.success() {
+                bail!("a partition's `bench incidents` failed ({status}):\n{out}");
+            }
+            each.push(
+                decided(&out).with_context(|| format!("no `alerts decided` line in:\n{out}"))?,
+            );
+        }
+        anyhow::Ok(each)
+    };
+    let each = tokio::time::timeout(RUN_LIMIT, work)
+        .await
+        .with_context(|| format!("{partitions} partition(s) not done within {RUN_LIMIT:?}"))??;
+    let decided: u64 = each.iter().map(|(n, _)| n).sum();
+    let slowest = each.iter().map(|(_, s)| *s).fold(0.0, f64::max);
+    Ok(PartitionsRun {
+        rate: decided as f64 / slowest,
+        decided,
+        each,
+    })
+}
+
+type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+fn spawn(
+    exe: &Path,
+    partition: u32,
+    go: &Path,
+    alerts: u32,
+    groups: u32,
+    dir: &Path,
+) -> anyhow::Result<(Child, Lines)> {
+    let log = dir.join(format!("partition-{partition}.stderr"));
+    let mut child = Command::new(exe)
+        .args(["incidents", "--live-alerts", "0", "--receipts", "0"])
+        .args([
+            "--alerts",
+            &alerts.to_string(),
+            "--groups",
+            &groups.to_string(),
+        ])
+        .arg("--start-when")
+        .arg(go)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(
+            std::fs::File::create(&log)
+                .with_context(|| format!("cannot create {}", log.display()))?,
+        )
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    let stdout = child.stdout.take().context("the child's stdout")?;
+    Ok((child, BufReader::new(stdout).lines()))
+}
+
+/// Reads a partition's output until it says it is ready; what it printed.
+async fn read_until_ready(child: &mut Child, lines: &mut Lines) -> anyhow::Result<String> {
+    let mut out = String::new();
+    while let Some(line) = lines.next_line().await? {
+        let ready = line.starts_with(READY);
+        out.push_str(&line);
+        out.push('\n');
+        if ready {
+            return Ok(out);
+        }
+    }
+    let status = child.wait().await?;
+    bail!("a partition's `bench incidents` ended ({status}) before its pre-load was in:\n{out}")
+}
+
+/// `  service: N alerts decided in X.XXs: ...` -> (N, X).
+fn decided(out: &str) -> Option<(u64, f64)> {
+    out.lines().find_map(|line| {
+        let rest = line.trim_start().strip_prefix("service:")?.trim_start();
+        let (n, rest) = rest.split_once(" alerts decided in ")?;
+        let (secs, _) = rest.split_once('s')?;
+        Some((n.trim().parse().ok()?, secs.trim().parse().ok()?))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_decided_line_is_read() {
+        let out = "service: incidents alone, in-process\n  service: 10001 alerts decided in 2.50s: 4000 alerts/s\n";
+        assert_eq!(super::decided(out), Some((10_001, 2.5)));
+    }
+}
