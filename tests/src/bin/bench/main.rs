@@ -3873,15 +3873,14 @@ fn alerts_message(
     Ok((tocsin_proto::subjects::alert_batch_subject(kind), msg))
 }
 
-/// Polls the list query every 50ms until an incident matching `matchers`
-/// is listed, and returns it. Fails when the service stopped or `within`
-/// passed; says how far the service got every [`PROGRESS_EVERY`].
-/// Waits until an incident matching `matchers` is listed, asking only once
-/// the service has decided `decided_first` alerts: a list that matches
-/// nothing reads every incident, in memory and in the store, so asked
-/// every 50 ms during the run it took about half the service's CPU and
-/// held its projection's lock (the decided count is read from the
-/// service's metrics, in this process; every 2 s it asks all the same).
+/// Waits until an incident matching `matchers` is listed and returns it.
+/// Fails when the service stopped or `within` passed; says how far the
+/// service got every [`PROGRESS_EVERY`]. Looks every 50 ms, but asks the
+/// list query only once the service has decided `decided_first` alerts
+/// (read from its metrics, in this process) or 2 s after it last asked: a
+/// list that matches nothing reads every incident, in memory and in the
+/// store, and asked every 50 ms during the run it took about half the
+/// service's CPU and held its projection's lock.
 async fn wait_for_incident(
     client: &async_nats::Client,
     matchers: Vec<Matcher>,

@@ -62,11 +62,12 @@ pub async fn scale_out(quick: bool, reps: u32) -> anyhow::Result<Outcome> {
                     .join(", ")
             );
             rate.push(partitions == 2, run.rate);
-            if run.decided != u64::from(alerts) + u64::from(partitions) {
+            // Each partition's share and its sentinel.
+            let expected = u64::from(alerts / partitions + 1) * u64::from(partitions);
+            if run.decided != expected {
                 outcome.problems.push(format!(
-                    "scale-out, {partitions} partition(s): {} alerts decided, not {} (with a sentinel each)",
+                    "scale-out, {partitions} partition(s): {} alerts decided, not {expected} (with a sentinel each)",
                     run.decided,
-                    u64::from(alerts) + u64::from(partitions)
                 ));
             }
         }
@@ -111,7 +112,10 @@ async fn partitions_run(
         // Every pre-load in, then all start at once.
         let mut outputs = Vec::new();
         for (child, lines) in &mut children {
-            outputs.push(read_until_ready(child, lines).await?);
+            match read_until_ready(child, lines).await {
+                Ok(out) => outputs.push(out),
+                Err(e) => bail!("{e:#}{}", stderr_tail(dir.path())),
+            }
         }
         std::fs::write(&go, b"go").with_context(|| format!("cannot write {}", go.display()))?;
         let mut each = Vec::new();
@@ -122,7 +126,10 @@ async fn partitions_run(
             }
             let status = child.wait().await?;
             if !status.success() {
-                bail!("a partition's `bench incidents` failed ({status}):\n{out}");
+                bail!(
+                    "a partition's `bench incidents` failed ({status}):\n{out}{}",
+                    stderr_tail(dir.path())
+                );
             }
             each.push(
                 decided(&out).with_context(|| format!("no `alerts decided` line in:\n{out}"))?,
@@ -189,6 +196,27 @@ async fn read_until_ready(child: &mut Child, lines: &mut Lines) -> anyhow::Resul
     }
     let status = child.wait().await?;
     bail!("a partition's `bench incidents` ended ({status}) before its pre-load was in:\n{out}")
+}
+
+/// The last lines the partitions wrote to stderr, to show with a failure.
+fn stderr_tail(dir: &Path) -> String {
+    let mut out = String::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "stderr") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("\n{}:\n", path.display()));
+            for l in &lines[lines.len().saturating_sub(20)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 /// `  service: N alerts decided in X.XXs: ...` -> (N, X).
