@@ -287,7 +287,7 @@
 use std::{
     collections::HashMap,
     future::IntoFuture,
-    path::{Path, PathBuf},
+    path::Path,
     process::ExitCode,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -476,11 +476,11 @@ struct IncidentsArgs {
     /// alert ALERTS holds.
     #[arg(long)]
     nats_url: Option<String>,
-    /// After the pre-load, print `ready` and wait until this file exists
+    /// After the pre-load, print `ready:` and wait for a line on stdin
     /// before starting the service (`bench all`'s scale-out scenario starts
     /// its partitions together this way; at most ten minutes).
     #[arg(long)]
-    start_when: Option<PathBuf>,
+    start_on_stdin: bool,
 }
 
 #[derive(Args, Debug)]
@@ -1339,21 +1339,22 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// How long the live alerts may take to be decided after the last one.
 const DRAIN_LIMIT: Duration = Duration::from_secs(300);
 
-/// Says `ready` (one line on stdout) and waits until `go` exists.
-async fn wait_for_file(go: &Path) -> anyhow::Result<()> {
-    println!("{READY} waiting for {}", go.display());
+/// Says `ready:` (one line on stdout) and waits for a line on stdin.
+async fn wait_for_go() -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt as _;
+    println!("{READY} waiting for a line on stdin");
     std::io::Write::flush(&mut std::io::stdout())?;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while !go.exists() {
-        if Instant::now() > deadline {
-            bail!("{} did not appear within ten minutes", go.display());
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+    let mut line = String::new();
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    match tokio::time::timeout(Duration::from_secs(600), stdin.read_line(&mut line)).await {
+        Ok(Ok(n)) if n > 0 => Ok(()),
+        Ok(Ok(_)) => bail!("stdin ended before the line to start"),
+        Ok(Err(e)) => Err(e).context("cannot read stdin"),
+        Err(_) => bail!("no line on stdin within ten minutes"),
     }
-    Ok(())
 }
 
-/// What `bench incidents --start-when` prints once its pre-load is in.
+/// What `bench incidents --start-on-stdin` prints once its pre-load is in.
 pub const READY: &str = "ready:";
 
 async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
@@ -1508,8 +1509,8 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
         max_in_memory: args.max_in_memory.unwrap_or(defaults.max_in_memory),
         ..Default::default()
     };
-    if let Some(go) = &args.start_when {
-        wait_for_file(go).await?;
+    if args.start_on_stdin {
+        wait_for_go().await?;
     }
     let metrics = Metrics::new();
     let stop = CancellationToken::new();

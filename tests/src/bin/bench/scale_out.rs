@@ -16,7 +16,7 @@ use std::{path::Path, process::Stdio, time::Duration};
 
 use anyhow::{bail, Context as _};
 use tokio::{
-    io::{AsyncBufReadExt, BufReader},
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     process::{Child, Command},
 };
 
@@ -96,13 +96,11 @@ async fn partitions_run(
         .prefix("tocsin-bench-scale-")
         .tempdir()
         .context("temp dir")?;
-    let go = dir.path().join("go");
     let mut children = Vec::new();
     for p in 0..partitions {
         children.push(spawn(
             &exe,
             p,
-            &go,
             alerts / partitions,
             groups / partitions,
             dir.path(),
@@ -117,7 +115,11 @@ async fn partitions_run(
                 Err(e) => bail!("{e:#}{}", stderr_tail(dir.path())),
             }
         }
-        std::fs::write(&go, b"go").with_context(|| format!("cannot write {}", go.display()))?;
+        for (child, _) in &mut children {
+            let stdin = child.stdin.as_mut().context("a partition's stdin")?;
+            stdin.write_all(b"go\n").await?;
+            stdin.flush().await?;
+        }
         let mut each = Vec::new();
         for ((child, lines), mut out) in children.iter_mut().zip(outputs) {
             while let Some(line) = lines.next_line().await? {
@@ -154,7 +156,6 @@ type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
 fn spawn(
     exe: &Path,
     partition: u32,
-    go: &Path,
     alerts: u32,
     groups: u32,
     dir: &Path,
@@ -168,9 +169,8 @@ fn spawn(
             "--groups",
             &groups.to_string(),
         ])
-        .arg("--start-when")
-        .arg(go)
-        .stdin(Stdio::null())
+        .arg("--start-on-stdin")
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(
             std::fs::File::create(&log)
