@@ -50,9 +50,27 @@ pub struct ListIncidents {
     #[serde(default)]
     pub limit: Option<usize>,
     /// Only incidents numbered below this: the cursor of the next page
-    /// (the last number of the page before).
+    /// (the last number of the page before, or the `next_before` of an
+    /// answer that stopped early).
     #[serde(default)]
     pub before: Option<u64>,
+}
+
+impl ListIncidents {
+    /// After an answer that stopped at `next_before` (see
+    /// [`QueryReply::Incidents`]) with `have` of the `want` incidents
+    /// gathered so far: whether to ask again, and if so this query now asks
+    /// for the rest from where that answer stopped.
+    pub fn go_on(&mut self, want: usize, have: usize, next_before: Option<u64>) -> bool {
+        match next_before {
+            Some(before) if have < want => {
+                self.before = Some(before);
+                self.limit = Some(want - have);
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 /// An answer to any query.
@@ -60,9 +78,22 @@ pub struct ListIncidents {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum QueryReply {
     Incident(Box<IncidentDetail>),
-    Incidents { incidents: Vec<IncidentSummary> },
-    Silences { silences: Vec<Silence> },
-    Error { reason: String },
+    /// Newest first. `next_before`: the list stopped at this number
+    /// because it had read as many incidents out of the service's memory
+    /// as one answer may (`incidents.list_max_reads`) before the page was
+    /// full; those numbered below it were not looked at: ask again with
+    /// `before` set to it. None when the list went as far as it needed.
+    Incidents {
+        incidents: Vec<IncidentSummary>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next_before: Option<u64>,
+    },
+    Silences {
+        silences: Vec<Silence>,
+    },
+    Error {
+        reason: String,
+    },
 }
 
 // ---------------------------------------------------------------------------
@@ -297,6 +328,32 @@ pub struct Report {
 mod tests {
     use super::*;
     use crate::codec::{decode, encode};
+
+    #[test]
+    fn a_list_goes_on_from_where_an_answer_stopped_until_it_has_enough() {
+        let mut q = ListIncidents {
+            limit: Some(10),
+            ..Default::default()
+        };
+        assert!(q.go_on(10, 3, Some(40)), "stopped short: ask again");
+        assert_eq!((q.before, q.limit), (Some(40), Some(7)));
+        assert!(!q.go_on(10, 10, Some(20)), "enough");
+        assert!(!q.go_on(10, 4, None), "the list ended");
+        // An older answer without the field decodes as "went as far as it needed".
+        #[derive(Serialize)]
+        #[serde(tag = "result", rename_all = "snake_case")]
+        enum Old {
+            Incidents { incidents: Vec<IncidentSummary> },
+        }
+        let old = encode(&Old::Incidents { incidents: vec![] }).unwrap();
+        assert_eq!(
+            decode::<QueryReply>(&old).unwrap(),
+            QueryReply::Incidents {
+                incidents: vec![],
+                next_before: None
+            }
+        );
+    }
 
     #[test]
     fn escalation_queries_round_trip() {

@@ -193,7 +193,7 @@ async fn wait_for_sentinel(client: &async_nats::Client) {
     loop {
         let found = tokio::time::timeout(Duration::from_secs(2), async {
             match client.request(tocsin_proto::subjects::query::LIST_INCIDENTS, tocsin_proto::codec::encode(&q).unwrap().into()).await {
-                Ok(r) => matches!(tocsin_proto::codec::decode(&r.payload), Ok(tocsin_proto::query::QueryReply::Incidents { incidents }) if !incidents.is_empty()),
+                Ok(r) => matches!(tocsin_proto::codec::decode(&r.payload), Ok(tocsin_proto::query::QueryReply::Incidents { incidents, .. }) if !incidents.is_empty()),
                 Err(_) => false,
             }
         })

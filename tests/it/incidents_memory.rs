@@ -405,3 +405,104 @@ async fn commands_on_incidents_out_of_memory_are_answered_with_their_incident() 
     assert!(metric(&m, "tocsin_incidents_in_memory") <= 2.0, "{m}");
     tocsin.stop().await.unwrap();
 }
+
+/// A list reads at most `incidents.list_max_reads` incidents out of memory
+/// from the store, then answers with what it found and where it stopped
+/// (`next_before`): a filter that matches few of many stored incidents
+/// costs a bounded amount of work per query, and following the cursor
+/// still finds every match. Without the bound one query read every stored
+/// incident.
+#[tokio::test]
+async fn a_list_reads_a_bounded_number_of_stored_incidents_and_says_where_it_stopped() {
+    use tocsin_proto::{
+        query::QueryReply,
+        silence::{MatchOp, Matcher},
+        subjects::query,
+    };
+    use tocsin_tests::incidents::ask;
+
+    let nats = NatsServer::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let config = with_incidents(&nats, &data, "max_in_memory: 1\nlist_max_reads: 2\n");
+    let tocsin = TocsinHarness::start_with(config).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+    let group = ["alertname", "team"];
+    // #1 is the database team's; #2 to #6 the web team's. Only #6 stays in
+    // memory.
+    for k in 0..6i64 {
+        let name = format!("Alert{k}");
+        let team = if k == 0 { "db" } else { "web" };
+        let labels = [("alertname", name.as_str()), ("team", team)];
+        let t = t0 + SignedDuration::from_mins(k);
+        publish_alert(&js, alert(&labels, &group, AlertStatus::Firing, t), t).await;
+    }
+    tocsin.settled(&js).await;
+    let m = tocsin.metrics().await;
+    assert_eq!(metric(&m, "tocsin_incidents_open"), 6.0, "{m}");
+    assert_eq!(metric(&m, "tocsin_incidents_in_memory"), 1.0, "{m}");
+
+    // The reply as the bus carries it: the numbers, and where it stopped.
+    #[derive(serde::Deserialize)]
+    struct Page {
+        incidents: Vec<Numbered>,
+        #[serde(default)]
+        next_before: Option<u64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Numbered {
+        number: u64,
+    }
+    let page = |q: ListIncidents| {
+        let client = client.clone();
+        async move {
+            let p: Page = ask(&client, query::LIST_INCIDENTS, &q).await;
+            let numbers: Vec<u64> = p.incidents.iter().map(|i| i.number).collect();
+            (numbers, p.next_before)
+        }
+    };
+    let db = |before: Option<u64>| ListIncidents {
+        matchers: vec![Matcher {
+            name: "team".into(),
+            op: MatchOp::Eq,
+            value: "db".into(),
+        }],
+        before,
+        ..Default::default()
+    };
+    // #6 is looked at in memory, #5 and #4 read from the store: then the
+    // answer stops, having found nothing yet.
+    assert_eq!(page(db(None)).await, (vec![], Some(4)));
+    assert_eq!(page(db(Some(4))).await, (vec![], Some(2)));
+    assert_eq!(
+        page(db(Some(2))).await,
+        (vec![1], None),
+        "found, and nothing older"
+    );
+    // Unfiltered: as many as two reads allow, then the cursor.
+    let all = |before: Option<u64>| ListIncidents {
+        before,
+        ..Default::default()
+    };
+    assert_eq!(page(all(None)).await, (vec![6, 5, 4], Some(4)));
+    assert_eq!(page(all(Some(4))).await, (vec![3, 2], Some(2)));
+    assert_eq!(page(all(Some(2))).await, (vec![1], None));
+    // A page filled before the budget runs out needs no cursor: the caller
+    // goes on below its last number, as always.
+    let two = ListIncidents {
+        limit: Some(2),
+        ..Default::default()
+    };
+    assert_eq!(page(two).await, (vec![6, 5], None));
+    // The test kit's `list` follows the cursor: every incident.
+    let every = list(&client, ListIncidents::default()).await;
+    assert_eq!(
+        every.iter().map(|i| i.number).collect::<Vec<_>>(),
+        [6, 5, 4, 3, 2, 1]
+    );
+    // A reply the service's callers understand.
+    let r: QueryReply = ask(&client, query::LIST_INCIDENTS, &all(None)).await;
+    assert!(matches!(r, QueryReply::Incidents { .. }), "{r:?}");
+    tocsin.stop().await.unwrap();
+}

@@ -222,11 +222,25 @@ pub async fn ask<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
     codec::decode(&resp.payload).expect("query reply decodes")
 }
 
-/// Every incident (most recent first).
-pub async fn list(client: &Client, q: ListIncidents) -> Vec<IncidentSummary> {
-    match ask::<_, QueryReply>(client, query::LIST_INCIDENTS, &q).await {
-        QueryReply::Incidents { incidents } => incidents,
-        other => panic!("unexpected answer {other:?}"),
+/// Every incident the query selects, up to its limit (most recent first),
+/// following the service's cursor when an answer stops short (it reads at
+/// most `incidents.list_max_reads` incidents from its store per answer).
+pub async fn list(client: &Client, mut q: ListIncidents) -> Vec<IncidentSummary> {
+    let limit = q.limit.unwrap_or(100);
+    let mut out = Vec::new();
+    loop {
+        match ask::<_, QueryReply>(client, query::LIST_INCIDENTS, &q).await {
+            QueryReply::Incidents {
+                incidents,
+                next_before,
+            } => {
+                out.extend(incidents);
+                if !q.go_on(limit, out.len(), next_before) {
+                    return out;
+                }
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
     }
 }
 
@@ -266,8 +280,8 @@ pub async fn wait_for<F: Fn(&[IncidentSummary]) -> bool>(
             .ok()
             .and_then(|r| codec::decode::<QueryReply>(&r.payload).ok());
         match answer {
-            Some(QueryReply::Incidents { incidents }) if done(&incidents) => Ok(incidents),
-            Some(QueryReply::Incidents { incidents }) => Err(incidents),
+            Some(QueryReply::Incidents { incidents, .. }) if done(&incidents) => Ok(incidents),
+            Some(QueryReply::Incidents { incidents, .. }) => Err(incidents),
             // No answer yet: the service may still be starting.
             _ => Err(Vec::new()),
         }

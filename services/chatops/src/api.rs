@@ -187,17 +187,21 @@ pub(crate) async fn list_incidents(
             limit: Some(limit + 1),
             before,
         };
-        let mut list = ops::list_incidents(&app, &q)
+        let (mut list, stopped) = ops::list_page(&app, &q)
             .await
             .map_err(bus_error)?
             .map_err(bad)?;
         let more = list.len() > limit;
         list.truncate(limit);
+        // More below the last one; or the service read as many stored
+        // incidents as one answer may before the page was full (it may
+        // even be empty): go on from where it stopped.
         let next = if more {
-            list.last().map(|i| i.number.to_string())
+            list.last().map(|i| i.number)
         } else {
-            None
-        };
+            stopped
+        }
+        .map(|n| n.to_string());
         Ok::<_, Response>(ok(json!({"incidents": list, "next_cursor": next})))
     }
     .await;

@@ -64,16 +64,49 @@ pub(crate) async fn get_incident(
     }
 }
 
+/// Up to `q.limit` incidents, newest first. Each answer of the incidents
+/// service reads a bounded number of incidents from its store and may stop
+/// early with a cursor (`next_before`); this asks again from there, at most
+/// [`LIST_FOLLOWS`] times in all, so a chat command never makes the service
+/// read more than that many bounded answers' worth.
 pub(crate) async fn list_incidents(
     app: &App,
     q: &ListIncidents,
 ) -> Result<Result<Vec<IncidentSummary>, String>, ChatopsError> {
+    let limit = q.limit.unwrap_or(100);
+    let mut q = q.clone();
+    let mut out = Vec::new();
+    for _ in 0..LIST_FOLLOWS {
+        let (page, next) = match list_page(app, &q).await? {
+            Ok(p) => p,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        out.extend(page);
+        if !q.go_on(limit, out.len(), next) {
+            break;
+        }
+    }
+    Ok(Ok(out))
+}
+
+/// Answers [`list_incidents`] asks for at most.
+const LIST_FOLLOWS: usize = 16;
+
+/// One answer to a list query: incidents newest first, and where the
+/// service stopped reading if it stopped before the page was full.
+pub(crate) async fn list_page(
+    app: &App,
+    q: &ListIncidents,
+) -> Result<Result<(Vec<IncidentSummary>, Option<u64>), String>, ChatopsError> {
     match app
         .bus
         .query::<_, QueryReply>(query::LIST_INCIDENTS, q)
         .await?
     {
-        QueryReply::Incidents { incidents } => Ok(Ok(incidents)),
+        QueryReply::Incidents {
+            incidents,
+            next_before,
+        } => Ok(Ok((incidents, next_before))),
         QueryReply::Error { reason } => Ok(Err(reason)),
         _ => Err(ChatopsError::Bus(
             "unexpected answer to a list query".into(),

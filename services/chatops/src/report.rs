@@ -228,7 +228,7 @@ pub(crate) async fn build(app: &App, since_seconds: u64) -> ReportReply {
             before,
             ..Default::default()
         };
-        let page = match ops::list_incidents(app, &q).await {
+        let (page, stopped) = match ops::list_page(app, &q).await {
             Ok(Ok(p)) => p,
             Ok(Err(reason)) => return ReportReply::Error { reason },
             Err(e) => {
@@ -253,10 +253,14 @@ pub(crate) async fn build(app: &App, since_seconds: u64) -> ReportReply {
                 }
             }
         }
-        if truncated || page.len() < 1000 {
-            break;
-        }
-        before = last;
+        // A full page goes on below its last incident; one the service
+        // cut short (a bounded read of its store) from where it stopped.
+        before = match stopped {
+            _ if truncated => break,
+            Some(n) => Some(n),
+            None if page.len() < 1000 => break,
+            None => last,
+        };
     }
     ReportReply::Report(Box::new(compute(
         &details,

@@ -77,6 +77,14 @@ pub struct IncidentsConfig {
     /// service's memory in an alert storm that opens many incidents. At
     /// least 1. Default 10000.
     pub max_in_memory: usize,
+    /// Incidents out of memory one list query may read from the store
+    /// (`tocsin list`, the chat-ops API and commands). A list whose page is
+    /// not full by then answers with what it found and where it stopped
+    /// (`next_before`; the API's `next_cursor`), and the caller asks again
+    /// from there: a filter that matches few of many stored incidents costs
+    /// a bounded read per answer, not one read of every incident. At least
+    /// 1. Default 1000.
+    pub list_max_reads: usize,
 }
 
 /// Bounds of `max_entry_bytes`: room for an incident with its alert, and
@@ -104,6 +112,7 @@ impl Default for IncidentsConfig {
             stalled_after: HumanDuration::secs(30),
             lease_ttl: HumanDuration::secs(5),
             max_in_memory: 10_000,
+            list_max_reads: 1000,
         }
     }
 }

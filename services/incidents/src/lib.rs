@@ -109,6 +109,11 @@ pub fn compile(config: &IncidentsConfig) -> Result<core::CoreConfig, IncidentsEr
             "max_in_memory is 0; use at least 1 (default 10000)".into(),
         ));
     }
+    if config.list_max_reads == 0 {
+        return Err(IncidentsError::Config(
+            "list_max_reads is 0; use at least 1 (default 1000)".into(),
+        ));
+    }
     if config.max_annotations == 0 {
         return Err(IncidentsError::Config(
             "max_annotations is 0; use at least 1 (default 64)".into(),
@@ -201,6 +206,7 @@ async fn run_active(
         svc.proj.clone(),
         svc.durable.clone(),
         svc.store.clone(),
+        config.list_max_reads,
         shutdown.clone(),
     )));
     let result = svc.run(shutdown, ctx.watermark.clone()).await;

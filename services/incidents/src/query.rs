@@ -40,37 +40,38 @@ pub(crate) async fn serve(
     proj: Shared,
     durable: crate::service::Durable,
     store: Store,
+    list_max_reads: usize,
     shutdown: CancellationToken,
 ) {
     queries
         .serve(shutdown, |subject, payload| {
             let (js, proj, store, durable) = (&js, &proj, &store, &durable);
             async move {
-                // Answers show only what is stored: not while a batch of
-                // alerts is folded in ahead of JetStream's acknowledgement.
-                let _stored = durable.read().await;
                 let answer = match subject.as_str() {
                     query::GET_INCIDENT => match codec::decode::<GetIncident>(&payload) {
-                        Ok(q) => get(js, proj, store, q).await,
+                        Ok(q) => get(js, proj, durable, store, q).await,
                         Err(e) => QueryReply::Error {
                             reason: format!("bad query: {e}"),
                         },
                     },
                     query::LIST_INCIDENTS => match codec::decode::<ListIncidents>(&payload) {
-                        Ok(q) => list(proj, store, q),
+                        Ok(q) => list(proj, durable, store, list_max_reads, q).await,
                         Err(e) => QueryReply::Error {
                             reason: format!("bad query: {e}"),
                         },
                     },
-                    _ => QueryReply::Silences {
-                        silences: proj
-                            .read()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .silences
-                            .list()
-                            .cloned()
-                            .collect(),
-                    },
+                    _ => {
+                        let _stored = durable.read().await;
+                        QueryReply::Silences {
+                            silences: proj
+                                .read()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .silences
+                                .list()
+                                .cloned()
+                                .collect(),
+                        }
+                    }
                 };
                 codec::encode(&answer).map_err(|e| e.to_string())
             }
@@ -78,8 +79,20 @@ pub(crate) async fn serve(
         .await
 }
 
-async fn get(js: &jetstream::Context, proj: &Shared, store: &Store, q: GetIncident) -> QueryReply {
+/// Answers show only what is stored, never a batch folded in ahead of
+/// JetStream's acknowledgement: what is in memory is looked at while no
+/// batch is ahead (`durable`), and that lock is let go before anything is
+/// read from the store or the stream, so a slow read never holds up the
+/// service's next batch.
+async fn get(
+    js: &jetstream::Context,
+    proj: &Shared,
+    durable: &crate::service::Durable,
+    store: &Store,
+    q: GetIncident,
+) -> QueryReply {
     let found = {
+        let _stored = durable.read().await;
         let p = proj.read().unwrap_or_else(|e| e.into_inner());
         match p.id_of(&q.incident) {
             Some(id) => match p.in_memory(&id) {
@@ -192,8 +205,17 @@ pub(crate) async fn replay_incident(
 /// Incidents newest first. Those in memory are filtered under the lock;
 /// those that left memory (resolved long ago, or beyond
 /// `incidents.max_in_memory`) are read from the store after it, only as
-/// far as the page needs.
-fn list(proj: &Shared, store: &Store, q: ListIncidents) -> QueryReply {
+/// far as the page needs and at most `max_reads` of them: a filter that
+/// matches few of many stored incidents would otherwise read every one of
+/// them for one answer. Where the reads ran out before the page was full,
+/// the answer says where it stopped (`next_before`).
+async fn list(
+    proj: &Shared,
+    durable: &crate::service::Durable,
+    store: &Store,
+    max_reads: usize,
+    q: ListIncidents,
+) -> QueryReply {
     let matchers = match MatcherSet::new(&q.matchers) {
         Ok(m) => m,
         Err(e) => return QueryReply::Error { reason: e },
@@ -206,37 +228,53 @@ fn list(proj: &Shared, store: &Store, q: ListIncidents) -> QueryReply {
             && matchers.matches(&s.labels)
     };
     let want_cold = q.status.is_empty() || q.status.contains(&IncidentStatus::Resolved);
-    // Newest first: an incident in memory (already filtered) or the id of
-    // one to read from the store.
-    let candidates: Vec<Result<IncidentSummary, uuid::Uuid>> = {
+    // Newest first: an incident in memory (already filtered) or the number
+    // and id of one to read from the store; and whether the walk stopped
+    // at `max_reads` of those with older numbers left.
+    let (candidates, cut) = {
+        let _stored = durable.read().await;
         let p = proj.read().unwrap_or_else(|e| e.into_inner());
-        let mut out = Vec::new();
-        let mut found = 0;
+        let mut out: Vec<Result<IncidentSummary, (u64, uuid::Uuid)>> = Vec::new();
+        let (mut found, mut to_read, mut cut) = (0, 0, false);
         let upper = q.before.unwrap_or(u64::MAX);
-        for (_, id) in p.by_number.range(..upper).rev() {
+        for (number, id) in p.by_number.range(..upper).rev() {
+            if found >= limit {
+                break;
+            }
+            if to_read == max_reads {
+                cut = true;
+                break;
+            }
             match p.incidents.get(id) {
                 Some(i) if keep(&i.summary) => {
                     out.push(Ok(i.summary.clone()));
                     found += 1;
-                    if found >= limit {
-                        break;
-                    }
                 }
                 Some(_) => {}
-                None if want_cold || p.cold_open.contains(id) => out.push(Err(*id)),
+                None if want_cold || p.cold_open.contains(id) => {
+                    out.push(Err((*number, *id)));
+                    to_read += 1;
+                }
                 None => {}
             }
         }
-        out
+        (out, cut)
     };
+    // Read without holding up the service: the store holds saved, so
+    // stored, states only.
     let mut incidents = Vec::new();
+    let mut lowest = None;
     for c in candidates {
         if incidents.len() >= limit {
             break;
         }
         match c {
-            Ok(s) => incidents.push(s),
-            Err(id) => {
+            Ok(s) => {
+                lowest = Some(s.number);
+                incidents.push(s);
+            }
+            Err((number, id)) => {
+                lowest = Some(number);
                 if let Ok(Some(st)) = store.incident(&id) {
                     if keep(&st.summary) {
                         incidents.push(st.summary);
@@ -245,5 +283,10 @@ fn list(proj: &Shared, store: &Store, q: ListIncidents) -> QueryReply {
             }
         }
     }
-    QueryReply::Incidents { incidents }
+    // Every number from the top down to `lowest` was looked at.
+    let next_before = (cut && incidents.len() < limit).then_some(lowest).flatten();
+    QueryReply::Incidents {
+        incidents,
+        next_before,
+    }
 }

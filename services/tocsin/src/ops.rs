@@ -286,7 +286,7 @@ pub async fn list(
     style: &Style,
 ) -> anyhow::Result<String> {
     let client = connect(config).await?;
-    let q = ListIncidents {
+    let mut q = ListIncidents {
         status: if all {
             vec![]
         } else {
@@ -295,11 +295,23 @@ pub async fn list(
         limit: Some(limit),
         ..Default::default()
     };
-    let QueryReply::Incidents { incidents } =
-        ask(config, &client, query::LIST_INCIDENTS, &q).await?
-    else {
-        bail!("unexpected answer to a list query");
-    };
+    // One answer reads a bounded number of incidents from the service's
+    // store and may stop short with where it stopped: ask again from there
+    // until the page is full or the list ends.
+    let mut incidents = Vec::new();
+    loop {
+        let QueryReply::Incidents {
+            incidents: page,
+            next_before,
+        } = ask(config, &client, query::LIST_INCIDENTS, &q).await?
+        else {
+            bail!("unexpected answer to a list query");
+        };
+        incidents.extend(page);
+        if !q.go_on(limit, incidents.len(), next_before) {
+            break;
+        }
+    }
     if style.json {
         let list: Vec<_> = incidents.iter().map(incident_json).collect();
         return to_json(&serde_json::json!({ "incidents": list }));

@@ -374,8 +374,8 @@ async fn incidents_until(
             .ok()
             .and_then(|r| codec::decode::<QueryReply>(&r.payload).ok());
         match answer {
-            Some(QueryReply::Incidents { incidents }) if done(&incidents) => Ok(incidents),
-            Some(QueryReply::Incidents { incidents }) => Err(incidents),
+            Some(QueryReply::Incidents { incidents, .. }) if done(&incidents) => Ok(incidents),
+            Some(QueryReply::Incidents { incidents, .. }) => Err(incidents),
             _ => Err(Vec::new()),
         }
     })

@@ -3879,9 +3879,9 @@ fn alerts_message(
 /// service got every [`PROGRESS_EVERY`]. Looks every 50 ms, but asks the
 /// list query only once the service has decided `decided_first` alerts
 /// (read from its metrics, in this process) or 2 s after it last asked: a
-/// list that matches nothing reads every incident, in memory and in the
-/// store, and asked every 50 ms during the run it took about half the
-/// service's CPU and held its projection's lock.
+/// list that matches nothing read every incident, in memory and in the
+/// store (before `incidents.list_max_reads`), and asked every 50 ms during
+/// the run it took about half the service's CPU and held up its batches.
 async fn wait_for_incident(
     client: &async_nats::Client,
     matchers: Vec<Matcher>,
@@ -3917,7 +3917,7 @@ async fn wait_for_incident(
             None
         };
         if let Some(Ok(reply)) = answer {
-            if let Ok(QueryReply::Incidents { incidents }) = codec::decode(&reply.payload) {
+            if let Ok(QueryReply::Incidents { incidents, .. }) = codec::decode(&reply.payload) {
                 if let Some(found) = incidents.into_iter().next() {
                     return Ok(found);
                 }

@@ -668,14 +668,20 @@ async fn open_incidents(client: &async_nats::Client, prefix: &str) -> anyhow::Re
         )
         .await
         .context("the list query was not answered within 10s")??;
-        let incidents = match codec::decode(&reply.payload)? {
-            QueryReply::Incidents { incidents } => incidents,
+        let (incidents, stopped) = match codec::decode(&reply.payload)? {
+            QueryReply::Incidents {
+                incidents,
+                next_before,
+            } => (incidents, next_before),
             other => bail!("the list query answered {other:?}"),
         };
-        let Some(last) = incidents.last() else {
-            return Ok(out);
+        // Below the last one, or where the service stopped reading its
+        // store (a page it cut short, even an empty one).
+        before = match (stopped, incidents.last()) {
+            (Some(n), _) => Some(n),
+            (None, Some(last)) => Some(last.number),
+            (None, None) => return Ok(out),
         };
-        before = Some(last.number);
         out.extend(
             incidents
                 .iter()
