@@ -481,6 +481,13 @@ struct IncidentsArgs {
     /// its partitions together this way; at most ten minutes).
     #[arg(long)]
     start_on_stdin: bool,
+    /// During the throughput phase, also ask for a list of incidents every
+    /// this many milliseconds, with a filter that matches none of them (the
+    /// most a list can read: every incident is looked at), as an operator's
+    /// dashboard might while a storm is decided; prints how long the
+    /// answers took. 0: no queries.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    list_every: u64,
 }
 
 #[derive(Args, Debug)]
@@ -1544,6 +1551,14 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
             anyhow::Ok(())
         })
     };
+    let list_stop = CancellationToken::new();
+    let lister = (args.list_every > 0).then(|| {
+        tokio::spawn(list_nothing(
+            client.clone(),
+            Duration::from_millis(args.list_every),
+            list_stop.clone(),
+        ))
+    });
     let sentinel = wait_for_incident(
         &client,
         gen.matchers(SENTINEL),
@@ -1554,6 +1569,11 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
     )
     .await?;
     let elapsed = started.elapsed();
+    list_stop.cancel();
+    let listed = match lister {
+        Some(task) => Some(task.await.context("the list task")?),
+        None => None,
+    };
     let incidents_after1 = stream_state(&js, STREAM_INCIDENTS).await?;
     let written1 = incidents_after1
         .messages
@@ -1591,6 +1611,16 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
     );
     println!("  entries by kind: {}", describe_samples(&events1));
     println!("  inputs by outcome: {}", describe_samples(&inputs1));
+    if let Some((answered, unanswered)) = listed {
+        println!(
+            "  lists matching nothing, one every {} ms meanwhile (--list-every): {} answered in p50 {} p99 {} max {}, {unanswered} not answered within 10s",
+            args.list_every,
+            answered.len(),
+            ms(percentile(&answered, 0.50)),
+            ms(percentile(&answered, 0.99)),
+            ms(answered.iter().max().copied()),
+        );
+    }
     println!();
 
     // Phase 2: live alerts at a steady rate, each timed to its first entry.
@@ -3824,6 +3854,48 @@ impl IncidentGen {
                 value: value.into(),
             })
             .collect()
+    }
+}
+
+/// Asks for a list of incidents that matches none (every incident is
+/// looked at) every `every` until `stop`; the answers' times, and how many
+/// were not answered within 10 s. One query at a time: a slow answer
+/// delays the next.
+async fn list_nothing(
+    client: async_nats::Client,
+    every: Duration,
+    stop: CancellationToken,
+) -> (Vec<Duration>, usize) {
+    let q = ListIncidents {
+        matchers: vec![Matcher {
+            name: "bench_matches_nothing".into(),
+            op: MatchOp::Eq,
+            value: "x".into(),
+        }],
+        ..Default::default()
+    };
+    let Ok(payload) = codec::encode(&q) else {
+        return (Vec::new(), 0);
+    };
+    let payload = Bytes::from(payload);
+    let (mut answered, mut unanswered) = (Vec::new(), 0);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return (answered, unanswered),
+            _ = tick.tick() => {}
+        }
+        let asked = Instant::now();
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            client.request(query::LIST_INCIDENTS, payload.clone()),
+        )
+        .await
+        {
+            Ok(Ok(_)) => answered.push(asked.elapsed()),
+            _ => unanswered += 1,
+        }
     }
 }
 
