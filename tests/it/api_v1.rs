@@ -72,9 +72,17 @@ impl Api {
 }
 
 async fn start() -> (NatsServer, FakeProviders, TocsinHarness, Api) {
+    start_with(|_| {}).await
+}
+
+/// [`start`] with `edit` applied to the config first.
+async fn start_with(
+    edit: impl FnOnce(&mut tocsin::config::Config),
+) -> (NatsServer, FakeProviders, TocsinHarness, Api) {
     let nats = NatsServer::start().await;
     let fakes = FakeProviders::start().await;
     let mut config = TocsinHarness::config(&nats);
+    edit(&mut config);
     config.escalation = serde_yaml_ng::from_str(ESCALATION).unwrap();
     let mut c = chatops::config(&fakes);
     c.status = serde_yaml_ng::from_str(
@@ -554,4 +562,81 @@ async fn status_json_shows_an_open_critical_incident_on_its_component_until_reso
     assert_eq!(recent.len(), 1);
     assert_eq!(recent[0]["status"], "resolved");
     assert!(recent[0]["resolved_at"].is_string());
+}
+
+/// The incidents service reads at most `incidents.list_max_reads` stored
+/// incidents per answer: a page it cut short, even an empty one, still
+/// hands out a `next_cursor`, and following it finds what is older.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_cut_short_by_the_services_read_bound_still_has_a_cursor() {
+    let (nats, _fakes, tocsin, api) = start_with(|config| {
+        config.incidents =
+            serde_yaml_ng::from_str("max_in_memory: 1\nlist_max_reads: 1\n").unwrap();
+    })
+    .await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+    for (k, (name, service)) in [
+        ("DiskFull", "db"),
+        ("HighLatency", "api"),
+        ("QueueBacklog", "billing"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        open(
+            &js,
+            name,
+            service,
+            "critical",
+            t0 + jiff::SignedDuration::from_mins(k as i64),
+        )
+        .await;
+    }
+    tocsin.settled(&js).await;
+    let numbers = |j: &Value| -> Vec<u64> {
+        j["incidents"]
+            .as_array()
+            .unwrap_or_else(|| panic!("a page: {j}"))
+            .iter()
+            .map(|i| i["number"].as_u64().unwrap())
+            .collect()
+    };
+    // One of the three is in memory (whichever changed last), the others
+    // in the store, and one answer may read one of those: the first page
+    // stops before it reaches #1, empty, with a cursor; following the
+    // cursors finds #1 and ends.
+    let path = "/api/v1/incidents?matcher=service%3D%22db%22";
+    let (s, j) = api.get(path).await;
+    assert_eq!(s, 200, "{j}");
+    assert_eq!(numbers(&j), Vec::<u64>::new(), "{j}");
+    let mut cursor = j["next_cursor"].as_str().map(str::to_string);
+    assert!(cursor.is_some(), "a page cut short has a cursor: {j}");
+    let mut found = Vec::new();
+    let mut pages = 1;
+    while let Some(c) = cursor {
+        assert!(
+            pages <= 3,
+            "three incidents, one read an answer: at most three pages"
+        );
+        let (s, j) = api.get(&format!("{path}&cursor={c}")).await;
+        assert_eq!(s, 200, "{j}");
+        found.extend(numbers(&j));
+        cursor = j["next_cursor"].as_str().map(str::to_string);
+        pages += 1;
+    }
+    assert_eq!(found, [1]);
+    // The chat-ops status page follows the cursor by itself: the database
+    // component shows its open critical incident.
+    let (s, j) = api.call(Method::GET, "/status.json", None, None).await;
+    assert_eq!(s, 200, "{j}");
+    let db = j["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "Database")
+        .unwrap_or_else(|| panic!("{j}"));
+    assert_eq!(db["state"], "major_outage", "{j}");
+    tocsin.stop().await.unwrap();
 }

@@ -1611,9 +1611,10 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
     );
     println!("  entries by kind: {}", describe_samples(&events1));
     println!("  inputs by outcome: {}", describe_samples(&inputs1));
-    if let Some((answered, unanswered)) = listed {
+    if let Some((mut answered, unanswered)) = listed {
+        answered.sort();
         println!(
-            "  lists matching nothing, one every {} ms meanwhile (--list-every): {} answered in p50 {} p99 {} max {}, {unanswered} not answered within 10s",
+            "  lists matching nothing, one every {} ms meanwhile (--list-every): {} answered in p50 {} p99 {} max {}, {unanswered} not answered (no responder yet as the service starts, or not within 10 s)",
             args.list_every,
             answered.len(),
             ms(percentile(&answered, 0.50)),
@@ -3859,8 +3860,8 @@ impl IncidentGen {
 
 /// Asks for a list of incidents that matches none (every incident is
 /// looked at) every `every` until `stop`; the answers' times, and how many
-/// were not answered within 10 s. One query at a time: a slow answer
-/// delays the next.
+/// were not answered (no responder yet, as the service starts, or not
+/// within 10 s). One query at a time: a slow answer delays the next.
 async fn list_nothing(
     client: async_nats::Client,
     every: Duration,
