@@ -129,12 +129,9 @@ async fn open(
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_endpoint_with_auth_validation_and_pagination() {
-    let (nats, _fakes, tocsin, api) = start().await;
-    let client = nats.client().await;
-    let js = async_nats::jetstream::new(client.clone());
-    let t0 = tocsin.clock_now();
+/// Critical incidents #1 (DiskFull, db), #2 (HighLatency, api) and #3
+/// (QueueBacklog, billing), a second apart from `t0`.
+async fn open_three(js: &async_nats::jetstream::Context, t0: jiff::Timestamp) {
     for (k, (name, service)) in [
         ("DiskFull", "db"),
         ("HighLatency", "api"),
@@ -144,7 +141,7 @@ async fn every_endpoint_with_auth_validation_and_pagination() {
     .enumerate()
     {
         open(
-            &js,
+            js,
             name,
             service,
             "critical",
@@ -152,6 +149,15 @@ async fn every_endpoint_with_auth_validation_and_pagination() {
         )
         .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_with_auth_validation_and_pagination() {
+    let (nats, _fakes, tocsin, api) = start().await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+    open_three(&js, t0).await;
     wait_for(&client, "three incidents", |l| l.len() == 3).await;
 
     // --- Authentication.
@@ -577,23 +583,7 @@ async fn a_page_cut_short_by_the_services_read_bound_still_has_a_cursor() {
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
     let t0 = tocsin.clock_now();
-    for (k, (name, service)) in [
-        ("DiskFull", "db"),
-        ("HighLatency", "api"),
-        ("QueueBacklog", "billing"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        open(
-            &js,
-            name,
-            service,
-            "critical",
-            t0 + jiff::SignedDuration::from_mins(k as i64),
-        )
-        .await;
-    }
+    open_three(&js, t0).await;
     tocsin.settled(&js).await;
     let numbers = |j: &Value| -> Vec<u64> {
         j["incidents"]

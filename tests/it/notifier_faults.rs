@@ -188,19 +188,24 @@ async fn a_provider_that_never_recovers_is_given_up_on_and_a_slow_one_times_out(
     // The timed-out request was retried and the page posted once.
     assert_eq!(fakes.slack_posts().len(), 1);
     assert_eq!(replica.count("slack", "sent"), 1);
-    // The receipt for the given-up page is on the bus for the timeline.
-    let receipts = tocsin_tests::bus::read_commands(&js).await;
-    let gave_up = receipts
-        .iter()
-        .find_map(|m| match &m.envelope.body.action {
-            tocsin_proto::command::Action::Delivery { delivery, .. }
-                if delivery.outcome == DeliveryOutcome::GaveUp =>
-            {
-                Some(delivery.clone())
-            }
-            _ => None,
-        })
-        .expect("a gave_up receipt");
+    // The receipt for the given-up page is on the bus for the timeline. It
+    // follows the outcome's count (receipts within 10 ms of each other go
+    // in one message), so it is waited for.
+    let gave_up = tocsin_tests::eventually("a gave_up receipt on COMMANDS", || async {
+        let receipts = tocsin_tests::bus::read_commands(&js).await;
+        receipts
+            .iter()
+            .find_map(|m| match &m.envelope.body.action {
+                tocsin_proto::command::Action::Delivery { delivery, .. }
+                    if delivery.outcome == DeliveryOutcome::GaveUp =>
+                {
+                    Some(delivery.clone())
+                }
+                _ => None,
+            })
+            .ok_or(receipts.len())
+    })
+    .await;
     assert!(gave_up.attempts >= 2, "{gave_up:?}");
     assert!(gave_up.detail.contains("HTTP 503"), "{}", gave_up.detail);
     replica.stop().await;
