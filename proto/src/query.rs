@@ -57,6 +57,26 @@ pub struct ListIncidents {
 }
 
 impl ListIncidents {
+    /// How many incidents one answer holds at most: `limit`, 100 when
+    /// unset, never more than 1,000.
+    pub fn wanted(&self) -> usize {
+        self.limit.unwrap_or(100).min(1000)
+    }
+
+    /// Walking a whole list page by page: after an answer with `page` that
+    /// stopped at `next_before`, whether there is more, and if so this query
+    /// now asks for the next page (from where the answer stopped, or below
+    /// the last incident of a full page).
+    pub fn walk_on(&mut self, page: &[IncidentSummary], next_before: Option<u64>) -> bool {
+        let next = next_before.or_else(|| {
+            (page.len() >= self.wanted())
+                .then(|| page.last().map(|i| i.number))
+                .flatten()
+        });
+        self.before = next;
+        next.is_some()
+    }
+
     /// After an answer that stopped at `next_before` (see
     /// [`QueryReply::Incidents`]) with `have` of the `want` incidents
     /// gathered so far: whether to ask again, and if so this query now asks
@@ -339,6 +359,23 @@ mod tests {
         assert_eq!((q.before, q.limit), (Some(40), Some(7)));
         assert!(!q.go_on(10, 10, Some(20)), "enough");
         assert!(!q.go_on(10, 4, None), "the list ended");
+        let at: Timestamp = "2026-03-02T07:50:00Z".parse().unwrap();
+        let numbered = |n: u64| IncidentSummary::new(uuid::Uuid::nil(), n, "k", "t", at);
+        let mut walk = ListIncidents {
+            limit: Some(2),
+            ..Default::default()
+        };
+        assert!(
+            walk.walk_on(&[numbered(9), numbered(8)], None),
+            "a full page"
+        );
+        assert_eq!(walk.before, Some(8));
+        assert!(walk.walk_on(&[], Some(5)), "cut short, even empty");
+        assert_eq!(walk.before, Some(5));
+        assert!(
+            !walk.walk_on(&[numbered(3)], None),
+            "a short page is the last"
+        );
         // An older answer without the field decodes as "went as far as it needed".
         #[derive(Serialize)]
         #[serde(tag = "result", rename_all = "snake_case")]

@@ -226,7 +226,7 @@ pub async fn ask<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
 /// following the service's cursor when an answer stops short (it reads at
 /// most `incidents.list_max_reads` incidents from its store per answer).
 pub async fn list(client: &Client, mut q: ListIncidents) -> Vec<IncidentSummary> {
-    let limit = q.limit.unwrap_or(100);
+    let limit = q.wanted();
     let mut out = Vec::new();
     loop {
         match ask::<_, QueryReply>(client, query::LIST_INCIDENTS, &q).await {

@@ -73,7 +73,7 @@ pub(crate) async fn list_incidents(
     app: &App,
     q: &ListIncidents,
 ) -> Result<Result<Vec<IncidentSummary>, String>, ChatopsError> {
-    let limit = q.limit.unwrap_or(100);
+    let limit = q.wanted();
     let mut q = q.clone();
     let mut out = Vec::new();
     for _ in 0..LIST_FOLLOWS {

@@ -219,15 +219,13 @@ pub(crate) async fn build(app: &App, since_seconds: u64) -> ReportReply {
     };
     let max = app.cfg.report.max_incidents;
     let mut details = Vec::new();
-    let mut before = None;
     let mut truncated = false;
+    let mut q = ListIncidents {
+        since: Some(since),
+        limit: Some(1000),
+        ..Default::default()
+    };
     loop {
-        let q = ListIncidents {
-            since: Some(since),
-            limit: Some(1000),
-            before,
-            ..Default::default()
-        };
         let (page, stopped) = match ops::list_page(app, &q).await {
             Ok(Ok(p)) => p,
             Ok(Err(reason)) => return ReportReply::Error { reason },
@@ -237,7 +235,6 @@ pub(crate) async fn build(app: &App, since_seconds: u64) -> ReportReply {
                 }
             }
         };
-        let last = page.last().map(|i| i.number);
         for i in &page {
             if details.len() >= max {
                 truncated = true;
@@ -253,14 +250,9 @@ pub(crate) async fn build(app: &App, since_seconds: u64) -> ReportReply {
                 }
             }
         }
-        // A full page goes on below its last incident; one the service
-        // cut short (a bounded read of its store) from where it stopped.
-        before = match stopped {
-            _ if truncated => break,
-            Some(n) => Some(n),
-            None if page.len() < 1000 => break,
-            None => last,
-        };
+        if truncated || !q.walk_on(&page, stopped) {
+            break;
+        }
     }
     ReportReply::Report(Box::new(compute(
         &details,

@@ -220,7 +220,7 @@ async fn list(
         Ok(m) => m,
         Err(e) => return QueryReply::Error { reason: e },
     };
-    let limit = q.limit.unwrap_or(100).min(1000);
+    let limit = q.wanted();
     let keep = |s: &IncidentSummary| {
         (q.status.is_empty() || q.status.contains(&s.status))
             && q.min_severity.is_none_or(|m| s.severity >= m)

@@ -654,14 +654,12 @@ async fn wait_quiet(
 /// whose label starts with `prefix`, listed a page of 500 at a time.
 async fn open_incidents(client: &async_nats::Client, prefix: &str) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
-    let mut before = None;
+    let mut q = ListIncidents {
+        status: vec![IncidentStatus::Triggered, IncidentStatus::Acknowledged],
+        limit: Some(500),
+        ..Default::default()
+    };
     loop {
-        let q = ListIncidents {
-            status: vec![IncidentStatus::Triggered, IncidentStatus::Acknowledged],
-            limit: Some(500),
-            before,
-            ..Default::default()
-        };
         let reply = tokio::time::timeout(
             Duration::from_secs(10),
             client.request(query::LIST_INCIDENTS, Bytes::from(codec::encode(&q)?)),
@@ -675,13 +673,6 @@ async fn open_incidents(client: &async_nats::Client, prefix: &str) -> anyhow::Re
             } => (incidents, next_before),
             other => bail!("the list query answered {other:?}"),
         };
-        // Below the last one, or where the service stopped reading its
-        // store (a page it cut short, even an empty one).
-        before = match (stopped, incidents.last()) {
-            (Some(n), _) => Some(n),
-            (None, Some(last)) => Some(last.number),
-            (None, None) => return Ok(out),
-        };
         out.extend(
             incidents
                 .iter()
@@ -689,5 +680,8 @@ async fn open_incidents(client: &async_nats::Client, prefix: &str) -> anyhow::Re
                 .filter(|id| id.starts_with(prefix))
                 .cloned(),
         );
+        if !q.walk_on(&incidents, stopped) {
+            return Ok(out);
+        }
     }
 }
