@@ -1,7 +1,7 @@
 //! The escalation loop: follow INCIDENTS, fire due steps on the clock,
 //! publish pages (NOTIFY) and timeline records (COMMANDS), save.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{collections::HashSet, path::Path, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
@@ -22,13 +22,31 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     events::{EscalationEvent, EscalationMetrics},
     plan::Planner,
-    store::Store,
+    store::{self, Store},
     track::{Effect, Key, Tracks},
     EscalationError,
 };
 
 /// Due steps fired (and their messages pipelined) at a time.
-const FIRE_CHUNK: usize = 128;
+const FIRE_CHUNK: usize = 1024;
+/// Most threads reading a chunk's tracks from the store at once.
+const READ_THREADS: usize = 4;
+/// Chunks fired between lettings go of the tracks at hand (about 1.5 KiB
+/// each), so a long burst holds a bounded number.
+const RELEASE_EVERY: usize = 4;
+
+/// A chunk's messages sent, their acks not yet awaited
+/// ([`Service::send_all`], [`Service::finish`]).
+struct InFlight {
+    /// The chunk's due steps, saved once every message is acknowledged.
+    keys: Vec<Key>,
+    effects: Vec<Effect>,
+    /// Each message's effects (places in `effects`) and its ack.
+    pending: Vec<(Vec<usize>, jetstream::context::PublishAckFuture)>,
+    /// Effects whose message could not be sent: sent again one at a time.
+    retry: Vec<usize>,
+    now: Timestamp,
+}
 
 /// Why [`Service::drain`] stopped short.
 enum DrainError {
@@ -104,9 +122,22 @@ impl Service {
     /// about that many of them again (a backlog of receipts, which change
     /// no track, made a restart read 150,000 entries again: 5 s).
     fn save(&mut self, changed: &[Key]) {
+        self.save_then(changed, true);
+    }
+
+    /// Saves like [`Service::save`] but keeps the tracks at hand: some of
+    /// them are fired and not yet saved (the next chunk of a burst, whose
+    /// acks are not all in).
+    fn save_keeping(&mut self, changed: &[Key]) {
+        self.save_then(changed, false);
+    }
+
+    fn save_then(&mut self, changed: &[Key], release: bool) {
         self.unsaved.extend_from_slice(changed);
         if self.unsaved.is_empty() {
-            self.tracks.release();
+            if release {
+                self.tracks.release();
+            }
             if self.seq.saturating_sub(self.saved_seq) < SAVE_EVERY as u64 {
                 return;
             }
@@ -120,7 +151,9 @@ impl Service {
             Ok(()) => {
                 self.unsaved.clear();
                 self.saved_seq = self.seq;
-                self.tracks.release();
+                if release {
+                    self.tracks.release();
+                }
             }
             Err(e) => EscalationEvent::SaveFailed {
                 error: &e.to_string(),
@@ -145,6 +178,49 @@ impl Service {
                     EscalationError::Store(format!("cannot read the tracks of {incident}: {e}"))
                 })?;
             self.tracks.load(incident, stored);
+        }
+        Ok(())
+    }
+
+    /// Puts the stored tracks of every one of `incidents` at hand (none of
+    /// them is yet), read side by side on up to [`READ_THREADS`] of the
+    /// runtime's blocking threads ([`store::parts`]; the same few threads
+    /// through a burst, so the allocator's per-thread arenas stay few).
+    async fn fetch_many(&mut self, incidents: &[uuid::Uuid]) -> Result<(), EscalationError> {
+        if incidents.is_empty() {
+            return Ok(());
+        }
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(READ_THREADS);
+        let _busy = self.watchdog.busy("reading tracks from the local store");
+        let mut parts = store::parts(incidents, threads);
+        let reads: Vec<_> = if parts.len() == 1 {
+            vec![Ok(self.store.tracks_of_each(&parts.remove(0)))]
+        } else {
+            let handles: Vec<_> = parts
+                .into_iter()
+                .map(|part| {
+                    let store = self.store.clone();
+                    tokio::task::spawn_blocking(move || store.tracks_of_each(&part))
+                })
+                .collect();
+            futures::future::join_all(handles).await
+        };
+        for read in reads {
+            let stored = match read {
+                Ok(stored) => stored
+                    .map_err(|e| EscalationError::Store(format!("cannot read tracks: {e}")))?,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => {
+                    return Err(EscalationError::Store(format!(
+                        "reading tracks stopped: {e}"
+                    )))
+                }
+            };
+            for (incident, tracks) in stored {
+                self.tracks.load(incident, tracks);
+            }
         }
         Ok(())
     }
@@ -315,17 +391,34 @@ impl Service {
         let now = self.clock.now();
         let mut drained_at = std::time::Instant::now();
         // Steps are fired a chunk at a time: the chunk's messages are all
-        // sent before any ack is awaited (each ack waits for an fsync), then
-        // the chunk's tracks are saved. A crash in between fires them again
-        // with the same ids. The chunk stays far below async-nats's 5,000
-        // in-flight publishes, which ingest shares in `tocsin up`.
+        // sent, then the next chunk is read from the store and fired while
+        // their acks come in (each waits for an fsync); once they are in,
+        // the chunk's tracks are saved. A crash before that fires them
+        // again with the same ids. Two chunks' messages stay far below
+        // async-nats's 5,000 in-flight publishes, which ingest shares in
+        // `tocsin up`.
         let mut after = None;
+        let mut on_its_way: Option<InFlight> = None;
+        let mut since_release = 0usize;
         loop {
             // A long burst takes seconds: take in acknowledgements that came
             // meanwhile, so a step is not fired for an incident acknowledged
             // after the burst began. (A step they make due at once, such as
-            // an escalate-now, fires on the loop's next turn.)
-            if drained_at.elapsed() > Duration::from_millis(250) {
+            // an escalate-now, fires on the loop's next turn.) Every few
+            // chunks the tracks at hand are let go, so a long burst holds a
+            // bounded number. Both first finish the chunk on its way: an
+            // entry applied, or tracks let go, must find its tracks saved.
+            let drain = drained_at.elapsed() > Duration::from_millis(250);
+            if drain || since_release >= RELEASE_EVERY {
+                if let Some(mut sent) = on_its_way.take() {
+                    if !self.finish(&mut sent, shutdown).await {
+                        return Ok(false);
+                    }
+                    self.save(&sent.keys);
+                }
+                since_release = 0;
+            }
+            if drain {
                 let drained = self.drain(msgs).await;
                 self.drained(drained, "a burst")?;
                 drained_at = std::time::Instant::now();
@@ -335,9 +428,14 @@ impl Service {
             if chunk.is_empty() {
                 break;
             }
+            let missing: Vec<uuid::Uuid> = chunk
+                .iter()
+                .map(|k| k.0)
+                .filter(|id| !self.tracks.is_loaded(*id))
+                .collect();
+            self.fetch_many(&missing).await?;
             let mut effects = Vec::new();
             for key in &chunk {
-                self.fetch(key.0)?;
                 let due = self.tracks.map.get(key).and_then(|t| t.due());
                 effects.extend(self.tracks.fire(&self.planner, key, now));
                 if let Some(d) = due {
@@ -350,72 +448,109 @@ impl Service {
                     .emit(&self.metrics);
                 }
             }
-            if !self.publish_all(&effects, now, shutdown).await {
-                return Ok(false);
+            let sent = self.send_all(chunk, effects, now).await;
+            if let Some(mut before) = on_its_way.replace(sent) {
+                if !self.finish(&mut before, shutdown).await {
+                    return Ok(false);
+                }
+                // The chunk just sent is at hand, fired but not saved: it
+                // must stay so until its own acks are in. A step of both
+                // (fired again at once, a level with no delay) is saved
+                // with the later one.
+                let later: HashSet<&Key> = on_its_way.iter().flat_map(|s| &s.keys).collect();
+                let keys: Vec<Key> = before
+                    .keys
+                    .into_iter()
+                    .filter(|k| !later.contains(k))
+                    .collect();
+                self.unsaved.retain(|k| !later.contains(k));
+                self.save_keeping(&keys);
             }
-            self.save(&chunk);
+            since_release += 1;
             match next {
                 Some(c) => after = Some(c),
                 None => break,
             }
         }
+        if let Some(mut sent) = on_its_way.take() {
+            if !self.finish(&mut sent, shutdown).await {
+                return Ok(false);
+            }
+            self.save(&sent.keys);
+        }
         Ok(true)
     }
 
-    /// Sends every effect, then awaits the acks; any that failed is sent
-    /// again on its own until it succeeds (or the service stops). The pages
-    /// of a channel and the timeline records of an action go together, as
-    /// few messages as fit ([`batches`]): a burst costs one synced write per
-    /// message, not one per page and record.
-    async fn publish_all(
-        &self,
-        effects: &[Effect],
-        now: Timestamp,
-        shutdown: &CancellationToken,
-    ) -> bool {
+    /// Sends every effect of a chunk without awaiting the acks
+    /// ([`Service::finish`] does). The pages of a channel and the timeline
+    /// records of an action go together, as few messages as fit
+    /// ([`batches`]): a burst costs one synced write per message, not one
+    /// per page and record.
+    async fn send_all(&self, keys: Vec<Key>, effects: Vec<Effect>, now: Timestamp) -> InFlight {
         let mut pending = Vec::with_capacity(effects.len());
         let mut retry = Vec::new();
-        let (records, mut pages): (Vec<&Effect>, Vec<&Effect>) =
-            effects.iter().partition(|e| matches!(e, Effect::Record(_)));
+        let (records, mut pages): (Vec<usize>, Vec<usize>) =
+            (0..effects.len()).partition(|i| matches!(effects[*i], Effect::Record(_)));
         // A channel's pages together (each channel has its own consumer),
         // channels in the order they first come, pages in theirs.
         let mut first: Vec<String> = Vec::new();
-        pages.sort_by_cached_key(|e| {
-            let subject = e.subject();
+        pages.sort_by_cached_key(|i| {
+            let subject = effects[*i].subject();
             first.iter().position(|s| *s == subject).unwrap_or_else(|| {
                 first.push(subject);
                 first.len() - 1
             })
         });
-        for batch in batches(&pages).into_iter().chain(batches(&records)) {
-            let sent = match batch.as_slice() {
-                [one] => self.send(one, now).await,
-                several => self.send_batch(several, now).await,
-            };
-            match sent {
-                Some(ack) => pending.push((batch, ack)),
-                None => retry.extend(batch),
+        for order in [pages, records] {
+            let refs: Vec<&Effect> = order.iter().map(|i| &effects[*i]).collect();
+            // A message's effects are consecutive ones of `order`.
+            let mut at = 0;
+            for batch in batches(&refs) {
+                let which = order[at..at + batch.len()].to_vec();
+                at += batch.len();
+                let sent = match batch.as_slice() {
+                    [one] => self.send(one, now).await,
+                    several => self.send_batch(several, now).await,
+                };
+                match sent {
+                    Some(ack) => pending.push((which, ack)),
+                    None => retry.extend(which),
+                }
             }
         }
-        for (sent, ack) in pending {
+        InFlight {
+            keys,
+            effects,
+            pending,
+            retry,
+            now,
+        }
+    }
+
+    /// Awaits the acks of what [`Service::send_all`] sent; any effect whose
+    /// message failed is sent again on its own until it succeeds. False if
+    /// the service stopped first.
+    async fn finish(&self, sent: &mut InFlight, shutdown: &CancellationToken) -> bool {
+        let mut retry = std::mem::take(&mut sent.retry);
+        for (which, ack) in std::mem::take(&mut sent.pending) {
             match ack.await {
                 Ok(ack) => {
-                    for effect in sent {
-                        self.count(effect, ack.duplicate);
+                    for i in &which {
+                        self.count(&sent.effects[*i], ack.duplicate);
                     }
                 }
                 Err(e) => {
                     EscalationEvent::PublishFailed {
-                        subject: &sent[0].subject(),
+                        subject: &sent.effects[which[0]].subject(),
                         error: &e.to_string(),
                     }
                     .emit(&self.metrics);
-                    retry.extend(sent);
+                    retry.extend(which);
                 }
             }
         }
-        for effect in retry {
-            if !self.publish(effect, now, shutdown).await {
+        for i in retry {
+            if !self.publish(&sent.effects[i], sent.now, shutdown).await {
                 return false;
             }
         }

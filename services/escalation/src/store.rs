@@ -46,6 +46,23 @@ fn decode(v: &[u8]) -> Result<Track, StoreError> {
 /// from the operating system's page cache when sled's misses.
 const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
+/// Fewer reads than this each are not worth another thread ([`parts`]).
+const MIN_READS_PER_THREAD: usize = 64;
+
+/// `incidents` (each once, in key order) cut into runs of neighbouring
+/// keys, at most `threads` of them, for reading side by side: a burst of
+/// due steps reads the tracks of thousands of incidents, and a read that
+/// misses sled's page cache spends its time decoding a node, which the
+/// other reads need not wait for.
+pub fn parts(incidents: &[Uuid], threads: usize) -> Vec<Vec<Uuid>> {
+    let mut ids = incidents.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let threads = threads.min(ids.len().div_ceil(MIN_READS_PER_THREAD)).max(1);
+    let per = ids.len().div_ceil(threads).max(1);
+    ids.chunks(per).map(<[Uuid]>::to_vec).collect()
+}
+
 impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let db = sled::Config::new()
@@ -88,6 +105,17 @@ impl Store {
             .collect()
     }
 
+    /// The stored tracks of each of `incidents`, in their order.
+    pub fn tracks_of_each(
+        &self,
+        incidents: &[Uuid],
+    ) -> Result<Vec<(Uuid, Vec<Track>)>, StoreError> {
+        incidents
+            .iter()
+            .map(|id| Ok((*id, self.tracks_of(*id)?)))
+            .collect()
+    }
+
     /// Saves the given tracks (removed ones are deleted) with the cursor.
     pub fn save(
         &self,
@@ -114,5 +142,82 @@ impl Store {
         if let Err(e) = self.db.flush_async().await {
             tracing::warn!(error = %e, "cannot flush the escalation store");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use jiff::Timestamp;
+    use tocsin_proto::incident::IncidentSummary;
+
+    use super::*;
+
+    fn track(n: u128, policy: &str) -> Track {
+        Track {
+            incident: IncidentSummary::new(
+                Uuid::from_u128(n),
+                n as u64,
+                format!("k{n}"),
+                format!("incident {n}"),
+                Timestamp::UNIX_EPOCH,
+            ),
+            policy: policy.into(),
+            level: 1,
+            repeat: 0,
+            next_at: Some(Timestamp::UNIX_EPOCH),
+            pending: Vec::new(),
+            fired: None,
+            renotify_at: None,
+            renotified: 0,
+            generation: 0,
+            held_from: None,
+            cause: None,
+        }
+    }
+
+    #[test]
+    fn incidents_read_in_parts_are_each_read_once_with_every_stored_track() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut tracks = Tracks::default();
+        let mut keys = Vec::new();
+        // 500 incidents, every third under two policies, and one with none.
+        for n in 1..=500u128 {
+            for policy in ["default", "db"].iter().take(1 + usize::from(n % 3 == 0)) {
+                let t = track(n, policy);
+                let key = (t.incident.id, t.policy.clone());
+                tracks.map.insert(key.clone(), t);
+                keys.push(key);
+            }
+        }
+        store.save(&tracks, &keys, 7).unwrap();
+
+        let mut wanted: Vec<Uuid> = (1..=501u128).rev().map(Uuid::from_u128).collect();
+        wanted.push(Uuid::from_u128(3)); // twice: read once
+        for (threads, expected) in [(1, 1), (2, 2), (4, 4), (64, 8)] {
+            let cut = parts(&wanted, threads);
+            assert_eq!(cut.len(), expected, "{threads} threads");
+            let ids: Vec<Uuid> = cut.concat();
+            let mut sorted: Vec<Uuid> = (1..=501u128).map(Uuid::from_u128).collect();
+            sorted.sort_unstable();
+            assert_eq!(
+                ids, sorted,
+                "{threads} threads: each incident once, in key order"
+            );
+            let mut total = 0;
+            for part in &cut {
+                for (id, got) in store.tracks_of_each(part).unwrap() {
+                    assert_eq!(got, store.tracks_of(id).unwrap(), "{threads} threads, {id}");
+                    total += got.len();
+                }
+            }
+            assert_eq!(total, keys.len(), "{threads} threads: every stored track");
+        }
+        assert_eq!(
+            parts(&wanted[..10], 4).len(),
+            1,
+            "a few reads stay together"
+        );
+        assert!(parts(&[], 4).iter().all(Vec::is_empty));
     }
 }
