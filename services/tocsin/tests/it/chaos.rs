@@ -888,8 +888,25 @@ async fn scenario(test: &str, mut bus: Bus) {
     }
     tocsin_tests::notifier::settled(&js, settle_limit()).await;
 
-    // The record.
-    let log = read_raw(&js, STREAM_INCIDENTS).await;
+    // The record. An alert stored just before a kill (of incidents, or of
+    // the NATS node it read from) may be decided after everything above
+    // settled: the incidents service reads ALERTS again from its saved
+    // cursor. So the record is read until every alert answered 2xx is in
+    // it, or the settle limit passes (then the count below says how many
+    // never came).
+    let log = match eventually_within(settle_limit(), || async {
+        let log = read_raw(&js, STREAM_INCIDENTS).await;
+        let decided = alerts_in(&log);
+        if sent.answered.iter().all(|a| decided.contains(a)) {
+            Ok(log)
+        } else {
+            Err(log)
+        }
+    })
+    .await
+    {
+        Ok(log) | Err(log) => log,
+    };
     let mut incident_of: BTreeMap<String, BTreeSet<uuid::Uuid>> = BTreeMap::new();
     let mut groups: BTreeMap<String, BTreeSet<uuid::Uuid>> = BTreeMap::new();
     let mut msg_ids = BTreeSet::new();
@@ -1110,4 +1127,21 @@ async fn chaos_on_a_three_node_nats_cluster_with_a_node_killed() {
         Bus::Cluster(NatsCluster::start().await),
     )
     .await;
+}
+
+/// The alerts (their `instance` label) that opened or joined an incident in
+/// an INCIDENTS record.
+fn alerts_in(log: &[crate::support::Raw]) -> BTreeSet<String> {
+    log.iter()
+        .filter_map(|r| decode_envelope::<LogEntry>(&r.payload).ok())
+        .filter_map(|env| match env.body {
+            LogEntry::Incident(e) => match e.kind {
+                EventKind::Opened { alert } | EventKind::AlertFiring { alert } => {
+                    alert.labels.get("instance").cloned()
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
 }
