@@ -182,11 +182,16 @@ impl Service {
         Ok(())
     }
 
-    /// Puts the stored tracks of every one of `incidents` at hand (none of
-    /// them is yet), read side by side on up to [`READ_THREADS`] of the
+    /// [`Service::fetch`] for many incidents: those whose tracks are not at
+    /// hand are read side by side on up to [`READ_THREADS`] of the
     /// runtime's blocking threads ([`store::parts`]; the same few threads
     /// through a burst, so the allocator's per-thread arenas stay few).
     async fn fetch_many(&mut self, incidents: &[uuid::Uuid]) -> Result<(), EscalationError> {
+        let incidents: Vec<uuid::Uuid> = incidents
+            .iter()
+            .copied()
+            .filter(|id| !self.tracks.is_loaded(*id))
+            .collect();
         if incidents.is_empty() {
             return Ok(());
         }
@@ -194,7 +199,7 @@ impl Service {
             .map_or(1, |n| n.get())
             .min(READ_THREADS);
         let _busy = self.watchdog.busy("reading tracks from the local store");
-        let mut parts = store::parts(incidents, threads);
+        let mut parts = store::parts(&incidents, threads);
         let reads: Vec<_> = if parts.len() == 1 {
             vec![Ok(self.store.tracks_of_each(&parts.remove(0)))]
         } else {
@@ -410,11 +415,8 @@ impl Service {
             // entry applied, or tracks let go, must find its tracks saved.
             let drain = drained_at.elapsed() > Duration::from_millis(250);
             if drain || since_release >= RELEASE_EVERY {
-                if let Some(mut sent) = on_its_way.take() {
-                    if !self.finish(&mut sent, shutdown).await {
-                        return Ok(false);
-                    }
-                    self.save(&sent.keys);
+                if !self.land(on_its_way.take(), shutdown).await {
+                    return Ok(false);
                 }
                 since_release = 0;
             }
@@ -428,12 +430,8 @@ impl Service {
             if chunk.is_empty() {
                 break;
             }
-            let missing: Vec<uuid::Uuid> = chunk
-                .iter()
-                .map(|k| k.0)
-                .filter(|id| !self.tracks.is_loaded(*id))
-                .collect();
-            self.fetch_many(&missing).await?;
+            let incidents: Vec<uuid::Uuid> = chunk.iter().map(|k| k.0).collect();
+            self.fetch_many(&incidents).await?;
             let mut effects = Vec::new();
             for key in &chunk {
                 let due = self.tracks.map.get(key).and_then(|t| t.due());
@@ -472,13 +470,20 @@ impl Service {
                 None => break,
             }
         }
-        if let Some(mut sent) = on_its_way.take() {
-            if !self.finish(&mut sent, shutdown).await {
-                return Ok(false);
-            }
-            self.save(&sent.keys);
+        Ok(self.land(on_its_way, shutdown).await)
+    }
+
+    /// Finishes the chunk on its way, if any, saves its tracks and lets
+    /// the tracks at hand go. False if the service stopped first.
+    async fn land(&mut self, on_its_way: Option<InFlight>, shutdown: &CancellationToken) -> bool {
+        let Some(mut sent) = on_its_way else {
+            return true;
+        };
+        if !self.finish(&mut sent, shutdown).await {
+            return false;
         }
-        Ok(true)
+        self.save(&sent.keys);
+        true
     }
 
     /// Sends every effect of a chunk without awaiting the acks

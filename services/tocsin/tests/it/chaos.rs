@@ -896,8 +896,8 @@ async fn scenario(test: &str, mut bus: Bus) {
     // never came).
     let log = match eventually_within(settle_limit(), || async {
         let log = read_raw(&js, STREAM_INCIDENTS).await;
-        let decided = alerts_in(&log);
-        if sent.answered.iter().all(|a| decided.contains(a)) {
+        let decided = incidents_by_label(&log, "instance");
+        if sent.answered.iter().all(|a| decided.contains_key(a)) {
             Ok(log)
         } else {
             Err(log)
@@ -907,32 +907,11 @@ async fn scenario(test: &str, mut bus: Bus) {
     {
         Ok(log) | Err(log) => log,
     };
-    let mut incident_of: BTreeMap<String, BTreeSet<uuid::Uuid>> = BTreeMap::new();
-    let mut groups: BTreeMap<String, BTreeSet<uuid::Uuid>> = BTreeMap::new();
+    // Each alert's incidents (by its `instance`), each group's (`service`).
+    let incident_of = incidents_by_label(&log, "instance");
+    let groups = incidents_by_label(&log, "service");
     let mut msg_ids = BTreeSet::new();
-    let mut entries_twice = 0;
-    for r in &log {
-        if !msg_ids.insert(r.msg_id.clone()) {
-            entries_twice += 1;
-        }
-        let Ok(env) = decode_envelope::<LogEntry>(&r.payload) else {
-            continue;
-        };
-        let LogEntry::Incident(e) = env.body else {
-            continue;
-        };
-        if let EventKind::Opened { alert } | EventKind::AlertFiring { alert } = &e.kind {
-            if let Some(i) = alert.labels.get("instance") {
-                incident_of
-                    .entry(i.clone())
-                    .or_default()
-                    .insert(e.incident.id);
-            }
-            if let Some(s) = alert.labels.get("service") {
-                groups.entry(s.clone()).or_default().insert(e.incident.id);
-            }
-        }
-    }
+    let entries_twice = log.iter().filter(|r| !msg_ids.insert(&r.msg_id)).count();
     let in_none = sent
         .answered
         .iter()
@@ -1129,19 +1108,26 @@ async fn chaos_on_a_three_node_nats_cluster_with_a_node_killed() {
     .await;
 }
 
-/// The alerts (their `instance` label) that opened or joined an incident in
-/// an INCIDENTS record.
-fn alerts_in(log: &[crate::support::Raw]) -> BTreeSet<String> {
-    log.iter()
-        .filter_map(|r| decode_envelope::<LogEntry>(&r.payload).ok())
-        .filter_map(|env| match env.body {
-            LogEntry::Incident(e) => match e.kind {
-                EventKind::Opened { alert } | EventKind::AlertFiring { alert } => {
-                    alert.labels.get("instance").cloned()
-                }
-                _ => None,
-            },
-            _ => None,
-        })
-        .collect()
+/// For each value of `label` on an alert that opened or joined an incident
+/// in an INCIDENTS record, the incidents it went to.
+fn incidents_by_label(
+    log: &[crate::support::Raw],
+    label: &str,
+) -> BTreeMap<String, BTreeSet<uuid::Uuid>> {
+    let mut out: BTreeMap<String, BTreeSet<uuid::Uuid>> = BTreeMap::new();
+    for r in log {
+        let Ok(tocsin_proto::Envelope {
+            body: LogEntry::Incident(e),
+            ..
+        }) = decode_envelope::<LogEntry>(&r.payload)
+        else {
+            continue;
+        };
+        if let EventKind::Opened { alert } | EventKind::AlertFiring { alert } = &e.kind {
+            if let Some(v) = alert.labels.get(label) {
+                out.entry(v.clone()).or_default().insert(e.incident.id);
+            }
+        }
+    }
+    out
 }
