@@ -31,7 +31,7 @@ use tocsin_runtime::{
     streams::{ensure_streams, JetStreamConfig},
     CancellationToken,
 };
-use tocsin_tests::{bus, NatsServer};
+use tocsin_tests::{bus, faults::NatsProxy, NatsServer};
 
 const N: u32 = 2_500;
 
@@ -556,6 +556,101 @@ async fn a_burst_of_due_steps_sends_its_pages_and_timeline_records_together() {
         messages <= (BURST / 64) as u64,
         "{messages} messages on COMMANDS for {BURST} records"
     );
+}
+
+/// A chunk of fired steps is saved only once NOTIFY stored its pages. The
+/// service reaches NATS through a proxy that swallows its publishes to
+/// NOTIFY once the first level has paged: the second level's pages are
+/// written and never stored or acknowledged, while their timeline records
+/// reach COMMANDS. When every record of the burst is there (both of its
+/// chunks fired, the first one's acks long overdue) the service is
+/// killed, and restarted straight on the server: every second-level page
+/// comes then. A service that saved a chunk as fired before its pages were
+/// acknowledged would have lost them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_whose_pages_were_never_stored_fire_after_a_crash() {
+    const BURST: u32 = 1_500;
+    tocsin_tests::init_logs();
+    let nats = NatsServer::start().await;
+    let js = streams_on(&nats).await;
+    for i in 0..BURST {
+        publish_opened(&js, i).await;
+    }
+    let proxy = NatsProxy::start(nats.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let progress = Progress::new();
+    let clock = Arc::new(ManualClock::new(t0()));
+    let (service, conn) = start(
+        &proxy.url_for(&nats.url()),
+        dir.path(),
+        clock.clone(),
+        &progress,
+    )
+    .await;
+    wait_for("the first level's pages", || async {
+        distinct_pages(&js).await >= BURST as usize
+    })
+    .await;
+
+    proxy.swallow(&["tocsin.notify."]);
+    clock.set(t0() + SignedDuration::from_mins(5));
+    wait_for("the second level's timeline records", || async {
+        level_records(&js, 1).await >= BURST as usize
+    })
+    .await;
+    assert!(proxy.swallowed() > 0, "the second level's pages were sent");
+    assert_eq!(distinct_pages(&js).await, BURST as usize, "none stored");
+    service.abort();
+    let _ = service.await;
+    drop(conn);
+
+    let (service, _conn) = start(&nats.url(), dir.path(), clock.clone(), &progress).await;
+    wait_for("the second level's pages after the restart", || async {
+        distinct_pages(&js).await >= 2 * BURST as usize
+    })
+    .await;
+    service.abort();
+    let pages: BTreeSet<(u32, u32)> = bus::read_pages(&js)
+        .await
+        .iter()
+        .map(|p| {
+            let p = &p.envelope.body;
+            ((p.incident.number - 1) as u32, p.level)
+        })
+        .collect();
+    let want: BTreeSet<(u32, u32)> = (0..BURST).flat_map(|i| [(i, 0), (i, 1)]).collect();
+    assert_eq!(pages, want, "each incident paged at levels 0 and 1");
+}
+
+/// Polls `done` every 50 ms for up to a minute; panics naming `what` if it
+/// never holds.
+async fn wait_for<F, Fut>(what: &str, done: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..1200 {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what} never came");
+}
+
+/// Incidents with a `paged` timeline record of `level` on COMMANDS.
+async fn level_records(js: &jetstream::Context, level: u32) -> usize {
+    bus::read_commands(js)
+        .await
+        .into_iter()
+        .filter_map(|r| match r.envelope.body.action {
+            tocsin_proto::command::Action::Paged {
+                incident, level: l, ..
+            } if l == level => Some(incident.to_string()),
+            _ => None,
+        })
+        .collect::<BTreeSet<_>>()
+        .len()
 }
 
 /// Distinct pages on NOTIFY (a page fired again after a kill may be there

@@ -26,6 +26,9 @@
 //!   chat-ops config aimed at the fakes.
 //! - [`remediation`]: a config with runbooks in a temp folder, a recording
 //!   program, the demo target, and reading runbook steps off a timeline.
+//! - [`faults`]: [`faults::NatsProxy`], a proxy in front of a test
+//!   nats-server that can swallow a client's publishes to some subjects
+//!   (written, never stored, never acknowledged).
 //! - [`smtp`]: [`smtp::SmtpSink`], a real SMTP server (aiosmtpd) per test,
 //!   with the messages it received parsed into [`smtp::Mail`].
 
@@ -33,6 +36,7 @@ pub mod bus;
 pub mod chatops;
 pub mod escalation;
 pub mod fakes;
+pub mod faults;
 pub mod http;
 pub mod incidents;
 pub mod nats;
