@@ -12,9 +12,10 @@ use async_nats::jetstream;
 use jiff::{SignedDuration, Timestamp};
 use tocsin_incidents::{clock::ManualClock, core::Projection, IncidentsConfig};
 use tocsin_proto::{
+    incident::{IncidentSummary, LogEntry},
     query::ListIncidents,
     silence::{MatchOp, Matcher},
-    subjects::{STREAM_ALERTS, STREAM_DEADLETTER},
+    subjects::{STREAM_ALERTS, STREAM_DEADLETTER, STREAM_INCIDENTS},
     Alert, AlertStatus,
 };
 use tocsin_runtime::{
@@ -26,6 +27,7 @@ use tocsin_runtime::{
 };
 use tocsin_tests::{
     bus,
+    faults::NatsProxy,
     incidents::{alert, list, log, try_publish_alerts},
     NatsServer,
 };
@@ -219,26 +221,24 @@ fn fold(entries: &[(String, tocsin_proto::incident::LogEntry)]) -> Projection {
     p
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crashes_and_a_nats_restart_change_nothing() {
-    tocsin_tests::init_logs();
-    let input = inputs();
-
-    // Reference: one uninterrupted run.
-    let nats_a = NatsServer::start().await;
-    let client_a = nats_a.client().await;
-    let js_a = jetstream::new(client_a.clone());
-    ensure_streams(&js_a, &JetStreamConfig::default())
+/// The log and the incidents of one uninterrupted run over `input`.
+async fn uninterrupted(
+    input: Vec<(Alert, Timestamp)>,
+) -> (Vec<(String, LogEntry)>, Vec<IncidentSummary>) {
+    let nats = NatsServer::start().await;
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    ensure_streams(&js, &JetStreamConfig::default())
         .await
         .unwrap();
-    let dir_a = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
     let started = std::time::Instant::now();
-    publish_all(&js_a, input.clone()).await;
-    let (svc, stop, _) = start(&nats_a.url(), dir_a.path()).await;
-    wait_for_sentinel(&client_a).await;
-    let reference = log(&js_a).await;
+    publish_all(&js, input).await;
+    let (svc, stop, _) = start(&nats.url(), dir.path()).await;
+    wait_for_sentinel(&client).await;
+    let reference = log(&js).await;
     let reference_list = list(
-        &client_a,
+        &client,
         ListIncidents {
             limit: Some(1000),
             ..Default::default()
@@ -248,11 +248,11 @@ async fn crashes_and_a_nats_restart_change_nothing() {
     stop.cancel();
     svc.await.unwrap();
     assert!(
-        bus::count(&js_a, STREAM_ALERTS).await < N as u64 * 3 / 4,
+        bus::count(&js, STREAM_ALERTS).await < N as u64 * 3 / 4,
         "many messages hold several alerts"
     );
     assert_eq!(
-        bus::count(&js_a, STREAM_DEADLETTER).await,
+        bus::count(&js, STREAM_DEADLETTER).await,
         0,
         "every alert was decided, none dead-lettered"
     );
@@ -261,6 +261,15 @@ async fn crashes_and_a_nats_restart_change_nothing() {
         reference.len(),
         started.elapsed()
     );
+    (reference, reference_list)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_and_a_nats_restart_change_nothing() {
+    tocsin_tests::init_logs();
+    let input = inputs();
+
+    let (reference, reference_list) = uninterrupted(input.clone()).await;
 
     // The same input while the service is killed again and again.
     let mut nats_b = NatsServer::start().await;
@@ -348,4 +357,66 @@ async fn crashes_and_a_nats_restart_change_nothing() {
             "the live service disagrees with the uninterrupted run"
         );
     }
+}
+
+/// Promise 1 through the incidents service's pipelined batches: what it
+/// decided is saved only once INCIDENTS stored it. The service reaches
+/// NATS through a proxy that swallows its publishes to INCIDENTS once the
+/// log holds 500 entries: the batch on its way is written and never stored
+/// or acknowledged. After 100 swallowed entries the service is killed and
+/// restarted straight on the server; the log is then exactly the
+/// uninterrupted run's. A service that saved its cursor (or an incident)
+/// before the acknowledgements came would have skipped those alerts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_never_stored_are_decided_again_after_a_crash() {
+    tocsin_tests::init_logs();
+    let input = inputs();
+    let (reference, _) = uninterrupted(input.clone()).await;
+
+    let nats = NatsServer::start().await;
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    ensure_streams(&js, &JetStreamConfig::default())
+        .await
+        .unwrap();
+    publish_all(&js, input).await;
+    let proxy = NatsProxy::start(nats.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (svc, _stop, conn) = start(&proxy.url_for(&nats.url()), dir.path()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while bus::count(&js, STREAM_INCIDENTS).await < 500 {
+        assert!(tokio::time::Instant::now() < deadline, "no 500 entries");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.swallow(&["tocsin.incidents."]);
+    while proxy.swallowed() < 100 {
+        assert!(tokio::time::Instant::now() < deadline, "no 100 swallowed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stored = bus::count(&js, STREAM_INCIDENTS).await;
+    svc.abort();
+    let _ = svc.await;
+    drop(conn);
+    assert!(
+        (stored as usize) < reference.len(),
+        "the crash came before the log was whole"
+    );
+
+    let (svc, stop, _) = start(&nats.url(), dir.path()).await;
+    wait_for_sentinel(&client).await;
+    let after = log(&js).await;
+    stop.cancel();
+    svc.await.unwrap();
+    let ref_ids: Vec<&str> = reference.iter().map(|(id, _)| id.as_str()).collect();
+    let ids: Vec<&str> = after.iter().map(|(id, _)| id.as_str()).collect();
+    let missing: Vec<&&str> = ref_ids
+        .iter()
+        .filter(|i| !ids.contains(i))
+        .take(10)
+        .collect();
+    assert_eq!(
+        ids, ref_ids,
+        "entries differ; missing (first 10) {missing:?}"
+    );
+    assert_eq!(after, reference, "entry contents differ");
 }
