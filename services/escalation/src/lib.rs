@@ -109,10 +109,18 @@ pub async fn run(
     };
     let ttl = config.lease_ttl();
     let data_dir = config.data_dir();
-    let result = tocsin_runtime::lease::lead(ctx, "escalation", ttl, &data_dir, |tenure| {
-        let (config, metrics) = (config.clone(), metrics.clone());
-        async move { run_active(config, &tenure, metrics).await }
-    })
+    let warm = Warm::default();
+    let result = tocsin_runtime::lease::lead(
+        ctx,
+        "escalation",
+        ttl,
+        &data_dir,
+        |tenure| {
+            let (config, metrics, warm) = (config.clone(), metrics.clone(), warm.clone());
+            async move { run_active(config, &tenure, metrics, warm).await }
+        },
+        |standby| follow(config.clone(), standby, metrics.clone(), warm.clone()),
+    )
     .await;
     if let Some(c) = calendar {
         let _ = c.await;
@@ -120,11 +128,73 @@ pub async fn run(
     result
 }
 
+/// The service a standby keeps caught up, handed to the next tenure.
+type Warm = Arc<tokio::sync::Mutex<Option<service::Service>>>;
+
+/// How often a standby reads what INCIDENTS gained.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// While standing by: opens the store and applies what INCIDENTS gains to
+/// the tracks (every [`FOLLOW_EVERY`]), saving them as the active instance
+/// would, so taking the lease costs what a restart on a current store
+/// costs rather than applying everything written meanwhile. It fires
+/// nothing and writes nothing to NATS. Returns when asked to stop
+/// (`ctx.shutdown`), between rounds (every applied entry saved), leaving
+/// the service in `warm`.
+async fn follow(
+    config: EscalationConfig,
+    ctx: ServiceContext,
+    metrics: events::EscalationMetrics,
+    warm: Warm,
+) {
+    let Ok(planner) = plan::Planner::new(&config) else {
+        return;
+    };
+    {
+        let mut slot = warm.clone().lock_owned().await;
+        if slot.is_none() {
+            // Loaded with the slot held, so the tenure waits for it rather
+            // than opening the store a second time.
+            let (dir, js, clock) = (config.data_dir(), ctx.js.clone(), ctx.clock.clone());
+            let watchdog = ctx
+                .health
+                .watchdog("escalation", tocsin_runtime::admin::STUCK_AFTER);
+            let loading = tokio::task::spawn_blocking(move || {
+                match service::Service::new(Arc::new(planner), &dir, js, clock, metrics, watchdog) {
+                    Ok(svc) => *slot = Some(svc),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "standby: cannot read the store; it is read when this instance takes the lease")
+                    }
+                }
+            });
+            let _ = loading.await;
+        }
+    }
+    let mut reading = None;
+    loop {
+        {
+            let mut slot = warm.lock().await;
+            let Some(svc) = slot.as_mut() else { return };
+            match svc.follow(&mut reading).await {
+                Ok(seq) => tocsin_runtime::lease::followed(&ctx.metrics, "escalation", seq),
+                Err(e) => {
+                    tracing::debug!(error = %e, "standby: cannot follow INCIDENTS yet; retrying")
+                }
+            }
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+        }
+    }
+}
+
 /// One tenure as the active instance.
 async fn run_active(
     config: EscalationConfig,
     ctx: &ServiceContext,
     metrics: events::EscalationMetrics,
+    warm: Warm,
 ) -> Result<(), EscalationError> {
     let (js, health, clock, shutdown) = (
         ctx.js.clone(),
@@ -139,13 +209,17 @@ async fn run_active(
     // Reading the store takes seconds with a million tracks: off the async
     // threads, so the lease goes on being renewed meanwhile.
     let watchdog = health.watchdog("escalation", tocsin_runtime::admin::STUCK_AFTER);
-    let svc = {
-        let (planner, clock) = (planner.clone(), clock.clone());
-        tokio::task::spawn_blocking(move || {
-            service::Service::new(planner, &dir, js, clock, metrics, watchdog)
-        })
-        .await
-        .map_err(|e| EscalationError::Store(format!("reading the store stopped: {e}")))??
+    let standing_by = warm.lock().await.take();
+    let svc = match standing_by {
+        Some(svc) => svc,
+        None => {
+            let (planner, clock) = (planner.clone(), clock.clone());
+            tokio::task::spawn_blocking(move || {
+                service::Service::new(planner, &dir, js, clock, metrics, watchdog)
+            })
+            .await
+            .map_err(|e| EscalationError::Store(format!("reading the store stopped: {e}")))??
+        }
     };
     // Subscribed before the service reports ready. NATS may not be up yet
     // when Tocsin starts: keep trying rather than fail.

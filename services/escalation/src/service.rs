@@ -264,6 +264,31 @@ impl Service {
         streams::last_sequence(&self.js, STREAM_INCIDENTS).await
     }
 
+    /// One round of a standby's following (see `crate::follow`): applies
+    /// every INCIDENTS entry up to the stream's end as of now and saves
+    /// the tracks, reading with `reading` (made when None, dropped on a
+    /// failure to be made again). Returns the sequence applied up to.
+    pub(crate) async fn follow(
+        &mut self,
+        reading: &mut Option<pull::Ordered>,
+    ) -> Result<u64, String> {
+        let msgs = match reading {
+            Some(m) => m,
+            None => reading.insert(self.consumer().await?),
+        };
+        match self.drain(msgs).await {
+            Ok(()) => Ok(self.seq),
+            Err(DrainError::Read(e)) => {
+                *reading = None;
+                Err(e)
+            }
+            Err(DrainError::Store(e)) => {
+                *reading = None;
+                Err(e.to_string())
+            }
+        }
+    }
+
     /// Applies every INCIDENTS entry up to the stream's end as of now.
     async fn drain(&mut self, msgs: &mut pull::Ordered) -> Result<(), DrainError> {
         let last = self.last_seq().await.map_err(DrainError::Read)?;

@@ -151,11 +151,83 @@ pub async fn run(
     let m = events::IncidentsMetrics::register(&ctx.metrics);
     let ttl = config.lease_ttl.get();
     let data_dir = config.data_dir();
-    tocsin_runtime::lease::lead(ctx, "incidents", ttl, &data_dir, |tenure| {
-        let (config, m) = (config.clone(), m.clone());
-        async move { run_active(config, &tenure, m).await }
-    })
+    let warm = Warm::default();
+    tocsin_runtime::lease::lead(
+        ctx,
+        "incidents",
+        ttl,
+        &data_dir,
+        |tenure| {
+            let (config, m, warm) = (config.clone(), m.clone(), warm.clone());
+            async move { run_active(config, &tenure, m, warm).await }
+        },
+        |standby| follow(config.clone(), standby, m.clone(), warm.clone()),
+    )
     .await
+}
+
+/// The service a standby keeps caught up, handed to the next tenure.
+type Warm = std::sync::Arc<tokio::sync::Mutex<Option<service::Service>>>;
+
+/// How often a standby reads what INCIDENTS gained.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// While standing by: opens the store and keeps the projection caught up
+/// with INCIDENTS (every [`FOLLOW_EVERY`]), saving it as the active
+/// instance would, so taking the lease costs what a restart on a current
+/// store costs rather than a fold of everything the active instance
+/// wrote meanwhile (up to `jetstream.incidents_max_age` of it for a
+/// standby started fresh). It writes nothing to NATS. Returns when asked
+/// to stop (`ctx.shutdown`), between rounds, leaving the service in `warm`.
+async fn follow(
+    config: IncidentsConfig,
+    ctx: ServiceContext,
+    m: events::IncidentsMetrics,
+    warm: Warm,
+) {
+    let shutdown = ctx.shutdown.clone();
+    if !streams_in_place(&ctx.js, &shutdown).await {
+        return;
+    }
+    let Ok(core) = compile(&config) else { return };
+    {
+        let mut slot = warm.clone().lock_owned().await;
+        if slot.is_none() {
+            // Loaded with the slot held, so the tenure waits for it rather
+            // than opening the store a second time.
+            let (client, js, health, clock) = (
+                ctx.client(),
+                ctx.js.clone(),
+                ctx.health.clone(),
+                ctx.clock.clone(),
+            );
+            let loading = tokio::task::spawn_blocking(move || {
+                match service::Service::new(&config, core, client, js, m, health, clock) {
+                    Ok(svc) => *slot = Some(svc),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "standby: cannot read the store; it is read when this instance takes the lease")
+                    }
+                }
+            });
+            let _ = loading.await;
+        }
+    }
+    loop {
+        {
+            let slot = warm.lock().await;
+            let Some(svc) = slot.as_ref() else { return };
+            match svc.follow().await {
+                Ok(seq) => tocsin_runtime::lease::followed(&ctx.metrics, "incidents", seq),
+                Err(e) => {
+                    tracing::debug!(error = %e, "standby: cannot follow INCIDENTS yet; retrying")
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+        }
+    }
 }
 
 /// One tenure as the active instance: catches up from the INCIDENTS
@@ -167,6 +239,7 @@ async fn run_active(
     config: IncidentsConfig,
     ctx: &ServiceContext,
     m: events::IncidentsMetrics,
+    warm: Warm,
 ) -> Result<(), IncidentsError> {
     let (client, js, health, clock, shutdown) = (
         ctx.client(),
@@ -182,14 +255,21 @@ async fn run_active(
     let core = compile(&config)?;
     // Reading the store takes seconds with many incidents: off the async
     // threads, so the lease goes on being renewed meanwhile.
-    let svc = {
-        let (config, client, js, health) =
-            (config.clone(), client.clone(), js.clone(), health.clone());
-        tokio::task::spawn_blocking(move || {
-            service::Service::new(&config, core, client, js, m, health, clock)
-        })
-        .await
-        .map_err(|e| IncidentsError::StoreRead(e.to_string()))??
+    let standing_by = warm.lock().await.take();
+    let svc = match standing_by {
+        Some(mut svc) => {
+            svc.starting_now();
+            svc
+        }
+        None => {
+            let (config, client, js, health) =
+                (config.clone(), client.clone(), js.clone(), health.clone());
+            tokio::task::spawn_blocking(move || {
+                service::Service::new(&config, core, client, js, m, health, clock)
+            })
+            .await
+            .map_err(|e| IncidentsError::StoreRead(e.to_string()))??
+        }
     };
     if !svc.catch_up(&shutdown).await {
         return Ok(());

@@ -397,6 +397,13 @@ impl Service {
         })
     }
 
+    /// A service built while standing by starts its tenure now: a
+    /// heartbeat never pinged is given its grace from now, as after a
+    /// start.
+    pub(crate) fn starting_now(&mut self) {
+        self.started_at = self.clock.now();
+    }
+
     fn is_abandoned(&self, cause: &Cause) -> bool {
         self.abandoned
             .lock()
@@ -430,7 +437,22 @@ impl Service {
         }
     }
 
+    /// One round of a standby's following (see `crate::follow`): applies
+    /// what INCIDENTS holds beyond the projection and saves it, without
+    /// reporting sizes or a catch-up (the active instance does). Returns
+    /// the sequence applied up to.
+    pub(crate) async fn follow(&self) -> Result<u64, String> {
+        self.fold_stream(false).await?;
+        Ok(read(&self.proj).incidents_seq)
+    }
+
     async fn try_catch_up(&self) -> Result<(), String> {
+        self.fold_stream(true).await
+    }
+
+    /// Applies what INCIDENTS holds beyond the projection, saving as it
+    /// goes; `report`: with the sizes and a `CaughtUp` event.
+    async fn fold_stream(&self, report: bool) -> Result<(), String> {
         let last = streams::last_sequence(&self.js, STREAM_INCIDENTS).await?;
         let from = {
             let mut p = write(&self.proj);
@@ -454,8 +476,10 @@ impl Service {
         if from > last {
             // Nothing to replay: the saved projection is current. Its open
             // count is what /metrics shows from now on.
-            let p = read(&self.proj);
-            self.metrics.sizes(p.open_count, p.incidents.len());
+            if report {
+                let p = read(&self.proj);
+                self.metrics.sizes(p.open_count, p.incidents.len());
+            }
             return Ok(());
         }
         let mut msgs = streams::read_from(&self.js, STREAM_INCIDENTS, from).await?;
@@ -494,12 +518,14 @@ impl Service {
         }
         let mut p = write(&self.proj);
         self.save(&mut p);
-        IncidentsEvent::CaughtUp {
-            entries: n,
-            incidents: p.incidents.len(),
+        if report {
+            IncidentsEvent::CaughtUp {
+                entries: n,
+                incidents: p.incidents.len(),
+            }
+            .emit(&self.metrics);
+            self.metrics.sizes(p.open_count, p.incidents.len());
         }
-        .emit(&self.metrics);
-        self.metrics.sizes(p.open_count, p.incidents.len());
         Ok(())
     }
 

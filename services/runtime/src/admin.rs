@@ -53,6 +53,10 @@ pub struct Metrics {
     /// `tocsin_leader{role}`: 1 while this process holds the role's lease
     /// (see [`crate::lease`]), 0 while it stands by.
     pub leader: Family<Labels, Gauge>,
+    /// `tocsin_standby_followed_sequence{role}`: while standing by, the
+    /// INCIDENTS sequence this process's store is caught up to (see
+    /// [`crate::lease::followed`]).
+    pub followed: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -82,12 +86,20 @@ impl Metrics {
             "1 while this process holds the role's lease and acts, 0 while it stands by",
             leader.clone(),
         );
+        let followed = Family::<Labels, Gauge>::default();
+        registry.register(
+            "tocsin_standby_followed_sequence",
+            "While standing by: the INCIDENTS sequence this process's store is caught up to \
+             (compare with the stream's last sequence for the standby's lag)",
+            followed.clone(),
+        );
         Metrics {
             registry: Arc::new(Mutex::new(registry)),
             nats_connected,
             nats_clients: Arc::default(),
             nats_events,
             leader,
+            followed,
         }
     }
 

@@ -369,6 +369,15 @@ impl Me {
 }
 
 /// Sets `tocsin_leader{role}`.
+/// Records that a standby of `role` has its store caught up to INCIDENTS
+/// sequence `seq` (`tocsin_standby_followed_sequence{role}`).
+pub fn followed(metrics: &Metrics, role: &str, seq: u64) {
+    metrics
+        .followed
+        .get_or_create(&labels(&[("role", role)]))
+        .set(i64::try_from(seq).unwrap_or(i64::MAX));
+}
+
 fn set_leader(metrics: &Metrics, role: &str, leader: bool) {
     metrics
         .leader
@@ -711,16 +720,25 @@ impl Drop for ReleaseOnDrop {
 /// service fails. `data_dir` is the role's data directory, whose
 /// `lease.lock` lets a restarted process take its predecessor's lease back
 /// at once (the module docs); it is locked for as long as this runs.
-pub async fn lead<F, Fut, E>(
+///
+/// While it waits for the lease, `standby` runs (a follower keeping the
+/// instance's store caught up, so a takeover starts warm). It is asked to
+/// stop through its context's `shutdown` as soon as the lease is taken and
+/// the tenure starts once it has returned: it must stop between steps,
+/// never leaving half an update (its future is not dropped midway).
+pub async fn lead<F, Fut, S, SFut, E>(
     ctx: &ServiceContext,
     role: &str,
     ttl: Duration,
     data_dir: &Path,
     mut service: F,
+    mut standby: S,
 ) -> Result<(), E>
 where
     F: FnMut(ServiceContext) -> Fut,
     Fut: Future<Output = Result<(), E>>,
+    S: FnMut(ServiceContext) -> SFut,
+    SFut: Future<Output = ()>,
 {
     let mut me = Me {
         holder: holder_id(role),
@@ -731,7 +749,29 @@ where
     set_leader(&ctx.metrics, role, false);
     ctx.health.set_failing(role, "waiting for the lease");
     loop {
-        let Some((bucket, state)) = acquire(ctx, role, ttl, &mut me).await else {
+        let acquired = {
+            let stand_down = ctx.shutdown.child_token();
+            let following = standby(ServiceContext {
+                shutdown: stand_down.clone(),
+                ..ctx.clone()
+            });
+            let acquiring = acquire(ctx, role, ttl, &mut me);
+            tokio::pin!(following, acquiring);
+            let mut standing_by = true;
+            let acquired = loop {
+                tokio::select! {
+                    biased;
+                    a = &mut acquiring => break a,
+                    () = &mut following, if standing_by => standing_by = false,
+                }
+            };
+            stand_down.cancel();
+            if standing_by {
+                following.await;
+            }
+            acquired
+        };
+        let Some((bucket, state)) = acquired else {
             return Ok(());
         };
         let state = Arc::new(state);

@@ -769,3 +769,126 @@ fn pages_of(r: &Raw) -> Vec<Page> {
         vec![decode_envelope::<Page>(&r.payload).unwrap().body]
     }
 }
+
+/// A `tocsin_*` sample of `p`'s `/metrics` (the first line starting with
+/// `sample`, e.g. `tocsin_leader{role="incidents"}`), if there is one.
+async fn metric(p: &Proc, sample: &str) -> Option<f64> {
+    let url = format!("http://127.0.0.1:{}/metrics", p.admin);
+    let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| {
+        l.strip_prefix(sample)
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    })
+}
+
+/// How many alerts the history before the kill holds
+/// (`TOCSIN_TEST_HISTORY`, default 2,000; each opens an incident).
+fn history() -> usize {
+    std::env::var("TOCSIN_TEST_HISTORY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000)
+}
+
+/// A standby follows INCIDENTS while it waits: its store keeps up with
+/// what the active instance writes, so a takeover folds what came since
+/// the standby's last round (nothing, here), not the whole log. The
+/// standby's `tocsin_standby_followed_sequence` reaches the stream's last
+/// sequence for both roles; after the active incidents process is killed,
+/// the standby takes over having replayed almost nothing
+/// (`tocsin_incidents_catch_up_entries`), and opens the next incident.
+/// The kill -> first new incident time and the entries replayed are
+/// printed (`TOCSIN_TEST_HISTORY` sets the history's size).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_follows_the_log_and_takes_over_warm() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ingest_port = free_port();
+    let (cfg_a, cfg_b) = (
+        config(&nats, dir.path(), ingest_port, "a"),
+        config(&nats, dir.path(), ingest_port, "b"),
+    );
+    let js = jetstream::new(nats.client().await);
+    let mut ingest = Proc::start(&cfg_a, dir.path(), &["ingest"]);
+    ingest.ready().await;
+    let mut incidents = [
+        Proc::start(&cfg_a, dir.path(), &["incidents"]),
+        Proc::start(&cfg_b, dir.path(), &["incidents"]),
+    ];
+    let mut escalation = [
+        Proc::start(&cfg_a, dir.path(), &["escalation"]),
+        Proc::start(&cfg_b, dir.path(), &["escalation"]),
+    ];
+    for p in incidents.iter_mut().chain(escalation.iter_mut()) {
+        p.ready().await;
+    }
+    let active = active_of(&incidents, "incidents").await;
+    let esc_active = active_of(&escalation, "escalation").await;
+
+    // The history: that many new incidents, 100 alerts a request.
+    let n = history();
+    for r in 0..n.div_ceil(100) {
+        let alerts: Vec<_> = (r * 100..((r + 1) * 100).min(n))
+            .map(|i| alert(&format!("History{i:06}"), "firing"))
+            .collect();
+        post_alerts(ingest_port, &serde_json::json!(alerts)).await;
+    }
+    eventually_within(TAKEOVER.max(Duration::from_secs(n as u64 / 20)), || {
+        opened_at_least(n, js.clone())
+    })
+    .await
+    .expect("the history's incidents opened");
+    // Both standbys catch up with the log (which grows a while longer:
+    // the first level's pages come back as `paged` entries).
+    for (p, role) in [
+        (&incidents[1 - active], "incidents"),
+        (&escalation[1 - esc_active], "escalation"),
+    ] {
+        let sample = format!("tocsin_standby_followed_sequence{{role=\"{role}\"}} ");
+        eventually_within(TAKEOVER.max(Duration::from_secs(n as u64 / 20)), || async {
+            let last = tocsin_runtime::streams::last_sequence(&js, STREAM_INCIDENTS)
+                .await
+                .unwrap_or(u64::MAX);
+            match metric(p, &sample).await {
+                Some(seq) if seq as u64 >= last && last > n as u64 => Ok(()),
+                seq => Err(format!("followed {seq:?} of {last}")),
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("the {role} standby never caught up: {e}"));
+    }
+    let entries = tocsin_runtime::streams::last_sequence(&js, STREAM_INCIDENTS)
+        .await
+        .unwrap();
+
+    let term = max_term(&js, STREAM_INCIDENTS, "incidents").await;
+    let killed_at = ns_since_epoch(SystemTime::now());
+    incidents[active].kill();
+    let poster = Poster::start(ingest_port, "AfterKill");
+    let first = eventually_within(TAKEOVER, || async {
+        read_raw(&js, STREAM_INCIDENTS)
+            .await
+            .into_iter()
+            .find(|r| r.lease.as_ref().is_some_and(|(_, t)| *t > term) && opened(r).is_some())
+            .map(|r| r.time_ns)
+            .ok_or("no incident opened by a new term yet")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", incidents[1 - active].log_text()));
+    poster.finish().await;
+    let replayed = metric(
+        &incidents[1 - active],
+        "tocsin_incidents_catch_up_entries_total ",
+    )
+    .await
+    .expect("the catch-up counter");
+    eprintln!(
+        "warm takeover with {entries} INCIDENTS entries: kill -> first new incident {:.2}s, \
+         {replayed} entries replayed at the takeover",
+        (first - killed_at) as f64 / 1e9
+    );
+    assert!(
+        replayed < 100.0,
+        "the standby replayed {replayed} of {entries} entries when it took over"
+    );
+}
