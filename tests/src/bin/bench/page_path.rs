@@ -422,6 +422,9 @@ pub struct TocsinStack {
     // Field order is drop order: the processes before NATS and the dir.
     /// One per [`SERVICES`], in its order.
     pub procs: Vec<Proc>,
+    /// Standby instances ([`TocsinStack::start_standbys`]): the service,
+    /// its process and its admin port.
+    pub standbys: Vec<(String, Proc, u16)>,
     pub nats: NatsServer,
     pub nats_pid: Option<u32>,
     pub ingest_url: String,
@@ -510,6 +513,7 @@ notifier:
         }
         let mut stack = TocsinStack {
             procs: Vec::new(),
+            standbys: Vec::new(),
             nats,
             nats_pid,
             ingest_url: format!("http://127.0.0.1:{ingest_port}"),
@@ -533,15 +537,63 @@ notifier:
         Ok(stack)
     }
 
+    /// Starts a standby of each of `services` (incidents, escalation): the
+    /// stack's config with the service's `data_dir` renamed
+    /// `<service>-standby`, its own admin port, logging to
+    /// `<service>-standby.log`; waits until each answers `/readyz` (a
+    /// standby is ready while it waits for the lease).
+    pub async fn start_standbys(&mut self, services: &[&str]) -> anyhow::Result<()> {
+        let dir = self._dir.path().to_path_buf();
+        let mut config = std::fs::read_to_string(&self.config_path)?;
+        for s in services {
+            let from = format!("data_dir: {}/{s}\n", dir.display());
+            let to = format!("data_dir: {}/{s}-standby\n", dir.display());
+            anyhow::ensure!(config.contains(&from), "no data_dir of {s} in the config");
+            config = config.replace(&from, &to);
+        }
+        let path = dir.join("tocsin-standby.yaml");
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            std::io::Write::write_all(&mut f, config.as_bytes())?;
+        }
+        for s in services {
+            let admin = tocsin_tests::ports::free_port();
+            let mut p = self.spawn_with(s, &path, admin, "-standby")?;
+            p.wait_http_ok(
+                &format!("http://127.0.0.1:{admin}/readyz"),
+                Duration::from_secs(60),
+            )
+            .await?;
+            self.standbys.push((s.to_string(), p, admin));
+        }
+        Ok(())
+    }
+
     /// Starts `tocsin <service>` on the stack's config and its admin port,
     /// logging to `<service><log_suffix>.log`; does not wait for it.
     fn spawn(&self, service: &str, log_suffix: &str) -> anyhow::Result<Proc> {
         let admin = self.admin_ports[Self::index(service)?];
+        self.spawn_with(service, &self.config_path, admin, log_suffix)
+    }
+
+    /// [`TocsinStack::spawn`] with `config` and `admin` port.
+    fn spawn_with(
+        &self,
+        service: &str,
+        config: &std::path::Path,
+        admin: u16,
+        log_suffix: &str,
+    ) -> anyhow::Result<Proc> {
         let dir = self._dir.path();
         let mut cmd = Command::new(&self.bin);
         cmd.current_dir(dir)
             .arg("--config")
-            .arg(&self.config_path)
+            .arg(config)
             .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
             // TOCSIN_BENCH_LOG=info (or debug) for the processes' own logs
             // (kept with TOCSIN_BENCH_KEEP): timestamps of start-up and lease.

@@ -11,6 +11,14 @@
 //! page arrives (incidents has handled ALERTS to its last sequence,
 //! escalation has applied the sentinel's INCIDENTS entry). Then the open
 //! incidents are listed: all N must be there, and no page may come again.
+//! A standby of each of the two (its own data directory) runs from the
+//! start; once it has followed INCIDENTS to its end
+//! (`tocsin_standby_followed_sequence`), the restarted pair is SIGKILLed
+//! for good and a second sentinel sent: the time from that kill until each
+//! standby is active and caught up, and until the second sentinel's page
+//! arrives, with the INCIDENTS entries the incidents standby replayed when
+//! it took over (an engine whose standbys do not follow replays the whole
+//! log) and the standbys' peak RSS.
 //! Memory with the N open is read twice before the kill: once quiet, and
 //! once settled (the RSS no longer falling as the allocator hands the
 //! load's freed memory back), RSS and PSS. There is no peer.
@@ -73,6 +81,18 @@ struct RecoveryResult {
     problems: Vec<String>,
 }
 
+/// What the standbys' takeover measured ([`takeover`]).
+struct Takeover {
+    /// From the kill, each of [`KILLED`]: its standby active and caught up.
+    ready: [Duration; 2],
+    /// From the kill: the second sentinel's page at the receiver.
+    paged: Duration,
+    /// INCIDENTS entries the incidents standby replayed taking over.
+    replayed: f64,
+    /// Peak RSS of the standbys.
+    rss: Vec<(String, Option<f64>)>,
+}
+
 pub async fn recovery(n: u32, reps: u32) -> anyhow::Result<Outcome> {
     let n = n as usize;
     let load_limit = load_limit(n);
@@ -133,11 +153,27 @@ pub async fn recovery(n: u32, reps: u32) -> anyhow::Result<Outcome> {
             "MiB",
             "lower",
         ),
+        figure(
+            "standby takeover: kill to incidents standby ready",
+            "s",
+            "lower",
+        ),
+        figure(
+            "standby takeover: kill to escalation standby ready",
+            "s",
+            "lower",
+        ),
+        figure("standby takeover: kill to sentinel paged", "s", "lower"),
+        figure(
+            "standby takeover: INCIDENTS entries replayed",
+            "entries",
+            "lower",
+        ),
     ];
     let mut outcome = Outcome::default();
     for rep in 0..reps as usize {
         let run = format!("{nonce:x}v{rep}");
-        let r = once(n, &run, load_limit).await?;
+        let (r, t) = once(n, &run, load_limit).await?;
         let both = r.ready[0].max(r.ready[1]).max(r.caught_up);
         println!(
             "{:>5}  opened {:.0}/s; from the restart: incidents lease {:.2}s, ready {:.2}s; escalation lease {:.2}s, \
@@ -149,6 +185,15 @@ pub async fn recovery(n: u32, reps: u32) -> anyhow::Result<Outcome> {
             r.lease[1].as_secs_f64(),
             r.ready[1].as_secs_f64(),
             r.caught_up.as_secs_f64(),
+        );
+        println!(
+            "       standbys: from the kill, incidents ready {:.2}s, escalation ready {:.2}s; sentinel paged {:.2}s; \
+             {:.0} INCIDENTS entries replayed; standbys' peak RSS {}",
+            t.ready[0].as_secs_f64(),
+            t.ready[1].as_secs_f64(),
+            t.paged.as_secs_f64(),
+            t.replayed,
+            super::peer::describe_rss(&t.rss),
         );
         let loaded: f64 = r.loaded_rss.iter().filter_map(|(_, m)| *m).sum();
         let nats_quiet: f64 = r
@@ -169,6 +214,10 @@ pub async fn recovery(n: u32, reps: u32) -> anyhow::Result<Outcome> {
             nats_quiet,
             tocsin_sum(&r.settled.rss),
             tocsin_sum(&r.settled.pss),
+            t.ready[0].as_secs_f64(),
+            t.ready[1].as_secs_f64(),
+            t.paged.as_secs_f64(),
+            t.replayed,
         ];
         for (f, v) in figures.iter_mut().zip(values) {
             f.push(true, v);
@@ -178,6 +227,9 @@ pub async fn recovery(n: u32, reps: u32) -> anyhow::Result<Outcome> {
         }
         for (name, mib) in &r.restarted_rss {
             outcome.rss(format!("{scenario}: {name}, restarted"), *mib);
+        }
+        for (name, mib) in &t.rss {
+            outcome.rss(format!("{scenario}: {name}, standby"), *mib);
         }
         outcome.problems.extend(
             r.problems
@@ -196,8 +248,13 @@ fn load_limit(n: usize) -> Duration {
     Duration::from_secs(60) + Duration::from_millis(10) * n as u32
 }
 
-async fn once(n: usize, run: &str, load_limit: Duration) -> anyhow::Result<RecoveryResult> {
+async fn once(
+    n: usize,
+    run: &str,
+    load_limit: Duration,
+) -> anyhow::Result<(RecoveryResult, Takeover)> {
     let (receiver, mut stack, target) = tocsin_peer("", "", run).await?;
+    stack.start_standbys(&KILLED).await?;
     let client = stack.nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
     let mut problems = Vec::new();
@@ -321,7 +378,7 @@ async fn once(n: usize, run: &str, load_limit: Duration) -> anyhow::Result<Recov
     let mut caught_up = None;
     let mut again = 0usize;
     let mut progress_at = restarted + PROGRESS_EVERY;
-    loop {
+    let result = loop {
         for (i, url) in urls.iter().enumerate() {
             if ready[i].is_some() {
                 continue;
@@ -394,6 +451,134 @@ async fn once(n: usize, run: &str, load_limit: Duration) -> anyhow::Result<Recov
         }
         for s in KILLED {
             stack.proc(s)?.check_running()?;
+        }
+        // Poll interval of a wait with a deadline.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }?;
+    let taken = takeover(&mut stack, &js, &receiver, &target, run).await?;
+    Ok((result, taken))
+}
+
+/// The standbys take over: once each has followed INCIDENTS to its last
+/// sequence, SIGKILL the active incidents and escalation (left down), send
+/// a second sentinel, and time from the kill until each standby is active
+/// and caught up (`/readyz` `ok`) and until the sentinel's page arrives.
+async fn takeover(
+    stack: &mut TocsinStack,
+    js: &async_nats::jetstream::Context,
+    receiver: &Receiver,
+    target: &super::page_path::Target,
+    run: &str,
+) -> anyhow::Result<Takeover> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let admin: Vec<(String, String)> = stack
+        .standbys
+        .iter()
+        .map(|(s, _, port)| (s.clone(), format!("http://127.0.0.1:{port}")))
+        .collect();
+    let metrics = |url: String| {
+        let http = http.clone();
+        async move {
+            match http.get(format!("{url}/metrics")).send().await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            }
+        }
+    };
+    // Followed: every standby's store at the stream's end. An engine
+    // whose standbys do not follow has no such gauge: then at once.
+    let started = Instant::now();
+    loop {
+        let last = super::stream_state(js, STREAM_INCIDENTS)
+            .await?
+            .last_sequence;
+        let mut behind = Vec::new();
+        let mut reported = 0;
+        for (s, url) in &admin {
+            let text = metrics(url.clone()).await;
+            let seq = super::samples(&text, "tocsin_standby_followed_sequence");
+            reported += seq.len();
+            let seq = seq.iter().map(|(_, v)| *v as u64).max().unwrap_or(0);
+            if seq < last {
+                behind.push(format!("{s} at {seq} of {last}"));
+            }
+        }
+        if behind.is_empty() {
+            break;
+        }
+        if reported == 0 && started.elapsed() > Duration::from_secs(5) {
+            println!(
+                "  the standbys report no tocsin_standby_followed_sequence: they do not follow"
+            );
+            break;
+        }
+        if started.elapsed() > RECOVERY_LIMIT {
+            bail!(
+                "the standbys did not follow {STREAM_INCIDENTS} within {RECOVERY_LIMIT:?}: {}",
+                behind.join(", ")
+            );
+        }
+        // Poll interval of a wait with a deadline.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for s in KILLED {
+        stack.proc(s)?.kill();
+    }
+    let killed = Instant::now();
+    let sentinel = format!("{run}-takeover");
+    target
+        .post_one(&target.alerts(&[&sentinel]))
+        .await
+        .context("the takeover's sentinel alert")?;
+    let mut ready: [Option<Duration>; 2] = [None, None];
+    let mut paged = None;
+    loop {
+        for (i, (s, url)) in admin.iter().enumerate() {
+            if ready[i].is_none()
+                && role_check(&http, &format!("{url}/readyz"), s)
+                    .await
+                    .as_deref()
+                    == Some("ok")
+            {
+                ready[i] = Some(killed.elapsed());
+            }
+        }
+        for a in receiver.take() {
+            if ids_in(&a.body).contains(&sentinel) {
+                paged.get_or_insert(a.at.duration_since(killed));
+            }
+        }
+        if let ([Some(i), Some(e)], Some(p)) = (ready, paged) {
+            let text = metrics(admin[0].1.clone()).await;
+            let replayed = super::samples(&text, "tocsin_incidents_catch_up_entries_total")
+                .iter()
+                .map(|(_, v)| v)
+                .sum();
+            let rss = stack
+                .standbys
+                .iter()
+                .map(|(s, p, _)| (format!("tocsin {s}"), peer::peak_rss_mib(Some(p.pid()))))
+                .collect();
+            return Ok(Takeover {
+                ready: [i, e],
+                paged: p,
+                replayed,
+                rss,
+            });
+        }
+        if killed.elapsed() > RECOVERY_LIMIT {
+            bail!(
+                "the standbys did not take over within {RECOVERY_LIMIT:?}: incidents ready {}, escalation ready {}, \
+                 sentinel paged {}",
+                yes_no(ready[0]),
+                yes_no(ready[1]),
+                yes_no(paged),
+            );
+        }
+        for (_, p, _) in stack.standbys.iter_mut() {
+            p.check_running()?;
         }
         // Poll interval of a wait with a deadline.
         tokio::time::sleep(Duration::from_millis(20)).await;
