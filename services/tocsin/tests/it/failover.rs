@@ -253,6 +253,27 @@ fn kill_signal(p: &Proc, signal: &str) {
     assert!(status.success(), "kill {signal} {pid}");
 }
 
+/// Ingest (on config `a`), and two incidents and two escalation processes
+/// (one on each config), each ready: one of each pair active, the other
+/// its standby.
+async fn pairs(dir: &Path, [cfg_a, cfg_b]: [&Path; 2]) -> (Proc, [Proc; 2], [Proc; 2]) {
+    let mut ingest = Proc::start(cfg_a, dir, &["ingest"]);
+    ingest.ready().await;
+    let mut incidents = [
+        Proc::start(cfg_a, dir, &["incidents"]),
+        Proc::start(cfg_b, dir, &["incidents"]),
+    ];
+    let mut escalation = [
+        Proc::start(cfg_a, dir, &["escalation"]),
+        Proc::start(cfg_b, dir, &["escalation"]),
+    ];
+    for p in incidents.iter_mut().chain(escalation.iter_mut()) {
+        // A standby is ready too: it is doing its job, waiting.
+        p.ready().await;
+    }
+    (ingest, incidents, escalation)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_and_nothing_is_lost_or_duplicated() {
     let nats = NatsServer::start().await;
@@ -263,20 +284,7 @@ async fn a_standby_takes_over_and_nothing_is_lost_or_duplicated() {
         config(&nats, dir.path(), ingest_port, "b"),
     );
     let js = jetstream::new(nats.client().await);
-    let mut ingest = Proc::start(&cfg_a, dir.path(), &["ingest"]);
-    ingest.ready().await;
-    let mut incidents = [
-        Proc::start(&cfg_a, dir.path(), &["incidents"]),
-        Proc::start(&cfg_b, dir.path(), &["incidents"]),
-    ];
-    let mut escalation = [
-        Proc::start(&cfg_a, dir.path(), &["escalation"]),
-        Proc::start(&cfg_b, dir.path(), &["escalation"]),
-    ];
-    for p in incidents.iter_mut().chain(escalation.iter_mut()) {
-        // A standby is ready too: it is doing its job, waiting.
-        p.ready().await;
-    }
+    let (_ingest, mut incidents, mut escalation) = pairs(dir.path(), [&cfg_a, &cfg_b]).await;
     active_of(&incidents, "incidents").await;
     active_of(&escalation, "escalation").await;
 
@@ -809,19 +817,7 @@ async fn a_standby_follows_the_log_and_takes_over_warm() {
         config(&nats, dir.path(), ingest_port, "b"),
     );
     let js = jetstream::new(nats.client().await);
-    let mut ingest = Proc::start(&cfg_a, dir.path(), &["ingest"]);
-    ingest.ready().await;
-    let mut incidents = [
-        Proc::start(&cfg_a, dir.path(), &["incidents"]),
-        Proc::start(&cfg_b, dir.path(), &["incidents"]),
-    ];
-    let mut escalation = [
-        Proc::start(&cfg_a, dir.path(), &["escalation"]),
-        Proc::start(&cfg_b, dir.path(), &["escalation"]),
-    ];
-    for p in incidents.iter_mut().chain(escalation.iter_mut()) {
-        p.ready().await;
-    }
+    let (_ingest, mut incidents, escalation) = pairs(dir.path(), [&cfg_a, &cfg_b]).await;
     let active = active_of(&incidents, "incidents").await;
     let esc_active = active_of(&escalation, "escalation").await;
 
