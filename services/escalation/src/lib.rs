@@ -77,9 +77,10 @@ pub fn check(config: &EscalationConfig) -> Result<(), EscalationError> {
 
 /// Runs the escalation service until `ctx.shutdown` is cancelled, as the
 /// active instance while it holds the `escalation` lease and as a standby
-/// otherwise (`tocsin_runtime::lease::lead`): each time it takes the lease
-/// it starts afresh from its store and catches up with INCIDENTS before any
-/// step fires. While active it answers queries and, given a `calendar`
+/// otherwise (`tocsin_runtime::lease::lead`): while standing by it keeps
+/// its tracks caught up with INCIDENTS (`follow`); each time it takes the
+/// lease it starts from that (or afresh from its store) and catches up with
+/// INCIDENTS before any step fires. While active it answers queries and, given a `calendar`
 /// listener (bound to `calendar_listen`), serves the on-call calendars.
 pub async fn run(
     config: EscalationConfig,

@@ -137,10 +137,11 @@ pub fn compile(config: &IncidentsConfig) -> Result<core::CoreConfig, IncidentsEr
 
 /// Runs the incidents service until `ctx.shutdown` is cancelled, as the
 /// active instance while it holds the `incidents` lease and as a standby
-/// otherwise (`tocsin_runtime::lease::lead`): each time it takes the lease
-/// it starts afresh from its store and catches up from the INCIDENTS stream
-/// before it consumes or publishes anything. It serves no HTTP (`_listener`
-/// is for the one signature every service has).
+/// otherwise (`tocsin_runtime::lease::lead`): while standing by it keeps
+/// its store caught up with INCIDENTS (`follow`); each time it takes the
+/// lease it starts from that (or afresh from its store) and catches up from
+/// the INCIDENTS stream before it consumes or publishes anything. It serves
+/// no HTTP (`_listener` is for the one signature every service has).
 pub async fn run(
     config: IncidentsConfig,
     ctx: &ServiceContext,

@@ -53,8 +53,9 @@
 //! service's future only while the lease is valid (checked at every poll,
 //! so nothing is published after the deadline, even by a process that was
 //! frozen past it). When the lease is lost the service's future is dropped
-//! and the instance waits again; the next tenure starts the service afresh,
-//! so it catches up from the streams before it acts. Every JetStream message
+//! and the instance waits again; the next tenure starts the service afresh
+//! (or from what its standby follower kept current, see [`lead`]), so it
+//! catches up from the streams before it acts. Every JetStream message
 //! published during a tenure carries the header `Tocsin-Lease:
 //! <role>/<term>` (see [`crate::bus::message`]), so the stream itself shows
 //! which tenure wrote what.
