@@ -31,7 +31,7 @@ use tocsin_runtime::{
     streams::{ensure_streams, JetStreamConfig},
     CancellationToken,
 };
-use tocsin_tests::{bus, faults::NatsProxy, NatsServer};
+use tocsin_tests::{bus, eventually_within, faults::NatsProxy, NatsServer};
 
 const N: u32 = 2_500;
 
@@ -625,20 +625,22 @@ async fn steps_whose_pages_were_never_stored_fire_after_a_crash() {
     assert_eq!(pages, want, "each incident paged at levels 0 and 1");
 }
 
-/// Polls `done` every 50 ms for up to a minute; panics naming `what` if it
-/// never holds.
+/// Waits (the kit's [`eventually_within`], up to a minute) until `done`
+/// holds; panics naming `what` if it never does.
 async fn wait_for<F, Fut>(what: &str, done: F)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    for _ in 0..1200 {
+    let came = eventually_within(Duration::from_secs(60), || async {
         if done().await {
-            return;
+            Ok(())
+        } else {
+            Err(())
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what} never came");
+    })
+    .await;
+    assert!(came.is_ok(), "{what} never came");
 }
 
 /// Incidents with a `paged` timeline record of `level` on COMMANDS.

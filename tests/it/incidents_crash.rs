@@ -26,7 +26,7 @@ use tocsin_runtime::{
     CancellationToken,
 };
 use tocsin_tests::{
-    bus,
+    bus, eventually_within,
     faults::NatsProxy,
     incidents::{alert, list, log, try_publish_alerts},
     NatsServer,
@@ -383,16 +383,24 @@ async fn entries_never_stored_are_decided_again_after_a_crash() {
     let proxy = NatsProxy::start(nats.port()).await;
     let dir = tempfile::tempdir().unwrap();
     let (svc, _stop, conn) = start(&proxy.url_for(&nats.url()), dir.path()).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while bus::count(&js, STREAM_INCIDENTS).await < 500 {
-        assert!(tokio::time::Instant::now() < deadline, "no 500 entries");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let limit = Duration::from_secs(120);
+    eventually_within(limit, || async {
+        match bus::count(&js, STREAM_INCIDENTS).await {
+            n if n >= 500 => Ok(()),
+            n => Err(n),
+        }
+    })
+    .await
+    .unwrap_or_else(|n| panic!("{n} entries, not 500, within {limit:?}"));
     proxy.swallow(&["tocsin.incidents."]);
-    while proxy.swallowed() < 100 {
-        assert!(tokio::time::Instant::now() < deadline, "no 100 swallowed");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually_within(limit, || async {
+        match proxy.swallowed() {
+            n if n >= 100 => Ok(()),
+            n => Err(n),
+        }
+    })
+    .await
+    .unwrap_or_else(|n| panic!("{n} publishes swallowed, not 100, within {limit:?}"));
     let stored = bus::count(&js, STREAM_INCIDENTS).await;
     svc.abort();
     let _ = svc.await;

@@ -13,7 +13,7 @@
 //! passed through as it comes.
 
 use std::sync::{
-    atomic::{AtomicBool, AtomicU64, Ordering},
+    atomic::{AtomicU64, Ordering},
     Arc, Mutex,
 };
 
@@ -30,19 +30,16 @@ const MAX_FRAME: usize = 16 * 1024 * 1024;
 struct Rules {
     /// Publishes to subjects starting with one of these are swallowed.
     prefixes: Mutex<Vec<String>>,
-    dropping: AtomicBool,
     dropped: AtomicU64,
 }
 
 impl Rules {
     fn drops(&self, subject: &[u8]) -> bool {
-        self.dropping.load(Ordering::SeqCst)
-            && self
-                .prefixes
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|p| subject.starts_with(p.as_bytes()))
+        self.prefixes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| subject.starts_with(p.as_bytes()))
     }
 }
 
@@ -88,12 +85,6 @@ impl NatsProxy {
     /// are swallowed (on every connection through the proxy).
     pub fn swallow(&self, prefixes: &[&str]) {
         *self.rules.prefixes.lock().unwrap() = prefixes.iter().map(|p| p.to_string()).collect();
-        self.rules.dropping.store(true, Ordering::SeqCst);
-    }
-
-    /// Publishes go through again.
-    pub fn pass(&self) {
-        self.rules.dropping.store(false, Ordering::SeqCst);
     }
 
     /// How many publishes were swallowed so far.

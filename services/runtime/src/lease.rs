@@ -369,7 +369,6 @@ impl Me {
     }
 }
 
-/// Sets `tocsin_leader{role}`.
 /// Records that a standby of `role` has its store caught up to INCIDENTS
 /// sequence `seq` (`tocsin_standby_followed_sequence{role}`).
 pub fn followed(metrics: &Metrics, role: &str, seq: u64) {
@@ -379,6 +378,7 @@ pub fn followed(metrics: &Metrics, role: &str, seq: u64) {
         .set(i64::try_from(seq).unwrap_or(i64::MAX));
 }
 
+/// Sets `tocsin_leader{role}`.
 fn set_leader(metrics: &Metrics, role: &str, leader: bool) {
     metrics
         .leader

@@ -144,14 +144,9 @@ async fn role_state(p: &Proc, role: &str) -> (String, Option<i64>) {
             .unwrap_or_default(),
         Err(e) => format!("unreachable: {e}"),
     };
-    let line = format!("tocsin_leader{{role=\"{role}\"}} ");
-    let leader = match client.get(format!("{base}/metrics")).send().await {
-        Ok(r) => r.text().await.ok().and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix(&line).and_then(|v| v.trim().parse().ok()))
-        }),
-        Err(_) => None,
-    };
+    let leader = metric(p, &format!("tocsin_leader{{role=\"{role}\"}} "))
+        .await
+        .map(|v| v as i64);
     (check, leader)
 }
 
@@ -253,10 +248,23 @@ fn kill_signal(p: &Proc, signal: &str) {
     assert!(status.success(), "kill {signal} {pid}");
 }
 
-/// Ingest (on config `a`), and two incidents and two escalation processes
-/// (one on each config), each ready: one of each pair active, the other
-/// its standby.
-async fn pairs(dir: &Path, [cfg_a, cfg_b]: [&Path; 2]) -> (Proc, [Proc; 2], [Proc; 2]) {
+/// What [`pairs`] started.
+struct Pairs {
+    ingest_port: u16,
+    _ingest: Proc,
+    incidents: [Proc; 2],
+    escalation: [Proc; 2],
+}
+
+/// Two configs (instances `a` and `b`) on `nats`, ingest on `a`, and two
+/// incidents and two escalation processes (one on each config), each
+/// ready: one of each pair active, the other its standby.
+async fn pairs(nats: &NatsServer, dir: &Path) -> Pairs {
+    let ingest_port = free_port();
+    let (cfg_a, cfg_b) = (
+        &config(nats, dir, ingest_port, "a"),
+        &config(nats, dir, ingest_port, "b"),
+    );
     let mut ingest = Proc::start(cfg_a, dir, &["ingest"]);
     ingest.ready().await;
     let mut incidents = [
@@ -271,20 +279,45 @@ async fn pairs(dir: &Path, [cfg_a, cfg_b]: [&Path; 2]) -> (Proc, [Proc; 2], [Pro
         // A standby is ready too: it is doing its job, waiting.
         p.ready().await;
     }
-    (ingest, incidents, escalation)
+    Pairs {
+        ingest_port,
+        _ingest: ingest,
+        incidents,
+        escalation,
+    }
+}
+
+/// When the first incident opened under a lease term after `term` was
+/// stored (ns); if none comes, panics with `what` and `standby`'s log.
+async fn first_opened_after(
+    js: &jetstream::Context,
+    term: u64,
+    standby: &Proc,
+    what: &str,
+) -> i128 {
+    eventually_within(TAKEOVER, || async {
+        read_raw(js, STREAM_INCIDENTS)
+            .await
+            .into_iter()
+            .find(|r| r.lease.as_ref().is_some_and(|(_, t)| *t > term) && opened(r).is_some())
+            .map(|r| r.time_ns)
+            .ok_or("no incident opened by a new term yet")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{what}{e}\n{}", standby.log_text()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_and_nothing_is_lost_or_duplicated() {
     let nats = NatsServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let ingest_port = free_port();
-    let (cfg_a, cfg_b) = (
-        config(&nats, dir.path(), ingest_port, "a"),
-        config(&nats, dir.path(), ingest_port, "b"),
-    );
     let js = jetstream::new(nats.client().await);
-    let (_ingest, mut incidents, mut escalation) = pairs(dir.path(), [&cfg_a, &cfg_b]).await;
+    let Pairs {
+        ingest_port,
+        _ingest,
+        mut incidents,
+        mut escalation,
+    } = pairs(&nats, dir.path()).await;
     active_of(&incidents, "incidents").await;
     active_of(&escalation, "escalation").await;
 
@@ -302,16 +335,8 @@ async fn a_standby_takes_over_and_nothing_is_lost_or_duplicated() {
         incidents[active].kill();
         let last_renewal = lease_writes(&js, "incidents").await;
         // The standby's first new incident, as stored by JetStream.
-        let first = eventually_within(TAKEOVER, || async {
-            read_raw(&js, STREAM_INCIDENTS)
-                .await
-                .into_iter()
-                .find(|r| r.lease.as_ref().is_some_and(|(_, t)| *t > term) && opened(r).is_some())
-                .map(|r| r.time_ns)
-                .ok_or("no incident opened by a new term yet")
-        })
-        .await
-        .unwrap_or_else(|e| panic!("kill {kill}: {e}\n{}", incidents[1 - active].log_text()));
+        let first =
+            first_opened_after(&js, term, &incidents[1 - active], &format!("kill {kill}: ")).await;
         let secs = (first - killed_at) as f64 / 1e9;
         let taken = lease_writes(&js, "incidents").await;
         eprintln!(
@@ -811,13 +836,13 @@ fn history() -> usize {
 async fn a_standby_follows_the_log_and_takes_over_warm() {
     let nats = NatsServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let ingest_port = free_port();
-    let (cfg_a, cfg_b) = (
-        config(&nats, dir.path(), ingest_port, "a"),
-        config(&nats, dir.path(), ingest_port, "b"),
-    );
     let js = jetstream::new(nats.client().await);
-    let (_ingest, mut incidents, escalation) = pairs(dir.path(), [&cfg_a, &cfg_b]).await;
+    let Pairs {
+        ingest_port,
+        _ingest,
+        mut incidents,
+        escalation,
+    } = pairs(&nats, dir.path()).await;
     let active = active_of(&incidents, "incidents").await;
     let esc_active = active_of(&escalation, "escalation").await;
 
@@ -861,16 +886,7 @@ async fn a_standby_follows_the_log_and_takes_over_warm() {
     let killed_at = ns_since_epoch(SystemTime::now());
     incidents[active].kill();
     let poster = Poster::start(ingest_port, "AfterKill");
-    let first = eventually_within(TAKEOVER, || async {
-        read_raw(&js, STREAM_INCIDENTS)
-            .await
-            .into_iter()
-            .find(|r| r.lease.as_ref().is_some_and(|(_, t)| *t > term) && opened(r).is_some())
-            .map(|r| r.time_ns)
-            .ok_or("no incident opened by a new term yet")
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", incidents[1 - active].log_text()));
+    let first = first_opened_after(&js, term, &incidents[1 - active], "").await;
     poster.finish().await;
     let replayed = metric(
         &incidents[1 - active],

@@ -414,6 +414,19 @@ pub async fn send_as_alertmanager_does(req: reqwest::RequestBuilder) -> Result<u
     }
 }
 
+/// Writes a new config file readable by this user only (it holds the NATS
+/// passwords).
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    std::io::Write::write_all(&mut f, text.as_bytes())?;
+    Ok(())
+}
+
 /// nats-server and `tocsin ingest`, `incidents`, `escalation` and
 /// `notifier` as separate processes, each with its own NATS user, paging
 /// `{webhook: bench}` at `hook` at once for every new incident. Everything
@@ -500,17 +513,8 @@ notifier:
             notifier = cred("notifier"),
             data = dir.path().display(),
         );
-        // It holds the NATS passwords: only for this user.
         let config_path = dir.path().join("tocsin.yaml");
-        {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&config_path)?;
-            std::io::Write::write_all(&mut f, config.as_bytes())?;
-        }
+        write_private(&config_path, &config)?;
         let mut stack = TocsinStack {
             procs: Vec::new(),
             standbys: Vec::new(),
@@ -552,15 +556,7 @@ notifier:
             config = config.replace(&from, &to);
         }
         let path = dir.join("tocsin-standby.yaml");
-        {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)?;
-            std::io::Write::write_all(&mut f, config.as_bytes())?;
-        }
+        write_private(&path, &config)?;
         for s in services {
             let admin = tocsin_tests::ports::free_port();
             let mut p = self.spawn_with(s, &path, admin, "-standby")?;
