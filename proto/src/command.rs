@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::{
-    incident::{Actor, IncidentSummary, RunbookRequest},
+    incident::{Actor, Fired, IncidentSummary, RunbookRequest},
     notify::Delivery,
     silence::Silence,
 };
@@ -95,6 +95,9 @@ pub enum Action {
         /// `alice via sms`, `#ops via slack`, ...
         pages: Vec<String>,
         reason: String,
+        /// Which escalation step this was (see [`Fired`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fired: Option<Fired>,
     },
     /// The notifier delivered (or failed to deliver) a message for an incident.
     Delivery {

@@ -266,6 +266,10 @@ pub enum EventKind {
         pages: Vec<String>,
         #[serde(default)]
         reason: String,
+        /// Which escalation step this was (absent from entries written
+        /// before it was added).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fired: Option<Fired>,
     },
     /// The notifier's receipt for a message about this incident.
     Delivery {
@@ -276,6 +280,22 @@ pub enum EventKind {
     Runbook {
         request: RunbookRequest,
     },
+}
+
+/// Which escalation step a `paged` record stands for: the policy, the
+/// generation of the incident's track in it (it changes when the incident
+/// reopens or is paged again after an unacknowledge, a snooze or an
+/// escalate-now), the level and round (on the record itself) and, for a
+/// reminder to whoever acknowledged, the reminder's number. A `paged` record
+/// is written only once the step's pages are stored, so an escalation
+/// instance that follows INCIDENTS (a standby, or the active one after a
+/// crash) takes the step as fired and does not fire it again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fired {
+    pub policy: String,
+    pub generation: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reminder: Option<u32>,
 }
 
 /// What a person asks of the remediation service about an incident

@@ -499,6 +499,7 @@ async fn receipts_sent_together_are_each_applied_once_and_a_misfit_goes_alone() 
                 repeat: 0,
                 pages: vec![format!("user{n} via sms")],
                 reason: format!("level {}", level + 1),
+                fired: None,
             },
         )
     };

@@ -31,6 +31,8 @@ struct Rules {
     /// Publishes to subjects starting with one of these are swallowed.
     prefixes: Mutex<Vec<String>>,
     dropped: AtomicU64,
+    /// The subjects of the publishes swallowed, in order.
+    subjects: Mutex<Vec<String>>,
 }
 
 impl Rules {
@@ -91,6 +93,11 @@ impl NatsProxy {
     pub fn swallowed(&self) -> u64 {
         self.rules.dropped.load(Ordering::SeqCst)
     }
+
+    /// The subjects of the publishes swallowed so far, in order.
+    pub fn swallowed_subjects(&self) -> Vec<String> {
+        self.rules.subjects.lock().unwrap().clone()
+    }
 }
 
 impl Drop for NatsProxy {
@@ -122,6 +129,8 @@ async fn pump(client: TcpStream, server: TcpStream, rules: Arc<Rules>) {
                 match publish_subject(frame) {
                     Some(subject) if rules.drops(subject) => {
                         rules.dropped.fetch_add(1, Ordering::SeqCst);
+                        let subject = String::from_utf8_lossy(subject).into_owned();
+                        rules.subjects.lock().unwrap().push(subject);
                     }
                     _ => out.extend_from_slice(frame),
                 }

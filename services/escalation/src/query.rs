@@ -371,6 +371,7 @@ users:
             generation: 0,
             held_from: None,
             cause: None,
+            last_fired: level.checked_sub(1).map(|l| (0, l, 0)),
         }
     }
 

@@ -35,7 +35,7 @@ const READ_THREADS: usize = 4;
 /// each), so a long burst holds a bounded number.
 const RELEASE_EVERY: usize = 4;
 
-/// A chunk's messages sent, their acks not yet awaited
+/// A chunk's pages sent, their acks not yet awaited
 /// ([`Service::send_all`], [`Service::finish`]).
 struct InFlight {
     /// The chunk's due steps, saved once every message is acknowledged.
@@ -45,6 +45,10 @@ struct InFlight {
     pending: Vec<(Vec<usize>, jetstream::context::PublishAckFuture)>,
     /// Effects whose message could not be sent: sent again one at a time.
     retry: Vec<usize>,
+    /// The chunk's timeline records (places in `effects`), sent once every
+    /// page of the chunk is stored: an instance following INCIDENTS takes
+    /// a `paged` record as "these pages were sent" and will not send them.
+    records: Vec<usize>,
     now: Timestamp,
 }
 
@@ -407,9 +411,12 @@ impl Service {
         Ok(())
     }
 
-    /// Fires every due track. Effects are published before the track is
-    /// saved: a crash in between fires the step again with the same page
-    /// ids, which JetStream (and the notifier's delivery records) drop.
+    /// Fires every due track. Pages are published, then once they are
+    /// stored the timeline records, then the track is saved: a crash before
+    /// the records are stored fires the step again with the same page ids,
+    /// which JetStream (and the notifier's delivery records) drop; after
+    /// that, the records found on INCIDENTS at the restart mark the step
+    /// fired (so does a standby taking over).
     ///
     /// Ok(false) if the service stopped meanwhile; Err if the store cannot
     /// be read.
@@ -420,11 +427,12 @@ impl Service {
     ) -> Result<bool, EscalationError> {
         let now = self.clock.now();
         let mut drained_at = std::time::Instant::now();
-        // Steps are fired a chunk at a time: the chunk's messages are all
+        // Steps are fired a chunk at a time: the chunk's pages are all
         // sent, then the next chunk is read from the store and fired while
         // their acks come in (each waits for an fsync); once they are in,
-        // the chunk's tracks are saved. A crash before that fires them
-        // again with the same ids. Two chunks' messages stay far below
+        // the chunk's records are sent, and once those are in, its tracks
+        // are saved. A crash before that fires them again with the same
+        // ids, unless the records were stored. Two chunks' messages stay far below
         // async-nats's 5,000 in-flight publishes, which ingest shares in
         // `tocsin up`.
         let mut after = None;
@@ -511,14 +519,12 @@ impl Service {
         true
     }
 
-    /// Sends every effect of a chunk without awaiting the acks
-    /// ([`Service::finish`] does). The pages of a channel and the timeline
-    /// records of an action go together, as few messages as fit
-    /// ([`batches`]): a burst costs one synced write per message, not one
-    /// per page and record.
+    /// Sends the pages of a chunk without awaiting the acks
+    /// ([`Service::finish`] does, then sends the chunk's timeline records).
+    /// The pages of a channel and the records of an action go together, as
+    /// few messages as fit ([`batches`]): a burst costs one synced write per
+    /// message, not one per page and record.
     async fn send_all(&self, keys: Vec<Key>, effects: Vec<Effect>, now: Timestamp) -> InFlight {
-        let mut pending = Vec::with_capacity(effects.len());
-        let mut retry = Vec::new();
         let (records, mut pages): (Vec<usize>, Vec<usize>) =
             (0..effects.len()).partition(|i| matches!(effects[*i], Effect::Record(_)));
         // A channel's pages together (each channel has its own consumer),
@@ -531,39 +537,87 @@ impl Service {
                 first.len() - 1
             })
         });
-        for order in [pages, records] {
-            let refs: Vec<&Effect> = order.iter().map(|i| &effects[*i]).collect();
-            // A message's effects are consecutive ones of `order`.
-            let mut at = 0;
-            for batch in batches(&refs) {
-                let which = order[at..at + batch.len()].to_vec();
-                at += batch.len();
-                let sent = match batch.as_slice() {
-                    [one] => self.send(one, now).await,
-                    several => self.send_batch(several, now).await,
-                };
-                match sent {
-                    Some(ack) => pending.push((which, ack)),
-                    None => retry.extend(which),
-                }
-            }
-        }
+        let (pending, retry) = self.send_group(&effects, &pages, now).await;
         InFlight {
             keys,
             effects,
             pending,
             retry,
+            records,
             now,
         }
     }
 
-    /// Awaits the acks of what [`Service::send_all`] sent; any effect whose
-    /// message failed is sent again on its own until it succeeds. False if
-    /// the service stopped first.
+    /// Sends the effects `order` (places in `effects`) grouped into
+    /// messages ([`batches`]); each message's effects with its ack, and
+    /// the effects whose message could not be sent.
+    async fn send_group(
+        &self,
+        effects: &[Effect],
+        order: &[usize],
+        now: Timestamp,
+    ) -> (
+        Vec<(Vec<usize>, jetstream::context::PublishAckFuture)>,
+        Vec<usize>,
+    ) {
+        let mut pending = Vec::new();
+        let mut retry = Vec::new();
+        let refs: Vec<&Effect> = order.iter().map(|i| &effects[*i]).collect();
+        // A message's effects are consecutive ones of `order`.
+        let mut at = 0;
+        for batch in batches(&refs) {
+            let which = order[at..at + batch.len()].to_vec();
+            at += batch.len();
+            let sent = match batch.as_slice() {
+                [one] => self.send(one, now).await,
+                several => self.send_batch(several, now).await,
+            };
+            match sent {
+                Some(ack) => pending.push((which, ack)),
+                None => retry.extend(which),
+            }
+        }
+        (pending, retry)
+    }
+
+    /// Awaits the acks of the pages [`Service::send_all`] sent, then sends
+    /// the chunk's records and awaits theirs; any effect whose message
+    /// failed is sent again on its own until it succeeds. False if the
+    /// service stopped first.
     async fn finish(&self, sent: &mut InFlight, shutdown: &CancellationToken) -> bool {
-        let mut retry = std::mem::take(&mut sent.retry);
-        for (which, ack) in std::mem::take(&mut sent.pending) {
-            match ack.await {
+        let pending = std::mem::take(&mut sent.pending);
+        let retry = std::mem::take(&mut sent.retry);
+        if !self.settle(sent, pending, retry, shutdown).await {
+            return false;
+        }
+        let records = std::mem::take(&mut sent.records);
+        let (pending, retry) = self.send_group(&sent.effects, &records, sent.now).await;
+        self.settle(sent, pending, retry, shutdown).await
+    }
+
+    /// Awaits `pending`'s acks; sends the effects of any that failed, and
+    /// `retry`, again one at a time until each is stored. False if the
+    /// service stopped first.
+    ///
+    /// The acks are awaited side by side: each one's timeout (the
+    /// JetStream context's, 5 s) starts when it is awaited, so a chunk
+    /// whose messages were all lost (a stream leader lost them) would
+    /// otherwise wait 5 s for each of its messages before sending any again.
+    async fn settle(
+        &self,
+        sent: &InFlight,
+        pending: Vec<(Vec<usize>, jetstream::context::PublishAckFuture)>,
+        mut retry: Vec<usize>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let acks = futures::future::join_all(
+            pending
+                .into_iter()
+                .map(|(which, ack)| async move { (which, ack.await) }),
+        )
+        .await;
+        for (which, ack) in acks {
+            match ack {
                 Ok(ack) => {
                     for i in &which {
                         self.count(&sent.effects[*i], ack.duplicate);
@@ -800,6 +854,7 @@ mod batch_tests {
                 repeat: 0,
                 pages: vec!["x".repeat(text)],
                 reason: String::new(),
+                fired: None,
             }
         };
         Effect::Record(Box::new(Command {

@@ -172,6 +172,7 @@ mod tests {
             generation: 0,
             held_from: None,
             cause: None,
+            last_fired: None,
         }
     }
 

@@ -8,7 +8,7 @@ use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 use tocsin_proto::{
     command::{Action, Command, IncidentRef},
-    incident::{Actor, EventKind, IncidentEvent, IncidentStatus, IncidentSummary},
+    incident::{Actor, EventKind, Fired, IncidentEvent, IncidentStatus, IncidentSummary},
     notify::{Channel, MessageKind, Page, PageTarget},
 };
 use uuid::Uuid;
@@ -58,6 +58,10 @@ pub struct Track {
     /// runbook), put on its pages.
     #[serde(default)]
     pub cause: Option<String>,
+    /// The last level fired or skipped: generation, level, round. A
+    /// `paged` record for it changes nothing ([`Tracks::on_event`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_fired: Option<(u32, u32, u32)>,
 }
 
 impl Track {
@@ -349,6 +353,7 @@ impl Tracks {
                         generation: inc.reopen_count.saturating_mul(1000),
                         held_from: None,
                         cause: None,
+                        last_fired: None,
                     },
                 );
                 out.push(key);
@@ -457,12 +462,55 @@ impl Tracks {
                 }
                 keys
             }
-            // Receipts, notes and other runbook progress change nothing
-            // here but the tracks' copy of the incident, and only when the
-            // incident itself changed (a receipt usually leaves it as it
-            // was): nothing else is to be saved.
-            EventKind::Delivery { .. }
-            | EventKind::NoteAdded { .. }
+            // A `paged` record is written once the step's pages are stored:
+            // the step fired. The instance that fired it has moved on and
+            // this changes nothing there; one that follows the log (a
+            // standby, or this one after a crash before it saved) moves
+            // its track as firing did, so a takeover does not fire it
+            // again.
+            EventKind::Paged {
+                level,
+                repeat,
+                fired: Some(fired),
+                ..
+            } => {
+                let key = (inc.id, fired.policy.clone());
+                let marked = self
+                    .map
+                    .get_mut(&key)
+                    .is_some_and(|t| mark_fired(t, planner, fired, *level, *repeat, ev.at));
+                if marked && !differ.contains(&key) {
+                    differ.push(key);
+                }
+                differ
+            }
+            // The notifier's receipt for a page: it was stored on NOTIFY.
+            // A rule step that pages later than its level (`after: 5m`)
+            // has no record of its own; its receipt takes it off the
+            // pending steps of a track that did not fire it.
+            EventKind::Delivery { delivery } => {
+                for k in &keys {
+                    let Some(t) = self.map.get_mut(k) else {
+                        continue;
+                    };
+                    let before = t.pending.len();
+                    let (id, generation) = (inc.id, t.generation);
+                    t.pending.retain(|p| {
+                        Page::make_id(
+                            &id, generation, p.level, p.repeat, &p.target, p.channel, p.step,
+                        ) != delivery.id
+                    });
+                    if t.pending.len() != before && !differ.contains(k) {
+                        differ.push(k.clone());
+                    }
+                }
+                differ
+            }
+            // Notes and other runbook progress change nothing here but the
+            // tracks' copy of the incident, and only when the incident
+            // itself changed (a receipt usually leaves it as it was):
+            // nothing else is to be saved.
+            EventKind::NoteAdded { .. }
             | EventKind::Paged { .. }
             | EventKind::Remediation { .. }
             | EventKind::Runbook { .. }
@@ -599,7 +647,7 @@ impl Tracks {
                         &t.policy,
                         level,
                         repeat,
-                        &format!("renotify-{}", t.renotified),
+                        Some(t.renotified),
                         descriptions,
                         reason,
                     ));
@@ -620,92 +668,155 @@ impl Tracks {
                 t.next_at = None;
                 break;
             }
-            let (level, repeat) = (t.level, t.repeat);
-            let plan = planner.level(&t.policy, level, &t.incident, now);
-            let next = planner.next(&t.policy, level, repeat, t.incident.severity);
-            let skip = plan.empty.is_some() && planner.skip_empty_levels(&t.policy);
-            // Levels are numbered from 1 for people (the wire's are 0-based).
-            let shown = level + 1;
-            let reason = if skip {
-                format!(
-                    "level {shown} of policy {} skipped: {}",
-                    t.policy,
-                    plan.empty.clone().unwrap_or_default()
-                )
-            } else if level == 0 && repeat == 0 {
-                format!("level 1 of policy {}", t.policy)
-            } else {
-                format!(
-                    "level {shown} (round {}) of policy {}: not acknowledged",
-                    repeat + 1,
-                    t.policy
-                )
-            };
-            let reason = match t.cause.take() {
-                Some(c) if !skip => format!("{reason}: {c}"),
-                _ => reason,
-            };
-            t.held_from = None;
-            let mut descriptions = Vec::new();
-            for pg in plan.pages {
-                descriptions.push(describe(&pg));
-                if pg.after.is_zero() {
-                    out.push(page(
-                        &t.incident,
-                        generation,
-                        level,
-                        repeat,
-                        pg.target,
-                        pg.channel,
-                        pg.address,
-                        pg.step,
-                        reason.clone(),
-                        at,
-                    ));
-                } else {
-                    t.pending.push(Pending {
-                        due: add(at, pg.after),
-                        level,
-                        repeat,
-                        target: pg.target,
-                        channel: pg.channel,
-                        address: pg.address,
-                        step: pg.step,
-                        reason: reason.clone(),
-                    });
-                }
-            }
-            out.push(record(
-                inc_id,
-                generation,
-                &t.policy,
-                level,
-                repeat,
-                "level",
-                descriptions,
-                reason,
-            ));
-            if !skip {
-                t.fired = Some((level, repeat));
-            }
-            match next {
-                Next::Level {
-                    level: l,
-                    repeat: r,
-                    after,
-                } => {
-                    t.level = l;
-                    t.repeat = r;
-                    t.next_at = Some(if skip { at } else { add(at, after) });
-                }
-                Next::Exhausted => t.next_at = None,
-            }
-            if !skip {
+            if !fire_level(t, planner, at, now, &mut out) {
                 break;
             }
         }
         out
     }
+}
+
+/// Fires the level `t` is at, due at `at`: its pages due now go to `out`
+/// with its record, its later rule steps to `t.pending`; `t` moves on to
+/// the next level. Returns whether the level was skipped (empty, and the
+/// policy skips empty levels): then the next one fires at once too.
+fn fire_level(
+    t: &mut Track,
+    planner: &Planner,
+    at: Timestamp,
+    now: Timestamp,
+    out: &mut Vec<Effect>,
+) -> bool {
+    let (level, repeat, generation) = (t.level, t.repeat, t.generation);
+    let plan = planner.level(&t.policy, level, &t.incident, now);
+    let next = planner.next(&t.policy, level, repeat, t.incident.severity);
+    let skip = plan.empty.is_some() && planner.skip_empty_levels(&t.policy);
+    // Levels are numbered from 1 for people (the wire's are 0-based).
+    let shown = level + 1;
+    let reason = if skip {
+        format!(
+            "level {shown} of policy {} skipped: {}",
+            t.policy,
+            plan.empty.clone().unwrap_or_default()
+        )
+    } else if level == 0 && repeat == 0 {
+        format!("level 1 of policy {}", t.policy)
+    } else {
+        format!(
+            "level {shown} (round {}) of policy {}: not acknowledged",
+            repeat + 1,
+            t.policy
+        )
+    };
+    let reason = match t.cause.take() {
+        Some(c) if !skip => format!("{reason}: {c}"),
+        _ => reason,
+    };
+    t.held_from = None;
+    let mut descriptions = Vec::new();
+    for pg in plan.pages {
+        descriptions.push(describe(&pg));
+        if pg.after.is_zero() {
+            out.push(page(
+                &t.incident,
+                generation,
+                level,
+                repeat,
+                pg.target,
+                pg.channel,
+                pg.address,
+                pg.step,
+                reason.clone(),
+                at,
+            ));
+        } else {
+            t.pending.push(Pending {
+                due: add(at, pg.after),
+                level,
+                repeat,
+                target: pg.target,
+                channel: pg.channel,
+                address: pg.address,
+                step: pg.step,
+                reason: reason.clone(),
+            });
+        }
+    }
+    out.push(record(
+        t.incident.id,
+        generation,
+        &t.policy,
+        level,
+        repeat,
+        None,
+        descriptions,
+        reason,
+    ));
+    if !skip {
+        t.fired = Some((level, repeat));
+    }
+    t.last_fired = Some((generation, level, repeat));
+    match next {
+        Next::Level {
+            level: l,
+            repeat: r,
+            after,
+        } => {
+            t.level = l;
+            t.repeat = r;
+            t.next_at = Some(if skip { at } else { add(at, after) });
+        }
+        Next::Exhausted => t.next_at = None,
+    }
+    skip
+}
+
+/// Moves `t` as firing the step a `paged` record stands for did (level
+/// `level` in round `repeat`, or the reminder `fired.reminder`), if `t` has
+/// not fired it: the instance that fired it has moved on, so this changes
+/// nothing there. Returns whether `t` changed.
+///
+/// The level is taken as fired when it was due (the instance that fired it
+/// did so then or a little later); its pages are dropped (they are
+/// stored), its later rule steps kept pending (their own receipts come
+/// when they are sent). If the track stopped meanwhile (an acknowledgement
+/// or snooze came between the firing and its record), it moves on and
+/// stays stopped, as the firing instance's did.
+fn mark_fired(
+    t: &mut Track,
+    planner: &Planner,
+    fired: &Fired,
+    level: u32,
+    repeat: u32,
+    when: Timestamp,
+) -> bool {
+    if t.generation != fired.generation {
+        return false;
+    }
+    if let Some(n) = fired.reminder {
+        if t.renotified != n {
+            return false;
+        }
+        let at = t.renotify_at.unwrap_or(when);
+        t.renotified = n + 1;
+        t.renotify_at = planner
+            .renotify_acknowledged_after(&t.policy)
+            .map(|d| add(at, d));
+        return true;
+    }
+    if (t.level, t.repeat) != (level, repeat)
+        || t.last_fired == Some((fired.generation, level, repeat))
+    {
+        return false;
+    }
+    let stopped = t.next_at.is_none();
+    let at = t.next_at.unwrap_or(when);
+    fire_level(t, planner, at, at, &mut Vec::new());
+    if stopped {
+        t.next_at = None;
+        t.pending.clear();
+    }
+    true
 }
 
 /// `alice (on call for primary) via sms`, for timelines and plans.
@@ -773,10 +884,14 @@ fn record(
     policy: &str,
     level: u32,
     repeat: u32,
-    what: &str,
+    reminder: Option<u32>,
     pages: Vec<String>,
     reason: String,
 ) -> Effect {
+    let what = match reminder {
+        Some(n) => format!("renotify-{n}"),
+        None => "level".to_string(),
+    };
     Effect::Record(Box::new(Command {
         id: format!(
             "esc-{}-{generation}-{policy}-{level}-{repeat}-{what}",
@@ -789,6 +904,11 @@ fn record(
             repeat,
             pages,
             reason,
+            fired: Some(Fired {
+                policy: policy.to_string(),
+                generation,
+                reminder,
+            }),
         },
     }))
 }

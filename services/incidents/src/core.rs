@@ -1213,6 +1213,7 @@ impl<'a> Decider<'a> {
                         repeat,
                         pages,
                         reason,
+                        fired,
                         ..
                     } => {
                         if resolved {
@@ -1225,6 +1226,7 @@ impl<'a> Decider<'a> {
                                     repeat: *repeat,
                                     pages: pages.clone(),
                                     reason: reason.clone(),
+                                    fired: fired.clone(),
                                 },
                             );
                             Verdict::Accepted(format!("pages recorded on incident #{n}"))

@@ -281,11 +281,19 @@ fn cut_entry(entry: &mut LogEntry, cap: usize) {
                         cut_text(t, cap);
                     }
                 }
-                EventKind::Paged { pages, reason, .. } => {
+                EventKind::Paged {
+                    pages,
+                    reason,
+                    fired,
+                    ..
+                } => {
                     for p in pages.iter_mut() {
                         cut_text(p, cap);
                     }
                     cut_text(reason, cap);
+                    if let Some(f) = fired {
+                        cut_text(&mut f.policy, cap);
+                    }
                 }
                 EventKind::Delivery { delivery } => {
                     cut_text(&mut delivery.target, cap);

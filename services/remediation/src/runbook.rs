@@ -1051,6 +1051,7 @@ steps:
             repeat,
             pages: vec![],
             reason: String::new(),
+            fired: None,
         };
         assert!(rb.applies(&paged(1, 0), &inc));
         assert!(!rb.applies(&paged(0, 0), &inc));

@@ -395,6 +395,7 @@ fn describe_event(e: &IncidentEvent, style: &Style) -> String {
             repeat,
             pages,
             reason,
+            ..
         } => {
             // The wire's levels count from 0; people's from 1.
             let why = if reason.is_empty() {

@@ -583,6 +583,7 @@ fn receipts_that_leave_the_incident_as_it_was_change_no_track() {
             repeat: 0,
             pages: vec!["p1".into()],
             reason: String::new(),
+            fired: None,
         },
         EventKind::NoteAdded {
             text: "looking".into(),
@@ -599,4 +600,230 @@ fn receipts_that_leave_the_incident_as_it_was_change_no_track() {
     assert_eq!(changed.len(), 1, "the incident changed: its track is saved");
     let track = tracks.map.values().next().expect("the track");
     assert_eq!(track.incident.assignee.as_deref(), Some("alice"));
+}
+
+/// What a fire's effects come back as on INCIDENTS: each `paged` record as
+/// the incidents service writes it, each page's delivery receipt from the
+/// notifier (incident id and event kind; the incident's copy is the one of
+/// when the receipt is applied).
+fn receipts(effects: &[Effect]) -> Vec<(uuid::Uuid, EventKind)> {
+    use tocsin_proto::{
+        command::{Action, IncidentRef},
+        notify::{Delivery, DeliveryOutcome},
+    };
+    effects
+        .iter()
+        .map(|e| match e {
+            Effect::Record(c) => match &c.action {
+                Action::Paged {
+                    incident: IncidentRef::Id(id),
+                    level,
+                    repeat,
+                    pages,
+                    reason,
+                    fired,
+                } => (
+                    *id,
+                    EventKind::Paged {
+                        level: *level,
+                        repeat: *repeat,
+                        pages: pages.clone(),
+                        reason: reason.clone(),
+                        fired: fired.clone(),
+                    },
+                ),
+                other => panic!("escalation records only pages: {other:?}"),
+            },
+            Effect::Page(p) => (
+                p.incident.id,
+                EventKind::Delivery {
+                    delivery: Delivery {
+                        id: p.id.clone(),
+                        kind: p.kind,
+                        channel: p.channel,
+                        target: p.target.key(),
+                        outcome: DeliveryOutcome::Sent,
+                        attempts: 1,
+                        detail: String::new(),
+                        provider: None,
+                    },
+                },
+            ),
+        })
+        .collect()
+}
+
+/// A minute of a script for [`follow`]: events before anything fires, and
+/// events that land between a fire and its receipts (an acknowledgement
+/// racing the pages).
+type Minute = (i64, Vec<IncidentEvent>, Vec<IncidentEvent>);
+
+/// Runs `script` minute by minute on an instance that fires (`active`) and
+/// on one that only follows the log (`follower`: the script's events and
+/// the receipts of the active's fires, as a standby reads INCIDENTS). After
+/// every minute the follower's tracks are exactly the active's, so a
+/// takeover at any minute fires what the active would have fired next and
+/// nothing it already did. The active gets its own receipts too, and they
+/// change nothing there. Returns the active's pages.
+fn follow(planner: &Planner, start: Timestamp, script: &[Minute], end: i64) -> Paged {
+    let t = |m: i64| start + SignedDuration::from_mins(m);
+    let mut active = Tracks::default();
+    let mut follower = Tracks::default();
+    let mut pages = Paged::new();
+    for minute in 0..=end {
+        let now = t(minute);
+        let (before, racing) = script
+            .iter()
+            .find(|(m, _, _)| *m == minute)
+            .map_or((&[][..], &[][..]), |(_, b, r)| (&b[..], &r[..]));
+        for ev in before {
+            active.on_event(planner, ev);
+            follower.on_event(planner, ev);
+        }
+        let mut effects = Vec::new();
+        for key in active.due(now) {
+            effects.extend(active.fire(planner, &key, now));
+        }
+        for ev in racing {
+            active.on_event(planner, ev);
+            follower.on_event(planner, ev);
+        }
+        for (id, kind) in receipts(&effects) {
+            let Some(incident) = active
+                .map
+                .range((id, String::new())..)
+                .find(|(k, _)| k.0 == id)
+                .map(|(_, t)| t.incident.clone())
+            else {
+                continue; // resolved meanwhile: the incidents service refuses the record
+            };
+            let ev = IncidentEvent {
+                kind,
+                at: now,
+                actor: None,
+                cause: Cause::Timer { id: "r".into() },
+                incident,
+            };
+            let changed = active.on_event(planner, &ev);
+            assert!(
+                changed.is_empty(),
+                "minute {minute}: a receipt changed the instance that fired it: {:?}",
+                ev.kind
+            );
+            follower.on_event(planner, &ev);
+        }
+        pages_of(effects, minute, &mut pages);
+        assert_eq!(follower.map, active.map, "the tracks after minute {minute}");
+        assert_eq!(follower.next_due(), active.next_due(), "minute {minute}");
+    }
+    pages
+}
+
+/// An instance that follows the log (a standby, or the active one after a
+/// crash before it saved) moves its tracks by the `paged` records and the
+/// delivery receipts exactly as firing moved the active instance's: two
+/// policies with repeats, later rule steps, stale-acknowledgement
+/// reminders, an unacknowledge, an escalate-now, a reopen, and an
+/// acknowledgement landing between a level's pages and its record.
+#[test]
+fn a_follower_of_the_log_keeps_its_tracks_where_firing_moved_the_active_ones() {
+    let planner =
+        Planner::new(&serde_yaml_ng::from_str::<EscalationConfig>(TWO_POLICIES).unwrap()).unwrap();
+    let start = at("2026-01-07T10:00:00Z");
+    let t = |m: i64| start + SignedDuration::from_mins(m);
+    use EventKind as K;
+    use IncidentStatus as S;
+    let opened_of = |id: u128, m: i64| {
+        let mut ev = opened(t(m));
+        ev.incident.id = uuid::Uuid::from_u128(id);
+        ev.incident.number = id as u64;
+        ev
+    };
+    let acked_by = |id: u128, m: i64, who: &str| {
+        let mut ack = event_of(id, K::Acknowledged, S::Acknowledged, t(m));
+        ack.incident.acknowledged_by = Some(tocsin_proto::incident::Actor::new(who, "slack"));
+        ack
+    };
+    let resolved = || K::Resolved {
+        reason: tocsin_proto::incident::ResolveReason::Manual,
+    };
+    let script: Vec<Minute> = vec![
+        (
+            0,
+            vec![opened_of(1, 0), opened_of(2, 0), opened_of(3, 0)],
+            vec![],
+        ),
+        // #3's second level fires at 5 and is acknowledged before its
+        // record comes back.
+        (5, vec![], vec![acked_by(3, 5, "b")]),
+        (6, vec![acked_by(1, 6, "a")], vec![]),
+        (
+            12,
+            vec![
+                event_of(1, K::Unacknowledged, S::Triggered, t(12)),
+                event_of(
+                    2,
+                    K::Escalated {
+                        reason: "now".into(),
+                    },
+                    S::Triggered,
+                    t(12),
+                ),
+            ],
+            vec![],
+        ),
+        (
+            40,
+            vec![
+                event_of(2, resolved(), S::Resolved, t(40)),
+                event_of(2, K::Reopened, S::Triggered, t(40)),
+                acked_by(1, 40, "a"),
+            ],
+            vec![],
+        ),
+        (
+            90,
+            vec![event_of(3, resolved(), S::Resolved, t(90))],
+            vec![],
+        ),
+    ];
+    let pages = follow(&planner, start, &script, 160);
+    // The script did page: both policies' levels and repeats, the rule's
+    // later email, reminders to the acknowledger, the reopened incident.
+    let of = |n: u64| pages.iter().filter(|(_, i, _)| *i == n).count();
+    assert!(of(1) > 5 && of(2) > 5 && of(3) >= 2, "{pages:?}");
+    assert!(
+        pages.iter().any(|(m, n, _)| *n == 1 && *m >= 70),
+        "the acknowledger of #1 is reminded: {pages:?}"
+    );
+    assert!(
+        pages.iter().any(|(m, n, _)| *n == 2 && *m >= 43),
+        "a later email of the reopened #2: {pages:?}"
+    );
+}
+
+/// The same with empty levels skipped at once (several records from one
+/// fire) and a level out of hours, over a weekend into Monday.
+#[test]
+fn a_follower_of_the_log_skips_the_levels_the_active_instance_skipped() {
+    let planner =
+        Planner::new(&serde_yaml_ng::from_str::<EscalationConfig>(CONFIG).unwrap()).unwrap();
+    let start = at("2026-01-07T16:30:00Z"); // Wednesday, half an hour before the day user's end
+    let t = |m: i64| start + SignedDuration::from_mins(m);
+    let script: Vec<Minute> = vec![
+        (0, vec![opened(t(0))], vec![]),
+        (
+            75,
+            vec![event(
+                EventKind::Escalated {
+                    reason: "again".into(),
+                },
+                IncidentStatus::Triggered,
+                t(75),
+            )],
+            vec![],
+        ),
+    ];
+    let pages = follow(&planner, start, &script, 200);
+    assert!(pages.len() >= 4, "{pages:?}");
 }

@@ -57,6 +57,18 @@ fn config_with_ttl(
     name: &str,
     ttl: &str,
 ) -> PathBuf {
+    config_with(nats, dir, ingest_port, name, ttl, "")
+}
+
+/// [`config_with_ttl`] with `extra` (top-level YAML sections) added.
+fn config_with(
+    nats: &NatsServer,
+    dir: &Path,
+    ingest_port: u16,
+    name: &str,
+    ttl: &str,
+    extra: &str,
+) -> PathBuf {
     let cred = |id: &str| {
         format!(
             "    {id}: {{user: {id}, password: {}}}\n",
@@ -85,7 +97,7 @@ escalation:
       levels:
         - {{targets: [{{slack_channel: C0FIRST}}], delay: 4s}}
         - {{targets: [{{slack_channel: C0SECOND}}], delay: 1h}}
-"#,
+{extra}"#,
         url = nats.address(),
         ingest = cred("ingest"),
         incidents = cred("incidents"),
@@ -260,10 +272,16 @@ struct Pairs {
 /// incidents and two escalation processes (one on each config), each
 /// ready: one of each pair active, the other its standby.
 async fn pairs(nats: &NatsServer, dir: &Path) -> Pairs {
+    pairs_with(nats, dir, "").await
+}
+
+/// [`pairs`] with `extra` added to both configs ([`config_with`]).
+async fn pairs_with(nats: &NatsServer, dir: &Path, extra: &str) -> Pairs {
     let ingest_port = free_port();
+    let ttl = lease_ttl();
     let (cfg_a, cfg_b) = (
-        &config(nats, dir, ingest_port, "a"),
-        &config(nats, dir, ingest_port, "b"),
+        &config_with(nats, dir, ingest_port, "a", &ttl, extra),
+        &config_with(nats, dir, ingest_port, "b", &ttl, extra),
     );
     let mut ingest = Proc::start(cfg_a, dir, &["ingest"]);
     ingest.ready().await;
@@ -903,4 +921,128 @@ async fn a_standby_follows_the_log_and_takes_over_warm() {
         replayed < 100.0,
         "the standby replayed {replayed} of {entries} entries when it took over"
     );
+}
+
+/// The pages on NOTIFY now, each with the lease term it was sent under.
+async fn notified(js: &jetstream::Context) -> Vec<(u64, Page)> {
+    read_raw(js, STREAM_NOTIFY)
+        .await
+        .iter()
+        .flat_map(|r| {
+            let term = r.lease.as_ref().map_or(0, |(_, t)| *t);
+            pages_of(r).into_iter().map(move |p| (term, p))
+        })
+        .collect()
+}
+
+/// A takeover pages nothing the active escalation instance paged: the
+/// `paged` records, written once a level's pages are stored, move a
+/// standby's tracks as firing moved the active one's. 300 incidents each
+/// get both levels of their policy (the second 4 s after the first), the
+/// standby follows all of it, then the active escalation process is
+/// SIGKILLed. The standby takes over and pages a new incident's two
+/// levels; no earlier page is sent again. JetStream's duplicate window is
+/// 1 s here, so nothing but the tracks keeps a page from being stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_escalation_takeover_pages_nothing_the_active_instance_paged() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let js = jetstream::new(nats.client().await);
+    let Pairs {
+        ingest_port,
+        _ingest,
+        incidents: _incidents,
+        mut escalation,
+    } = pairs_with(&nats, dir.path(), "jetstream:\n  duplicate_window: 1s\n").await;
+    let active = active_of(&escalation, "escalation").await;
+
+    const N: usize = 300;
+    for r in 0..N / 100 {
+        let alerts: Vec<_> = (r * 100..(r + 1) * 100)
+            .map(|i| alert(&format!("Paged{i:03}"), "firing"))
+            .collect();
+        post_alerts(ingest_port, &serde_json::json!(alerts)).await;
+    }
+    // Both levels of every incident paged, and their records stored.
+    eventually_within(Duration::from_secs(60), || async {
+        let pages = notified(&js).await.len();
+        let records = read_raw(&js, STREAM_INCIDENTS)
+            .await
+            .iter()
+            .filter(|r| {
+                decode_envelope::<LogEntry>(&r.payload).is_ok_and(|e| {
+                    matches!(e.body, LogEntry::Incident(ev) if matches!(ev.kind, EventKind::Paged { .. }))
+                })
+            })
+            .count();
+        if pages == 2 * N && records == 2 * N {
+            Ok(())
+        } else {
+            Err(format!("{pages} pages and {records} records of {}", 2 * N))
+        }
+    })
+    .await
+    .expect("both levels of the first incidents paged");
+    // The standby has read every entry.
+    let standby = 1 - active;
+    eventually_within(TAKEOVER, || async {
+        let last = tocsin_runtime::streams::last_sequence(&js, STREAM_INCIDENTS)
+            .await
+            .unwrap_or(u64::MAX);
+        let sample = "tocsin_standby_followed_sequence{role=\"escalation\"} ";
+        match metric(&escalation[standby], sample).await {
+            Some(seq) if seq as u64 >= last => Ok(()),
+            seq => Err(format!("followed {seq:?} of {last}")),
+        }
+    })
+    .await
+    .expect("the standby followed INCIDENTS");
+    let before: BTreeSet<String> = notified(&js).await.into_iter().map(|(_, p)| p.id).collect();
+    assert_eq!(before.len(), 2 * N, "each page once before the kill");
+
+    let term = max_term(&js, STREAM_NOTIFY, "escalation").await;
+    escalation[active].kill();
+    post_alerts(
+        ingest_port,
+        &serde_json::json!([alert("AfterKill", "firing")]),
+    )
+    .await;
+    // The new active instance pages the new incident's second level 4 s
+    // after its first: by then it has fired all it found due when it took
+    // over.
+    let after = eventually_within(TAKEOVER, || async {
+        let after: Vec<Page> = notified(&js)
+            .await
+            .into_iter()
+            .filter(|(t, _)| *t > term)
+            .map(|(_, p)| p)
+            .collect();
+        let new = after.iter().filter(|p| p.incident.number == N as u64 + 1);
+        if new.clone().any(|p| p.level == 1) {
+            Ok(after)
+        } else {
+            Err(format!("{} pages from the new term", after.len()))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "the standby never paged the new incident's second level: {e}\n{}",
+            escalation[standby].log_text()
+        )
+    });
+    let again: Vec<String> = after
+        .iter()
+        .filter(|p| p.incident.number != N as u64 + 1)
+        .map(|p| format!("#{} level {}", p.incident.number, p.level + 1))
+        .collect();
+    assert!(
+        again.is_empty(),
+        "the standby paged {} of the earlier incidents again, e.g. {:?}",
+        again.len(),
+        &again[..again.len().min(5)]
+    );
+    let all = notified(&js).await;
+    let ids: BTreeSet<&str> = all.iter().map(|(_, p)| p.id.as_str()).collect();
+    assert_eq!(ids.len(), all.len(), "a page stored twice");
 }

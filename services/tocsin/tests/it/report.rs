@@ -93,6 +93,7 @@ async fn report_figures_match_a_known_set_of_incidents() {
                 repeat: 0,
                 pages,
                 reason: "test".into(),
+                fired: None,
             };
             command(&client, &js, "escalation", action, t).await;
         }

@@ -1791,6 +1791,7 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
                     repeat: 0,
                     pages: vec!["alice via slack".into()],
                     reason: "bench receipt".into(),
+                    fired: None,
                 },
             );
             let mut h = HeaderMap::new();
