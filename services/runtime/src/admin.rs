@@ -55,7 +55,7 @@ pub struct Metrics {
     pub leader: Family<Labels, Gauge>,
     /// `tocsin_standby_followed_sequence{role}`: while standing by, the
     /// INCIDENTS sequence this process's store is caught up to (see
-    /// [`crate::lease::followed`]).
+    /// [`crate::lease::followed`]); gone once the process takes the lease.
     pub followed: Family<Labels, Gauge>,
 }
 

@@ -384,6 +384,11 @@ fn set_leader(metrics: &Metrics, role: &str, leader: bool) {
         .leader
         .get_or_create(&labels(&[("role", role)]))
         .set(i64::from(leader));
+    if leader {
+        // Only a standby follows: a value left from standing by would read
+        // as a growing lag on the active instance.
+        metrics.followed.remove(&labels(&[("role", role)]));
+    }
 }
 
 /// How one tenure ended.
@@ -726,7 +731,10 @@ impl Drop for ReleaseOnDrop {
 /// instance's store caught up, so a takeover starts warm). It is asked to
 /// stop through its context's `shutdown` as soon as the lease is taken and
 /// the tenure starts once it has returned: it must stop between steps,
-/// never leaving half an update (its future is not dropped midway).
+/// never leaving half an update (its future is not dropped midway). The
+/// lease is renewed from the moment it is taken, so a round that takes
+/// longer than the lease lasts unrenewed (a large store being loaded) does
+/// not cost it.
 pub async fn lead<F, Fut, S, SFut, E>(
     ctx: &ServiceContext,
     role: &str,
@@ -750,35 +758,36 @@ where
     set_leader(&ctx.metrics, role, false);
     ctx.health.set_failing(role, "waiting for the lease");
     loop {
+        let stand_down = ctx.shutdown.child_token();
+        let mut following = Box::pin(standby(ServiceContext {
+            shutdown: stand_down.clone(),
+            ..ctx.clone()
+        }));
+        let mut standing_by = true;
         let acquired = {
-            let stand_down = ctx.shutdown.child_token();
-            let following = standby(ServiceContext {
-                shutdown: stand_down.clone(),
-                ..ctx.clone()
-            });
             let acquiring = acquire(ctx, role, ttl, &mut me);
-            tokio::pin!(following, acquiring);
-            let mut standing_by = true;
-            let acquired = loop {
+            tokio::pin!(acquiring);
+            loop {
                 tokio::select! {
                     biased;
                     a = &mut acquiring => break a,
                     () = &mut following, if standing_by => standing_by = false,
                 }
-            };
-            stand_down.cancel();
+            }
+        };
+        stand_down.cancel();
+        let Some((bucket, state)) = acquired else {
             if standing_by {
                 following.await;
             }
-            acquired
-        };
-        let Some((bucket, state)) = acquired else {
             return Ok(());
         };
         let state = Arc::new(state);
-        let term = match *state.borrow() {
-            State::Leader { term, .. } => term,
-            State::Standby => continue,
+        let Some(term) = state.borrow().term() else {
+            if standing_by {
+                following.await;
+            }
+            continue;
         };
         let mut guard = ReleaseOnDrop {
             kv: bucket.kv.clone(),
@@ -786,30 +795,48 @@ where
             armed: true,
         };
         tracing::info!(role, term, holder = %me.holder, "took the lease: this instance is active");
-        set_leader(&ctx.metrics, role, true);
+        // Renewing starts with the lease, not with the tenure: the
+        // follower may take seconds to end its round (loading a large
+        // store), longer than the lease lasts without a renewal.
+        let renewing = renew(&bucket, &state, role, &me);
+        tokio::pin!(renewing);
+        let mut kept = true;
+        if standing_by {
+            tokio::select! {
+                biased;
+                () = &mut following => {}
+                _ = &mut renewing => {
+                    kept = false;
+                    (&mut following).await;
+                }
+            }
+        }
+        drop(following);
+        set_leader(&ctx.metrics, role, kept);
         let stop = ctx.shutdown.child_token();
         let tenure_ctx = ServiceContext {
             shutdown: stop.clone(),
             ..ctx.clone()
         };
         let label = format!("{role}/{term}");
-        let tenure = {
+        let tenure = if kept {
             let run = crate::bus::LEASE.scope(label, service(tenure_ctx));
             let guarded = Guarded {
                 inner: Box::pin(run),
                 state: &state,
             };
-            let renewing = renew(&bucket, &state, role, &me);
             tokio::select! {
                 biased;
                 // The renewal loop ends only when acting must stop.
-                _ = renewing => Tenure::Fenced,
+                _ = &mut renewing => Tenure::Fenced,
                 r = guarded => match r {
                     Some(r) => Tenure::Returned(r),
                     None => Tenure::Fenced,
                 },
             }
             // The service's future is dropped here: nothing more of it runs.
+        } else {
+            Tenure::Fenced
         };
         stop.cancel();
         set_leader(&ctx.metrics, role, false);

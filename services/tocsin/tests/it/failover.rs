@@ -921,6 +921,16 @@ async fn a_standby_follows_the_log_and_takes_over_warm() {
         replayed < 100.0,
         "the standby replayed {replayed} of {entries} entries when it took over"
     );
+    // Active now, it no longer says how far it followed.
+    let followed = metric(
+        &incidents[1 - active],
+        "tocsin_standby_followed_sequence{role=\"incidents\"} ",
+    )
+    .await;
+    assert_eq!(
+        followed, None,
+        "the new active instance's followed sequence"
+    );
 }
 
 /// The pages on NOTIFY now, each with the lease term it was sent under.
