@@ -87,6 +87,10 @@ struct Takeover {
     ready: [Duration; 2],
     /// From the kill: the second sentinel's page at the receiver.
     paged: Duration,
+    /// Pages the escalation standby sent (stored on NOTIFY, not dropped
+    /// as duplicates) up to the sentinel's page, the sentinel's included:
+    /// more than the sentinel's means it paged again what the killed one had.
+    sent: f64,
     /// INCIDENTS entries the incidents standby replayed taking over.
     replayed: f64,
     /// Peak RSS of the standbys.
@@ -165,6 +169,11 @@ pub async fn recovery(n: u32, reps: u32) -> anyhow::Result<Outcome> {
         ),
         figure("standby takeover: kill to sentinel paged", "s", "lower"),
         figure(
+            "standby takeover: pages the escalation standby sent up to the sentinel's",
+            "pages",
+            "lower",
+        ),
+        figure(
             "standby takeover: INCIDENTS entries replayed",
             "entries",
             "lower",
@@ -187,11 +196,13 @@ pub async fn recovery(n: u32, reps: u32) -> anyhow::Result<Outcome> {
             r.caught_up.as_secs_f64(),
         );
         println!(
-            "       standbys: from the kill, incidents ready {:.2}s, escalation ready {:.2}s; sentinel paged {:.2}s; \
-             {:.0} INCIDENTS entries replayed; standbys' peak RSS {}",
+            "       standbys: from the kill, incidents ready {:.2}s, escalation ready {:.2}s; sentinel paged {:.2}s \
+             ({:.0} pages sent by the escalation standby up to then); {:.0} INCIDENTS entries replayed; standbys' \
+             peak RSS {}",
             t.ready[0].as_secs_f64(),
             t.ready[1].as_secs_f64(),
             t.paged.as_secs_f64(),
+            t.sent,
             t.replayed,
             super::peer::describe_rss(&t.rss),
         );
@@ -217,6 +228,7 @@ pub async fn recovery(n: u32, reps: u32) -> anyhow::Result<Outcome> {
             t.ready[0].as_secs_f64(),
             t.ready[1].as_secs_f64(),
             t.paged.as_secs_f64(),
+            t.sent,
             t.replayed,
         ];
         for (f, v) in figures.iter_mut().zip(values) {
@@ -556,6 +568,11 @@ async fn takeover(
                 .iter()
                 .map(|(_, v)| v)
                 .sum();
+            let text = metrics(admin[1].1.clone()).await;
+            let sent = super::samples(&text, "tocsin_escalation_pages_total")
+                .iter()
+                .map(|(_, v)| v)
+                .sum();
             let rss = stack
                 .standbys
                 .iter()
@@ -564,6 +581,7 @@ async fn takeover(
             return Ok(Takeover {
                 ready: [i, e],
                 paged: p,
+                sent,
                 replayed,
                 rss,
             });
