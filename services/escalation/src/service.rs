@@ -432,9 +432,9 @@ impl Service {
         // their acks come in (each waits for an fsync); once they are in,
         // the chunk's records are sent, and once those are in, its tracks
         // are saved. A crash before that fires them again with the same
-        // ids, unless the records were stored. Two chunks' messages stay far below
-        // async-nats's 5,000 in-flight publishes, which ingest shares in
-        // `tocsin up`.
+        // ids, unless the records were stored. Two chunks' messages stay
+        // far below async-nats's 5,000 in-flight publishes, which ingest
+        // shares in `tocsin up`.
         let mut after = None;
         let mut on_its_way: Option<InFlight> = None;
         let mut since_release = 0usize;

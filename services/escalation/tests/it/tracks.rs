@@ -345,6 +345,20 @@ fn event_of(id: u128, kind: EventKind, status: IncidentStatus, t: Timestamp) -> 
     ev
 }
 
+/// Incident `id` (also its number) opened at `t`.
+fn opened_of(id: u128, t: Timestamp) -> IncidentEvent {
+    let mut ev = opened(t);
+    ev.incident.id = uuid::Uuid::from_u128(id);
+    ev.incident.number = id as u64;
+    ev
+}
+
+fn resolved() -> EventKind {
+    EventKind::Resolved {
+        reason: tocsin_proto::incident::ResolveReason::Manual,
+    }
+}
+
 /// What happens at a minute: events (applied together, then saved once),
 /// a restart (the stored side rebuilds its index from the store), or
 /// nothing but firing what is due.
@@ -423,17 +437,11 @@ fn tracks_kept_in_a_store_page_exactly_as_tracks_kept_in_memory() {
     let t = |m: i64| start + SignedDuration::from_mins(m);
     use EventKind as K;
     use IncidentStatus as S;
-    let resolved = || K::Resolved {
-        reason: tocsin_proto::incident::ResolveReason::Manual,
-    };
-    let opened_of = |id: u128, m: i64| {
-        let mut ev = opened(t(m));
-        ev.incident.id = uuid::Uuid::from_u128(id);
-        ev.incident.number = id as u64;
-        ev
-    };
     let script: Vec<(i64, Step)> = vec![
-        (0, Step::Events(vec![opened_of(1, 0), opened_of(2, 0)])),
+        (
+            0,
+            Step::Events(vec![opened_of(1, t(0)), opened_of(2, t(0))]),
+        ),
         (
             6,
             Step::Events(vec![event_of(1, K::Acknowledged, S::Acknowledged, t(6))]),
@@ -469,9 +477,9 @@ fn tracks_kept_in_a_store_page_exactly_as_tracks_kept_in_memory() {
         (
             80,
             Step::Events(vec![
-                opened_of(3, 80),
+                opened_of(3, t(80)),
                 event_of(3, resolved(), S::Resolved, t(80)),
-                opened_of(4, 80),
+                opened_of(4, t(80)),
             ]),
         ),
         (95, Step::Restart),
@@ -733,24 +741,15 @@ fn a_follower_of_the_log_keeps_its_tracks_where_firing_moved_the_active_ones() {
     let t = |m: i64| start + SignedDuration::from_mins(m);
     use EventKind as K;
     use IncidentStatus as S;
-    let opened_of = |id: u128, m: i64| {
-        let mut ev = opened(t(m));
-        ev.incident.id = uuid::Uuid::from_u128(id);
-        ev.incident.number = id as u64;
-        ev
-    };
     let acked_by = |id: u128, m: i64, who: &str| {
         let mut ack = event_of(id, K::Acknowledged, S::Acknowledged, t(m));
         ack.incident.acknowledged_by = Some(tocsin_proto::incident::Actor::new(who, "slack"));
         ack
     };
-    let resolved = || K::Resolved {
-        reason: tocsin_proto::incident::ResolveReason::Manual,
-    };
     let script: Vec<Minute> = vec![
         (
             0,
-            vec![opened_of(1, 0), opened_of(2, 0), opened_of(3, 0)],
+            vec![opened_of(1, t(0)), opened_of(2, t(0)), opened_of(3, t(0))],
             vec![],
         ),
         // #3's second level fires at 5 and is acknowledged before its
