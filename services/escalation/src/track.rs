@@ -487,18 +487,23 @@ impl Tracks {
             // The notifier's receipt for a page: it was stored on NOTIFY.
             // A rule step that pages later than its level (`after: 5m`)
             // has no record of its own; its receipt takes it off the
-            // pending steps of a track that did not fire it.
+            // pending steps of a track that did not fire it. The page may
+            // have been sent in the generation before this one (an
+            // escalate-now came between the page and its receipt; it keeps
+            // the pending steps).
             EventKind::Delivery { delivery } => {
                 for k in &keys {
                     let Some(t) = self.map.get_mut(k) else {
                         continue;
                     };
                     let before = t.pending.len();
-                    let (id, generation) = (inc.id, t.generation);
+                    let id = inc.id;
+                    let generations = [t.generation, t.generation.saturating_sub(1)];
                     t.pending.retain(|p| {
-                        Page::make_id(
-                            &id, generation, p.level, p.repeat, &p.target, p.channel, p.step,
-                        ) != delivery.id
+                        generations.iter().all(|g| {
+                            Page::make_id(&id, *g, p.level, p.repeat, &p.target, p.channel, p.step)
+                                != delivery.id
+                        })
                     });
                     if t.pending.len() != before && !differ.contains(k) {
                         differ.push(k.clone());

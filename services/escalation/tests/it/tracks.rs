@@ -752,9 +752,22 @@ fn a_follower_of_the_log_keeps_its_tracks_where_firing_moved_the_active_ones() {
             vec![opened_of(1, t(0)), opened_of(2, t(0)), opened_of(3, t(0))],
             vec![],
         ),
-        // #3's second level fires at 5 and is acknowledged before its
-        // record comes back.
-        (5, vec![], vec![acked_by(3, 5, "b")]),
+        // #3's later email (policy q) is sent at 3 and an escalate-now
+        // comes before its delivery receipt; its second level (policy p)
+        // fires at 4 and is acknowledged before its record comes back.
+        (
+            3,
+            vec![],
+            vec![event_of(
+                3,
+                K::Escalated {
+                    reason: "now".into(),
+                },
+                S::Triggered,
+                t(3),
+            )],
+        ),
+        (4, vec![], vec![acked_by(3, 4, "b")]),
         (6, vec![acked_by(1, 6, "a")], vec![]),
         (
             12,
