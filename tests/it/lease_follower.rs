@@ -21,16 +21,46 @@ use std::{
 use tocsin_runtime::{clock::SystemClock, context::ServiceContext};
 use tocsin_tests::{eventually_within, NatsServer};
 
-/// A follower whose round ends a whole TTL after it is asked to stop
-/// keeps the lease just taken: the first tenure runs for three TTLs
-/// (nine renewals) and is never fenced.
+/// The revision of the lease key (the stream sequence of its last write:
+/// the acquisition, then each renewal); 0 while there is none.
+async fn revision(js: &async_nats::jetstream::Context) -> u64 {
+    let Ok(kv) = js
+        .get_key_value(tocsin_runtime::lease::bucket("incidents"))
+        .await
+    else {
+        return 0;
+    };
+    match kv.entry(tocsin_runtime::lease::KEY).await {
+        Ok(Some(e)) => e.revision,
+        _ => 0,
+    }
+}
+
+/// Waits (the kit's polling loop, up to `limit`) until the lease key has
+/// been written `n` more times since revision `from`; whether it was.
+async fn renewed(js: &async_nats::jetstream::Context, from: u64, n: u64, limit: Duration) -> bool {
+    eventually_within(limit, || async {
+        if revision(js).await >= from + n {
+            Ok(())
+        } else {
+            Err(())
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// A follower whose round ends only once the lease just taken has been
+/// renewed twice (two thirds of the TTL at least: as long as a holder may
+/// act on one write) keeps it: the first tenure runs until three more
+/// renewals and is never fenced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_slow_to_stop_does_not_cost_the_lease_just_taken() {
     let nats = NatsServer::start().await;
     let js = async_nats::jetstream::new(nats.client().await);
     let dir = tempfile::tempdir().unwrap();
     let ttl = Duration::from_secs(1);
-    let ctx = ServiceContext::standalone(js, Arc::new(SystemClock));
+    let ctx = ServiceContext::standalone(js.clone(), Arc::new(SystemClock));
     let tenures = Arc::new(AtomicUsize::new(0));
     // Set to the tenure (counted from 1) that held on to the end.
     let held = Arc::new(AtomicUsize::new(0));
@@ -41,6 +71,7 @@ async fn a_follower_slow_to_stop_does_not_cost_the_lease_just_taken() {
             held.clone(),
             dir.path().to_path_buf(),
         );
+        let (js_service, js_follower) = (js.clone(), js.clone());
         async move {
             tocsin_runtime::lease::lead(
                 &ctx,
@@ -48,27 +79,34 @@ async fn a_follower_slow_to_stop_does_not_cost_the_lease_just_taken() {
                 ttl,
                 &dir,
                 |c: ServiceContext| {
-                    let (tenures, held) = (tenures.clone(), held.clone());
+                    let (tenures, held, js) = (tenures.clone(), held.clone(), js_service.clone());
                     async move {
                         let n = tenures.fetch_add(1, Ordering::SeqCst) + 1;
-                        // The service's work: three TTLs of it. A tenure
-                        // that loses the lease is dropped before the end.
-                        tokio::time::sleep(ttl * 3).await;
-                        held.store(n, Ordering::SeqCst);
+                        // The service works through three renewals. A
+                        // tenure that loses the lease is dropped first.
+                        let from = revision(&js).await;
+                        if renewed(&js, from, 3, ttl * 10).await {
+                            held.store(n, Ordering::SeqCst);
+                        }
                         c.shutdown.cancelled().await;
                         Ok::<(), String>(())
                     }
                 },
-                |c: ServiceContext| async move {
-                    c.shutdown.cancelled().await;
-                    // Ending its round: loading a large store, say.
-                    tokio::time::sleep(ttl).await;
+                |c: ServiceContext| {
+                    let js = js_follower.clone();
+                    async move {
+                        c.shutdown.cancelled().await;
+                        // Ending its round (loading a large store, say)
+                        // takes two renewals of the lease just taken.
+                        let from = revision(&js).await;
+                        renewed(&js, from, 2, ttl * 10).await;
+                    }
                 },
             )
             .await
         }
     });
-    let came = eventually_within(ttl * 20, || async {
+    let came = eventually_within(ttl * 30, || async {
         match held.load(Ordering::SeqCst) {
             0 => Err(format!("{} tenures so far", tenures.load(Ordering::SeqCst))),
             n => Ok(n),
