@@ -776,18 +776,16 @@ where
             }
         };
         stand_down.cancel();
-        let Some((bucket, state)) = acquired else {
+        // `acquire` returns only holding the lease, or None on shutdown.
+        let held = acquired.and_then(|(bucket, state)| {
+            let term = state.borrow().term()?;
+            Some((bucket, Arc::new(state), term))
+        });
+        let Some((bucket, state, term)) = held else {
             if standing_by {
                 following.await;
             }
             return Ok(());
-        };
-        let state = Arc::new(state);
-        let Some(term) = state.borrow().term() else {
-            if standing_by {
-                following.await;
-            }
-            continue;
         };
         let mut guard = ReleaseOnDrop {
             kv: bucket.kv.clone(),

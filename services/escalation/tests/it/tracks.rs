@@ -37,6 +37,11 @@ users:
       critical: [{channels: [sms]}, {channels: [email], after: 5m}]
 "##;
 
+/// The planner of a config in YAML.
+fn planner(yaml: &str) -> Planner {
+    Planner::new(&serde_yaml_ng::from_str::<EscalationConfig>(yaml).unwrap()).unwrap()
+}
+
 fn at(s: &str) -> Timestamp {
     s.parse().unwrap()
 }
@@ -109,8 +114,7 @@ fn run(
 
 #[test]
 fn empty_levels_are_skipped_at_once_and_out_of_hours_levels_too() {
-    let planner =
-        Planner::new(&serde_yaml_ng::from_str::<EscalationConfig>(CONFIG).unwrap()).unwrap();
+    let planner = planner(CONFIG);
     // Wednesday 10:00 UTC: the empty schedule is skipped at once, so the
     // day user (in hours) is paged at minute 0, the pager at minute 10.
     let start = at("2026-01-07T10:00:00Z");
@@ -139,8 +143,7 @@ fn empty_levels_are_skipped_at_once_and_out_of_hours_levels_too() {
 
 #[test]
 fn an_ack_cancels_pending_rule_steps_and_levels() {
-    let planner =
-        Planner::new(&serde_yaml_ng::from_str::<EscalationConfig>(CONFIG).unwrap()).unwrap();
+    let planner = planner(CONFIG);
     let start = at("2026-01-10T10:00:00Z"); // Saturday: straight to the pager
     let mut tracks = Tracks::default();
     tracks.on_event(&planner, &opened(start));
@@ -188,8 +191,7 @@ policies:
 users:
   - {name: pager, email: pager@example.com, phone: "+15555550100"}
 "#;
-    let planner =
-        Planner::new(&serde_yaml_ng::from_str::<EscalationConfig>(yaml).unwrap()).unwrap();
+    let planner = planner(yaml);
     let start = at("2026-01-07T10:00:00Z");
     let mut tracks = Tracks::default();
     tracks.on_event(&planner, &opened(start));
@@ -246,13 +248,9 @@ fn remediation(status: &str, hold: Option<Timestamp>, detail: &str, t: Timestamp
 /// (minute, reason) of each page fired from `start` to `minutes`, with
 /// `events` (minute, event) fed in before firing at their minute.
 fn held_run(events: &[(i64, IncidentEvent)], start: Timestamp, minutes: i64) -> Vec<(i64, String)> {
-    let planner = Planner::new(
-        &serde_yaml_ng::from_str::<EscalationConfig>(
-            "route: {policy: p}\npolicies:\n  - name: p\n    levels:\n      - targets: [{user: pager}]\nusers:\n  - {name: pager, email: pager@example.com}\n",
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let planner = planner(
+        "route: {policy: p}\npolicies:\n  - name: p\n    levels:\n      - targets: [{user: pager}]\nusers:\n  - {name: pager, email: pager@example.com}\n",
+    );
     let mut tracks = Tracks::default();
     let mut out = Vec::new();
     for m in 0..=minutes {
@@ -410,6 +408,11 @@ impl Stored {
 /// (minute, incident number, "level/target/channel") per page.
 type Paged = Vec<(i64, u64, String)>;
 
+/// Whether `pages` has one of incident `n` at minute `minute` or later.
+fn paged_from(pages: &Paged, n: u64, minute: i64) -> bool {
+    pages.iter().any(|(m, i, _)| *i == n && *m >= minute)
+}
+
 fn pages_of(effects: Vec<Effect>, minute: i64, out: &mut Paged) {
     for e in effects {
         if let Effect::Page(p) = e {
@@ -431,8 +434,7 @@ fn pages_of(effects: Vec<Effect>, minute: i64, out: &mut Paged) {
 
 #[test]
 fn tracks_kept_in_a_store_page_exactly_as_tracks_kept_in_memory() {
-    let planner =
-        Planner::new(&serde_yaml_ng::from_str::<EscalationConfig>(TWO_POLICIES).unwrap()).unwrap();
+    let planner = planner(TWO_POLICIES);
     let start = at("2026-01-07T10:00:00Z");
     let t = |m: i64| start + SignedDuration::from_mins(m);
     use EventKind as K;
@@ -555,11 +557,11 @@ fn tracks_kept_in_a_store_page_exactly_as_tracks_kept_in_memory() {
     assert_eq!(incidents, [1, 2, 4].into());
     assert!(memory_pages.len() > 20, "{memory_pages:?}");
     assert!(
-        memory_pages.iter().any(|(m, n, _)| *n == 2 && *m >= 40),
+        paged_from(&memory_pages, 2, 40),
         "the reopened incident pages again: {memory_pages:?}"
     );
     assert!(
-        memory_pages.iter().any(|(m, n, _)| *n == 1 && *m >= 70),
+        paged_from(&memory_pages, 1, 70),
         "the acknowledger of #1 is reminded after 30m: {memory_pages:?}"
     );
 }
@@ -571,8 +573,7 @@ fn tracks_kept_in_a_store_page_exactly_as_tracks_kept_in_memory() {
 /// copy of it.
 #[test]
 fn receipts_that_leave_the_incident_as_it_was_change_no_track() {
-    let planner =
-        Planner::new(&serde_yaml_ng::from_str::<EscalationConfig>(CONFIG).unwrap()).unwrap();
+    let planner = planner(CONFIG);
     let start = at("2026-01-07T10:00:00Z");
     let mut tracks = Tracks::default();
     let open = opened(start);
@@ -735,8 +736,7 @@ fn follow(planner: &Planner, start: Timestamp, script: &[Minute], end: i64) -> P
 /// acknowledgement landing between a level's pages and its record.
 #[test]
 fn a_follower_of_the_log_keeps_its_tracks_where_firing_moved_the_active_ones() {
-    let planner =
-        Planner::new(&serde_yaml_ng::from_str::<EscalationConfig>(TWO_POLICIES).unwrap()).unwrap();
+    let planner = planner(TWO_POLICIES);
     let start = at("2026-01-07T10:00:00Z");
     let t = |m: i64| start + SignedDuration::from_mins(m);
     use EventKind as K;
@@ -805,11 +805,11 @@ fn a_follower_of_the_log_keeps_its_tracks_where_firing_moved_the_active_ones() {
     let of = |n: u64| pages.iter().filter(|(_, i, _)| *i == n).count();
     assert!(of(1) > 5 && of(2) > 5 && of(3) >= 2, "{pages:?}");
     assert!(
-        pages.iter().any(|(m, n, _)| *n == 1 && *m >= 70),
+        paged_from(&pages, 1, 70),
         "the acknowledger of #1 is reminded: {pages:?}"
     );
     assert!(
-        pages.iter().any(|(m, n, _)| *n == 2 && *m >= 43),
+        paged_from(&pages, 2, 43),
         "a later email of the reopened #2: {pages:?}"
     );
 }
@@ -818,8 +818,7 @@ fn a_follower_of_the_log_keeps_its_tracks_where_firing_moved_the_active_ones() {
 /// fire) and a level out of hours, over a weekend into Monday.
 #[test]
 fn a_follower_of_the_log_skips_the_levels_the_active_instance_skipped() {
-    let planner =
-        Planner::new(&serde_yaml_ng::from_str::<EscalationConfig>(CONFIG).unwrap()).unwrap();
+    let planner = planner(CONFIG);
     let start = at("2026-01-07T16:30:00Z"); // Wednesday, half an hour before the day user's end
     let t = |m: i64| start + SignedDuration::from_mins(m);
     let script: Vec<Minute> = vec![
