@@ -372,6 +372,7 @@ users:
             held_from: None,
             cause: None,
             last_fired: level.checked_sub(1).map(|l| (0, l, 0)),
+            before: None,
         }
     }
 

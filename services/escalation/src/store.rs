@@ -173,6 +173,7 @@ mod tests {
             held_from: None,
             cause: None,
             last_fired: None,
+            before: None,
         }
     }
 

@@ -62,7 +62,25 @@ pub struct Track {
     /// `paged` record for it changes nothing ([`Tracks::on_event`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_fired: Option<(u32, u32, u32)>,
+    /// The track as it was before its generation last changed, and what
+    /// changed it since, until a `paged` record of the new generation comes
+    /// back: a record of a level fired before the change is applied to it
+    /// and the changes played again ([`Tracks::on_event`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<Box<Before>>,
 }
+
+/// A track before an unacknowledge, a snooze's end or an escalate-now
+/// changed its generation, and the events that changed it since (that one
+/// first).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Before {
+    pub track: Track,
+    pub events: Vec<(EventKind, Timestamp)>,
+}
+
+/// How many changes a [`Before`] keeps; past that it is let go.
+const BEFORE_EVENTS: usize = 8;
 
 impl Track {
     /// The earliest moment this track needs attention.
@@ -354,6 +372,7 @@ impl Tracks {
                         held_from: None,
                         cause: None,
                         last_fired: None,
+                        before: None,
                     },
                 );
                 out.push(key);
@@ -371,93 +390,16 @@ impl Tracks {
                 changed.extend(keys);
                 changed
             }
-            EventKind::Acknowledged | EventKind::Snoozed { .. } => {
+            EventKind::Unacknowledged | EventKind::SnoozeEnded | EventKind::Escalated { .. }
+                if keys.is_empty() =>
+            {
+                start(self, ev.at)
+            }
+            kind if moves_tracks(kind) => {
                 for k in &keys {
                     if let Some(t) = self.map.get_mut(k) {
-                        t.next_at = None;
-                        t.pending.clear();
-                        t.renotify_at = match ev.kind {
-                            EventKind::Acknowledged => planner
-                                .renotify_acknowledged_after(&t.policy)
-                                .map(|d| add(ev.at, d)),
-                            _ => None,
-                        };
-                    }
-                }
-                keys
-            }
-            EventKind::Unacknowledged | EventKind::SnoozeEnded => {
-                if keys.is_empty() {
-                    return start(self, ev.at);
-                }
-                for k in &keys {
-                    if let Some(t) = self.map.get_mut(k) {
-                        if let Some((l, r)) = t.fired {
-                            (t.level, t.repeat) = (l, r);
-                        }
-                        t.next_at = Some(ev.at);
-                        t.renotify_at = None;
-                        t.generation += 1;
-                    }
-                }
-                keys
-            }
-            EventKind::Escalated { reason } => {
-                if keys.is_empty() {
-                    return start(self, ev.at);
-                }
-                for k in &keys {
-                    if let Some(t) = self.map.get_mut(k) {
-                        t.held_from = None;
-                        if !reason.is_empty() {
-                            t.cause = Some(reason.clone());
-                        }
-                        // Escalate now: the next level fires at once (the
-                        // first one again if every level has run).
-                        if t.next_at.is_none() && t.fired.is_some() && t.renotify_at.is_none() {
-                            (t.level, t.repeat) = (0, t.repeat + 1);
-                        }
-                        t.next_at = Some(ev.at);
-                        t.renotify_at = None;
-                        t.generation += 1;
-                    }
-                }
-                keys
-            }
-            // A runbook holds the first level back while it works, until
-            // `hold_until`; its run's end releases the hold: a failure fires
-            // the level at once (with the runbook's reason), a success lets
-            // it come when it was due (usually the incident is resolved by
-            // then).
-            EventKind::Remediation {
-                step,
-                status,
-                detail,
-                hold_until,
-                ..
-            } if step == "run" => {
-                for k in &keys {
-                    let Some(t) = self.map.get_mut(k) else {
-                        continue;
-                    };
-                    match (status.as_str(), hold_until) {
-                        ("held", Some(until)) if t.fired.is_none() => {
-                            if let Some(n) = t.next_at {
-                                t.held_from = Some(t.held_from.unwrap_or(n));
-                                t.next_at = Some(n.max(*until));
-                            }
-                        }
-                        ("failed", _) if t.held_from.is_some() => {
-                            t.held_from = None;
-                            t.next_at = Some(ev.at);
-                            t.cause = Some(detail.clone());
-                        }
-                        ("succeeded" | "released", _) => {
-                            if let Some(from) = t.held_from.take() {
-                                t.next_at = Some(from.max(ev.at));
-                            }
-                        }
-                        _ => {}
+                        remember(t, kind, ev.at);
+                        apply(t, planner, kind, ev.at);
                     }
                 }
                 keys
@@ -478,7 +420,7 @@ impl Tracks {
                 let marked = self
                     .map
                     .get_mut(&key)
-                    .is_some_and(|t| mark_fired(t, planner, fired, *level, *repeat, ev.at));
+                    .is_some_and(|t| mark(t, planner, fired, *level, *repeat, ev.at));
                 if marked && !differ.contains(&key) {
                     differ.push(key);
                 }
@@ -496,16 +438,11 @@ impl Tracks {
                     let Some(t) = self.map.get_mut(k) else {
                         continue;
                     };
-                    let before = t.pending.len();
-                    let id = inc.id;
-                    let generations = [t.generation, t.generation.saturating_sub(1)];
-                    t.pending.retain(|p| {
-                        generations.iter().all(|g| {
-                            Page::make_id(&id, *g, p.level, p.repeat, &p.target, p.channel, p.step)
-                                != delivery.id
-                        })
-                    });
-                    if t.pending.len() != before && !differ.contains(k) {
+                    let mut changed = drop_delivered(t, inc.id, &delivery.id);
+                    if let Some(b) = t.before.as_deref_mut() {
+                        changed |= drop_delivered(&mut b.track, inc.id, &delivery.id);
+                    }
+                    if changed && !differ.contains(k) {
                         differ.push(k.clone());
                     }
                 }
@@ -774,6 +711,172 @@ fn fire_level(
         Next::Exhausted => t.next_at = None,
     }
     skip
+}
+
+/// Takes the rule step whose page `page_id` was delivered off `t`'s pending
+/// steps (sent in `t`'s generation or the one before). Returns whether it
+/// was there.
+fn drop_delivered(t: &mut Track, incident: Uuid, page_id: &str) -> bool {
+    let before = t.pending.len();
+    let generations = [t.generation, t.generation.saturating_sub(1)];
+    t.pending.retain(|p| {
+        generations.iter().all(|g| {
+            Page::make_id(
+                &incident, *g, p.level, p.repeat, &p.target, p.channel, p.step,
+            ) != page_id
+        })
+    });
+    t.pending.len() != before
+}
+
+/// Whether [`apply`] changes a track for `kind`.
+fn moves_tracks(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Acknowledged
+        | EventKind::Snoozed { .. }
+        | EventKind::Unacknowledged
+        | EventKind::SnoozeEnded
+        | EventKind::Escalated { .. } => true,
+        EventKind::Remediation { step, .. } => step == "run",
+        _ => false,
+    }
+}
+
+/// What an acknowledgement, a snooze, an unacknowledge, a snooze's end,
+/// an escalate-now or a runbook run's progress does to one of the
+/// incident's tracks.
+fn apply(t: &mut Track, planner: &Planner, kind: &EventKind, at: Timestamp) {
+    match kind {
+        EventKind::Acknowledged | EventKind::Snoozed { .. } => {
+            t.next_at = None;
+            t.pending.clear();
+            t.renotify_at = match kind {
+                EventKind::Acknowledged => planner
+                    .renotify_acknowledged_after(&t.policy)
+                    .map(|d| add(at, d)),
+                _ => None,
+            };
+        }
+        // Paged again from the last level that fired.
+        EventKind::Unacknowledged | EventKind::SnoozeEnded => {
+            if let Some((l, r)) = t.fired {
+                (t.level, t.repeat) = (l, r);
+            }
+            t.next_at = Some(at);
+            t.renotify_at = None;
+            t.generation += 1;
+        }
+        EventKind::Escalated { reason } => {
+            t.held_from = None;
+            if !reason.is_empty() {
+                t.cause = Some(reason.clone());
+            }
+            // Escalate now: the next level fires at once (the first one
+            // again if every level has run).
+            if t.next_at.is_none() && t.fired.is_some() && t.renotify_at.is_none() {
+                (t.level, t.repeat) = (0, t.repeat + 1);
+            }
+            t.next_at = Some(at);
+            t.renotify_at = None;
+            t.generation += 1;
+        }
+        // A runbook holds the first level back while it works, until
+        // `hold_until`; its run's end releases the hold: a failure fires
+        // the level at once (with the runbook's reason), a success lets it
+        // come when it was due (usually the incident is resolved by then).
+        EventKind::Remediation {
+            step,
+            status,
+            detail,
+            hold_until,
+            ..
+        } if step == "run" => match (status.as_str(), hold_until) {
+            ("held", Some(until)) if t.fired.is_none() => {
+                if let Some(n) = t.next_at {
+                    t.held_from = Some(t.held_from.unwrap_or(n));
+                    t.next_at = Some(n.max(*until));
+                }
+            }
+            ("failed", _) if t.held_from.is_some() => {
+                t.held_from = None;
+                t.next_at = Some(at);
+                t.cause = Some(detail.clone());
+            }
+            ("succeeded" | "released", _) => {
+                if let Some(from) = t.held_from.take() {
+                    t.next_at = Some(from.max(at));
+                }
+            }
+            _ => {}
+        },
+        _ => {}
+    }
+}
+
+/// Keeps what [`mark`] needs for a `paged` record that comes back after the
+/// event `kind` (about to be applied to `t`): the track before a change of
+/// generation, then each change after it (at most [`BEFORE_EVENTS`]).
+fn remember(t: &mut Track, kind: &EventKind, at: Timestamp) {
+    let bumps = matches!(
+        kind,
+        EventKind::Unacknowledged | EventKind::SnoozeEnded | EventKind::Escalated { .. }
+    );
+    match t.before.as_deref_mut() {
+        Some(b) if b.events.len() < BEFORE_EVENTS => b.events.push((kind.clone(), at)),
+        Some(_) => t.before = None,
+        None if bumps => {
+            let mut track = t.clone();
+            track.before = None;
+            t.before = Some(Box::new(Before {
+                track,
+                events: vec![(kind.clone(), at)],
+            }));
+        }
+        None => {}
+    }
+}
+
+/// Applies a `paged` record of level `level`, round `repeat`, to `t`. Of
+/// the track's generation: [`mark_fired`], and the track before its last
+/// change of generation is let go (the records of this one are coming
+/// back, so none of an earlier one is still on its way; the track is saved
+/// without it, or a later change of generation would keep the stale
+/// copy). Of the generation before that change (the level
+/// fired, then an escalate-now, say, came before its record): the level
+/// is marked on the track as it was then and what changed it since is
+/// applied again, so `t` ends where the instance that fired it is. Returns
+/// whether `t` changed.
+fn mark(
+    t: &mut Track,
+    planner: &Planner,
+    fired: &Fired,
+    level: u32,
+    repeat: u32,
+    when: Timestamp,
+) -> bool {
+    if t.generation == fired.generation {
+        let let_go = t.before.take().is_some();
+        return mark_fired(t, planner, fired, level, repeat, when) || let_go;
+    }
+    let Some(before) = t.before.as_deref() else {
+        return false;
+    };
+    let mut base = before.track.clone();
+    if !mark_fired(&mut base, planner, fired, level, repeat, when) {
+        return false;
+    }
+    let events = before.events.clone();
+    let mut now = base.clone();
+    for (kind, at) in &events {
+        apply(&mut now, planner, kind, *at);
+    }
+    now.incident = t.incident.clone();
+    now.before = Some(Box::new(Before {
+        track: base,
+        events,
+    }));
+    *t = now;
+    true
 }
 
 /// Moves `t` as firing the step a `paged` record stands for did (level
