@@ -57,6 +57,10 @@ pub struct Metrics {
     /// INCIDENTS sequence this process's store is caught up to (see
     /// [`crate::lease::followed`]); gone once the process takes the lease.
     pub followed: Family<Labels, Gauge>,
+    /// `tocsin_handled_sequence{service,stream}`: every message of the
+    /// stream up to this sequence is handled by the service, its effects
+    /// stored (see [`crate::progress`]).
+    pub handled: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -93,6 +97,13 @@ impl Metrics {
              (compare with the stream's last sequence for the standby's lag)",
             followed.clone(),
         );
+        let handled = Family::<Labels, Gauge>::default();
+        registry.register(
+            "tocsin_handled_sequence",
+            "Every message of the stream up to this sequence is handled by the service, its \
+             effects stored (tocsin_stream_last_sequence minus this is how far it is behind)",
+            handled.clone(),
+        );
         Metrics {
             registry: Arc::new(Mutex::new(registry)),
             nats_connected,
@@ -100,6 +111,7 @@ impl Metrics {
             nats_events,
             leader,
             followed,
+            handled,
         }
     }
 

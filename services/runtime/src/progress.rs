@@ -64,6 +64,37 @@ impl Progress {
         }
     }
 
+    /// Every service's mark, as it changes.
+    pub fn subscribe(&self) -> watch::Receiver<BTreeMap<String, Mark>> {
+        self.tx.subscribe()
+    }
+
+    /// Keeps `tocsin_handled_sequence{service,stream}` in `metrics` at
+    /// every service's mark until `shutdown`.
+    pub async fn export(
+        &self,
+        metrics: crate::admin::Metrics,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut rx = self.subscribe();
+        loop {
+            let marks = rx.borrow_and_update().clone();
+            for (service, mark) in &marks {
+                for (stream, seq) in &mark.streams {
+                    let l = crate::admin::labels(&[("service", service), ("stream", stream)]);
+                    metrics
+                        .handled
+                        .get_or_create(&l)
+                        .set(i64::try_from(*seq).unwrap_or(i64::MAX));
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
     /// The current mark of `service`.
     pub fn mark(&self, service: &str) -> Mark {
         self.tx.borrow().get(service).cloned().unwrap_or_default()

@@ -667,6 +667,7 @@ pub async fn ensure_and_watch(
 
 /// Reads every stream's usage each `storage_check_interval` and reports:
 /// `tocsin_stream_usage_ratio{stream}` (bytes held / max_bytes),
+/// `tocsin_stream_last_sequence{stream}`,
 /// `tocsin_stream_full{stream}` (1 while a stream that refuses new
 /// messages is at `full_ratio` or more), and the `storage` check of
 /// `/readyz`, which fails naming each full stream (or a JetStream account
@@ -681,6 +682,12 @@ pub async fn watch_storage(
 ) {
     let usage = Family::<Labels, Gauge<f64, AtomicU64>>::default();
     let full = Family::<Labels, Gauge>::default();
+    let last = Family::<Labels, Gauge>::default();
+    metrics.register(
+        "tocsin_stream_last_sequence",
+        "The sequence of a stream's last message",
+        last.clone(),
+    );
     metrics.register(
         "tocsin_stream_usage_ratio",
         "Bytes held by a stream over its max_bytes",
@@ -692,7 +699,7 @@ pub async fn watch_storage(
         full.clone(),
     );
     loop {
-        match storage_problems(js, config, &usage, &full).await {
+        match storage_problems(js, config, &usage, &full, &last).await {
             Ok(problems) if problems.is_empty() => health.set_ok("storage"),
             Ok(problems) => {
                 let reason = problems.join("; ");
@@ -717,12 +724,15 @@ async fn storage_problems(
     config: &JetStreamConfig,
     usage: &Family<Labels, Gauge<f64, AtomicU64>>,
     full: &Family<Labels, Gauge>,
+    last: &Family<Labels, Gauge>,
 ) -> Result<Vec<String>, String> {
     let mut problems = Vec::new();
     for def in STREAMS.iter() {
         let mut stream = js.get_stream(def.name).await.map_err(|e| e.to_string())?;
         let info = stream.info().await.map_err(|e| e.to_string())?;
         let l = labels(&[("stream", def.name)]);
+        last.get_or_create(&l)
+            .set(i64::try_from(info.state.last_sequence).unwrap_or(i64::MAX));
         let max = info.config.max_bytes;
         if max <= 0 {
             usage.get_or_create(&l).set(0.0);

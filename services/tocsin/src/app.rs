@@ -168,6 +168,16 @@ pub async fn run(
         admin_stop.clone(),
     ));
 
+    // How far each service has handled each stream it reads.
+    {
+        let (progress, metrics, stop) = (
+            options.progress.clone(),
+            metrics.clone(),
+            admin_stop.clone(),
+        );
+        tokio::spawn(async move { progress.export(metrics, stop).await });
+    }
+
     // One client per service, as that service's NATS identity: in `tocsin
     // up` each service works with exactly the permissions it has when it
     // runs alone. The notifier connects only when it runs.

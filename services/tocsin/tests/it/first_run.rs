@@ -8,7 +8,7 @@ use tocsin_tests::NatsServer;
 
 use crate::support::{free_port, post_alerts, Proc};
 
-/// The value of an unlabelled metric in `/metrics`.
+/// The value of a sample in `/metrics` (`name` with its labels, if any).
 async fn metric(admin: u16, name: &str) -> Option<f64> {
     let text = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
         .await
@@ -44,6 +44,7 @@ async fn a_first_start_is_quiet_and_the_open_count_survives_a_restart() {
         &config,
         format!(
             "nats:\n  url: {}\ningest:\n  listen: 127.0.0.1:{ingest}\n  tokens:\n    - source: first-run\n      token: ${{TOCSIN_INGEST_TOKEN}}\n\
+             jetstream:\n  storage_check_interval: 100ms\n\
              incidents:\n  data_dir: {d}/incidents\nescalation:\n  data_dir: {d}/escalation\n",
             nats.url(),
             d = dir.path().display()
@@ -67,6 +68,27 @@ async fn a_first_start_is_quiet_and_the_open_count_survives_a_restart() {
         "{}",
         up.log_text()
     );
+    // How far each service has handled each stream, beside the streams'
+    // last sequences: the incidents service has handled every alert, and
+    // escalation every INCIDENTS entry (the receipts included), once the
+    // engine is quiet.
+    for (stream, service) in [("ALERTS", "incidents"), ("INCIDENTS", "escalation")] {
+        let last = format!("tocsin_stream_last_sequence{{stream=\"{stream}\"}}");
+        let handled =
+            format!("tocsin_handled_sequence{{service=\"{service}\",stream=\"{stream}\"}}");
+        tocsin_tests::eventually_within(Duration::from_secs(15), || async {
+            match (
+                metric(up.admin, &last).await,
+                metric(up.admin, &handled).await,
+            ) {
+                (Some(l), Some(h)) if l > 0.0 && l == h => Ok(()),
+                other => Err(format!("{service} on {stream}: last, handled {other:?}")),
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", up.log_text()));
+    }
+
     let log = up.log_text();
     assert!(
         !log.contains("stream not found"),
