@@ -177,6 +177,35 @@ mod tests {
         }
     }
 
+    /// A track keeps its copy from before an escalate-now (and what came
+    /// since) through the store: a takeover after a restart still applies
+    /// a late record to it.
+    #[test]
+    fn a_track_comes_back_from_the_store_with_its_copy_from_before_a_change() {
+        use tocsin_proto::incident::EventKind;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut t = track(1, "default");
+        t.generation = 1;
+        t.before = Some(Box::new(crate::track::Before {
+            track: track(1, "default"),
+            events: vec![
+                (
+                    EventKind::Escalated {
+                        reason: "now".into(),
+                    },
+                    Timestamp::UNIX_EPOCH,
+                ),
+                (EventKind::Acknowledged, Timestamp::UNIX_EPOCH),
+            ],
+        }));
+        let key = (t.incident.id, t.policy.clone());
+        let mut tracks = Tracks::default();
+        tracks.map.insert(key.clone(), t.clone());
+        store.save(&tracks, &[key], 1).unwrap();
+        assert_eq!(store.tracks_of(t.incident.id).unwrap(), vec![t]);
+    }
+
     #[test]
     fn incidents_read_in_parts_are_each_read_once_with_every_stored_track() {
         let dir = tempfile::tempdir().unwrap();
