@@ -198,6 +198,13 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// One alert of an `alert_resolved` entry's `more`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolvedAlert {
+    pub fingerprint: Fingerprint,
+    pub ends_at: Timestamp,
+}
+
 /// Why an incident was resolved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -215,14 +222,26 @@ pub enum EventKind {
     /// A new incident, with its first alert.
     Opened {
         alert: AlertInfo,
+        /// Alerts of the same ALERTS message (one request) that joined the
+        /// incident right after `alert`, in order: the incidents service
+        /// writes a run of them as one entry (its cause is the last one's).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        more: Vec<AlertInfo>,
     },
-    /// An alert joined, fired again or changed (annotations, suppression).
+    /// An alert joined, fired again or changed (annotations, suppression);
+    /// `more` as for `Opened`.
     AlertFiring {
         alert: AlertInfo,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        more: Vec<AlertInfo>,
     },
     AlertResolved {
         fingerprint: Fingerprint,
         ends_at: Timestamp,
+        /// Alerts of the same ALERTS message that resolved right after it,
+        /// in order, written as one entry as for `Opened`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        more: Vec<ResolvedAlert>,
     },
     Acknowledged,
     Unacknowledged,
@@ -327,6 +346,52 @@ impl RunbookRequest {
 }
 
 impl EventKind {
+    /// A new incident opened by `alert` alone.
+    pub fn opened(alert: AlertInfo) -> Self {
+        EventKind::Opened {
+            alert,
+            more: Vec::new(),
+        }
+    }
+
+    /// `alert` firing, alone.
+    pub fn alert_firing(alert: AlertInfo) -> Self {
+        EventKind::AlertFiring {
+            alert,
+            more: Vec::new(),
+        }
+    }
+
+    /// The alerts an `opened` or `alert_firing` entry attaches, in order
+    /// (none for other kinds).
+    pub fn alerts(&self) -> impl Iterator<Item = &AlertInfo> {
+        let (first, more): (Option<&AlertInfo>, &[AlertInfo]) = match self {
+            EventKind::Opened { alert, more } | EventKind::AlertFiring { alert, more } => {
+                (Some(alert), more)
+            }
+            _ => (None, &[]),
+        };
+        first.into_iter().chain(more)
+    }
+
+    /// The alerts an `alert_resolved` entry resolves, with when each ended
+    /// (none for other kinds).
+    pub fn resolved(&self) -> Vec<ResolvedAlert> {
+        match self {
+            EventKind::AlertResolved {
+                fingerprint,
+                ends_at,
+                more,
+            } => std::iter::once(ResolvedAlert {
+                fingerprint: fingerprint.clone(),
+                ends_at: *ends_at,
+            })
+            .chain(more.iter().cloned())
+            .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The last subject token: `opened`, `alert_firing`, ...
     pub fn name(&self) -> &'static str {
         match self {
@@ -436,8 +501,13 @@ impl LogEntry {
         match self {
             LogEntry::Incident(e) => {
                 let extra = match &e.kind {
-                    EventKind::AlertFiring { alert } => format!(":{}", alert.fingerprint),
-                    EventKind::AlertResolved { fingerprint, .. } => format!(":{fingerprint}"),
+                    // A run's entry: its last alert's, as its cause is.
+                    EventKind::AlertFiring { alert, more } => {
+                        format!(":{}", more.last().unwrap_or(alert).fingerprint)
+                    }
+                    EventKind::AlertResolved {
+                        fingerprint, more, ..
+                    } => format!(":{}", more.last().map_or(fingerprint, |r| &r.fingerprint)),
                     EventKind::Delivery { delivery } => format!(":{}", delivery.id),
                     _ => String::new(),
                 };

@@ -88,9 +88,7 @@ async fn publish_event(
 
 /// Incident `i` opens at t0.
 async fn publish_opened(js: &jetstream::Context, i: u32) {
-    let opened = EventKind::Opened {
-        alert: dummy_alert(),
-    };
+    let opened = EventKind::opened(dummy_alert());
     publish_event(js, i, opened, IncidentStatus::Triggered, t0()).await;
 }
 
@@ -369,6 +367,7 @@ async fn a_store_slower_to_read_than_the_lease_ttl_does_not_cost_the_lease() {
                     held_from: None,
                     cause: None,
                     last_fired: Some((0, 0, 0)),
+                    before: None,
                 },
             );
         }

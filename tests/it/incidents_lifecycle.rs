@@ -213,6 +213,112 @@ async fn an_alertmanager_webhook_becomes_an_incident_end_to_end() {
     assert_eq!(inc.severity, Severity::Critical);
     assert_eq!(inc.status, IncidentStatus::Triggered);
     let detail = get(&client, IncidentRef::Id(inc.id)).await;
-    assert_eq!(detail.timeline.len(), 2);
+    // The two firing alerts of the webhook, one after the other in its
+    // message, open the incident in one entry.
+    assert_eq!(detail.timeline.len(), 1);
     assert_eq!(detail.timeline[0].kind.name(), "opened");
+    assert_eq!(detail.timeline[0].kind.alerts().count(), 2);
+}
+
+/// An Alertmanager webhook of `n` alerts of one group (instances
+/// `from..from + n`), firing or resolved.
+fn grouped_webhook(from: usize, n: usize, firing: bool) -> String {
+    let status = if firing { "firing" } else { "resolved" };
+    let alerts: Vec<serde_json::Value> = (from..from + n)
+        .map(|i| {
+            serde_json::json!({
+                "status": status,
+                "labels": {"alertname": "NodeDown", "cluster": "eu-1", "severity": "critical",
+                           "instance": format!("node-{i}:9100")},
+                "annotations": {"summary": "node down"},
+                "startsAt": "2026-01-05T10:00:00Z",
+                "endsAt": if firing { "0001-01-01T00:00:00Z" } else { "2026-01-05T11:00:00Z" },
+                "generatorURL": "http://prometheus:9090/graph"
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "receiver": "tocsin", "status": status, "alerts": alerts,
+        "groupLabels": {"alertname": "NodeDown", "cluster": "eu-1"},
+        "commonLabels": {"alertname": "NodeDown", "cluster": "eu-1", "severity": "critical"},
+        "commonAnnotations": {"summary": "node down"},
+        "externalURL": "http://alertmanager:9093", "version": "4",
+        "groupKey": "{}:{alertname=\"NodeDown\", cluster=\"eu-1\"}", "truncatedAlerts": 0
+    })
+    .to_string()
+}
+
+/// Alertmanager sends a group's alerts together: a webhook of 100 alerts
+/// of one group is one INCIDENTS entry (the incident opened with all of
+/// them), not a hundred synced writes; the next notification of the group,
+/// with 50 alerts more, adds one entry; the group resolved is three (149
+/// alerts resolved, then the last one, whose alert comes with the
+/// incident's resolution). The incident still shows every alert.
+#[tokio::test]
+async fn a_webhooks_alerts_of_one_incident_are_written_as_one_entry() {
+    let nats = NatsServer::start().await;
+    let tocsin = TocsinHarness::start(&nats).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let post = |body: String| {
+        let (url, token) = (
+            format!("{}/api/v1/alerts/alertmanager", tocsin.ingest_url),
+            tocsin.token.clone(),
+        );
+        async move {
+            let a = http::post(&reqwest::Client::new(), &url, Some(&token), body).await;
+            assert_eq!(a.status, 200, "{}", a.text);
+        }
+    };
+    post(grouped_webhook(0, 100, true)).await;
+    wait_for(&client, "one incident with 100 alerts", |all| {
+        all.len() == 1 && all[0].alerts_total == 100 && all[0].alerts_firing == 100
+    })
+    .await;
+    post(grouped_webhook(0, 150, true)).await;
+    let all = wait_for(&client, "one incident with 150 alerts", |all| {
+        all.len() == 1 && all[0].alerts_total == 150
+    })
+    .await;
+    let detail = get(&client, IncidentRef::Id(all[0].id)).await;
+    assert_eq!(detail.alerts.len(), 150);
+    assert!(detail
+        .alerts
+        .iter()
+        .all(|a| a.status == AlertStatus::Firing));
+    assert_eq!(detail.timeline.len(), 2);
+    post(grouped_webhook(0, 150, false)).await;
+    wait_for(&client, "the incident resolved", |all| {
+        all.len() == 1 && all[0].status == IncidentStatus::Resolved
+    })
+    .await;
+    let entries: Vec<String> = log(&js)
+        .await
+        .into_iter()
+        .map(|(_, e)| match e {
+            LogEntry::Incident(e) => format!(
+                "{} ({} alerts)",
+                e.kind.name(),
+                e.kind.alerts().count() + e.kind.resolved().len()
+            ),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            "opened (100 alerts)",
+            "alert_firing (50 alerts)",
+            "alert_resolved (149 alerts)",
+            "alert_resolved (1 alerts)",
+            "resolved (0 alerts)"
+        ],
+        "INCIDENTS"
+    );
+    let detail = get(&client, IncidentRef::Id(all[0].id)).await;
+    assert!(detail
+        .alerts
+        .iter()
+        .all(|a| a.status == AlertStatus::Resolved));
+    tocsin.stop().await.unwrap();
 }

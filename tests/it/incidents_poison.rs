@@ -64,7 +64,7 @@ async fn a_600_kb_label_is_stored_truncated_and_the_next_100_alerts_become_incid
     // The big one is there, bounded, with a visible marker.
     let poison = all.iter().find(|i| i.title == "Poison").expect("Poison");
     let detail = get(&client, IncidentRef::Number(poison.number)).await;
-    let EventKind::Opened { alert: opened } = &detail.timeline[0].kind else {
+    let EventKind::Opened { alert: opened, .. } = &detail.timeline[0].kind else {
         panic!("{:?}", detail.timeline[0].kind)
     };
     let value = &opened.labels["blob"];

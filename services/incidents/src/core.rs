@@ -29,7 +29,7 @@ use tocsin_proto::{
     command::{Action, Command, IncidentRef},
     incident::{
         Actor, AlertInfo, Cause, EventKind, IncidentEvent, IncidentStatus, IncidentSummary,
-        LogEntry, ResolveReason, RunbookRequest, Severity, SilenceChange,
+        LogEntry, ResolveReason, ResolvedAlert, RunbookRequest, Severity, SilenceChange,
     },
     silence::Silence,
     Alert, AlertStatus, Envelope, Fingerprint, Labels, SourceKind,
@@ -387,11 +387,12 @@ impl Projection {
                     _ => {}
                 }
                 // The inhibiting sources: an incident that stays open
-                // changes at most the one alert its entry names; one that
+                // changes at most the alerts its entry names; one that
                 // opens or resolves adds or takes all of its firing alerts.
-                let which = match (was_open == Some(true) && is_open, alert_of(&e.kind)) {
-                    (true, None) => None,
-                    (true, Some(fp)) => Some(Some(fp)),
+                let named = alerts_of(&e.kind);
+                let which = match (was_open == Some(true) && is_open, named.is_empty()) {
+                    (true, true) => None,
+                    (true, false) => Some(Some(&named[..])),
                     (false, _) => Some(None),
                 };
                 let which = which.filter(|_| self.sources.is_set());
@@ -481,22 +482,24 @@ fn index_sources(sources: &mut Sources, st: &IncidentState) {
 }
 
 /// The alert an event changes, if it changes one.
-fn alert_of(kind: &EventKind) -> Option<&Fingerprint> {
+/// The alerts an entry changes (none for entries that change none).
+fn alerts_of(kind: &EventKind) -> Vec<Fingerprint> {
     match kind {
-        EventKind::Opened { alert } | EventKind::AlertFiring { alert } => Some(&alert.fingerprint),
-        EventKind::AlertResolved { fingerprint, .. } => Some(fingerprint),
-        _ => None,
+        EventKind::AlertResolved { .. } => {
+            kind.resolved().into_iter().map(|r| r.fingerprint).collect()
+        }
+        _ => kind.alerts().map(|a| a.fingerprint.clone()).collect(),
     }
 }
 
-/// The firing alerts among `alerts`: only `only`, if given (it may be
-/// absent or not firing), or all of them.
+/// The firing alerts among `alerts`: only those of `only`, if given (they
+/// may be absent or not firing), or all of them.
 fn firing<'a>(
     alerts: &'a BTreeMap<Fingerprint, AlertInfo>,
-    only: Option<&Fingerprint>,
+    only: Option<&[Fingerprint]>,
 ) -> Vec<&'a AlertInfo> {
     let pick: Box<dyn Iterator<Item = &'a AlertInfo>> = match only {
-        Some(fp) => Box::new(alerts.get(fp).into_iter()),
+        Some(fps) => Box::new(fps.iter().filter_map(|fp| alerts.get(fp))),
         None => Box::new(alerts.values()),
     };
     pick.filter(|a| a.status == AlertStatus::Firing).collect()
@@ -505,16 +508,17 @@ fn firing<'a>(
 /// The alert-map part of an event, shared by deciding and applying.
 fn change_alerts(alerts: &mut BTreeMap<Fingerprint, AlertInfo>, kind: &EventKind) {
     match kind {
-        EventKind::Opened { alert } | EventKind::AlertFiring { alert } => {
-            alerts.insert(alert.fingerprint.clone(), alert.clone());
+        EventKind::Opened { .. } | EventKind::AlertFiring { .. } => {
+            for alert in kind.alerts() {
+                alerts.insert(alert.fingerprint.clone(), alert.clone());
+            }
         }
-        EventKind::AlertResolved {
-            fingerprint,
-            ends_at,
-        } => {
-            if let Some(a) = alerts.get_mut(fingerprint) {
-                a.status = AlertStatus::Resolved;
-                a.ends_at = Some(*ends_at);
+        EventKind::AlertResolved { .. } => {
+            for r in kind.resolved() {
+                if let Some(a) = alerts.get_mut(&r.fingerprint) {
+                    a.status = AlertStatus::Resolved;
+                    a.ends_at = Some(r.ends_at);
+                }
             }
         }
         _ => {}
@@ -688,9 +692,7 @@ fn joined_summary(
         // The full path, for comparison (an alert event does not use
         // its time or actor).
         let mut st = inc.clone();
-        let kind = EventKind::AlertFiring {
-            alert: info.clone(),
-        };
+        let kind = EventKind::alert_firing(info.clone());
         step(&mut st, &kind, inc.summary.opened_at, None, cfg);
         debug_assert_eq!(st.summary, s, "incremental summary");
     }
@@ -808,6 +810,74 @@ fn alert_info(alert: &Alert, suppressed: Option<String>) -> AlertInfo {
     }
 }
 
+/// Most alerts one `opened` or `alert_firing` entry carries.
+pub const MAX_RUN: usize = 256;
+
+/// Joins `next`, the one entry of the alert after `run`'s last in the same
+/// ALERTS message, to `run` when both attach firing alerts to the same
+/// incident at the same time (`opened` or `alert_firing`, then
+/// `alert_firing`), or both resolve alerts of it (`alert_resolved`): `run`
+/// then ends with `next`'s alert and takes its incident (as it is after
+/// that alert) and its cause, so the entry stands for the run's alerts
+/// decided one after another. Gives `next` back otherwise.
+pub fn join_run(run: &mut LogEntry, next: LogEntry) -> Option<LogEntry> {
+    let (LogEntry::Incident(r), LogEntry::Incident(n)) = (&mut *run, &next) else {
+        return Some(next);
+    };
+    let same_message = matches!(
+        (&r.cause, &n.cause),
+        (Cause::Alert { seq: a, .. }, Cause::Alert { seq: b, .. }) if a == b
+    );
+    let room = match &r.kind {
+        EventKind::Opened { more, .. } | EventKind::AlertFiring { more, .. } => {
+            more.len() + 1 < MAX_RUN
+        }
+        EventKind::AlertResolved { more, .. } => more.len() + 1 < MAX_RUN,
+        _ => false,
+    };
+    let fits = match (&r.kind, &n.kind) {
+        (
+            EventKind::Opened { .. } | EventKind::AlertFiring { .. },
+            EventKind::AlertFiring { more, .. },
+        ) => more.is_empty(),
+        (EventKind::AlertResolved { .. }, EventKind::AlertResolved { more, .. }) => more.is_empty(),
+        _ => false,
+    };
+    if !(same_message
+        && room
+        && fits
+        && r.incident.id == n.incident.id
+        && r.at == n.at
+        && r.actor == n.actor)
+    {
+        return Some(next);
+    }
+    let LogEntry::Incident(n) = next else {
+        return None; // checked above
+    };
+    match (&mut r.kind, n.kind) {
+        (
+            EventKind::Opened { more, .. } | EventKind::AlertFiring { more, .. },
+            EventKind::AlertFiring { alert, .. },
+        ) => more.push(alert),
+        (
+            EventKind::AlertResolved { more, .. },
+            EventKind::AlertResolved {
+                fingerprint,
+                ends_at,
+                ..
+            },
+        ) => more.push(ResolvedAlert {
+            fingerprint,
+            ends_at,
+        }),
+        _ => {} // checked above
+    }
+    r.incident = n.incident;
+    r.cause = n.cause;
+    None
+}
+
 impl<'a> Decider<'a> {
     pub fn new(cfg: &'a CoreConfig, proj: &'a Projection) -> Self {
         Decider {
@@ -900,6 +970,7 @@ impl<'a> Decider<'a> {
                             EventKind::AlertResolved {
                                 fingerprint: alert.fingerprint.clone(),
                                 ends_at,
+                                more: Vec::new(),
                             },
                         );
                     }
@@ -950,12 +1021,10 @@ impl<'a> Decider<'a> {
                 });
                 if !unchanged {
                     match joined_summary(inc, &info, self.cfg) {
-                        Some(summary) => {
-                            b.push_summary(summary, EventKind::AlertFiring { alert: info })
-                        }
+                        Some(summary) => b.push_summary(summary, EventKind::alert_firing(info)),
                         None => {
                             let mut st = inc.clone();
-                            b.push(&mut st, EventKind::AlertFiring { alert: info });
+                            b.push(&mut st, EventKind::alert_firing(info));
                         }
                     }
                 }
@@ -971,7 +1040,7 @@ impl<'a> Decider<'a> {
                 } else if at.duration_since(resolved_at) <= self.cfg.reopen_window {
                     let mut st = inc.clone();
                     b.push(&mut st, EventKind::Reopened);
-                    b.push(&mut st, EventKind::AlertFiring { alert: info });
+                    b.push(&mut st, EventKind::alert_firing(info));
                 } else {
                     self.open(&mut b, key, alert, info);
                 }
@@ -997,7 +1066,7 @@ impl<'a> Decider<'a> {
             alerts: BTreeMap::new(),
             commands: VecDeque::new(),
         };
-        b.push(&mut st, EventKind::Opened { alert: info });
+        b.push(&mut st, EventKind::opened(info));
     }
 
     /// Entries for a command, and the answer to give.

@@ -108,8 +108,12 @@ impl Limits {
             return Ok(false);
         }
         if let LogEntry::Incident(e) = entry {
-            if let EventKind::Opened { alert } | EventKind::AlertFiring { alert } = &mut e.kind {
-                drop_annotations(&mut alert.annotations, self.max_annotations);
+            if let EventKind::Opened { alert, more } | EventKind::AlertFiring { alert, more } =
+                &mut e.kind
+            {
+                for a in std::iter::once(alert).chain(more) {
+                    drop_annotations(&mut a.annotations, self.max_annotations);
+                }
             }
         }
         let cut = fit(entry, budget, size, cut_entry).ok_or_else(|| {
@@ -258,8 +262,10 @@ fn cut_entry(entry: &mut LogEntry, cap: usize) {
                 cut_text(&mut a.via, cap);
             }
             match &mut e.kind {
-                EventKind::Opened { alert } | EventKind::AlertFiring { alert } => {
-                    cut_alert_info(alert, cap)
+                EventKind::Opened { alert, more } | EventKind::AlertFiring { alert, more } => {
+                    for a in std::iter::once(alert).chain(more) {
+                        cut_alert_info(a, cap)
+                    }
                 }
                 EventKind::Escalated { reason } => {
                     cut_text(reason, cap);

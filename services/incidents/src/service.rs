@@ -26,7 +26,7 @@ use jiff::{SignedDuration, Timestamp};
 use tocsin_proto::{
     codec::{self, decode_alerts, decode_commands, decode_envelope},
     command::{is_batch as is_command_batch, Command, CommandReply},
-    incident::{Cause, IncidentStatus, IncidentSummary, LogEntry},
+    incident::{Cause, EventKind, IncidentStatus, IncidentSummary, LogEntry},
     subjects::{headers, is_alert_batch, STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS},
     Alert, Envelope, SourceKind,
 };
@@ -1066,6 +1066,13 @@ impl Service {
         // measured.
         let measure = batch && msg.payload.len() > budget;
         let traceparent = header(msg, headers::TRACEPARENT);
+        let tp = traceparent.as_deref();
+        // Consecutive alerts of the message that join one incident are
+        // written as one entry (`run`, with a bound on its size): each is
+        // decided and folded into the projection as before, and the entry
+        // is sent when the run ends, always before anything else is sent,
+        // awaited or handed to the careful way.
+        let mut run: Option<(LogEntry, usize)> = None;
         for (at, one) in each_alert(seq, env) {
             if at < resume {
                 continue;
@@ -1073,28 +1080,141 @@ impl Service {
             if one.body.origin.kind == Some(SourceKind::Heartbeat)
                 || (measure && codec::encode(&one.body).map_or(usize::MAX, |b| b.len()) > budget)
             {
-                return Fast::Careful;
+                return self
+                    .end_run(&mut run, tp, sent, last_seq)
+                    .await
+                    .err()
+                    .unwrap_or(Fast::Careful);
             }
-            let Some(entries) = self.decide_in_batch(|d| d.alert(at.cause(), &one)) else {
-                return Fast::Careful;
+            let Some(mut entries) = self.decide_in_batch(|d| d.alert(at.cause(), &one)) else {
+                return self
+                    .end_run(&mut run, tp, sent, last_seq)
+                    .await
+                    .err()
+                    .unwrap_or(Fast::Careful);
             };
             let n = entries.len();
-            if let Err(fast) = self
-                .send_entries(entries, traceparent.as_deref(), sent, last_seq)
-                .await
-            {
+            let joins = match entries.as_slice() {
+                [LogEntry::Incident(e)]
+                    if matches!(
+                        e.kind,
+                        EventKind::Opened { .. }
+                            | EventKind::AlertFiring { .. }
+                            | EventKind::AlertResolved { .. }
+                    ) =>
+                {
+                    encode_entry(&entries[0], tp).ok().map(|p| p.len())
+                }
+                _ => None,
+            };
+            let most = self.most_entry_bytes();
+            if let (Some(size), Some((entry, bound))) = (joins, run.as_mut()) {
+                if *bound + size <= most {
+                    let next = entries.pop().expect("one entry");
+                    write(&self.proj).apply(&next, 0);
+                    match crate::core::join_run(entry, next) {
+                        None => {
+                            *bound += size;
+                            handled.push(Handled::Alert(at, one.received_at, n));
+                            continue;
+                        }
+                        // Folded already: a run of its own, after this one.
+                        Some(next) => {
+                            if let Err(fast) = self.end_run(&mut run, tp, sent, last_seq).await {
+                                return fast;
+                            }
+                            run = Some((next, size));
+                            handled.push(Handled::Alert(at, one.received_at, n));
+                            continue;
+                        }
+                    }
+                }
+            }
+            if let Err(fast) = self.end_run(&mut run, tp, sent, last_seq).await {
                 return fast;
+            }
+            match joins {
+                Some(size) if size <= most => {
+                    let first = entries.pop().expect("one entry");
+                    write(&self.proj).apply(&first, 0);
+                    run = Some((first, size));
+                }
+                _ => {
+                    if let Err(fast) = self.send_entries(entries, tp, sent, last_seq).await {
+                        return fast;
+                    }
+                }
             }
             handled.push(Handled::Alert(at, one.received_at, n));
             // A request's alerts can be many: their acknowledgements are
             // awaited before async-nats runs out of permits for them.
             if sent.len() >= MAX_SENT {
+                if let Err(fast) = self.end_run(&mut run, tp, sent, last_seq).await {
+                    return fast;
+                }
                 if let Err(e) = self.finish(sent, handled).await {
                     return Fast::Failed(e);
                 }
             }
         }
-        Fast::Done
+        match self.end_run(&mut run, tp, sent, last_seq).await {
+            Ok(()) => Fast::Done,
+            Err(fast) => fast,
+        }
+    }
+
+    /// The largest entry the fast way sends.
+    fn most_entry_bytes(&self) -> usize {
+        self.limits.max_entry_bytes.min(self.client.max_payload())
+    }
+
+    /// Sends the run of alerts joined so far as one entry (already folded
+    /// into the projection, alert by alert).
+    async fn end_run(
+        &self,
+        run: &mut Option<(LogEntry, usize)>,
+        traceparent: Option<&str>,
+        sent: &mut Vec<Sent>,
+        last_seq: &mut u64,
+    ) -> Result<(), Fast> {
+        let Some((entry, _)) = run.take() else {
+            return Ok(());
+        };
+        let payload = match encode_entry(&entry, traceparent) {
+            Ok(p) if p.len() <= self.most_entry_bytes() => p,
+            // Bounded by the sum of its alerts' own entries: not reached.
+            _ => return Err(Fast::Failed("a run of alerts outgrew its entry".into())),
+        };
+        self.publish_folded(entry, payload, traceparent, sent, last_seq)
+            .await
+            .map_err(Fast::Failed)
+    }
+
+    /// Publishes an entry already folded into the projection, after the
+    /// stream's last sequence `last_seq`.
+    async fn publish_folded(
+        &self,
+        entry: LogEntry,
+        payload: Vec<u8>,
+        traceparent: Option<&str>,
+        sent: &mut Vec<Sent>,
+        last_seq: &mut u64,
+    ) -> Result<(), String> {
+        let expected = last_seq.to_string();
+        let message = tocsin_runtime::bus::message(
+            payload,
+            entry.msg_id(),
+            traceparent,
+            &[(EXPECTED_LAST_SEQUENCE, &expected)],
+        );
+        let ack = self
+            .js
+            .send_publish(entry.subject(), message)
+            .await
+            .map_err(|e| e.to_string())?;
+        sent.push((ack, entry));
+        *last_seq += 1;
+        Ok(())
     }
 
     /// Decides one input of a batch on the projection. An incident it
@@ -1147,7 +1267,7 @@ impl Service {
         sent: &mut Vec<Sent>,
         last_seq: &mut u64,
     ) -> Result<(), Fast> {
-        let most = self.limits.max_entry_bytes.min(self.client.max_payload());
+        let most = self.most_entry_bytes();
         let mut payloads = Vec::with_capacity(entries.len());
         for entry in &entries {
             match encode_entry(entry, traceparent) {
@@ -1156,21 +1276,10 @@ impl Service {
             }
         }
         for (entry, payload) in entries.into_iter().zip(payloads) {
-            let expected = last_seq.to_string();
-            let message = tocsin_runtime::bus::message(
-                payload,
-                entry.msg_id(),
-                traceparent,
-                &[(EXPECTED_LAST_SEQUENCE, &expected)],
-            );
-            match self.js.send_publish(entry.subject(), message).await {
-                Ok(ack) => {
-                    write(&self.proj).apply(&entry, 0);
-                    sent.push((ack, entry));
-                    *last_seq += 1;
-                }
-                Err(e) => return Err(Fast::Failed(e.to_string())),
-            }
+            write(&self.proj).apply(&entry, 0);
+            self.publish_folded(entry, payload, traceparent, sent, last_seq)
+                .await
+                .map_err(Fast::Failed)?;
         }
         Ok(())
     }

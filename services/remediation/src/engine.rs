@@ -687,7 +687,7 @@ impl Engine {
     fn new_record(&self, rb: &Runbook, ev: &IncidentEvent, run: &str) -> RunRecord {
         let inc = &ev.incident;
         let annotations = match &ev.kind {
-            EventKind::Opened { alert } | EventKind::AlertFiring { alert } => {
+            EventKind::Opened { alert, .. } | EventKind::AlertFiring { alert, .. } => {
                 serde_json::to_value(&alert.annotations).unwrap_or(json!({}))
             }
             _ => json!({}),

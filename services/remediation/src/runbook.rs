@@ -1027,13 +1027,13 @@ steps:
         inc.labels
             .insert("alertname".into(), "HighAPILatency".into());
         inc.severity = Severity::High;
-        let opened = EventKind::Opened {
-            alert: serde_json::from_value(serde_json::json!({
+        let opened = EventKind::opened(
+            serde_json::from_value(serde_json::json!({
                 "fingerprint": "0123456789abcdef", "source": "test", "labels": {},
                 "starts_at": "2026-01-01T00:00:00Z", "status": "firing"
             }))
             .unwrap_or_else(|e| panic!("alert info: {e}")),
-        };
+        );
         assert!(rb.applies(&opened, &inc));
         assert!(!rb.applies(&EventKind::Acknowledged, &inc));
         inc.severity = Severity::Low;

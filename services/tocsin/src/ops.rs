@@ -357,15 +357,66 @@ pub async fn list(
     Ok(out)
 }
 
+/// Up to eight fingerprints, then how many more.
+fn fingerprints(alerts: &[tocsin_proto::incident::AlertInfo]) -> String {
+    let shown: Vec<String> = alerts
+        .iter()
+        .take(8)
+        .map(|a| a.fingerprint.to_string())
+        .collect();
+    match alerts.len().saturating_sub(8) {
+        0 => shown.join(", "),
+        rest => format!("{}, … ({rest} more)", shown.join(", ")),
+    }
+}
+
 /// One timeline entry in words: `paged alice via sms, alice via email
 /// (level 1 of policy standard)`, `snoozed until ...`, `escalated: no
 /// progress`.
 fn describe_event(e: &IncidentEvent, style: &Style) -> String {
     use tocsin_proto::incident::{EventKind, ResolveReason};
     match &e.kind {
-        EventKind::Opened { alert } => format!("opened by alert {}", alert.fingerprint),
-        EventKind::AlertFiring { alert } => format!("alert {} firing", alert.fingerprint),
-        EventKind::AlertResolved { fingerprint, .. } => format!("alert {fingerprint} resolved"),
+        EventKind::Opened { alert, more } if more.is_empty() => {
+            format!("opened by alert {}", alert.fingerprint)
+        }
+        EventKind::Opened { alert, more } => format!(
+            "opened by alert {} and {} more: {}",
+            alert.fingerprint,
+            more.len(),
+            fingerprints(more)
+        ),
+        EventKind::AlertFiring { alert, more } if more.is_empty() => {
+            format!("alert {} firing", alert.fingerprint)
+        }
+        EventKind::AlertFiring { alert, more } => format!(
+            "{} alerts firing: {}, {}",
+            more.len() + 1,
+            alert.fingerprint,
+            fingerprints(more)
+        ),
+        EventKind::AlertResolved {
+            fingerprint, more, ..
+        } if more.is_empty() => format!("alert {fingerprint} resolved"),
+        EventKind::AlertResolved {
+            fingerprint, more, ..
+        } => {
+            let shown: Vec<String> = more
+                .iter()
+                .take(8)
+                .map(|r| r.fingerprint.to_string())
+                .collect();
+            let rest = more.len().saturating_sub(8);
+            format!(
+                "{} alerts resolved: {fingerprint}, {}{}",
+                more.len() + 1,
+                shown.join(", "),
+                if rest > 0 {
+                    format!(", … ({rest} more)")
+                } else {
+                    String::new()
+                }
+            )
+        }
         EventKind::Acknowledged => "acknowledged".into(),
         EventKind::Unacknowledged => "unacknowledged".into(),
         EventKind::Snoozed { until } => format!("snoozed until {}", style.time(*until)),

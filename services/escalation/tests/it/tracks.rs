@@ -67,18 +67,16 @@ fn event(kind: EventKind, status: IncidentStatus, t: Timestamp) -> IncidentEvent
 fn opened(t: Timestamp) -> IncidentEvent {
     let labels = Labels::from([("alertname".to_string(), "X".to_string())]);
     event(
-        EventKind::Opened {
-            alert: tocsin_proto::incident::AlertInfo {
-                fingerprint: Fingerprint::from_labels(&labels),
-                status: AlertStatus::Firing,
-                labels,
-                annotations: Labels::new(),
-                starts_at: t,
-                ends_at: None,
-                generator_url: None,
-                suppressed: None,
-            },
-        },
+        EventKind::opened(tocsin_proto::incident::AlertInfo {
+            fingerprint: Fingerprint::from_labels(&labels),
+            status: AlertStatus::Firing,
+            labels,
+            annotations: Labels::new(),
+            starts_at: t,
+            ends_at: None,
+            generator_url: None,
+            suppressed: None,
+        }),
         IncidentStatus::Triggered,
         t,
     )

@@ -1123,7 +1123,7 @@ fn incidents_by_label(
         else {
             continue;
         };
-        if let EventKind::Opened { alert } | EventKind::AlertFiring { alert } = &e.kind {
+        for alert in e.kind.alerts() {
             if let Some(v) = alert.labels.get(label) {
                 out.entry(v.clone()).or_default().insert(e.incident.id);
             }

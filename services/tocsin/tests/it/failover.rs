@@ -115,7 +115,7 @@ fn opened(raw: &Raw) -> Option<(String, String, u64)> {
     let LogEntry::Incident(e) = env.body else {
         return None;
     };
-    let EventKind::Opened { alert } = &e.kind else {
+    let EventKind::Opened { alert, .. } = &e.kind else {
         return None;
     };
     Some((

@@ -2018,9 +2018,7 @@ async fn escalation_run(args: &EscalationArgs) -> anyhow::Result<EscalationResul
             let at = gen.announce_at(i);
             entries.push(gen.entry(
                 i,
-                EventKind::Opened {
-                    alert: gen.alert(i),
-                },
+                EventKind::opened(gen.alert(i)),
                 IncidentStatus::Triggered,
                 at,
             )?);

@@ -46,14 +46,16 @@ fn groups_in(body: &[u8]) -> BTreeSet<String> {
 }
 
 /// Request `r`'s body: alerts `r * PER_REQUEST ..`, alert i in group
-/// `i mod groups`, each alert unique (its `instance`).
-fn body(alertmanager: bool, run: &str, r: usize, groups: usize) -> Vec<u8> {
+/// `i mod groups` (or, `grouped`, every alert in group `r mod groups`, as
+/// Alertmanager notifies a group's alerts together), each alert unique
+/// (its `instance`).
+fn body(alertmanager: bool, run: &str, r: usize, groups: usize, grouped: bool) -> Vec<u8> {
     let now = jiff::Timestamp::now().to_string();
     let alerts: Vec<Value> = (r * PER_REQUEST..(r + 1) * PER_REQUEST)
         .map(|i| {
             let labels = json!({
                 "alertname": "BenchStorm",
-                GROUP_LABEL: format!("{run}-{}", i % groups),
+                GROUP_LABEL: format!("{run}-{}", if grouped { r } else { i } % groups),
                 "instance": format!("host-{i}:9100"),
                 "severity": "critical",
             });
@@ -74,6 +76,7 @@ fn body(alertmanager: bool, run: &str, r: usize, groups: usize) -> Vec<u8> {
 struct Size {
     alerts: usize,
     groups: usize,
+    grouped: bool,
     limit: Duration,
 }
 
@@ -97,6 +100,7 @@ async fn drive(
     let Size {
         alerts,
         groups,
+        grouped,
         limit,
     } = size;
     let requests = alerts / PER_REQUEST;
@@ -107,7 +111,7 @@ async fn drive(
         target,
         requests,
         CONNECTIONS,
-        Arc::new(move |r| body(am, &run_owned, r, groups)),
+        Arc::new(move |r| body(am, &run_owned, r, groups, grouped)),
     )
     .await?;
     let mut problems = Vec::new();
@@ -252,17 +256,24 @@ async fn alertmanager_side(run: &str, size: Size) -> anyhow::Result<StormResult>
 }
 
 /// Item 4: the storm, Tocsin (separate processes) vs Alertmanager.
-pub async fn storm(quick: bool, reps: u32, groups: Option<u32>) -> anyhow::Result<Outcome> {
+pub async fn storm(
+    quick: bool,
+    reps: u32,
+    groups: Option<u32>,
+    grouped: bool,
+) -> anyhow::Result<Outcome> {
     let mut size = if quick {
         Size {
             alerts: 20_000,
             groups: 200,
+            grouped,
             limit: Duration::from_secs(300),
         }
     } else {
         Size {
             alerts: 1_000_000,
             groups: 10_000,
+            grouped,
             limit: Duration::from_secs(3600),
         }
     };
@@ -271,16 +282,22 @@ pub async fn storm(quick: bool, reps: u32, groups: Option<u32>) -> anyhow::Resul
     }
     let Size { alerts, groups, .. } = size;
     println!(
-        "{alerts} alerts over {groups} groups ({PER_REQUEST} per request, {CONNECTIONS} connections, as fast as they go), then a sentinel alert in a group of its own"
+        "{alerts} alerts over {groups} groups ({PER_REQUEST} per request{}, {CONNECTIONS} connections, as fast as they go), then a sentinel alert in a group of its own",
+        if grouped {
+            ", each request one group's alerts (--storm-grouped)"
+        } else {
+            ", alert i in group i mod groups"
+        }
     );
     let nonce = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or_default();
     let side = "separate processes (as alert→page), incidents group_by [alertname, storm_group]";
+    let scenario = if grouped { "storm, grouped" } else { "storm" };
     let mut figures = vec![
         Figure::new(
-            "storm",
+            scenario,
             "accepted alerts/s",
             "alerts/s",
             "higher",
@@ -288,7 +305,7 @@ pub async fn storm(quick: bool, reps: u32, groups: Option<u32>) -> anyhow::Resul
         )
         .side(side),
         Figure::new(
-            "storm",
+            scenario,
             "processed alerts/s (to the sentinel's page)",
             "alerts/s",
             "higher",
@@ -296,7 +313,7 @@ pub async fn storm(quick: bool, reps: u32, groups: Option<u32>) -> anyhow::Resul
         )
         .side(side),
         Figure::new(
-            "storm",
+            scenario,
             "peak RSS, all processes",
             "MiB",
             "lower",
