@@ -1068,11 +1068,11 @@ impl Service {
         let traceparent = header(msg, headers::TRACEPARENT);
         let tp = traceparent.as_deref();
         // Consecutive alerts of the message that join one incident are
-        // written as one entry (`run`, with a bound on its size): each is
-        // decided and folded into the projection as before, and the entry
-        // is sent when the run ends, always before anything else is sent,
-        // awaited or handed to the careful way.
-        let mut run: Option<(LogEntry, usize)> = None;
+        // written as one entry (`run`): each is decided and folded into the
+        // projection as before, and the entry is sent when the run ends,
+        // always before anything else is sent, awaited or handed to the
+        // careful way.
+        let mut run: Option<Run> = None;
         for (at, one) in each_alert(seq, env) {
             if at < resume {
                 continue;
@@ -1094,6 +1094,8 @@ impl Service {
                     .unwrap_or(Fast::Careful);
             };
             let n = entries.len();
+            let most = self.most_entry_bytes();
+            // A lone entry that can join a run, or start one: its payload.
             let joins = match entries.as_slice() {
                 [LogEntry::Incident(e)]
                     if matches!(
@@ -1103,51 +1105,54 @@ impl Service {
                             | EventKind::AlertResolved { .. }
                     ) =>
                 {
-                    encode_entry(&entries[0], tp).ok().map(|p| p.len())
+                    encode_entry(&entries[0], tp)
+                        .ok()
+                        .filter(|p| p.len() <= most)
                 }
                 _ => None,
             };
-            let most = self.most_entry_bytes();
-            if let (Some(size), Some((entry, bound))) = (joins, run.as_mut()) {
-                if *bound + size <= most {
-                    let next = entries.pop().expect("one entry");
-                    write(&self.proj).apply(&next, 0);
-                    match crate::core::join_run(entry, next) {
-                        None => {
-                            *bound += size;
-                            handled.push(Handled::Alert(at, one.received_at, n));
-                            continue;
-                        }
-                        // Folded already: a run of its own, after this one.
-                        Some(next) => {
-                            if let Err(fast) = self.end_run(&mut run, tp, sent, last_seq).await {
-                                return fast;
-                            }
-                            run = Some((next, size));
-                            handled.push(Handled::Alert(at, one.received_at, n));
-                            continue;
-                        }
+            let Some(payload) = joins else {
+                if let Err(fast) = self.end_run(&mut run, tp, sent, last_seq).await {
+                    return fast;
+                }
+                if let Err(fast) = self.send_entries(entries, tp, sent, last_seq).await {
+                    return fast;
+                }
+                handled.push(Handled::Alert(at, one.received_at, n));
+                // A request's alerts can be many: their acknowledgements
+                // are awaited before async-nats runs out of permits.
+                if sent.len() >= MAX_SENT {
+                    if let Err(e) = self.finish(sent, handled).await {
+                        return Fast::Failed(e);
                     }
                 }
-            }
+                continue;
+            };
+            let next = entries.pop().expect("one entry");
+            write(&self.proj).apply(&next, 0);
+            handled.push(Handled::Alert(at, one.received_at, n));
+            let next = match run.as_mut() {
+                Some(r) if r.bound + payload.len() <= most => {
+                    match crate::core::join_run(&mut r.entry, next) {
+                        None => {
+                            r.bound += payload.len();
+                            r.payload = None;
+                            continue;
+                        }
+                        Some(next) => next,
+                    }
+                }
+                _ => next,
+            };
+            // A run of its own, after the one before.
             if let Err(fast) = self.end_run(&mut run, tp, sent, last_seq).await {
                 return fast;
             }
-            match joins {
-                Some(size) if size <= most => {
-                    let first = entries.pop().expect("one entry");
-                    write(&self.proj).apply(&first, 0);
-                    run = Some((first, size));
-                }
-                _ => {
-                    if let Err(fast) = self.send_entries(entries, tp, sent, last_seq).await {
-                        return fast;
-                    }
-                }
-            }
-            handled.push(Handled::Alert(at, one.received_at, n));
-            // A request's alerts can be many: their acknowledgements are
-            // awaited before async-nats runs out of permits for them.
+            run = Some(Run {
+                entry: next,
+                bound: payload.len(),
+                payload: Some(payload),
+            });
             if sent.len() >= MAX_SENT {
                 if let Err(fast) = self.end_run(&mut run, tp, sent, last_seq).await {
                     return fast;
@@ -1172,15 +1177,15 @@ impl Service {
     /// into the projection, alert by alert).
     async fn end_run(
         &self,
-        run: &mut Option<(LogEntry, usize)>,
+        run: &mut Option<Run>,
         traceparent: Option<&str>,
         sent: &mut Vec<Sent>,
         last_seq: &mut u64,
     ) -> Result<(), Fast> {
-        let Some((entry, _)) = run.take() else {
+        let Some(Run { entry, payload, .. }) = run.take() else {
             return Ok(());
         };
-        let payload = match encode_entry(&entry, traceparent) {
+        let payload = match payload.map_or_else(|| encode_entry(&entry, traceparent), Ok) {
             Ok(p) if p.len() <= self.most_entry_bytes() => p,
             // Bounded by the sum of its alerts' own entries: not reached.
             _ => return Err(Fast::Failed("a run of alerts outgrew its entry".into())),
@@ -1999,6 +2004,18 @@ fn each_alert(
         };
         (at, one)
     })
+}
+
+/// Consecutive alerts of one ALERTS message joined into one entry
+/// ([`crate::core::join_run`]), not sent yet.
+struct Run {
+    entry: LogEntry,
+    /// The joined alerts' own entries' sizes together: a bound on the
+    /// entry's.
+    bound: usize,
+    /// The entry's payload while it holds one alert (sent as it is if
+    /// nothing joins it).
+    payload: Option<Vec<u8>>,
 }
 
 /// The envelope of `entry` as published.
