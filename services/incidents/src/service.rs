@@ -742,9 +742,16 @@ impl Service {
         let n = entries.len();
         let mut stored = Vec::with_capacity(n);
         let mut failure = None;
+        // Each entry names the stream sequence it must follow, as in a
+        // batch: a publish of an instance whose tenure ended (held in its
+        // client while NATS was away, say) is refused once another wrote.
+        let mut last = read(&self.proj).incidents_seq;
         for mut entry in entries {
-            match self.publish_entry(&mut entry, traceparent).await {
-                Ok(seq) => stored.push((entry, seq)),
+            match self.publish_entry(&mut entry, traceparent, last).await {
+                Ok(seq) => {
+                    last = last.max(seq);
+                    stored.push((entry, seq))
+                }
                 Err(e) => {
                     failure = Some(e);
                     break;
@@ -775,6 +782,7 @@ impl Service {
         &self,
         entry: &mut LogEntry,
         traceparent: Option<&str>,
+        last_seq: u64,
     ) -> Result<u64, Failure> {
         let mut payload = encode_entry(entry, traceparent)?;
         if payload.len() > self.limits.max_entry_bytes {
@@ -796,7 +804,13 @@ impl Service {
             payload = encode_entry(entry, traceparent)?;
         }
         let entry = &*entry;
-        let publish = tocsin_runtime::bus::message(payload, entry.msg_id(), traceparent, &[]);
+        let expected = last_seq.to_string();
+        let publish = tocsin_runtime::bus::message(
+            payload,
+            entry.msg_id(),
+            traceparent,
+            &[(EXPECTED_LAST_SEQUENCE, &expected)],
+        );
         let ack = self
             .js
             .send_publish(entry.subject(), publish)
@@ -898,6 +912,13 @@ impl Service {
                 Err(Failure::Transient(e)) => {
                     IncidentsEvent::PublishFailed { error: &e }.emit(&self.metrics);
                     stall.failing(&e);
+                    // What the stream holds beyond the projection (an
+                    // entry stored whose acknowledgement was lost; refused
+                    // as not following the stream's last) is folded in
+                    // before deciding again.
+                    if let Err(e) = self.try_catch_up().await {
+                        tracing::debug!(error = %e, "cannot catch up before trying an input again");
+                    }
                 }
                 Err(Failure::Permanent {
                     reason,
