@@ -274,12 +274,15 @@ impl NatsServer {
             ),
             None => String::new(),
         };
+        // An authentication timeout of 10 s, longer than nats-server's default:
+        // on a 2-core machine running the whole suite a client's handshake
+        // was once answered "Authentication Timeout".
         std::fs::write(
             &conf,
             format!(
                 "host: 127.0.0.1\nport: {port}\nports_file_dir: \"{ports}\"\n\
                  jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n\
-                 authorization {{\n  include ./permissions.conf\n}}\n{cluster}",
+                 authorization {{\n  include ./permissions.conf\n  timeout: 10\n}}\n{cluster}",
                 ports = d.display(),
                 store = d.join("js").display(),
             ),
