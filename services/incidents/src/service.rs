@@ -804,13 +804,7 @@ impl Service {
             payload = encode_entry(entry, traceparent)?;
         }
         let entry = &*entry;
-        let expected = last_seq.to_string();
-        let publish = tocsin_runtime::bus::message(
-            payload,
-            entry.msg_id(),
-            traceparent,
-            &[(EXPECTED_LAST_SEQUENCE, &expected)],
-        );
+        let publish = entry_message(entry, payload, traceparent, last_seq);
         let ack = self
             .js
             .send_publish(entry.subject(), publish)
@@ -1226,13 +1220,7 @@ impl Service {
         sent: &mut Vec<Sent>,
         last_seq: &mut u64,
     ) -> Result<(), String> {
-        let expected = last_seq.to_string();
-        let message = tocsin_runtime::bus::message(
-            payload,
-            entry.msg_id(),
-            traceparent,
-            &[(EXPECTED_LAST_SEQUENCE, &expected)],
-        );
+        let message = entry_message(&entry, payload, traceparent, *last_seq);
         let ack = self
             .js
             .send_publish(entry.subject(), message)
@@ -2037,6 +2025,22 @@ struct Run {
     /// The entry's payload while it holds one alert (sent as it is if
     /// nothing joins it).
     payload: Option<Vec<u8>>,
+}
+
+/// `entry`'s message: its id from its cause, and the stream sequence it
+/// must follow (the incidents service is INCIDENTS' only writer).
+fn entry_message(
+    entry: &LogEntry,
+    payload: Vec<u8>,
+    traceparent: Option<&str>,
+    last_seq: u64,
+) -> async_nats::jetstream::message::PublishMessage {
+    tocsin_runtime::bus::message(
+        payload,
+        entry.msg_id(),
+        traceparent,
+        &[(EXPECTED_LAST_SEQUENCE, &last_seq.to_string())],
+    )
 }
 
 /// The envelope of `entry` as published.

@@ -358,13 +358,10 @@ pub async fn list(
 }
 
 /// Up to eight fingerprints, then how many more.
-fn fingerprints(alerts: &[tocsin_proto::incident::AlertInfo]) -> String {
-    let shown: Vec<String> = alerts
-        .iter()
-        .take(8)
-        .map(|a| a.fingerprint.to_string())
-        .collect();
-    match alerts.len().saturating_sub(8) {
+fn fingerprints<'a>(all: impl ExactSizeIterator<Item = &'a tocsin_proto::Fingerprint>) -> String {
+    let n = all.len();
+    let shown: Vec<String> = all.take(8).map(ToString::to_string).collect();
+    match n.saturating_sub(8) {
         0 => shown.join(", "),
         rest => format!("{}, … ({rest} more)", shown.join(", ")),
     }
@@ -383,7 +380,7 @@ fn describe_event(e: &IncidentEvent, style: &Style) -> String {
             "opened by alert {} and {} more: {}",
             alert.fingerprint,
             more.len(),
-            fingerprints(more)
+            fingerprints(more.iter().map(|a| &a.fingerprint))
         ),
         EventKind::AlertFiring { alert, more } if more.is_empty() => {
             format!("alert {} firing", alert.fingerprint)
@@ -392,31 +389,18 @@ fn describe_event(e: &IncidentEvent, style: &Style) -> String {
             "{} alerts firing: {}, {}",
             more.len() + 1,
             alert.fingerprint,
-            fingerprints(more)
+            fingerprints(more.iter().map(|a| &a.fingerprint))
         ),
         EventKind::AlertResolved {
             fingerprint, more, ..
         } if more.is_empty() => format!("alert {fingerprint} resolved"),
         EventKind::AlertResolved {
             fingerprint, more, ..
-        } => {
-            let shown: Vec<String> = more
-                .iter()
-                .take(8)
-                .map(|r| r.fingerprint.to_string())
-                .collect();
-            let rest = more.len().saturating_sub(8);
-            format!(
-                "{} alerts resolved: {fingerprint}, {}{}",
-                more.len() + 1,
-                shown.join(", "),
-                if rest > 0 {
-                    format!(", … ({rest} more)")
-                } else {
-                    String::new()
-                }
-            )
-        }
+        } => format!(
+            "{} alerts resolved: {fingerprint}, {}",
+            more.len() + 1,
+            fingerprints(more.iter().map(|r| &r.fingerprint))
+        ),
         EventKind::Acknowledged => "acknowledged".into(),
         EventKind::Unacknowledged => "unacknowledged".into(),
         EventKind::Snoozed { until } => format!("snoozed until {}", style.time(*until)),
