@@ -428,3 +428,186 @@ async fn entries_never_stored_are_decided_again_after_a_crash() {
     );
     assert_eq!(after, reference, "entry contents differ");
 }
+
+/// Starts the service in-process as [`start`] does, with its clock at `at`
+/// and a lease TTL of `ttl`.
+async fn start_as(
+    url: &str,
+    dir: &std::path::Path,
+    at: Timestamp,
+    ttl: Duration,
+) -> (JoinHandle<()>, CancellationToken, async_nats::Client) {
+    let mut nats = NatsConfig::for_url(url);
+    nats.reconnect_max_delay = HumanDuration(Duration::from_millis(100));
+    let metrics = Metrics::new();
+    let client = tocsin_runtime::nats::connect(&nats, "fence-test", &metrics)
+        .await
+        .unwrap();
+    let js = jetstream::new(client.clone());
+    let stop = CancellationToken::new();
+    let cfg = IncidentsConfig {
+        lease_ttl: HumanDuration(ttl),
+        ..config(dir)
+    };
+    let (token, conn) = (stop.clone(), client.clone());
+    let clock = Arc::new(ManualClock::new(at));
+    let handle = tokio::spawn(async move {
+        let _ = client;
+        let ctx = tocsin_runtime::context::ServiceContext {
+            js,
+            metrics,
+            health: Health::new(),
+            clock,
+            jetstream: Default::default(),
+            shutdown: token,
+            watermark: tocsin_runtime::progress::Watermark::detached("test"),
+        };
+        let r = tocsin_incidents::run(cfg, &ctx, None).await;
+        r.expect("incidents service ran");
+    });
+    (handle, stop, conn)
+}
+
+/// Promise 2 across a change of tenure: what an instance sent during a
+/// tenure that ended is never stored after the next tenure wrote, however
+/// late it reaches the server. Instance A is active; its publishes to
+/// INCIDENTS and its lease renewals are then held back in its proxy (as a
+/// client holds what it published while its connection was away). A
+/// request of five new groups comes: A decides it and sends five entries,
+/// all held. A's lease runs out, B takes over and decides the same
+/// request; B's proxy lets two of its entries through and holds the rest
+/// (B is slow). Now A's five arrive, then B's rest. Each of A's entries
+/// named the stream position it must follow, and A's third names exactly
+/// where B's second left the stream: without a fence the server stores it
+/// and A's tenure writes after B's. The record must show tenures that
+/// never go back, and each group in one incident.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_of_an_ended_tenure_are_never_stored_after_the_next_tenure_wrote() {
+    tocsin_tests::init_logs();
+    let nats = NatsServer::start().await;
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    ensure_streams(&js, &JetStreamConfig::default())
+        .await
+        .unwrap();
+    let (proxy_a, proxy_b) = (
+        NatsProxy::start(nats.port()).await,
+        NatsProxy::start(nats.port()).await,
+    );
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let t0: Timestamp = "2026-03-01T00:00:00Z".parse().unwrap();
+    let ttl = Duration::from_secs(3);
+    let limit = Duration::from_secs(60);
+    let fire = |group: &str| {
+        alert(
+            &[("alertname", "Fence"), ("group", group)],
+            &["alertname", "group"],
+            AlertStatus::Firing,
+            t0,
+        )
+    };
+    let groups = |log: &[(String, LogEntry)]| -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for (_, e) in log {
+            if let LogEntry::Incident(e) = e {
+                if e.kind.name() == "opened" {
+                    *out.entry(e.incident.dedup_key.clone()).or_default() += 1;
+                }
+            }
+        }
+        out
+    };
+
+    // A is active once it has opened a first incident.
+    let (_a, stop_a, _conn_a) =
+        start_as(&proxy_a.url_for(&nats.url()), dir_a.path(), t0, ttl).await;
+    try_publish_alerts(&js, vec![fire("g0")], t0).await.unwrap();
+    eventually_within(limit, || async {
+        let n = log(&js).await.len();
+        if n >= 1 {
+            Ok(())
+        } else {
+            Err(n)
+        }
+    })
+    .await
+    .expect("A opened the first incident");
+    let (_b, stop_b, _conn_b) =
+        start_as(&proxy_b.url_for(&nats.url()), dir_b.path(), t0, ttl).await;
+
+    proxy_a.hold(&["tocsin.incidents.inc.", "$KV.tocsin_lease_incidents."], 0);
+    proxy_b.hold(&["tocsin.incidents.inc."], 2);
+    let five: Vec<Alert> = (1..=5).map(|g| fire(&format!("g{g}"))).collect();
+    try_publish_alerts(&js, five, t0).await.unwrap();
+    let held_entries = |p: &NatsProxy| {
+        p.held_subjects()
+            .iter()
+            .filter(|s| s.starts_with("tocsin.incidents.inc."))
+            .count()
+    };
+    eventually_within(limit, || async {
+        match held_entries(&proxy_a) {
+            n if n >= 5 => Ok(()),
+            n => Err(n),
+        }
+    })
+    .await
+    .unwrap_or_else(|n| panic!("A sent {n} entries, not 5"));
+    // B takes over once A's lease expired, decides the request, and is
+    // held after two entries.
+    eventually_within(limit, || async {
+        match held_entries(&proxy_b) {
+            n if n >= 3 => Ok(()),
+            n => Err(n),
+        }
+    })
+    .await
+    .unwrap_or_else(|n| panic!("B's proxy held {n} entries, not 3"));
+
+    // A's entries arrive, and the server answers each; then B's rest.
+    proxy_a.release();
+    eventually_within(limit, || async {
+        if proxy_a.released_answered() {
+            Ok(())
+        } else {
+            Err(())
+        }
+    })
+    .await
+    .expect("the server answered A's late publishes");
+    proxy_b.release();
+    eventually_within(limit, || async {
+        let g = groups(&log(&js).await);
+        if g.len() == 6 && proxy_b.released_answered() {
+            Ok(())
+        } else {
+            Err(g)
+        }
+    })
+    .await
+    .unwrap_or_else(|g| panic!("incidents opened: {g:?}"));
+
+    // The record: terms never go back, and one incident per group.
+    let mut last = (0u64, 0u64);
+    for (seq, m) in bus::stored_raw(&js, STREAM_INCIDENTS).await {
+        let term: u64 = m
+            .headers
+            .get("Tocsin-Lease")
+            .and_then(|v| v.as_str().rsplit_once('/'))
+            .and_then(|(_, t)| t.parse().ok())
+            .unwrap_or_else(|| panic!("INCIDENTS seq {seq} has no lease header"));
+        assert!(
+            term >= last.1,
+            "INCIDENTS seq {seq} ({}) written by term {term} after term {} wrote seq {}: an \
+             ended tenure wrote after the next one began",
+            m.subject,
+            last.1,
+            last.0
+        );
+        last = (seq, term);
+    }
+    let g = groups(&log(&js).await);
+    assert!(g.values().all(|n| *n == 1), "incidents per group: {g:?}");
+    stop_a.cancel();
+    stop_b.cancel();
+}

@@ -86,8 +86,20 @@ async fn read_each<T, E: std::fmt::Debug>(
     out
 }
 
-/// Every message currently in `stream` with its sequence, in order.
+/// Every message currently in `stream` with its sequence, in order; the
+/// lease's tenure markers, which are not entries, left out.
 async fn stored(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Vec<(u64, async_nats::jetstream::message::StreamMessage)> {
+    let mut all = stored_raw(js, stream).await;
+    all.retain(|(_, m)| !tocsin_proto::subjects::is_tenure_marker(&m.subject));
+    all
+}
+
+/// Every message currently in `stream` with its sequence, in order,
+/// tenure markers included.
+pub async fn stored_raw(
     js: &jetstream::Context,
     stream: &str,
 ) -> Vec<(u64, async_nats::jetstream::message::StreamMessage)> {

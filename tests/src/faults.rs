@@ -8,11 +8,19 @@
 //! a test puts the proxy between the service and the server to show it
 //! does not.
 //!
-//! The server's side is passed through untouched; of the client's side,
-//! only `PUB`/`HPUB` frames are looked at (subject, size), the rest is
-//! passed through as it comes.
+//! It can also hold a client's publishes back ([`NatsProxy::hold`]) and
+//! let them go later, in order ([`NatsProxy::release`]): what a client
+//! does with publishes made while its connection was away, sending them
+//! when it is back, long after they were made.
+//!
+//! Of the client's side only `PUB`/`HPUB` frames are looked at (subject,
+//! reply subject, size), the rest is passed through as it comes; of the
+//! server's side, only the answers to publishes let go are noted.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -29,6 +37,41 @@ struct Rules {
     prefixes: Mutex<Vec<String>>,
     /// The subjects of the publishes swallowed, in order.
     subjects: Mutex<Vec<String>>,
+    /// Publishes to subjects starting with one of these are held back,
+    /// after the first `pass` of them.
+    hold: Mutex<Hold>,
+    /// Bumped by each release: every connection sends what it held.
+    release: tokio::sync::watch::Sender<u64>,
+    /// The reply subjects of the publishes let go whose answer has not
+    /// come back from the server yet.
+    awaiting: Mutex<HashSet<Vec<u8>>>,
+}
+
+#[derive(Default)]
+struct Hold {
+    prefixes: Vec<String>,
+    pass: usize,
+    subjects: Vec<String>,
+}
+
+impl Hold {
+    /// Whether a publish to `subject` is to be held (counting it).
+    fn takes(&mut self, subject: &[u8]) -> bool {
+        if !self
+            .prefixes
+            .iter()
+            .any(|p| subject.starts_with(p.as_bytes()))
+        {
+            return false;
+        }
+        if self.pass > 0 {
+            self.pass -= 1;
+            return false;
+        }
+        self.subjects
+            .push(String::from_utf8_lossy(subject).into_owned());
+        true
+    }
 }
 
 impl Rules {
@@ -94,6 +137,38 @@ impl NatsProxy {
     pub fn swallowed_subjects(&self) -> Vec<String> {
         self.rules.subjects.lock().unwrap().clone()
     }
+
+    /// From now on, publishes to subjects starting with any of `prefixes`
+    /// are held back (on every connection through the proxy), once `pass`
+    /// of them went through: the server sees none of them until
+    /// [`NatsProxy::release`].
+    pub fn hold(&self, prefixes: &[&str], pass: usize) {
+        *self.rules.hold.lock().unwrap() = Hold {
+            prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+            pass,
+            subjects: Vec::new(),
+        };
+    }
+
+    /// The subjects of the publishes held back since [`NatsProxy::hold`],
+    /// in order.
+    pub fn held_subjects(&self) -> Vec<String> {
+        self.rules.hold.lock().unwrap().subjects.clone()
+    }
+
+    /// Stops holding, and sends what each connection held back, in the
+    /// order it was published, before anything newer.
+    pub fn release(&self) {
+        self.rules.hold.lock().unwrap().prefixes.clear();
+        self.rules.release.send_modify(|n| *n += 1);
+    }
+
+    /// Whether the server answered every publish let go (each had a reply
+    /// subject, as JetStream publishes do): it has decided on each of
+    /// them, stored or refused.
+    pub fn released_answered(&self) -> bool {
+        self.rules.awaiting.lock().unwrap().is_empty()
+    }
 }
 
 impl Drop for NatsProxy {
@@ -105,18 +180,73 @@ impl Drop for NatsProxy {
 async fn pump(client: TcpStream, server: TcpStream, rules: Arc<Rules>) {
     let (mut client_rx, mut client_tx) = client.into_split();
     let (mut server_rx, mut server_tx) = server.into_split();
-    let down = async move {
-        let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
-        let _ = client_tx.shutdown().await;
+    let down = {
+        let rules = rules.clone();
+        async move {
+            let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+            let mut chunk = vec![0u8; 64 * 1024];
+            loop {
+                let n = match server_rx.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if client_tx.write_all(&chunk[..n]).await.is_err() {
+                    break;
+                }
+                // Followed frame by frame to note the answers awaited.
+                buf.extend_from_slice(&chunk[..n]);
+                let mut at = 0;
+                while let Some(len) = frame_len(&buf[at..]) {
+                    if let Some(subject) = delivery_subject(&buf[at..at + len]) {
+                        let mut awaiting = rules.awaiting.lock().unwrap();
+                        if !awaiting.is_empty() {
+                            awaiting.remove(subject);
+                        }
+                    }
+                    at += len;
+                }
+                buf.drain(..at);
+                if buf.len() > MAX_FRAME {
+                    break;
+                }
+            }
+            let _ = client_tx.shutdown().await;
+        }
     };
     let up = async move {
         let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
         let mut chunk = vec![0u8; 64 * 1024];
+        let mut held: Vec<u8> = Vec::new();
+        let mut releases = rules.release.subscribe();
         loop {
-            let n = match client_rx.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
+            let n = tokio::select! {
+                read = client_rx.read(&mut chunk) => match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                },
+                changed = releases.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    releases.borrow_and_update();
+                    if !held.is_empty() && server_tx.write_all(&std::mem::take(&mut held)).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
             };
+            // Released meanwhile: what was held goes first.
+            if releases.has_changed().unwrap_or(false) {
+                releases.borrow_and_update();
+                if !held.is_empty()
+                    && server_tx
+                        .write_all(&std::mem::take(&mut held))
+                        .await
+                        .is_err()
+                {
+                    break;
+                }
+            }
             buf.extend_from_slice(&chunk[..n]);
             let mut out = Vec::with_capacity(buf.len());
             let mut at = 0;
@@ -126,6 +256,12 @@ async fn pump(client: TcpStream, server: TcpStream, rules: Arc<Rules>) {
                     Some(subject) if rules.drops(subject) => {
                         let subject = String::from_utf8_lossy(subject).into_owned();
                         rules.subjects.lock().unwrap().push(subject);
+                    }
+                    Some(subject) if rules.hold.lock().unwrap().takes(subject) => {
+                        if let Some(reply) = reply_subject(frame) {
+                            rules.awaiting.lock().unwrap().insert(reply.to_vec());
+                        }
+                        held.extend_from_slice(frame);
                     }
                     _ => out.extend_from_slice(frame),
                 }
@@ -148,8 +284,12 @@ fn frame_len(buf: &[u8]) -> Option<usize> {
     let eol = buf.windows(2).position(|w| w == b"\r\n")?;
     let line = &buf[..eol];
     let op = line.split(|b| *b == b' ').next().unwrap_or_default();
-    let payload = if op.eq_ignore_ascii_case(b"PUB") || op.eq_ignore_ascii_case(b"HPUB") {
-        // The last field is the total size (headers included for HPUB).
+    let payload = if [&b"PUB"[..], b"HPUB", b"MSG", b"HMSG"]
+        .iter()
+        .any(|o| op.eq_ignore_ascii_case(o))
+    {
+        // The last field is the total size (headers included for HPUB and
+        // HMSG).
         let last = line.rsplit(|b| *b == b' ').next()?;
         let n: usize = std::str::from_utf8(last).ok()?.trim().parse().ok()?;
         n + 2
@@ -165,6 +305,32 @@ fn publish_subject(frame: &[u8]) -> Option<&[u8]> {
     let mut fields = frame.split(|b| *b == b' ' || *b == b'\r');
     let op = fields.next()?;
     (op.eq_ignore_ascii_case(b"PUB") || op.eq_ignore_ascii_case(b"HPUB"))
+        .then(|| fields.next())
+        .flatten()
+}
+
+/// The reply subject of a `PUB`/`HPUB` frame that has one.
+fn reply_subject(frame: &[u8]) -> Option<&[u8]> {
+    let line = &frame[..frame.windows(2).position(|w| w == b"\r\n")?];
+    let fields: Vec<&[u8]> = line
+        .split(|b| *b == b' ')
+        .filter(|f| !f.is_empty())
+        .collect();
+    // PUB subject [reply] size; HPUB subject [reply] header-size size.
+    let plain = if fields[0].eq_ignore_ascii_case(b"PUB") {
+        3
+    } else {
+        4
+    };
+    (fields.len() == plain + 1).then(|| fields[2])
+}
+
+/// The subject of a `MSG`/`HMSG` frame from the server; None for any
+/// other frame.
+fn delivery_subject(frame: &[u8]) -> Option<&[u8]> {
+    let mut fields = frame.split(|b| *b == b' ' || *b == b'\r');
+    let op = fields.next()?;
+    (op.eq_ignore_ascii_case(b"MSG") || op.eq_ignore_ascii_case(b"HMSG"))
         .then(|| fields.next())
         .flatten()
 }
@@ -190,5 +356,12 @@ mod tests {
         assert_eq!(publish_subject(pub_frame), Some(&b"a.b"[..]));
         assert_eq!(publish_subject(hpub), Some(&b"tocsin.notify.email"[..]));
         assert_eq!(publish_subject(b"SUB a.b 1\r\n"), None);
+        assert_eq!(reply_subject(pub_frame), Some(&b"_INBOX.x"[..]));
+        assert_eq!(reply_subject(hpub), None);
+        let hpub_reply = b"HPUB s _INBOX.y 12 17\r\nNATS/1.0\r\n\r\nhello\r\n";
+        assert_eq!(reply_subject(hpub_reply), Some(&b"_INBOX.y"[..]));
+        let msg = b"MSG _INBOX.y 3 5\r\nhello\r\n";
+        assert_eq!(frame_len(msg), Some(msg.len()));
+        assert_eq!(delivery_subject(msg), Some(&b"_INBOX.y"[..]));
     }
 }

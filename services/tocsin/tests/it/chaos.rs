@@ -647,6 +647,26 @@ impl Fleet {
             })
             .collect()
     }
+
+    /// Every line of `service`'s processes that speaks of its lease or of
+    /// NATS coming and going, in time order (each line starts with its
+    /// time): what a failed tenure check needs.
+    fn lease_story(&self, service: &str) -> String {
+        let mut lines: Vec<String> = self
+            .procs
+            .iter()
+            .filter(|(n, _)| n.starts_with(&format!("{service}-")))
+            .flat_map(|(n, p)| {
+                p.log_text()
+                    .lines()
+                    .filter(|l| l.contains("lease") || l.contains("NATS") || l.contains("Starting"))
+                    .map(|l| format!("{l} [{n}]"))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        lines.sort();
+        lines.join("\n")
+    }
 }
 
 /// What the chaos driver did.
@@ -919,7 +939,15 @@ async fn scenario(test: &str, mut bus: Bus) {
         .count();
     let in_several = incident_of.values().filter(|s| s.len() > 1).count();
     let groups_duplicated = groups.values().filter(|s| s.len() > 1).count();
-    let incident_terms = terms_never_go_back(&log, "incidents", STREAM_INCIDENTS);
+    let incident_terms =
+        std::panic::catch_unwind(|| terms_never_go_back(&log, "incidents", STREAM_INCIDENTS))
+            .unwrap_or_else(|e| {
+                eprintln!(
+                    "the incidents instances' lease and NATS log lines:\n{}",
+                    fleet.lease_story("incidents")
+                );
+                std::panic::resume_unwind(e)
+            });
 
     // Pages, from the receivers: per incident and level, the page ids
     // delivered (one webhook call per webhook-id, as a de-duplicating

@@ -336,7 +336,24 @@ pub struct Raw {
     pub time_ns: i128,
     pub lease: Option<(String, u64)>,
     pub msg_id: String,
+    /// The `Nats-Expected-Last-Sequence` it was published with, if any.
+    pub expected: Option<u64>,
     pub payload: Vec<u8>,
+}
+
+impl Raw {
+    /// One line for a failure message: sequence, time, tenure, id and
+    /// the sequence it was published to follow.
+    pub fn line(&self) -> String {
+        format!(
+            "seq {} at {:.3} s, lease {:?}, msg id {}, expected last {:?}",
+            self.seq,
+            self.time_ns as f64 / 1e9,
+            self.lease,
+            self.msg_id,
+            self.expected
+        )
+    }
 }
 
 /// Every message of `stream` now (panics if it cannot be read).
@@ -369,6 +386,7 @@ pub async fn try_read(
             time_ns,
             lease,
             msg_id: header("Nats-Msg-Id").unwrap_or_default(),
+            expected: header("Nats-Expected-Last-Sequence").and_then(|v| v.parse().ok()),
             payload: payload.to_vec(),
         }
     };
@@ -429,17 +447,31 @@ pub async fn try_read(
 pub fn terms_never_go_back(raws: &[Raw], role: &str, stream: &str) -> Vec<u64> {
     let mut terms = Vec::new();
     let mut last = 0;
-    for r in raws {
+    for (i, r) in raws.iter().enumerate() {
         let Some((rl, term)) = &r.lease else {
             panic!("{stream} seq {} has no Tocsin-Lease header", r.seq);
         };
         assert_eq!(rl, role, "{stream} seq {} written under {rl}", r.seq);
-        assert!(
-            *term >= last,
-            "{stream} seq {} written by term {term} after term {last} had written: two \
-             instances acted at once",
-            r.seq
-        );
+        if *term < last {
+            let around: Vec<String> = raws[i.saturating_sub(12)..(i + 6).min(raws.len())]
+                .iter()
+                .map(Raw::line)
+                .collect();
+            let first = |t: u64| {
+                raws.iter()
+                    .find(|r| r.lease.as_ref().is_some_and(|(_, x)| *x == t))
+                    .map(Raw::line)
+            };
+            panic!(
+                "{stream} seq {} written by term {term} after term {last} had written: two \
+                 instances acted at once; term {last} first wrote {:?}, term {term} first \
+                 wrote {:?}; around it:\n  {}",
+                r.seq,
+                first(last),
+                first(*term),
+                around.join("\n  ")
+            );
+        }
         if *term > last {
             terms.push(*term);
         }
