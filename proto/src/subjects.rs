@@ -136,6 +136,18 @@ pub fn silence_subject(id: &str, kind: &str) -> String {
 /// Filter for every incident event.
 pub const INCIDENT_EVENTS: &str = "tocsin.incidents.inc.>";
 
+/// The tenure markers of the incidents service's lease, in the INCIDENTS
+/// stream: one message each time an instance becomes active, and every
+/// entry it then writes is accepted only while its marker is the last one
+/// (a fence the server enforces; see `tocsin_runtime::fence`). Not an
+/// entry: readers of the whole stream skip it ([`is_tenure_marker`]).
+pub const INCIDENTS_TENURE: &str = "tocsin.incidents.tenure";
+
+/// Whether a message on `subject` is a lease tenure marker, not an entry.
+pub fn is_tenure_marker(subject: &str) -> bool {
+    subject == INCIDENTS_TENURE
+}
+
 /// Filter for every event of one incident: `tocsin.incidents.inc.<id>.>`.
 pub fn incident_events_of(id: &uuid::Uuid) -> String {
     format!("tocsin.incidents.inc.{}.>", id.simple())

@@ -11,7 +11,7 @@ use tocsin_proto::{
     command::{batch_subject, Command},
     incident::LogEntry,
     notify::Page,
-    subjects::{headers, notify_batch_subject, STREAM_INCIDENTS},
+    subjects::{headers, is_tenure_marker, notify_batch_subject, STREAM_INCIDENTS},
     Envelope,
 };
 use tocsin_runtime::admin::{Health, Watchdog};
@@ -234,11 +234,18 @@ impl Service {
         Ok(())
     }
 
-    fn apply(&mut self, payload: &[u8], seq: u64) -> Result<Vec<Key>, EscalationError> {
+    fn apply(
+        &mut self,
+        subject: &str,
+        payload: &[u8],
+        seq: u64,
+    ) -> Result<Vec<Key>, EscalationError> {
         if seq <= self.seq {
             return Ok(Vec::new());
         }
         let changed = match decode_envelope::<LogEntry>(payload) {
+            // The incidents lease's tenure markers are not entries.
+            _ if is_tenure_marker(subject) => Vec::new(),
             Ok(Envelope {
                 body: LogEntry::Incident(ev),
                 ..
@@ -312,7 +319,7 @@ impl Service {
                 Ok(info) => info.stream_sequence,
                 Err(e) => break Err(DrainError::Read(e.to_string())),
             };
-            match self.apply(&msg.payload, seq) {
+            match self.apply(&msg.subject, &msg.payload, seq) {
                 Ok(c) => changed.extend(c),
                 Err(e) => break Err(DrainError::Store(e)),
             }
@@ -397,7 +404,7 @@ impl Service {
                     m = msgs.next() => match m {
                         Some(Ok(msg)) => {
                             let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-                            let changed = self.apply(&msg.payload, seq)?;
+                            let changed = self.apply(&msg.subject, &msg.payload, seq)?;
                             self.save(&changed);
                         }
                         Some(Err(e)) => tracing::warn!(error = %e, "INCIDENTS consumer error"),

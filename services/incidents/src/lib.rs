@@ -272,7 +272,9 @@ async fn run_active(
             .map_err(|e| IncidentsError::StoreRead(e.to_string()))??
         }
     };
-    if !svc.catch_up(&shutdown).await {
+    // The fence first: from its marker on, nothing an earlier tenure
+    // still has on its way is stored, and the catch-up folds in what was.
+    if !svc.take_fence(&shutdown).await || !svc.catch_up(&shutdown).await {
         return Ok(());
     }
     let subs = query::subscribe(&client)

@@ -27,10 +27,19 @@ use tocsin_proto::{
     codec::{self, decode_alerts, decode_commands, decode_envelope},
     command::{is_batch as is_command_batch, Command, CommandReply},
     incident::{Cause, EventKind, IncidentStatus, IncidentSummary, LogEntry},
-    subjects::{headers, is_alert_batch, STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS},
+    subjects::{
+        headers, is_alert_batch, is_tenure_marker, INCIDENTS_TENURE, STREAM_ALERTS,
+        STREAM_COMMANDS, STREAM_INCIDENTS,
+    },
     Alert, Envelope, SourceKind,
 };
-use tocsin_runtime::{admin::Health, progress::Watermark, pull::Puller, streams};
+use tocsin_runtime::{
+    admin::Health,
+    fence::{self, Fence, FenceError},
+    progress::Watermark,
+    pull::Puller,
+    streams,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -105,6 +114,9 @@ pub(crate) struct Service {
     careful_commands: AtomicU64,
     /// Commands of a failed batch not answered yet.
     give_back: Mutex<Vec<jetstream::Message>>,
+    /// This tenure's marker, which every entry names (see
+    /// `tocsin_runtime::fence`); None outside a lease.
+    fence: Mutex<Option<Fence>>,
 }
 
 /// JetStream stores a message only if the stream's last sequence is this
@@ -394,6 +406,7 @@ impl Service {
             careful_until: AtomicU64::new(0),
             careful_commands: AtomicU64::new(0),
             give_back: Mutex::new(Vec::new()),
+            fence: Mutex::new(None),
         })
     }
 
@@ -450,6 +463,49 @@ impl Service {
         self.fold_stream(true).await
     }
 
+    /// This tenure's fence, if taken.
+    fn fence(&self) -> Option<Fence> {
+        self.fence.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Takes this tenure's fence on INCIDENTS (its marker: found, or
+    /// written after the last one), so that nothing an earlier tenure
+    /// still has on its way is stored from now on. Called as the tenure
+    /// starts, before the catch-up (which then folds in whatever an earlier
+    /// tenure got stored before the marker), and again after a refused
+    /// publish (the marker may be gone with the stream's age limit).
+    /// Retries until it has one; false if shut down first.
+    pub(crate) async fn take_fence(&self, shutdown: &CancellationToken) -> bool {
+        let mut backoff = tocsin_runtime::retry::Backoff::standard();
+        loop {
+            match self.try_take_fence().await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take this tenure's fence on INCIDENTS yet; retrying")
+                }
+            }
+            if !backoff.wait(shutdown).await {
+                return false;
+            }
+        }
+    }
+
+    async fn try_take_fence(&self) -> Result<(), FenceError> {
+        let taken = fence::take(&self.js, STREAM_INCIDENTS, INCIDENTS_TENURE).await?;
+        let mut held = self.fence.lock().unwrap_or_else(|e| e.into_inner());
+        if *held != taken {
+            if let Some(f) = &taken {
+                tracing::info!(
+                    term = f.term,
+                    marker = f.seq,
+                    "took this tenure's fence on INCIDENTS"
+                );
+            }
+            *held = taken;
+        }
+        Ok(())
+    }
+
     /// Applies what INCIDENTS holds beyond the projection, saving as it
     /// goes; `report`: with the sizes and a `CaughtUp` event.
     async fn fold_stream(&self, report: bool) -> Result<(), String> {
@@ -495,6 +551,10 @@ impl Service {
                 Err(_) => return Err("INCIDENTS catch-up stalled".into()),
             };
             let seq = msg.info().map_err(|e| e.to_string())?.stream_sequence;
+            if is_tenure_marker(&msg.subject) {
+                write(&self.proj).incidents_seq = seq;
+                continue;
+            }
             let decoded = decode_envelope::<LogEntry>(&msg.payload);
             if let Ok(env) = &decoded {
                 let cold = read(&self.proj).cold_target(&env.body);
@@ -804,7 +864,7 @@ impl Service {
             payload = encode_entry(entry, traceparent)?;
         }
         let entry = &*entry;
-        let publish = entry_message(entry, payload, traceparent, last_seq);
+        let publish = entry_message(entry, payload, traceparent, last_seq, &self.fence());
         let ack = self
             .js
             .send_publish(entry.subject(), publish)
@@ -906,10 +966,16 @@ impl Service {
                 Err(Failure::Transient(e)) => {
                     IncidentsEvent::PublishFailed { error: &e }.emit(&self.metrics);
                     stall.failing(&e);
-                    // What the stream holds beyond the projection (an
+                    // The fence is checked (its marker may have aged out
+                    // of the stream, or a newer tenure wrote one: then
+                    // this one ends when its lease renewal fails), and
+                    // what the stream holds beyond the projection (an
                     // entry stored whose acknowledgement was lost; refused
                     // as not following the stream's last) is folded in
                     // before deciding again.
+                    if let Err(e) = self.try_take_fence().await {
+                        tracing::warn!(error = %e, "cannot check this tenure's fence on INCIDENTS");
+                    }
                     if let Err(e) = self.try_catch_up().await {
                         tracing::debug!(error = %e, "cannot catch up before trying an input again");
                     }
@@ -1220,7 +1286,7 @@ impl Service {
         sent: &mut Vec<Sent>,
         last_seq: &mut u64,
     ) -> Result<(), String> {
-        let message = entry_message(&entry, payload, traceparent, *last_seq);
+        let message = entry_message(&entry, payload, traceparent, *last_seq, &self.fence());
         let ack = self
             .js
             .send_publish(entry.subject(), message)
@@ -2034,13 +2100,15 @@ fn entry_message(
     payload: Vec<u8>,
     traceparent: Option<&str>,
     last_seq: u64,
+    fence: &Option<Fence>,
 ) -> async_nats::jetstream::message::PublishMessage {
-    tocsin_runtime::bus::message(
-        payload,
-        entry.msg_id(),
-        traceparent,
-        &[(EXPECTED_LAST_SEQUENCE, &last_seq.to_string())],
-    )
+    let last = last_seq.to_string();
+    let fenced = fence.as_ref().map(Fence::headers);
+    let mut headers = vec![(EXPECTED_LAST_SEQUENCE, last.as_str())];
+    if let Some(f) = &fenced {
+        headers.extend(f.iter().map(|(k, v)| (*k, v.as_str())));
+    }
+    tocsin_runtime::bus::message(payload, entry.msg_id(), traceparent, &headers)
 }
 
 /// The envelope of `entry` as published.

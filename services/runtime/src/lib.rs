@@ -17,6 +17,8 @@
 //!   router (header timeout, head size, idle timeout, connection cap).
 //! - [`lease`]: one active instance per role (incidents, escalation), the
 //!   others standing by: a lease in JetStream KV.
+//! - [`fence`]: a tenure's fence on the stream its role writes (a marker
+//!   each entry must follow, checked by the NATS server).
 //! - [`pull`]: [`pull::Puller`], a durable pull consumer that keeps pulling
 //!   (opened again after a pull that went nowhere).
 //! - [`retry`]: [`retry::Backoff`], the one retry pacing of the service loops.
@@ -34,6 +36,7 @@ pub mod clock;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod fence;
 pub mod http_server;
 pub mod kv;
 pub mod lease;

@@ -1,0 +1,184 @@
+//! A lease tenure's fence on the stream its role writes, enforced by the
+//! NATS server.
+//!
+//! The lease ([`crate::lease`]) stops an instance from *acting* a third of
+//! the TTL before anyone else can take the lease. It cannot stop what the
+//! instance already handed to its NATS client: publishes made while the
+//! connection was away are sent when it is back, and on a starved machine
+//! a publish can sit in the client or the socket for longer than that
+//! margin. Such a publish may land after the next tenure began writing. A
+//! stream position expected by each entry (`Nats-Expected-Last-Sequence`)
+//! refuses most of them, but not all: an instance that sent several
+//! entries without waiting expects consecutive positions, and when the
+//! next tenure has written just enough, one of them matches.
+//!
+//! So each tenure first writes a **marker** on the role's tenure subject
+//! (for incidents, `tocsin.incidents.tenure`, in the INCIDENTS stream),
+//! and every entry it writes names that marker:
+//! `Nats-Expected-Last-Subject-Sequence: <marker's sequence>` with
+//! `Nats-Expected-Last-Subject-Sequence-Subject: <tenure subject>`. The
+//! server stores an entry only while the last message on the tenure
+//! subject is its tenure's marker. Once a newer tenure's marker is stored,
+//! nothing an older tenure sent is ever stored again, however late it
+//! arrives: the check is the server's, and no clock is involved.
+//!
+//! A marker is itself written only after the last marker the writer read
+//! (`Nats-Expected-Last-Subject-Sequence` on its own subject), and never
+//! over a newer term's: a late marker of an old tenure is refused too.
+//! [`take`] returns the marker of the current tenure: the one it finds
+//! already written (a retry after a lost acknowledgement), or a new one.
+
+use async_nats::jetstream::{
+    self,
+    context::{PublishError, PublishErrorKind},
+    stream::LastRawMessageErrorKind,
+};
+
+use crate::bus::{LEASE, LEASE_HEADER};
+
+/// The header naming the sequence the last message on a subject must have.
+pub const EXPECTED_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+/// The header naming the subject that check applies to (NATS 2.11+).
+pub const EXPECTED_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
+
+/// The marker a tenure's entries must follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The tenure subject.
+    pub subject: String,
+    /// The stream sequence of this tenure's marker.
+    pub seq: u64,
+    /// The tenure's term.
+    pub term: u64,
+}
+
+impl Fence {
+    /// The headers that make the server store a message only while this
+    /// marker is the last on its subject.
+    pub fn headers(&self) -> [(&'static str, String); 2] {
+        [
+            (EXPECTED_SUBJECT_SEQUENCE, self.seq.to_string()),
+            (EXPECTED_SUBJECT, self.subject.clone()),
+        ]
+    }
+}
+
+/// Why no fence could be taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FenceError {
+    /// A newer tenure's marker is stored: this instance is no longer the
+    /// active one (its lease renewal fails next).
+    Superseded { ours: u64, theirs: u64 },
+    /// NATS did not answer, or refused for another reason; try again.
+    Nats(String),
+}
+
+impl std::fmt::Display for FenceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FenceError::Superseded { ours, theirs } => write!(
+                f,
+                "term {theirs} wrote its tenure marker after this instance's term {ours}: \
+                 another instance is active"
+            ),
+            FenceError::Nats(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// The term of the tenure the current task runs under (the lease's
+/// `<role>/<term>`), if it runs under one.
+pub fn current_term() -> Option<u64> {
+    LEASE
+        .try_with(|t| t.rsplit_once('/').and_then(|(_, n)| n.parse().ok()))
+        .ok()
+        .flatten()
+}
+
+/// Whether a publish failed because an expected sequence did not match
+/// (the stream's last, or the last on the tenure subject).
+pub fn is_wrong_sequence(e: &PublishError) -> bool {
+    matches!(e.kind(), PublishErrorKind::Other)
+        && std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<jetstream::Error>())
+            .is_some_and(|js| js.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE)
+}
+
+/// How many times [`take`] reads and writes before it gives up (each
+/// round lost only to another marker written meanwhile).
+const ROUNDS: usize = 8;
+
+/// Takes the fence of the current tenure on `subject` of `stream`: finds
+/// this tenure's marker, or writes it after the last one (see the module
+/// docs). None when the task runs under no lease (nothing to fence).
+pub async fn take(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+) -> Result<Option<Fence>, FenceError> {
+    let Some(term) = current_term() else {
+        return Ok(None);
+    };
+    let stream = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| FenceError::Nats(format!("cannot look up stream {stream}: {e}")))?;
+    for _ in 0..ROUNDS {
+        let (last_seq, last_term) = match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => {
+                let term = m
+                    .headers
+                    .get(LEASE_HEADER)
+                    .and_then(|v| v.as_str().rsplit_once('/'))
+                    .and_then(|(_, n)| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+                (m.sequence, term)
+            }
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => (0, 0),
+            Err(e) => return Err(FenceError::Nats(format!("cannot read {subject}: {e}"))),
+        };
+        if last_term > term {
+            return Err(FenceError::Superseded {
+                ours: term,
+                theirs: last_term,
+            });
+        }
+        if last_term == term && last_seq > 0 {
+            return Ok(Some(Fence {
+                subject: subject.to_string(),
+                seq: last_seq,
+                term,
+            }));
+        }
+        let tenure = LEASE.try_with(Clone::clone).unwrap_or_default();
+        let marker = crate::bus::message(
+            tenure.clone().into_bytes(),
+            format!("tenure:{tenure}"),
+            None,
+            &[(EXPECTED_SUBJECT_SEQUENCE, &last_seq.to_string())],
+        );
+        let acked = match js.send_publish(subject.to_string(), marker).await {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match acked {
+            Ok(ack) => {
+                return Ok(Some(Fence {
+                    subject: subject.to_string(),
+                    seq: ack.sequence,
+                    term,
+                }))
+            }
+            // Another marker was written since it was read: read again.
+            Err(e) if is_wrong_sequence(&e) => continue,
+            Err(e) => {
+                return Err(FenceError::Nats(format!(
+                    "cannot write the tenure marker on {subject}: {e}"
+                )))
+            }
+        }
+    }
+    Err(FenceError::Nats(format!(
+        "the tenure marker on {subject} kept changing while it was written"
+    )))
+}
