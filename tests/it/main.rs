@@ -29,6 +29,7 @@ mod ingest_outage;
 mod ingest_pagerduty;
 mod ingest_rejections;
 mod ingest_shutdown;
+mod lease_fence;
 mod lease_follower;
 mod nats_auth;
 mod notifier_channels;

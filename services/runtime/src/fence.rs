@@ -26,13 +26,17 @@
 //! (`Nats-Expected-Last-Subject-Sequence` on its own subject), and never
 //! over a newer term's: a late marker of an old tenure is refused too.
 //! [`take`] returns the marker of the current tenure: the one it finds
-//! already written (a retry after a lost acknowledgement), or a new one.
+//! already written (a retry after a lost acknowledgement), or a new one
+//! (also when its earlier marker is gone: the stream's age limit, a purge).
+
+use std::time::Duration;
 
 use async_nats::jetstream::{
     self,
+    consumer::{pull::OrderedConfig, DeliverPolicy},
     context::{PublishError, PublishErrorKind},
-    stream::LastRawMessageErrorKind,
 };
+use futures::StreamExt as _;
 
 use crate::bus::{LEASE, LEASE_HEADER};
 
@@ -98,10 +102,13 @@ pub fn current_term() -> Option<u64> {
 /// Whether a publish failed because an expected sequence did not match
 /// (the stream's last, or the last on the tenure subject).
 pub fn is_wrong_sequence(e: &PublishError) -> bool {
-    matches!(e.kind(), PublishErrorKind::Other)
-        && std::error::Error::source(e)
+    match e.kind() {
+        PublishErrorKind::WrongLastSequence => true,
+        PublishErrorKind::Other => std::error::Error::source(e)
             .and_then(|s| s.downcast_ref::<jetstream::Error>())
-            .is_some_and(|js| js.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE)
+            .is_some_and(|js| js.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE),
+        _ => false,
+    }
 }
 
 /// How many times [`take`] reads and writes before it gives up (each
@@ -124,19 +131,7 @@ pub async fn take(
         .await
         .map_err(|e| FenceError::Nats(format!("cannot look up stream {stream}: {e}")))?;
     for _ in 0..ROUNDS {
-        let (last_seq, last_term) = match stream.get_last_raw_message_by_subject(subject).await {
-            Ok(m) => {
-                let term = m
-                    .headers
-                    .get(LEASE_HEADER)
-                    .and_then(|v| v.as_str().rsplit_once('/'))
-                    .and_then(|(_, n)| n.parse::<u64>().ok())
-                    .unwrap_or(0);
-                (m.sequence, term)
-            }
-            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => (0, 0),
-            Err(e) => return Err(FenceError::Nats(format!("cannot read {subject}: {e}"))),
-        };
+        let (last_seq, last_term) = last_marker(&stream, subject).await?;
         if last_term > term {
             return Err(FenceError::Superseded {
                 ours: term,
@@ -151,9 +146,14 @@ pub async fn take(
             }));
         }
         let tenure = LEASE.try_with(Clone::clone).unwrap_or_default();
+        // A message id of its own each time: a marker is never dropped as
+        // a repeat of one the stream no longer holds (purged). A marker
+        // stored whose acknowledgement was lost is found by the next read;
+        // two in flight at once cannot both be stored (each names the
+        // last marker before it).
         let marker = crate::bus::message(
             tenure.clone().into_bytes(),
-            format!("tenure:{tenure}"),
+            format!("tenure:{tenure}:{}", uuid::Uuid::new_v4().simple()),
             None,
             &[(EXPECTED_SUBJECT_SEQUENCE, &last_seq.to_string())],
         );
@@ -181,4 +181,54 @@ pub async fn take(
     Err(FenceError::Nats(format!(
         "the tenure marker on {subject} kept changing while it was written"
     )))
+}
+
+/// The sequence and term of the last marker on `subject` ((0, 0): none).
+/// Read with an ordered consumer on that subject alone, so the role needs
+/// no permission beyond the ordered reads it already makes.
+async fn last_marker(
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+) -> Result<(u64, u64), FenceError> {
+    let nats = |what: &str, e: &dyn std::fmt::Display| {
+        FenceError::Nats(format!(
+            "cannot read the last marker on {subject} ({what}): {e}"
+        ))
+    };
+    let mut consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: subject.to_string(),
+            deliver_policy: DeliverPolicy::Last,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats("consumer", &e))?;
+    if consumer
+        .info()
+        .await
+        .map_err(|e| nats("info", &e))?
+        .num_pending
+        == 0
+    {
+        return Ok((0, 0));
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| nats("messages", &e))?;
+    let m = match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
+        Ok(Some(Ok(m))) => m,
+        Ok(Some(Err(e))) => return Err(nats("next", &e)),
+        Ok(None) => return Err(nats("next", &"the consumer ended")),
+        Err(_) => return Err(nats("next", &"no answer within 5 s")),
+    };
+    let seq = m.info().map_err(|e| nats("info", &e))?.stream_sequence;
+    let term = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(LEASE_HEADER))
+        .and_then(|v| v.as_str().rsplit_once('/'))
+        .and_then(|(_, n)| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    Ok((seq, term))
 }

@@ -53,7 +53,8 @@ use tocsin_tests::{
 };
 
 use crate::support::{
-    bin, free_port, notifier_section, read_raw, terms_never_go_back, try_read, Proc, Setup, TOKEN,
+    bin, every_tenure_fenced, free_port, notifier_section, read_raw, terms_never_go_back, try_read,
+    Proc, Setup, TOKEN,
 };
 
 /// The second level is due this long after an incident opens.
@@ -948,6 +949,7 @@ async fn scenario(test: &str, mut bus: Bus) {
                 );
                 std::panic::resume_unwind(e)
             });
+    every_tenure_fenced(&log);
 
     // Pages, from the receivers: per incident and level, the page ids
     // delivered (one webhook call per webhook-id, as a de-duplicating

@@ -29,7 +29,9 @@ use tocsin_proto::{
 };
 use tocsin_tests::{eventually_within, NatsServer};
 
-use crate::support::{alert, free_port, post_alerts, read_raw, terms_never_go_back, Proc, Raw};
+use crate::support::{
+    alert, every_tenure_fenced, free_port, post_alerts, read_raw, terms_never_go_back, Proc, Raw,
+};
 
 /// Kills of the active incidents process.
 const INCIDENTS_KILLS: usize = 5;
@@ -461,6 +463,7 @@ async fn a_standby_takes_over_and_nothing_is_lost_or_duplicated() {
         );
     }
     let incident_terms = terms_never_go_back(&incidents_log, "incidents", STREAM_INCIDENTS);
+    every_tenure_fenced(&incidents_log);
     assert!(
         incident_terms.len() > INCIDENTS_KILLS,
         "a new incidents term after every kill: {incident_terms:?}"
@@ -600,6 +603,7 @@ async fn a_frozen_active_instance_never_acts_after_its_standby_took_over() {
 
     let raws = read_raw(&js, STREAM_INCIDENTS).await;
     terms_never_go_back(&raws, "incidents", STREAM_INCIDENTS);
+    every_tenure_fenced(&raws);
     let late: Vec<u64> = raws
         .iter()
         .filter(|r| r.seq > first_new)
@@ -686,6 +690,7 @@ async fn an_instance_cut_off_from_nats_stands_down_and_one_is_active_again() {
         .expect("every alert has its incident");
     let raws = read_raw(&js, STREAM_INCIDENTS).await;
     terms_never_go_back(&raws, "incidents", STREAM_INCIDENTS);
+    every_tenure_fenced(&raws);
     let names: BTreeSet<String> = raws
         .iter()
         .filter_map(opened)
@@ -801,6 +806,7 @@ async fn a_restarted_instance_takes_its_own_lease_back_at_once() {
 
     let raws = read_raw(&js, STREAM_INCIDENTS).await;
     let terms = terms_never_go_back(&raws, "incidents", STREAM_INCIDENTS);
+    every_tenure_fenced(&raws);
     assert!(terms.len() >= 3, "three tenures wrote INCIDENTS: {terms:?}");
     let names: BTreeSet<String> = raws
         .iter()

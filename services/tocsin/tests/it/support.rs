@@ -441,6 +441,24 @@ pub async fn try_read(
     }
 }
 
+/// Every tenure that wrote to INCIDENTS wrote its fence marker first (on
+/// `tocsin.incidents.tenure`, message id `tenure:...`): the server refused
+/// whatever an earlier tenure sent after it.
+pub fn every_tenure_fenced(raws: &[Raw]) {
+    let mut seen = std::collections::BTreeSet::new();
+    for r in raws {
+        let Some((_, term)) = &r.lease else { continue };
+        if seen.insert(*term) {
+            assert!(
+                r.msg_id.starts_with("tenure:"),
+                "INCIDENTS seq {} is term {term}'s first message but not its tenure marker: {}",
+                r.seq,
+                r.line()
+            );
+        }
+    }
+}
+
 /// Every message of `stream` carries `role`'s lease header, and the terms
 /// never go back: once a newer tenure wrote, no older one ever did again.
 /// Returns the terms in the order they first wrote.
