@@ -250,20 +250,22 @@ ENV
   local detach=()
   command -v setsid >/dev/null 2>&1 && detach=(setsid)
   (set -a; . "$passwords"; exec "${detach[@]}" "$NATS_SERVER_BIN" -c "$STATE/nats.conf") >"$STATE/nats.log" 2>&1 &
-  local nats_pid=$!
-  local tocsin_pid=""
-  local demo_pid=""
-  trap 'kill $demo_pid $tocsin_pid 2>/dev/null; wait $demo_pid $tocsin_pid 2>/dev/null; kill $nats_pid 2>/dev/null; wait $nats_pid 2>/dev/null' EXIT
+  # Globals, not locals: the EXIT trap also runs after this function has
+  # returned (tocsin exited by itself), where its locals are gone.
+  UP_NATS_PID=$!
+  UP_TOCSIN_PID=""
+  UP_DEMO_PID=""
+  trap 'kill $UP_DEMO_PID $UP_TOCSIN_PID 2>/dev/null; wait $UP_DEMO_PID $UP_TOCSIN_PID 2>/dev/null; kill $UP_NATS_PID 2>/dev/null; wait $UP_NATS_PID 2>/dev/null' EXIT
   trap 'say "stopping: tocsin drains, then NATS"; exit 130' INT TERM
   for _ in $(seq 1 100); do
     if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 0.2)" "$port" 2>/dev/null; then break; fi
-    kill -0 "$nats_pid" 2>/dev/null || die "nats-server exited; see .tocsin/nats.log"
+    kill -0 "$UP_NATS_PID" 2>/dev/null || die "nats-server exited; see .tocsin/nats.log"
     sleep 0.1
   done
 
   say "starting tocsin up (config/tocsin.yaml)"
   "${detach[@]}" "$ROOT/target/release/tocsin" --config "$ROOT/config/tocsin.yaml" up &
-  tocsin_pid=$!
+  UP_TOCSIN_PID=$!
 
   local admin="${TOCSIN_ADMIN_LISTEN:-127.0.0.1:9464}"
   for _ in $(seq 1 300); do
@@ -271,14 +273,14 @@ ENV
 import sys, urllib.request
 urllib.request.urlopen("http://%s/readyz" % sys.argv[1], timeout=1)
 PY
-    kill -0 "$tocsin_pid" 2>/dev/null || die "tocsin exited; see the messages above"
+    kill -0 "$UP_TOCSIN_PID" 2>/dev/null || die "tocsin exited; see the messages above"
     sleep 0.2
   done
 
   local ingest="http://127.0.0.1:8080"
   say "starting the demo target on 127.0.0.1:9477 (runbooks/demo-heal.yaml heals it)"
   "${detach[@]}" "$ROOT/target/release/tocsin" demo-target --listen 127.0.0.1:9477 --alert-url "$ingest/api/v1/alerts" &
-  demo_pid=$!
+  UP_DEMO_PID=$!
 
   cat <<INFO
 
@@ -314,7 +316,7 @@ PY
 
   Ctrl-C stops Tocsin and NATS.
 INFO
-  wait "$tocsin_pid"
+  wait "$UP_TOCSIN_PID"
 }
 
 case "${1:-}" in
