@@ -113,31 +113,8 @@ async fn start(
     url: &str,
     dir: &std::path::Path,
 ) -> (JoinHandle<()>, CancellationToken, async_nats::Client) {
-    let mut nats = NatsConfig::for_url(url);
-    nats.reconnect_max_delay = HumanDuration(Duration::from_millis(100));
-    let metrics = Metrics::new();
-    let client = tocsin_runtime::nats::connect(&nats, "crash-test", &metrics)
-        .await
-        .unwrap();
-    let js = jetstream::new(client.clone());
-    let stop = CancellationToken::new();
-    let (cfg, token, conn) = (config(dir), stop.clone(), client.clone());
-    let clock = Arc::new(ManualClock::new("2026-03-01T00:00:00Z".parse().unwrap()));
-    let handle = tokio::spawn(async move {
-        let _ = client;
-        let ctx = tocsin_runtime::context::ServiceContext {
-            js,
-            metrics,
-            health: Health::new(),
-            clock,
-            jetstream: Default::default(),
-            shutdown: token,
-            watermark: tocsin_runtime::progress::Watermark::detached("test"),
-        };
-        let r = tocsin_incidents::run(cfg, &ctx, None).await;
-        r.expect("incidents service ran");
-    });
-    (handle, stop, conn)
+    let at = "2026-03-01T00:00:00Z".parse().unwrap();
+    start_as(url, dir, at, config(dir).lease_ttl.get()).await
 }
 
 /// The inputs as ALERTS messages: runs of 1 to 60 alerts (the same in
@@ -431,8 +408,8 @@ async fn entries_never_stored_are_decided_again_after_a_crash() {
     assert_eq!(after, reference, "entry contents differ");
 }
 
-/// Starts the service in-process as [`start`] does, with its clock at `at`
-/// and a lease TTL of `ttl`.
+/// Starts the service in-process with its own NATS connection (returned
+/// too), its clock at `at` and a lease TTL of `ttl`.
 async fn start_as(
     url: &str,
     dir: &std::path::Path,
@@ -442,7 +419,7 @@ async fn start_as(
     let mut nats = NatsConfig::for_url(url);
     nats.reconnect_max_delay = HumanDuration(Duration::from_millis(100));
     let metrics = Metrics::new();
-    let client = tocsin_runtime::nats::connect(&nats, "fence-test", &metrics)
+    let client = tocsin_runtime::nats::connect(&nats, "incidents-test", &metrics)
         .await
         .unwrap();
     let js = jetstream::new(client.clone());
