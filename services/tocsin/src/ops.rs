@@ -370,7 +370,7 @@ fn fingerprints<'a>(all: impl ExactSizeIterator<Item = &'a tocsin_proto::Fingerp
 /// One timeline entry in words: `paged alice via sms, alice via email
 /// (level 1 of policy standard)`, `snoozed until ...`, `escalated: no
 /// progress`.
-fn describe_event(e: &IncidentEvent, style: &Style) -> String {
+pub fn describe_event(e: &IncidentEvent, style: &Style) -> String {
     use tocsin_proto::incident::{EventKind, ResolveReason};
     match &e.kind {
         EventKind::Opened { alert, more } if more.is_empty() => {

@@ -12,4 +12,5 @@ mod remediation_crash;
 mod remediation_reload;
 mod report;
 mod runbook_cli;
+mod show_text;
 mod support;
