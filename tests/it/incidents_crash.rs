@@ -447,6 +447,24 @@ async fn start_as(
     (handle, stop, conn)
 }
 
+/// Waits (up to `limit`) until `proxy` holds `n` INCIDENTS entries back.
+async fn held_entries(proxy: &NatsProxy, n: usize, who: &str, limit: Duration) {
+    eventually_within(limit, || async {
+        let held = proxy
+            .held_subjects()
+            .iter()
+            .filter(|s| s.starts_with("tocsin.incidents.inc."))
+            .count();
+        if held >= n {
+            Ok(())
+        } else {
+            Err(held)
+        }
+    })
+    .await
+    .unwrap_or_else(|k| panic!("{who}'s proxy held {k} entries, not {n}"));
+}
+
 /// Promise 2 across a change of tenure: what an instance sent during a
 /// tenure that ended is never stored after the next tenure wrote, however
 /// late it reaches the server. Instance A is active; its publishes to
@@ -518,30 +536,10 @@ async fn entries_of_an_ended_tenure_are_never_stored_after_the_next_tenure_wrote
     proxy_b.hold(&["tocsin.incidents.inc."], 2);
     let five: Vec<Alert> = (1..=5).map(|g| fire(&format!("g{g}"))).collect();
     try_publish_alerts(&js, five, t0).await.unwrap();
-    let held_entries = |p: &NatsProxy| {
-        p.held_subjects()
-            .iter()
-            .filter(|s| s.starts_with("tocsin.incidents.inc."))
-            .count()
-    };
-    eventually_within(limit, || async {
-        match held_entries(&proxy_a) {
-            n if n >= 5 => Ok(()),
-            n => Err(n),
-        }
-    })
-    .await
-    .unwrap_or_else(|n| panic!("A sent {n} entries, not 5"));
+    held_entries(&proxy_a, 5, "A", limit).await;
     // B takes over once A's lease expired, decides the request, and is
     // held after two entries.
-    eventually_within(limit, || async {
-        match held_entries(&proxy_b) {
-            n if n >= 3 => Ok(()),
-            n => Err(n),
-        }
-    })
-    .await
-    .unwrap_or_else(|n| panic!("B's proxy held {n} entries, not 3"));
+    held_entries(&proxy_b, 3, "B", limit).await;
 
     // A's entries arrive, and the server answers each; then B's rest.
     proxy_a.release();
@@ -572,8 +570,7 @@ async fn entries_of_an_ended_tenure_are_never_stored_after_the_next_tenure_wrote
         let term: u64 = m
             .headers
             .get("Tocsin-Lease")
-            .and_then(|v| v.as_str().rsplit_once('/'))
-            .and_then(|(_, t)| t.parse().ok())
+            .and_then(|v| tocsin_runtime::fence::term_of(v.as_str()))
             .unwrap_or_else(|| panic!("INCIDENTS seq {seq} has no lease header"));
         assert!(
             term >= last.1,

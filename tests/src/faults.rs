@@ -229,7 +229,7 @@ async fn pump(client: TcpStream, server: TcpStream, rules: Arc<Rules>) {
                         break;
                     }
                     releases.borrow_and_update();
-                    if !held.is_empty() && server_tx.write_all(&std::mem::take(&mut held)).await.is_err() {
+                    if !send_held(&mut held, &mut server_tx).await {
                         break;
                     }
                     continue;
@@ -238,12 +238,7 @@ async fn pump(client: TcpStream, server: TcpStream, rules: Arc<Rules>) {
             // Released meanwhile: what was held goes first.
             if releases.has_changed().unwrap_or(false) {
                 releases.borrow_and_update();
-                if !held.is_empty()
-                    && server_tx
-                        .write_all(&std::mem::take(&mut held))
-                        .await
-                        .is_err()
-                {
+                if !send_held(&mut held, &mut server_tx).await {
                     break;
                 }
             }
@@ -275,6 +270,11 @@ async fn pump(client: TcpStream, server: TcpStream, rules: Arc<Rules>) {
         let _ = server_tx.shutdown().await;
     };
     tokio::join!(down, up);
+}
+
+/// Writes the frames held back to the server; false if it is gone.
+async fn send_held(held: &mut Vec<u8>, server: &mut tokio::net::tcp::OwnedWriteHalf) -> bool {
+    held.is_empty() || server.write_all(&std::mem::take(held)).await.is_ok()
 }
 
 /// The length of the whole client frame at the start of `buf` (its line,

@@ -240,12 +240,12 @@ impl Service {
         payload: &[u8],
         seq: u64,
     ) -> Result<Vec<Key>, EscalationError> {
-        if seq <= self.seq {
+        // The incidents lease's tenure markers are not entries: read past.
+        if seq <= self.seq || is_tenure_marker(subject) {
+            self.seq = self.seq.max(seq);
             return Ok(Vec::new());
         }
         let changed = match decode_envelope::<LogEntry>(payload) {
-            // The incidents lease's tenure markers are not entries.
-            _ if is_tenure_marker(subject) => Vec::new(),
             Ok(Envelope {
                 body: LogEntry::Incident(ev),
                 ..

@@ -93,10 +93,12 @@ impl std::fmt::Display for FenceError {
 /// The term of the tenure the current task runs under (the lease's
 /// `<role>/<term>`), if it runs under one.
 pub fn current_term() -> Option<u64> {
-    LEASE
-        .try_with(|t| t.rsplit_once('/').and_then(|(_, n)| n.parse().ok()))
-        .ok()
-        .flatten()
+    LEASE.try_with(|t| term_of(t)).ok().flatten()
+}
+
+/// The term of a tenure label (`<role>/<term>`, the `Tocsin-Lease` header).
+pub fn term_of(tenure: &str) -> Option<u64> {
+    tenure.rsplit_once('/').and_then(|(_, n)| n.parse().ok())
 }
 
 /// Whether a publish failed because an expected sequence did not match
@@ -227,8 +229,7 @@ async fn last_marker(
         .headers
         .as_ref()
         .and_then(|h| h.get(LEASE_HEADER))
-        .and_then(|v| v.as_str().rsplit_once('/'))
-        .and_then(|(_, n)| n.parse::<u64>().ok())
+        .and_then(|v| term_of(v.as_str()))
         .unwrap_or(0);
     Ok((seq, term))
 }
