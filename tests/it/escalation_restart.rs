@@ -676,3 +676,153 @@ async fn distinct_pages(js: &jetstream::Context) -> usize {
         .collect::<BTreeSet<_>>()
         .len()
 }
+
+/// An escalation instance through `url` with the lease TTL `ttl`, its own
+/// progress and shutdown (several run side by side).
+async fn start_instance(
+    url: &str,
+    dir: &std::path::Path,
+    clock: Arc<ManualClock>,
+    ttl: Duration,
+) -> (
+    tokio::task::JoinHandle<()>,
+    CancellationToken,
+    async_nats::Client,
+) {
+    let metrics = Metrics::new();
+    let client = tocsin_runtime::nats::connect(&NatsConfig::for_url(url), "esc-fence", &metrics)
+        .await
+        .unwrap();
+    let js = jetstream::new(client.clone());
+    let mut cfg: EscalationConfig = serde_yaml_ng::from_str(POLICY).unwrap();
+    cfg.data_dir = Some(ConfigPath(dir.to_path_buf()));
+    cfg.lease_ttl = Some(tocsin_runtime::config::HumanDuration(ttl));
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let handle = tokio::spawn(async move {
+        let ctx = tocsin_runtime::context::ServiceContext {
+            js,
+            metrics,
+            health: Health::new(),
+            clock,
+            jetstream: Default::default(),
+            shutdown,
+            watermark: Progress::new().of("escalation"),
+        };
+        tocsin_escalation::run(cfg, &ctx, None).await.unwrap();
+    });
+    (handle, stop, client)
+}
+
+/// Promises 2 and 3 across a change of tenure: a page an escalation
+/// instance sent during a tenure that ended is never stored after the next
+/// tenure began, however late it reaches the server. Instance A is active
+/// and has paged incident 0's first level; its pages and lease renewals
+/// are then held back in its proxy (as a client holds what it published
+/// while its connection was away, or a starved machine sends late). The
+/// clock reaches the second level: A fires it, held. Incident 0 is
+/// acknowledged; A's lease runs out and B takes over, sees the
+/// acknowledgement and pages nothing more for incident 0; it pages a new
+/// incident 1. Now A's page arrives: stored, it would page someone for an
+/// acknowledged incident, after the tenure that knew better had paged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_of_an_ended_tenure_are_never_stored_after_the_next_tenure_began() {
+    tocsin_tests::init_logs();
+    let nats = NatsServer::start().await;
+    let js = streams_on(&nats).await;
+    let (proxy_a, proxy_b) = (
+        NatsProxy::start(nats.port()).await,
+        NatsProxy::start(nats.port()).await,
+    );
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let clock = Arc::new(ManualClock::new(t0()));
+    let ttl = Duration::from_secs(3);
+    let pages_of = |js: jetstream::Context| async move {
+        bus::read_pages(&js)
+            .await
+            .into_iter()
+            .map(|p| {
+                (
+                    (p.envelope.body.incident.number - 1) as u32,
+                    p.envelope.body.level,
+                )
+            })
+            .collect::<BTreeSet<(u32, u32)>>()
+    };
+
+    publish_opened(&js, 0).await;
+    let (_a, stop_a, _conn_a) = start_instance(
+        &proxy_a.url_for(&nats.url()),
+        dir_a.path(),
+        clock.clone(),
+        ttl,
+    )
+    .await;
+    wait_for("A's first page", || async {
+        pages_of(js.clone()).await.contains(&(0, 0))
+    })
+    .await;
+    let (_b, stop_b, _conn_b) = start_instance(
+        &proxy_b.url_for(&nats.url()),
+        dir_b.path(),
+        clock.clone(),
+        ttl,
+    )
+    .await;
+
+    proxy_a.hold(&["tocsin.notify.", "$KV.tocsin_lease_escalation."], 0);
+    clock.set(t0() + SignedDuration::from_mins(5));
+    wait_for("A's second-level page, held", || async {
+        proxy_a
+            .held_subjects()
+            .iter()
+            .any(|s| s.starts_with("tocsin.notify."))
+    })
+    .await;
+    publish_event(
+        &js,
+        0,
+        EventKind::Acknowledged,
+        IncidentStatus::Acknowledged,
+        t0() + SignedDuration::from_mins(5),
+    )
+    .await;
+    // B takes over once A's lease ran out, and pages the new incident.
+    let opened = EventKind::opened(dummy_alert());
+    publish_event(&js, 1, opened, IncidentStatus::Triggered, clock.now()).await;
+    wait_for("B's page of incident 1", || async {
+        pages_of(js.clone()).await.contains(&(1, 0))
+    })
+    .await;
+
+    proxy_a.release();
+    wait_for("the server's answers to A's late publishes", || async {
+        proxy_a.released_answered()
+    })
+    .await;
+
+    let mut last = (0u64, 0u64);
+    for (seq, m) in bus::stored_raw(&js, STREAM_NOTIFY).await {
+        let term = m
+            .headers
+            .get("Tocsin-Lease")
+            .and_then(|v| tocsin_runtime::fence::term_of(v.as_str()))
+            .unwrap_or_else(|| panic!("NOTIFY seq {seq} has no lease header"));
+        assert!(
+            term >= last.1,
+            "NOTIFY seq {seq} ({}) written by term {term} after term {} wrote seq {}: an \
+             ended tenure paged after the next one began",
+            m.subject,
+            last.1,
+            last.0
+        );
+        last = (seq, term);
+    }
+    assert_eq!(
+        pages_of(js.clone()).await,
+        BTreeSet::from([(0, 0), (1, 0)]),
+        "incident 0 acknowledged before the tenure that would page its second level"
+    );
+    stop_a.cancel();
+    stop_b.cancel();
+}
