@@ -143,9 +143,16 @@ pub const INCIDENT_EVENTS: &str = "tocsin.incidents.inc.>";
 /// entry: readers of the whole stream skip it ([`is_tenure_marker`]).
 pub const INCIDENTS_TENURE: &str = "tocsin.incidents.tenure";
 
-/// Whether a message on `subject` is a lease tenure marker, not an entry.
+/// The tenure markers of the escalation service's lease, in the NOTIFY
+/// stream: every page an escalation instance sends is accepted only while
+/// its tenure's marker is the last one here. No notifier consumer's filter
+/// takes it (they filter by channel), so it stays in the work queue.
+pub const NOTIFY_TENURE: &str = "tocsin.notify.tenure";
+
+/// Whether a message on `subject` is a lease tenure marker, not an entry
+/// or a page.
 pub fn is_tenure_marker(subject: &str) -> bool {
-    subject == INCIDENTS_TENURE
+    subject == INCIDENTS_TENURE || subject == NOTIFY_TENURE
 }
 
 /// Filter for every event of one incident: `tocsin.incidents.inc.<id>.>`.

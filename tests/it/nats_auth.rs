@@ -210,7 +210,7 @@ async fn each_service_works_with_its_own_credentials() {
         .clock
         .set(jiff::Timestamp::now() + jiff::SignedDuration::from_secs(1));
     let deadline = tokio::time::Instant::now() + WAIT;
-    while bus::count(&admin, STREAM_NOTIFY).await == 0 {
+    while bus::count_without_markers(&admin, STREAM_NOTIFY).await == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "no page on NOTIFY within {WAIT:?}"
@@ -315,7 +315,7 @@ async fn the_operator_cannot_purge_delete_or_publish_alerts() {
     )
     .await;
     assert_eq!(
-        bus::count(&admin, STREAM_NOTIFY).await,
+        bus::count_without_markers(&admin, STREAM_NOTIFY).await,
         1,
         "NOTIFY was emptied"
     );
@@ -380,7 +380,7 @@ async fn ingest_cannot_read_notify() {
     expect_refused(&mut errors, "Subscription to \"_INBOX.notifier.>\"").await;
     let _all = client.subscribe(">").await.unwrap();
     expect_refused(&mut errors, "Subscription to \">\"").await;
-    assert_eq!(bus::count(&admin, STREAM_NOTIFY).await, 1);
+    assert_eq!(bus::count_without_markers(&admin, STREAM_NOTIFY).await, 1);
 }
 
 #[tokio::test]

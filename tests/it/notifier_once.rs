@@ -228,7 +228,6 @@ policies:
     let js = async_nats::jetstream::new(client.clone());
     let t0 = tocsin.clock_now();
     fakes.fail_next(Provider::Slack, 1, Failure::Slow(Duration::from_secs(2)));
-    let mut notify = js.get_stream("NOTIFY").await.unwrap();
     publish_alert(
         &js,
         alert(
@@ -259,10 +258,10 @@ policies:
         tocsin.clock_now(),
     )
     .await;
-    let first = notify.info().await.unwrap().state.first_sequence;
-    let msg = notify
-        .get_raw_message(first)
+    let (_, msg) = tocsin_tests::bus::stored_raw(&js, "NOTIFY")
         .await
+        .into_iter()
+        .find(|(_, m)| !tocsin_proto::subjects::is_tenure_marker(&m.subject))
         .expect("the page is still on NOTIFY (in flight)");
     js.publish_with_headers(
         msg.subject.to_string(),
@@ -280,7 +279,7 @@ policies:
 
     // Settled: both copies acknowledged, the message shown resolved.
     let deadline = tokio::time::Instant::now() + WAIT;
-    while notify.info().await.unwrap().state.messages > 0 {
+    while tocsin_tests::bus::count_without_markers(&js, "NOTIFY").await > 0 {
         assert!(tokio::time::Instant::now() < deadline, "NOTIFY not drained");
         // Poll interval of a wait for something to happen (with a deadline), not a wait to prove that nothing did.
         tokio::time::sleep(Duration::from_millis(50)).await;

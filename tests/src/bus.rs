@@ -123,8 +123,42 @@ pub async fn count_alerts(js: &jetstream::Context) -> u64 {
     read_alerts(js).await.len() as u64
 }
 
-/// Number of messages in `stream`.
+/// Number of messages in `stream`, the lease's tenure markers included
+/// (one request: [`count_without_markers`] leaves them out).
 pub async fn count(js: &jetstream::Context, stream: &str) -> u64 {
     let mut s = js.get_stream(stream).await.expect("stream exists");
     s.info().await.expect("stream info").state.messages
+}
+
+/// Number of messages in `stream`, the lease's tenure markers (which are
+/// not entries or pages) left out: e.g. the pages still on NOTIFY, where
+/// escalation's markers stay.
+pub async fn count_without_markers(js: &jetstream::Context, stream: &str) -> u64 {
+    try_count_without_markers(js, stream)
+        .await
+        .unwrap_or_else(|e| panic!("cannot count the messages of {stream}: {e}"))
+}
+
+/// [`count_without_markers`], or why NATS did not answer.
+pub async fn try_count_without_markers(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<u64, String> {
+    use futures::TryStreamExt as _;
+    let mut s = js.get_stream(stream).await.map_err(|e| e.to_string())?;
+    let all = s.info().await.map_err(|e| e.to_string())?.state.messages;
+    let mut markers = 0;
+    for subject in [
+        tocsin_proto::subjects::INCIDENTS_TENURE,
+        tocsin_proto::subjects::NOTIFY_TENURE,
+    ] {
+        let mut per = s
+            .info_with_subjects(subject)
+            .await
+            .map_err(|e| e.to_string())?;
+        while let Some((_, n)) = per.try_next().await.map_err(|e| e.to_string())? {
+            markers += n as u64;
+        }
+    }
+    Ok(all.saturating_sub(markers))
 }

@@ -11,11 +11,15 @@ use tocsin_proto::{
     command::{batch_subject, Command},
     incident::LogEntry,
     notify::Page,
-    subjects::{headers, is_tenure_marker, notify_batch_subject, STREAM_INCIDENTS},
+    subjects::{
+        headers, is_tenure_marker, notify_batch_subject, NOTIFY_TENURE, STREAM_INCIDENTS,
+        STREAM_NOTIFY,
+    },
     Envelope,
 };
 use tocsin_runtime::admin::{Health, Watchdog};
 use tocsin_runtime::clock::Clock;
+use tocsin_runtime::fence::{self, Fence};
 use tocsin_runtime::{progress::Watermark, streams};
 use tokio_util::sync::CancellationToken;
 
@@ -83,6 +87,10 @@ pub(crate) struct Service {
     metrics: EscalationMetrics,
     /// Marks each read and write of the store (see `Watchdog`).
     watchdog: Watchdog,
+    /// This tenure's fence on NOTIFY: a page is stored only while its
+    /// tenure's marker is the last one there (see
+    /// `tocsin_runtime::fence`); None outside a lease.
+    fence: std::sync::Mutex<Option<Fence>>,
 }
 
 fn open_store(dir: &Path) -> Result<(Store, Tracks, u64), EscalationError> {
@@ -113,6 +121,7 @@ impl Service {
             clock,
             metrics,
             watchdog,
+            fence: std::sync::Mutex::new(None),
         })
     }
 
@@ -230,6 +239,51 @@ impl Service {
             for (incident, tracks) in stored {
                 self.tracks.load(incident, tracks);
             }
+        }
+        Ok(())
+    }
+
+    /// This tenure's fence, if taken.
+    fn fence(&self) -> Option<Fence> {
+        self.fence.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Takes this tenure's fence on NOTIFY (its marker: found, or written
+    /// after the last one), trying until it is taken; false if the service
+    /// stopped first. From its marker on, no page an earlier tenure sent is
+    /// stored, however late it reaches the server.
+    async fn take_fence(&self, shutdown: &CancellationToken) -> bool {
+        let mut backoff = tocsin_runtime::retry::Backoff::standard();
+        for tried in 1.. {
+            match self.try_take_fence().await {
+                Ok(()) => return true,
+                // At start-up NATS, or the stream, may not be there yet.
+                Err(e) if tried <= 5 => {
+                    tracing::debug!(error = %e, "cannot take this tenure's fence on NOTIFY yet; retrying")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take this tenure's fence on NOTIFY yet; retrying")
+                }
+            }
+            if !backoff.wait(shutdown).await {
+                break;
+            }
+        }
+        false
+    }
+
+    async fn try_take_fence(&self) -> Result<(), fence::FenceError> {
+        let taken = fence::take(&self.js, STREAM_NOTIFY, NOTIFY_TENURE).await?;
+        let mut held = self.fence.lock().unwrap_or_else(|e| e.into_inner());
+        if *held != taken {
+            if let Some(f) = &taken {
+                tracing::info!(
+                    term = f.term,
+                    marker = f.seq,
+                    "took this tenure's fence on NOTIFY"
+                );
+            }
+            *held = taken;
         }
         Ok(())
     }
@@ -360,6 +414,12 @@ impl Service {
         shutdown: CancellationToken,
         watermark: Watermark,
     ) -> Result<(), EscalationError> {
+        // The fence first: from its marker on, no page an earlier tenure
+        // sent is stored (it may still be on its way), and what this
+        // tenure decides follows from everything read after it.
+        if !self.take_fence(&shutdown).await {
+            return Ok(());
+        }
         let mut reconnect = tocsin_runtime::retry::Backoff::standard();
         'outer: while !shutdown.is_cancelled() {
             let mut msgs = match self.consumer().await {
@@ -693,8 +753,7 @@ impl Service {
             }
         };
         let items = effects.len().to_string();
-        let publish =
-            tocsin_runtime::bus::message(payload, id, None, &[(headers::ITEMS, items.as_str())]);
+        let publish = self.message(effects[0], payload, id, &[(headers::ITEMS, items.as_str())]);
         match self.js.send_publish(subject.clone(), publish).await {
             Ok(ack) => Some(ack),
             Err(e) => {
@@ -715,7 +774,7 @@ impl Service {
         now: Timestamp,
     ) -> Option<jetstream::context::PublishAckFuture> {
         let (subject, id, payload) = encode_effect(effect, now)?;
-        let publish = tocsin_runtime::bus::message(payload, id, None, &[]);
+        let publish = self.message(effect, payload, id, &[]);
         match self.js.send_publish(subject, publish).await {
             Ok(ack) => Some(ack),
             Err(e) => {
@@ -727,6 +786,30 @@ impl Service {
                 None
             }
         }
+    }
+
+    /// The message of `effect` (or of several of its kind) with `extra`
+    /// headers, and a page's with this tenure's fence. Timeline records
+    /// are not fenced: a record only says that a step's pages are stored,
+    /// and is sent only once they are (a page refused by the fence never
+    /// gets its record), so a late one is still true; one that comes twice
+    /// is applied once (the incidents service remembers the commands it
+    /// took).
+    fn message(
+        &self,
+        effect: &Effect,
+        payload: Vec<u8>,
+        id: String,
+        extra: &[(&str, &str)],
+    ) -> async_nats::jetstream::message::PublishMessage {
+        let fence = match effect {
+            Effect::Page(_) => self.fence(),
+            Effect::Record(_) => None,
+        };
+        let fenced = fence.as_ref().map(Fence::headers);
+        let mut all = extra.to_vec();
+        all.extend(fenced.iter().flatten().map(|(k, v)| (*k, v.as_str())));
+        tocsin_runtime::bus::message(payload, id, None, &all)
     }
 
     fn count(&self, effect: &Effect, duplicate: bool) {
@@ -760,6 +843,16 @@ impl Service {
                         error: &e.to_string(),
                     }
                     .emit(&self.metrics),
+                }
+            }
+            // The fence is checked before the next attempt: its marker
+            // may have aged out of NOTIFY or been purged (then it is
+            // written anew), or a newer tenure wrote one (then this one
+            // ends when its lease renewal fails, and its page is never
+            // stored).
+            if let Effect::Page(_) = effect {
+                if let Err(e) = self.try_take_fence().await {
+                    tracing::warn!(error = %e, "cannot check this tenure's fence on NOTIFY");
                 }
             }
             if !backoff.wait(shutdown).await {

@@ -28,6 +28,10 @@
 //! [`take`] returns the marker of the current tenure: the one it finds
 //! already written (a retry after a lost acknowledgement), or a new one
 //! (also when its earlier marker is gone: the stream's age limit, a purge).
+//!
+//! The last marker is read with an ordered consumer on the tenure subject
+//! (INCIDENTS), or, on a work-queue stream, which admits no such consumer
+//! (NOTIFY), with a message get of the last message on that subject.
 
 use std::time::Duration;
 
@@ -35,6 +39,7 @@ use async_nats::jetstream::{
     self,
     consumer::{pull::OrderedConfig, DeliverPolicy},
     context::{PublishError, PublishErrorKind},
+    stream::{LastRawMessageErrorKind, RetentionPolicy},
 };
 use futures::StreamExt as _;
 
@@ -187,7 +192,8 @@ pub async fn take(
 
 /// The sequence and term of the last marker on `subject` ((0, 0): none).
 /// Read with an ordered consumer on that subject alone, so the role needs
-/// no permission beyond the ordered reads it already makes.
+/// no permission beyond the ordered reads it already makes; on a
+/// work-queue stream (whose consumers must acknowledge) with a message get.
 async fn last_marker(
     stream: &jetstream::stream::Stream,
     subject: &str,
@@ -197,6 +203,13 @@ async fn last_marker(
             "cannot read the last marker on {subject} ({what}): {e}"
         ))
     };
+    if stream.cached_info().config.retention == RetentionPolicy::WorkQueue {
+        return match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => Ok((m.sequence, term_in(&m.headers))),
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok((0, 0)),
+            Err(e) => Err(nats("get", &e)),
+        };
+    }
     let mut consumer = stream
         .create_consumer(OrderedConfig {
             filter_subject: subject.to_string(),
@@ -225,11 +238,13 @@ async fn last_marker(
         Err(_) => return Err(nats("next", &"no answer within 5 s")),
     };
     let seq = m.info().map_err(|e| nats("info", &e))?.stream_sequence;
-    let term = m
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(LEASE_HEADER))
+    Ok((seq, m.headers.as_ref().map_or(0, term_in)))
+}
+
+/// The term a marker's lease header names (0: none).
+fn term_in(headers: &async_nats::HeaderMap) -> u64 {
+    headers
+        .get(LEASE_HEADER)
         .and_then(|v| term_of(v.as_str()))
-        .unwrap_or(0);
-    Ok((seq, term))
+        .unwrap_or(0)
 }

@@ -949,7 +949,7 @@ async fn scenario(test: &str, mut bus: Bus) {
                 );
                 std::panic::resume_unwind(e)
             });
-    every_tenure_fenced(&log);
+    every_tenure_fenced(&log, STREAM_INCIDENTS);
 
     // Pages, from the receivers: per incident and level, the page ids
     // delivered (one webhook call per webhook-id, as a de-duplicating

@@ -385,7 +385,7 @@ async fn a_standby_takes_over_and_nothing_is_lost_or_duplicated() {
             read_raw(&js, STREAM_NOTIFY)
                 .await
                 .into_iter()
-                .find(|r| r.lease.as_ref().is_some_and(|(_, t)| *t > term))
+                .find(|r| !r.is_marker() && r.lease.as_ref().is_some_and(|(_, t)| *t > term))
                 .map(|r| r.time_ns)
                 .ok_or("no page from a new escalation term yet")
         })
@@ -463,7 +463,7 @@ async fn a_standby_takes_over_and_nothing_is_lost_or_duplicated() {
         );
     }
     let incident_terms = terms_never_go_back(&incidents_log, "incidents", STREAM_INCIDENTS);
-    every_tenure_fenced(&incidents_log);
+    every_tenure_fenced(&incidents_log, STREAM_INCIDENTS);
     assert!(
         incident_terms.len() > INCIDENTS_KILLS,
         "a new incidents term after every kill: {incident_terms:?}"
@@ -498,6 +498,7 @@ async fn a_standby_takes_over_and_nothing_is_lost_or_duplicated() {
     }
     assert_eq!(per.len(), 2 * numbers.len());
     let page_terms = terms_never_go_back(&pages, "escalation", STREAM_NOTIFY);
+    every_tenure_fenced(&pages, STREAM_NOTIFY);
     assert!(
         page_terms.len() > ESCALATION_KILLS,
         "a new escalation term after every kill: {page_terms:?}"
@@ -603,7 +604,7 @@ async fn a_frozen_active_instance_never_acts_after_its_standby_took_over() {
 
     let raws = read_raw(&js, STREAM_INCIDENTS).await;
     terms_never_go_back(&raws, "incidents", STREAM_INCIDENTS);
-    every_tenure_fenced(&raws);
+    every_tenure_fenced(&raws, STREAM_INCIDENTS);
     let late: Vec<u64> = raws
         .iter()
         .filter(|r| r.seq > first_new)
@@ -690,7 +691,7 @@ async fn an_instance_cut_off_from_nats_stands_down_and_one_is_active_again() {
         .expect("every alert has its incident");
     let raws = read_raw(&js, STREAM_INCIDENTS).await;
     terms_never_go_back(&raws, "incidents", STREAM_INCIDENTS);
-    every_tenure_fenced(&raws);
+    every_tenure_fenced(&raws, STREAM_INCIDENTS);
     let names: BTreeSet<String> = raws
         .iter()
         .filter_map(opened)
@@ -806,7 +807,7 @@ async fn a_restarted_instance_takes_its_own_lease_back_at_once() {
 
     let raws = read_raw(&js, STREAM_INCIDENTS).await;
     let terms = terms_never_go_back(&raws, "incidents", STREAM_INCIDENTS);
-    every_tenure_fenced(&raws);
+    every_tenure_fenced(&raws, STREAM_INCIDENTS);
     assert!(terms.len() >= 3, "three tenures wrote INCIDENTS: {terms:?}");
     let names: BTreeSet<String> = raws
         .iter()
@@ -820,7 +821,9 @@ async fn a_restarted_instance_takes_its_own_lease_back_at_once() {
 /// The pages a NOTIFY message holds: one, or several (an escalation
 /// burst's, with a message id made of theirs).
 fn pages_of(r: &Raw) -> Vec<Page> {
-    if r.msg_id.starts_with("pages:") {
+    if r.is_marker() {
+        Vec::new()
+    } else if r.msg_id.starts_with("pages:") {
         decode_envelope::<Vec<Page>>(&r.payload).unwrap().body
     } else {
         vec![decode_envelope::<Page>(&r.payload).unwrap().body]

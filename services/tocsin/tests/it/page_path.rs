@@ -122,9 +122,8 @@ async fn pages_waiting_on_a_rate_limit_are_sent_exactly_once() {
     publish_pages(&js, &pages).await;
 
     // Done when NOTIFY is empty: every page acknowledged.
-    let mut notify = js.get_stream("NOTIFY").await.unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
-    while notify.info().await.unwrap().state.messages > 0 {
+    while tocsin_tests::bus::count_without_markers(&js, "NOTIFY").await > 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{}",
@@ -272,9 +271,8 @@ async fn resolve_then_refire_while_the_notifier_is_down_ends_triggered_everywher
     .await;
     // The reopened incident's pages are on NOTIFY before the notifier is back.
     let js = async_nats::jetstream::new(client.clone());
-    let mut notify = js.get_stream("NOTIFY").await.unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
-    while notify.info().await.unwrap().state.messages == 0 {
+    while tocsin_tests::bus::count_without_markers(&js, "NOTIFY").await == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "no pages for the reopen"

@@ -342,6 +342,11 @@ pub struct Raw {
 }
 
 impl Raw {
+    /// Whether this is a lease tenure marker (not an entry or a page).
+    pub fn is_marker(&self) -> bool {
+        self.msg_id.starts_with("tenure:")
+    }
+
     /// One line for a failure message: sequence, time, tenure, id and
     /// the sequence it was published to follow.
     pub fn line(&self) -> String {
@@ -441,17 +446,18 @@ pub async fn try_read(
     }
 }
 
-/// Every tenure that wrote to INCIDENTS wrote its fence marker first (on
-/// `tocsin.incidents.tenure`, message id `tenure:...`): the server refused
+/// Every tenure that wrote to `stream` (INCIDENTS, or NOTIFY) wrote its
+/// fence marker first (on `tocsin.incidents.tenure` or
+/// `tocsin.notify.tenure`, message id `tenure:...`): the server refused
 /// whatever an earlier tenure sent after it.
-pub fn every_tenure_fenced(raws: &[Raw]) {
+pub fn every_tenure_fenced(raws: &[Raw], stream: &str) {
     let mut seen = std::collections::BTreeSet::new();
     for r in raws {
         let Some((_, term)) = &r.lease else { continue };
         if seen.insert(*term) {
             assert!(
-                r.msg_id.starts_with("tenure:"),
-                "INCIDENTS seq {} is term {term}'s first message but not its tenure marker: {}",
+                r.is_marker(),
+                "{stream} seq {} is term {term}'s first message but not its tenure marker: {}",
                 r.seq,
                 r.line()
             );
