@@ -377,33 +377,86 @@ async fn a_page_redelivered_to_another_replica_is_stopped_by_the_kv_record_alone
 }
 
 /// A page that need not wait for its turn (no rate limit) is recorded
-/// twice: in flight before the request, then its outcome. Each record is a
-/// synced write, so a claim written for a wait of zero cost every page a
-/// third (a turn taken "now" is a later instant than the attempt's now).
+/// twice where the provider keeps no memory of a request (SMS: in flight
+/// before the request, then its outcome) and once where the provider drops
+/// repeats itself (webhooks by `webhook-id`, PagerDuty by dedup key: the
+/// outcome only). Each record is a synced write on the server; a claim
+/// written for a wait of zero would cost a third (a turn taken "now" is a
+/// later instant than the attempt's now).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_page_that_need_not_wait_is_recorded_twice_in_flight_then_its_outcome() {
+async fn a_page_that_need_not_wait_is_recorded_in_flight_only_where_the_provider_keeps_no_memory() {
     const PAGES: u64 = 20;
-    let nats = NatsServer::start().await;
-    let fakes = FakeProviders::start().await;
-    let r = replica(&nats, &fakes).await;
-    let js = async_nats::jetstream::new(nats.client().await);
-    let pages: Vec<_> = (1..=PAGES).map(|n| page(n, Channel::Webhook)).collect();
-    publish_pages(&js, &pages).await;
-    accepted(&fakes, Provider::Webhook, PAGES as usize).await;
-    notifier::settled(&js, WAIT).await;
-    assert_eq!(r.count("webhook", "sent"), PAGES);
-    let mut records = js
-        .get_stream(format!("KV_{}", tocsin_notifier::records::BUCKET))
-        .await
-        .unwrap();
-    let state = records.info().await.unwrap().state.clone();
-    assert_eq!(state.messages, PAGES, "one record per page");
-    assert_eq!(
-        state.last_sequence,
-        2 * PAGES,
-        "records written: in flight, then the outcome, for each page"
-    );
-    r.stop().await;
+    for (channel, name, writes) in [
+        (Channel::Sms, "sms", 2),
+        (Channel::Webhook, "webhook", 1),
+        (Channel::Pagerduty, "pagerduty", 1),
+    ] {
+        let nats = NatsServer::start().await;
+        let fakes = FakeProviders::start().await;
+        let r = replica(&nats, &fakes).await;
+        let js = async_nats::jetstream::new(nats.client().await);
+        let pages: Vec<_> = (1..=PAGES).map(|n| page(n, channel)).collect();
+        publish_pages(&js, &pages).await;
+        notifier::settled(&js, WAIT).await;
+        assert_eq!(r.count(name, "sent"), PAGES, "{name}");
+        let mut records = js
+            .get_stream(format!("KV_{}", tocsin_notifier::records::BUCKET))
+            .await
+            .unwrap();
+        let state = records.info().await.unwrap().state.clone();
+        assert_eq!(state.messages, PAGES, "{name}: one record per page");
+        assert_eq!(
+            state.last_sequence,
+            writes * PAGES,
+            "{name}: records written per page ({writes} expected)"
+        );
+        r.stop().await;
+    }
+}
+
+/// A webhook or PagerDuty page whose answer was lost (the provider took it
+/// but answered after the 3 s timeout) is sent again with the same
+/// `webhook-id` / dedup key, with no in-flight record to find and no
+/// look-up: the provider drops the repeat, so it holds the page once, and
+/// the timeline gets one outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_whose_answer_was_lost_is_sent_again_and_dropped_by_a_provider_that_drops_repeats() {
+    for (channel, provider, name) in [
+        (Channel::Webhook, Provider::Webhook, "webhook"),
+        (Channel::Pagerduty, Provider::PagerDuty, "pagerduty"),
+    ] {
+        let nats = NatsServer::start().await;
+        let fakes = FakeProviders::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::start(&nats, notifier::config(&fakes, None, dir.path())).await;
+        r.wait_ready().await;
+        fakes.fail_next(provider, 1, Failure::Slow(Duration::from_secs(5)));
+        let js = async_nats::jetstream::new(nats.client().await);
+        publish_pages(&js, &[page(1, channel)]).await;
+        notifier::settled(&js, WAIT).await;
+        // The first request's late answer is recorded by the provider too.
+        assert!(
+            fakes.wait_for(|f| f.requests(provider) >= 2, WAIT).await,
+            "{name}: sent again after the timeout: {:?}",
+            fakes.timeline(provider)
+        );
+        let held = match provider {
+            Provider::Webhook => fakes.webhooks().len(),
+            _ => fakes.pagerduty_alerts().len(),
+        };
+        assert_eq!(held, 1, "{name}: the provider holds the page once");
+        assert_eq!(r.count(name, "sent"), 1, "{name}: one outcome");
+        assert_eq!(
+            r.metrics
+                .encode()
+                .lines()
+                .filter(|l| l.starts_with("tocsin_notifier_lookups_total{") && !l.ends_with(" 0"))
+                .count(),
+            0,
+            "{name}: no look-up"
+        );
+        r.stop().await;
+    }
 }
 
 /// Pages sent together (an escalation burst: several for one channel in

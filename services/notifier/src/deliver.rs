@@ -15,7 +15,7 @@
 //! one and a reopened incident is never shown as resolved.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -159,9 +159,38 @@ pub(crate) struct Deliverer {
     reply_to: Option<String>,
     times: Times,
     locks: Locks,
+    working: Working,
     /// Follow-up syncs spawned after a page was sent.
     pub(crate) tasks: tokio_util::task::TaskTracker,
     receipts: receipts::Receipts,
+}
+
+/// The deliveries this replica is working on (by record key): a second
+/// copy of a page that arrives meanwhile (the page published again, or in
+/// another NOTIFY message) waits for the first to finish and then finds
+/// its record, rather than racing it to the provider. Across replicas the
+/// records' revisions decide, and for providers that drop repeats the
+/// provider does (see [`Provider::drops_repeats`]).
+#[derive(Default)]
+struct Working(Mutex<HashSet<String>>);
+
+impl Working {
+    /// `None` when `key` is being delivered here already.
+    fn start(&self, key: &str) -> Option<WorkingOn<'_>> {
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        set.insert(key.to_string())
+            .then(|| WorkingOn(self, key.to_string()))
+    }
+}
+
+/// Takes the delivery off [`Working`] when it is done (or abandoned).
+struct WorkingOn<'a>(&'a Working, String);
+
+impl Drop for WorkingOn<'_> {
+    fn drop(&mut self) {
+        let mut set = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        set.remove(&self.1);
+    }
 }
 
 impl Deliverer {
@@ -197,6 +226,7 @@ impl Deliverer {
             reply_to,
             times: Times { zone },
             locks: Locks::default(),
+            working: Working::default(),
             tasks: tokio_util::task::TaskTracker::new(),
             receipts,
         })
@@ -440,6 +470,10 @@ impl Deliverer {
         shutdown: &CancellationToken,
     ) -> Finish {
         let key = records::key(&job.about.incident, &job.id);
+        let Some(_working) = self.working.start(&key) else {
+            self.metrics.handed_back(job.about.channel.as_str(), "busy");
+            return Finish::Later(Duration::from_millis(500) + Self::jitter(500));
+        };
         // A few rounds: each conflict means another replica moved the
         // record on, and the next round decides again from what it wrote.
         for _ in 0..5 {
@@ -616,22 +650,27 @@ impl Deliverer {
             s = slots.acquire_owned() => s.ok(),
         };
 
-        // On record before the request leaves.
+        // On record before the request leaves (its answer may be lost:
+        // the next attempt then asks the provider whether it arrived).
+        // A provider that drops repeats itself needs only the outcome
+        // recorded: a request sent again is dropped there.
         let sent_at = self.clock.now();
         rec.in_flight(&self.me, sent_at, lease(sent_at, Duration::ZERO));
-        match self.records.write(key, &rec, rev).await {
-            Ok(r) => rev = Some(r),
-            Err(e) => {
-                if probe {
-                    self.lanes.release_probe(provider.name());
-                }
-                return match e {
-                    WriteError::Conflict => None,
-                    WriteError::Failed(e) => {
-                        tracing::warn!(error = %e, "cannot record a delivery attempt; later");
-                        Some(Finish::Later(Duration::from_secs(1)))
+        if !provider.drops_repeats() {
+            match self.records.write(key, &rec, rev).await {
+                Ok(r) => rev = Some(r),
+                Err(e) => {
+                    if probe {
+                        self.lanes.release_probe(provider.name());
                     }
-                };
+                    return match e {
+                        WriteError::Conflict => None,
+                        WriteError::Failed(e) => {
+                            tracing::warn!(error = %e, "cannot record a delivery attempt; later");
+                            Some(Finish::Later(Duration::from_secs(1)))
+                        }
+                    };
+                }
             }
         }
 

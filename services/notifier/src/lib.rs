@@ -21,7 +21,9 @@
 //! provider is asked whether the request arrived (Slack's channel history
 //! and Twilio's message list, paged back to the attempt) before anything
 //! is sent again. PagerDuty (dedup key) and webhooks (`webhook-id`) drop
-//! repeats themselves; email keeps its `Message-ID`.
+//! repeats themselves, so for them only the outcome is recorded (no
+//! in-flight write: a lost answer means the request goes again with the
+//! same key); email keeps its `Message-ID`.
 //!
 //! # One destination delays only itself
 //! Each provider has a circuit breaker; each destination (a PagerDuty

@@ -190,6 +190,15 @@ pub trait Provider: Send + Sync {
 
     /// Per-request timeout (leases are sized from it).
     fn timeout(&self) -> Duration;
+
+    /// Whether the provider drops a repeated request itself (PagerDuty by
+    /// `dedup_key`, webhook receivers by `webhook-id`). Then a request
+    /// needs no record before it leaves: one whose answer was lost (a
+    /// crash, a timeout) is sent again and the repeat dropped, so only the
+    /// outcome is recorded (one synced write a page instead of two).
+    fn drops_repeats(&self) -> bool {
+        false
+    }
 }
 
 /// The status a message shows once an update of `kind` is applied.

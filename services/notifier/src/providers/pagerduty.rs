@@ -204,6 +204,11 @@ impl Provider for Pagerduty {
         "pagerduty"
     }
 
+    /// PagerDuty drops a repeated trigger by its `dedup_key`.
+    fn drops_repeats(&self) -> bool {
+        true
+    }
+
     fn timeout(&self) -> std::time::Duration {
         self.timeout
     }

@@ -130,6 +130,11 @@ impl Provider for Webhook {
         &self.provider_name
     }
 
+    /// Receivers drop a repeated `webhook-id` (Standard Webhooks).
+    fn drops_repeats(&self) -> bool {
+        true
+    }
+
     fn timeout(&self) -> std::time::Duration {
         self.timeout
     }
