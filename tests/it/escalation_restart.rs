@@ -139,13 +139,9 @@ async fn start(
     let watermark = progress.of("escalation");
     let handle = tokio::spawn(async move {
         let ctx = tocsin_runtime::context::ServiceContext {
-            js,
             metrics,
-            health: Health::new(),
-            clock,
-            jetstream: Default::default(),
-            shutdown: CancellationToken::new(),
             watermark,
+            ..tocsin_runtime::context::ServiceContext::standalone(js, clock)
         };
         tocsin_escalation::run(cfg, &ctx, None).await.unwrap();
     });
@@ -400,13 +396,14 @@ async fn a_store_slower_to_read_than_the_lease_ttl_does_not_cost_the_lease() {
         let (health, shutdown, metrics) = (health.clone(), shutdown.clone(), metrics.clone());
         tokio::spawn(async move {
             let ctx = tocsin_runtime::context::ServiceContext {
-                js,
                 metrics,
                 health,
-                clock: Arc::new(ManualClock::new(t0())),
-                jetstream: Default::default(),
                 shutdown,
                 watermark: Progress::new().of("escalation"),
+                ..tocsin_runtime::context::ServiceContext::standalone(
+                    js,
+                    Arc::new(ManualClock::new(t0())),
+                )
             };
             tocsin_escalation::run(cfg, &ctx, None).await
         })
@@ -701,13 +698,10 @@ async fn start_instance(
     let stop = shutdown.clone();
     let handle = tokio::spawn(async move {
         let ctx = tocsin_runtime::context::ServiceContext {
-            js,
             metrics,
-            health: Health::new(),
-            clock,
-            jetstream: Default::default(),
             shutdown,
             watermark: Progress::new().of("escalation"),
+            ..tocsin_runtime::context::ServiceContext::standalone(js, clock)
         };
         tocsin_escalation::run(cfg, &ctx, None).await.unwrap();
     });

@@ -19,7 +19,7 @@ use tocsin_proto::{
     Alert, AlertStatus,
 };
 use tocsin_runtime::{
-    admin::{Health, Metrics},
+    admin::Metrics,
     config::{ConfigPath, HumanDuration},
     nats::NatsConfig,
     streams::{ensure_streams, JetStreamConfig},
@@ -433,13 +433,9 @@ async fn start_as(
     let handle = tokio::spawn(async move {
         let _ = client;
         let ctx = tocsin_runtime::context::ServiceContext {
-            js,
             metrics,
-            health: Health::new(),
-            clock,
-            jetstream: Default::default(),
             shutdown: token,
-            watermark: tocsin_runtime::progress::Watermark::detached("test"),
+            ..tocsin_runtime::context::ServiceContext::standalone(js, clock)
         };
         let r = tocsin_incidents::run(cfg, &ctx, None).await;
         r.expect("incidents service ran");

@@ -9,7 +9,7 @@ use jiff::{SignedDuration, Timestamp};
 use tocsin_incidents::{clock::ManualClock, IncidentsConfig};
 use tocsin_proto::{query::ListIncidents, subjects::STREAM_ALERTS, AlertStatus};
 use tocsin_runtime::{
-    admin::{Health, Metrics},
+    admin::Metrics,
     config::ConfigPath,
     nats::NatsConfig,
     progress::Progress,
@@ -42,13 +42,10 @@ async fn run_until_stopped(
         let clock = Arc::new(ManualClock::new(Timestamp::now()));
         let _ = client;
         let ctx = tocsin_runtime::context::ServiceContext {
-            js,
             metrics,
-            health: Health::new(),
-            clock,
-            jetstream: Default::default(),
             shutdown: token,
             watermark,
+            ..tocsin_runtime::context::ServiceContext::standalone(js, clock)
         };
         tocsin_incidents::run(cfg, &ctx, None)
             .await

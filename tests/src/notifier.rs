@@ -287,13 +287,11 @@ impl Replica {
         let health = tocsin_runtime::admin::Health::new();
         let shutdown = tokio_util::sync::CancellationToken::new();
         let ctx = tocsin_runtime::context::ServiceContext {
-            js,
             metrics: metrics.clone(),
             health: health.clone(),
-            clock,
             jetstream,
             shutdown: shutdown.clone(),
-            watermark: tocsin_runtime::progress::Watermark::detached("test"),
+            ..tocsin_runtime::context::ServiceContext::standalone(js, clock)
         };
         let task = tokio::spawn(async move { tocsin_notifier::run(config, &ctx, None).await });
         Replica {

@@ -1539,13 +1539,10 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
             let js = js_config.context(client.clone());
             let _ = client;
             let ctx = tocsin_runtime::context::ServiceContext {
-                js,
                 metrics: metrics.clone(),
-                health: Health::new(),
-                clock: Arc::new(SystemClock),
                 jetstream: js_config.clone(),
                 shutdown: stop,
-                watermark: tocsin_runtime::progress::Watermark::detached("test"),
+                ..tocsin_runtime::context::ServiceContext::standalone(js, Arc::new(SystemClock))
             };
             tocsin_incidents::run(config, &ctx, None).await?;
             anyhow::Ok(())
@@ -2477,13 +2474,14 @@ impl EscalationService {
                 )
                 .await?;
                 let ctx = tocsin_runtime::context::ServiceContext {
-                    js: js_config.context(client),
                     metrics: metrics.clone(),
                     health: health.clone(),
-                    clock,
                     jetstream: js_config.clone(),
                     shutdown: stop,
-                    watermark: tocsin_runtime::progress::Watermark::detached("test"),
+                    ..tocsin_runtime::context::ServiceContext::standalone(
+                        js_config.context(client),
+                        clock,
+                    )
                 };
                 tocsin_escalation::run(config, &ctx, None).await?;
                 anyhow::Ok(())
