@@ -325,6 +325,31 @@ impl Deliverer {
     }
 
     /// Waits until `until` on the clock (false: shutting down).
+    /// Writes `rec` before a wait (a claim) or a request (in flight). On
+    /// failure the provider's probe is given back and `Err` holds what the
+    /// attempt returns: `None` after a conflict (decide again), else later.
+    async fn write_first(
+        &self,
+        key: &str,
+        rec: &Record,
+        rev: Option<u64>,
+        probe: bool,
+        provider: &str,
+    ) -> Result<u64, Option<Finish>> {
+        self.records.write(key, rec, rev).await.map_err(|e| {
+            if probe {
+                self.lanes.release_probe(provider);
+            }
+            match e {
+                WriteError::Conflict => None,
+                WriteError::Failed(e) => {
+                    tracing::warn!(error = %e, "cannot record a claim or an attempt; later");
+                    Some(Finish::Later(Duration::from_secs(1)))
+                }
+            }
+        })
+    }
+
     async fn wait(&self, until: Timestamp, shutdown: &CancellationToken) -> bool {
         loop {
             if self.clock.now() >= until {
@@ -581,20 +606,12 @@ impl Deliverer {
         if at > now {
             let wait = Duration::try_from(at.duration_since(now)).unwrap_or_default();
             rec.hold(&self.me, lease(now, wait));
-            match self.records.write(key, &rec, rev).await {
+            match self
+                .write_first(key, &rec, rev, probe, provider.name())
+                .await
+            {
                 Ok(r) => rev = Some(r),
-                Err(e) => {
-                    if probe {
-                        self.lanes.release_probe(provider.name());
-                    }
-                    return match e {
-                        WriteError::Conflict => None,
-                        WriteError::Failed(e) => {
-                            tracing::warn!(error = %e, "cannot claim a delivery; later");
-                            Some(Finish::Later(Duration::from_secs(1)))
-                        }
-                    };
-                }
+                Err(f) => return f,
             }
             if !self.wait(at, shutdown).await {
                 return Some(Finish::Later(Duration::from_secs(1)));
@@ -657,20 +674,12 @@ impl Deliverer {
         let sent_at = self.clock.now();
         rec.in_flight(&self.me, sent_at, lease(sent_at, Duration::ZERO));
         if !provider.drops_repeats() {
-            match self.records.write(key, &rec, rev).await {
+            match self
+                .write_first(key, &rec, rev, probe, provider.name())
+                .await
+            {
                 Ok(r) => rev = Some(r),
-                Err(e) => {
-                    if probe {
-                        self.lanes.release_probe(provider.name());
-                    }
-                    return match e {
-                        WriteError::Conflict => None,
-                        WriteError::Failed(e) => {
-                            tracing::warn!(error = %e, "cannot record a delivery attempt; later");
-                            Some(Finish::Later(Duration::from_secs(1)))
-                        }
-                    };
-                }
+                Err(f) => return f,
             }
         }
 
