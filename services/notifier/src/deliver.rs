@@ -324,7 +324,6 @@ impl Deliverer {
         Duration::from_millis(rand::random::<u64>() % max_ms.max(1))
     }
 
-    /// Waits until `until` on the clock (false: shutting down).
     /// Writes `rec` before a wait (a claim) or a request (in flight). On
     /// failure the provider's probe is given back and `Err` holds what the
     /// attempt returns: `None` after a conflict (decide again), else later.
@@ -350,6 +349,7 @@ impl Deliverer {
         })
     }
 
+    /// Waits until `until` on the clock (false: shutting down).
     async fn wait(&self, until: Timestamp, shutdown: &CancellationToken) -> bool {
         loop {
             if self.clock.now() >= until {
