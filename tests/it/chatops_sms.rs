@@ -46,7 +46,11 @@ async fn sms_replies_acknowledge_and_resolve_and_bad_signatures_change_nothing()
     )
     .await;
     let inc = wait_for(&client, "the incident", |l| l.len() == 1).await[0].clone();
-    assert!(fakes.wait_for(|f| f.sms().len() == 1, WAIT).await);
+    assert!(
+        fakes.wait_for(|f| !f.sms().is_empty(), WAIT).await,
+        "no SMS page within {WAIT:?}"
+    );
+    assert_eq!(fakes.sms().len(), 1, "one SMS page: {:?}", fakes.sms());
     // The page is on the timeline before the reply relies on it.
     let deadline = tokio::time::Instant::now() + WAIT;
     while !get(&client, IncidentRef::Id(inc.id))
@@ -148,13 +152,10 @@ async fn sms_replies_acknowledge_and_resolve_and_bad_signatures_change_nothing()
         1
     );
     let metrics = tocsin.metrics().await;
-    assert!(
-        metrics.contains(
-            "tocsin_chatops_signatures_refused_total{source=\"twilio\",reason=\"mismatch\"} 3"
-        ),
-        "{metrics}"
-    );
-    assert!(metrics.contains(
-        "tocsin_chatops_signatures_refused_total{source=\"twilio\",reason=\"missing\"} 1"
-    ));
+    for line in [
+        "tocsin_chatops_signatures_refused_total{source=\"twilio\",reason=\"mismatch\"} 3",
+        "tocsin_chatops_signatures_refused_total{source=\"twilio\",reason=\"missing\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in {metrics}");
+    }
 }

@@ -34,6 +34,7 @@ pub struct IncidentsMetrics {
     in_memory: Gauge,
     evicted: Counter,
     restored: Counter,
+    write_failures: Counter,
     latency: Histogram,
     time_to_ack: ResponseHistograms,
     time_to_resolve: ResponseHistograms,
@@ -58,6 +59,7 @@ impl IncidentsMetrics {
             in_memory: Gauge::default(),
             evicted: Counter::default(),
             restored: Counter::default(),
+            write_failures: Counter::default(),
             latency: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
             time_to_ack: Family::new_with_constructor(response_histogram),
             time_to_resolve: Family::new_with_constructor(response_histogram),
@@ -112,6 +114,12 @@ impl IncidentsMetrics {
             "tocsin_incidents_restored",
             "Incidents read back into memory because an input touched them",
             s.restored.clone(),
+        );
+        m.register(
+            "tocsin_incidents_write_failures",
+            "Writes to the INCIDENTS stream that failed (not acknowledged, refused or timed out); \
+             each is decided again from what the stream stored and retried",
+            s.write_failures.clone(),
         );
         m.register(
             "tocsin_incidents_alert_latency_seconds",
@@ -293,6 +301,7 @@ impl IncidentsEvent<'_> {
                 );
             }
             IncidentsEvent::PublishFailed { error } => {
+                m.write_failures.inc();
                 tracing::warn!(error, "cannot write to the INCIDENTS stream; retrying");
             }
             IncidentsEvent::ResponseTime {
