@@ -377,23 +377,29 @@ async fn a_page_redelivered_to_another_replica_is_stopped_by_the_kv_record_alone
 }
 
 /// A page that need not wait for its turn (no rate limit) is recorded
-/// twice where the provider keeps no memory of a request (SMS: in flight
-/// before the request, then its outcome) and once where the provider drops
-/// repeats itself (webhooks by `webhook-id`, PagerDuty by dedup key: the
-/// outcome only). Each record is a synced write on the server; a claim
-/// written for a wait of zero would cost a third (a turn taken "now" is a
-/// later instant than the attempt's now).
+/// twice where the provider keeps no memory of a request (SMS, and a
+/// webhook configured with `drops_repeats: false`: in flight before the
+/// request, then its outcome) and once where the provider drops repeats
+/// itself (webhooks by `webhook-id`, PagerDuty by dedup key: the outcome
+/// only). Each record is a synced write on the server; a claim written for
+/// a wait of zero would cost a third (a turn taken "now" is a later instant
+/// than the attempt's now).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_that_need_not_wait_is_recorded_in_flight_only_where_the_provider_keeps_no_memory() {
     const PAGES: u64 = 20;
-    for (channel, name, writes) in [
-        (Channel::Sms, "sms", 2),
-        (Channel::Webhook, "webhook", 1),
-        (Channel::Pagerduty, "pagerduty", 1),
+    for (channel, name, drops_repeats, writes) in [
+        (Channel::Sms, "sms", true, 2),
+        (Channel::Webhook, "webhook", true, 1),
+        (Channel::Webhook, "webhook", false, 2),
+        (Channel::Pagerduty, "pagerduty", true, 1),
     ] {
         let nats = NatsServer::start().await;
         let fakes = FakeProviders::start().await;
-        let r = replica(&nats, &fakes).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = notifier::config(&fakes, None, dir.path());
+        config.webhooks[0].drops_repeats = drops_repeats;
+        let r = Replica::start(&nats, config).await;
+        r.wait_ready().await;
         let js = async_nats::jetstream::new(nats.client().await);
         let pages: Vec<_> = (1..=PAGES).map(|n| page(n, channel)).collect();
         publish_pages(&js, &pages).await;
@@ -408,7 +414,7 @@ async fn a_page_that_need_not_wait_is_recorded_in_flight_only_where_the_provider
         assert_eq!(
             state.last_sequence,
             writes * PAGES,
-            "{name}: records written per page ({writes} expected)"
+            "{name} (drops_repeats: {drops_repeats}): records written per page"
         );
         r.stop().await;
     }

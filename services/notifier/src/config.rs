@@ -384,6 +384,15 @@ pub struct WebhookConfig {
     /// Also send acknowledged, resolved and status updates. Default true.
     #[serde(default = "yes")]
     pub updates: bool,
+    /// The receiver drops a repeated `webhook-id`, as Standard Webhooks
+    /// asks. Default true: only a request's outcome is recorded. False for
+    /// a receiver that does not (a chat service's incoming webhook): the
+    /// attempt is recorded before each request too (one more synced write
+    /// a page), so two replicas never send one page at once; a request
+    /// whose answer was lost is still sent again (a webhook cannot be
+    /// asked whether it arrived).
+    #[serde(default = "yes")]
+    pub drops_repeats: bool,
     #[serde(default = "webhook_guard")]
     pub guard: GuardConfig,
 }

@@ -20,10 +20,10 @@
 //! (handed back), or left in flight by a replica that died: then the
 //! provider is asked whether the request arrived (Slack's channel history
 //! and Twilio's message list, paged back to the attempt) before anything
-//! is sent again. PagerDuty (dedup key) and webhooks (`webhook-id`) drop
-//! repeats themselves, so for them only the outcome is recorded (no
-//! in-flight write: a lost answer means the request goes again with the
-//! same key); email keeps its `Message-ID`.
+//! is sent again. PagerDuty (dedup key) and webhooks (`webhook-id`, unless
+//! configured `drops_repeats: false`) drop repeats themselves, so for them
+//! only the outcome is recorded (no in-flight write: a lost answer means
+//! the request goes again with the same key); email keeps its `Message-ID`.
 //!
 //! # One destination delays only itself
 //! Each provider has a circuit breaker; each destination (a PagerDuty

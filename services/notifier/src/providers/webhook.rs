@@ -29,6 +29,7 @@ pub struct Webhook {
     url: Secret,
     key: Option<Vec<u8>>,
     pub updates: bool,
+    drops_repeats: bool,
 }
 
 /// Decodes a `whsec_<base64>` secret.
@@ -73,6 +74,7 @@ impl Webhook {
             url,
             key,
             updates: cfg.updates,
+            drops_repeats: cfg.drops_repeats,
         })
     }
 
@@ -130,9 +132,10 @@ impl Provider for Webhook {
         &self.provider_name
     }
 
-    /// Receivers drop a repeated `webhook-id` (Standard Webhooks).
+    /// Receivers drop a repeated `webhook-id` (Standard Webhooks), unless
+    /// configured as not doing so.
     fn drops_repeats(&self) -> bool {
-        true
+        self.drops_repeats
     }
 
     fn timeout(&self) -> std::time::Duration {
