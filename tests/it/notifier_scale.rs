@@ -231,10 +231,12 @@ async fn paced_burst(a_node: &NatsServer, b_node: &NatsServer, replicas: usize, 
                 .wait_for(|f| sent(f) >= due, Duration::from_secs(20))
                 .await,
             "at second {second} of the clock {due} messages were due to the channel, {} were sent \
-             (by a {} and b {})",
+             (by a {} and b {}; turns booked alone, at a replica's share of the rate: a {}, b {})",
             sent(&fakes),
             a.count("slack", "sent"),
             b.count("slack", "sent"),
+            alone(&a),
+            alone(&b),
         );
         // Never ahead of the rate: the next turn is a clock second away.
         assert_eq!(
