@@ -207,7 +207,16 @@ async fn last_marker(
         return match stream.get_last_raw_message_by_subject(subject).await {
             Ok(m) => Ok((m.sequence, term_in(&m.headers))),
             Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok((0, 0)),
-            Err(e) => Err(nats("get", &e)),
+            // A user not allowed to ask gets no answer at all (the server
+            // says so on the connection only): name the permission.
+            Err(e) => Err(nats(
+                "get",
+                &format!(
+                    "{e}; the service's NATS user needs permission to publish to \
+                     $JS.API.STREAM.MSG.GET.{}",
+                    stream.cached_info().config.name
+                ),
+            )),
         };
     }
     let mut consumer = stream
