@@ -454,3 +454,90 @@ policies:
         .to_string();
     assert!(section.contains("Acknowledged by bob"), "{section}");
 }
+
+/// A page for an incident whose last INCIDENTS entry is its opening lists
+/// the incident's alerts from that entry (ordered as the incidents
+/// service's answer is, by fingerprint): the notifier asks the incidents
+/// service only when later entries may have changed them, a round trip
+/// less on the page path. No incidents service runs here, so a page that
+/// asked would go without its alerts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_for_a_just_opened_incident_lists_its_alerts_without_asking_the_incidents_service() {
+    use tocsin_proto::{
+        codec,
+        incident::{AlertInfo, Cause, EventKind, IncidentEvent, LogEntry},
+        notify::Channel,
+        subjects::headers,
+        Envelope, Fingerprint, Labels,
+    };
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let r = notifier::Replica::start(&nats, notifier::config(&fakes, None, dir.path())).await;
+    r.wait_ready().await;
+    let js = async_nats::jetstream::new(nats.client().await);
+
+    let page = notifier::page(1, Channel::Webhook);
+    let alert = |instance: &str| {
+        let labels = Labels::from([
+            ("alertname".to_string(), "Load1".to_string()),
+            ("instance".to_string(), instance.to_string()),
+        ]);
+        AlertInfo {
+            fingerprint: Fingerprint::from_labels(&labels),
+            status: AlertStatus::Firing,
+            labels,
+            annotations: Labels::new(),
+            starts_at: page.incident.opened_at,
+            ends_at: None,
+            generator_url: None,
+            suppressed: None,
+        }
+    };
+    let (first, second) = (alert("web-2"), alert("web-1"));
+    let mut incident = page.incident.clone();
+    (incident.alerts_firing, incident.alerts_total) = (2, 2);
+    let entry = LogEntry::Incident(IncidentEvent {
+        kind: EventKind::Opened {
+            alert: first.clone(),
+            more: vec![second.clone()],
+        },
+        at: incident.opened_at,
+        actor: None,
+        cause: Cause::Timer { id: "t1".into() },
+        incident,
+    });
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::MSG_ID, entry.msg_id().as_str());
+    let at = page.incident.opened_at;
+    let bytes = codec::encode(&Envelope::new("test", at, entry.clone())).unwrap();
+    js.publish_with_headers(entry.subject(), h, bytes.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    notifier::publish_pages(&js, std::slice::from_ref(&page)).await;
+    assert!(
+        fakes.wait_for(|f| !f.webhooks().is_empty(), WAIT).await,
+        "no webhook call within {WAIT:?}"
+    );
+    let body = &fakes.webhooks()[0].body;
+    let shown: Vec<&str> = body["incident"]["alerts"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no alert list in {body}"))
+        .iter()
+        .map(|a| a["labels_text"].as_str().unwrap_or(""))
+        .collect();
+    let mut expected = [first, second];
+    expected.sort_by(|a, b| a.fingerprint.cmp(&b.fingerprint));
+    let expected: Vec<String> = expected
+        .iter()
+        .map(|a| format!("instance={}", a.labels["instance"]))
+        .collect();
+    assert_eq!(
+        shown, expected,
+        "the opening entry's alerts, by fingerprint: {body}"
+    );
+    r.stop().await;
+}

@@ -1,12 +1,13 @@
 //! The incident as it is now, read right before a message is sent, so a
 //! message never shows an older state than the incident's: its last entry
 //! on INCIDENTS (the state, and that entry's stream sequence as the
-//! version), and its alerts from the incidents service's query (for the
-//! alert list in pages; a page is sent without it when the service does
-//! not answer).
+//! version), and its alerts (for the alert list in pages): from that
+//! entry when it is the incident's opening, which names every alert the
+//! incident has at that version, else from the incidents service's query
+//! (a page is sent without them when the service does not answer).
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -15,7 +16,7 @@ use async_nats::jetstream::{self, stream::LastRawMessageErrorKind};
 use tocsin_proto::{
     codec::{self, decode_envelope},
     command::IncidentRef,
-    incident::{AlertInfo, IncidentSummary, LogEntry},
+    incident::{AlertInfo, EventKind, IncidentSummary, LogEntry},
     query::{GetIncident, QueryReply},
     subjects::{query, STREAM_INCIDENTS},
     Envelope,
@@ -109,10 +110,26 @@ impl Incidents {
             Ok(Envelope {
                 body: LogEntry::Incident(ev),
                 ..
-            }) => Ok(Some(Now {
-                summary: ev.incident,
-                version: msg.sequence,
-            })),
+            }) => {
+                let key = (id, msg.sequence);
+                let mut cache = self.alerts.lock().unwrap_or_else(|e| e.into_inner());
+                if matches!(ev.kind, EventKind::Opened { .. }) && cache.get(&key).is_none() {
+                    // Its alerts at this version are the opening's, as the
+                    // incidents service would list them: by fingerprint (a
+                    // repeated one as last given).
+                    let alerts: BTreeMap<_, _> = ev
+                        .kind
+                        .alerts()
+                        .map(|a| (a.fingerprint.clone(), a.clone()))
+                        .collect();
+                    cache.insert(key, alerts.into_values().collect());
+                }
+                drop(cache);
+                Ok(Some(Now {
+                    summary: ev.incident,
+                    version: msg.sequence,
+                }))
+            }
             Ok(_) => Ok(None),
             Err(e) => Err(format!("incident {id}: undecodable entry: {e}")),
         }
