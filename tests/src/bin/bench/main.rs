@@ -227,7 +227,11 @@
 //!   process, and their sum. Every group must be paged, Tocsin's exactly
 //!   once (an incident per group); Alertmanager's later notifications of a
 //!   group (alerts that joined during its first flush, with `group_wait:
-//!   0s`) are counted and printed, not failures.
+//!   0s`) are counted and printed, not failures. Then the fleet recovers:
+//!   the same requests with every alert resolved (Alertmanager: `endsAt`
+//!   now) and a second sentinel; resolved alerts/s processed = alerts / the
+//!   time until its page, and every group's Tocsin incident must be
+//!   resolved (with its last alert).
 //!
 //! - **timers**: the `escalation` bench above, run once per
 //!   repetition with 100,000 incidents (`--quick` 10,000; `--timers N`) in
