@@ -53,6 +53,79 @@ pub struct IncidentState {
     pub alerts: BTreeMap<Fingerprint, AlertInfo>,
     #[serde(default)]
     pub commands: VecDeque<String>,
+    /// Counts the alert-derived summary follows from (not stored).
+    #[serde(skip)]
+    pub tally: Tally,
+}
+
+/// Counts over an incident's alerts that the alert-derived fields of its
+/// summary follow from, kept while the projection knows the severity map
+/// ([`Projection::set_severity`]): with them an alert that resolves works
+/// out the incident's summary without going through every alert of it
+/// ([`resolved_summary`]). Derived, never stored (built again from the
+/// alerts at the first change after a state is read); two states compare
+/// equal whatever their tallies.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tally(Option<Counts>);
+
+impl PartialEq for Tally {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Tally {}
+
+/// Severities, lowest first, as `Severity as usize` numbers them.
+const SEVERITIES: [Severity; 5] = [
+    Severity::Info,
+    Severity::Low,
+    Severity::Medium,
+    Severity::High,
+    Severity::Critical,
+];
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Counts {
+    /// Alerts by severity (`Severity as usize`): all of them, and the
+    /// firing ones.
+    all: [u32; SEVERITIES.len()],
+    firing: [u32; SEVERITIES.len()],
+    /// Firing alerts that are suppressed.
+    firing_suppressed: u32,
+}
+
+impl Counts {
+    fn of(alerts: &BTreeMap<Fingerprint, AlertInfo>, map: &SeverityMap) -> Counts {
+        let mut c = Counts::default();
+        for a in alerts.values() {
+            c.count(a, map, true);
+        }
+        c
+    }
+
+    /// Counts alert `a` in (`add`) or out.
+    fn count(&mut self, a: &AlertInfo, map: &SeverityMap, add: bool) {
+        let step = |n: &mut u32| {
+            *n = if add { *n + 1 } else { n.saturating_sub(1) };
+        };
+        let s = map.of(&a.labels) as usize;
+        step(&mut self.all[s]);
+        if a.status == AlertStatus::Firing {
+            step(&mut self.firing[s]);
+            if a.suppressed.is_some() {
+                step(&mut self.firing_suppressed);
+            }
+        }
+    }
+}
+
+/// The highest severity counted in `by_severity`.
+fn highest(by_severity: &[u32; SEVERITIES.len()]) -> Option<Severity> {
+    (0..SEVERITIES.len())
+        .rev()
+        .find(|i| by_severity[*i] > 0)
+        .map(|i| SEVERITIES[i])
 }
 
 /// Where an alert sits on the ALERTS stream: its message's sequence and its
@@ -162,6 +235,9 @@ pub struct Projection {
     recent_at: HashMap<Uuid, u64>,
     /// The clock of [`Projection::recent`].
     touches: u64,
+    /// The severity map the incidents' tallies count by
+    /// ([`Projection::set_severity`]; no tallies until then).
+    severity: Option<std::sync::Arc<SeverityMap>>,
 }
 
 impl Projection {
@@ -178,6 +254,16 @@ impl Projection {
         self.sources = Sources::new(inhibitor);
         for st in self.incidents.values() {
             index_sources(&mut self.sources, st);
+        }
+    }
+
+    /// Keeps a tally of every incident's alerts by `map` from now on (the
+    /// decisions' map: the tallies let an alert that resolves skip going
+    /// through every alert of its incident).
+    pub fn set_severity(&mut self, map: std::sync::Arc<SeverityMap>) {
+        self.severity = Some(map);
+        for st in self.incidents.values_mut() {
+            st.tally = Tally::default();
         }
     }
 
@@ -378,6 +464,7 @@ impl Projection {
                         summary: e.incident.clone(),
                         alerts: BTreeMap::new(),
                         commands: VecDeque::new(),
+                        tally: Tally::default(),
                     })
                 });
                 let is_open = e.incident.status != IncidentStatus::Resolved;
@@ -401,7 +488,10 @@ impl Projection {
                         self.sources.remove(id, &a.fingerprint, &a.labels);
                     }
                 }
-                change_alerts(&mut st.alerts, &e.kind);
+                match &self.severity {
+                    Some(map) => change_tallied(st, &e.kind, &named, map),
+                    None => change_alerts(&mut st.alerts, &e.kind),
+                }
                 if let (Some(only), true) = (which, is_open) {
                     for a in firing(&st.alerts, only) {
                         self.sources.add(id, &a.fingerprint, &a.labels);
@@ -525,13 +615,45 @@ fn change_alerts(alerts: &mut BTreeMap<Fingerprint, AlertInfo>, kind: &EventKind
     }
 }
 
+/// [`change_alerts`], keeping `st`'s tally by `map` (`named`: the alerts
+/// `kind` names): the alerts it names are counted out before and in after;
+/// a state without a tally gets one counted over all its alerts.
+fn change_tallied(
+    st: &mut IncidentState,
+    kind: &EventKind,
+    named: &[Fingerprint],
+    map: &SeverityMap,
+) {
+    let IncidentState { alerts, tally, .. } = st;
+    match tally.0.as_mut() {
+        Some(c) => {
+            let named: BTreeSet<&Fingerprint> = named.iter().collect();
+            for fp in &named {
+                if let Some(a) = alerts.get(*fp) {
+                    c.count(a, map, false);
+                }
+            }
+            change_alerts(alerts, kind);
+            for fp in &named {
+                if let Some(a) = alerts.get(*fp) {
+                    c.count(a, map, true);
+                }
+            }
+        }
+        None => {
+            change_alerts(alerts, kind);
+            *tally = Tally(Some(Counts::of(alerts, map)));
+        }
+    }
+}
+
 /// Settings the decisions depend on.
 pub struct CoreConfig {
     pub group_by: Vec<String>,
     pub group_wait: SignedDuration,
     pub reopen_window: SignedDuration,
     pub auto_resolve: bool,
-    pub severity: SeverityMap,
+    pub severity: std::sync::Arc<SeverityMap>,
     pub inhibitor: std::sync::Arc<Inhibitor>,
     /// Silences from config (maintenance windows).
     pub windows: SilenceIndex,
@@ -697,6 +819,65 @@ fn joined_summary(
         debug_assert_eq!(st.summary, s, "incremental summary");
     }
     Some(s)
+}
+
+/// The summary of open incident `inc` after its firing alert `known`
+/// resolves, worked out from the summary and the incident's tally instead
+/// of a copy of the incident stepped through every alert: an incident with
+/// 10,000 alerts whose alerts all resolve would otherwise cost 10,000
+/// copies for each. `None` where that cannot be done exactly (no tally:
+/// the projection has no severity map; every firing alert left would be
+/// suppressed, where the reason is the first one's): the caller then
+/// steps a copy. Exact because resolving changes neither the alerts nor
+/// their common labels, only which fire: the count, and the highest
+/// severity among the firing ones (or all, once none fires), which the
+/// tally counts by severity; debug builds check every use against the
+/// full recomputation.
+fn resolved_summary(
+    inc: &IncidentState,
+    known: &AlertInfo,
+    cfg: &CoreConfig,
+) -> Option<IncidentSummary> {
+    let mut c = inc.tally.0?;
+    if known.status != AlertStatus::Firing || inc.summary.alerts_firing == 0 {
+        return None;
+    }
+    let s = cfg.severity.of(&known.labels) as usize;
+    c.firing[s] = c.firing[s].checked_sub(1)?;
+    if known.suppressed.is_some() {
+        c.firing_suppressed = c.firing_suppressed.checked_sub(1)?;
+    }
+    let mut summary = inc.summary.clone();
+    summary.alerts_firing -= 1;
+    if summary.alerts_firing > 0 && c.firing_suppressed == summary.alerts_firing {
+        return None;
+    }
+    summary.suppressed = None;
+    let pool = if summary.alerts_firing > 0 {
+        &c.firing
+    } else {
+        &c.all
+    };
+    summary.severity = highest(pool).unwrap_or(Severity::Info);
+    #[cfg(debug_assertions)]
+    {
+        // The full path, for comparison (resolving does not use the
+        // event's time or actor).
+        let mut st = inc.clone();
+        let kind = EventKind::AlertResolved {
+            fingerprint: known.fingerprint.clone(),
+            ends_at: inc.summary.opened_at,
+            more: Vec::new(),
+        };
+        step(&mut st, &kind, inc.summary.opened_at, None, cfg);
+        debug_assert_eq!(st.summary, summary, "incremental summary on resolve");
+        debug_assert_eq!(
+            Some(Counts::of(&inc.alerts, &cfg.severity)),
+            inc.tally.0,
+            "the tally counts the incident's alerts"
+        );
+    }
+    Some(summary)
 }
 
 /// Fields that follow from the attached alerts.
@@ -960,20 +1141,33 @@ impl<'a> Decider<'a> {
             AlertStatus::Firing => self.firing(cause, at, &key, alert, latest),
             AlertStatus::Resolved => {
                 let mut b = self.batch(cause, at, None);
-                if let Some(inc) = latest.filter(|i| i.alerts.contains_key(&alert.fingerprint)) {
-                    let mut st = inc.clone();
-                    let known = &st.alerts[&alert.fingerprint];
-                    if known.status == AlertStatus::Firing {
-                        let ends_at = alert.ends_at.unwrap_or(at);
-                        b.push(
-                            &mut st,
-                            EventKind::AlertResolved {
-                                fingerprint: alert.fingerprint.clone(),
-                                ends_at,
-                                more: Vec::new(),
-                            },
-                        );
+                let Some((inc, known)) =
+                    latest.and_then(|i| Some((i, i.alerts.get(&alert.fingerprint)?)))
+                else {
+                    return b.entries;
+                };
+                if known.status == AlertStatus::Firing {
+                    let kind = EventKind::AlertResolved {
+                        fingerprint: alert.fingerprint.clone(),
+                        ends_at: alert.ends_at.unwrap_or(at),
+                        more: Vec::new(),
+                    };
+                    // Alerts still fire (or nothing resolves with the
+                    // last): the summary alone says what changes.
+                    if let Some(summary) = resolved_summary(inc, known, self.cfg)
+                        .filter(|s| s.alerts_firing > 0 || !self.cfg.auto_resolve)
+                    {
+                        b.push_summary(summary, kind);
+                        return b.entries;
                     }
+                    let mut st = inc.clone();
+                    b.push(&mut st, kind);
+                    self.auto_resolve(&mut b, &mut st);
+                } else if self.resolves_with_last_alert(inc) {
+                    // Resolved already (a repeat, as Alertmanager lists a
+                    // group's resolved alerts in each notification): a copy
+                    // only when the incident resolves with it.
+                    let mut st = inc.clone();
                     self.auto_resolve(&mut b, &mut st);
                 }
                 b.entries
@@ -981,15 +1175,20 @@ impl<'a> Decider<'a> {
         }
     }
 
-    fn auto_resolve(&self, b: &mut Batch<'_>, st: &mut IncidentState) {
-        if self.cfg.auto_resolve
+    /// Whether `st` resolves now that none of its alerts fires.
+    fn resolves_with_last_alert(&self, st: &IncidentState) -> bool {
+        self.cfg.auto_resolve
             && st.summary.status != IncidentStatus::Resolved
+            && st.summary.alerts_firing == 0
             && !st.alerts.is_empty()
             && st
                 .alerts
                 .values()
                 .all(|a| a.status == AlertStatus::Resolved)
-        {
+    }
+
+    fn auto_resolve(&self, b: &mut Batch<'_>, st: &mut IncidentState) {
+        if self.resolves_with_last_alert(st) {
             b.push(
                 st,
                 EventKind::Resolved {
@@ -1065,6 +1264,7 @@ impl<'a> Decider<'a> {
             },
             alerts: BTreeMap::new(),
             commands: VecDeque::new(),
+            tally: Tally::default(),
         };
         b.push(&mut st, EventKind::opened(info));
     }

@@ -125,11 +125,11 @@ pub fn compile(config: &IncidentsConfig) -> Result<core::CoreConfig, IncidentsEr
         group_wait: dur(config.group_wait.get()),
         reopen_window: dur(config.reopen_window.get()),
         auto_resolve: config.auto_resolve,
-        severity: severity::SeverityMap::new(
+        severity: std::sync::Arc::new(severity::SeverityMap::new(
             &config.severity_labels,
             &config.severity_map,
             config.default_severity,
-        ),
+        )),
         inhibitor: std::sync::Arc::new(inhibitor),
         windows,
     })

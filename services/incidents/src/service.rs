@@ -375,12 +375,13 @@ impl Service {
     ) -> Result<Self, IncidentsError> {
         let dir = config.data_dir();
         let started_at = clock.now();
-        let (store, proj) = open_store(
+        let (store, mut proj) = open_store(
             &dir,
             keep_resolved_until(started_at, core.reopen_window),
             config.max_in_memory,
             rules(&core),
         )?;
+        proj.set_severity(core.severity.clone());
         Ok(Service {
             core,
             heartbeats: config.heartbeats.clone(),
@@ -526,6 +527,7 @@ impl Service {
                 if let Some(r) = rules(&self.core) {
                     p.set_inhibitor(r);
                 }
+                p.set_severity(self.core.severity.clone());
             }
             p.incidents_seq + 1
         };
@@ -1496,7 +1498,8 @@ impl Service {
                     self.store.load(keep, self.max_in_memory, rules(&self.core))
                 });
             match loaded {
-                Ok(p) => {
+                Ok(mut p) => {
+                    p.set_severity(self.core.severity.clone());
                     *write(&self.proj) = p;
                     break;
                 }
