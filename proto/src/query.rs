@@ -27,9 +27,19 @@ fn yes() -> bool {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IncidentDetail {
     pub incident: IncidentSummary,
+    /// The incident's alerts, the firing ones first; as many as fit in one
+    /// answer (`alerts_omitted` says how many more there are).
     pub alerts: Vec<AlertInfo>,
+    /// The timeline, oldest first; the newest entries that fit in one
+    /// answer (`timeline_omitted` says how many older ones are left out).
     #[serde(default)]
     pub timeline: Vec<IncidentEvent>,
+    /// Alerts not listed: the answer would not fit in one NATS message.
+    #[serde(default)]
+    pub alerts_omitted: u32,
+    /// Older timeline entries not listed, for the same reason.
+    #[serde(default)]
+    pub timeline_omitted: u32,
 }
 
 /// `tocsin.query.incidents.list`; every filter is optional.

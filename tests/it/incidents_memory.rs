@@ -506,3 +506,116 @@ async fn a_list_reads_a_bounded_number_of_stored_incidents_and_says_where_it_sto
     assert!(matches!(r, QueryReply::Incidents { .. }), "{r:?}");
     tocsin.stop().await.unwrap();
 }
+
+/// An incident of 1,000 alerts with long annotations (a fleet in one
+/// group), 1.6 MB of alerts, is shown within the bus's message size: the
+/// answer lists what fits, the firing alerts first, and of the timeline
+/// what was done (here its opening) before the newest alert changes, and
+/// says how many it left out.
+/// Without the bound the answer was larger than NATS carries (1 MiB by
+/// default) and never came: `tocsin show` timed out, and a page for the
+/// incident waited for the query's timeout and went out without alerts.
+#[tokio::test]
+async fn an_incident_too_large_for_one_answer_is_shown_in_part_and_says_what_it_left_out() {
+    use tocsin_proto::{
+        query::{GetIncident, QueryReply},
+        subjects::query,
+    };
+    use tocsin_tests::incidents::{ask, try_publish_alerts};
+
+    let nats = NatsServer::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let config = with_incidents(&nats, &data, "");
+    let tocsin = TocsinHarness::start_with(config).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+    let group = ["alertname"];
+    const ALERTS: usize = 1_000;
+    const PER_MESSAGE: usize = 100;
+    let summary = "x".repeat(1_500);
+    for m in 0..ALERTS / PER_MESSAGE {
+        let at = t0 + SignedDuration::from_secs(m as i64);
+        let alerts = (0..PER_MESSAGE)
+            .map(|i| {
+                let instance = format!("host-{}:9100", m * PER_MESSAGE + i);
+                let mut a = alert(
+                    &[("alertname", "FleetDown"), ("instance", &instance)],
+                    &group,
+                    AlertStatus::Firing,
+                    at,
+                );
+                a.annotations.insert("summary".into(), summary.clone());
+                a
+            })
+            .collect();
+        try_publish_alerts(&js, alerts, at).await.expect("stored");
+    }
+    // The first 100 resolve: the firing ones are listed first.
+    let at = t0 + SignedDuration::from_mins(60);
+    let resolved = (0..100)
+        .map(|i| {
+            let instance = format!("host-{i}:9100");
+            alert(
+                &[("alertname", "FleetDown"), ("instance", &instance)],
+                &group,
+                AlertStatus::Resolved,
+                at,
+            )
+        })
+        .collect();
+    try_publish_alerts(&js, resolved, at).await.expect("stored");
+    tocsin.settled(&js).await;
+
+    let max = client.server_info().max_payload;
+    for timeline in [false, true] {
+        let q = GetIncident {
+            incident: IncidentRef::Number(1),
+            timeline,
+        };
+        let d = match ask::<_, QueryReply>(&client, query::GET_INCIDENT, &q).await {
+            QueryReply::Incident(d) => d,
+            other => panic!("unexpected answer {other:?}"),
+        };
+        assert_eq!(d.incident.alerts_total as usize, ALERTS);
+        assert_eq!(d.incident.alerts_firing as usize, ALERTS - 100);
+        let shown = d.alerts.len();
+        assert!(
+            shown > 0 && shown < ALERTS,
+            "{shown} alerts shown (timeline {timeline})"
+        );
+        assert_eq!(
+            shown + d.alerts_omitted as usize,
+            ALERTS,
+            "shown and left out add up (timeline {timeline})"
+        );
+        assert!(
+            d.alerts.iter().all(|a| a.status == AlertStatus::Firing),
+            "the firing alerts come first"
+        );
+        if timeline {
+            // 11 entries: the opening and 9 joins of 100, one of 100 resolving.
+            let entries = d.timeline.len() + d.timeline_omitted as usize;
+            assert_eq!(entries, ALERTS / PER_MESSAGE + 1, "timeline entries");
+            assert!(d.timeline_omitted > 0, "some of the timeline is left out");
+            assert!(
+                matches!(
+                    d.timeline.first().map(|e| &e.kind),
+                    Some(tocsin_proto::incident::EventKind::Opened { .. })
+                ),
+                "the opening is kept before alert changes"
+            );
+            assert!(
+                matches!(
+                    d.timeline.last().map(|e| &e.kind),
+                    Some(tocsin_proto::incident::EventKind::AlertResolved { .. })
+                ),
+                "the newest entries are kept"
+            );
+        } else {
+            assert_eq!(d.timeline_omitted, 0);
+        }
+        let size = codec::encode(&QueryReply::Incident(d)).unwrap().len();
+        assert!(size <= max, "{size} bytes answered, at most {max}");
+    }
+}

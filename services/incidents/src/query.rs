@@ -4,7 +4,7 @@
 use async_nats::{jetstream, Client};
 use tocsin_proto::{
     codec::{self, decode_envelope},
-    incident::{IncidentEvent, IncidentStatus, IncidentSummary, LogEntry},
+    incident::{EventKind, IncidentEvent, IncidentStatus, IncidentSummary, LogEntry},
     query::{GetIncident, IncidentDetail, ListIncidents, QueryReply},
     subjects::{query, STREAM_INCIDENTS},
 };
@@ -133,11 +133,88 @@ async fn get(
     } else {
         Vec::new()
     };
-    QueryReply::Incident(Box::new(IncidentDetail {
+    let most = js.client().max_payload().saturating_sub(ANSWER_MARGIN);
+    QueryReply::Incident(Box::new(fit(incident, alerts, timeline, q.timeline, most)))
+}
+
+/// Bytes of an answer kept free of the listed alerts and entries: the
+/// reply's framing (the lists' lengths, the answer's tag) with room over.
+const ANSWER_MARGIN: usize = 4096;
+
+/// The answer for `incident`, with as many of its `alerts` (the firing ones
+/// first, each kind in fingerprint order) and of its `timeline` as fit in
+/// `most` bytes encoded, and how many of each it left out: an incident of
+/// thousands of alerts would otherwise be an answer larger than NATS
+/// carries, which never arrives. With a timeline asked for, the alerts get
+/// half the room first, the timeline what is left, then the alerts the
+/// rest. Of the timeline, the entries of what people and the engine did
+/// (opened, paged, acknowledged, notes, resolved, ...) go first, newest
+/// first, then the alert changes, newest first; kept in their order.
+fn fit(
+    incident: IncidentSummary,
+    mut alerts: Vec<tocsin_proto::incident::AlertInfo>,
+    timeline: Vec<IncidentEvent>,
+    with_timeline: bool,
+    most: usize,
+) -> IncidentDetail {
+    use tocsin_proto::AlertStatus;
+    // Stable: fingerprint order within firing and within resolved.
+    alerts.sort_by_key(|a| a.status != AlertStatus::Firing);
+    let mut room = most.saturating_sub(encoded_len(&incident));
+    let alert_sizes: Vec<usize> = alerts.iter().map(encoded_len).collect();
+    let entry_sizes: Vec<usize> = timeline.iter().map(encoded_len).collect();
+    // Takes items of `sizes` in order while they fit in `budget`; how many.
+    let take = |sizes: &[usize], from: usize, budget: &mut usize| {
+        let mut n = 0;
+        for s in &sizes[from..] {
+            if *s > *budget {
+                break;
+            }
+            *budget -= s;
+            n += 1;
+        }
+        n
+    };
+    let mut first = if with_timeline { room / 2 } else { room };
+    let mut shown = take(&alert_sizes, 0, &mut first);
+    room -= alert_sizes[..shown].iter().sum::<usize>();
+    let alert_change = |e: &IncidentEvent| {
+        matches!(
+            e.kind,
+            EventKind::AlertFiring { .. } | EventKind::AlertResolved { .. }
+        )
+    };
+    let mut keep = vec![false; timeline.len()];
+    for changes in [false, true] {
+        for (i, e) in timeline.iter().enumerate().rev() {
+            if alert_change(e) == changes && entry_sizes[i] <= room {
+                room -= entry_sizes[i];
+                keep[i] = true;
+            }
+        }
+    }
+    shown += take(&alert_sizes, shown, &mut room);
+    let alerts_omitted = alerts.len() - shown;
+    alerts.truncate(shown);
+    let timeline_omitted = keep.iter().filter(|k| !**k).count();
+    let timeline = timeline
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(e, k)| k.then_some(e))
+        .collect();
+    IncidentDetail {
         incident,
         alerts,
         timeline,
-    }))
+        alerts_omitted: u32::try_from(alerts_omitted).unwrap_or(u32::MAX),
+        timeline_omitted: u32::try_from(timeline_omitted).unwrap_or(u32::MAX),
+    }
+}
+
+/// `v`'s size as the answer encodes it (one that does not encode takes
+/// all the room, so it is left out).
+fn encoded_len<T: serde::Serialize>(v: &T) -> usize {
+    codec::encode(v).map_or(usize::MAX, |b| b.len())
 }
 
 /// Every event of one incident, from the stream (the truth).

@@ -525,6 +525,8 @@ pub async fn show(config: &Config, incident: IncidentRef, style: &Style) -> anyh
                 })
             })
             .collect();
+        v["alerts_omitted"] = d.alerts_omitted.into();
+        v["timeline_omitted"] = d.timeline_omitted.into();
         return to_json(&v);
     }
     let mut out = style.paint("1", &format!("#{} {}", i.number, i.title));
@@ -604,7 +606,19 @@ pub async fn show(config: &Config, incident: IncidentRef, style: &Style) -> anyh
             out.push_str(&format!("      suppressed: {s}\n"));
         }
     }
+    if d.alerts_omitted > 0 {
+        out.push_str(&format!(
+            "    ... {} more alerts not shown (one answer holds at most the NATS server's max_payload)\n",
+            d.alerts_omitted
+        ));
+    }
     out.push_str("  timeline:\n");
+    if d.timeline_omitted > 0 {
+        out.push_str(&format!(
+            "    ... {} older entries not shown\n",
+            d.timeline_omitted
+        ));
+    }
     for e in &d.timeline {
         let who = e
             .actor
