@@ -619,3 +619,71 @@ async fn an_incident_too_large_for_one_answer_is_shown_in_part_and_says_what_it_
         assert!(size <= max, "{size} bytes answered, at most {max}");
     }
 }
+
+/// A list whose incidents would not fit in one answer (20 incidents whose
+/// alerts carry 56 KB of labels each, all of them shared) stops at what
+/// fits and says where it stopped, so a lister that follows the cursor
+/// (`tocsin list`, chat-ops, the API) gets them all. Without the bound the
+/// answer was larger than NATS carries and never came.
+#[tokio::test]
+async fn a_list_too_large_for_one_answer_stops_at_what_fits_and_says_where() {
+    use tocsin_proto::{query::QueryReply, subjects::query};
+    use tocsin_tests::incidents::ask;
+
+    let nats = NatsServer::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let config = with_incidents(&nats, &data, "");
+    let tocsin = TocsinHarness::start_with(config).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+    let value = "v".repeat(4_000);
+    const INCIDENTS: usize = 20;
+    for k in 0..INCIDENTS {
+        let name = format!("Wide{k}");
+        let names: Vec<String> = (0..14).map(|l| format!("label_{l}")).collect();
+        let mut pairs: Vec<(&str, &str)> = vec![("alertname", name.as_str())];
+        pairs.extend(names.iter().map(|n| (n.as_str(), value.as_str())));
+        let t = t0 + SignedDuration::from_secs(k as i64);
+        publish_alert(
+            &js,
+            alert(&pairs, &["alertname"], AlertStatus::Firing, t),
+            t,
+        )
+        .await;
+    }
+    tocsin.settled(&js).await;
+
+    let max = client.server_info().max_payload;
+    let q = ListIncidents {
+        limit: Some(100),
+        ..Default::default()
+    };
+    let (first, next_before) = match ask::<_, QueryReply>(&client, query::LIST_INCIDENTS, &q).await
+    {
+        QueryReply::Incidents {
+            incidents,
+            next_before,
+        } => (incidents, next_before),
+        other => panic!("unexpected answer {other:?}"),
+    };
+    assert!(
+        !first.is_empty() && first.len() < INCIDENTS,
+        "{} incidents in the first answer",
+        first.len()
+    );
+    let lowest = first.last().map(|i| i.number);
+    assert_eq!(next_before, lowest, "it says where it stopped");
+    let size = codec::encode(&QueryReply::Incidents {
+        incidents: first,
+        next_before,
+    })
+    .unwrap()
+    .len();
+    assert!(size <= max, "{size} bytes answered, at most {max}");
+    // Following the cursor finds every one, newest first.
+    let all = list(&client, q).await;
+    let numbers: Vec<u64> = all.iter().map(|i| i.number).collect();
+    let expected: Vec<u64> = (1..=INCIDENTS as u64).rev().collect();
+    assert_eq!(numbers, expected);
+}

@@ -55,7 +55,10 @@ pub(crate) async fn serve(
                         },
                     },
                     query::LIST_INCIDENTS => match codec::decode::<ListIncidents>(&payload) {
-                        Ok(q) => list(proj, durable, store, list_max_reads, q).await,
+                        Ok(q) => {
+                            let most = js.client().max_payload().saturating_sub(ANSWER_MARGIN);
+                            list(proj, durable, store, list_max_reads, most, q).await
+                        }
                         Err(e) => QueryReply::Error {
                             reason: format!("bad query: {e}"),
                         },
@@ -291,6 +294,7 @@ async fn list(
     durable: &crate::service::Durable,
     store: &Store,
     max_reads: usize,
+    most: usize,
     q: ListIncidents,
 ) -> QueryReply {
     let matchers = match MatcherSet::new(&q.matchers) {
@@ -338,30 +342,40 @@ async fn list(
         (out, cut)
     };
     // Read without holding up the service: the store holds saved, so
-    // stored, states only.
+    // stored, states only. At most `most` bytes of incidents: an answer
+    // larger than NATS carries never arrives, so one that would be stops
+    // there and says where (at least one incident goes, each being far
+    // smaller than a message).
     let mut incidents = Vec::new();
     let mut lowest = None;
+    let mut room = most;
+    let mut full = false;
     for c in candidates {
         if incidents.len() >= limit {
             break;
         }
-        match c {
-            Ok(s) => {
-                lowest = Some(s.number);
-                incidents.push(s);
+        let (number, summary) = match c {
+            Ok(s) => (s.number, Some(s)),
+            Err((number, id)) => match store.incident(&id) {
+                Ok(Some(st)) if keep(&st.summary) => (number, Some(st.summary)),
+                _ => (number, None),
+            },
+        };
+        if let Some(s) = summary {
+            let size = encoded_len(&s);
+            if size > room && !incidents.is_empty() {
+                full = true;
+                break;
             }
-            Err((number, id)) => {
-                lowest = Some(number);
-                if let Ok(Some(st)) = store.incident(&id) {
-                    if keep(&st.summary) {
-                        incidents.push(st.summary);
-                    }
-                }
-            }
+            room = room.saturating_sub(size);
+            incidents.push(s);
         }
+        lowest = Some(number);
     }
     // Every number from the top down to `lowest` was looked at.
-    let next_before = (cut && incidents.len() < limit).then_some(lowest).flatten();
+    let next_before = ((cut || full) && incidents.len() < limit)
+        .then_some(lowest)
+        .flatten();
     QueryReply::Incidents {
         incidents,
         next_before,
