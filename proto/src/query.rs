@@ -118,8 +118,12 @@ pub enum QueryReply {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         next_before: Option<u64>,
     },
+    /// Every silence in id order, as many as fit in one answer, and how
+    /// many more there are.
     Silences {
         silences: Vec<Silence>,
+        #[serde(default)]
+        omitted: u32,
     },
     Error {
         reason: String,

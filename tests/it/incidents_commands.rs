@@ -576,3 +576,87 @@ async fn receipts_sent_together_are_each_applied_once_and_a_misfit_goes_alone() 
     send("receipts-3", again).await;
     settled_with(6).await;
 }
+
+/// Silences are bounded in number (`incidents.max_silences`, as
+/// Alertmanager's `--silences.max-silences`): one more is refused with the
+/// reason, a silence replaced under its id or one made after another
+/// expired is not; and a silence list too large for one answer (long
+/// comments) lists what fits and counts the rest. Every alert is checked
+/// against every silence, so their number is what an alert costs.
+#[tokio::test]
+async fn silences_beyond_the_limit_are_refused_and_their_list_fits_one_answer() {
+    use tocsin_proto::{codec, query::QueryReply, subjects::query};
+    use tocsin_tests::incidents::ask;
+
+    let nats = NatsServer::start().await;
+    let mut config = TocsinHarness::config(&nats);
+    config.incidents = serde_yaml_ng::from_str("max_silences: 4").unwrap();
+    let _tocsin = TocsinHarness::start_with(config).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let silence = |id: &str, comment: &str| Silence {
+        id: id.into(),
+        matchers: vec![Matcher {
+            name: "service".into(),
+            op: MatchOp::Eq,
+            value: id.into(),
+        }],
+        starts_at: t(0),
+        ends_at: t(600),
+        created_by: "alice".into(),
+        comment: comment.into(),
+        recurrence: None,
+    };
+    let long = "c".repeat(300_000);
+    let create = |s: Silence| {
+        let (client, js) = (client.clone(), js.clone());
+        async move {
+            command(
+                &client,
+                &js,
+                "alice",
+                Action::CreateSilence { silence: s },
+                t(0),
+            )
+            .await
+        }
+    };
+    for id in ["s0", "s1", "s2", "s3"] {
+        let r = create(silence(id, &long)).await;
+        assert!(accepted(&r), "{id}: {r:?}");
+    }
+    let r = create(silence("s4", "one more")).await;
+    let why = reason(&r);
+    assert!(
+        why.contains("4 silences") && why.contains("max_silences"),
+        "{why}"
+    );
+    // Replaced under its id (another long comment): not one more.
+    let r = create(silence("s0", &"d".repeat(300_000))).await;
+    assert!(accepted(&r), "{r:?}");
+
+    let max = client.server_info().max_payload;
+    let answer: QueryReply = ask(&client, query::LIST_SILENCES, &serde_json::Map::new()).await;
+    let size = codec::encode(&answer).unwrap().len();
+    let QueryReply::Silences { silences, omitted } = answer else {
+        panic!("unexpected answer {answer:?}");
+    };
+    assert_eq!(silences.len() + omitted as usize, 4, "listed and left out");
+    assert!(
+        omitted > 0,
+        "four comments of about 256 KB do not fit in 1 MiB"
+    );
+    assert!(size <= max, "{size} bytes answered, at most {max}");
+
+    let r = command(
+        &client,
+        &js,
+        "alice",
+        Action::ExpireSilence { id: "s1".into() },
+        t(1),
+    )
+    .await;
+    assert!(accepted(&r), "{r:?}");
+    let r = create(silence("s4", "room again")).await;
+    assert!(accepted(&r), "{r:?}");
+}

@@ -369,7 +369,9 @@ pub(crate) async fn list_silences(State(app): State<Arc<App>>, headers: HeaderMa
             .await
             .map_err(bus_error)?
         {
-            QueryReply::Silences { silences } => Ok(ok(json!({ "silences": silences }))),
+            QueryReply::Silences { silences, omitted } => {
+                Ok(ok(json!({ "silences": silences, "omitted": omitted })))
+            }
             QueryReply::Error { reason } => Err(error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

@@ -85,6 +85,12 @@ pub struct IncidentsConfig {
     /// a bounded read per answer, not one read of every incident. At least
     /// 1. Default 1000.
     pub list_max_reads: usize,
+    /// Silences that may exist at once (pending, active, or ended and not
+    /// yet collected); creating one more is refused with the reason, as
+    /// Alertmanager's `--silences.max-silences` does. Every alert is checked
+    /// against every silence. Maintenance windows from the config are not
+    /// counted. At least 1. Default 1000.
+    pub max_silences: usize,
 }
 
 /// Bounds of `max_entry_bytes`: room for an incident with its alert, and
@@ -113,6 +119,7 @@ impl Default for IncidentsConfig {
             lease_ttl: HumanDuration::secs(5),
             max_in_memory: 10_000,
             list_max_reads: 1000,
+            max_silences: 1000,
         }
     }
 }

@@ -657,6 +657,8 @@ pub struct CoreConfig {
     pub inhibitor: std::sync::Arc<Inhibitor>,
     /// Silences from config (maintenance windows).
     pub windows: SilenceIndex,
+    /// Silences that may exist at once (`incidents.max_silences`).
+    pub max_silences: usize,
 }
 
 /// The answer to a command.
@@ -1292,6 +1294,16 @@ impl<'a> Decider<'a> {
                         Verdict::Rejected(format!(
                             "silence id {:?} must be 1-64 letters, digits, - or _",
                             silence.id
+                        )),
+                    );
+                }
+                let count = self.proj.silences.len();
+                if count >= self.cfg.max_silences && self.proj.silences.get(&silence.id).is_none() {
+                    return (
+                        vec![],
+                        Verdict::Rejected(format!(
+                            "{count} silences exist, at most {} (incidents.max_silences): expire one first, or raise the limit",
+                            self.cfg.max_silences
                         )),
                     );
                 }

@@ -109,6 +109,11 @@ pub fn compile(config: &IncidentsConfig) -> Result<core::CoreConfig, IncidentsEr
             "max_in_memory is 0; use at least 1 (default 10000)".into(),
         ));
     }
+    if config.max_silences == 0 {
+        return Err(IncidentsError::Config(
+            "max_silences is 0; use at least 1 (default 1000)".into(),
+        ));
+    }
     if config.list_max_reads == 0 {
         return Err(IncidentsError::Config(
             "list_max_reads is 0; use at least 1 (default 1000)".into(),
@@ -132,6 +137,7 @@ pub fn compile(config: &IncidentsConfig) -> Result<core::CoreConfig, IncidentsEr
         )),
         inhibitor: std::sync::Arc::new(inhibitor),
         windows,
+        max_silences: config.max_silences,
     })
 }
 

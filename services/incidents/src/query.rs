@@ -65,15 +65,21 @@ pub(crate) async fn serve(
                     },
                     _ => {
                         let _stored = durable.read().await;
-                        QueryReply::Silences {
-                            silences: proj
-                                .read()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .silences
-                                .list()
-                                .cloned()
-                                .collect(),
+                        let p = proj.read().unwrap_or_else(|e| e.into_inner());
+                        let mut room = js.client().max_payload().saturating_sub(ANSWER_MARGIN);
+                        let mut silences = Vec::new();
+                        let all = p.silences.len();
+                        // As many as fit in one answer, in id order.
+                        for s in p.silences.list() {
+                            let size = encoded_len(s);
+                            if size > room {
+                                break;
+                            }
+                            room -= size;
+                            silences.push(s.clone());
                         }
+                        let omitted = u32::try_from(all - silences.len()).unwrap_or(u32::MAX);
+                        QueryReply::Silences { silences, omitted }
                     }
                 };
                 codec::encode(&answer).map_err(|e| e.to_string())

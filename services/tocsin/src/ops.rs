@@ -756,7 +756,11 @@ pub async fn silences(config: &Config, style: &Style) -> anyhow::Result<String> 
         &serde_json::Map::new(),
     )
     .await?;
-    let QueryReply::Silences { mut silences } = reply else {
+    let QueryReply::Silences {
+        mut silences,
+        omitted,
+    } = reply
+    else {
         if let QueryReply::Error { reason } = reply {
             return Err(refused(reason));
         }
@@ -794,9 +798,9 @@ pub async fn silences(config: &Config, style: &Style) -> anyhow::Result<String> 
                 })
             })
             .collect();
-        return to_json(&serde_json::json!({ "silences": list }));
+        return to_json(&serde_json::json!({ "silences": list, "omitted": omitted }));
     }
-    if silences.is_empty() {
+    if silences.is_empty() && omitted == 0 {
         return Ok("(no silences)\n".into());
     }
     let mut out = style.paint(
@@ -816,6 +820,11 @@ pub async fn silences(config: &Config, style: &Style) -> anyhow::Result<String> 
             s.created_by,
             matchers(s).join(" "),
             s.comment
+        ));
+    }
+    if omitted > 0 {
+        out.push_str(&format!(
+            "... {omitted} more silences not shown (one answer holds at most the NATS server's max_payload)\n"
         ));
     }
     Ok(out)
