@@ -217,6 +217,9 @@ pub struct Projection {
     pub open_count: u64,
     /// Incidents changed since the last save.
     pub dirty: std::collections::HashSet<Uuid>,
+    /// Alerts changed since the last save, by incident: the store keeps
+    /// each alert apart, so a change to one of 10,000 writes one.
+    pub dirty_alerts: std::collections::HashSet<(Uuid, Fingerprint)>,
     /// Silence ids changed since the last save.
     pub dirty_silences: std::collections::HashSet<String>,
     /// Snoozed, unresolved incidents by when their snooze ends: the timer
@@ -510,6 +513,8 @@ impl Projection {
                 self.by_number.insert(e.incident.number, id);
                 self.next_number = self.next_number.max(e.incident.number + 1);
                 self.dirty.insert(id);
+                self.dirty_alerts
+                    .extend(named.into_iter().map(|fp| (id, fp)));
                 self.reindex_snooze(id, snoozed_until);
                 self.reindex_resolved(id, was_resolved_at);
                 self.touch(id);

@@ -150,8 +150,16 @@ fn run(ops: &[Op], cuts: &[prop::sample::Index]) -> Result<(), TestCaseError> {
     let mut lean = Projection::new();
     lean.set_inhibitor(cfg.inhibitor.clone());
     lean.set_severity(cfg.severity.clone());
-    let mut store: std::collections::HashMap<uuid::Uuid, crate::core::IncidentState> =
-        Default::default();
+    // The service's store (sled), so what it writes of an incident and
+    // reads back is what the lean projection decides from.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = crate::store::Store::open(dir.path()).expect("the store opens");
+    let stored = |id: &uuid::Uuid| {
+        store
+            .incident(id)
+            .expect("the store reads")
+            .expect("an evicted incident is stored")
+    };
     for (i, op) in ops.iter().enumerate() {
         now += SignedDuration::from_secs(10);
         let input = match op {
@@ -203,7 +211,7 @@ fn run(ops: &[Op], cuts: &[prop::sample::Index]) -> Result<(), TestCaseError> {
             let d = Decider::new(&cfg, &lean);
             let decided = decide_with(&d, &input, now);
             match d.missed.get() {
-                Some(id) => lean.restore(store[&id].clone()),
+                Some(id) => lean.restore(stored(&id)),
                 None => break decided,
             }
         };
@@ -218,13 +226,11 @@ fn run(ops: &[Op], cuts: &[prop::sample::Index]) -> Result<(), TestCaseError> {
             log.push(e.clone());
             proj.apply(e, log.len() as u64);
             if let Some(id) = lean.cold_target(e) {
-                lean.restore(store[&id].clone());
+                lean.restore(stored(&id));
             }
             lean.apply(e, log.len() as u64);
         }
-        for id in lean.dirty.drain() {
-            store.insert(id, (*lean.incidents[&id]).clone());
-        }
+        store.save(&mut lean).expect("the store saves");
         lean.evict(Timestamp::MAX);
         // Open ones too, all but the snoozed.
         lean.evict_over(0);
@@ -253,6 +259,10 @@ fn run(ops: &[Op], cuts: &[prop::sample::Index]) -> Result<(), TestCaseError> {
             .incidents
             .values()
             .all(|st| st.summary.status != tocsin_proto::incident::IncidentStatus::Resolved));
+    }
+    // Every incident reads back from the store as it is in memory.
+    for (id, st) in &proj.incidents {
+        prop_assert_eq!(&stored(id), &**st, "incident {} as stored", id);
     }
     prop_assert_eq!(lean.open_count, proj.open_count);
     prop_assert_eq!(&lean.by_number, &proj.by_number);
