@@ -180,3 +180,156 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// The stream is the record: a store saved against another NATS (a new
+/// server, or one whose streams were reset) holds incidents and silences
+/// the stream does not. The service starts over from the stream, and what
+/// it keeps in the store from then on is the stream's alone: no incident or
+/// silence of the old store comes back at the next start, and numbers go
+/// on from the stream's.
+#[tokio::test]
+async fn a_store_ahead_of_a_new_stream_keeps_nothing_the_stream_does_not_hold() {
+    use tocsin_proto::{
+        command::Action,
+        query::QueryReply,
+        silence::{MatchOp, Matcher, Silence},
+        subjects::query,
+    };
+    use tocsin_tests::incidents::{ask, command};
+
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("incidents");
+    let group_of = |i: &tocsin_proto::incident::IncidentSummary| i.labels["group"].clone();
+    let silences = |client: async_nats::Client| async move {
+        match ask::<_, QueryReply>(&client, query::LIST_SILENCES, &serde_json::Map::new()).await {
+            QueryReply::Silences { silences, .. } => {
+                silences.into_iter().map(|s| s.id).collect::<Vec<String>>()
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    };
+
+    // The first NATS: five incidents and a silence, all in the store.
+    {
+        let nats = NatsServer::start().await;
+        let client = nats.client().await;
+        let js = jetstream::new(client.clone());
+        ensure_streams(&js, &JetStreamConfig::default())
+            .await
+            .unwrap();
+        for g in 0..5 {
+            let group = format!("old{g}");
+            publish_alert(
+                &js,
+                alert(
+                    &[("alertname", "Moved"), ("group", &group)],
+                    &["alertname", "group"],
+                    AlertStatus::Firing,
+                    t(g),
+                ),
+                t(g),
+            )
+            .await;
+        }
+        let (svc, stop, _) = run_until_stopped(&nats.url(), &dir).await;
+        wait_for(&client, "5 incidents", |all| all.len() == 5).await;
+        let silence = Silence {
+            id: "old-window".into(),
+            matchers: vec![Matcher {
+                name: "group".into(),
+                op: MatchOp::Eq,
+                value: "new9".into(),
+            }],
+            starts_at: t(0),
+            ends_at: t(86_400),
+            created_by: "alice".into(),
+            comment: "made against the first NATS".into(),
+            recurrence: None,
+        };
+        command(
+            &client,
+            &js,
+            "alice",
+            Action::CreateSilence { silence },
+            t(10),
+        )
+        .await;
+        assert_eq!(silences(client.clone()).await, ["old-window"]);
+        stop.cancel();
+        svc.await.unwrap();
+    }
+
+    // A new NATS with two alerts of its own: its INCIDENTS stream is behind
+    // the store.
+    let nats = NatsServer::start().await;
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    ensure_streams(&js, &JetStreamConfig::default())
+        .await
+        .unwrap();
+    let publish = |g: i64| {
+        let js = js.clone();
+        async move {
+            let group = format!("new{g}");
+            publish_alert(
+                &js,
+                alert(
+                    &[("alertname", "Moved"), ("group", &group)],
+                    &["alertname", "group"],
+                    AlertStatus::Firing,
+                    t(100 + g),
+                ),
+                t(100 + g),
+            )
+            .await;
+        }
+    };
+    publish(0).await;
+    publish(1).await;
+    let (svc, stop, progress) = run_until_stopped(&nats.url(), &dir).await;
+    wait_for(&client, "the new stream's 2 incidents", |all| {
+        all.len() == 2
+    })
+    .await;
+    handled_every_alert(&js, &progress).await;
+    stop.cancel();
+    svc.await.unwrap();
+
+    // Started again against it: only what the new stream holds.
+    let (svc, stop, progress) = run_until_stopped(&nats.url(), &dir).await;
+    handled_every_alert(&js, &progress).await;
+    let listed = list(
+        &client,
+        ListIncidents {
+            limit: Some(1000),
+            ..Default::default()
+        },
+    )
+    .await;
+    let seen: Vec<(u64, String)> = listed.iter().map(|i| (i.number, group_of(i))).collect();
+    assert_eq!(
+        seen,
+        [(2, "new1".to_string()), (1, "new0".to_string())],
+        "the new stream's incidents, none of the old store's"
+    );
+    assert_eq!(
+        silences(client.clone()).await,
+        Vec::<String>::new(),
+        "no silence of the old store"
+    );
+    // The next incident takes the next number of the stream's, and no
+    // other incident bears it.
+    publish(2).await;
+    let all = wait_for(&client, "3 incidents", |all| all.len() == 3).await;
+    let seen: Vec<(u64, String)> = all.iter().map(|i| (i.number, group_of(i))).collect();
+    assert_eq!(
+        seen,
+        [
+            (3, "new2".to_string()),
+            (2, "new1".to_string()),
+            (1, "new0".to_string())
+        ]
+    );
+    stop.cancel();
+    svc.await.unwrap();
+}

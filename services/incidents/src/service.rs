@@ -515,12 +515,17 @@ impl Service {
             let mut p = write(&self.proj);
             if p.incidents_seq > last {
                 // The stream is behind the projection: a new or reset NATS.
-                // The stream is the truth; start over from it.
+                // The stream is the truth; start over from it, and from an
+                // empty store (what is saved from now on is the stream's:
+                // no incident or silence it lacks comes back at a restart).
                 tracing::warn!(
                     stored = p.incidents_seq,
                     stream = last,
                     "projection is ahead of the INCIDENTS stream; rebuilding from the stream"
                 );
+                self.store
+                    .clear()
+                    .map_err(|e| format!("cannot clear the projection store: {e}"))?;
                 let heartbeats = std::mem::take(&mut p.heartbeats);
                 *p = Projection::new();
                 p.heartbeats = heartbeats;

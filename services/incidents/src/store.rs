@@ -112,6 +112,14 @@ impl Store {
             p.set_inhibitor(i);
         }
         let Some(meta) = self.tree.get(META)? else {
+            // Every save writes the cursors, and a clear removes them
+            // first: records without them are what a clear cut short left.
+            if self.tree.first()?.is_some() {
+                return Err(StoreError::Corrupt {
+                    key: "m/meta".into(),
+                    reason: "records without cursors (a clear cut short)".into(),
+                });
+            }
             return Ok(p);
         };
         let meta: Meta = decode("m/meta", &meta)?;
@@ -242,6 +250,15 @@ impl Store {
         Ok(())
     }
 
+    /// Removes everything, the cursors first (see [`Store::load`]): for a
+    /// projection started over from the stream, so no record of what the
+    /// stream does not hold is read back at the next start.
+    pub fn clear(&self) -> Result<(), StoreError> {
+        self.tree.remove(META)?;
+        self.tree.clear()?;
+        Ok(())
+    }
+
     pub async fn flush(&self) {
         if let Err(e) = self.db.flush_async().await {
             tracing::warn!(error = %e, "cannot flush the projection store");
@@ -277,4 +294,36 @@ fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, 
         key: key.to_string(),
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(s: &Store) -> Result<Projection, StoreError> {
+        s.load(Timestamp::MIN, usize::MAX, None)
+    }
+
+    #[test]
+    fn records_without_cursors_are_refused_and_a_clear_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let mut p = Projection::new();
+        p.incidents_seq = 7;
+        s.save(&mut p).unwrap();
+        s.tree.insert(b"s/left-over", b"a record".to_vec()).unwrap();
+        // What a clear cut short after the cursors leaves: refused, so the
+        // service wipes the store and rebuilds it from the stream.
+        s.tree.remove(META).unwrap();
+        let err = load(&s).err().expect("refused");
+        assert!(err.to_string().contains("m/meta"), "{err}");
+        s.clear().unwrap();
+        assert!(s.tree.is_empty());
+        assert_eq!(load(&s).unwrap().incidents_seq, 0);
+        // A saved store loads its cursors.
+        let mut p = Projection::new();
+        p.incidents_seq = 9;
+        s.save(&mut p).unwrap();
+        assert_eq!(load(&s).unwrap().incidents_seq, 9);
+    }
 }
