@@ -820,3 +820,70 @@ async fn pages_of_an_ended_tenure_are_never_stored_after_the_next_tenure_began()
     stop_a.cancel();
     stop_b.cancel();
 }
+
+/// The stream is the record, the store a cache of it: tracks saved against
+/// another NATS (a new server, or one whose streams were reset) are of
+/// incidents the stream does not hold. The service starts over from the
+/// stream: the new stream's first incident is paged though the stored
+/// cursor is past its entry, and none of the old store's steps fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracks_ahead_of_a_new_stream_give_way_to_what_the_stream_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(t0()));
+    let paged = |js: jetstream::Context| async move {
+        bus::read_pages(&js)
+            .await
+            .into_iter()
+            .map(|p| (p.envelope.body.incident.number, p.envelope.body.level))
+            .collect::<BTreeSet<_>>()
+    };
+    // The first NATS: five incidents, their first level paged, the second
+    // due at 5m, all in the store.
+    {
+        let nats = NatsServer::start().await;
+        let js = streams_on(&nats).await;
+        let progress = Progress::new();
+        for i in 0..5 {
+            publish_opened(&js, i).await;
+        }
+        let (svc, conn) = start(&nats.url(), dir.path(), clock.clone(), &progress).await;
+        progress
+            .wait_until("escalation", Duration::from_secs(30), |m| {
+                m.read(STREAM_INCIDENTS) >= 5 && m.timers_reached(t0())
+            })
+            .await
+            .expect("the first levels fire");
+        assert_eq!(paged(js.clone()).await.len(), 5);
+        svc.abort();
+        let _ = svc.await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.drain()).await;
+    }
+
+    // A new NATS whose stream holds one incident (number 11), at a
+    // sequence the stored cursor is past.
+    let nats = NatsServer::start().await;
+    let js = streams_on(&nats).await;
+    publish_opened(&js, 10).await;
+    let progress = Progress::new();
+    let (svc, _conn) = start(&nats.url(), dir.path(), clock.clone(), &progress).await;
+    wait_for("the new stream's incident paged", || async {
+        paged(js.clone()).await.contains(&(11, 0))
+    })
+    .await;
+    // Past every stored step's time: only the new incident's next level.
+    let later = t0() + SignedDuration::from_mins(6);
+    clock.set(later);
+    progress
+        .wait_until("escalation", Duration::from_secs(30), |m| {
+            m.timers_reached(later)
+        })
+        .await
+        .expect("the steps due by 6m fire");
+    assert_eq!(
+        paged(js.clone()).await,
+        BTreeSet::from([(11, 0), (11, 1)]),
+        "the new stream's incident at levels 0 and 1, no incident of the old store"
+    );
+    svc.abort();
+    let _ = svc.await;
+}

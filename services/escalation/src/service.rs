@@ -62,6 +62,9 @@ enum DrainError {
     Read(String),
     /// The store cannot be read: the service cannot go on.
     Store(EscalationError),
+    /// The stream is behind the stored cursor (a new or reset NATS): the
+    /// tracks were dropped; read again from the stream's start.
+    StartedOver,
 }
 
 /// INCIDENTS entries applied at most between two saves while catching up
@@ -91,6 +94,9 @@ pub(crate) struct Service {
     /// tenure's marker is the last one there (see
     /// `tocsin_runtime::fence`); None outside a lease.
     fence: std::sync::Mutex<Option<Fence>>,
+    /// Set when the tracks started over from the stream's start (see
+    /// `start_over_if_behind`): the reader must start there too.
+    started_over: bool,
 }
 
 fn open_store(dir: &Path) -> Result<(Store, Tracks, u64), EscalationError> {
@@ -122,6 +128,7 @@ impl Service {
             metrics,
             watchdog,
             fence: std::sync::Mutex::new(None),
+            started_over: false,
         })
     }
 
@@ -351,12 +358,41 @@ impl Service {
                 *reading = None;
                 Err(e.to_string())
             }
+            Err(DrainError::StartedOver) => {
+                *reading = None;
+                Ok(self.seq)
+            }
         }
+    }
+
+    /// When the stream is behind the stored cursor (a new NATS, or one
+    /// whose streams were reset), the stream is the record: the tracks and
+    /// the store start over empty, so no step of an incident the stream
+    /// does not hold fires, and its entries are read from its start.
+    fn start_over_if_behind(&mut self, last: u64) -> Result<(), DrainError> {
+        if self.seq <= last {
+            return Ok(());
+        }
+        tracing::warn!(
+            stored = self.seq,
+            stream = last,
+            "the stored tracks are ahead of the INCIDENTS stream; starting over from the stream"
+        );
+        self.store
+            .clear()
+            .map_err(|e| DrainError::Store(EscalationError::Store(e.to_string())))?;
+        self.tracks = Tracks::default();
+        self.unsaved.clear();
+        self.seq = 0;
+        self.saved_seq = 0;
+        self.started_over = true;
+        Err(DrainError::StartedOver)
     }
 
     /// Applies every INCIDENTS entry up to the stream's end as of now.
     async fn drain(&mut self, msgs: &mut pull::Ordered) -> Result<(), DrainError> {
         let last = self.last_seq().await.map_err(DrainError::Read)?;
+        self.start_over_if_behind(last)?;
         let mut changed = Vec::new();
         let mut applied = 0usize;
         let result = loop {
@@ -405,6 +441,7 @@ impl Service {
                 Ok(false)
             }
             Err(DrainError::Store(e)) => Err(e),
+            Err(DrainError::StartedOver) => Ok(false),
         }
     }
 
@@ -422,6 +459,7 @@ impl Service {
         }
         let mut reconnect = tocsin_runtime::retry::Backoff::standard();
         'outer: while !shutdown.is_cancelled() {
+            self.started_over = false;
             let mut msgs = match self.consumer().await {
                 Ok(m) => m,
                 Err(e) => {
@@ -459,6 +497,9 @@ impl Service {
                         }
                         if !self.fire_due(&mut msgs, &shutdown).await? {
                             break 'outer;
+                        }
+                        if self.started_over {
+                            continue 'outer;
                         }
                     }
                     m = msgs.next() => match m {
@@ -523,6 +564,10 @@ impl Service {
             if drain {
                 let drained = self.drain(msgs).await;
                 self.drained(drained, "a burst")?;
+                if self.started_over {
+                    // The tracks of this burst are gone with the old store.
+                    break;
+                }
                 drained_at = std::time::Instant::now();
             }
             // The due steps a chunk at a time, from the index.

@@ -85,6 +85,13 @@ impl Store {
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?
                     .incidents_seq
             }
+            // Every save writes the cursor, and a clear removes it first:
+            // tracks without it are what a clear cut short left.
+            None if self.tree.first()?.is_some() => {
+                return Err(StoreError::Corrupt(
+                    "tracks without a cursor (m/meta; a clear cut short)".into(),
+                ))
+            }
             None => 0,
         };
         for kv in self.tree.scan_prefix(b"t/") {
@@ -93,6 +100,13 @@ impl Store {
             tracks.index_stored(&(t.incident.id, t.policy.clone()), t.due());
         }
         Ok((tracks, seq))
+    }
+
+    /// Removes everything, the cursor first (see [`Store::load`]).
+    pub fn clear(&self) -> Result<(), StoreError> {
+        self.tree.remove(b"m/meta")?;
+        self.tree.clear()?;
+        Ok(())
     }
 
     /// Every stored track of `incident`, by policy name.
@@ -204,6 +218,28 @@ mod tests {
         tracks.map.insert(key.clone(), t.clone());
         store.save(&tracks, &[key], 1).unwrap();
         assert_eq!(store.tracks_of(t.incident.id).unwrap(), vec![t]);
+    }
+
+    /// A clear cut short after the cursor leaves tracks without it: they
+    /// are refused (the service wipes the store and rebuilds it), never
+    /// read as tracks at cursor 0.
+    #[test]
+    fn tracks_without_a_cursor_are_refused_and_a_clear_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t = track(1, "default");
+        let key = (t.incident.id, t.policy.clone());
+        let mut tracks = Tracks::default();
+        tracks.map.insert(key.clone(), t);
+        store.save(&tracks, &[key], 3).unwrap();
+        assert_eq!(store.load().unwrap().1, 3);
+        store.tree.remove(b"m/meta").unwrap();
+        let err = store.load().err().expect("refused");
+        assert!(err.to_string().contains("m/meta"), "{err}");
+        store.clear().unwrap();
+        assert!(store.tree.is_empty());
+        let (tracks, seq) = store.load().unwrap();
+        assert_eq!((tracks.count(), tracks.next_due(), seq), (0, None, 0));
     }
 
     #[test]
