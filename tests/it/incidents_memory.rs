@@ -565,6 +565,29 @@ async fn an_incident_too_large_for_one_answer_is_shown_in_part_and_says_what_it_
         })
         .collect();
     try_publish_alerts(&js, resolved, at).await.expect("stored");
+    // Then one alert flaps, an entry each time: the timeline outgrows
+    // what a read of it holds (twice an answer's room of alert changes),
+    // so the oldest changes are let go as it is read, and counted.
+    const FLAPS: usize = 1_501;
+    let flaps = (0..FLAPS)
+        .map(|i| {
+            let at = t0 + SignedDuration::from_mins(61) + SignedDuration::from_secs(i as i64);
+            let status = if i % 2 == 0 {
+                AlertStatus::Resolved
+            } else {
+                AlertStatus::Firing
+            };
+            let mut a = alert(
+                &[("alertname", "FleetDown"), ("instance", "host-999:9100")],
+                &group,
+                status,
+                at,
+            );
+            a.annotations.insert("summary".into(), summary.clone());
+            (a, at)
+        })
+        .collect();
+    tocsin_tests::incidents::publish_alerts_pipelined(&js, flaps).await;
     tocsin.settled(&js).await;
 
     let max = client.server_info().max_payload;
@@ -578,7 +601,7 @@ async fn an_incident_too_large_for_one_answer_is_shown_in_part_and_says_what_it_
             other => panic!("unexpected answer {other:?}"),
         };
         assert_eq!(d.incident.alerts_total as usize, ALERTS);
-        assert_eq!(d.incident.alerts_firing as usize, ALERTS - 100);
+        assert_eq!(d.incident.alerts_firing as usize, ALERTS - 101);
         let shown = d.alerts.len();
         assert!(
             shown > 0 && shown < ALERTS,
@@ -594,9 +617,13 @@ async fn an_incident_too_large_for_one_answer_is_shown_in_part_and_says_what_it_
             "the firing alerts come first"
         );
         if timeline {
-            // 11 entries: the opening and 9 joins of 100, one of 100 resolving.
+            // The opening, 9 joins of 100, one of 100 resolving, the flaps.
             let entries = d.timeline.len() + d.timeline_omitted as usize;
-            assert_eq!(entries, ALERTS / PER_MESSAGE + 1, "timeline entries");
+            assert_eq!(
+                entries,
+                ALERTS / PER_MESSAGE + 1 + FLAPS,
+                "timeline entries"
+            );
             assert!(d.timeline_omitted > 0, "some of the timeline is left out");
             assert!(
                 matches!(

@@ -130,8 +130,9 @@ async fn get(
             reason: format!("no incident {}", q.incident),
         };
     };
-    let timeline = if q.timeline {
-        match timeline(js, &incident).await {
+    let most = js.client().max_payload().saturating_sub(ANSWER_MARGIN);
+    let (timeline, left) = if q.timeline {
+        match timeline(js, &incident, 2 * most).await {
             Ok(t) => t,
             Err(e) => {
                 return QueryReply::Error {
@@ -140,10 +141,13 @@ async fn get(
             }
         }
     } else {
-        Vec::new()
+        (Vec::new(), 0)
     };
-    let most = js.client().max_payload().saturating_sub(ANSWER_MARGIN);
-    QueryReply::Incident(Box::new(fit(incident, alerts, timeline, q.timeline, most)))
+    let mut detail = fit(incident, alerts, timeline, q.timeline, most);
+    detail.timeline_omitted = detail
+        .timeline_omitted
+        .saturating_add(u32::try_from(left).unwrap_or(u32::MAX));
+    QueryReply::Incident(Box::new(detail))
 }
 
 /// Bytes of an answer kept free of the listed alerts and entries: the
@@ -187,12 +191,6 @@ fn fit(
     let mut first = if with_timeline { room / 2 } else { room };
     let mut shown = take(&alert_sizes, 0, &mut first);
     room -= alert_sizes[..shown].iter().sum::<usize>();
-    let alert_change = |e: &IncidentEvent| {
-        matches!(
-            e.kind,
-            EventKind::AlertFiring { .. } | EventKind::AlertResolved { .. }
-        )
-    };
     let mut keep = vec![false; timeline.len()];
     for changes in [false, true] {
         for (i, e) in timeline.iter().enumerate().rev() {
@@ -226,24 +224,79 @@ fn encoded_len<T: serde::Serialize>(v: &T) -> usize {
     codec::encode(v).map_or(usize::MAX, |b| b.len())
 }
 
-/// Every event of one incident, from the stream (the truth).
+/// An alert change, as against what people and the engine did.
+fn alert_change(e: &IncidentEvent) -> bool {
+    matches!(
+        e.kind,
+        EventKind::AlertFiring { .. } | EventKind::AlertResolved { .. }
+    )
+}
+
+/// The newest events of one incident from the stream (the truth), in
+/// order: of what was done and of the alert changes each, the newest that
+/// come to `keep_bytes` as stored (an answer holds less than half that, see
+/// [`fit`]); and how many older ones were let go while reading. An
+/// incident whose alerts flapped for weeks has hundreds of thousands of
+/// entries: they are read one by one, never all held at once.
 pub(crate) async fn timeline(
     js: &jetstream::Context,
     incident: &IncidentSummary,
-) -> Result<Vec<IncidentEvent>, String> {
+    keep_bytes: usize,
+) -> Result<(Vec<IncidentEvent>, usize), String> {
     let filter = tocsin_proto::subjects::incident_events_of(&incident.id);
-    let msgs = tocsin_runtime::streams::read_matching(js, STREAM_INCIDENTS, filter).await?;
-    let out = msgs
-        .iter()
-        .filter_map(|m| match decode_envelope::<LogEntry>(&m.payload) {
-            Ok(env) => match env.body {
-                LogEntry::Incident(e) => Some(e),
-                LogEntry::Silence { .. } => None,
-            },
-            Err(_) => None,
-        })
-        .collect();
-    Ok(out)
+    let mut newest = Newest::new(keep_bytes);
+    tocsin_runtime::streams::read_matching_each(js, STREAM_INCIDENTS, filter, |m| {
+        if let Ok(env) = decode_envelope::<LogEntry>(&m.payload) {
+            if let LogEntry::Incident(e) = env.body {
+                newest.push(e, m.payload.len());
+            }
+        }
+    })
+    .await?;
+    Ok(newest.into_events())
+}
+
+/// The newest events of each kind (see [`alert_change`]) up to a number
+/// of bytes each, in the order they came.
+struct Newest {
+    keep_bytes: usize,
+    /// What was done, and the alert changes: (order, size, event).
+    kinds: [std::collections::VecDeque<(usize, usize, IncidentEvent)>; 2],
+    bytes: [usize; 2],
+    came: usize,
+    let_go: usize,
+}
+
+impl Newest {
+    fn new(keep_bytes: usize) -> Newest {
+        Newest {
+            keep_bytes,
+            kinds: Default::default(),
+            bytes: [0; 2],
+            came: 0,
+            let_go: 0,
+        }
+    }
+
+    fn push(&mut self, e: IncidentEvent, size: usize) {
+        let k = usize::from(alert_change(&e));
+        self.kinds[k].push_back((self.came, size, e));
+        self.came += 1;
+        self.bytes[k] += size;
+        // The newest always stays, however large.
+        while self.bytes[k] > self.keep_bytes && self.kinds[k].len() > 1 {
+            let (_, s, _) = self.kinds[k].pop_front().expect("more than one");
+            self.bytes[k] -= s;
+            self.let_go += 1;
+        }
+    }
+
+    fn into_events(self) -> (Vec<IncidentEvent>, usize) {
+        let [done, changes] = self.kinds;
+        let mut all: Vec<_> = done.into_iter().chain(changes).collect();
+        all.sort_by_key(|(order, _, _)| *order);
+        (all.into_iter().map(|(_, _, e)| e).collect(), self.let_go)
+    }
 }
 
 /// An incident no longer in memory: from the store, else from its entries
@@ -385,5 +438,70 @@ async fn list(
     QueryReply::Incidents {
         incidents,
         next_before,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use jiff::Timestamp;
+    use tocsin_proto::{
+        incident::{Cause, EventKind, IncidentEvent, IncidentSummary},
+        Fingerprint,
+    };
+
+    use super::Newest;
+
+    fn event(kind: EventKind, n: usize) -> IncidentEvent {
+        IncidentEvent {
+            kind,
+            at: Timestamp::UNIX_EPOCH,
+            actor: None,
+            cause: Cause::Timer { id: n.to_string() },
+            incident: IncidentSummary::new(
+                uuid::Uuid::from_u128(1),
+                1,
+                "k",
+                "t",
+                Timestamp::UNIX_EPOCH,
+            ),
+        }
+    }
+
+    /// A timeline read keeps the newest of each kind up to its bytes, in
+    /// the order they came, and counts what it let go.
+    #[test]
+    fn the_newest_of_each_kind_are_kept_in_order() {
+        let mut newest = Newest::new(1_000);
+        for n in 0..1_000 {
+            let kind = if n % 100 == 0 {
+                EventKind::NoteAdded {
+                    text: format!("note {n}"),
+                }
+            } else {
+                EventKind::AlertResolved {
+                    fingerprint: Fingerprint::from_labels(&Default::default()),
+                    ends_at: Timestamp::UNIX_EPOCH,
+                    more: Vec::new(),
+                }
+            };
+            newest.push(event(kind, n), 100);
+        }
+        let (kept, let_go) = newest.into_events();
+        let causes: Vec<String> = kept
+            .iter()
+            .map(|e| match &e.cause {
+                Cause::Timer { id } => id.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        // Every note (ten of 100 bytes), and the ten newest alert changes.
+        let mut want: Vec<String> = (0..10).map(|i| (i * 100).to_string()).collect();
+        want.extend((990..1_000).map(|n| n.to_string()));
+        assert_eq!(causes, want);
+        assert_eq!(let_go, 1_000 - 20);
+        // One larger than the bytes alone is still kept.
+        let mut newest = Newest::new(10);
+        newest.push(event(EventKind::Acknowledged, 0), 500);
+        assert_eq!(newest.into_events().0.len(), 1);
     }
 }

@@ -450,6 +450,19 @@ pub async fn read_matching(
     stream: &str,
     filter: String,
 ) -> Result<Vec<jetstream::Message>, String> {
+    let mut out = Vec::new();
+    read_matching_each(js, stream, filter, |m| out.push(m)).await?;
+    Ok(out)
+}
+
+/// As [`read_matching`], handing each message to `each` as it comes
+/// instead of holding them all: for a reader that keeps a bounded part.
+pub async fn read_matching_each(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: String,
+    mut each: impl FnMut(jetstream::Message),
+) -> Result<(), String> {
     use futures::StreamExt;
     let consumer = js
         .get_stream(stream)
@@ -462,9 +475,8 @@ pub async fn read_matching(
         })
         .await
         .map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
     if consumer.cached_info().num_pending == 0 {
-        return Ok(out);
+        return Ok(());
     }
     let mut msgs = consumer.messages().await.map_err(|e| e.to_string())?;
     loop {
@@ -475,12 +487,12 @@ pub async fn read_matching(
             Err(_) => return Err(format!("reading {stream} timed out")),
         };
         let pending = msg.info().map(|i| i.pending).unwrap_or(0);
-        out.push(msg);
+        each(msg);
         if pending == 0 {
             break;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// What of a dead-lettered payload is kept when the whole does not fit in
