@@ -73,6 +73,21 @@ fn t(s: i64) -> Timestamp {
     "2026-04-01T12:00:00Z".parse::<Timestamp>().unwrap() + SignedDuration::from_secs(s)
 }
 
+/// A firing alert `alertname` of group `group` (both grouped on), at t(s).
+async fn publish_in_group(js: &jetstream::Context, alertname: &str, group: &str, s: i64) {
+    publish_alert(
+        js,
+        alert(
+            &[("alertname", alertname), ("group", group)],
+            &["alertname", "group"],
+            AlertStatus::Firing,
+            t(s),
+        ),
+        t(s),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_missing_or_corrupt_store_is_rebuilt_from_the_stream() {
     let nats = NatsServer::start().await;
@@ -85,18 +100,7 @@ async fn a_missing_or_corrupt_store_is_rebuilt_from_the_stream() {
     let dir = data.path().join("incidents");
 
     for g in 0..20 {
-        let group = format!("g{g}");
-        publish_alert(
-            &js,
-            alert(
-                &[("alertname", "Rebuild"), ("group", &group)],
-                &["alertname", "group"],
-                AlertStatus::Firing,
-                t(g),
-            ),
-            t(g),
-        )
-        .await;
+        publish_in_group(&js, "Rebuild", &format!("g{g}"), g).await;
     }
     let (svc, stop, _) = run_until_stopped(&nats.url(), &dir).await;
     let before = wait_for(&client, "20 incidents", |all| all.len() == 20).await;
@@ -116,17 +120,7 @@ async fn a_missing_or_corrupt_store_is_rebuilt_from_the_stream() {
     // It goes on where the log says: a new group gets the next number, and
     // old alerts are not decided again (no new entries for them).
     let entries = log(&js).await.len();
-    publish_alert(
-        &js,
-        alert(
-            &[("alertname", "Rebuild"), ("group", "new")],
-            &["alertname", "group"],
-            AlertStatus::Firing,
-            t(100),
-        ),
-        t(100),
-    )
-    .await;
+    publish_in_group(&js, "Rebuild", "new", 100).await;
     let all = wait_for(&client, "21 incidents", |all| all.len() == 21).await;
     assert_eq!(all[0].number, 21);
     assert_eq!(log(&js).await.len(), entries + 1);
@@ -218,18 +212,7 @@ async fn a_store_ahead_of_a_new_stream_keeps_nothing_the_stream_does_not_hold() 
             .await
             .unwrap();
         for g in 0..5 {
-            let group = format!("old{g}");
-            publish_alert(
-                &js,
-                alert(
-                    &[("alertname", "Moved"), ("group", &group)],
-                    &["alertname", "group"],
-                    AlertStatus::Firing,
-                    t(g),
-                ),
-                t(g),
-            )
-            .await;
+            publish_in_group(&js, "Moved", &format!("old{g}"), g).await;
         }
         let (svc, stop, _) = run_until_stopped(&nats.url(), &dir).await;
         wait_for(&client, "5 incidents", |all| all.len() == 5).await;
@@ -269,20 +252,7 @@ async fn a_store_ahead_of_a_new_stream_keeps_nothing_the_stream_does_not_hold() 
         .unwrap();
     let publish = |g: i64| {
         let js = js.clone();
-        async move {
-            let group = format!("new{g}");
-            publish_alert(
-                &js,
-                alert(
-                    &[("alertname", "Moved"), ("group", &group)],
-                    &["alertname", "group"],
-                    AlertStatus::Firing,
-                    t(100 + g),
-                ),
-                t(100 + g),
-            )
-            .await;
-        }
+        async move { publish_in_group(&js, "Moved", &format!("new{g}"), 100 + g).await }
     };
     publish(0).await;
     publish(1).await;
