@@ -378,8 +378,8 @@ impl Service {
             stream = last,
             "the stored tracks are ahead of the INCIDENTS stream; starting over from the stream"
         );
-        self.store
-            .clear()
+        self.watchdog
+            .during("clearing the local store", || self.store.clear())
             .map_err(|e| DrainError::Store(EscalationError::Store(e.to_string())))?;
         self.tracks = Tracks::default();
         self.unsaved.clear();

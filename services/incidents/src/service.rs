@@ -523,8 +523,8 @@ impl Service {
                     stream = last,
                     "projection is ahead of the INCIDENTS stream; rebuilding from the stream"
                 );
-                self.store
-                    .clear()
+                self.watchdog
+                    .during("clearing the local store", || self.store.clear())
                     .map_err(|e| format!("cannot clear the projection store: {e}"))?;
                 let heartbeats = std::mem::take(&mut p.heartbeats);
                 *p = Projection::new();
