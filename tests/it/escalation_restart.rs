@@ -887,3 +887,62 @@ async fn tracks_ahead_of_a_new_stream_give_way_to_what_the_stream_holds() {
     svc.abort();
     let _ = svc.await;
 }
+
+/// The same while escalation runs: NATS comes back with its storage lost
+/// (a server without a persistent volume, restarted). Escalation does not
+/// wait for a restart of its own or a due step to notice: the new
+/// stream's first incident is paged, and none of the old tracks' steps
+/// fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_lost_while_running_is_followed_from_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(t0()));
+    let paged = |js: jetstream::Context| async move {
+        bus::read_pages(&js)
+            .await
+            .into_iter()
+            .map(|p| (p.envelope.body.incident.number, p.envelope.body.level))
+            .collect::<BTreeSet<_>>()
+    };
+    let mut nats = NatsServer::start().await;
+    let js = streams_on(&nats).await;
+    let progress = Progress::new();
+    for i in 0..5 {
+        publish_opened(&js, i).await;
+    }
+    let (svc, _conn) = start(&nats.url(), dir.path(), clock.clone(), &progress).await;
+    progress
+        .wait_until("escalation", Duration::from_secs(30), |m| {
+            m.read(STREAM_INCIDENTS) >= 5 && m.timers_reached(t0())
+        })
+        .await
+        .expect("the first levels fire");
+    assert_eq!(paged(js.clone()).await.len(), 5);
+
+    // NATS restarted with its storage gone; the streams made again (as a
+    // deployment's start does) and one new incident on them.
+    nats.stop();
+    std::fs::remove_dir_all(nats.store_dir()).unwrap();
+    nats.restart().await;
+    let js = streams_on(&nats).await;
+    publish_opened(&js, 10).await;
+    wait_for("the new stream's incident paged", || async {
+        paged(js.clone()).await.contains(&(11, 0))
+    })
+    .await;
+    let later = t0() + SignedDuration::from_mins(6);
+    clock.set(later);
+    progress
+        .wait_until("escalation", Duration::from_secs(30), |m| {
+            m.timers_reached(later)
+        })
+        .await
+        .expect("the steps due by 6m fire");
+    assert_eq!(
+        paged(js.clone()).await,
+        BTreeSet::from([(11, 0), (11, 1)]),
+        "the new stream's incident at levels 0 and 1, none of the old"
+    );
+    svc.abort();
+    let _ = svc.await;
+}

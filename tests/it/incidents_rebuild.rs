@@ -303,3 +303,51 @@ async fn a_store_ahead_of_a_new_stream_keeps_nothing_the_stream_does_not_hold() 
     stop.cancel();
     svc.await.unwrap();
 }
+
+/// The same while the service runs: NATS comes back with its storage lost
+/// (a server without a persistent volume, restarted). The service starts
+/// over from the new stream without a restart of its own: it lists only
+/// the new stream's incidents, numbered from 1.
+#[tokio::test]
+async fn a_stream_lost_while_running_is_followed_from_its_start() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("incidents");
+    let mut nats = NatsServer::start().await;
+    let streams = |client: async_nats::Client| async move {
+        let js = jetstream::new(client);
+        ensure_streams(&js, &JetStreamConfig::default())
+            .await
+            .unwrap();
+        js
+    };
+    let client = nats.client().await;
+    let js = streams(client.clone()).await;
+    for g in 0..5 {
+        publish_in_group(&js, "Lost", &format!("old{g}"), g).await;
+    }
+    let (svc, stop, _) = run_until_stopped(&nats.url(), &dir).await;
+    wait_for(&client, "5 incidents", |all| all.len() == 5).await;
+
+    nats.stop();
+    std::fs::remove_dir_all(nats.store_dir()).unwrap();
+    nats.restart().await;
+    let client = nats.client().await;
+    let js = streams(client.clone()).await;
+    publish_in_group(&js, "Lost", "new0", 100).await;
+    publish_in_group(&js, "Lost", "new1", 101).await;
+    let all = wait_for(&client, "the new stream's 2 incidents", |all| {
+        all.len() == 2
+    })
+    .await;
+    let seen: Vec<(u64, String)> = all
+        .iter()
+        .map(|i| (i.number, i.labels["group"].clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [(2, "new1".to_string()), (1, "new0".to_string())],
+        "the new stream's incidents, none of the old"
+    );
+    stop.cancel();
+    svc.await.unwrap();
+}
