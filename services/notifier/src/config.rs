@@ -41,6 +41,13 @@ pub struct NotifierConfig {
     /// comes), so a backlog on one destination never fills the consumer.
     /// Default 20s.
     pub max_hold: Option<HumanDuration>,
+    /// How long booking a turn with the other replicas (in the shared KV
+    /// bucket) may take; longer, each replica books alone, at its share of
+    /// the destination's rate, and tries the bucket again 2s later, so
+    /// pages are not held up by a slow NATS. Raise it for a cluster whose
+    /// KV writes are slower (R3 over a slow network). 10ms to 10s; default
+    /// 500ms.
+    pub shared_booking_timeout: Option<HumanDuration>,
     /// How long delivery records are kept (the KV bucket's max age). Keep
     /// it above the NOTIFY stream's `work_max_age` (pages older than that
     /// are gone anyway). Default 14d.
@@ -68,6 +75,22 @@ impl NotifierConfig {
         self.max_hold
             .map(|d| d.get())
             .unwrap_or(std::time::Duration::from_secs(20))
+    }
+    /// See [`NotifierConfig::shared_booking_timeout`] (checked by
+    /// [`crate::check`]).
+    pub fn shared_booking_timeout(&self) -> Result<std::time::Duration, String> {
+        let d = self
+            .shared_booking_timeout
+            .map(|d| d.get())
+            .unwrap_or(std::time::Duration::from_millis(500));
+        let range = std::time::Duration::from_millis(10)..=std::time::Duration::from_secs(10);
+        if range.contains(&d) {
+            Ok(d)
+        } else {
+            Err(format!(
+                "shared_booking_timeout is {d:?}: it must be from 10ms to 10s (default 500ms)"
+            ))
+        }
     }
     /// The time zone of times in messages (checked by [`crate::check`]).
     pub fn zone(&self) -> Result<jiff::tz::TimeZone, String> {
@@ -418,5 +441,32 @@ impl WebhookConfig {
 impl Default for GuardConfig {
     fn default() -> Self {
         GuardConfig::with_rate(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shared_booking_timeout_defaults_and_is_bounded() {
+        let mut c = NotifierConfig::default();
+        assert_eq!(
+            c.shared_booking_timeout(),
+            Ok(std::time::Duration::from_millis(500))
+        );
+        c.shared_booking_timeout = Some(HumanDuration::secs(3));
+        assert_eq!(
+            c.shared_booking_timeout(),
+            Ok(std::time::Duration::from_secs(3))
+        );
+        for bad in [HumanDuration::secs(0), HumanDuration::secs(11)] {
+            c.shared_booking_timeout = Some(bad);
+            let e = c.shared_booking_timeout().unwrap_err();
+            assert!(
+                e.contains("shared_booking_timeout") && e.contains("10ms to 10s"),
+                "{e}"
+            );
+        }
     }
 }

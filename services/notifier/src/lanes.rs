@@ -24,10 +24,10 @@ use crate::{
     paces::SharedPaces,
 };
 
-/// How long a booking in the shared bucket may take; longer, the replica
-/// books alone (at its share of the rate) and tries the bucket again after
-/// [`SHARED_RETRY`], so pages are not held up by a slow or unreachable NATS.
-const SHARED_TIMEOUT: Duration = Duration::from_millis(500);
+/// After a booking in the shared bucket failed or took longer than
+/// `notifier.shared_booking_timeout`, the replica books alone (at its
+/// share of the rate) for this long, so pages are not held up by a slow or
+/// unreachable NATS.
 const SHARED_RETRY: Duration = Duration::from_secs(2);
 
 /// What a message may do now.
@@ -72,6 +72,8 @@ pub(crate) struct Lanes {
     paces: PerDestination<Pace>,
     slots: PerDestination<Arc<Semaphore>>,
     max_hold: Duration,
+    /// `notifier.shared_booking_timeout`.
+    shared_timeout: Duration,
     /// Notifier replicas running (this one included), who share every
     /// destination's rate (see [`crate::replicas`]).
     replicas: std::sync::atomic::AtomicU32,
@@ -111,6 +113,10 @@ impl Lanes {
             waiting: Mutex::new(HashMap::new()),
             max_waiting: (cfg.concurrency() / 2).max(1),
             max_hold: cfg.max_hold(),
+            // Checked when the config is loaded; the default if not.
+            shared_timeout: cfg
+                .shared_booking_timeout()
+                .unwrap_or(Duration::from_millis(500)),
             replicas: std::sync::atomic::AtomicU32::new(1),
             shared: Mutex::new(None),
             booking: Mutex::new(HashMap::new()),
@@ -153,22 +159,23 @@ impl Lanes {
             .clone()
     }
 
-    /// What the shared bucket answers to `asked` within [`SHARED_TIMEOUT`];
+    /// What the shared bucket answers to `asked` within `shared_timeout`;
     /// `None` if it failed or did not answer (said once, and the bucket is
     /// left alone for [`SHARED_RETRY`]).
     async fn ask_shared<T>(
         &self,
         asked: impl std::future::Future<Output = Result<T, String>>,
     ) -> Option<T> {
-        let error = match tokio::time::timeout(SHARED_TIMEOUT, asked).await {
+        let error = match tokio::time::timeout(self.shared_timeout, asked).await {
             Ok(Ok(answer)) => {
                 self.shared_failing(None);
                 return Some(answer);
             }
             Ok(Err(e)) => e,
             Err(_) => format!(
-                "no answer from {} within {SHARED_TIMEOUT:?}",
-                crate::paces::BUCKET
+                "no answer from {} within {:?} (notifier.shared_booking_timeout)",
+                crate::paces::BUCKET,
+                self.shared_timeout
             ),
         };
         self.shared_failing(Some(&error));
@@ -272,7 +279,7 @@ impl Lanes {
     /// pages for one destination races itself for its key, and a booking
     /// that loses 16 times in a row is made alone; this way only the
     /// replicas race. The wait for the other bookings does not count
-    /// against [`SHARED_TIMEOUT`]: each of them does, and once one fails
+    /// against `shared_timeout`: each of them does, and once one fails
     /// the others book alone at once.
     async fn book_shared(
         &self,

@@ -104,6 +104,9 @@ pub fn check(config: &NotifierConfig) -> Result<Checked, NotifierError> {
     if let Err(e) = config.zone() {
         errors.push(e);
     }
+    if let Err(e) = config.shared_booking_timeout() {
+        errors.push(e);
+    }
     if let Err(e) = templates::Templates::load(config.templates.as_ref().map(|p| p.0.as_path())) {
         errors.extend(e.into_iter().map(|e| format!("template {e}")));
     }
