@@ -830,13 +830,6 @@ async fn pages_of_an_ended_tenure_are_never_stored_after_the_next_tenure_began()
 async fn tracks_ahead_of_a_new_stream_give_way_to_what_the_stream_holds() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(t0()));
-    let paged = |js: jetstream::Context| async move {
-        bus::read_pages(&js)
-            .await
-            .into_iter()
-            .map(|p| (p.envelope.body.incident.number, p.envelope.body.level))
-            .collect::<BTreeSet<_>>()
-    };
     // The first NATS: five incidents, their first level paged, the second
     // due at 5m, all in the store.
     {
@@ -853,7 +846,7 @@ async fn tracks_ahead_of_a_new_stream_give_way_to_what_the_stream_holds() {
             })
             .await
             .expect("the first levels fire");
-        assert_eq!(paged(js.clone()).await.len(), 5);
+        assert_eq!(paged_levels(&js).await.len(), 5);
         svc.abort();
         let _ = svc.await;
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.drain()).await;
@@ -866,24 +859,7 @@ async fn tracks_ahead_of_a_new_stream_give_way_to_what_the_stream_holds() {
     publish_opened(&js, 10).await;
     let progress = Progress::new();
     let (svc, _conn) = start(&nats.url(), dir.path(), clock.clone(), &progress).await;
-    wait_for("the new stream's incident paged", || async {
-        paged(js.clone()).await.contains(&(11, 0))
-    })
-    .await;
-    // Past every stored step's time: only the new incident's next level.
-    let later = t0() + SignedDuration::from_mins(6);
-    clock.set(later);
-    progress
-        .wait_until("escalation", Duration::from_secs(30), |m| {
-            m.timers_reached(later)
-        })
-        .await
-        .expect("the steps due by 6m fire");
-    assert_eq!(
-        paged(js.clone()).await,
-        BTreeSet::from([(11, 0), (11, 1)]),
-        "the new stream's incident at levels 0 and 1, no incident of the old store"
-    );
+    only_the_new_stream_is_paged(&js, &clock, &progress).await;
     svc.abort();
     let _ = svc.await;
 }
@@ -897,13 +873,6 @@ async fn tracks_ahead_of_a_new_stream_give_way_to_what_the_stream_holds() {
 async fn a_stream_lost_while_running_is_followed_from_its_start() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(t0()));
-    let paged = |js: jetstream::Context| async move {
-        bus::read_pages(&js)
-            .await
-            .into_iter()
-            .map(|p| (p.envelope.body.incident.number, p.envelope.body.level))
-            .collect::<BTreeSet<_>>()
-    };
     let mut nats = NatsServer::start().await;
     let js = streams_on(&nats).await;
     let progress = Progress::new();
@@ -917,7 +886,7 @@ async fn a_stream_lost_while_running_is_followed_from_its_start() {
         })
         .await
         .expect("the first levels fire");
-    assert_eq!(paged(js.clone()).await.len(), 5);
+    assert_eq!(paged_levels(&js).await.len(), 5);
 
     // NATS restarted with its storage gone; the streams made again (as a
     // deployment's start does) and one new incident on them.
@@ -926,10 +895,33 @@ async fn a_stream_lost_while_running_is_followed_from_its_start() {
     nats.restart().await;
     let js = streams_on(&nats).await;
     publish_opened(&js, 10).await;
+    only_the_new_stream_is_paged(&js, &clock, &progress).await;
+    svc.abort();
+    let _ = svc.await;
+}
+
+/// (incident number, level) of every page on NOTIFY.
+async fn paged_levels(js: &jetstream::Context) -> BTreeSet<(u64, u32)> {
+    bus::read_pages(js)
+        .await
+        .into_iter()
+        .map(|p| (p.envelope.body.incident.number, p.envelope.body.level))
+        .collect()
+}
+
+/// After the store's incidents 1-5 were lost with NATS and incident 11
+/// opened on the new stream: 11 is paged, and by 6m at levels 0 and 1,
+/// no incident of the old store at all.
+async fn only_the_new_stream_is_paged(
+    js: &jetstream::Context,
+    clock: &ManualClock,
+    progress: &Progress,
+) {
     wait_for("the new stream's incident paged", || async {
-        paged(js.clone()).await.contains(&(11, 0))
+        paged_levels(js).await.contains(&(11, 0))
     })
     .await;
+    // Past every stored step's time: only the new incident's next level.
     let later = t0() + SignedDuration::from_mins(6);
     clock.set(later);
     progress
@@ -939,10 +931,8 @@ async fn a_stream_lost_while_running_is_followed_from_its_start() {
         .await
         .expect("the steps due by 6m fire");
     assert_eq!(
-        paged(js.clone()).await,
+        paged_levels(js).await,
         BTreeSet::from([(11, 0), (11, 1)]),
-        "the new stream's incident at levels 0 and 1, none of the old"
+        "the new stream's incident at levels 0 and 1, no incident of the old store"
     );
-    svc.abort();
-    let _ = svc.await;
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use async_nats::jetstream;
 use jiff::{SignedDuration, Timestamp};
 use tocsin_incidents::{clock::ManualClock, IncidentsConfig};
-use tocsin_proto::{query::ListIncidents, subjects::STREAM_ALERTS, AlertStatus};
+use tocsin_proto::{
+    incident::IncidentSummary, query::ListIncidents, subjects::STREAM_ALERTS, AlertStatus,
+};
 use tocsin_runtime::{
     admin::Metrics,
     config::ConfigPath,
@@ -73,6 +75,35 @@ fn t(s: i64) -> Timestamp {
     "2026-04-01T12:00:00Z".parse::<Timestamp>().unwrap() + SignedDuration::from_secs(s)
 }
 
+/// A JetStream context on `client`, Tocsin's streams made.
+async fn streams_on(client: &async_nats::Client) -> jetstream::Context {
+    let js = jetstream::new(client.clone());
+    ensure_streams(&js, &JetStreamConfig::default())
+        .await
+        .unwrap();
+    js
+}
+
+/// Every incident listed, most recent first.
+async fn all_listed(client: &async_nats::Client) -> Vec<IncidentSummary> {
+    list(
+        client,
+        ListIncidents {
+            limit: Some(1000),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Each incident's number and `group` label, in the order given.
+fn numbered(incidents: &[IncidentSummary]) -> Vec<(u64, String)> {
+    incidents
+        .iter()
+        .map(|i| (i.number, i.labels["group"].clone()))
+        .collect()
+}
+
 /// A firing alert `alertname` of group `group` (both grouped on), at t(s).
 async fn publish_in_group(js: &jetstream::Context, alertname: &str, group: &str, s: i64) {
     publish_alert(
@@ -92,10 +123,7 @@ async fn publish_in_group(js: &jetstream::Context, alertname: &str, group: &str,
 async fn a_missing_or_corrupt_store_is_rebuilt_from_the_stream() {
     let nats = NatsServer::start().await;
     let client = nats.client().await;
-    let js = jetstream::new(client.clone());
-    ensure_streams(&js, &JetStreamConfig::default())
-        .await
-        .unwrap();
+    let js = streams_on(&client).await;
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().join("incidents");
 
@@ -136,14 +164,7 @@ async fn a_missing_or_corrupt_store_is_rebuilt_from_the_stream() {
     .await;
     handled_every_alert(&js, &progress).await;
     assert_eq!(log(&js).await.len(), entries + 1, "nothing decided twice");
-    let listed = list(
-        &client,
-        ListIncidents {
-            limit: Some(1000),
-            ..Default::default()
-        },
-    )
-    .await;
+    let listed = all_listed(&client).await;
     assert_eq!(&listed[1..], &after[..], "the same 20 old incidents");
     stop.cancel();
     svc.await.unwrap();
@@ -193,7 +214,6 @@ async fn a_store_ahead_of_a_new_stream_keeps_nothing_the_stream_does_not_hold() 
 
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().join("incidents");
-    let group_of = |i: &tocsin_proto::incident::IncidentSummary| i.labels["group"].clone();
     let silences = |client: async_nats::Client| async move {
         match ask::<_, QueryReply>(&client, query::LIST_SILENCES, &serde_json::Map::new()).await {
             QueryReply::Silences { silences, .. } => {
@@ -207,10 +227,7 @@ async fn a_store_ahead_of_a_new_stream_keeps_nothing_the_stream_does_not_hold() 
     {
         let nats = NatsServer::start().await;
         let client = nats.client().await;
-        let js = jetstream::new(client.clone());
-        ensure_streams(&js, &JetStreamConfig::default())
-            .await
-            .unwrap();
+        let js = streams_on(&client).await;
         for g in 0..5 {
             publish_in_group(&js, "Moved", &format!("old{g}"), g).await;
         }
@@ -246,10 +263,7 @@ async fn a_store_ahead_of_a_new_stream_keeps_nothing_the_stream_does_not_hold() 
     // the store.
     let nats = NatsServer::start().await;
     let client = nats.client().await;
-    let js = jetstream::new(client.clone());
-    ensure_streams(&js, &JetStreamConfig::default())
-        .await
-        .unwrap();
+    let js = streams_on(&client).await;
     let publish = |g: i64| {
         let js = js.clone();
         async move { publish_in_group(&js, "Moved", &format!("new{g}"), 100 + g).await }
@@ -268,15 +282,8 @@ async fn a_store_ahead_of_a_new_stream_keeps_nothing_the_stream_does_not_hold() 
     // Started again against it: only what the new stream holds.
     let (svc, stop, progress) = run_until_stopped(&nats.url(), &dir).await;
     handled_every_alert(&js, &progress).await;
-    let listed = list(
-        &client,
-        ListIncidents {
-            limit: Some(1000),
-            ..Default::default()
-        },
-    )
-    .await;
-    let seen: Vec<(u64, String)> = listed.iter().map(|i| (i.number, group_of(i))).collect();
+    let listed = all_listed(&client).await;
+    let seen = numbered(&listed);
     assert_eq!(
         seen,
         [(2, "new1".to_string()), (1, "new0".to_string())],
@@ -291,7 +298,7 @@ async fn a_store_ahead_of_a_new_stream_keeps_nothing_the_stream_does_not_hold() 
     // other incident bears it.
     publish(2).await;
     let all = wait_for(&client, "3 incidents", |all| all.len() == 3).await;
-    let seen: Vec<(u64, String)> = all.iter().map(|i| (i.number, group_of(i))).collect();
+    let seen = numbered(&all);
     assert_eq!(
         seen,
         [
@@ -313,15 +320,8 @@ async fn a_stream_lost_while_running_is_followed_from_its_start() {
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().join("incidents");
     let mut nats = NatsServer::start().await;
-    let streams = |client: async_nats::Client| async move {
-        let js = jetstream::new(client);
-        ensure_streams(&js, &JetStreamConfig::default())
-            .await
-            .unwrap();
-        js
-    };
     let client = nats.client().await;
-    let js = streams(client.clone()).await;
+    let js = streams_on(&client).await;
     for g in 0..5 {
         publish_in_group(&js, "Lost", &format!("old{g}"), g).await;
     }
@@ -332,17 +332,14 @@ async fn a_stream_lost_while_running_is_followed_from_its_start() {
     std::fs::remove_dir_all(nats.store_dir()).unwrap();
     nats.restart().await;
     let client = nats.client().await;
-    let js = streams(client.clone()).await;
+    let js = streams_on(&client).await;
     publish_in_group(&js, "Lost", "new0", 100).await;
     publish_in_group(&js, "Lost", "new1", 101).await;
     let all = wait_for(&client, "the new stream's 2 incidents", |all| {
         all.len() == 2
     })
     .await;
-    let seen: Vec<(u64, String)> = all
-        .iter()
-        .map(|i| (i.number, i.labels["group"].clone()))
-        .collect();
+    let seen = numbered(&all);
     assert_eq!(
         seen,
         [(2, "new1".to_string()), (1, "new0".to_string())],
