@@ -834,19 +834,7 @@ async fn tracks_ahead_of_a_new_stream_give_way_to_what_the_stream_holds() {
     // due at 5m, all in the store.
     {
         let nats = NatsServer::start().await;
-        let js = streams_on(&nats).await;
-        let progress = Progress::new();
-        for i in 0..5 {
-            publish_opened(&js, i).await;
-        }
-        let (svc, conn) = start(&nats.url(), dir.path(), clock.clone(), &progress).await;
-        progress
-            .wait_until("escalation", Duration::from_secs(30), |m| {
-                m.read(STREAM_INCIDENTS) >= 5 && m.timers_reached(t0())
-            })
-            .await
-            .expect("the first levels fire");
-        assert_eq!(paged_levels(&js).await.len(), 5);
+        let (svc, conn) = five_paged(&nats, dir.path(), &clock, &Progress::new()).await;
         svc.abort();
         let _ = svc.await;
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.drain()).await;
@@ -874,19 +862,8 @@ async fn a_stream_lost_while_running_is_followed_from_its_start() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(t0()));
     let mut nats = NatsServer::start().await;
-    let js = streams_on(&nats).await;
     let progress = Progress::new();
-    for i in 0..5 {
-        publish_opened(&js, i).await;
-    }
-    let (svc, _conn) = start(&nats.url(), dir.path(), clock.clone(), &progress).await;
-    progress
-        .wait_until("escalation", Duration::from_secs(30), |m| {
-            m.read(STREAM_INCIDENTS) >= 5 && m.timers_reached(t0())
-        })
-        .await
-        .expect("the first levels fire");
-    assert_eq!(paged_levels(&js).await.len(), 5);
+    let (svc, _conn) = five_paged(&nats, dir.path(), &clock, &progress).await;
 
     // NATS restarted with its storage gone; the streams made again (as a
     // deployment's start does) and one new incident on them.
@@ -898,6 +875,30 @@ async fn a_stream_lost_while_running_is_followed_from_its_start() {
     only_the_new_stream_is_paged(&js, &clock, &progress).await;
     svc.abort();
     let _ = svc.await;
+}
+
+/// Escalation started on `nats` (streams made) with its store in `dir`
+/// after incidents 1-5 opened there; returned once their first levels are
+/// paged (the second due at 5m).
+async fn five_paged(
+    nats: &NatsServer,
+    dir: &std::path::Path,
+    clock: &Arc<ManualClock>,
+    progress: &Progress,
+) -> (tokio::task::JoinHandle<()>, async_nats::Client) {
+    let js = streams_on(nats).await;
+    for i in 0..5 {
+        publish_opened(&js, i).await;
+    }
+    let started = start(&nats.url(), dir, clock.clone(), progress).await;
+    progress
+        .wait_until("escalation", Duration::from_secs(30), |m| {
+            m.read(STREAM_INCIDENTS) >= 5 && m.timers_reached(t0())
+        })
+        .await
+        .expect("the first levels fire");
+    assert_eq!(paged_levels(&js).await.len(), 5);
+    started
 }
 
 /// (incident number, level) of every page on NOTIFY.
