@@ -8,7 +8,10 @@ use async_nats::jetstream;
 use jiff::{SignedDuration, Timestamp};
 use tocsin_incidents::{clock::ManualClock, IncidentsConfig};
 use tocsin_proto::{
-    incident::IncidentSummary, query::ListIncidents, subjects::STREAM_ALERTS, AlertStatus,
+    incident::{IncidentSummary, LogEntry},
+    query::ListIncidents,
+    subjects::{STREAM_ALERTS, STREAM_DEADLETTER, STREAM_INCIDENTS},
+    AlertStatus,
 };
 use tocsin_runtime::{
     admin::Metrics,
@@ -19,7 +22,7 @@ use tocsin_runtime::{
     CancellationToken,
 };
 use tocsin_tests::{
-    incidents::{alert, list, log, publish_alert, wait_for},
+    incidents::{alert, list, log, publish_alert, try_publish_alerts, wait_for},
     NatsServer,
 };
 
@@ -344,6 +347,84 @@ async fn a_stream_lost_while_running_is_followed_from_its_start() {
         seen,
         [(2, "new1".to_string()), (1, "new0".to_string())],
         "the new stream's incidents, none of the old"
+    );
+    stop.cancel();
+    svc.await.unwrap();
+}
+
+/// A batch that failed on the old stream made the service take the alerts
+/// up to its ALERTS sequence one at a time (the careful way). On a new
+/// stream those sequences are new alerts: they must go the usual way, a
+/// request's alerts that join one incident written as one entry, not one
+/// entry each.
+#[tokio::test]
+async fn a_failed_batch_on_a_lost_stream_does_not_slow_the_new_one() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("incidents");
+    let mut nats = NatsServer::start().await;
+    let client = nats.client().await;
+    let js = streams_on(&client).await;
+    for g in 0..10 {
+        publish_in_group(&js, "Lost", &format!("old{g}"), g).await;
+    }
+    let (svc, stop, _) = run_until_stopped(&nats.url(), &dir).await;
+    wait_for(&client, "10 incidents", |all| all.len() == 10).await;
+
+    // A real refusal: INCIDENTS takes no entry now, so the next alert's
+    // batch fails and it is dead-lettered the careful way.
+    let mut cfg = tocsin_tests::bus::stream_config(&js, STREAM_INCIDENTS).await;
+    cfg.max_message_size = 64;
+    js.update_stream(cfg).await.unwrap();
+    publish_in_group(&js, "Lost", "refused", 10).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while tocsin_tests::bus::count(&js, STREAM_DEADLETTER).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refused alert was never dead-lettered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    nats.stop();
+    std::fs::remove_dir_all(nats.store_dir()).unwrap();
+    nats.restart().await;
+    let client = nats.client().await;
+    let js = streams_on(&client).await;
+    let three: Vec<_> = (0..3)
+        .map(|i| {
+            alert(
+                &[
+                    ("alertname", "Lost"),
+                    ("group", "new"),
+                    ("host", &format!("h{i}")),
+                ],
+                &["alertname", "group"],
+                AlertStatus::Firing,
+                t(100),
+            )
+        })
+        .collect();
+    let seq = try_publish_alerts(&js, three, t(100)).await.unwrap();
+    assert_eq!(seq, 1, "the new stream's first message");
+    let all = wait_for(
+        &client,
+        "the new stream's incident with its 3 alerts",
+        |all| all.len() == 1 && all[0].alerts_total == 3,
+    )
+    .await;
+    assert_eq!(numbered(&all), [(1, "new".to_string())]);
+    let kinds: Vec<&str> = log(&js)
+        .await
+        .iter()
+        .map(|(_, e)| match e {
+            LogEntry::Incident(ev) => ev.kind.name(),
+            LogEntry::Silence { .. } => "silence",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        ["opened"],
+        "the request's 3 alerts joining one incident are one entry"
     );
     stop.cancel();
     svc.await.unwrap();
