@@ -105,30 +105,40 @@ impl Records {
         let stream = format!("KV_{BUCKET}");
         let msgs = tocsin_runtime::streams::read_matching(&self.js, &stream, filter).await?;
         let prefix = format!("$KV.{BUCKET}.");
-        let mut out: Vec<Stored> = Vec::new();
+        // History 1: one message per key, except a put racing the read; the
+        // later one wins (a delete or purge marker leaves none), in the
+        // stream's order. By key, so an incident with many records is read
+        // in linear time.
+        let mut latest: std::collections::HashMap<String, (u64, Option<Record>)> =
+            std::collections::HashMap::new();
         for m in msgs {
             let Some(key) = m.subject.strip_prefix(&prefix) else {
                 continue;
             };
-            // History 1: one message per key, except a put racing the read;
-            // the later one wins.
-            out.retain(|s| s.key != key);
-            let op = m
+            let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+            let deleted = m
                 .headers
                 .as_ref()
-                .and_then(|h| h.get("KV-Operation"))
-                .map(|v| v.as_str().to_string());
-            if op.is_some() || m.payload.is_empty() {
-                continue; // a delete or purge marker
-            }
-            if let Ok(record) = decode(&m.payload) {
-                out.push(Stored {
-                    key: key.to_string(),
-                    record,
-                    revision: m.info().map(|i| i.stream_sequence).unwrap_or(0),
-                });
-            }
+                .is_some_and(|h| h.get("KV-Operation").is_some())
+                || m.payload.is_empty();
+            let record = if deleted {
+                None
+            } else {
+                decode(&m.payload).ok()
+            };
+            latest.insert(key.to_string(), (seq, record));
         }
+        let mut out: Vec<Stored> = latest
+            .into_iter()
+            .filter_map(|(key, (revision, record))| {
+                record.map(|record| Stored {
+                    key,
+                    record,
+                    revision,
+                })
+            })
+            .collect();
+        out.sort_by_key(|s| s.revision);
         Ok(out)
     }
 }
