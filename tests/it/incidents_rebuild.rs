@@ -107,6 +107,57 @@ fn numbered(incidents: &[IncidentSummary]) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// The service running on NATS whose stream holds `n` incidents
+/// (`old0`...), listed; its store in a temporary folder.
+struct Running {
+    _data: tempfile::TempDir,
+    nats: NatsServer,
+    client: async_nats::Client,
+    svc: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+impl Running {
+    async fn with_old(n: i64) -> Running {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join("incidents");
+        let nats = NatsServer::start().await;
+        let client = nats.client().await;
+        let js = streams_on(&client).await;
+        for g in 0..n {
+            publish_in_group(&js, "Lost", &format!("old{g}"), g).await;
+        }
+        let (svc, stop, _) = run_until_stopped(&nats.url(), &dir).await;
+        wait_for(&client, &format!("{n} incidents"), |all| {
+            all.len() == n as usize
+        })
+        .await;
+        Running {
+            _data: data,
+            nats,
+            client,
+            svc,
+            stop,
+        }
+    }
+
+    /// NATS loses its storage while the service runs (stopped, its store
+    /// folder removed, restarted); a client and Tocsin's new streams.
+    async fn lose_the_stream(&mut self) -> (async_nats::Client, jetstream::Context) {
+        self.nats.stop();
+        std::fs::remove_dir_all(self.nats.store_dir()).unwrap();
+        self.nats.restart().await;
+        let client = self.nats.client().await;
+        let js = streams_on(&client).await;
+        (client, js)
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.svc.await.unwrap();
+    }
+}
+
 /// A firing alert `alertname` of group `group` (both grouped on), at t(s).
 async fn publish_in_group(js: &jetstream::Context, alertname: &str, group: &str, s: i64) {
     publish_alert(
@@ -320,22 +371,8 @@ async fn a_store_ahead_of_a_new_stream_keeps_nothing_the_stream_does_not_hold() 
 /// the new stream's incidents, numbered from 1.
 #[tokio::test]
 async fn a_stream_lost_while_running_is_followed_from_its_start() {
-    let data = tempfile::tempdir().unwrap();
-    let dir = data.path().join("incidents");
-    let mut nats = NatsServer::start().await;
-    let client = nats.client().await;
-    let js = streams_on(&client).await;
-    for g in 0..5 {
-        publish_in_group(&js, "Lost", &format!("old{g}"), g).await;
-    }
-    let (svc, stop, _) = run_until_stopped(&nats.url(), &dir).await;
-    wait_for(&client, "5 incidents", |all| all.len() == 5).await;
-
-    nats.stop();
-    std::fs::remove_dir_all(nats.store_dir()).unwrap();
-    nats.restart().await;
-    let client = nats.client().await;
-    let js = streams_on(&client).await;
+    let mut run = Running::with_old(5).await;
+    let (client, js) = run.lose_the_stream().await;
     publish_in_group(&js, "Lost", "new0", 100).await;
     publish_in_group(&js, "Lost", "new1", 101).await;
     let all = wait_for(&client, "the new stream's 2 incidents", |all| {
@@ -348,8 +385,7 @@ async fn a_stream_lost_while_running_is_followed_from_its_start() {
         [(2, "new1".to_string()), (1, "new0".to_string())],
         "the new stream's incidents, none of the old"
     );
-    stop.cancel();
-    svc.await.unwrap();
+    run.stop().await;
 }
 
 /// A batch that failed on the old stream made the service take the alerts
@@ -359,16 +395,8 @@ async fn a_stream_lost_while_running_is_followed_from_its_start() {
 /// entry each.
 #[tokio::test]
 async fn a_failed_batch_on_a_lost_stream_does_not_slow_the_new_one() {
-    let data = tempfile::tempdir().unwrap();
-    let dir = data.path().join("incidents");
-    let mut nats = NatsServer::start().await;
-    let client = nats.client().await;
-    let js = streams_on(&client).await;
-    for g in 0..10 {
-        publish_in_group(&js, "Lost", &format!("old{g}"), g).await;
-    }
-    let (svc, stop, _) = run_until_stopped(&nats.url(), &dir).await;
-    wait_for(&client, "10 incidents", |all| all.len() == 10).await;
+    let mut run = Running::with_old(10).await;
+    let js = streams_on(&run.client).await;
 
     // A real refusal: INCIDENTS takes no entry now, so the next alert's
     // batch fails and it is dead-lettered the careful way.
@@ -385,11 +413,7 @@ async fn a_failed_batch_on_a_lost_stream_does_not_slow_the_new_one() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 
-    nats.stop();
-    std::fs::remove_dir_all(nats.store_dir()).unwrap();
-    nats.restart().await;
-    let client = nats.client().await;
-    let js = streams_on(&client).await;
+    let (client, js) = run.lose_the_stream().await;
     let three: Vec<_> = (0..3)
         .map(|i| {
             alert(
@@ -426,6 +450,5 @@ async fn a_failed_batch_on_a_lost_stream_does_not_slow_the_new_one() {
         ["opened"],
         "the request's 3 alerts joining one incident are one entry"
     );
-    stop.cancel();
-    svc.await.unwrap();
+    run.stop().await;
 }
