@@ -107,11 +107,11 @@ impl Records {
         let prefix = format!("$KV.{BUCKET}.");
         // History 1: one message per key, except a put racing the read; the
         // later one wins (a delete or purge marker leaves none), in the
-        // stream's order. By key, so an incident with many records is read
+        // order read. By key, so an incident with many records is read
         // in linear time.
-        let mut latest: std::collections::HashMap<String, (u64, Option<Record>)> =
+        let mut latest: std::collections::HashMap<String, (usize, u64, Option<Record>)> =
             std::collections::HashMap::new();
-        for m in msgs {
+        for (read, m) in msgs.into_iter().enumerate() {
             let Some(key) = m.subject.strip_prefix(&prefix) else {
                 continue;
             };
@@ -126,20 +126,24 @@ impl Records {
             } else {
                 decode(&m.payload).ok()
             };
-            latest.insert(key.to_string(), (seq, record));
+            latest.insert(key.to_string(), (read, seq, record));
         }
-        let mut out: Vec<Stored> = latest
+        let mut out: Vec<(usize, Stored)> = latest
             .into_iter()
-            .filter_map(|(key, (revision, record))| {
-                record.map(|record| Stored {
-                    key,
-                    record,
-                    revision,
-                })
+            .filter_map(|(key, (read, revision, record))| {
+                let record = record?;
+                Some((
+                    read,
+                    Stored {
+                        key,
+                        record,
+                        revision,
+                    },
+                ))
             })
             .collect();
-        out.sort_by_key(|s| s.revision);
-        Ok(out)
+        out.sort_by_key(|(read, _)| *read);
+        Ok(out.into_iter().map(|(_, s)| s).collect())
     }
 }
 
