@@ -76,6 +76,19 @@ async fn webhook_mode_posts_the_page_then_each_change() {
         t0,
     )
     .await;
+    // Each change is posted once the notifier brings the messages to the
+    // incident's state then: a resolve before the acknowledgement's post
+    // would show only the resolve (the state the incident is in).
+    assert!(
+        fakes
+            .wait_for(
+                |f| f.slack_webhook_posts().len() == 2,
+                Duration::from_secs(20)
+            )
+            .await,
+        "{:?}",
+        fakes.slack_webhook_posts()
+    );
     command(
         &client,
         &js,
