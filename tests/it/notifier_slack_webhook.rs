@@ -45,14 +45,23 @@ async fn webhook_mode_posts_the_page_then_each_change() {
     )
     .await;
     wait_for(&client, "the incident", |l| l.len() == 1).await;
-    assert!(
-        fakes
-            .wait_for(
-                |f| f.slack_webhook_posts().len() == 1,
-                Duration::from_secs(20)
-            )
-            .await
-    );
+    // Waits until Slack's webhook has `n` posts.
+    let posted = |n: usize| {
+        let fakes = &fakes;
+        async move {
+            assert!(
+                fakes
+                    .wait_for(
+                        |f| f.slack_webhook_posts().len() == n,
+                        Duration::from_secs(20)
+                    )
+                    .await,
+                "{:?}",
+                fakes.slack_webhook_posts()
+            );
+        }
+    };
+    posted(1).await;
     let page = &fakes.slack_webhook_posts()[0];
     assert!(
         page["text"].as_str().unwrap().contains("[MEDIUM] INC-1"),
@@ -79,16 +88,7 @@ async fn webhook_mode_posts_the_page_then_each_change() {
     // Each change is posted once the notifier brings the messages to the
     // incident's state then: a resolve before the acknowledgement's post
     // would show only the resolve (the state the incident is in).
-    assert!(
-        fakes
-            .wait_for(
-                |f| f.slack_webhook_posts().len() == 2,
-                Duration::from_secs(20)
-            )
-            .await,
-        "{:?}",
-        fakes.slack_webhook_posts()
-    );
+    posted(2).await;
     command(
         &client,
         &js,
@@ -99,16 +99,7 @@ async fn webhook_mode_posts_the_page_then_each_change() {
         t0,
     )
     .await;
-    assert!(
-        fakes
-            .wait_for(
-                |f| f.slack_webhook_posts().len() == 3,
-                Duration::from_secs(20)
-            )
-            .await,
-        "{:?}",
-        fakes.slack_webhook_posts()
-    );
+    posted(3).await;
     let posts = fakes.slack_webhook_posts();
     assert_eq!(posts[1]["attachments"][0]["color"], "#ECB22E");
     assert!(posts[2]["text"]
