@@ -322,3 +322,49 @@ async fn a_webhooks_alerts_of_one_incident_are_written_as_one_entry() {
         .all(|a| a.status == AlertStatus::Resolved));
     tocsin.stop().await.unwrap();
 }
+
+/// `tocsin_incidents_busy_seconds` tells where the service's time goes, so
+/// an operator can see whether it decides or waits on the bus: every stage
+/// of a batch (deciding, JetStream storing the entries, the local store,
+/// answering a command) is counted once an alert and a command went
+/// through.
+#[tokio::test]
+async fn the_time_spent_on_each_stage_of_a_batch_is_on_metrics() {
+    use tocsin_proto::command::{Action, CommandReply};
+    let nats = NatsServer::start().await;
+    let tocsin = TocsinHarness::start(&nats).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let labels = [("alertname", "DiskFull"), ("service", "db")];
+    publish_alert(
+        &js,
+        alert(&labels, &["alertname"], AlertStatus::Firing, t(0)),
+        t(0),
+    )
+    .await;
+    wait_for(&client, "incident #1", |all| all.len() == 1).await;
+    let reply = tocsin_tests::incidents::command(
+        &client,
+        &js,
+        "alice",
+        Action::Ack {
+            incident: IncidentRef::Number(1),
+        },
+        t(1),
+    )
+    .await;
+    assert!(matches!(reply, CommandReply::Accepted { .. }), "{reply:?}");
+
+    let m = tocsin.metrics().await;
+    for stage in ["decide", "stored", "save", "answer"] {
+        let name = format!("tocsin_incidents_busy_seconds_total{{stage=\"{stage}\"}} ");
+        let seconds: f64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix(&name)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{m}"));
+        assert!(
+            seconds > 0.0 && seconds < 60.0,
+            "{stage}: {seconds} s for one alert and one command"
+        );
+    }
+}

@@ -36,6 +36,7 @@ pub struct IncidentsMetrics {
     restored: Counter,
     write_failures: Counter,
     latency: Histogram,
+    busy: Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>>,
     time_to_ack: ResponseHistograms,
     time_to_resolve: ResponseHistograms,
     services: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
@@ -61,6 +62,7 @@ impl IncidentsMetrics {
             restored: Counter::default(),
             write_failures: Counter::default(),
             latency: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
+            busy: Family::default(),
             time_to_ack: Family::new_with_constructor(response_histogram),
             time_to_resolve: Family::new_with_constructor(response_histogram),
             services: Default::default(),
@@ -126,7 +128,23 @@ impl IncidentsMetrics {
             "From ingest receiving an alert to its incident events being stored",
             s.latency.clone(),
         );
+        m.register(
+            "tocsin_incidents_busy_seconds",
+            "Time spent on batches of inputs, by stage: decide (deciding and sending \
+             their entries, and inputs taken one at a time), stored (waiting for \
+             JetStream to store the entries: the bus's synced writes), save (the local \
+             store), answer (acknowledging and answering commands). The rate of the \
+             sum is the share of time the service is busy; near 1 it is saturated",
+            s.busy.clone(),
+        );
         s
+    }
+
+    /// Adds `d` to the time spent on batches of inputs at `stage`.
+    pub(crate) fn busy(&self, stage: &str, d: std::time::Duration) {
+        self.busy
+            .get_or_create(&labels(&[("stage", stage)]))
+            .inc_by(d.as_secs_f64());
     }
 }
 

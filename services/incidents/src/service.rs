@@ -112,11 +112,19 @@ pub(crate) struct Service {
     careful_until: AtomicU64,
     /// The same for commands, by COMMANDS sequence.
     careful_commands: AtomicU64,
+    /// Microseconds spent finishing batches (their entries stored, the
+    /// projection saved, commands answered), so the rest of a batch's
+    /// time counts as deciding (`tocsin_incidents_busy_seconds`).
+    finishing: AtomicU64,
     /// Commands of a failed batch not answered yet.
     give_back: Mutex<Vec<jetstream::Message>>,
     /// This tenure's marker, which every entry names (see
     /// `tocsin_runtime::fence`); None outside a lease.
     fence: Mutex<Option<Fence>>,
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// JetStream stores a message only if the stream's last sequence is this
@@ -406,6 +414,7 @@ impl Service {
             abandoned: Mutex::new(HashSet::new()),
             careful_until: AtomicU64::new(0),
             careful_commands: AtomicU64::new(0),
+            finishing: AtomicU64::new(0),
             give_back: Mutex::new(Vec::new()),
             fence: Mutex::new(None),
         })
@@ -1042,6 +1051,24 @@ impl Service {
         inputs: Vec<Ready>,
         shutdown: &CancellationToken,
     ) -> Option<(u64, u64)> {
+        // What is not finishing (stored, save, answer) is deciding.
+        let started = Instant::now();
+        let finishing = self.finishing.load(Ordering::Relaxed);
+        let r = self.on_inputs_timed(inputs, shutdown).await;
+        let finished = self.finishing.load(Ordering::Relaxed) - finishing;
+        let total = micros(started.elapsed());
+        self.metrics.busy(
+            "decide",
+            Duration::from_micros(total.saturating_sub(finished)),
+        );
+        r
+    }
+
+    async fn on_inputs_timed(
+        &self,
+        inputs: Vec<Ready>,
+        shutdown: &CancellationToken,
+    ) -> Option<(u64, u64)> {
         // Taken before the first entry is folded in ahead of its
         // acknowledgement, let go before an input goes the careful way
         // (which may wait long, on a full stream say).
@@ -1424,17 +1451,37 @@ impl Service {
     /// projection once with the alerts recorded as handled, then answers
     /// and acknowledges the commands.
     async fn finish(&self, sent: &mut Vec<Sent>, handled: &mut Vec<Handled>) -> Result<(), String> {
+        let started = Instant::now();
+        let r = self.finish_timed(sent, handled).await;
+        self.finishing
+            .fetch_add(micros(started.elapsed()), Ordering::Relaxed);
+        r
+    }
+
+    async fn finish_timed(
+        &self,
+        sent: &mut Vec<Sent>,
+        handled: &mut Vec<Handled>,
+    ) -> Result<(), String> {
         let mut top = 0;
-        for (ack, entry) in sent.drain(..) {
-            let ack = ack.await.map_err(|e| e.to_string())?;
-            top = top.max(ack.sequence);
-            if !ack.duplicate {
-                self.written(&entry);
+        let started = Instant::now();
+        let stored = async {
+            for (ack, entry) in sent.drain(..) {
+                let ack = ack.await.map_err(|e| e.to_string())?;
+                top = top.max(ack.sequence);
+                if !ack.duplicate {
+                    self.written(&entry);
+                }
             }
+            Ok::<_, String>(())
         }
+        .await;
+        self.metrics.busy("stored", started.elapsed());
+        stored?;
         if handled.is_empty() {
             return Ok(());
         }
+        let saving = Instant::now();
         {
             let mut p = write(&self.proj);
             p.incidents_seq = p.incidents_seq.max(top);
@@ -1453,6 +1500,8 @@ impl Service {
             self.metrics.sizes(p.open_count, p.incidents.len());
             self.save(&mut p);
         }
+        self.metrics.busy("save", saving.elapsed());
+        let answering = Instant::now();
         let now = Timestamp::now();
         // Commands are answered and acknowledged all at once: each
         // acknowledgement is a round trip to JetStream.
@@ -1473,6 +1522,7 @@ impl Service {
             }
         }
         futures::future::join_all(done).await;
+        self.metrics.busy("answer", answering.elapsed());
         Ok(())
     }
 

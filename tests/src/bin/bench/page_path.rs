@@ -9,7 +9,7 @@
 //! backoff, and its latency counts from the first attempt.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     path::PathBuf,
     process::Command,
     sync::{
@@ -699,6 +699,88 @@ pub async fn tocsin_peer(
     Ok((receiver, stack, target))
 }
 
+/// Samples the incidents service's `tocsin_incidents_busy_seconds` (time
+/// spent on input batches, by stage) every 250 ms while the phases are
+/// sent, to tell per phase where its time went: near 100% in all, the
+/// service is saturated; mostly `stored`, it waits on the bus's synced
+/// writes.
+struct BusySampler {
+    started: Instant,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Vec<(Instant, BTreeMap<String, f64>)>>,
+}
+
+impl BusySampler {
+    const METRIC: &'static str = "tocsin_incidents_busy_seconds_total";
+
+    fn start(admin: String) -> BusySampler {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .expect("an HTTP client");
+            let mut taken = Vec::new();
+            loop {
+                let at = Instant::now();
+                if let Ok(r) = http.get(format!("{admin}/metrics")).send().await {
+                    let text = r.text().await.unwrap_or_default();
+                    let stages = super::samples(&text, Self::METRIC)
+                        .into_iter()
+                        .map(|(labels, v)| (labels.replace("stage=", "").replace('"', ""), v))
+                        .collect();
+                    taken.push((at, stages));
+                }
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+            taken
+        });
+        BusySampler {
+            started: Instant::now(),
+            stop,
+            task,
+        }
+    }
+
+    /// Per phase (the phases were sent from `started`, one after another
+    /// at their rates), each stage's share of the phase's time.
+    async fn stop(self, phases: &[Phase]) -> String {
+        self.stop.cancel();
+        let taken = self.task.await.unwrap_or_default();
+        let mut out = Vec::new();
+        let mut from = self.started;
+        for (pi, phase) in phases.iter().enumerate() {
+            let to = from + Duration::from_secs(u64::from(phase.secs));
+            let first = taken.iter().find(|(at, _)| *at >= from);
+            let last = taken.iter().rev().find(|(at, _)| *at <= to);
+            let shares = match (first, last) {
+                (Some((a, before)), Some((b, after))) if b > a => {
+                    let secs = b.duration_since(*a).as_secs_f64();
+                    let mut total = 0.0;
+                    let mut parts: Vec<String> = after
+                        .iter()
+                        .map(|(stage, v)| {
+                            let share = (v - before.get(stage).copied().unwrap_or(0.0)) / secs;
+                            total += share;
+                            format!("{stage} {:.0}%", share * 100.0)
+                        })
+                        .collect();
+                    parts.insert(0, format!("busy {:.0}%:", total * 100.0));
+                    parts.join(" ")
+                }
+                _ => "not sampled".to_string(),
+            };
+            out.push(format!("phase {} {shares}", pi + 1));
+            from = to;
+        }
+        out.join("; ")
+    }
+}
+
 /// One Tocsin repetition: fresh nats-server, processes, data.
 async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> {
     let (receiver, mut stack, target) = tocsin_peer("", "", run).await?;
@@ -707,10 +789,15 @@ async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> 
     let writes_before = stream_writes(&js).await?;
     let cpu_before = peer::cpu_ticks_of(&pids);
     let each_before: Vec<Option<u64>> = pids.iter().map(|p| peer::cpu_ticks(*p)).collect();
+    let busy = BusySampler::start(stack.admin_url("incidents")?);
     let (latencies, pages_per_s, lost, duplicated, failed) = {
         let mut check = || stack.check();
         drive("Tocsin", &target, &receiver, phases, run, &mut check).await?
     };
+    println!(
+        "  Tocsin: the incidents service's time by stage, per phase (stored: waiting for JetStream's synced writes of its entries): {}",
+        busy.stop(phases).await
+    );
     // The pages are in; their receipts (COMMANDS, then INCIDENTS) may still
     // be queued. Counted once applied, so the CPU and the writes below are
     // a page's whole cost, not what was done by the time it arrived.
