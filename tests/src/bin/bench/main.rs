@@ -248,7 +248,10 @@
 //! - **ingest** also runs the raw side as JetStream atomic batches (one
 //!   batch of 100 per request, on a stream of its own with atomic
 //!   publishes allowed); **alert→page** prints the JetStream messages
-//!   stored per alert, by stream (last-sequence deltas over the run).
+//!   stored per alert, by stream (last-sequence deltas over the run), and
+//!   per phase the share of time the incidents service spent on each stage
+//!   of its input batches (`tocsin_incidents_busy_seconds_total`, sampled
+//!   every 250 ms).
 //! - **recovery** (no peer; fresh processes per repetition): the
 //!   alert→page processes and config; 100,000 alerts (`--quick` 5,000;
 //!   `--incidents N`), each a new incident (its own `bench_id`), 100 per
