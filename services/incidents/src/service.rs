@@ -1064,6 +1064,8 @@ impl Service {
         r
     }
 
+    /// [`Service::on_inputs`] itself; the caller counts its time, less
+    /// what [`Service::finish`] counted, as `decide`.
     async fn on_inputs_timed(
         &self,
         inputs: Vec<Ready>,
@@ -1458,6 +1460,8 @@ impl Service {
         r
     }
 
+    /// [`Service::finish`] itself, counting each stage's time (`stored`,
+    /// `save`, `answer`) in `tocsin_incidents_busy_seconds`.
     async fn finish_timed(
         &self,
         sent: &mut Vec<Sent>,
