@@ -722,7 +722,14 @@ impl BusySampler {
                 .build()
                 .expect("an HTTP client");
             let mut taken = Vec::new();
+            // The sampling cadence, not a wait for something to happen.
+            let mut every = tokio::time::interval(Duration::from_millis(250));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = every.tick() => {}
+                }
                 let at = Instant::now();
                 if let Ok(r) = http.get(format!("{admin}/metrics")).send().await {
                     let text = r.text().await.unwrap_or_default();
@@ -731,10 +738,6 @@ impl BusySampler {
                         .map(|(labels, v)| (labels.replace("stage=", "").replace('"', ""), v))
                         .collect();
                     taken.push((at, stages));
-                }
-                tokio::select! {
-                    _ = token.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                 }
             }
             taken
