@@ -269,8 +269,9 @@ async fn paced_burst(a_node: &NatsServer, b_node: &NatsServer, replicas: usize, 
 /// A burst for one destination: each replica asks for many of its turns
 /// at once (a task per page pulled). Unless a replica books them one at
 /// a time, they race each other for the destination's key in the bucket,
-/// and one that loses 16 times in a row is booked alone, at the replica's
-/// share of the rate and unseen by the other replica.
+/// and one that keeps losing until `shared_booking_timeout` is booked
+/// alone, at the replica's share of the rate and unseen by the other
+/// replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_for_one_destination_is_booked_together_turn_by_turn() {
     let nats = NatsServer::start().await;

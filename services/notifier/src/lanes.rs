@@ -277,8 +277,8 @@ impl Lanes {
     /// per destination at a time from this replica, at the clock's time
     /// once it is this booking's go (also returned). Otherwise a burst of
     /// pages for one destination races itself for its key, and a booking
-    /// that loses 16 times in a row is made alone; this way only the
-    /// replicas race. The wait for the other bookings does not count
+    /// that keeps losing until `shared_timeout` is made alone; this way
+    /// only the replicas race. The wait for the other bookings does not count
     /// against `shared_timeout`: each of them does, and once one fails
     /// the others book alone at once.
     async fn book_shared(
