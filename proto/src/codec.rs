@@ -76,6 +76,16 @@ pub fn decode_pages(
     decode_one_or_many(crate::subjects::is_notify_batch(subject), bytes)
 }
 
+/// Decodes an INCIDENTS message: the entries it holds, in order (several
+/// on [`crate::subjects::INCIDENTS_BATCH`], else one). A message's entries
+/// share its stream sequence; their place in the log is (sequence, index).
+pub fn decode_entries(
+    subject: &str,
+    bytes: &[u8],
+) -> Result<Envelope<Vec<crate::incident::LogEntry>>, CodecError> {
+    decode_one_or_many(crate::subjects::is_incidents_batch(subject), bytes)
+}
+
 /// An `Envelope<Vec<T>>` if `many`, else an `Envelope<T>` as one of one.
 fn decode_one_or_many<T: DeserializeOwned>(
     many: bool,
@@ -142,6 +152,46 @@ mod tests {
     fn golden_bytes() -> Vec<u8> {
         let hex: String = GOLDEN.split_whitespace().collect();
         hex::decode(hex).expect("golden file is hex")
+    }
+
+    #[test]
+    fn an_incidents_batch_gives_its_entries_in_order_and_another_message_one() {
+        use crate::incident::{Cause, EventKind, IncidentEvent, IncidentSummary, LogEntry};
+        let at: jiff::Timestamp = "2025-01-15T10:00:00Z".parse().unwrap();
+        let entry = |n: u64, kind: EventKind| {
+            LogEntry::Incident(IncidentEvent {
+                kind,
+                at,
+                actor: None,
+                cause: Cause::Command {
+                    id: format!("c{n}"),
+                },
+                incident: IncidentSummary::new(uuid::Uuid::from_u128(n.into()), n, "k", "t", at),
+            })
+        };
+        let paged = entry(
+            1,
+            EventKind::Paged {
+                level: 0,
+                repeat: 0,
+                pages: vec!["alice".into()],
+                reason: String::new(),
+                fired: None,
+            },
+        );
+        assert!(paged.is_packed());
+        let acked = entry(2, EventKind::Acknowledged);
+        assert!(!acked.is_packed());
+        let both = vec![paged.clone(), acked.clone()];
+        let bytes = encode(&Envelope::new("incidents", at, both.clone())).unwrap();
+        let got = decode_entries(crate::subjects::INCIDENTS_BATCH, &bytes).unwrap();
+        assert_eq!(got.body, both);
+        let one = encode(&Envelope::new("incidents", at, acked.clone())).unwrap();
+        let got = decode_entries(&acked.subject(), &one).unwrap();
+        assert_eq!(got.body, vec![acked]);
+        // A batch read as one entry, or one entry as a batch, is refused.
+        assert!(decode_entries("tocsin.incidents.inc.x.opened", &bytes).is_err());
+        assert!(decode_entries(crate::subjects::INCIDENTS_BATCH, &one).is_err());
     }
 
     #[test]

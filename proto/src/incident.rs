@@ -479,6 +479,30 @@ impl LogEntry {
         }
     }
 
+    /// Whether the incidents service stores this entry with others of a
+    /// batch in one message on [`crate::subjects::INCIDENTS_BATCH`]: the
+    /// receipts (`paged`, `delivery`), which change nothing of the incident
+    /// but its timeline. Every other entry has a message of its own on
+    /// [`LogEntry::subject`], so the last message of an incident's subjects
+    /// always holds its summary as it stands.
+    pub fn is_packed(&self) -> bool {
+        matches!(
+            self,
+            LogEntry::Incident(IncidentEvent {
+                kind: EventKind::Paged { .. } | EventKind::Delivery { .. },
+                ..
+            })
+        )
+    }
+
+    /// The incident this entry is about (None for a silence's).
+    pub fn incident_id(&self) -> Option<uuid::Uuid> {
+        match self {
+            LogEntry::Incident(e) => Some(e.incident.id),
+            LogEntry::Silence { .. } => None,
+        }
+    }
+
     /// The subject this entry is published on.
     pub fn subject(&self) -> String {
         match self {

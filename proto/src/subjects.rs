@@ -126,6 +126,21 @@ pub fn incident_subject(id: &uuid::Uuid, kind: &str) -> String {
     format!("tocsin.incidents.inc.{}.{kind}", id.simple())
 }
 
+/// Subject of a message holding several incident entries (an
+/// `Envelope<Vec<LogEntry>>`, in the order they were decided): the
+/// receipts (`paged`, `delivery`) of one COMMANDS message, which the
+/// incidents service stores together so that JetStream syncs one message
+/// for all of them ([`crate::incident::LogEntry::is_packed`]). Not under
+/// `tocsin.incidents.inc.`: filters by incident or by kind do not take it;
+/// readers of those kinds add it to their filter and split it
+/// ([`crate::codec::decode_entries`]).
+pub const INCIDENTS_BATCH: &str = "tocsin.incidents.batch";
+
+/// Whether an INCIDENTS message holds several entries ([`INCIDENTS_BATCH`]).
+pub fn is_incidents_batch(subject: &str) -> bool {
+    subject == INCIDENTS_BATCH
+}
+
 /// Subject of a silence change: `tocsin.incidents.silence.<id>.<kind>`.
 /// Silence ids are generated as UUIDs (simple form) and checked with
 /// [`is_valid_token`] when created.

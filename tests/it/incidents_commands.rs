@@ -577,6 +577,133 @@ async fn receipts_sent_together_are_each_applied_once_and_a_misfit_goes_alone() 
     settled_with(6).await;
 }
 
+/// The receipts of one COMMANDS message are stored as one INCIDENTS
+/// message (`tocsin.incidents.batch`, so JetStream syncs once for all of
+/// them), not one each on the incident's subjects; each incident's
+/// timeline still shows its own, in the log's order, and so does a store
+/// rebuilt from the stream (a fresh data directory).
+#[tokio::test]
+async fn receipts_of_one_message_are_stored_together_and_on_each_timeline() {
+    use tocsin_proto::{
+        codec,
+        command::{batch_subject, Command},
+        incident::Actor,
+        subjects::{headers, INCIDENTS_BATCH, STREAM_COMMANDS, STREAM_INCIDENTS},
+        Envelope,
+    };
+    use tocsin_tests::bus;
+    let nats = NatsServer::start().await;
+    let tocsin = TocsinHarness::start(&nats).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    for name in ["A", "B", "C"] {
+        publish_alert(
+            &js,
+            alert(
+                &[("alertname", name)],
+                &["alertname"],
+                AlertStatus::Firing,
+                t(0),
+            ),
+            t(0),
+        )
+        .await;
+    }
+    wait_for(&client, "three incidents", |l| l.len() == 3).await;
+    let escalation = Actor::new("escalation", "tocsin");
+    let paged: Vec<Command> = (1..=3)
+        .map(|n| {
+            Command::new(
+                escalation.clone(),
+                Action::Paged {
+                    incident: IncidentRef::Number(n),
+                    level: 0,
+                    repeat: 0,
+                    pages: vec![format!("user{n} via sms")],
+                    reason: "level 1".into(),
+                    fired: None,
+                },
+            )
+        })
+        .collect();
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::MSG_ID, "receipts-1");
+    let env = Envelope::new("escalation", t(1), paged);
+    js.publish_with_headers(
+        batch_subject("paged"),
+        h,
+        codec::encode(&env).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    eventually("the receipts applied and their message taken", || async {
+        let paged = log(&js)
+            .await
+            .into_iter()
+            .filter(|(_, e)| {
+                matches!(e, LogEntry::Incident(ev) if matches!(ev.kind, EventKind::Paged { .. }))
+            })
+            .count();
+        match (paged, bus::count(&js, STREAM_COMMANDS).await) {
+            (3, 0) => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+
+    // One message holds the three, and no receipt has a message of its own.
+    let raw = bus::stored_raw(&js, STREAM_INCIDENTS).await;
+    let subjects: Vec<&str> = raw.iter().map(|(_, m)| m.subject.as_str()).collect();
+    let batches: Vec<_> = raw
+        .iter()
+        .filter(|(_, m)| m.subject.as_str() == INCIDENTS_BATCH)
+        .collect();
+    assert_eq!(batches.len(), 1, "one message of receipts: {subjects:?}");
+    assert_eq!(
+        batches[0]
+            .1
+            .headers
+            .get(headers::ITEMS)
+            .map(|v| v.as_str().to_string()),
+        Some("3".to_string())
+    );
+    assert!(
+        !subjects.iter().any(|s| s.ends_with(".paged")),
+        "{subjects:?}"
+    );
+
+    // Each timeline shows its own receipt, after its opening.
+    let timelines = |client: async_nats::Client| async move {
+        let mut out = Vec::new();
+        for n in 1..=3 {
+            let d = get(&client, IncidentRef::Number(n)).await;
+            let kinds: Vec<String> = d
+                .timeline
+                .iter()
+                .map(|e| match &e.kind {
+                    EventKind::Paged { pages, .. } => format!("paged {}", pages.join(",")),
+                    k => k.name().to_string(),
+                })
+                .collect();
+            out.push(kinds);
+        }
+        out
+    };
+    let want: Vec<Vec<String>> = (1..=3)
+        .map(|n| vec!["opened".to_string(), format!("paged user{n} via sms")])
+        .collect();
+    assert_eq!(timelines(client.clone()).await, want);
+
+    // A fresh data directory: the store, its index of receipts included,
+    // is rebuilt from the stream.
+    tocsin.stop().await.unwrap();
+    let _again = TocsinHarness::start(&nats).await;
+    wait_for(&client, "three incidents", |l| l.len() == 3).await;
+    assert_eq!(timelines(client.clone()).await, want);
+}
+
 /// Silences are bounded in number (`incidents.max_silences`, as
 /// Alertmanager's `--silences.max-silences`): one more is refused with the
 /// reason, a silence replaced under its id or one made after another

@@ -77,7 +77,7 @@ async fn a_600_kb_label_is_stored_truncated_and_the_next_100_alerts_become_incid
     );
 
     // Every stored entry is within the budget, and nothing was dead-lettered.
-    let stored = bus::read_stream::<LogEntry>(&js, STREAM_INCIDENTS).await;
+    let stored = bus::read_entries(&js).await;
     assert_eq!(stored.len(), 101);
     let s = js.get_stream(STREAM_INCIDENTS).await.unwrap();
     for m in &stored {
@@ -120,9 +120,7 @@ async fn a_600_kb_label_is_stored_truncated_and_the_next_100_alerts_become_incid
     })
     .await;
     assert_eq!(
-        bus::read_stream::<LogEntry>(&js, STREAM_INCIDENTS)
-            .await
-            .len(),
+        bus::read_entries(&js).await.len(),
         102,
         "the repeat of the big alert wrote nothing"
     );
@@ -317,7 +315,7 @@ async fn a_cut_alert_decided_again_after_a_restart_writes_nothing_new() {
     )
     .await;
     wait_for(&client, "the next alert's incident", |all| all.len() == 2).await;
-    let kinds: Vec<&str> = bus::read_stream::<LogEntry>(&js, STREAM_INCIDENTS)
+    let kinds: Vec<&str> = bus::read_entries(&js)
         .await
         .iter()
         .map(|m| match &m.envelope.body {

@@ -3,7 +3,7 @@
 use async_nats::{jetstream, HeaderMap};
 use serde::de::DeserializeOwned;
 use tocsin_proto::{
-    codec::{decode_alerts, decode_commands, decode_envelope, decode_pages},
+    codec::{decode_alerts, decode_commands, decode_entries, decode_envelope, decode_pages},
     command::Command,
     subjects::{STREAM_ALERTS, STREAM_COMMANDS},
     Alert, Envelope,
@@ -47,6 +47,15 @@ pub async fn read_alerts(js: &jetstream::Context) -> Vec<Stored<Alert>> {
 /// headers).
 pub async fn read_commands(js: &jetstream::Context) -> Vec<Stored<Command>> {
     read_each(js, STREAM_COMMANDS, decode_commands).await
+}
+
+/// Every entry currently on INCIDENTS, in order: a message holding
+/// several (the receipts the incidents service stores together) gives
+/// each of them, with the message's sequence, subject and headers.
+pub async fn read_entries(
+    js: &jetstream::Context,
+) -> Vec<Stored<tocsin_proto::incident::LogEntry>> {
+    read_each(js, tocsin_proto::subjects::STREAM_INCIDENTS, decode_entries).await
 }
 
 /// Every page currently on NOTIFY, in order: a message holding several

@@ -11,7 +11,7 @@ use tocsin_proto::{
     command::{Action, Command, CommandReply, IncidentRef},
     incident::{Actor, IncidentSummary, LogEntry},
     query::{GetIncident, IncidentDetail, ListIncidents, QueryReply},
-    subjects::{alert_batch_subject, alert_subject, headers, query, STREAM_INCIDENTS},
+    subjects::{alert_batch_subject, alert_subject, headers, is_incidents_batch, query},
     Alert, AlertStatus, Envelope, Fingerprint, Labels, Origin, SourceKind,
 };
 
@@ -289,17 +289,23 @@ pub async fn wait_for<F: Fn(&[IncidentSummary]) -> bool>(
     .await
 }
 
-/// Every entry of the INCIDENTS stream with its message id.
+/// Every entry of the INCIDENTS stream with its message id; an entry of
+/// a message of several (receipts stored together) with the id it would
+/// have on its own ([`LogEntry::msg_id`]), so a receipt stored twice, in
+/// one such message and another, or alone, shows as the same id twice.
 pub async fn log(js: &jetstream::Context) -> Vec<(String, LogEntry)> {
-    bus::read_stream::<LogEntry>(js, STREAM_INCIDENTS)
+    bus::read_entries(js)
         .await
         .into_iter()
         .map(|m| {
-            let id = m
-                .headers
-                .get(headers::MSG_ID)
-                .map(|v| v.to_string())
-                .unwrap_or_default();
+            let id = if is_incidents_batch(&m.subject) {
+                m.envelope.body.msg_id()
+            } else {
+                m.headers
+                    .get(headers::MSG_ID)
+                    .map(|v| v.to_string())
+                    .unwrap_or_default()
+            };
             (id, m.envelope.body)
         })
         .collect()

@@ -7,7 +7,7 @@ use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use jiff::Timestamp;
 use tocsin_proto::{
-    codec::{self, decode_envelope},
+    codec::{self, decode_entries},
     command::{batch_subject, Command},
     incident::LogEntry,
     notify::Page,
@@ -306,15 +306,20 @@ impl Service {
             self.seq = self.seq.max(seq);
             return Ok(Vec::new());
         }
-        let changed = match decode_envelope::<LogEntry>(payload) {
-            Ok(Envelope {
-                body: LogEntry::Incident(ev),
-                ..
-            }) => {
-                self.fetch(ev.incident.id)?;
-                self.tracks.on_event(&self.planner, &ev)
+        // A message of several entries (receipts) gives each in order.
+        let changed = match decode_entries(subject, payload) {
+            Ok(Envelope { body, .. }) => {
+                let mut changed = Vec::new();
+                for entry in body {
+                    if let LogEntry::Incident(ev) = entry {
+                        self.fetch(ev.incident.id)?;
+                        changed.extend(self.tracks.on_event(&self.planner, &ev));
+                    }
+                }
+                changed.sort_unstable();
+                changed.dedup();
+                changed
             }
-            Ok(_) => Vec::new(),
             Err(e) => {
                 EscalationEvent::Undecodable {
                     seq,

@@ -222,6 +222,11 @@ pub struct Projection {
     pub dirty_alerts: std::collections::HashSet<(Uuid, Fingerprint)>,
     /// Silence ids changed since the last save.
     pub dirty_silences: std::collections::HashSet<String>,
+    /// Entries stored in messages of several (receipts, on
+    /// `tocsin.incidents.batch`) since the last save: (incident, the
+    /// message's stream sequence), for the store's index by incident that
+    /// a timeline reads them through ([`Projection::batch_stored`]).
+    pub dirty_batches: Vec<(Uuid, u64)>,
     /// Snoozed, unresolved incidents by when their snooze ends: the timer
     /// loop reads its head instead of scanning every incident.
     pub snoozes: std::collections::BTreeSet<(Timestamp, Uuid)>,
@@ -542,6 +547,30 @@ impl Projection {
         if seq != 0 {
             self.incidents_seq = seq;
         }
+    }
+
+    /// Applies the entries of one INCIDENTS message of several (stream
+    /// sequence `seq`), in order, as [`Projection::apply`] applies one,
+    /// and notes where each incident's entries are stored.
+    pub fn apply_batch(&mut self, entries: &[LogEntry], seq: u64) {
+        if seq <= self.incidents_seq {
+            return; // already applied
+        }
+        for e in entries {
+            self.apply(e, 0);
+        }
+        self.batch_stored(entries, seq);
+        self.incidents_seq = seq;
+    }
+
+    /// Notes that `entries`, already applied, were stored in the message
+    /// at stream sequence `seq` (see [`Projection::dirty_batches`]).
+    pub fn batch_stored(&mut self, entries: &[LogEntry], seq: u64) {
+        let mut ids: Vec<Uuid> = entries.iter().filter_map(LogEntry::incident_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        self.dirty_batches
+            .extend(ids.into_iter().map(|id| (id, seq)));
     }
 
     /// Where to resume reading ALERTS: the last alert again if it may be

@@ -1,9 +1,12 @@
 //! Queries over NATS request/reply: get an incident (with its timeline from
 //! the INCIDENTS stream), list incidents, list silences.
 
-use async_nats::{jetstream, Client};
+use async_nats::{
+    jetstream::{self, stream::LastRawMessageErrorKind},
+    Client,
+};
 use tocsin_proto::{
-    codec::{self, decode_envelope},
+    codec::{self, decode_entries, decode_envelope},
     incident::{EventKind, IncidentEvent, IncidentStatus, IncidentSummary, LogEntry},
     query::{GetIncident, IncidentDetail, ListIncidents, QueryReply},
     subjects::{query, STREAM_INCIDENTS},
@@ -132,7 +135,7 @@ async fn get(
     };
     let most = js.client().max_payload().saturating_sub(ANSWER_MARGIN);
     let (timeline, left) = if q.timeline {
-        match timeline(js, &incident, 2 * most).await {
+        match timeline(js, store, &incident, 2 * most).await {
             Ok(t) => t,
             Err(e) => {
                 return QueryReply::Error {
@@ -237,33 +240,75 @@ fn alert_change(e: &IncidentEvent) -> bool {
 /// come to `keep_bytes` as stored (an answer holds less than half that, see
 /// [`fit`]); and how many older ones were let go while reading. An
 /// incident whose alerts flapped for weeks has hundreds of thousands of
-/// entries: they are read one by one, never all held at once.
+/// entries: they are read one by one, never all held at once. Its entries
+/// on its own subjects are read in order; its receipts, stored in
+/// messages of several ([`tocsin_proto::subjects::INCIDENTS_BATCH`]), are
+/// read through the store's index of those messages, one message at a
+/// time (one that aged out of the stream is passed over).
 pub(crate) async fn timeline(
     js: &jetstream::Context,
+    store: &Store,
     incident: &IncidentSummary,
     keep_bytes: usize,
 ) -> Result<(Vec<IncidentEvent>, usize), String> {
-    let filter = tocsin_proto::subjects::incident_events_of(&incident.id);
+    let id = incident.id;
+    let filter = tocsin_proto::subjects::incident_events_of(&id);
     let mut newest = Newest::new(keep_bytes);
     tocsin_runtime::streams::read_matching_each(js, STREAM_INCIDENTS, filter, |m| {
+        let seq = m.info().map_or(0, |i| i.stream_sequence);
         if let Ok(env) = decode_envelope::<LogEntry>(&m.payload) {
             if let LogEntry::Incident(e) = env.body {
-                newest.push(e, m.payload.len());
+                newest.push((seq, 0), e, m.payload.len());
             }
         }
     })
     .await?;
+    let batches = store
+        .batches_of(&id)
+        .map_err(|e| format!("cannot read the store's index of receipts: {e}"))?;
+    if batches.is_empty() {
+        return Ok(newest.into_events());
+    }
+    let stream = js
+        .get_stream_no_info(STREAM_INCIDENTS)
+        .await
+        .map_err(|e| e.to_string())?;
+    for seq in batches {
+        let m = match stream.get_raw_message(seq).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => continue,
+            Err(e) => return Err(format!("cannot read INCIDENTS message {seq}: {e}")),
+        };
+        let Ok(env) = decode_entries(&m.subject, &m.payload) else {
+            continue;
+        };
+        for (i, entry) in env.body.into_iter().enumerate() {
+            if let LogEntry::Incident(e) = entry {
+                if e.incident.id == id {
+                    let size = encoded_len(&e);
+                    let index = u32::try_from(i + 1).unwrap_or(u32::MAX);
+                    newest.push((seq, index), e, size);
+                }
+            }
+        }
+    }
     Ok(newest.into_events())
 }
 
+/// An entry's place in the log: its message's stream sequence and its
+/// place in that message (0 for a message of one entry, from 1 in a
+/// message of several).
+type Place = (u64, u32);
+
 /// The newest events of each kind (see [`alert_change`]) up to a number
-/// of bytes each, in the order they came.
+/// of bytes each, in log order, whatever order they are pushed in: the
+/// oldest is let go first while a kind is over its bytes, so one pushed
+/// later that is older than all kept goes at once.
 struct Newest {
     keep_bytes: usize,
-    /// What was done, and the alert changes: (order, size, event).
-    kinds: [std::collections::VecDeque<(usize, usize, IncidentEvent)>; 2],
+    /// What was done, and the alert changes: place -> (size, event).
+    kinds: [std::collections::BTreeMap<Place, (usize, IncidentEvent)>; 2],
     bytes: [usize; 2],
-    came: usize,
     let_go: usize,
 }
 
@@ -273,19 +318,19 @@ impl Newest {
             keep_bytes,
             kinds: Default::default(),
             bytes: [0; 2],
-            came: 0,
             let_go: 0,
         }
     }
 
-    fn push(&mut self, e: IncidentEvent, size: usize) {
+    fn push(&mut self, place: Place, e: IncidentEvent, size: usize) {
         let k = usize::from(alert_change(&e));
-        self.kinds[k].push_back((self.came, size, e));
-        self.came += 1;
+        if self.kinds[k].insert(place, (size, e)).is_some() {
+            return; // the same entry twice: kept once
+        }
         self.bytes[k] += size;
         // The newest always stays, however large.
         while self.bytes[k] > self.keep_bytes && self.kinds[k].len() > 1 {
-            let (_, s, _) = self.kinds[k].pop_front().expect("more than one");
+            let (_, (s, _)) = self.kinds[k].pop_first().expect("more than one");
             self.bytes[k] -= s;
             self.let_go += 1;
         }
@@ -294,8 +339,8 @@ impl Newest {
     fn into_events(self) -> (Vec<IncidentEvent>, usize) {
         let [done, changes] = self.kinds;
         let mut all: Vec<_> = done.into_iter().chain(changes).collect();
-        all.sort_by_key(|(order, _, _)| *order);
-        (all.into_iter().map(|(_, _, e)| e).collect(), self.let_go)
+        all.sort_by_key(|(place, _)| *place);
+        (all.into_iter().map(|(_, (_, e))| e).collect(), self.let_go)
     }
 }
 
@@ -451,7 +496,7 @@ mod tests {
 
     use super::Newest;
 
-    fn event(kind: EventKind, n: usize) -> IncidentEvent {
+    fn event(kind: EventKind, n: u64) -> IncidentEvent {
         IncidentEvent {
             kind,
             at: Timestamp::UNIX_EPOCH,
@@ -484,7 +529,7 @@ mod tests {
                     more: Vec::new(),
                 }
             };
-            newest.push(event(kind, n), 100);
+            newest.push((n, 0), event(kind, n), 100);
         }
         let (kept, let_go) = newest.into_events();
         let causes: Vec<String> = kept
@@ -501,7 +546,44 @@ mod tests {
         assert_eq!(let_go, 1_000 - 20);
         // One larger than the bytes alone is still kept.
         let mut newest = Newest::new(10);
-        newest.push(event(EventKind::Acknowledged, 0), 500);
+        newest.push((0, 0), event(EventKind::Acknowledged, 0), 500);
         assert_eq!(newest.into_events().0.len(), 1);
+    }
+
+    /// The receipts, read after the entries on the incident's own subjects
+    /// (from messages of several), take their place in the log's order,
+    /// and the oldest of all are the ones let go.
+    #[test]
+    fn entries_pushed_out_of_order_are_kept_newest_first_in_log_order() {
+        let note = |n: u64| {
+            event(
+                EventKind::NoteAdded {
+                    text: format!("{n}"),
+                },
+                n,
+            )
+        };
+        // Room for five of what was done.
+        let mut newest = Newest::new(500);
+        for seq in [10, 20, 30, 40] {
+            newest.push((seq, 0), note(seq), 100);
+        }
+        // Receipts in messages at 5, 25 and 50 (two there).
+        newest.push((5, 1), note(5), 100);
+        newest.push((25, 3), note(25), 100);
+        newest.push((50, 1), note(50), 100);
+        newest.push((50, 2), note(51), 100);
+        // The same receipt again (an index read twice) counts once.
+        newest.push((50, 2), note(51), 100);
+        let (kept, let_go) = newest.into_events();
+        let causes: Vec<String> = kept
+            .iter()
+            .map(|e| match &e.cause {
+                Cause::Timer { id } => id.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(causes, ["25", "30", "40", "50", "51"]);
+        assert_eq!(let_go, 3);
     }
 }

@@ -24,12 +24,12 @@ use async_nats::{
 use futures::{stream::BoxStream, FutureExt as _, StreamExt};
 use jiff::{SignedDuration, Timestamp};
 use tocsin_proto::{
-    codec::{self, decode_alerts, decode_commands, decode_envelope},
+    codec::{self, decode_alerts, decode_commands, decode_entries},
     command::{is_batch as is_command_batch, Command, CommandReply},
     incident::{Cause, EventKind, IncidentStatus, IncidentSummary, LogEntry},
     subjects::{
-        headers, is_alert_batch, is_tenure_marker, INCIDENTS_TENURE, STREAM_ALERTS,
-        STREAM_COMMANDS, STREAM_INCIDENTS,
+        headers, is_alert_batch, is_incidents_batch, is_tenure_marker, INCIDENTS_BATCH,
+        INCIDENTS_TENURE, STREAM_ALERTS, STREAM_COMMANDS, STREAM_INCIDENTS,
     },
     Alert, Envelope, SourceKind,
 };
@@ -209,8 +209,27 @@ const BATCH: usize = 64;
 /// not yet awaited, 5,000 per context, and waits for one when none is left.
 const MAX_SENT: usize = 2048;
 
-/// An entry sent to JetStream whose acknowledgement is still to come.
-type Sent = (jetstream::context::PublishAckFuture, LogEntry);
+/// A message sent to JetStream whose acknowledgement is still to come,
+/// with the entry or entries it holds.
+type Sent = (jetstream::context::PublishAckFuture, Stored);
+
+/// What one INCIDENTS message holds.
+enum Stored {
+    /// An entry on its own subject.
+    One(LogEntry),
+    /// Several, on [`INCIDENTS_BATCH`]: receipts of one COMMANDS message.
+    Batch(Vec<LogEntry>),
+}
+
+/// Receipts decided and folded in, to be sent as one message
+/// ([`Service::send_batch`]), and the bytes they take as single entries
+/// (a bound on the message's size: the message has one envelope, not one
+/// per entry).
+#[derive(Default)]
+struct Batch {
+    entries: Vec<LogEntry>,
+    bytes: usize,
+}
 
 /// An input of a batch whose entries are sent: what is left to do once
 /// they are stored.
@@ -571,17 +590,24 @@ impl Service {
                 write(&self.proj).incidents_seq = seq;
                 continue;
             }
-            let decoded = decode_envelope::<LogEntry>(&msg.payload);
+            let decoded = decode_entries(&msg.subject, &msg.payload);
             if let Ok(env) = &decoded {
-                let cold = read(&self.proj).cold_target(&env.body);
-                if let Some(id) = cold {
-                    // Its state as it was before this entry.
-                    self.restore(id, Some(seq - 1)).await?;
+                for entry in &env.body {
+                    let cold = read(&self.proj).cold_target(entry);
+                    if let Some(id) = cold {
+                        // Its state as it was before this message.
+                        self.restore(id, Some(seq - 1)).await?;
+                    }
                 }
             }
             let mut p = write(&self.proj);
             match decoded {
-                Ok(env) => p.apply(&env.body, seq),
+                Ok(env) if is_incidents_batch(&msg.subject) => p.apply_batch(&env.body, seq),
+                Ok(env) => {
+                    for entry in &env.body {
+                        p.apply(entry, seq);
+                    }
+                }
                 Err(e) => {
                     tracing::error!(seq, error = %e, "undecodable INCIDENTS entry skipped");
                     p.incidents_seq = seq;
@@ -880,7 +906,14 @@ impl Service {
             payload = encode_entry(entry, traceparent)?;
         }
         let entry = &*entry;
-        let publish = entry_message(entry, payload, traceparent, last_seq, &self.fence());
+        let publish = entry_message(
+            entry.msg_id(),
+            payload,
+            traceparent,
+            last_seq,
+            &self.fence(),
+            None,
+        );
         let ack = self
             .js
             .send_publish(entry.subject(), publish)
@@ -1322,13 +1355,71 @@ impl Service {
         sent: &mut Vec<Sent>,
         last_seq: &mut u64,
     ) -> Result<(), String> {
-        let message = entry_message(&entry, payload, traceparent, *last_seq, &self.fence());
+        let message = entry_message(
+            entry.msg_id(),
+            payload,
+            traceparent,
+            *last_seq,
+            &self.fence(),
+            None,
+        );
         let ack = self
             .js
             .send_publish(entry.subject(), message)
             .await
             .map_err(|e| e.to_string())?;
-        sent.push((ack, entry));
+        sent.push((ack, Stored::One(entry)));
+        *last_seq += 1;
+        Ok(())
+    }
+
+    /// Sends the receipts gathered in `batch` (already folded into the
+    /// projection) as one message on [`INCIDENTS_BATCH`], after the
+    /// stream's last sequence `last_seq`, so JetStream syncs one message
+    /// for all of them. Its message id is derived from its entries' ids,
+    /// so the same batch sent again is stored once; a batch decided again
+    /// after a failure is not the same batch, but then its commands are
+    /// found applied (the stream is folded in before deciding again) and
+    /// the sequence each message names refuses one sent after a gap.
+    async fn send_batch(
+        &self,
+        batch: &mut Batch,
+        traceparent: Option<&str>,
+        sent: &mut Vec<Sent>,
+        last_seq: &mut u64,
+    ) -> Result<(), String> {
+        let entries = std::mem::take(&mut batch.entries);
+        batch.bytes = 0;
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(());
+        };
+        let msg_id = format!(
+            "batch:{}:{}:{}",
+            entries.len(),
+            first.msg_id(),
+            last.msg_id()
+        );
+        let at = match last {
+            LogEntry::Incident(e) => e.at,
+            LogEntry::Silence { at, .. } => *at,
+        };
+        let env = Envelope::new("incidents", at, &entries)
+            .with_traceparent(traceparent.map(str::to_string));
+        let payload = codec::encode(&env).map_err(|e| e.to_string())?;
+        let message = entry_message(
+            msg_id,
+            payload,
+            traceparent,
+            *last_seq,
+            &self.fence(),
+            Some(entries.len()),
+        );
+        let ack = self
+            .js
+            .send_publish(INCIDENTS_BATCH, message)
+            .await
+            .map_err(|e| e.to_string())?;
+        sent.push((ack, Stored::Batch(entries)));
         *last_seq += 1;
         Ok(())
     }
@@ -1400,6 +1491,47 @@ impl Service {
         Ok(())
     }
 
+    /// Sends one command's entries: receipts join `batch` (folded in now,
+    /// sent when the batch is full or the message ends), anything else
+    /// goes at once on its own subject, after the batch gathered so far
+    /// (so the stream keeps the order they were decided in).
+    async fn send_or_gather(
+        &self,
+        entries: Vec<LogEntry>,
+        batch: &mut Batch,
+        traceparent: Option<&str>,
+        sent: &mut Vec<Sent>,
+        last_seq: &mut u64,
+    ) -> Result<(), Fast> {
+        if entries.is_empty() || !entries.iter().all(LogEntry::is_packed) {
+            self.send_batch(batch, traceparent, sent, last_seq)
+                .await
+                .map_err(Fast::Failed)?;
+            return self
+                .send_entries(entries, traceparent, sent, last_seq)
+                .await;
+        }
+        let most = self.most_entry_bytes();
+        let mut sizes = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            match encode_entry(entry, traceparent) {
+                Ok(p) if p.len() <= most => sizes.push(p.len()),
+                _ => return Err(Fast::Careful),
+            }
+        }
+        for (entry, size) in entries.into_iter().zip(sizes) {
+            if batch.bytes + size > most {
+                self.send_batch(batch, traceparent, sent, last_seq)
+                    .await
+                    .map_err(Fast::Failed)?;
+            }
+            write(&self.proj).apply(&entry, 0);
+            batch.entries.push(entry);
+            batch.bytes += size;
+        }
+        Ok(())
+    }
+
     /// Decides the commands of one COMMANDS message in a batch (one, or a
     /// batch's several) and sends their entries (see
     /// [`Service::on_inputs`]). The message is answered and acknowledged
@@ -1420,27 +1552,42 @@ impl Service {
             return Fast::Careful;
         }
         let traceparent = header(&msg, headers::TRACEPARENT);
+        let tp = traceparent.as_deref();
         let mut decided = Vec::with_capacity(env.body.len());
+        // Its receipts, stored together (what is folded in is sent before
+        // any other way out of here: deciding again would find it applied).
+        let mut batch = Batch::default();
         for one in env.split() {
-            let Some((entries, verdict)) =
-                self.decide_in_batch(|d| d.command(&one.body, one.received_at))
-            else {
-                return Fast::Careful;
+            let decision = self.decide_in_batch(|d| d.command(&one.body, one.received_at));
+            let fast = match decision {
+                Some((entries, verdict)) => {
+                    let r = self
+                        .send_or_gather(entries, &mut batch, tp, sent, last_seq)
+                        .await;
+                    decided.push((one.body, verdict));
+                    r
+                }
+                None => Err(Fast::Careful),
             };
-            if let Err(fast) = self
-                .send_entries(entries, traceparent.as_deref(), sent, last_seq)
-                .await
-            {
+            if let Err(fast) = fast {
+                if let Err(e) = self.send_batch(&mut batch, tp, sent, last_seq).await {
+                    return Fast::Failed(e);
+                }
                 return fast;
             }
-            decided.push((one.body, verdict));
             // The message is acknowledged only at its end; what it decided
             // so far may be saved before (a redelivery finds it applied).
-            if sent.len() >= MAX_SENT {
+            if sent.len() + batch.entries.len() >= MAX_SENT {
+                if let Err(e) = self.send_batch(&mut batch, tp, sent, last_seq).await {
+                    return Fast::Failed(e);
+                }
                 if let Err(e) = self.finish(sent, handled).await {
                     return Fast::Failed(e);
                 }
             }
+        }
+        if let Err(e) = self.send_batch(&mut batch, tp, sent, last_seq).await {
+            return Fast::Failed(e);
         }
         Fast::Sent(Handled::Command {
             msg: Box::new(msg),
@@ -1469,12 +1616,20 @@ impl Service {
     ) -> Result<(), String> {
         let mut top = 0;
         let started = Instant::now();
+        let mut batches = Vec::new();
         let stored = async {
-            for (ack, entry) in sent.drain(..) {
+            for (ack, stored) in sent.drain(..) {
                 let ack = ack.await.map_err(|e| e.to_string())?;
                 top = top.max(ack.sequence);
+                let entries = match &stored {
+                    Stored::One(entry) => std::slice::from_ref(entry),
+                    Stored::Batch(entries) => entries.as_slice(),
+                };
                 if !ack.duplicate {
-                    self.written(&entry);
+                    entries.iter().for_each(|e| self.written(e));
+                }
+                if let Stored::Batch(entries) = stored {
+                    batches.push((entries, ack.sequence));
                 }
             }
             Ok::<_, String>(())
@@ -1482,13 +1637,16 @@ impl Service {
         .await;
         self.metrics.busy("stored", started.elapsed());
         stored?;
-        if handled.is_empty() {
+        if handled.is_empty() && batches.is_empty() {
             return Ok(());
         }
         let saving = Instant::now();
         {
             let mut p = write(&self.proj);
             p.incidents_seq = p.incidents_seq.max(top);
+            for (entries, seq) in &batches {
+                p.batch_stored(entries, *seq);
+            }
             for h in handled.iter_mut() {
                 match h {
                     Handled::Alert(at, _, _) => p.alerts_cursor = p.alerts_cursor.max(*at),
@@ -2155,22 +2313,28 @@ struct Run {
     payload: Option<Vec<u8>>,
 }
 
-/// `entry`'s message: its id from its cause, and the stream sequence it
-/// must follow (the incidents service is INCIDENTS' only writer).
+/// An INCIDENTS message: its id (an entry's from its cause), the stream
+/// sequence it must follow (the incidents service is INCIDENTS' only
+/// writer), and for a message of several entries how many it holds.
 fn entry_message(
-    entry: &LogEntry,
+    msg_id: String,
     payload: Vec<u8>,
     traceparent: Option<&str>,
     last_seq: u64,
     fence: &Option<Fence>,
+    items: Option<usize>,
 ) -> async_nats::jetstream::message::PublishMessage {
     let last = last_seq.to_string();
+    let items = items.map(|n| n.to_string());
     let fenced = fence.as_ref().map(Fence::headers);
     let mut headers = vec![(EXPECTED_LAST_SEQUENCE, last.as_str())];
+    if let Some(n) = &items {
+        headers.push((headers::ITEMS, n.as_str()));
+    }
     if let Some(f) = &fenced {
         headers.extend(f.iter().map(|(k, v)| (*k, v.as_str())));
     }
-    tocsin_runtime::bus::message(payload, entry.msg_id(), traceparent, &headers)
+    tocsin_runtime::bus::message(payload, msg_id, traceparent, &headers)
 }
 
 /// The envelope of `entry` as published.

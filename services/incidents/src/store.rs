@@ -3,7 +3,10 @@
 //! One tree, key prefixes: `m/meta` (cursors), `i/<uuid>` (an incident
 //! without its alerts), `a/<uuid><fingerprint>` (one alert of it: a change
 //! to one alert of an incident of 10,000 writes that alert, not all of
-//! them, which cost 11 ms and 2.9 MB a save), `s/<id>` (silences). Each
+//! them, which cost 11 ms and 2.9 MB a save), `s/<id>` (silences),
+//! `b/<uuid><sequence>` (an INCIDENTS message of several entries holding
+//! some of that incident's: its receipts, which a timeline reads through
+//! this index since no subject of the incident's names them). Each
 //! save is one atomic `Batch`, so the cursors are always those of the state
 //! stored with them. sled is a cache of the INCIDENTS stream, never the
 //! record: if it is missing, unreadable or out of step with the stream, the
@@ -212,6 +215,26 @@ impl Store {
         Ok(alerts)
     }
 
+    /// The stream sequences of the INCIDENTS messages of several entries
+    /// that hold some of incident `id`'s, in order.
+    pub fn batches_of(&self, id: &Uuid) -> Result<Vec<u64>, StoreError> {
+        let prefix = batches_prefix(id);
+        let mut seqs = Vec::new();
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            let seq = k
+                .get(prefix.len()..)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: format!("b/{id}"),
+                    reason: "not followed by a sequence".into(),
+                })?;
+            seqs.push(seq);
+        }
+        Ok(seqs)
+    }
+
     /// Writes what changed since the last save, with the cursors, atomically.
     pub fn save(&self, p: &mut Projection) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
@@ -228,6 +251,9 @@ impl Store {
             if let Some(a) = p.incidents.get(&id).and_then(|st| st.alerts.get(&fp)) {
                 batch.insert(alert_key(&id, &fp), encode(a));
             }
+        }
+        for (id, seq) in p.dirty_batches.drain(..) {
+            batch.insert(batch_key(&id, seq), &[]);
         }
         for id in p.dirty_silences.drain() {
             let key = format!("s/{id}");
@@ -284,6 +310,19 @@ fn alert_key(id: &Uuid, fp: &Fingerprint) -> Vec<u8> {
     k
 }
 
+fn batches_prefix(id: &Uuid) -> Vec<u8> {
+    let mut k = b"b/".to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Big-endian, so an incident's batches scan in stream order.
+fn batch_key(id: &Uuid, seq: u64) -> Vec<u8> {
+    let mut k = batches_prefix(id);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Encoding plain data structs to a Vec cannot fail.
     rmp_serde::to_vec_named(v).expect("projection records encode")
@@ -325,5 +364,24 @@ mod tests {
         p.incidents_seq = 9;
         s.save(&mut p).unwrap();
         assert_eq!(load(&s).unwrap().incidents_seq, 9);
+    }
+
+    #[test]
+    fn the_batches_holding_an_incidents_entries_are_read_back_in_stream_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let mut p = Projection::new();
+        p.dirty_batches = vec![(a, 300), (b, 7), (a, 2), (a, 256)];
+        s.save(&mut p).unwrap();
+        assert!(p.dirty_batches.is_empty(), "a save takes them");
+        // Saved again (a catch-up over what was saved): no change.
+        p.dirty_batches = vec![(a, 256)];
+        s.save(&mut p).unwrap();
+        assert_eq!(s.batches_of(&a).unwrap(), vec![2, 256, 300]);
+        assert_eq!(s.batches_of(&b).unwrap(), vec![7]);
+        assert!(s.batches_of(&Uuid::from_u128(3)).unwrap().is_empty());
+        // Not taken for incidents, alerts or silences when loading.
+        assert!(load(&s).unwrap().incidents.is_empty());
     }
 }

@@ -3,7 +3,8 @@
 //! and telling the incident's timeline (and escalation) what happened.
 //!
 //! A run's id is (incident, runbook, INCIDENTS sequence of the event that
-//! started it), so the same event delivered twice, to one replica or two,
+//! started it, and its place in that message when the message holds
+//! several entries), so the same event delivered twice, to one replica or two,
 //! is one run: its record is created if absent, and every change names the
 //! revision read. A step is marked started before it runs and done (with
 //! its output) after; a replica that takes a run over (the event came back
@@ -243,7 +244,15 @@ impl Engine {
     }
 
     /// Handles one INCIDENTS event: every runbook it starts, run to its end.
-    pub async fn on_event(self: &Arc<Self>, ev: &IncidentEvent, seq: u64) -> Result<(), Later> {
+    /// `seq` is its message's stream sequence and `index` its place in
+    /// that message when it holds several entries (receipts; 0 otherwise):
+    /// together they name its runs.
+    pub async fn on_event(
+        self: &Arc<Self>,
+        ev: &IncidentEvent,
+        seq: u64,
+        index: u32,
+    ) -> Result<(), Later> {
         if let EventKind::Runbook { request } = &ev.kind {
             return self.on_request(ev, request, seq).await;
         }
@@ -259,8 +268,12 @@ impl Engine {
             .filter(|l| l.runbook.applies(&ev.kind, &ev.incident))
             .map(|l| l.runbook.clone())
             .collect();
+        let at = match index {
+            0 => seq.to_string(),
+            i => format!("{seq}.{i}"),
+        };
         let results =
-            futures::future::join_all(matching.iter().map(|rb| self.run_one(rb, ev, seq))).await;
+            futures::future::join_all(matching.iter().map(|rb| self.run_one(rb, ev, &at))).await;
         results.into_iter().collect::<Result<Vec<()>, Later>>()?;
         Ok(())
     }
@@ -269,9 +282,9 @@ impl Engine {
         self: &Arc<Self>,
         rb: &Runbook,
         ev: &IncidentEvent,
-        seq: u64,
+        at: &str,
     ) -> Result<(), Later> {
-        let run = format!("{}.{}.{seq}", ev.incident.id.simple(), rb.name);
+        let run = format!("{}.{}.{at}", ev.incident.id.simple(), rb.name);
         let rec = self.new_record(rb, ev, &run);
         self.drive(rb, &run, Some(rec)).await
     }

@@ -13,7 +13,10 @@ use async_nats::jetstream::{
     AckKind,
 };
 use tocsin_proto::{
-    codec::decode_envelope, incident::LogEntry, subjects::STREAM_INCIDENTS, Envelope,
+    codec::decode_entries,
+    incident::LogEntry,
+    subjects::{is_incidents_batch, INCIDENTS_BATCH, STREAM_INCIDENTS},
+    Envelope,
 };
 use tocsin_runtime::pull::{self, Puller};
 use tokio_util::sync::CancellationToken;
@@ -25,7 +28,9 @@ pub const CONSUMER: &str = "tocsin-remediation";
 
 /// The incident events a runbook can start on (`paged`: a level fired),
 /// people's requests (`runbook`: run by hand, approve, deny), and
-/// `resolved` (which ends the incident's runs waiting for approval).
+/// `resolved` (which ends the incident's runs waiting for approval). The
+/// consumer also takes the incidents service's messages of several
+/// entries ([`INCIDENTS_BATCH`]), which hold the `paged` receipts.
 const KINDS: [&str; 7] = [
     tocsin_proto::incident::kind::OPENED,
     tocsin_proto::incident::kind::REOPENED,
@@ -57,6 +62,7 @@ pub(crate) async fn run(
         filter_subjects: KINDS
             .iter()
             .map(|k| tocsin_proto::subjects::incident_events_kind(k))
+            .chain([INCIDENTS_BATCH.to_string()])
             .collect(),
         ..Default::default()
     };
@@ -102,19 +108,40 @@ pub(crate) async fn run(
 
 async fn handle(engine: &Arc<Engine>, msg: &jetstream::Message) -> Result<(), Duration> {
     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-    let ev = match decode_envelope::<LogEntry>(&msg.payload) {
-        Ok(Envelope {
-            body: LogEntry::Incident(ev),
-            ..
-        }) => ev,
+    let batch = is_incidents_batch(&msg.subject);
+    let entries = match decode_entries(&msg.subject, &msg.payload) {
+        Ok(Envelope { body, .. }) => body,
         // Not ours to judge: the incidents service wrote it.
-        _ => return Ok(()),
+        Err(_) => return Ok(()),
     };
-    match engine.on_event(&ev, seq).await {
-        Ok(()) => Ok(()),
-        Err(e) => {
+    // A message of several (receipts) holds kinds this service does not
+    // start on too; its entries are worked on side by side, and it comes
+    // back whole if one must wait (its runs already started are found by
+    // their ids).
+    let work = entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, entry)| match entry {
+            LogEntry::Incident(ev) if KINDS.contains(&ev.kind.name()) => {
+                let index = if batch {
+                    u32::try_from(i + 1).unwrap_or(u32::MAX)
+                } else {
+                    0
+                };
+                Some(async move { (ev, engine.on_event(ev, seq, index).await) })
+            }
+            _ => None,
+        });
+    let mut again = false;
+    for (ev, r) in futures::future::join_all(work).await {
+        if let Err(e) = r {
             tracing::warn!(error = %e.0, incident = ev.incident.number, "cannot work on an incident event now; retrying");
-            Err(Duration::from_secs(2))
+            again = true;
         }
+    }
+    if again {
+        Err(Duration::from_secs(2))
+    } else {
+        Ok(())
     }
 }
