@@ -133,7 +133,8 @@ impl IncidentsMetrics {
             "Time spent on batches of inputs, by stage: decide (deciding and sending \
              their entries, and inputs taken one at a time), stored (waiting for \
              JetStream to store the entries: the bus's synced writes), save (the local \
-             store), answer (acknowledging and answering commands). The rate of the \
+             store), answer (waiting for the previous batch's commands to be answered \
+             and acknowledged, which runs beside the next batch). The rate of the \
              sum is the share of time the service is busy; near 1 it is saturated",
             s.busy.clone(),
         );

@@ -118,10 +118,17 @@ pub(crate) struct Service {
     finishing: AtomicU64,
     /// Commands of a failed batch not answered yet.
     give_back: Mutex<Vec<jetstream::Message>>,
+    /// The answering of the last finished batch's commands, on a task of
+    /// its own ([`Service::answered`] waits for it).
+    answering: Mutex<Option<Answering>>,
     /// This tenure's marker, which every entry names (see
     /// `tocsin_runtime::fence`); None outside a lease.
     fence: Mutex<Option<Fence>>,
 }
+
+/// A batch's commands being answered and acknowledged, awaitable from
+/// anywhere (cloned).
+type Answering = futures::future::Shared<futures::future::BoxFuture<'static, ()>>;
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -435,6 +442,7 @@ impl Service {
             careful_commands: AtomicU64::new(0),
             finishing: AtomicU64::new(0),
             give_back: Mutex::new(Vec::new()),
+            answering: Mutex::new(None),
             fence: Mutex::new(None),
         })
     }
@@ -732,6 +740,8 @@ impl Service {
             // cursor, COMMANDS up to the consumer's ack floor.
             let mut alerts_seq = resume.saturating_sub(1);
             let mut commands_seq = commands_floor;
+            // COMMANDS handled up to here, their answers still on their way.
+            let mut unanswered: Option<u64> = None;
             loop {
                 // Every input read is handled and every timer due before
                 // `deadline` has fired, its entries written.
@@ -743,6 +753,9 @@ impl Service {
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break 'outer,
+                    _ = self.answered(), if unanswered.is_some() => {
+                        commands_seq = commands_seq.max(unanswered.take().unwrap_or(0));
+                    }
                     // Timers before inputs: under a steady stream of alerts
                     // a snooze end or a missed heartbeat must still fire on
                     // time, not when the stream goes quiet.
@@ -770,7 +783,7 @@ impl Service {
                         match self.on_inputs(batch, &shutdown).await {
                             Some((a, c)) => {
                                 alerts_seq = alerts_seq.max(a);
-                                commands_seq = commands_seq.max(c);
+                                unanswered = Some(unanswered.unwrap_or(0).max(c));
                             }
                             None => continue 'outer,
                         }
@@ -778,6 +791,7 @@ impl Service {
                 }
             }
         }
+        self.answered().await;
         {
             let mut p = write(&self.proj);
             self.save(&mut p);
@@ -1665,8 +1679,11 @@ impl Service {
         self.metrics.busy("save", saving.elapsed());
         let answering = Instant::now();
         let now = Timestamp::now();
-        // Commands are answered and acknowledged all at once: each
-        // acknowledgement is a round trip to JetStream.
+        // Commands are answered and acknowledged all at once (each
+        // acknowledgement is a round trip to JetStream), on a task of their
+        // own while the next batch is decided: their effects are stored,
+        // so a crash before the acknowledgements only brings them again,
+        // to be found applied. One batch's at a time, in order.
         let mut done = Vec::new();
         for h in handled.drain(..) {
             match h {
@@ -1677,13 +1694,25 @@ impl Service {
                     msg,
                     decided,
                     incident,
-                } => done.push(async move {
-                    self.commands_done(*msg, decided, incident.map(|i| *i))
-                        .await
-                }),
+                } => done.push((*msg, decided, incident.map(|i| *i))),
             }
         }
-        futures::future::join_all(done).await;
+        self.answered().await;
+        if !done.is_empty() {
+            let answerer = self.answerer();
+            let task = tokio::spawn(async move {
+                let all = done.into_iter().map(|(msg, decided, incident)| {
+                    answerer.commands_done(msg, decided, incident)
+                });
+                futures::future::join_all(all).await;
+            });
+            let pending = async move {
+                if let Err(e) = task.await {
+                    tracing::error!(error = %e, "answering a batch's commands failed; they come again and are found applied");
+                }
+            };
+            *lock(&self.answering) = Some(pending.boxed().shared());
+        }
         self.metrics.busy("answer", answering.elapsed());
         Ok(())
     }
@@ -2136,60 +2165,36 @@ impl Service {
         self.commands_done(msg, decided, incident).await;
     }
 
-    /// Answers the commands of a message whose effects are stored (a
-    /// message of one command, to its reply subject if it has one, with its
-    /// incident as it was once the effect was folded in; a batch's are not
-    /// answered), then acknowledges the message.
+    /// Answers the commands of a message whose effects are stored (see
+    /// [`Answerer::commands_done`]), then acknowledges the message.
     async fn commands_done(
         &self,
         msg: jetstream::Message,
         decided: Vec<(Command, Verdict)>,
         incident: Option<IncidentSummary>,
     ) {
-        for (cmd, verdict) in &decided {
-            let (accepted, message) = match verdict {
-                Verdict::Accepted(m) => (true, m),
-                Verdict::Rejected(m) => (false, m),
-            };
-            IncidentsEvent::CommandAnswered {
-                id: &cmd.id,
-                action: cmd.action.name(),
-                accepted,
-                message,
-            }
-            .emit(&self.metrics);
-        }
-        let reply_to = header(&msg, headers::REPLY_TO);
-        if let (Some(to), false, [(cmd, verdict)]) =
-            (reply_to, is_command_batch(&msg.subject), decided.as_slice())
-        {
-            let reply = match verdict {
-                Verdict::Accepted(message) => CommandReply::Accepted {
-                    command_id: cmd.id.clone(),
-                    message: message.clone(),
-                    incident,
-                },
-                Verdict::Rejected(reason) => CommandReply::Rejected {
-                    command_id: cmd.id.clone(),
-                    reason: reason.clone(),
-                },
-            };
-            self.reply(to, &reply).await;
-        }
-        // Acked only now: the effects are on the stream and in the projection.
-        if let Err(e) = msg.double_ack().await {
-            tracing::warn!(error = %e, subject = %msg.subject, "command ack failed; it will be redelivered and answered as already applied");
-        }
+        self.answerer()
+            .commands_done(msg, decided, incident)
+            .await
     }
 
     async fn reply(&self, to: String, reply: &CommandReply) {
-        match codec::encode(reply) {
-            Ok(bytes) => {
-                if let Err(e) = self.client.publish(to, bytes.into()).await {
-                    tracing::warn!(error = %e, "cannot send a command reply");
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "cannot encode a command reply"),
+        self.answerer().reply(to, reply).await
+    }
+
+    fn answerer(&self) -> Answerer {
+        Answerer {
+            client: self.client.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// Waits until the commands of the batches finished so far are
+    /// answered and acknowledged (see [`Service::finish_timed`]).
+    pub(crate) async fn answered(&self) {
+        let pending = lock(&self.answering).clone();
+        if let Some(p) = pending {
+            p.await;
         }
     }
 
@@ -2311,6 +2316,74 @@ struct Run {
     /// The entry's payload while it holds one alert (sent as it is if
     /// nothing joins it).
     payload: Option<Vec<u8>>,
+}
+
+/// What answering and acknowledging commands needs, owned, so a batch's
+/// commands are answered on a task of their own while the next batch is
+/// decided.
+struct Answerer {
+    client: Client,
+    metrics: IncidentsMetrics,
+}
+
+impl Answerer {
+    /// Answers the commands of a message whose effects are stored (a
+    /// message of one command, to its reply subject if it has one, with its
+    /// incident as it was once the effect was folded in; a batch's are not
+    /// answered), then acknowledges the message.
+    async fn commands_done(
+        &self,
+        msg: jetstream::Message,
+        decided: Vec<(Command, Verdict)>,
+        incident: Option<IncidentSummary>,
+    ) {
+        for (cmd, verdict) in &decided {
+            let (accepted, message) = match verdict {
+                Verdict::Accepted(m) => (true, m),
+                Verdict::Rejected(m) => (false, m),
+            };
+            IncidentsEvent::CommandAnswered {
+                id: &cmd.id,
+                action: cmd.action.name(),
+                accepted,
+                message,
+            }
+            .emit(&self.metrics);
+        }
+        let reply_to = header(&msg, headers::REPLY_TO);
+        if let (Some(to), false, [(cmd, verdict)]) =
+            (reply_to, is_command_batch(&msg.subject), decided.as_slice())
+        {
+            let reply = match verdict {
+                Verdict::Accepted(message) => CommandReply::Accepted {
+                    command_id: cmd.id.clone(),
+                    message: message.clone(),
+                    incident,
+                },
+                Verdict::Rejected(reason) => CommandReply::Rejected {
+                    command_id: cmd.id.clone(),
+                    reason: reason.clone(),
+                },
+            };
+            self.reply(to, &reply).await;
+        }
+        // Acked only now: the effects are on the stream and in the projection.
+        if let Err(e) = msg.double_ack().await {
+            tracing::warn!(error = %e, subject = %msg.subject, "command ack failed; it will be redelivered and answered as already applied");
+        }
+    }
+
+    async fn reply(&self, to: String, reply: &CommandReply) {
+        match codec::encode(reply) {
+            Ok(bytes) => {
+                if let Err(e) = self.client.publish(to, bytes.into()).await {
+                    tracing::warn!(error = %e, "cannot send a command reply");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode a command reply"),
+        }
+    }
+
 }
 
 /// An INCIDENTS message: its id (an entry's from its cause), the stream
