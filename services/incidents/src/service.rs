@@ -229,13 +229,16 @@ enum Stored {
 }
 
 /// Receipts decided and folded in, to be sent as one message
-/// ([`Service::send_batch`]), and the bytes they take as single entries
-/// (a bound on the message's size: the message has one envelope, not one
-/// per entry).
+/// ([`Service::send_batch`]): those of the COMMANDS messages of one batch
+/// of inputs up to the next entry of another kind (so the stream keeps
+/// the order they were decided in); the bytes they take as single
+/// entries (a bound on the message's size: the message has one envelope,
+/// not one per entry); the trace context of the first.
 #[derive(Default)]
 struct Batch {
     entries: Vec<LogEntry>,
     bytes: usize,
+    traceparent: Option<String>,
 }
 
 /// An input of a batch whose entries are sent: what is left to do once
@@ -1129,6 +1132,7 @@ impl Service {
         // reconnect drops what was on the wire), every later one is refused
         // instead of being stored after a gap, out of order.
         let mut last_seq = read(&self.proj).incidents_seq;
+        let mut batch = Batch::default();
         let mut inputs = inputs.into_iter();
         while let Some(input) = inputs.next() {
             let (msg, is_alert) = match input {
@@ -1145,16 +1149,38 @@ impl Service {
             }
             let fast = if is_alert {
                 top_alert = top_alert.max(seq);
-                self.send_alert(&msg, seq, &mut sent, &mut handled, &mut last_seq)
-                    .await
+                // The receipts gathered so far go first, in order.
+                match self.send_batch(&mut batch, &mut sent, &mut last_seq).await {
+                    Ok(()) => {
+                        self.send_alert(&msg, seq, &mut sent, &mut handled, &mut last_seq)
+                            .await
+                    }
+                    Err(e) => Fast::Failed(e),
+                }
             } else {
                 top_command = top_command.max(seq);
                 if seq <= self.careful_commands.load(Ordering::Relaxed) {
                     Fast::Careful
                 } else {
-                    self.send_command(msg.clone(), &mut sent, &mut handled, &mut last_seq)
-                        .await
+                    self.send_command(
+                        msg.clone(),
+                        &mut batch,
+                        &mut sent,
+                        &mut handled,
+                        &mut last_seq,
+                    )
+                    .await
                 }
+            };
+            // What goes the careful way is decided on what is stored.
+            let fast = match fast {
+                Fast::Careful => {
+                    match self.send_batch(&mut batch, &mut sent, &mut last_seq).await {
+                        Ok(()) => Fast::Careful,
+                        Err(e) => Fast::Failed(e),
+                    }
+                }
+                other => other,
             };
             match fast {
                 Fast::Sent(h) => handled.push(h),
@@ -1190,7 +1216,11 @@ impl Service {
                 }
             }
         }
-        if let Err(e) = self.finish(&mut sent, &mut handled).await {
+        let finished = match self.send_batch(&mut batch, &mut sent, &mut last_seq).await {
+            Ok(()) => self.finish(&mut sent, &mut handled).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = finished {
             let rest = handled.into_iter().filter_map(Handled::command);
             self.roll_back((top_alert, top_command), &e, rest, shutdown)
                 .await;
@@ -1388,7 +1418,8 @@ impl Service {
     }
 
     /// Sends the receipts gathered in `batch` (already folded into the
-    /// projection) as one message on [`INCIDENTS_BATCH`], after the
+    /// projection; none: nothing is sent) as one message on
+    /// [`INCIDENTS_BATCH`], after the
     /// stream's last sequence `last_seq`, so JetStream syncs one message
     /// for all of them. Its message id is derived from its entries' ids,
     /// so the same batch sent again is stored once; a batch decided again
@@ -1398,11 +1429,12 @@ impl Service {
     async fn send_batch(
         &self,
         batch: &mut Batch,
-        traceparent: Option<&str>,
         sent: &mut Vec<Sent>,
         last_seq: &mut u64,
     ) -> Result<(), String> {
         let entries = std::mem::take(&mut batch.entries);
+        let traceparent = batch.traceparent.take();
+        let traceparent = traceparent.as_deref();
         batch.bytes = 0;
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
             return Ok(());
@@ -1506,9 +1538,10 @@ impl Service {
     }
 
     /// Sends one command's entries: receipts join `batch` (folded in now,
-    /// sent when the batch is full or the message ends), anything else
-    /// goes at once on its own subject, after the batch gathered so far
-    /// (so the stream keeps the order they were decided in).
+    /// sent when it is full, before an entry of another kind, or at the
+    /// end of the batch of inputs), anything else goes at once on its own
+    /// subject, after the batch gathered so far (so the stream keeps the
+    /// order they were decided in).
     async fn send_or_gather(
         &self,
         entries: Vec<LogEntry>,
@@ -1518,7 +1551,7 @@ impl Service {
         last_seq: &mut u64,
     ) -> Result<(), Fast> {
         if entries.is_empty() || !entries.iter().all(LogEntry::is_packed) {
-            self.send_batch(batch, traceparent, sent, last_seq)
+            self.send_batch(batch, sent, last_seq)
                 .await
                 .map_err(Fast::Failed)?;
             return self
@@ -1535,11 +1568,14 @@ impl Service {
         }
         for (entry, size) in entries.into_iter().zip(sizes) {
             if batch.bytes + size > most {
-                self.send_batch(batch, traceparent, sent, last_seq)
+                self.send_batch(batch, sent, last_seq)
                     .await
                     .map_err(Fast::Failed)?;
             }
             write(&self.proj).apply(&entry, 0);
+            if batch.entries.is_empty() {
+                batch.traceparent = traceparent.map(str::to_string);
+            }
             batch.entries.push(entry);
             batch.bytes += size;
         }
@@ -1555,6 +1591,7 @@ impl Service {
     async fn send_command(
         &self,
         msg: jetstream::Message,
+        batch: &mut Batch,
         sent: &mut Vec<Sent>,
         handled: &mut Vec<Handled>,
         last_seq: &mut u64,
@@ -1568,15 +1605,15 @@ impl Service {
         let traceparent = header(&msg, headers::TRACEPARENT);
         let tp = traceparent.as_deref();
         let mut decided = Vec::with_capacity(env.body.len());
-        // Its receipts, stored together (what is folded in is sent before
-        // any other way out of here: deciding again would find it applied).
-        let mut batch = Batch::default();
+        // Its receipts join `batch`, which the caller sends before anything
+        // else (what is folded in must be sent before any way out of the
+        // batch: deciding again would find it applied).
         for one in env.split() {
             let decision = self.decide_in_batch(|d| d.command(&one.body, one.received_at));
             let fast = match decision {
                 Some((entries, verdict)) => {
                     let r = self
-                        .send_or_gather(entries, &mut batch, tp, sent, last_seq)
+                        .send_or_gather(entries, batch, tp, sent, last_seq)
                         .await;
                     decided.push((one.body, verdict));
                     r
@@ -1584,24 +1621,18 @@ impl Service {
                 None => Err(Fast::Careful),
             };
             if let Err(fast) = fast {
-                if let Err(e) = self.send_batch(&mut batch, tp, sent, last_seq).await {
-                    return Fast::Failed(e);
-                }
                 return fast;
             }
             // The message is acknowledged only at its end; what it decided
             // so far may be saved before (a redelivery finds it applied).
             if sent.len() + batch.entries.len() >= MAX_SENT {
-                if let Err(e) = self.send_batch(&mut batch, tp, sent, last_seq).await {
+                if let Err(e) = self.send_batch(batch, sent, last_seq).await {
                     return Fast::Failed(e);
                 }
                 if let Err(e) = self.finish(sent, handled).await {
                     return Fast::Failed(e);
                 }
             }
-        }
-        if let Err(e) = self.send_batch(&mut batch, tp, sent, last_seq).await {
-            return Fast::Failed(e);
         }
         Fast::Sent(Handled::Command {
             msg: Box::new(msg),
@@ -1701,9 +1732,9 @@ impl Service {
         if !done.is_empty() {
             let answerer = self.answerer();
             let task = tokio::spawn(async move {
-                let all = done.into_iter().map(|(msg, decided, incident)| {
-                    answerer.commands_done(msg, decided, incident)
-                });
+                let all = done
+                    .into_iter()
+                    .map(|(msg, decided, incident)| answerer.commands_done(msg, decided, incident));
                 futures::future::join_all(all).await;
             });
             let pending = async move {
@@ -2173,9 +2204,7 @@ impl Service {
         decided: Vec<(Command, Verdict)>,
         incident: Option<IncidentSummary>,
     ) {
-        self.answerer()
-            .commands_done(msg, decided, incident)
-            .await
+        self.answerer().commands_done(msg, decided, incident).await
     }
 
     async fn reply(&self, to: String, reply: &CommandReply) {
@@ -2383,7 +2412,6 @@ impl Answerer {
             Err(e) => tracing::error!(error = %e, "cannot encode a command reply"),
         }
     }
-
 }
 
 /// An INCIDENTS message: its id (an entry's from its cause), the stream
