@@ -81,8 +81,9 @@ pub(crate) struct Service {
     /// change, and their tracks stay at hand until then.
     unsaved: Vec<Key>,
     seq: u64,
-    /// The cursor as last stored.
-    saved_seq: u64,
+    /// Entries applied since the cursor was last stored (a message of
+    /// several receipts counts as that many).
+    unsaved_entries: usize,
     /// The tracks (queries read them through a clone).
     pub(crate) store: Store,
     js: jetstream::Context,
@@ -121,7 +122,7 @@ impl Service {
             tracks,
             unsaved: Vec::new(),
             seq,
-            saved_seq: seq,
+            unsaved_entries: 0,
             store,
             js,
             clock,
@@ -158,7 +159,7 @@ impl Service {
             if release {
                 self.tracks.release();
             }
-            if self.seq.saturating_sub(self.saved_seq) < SAVE_EVERY as u64 {
+            if self.unsaved_entries < SAVE_EVERY {
                 return;
             }
         }
@@ -170,7 +171,7 @@ impl Service {
         match saved {
             Ok(()) => {
                 self.unsaved.clear();
-                self.saved_seq = self.seq;
+                self.unsaved_entries = 0;
                 if release {
                     self.tracks.release();
                 }
@@ -303,12 +304,16 @@ impl Service {
     ) -> Result<Vec<Key>, EscalationError> {
         // The incidents lease's tenure markers are not entries: read past.
         if seq <= self.seq || is_tenure_marker(subject) {
+            if seq > self.seq {
+                self.unsaved_entries += 1;
+            }
             self.seq = self.seq.max(seq);
             return Ok(Vec::new());
         }
         // A message of several entries (receipts) gives each in order.
         let changed = match decode_entries(subject, payload) {
             Ok(Envelope { body, .. }) => {
+                self.unsaved_entries += body.len();
                 let mut changed = Vec::new();
                 for entry in body {
                     if let LogEntry::Incident(ev) = entry {
@@ -321,6 +326,7 @@ impl Service {
                 changed
             }
             Err(e) => {
+                self.unsaved_entries += 1;
                 EscalationEvent::Undecodable {
                     seq,
                     error: &e.to_string(),
@@ -389,7 +395,7 @@ impl Service {
         self.tracks = Tracks::default();
         self.unsaved.clear();
         self.seq = 0;
-        self.saved_seq = 0;
+        self.unsaved_entries = 0;
         self.started_over = true;
         Err(DrainError::StartedOver)
     }
@@ -419,11 +425,14 @@ impl Service {
                 Err(e) => break Err(DrainError::Store(e)),
             }
             // A long catch-up (a cold start reads the whole stream) saves
-            // as it goes, so it holds a bounded number of tracks at once.
-            applied += 1;
-            if applied.is_multiple_of(SAVE_EVERY) {
+            // as it goes, so it holds a bounded number of tracks at once. A
+            // message of several entries (receipts, each loading its
+            // incident's tracks) counts as that many.
+            applied += entries_in(&msg);
+            if applied >= SAVE_EVERY {
                 self.save(&changed);
                 changed.clear();
+                applied = 0;
             }
         };
         // What was applied is saved, also when reading stopped half way.
@@ -980,6 +989,17 @@ fn encode_effect(effect: &Effect, now: Timestamp) -> Option<(String, String, Vec
             None
         }
     }
+}
+
+/// How many entries an INCIDENTS message holds: its `Tocsin-Items` for a
+/// message of several, else one.
+fn entries_in(msg: &async_nats::jetstream::Message) -> usize {
+    msg.headers
+        .as_ref()
+        .and_then(|h| h.get(headers::ITEMS))
+        .and_then(|v| v.as_str().parse().ok())
+        .unwrap_or(1usize)
+        .max(1)
 }
 
 #[cfg(test)]

@@ -586,6 +586,10 @@ impl Service {
         }
         let mut msgs = streams::read_from(&self.js, STREAM_INCIDENTS, from).await?;
         let mut n = 0u64;
+        // Entries applied since the last save: a message of receipts holds
+        // many, each may bring an incident back into memory, and only a
+        // save lets them leave again.
+        let mut unsaved = 0u64;
         loop {
             if read(&self.proj).incidents_seq >= last {
                 break;
@@ -602,6 +606,7 @@ impl Service {
                 continue;
             }
             let decoded = decode_entries(&msg.subject, &msg.payload);
+            let entries = decoded.as_ref().map_or(1, |env| env.body.len() as u64);
             if let Ok(env) = &decoded {
                 for entry in &env.body {
                     let cold = read(&self.proj).cold_target(entry);
@@ -624,9 +629,11 @@ impl Service {
                     p.incidents_seq = seq;
                 }
             }
-            n += 1;
-            if n.is_multiple_of(1000) {
+            n += entries;
+            unsaved += entries;
+            if unsaved >= 1000 {
                 self.save(&mut p);
+                unsaved = 0;
             }
         }
         let mut p = write(&self.proj);
@@ -1550,7 +1557,10 @@ impl Service {
         sent: &mut Vec<Sent>,
         last_seq: &mut u64,
     ) -> Result<(), Fast> {
-        if entries.is_empty() || !entries.iter().all(LogEntry::is_packed) {
+        if entries.is_empty() {
+            return Ok(()); // applied before, or refused
+        }
+        if !entries.iter().all(LogEntry::is_packed) {
             self.send_batch(batch, sent, last_seq)
                 .await
                 .map_err(Fast::Failed)?;
