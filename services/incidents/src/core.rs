@@ -45,6 +45,10 @@ use crate::{
 /// How many applied command ids an incident remembers, to answer a retried
 /// command as "already applied" instead of applying it twice.
 const REMEMBERED_COMMANDS: usize = 64;
+/// Messages of receipts remembered per incident ([`IncidentState::batches`]):
+/// a timeline shows the receipts of the newest this many (an answer holds
+/// at most a few thousand entries anyway).
+pub const REMEMBERED_BATCHES: usize = 1024;
 
 /// One incident in the projection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +57,13 @@ pub struct IncidentState {
     pub alerts: BTreeMap<Fingerprint, AlertInfo>,
     #[serde(default)]
     pub commands: VecDeque<String>,
+    /// The stream sequences of the INCIDENTS messages of several entries
+    /// (receipts, on `tocsin.incidents.batch`) that hold some of its
+    /// entries, oldest first, the newest [`REMEMBERED_BATCHES`]: its
+    /// timeline reads its receipts there, since no subject of its own
+    /// names them.
+    #[serde(default)]
+    pub batches: VecDeque<u64>,
     /// Counts the alert-derived summary follows from (not stored).
     #[serde(skip)]
     pub tally: Tally,
@@ -222,11 +233,6 @@ pub struct Projection {
     pub dirty_alerts: std::collections::HashSet<(Uuid, Fingerprint)>,
     /// Silence ids changed since the last save.
     pub dirty_silences: std::collections::HashSet<String>,
-    /// Entries stored in messages of several (receipts, on
-    /// `tocsin.incidents.batch`) since the last save: (incident, the
-    /// message's stream sequence), for the store's index by incident that
-    /// a timeline reads them through ([`Projection::batch_stored`]).
-    pub dirty_batches: Vec<(Uuid, u64)>,
     /// Snoozed, unresolved incidents by when their snooze ends: the timer
     /// loop reads its head instead of scanning every incident.
     pub snoozes: std::collections::BTreeSet<(Timestamp, Uuid)>,
@@ -472,6 +478,7 @@ impl Projection {
                         summary: e.incident.clone(),
                         alerts: BTreeMap::new(),
                         commands: VecDeque::new(),
+                        batches: VecDeque::new(),
                         tally: Tally::default(),
                     })
                 });
@@ -564,13 +571,23 @@ impl Projection {
     }
 
     /// Notes that `entries`, already applied, were stored in the message
-    /// at stream sequence `seq` (see [`Projection::dirty_batches`]).
+    /// at stream sequence `seq`, in each of their incidents (see
+    /// [`IncidentState::batches`]); each is in memory, as an incident is
+    /// while its entries are applied and until it is saved.
     pub fn batch_stored(&mut self, entries: &[LogEntry], seq: u64) {
-        let mut ids: Vec<Uuid> = entries.iter().filter_map(LogEntry::incident_id).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        self.dirty_batches
-            .extend(ids.into_iter().map(|id| (id, seq)));
+        for id in entries.iter().filter_map(LogEntry::incident_id) {
+            let Some(st) = self.incidents.get_mut(&id) else {
+                continue;
+            };
+            if st.batches.back().is_some_and(|last| *last >= seq) {
+                continue; // noted (two of its entries in one message)
+            }
+            st.batches.push_back(seq);
+            if st.batches.len() > REMEMBERED_BATCHES {
+                st.batches.pop_front();
+            }
+            self.dirty.insert(id);
+        }
     }
 
     /// Where to resume reading ALERTS: the last alert again if it may be
@@ -1300,6 +1317,7 @@ impl<'a> Decider<'a> {
             },
             alerts: BTreeMap::new(),
             commands: VecDeque::new(),
+            batches: VecDeque::new(),
             tally: Tally::default(),
         };
         b.push(&mut st, EventKind::opened(info));

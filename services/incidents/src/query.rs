@@ -127,15 +127,21 @@ async fn get(
         },
         None => None,
     }
-    .map(|i| (i.summary, i.alerts.into_values().collect::<Vec<_>>()));
-    let Some((incident, alerts)) = found else {
+    .map(|i| {
+        (
+            i.summary,
+            i.alerts.into_values().collect::<Vec<_>>(),
+            i.batches,
+        )
+    });
+    let Some((incident, alerts, batches)) = found else {
         return QueryReply::Error {
             reason: format!("no incident {}", q.incident),
         };
     };
     let most = js.client().max_payload().saturating_sub(ANSWER_MARGIN);
     let (timeline, left) = if q.timeline {
-        match timeline(js, store, &incident, 2 * most).await {
+        match timeline(js, &incident, &batches, 2 * most).await {
             Ok(t) => t,
             Err(e) => {
                 return QueryReply::Error {
@@ -243,12 +249,13 @@ fn alert_change(e: &IncidentEvent) -> bool {
 /// entries: they are read one by one, never all held at once. Its entries
 /// on its own subjects are read in order; its receipts, stored in
 /// messages of several ([`tocsin_proto::subjects::INCIDENTS_BATCH`]), are
-/// read through the store's index of those messages, one message at a
-/// time (one that aged out of the stream is passed over).
+/// read from the messages at `batches` (the incident's own list of them,
+/// [`IncidentState::batches`]), one at a time (one that aged out of the
+/// stream is passed over).
 pub(crate) async fn timeline(
     js: &jetstream::Context,
-    store: &Store,
     incident: &IncidentSummary,
+    batches: &std::collections::VecDeque<u64>,
     keep_bytes: usize,
 ) -> Result<(Vec<IncidentEvent>, usize), String> {
     let id = incident.id;
@@ -263,9 +270,6 @@ pub(crate) async fn timeline(
         }
     })
     .await?;
-    let batches = store
-        .batches_of(&id)
-        .map_err(|e| format!("cannot read the store's index of receipts: {e}"))?;
     if batches.is_empty() {
         return Ok(newest.into_events());
     }
@@ -273,7 +277,7 @@ pub(crate) async fn timeline(
         .get_stream_no_info(STREAM_INCIDENTS)
         .await
         .map_err(|e| e.to_string())?;
-    for seq in batches {
+    for &seq in batches {
         let m = match stream.get_raw_message(seq).await {
             Ok(m) => m,
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => continue,

@@ -3,10 +3,7 @@
 //! One tree, key prefixes: `m/meta` (cursors), `i/<uuid>` (an incident
 //! without its alerts), `a/<uuid><fingerprint>` (one alert of it: a change
 //! to one alert of an incident of 10,000 writes that alert, not all of
-//! them, which cost 11 ms and 2.9 MB a save), `s/<id>` (silences),
-//! `b/<uuid><sequence>` (an INCIDENTS message of several entries holding
-//! some of that incident's: its receipts, which a timeline reads through
-//! this index since no subject of the incident's names them). Each
+//! them, which cost 11 ms and 2.9 MB a save), `s/<id>` (silences). Each
 //! save is one atomic `Batch`, so the cursors are always those of the state
 //! stored with them. sled is a cache of the INCIDENTS stream, never the
 //! record: if it is missing, unreadable or out of step with the stream, the
@@ -64,6 +61,7 @@ struct Meta {
 struct HeaderRef<'a> {
     summary: &'a IncidentSummary,
     commands: &'a VecDeque<String>,
+    batches: &'a VecDeque<u64>,
 }
 
 #[derive(Deserialize)]
@@ -71,6 +69,8 @@ struct Header {
     summary: IncidentSummary,
     #[serde(default)]
     commands: VecDeque<String>,
+    #[serde(default)]
+    batches: VecDeque<u64>,
 }
 
 #[derive(Clone)]
@@ -150,6 +150,7 @@ impl Store {
                 summary: h.summary,
                 alerts: BTreeMap::new(),
                 commands: h.commands,
+                batches: h.batches,
                 tally: Default::default(),
             };
             let number = st.summary.number;
@@ -200,6 +201,7 @@ impl Store {
             summary: h.summary,
             alerts: self.alerts_of(id)?,
             commands: h.commands,
+            batches: h.batches,
             tally: Default::default(),
         }))
     }
@@ -215,26 +217,6 @@ impl Store {
         Ok(alerts)
     }
 
-    /// The stream sequences of the INCIDENTS messages of several entries
-    /// that hold some of incident `id`'s, in order.
-    pub fn batches_of(&self, id: &Uuid) -> Result<Vec<u64>, StoreError> {
-        let prefix = batches_prefix(id);
-        let mut seqs = Vec::new();
-        for kv in self.tree.scan_prefix(&prefix) {
-            let (k, _) = kv?;
-            let seq = k
-                .get(prefix.len()..)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| StoreError::Corrupt {
-                    key: format!("b/{id}"),
-                    reason: "not followed by a sequence".into(),
-                })?;
-            seqs.push(seq);
-        }
-        Ok(seqs)
-    }
-
     /// Writes what changed since the last save, with the cursors, atomically.
     pub fn save(&self, p: &mut Projection) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
@@ -243,6 +225,7 @@ impl Store {
                 let header = HeaderRef {
                     summary: &st.summary,
                     commands: &st.commands,
+                    batches: &st.batches,
                 };
                 batch.insert(incident_key(&id), encode(&header));
             }
@@ -251,9 +234,6 @@ impl Store {
             if let Some(a) = p.incidents.get(&id).and_then(|st| st.alerts.get(&fp)) {
                 batch.insert(alert_key(&id, &fp), encode(a));
             }
-        }
-        for (id, seq) in p.dirty_batches.drain(..) {
-            batch.insert(batch_key(&id, seq), &[]);
         }
         for id in p.dirty_silences.drain() {
             let key = format!("s/{id}");
@@ -310,19 +290,6 @@ fn alert_key(id: &Uuid, fp: &Fingerprint) -> Vec<u8> {
     k
 }
 
-fn batches_prefix(id: &Uuid) -> Vec<u8> {
-    let mut k = b"b/".to_vec();
-    k.extend_from_slice(id.as_bytes());
-    k
-}
-
-/// Big-endian, so an incident's batches scan in stream order.
-fn batch_key(id: &Uuid, seq: u64) -> Vec<u8> {
-    let mut k = batches_prefix(id);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Encoding plain data structs to a Vec cannot fail.
     rmp_serde::to_vec_named(v).expect("projection records encode")
@@ -366,22 +333,39 @@ mod tests {
         assert_eq!(load(&s).unwrap().incidents_seq, 9);
     }
 
+    /// The messages of receipts an incident's entries are in are noted
+    /// once each, the newest `REMEMBERED_BATCHES` kept, and stored with
+    /// the incident.
     #[test]
-    fn the_batches_holding_an_incidents_entries_are_read_back_in_stream_order() {
+    fn an_incidents_messages_of_receipts_are_bounded_and_stored_with_it() {
+        use tocsin_proto::incident::{EventKind, IncidentEvent, LogEntry};
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let id = Uuid::from_u128(7);
+        let summary = IncidentSummary::new(id, 1, "k", "t", Timestamp::UNIX_EPOCH);
         let mut p = Projection::new();
-        p.dirty_batches = vec![(a, 300), (b, 7), (a, 2), (a, 256)];
+        p.insert_loaded(IncidentState {
+            summary: summary.clone(),
+            alerts: BTreeMap::new(),
+            commands: VecDeque::new(),
+            batches: VecDeque::new(),
+            tally: Default::default(),
+        });
+        let receipt = LogEntry::Incident(IncidentEvent {
+            kind: EventKind::Acknowledged,
+            at: Timestamp::UNIX_EPOCH,
+            actor: None,
+            cause: Cause::Command { id: "c".into() },
+            incident: summary,
+        });
+        let max = crate::core::REMEMBERED_BATCHES as u64;
+        for seq in 1..=max + 10 {
+            // Two of its entries in one message: noted once.
+            p.batch_stored(&[receipt.clone(), receipt.clone()], seq);
+        }
+        let want: VecDeque<u64> = (11..=max + 10).collect();
+        assert_eq!(p.incidents[&id].batches, want);
         s.save(&mut p).unwrap();
-        assert!(p.dirty_batches.is_empty(), "a save takes them");
-        // Saved again (a catch-up over what was saved): no change.
-        p.dirty_batches = vec![(a, 256)];
-        s.save(&mut p).unwrap();
-        assert_eq!(s.batches_of(&a).unwrap(), vec![2, 256, 300]);
-        assert_eq!(s.batches_of(&b).unwrap(), vec![7]);
-        assert!(s.batches_of(&Uuid::from_u128(3)).unwrap().is_empty());
-        // Not taken for incidents, alerts or silences when loading.
-        assert!(load(&s).unwrap().incidents.is_empty());
+        assert_eq!(s.incident(&id).unwrap().unwrap().batches, want);
     }
 }
