@@ -223,8 +223,8 @@ type Sent = (jetstream::context::PublishAckFuture, Stored);
 /// What one INCIDENTS message holds.
 enum Stored {
     /// An entry on its own subject.
-    One(LogEntry),
-    /// Several, on [`INCIDENTS_BATCH`]: receipts of one COMMANDS message.
+    One(Box<LogEntry>),
+    /// Several, on [`INCIDENTS_BATCH`]: receipts of a batch of inputs.
     Batch(Vec<LogEntry>),
 }
 
@@ -1419,7 +1419,7 @@ impl Service {
             .send_publish(entry.subject(), message)
             .await
             .map_err(|e| e.to_string())?;
-        sent.push((ack, Stored::One(entry)));
+        sent.push((ack, Stored::One(Box::new(entry))));
         *last_seq += 1;
         Ok(())
     }
@@ -1677,7 +1677,7 @@ impl Service {
                 let ack = ack.await.map_err(|e| e.to_string())?;
                 top = top.max(ack.sequence);
                 let entries = match &stored {
-                    Stored::One(entry) => std::slice::from_ref(entry),
+                    Stored::One(entry) => std::slice::from_ref(entry.as_ref()),
                     Stored::Batch(entries) => entries.as_slice(),
                 };
                 if !ack.duplicate {
