@@ -464,82 +464,20 @@ async fn an_ack_sent_during_an_alert_storm_is_not_kept_waiting_behind_it() {
 #[tokio::test]
 async fn receipts_sent_together_are_each_applied_once_and_a_misfit_goes_alone() {
     use tocsin_proto::{
-        codec,
-        command::{batch_subject, Command},
+        command::Command,
         incident::Actor,
-        subjects::{headers, STREAM_COMMANDS, STREAM_DEADLETTER},
-        Envelope,
+        subjects::{headers, STREAM_DEADLETTER},
     };
     use tocsin_tests::bus;
     let nats = NatsServer::start().await;
     let _tocsin = TocsinHarness::start(&nats).await;
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
-    for name in ["A", "B", "C"] {
-        publish_alert(
-            &js,
-            alert(
-                &[("alertname", name)],
-                &["alertname"],
-                AlertStatus::Firing,
-                t(0),
-            ),
-            t(0),
-        )
-        .await;
-    }
-    wait_for(&client, "three incidents", |l| l.len() == 3).await;
+    three_incidents(&js, &client).await;
     let escalation = Actor::new("escalation", "tocsin");
-    let paged = |n: u64, level: u32| {
-        Command::new(
-            escalation.clone(),
-            Action::Paged {
-                incident: IncidentRef::Number(n),
-                level,
-                repeat: 0,
-                pages: vec![format!("user{n} via sms")],
-                reason: format!("level {}", level + 1),
-                fired: None,
-            },
-        )
-    };
-    let send = |id: &'static str, body: Vec<Command>| {
-        let js = js.clone();
-        async move {
-            let mut h = async_nats::HeaderMap::new();
-            h.insert(headers::MSG_ID, id);
-            let env = Envelope::new("escalation", t(1), body);
-            js.publish_with_headers(
-                batch_subject("paged"),
-                h,
-                codec::encode(&env).unwrap().into(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap()
-            .sequence
-        }
-    };
-    let settled_with = |want: usize| {
-        let js = js.clone();
-        async move {
-            eventually("the receipts applied and their message taken", || async {
-                let paged = log(&js)
-                    .await
-                    .into_iter()
-                    .filter(|(_, e)| {
-                        matches!(e, LogEntry::Incident(ev) if matches!(ev.kind, EventKind::Paged { .. }))
-                    })
-                    .count();
-                match (paged, bus::count(&js, STREAM_COMMANDS).await) {
-                    (n, 0) if n == want => Ok(()),
-                    other => Err(other),
-                }
-            })
-            .await
-        }
-    };
+    let paged = |n: u64, level: u32| paged_receipt(n, level);
+    let send = |id: &'static str, body: Vec<Command>| send_receipts(&js, id, body);
+    let settled_with = |want: usize| receipts_settled(&js, want);
 
     // Three receipts in one message.
     send("receipts-1", (1..=3).map(|n| paged(n, 0)).collect()).await;
@@ -584,74 +522,20 @@ async fn receipts_sent_together_are_each_applied_once_and_a_misfit_goes_alone() 
 /// rebuilt from the stream (a fresh data directory).
 #[tokio::test]
 async fn receipts_of_one_message_are_stored_together_and_on_each_timeline() {
-    use tocsin_proto::{
-        codec,
-        command::{batch_subject, Command},
-        incident::Actor,
-        subjects::{headers, INCIDENTS_BATCH, STREAM_COMMANDS, STREAM_INCIDENTS},
-        Envelope,
-    };
+    use tocsin_proto::subjects::{headers, INCIDENTS_BATCH, STREAM_INCIDENTS};
     use tocsin_tests::bus;
     let nats = NatsServer::start().await;
     let tocsin = TocsinHarness::start(&nats).await;
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
-    for name in ["A", "B", "C"] {
-        publish_alert(
-            &js,
-            alert(
-                &[("alertname", name)],
-                &["alertname"],
-                AlertStatus::Firing,
-                t(0),
-            ),
-            t(0),
-        )
-        .await;
-    }
-    wait_for(&client, "three incidents", |l| l.len() == 3).await;
-    let escalation = Actor::new("escalation", "tocsin");
-    let paged: Vec<Command> = (1..=3)
-        .map(|n| {
-            Command::new(
-                escalation.clone(),
-                Action::Paged {
-                    incident: IncidentRef::Number(n),
-                    level: 0,
-                    repeat: 0,
-                    pages: vec![format!("user{n} via sms")],
-                    reason: "level 1".into(),
-                    fired: None,
-                },
-            )
-        })
-        .collect();
-    let mut h = async_nats::HeaderMap::new();
-    h.insert(headers::MSG_ID, "receipts-1");
-    let env = Envelope::new("escalation", t(1), paged);
-    js.publish_with_headers(
-        batch_subject("paged"),
-        h,
-        codec::encode(&env).unwrap().into(),
+    three_incidents(&js, &client).await;
+    send_receipts(
+        &js,
+        "receipts-1",
+        (1..=3).map(|n| paged_receipt(n, 0)).collect(),
     )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-    eventually("the receipts applied and their message taken", || async {
-        let paged = log(&js)
-            .await
-            .into_iter()
-            .filter(|(_, e)| {
-                matches!(e, LogEntry::Incident(ev) if matches!(ev.kind, EventKind::Paged { .. }))
-            })
-            .count();
-        match (paged, bus::count(&js, STREAM_COMMANDS).await) {
-            (3, 0) => Ok(()),
-            other => Err(other),
-        }
-    })
     .await;
+    receipts_settled(&js, 3).await;
 
     // One message holds the three, and no receipt has a message of its own.
     let raw = bus::stored_raw(&js, STREAM_INCIDENTS).await;
@@ -786,4 +670,79 @@ async fn silences_beyond_the_limit_are_refused_and_their_list_fits_one_answer() 
     assert!(accepted(&r), "{r:?}");
     let r = create(silence("s4", "room again")).await;
     assert!(accepted(&r), "{r:?}");
+}
+
+/// Incidents #1, #2 and #3, opened by alerts A, B and C.
+async fn three_incidents(js: &async_nats::jetstream::Context, client: &async_nats::Client) {
+    for name in ["A", "B", "C"] {
+        publish_alert(
+            js,
+            alert(
+                &[("alertname", name)],
+                &["alertname"],
+                AlertStatus::Firing,
+                t(0),
+            ),
+            t(0),
+        )
+        .await;
+    }
+    wait_for(client, "three incidents", |l| l.len() == 3).await;
+}
+
+/// Escalation's `paged` receipt for level `level` of incident #`n`.
+fn paged_receipt(n: u64, level: u32) -> tocsin_proto::command::Command {
+    tocsin_proto::command::Command::new(
+        tocsin_proto::incident::Actor::new("escalation", "tocsin"),
+        Action::Paged {
+            incident: IncidentRef::Number(n),
+            level,
+            repeat: 0,
+            pages: vec![format!("user{n} via sms")],
+            reason: format!("level {}", level + 1),
+            fired: None,
+        },
+    )
+}
+
+/// Publishes `body` as one COMMANDS message of receipts with message id
+/// `id`, as escalation sends a burst's; its stream sequence.
+async fn send_receipts(
+    js: &async_nats::jetstream::Context,
+    id: &str,
+    body: Vec<tocsin_proto::command::Command>,
+) -> u64 {
+    use tocsin_proto::{codec, command::batch_subject, subjects::headers, Envelope};
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::MSG_ID, id);
+    let env = Envelope::new("escalation", t(1), body);
+    js.publish_with_headers(
+        batch_subject("paged"),
+        h,
+        codec::encode(&env).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap()
+    .sequence
+}
+
+/// Waits until `want` `paged` entries are on INCIDENTS and COMMANDS is empty.
+async fn receipts_settled(js: &async_nats::jetstream::Context, want: usize) {
+    use tocsin_proto::subjects::STREAM_COMMANDS;
+    eventually("the receipts applied and their message taken", || async {
+        let paged = log(js)
+            .await
+            .into_iter()
+            .filter(|(_, e)| {
+                matches!(e, LogEntry::Incident(ev) if matches!(ev.kind, EventKind::Paged { .. }))
+            })
+            .count();
+        match (paged, tocsin_tests::bus::count(js, STREAM_COMMANDS).await) {
+            (n, 0) if n == want => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await
 }

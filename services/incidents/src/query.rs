@@ -500,6 +500,16 @@ mod tests {
 
     use super::Newest;
 
+    /// The timer ids `event` gave the events as their causes, in order.
+    fn causes(kept: &[IncidentEvent]) -> Vec<String> {
+        kept.iter()
+            .map(|e| match &e.cause {
+                Cause::Timer { id } => id.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
     fn event(kind: EventKind, n: u64) -> IncidentEvent {
         IncidentEvent {
             kind,
@@ -536,13 +546,7 @@ mod tests {
             newest.push((n, 0), event(kind, n), 100);
         }
         let (kept, let_go) = newest.into_events();
-        let causes: Vec<String> = kept
-            .iter()
-            .map(|e| match &e.cause {
-                Cause::Timer { id } => id.clone(),
-                other => panic!("{other:?}"),
-            })
-            .collect();
+        let causes = causes(&kept);
         // Every note (ten of 100 bytes), and the ten newest alert changes.
         let mut want: Vec<String> = (0..10).map(|i| (i * 100).to_string()).collect();
         want.extend((990..1_000).map(|n| n.to_string()));
@@ -580,13 +584,7 @@ mod tests {
         // The same receipt again (an index read twice) counts once.
         newest.push((50, 2), note(51), 100);
         let (kept, let_go) = newest.into_events();
-        let causes: Vec<String> = kept
-            .iter()
-            .map(|e| match &e.cause {
-                Cause::Timer { id } => id.clone(),
-                other => panic!("{other:?}"),
-            })
-            .collect();
+        let causes = causes(&kept);
         assert_eq!(causes, ["25", "30", "40", "50", "51"]);
         assert_eq!(let_go, 3);
     }
