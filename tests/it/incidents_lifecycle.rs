@@ -357,10 +357,8 @@ async fn the_time_spent_on_each_stage_of_a_batch_is_on_metrics() {
 
     let m = tocsin.metrics().await;
     for stage in ["decide", "stored", "save", "answer"] {
-        let name = format!("tocsin_incidents_busy_seconds_total{{stage=\"{stage}\"}} ");
-        let seconds: f64 = m
-            .lines()
-            .find_map(|l| l.strip_prefix(&name)?.parse().ok())
+        let name = format!("tocsin_incidents_busy_seconds_total{{stage=\"{stage}\"}}");
+        let seconds = tocsin_tests::metric_value(&m, &name)
             .unwrap_or_else(|| panic!("no {name} in /metrics:\n{m}"));
         assert!(
             seconds > 0.0 && seconds < 60.0,

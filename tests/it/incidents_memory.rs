@@ -23,9 +23,7 @@ use tocsin_tests::{
 
 /// The value of an unlabelled metric line `name` in `/metrics`.
 fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+    tocsin_tests::metric_value(text, name).unwrap_or_else(|| panic!("{name} not in /metrics"))
 }
 
 /// The test kit's config with the incidents section `yaml` and a data

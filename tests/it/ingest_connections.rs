@@ -33,12 +33,6 @@ fn rss_bytes() -> u64 {
     kb * 1024
 }
 
-/// The value of an unlabelled metric in `/metrics` text.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 /// Reads until the server closes the socket (EOF or reset), then counts it.
 fn watch_close(mut s: TcpStream, closed: Arc<AtomicUsize>) {
     tokio::spawn(async move {
@@ -174,7 +168,7 @@ async fn idle_and_slowloris_floods_do_not_lock_out_a_good_client() {
         let ready = http::get(&client, &format!("{}/readyz", tocsin.admin_url)).await;
         assert_eq!(ready.status, 200, "{}", ready.text);
         let text = tocsin.metrics().await;
-        if let Some(open) = metric(&text, "tocsin_ingest_connections_open") {
+        if let Some(open) = tocsin_tests::metric_value(&text, "tocsin_ingest_connections_open") {
             max_open = max_open.max(open);
         }
         max_rss = max_rss.max(rss_bytes());
@@ -202,7 +196,8 @@ async fn idle_and_slowloris_floods_do_not_lock_out_a_good_client() {
     );
 
     let text = tocsin.metrics().await;
-    let evicted = metric(&text, "tocsin_ingest_connections_evicted_total").unwrap_or(0.0);
+    let evicted =
+        tocsin_tests::metric_value(&text, "tocsin_ingest_connections_evicted_total").unwrap_or(0.0);
     assert!(evicted > 0.0, "the cap was reached: {text}");
     let timed_out: f64 = text
         .lines()

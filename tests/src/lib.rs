@@ -52,6 +52,13 @@ pub use tocsin::TocsinHarness;
 /// Token the harness configures for ingest.
 pub const TEST_TOKEN: &str = "test-token-0123456789abcdef";
 
+/// The value of the metric line `name` (with its labels, as
+/// `/metrics` prints them: `foo_total{stage="save"}`) in `/metrics` text.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// SIGTERM to `child` (a process's clean shutdown), then waits for it to exit.
 pub fn terminate(mut child: std::process::Child) {
     let _ = std::process::Command::new("kill")

@@ -296,20 +296,23 @@ impl Service {
         Ok(())
     }
 
+    /// Applies one INCIDENTS message at stream sequence `seq`: the keys of
+    /// the tracks it changed, and how many entries it held.
     fn apply(
         &mut self,
         subject: &str,
         payload: &[u8],
         seq: u64,
-    ) -> Result<Vec<Key>, EscalationError> {
+    ) -> Result<(Vec<Key>, usize), EscalationError> {
         // The incidents lease's tenure markers are not entries: read past.
         if seq <= self.seq || is_tenure_marker(subject) {
             if seq > self.seq {
                 self.unsaved_entries += 1;
             }
             self.seq = self.seq.max(seq);
-            return Ok(Vec::new());
+            return Ok((Vec::new(), 1));
         }
+        let before = self.unsaved_entries;
         // A message of several entries (receipts) gives each in order.
         let changed = match decode_entries(subject, payload) {
             Ok(Envelope { body, .. }) => {
@@ -336,7 +339,7 @@ impl Service {
             }
         };
         self.seq = seq;
-        Ok(changed)
+        Ok((changed, self.unsaved_entries - before))
     }
 
     async fn consumer(&self) -> Result<pull::Ordered, String> {
@@ -420,15 +423,17 @@ impl Service {
                 Ok(info) => info.stream_sequence,
                 Err(e) => break Err(DrainError::Read(e.to_string())),
             };
-            match self.apply(&msg.subject, &msg.payload, seq) {
-                Ok(c) => changed.extend(c),
-                Err(e) => break Err(DrainError::Store(e)),
-            }
             // A long catch-up (a cold start reads the whole stream) saves
             // as it goes, so it holds a bounded number of tracks at once. A
             // message of several entries (receipts, each loading its
             // incident's tracks) counts as that many.
-            applied += entries_in(&msg);
+            match self.apply(&msg.subject, &msg.payload, seq) {
+                Ok((c, entries)) => {
+                    changed.extend(c);
+                    applied += entries;
+                }
+                Err(e) => break Err(DrainError::Store(e)),
+            }
             if applied >= SAVE_EVERY {
                 self.save(&changed);
                 changed.clear();
@@ -519,7 +524,7 @@ impl Service {
                     m = msgs.next() => match m {
                         Some(Ok(msg)) => {
                             let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-                            let changed = self.apply(&msg.subject, &msg.payload, seq)?;
+                            let (changed, _) = self.apply(&msg.subject, &msg.payload, seq)?;
                             self.save(&changed);
                         }
                         Some(Err(e)) => tracing::warn!(error = %e, "INCIDENTS consumer error"),
@@ -989,17 +994,6 @@ fn encode_effect(effect: &Effect, now: Timestamp) -> Option<(String, String, Vec
             None
         }
     }
-}
-
-/// How many entries an INCIDENTS message holds: its `Tocsin-Items` for a
-/// message of several, else one.
-fn entries_in(msg: &async_nats::jetstream::Message) -> usize {
-    msg.headers
-        .as_ref()
-        .and_then(|h| h.get(headers::ITEMS))
-        .and_then(|v| v.as_str().parse().ok())
-        .unwrap_or(1usize)
-        .max(1)
 }
 
 #[cfg(test)]
