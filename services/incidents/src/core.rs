@@ -50,11 +50,55 @@ const REMEMBERED_COMMANDS: usize = 64;
 /// at most a few thousand entries anyway).
 pub const REMEMBERED_BATCHES: usize = 1024;
 
+/// Dedup key -> the most recent incident with that key, for every
+/// incident in memory or not. Keyed by the first 128 bits of the key's
+/// SHA-256 instead of the key: a key is its grouping labels (100-200
+/// bytes), and 100,000 of them held some 13 MiB more. Two keys sharing the
+/// 128 bits is out of reach (a collision needs about 2^64 keys, and
+/// SHA-256 gives no way to make one).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ByKey(HashMap<[u8; 16], Uuid>);
+
+impl ByKey {
+    pub(crate) fn digest(key: &str) -> [u8; 16] {
+        let d = Sha256::digest(key.as_bytes());
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&d[..16]);
+        out
+    }
+
+    /// The most recent incident with dedup key `key`.
+    pub fn get(&self, key: &str) -> Option<&Uuid> {
+        self.0.get(&Self::digest(key))
+    }
+
+    /// `id` is now the most recent incident with `key`.
+    pub fn insert(&mut self, key: &str, id: Uuid) {
+        self.0.insert(Self::digest(key), id);
+    }
+
+    /// Dedup keys known.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// An incident's alerts by fingerprint. Each alert is boxed: a map's node
+/// has room for eleven entries however few it holds, and most incidents
+/// hold one alert, so a node of whole alerts (about 170 bytes each) took
+/// some 2 KiB an incident in memory where boxed ones take about 360 bytes
+/// plus the alert.
+pub type Alerts = BTreeMap<Fingerprint, Box<AlertInfo>>;
+
 /// One incident in the projection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IncidentState {
     pub summary: IncidentSummary,
-    pub alerts: BTreeMap<Fingerprint, AlertInfo>,
+    pub alerts: Alerts,
     #[serde(default)]
     pub commands: VecDeque<String>,
     /// The stream sequences of the INCIDENTS messages of several entries
@@ -107,7 +151,7 @@ struct Counts {
 }
 
 impl Counts {
-    fn of(alerts: &BTreeMap<Fingerprint, AlertInfo>, map: &SeverityMap) -> Counts {
+    fn of(alerts: &Alerts, map: &SeverityMap) -> Counts {
         let mut c = Counts::default();
         for a in alerts.values() {
             c.count(a, map, true);
@@ -197,7 +241,7 @@ pub struct Projection {
     /// pointer instead of a whole state (about 360 bytes).
     pub incidents: HashMap<Uuid, Box<IncidentState>>,
     /// Dedup key -> most recent incident with that key.
-    pub by_key: HashMap<String, Uuid>,
+    pub by_key: ByKey,
     /// Number -> incident, for every incident (in memory or not), in order.
     pub by_number: BTreeMap<u64, Uuid>,
     /// Incidents whose state is not in memory, only in the store: resolved
@@ -521,7 +565,7 @@ impl Projection {
                         }
                     }
                 }
-                self.by_key.insert(e.incident.dedup_key.clone(), id);
+                self.by_key.insert(&e.incident.dedup_key, id);
                 self.by_number.insert(e.incident.number, id);
                 self.next_number = self.next_number.max(e.incident.number + 1);
                 self.dirty.insert(id);
@@ -635,23 +679,20 @@ fn alerts_of(kind: &EventKind) -> Vec<Fingerprint> {
 
 /// The firing alerts among `alerts`: only those of `only`, if given (they
 /// may be absent or not firing), or all of them.
-fn firing<'a>(
-    alerts: &'a BTreeMap<Fingerprint, AlertInfo>,
-    only: Option<&[Fingerprint]>,
-) -> Vec<&'a AlertInfo> {
+fn firing<'a>(alerts: &'a Alerts, only: Option<&[Fingerprint]>) -> Vec<&'a AlertInfo> {
     let pick: Box<dyn Iterator<Item = &'a AlertInfo>> = match only {
-        Some(fps) => Box::new(fps.iter().filter_map(|fp| alerts.get(fp))),
-        None => Box::new(alerts.values()),
+        Some(fps) => Box::new(fps.iter().filter_map(|fp| alerts.get(fp).map(|a| &**a))),
+        None => Box::new(alerts.values().map(|a| &**a)),
     };
     pick.filter(|a| a.status == AlertStatus::Firing).collect()
 }
 
 /// The alert-map part of an event, shared by deciding and applying.
-fn change_alerts(alerts: &mut BTreeMap<Fingerprint, AlertInfo>, kind: &EventKind) {
+fn change_alerts(alerts: &mut Alerts, kind: &EventKind) {
     match kind {
         EventKind::Opened { .. } | EventKind::AlertFiring { .. } => {
             for alert in kind.alerts() {
-                alerts.insert(alert.fingerprint.clone(), alert.clone());
+                alerts.insert(alert.fingerprint.clone(), Box::new(alert.clone()));
             }
         }
         EventKind::AlertResolved { .. } => {
@@ -938,13 +979,14 @@ fn recompute(st: &mut IncidentState, cfg: &CoreConfig) {
     let firing: Vec<&AlertInfo> = st
         .alerts
         .values()
+        .map(|a| &**a)
         .filter(|a| a.status == AlertStatus::Firing)
         .collect();
     let s = &mut st.summary;
     s.alerts_total = st.alerts.len() as u32;
     s.alerts_firing = firing.len() as u32;
     let pool: Vec<&AlertInfo> = if firing.is_empty() {
-        st.alerts.values().collect()
+        st.alerts.values().map(|a| &**a).collect()
     } else {
         firing.clone()
     };
@@ -1743,4 +1785,27 @@ pub fn heartbeat_alert(
 /// Silences in a log-independent form, for the store.
 pub fn silence_list(proj: &Projection) -> Vec<Silence> {
     proj.silences.list().cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_index_their_newest_incident_by_digest_and_keys_differing_anywhere_stay_apart() {
+        let mut keys = ByKey::default();
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let k1 = r#"labels:{alertname="Down",instance="a:9100"}"#;
+        // Differs from k1 in its last byte only.
+        let k2 = r#"labels:{alertname="Down",instance="a:9101"}"#;
+        keys.insert(k1, a);
+        keys.insert(k2, b);
+        assert_eq!(keys.get(k1), Some(&a));
+        assert_eq!(keys.get(k2), Some(&b));
+        assert_eq!(keys.get("labels:{}"), None);
+        // A newer incident with the key replaces the older one.
+        keys.insert(k1, c);
+        assert_eq!(keys.get(k1), Some(&c));
+        assert_eq!(keys.len(), 2);
+    }
 }

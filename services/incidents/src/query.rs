@@ -130,7 +130,7 @@ async fn get(
     .map(|i| {
         (
             i.summary,
-            i.alerts.into_values().collect::<Vec<_>>(),
+            i.alerts.into_values().map(|a| *a).collect::<Vec<_>>(),
             i.batches,
         )
     });

@@ -141,7 +141,7 @@ impl Store {
         p.next_number = meta.next_number.max(1);
         p.heartbeats = meta.heartbeats;
         // Number of the incident each dedup key names so far (the newest wins).
-        let mut key_numbers: std::collections::HashMap<String, u64> = Default::default();
+        let mut key_numbers: std::collections::HashMap<[u8; 16], u64> = Default::default();
         for kv in self.tree.scan_prefix(b"i/") {
             let (k, v) = kv?;
             let h: Header = decode(&String::from_utf8_lossy(&k), &v)?;
@@ -154,12 +154,11 @@ impl Store {
                 tally: Default::default(),
             };
             let number = st.summary.number;
-            let newer = key_numbers
-                .get(&st.summary.dedup_key)
-                .is_none_or(|n| *n < number);
+            let digest = crate::core::ByKey::digest(&st.summary.dedup_key);
+            let newer = key_numbers.get(&digest).is_none_or(|n| *n < number);
             if newer {
-                key_numbers.insert(st.summary.dedup_key.clone(), number);
-                p.by_key.insert(st.summary.dedup_key.clone(), id);
+                key_numbers.insert(digest, number);
+                p.by_key.insert(&st.summary.dedup_key, id);
             }
             p.by_number.insert(number, id);
             let resolved = st.summary.status == tocsin_proto::incident::IncidentStatus::Resolved;
@@ -207,12 +206,12 @@ impl Store {
     }
 
     /// Incident `id`'s stored alerts.
-    fn alerts_of(&self, id: &Uuid) -> Result<BTreeMap<Fingerprint, AlertInfo>, StoreError> {
+    fn alerts_of(&self, id: &Uuid) -> Result<crate::core::Alerts, StoreError> {
         let mut alerts = BTreeMap::new();
         for kv in self.tree.scan_prefix(alerts_prefix(id)) {
             let (k, v) = kv?;
             let a: AlertInfo = decode(&String::from_utf8_lossy(&k), &v)?;
-            alerts.insert(a.fingerprint.clone(), a);
+            alerts.insert(a.fingerprint.clone(), Box::new(a));
         }
         Ok(alerts)
     }
