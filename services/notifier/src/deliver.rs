@@ -567,8 +567,9 @@ impl Deliverer {
                     return Some(self.finish(job, None, key, rec, rev, shutdown).await);
                 }
             };
-        let preview = self.outgoing(job, &job.snapshot, &[]);
-        let dest = provider.destination(&preview);
+        // Dropped before any wait: a page waiting for its turn holds only
+        // its job, not a rendered copy of its incident.
+        let dest = provider.destination(&self.outgoing(job, &job.snapshot, &[]));
         let (at, probe, held) = match self.lanes.turn(provider.name(), &dest, &*self.clock).await {
             Turn::BreakerOpen(d) => {
                 self.metrics.handed_back(channel, "breaker");

@@ -21,6 +21,7 @@ use tocsin_proto::{
     subjects::{query, STREAM_INCIDENTS},
     Envelope,
 };
+use tokio_util::sync::CancellationToken;
 
 /// An incident's state and its version (the INCIDENTS sequence of its
 /// last entry).
@@ -135,6 +136,30 @@ impl Incidents {
         }
     }
 
+    /// Forgets the alerts kept longer than they are of use. The cache
+    /// otherwise forgets only when it is used, so a notifier gone quiet
+    /// after a burst of pages kept up to 4,096 incidents' alerts (about
+    /// 7 MiB) until the next page.
+    pub(crate) fn sweep(&self) {
+        self.alerts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .expire();
+    }
+
+    /// Sweeps ([`Incidents::sweep`]) as often as kept alerts expire, until
+    /// `shutdown`.
+    pub(crate) async fn sweep_until(&self, shutdown: CancellationToken) {
+        let mut every = tokio::time::interval(ALERTS_KEPT);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = every.tick() => self.sweep(),
+            }
+        }
+    }
+
     /// The incident's alerts (empty when the incidents service does not
     /// answer in time: the page goes out with the summary only).
     pub(crate) async fn alerts(&self, id: uuid::Uuid, version: u64) -> Vec<AlertInfo> {
@@ -193,5 +218,21 @@ mod tests {
         assert_eq!(c.order.len(), ALERTS_MAX);
         assert!(c.get(&(id, 0)).is_none(), "the oldest left first");
         assert!(c.get(&(id, ALERTS_MAX as u64 + 9)).is_some());
+    }
+
+    #[test]
+    fn the_alerts_cache_forgets_what_is_too_old_without_being_used() {
+        let mut c = AlertsCache::default();
+        let id = uuid::Uuid::from_u128(1);
+        let old = Instant::now() - ALERTS_KEPT - Duration::from_secs(1);
+        let new = Instant::now();
+        c.map.insert((id, 1), (old, Vec::new()));
+        c.order.push_back((old, (id, 1)));
+        c.map.insert((id, 2), (new, Vec::new()));
+        c.order.push_back((new, (id, 2)));
+        // What the sweep does while no page comes.
+        c.expire();
+        assert_eq!(c.map.len(), 1, "the entry past ALERTS_KEPT left");
+        assert!(c.map.contains_key(&(id, 2)));
     }
 }

@@ -204,6 +204,10 @@ pub async fn run(
     );
     let ack_wait = config.ack_wait();
     let changes = tokio::spawn(changes::run(d.clone(), ack_wait, ctx.shutdown.clone()));
+    let sweeps = {
+        let (d, stop) = (d.clone(), ctx.shutdown.clone());
+        tokio::spawn(async move { d.incidents.sweep_until(stop).await })
+    };
     let beats = {
         let (d, js, stop) = (d.clone(), ctx.js.clone(), ctx.shutdown.clone());
         let n = ctx.jetstream.replicas;
@@ -219,6 +223,7 @@ pub async fn run(
     .await;
     let _ = changes.await;
     let _ = beats.await;
+    let _ = sweeps.await;
     d.tasks.close();
     d.tasks.wait().await;
     tracing::info!("notifier stopped");

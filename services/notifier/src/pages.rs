@@ -99,14 +99,23 @@ async fn run_channel(
         ..Default::default()
     };
     let tasks = tokio_util::task::TaskTracker::new();
+    // Pages worked on at once by this replica for this channel: as many
+    // as the consumer lets messages be pending (four times `held`), which
+    // a message of a burst (up to 16 pages) would otherwise multiply. A
+    // page being worked on holds its incident, its rendered message and
+    // its records; the messages beyond wait as they came. Lanes hold at
+    // most half of `held` each, so eight backlogged destinations of a
+    // channel are needed to hold up a ninth.
+    let allowance = held.saturating_mul(4);
+    let working = Arc::new(tokio::sync::Semaphore::new(allowance));
     let mut pages = Puller::new(&d.js, STREAM_NOTIFY, config, held.min(256));
     if pages.open(&shutdown).await.is_some() {
         if opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == CHANNELS.len() {
             health.set_ok("notifier");
         }
         while let Some(msg) = pages.next(&shutdown).await {
-            let (d, stop) = (d.clone(), shutdown.clone());
-            tasks.spawn(async move { handle(d, msg, ack_wait, stop).await });
+            let (d, stop, working) = (d.clone(), shutdown.clone(), working.clone());
+            tasks.spawn(async move { handle(d, msg, ack_wait, (&working, allowance), stop).await });
         }
     }
     // Let deliveries in flight finish (the app's grace period bounds this).
@@ -118,6 +127,7 @@ async fn handle(
     d: Arc<Deliverer>,
     msg: jetstream::Message,
     ack_wait: Duration,
+    (working, allowance): (&tokio::sync::Semaphore, usize),
     shutdown: CancellationToken,
 ) {
     let pages = match decode_pages(msg.subject.as_str(), &msg.payload) {
@@ -129,6 +139,18 @@ async fn handle(
         }
     };
     let alive = pull::keep_alive(&msg, ack_wait);
+    // A permit a page (a burst larger than the whole allowance takes all
+    // of it), kept until the message is finished.
+    let want = u32::try_from(pages.len().clamp(1, allowance)).unwrap_or(u32::MAX);
+    let permits = tokio::select! {
+        p = working.acquire_many(want) => p.ok(),
+        _ = shutdown.cancelled() => None,
+    };
+    if permits.is_none() {
+        alive.abort();
+        consumer::finish(&msg, Finish::Later(Duration::from_secs(1))).await;
+        return;
+    }
     // A message of several pages (a burst's, for this channel): all at
     // once, and the message handed back whole if any must come again (the
     // soonest); those already sent then find their delivery records and
@@ -141,6 +163,7 @@ async fn handle(
     .await
     .into_iter()
     .fold(Finish::Ack, Finish::and);
+    drop(permits);
     alive.abort();
     consumer::finish(&msg, f).await;
 }
