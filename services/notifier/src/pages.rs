@@ -140,7 +140,8 @@ async fn handle(
     };
     let alive = pull::keep_alive(&msg, ack_wait);
     // A permit a page (a burst larger than the whole allowance takes all
-    // of it), kept until the message is finished.
+    // of it), given back once its pages are done, before the message is
+    // acknowledged or handed back.
     let want = u32::try_from(pages.len().clamp(1, allowance)).unwrap_or(u32::MAX);
     let permits = tokio::select! {
         p = working.acquire_many(want) => p.ok(),
