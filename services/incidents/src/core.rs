@@ -74,7 +74,12 @@ impl ByKey {
 
     /// `id` is now the most recent incident with `key`.
     pub fn insert(&mut self, key: &str, id: Uuid) {
-        self.0.insert(Self::digest(key), id);
+        self.insert_digest(Self::digest(key), id);
+    }
+
+    /// [`ByKey::insert`] with the key's [`ByKey::digest`] at hand.
+    pub(crate) fn insert_digest(&mut self, digest: [u8; 16], id: Uuid) {
+        self.0.insert(digest, id);
     }
 
     /// Dedup keys known.

@@ -158,7 +158,7 @@ impl Store {
             let newer = key_numbers.get(&digest).is_none_or(|n| *n < number);
             if newer {
                 key_numbers.insert(digest, number);
-                p.by_key.insert(&st.summary.dedup_key, id);
+                p.by_key.insert_digest(digest, id);
             }
             p.by_number.insert(number, id);
             let resolved = st.summary.status == tocsin_proto::incident::IncidentStatus::Resolved;
