@@ -567,9 +567,11 @@ impl Deliverer {
                     return Some(self.finish(job, None, key, rec, rev, shutdown).await);
                 }
             };
-        // Dropped before any wait: a page waiting for its turn holds only
-        // its job, not a rendered copy of its incident.
-        let dest = provider.destination(&self.outgoing(job, &job.snapshot, &[]));
+        let dest = provider.destination(
+            job.reference.as_ref(),
+            &job.about.target,
+            &job.about.address,
+        );
         let (at, probe, held) = match self.lanes.turn(provider.name(), &dest, &*self.clock).await {
             Turn::BreakerOpen(d) => {
                 self.metrics.handed_back(channel, "breaker");
@@ -923,7 +925,7 @@ impl Deliverer {
                 at: self.clock.now(),
             };
             let out = self.outgoing(&job, &now.summary, &[]);
-            let dest = provider.destination(&out);
+            let dest = provider.destination(out.reference.as_ref(), &out.target, &out.address);
             let probe = match self.lanes.turn(provider.name(), &dest, &*self.clock).await {
                 Turn::BreakerOpen(d) | Turn::TooFar(d) => {
                     self.metrics

@@ -136,26 +136,17 @@ impl Incidents {
         }
     }
 
-    /// Forgets the alerts kept longer than they are of use. The cache
-    /// otherwise forgets only when it is used, so a notifier gone quiet
-    /// after a burst of pages kept up to 4,096 incidents' alerts (about
-    /// 7 MiB) until the next page.
-    pub(crate) fn sweep(&self) {
-        self.alerts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .expire();
-    }
-
-    /// Sweeps ([`Incidents::sweep`]) as often as kept alerts expire, until
-    /// `shutdown`.
+    /// Forgets the alerts kept longer than they are of use, as often as
+    /// they expire, until `shutdown`. The cache otherwise forgets only
+    /// when it is used, so a notifier gone quiet after a burst of pages
+    /// kept up to 4,096 incidents' alerts (about 7 MiB) until the next page.
     pub(crate) async fn sweep_until(&self, shutdown: CancellationToken) {
         let mut every = tokio::time::interval(ALERTS_KEPT);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = every.tick() => self.sweep(),
+                _ = every.tick() => self.alerts.lock().unwrap_or_else(|e| e.into_inner()).expire(),
             }
         }
     }

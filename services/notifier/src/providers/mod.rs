@@ -142,8 +142,10 @@ pub trait Provider: Send + Sync {
 
     /// What the rate limit counts per: the PagerDuty service (its routing
     /// key), the Slack channel or user, the webhook; SMS and email per account.
-    fn destination(&self, out: &Outgoing) -> String {
-        let _ = out;
+    /// From what an [`Outgoing`] is made of (its `reference`, `target` and
+    /// `address`), so a page learns its lane before its message is made.
+    fn destination(&self, reference: Option<&ProviderRef>, target: &str, address: &str) -> String {
+        let _ = (reference, target, address);
         String::new()
     }
 

@@ -214,10 +214,10 @@ impl Provider for Pagerduty {
     }
 
     /// PagerDuty limits events per integration key: per service.
-    fn destination(&self, out: &Outgoing) -> String {
-        match &out.reference {
+    fn destination(&self, reference: Option<&ProviderRef>, target: &str, _: &str) -> String {
+        match reference {
             Some(ProviderRef::Pagerduty { service, .. }) => service.clone(),
-            _ => out.target.clone(),
+            _ => target.to_string(),
         }
     }
 

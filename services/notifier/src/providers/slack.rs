@@ -310,10 +310,10 @@ impl Provider for Slack {
     }
 
     /// Slack limits posting per channel.
-    fn destination(&self, out: &Outgoing) -> String {
-        match &out.reference {
+    fn destination(&self, reference: Option<&ProviderRef>, _: &str, address: &str) -> String {
+        match reference {
             Some(ProviderRef::SlackMessage { channel, .. }) => channel.clone(),
-            _ => out.address.clone(),
+            _ => address.to_string(),
         }
     }
 

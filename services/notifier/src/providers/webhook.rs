@@ -142,7 +142,7 @@ impl Provider for Webhook {
         self.timeout
     }
 
-    fn destination(&self, _: &Outgoing) -> String {
+    fn destination(&self, _: Option<&ProviderRef>, _: &str, _: &str) -> String {
         self.name.clone()
     }
 
