@@ -366,3 +366,65 @@ async fn the_time_spent_on_each_stage_of_a_batch_is_on_metrics() {
         );
     }
 }
+
+/// Tocsin's generic JSON lets a sender leave out `startsAt` (the alert then
+/// starts when Tocsin receives it). The same firing alert posted again
+/// later, as a sender's retry after a lost answer or a script re-posting
+/// what still fires, is the same alert still firing: it keeps the time it
+/// was first seen (as Alertmanager keeps the earliest start of an alert
+/// that is still active) and writes nothing. Before, every such post wrote
+/// an `alert_firing` entry (a synced write) and moved the alert's start,
+/// so under load each retry of a timed-out request added work.
+#[tokio::test]
+async fn a_generic_alert_posted_again_without_a_start_time_keeps_its_start_and_adds_nothing() {
+    let nats = NatsServer::start().await;
+    let tocsin = TocsinHarness::start(&nats).await;
+    let client = nats.client().await;
+    let url = format!("{}/api/v1/alerts", tocsin.ingest_url);
+    let post = |summary: &'static str| {
+        let (url, token) = (url.clone(), tocsin.token.clone());
+        async move {
+            let body = serde_json::json!([{
+                "labels": {"alertname": "DiskFull", "instance": "db-1:9100", "severity": "critical"},
+                "annotations": {"summary": summary},
+            }])
+            .to_string();
+            let a = http::post(&reqwest::Client::new(), &url, Some(&token), body).await;
+            assert_eq!(a.status, 200, "{}", a.text);
+            assert_eq!(a.json["stored"], 1, "{}", a.text);
+        }
+    };
+    post("disk full").await;
+    let all = wait_for(&client, "one incident", |all| all.len() == 1).await;
+    let first = get(&client, IncidentRef::Id(all[0].id)).await;
+    let started = first.alerts[0].starts_at;
+
+    // The same alert again a minute later (a new receive time, so a new
+    // message on the bus), then once more with a new summary: the last is
+    // a change, decided after the repeat, so once it shows the repeat was
+    // decided too.
+    tocsin.clock.advance(SignedDuration::from_mins(1));
+    post("disk full").await;
+    tocsin.clock.advance(SignedDuration::from_mins(1));
+    post("disk full on /var").await;
+    let detail = tocsin_tests::eventually("the new summary", || async {
+        let d = get(&client, IncidentRef::Id(all[0].id)).await;
+        if d.alerts[0].annotations["summary"] == "disk full on /var" {
+            Ok(d)
+        } else {
+            Err(d.alerts[0].annotations.clone())
+        }
+    })
+    .await;
+    let kinds: Vec<&str> = detail.timeline.iter().map(|e| e.kind.name()).collect();
+    assert_eq!(
+        kinds,
+        ["opened", "alert_firing"],
+        "the repeat wrote nothing, the new summary one entry"
+    );
+    assert_eq!(detail.alerts.len(), 1);
+    assert_eq!(
+        detail.alerts[0].starts_at, started,
+        "the alert keeps the time it was first seen"
+    );
+}
