@@ -1309,15 +1309,30 @@ impl<'a> Decider<'a> {
         let suppressed = self.suppression(alert, at);
         let info = alert_info(alert, suppressed);
         let mut b = self.batch(cause.clone(), at, None);
+        // The alert as the incident would hold it, and whether it already
+        // does. An alert that is still firing keeps its earliest start, as
+        // Alertmanager merges an alert that is still active: a sender that
+        // leaves out `startsAt` (the alert then starts when received) and
+        // posts the same alert again, a retry after a lost answer or a
+        // re-post of what still fires, changes nothing.
+        let held = |inc: &IncidentState| {
+            let mut info = info.clone();
+            let held = inc.alerts.get(&alert.fingerprint);
+            if let Some(a) = held.filter(|a| a.status == AlertStatus::Firing) {
+                info.starts_at = info.starts_at.min(a.starts_at);
+            }
+            let unchanged = held.is_some_and(|a| {
+                a.status == AlertStatus::Firing
+                    && a.starts_at == info.starts_at
+                    && a.labels == info.labels
+                    && a.annotations == info.annotations
+                    && a.suppressed == info.suppressed
+            });
+            (info, unchanged)
+        };
         match latest {
             Some(inc) if inc.summary.status != IncidentStatus::Resolved => {
-                let unchanged = inc.alerts.get(&alert.fingerprint).is_some_and(|a| {
-                    a.status == AlertStatus::Firing
-                        && a.starts_at == info.starts_at
-                        && a.labels == info.labels
-                        && a.annotations == info.annotations
-                        && a.suppressed == info.suppressed
-                });
+                let (info, unchanged) = held(inc);
                 if !unchanged {
                     match joined_summary(inc, &info, self.cfg) {
                         Some(summary) => b.push_summary(summary, EventKind::alert_firing(info)),
@@ -1337,9 +1352,15 @@ impl<'a> Decider<'a> {
                     // A repeat notification of an alert that was still firing
                     // when someone resolved the incident: not a new problem.
                 } else if at.duration_since(resolved_at) <= self.cfg.reopen_window {
+                    // Reopened; the alert as the open incident would take
+                    // it (so a crash between the two entries decides the
+                    // second the same way).
+                    let (merged, unchanged) = held(inc);
                     let mut st = inc.clone();
                     b.push(&mut st, EventKind::Reopened);
-                    b.push(&mut st, EventKind::alert_firing(info));
+                    if !unchanged {
+                        b.push(&mut st, EventKind::alert_firing(merged));
+                    }
                 } else {
                     self.open(&mut b, key, alert, info);
                 }

@@ -9,7 +9,7 @@
 //! | `labels` | yes | at least one label; empty values are dropped |
 //! | `annotations` | no | free text (summary, description, runbook_url) |
 //! | `status` | no | `firing` or `resolved`; by default `resolved` when `endsAt` is in the past, else `firing` |
-//! | `startsAt` | no | RFC 3339; default: when Tocsin received it |
+//! | `startsAt` | no | RFC 3339; default: when Tocsin received it (the incidents service keeps the earliest start of an alert that is still firing, so a re-post changes nothing) |
 //! | `endsAt` | no | RFC 3339 |
 //! | `generatorURL` | no | link to the source |
 //! | `fingerprint` | no | 16 lowercase hex digits; default: Alertmanager's hash of the labels |
