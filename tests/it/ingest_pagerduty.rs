@@ -130,3 +130,75 @@ async fn invalid_events_get_pagerdutys_400_shape() {
         "nothing invalid reached the bus"
     );
 }
+
+/// A check that flaps sends the same trigger body again after its resolve
+/// (PagerDuty events carry no time unless `payload.timestamp` is set). At
+/// PagerDuty that trigger is a new problem; here it reopens the incident.
+/// Before, the message id of an event without a timestamp was a digest of
+/// its body, so within JetStream's duplicate window (2 minutes) the second
+/// trigger was dropped as a retry: answered 202 and lost. A retried
+/// trigger (the same body again while it fires) still changes nothing:
+/// the incidents service holds the alert as it is.
+#[tokio::test]
+async fn the_same_trigger_after_a_resolve_reopens_and_a_retry_changes_nothing() {
+    use jiff::SignedDuration;
+    use tocsin_proto::{command::IncidentRef, incident::IncidentStatus};
+    use tocsin_tests::incidents::{get, wait_for};
+
+    let nats = NatsServer::start().await;
+    let tocsin = TocsinHarness::start(&nats).await;
+    let client = reqwest::Client::new();
+    let nc = nats.client().await;
+    let js = async_nats::jetstream::new(nc.clone());
+    let url = format!("{}/v2/enqueue", tocsin.ingest_url);
+    let key = tocsin.token.clone();
+    let event = |action: &str| {
+        json!({
+            "routing_key": key, "event_action": action, "dedup_key": "srv02/disk",
+            "payload": {"summary": "disk full on srv02", "source": "srv02", "severity": "critical"}
+        })
+        .to_string()
+    };
+    let send = |action: &'static str| {
+        let (client, url, body) = (client.clone(), url.clone(), event(action));
+        async move {
+            let a = http::post(&client, &url, None, body).await;
+            assert_eq!(a.status, 202, "{action}: {}", a.text);
+        }
+    };
+    send("trigger").await;
+    let all = wait_for(&nc, "one incident triggered", |all| {
+        all.len() == 1 && all[0].status == IncidentStatus::Triggered
+    })
+    .await;
+    let id = all[0].id;
+    // The sender retries the trigger (its answer was lost) a second later.
+    tocsin.clock.advance(SignedDuration::from_secs(1));
+    send("trigger").await;
+    tocsin.clock.advance(SignedDuration::from_secs(10));
+    send("resolve").await;
+    wait_for(&nc, "the incident resolved", |all| {
+        all.len() == 1 && all[0].status == IncidentStatus::Resolved
+    })
+    .await;
+    // The check fails again a minute later: the same body.
+    tocsin.clock.advance(SignedDuration::from_mins(1));
+    send("trigger").await;
+    assert_eq!(
+        bus::count_alerts(&js).await,
+        4,
+        "every event is stored, the trigger after the resolve too"
+    );
+    let all = wait_for(&nc, "the incident reopened", |all| {
+        all.len() == 1 && all[0].status == IncidentStatus::Triggered
+    })
+    .await;
+    assert_eq!(all[0].reopen_count, 1);
+    let detail = get(&nc, IncidentRef::Id(id)).await;
+    let kinds: Vec<&str> = detail.timeline.iter().map(|e| e.kind.name()).collect();
+    assert_eq!(
+        kinds,
+        ["opened", "alert_resolved", "resolved", "reopened", "alert_firing"],
+        "the retried trigger wrote nothing"
+    );
+}
