@@ -98,9 +98,10 @@ pub struct Origin {
     /// Link back to the sender (Alertmanager's externalURL, PagerDuty `client_url`).
     #[serde(default)]
     pub external_url: Option<String>,
-    /// For senders whose events carry no start time (PagerDuty events without
-    /// `payload.timestamp`): a digest of the event. It replaces the start time
-    /// in the message id, so a retried event keeps the same id.
+    /// For records named by their content (PagerDuty change events): a
+    /// digest of the event. It replaces the start time in the message id,
+    /// so a retried event keeps the same id. Not for alerts that can fire
+    /// again: the same body after a resolve would be dropped as a retry.
     #[serde(default)]
     pub event_digest: Option<String>,
 }

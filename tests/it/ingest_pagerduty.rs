@@ -58,7 +58,9 @@ async fn trigger_acknowledge_resolve_with_one_dedup_key() {
     assert_eq!(t.labels["severity"], "error");
     assert_eq!(t.annotations["summary"], "HTTP check failed on srv01");
 
-    // The same trigger sent twice (a retry) is stored once.
+    // The same trigger again at the same receive time (the test's clock
+    // stands still) has the same message id: stored once. (A retry at a
+    // later time is stored and changes nothing: see below.)
     let a = http::post(&client, &url, None, trigger.to_string()).await;
     assert_eq!(a.status, 202);
     assert_eq!(bus::count_alerts(&js).await, 3);
@@ -198,7 +200,13 @@ async fn the_same_trigger_after_a_resolve_reopens_and_a_retry_changes_nothing() 
     let kinds: Vec<&str> = detail.timeline.iter().map(|e| e.kind.name()).collect();
     assert_eq!(
         kinds,
-        ["opened", "alert_resolved", "resolved", "reopened", "alert_firing"],
+        [
+            "opened",
+            "alert_resolved",
+            "resolved",
+            "reopened",
+            "alert_firing"
+        ],
         "the retried trigger wrote nothing"
     );
 }

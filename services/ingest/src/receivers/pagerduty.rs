@@ -92,7 +92,7 @@ pub fn parse(
 ) -> Result<Parsed, Vec<String>> {
     require_object(body, "a PagerDuty Events v2 event").map_err(|e| vec![e])?;
     let ev: Event = parse_json(body).map_err(|e| vec![e])?;
-    let parsed = validate(ev, body, source, received_at, new_key)?;
+    let parsed = validate(ev, source, received_at, new_key)?;
     check_bounds(&parsed.alert, limits)?;
     Ok(parsed)
 }
@@ -240,7 +240,6 @@ pub fn routing_key(body: &[u8]) -> Option<String> {
 
 fn validate(
     ev: Event,
-    body: &[u8],
     source: &str,
     received_at: Timestamp,
     new_key: impl FnOnce() -> String,
@@ -281,7 +280,6 @@ fn validate(
         );
     }
     let mut starts_at = received_at;
-    let mut has_timestamp = false;
     let mut labels = Labels::new();
     let mut annotations = Labels::new();
     if status == Some(AlertStatus::Firing) {
@@ -311,10 +309,7 @@ fn validate(
     if let Some(p) = &ev.payload {
         if let Some(ts) = p.timestamp.as_deref().filter(|t| !t.is_empty()) {
             match parse_time("'payload.timestamp'", ts) {
-                Ok(t) if status == Some(AlertStatus::Firing) => {
-                    starts_at = t;
-                    has_timestamp = true;
-                }
+                Ok(t) if status == Some(AlertStatus::Firing) => starts_at = t,
                 Ok(_) => {}
                 Err(e) => errors.push(e),
             }
@@ -363,9 +358,15 @@ fn validate(
         ("integration".to_string(), source.to_string()),
     ]
     .into();
-    // Events carry no start time unless payload.timestamp is set; then the
-    // digest of the body keeps a retried event on the same message id.
-    let event_digest = (!has_timestamp).then(|| hex::encode(&Sha256::digest(body)[..8]));
+    // Events carry no start time unless payload.timestamp is set; the
+    // start is then the receive time, so the message id is new for every
+    // event received. It is not a digest of the body: the same trigger
+    // sent again after its resolve (a check that flaps) is a new problem,
+    // and would have been dropped as a retry within JetStream's duplicate
+    // window. A retry is stored and decided again instead, and changes
+    // nothing: the incidents service keeps the earliest start of an alert
+    // still firing, and an acknowledge or resolve already applied writes
+    // nothing.
     let alert = Alert {
         fingerprint: Fingerprint::from_labels(&identity),
         status,
@@ -378,7 +379,6 @@ fn validate(
         origin: Origin {
             kind: Some(SourceKind::Pagerduty),
             external_url: client_url,
-            event_digest,
             ..Origin::default()
         },
     };
