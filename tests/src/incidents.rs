@@ -127,10 +127,17 @@ fn alert_message(alert: Alert, at: Timestamp) -> (String, HeaderMap, Vec<u8>) {
 
 /// Publishes many alerts at once, as a storm arrives: every publish is
 /// sent before any acknowledgement is awaited. Returns their sequences.
+///
+/// The acknowledgements may take longer than the context's 5 s: nats-server
+/// syncs each message on its own, so the last of 1,500 waits for all the
+/// syncs before it, and a slow machine running tests side by side took
+/// more than 5 s (CI failed with `TimedOut`).
 pub async fn publish_alerts_pipelined(
     js: &jetstream::Context,
     alerts: Vec<(Alert, Timestamp)>,
 ) -> Vec<u64> {
+    let mut js = js.clone();
+    js.set_timeout(std::time::Duration::from_secs(60));
     let mut pending = Vec::with_capacity(alerts.len());
     for (alert, at) in alerts {
         let (subject, h, payload) = alert_message(alert, at);
