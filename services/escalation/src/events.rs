@@ -15,6 +15,7 @@ pub(crate) struct EscalationMetrics {
     tracks: Gauge,
     lateness: Histogram,
     skipped: Counter,
+    publish_failures: Counter,
 }
 
 impl EscalationMetrics {
@@ -24,6 +25,7 @@ impl EscalationMetrics {
             tracks: Gauge::default(),
             lateness: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             skipped: Counter::default(),
+            publish_failures: Counter::default(),
         };
         m.register(
             "tocsin_escalation_pages",
@@ -44,6 +46,12 @@ impl EscalationMetrics {
             "tocsin_escalation_undecodable_entries",
             "INCIDENTS entries that did not decode and were skipped",
             s.skipped.clone(),
+        );
+        m.register(
+            "tocsin_escalation_publish_failures",
+            "Messages to NOTIFY or COMMANDS (pages, timeline records) that failed or were \
+             refused; each is sent again until stored",
+            s.publish_failures.clone(),
         );
         s
     }
@@ -100,6 +108,7 @@ impl EscalationEvent<'_> {
                 "cannot save escalation state; it will be rebuilt from the stream on restart"
             ),
             EscalationEvent::PublishFailed { subject, error } => {
+                m.publish_failures.inc();
                 tracing::warn!(error, subject, "publish not acknowledged; retrying")
             }
             EscalationEvent::ReadFailed { during, error } => {
