@@ -473,6 +473,12 @@ struct Acks {
     /// Presses/commands that had to be repeated (chat-ops, incidents or
     /// NATS was down).
     repeated: usize,
+    /// Milliseconds from an operator's first try to the stored
+    /// acknowledgement, per incident acked.
+    waits_ms: Vec<i128>,
+    /// What the tries that were not followed by an acknowledgement within
+    /// 8 s were answered (the answer's start), and how often.
+    unheeded: BTreeMap<String, usize>,
 }
 
 /// Acknowledges a sample of incidents as operators would: 30% between
@@ -488,7 +494,7 @@ async fn operators(
     fakes_url: String,
     acks: Arc<Mutex<Acks>>,
     stop: CancellationToken,
-) {
+) -> Vec<String> {
     let mut decided = BTreeSet::new();
     let mut tasks = Vec::new();
     let mut turn = 0usize;
@@ -526,14 +532,16 @@ async fn operators(
                     tokio::time::sleep(Duration::from_nanos((at - now_ns) as u64)).await;
                 }
                 let deadline = Instant::now() + settle_limit();
+                let first_try_ns = self::now_ns();
                 let mut tries = 0;
+                let mut unheeded = Vec::new();
                 loop {
                     tries += 1;
-                    if via_slack {
-                        press_ack(port, id, &fakes_url).await;
+                    let answer = if via_slack {
+                        press_ack(port, id, &fakes_url).await
                     } else {
-                        cli_ack(&cfg, number).await;
-                    }
+                        cli_ack(&cfg, number).await
+                    };
                     let done = eventually_within(Duration::from_secs(8), || async {
                         if seen.lock().unwrap().acked.contains_key(&id) {
                             Ok(())
@@ -545,26 +553,39 @@ async fn operators(
                     if done.is_ok() {
                         break;
                     }
-                    assert!(
-                        Instant::now() < deadline,
-                        "incident #{number} never acknowledged"
-                    );
+                    unheeded.push(answer.chars().take(70).collect::<String>());
+                    if Instant::now() >= deadline {
+                        return Err(format!(
+                            "incident #{number} ({id}) never acknowledged: {tries} tries by {}, the last answered {answer}",
+                            if via_slack { "Slack" } else { "tocsin ack" }
+                        ));
+                    }
                 }
+                let acked_ns = seen.lock().unwrap().acked[&id];
                 let mut a = acks.lock().unwrap();
+                a.waits_ms.push((acked_ns - first_try_ns) / 1_000_000);
+                for u in unheeded {
+                    *a.unheeded.entry(u).or_default() += 1;
+                }
                 if via_slack {
                     a.slack += 1;
                 } else {
                     a.cli += 1;
                 }
                 a.repeated += tries - 1;
+                Ok(())
             }));
         }
         // Poll interval of the operators' screen, not a wait for an outcome.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let mut failed = Vec::new();
     for t in tasks {
-        t.await.unwrap();
+        if let Err(e) = t.await.unwrap() {
+            failed.push(e);
+        }
     }
+    failed
 }
 
 fn now_ns() -> i128 {
@@ -575,22 +596,29 @@ fn now_ns() -> i128 {
 }
 
 /// `tocsin ack <number> --as bob` (whatever it answers: the operator
-/// checks the incident afterwards).
-async fn cli_ack(config: &Path, number: u64) {
-    let _ = tokio::process::Command::new(bin())
+/// checks the incident afterwards); what it answered, for a report.
+async fn cli_ack(config: &Path, number: u64) -> String {
+    let out = tokio::process::Command::new(bin())
         .arg("--config")
         .arg(config)
         .args(["ack", &number.to_string(), "--as", "bob"])
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
+        .output()
         .await;
+    match out {
+        Ok(o) => format!(
+            "{}: {}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout).trim(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => format!("not started: {e}"),
+    }
 }
 
 /// alice presses Acknowledge on the incident's Slack message; a request
 /// signed as Slack signs it, to chat-ops on `port`.
-async fn press_ack(port: u16, id: uuid::Uuid, fakes_url: &str) {
+async fn press_ack(port: u16, id: uuid::Uuid, fakes_url: &str) -> String {
     let body = block_actions_body(
         "U01ALICE",
         slack_actions::ACK,
@@ -598,7 +626,7 @@ async fn press_ack(port: u16, id: uuid::Uuid, fakes_url: &str) {
         &format!("{fakes_url}/slack/actions/1"),
     );
     let ts = jiff::Timestamp::now().as_second();
-    let _ = reqwest::Client::new()
+    let r = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{port}/slack/actions"))
         .timeout(Duration::from_secs(10))
         .header("content-type", "application/x-www-form-urlencoded")
@@ -610,6 +638,10 @@ async fn press_ack(port: u16, id: uuid::Uuid, fakes_url: &str) {
         .body(body)
         .send()
         .await;
+    match r {
+        Ok(r) => format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
+        Err(e) => format!("no answer: {e}"),
+    }
 }
 
 /// Every process: two instances of each service.
@@ -647,6 +679,24 @@ impl Fleet {
                 )
             })
             .collect()
+    }
+
+    /// Every line of every process that names one of `words`, in time
+    /// order.
+    fn lines_naming(&self, words: &[String]) -> String {
+        let mut lines: Vec<String> = self
+            .procs
+            .iter()
+            .flat_map(|(n, p)| {
+                p.log_text()
+                    .lines()
+                    .filter(|l| words.iter().any(|w| l.contains(w.as_str())))
+                    .map(|l| format!("{l} [{n}]"))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        lines.sort();
+        lines.join("\n")
     }
 
     /// Every line of `service`'s processes that speaks of its lease or of
@@ -759,7 +809,12 @@ async fn scenario(test: &str, mut bus: Bus) {
     let mut rng = TestRng::new(test);
     let fakes = FakeProviders::start().await;
     let smtp = SmtpSink::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let mut dir = tempfile::tempdir().unwrap();
+    if std::env::var_os("TOCSIN_CHAOS_KEEP").is_some() {
+        // Every process's log (one file per start) stays for a look.
+        dir.disable_cleanup(true);
+        eprintln!("{test}: logs and data kept in {}", dir.path().display());
+    }
     let ingest = [free_port(), free_port()];
     let chatops = [free_port(), free_port()];
     let configs = [
@@ -855,7 +910,21 @@ async fn scenario(test: &str, mut bus: Bus) {
     // The operators stop looking and finish what they started (they wait
     // for their acknowledgements through the follower, stopped after them).
     stop_operators.cancel();
-    operators.await.unwrap();
+    let unacked = operators.await.unwrap();
+    if !unacked.is_empty() {
+        let ids: Vec<String> = unacked
+            .iter()
+            .filter_map(|e| e.split(['(', ')']).nth(1).map(str::to_string))
+            .collect();
+        panic!(
+            "{}\nwhat the processes said of those incidents:\n{}\nthe incidents and chat-ops instances' lease and NATS lines:\n{}\n{}{}",
+            unacked.join("\n"),
+            fleet.lines_naming(&ids),
+            fleet.lease_story("incidents"),
+            fleet.lease_story("chatops"),
+            fleet.logs()
+        );
+    }
     stop.cancel();
     follower.await.unwrap();
     let (opened, acked) = {
@@ -1054,6 +1123,21 @@ async fn scenario(test: &str, mut bus: Bus) {
             acks.repeated
         ),
     );
+    let mut waits = acks.waits_ms.clone();
+    waits.sort();
+    row(
+        "first ack try to its entry (median / max)",
+        match (waits.get(waits.len() / 2), waits.last()) {
+            (Some(m), Some(x)) => format!("{:.1} s / {:.1} s", *m as f64 / 1e3, *x as f64 / 1e3),
+            _ => "-".into(),
+        },
+    );
+    for (answer, n) in &acks.unheeded {
+        row(
+            "  a try not heeded within 8 s, answered",
+            format!("{n}x {answer}"),
+        );
+    }
     row(
         "webhook pages due / sent / duplicated / lost",
         format!("{expected} / {delivered} / {duplicated} / {lost}"),
