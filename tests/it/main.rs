@@ -5,6 +5,7 @@
 mod api_v1;
 mod chatops_slack;
 mod chatops_sms;
+mod cluster_writes;
 mod config_keys;
 mod crate_layers;
 mod deploy_files;
