@@ -746,3 +746,89 @@ async fn receipts_settled(js: &async_nats::jetstream::Context, want: usize) {
     })
     .await
 }
+
+/// A write to INCIDENTS that fails (here refused: something else was
+/// stored there first, as after a NATS leader change or a lost
+/// acknowledgement) makes the service roll back and read the streams
+/// again. The commands it had already pulled from COMMANDS but not yet
+/// decided must come again at once, not after `command_ack_wait` (set to
+/// 10 minutes here, so the test would hang): an operator's
+/// acknowledgement sent during a NATS hiccup is applied within moments.
+#[tokio::test]
+async fn commands_pulled_before_a_failed_write_are_applied_at_once_not_after_ack_wait() {
+    const INCIDENTS: usize = 150;
+    let nats = NatsServer::start().await;
+    let mut config = TocsinHarness::config(&nats);
+    config.incidents.command_ack_wait = tocsin_runtime::config::HumanDuration::secs(600);
+    let tocsin = TocsinHarness::start_with(config).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let burst: Vec<_> = (0..INCIDENTS)
+        .map(|i| {
+            let host = format!("web{i:03}");
+            let a = alert(
+                &[("alertname", "Down"), ("host", host.as_str())],
+                &["alertname", "host"],
+                AlertStatus::Firing,
+                t(0),
+            );
+            (a, t(0))
+        })
+        .collect();
+    publish_alerts_pipelined(&js, burst).await;
+    let open = wait_for(&client, "every incident", |all| all.len() == INCIDENTS).await;
+    tocsin.settled(&js).await;
+
+    // A message the service did not write: its next write expects the
+    // stream's last sequence to be its own last entry, and is refused.
+    js.publish("tocsin.incidents.inc.0.opened", "not an entry".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // Every incident acknowledged at once, without waiting for answers.
+    let mut acks = Vec::new();
+    for i in &open {
+        let cmd = tocsin_proto::command::Command::new(
+            tocsin_proto::incident::Actor::new("alice", "test"),
+            Action::Ack {
+                incident: IncidentRef::Id(i.id),
+            },
+        );
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(tocsin_proto::subjects::headers::MSG_ID, cmd.id.as_str());
+        let env = tocsin_proto::Envelope::new("test", t(1), cmd.clone());
+        let payload = tocsin_proto::codec::encode(&env).unwrap();
+        acks.push(
+            js.publish_with_headers(cmd.subject(), h, payload.into())
+                .await
+                .unwrap(),
+        );
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    eventually("every incident acknowledged", || async {
+        let q = tocsin_proto::query::ListIncidents {
+            limit: Some(1000),
+            ..Default::default()
+        };
+        let acked = tocsin_tests::incidents::list(&client, q)
+            .await
+            .iter()
+            .filter(|i| i.status == IncidentStatus::Acknowledged)
+            .count();
+        if acked == INCIDENTS {
+            Ok(())
+        } else {
+            Err(format!("{acked} of {INCIDENTS} acknowledged"))
+        }
+    })
+    .await;
+    let m = tocsin.metrics().await;
+    assert!(
+        tocsin_tests::metric_value(&m, "tocsin_incidents_write_failures_total")
+            .is_some_and(|n| n >= 1.0),
+        "the foreign message made a write fail"
+    );
+}
