@@ -19,7 +19,7 @@ use tocsin_proto::{
 };
 use tocsin_runtime::admin::{Health, Watchdog};
 use tocsin_runtime::clock::Clock;
-use tocsin_runtime::fence::{self, Fence};
+use tocsin_runtime::fence::{self, Ack, Fence};
 use tocsin_runtime::{progress::Watermark, streams};
 use tokio_util::sync::CancellationToken;
 
@@ -46,7 +46,7 @@ struct InFlight {
     keys: Vec<Key>,
     effects: Vec<Effect>,
     /// Each message's effects (places in `effects`) and its ack.
-    pending: Vec<(Vec<usize>, jetstream::context::PublishAckFuture)>,
+    pending: Vec<(Vec<usize>, Ack)>,
     /// Effects whose message could not be sent: sent again one at a time.
     retry: Vec<usize>,
     /// The chunk's timeline records (places in `effects`), sent once every
@@ -687,13 +687,16 @@ impl Service {
         effects: &[Effect],
         order: &[usize],
         now: Timestamp,
-    ) -> (
-        Vec<(Vec<usize>, jetstream::context::PublishAckFuture)>,
-        Vec<usize>,
-    ) {
+    ) -> (Vec<(Vec<usize>, Ack)>, Vec<usize>) {
         let mut pending = Vec::new();
         let mut retry = Vec::new();
         let refs: Vec<&Effect> = order.iter().map(|i| &effects[*i]).collect();
+        // On a replicated NOTIFY a message of pages is acknowledged before
+        // the next is sent: its leader refuses a fenced message while
+        // another is in flight (`Fence::one_at_a_time`). Pages of the next
+        // chunk are sent only after this returns, and timeline records
+        // are not fenced.
+        let one_at_a_time = self.fence().is_some_and(|f| f.one_at_a_time);
         // A message's effects are consecutive ones of `order`.
         let mut at = 0;
         for batch in batches(&refs) {
@@ -704,7 +707,20 @@ impl Service {
                 several => self.send_batch(several, now).await,
             };
             match sent {
-                Some(ack) => pending.push((which, ack)),
+                Some(ack) if one_at_a_time && matches!(batch[0], Effect::Page(_)) => {
+                    match ack.await {
+                        Ok(ack) => pending.push((which, Ack::In(ack))),
+                        Err(e) => {
+                            EscalationEvent::PublishFailed {
+                                subject: &batch[0].subject(),
+                                error: &e.to_string(),
+                            }
+                            .emit(&self.metrics);
+                            retry.extend(which);
+                        }
+                    }
+                }
+                Some(ack) => pending.push((which, Ack::Coming(ack))),
                 None => retry.extend(which),
             }
         }
@@ -737,14 +753,14 @@ impl Service {
     async fn settle(
         &self,
         sent: &InFlight,
-        pending: Vec<(Vec<usize>, jetstream::context::PublishAckFuture)>,
+        pending: Vec<(Vec<usize>, Ack)>,
         mut retry: Vec<usize>,
         shutdown: &CancellationToken,
     ) -> bool {
         let acks = futures::future::join_all(
             pending
                 .into_iter()
-                .map(|(which, ack)| async move { (which, ack.await) }),
+                .map(|(which, ack)| async move { (which, ack.get().await) }),
         )
         .await;
         for (which, ack) in acks {

@@ -35,7 +35,7 @@ use tocsin_proto::{
 };
 use tocsin_runtime::{
     admin::Health,
-    fence::{self, Fence, FenceError},
+    fence::{self, Ack, Fence, FenceError},
     progress::Watermark,
     pull::Puller,
     streams,
@@ -216,9 +216,8 @@ const BATCH: usize = 64;
 /// not yet awaited, 5,000 per context, and waits for one when none is left.
 const MAX_SENT: usize = 2048;
 
-/// A message sent to JetStream whose acknowledgement is still to come,
-/// with the entry or entries it holds.
-type Sent = (jetstream::context::PublishAckFuture, Stored);
+/// A message sent to JetStream, with the entry or entries it holds.
+type Sent = (Ack, Stored);
 
 /// What one INCIDENTS message holds.
 enum Stored {
@@ -1396,6 +1395,24 @@ impl Service {
             .map_err(Fast::Failed)
     }
 
+    /// On a replicated INCIDENTS, waits for the acknowledgement of the
+    /// message sent last, so that no two fenced messages are in flight at
+    /// once (the stream's leader would refuse the second:
+    /// `Fence::one_at_a_time`); elsewhere returns at once. Deciding the
+    /// next input still overlaps with the last message's replication.
+    async fn one_at_a_time(&self, sent: &mut Vec<Sent>) -> Result<(), String> {
+        if !self.fence().is_some_and(|f| f.one_at_a_time) {
+            return Ok(());
+        }
+        if let Some((Ack::Coming(_), _)) = sent.last() {
+            if let Some((Ack::Coming(ack), stored)) = sent.pop() {
+                let ack = ack.await.map_err(|e| e.to_string())?;
+                sent.push((Ack::In(ack), stored));
+            }
+        }
+        Ok(())
+    }
+
     /// Publishes an entry already folded into the projection, after the
     /// stream's last sequence `last_seq`.
     async fn publish_folded(
@@ -1406,6 +1423,7 @@ impl Service {
         sent: &mut Vec<Sent>,
         last_seq: &mut u64,
     ) -> Result<(), String> {
+        self.one_at_a_time(sent).await?;
         let message = entry_message(
             entry.msg_id(),
             payload,
@@ -1419,7 +1437,7 @@ impl Service {
             .send_publish(entry.subject(), message)
             .await
             .map_err(|e| e.to_string())?;
-        sent.push((ack, Stored::One(Box::new(entry))));
+        sent.push((Ack::Coming(ack), Stored::One(Box::new(entry))));
         *last_seq += 1;
         Ok(())
     }
@@ -1459,6 +1477,7 @@ impl Service {
         let env = Envelope::new("incidents", at, &entries)
             .with_traceparent(traceparent.map(str::to_string));
         let payload = codec::encode(&env).map_err(|e| e.to_string())?;
+        self.one_at_a_time(sent).await?;
         let message = entry_message(
             msg_id,
             payload,
@@ -1472,7 +1491,7 @@ impl Service {
             .send_publish(INCIDENTS_BATCH, message)
             .await
             .map_err(|e| e.to_string())?;
-        sent.push((ack, Stored::Batch(entries)));
+        sent.push((Ack::Coming(ack), Stored::Batch(entries)));
         *last_seq += 1;
         Ok(())
     }
@@ -1674,7 +1693,7 @@ impl Service {
         let mut batches = Vec::new();
         let stored = async {
             for (ack, stored) in sent.drain(..) {
-                let ack = ack.await.map_err(|e| e.to_string())?;
+                let ack = ack.get().await.map_err(|e| e.to_string())?;
                 top = top.max(ack.sequence);
                 let entries = match &stored {
                     Stored::One(entry) => std::slice::from_ref(entry.as_ref()),

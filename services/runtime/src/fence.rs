@@ -32,6 +32,18 @@
 //! The last marker is read with an ordered consumer on the tenure subject
 //! (INCIDENTS), or, on a work-queue stream, which admits no such consumer
 //! (NOTIFY), with a message get of the last message on that subject.
+//!
+//! On a **replicated** stream (`jetstream.replicas` above 1) the server
+//! checks a fenced message when its leader proposes it, and refuses one
+//! that names a tenure subject another fenced message still in flight
+//! names ("wrong last sequence", error code 10164, nats-server 2.11+): of
+//! several fenced messages sent without waiting, all but the first are
+//! refused. There a writer sends its fenced messages one at a time
+//! ([`Fence::one_at_a_time`]), each after the previous was acknowledged.
+//! A single server checks each message as it stores it, so writers
+//! pipeline there. Naming the marker only on the first of several would
+//! not do: the rest, expecting consecutive stream positions, are exactly
+//! what a newer tenure's writes can happen to match.
 
 use std::time::Duration;
 
@@ -59,6 +71,9 @@ pub struct Fence {
     pub seq: u64,
     /// The tenure's term.
     pub term: u64,
+    /// Whether the stream is replicated, so its fenced messages must be
+    /// sent one at a time (see the module docs).
+    pub one_at_a_time: bool,
 }
 
 impl Fence {
@@ -69,6 +84,24 @@ impl Fence {
             (EXPECTED_SUBJECT_SEQUENCE, self.seq.to_string()),
             (EXPECTED_SUBJECT, self.subject.clone()),
         ]
+    }
+}
+
+/// A sent message's JetStream acknowledgement: still to come (messages
+/// sent without waiting), or already in (a fenced message on a replicated
+/// stream, awaited before the next is sent: [`Fence::one_at_a_time`]).
+pub enum Ack {
+    Coming(jetstream::context::PublishAckFuture),
+    In(jetstream::publish::PublishAck),
+}
+
+impl Ack {
+    /// The acknowledgement, awaited if it is still to come.
+    pub async fn get(self) -> Result<jetstream::publish::PublishAck, PublishError> {
+        match self {
+            Ack::Coming(ack) => ack.await,
+            Ack::In(ack) => Ok(ack),
+        }
     }
 }
 
@@ -137,6 +170,7 @@ pub async fn take(
         .get_stream(stream)
         .await
         .map_err(|e| FenceError::Nats(format!("cannot look up stream {stream}: {e}")))?;
+    let one_at_a_time = stream.cached_info().config.num_replicas > 1;
     for _ in 0..ROUNDS {
         let (last_seq, last_term) = last_marker(&stream, subject).await?;
         if last_term > term {
@@ -150,6 +184,7 @@ pub async fn take(
                 subject: subject.to_string(),
                 seq: last_seq,
                 term,
+                one_at_a_time,
             }));
         }
         let tenure = LEASE.try_with(Clone::clone).unwrap_or_default();
@@ -174,6 +209,7 @@ pub async fn take(
                     subject: subject.to_string(),
                     seq: ack.sequence,
                     term,
+                    one_at_a_time,
                 }))
             }
             // Another marker was written since it was read: read again.
