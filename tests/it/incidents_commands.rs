@@ -813,15 +813,19 @@ async fn commands_pulled_before_a_failed_write_are_applied_at_once_not_after_ack
             limit: Some(1000),
             ..Default::default()
         };
-        let acked = tocsin_tests::incidents::list(&client, q)
-            .await
+        let all = tocsin_tests::incidents::list(&client, q).await;
+        let not: Vec<u64> = all
             .iter()
-            .filter(|i| i.status == IncidentStatus::Acknowledged)
-            .count();
-        if acked == INCIDENTS {
+            .filter(|i| i.status != IncidentStatus::Acknowledged)
+            .map(|i| i.number)
+            .collect();
+        if all.len() == INCIDENTS && not.is_empty() {
             Ok(())
         } else {
-            Err(format!("{acked} of {INCIDENTS} acknowledged"))
+            Err(format!(
+                "{} incidents listed, not acknowledged: {not:?}",
+                all.len()
+            ))
         }
     })
     .await;

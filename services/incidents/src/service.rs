@@ -699,7 +699,25 @@ impl Service {
         watermark: Watermark,
     ) -> Result<(), IncidentsError> {
         let mut reconnect = tocsin_runtime::retry::Backoff::standard();
+        // The COMMANDS consumer's messages, opened once: after a failed
+        // batch only ALERTS is read again from the resume point. Commands
+        // it has pulled but not yet handed over stay in it (a new pull
+        // stream would leave them with the old one's subscription, to come
+        // again only after `command_ack_wait`), and the commands given
+        // back come to it again at once.
+        let mut commands: Option<BoxStream<'static, jetstream::Message>> = None;
+        // How far COMMANDS is handled: up to the consumer's ack floor.
+        let mut commands_seq = 0;
+        // COMMANDS handled up to here, their answers still on their way.
+        let mut unanswered: Option<u64> = None;
         'outer: while !shutdown.is_cancelled() {
+            if commands.is_none() {
+                let Some((c, floor)) = self.commands(&shutdown).await else {
+                    break;
+                };
+                commands = Some(c);
+                commands_seq = commands_seq.max(floor);
+            }
             // Commands of a failed batch, given back to come again at once.
             let given_back = std::mem::take(&mut *lock(&self.give_back));
             for msg in given_back {
@@ -708,16 +726,17 @@ impl Service {
                 }
             }
             let resume = read(&self.proj).alerts_resume_from().seq.max(1);
-            let (alerts, commands, commands_floor) = match self.consumers(resume, &shutdown).await {
-                Ok(c) => c,
+            let alerts = match streams::read_from(&self.js, STREAM_ALERTS, resume).await {
+                Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot subscribe to ALERTS/COMMANDS yet; retrying");
+                    tracing::warn!(error = %e, "cannot subscribe to ALERTS yet; retrying");
                     if !reconnect.wait(&shutdown).await {
                         break;
                     }
                     continue;
                 }
             };
+            let commands = commands.as_mut().expect("opened above");
             reconnect.reset();
             tracing::info!(alerts_from = resume, "incidents service consuming");
             // Alerts and commands in turn, ALERTS_PER_COMMAND alerts to a
@@ -745,12 +764,8 @@ impl Service {
                     .chain(ended()),
                 move |_: &mut ()| turns.next(),
             );
-            // How far each input stream is handled: ALERTS up to the
-            // cursor, COMMANDS up to the consumer's ack floor.
+            // How far ALERTS is handled: up to the cursor.
             let mut alerts_seq = resume.saturating_sub(1);
-            let mut commands_seq = commands_floor;
-            // COMMANDS handled up to here, their answers still on their way.
-            let mut unanswered: Option<u64> = None;
             loop {
                 // Every input read is handled and every timer due before
                 // `deadline` has fired, its entries written.
@@ -786,7 +801,14 @@ impl Service {
                                 Input::Command(Ok(msg)) => batch.push(Ready::Command(msg)),
                                 Input::Alert(Err(e)) => tracing::warn!(error = %e, "ALERTS consumer error"),
                                 Input::Command(Err(e)) => tracing::warn!(error = %e, "COMMANDS consumer error"),
-                                Input::Ended => continue 'outer,
+                                Input::Ended => {
+                                    // Commands gathered before it come
+                                    // again at once, not after ack_wait
+                                    // (alerts are read again anyway).
+                                    lock(&self.give_back)
+                                        .extend(batch.into_iter().filter_map(Ready::command));
+                                    continue 'outer;
+                                }
                             }
                         }
                         match self.on_inputs(batch, &shutdown).await {
@@ -810,15 +832,14 @@ impl Service {
         Ok(())
     }
 
-    /// The ALERTS reader from `alerts_from`, the COMMANDS consumer's
-    /// messages, and the COMMANDS sequence up to which every command was
-    /// already handled (acknowledged) before.
-    async fn consumers(
+    /// The COMMANDS consumer's messages (a stream that ends only once
+    /// `shutdown` is cancelled), and the COMMANDS sequence up to which
+    /// every command was already handled (acknowledged) before; None once
+    /// `shutdown` is cancelled.
+    async fn commands(
         &self,
-        alerts_from: u64,
         shutdown: &CancellationToken,
-    ) -> Result<(pull::Ordered, BoxStream<'static, jetstream::Message>, u64), String> {
-        let alerts = streams::read_from(&self.js, STREAM_ALERTS, alerts_from).await?;
+    ) -> Option<(BoxStream<'static, jetstream::Message>, u64)> {
         let mut commands = Puller::new(
             &self.js,
             STREAM_COMMANDS,
@@ -830,12 +851,9 @@ impl Service {
             },
             COMMANDS_PULL,
         );
-        let Some(info) = commands.open(shutdown).await else {
-            return Err("stopping".into());
-        };
+        let info = commands.open(shutdown).await?;
         let floor = info.ack_floor.stream_sequence;
-        let commands = commands.into_stream(shutdown.clone()).boxed();
-        Ok((alerts, commands, floor))
+        Some((commands.into_stream(shutdown.clone()).boxed(), floor))
     }
 
     fn next_deadline(&self) -> Option<Timestamp> {
@@ -1193,9 +1211,12 @@ impl Service {
                 Fast::Done => {}
                 Fast::Careful => {
                     if let Err(e) = self.finish(&mut sent, &mut handled).await {
+                        // This command too: it was not handled yet.
+                        let current = (!is_alert).then_some(msg);
                         let rest = handled
                             .into_iter()
                             .filter_map(Handled::command)
+                            .chain(current)
                             .chain(inputs.filter_map(Ready::command));
                         self.roll_back((top_alert, top_command), &e, rest, shutdown)
                             .await;
