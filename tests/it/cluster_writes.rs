@@ -10,18 +10,16 @@
 //! the chaos test on a 3-node cluster measured a median 16 s from an
 //! operator's acknowledgement to its entry, and CI once saw none in 180 s.
 
-use async_nats::{jetstream, HeaderMap};
+use async_nats::jetstream;
 use tocsin_proto::{
-    codec,
     command::{Action, Command, IncidentRef},
     incident::{Actor, IncidentStatus},
-    subjects::headers,
-    AlertStatus, Envelope,
+    AlertStatus,
 };
 use tocsin_runtime::{config::EnvString, streams::JetStreamConfig};
 use tocsin_tests::{
     escalation::{pages, REFERENCE},
-    incidents::{alert, publish_alerts_pipelined, wait_for},
+    incidents::{alert, publish_alerts_pipelined, publish_commands, wait_for},
     metric_value, NatsCluster, TocsinHarness,
 };
 
@@ -75,26 +73,18 @@ async fn on_a_cluster_a_burst_of_incidents_pages_and_acks_is_stored_without_a_re
     );
 
     // An acknowledgement of each, sent together as 40 operators would.
-    let mut acks = Vec::new();
-    for i in &open {
-        let cmd = Command::new(
-            Actor::new("alice", "test"),
-            Action::Ack {
-                incident: IncidentRef::Id(i.id),
-            },
-        );
-        let mut h = HeaderMap::new();
-        h.insert(headers::MSG_ID, cmd.id.as_str());
-        let env = Envelope::new("test", t0, cmd.clone());
-        acks.push(
-            js.publish_with_headers(cmd.subject(), h, codec::encode(&env).unwrap().into())
-                .await
-                .unwrap(),
-        );
-    }
-    for a in acks {
-        a.await.unwrap();
-    }
+    let acks = open
+        .iter()
+        .map(|i| {
+            Command::new(
+                Actor::new("alice", "test"),
+                Action::Ack {
+                    incident: IncidentRef::Id(i.id),
+                },
+            )
+        })
+        .collect();
+    publish_commands(&js, acks, t0).await;
     tocsin.settled(&js).await;
     wait_for(&client, "every incident acknowledged", |l| {
         l.len() == GROUPS && l.iter().all(|i| i.status == IncidentStatus::Acknowledged)

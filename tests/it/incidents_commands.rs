@@ -787,27 +787,18 @@ async fn commands_pulled_before_a_failed_write_are_applied_at_once_not_after_ack
         .await
         .unwrap();
     // Every incident acknowledged at once, without waiting for answers.
-    let mut acks = Vec::new();
-    for i in &open {
-        let cmd = tocsin_proto::command::Command::new(
-            tocsin_proto::incident::Actor::new("alice", "test"),
-            Action::Ack {
-                incident: IncidentRef::Id(i.id),
-            },
-        );
-        let mut h = async_nats::HeaderMap::new();
-        h.insert(tocsin_proto::subjects::headers::MSG_ID, cmd.id.as_str());
-        let env = tocsin_proto::Envelope::new("test", t(1), cmd.clone());
-        let payload = tocsin_proto::codec::encode(&env).unwrap();
-        acks.push(
-            js.publish_with_headers(cmd.subject(), h, payload.into())
-                .await
-                .unwrap(),
-        );
-    }
-    for a in acks {
-        a.await.unwrap();
-    }
+    let acks = open
+        .iter()
+        .map(|i| {
+            tocsin_proto::command::Command::new(
+                tocsin_proto::incident::Actor::new("alice", "test"),
+                Action::Ack {
+                    incident: IncidentRef::Id(i.id),
+                },
+            )
+        })
+        .collect();
+    tocsin_tests::incidents::publish_commands(&js, acks, t(1)).await;
     eventually("every incident acknowledged", || async {
         let q = tocsin_proto::query::ListIncidents {
             limit: Some(1000),

@@ -154,6 +154,26 @@ pub async fn publish_alerts_pipelined(
     seqs
 }
 
+/// Publishes `cmds` received at `at` (each with its id as message id) all
+/// at once, as operators acting together would, and waits until JetStream
+/// stored them, not for their answers.
+pub async fn publish_commands(js: &jetstream::Context, cmds: Vec<Command>, at: Timestamp) {
+    let mut acks = Vec::with_capacity(cmds.len());
+    for cmd in cmds {
+        let mut h = HeaderMap::new();
+        h.insert(headers::MSG_ID, cmd.id.as_str());
+        let env = Envelope::new("test", at, cmd.clone());
+        acks.push(
+            js.publish_with_headers(cmd.subject(), h, codec::encode(&env).unwrap().into())
+                .await
+                .expect("command sent"),
+        );
+    }
+    for ack in acks {
+        ack.await.expect("command stored");
+    }
+}
+
 /// Sends a command received at `at` and waits for the reply.
 pub async fn command(
     client: &Client,

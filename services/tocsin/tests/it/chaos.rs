@@ -1128,7 +1128,7 @@ async fn scenario(test: &str, mut bus: Bus) {
     row(
         "first ack try to its entry (median / max)",
         match (waits.get(waits.len() / 2), waits.last()) {
-            (Some(m), Some(x)) => format!("{:.1} s / {:.1} s", *m as f64 / 1e3, *x as f64 / 1e3),
+            (Some(m), Some(x)) => format!("{m} ms / {x} ms"),
             _ => "-".into(),
         },
     );
