@@ -160,11 +160,9 @@ pub async fn publish_alerts_pipelined(
 pub async fn publish_commands(js: &jetstream::Context, cmds: Vec<Command>, at: Timestamp) {
     let mut acks = Vec::with_capacity(cmds.len());
     for cmd in cmds {
-        let mut h = HeaderMap::new();
-        h.insert(headers::MSG_ID, cmd.id.as_str());
-        let env = Envelope::new("test", at, cmd.clone());
+        let (h, payload) = command_message(&cmd, at, Some(&cmd.id), None);
         acks.push(
-            js.publish_with_headers(cmd.subject(), h, codec::encode(&env).unwrap().into())
+            js.publish_with_headers(cmd.subject(), h, payload.into())
                 .await
                 .expect("command sent"),
         );
@@ -211,14 +209,9 @@ pub async fn send_command_with_msg_id(
 ) -> Option<CommandReply> {
     let inbox = client.new_inbox();
     let mut sub = client.subscribe(inbox.clone()).await.unwrap();
-    let mut h = HeaderMap::new();
-    h.insert(headers::REPLY_TO, inbox.as_str());
-    if let Some(id) = msg_id {
-        h.insert(headers::MSG_ID, id);
-    }
-    let env = Envelope::new("test", at, cmd.clone());
+    let (h, payload) = command_message(&cmd, at, msg_id, Some(&inbox));
     let ack = js
-        .publish_with_headers(cmd.subject(), h, codec::encode(&env).unwrap().into())
+        .publish_with_headers(cmd.subject(), h, payload.into())
         .await
         .unwrap()
         .await
@@ -231,6 +224,25 @@ pub async fn send_command_with_msg_id(
         .expect("command answered within 20s")
         .expect("reply");
     Some(codec::decode(&msg.payload).expect("reply decodes"))
+}
+
+/// The headers (`msg_id` as `Nats-Msg-Id`, the reply inbox) and payload
+/// of `cmd` received at `at`, as chat-ops or the CLI publish it.
+fn command_message(
+    cmd: &Command,
+    at: Timestamp,
+    msg_id: Option<&str>,
+    reply_to: Option<&str>,
+) -> (HeaderMap, Vec<u8>) {
+    let mut h = HeaderMap::new();
+    if let Some(inbox) = reply_to {
+        h.insert(headers::REPLY_TO, inbox);
+    }
+    if let Some(id) = msg_id {
+        h.insert(headers::MSG_ID, id);
+    }
+    let env = Envelope::new("test", at, cmd.clone());
+    (h, codec::encode(&env).unwrap())
 }
 
 /// Asks a request/reply query (MessagePack both ways) and decodes the answer.

@@ -706,21 +706,11 @@ impl Service {
                 [one] => self.send(one, now).await,
                 several => self.send_batch(several, now).await,
             };
-            match sent {
+            match sent.map(Ack::Coming) {
                 Some(ack) if one_at_a_time && matches!(batch[0], Effect::Page(_)) => {
-                    match ack.await {
-                        Ok(ack) => pending.push((which, Ack::In(ack))),
-                        Err(e) => {
-                            EscalationEvent::PublishFailed {
-                                subject: &batch[0].subject(),
-                                error: &e.to_string(),
-                            }
-                            .emit(&self.metrics);
-                            retry.extend(which);
-                        }
-                    }
+                    pending.push((which, ack.wait().await))
                 }
-                Some(ack) => pending.push((which, Ack::Coming(ack))),
+                Some(ack) => pending.push((which, ack)),
                 None => retry.extend(which),
             }
         }

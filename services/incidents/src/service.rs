@@ -1425,11 +1425,9 @@ impl Service {
         if !self.fence().is_some_and(|f| f.one_at_a_time) {
             return Ok(());
         }
-        if let Some((Ack::Coming(_), _)) = sent.last() {
-            if let Some((Ack::Coming(ack), stored)) = sent.pop() {
-                let ack = ack.await.map_err(|e| e.to_string())?;
-                sent.push((Ack::In(ack), stored));
-            }
+        if let Some((ack, stored)) = sent.pop() {
+            let ack = ack.get().await.map_err(|e| e.to_string())?;
+            sent.push((Ack::Came(Ok(ack)), stored));
         }
         Ok(())
     }

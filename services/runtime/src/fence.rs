@@ -87,20 +87,29 @@ impl Fence {
     }
 }
 
-/// A sent message's JetStream acknowledgement: still to come (messages
-/// sent without waiting), or already in (a fenced message on a replicated
-/// stream, awaited before the next is sent: [`Fence::one_at_a_time`]).
+/// A sent message's JetStream acknowledgement (or failure): still to come
+/// (messages sent without waiting), or come already (a fenced message on a
+/// replicated stream, awaited before the next is sent:
+/// [`Fence::one_at_a_time`]).
 pub enum Ack {
     Coming(jetstream::context::PublishAckFuture),
-    In(jetstream::publish::PublishAck),
+    Came(Result<jetstream::publish::PublishAck, PublishError>),
 }
 
 impl Ack {
+    /// Awaits the acknowledgement now, if it is still to come.
+    pub async fn wait(self) -> Ack {
+        match self {
+            Ack::Coming(ack) => Ack::Came(ack.await),
+            came => came,
+        }
+    }
+
     /// The acknowledgement, awaited if it is still to come.
     pub async fn get(self) -> Result<jetstream::publish::PublishAck, PublishError> {
         match self {
             Ack::Coming(ack) => ack.await,
-            Ack::In(ack) => Ok(ack),
+            Ack::Came(r) => r,
         }
     }
 }

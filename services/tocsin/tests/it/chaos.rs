@@ -494,7 +494,7 @@ async fn operators(
     fakes_url: String,
     acks: Arc<Mutex<Acks>>,
     stop: CancellationToken,
-) -> Vec<String> {
+) -> Vec<(uuid::Uuid, String)> {
     let mut decided = BTreeSet::new();
     let mut tasks = Vec::new();
     let mut turn = 0usize;
@@ -555,9 +555,12 @@ async fn operators(
                     }
                     unheeded.push(answer.chars().take(70).collect::<String>());
                     if Instant::now() >= deadline {
-                        return Err(format!(
-                            "incident #{number} ({id}) never acknowledged: {tries} tries by {}, the last answered {answer}",
-                            if via_slack { "Slack" } else { "tocsin ack" }
+                        return Err((
+                            id,
+                            format!(
+                                "incident #{number} ({id}) never acknowledged: {tries} tries by {}, the last answered {answer}",
+                                if via_slack { "Slack" } else { "tocsin ack" }
+                            ),
                         ));
                     }
                 }
@@ -681,36 +684,34 @@ impl Fleet {
             .collect()
     }
 
-    /// Every line of every process that names one of `words`, in time
-    /// order.
-    fn lines_naming(&self, words: &[String]) -> String {
-        let mut lines: Vec<String> = self
-            .procs
-            .iter()
-            .flat_map(|(n, p)| {
-                p.log_text()
-                    .lines()
-                    .filter(|l| words.iter().any(|w| l.contains(w.as_str())))
-                    .map(|l| format!("{l} [{n}]"))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        lines.sort();
-        lines.join("\n")
-    }
-
     /// Every line of `service`'s processes that speaks of its lease or of
     /// NATS coming and going, in time order (each line starts with its
     /// time): what a failed tenure check needs.
     fn lease_story(&self, service: &str) -> String {
+        self.lines(
+            |n| n.starts_with(&format!("{service}-")),
+            |l| l.contains("lease") || l.contains("NATS") || l.contains("Starting"),
+        )
+    }
+
+    /// Every line of every process that names one of `words`, in time
+    /// order.
+    fn lines_naming(&self, words: &[String]) -> String {
+        self.lines(|_| true, |l| words.iter().any(|w| l.contains(w.as_str())))
+    }
+
+    /// The lines `line` keeps of the processes `process` keeps (by name),
+    /// each with its process's name, in time order (each line starts with
+    /// its time).
+    fn lines(&self, process: impl Fn(&str) -> bool, line: impl Fn(&str) -> bool) -> String {
         let mut lines: Vec<String> = self
             .procs
             .iter()
-            .filter(|(n, _)| n.starts_with(&format!("{service}-")))
+            .filter(|(n, _)| process(n))
             .flat_map(|(n, p)| {
                 p.log_text()
                     .lines()
-                    .filter(|l| l.contains("lease") || l.contains("NATS") || l.contains("Starting"))
+                    .filter(|l| line(l))
                     .map(|l| format!("{l} [{n}]"))
                     .collect::<Vec<_>>()
             })
@@ -912,13 +913,13 @@ async fn scenario(test: &str, mut bus: Bus) {
     stop_operators.cancel();
     let unacked = operators.await.unwrap();
     if !unacked.is_empty() {
-        let ids: Vec<String> = unacked
-            .iter()
-            .filter_map(|e| e.split(['(', ')']).nth(1).map(str::to_string))
-            .collect();
+        let (ids, reports): (Vec<String>, Vec<String>) = unacked
+            .into_iter()
+            .map(|(id, report)| (id.to_string(), report))
+            .unzip();
         panic!(
             "{}\nwhat the processes said of those incidents:\n{}\nthe incidents and chat-ops instances' lease and NATS lines:\n{}\n{}{}",
-            unacked.join("\n"),
+            reports.join("\n"),
             fleet.lines_naming(&ids),
             fleet.lease_story("incidents"),
             fleet.lease_story("chatops"),
