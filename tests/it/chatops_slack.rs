@@ -20,6 +20,7 @@ use tocsin_proto::{
 use tocsin_tests::{
     chatops::{self, block_actions_body, post_slack, slash_body, SLACK_SECRET},
     fakes::FakeProviders,
+    faults::NatsProxy,
     incidents::{alert, get, publish_alert, wait_for},
     NatsServer, TocsinHarness,
 };
@@ -28,6 +29,8 @@ const WAIT: Duration = Duration::from_secs(20);
 
 struct Setup {
     _nats: NatsServer,
+    /// Between the services and NATS, when the test asked for it.
+    proxy: Option<NatsProxy>,
     fakes: FakeProviders,
     tocsin: TocsinHarness,
     client: async_nats::Client,
@@ -37,11 +40,24 @@ struct Setup {
 /// Every service with the fakes, chat-ops, and one critical incident
 /// paged to alice (Slack id U01ALICE) and #incidents.
 async fn setup() -> (Setup, tocsin_proto::incident::IncidentSummary) {
+    setup_with(false).await
+}
+
+/// [`setup`], with the services talking to NATS through a [`NatsProxy`]
+/// when `proxied`.
+async fn setup_with(proxied: bool) -> (Setup, tocsin_proto::incident::IncidentSummary) {
     let nats = NatsServer::start().await;
     let fakes = FakeProviders::start().await;
     let data = tempfile::tempdir().unwrap();
-    let tocsin =
-        TocsinHarness::start_with(chatops::harness_config(&nats, &fakes, data.path())).await;
+    let mut config = chatops::harness_config(&nats, &fakes, data.path());
+    let proxy = match proxied {
+        true => Some(NatsProxy::start(nats.port()).await),
+        false => None,
+    };
+    if let Some(proxy) = &proxy {
+        config.nats.url.0 = proxy.url_for(&nats.address());
+    }
+    let tocsin = TocsinHarness::start_with(config).await;
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
     let t0 = tocsin.clock_now();
@@ -69,6 +85,7 @@ async fn setup() -> (Setup, tocsin_proto::incident::IncidentSummary) {
     (
         Setup {
             _nats: nats,
+            proxy,
             fakes,
             tocsin,
             client,
@@ -230,6 +247,61 @@ async fn the_ack_button_acknowledges_as_the_slack_user_stops_escalation_and_upda
     assert!(metrics.contains(
         "tocsin_chatops_commands_total{via=\"slack\",action=\"ack\",outcome=\"rejected\"} 1"
     ));
+}
+
+/// A press whose command is lost on its way to JetStream (the publish
+/// written and never acknowledged: a connection that broke, or a stream
+/// leader that died before storing it, as when a NATS node of a cluster is
+/// killed) is stored by chat-ops sending it again under the same message
+/// id, within `chatops.answer_timeout`; the operator does not have to press
+/// again, and is not told it failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_press_whose_command_is_lost_on_its_way_is_sent_again_not_left_to_the_operator() {
+    let (s, inc) = setup_with(true).await;
+    let proxy = s.proxy.as_ref().unwrap();
+    let url = format!("{}/slack/actions", s.tocsin.chatops_url);
+    proxy.swallow(&["tocsin.cmd.ack"]);
+    let body = block_actions_body(
+        "U01ALICE",
+        slack_actions::ACK,
+        &inc.id.to_string(),
+        &s.fakes.slack_response_url(1),
+    );
+    let r = post_slack(&url, &body, now_unix(&s.tocsin)).await;
+    assert_eq!(r.status(), 200);
+    tocsin_tests::eventually_within(WAIT, || async {
+        match proxy.swallowed() {
+            0 => Err("the command not sent yet"),
+            _ => Ok(()),
+        }
+    })
+    .await
+    .unwrap();
+    // The way to NATS is whole again; the one press must do.
+    proxy.swallow(&[]);
+    let acked = wait_for(&s.client, "the acknowledgement", |l| {
+        l[0].status == IncidentStatus::Acknowledged
+    })
+    .await;
+    let by = acked[0].acknowledged_by.clone().unwrap();
+    assert_eq!((by.name.as_str(), by.via.as_str()), ("alice", "slack"));
+    assert_eq!(proxy.swallowed_subjects(), ["tocsin.cmd.ack"]);
+    assert!(
+        s.fakes.slack_responses().is_empty(),
+        "the presser was told something went wrong: {:?}",
+        s.fakes
+            .slack_responses()
+            .iter()
+            .map(|r| &r.text)
+            .collect::<Vec<_>>()
+    );
+    let metrics = s.tocsin.metrics().await;
+    assert!(
+        metrics.contains(
+            "tocsin_chatops_commands_total{via=\"slack\",action=\"ack\",outcome=\"accepted\"} 1"
+        ),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use tocsin_tests::{http, incidents::wait_for, NatsServer, TocsinHarness};
+use tocsin_tests::{faults::NatsProxy, http, incidents::wait_for, NatsServer, TocsinHarness};
 
 fn tocsin(config: &std::path::Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(crate::support::bin())
@@ -217,6 +217,56 @@ async fn ack_while_incidents_is_down_is_queued_and_applied_later() {
         all.len() == 1 && all[0].status == tocsin_proto::incident::IncidentStatus::Acknowledged
     })
     .await;
+    let d =
+        tocsin_tests::incidents::get(&client, tocsin_proto::command::IncidentRef::Number(1)).await;
+    assert_eq!(
+        d.incident.acknowledged_by.map(|a| a.name),
+        Some("alice".to_string())
+    );
+}
+
+/// `tocsin ack` whose command is lost on its way to JetStream (the
+/// publish written and never acknowledged: a connection that broke, or a
+/// stream leader that died before storing it, as when a NATS node of a
+/// cluster is killed) sends it again under the same message id within its
+/// `--timeout`: applied once, exit 0, nothing for the operator to repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_whose_command_is_lost_on_its_way_is_sent_again() {
+    let nats = NatsServer::start().await;
+    let tocsin_up = TocsinHarness::start(&nats).await;
+    let client = nats.client().await;
+    let a = http::post(
+        &reqwest::Client::new(),
+        &format!("{}/api/v1/alerts", tocsin_up.ingest_url),
+        Some(&tocsin_up.token),
+        r#"[{"labels":{"alertname":"DiskFull","severity":"critical"}}]"#,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    wait_for(&client, "an incident", |all| all.len() == 1).await;
+
+    let proxy = NatsProxy::start(nats.port()).await;
+    proxy.swallow(&["tocsin.cmd.ack"]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tocsin.yaml");
+    std::fs::write(
+        &cfg,
+        format!("nats:\n  url: {}\n", proxy.url_for(&nats.url())),
+    )
+    .unwrap();
+    let run = tokio::task::spawn_blocking(move || tocsin(&cfg, &["ack", "1", "--as", "alice"]));
+    tocsin_tests::eventually("the command sent", || async {
+        match proxy.swallowed() {
+            0 => Err("not yet"),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    // The way to NATS is whole again; the one `tocsin ack` must do.
+    proxy.swallow(&[]);
+    let (code, out, err) = run.await.unwrap();
+    assert_eq!((code, out.trim()), (0, "incident #1 acknowledged"), "{err}");
+    assert_eq!(proxy.swallowed_subjects(), ["tocsin.cmd.ack"]);
     let d =
         tocsin_tests::incidents::get(&client, tocsin_proto::command::IncidentRef::Number(1)).await;
     assert_eq!(
