@@ -69,25 +69,22 @@ impl Bus {
             .map_err(|e| ChatopsError::Bus(format!("cannot subscribe for the answer: {e}")))?;
         let env = Envelope::new("chatops", self.clock.now(), cmd.clone());
         let payload = codec::encode(&env).map_err(|e| ChatopsError::Bus(e.to_string()))?;
-        let stored = tokio::time::timeout(self.patience, async {
-            self.js
-                .send_publish(
-                    cmd.subject(),
-                    tocsin_runtime::bus::message(
-                        payload,
-                        cmd.id.clone(),
-                        None,
-                        &[(headers::REPLY_TO, inbox.as_str())],
-                    ),
-                )
-                .await
-                .map_err(|e| ChatopsError::Bus(format!("cannot send the command: {e}")))?
-                .await
-                .map_err(|e| ChatopsError::Bus(format!("JetStream did not store the command: {e}")))
-        })
+        // Sent again while it is not stored (a lost publish, a stream leader
+        // being elected), within the patience: the presser need not press
+        // again.
+        tocsin_runtime::bus::store(
+            &self.js,
+            &cmd.subject(),
+            tocsin_runtime::bus::message(
+                payload,
+                cmd.id.clone(),
+                None,
+                &[(headers::REPLY_TO, inbox.as_str())],
+            ),
+            self.patience,
+        )
         .await
-        .map_err(|_| ChatopsError::Bus("NATS did not store the command in time".into()))?;
-        stored?;
+        .map_err(|e| ChatopsError::Bus(format!("JetStream did not store the command: {e}")))?;
         let msg = tokio::time::timeout(self.patience, replies.next())
             .await
             .map_err(|_| ChatopsError::NoAnswer)?

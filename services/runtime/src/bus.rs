@@ -1,8 +1,16 @@
-//! The one way a Tocsin message is put on JetStream.
+//! The one way a Tocsin message is put on JetStream, and [`store`]: one
+//! message stored for someone waiting on it, sent again while it is not.
 
-use async_nats::{jetstream::message::PublishMessage, HeaderMap};
+use std::time::Duration;
+
+use async_nats::{
+    jetstream::{self, context::PublishErrorKind, message::PublishMessage, publish::PublishAck},
+    HeaderMap,
+};
 use bytes::Bytes;
 use tocsin_proto::{subjects::headers, SCHEMA_VERSION};
+
+use crate::retry::Backoff;
 
 tokio::task_local! {
     /// The lease tenure (`<role>/<term>`) the current task acts under, set
@@ -39,6 +47,88 @@ pub fn message(
         .payload(payload.into())
         .headers(h)
         .message_id(msg_id.into())
+}
+
+/// How long [`store`] waits for the first try's acknowledgement before it
+/// sends the message again; each later try waits twice as long, up to
+/// [`LONGEST_TRY`]. A stored message is acknowledged in milliseconds, on a
+/// cluster too; one unacknowledged for a second was most likely lost.
+pub const FIRST_TRY: Duration = Duration::from_secs(1);
+/// The longest [`store`] waits for one try's acknowledgement.
+pub const LONGEST_TRY: Duration = Duration::from_secs(4);
+
+/// Why [`store`] gave up on a message.
+#[derive(Debug, thiserror::Error)]
+pub enum NotStored {
+    /// No try was acknowledged within the patience.
+    #[error("not stored within {patience:?} ({tries} tries; the last: {last})")]
+    OutOfTime {
+        patience: Duration,
+        tries: u32,
+        last: String,
+    },
+    /// Refused as no try could change: larger than the server or the
+    /// stream takes.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Stores `message` on `subject` for someone waiting on it (an operator's
+/// command): sent again, under its message id (so JetStream keeps one),
+/// while it is not acknowledged, within `patience` in all. A try that is
+/// refused at once (no stream answers: a stream leader being elected, or
+/// the connection away) is sent again after a pause (100 ms doubling to a
+/// second); one that is not acknowledged within [`FIRST_TRY`] (doubling to
+/// [`LONGEST_TRY`]) is sent again at once: the publish or its
+/// acknowledgement was lost with a connection or a dying stream leader.
+/// Only a message too large for the server or the stream is not sent
+/// again. The service loops, which have their own way of going on, use
+/// `send_publish` directly.
+pub async fn store(
+    js: &jetstream::Context,
+    subject: &str,
+    message: PublishMessage,
+    patience: Duration,
+) -> Result<PublishAck, NotStored> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut wait = FIRST_TRY;
+    let mut pause = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let limit = wait.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let tried = tokio::time::timeout(limit, async {
+            js.send_publish(subject.to_string(), message.clone())
+                .await?
+                .await
+        })
+        .await;
+        let (last, refused_at_once) = match tried {
+            Ok(Ok(ack)) => return Ok(ack),
+            Ok(Err(e)) if hopeless(&e) => return Err(NotStored::Refused(e.to_string())),
+            Ok(Err(e)) => (e.to_string(), true),
+            Err(_) => (format!("no acknowledgement within {limit:?}"), false),
+        };
+        wait = (wait * 2).min(LONGEST_TRY);
+        let rest = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if refused_at_once && !rest.is_zero() {
+            tokio::time::sleep(pause.step().min(rest)).await;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(NotStored::OutOfTime {
+                patience,
+                tries,
+                last,
+            });
+        }
+        tracing::debug!(subject, tries, %last, "not stored yet; sending it again");
+    }
+}
+
+/// A refusal no later try can change.
+fn hopeless(e: &jetstream::context::PublishError) -> bool {
+    e.kind() == PublishErrorKind::MaxPayloadExceeded
+        || e.to_string().contains("message size exceeds maximum")
 }
 
 #[cfg(test)]

@@ -121,9 +121,9 @@ pub async fn command(config: &Config, actor: &str, action: Action) -> anyhow::Re
         None,
         &[(headers::REPLY_TO, inbox.as_str())],
     );
-    js.send_publish(cmd.subject(), message)
-        .await
-        .context("cannot send the command")?
+    // Sent again while it is not stored (a lost publish, a stream leader
+    // being elected), within the patience.
+    tocsin_runtime::bus::store(&js, &cmd.subject(), message, patience)
         .await
         .context("JetStream did not store the command")?;
     let msg = tokio::time::timeout(patience, replies.next())
