@@ -307,6 +307,44 @@ async fn a_press_whose_command_is_lost_on_its_way_is_sent_again_not_left_to_the_
     );
 }
 
+/// Slack's 200 to a press is its acknowledgement: chat-ops gives it only
+/// once the press's command is stored on the bus, as ingest answers 2xx
+/// only once an alert is. A press whose command cannot be stored within
+/// Slack's 3 s gets 503 with the reason (Slack shows the presser that it
+/// failed) instead of a 200 that a chat-ops crash right after would turn
+/// into a lost press; chat-ops goes on sending it within
+/// `chatops.answer_timeout`, so it is applied once the way to NATS is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_press_is_answered_200_only_once_its_command_is_stored() {
+    let (s, inc) = setup_with(true).await;
+    let proxy = s.proxy.as_ref().unwrap();
+    let url = format!("{}/slack/actions", s.tocsin.chatops_url);
+    proxy.swallow(&["tocsin.cmd.ack"]);
+    let body = block_actions_body(
+        "U01ALICE",
+        slack_actions::ACK,
+        &inc.id.to_string(),
+        &s.fakes.slack_response_url(1),
+    );
+    let r = post_slack(&url, &body, now_unix(&s.tocsin)).await;
+    assert_eq!(r.status(), 503);
+    let reason: Value = r.json().await.unwrap();
+    assert_eq!(reason["error"], "not_stored", "{reason}");
+    assert!(
+        reason["reason"].as_str().unwrap().contains("press again"),
+        "{reason}"
+    );
+    assert!(!proxy.swallowed_subjects().is_empty());
+    // Sent again until it is stored.
+    proxy.swallow(&[]);
+    let acked = wait_for(&s.client, "the acknowledgement", |l| {
+        l[0].status == IncidentStatus::Acknowledged
+    })
+    .await;
+    let by = acked[0].acknowledged_by.clone().unwrap();
+    assert_eq!((by.name.as_str(), by.via.as_str()), ("alice", "slack"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsigned_badly_signed_or_stale_requests_get_401_and_issue_nothing() {
     let (s, inc) = setup().await;
