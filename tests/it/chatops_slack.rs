@@ -267,8 +267,8 @@ async fn a_press_whose_command_is_lost_on_its_way_is_sent_again_not_left_to_the_
         &inc.id.to_string(),
         &s.fakes.slack_response_url(1),
     );
-    let r = post_slack(&url, &body, now_unix(&s.tocsin)).await;
-    assert_eq!(r.status(), 200);
+    let at = now_unix(&s.tocsin);
+    let pressed = tokio::spawn(async move { post_slack(&url, &body, at).await });
     tocsin_tests::eventually_within(WAIT, || async {
         match proxy.swallowed() {
             0 => Err("the command not sent yet"),
@@ -277,8 +277,10 @@ async fn a_press_whose_command_is_lost_on_its_way_is_sent_again_not_left_to_the_
     })
     .await
     .unwrap();
-    // The way to NATS is whole again; the one press must do.
+    // The way to NATS is whole again; the one press must do, answered 200
+    // once its command is stored.
     proxy.swallow(&[]);
+    assert_eq!(pressed.await.unwrap().status(), 200);
     let acked = wait_for(&s.client, "the acknowledgement", |l| {
         l[0].status == IncidentStatus::Acknowledged
     })

@@ -54,11 +54,14 @@ impl Bus {
         }
     }
 
-    /// Sends `action` as `actor` and waits for the incidents service's answer.
+    /// Sends `action` as `actor` and waits for the incidents service's
+    /// answer; `stored` is told once the command is stored on COMMANDS
+    /// (dropped untold when it could not be).
     pub(crate) async fn command(
         &self,
         actor: Actor,
         action: Action,
+        stored: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<Outcome, ChatopsError> {
         let cmd = Command::new(actor, action);
         let inbox = self.client.new_inbox();
@@ -85,6 +88,9 @@ impl Bus {
         )
         .await
         .map_err(|e| ChatopsError::Bus(format!("JetStream did not store the command: {e}")))?;
+        if let Some(stored) = stored {
+            let _ = stored.send(());
+        }
         let msg = tokio::time::timeout(self.patience, replies.next())
             .await
             .map_err(|_| ChatopsError::NoAnswer)?

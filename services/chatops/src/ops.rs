@@ -19,10 +19,21 @@ pub(crate) async fn command(
     actor: Actor,
     action: Action,
 ) -> Result<Outcome, ChatopsError> {
+    command_noting(app, actor, action, None).await
+}
+
+/// [`command`], telling `stored` once the command is stored on the bus
+/// (dropped untold when it could not be).
+pub(crate) async fn command_noting(
+    app: &App,
+    actor: Actor,
+    action: Action,
+    stored: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Result<Outcome, ChatopsError> {
     let name = action.name();
     let via = actor.via.clone();
     let who = actor.name.clone();
-    let r = app.bus.command(actor, action).await;
+    let r = app.bus.command(actor, action, stored).await;
     let (outcome, detail) = match &r {
         Ok(Outcome::Accepted { message, .. }) => ("accepted", message.clone()),
         Ok(Outcome::Rejected { reason }) => ("rejected", reason.clone()),

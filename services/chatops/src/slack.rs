@@ -2,9 +2,12 @@
 //! buttons) and the `/tocsin` slash command.
 //!
 //! Every request is verified with the signing secret first; a bad one is
-//! answered 401 and issues nothing. Slack waits 3 seconds: buttons are
-//! answered at once and their follow-up ("already acknowledged by …") goes
-//! to the `response_url`; a slash command is answered in the request when
+//! answered 401 and issues nothing. Slack waits 3 seconds: a button press
+//! is answered 200 once its command is stored on the bus (Slack's 200 is
+//! the press's acknowledgement, so a crash after it loses nothing), 503
+//! if that takes over 2.5 s (Slack shows the presser it failed; chat-ops
+//! goes on sending it within `answer_timeout`), and its follow-up
+//! ("already acknowledged by …") goes to the `response_url`; a slash command is answered in the request when
 //! its work is done within 2.5 s, else "working on it" and the rest
 //! through the `response_url`. The message itself is updated by the
 //! notifier, which follows the incident (only it holds the bot token).
@@ -160,7 +163,8 @@ async fn actions_inner(app: &Arc<App>, headers: HeaderMap, body: Body) -> Respon
     };
     let action_id = action["action_id"].as_str().unwrap_or("").to_string();
     let value = action["value"].as_str().unwrap_or("").to_string();
-    // Answered now; the work and its follow-up run after.
+    // Answered once the command is stored (or there is none to store);
+    // the answer to it and the follow-up run after.
     let Ok(permit) = app.background.clone().try_acquire_owned() else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -168,20 +172,38 @@ async fn actions_inner(app: &Arc<App>, headers: HeaderMap, body: Body) -> Respon
             "too many button presses in progress; press again",
         );
     };
+    let (stored, is_stored) = tokio::sync::oneshot::channel();
     let app2 = app.clone();
     app.tasks.spawn(async move {
         let _permit = permit;
-        let text = press(&app2, &user_id, &action_id, &value).await;
+        let text = press(&app2, &user_id, &action_id, &value, stored).await;
         if let Some(text) = text {
             app2.follow_up(&response_url, ephemeral(text)).await;
         }
     });
-    StatusCode::OK.into_response()
+    match tokio::time::timeout(SLACK_INLINE, is_stored).await {
+        // Stored; or nothing to store, or it could not be: the follow-up
+        // says why.
+        Ok(_) => StatusCode::OK.into_response(),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_stored",
+            "the command is not stored on the bus yet (NATS is slow or away); chat-ops goes on \
+             sending it: if the message does not change, press again",
+        ),
+    }
 }
 
 /// Runs a button press; returns what to tell the presser, if anything
 /// (a success shows in the message, which the notifier updates).
-async fn press(app: &App, user_id: &str, action_id: &str, value: &str) -> Option<String> {
+/// `stored` is told once the press's command is stored.
+async fn press(
+    app: &App,
+    user_id: &str,
+    action_id: &str,
+    value: &str,
+    stored: tokio::sync::oneshot::Sender<()>,
+) -> Option<String> {
     let Some(user) = app.user_by_slack(user_id) else {
         return Some(NOT_A_USER.into());
     };
@@ -194,7 +216,7 @@ async fn press(app: &App, user_id: &str, action_id: &str, value: &str) -> Option
     };
     let incident = action.incident().cloned();
     let was_ack = matches!(action, Action::Ack { .. });
-    match ops::command(app, Actor::new(&user.name, "slack"), action).await {
+    match ops::command_noting(app, Actor::new(&user.name, "slack"), action, Some(stored)).await {
         Ok(Outcome::Accepted { .. }) => None,
         Ok(Outcome::Rejected { reason }) => {
             // "already acknowledged by @ana": name who, as a mention.
