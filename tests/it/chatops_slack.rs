@@ -249,6 +249,17 @@ async fn the_ack_button_acknowledges_as_the_slack_user_stops_escalation_and_upda
     ));
 }
 
+/// alice's press of Acknowledge on `inc`: the URL and the body.
+fn alice_acks(s: &Setup, inc: &tocsin_proto::incident::IncidentSummary) -> (String, String) {
+    let body = block_actions_body(
+        "U01ALICE",
+        slack_actions::ACK,
+        &inc.id.to_string(),
+        &s.fakes.slack_response_url(1),
+    );
+    (format!("{}/slack/actions", s.tocsin.chatops_url), body)
+}
+
 /// A press whose command is lost on its way to JetStream (the publish
 /// written and never acknowledged: a connection that broke, or a stream
 /// leader that died before storing it, as when a NATS node of a cluster is
@@ -259,14 +270,8 @@ async fn the_ack_button_acknowledges_as_the_slack_user_stops_escalation_and_upda
 async fn a_press_whose_command_is_lost_on_its_way_is_sent_again_not_left_to_the_operator() {
     let (s, inc) = setup_with(true).await;
     let proxy = s.proxy.as_ref().unwrap();
-    let url = format!("{}/slack/actions", s.tocsin.chatops_url);
     proxy.swallow(&["tocsin.cmd.ack"]);
-    let body = block_actions_body(
-        "U01ALICE",
-        slack_actions::ACK,
-        &inc.id.to_string(),
-        &s.fakes.slack_response_url(1),
-    );
+    let (url, body) = alice_acks(&s, &inc);
     let at = now_unix(&s.tocsin);
     let pressed = tokio::spawn(async move { post_slack(&url, &body, at).await });
     tocsin_tests::eventually_within(WAIT, || async {
@@ -320,14 +325,8 @@ async fn a_press_whose_command_is_lost_on_its_way_is_sent_again_not_left_to_the_
 async fn a_press_is_answered_200_only_once_its_command_is_stored() {
     let (s, inc) = setup_with(true).await;
     let proxy = s.proxy.as_ref().unwrap();
-    let url = format!("{}/slack/actions", s.tocsin.chatops_url);
     proxy.swallow(&["tocsin.cmd.ack"]);
-    let body = block_actions_body(
-        "U01ALICE",
-        slack_actions::ACK,
-        &inc.id.to_string(),
-        &s.fakes.slack_response_url(1),
-    );
+    let (url, body) = alice_acks(&s, &inc);
     let r = post_slack(&url, &body, now_unix(&s.tocsin)).await;
     assert_eq!(r.status(), 503);
     let reason: Value = r.json().await.unwrap();

@@ -166,6 +166,19 @@ async fn oncall_names_who_is_on_call_now_and_next() {
     }
 }
 
+/// A critical DiskFull alert through ingest, once its incident (#1) is open.
+async fn disk_full(tocsin_up: &TocsinHarness, client: &async_nats::Client) {
+    let a = http::post(
+        &reqwest::Client::new(),
+        &format!("{}/api/v1/alerts", tocsin_up.ingest_url),
+        Some(&tocsin_up.token),
+        r#"[{"labels":{"alertname":"DiskFull","severity":"critical"}}]"#,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    wait_for(client, "an incident", |all| all.len() == 1).await;
+}
+
 /// `tocsin ack` while the incidents service is down: the command is stored
 /// on the COMMANDS stream, so the CLI says it is queued and exits 4 (not
 /// "error" and 3); the incidents service applies it when it runs again.
@@ -175,15 +188,7 @@ async fn ack_while_incidents_is_down_is_queued_and_applied_later() {
     let config = TocsinHarness::config(&nats);
     let tocsin_up = TocsinHarness::start_with(config.clone()).await;
     let client = nats.client().await;
-    let a = http::post(
-        &reqwest::Client::new(),
-        &format!("{}/api/v1/alerts", tocsin_up.ingest_url),
-        Some(&tocsin_up.token),
-        r#"[{"labels":{"alertname":"DiskFull","severity":"critical"}}]"#,
-    )
-    .await;
-    assert_eq!(a.status, 200, "{}", a.text);
-    wait_for(&client, "an incident", |all| all.len() == 1).await;
+    disk_full(&tocsin_up, &client).await;
     tocsin_up.stop().await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
@@ -235,15 +240,7 @@ async fn ack_whose_command_is_lost_on_its_way_is_sent_again() {
     let nats = NatsServer::start().await;
     let tocsin_up = TocsinHarness::start(&nats).await;
     let client = nats.client().await;
-    let a = http::post(
-        &reqwest::Client::new(),
-        &format!("{}/api/v1/alerts", tocsin_up.ingest_url),
-        Some(&tocsin_up.token),
-        r#"[{"labels":{"alertname":"DiskFull","severity":"critical"}}]"#,
-    )
-    .await;
-    assert_eq!(a.status, 200, "{}", a.text);
-    wait_for(&client, "an incident", |all| all.len() == 1).await;
+    disk_full(&tocsin_up, &client).await;
 
     let proxy = NatsProxy::start(nats.port()).await;
     proxy.swallow(&["tocsin.cmd.ack"]);
