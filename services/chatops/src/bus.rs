@@ -55,42 +55,46 @@ impl Bus {
     }
 
     /// Sends `action` as `actor` and waits for the incidents service's
-    /// answer; `stored` is told once the command is stored on COMMANDS
-    /// (dropped untold when it could not be).
+    /// answer; `stored` is told once the command is stored on COMMANDS, or
+    /// why it could not be.
     pub(crate) async fn command(
         &self,
         actor: Actor,
         action: Action,
-        stored: Option<tokio::sync::oneshot::Sender<()>>,
+        stored: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
     ) -> Result<Outcome, ChatopsError> {
         let cmd = Command::new(actor, action);
-        let inbox = self.client.new_inbox();
-        let mut replies = self
-            .client
-            .subscribe(inbox.clone())
+        let sent = async {
+            let inbox = self.client.new_inbox();
+            let replies =
+                self.client.subscribe(inbox.clone()).await.map_err(|e| {
+                    ChatopsError::Bus(format!("cannot subscribe for the answer: {e}"))
+                })?;
+            let env = Envelope::new("chatops", self.clock.now(), cmd.clone());
+            let payload = codec::encode(&env).map_err(|e| ChatopsError::Bus(e.to_string()))?;
+            // Sent again while it is not stored (a lost publish, a stream
+            // leader being elected), within the patience: the presser need
+            // not press again.
+            tocsin_runtime::bus::store(
+                &self.js,
+                &cmd.subject(),
+                tocsin_runtime::bus::message(
+                    payload,
+                    cmd.id.clone(),
+                    None,
+                    &[(headers::REPLY_TO, inbox.as_str())],
+                ),
+                self.patience,
+            )
             .await
-            .map_err(|e| ChatopsError::Bus(format!("cannot subscribe for the answer: {e}")))?;
-        let env = Envelope::new("chatops", self.clock.now(), cmd.clone());
-        let payload = codec::encode(&env).map_err(|e| ChatopsError::Bus(e.to_string()))?;
-        // Sent again while it is not stored (a lost publish, a stream leader
-        // being elected), within the patience: the presser need not press
-        // again.
-        tocsin_runtime::bus::store(
-            &self.js,
-            &cmd.subject(),
-            tocsin_runtime::bus::message(
-                payload,
-                cmd.id.clone(),
-                None,
-                &[(headers::REPLY_TO, inbox.as_str())],
-            ),
-            self.patience,
-        )
-        .await
-        .map_err(|e| ChatopsError::Bus(format!("JetStream did not store the command: {e}")))?;
-        if let Some(stored) = stored {
-            let _ = stored.send(());
+            .map_err(|e| ChatopsError::Bus(format!("JetStream did not store the command: {e}")))?;
+            Ok::<_, ChatopsError>(replies)
         }
+        .await;
+        if let Some(stored) = stored {
+            let _ = stored.send(sent.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        }
+        let mut replies = sent?;
         let msg = tokio::time::timeout(self.patience, replies.next())
             .await
             .map_err(|_| ChatopsError::NoAnswer)?

@@ -22,13 +22,13 @@ pub(crate) async fn command(
     command_noting(app, actor, action, None).await
 }
 
-/// [`command`], telling `stored` once the command is stored on the bus
-/// (dropped untold when it could not be).
+/// [`command`], telling `stored` once the command is stored on the bus,
+/// or why it could not be.
 pub(crate) async fn command_noting(
     app: &App,
     actor: Actor,
     action: Action,
-    stored: Option<tokio::sync::oneshot::Sender<()>>,
+    stored: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
 ) -> Result<Outcome, ChatopsError> {
     let name = action.name();
     let via = actor.via.clone();

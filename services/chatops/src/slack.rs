@@ -5,11 +5,12 @@
 //! answered 401 and issues nothing. Slack waits 3 seconds: a button press
 //! is answered 200 once its command is stored on the bus (Slack's 200 is
 //! the press's acknowledgement, so a crash after it loses nothing), 503
-//! if that takes over 2.5 s (Slack shows the presser it failed; chat-ops
-//! goes on sending it within `answer_timeout`), and its follow-up
-//! ("already acknowledged by …") goes to the `response_url`; a slash command is answered in the request when
-//! its work is done within 2.5 s, else "working on it" and the rest
-//! through the `response_url`. The message itself is updated by the
+//! when it could not be or that takes over 2.5 s (Slack shows the presser
+//! it failed; chat-ops goes on sending it within `answer_timeout`), and
+//! its follow-up ("already acknowledged by …") goes to the
+//! `response_url`; a slash command is answered in the request when its
+//! work is done within 2.5 s, else "working on it" and the rest through
+//! the `response_url`. The message itself is updated by the
 //! notifier, which follows the incident (only it holds the bot token).
 
 use std::sync::Arc;
@@ -182,9 +183,13 @@ async fn actions_inner(app: &Arc<App>, headers: HeaderMap, body: Body) -> Respon
         }
     });
     match tokio::time::timeout(SLACK_INLINE, is_stored).await {
-        // Stored; or nothing to store, or it could not be: the follow-up
-        // says why.
-        Ok(_) => StatusCode::OK.into_response(),
+        // Stored; or nothing to store (the follow-up says why).
+        Ok(Ok(Ok(()))) | Ok(Err(_)) => StatusCode::OK.into_response(),
+        Ok(Ok(Err(reason))) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_stored",
+            &format!("the command could not be stored on the bus ({reason}); press again"),
+        ),
         Err(_) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_stored",
@@ -196,13 +201,14 @@ async fn actions_inner(app: &Arc<App>, headers: HeaderMap, body: Body) -> Respon
 
 /// Runs a button press; returns what to tell the presser, if anything
 /// (a success shows in the message, which the notifier updates).
-/// `stored` is told once the press's command is stored.
+/// `stored` is told once the press's command is stored, or why it could
+/// not be; dropped untold when there is no command.
 async fn press(
     app: &App,
     user_id: &str,
     action_id: &str,
     value: &str,
-    stored: tokio::sync::oneshot::Sender<()>,
+    stored: tokio::sync::oneshot::Sender<Result<(), String>>,
 ) -> Option<String> {
     let Some(user) = app.user_by_slack(user_id) else {
         return Some(NOT_A_USER.into());
