@@ -249,15 +249,20 @@ async fn the_ack_button_acknowledges_as_the_slack_user_stops_escalation_and_upda
     ));
 }
 
-/// alice's press of Acknowledge on `inc`: the URL and the body.
-fn alice_acks(s: &Setup, inc: &tocsin_proto::incident::IncidentSummary) -> (String, String) {
+/// The services behind a proxy that swallows every ack command they
+/// publish, and alice's press of Acknowledge on the incident: the URL and
+/// the body.
+async fn acks_swallowed() -> (Setup, String, String) {
+    let (s, inc) = setup_with(true).await;
+    s.proxy.as_ref().unwrap().swallow(&["tocsin.cmd.ack"]);
     let body = block_actions_body(
         "U01ALICE",
         slack_actions::ACK,
         &inc.id.to_string(),
         &s.fakes.slack_response_url(1),
     );
-    (format!("{}/slack/actions", s.tocsin.chatops_url), body)
+    let url = format!("{}/slack/actions", s.tocsin.chatops_url);
+    (s, url, body)
 }
 
 /// A press whose command is lost on its way to JetStream (the publish
@@ -268,10 +273,8 @@ fn alice_acks(s: &Setup, inc: &tocsin_proto::incident::IncidentSummary) -> (Stri
 /// again, and is not told it failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_press_whose_command_is_lost_on_its_way_is_sent_again_not_left_to_the_operator() {
-    let (s, inc) = setup_with(true).await;
+    let (s, url, body) = acks_swallowed().await;
     let proxy = s.proxy.as_ref().unwrap();
-    proxy.swallow(&["tocsin.cmd.ack"]);
-    let (url, body) = alice_acks(&s, &inc);
     let at = now_unix(&s.tocsin);
     let pressed = tokio::spawn(async move { post_slack(&url, &body, at).await });
     tocsin_tests::eventually_within(WAIT, || async {
@@ -323,10 +326,8 @@ async fn a_press_whose_command_is_lost_on_its_way_is_sent_again_not_left_to_the_
 /// `chatops.answer_timeout`, so it is applied once the way to NATS is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_press_is_answered_200_only_once_its_command_is_stored() {
-    let (s, inc) = setup_with(true).await;
+    let (s, url, body) = acks_swallowed().await;
     let proxy = s.proxy.as_ref().unwrap();
-    proxy.swallow(&["tocsin.cmd.ack"]);
-    let (url, body) = alice_acks(&s, &inc);
     let r = post_slack(&url, &body, now_unix(&s.tocsin)).await;
     assert_eq!(r.status(), 503);
     let reason: Value = r.json().await.unwrap();

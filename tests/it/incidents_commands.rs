@@ -401,18 +401,7 @@ async fn an_ack_sent_during_an_alert_storm_is_not_kept_waiting_behind_it() {
     wait_for(&client, "the first incident", |all| all.len() == 1).await;
 
     // The storm: each alert a new group, all stored before the ack.
-    let storm: Vec<_> = (0..STORM)
-        .map(|i| {
-            let host = format!("web{i:05}");
-            let a = alert(
-                &[("alertname", "Storm"), ("host", host.as_str())],
-                &["alertname", "host"],
-                AlertStatus::Firing,
-                t(1),
-            );
-            (a, t(1))
-        })
-        .collect();
+    let storm = one_group_each("Storm", STORM, t(1));
     publish_alerts_pipelined(&js, storm).await;
     let r = command(
         &client,
@@ -763,18 +752,7 @@ async fn commands_pulled_before_a_failed_write_are_applied_at_once_not_after_ack
     let tocsin = TocsinHarness::start_with(config).await;
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
-    let burst: Vec<_> = (0..INCIDENTS)
-        .map(|i| {
-            let host = format!("web{i:03}");
-            let a = alert(
-                &[("alertname", "Down"), ("host", host.as_str())],
-                &["alertname", "host"],
-                AlertStatus::Firing,
-                t(0),
-            );
-            (a, t(0))
-        })
-        .collect();
+    let burst = one_group_each("Down", INCIDENTS, t(0));
     publish_alerts_pipelined(&js, burst).await;
     let open = wait_for(&client, "every incident", |all| all.len() == INCIDENTS).await;
     tocsin.settled(&js).await;
@@ -826,4 +804,25 @@ async fn commands_pulled_before_a_failed_write_are_applied_at_once_not_after_ack
             .is_some_and(|n| n >= 1.0),
         "the foreign message made a write fail"
     );
+}
+
+/// `n` firing alerts named `alertname`, each of its own group (host
+/// `web00000` on), at `at`: what a fleet going down sends.
+fn one_group_each(
+    alertname: &str,
+    n: usize,
+    at: Timestamp,
+) -> Vec<(tocsin_proto::Alert, Timestamp)> {
+    (0..n)
+        .map(|i| {
+            let host = format!("web{i:05}");
+            let a = alert(
+                &[("alertname", alertname), ("host", host.as_str())],
+                &["alertname", "host"],
+                AlertStatus::Firing,
+                at,
+            );
+            (a, at)
+        })
+        .collect()
 }

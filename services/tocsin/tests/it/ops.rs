@@ -25,14 +25,11 @@ async fn operators_ack_resolve_list_and_show_from_the_command_line() {
     let nats = NatsServer::start().await;
     let tocsin_up = TocsinHarness::start(&nats).await;
     let client = nats.client().await;
-    let a = http::post(
-        &reqwest::Client::new(),
-        &format!("{}/api/v1/alerts", tocsin_up.ingest_url),
-        Some(&tocsin_up.token),
+    post_alerts(
+        &tocsin_up,
         r#"[{"labels":{"alertname":"QueueBacklog","queue":"billing","severity":"P1"},"annotations":{"summary":"billing queue backlog > 10k"}}]"#,
     )
     .await;
-    assert_eq!(a.status, 200, "{}", a.text);
     wait_for(&client, "an incident", |all| all.len() == 1).await;
 
     // The CLI needs only the nats section.
@@ -166,16 +163,26 @@ async fn oncall_names_who_is_on_call_now_and_next() {
     }
 }
 
-/// A critical DiskFull alert through ingest, once its incident (#1) is open.
-async fn disk_full(tocsin_up: &TocsinHarness, client: &async_nats::Client) {
+/// Posts `body` to ingest's generic endpoint (`/api/v1/alerts`) and
+/// checks it was taken.
+async fn post_alerts(tocsin_up: &TocsinHarness, body: &'static str) {
     let a = http::post(
         &reqwest::Client::new(),
         &format!("{}/api/v1/alerts", tocsin_up.ingest_url),
         Some(&tocsin_up.token),
-        r#"[{"labels":{"alertname":"DiskFull","severity":"critical"}}]"#,
+        body,
     )
     .await;
     assert_eq!(a.status, 200, "{}", a.text);
+}
+
+/// A critical DiskFull alert through ingest, once its incident (#1) is open.
+async fn disk_full(tocsin_up: &TocsinHarness, client: &async_nats::Client) {
+    post_alerts(
+        tocsin_up,
+        r#"[{"labels":{"alertname":"DiskFull","severity":"critical"}}]"#,
+    )
+    .await;
     wait_for(client, "an incident", |all| all.len() == 1).await;
 }
 
@@ -289,16 +296,13 @@ async fn show_list_json_silences_and_completions() {
     let tocsin_up = TocsinHarness::start_with(config).await;
     let client = nats.client().await;
     let http_client = reqwest::Client::new();
-    let a = http::post(
-        &http_client,
-        &format!("{}/api/v1/alerts", tocsin_up.ingest_url),
-        Some(&tocsin_up.token),
+    post_alerts(
+        &tocsin_up,
         r#"[{"labels":{"alertname":"DiskFull","severity":"critical","host":"db1"},
              "annotations":{"summary":"/var is 97% full","description":"grows 1 GB an hour\nsince the deploy","runbook_url":"https://runbooks.example.com/disk"},
              "generatorURL":"https://prometheus.example.com/graph?g0.expr=disk"}]"#,
     )
     .await;
-    assert_eq!(a.status, 200, "{}", a.text);
     wait_for(&client, "incident #1", |all| all.len() == 1).await;
     let pd = serde_json::json!({
         "routing_key": tocsin_up.token, "event_action": "trigger", "dedup_key": "pd-1",
@@ -558,14 +562,11 @@ async fn show_lists_runbook_steps_with_their_output() {
     let config = tocsin_tests::remediation::config(&nats, &rb.path(), &["/bin/echo"]);
     let tocsin_up = TocsinHarness::start_with(config).await;
     let client = nats.client().await;
-    let a = http::post(
-        &reqwest::Client::new(),
-        &format!("{}/api/v1/alerts", tocsin_up.ingest_url),
-        Some(&tocsin_up.token),
+    post_alerts(
+        &tocsin_up,
         r#"[{"labels":{"alertname":"Echo","host":"web1"}}]"#,
     )
     .await;
-    assert_eq!(a.status, 200, "{}", a.text);
     wait_timeline(&client, 1, "the run", |tl| has(tl, "run", "succeeded")).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("tocsin.yaml");
