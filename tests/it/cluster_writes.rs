@@ -114,12 +114,14 @@ async fn on_a_cluster_a_burst_of_incidents_pages_and_acks_is_stored_without_a_re
 const BACK_TO_BACK: usize = 10;
 
 /// Sends a message fenced by `fence` as the services send their entries
-/// and pages.
+/// and pages (`fence::send`).
 async fn send_fenced(js: &jetstream::Context, fence: &Fence, subject: &str, id: &str) -> Ack {
     let headers = fence.headers();
     let extra: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let m = message(b"entry".to_vec(), id, None, &extra);
-    Ack::Coming(js.send_publish(subject.to_string(), m).await.expect("sent"))
+    fence::send(js, subject.to_string(), m, Some(fence))
+        .await
+        .expect("sent")
 }
 
 /// The leader of a replicated stream acknowledges a fenced message as it

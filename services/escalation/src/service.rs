@@ -706,7 +706,7 @@ impl Service {
                 [one] => self.send(one, now).await,
                 several => self.send_batch(several, now).await,
             };
-            match sent.map(Ack::Coming) {
+            match sent {
                 Some(ack) if one_at_a_time && matches!(batch[0], Effect::Page(_)) => {
                     pending.push((which, ack.wait().await))
                 }
@@ -779,17 +779,13 @@ impl Service {
     }
 
     /// One attempt to send several effects of one subject in one message
-    /// (timeline records of one action, or pages for one channel); the ack
-    /// future on success. Its message id comes from the effects' ids, so
+    /// (timeline records of one action, or pages for one channel); its
+    /// acknowledgement to come on success. Its message id comes from the effects' ids, so
     /// the same effects sent again are dropped. Effects fired again after a
     /// crash in another grouping get through: the incidents service finds
     /// such a record applied (an incident remembers the commands it took),
     /// and the notifier finds such a page in its delivery records.
-    async fn send_batch(
-        &self,
-        effects: &[&Effect],
-        now: Timestamp,
-    ) -> Option<jetstream::context::PublishAckFuture> {
+    async fn send_batch(&self, effects: &[&Effect], now: Timestamp) -> Option<Ack> {
         use sha2::{Digest, Sha256};
         let mut ids = Sha256::new();
         for e in effects {
@@ -823,8 +819,9 @@ impl Service {
             }
         };
         let items = effects.len().to_string();
-        let publish = self.message(effects[0], payload, id, &[(headers::ITEMS, items.as_str())]);
-        match self.js.send_publish(subject.clone(), publish).await {
+        let (publish, fence) =
+            self.message(effects[0], payload, id, &[(headers::ITEMS, items.as_str())]);
+        match fence::send(&self.js, subject.clone(), publish, fence.as_ref()).await {
             Ok(ack) => Some(ack),
             Err(e) => {
                 EscalationEvent::PublishFailed {
@@ -837,15 +834,12 @@ impl Service {
         }
     }
 
-    /// One attempt to send an effect; the ack future on success.
-    async fn send(
-        &self,
-        effect: &Effect,
-        now: Timestamp,
-    ) -> Option<jetstream::context::PublishAckFuture> {
+    /// One attempt to send an effect; its acknowledgement to come on
+    /// success.
+    async fn send(&self, effect: &Effect, now: Timestamp) -> Option<Ack> {
         let (subject, id, payload) = encode_effect(effect, now)?;
-        let publish = self.message(effect, payload, id, &[]);
-        match self.js.send_publish(subject, publish).await {
+        let (publish, fence) = self.message(effect, payload, id, &[]);
+        match fence::send(&self.js, subject, publish, fence.as_ref()).await {
             Ok(ack) => Some(ack),
             Err(e) => {
                 EscalationEvent::PublishFailed {
@@ -871,7 +865,10 @@ impl Service {
         payload: Vec<u8>,
         id: String,
         extra: &[(&str, &str)],
-    ) -> async_nats::jetstream::message::PublishMessage {
+    ) -> (
+        async_nats::jetstream::message::PublishMessage,
+        Option<Fence>,
+    ) {
         let fence = match effect {
             Effect::Page(_) => self.fence(),
             Effect::Record(_) => None,
@@ -879,7 +876,7 @@ impl Service {
         let fenced = fence.as_ref().map(Fence::headers);
         let mut all = extra.to_vec();
         all.extend(fenced.iter().flatten().map(|(k, v)| (*k, v.as_str())));
-        tocsin_runtime::bus::message(payload, id, None, &all)
+        (tocsin_runtime::bus::message(payload, id, None, &all), fence)
     }
 
     fn count(&self, effect: &Effect, duplicate: bool) {
@@ -903,7 +900,7 @@ impl Service {
                 return true; // logged; retrying cannot help
             };
             if let Some(ack) = self.send(effect, now).await {
-                match ack.await {
+                match ack.get().await {
                     Ok(ack) => {
                         self.count(effect, ack.duplicate);
                         return true;

@@ -947,19 +947,12 @@ impl Service {
             payload = encode_entry(entry, traceparent)?;
         }
         let entry = &*entry;
-        let publish = entry_message(
-            entry.msg_id(),
-            payload,
-            traceparent,
-            last_seq,
-            &self.fence(),
-            None,
-        );
-        let ack = self
-            .js
-            .send_publish(entry.subject(), publish)
+        let fence = self.fence();
+        let publish = entry_message(entry.msg_id(), payload, traceparent, last_seq, &fence, None);
+        let ack = fence::send(&self.js, entry.subject(), publish, fence.as_ref())
             .await
             .map_err(|e| classify(&e, entry.cause()))?
+            .get()
             .await
             .map_err(|e| classify(&e, entry.cause()))?;
         if !ack.duplicate {
@@ -1443,20 +1436,19 @@ impl Service {
         last_seq: &mut u64,
     ) -> Result<(), String> {
         self.one_at_a_time(sent).await?;
+        let fence = self.fence();
         let message = entry_message(
             entry.msg_id(),
             payload,
             traceparent,
             *last_seq,
-            &self.fence(),
+            &fence,
             None,
         );
-        let ack = self
-            .js
-            .send_publish(entry.subject(), message)
+        let ack = fence::send(&self.js, entry.subject(), message, fence.as_ref())
             .await
             .map_err(|e| e.to_string())?;
-        sent.push((Ack::Coming(ack), Stored::One(Box::new(entry))));
+        sent.push((ack, Stored::One(Box::new(entry))));
         *last_seq += 1;
         Ok(())
     }
@@ -1497,20 +1489,13 @@ impl Service {
             .with_traceparent(traceparent.map(str::to_string));
         let payload = codec::encode(&env).map_err(|e| e.to_string())?;
         self.one_at_a_time(sent).await?;
-        let message = entry_message(
-            msg_id,
-            payload,
-            traceparent,
-            *last_seq,
-            &self.fence(),
-            Some(entries.len()),
-        );
-        let ack = self
-            .js
-            .send_publish(INCIDENTS_BATCH, message)
+        let fence = self.fence();
+        let items = Some(entries.len());
+        let message = entry_message(msg_id, payload, traceparent, *last_seq, &fence, items);
+        let ack = fence::send(&self.js, INCIDENTS_BATCH.into(), message, fence.as_ref())
             .await
             .map_err(|e| e.to_string())?;
-        sent.push((Ack::Coming(ack), Stored::Batch(entries)));
+        sent.push((ack, Stored::Batch(entries)));
         *last_seq += 1;
         Ok(())
     }

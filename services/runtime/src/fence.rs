@@ -40,8 +40,15 @@
 //! several fenced messages sent without waiting, all but the first are
 //! refused. There a writer sends its fenced messages one at a time
 //! ([`Fence::one_at_a_time`]), each after the previous was acknowledged.
-//! A single server checks each message as it stores it, so writers
-//! pipeline there. Naming the marker only on the first of several would
+//! That is not quite enough: the leader acknowledges a message as it
+//! stores it and only then forgets that it was in flight, so the next
+//! message, sent the moment the acknowledgement arrives, can still be
+//! refused the same way (nats-server 2.12, `applyStreamEntries`). Such a
+//! refusal says nothing about the fence, so [`send`] keeps a fenced
+//! message of a replicated stream and [`Ack::get`] sends it again, as it
+//! was (the same message id: stored once), after a pause of 1 ms doubling
+//! to 100 ms, for up to [`IN_PROCESS_PATIENCE`]. A single server checks
+//! each message as it stores it, so writers pipeline there. Naming the marker only on the first of several would
 //! not do: the rest, expecting consecutive stream positions, are exactly
 //! what a newer tenure's writes can happen to match.
 
@@ -88,30 +95,98 @@ impl Fence {
 }
 
 /// A sent message's JetStream acknowledgement (or failure): still to come
-/// (messages sent without waiting), or come already (a fenced message on a
-/// replicated stream, awaited before the next is sent:
+/// (messages sent without waiting), still to come for a fenced message of
+/// a replicated stream, kept to be sent again while the leader has the
+/// one before it in flight (see the module docs), or come already (a
+/// fenced message on a replicated stream, awaited before the next is sent:
 /// [`Fence::one_at_a_time`]).
 pub enum Ack {
     Coming(jetstream::context::PublishAckFuture),
+    Fenced(Box<Resend>),
     Came(Result<jetstream::publish::PublishAck, PublishError>),
 }
+
+/// A fenced message on its way to a replicated stream, with what it takes
+/// to send it again.
+pub struct Resend {
+    js: jetstream::Context,
+    subject: String,
+    message: jetstream::message::PublishMessage,
+    ack: jetstream::context::PublishAckFuture,
+}
+
+/// How long [`Ack::get`] goes on sending a fenced message again while the
+/// stream's leader answers that another one naming its tenure subject is
+/// in flight (normally for a millisecond or less: the one before it,
+/// acknowledged but not yet forgotten).
+pub const IN_PROCESS_PATIENCE: Duration = Duration::from_secs(2);
 
 impl Ack {
     /// Awaits the acknowledgement now, if it is still to come.
     pub async fn wait(self) -> Ack {
         match self {
-            Ack::Coming(ack) => Ack::Came(ack.await),
-            came => came,
+            Ack::Came(_) => self,
+            coming => Ack::Came(coming.get().await),
         }
     }
 
-    /// The acknowledgement, awaited if it is still to come.
+    /// The acknowledgement, awaited if it is still to come; a fenced
+    /// message refused only because the one before it was still in flight
+    /// is sent again (see the module docs).
     pub async fn get(self) -> Result<jetstream::publish::PublishAck, PublishError> {
         match self {
             Ack::Coming(ack) => ack.await,
             Ack::Came(r) => r,
+            Ack::Fenced(resend) => resend.get().await,
         }
     }
+}
+
+impl Resend {
+    async fn get(self) -> Result<jetstream::publish::PublishAck, PublishError> {
+        let Resend {
+            js,
+            subject,
+            message,
+            mut ack,
+        } = self;
+        let started = tokio::time::Instant::now();
+        let mut pause =
+            crate::retry::Backoff::new(Duration::from_millis(1), Duration::from_millis(100));
+        loop {
+            match ack.await {
+                Err(e) if is_in_process(&e) && started.elapsed() < IN_PROCESS_PATIENCE => {
+                    tracing::debug!(%subject, "the stream's leader still had the message before this one in flight; sending it again");
+                    tokio::time::sleep(pause.step()).await;
+                    ack = js.send_publish(subject.clone(), message.clone()).await?;
+                }
+                done => return done,
+            }
+        }
+    }
+}
+
+/// Sends a message fenced by `fence` (its headers already set) without
+/// waiting for its acknowledgement. On a replicated stream
+/// ([`Fence::one_at_a_time`]) the message is kept in the [`Ack`], to be
+/// sent again should the leader refuse it only because the message before
+/// it is still in flight.
+pub async fn send(
+    js: &jetstream::Context,
+    subject: String,
+    message: jetstream::message::PublishMessage,
+    fence: Option<&Fence>,
+) -> Result<Ack, PublishError> {
+    if !fence.is_some_and(|f| f.one_at_a_time) {
+        return Ok(Ack::Coming(js.send_publish(subject, message).await?));
+    }
+    let ack = js.send_publish(subject.clone(), message.clone()).await?;
+    Ok(Ack::Fenced(Box::new(Resend {
+        js: js.clone(),
+        subject,
+        message,
+        ack,
+    })))
 }
 
 /// Why no fence could be taken.
@@ -158,6 +233,19 @@ pub fn is_wrong_sequence(e: &PublishError) -> bool {
             .is_some_and(|js| js.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE),
         _ => false,
     }
+}
+
+/// Whether a publish was refused only because the stream's leader has
+/// another message naming the same tenure subject in flight (error code
+/// 10164, "wrong last sequence" without a sequence): the message may be
+/// sent again as it is.
+pub fn is_in_process(e: &PublishError) -> bool {
+    matches!(e.kind(), PublishErrorKind::Other)
+        && std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<jetstream::Error>())
+            .is_some_and(|js| {
+                js.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+            })
 }
 
 /// How many times [`take`] reads and writes before it gives up (each
@@ -221,8 +309,9 @@ pub async fn take(
                     one_at_a_time,
                 }))
             }
-            // Another marker was written since it was read: read again.
-            Err(e) if is_wrong_sequence(&e) => continue,
+            // Another marker was written since it was read, or a message
+            // naming this subject is still in flight: read again.
+            Err(e) if is_wrong_sequence(&e) || is_in_process(&e) => continue,
             Err(e) => {
                 return Err(FenceError::Nats(format!(
                     "cannot write the tenure marker on {subject}: {e}"
