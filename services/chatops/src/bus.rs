@@ -87,7 +87,11 @@ impl Bus {
                 self.patience,
             )
             .await
-            .map_err(|e| ChatopsError::Bus(format!("JetStream did not store the command: {e}")))?;
+            .map_err(|e| {
+                ChatopsError::Bus(format!(
+                    "JetStream did not confirm storing the command: {e}"
+                ))
+            })?;
             Ok::<_, ChatopsError>(replies)
         }
         .await;

@@ -780,11 +780,12 @@ impl Service {
 
     /// One attempt to send several effects of one subject in one message
     /// (timeline records of one action, or pages for one channel); its
-    /// acknowledgement to come on success. Its message id comes from the effects' ids, so
-    /// the same effects sent again are dropped. Effects fired again after a
-    /// crash in another grouping get through: the incidents service finds
-    /// such a record applied (an incident remembers the commands it took),
-    /// and the notifier finds such a page in its delivery records.
+    /// acknowledgement to come on success. Its message id comes from the
+    /// effects' ids, so the same effects sent again are dropped. Effects
+    /// fired again after a crash in another grouping get through: the
+    /// incidents service finds such a record applied (an incident
+    /// remembers the commands it took), and the notifier finds such a page
+    /// in its delivery records.
     async fn send_batch(&self, effects: &[&Effect], now: Timestamp) -> Option<Ack> {
         use sha2::{Digest, Sha256};
         let mut ids = Sha256::new();
@@ -853,7 +854,8 @@ impl Service {
     }
 
     /// The message of `effect` (or of several of its kind) with `extra`
-    /// headers, and a page's with this tenure's fence. Timeline records
+    /// headers, and a page's with this tenure's fence (returned beside it,
+    /// for `fence::send`). Timeline records
     /// are not fenced: a record only says that a step's pages are stored,
     /// and is sent only once they are (a page refused by the fence never
     /// gets its record), so a late one is still true; one that comes twice

@@ -60,8 +60,13 @@ pub const LONGEST_TRY: Duration = Duration::from_secs(4);
 /// Why [`store`] gave up on a message.
 #[derive(Debug, thiserror::Error)]
 pub enum NotStored {
-    /// No try was acknowledged within the patience.
-    #[error("not stored within {patience:?} ({tries} tries; the last: {last})")]
+    /// No try was acknowledged within the patience. One may still have
+    /// been stored (its acknowledgement lost): the command may yet be
+    /// applied, once.
+    #[error(
+        "no try acknowledged within {patience:?} ({tries} tries; the last: {last}); \
+         one may still have been stored and be applied"
+    )]
     OutOfTime {
         patience: Duration,
         tries: u32,

@@ -125,7 +125,7 @@ pub async fn command(config: &Config, actor: &str, action: Action) -> anyhow::Re
     // being elected), within the patience.
     tocsin_runtime::bus::store(&js, &cmd.subject(), message, patience)
         .await
-        .context("JetStream did not store the command")?;
+        .context("JetStream did not confirm storing the command")?;
     let msg = tokio::time::timeout(patience, replies.next())
         .await
         .map_err(|_| {
