@@ -48,9 +48,10 @@
 //! message of a replicated stream and [`Ack::get`] sends it again, as it
 //! was (the same message id: stored once), after a pause of 1 ms doubling
 //! to 100 ms, for up to [`IN_PROCESS_PATIENCE`]. A single server checks
-//! each message as it stores it, so writers pipeline there. Naming the marker only on the first of several would
-//! not do: the rest, expecting consecutive stream positions, are exactly
-//! what a newer tenure's writes can happen to match.
+//! each message as it stores it, so writers pipeline there. Naming the
+//! marker only on the first of several would not do: the rest, expecting
+//! consecutive stream positions, are exactly what a newer tenure's writes
+//! can happen to match.
 
 use std::time::Duration;
 
