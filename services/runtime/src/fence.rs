@@ -392,3 +392,46 @@ fn term_in(headers: &async_nats::HeaderMap) -> u64 {
         .and_then(|v| term_of(v.as_str()))
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A publish refused by JetStream with `code` (as async-nats 0.51
+    /// builds it from the server's answer).
+    fn refused(code: u64, description: &str) -> PublishError {
+        let error: jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 400,
+            "err_code": code,
+            "description": description,
+        }))
+        .unwrap();
+        let kind = if code == 10071 {
+            PublishErrorKind::WrongLastSequence
+        } else {
+            PublishErrorKind::Other
+        };
+        PublishError::with_source(kind, error)
+    }
+
+    #[test]
+    fn in_flight_is_told_apart_from_a_sequence_that_did_not_match() {
+        let in_flight = refused(10164, "wrong last sequence");
+        let mismatch = refused(10071, "wrong last sequence: 41");
+        let other = refused(10060, "expected stream does not match");
+        assert!(is_in_process(&in_flight));
+        assert!(
+            !is_wrong_sequence(&in_flight),
+            "sent again as it is, not read again"
+        );
+        assert!(is_wrong_sequence(&mismatch));
+        assert!(
+            !is_in_process(&mismatch),
+            "a newer marker: never sent again"
+        );
+        assert!(!is_in_process(&other) && !is_wrong_sequence(&other));
+        assert!(!is_in_process(&PublishError::new(
+            PublishErrorKind::TimedOut
+        )));
+    }
+}
