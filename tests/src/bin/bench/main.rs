@@ -211,7 +211,9 @@
 //!   seconds per 1,000 alerts (nats-server + the four tocsin processes vs
 //!   Alertmanager; Tocsin's read once its pages' receipts are applied,
 //!   COMMANDS and NOTIFY empty, at most 120 s after the last page, with the
-//!   messages each stream stored per alert) and every process's peak RSS.
+//!   messages each stream stored per alert) and every process's peak RSS;
+//!   and, for either side, the bench's own CPU while it sends and receives
+//!   (it shares the cores with the side measured).
 //! - **storm** (fresh processes per repetition and side, as alert→page but
 //!   with incidents `group_by: [alertname, storm_group]`): 1,000,000 alerts
 //!   over 10,000 groups (`--quick`: 20,000 over 200), alert i in group

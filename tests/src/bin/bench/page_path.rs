@@ -785,6 +785,30 @@ impl BusySampler {
 }
 
 /// One Tocsin repetition: fresh nats-server, processes, data.
+/// The bench's own CPU while it sends the alerts and receives the pages:
+/// on a small machine it runs on the same cores as the side measured.
+struct Harness {
+    before: Option<u64>,
+}
+
+impl Harness {
+    fn start() -> Harness {
+        Harness {
+            before: peer::cpu_ticks(None),
+        }
+    }
+
+    fn report(self, side: &str, phases: &[Phase]) {
+        let total: usize = phases.iter().map(|p| p.alerts()).sum();
+        if let (Some(a), Some(b)) = (self.before, peer::cpu_ticks(None)) {
+            println!(
+                "  {side}: the bench itself (sending the alerts, receiving the pages) beside it: {:.3} CPU s per 1k alerts",
+                (b - a) as f64 / peer::clock_ticks() / total as f64 * 1000.0
+            );
+        }
+    }
+}
+
 async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> {
     let (receiver, mut stack, target) = tocsin_peer("", "", run).await?;
     let pids = stack.pids();
@@ -793,10 +817,12 @@ async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> 
     let cpu_before = peer::cpu_ticks_of(&pids);
     let each_before: Vec<Option<u64>> = pids.iter().map(|p| peer::cpu_ticks(*p)).collect();
     let busy = BusySampler::start(stack.admin_url("incidents")?);
+    let harness = Harness::start();
     let (latencies, pages_per_s, lost, duplicated, failed) = {
         let mut check = || stack.check();
         drive("Tocsin", &target, &receiver, phases, run, &mut check).await?
     };
+    harness.report("Tocsin", phases);
     println!(
         "  Tocsin: the incidents service's time by stage, per phase (stored: waiting for JetStream's synced writes of its entries): {}",
         busy.stop(phases).await
@@ -979,11 +1005,13 @@ async fn alertmanager_side(phases: &[Phase], run: &str) -> anyhow::Result<SideRe
     let (receiver, mut am, target) = alertmanager_peer(ID_LABEL, "1m", run).await?;
     let pid = Some(am.proc.pid());
     let cpu_before = peer::cpu_ticks(pid);
+    let harness = Harness::start();
     let (latencies, pages_per_s, lost, duplicated, failed) = {
         let proc = &mut am.proc;
         let mut check = || proc.check_running();
         drive("Alertmanager", &target, &receiver, phases, run, &mut check).await?
     };
+    harness.report("Alertmanager", phases);
     let cpu_after = peer::cpu_ticks(pid);
     let total: usize = phases.iter().map(|p| p.alerts()).sum();
     let cpu_per_1k = match (cpu_before, cpu_after) {
