@@ -669,7 +669,7 @@ async fn alertmanager_round(
 }
 
 /// CPU seconds per 1,000 alerts from tick counts.
-fn cpu_per_1000(ticks: Option<u64>, alerts: usize, hz: f64) -> f64 {
+pub(crate) fn cpu_per_1000(ticks: Option<u64>, alerts: usize, hz: f64) -> f64 {
     match ticks {
         Some(t) if alerts > 0 => t as f64 / hz / alerts as f64 * 1000.0,
         _ => f64::NAN,

@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use tocsin_tests::NatsServer;
 
 use super::{
-    all::{Figure, Outcome},
+    all::{cpu_per_1000, Figure, Outcome},
     ms,
     peer::{self, Alertmanager, Grouping, Proc, Receiver},
     percentile,
@@ -784,7 +784,16 @@ impl BusySampler {
     }
 }
 
-/// One Tocsin repetition: fresh nats-server, processes, data.
+/// CPU seconds per 1,000 alerts between two tick readings (NaN if either
+/// could not be read).
+fn cpu_between(before: Option<u64>, after: Option<u64>, alerts: usize) -> f64 {
+    cpu_per_1000(
+        before.zip(after).map(|(a, b)| b.saturating_sub(a)),
+        alerts,
+        peer::clock_ticks(),
+    )
+}
+
 /// The bench's own CPU while it sends the alerts and receives the pages:
 /// on a small machine it runs on the same cores as the side measured.
 struct Harness {
@@ -800,15 +809,16 @@ impl Harness {
 
     fn report(self, side: &str, phases: &[Phase]) {
         let total: usize = phases.iter().map(|p| p.alerts()).sum();
-        if let (Some(a), Some(b)) = (self.before, peer::cpu_ticks(None)) {
+        let cpu = cpu_between(self.before, peer::cpu_ticks(None), total);
+        if !cpu.is_nan() {
             println!(
-                "  {side}: the bench itself (sending the alerts, receiving the pages) beside it: {:.3} CPU s per 1k alerts",
-                (b - a) as f64 / peer::clock_ticks() / total as f64 * 1000.0
+                "  {side}: the bench itself (sending the alerts, receiving the pages) beside it: {cpu:.3} CPU s per 1k alerts"
             );
         }
     }
 }
 
+/// One Tocsin repetition: fresh nats-server, processes, data.
 async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> {
     let (receiver, mut stack, target) = tocsin_peer("", "", run).await?;
     let pids = stack.pids();
@@ -849,14 +859,9 @@ async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> 
     let each: Vec<String> = names
         .zip(pids.iter().zip(each_before))
         .map(|(name, (pid, before))| {
-            let v = match (before, peer::cpu_ticks(*pid)) {
-                (Some(a), Some(b)) => {
-                    format!(
-                        "{:.3}",
-                        (b - a) as f64 / peer::clock_ticks() / total as f64 * 1000.0
-                    )
-                }
-                _ => "?".into(),
+            let v = match cpu_between(before, peer::cpu_ticks(*pid), total) {
+                v if v.is_nan() => "?".into(),
+                v => format!("{v:.3}"),
             };
             format!("{name} {v}")
         })
@@ -887,10 +892,7 @@ async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> 
         sum as f64 / total as f64,
         per_alert.join(", ")
     );
-    let cpu_per_1k = match (cpu_before, cpu_after) {
-        (Some(a), Some(b)) => (b - a) as f64 / peer::clock_ticks() / total as f64 * 1000.0,
-        _ => f64::NAN,
-    };
+    let cpu_per_1k = cpu_between(cpu_before, cpu_after, total);
     let rss = stack.rss();
     stack.check()?;
     drop(stack);
@@ -1014,10 +1016,7 @@ async fn alertmanager_side(phases: &[Phase], run: &str) -> anyhow::Result<SideRe
     harness.report("Alertmanager", phases);
     let cpu_after = peer::cpu_ticks(pid);
     let total: usize = phases.iter().map(|p| p.alerts()).sum();
-    let cpu_per_1k = match (cpu_before, cpu_after) {
-        (Some(a), Some(b)) => (b - a) as f64 / peer::clock_ticks() / total as f64 * 1000.0,
-        _ => f64::NAN,
-    };
+    let cpu_per_1k = cpu_between(cpu_before, cpu_after, total);
     let rss = vec![("alertmanager".to_string(), peer::peak_rss_mib(pid))];
     Ok(SideResult {
         latencies,
