@@ -16,8 +16,8 @@ use async_nats::{
     jetstream::{
         self,
         consumer::{pull, AckPolicy},
-        context::{PublishError, PublishErrorKind},
-        AckKind, ErrorCode,
+        context::PublishError,
+        AckKind,
     },
     Client,
 };
@@ -340,20 +340,7 @@ enum Stop {
 /// Sorts a publish failure: only a refusal the same message would get
 /// again is permanent.
 fn classify(e: &PublishError, cause: &Cause) -> Failure {
-    let permanent = match e.kind() {
-        PublishErrorKind::MaxPayloadExceeded => true,
-        PublishErrorKind::Other => std::error::Error::source(e)
-            .and_then(|s| s.downcast_ref::<jetstream::Error>())
-            .is_some_and(|js| {
-                matches!(
-                    js.error_code(),
-                    ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
-                        | ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM
-                )
-            }),
-        _ => false,
-    };
-    if permanent {
+    if tocsin_runtime::bus::too_large(e) {
         Failure::Permanent {
             reason: "refused",
             detail: e.to_string(),

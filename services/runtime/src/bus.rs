@@ -110,7 +110,7 @@ pub async fn store(
         .await;
         let (last, refused_at_once) = match tried {
             Ok(Ok(ack)) => return Ok(ack),
-            Ok(Err(e)) if hopeless(&e) => return Err(NotStored::Refused(e.to_string())),
+            Ok(Err(e)) if too_large(&e) => return Err(NotStored::Refused(e.to_string())),
             Ok(Err(e)) => (e.to_string(), true),
             Err(_) => (format!("no acknowledgement within {limit:?}"), false),
         };
@@ -130,10 +130,26 @@ pub async fn store(
     }
 }
 
-/// A refusal no later try can change.
-fn hopeless(e: &jetstream::context::PublishError) -> bool {
+/// The JetStream error code a publish was refused with (None: no answer,
+/// or one async-nats decoded into a kind of its own).
+pub fn refusal(e: &jetstream::context::PublishError) -> Option<jetstream::ErrorCode> {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+        .map(jetstream::Error::error_code)
+}
+
+/// Whether a publish was refused as too large: over the server's
+/// `max_payload`, or the stream's largest message or headers. No later try
+/// of the same message can change that.
+pub fn too_large(e: &jetstream::context::PublishError) -> bool {
     e.kind() == PublishErrorKind::MaxPayloadExceeded
-        || e.to_string().contains("message size exceeds maximum")
+        || matches!(
+            refusal(e),
+            Some(
+                jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+                    | jetstream::ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM
+            )
+        )
 }
 
 #[cfg(test)]

@@ -229,9 +229,9 @@ pub fn term_of(tenure: &str) -> Option<u64> {
 pub fn is_wrong_sequence(e: &PublishError) -> bool {
     match e.kind() {
         PublishErrorKind::WrongLastSequence => true,
-        PublishErrorKind::Other => std::error::Error::source(e)
-            .and_then(|s| s.downcast_ref::<jetstream::Error>())
-            .is_some_and(|js| js.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE),
+        PublishErrorKind::Other => {
+            crate::bus::refusal(e) == Some(jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE)
+        }
         _ => false,
     }
 }
@@ -241,12 +241,7 @@ pub fn is_wrong_sequence(e: &PublishError) -> bool {
 /// 10164, "wrong last sequence" without a sequence): the message may be
 /// sent again as it is.
 pub fn is_in_process(e: &PublishError) -> bool {
-    matches!(e.kind(), PublishErrorKind::Other)
-        && std::error::Error::source(e)
-            .and_then(|s| s.downcast_ref::<jetstream::Error>())
-            .is_some_and(|js| {
-                js.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
-            })
+    crate::bus::refusal(e) == Some(jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT)
 }
 
 /// How many times [`take`] reads and writes before it gives up (each

@@ -578,11 +578,8 @@ async fn publish_dead_letter(
         .message_id(format!("dlq:{stream}:{at}"));
     let sort = |e: PublishError| {
         let too_large = e.kind() == PublishErrorKind::MaxPayloadExceeded
-            || std::error::Error::source(&e)
-                .and_then(|s| s.downcast_ref::<jetstream::Error>())
-                .is_some_and(|j| {
-                    j.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
-                });
+            || crate::bus::refusal(&e)
+                == Some(jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM);
         if too_large {
             DeadLetterError::TooLarge(e.to_string())
         } else {
