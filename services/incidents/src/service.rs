@@ -6,7 +6,7 @@ use std::{
     collections::HashSet,
     path::Path,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, RwLock,
     },
     time::{Duration, Instant},
@@ -124,6 +124,9 @@ pub(crate) struct Service {
     /// This tenure's marker, which every entry names (see
     /// `tocsin_runtime::fence`); None outside a lease.
     fence: Mutex<Option<Fence>>,
+    /// A save was handed to the store's writer and what it holds may leave
+    /// memory once it is applied ([`Service::evict_saved`]).
+    evict_due: AtomicBool,
 }
 
 /// A batch's commands being answered and acknowledged, awaitable from
@@ -429,6 +432,7 @@ impl Service {
             abandoned: Mutex::new(HashSet::new()),
             careful_until: AtomicU64::new(0),
             careful_commands: AtomicU64::new(0),
+            evict_due: AtomicBool::new(false),
             finishing: AtomicU64::new(0),
             give_back: Mutex::new(Vec::new()),
             answering: Mutex::new(None),
@@ -635,20 +639,37 @@ impl Service {
         Ok(())
     }
 
+    /// Saves what changed to the local store: what the saves before it
+    /// hold may leave memory once they are applied
+    /// ([`Service::evict_saved`]), then this one's changes go to the
+    /// store's writer thread and deciding goes on while it applies them.
     fn save(&self, p: &mut Projection) {
+        self.evict_saved(p);
         // A failed save only costs a longer catch-up after a restart: the
         // stream has everything. Operators should still hear about it.
-        let saved = self
+        match self.store.save(p) {
+            Ok(()) => self.evict_due.store(true, Ordering::Relaxed),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot save the projection; it will be rebuilt from the stream on restart")
+            }
+        }
+    }
+
+    /// Once every save is applied (waiting for it), resolved incidents past
+    /// the reopen window and those beyond `max_in_memory` leave memory:
+    /// they are read back when an input touches them. Those changed since
+    /// the last save are in `dirty` and stay until saved.
+    fn evict_saved(&self, p: &mut Projection) {
+        self.evict_due.store(false, Ordering::Relaxed);
+        let applied = self
             .watchdog
             .during("saving the projection to the local store", || {
-                self.store.save(p)
+                self.store.applied()
             });
-        if let Err(e) = saved {
+        if let Err(e) = applied {
             tracing::error!(error = %e, "cannot save the projection; it will be rebuilt from the stream on restart");
             return;
         }
-        // Saved, so resolved incidents past the reopen window can leave
-        // memory: they are read back when an input touches them.
         let evicted = p.evict(keep_resolved_until(
             self.clock.now().min(p.inputs_at),
             self.core.reopen_window,
@@ -753,12 +774,20 @@ impl Service {
             );
             // How far ALERTS is handled: up to the cursor.
             let mut alerts_seq = resume.saturating_sub(1);
+            // What is reported as handled: up to the batch whose save is
+            // applied and whose incidents may have left memory (one batch
+            // behind while a save is on its way to the store), so a reader
+            // that waits for the service to settle sees it whole.
+            let mut shown = (alerts_seq, commands_seq);
             loop {
+                if !self.evict_due.load(Ordering::Relaxed) {
+                    shown = (alerts_seq, commands_seq);
+                }
                 // Every input read is handled and every timer due before
                 // `deadline` has fired, its entries written.
                 let deadline = self.next_deadline();
                 watermark.report(
-                    &[(STREAM_ALERTS, alerts_seq), (STREAM_COMMANDS, commands_seq)],
+                    &[(STREAM_ALERTS, shown.0), (STREAM_COMMANDS, shown.1)],
                     deadline,
                 );
                 tokio::select! {
@@ -766,6 +795,11 @@ impl Service {
                     _ = shutdown.cancelled() => break 'outer,
                     _ = self.answered(), if unanswered.is_some() => {
                         commands_seq = commands_seq.max(unanswered.take().unwrap_or(0));
+                    }
+                    // What the last save held leaves memory once the store
+                    // has it, also while no input comes to save again.
+                    _ = self.store.settled(), if self.evict_due.load(Ordering::Relaxed) => {
+                        self.evict_saved(&mut write(&self.proj));
                     }
                     // Timers before inputs: under a steady stream of alerts
                     // a snooze end or a missed heartbeat must still fire on
@@ -798,8 +832,12 @@ impl Service {
                                 }
                             }
                         }
+                        // This batch's save let what the one before it
+                        // held leave memory.
+                        let before = (alerts_seq, commands_seq);
                         match self.on_inputs(batch, &shutdown).await {
                             Some((a, c)) => {
+                                shown = before;
                                 alerts_seq = alerts_seq.max(a);
                                 unanswered = Some(unanswered.unwrap_or(0).max(c));
                             }
@@ -1495,9 +1533,9 @@ impl Service {
     /// incident, or it cannot be read; that way reads the stream).
     ///
     /// Loading back mid-batch is safe: nothing leaves memory before the
-    /// batch is saved, so an incident out of memory has no entry in
-    /// flight, and the store holds its state as of the save that evicted
-    /// it, which is its whole state.
+    /// save of its last change is applied, so an incident out of memory
+    /// has no entry in flight, and the store holds its state as of that
+    /// save, which is its whole state.
     fn decide_in_batch<T>(&self, decide: impl Fn(&Decider<'_>) -> T) -> Option<T> {
         // One input touches one incident; the bound is a guard.
         for _ in 0..4 {

@@ -8,11 +8,23 @@
 //! stored with them. sled is a cache of the INCIDENTS stream, never the
 //! record: if it is missing, unreadable or out of step with the stream, the
 //! service wipes it and rebuilds from the stream.
+//!
+//! A save encodes what changed and hands the batch to the store's writer
+//! thread, which applies the batches one after another in the order given:
+//! the service decides its next inputs meanwhile instead of waiting for
+//! sled (applying took about four fifths of a save, and a save about a
+//! seventh of the service's time at 1,000 new incidents a second). What
+//! reads the store (`load`, `incident`, `clear`, `flush`) first waits
+//! until every batch given is applied; [`Store::applied`] waits too and
+//! says whether they were. An incident is read back from the store only
+//! once it has left memory, and it leaves memory only after its last save
+//! is applied (the service evicts right after `applied`, before the next
+//! save).
 
 use std::{
     collections::{BTreeMap, VecDeque},
     path::Path,
-    sync::Arc,
+    sync::{mpsc, Arc, Condvar, Mutex},
 };
 
 use jiff::Timestamp;
@@ -40,6 +52,8 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("stored record {key} does not decode: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("the projection store's writer thread has stopped")]
+    WriterGone,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -77,6 +91,132 @@ struct Header {
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
+    writer: Arc<Writer>,
+}
+
+/// The thread that applies saved batches, in order. Dropping the last
+/// clone of the store ends it once it has applied what it was given, and
+/// waits for that, so the store can be opened again at once.
+struct Writer {
+    batches: Mutex<Option<mpsc::Sender<sled::Batch>>>,
+    progress: Arc<Progress>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.batches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// How far the writer is: batches given and applied, the first error of an
+/// apply not yet reported, and a signal for each one applied.
+#[derive(Default)]
+struct Progress {
+    counts: Mutex<Counts>,
+    applied: Condvar,
+    /// The same signal for a task ([`Store::settled`]).
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Counts {
+    given: u64,
+    applied: u64,
+    failed: Option<sled::Error>,
+    /// The thread ended (its last batch panicked, say): nothing given
+    /// after it is applied.
+    stopped: bool,
+}
+
+/// Marks the writer stopped however its thread ends, so no wait for it
+/// lasts for ever.
+struct Stopped(Arc<Progress>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.0.lock().stopped = true;
+        self.0.applied.notify_all();
+        self.0.wake.notify_one();
+    }
+}
+
+impl Progress {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Writer {
+    fn start(tree: sled::Tree) -> Result<Writer, StoreError> {
+        let (tx, rx) = mpsc::channel::<sled::Batch>();
+        let progress = Arc::new(Progress::default());
+        let theirs = progress.clone();
+        let thread = std::thread::Builder::new()
+            .name("incidents-store".into())
+            .spawn(move || {
+                let _stopped = Stopped(theirs.clone());
+                for batch in rx {
+                    let r = tree.apply_batch(batch);
+                    let mut c = theirs.lock();
+                    c.applied += 1;
+                    if let Err(e) = r {
+                        c.failed.get_or_insert(e);
+                    }
+                    drop(c);
+                    theirs.applied.notify_all();
+                    theirs.wake.notify_one();
+                }
+            })
+            .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        Ok(Writer {
+            batches: Mutex::new(Some(tx)),
+            progress,
+            thread: Some(thread),
+        })
+    }
+
+    fn give(&self, batch: sled::Batch) -> Result<(), StoreError> {
+        let tx = self.batches.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = tx.as_ref() else {
+            return Err(StoreError::WriterGone);
+        };
+        self.progress.lock().given += 1;
+        tx.send(batch).map_err(|_| {
+            self.progress.lock().given -= 1;
+            StoreError::WriterGone
+        })
+    }
+
+    /// Waits until every batch given is applied; takes the first error.
+    fn wait(&self) -> Result<(), StoreError> {
+        let mut c = self.settled();
+        match c.failed.take() {
+            Some(e) => Err(e.into()),
+            None if c.applied < c.given => Err(StoreError::WriterGone),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until every batch given is applied, or the thread stopped;
+    /// an error stays to be taken by [`Writer::wait`].
+    fn settled(&self) -> std::sync::MutexGuard<'_, Counts> {
+        let mut c = self.progress.lock();
+        while c.applied < c.given && !c.stopped {
+            c = self
+                .progress
+                .applied
+                .wait(c)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        c
+    }
 }
 
 /// sled's page cache (its own default is 1 GiB): incidents keeps what is
@@ -95,7 +235,30 @@ impl Store {
             .cache_capacity(CACHE_BYTES)
             .open()?;
         let tree = db.open_tree("projection")?;
-        Ok(Store { db, tree })
+        let writer = Arc::new(Writer::start(tree.clone())?);
+        Ok(Store { db, tree, writer })
+    }
+
+    /// Waits until every save given so far is applied; the first error of
+    /// one that failed since the last call, if any.
+    pub fn applied(&self) -> Result<(), StoreError> {
+        self.writer.wait()
+    }
+
+    /// Returns once every save given so far is applied (or the writer
+    /// stopped), without blocking the task's thread meanwhile.
+    pub async fn settled(&self) {
+        let progress = &self.writer.progress;
+        loop {
+            {
+                let c = progress.lock();
+                if c.applied >= c.given || c.stopped {
+                    return;
+                }
+            }
+            // A signal given since the check above is kept for this wait.
+            progress.wake.notified().await;
+        }
     }
 
     /// Loads the projection; an empty store gives an empty projection.
@@ -110,6 +273,9 @@ impl Store {
         max_in_memory: usize,
         inhibitor: Option<Arc<Inhibitor>>,
     ) -> Result<Projection, StoreError> {
+        // What was saved last is part of what is loaded (a failed save is
+        // reported by the next `applied`).
+        drop(self.writer.settled());
         let mut p = Projection::new();
         if let Some(i) = inhibitor {
             p.set_inhibitor(i);
@@ -192,6 +358,9 @@ impl Store {
 
     /// One stored incident (one that left memory), if the store has it.
     pub fn incident(&self, id: &Uuid) -> Result<Option<IncidentState>, StoreError> {
+        // Its last save is applied before it leaves memory; waiting here
+        // keeps a read of one still in memory from finding an older save.
+        drop(self.writer.settled());
         let Some(v) = self.tree.get(incident_key(id))? else {
             return Ok(None);
         };
@@ -216,7 +385,9 @@ impl Store {
         Ok(alerts)
     }
 
-    /// Writes what changed since the last save, with the cursors, atomically.
+    /// Hands what changed since the last save, with the cursors, to the
+    /// writer thread, to be applied atomically after the saves before it;
+    /// returns without waiting for it ([`Store::applied`] does).
     pub fn save(&self, p: &mut Projection) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for id in p.dirty.drain() {
@@ -251,20 +422,24 @@ impl Store {
             heartbeats: p.heartbeats.clone(),
         };
         batch.insert(META, encode(&meta));
-        self.tree.apply_batch(batch)?;
-        Ok(())
+        self.writer.give(batch)
     }
 
     /// Removes everything, the cursors first (see [`Store::load`]): for a
     /// projection started over from the stream, so no record of what the
     /// stream does not hold is read back at the next start.
     pub fn clear(&self) -> Result<(), StoreError> {
+        // A save still to be applied would write records back after it.
+        drop(self.writer.settled());
         self.tree.remove(META)?;
         self.tree.clear()?;
         Ok(())
     }
 
     pub async fn flush(&self) {
+        if let Err(e) = self.writer.wait() {
+            tracing::warn!(error = %e, "the last save of the projection store failed");
+        }
         if let Err(e) = self.db.flush_async().await {
             tracing::warn!(error = %e, "cannot flush the projection store");
         }
@@ -316,6 +491,7 @@ mod tests {
         let mut p = Projection::new();
         p.incidents_seq = 7;
         s.save(&mut p).unwrap();
+        s.applied().unwrap();
         s.tree.insert(b"s/left-over", b"a record".to_vec()).unwrap();
         // What a clear cut short after the cursors leaves: refused, so the
         // service wipes the store and rebuilds it from the stream.
@@ -330,6 +506,27 @@ mod tests {
         p.incidents_seq = 9;
         s.save(&mut p).unwrap();
         assert_eq!(load(&s).unwrap().incidents_seq, 9);
+    }
+
+    /// Saves return before sled has applied them; what reads the store
+    /// waits for them, they are applied in the order given, and a store
+    /// dropped right after a save holds it when opened again at once.
+    #[test]
+    fn saves_are_applied_in_order_before_the_store_is_read_or_opened_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let mut p = Projection::new();
+        for seq in 1..=200 {
+            p.incidents_seq = seq;
+            s.save(&mut p).unwrap();
+        }
+        assert_eq!(load(&s).unwrap().incidents_seq, 200);
+        p.incidents_seq = 201;
+        s.save(&mut p).unwrap();
+        drop(s);
+        let s = Store::open(dir.path()).expect("opened again at once");
+        assert_eq!(load(&s).unwrap().incidents_seq, 201);
+        s.applied().expect("nothing failed");
     }
 
     /// The messages of receipts an incident's entries are in are noted
