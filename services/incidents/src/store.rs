@@ -18,8 +18,8 @@
 //! until every batch given is applied; [`Store::applied`] waits too and
 //! says whether they were. An incident is read back from the store only
 //! once it has left memory, and it leaves memory only after its last save
-//! is applied (the service evicts right after `applied`, before the next
-//! save).
+//! is applied (the service evicts only once `applied` or `settled` says
+//! so: at the next save, or as soon as the writer is done).
 
 use std::{
     collections::{BTreeMap, VecDeque},
