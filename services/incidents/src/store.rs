@@ -147,6 +147,13 @@ impl Drop for Stopped {
     }
 }
 
+impl Counts {
+    /// Every batch given is applied, or none will be any more.
+    fn done(&self) -> bool {
+        self.applied >= self.given || self.stopped
+    }
+}
+
 impl Progress {
     fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
         self.counts.lock().unwrap_or_else(|e| e.into_inner())
@@ -208,7 +215,7 @@ impl Writer {
     /// an error stays to be taken by [`Writer::wait`].
     fn settled(&self) -> std::sync::MutexGuard<'_, Counts> {
         let mut c = self.progress.lock();
-        while c.applied < c.given && !c.stopped {
+        while !c.done() {
             c = self
                 .progress
                 .applied
@@ -250,11 +257,8 @@ impl Store {
     pub async fn settled(&self) {
         let progress = &self.writer.progress;
         loop {
-            {
-                let c = progress.lock();
-                if c.applied >= c.given || c.stopped {
-                    return;
-                }
+            if progress.lock().done() {
+                return;
             }
             // A signal given since the check above is kept for this wait.
             progress.wake.notified().await;
