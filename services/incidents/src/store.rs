@@ -123,6 +123,9 @@ struct Progress {
     applied: Condvar,
     /// The same signal for a task ([`Store::settled`]).
     wake: tokio::sync::Notify,
+    /// Tests: the next apply fails as a full or failing disk would.
+    #[cfg(test)]
+    fail_next: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -158,6 +161,18 @@ impl Progress {
     fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
         self.counts.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Applies `batch` to `tree` (in tests, fails if told to).
+    fn apply(&self, tree: &sled::Tree, batch: sled::Batch) -> Result<(), sled::Error> {
+        #[cfg(test)]
+        if self
+            .fail_next
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(sled::Error::Io(std::io::Error::other("injected")));
+        }
+        tree.apply_batch(batch)
+    }
 }
 
 impl Writer {
@@ -170,7 +185,7 @@ impl Writer {
             .spawn(move || {
                 let _stopped = Stopped(theirs.clone());
                 for batch in rx {
-                    let r = tree.apply_batch(batch);
+                    let r = theirs.apply(&tree, batch);
                     let mut c = theirs.lock();
                     c.applied += 1;
                     if let Err(e) = r {
@@ -244,6 +259,15 @@ impl Store {
         let tree = db.open_tree("projection")?;
         let writer = Arc::new(Writer::start(tree.clone())?);
         Ok(Store { db, tree, writer })
+    }
+
+    /// Tests: sled fails to apply the next save given.
+    #[cfg(test)]
+    fn fail_next_apply(&self) {
+        self.writer
+            .progress
+            .fail_next
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Waits until every save given so far is applied; the first error of
@@ -531,6 +555,53 @@ mod tests {
         let s = Store::open(dir.path()).expect("opened again at once");
         assert_eq!(load(&s).unwrap().incidents_seq, 201);
         s.applied().expect("nothing failed");
+    }
+
+    /// A save sled could not apply leaves the store at the last save it
+    /// did apply: no later save is applied over it (their cursors would
+    /// claim the lost changes), and every later `applied` says so, so the
+    /// service evicts nothing it could only read back as it was before.
+    #[test]
+    fn after_a_failed_save_no_later_save_is_applied_and_the_failure_stays_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let id = Uuid::from_u128(7);
+        let mut p = Projection::new();
+        p.insert_loaded(IncidentState {
+            summary: IncidentSummary::new(id, 1, "k", "opened", Timestamp::UNIX_EPOCH),
+            alerts: BTreeMap::new(),
+            commands: VecDeque::new(),
+            batches: VecDeque::new(),
+            tally: Default::default(),
+        });
+        p.dirty.insert(id);
+        p.incidents_seq = 1;
+        s.save(&mut p).unwrap();
+        s.applied().expect("the first save is applied");
+
+        // The incident changes; sled fails to apply that save.
+        p.incidents.get_mut(&id).unwrap().summary.title = "changed".into();
+        p.dirty.insert(id);
+        p.incidents_seq = 2;
+        s.fail_next_apply();
+        s.save(&mut p).unwrap();
+        assert!(s.applied().is_err(), "the failed save is reported");
+
+        // Later saves, with later cursors, change nothing stored.
+        p.incidents_seq = 3;
+        s.save(&mut p).unwrap();
+        assert!(
+            s.applied().is_err(),
+            "the store stays out of step until the service starts again"
+        );
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        let loaded = load(&s).unwrap();
+        assert_eq!(
+            loaded.incidents_seq, 1,
+            "the cursor is that of the last save applied whole"
+        );
+        assert_eq!(loaded.incidents[&id].summary.title, "opened");
     }
 
     /// The messages of receipts an incident's entries are in are noted
