@@ -52,7 +52,7 @@ use crate::{
     error::IncidentsError,
     events::{IncidentsEvent, IncidentsMetrics},
     limits::Limits,
-    store::Store,
+    store::{Store, StoreError},
 };
 
 /// How long the INCIDENTS stream may be missing at start-up before it is
@@ -666,9 +666,19 @@ impl Service {
             .during("saving the projection to the local store", || {
                 self.store.applied()
             });
-        if let Err(e) = applied {
-            tracing::error!(error = %e, "cannot save the projection; it will be rebuilt from the stream on restart");
-            return;
+        match applied {
+            Ok(()) => {}
+            // Reported when it failed: nothing leaves memory from then on.
+            Err(StoreError::OutOfStep) => return,
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    "the local store failed to apply a save: no later save is applied and no \
+                     incident leaves memory until the service restarts, which reads the store \
+                     as the last save applied left it and catches up on the INCIDENTS stream"
+                );
+                return;
+            }
         }
         let evicted = p.evict(keep_resolved_until(
             self.clock.now().min(p.inputs_at),

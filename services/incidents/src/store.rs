@@ -20,6 +20,13 @@
 //! once it has left memory, and it leaves memory only after its last save
 //! is applied (the service evicts only once `applied` or `settled` says
 //! so: at the next save, or as soon as the writer is done).
+//!
+//! A save sled fails to apply (a full or failing disk) is reported, and no
+//! save after it is applied: the store keeps the last state applied whole,
+//! with its own cursors, from which a restart catches up on the stream
+//! (later batches would have written cursors claiming the lost changes).
+//! Until then `applied` keeps failing, so nothing leaves memory that could
+//! only be read back as it was before the failure.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -54,6 +61,12 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("the projection store's writer thread has stopped")]
     WriterGone,
+    #[error(
+        "an earlier save of the projection store failed: no save is applied since, \
+         so the store holds the state of the last one applied; restart the service \
+         to catch up from there on the INCIDENTS stream"
+    )]
+    OutOfStep,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -133,6 +146,11 @@ struct Counts {
     given: u64,
     applied: u64,
     failed: Option<sled::Error>,
+    /// An apply failed: every batch given since is dropped unapplied, so
+    /// the store stays as the last one applied left it, whole and with
+    /// its own cursors (a later batch's cursors would claim the lost
+    /// changes). For the rest of the process's life.
+    out_of_step: bool,
     /// The thread ended (its last batch panicked, say): nothing given
     /// after it is applied.
     stopped: bool,
@@ -185,11 +203,17 @@ impl Writer {
             .spawn(move || {
                 let _stopped = Stopped(theirs.clone());
                 for batch in rx {
-                    let r = theirs.apply(&tree, batch);
+                    let out_of_step = theirs.lock().out_of_step;
+                    let r = if out_of_step {
+                        Ok(())
+                    } else {
+                        theirs.apply(&tree, batch)
+                    };
                     let mut c = theirs.lock();
                     c.applied += 1;
                     if let Err(e) = r {
                         c.failed.get_or_insert(e);
+                        c.out_of_step = true;
                     }
                     drop(c);
                     theirs.applied.notify_all();
@@ -216,11 +240,13 @@ impl Writer {
         })
     }
 
-    /// Waits until every batch given is applied; takes the first error.
+    /// Waits until every batch given is applied; takes the first error,
+    /// then says [`StoreError::OutOfStep`] every time after it.
     fn wait(&self) -> Result<(), StoreError> {
         let mut c = self.settled();
         match c.failed.take() {
             Some(e) => Err(e.into()),
+            None if c.out_of_step => Err(StoreError::OutOfStep),
             None if c.applied < c.given => Err(StoreError::WriterGone),
             None => Ok(()),
         }
@@ -271,7 +297,11 @@ impl Store {
     }
 
     /// Waits until every save given so far is applied; the first error of
-    /// one that failed since the last call, if any.
+    /// one that failed since the last call, if any, and once a save has
+    /// failed [`StoreError::OutOfStep`] (no save is applied after it: the
+    /// store holds the state and cursors of the last save applied, an
+    /// incident changed since is only right in memory, so none may leave
+    /// it).
     pub fn applied(&self) -> Result<(), StoreError> {
         self.writer.wait()
     }
@@ -417,6 +447,13 @@ impl Store {
     /// writer thread, to be applied atomically after the saves before it;
     /// returns without waiting for it ([`Store::applied`] does).
     pub fn save(&self, p: &mut Projection) -> Result<(), StoreError> {
+        if self.writer.progress.lock().out_of_step {
+            // Dropped unapplied anyway (see `Counts::out_of_step`).
+            p.dirty.clear();
+            p.dirty_alerts.clear();
+            p.dirty_silences.clear();
+            return Ok(());
+        }
         let mut batch = sled::Batch::default();
         for id in p.dirty.drain() {
             if let Some(st) = p.incidents.get(&id) {
