@@ -58,6 +58,13 @@ pub struct AllArgs {
     /// groups, as Prometheus sends alerts to Alertmanager).
     #[arg(long)]
     storm_grouped: bool,
+    /// Alert to page: also print per phase where an alert's time went
+    /// (answered by ingest, its INCIDENTS entry, its NOTIFY page, the
+    /// webhook), seen by a core NATS subscription of the bench on
+    /// `tocsin.incidents.>` and `tocsin.notify.>` (which costs nats-server
+    /// a delivery per message more).
+    #[arg(long)]
+    stage_times: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -254,7 +261,7 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
     if run(Scenario::AlertToPage) {
         let t = Instant::now();
         println!("== alert to page: separate processes vs Alertmanager");
-        outcomes.push(super::page_path::page_path(quick, reps).await?);
+        outcomes.push(super::page_path::page_path(quick, reps, args.stage_times).await?);
         took.push(("alert-to-page", t.elapsed()));
         println!();
     }

@@ -253,7 +253,12 @@
 //!   stored per alert, by stream (last-sequence deltas over the run), and
 //!   per phase the share of time the incidents service spent on each stage
 //!   of its input batches (`tocsin_incidents_busy_seconds_total`, sampled
-//!   every 250 ms).
+//!   every 250 ms). With `--stage-times`, per phase where an alert's time
+//!   went (p50/p99 of each stage): the request answered (ingest stored
+//!   it), then the first INCIDENTS message and the first NOTIFY message
+//!   naming it (a core NATS subscription of the bench on their subjects;
+//!   the alert's id is a string in the MessagePack payload), then the
+//!   webhook at the receiver.
 //! - **recovery** (no peer; fresh processes per repetition): the
 //!   alert→page processes and config; 100,000 alerts (`--quick` 5,000;
 //!   `--incidents N`), each a new incident (its own `bench_id`), 100 per

@@ -241,7 +241,7 @@ async fn drive(
     phases: &[Phase],
     run: &str,
     check: &mut dyn FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<(Vec<Vec<Duration>>, Vec<f64>, usize, usize, Vec<String>)> {
+) -> anyhow::Result<Driven> {
     let client = reqwest::Client::builder()
         .http1_only()
         .tcp_nodelay(true)
@@ -270,7 +270,7 @@ async fn drive(
             handles.push(tokio::spawn(async move {
                 let sent = Instant::now();
                 let r = send_as_alertmanager_does(req).await;
-                (pi, sent, r)
+                (pi, sent, r, Instant::now())
             }));
             n += 1;
         }
@@ -285,11 +285,13 @@ async fn drive(
     }
     let sending_ended = Instant::now();
     let mut sent: Vec<(usize, Instant)> = Vec::with_capacity(total);
+    let mut answered: Vec<Instant> = Vec::with_capacity(total);
     let mut failed = Vec::new();
     let mut retried = 0usize;
     for (i, h) in handles.into_iter().enumerate() {
-        let (pi, at, r) = h.await?;
+        let (pi, at, r, answered_at) = h.await?;
         sent.push((pi, at));
+        answered.push(answered_at);
         match r {
             Ok(0) => {}
             Ok(_) => retried += 1,
@@ -341,7 +343,14 @@ async fn drive(
     let mut last_page = vec![None::<Instant>; phases.len()];
     let mut paged = vec![0usize; phases.len()];
     let (mut lost, mut duplicated) = (0, 0);
+    let mut timings = Vec::with_capacity(total);
     for (k, (pi, at)) in sent.iter().enumerate() {
+        timings.push(Timing {
+            phase: *pi,
+            sent: *at,
+            answered: answered[k],
+            paged: got.get(&k).and_then(|t| t.iter().min().copied()),
+        });
         match got.get(&k) {
             Some(times) => {
                 let first = *times.iter().min().expect("non-empty");
@@ -368,7 +377,147 @@ async fn drive(
             None => 0.0,
         })
         .collect();
-    Ok((latencies, pages_per_s, lost, duplicated, failed))
+    Ok(Driven {
+        latencies,
+        pages_per_s,
+        lost,
+        duplicated,
+        failed,
+        timings,
+    })
+}
+
+/// What [`drive`] measured.
+struct Driven {
+    /// Per phase, sorted.
+    latencies: Vec<Vec<Duration>>,
+    pages_per_s: Vec<f64>,
+    lost: usize,
+    duplicated: usize,
+    failed: Vec<String>,
+    /// Per alert, in the order sent.
+    timings: Vec<Timing>,
+}
+
+/// One alert's way: sent, answered (stored by ingest), its first page at
+/// the receiver.
+struct Timing {
+    phase: usize,
+    sent: Instant,
+    answered: Instant,
+    paged: Option<Instant>,
+}
+
+/// A core NATS subscription of the bench on INCIDENTS' and NOTIFY's
+/// subjects that notes when the first message naming each alert (its
+/// `run-n` id, a string in the MessagePack payload: the incident's labels)
+/// went by on each (`--stage-times`).
+struct StageTap {
+    /// Alert number -> first seen on [INCIDENTS, NOTIFY].
+    seen: Arc<std::sync::Mutex<HashMap<usize, [Option<Instant>; 2]>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StageTap {
+    async fn start(nats_url: &str, run: &str) -> anyhow::Result<StageTap> {
+        use futures::StreamExt as _;
+        let client = tocsin_tests::nats::connect_url(nats_url).await?;
+        let mut incidents = client.subscribe("tocsin.incidents.>").await?;
+        let mut notify = client.subscribe("tocsin.notify.>").await?;
+        client.flush().await?;
+        let seen: Arc<std::sync::Mutex<HashMap<usize, [Option<Instant>; 2]>>> = Arc::default();
+        let theirs = seen.clone();
+        let prefix = format!("{run}-").into_bytes();
+        let task = tokio::spawn(async move {
+            let _client = client;
+            loop {
+                let (stage, msg) = tokio::select! {
+                    Some(m) = incidents.next() => (0, m),
+                    Some(m) = notify.next() => (1, m),
+                    else => break,
+                };
+                let at = Instant::now();
+                let ids = numbers_after(&msg.payload, &prefix);
+                let mut seen = theirs.lock().unwrap_or_else(|e| e.into_inner());
+                for k in ids {
+                    seen.entry(k).or_default()[stage].get_or_insert(at);
+                }
+            }
+        });
+        Ok(StageTap { seen, task })
+    }
+
+    /// Per phase, the stages' p50 / p99 (ms) over the alerts seen at every
+    /// stage, as one line each.
+    fn report(self, phases: &[Phase], timings: &[Timing]) -> Vec<String> {
+        self.task.abort();
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for (pi, phase) in phases.iter().enumerate() {
+            let mut stages: [Vec<Duration>; 4] = Default::default();
+            for (k, t) in timings.iter().enumerate() {
+                if t.phase != pi {
+                    continue;
+                }
+                let (Some([Some(entry), Some(page)]), Some(paged)) = (seen.get(&k), t.paged) else {
+                    continue;
+                };
+                stages[0].push(t.answered.saturating_duration_since(t.sent));
+                stages[1].push(entry.saturating_duration_since(t.answered));
+                stages[2].push(page.saturating_duration_since(*entry));
+                stages[3].push(paged.saturating_duration_since(*page));
+            }
+            let n = stages[0].len();
+            let parts: Vec<String> = stages
+                .iter_mut()
+                .zip([
+                    "request answered (ingest stored it)",
+                    "-> INCIDENTS entry",
+                    "-> NOTIFY page",
+                    "-> webhook",
+                ])
+                .map(|(d, name)| {
+                    d.sort_unstable();
+                    format!(
+                        "{name} p50 {} p99 {}",
+                        ms(percentile(d, 0.50)),
+                        ms(percentile(d, 0.99))
+                    )
+                })
+                .collect();
+            out.push(format!(
+                "{}/s ({n} alerts seen at every stage): {}",
+                phase.rate,
+                parts.join(", ")
+            ));
+        }
+        out
+    }
+}
+
+/// The numbers n of every `<prefix>n` in `bytes`.
+fn numbers_after(bytes: &[u8], prefix: &[u8]) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i + prefix.len() <= bytes.len() {
+        if &bytes[i..i + prefix.len()] == prefix {
+            let start = i + prefix.len();
+            let end = bytes[start..]
+                .iter()
+                .position(|b| !b.is_ascii_digit())
+                .map_or(bytes.len(), |p| start + p);
+            if let Some(n) = std::str::from_utf8(&bytes[start..end])
+                .ok()
+                .and_then(|s| s.parse().ok())
+            {
+                out.push(n);
+            }
+            i = end.max(i + 1);
+        } else {
+            i += 1;
+        }
+    }
+    out
 }
 
 /// How long a sender keeps retrying one request refused for load.
@@ -819,8 +968,12 @@ impl Harness {
 }
 
 /// One Tocsin repetition: fresh nats-server, processes, data.
-async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> {
+async fn tocsin_side(phases: &[Phase], run: &str, stage_times: bool) -> anyhow::Result<SideResult> {
     let (receiver, mut stack, target) = tocsin_peer("", "", run).await?;
+    let tap = match stage_times {
+        true => Some(StageTap::start(&stack.nats.url(), run).await?),
+        false => None,
+    };
     let pids = stack.pids();
     let js = async_nats::jetstream::new(tocsin_tests::nats::connect_url(&stack.nats.url()).await?);
     let writes_before = stream_writes(&js).await?;
@@ -828,11 +981,23 @@ async fn tocsin_side(phases: &[Phase], run: &str) -> anyhow::Result<SideResult> 
     let each_before: Vec<Option<u64>> = pids.iter().map(|p| peer::cpu_ticks(*p)).collect();
     let busy = BusySampler::start(stack.admin_url("incidents")?);
     let harness = Harness::start();
-    let (latencies, pages_per_s, lost, duplicated, failed) = {
+    let Driven {
+        latencies,
+        pages_per_s,
+        lost,
+        duplicated,
+        failed,
+        timings,
+    } = {
         let mut check = || stack.check();
         drive("Tocsin", &target, &receiver, phases, run, &mut check).await?
     };
     harness.report("Tocsin", phases);
+    if let Some(tap) = tap {
+        for line in tap.report(phases, &timings) {
+            println!("  Tocsin: where the time went at {line}");
+        }
+    }
     println!(
         "  Tocsin: the incidents service's time by stage, per phase (stored: waiting for JetStream's synced writes of its entries): {}",
         busy.stop(phases).await
@@ -1008,7 +1173,14 @@ async fn alertmanager_side(phases: &[Phase], run: &str) -> anyhow::Result<SideRe
     let pid = Some(am.proc.pid());
     let cpu_before = peer::cpu_ticks(pid);
     let harness = Harness::start();
-    let (latencies, pages_per_s, lost, duplicated, failed) = {
+    let Driven {
+        latencies,
+        pages_per_s,
+        lost,
+        duplicated,
+        failed,
+        ..
+    } = {
         let proc = &mut am.proc;
         let mut check = || proc.check_running();
         drive("Alertmanager", &target, &receiver, phases, run, &mut check).await?
@@ -1057,7 +1229,7 @@ fn print_side(rep: usize, side: &str, phases: &[Phase], r: &SideResult) {
 }
 
 /// Item 3: alert to page, Tocsin as separate processes vs Alertmanager.
-pub async fn page_path(quick: bool, reps: u32) -> anyhow::Result<Outcome> {
+pub async fn page_path(quick: bool, reps: u32, stage_times: bool) -> anyhow::Result<Outcome> {
     let phases = if quick {
         [
             Phase {
@@ -1158,7 +1330,10 @@ pub async fn page_path(quick: bool, reps: u32) -> anyhow::Result<Outcome> {
         };
         for tocsin in order {
             let (side, r) = if tocsin {
-                ("Tocsin", tocsin_side(&phases, &format!("{run}t")).await?)
+                (
+                    "Tocsin",
+                    tocsin_side(&phases, &format!("{run}t"), stage_times).await?,
+                )
             } else {
                 (
                     "Alertmanager",
