@@ -4,7 +4,7 @@
 use std::{collections::HashSet, path::Path, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, consumer::pull};
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use jiff::Timestamp;
 use tocsin_proto::{
     codec::{self, decode_entries},
@@ -523,9 +523,35 @@ impl Service {
                     }
                     m = msgs.next() => match m {
                         Some(Ok(msg)) => {
-                            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-                            let (changed, _) = self.apply(&msg.subject, &msg.payload, seq)?;
+                            // The entries already here are applied with it
+                            // and saved once: a save per entry took a sixth
+                            // of the loop's time at 1,000 new incidents a
+                            // second (17,000 saves in 30 s).
+                            let mut changed = Vec::new();
+                            let mut next = Some(msg);
+                            let mut applied = 0usize;
+                            let mut ended = false;
+                            while let Some(msg) = next.take() {
+                                let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                                let (c, entries) = self.apply(&msg.subject, &msg.payload, seq)?;
+                                changed.extend(c);
+                                applied += entries;
+                                if applied >= SAVE_EVERY {
+                                    break;
+                                }
+                                match msgs.next().now_or_never() {
+                                    Some(Some(Ok(m))) => next = Some(m),
+                                    Some(Some(Err(e))) => {
+                                        tracing::warn!(error = %e, "INCIDENTS consumer error")
+                                    }
+                                    Some(None) => ended = true,
+                                    None => {}
+                                }
+                            }
                             self.save(&changed);
+                            if ended {
+                                continue 'outer;
+                            }
                         }
                         Some(Err(e)) => tracing::warn!(error = %e, "INCIDENTS consumer error"),
                         None => continue 'outer,
