@@ -35,6 +35,7 @@ pub struct IncidentsMetrics {
     evicted: Counter,
     restored: Counter,
     write_failures: Counter,
+    store_out_of_step: Gauge,
     latency: Histogram,
     busy: Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>>,
     time_to_ack: ResponseHistograms,
@@ -61,6 +62,7 @@ impl IncidentsMetrics {
             evicted: Counter::default(),
             restored: Counter::default(),
             write_failures: Counter::default(),
+            store_out_of_step: Gauge::default(),
             latency: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
             busy: Family::default(),
             time_to_ack: Family::new_with_constructor(response_histogram),
@@ -122,6 +124,13 @@ impl IncidentsMetrics {
             "Writes to the INCIDENTS stream that failed (not acknowledged, refused or timed out); \
              each is decided again from what the stream stored and retried",
             s.write_failures.clone(),
+        );
+        m.register(
+            "tocsin_incidents_store_out_of_step",
+            "1 once a save to the local store failed: no later save is applied and no \
+             incident leaves memory until the service restarts (which catches up on the \
+             INCIDENTS stream from the last save applied)",
+            s.store_out_of_step.clone(),
         );
         m.register(
             "tocsin_incidents_alert_latency_seconds",
@@ -200,6 +209,11 @@ pub(crate) enum IncidentsEvent<'a> {
         message: &'a str,
     },
     PublishFailed {
+        error: &'a str,
+    },
+    /// The local store failed to apply a save: it keeps the last state
+    /// applied, and nothing leaves memory until a restart.
+    StoreOutOfStep {
         error: &'a str,
     },
     /// An incident was acknowledged (`resolved` false) or resolved, this
@@ -323,6 +337,15 @@ impl IncidentsEvent<'_> {
                 m.write_failures.inc();
                 tracing::warn!(error, "cannot write to the INCIDENTS stream; retrying");
             }
+            IncidentsEvent::StoreOutOfStep { error } => {
+                m.store_out_of_step.set(1);
+                tracing::error!(
+                    error,
+                    "the local store failed to apply a save: no later save is applied and no \
+                     incident leaves memory until the service restarts, which reads the store \
+                     as the last save applied left it and catches up on the INCIDENTS stream"
+                );
+            }
             IncidentsEvent::ResponseTime {
                 resolved,
                 service,
@@ -350,5 +373,28 @@ impl IncidentsEvent<'_> {
                     .observe(seconds);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed save of the local store shows on /metrics until a restart.
+    #[test]
+    fn a_store_out_of_step_shows_on_the_metrics() {
+        let metrics = Metrics::new();
+        let m = IncidentsMetrics::register(&metrics);
+        assert!(
+            metrics
+                .encode()
+                .contains("tocsin_incidents_store_out_of_step 0"),
+            "{}",
+            metrics.encode()
+        );
+        IncidentsEvent::StoreOutOfStep { error: "sled: io" }.emit(&m);
+        assert!(metrics
+            .encode()
+            .contains("tocsin_incidents_store_out_of_step 1"));
     }
 }

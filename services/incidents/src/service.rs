@@ -671,11 +671,15 @@ impl Service {
             // Reported when it failed: nothing leaves memory from then on.
             Err(StoreError::OutOfStep) => return,
             Err(e) => {
-                tracing::error!(
-                    error = %e,
-                    "the local store failed to apply a save: no later save is applied and no \
-                     incident leaves memory until the service restarts, which reads the store \
-                     as the last save applied left it and catches up on the INCIDENTS stream"
+                IncidentsEvent::StoreOutOfStep {
+                    error: &e.to_string(),
+                }
+                .emit(&self.metrics);
+                // Shown in /readyz beside the checks (it does not fail
+                // readiness: deciding goes on, memory is what grows).
+                self.health.set_passing(
+                    "incidents_store",
+                    format!("out of step since a failed save ({e}); restart the service"),
                 );
                 return;
             }
