@@ -649,10 +649,23 @@ impl Service {
         // stream has everything. Operators should still hear about it.
         match self.store.save(p) {
             Ok(()) => self.evict_due.store(true, Ordering::Relaxed),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot save the projection; it will be rebuilt from the stream on restart")
-            }
+            Err(e) => self.store_out_of_step(&e),
         }
+    }
+
+    /// Reports that the local store takes no more saves (once: later
+    /// calls find it `OutOfStep`): on /metrics, and in /readyz beside the
+    /// checks (it does not fail readiness: deciding goes on, memory is
+    /// what grows).
+    fn store_out_of_step(&self, e: &StoreError) {
+        IncidentsEvent::StoreOutOfStep {
+            error: &e.to_string(),
+        }
+        .emit(&self.metrics);
+        self.health.set_passing(
+            "incidents_store",
+            format!("out of step since a failed save ({e}); restart the service"),
+        );
     }
 
     /// Once every save is applied (waiting for it), resolved incidents past
@@ -671,16 +684,7 @@ impl Service {
             // Reported when it failed: nothing leaves memory from then on.
             Err(StoreError::OutOfStep) => return,
             Err(e) => {
-                IncidentsEvent::StoreOutOfStep {
-                    error: &e.to_string(),
-                }
-                .emit(&self.metrics);
-                // Shown in /readyz beside the checks (it does not fail
-                // readiness: deciding goes on, memory is what grows).
-                self.health.set_passing(
-                    "incidents_store",
-                    format!("out of step since a failed save ({e}); restart the service"),
-                );
+                self.store_out_of_step(&e);
                 return;
             }
         }

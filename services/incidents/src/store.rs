@@ -145,8 +145,8 @@ struct Progress {
 struct Counts {
     given: u64,
     applied: u64,
-    failed: Option<sled::Error>,
-    /// An apply failed: every batch given since is dropped unapplied, so
+    failed: Option<StoreError>,
+    /// An apply failed, or the thread ended with batches to apply: every batch given since is dropped unapplied, so
     /// the store stays as the last one applied left it, whole and with
     /// its own cursors (a later batch's cursors would claim the lost
     /// changes). For the rest of the process's life.
@@ -162,7 +162,15 @@ struct Stopped(Arc<Progress>);
 
 impl Drop for Stopped {
     fn drop(&mut self) {
-        self.0.lock().stopped = true;
+        let mut c = self.0.lock();
+        c.stopped = true;
+        // Ended by a panic: what it was given is not applied, as after a
+        // failed apply.
+        if std::thread::panicking() {
+            c.failed.get_or_insert(StoreError::WriterGone);
+            c.out_of_step = true;
+        }
+        drop(c);
         self.0.applied.notify_all();
         self.0.wake.notify_one();
     }
@@ -212,7 +220,7 @@ impl Writer {
                     let mut c = theirs.lock();
                     c.applied += 1;
                     if let Err(e) = r {
-                        c.failed.get_or_insert(e);
+                        c.failed.get_or_insert(e.into());
                         c.out_of_step = true;
                     }
                     drop(c);
@@ -245,9 +253,8 @@ impl Writer {
     fn wait(&self) -> Result<(), StoreError> {
         let mut c = self.settled();
         match c.failed.take() {
-            Some(e) => Err(e.into()),
+            Some(e) => Err(e),
             None if c.out_of_step => Err(StoreError::OutOfStep),
-            None if c.applied < c.given => Err(StoreError::WriterGone),
             None => Ok(()),
         }
     }

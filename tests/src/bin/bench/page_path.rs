@@ -284,14 +284,12 @@ async fn drive(
         );
     }
     let sending_ended = Instant::now();
-    let mut sent: Vec<(usize, Instant)> = Vec::with_capacity(total);
-    let mut answered: Vec<Instant> = Vec::with_capacity(total);
+    let mut sent: Vec<(usize, Instant, Instant)> = Vec::with_capacity(total);
     let mut failed = Vec::new();
     let mut retried = 0usize;
     for (i, h) in handles.into_iter().enumerate() {
         let (pi, at, r, answered_at) = h.await?;
-        sent.push((pi, at));
-        answered.push(answered_at);
+        sent.push((pi, at, answered_at));
         match r {
             Ok(0) => {}
             Ok(_) => retried += 1,
@@ -344,16 +342,16 @@ async fn drive(
     let mut paged = vec![0usize; phases.len()];
     let (mut lost, mut duplicated) = (0, 0);
     let mut timings = Vec::with_capacity(total);
-    for (k, (pi, at)) in sent.iter().enumerate() {
+    for (k, (pi, at, answered)) in sent.iter().enumerate() {
+        let first = got.get(&k).and_then(|t| t.iter().min().copied());
         timings.push(Timing {
             phase: *pi,
             sent: *at,
-            answered: answered[k],
-            paged: got.get(&k).and_then(|t| t.iter().min().copied()),
+            answered: *answered,
+            paged: first,
         });
-        match got.get(&k) {
-            Some(times) => {
-                let first = *times.iter().min().expect("non-empty");
+        match (got.get(&k), first) {
+            (Some(times), Some(first)) => {
                 latencies[*pi].push(first.saturating_duration_since(*at));
                 paged[*pi] += 1;
                 last_page[*pi] = Some(last_page[*pi].map_or(first, |l: Instant| l.max(first)));
@@ -361,7 +359,8 @@ async fn drive(
                     duplicated += times.len() - 1;
                 }
             }
-            None => lost += 1,
+            // Every alert in `got` has a page time.
+            _ => lost += 1,
         }
     }
     let unknown: usize = got.keys().filter(|k| **k >= total).count();
