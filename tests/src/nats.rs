@@ -98,6 +98,8 @@ pub struct NatsServer {
     cluster: Option<ClusterNode>,
     /// The permissions file's text, when a test changed the shipped one.
     permissions: Option<String>,
+    /// The monitoring port (`/connz` and the rest), when asked for.
+    monitor: Option<u16>,
 }
 
 /// What makes a server one node of a [`NatsCluster`].
@@ -119,6 +121,23 @@ impl NatsServer {
     /// `deploy/nats/permissions.conf` (a user whose permissions predate a
     /// subject, say).
     pub async fn start_with_permissions(edit: impl FnOnce(&str) -> String) -> NatsServer {
+        Self::start_with(edit, None).await
+    }
+
+    /// [`NatsServer::start`] with nats-server's monitoring endpoint on
+    /// loopback (the bench reads every client's message counts from
+    /// `/connz`): [`NatsServer::monitor_url`].
+    pub async fn start_monitored() -> NatsServer {
+        Self::start_with(|shipped| shipped.to_string(), Some(free_port())).await
+    }
+
+    /// `http://127.0.0.1:<port>` of the monitoring endpoint, when started
+    /// with one.
+    pub fn monitor_url(&self) -> Option<String> {
+        self.monitor.map(|p| format!("http://127.0.0.1:{p}"))
+    }
+
+    async fn start_with(edit: impl FnOnce(&str) -> String, monitor: Option<u16>) -> NatsServer {
         // Every test starts here: HTTP clients need the TLS provider set.
         tocsin_runtime::install_crypto();
         let bin = nats_server_bin().unwrap_or_else(|e| panic!("{e}"));
@@ -134,6 +153,7 @@ impl NatsServer {
             passwords: new_passwords(),
             cluster: None,
             permissions: None,
+            monitor,
         };
         let shipped = std::fs::read_to_string(permissions_file()).expect("read permissions.conf");
         let edited = edit(&shipped);
@@ -282,7 +302,11 @@ impl NatsServer {
             format!(
                 "host: 127.0.0.1\nport: {port}\nports_file_dir: \"{ports}\"\n\
                  jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n\
-                 authorization {{\n  include ./permissions.conf\n  timeout: 10\n}}\n{cluster}",
+                 authorization {{\n  include ./permissions.conf\n  timeout: 10\n}}\n{cluster}{monitor}",
+                monitor = self
+                    .monitor
+                    .map(|p| format!("http: \"127.0.0.1:{p}\"\n"))
+                    .unwrap_or_default(),
                 ports = d.display(),
                 store = d.join("js").display(),
             ),
@@ -421,6 +445,7 @@ impl NatsCluster {
                     routes: routes.clone(),
                 }),
                 permissions: None,
+                monitor: None,
             };
             node.spawn(*client);
             nodes.push(node);

@@ -607,7 +607,7 @@ impl TocsinStack {
         top_extra: &str,
     ) -> anyhow::Result<TocsinStack> {
         let bin = tocsin_bin()?;
-        let nats = NatsServer::start().await;
+        let nats = NatsServer::start_monitored().await;
         let nats_pid = super::nats_server_pid(&nats);
         // TOCSIN_BENCH_KEEP=1 keeps the processes' logs and data (the
         // folder is printed) to look at after the run.
@@ -976,6 +976,7 @@ async fn tocsin_side(phases: &[Phase], run: &str, stage_times: bool) -> anyhow::
     let pids = stack.pids();
     let js = async_nats::jetstream::new(tocsin_tests::nats::connect_url(&stack.nats.url()).await?);
     let writes_before = stream_writes(&js).await?;
+    let clients_before = client_messages(&stack.nats).await;
     let cpu_before = peer::cpu_ticks_of(&pids);
     let each_before: Vec<Option<u64>> = pids.iter().map(|p| peer::cpu_ticks(*p)).collect();
     let busy = BusySampler::start(stack.admin_url("incidents")?);
@@ -1056,6 +1057,16 @@ async fn tocsin_side(phases: &[Phase], run: &str, stage_times: bool) -> anyhow::
         sum as f64 / total as f64,
         per_alert.join(", ")
     );
+    // Every message to or from the server is a wake-up on both sides:
+    // what one alert costs each client in messages (publishes, requests,
+    // replies, acks, deliveries), from nats-server's own counts.
+    match (clients_before, client_messages(&stack.nats).await) {
+        (Ok(before), Ok(after)) => println!(
+            "  Tocsin: NATS messages per alert by client, sent / received (KiB sent / received): {}",
+            messages_per_alert(&before, &after, total)
+        ),
+        (Err(e), _) | (_, Err(e)) => println!("  Tocsin: NATS messages per client not read: {e}"),
+    }
     let cpu_per_1k = cpu_between(cpu_before, cpu_after, total);
     let rss = stack.rss();
     stack.check()?;
@@ -1108,6 +1119,93 @@ async fn stream_writes(
         .into_iter()
         .map(|i| (i.config.name, i.state.last_sequence))
         .collect())
+}
+
+/// Per client connection (its id): its name and the messages and bytes
+/// it sent to the server and received from it, from nats-server's
+/// `/connz` (counted since the connection was made).
+async fn client_messages(nats: &NatsServer) -> anyhow::Result<BTreeMap<u64, ClientCounts>> {
+    let url = nats
+        .monitor_url()
+        .context("the bench's nats-server has no monitoring port")?;
+    let connz: Value = reqwest::Client::new()
+        .get(format!("{url}/connz?limit=4096"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let n = |c: &Value, k: &str| c.get(k).and_then(Value::as_u64).unwrap_or(0);
+    Ok(connz
+        .get("connections")
+        .and_then(Value::as_array)
+        .context("/connz without connections")?
+        .iter()
+        .map(|c| {
+            (
+                n(c, "cid"),
+                ClientCounts {
+                    name: c
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("unnamed")
+                        .to_string(),
+                    // The server's "in" is what the client sent.
+                    sent: n(c, "in_msgs"),
+                    received: n(c, "out_msgs"),
+                    sent_bytes: n(c, "in_bytes"),
+                    received_bytes: n(c, "out_bytes"),
+                },
+            )
+        })
+        .collect())
+}
+
+#[derive(Clone, Debug, Default)]
+struct ClientCounts {
+    name: String,
+    sent: u64,
+    received: u64,
+    sent_bytes: u64,
+    received_bytes: u64,
+}
+
+/// Per client name, what its connections sent and received between the
+/// two readings (a connection made between them counts from zero), per
+/// alert; the bench's own connections left out.
+fn messages_per_alert(
+    before: &BTreeMap<u64, ClientCounts>,
+    after: &BTreeMap<u64, ClientCounts>,
+    alerts: usize,
+) -> String {
+    let mut by_name: BTreeMap<&str, ClientCounts> = BTreeMap::new();
+    for (cid, now) in after {
+        if !now.name.starts_with("tocsin") {
+            continue;
+        }
+        let was = before.get(cid).cloned().unwrap_or_default();
+        let sum = by_name.entry(&now.name).or_default();
+        sum.sent += now.sent.saturating_sub(was.sent);
+        sum.received += now.received.saturating_sub(was.received);
+        sum.sent_bytes += now.sent_bytes.saturating_sub(was.sent_bytes);
+        sum.received_bytes += now.received_bytes.saturating_sub(was.received_bytes);
+    }
+    let a = alerts.max(1) as f64;
+    by_name
+        .iter()
+        .map(|(name, c)| {
+            format!(
+                "{} {:.2} / {:.2} ({:.2} / {:.2})",
+                name.trim_start_matches("tocsin-"),
+                c.sent as f64 / a,
+                c.received as f64 / a,
+                c.sent_bytes as f64 / a / 1024.0,
+                c.received_bytes as f64 / a / 1024.0
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A fresh Alertmanager grouping by `alertname` and `label`, sending at
