@@ -12,7 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use async_nats::jetstream::{self, stream::LastRawMessageErrorKind};
+use async_nats::jetstream::{
+    self,
+    stream::{LastRawMessageErrorKind, RawMessageErrorKind},
+};
 use tocsin_proto::{
     codec::{self, decode_envelope},
     command::IncidentRef,
@@ -133,6 +136,32 @@ impl Incidents {
             }
             Ok(_) => Ok(None),
             Err(e) => Err(format!("incident {id}: undecodable entry: {e}")),
+        }
+    }
+
+    /// Whether the incident has an entry on its own subjects after
+    /// `version` (a change, or a receipt stored alone): one look-up that
+    /// answers "none" without a payload in the common case, where
+    /// [`Incidents::now`] would read and decode the whole last entry (an
+    /// opening with its alerts) only to find the version unchanged. The
+    /// receipts gathered into batch messages change nothing a message
+    /// shows, and are not on the incident's subjects.
+    pub(crate) async fn moved_since(&self, id: uuid::Uuid, version: u64) -> Result<bool, String> {
+        let stream = self
+            .stream
+            .get_or_try_init(|| self.js.get_stream(STREAM_INCIDENTS))
+            .await
+            .map_err(|e| format!("cannot read INCIDENTS: {e}"))?;
+        match stream
+            .raw_message_builder()
+            .sequence(version.saturating_add(1))
+            .next_by_subject(tocsin_proto::subjects::incident_events_of(&id))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(e) => Err(format!("cannot read incident {id}: {e}")),
         }
     }
 
