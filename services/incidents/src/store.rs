@@ -146,8 +146,9 @@ struct Counts {
     given: u64,
     applied: u64,
     failed: Option<StoreError>,
-    /// An apply failed, or the thread ended with batches to apply: every batch given since is dropped unapplied, so
-    /// the store stays as the last one applied left it, whole and with
+    /// An apply failed, or the writer thread panicked: every batch given
+    /// since is dropped unapplied, so the store stays as the last one
+    /// applied left it, whole and with
     /// its own cursors (a later batch's cursors would claim the lost
     /// changes). For the rest of the process's life.
     out_of_step: bool,

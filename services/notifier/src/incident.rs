@@ -94,14 +94,18 @@ impl Incidents {
         }
     }
 
+    /// INCIDENTS, looked up once.
+    async fn stream(&self) -> Result<&jetstream::stream::Stream, String> {
+        self.stream
+            .get_or_try_init(|| self.js.get_stream(STREAM_INCIDENTS))
+            .await
+            .map_err(|e| format!("cannot read INCIDENTS: {e}"))
+    }
+
     /// The incident now; `Ok(None)` when INCIDENTS has no entry for it (a
     /// page made by hand, or an incident older than the stream's max age).
     pub(crate) async fn now(&self, id: uuid::Uuid) -> Result<Option<Now>, String> {
-        let stream = self
-            .stream
-            .get_or_try_init(|| self.js.get_stream(STREAM_INCIDENTS))
-            .await
-            .map_err(|e| format!("cannot read INCIDENTS: {e}"))?;
+        let stream = self.stream().await?;
         let msg = match stream
             .get_last_raw_message_by_subject(&tocsin_proto::subjects::incident_events_of(&id))
             .await
@@ -147,11 +151,7 @@ impl Incidents {
     /// receipts gathered into batch messages change nothing a message
     /// shows, and are not on the incident's subjects.
     pub(crate) async fn moved_since(&self, id: uuid::Uuid, version: u64) -> Result<bool, String> {
-        let stream = self
-            .stream
-            .get_or_try_init(|| self.js.get_stream(STREAM_INCIDENTS))
-            .await
-            .map_err(|e| format!("cannot read INCIDENTS: {e}"))?;
+        let stream = self.stream().await?;
         match stream
             .raw_message_builder()
             .sequence(version.saturating_add(1))
