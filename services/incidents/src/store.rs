@@ -581,6 +581,12 @@ mod tests {
         assert_eq!(load(&s).unwrap().incidents_seq, 9);
     }
 
+    /// Opens a store just dropped as the service does: sled's IO threads
+    /// may hold its folder's lock a moment after the drop.
+    fn reopen(dir: &std::path::Path) -> Result<Store, StoreError> {
+        tocsin_runtime::store::open_when_unlocked(dir, Store::open)
+    }
+
     /// Saves return before sled has applied them; what reads the store
     /// waits for them, they are applied in the order given, and a store
     /// dropped right after a save holds it when opened again at once.
@@ -597,7 +603,7 @@ mod tests {
         p.incidents_seq = 201;
         s.save(&mut p).unwrap();
         drop(s);
-        let s = Store::open(dir.path()).expect("opened again at once");
+        let s = reopen(dir.path()).expect("opened again at once");
         assert_eq!(load(&s).unwrap().incidents_seq, 201);
         s.applied().expect("nothing failed");
     }
@@ -640,7 +646,7 @@ mod tests {
             "the store stays out of step until the service starts again"
         );
         drop(s);
-        let s = Store::open(dir.path()).unwrap();
+        let s = reopen(dir.path()).unwrap();
         let loaded = load(&s).unwrap();
         assert_eq!(
             loaded.incidents_seq, 1,

@@ -8,46 +8,60 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// How long an open waits for the folder's lock to be let go (see
-/// [`open_or_rebuild`]).
+/// [`open_when_unlocked`]).
 const LOCKED_WAIT: Duration = Duration::from_secs(30);
 
 /// Opens the cache at `dir` with `open` (which also loads it). On failure
 /// the folder is removed and `open` runs once more on the empty folder;
 /// only that second failure is returned. `what` names the store in the log.
-///
-/// A folder locked by another open (sled's "could not acquire lock") is
-/// not unreadable: a tenure of this process that lost its lease while it
-/// read its store lets go of it when that read ends. `open` is tried again
-/// every 50 ms for up to 30 s, then the error is returned and nothing is
-/// removed. It sleeps: call it off the async threads (`spawn_blocking`),
-/// as the services do, since reading a large store takes seconds anyway.
+/// A folder locked by another open is waited for ([`open_when_unlocked`])
+/// and never removed.
 pub fn open_or_rebuild<T, E: std::fmt::Display>(
     dir: &Path,
     what: &str,
     open: impl Fn(&Path) -> Result<T, E>,
 ) -> Result<T, E> {
+    match open_when_unlocked(dir, &open) {
+        Ok(x) => Ok(x),
+        Err(e) if is_locked(&e) => Err(e),
+        Err(e) => {
+            tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "{what} unreadable; rebuilding it from the stream"
+            );
+            remove(dir);
+            open(dir)
+        }
+    }
+}
+
+/// Opens `dir` with `open`, waiting while the folder is locked by another
+/// open (sled's "could not acquire lock"): a tenure of this process that
+/// lost its lease while it read its store lets go of it when that read
+/// ends, and a store just dropped lets go once sled's IO threads have
+/// finished with its files. `open` is tried again every 50 ms for up to
+/// 30 s, then the error is returned. It sleeps: call it off the async
+/// threads (`spawn_blocking`), as the services do, since reading a large
+/// store takes seconds anyway.
+pub fn open_when_unlocked<T, E: std::fmt::Display>(
+    dir: &Path,
+    open: impl Fn(&Path) -> Result<T, E>,
+) -> Result<T, E> {
     let started = Instant::now();
     loop {
         match open(dir) {
-            Ok(x) => return Ok(x),
-            Err(e) if e.to_string().contains("could not acquire lock") => {
-                if started.elapsed() >= LOCKED_WAIT {
-                    return Err(e);
-                }
+            Err(e) if is_locked(&e) && started.elapsed() < LOCKED_WAIT => {
                 // Poll interval of a bounded wait for the lock.
                 std::thread::sleep(Duration::from_millis(50));
             }
-            Err(e) => {
-                tracing::warn!(
-                    dir = %dir.display(),
-                    error = %e,
-                    "{what} unreadable; rebuilding it from the stream"
-                );
-                remove(dir);
-                return open(dir);
-            }
+            r => return r,
         }
     }
+}
+
+fn is_locked(e: &impl std::fmt::Display) -> bool {
+    e.to_string().contains("could not acquire lock")
 }
 
 /// Removes a local store (a folder, or a file in its place). Missing is
