@@ -718,6 +718,40 @@ notifier:
         Ok(())
     }
 
+    /// SIGKILLs the standby of `service` (started by
+    /// [`TocsinStack::start_standbys`]) and leaves it stopped until
+    /// [`TocsinStack::restart_standby`]; false if there is none.
+    pub fn kill_standby(&mut self, service: &str) -> bool {
+        match self.standbys.iter_mut().find(|(s, _, _)| s == service) {
+            Some((_, p, _)) => {
+                p.kill();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Starts the standby of `service` again on its config, data dir and
+    /// admin port (after [`TocsinStack::kill_standby`]), logging to
+    /// `<service>-standby<log_suffix>.log`; waits until it answers `/readyz`.
+    pub async fn restart_standby(&mut self, service: &str, log_suffix: &str) -> anyhow::Result<()> {
+        let path = self._dir.path().join("tocsin-standby.yaml");
+        let i = self
+            .standbys
+            .iter()
+            .position(|(s, _, _)| s == service)
+            .with_context(|| format!("no standby of {service}"))?;
+        let admin = self.standbys[i].2;
+        let mut p = self.spawn_with(service, &path, admin, &format!("-standby{log_suffix}"))?;
+        p.wait_http_ok(
+            &format!("http://127.0.0.1:{admin}/readyz"),
+            Duration::from_secs(60),
+        )
+        .await?;
+        self.standbys[i].1 = p;
+        Ok(())
+    }
+
     /// Starts `tocsin <service>` on the stack's config and its admin port,
     /// logging to `<service><log_suffix>.log`; does not wait for it.
     fn spawn(&self, service: &str, log_suffix: &str) -> anyhow::Result<Proc> {

@@ -12,7 +12,10 @@
 //! escalation has applied the sentinel's INCIDENTS entry). Then the open
 //! incidents are listed: all N must be there, and no page may come again.
 //! A standby of each of the two (its own data directory) runs from the
-//! start; once it has followed INCIDENTS to its end
+//! start. If one took its role's lease during the load (a renewal answered
+//! later than the lease TTL on a slow machine), it is stopped before the
+//! kill until the instance holds the lease again, then started again, so
+//! the restart measures an instance taking its own lease back. Once it has followed INCIDENTS to its end
 //! (`tocsin_standby_followed_sequence`), the restarted pair is SIGKILLed
 //! for good and a second sentinel sent: the time from that kill until each
 //! standby is active and caught up, and until the second sentinel's page
@@ -364,6 +367,14 @@ async fn once(
         super::peer::describe_rss(&settled.pss)
     );
 
+    // The restart below measures an instance taking its own lease back.
+    // Under a load the bus answers too slowly, a standby may have taken
+    // a lease (its holder stood down when a renewal came too late); then
+    // the restarted instance would rightly stay standby. Such a lease is
+    // moved back first: its standby stopped until the instance holds it,
+    // then started again to follow.
+    lease_back_to_instances(&mut stack).await?;
+
     // The kill, a sentinel while they are down, the restart.
     for s in KILLED {
         stack.proc(s)?.kill();
@@ -699,6 +710,48 @@ async fn finish(
         restarted_rss,
         problems,
     })
+}
+
+/// Makes the instances of [`KILLED`] hold their leases: a lease a standby
+/// holds is moved back by stopping that standby until the instance has
+/// taken it (after the lease TTL), then starting it again. Says what it
+/// moved; an error if an instance does not take its lease within
+/// [`RECOVERY_LIMIT`].
+async fn lease_back_to_instances(stack: &mut TocsinStack) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    for role in KILLED {
+        let url = format!("{}/readyz", stack.admin_url(role)?);
+        let Some(check) = role_check(&http, &url, role).await else {
+            continue;
+        };
+        if !check.starts_with("standby") || !stack.kill_standby(role) {
+            continue;
+        }
+        println!(
+            "  the {role} standby took the lease during the load (`{check}`); it is stopped until the \
+             instance takes the lease back, then started again"
+        );
+        let started = Instant::now();
+        loop {
+            if role_check(&http, &url, role).await.as_deref() == Some("ok") {
+                break;
+            }
+            if started.elapsed() > RECOVERY_LIMIT {
+                bail!("the {role} instance did not take its lease back within {RECOVERY_LIMIT:?}");
+            }
+            stack.proc(role)?.check_running()?;
+            // Poll interval of a wait with a deadline.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!(
+            "  the {role} instance holds the lease again {:.1}s later",
+            started.elapsed().as_secs_f64()
+        );
+        stack.restart_standby(role, ".restarted").await?;
+    }
+    Ok(())
 }
 
 /// The `/readyz` check of `role` (`ok`, `standby: ...`, `catching up ...`),
