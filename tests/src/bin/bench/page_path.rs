@@ -703,19 +703,41 @@ notifier:
             anyhow::ensure!(config.contains(&from), "no data_dir of {s} in the config");
             config = config.replace(&from, &to);
         }
-        let path = dir.join("tocsin-standby.yaml");
-        write_private(&path, &config)?;
+        write_private(&self.standby_config(), &config)?;
         for s in services {
             let admin = tocsin_tests::ports::free_port();
-            let mut p = self.spawn_with(s, &path, admin, "-standby")?;
-            p.wait_http_ok(
-                &format!("http://127.0.0.1:{admin}/readyz"),
-                Duration::from_secs(60),
-            )
-            .await?;
+            let p = self.spawn_standby(s, admin, "").await?;
             self.standbys.push((s.to_string(), p, admin));
         }
         Ok(())
+    }
+
+    /// The standbys' config (written by [`TocsinStack::start_standbys`]).
+    fn standby_config(&self) -> PathBuf {
+        self._dir.path().join("tocsin-standby.yaml")
+    }
+
+    /// Starts a standby of `service` on the standbys' config and `admin`
+    /// port, logging to `<service>-standby<log_suffix>.log`; waits until it
+    /// answers `/readyz` (a standby is ready while it waits for the lease).
+    async fn spawn_standby(
+        &self,
+        service: &str,
+        admin: u16,
+        log_suffix: &str,
+    ) -> anyhow::Result<Proc> {
+        let mut p = self.spawn_with(
+            service,
+            &self.standby_config(),
+            admin,
+            &format!("-standby{log_suffix}"),
+        )?;
+        p.wait_http_ok(
+            &format!("http://127.0.0.1:{admin}/readyz"),
+            Duration::from_secs(60),
+        )
+        .await?;
+        Ok(p)
     }
 
     /// SIGKILLs the standby of `service` (started by
@@ -735,20 +757,14 @@ notifier:
     /// admin port (after [`TocsinStack::kill_standby`]), logging to
     /// `<service>-standby<log_suffix>.log`; waits until it answers `/readyz`.
     pub async fn restart_standby(&mut self, service: &str, log_suffix: &str) -> anyhow::Result<()> {
-        let path = self._dir.path().join("tocsin-standby.yaml");
         let i = self
             .standbys
             .iter()
             .position(|(s, _, _)| s == service)
             .with_context(|| format!("no standby of {service}"))?;
-        let admin = self.standbys[i].2;
-        let mut p = self.spawn_with(service, &path, admin, &format!("-standby{log_suffix}"))?;
-        p.wait_http_ok(
-            &format!("http://127.0.0.1:{admin}/readyz"),
-            Duration::from_secs(60),
-        )
-        .await?;
-        self.standbys[i].1 = p;
+        self.standbys[i].1 = self
+            .spawn_standby(service, self.standbys[i].2, log_suffix)
+            .await?;
         Ok(())
     }
 

@@ -15,7 +15,8 @@
 //! start. If one took its role's lease during the load (a renewal answered
 //! later than the lease TTL on a slow machine), it is stopped before the
 //! kill until the instance holds the lease again, then started again, so
-//! the restart measures an instance taking its own lease back. Once it has followed INCIDENTS to its end
+//! the restart measures an instance taking its own lease back. Once it
+//! has followed INCIDENTS to its end
 //! (`tocsin_standby_followed_sequence`), the restarted pair is SIGKILLed
 //! for good and a second sentinel sent: the time from that kill until each
 //! standby is active and caught up, and until the second sentinel's page
@@ -373,7 +374,10 @@ async fn once(
     // the restarted instance would rightly stay standby. Such a lease is
     // moved back first: its standby stopped until the instance holds it,
     // then started again to follow.
-    lease_back_to_instances(&mut stack).await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    lease_back_to_instances(&mut stack, &http).await?;
 
     // The kill, a sentinel while they are down, the restart.
     for s in KILLED {
@@ -389,9 +393,6 @@ async fn once(
     for s in KILLED {
         stack.respawn(s, ".restarted")?;
     }
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()?;
     let urls: Vec<String> = KILLED
         .iter()
         .map(|s| Ok(format!("{}/readyz", stack.admin_url(s)?)))
@@ -717,13 +718,13 @@ async fn finish(
 /// taken it (after the lease TTL), then starting it again. Says what it
 /// moved; an error if an instance does not take its lease within
 /// [`RECOVERY_LIMIT`].
-async fn lease_back_to_instances(stack: &mut TocsinStack) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()?;
+async fn lease_back_to_instances(
+    stack: &mut TocsinStack,
+    http: &reqwest::Client,
+) -> anyhow::Result<()> {
     for role in KILLED {
         let url = format!("{}/readyz", stack.admin_url(role)?);
-        let Some(check) = role_check(&http, &url, role).await else {
+        let Some(check) = role_check(http, &url, role).await else {
             continue;
         };
         if !check.starts_with("standby") || !stack.kill_standby(role) {
@@ -735,7 +736,7 @@ async fn lease_back_to_instances(stack: &mut TocsinStack) -> anyhow::Result<()> 
         );
         let started = Instant::now();
         loop {
-            if role_check(&http, &url, role).await.as_deref() == Some("ok") {
+            if role_check(http, &url, role).await.as_deref() == Some("ok") {
                 break;
             }
             if started.elapsed() > RECOVERY_LIMIT {
