@@ -16,6 +16,8 @@ pub enum CodecError {
     Decode(#[from] rmp_serde::decode::Error),
     #[error("payload schema version {found} is newer than this reader's {supported}; upgrade this service")]
     UnsupportedSchema { found: u32, supported: u32 },
+    #[error("the message holds no alerts")]
+    Empty,
 }
 
 /// Encodes a value as MessagePack with field names.
@@ -47,15 +49,33 @@ pub fn decode_envelope<T: DeserializeOwned>(bytes: &[u8]) -> Result<Envelope<T>,
     Ok(env)
 }
 
-/// Decodes an ALERTS message: the alerts it holds, in order. A message on
-/// an alert's own subject holds one (`Envelope<Alert>`); one on
+/// Decodes an ALERTS message: the alerts it holds, in order, in one
+/// envelope per request they came in. A message on an alert's own subject
+/// holds one (`Envelope<Alert>`); one on
 /// [`crate::subjects::alert_batch_subject`] holds a request's several
-/// (`Envelope<Vec<Alert>>`).
+/// (`Envelope<Vec<Alert>>`); one on [`crate::subjects::alert_pack_subject`]
+/// holds several requests' (`Vec<Envelope<Vec<Alert>>>`, never empty).
 pub fn decode_alerts(
     subject: &str,
     bytes: &[u8],
-) -> Result<Envelope<Vec<crate::Alert>>, CodecError> {
-    decode_one_or_many(crate::subjects::is_alert_batch(subject), bytes)
+) -> Result<Vec<Envelope<Vec<crate::Alert>>>, CodecError> {
+    if crate::subjects::is_alert_pack(subject) {
+        let pack: Vec<Envelope<Vec<crate::Alert>>> = decode(bytes)?;
+        if pack.is_empty() {
+            return Err(CodecError::Empty);
+        }
+        if let Some(env) = pack.iter().find(|e| e.schema > SCHEMA_VERSION) {
+            return Err(CodecError::UnsupportedSchema {
+                found: env.schema,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        return Ok(pack);
+    }
+    Ok(vec![decode_one_or_many(
+        crate::subjects::is_alert_batch(subject),
+        bytes,
+    )?])
 }
 
 /// Decodes a COMMANDS message: the commands it holds, in order (several
@@ -279,8 +299,9 @@ mod tests {
         let one = sample();
         let subject = alert_subject(SourceKind::Alertmanager, &one.body.fingerprint);
         let decoded = decode_alerts(&subject, &encode(&one).unwrap()).unwrap();
-        assert_eq!(decoded.body, vec![one.body.clone()]);
-        assert_eq!(decoded.source, one.source);
+        assert_eq!(decoded.len(), 1);
+        assert_eq!(decoded[0].body, vec![one.body.clone()]);
+        assert_eq!(decoded[0].source, one.source);
 
         let mut second = one.body.clone();
         second.status = AlertStatus::Resolved;
@@ -292,11 +313,50 @@ mod tests {
         let bytes = encode(&batch).unwrap();
         let subject = alert_batch_subject(SourceKind::Alertmanager);
         let decoded = decode_alerts(&subject, &bytes).unwrap();
-        assert_eq!(decoded.body, vec![one.body.clone(), second]);
+        assert_eq!(decoded.len(), 1);
+        assert_eq!(decoded[0].body, vec![one.body.clone(), second.clone()]);
         // A batch on an alert's own subject (or the reverse) is refused, not
         // read as something else.
         let single = alert_subject(SourceKind::Alertmanager, &one.body.fingerprint);
         assert!(decode_alerts(&single, &bytes).is_err());
         assert!(decode_alerts(&subject, &encode(&one).unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_pack_holds_several_requests_each_with_its_source_time_and_trace() {
+        use crate::subjects::{alert_batch_subject, alert_pack_subject};
+        let one = sample();
+        let mut second = one.body.clone();
+        second.status = AlertStatus::Resolved;
+        let first = Envelope::new("am", one.received_at, vec![one.body.clone()]).with_traceparent(
+            Some("00-11111111111111111111111111111111-1111111111111111-01".into()),
+        );
+        let later = Envelope::new(
+            "other",
+            "2025-01-15T10:00:02Z".parse().unwrap(),
+            vec![one.body.clone(), second],
+        );
+        let pack = vec![first.clone(), later.clone()];
+        let bytes = encode(&pack).unwrap();
+        let subject = alert_pack_subject(SourceKind::Alertmanager);
+        let decoded = decode_alerts(&subject, &bytes).unwrap();
+        assert_eq!(decoded.len(), 2);
+        assert_eq!(decoded[0].body, first.body);
+        assert_eq!(decoded[0].traceparent, first.traceparent);
+        assert_eq!(decoded[1].source, "other");
+        assert_eq!(decoded[1].received_at, later.received_at);
+        assert_eq!(decoded[1].body, later.body);
+        // Neither read as a batch of one request, nor the reverse.
+        let batch = alert_batch_subject(SourceKind::Alertmanager);
+        assert!(decode_alerts(&batch, &bytes).is_err());
+        assert!(decode_alerts(&subject, &encode(&first).unwrap()).is_err());
+        // An empty pack, or one with a newer schema inside, is refused.
+        let empty: Vec<Envelope<Vec<Alert>>> = Vec::new();
+        let err = decode_alerts(&subject, &encode(&empty).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("no alerts"), "{err}");
+        let mut newer = later;
+        newer.schema = SCHEMA_VERSION + 1;
+        let err = decode_alerts(&subject, &encode(&vec![first, newer]).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("upgrade this service"), "{err}");
     }
 }

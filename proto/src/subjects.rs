@@ -113,12 +113,35 @@ pub fn alert_batch_subject(kind: SourceKind) -> String {
     format!("tocsin.alerts.{}.{ALERT_BATCH}", kind.as_str())
 }
 
-/// Whether an ALERTS message holds several alerts ([`alert_batch_subject`]).
+/// Last token of [`alert_pack_subject`].
+pub const ALERT_PACK: &str = "packed";
+
+/// Subject of a message holding the alerts of several requests (a
+/// `Vec<Envelope<Vec<Alert>>>`, one envelope per request, in the order
+/// ingest took them): `tocsin.alerts.<kind>.packed`. Ingest stores small
+/// requests that arrive while its earlier messages wait for JetStream's
+/// acknowledgement this way, so that one sync serves them all. No
+/// fingerprint (16 hex digits) is `packed`.
+pub fn alert_pack_subject(kind: SourceKind) -> String {
+    format!("tocsin.alerts.{}.{ALERT_PACK}", kind.as_str())
+}
+
+/// Whether an ALERTS message holds several alerts ([`alert_batch_subject`]
+/// or [`alert_pack_subject`]).
 pub fn is_alert_batch(subject: &str) -> bool {
     subject
         .rsplit('.')
         .next()
-        .is_some_and(|last| last == ALERT_BATCH)
+        .is_some_and(|last| last == ALERT_BATCH || last == ALERT_PACK)
+}
+
+/// Whether an ALERTS message holds several requests' alerts
+/// ([`alert_pack_subject`]).
+pub fn is_alert_pack(subject: &str) -> bool {
+    subject
+        .rsplit('.')
+        .next()
+        .is_some_and(|last| last == ALERT_PACK)
 }
 
 /// Subject of an incident event: `tocsin.incidents.inc.<id>.<kind>`.
@@ -273,6 +296,10 @@ mod tests {
         let batch = alert_batch_subject(SourceKind::Alertmanager);
         assert_eq!(batch, "tocsin.alerts.alertmanager.batch");
         assert!(is_alert_batch(&batch));
+        assert!(!is_alert_pack(&batch));
+        let pack = alert_pack_subject(SourceKind::Alertmanager);
+        assert_eq!(pack, "tocsin.alerts.alertmanager.packed");
+        assert!(is_alert_batch(&pack) && is_alert_pack(&pack));
         assert!(!is_alert_batch(&alert_subject(
             SourceKind::Alertmanager,
             &fp

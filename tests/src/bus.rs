@@ -39,14 +39,20 @@ pub async fn read_stream<T: DeserializeOwned>(
 /// alerts of one request gives each of them (with the message's sequence,
 /// subject and headers).
 pub async fn read_alerts(js: &jetstream::Context) -> Vec<Stored<Alert>> {
-    read_each(js, STREAM_ALERTS, decode_alerts).await
+    read_each(js, STREAM_ALERTS, |subject, bytes| {
+        decode_alerts(subject, bytes).map(|requests| requests.into_iter().flat_map(Envelope::split))
+    })
+    .await
 }
 
 /// Every command currently on COMMANDS, in order: a message holding
 /// several gives each of them (with the message's sequence, subject and
 /// headers).
 pub async fn read_commands(js: &jetstream::Context) -> Vec<Stored<Command>> {
-    read_each(js, STREAM_COMMANDS, decode_commands).await
+    read_each(js, STREAM_COMMANDS, |s, b| {
+        decode_commands(s, b).map(Envelope::split)
+    })
+    .await
 }
 
 /// Every entry currently on INCIDENTS, in order: a message holding
@@ -55,13 +61,19 @@ pub async fn read_commands(js: &jetstream::Context) -> Vec<Stored<Command>> {
 pub async fn read_entries(
     js: &jetstream::Context,
 ) -> Vec<Stored<tocsin_proto::incident::LogEntry>> {
-    read_each(js, tocsin_proto::subjects::STREAM_INCIDENTS, decode_entries).await
+    read_each(js, tocsin_proto::subjects::STREAM_INCIDENTS, |s, b| {
+        decode_entries(s, b).map(Envelope::split)
+    })
+    .await
 }
 
 /// Every page currently on NOTIFY, in order: a message holding several
 /// (an escalation burst's, for one channel) gives each of them.
 pub async fn read_pages(js: &jetstream::Context) -> Vec<Stored<tocsin_proto::notify::Page>> {
-    read_each(js, tocsin_proto::subjects::STREAM_NOTIFY, decode_pages).await
+    read_each(js, tocsin_proto::subjects::STREAM_NOTIFY, |s, b| {
+        decode_pages(s, b).map(Envelope::split)
+    })
+    .await
 }
 
 /// `stream`'s configuration as the server has it.
@@ -77,15 +89,15 @@ pub async fn stream_config(js: &jetstream::Context, stream: &str) -> jetstream::
 }
 
 /// Every item of every message on `stream`, as `decode` splits them.
-async fn read_each<T, E: std::fmt::Debug>(
+async fn read_each<T, I: IntoIterator<Item = Envelope<T>>, E: std::fmt::Debug>(
     js: &jetstream::Context,
     stream: &str,
-    decode: impl Fn(&str, &[u8]) -> Result<Envelope<Vec<T>>, E>,
+    decode: impl Fn(&str, &[u8]) -> Result<I, E>,
 ) -> Vec<Stored<T>> {
     let mut out = Vec::new();
     for (seq, msg) in stored(js, stream).await {
-        let env = decode(&msg.subject, &msg.payload).expect("stored messages decode");
-        out.extend(env.split().map(|envelope| Stored {
+        let each = decode(&msg.subject, &msg.payload).expect("stored messages decode");
+        out.extend(each.into_iter().map(|envelope| Stored {
             seq,
             subject: msg.subject.to_string(),
             headers: msg.headers.clone(),

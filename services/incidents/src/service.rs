@@ -1322,8 +1322,9 @@ impl Service {
         // Each alert of a small message is small; in a larger one each is
         // measured.
         let measure = batch && msg.payload.len() > budget;
+        // Each alert's trace context is its request's (a pack holds
+        // several requests'); the message's header is the first's.
         let traceparent = header(msg, headers::TRACEPARENT);
-        let tp = traceparent.as_deref();
         // Consecutive alerts of the message that join one incident are
         // written as one entry (`run`): each is decided and folded into the
         // projection as before, and the entry is sent when the run ends,
@@ -1334,18 +1335,20 @@ impl Service {
             if at < resume {
                 continue;
             }
+            let tp_one = one.traceparent.clone().or_else(|| traceparent.clone());
+            let tp = tp_one.as_deref();
             if one.body.origin.kind == Some(SourceKind::Heartbeat)
                 || (measure && codec::encode(&one.body).map_or(usize::MAX, |b| b.len()) > budget)
             {
                 return self
-                    .end_run(&mut run, tp, sent, last_seq)
+                    .end_run(&mut run, sent, last_seq)
                     .await
                     .err()
                     .unwrap_or(Fast::Careful);
             }
             let Some(mut entries) = self.decide_in_batch(|d| d.alert(at.cause(), &one)) else {
                 return self
-                    .end_run(&mut run, tp, sent, last_seq)
+                    .end_run(&mut run, sent, last_seq)
                     .await
                     .err()
                     .unwrap_or(Fast::Careful);
@@ -1369,7 +1372,7 @@ impl Service {
                 _ => None,
             };
             let Some(payload) = joins else {
-                if let Err(fast) = self.end_run(&mut run, tp, sent, last_seq).await {
+                if let Err(fast) = self.end_run(&mut run, sent, last_seq).await {
                     return fast;
                 }
                 if let Err(fast) = self.send_entries(entries, tp, sent, last_seq).await {
@@ -1402,16 +1405,17 @@ impl Service {
                 _ => next,
             };
             // A run of its own, after the one before.
-            if let Err(fast) = self.end_run(&mut run, tp, sent, last_seq).await {
+            if let Err(fast) = self.end_run(&mut run, sent, last_seq).await {
                 return fast;
             }
             run = Some(Run {
                 entry: next,
                 bound: payload.len(),
                 payload: Some(payload),
+                traceparent: tp_one,
             });
             if sent.len() >= MAX_SENT {
-                if let Err(fast) = self.end_run(&mut run, tp, sent, last_seq).await {
+                if let Err(fast) = self.end_run(&mut run, sent, last_seq).await {
                     return fast;
                 }
                 if let Err(e) = self.finish(sent, handled).await {
@@ -1419,7 +1423,7 @@ impl Service {
                 }
             }
         }
-        match self.end_run(&mut run, tp, sent, last_seq).await {
+        match self.end_run(&mut run, sent, last_seq).await {
             Ok(()) => Fast::Done,
             Err(fast) => fast,
         }
@@ -1435,13 +1439,19 @@ impl Service {
     async fn end_run(
         &self,
         run: &mut Option<Run>,
-        traceparent: Option<&str>,
         sent: &mut Vec<Sent>,
         last_seq: &mut u64,
     ) -> Result<(), Fast> {
-        let Some(Run { entry, payload, .. }) = run.take() else {
+        let Some(Run {
+            entry,
+            payload,
+            traceparent,
+            ..
+        }) = run.take()
+        else {
             return Ok(());
         };
+        let traceparent = traceparent.as_deref();
         let payload = match payload.map_or_else(|| encode_entry(&entry, traceparent), Ok) {
             Ok(p) if p.len() <= self.most_entry_bytes() => p,
             // Bounded by the sum of its alerts' own entries: not reached.
@@ -1910,16 +1920,10 @@ impl Service {
             if at < resume {
                 continue;
             }
+            // Its request's trace context (a pack holds several requests').
+            let tp = one.traceparent.clone().or_else(|| traceparent.clone());
             let went_on = self
-                .on_one_alert(
-                    &msg,
-                    batch,
-                    at,
-                    one,
-                    small,
-                    traceparent.as_deref(),
-                    shutdown,
-                )
+                .on_one_alert(&msg, batch, at, one, small, tp.as_deref(), shutdown)
                 .await;
             if !went_on {
                 return; // shut down
@@ -2398,17 +2402,23 @@ impl Service {
 
 /// The alerts of ALERTS message `seq`, each with its place and in an
 /// envelope of its own.
+/// The alerts of ALERTS message `seq`, each with its place: its index in
+/// the message, counted across the requests a pack holds.
 fn each_alert(
     seq: u64,
-    env: Envelope<Vec<Alert>>,
+    requests: Vec<Envelope<Vec<Alert>>>,
 ) -> impl Iterator<Item = (AlertPos, Envelope<Alert>)> {
-    env.split().enumerate().map(move |(index, one)| {
-        let at = AlertPos {
-            seq,
-            index: index as u32,
-        };
-        (at, one)
-    })
+    requests
+        .into_iter()
+        .flat_map(Envelope::split)
+        .enumerate()
+        .map(move |(index, one)| {
+            let at = AlertPos {
+                seq,
+                index: index as u32,
+            };
+            (at, one)
+        })
 }
 
 /// Consecutive alerts of one ALERTS message joined into one entry
@@ -2421,6 +2431,8 @@ struct Run {
     /// The entry's payload while it holds one alert (sent as it is if
     /// nothing joins it).
     payload: Option<Vec<u8>>,
+    /// The trace context of the run's first alert.
+    traceparent: Option<String>,
 }
 
 /// What answering and acknowledging commands needs, owned, so a batch's

@@ -212,7 +212,7 @@ impl AppState {
                 PublishError::TooLarge(reason) => Rejection::too_large(reason),
                 other => Rejection::unavailable(
                     format!(
-                        "alerts not stored: {other}; retry later (alerts already stored are de-duplicated)"
+                        "alerts not stored: {other}; retry later (alerts already stored are not applied twice)"
                     ),
                     self.retry_after,
                 ),
