@@ -9,9 +9,10 @@
 //! Each such message's id is derived from its alerts' ids, so a retried
 //! request is still dropped by JetStream's duplicate window.
 //!
-//! Small requests (up to [`PACKED_ALERTS`] alerts) share a message when they come faster
-//! than JetStream acknowledges (group commit, [`Packer`]): a request whose
-//! message finds the packer idle is sent at once, alone, exactly as above;
+//! Small requests (up to [`PACKED_ALERTS`] alerts) share a message when
+//! they come faster than JetStream acknowledges (group commit, [`Packer`]):
+//! a request whose message finds the packer idle is sent at once, alone,
+//! exactly as above;
 //! one that arrives while the packer's message is waiting for its
 //! acknowledgement waits for it, and then goes with every request that
 //! arrived meanwhile (of its source kind, up to [`BATCH_ALERTS`] alerts and
