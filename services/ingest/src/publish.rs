@@ -109,6 +109,18 @@ pub struct Stored {
     pub duplicates: usize,
 }
 
+impl Stored {
+    /// Counts `n` alerts of a message JetStream acknowledged (as a
+    /// duplicate, or stored).
+    fn add(&mut self, n: usize, duplicate: bool) {
+        if duplicate {
+            self.duplicates += n;
+        } else {
+            self.stored += n;
+        }
+    }
+}
+
 /// Messages awaiting their acks at once, across all requests. Kept
 /// below async-nats's per-context limit (5,000), and taken all-or-nothing per
 /// chunk: if requests each held part of that limit while waiting for the
@@ -328,14 +340,10 @@ impl Publisher {
                 alone: prepared.remove(0),
                 reply,
             };
+            let stopped = || PublishError::Refused("ingest's packer has stopped".into());
             let work = async {
-                self.packer
-                    .send(waiting)
-                    .await
-                    .map_err(|_| PublishError::Refused("ingest's packer has stopped".into()))?;
-                answer
-                    .await
-                    .map_err(|_| PublishError::Refused("ingest's packer has stopped".into()))?
+                self.packer.send(waiting).await.map_err(|_| stopped())?;
+                answer.await.map_err(|_| stopped())?
             };
             return match tokio::time::timeout(self.timeout, work).await {
                 Ok(r) => r,
@@ -361,11 +369,7 @@ impl Publisher {
                 let results = join_all(acks.into_iter().map(|a| a.into_future())).await;
                 for (result, n) in results.into_iter().zip(counts) {
                     let ack = result.map_err(|e| PublishError::from_jetstream(&e, self.timeout))?;
-                    if ack.duplicate {
-                        out.duplicates += n;
-                    } else {
-                        out.stored += n;
-                    }
+                    out.add(n, ack.duplicate);
                 }
             }
             Ok(out)
@@ -503,22 +507,13 @@ impl Packer {
 
     /// Subject, message id and payload of a pack of several requests: a
     /// MessagePack array of each request's `Envelope<Vec<Alert>>`, the one
-    /// a request of several already has reused as it is.
+    /// a request of several already has reused as it is. The id is derived
+    /// from its requests' own message ids (each derived from its alerts').
     fn pack(&self, pack: &[Waiting]) -> Result<(String, String, Vec<u8>), codec::CodecError> {
         use sha2::{Digest, Sha256};
         let mut payload = Vec::new();
-        let n = pack.len();
-        match u16::try_from(n) {
-            Ok(small) if small < 16 => payload.push(0x90 | small as u8),
-            Ok(small) => {
-                payload.push(0xdc);
-                payload.extend_from_slice(&small.to_be_bytes());
-            }
-            Err(_) => {
-                payload.push(0xdd);
-                payload.extend_from_slice(&(n as u32).to_be_bytes());
-            }
-        }
+        let n = u32::try_from(pack.len()).unwrap_or(u32::MAX);
+        rmp::encode::write_array_len(&mut payload, n).expect("writing to a Vec does not fail");
         let mut ids = Sha256::new();
         for w in pack {
             if w.alone.alerts > 1 {
@@ -526,10 +521,8 @@ impl Packer {
             } else {
                 payload.extend_from_slice(&codec::encode(&w.request)?);
             }
-            for a in &w.request.body {
-                ids.update(a.msg_id().as_bytes());
-                ids.update(b"\n");
-            }
+            ids.update(w.alone.msg_id.as_bytes());
+            ids.update(b"\n");
         }
         Ok((
             alert_pack_subject(pack[0].kind),
@@ -545,14 +538,11 @@ impl Packer {
     ) {
         for (n, reply) in waiters {
             let answer = match &ack {
-                Ok(a) if a.duplicate => Ok(Stored {
-                    stored: 0,
-                    duplicates: n,
-                }),
-                Ok(_) => Ok(Stored {
-                    stored: n,
-                    duplicates: 0,
-                }),
+                Ok(a) => {
+                    let mut stored = Stored::default();
+                    stored.add(n, a.duplicate);
+                    Ok(stored)
+                }
                 Err(e) => Err(PublishError::from_jetstream(e, self.timeout)),
             };
             let _ = reply.send(answer);
