@@ -344,12 +344,12 @@ async fn a_standby_takes_over_and_nothing_is_lost_or_duplicated() {
     let poster = Poster::start(ingest_port, "Failover");
     let mut failovers = Vec::new();
     for kill in 0..INCIDENTS_KILLS {
-        let active = active_of(&incidents, "incidents").await;
         // Alerts are flowing and being handled by the active one.
         let posted = poster.count();
         eventually_within(TAKEOVER, || opened_at_least(posted + 1, js.clone()))
             .await
             .expect("incidents opened before the kill");
+        let active = active_of(&incidents, "incidents").await;
         let term = max_term(&js, STREAM_INCIDENTS, "incidents").await;
         let killed_at = ns_since_epoch(SystemTime::now());
         incidents[active].kill();
@@ -882,7 +882,7 @@ async fn a_standby_follows_the_log_and_takes_over_warm() {
         mut incidents,
         escalation,
     } = pairs(&nats, dir.path()).await;
-    let active = active_of(&incidents, "incidents").await;
+    active_of(&incidents, "incidents").await;
     let esc_active = active_of(&escalation, "escalation").await;
 
     // The history: that many new incidents, 100 alerts a request.
@@ -898,6 +898,9 @@ async fn a_standby_follows_the_log_and_takes_over_warm() {
     })
     .await
     .expect("the history's incidents opened");
+    // The incidents instance active now: on a busy machine the lease may
+    // have changed hands during the history.
+    let active = active_of(&incidents, "incidents").await;
     // Both standbys catch up with the log (which grows a while longer:
     // the first level's pages come back as `paged` entries). Escalation's
     // pair is asked both: only a standby shows the metric, and on a busy
