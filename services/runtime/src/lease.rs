@@ -924,6 +924,37 @@ mod tests {
         assert!(!st.acting(s(0.1)));
     }
 
+    /// A slow bus (a loaded disk syncing every write) answers a renewal
+    /// late. The holder goes on acting as long as each renewal is answered
+    /// within half the TTL of being sent: it renews every sixth of the
+    /// TTL, and a renewal sent then saves the deadline two thirds of the
+    /// TTL after the last one. (Renewing every third left a renewal a
+    /// third of the TTL, and a busy machine stood the holder down, the
+    /// lease going back and forth.)
+    #[test]
+    fn a_renewal_answered_within_half_the_ttl_keeps_the_holder_acting() {
+        for ttl in [Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(5)] {
+            let t = Timing { ttl };
+            let t0 = Instant::now();
+            let mut st = State::Standby;
+            st.acquired(t, t0, 1);
+            // Renewal after renewal, each answered just under half the
+            // TTL after it was sent, the next sent on schedule.
+            let mut sent = t0;
+            for revision in 2..20 {
+                sent += t.renew_every();
+                let answered = sent + ttl * 49 / 100;
+                st.expire(answered);
+                st.renewed(t, sent, revision, answered);
+                assert!(
+                    st.acting(answered),
+                    "ttl {ttl:?}: stood down with renewal {revision} answered {:?} after it was sent",
+                    answered - sent
+                );
+            }
+        }
+    }
+
     #[test]
     fn timing_follows_the_ttl() {
         let t = Timing {
