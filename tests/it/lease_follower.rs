@@ -51,9 +51,9 @@ async fn renewed(js: &async_nats::jetstream::Context, from: u64, n: u64, limit: 
 }
 
 /// A follower whose round ends only once the lease just taken has been
-/// renewed twice (two thirds of the TTL at least: as long as a holder may
-/// act on one write) keeps it: the first tenure runs until three more
-/// renewals and is never fenced.
+/// renewed four times (two thirds of the TTL at least, a renewal every
+/// sixth: as long as a holder may act on one write) keeps it: the first
+/// tenure runs until six more renewals (a whole TTL) and is never fenced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_slow_to_stop_does_not_cost_the_lease_just_taken() {
     let nats = NatsServer::start().await;
@@ -82,10 +82,10 @@ async fn a_follower_slow_to_stop_does_not_cost_the_lease_just_taken() {
                     let (tenures, held, js) = (tenures.clone(), held.clone(), js_service.clone());
                     async move {
                         let n = tenures.fetch_add(1, Ordering::SeqCst) + 1;
-                        // The service works through three renewals. A
+                        // The service works through six renewals. A
                         // tenure that loses the lease is dropped first.
                         let from = revision(&js).await;
-                        if renewed(&js, from, 3, ttl * 10).await {
+                        if renewed(&js, from, 6, ttl * 10).await {
                             held.store(n, Ordering::SeqCst);
                         }
                         c.shutdown.cancelled().await;
@@ -97,9 +97,9 @@ async fn a_follower_slow_to_stop_does_not_cost_the_lease_just_taken() {
                     async move {
                         c.shutdown.cancelled().await;
                         // Ending its round (loading a large store, say)
-                        // takes two renewals of the lease just taken.
+                        // takes four renewals of the lease just taken.
                         let from = revision(&js).await;
-                        renewed(&js, from, 2, ttl * 10).await;
+                        renewed(&js, from, 4, ttl * 10).await;
                     }
                 },
             )
