@@ -32,6 +32,7 @@ mod ingest_rejections;
 mod ingest_shutdown;
 mod lease_fence;
 mod lease_follower;
+mod lease_slow_bus;
 mod nats_auth;
 mod notifier_channels;
 mod notifier_email;

@@ -13,6 +13,11 @@
 //! does with publishes made while its connection was away, sending them
 //! when it is back, long after they were made.
 //!
+//! And it can delay some of a client's publishes to some subjects
+//! ([`NatsProxy::delay`]): a bus that stalls now and then (a loaded disk,
+//! a busy server) and answers them late. The connection waits, as a
+//! client's would behind them.
+//!
 //! Of the client's side only `PUB`/`HPUB` frames are looked at (subject,
 //! reply subject, size), the rest is passed through as it comes; of the
 //! server's side, only the answers to publishes let go are noted.
@@ -45,6 +50,18 @@ struct Rules {
     /// The reply subjects of the publishes let go whose answer has not
     /// come back from the server yet.
     awaiting: Mutex<HashSet<Vec<u8>>>,
+    /// Every so many publishes to subjects starting with one of these,
+    /// one reaches the server later (and what follows it on its
+    /// connection too).
+    delay: Mutex<Delay>,
+}
+
+#[derive(Default)]
+struct Delay {
+    prefixes: Vec<String>,
+    by: std::time::Duration,
+    every: usize,
+    seen: usize,
 }
 
 #[derive(Default)]
@@ -75,6 +92,16 @@ impl Hold {
 }
 
 impl Rules {
+    /// How long a publish to `subject` is delayed, if it is (counting it).
+    fn delays(&self, subject: &[u8]) -> Option<std::time::Duration> {
+        let mut d = self.delay.lock().unwrap();
+        if !d.prefixes.iter().any(|p| subject.starts_with(p.as_bytes())) {
+            return None;
+        }
+        d.seen += 1;
+        (d.seen % d.every.max(1) == 0).then_some(d.by)
+    }
+
     fn drops(&self, subject: &[u8]) -> bool {
         self.prefixes
             .lock()
@@ -154,6 +181,20 @@ impl NatsProxy {
     /// in order.
     pub fn held_subjects(&self) -> Vec<String> {
         self.rules.hold.lock().unwrap().subjects.clone()
+    }
+
+    /// From now on, of the publishes to subjects starting with any of
+    /// `prefixes` (on every connection through the proxy), every
+    /// `every`-th reaches the server `by` later (the first is the
+    /// `every`-th from now); what a connection sends after it waits behind
+    /// it.
+    pub fn delay(&self, prefixes: &[&str], by: std::time::Duration, every: usize) {
+        *self.rules.delay.lock().unwrap() = Delay {
+            prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+            by,
+            every,
+            seen: 0,
+        };
     }
 
     /// Stops holding, and sends what each connection held back, in the
@@ -258,7 +299,22 @@ async fn pump(client: TcpStream, server: TcpStream, rules: Arc<Rules>) {
                         }
                         held.extend_from_slice(frame);
                     }
-                    _ => out.extend_from_slice(frame),
+                    Some(subject) => match rules.delays(subject) {
+                        Some(by) => {
+                            // What came before goes now; this one after the delay.
+                            if server_tx
+                                .write_all(&std::mem::take(&mut out))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                            tokio::time::sleep(by).await;
+                            out.extend_from_slice(frame);
+                        }
+                        None => out.extend_from_slice(frame),
+                    },
+                    None => out.extend_from_slice(frame),
                 }
                 at += len;
             }
@@ -363,5 +419,24 @@ mod tests {
         let msg = b"MSG _INBOX.y 3 5\r\nhello\r\n";
         assert_eq!(frame_len(msg), Some(msg.len()));
         assert_eq!(delivery_subject(msg), Some(&b"_INBOX.y"[..]));
+    }
+
+    #[test]
+    fn every_so_many_publishes_to_the_subjects_are_delayed() {
+        let rules = Rules::default();
+        assert_eq!(rules.delays(b"$KV.b.k"), None, "nothing delayed at first");
+        let by = std::time::Duration::from_millis(800);
+        *rules.delay.lock().unwrap() = Delay {
+            prefixes: vec!["$KV.b.".into()],
+            by,
+            every: 4,
+            seen: 0,
+        };
+        let delayed: Vec<bool> = (0..8).map(|_| rules.delays(b"$KV.b.k").is_some()).collect();
+        assert_eq!(
+            delayed,
+            [false, false, false, true, false, false, false, true]
+        );
+        assert_eq!(rules.delays(b"$KV.other.k"), None);
     }
 }

@@ -13,11 +13,14 @@
 //!   grow.
 //! - **Renew**: the holder replaces the revision it wrote (a
 //!   revision-checked update) every `ttl / 6`. A conflict means someone else
-//!   holds the lease now: the holder stops at once. A renewal, sent a
-//!   sixth of the TTL after the one before, must be answered before two
+//!   holds the lease now: the holder stops at once. A renewal sent a
+//!   sixth of the TTL after a prompt one must be answered before two
 //!   thirds of the TTL after that one (the fence below): it has half the
-//!   TTL, so a bus slowed by a loaded disk does not stand the holder down
-//!   as soon as with renewals every third (a third).
+//!   TTL, where renewing every third left it a third, so a bus that stalls
+//!   now and then (a loaded disk) stands the holder down less often.
+//!   Renewals are sent one at a time (each names the revision the one
+//!   before wrote), so renewals that are all late must each be answered
+//!   within a third of the TTL.
 //! - **Fence**: the holder acts only until `sent + 2/3 ttl`, where `sent` is
 //!   when it *sent* its last successful create or renewal, measured on the
 //!   local monotonic clock. The server stored that write after `sent`, so
@@ -159,10 +162,10 @@ pub struct Timing {
 }
 
 impl Timing {
-    /// How often the holder renews: a sixth of the TTL, so a renewal
-    /// answered up to half the TTL after it was sent keeps the holder
-    /// acting ([`Timing::valid_for`] after the one before). Each is one
-    /// small synced write to the lease bucket.
+    /// How often the holder renews: a sixth of the TTL, so a renewal sent
+    /// after a prompt one keeps the holder acting if it is answered within
+    /// half the TTL ([`Timing::valid_for`] after the prompt one). Each is
+    /// one small synced write to the lease bucket.
     pub fn renew_every(&self) -> Duration {
         self.ttl / 6
     }
@@ -931,15 +934,18 @@ mod tests {
         assert!(!st.acting(s(0.1)));
     }
 
-    /// A slow bus (a loaded disk syncing every write) answers a renewal
-    /// late. The holder goes on acting as long as each renewal is answered
-    /// within half the TTL of being sent: it renews every sixth of the
-    /// TTL, and a renewal sent then saves the deadline two thirds of the
-    /// TTL after the last one. (Renewing every third left a renewal a
-    /// third of the TTL, and a busy machine stood the holder down, the
-    /// lease going back and forth.)
+    /// A bus that stalls now and then (a loaded disk syncing every write)
+    /// answers a renewal late. The renewal after a prompt one is sent a
+    /// sixth of the TTL after it, and the deadline that prompt one set is
+    /// two thirds of the TTL after it: the late one keeps the holder
+    /// acting if it is answered within half the TTL of being sent.
+    /// (Renewing every third of the TTL left it a third: a busy machine
+    /// stood holders down, and the lease went back and forth.) Renewals
+    /// answered late one after another still must each come back within a
+    /// third of the TTL: each is sent only once the one before is answered
+    /// (it names that one's revision).
     #[test]
-    fn a_renewal_answered_within_half_the_ttl_keeps_the_holder_acting() {
+    fn a_renewal_answered_late_after_a_prompt_one_keeps_the_holder_acting() {
         for ttl in [
             Duration::from_secs(1),
             Duration::from_secs(2),
@@ -949,19 +955,27 @@ mod tests {
             let t0 = Instant::now();
             let mut st = State::Standby;
             st.acquired(t, t0, 1);
-            // Renewal after renewal, each answered just under half the
-            // TTL after it was sent, the next sent on schedule.
-            let mut sent = t0;
-            for revision in 2..20 {
-                sent += t.renew_every();
+            // When the next renewal is sent: on schedule after a prompt
+            // one, at once after a late one.
+            let mut send = t0 + t.renew_every();
+            for round in 0..6u64 {
+                // A prompt one...
+                st.expire(send);
+                st.renewed(t, send, 2 + 2 * round, send);
+                assert!(st.acting(send), "ttl {ttl:?}: a prompt renewal");
+                // ...then one answered just under half the TTL late.
+                let sent = send + t.renew_every();
                 let answered = sent + ttl * 49 / 100;
                 st.expire(answered);
-                st.renewed(t, sent, revision, answered);
+                st.renewed(t, sent, 3 + 2 * round, answered);
                 assert!(
                     st.acting(answered),
-                    "ttl {ttl:?}: stood down with renewal {revision} answered {:?} after it was sent",
-                    answered - sent
+                    "ttl {ttl:?}: stood down with a renewal answered {:?} after it was sent, {:?} \
+                     after the prompt one before it",
+                    answered - sent,
+                    answered - send
                 );
+                send = answered;
             }
         }
     }
