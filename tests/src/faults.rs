@@ -99,7 +99,7 @@ impl Rules {
             return None;
         }
         d.seen += 1;
-        (d.seen % d.every.max(1) == 0).then_some(d.by)
+        d.seen.is_multiple_of(d.every.max(1)).then_some(d.by)
     }
 
     fn drops(&self, subject: &[u8]) -> bool {
