@@ -19,28 +19,13 @@ use std::{
 };
 
 use tocsin_runtime::{clock::SystemClock, context::ServiceContext};
-use tocsin_tests::{eventually_within, NatsServer};
-
-/// The revision of the lease key (the stream sequence of its last write:
-/// the acquisition, then each renewal); 0 while there is none.
-async fn revision(js: &async_nats::jetstream::Context) -> u64 {
-    let Ok(kv) = js
-        .get_key_value(tocsin_runtime::lease::bucket("incidents"))
-        .await
-    else {
-        return 0;
-    };
-    match kv.entry(tocsin_runtime::lease::KEY).await {
-        Ok(Some(e)) => e.revision,
-        _ => 0,
-    }
-}
+use tocsin_tests::{bus::lease_revision, eventually_within, NatsServer};
 
 /// Waits (the kit's polling loop, up to `limit`) until the lease key has
 /// been written `n` more times since revision `from`; whether it was.
 async fn renewed(js: &async_nats::jetstream::Context, from: u64, n: u64, limit: Duration) -> bool {
     eventually_within(limit, || async {
-        if revision(js).await >= from + n {
+        if lease_revision(js, "incidents").await >= from + n {
             Ok(())
         } else {
             Err(())
@@ -84,7 +69,7 @@ async fn a_follower_slow_to_stop_does_not_cost_the_lease_just_taken() {
                         let n = tenures.fetch_add(1, Ordering::SeqCst) + 1;
                         // The service works through six renewals. A
                         // tenure that loses the lease is dropped first.
-                        let from = revision(&js).await;
+                        let from = lease_revision(&js, "incidents").await;
                         if renewed(&js, from, 6, ttl * 10).await {
                             held.store(n, Ordering::SeqCst);
                         }
@@ -98,7 +83,7 @@ async fn a_follower_slow_to_stop_does_not_cost_the_lease_just_taken() {
                         c.shutdown.cancelled().await;
                         // Ending its round (loading a large store, say)
                         // takes four renewals of the lease just taken.
-                        let from = revision(&js).await;
+                        let from = lease_revision(&js, "incidents").await;
                         renewed(&js, from, 4, ttl * 10).await;
                     }
                 },

@@ -16,21 +16,7 @@ use std::{
 };
 
 use tocsin_runtime::{clock::SystemClock, context::ServiceContext};
-use tocsin_tests::{eventually_within, faults::NatsProxy, NatsServer};
-
-/// The revision of the `incidents` lease key (each renewal bumps it).
-async fn revision(js: &async_nats::jetstream::Context) -> u64 {
-    let Ok(kv) = js
-        .get_key_value(tocsin_runtime::lease::bucket("incidents"))
-        .await
-    else {
-        return 0;
-    };
-    match kv.entry(tocsin_runtime::lease::KEY).await {
-        Ok(Some(e)) => e.revision,
-        _ => 0,
-    }
-}
+use tocsin_tests::{bus::lease_revision, eventually_within, faults::NatsProxy, NatsServer};
 
 /// Every fourth renewal reaches the server 40% of the TTL after it was
 /// sent: the holder keeps its first tenure through three such stalls.
@@ -94,9 +80,9 @@ async fn a_holder_whose_renewals_are_answered_late_keeps_its_tenure() {
         late,
         4,
     );
-    let from = revision(&direct).await;
+    let from = lease_revision(&direct, "incidents").await;
     let renewed = eventually_within(ttl * 30, || async {
-        let now = revision(&direct).await;
+        let now = lease_revision(&direct, "incidents").await;
         if now >= from + 13 {
             Ok(now)
         } else {

@@ -183,3 +183,16 @@ pub async fn try_count_without_markers(
     }
     Ok(all.saturating_sub(markers))
 }
+
+/// The revision of `role`'s lease key (`tocsin_runtime::lease`): the
+/// stream sequence of its last write, the acquisition then each renewal;
+/// 0 while there is none.
+pub async fn lease_revision(js: &jetstream::Context, role: &str) -> u64 {
+    let Ok(kv) = js.get_key_value(tocsin_runtime::lease::bucket(role)).await else {
+        return 0;
+    };
+    match kv.entry(tocsin_runtime::lease::KEY).await {
+        Ok(Some(e)) => e.revision,
+        _ => 0,
+    }
+}

@@ -309,6 +309,9 @@ async fn pump(client: TcpStream, server: TcpStream, rules: Arc<Rules>) {
                             {
                                 return;
                             }
+                            // The fault itself (a bus that stalls), not a
+                            // wait for something to happen or not: the
+                            // publish is held this long, then let go.
                             tokio::time::sleep(by).await;
                             out.extend_from_slice(frame);
                         }
