@@ -730,7 +730,11 @@ async fn pages_of_an_ended_tenure_are_never_stored_after_the_next_tenure_began()
     );
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let clock = Arc::new(ManualClock::new(t0()));
-    let ttl = Duration::from_secs(3);
+    // A must still hold the lease when its publishes are held back below.
+    // With 3 s, in a CI run of four tests at once, A's second-level page
+    // never came (2026-12-05): most likely a renewal was answered late, A
+    // stood down first, and B, whose pages are not held, was active.
+    let ttl = Duration::from_secs(6);
     let pages_of = |js: jetstream::Context| async move {
         bus::read_pages(&js)
             .await
