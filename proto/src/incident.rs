@@ -104,6 +104,14 @@ pub struct IncidentSummary {
     /// visible but pages nobody.
     #[serde(default)]
     pub suppressed: Option<String>,
+    /// How many entries have changed the incident: every entry about it
+    /// but the receipts (`paged`, `delivery`) adds one. Of two copies of
+    /// one incident the one with the higher revision is the newer, even
+    /// when the newer was stored in a message of several entries and the
+    /// older on the incident's own subjects (see [`LogEntry::is_packed`]).
+    /// 0 in entries written before it was kept.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 impl IncidentSummary {
@@ -135,6 +143,7 @@ impl IncidentSummary {
             alerts_total: 0,
             reopen_count: 0,
             suppressed: None,
+            revision: 0,
         }
     }
 }
@@ -486,6 +495,19 @@ impl LogEntry {
     /// [`LogEntry::subject`], so the last message of an incident's subjects
     /// always holds its summary as it stands.
     pub fn is_packed(&self) -> bool {
+        matches!(
+            self,
+            LogEntry::Incident(IncidentEvent {
+                kind: EventKind::Paged { .. } | EventKind::Delivery { .. },
+                ..
+            })
+        )
+    }
+
+    /// Whether this entry is a receipt (`paged`, `delivery`): it changes
+    /// nothing of its incident but the timeline, and so not its
+    /// [`IncidentSummary::revision`].
+    pub fn is_receipt(&self) -> bool {
         matches!(
             self,
             LogEntry::Incident(IncidentEvent {

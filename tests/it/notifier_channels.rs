@@ -455,6 +455,153 @@ policies:
     assert!(section.contains("Acknowledged by bob"), "{section}");
 }
 
+/// A firing `Load1` alert of `instance`, as INCIDENTS entries carry it.
+fn load_alert(instance: &str, starts_at: jiff::Timestamp) -> tocsin_proto::incident::AlertInfo {
+    use tocsin_proto::{Fingerprint, Labels};
+    let labels = Labels::from([
+        ("alertname".to_string(), "Load1".to_string()),
+        ("instance".to_string(), instance.to_string()),
+    ]);
+    tocsin_proto::incident::AlertInfo {
+        fingerprint: Fingerprint::from_labels(&labels),
+        status: AlertStatus::Firing,
+        labels,
+        annotations: Labels::new(),
+        starts_at,
+        ends_at: None,
+        generator_url: None,
+        suppressed: None,
+    }
+}
+
+/// Stores `entry` on INCIDENTS alone, on its own subject with its own
+/// message id, as the incidents service does.
+async fn store_entry(
+    js: &async_nats::jetstream::Context,
+    entry: &tocsin_proto::incident::LogEntry,
+) {
+    use tocsin_proto::{codec, subjects::headers, Envelope};
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::MSG_ID, entry.msg_id().as_str());
+    let bytes = codec::encode(&Envelope::new(
+        "test",
+        jiff::Timestamp::now(),
+        entry.clone(),
+    ))
+    .unwrap();
+    js.publish_with_headers(entry.subject(), h, bytes.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// Alert changes are stored with others in messages of several entries,
+/// not on the incident's own subjects: an incident whose second alert
+/// joined after its opening has the opening as its last own entry, and
+/// the page (made by escalation, which read the change) carries the newer
+/// copy (a higher revision). The page shows that copy, the second alert's
+/// higher severity included, and lists both alerts, asked of the incidents
+/// service (answered here by the test), not the opening's one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_shows_alert_changes_stored_after_the_incidents_last_own_entry() {
+    use futures::StreamExt as _;
+    use tocsin_proto::{
+        codec,
+        incident::{Cause, EventKind, IncidentEvent, LogEntry, Severity},
+        notify::Channel,
+        query::{IncidentDetail, QueryReply},
+        subjects::{headers, query, INCIDENTS_BATCH},
+        Envelope,
+    };
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let r = notifier::Replica::start(&nats, notifier::config(&fakes, None, dir.path())).await;
+    r.wait_ready().await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+
+    let mut page = notifier::page(1, Channel::Webhook);
+    let alert = |instance: &str| load_alert(instance, page.incident.opened_at);
+    let (first, second) = (alert("web-1"), alert("web-2"));
+    let at = page.incident.opened_at;
+    let mut opened = page.incident.clone();
+    (opened.alerts_firing, opened.alerts_total) = (1, 1);
+    opened.severity = Severity::Low;
+    opened.revision = 1;
+    let mut joined = opened.clone();
+    (joined.alerts_firing, joined.alerts_total) = (2, 2);
+    joined.severity = Severity::Critical;
+    joined.revision = 2;
+    let entry =
+        |kind: EventKind, incident: &tocsin_proto::incident::IncidentSummary, cause: &str| {
+            LogEntry::Incident(IncidentEvent {
+                kind,
+                at,
+                actor: None,
+                cause: Cause::Timer { id: cause.into() },
+                incident: incident.clone(),
+            })
+        };
+    let opening = entry(EventKind::opened(first.clone()), &opened, "t1");
+    let change = entry(EventKind::alert_firing(second.clone()), &joined, "t2");
+    store_entry(&js, &opening).await;
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::MSG_ID, "batch:test:1");
+    h.insert(headers::ITEMS, "1");
+    let bytes = codec::encode(&Envelope::new("test", at, vec![change])).unwrap();
+    js.publish_with_headers(INCIDENTS_BATCH, h, bytes.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    // The incidents service's answer: the incident as it stands.
+    let mut asked = client.subscribe(query::GET_INCIDENT).await.unwrap();
+    let detail = IncidentDetail {
+        incident: joined.clone(),
+        alerts: vec![first.clone(), second.clone()],
+        timeline: Vec::new(),
+        alerts_omitted: 0,
+        timeline_omitted: 0,
+    };
+    let answer = codec::encode(&QueryReply::Incident(Box::new(detail))).unwrap();
+    let responder = tokio::spawn({
+        let client = client.clone();
+        async move {
+            while let Some(m) = asked.next().await {
+                if let Some(reply) = m.reply {
+                    let _ = client.publish(reply, answer.clone().into()).await;
+                }
+            }
+        }
+    });
+    client.flush().await.unwrap();
+
+    page.incident = joined;
+    notifier::publish_pages(&js, std::slice::from_ref(&page)).await;
+    assert!(
+        fakes.wait_for(|f| !f.webhooks().is_empty(), WAIT).await,
+        "no webhook call within {WAIT:?}"
+    );
+    let body = &fakes.webhooks()[0].body;
+    assert_eq!(
+        body["incident"]["alerts_firing"], 2,
+        "the page's newer copy of the incident: {body}"
+    );
+    assert_eq!(body["incident"]["severity"], "critical", "{body}");
+    let shown: Vec<&str> = body["incident"]["alerts"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no alert list in {body}"))
+        .iter()
+        .map(|a| a["labels_text"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(shown.len(), 2, "both alerts, not the opening's one: {body}");
+    responder.abort();
+    r.stop().await;
+}
+
 /// A page for an incident whose last INCIDENTS entry is its opening lists
 /// the incident's alerts from that entry (ordered as the incidents
 /// service's answer is, by fingerprint): the notifier asks the incidents
@@ -464,11 +611,8 @@ policies:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_for_a_just_opened_incident_lists_its_alerts_without_asking_the_incidents_service() {
     use tocsin_proto::{
-        codec,
-        incident::{AlertInfo, Cause, EventKind, IncidentEvent, LogEntry},
+        incident::{Cause, EventKind, IncidentEvent, LogEntry},
         notify::Channel,
-        subjects::headers,
-        Envelope, Fingerprint, Labels,
     };
     let nats = NatsServer::start().await;
     let fakes = FakeProviders::start().await;
@@ -478,22 +622,7 @@ async fn a_page_for_a_just_opened_incident_lists_its_alerts_without_asking_the_i
     let js = async_nats::jetstream::new(nats.client().await);
 
     let page = notifier::page(1, Channel::Webhook);
-    let alert = |instance: &str| {
-        let labels = Labels::from([
-            ("alertname".to_string(), "Load1".to_string()),
-            ("instance".to_string(), instance.to_string()),
-        ]);
-        AlertInfo {
-            fingerprint: Fingerprint::from_labels(&labels),
-            status: AlertStatus::Firing,
-            labels,
-            annotations: Labels::new(),
-            starts_at: page.incident.opened_at,
-            ends_at: None,
-            generator_url: None,
-            suppressed: None,
-        }
-    };
+    let alert = |instance: &str| load_alert(instance, page.incident.opened_at);
     let (first, second) = (alert("web-2"), alert("web-1"));
     let mut incident = page.incident.clone();
     (incident.alerts_firing, incident.alerts_total) = (2, 2);
@@ -507,15 +636,7 @@ async fn a_page_for_a_just_opened_incident_lists_its_alerts_without_asking_the_i
         cause: Cause::Timer { id: "t1".into() },
         incident,
     });
-    let mut h = async_nats::HeaderMap::new();
-    h.insert(headers::MSG_ID, entry.msg_id().as_str());
-    let at = page.incident.opened_at;
-    let bytes = codec::encode(&Envelope::new("test", at, entry.clone())).unwrap();
-    js.publish_with_headers(entry.subject(), h, bytes.into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    store_entry(&js, &entry).await;
 
     notifier::publish_pages(&js, std::slice::from_ref(&page)).await;
     assert!(

@@ -45,9 +45,10 @@ use crate::{
 /// How many applied command ids an incident remembers, to answer a retried
 /// command as "already applied" instead of applying it twice.
 const REMEMBERED_COMMANDS: usize = 64;
-/// Messages of receipts remembered per incident ([`IncidentState::batches`]):
-/// a timeline shows the receipts of the newest this many (an answer holds
-/// at most a few thousand entries anyway).
+/// Messages of several entries remembered per incident
+/// ([`IncidentState::batches`]): a timeline shows the receipts and alert
+/// changes of the newest this many (an answer holds at most a few
+/// thousand entries anyway).
 pub const REMEMBERED_BATCHES: usize = 1024;
 
 /// Dedup key -> the most recent incident with that key, for every
@@ -107,10 +108,10 @@ pub struct IncidentState {
     #[serde(default)]
     pub commands: VecDeque<String>,
     /// The stream sequences of the INCIDENTS messages of several entries
-    /// (receipts, on `tocsin.incidents.batch`) that hold some of its
-    /// entries, oldest first, the newest [`REMEMBERED_BATCHES`]: its
-    /// timeline reads its receipts there, since no subject of its own
-    /// names them.
+    /// (receipts and alert changes, on `tocsin.incidents.batch`) that hold
+    /// some of its entries, oldest first, the newest
+    /// [`REMEMBERED_BATCHES`]: its timeline reads those entries there,
+    /// since no subject of its own names them.
     #[serde(default)]
     pub batches: VecDeque<u64>,
     /// Counts the alert-derived summary follows from (not stored).
@@ -787,21 +788,41 @@ struct Batch<'a> {
 
 impl Batch<'_> {
     /// An entry whose incident-after is already known (see
-    /// [`joined_summary`]).
-    fn push_summary(&mut self, summary: IncidentSummary, kind: EventKind) {
+    /// [`joined_summary`]), taken from the incident as stored: its
+    /// revision moves on here.
+    fn push_summary(&mut self, mut summary: IncidentSummary, kind: EventKind) {
+        if !is_receipt(&kind) {
+            summary.revision += 1;
+        }
+        self.push_entry(summary, kind);
+    }
+
+    fn push_entry(&mut self, incident: IncidentSummary, kind: EventKind) {
         self.entries.push(LogEntry::Incident(IncidentEvent {
             kind,
             at: self.at,
             actor: self.actor.clone(),
             cause: self.cause.clone(),
-            incident: summary,
+            incident,
         }));
     }
 
+    /// Steps the scratch incident `st` (its revision too, so a second
+    /// entry of the same input stepped from it is newer again) and pushes
+    /// the entry.
     fn push(&mut self, st: &mut IncidentState, kind: EventKind) {
         step(st, &kind, self.at, self.actor.as_ref(), self.cfg);
-        self.push_summary(st.summary.clone(), kind);
+        if !is_receipt(&kind) {
+            st.summary.revision += 1;
+        }
+        self.push_entry(st.summary.clone(), kind);
     }
+}
+
+/// Whether an entry of this kind is a receipt, which changes nothing of
+/// the incident but its timeline (nor its revision).
+fn is_receipt(kind: &EventKind) -> bool {
+    matches!(kind, EventKind::Paged { .. } | EventKind::Delivery { .. })
 }
 
 /// Applies `kind` to a scratch incident and recomputes what derives from it.

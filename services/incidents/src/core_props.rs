@@ -278,6 +278,17 @@ fn run(ops: &[Op], cuts: &[prop::sample::Index]) -> Result<(), TestCaseError> {
     prop_assert_eq!(replayed.next_number, proj.next_number);
     prop_assert_eq!(replayed.open_count, proj.open_count);
     prop_assert_eq!(&replayed.snoozes, &proj.snoozes);
+    // Every entry but a receipt moves its incident's revision on by one,
+    // so of two copies of an incident the newer has the higher revision
+    // wherever each was stored.
+    let mut revisions = std::collections::HashMap::new();
+    for e in &log {
+        let LogEntry::Incident(ev) = e else { continue };
+        let before: u64 = revisions.get(&ev.incident.id).copied().unwrap_or(0);
+        let want = if e.is_receipt() { before } else { before + 1 };
+        prop_assert_eq!(ev.incident.revision, want, "{:?}", ev.kind.name());
+        revisions.insert(ev.incident.id, ev.incident.revision);
+    }
     Ok(())
 }
 

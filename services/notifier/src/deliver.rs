@@ -632,6 +632,13 @@ impl Deliverer {
             }
         };
         let (summary, version) = match &current {
+            // The page's copy is the newer when alert changes of the
+            // incident were stored after its last entry on its own
+            // subjects, in a message of several (`LogEntry::is_packed`):
+            // its status is the same, its alerts have moved on.
+            Some(n) if n.summary.revision < job.snapshot.revision => {
+                (job.snapshot.clone(), n.version)
+            }
             Some(n) => (n.summary.clone(), n.version),
             None => (job.snapshot.clone(), 0),
         };
@@ -645,7 +652,9 @@ impl Deliverer {
         }
         let alerts =
             if matches!(job.about.kind, MessageKind::Page | MessageKind::Reminder) && version > 0 {
-                self.incidents.alerts(job.about.incident, version).await
+                self.incidents
+                    .alerts(job.about.incident, version, summary.revision)
+                    .await
             } else {
                 Vec::new()
             };

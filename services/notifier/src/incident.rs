@@ -1,10 +1,14 @@
 //! The incident as it is now, read right before a message is sent, so a
 //! message never shows an older state than the incident's: its last entry
-//! on INCIDENTS (the state, and that entry's stream sequence as the
-//! version), and its alerts (for the alert list in pages): from that
-//! entry when it is the incident's opening, which names every alert the
-//! incident has at that version, else from the incidents service's query
-//! (a page is sent without them when the service does not answer).
+//! on its own INCIDENTS subjects (the state, and that entry's stream
+//! sequence as the version), and its alerts (for the alert list in
+//! pages): from that entry when it is the incident's opening, which names
+//! every alert the incident has at that version, else from the incidents
+//! service's query (a page is sent without them when the service does
+//! not answer). Alert changes are stored in messages of several entries,
+//! not on the incident's subjects, so a page's own copy of the incident
+//! can be newer than that entry (a higher `revision`, same status): the
+//! page's copy is shown then, with its alerts from the query.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -42,7 +46,9 @@ pub(crate) struct Incidents {
     alerts: Mutex<AlertsCache>,
 }
 
-type Version = (uuid::Uuid, u64);
+/// An incident, the INCIDENTS sequence of its last own entry, and the
+/// revision of the copy shown.
+type Version = (uuid::Uuid, u64, u64);
 
 /// Alerts by incident and version, each with when it was read, and the
 /// same in the order read, so what is too old leaves from the front (no
@@ -119,7 +125,7 @@ impl Incidents {
                 body: LogEntry::Incident(ev),
                 ..
             }) => {
-                let key = (id, msg.sequence);
+                let key = (id, msg.sequence, ev.incident.revision);
                 let mut cache = self.alerts.lock().unwrap_or_else(|e| e.into_inner());
                 if matches!(ev.kind, EventKind::Opened { .. }) && cache.get(&key).is_none() {
                     // Its alerts at this version are the opening's, as the
@@ -180,14 +186,21 @@ impl Incidents {
         }
     }
 
-    /// The incident's alerts (empty when the incidents service does not
-    /// answer in time: the page goes out with the summary only).
-    pub(crate) async fn alerts(&self, id: uuid::Uuid, version: u64) -> Vec<AlertInfo> {
+    /// The incident's alerts at `version` and `revision` (empty when the
+    /// incidents service does not answer in time: the page goes out with
+    /// the summary only).
+    pub(crate) async fn alerts(
+        &self,
+        id: uuid::Uuid,
+        version: u64,
+        revision: u64,
+    ) -> Vec<AlertInfo> {
+        let key = (id, version, revision);
         let cached = self
             .alerts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&(id, version));
+            .get(&key);
         if let Some(a) = cached {
             return a;
         }
@@ -218,7 +231,7 @@ impl Incidents {
         self.alerts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert((id, version), alerts.clone());
+            .insert(key, alerts.clone());
         alerts
     }
 }
@@ -232,12 +245,12 @@ mod tests {
         let mut c = AlertsCache::default();
         let id = uuid::Uuid::from_u128(1);
         for v in 0..(ALERTS_MAX as u64 + 10) {
-            c.insert((id, v), Vec::new());
+            c.insert((id, v, 0), Vec::new());
         }
         assert_eq!(c.map.len(), ALERTS_MAX);
         assert_eq!(c.order.len(), ALERTS_MAX);
-        assert!(c.get(&(id, 0)).is_none(), "the oldest left first");
-        assert!(c.get(&(id, ALERTS_MAX as u64 + 9)).is_some());
+        assert!(c.get(&(id, 0, 0)).is_none(), "the oldest left first");
+        assert!(c.get(&(id, ALERTS_MAX as u64 + 9, 0)).is_some());
     }
 
     #[test]
@@ -246,13 +259,13 @@ mod tests {
         let id = uuid::Uuid::from_u128(1);
         let old = Instant::now() - ALERTS_KEPT - Duration::from_secs(1);
         let new = Instant::now();
-        c.map.insert((id, 1), (old, Vec::new()));
-        c.order.push_back((old, (id, 1)));
-        c.map.insert((id, 2), (new, Vec::new()));
-        c.order.push_back((new, (id, 2)));
+        c.map.insert((id, 1, 0), (old, Vec::new()));
+        c.order.push_back((old, (id, 1, 0)));
+        c.map.insert((id, 2, 0), (new, Vec::new()));
+        c.order.push_back((new, (id, 2, 0)));
         // What the sweep does while no page comes.
         c.expire();
         assert_eq!(c.map.len(), 1, "the entry past ALERTS_KEPT left");
-        assert!(c.map.contains_key(&(id, 2)));
+        assert!(c.map.contains_key(&(id, 2, 0)));
     }
 }

@@ -2731,6 +2731,7 @@ impl EscalationGen {
             alerts_total: 1,
             reopen_count: 0,
             suppressed: None,
+            revision: 0,
         }
     }
 
