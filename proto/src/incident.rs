@@ -491,14 +491,22 @@ impl LogEntry {
     /// Whether the incidents service stores this entry with others of a
     /// batch in one message on [`crate::subjects::INCIDENTS_BATCH`]: the
     /// receipts (`paged`, `delivery`), which change nothing of the incident
-    /// but its timeline. Every other entry has a message of its own on
-    /// [`LogEntry::subject`], so the last message of an incident's subjects
-    /// always holds its summary as it stands.
+    /// but its timeline, and the alert changes of an incident already open
+    /// (`alert_firing`, `alert_resolved`), of which a storm brings many.
+    /// Every other entry (an opening, a change of status, a note) has a
+    /// message of its own on [`LogEntry::subject`]. So the last message of
+    /// an incident's subjects holds its status as it stands, but its
+    /// alert counts, severity and common labels may have moved on since
+    /// in a packed entry: [`IncidentSummary::revision`] says which of two
+    /// copies is the newer.
     pub fn is_packed(&self) -> bool {
         matches!(
             self,
             LogEntry::Incident(IncidentEvent {
-                kind: EventKind::Paged { .. } | EventKind::Delivery { .. },
+                kind: EventKind::Paged { .. }
+                    | EventKind::Delivery { .. }
+                    | EventKind::AlertFiring { .. }
+                    | EventKind::AlertResolved { .. },
                 ..
             })
         )

@@ -151,9 +151,9 @@ pub fn incident_subject(id: &uuid::Uuid, kind: &str) -> String {
 
 /// Subject of a message holding several incident entries (an
 /// `Envelope<Vec<LogEntry>>`, in the order they were decided): the
-/// receipts (`paged`, `delivery`) of the COMMANDS messages of one batch of
-/// inputs, which the incidents service stores together so that JetStream
-/// syncs one message for all of them
+/// receipts (`paged`, `delivery`) and alert changes (`alert_firing`,
+/// `alert_resolved`) of one batch of inputs, which the incidents service
+/// stores together so that JetStream syncs one message for all of them
 /// ([`crate::incident::LogEntry::is_packed`]). Not under
 /// `tocsin.incidents.inc.`: filters by incident or by kind do not take it;
 /// readers of those kinds add it to their filter and split it

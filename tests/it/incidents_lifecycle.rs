@@ -1,13 +1,14 @@
 //! Grouping, lifecycle, reopen window — through the real bus.
 
 use jiff::{SignedDuration, Timestamp};
+use tocsin_proto::subjects::STREAM_INCIDENTS;
 use tocsin_proto::{
     command::IncidentRef,
     incident::{EventKind, IncidentStatus, LogEntry, ResolveReason, Severity},
     AlertStatus,
 };
 use tocsin_tests::{
-    http,
+    bus, http,
     incidents::{alert, get, log, publish_alert, wait_for},
     NatsServer, TocsinHarness,
 };
@@ -220,6 +221,13 @@ async fn an_alertmanager_webhook_becomes_an_incident_end_to_end() {
     assert_eq!(detail.timeline[0].kind.alerts().count(), 2);
 }
 
+/// Posts an Alertmanager webhook to ingest and expects it stored (200).
+async fn post_alertmanager(tocsin: &TocsinHarness, body: String) {
+    let url = format!("{}/api/v1/alerts/alertmanager", tocsin.ingest_url);
+    let a = http::post(&reqwest::Client::new(), &url, Some(&tocsin.token), body).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+}
+
 /// An Alertmanager webhook of `n` alerts of one group (instances
 /// `from..from + n`), firing or resolved.
 fn grouped_webhook(from: usize, n: usize, firing: bool) -> String {
@@ -260,16 +268,7 @@ async fn a_webhooks_alerts_of_one_incident_are_written_as_one_entry() {
     let tocsin = TocsinHarness::start(&nats).await;
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
-    let post = |body: String| {
-        let (url, token) = (
-            format!("{}/api/v1/alerts/alertmanager", tocsin.ingest_url),
-            tocsin.token.clone(),
-        );
-        async move {
-            let a = http::post(&reqwest::Client::new(), &url, Some(&token), body).await;
-            assert_eq!(a.status, 200, "{}", a.text);
-        }
-    };
+    let post = |body: String| post_alertmanager(&tocsin, body);
     post(grouped_webhook(0, 100, true)).await;
     wait_for(&client, "one incident with 100 alerts", |all| {
         all.len() == 1 && all[0].alerts_total == 100 && all[0].alerts_firing == 100
@@ -320,6 +319,97 @@ async fn a_webhooks_alerts_of_one_incident_are_written_as_one_entry() {
         .alerts
         .iter()
         .all(|a| a.status == AlertStatus::Resolved));
+    tocsin.stop().await.unwrap();
+}
+
+/// A webhook of alerts for many open incidents, one each (an ungrouped
+/// storm): each changes a different incident, and the alert changes are
+/// stored together in messages of several entries instead of one synced
+/// message each. Every incident shows its new alert and severity, its
+/// timeline lists the change (read from the message of several), each
+/// change's copy of its incident is one revision newer than its opening,
+/// and a restarted service reads them all back.
+#[tokio::test]
+async fn an_ungrouped_storms_alert_changes_share_messages() {
+    const GROUPS: usize = 40;
+    let nats = NatsServer::start().await;
+    let mut config = TocsinHarness::config(&nats);
+    config.incidents.group_by = vec!["alertname".into()];
+    let tocsin = TocsinHarness::start_with(config.clone()).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let webhook = |instance: &str, severity: &str| {
+        let alerts: Vec<serde_json::Value> = (0..GROUPS)
+            .map(|g| {
+                serde_json::json!({
+                    "status": "firing",
+                    "labels": {"alertname": format!("Storm{g}"), "severity": severity,
+                               "instance": instance},
+                    "annotations": {},
+                    "startsAt": "2026-01-05T10:00:00Z",
+                    "endsAt": "0001-01-01T00:00:00Z",
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "receiver": "tocsin", "status": "firing", "alerts": alerts,
+            "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {},
+            "externalURL": "http://alertmanager:9093", "version": "4",
+            "groupKey": "{}:{}", "truncatedAlerts": 0
+        })
+        .to_string()
+    };
+    let post = |body: String| post_alertmanager(&tocsin, body);
+    post(webhook("a:9100", "warning")).await;
+    wait_for(&client, "every group opened", |all| all.len() == GROUPS).await;
+    let openings = bus::count_without_markers(&js, STREAM_INCIDENTS).await;
+    post(webhook("b:9100", "critical")).await;
+    let all = wait_for(&client, "every incident with its second alert", |all| {
+        all.len() == GROUPS
+            && all
+                .iter()
+                .all(|i| i.alerts_firing == 2 && i.severity == Severity::Critical)
+    })
+    .await;
+    let changes = bus::count_without_markers(&js, STREAM_INCIDENTS).await - openings;
+    assert!(
+        changes < GROUPS as u64 / 4,
+        "{GROUPS} alert changes took {changes} INCIDENTS messages"
+    );
+    let entries = log(&js).await;
+    let firing: Vec<_> = entries
+        .iter()
+        .filter_map(|(_, e)| match e {
+            LogEntry::Incident(e) if matches!(e.kind, EventKind::AlertFiring { .. }) => Some(e),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(firing.len(), GROUPS, "one alert change per incident");
+    assert!(
+        firing.iter().all(|e| e.incident.revision == 2),
+        "each change one revision newer than its incident's opening"
+    );
+    let detail = get(&client, IncidentRef::Id(all[0].id)).await;
+    let kinds: Vec<&str> = detail.timeline.iter().map(|e| e.kind.name()).collect();
+    assert_eq!(kinds, ["opened", "alert_firing"], "the timeline");
+    // What the service reads back when its store lost an incident: its
+    // own subjects and the messages of several together.
+    let replayed = tocsin_incidents::replay_incident(&js, all[0].id, u64::MAX)
+        .await
+        .unwrap()
+        .expect("the incident is on the stream");
+    assert_eq!(
+        replayed.summary, detail.incident,
+        "replayed from the stream"
+    );
+    assert_eq!(replayed.alerts.len(), 2, "both alerts replayed");
+    tocsin.stop().await.unwrap();
+
+    let tocsin = TocsinHarness::start_with(config).await;
+    wait_for(&client, "the same incidents after a restart", |all| {
+        all.len() == GROUPS && all.iter().all(|i| i.alerts_firing == 2 && i.revision == 2)
+    })
+    .await;
     tocsin.stop().await.unwrap();
 }
 

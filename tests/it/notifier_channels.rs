@@ -546,6 +546,7 @@ async fn a_page_shows_alert_changes_stored_after_the_incidents_last_own_entry() 
         };
     let opening = entry(EventKind::opened(first.clone()), &opened, "t1");
     let change = entry(EventKind::alert_firing(second.clone()), &joined, "t2");
+    assert!(change.is_packed(), "an alert change is stored with others");
     store_entry(&js, &opening).await;
     let mut h = async_nats::HeaderMap::new();
     h.insert(headers::MSG_ID, "batch:test:1");

@@ -54,6 +54,7 @@ use tocsin_runtime::context::ServiceContext;
 
 pub use config::IncidentsConfig;
 pub use error::IncidentsError;
+pub use query::replay_incident;
 pub use service::COMMANDS_CONSUMER;
 
 /// Compiles the config into what the core needs, checking matchers,

@@ -9,7 +9,7 @@ use tocsin_proto::{
     codec::{self, decode_entries, decode_envelope},
     incident::{EventKind, IncidentEvent, IncidentStatus, IncidentSummary, LogEntry},
     query::{GetIncident, IncidentDetail, ListIncidents, QueryReply},
-    subjects::{query, STREAM_INCIDENTS},
+    subjects::{is_incidents_batch, query, STREAM_INCIDENTS},
 };
 use tocsin_runtime::query::Queries;
 use tokio_util::sync::CancellationToken;
@@ -247,11 +247,18 @@ fn alert_change(e: &IncidentEvent) -> bool {
 /// [`fit`]); and how many older ones were let go while reading. An
 /// incident whose alerts flapped for weeks has hundreds of thousands of
 /// entries: they are read one by one, never all held at once. Its entries
-/// on its own subjects are read in order; its receipts, stored in
-/// messages of several ([`tocsin_proto::subjects::INCIDENTS_BATCH`]), are
-/// read from the messages at `batches` (the incident's own list of them,
-/// [`IncidentState::batches`]), one at a time (one that aged out of the
-/// stream is passed over).
+/// on its own subjects are read in order; its receipts and alert changes,
+/// stored in messages of several
+/// ([`tocsin_proto::subjects::INCIDENTS_BATCH`]), are read from the
+/// messages at `batches` (the incident's own list of them,
+/// [`IncidentState::batches`]), one at a time, newest first, until
+/// [`BATCH_READ_FACTOR`] times `keep_bytes` of them were read (a storm's
+/// messages hold many incidents' entries; one that aged out of the stream
+/// is passed over).
+/// A timeline reads at most this many times the bytes it keeps from
+/// messages of several entries.
+const BATCH_READ_FACTOR: usize = 8;
+
 pub(crate) async fn timeline(
     js: &jetstream::Context,
     incident: &IncidentSummary,
@@ -277,12 +284,17 @@ pub(crate) async fn timeline(
         .get_stream_no_info(STREAM_INCIDENTS)
         .await
         .map_err(|e| e.to_string())?;
-    for &seq in batches {
+    let mut budget = keep_bytes.saturating_mul(BATCH_READ_FACTOR);
+    for &seq in batches.iter().rev() {
+        if budget == 0 {
+            break;
+        }
         let m = match stream.get_raw_message(seq).await {
             Ok(m) => m,
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => continue,
             Err(e) => return Err(format!("cannot read INCIDENTS message {seq}: {e}")),
         };
+        budget = budget.saturating_sub(m.payload.len());
         let Ok(env) = decode_entries(&m.subject, &m.payload) else {
             continue;
         };
@@ -369,23 +381,50 @@ pub(crate) async fn cold(
 }
 
 /// Incident `id` as its entries on the INCIDENTS stream up to sequence
-/// `upto` make it (None if it has none).
-pub(crate) async fn replay_incident(
+/// `upto` make it (None if it has none): those on its own subjects and
+/// its alert changes and receipts in messages of several, which are read
+/// whole, every one of them up to `upto` (the store lost the incident, so
+/// which of them hold its entries is not known: slow on a long stream,
+/// and only taken when the local store lost the incident).
+pub async fn replay_incident(
     js: &jetstream::Context,
     id: uuid::Uuid,
     upto: u64,
 ) -> Result<Option<IncidentState>, String> {
-    let filter = tocsin_proto::subjects::incident_events_of(&id);
-    let msgs = tocsin_runtime::streams::read_matching(js, STREAM_INCIDENTS, filter).await?;
+    let filters = vec![
+        tocsin_proto::subjects::incident_events_of(&id),
+        tocsin_proto::subjects::INCIDENTS_BATCH.to_string(),
+    ];
     let mut scratch = Projection::new();
-    for m in &msgs {
-        let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
+    let mut failed = None;
+    tocsin_runtime::streams::read_matching_any_each(js, STREAM_INCIDENTS, filters, |m| {
+        let seq = match m.info() {
+            Ok(i) => i.stream_sequence,
+            Err(e) => {
+                failed.get_or_insert_with(|| e.to_string());
+                return;
+            }
+        };
         if seq > upto {
-            break;
+            return;
         }
-        if let Ok(env) = decode_envelope::<LogEntry>(&m.payload) {
-            scratch.apply(&env.body, seq);
+        let Ok(env) = decode_entries(&m.subject, &m.payload) else {
+            return;
+        };
+        let mine: Vec<LogEntry> = env
+            .body
+            .into_iter()
+            .filter(|e| e.incident_id() == Some(id))
+            .collect();
+        match mine.as_slice() {
+            [] => {}
+            [one] if !is_incidents_batch(&m.subject) => scratch.apply(one, seq),
+            _ => scratch.apply_batch(&mine, seq),
         }
+    })
+    .await?;
+    if let Some(e) = failed {
+        return Err(e);
     }
     Ok(scratch.incidents.remove(&id).map(|st| *st))
 }

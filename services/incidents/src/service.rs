@@ -226,14 +226,15 @@ type Sent = (Ack, Stored);
 enum Stored {
     /// An entry on its own subject.
     One(Box<LogEntry>),
-    /// Several, on [`INCIDENTS_BATCH`]: receipts of a batch of inputs.
+    /// Several, on [`INCIDENTS_BATCH`]: receipts and alert changes of a
+    /// batch of inputs ([`LogEntry::is_packed`]).
     Batch(Vec<LogEntry>),
 }
 
-/// Receipts decided and folded in, to be sent as one message
-/// ([`Service::send_batch`]): those of the COMMANDS messages of one batch
-/// of inputs up to the next entry of another kind (so the stream keeps
-/// the order they were decided in); the bytes they take as single
+/// Receipts and alert changes decided and folded in, to be sent as one
+/// message ([`Service::send_batch`]): those of one batch of inputs up to
+/// the next entry of another kind (so the stream keeps the order they
+/// were decided in); the bytes they take as single
 /// entries (a bound on the message's size: the message has one envelope,
 /// not one per entry); the trace context of the first.
 #[derive(Default)]
@@ -1209,14 +1210,17 @@ impl Service {
             }
             let fast = if is_alert {
                 top_alert = top_alert.max(seq);
-                // The receipts gathered so far go first, in order.
-                match self.send_batch(&mut batch, &mut sent, &mut last_seq).await {
-                    Ok(()) => {
-                        self.send_alert(&msg, seq, &mut sent, &mut handled, &mut last_seq)
-                            .await
-                    }
-                    Err(e) => Fast::Failed(e),
-                }
+                // Its alert changes join the entries gathered so far;
+                // anything else goes after them, in order.
+                self.send_alert(
+                    &msg,
+                    seq,
+                    &mut batch,
+                    &mut sent,
+                    &mut handled,
+                    &mut last_seq,
+                )
+                .await
             } else {
                 top_command = top_command.max(seq);
                 if seq <= self.careful_commands.load(Ordering::Relaxed) {
@@ -1301,6 +1305,7 @@ impl Service {
         &self,
         msg: &jetstream::Message,
         seq: u64,
+        batch: &mut Batch,
         sent: &mut Vec<Sent>,
         handled: &mut Vec<Handled>,
         last_seq: &mut u64,
@@ -1309,10 +1314,10 @@ impl Service {
         if seq < resume.seq {
             return Fast::Done; // already decided
         }
-        let batch = is_alert_batch(&msg.subject);
+        let several = is_alert_batch(&msg.subject);
         let budget = self.limits.max_alert_bytes();
         if seq <= self.careful_until.load(Ordering::Relaxed)
-            || (!batch && msg.payload.len() > budget)
+            || (!several && msg.payload.len() > budget)
         {
             return Fast::Careful;
         }
@@ -1321,7 +1326,7 @@ impl Service {
         };
         // Each alert of a small message is small; in a larger one each is
         // measured.
-        let measure = batch && msg.payload.len() > budget;
+        let measure = several && msg.payload.len() > budget;
         // Each alert's trace context is its request's (a pack holds
         // several requests'); the message's header is the first's.
         let traceparent = header(msg, headers::TRACEPARENT);
@@ -1341,14 +1346,14 @@ impl Service {
                 || (measure && codec::encode(&one.body).map_or(usize::MAX, |b| b.len()) > budget)
             {
                 return self
-                    .end_run(&mut run, sent, last_seq)
+                    .end_run(&mut run, batch, sent, last_seq)
                     .await
                     .err()
                     .unwrap_or(Fast::Careful);
             }
             let Some(mut entries) = self.decide_in_batch(|d| d.alert(at.cause(), &one)) else {
                 return self
-                    .end_run(&mut run, sent, last_seq)
+                    .end_run(&mut run, batch, sent, last_seq)
                     .await
                     .err()
                     .unwrap_or(Fast::Careful);
@@ -1372,17 +1377,20 @@ impl Service {
                 _ => None,
             };
             let Some(payload) = joins else {
-                if let Err(fast) = self.end_run(&mut run, sent, last_seq).await {
+                if let Err(fast) = self.end_run(&mut run, batch, sent, last_seq).await {
                     return fast;
                 }
-                if let Err(fast) = self.send_entries(entries, tp, sent, last_seq).await {
+                if let Err(fast) = self
+                    .send_or_gather(entries, batch, tp, sent, last_seq)
+                    .await
+                {
                     return fast;
                 }
                 handled.push(Handled::Alert(at, one.received_at, n));
                 // A request's alerts can be many: their acknowledgements
                 // are awaited before async-nats runs out of permits.
                 if sent.len() >= MAX_SENT {
-                    if let Err(e) = self.finish(sent, handled).await {
+                    if let Err(e) = self.send_and_finish(batch, sent, handled, last_seq).await {
                         return Fast::Failed(e);
                     }
                 }
@@ -1405,7 +1413,7 @@ impl Service {
                 _ => next,
             };
             // A run of its own, after the one before.
-            if let Err(fast) = self.end_run(&mut run, sent, last_seq).await {
+            if let Err(fast) = self.end_run(&mut run, batch, sent, last_seq).await {
                 return fast;
             }
             run = Some(Run {
@@ -1415,15 +1423,15 @@ impl Service {
                 traceparent: tp_one,
             });
             if sent.len() >= MAX_SENT {
-                if let Err(fast) = self.end_run(&mut run, sent, last_seq).await {
+                if let Err(fast) = self.end_run(&mut run, batch, sent, last_seq).await {
                     return fast;
                 }
-                if let Err(e) = self.finish(sent, handled).await {
+                if let Err(e) = self.send_and_finish(batch, sent, handled, last_seq).await {
                     return Fast::Failed(e);
                 }
             }
         }
-        match self.end_run(&mut run, sent, last_seq).await {
+        match self.end_run(&mut run, batch, sent, last_seq).await {
             Ok(()) => Fast::Done,
             Err(fast) => fast,
         }
@@ -1435,10 +1443,13 @@ impl Service {
     }
 
     /// Sends the run of alerts joined so far as one entry (already folded
-    /// into the projection, alert by alert).
+    /// into the projection, alert by alert): an opening on its own
+    /// subject, after the entries gathered so far; alert changes join
+    /// them ([`LogEntry::is_packed`]).
     async fn end_run(
         &self,
         run: &mut Option<Run>,
+        batch: &mut Batch,
         sent: &mut Vec<Sent>,
         last_seq: &mut u64,
     ) -> Result<(), Fast> {
@@ -1457,9 +1468,32 @@ impl Service {
             // Bounded by the sum of its alerts' own entries: not reached.
             _ => return Err(Fast::Failed("a run of alerts outgrew its entry".into())),
         };
+        if entry.is_packed() {
+            return self
+                .gather_folded(entry, payload.len(), traceparent, batch, sent, last_seq)
+                .await
+                .map_err(Fast::Failed);
+        }
+        self.send_batch(batch, sent, last_seq)
+            .await
+            .map_err(Fast::Failed)?;
         self.publish_folded(entry, payload, traceparent, sent, last_seq)
             .await
             .map_err(Fast::Failed)
+    }
+
+    /// Sends what `batch` gathered, then waits for everything sent (see
+    /// [`Service::finish`]): nothing folded in is left unsent when the
+    /// projection is saved.
+    async fn send_and_finish(
+        &self,
+        batch: &mut Batch,
+        sent: &mut Vec<Sent>,
+        handled: &mut Vec<Handled>,
+        last_seq: &mut u64,
+    ) -> Result<(), String> {
+        self.send_batch(batch, sent, last_seq).await?;
+        self.finish(sent, handled).await
     }
 
     /// On a replicated INCIDENTS, waits for the acknowledgement of the
@@ -1506,7 +1540,7 @@ impl Service {
         Ok(())
     }
 
-    /// Sends the receipts gathered in `batch` (already folded into the
+    /// Sends the receipts and alert changes gathered in `batch` (already folded into the
     /// projection; none: nothing is sent) as one message on
     /// [`INCIDENTS_BATCH`], after the
     /// stream's last sequence `last_seq`, so JetStream syncs one message
@@ -1653,18 +1687,34 @@ impl Service {
             }
         }
         for (entry, size) in entries.into_iter().zip(sizes) {
-            if batch.bytes + size > most {
-                self.send_batch(batch, sent, last_seq)
-                    .await
-                    .map_err(Fast::Failed)?;
-            }
             write(&self.proj).apply(&entry, 0);
-            if batch.entries.is_empty() {
-                batch.traceparent = traceparent.map(str::to_string);
-            }
-            batch.entries.push(entry);
-            batch.bytes += size;
+            self.gather_folded(entry, size, traceparent, batch, sent, last_seq)
+                .await
+                .map_err(Fast::Failed)?;
         }
+        Ok(())
+    }
+
+    /// Adds an entry already folded into the projection (`size` bytes as
+    /// a message of its own, at most the largest entry) to `batch`,
+    /// sending the batch first if it would outgrow the largest entry.
+    async fn gather_folded(
+        &self,
+        entry: LogEntry,
+        size: usize,
+        traceparent: Option<&str>,
+        batch: &mut Batch,
+        sent: &mut Vec<Sent>,
+        last_seq: &mut u64,
+    ) -> Result<(), String> {
+        if batch.bytes + size > self.most_entry_bytes() {
+            self.send_batch(batch, sent, last_seq).await?;
+        }
+        if batch.entries.is_empty() {
+            batch.traceparent = traceparent.map(str::to_string);
+        }
+        batch.entries.push(entry);
+        batch.bytes += size;
         Ok(())
     }
 

@@ -462,15 +462,31 @@ pub async fn read_matching_each(
     js: &jetstream::Context,
     stream: &str,
     filter: String,
+    each: impl FnMut(jetstream::Message),
+) -> Result<(), String> {
+    read_matching_any_each(js, stream, vec![filter], each).await
+}
+
+/// As [`read_matching_each`], for the messages that match any of
+/// `filters`, in stream order.
+pub async fn read_matching_any_each(
+    js: &jetstream::Context,
+    stream: &str,
+    mut filters: Vec<String>,
     mut each: impl FnMut(jetstream::Message),
 ) -> Result<(), String> {
     use futures::StreamExt;
+    let (filter_subject, filter_subjects) = match filters.len() {
+        1 => (filters.pop().unwrap_or_default(), Vec::new()),
+        _ => (String::new(), filters),
+    };
     let consumer = js
         .get_stream_no_info(stream)
         .await
         .map_err(|e| e.to_string())?
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: filter,
+            filter_subject,
+            filter_subjects,
             deliver_policy: jetstream::consumer::DeliverPolicy::All,
             ..Default::default()
         })

@@ -1249,16 +1249,21 @@ fn incidents_by_label(
 ) -> BTreeMap<String, BTreeSet<uuid::Uuid>> {
     let mut out: BTreeMap<String, BTreeSet<uuid::Uuid>> = BTreeMap::new();
     for r in log {
-        let Ok(tocsin_proto::Envelope {
-            body: LogEntry::Incident(e),
-            ..
-        }) = decode_envelope::<LogEntry>(&r.payload)
-        else {
-            continue;
+        // One entry, or several (receipts and alert changes stored
+        // together, with a message id made of theirs).
+        let entries = if r.msg_id.starts_with("batch:") {
+            decode_envelope::<Vec<LogEntry>>(&r.payload).map(|e| e.body)
+        } else {
+            decode_envelope::<LogEntry>(&r.payload).map(|e| vec![e.body])
         };
-        for alert in e.kind.alerts() {
-            if let Some(v) = alert.labels.get(label) {
-                out.entry(v.clone()).or_default().insert(e.incident.id);
+        for entry in entries.unwrap_or_default() {
+            let LogEntry::Incident(e) = entry else {
+                continue;
+            };
+            for alert in e.kind.alerts() {
+                if let Some(v) = alert.labels.get(label) {
+                    out.entry(v.clone()).or_default().insert(e.incident.id);
+                }
             }
         }
     }

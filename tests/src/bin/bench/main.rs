@@ -1651,10 +1651,17 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
     let mut mem2 = None;
     let mut nats2 = None;
     if live > 0 {
-        let mut sub = client
+        // An alert change of an open incident is stored with others in
+        // a message of several entries.
+        let own = client
             .subscribe(INCIDENT_EVENTS)
             .await
             .context("cannot subscribe to incident events")?;
+        let several = client
+            .subscribe(tocsin_proto::subjects::INCIDENTS_BATCH)
+            .await
+            .context("cannot subscribe to incident events")?;
+        let mut sub = futures::stream::select(own, several);
         client.flush().await.context("flush")?;
         let undecodable = Arc::new(AtomicUsize::new(0));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
@@ -1663,11 +1670,13 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
             tokio::spawn(async move {
                 while let Some(msg) = sub.next().await {
                     let received = Instant::now();
-                    match decode_envelope::<LogEntry>(&msg.payload) {
+                    match tocsin_proto::codec::decode_entries(&msg.subject, &msg.payload) {
                         Ok(env) => {
-                            if let Cause::Alert { seq, .. } = env.body.cause() {
-                                if tx.send((*seq, received)).is_err() {
-                                    break;
+                            for entry in &env.body {
+                                if let Cause::Alert { seq, .. } = entry.cause() {
+                                    if tx.send((*seq, received)).is_err() {
+                                        return;
+                                    }
                                 }
                             }
                         }
