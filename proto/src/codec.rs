@@ -202,6 +202,23 @@ mod tests {
         assert!(paged.is_packed());
         let acked = entry(2, EventKind::Acknowledged);
         assert!(!acked.is_packed());
+        // An alert change is packed unless it leaves its incident
+        // suppressed, which a notifier reading the incident's own subjects
+        // must see before it pages.
+        let resolved = EventKind::AlertResolved {
+            fingerprint: crate::Fingerprint::from_labels(&crate::Labels::new()),
+            ends_at: at,
+            more: Vec::new(),
+        };
+        let mut change = entry(3, resolved);
+        assert!(change.is_packed());
+        if let LogEntry::Incident(e) = &mut change {
+            e.incident.suppressed = Some("silenced by s1".into());
+        }
+        assert!(
+            !change.is_packed(),
+            "a suppressing change has its own message"
+        );
         let both = vec![paged.clone(), acked.clone()];
         let bytes = encode(&Envelope::new("incidents", at, both.clone())).unwrap();
         let got = decode_entries(crate::subjects::INCIDENTS_BATCH, &bytes).unwrap();

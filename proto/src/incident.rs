@@ -492,24 +492,29 @@ impl LogEntry {
     /// batch in one message on [`crate::subjects::INCIDENTS_BATCH`]: the
     /// receipts (`paged`, `delivery`), which change nothing of the incident
     /// but its timeline, and the alert changes of an incident already open
-    /// (`alert_firing`, `alert_resolved`), of which a storm brings many.
-    /// Every other entry (an opening, a change of status, a note) has a
-    /// message of its own on [`LogEntry::subject`]. So the last message of
-    /// an incident's subjects holds its status as it stands, but its
-    /// alert counts, severity and common labels may have moved on since
-    /// in a packed entry: [`IncidentSummary::revision`] says which of two
-    /// copies is the newer.
+    /// (`alert_firing`, `alert_resolved`), of which a storm brings many,
+    /// unless the incident is suppressed after it (every firing alert
+    /// silenced or inhibited: it pages nobody). Every other entry (an
+    /// opening, a change of status, a note, a suppression) has a message
+    /// of its own on [`LogEntry::subject`]. So the last message of an
+    /// incident's subjects tells whether it pages anyone as it stands (its
+    /// status, and whether it is suppressed, unless an alert change since
+    /// ended that), but its alert counts, severity and common labels may
+    /// have moved on since in a packed entry: [`IncidentSummary::revision`]
+    /// says which of two copies is the newer.
     pub fn is_packed(&self) -> bool {
-        matches!(
-            self,
+        match self {
             LogEntry::Incident(IncidentEvent {
-                kind: EventKind::Paged { .. }
-                    | EventKind::Delivery { .. }
-                    | EventKind::AlertFiring { .. }
-                    | EventKind::AlertResolved { .. },
+                kind: EventKind::Paged { .. } | EventKind::Delivery { .. },
                 ..
-            })
-        )
+            }) => true,
+            LogEntry::Incident(IncidentEvent {
+                kind: EventKind::AlertFiring { .. } | EventKind::AlertResolved { .. },
+                incident,
+                ..
+            }) => incident.suppressed.is_none(),
+            _ => false,
+        }
     }
 
     /// Whether this entry is a receipt (`paged`, `delivery`): it changes
