@@ -474,6 +474,17 @@ fn load_alert(instance: &str, starts_at: jiff::Timestamp) -> tocsin_proto::incid
     }
 }
 
+/// The alert list of a webhook page's body, each alert as its labels'
+/// text.
+fn alert_list(body: &Value) -> Vec<&str> {
+    body["incident"]["alerts"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no alert list in {body}"))
+        .iter()
+        .map(|a| a["labels_text"].as_str().unwrap_or(""))
+        .collect()
+}
+
 /// Stores `entry` on INCIDENTS alone, on its own subject with its own
 /// message id, as the incidents service does.
 async fn store_entry(
@@ -592,12 +603,7 @@ async fn a_page_shows_alert_changes_stored_after_the_incidents_last_own_entry() 
         "the page's newer copy of the incident: {body}"
     );
     assert_eq!(body["incident"]["severity"], "critical", "{body}");
-    let shown: Vec<&str> = body["incident"]["alerts"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no alert list in {body}"))
-        .iter()
-        .map(|a| a["labels_text"].as_str().unwrap_or(""))
-        .collect();
+    let shown = alert_list(body);
     assert_eq!(shown.len(), 2, "both alerts, not the opening's one: {body}");
     responder.abort();
     r.stop().await;
@@ -645,12 +651,7 @@ async fn a_page_for_a_just_opened_incident_lists_its_alerts_without_asking_the_i
         "no webhook call within {WAIT:?}"
     );
     let body = &fakes.webhooks()[0].body;
-    let shown: Vec<&str> = body["incident"]["alerts"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no alert list in {body}"))
-        .iter()
-        .map(|a| a["labels_text"].as_str().unwrap_or(""))
-        .collect();
+    let shown = alert_list(body);
     let mut expected = [first, second];
     expected.sort_by(|a, b| a.fingerprint.cmp(&b.fingerprint));
     let expected: Vec<String> = expected
