@@ -355,6 +355,13 @@ impl RunbookRequest {
 }
 
 impl EventKind {
+    /// Whether this is a receipt (`paged`, `delivery`): it changes nothing
+    /// of its incident but the timeline, and so not its
+    /// [`IncidentSummary::revision`].
+    pub fn is_receipt(&self) -> bool {
+        matches!(self, EventKind::Paged { .. } | EventKind::Delivery { .. })
+    }
+
     /// A new incident opened by `alert` alone.
     pub fn opened(alert: AlertInfo) -> Self {
         EventKind::Opened {
@@ -504,10 +511,7 @@ impl LogEntry {
     /// says which of two copies is the newer.
     pub fn is_packed(&self) -> bool {
         match self {
-            LogEntry::Incident(IncidentEvent {
-                kind: EventKind::Paged { .. } | EventKind::Delivery { .. },
-                ..
-            }) => true,
+            LogEntry::Incident(e) if e.kind.is_receipt() => true,
             LogEntry::Incident(IncidentEvent {
                 kind: EventKind::AlertFiring { .. } | EventKind::AlertResolved { .. },
                 incident,
@@ -521,13 +525,7 @@ impl LogEntry {
     /// nothing of its incident but the timeline, and so not its
     /// [`IncidentSummary::revision`].
     pub fn is_receipt(&self) -> bool {
-        matches!(
-            self,
-            LogEntry::Incident(IncidentEvent {
-                kind: EventKind::Paged { .. } | EventKind::Delivery { .. },
-                ..
-            })
-        )
+        matches!(self, LogEntry::Incident(e) if e.kind.is_receipt())
     }
 
     /// The incident this entry is about (None for a silence's).

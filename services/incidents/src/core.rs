@@ -791,7 +791,7 @@ impl Batch<'_> {
     /// [`joined_summary`]), taken from the incident as stored: its
     /// revision moves on here.
     fn push_summary(&mut self, mut summary: IncidentSummary, kind: EventKind) {
-        if !is_receipt(&kind) {
+        if !kind.is_receipt() {
             summary.revision += 1;
         }
         self.push_entry(summary, kind);
@@ -812,17 +812,11 @@ impl Batch<'_> {
     /// the entry.
     fn push(&mut self, st: &mut IncidentState, kind: EventKind) {
         step(st, &kind, self.at, self.actor.as_ref(), self.cfg);
-        if !is_receipt(&kind) {
+        if !kind.is_receipt() {
             st.summary.revision += 1;
         }
         self.push_entry(st.summary.clone(), kind);
     }
-}
-
-/// Whether an entry of this kind is a receipt, which changes nothing of
-/// the incident but its timeline (nor its revision).
-fn is_receipt(kind: &EventKind) -> bool {
-    matches!(kind, EventKind::Paged { .. } | EventKind::Delivery { .. })
 }
 
 /// Applies `kind` to a scratch incident and recomputes what derives from it.
