@@ -1249,14 +1249,7 @@ fn incidents_by_label(
 ) -> BTreeMap<String, BTreeSet<uuid::Uuid>> {
     let mut out: BTreeMap<String, BTreeSet<uuid::Uuid>> = BTreeMap::new();
     for r in log {
-        // One entry, or several (receipts and alert changes stored
-        // together, with a message id made of theirs).
-        let entries = if r.msg_id.starts_with("batch:") {
-            decode_envelope::<Vec<LogEntry>>(&r.payload).map(|e| e.body)
-        } else {
-            decode_envelope::<LogEntry>(&r.payload).map(|e| vec![e.body])
-        };
-        for entry in entries.unwrap_or_default() {
+        for entry in r.entries().unwrap_or_default() {
             let LogEntry::Incident(e) = entry else {
                 continue;
             };

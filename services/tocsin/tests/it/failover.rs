@@ -818,18 +818,6 @@ async fn a_restarted_instance_takes_its_own_lease_back_at_once() {
     assert_eq!(raws.iter().filter_map(opened).count(), 3);
 }
 
-/// The entries an INCIDENTS message holds: one, or several (receipts
-/// stored together, with a message id made of theirs).
-fn entries_of(r: &Raw) -> Vec<LogEntry> {
-    if r.is_marker() {
-        Vec::new()
-    } else if r.msg_id.starts_with("batch:") {
-        decode_envelope::<Vec<LogEntry>>(&r.payload).unwrap().body
-    } else {
-        vec![decode_envelope::<LogEntry>(&r.payload).unwrap().body]
-    }
-}
-
 /// The pages a NOTIFY message holds: one, or several (an escalation
 /// burst's, with a message id made of theirs).
 fn pages_of(r: &Raw) -> Vec<Page> {
@@ -1092,7 +1080,7 @@ async fn an_escalation_takeover_pages_nothing_the_active_instance_paged() {
 async fn paged_records(js: &jetstream::Context) -> BTreeSet<(u64, u32, u32)> {
     let mut steps = BTreeSet::new();
     for r in read_raw(js, STREAM_INCIDENTS).await {
-        for e in entries_of(&r) {
+        for e in r.entries().expect("an INCIDENTS message that decodes") {
             if let LogEntry::Incident(ev) = e {
                 if let EventKind::Paged { level, repeat, .. } = ev.kind {
                     steps.insert((ev.incident.number, level, repeat));

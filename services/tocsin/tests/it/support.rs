@@ -347,6 +347,24 @@ impl Raw {
         self.msg_id.starts_with("tenure:")
     }
 
+    /// The entries an INCIDENTS message holds: none (a tenure marker),
+    /// one, or several (receipts and alert changes stored together, with
+    /// a message id made of theirs); None if it does not decode.
+    pub fn entries(&self) -> Option<Vec<tocsin_proto::incident::LogEntry>> {
+        use tocsin_proto::{codec::decode_envelope, incident::LogEntry};
+        if self.is_marker() {
+            Some(Vec::new())
+        } else if self.msg_id.starts_with("batch:") {
+            decode_envelope::<Vec<LogEntry>>(&self.payload)
+                .ok()
+                .map(|e| e.body)
+        } else {
+            decode_envelope::<LogEntry>(&self.payload)
+                .ok()
+                .map(|e| vec![e.body])
+        }
+    }
+
     /// One line for a failure message: sequence, time, tenure, id and
     /// the sequence it was published to follow.
     pub fn line(&self) -> String {
