@@ -326,6 +326,24 @@ pub struct Fired {
     pub reminder: Option<u32>,
 }
 
+/// The incident a runbook run id names: `<incident id>.<runbook>.<seq>`
+/// for a run started by an entry stored alone at INCIDENTS sequence
+/// `seq`, `<incident id>.<runbook>.<seq>.<index>` for one started by the
+/// entry at `index` of a message of several (a `paged` receipt stored
+/// with others). None if `run` is neither.
+pub fn run_incident(run: &str) -> Option<uuid::Uuid> {
+    let parts: Vec<&str> = run.split('.').collect();
+    let (id, name, place) = match parts.as_slice() {
+        [id, name, seq] => (id, name, vec![seq]),
+        [id, name, seq, index] => (id, name, vec![seq, index]),
+        _ => return None,
+    };
+    if name.is_empty() || place.iter().any(|n| n.parse::<u64>().is_err()) {
+        return None;
+    }
+    uuid::Uuid::parse_str(id).ok()
+}
+
 /// What a person asks of the remediation service about an incident
 /// (`tocsin runbook run|approve|deny`); it reads these from INCIDENTS.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -582,6 +600,33 @@ impl LogEntry {
                 }
                 SilenceChange::Expired { id } => format!("sil:{}:expired:{id}", cause.key()),
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod run_id_tests {
+    use super::run_incident;
+
+    #[test]
+    fn a_run_id_names_its_incident_whether_its_entry_was_stored_alone_or_with_others() {
+        let id = uuid::Uuid::from_u128(7);
+        let alone = format!("{}.restart-api.42", id.simple());
+        let packed = format!("{}.restart-api.42.3", id.simple());
+        assert_eq!(run_incident(&alone), Some(id));
+        assert_eq!(
+            run_incident(&packed),
+            Some(id),
+            "started by a batched entry"
+        );
+        for bad in [
+            format!("{}..42", id.simple()),
+            format!("{}.r.x", id.simple()),
+            format!("{}.r.42.x", id.simple()),
+            format!("{}.r.42.3.1", id.simple()),
+            "nope.r.42".to_string(),
+        ] {
+            assert_eq!(run_incident(&bad), None, "{bad}");
         }
     }
 }

@@ -84,16 +84,6 @@ pub const HELP: &str = "*/tocsin* commands:\n\
 • `approve <run>` · `deny <run>` (a runbook run waiting for approval; the id is on the timeline)\n\
 • `help`";
 
-/// The incident a run id (`<incident id>.<runbook>.<sequence>`) names.
-pub fn run_incident(run: &str) -> Option<uuid::Uuid> {
-    let mut parts = run.split('.');
-    let (id, name, seq) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || name.is_empty() || seq.parse::<u64>().is_err() {
-        return None;
-    }
-    uuid::Uuid::parse_str(id).ok()
-}
-
 /// Parses the text after `/tocsin`.
 pub fn parse_slash(text: &str) -> Result<SlashCommand, String> {
     let text = text.trim();
@@ -202,7 +192,7 @@ pub fn parse_slash(text: &str) -> Result<SlashCommand, String> {
         "approve" | "deny" => {
             let (run, tail) = split_word(rest);
             no_more(tail.trim(), &format!("/tocsin {verb} <run>"))?;
-            let incident = run_incident(run).ok_or_else(|| {
+            let incident = tocsin_proto::incident::run_incident(run).ok_or_else(|| {
                 format!(
                     "`{verb}` needs a run id from the incident's timeline: `/tocsin {verb} <run>`"
                 )
@@ -582,6 +572,18 @@ mod tests {
             assert!(parse_slash(bad).is_err(), "{bad}");
         }
         assert!(parse_slash(&format!("approve {run}")).unwrap().writes());
+        // A run started by an entry stored with others (a `paged` receipt
+        // in a message of several) is named by the entry's place in it.
+        let packed = format!("{id}.restart-api.42.3");
+        assert_eq!(
+            parse_slash(&format!("approve {packed}")),
+            Ok(SlashCommand::Runbook {
+                incident: IncidentRef::Id(id.parse().unwrap()),
+                request: RunbookRequest::Approve {
+                    run: packed.clone()
+                }
+            })
+        );
     }
 
     #[test]

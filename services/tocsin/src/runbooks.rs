@@ -86,18 +86,12 @@ async fn ask(
     }
 }
 
-/// The incident a run id (`<incident id>.<runbook>.<sequence>`) names.
+/// The incident a run id names (`<incident id>.<runbook>.<number>`, or
+/// `.<number>.<index>` for a run started by an entry stored with others).
 fn run_incident(run: &str) -> Result<uuid::Uuid, Usage> {
-    let parts: Vec<&str> = run.split('.').collect();
-    match parts.as_slice() {
-        [id, name, seq] if !name.is_empty() && seq.parse::<u64>().is_ok() => {
-            uuid::Uuid::parse_str(id).map_err(|_| ())
-        }
-        _ => Err(()),
-    }
-    .map_err(|()| {
+    tocsin_proto::incident::run_incident(run).ok_or_else(|| {
         Usage(format!(
-            "{run:?} is not a run id (<incident id>.<runbook>.<number>, as the incident's timeline shows it)"
+            "{run:?} is not a run id (<incident id>.<runbook>.<number>[.<index>], as the incident's timeline shows it)"
         ))
     })
 }

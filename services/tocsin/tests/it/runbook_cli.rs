@@ -120,6 +120,14 @@ steps:
         .unwrap();
     assert_eq!(code, 1, "{err}");
     assert!(err.contains(&format!("no run {other}")), "{err}");
+    // A run id of a run started by an entry stored with others (its place
+    // in the message after the sequence) is a run id too.
+    let packed = format!("{other}.3");
+    let (code, _, err) = run_cli(args(&["runbook", "approve", &packed]))
+        .await
+        .unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("no run {packed}")), "{err}");
 
     // Approve: it runs.
     let (code, stdout, err) = run_cli(args(&["runbook", "approve", &run, "--as", "alice"]))
