@@ -333,12 +333,13 @@ pub struct Fired {
 /// with others). None if `run` is neither.
 pub fn run_incident(run: &str) -> Option<uuid::Uuid> {
     let parts: Vec<&str> = run.split('.').collect();
-    let (id, name, place) = match parts.as_slice() {
-        [id, name, seq] => (id, name, vec![seq]),
-        [id, name, seq, index] => (id, name, vec![seq, index]),
-        _ => return None,
+    let [id, name, place @ ..] = parts.as_slice() else {
+        return None;
     };
-    if name.is_empty() || place.iter().any(|n| n.parse::<u64>().is_err()) {
+    if name.is_empty()
+        || !(1..=2).contains(&place.len())
+        || place.iter().any(|n| n.parse::<u64>().is_err())
+    {
         return None;
     }
     uuid::Uuid::parse_str(id).ok()
