@@ -330,9 +330,10 @@ pub fn alert(name: &str, status: &str) -> serde_json::Value {
 }
 
 /// One stored message: sequence, server time (ns since the epoch), its
-/// `Tocsin-Lease` header, its message id and payload.
+/// subject, its `Tocsin-Lease` header, its message id and payload.
 pub struct Raw {
     pub seq: u64,
+    pub subject: String,
     pub time_ns: i128,
     pub lease: Option<(String, u64)>,
     pub msg_id: String,
@@ -348,21 +349,15 @@ impl Raw {
     }
 
     /// The entries an INCIDENTS message holds: none (a tenure marker),
-    /// one, or several (receipts and alert changes stored together, with
-    /// a message id made of theirs); None if it does not decode.
+    /// one, or several (on `tocsin.incidents.batch`, split as every reader
+    /// of the stream splits them); None if it does not decode.
     pub fn entries(&self) -> Option<Vec<tocsin_proto::incident::LogEntry>> {
-        use tocsin_proto::{codec::decode_envelope, incident::LogEntry};
         if self.is_marker() {
-            Some(Vec::new())
-        } else if self.msg_id.starts_with("batch:") {
-            decode_envelope::<Vec<LogEntry>>(&self.payload)
-                .ok()
-                .map(|e| e.body)
-        } else {
-            decode_envelope::<LogEntry>(&self.payload)
-                .ok()
-                .map(|e| vec![e.body])
+            return Some(Vec::new());
         }
+        tocsin_proto::codec::decode_entries(&self.subject, &self.payload)
+            .ok()
+            .map(|e| e.body)
     }
 
     /// One line for a failure message: sequence, time, tenure, id and
@@ -398,7 +393,11 @@ pub async fn try_read(
     use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
     use futures::StreamExt as _;
     let mut s = js.get_stream(stream).await?;
-    let raw = |seq: u64, time_ns: i128, headers: Option<&async_nats::HeaderMap>, payload: &[u8]| {
+    let raw = |seq: u64,
+               time_ns: i128,
+               subject: &str,
+               headers: Option<&async_nats::HeaderMap>,
+               payload: &[u8]| {
         let header = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.to_string());
         let lease = header("Tocsin-Lease").and_then(|v| {
             let (role, term) = v.split_once('/')?;
@@ -406,6 +405,7 @@ pub async fn try_read(
         });
         Raw {
             seq,
+            subject: subject.to_string(),
             time_ns,
             lease,
             msg_id: header("Nats-Msg-Id").unwrap_or_default(),
@@ -428,6 +428,7 @@ pub async fn try_read(
                 out.push(raw(
                     seq,
                     m.time.unix_timestamp_nanos(),
+                    &m.subject,
                     Some(&m.headers),
                     &m.payload,
                 ));
@@ -457,7 +458,13 @@ pub async fn try_read(
         let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
         let (seq, pending) = (info.stream_sequence, info.pending);
         let time_ns = info.published.unix_timestamp_nanos();
-        out.push(raw(seq, time_ns, m.headers.as_ref(), &m.payload));
+        out.push(raw(
+            seq,
+            time_ns,
+            &m.subject,
+            m.headers.as_ref(),
+            &m.payload,
+        ));
         if pending == 0 {
             return Ok(out);
         }
