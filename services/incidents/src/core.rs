@@ -791,9 +791,7 @@ impl Batch<'_> {
     /// [`joined_summary`]), taken from the incident as stored: its
     /// revision moves on here.
     fn push_summary(&mut self, mut summary: IncidentSummary, kind: EventKind) {
-        if !kind.is_receipt() {
-            summary.revision += 1;
-        }
+        next_revision(&mut summary, &kind);
         self.push_entry(summary, kind);
     }
 
@@ -812,10 +810,16 @@ impl Batch<'_> {
     /// the entry.
     fn push(&mut self, st: &mut IncidentState, kind: EventKind) {
         step(st, &kind, self.at, self.actor.as_ref(), self.cfg);
-        if !kind.is_receipt() {
-            st.summary.revision += 1;
-        }
+        next_revision(&mut st.summary, &kind);
         self.push_entry(st.summary.clone(), kind);
+    }
+}
+
+/// Moves `summary`'s revision on for an entry of `kind`: every entry but a
+/// receipt changes the incident ([`IncidentSummary::revision`]).
+fn next_revision(summary: &mut IncidentSummary, kind: &EventKind) {
+    if !kind.is_receipt() {
+        summary.revision += 1;
     }
 }
 
