@@ -104,6 +104,16 @@ impl Metrics {
              effects stored (tocsin_stream_last_sequence minus this is how far it is behind)",
             handled.clone(),
         );
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let workers: Gauge = Gauge::default();
+            workers.set(i64::try_from(rt.metrics().num_workers()).unwrap_or(i64::MAX));
+            registry.register(
+                "tocsin_runtime_worker_threads",
+                "Worker threads of this process's async runtime (--threads, TOCSIN_THREADS; \
+                 default one per CPU the process may use)",
+                workers,
+            );
+        }
         Metrics {
             registry: Arc::new(Mutex::new(registry)),
             nats_connected,

@@ -48,6 +48,11 @@ pub struct Cli {
     #[arg(long, env = "TOCSIN_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration,
           help_heading = "Service options (before the command)")]
     pub grace_period: std::time::Duration,
+    /// Services: worker threads of the process's async runtime (default:
+    /// one per CPU the process may use).
+    #[arg(long, env = "TOCSIN_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024),
+          help_heading = "Service options (before the command)")]
+    pub threads: Option<u16>,
     /// Operator commands: how long to wait for NATS and for the services'
     /// answer (`tocsin --timeout 30s ack 42`).
     #[arg(long, env = "TOCSIN_TIMEOUT", default_value = "10s", value_parser = parse_duration,
@@ -425,7 +430,12 @@ fn serve(cli: &Cli, services: &[Service]) -> ExitCode {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = cli.threads {
+        builder.worker_threads(usize::from(n));
+    }
+    let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");

@@ -1090,3 +1090,73 @@ async fn paged_records(js: &jetstream::Context) -> BTreeSet<(u64, u32, u32)> {
     }
     steps
 }
+
+/// `--threads` (or `TOCSIN_THREADS`) sets a service process's runtime
+/// worker threads: each process reports what it was given
+/// (`tocsin_runtime_worker_threads`), and with one worker each, ingest,
+/// incidents and escalation still take an alert to its page. `--threads 0`
+/// is refused, naming the option.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_processes_run_with_the_worker_threads_they_are_given() {
+    let out = std::process::Command::new(crate::support::bin())
+        .args(["--threads", "0", "ingest"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("invalid value '0' for '--threads"), "{err}");
+
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ingest_port = free_port();
+    let cfg = config(&nats, dir.path(), ingest_port, "a");
+    let js = jetstream::new(nats.client().await);
+    let mut procs = [
+        Proc::start(&cfg, dir.path(), &["--threads", "1", "ingest"]),
+        Proc::start(&cfg, dir.path(), &["--threads", "1", "incidents"]),
+        Proc::start_with_env(
+            &cfg,
+            dir.path(),
+            &["escalation"],
+            &[("TOCSIN_THREADS".into(), "3".into())],
+        ),
+    ];
+    for p in procs.iter_mut() {
+        p.ready().await;
+    }
+    for (p, n) in procs.iter().zip([1.0, 1.0, 3.0]) {
+        assert_eq!(
+            metric(p, "tocsin_runtime_worker_threads").await,
+            Some(n),
+            "{}",
+            p.log_text()
+        );
+    }
+
+    post_alerts(
+        ingest_port,
+        &serde_json::json!([alert("OneWorkerEach", "firing")]),
+    )
+    .await;
+    let pages = eventually_within(TAKEOVER, || async {
+        let pages = notified(&js).await;
+        if pages.is_empty() {
+            Err("no page yet")
+        } else {
+            Ok(pages)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", procs[2].log_text()));
+    assert_eq!(pages.len(), 1, "{pages:?}");
+    let page = &pages[0].1;
+    assert_eq!(
+        (
+            page.level,
+            page.address.as_str(),
+            page.incident.title.as_str()
+        ),
+        (0, "C0FIRST", "OneWorkerEach is down"),
+        "{page:?}"
+    );
+}

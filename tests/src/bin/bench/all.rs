@@ -65,6 +65,10 @@ pub struct AllArgs {
     /// a delivery per message more).
     #[arg(long)]
     stage_times: bool,
+    /// Worker threads of each `tocsin` process (`tocsin --threads`); 0, the
+    /// default, gives none: tocsin's own default, one per core.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1024))]
+    service_threads: u16,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,6 +168,10 @@ pub struct Machine {
     /// representative). Files written before it say nothing (read as "").
     #[serde(default)]
     pub build: String,
+    /// `tocsin --threads` of every service process; 0: none given (one
+    /// worker per core), as in files written before it.
+    #[serde(default)]
+    pub service_threads: u16,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -197,6 +205,15 @@ impl Outcome {
     }
 }
 
+/// How [`Machine::service_threads`] reads.
+fn threads_text(n: u16) -> String {
+    match n {
+        0 => "a worker thread per core".to_string(),
+        1 => "--threads 1".to_string(),
+        n => format!("--threads {n}"),
+    }
+}
+
 /// The target dir: the bench binary runs from `<target>/<profile>/bench`.
 fn target_dir() -> PathBuf {
     std::env::current_exe()
@@ -221,13 +238,17 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| out_dir.join(format!("all-{unix_time}.json")));
 
-    let machine = machine_facts(&out_dir).await?;
+    super::page_path::set_service_threads(args.service_threads);
+    let machine = Machine {
+        service_threads: args.service_threads,
+        ..machine_facts(&out_dir).await?
+    };
     println!(
         "tocsin bench all{}: {reps} repetition(s) per scenario",
         if quick { " --quick" } else { "" }
     );
     println!(
-        "machine: {} cores; fsync of a 4 KiB file in {}: p50 {:.2}ms p99 {:.2}ms; {}; nats-server {}; {}; commit {}",
+        "machine: {} cores; fsync of a 4 KiB file in {}: p50 {:.2}ms p99 {:.2}ms; {}; nats-server {}; {}; commit {}; tocsin processes: {}",
         machine.cores,
         machine.fsync_dir,
         machine.fsync_p50_ms,
@@ -235,7 +256,8 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
         machine.kernel,
         machine.nats_server,
         machine.alertmanager,
-        machine.git_commit
+        machine.git_commit,
+        threads_text(machine.service_threads)
     );
     if machine.build == "debug" {
         println!(
@@ -435,34 +457,23 @@ pub fn compare(args: CompareArgs) -> anyhow::Result<()> {
             .with_context(|| format!("{} is not a bench all file", p.display()))
     };
     let (a, b) = (read(&args.a)?, read(&args.b)?);
-    println!(
-        "A: {} (commit {}, {} cores, fsync p50 {:.2}ms, {}{}{})",
-        args.a.display(),
-        a.machine.git_commit,
-        a.machine.cores,
-        a.machine.fsync_p50_ms,
-        a.machine.nats_server,
-        if a.quick { ", quick" } else { "" },
-        if a.machine.build == "debug" {
-            ", DEBUG build"
-        } else {
-            ""
-        }
-    );
-    println!(
-        "B: {} (commit {}, {} cores, fsync p50 {:.2}ms, {}{}{})",
-        args.b.display(),
-        b.machine.git_commit,
-        b.machine.cores,
-        b.machine.fsync_p50_ms,
-        b.machine.nats_server,
-        if b.quick { ", quick" } else { "" },
-        if b.machine.build == "debug" {
-            ", DEBUG build"
-        } else {
-            ""
-        }
-    );
+    for (name, path, r) in [("A", &args.a, &a), ("B", &args.b, &b)] {
+        println!(
+            "{name}: {} (commit {}, {} cores, fsync p50 {:.2}ms, {}, tocsin processes: {}{}{})",
+            path.display(),
+            r.machine.git_commit,
+            r.machine.cores,
+            r.machine.fsync_p50_ms,
+            r.machine.nats_server,
+            threads_text(r.machine.service_threads),
+            if r.quick { ", quick" } else { "" },
+            if r.machine.build == "debug" {
+                ", DEBUG build"
+            } else {
+                ""
+            }
+        );
+    }
     if a.quick != b.quick {
         println!("warning: one run is --quick and the other is not; sizes differ");
     }
@@ -595,6 +606,7 @@ async fn machine_facts(dir: &Path) -> anyhow::Result<Machine> {
         git_commit,
         kernel,
         build: BUILD.into(),
+        service_threads: 0,
     })
 }
 

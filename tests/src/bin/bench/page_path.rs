@@ -791,7 +791,14 @@ notifier:
             .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
             // TOCSIN_BENCH_LOG=info (or debug) for the processes' own logs
             // (kept with TOCSIN_BENCH_KEEP): timestamps of start-up and lease.
-            .args(["--log-level", &log_level(), "--grace-period", "2s", service]);
+            .args(["--log-level", &log_level(), "--grace-period", "2s"]);
+        match SERVICE_THREADS.get() {
+            Some(&n) if n > 0 => {
+                cmd.args(["--threads", &n.to_string()]);
+            }
+            _ => {}
+        }
+        cmd.arg(service);
         if service == "ingest" {
             cmd.env("TOCSIN_INGEST_TOKEN", &self.token);
         }
@@ -874,6 +881,16 @@ notifier:
 
 /// The processes' log level: `$TOCSIN_BENCH_LOG`, else `warn` (quiet
 /// under load).
+/// `--threads` for every `tocsin` process a [`TocsinStack`] starts; 0
+/// passes none (tocsin's default, a worker per core). Set once by `bench
+/// all` before any stack starts.
+static SERVICE_THREADS: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+
+/// Sets [`SERVICE_THREADS`] (the first call wins).
+pub fn set_service_threads(n: u16) {
+    let _ = SERVICE_THREADS.set(n);
+}
+
 fn log_level() -> String {
     std::env::var("TOCSIN_BENCH_LOG").unwrap_or_else(|_| "warn".to_string())
 }
