@@ -65,8 +65,8 @@ pub struct AllArgs {
     /// a delivery per message more).
     #[arg(long)]
     stage_times: bool,
-    /// Worker threads of each `tocsin` process (`tocsin --threads`); 0, the
-    /// default, gives none: tocsin's own default, one per core.
+    /// Worker threads of each `tocsin` process (`tocsin --threads`); 0 (the
+    /// default) passes no `--threads`: tocsin's own default, one per core.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1024))]
     service_threads: u16,
 }
@@ -209,7 +209,6 @@ impl Outcome {
 fn threads_text(n: u16) -> String {
     match n {
         0 => "a worker thread per core".to_string(),
-        1 => "--threads 1".to_string(),
         n => format!("--threads {n}"),
     }
 }
