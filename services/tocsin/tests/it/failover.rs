@@ -22,7 +22,7 @@ use std::{
 
 use async_nats::jetstream;
 use tocsin_proto::{
-    codec::decode_envelope,
+    codec::{decode_envelope, decode_pages},
     incident::{EventKind, LogEntry},
     notify::Page,
     subjects::{STREAM_INCIDENTS, STREAM_NOTIFY},
@@ -818,15 +818,14 @@ async fn a_restarted_instance_takes_its_own_lease_back_at_once() {
     assert_eq!(raws.iter().filter_map(opened).count(), 3);
 }
 
-/// The pages a NOTIFY message holds: one, or several (an escalation
-/// burst's, with a message id made of theirs).
+/// The pages a NOTIFY message holds: none (a tenure marker), one, or
+/// several (an escalation burst's, on the batch subject), split as the
+/// notifier splits them.
 fn pages_of(r: &Raw) -> Vec<Page> {
     if r.is_marker() {
         Vec::new()
-    } else if r.msg_id.starts_with("pages:") {
-        decode_envelope::<Vec<Page>>(&r.payload).unwrap().body
     } else {
-        vec![decode_envelope::<Page>(&r.payload).unwrap().body]
+        decode_pages(&r.subject, &r.payload).unwrap().body
     }
 }
 
