@@ -123,6 +123,22 @@ async fn every_bad_request_is_named_and_nothing_reaches_the_bus() {
         );
     }
 
+    // Bytes that are not UTF-8, even in a field ingest ignores, are not
+    // JSON: a 400 naming where they are.
+    for url in [&am, &generic] {
+        let (head, tail) = GOOD
+            .split_once(r#""receiver":"r""#)
+            .expect("GOOD names its receiver");
+        let body = [head.as_bytes(), b"\"receiver\":\"\xff\"", tail.as_bytes()].concat();
+        let a = http::post(&client, url, token, body).await;
+        assert_eq!(a.status, 400, "{url}: {}", a.text);
+        let reason = a.json["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("not UTF-8 (byte 0xff at line"),
+            "{url}: {reason}"
+        );
+    }
+
     // Unknown endpoint: a JSON 404 listing the real ones.
     let a = http::post(
         &client,

@@ -179,6 +179,22 @@ mod tests {
     }
 
     #[test]
+    fn a_body_that_is_not_utf8_is_named_so_in_either_shape() {
+        for body in [
+            &b"{\"alerts\":[{\"labels\":{\"alertname\":\"\xff\xfe\"}}]}"[..],
+            b"{\"alerts\":[{\"labels\":{\"alertname\":\"x\"}}],\"other\":\"\xff\"}",
+            b"[{\"labels\":{\"alertname\":\"\xff\"}}]",
+        ] {
+            let err = parse(body, now()).unwrap_err();
+            assert!(
+                err.starts_with("malformed JSON: ") && err.contains("not UTF-8"),
+                "{}: {err}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
     fn both_shapes_and_defaults() {
         let one =
             json!({"labels":{"alertname":"DiskFull","host":"db1"},"annotations":{"summary":"92%"}});

@@ -20,12 +20,15 @@ use crate::config::Limits;
 
 /// Parses one JSON document, reporting the path of the offending field.
 /// Anything but white space after the document is an error (a truncated or
-/// concatenated body is not what the sender meant).
+/// concatenated body is not what the sender meant), and so is a body that
+/// is not UTF-8 anywhere (JSON text is UTF-8, RFC 8259; serde passes over
+/// the strings of fields a type ignores without checking them).
 pub(crate) fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err("request body is empty; send a JSON document".into());
     }
-    let mut de = serde_json::Deserializer::from_slice(body);
+    let text = std::str::from_utf8(body).map_err(|e| not_utf8(body, e.valid_up_to()))?;
+    let mut de = serde_json::Deserializer::from_str(text);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
@@ -41,6 +44,25 @@ pub(crate) fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, St
         format!("malformed JSON: {e} (the body must hold exactly one JSON document)")
     })?;
     Ok(value)
+}
+
+/// The error for a body whose bytes from `at` on are not UTF-8: the
+/// place as serde_json names places (line and column, 1-based, the column
+/// counted in bytes) and the byte.
+fn not_utf8(body: &[u8], at: usize) -> String {
+    let before = &body[..at];
+    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+    let column = at
+        - before
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |n| n + 1)
+        + 1;
+    format!(
+        "malformed JSON: the body is not UTF-8 (byte {:#04x} at line {line} column {column}); \
+         JSON text must be UTF-8",
+        body[at]
+    )
 }
 
 /// Deserializes one element of a request's alert array, naming its path
@@ -66,7 +88,7 @@ pub(crate) fn parse_element<'a, T: Deserialize<'a>>(
 pub(crate) fn require_object(body: &[u8], what: &str) -> Result<(), String> {
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') | None => Ok(()),
-        Some(_) if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() => {
+        Some(_) if parse_json::<serde::de::IgnoredAny>(body).is_err() => {
             parse_json::<serde::de::IgnoredAny>(body).map(|_| ())
         }
         Some(_) => Err(format!("expected a JSON object ({what})")),
@@ -358,6 +380,32 @@ mod tests {
             let e = parse_json::<serde_json::Value>(bad).unwrap_err();
             assert!(e.contains("trailing characters"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_body_that_is_not_utf8_is_malformed_json_wherever_the_bytes_are() {
+        // JSON text is UTF-8 (RFC 8259): a byte that is not, even in a
+        // field Tocsin ignores, is named with its place, not passed over.
+        for (bad, place) in [
+            (&b"{\"a\":\"\xff\"}"[..], "line 1 column 7"),
+            (b"{\"a\":1,\n \"b\":\"x\xc3\"}", "line 2 column 8"),
+            (b"[\"\xfe\"]", "line 1 column 3"),
+        ] {
+            for e in [
+                parse_json::<serde::de::IgnoredAny>(bad).unwrap_err(),
+                parse_json::<serde_json::Value>(bad).unwrap_err(),
+            ] {
+                assert!(
+                    e.starts_with("malformed JSON: ")
+                        && e.contains("not UTF-8")
+                        && e.contains(place),
+                    "{bad:?}: {e}"
+                );
+            }
+        }
+        assert!(require_object(b"[\"\xfe\"]", "x")
+            .unwrap_err()
+            .contains("not UTF-8"));
     }
 
     #[test]
