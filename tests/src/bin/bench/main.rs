@@ -4470,7 +4470,16 @@ fn nats_where(private: bool, url: &str) -> String {
     if private {
         " (private: JetStream file store in a temp dir, sync_interval: always)".to_string()
     } else {
-        format!(" at {url}")
+        // Never the password a URL may carry.
+        let shown = match url.split_once("://").and_then(|(scheme, rest)| {
+            let (auth, host) = rest.rsplit_once('@')?;
+            let user = auth.split_once(':').map_or(auth, |(u, _)| u);
+            Some(format!("{scheme}://{user}@{host}"))
+        }) {
+            Some(s) => s,
+            None => url.to_string(),
+        };
+        format!(" at {shown}")
     }
 }
 
@@ -4488,4 +4497,19 @@ fn print_machine(server_version: &str, which: &str) {
             format!("v{server_version}")
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_server_s_place_is_shown_without_its_password() {
+        assert_eq!(
+            super::nats_where(false, "nats://p0:secret@127.0.0.1:4222"),
+            " at nats://p0@127.0.0.1:4222"
+        );
+        assert_eq!(
+            super::nats_where(false, "nats://127.0.0.1:4222"),
+            " at nats://127.0.0.1:4222"
+        );
+    }
 }

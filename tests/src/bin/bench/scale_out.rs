@@ -7,7 +7,11 @@
 //! own (its own nats-server, incidents service and sled store) over its
 //! own groups, as if ingest had routed the alerts by the hash of their
 //! dedup key; 1 partition decides all the alerts, 2 partitions half each,
-//! started together once both pre-loads are in. What the model leaves out
+//! started together once both pre-loads are in. A second layout puts the 2
+//! partitions on one nats-server, each in an account of its own (its own
+//! JetStream: streams of the same names, apart), as the design's
+//! per-partition streams would share the one server of a small box: its
+//! CPU and its disk's syncs. What the model leaves out
 //! (and a built partitioning would pay): silences and inhibition read
 //! across partitions, incident numbers from one sequence, consumers that
 //! read every partition. So the ratio is an upper bound for this machine.
@@ -26,6 +30,7 @@ use super::{
 };
 
 const TOCSIN_SIDE: &str = "2 partitions by dedup key (each its own nats-server and incidents service, half the groups each, started together)";
+const SHARED_SIDE: &str = "2 partitions by dedup key on one nats-server (an account each: their own streams; each its own incidents service, half the groups each, started together)";
 const PEER: &str = "1 partition (all the groups)";
 /// A partition's run, pre-load and nats-server start included.
 const RUN_LIMIT: Duration = Duration::from_secs(900);
@@ -48,12 +53,21 @@ pub async fn scale_out(quick: bool, reps: u32) -> anyhow::Result<Outcome> {
         PEER,
     )
     .side(TOCSIN_SIDE);
+    let mut shared_rate = Figure::new(
+        "scale-out, incidents alone, one nats-server",
+        "alerts/s decided",
+        "alerts/s",
+        "higher",
+        PEER,
+    )
+    .side(SHARED_SIDE);
     let mut outcome = Outcome::default();
     for rep in 1..=reps {
-        for partitions in [1u32, 2] {
-            let run = partitions_run(partitions, alerts, groups).await?;
+        for (partitions, shared) in [(1u32, false), (2, false), (2, true)] {
+            let run = partitions_run(partitions, alerts, groups, shared).await?;
             println!(
-                "  {rep:>3}  {partitions} partition(s): {:.0} alerts/s ({})",
+                "  {rep:>3}  {partitions} partition(s){}: {:.0} alerts/s ({})",
+                if shared { " on one nats-server" } else { "" },
                 run.rate,
                 run.each
                     .iter()
@@ -61,18 +75,27 @@ pub async fn scale_out(quick: bool, reps: u32) -> anyhow::Result<Outcome> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            rate.push(partitions == 2, run.rate);
+            match (partitions, shared) {
+                (1, _) => {
+                    rate.push(false, run.rate);
+                    shared_rate.push(false, run.rate);
+                }
+                (_, false) => rate.push(true, run.rate),
+                (_, true) => shared_rate.push(true, run.rate),
+            }
             // Each partition's share and its sentinel.
             let expected = u64::from(alerts / partitions + 1) * u64::from(partitions);
             if run.decided != expected {
                 outcome.problems.push(format!(
-                    "scale-out, {partitions} partition(s): {} alerts decided, not {expected} (with a sentinel each)",
+                    "scale-out, {partitions} partition(s){}: {} alerts decided, not {expected} (with a sentinel each)",
+                    if shared { " on one nats-server" } else { "" },
                     run.decided,
                 ));
             }
         }
     }
     outcome.figures.push(rate);
+    outcome.figures.push(shared_rate);
     Ok(outcome)
 }
 
@@ -85,17 +108,23 @@ struct PartitionsRun {
 }
 
 /// Runs `partitions` copies of `bench incidents`, each over its share of
-/// the alerts and groups, and starts their services together.
+/// the alerts and groups, and starts their services together; each with a
+/// private nats-server, or with `shared` all on one ([`SharedNats`]).
 async fn partitions_run(
     partitions: u32,
     alerts: u32,
     groups: u32,
+    shared: bool,
 ) -> anyhow::Result<PartitionsRun> {
     let exe = std::env::current_exe().context("the bench binary's path")?;
     let dir = tempfile::Builder::new()
         .prefix("tocsin-bench-scale-")
         .tempdir()
         .context("temp dir")?;
+    let nats = match shared {
+        true => Some(SharedNats::start(dir.path(), partitions).await?),
+        false => None,
+    };
     let mut children = Vec::new();
     for p in 0..partitions {
         children.push(spawn(
@@ -104,6 +133,7 @@ async fn partitions_run(
             alerts / partitions,
             groups / partitions,
             dir.path(),
+            nats.as_ref().map(|n| n.url(p)),
         )?);
     }
     let work = async {
@@ -159,10 +189,15 @@ fn spawn(
     alerts: u32,
     groups: u32,
     dir: &Path,
+    nats_url: Option<String>,
 ) -> anyhow::Result<(Child, Lines)> {
     let log = dir.join(format!("partition-{partition}.stderr"));
-    let mut child = Command::new(exe)
-        .args(["incidents", "--live-alerts", "0", "--receipts", "0"])
+    let mut command = Command::new(exe);
+    command.args(["incidents", "--live-alerts", "0", "--receipts", "0"]);
+    if let Some(url) = nats_url {
+        command.args(["--nats-url", &url]);
+    }
+    let mut child = command
         .args([
             "--alerts",
             &alerts.to_string(),
@@ -181,6 +216,96 @@ fn spawn(
         .with_context(|| format!("cannot start {}", exe.display()))?;
     let stdout = child.stdout.take().context("the child's stdout")?;
     Ok((child, BufReader::new(stdout).lines()))
+}
+
+/// One nats-server for every partition of a run, each partition an
+/// account of its own with JetStream (`sync_interval: always`, as the
+/// tests' servers), so their streams share the server's CPU and its
+/// disk's syncs but not their names. Killed when dropped.
+struct SharedNats {
+    _child: Child,
+    port: u16,
+    passwords: Vec<String>,
+}
+
+impl SharedNats {
+    async fn start(dir: &Path, partitions: u32) -> anyhow::Result<SharedNats> {
+        let bin = tocsin_tests::nats::nats_server_bin().map_err(anyhow::Error::msg)?;
+        let port = tocsin_tests::ports::free_port();
+        let passwords: Vec<String> = (0..partitions)
+            .map(|_| uuid::Uuid::new_v4().simple().to_string())
+            .collect();
+        let accounts: String = passwords
+            .iter()
+            .enumerate()
+            .map(|(p, pw)| {
+                format!(
+                    "  P{p}: {{ jetstream: enabled, users: [{{user: p{p}, password: \"{pw}\"}}] }}\n"
+                )
+            })
+            .collect();
+        let conf = dir.join("shared-nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "host: 127.0.0.1\nport: {port}\n\
+                 jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n\
+                 accounts {{\n{accounts}}}\n",
+                store = dir.join("shared-js").display(),
+            ),
+        )
+        .with_context(|| format!("cannot write {}", conf.display()))?;
+        let log = dir.join("shared-nats.log");
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(&log)
+                    .with_context(|| format!("cannot create {}", log.display()))?,
+            )
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let nats = SharedNats {
+            _child: child,
+            port,
+            passwords,
+        };
+        // Ready once every account's JetStream answers.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        for p in 0..partitions {
+            loop {
+                let ready = match tocsin_tests::nats::connect_url(&nats.url(p)).await {
+                    Ok(client) => async_nats::jetstream::new(client)
+                        .query_account()
+                        .await
+                        .is_ok(),
+                    Err(_) => false,
+                };
+                if ready {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    bail!(
+                        "the shared nats-server did not answer within 20s: {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(nats)
+    }
+
+    /// Partition `p`'s URL, with its account's user and password.
+    fn url(&self, p: u32) -> String {
+        format!(
+            "nats://p{p}:{}@127.0.0.1:{}",
+            self.passwords[p as usize], self.port
+        )
+    }
 }
 
 /// Reads a partition's output until it says it is ready; what it printed.
