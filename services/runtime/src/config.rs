@@ -92,10 +92,10 @@ pub fn from_str<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, Confi
     CONFIG_DIR.with(|d| *d.borrow_mut() = dir);
     let result = serde_yaml_ng::from_str::<T>(text);
     CONFIG_DIR.with(|d| *d.borrow_mut() = None);
-    result.map_err(|e| yaml_error(path, &e))
+    result.map_err(|e| yaml_error(path, text, &e))
 }
 
-fn yaml_error(path: &Path, e: &serde_yaml_ng::Error) -> ConfigError {
+fn yaml_error(path: &Path, text: &str, e: &serde_yaml_ng::Error) -> ConfigError {
     let mut message = e.to_string();
     // serde_yaml appends " at line L column C"; we print the place up front.
     if let Some(i) = message.rfind(" at line ") {
@@ -104,13 +104,181 @@ fn yaml_error(path: &Path, e: &serde_yaml_ng::Error) -> ConfigError {
     if message.contains("unknown field") {
         message.push_str("; check the spelling, or remove the key");
     }
-    let loc = e.location();
+    let mut at = e.location().map(|l| (l.line(), l.column()));
+    // A section's own checks run once it is read, where serde_yaml can only
+    // name the start of the document; their messages begin with the path of
+    // the key at fault (`ingest.idle_timeout is 0`), which is then looked
+    // up. A place serde_yaml found inside that key's value stays.
+    if let Some(key) = leading_path(&message).and_then(|p| locate_key(text, p)) {
+        let inside = at.is_some_and(|(line, _)| line >= key.line && line < key.end);
+        if !inside {
+            at = Some((key.line, key.column));
+        }
+    }
     ConfigError {
         file: path.to_path_buf(),
-        line: loc.as_ref().map(|l| l.line()),
-        column: loc.as_ref().map(|l| l.column()),
+        line: at.map(|a| a.0),
+        column: at.map(|a| a.1),
         message,
     }
+}
+
+/// The dotted key path a message starts with (`ingest.limits.alert_bytes`,
+/// `ingest.tokens[1].source`), if it starts with one.
+fn leading_path(message: &str) -> Option<&str> {
+    let word = message.split_whitespace().next()?;
+    let word = word.trim_end_matches([':', ',', ';']);
+    let is_path = word.contains('.')
+        && word.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']'));
+    is_path.then_some(word)
+}
+
+/// Where a key stands in a YAML file ([`locate_key`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyPlace {
+    /// 1-based line and column of the key.
+    pub line: usize,
+    pub column: usize,
+    /// The 1-based line after the key's block (its value's last line + 1).
+    pub end: usize,
+}
+
+/// Where the key a dotted path names (`ingest.limits.alert_bytes`,
+/// `ingest.tokens[1].source`) is written in YAML `text` in block style; a
+/// key written in flow style (`limits: {a: 1}`) or left out gives its
+/// nearest ancestor that is found. None when not even the first key is.
+/// A reading of the text's lines and indentation, enough for config files
+/// (no anchors, multi-line scalars are passed over as their lines).
+pub fn locate_key(text: &str, path: &str) -> Option<KeyPlace> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut found: Option<KeyPlace> = None;
+    // The lines to search, and whether the first is a sequence item whose
+    // first key stands after its dash.
+    let (mut from, mut to, mut item) = (0, lines.len(), false);
+    for step in path_steps(path) {
+        let content = content_lines(&lines, from, to, item);
+        let Some(&(_, indent, _)) = content.first() else {
+            break;
+        };
+        let hit = match step {
+            Step::Key(key) => content
+                .iter()
+                .find(|(_, i, rest)| *i == indent && key_starts(rest, key))
+                .map(|(n, i, _)| (*n, *i)),
+            Step::Index(n) => content
+                .iter()
+                .filter(|(_, i, rest)| *i == indent && is_item(rest))
+                .nth(n)
+                .map(|(n, i, _)| (*n, *i)),
+        };
+        let Some((line, column)) = hit else { break };
+        // The block ends at the next line as shallow: for a key, a
+        // sibling key (its sequence's items may stand at its own
+        // indentation); for an item, the next item or a sibling key.
+        let end = content
+            .iter()
+            .find(|(n, i, rest)| {
+                *n > line
+                    && match step {
+                        Step::Key(_) => *i < column || (*i == column && !is_item(rest)),
+                        Step::Index(_) => *i <= column,
+                    }
+            })
+            .map_or(to, |(n, _, _)| *n);
+        found = Some(KeyPlace {
+            line: line + 1,
+            column: column + 1,
+            end: end + 1,
+        });
+        (from, to, item) = match step {
+            Step::Key(_) => (line + 1, end, false),
+            Step::Index(_) => (line, end, true),
+        };
+    }
+    found
+}
+
+enum Step<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// `a.b[2].c` as `Key(a) Key(b) Index(2) Key(c)`.
+fn path_steps(path: &str) -> Vec<Step<'_>> {
+    let mut steps = Vec::new();
+    for part in path.split('.') {
+        let mut rest = part;
+        if let Some(i) = rest.find('[') {
+            if i > 0 {
+                steps.push(Step::Key(&rest[..i]));
+            }
+            rest = &rest[i..];
+            while let Some(inner) = rest.strip_prefix('[') {
+                let Some(close) = inner.find(']') else { break };
+                if let Ok(n) = inner[..close].parse() {
+                    steps.push(Step::Index(n));
+                }
+                rest = &inner[close + 1..];
+            }
+        } else if !rest.is_empty() {
+            steps.push(Step::Key(rest));
+        }
+    }
+    steps
+}
+
+/// The lines `from..to` that hold something (not blank, not only a
+/// comment): (index, indentation, text after it). With `item`, the first
+/// line is a sequence item (`- key: value`), read as what follows its
+/// dash, indented as far as that stands.
+fn content_lines<'a>(
+    lines: &[&'a str],
+    from: usize,
+    to: usize,
+    item: bool,
+) -> Vec<(usize, usize, &'a str)> {
+    let mut out = Vec::new();
+    for (n, line) in lines.iter().enumerate().take(to).skip(from) {
+        let mut rest = line.trim_start();
+        let mut indent = line.len() - rest.len();
+        if item && n == from {
+            if let Some(after) = rest.strip_prefix('-') {
+                let value = after.trim_start();
+                indent += 1 + after.len() - value.len();
+                rest = value;
+            }
+        }
+        if rest.is_empty() || rest.starts_with('#') {
+            continue;
+        }
+        out.push((n, indent, rest));
+    }
+    out
+}
+
+/// Whether `rest` (a line after its indentation) is the key `key`.
+fn key_starts(rest: &str, key: &str) -> bool {
+    let bare = rest.strip_prefix(key);
+    let double = rest
+        .strip_prefix('"')
+        .and_then(|r| r.strip_prefix(key))
+        .and_then(|r| r.strip_prefix('"'));
+    let single = rest
+        .strip_prefix('\'')
+        .and_then(|r| r.strip_prefix(key))
+        .and_then(|r| r.strip_prefix('\''));
+    [bare, double, single]
+        .into_iter()
+        .flatten()
+        .any(|after| after.trim_start().starts_with(':'))
+}
+
+/// Whether `rest` is a sequence item (`- x`, or `-` alone).
+fn is_item(rest: &str) -> bool {
+    rest == "-" || rest.starts_with("- ")
 }
 
 /// Resolves `p` against the folder of the config file being loaded.
@@ -553,6 +721,75 @@ mod tests {
 
         let err = from_str::<Sample>(path, "name: [a\n").unwrap_err();
         assert!(err.line.is_some(), "{err}");
+    }
+
+    /// A section checked after it is read, as the services' sections are
+    /// (`#[serde(try_from)]`): its errors name the key by its path.
+    #[derive(Debug, Deserialize)]
+    #[serde(try_from = "RawSection")]
+    struct Section;
+
+    #[derive(Deserialize)]
+    struct RawSection {
+        a: u32,
+        #[serde(default)]
+        items: Vec<RawItem>,
+        #[serde(default)]
+        limits: std::collections::BTreeMap<String, u32>,
+    }
+
+    #[derive(Deserialize)]
+    struct RawItem {
+        b: String,
+    }
+
+    impl TryFrom<RawSection> for Section {
+        type Error = String;
+        fn try_from(r: RawSection) -> Result<Section, String> {
+            if r.a == 0 {
+                return Err("sect.a is 0; use at least 1".into());
+            }
+            if let Some(i) = r.items.iter().position(|i| i.b.is_empty()) {
+                return Err(format!("sect.items[{i}].b is empty"));
+            }
+            if let Some((k, _)) = r.limits.iter().find(|(_, v)| **v == 0) {
+                return Err(format!("sect.limits.{k} is 0"));
+            }
+            Ok(Section)
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Top {
+        first: String,
+        sect: Section,
+    }
+
+    #[test]
+    fn errors_found_after_a_section_is_read_point_at_the_key_they_name() {
+        let path = Path::new("t.yaml");
+        let at = |text: &str| {
+            let e = from_str::<Top>(path, text).unwrap_err();
+            (e.line, e.column, e.message)
+        };
+        let text = "# comment\nfirst: x\nsect:\n  # a: 1\n  items: []\n  a: 0   # zero\n";
+        let (line, column, message) = at(text);
+        assert_eq!((line, column), (Some(6), Some(3)), "{message}");
+        let text = "first: x\nsect:\n  a: 1\n  items:\n    - b: x\n    -   b: \"\"\n    - b: y\n";
+        let (line, column, message) = at(text);
+        assert_eq!((line, column), (Some(6), Some(9)), "{message}");
+        let text = "first: x\nsect:\n  a: 1\n  limits:\n    one: 1\n    two: 0\n";
+        assert_eq!(at(text).0, Some(6));
+        // Items at their key's own indentation.
+        let text = "first: x\nsect:\n  items:\n  - b: x\n  - b: \"\"\n  a: 1\n";
+        assert_eq!((at(text).0, at(text).1), (Some(5), Some(5)));
+        // A key written in flow style: the nearest key found, its parent.
+        let text = "first: x\nsect:\n  a: 1\n  limits: {one: 1, two: 0}\n";
+        assert_eq!(at(text).0, Some(4));
+        // A key left out (its default was checked): the section.
+        let text = "first: x\nsect: {a: 0}\n";
+        assert_eq!(at(text).0, Some(2));
     }
 
     #[test]

@@ -562,7 +562,36 @@ fn located(path: &Path, section: &str, messages: Vec<String>) -> ConfigError {
         .iter()
         .position(|l| l.trim_end() == format!("{section}:"))
         .unwrap_or(0);
+    // "incidents: max_in_memory is 0", "incidents: incidents.lease_ttl is
+    // 0ns": the key named first, when it is written in the section.
+    let key = |message: &str| -> Option<(usize, usize)> {
+        let rest = message
+            .strip_prefix(section)
+            .and_then(|r| r.strip_prefix(": "))
+            .unwrap_or(message);
+        let mut words = rest.split_whitespace();
+        let word = words.next()?.trim_end_matches([':', ',', ';']);
+        // A path, or a key followed by "is" ("route names policy ..." is
+        // about the value it quotes).
+        let is_key = (word.contains('.') || words.next() == Some("is"))
+            && word
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']'));
+        if !is_key {
+            return None;
+        }
+        let path = match word.strip_prefix(section).and_then(|r| r.strip_prefix('.')) {
+            Some(_) => word.to_string(),
+            None => format!("{section}.{word}"),
+        };
+        let k = tocsin_runtime::config::locate_key(&text, &path)?;
+        // Only the section itself found: the search below does better.
+        (k.line > start + 1).then_some((k.line, k.column))
+    };
     let place = |message: &str| -> Option<(usize, usize)> {
+        if let Some(at) = key(message) {
+            return Some(at);
+        }
         // Suggestions ("did you mean \"Europe/Berlin\"?") are not the culprit.
         let head = message.split("did you mean").next().unwrap_or(message);
         let quoted: Vec<&str> = head

@@ -98,6 +98,31 @@ fn config_errors_name_file_line_and_reason() {
             "cannot read secret file",
         ),
         ("jetstream:\n  replicas: three\n", &[], 2, "jetstream.replicas: invalid type"),
+        // Checks made once a section is read point at the key they name.
+        (
+            "nats:\n  url: nats://x:4222\ningest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\n  idle_timeout: 0s\n",
+            &[token],
+            7,
+            "ingest.idle_timeout is 0",
+        ),
+        (
+            "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\n    - source: no good\n      token: abcdefabcdefabcdefabcdef\n",
+            &[token],
+            5,
+            "ingest.tokens[1].source \"no good\" is not a valid name",
+        ),
+        (
+            "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nchatops:\n  listen: 127.0.0.1:8082\n  max_connections: 2\n",
+            &[token],
+            7,
+            "chatops.max_connections is 2",
+        ),
+        (
+            "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nincidents:\n  group_wait: 0s\n  max_in_memory: 0\n",
+            &[token],
+            7,
+            "max_in_memory is 0",
+        ),
     ];
     for (i, (text, env, line, reason)) in cases.iter().enumerate() {
         let file = write(dir.path(), &format!("case{i}.yaml"), text);
