@@ -107,6 +107,11 @@ pub fn check(config: &NotifierConfig) -> Result<Checked, NotifierError> {
     if let Err(e) = config.shared_booking_timeout() {
         errors.push(e);
     }
+    if let Some(c) = config.concurrency {
+        if !(1..=8192).contains(&c) {
+            errors.push(format!("concurrency is {c}; use 1 to 8192 (default 256)"));
+        }
+    }
     if let Err(e) = templates::Templates::load(config.templates.as_ref().map(|p| p.0.as_path())) {
         errors.extend(e.into_iter().map(|e| format!("template {e}")));
     }

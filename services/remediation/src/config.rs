@@ -79,6 +79,32 @@ impl Default for RemediationConfig {
 }
 
 impl RemediationConfig {
+    /// What is out of bounds, one message each (`tocsin check-config` and
+    /// every start refuse it rather than quietly raise or lower it).
+    pub fn check(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if self.max_parallel_runs == 0 {
+            errors.push("max_parallel_runs is 0; use at least 1 (default 32)".to_string());
+        }
+        if !(64..=1 << 20).contains(&self.max_output_bytes) {
+            errors.push(format!(
+                "max_output_bytes is {}; use 64 to 1048576 (default 4096)",
+                self.max_output_bytes
+            ));
+        }
+        for (name, d, default) in [
+            ("ack_wait", self.ack_wait, "30s"),
+            ("lease_ttl", self.lease_ttl, "60s"),
+        ] {
+            if d.0 < Duration::from_secs(1) {
+                errors.push(format!(
+                    "{name} is {d}; use at least 1s (default {default})"
+                ));
+            }
+        }
+        errors
+    }
+
     pub fn ack_wait(&self) -> Duration {
         self.ack_wait.0.max(Duration::from_secs(1))
     }

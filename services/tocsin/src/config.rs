@@ -250,6 +250,14 @@ impl Config {
                     }
                     None => {}
                     Some(r) => {
+                        let errors = r.check();
+                        if !errors.is_empty() {
+                            let errors = errors
+                                .into_iter()
+                                .map(|e| format!("remediation: {e}"))
+                                .collect();
+                            return Err(located(path, "remediation", errors));
+                        }
                         // A bad runbook is refused and the others run: it
                         // is reported, not a reason to stop.
                         let (loaded, errors) = tocsin_remediation::load_runbooks(r);

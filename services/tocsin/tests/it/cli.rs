@@ -123,6 +123,25 @@ fn config_errors_name_file_line_and_reason() {
             7,
             "max_in_memory is 0",
         ),
+        // Out of range is refused, not quietly raised or lowered.
+        (
+            "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nnotifier:\n  concurrency: 0\n",
+            &[token],
+            6,
+            "notifier: concurrency is 0; use 1 to 8192",
+        ),
+        (
+            "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nremediation:\n  runbook_dirs: []\n  max_output_bytes: 10485760\n",
+            &[token],
+            7,
+            "remediation: max_output_bytes is 10485760; use 64 to 1048576",
+        ),
+        (
+            "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nremediation:\n  lease_ttl: 0s\n",
+            &[token],
+            6,
+            "remediation: lease_ttl is 0ms; use at least 1s",
+        ),
     ];
     for (i, (text, env, line, reason)) in cases.iter().enumerate() {
         let file = write(dir.path(), &format!("case{i}.yaml"), text);
