@@ -92,13 +92,15 @@ impl RemediationConfig {
                 self.max_output_bytes
             ));
         }
-        for (name, d, default) in [
-            ("ack_wait", self.ack_wait, "30s"),
-            ("lease_ttl", self.lease_ttl, "60s"),
+        let (second, hour) = (HumanDuration::secs(1), HumanDuration::secs(3600));
+        for (name, d, least, default) in [
+            ("ack_wait", self.ack_wait, second, "30s"),
+            ("lease_ttl", self.lease_ttl, second, "60s"),
+            ("runs_kept_for", self.runs_kept_for, hour, "7d"),
         ] {
-            if d.0 < Duration::from_secs(1) {
+            if d.0 < least.0 {
                 errors.push(format!(
-                    "{name} is {d}; use at least 1s (default {default})"
+                    "{name} is {d}; use at least {least} (default {default})"
                 ));
             }
         }

@@ -142,6 +142,12 @@ fn config_errors_name_file_line_and_reason() {
             6,
             "remediation: lease_ttl is 0ms; use at least 1s",
         ),
+        (
+            "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nremediation:\n  runs_kept_for: 10m\n",
+            &[token],
+            6,
+            "remediation: runs_kept_for is 600s; use at least 3600s",
+        ),
     ];
     for (i, (text, env, line, reason)) in cases.iter().enumerate() {
         let file = write(dir.path(), &format!("case{i}.yaml"), text);
