@@ -233,6 +233,30 @@ impl Planner {
                 }
                 levels.push(compile_level(&p.name, i, l, &mut errors));
             }
+            // Nothing that would page in a loop with no pause.
+            if let Some(d) = p.renotify_acknowledged_after {
+                if d.get() < MIN_PAUSE {
+                    errors.push(format!(
+                        "policy {:?}: renotify_acknowledged_after is {d}; use at least 1m \
+                         (whoever acknowledged is reminded that often while the incident stays open)",
+                        p.name
+                    ));
+                }
+            }
+            if p.repeat > 0 {
+                if let Some((severity, round)) = shortest_round(&levels) {
+                    if round < MIN_PAUSE {
+                        errors.push(format!(
+                            "policy {:?} repeats {} times, but a round of its levels takes {} for {} incidents; \
+                             give its levels delays of at least 1m in all, or repeat: 0",
+                            p.name,
+                            p.repeat,
+                            tocsin_runtime::config::HumanDuration(round),
+                            severity.as_str()
+                        ));
+                    }
+                }
+            }
             let policy = Policy {
                 levels,
                 repeat: p.repeat,
@@ -444,6 +468,26 @@ impl Planner {
             Next::Exhausted
         }
     }
+}
+
+/// The least time between two reminders of an acknowledged incident, and
+/// the least time one round of a repeating policy may take.
+const MIN_PAUSE: Duration = Duration::from_secs(60);
+
+/// The severity whose round through `levels` is shortest, and its length
+/// (each level's delay for that severity, summed).
+fn shortest_round(levels: &[Level]) -> Option<(Severity, Duration)> {
+    use Severity::*;
+    [Critical, High, Medium, Low, Info]
+        .into_iter()
+        .map(|sev| {
+            let round = levels
+                .iter()
+                .map(|l| l.delay_by_severity.get(&sev).copied().unwrap_or(l.delay))
+                .sum();
+            (sev, round)
+        })
+        .min_by_key(|(_, round)| *round)
 }
 
 fn names<'a>(it: impl Iterator<Item = &'a String>) -> String {

@@ -608,6 +608,25 @@ fn located(path: &Path, section: &str, messages: Vec<String>) -> ConfigError {
             .step_by(2)
             .filter(|q| !q.is_empty())
             .collect();
+        // "policy \"p\": ..." about the policy itself: its `name: p`.
+        let own = head
+            .strip_prefix(section)
+            .and_then(|r| r.strip_prefix(": "))
+            .unwrap_or(head);
+        let about_one = ["policy \"", "schedule \"", "user \""]
+            .iter()
+            .any(|kind| own.starts_with(kind));
+        if about_one && quoted.len() == 1 && !head.contains("is defined twice") {
+            let name = quoted[0];
+            if let Some(at) = lines
+                .iter()
+                .enumerate()
+                .skip(start)
+                .find_map(|(i, l)| name_at(l, name).map(|c| (i + 1, c + 1)))
+            {
+                return Some(at);
+            }
+        }
         // "user \"alice\" is defined twice": the second `name: alice`.
         if head.contains("is defined twice") {
             if let Some(name) = quoted.first() {

@@ -186,6 +186,19 @@ fn escalation_mistakes_are_located_with_the_fix() {
     let base = "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\n";
     // (escalation section, expected line, expected fragments)
     let cases: &[(&str, usize, &[&str])] = &[
+        // Settings that would page in a loop with no pause: reminders to
+        // whoever acknowledged with no time between them, rounds of a
+        // repeating policy that take no time.
+        (
+            "escalation:\n  route: {policy: p}\n  policies:\n    - name: p\n      renotify_acknowledged_after: 0s\n      levels: [{targets: [{user: a}]}]\n  users: [{name: a, email: a@example.com}]\n",
+            8,
+            &["policy \"p\": renotify_acknowledged_after is 0ms; use at least 1m"],
+        ),
+        (
+            "escalation:\n  route: {policy: p}\n  policies:\n    - name: p\n      repeat: 3\n      levels:\n        - targets: [{user: a}]\n          delay: 20s\n          delay_by_severity: {critical: 0s}\n        - targets: [{user: a}]\n          delay: 30s\n  users: [{name: a, email: a@example.com}]\n",
+            8,
+            &["policy \"p\" repeats 3 times, but a round of its levels takes 30s for critical incidents; give its levels delays of at least 1m in all, or repeat: 0"],
+        ),
         (
             "escalation:\n  route:\n    policy: web-oncall\n  policies:\n    - name: default\n      levels: [{targets: [{user: a}]}]\n  users: [{name: a, email: a@example.com}]\n",
             7,
