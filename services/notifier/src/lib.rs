@@ -68,7 +68,7 @@ mod replicas;
 
 use std::sync::Arc;
 
-use tocsin_runtime::context::ServiceContext;
+use tocsin_runtime::{config::HumanDuration, context::ServiceContext};
 
 pub use changes::CHANGES_CONSUMER;
 pub use config::NotifierConfig;
@@ -111,6 +111,30 @@ pub fn check(config: &NotifierConfig) -> Result<Checked, NotifierError> {
         if !(1..=8192).contains(&c) {
             errors.push(format!("concurrency is {c}; use 1 to 8192 (default 256)"));
         }
+    }
+    // Out of bounds is refused, not quietly replaced by the default.
+    let (second, hour) = (HumanDuration::secs(1), HumanDuration::secs(3600));
+    for (name, d, least, default) in [
+        ("ack_wait", config.ack_wait, second, "30s"),
+        ("records_kept_for", config.records_kept_for, hour, "14d"),
+    ] {
+        if let Some(d) = d.filter(|d| d.get() < least.get()) {
+            errors.push(format!(
+                "{name} is {d}; use at least {least} (default {default})"
+            ));
+        }
+    }
+    let retry = &config.retry;
+    if retry.initial.get() < std::time::Duration::from_millis(100) {
+        errors.push(format!(
+            "retry.initial is {}; use at least 100ms (default 1s): a failing provider would be asked again at once",
+            retry.initial
+        ));
+    } else if retry.max.get() < retry.initial.get() {
+        errors.push(format!(
+            "retry.max ({}) is below retry.initial ({}); raise max (default 2m) or lower initial",
+            retry.max, retry.initial
+        ));
     }
     if let Err(e) = templates::Templates::load(config.templates.as_ref().map(|p| p.0.as_path())) {
         errors.extend(e.into_iter().map(|e| format!("template {e}")));

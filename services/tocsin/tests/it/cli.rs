@@ -131,6 +131,30 @@ fn config_errors_name_file_line_and_reason() {
             "notifier: concurrency is 0; use 1 to 8192",
         ),
         (
+            "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nnotifier:\n  ack_wait: 0s\n",
+            &[token],
+            6,
+            "notifier: ack_wait is 0ms; use at least 1s",
+        ),
+        (
+            "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nnotifier:\n  records_kept_for: 0s\n",
+            &[token],
+            6,
+            "notifier: records_kept_for is 0ms; use at least 3600s",
+        ),
+        (
+            "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nnotifier:\n  retry:\n    initial: 0s\n",
+            &[token],
+            7,
+            "notifier: retry.initial is 0ms; use at least 100ms",
+        ),
+        (
+            "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nnotifier:\n  retry:\n    initial: 10m\n    max: 2m\n",
+            &[token],
+            8,
+            "notifier: retry.max (120s) is below retry.initial (600s)",
+        ),
+        (
             "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nremediation:\n  runbook_dirs: []\n  max_output_bytes: 10485760\n",
             &[token],
             7,
