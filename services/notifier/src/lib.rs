@@ -98,6 +98,37 @@ pub struct Checked {
 
 /// Checks the config and every template (for `tocsin check-config`). Builds
 /// nothing that needs a runtime.
+/// What is out of bounds in a channel's `guard` (a value of 0 that would
+/// stop every request, or open the breaker on no failure at all).
+fn guard_errors(g: &config::GuardConfig) -> Vec<String> {
+    use std::time::Duration;
+    let mut errors = Vec::new();
+    let timeout = g.timeout.get();
+    if !(Duration::from_millis(100)..=Duration::from_secs(600)).contains(&timeout) {
+        errors.push(format!(
+            "guard.timeout is {}; use 100ms to 10m (default 10s)",
+            g.timeout
+        ));
+    }
+    for (key, v) in [
+        ("concurrency", g.concurrency),
+        ("burst", g.burst),
+        ("breaker.failures", Some(g.breaker.failures)),
+        ("breaker.successes", Some(g.breaker.successes)),
+    ] {
+        if v == Some(0) {
+            errors.push(format!("guard.{key} is 0; use at least 1"));
+        }
+    }
+    if g.breaker.open_for.get() < Duration::from_secs(1) {
+        errors.push(format!(
+            "guard.breaker.open_for is {}; use at least 1s (default 60s)",
+            g.breaker.open_for
+        ));
+    }
+    errors
+}
+
 pub fn check(config: &NotifierConfig) -> Result<Checked, NotifierError> {
     install_crypto();
     let mut errors = Vec::new();
@@ -123,6 +154,25 @@ pub fn check(config: &NotifierConfig) -> Result<Checked, NotifierError> {
                 "{name} is {d}; use at least {least} (default {default})"
             ));
         }
+    }
+    let mut guards: Vec<(String, &config::GuardConfig)> = Vec::new();
+    if let Some(c) = &config.slack {
+        guards.push(("slack".into(), &c.guard));
+    }
+    if let Some(c) = &config.pagerduty {
+        guards.push(("pagerduty".into(), &c.guard));
+    }
+    if let Some(c) = &config.sms {
+        guards.push(("sms".into(), &c.guard));
+    }
+    if let Some(c) = &config.email {
+        guards.push(("email".into(), &c.guard));
+    }
+    for w in &config.webhooks {
+        guards.push((format!("webhook {:?}", w.name), &w.guard));
+    }
+    for (name, g) in guards {
+        errors.extend(guard_errors(g).into_iter().map(|e| format!("{name}: {e}")));
     }
     let retry = &config.retry;
     if retry.initial.get() < std::time::Duration::from_millis(100) {

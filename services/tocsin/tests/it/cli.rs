@@ -155,6 +155,18 @@ fn config_errors_name_file_line_and_reason() {
             "notifier: retry.max (120s) is below retry.initial (600s)",
         ),
         (
+            "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nnotifier:\n  webhooks:\n    - name: teams\n      url: https://example.com/hook\n      guard: {timeout: 0s, burst: 0}\n",
+            &[token],
+            7,
+            "notifier: webhook \"teams\": guard.timeout is 0ms; use 100ms to 10m",
+        ),
+        (
+            "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nnotifier:\n  webhooks:\n    - name: teams\n      url: https://example.com/hook\n      guard: {concurrency: 0, breaker: {failures: 0}}\n",
+            &[token],
+            7,
+            "notifier: webhook \"teams\": guard.concurrency is 0; use at least 1",
+        ),
+        (
             "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nremediation:\n  runbook_dirs: []\n  max_output_bytes: 10485760\n",
             &[token],
             7,
