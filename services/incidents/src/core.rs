@@ -1037,6 +1037,10 @@ fn recompute(st: &mut IncidentState, cfg: &CoreConfig) {
     s.labels = common.unwrap_or_default();
 }
 
+/// `group_by: ['...']`, as in Alertmanager: group by every label (so each
+/// distinct alert is an incident of its own).
+pub const GROUP_BY_EVERY_LABEL: &str = "...";
+
 /// The dedup key of an alert: the sender's key when it gives one (scoped to
 /// the integration, as PagerDuty scopes keys to a routing key), else the
 /// grouping labels.
@@ -1044,7 +1048,10 @@ pub fn dedup_key(cfg: &CoreConfig, source: &str, alert: &Alert) -> String {
     if let Some(k) = &alert.dedup_key {
         return sender_key(source, k);
     }
-    let group: Labels = if !cfg.group_by.is_empty() {
+    let group: Labels = if cfg.group_by.iter().any(|n| n == GROUP_BY_EVERY_LABEL) {
+        // Alertmanager's `group_by: ['...']`: every label.
+        alert.labels.clone()
+    } else if !cfg.group_by.is_empty() {
         cfg.group_by
             .iter()
             .map(|n| (n.clone(), alert.labels.get(n).cloned().unwrap_or_default()))
@@ -1835,6 +1842,64 @@ pub fn silence_list(proj: &Projection) -> Vec<Silence> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn alert(labels: &[(&str, &str)]) -> Alert {
+        let labels: Labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Alert {
+            fingerprint: tocsin_proto::Fingerprint::from_labels(&labels),
+            status: AlertStatus::Firing,
+            labels,
+            annotations: Labels::new(),
+            starts_at: Timestamp::UNIX_EPOCH,
+            ends_at: None,
+            generator_url: None,
+            dedup_key: None,
+            origin: tocsin_proto::Origin::default(),
+        }
+    }
+
+    #[test]
+    fn group_by_every_label_is_alertmanager_s_three_dots() {
+        // `group_by: ['...']` in Alertmanager groups by every label: no two
+        // alerts with different labels share an incident.
+        let cfg = crate::compile(&crate::config::IncidentsConfig {
+            group_by: vec!["...".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        let a = alert(&[("alertname", "Down"), ("instance", "a")]);
+        let b = alert(&[("alertname", "Down"), ("instance", "b")]);
+        assert_ne!(dedup_key(&cfg, "am", &a), dedup_key(&cfg, "am", &b));
+        assert_eq!(dedup_key(&cfg, "am", &a), dedup_key(&cfg, "am", &a.clone()));
+        // Named labels still group: both are one `Down`.
+        let cfg = crate::compile(&crate::config::IncidentsConfig {
+            group_by: vec!["alertname".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(dedup_key(&cfg, "am", &a), dedup_key(&cfg, "am", &b));
+    }
+
+    #[test]
+    fn group_by_takes_label_names_only() {
+        for (group_by, reason) in [
+            (vec!["...", "alertname"], "cannot be combined"),
+            (vec!["alert name"], "not a label name"),
+            (vec![""], "not a label name"),
+        ] {
+            let err = crate::compile(&crate::config::IncidentsConfig {
+                group_by: group_by.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            })
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+            assert!(err.contains(reason), "{group_by:?}: {err}");
+        }
+    }
 
     #[test]
     fn keys_index_their_newest_incident_by_digest_and_keys_differing_anywhere_stay_apart() {

@@ -61,6 +61,23 @@ pub use service::COMMANDS_CONSUMER;
 /// regexes and timezones. `tocsin check-config` calls this too.
 pub fn compile(config: &IncidentsConfig) -> Result<core::CoreConfig, IncidentsError> {
     let err = IncidentsError::Config;
+    let every = core::GROUP_BY_EVERY_LABEL;
+    if config.group_by.iter().any(|n| n == every) && config.group_by.len() > 1 {
+        return Err(IncidentsError::Config(format!(
+            "group_by: {every:?} (every label) cannot be combined with other labels, as in \
+             Alertmanager; keep either {every:?} alone or the label names"
+        )));
+    }
+    if let Some(bad) = config.group_by.iter().find(|n| {
+        *n != every
+            && !(n.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+    }) {
+        return Err(IncidentsError::Config(format!(
+            "group_by: {bad:?} is not a label name (letters, digits and _, not starting with a \
+             digit), nor {every:?} for every label"
+        )));
+    }
     let inhibitor = inhibit::Inhibitor::new(&config.inhibit_rules).map_err(err)?;
     let mut windows = silences::SilenceIndex::default();
     for w in &config.maintenance_windows {

@@ -123,6 +123,12 @@ fn config_errors_name_file_line_and_reason() {
             7,
             "max_in_memory is 0",
         ),
+        (
+            "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nincidents:\n  group_by: ['...', alertname]\n",
+            &[token],
+            6,
+            "incidents: group_by: \"...\" (every label) cannot be combined with other labels",
+        ),
         // Out of range is refused, not quietly raised or lowered.
         (
             "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nnotifier:\n  concurrency: 0\n",
