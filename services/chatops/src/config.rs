@@ -430,6 +430,13 @@ impl TryFrom<RawChatopsConfig> for ChatopsConfig {
         if r.status.resolved_shown > 100 {
             return Err("chatops.status.resolved_shown is at most 100".into());
         }
+        if r.status.cache_for.get() < std::time::Duration::from_secs(1) {
+            return Err(format!(
+                "chatops.status.cache_for is {}; use at least 1s (default 5s): the page is public, \
+                 and each rebuild asks the incidents service",
+                r.status.cache_for
+            ));
+        }
         Ok(ChatopsConfig {
             listen: r.listen,
             max_body_bytes: r.max_body_bytes,

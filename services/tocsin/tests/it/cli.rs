@@ -118,6 +118,12 @@ fn config_errors_name_file_line_and_reason() {
             "chatops.max_connections is 2",
         ),
         (
+            "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nchatops:\n  status:\n    cache_for: 0s\n",
+            &[token],
+            7,
+            "chatops.status.cache_for is 0ms; use at least 1s",
+        ),
+        (
             "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nincidents:\n  group_wait: 0s\n  max_in_memory: 0\n",
             &[token],
             7,
