@@ -1842,24 +1842,7 @@ pub fn silence_list(proj: &Projection) -> Vec<Silence> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn alert(labels: &[(&str, &str)]) -> Alert {
-        let labels: Labels = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Alert {
-            fingerprint: tocsin_proto::Fingerprint::from_labels(&labels),
-            status: AlertStatus::Firing,
-            labels,
-            annotations: Labels::new(),
-            starts_at: Timestamp::UNIX_EPOCH,
-            ends_at: None,
-            generator_url: None,
-            dedup_key: None,
-            origin: tocsin_proto::Origin::default(),
-        }
-    }
+    use crate::limits::tests::alert;
 
     #[test]
     fn group_by_every_label_is_alertmanager_s_three_dots() {

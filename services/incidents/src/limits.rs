@@ -328,7 +328,7 @@ fn cut_entry(entry: &mut LogEntry, cap: usize) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use jiff::Timestamp;
     use tocsin_proto::{
         incident::{Actor, Cause, IncidentEvent, IncidentSummary},
@@ -342,7 +342,8 @@ mod tests {
         max_annotations: 64,
     };
 
-    fn alert(labels: &[(&str, &str)]) -> Alert {
+    /// A firing alert with these labels (also the core's tests').
+    pub(crate) fn alert(labels: &[(&str, &str)]) -> Alert {
         let labels: Labels = labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
