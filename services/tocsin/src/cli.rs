@@ -681,23 +681,78 @@ impl std::error::Error for Usage {}
 fn exit(result: anyhow::Result<String>) -> ExitCode {
     match result {
         Ok(out) => {
-            print!("{out}");
+            print!("{}", terminal_safe(&out));
             ExitCode::from(exit::OK)
         }
         Err(e) => {
             if let Some(u) = e.downcast_ref::<Usage>() {
-                eprintln!("error: {u}");
+                eprintln!("error: {}", terminal_safe(&u.to_string()));
                 ExitCode::from(exit::USAGE)
             } else if let Some(r) = e.downcast_ref::<crate::ops::Refused>() {
-                eprintln!("rejected: {r}");
+                eprintln!("rejected: {}", terminal_safe(&r.to_string()));
                 ExitCode::from(exit::REFUSED)
             } else if let Some(q) = e.downcast_ref::<crate::ops::Queued>() {
-                println!("{q}");
+                println!("{}", terminal_safe(&q.to_string()));
                 ExitCode::from(exit::QUEUED)
             } else {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", terminal_safe(&format!("{e:#}")));
                 ExitCode::from(exit::UNREACHABLE)
             }
         }
+    }
+}
+
+/// The colours operator commands paint with (`ESC [ n m`, `ops::Style`).
+const COLOURS: [&str; 5] = ["0", "1", "31", "32", "33"];
+
+/// `text` fit for a terminal: control characters other than line feeds
+/// and tabs are written out (`\e`, `\u{7}`), so text from outside (a note
+/// sent from Slack, an alert's summary, a runbook step's output) cannot
+/// retitle the window, move the cursor or clear the screen of whoever
+/// reads it; the commands' own colours ([`COLOURS`]) stay.
+pub(crate) fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if c == '\x1b' {
+            let colour = COLOURS.iter().find_map(|code| {
+                let seq = format!("\x1b[{code}m");
+                rest.starts_with(&seq).then_some(seq)
+            });
+            if let Some(seq) = colour {
+                out.push_str(&seq);
+                rest = &rest[seq.len()..];
+                continue;
+            }
+            out.push_str("\\e");
+        } else if unsafe_char(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+        rest = &rest[c.len_utf8()..];
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::terminal_safe;
+
+    #[test]
+    fn only_the_commands_own_colours_reach_the_terminal() {
+        let plain = "#1 disk full\n  note:\tdone";
+        assert!(matches!(
+            terminal_safe(plain),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            terminal_safe("\x1b[31mpaged\x1b[0m \x1b]0;pwned\x07\x1b[8mhidden\r\u{9b}2J"),
+            "\x1b[31mpaged\x1b[0m \\e]0;pwned\\u{7}\\e[8mhidden\\u{d}\\u{9b}2J"
+        );
     }
 }

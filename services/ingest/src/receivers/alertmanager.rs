@@ -5,8 +5,8 @@ use serde_json::value::RawValue;
 use tocsin_proto::{Alert, AlertStatus, Fingerprint, Labels, Origin, SourceKind};
 
 use super::{
-    check_annotations, check_labels, clean_labels, is_zero_time, parse_element, parse_json,
-    parse_time, require_object,
+    check_annotations, check_labels, check_url, clean_labels, is_zero_time, parse_element,
+    parse_json, parse_time, require_object,
 };
 use crate::{config::Limits, error::Rejection};
 
@@ -96,6 +96,7 @@ fn validate(msg: WebhookMessage<'_>, limits: &Limits) -> Result<Parsed, String> 
         }
     }
     check_labels("groupLabels", &msg.group_labels, limits)?;
+    check_url("externalURL", &msg.external_url, limits)?;
     let origin = Origin {
         kind: Some(SourceKind::Alertmanager),
         receiver: non_empty(msg.receiver),
@@ -128,6 +129,9 @@ fn convert(i: usize, a: WebhookAlert, origin: &Origin, limits: &Limits) -> Resul
     };
     let labels = clean_labels(&format!("alerts[{i}].labels"), a.labels, limits)?;
     check_annotations(&format!("alerts[{i}].annotations"), &a.annotations, limits)?;
+    if let Some(u) = &a.generator_url {
+        check_url(&format!("alerts[{i}].generatorURL"), u, limits)?;
+    }
     let starts_at = parse_time(&format!("alerts[{i}].startsAt"), &a.starts_at)?;
     let ends_at = match a.ends_at.as_deref() {
         None | Some("") => None,
@@ -286,6 +290,30 @@ mod tests {
             "{}",
             r.reason
         );
+    }
+
+    #[test]
+    fn urls_holding_control_characters_are_refused() {
+        // Shown in pages and by `tocsin show`: no terminal or chat
+        // control sequences ride in on a link.
+        let good = r#"{"version":"4","status":"firing","receiver":"r","groupLabels":{},"commonLabels":{},"commonAnnotations":{},"externalURL":"http://am:9093","alerts":[{"status":"firing","labels":{"alertname":"A"},"annotations":{},"startsAt":"2025-01-15T10:00:00Z","generatorURL":"http://prom/graph"}]}"#;
+        assert!(parse(good.as_bytes()).is_ok());
+        for (bad, field) in [
+            (
+                good.replace("http://prom/graph", "http://prom/\\u001b[2J"),
+                "alerts[0].generatorURL",
+            ),
+            (
+                good.replace("http://am:9093", "http://am\\u0007"),
+                "externalURL",
+            ),
+        ] {
+            let err = parse(bad.as_bytes()).unwrap_err();
+            assert!(
+                err.starts_with(field) && err.contains("control character"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

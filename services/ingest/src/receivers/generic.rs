@@ -22,7 +22,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tocsin_proto::{Alert, AlertStatus, Fingerprint, Labels, Origin, SourceKind, Timestamp};
 
-use super::{check_annotations, clean_labels, is_zero_time, parse_element, parse_json, parse_time};
+use super::{
+    check_annotations, check_url, clean_labels, is_zero_time, parse_element, parse_json, parse_time,
+};
 use crate::{config::Limits, error::Rejection};
 
 /// `{"alerts": [...]}`; other keys are ignored. The alerts stay raw JSON
@@ -101,6 +103,9 @@ fn convert(
 ) -> Result<Alert, String> {
     let labels = clean_labels(&format!("alerts[{i}].labels"), a.labels, limits)?;
     check_annotations(&format!("alerts[{i}].annotations"), &a.annotations, limits)?;
+    if let Some(u) = &a.generator_url {
+        check_url(&format!("alerts[{i}].generatorURL"), u, limits)?;
+    }
     let starts_at = match a.starts_at.as_deref() {
         None | Some("") => received_at,
         Some(s) => parse_time(&format!("alerts[{i}].startsAt"), s)?,
@@ -176,6 +181,16 @@ mod tests {
 
     fn parse(body: &[u8], received_at: Timestamp) -> Result<Vec<Alert>, String> {
         super::parse(body, received_at, &Limits::default()).map_err(|r| r.reason)
+    }
+
+    #[test]
+    fn a_generator_url_holding_control_characters_is_refused() {
+        let body = br#"[{"labels":{"alertname":"x"},"generatorURL":"http://g\u001b]0;t\u0007"}]"#;
+        let err = parse(body, now()).unwrap_err();
+        assert!(
+            err.starts_with("alerts[0].generatorURL") && err.contains("control character"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -272,6 +272,27 @@ pub(crate) fn check_annotation_value(
     Ok(())
 }
 
+/// A link a sender gives (an alert's `generatorURL`, Alertmanager's
+/// `externalURL`): at most `annotation_value_bytes`, and no control
+/// characters (it is shown in pages and by `tocsin show`).
+pub(crate) fn check_url(field: &str, value: &str, limits: &Limits) -> Result<(), String> {
+    if value.len() > limits.annotation_value_bytes {
+        return Err(format!(
+            "{field}: {} bytes, the limit is {} (ingest.limits.annotation_value_bytes)",
+            value.len(),
+            limits.annotation_value_bytes
+        ));
+    }
+    if let Some((at, c)) = value.char_indices().find(|(_, c)| c.is_control()) {
+        return Err(format!(
+            "{field}: the URL contains the control character U+{:04X} at byte {at}; \
+             percent-encode it (%{:02X}) or leave it out",
+            c as u32, c as u32
+        ));
+    }
+    Ok(())
+}
+
 /// Prometheus's label name rule, `[a-zA-Z_][a-zA-Z0-9_]*`, and the length bound.
 fn check_label_name(field: &str, name: &str, limits: &Limits) -> Result<(), String> {
     if name.len() > limits.label_name_bytes {

@@ -63,6 +63,12 @@ async fn operators_ack_resolve_list_and_show_from_the_command_line() {
         .await
         .unwrap();
     assert_eq!(code, 0, "{err}");
+    // Text from outside (a note from Slack, SMS or the API) that holds
+    // terminal control sequences: a title set by OSC, a screen cleared.
+    let (code, _, err) = run(&["note", "1", "see \x1b]0;pwned\x07 and \x1b[2J here"])
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
     let (code, out, err) = run(&["resolve", "1", "--as", "alice"]).await.unwrap();
     assert_eq!((code, out.trim()), (0, "incident #1 resolved"), "{err}");
 
@@ -78,9 +84,15 @@ async fn operators_ack_resolve_list_and_show_from_the_command_line() {
         "acknowledged by alice (cli)",
         "note: drained the queue by alice (cli)",
         "resolved by alice (cli)",
+        // Shown, never sent to the terminal as they are.
+        r"note: see \e]0;pwned\u{7} and \e[2J here",
     ] {
         assert!(out.contains(expected), "{expected:?} not in:\n{out}");
     }
+    assert!(
+        !out.chars().any(|c| c.is_control() && c != '\n'),
+        "a control character in:\n{out:?}"
+    );
 
     // An unknown incident is a refusal (1), not "cannot reach" (3).
     let (code, _, err) = run(&["show", "7"]).await.unwrap();
