@@ -1037,6 +1037,36 @@ fn recompute(st: &mut IncidentState, cfg: &CoreConfig) {
     s.labels = common.unwrap_or_default();
 }
 
+/// What is wrong with a person's text in `cmd` (a note, a user, a reason,
+/// a silence's comment, the actor's name) that holds a control character
+/// other than a line break or a tab: such text is refused, as ingest
+/// refuses it in annotations, so a timeline never carries sequences that
+/// would drive the terminal or chat client showing it.
+fn control_text(cmd: &Command) -> Option<String> {
+    let mut fields: Vec<(&str, &str)> = vec![("the actor's name", &cmd.actor.name)];
+    match &cmd.action {
+        Action::Note { text, .. } => fields.push(("the note", text)),
+        Action::Assign { user, .. } => fields.push(("the user", user)),
+        Action::Escalate { reason, .. } => fields.push(("the reason", reason)),
+        Action::CreateSilence { silence } => {
+            fields.push(("the silence's comment", &silence.comment));
+            fields.push(("the silence's creator", &silence.created_by));
+        }
+        _ => {}
+    }
+    fields.into_iter().find_map(|(what, text)| {
+        text.chars()
+            .find(|c| c.is_control() && !matches!(c, '\n' | '\t' | '\r'))
+            .map(|c| {
+                format!(
+                    "{what} holds the control character U+{:04X}; text may hold line breaks and \
+                     tabs, no other control characters",
+                    c as u32
+                )
+            })
+    })
+}
+
 /// `group_by: ['...']`, as in Alertmanager: group by every label (so each
 /// distinct alert is an incident of its own).
 pub const GROUP_BY_EVERY_LABEL: &str = "...";
@@ -1419,6 +1449,9 @@ impl<'a> Decider<'a> {
 
     /// Entries for a command, and the answer to give.
     pub fn command(&self, cmd: &Command, at: Timestamp) -> (Vec<LogEntry>, Verdict) {
+        if let Some(reason) = control_text(cmd) {
+            return (vec![], Verdict::Rejected(reason));
+        }
         let cause = Cause::Command { id: cmd.id.clone() };
         let mut b = self.batch(cause.clone(), at, Some(cmd.actor.clone()));
         let verdict = match &cmd.action {
@@ -1864,6 +1897,38 @@ mod tests {
         })
         .unwrap();
         assert_eq!(dedup_key(&cfg, "am", &a), dedup_key(&cfg, "am", &b));
+    }
+
+    #[test]
+    fn a_person_s_text_with_control_characters_is_refused() {
+        use tocsin_proto::{command::IncidentRef, incident::Actor};
+        let cmd = |name: &str, action: Action| Command::new(Actor::new(name, "cli"), action);
+        let note = |text: &str| Action::Note {
+            incident: IncidentRef::Number(1),
+            text: text.into(),
+        };
+        assert_eq!(
+            control_text(&cmd("alice", note("line one\n\tline two"))),
+            None
+        );
+        let refused = [
+            cmd("alice", note("see \u{1b}]0;t\u{7}")),
+            cmd("al\u{1b}[2Jice", note("fine")),
+            cmd(
+                "alice",
+                Action::Assign {
+                    incident: IncidentRef::Number(1),
+                    user: "bob\u{0}".into(),
+                },
+            ),
+        ];
+        for (c, what) in refused
+            .iter()
+            .zip(["the note", "the actor's name", "the user"])
+        {
+            let reason = control_text(c).unwrap_or_default();
+            assert!(reason.starts_with(what), "{reason}");
+        }
     }
 
     #[test]

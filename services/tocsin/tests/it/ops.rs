@@ -63,12 +63,17 @@ async fn operators_ack_resolve_list_and_show_from_the_command_line() {
         .await
         .unwrap();
     assert_eq!(code, 0, "{err}");
-    // Text from outside (a note from Slack, SMS or the API) that holds
-    // terminal control sequences: a title set by OSC, a screen cleared.
+    // Text that holds terminal control sequences (a title set by OSC, a
+    // screen cleared) is refused, naming what is wrong.
     let (code, _, err) = run(&["note", "1", "see \x1b]0;pwned\x07 and \x1b[2J here"])
         .await
         .unwrap();
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("rejected: the note holds the control character U+001B"),
+        "{err}"
+    );
+    assert!(!err.contains('\x1b'), "{err:?}");
     let (code, out, err) = run(&["resolve", "1", "--as", "alice"]).await.unwrap();
     assert_eq!((code, out.trim()), (0, "incident #1 resolved"), "{err}");
 
@@ -84,8 +89,6 @@ async fn operators_ack_resolve_list_and_show_from_the_command_line() {
         "acknowledged by alice (cli)",
         "note: drained the queue by alice (cli)",
         "resolved by alice (cli)",
-        // Shown, never sent to the terminal as they are.
-        r"note: see \e]0;pwned\u{7} and \e[2J here",
     ] {
         assert!(out.contains(expected), "{expected:?} not in:\n{out}");
     }
@@ -569,9 +572,10 @@ async fn show_lists_runbook_steps_with_their_output() {
     let rb = Runbooks::new();
     rb.add(
         "echo",
-        "name: echo\nmatch: {labels: ['alertname=\"Echo\"']}\nsteps:\n  - id: hello\n    exec: {argv: [/bin/echo, \"hello {{labels.host}}\"]}\n",
+        "name: echo\nmatch: {labels: ['alertname=\"Echo\"']}\nsteps:\n  - id: hello\n    exec: {argv: [/bin/echo, \"hello {{labels.host}}\"]}\n  - id: noisy\n    exec: {argv: [/usr/bin/printf, 'clear \\033[2J title \\033]0;x\\007 done']}\n",
     );
-    let config = tocsin_tests::remediation::config(&nats, &rb.path(), &["/bin/echo"]);
+    let config =
+        tocsin_tests::remediation::config(&nats, &rb.path(), &["/bin/echo", "/usr/bin/printf"]);
     let tocsin_up = TocsinHarness::start_with(config).await;
     let client = nats.client().await;
     post_alerts(
@@ -588,11 +592,17 @@ async fn show_lists_runbook_steps_with_their_output() {
         .unwrap();
     assert_eq!(code, 0, "{err}");
     for expected in [
-        "remediation echo/run started: runbook echo: 1 step(s)",
+        "remediation echo/run started: runbook echo: 2 step(s)",
         "remediation echo/hello succeeded: exec hello: exit 0 in ",
         "stdout: hello web1",
+        // A program's output is shown, never sent to the terminal as it is.
+        r"stdout: clear \e[2J title \e]0;x\u{7} done",
         "remediation echo/run succeeded: runbook echo succeeded by echo (runbook)",
     ] {
         assert!(out.contains(expected), "{expected:?} not in:\n{out}");
     }
+    assert!(
+        !out.chars().any(|c| c.is_control() && c != '\n'),
+        "a control character in:\n{out:?}"
+    );
 }
