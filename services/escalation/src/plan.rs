@@ -145,6 +145,16 @@ impl Planner {
                     ));
                 }
             }
+            if let Some(id) = &u.slack {
+                if !is_slack_member_id(id) {
+                    errors.push(format!(
+                        "user {:?}: slack {id:?} is not a Slack member ID; write the member ID \
+                         from their Slack profile (\"Copy member ID\"), e.g. \"U0123ABCDEF\": a channel \
+                         or a name there would send their pages elsewhere",
+                        u.name
+                    ));
+                }
+            }
             if let Some(email) = &u.email {
                 if !is_email(email) {
                     errors.push(format!(
@@ -468,6 +478,15 @@ impl Planner {
             Next::Exhausted
         }
     }
+}
+
+/// A Slack member ID: `U` (or `W`, Enterprise Grid) then capitals and
+/// digits.
+fn is_slack_member_id(s: &str) -> bool {
+    (3..=32).contains(&s.len())
+        && (s.starts_with('U') || s.starts_with('W'))
+        && s.chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
 }
 
 /// The least time between two reminders of an acknowledged incident, and

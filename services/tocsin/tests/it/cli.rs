@@ -247,6 +247,13 @@ fn escalation_mistakes_are_located_with_the_fix() {
             8,
             &["policy \"p\" repeats 3 times, but a round of its levels takes 30s for critical incidents; give its levels delays of at least 1m in all, or repeat: 0"],
         ),
+        // A channel or a name where a user's Slack member ID belongs would
+        // send their pages elsewhere.
+        (
+            "escalation:\n  route: {policy: p}\n  policies:\n    - name: p\n      levels: [{targets: [{user: a}]}]\n  users:\n    - name: a\n      slack: \"#general\"\n",
+            12,
+            &["user \"a\": slack \"#general\" is not a Slack member ID"],
+        ),
         (
             "escalation:\n  route:\n    policy: web-oncall\n  policies:\n    - name: default\n      levels: [{targets: [{user: a}]}]\n  users: [{name: a, email: a@example.com}]\n",
             7,
