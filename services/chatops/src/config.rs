@@ -430,11 +430,14 @@ impl TryFrom<RawChatopsConfig> for ChatopsConfig {
         if r.status.resolved_shown > 100 {
             return Err("chatops.status.resolved_shown is at most 100".into());
         }
-        if r.status.cache_for.get() < std::time::Duration::from_secs(1) {
+        if let Some(e) = tocsin_runtime::config::at_least(
+            "chatops.status.cache_for",
+            r.status.cache_for,
+            HumanDuration::secs(1),
+            "5s",
+        ) {
             return Err(format!(
-                "chatops.status.cache_for is {}; use at least 1s (default 5s): the page is public, \
-                 and each rebuild asks the incidents service",
-                r.status.cache_for
+                "{e}: the page is public, and each rebuild asks the incidents service"
             ));
         }
         Ok(ChatopsConfig {

@@ -68,7 +68,10 @@ mod replicas;
 
 use std::sync::Arc;
 
-use tocsin_runtime::{config::HumanDuration, context::ServiceContext};
+use tocsin_runtime::{
+    config::{at_least, HumanDuration},
+    context::ServiceContext,
+};
 
 pub use changes::CHANGES_CONSUMER;
 pub use config::NotifierConfig;
@@ -120,12 +123,12 @@ fn guard_errors(g: &config::GuardConfig) -> Vec<String> {
             errors.push(format!("guard.{key} is 0; use at least 1"));
         }
     }
-    if g.breaker.open_for.get() < Duration::from_secs(1) {
-        errors.push(format!(
-            "guard.breaker.open_for is {}; use at least 1s (default 60s)",
-            g.breaker.open_for
-        ));
-    }
+    errors.extend(at_least(
+        "guard.breaker.open_for",
+        g.breaker.open_for,
+        HumanDuration::secs(1),
+        "60s",
+    ));
     errors
 }
 
@@ -149,11 +152,7 @@ pub fn check(config: &NotifierConfig) -> Result<Checked, NotifierError> {
         ("ack_wait", config.ack_wait, second, "30s"),
         ("records_kept_for", config.records_kept_for, hour, "14d"),
     ] {
-        if let Some(d) = d.filter(|d| d.get() < least.get()) {
-            errors.push(format!(
-                "{name} is {d}; use at least {least} (default {default})"
-            ));
-        }
+        errors.extend(d.and_then(|d| at_least(name, d, least, default)));
     }
     let mut guards: Vec<(String, &config::GuardConfig)> = Vec::new();
     if let Some(c) = &config.slack {

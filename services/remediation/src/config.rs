@@ -98,11 +98,7 @@ impl RemediationConfig {
             ("lease_ttl", self.lease_ttl, second, "60s"),
             ("runs_kept_for", self.runs_kept_for, hour, "7d"),
         ] {
-            if d.0 < least.0 {
-                errors.push(format!(
-                    "{name} is {d}; use at least {least} (default {default})"
-                ));
-            }
+            errors.extend(tocsin_runtime::config::at_least(name, d, least, default));
         }
         errors
     }

@@ -128,12 +128,16 @@ fn yaml_error(path: &Path, text: &str, e: &serde_yaml_ng::Error) -> ConfigError 
 fn leading_path(message: &str) -> Option<&str> {
     let word = message.split_whitespace().next()?;
     let word = word.trim_end_matches([':', ',', ';']);
-    let is_path = word.contains('.')
-        && word.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+    (word.contains('.') && is_key_path(word)).then_some(word)
+}
+
+/// Whether `word` can name a key of the config: a key (`max_in_memory`) or
+/// a path of them (`ingest.tokens[1].source`).
+pub fn is_key_path(word: &str) -> bool {
+    word.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
         && word
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']'));
-    is_path.then_some(word)
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']'))
 }
 
 /// Where a key stands in a YAML file ([`locate_key`]).
@@ -568,6 +572,18 @@ impl HumanDuration {
     pub fn get(self) -> Duration {
         self.0
     }
+}
+
+/// The error for `key` set to `d` below its bound `least`: `"{key} is {d};
+/// use at least {least} (default {default})"`, the one wording every
+/// section's checks use.
+pub fn at_least(
+    key: &str,
+    d: HumanDuration,
+    least: HumanDuration,
+    default: &str,
+) -> Option<String> {
+    (d.0 < least.0).then(|| format!("{key} is {d}; use at least {least} (default {default})"))
 }
 
 /// Parses a [`HumanDuration`].

@@ -582,9 +582,7 @@ fn located(path: &Path, section: &str, messages: Vec<String>) -> ConfigError {
         // A path, or a key followed by "is" ("route names policy ..." is
         // about the value it quotes).
         let is_key = (word.contains('.') || words.next() == Some("is"))
-            && word
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']'));
+            && tocsin_runtime::config::is_key_path(word);
         if !is_key {
             return None;
         }

@@ -252,13 +252,7 @@ pub(crate) fn check_annotation_value(
     value: &str,
     limits: &Limits,
 ) -> Result<(), String> {
-    if value.len() > limits.annotation_value_bytes {
-        return Err(format!(
-            "{field}: {} bytes, the limit is {} (ingest.limits.annotation_value_bytes)",
-            value.len(),
-            limits.annotation_value_bytes
-        ));
-    }
+    check_annotation_bytes(field, value, limits)?;
     if let Some((at, c)) = value
         .char_indices()
         .find(|(_, c)| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
@@ -272,10 +266,8 @@ pub(crate) fn check_annotation_value(
     Ok(())
 }
 
-/// A link a sender gives (an alert's `generatorURL`, Alertmanager's
-/// `externalURL`): at most `annotation_value_bytes`, and no control
-/// characters (it is shown in pages and by `tocsin show`).
-pub(crate) fn check_url(field: &str, value: &str, limits: &Limits) -> Result<(), String> {
+/// `ingest.limits.annotation_value_bytes`, the bound of free text.
+fn check_annotation_bytes(field: &str, value: &str, limits: &Limits) -> Result<(), String> {
     if value.len() > limits.annotation_value_bytes {
         return Err(format!(
             "{field}: {} bytes, the limit is {} (ingest.limits.annotation_value_bytes)",
@@ -283,6 +275,14 @@ pub(crate) fn check_url(field: &str, value: &str, limits: &Limits) -> Result<(),
             limits.annotation_value_bytes
         ));
     }
+    Ok(())
+}
+
+/// A link a sender gives (an alert's `generatorURL`, Alertmanager's
+/// `externalURL`): at most `annotation_value_bytes`, and no control
+/// characters (it is shown in pages and by `tocsin show`).
+pub(crate) fn check_url(field: &str, value: &str, limits: &Limits) -> Result<(), String> {
+    check_annotation_bytes(field, value, limits)?;
     if let Some((at, c)) = value.char_indices().find(|(_, c)| c.is_control()) {
         return Err(format!(
             "{field}: the URL contains the control character U+{:04X} at byte {at}; \

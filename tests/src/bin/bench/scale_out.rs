@@ -274,26 +274,23 @@ impl SharedNats {
             passwords,
         };
         // Ready once every account's JetStream answers.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         for p in 0..partitions {
-            loop {
-                let ready = match tocsin_tests::nats::connect_url(&nats.url(p)).await {
-                    Ok(client) => async_nats::jetstream::new(client)
-                        .query_account()
-                        .await
-                        .is_ok(),
-                    Err(_) => false,
-                };
-                if ready {
-                    break;
-                }
-                if tokio::time::Instant::now() > deadline {
-                    bail!(
-                        "the shared nats-server did not answer within 20s: {}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            let url = nats.url(p);
+            let ready = tocsin_tests::eventually_within(Duration::from_secs(20), || async {
+                let client = tocsin_tests::nats::connect_url(&url)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                async_nats::jetstream::new(client)
+                    .query_account()
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await;
+            if let Err(e) = ready {
+                bail!(
+                    "the shared nats-server did not answer within 20s ({e}): {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
         }
         Ok(nats)
