@@ -5,6 +5,7 @@ mod chaos;
 mod cli;
 mod failover;
 mod first_run;
+mod listeners;
 mod notifier_crash;
 mod ops;
 mod page_path;

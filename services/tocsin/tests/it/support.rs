@@ -50,6 +50,8 @@ pub struct Proc {
     config: PathBuf,
     cwd: PathBuf,
     env: Vec<(String, String)>,
+    /// RLIMIT_NOFILE (soft and hard) of the process, when set.
+    open_files: Option<u64>,
 }
 
 impl Proc {
@@ -73,6 +75,29 @@ impl Proc {
             config: config.to_path_buf(),
             cwd: cwd.to_path_buf(),
             env: env.to_vec(),
+            open_files: None,
+        };
+        p.spawn();
+        p
+    }
+
+    /// [`Proc::start`] with at most `open_files` file descriptors (soft and
+    /// hard limit, so the process cannot raise it).
+    pub fn start_with_open_files(
+        config: &Path,
+        cwd: &Path,
+        args: &[&str],
+        open_files: u64,
+    ) -> Proc {
+        let mut p = Proc {
+            child: None,
+            admin: 0,
+            log: PathBuf::new(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            config: config.to_path_buf(),
+            cwd: cwd.to_path_buf(),
+            env: Vec::new(),
+            open_files: Some(open_files),
         };
         p.spawn();
         p
@@ -84,7 +109,16 @@ impl Proc {
             .cwd
             .join(format!("tocsin-{}-{}.log", self.args.join("-"), self.admin));
         let log = std::fs::File::create(&self.log).unwrap();
-        let child = Command::new(bin())
+        let mut command = Command::new(bin());
+        if let Some(n) = self.open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit runs between fork and exec; it is
+            // async-signal-safe and touches none of the parent's memory.
+            unsafe {
+                command.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, n, n));
+            }
+        }
+        let child = command
             .current_dir(&self.cwd)
             .arg("--config")
             .arg(&self.config)
