@@ -19,7 +19,7 @@ use axum::{
 };
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
-use tocsin_runtime::clock::Clock;
+use tocsin_runtime::{clock::Clock, http_server};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -75,14 +75,24 @@ pub(crate) async fn serve(
     clock: Arc<dyn Clock>,
     schedules: Vec<String>,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
+) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "on-call calendar server listening");
     }
-    axum::serve(listener, router(planner, clock, schedules))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    http_server::serve(
+        listener,
+        router(planner, clock, schedules),
+        http_server::small_server(MAX_CONNECTIONS, REFUSAL),
+        http_server::Logged::new("calendar"),
+        shutdown,
+    )
+    .await;
 }
+
+/// Connections the calendar server keeps open at once: calendar apps fetch
+/// a feed now and then. At the cap a new one closes the oldest idle one.
+pub(crate) const MAX_CONNECTIONS: usize = 128;
+const REFUSAL: &str = r#"{"error":"too_many_connections","reason":"the calendar server has 128 requests in progress; try again"}"#;
 
 #[derive(Serialize)]
 struct ErrorBody {
@@ -342,7 +352,6 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(5), server)
             .await
             .expect("serve returns after shutdown")
-            .unwrap()
             .unwrap();
     }
 }

@@ -100,11 +100,9 @@ pub async fn run(
                 ctx.clock.clone(),
                 ctx.shutdown.clone(),
             );
-            Some(AbortOnDropHandle::new(tokio::spawn(async move {
-                if let Err(e) = http::serve(listener, planner, clock, names, stop).await {
-                    tracing::error!(error = %e, "the on-call calendar server stopped");
-                }
-            })))
+            Some(AbortOnDropHandle::new(tokio::spawn(http::serve(
+                listener, planner, clock, names, stop,
+            ))))
         }
         None => None,
     };

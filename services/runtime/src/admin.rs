@@ -2,7 +2,6 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -22,8 +21,6 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-use crate::RuntimeError;
 
 /// Label set used by simple labelled families.
 pub type Labels = Vec<(String, String)>;
@@ -416,16 +413,21 @@ pub async fn serve(
     health: Health,
     metrics: Metrics,
     shutdown: CancellationToken,
-) -> Result<(), RuntimeError> {
-    let addr = listener
-        .local_addr()
-        .map(|a: SocketAddr| a.to_string())
-        .unwrap_or_default();
-    axum::serve(listener, router(health, metrics))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(|source| RuntimeError::Admin { addr, source })
+) {
+    crate::http_server::serve(
+        listener,
+        router(health, metrics),
+        crate::http_server::small_server(ADMIN_MAX_CONNECTIONS, ADMIN_REFUSAL),
+        crate::http_server::Logged::new("admin"),
+        shutdown,
+    )
+    .await;
 }
+
+/// Connections the admin server keeps open at once: scrapers and probes
+/// need a handful. At the cap a new one closes the oldest idle one.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+const ADMIN_REFUSAL: &str = r#"{"error":"too_many_connections","reason":"the admin server has 64 requests in progress; try again"}"#;
 
 #[cfg(test)]
 mod watchdog_tests {

@@ -32,10 +32,4 @@ pub enum RuntimeError {
     /// JetStream refused a stream definition (e.g. a change it cannot apply in place).
     #[error("cannot create or update stream {stream}: {reason}")]
     Stream { stream: String, reason: String },
-    /// The admin listener could not be bound or served.
-    #[error("admin server on {addr}: {source}")]
-    Admin {
-        addr: String,
-        source: std::io::Error,
-    },
 }

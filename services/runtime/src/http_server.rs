@@ -1,4 +1,5 @@
-//! The connection layer under a service's HTTP router (ingest, chat-ops):
+//! The connection layer under every HTTP server of Tocsin's (ingest,
+//! chat-ops, the admin server, escalation's calendars):
 //! hyper's HTTP/1 server with a header read timeout and a bounded header
 //! buffer, an idle timeout, and a cap on open connections. What happens to
 //! connections is reported to the service through [`ConnectionEvents`], so
@@ -74,6 +75,70 @@ pub trait ConnectionEvents: Clone + Send + Sync + 'static {
     fn opened(&self);
     /// A connection ended.
     fn closed(&self, reason: Closed);
+}
+
+/// Settings for a small server that is scraped, probed or fetched now and
+/// then (the admin server, escalation's calendars) rather than posted to:
+/// at most `max_connections` open, idle ones closed after 15 s, a request
+/// head due within 10 s. `refusal` is the 503's JSON body.
+pub fn small_server(max_connections: usize, refusal: &'static str) -> Settings {
+    Settings {
+        max_connections,
+        idle_timeout: Duration::from_secs(15),
+        header_read_timeout: Duration::from_secs(10),
+        refusal,
+    }
+}
+
+/// [`ConnectionEvents`] for a server without metrics of its own: failures
+/// to accept and a full table are logged (at most once a minute each),
+/// naming `server`.
+#[derive(Clone)]
+pub struct Logged {
+    server: &'static str,
+    last_warned: Arc<Mutex<[Option<std::time::Instant>; 2]>>,
+}
+
+impl Logged {
+    pub fn new(server: &'static str) -> Self {
+        Logged {
+            server,
+            last_warned: Arc::default(),
+        }
+    }
+
+    /// Whether warning `which` is due (none in the last minute).
+    fn due(&self, which: usize) -> bool {
+        let mut last = self.last_warned.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        match last[which] {
+            Some(t) if now.duration_since(t) < Duration::from_secs(60) => false,
+            _ => {
+                last[which] = Some(now);
+                true
+            }
+        }
+    }
+}
+
+impl ConnectionEvents for Logged {
+    fn accept_failed(&self, error: &io::Error) {
+        if self.due(0) {
+            tracing::warn!(%error, server = self.server, "cannot accept a connection; if out of file descriptors, raise the open-file limit");
+        }
+    }
+    fn limit_reached(&self, max: usize, evicted: bool) {
+        if self.due(1) {
+            tracing::warn!(
+                server = self.server,
+                max_connections = max,
+                "{max} connections open at once; {} (more than its clients need: look for who holds them)",
+                if evicted { "closing the oldest idle one for each new one" } else { "refusing new ones" }
+            );
+        }
+    }
+    fn opened(&self) {}
+    fn closed(&self, _: Closed) {}
 }
 
 /// One open connection as the accept loop sees it.

@@ -151,4 +151,16 @@ async fn idle_connections_to_the_admin_and_calendar_servers_are_capped_and_close
         "idle connections closed by the server, of {opened}"
     );
     assert_eq!(status(&client, &readyz).await, Ok(200));
+    // Whoever runs it is told, once, naming each server.
+    let log = escalation.log_text();
+    for server in ["admin", "calendar"] {
+        let warned = format!("server=\"{server}\"");
+        assert_eq!(
+            log.lines()
+                .filter(|l| l.contains("WARN") && l.contains(&warned))
+                .count(),
+            1,
+            "one WARN naming {server}:\n{log}"
+        );
+    }
 }
