@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use tocsin_proto::{incident::Severity, notify::Channel, silence::Matcher, silence::Recurrence};
-use tocsin_runtime::config::{ConfigPath, HumanDuration};
+use tocsin_runtime::config::{ConfigPath, HumanDuration, Secret};
 
 use crate::schedule::ScheduleConfig;
 
@@ -17,6 +17,12 @@ pub struct EscalationConfig {
     /// Address of the HTTP server for on-call calendars (iCalendar feeds at
     /// `/calendars/<schedule>.ics`) and `/oncall/<schedule>`. Default: off.
     pub calendar_listen: Option<std::net::SocketAddr>,
+    /// The secret that reads the calendar server, given as `?token=` in a
+    /// feed's URL (calendar apps send no headers) or as `Authorization:
+    /// Bearer`. At least 16 characters. Required when `calendar_listen` is
+    /// not a loopback address: the calendars say who is on call.
+    #[serde(deserialize_with = "calendar_token")]
+    pub calendar_token: Option<Secret>,
     /// The route tree (Alertmanager style): picks a policy per incident.
     pub route: RouteConfig,
     pub policies: Vec<PolicyConfig>,
@@ -36,6 +42,22 @@ impl EscalationConfig {
             .unwrap_or(std::time::Duration::from_secs(5))
     }
 
+    /// Why the calendar server may not run as configured: one reachable
+    /// from other machines without `calendar_token`.
+    pub fn calendar_error(&self) -> Option<String> {
+        let addr = self.calendar_listen?;
+        if addr.ip().is_loopback() || self.calendar_token.is_some() {
+            return None;
+        }
+        Some(format!(
+            "escalation.calendar_listen is {addr}, reachable from other machines, and there is no \
+             calendar_token: anyone who can reach it would read who is on call. Set \
+             escalation.calendar_token (at least {MIN_CALENDAR_TOKEN_LEN} characters, e.g. \
+             ${{TOCSIN_CALENDAR_TOKEN}} from openssl rand -hex 24) and subscribe to \
+             /calendars/<schedule>.ics?token=<it>, or listen on 127.0.0.1"
+        ))
+    }
+
     /// `data_dir`, or its default (`.tocsin/data/escalation`).
     pub fn data_dir(&self) -> std::path::PathBuf {
         self.data_dir
@@ -43,6 +65,22 @@ impl EscalationConfig {
             .map(|p| p.0.clone())
             .unwrap_or_else(|| std::path::PathBuf::from(".tocsin/data/escalation"))
     }
+}
+
+/// Shortest `calendar_token`.
+pub const MIN_CALENDAR_TOKEN_LEN: usize = 16;
+
+fn calendar_token<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+    Secret::deserialize_checked(d, |token| {
+        let n = token.chars().count();
+        if n < MIN_CALENDAR_TOKEN_LEN {
+            return Err(format!(
+                "the token is {n} characters; use at least {MIN_CALENDAR_TOKEN_LEN} (e.g. openssl rand -hex 24)"
+            ));
+        }
+        Ok(())
+    })
+    .map(Some)
 }
 
 /// A node of the route tree. The root matches every incident; children are

@@ -6,20 +6,28 @@
 //! - `GET /oncall/<schedule>[?at=<RFC 3339>]`: who is on call, as JSON (the
 //!   same fields as the `tocsin.query.escalation.oncall` answer).
 //!
+//! With `calendar_token` set, every request carries it: `?token=` in the
+//! URL (what a calendar app can send) or `Authorization: Bearer`; without
+//! it the answer is 401. The token is compared by its SHA-256 digest in
+//! constant time, and no request's URL is logged.
+//!
 //! Errors are JSON: `{"error": "not_found", "reason": "..."}`.
 
 use std::sync::Arc;
 
 use axum::{
-    extract::{rejection::QueryRejection, Path, Query, State},
-    http::{header, StatusCode},
+    extract::{rejection::QueryRejection, Path, Query, Request, State},
+    http::{header, HeaderMap, StatusCode},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
     Json, Router,
 };
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
-use tocsin_runtime::{clock::Clock, http_server};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tocsin_runtime::{clock::Clock, config::Secret, http_server};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +48,12 @@ struct CalendarState {
     clock: Arc<dyn Clock>,
     /// Every schedule name, for errors naming the defined ones.
     schedules: Arc<[String]>,
+    /// SHA-256 of `calendar_token`, when set.
+    token: Option<[u8; 32]>,
+}
+
+fn digest(s: &str) -> [u8; 32] {
+    Sha256::digest(s.as_bytes()).into()
 }
 
 /// The calendar router, for embedding or tests.
@@ -47,7 +61,14 @@ pub(crate) fn router(
     planner: Arc<Planner>,
     clock: Arc<dyn Clock>,
     schedules: Vec<String>,
+    token: Option<&Secret>,
 ) -> Router {
+    let state = CalendarState {
+        planner,
+        clock,
+        schedules: schedules.into(),
+        token: token.map(|t| digest(t.expose())),
+    };
     Router::new()
         // axum's router cannot match a parameter with a suffix
         // (`{name}.ics`), so the handler strips `.ics` itself.
@@ -60,11 +81,42 @@ pub(crate) fn router(
                 "no such endpoint; use /calendars/<schedule>.ics or /oncall/<schedule>".into(),
             )
         })
-        .with_state(CalendarState {
-            planner,
-            clock,
-            schedules: schedules.into(),
-        })
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state)
+}
+
+/// Lets a request through when no token is set or it carries the token.
+async fn authorize(State(s): State<CalendarState>, req: Request, next: Next) -> Response {
+    let Some(expected) = s.token else {
+        return next.run(req).await;
+    };
+    match given_token(req.headers(), req.uri().query()) {
+        Some(given) if bool::from(expected.ct_eq(&digest(&given))) => next.run(req).await,
+        Some(_) => error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the token is not this calendar server's (escalation.calendar_token)".into(),
+        ),
+        None => error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this calendar server needs its token: add ?token=<escalation.calendar_token> to the URL, or send Authorization: Bearer <it>".into(),
+        ),
+    }
+}
+
+/// The token of a request: its bearer token, else its `token` parameter.
+fn given_token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string());
+    bearer.or_else(|| {
+        form_urlencoded::parse(query?.as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned())
+    })
 }
 
 /// Serves the calendar endpoints on `listener` until `shutdown` is
@@ -74,6 +126,7 @@ pub(crate) async fn serve(
     planner: Arc<Planner>,
     clock: Arc<dyn Clock>,
     schedules: Vec<String>,
+    token: Option<&Secret>,
     shutdown: CancellationToken,
 ) {
     if let Ok(addr) = listener.local_addr() {
@@ -81,7 +134,7 @@ pub(crate) async fn serve(
     }
     http_server::serve(
         listener,
-        router(planner, clock, schedules),
+        router(planner, clock, schedules, token),
         http_server::small_server(MAX_CONNECTIONS, REFUSAL),
         http_server::Logged::new("calendar"),
         shutdown,
@@ -170,7 +223,7 @@ mod tests {
     }
 
     fn app(clock: &ManualClock) -> Router {
-        router(Arc::new(planner()), Arc::new(clock.clone()), names())
+        router(Arc::new(planner()), Arc::new(clock.clone()), names(), None)
     }
 
     /// Status, content type and body of `GET uri`.
@@ -265,6 +318,85 @@ mod tests {
         assert!(lines.contains(&"DTSTAMP:20260302T075000Z"));
     }
 
+    /// Status and body of `GET uri` with `headers`, on a server whose
+    /// token is `token`.
+    async fn get_with(token: &str, uri: &str, headers: &[(&str, &str)]) -> (StatusCode, String) {
+        let clock = ManualClock::new(ts("2026-03-02T07:50:00Z"));
+        let app = router(
+            Arc::new(planner()),
+            Arc::new(clock),
+            names(),
+            Some(&Secret::new(token)),
+        );
+        let mut req = Request::get(uri);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let res = app.oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+        let status = res.status();
+        let body = axum::body::to_bytes(res.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn with_a_token_every_request_carries_it_in_the_url_or_as_a_bearer() {
+        let token = "0123456789abcdef/+&=";
+        let in_url = "0123456789abcdef%2F%2B%26%3D";
+        for uri in [
+            "/calendars/primary.ics",
+            "/oncall/secondary",
+            "/oncall/nope",
+            "/elsewhere",
+        ] {
+            let (status, body) = get_with(token, uri, &[]).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{uri}");
+            assert!(
+                body.contains("add ?token=<escalation.calendar_token> to the URL"),
+                "{body}"
+            );
+            for wrong in [
+                format!("{uri}?token=0123456789abcdeX"),
+                format!("{uri}?token="),
+            ] {
+                let (status, body) = get_with(token, &wrong, &[]).await;
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "{wrong}");
+                assert!(body.contains("not this calendar server's"), "{body}");
+            }
+            let (status, _) =
+                get_with(token, uri, &[("authorization", "Bearer 0123456789abcdeX")]).await;
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{uri} with a wrong bearer"
+            );
+        }
+        let (status, body) = get_with(
+            token,
+            &format!("/calendars/primary.ics?token={in_url}"),
+            &[],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.starts_with("BEGIN:VCALENDAR"), "{body}");
+        let (status, body) = get_with(
+            token,
+            &format!("/oncall/secondary?at=2026-03-03T12:00:00Z&token={in_url}"),
+            &[],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(json(&body)["at"], "2026-03-03T12:00:00Z");
+        let bearer = format!("Bearer {token}");
+        let (status, body) =
+            get_with(token, "/oncall/secondary", &[("authorization", &bearer)]).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        // Past the token, the answers are what they are without one.
+        let (status, body) = get_with(token, &format!("/oncall/nope?token={in_url}"), &[]).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    }
+
     #[tokio::test]
     async fn oncall_follows_the_clock() {
         let clock = ManualClock::new(ts("2026-03-02T07:50:00Z"));
@@ -334,6 +466,7 @@ mod tests {
             Arc::new(planner()),
             Arc::new(clock),
             names(),
+            None,
             shutdown.clone(),
         ));
         let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -63,15 +63,13 @@ pub enum EscalationError {
 
 /// Checks the config (for `tocsin check-config`).
 pub fn check(config: &EscalationConfig) -> Result<(), EscalationError> {
-    let planned = plan::Planner::new(config).map(|_| ());
-    let lease = tocsin_runtime::lease::check_ttl("escalation.lease_ttl", config.lease_ttl());
-    match (planned, lease) {
-        (Ok(()), Ok(())) => Ok(()),
-        (Err(mut all), lease) => {
-            all.extend(lease.err());
-            Err(EscalationError::Config(all))
-        }
-        (Ok(()), Err(e)) => Err(EscalationError::Config(vec![e])),
+    let mut all = plan::Planner::new(config).err().unwrap_or_default();
+    all.extend(tocsin_runtime::lease::check_ttl("escalation.lease_ttl", config.lease_ttl()).err());
+    all.extend(config.calendar_error());
+    if all.is_empty() {
+        Ok(())
+    } else {
+        Err(EscalationError::Config(all))
     }
 }
 
@@ -100,9 +98,10 @@ pub async fn run(
                 ctx.clock.clone(),
                 ctx.shutdown.clone(),
             );
-            Some(AbortOnDropHandle::new(tokio::spawn(http::serve(
-                listener, planner, clock, names, stop,
-            ))))
+            let token = config.calendar_token.clone();
+            Some(AbortOnDropHandle::new(tokio::spawn(async move {
+                http::serve(listener, planner, clock, names, token.as_ref(), stop).await
+            })))
         }
         None => None,
     };

@@ -274,6 +274,18 @@ fn escalation_mistakes_are_located_with_the_fix() {
             10,
             &["pages user \"mute\", who has no contact method; give them an email, phone or slack id"],
         ),
+        // Calendars served beyond this machine say who is on call to
+        // anyone: they need a token, and a long one.
+        (
+            "escalation:\n  calendar_listen: 0.0.0.0:8081\n  route: {policy: p}\n  policies:\n    - name: p\n      levels: [{targets: [{user: a}]}]\n  users: [{name: a, email: a@example.com}]\n",
+            6,
+            &["escalation.calendar_listen is 0.0.0.0:8081, reachable from other machines, and there is no calendar_token", "Set escalation.calendar_token", "or listen on 127.0.0.1"],
+        ),
+        (
+            "escalation:\n  calendar_listen: 0.0.0.0:8081\n  calendar_token: short\n",
+            7,
+            &["the token is 5 characters; use at least 16"],
+        ),
     ];
     for (i, (section, line, fragments)) in cases.iter().enumerate() {
         let file = write(

@@ -26,6 +26,8 @@ const OPEN_FILES: u64 = 1_024;
 const CALENDAR_FLOOD: usize = 1_500;
 /// Idle connections opened to the admin server.
 const ADMIN_FLOOD: usize = 300;
+/// The calendars' secret (`escalation.calendar_token`).
+const CALENDAR_TOKEN: &str = "calendar-test-token-0123";
 
 /// Opens up to `n` connections to `port` that never send a byte; each is
 /// counted in `closed` once the server closes it. Returns how many
@@ -85,7 +87,7 @@ async fn idle_connections_to_the_admin_and_calendar_servers_are_capped_and_close
         &config,
         format!(
             "nats:\n  url: {url}\n\
-             escalation:\n  data_dir: {data}/escalation\n  calendar_listen: 127.0.0.1:{calendar}\n\
+             escalation:\n  data_dir: {data}/escalation\n  calendar_listen: 127.0.0.1:{calendar}\n  calendar_token: {CALENDAR_TOKEN}\n\
              \x20 route: {{policy: primary}}\n\
              \x20 policies:\n    - name: primary\n      levels:\n        - targets: [{{schedule: primary}}]\n\
              \x20 schedules:\n    - name: primary\n      timezone: UTC\n      layers:\n\
@@ -104,13 +106,15 @@ async fn idle_connections_to_the_admin_and_calendar_servers_are_capped_and_close
         .build()
         .unwrap();
     let readyz = format!("http://127.0.0.1:{}/readyz", escalation.admin);
-    let feed = format!("http://127.0.0.1:{calendar}/calendars/primary.ics");
+    let feed = format!("http://127.0.0.1:{calendar}/calendars/primary.ics?token={CALENDAR_TOKEN}");
     assert_eq!(
         status(&client, &feed).await,
         Ok(200),
         "{}",
         escalation.log_text()
     );
+    let no_token = format!("http://127.0.0.1:{calendar}/calendars/primary.ics");
+    assert_eq!(status(&client, &no_token).await, Ok(401));
 
     let closed = Arc::new(AtomicUsize::new(0));
     let opened = flood(calendar, CALENDAR_FLOOD, &closed).await
