@@ -129,12 +129,23 @@ async fn start(
     clock: Arc<ManualClock>,
     progress: &Progress,
 ) -> (tokio::task::JoinHandle<()>, async_nats::Client) {
+    start_with(url, dir, clock, progress, POLICY).await
+}
+
+/// [`start`] with the escalation section `policy`.
+async fn start_with(
+    url: &str,
+    dir: &std::path::Path,
+    clock: Arc<ManualClock>,
+    progress: &Progress,
+    policy: &str,
+) -> (tokio::task::JoinHandle<()>, async_nats::Client) {
     let metrics = Metrics::new();
     let client = tocsin_runtime::nats::connect(&NatsConfig::for_url(url), "esc-restart", &metrics)
         .await
         .unwrap();
     let js = jetstream::new(client.clone());
-    let mut cfg: EscalationConfig = serde_yaml_ng::from_str(POLICY).unwrap();
+    let mut cfg: EscalationConfig = serde_yaml_ng::from_str(policy).unwrap();
     cfg.data_dir = Some(ConfigPath(dir.to_path_buf()));
     let watermark = progress.of("escalation");
     let handle = tokio::spawn(async move {
@@ -628,6 +639,78 @@ async fn steps_whose_pages_were_never_stored_fire_after_a_crash() {
         .collect();
     let want: BTreeSet<(u32, u32)> = (0..BURST).flat_map(|i| [(i, 0), (i, 1)]).collect();
     assert_eq!(pages, want, "each incident paged at levels 0 and 1");
+}
+
+/// A policy renamed in the config while its incidents are open (the
+/// route now names the new one) must not end their paging: before, each
+/// such incident's track kept the old name, found no level to fire when
+/// its next level came due ("policy p has no level 2"), and stopped for
+/// good, so nobody more was paged for an incident nobody had acknowledged.
+/// Now, when that level is due, the incident follows the policies its
+/// route gives now, from their first level, saying why on the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_incident_whose_policy_was_renamed_follows_the_route_s_policy_now() {
+    const RENAMED: &str = "
+route: {policy: q}
+policies:
+  - name: q
+    levels:
+      - {targets: [{user: d}], delay: 5m}
+      - {targets: [{user: b}]}
+users:
+  - {name: b, email: b@example.com}
+  - {name: d, email: d@example.com}
+";
+    tocsin_tests::init_logs();
+    let nats = NatsServer::start().await;
+    let js = streams_on(&nats).await;
+    publish_opened(&js, 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let progress = Progress::new();
+    let clock = Arc::new(ManualClock::new(t0()));
+    let (service, conn) = start(&nats.url(), dir.path(), clock.clone(), &progress).await;
+    wait_for("level 1 of policy p", || async {
+        distinct_pages(&js).await == 1
+    })
+    .await;
+    service.abort();
+    let _ = service.await;
+    drop(conn);
+
+    // The config changed: policy p is now q, with other people.
+    let (service, _conn) =
+        start_with(&nats.url(), dir.path(), clock.clone(), &progress, RENAMED).await;
+    clock.set(t0() + SignedDuration::from_mins(5));
+    wait_for("a page after level 2 of p came due", || async {
+        distinct_pages(&js).await >= 2
+    })
+    .await;
+    let pages: Vec<Page> = bus::read_pages(&js)
+        .await
+        .into_iter()
+        .map(|p| p.envelope.body)
+        .collect();
+    let to_d = pages
+        .iter()
+        .find(|p| p.address == "d@example.com")
+        .unwrap_or_else(|| panic!("no page for d, the first level of q: {pages:#?}"));
+    assert_eq!(to_d.level, 0);
+    assert!(
+        to_d.reason
+            .contains("level 1 of policy q: policy p is no longer configured"),
+        "{}",
+        to_d.reason
+    );
+    // And q goes on from there: its level 2 when due.
+    clock.set(t0() + SignedDuration::from_mins(10));
+    wait_for("level 2 of policy q", || async {
+        bus::read_pages(&js)
+            .await
+            .iter()
+            .any(|p| p.envelope.body.address == "b@example.com")
+    })
+    .await;
+    service.abort();
 }
 
 /// Waits (the kit's [`eventually_within`], up to a minute) until `done`
