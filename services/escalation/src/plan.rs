@@ -296,6 +296,11 @@ impl Planner {
         }
     }
 
+    /// Whether a policy of this name is configured.
+    pub fn has_policy(&self, name: &str) -> bool {
+        self.policies.contains_key(name)
+    }
+
     /// The policies an incident follows (usually one; more with `continue`).
     pub fn route(&self, incident: &IncidentSummary) -> Vec<String> {
         let mut labels: Labels = incident.labels.clone();

@@ -623,9 +623,10 @@ impl Service {
             let incidents: Vec<uuid::Uuid> = chunk.iter().map(|k| k.0).collect();
             self.fetch_many(&incidents).await?;
             let mut effects = Vec::new();
+            let mut started = Vec::new();
             for key in &chunk {
                 let due = self.tracks.map.get(key).and_then(|t| t.due());
-                effects.extend(self.tracks.fire(&self.planner, key, now));
+                effects.extend(self.tracks.fire(&self.planner, key, now, &mut started));
                 if let Some(d) = due {
                     // Measured when the step fires, not when the burst
                     // began: earlier steps of a burst are part of the delay.
@@ -636,6 +637,10 @@ impl Service {
                     .emit(&self.metrics);
                 }
             }
+            // Tracks started in place of one whose policy is gone are
+            // saved with the chunk.
+            let mut chunk = chunk;
+            chunk.extend(started);
             let sent = self.send_all(chunk, effects, now).await;
             if let Some(mut before) = on_its_way.replace(sent) {
                 if !self.finish(&mut before, shutdown).await {

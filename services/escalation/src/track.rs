@@ -517,10 +517,96 @@ impl Tracks {
     }
 
     /// Fires what is due on `key` at `now`, keeping the index up to date.
-    pub fn fire(&mut self, planner: &Planner, key: &Key, now: Timestamp) -> Vec<Effect> {
-        let effects = self.fire_inner(planner, key, now);
+    /// The keys of tracks this starts besides `key` are added to `started`
+    /// (to be saved with it).
+    pub fn fire(
+        &mut self,
+        planner: &Planner,
+        key: &Key,
+        now: Timestamp,
+        started: &mut Vec<Key>,
+    ) -> Vec<Effect> {
+        let mut effects = self.fire_inner(planner, key, now);
         self.touch(key);
+        if !planner.has_policy(&key.1) {
+            effects.extend(self.follow_the_route(planner, key, now, started));
+        }
         effects
+    }
+
+    /// A track whose policy is no longer configured (renamed or removed
+    /// while its incident was open) must not end the paging: when its next
+    /// level is due, the incident follows the policies its route gives now,
+    /// from their first level, in a new generation (new page ids: nobody's
+    /// page is taken for one already sent), each page saying why. The old
+    /// track keeps only its rule steps still to come, if any.
+    fn follow_the_route(
+        &mut self,
+        planner: &Planner,
+        key: &Key,
+        now: Timestamp,
+        started: &mut Vec<Key>,
+    ) -> Vec<Effect> {
+        let Some(t) = self.map.get_mut(key) else {
+            return Vec::new();
+        };
+        if t.incident.status != IncidentStatus::Triggered || !t.next_at.is_some_and(|at| at <= now)
+        {
+            return Vec::new();
+        }
+        t.next_at = None;
+        let (incident, generation) = (t.incident.clone(), t.generation + 1);
+        if t.due().is_none() {
+            self.map.remove(key);
+        }
+        self.touch(key);
+        let cause = format!("policy {} is no longer configured", key.1);
+        let mut out = Vec::new();
+        let mut now_following = Vec::new();
+        for policy in planner.route(&incident) {
+            let k = (incident.id, policy.clone());
+            if self.map.contains_key(&k) {
+                continue;
+            }
+            self.map.insert(
+                k.clone(),
+                Track {
+                    incident: incident.clone(),
+                    policy: policy.clone(),
+                    level: 0,
+                    repeat: 0,
+                    next_at: Some(now),
+                    pending: Vec::new(),
+                    fired: None,
+                    renotify_at: None,
+                    renotified: 0,
+                    generation,
+                    held_from: None,
+                    cause: Some(cause.clone()),
+                    last_fired: None,
+                    before: None,
+                },
+            );
+            out.extend(self.fire_inner(planner, &k, now));
+            self.touch(&k);
+            started.push(k);
+            now_following.push(policy);
+        }
+        if now_following.is_empty() {
+            tracing::warn!(
+                incident = incident.number,
+                policy = %key.1,
+                "the incident's escalation policy is no longer configured and its route names no other it is not already following; it escalates no further"
+            );
+        } else {
+            tracing::warn!(
+                incident = incident.number,
+                policy = %key.1,
+                now = %now_following.join(", "),
+                "the incident's escalation policy is no longer configured; it follows the policies its route names now, from their first level"
+            );
+        }
+        out
     }
 
     fn fire_inner(&mut self, planner: &Planner, key: &Key, now: Timestamp) -> Vec<Effect> {
@@ -601,6 +687,11 @@ impl Tracks {
             } else {
                 t.renotify_at = None;
             }
+        }
+        // A policy no longer configured has no levels: the caller moves
+        // the incident on ([`Tracks::follow_the_route`]).
+        if !planner.has_policy(&t.policy) {
+            return out;
         }
         // The next level, skipping empty ones when the policy says so.
         let mut guard = 0;

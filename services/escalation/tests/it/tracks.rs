@@ -94,7 +94,7 @@ fn run(
     for m in 0..=minutes {
         let now = start + SignedDuration::from_mins(m);
         for key in tracks.due(now) {
-            for e in tracks.fire(planner, &key, now) {
+            for e in tracks.fire(planner, &key, now, &mut Vec::new()) {
                 if let Effect::Page(p) = e {
                     let Page {
                         level,
@@ -257,7 +257,7 @@ fn held_run(events: &[(i64, IncidentEvent)], start: Timestamp, minutes: i64) -> 
             tracks.on_event(&planner, ev);
         }
         for key in tracks.due(now) {
-            for e in tracks.fire(&planner, &key, now) {
+            for e in tracks.fire(&planner, &key, now, &mut Vec::new()) {
                 if let Effect::Page(p) = e {
                     out.push((m, p.reason.clone()));
                 }
@@ -515,7 +515,11 @@ fn tracks_kept_in_a_store_page_exactly_as_tracks_kept_in_memory() {
         let due = memory.due(now);
         assert_eq!(due, stored.tracks.due(now), "due at minute {minute}");
         for key in due {
-            pages_of(memory.fire(&planner, &key, now), minute, &mut memory_pages);
+            pages_of(
+                memory.fire(&planner, &key, now, &mut Vec::new()),
+                minute,
+                &mut memory_pages,
+            );
         }
         // The service fires a chunk at a time from the index, saving each.
         let mut after = None;
@@ -524,7 +528,7 @@ fn tracks_kept_in_a_store_page_exactly_as_tracks_kept_in_memory() {
             for key in chunk {
                 stored.load(key.0);
                 pages_of(
-                    stored.tracks.fire(&planner, &key, now),
+                    stored.tracks.fire(&planner, &key, now, &mut Vec::new()),
                     minute,
                     &mut stored_pages,
                 );
@@ -689,7 +693,7 @@ fn follow(planner: &Planner, start: Timestamp, script: &[Minute], end: i64) -> P
         }
         let mut effects = Vec::new();
         for key in active.due(now) {
-            effects.extend(active.fire(planner, &key, now));
+            effects.extend(active.fire(planner, &key, now, &mut Vec::new()));
         }
         for ev in racing {
             active.on_event(planner, ev);
