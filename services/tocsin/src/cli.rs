@@ -755,4 +755,19 @@ mod tests {
             "\x1b[31mpaged\x1b[0m \\e]0;pwned\\u{7}\\e[8mhidden\\u{d}\\u{9b}2J"
         );
     }
+
+    /// Unicode's bidirectional controls reorder what follows them on
+    /// terminals that lay out right-to-left text (GNOME's VTE, Konsole):
+    /// `db`, then U+202E, then `lanoitcudorp` shows as `dbproduction`, so
+    /// a line of `tocsin list` could show other text than the incident
+    /// holds. They are written out too.
+    #[test]
+    fn bidirectional_controls_are_written_out() {
+        assert_eq!(
+            terminal_safe("#7 db\u{202e}lanoitcudorp\u{2066}x\u{2069}\u{200f}\u{61c}"),
+            "#7 db\\u{202e}lanoitcudorp\\u{2066}x\\u{2069}\\u{200f}\\u{61c}"
+        );
+        // Right-to-left text itself stays as it is.
+        assert_eq!(terminal_safe("שלום مرحبا"), "שלום مرحبا");
+    }
 }
