@@ -706,12 +706,13 @@ fn exit(result: anyhow::Result<String>) -> ExitCode {
 const COLOURS: [&str; 5] = ["0", "1", "31", "32", "33"];
 
 /// `text` fit for a terminal: control characters other than line feeds
-/// and tabs are written out (`\e`, `\u{7}`), so text from outside (a note
-/// sent from Slack, an alert's summary, a runbook step's output) cannot
-/// retitle the window, move the cursor or clear the screen of whoever
-/// reads it; the commands' own colours ([`COLOURS`]) stay.
+/// and tabs, and Unicode's bidirectional controls, are written out (`\e`,
+/// `\u{7}`, `\u{202e}`), so text from outside (a note sent from Slack, an
+/// alert's summary, a runbook step's output) cannot retitle the window,
+/// move the cursor, clear the screen or reorder the line of whoever reads
+/// it; the commands' own colours ([`COLOURS`]) stay.
 pub(crate) fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
-    let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
+    let unsafe_char = |c: char| (c.is_control() && c != '\n' && c != '\t') || is_bidi_control(c);
     if !text.chars().any(unsafe_char) {
         return std::borrow::Cow::Borrowed(text);
     }
@@ -737,6 +738,13 @@ pub(crate) fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
         rest = &rest[c.len_utf8()..];
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// Unicode's explicit bidirectional formatting characters (UAX #9): the
+/// Arabic letter mark, the left-to-right and right-to-left marks, the
+/// embeddings and overrides, and the isolates.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 #[cfg(test)]
