@@ -129,6 +129,13 @@ fn config_errors_name_file_line_and_reason() {
             7,
             "max_in_memory is 0",
         ),
+        // A slip of a unit (30d for 30s) would hold every page that long.
+        (
+            "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nincidents:\n  reopen_window: 1h\n  group_wait: 30d\n",
+            &[token],
+            7,
+            "incidents.group_wait is 30d; use at most 1h: every new incident waits that long before anyone is paged",
+        ),
         (
             "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nincidents:\n  group_by: ['...', alertname]\n",
             &[token],
