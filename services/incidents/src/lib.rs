@@ -57,6 +57,10 @@ pub use error::IncidentsError;
 pub use query::replay_incident;
 pub use service::COMMANDS_CONSUMER;
 
+/// Longest `group_wait`: a new incident waits this long before anyone is
+/// paged, so more is surely a slip of a unit (30d for 30s).
+pub const MAX_GROUP_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Compiles the config into what the core needs, checking matchers,
 /// regexes and timezones. `tocsin check-config` calls this too.
 pub fn compile(config: &IncidentsConfig) -> Result<core::CoreConfig, IncidentsError> {
@@ -122,6 +126,12 @@ pub fn compile(config: &IncidentsConfig) -> Result<core::CoreConfig, IncidentsEr
     }
     tocsin_runtime::lease::check_ttl("incidents.lease_ttl", config.lease_ttl.get())
         .map_err(IncidentsError::Config)?;
+    if config.group_wait.get() > MAX_GROUP_WAIT {
+        return Err(IncidentsError::Config(format!(
+            "group_wait is {}; use at most 1h: every new incident waits that long before anyone is paged (Alertmanager's default is 30s)",
+            config.group_wait
+        )));
+    }
     if config.max_in_memory == 0 {
         return Err(IncidentsError::Config(
             "max_in_memory is 0; use at least 1 (default 10000)".into(),

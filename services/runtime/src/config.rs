@@ -634,14 +634,22 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+/// As a person writes it (and [`parse_duration`] reads it): `500ms`,
+/// `30s`, `1m30s`, `1h`, `30d`.
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = self.0;
         if d.subsec_millis() != 0 || d.as_secs() == 0 {
-            write!(f, "{}ms", d.as_millis())
-        } else {
-            write!(f, "{}s", d.as_secs())
+            return write!(f, "{}ms", d.as_millis());
         }
+        let mut rest = d.as_secs();
+        for (unit, secs) in [("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)] {
+            if rest >= secs {
+                write!(f, "{}{unit}", rest / secs)?;
+                rest %= secs;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -654,6 +662,25 @@ mod tests {
             "TOKEN" => Some("s3cret".into()),
             "EMPTY" => Some(String::new()),
             _ => None,
+        }
+    }
+
+    #[test]
+    fn durations_are_shown_as_written_and_read_back() {
+        for (secs, millis, shown) in [
+            (0, 0, "0ms"),
+            (0, 250, "250ms"),
+            (1, 500, "1500ms"),
+            (30, 0, "30s"),
+            (90, 0, "1m30s"),
+            (3_600, 0, "1h"),
+            (5_400, 0, "1h30m"),
+            (2_592_000, 0, "30d"),
+            (90_061, 0, "1d1h1m1s"),
+        ] {
+            let d = Duration::from_secs(secs) + Duration::from_millis(millis);
+            assert_eq!(HumanDuration(d).to_string(), shown);
+            assert_eq!(parse_duration(shown), Ok(d), "{shown} reads back");
         }
     }
 

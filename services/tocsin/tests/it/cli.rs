@@ -134,7 +134,7 @@ fn config_errors_name_file_line_and_reason() {
             "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nincidents:\n  reopen_window: 1h\n  group_wait: 30d\n",
             &[token],
             7,
-            "incidents.group_wait is 30d; use at most 1h: every new incident waits that long before anyone is paged",
+            "incidents: group_wait is 30d; use at most 1h: every new incident waits that long before anyone is paged",
         ),
         (
             "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nincidents:\n  group_by: ['...', alertname]\n",
@@ -159,7 +159,7 @@ fn config_errors_name_file_line_and_reason() {
             "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nnotifier:\n  records_kept_for: 0s\n",
             &[token],
             6,
-            "notifier: records_kept_for is 0ms; use at least 3600s",
+            "notifier: records_kept_for is 0ms; use at least 1h",
         ),
         (
             "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nnotifier:\n  retry:\n    initial: 0s\n",
@@ -171,7 +171,7 @@ fn config_errors_name_file_line_and_reason() {
             "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nnotifier:\n  retry:\n    initial: 10m\n    max: 2m\n",
             &[token],
             8,
-            "notifier: retry.max (120s) is below retry.initial (600s)",
+            "notifier: retry.max (2m) is below retry.initial (10m)",
         ),
         (
             "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nnotifier:\n  webhooks:\n    - name: teams\n      url: https://example.com/hook\n      guard: {timeout: 0s, burst: 0}\n",
@@ -201,7 +201,7 @@ fn config_errors_name_file_line_and_reason() {
             "ingest:\n  tokens:\n    - source: am\n      token: ${TOCSIN_INGEST_TOKEN}\nremediation:\n  runs_kept_for: 10m\n",
             &[token],
             6,
-            "remediation: runs_kept_for is 600s; use at least 3600s",
+            "remediation: runs_kept_for is 10m; use at least 1h",
         ),
     ];
     for (i, (text, env, line, reason)) in cases.iter().enumerate() {
