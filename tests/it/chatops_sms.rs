@@ -159,3 +159,84 @@ async fn sms_replies_acknowledge_and_resolve_and_bad_signatures_change_nothing()
         assert!(metrics.contains(line), "{line} not in {metrics}");
     }
 }
+
+/// In a storm one person gets many pages; `ACK ALL` (or GoAlert's `AA`)
+/// acknowledges every open incident that paged them, by SMS, in one
+/// reply, and says which. Incidents that paged nobody by that phone stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_all_acknowledges_every_open_page_of_the_sender() {
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let tocsin =
+        TocsinHarness::start_with(chatops::harness_config(&nats, &fakes, data.path())).await;
+    let client = nats.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let t0 = tocsin.clock_now();
+    for name in ["DiskFull", "CpuHot", "LinkDown"] {
+        publish_alert(
+            &js,
+            alert(
+                &[("alertname", name), ("severity", "critical")],
+                &["alertname"],
+                AlertStatus::Firing,
+                t0,
+            ),
+            t0,
+        )
+        .await;
+    }
+    let incidents = wait_for(&client, "three incidents", |l| l.len() == 3).await;
+    // Each page is on its incident's timeline before the reply relies on it.
+    for inc in &incidents {
+        let paged = tocsin_tests::eventually_within(WAIT, || async {
+            let d = get(&client, IncidentRef::Id(inc.id)).await;
+            if d.timeline
+                .iter()
+                .any(|e| matches!(e.kind, EventKind::Paged { .. }))
+            {
+                Ok(())
+            } else {
+                Err(d.incident.number)
+            }
+        })
+        .await;
+        assert_eq!(paged, Ok(()), "incident paged");
+    }
+    let url = format!("{}/twilio/sms", tocsin.chatops_url);
+
+    let r = post_sms(&url, ALICE, "ACK ALL").await;
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    let mut numbers: Vec<u64> = incidents.iter().map(|i| i.number).collect();
+    numbers.sort();
+    let listed = numbers
+        .iter()
+        .map(|n| format!("#{n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    assert!(
+        body.contains(&format!("Acknowledged 3 incidents: {listed}.")),
+        "{body}"
+    );
+    for inc in &incidents {
+        let d = get(&client, IncidentRef::Id(inc.id)).await;
+        assert_eq!(
+            d.incident.status,
+            IncidentStatus::Acknowledged,
+            "#{}",
+            inc.number
+        );
+        let by = d.incident.acknowledged_by.unwrap();
+        assert_eq!((by.name.as_str(), by.via.as_str()), ("alice", "sms"));
+    }
+    // Again: nothing is left to acknowledge; `aa` is the same.
+    let body = post_sms(&url, ALICE, "aa").await.text().await.unwrap();
+    assert!(
+        body.contains("You have no open page to acknowledge."),
+        "{body}"
+    );
+    // ALL goes with ACK only.
+    let body = post_sms(&url, ALICE, "RES ALL").await.text().await.unwrap();
+    assert!(body.contains("Reply ACK 42, RES 42 or ESC 42"), "{body}");
+}
