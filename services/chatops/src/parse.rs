@@ -491,15 +491,17 @@ pub enum SmsAction {
 }
 
 /// An SMS reply: the action and, unless left out, the incident number.
+/// `all`: every open incident that paged the sender (`ACK ALL`, `AA`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SmsCommand {
     pub action: SmsAction,
     pub number: Option<u64>,
+    pub all: bool,
 }
 
 /// The help an SMS sender gets for anything else.
 pub const SMS_HELP: &str =
-    "Reply ACK 42, RES 42 or ESC 42 (the number may be left out when you have one open page).";
+    "Reply ACK 42, RES 42 or ESC 42 (the number may be left out when you have one open page); ACK ALL acknowledges all your pages.";
 
 /// `ACK 42`, `res #42`, `Esc`, `acknowledge 42` (any case, extra spaces).
 pub fn parse_sms(body: &str) -> Result<SmsCommand, String> {
@@ -509,12 +511,34 @@ pub fn parse_sms(body: &str) -> Result<SmsCommand, String> {
         Some(x) => x,
         None => return Err(help()),
     };
-    let action = match verb.to_ascii_lowercase().trim_end_matches(['.', '!']) {
+    let verb = verb.to_ascii_lowercase();
+    let verb = verb.trim_end_matches(['.', '!']);
+    // GoAlert's shorthand for "acknowledge all".
+    if verb == "aa" && rest.is_empty() {
+        return Ok(SmsCommand {
+            action: SmsAction::Ack,
+            number: None,
+            all: true,
+        });
+    }
+    let action = match verb {
         "ack" | "acknowledge" | "a" => SmsAction::Ack,
         "res" | "resolve" | "resolved" | "r" => SmsAction::Resolve,
         "esc" | "escalate" | "e" => SmsAction::Escalate,
         _ => return Err(help()),
     };
+    if let [word] = rest {
+        if word.to_ascii_lowercase().trim_end_matches(['.', '!']) == "all" {
+            return match action {
+                SmsAction::Ack => Ok(SmsCommand {
+                    action,
+                    number: None,
+                    all: true,
+                }),
+                _ => Err(help()),
+            };
+        }
+    }
     let number = match rest {
         [] => None,
         [n] => Some(
@@ -525,7 +549,11 @@ pub fn parse_sms(body: &str) -> Result<SmsCommand, String> {
         ),
         _ => return Err(help()),
     };
-    Ok(SmsCommand { action, number })
+    Ok(SmsCommand {
+        action,
+        number,
+        all: false,
+    })
 }
 
 #[cfg(test)]
@@ -773,7 +801,19 @@ mod tests {
                 parse_sms(body),
                 Ok(SmsCommand {
                     action: *action,
-                    number: *number
+                    number: *number,
+                    all: false,
+                }),
+                "{body:?}"
+            );
+        }
+        for body in ["ACK ALL", "ack all.", "Acknowledge All", "AA", "aa!"] {
+            assert_eq!(
+                parse_sms(body),
+                Ok(SmsCommand {
+                    action: Ack,
+                    number: None,
+                    all: true,
                 }),
                 "{body:?}"
             );
@@ -787,6 +827,10 @@ mod tests {
             "STOP",
             "ack -1",
             "ack 99999999999999999999999",
+            "RES ALL",
+            "esc all",
+            "ack all 42",
+            "aa 42",
         ] {
             assert_eq!(parse_sms(junk), Err(SMS_HELP.to_string()), "{junk:?}");
         }

@@ -1,5 +1,6 @@
-//! Twilio inbound SMS: `ACK 42`, `RES 42`, `ESC 42` from a known phone
-//! number, verified with `X-Twilio-Signature`, answered with TwiML.
+//! Twilio inbound SMS: `ACK 42`, `RES 42`, `ESC 42`, `ACK ALL` from a
+//! known phone number, verified with `X-Twilio-Signature`, answered with
+//! TwiML.
 
 use std::sync::Arc;
 
@@ -25,8 +26,10 @@ use crate::{
 };
 
 /// Open incidents looked through for "the sender's one open page" when an
-/// SMS leaves the number out.
+/// SMS leaves the number out, or for all of them (`ACK ALL`).
 const OPEN_PAGES_SCAN: usize = 50;
+/// Acknowledgements of one `ACK ALL` sent at once.
+const ACK_ALL_AT_ONCE: usize = 8;
 
 fn twiml(message: Option<&str>) -> Response {
     let body = match message {
@@ -101,6 +104,9 @@ async fn inbound_inner(app: &App, headers: HeaderMap, body: Body) -> Response {
         Ok(c) => c,
         Err(help) => return twiml(Some(&help)),
     };
+    if cmd.all {
+        return twiml(Some(&ack_all(app, &user.name).await));
+    }
     let number = match cmd.number {
         Some(n) => n,
         None => match sole_open_page(app, &user.name, cmd.action).await {
@@ -125,9 +131,85 @@ async fn inbound_inner(app: &App, headers: HeaderMap, body: Body) -> Response {
     twiml(Some(&answer))
 }
 
+/// `ACK ALL`: acknowledges every open incident that paged `user` (among
+/// the [`OPEN_PAGES_SCAN`] newest), a few at a time, and says which.
+async fn ack_all(app: &App, user: &str) -> String {
+    use futures::StreamExt;
+    let (numbers, more) = match open_pages(app, user, SmsAction::Ack).await {
+        Ok(found) => found,
+        Err(msg) => return msg,
+    };
+    if numbers.is_empty() {
+        return "You have no open page to acknowledge.".into();
+    }
+    let answers: Vec<(u64, Result<Outcome, String>)> = futures::stream::iter(numbers)
+        .map(|n| async move {
+            let action = Action::Ack {
+                incident: IncidentRef::Number(n),
+            };
+            let r = ops::command(app, Actor::new(user, "sms"), action)
+                .await
+                .map_err(|e| ops::failure_text(&e).replace('`', ""));
+            (n, r)
+        })
+        .buffer_unordered(ACK_ALL_AT_ONCE)
+        .collect()
+        .await;
+    let mut done: Vec<u64> = Vec::new();
+    let mut not: Vec<String> = Vec::new();
+    for (n, r) in answers {
+        match r {
+            Ok(Outcome::Accepted { .. }) => done.push(n),
+            Ok(Outcome::Rejected { reason }) => not.push(format!("#{n}: {reason}")),
+            Err(e) => not.push(format!("#{n}: {e}")),
+        }
+    }
+    done.sort_unstable();
+    not.sort();
+    let list = |ns: &[u64]| {
+        ns.iter()
+            .map(|n| format!("#{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = match done.len() {
+        0 => "Acknowledged none.".to_string(),
+        1 => format!("Acknowledged 1 incident: {}.", list(&done)),
+        n => format!("Acknowledged {n} incidents: {}.", list(&done)),
+    };
+    if !not.is_empty() {
+        out.push_str(&format!(" Not acknowledged: {}.", not.join("; ")));
+    }
+    if more {
+        out.push_str(" There may be more: reply ACK ALL again.");
+    }
+    out
+}
+
 /// The number of the one open incident that paged `user`, or what to
 /// tell them when there is none or several.
 async fn sole_open_page(app: &App, user: &str, action: SmsAction) -> Result<u64, String> {
+    let (paged, _) = open_pages(app, user, action).await?;
+    match paged.as_slice() {
+        [n] => Ok(*n),
+        [] => Err("You have no open page. Reply with the number, e.g. ACK 42.".into()),
+        many => Err(format!(
+            "You have {} open pages ({}); reply with the number, e.g. ACK {}.",
+            many.len(),
+            many.iter()
+                .map(|n| format!("#{n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            many[0]
+        )),
+    }
+}
+
+/// The numbers of the open incidents (triggered; for other actions also
+/// acknowledged) that paged `user`, among the [`OPEN_PAGES_SCAN`] newest,
+/// and whether there were more open incidents than that; or what to tell
+/// the sender when the incidents service cannot say.
+async fn open_pages(app: &App, user: &str, action: SmsAction) -> Result<(Vec<u64>, bool), String> {
     let status = match action {
         SmsAction::Ack => vec![IncidentStatus::Triggered],
         _ => vec![IncidentStatus::Triggered, IncidentStatus::Acknowledged],
@@ -142,6 +224,7 @@ async fn sole_open_page(app: &App, user: &str, action: SmsAction) -> Result<u64,
         Ok(Err(r)) => return Err(r),
         Err(e) => return Err(ops::failure_text(&e).replace('`', "")),
     };
+    let more = open.len() >= OPEN_PAGES_SCAN;
     let mut paged = Vec::new();
     for i in open {
         if let Ok(Ok(d)) = ops::get_incident(app, IncidentRef::Id(i.id), true).await {
@@ -154,19 +237,7 @@ async fn sole_open_page(app: &App, user: &str, action: SmsAction) -> Result<u64,
             }
         }
     }
-    match paged.as_slice() {
-        [n] => Ok(*n),
-        [] => Err("You have no open page. Reply with the number, e.g. ACK 42.".into()),
-        many => Err(format!(
-            "You have {} open pages ({}); reply with the number, e.g. ACK {}.",
-            many.len(),
-            many.iter()
-                .map(|n| format!("#{n}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            many[0]
-        )),
-    }
+    Ok((paged, more))
 }
 
 /// Whether a page on the timeline (`alice via sms`, `alice (on call for
