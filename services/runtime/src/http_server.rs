@@ -79,12 +79,14 @@ pub trait ConnectionEvents: Clone + Send + Sync + 'static {
 
 /// Settings for a small server that is scraped, probed or fetched now and
 /// then (the admin server, escalation's calendars) rather than posted to:
-/// at most `max_connections` open, idle ones closed after 15 s, a request
-/// head due within 10 s. `refusal` is the 503's JSON body.
+/// at most `max_connections` open, a request head due within 10 s of
+/// waiting for it, so a connection idle for 10 s is closed (hyper's head
+/// timeout runs between a connection's requests too). `refusal` is the
+/// 503's JSON body.
 pub fn small_server(max_connections: usize, refusal: &'static str) -> Settings {
     Settings {
         max_connections,
-        idle_timeout: Duration::from_secs(15),
+        idle_timeout: Duration::from_secs(10),
         header_read_timeout: Duration::from_secs(10),
         refusal,
     }
