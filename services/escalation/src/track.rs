@@ -550,8 +550,7 @@ impl Tracks {
         let Some(t) = self.map.get_mut(key) else {
             return Vec::new();
         };
-        if t.incident.status != IncidentStatus::Triggered || !t.next_at.is_some_and(|at| at <= now)
-        {
+        if t.incident.status != IncidentStatus::Triggered || t.next_at.is_none_or(|at| at > now) {
             return Vec::new();
         }
         t.next_at = None;
