@@ -20,15 +20,48 @@ use tocsin_tests::{
 const WAIT: Duration = Duration::from_secs(20);
 const ALICE: &str = "+14155550101";
 
+/// Every service in this process with chat-ops taking SMS replies, and a
+/// NATS client; the first four are held so they stay up.
+struct Setup {
+    _nats: NatsServer,
+    fakes: FakeProviders,
+    _data: tempfile::TempDir,
+    tocsin: TocsinHarness,
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+}
+
+impl Setup {
+    async fn start() -> Setup {
+        let nats = NatsServer::start().await;
+        let fakes = FakeProviders::start().await;
+        let data = tempfile::tempdir().unwrap();
+        let tocsin =
+            TocsinHarness::start_with(chatops::harness_config(&nats, &fakes, data.path())).await;
+        let client = nats.client().await;
+        let js = async_nats::jetstream::new(client.clone());
+        Setup {
+            _nats: nats,
+            fakes,
+            _data: data,
+            tocsin,
+            client,
+            js,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sms_replies_acknowledge_and_resolve_and_bad_signatures_change_nothing() {
-    let nats = NatsServer::start().await;
-    let fakes = FakeProviders::start().await;
-    let data = tempfile::tempdir().unwrap();
-    let tocsin =
-        TocsinHarness::start_with(chatops::harness_config(&nats, &fakes, data.path())).await;
-    let client = nats.client().await;
-    let js = async_nats::jetstream::new(client.clone());
+    // Every field bound: what `..` left out would be dropped at once.
+    let Setup {
+        _nats,
+        fakes,
+        _data,
+        tocsin,
+        client,
+        js,
+    } = Setup::start().await;
     let t0 = tocsin.clock_now();
     publish_alert(
         &js,
@@ -165,13 +198,14 @@ async fn sms_replies_acknowledge_and_resolve_and_bad_signatures_change_nothing()
 /// reply, and says which. Incidents that paged nobody by that phone stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_all_acknowledges_every_open_page_of_the_sender() {
-    let nats = NatsServer::start().await;
-    let fakes = FakeProviders::start().await;
-    let data = tempfile::tempdir().unwrap();
-    let tocsin =
-        TocsinHarness::start_with(chatops::harness_config(&nats, &fakes, data.path())).await;
-    let client = nats.client().await;
-    let js = async_nats::jetstream::new(client.clone());
+    let Setup {
+        _nats,
+        fakes: _fakes,
+        _data,
+        tocsin,
+        client,
+        js,
+    } = Setup::start().await;
     let t0 = tocsin.clock_now();
     for name in ["DiskFull", "CpuHot", "LinkDown"] {
         publish_alert(

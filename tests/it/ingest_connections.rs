@@ -33,20 +33,6 @@ fn rss_bytes() -> u64 {
     kb * 1024
 }
 
-/// Reads until the server closes the socket (EOF or reset), then counts it.
-fn watch_close(mut s: TcpStream, closed: Arc<AtomicUsize>) {
-    tokio::spawn(async move {
-        let mut buf = [0u8; 512];
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-        closed.fetch_add(1, Ordering::Relaxed);
-    });
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_slowloris_floods_do_not_lock_out_a_good_client() {
     // Measures this process's RSS and open files: alone.
@@ -117,7 +103,7 @@ async fn idle_and_slowloris_floods_do_not_lock_out_a_good_client() {
     let closed = Arc::new(AtomicUsize::new(0));
     for _ in 0..IDLE {
         let s = TcpStream::connect(&addr).await.expect("connect");
-        watch_close(s, closed.clone());
+        tocsin_tests::count_when_closed(s, closed.clone());
     }
     for i in 0..SLOWLORIS {
         let mut s = TcpStream::connect(&addr).await.expect("connect");

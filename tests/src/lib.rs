@@ -74,6 +74,25 @@ pub fn init_logs() {
     tocsin_runtime::telemetry::init_tracing(tocsin_runtime::telemetry::LogFormat::Human, &filter);
 }
 
+/// Reads `s` until the server closes it (EOF or reset), then adds one to
+/// `closed`: how the connection tests see a server let go of a client.
+pub fn count_when_closed(
+    mut s: tokio::net::TcpStream,
+    closed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::AsyncReadExt;
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    });
+}
+
 /// For a test that measures its own process (its RSS, its open files):
 /// all tests of a binary share one process, so such a test runs itself
 /// again alone, in a child process of the test binary. Call it first with

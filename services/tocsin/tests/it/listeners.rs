@@ -15,7 +15,7 @@ use std::{
 };
 
 use tocsin_tests::{eventually_within, NatsServer};
-use tokio::{io::AsyncReadExt, net::TcpStream};
+use tokio::net::TcpStream;
 
 use crate::support::{free_port, Proc};
 
@@ -36,7 +36,7 @@ const CALENDAR_TOKEN: &str = "calendar-test-token-0123";
 async fn flood(port: u16, n: usize, closed: &Arc<AtomicUsize>) -> usize {
     let mut connected = 0;
     for _ in 0..n {
-        let Ok(Ok(mut s)) = tokio::time::timeout(
+        let Ok(Ok(s)) = tokio::time::timeout(
             Duration::from_secs(1),
             TcpStream::connect(("127.0.0.1", port)),
         )
@@ -45,17 +45,7 @@ async fn flood(port: u16, n: usize, closed: &Arc<AtomicUsize>) -> usize {
             break;
         };
         connected += 1;
-        let closed = closed.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 512];
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-            closed.fetch_add(1, Ordering::Relaxed);
-        });
+        tocsin_tests::count_when_closed(s, closed.clone());
     }
     connected
 }

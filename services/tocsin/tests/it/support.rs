@@ -67,18 +67,7 @@ impl Proc {
         args: &[&str],
         env: &[(String, String)],
     ) -> Proc {
-        let mut p = Proc {
-            child: None,
-            admin: 0,
-            log: PathBuf::new(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            config: config.to_path_buf(),
-            cwd: cwd.to_path_buf(),
-            env: env.to_vec(),
-            open_files: None,
-        };
-        p.spawn();
-        p
+        Self::start_limited(config, cwd, args, env, None)
     }
 
     /// [`Proc::start`] with at most `open_files` file descriptors (soft and
@@ -89,6 +78,16 @@ impl Proc {
         args: &[&str],
         open_files: u64,
     ) -> Proc {
+        Self::start_limited(config, cwd, args, &[], Some(open_files))
+    }
+
+    fn start_limited(
+        config: &Path,
+        cwd: &Path,
+        args: &[&str],
+        env: &[(String, String)],
+        open_files: Option<u64>,
+    ) -> Proc {
         let mut p = Proc {
             child: None,
             admin: 0,
@@ -96,8 +95,8 @@ impl Proc {
             args: args.iter().map(|s| s.to_string()).collect(),
             config: config.to_path_buf(),
             cwd: cwd.to_path_buf(),
-            env: Vec::new(),
-            open_files: Some(open_files),
+            env: env.to_vec(),
+            open_files,
         };
         p.spawn();
         p
