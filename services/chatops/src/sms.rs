@@ -183,7 +183,20 @@ async fn ack_all(app: &App, user: &str) -> String {
     if more {
         out.push_str(" There may be more: reply ACK ALL again.");
     }
-    out
+    within_one_message(out)
+}
+
+/// Longest reply, in characters: Twilio refuses a message over 1,600.
+const MAX_REPLY_CHARS: usize = 1_500;
+
+/// `text`, cut to [`MAX_REPLY_CHARS`] (ending in `...`) when longer.
+fn within_one_message(text: String) -> String {
+    if text.chars().count() <= MAX_REPLY_CHARS {
+        return text;
+    }
+    let mut cut: String = text.chars().take(MAX_REPLY_CHARS - 3).collect();
+    cut.push_str("...");
+    cut
 }
 
 /// The number of the one open incident that paged `user`, or what to
@@ -257,6 +270,19 @@ mod tests {
         assert!(pages_user("alice (on call for primary) via sms", "alice"));
         assert!(!pages_user("alicia via sms", "alice"));
         assert!(!pages_user("#ops via slack", "alice"));
+    }
+
+    #[test]
+    fn a_long_reply_is_cut_to_one_message() {
+        let short = "Acknowledged 2 incidents: #1, #2.".to_string();
+        assert_eq!(within_one_message(short.clone()), short);
+        let long = format!(
+            "Not acknowledged: {}",
+            "#7: é already acknowledged; ".repeat(100)
+        );
+        let cut = within_one_message(long);
+        assert_eq!(cut.chars().count(), MAX_REPLY_CHARS);
+        assert!(cut.ends_with("..."));
     }
 
     #[test]
