@@ -194,8 +194,9 @@ async fn sms_replies_acknowledge_and_resolve_and_bad_signatures_change_nothing()
 }
 
 /// In a storm one person gets many pages; `ACK ALL` (or GoAlert's `AA`)
-/// acknowledges every open incident that paged them, by SMS, in one
-/// reply, and says which. Incidents that paged nobody by that phone stay.
+/// acknowledges every open incident that paged them (as its timeline
+/// says, the rule `ACK` without a number uses too), in one reply, and
+/// says which.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_all_acknowledges_every_open_page_of_the_sender() {
     let Setup {
