@@ -135,14 +135,14 @@ async fn inbound_inner(app: &App, headers: HeaderMap, body: Body) -> Response {
 /// the [`OPEN_PAGES_SCAN`] newest), a few at a time, and says which.
 async fn ack_all(app: &App, user: &str) -> String {
     use futures::StreamExt;
-    let (numbers, more) = match open_pages(app, user, SmsAction::Ack).await {
+    let (paged, more) = match open_pages(app, user, SmsAction::Ack).await {
         Ok(found) => found,
         Err(msg) => return msg,
     };
-    if numbers.is_empty() {
+    if paged.is_empty() {
         return "You have no open page to acknowledge.".into();
     }
-    let answers: Vec<(u64, Result<Outcome, String>)> = futures::stream::iter(numbers)
+    let answers: Vec<(u64, Result<Outcome, String>)> = futures::stream::iter(paged)
         .map(|n| async move {
             let action = Action::Ack {
                 incident: IncidentRef::Number(n),
@@ -166,16 +166,10 @@ async fn ack_all(app: &App, user: &str) -> String {
     }
     done.sort_unstable();
     not.sort();
-    let list = |ns: &[u64]| {
-        ns.iter()
-            .map(|n| format!("#{n}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let mut out = match done.len() {
         0 => "Acknowledged none.".to_string(),
-        1 => format!("Acknowledged 1 incident: {}.", list(&done)),
-        n => format!("Acknowledged {n} incidents: {}.", list(&done)),
+        1 => format!("Acknowledged 1 incident: {}.", numbers(&done)),
+        n => format!("Acknowledged {n} incidents: {}.", numbers(&done)),
     };
     if !not.is_empty() {
         out.push_str(&format!(" Not acknowledged: {}.", not.join("; ")));
@@ -209,13 +203,18 @@ async fn sole_open_page(app: &App, user: &str, action: SmsAction) -> Result<u64,
         many => Err(format!(
             "You have {} open pages ({}); reply with the number, e.g. ACK {}.",
             many.len(),
-            many.iter()
-                .map(|n| format!("#{n}"))
-                .collect::<Vec<_>>()
-                .join(", "),
+            numbers(many),
             many[0]
         )),
     }
+}
+
+/// `#4, #5, #7`.
+fn numbers(ns: &[u64]) -> String {
+    ns.iter()
+        .map(|n| format!("#{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The numbers of the open incidents (triggered; for other actions also

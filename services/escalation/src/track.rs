@@ -83,6 +83,33 @@ pub struct Before {
 const BEFORE_EVENTS: usize = 8;
 
 impl Track {
+    /// A track whose first level fires at `at`, in `generation`; `cause`
+    /// goes on that level's pages.
+    fn at_first_level(
+        incident: IncidentSummary,
+        policy: String,
+        at: Timestamp,
+        generation: u32,
+        cause: Option<String>,
+    ) -> Track {
+        Track {
+            incident,
+            policy,
+            level: 0,
+            repeat: 0,
+            next_at: Some(at),
+            pending: Vec::new(),
+            fired: None,
+            renotify_at: None,
+            renotified: 0,
+            generation,
+            held_from: None,
+            cause,
+            last_fired: None,
+            before: None,
+        }
+    }
+
     /// The earliest moment this track needs attention.
     pub fn due(&self) -> Option<Timestamp> {
         let pending = self.pending.iter().map(|p| p.due).min();
@@ -356,24 +383,10 @@ impl Tracks {
             let mut out = Vec::new();
             for policy in planner.route(inc) {
                 let key = (inc.id, policy.clone());
+                let generation = inc.reopen_count.saturating_mul(1000);
                 tracks.map.insert(
                     key.clone(),
-                    Track {
-                        incident: inc.clone(),
-                        policy,
-                        level: 0,
-                        repeat: 0,
-                        next_at: Some(at),
-                        pending: Vec::new(),
-                        fired: None,
-                        renotify_at: None,
-                        renotified: 0,
-                        generation: inc.reopen_count.saturating_mul(1000),
-                        held_from: None,
-                        cause: None,
-                        last_fired: None,
-                        before: None,
-                    },
+                    Track::at_first_level(inc.clone(), policy, at, generation, None),
                 );
                 out.push(key);
             }
@@ -569,22 +582,13 @@ impl Tracks {
             }
             self.map.insert(
                 k.clone(),
-                Track {
-                    incident: incident.clone(),
-                    policy: policy.clone(),
-                    level: 0,
-                    repeat: 0,
-                    next_at: Some(now),
-                    pending: Vec::new(),
-                    fired: None,
-                    renotify_at: None,
-                    renotified: 0,
+                Track::at_first_level(
+                    incident.clone(),
+                    policy.clone(),
+                    now,
                     generation,
-                    held_from: None,
-                    cause: Some(cause.clone()),
-                    last_fired: None,
-                    before: None,
-                },
+                    Some(cause.clone()),
+                ),
             );
             out.extend(self.fire_inner(planner, &k, now));
             self.touch(&k);

@@ -1,12 +1,6 @@
 //! Telemetry: each event logs and counts together, so logs and metrics agree.
 
-use std::{
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use prometheus_client::metrics::{
     counter::Counter,
@@ -17,6 +11,7 @@ use prometheus_client::metrics::{
 use tocsin_runtime::admin::{labels, Labels, Metrics};
 
 use tocsin_runtime::http_server::{Closed, ConnectionEvents};
+use tocsin_runtime::telemetry::RateLimitedWarn;
 
 /// The ingest service's metrics.
 #[derive(Clone)]
@@ -242,52 +237,5 @@ impl ConnectionEvents for IngestMetrics {
     fn closed(&self, reason: Closed) {
         self.connections_open.dec();
         IngestEvent::ConnectionClosed { reason }.emit(self);
-    }
-}
-
-/// Lets a WARN through at most once per interval, counting the rest.
-pub(crate) struct RateLimitedWarn {
-    interval: Duration,
-    last: Mutex<Option<Instant>>,
-    suppressed: AtomicU64,
-}
-
-impl Default for RateLimitedWarn {
-    fn default() -> Self {
-        RateLimitedWarn {
-            interval: Duration::from_secs(10),
-            last: Mutex::new(None),
-            suppressed: AtomicU64::new(0),
-        }
-    }
-}
-
-impl RateLimitedWarn {
-    /// `Some(n)` when this occurrence should be logged, `n` being how many
-    /// were held back since the last one logged.
-    pub(crate) fn admit(&self) -> Option<u64> {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if last.is_some_and(|t| now.duration_since(t) < self.interval) {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        *last = Some(now);
-        Some(self.suppressed.swap(0, Ordering::Relaxed))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn warnings_are_rate_limited_and_count_what_they_held_back() {
-        let w = RateLimitedWarn::default();
-        assert_eq!(w.admit(), Some(0));
-        assert_eq!(w.admit(), None);
-        assert_eq!(w.admit(), None);
-        *w.last.lock().unwrap() = Some(Instant::now() - Duration::from_secs(11));
-        assert_eq!(w.admit(), Some(2));
     }
 }

@@ -42,6 +42,8 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use crate::telemetry::RateLimitedWarn;
+
 /// Largest request head (request line plus headers) buffered; a larger one
 /// gets 431. Alertmanager's and PagerDuty senders' heads are well under
 /// 1 KiB. hyper's own default (about 400 KiB) would let each slowloris
@@ -98,42 +100,33 @@ pub fn small_server(max_connections: usize, refusal: &'static str) -> Settings {
 #[derive(Clone)]
 pub struct Logged {
     server: &'static str,
-    last_warned: Arc<Mutex<[Option<std::time::Instant>; 2]>>,
+    accept_warn: Arc<RateLimitedWarn>,
+    limit_warn: Arc<RateLimitedWarn>,
 }
 
 impl Logged {
     pub fn new(server: &'static str) -> Self {
+        let minute = || Arc::new(RateLimitedWarn::every(Duration::from_secs(60)));
         Logged {
             server,
-            last_warned: Arc::default(),
-        }
-    }
-
-    /// Whether warning `which` is due (none in the last minute).
-    fn due(&self, which: usize) -> bool {
-        let mut last = self.last_warned.lock().unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
-        match last[which] {
-            Some(t) if now.duration_since(t) < Duration::from_secs(60) => false,
-            _ => {
-                last[which] = Some(now);
-                true
-            }
+            accept_warn: minute(),
+            limit_warn: minute(),
         }
     }
 }
 
 impl ConnectionEvents for Logged {
     fn accept_failed(&self, error: &io::Error) {
-        if self.due(0) {
-            tracing::warn!(%error, server = self.server, "cannot accept a connection; if out of file descriptors, raise the open-file limit");
+        if let Some(suppressed) = self.accept_warn.admit() {
+            tracing::warn!(%error, server = self.server, similar_since_last_warning = suppressed, "cannot accept a connection; if out of file descriptors, raise the open-file limit");
         }
     }
     fn limit_reached(&self, max: usize, evicted: bool) {
-        if self.due(1) {
+        if let Some(suppressed) = self.limit_warn.admit() {
             tracing::warn!(
                 server = self.server,
                 max_connections = max,
+                similar_since_last_warning = suppressed,
                 "{max} connections open at once; {} (more than its clients need: look for who holds them)",
                 if evicted { "closing the oldest idle one for each new one" } else { "refusing new ones" }
             );
