@@ -936,3 +936,66 @@ fn a_follower_of_the_log_keeps_up_when_the_generation_changes_before_a_levels_re
     assert!(paged_from(&pages, 4, 16), "#4 paged again: {pages:?}");
     assert!(paged_from(&pages, 5, 8), "#5 paged again: {pages:?}");
 }
+
+/// An acknowledged incident whose policy was renamed while it was open
+/// keeps being reminded, at the interval of the policy its route names
+/// now: before, the reminder due went out once and none came after it
+/// (the old name has no `renotify_acknowledged_after`), and an incident
+/// acknowledged after the rename was never reminded.
+#[test]
+fn an_acknowledged_incident_whose_policy_was_renamed_is_still_reminded() {
+    let before = r#"
+route: {policy: p}
+policies:
+  - name: p
+    renotify_acknowledged_after: 2h
+    levels: [{targets: [{user: pager}], delay: 30m}, {targets: [{user: pager}]}]
+users:
+  - {name: pager, email: pager@example.com}
+"#;
+    let after = before
+        .replace("{policy: p}", "{policy: q}")
+        .replace("- name: p\n", "- name: q\n")
+        .replace("after: 2h", "after: 1h");
+    let (old, new) = (planner(before), planner(&after));
+    let start = at("2026-01-07T10:00:00Z");
+    let acknowledged = |minute: i64| {
+        let mut ack = event(
+            EventKind::Acknowledged,
+            IncidentStatus::Acknowledged,
+            start + SignedDuration::from_mins(minute),
+        );
+        ack.incident.acknowledged_by = Some(tocsin_proto::incident::Actor::new("pager", "slack"));
+        ack
+    };
+
+    // Acknowledged before the rename: the reminder p set (2h) comes, then
+    // q's (every hour).
+    let mut tracks = Tracks::default();
+    tracks.on_event(&old, &opened(start));
+    assert_eq!(run(&old, &mut tracks, start, 0).len(), 1);
+    tracks.on_event(&old, &acknowledged(10));
+    let pages = run(
+        &new,
+        &mut tracks,
+        start + SignedDuration::from_mins(11),
+        300,
+    );
+    let minutes: Vec<i64> = pages.iter().map(|(m, _)| *m + 11).collect();
+    assert_eq!(minutes, [130, 190, 250, 310], "{pages:?}");
+
+    // Acknowledged after the rename (its level 2 not yet due): reminded
+    // every hour, as q says.
+    let mut tracks = Tracks::default();
+    tracks.on_event(&old, &opened(start));
+    assert_eq!(run(&old, &mut tracks, start, 0).len(), 1);
+    tracks.on_event(&new, &acknowledged(10));
+    let pages = run(
+        &new,
+        &mut tracks,
+        start + SignedDuration::from_mins(11),
+        200,
+    );
+    let minutes: Vec<i64> = pages.iter().map(|(m, _)| *m + 11).collect();
+    assert_eq!(minutes, [70, 130, 190], "{pages:?}");
+}
