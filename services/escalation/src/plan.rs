@@ -336,6 +336,22 @@ impl Planner {
             .and_then(|p| p.renotify_acknowledged_after)
     }
 
+    /// How long after an acknowledgement (or the last reminder) the
+    /// incident of a track on `policy` is reminded: the policy's
+    /// `renotify_acknowledged_after`, or, when no policy of that name is
+    /// configured any more (renamed or removed while the incident was
+    /// open), the shortest of the policies its route names now, as an
+    /// unacknowledged incident then follows them.
+    pub fn reminder_interval(&self, policy: &str, incident: &IncidentSummary) -> Option<Duration> {
+        if self.has_policy(policy) {
+            return self.renotify_acknowledged_after(policy);
+        }
+        self.route(incident)
+            .iter()
+            .filter_map(|p| self.renotify_acknowledged_after(p))
+            .min()
+    }
+
     /// The channels to page `user` on for `severity`, with their delays.
     pub fn user_pages(
         &self,

@@ -685,7 +685,7 @@ impl Tracks {
                 }
                 t.renotified += 1;
                 t.renotify_at = planner
-                    .renotify_acknowledged_after(&t.policy)
+                    .reminder_interval(&t.policy, &t.incident)
                     .map(|d| add(now, d));
             } else {
                 t.renotify_at = None;
@@ -846,7 +846,7 @@ fn apply(t: &mut Track, planner: &Planner, kind: &EventKind, at: Timestamp) {
             t.pending.clear();
             t.renotify_at = match kind {
                 EventKind::Acknowledged => planner
-                    .renotify_acknowledged_after(&t.policy)
+                    .reminder_interval(&t.policy, &t.incident)
                     .map(|d| add(at, d)),
                 _ => None,
             };
@@ -1002,7 +1002,7 @@ fn mark_fired(
         let at = t.renotify_at.unwrap_or(when);
         t.renotified = n + 1;
         t.renotify_at = planner
-            .renotify_acknowledged_after(&t.policy)
+            .reminder_interval(&t.policy, &t.incident)
             .map(|d| add(at, d));
         return true;
     }
