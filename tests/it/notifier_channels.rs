@@ -664,3 +664,72 @@ async fn a_page_for_a_just_opened_incident_lists_its_alerts_without_asking_the_i
     );
     r.stop().await;
 }
+
+/// INCIDENTS allows direct gets with one replica, and the notifier reads
+/// an incident's last entry that way. If the stream stops allowing them
+/// under a running notifier (an admin changed it, or it now has more
+/// replicas), the direct get finds nobody to answer: the notifier goes on
+/// with `STREAM.MSG.GET`, so the next page still shows its incident as
+/// stored, with the opening's alerts, instead of only what the page
+/// carries (no alerts at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_stops_allowing_direct_gets_is_read_the_leaders_way() {
+    use tocsin_proto::{
+        incident::{Cause, EventKind, IncidentEvent, LogEntry},
+        notify::Channel,
+        subjects::STREAM_INCIDENTS,
+    };
+    tocsin_tests::init_logs();
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let r = notifier::Replica::start(&nats, notifier::config(&fakes, None, dir.path())).await;
+    r.wait_ready().await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let opening = |n: u64| {
+        let page = notifier::page(n, Channel::Webhook);
+        let alert = load_alert(&format!("web-{n}"), page.incident.opened_at);
+        let entry = LogEntry::Incident(IncidentEvent {
+            kind: EventKind::Opened {
+                alert,
+                more: Vec::new(),
+            },
+            at: page.incident.opened_at,
+            actor: None,
+            cause: Cause::Timer {
+                id: format!("t{n}"),
+            },
+            incident: page.incident.clone(),
+        });
+        (page, entry)
+    };
+
+    // The first page reads the stream's settings: direct gets allowed.
+    let mut config = tocsin_tests::bus::stream_config(&js, STREAM_INCIDENTS).await;
+    assert!(config.allow_direct, "INCIDENTS allows direct gets");
+    let (page, entry) = opening(1);
+    store_entry(&js, &entry).await;
+    notifier::publish_pages(&js, std::slice::from_ref(&page)).await;
+    assert!(
+        fakes.wait_for(|f| f.webhooks().len() == 1, WAIT).await,
+        "no webhook call within {WAIT:?}"
+    );
+    let listed = |n: usize| {
+        let body = &fakes.webhooks()[n].body;
+        let list = alert_list(body).join(", ");
+        assert!(list.contains(&format!("instance=web-{}", n + 1)), "{body}");
+    };
+    listed(0);
+
+    config.allow_direct = false;
+    js.update_stream(&config).await.unwrap();
+    let (page, entry) = opening(2);
+    store_entry(&js, &entry).await;
+    notifier::publish_pages(&js, std::slice::from_ref(&page)).await;
+    assert!(
+        fakes.wait_for(|f| f.webhooks().len() == 2, WAIT).await,
+        "no second webhook call within {WAIT:?}"
+    );
+    listed(1);
+    r.stop().await;
+}

@@ -203,6 +203,7 @@ impl Deliverer {
         metrics: NotifierMetrics,
         clock: Arc<dyn Clock>,
         js: jetstream::Context,
+        api_prefix: &str,
     ) -> Result<Deliverer, Vec<String>> {
         let zone = cfg.zone().map_err(|e| vec![e])?;
         let reply_to = cfg
@@ -215,7 +216,7 @@ impl Deliverer {
             lanes: Lanes::new(cfg, metrics.clone()),
             registry,
             records,
-            incidents: Incidents::new(js.clone()),
+            incidents: Incidents::new(js.clone(), api_prefix),
             metrics,
             clock,
             me: uuid::Uuid::new_v4().simple().to_string(),

@@ -277,6 +277,7 @@ pub async fn run(
             metrics,
             ctx.clock.clone(),
             ctx.js.clone(),
+            &ctx.jetstream.api_prefix(),
         )
         .map_err(NotifierError::Config)?,
     );

@@ -222,7 +222,22 @@ impl JetStreamConfig {
             } else {
                 DiscardPolicy::New
             },
+            // The notifier reads an incident's last entry twice a page.
+            // A direct get costs nats-server a fraction of a
+            // `STREAM.MSG.GET` (no JSON request, no routing through the
+            // system account), but any replica may answer it, one that
+            // has not yet stored the last write among them: so only a
+            // stream with one replica, where the answer is the leader's.
+            allow_direct: def.name == STREAM_INCIDENTS && self.replicas <= 1,
             ..Default::default()
+        }
+    }
+
+    /// The JetStream API's subject prefix: `$JS.API`, or `$JS.<domain>.API`.
+    pub fn api_prefix(&self) -> String {
+        match &self.domain {
+            Some(d) => format!("$JS.{d}.API"),
+            None => "$JS.API".to_string(),
         }
     }
 
@@ -410,6 +425,11 @@ fn differences(existing: &Config, wanted: &Config) -> Vec<String> {
         "max_bytes",
         existing.max_bytes.to_string(),
         wanted.max_bytes.to_string(),
+    );
+    differ(
+        "allow_direct",
+        existing.allow_direct.to_string(),
+        wanted.allow_direct.to_string(),
     );
     differ(
         "description",
@@ -803,6 +823,37 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    /// Only INCIDENTS allows direct gets, and only with one replica: with
+    /// more, a replica that has not yet stored the last write could answer.
+    #[test]
+    fn only_incidents_with_one_replica_allows_direct_gets() {
+        for replicas in [1, 3] {
+            let c = JetStreamConfig {
+                replicas,
+                ..JetStreamConfig::default()
+            };
+            let direct: Vec<&str> = STREAMS
+                .iter()
+                .filter(|d| c.stream_config(d).allow_direct)
+                .map(|d| d.name)
+                .collect();
+            let want: &[&str] = if replicas == 1 {
+                &[STREAM_INCIDENTS]
+            } else {
+                &[]
+            };
+            assert_eq!(direct, want, "{replicas} replicas");
+        }
+        let mut existing = JetStreamConfig::default().stream_config(&STREAMS[1]);
+        existing.allow_direct = false;
+        let wanted = JetStreamConfig::default().stream_config(&STREAMS[1]);
+        assert_eq!(wanted.name, STREAM_INCIDENTS);
+        assert_eq!(
+            differences(&existing, &wanted),
+            ["allow_direct false -> true"]
+        );
+    }
 
     #[test]
     fn the_default_budget_fits_the_shipped_nats_configs() {
