@@ -12,10 +12,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Mutex,
-    },
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -44,10 +41,8 @@ pub(crate) struct Incidents {
     /// `<api prefix>.DIRECT.GET.INCIDENTS`, asked while the stream
     /// allows direct gets (one replica: see [`Incidents::last_entry`]).
     direct_subject: String,
-    /// Cleared for good once a direct get fails otherwise than "no
-    /// message" (the stream's settings changed under a running notifier,
-    /// or a NATS user without the subject): then `STREAM.MSG.GET`.
-    direct: AtomicBool,
+    /// Whether to read with direct gets (see [`Incidents::last_entry`]).
+    direct: Mutex<Direct>,
     /// Alerts by incident and version, kept briefly: the pages of one
     /// incident (one per channel and person) go out together.
     alerts: Mutex<AlertsCache>,
@@ -98,13 +93,25 @@ const ALERTS_KEPT: Duration = Duration::from_secs(5);
 const ALERTS_MAX: usize = 4096;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long reads go to `STREAM.MSG.GET` after a direct get failed.
+const DIRECT_PAUSE: Duration = Duration::from_secs(60);
+
+/// Whether INCIDENTS is read with direct gets.
+#[derive(Default)]
+struct Direct {
+    /// From the stream's settings, once read.
+    allowed: Option<bool>,
+    /// After a direct get failed: until when not to try another.
+    paused_until: Option<Instant>,
+}
+
 impl Incidents {
     pub(crate) fn new(js: jetstream::Context, api_prefix: &str) -> Incidents {
         Incidents {
             js,
             stream: tokio::sync::OnceCell::new(),
             direct_subject: format!("{api_prefix}.DIRECT.GET.{STREAM_INCIDENTS}"),
-            direct: AtomicBool::new(true),
+            direct: Mutex::new(Direct::default()),
             alerts: Mutex::new(AlertsCache::default()),
         }
     }
@@ -181,27 +188,66 @@ impl Incidents {
     /// through the system account). Asked with the filter in a JSON
     /// request, not appended to the subject: the filter is a wildcard.
     async fn last_entry(&self, id: uuid::Uuid) -> Result<Option<(u64, bytes::Bytes)>, String> {
-        let stream = self.stream().await?;
         let subject = tocsin_proto::subjects::incident_events_of(&id);
-        let config = &stream.cached_info().config;
-        if config.allow_direct && config.num_replicas <= 1 && self.direct.load(Ordering::Relaxed) {
+        if self.direct_allowed().await {
             match self.direct_last(&subject).await {
                 Ok(found) => return Ok(found),
                 Err(e) => {
-                    if self.direct.swap(false, Ordering::Relaxed) {
-                        tracing::warn!(
-                            error = %e,
-                            "a direct get on INCIDENTS failed; reading incidents with STREAM.MSG.GET from now on"
-                        );
-                    }
+                    self.direct
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .paused_until = Some(Instant::now() + DIRECT_PAUSE);
+                    tracing::warn!(
+                        error = %e,
+                        "a direct get on INCIDENTS failed; reading incidents with STREAM.MSG.GET for a minute"
+                    );
                 }
             }
         }
+        let stream = self.stream().await?;
         match stream.get_last_raw_message_by_subject(&subject).await {
             Ok(m) => Ok(Some((m.sequence, m.payload))),
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(format!("cannot read incident {id}: {e}")),
         }
+    }
+
+    /// Whether to read with a direct get: INCIDENTS allows them and has
+    /// one replica, as its settings said when last read, and none failed
+    /// in the last [`DIRECT_PAUSE`]. The settings are read at the first
+    /// read and again once such a pause is over.
+    async fn direct_allowed(&self) -> bool {
+        let first = {
+            let mut d = self.direct.lock().unwrap_or_else(|e| e.into_inner());
+            match (d.allowed, d.paused_until) {
+                (_, Some(until)) if Instant::now() < until => return false,
+                (Some(allowed), None) => return allowed,
+                (None, None) => true,
+                // A pause is over: this caller reads the settings again,
+                // the others meanwhile read as in the pause.
+                (_, Some(_)) => {
+                    d.paused_until = Some(Instant::now() + DIRECT_PAUSE);
+                    false
+                }
+            }
+        };
+        let config = if first {
+            match self.stream().await {
+                Ok(s) => s.cached_info().config.clone(),
+                Err(_) => return false,
+            }
+        } else {
+            match self.js.get_stream(STREAM_INCIDENTS).await {
+                Ok(s) => s.cached_info().config.clone(),
+                Err(_) => return false,
+            }
+        };
+        let allowed = config.allow_direct && config.num_replicas <= 1;
+        *self.direct.lock().unwrap_or_else(|e| e.into_inner()) = Direct {
+            allowed: Some(allowed),
+            paused_until: None,
+        };
+        allowed
     }
 
     async fn direct_last(&self, subject: &str) -> Result<Option<(u64, bytes::Bytes)>, String> {
