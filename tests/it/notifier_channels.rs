@@ -485,6 +485,33 @@ fn alert_list(body: &Value) -> Vec<&str> {
         .collect()
 }
 
+/// A notifier replica alone on its NATS, with every provider at the fakes
+/// (no incidents service, no escalation): the test writes INCIDENTS and
+/// NOTIFY itself.
+struct Alone {
+    nats: NatsServer,
+    fakes: FakeProviders,
+    _dir: tempfile::TempDir,
+    replica: notifier::Replica,
+}
+
+impl Alone {
+    async fn start() -> Alone {
+        let nats = NatsServer::start().await;
+        let fakes = FakeProviders::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let replica =
+            notifier::Replica::start(&nats, notifier::config(&fakes, None, dir.path())).await;
+        replica.wait_ready().await;
+        Alone {
+            nats,
+            fakes,
+            _dir: dir,
+            replica,
+        }
+    }
+}
+
 /// Stores `entry` on INCIDENTS alone, on its own subject with its own
 /// message id, as the incidents service does.
 async fn store_entry(
@@ -525,11 +552,12 @@ async fn a_page_shows_alert_changes_stored_after_the_incidents_last_own_entry() 
         subjects::{headers, query, INCIDENTS_BATCH},
         Envelope,
     };
-    let nats = NatsServer::start().await;
-    let fakes = FakeProviders::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let r = notifier::Replica::start(&nats, notifier::config(&fakes, None, dir.path())).await;
-    r.wait_ready().await;
+    let Alone {
+        nats,
+        fakes,
+        _dir,
+        replica: r,
+    } = Alone::start().await;
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
 
@@ -621,11 +649,12 @@ async fn a_page_for_a_just_opened_incident_lists_its_alerts_without_asking_the_i
         incident::{Cause, EventKind, IncidentEvent, LogEntry},
         notify::Channel,
     };
-    let nats = NatsServer::start().await;
-    let fakes = FakeProviders::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let r = notifier::Replica::start(&nats, notifier::config(&fakes, None, dir.path())).await;
-    r.wait_ready().await;
+    let Alone {
+        nats,
+        fakes,
+        _dir,
+        replica: r,
+    } = Alone::start().await;
     let js = async_nats::jetstream::new(nats.client().await);
 
     let page = notifier::page(1, Channel::Webhook);
@@ -680,11 +709,12 @@ async fn a_stream_that_stops_allowing_direct_gets_is_read_the_leaders_way() {
         subjects::STREAM_INCIDENTS,
     };
     tocsin_tests::init_logs();
-    let nats = NatsServer::start().await;
-    let fakes = FakeProviders::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let r = notifier::Replica::start(&nats, notifier::config(&fakes, None, dir.path())).await;
-    r.wait_ready().await;
+    let Alone {
+        nats,
+        fakes,
+        _dir,
+        replica: r,
+    } = Alone::start().await;
     let js = async_nats::jetstream::new(nats.client().await);
     let opening = |n: u64| {
         let page = notifier::page(n, Channel::Webhook);

@@ -969,33 +969,21 @@ users:
         ack
     };
 
+    // Opened and paged under p, acknowledged at minute 10 under
+    // `acknowledged_with`, then run under q: the minutes of the reminders.
+    let reminders = |acknowledged_with: &Planner, until: i64| {
+        let mut tracks = Tracks::default();
+        tracks.on_event(&old, &opened(start));
+        assert_eq!(run(&old, &mut tracks, start, 0).len(), 1);
+        tracks.on_event(acknowledged_with, &acknowledged(10));
+        let from = start + SignedDuration::from_mins(11);
+        let pages = run(&new, &mut tracks, from, until - 11);
+        pages.iter().map(|(m, _)| *m + 11).collect::<Vec<i64>>()
+    };
     // Acknowledged before the rename: the reminder p set (2h) comes, then
     // q's (every hour).
-    let mut tracks = Tracks::default();
-    tracks.on_event(&old, &opened(start));
-    assert_eq!(run(&old, &mut tracks, start, 0).len(), 1);
-    tracks.on_event(&old, &acknowledged(10));
-    let pages = run(
-        &new,
-        &mut tracks,
-        start + SignedDuration::from_mins(11),
-        300,
-    );
-    let minutes: Vec<i64> = pages.iter().map(|(m, _)| *m + 11).collect();
-    assert_eq!(minutes, [130, 190, 250, 310], "{pages:?}");
-
+    assert_eq!(reminders(&old, 311), [130, 190, 250, 310]);
     // Acknowledged after the rename (its level 2 not yet due): reminded
     // every hour, as q says.
-    let mut tracks = Tracks::default();
-    tracks.on_event(&old, &opened(start));
-    assert_eq!(run(&old, &mut tracks, start, 0).len(), 1);
-    tracks.on_event(&new, &acknowledged(10));
-    let pages = run(
-        &new,
-        &mut tracks,
-        start + SignedDuration::from_mins(11),
-        200,
-    );
-    let minutes: Vec<i64> = pages.iter().map(|(m, _)| *m + 11).collect();
-    assert_eq!(minutes, [70, 130, 190], "{pages:?}");
+    assert_eq!(reminders(&new, 211), [70, 130, 190]);
 }
