@@ -43,6 +43,7 @@ pub(crate) struct Incidents {
     direct_subject: String,
     /// Whether to read with direct gets (see [`Incidents::last_entry`]).
     direct: Mutex<Direct>,
+    direct_failed: tocsin_runtime::telemetry::RateLimitedWarn,
     /// Alerts by incident and version, kept briefly: the pages of one
     /// incident (one per channel and person) go out together.
     alerts: Mutex<AlertsCache>,
@@ -112,6 +113,7 @@ impl Incidents {
             stream: tokio::sync::OnceCell::new(),
             direct_subject: format!("{api_prefix}.DIRECT.GET.{STREAM_INCIDENTS}"),
             direct: Mutex::new(Direct::default()),
+            direct_failed: tocsin_runtime::telemetry::RateLimitedWarn::every(DIRECT_PAUSE),
             alerts: Mutex::new(AlertsCache::default()),
         }
     }
@@ -197,10 +199,15 @@ impl Incidents {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .paused_until = Some(Instant::now() + DIRECT_PAUSE);
-                    tracing::warn!(
-                        error = %e,
-                        "a direct get on INCIDENTS failed; reading incidents with STREAM.MSG.GET for a minute"
-                    );
+                    // The reads in flight when NATS went away all fail
+                    // together: one WARN for them.
+                    if let Some(held_back) = self.direct_failed.admit() {
+                        tracing::warn!(
+                            error = %e,
+                            held_back,
+                            "a direct get on INCIDENTS failed; reading incidents with STREAM.MSG.GET for a minute"
+                        );
+                    }
                 }
             }
         }
