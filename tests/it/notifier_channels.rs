@@ -489,10 +489,12 @@ fn alert_list(body: &Value) -> Vec<&str> {
 /// (no incidents service, no escalation): the test writes INCIDENTS and
 /// NOTIFY itself.
 struct Alone {
-    nats: NatsServer,
+    _nats: NatsServer,
     fakes: FakeProviders,
     _dir: tempfile::TempDir,
     replica: notifier::Replica,
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
 }
 
 impl Alone {
@@ -503,11 +505,15 @@ impl Alone {
         let replica =
             notifier::Replica::start(&nats, notifier::config(&fakes, None, dir.path())).await;
         replica.wait_ready().await;
+        let client = nats.client().await;
+        let js = async_nats::jetstream::new(client.clone());
         Alone {
-            nats,
+            _nats: nats,
             fakes,
             _dir: dir,
             replica,
+            client,
+            js,
         }
     }
 }
@@ -552,14 +558,7 @@ async fn a_page_shows_alert_changes_stored_after_the_incidents_last_own_entry() 
         subjects::{headers, query, INCIDENTS_BATCH},
         Envelope,
     };
-    let Alone {
-        nats,
-        fakes,
-        _dir,
-        replica: r,
-    } = Alone::start().await;
-    let client = nats.client().await;
-    let js = async_nats::jetstream::new(client.clone());
+    let alone = Alone::start().await;
 
     let mut page = notifier::page(1, Channel::Webhook);
     let alert = |instance: &str| load_alert(instance, page.incident.opened_at);
@@ -586,19 +585,21 @@ async fn a_page_shows_alert_changes_stored_after_the_incidents_last_own_entry() 
     let opening = entry(EventKind::opened(first.clone()), &opened, "t1");
     let change = entry(EventKind::alert_firing(second.clone()), &joined, "t2");
     assert!(change.is_packed(), "an alert change is stored with others");
-    store_entry(&js, &opening).await;
+    store_entry(&alone.js, &opening).await;
     let mut h = async_nats::HeaderMap::new();
     h.insert(headers::MSG_ID, "batch:test:1");
     h.insert(headers::ITEMS, "1");
     let bytes = codec::encode(&Envelope::new("test", at, vec![change])).unwrap();
-    js.publish_with_headers(INCIDENTS_BATCH, h, bytes.into())
+    alone
+        .js
+        .publish_with_headers(INCIDENTS_BATCH, h, bytes.into())
         .await
         .unwrap()
         .await
         .unwrap();
 
     // The incidents service's answer: the incident as it stands.
-    let mut asked = client.subscribe(query::GET_INCIDENT).await.unwrap();
+    let mut asked = alone.client.subscribe(query::GET_INCIDENT).await.unwrap();
     let detail = IncidentDetail {
         incident: joined.clone(),
         alerts: vec![first.clone(), second.clone()],
@@ -608,7 +609,7 @@ async fn a_page_shows_alert_changes_stored_after_the_incidents_last_own_entry() 
     };
     let answer = codec::encode(&QueryReply::Incident(Box::new(detail))).unwrap();
     let responder = tokio::spawn({
-        let client = client.clone();
+        let client = alone.client.clone();
         async move {
             while let Some(m) = asked.next().await {
                 if let Some(reply) = m.reply {
@@ -617,15 +618,18 @@ async fn a_page_shows_alert_changes_stored_after_the_incidents_last_own_entry() 
             }
         }
     });
-    client.flush().await.unwrap();
+    alone.client.flush().await.unwrap();
 
     page.incident = joined;
-    notifier::publish_pages(&js, std::slice::from_ref(&page)).await;
+    notifier::publish_pages(&alone.js, std::slice::from_ref(&page)).await;
     assert!(
-        fakes.wait_for(|f| !f.webhooks().is_empty(), WAIT).await,
+        alone
+            .fakes
+            .wait_for(|f| !f.webhooks().is_empty(), WAIT)
+            .await,
         "no webhook call within {WAIT:?}"
     );
-    let body = &fakes.webhooks()[0].body;
+    let body = &alone.fakes.webhooks()[0].body;
     assert_eq!(
         body["incident"]["alerts_firing"], 2,
         "the page's newer copy of the incident: {body}"
@@ -634,7 +638,7 @@ async fn a_page_shows_alert_changes_stored_after_the_incidents_last_own_entry() 
     let shown = alert_list(body);
     assert_eq!(shown.len(), 2, "both alerts, not the opening's one: {body}");
     responder.abort();
-    r.stop().await;
+    alone.replica.stop().await;
 }
 
 /// A page for an incident whose last INCIDENTS entry is its opening lists
@@ -649,13 +653,7 @@ async fn a_page_for_a_just_opened_incident_lists_its_alerts_without_asking_the_i
         incident::{Cause, EventKind, IncidentEvent, LogEntry},
         notify::Channel,
     };
-    let Alone {
-        nats,
-        fakes,
-        _dir,
-        replica: r,
-    } = Alone::start().await;
-    let js = async_nats::jetstream::new(nats.client().await);
+    let alone = Alone::start().await;
 
     let page = notifier::page(1, Channel::Webhook);
     let alert = |instance: &str| load_alert(instance, page.incident.opened_at);
@@ -672,14 +670,17 @@ async fn a_page_for_a_just_opened_incident_lists_its_alerts_without_asking_the_i
         cause: Cause::Timer { id: "t1".into() },
         incident,
     });
-    store_entry(&js, &entry).await;
+    store_entry(&alone.js, &entry).await;
 
-    notifier::publish_pages(&js, std::slice::from_ref(&page)).await;
+    notifier::publish_pages(&alone.js, std::slice::from_ref(&page)).await;
     assert!(
-        fakes.wait_for(|f| !f.webhooks().is_empty(), WAIT).await,
+        alone
+            .fakes
+            .wait_for(|f| !f.webhooks().is_empty(), WAIT)
+            .await,
         "no webhook call within {WAIT:?}"
     );
-    let body = &fakes.webhooks()[0].body;
+    let body = &alone.fakes.webhooks()[0].body;
     let shown = alert_list(body);
     let mut expected = [first, second];
     expected.sort_by(|a, b| a.fingerprint.cmp(&b.fingerprint));
@@ -691,7 +692,7 @@ async fn a_page_for_a_just_opened_incident_lists_its_alerts_without_asking_the_i
         shown, expected,
         "the opening entry's alerts, by fingerprint: {body}"
     );
-    r.stop().await;
+    alone.replica.stop().await;
 }
 
 /// INCIDENTS allows direct gets with one replica, and the notifier reads
@@ -709,14 +710,10 @@ async fn a_stream_that_stops_allowing_direct_gets_is_read_the_leaders_way() {
         subjects::STREAM_INCIDENTS,
     };
     tocsin_tests::init_logs();
-    let Alone {
-        nats,
-        fakes,
-        _dir,
-        replica: r,
-    } = Alone::start().await;
-    let js = async_nats::jetstream::new(nats.client().await);
-    let opening = |n: u64| {
+    let alone = Alone::start().await;
+    // Incident n opens with alert web-n and pages the webhook: the page
+    // lists that alert, which only the stored opening names.
+    let paged = async |n: u64| {
         let page = notifier::page(n, Channel::Webhook);
         let alert = load_alert(&format!("web-{n}"), page.incident.opened_at);
         let entry = LogEntry::Incident(IncidentEvent {
@@ -731,35 +728,28 @@ async fn a_stream_that_stops_allowing_direct_gets_is_read_the_leaders_way() {
             },
             incident: page.incident.clone(),
         });
-        (page, entry)
+        store_entry(&alone.js, &entry).await;
+        notifier::publish_pages(&alone.js, std::slice::from_ref(&page)).await;
+        let calls = n as usize;
+        assert!(
+            alone
+                .fakes
+                .wait_for(|f| f.webhooks().len() == calls, WAIT)
+                .await,
+            "no webhook call for incident {n} within {WAIT:?}"
+        );
+        let body = &alone.fakes.webhooks()[calls - 1].body;
+        let list = alert_list(body).join(", ");
+        assert!(list.contains(&format!("instance=web-{n}")), "{body}");
     };
 
     // The first page reads the stream's settings: direct gets allowed.
-    let mut config = tocsin_tests::bus::stream_config(&js, STREAM_INCIDENTS).await;
+    let mut config = tocsin_tests::bus::stream_config(&alone.js, STREAM_INCIDENTS).await;
     assert!(config.allow_direct, "INCIDENTS allows direct gets");
-    let (page, entry) = opening(1);
-    store_entry(&js, &entry).await;
-    notifier::publish_pages(&js, std::slice::from_ref(&page)).await;
-    assert!(
-        fakes.wait_for(|f| f.webhooks().len() == 1, WAIT).await,
-        "no webhook call within {WAIT:?}"
-    );
-    let listed = |n: usize| {
-        let body = &fakes.webhooks()[n].body;
-        let list = alert_list(body).join(", ");
-        assert!(list.contains(&format!("instance=web-{}", n + 1)), "{body}");
-    };
-    listed(0);
+    paged(1).await;
 
     config.allow_direct = false;
-    js.update_stream(&config).await.unwrap();
-    let (page, entry) = opening(2);
-    store_entry(&js, &entry).await;
-    notifier::publish_pages(&js, std::slice::from_ref(&page)).await;
-    assert!(
-        fakes.wait_for(|f| f.webhooks().len() == 2, WAIT).await,
-        "no second webhook call within {WAIT:?}"
-    );
-    listed(1);
-    r.stop().await;
+    alone.js.update_stream(&config).await.unwrap();
+    paged(2).await;
+    alone.replica.stop().await;
 }

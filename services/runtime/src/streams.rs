@@ -241,12 +241,10 @@ impl JetStreamConfig {
         }
     }
 
-    /// A JetStream context for this configuration.
+    /// A JetStream context for this configuration: its API under
+    /// [`JetStreamConfig::api_prefix`].
     pub fn context(&self, client: async_nats::Client) -> jetstream::Context {
-        match &self.domain {
-            Some(d) => jetstream::with_domain(client, d),
-            None => jetstream::new(client),
-        }
+        jetstream::with_prefix(client, &self.api_prefix())
     }
 }
 
