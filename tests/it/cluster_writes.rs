@@ -115,7 +115,12 @@ const BACK_TO_BACK: usize = 10;
 
 /// Sends a message fenced by `fence` as the services send their entries
 /// and pages (`fence::send`).
-async fn send_fenced(js: &jetstream::Context, fence: &Fence, subject: &str, id: &str) -> Ack {
+pub(crate) async fn send_fenced(
+    js: &jetstream::Context,
+    fence: &Fence,
+    subject: &str,
+    id: &str,
+) -> Ack {
     let headers = fence.headers();
     let extra: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let m = message(b"entry".to_vec(), id, None, &extra);

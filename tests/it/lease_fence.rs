@@ -9,13 +9,16 @@
 //! (`pages_of_an_ended_tenure_are_never_stored_after_the_next_tenure_began`).
 
 use async_nats::jetstream;
+use futures::FutureExt as _;
 use tocsin_proto::subjects::{INCIDENTS_TENURE, NOTIFY_TENURE, STREAM_INCIDENTS, STREAM_NOTIFY};
 use tocsin_runtime::{
     bus::{message, LEASE},
-    fence::{self, Fence, FenceError, EXPECTED_SUBJECT_SEQUENCE},
+    fence::{self, Ack, Fence, FenceError, EXPECTED_SUBJECT_SEQUENCE},
     streams::{ensure_streams, JetStreamConfig},
 };
 use tocsin_tests::NatsServer;
+
+use crate::cluster_writes::send_fenced;
 
 /// A role's fence: its stream, tenure subject, a subject it writes, and
 /// the role's name in its lease.
@@ -63,6 +66,71 @@ impl Role {
             Err(e) => Err(fence::is_wrong_sequence(&e)),
         }
     }
+}
+
+/// An acknowledgement awaited in place (`Ack::poll_came`: the incidents
+/// service waits so for a batch's entries while it takes more inputs, and
+/// drops the wait when one comes) is kept when the wait is dropped: taken
+/// up again, each comes once, a stored message's with its sequence and a
+/// refused one's as the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_awaited_in_place_is_kept_when_the_wait_is_dropped() {
+    let nats = NatsServer::start().await;
+    let js = jetstream::new(nats.client().await);
+    ensure_streams(&js, &JetStreamConfig::default())
+        .await
+        .unwrap();
+    let send = |f: &Fence, id: &'static str| {
+        let (js, f) = (js.clone(), f.clone());
+        async move { send_fenced(&js, &f, INCIDENTS.subject, id).await }
+    };
+    let f1 = INCIDENTS.take(&js, 1).await.unwrap().unwrap();
+    let mut acks = Vec::new();
+    for id in ["e1", "e2", "e3"] {
+        acks.push(send(&f1, id).await);
+    }
+    // A newer tenure's marker: what the older one sends next is refused.
+    let f2 = INCIDENTS.take(&js, 2).await.unwrap().unwrap();
+    acks.push(send(&f1, "e4").await);
+
+    // Each wait is polled once and dropped...
+    let waker = futures::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    for ack in acks.iter_mut() {
+        let _ = ack.poll_came(&mut cx);
+    }
+    // ...then taken up again until every one came.
+    std::future::poll_fn(|cx| {
+        for ack in acks.iter_mut() {
+            std::task::ready!(ack.poll_came(cx));
+        }
+        std::task::Poll::Ready(())
+    })
+    .await;
+    assert!(acks.iter().all(Ack::came));
+    let got: Vec<_> = acks
+        .into_iter()
+        .map(|a| a.get().now_or_never().expect("came, so at once"))
+        .collect();
+    let stored: Vec<(u64, bool)> = got[..3]
+        .iter()
+        .map(|r| {
+            r.as_ref()
+                .map(|a| (a.sequence, a.duplicate))
+                .expect("stored")
+        })
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            (f1.seq + 1, false),
+            (f1.seq + 2, false),
+            (f1.seq + 3, false)
+        ]
+    );
+    assert!(f2.seq > f1.seq + 3);
+    let refused = got[3].as_ref().expect_err("an ended tenure's entry");
+    assert!(fence::is_wrong_sequence(refused), "{refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,7 +53,7 @@
 //! consecutive stream positions, are exactly what a newer tenure's writes
 //! can happen to match.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use async_nats::jetstream::{
     self,
@@ -100,12 +100,20 @@ impl Fence {
 /// a replicated stream, kept to be sent again while the leader has the
 /// one before it in flight (see the module docs), or come already (a
 /// fenced message on a replicated stream, awaited before the next is sent:
-/// [`Fence::one_at_a_time`]).
+/// [`Fence::one_at_a_time`]), or being awaited in place ([`Ack::poll_came`]).
 pub enum Ack {
     Coming(jetstream::context::PublishAckFuture),
     Fenced(Box<Resend>),
     Came(Result<jetstream::publish::PublishAck, PublishError>),
+    Waiting(sync_wrapper::SyncWrapper<AckFuture>),
 }
+
+/// An acknowledgement being awaited (its timeout running). Held in a
+/// `SyncWrapper`, which only ever lends it out mutably, so an [`Ack`] can
+/// still be shared by reference across an await.
+pub type AckFuture = std::pin::Pin<
+    Box<dyn Future<Output = Result<jetstream::publish::PublishAck, PublishError>> + Send>,
+>;
 
 /// A fenced message on its way to a replicated stream, with what it takes
 /// to send it again.
@@ -139,7 +147,34 @@ impl Ack {
             Ack::Coming(ack) => ack.await,
             Ack::Came(r) => r,
             Ack::Fenced(resend) => resend.get().await,
+            Ack::Waiting(ack) => ack.into_inner().await,
         }
+    }
+
+    /// Whether the acknowledgement (or failure) has come.
+    pub fn came(&self) -> bool {
+        matches!(self, Ack::Came(_))
+    }
+
+    /// Awaits the acknowledgement in place: ready once it has come (it is
+    /// then [`Ack::Came`]), so a caller can wait for it beside other work
+    /// and drop the wait without losing it.
+    pub fn poll_came(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        use std::future::IntoFuture as _;
+        use sync_wrapper::SyncWrapper;
+        if let Ack::Coming(_) | Ack::Fenced(_) = self {
+            let placeholder = Ack::Came(Err(PublishErrorKind::Other.into()));
+            *self = match std::mem::replace(self, placeholder) {
+                Ack::Coming(ack) => Ack::Waiting(SyncWrapper::new(ack.into_future())),
+                Ack::Fenced(resend) => Ack::Waiting(SyncWrapper::new(Box::pin(resend.get()))),
+                other => other,
+            };
+        }
+        if let Ack::Waiting(ack) = self {
+            let r = std::task::ready!(ack.get_mut().as_mut().poll(cx));
+            *self = Ack::Came(r);
+        }
+        std::task::Poll::Ready(())
     }
 }
 
