@@ -213,6 +213,16 @@ impl Turns {
 /// acknowledgements of their entries are awaited.
 const BATCH: usize = 64;
 
+/// While a batch's entries are being stored, inputs that come join it
+/// (decided and sent at once, so JetStream always has the next entry to
+/// store), up to this many more inputs...
+const MORE_INPUTS: usize = 4 * BATCH;
+
+/// ...and until this long after the batch began: then it is finished
+/// (everything stored, saved, answered) before anything else is taken, a
+/// timer due say.
+const MORE_FOR: Duration = Duration::from_millis(100);
+
 /// At most this many entries are sent before their acknowledgements are
 /// awaited (mid-batch if need be: an ALERTS message can hold a request's
 /// hundreds of alerts). async-nats holds a permit for each acknowledgement
@@ -275,6 +285,28 @@ enum Fast {
     Careful,
     /// A send failed.
     Failed(String),
+}
+
+/// Where inputs that come while a batch is being stored are taken from
+/// ([`Service::more_input`]), and how many it took.
+struct More<'a, S> {
+    inputs: &'a mut S,
+    /// Until when the batch takes more.
+    until: tokio::time::Instant,
+    taken: usize,
+    /// Either stream ended: the consumers are made anew after this batch.
+    ended: bool,
+}
+
+impl<'a, S> More<'a, S> {
+    fn new(inputs: &'a mut S) -> Self {
+        More {
+            inputs,
+            until: tokio::time::Instant::now() + MORE_FOR,
+            taken: 0,
+            ended: false,
+        }
+    }
 }
 
 /// An input read with others.
@@ -854,13 +886,19 @@ impl Service {
                         // This batch's save let what the one before it
                         // held leave memory.
                         let before = (alerts_seq, commands_seq);
-                        match self.on_inputs(batch, &shutdown).await {
+                        let mut more = More::new(&mut inputs);
+                        let handled = self.on_inputs(batch, &mut more, &shutdown).await;
+                        let ended = more.ended;
+                        match handled {
                             Some((a, c)) => {
                                 shown = before;
                                 alerts_seq = alerts_seq.max(a);
                                 unanswered = Some(unanswered.unwrap_or(0).max(c));
                             }
                             None => continue 'outer,
+                        }
+                        if ended {
+                            continue 'outer;
                         }
                     }
                 }
@@ -1141,7 +1179,10 @@ impl Service {
     /// without waiting; the acknowledgements are awaited together, the
     /// projection saved once, then commands are answered and acknowledged.
     /// So a storm costs one round trip to JetStream per batch, not one per
-    /// entry.
+    /// entry. Inputs that come from `more` while the acknowledgements are
+    /// awaited join the batch the same way ([`Service::more_input`]), so
+    /// an input never waits for the batch before it to be stored before
+    /// it is decided and its entries sent.
     ///
     /// Exactly once still holds: entries are stored in the order of their
     /// inputs or not at all (each names the stream sequence it must follow,
@@ -1157,15 +1198,19 @@ impl Service {
     ///
     /// Returns the highest ALERTS and COMMANDS sequences handled, or None
     /// when the consumers must be made again.
-    async fn on_inputs(
+    async fn on_inputs<S>(
         &self,
         inputs: Vec<Ready>,
+        more: &mut More<'_, S>,
         shutdown: &CancellationToken,
-    ) -> Option<(u64, u64)> {
+    ) -> Option<(u64, u64)>
+    where
+        S: futures::Stream<Item = Input> + Unpin,
+    {
         // What is not finishing (stored, save, answer) is deciding.
         let started = Instant::now();
         let finishing = self.finishing.load(Ordering::Relaxed);
-        let r = self.on_inputs_timed(inputs, shutdown).await;
+        let r = self.on_inputs_timed(inputs, more, shutdown).await;
         let finished = self.finishing.load(Ordering::Relaxed) - finishing;
         let total = micros(started.elapsed());
         self.metrics.busy(
@@ -1177,11 +1222,15 @@ impl Service {
 
     /// [`Service::on_inputs`] itself; the caller counts its time, less
     /// what [`Service::finish`] counted, as `decide`.
-    async fn on_inputs_timed(
+    async fn on_inputs_timed<S>(
         &self,
         inputs: Vec<Ready>,
+        more: &mut More<'_, S>,
         shutdown: &CancellationToken,
-    ) -> Option<(u64, u64)> {
+    ) -> Option<(u64, u64)>
+    where
+        S: futures::Stream<Item = Input> + Unpin,
+    {
         // Taken before the first entry is folded in ahead of its
         // acknowledgement, let go before an input goes the careful way
         // (which may wait long, on a full stream say).
@@ -1195,7 +1244,23 @@ impl Service {
         let mut last_seq = read(&self.proj).incidents_seq;
         let mut batch = Batch::default();
         let mut inputs = inputs.into_iter();
-        while let Some(input) = inputs.next() {
+        loop {
+            let input = match inputs.next() {
+                Some(input) => input,
+                None => match self
+                    .more_input(more, &mut batch, &mut sent, &mut last_seq)
+                    .await
+                {
+                    Ok(Some(input)) => input,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let rest = handled.into_iter().filter_map(Handled::command);
+                        self.roll_back((top_alert, top_command), &e, rest, shutdown)
+                            .await;
+                        return None;
+                    }
+                },
+            };
             let (msg, is_alert) = match input {
                 Ready::Alert(m) => (m, true),
                 Ready::Command(m) => (m, false),
@@ -1294,6 +1359,66 @@ impl Service {
             return None;
         }
         Some((top_alert, top_command))
+    }
+
+    /// The next input to join a batch whose inputs so far are decided and
+    /// sent: one from `more` that is there at once, or else (the entries
+    /// gathered so far sent) the first to come before everything sent is
+    /// stored. None once it is (or an acknowledgement failed: finishing
+    /// finds out), or the batch took its share of inputs or time
+    /// ([`MORE_INPUTS`], [`MORE_FOR`]), or either stream ended. The time
+    /// waiting counts as `stored`.
+    async fn more_input<S>(
+        &self,
+        more: &mut More<'_, S>,
+        batch: &mut Batch,
+        sent: &mut Vec<Sent>,
+        last_seq: &mut u64,
+    ) -> Result<Option<Ready>, String>
+    where
+        S: futures::Stream<Item = Input> + Unpin,
+    {
+        let mut waited = None;
+        let next = loop {
+            if more.ended || more.taken >= MORE_INPUTS || tokio::time::Instant::now() >= more.until
+            {
+                break None;
+            }
+            let input = match waited {
+                None => match more.inputs.next().now_or_never() {
+                    Some(input) => input,
+                    None => {
+                        self.send_batch(batch, sent, last_seq).await?;
+                        waited = Some(Instant::now());
+                        continue;
+                    }
+                },
+                Some(_) => {
+                    tokio::select! {
+                        biased;
+                        input = more.inputs.next() => input,
+                        _ = all_came(sent) => break None,
+                        _ = tokio::time::sleep_until(more.until) => break None,
+                    }
+                }
+            };
+            match input {
+                Some(Input::Alert(Ok(msg))) => break Some(Ready::Alert(msg)),
+                Some(Input::Command(Ok(msg))) => break Some(Ready::Command(msg)),
+                Some(Input::Alert(Err(e))) => tracing::warn!(error = %e, "ALERTS consumer error"),
+                Some(Input::Command(Err(e))) => {
+                    tracing::warn!(error = %e, "COMMANDS consumer error")
+                }
+                Some(Input::Ended) | None => more.ended = true,
+            }
+        };
+        if let Some(waited) = waited {
+            let waited = waited.elapsed();
+            self.finishing.fetch_add(micros(waited), Ordering::Relaxed);
+            self.metrics.busy("stored", waited);
+        }
+        more.taken += usize::from(next.is_some());
+        Ok(next)
     }
 
     /// Decides the alerts of one ALERTS message in a batch and sends their
@@ -2659,6 +2784,17 @@ impl Input {
     fn is_ok(&self) -> bool {
         matches!(self, Input::Alert(Ok(_)) | Input::Command(Ok(_)))
     }
+}
+
+/// Ready once every acknowledgement in `sent` has come (or failed).
+async fn all_came(sent: &mut [Sent]) {
+    std::future::poll_fn(|cx| {
+        for (ack, _) in sent.iter_mut() {
+            std::task::ready!(ack.poll_came(cx));
+        }
+        std::task::Poll::Ready(())
+    })
+    .await
 }
 
 /// A header of `msg`, if it has it.
