@@ -1180,9 +1180,9 @@ impl Service {
     /// projection saved once, then commands are answered and acknowledged.
     /// So a storm costs one round trip to JetStream per batch, not one per
     /// entry. Inputs that come from `more` while the acknowledgements are
-    /// awaited join the batch the same way ([`Service::more_input`]), so
-    /// an input never waits for the batch before it to be stored before
-    /// it is decided and its entries sent.
+    /// awaited join the batch the same way ([`Service::more_input`], up to
+    /// [`MORE_INPUTS`] and [`MORE_FOR`]): such an input is decided and its
+    /// entries sent then, not once the batch is stored, saved and answered.
     ///
     /// Exactly once still holds: entries are stored in the order of their
     /// inputs or not at all (each names the stream sequence it must follow,
