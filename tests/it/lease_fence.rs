@@ -80,18 +80,14 @@ async fn an_acknowledgement_awaited_in_place_is_kept_when_the_wait_is_dropped() 
     ensure_streams(&js, &JetStreamConfig::default())
         .await
         .unwrap();
-    let send = |f: &Fence, id: &'static str| {
-        let (js, f) = (js.clone(), f.clone());
-        async move { send_fenced(&js, &f, INCIDENTS.subject, id).await }
-    };
     let f1 = INCIDENTS.take(&js, 1).await.unwrap().unwrap();
     let mut acks = Vec::new();
     for id in ["e1", "e2", "e3"] {
-        acks.push(send(&f1, id).await);
+        acks.push(send_fenced(&js, &f1, INCIDENTS.subject, id).await);
     }
     // A newer tenure's marker: what the older one sends next is refused.
     let f2 = INCIDENTS.take(&js, 2).await.unwrap().unwrap();
-    acks.push(send(&f1, "e4").await);
+    acks.push(send_fenced(&js, &f1, INCIDENTS.subject, "e4").await);
 
     // Each wait is polled once and dropped...
     let waker = futures::task::noop_waker();

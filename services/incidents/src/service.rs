@@ -868,12 +868,10 @@ impl Service {
                         }
                         let mut batch = Vec::new();
                         for input in ready {
-                            match input {
-                                Input::Alert(Ok(msg)) => batch.push(Ready::Alert(msg)),
-                                Input::Command(Ok(msg)) => batch.push(Ready::Command(msg)),
-                                Input::Alert(Err(e)) => tracing::warn!(error = %e, "ALERTS consumer error"),
-                                Input::Command(Err(e)) => tracing::warn!(error = %e, "COMMANDS consumer error"),
-                                Input::Ended => {
+                            match input.taken() {
+                                Taken::Ready(r) => batch.push(r),
+                                Taken::Passed => {}
+                                Taken::Ended => {
                                     // Commands gathered before it come
                                     // again at once, not after ack_wait
                                     // (alerts are read again anyway).
@@ -1402,14 +1400,10 @@ impl Service {
                     }
                 }
             };
-            match input {
-                Some(Input::Alert(Ok(msg))) => break Some(Ready::Alert(msg)),
-                Some(Input::Command(Ok(msg))) => break Some(Ready::Command(msg)),
-                Some(Input::Alert(Err(e))) => tracing::warn!(error = %e, "ALERTS consumer error"),
-                Some(Input::Command(Err(e))) => {
-                    tracing::warn!(error = %e, "COMMANDS consumer error")
-                }
-                Some(Input::Ended) | None => more.ended = true,
+            match input.map_or(Taken::Ended, Input::taken) {
+                Taken::Ready(r) => break Some(r),
+                Taken::Passed => {}
+                Taken::Ended => more.ended = true,
             }
         };
         if let Some(waited) = waited {
@@ -2780,9 +2774,36 @@ enum Input {
     Ended,
 }
 
+/// An input as the batch takes it (matched at once, never kept: its size
+/// does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Taken {
+    Ready(Ready),
+    /// A consumer's error, logged and passed over.
+    Passed,
+    /// Either stream ended: the consumers are made anew.
+    Ended,
+}
+
 impl Input {
     fn is_ok(&self) -> bool {
         matches!(self, Input::Alert(Ok(_)) | Input::Command(Ok(_)))
+    }
+
+    fn taken(self) -> Taken {
+        match self {
+            Input::Alert(Ok(msg)) => Taken::Ready(Ready::Alert(msg)),
+            Input::Command(Ok(msg)) => Taken::Ready(Ready::Command(msg)),
+            Input::Alert(Err(e)) => {
+                tracing::warn!(error = %e, "ALERTS consumer error");
+                Taken::Passed
+            }
+            Input::Command(Err(e)) => {
+                tracing::warn!(error = %e, "COMMANDS consumer error");
+                Taken::Passed
+            }
+            Input::Ended => Taken::Ended,
+        }
     }
 }
 

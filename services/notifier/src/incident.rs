@@ -224,30 +224,20 @@ impl Incidents {
     /// in the last [`DIRECT_PAUSE`]. The settings are read at the first
     /// read and again once such a pause is over.
     async fn direct_allowed(&self) -> bool {
-        let first = {
+        {
             let mut d = self.direct.lock().unwrap_or_else(|e| e.into_inner());
             match (d.allowed, d.paused_until) {
                 (_, Some(until)) if Instant::now() < until => return false,
                 (Some(allowed), None) => return allowed,
-                (None, None) => true,
+                (None, None) => {}
                 // A pause is over: this caller reads the settings again,
                 // the others meanwhile read as in the pause.
-                (_, Some(_)) => {
-                    d.paused_until = Some(Instant::now() + DIRECT_PAUSE);
-                    false
-                }
+                (_, Some(_)) => d.paused_until = Some(Instant::now() + DIRECT_PAUSE),
             }
-        };
-        let config = if first {
-            match self.stream().await {
-                Ok(s) => s.cached_info().config.clone(),
-                Err(_) => return false,
-            }
-        } else {
-            match self.js.get_stream(STREAM_INCIDENTS).await {
-                Ok(s) => s.cached_info().config.clone(),
-                Err(_) => return false,
-            }
+        }
+        let config = match self.js.get_stream(STREAM_INCIDENTS).await {
+            Ok(s) => s.cached_info().config.clone(),
+            Err(_) => return false,
         };
         let allowed = config.allow_direct && config.num_replicas <= 1;
         *self.direct.lock().unwrap_or_else(|e| e.into_inner()) = Direct {
@@ -281,7 +271,7 @@ impl Incidents {
         let sequence = answer
             .headers
             .as_ref()
-            .and_then(|h| h.get("Nats-Sequence"))
+            .and_then(|h| h.get(async_nats::header::NATS_SEQUENCE))
             .and_then(|v| v.as_str().parse::<u64>().ok())
             .ok_or("a direct get answered without Nats-Sequence")?;
         Ok(Some((sequence, answer.payload)))
