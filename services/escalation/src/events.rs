@@ -16,6 +16,7 @@ pub(crate) struct EscalationMetrics {
     lateness: Histogram,
     skipped: Counter,
     publish_failures: Counter,
+    busy: Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl EscalationMetrics {
@@ -26,6 +27,7 @@ impl EscalationMetrics {
             lateness: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             skipped: Counter::default(),
             publish_failures: Counter::default(),
+            busy: Family::default(),
         };
         m.register(
             "tocsin_escalation_pages",
@@ -53,7 +55,25 @@ impl EscalationMetrics {
              refused; each is sent again until stored",
             s.publish_failures.clone(),
         );
+        m.register(
+            "tocsin_escalation_busy_seconds",
+            "Time spent by the escalation loop, by stage: apply (applying INCIDENTS \
+             entries), read (waiting for them while catching up to the stream's end), info \
+             (asking INCIDENTS for its last sequence before firing), \
+             fire (reading due tracks, firing them and sending their pages), pages \
+             (waiting for JetStream to store the pages), records (sending the timeline \
+             records and waiting for them to be stored), save (the local store). The \
+             rate of the sum is the share of time the loop is busy; near 1 it is saturated",
+            s.busy.clone(),
+        );
         s
+    }
+
+    /// Adds `d` to the loop's time at `stage`.
+    pub(crate) fn busy(&self, stage: &str, d: std::time::Duration) {
+        self.busy
+            .get_or_create(&labels(&[("stage", stage)]))
+            .inc_by(d.as_secs_f64());
     }
 }
 

@@ -163,11 +163,13 @@ impl Service {
                 return;
             }
         }
+        let saving = std::time::Instant::now();
         let saved = self
             .watchdog
             .during("saving tracks to the local store", || {
                 self.store.save(&self.tracks, &self.unsaved, self.seq)
             });
+        self.metrics.busy("save", saving.elapsed());
         match saved {
             Ok(()) => {
                 self.unsaved.clear();
@@ -405,15 +407,24 @@ impl Service {
 
     /// Applies every INCIDENTS entry up to the stream's end as of now.
     async fn drain(&mut self, msgs: &mut pull::Ordered) -> Result<(), DrainError> {
-        let last = self.last_seq().await.map_err(DrainError::Read)?;
+        let asking = std::time::Instant::now();
+        let last = self.last_seq().await;
+        self.metrics.busy("info", asking.elapsed());
+        let last = last.map_err(DrainError::Read)?;
         self.start_over_if_behind(last)?;
+        let mut applying = std::time::Instant::now();
         let mut changed = Vec::new();
         let mut applied = 0usize;
         let result = loop {
             if self.seq >= last {
                 break Ok(());
             }
-            let msg = match tokio::time::timeout(Duration::from_secs(5), msgs.next()).await {
+            self.metrics.busy("apply", applying.elapsed());
+            let reading = std::time::Instant::now();
+            let msg = tokio::time::timeout(Duration::from_secs(5), msgs.next()).await;
+            self.metrics.busy("read", reading.elapsed());
+            applying = std::time::Instant::now();
+            let msg = match msg {
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(e))) => break Err(DrainError::Read(e.to_string())),
                 Ok(None) => break Err(DrainError::Read("INCIDENTS consumer ended".into())),
@@ -435,11 +446,14 @@ impl Service {
                 Err(e) => break Err(DrainError::Store(e)),
             }
             if applied >= SAVE_EVERY {
+                self.metrics.busy("apply", applying.elapsed());
                 self.save(&changed);
+                applying = std::time::Instant::now();
                 changed.clear();
                 applied = 0;
             }
         };
+        self.metrics.busy("apply", applying.elapsed());
         // What was applied is saved, also when reading stopped half way.
         self.save(&changed);
         result
@@ -527,6 +541,7 @@ impl Service {
                             // and saved once: a save per entry took a sixth
                             // of the loop's time at 1,000 new incidents a
                             // second (17,000 saves in 30 s).
+                            let applying = std::time::Instant::now();
                             let mut changed = Vec::new();
                             let mut next = Some(msg);
                             let mut applied = 0usize;
@@ -548,6 +563,7 @@ impl Service {
                                     None => {}
                                 }
                             }
+                            self.metrics.busy("apply", applying.elapsed());
                             self.save(&changed);
                             if ended {
                                 continue 'outer;
@@ -616,6 +632,7 @@ impl Service {
                 drained_at = std::time::Instant::now();
             }
             // The due steps a chunk at a time, from the index.
+            let firing = std::time::Instant::now();
             let (chunk, next) = self.tracks.due_after(now, after.as_ref(), FIRE_CHUNK);
             if chunk.is_empty() {
                 break;
@@ -642,6 +659,7 @@ impl Service {
             let mut chunk = chunk;
             chunk.extend(started);
             let sent = self.send_all(chunk, effects, now).await;
+            self.metrics.busy("fire", firing.elapsed());
             if let Some(mut before) = on_its_way.replace(sent) {
                 if !self.finish(&mut before, shutdown).await {
                     return Ok(false);
@@ -755,12 +773,18 @@ impl Service {
     async fn finish(&self, sent: &mut InFlight, shutdown: &CancellationToken) -> bool {
         let pending = std::mem::take(&mut sent.pending);
         let retry = std::mem::take(&mut sent.retry);
-        if !self.settle(sent, pending, retry, shutdown).await {
+        let waiting = std::time::Instant::now();
+        let stored = self.settle(sent, pending, retry, shutdown).await;
+        self.metrics.busy("pages", waiting.elapsed());
+        if !stored {
             return false;
         }
+        let waiting = std::time::Instant::now();
         let records = std::mem::take(&mut sent.records);
         let (pending, retry) = self.send_group(&sent.effects, &records, sent.now).await;
-        self.settle(sent, pending, retry, shutdown).await
+        let stored = self.settle(sent, pending, retry, shutdown).await;
+        self.metrics.busy("records", waiting.elapsed());
+        stored
     }
 
     /// Awaits `pending`'s acks; sends the effects of any that failed, and

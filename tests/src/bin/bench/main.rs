@@ -253,7 +253,8 @@
 //!   stored per alert, by stream (last-sequence deltas over the run), and
 //!   per phase the share of time the incidents service spent on each stage
 //!   of its input batches (`tocsin_incidents_busy_seconds_total`, sampled
-//!   every 250 ms). With `--stage-times`, per phase where an alert's time
+//!   every 250 ms), and the same for the escalation loop
+//!   (`tocsin_escalation_busy_seconds_total`). With `--stage-times`, per phase where an alert's time
 //!   went (p50/p99 of each stage): the request answered (ingest stored
 //!   it), then the first INCIDENTS message and the first NOTIFY message
 //!   naming it (a core NATS subscription of the bench on their subjects;

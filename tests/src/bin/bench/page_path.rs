@@ -914,11 +914,12 @@ pub async fn tocsin_peer(
     Ok((receiver, stack, target))
 }
 
-/// Samples the incidents service's `tocsin_incidents_busy_seconds` (time
-/// spent on input batches, by stage) every 250 ms while the phases are
-/// sent, to tell per phase where its time went: near 100% in all, the
-/// service is saturated; mostly `stored`, it waits on the bus's synced
-/// writes.
+/// Samples a service's busy metric (the incidents service's
+/// `tocsin_incidents_busy_seconds`: time spent on input batches, by stage;
+/// escalation's `tocsin_escalation_busy_seconds`: its loop's) every 250 ms
+/// while the phases are sent, to tell per phase where its time went: near
+/// 100% in all, the service is saturated; mostly `stored` (or `pages` and
+/// `records`), it waits on the bus's synced writes.
 struct BusySampler {
     started: Instant,
     stop: tokio_util::sync::CancellationToken,
@@ -926,9 +927,10 @@ struct BusySampler {
 }
 
 impl BusySampler {
-    const METRIC: &'static str = "tocsin_incidents_busy_seconds_total";
+    const INCIDENTS: &'static str = "tocsin_incidents_busy_seconds_total";
+    const ESCALATION: &'static str = "tocsin_escalation_busy_seconds_total";
 
-    fn start(admin: String) -> BusySampler {
+    fn start(admin: String, metric: &'static str) -> BusySampler {
         let stop = tokio_util::sync::CancellationToken::new();
         let token = stop.clone();
         let task = tokio::spawn(async move {
@@ -948,7 +950,7 @@ impl BusySampler {
                 let at = Instant::now();
                 if let Ok(r) = http.get(format!("{admin}/metrics")).send().await {
                     let text = r.text().await.unwrap_or_default();
-                    let stages = super::samples(&text, Self::METRIC)
+                    let stages = super::samples(&text, metric)
                         .into_iter()
                         .map(|(labels, v)| (labels.replace("stage=", "").replace('"', ""), v))
                         .collect();
@@ -1046,7 +1048,9 @@ async fn tocsin_side(phases: &[Phase], run: &str, stage_times: bool) -> anyhow::
     let clients_before = client_messages(&stack.nats).await;
     let cpu_before = peer::cpu_ticks_of(&pids);
     let each_before: Vec<Option<u64>> = pids.iter().map(|p| peer::cpu_ticks(*p)).collect();
-    let busy = BusySampler::start(stack.admin_url("incidents")?);
+    let busy = BusySampler::start(stack.admin_url("incidents")?, BusySampler::INCIDENTS);
+    let busy_escalation =
+        BusySampler::start(stack.admin_url("escalation")?, BusySampler::ESCALATION);
     let harness = Harness::start();
     let Driven {
         latencies,
@@ -1068,6 +1072,10 @@ async fn tocsin_side(phases: &[Phase], run: &str, stage_times: bool) -> anyhow::
     println!(
         "  Tocsin: the incidents service's time by stage, per phase (stored: waiting for JetStream's synced writes of its entries): {}",
         busy.stop(phases).await
+    );
+    println!(
+        "  Tocsin: the escalation loop's time by stage, per phase (pages, records: waiting for JetStream's synced writes): {}",
+        busy_escalation.stop(phases).await
     );
     // The pages are in; their receipts (COMMANDS, then INCIDENTS) may still
     // be queued. Counted once applied, so the CPU and the writes below are
