@@ -987,3 +987,65 @@ users:
     // every hour, as q says.
     assert_eq!(reminders(&new, 211), [70, 130, 190]);
 }
+
+/// An acknowledged incident following two policies, one of which is then
+/// removed from the config, is reminded by the one still configured, once
+/// each time: the removed one's track must not remind at that policy's
+/// interval too (before, the acknowledger got every reminder twice), since
+/// its route names no policy the incident does not already follow.
+#[test]
+fn an_incident_following_a_removed_policy_and_one_still_configured_is_reminded_once() {
+    let before = r#"
+route:
+  policy: b
+  routes:
+    - {policy: p, continue: true}
+    - {policy: b}
+policies:
+  - name: p
+    renotify_acknowledged_after: 2h
+    levels: [{targets: [{user: pager}], delay: 30m}, {targets: [{user: pager}]}]
+  - name: b
+    renotify_acknowledged_after: 1h
+    levels: [{targets: [{user: pager}], delay: 30m}, {targets: [{user: pager}]}]
+users:
+  - {name: pager, email: pager@example.com}
+"#;
+    let after = r#"
+route: {policy: b}
+policies:
+  - name: b
+    renotify_acknowledged_after: 1h
+    levels: [{targets: [{user: pager}], delay: 30m}, {targets: [{user: pager}]}]
+users:
+  - {name: pager, email: pager@example.com}
+"#;
+    let (old, new) = (planner(before), planner(after));
+    let start = at("2026-01-07T10:00:00Z");
+    let acknowledged = |minute: i64| {
+        let mut ack = event(
+            EventKind::Acknowledged,
+            IncidentStatus::Acknowledged,
+            start + SignedDuration::from_mins(minute),
+        );
+        ack.incident.acknowledged_by = Some(tocsin_proto::incident::Actor::new("pager", "slack"));
+        ack
+    };
+    // Opened and paged under both policies, acknowledged at minute 10
+    // under `acknowledged_with`, then run without p: the minutes of the
+    // reminders.
+    let reminders = |acknowledged_with: &Planner, until: i64| {
+        let mut tracks = Tracks::default();
+        tracks.on_event(&old, &opened(start));
+        assert_eq!(run(&old, &mut tracks, start, 0).len(), 2, "p and b page");
+        tracks.on_event(acknowledged_with, &acknowledged(10));
+        let from = start + SignedDuration::from_mins(11);
+        let pages = run(&new, &mut tracks, from, until - 11);
+        pages.iter().map(|(m, _)| *m + 11).collect::<Vec<i64>>()
+    };
+    // Acknowledged before p was removed: b reminds every hour; the
+    // reminder p set (2h) still comes, once, as it was set before.
+    assert_eq!(reminders(&old, 251), [70, 130, 130, 190, 250]);
+    // Acknowledged after: only b reminds.
+    assert_eq!(reminders(&new, 251), [70, 130, 190, 250]);
+}
