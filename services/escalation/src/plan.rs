@@ -340,14 +340,22 @@ impl Planner {
     /// incident of a track on `policy` is reminded: the policy's
     /// `renotify_acknowledged_after`, or, when no policy of that name is
     /// configured any more (renamed or removed while the incident was
-    /// open), the shortest of the policies its route names now, as an
-    /// unacknowledged incident then follows them.
-    pub fn reminder_interval(&self, policy: &str, incident: &IncidentSummary) -> Option<Duration> {
+    /// open), the shortest of the policies its route names now that the
+    /// incident does not already follow (`followed`: the policies of its
+    /// tracks), as an unacknowledged incident then follows them; a policy
+    /// it follows reminds through its own track.
+    pub fn reminder_interval(
+        &self,
+        policy: &str,
+        incident: &IncidentSummary,
+        followed: &[String],
+    ) -> Option<Duration> {
         if self.has_policy(policy) {
             return self.renotify_acknowledged_after(policy);
         }
         self.route(incident)
             .iter()
+            .filter(|p| !followed.contains(p))
             .filter_map(|p| self.renotify_acknowledged_after(p))
             .min()
     }

@@ -409,10 +409,11 @@ impl Tracks {
                 start(self, ev.at)
             }
             kind if moves_tracks(kind) => {
+                let followed = policies(&keys);
                 for k in &keys {
                     if let Some(t) = self.map.get_mut(k) {
                         remember(t, kind, ev.at);
-                        apply(t, planner, kind, ev.at);
+                        apply(t, planner, kind, ev.at, &followed);
                     }
                 }
                 keys
@@ -430,10 +431,10 @@ impl Tracks {
                 ..
             } => {
                 let key = (inc.id, fired.policy.clone());
-                let marked = self
-                    .map
-                    .get_mut(&key)
-                    .is_some_and(|t| mark(t, planner, fired, *level, *repeat, ev.at));
+                let followed = policies(&keys);
+                let marked = self.map.get_mut(&key).is_some_and(|t| {
+                    mark(t, planner, &followed, fired, *level, *repeat, ev.at)
+                });
                 if marked && !differ.contains(&key) {
                     differ.push(key);
                 }
@@ -613,6 +614,11 @@ impl Tracks {
     }
 
     fn fire_inner(&mut self, planner: &Planner, key: &Key, now: Timestamp) -> Vec<Effect> {
+        // Only a track whose policy is gone asks which others it follows.
+        let followed = match planner.has_policy(&key.1) {
+            true => Vec::new(),
+            false => policies(&self.keys_of(key.0)),
+        };
         let Some(t) = self.map.get_mut(key) else {
             return Vec::new();
         };
@@ -685,7 +691,7 @@ impl Tracks {
                 }
                 t.renotified += 1;
                 t.renotify_at = planner
-                    .reminder_interval(&t.policy, &t.incident)
+                    .reminder_interval(&t.policy, &t.incident, &followed)
                     .map(|d| add(now, d));
             } else {
                 t.renotify_at = None;
@@ -836,17 +842,28 @@ fn moves_tracks(kind: &EventKind) -> bool {
     }
 }
 
+/// The policies of an incident's tracks (`keys`, all of one incident).
+fn policies(keys: &[Key]) -> Vec<String> {
+    keys.iter().map(|k| k.1.clone()).collect()
+}
+
 /// What an acknowledgement, a snooze, an unacknowledge, a snooze's end,
 /// an escalate-now or a runbook run's progress does to one of the
-/// incident's tracks.
-fn apply(t: &mut Track, planner: &Planner, kind: &EventKind, at: Timestamp) {
+/// incident's tracks (`followed`: the policies of all of them).
+fn apply(
+    t: &mut Track,
+    planner: &Planner,
+    kind: &EventKind,
+    at: Timestamp,
+    followed: &[String],
+) {
     match kind {
         EventKind::Acknowledged | EventKind::Snoozed { .. } => {
             t.next_at = None;
             t.pending.clear();
             t.renotify_at = match kind {
                 EventKind::Acknowledged => planner
-                    .reminder_interval(&t.policy, &t.incident)
+                    .reminder_interval(&t.policy, &t.incident, followed)
                     .map(|d| add(at, d)),
                 _ => None,
             };
@@ -943,6 +960,7 @@ fn remember(t: &mut Track, kind: &EventKind, at: Timestamp) {
 fn mark(
     t: &mut Track,
     planner: &Planner,
+    followed: &[String],
     fired: &Fired,
     level: u32,
     repeat: u32,
@@ -950,19 +968,19 @@ fn mark(
 ) -> bool {
     if t.generation == fired.generation {
         let let_go = t.before.take().is_some();
-        return mark_fired(t, planner, fired, level, repeat, when) || let_go;
+        return mark_fired(t, planner, followed, fired, level, repeat, when) || let_go;
     }
     let Some(before) = t.before.as_deref() else {
         return false;
     };
     let mut base = before.track.clone();
-    if !mark_fired(&mut base, planner, fired, level, repeat, when) {
+    if !mark_fired(&mut base, planner, followed, fired, level, repeat, when) {
         return false;
     }
     let events = before.events.clone();
     let mut now = base.clone();
     for (kind, at) in &events {
-        apply(&mut now, planner, kind, *at);
+        apply(&mut now, planner, kind, *at, followed);
     }
     now.incident = t.incident.clone();
     now.before = Some(Box::new(Before {
@@ -987,6 +1005,7 @@ fn mark(
 fn mark_fired(
     t: &mut Track,
     planner: &Planner,
+    followed: &[String],
     fired: &Fired,
     level: u32,
     repeat: u32,
@@ -1002,7 +1021,7 @@ fn mark_fired(
         let at = t.renotify_at.unwrap_or(when);
         t.renotified = n + 1;
         t.renotify_at = planner
-            .reminder_interval(&t.policy, &t.incident)
+            .reminder_interval(&t.policy, &t.incident, followed)
             .map(|d| add(at, d));
         return true;
     }
