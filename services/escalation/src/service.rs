@@ -405,8 +405,17 @@ impl Service {
         Err(DrainError::StartedOver)
     }
 
-    /// Applies every INCIDENTS entry up to the stream's end as of now.
+    /// Applies every INCIDENTS entry up to the stream's end as of now, and
+    /// saves what changed.
     async fn drain(&mut self, msgs: &mut pull::Ordered) -> Result<(), DrainError> {
+        self.drain_then(msgs, true).await
+    }
+
+    /// [`Service::drain`]; with `save` false the tracks the entries changed
+    /// are left unsaved (at hand, in `unsaved`) for the firing that comes
+    /// next to save with its own ([`Service::fire_due`]): one save a turn,
+    /// not two. A read that fails half way saves what was applied.
+    async fn drain_then(&mut self, msgs: &mut pull::Ordered, save: bool) -> Result<(), DrainError> {
         let asking = std::time::Instant::now();
         let last = self.last_seq().await;
         self.metrics.busy("info", asking.elapsed());
@@ -455,7 +464,11 @@ impl Service {
         };
         self.metrics.busy("apply", applying.elapsed());
         // What was applied is saved, also when reading stopped half way.
-        self.save(&changed);
+        if save || result.is_err() {
+            self.save(&changed);
+        } else {
+            self.unsaved.extend(changed);
+        }
         result
     }
 
@@ -524,7 +537,8 @@ impl Service {
                     // no step would fire until the stream went quiet. A due
                     // step first takes in every entry stored so far (drain).
                     _ = self.clock.wait(due) => {
-                        let drained = self.drain(&mut msgs).await;
+                        // Saved with what fires (see `fire_due`).
+                        let drained = self.drain_then(&mut msgs, false).await;
                         if !self.drained(drained, "before firing")? {
                             continue 'outer;
                         }
@@ -634,6 +648,14 @@ impl Service {
             // The due steps a chunk at a time, from the index.
             let firing = std::time::Instant::now();
             let (chunk, next) = self.tracks.due_after(now, after.as_ref(), FIRE_CHUNK);
+            // The tracks the entries read before firing changed are saved
+            // with the chunk when it is the only one; before a burst of
+            // several they are saved first: a chunk saved while the next
+            // is on its way saves the cursor too, and must not pass an
+            // entry whose track is saved only with that next chunk.
+            if after.is_none() && next.is_some() {
+                self.save(&[]);
+            }
             if chunk.is_empty() {
                 break;
             }
@@ -690,6 +712,8 @@ impl Service {
     /// the tracks at hand go. False if the service stopped first.
     async fn land(&mut self, on_its_way: Option<InFlight>, shutdown: &CancellationToken) -> bool {
         let Some(mut sent) = on_its_way else {
+            // Nothing fired: what the entries read before changed.
+            self.save(&[]);
             return true;
         };
         if !self.finish(&mut sent, shutdown).await {

@@ -432,9 +432,10 @@ impl Tracks {
             } => {
                 let key = (inc.id, fired.policy.clone());
                 let followed = policies(&keys);
-                let marked = self.map.get_mut(&key).is_some_and(|t| {
-                    mark(t, planner, &followed, fired, *level, *repeat, ev.at)
-                });
+                let marked = self
+                    .map
+                    .get_mut(&key)
+                    .is_some_and(|t| mark(t, planner, &followed, fired, *level, *repeat, ev.at));
                 if marked && !differ.contains(&key) {
                     differ.push(key);
                 }
@@ -850,13 +851,7 @@ fn policies(keys: &[Key]) -> Vec<String> {
 /// What an acknowledgement, a snooze, an unacknowledge, a snooze's end,
 /// an escalate-now or a runbook run's progress does to one of the
 /// incident's tracks (`followed`: the policies of all of them).
-fn apply(
-    t: &mut Track,
-    planner: &Planner,
-    kind: &EventKind,
-    at: Timestamp,
-    followed: &[String],
-) {
+fn apply(t: &mut Track, planner: &Planner, kind: &EventKind, at: Timestamp, followed: &[String]) {
     match kind {
         EventKind::Acknowledged | EventKind::Snoozed { .. } => {
             t.next_at = None;
