@@ -937,6 +937,36 @@ fn a_follower_of_the_log_keeps_up_when_the_generation_changes_before_a_levels_re
     assert!(paged_from(&pages, 5, 8), "#5 paged again: {pages:?}");
 }
 
+/// An incident opened and paged under `old` (`first` pages), acknowledged
+/// by `pager` at minute 10 under `acknowledged_with`, then run under `new`
+/// up to minute `until`: the minutes of the reminders.
+fn reminders_after_a_change(
+    old: &Planner,
+    new: &Planner,
+    acknowledged_with: &Planner,
+    first: usize,
+    until: i64,
+) -> Vec<i64> {
+    let start = at("2026-01-07T10:00:00Z");
+    let mut ack = event(
+        EventKind::Acknowledged,
+        IncidentStatus::Acknowledged,
+        start + SignedDuration::from_mins(10),
+    );
+    ack.incident.acknowledged_by = Some(tocsin_proto::incident::Actor::new("pager", "slack"));
+    let mut tracks = Tracks::default();
+    tracks.on_event(old, &opened(start));
+    assert_eq!(
+        run(old, &mut tracks, start, 0).len(),
+        first,
+        "paged at the opening"
+    );
+    tracks.on_event(acknowledged_with, &ack);
+    let from = start + SignedDuration::from_mins(11);
+    let pages = run(new, &mut tracks, from, until - 11);
+    pages.iter().map(|(m, _)| *m + 11).collect()
+}
+
 /// An acknowledged incident whose policy was renamed while it was open
 /// keeps being reminded, at the interval of the policy its route names
 /// now: before, the reminder due went out once and none came after it
@@ -958,27 +988,8 @@ users:
         .replace("- name: p\n", "- name: q\n")
         .replace("after: 2h", "after: 1h");
     let (old, new) = (planner(before), planner(&after));
-    let start = at("2026-01-07T10:00:00Z");
-    let acknowledged = |minute: i64| {
-        let mut ack = event(
-            EventKind::Acknowledged,
-            IncidentStatus::Acknowledged,
-            start + SignedDuration::from_mins(minute),
-        );
-        ack.incident.acknowledged_by = Some(tocsin_proto::incident::Actor::new("pager", "slack"));
-        ack
-    };
-
-    // Opened and paged under p, acknowledged at minute 10 under
-    // `acknowledged_with`, then run under q: the minutes of the reminders.
     let reminders = |acknowledged_with: &Planner, until: i64| {
-        let mut tracks = Tracks::default();
-        tracks.on_event(&old, &opened(start));
-        assert_eq!(run(&old, &mut tracks, start, 0).len(), 1);
-        tracks.on_event(acknowledged_with, &acknowledged(10));
-        let from = start + SignedDuration::from_mins(11);
-        let pages = run(&new, &mut tracks, from, until - 11);
-        pages.iter().map(|(m, _)| *m + 11).collect::<Vec<i64>>()
+        reminders_after_a_change(&old, &new, acknowledged_with, 1, until)
     };
     // Acknowledged before the rename: the reminder p set (2h) comes, then
     // q's (every hour).
@@ -1021,27 +1032,9 @@ users:
   - {name: pager, email: pager@example.com}
 "#;
     let (old, new) = (planner(before), planner(after));
-    let start = at("2026-01-07T10:00:00Z");
-    let acknowledged = |minute: i64| {
-        let mut ack = event(
-            EventKind::Acknowledged,
-            IncidentStatus::Acknowledged,
-            start + SignedDuration::from_mins(minute),
-        );
-        ack.incident.acknowledged_by = Some(tocsin_proto::incident::Actor::new("pager", "slack"));
-        ack
-    };
-    // Opened and paged under both policies, acknowledged at minute 10
-    // under `acknowledged_with`, then run without p: the minutes of the
-    // reminders.
+    // p and b page at the opening.
     let reminders = |acknowledged_with: &Planner, until: i64| {
-        let mut tracks = Tracks::default();
-        tracks.on_event(&old, &opened(start));
-        assert_eq!(run(&old, &mut tracks, start, 0).len(), 2, "p and b page");
-        tracks.on_event(acknowledged_with, &acknowledged(10));
-        let from = start + SignedDuration::from_mins(11);
-        let pages = run(&new, &mut tracks, from, until - 11);
-        pages.iter().map(|(m, _)| *m + 11).collect::<Vec<i64>>()
+        reminders_after_a_change(&old, &new, acknowledged_with, 2, until)
     };
     // Acknowledged before p was removed: b reminds every hour; the
     // reminder p set (2h) still comes, once, as it was set before.
