@@ -421,18 +421,18 @@ impl Service {
         self.metrics.busy("info", asking.elapsed());
         let last = last.map_err(DrainError::Read)?;
         self.start_over_if_behind(last)?;
-        let mut applying = std::time::Instant::now();
+        // Summed here and counted once: a catch-up reads many entries.
+        let (mut reading, mut applying) = (Duration::ZERO, Duration::ZERO);
         let mut changed = Vec::new();
         let mut applied = 0usize;
         let result = loop {
             if self.seq >= last {
                 break Ok(());
             }
-            self.metrics.busy("apply", applying.elapsed());
-            let reading = std::time::Instant::now();
+            let started = std::time::Instant::now();
             let msg = tokio::time::timeout(Duration::from_secs(5), msgs.next()).await;
-            self.metrics.busy("read", reading.elapsed());
-            applying = std::time::Instant::now();
+            reading += started.elapsed();
+            let started = std::time::Instant::now();
             let msg = match msg {
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(e))) => break Err(DrainError::Read(e.to_string())),
@@ -447,7 +447,9 @@ impl Service {
             // as it goes, so it holds a bounded number of tracks at once. A
             // message of several entries (receipts, each loading its
             // incident's tracks) counts as that many.
-            match self.apply(&msg.subject, &msg.payload, seq) {
+            let done = self.apply(&msg.subject, &msg.payload, seq);
+            applying += started.elapsed();
+            match done {
                 Ok((c, entries)) => {
                     changed.extend(c);
                     applied += entries;
@@ -455,14 +457,13 @@ impl Service {
                 Err(e) => break Err(DrainError::Store(e)),
             }
             if applied >= SAVE_EVERY {
-                self.metrics.busy("apply", applying.elapsed());
                 self.save(&changed);
-                applying = std::time::Instant::now();
                 changed.clear();
                 applied = 0;
             }
         };
-        self.metrics.busy("apply", applying.elapsed());
+        self.metrics.busy("read", reading);
+        self.metrics.busy("apply", applying);
         // What was applied is saved, also when reading stopped half way.
         if save || result.is_err() {
             self.save(&changed);
