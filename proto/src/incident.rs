@@ -71,7 +71,9 @@ impl Actor {
     }
 }
 
-/// The incident as it is after an event.
+/// The incident as it is after an event. Escalation's store keeps it by
+/// field place inside its tracks: a new field goes last, with
+/// `#[serde(default)]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IncidentSummary {
     pub id: Uuid,

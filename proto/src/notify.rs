@@ -33,7 +33,9 @@ impl Channel {
     }
 }
 
-/// Who or what a page is for.
+/// Who or what a page is for. Escalation's store keeps it by field place
+/// inside its tracks: a new field of a variant goes last, with
+/// `#[serde(default)]`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PageTarget {

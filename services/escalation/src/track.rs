@@ -16,6 +16,8 @@ use uuid::Uuid;
 use crate::plan::{Next, PlannedPage, Planner};
 
 /// A rule step that pages later than its level fired (`after: 5m`).
+/// Stored by field place in a [`Track`]: a new field goes last, with a
+/// default (see `store::encode`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pending {
     pub due: Timestamp,
@@ -28,7 +30,8 @@ pub struct Pending {
     pub reason: String,
 }
 
-/// Where one incident is in one policy.
+/// Where one incident is in one policy. The store keeps it by field place
+/// (see `store::encode`): a new field goes last, with `#[serde(default)]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Track {
     pub incident: IncidentSummary,
