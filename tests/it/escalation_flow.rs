@@ -120,16 +120,12 @@ async fn levels_fire_on_time_and_an_ack_stops_them() {
     // for the pages and the timeline records to be stored, saving), so an
     // operator whose pages leave late can see whether it waits on the bus
     // or works: each of those stages was counted.
-    let m = tocsin.metrics().await;
-    for stage in ["apply", "info", "fire", "pages", "records", "save"] {
-        let name = format!("tocsin_escalation_busy_seconds_total{{stage=\"{stage}\"}}");
-        let seconds = tocsin_tests::metric_value(&m, &name)
-            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{m}"));
-        assert!(
-            seconds > 0.0 && seconds < 60.0,
-            "{stage}: {seconds} s for three levels paged"
-        );
-    }
+    tocsin_tests::assert_busy_stages_counted(
+        &tocsin.metrics().await,
+        "tocsin_escalation_busy_seconds_total",
+        &["apply", "info", "fire", "pages", "records", "save"],
+        "three levels paged",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -445,16 +445,12 @@ async fn the_time_spent_on_each_stage_of_a_batch_is_on_metrics() {
     .await;
     assert!(matches!(reply, CommandReply::Accepted { .. }), "{reply:?}");
 
-    let m = tocsin.metrics().await;
-    for stage in ["decide", "stored", "save", "answer"] {
-        let name = format!("tocsin_incidents_busy_seconds_total{{stage=\"{stage}\"}}");
-        let seconds = tocsin_tests::metric_value(&m, &name)
-            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{m}"));
-        assert!(
-            seconds > 0.0 && seconds < 60.0,
-            "{stage}: {seconds} s for one alert and one command"
-        );
-    }
+    tocsin_tests::assert_busy_stages_counted(
+        &tocsin.metrics().await,
+        "tocsin_incidents_busy_seconds_total",
+        &["decide", "stored", "save", "answer"],
+        "one alert and one command",
+    );
 }
 
 /// Tocsin's generic JSON lets a sender leave out `startsAt` (the alert then

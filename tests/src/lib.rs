@@ -59,6 +59,21 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// Asserts that each of `stages` of a service's busy metric (`metric`, as
+/// `<metric>{stage="<stage>"}` in the `/metrics` text `m`) counted some
+/// time, and less than a minute; `during` says what ran, for the message.
+pub fn assert_busy_stages_counted(m: &str, metric: &str, stages: &[&str], during: &str) {
+    for stage in stages {
+        let name = format!("{metric}{{stage=\"{stage}\"}}");
+        let seconds =
+            metric_value(m, &name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{m}"));
+        assert!(
+            seconds > 0.0 && seconds < 60.0,
+            "{stage}: {seconds} s for {during}"
+        );
+    }
+}
+
 /// SIGTERM to `child` (a process's clean shutdown), then waits for it to exit.
 pub fn terminate(mut child: std::process::Child) {
     let _ = std::process::Command::new("kill")
