@@ -72,8 +72,9 @@ impl Actor {
 }
 
 /// The incident as it is after an event. Escalation's store keeps it by
-/// field place inside its tracks: a new field goes last, with
-/// `#[serde(default)]`.
+/// field place inside its tracks, and the incidents service's store in
+/// its incident records: a new field goes last, with `#[serde(default)]`,
+/// and no field is left out when empty (`skip_serializing_if`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IncidentSummary {
     pub id: Uuid,
@@ -150,7 +151,10 @@ impl IncidentSummary {
     }
 }
 
-/// One alert as attached to an incident.
+/// One alert as attached to an incident. The incidents service's store
+/// keeps it by field place: a new field goes last, with
+/// `#[serde(default)]`, and no field is left out when empty
+/// (`skip_serializing_if`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AlertInfo {
     pub fingerprint: Fingerprint,

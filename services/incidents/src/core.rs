@@ -392,6 +392,21 @@ impl Projection {
         self.reindex_snooze(id, None);
     }
 
+    /// A stored incident that [`Store::load`] leaves out of memory (there
+    /// are more than it keeps): as if loaded and then evicted, its number
+    /// counted, its inhibiting alerts (those `st` holds) indexed.
+    ///
+    /// [`Store::load`]: crate::store::Store::load
+    pub fn insert_out_of_memory(&mut self, st: IncidentState) {
+        let id = st.summary.id;
+        index_sources(&mut self.sources, &st);
+        self.touches = self.touches.max(st.summary.number);
+        if resolved_key(&st).is_none() {
+            self.cold_open.insert(id);
+        }
+        self.cold.insert(id);
+    }
+
     /// A stored incident that stays out of memory as [`Store::load`]
     /// reads it (resolved before the reopen window).
     ///

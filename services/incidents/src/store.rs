@@ -83,7 +83,9 @@ struct Meta {
     heartbeats: BTreeMap<String, Timestamp>,
 }
 
-/// An incident as stored, without its alerts.
+/// An incident as stored, without its alerts, by field place
+/// ([`encode_compact`]): a new field goes last in both `HeaderRef` and
+/// `Header`, with `#[serde(default)]` in `Header`.
 #[derive(Serialize)]
 struct HeaderRef<'a> {
     summary: &'a IncidentSummary,
@@ -374,6 +376,14 @@ impl Store {
         p.heartbeats = meta.heartbeats;
         // Number of the incident each dedup key names so far (the newest wins).
         let mut key_numbers: std::collections::HashMap<[u8; 16], u64> = Default::default();
+        // The incidents that stay in memory: the newest `max_in_memory` by
+        // number (as if each were loaded and the oldest evicted past the
+        // limit), and every snoozed one (the timer loop reads them). Their
+        // alerts are read once the headers are, so those of incidents that
+        // do not stay are not read at all, unless inhibition rules need
+        // them (an open incident's firing alerts stay indexed out of memory).
+        let mut newest: BTreeMap<u64, IncidentState> = BTreeMap::new();
+        let mut snoozed: Vec<IncidentState> = Vec::new();
         for kv in self.tree.scan_prefix(b"i/") {
             let (k, v) = kv?;
             let h: Header = decode(&String::from_utf8_lossy(&k), &v)?;
@@ -402,14 +412,25 @@ impl Store {
                 p.insert_cold(id);
                 continue;
             }
-            let st = IncidentState {
-                alerts: self.alerts_of(&id)?,
-                ..st
-            };
-            p.insert_loaded(st);
-            if p.incidents.len() > max_in_memory {
-                p.evict_over(max_in_memory);
+            if crate::core::snooze_timer(&st).is_some() {
+                snoozed.push(st);
+                continue;
             }
+            newest.insert(number, st);
+            if newest.len() > max_in_memory {
+                let (_, out) = newest.pop_first().expect("not empty");
+                self.leave_out(&mut p, out)?;
+            }
+        }
+        while !newest.is_empty() && newest.len() + snoozed.len() > max_in_memory {
+            let (_, out) = newest.pop_first().expect("not empty");
+            self.leave_out(&mut p, out)?;
+        }
+        let mut stay: Vec<IncidentState> = newest.into_values().chain(snoozed).collect();
+        stay.sort_unstable_by_key(|st| st.summary.number);
+        for st in stay {
+            let alerts = self.alerts_of(&st.summary.id)?;
+            p.insert_loaded(IncidentState { alerts, ..st });
         }
         for kv in self.tree.scan_prefix(b"s/") {
             let (k, v) = kv?;
@@ -438,6 +459,20 @@ impl Store {
             batches: h.batches,
             tally: Default::default(),
         }))
+    }
+
+    /// Incident `st` (its header read, its alerts not) as [`Store::load`]
+    /// leaves it out of memory: only indexed, with its inhibiting alerts
+    /// (read for that, if rules are set and it is open).
+    fn leave_out(&self, p: &mut Projection, st: IncidentState) -> Result<(), StoreError> {
+        let open = st.summary.status != tocsin_proto::incident::IncidentStatus::Resolved;
+        let alerts = if open && p.sources.is_set() {
+            self.alerts_of(&st.summary.id)?
+        } else {
+            BTreeMap::new()
+        };
+        p.insert_out_of_memory(IncidentState { alerts, ..st });
+        Ok(())
     }
 
     /// Incident `id`'s stored alerts.
@@ -470,12 +505,12 @@ impl Store {
                     commands: &st.commands,
                     batches: &st.batches,
                 };
-                batch.insert(incident_key(&id), encode(&header));
+                batch.insert(incident_key(&id), encode_compact(&header));
             }
         }
         for (id, fp) in p.dirty_alerts.drain() {
             if let Some(a) = p.incidents.get(&id).and_then(|st| st.alerts.get(&fp)) {
-                batch.insert(alert_key(&id, &fp), encode(a));
+                batch.insert(alert_key(&id, &fp), encode_compact(a));
             }
         }
         for id in p.dirty_silences.drain() {
@@ -537,9 +572,28 @@ fn alert_key(id: &Uuid, fp: &Fingerprint) -> Vec<u8> {
     k
 }
 
+/// The cursors and silences (one record, and few) are stored with their
+/// field names: the cursors hold a [`Cause`], whose alert `index` is left
+/// out when 0, which only the named form can tell apart.
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Encoding plain data structs to a Vec cannot fail.
     rmp_serde::to_vec_named(v).expect("projection records encode")
+}
+
+/// Incidents and their alerts, nearly all the store, are stored without
+/// field names (MessagePack by field place): about half the bytes, so more
+/// of the store fits sled's page cache and a start reads it back sooner.
+/// [`decode`] reads both forms, so a store written with the names (by a
+/// Tocsin before this) reads as it was. The place is the field's order:
+/// a new field of [`IncidentSummary`] or [`AlertInfo`] (or of the header)
+/// goes last, with `#[serde(default)]`; the test
+/// `records_stored_in_the_compact_form_read_back_as_stored_then` holds
+/// one of each as stored today. A record that cannot be read makes the
+/// store be rebuilt from INCIDENTS. Neither type leaves a field out when
+/// it is empty (`skip_serializing_if`): by place, every later field would
+/// be read from the wrong one.
+fn encode_compact<T: Serialize>(v: &T) -> Vec<u8> {
+    rmp_serde::to_vec(v).expect("projection records encode")
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -689,5 +743,285 @@ mod tests {
         assert_eq!(p.incidents[&id].batches, want);
         s.save(&mut p).unwrap();
         assert_eq!(s.incident(&id).unwrap().unwrap().batches, want);
+    }
+
+    use tocsin_proto::{
+        alert::{AlertStatus, Labels},
+        incident::{Actor, IncidentStatus, Severity},
+    };
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    /// Incident `number` with one firing alert named `alertname` on
+    /// `instance`; its id is not in the order of the numbers.
+    fn incident(number: u64, alertname: &str, instance: &str) -> IncidentState {
+        let id =
+            Uuid::from_u128(u128::from(number).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c) ^ 0xabc);
+        let labels = labels(&[
+            ("alertname", alertname),
+            ("instance", instance),
+            ("severity", "critical"),
+        ]);
+        let fingerprint = Fingerprint::from_labels(&labels);
+        let mut summary = IncidentSummary::new(
+            id,
+            number,
+            format!("key-{number}"),
+            alertname,
+            at("2026-05-04T08:00:00Z"),
+        );
+        summary.alerts_firing = 1;
+        summary.alerts_total = 1;
+        let alert = AlertInfo {
+            fingerprint: fingerprint.clone(),
+            status: AlertStatus::Firing,
+            labels,
+            annotations: Labels::new(),
+            starts_at: at("2026-05-04T08:00:00Z"),
+            ends_at: None,
+            generator_url: None,
+            suppressed: None,
+        };
+        IncidentState {
+            summary,
+            alerts: [(fingerprint, Box::new(alert))].into(),
+            commands: Default::default(),
+            batches: Default::default(),
+            tally: Default::default(),
+        }
+    }
+
+    /// An incident with every optional part of its header and its alert set.
+    fn full_incident(number: u64) -> IncidentState {
+        let mut st = incident(number, "DiskFull", "db1");
+        let s = &mut st.summary;
+        s.title = "disk full on db1".into();
+        s.severity = Severity::High;
+        s.status = IncidentStatus::Acknowledged;
+        s.labels = labels(&[("alertname", "DiskFull"), ("instance", "db1")]);
+        s.announce_at = at("2026-05-04T08:05:00Z");
+        s.acknowledged_at = Some(at("2026-05-04T08:10:00Z"));
+        s.acknowledged_by = Some(Actor::new("alice", "slack"));
+        s.resolved_at = Some(at("2026-05-04T09:00:00Z"));
+        s.snoozed_until = Some(at("2026-05-04T10:00:00Z"));
+        s.assignee = Some("bob".into());
+        s.alerts_firing = 2;
+        s.alerts_total = 3;
+        s.reopen_count = 1;
+        s.suppressed = Some("silenced by 7".into());
+        s.revision = 9;
+        st.commands = ["cmd-1".to_string(), "cmd-2".to_string()].into();
+        st.batches = [11, 12].into();
+        let a = st.alerts.values_mut().next().unwrap();
+        a.status = AlertStatus::Resolved;
+        a.annotations = labels(&[("summary", "the disk is full")]);
+        a.ends_at = Some(at("2026-05-04T08:30:00Z"));
+        a.generator_url = Some("http://prometheus:9090/graph".into());
+        a.suppressed = Some("inhibited by node-down".into());
+        st
+    }
+
+    fn save_all(s: &Store, incidents: &[IncidentState]) {
+        let mut p = Projection::new();
+        for st in incidents {
+            let id = st.summary.id;
+            for fp in st.alerts.keys() {
+                p.dirty_alerts.insert((id, fp.clone()));
+            }
+            p.incidents.insert(id, Box::new(st.clone()));
+            p.dirty.insert(id);
+        }
+        p.incidents_seq = 1;
+        s.save(&mut p).unwrap();
+        s.applied().unwrap();
+    }
+
+    fn is_map(stored: &[u8]) -> bool {
+        matches!(stored[0], 0x80..=0x8f | 0xde | 0xdf)
+    }
+
+    /// Incidents and alerts are stored by field place (an array), every
+    /// optional part set or empty, and read back as they were.
+    #[test]
+    fn every_shape_of_incident_and_alert_comes_back_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let cases = [incident(1, "Plain", "h1"), full_incident(2)];
+        save_all(&s, &cases);
+        for st in &cases {
+            let id = st.summary.id;
+            assert!(!is_map(&s.tree.get(incident_key(&id)).unwrap().unwrap()));
+            for fp in st.alerts.keys() {
+                assert!(!is_map(&s.tree.get(alert_key(&id, fp)).unwrap().unwrap()));
+            }
+            assert_eq!(s.incident(&id).unwrap().as_ref(), Some(st));
+        }
+        let p = load(&s).unwrap();
+        for st in &cases {
+            assert_eq!(p.incidents.get(&st.summary.id).map(|b| &**b), Some(st));
+        }
+    }
+
+    /// A store written before the compact form holds its incidents and
+    /// alerts with their field names: they read back as they were.
+    #[test]
+    fn records_stored_with_field_names_still_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        save_all(&s, &[]);
+        let st = full_incident(3);
+        let id = st.summary.id;
+        let header = HeaderRef {
+            summary: &st.summary,
+            commands: &st.commands,
+            batches: &st.batches,
+        };
+        s.tree
+            .insert(incident_key(&id), rmp_serde::to_vec_named(&header).unwrap())
+            .unwrap();
+        for (fp, a) in &st.alerts {
+            s.tree
+                .insert(alert_key(&id, fp), rmp_serde::to_vec_named(a).unwrap())
+                .unwrap();
+        }
+        assert_eq!(s.incident(&id).unwrap(), Some(st.clone()));
+        assert_eq!(
+            load(&s).unwrap().incidents.get(&id).map(|b| &**b),
+            Some(&st)
+        );
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// The compact form reads fields by their place: these are an incident
+    /// and its alert as stored today, which every later version must read
+    /// as they were. A new field goes at the end of its struct, with a
+    /// default (it is then missing here and takes it); one put elsewhere,
+    /// or fields reordered, fail here.
+    #[test]
+    fn records_stored_in_the_compact_form_read_back_as_stored_then() {
+        let st = full_incident(4);
+        let header: Header = decode("i/", &unhex(COMPACT_HEADER)).unwrap();
+        assert_eq!(
+            (header.summary, header.commands, header.batches),
+            (st.summary.clone(), st.commands.clone(), st.batches.clone())
+        );
+        let alert: AlertInfo = decode("a/", &unhex(COMPACT_ALERT)).unwrap();
+        assert_eq!(&alert, &**st.alerts.values().next().unwrap());
+    }
+
+    const COMPACT_HEADER: &str = concat!(
+        "93dc0013c41000000000000278dde6e5fd29f057c4cc04a56b65792d34b06469",
+        "736b2066756c6c206f6e20646231a468696768ac61636b6e6f776c6564676564",
+        "82a9616c6572746e616d65a84469736b46756c6ca8696e7374616e6365a36462",
+        "31b4323032362d30352d30345430383a30303a30305ab4323032362d30352d30",
+        "345430383a30353a30305ab4323032362d30352d30345430383a31303a30305a",
+        "92a5616c696365a5736c61636bb4323032362d30352d30345430393a30303a30",
+        "305ab4323032362d30352d30345431303a30303a30305aa3626f62020301ad73",
+        "696c656e63656420627920370992a5636d642d31a5636d642d32920b0c",
+    );
+    const COMPACT_ALERT: &str = concat!(
+        "98b065393463373434616533643434646638a87265736f6c76656483a9616c65",
+        "72746e616d65a84469736b46756c6ca8696e7374616e6365a3646231a8736576",
+        "6572697479a8637269746963616c81a773756d6d617279b0746865206469736b",
+        "2069732066756c6cb4323032362d30352d30345430383a30303a30305ab43230",
+        "32362d30352d30345430383a33303a30305abc687474703a2f2f70726f6d6574",
+        "686575733a393039302f6772617068b6696e68696269746564206279206e6f64",
+        "652d646f776e",
+    );
+
+    /// A load keeps in memory the newest `max_in_memory` incidents and the
+    /// snoozed ones, and reads no alerts of the others unless inhibition
+    /// rules need them: the projection is the one loading every incident
+    /// and evicting the oldest past the limit gave.
+    #[test]
+    fn a_load_keeps_what_loading_all_and_evicting_past_the_limit_kept() {
+        let rules: Vec<crate::inhibit::InhibitRuleConfig> = serde_json::from_str(
+            r#"[{"source_matchers": ["alertname=\"NodeDown\""], "target_matchers": ["severity=\"critical\""], "equal": ["instance"]}]"#,
+        )
+        .unwrap();
+        let rules = Arc::new(Inhibitor::new(&rules).unwrap());
+        let mut incidents: Vec<IncidentState> = (1..=9)
+            .map(|n| incident(n, "Up", &format!("h{n}")))
+            .collect();
+        // #1, old and open, inhibits what fires on its instance.
+        incidents[0] = incident(1, "NodeDown", "h1");
+        // #2 resolved lately; #3 resolved before the reopen window.
+        for (i, resolved_at) in [(1, "2026-05-04T09:00:00Z"), (2, "2026-05-01T00:00:00Z")] {
+            incidents[i].summary.status = IncidentStatus::Resolved;
+            incidents[i].summary.resolved_at = Some(at(resolved_at));
+        }
+        // #4, old, snoozed: stays in memory.
+        incidents[3].summary.status = IncidentStatus::Acknowledged;
+        incidents[3].summary.snoozed_until = Some(at("2026-05-04T12:00:00Z"));
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        save_all(&s, &incidents);
+        let evict_before = at("2026-05-02T00:00:00Z");
+        for (max, rules) in [
+            (3, Some(rules.clone())),
+            (4, None),
+            (1, Some(rules.clone())),
+        ] {
+            let lean = s.load(evict_before, max, rules.clone()).unwrap();
+            let mut all = s.load(evict_before, usize::MAX, rules.clone()).unwrap();
+            all.evict_over(max);
+            let mut kept: Vec<u64> = lean
+                .incidents
+                .values()
+                .map(|st| st.summary.number)
+                .collect();
+            kept.sort_unstable();
+            let mut expected: Vec<u64> =
+                all.incidents.values().map(|st| st.summary.number).collect();
+            expected.sort_unstable();
+            assert_eq!(kept, expected, "in memory, at most {max}");
+            for (id, st) in &lean.incidents {
+                assert_eq!(Some(st), all.incidents.get(id), "incident in memory");
+            }
+            assert_eq!(lean.cold, all.cold);
+            assert_eq!(lean.cold_open, all.cold_open);
+            assert_eq!(lean.resolved, all.resolved);
+            assert_eq!(lean.snoozes, all.snoozes);
+            assert_eq!(lean.by_number, all.by_number);
+            assert_eq!(lean.open_count, all.open_count);
+            assert_eq!(lean.open_count, 7);
+            for n in 1..=9 {
+                let key = format!("key-{n}");
+                assert_eq!(lean.by_key.get(&key), all.by_key.get(&key));
+            }
+            // The old open #1 is out of memory, and still inhibits.
+            assert!(
+                lean.incidents.len() <= max.max(1)
+                    && !lean.incidents.contains_key(&incidents[0].summary.id)
+            );
+            let target = labels(&[
+                ("alertname", "Disk"),
+                ("instance", "h1"),
+                ("severity", "critical"),
+            ]);
+            assert_eq!(
+                lean.sources.inhibited_by(&target),
+                all.sources.inhibited_by(&target)
+            );
+            assert_eq!(
+                lean.sources.inhibited_by(&target).is_some(),
+                rules.is_some()
+            );
+        }
     }
 }
