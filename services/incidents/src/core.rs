@@ -379,7 +379,7 @@ impl Projection {
     /// more than the limit).
     ///
     /// [`Store::load`]: crate::store::Store::load
-    pub fn insert_loaded(&mut self, st: IncidentState) {
+    pub fn insert_loaded(&mut self, st: Box<IncidentState>) {
         let id = st.summary.id;
         index_sources(&mut self.sources, &st);
         if let Some(at) = resolved_key(&st) {
@@ -388,7 +388,7 @@ impl Projection {
         self.recent_at.insert(id, st.summary.number);
         self.recent.insert((st.summary.number, id));
         self.touches = self.touches.max(st.summary.number);
-        self.incidents.insert(id, Box::new(st));
+        self.incidents.insert(id, st);
         self.reindex_snooze(id, None);
     }
 
@@ -397,11 +397,11 @@ impl Projection {
     /// counted, its inhibiting alerts (those `st` holds) indexed.
     ///
     /// [`Store::load`]: crate::store::Store::load
-    pub fn insert_out_of_memory(&mut self, st: IncidentState) {
+    pub fn insert_out_of_memory(&mut self, st: &IncidentState) {
         let id = st.summary.id;
-        index_sources(&mut self.sources, &st);
+        index_sources(&mut self.sources, st);
         self.touches = self.touches.max(st.summary.number);
-        if resolved_key(&st).is_none() {
+        if resolved_key(st).is_none() {
             self.cold_open.insert(id);
         }
         self.cold.insert(id);

@@ -382,19 +382,21 @@ impl Store {
         // alerts are read once the headers are, so those of incidents that
         // do not stay are not read at all, unless inhibition rules need
         // them (an open incident's firing alerts stay indexed out of memory).
-        let mut newest: BTreeMap<u64, IncidentState> = BTreeMap::new();
-        let mut snoozed: Vec<IncidentState> = Vec::new();
+        // Boxed, so the map and the list hold pointers, not states (10,000
+        // states inline in them were 11 MB at the peak of a restart).
+        let mut newest: BTreeMap<u64, Box<IncidentState>> = BTreeMap::new();
+        let mut snoozed: Vec<Box<IncidentState>> = Vec::new();
         for kv in self.tree.scan_prefix(b"i/") {
             let (k, v) = kv?;
             let h: Header = decode(&String::from_utf8_lossy(&k), &v)?;
             let id = h.summary.id;
-            let st = IncidentState {
+            let st = Box::new(IncidentState {
                 summary: h.summary,
                 alerts: BTreeMap::new(),
                 commands: h.commands,
                 batches: h.batches,
                 tally: Default::default(),
-            };
+            });
             let number = st.summary.number;
             let digest = crate::core::ByKey::digest(&st.summary.dedup_key);
             let newer = key_numbers.get(&digest).is_none_or(|n| *n < number);
@@ -426,11 +428,11 @@ impl Store {
             let (_, out) = newest.pop_first().expect("not empty");
             self.leave_out(&mut p, out)?;
         }
-        let mut stay: Vec<IncidentState> = newest.into_values().chain(snoozed).collect();
+        let mut stay: Vec<Box<IncidentState>> = newest.into_values().chain(snoozed).collect();
         stay.sort_unstable_by_key(|st| st.summary.number);
-        for st in stay {
-            let alerts = self.alerts_of(&st.summary.id)?;
-            p.insert_loaded(IncidentState { alerts, ..st });
+        for mut st in stay {
+            st.alerts = self.alerts_of(&st.summary.id)?;
+            p.insert_loaded(st);
         }
         for kv in self.tree.scan_prefix(b"s/") {
             let (k, v) = kv?;
@@ -464,14 +466,12 @@ impl Store {
     /// Incident `st` (its header read, its alerts not) as [`Store::load`]
     /// leaves it out of memory: only indexed, with its inhibiting alerts
     /// (read for that, if rules are set and it is open).
-    fn leave_out(&self, p: &mut Projection, st: IncidentState) -> Result<(), StoreError> {
+    fn leave_out(&self, p: &mut Projection, mut st: Box<IncidentState>) -> Result<(), StoreError> {
         let open = st.summary.status != tocsin_proto::incident::IncidentStatus::Resolved;
-        let alerts = if open && p.sources.is_set() {
-            self.alerts_of(&st.summary.id)?
-        } else {
-            BTreeMap::new()
-        };
-        p.insert_out_of_memory(IncidentState { alerts, ..st });
+        if open && p.sources.is_set() {
+            st.alerts = self.alerts_of(&st.summary.id)?;
+        }
+        p.insert_out_of_memory(&st);
         Ok(())
     }
 
@@ -672,13 +672,13 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         let id = Uuid::from_u128(7);
         let mut p = Projection::new();
-        p.insert_loaded(IncidentState {
+        p.insert_loaded(Box::new(IncidentState {
             summary: IncidentSummary::new(id, 1, "k", "opened", Timestamp::UNIX_EPOCH),
             alerts: BTreeMap::new(),
             commands: VecDeque::new(),
             batches: VecDeque::new(),
             tally: Default::default(),
-        });
+        }));
         p.dirty.insert(id);
         p.incidents_seq = 1;
         s.save(&mut p).unwrap();
@@ -720,13 +720,13 @@ mod tests {
         let id = Uuid::from_u128(7);
         let summary = IncidentSummary::new(id, 1, "k", "t", Timestamp::UNIX_EPOCH);
         let mut p = Projection::new();
-        p.insert_loaded(IncidentState {
+        p.insert_loaded(Box::new(IncidentState {
             summary: summary.clone(),
             alerts: BTreeMap::new(),
             commands: VecDeque::new(),
             batches: VecDeque::new(),
             tally: Default::default(),
-        });
+        }));
         let receipt = LogEntry::Incident(IncidentEvent {
             kind: EventKind::Acknowledged,
             at: Timestamp::UNIX_EPOCH,
