@@ -287,13 +287,7 @@ impl Rule {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::test_util::labels;
 
     /// Rules from JSON (the same data model as the YAML config).
     fn inhibitor(json: &str) -> Inhibitor {

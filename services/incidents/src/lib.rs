@@ -44,6 +44,8 @@ pub use tocsin_rules::matchers;
 pub mod severity;
 pub mod silences;
 pub mod store;
+#[cfg(test)]
+mod test_util;
 
 mod query;
 mod service;

@@ -182,6 +182,7 @@ mod tests {
 
     use super::*;
     use crate::matchers::parse_matcher;
+    use crate::test_util::labels;
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()
@@ -420,13 +421,6 @@ mod tests {
             comment: String::new(),
             recurrence: None,
         }
-    }
-
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
     }
 
     /// Which silence (if any) mutes `pairs` at `at`.

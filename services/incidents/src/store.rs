@@ -750,12 +750,7 @@ mod tests {
         incident::{Actor, IncidentStatus, Severity},
     };
 
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::test_util::labels;
 
     fn at(s: &str) -> Timestamp {
         s.parse().unwrap()
