@@ -182,11 +182,7 @@ mod tests {
 
     use super::*;
     use crate::matchers::parse_matcher;
-    use crate::test_util::labels;
-
-    fn ts(s: &str) -> Timestamp {
-        s.parse().unwrap()
-    }
+    use crate::test_util::{labels, ts};
 
     fn recurrence(weekdays: &[&str], start: &str, end: &str, tz: &str) -> CompiledRecurrence {
         CompiledRecurrence::new(&Recurrence {

@@ -416,17 +416,15 @@ impl Store {
             }
             if crate::core::snooze_timer(&st).is_some() {
                 snoozed.push(st);
-                continue;
+            } else {
+                newest.insert(number, st);
             }
-            newest.insert(number, st);
-            if newest.len() > max_in_memory {
-                let (_, out) = newest.pop_first().expect("not empty");
+            while newest.len() + snoozed.len() > max_in_memory {
+                let Some((_, out)) = newest.pop_first() else {
+                    break;
+                };
                 self.leave_out(&mut p, out)?;
             }
-        }
-        while !newest.is_empty() && newest.len() + snoozed.len() > max_in_memory {
-            let (_, out) = newest.pop_first().expect("not empty");
-            self.leave_out(&mut p, out)?;
         }
         let mut stay: Vec<Box<IncidentState>> = newest.into_values().chain(snoozed).collect();
         stay.sort_unstable_by_key(|st| st.summary.number);
@@ -750,11 +748,7 @@ mod tests {
         incident::{Actor, IncidentStatus, Severity},
     };
 
-    use crate::test_util::labels;
-
-    fn at(s: &str) -> Timestamp {
-        s.parse().unwrap()
-    }
+    use crate::test_util::{labels, ts};
 
     /// Incident `number` with one firing alert named `alertname` on
     /// `instance`; its id is not in the order of the numbers.
@@ -772,7 +766,7 @@ mod tests {
             number,
             format!("key-{number}"),
             alertname,
-            at("2026-05-04T08:00:00Z"),
+            ts("2026-05-04T08:00:00Z"),
         );
         summary.alerts_firing = 1;
         summary.alerts_total = 1;
@@ -781,7 +775,7 @@ mod tests {
             status: AlertStatus::Firing,
             labels,
             annotations: Labels::new(),
-            starts_at: at("2026-05-04T08:00:00Z"),
+            starts_at: ts("2026-05-04T08:00:00Z"),
             ends_at: None,
             generator_url: None,
             suppressed: None,
@@ -803,11 +797,11 @@ mod tests {
         s.severity = Severity::High;
         s.status = IncidentStatus::Acknowledged;
         s.labels = labels(&[("alertname", "DiskFull"), ("instance", "db1")]);
-        s.announce_at = at("2026-05-04T08:05:00Z");
-        s.acknowledged_at = Some(at("2026-05-04T08:10:00Z"));
+        s.announce_at = ts("2026-05-04T08:05:00Z");
+        s.acknowledged_at = Some(ts("2026-05-04T08:10:00Z"));
         s.acknowledged_by = Some(Actor::new("alice", "slack"));
-        s.resolved_at = Some(at("2026-05-04T09:00:00Z"));
-        s.snoozed_until = Some(at("2026-05-04T10:00:00Z"));
+        s.resolved_at = Some(ts("2026-05-04T09:00:00Z"));
+        s.snoozed_until = Some(ts("2026-05-04T10:00:00Z"));
         s.assignee = Some("bob".into());
         s.alerts_firing = 2;
         s.alerts_total = 3;
@@ -819,7 +813,7 @@ mod tests {
         let a = st.alerts.values_mut().next().unwrap();
         a.status = AlertStatus::Resolved;
         a.annotations = labels(&[("summary", "the disk is full")]);
-        a.ends_at = Some(at("2026-05-04T08:30:00Z"));
+        a.ends_at = Some(ts("2026-05-04T08:30:00Z"));
         a.generator_url = Some("http://prometheus:9090/graph".into());
         a.suppressed = Some("inhibited by node-down".into());
         st
@@ -895,13 +889,6 @@ mod tests {
         );
     }
 
-    fn unhex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
-
     /// The compact form reads fields by their place: these are an incident
     /// and its alert as stored today, which every later version must read
     /// as they were. A new field goes at the end of its struct, with a
@@ -910,12 +897,12 @@ mod tests {
     #[test]
     fn records_stored_in_the_compact_form_read_back_as_stored_then() {
         let st = full_incident(4);
-        let header: Header = decode("i/", &unhex(COMPACT_HEADER)).unwrap();
+        let header: Header = decode("i/", &hex::decode(COMPACT_HEADER).unwrap()).unwrap();
         assert_eq!(
             (header.summary, header.commands, header.batches),
             (st.summary.clone(), st.commands.clone(), st.batches.clone())
         );
-        let alert: AlertInfo = decode("a/", &unhex(COMPACT_ALERT)).unwrap();
+        let alert: AlertInfo = decode("a/", &hex::decode(COMPACT_ALERT).unwrap()).unwrap();
         assert_eq!(&alert, &**st.alerts.values().next().unwrap());
     }
 
@@ -958,15 +945,15 @@ mod tests {
         // #2 resolved lately; #3 resolved before the reopen window.
         for (i, resolved_at) in [(1, "2026-05-04T09:00:00Z"), (2, "2026-05-01T00:00:00Z")] {
             incidents[i].summary.status = IncidentStatus::Resolved;
-            incidents[i].summary.resolved_at = Some(at(resolved_at));
+            incidents[i].summary.resolved_at = Some(ts(resolved_at));
         }
         // #4, old, snoozed: stays in memory.
         incidents[3].summary.status = IncidentStatus::Acknowledged;
-        incidents[3].summary.snoozed_until = Some(at("2026-05-04T12:00:00Z"));
+        incidents[3].summary.snoozed_until = Some(ts("2026-05-04T12:00:00Z"));
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         save_all(&s, &incidents);
-        let evict_before = at("2026-05-02T00:00:00Z");
+        let evict_before = ts("2026-05-02T00:00:00Z");
         for (max, rules) in [
             (3, Some(rules.clone())),
             (4, None),

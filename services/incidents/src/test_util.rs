@@ -1,5 +1,6 @@
 //! Helpers the unit tests share.
 
+use jiff::Timestamp;
 use tocsin_proto::alert::Labels;
 
 /// Labels from name/value pairs.
@@ -8,4 +9,9 @@ pub(crate) fn labels(pairs: &[(&str, &str)]) -> Labels {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// A timestamp from its RFC 3339 text.
+pub(crate) fn ts(s: &str) -> Timestamp {
+    s.parse().unwrap()
 }
