@@ -6,15 +6,12 @@
 //! already think about alerts; protocol details that matter later (receiver,
 //! group key, dedup key) are kept in [`Origin`] and [`Alert::dedup_key`].
 
-use std::collections::BTreeMap;
-
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::fingerprint::Fingerprint;
 
-/// Label or annotation set, ordered by name (bytewise), as Alertmanager sorts them.
-pub type Labels = BTreeMap<String, String>;
+pub use crate::labels::Labels;
 
 /// One alert event, as published on the ALERTS stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

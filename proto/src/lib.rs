@@ -29,13 +29,15 @@ pub mod command;
 pub mod envelope;
 pub mod fingerprint;
 pub mod incident;
+pub mod labels;
 pub mod notify;
 pub mod query;
 pub mod silence;
 pub mod subjects;
 
-pub use alert::{Alert, AlertStatus, Labels, Origin, SourceKind};
+pub use alert::{Alert, AlertStatus, Origin, SourceKind};
 pub use codec::{decode, encode, CodecError};
 pub use envelope::{Envelope, SCHEMA_VERSION};
 pub use fingerprint::Fingerprint;
 pub use jiff::Timestamp;
+pub use labels::Labels;

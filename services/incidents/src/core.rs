@@ -1851,9 +1851,14 @@ pub fn heartbeat_alert(
     at: Timestamp,
     since: Timestamp,
 ) -> Alert {
-    let mut l: Labels = labels.clone();
-    l.insert("alertname".into(), "HeartbeatMissed".into());
-    l.insert("heartbeat".into(), name.into());
+    let l: Labels = labels
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .chain([
+            ("alertname".to_string(), "HeartbeatMissed".to_string()),
+            ("heartbeat".to_string(), name.to_string()),
+        ])
+        .collect();
     let mut annotations = Labels::new();
     annotations.insert(
         "summary".into(),
