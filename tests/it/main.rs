@@ -41,6 +41,7 @@ mod notifier_once;
 mod notifier_scale;
 mod notifier_slack_webhook;
 mod pull_consumers;
+mod queries;
 mod remediation_approval;
 mod remediation_flow;
 mod remediation_guardrails;
