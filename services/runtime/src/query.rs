@@ -7,7 +7,10 @@ use std::future::Future;
 
 use async_nats::{Client, Subscriber};
 use bytes::Bytes;
-use futures::{stream::SelectAll, StreamExt};
+use futures::{
+    stream::{FuturesUnordered, SelectAll},
+    StreamExt,
+};
 use tokio_util::sync::CancellationToken;
 
 /// A service's query subscriptions.
@@ -44,33 +47,58 @@ impl Queries {
         })
     }
 
-    /// Answers queries one at a time until `shutdown`: `answer` gets the
-    /// subject and payload and gives the encoded reply (an error only when
-    /// the reply cannot be encoded: logged, and the asker times out).
-    /// Requests without a reply subject are ignored.
+    /// Answers queries until `shutdown`, up to [`IN_FLIGHT`] at once:
+    /// `answer` gets the subject and payload and gives the encoded reply
+    /// (an error only when the reply cannot be encoded: logged, and the
+    /// asker times out). Requests without a reply subject are ignored.
+    ///
+    /// An answer may wait (the incidents service reads what is in memory
+    /// between two of its batches, and the store or the stream): one at a
+    /// time, the queries behind it waited too, in a storm for minutes,
+    /// until the asker had given up and nats-server refused the late
+    /// answer. Beyond [`IN_FLIGHT`] the next queries wait in the
+    /// subscription's buffer.
     pub async fn serve<F, Fut>(mut self, shutdown: CancellationToken, mut answer: F)
     where
         F: FnMut(String, Bytes) -> Fut,
         Fut: Future<Output = Result<Vec<u8>, String>>,
     {
+        let mut answering = FuturesUnordered::new();
         loop {
             let msg = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                m = self.subs.next() => match m { Some(m) => m, None => return },
+                Some(()) = answering.next(), if !answering.is_empty() => continue,
+                m = self.subs.next(), if answering.len() < IN_FLIGHT => match m {
+                    Some(m) => m,
+                    None => break,
+                },
             };
             let Some(reply) = msg.reply.clone() else {
                 continue;
             };
-            match answer(msg.subject.to_string(), msg.payload).await {
-                Ok(bytes) => {
-                    if let Err(e) = self.client.publish(reply, bytes.into()).await {
-                        tracing::warn!(error = %e, subject = %msg.subject, "cannot answer a query");
+            let subject = msg.subject.to_string();
+            let reply_to = answer(subject.clone(), msg.payload);
+            let client = &self.client;
+            answering.push(async move {
+                match reply_to.await {
+                    Ok(bytes) => {
+                        if let Err(e) = client.publish(reply, bytes.into()).await {
+                            tracing::warn!(error = %e, subject, "cannot answer a query");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, subject, "cannot encode a query answer")
                     }
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, subject = %msg.subject, "cannot encode a query answer")
-                }
-            }
+            });
+        }
+        // The subscriptions ended: the answers under way still go out.
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = async { while answering.next().await.is_some() {} } => {}
         }
     }
 }
+
+/// Queries a service answers at once (see [`Queries::serve`]).
+pub const IN_FLIGHT: usize = 64;
