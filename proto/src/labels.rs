@@ -40,6 +40,14 @@ impl Labels {
         Labels(LiteMap::new_vec())
     }
 
+    /// A set from name/value pairs given as text (a fixed set, a test's).
+    pub fn from_strs(pairs: &[(&str, &str)]) -> Self {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
     /// The pairs sorted by name, the last of a name given twice kept,
     /// with no spare capacity. Pairs already in order (what this
     /// encodes, so what is read back) are taken as they are, with no
@@ -168,17 +176,10 @@ mod tests {
 
     use super::*;
 
-    fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
-        p.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
     #[test]
     fn encodes_as_the_map_it_replaced_in_both_codecs() {
-        let p = pairs(&[("severity", "critical"), ("alertname", "Up"), ("b", "")]);
-        let labels: Labels = p.iter().cloned().collect();
-        let map: BTreeMap<String, String> = p.into_iter().collect();
+        let labels = Labels::from_strs(&[("severity", "critical"), ("alertname", "Up"), ("b", "")]);
+        let map: BTreeMap<String, String> = labels.clone().into_iter().collect();
         assert_eq!(
             rmp_serde::to_vec(&labels).unwrap(),
             rmp_serde::to_vec(&map).unwrap()
@@ -240,7 +241,7 @@ mod tests {
         assert_eq!(l.insert("a".into(), "1".into()), None);
         assert_eq!(l.insert("a".into(), "3".into()), Some("1".into()));
         assert_eq!(l.get("a").map(String::as_str), Some("3"));
-        l.extend(pairs(&[("c", "4"), ("0", "5")]));
+        l.extend(Labels::from_strs(&[("c", "4"), ("0", "5")]));
         assert_eq!(
             l.keys().map(String::as_str).collect::<Vec<_>>(),
             ["0", "a", "b", "c"]

@@ -8,13 +8,6 @@ use tocsin_tests::{bus, http, NatsServer, TocsinHarness};
 
 const PAYLOAD: &str = include_str!("../fixtures/alertmanager_3_alerts.json");
 
-fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 #[tokio::test]
 async fn three_alerts_land_once_and_a_retry_adds_nothing() {
     let nats = NatsServer::start().await;
@@ -32,7 +25,7 @@ async fn three_alerts_land_once_and_a_retry_adds_nothing() {
     assert_eq!(stored.len(), 3);
 
     // Fingerprints: Alertmanager's when given, computed with its algorithm otherwise.
-    let computed = Fingerprint::from_labels(&labels(&[
+    let computed = Fingerprint::from_labels(&Labels::from_strs(&[
         ("alertname", "HighLatency"),
         ("instance", "api-2:9100"),
         ("service", "api"),
@@ -71,7 +64,7 @@ async fn three_alerts_land_once_and_a_retry_adds_nothing() {
         assert_eq!(alert.origin.receiver.as_deref(), Some("tocsin\\.prod"));
         assert_eq!(
             alert.origin.group_labels,
-            labels(&[("alertname", "HighLatency"), ("service", "api")])
+            Labels::from_strs(&[("alertname", "HighLatency"), ("service", "api")])
         );
         assert!(msg
             .headers

@@ -2,7 +2,7 @@
 //! (`tocsin_runtime::query::Queries`), on a real nats-server with Tocsin's
 //! own users and permissions.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use tocsin_proto::subjects::query;
 use tocsin_runtime::query::Queries;
@@ -47,21 +47,13 @@ async fn a_query_that_waits_does_not_hold_up_the_ones_behind_it() {
                 .await
         }
     });
-    let answers = futures::future::join_all((0..ASKED).map(|i| {
-        let notifier = notifier.clone();
-        async move {
-            tokio::time::timeout(
-                Duration::from_secs(20),
-                notifier.request(query::GET_INCIDENT, format!("query {i}").into()),
-            )
-            .await
-        }
-    }))
+    // async-nats gives up on a request after 10 s.
+    let answers = futures::future::join_all(
+        (0..ASKED).map(|i| notifier.request(query::GET_INCIDENT, format!("query {i}").into())),
+    )
     .await;
     for (i, a) in answers.into_iter().enumerate() {
-        let msg = a
-            .unwrap_or_else(|_| panic!("query {i} not answered in 20 s"))
-            .unwrap_or_else(|e| panic!("query {i}: {e}"));
+        let msg = a.unwrap_or_else(|e| panic!("query {i}: {e}"));
         assert_eq!(msg.payload, format!("query {i}").as_bytes(), "query {i}");
     }
     stop.cancel();

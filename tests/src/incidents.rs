@@ -19,10 +19,7 @@ use crate::bus;
 
 /// Builds labels from pairs.
 pub fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    Labels::from_strs(pairs)
 }
 
 /// An Alertmanager-style alert grouped by `group` labels.

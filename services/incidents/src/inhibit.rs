@@ -287,7 +287,6 @@ impl Rule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::labels;
 
     /// Rules from JSON (the same data model as the YAML config).
     fn inhibitor(json: &str) -> Inhibitor {
@@ -313,11 +312,14 @@ mod tests {
         let firing: Vec<(Fingerprint, Labels)> = firing
             .iter()
             .map(|pairs| {
-                let l = labels(pairs);
+                let l = Labels::from_strs(pairs);
                 (Fingerprint::from_labels(&l), l)
             })
             .collect();
-        let got = ih.inhibited_by(&labels(target), firing.iter().map(|(f, l)| (f, l)));
+        let got = ih.inhibited_by(
+            &Labels::from_strs(target),
+            firing.iter().map(|(f, l)| (f, l)),
+        );
         let expected = expected
             .map(|(rule, i)| format!("inhibited by rule {rule} (source alert {})", firing[i].0));
         assert_eq!(got, expected, "target {target:?}, firing {firing:?}");
@@ -443,9 +445,9 @@ mod tests {
     #[test]
     fn reason_text() {
         let ih = inhibitor(CLASSIC);
-        let source = labels(&[("alertname", "NodeDown"), ("instance", "a")]);
+        let source = Labels::from_strs(&[("alertname", "NodeDown"), ("instance", "a")]);
         let fp = Fingerprint::from_labels(&source);
-        let target = labels(&[("severity", "warning"), ("instance", "a")]);
+        let target = Labels::from_strs(&[("severity", "warning"), ("instance", "a")]);
         assert_eq!(
             ih.inhibited_by(&target, [(&fp, &source)]).unwrap(),
             format!(r#"inhibited by rule "node down" (source alert {fp})"#)

@@ -182,7 +182,7 @@ mod tests {
 
     use super::*;
     use crate::matchers::parse_matcher;
-    use crate::test_util::{labels, ts};
+    use crate::test_util::ts;
 
     fn recurrence(weekdays: &[&str], start: &str, end: &str, tz: &str) -> CompiledRecurrence {
         CompiledRecurrence::new(&Recurrence {
@@ -427,7 +427,7 @@ mod tests {
         expected: Option<&str>,
     ) {
         assert_eq!(
-            idx.silenced_by(&labels(pairs), ts(at)),
+            idx.silenced_by(&Labels::from_strs(pairs), ts(at)),
             expected,
             "{pairs:?} at {at}"
         );
@@ -519,7 +519,7 @@ mod tests {
         let warn_node = &[("alertname", "NodeDown"), ("severity", "warning")][..];
         check_silenced(&idx, warn_node, at, Some("b"));
         assert_eq!(
-            idx.silencing(&labels(warn_node), ts(at))
+            idx.silencing(&Labels::from_strs(warn_node), ts(at))
                 .collect::<Vec<_>>(),
             ["b", "c"]
         );

@@ -748,14 +748,14 @@ mod tests {
         incident::{Actor, IncidentStatus, Severity},
     };
 
-    use crate::test_util::{labels, ts};
+    use crate::test_util::ts;
 
     /// Incident `number` with one firing alert named `alertname` on
     /// `instance`; its id is not in the order of the numbers.
     fn incident(number: u64, alertname: &str, instance: &str) -> IncidentState {
         let id =
             Uuid::from_u128(u128::from(number).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c) ^ 0xabc);
-        let labels = labels(&[
+        let labels = Labels::from_strs(&[
             ("alertname", alertname),
             ("instance", instance),
             ("severity", "critical"),
@@ -796,7 +796,7 @@ mod tests {
         s.title = "disk full on db1".into();
         s.severity = Severity::High;
         s.status = IncidentStatus::Acknowledged;
-        s.labels = labels(&[("alertname", "DiskFull"), ("instance", "db1")]);
+        s.labels = Labels::from_strs(&[("alertname", "DiskFull"), ("instance", "db1")]);
         s.announce_at = ts("2026-05-04T08:05:00Z");
         s.acknowledged_at = Some(ts("2026-05-04T08:10:00Z"));
         s.acknowledged_by = Some(Actor::new("alice", "slack"));
@@ -812,7 +812,7 @@ mod tests {
         st.batches = [11, 12].into();
         let a = st.alerts.values_mut().next().unwrap();
         a.status = AlertStatus::Resolved;
-        a.annotations = labels(&[("summary", "the disk is full")]);
+        a.annotations = Labels::from_strs(&[("summary", "the disk is full")]);
         a.ends_at = Some(ts("2026-05-04T08:30:00Z"));
         a.generator_url = Some("http://prometheus:9090/graph".into());
         a.suppressed = Some("inhibited by node-down".into());
@@ -991,7 +991,7 @@ mod tests {
                 lean.incidents.len() <= max.max(1)
                     && !lean.incidents.contains_key(&incidents[0].summary.id)
             );
-            let target = labels(&[
+            let target = Labels::from_strs(&[
                 ("alertname", "Disk"),
                 ("instance", "h1"),
                 ("severity", "critical"),

@@ -265,13 +265,6 @@ where
 mod tests {
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
     /// `Ok((name, op, value))`, or `Err(substring of the error)`.
     fn check_parse(input: &str, expected: Result<(&str, MatchOp, &str), &str>) {
         let got = parse_matcher(input);
@@ -368,7 +361,7 @@ mod tests {
     fn check(matcher: &str, pairs: &[(&str, &str)], expected: bool) {
         let m = CompiledMatcher::new(&parse_matcher(matcher).unwrap()).unwrap();
         assert_eq!(
-            m.matches(&labels(pairs)),
+            m.matches(&Labels::from_strs(pairs)),
             expected,
             "{matcher} vs {pairs:?}"
         );
@@ -451,7 +444,7 @@ mod tests {
         let set = MatcherSet::new(&ms).unwrap();
         assert_eq!(set.len(), ms.len());
         assert_eq!(
-            set.matches(&labels(pairs)),
+            set.matches(&Labels::from_strs(pairs)),
             expected,
             "{matchers:?} vs {pairs:?}"
         );
