@@ -59,3 +59,38 @@ async fn a_query_that_waits_does_not_hold_up_the_ones_behind_it() {
     stop.cancel();
     serving.await.expect("the query loop ends");
 }
+
+/// Once `Queries::subscribe` has returned, the server has the
+/// subscriptions: a query from another connection sent right after finds
+/// its responder. CI found "no responders" here once: `Client::flush`
+/// only writes the client's buffer to the socket, and the asker's message,
+/// on its own connection, can reach the server first. A service reports
+/// ready after subscribing, so an asker that waited for ready must be
+/// answered. Each round subscribes to a subject of its own and asks at
+/// once; one round lost is a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_asked_as_soon_as_the_subscription_returns_is_answered() {
+    tocsin_tests::init_logs();
+    let nats = NatsServer::start().await;
+    let incidents = nats.client_as("incidents").await.expect("incidents");
+    let asker = nats.client_as("admin").await.expect("admin");
+    for round in 0..300 {
+        let subject = format!("tocsin.query.incidents.round{round}");
+        let queries = Queries::subscribe(&incidents, "tocsin-incidents", &[subject.as_str()])
+            .await
+            .expect("subscribe");
+        let stop = CancellationToken::new();
+        let serving =
+            tokio::spawn(queries.serve(
+                stop.clone(),
+                |_, payload| async move { Ok(payload.to_vec()) },
+            ));
+        let answer = asker
+            .request(subject.clone(), format!("round {round}").into())
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(answer.payload, format!("round {round}").as_bytes());
+        stop.cancel();
+        serving.await.expect("the query loop ends");
+    }
+}
