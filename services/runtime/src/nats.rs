@@ -727,6 +727,30 @@ fn is_permissions_violation(message: &str) -> bool {
         .contains("permissions violation")
 }
 
+/// A request every Tocsin service's user may send, which the server
+/// answers itself (`$JS.API.INFO`, JetStream's account information).
+const ROUND_TRIP_SUBJECT: &str = "$JS.API.INFO";
+
+/// Waits until the server has read everything this client sent before,
+/// its subscriptions among it. `Client::flush` only writes the client's
+/// buffer to the socket: a message another connection sends right after
+/// can still reach the server first and find no subscriber ("no
+/// responders"). The server reads one connection in order, so the answer
+/// to a request sent after the subscriptions comes back only once it has
+/// them; any answer will do (the account's information, an error, no
+/// responders). An error when the server does not answer within the
+/// client's request timeout, or refuses the request.
+pub async fn round_trip(client: &Client) -> Result<(), async_nats::RequestError> {
+    match client
+        .request(ROUND_TRIP_SUBJECT, bytes::Bytes::new())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether the client is connected right now.
 pub fn is_connected(client: &Client) -> bool {
     client.connection_state() == async_nats::connection::State::Connected

@@ -1,7 +1,7 @@
 //! The one request/reply query loop every service answers queries with
 //! (`tocsin.query.*`: the CLI, chat-ops and the HTTP API ask them). A
 //! queue group per service, so one replica answers each query; the
-//! subscriptions are flushed before the service reports ready.
+//! server has the subscriptions before the service reports ready.
 
 use std::future::Future;
 
@@ -20,8 +20,8 @@ pub struct Queries {
 }
 
 impl Queries {
-    /// Subscribes to `subjects` in queue group `queue` and makes sure the
-    /// server has the subscriptions.
+    /// Subscribes to `subjects` in queue group `queue` and waits until the
+    /// server has the subscriptions ([`crate::nats::round_trip`]).
     pub async fn subscribe(
         client: &Client,
         queue: &str,
@@ -35,7 +35,7 @@ impl Queries {
                     .await?,
             );
         }
-        client.flush().await.map_err(|e| {
+        crate::nats::round_trip(client).await.map_err(|e| {
             async_nats::SubscribeError::with_source(
                 async_nats::client::SubscribeErrorKind::Other,
                 e,
