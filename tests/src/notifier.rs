@@ -404,9 +404,14 @@ pub async fn wait_receipts(
 
 /// Waits until every notifier consumer (one per channel on NOTIFY, and
 /// the status-update consumer on INCIDENTS) has no page pending and none
-/// unacknowledged: each page has reached its outcome and its receipt is
-/// on COMMANDS, since a page is acknowledged only after that. Returns at
-/// once when no notifier consumer exists. Panics after `limit`.
+/// unacknowledged, and NOTIFY (a work queue: a page leaves it once
+/// acknowledged) holds no page any more: each page has reached its
+/// outcome and its receipt is on COMMANDS, since a page is acknowledged
+/// only after that. The consumers' counts alone once let a test through
+/// with all 16 pages of a message delivered and none of their receipts
+/// stored yet; what NOTIFY holds is changed by the acknowledgement
+/// itself. Returns at once when no notifier consumer exists. Panics after
+/// `limit`.
 pub async fn settled(js: &async_nats::jetstream::Context, limit: std::time::Duration) {
     use futures::TryStreamExt;
     use tocsin_proto::subjects::{STREAM_INCIDENTS, STREAM_NOTIFY};
@@ -423,13 +428,22 @@ pub async fn settled(js: &async_nats::jetstream::Context, limit: std::time::Dura
                     continue;
                 }
             };
+            let mut notifier_reads = false;
             for info in infos {
                 let is_notifier = info.name.starts_with("tocsin-notifier");
+                notifier_reads |= is_notifier;
                 if is_notifier && (info.num_pending > 0 || info.num_ack_pending > 0) {
                     busy.push(format!(
                         "{}: {} pending, {} unacknowledged",
                         info.name, info.num_pending, info.num_ack_pending
                     ));
+                }
+            }
+            if name == STREAM_NOTIFY && notifier_reads {
+                match pages_left(&stream).await {
+                    Ok(0) => {}
+                    Ok(n) => busy.push(format!("NOTIFY: {n} messages of pages not acknowledged")),
+                    Err(e) => busy.push(format!("cannot count the pages left on NOTIFY: {e}")),
                 }
             }
         }
@@ -443,4 +457,19 @@ pub async fn settled(js: &async_nats::jetstream::Context, limit: std::time::Dura
     if let Err(busy) = result {
         panic!("the notifier did not settle: {busy:?}");
     }
+}
+
+/// The messages on NOTIFY other than escalation's tenure markers, which
+/// no notifier reads.
+async fn pages_left(
+    notify: &async_nats::jetstream::stream::Stream,
+) -> Result<usize, async_nats::Error> {
+    use futures::TryStreamExt;
+    let subjects: Vec<(String, usize)> =
+        notify.info_with_subjects(">").await?.try_collect().await?;
+    Ok(subjects
+        .iter()
+        .filter(|(subject, _)| !tocsin_proto::subjects::is_tenure_marker(subject))
+        .map(|(_, n)| n)
+        .sum())
 }
