@@ -639,29 +639,31 @@ impl Service {
                     }
                 }
             }
-            let mut p = write(&self.proj);
-            match decoded {
-                Ok(env) if is_incidents_batch(&msg.subject) => p.apply_batch(&env.body, seq),
-                Ok(env) => {
-                    for entry in &env.body {
-                        p.apply(entry, seq);
+            {
+                let mut p = write(&self.proj);
+                match decoded {
+                    Ok(env) if is_incidents_batch(&msg.subject) => p.apply_batch(&env.body, seq),
+                    Ok(env) => {
+                        for entry in &env.body {
+                            p.apply(entry, seq);
+                        }
                     }
-                }
-                Err(e) => {
-                    tracing::error!(seq, error = %e, "undecodable INCIDENTS entry skipped");
-                    p.incidents_seq = seq;
+                    Err(e) => {
+                        tracing::error!(seq, error = %e, "undecodable INCIDENTS entry skipped");
+                        p.incidents_seq = seq;
+                    }
                 }
             }
             n += entries;
             unsaved += entries;
             if unsaved >= 1000 {
-                self.save(&mut p);
+                self.save_settled().await;
                 unsaved = 0;
             }
         }
-        let mut p = write(&self.proj);
-        self.save(&mut p);
+        self.save_settled().await;
         if report {
+            let p = read(&self.proj);
             IncidentsEvent::CaughtUp {
                 entries: n,
                 incidents: p.incidents.len(),
@@ -672,10 +674,29 @@ impl Service {
         Ok(())
     }
 
+    /// Saves what changed to the local store once the saves before it are
+    /// applied, waiting for them without holding the projection or the
+    /// thread. Waited for inside [`Service::save`], under the projection's
+    /// lock, a slow store held up every query (they read the projection)
+    /// and every task that shared the runtime's thread, the lease's
+    /// renewal among them.
+    async fn save_settled(&self) {
+        {
+            // A store that never finishes is reported (see `evict_saved`).
+            let _busy = self
+                .watchdog
+                .busy("saving the projection to the local store");
+            self.store.settled().await;
+        }
+        self.save(&mut write(&self.proj));
+    }
+
     /// Saves what changed to the local store: what the saves before it
     /// hold may leave memory once they are applied
-    /// ([`Service::evict_saved`]), then this one's changes go to the
-    /// store's writer thread and deciding goes on while it applies them.
+    /// ([`Service::evict_saved`]; waiting for them if they are not,
+    /// which [`Service::save_settled`] does beforehand), then this one's
+    /// changes go to the store's writer thread and deciding goes on while
+    /// it applies them.
     fn save(&self, p: &mut Projection) {
         self.evict_saved(p);
         // A failed save only costs a longer catch-up after a restart: the
@@ -903,10 +924,7 @@ impl Service {
             }
         }
         self.answered().await;
-        {
-            let mut p = write(&self.proj);
-            self.save(&mut p);
-        }
+        self.save_settled().await;
         self.store.flush().await;
         tracing::info!("incidents service stopped");
         Ok(())
@@ -1960,8 +1978,8 @@ impl Service {
                 }
             }
             self.metrics.sizes(p.open_count, p.incidents.len());
-            self.save(&mut p);
         }
+        self.save_settled().await;
         self.metrics.busy("save", saving.elapsed());
         let answering = Instant::now();
         let now = Timestamp::now();
@@ -2170,7 +2188,7 @@ impl Service {
             }
         };
         self.alert_done(written, env.received_at, Timestamp::now());
-        self.advance(at);
+        self.advance(at).await;
         true
     }
 
@@ -2202,14 +2220,16 @@ impl Service {
         {
             return false;
         }
-        self.advance(at);
+        self.advance(at).await;
         true
     }
 
-    fn advance(&self, at: AlertPos) {
-        let mut p = write(&self.proj);
-        p.alerts_cursor = p.alerts_cursor.max(at);
-        self.save(&mut p);
+    async fn advance(&self, at: AlertPos) {
+        {
+            let mut p = write(&self.proj);
+            p.alerts_cursor = p.alerts_cursor.max(at);
+        }
+        self.save_settled().await;
     }
 
     async fn on_ping(
@@ -2284,11 +2304,11 @@ impl Service {
                 // The timers stored before the failing one are folded in;
                 // the next round takes those after it.
                 self.abandon_timer(reason, &detail, cause);
-                self.save(&mut write(&self.proj));
+                self.save_settled().await;
                 return;
             }
         };
-        self.save(&mut write(&self.proj));
+        self.save_settled().await;
         if n > 0 {
             IncidentsEvent::Input {
                 input: "timer",
@@ -2335,7 +2355,7 @@ impl Service {
                 outcome: "missed",
             }
             .emit(&self.metrics);
-            self.save(&mut write(&self.proj));
+            self.save_settled().await;
         }
     }
 
@@ -2389,7 +2409,7 @@ impl Service {
                     // redelivered; what it applied is found applied.
                     Err(Stop::Shutdown) => return,
                     Err(Stop::GaveUp { reason, detail, .. }) => {
-                        self.save(&mut write(&self.proj));
+                        self.save_settled().await;
                         (reason, detail)
                     }
                 }
@@ -2433,15 +2453,11 @@ impl Service {
                 return;
             }
         }
-        let incident = {
-            let mut p = write(&self.proj);
-            let incident = match decided.as_slice() {
-                [(cmd, _)] => summary_of(&p, cmd),
-                _ => None,
-            };
-            self.save(&mut p);
-            incident
+        let incident = match decided.as_slice() {
+            [(cmd, _)] => summary_of(&read(&self.proj), cmd),
+            _ => None,
         };
+        self.save_settled().await;
         self.commands_done(msg, decided, incident).await;
     }
 
