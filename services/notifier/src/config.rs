@@ -44,7 +44,8 @@ pub struct NotifierConfig {
     /// Default 20s.
     pub max_hold: Option<HumanDuration>,
     /// How long booking a turn with the other replicas (in the shared KV
-    /// bucket) may take; longer, each replica books alone, at its share of
+    /// bucket) may take, a failed try asked again every 50ms within it;
+    /// longer, each replica books alone, at its share of
     /// the destination's rate, and tries the bucket again 2s later, so
     /// pages are not held up by a slow NATS. Raise it for a cluster whose
     /// KV writes are slower (R3 over a slow network). 10ms to 10s; default

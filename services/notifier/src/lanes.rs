@@ -30,6 +30,10 @@ use crate::{
 /// unreachable NATS.
 const SHARED_RETRY: Duration = Duration::from_secs(2);
 
+/// The pause before the shared bucket is asked again after a failure,
+/// within `notifier.shared_booking_timeout`.
+const ASK_AGAIN_AFTER: Duration = Duration::from_millis(50);
+
 /// What a message may do now.
 #[derive(Debug)]
 pub(crate) enum Turn {
@@ -159,25 +163,43 @@ impl Lanes {
             .clone()
     }
 
-    /// What the shared bucket answers to `asked` within `shared_timeout`;
-    /// `None` if it failed or did not answer (said once, and the bucket is
-    /// left alone for [`SHARED_RETRY`]).
-    async fn ask_shared<T>(
-        &self,
-        asked: impl std::future::Future<Output = Result<T, String>>,
-    ) -> Option<T> {
-        let error = match tokio::time::timeout(self.shared_timeout, asked).await {
-            Ok(Ok(answer)) => {
-                self.shared_failing(None);
-                return Some(answer);
+    /// What the shared bucket answers to `asked` within `shared_timeout`,
+    /// asked again after [`ASK_AGAIN_AFTER`] while time is left: a read
+    /// or write that failed on a busy cluster (a request timed out while
+    /// the bucket's leader was slow) must not send every replica off to
+    /// book alone at once. `None` if no answer came in time (the last
+    /// failure said once, and the bucket is left alone for
+    /// [`SHARED_RETRY`]). Asking again after a write that failed but was
+    /// stored books one turn more: slower, never faster than the rate.
+    async fn ask_shared<T, F, Fut>(&self, mut asked: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, String>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.shared_timeout;
+        let mut failed = None;
+        loop {
+            match tokio::time::timeout_at(deadline, asked()).await {
+                Ok(Ok(answer)) => {
+                    self.shared_failing(None);
+                    return Some(answer);
+                }
+                Ok(Err(e)) => failed = Some(e),
+                Err(_) => break,
             }
-            Ok(Err(e)) => e,
-            Err(_) => format!(
+            let again = tokio::time::Instant::now() + ASK_AGAIN_AFTER;
+            if again >= deadline {
+                break;
+            }
+            tokio::time::sleep_until(again).await;
+        }
+        let error = failed.unwrap_or_else(|| {
+            format!(
                 "no answer from {} within {:?} (notifier.shared_booking_timeout)",
                 crate::paces::BUCKET,
                 self.shared_timeout
-            ),
-        };
+            )
+        });
         self.shared_failing(Some(&error));
         None
     }
@@ -301,7 +323,7 @@ impl Lanes {
             // The bucket may have failed while this booking waited.
             let booked = match self.shared() {
                 Some(shared) => {
-                    self.ask_shared(shared.book(&key.0, &key.1, whole, now, max_wait))
+                    self.ask_shared(|| shared.book(&key.0, &key.1, whole, now, max_wait))
                         .await
                 }
                 None => None,
@@ -384,7 +406,7 @@ impl Lanes {
             .or_insert_with(|| whole.clone())
             .hold_until(until);
         if let Some(shared) = self.shared() {
-            self.ask_shared(shared.hold_until(provider, destination, &whole, until))
+            self.ask_shared(|| shared.hold_until(provider, destination, &whole, until))
                 .await;
         }
     }
