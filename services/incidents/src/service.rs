@@ -657,11 +657,11 @@ impl Service {
             n += entries;
             unsaved += entries;
             if unsaved >= 1000 {
-                self.save_settled().await;
+                self.save().await;
                 unsaved = 0;
             }
         }
-        self.save_settled().await;
+        self.save().await;
         if report {
             let p = read(&self.proj);
             IncidentsEvent::CaughtUp {
@@ -674,34 +674,26 @@ impl Service {
         Ok(())
     }
 
-    /// Saves what changed to the local store once the saves before it are
-    /// applied, waiting for them without holding the projection or the
-    /// thread. Waited for inside [`Service::save`], under the projection's
-    /// lock, a slow store held up every query (they read the projection)
-    /// and every task that shared the runtime's thread, the lease's
-    /// renewal among them.
-    async fn save_settled(&self) {
+    /// Saves what changed to the local store. First the saves before it
+    /// are waited for, as a task (neither the projection's lock nor the
+    /// runtime's thread is held meanwhile: blocked inside the lock, a
+    /// storm stopped one of the service's two threads for 84 s in all);
+    /// what they hold may then leave memory ([`Service::evict_saved`]).
+    /// This one's changes go to the store's writer thread, and deciding
+    /// goes on while it applies them.
+    async fn save(&self) {
         {
-            // A store that never finishes is reported (see `evict_saved`).
+            // A store that never finishes is reported.
             let _busy = self
                 .watchdog
                 .busy("saving the projection to the local store");
             self.store.settled().await;
         }
-        self.save(&mut write(&self.proj));
-    }
-
-    /// Saves what changed to the local store: what the saves before it
-    /// hold may leave memory once they are applied
-    /// ([`Service::evict_saved`]; waiting for them if they are not,
-    /// which [`Service::save_settled`] does beforehand), then this one's
-    /// changes go to the store's writer thread and deciding goes on while
-    /// it applies them.
-    fn save(&self, p: &mut Projection) {
-        self.evict_saved(p);
+        let mut p = write(&self.proj);
+        self.evict_saved(&mut p);
         // A failed save only costs a longer catch-up after a restart: the
         // stream has everything. Operators should still hear about it.
-        match self.store.save(p) {
+        match self.store.save(&mut p) {
             Ok(()) => self.evict_due.store(true, Ordering::Relaxed),
             Err(e) => self.store_out_of_step(&e),
         }
@@ -722,18 +714,14 @@ impl Service {
         );
     }
 
-    /// Once every save is applied (waiting for it), resolved incidents past
-    /// the reopen window and those beyond `max_in_memory` leave memory:
-    /// they are read back when an input touches them. Those changed since
-    /// the last save are in `dirty` and stay until saved.
+    /// Once every save is applied (its callers wait for that first,
+    /// [`Store::settled`]; `applied` here only takes a failure), resolved
+    /// incidents past the reopen window and those beyond `max_in_memory`
+    /// leave memory: they are read back when an input touches them. Those
+    /// changed since the last save are in `dirty` and stay until saved.
     fn evict_saved(&self, p: &mut Projection) {
         self.evict_due.store(false, Ordering::Relaxed);
-        let applied = self
-            .watchdog
-            .during("saving the projection to the local store", || {
-                self.store.applied()
-            });
-        match applied {
+        match self.store.applied() {
             Ok(()) => {}
             // Reported when it failed: nothing leaves memory from then on.
             Err(StoreError::OutOfStep) => return,
@@ -924,7 +912,7 @@ impl Service {
             }
         }
         self.answered().await;
-        self.save_settled().await;
+        self.save().await;
         self.store.flush().await;
         tracing::info!("incidents service stopped");
         Ok(())
@@ -1979,7 +1967,7 @@ impl Service {
             }
             self.metrics.sizes(p.open_count, p.incidents.len());
         }
-        self.save_settled().await;
+        self.save().await;
         self.metrics.busy("save", saving.elapsed());
         let answering = Instant::now();
         let now = Timestamp::now();
@@ -2229,7 +2217,7 @@ impl Service {
             let mut p = write(&self.proj);
             p.alerts_cursor = p.alerts_cursor.max(at);
         }
-        self.save_settled().await;
+        self.save().await;
     }
 
     async fn on_ping(
@@ -2304,11 +2292,11 @@ impl Service {
                 // The timers stored before the failing one are folded in;
                 // the next round takes those after it.
                 self.abandon_timer(reason, &detail, cause);
-                self.save_settled().await;
+                self.save().await;
                 return;
             }
         };
-        self.save_settled().await;
+        self.save().await;
         if n > 0 {
             IncidentsEvent::Input {
                 input: "timer",
@@ -2355,7 +2343,7 @@ impl Service {
                 outcome: "missed",
             }
             .emit(&self.metrics);
-            self.save_settled().await;
+            self.save().await;
         }
     }
 
@@ -2409,7 +2397,7 @@ impl Service {
                     // redelivered; what it applied is found applied.
                     Err(Stop::Shutdown) => return,
                     Err(Stop::GaveUp { reason, detail, .. }) => {
-                        self.save_settled().await;
+                        self.save().await;
                         (reason, detail)
                     }
                 }
@@ -2457,7 +2445,7 @@ impl Service {
             [(cmd, _)] => summary_of(&read(&self.proj), cmd),
             _ => None,
         };
-        self.save_settled().await;
+        self.save().await;
         self.commands_done(msg, decided, incident).await;
     }
 
