@@ -367,6 +367,17 @@ pub struct Guard {
     writeset: Vec<PageId>,
 }
 
+impl Guard {
+    /// Tocsin's patch: unpins and pins again, so garbage retired
+    /// meanwhile can be freed, and hands this thread's retired garbage
+    /// over to be collected (see `Tree::apply_batch_inner`). Nothing
+    /// borrowed under the guard may be kept across it (`&mut self`).
+    pub(crate) fn repin(&mut self) {
+        self.inner.repin();
+        self.inner.flush();
+    }
+}
+
 impl std::ops::Deref for Guard {
     type Target = CrossbeamGuard;
 

@@ -10,6 +10,10 @@ use parking_lot::RwLock;
 
 use crate::{atomic_shim::AtomicU64, pagecache::NodeView, *};
 
+/// Tocsin's patch: how many writes of a batch go under one epoch guard
+/// (see `Tree::apply_batch_inner`).
+const REPIN_EVERY: usize = 64;
+
 #[derive(Debug, Clone)]
 pub(crate) struct View<'g> {
     pub node_view: NodeView<'g>,
@@ -386,7 +390,18 @@ impl Tree {
     ) -> Result<()> {
         let peg = self.context.pin_log(guard)?;
         trace!("applying batch {:?}", batch);
-        for (k, v_opt) in batch.writes {
+        for (i, (k, v_opt)) in batch.writes.into_iter().enumerate() {
+            // Tocsin's patch: let the epoch move on every
+            // `REPIN_EVERY` writes. Each write replaces its leaf with
+            // a new copy and leaves the old one to be freed once no
+            // thread is pinned in an older epoch; one guard held for
+            // the whole of a large batch kept every such copy alive
+            // until the batch ended. Nothing borrowed under the guard
+            // is kept from one write to the next (the peg holds its
+            // buffer by `Arc`).
+            if i > 0 && i % REPIN_EVERY == 0 {
+                guard.repin();
+            }
             loop {
                 if self.insert_inner(&k, v_opt.clone(), guard)?.is_ok() {
                     break;
