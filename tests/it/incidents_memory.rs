@@ -713,18 +713,6 @@ async fn a_list_too_large_for_one_answer_stops_at_what_fits_and_says_where() {
     assert_eq!(numbers, expected);
 }
 
-/// A figure of this process's `/proc/self/status` (`VmRSS`, `VmHWM`), in
-/// bytes.
-fn status_bytes(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("{field} in /proc/self/status"));
-    kb * 1024
-}
-
 /// Saves that each change a storm's worth of alerts, one after another
 /// (what the service saves after each batch of inputs once it has fallen
 /// behind: hundreds of ALERTS messages of 100 alerts each), let go of the
@@ -813,7 +801,7 @@ fn a_large_save_lets_the_store_nodes_it_replaces_go_as_it_goes() {
     // Every alert of every incident resolves, fires again, and so on;
     // one save stores each round, each given once the one before is
     // applied.
-    let before = status_bytes("VmRSS");
+    let before = tocsin_tests::rss_bytes();
     // Resets VmHWM to the RSS of now (Linux 4.0 and later).
     std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak RSS");
     for round in 0..ROUNDS {
@@ -834,7 +822,7 @@ fn a_large_save_lets_the_store_nodes_it_replaces_go_as_it_goes() {
         store.save(&mut p).unwrap();
         store.applied().unwrap();
     }
-    let grew = status_bytes("VmHWM").saturating_sub(before);
+    let grew = tocsin_tests::proc_status_bytes("VmHWM").saturating_sub(before);
     let changed = INCIDENTS as usize * ALERTS;
     assert!(
         grew < 128 << 20,

@@ -22,17 +22,6 @@ const IDLE: usize = 5_000;
 const SLOWLORIS: usize = 1_000;
 const MAX_CONNECTIONS: usize = 2_000;
 
-/// VmRSS of this process in bytes (the harness runs ingest in-process).
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS line");
-    kb * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_slowloris_floods_do_not_lock_out_a_good_client() {
     // Measures this process's RSS and open files: alone.
@@ -65,7 +54,7 @@ async fn idle_and_slowloris_floods_do_not_lock_out_a_good_client() {
     let tocsin = TocsinHarness::start_with(config).await;
     let url = format!("{}/api/v1/alerts", tocsin.ingest_url);
     let addr = tocsin.ingest_url.trim_start_matches("http://").to_string();
-    let rss_before = rss_bytes();
+    let rss_before = tocsin_tests::rss_bytes();
 
     // The good client: a new connection per request (as after any server
     // close), posting until told to stop. Every answer must be 200.
@@ -142,7 +131,7 @@ async fn idle_and_slowloris_floods_do_not_lock_out_a_good_client() {
     // every attacking connection.
     let client = reqwest::Client::new();
     let mut max_open = 0.0f64;
-    let mut max_rss = rss_bytes();
+    let mut max_rss = tocsin_tests::rss_bytes();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     while closed.load(Ordering::Relaxed) < IDLE + SLOWLORIS {
         assert!(
@@ -157,7 +146,7 @@ async fn idle_and_slowloris_floods_do_not_lock_out_a_good_client() {
         if let Some(open) = tocsin_tests::metric_value(&text, "tocsin_ingest_connections_open") {
             max_open = max_open.max(open);
         }
-        max_rss = max_rss.max(rss_bytes());
+        max_rss = max_rss.max(tocsin_tests::rss_bytes());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, Ordering::Relaxed);

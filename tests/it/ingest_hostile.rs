@@ -107,17 +107,6 @@ async fn an_oversized_label_is_refused_and_the_next_batch_is_stored() {
     assert_eq!(bus::count_alerts(&js).await, 100);
 }
 
-/// VmRSS of this process in bytes (the harness runs ingest in-process).
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS line");
-    kb * 1024
-}
-
 /// Defect 3: eight concurrent ~945 KB requests of 45,000 alerts each pushed
 /// RSS to 456 MB and still ended in 503. Each is refused with 413 naming
 /// the per-request limit before its alerts are built.
@@ -139,7 +128,7 @@ async fn huge_batches_are_refused_without_blowing_up_memory() {
         format!("[{}]", alerts.join(","))
     };
     assert!(body.len() < 1 << 20, "under max_body_bytes: {}", body.len());
-    let before = rss_bytes();
+    let before = tocsin_tests::rss_bytes();
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let (url, token, body) = (url.clone(), tocsin.token.clone(), body.clone());
@@ -157,7 +146,7 @@ async fn huge_batches_are_refused_without_blowing_up_memory() {
             "{text}"
         );
     }
-    let grown = rss_bytes().saturating_sub(before);
+    let grown = tocsin_tests::rss_bytes().saturating_sub(before);
     println!(
         "RSS before {} MiB, grown by {} MiB",
         before >> 20,
@@ -409,13 +398,16 @@ async fn a_full_in_flight_budget_stays_within_the_documented_memory() {
             bytes::Bytes::from(body)
         })
         .collect();
-    let before = rss_bytes();
+    let before = tocsin_tests::rss_bytes();
     let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
     let sampler = {
         let peak = peak.clone();
         tokio::spawn(async move {
             loop {
-                peak.fetch_max(rss_bytes(), std::sync::atomic::Ordering::Relaxed);
+                peak.fetch_max(
+                    tocsin_tests::rss_bytes(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
         })

@@ -128,6 +128,25 @@ pub fn in_own_process(test: &str) -> bool {
     false
 }
 
+/// A figure of this process's `/proc/self/status` in bytes: `VmRSS`
+/// (resident now) or `VmHWM` (the peak, which writing `5` to
+/// `/proc/self/clear_refs` resets). For tests that measure the memory of
+/// what they run in-process, alone ([`in_own_process`]).
+pub fn proc_status_bytes(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/self/status"));
+    kb * 1024
+}
+
+/// This process's resident memory now, in bytes (`VmRSS`).
+pub fn rss_bytes() -> u64 {
+    proc_status_bytes("VmRSS")
+}
+
 /// How long [`eventually`] waits by default: long enough for a loaded CI
 /// machine, short enough that a hang fails the test rather than CI.
 pub const EVENTUALLY: std::time::Duration = std::time::Duration::from_secs(20);
