@@ -75,7 +75,10 @@
 //! kind of private nats-server (or `--nats-url`). The policy has two levels,
 //! `{user: a}` then `{user: b}` (email only, so one page per level); incident
 //! `i` is announced `i mod --bursts` minutes after t0, so the level-1 steps
-//! come due in `--bursts` bursts, one a clock minute.
+//! come due in `--bursts` bursts, one a clock minute. Its id is a UUID v7 of
+//! that moment, as the incidents service names incidents, so the incidents
+//! of one burst are neighbours in escalation's store, as incidents opened
+//! together are in production.
 //!
 //! - **load**: INCIDENTS is pre-loaded with one synthetic `Opened` entry per
 //!   incident (not timed); the service starts on an empty store with the
@@ -512,7 +515,8 @@ struct EscalationArgs {
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
     incidents: u32,
     /// Bursts the level-1 steps come due in, a clock minute apart (incident
-    /// i is announced i mod bursts minutes after the first).
+    /// i is announced i mod bursts minutes after the first, and named by
+    /// that moment).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     bursts: u32,
     /// Use this NATS server (JetStream enabled, no Tocsin running on it;
@@ -2654,9 +2658,9 @@ impl EscalationService {
     }
 }
 
-/// The escalation bench's synthetic incidents: incident `i` has an id made
-/// of the run's nonce and `i`, and is announced `i mod bursts` minutes
-/// after t0.
+/// The escalation bench's synthetic incidents: incident `i` opens (is
+/// announced) `i mod bursts` minutes after t0, and is named as the
+/// incidents service names one ([`EscalationGen::id`]).
 struct EscalationGen {
     nonce: u64,
     t0: Timestamp,
@@ -2664,16 +2668,30 @@ struct EscalationGen {
 }
 
 impl EscalationGen {
+    /// Incident `i`'s id: a UUID v7 of its opening's millisecond, as the
+    /// incidents service makes one, so incidents that open together are
+    /// neighbours in escalation's store, as they are in production, and a
+    /// burst of them coming due reads neighbouring tracks. Its random bits
+    /// hold 42 bits of the run's nonce and `i`. (Until 2026-12-07 the ids
+    /// were the nonce then `i`, while `i` opened `i mod bursts` minutes in:
+    /// every burst's tracks were spread over the whole store.)
     fn id(&self, i: u32) -> uuid::Uuid {
-        uuid::Uuid::from_u128((u128::from(self.nonce) << 64) | u128::from(i))
+        let ms = self.announce_at(i).as_millisecond().max(0) as u128;
+        let nonce = u128::from(self.nonce);
+        uuid::Uuid::from_u128(
+            (ms & 0xffff_ffff_ffff) << 80
+                | 0x7 << 76
+                | (nonce & 0xfff) << 64
+                | 0b10 << 62
+                | ((nonce >> 12) & 0x3fff_ffff) << 32
+                | u128::from(i),
+        )
     }
 
     /// `i` of one of this run's incidents.
     fn index(&self, id: &uuid::Uuid) -> Option<u32> {
-        let v = id.as_u128();
-        ((v >> 64) as u64 == self.nonce)
-            .then(|| u32::try_from(v as u64).ok())
-            .flatten()
+        let i = id.as_u128() as u32;
+        (self.id(i) == *id).then_some(i)
     }
 
     fn burst(&self, i: u32) -> u32 {
@@ -4502,6 +4520,36 @@ fn print_machine(server_version: &str, which: &str) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_escalation_bench_names_incidents_by_their_opening_as_the_service_does() {
+        let t0 = super::ESC_T0.parse().unwrap();
+        let gen = super::EscalationGen {
+            nonce: 0x1234_5678_9abc,
+            t0,
+            bursts: 10,
+        };
+        let ids: Vec<uuid::Uuid> = (0..1000).map(|i| gen.id(i)).collect();
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(id.get_version_num(), 7);
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+            assert_eq!(gen.index(id), Some(i as u32));
+            let (secs, _) = id.get_timestamp().unwrap().to_unix();
+            assert_eq!(secs as i64, gen.announce_at(i as u32).as_second());
+        }
+        // In key order, every burst's incidents come together.
+        let mut sorted: Vec<(uuid::Uuid, u32)> = (0..1000).map(|i| (gen.id(i), i)).collect();
+        sorted.sort();
+        let bursts: Vec<u32> = sorted.iter().map(|(_, i)| gen.burst(*i)).collect();
+        assert!(bursts.windows(2).all(|w| w[0] <= w[1]), "{bursts:?}");
+        // Another run's incidents are not this one's.
+        let other = super::EscalationGen {
+            nonce: 0x1234_5678_9abd,
+            t0,
+            bursts: 10,
+        };
+        assert_eq!(gen.index(&other.id(5)), None);
+    }
+
     #[test]
     fn a_server_s_place_is_shown_without_its_password() {
         assert_eq!(
