@@ -25,6 +25,25 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
     Ok(rmp_serde::to_vec_named(value)?)
 }
 
+/// The size of `value` as [`encode`] writes it, counted as it is written
+/// rather than kept: no buffer grown, nothing copied. For sizing messages
+/// before they are made (escalation groups pages by it).
+pub fn encoded_len<T: Serialize>(value: &T) -> Result<usize, CodecError> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    rmp_serde::encode::write_named(&mut count, value)?;
+    Ok(count.0)
+}
+
 /// Deepest nesting accepted. Tocsin's types nest well under ten levels;
 /// rmp-serde's own limit (1024) lets a hostile message overflow a thread's
 /// stack through fields the reader ignores, before the limit is reached.
@@ -172,6 +191,14 @@ mod tests {
     fn golden_bytes() -> Vec<u8> {
         let hex: String = GOLDEN.split_whitespace().collect();
         hex::decode(hex).expect("golden file is hex")
+    }
+
+    #[test]
+    fn the_encoded_length_is_the_length_of_what_encode_writes() {
+        let env = sample();
+        assert_eq!(encoded_len(&env).unwrap(), encode(&env).unwrap().len());
+        let many = vec![env.body.clone(); 40];
+        assert_eq!(encoded_len(&many).unwrap(), encode(&many).unwrap().len());
     }
 
     #[test]

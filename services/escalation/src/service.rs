@@ -1031,13 +1031,15 @@ fn batches<'a>(effects: &[&'a Effect]) -> Vec<Vec<&'a Effect>> {
     let mut bytes: usize = 0;
     let mut subject = String::new();
     for effect in effects {
+        // Counted, not encoded: the message's payload is encoded once, when
+        // it is sent.
         let (size, most) = match effect {
             Effect::Record(c) => (
-                codec::encode(c.as_ref()).map_or(usize::MAX, |b| b.len()),
+                codec::encoded_len(c.as_ref()).unwrap_or(usize::MAX),
                 RECORDS_PER_MESSAGE,
             ),
             Effect::Page(p) => (
-                codec::encode(p.as_ref()).map_or(usize::MAX, |b| b.len()),
+                codec::encoded_len(p.as_ref()).unwrap_or(usize::MAX),
                 PAGES_PER_MESSAGE,
             ),
         };

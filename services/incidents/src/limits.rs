@@ -70,7 +70,7 @@ impl Limits {
     /// whether it was cut.
     pub fn bound_alert(&self, alert: &mut Alert) -> Result<bool, TooLarge> {
         let budget = self.max_alert_bytes();
-        let size = |a: &Alert| codec::encode(a).map(|b| b.len()).unwrap_or(usize::MAX);
+        let size = |a: &Alert| codec::encoded_len(a).unwrap_or(usize::MAX);
         let before = size(alert);
         if before <= budget {
             return Ok(false);

@@ -230,7 +230,7 @@ fn fit(
 /// `v`'s size as the answer encodes it (one that does not encode takes
 /// all the room, so it is left out).
 fn encoded_len<T: serde::Serialize>(v: &T) -> usize {
-    codec::encode(v).map_or(usize::MAX, |b| b.len())
+    codec::encoded_len(v).unwrap_or(usize::MAX)
 }
 
 /// An alert change, as against what people and the engine did.

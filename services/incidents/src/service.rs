@@ -1468,7 +1468,7 @@ impl Service {
             let tp_one = one.traceparent.clone().or_else(|| traceparent.clone());
             let tp = tp_one.as_deref();
             if one.body.origin.kind == Some(SourceKind::Heartbeat)
-                || (measure && codec::encode(&one.body).map_or(usize::MAX, |b| b.len()) > budget)
+                || (measure && codec::encoded_len(&one.body).unwrap_or(usize::MAX) > budget)
             {
                 return self
                     .end_run(&mut run, batch, sent, last_seq)
