@@ -822,7 +822,7 @@ fn a_large_save_lets_the_store_nodes_it_replaces_go_as_it_goes() {
         store.save(&mut p).unwrap();
         store.applied().unwrap();
     }
-    let grew = tocsin_tests::proc_status_bytes("VmHWM").saturating_sub(before);
+    let grew = tocsin_tests::peak_rss_bytes().saturating_sub(before);
     let changed = INCIDENTS as usize * ALERTS;
     assert!(
         grew < 128 << 20,

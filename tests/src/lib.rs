@@ -128,23 +128,55 @@ pub fn in_own_process(test: &str) -> bool {
     false
 }
 
-/// A figure of this process's `/proc/self/status` in bytes: `VmRSS`
-/// (resident now) or `VmHWM` (the peak, which writing `5` to
-/// `/proc/self/clear_refs` resets). For tests that measure the memory of
-/// what they run in-process, alone ([`in_own_process`]).
-pub fn proc_status_bytes(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("{field} in /proc/self/status"));
-    kb * 1024
+/// A process's resident memory, from `/proc/<pid>/status`: `VmRSS`
+/// (resident now) and `VmHWM` (the peak, which writing `5` to
+/// `/proc/self/clear_refs` resets), in KiB.
+#[derive(Clone, Copy, Debug)]
+pub struct Memory {
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+}
+
+impl Memory {
+    /// Of this process (None) or `pid`; None where /proc does not say.
+    pub fn read(pid: Option<u32>) -> Option<Memory> {
+        let path = match pid {
+            Some(p) => format!("/proc/{p}/status"),
+            None => "/proc/self/status".to_string(),
+        };
+        let text = std::fs::read_to_string(path).ok()?;
+        let field = |name: &str| -> Option<u64> {
+            text.lines().find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(':')?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+        };
+        Some(Memory {
+            rss_kib: field("VmRSS")?,
+            hwm_kib: field("VmHWM")?,
+        })
+    }
+
+    /// Of this process, for tests that measure the memory of what they
+    /// run in-process, alone ([`in_own_process`]).
+    fn of_this_process() -> Memory {
+        Memory::read(None).expect("VmRSS and VmHWM in /proc/self/status")
+    }
 }
 
 /// This process's resident memory now, in bytes (`VmRSS`).
 pub fn rss_bytes() -> u64 {
-    proc_status_bytes("VmRSS")
+    Memory::of_this_process().rss_kib * 1024
+}
+
+/// This process's peak resident memory, in bytes (`VmHWM`).
+pub fn peak_rss_bytes() -> u64 {
+    Memory::of_this_process().hwm_kib * 1024
 }
 
 /// How long [`eventually`] waits by default: long enough for a loaded CI

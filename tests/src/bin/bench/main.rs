@@ -360,7 +360,7 @@ use tocsin_tests::{
     fakes::{FakeProviders, Provider},
     incidents::alert,
     notifier::Replica,
-    NatsServer, TocsinHarness, TEST_TOKEN,
+    Memory, NatsServer, TocsinHarness, TEST_TOKEN,
 };
 use tokio::net::TcpListener;
 
@@ -4168,8 +4168,8 @@ fn print_memory(
         };
         println!(
             "{label:<label_width$} {:>24} {growth:>12} {:>24}",
-            mem.map(Memory::describe).unwrap_or_else(|| "-".into()),
-            nats.map(Memory::describe).unwrap_or_else(|| "-".into()),
+            mem.map(describe_memory).unwrap_or_else(|| "-".into()),
+            nats.map(describe_memory).unwrap_or_else(|| "-".into()),
         );
     }
     if nats_base.is_none() {
@@ -4184,43 +4184,13 @@ fn print_memory(
     }
 }
 
-#[derive(Clone, Copy)]
-struct Memory {
-    rss_kib: u64,
-    hwm_kib: u64,
-}
-
-impl Memory {
-    /// Of this process (None) or `pid`; None where /proc does not say.
-    fn read(pid: Option<u32>) -> Option<Memory> {
-        let path = match pid {
-            Some(p) => format!("/proc/{p}/status"),
-            None => "/proc/self/status".to_string(),
-        };
-        let text = std::fs::read_to_string(path).ok()?;
-        let field = |name: &str| -> Option<u64> {
-            text.lines().find_map(|l| {
-                l.strip_prefix(name)?
-                    .trim()
-                    .strip_suffix("kB")?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-        };
-        Some(Memory {
-            rss_kib: field("VmRSS:")?,
-            hwm_kib: field("VmHWM:")?,
-        })
-    }
-
-    fn describe(self) -> String {
-        format!(
-            "{:.1} / {:.1} MiB",
-            self.rss_kib as f64 / 1024.0,
-            self.hwm_kib as f64 / 1024.0
-        )
-    }
+/// "RSS / peak MiB" of a [`Memory`] reading.
+fn describe_memory(m: Memory) -> String {
+    format!(
+        "{:.1} / {:.1} MiB",
+        m.rss_kib as f64 / 1024.0,
+        m.hwm_kib as f64 / 1024.0
+    )
 }
 
 /// The private nats-server's pid: [`NatsServer`] keeps its child to itself,
