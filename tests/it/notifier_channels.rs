@@ -695,6 +695,94 @@ async fn a_page_for_a_just_opened_incident_lists_its_alerts_without_asking_the_i
     alone.replica.stop().await;
 }
 
+/// After a page goes out, the notifier asks whether its incident moved on
+/// meanwhile, to bring the message up to date; a message its provider
+/// never changes (an SMS, an email, a webhook without `updates`) needs no
+/// such question. Each page reads its incident's last entry once before
+/// it is sent; a webhook page (`updates` on, the default) once more after,
+/// an SMS page never. Counted as the direct gets on INCIDENTS naming each
+/// incident's subjects, seen by a subscriber of their subject, once the
+/// notifier has stopped (which waits for its follow-ups).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_no_provider_can_update_is_not_read_again_after_it_is_sent() {
+    use futures::{FutureExt, StreamExt};
+    use tocsin_proto::{
+        incident::{Cause, EventKind, IncidentEvent, LogEntry},
+        notify::Channel,
+        subjects::STREAM_INCIDENTS,
+    };
+    tocsin_tests::init_logs();
+    let alone = Alone::start().await;
+    let mut gets = alone
+        .client
+        .subscribe(format!("$JS.API.DIRECT.GET.{STREAM_INCIDENTS}"))
+        .await
+        .unwrap();
+    tocsin_runtime::nats::round_trip(&alone.client)
+        .await
+        .unwrap();
+    let mut incidents = Vec::new();
+    for n in 1..=6u64 {
+        let channel = if n % 2 == 0 {
+            Channel::Webhook
+        } else {
+            Channel::Sms
+        };
+        let page = notifier::page(n, channel);
+        let entry = LogEntry::Incident(IncidentEvent {
+            kind: EventKind::Opened {
+                alert: load_alert(&format!("web-{n}"), page.incident.opened_at),
+                more: Vec::new(),
+            },
+            at: page.incident.opened_at,
+            actor: None,
+            cause: Cause::Timer {
+                id: format!("t{n}"),
+            },
+            incident: page.incident.clone(),
+        });
+        store_entry(&alone.js, &entry).await;
+        notifier::publish_pages(&alone.js, std::slice::from_ref(&page)).await;
+        incidents.push((page.incident.id, channel));
+    }
+    assert!(
+        alone
+            .fakes
+            .wait_for(|f| f.sms().len() == 3 && f.webhooks().len() == 3, WAIT)
+            .await,
+        "three SMS and three webhook calls within {WAIT:?}"
+    );
+    alone.replica.stop().await;
+    tocsin_runtime::nats::round_trip(&alone.client)
+        .await
+        .unwrap();
+    let mut asked: std::collections::HashMap<uuid::Uuid, usize> = Default::default();
+    while let Some(Some(m)) = gets.next().now_or_never() {
+        let request: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        let subject = request["last_by_subj"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        for (id, _) in &incidents {
+            if subject == tocsin_proto::subjects::incident_events_of(id) {
+                *asked.entry(*id).or_default() += 1;
+            }
+        }
+    }
+    let reads: Vec<(Channel, usize)> = incidents
+        .iter()
+        .map(|(id, c)| (*c, asked.get(id).copied().unwrap_or(0)))
+        .collect();
+    let expected: Vec<(Channel, usize)> = incidents
+        .iter()
+        .map(|(_, c)| (*c, if *c == Channel::Webhook { 2 } else { 1 }))
+        .collect();
+    assert_eq!(
+        reads, expected,
+        "each incident's last entry read once before its page, and once after only where the provider updates its messages"
+    );
+}
+
 /// INCIDENTS allows direct gets with one replica, and the notifier reads
 /// an incident's last entry that way. If the stream stops allowing them
 /// under a running notifier (an admin changed it, or it now has more

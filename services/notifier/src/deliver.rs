@@ -764,9 +764,11 @@ impl Deliverer {
                 let f = self.finish(job, Some(&out), key, rec, rev, shutdown).await;
                 // The incident may have changed while the page was on its
                 // way: bring the message up to date (the change's own sync
-                // may have run before this record said "sent").
+                // may have run before this record said "sent"), unless
+                // nothing can change it (one read of INCIDENTS less a page).
                 if version > 0
                     && matches!(job.about.kind, MessageKind::Page | MessageKind::Reminder)
+                    && provider.may_update(&sent.0)
                 {
                     self.follow_up(job.about.incident, provider, sent, shutdown);
                 }
@@ -921,6 +923,11 @@ impl Deliverer {
             let Some(kind) = provider.update(&pref, &shown, &now.summary) else {
                 return Ok(());
             };
+            debug_assert!(
+                provider.may_update(&pref),
+                "{} updated a message it says it never updates",
+                provider.name()
+            );
             let job = Job {
                 id: format!("upd:{}:{}:{}", kind.as_str(), now.version, stored.key),
                 about: About {

@@ -120,6 +120,10 @@ impl Provider for Console {
         })
     }
 
+    fn may_update(&self, sent: &ProviderRef) -> bool {
+        matches!(sent, ProviderRef::Console)
+    }
+
     fn takes_status_updates(&self, sent: &ProviderRef) -> bool {
         matches!(sent, ProviderRef::Console)
     }

@@ -184,6 +184,14 @@ pub trait Provider: Send + Sync {
         None
     }
 
+    /// Whether [`Provider::update`] may ever change `sent`: false for a
+    /// message nothing can edit or follow (an SMS, an email, a webhook
+    /// without `updates`), which is then never read again after it is sent.
+    fn may_update(&self, sent: &ProviderRef) -> bool {
+        let _ = sent;
+        false
+    }
+
     /// Whether a note is posted as a status update for a message it sent.
     fn takes_status_updates(&self, sent: &ProviderRef) -> bool {
         let _ = sent;

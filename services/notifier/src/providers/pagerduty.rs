@@ -231,6 +231,10 @@ impl Provider for Pagerduty {
 
     // No find_sent: PagerDuty drops a repeated trigger by its dedup_key.
 
+    fn may_update(&self, sent: &ProviderRef) -> bool {
+        matches!(sent, ProviderRef::Pagerduty { .. })
+    }
+
     /// PagerDuty's alert follows the incident: acknowledged, resolved, and
     /// triggered again when it reopens. It has no "unacknowledge".
     fn update(

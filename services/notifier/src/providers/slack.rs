@@ -359,6 +359,13 @@ impl Provider for Slack {
         }
     }
 
+    fn may_update(&self, sent: &ProviderRef) -> bool {
+        matches!(
+            sent,
+            ProviderRef::SlackMessage { .. } | ProviderRef::SlackWebhook
+        )
+    }
+
     fn takes_status_updates(&self, sent: &ProviderRef) -> bool {
         matches!(
             sent,
