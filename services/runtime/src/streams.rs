@@ -222,7 +222,8 @@ impl JetStreamConfig {
             } else {
                 DiscardPolicy::New
             },
-            // The notifier reads an incident's last entry twice a page.
+            // The notifier reads an incident's last entry before a page,
+            // and after it where the provider can update the message.
             // A direct get costs nats-server a fraction of a
             // `STREAM.MSG.GET` (no JSON request, no routing through the
             // system account), but any replica may answer it, one that

@@ -386,6 +386,50 @@ async fn drive(
     })
 }
 
+/// How long a window of [`windows`] is.
+const WINDOW: Duration = Duration::from_secs(5);
+
+/// Per phase, the p99 of the alerts sent in each [`WINDOW`] of it, in
+/// order: a run whose p99 is high because of one stall the queue then
+/// took long to drain shows it there, one that was slow throughout too.
+fn windows(phases: &[Phase], timings: &[Timing]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (pi, phase) in phases.iter().enumerate() {
+        let of_phase: Vec<&Timing> = timings.iter().filter(|t| t.phase == pi).collect();
+        let Some(start) = of_phase.iter().map(|t| t.sent).min() else {
+            continue;
+        };
+        let mut by_window: Vec<Vec<Duration>> = Vec::new();
+        for t in &of_phase {
+            let w = (t.sent.duration_since(start).as_millis() / WINDOW.as_millis()) as usize;
+            if by_window.len() <= w {
+                by_window.resize(w + 1, Vec::new());
+            }
+            if let Some(paged) = t.paged {
+                by_window[w].push(paged.saturating_duration_since(t.sent));
+            }
+        }
+        let p99s: Vec<String> = by_window
+            .iter_mut()
+            .map(|l| {
+                l.sort_unstable();
+                match l.get((l.len() * 99 / 100).min(l.len().saturating_sub(1))) {
+                    Some(d) => format!("{:.0}", d.as_secs_f64() * 1e3),
+                    None => "-".to_string(),
+                }
+            })
+            .collect();
+        out.push(format!(
+            "p99 of the alerts sent in each {} s of phase {} ({}/s), ms: {}",
+            WINDOW.as_secs(),
+            pi + 1,
+            phase.rate,
+            p99s.join(", ")
+        ));
+    }
+    out
+}
+
 /// What [`drive`] measured.
 struct Driven {
     /// Per phase, sorted.
@@ -447,13 +491,15 @@ impl StageTap {
     }
 
     /// Per phase, the stages' p50 / p99 (ms) over the alerts seen at every
-    /// stage, as one line each.
+    /// stage, and the stages of the slowest of them, as one line each.
     fn report(self, phases: &[Phase], timings: &[Timing]) -> Vec<String> {
         self.task.abort();
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
         for (pi, phase) in phases.iter().enumerate() {
             let mut stages: [Vec<Duration>; 4] = Default::default();
+            // The slowest alert's stages: where a stall was.
+            let mut slowest: Option<(Duration, [Duration; 4])> = None;
             for (k, t) in timings.iter().enumerate() {
                 if t.phase != pi {
                     continue;
@@ -461,10 +507,19 @@ impl StageTap {
                 let (Some([Some(entry), Some(page)]), Some(paged)) = (seen.get(&k), t.paged) else {
                     continue;
                 };
-                stages[0].push(t.answered.saturating_duration_since(t.sent));
-                stages[1].push(entry.saturating_duration_since(t.answered));
-                stages[2].push(page.saturating_duration_since(*entry));
-                stages[3].push(paged.saturating_duration_since(*page));
+                let these = [
+                    t.answered.saturating_duration_since(t.sent),
+                    entry.saturating_duration_since(t.answered),
+                    page.saturating_duration_since(*entry),
+                    paged.saturating_duration_since(*page),
+                ];
+                for (all, d) in stages.iter_mut().zip(these) {
+                    all.push(d);
+                }
+                let total = paged.saturating_duration_since(t.sent);
+                if slowest.is_none_or(|(s, _)| total > s) {
+                    slowest = Some((total, these));
+                }
             }
             let n = stages[0].len();
             let parts: Vec<String> = stages
@@ -484,8 +539,19 @@ impl StageTap {
                     )
                 })
                 .collect();
+            let slowest = match slowest {
+                Some((total, [a, b, c, d])) => format!(
+                    "; the slowest alert {} in all: {}, {}, {}, {}",
+                    ms(Some(total)),
+                    ms(Some(a)),
+                    ms(Some(b)),
+                    ms(Some(c)),
+                    ms(Some(d))
+                ),
+                None => String::new(),
+            };
             out.push(format!(
-                "{}/s ({n} alerts seen at every stage): {}",
+                "{}/s ({n} alerts seen at every stage): {}{slowest}",
                 phase.rate,
                 parts.join(", ")
             ));
@@ -1064,6 +1130,9 @@ async fn tocsin_side(phases: &[Phase], run: &str, stage_times: bool) -> anyhow::
         drive("Tocsin", &target, &receiver, phases, run, &mut check).await?
     };
     harness.report("Tocsin", phases);
+    for line in windows(phases, &timings) {
+        println!("  Tocsin: {line}");
+    }
     if let Some(tap) = tap {
         for line in tap.report(phases, &timings) {
             println!("  Tocsin: where the time went at {line}");
