@@ -540,6 +540,33 @@ async fn store_entry(
         .unwrap();
 }
 
+/// Incident `n` opened with alert `web-n` (its opening entry stored on
+/// INCIDENTS, as the incidents service stores it) and paged on `channel`:
+/// the page, as published to NOTIFY.
+async fn open_and_page(
+    js: &async_nats::jetstream::Context,
+    n: u64,
+    channel: tocsin_proto::notify::Channel,
+) -> tocsin_proto::notify::Page {
+    use tocsin_proto::incident::{Cause, EventKind, IncidentEvent, LogEntry};
+    let page = notifier::page(n, channel);
+    let entry = LogEntry::Incident(IncidentEvent {
+        kind: EventKind::Opened {
+            alert: load_alert(&format!("web-{n}"), page.incident.opened_at),
+            more: Vec::new(),
+        },
+        at: page.incident.opened_at,
+        actor: None,
+        cause: Cause::Timer {
+            id: format!("t{n}"),
+        },
+        incident: page.incident.clone(),
+    });
+    store_entry(js, &entry).await;
+    notifier::publish_pages(js, std::slice::from_ref(&page)).await;
+    page
+}
+
 /// Alert changes are stored with others in messages of several entries,
 /// not on the incident's own subjects: an incident whose second alert
 /// joined after its opening has the opening as its last own entry, and
@@ -706,11 +733,7 @@ async fn a_page_for_a_just_opened_incident_lists_its_alerts_without_asking_the_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_no_provider_can_update_is_not_read_again_after_it_is_sent() {
     use futures::{FutureExt, StreamExt};
-    use tocsin_proto::{
-        incident::{Cause, EventKind, IncidentEvent, LogEntry},
-        notify::Channel,
-        subjects::STREAM_INCIDENTS,
-    };
+    use tocsin_proto::{notify::Channel, subjects::STREAM_INCIDENTS};
     tocsin_tests::init_logs();
     let alone = Alone::start().await;
     let mut gets = alone
@@ -728,21 +751,7 @@ async fn a_page_no_provider_can_update_is_not_read_again_after_it_is_sent() {
         } else {
             Channel::Sms
         };
-        let page = notifier::page(n, channel);
-        let entry = LogEntry::Incident(IncidentEvent {
-            kind: EventKind::Opened {
-                alert: load_alert(&format!("web-{n}"), page.incident.opened_at),
-                more: Vec::new(),
-            },
-            at: page.incident.opened_at,
-            actor: None,
-            cause: Cause::Timer {
-                id: format!("t{n}"),
-            },
-            incident: page.incident.clone(),
-        });
-        store_entry(&alone.js, &entry).await;
-        notifier::publish_pages(&alone.js, std::slice::from_ref(&page)).await;
+        let page = open_and_page(&alone.js, n, channel).await;
         incidents.push((page.incident.id, channel));
     }
     assert!(
@@ -792,32 +801,13 @@ async fn a_page_no_provider_can_update_is_not_read_again_after_it_is_sent() {
 /// carries (no alerts at all).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_stops_allowing_direct_gets_is_read_the_leaders_way() {
-    use tocsin_proto::{
-        incident::{Cause, EventKind, IncidentEvent, LogEntry},
-        notify::Channel,
-        subjects::STREAM_INCIDENTS,
-    };
+    use tocsin_proto::{notify::Channel, subjects::STREAM_INCIDENTS};
     tocsin_tests::init_logs();
     let alone = Alone::start().await;
     // Incident n opens with alert web-n and pages the webhook: the page
     // lists that alert, which only the stored opening names.
     let paged = async |n: u64| {
-        let page = notifier::page(n, Channel::Webhook);
-        let alert = load_alert(&format!("web-{n}"), page.incident.opened_at);
-        let entry = LogEntry::Incident(IncidentEvent {
-            kind: EventKind::Opened {
-                alert,
-                more: Vec::new(),
-            },
-            at: page.incident.opened_at,
-            actor: None,
-            cause: Cause::Timer {
-                id: format!("t{n}"),
-            },
-            incident: page.incident.clone(),
-        });
-        store_entry(&alone.js, &entry).await;
-        notifier::publish_pages(&alone.js, std::slice::from_ref(&page)).await;
+        open_and_page(&alone.js, n, Channel::Webhook).await;
         let calls = n as usize;
         assert!(
             alone
