@@ -60,7 +60,8 @@ pub struct AllArgs {
     storm_grouped: bool,
     /// Alert to page: also print per phase where an alert's time went
     /// (answered by ingest, its INCIDENTS entry, its NOTIFY page, the
-    /// webhook), seen by a core NATS subscription of the bench on
+    /// webhook; the p50 and p99 of each, and the slowest alert's), seen by
+    /// a core NATS subscription of the bench on
     /// `tocsin.incidents.>` and `tocsin.notify.>` (which costs nats-server
     /// a delivery per message more).
     #[arg(long)]

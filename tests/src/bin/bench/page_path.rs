@@ -413,7 +413,7 @@ fn windows(phases: &[Phase], timings: &[Timing]) -> Vec<String> {
             .iter_mut()
             .map(|l| {
                 l.sort_unstable();
-                match l.get((l.len() * 99 / 100).min(l.len().saturating_sub(1))) {
+                match percentile(l, 0.99) {
                     Some(d) => format!("{:.0}", d.as_secs_f64() * 1e3),
                     None => "-".to_string(),
                 }
