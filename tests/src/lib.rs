@@ -145,20 +145,9 @@ impl Memory {
             None => "/proc/self/status".to_string(),
         };
         let text = std::fs::read_to_string(path).ok()?;
-        let field = |name: &str| -> Option<u64> {
-            text.lines().find_map(|l| {
-                l.strip_prefix(name)?
-                    .strip_prefix(':')?
-                    .trim()
-                    .strip_suffix("kB")?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-        };
         Some(Memory {
-            rss_kib: field("VmRSS")?,
-            hwm_kib: field("VmHWM")?,
+            rss_kib: proc_kib(&text, "VmRSS")?,
+            hwm_kib: proc_kib(&text, "VmHWM")?,
         })
     }
 
@@ -167,6 +156,20 @@ impl Memory {
     fn of_this_process() -> Memory {
         Memory::read(None).expect("VmRSS and VmHWM in /proc/self/status")
     }
+}
+
+/// The KiB of a `<name>: <n> kB` line of a /proc file (`status`,
+/// `smaps_rollup`).
+pub fn proc_kib(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(name)?
+            .strip_prefix(':')?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// This process's resident memory now, in bytes (`VmRSS`).

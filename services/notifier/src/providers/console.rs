@@ -124,10 +124,6 @@ impl Provider for Console {
         matches!(sent, ProviderRef::Console)
     }
 
-    fn takes_status_updates(&self, sent: &ProviderRef) -> bool {
-        matches!(sent, ProviderRef::Console)
-    }
-
     /// Renders the channel's template; a kind that channel has no template
     /// for (an SMS "resolved") is shown as one line.
     fn render(&self, t: &crate::templates::Templates, out: &Outgoing) -> Result<Rendered, String> {

@@ -192,10 +192,11 @@ pub trait Provider: Send + Sync {
         false
     }
 
-    /// Whether a note is posted as a status update for a message it sent.
+    /// Whether a note is posted as a status update for a message it sent:
+    /// by default, where the message follows the incident
+    /// ([`Provider::may_update`]).
     fn takes_status_updates(&self, sent: &ProviderRef) -> bool {
-        let _ = sent;
-        false
+        self.may_update(sent)
     }
 
     /// Per-request timeout (leases are sized from it).

@@ -235,6 +235,11 @@ impl Provider for Pagerduty {
         matches!(sent, ProviderRef::Pagerduty { .. })
     }
 
+    /// PagerDuty's alert follows the incident's status; notes are not sent.
+    fn takes_status_updates(&self, _sent: &ProviderRef) -> bool {
+        false
+    }
+
     /// PagerDuty's alert follows the incident: acknowledged, resolved, and
     /// triggered again when it reopens. It has no "unacknowledge".
     fn update(

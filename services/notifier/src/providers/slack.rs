@@ -365,13 +365,6 @@ impl Provider for Slack {
             ProviderRef::SlackMessage { .. } | ProviderRef::SlackWebhook
         )
     }
-
-    fn takes_status_updates(&self, sent: &ProviderRef) -> bool {
-        matches!(
-            sent,
-            ProviderRef::SlackMessage { .. } | ProviderRef::SlackWebhook
-        )
-    }
 }
 
 fn short(s: &str) -> String {

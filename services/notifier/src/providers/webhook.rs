@@ -179,10 +179,6 @@ impl Provider for Webhook {
     fn may_update(&self, sent: &ProviderRef) -> bool {
         self.updates && matches!(sent, ProviderRef::Webhook { .. })
     }
-
-    fn takes_status_updates(&self, sent: &ProviderRef) -> bool {
-        self.updates && matches!(sent, ProviderRef::Webhook { .. })
-    }
 }
 
 #[cfg(test)]

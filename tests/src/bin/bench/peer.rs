@@ -150,15 +150,7 @@ pub fn pss_mib(pid: Option<u32>) -> Option<f64> {
         None => "/proc/self/smaps_rollup".to_string(),
     };
     let text = std::fs::read_to_string(path).ok()?;
-    let kib: u64 = text.lines().find_map(|l| {
-        l.strip_prefix("Pss:")?
-            .trim()
-            .strip_suffix("kB")?
-            .trim()
-            .parse()
-            .ok()
-    })?;
-    Some(kib as f64 / 1024.0)
+    Some(tocsin_tests::proc_kib(&text, "Pss")? as f64 / 1024.0)
 }
 
 /// Resets this process's VmHWM to its current RSS (`/proc/self/clear_refs`
