@@ -255,6 +255,7 @@ async fn drive(
     for (pi, phase) in phases.iter().enumerate() {
         let start = Instant::now();
         phase_start.push(start);
+        let cpu_before = MachineCpu::read();
         for i in 0..phase.alerts() {
             let due = start + Duration::from_secs_f64(i as f64 / phase.rate as f64);
             tokio::time::sleep_until(due.into()).await;
@@ -274,14 +275,36 @@ async fn drive(
             }));
             n += 1;
         }
+        let cores = match (cpu_before, MachineCpu::read()) {
+            (Some(a), Some(b)) => format!("; the machine meanwhile: {}", b.since(&a)),
+            _ => String::new(),
+        };
         println!(
-            "  {side}: phase {} ({} alerts/s for {}s) sent in {:.1}s, {} pages received so far",
+            "  {side}: phase {} ({} alerts/s for {}s) sent in {:.1}s, {} pages received so far{cores}",
             pi + 1,
             phase.rate,
             phase.secs,
             start.elapsed().as_secs_f64(),
             receiver.count()
         );
+        // Each phase is measured alone: the next starts once this one's
+        // pages are in (or after SETTLE), so a phase that fell behind does
+        // not hand its queue to the next, and the last alerts of a phase
+        // never wait behind the next phase's first ones.
+        if pi + 1 < phases.len() {
+            let settling = Instant::now();
+            while receiver.count() < n && settling.elapsed() < SETTLE {
+                check()?;
+                // Poll interval of a wait with a deadline.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            println!(
+                "  {side}: phase {} settled in {:.2}s ({} of {n} pages in), the next begins",
+                pi + 1,
+                settling.elapsed().as_secs_f64(),
+                receiver.count()
+            );
+        }
     }
     let sending_ended = Instant::now();
     let mut sent: Vec<(usize, Instant, Instant)> = Vec::with_capacity(total);
@@ -384,6 +407,65 @@ async fn drive(
         failed,
         timings,
     })
+}
+
+/// How long [`drive`] waits at most for a phase's pages before the next
+/// phase begins.
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// The machine's CPU time so far (`/proc/stat`'s `cpu` line, in ticks).
+#[derive(Clone, Copy)]
+struct MachineCpu {
+    busy: u64,
+    idle: u64,
+    iowait: u64,
+    steal: u64,
+}
+
+impl MachineCpu {
+    fn read() -> Option<MachineCpu> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        MachineCpu::parse(stat.lines().next()?)
+    }
+
+    /// `cpu  user nice system idle iowait irq softirq steal ...`
+    fn parse(line: &str) -> Option<MachineCpu> {
+        let mut f = line.split_whitespace();
+        if f.next()? != "cpu" {
+            return None;
+        }
+        let v: Vec<u64> = f.take(8).map(|x| x.parse().ok()).collect::<Option<_>>()?;
+        let [user, nice, system, idle, iowait, irq, softirq, steal] = v[..] else {
+            return None;
+        };
+        Some(MachineCpu {
+            busy: user + nice + system + irq + softirq,
+            idle,
+            iowait,
+            steal,
+        })
+    }
+
+    /// The shares of the cores' time since `before`: whether the cores
+    /// were full (the CPU bound the phase) or stood idle (something else
+    /// did: the disk's syncs, one chain waiting on them).
+    fn since(&self, before: &MachineCpu) -> String {
+        let d = |a: u64, b: u64| a.saturating_sub(b) as f64;
+        let (busy, idle, iowait, steal) = (
+            d(self.busy, before.busy),
+            d(self.idle, before.idle),
+            d(self.iowait, before.iowait),
+            d(self.steal, before.steal),
+        );
+        let all = (busy + idle + iowait + steal).max(1.0);
+        format!(
+            "cores busy {:.0}%, idle {:.0}%, waiting for the disk {:.0}%, stolen by the host {:.0}%",
+            busy / all * 100.0,
+            idle / all * 100.0,
+            iowait / all * 100.0,
+            steal / all * 100.0
+        )
+    }
 }
 
 /// How long a window of [`windows`] is.
@@ -499,7 +581,12 @@ impl StageTap {
         for (pi, phase) in phases.iter().enumerate() {
             let mut stages: [Vec<Duration>; 4] = Default::default();
             // The slowest alert's stages: where a stall was.
-            let mut slowest: Option<(Duration, [Duration; 4])> = None;
+            let mut slowest: Option<(Duration, [Duration; 4], Instant)> = None;
+            let began = timings
+                .iter()
+                .filter(|t| t.phase == pi)
+                .map(|t| t.sent)
+                .min();
             for (k, t) in timings.iter().enumerate() {
                 if t.phase != pi {
                     continue;
@@ -517,8 +604,8 @@ impl StageTap {
                     all.push(d);
                 }
                 let total = paged.saturating_duration_since(t.sent);
-                if slowest.is_none_or(|(s, _)| total > s) {
-                    slowest = Some((total, these));
+                if slowest.is_none_or(|(s, _, _)| total > s) {
+                    slowest = Some((total, these, t.sent));
                 }
             }
             let n = stages[0].len();
@@ -540,8 +627,9 @@ impl StageTap {
                 })
                 .collect();
             let slowest = match slowest {
-                Some((total, [a, b, c, d])) => format!(
-                    "; the slowest alert {} in all: {}, {}, {}, {}",
+                Some((total, [a, b, c, d], sent)) => format!(
+                    "; the slowest alert (sent {:.2} s into the phase) {} in all: {}, {}, {}, {}",
+                    began.map_or(0.0, |b| sent.duration_since(b).as_secs_f64()),
                     ms(Some(total)),
                     ms(Some(a)),
                     ms(Some(b)),
@@ -1615,4 +1703,22 @@ pub async fn page_path(quick: bool, reps: u32, stage_times: bool) -> anyhow::Res
     }
     outcome.figures = figures;
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MachineCpu;
+
+    #[test]
+    fn the_machines_cpu_shares_come_from_proc_stat() {
+        let before = MachineCpu::parse("cpu  100 0 50 800 10 0 0 40 0 0").unwrap();
+        let after = MachineCpu::parse("cpu  250 0 100 900 20 0 0 80 0 0").unwrap();
+        // 200 busy, 100 idle, 10 iowait, 40 stolen: 350 ticks.
+        assert_eq!(
+            after.since(&before),
+            "cores busy 57%, idle 29%, waiting for the disk 3%, stolen by the host 11%"
+        );
+        assert!(MachineCpu::parse("cpu0 1 2 3 4 5 6 7 8").is_none());
+        assert!(MachineCpu::parse("cpu  1 2 3").is_none());
+    }
 }
