@@ -295,7 +295,9 @@ async fn drive(
             let settling = Instant::now();
             while receiver.count() < n && settling.elapsed() < SETTLE {
                 check()?;
-                // Poll interval of a wait with a deadline.
+                // The poll interval of a wait for the pages to arrive (it
+                // ends as soon as they have, or at SETTLE); it proves
+                // nothing by passing.
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             println!(
@@ -468,6 +470,15 @@ impl MachineCpu {
     }
 }
 
+/// When phase `pi`'s first alert was sent.
+fn phase_began(timings: &[Timing], pi: usize) -> Option<Instant> {
+    timings
+        .iter()
+        .filter(|t| t.phase == pi)
+        .map(|t| t.sent)
+        .min()
+}
+
 /// How long a window of [`windows`] is.
 const WINDOW: Duration = Duration::from_secs(5);
 
@@ -477,12 +488,12 @@ const WINDOW: Duration = Duration::from_secs(5);
 fn windows(phases: &[Phase], timings: &[Timing]) -> Vec<String> {
     let mut out = Vec::new();
     for (pi, phase) in phases.iter().enumerate() {
-        let of_phase: Vec<&Timing> = timings.iter().filter(|t| t.phase == pi).collect();
-        let Some(start) = of_phase.iter().map(|t| t.sent).min() else {
+        let Some(start) = phase_began(timings, pi) else {
             continue;
         };
+        let of_phase = timings.iter().filter(|t| t.phase == pi);
         let mut by_window: Vec<Vec<Duration>> = Vec::new();
-        for t in &of_phase {
+        for t in of_phase {
             let w = (t.sent.duration_since(start).as_millis() / WINDOW.as_millis()) as usize;
             if by_window.len() <= w {
                 by_window.resize(w + 1, Vec::new());
@@ -582,11 +593,7 @@ impl StageTap {
             let mut stages: [Vec<Duration>; 4] = Default::default();
             // The slowest alert's stages: where a stall was.
             let mut slowest: Option<(Duration, [Duration; 4], Instant)> = None;
-            let began = timings
-                .iter()
-                .filter(|t| t.phase == pi)
-                .map(|t| t.sent)
-                .min();
+            let began = phase_began(timings, pi);
             for (k, t) in timings.iter().enumerate() {
                 if t.phase != pi {
                     continue;
