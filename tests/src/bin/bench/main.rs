@@ -121,7 +121,9 @@
 //! the channels in turn) are published to NOTIFY as the escalation service
 //! publishes them, pipelined ([`PRELOAD_CHUNK`] sends, then their acks;
 //! at `--rate` pages/s if given, else as fast as that goes), while the
-//! replicas consume.
+//! replicas consume; with `--per-message N`, as escalation publishes a
+//! burst: runs of N pages of one channel, a message each on the channel's
+//! batch subject with `Tocsin-Items`.
 //!
 //! - **throughput**: pages / (the fake's receipt of the last page - the
 //!   first page's publish).
@@ -554,6 +556,12 @@ struct NotifierArgs {
     /// Prints per-channel p50/p99/max from publish to the provider.
     #[arg(long)]
     mixed: bool,
+    /// Timed pages published as escalation publishes a burst: runs of
+    /// this many consecutive pages of one channel, each run one message on
+    /// `tocsin.notify.<channel>.batch` with `Tocsin-Items`; 1 publishes a
+    /// message a page. Not with `--mixed`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    per_message: u32,
 }
 
 #[tokio::main]
@@ -2893,6 +2901,9 @@ impl NotifierRound {
 }
 
 async fn notifier(args: NotifierArgs) -> anyhow::Result<()> {
+    if args.mixed && args.per_message > 1 {
+        bail!("--per-message is for the bench without --mixed");
+    }
     let failures: Vec<String> = if args.mixed {
         notifier_mixed(&args).await?.failures
     } else {
@@ -2959,7 +2970,15 @@ async fn notifier_plain(args: &NotifierArgs) -> anyhow::Result<Vec<NotifierRound
     println!(
         "pages: hand-made (tocsin_tests::notifier::page, one incident each); {NOTIFIER_WARM_UP} warm-up pages \
          delivered first (not timed), then the timed ones published to NOTIFY pipelined ({PRELOAD_CHUNK} sends, \
-         then their acks) {} while the replicas consume",
+         then their acks) {}{} while the replicas consume",
+        if args.per_message > 1 {
+            format!(
+                "as escalation's bursts, {} pages of one channel a message (--per-message), ",
+                args.per_message
+            )
+        } else {
+            String::new()
+        },
         if args.rate == 0 {
             "as fast as that goes (--rate 0)".to_string()
         } else {
@@ -2995,7 +3014,14 @@ async fn notifier_plain(args: &NotifierArgs) -> anyhow::Result<Vec<NotifierRound
             order.reverse();
         }
         for replicas in order {
-            let r = notifier_round(&channels, pages, args.rate, replicas).await?;
+            let r = notifier_round(
+                &channels,
+                pages,
+                args.rate,
+                replicas,
+                args.per_message as usize,
+            )
+            .await?;
             print_notifier_round(round, &r);
             results.push(r);
         }
@@ -3477,6 +3503,7 @@ async fn notifier_round(
     pages: usize,
     rate: u32,
     replicas: usize,
+    per_message: usize,
 ) -> anyhow::Result<NotifierRound> {
     let BenchNats {
         private,
@@ -3504,12 +3531,17 @@ async fn notifier_round(
     }
 
     // The warm-up's pages, then the timed ones: incident numbers 1.., the
-    // channels in turn.
+    // channels in turn (the timed ones in runs of `per_message`).
     let total = NOTIFIER_WARM_UP + pages;
+    let per_message = per_message.max(1);
     let all: Vec<Page> = (0..total)
         .map(|i| {
             let n = i as u64 + 1;
-            let channel = channels[i % channels.len()];
+            let turn = match i.checked_sub(NOTIFIER_WARM_UP) {
+                Some(j) => j / per_message,
+                None => i,
+            };
+            let channel = channels[turn % channels.len()];
             let mut page = tocsin_tests::notifier::page(n, channel);
             if channel == Channel::Sms {
                 // A number of its own (the kit's repeat every 10,000).
@@ -3526,16 +3558,29 @@ async fn notifier_round(
     if index.len() != total {
         bail!("the bench's pages do not have distinct keys");
     }
-    let mut warm_up = all
+    let warm_up = all[..NOTIFIER_WARM_UP]
         .iter()
         .map(page_message)
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let timed = warm_up.split_off(NOTIFIER_WARM_UP);
+    let timed = all[NOTIFIER_WARM_UP..]
+        .chunks(per_message)
+        .map(|run| match run {
+            [page] => page_message(page),
+            _ => pages_message(run),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
     publish_pipelined(&js, warm_up, "warm-up page").await?;
     wait_delivered(&fakes, NOTIFIER_WARM_UP, Instant::now()).await?;
 
-    let sent_at = publish_timed(&js, timed, rate).await?;
+    // A message's send is when each of its pages was sent.
+    let message_rate = u32::try_from((rate as usize).div_ceil(per_message)).unwrap_or(rate);
+    let sent_at: Vec<Instant> = publish_timed(&js, timed, message_rate)
+        .await?
+        .into_iter()
+        .zip(all[NOTIFIER_WARM_UP..].chunks(per_message))
+        .flat_map(|(at, run)| std::iter::repeat_n(at, run.len()))
+        .collect();
     let first = sent_at[0];
     let publishing = first.elapsed();
     let seen_all = wait_delivered(&fakes, total, first).await?;
@@ -3679,6 +3724,26 @@ fn page_message(page: &Page) -> anyhow::Result<(String, PublishMessage)> {
         .headers(h)
         .message_id(page.id.clone());
     Ok((page.subject(), msg))
+}
+
+/// `pages` (of one channel) as the escalation service publishes a burst's
+/// pages for a channel to NOTIFY: one message on the channel's batch
+/// subject, `Tocsin-Items` saying how many, `Nats-Msg-Id` from their ids.
+fn pages_message(pages: &[Page]) -> anyhow::Result<(String, PublishMessage)> {
+    let channel = pages.first().context("no pages")?.channel;
+    let mut h = HeaderMap::new();
+    h.insert(headers::SCHEMA, SCHEMA_VERSION.to_string().as_str());
+    h.insert(headers::ITEMS, pages.len().to_string().as_str());
+    // The runs are disjoint: the first page and the count name one.
+    let id = format!("{}+{}", pages[0].id, pages.len());
+    let msg = PublishMessage::build()
+        .payload(codec::encode(&Envelope::new("bench", Timestamp::now(), pages))?.into())
+        .headers(h)
+        .message_id(format!("pages:{id}"));
+    Ok((
+        tocsin_proto::subjects::notify_batch_subject(channel.as_str()),
+        msg,
+    ))
 }
 
 /// Publishes the timed pages in chunks of [`PRELOAD_CHUNK`], then their

@@ -33,6 +33,7 @@ pub async fn notifier(quick: bool, reps: u32) -> anyhow::Result<Outcome> {
         rate: 0,
         pagerduty: false,
         mixed: false,
+        per_message: 1,
     })
     .await?;
     let mut plain = [
@@ -73,6 +74,7 @@ pub async fn notifier(quick: bool, reps: u32) -> anyhow::Result<Outcome> {
         rate: 0,
         pagerduty: true,
         mixed: true,
+        per_message: 1,
     })
     .await?;
     for channel in MIXED_CHANNELS {
