@@ -1014,9 +1014,10 @@ impl Service {
 /// Most timeline records in one message.
 const RECORDS_PER_MESSAGE: usize = 256;
 /// Most pages in one message: the notifier works on a message's pages at
-/// once and acknowledges them as one, so a message of pages is kept small
-/// (`notifier.concurrency` counts messages).
-const PAGES_PER_MESSAGE: usize = 16;
+/// once and acknowledges them as one (handing it back whole if any must
+/// come again), and waits for room for as many pages as its
+/// `Tocsin-Items` says before it decodes it.
+const PAGES_PER_MESSAGE: usize = 64;
 /// Most bytes in one message (the effects' encoded sizes summed; far below
 /// NATS's 1 MiB `max_payload`).
 const BYTES_PER_MESSAGE: usize = 256 * 1024;
@@ -1168,8 +1169,9 @@ mod batch_tests {
     #[test]
     fn pages_are_grouped_by_channel_a_few_to_a_message() {
         use tocsin_proto::notify::Channel;
-        let many: Vec<Effect> = (0..40).map(|n| page(n, Channel::Webhook)).collect();
-        assert_eq!(sizes(&many), [16, 16, 8]);
+        let many: Vec<Effect> = (0..150).map(|n| page(n, Channel::Webhook)).collect();
+        let p = PAGES_PER_MESSAGE;
+        assert_eq!(sizes(&many), [p, p, 150 - 2 * p]);
         let mixed = [
             page(1, Channel::Sms),
             page(2, Channel::Sms),

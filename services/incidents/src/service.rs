@@ -180,12 +180,7 @@ impl Turns {
     /// How many commands a COMMANDS message holds, by its `Tocsin-Items`
     /// header (1 without one; at most `BATCH`).
     fn commands_in(msg: &async_nats::Message) -> u64 {
-        msg.headers
-            .as_ref()
-            .and_then(|h| h.get(headers::ITEMS))
-            .and_then(|v| v.as_str().parse::<u64>().ok())
-            .unwrap_or(1)
-            .clamp(1, BATCH as u64)
+        tocsin_runtime::pull::items_in(msg).min(BATCH as u64)
     }
 
     fn next(&mut self) -> futures::stream::PollNext {

@@ -30,9 +30,10 @@ pub struct NotifierConfig {
     /// Messages held at once (waiting for their destination's rate limit
     /// or in a request), across replicas: the shared consumer's
     /// `max_ack_pending` is four times this. A message holds one page, or
-    /// up to 16 of an escalation burst for one channel; a replica works on
-    /// at most four times this many pages of a channel at once (the rest
-    /// of its messages wait as they came). Default 256.
+    /// up to 64 of an escalation burst for one channel; a replica decodes
+    /// and works on at most four times this many pages of a channel at
+    /// once (the rest of its messages wait undecoded, as they came).
+    /// Default 256.
     pub concurrency: Option<usize>,
     /// Redelivery of a page whose handler died. A page that waits (for a
     /// rate limit, or in a slow request) is kept alive with in-progress

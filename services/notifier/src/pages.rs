@@ -6,7 +6,7 @@
 //! never waits for PagerDuty's rate limit. Within a channel the lanes
 //! ([`crate::lanes`]) keep one destination from holding more than its
 //! share. Each message is handled in its own task: a page, or the pages
-//! of an escalation burst for this channel (up to 16, on
+//! of an escalation burst for this channel (up to 64, on
 //! `tocsin.notify.<channel>.batch`), worked on at once and acknowledged
 //! together.
 
@@ -99,11 +99,12 @@ async fn run_channel(
         ..Default::default()
     };
     let tasks = tokio_util::task::TaskTracker::new();
-    // Pages worked on at once by this replica for this channel: as many
-    // as the consumer lets messages be pending (four times `held`), which
-    // a message of a burst (up to 16 pages) would otherwise multiply. A
-    // page being worked on holds its incident, its rendered message and
-    // its records; the messages beyond wait as they came. Lanes hold at
+    // Pages decoded and worked on at once by this replica for this
+    // channel: as many as the consumer lets messages be pending (four
+    // times `held`), which a message of a burst (up to 64 pages) would
+    // otherwise multiply. A page being worked on holds its incident, its
+    // rendered message and its records; the messages beyond wait
+    // undecoded, as they came. Lanes hold at
     // most half of `held` each, so eight backlogged destinations of a
     // channel are needed to hold up a ninth.
     let allowance = held.saturating_mul(4);
@@ -130,27 +131,45 @@ async fn handle(
     (working, allowance): (&tokio::sync::Semaphore, usize),
     shutdown: CancellationToken,
 ) {
+    let alive = pull::keep_alive(&msg, ack_wait);
+    // A permit a page (a burst larger than the whole allowance takes all
+    // of it), given back once its pages are done, before the message is
+    // acknowledged or handed back. The message waits for them as it came,
+    // undecoded: a burst's message says how many pages it holds in
+    // `Tocsin-Items`, so the pages waiting for room are never more than
+    // the allowance, however many messages the consumer has handed over.
+    let mut permits = match room(working, permits_for(&msg, allowance), &shutdown).await {
+        Some(p) => p,
+        None => {
+            alive.abort();
+            consumer::finish(&msg, Finish::Later(Duration::from_secs(1))).await;
+            return;
+        }
+    };
     let pages = match decode_pages(msg.subject.as_str(), &msg.payload) {
         Ok(env) => env.body,
         Err(e) => {
+            drop(permits);
+            alive.abort();
             dead_letter(&d, &msg, &format!("not a page: {e}")).await;
             consumer::finish(&msg, Finish::Ack).await;
             return;
         }
     };
-    let alive = pull::keep_alive(&msg, ack_wait);
-    // A permit a page (a burst larger than the whole allowance takes all
-    // of it), given back once its pages are done, before the message is
-    // acknowledged or handed back.
-    let want = u32::try_from(pages.len().clamp(1, allowance)).unwrap_or(u32::MAX);
-    let permits = tokio::select! {
-        p = working.acquire_many(want) => p.ok(),
-        _ = shutdown.cancelled() => None,
-    };
-    if permits.is_none() {
-        alive.abort();
-        consumer::finish(&msg, Finish::Later(Duration::from_secs(1))).await;
-        return;
+    let want = pages.len().clamp(1, allowance);
+    if want > permits.num_permits() {
+        // It holds more pages than it said (a hand-made message): room for
+        // all of them, asked afresh so that no message waits while it
+        // holds part of the room.
+        drop(permits);
+        permits = match room(working, want, &shutdown).await {
+            Some(p) => p,
+            None => {
+                alive.abort();
+                consumer::finish(&msg, Finish::Later(Duration::from_secs(1))).await;
+                return;
+            }
+        };
     }
     // A message of several pages (a burst's, for this channel): all at
     // once, and the message handed back whole if any must come again (the
@@ -167,6 +186,28 @@ async fn handle(
     drop(permits);
     alive.abort();
     consumer::finish(&msg, f).await;
+}
+
+/// The permits a message of pages waits for before it is decoded: the
+/// pages its `Tocsin-Items` header says it holds (1 for a page on its
+/// own), at most the whole allowance.
+fn permits_for(msg: &async_nats::Message, allowance: usize) -> usize {
+    usize::try_from(pull::items_in(msg))
+        .unwrap_or(usize::MAX)
+        .clamp(1, allowance.max(1))
+}
+
+/// `n` permits of the room, or `None` at shutdown.
+async fn room<'a>(
+    working: &'a tokio::sync::Semaphore,
+    n: usize,
+    shutdown: &CancellationToken,
+) -> Option<tokio::sync::SemaphorePermit<'a>> {
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    tokio::select! {
+        p = working.acquire_many(n) => p.ok(),
+        _ = shutdown.cancelled() => None,
+    }
 }
 
 async fn dead_letter(d: &Deliverer, msg: &jetstream::Message, reason: &str) {
@@ -191,4 +232,53 @@ async fn dead_letter(d: &Deliverer, msg: &jetstream::Message, reason: &str) {
         reason,
         "undecodable NOTIFY message moved to the dead-letter stream"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tocsin_proto::subjects::headers;
+
+    fn message(items: Option<&str>) -> async_nats::Message {
+        let mut h = async_nats::HeaderMap::new();
+        if let Some(v) = items {
+            h.insert(headers::ITEMS, v);
+        }
+        async_nats::Message {
+            subject: "tocsin.notify.sms.batch".into(),
+            reply: None,
+            payload: bytes::Bytes::new(),
+            headers: Some(h),
+            status: None,
+            description: None,
+            length: 0,
+        }
+    }
+
+    #[test]
+    fn a_message_waits_for_room_for_the_pages_it_says_it_holds() {
+        assert_eq!(permits_for(&message(Some("64")), 1024), 64);
+        // A page on its own, or a header that says nothing usable.
+        assert_eq!(permits_for(&message(None), 1024), 1);
+        assert_eq!(permits_for(&message(Some("0")), 1024), 1);
+        assert_eq!(permits_for(&message(Some("-3")), 1024), 1);
+        assert_eq!(permits_for(&message(Some("many")), 1024), 1);
+        // Never more than the whole room, or the message would never get it.
+        assert_eq!(permits_for(&message(Some("100000")), 128), 128);
+        assert_eq!(permits_for(&message(Some("2")), 0), 1);
+    }
+
+    #[tokio::test]
+    async fn room_is_given_once_free_and_not_at_shutdown() {
+        let working = tokio::sync::Semaphore::new(4);
+        let stop = CancellationToken::new();
+        let held = room(&working, 3, &stop).await.expect("free room");
+        assert_eq!(held.num_permits(), 3);
+        assert_eq!(working.available_permits(), 1);
+        stop.cancel();
+        // Two more than are free: only the shutdown answers.
+        assert!(room(&working, 3, &stop).await.is_none());
+        drop(held);
+        assert_eq!(working.available_permits(), 4);
+    }
 }

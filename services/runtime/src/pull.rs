@@ -194,6 +194,19 @@ pub fn keep_alive(msg: &jetstream::Message, ack_wait: Duration) -> tokio::task::
     })
 }
 
+/// How many items (commands, pages) a message of several says it holds in
+/// its `Tocsin-Items` header, read without decoding it; 1 without one or
+/// with one that is not a positive number. A hint for scheduling and
+/// room, never trusted for more than that: the caller bounds it.
+pub fn items_in(msg: &async_nats::Message) -> u64 {
+    msg.headers
+        .as_ref()
+        .and_then(|h| h.get(tocsin_proto::subjects::headers::ITEMS))
+        .and_then(|v| v.as_str().parse::<u64>().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
 /// Deletes a consumer an older version used, if it is there.
 pub async fn retire(js: &jetstream::Context, stream: &str, name: &str) {
     if let Ok(s) = js.get_stream(stream).await {
