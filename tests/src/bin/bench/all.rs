@@ -66,6 +66,13 @@ pub struct AllArgs {
     /// a delivery per message more).
     #[arg(long)]
     stage_times: bool,
+    /// Alert to page: write and fsync a 4 KiB file every 10 ms beside the
+    /// Tocsin side (in the temp dir its nats-server stores in) and print
+    /// the syncs per phase, the slowest in each 5 s window beside the
+    /// window's p99, and (with --stage-times) those around the slowest
+    /// alert: whether a stall was the disk's.
+    #[arg(long)]
+    sync_probe: bool,
     /// Worker threads of each `tocsin` process (`tocsin --threads`); 0 (the
     /// default) passes no `--threads`: tocsin's own default, one per core.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1024))]
@@ -283,7 +290,11 @@ pub async fn all(args: AllArgs) -> anyhow::Result<()> {
     if run(Scenario::AlertToPage) {
         let t = Instant::now();
         println!("== alert to page: separate processes vs Alertmanager");
-        outcomes.push(super::page_path::page_path(quick, reps, args.stage_times).await?);
+        let looks = super::page_path::Looks {
+            stage_times: args.stage_times,
+            sync_probe: args.sync_probe,
+        };
+        outcomes.push(super::page_path::page_path(quick, reps, looks).await?);
         took.push(("alert-to-page", t.elapsed()));
         println!();
     }

@@ -264,7 +264,12 @@
 //!   it), then the first INCIDENTS message and the first NOTIFY message
 //!   naming it (a core NATS subscription of the bench on their subjects;
 //!   the alert's id is a string in the MessagePack payload), then the
-//!   webhook at the receiver.
+//!   webhook at the receiver. With `--sync-probe`, a thread of the bench
+//!   writes and fsyncs 4 KiB every 10 ms in the temp dir the Tocsin side's
+//!   nats-server stores in, and per phase the syncs (p50, p99, the slowest
+//!   and when), the slowest in each 5 s window beside that window's p99,
+//!   and (with `--stage-times`) those from 1 s before the slowest alert to
+//!   its page: whether a stall was the disk's.
 //! - **recovery** (no peer; fresh processes per repetition): the
 //!   alert→page processes and config; 100,000 alerts (`--quick` 5,000;
 //!   `--incidents N`), each a new incident (its own `bench_id`), 100 per

@@ -479,13 +479,96 @@ fn phase_began(timings: &[Timing], pi: usize) -> Option<Instant> {
         .min()
 }
 
+/// How often [`SyncProbe`] writes and syncs.
+const PROBE_EVERY: Duration = Duration::from_millis(10);
+
+/// `--sync-probe`: a 4 KiB write and fsync every [`PROBE_EVERY`], on a
+/// thread of its own, to a file in the temp dir the bench's nats-server
+/// stores its streams in (the same file system), while the Tocsin side
+/// runs. Every synced write of Tocsin's waits for such a sync, so a stall
+/// of the disk shows here at the moment it stalled the page path. It adds
+/// a hundred small syncs a second to the disk's work.
+struct SyncProbe {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Instant, Duration)>>,
+}
+
+impl SyncProbe {
+    /// Starts it once its file is written and synced once (not counted: a
+    /// file's first sync also stores its allocation).
+    fn start() -> anyhow::Result<SyncProbe> {
+        use std::{io::Write as _, os::unix::fs::FileExt as _};
+        let path =
+            std::env::temp_dir().join(format!("tocsin-bench-sync-probe-{}", std::process::id()));
+        let mut file = std::fs::File::create(&path).context("the sync probe's file")?;
+        let block = [0x5au8; 4096];
+        file.write_all(&block)?;
+        file.sync_all()?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut syncs = Vec::new();
+            let mut next = Instant::now();
+            while !stopped.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                if file
+                    .write_all_at(&block, 0)
+                    .and_then(|()| file.sync_all())
+                    .is_err()
+                {
+                    break;
+                }
+                syncs.push((at, at.elapsed()));
+                next += PROBE_EVERY;
+                // The probe's pace, not a wait for anything.
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+            let _ = std::fs::remove_file(&path);
+            syncs
+        });
+        Ok(SyncProbe { stop, thread })
+    }
+
+    /// Each sync: when it began, how long it took.
+    fn stop(self) -> Vec<(Instant, Duration)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// The syncs that began in `[from, to)`: p50, p99 and the slowest, with
+/// when it began (seconds after `from`).
+fn syncs_between(syncs: &[(Instant, Duration)], from: Instant, to: Instant) -> String {
+    let of: Vec<&(Instant, Duration)> = syncs
+        .iter()
+        .filter(|(at, _)| *at >= from && *at < to)
+        .collect();
+    let Some((at, slowest)) = of.iter().max_by_key(|(_, d)| *d) else {
+        return "no syncs".to_string();
+    };
+    let mut took: Vec<Duration> = of.iter().map(|(_, d)| *d).collect();
+    took.sort_unstable();
+    format!(
+        "{} syncs, p50 {} p99 {}, the slowest {} at {:.2} s",
+        took.len(),
+        ms(percentile(&took, 0.50)),
+        ms(percentile(&took, 0.99)),
+        ms(Some(*slowest)),
+        at.duration_since(from).as_secs_f64()
+    )
+}
+
 /// How long a window of [`windows`] is.
 const WINDOW: Duration = Duration::from_secs(5);
 
 /// Per phase, the p99 of the alerts sent in each [`WINDOW`] of it, in
 /// order: a run whose p99 is high because of one stall the queue then
 /// took long to drain shows it there, one that was slow throughout too.
-fn windows(phases: &[Phase], timings: &[Timing]) -> Vec<String> {
+fn windows(
+    phases: &[Phase],
+    timings: &[Timing],
+    syncs: Option<&[(Instant, Duration)]>,
+) -> Vec<String> {
     let mut out = Vec::new();
     for (pi, phase) in phases.iter().enumerate() {
         let Some(start) = phase_began(timings, pi) else {
@@ -519,6 +602,25 @@ fn windows(phases: &[Phase], timings: &[Timing]) -> Vec<String> {
             phase.rate,
             p99s.join(", ")
         ));
+        if let Some(syncs) = syncs {
+            // The slowest probe sync of each window, beside its p99.
+            let slowest: Vec<String> = (0..by_window.len())
+                .map(|w| {
+                    let from = start + WINDOW * w as u32;
+                    syncs
+                        .iter()
+                        .filter(|(at, _)| *at >= from && *at < from + WINDOW)
+                        .map(|(_, d)| *d)
+                        .max()
+                        .map_or("-".to_string(), |d| format!("{:.0}", d.as_secs_f64() * 1e3))
+                })
+                .collect();
+            out.push(format!(
+                "the slowest probe sync in each of those {} s, ms: {}",
+                WINDOW.as_secs(),
+                slowest.join(", ")
+            ));
+        }
     }
     out
 }
@@ -585,7 +687,12 @@ impl StageTap {
 
     /// Per phase, the stages' p50 / p99 (ms) over the alerts seen at every
     /// stage, and the stages of the slowest of them, as one line each.
-    fn report(self, phases: &[Phase], timings: &[Timing]) -> Vec<String> {
+    fn report(
+        self,
+        phases: &[Phase],
+        timings: &[Timing],
+        syncs: Option<&[(Instant, Duration)]>,
+    ) -> Vec<String> {
         self.task.abort();
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
@@ -635,13 +742,23 @@ impl StageTap {
                 .collect();
             let slowest = match slowest {
                 Some((total, [a, b, c, d], sent)) => format!(
-                    "; the slowest alert (sent {:.2} s into the phase) {} in all: {}, {}, {}, {}",
+                    "; the slowest alert (sent {:.2} s into the phase) {} in all: {}, {}, {}, {}{}",
                     began.map_or(0.0, |b| sent.duration_since(b).as_secs_f64()),
                     ms(Some(total)),
                     ms(Some(a)),
                     ms(Some(b)),
                     ms(Some(c)),
-                    ms(Some(d))
+                    ms(Some(d)),
+                    // The probe's syncs from a second before it was sent
+                    // (a sync under way then holds it up too) to its page.
+                    syncs.map_or(String::new(), |s| format!(
+                        "; probe syncs from 1 s before it to its page: {}",
+                        syncs_between(
+                            s,
+                            sent.checked_sub(Duration::from_secs(1)).unwrap_or(sent),
+                            sent + total
+                        )
+                    ))
                 ),
                 None => String::new(),
             };
@@ -1197,9 +1314,9 @@ impl Harness {
 }
 
 /// One Tocsin repetition: fresh nats-server, processes, data.
-async fn tocsin_side(phases: &[Phase], run: &str, stage_times: bool) -> anyhow::Result<SideResult> {
+async fn tocsin_side(phases: &[Phase], run: &str, looks: Looks) -> anyhow::Result<SideResult> {
     let (receiver, mut stack, target) = tocsin_peer("", "", run).await?;
-    let tap = match stage_times {
+    let tap = match looks.stage_times {
         true => Some(StageTap::start(&stack.nats.url(), run).await?),
         false => None,
     };
@@ -1213,6 +1330,10 @@ async fn tocsin_side(phases: &[Phase], run: &str, stage_times: bool) -> anyhow::
     let busy_escalation =
         BusySampler::start(stack.admin_url("escalation")?, BusySampler::ESCALATION);
     let harness = Harness::start();
+    let probe = match looks.sync_probe {
+        true => Some(SyncProbe::start()?),
+        false => None,
+    };
     let Driven {
         latencies,
         pages_per_s,
@@ -1224,12 +1345,34 @@ async fn tocsin_side(phases: &[Phase], run: &str, stage_times: bool) -> anyhow::
         let mut check = || stack.check();
         drive("Tocsin", &target, &receiver, phases, run, &mut check).await?
     };
+    let syncs = probe.map(SyncProbe::stop);
     harness.report("Tocsin", phases);
-    for line in windows(phases, &timings) {
+    if let Some(syncs) = &syncs {
+        for (pi, phase) in phases.iter().enumerate() {
+            let (Some(from), Some(to)) = (
+                phase_began(&timings, pi),
+                timings
+                    .iter()
+                    .filter(|t| t.phase == pi)
+                    .filter_map(|t| t.paged)
+                    .max(),
+            ) else {
+                continue;
+            };
+            println!(
+                "  Tocsin: the probe's 4 KiB write + fsync every {} ms from phase {}'s ({}/s) first alert to its last page: {}",
+                PROBE_EVERY.as_millis(),
+                pi + 1,
+                phase.rate,
+                syncs_between(syncs, from, to)
+            );
+        }
+    }
+    for line in windows(phases, &timings, syncs.as_deref()) {
         println!("  Tocsin: {line}");
     }
     if let Some(tap) = tap {
-        for line in tap.report(phases, &timings) {
+        for line in tap.report(phases, &timings, syncs.as_deref()) {
             println!("  Tocsin: where the time went at {line}");
         }
     }
@@ -1565,7 +1708,16 @@ fn print_side(rep: usize, side: &str, phases: &[Phase], r: &SideResult) {
 }
 
 /// Item 3: alert to page, Tocsin as separate processes vs Alertmanager.
-pub async fn page_path(quick: bool, reps: u32, stage_times: bool) -> anyhow::Result<Outcome> {
+/// What the Tocsin side prints beyond the figures (`bench all` flags).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Looks {
+    /// `--stage-times`: where each phase's alerts spent their time.
+    pub stage_times: bool,
+    /// `--sync-probe`: the disk's syncs beside the page path ([`SyncProbe`]).
+    pub sync_probe: bool,
+}
+
+pub async fn page_path(quick: bool, reps: u32, looks: Looks) -> anyhow::Result<Outcome> {
     let phases = if quick {
         [
             Phase {
@@ -1668,7 +1820,7 @@ pub async fn page_path(quick: bool, reps: u32, stage_times: bool) -> anyhow::Res
             let (side, r) = if tocsin {
                 (
                     "Tocsin",
-                    tocsin_side(&phases, &format!("{run}t"), stage_times).await?,
+                    tocsin_side(&phases, &format!("{run}t"), looks).await?,
                 )
             } else {
                 (
@@ -1715,6 +1867,31 @@ pub async fn page_path(quick: bool, reps: u32, stage_times: bool) -> anyhow::Res
 #[cfg(test)]
 mod tests {
     use super::MachineCpu;
+    use std::time::Duration;
+
+    #[test]
+    fn the_syncs_of_a_span_are_summed_up_with_the_slowest_and_when() {
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let syncs: Vec<(std::time::Instant, Duration)> = (0..100)
+            .map(|i| {
+                (
+                    at(i * 10),
+                    Duration::from_micros(if i == 42 { 133_000 } else { 500 }),
+                )
+            })
+            .collect();
+        assert_eq!(
+            super::syncs_between(&syncs, at(0), at(1000)),
+            "100 syncs, p50 0.5ms p99 0.5ms, the slowest 133.0ms at 0.42 s"
+        );
+        // Only those that began in the span; times from its start.
+        assert_eq!(
+            super::syncs_between(&syncs, at(400), at(450)),
+            "5 syncs, p50 0.5ms p99 133.0ms, the slowest 133.0ms at 0.02 s"
+        );
+        assert_eq!(super::syncs_between(&syncs, at(2000), at(3000)), "no syncs");
+    }
 
     #[test]
     fn the_machines_cpu_shares_come_from_proc_stat() {
