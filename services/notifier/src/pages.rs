@@ -104,9 +104,9 @@ async fn run_channel(
     // times `held`), which a message of a burst (up to 64 pages) would
     // otherwise multiply. A page being worked on holds its incident, its
     // rendered message and its records; the messages beyond wait
-    // undecoded, as they came. Lanes hold at
-    // most half of `held` each, so eight backlogged destinations of a
-    // channel are needed to hold up a ninth.
+    // undecoded, as they came. Lanes hold at most half of `held` each, so
+    // eight backlogged destinations of a channel are needed to hold up a
+    // ninth.
     let allowance = held.saturating_mul(4);
     let working = Arc::new(tokio::sync::Semaphore::new(allowance));
     let mut pages = Puller::new(&d.js, STREAM_NOTIFY, config, held.min(256));
