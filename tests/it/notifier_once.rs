@@ -505,6 +505,45 @@ async fn pages_sent_together_are_each_delivered_once_when_one_must_come_again() 
     r.stop().await;
 }
 
+/// A message of pages waits for room for as many pages as its
+/// `Tocsin-Items` says before it is decoded. One that says fewer than it
+/// holds, or nothing (made by hand), waits again for room for all of them
+/// once decoded, and one holding more than the whole room takes all of
+/// it: each page is delivered once, and none waits for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pages_of_a_message_that_misstates_its_count_are_each_delivered_once() {
+    let nats = NatsServer::start().await;
+    let fakes = FakeProviders::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = notifier::config(&fakes, None, dir.path());
+    // Room for 8 pages of a channel at once.
+    config.concurrency = Some(2);
+    let r = Replica::start(&nats, config).await;
+    r.wait_ready().await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    let pages: Vec<_> = (1..=30).map(|n| page(n, Channel::Webhook)).collect();
+    notifier::publish_batch_saying(&js, &pages[..6], Some(1)).await;
+    notifier::publish_batch_saying(&js, &pages[6..12], None).await;
+    notifier::publish_batch_saying(&js, &pages[12..24], Some(12)).await;
+    notifier::publish_batch_saying(&js, &pages[24..], Some(100_000)).await;
+    assert!(
+        fakes
+            .wait_for(
+                |f| f.counts(Provider::Webhook).accepted >= 30,
+                Duration::from_secs(60)
+            )
+            .await,
+        "every page delivered: {:?}",
+        fakes.counts(Provider::Webhook)
+    );
+    notifier::settled(&js, Duration::from_secs(60)).await;
+    let counts = fakes.counts(Provider::Webhook);
+    assert_eq!(counts.accepted, 30, "each page once: {counts:?}");
+    assert_eq!(fakes.requests(Provider::Webhook), 30, "no page sent twice");
+    assert_eq!(r.count("webhook", "sent"), 30);
+    r.stop().await;
+}
+
 /// The receipts of pages delivered together go several to a COMMANDS
 /// message (each message is a synced write on the server), each receipt
 /// once: 16 pages in one NOTIFY message, delivered at once, leave their 16

@@ -153,8 +153,18 @@ pub fn page(n: u64, channel: Channel) -> Page {
 
 /// Publishes `pages` (all for one channel) in one NOTIFY message, as
 /// escalation sends a burst's: on `tocsin.notify.<channel>.batch`, its
-/// message id made of the pages' ids.
+/// message id made of the pages' ids, `Tocsin-Items` saying how many.
 pub async fn publish_batch(js: &async_nats::jetstream::Context, pages: &[Page]) {
+    publish_batch_saying(js, pages, Some(pages.len())).await;
+}
+
+/// [`publish_batch`] with `Tocsin-Items` saying `items` (none: no header,
+/// as a message made by hand).
+pub async fn publish_batch_saying(
+    js: &async_nats::jetstream::Context,
+    pages: &[Page],
+    items: Option<usize>,
+) {
     let channel = pages[0].channel;
     assert!(pages.iter().all(|p| p.channel == channel), "one channel");
     let payload = codec::encode(&Envelope::new(
@@ -171,8 +181,16 @@ pub async fn publish_batch(js: &async_nats::jetstream::Context, pages: &[Page]) 
             .collect::<Vec<_>>()
             .join(",")
     );
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(n) = items {
+        headers.insert(
+            tocsin_proto::subjects::headers::ITEMS,
+            n.to_string().as_str(),
+        );
+    }
     let publish = async_nats::jetstream::message::PublishMessage::build()
         .payload(payload.into())
+        .headers(headers)
         .message_id(id);
     js.send_publish(
         tocsin_proto::subjects::notify_batch_subject(channel.as_str()),
