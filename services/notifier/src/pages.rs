@@ -138,7 +138,8 @@ async fn handle(
     // undecoded: a burst's message says how many pages it holds in
     // `Tocsin-Items`, so the pages waiting for room are never more than
     // the allowance, however many messages the consumer has handed over.
-    let mut permits = match room(working, permits_for(&msg, allowance), &shutdown).await {
+    let said = permits_for(pull::items_in(&msg), allowance);
+    let mut permits = match room(working, said, &shutdown).await {
         Some(p) => p,
         None => {
             alive.abort();
@@ -189,10 +190,11 @@ async fn handle(
 }
 
 /// The permits a message of pages waits for before it is decoded: the
-/// pages its `Tocsin-Items` header says it holds (1 for a page on its
-/// own), at most the whole allowance.
-fn permits_for(msg: &async_nats::Message, allowance: usize) -> usize {
-    usize::try_from(pull::items_in(msg))
+/// pages its `Tocsin-Items` header says it holds (`items`, 1 for a page on
+/// its own or a header that says nothing usable), at most the whole
+/// allowance.
+fn permits_for(items: u64, allowance: usize) -> usize {
+    usize::try_from(items)
         .unwrap_or(usize::MAX)
         .clamp(1, allowance.max(1))
 }
@@ -237,35 +239,16 @@ async fn dead_letter(d: &Deliverer, msg: &jetstream::Message, reason: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tocsin_proto::subjects::headers;
-
-    fn message(items: Option<&str>) -> async_nats::Message {
-        let mut h = async_nats::HeaderMap::new();
-        if let Some(v) = items {
-            h.insert(headers::ITEMS, v);
-        }
-        async_nats::Message {
-            subject: "tocsin.notify.sms.batch".into(),
-            reply: None,
-            payload: bytes::Bytes::new(),
-            headers: Some(h),
-            status: None,
-            description: None,
-            length: 0,
-        }
-    }
 
     #[test]
     fn a_message_waits_for_room_for_the_pages_it_says_it_holds() {
-        assert_eq!(permits_for(&message(Some("64")), 1024), 64);
-        // A page on its own, or a header that says nothing usable.
-        assert_eq!(permits_for(&message(None), 1024), 1);
-        assert_eq!(permits_for(&message(Some("0")), 1024), 1);
-        assert_eq!(permits_for(&message(Some("-3")), 1024), 1);
-        assert_eq!(permits_for(&message(Some("many")), 1024), 1);
+        assert_eq!(permits_for(64, 1024), 64);
+        // A page on its own (`items_in` is 1 without a usable header).
+        assert_eq!(permits_for(1, 1024), 1);
         // Never more than the whole room, or the message would never get it.
-        assert_eq!(permits_for(&message(Some("100000")), 128), 128);
-        assert_eq!(permits_for(&message(Some("2")), 0), 1);
+        assert_eq!(permits_for(100_000, 128), 128);
+        assert_eq!(permits_for(u64::MAX, 128), 128);
+        assert_eq!(permits_for(2, 0), 1);
     }
 
     #[tokio::test]
