@@ -165,6 +165,24 @@ pub async fn publish_batch_saying(
     pages: &[Page],
     items: Option<usize>,
 ) {
+    let (subject, publish) = batch_message(pages, items);
+    js.send_publish(subject, publish)
+        .await
+        .expect("pages sent")
+        .await
+        .expect("pages stored");
+}
+
+/// `pages` (all for one channel) as escalation sends a burst's to NOTIFY:
+/// the subject `tocsin.notify.<channel>.batch` and the message (the
+/// headers every Tocsin message carries, its id a digest of the pages'
+/// ids, `Tocsin-Items` saying `items`; none: no header, as a message made
+/// by hand).
+pub fn batch_message(
+    pages: &[Page],
+    items: Option<usize>,
+) -> (String, async_nats::jetstream::message::PublishMessage) {
+    use sha2::Digest as _;
     let channel = pages[0].channel;
     assert!(pages.iter().all(|p| p.channel == channel), "one channel");
     let payload = codec::encode(&Envelope::new(
@@ -173,33 +191,24 @@ pub async fn publish_batch_saying(
         pages.to_vec(),
     ))
     .expect("encode pages");
-    let id = format!(
-        "pages:{}",
-        pages
-            .iter()
-            .map(|p| p.id.as_str())
-            .collect::<Vec<_>>()
-            .join(",")
-    );
-    let mut headers = async_nats::HeaderMap::new();
-    if let Some(n) = items {
-        headers.insert(
-            tocsin_proto::subjects::headers::ITEMS,
-            n.to_string().as_str(),
-        );
+    let mut ids = sha2::Sha256::new();
+    for p in pages {
+        ids.update(p.id.as_bytes());
+        ids.update(b"\n");
     }
-    let publish = async_nats::jetstream::message::PublishMessage::build()
-        .payload(payload.into())
-        .headers(headers)
-        .message_id(id);
-    js.send_publish(
+    let id: String = ids.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let count = items.map(|n| n.to_string());
+    let extra: Vec<(&str, &str)> = count
+        .iter()
+        .map(|n| (tocsin_proto::subjects::headers::ITEMS, n.as_str()))
+        .collect();
+    (
         tocsin_proto::subjects::notify_batch_subject(channel.as_str()),
-        publish,
+        tocsin_runtime::bus::message(payload, format!("pages:{id}"), None, &extra),
     )
-    .await
-    .expect("pages sent")
-    .await
-    .expect("pages stored");
 }
 
 /// Publishes pages to NOTIFY with their ids as `Nats-Msg-Id`, all sent

@@ -139,13 +139,8 @@ async fn handle(
     // `Tocsin-Items`, so the pages waiting for room are never more than
     // the allowance, however many messages the consumer has handed over.
     let said = permits_for(pull::items_in(&msg), allowance);
-    let mut permits = match room(working, said, &shutdown).await {
-        Some(p) => p,
-        None => {
-            alive.abort();
-            consumer::finish(&msg, Finish::Later(Duration::from_secs(1))).await;
-            return;
-        }
+    let Some(mut permits) = room(working, said, &shutdown).await else {
+        return at_shutdown(&msg, alive).await;
     };
     let pages = match decode_pages(msg.subject.as_str(), &msg.payload) {
         Ok(env) => env.body,
@@ -163,14 +158,10 @@ async fn handle(
         // all of them, asked afresh so that no message waits while it
         // holds part of the room.
         drop(permits);
-        permits = match room(working, want, &shutdown).await {
-            Some(p) => p,
-            None => {
-                alive.abort();
-                consumer::finish(&msg, Finish::Later(Duration::from_secs(1))).await;
-                return;
-            }
+        let Some(all) = room(working, want, &shutdown).await else {
+            return at_shutdown(&msg, alive).await;
         };
+        permits = all;
     }
     // A message of several pages (a burst's, for this channel): all at
     // once, and the message handed back whole if any must come again (the
@@ -197,6 +188,13 @@ fn permits_for(items: u64, allowance: usize) -> usize {
     usize::try_from(items)
         .unwrap_or(usize::MAX)
         .clamp(1, allowance.max(1))
+}
+
+/// A message that got no room before shutdown: handed back for another
+/// replica, or this one after its restart.
+async fn at_shutdown(msg: &jetstream::Message, alive: tokio::task::JoinHandle<()>) {
+    alive.abort();
+    consumer::finish(msg, Finish::Later(Duration::from_secs(1))).await;
 }
 
 /// `n` permits of the room, or `None` at shutdown.

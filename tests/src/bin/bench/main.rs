@@ -3571,7 +3571,7 @@ async fn notifier_round(
         .chunks(per_message)
         .map(|run| match run {
             [page] => page_message(page),
-            _ => pages_message(run),
+            _ => Ok(tocsin_tests::notifier::batch_message(run, Some(run.len()))),
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
@@ -3729,26 +3729,6 @@ fn page_message(page: &Page) -> anyhow::Result<(String, PublishMessage)> {
         .headers(h)
         .message_id(page.id.clone());
     Ok((page.subject(), msg))
-}
-
-/// `pages` (of one channel) as the escalation service publishes a burst's
-/// pages for a channel to NOTIFY: one message on the channel's batch
-/// subject, `Tocsin-Items` saying how many, `Nats-Msg-Id` from their ids.
-fn pages_message(pages: &[Page]) -> anyhow::Result<(String, PublishMessage)> {
-    let channel = pages.first().context("no pages")?.channel;
-    let mut h = HeaderMap::new();
-    h.insert(headers::SCHEMA, SCHEMA_VERSION.to_string().as_str());
-    h.insert(headers::ITEMS, pages.len().to_string().as_str());
-    // The runs are disjoint: the first page and the count name one.
-    let id = format!("{}+{}", pages[0].id, pages.len());
-    let msg = PublishMessage::build()
-        .payload(codec::encode(&Envelope::new("bench", Timestamp::now(), pages))?.into())
-        .headers(h)
-        .message_id(format!("pages:{id}"));
-    Ok((
-        tocsin_proto::subjects::notify_batch_subject(channel.as_str()),
-        msg,
-    ))
 }
 
 /// Publishes the timed pages in chunks of [`PRELOAD_CHUNK`], then their

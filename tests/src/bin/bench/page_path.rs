@@ -520,7 +520,9 @@ impl SyncProbe {
                 }
                 syncs.push((at, at.elapsed()));
                 next += PROBE_EVERY;
-                // The probe's pace, not a wait for anything.
+                // The probe's pace (a sync every PROBE_EVERY, so that it
+                // samples the disk without loading it), not a wait for
+                // anything to happen.
                 std::thread::sleep(next.saturating_duration_since(Instant::now()));
             }
             let _ = std::fs::remove_file(&path);
