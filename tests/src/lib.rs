@@ -46,7 +46,7 @@ pub mod remediation;
 pub mod smtp;
 pub mod tocsin;
 
-pub use nats::{NatsCluster, NatsServer};
+pub use nats::{NatsCluster, NatsDomain, NatsServer};
 pub use tocsin::TocsinHarness;
 
 /// Token the harness configures for ingest.

@@ -100,6 +100,10 @@ pub struct NatsServer {
     permissions: Option<String>,
     /// The monitoring port (`/connz` and the rest), when asked for.
     monitor: Option<u16>,
+    /// Its JetStream domain (`jetstream { domain: ... }`), when it has one.
+    domain: Option<String>,
+    /// More of its config (a `leafnodes { }` block), appended as it is.
+    extra: String,
 }
 
 /// What makes a server one node of a [`NatsCluster`].
@@ -138,6 +142,17 @@ impl NatsServer {
     }
 
     async fn start_with(edit: impl FnOnce(&str) -> String, monitor: Option<u16>) -> NatsServer {
+        Self::start_as(edit, monitor, None, String::new()).await
+    }
+
+    /// [`NatsServer::start_with`] with a JetStream `domain` and `extra`
+    /// config appended.
+    async fn start_as(
+        edit: impl FnOnce(&str) -> String,
+        monitor: Option<u16>,
+        domain: Option<&str>,
+        extra: String,
+    ) -> NatsServer {
         // Every test starts here: HTTP clients need the TLS provider set.
         tocsin_runtime::install_crypto();
         let bin = nats_server_bin().unwrap_or_else(|e| panic!("{e}"));
@@ -154,6 +169,8 @@ impl NatsServer {
             cluster: None,
             permissions: None,
             monitor,
+            domain: domain.map(str::to_string),
+            extra,
         };
         let shipped = std::fs::read_to_string(permissions_file()).expect("read permissions.conf");
         let edited = edit(&shipped);
@@ -301,8 +318,14 @@ impl NatsServer {
             &conf,
             format!(
                 "host: 127.0.0.1\nport: {port}\nports_file_dir: \"{ports}\"\n\
-                 jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n\
-                 authorization {{\n  include ./permissions.conf\n  timeout: 10\n}}\n{cluster}{monitor}",
+                 jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n{domain}}}\n\
+                 authorization {{\n  include ./permissions.conf\n  timeout: 10\n}}\n{cluster}{monitor}{extra}",
+                domain = self
+                    .domain
+                    .as_ref()
+                    .map(|d| format!("  domain: {d}\n"))
+                    .unwrap_or_default(),
+                extra = self.extra,
                 monitor = self
                     .monitor
                     .map(|p| format!("http: \"127.0.0.1:{p}\"\n"))
@@ -398,6 +421,79 @@ impl NatsServer {
     }
 }
 
+/// Tocsin's streams in a JetStream domain, its services on a leaf node, as
+/// an edge site runs them: `hub`, a nats-server whose JetStream is domain
+/// [`NatsDomain::DOMAIN`], and `leaf`, a leaf node of it with a JetStream
+/// of its own (domain `leaf`, so anything asked of `$JS.API` there is
+/// answered by the wrong JetStream). The services connect to the leaf,
+/// whose users have the permissions `deploy/nats/domain-permissions.sh
+/// hub` prints. Each server has its own passwords; the link between them
+/// has its own user.
+pub struct NatsDomain {
+    pub hub: NatsServer,
+    pub leaf: NatsServer,
+}
+
+impl NatsDomain {
+    /// The hub's JetStream domain, Tocsin's `jetstream.domain`.
+    pub const DOMAIN: &'static str = "hub";
+
+    /// Starts both and waits until the hub's JetStream answers a client of
+    /// the leaf.
+    pub async fn start() -> NatsDomain {
+        let link = free_port();
+        let password = format!("p{}", uuid::Uuid::new_v4().simple());
+        let hub = NatsServer::start_as(
+            |shipped| shipped.to_string(),
+            None,
+            Some(Self::DOMAIN),
+            format!(
+                "leafnodes {{\n  listen: 127.0.0.1:{link}\n  \
+                 authorization {{ user: leaf, password: {password} }}\n}}\n"
+            ),
+        )
+        .await;
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/domain-permissions.sh");
+        let out = Command::new("sh")
+            .arg(&script)
+            .arg(Self::DOMAIN)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let permissions = String::from_utf8(out.stdout).expect("permissions are text");
+        let leaf = NatsServer::start_as(
+            move |_| permissions,
+            None,
+            Some("leaf"),
+            format!(
+                "leafnodes {{\n  remotes: [{{ url: \"nats-leaf://leaf:{password}@127.0.0.1:{link}\" }}]\n}}\n"
+            ),
+        )
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client = leaf.client().await;
+        let js = async_nats::jetstream::with_domain(client, Self::DOMAIN);
+        while js.query_account().await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the hub's JetStream does not answer through the leaf node within 20 s; \
+                 hub log:\n{}\nleaf log:\n{}",
+                hub.log(),
+                leaf.log()
+            );
+            // Poll interval of a wait for the link to come up (with a deadline).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        NatsDomain { hub, leaf }
+    }
+}
+
 fn new_passwords() -> BTreeMap<&'static str, String> {
     IDENTITIES
         .iter()
@@ -446,6 +542,8 @@ impl NatsCluster {
                 }),
                 permissions: None,
                 monitor: None,
+                domain: None,
+                extra: String::new(),
             };
             node.spawn(*client);
             nodes.push(node);

@@ -3,6 +3,7 @@
 mod alertmanager;
 mod chaos;
 mod cli;
+mod domain;
 mod failover;
 mod first_run;
 mod listeners;
