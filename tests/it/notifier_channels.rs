@@ -741,9 +741,7 @@ async fn a_page_no_provider_can_update_is_not_read_again_after_it_is_sent() {
         .subscribe(format!("$JS.API.DIRECT.GET.{STREAM_INCIDENTS}"))
         .await
         .unwrap();
-    tocsin_runtime::nats::round_trip(&alone.client)
-        .await
-        .unwrap();
+    tocsin_runtime::nats::round_trip(&alone.js).await.unwrap();
     let mut incidents = Vec::new();
     for n in 1..=6u64 {
         let channel = if n % 2 == 0 {
@@ -762,9 +760,7 @@ async fn a_page_no_provider_can_update_is_not_read_again_after_it_is_sent() {
         "three SMS and three webhook calls within {WAIT:?}"
     );
     alone.replica.stop().await;
-    tocsin_runtime::nats::round_trip(&alone.client)
-        .await
-        .unwrap();
+    tocsin_runtime::nats::round_trip(&alone.js).await.unwrap();
     let mut asked: std::collections::HashMap<uuid::Uuid, usize> = Default::default();
     while let Some(Some(m)) = gets.next().now_or_never() {
         let request: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();

@@ -134,7 +134,8 @@ impl Bus {
         self.clock.now()
     }
 
-    pub(crate) fn client(&self) -> &Client {
-        &self.client
+    /// The JetStream context, under `jetstream.domain`'s prefix.
+    pub(crate) fn js(&self) -> &jetstream::Context {
+        &self.js
     }
 }

@@ -265,11 +265,10 @@ pub(crate) async fn build(app: &App, since_seconds: u64) -> ReportReply {
 
 /// Answers `tocsin.query.report` (queue group: one replica answers).
 pub(crate) async fn serve(app: std::sync::Arc<App>, shutdown: tokio_util::sync::CancellationToken) {
-    let client = app.bus.client().clone();
     let mut backoff = tocsin_runtime::retry::Backoff::standard();
     let queries = loop {
         match tocsin_runtime::query::Queries::subscribe(
-            &client,
+            app.bus.js(),
             "tocsin-chatops",
             &[tocsin_proto::subjects::query::REPORT],
         )

@@ -203,7 +203,7 @@ async fn run_active(
     health.set_failing("escalation", "catching up with the INCIDENTS stream");
     let planner = Arc::new(plan::Planner::new(&config).map_err(EscalationError::Config)?);
     let dir = config.data_dir();
-    let client = js.client();
+    let queries_js = js.clone();
     // Reading the store takes seconds with a million tracks: off the async
     // threads, so the lease goes on being renewed meanwhile.
     let watchdog = health.watchdog("escalation", tocsin_runtime::admin::STUCK_AFTER);
@@ -223,8 +223,11 @@ async fn run_active(
     // when Tocsin starts: keep trying rather than fail.
     let mut backoff = tocsin_runtime::retry::Backoff::standard();
     let subs = loop {
-        match tokio::time::timeout(std::time::Duration::from_secs(2), query::subscribe(&client))
-            .await
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            query::subscribe(&queries_js),
+        )
+        .await
         {
             Ok(Ok(s)) => break s,
             Ok(Err(e)) => {

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use async_nats::Client;
+use async_nats::jetstream;
 use jiff::{SignedDuration, Timestamp};
 use tocsin_proto::{
     codec,
@@ -39,9 +39,11 @@ pub(crate) const NEXT_SHIFTS: usize = 5;
 /// The most upcoming steps a plan lists per track.
 pub(crate) const MAX_UPCOMING: usize = 20;
 
-pub(crate) async fn subscribe(client: &Client) -> Result<Queries, async_nats::SubscribeError> {
+pub(crate) async fn subscribe(
+    js: &jetstream::Context,
+) -> Result<Queries, async_nats::SubscribeError> {
     Queries::subscribe(
-        client,
+        js,
         QUEUE,
         &[
             query::ESCALATION_ONCALL,

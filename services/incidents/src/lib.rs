@@ -313,7 +313,7 @@ async fn run_active(
     if !svc.take_fence(&shutdown).await || !svc.catch_up(&shutdown).await {
         return Ok(());
     }
-    let subs = query::subscribe(&client)
+    let subs = query::subscribe(&js)
         .await
         .map_err(|e| IncidentsError::JetStream(format!("cannot subscribe to queries: {e}")))?;
     health.set_ok("incidents");

@@ -1,10 +1,7 @@
 //! Queries over NATS request/reply: get an incident (with its timeline from
 //! the INCIDENTS stream), list incidents, list silences.
 
-use async_nats::{
-    jetstream::{self, stream::LastRawMessageErrorKind},
-    Client,
-};
+use async_nats::jetstream::{self, stream::LastRawMessageErrorKind};
 use tocsin_proto::{
     codec::{self, decode_entries, decode_envelope},
     incident::{EventKind, IncidentEvent, IncidentStatus, IncidentSummary, LogEntry},
@@ -24,9 +21,11 @@ use crate::{
 /// Queue group, so several replicas could share queries.
 const QUEUE: &str = "tocsin-incidents";
 
-pub(crate) async fn subscribe(client: &Client) -> Result<Queries, async_nats::SubscribeError> {
+pub(crate) async fn subscribe(
+    js: &jetstream::Context,
+) -> Result<Queries, async_nats::SubscribeError> {
     Queries::subscribe(
-        client,
+        js,
         QUEUE,
         &[
             query::GET_INCIDENT,

@@ -89,10 +89,9 @@ pub struct RunInfo {
 
 /// Answers requests until `shutdown`; resubscribes if the subscription ends.
 pub(crate) async fn serve(engine: Arc<Engine>, shutdown: CancellationToken) {
-    let client = engine.js.client();
     let mut backoff = tocsin_runtime::retry::Backoff::standard();
     while !shutdown.is_cancelled() {
-        let queries = match Queries::subscribe(&client, QUEUE, &[SUBJECT]).await {
+        let queries = match Queries::subscribe(&engine.js, QUEUE, &[SUBJECT]).await {
             Ok(q) => q,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot answer remediation requests yet; retrying");

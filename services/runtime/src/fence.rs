@@ -378,7 +378,7 @@ async fn last_marker(
                 "get",
                 &format!(
                     "{e}; the service's NATS user needs permission to publish to \
-                     $JS.API.STREAM.MSG.GET.{}",
+                     $JS.API.STREAM.MSG.GET.{} ($JS.<domain>.API.… with jetstream.domain)",
                     stream.cached_info().config.name
                 ),
             )),

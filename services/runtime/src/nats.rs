@@ -717,7 +717,8 @@ fn refusal_message(server: &str, service: &str, user: &str) -> String {
         .replacen(" for Subscription to", " for subscription to", 1);
     format!(
         "NATS refused: {what}: check the NATS user of service {service} (user {user}); \
-         Tocsin's permissions are in deploy/nats/permissions.conf"
+         Tocsin's permissions are in deploy/nats/permissions.conf (with \
+         jetstream.domain, as deploy/nats/domain-permissions.sh prints them)"
     )
 }
 
@@ -727,10 +728,6 @@ fn is_permissions_violation(message: &str) -> bool {
         .contains("permissions violation")
 }
 
-/// A request every Tocsin service's user may send, which the server
-/// answers itself (`$JS.API.INFO`, JetStream's account information).
-const ROUND_TRIP_SUBJECT: &str = "$JS.API.INFO";
-
 /// Waits until the server has read everything this client sent before,
 /// its subscriptions among it. `Client::flush` only writes the client's
 /// buffer to the socket: a message another connection sends right after
@@ -738,15 +735,18 @@ const ROUND_TRIP_SUBJECT: &str = "$JS.API.INFO";
 /// responders"). The server reads one connection in order, so the answer
 /// to a request sent after the subscriptions comes back only once it has
 /// them; any answer will do (the account's information, an error, no
-/// responders). An error when the server does not answer within the
-/// client's request timeout, or refuses the request.
-pub async fn round_trip(client: &Client) -> Result<(), async_nats::RequestError> {
-    match client
-        .request(ROUND_TRIP_SUBJECT, bytes::Bytes::new())
-        .await
-    {
+/// responders). The request is JetStream's `INFO` under `js`'s prefix
+/// (`$JS.API.INFO`, or `$JS.<domain>.API.INFO` with `jetstream.domain`),
+/// which every Tocsin service's user may send. An error when the server
+/// does not answer within the client's request timeout, or refuses the
+/// request.
+pub async fn round_trip(
+    js: &async_nats::jetstream::Context,
+) -> Result<(), async_nats::jetstream::context::RequestError> {
+    use async_nats::jetstream::context::RequestErrorKind;
+    match js.request::<_, _, IgnoredAny>("INFO", &()).await {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+        Err(e) if e.kind() == RequestErrorKind::NoResponders => Ok(()),
         Err(e) => Err(e),
     }
 }

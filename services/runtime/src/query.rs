@@ -20,13 +20,15 @@ pub struct Queries {
 }
 
 impl Queries {
-    /// Subscribes to `subjects` in queue group `queue` and waits until the
-    /// server has the subscriptions ([`crate::nats::round_trip`]).
+    /// Subscribes to `subjects` in queue group `queue` with `js`'s client
+    /// and waits until the server has the subscriptions
+    /// ([`crate::nats::round_trip`], through `js`'s API prefix).
     pub async fn subscribe(
-        client: &Client,
+        js: &async_nats::jetstream::Context,
         queue: &str,
         subjects: &[&str],
     ) -> Result<Queries, async_nats::SubscribeError> {
+        let client = js.client();
         let mut subs = Vec::with_capacity(subjects.len());
         for subject in subjects {
             subs.push(
@@ -35,14 +37,14 @@ impl Queries {
                     .await?,
             );
         }
-        crate::nats::round_trip(client).await.map_err(|e| {
+        crate::nats::round_trip(js).await.map_err(|e| {
             async_nats::SubscribeError::with_source(
                 async_nats::client::SubscribeErrorKind::Other,
                 e,
             )
         })?;
         Ok(Queries {
-            client: client.clone(),
+            client,
             subs: futures::stream::select_all(subs),
         })
     }

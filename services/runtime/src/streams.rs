@@ -76,7 +76,10 @@ pub struct JetStreamConfig {
     /// (not ready) from this share of its `max_bytes` on. Default 0.95.
     #[serde(deserialize_with = "ratio")]
     pub full_ratio: f64,
-    /// JetStream domain, for leaf-node set-ups. Default none.
+    /// JetStream domain holding Tocsin's streams, for services connected
+    /// to a leaf node of it: their JetStream API is `$JS.<domain>.API`.
+    /// Letters, digits, `-` and `_`. Default none (`$JS.API`).
+    #[serde(deserialize_with = "domain")]
     pub domain: Option<String>,
 }
 
@@ -134,6 +137,42 @@ fn ratio<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
         }
     }
     d.deserialize_f64(V)
+}
+
+/// A JetStream domain: a single subject token of letters, digits, `-`
+/// and `_`, as `$JS.<domain>.API` needs and nats-server accepts.
+fn domain<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    // Checked while the scalar is read, so the error has its line.
+    struct V;
+    impl<'de> de::Visitor<'de> for V {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JetStream domain: letters, digits, '-' and '_'")
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_str(self)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            if v.is_empty()
+                || !v
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(E::custom(format!(
+                    "{v:?} is not a JetStream domain; give the name the NATS servers' \
+                     `jetstream {{ domain: ... }}` says: letters, digits, '-' and '_'"
+                )));
+            }
+            Ok(Some(v.to_string()))
+        }
+    }
+    d.deserialize_option(V)
 }
 
 impl Default for JetStreamConfig {
@@ -889,7 +928,7 @@ mod tests {
     }
 
     #[test]
-    fn bad_sizes_and_ratios_are_located_errors() {
+    fn bad_sizes_ratios_and_domains_are_located_errors() {
         let load = |yaml: &str| {
             crate::config::from_str::<JetStreamConfig>(Path::new("tocsin.yaml"), yaml)
                 .unwrap_err()
@@ -904,11 +943,18 @@ mod tests {
         let e = load("full_ratio: 1.5\n");
         assert!(e.starts_with("tocsin.yaml:1:"), "{e}");
         assert!(e.contains("above 0 and at most 1"), "{e}");
+        let e = load("replicas: 1\ndomain: hub.east\n");
+        assert!(e.starts_with("tocsin.yaml:2:"), "{e}");
+        assert!(e.contains("\"hub.east\" is not a JetStream domain"), "{e}");
         let ok: JetStreamConfig = crate::config::from_str(
             Path::new("tocsin.yaml"),
-            "alerts_max_bytes: 1073741824\nfull_ratio: 0.9\n",
+            "alerts_max_bytes: 1073741824\nfull_ratio: 0.9\ndomain: hub-east_1\n",
         )
         .unwrap();
+        assert_eq!(ok.api_prefix(), "$JS.hub-east_1.API");
+        let none: JetStreamConfig =
+            crate::config::from_str(Path::new("tocsin.yaml"), "domain:\n").unwrap();
+        assert_eq!(none.api_prefix(), "$JS.API");
         assert_eq!(ok.alerts_max_bytes, 1024 * MIB);
         assert_eq!(ok.full_ratio, 0.9);
     }

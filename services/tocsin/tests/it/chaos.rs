@@ -130,7 +130,7 @@ impl Scale {
 
 /// The NATS the services run on: one server, or a 3-node cluster.
 enum Bus {
-    Single(NatsServer),
+    Single(Box<NatsServer>),
     Cluster(NatsCluster),
 }
 
@@ -1227,7 +1227,7 @@ async fn scenario(test: &str, mut bus: Bus) {
 async fn chaos_every_process_killed_and_nats_restarted_nothing_lost_or_duplicated() {
     scenario(
         "chaos_every_process_killed_and_nats_restarted_nothing_lost_or_duplicated",
-        Bus::Single(NatsServer::start().await),
+        Bus::Single(Box::new(NatsServer::start().await)),
     )
     .await;
 }

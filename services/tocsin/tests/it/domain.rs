@@ -13,8 +13,8 @@ use crate::support::{alert, bin, free_port, full_config, post_alerts, Proc, Setu
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// `tocsin up` on a leaf node, each service as its own NATS user, with
-/// `jetstream.domain: hub`: an alert pages on every channel, an operator's
+/// `tocsin up` (chat-ops and remediation too) on a leaf node, each
+/// service as its own NATS user, with `jetstream.domain: hub`: an alert pages on every channel, an operator's
 /// ack through the leaf is applied, and every stream and KV bucket is in
 /// the hub's JetStream while the leaf's own holds nothing. (Queries waited
 /// on `$JS.API.INFO`, outside the domain and its permissions, and the
@@ -48,11 +48,26 @@ async fn services_on_a_leaf_node_page_and_take_acks_in_the_hubs_domain() {
     let text = std::fs::read_to_string(&path).unwrap();
     let with_admin = format!("  url: {}\n", nats.leaf.url());
     assert!(text.contains(&with_admin), "{text}");
+    // Chat-ops and remediation run too (their queries and KV buckets).
+    let runbooks = dir.path().join("runbooks");
+    std::fs::create_dir_all(&runbooks).unwrap();
     let text = text.replace(
         &with_admin,
         &format!("  url: {}\n{credentials}", nats.leaf.address()),
-    ) + &format!("jetstream:\n  domain: {}\n", NatsDomain::DOMAIN);
+    ) + &format!(
+        "jetstream:\n  domain: {domain}\n\
+         remediation:\n  runbook_dirs: [\"{runbooks}\"]\n\
+         chatops:\n  listen: 127.0.0.1:{chatops}\n  slack:\n    \
+         signing_secret: ${{TOCSIN_SLACK_SIGNING_SECRET}}\n",
+        domain = NatsDomain::DOMAIN,
+        runbooks = runbooks.display(),
+        chatops = free_port(),
+    );
     std::fs::write(&path, text).unwrap();
+    env.push((
+        "TOCSIN_SLACK_SIGNING_SECRET".to_string(),
+        "domain-test-signing-secret-0123456789".to_string(),
+    ));
 
     let mut up = Proc::start_with_env(&path, dir.path(), &["up"], &env);
     up.ready().await;
@@ -98,6 +113,13 @@ async fn services_on_a_leaf_node_page_and_take_acks_in_the_hubs_domain() {
         up.log_text()
     );
     up.stop();
+    // No service was refused anything on the way (a refusal is logged, and
+    // a subscriber retries, so it may not show otherwise).
+    let log = up.log_text();
+    assert!(
+        !log.contains("permissions violation") && !log.contains("cannot subscribe"),
+        "{log}"
+    );
 
     // Everything is in the hub's domain; the leaf's own JetStream is empty.
     let hub = async_nats::jetstream::new(nats.hub.client().await);
@@ -116,6 +138,9 @@ async fn services_on_a_leaf_node_page_and_take_acks_in_the_hubs_domain() {
         "KV_tocsin_deliveries",
         "KV_tocsin_lease_incidents",
         "KV_tocsin_lease_escalation",
+        "KV_tocsin_remediation",
+        "KV_tocsin_remediation_runs",
+        "KV_tocsin_remediation_locks",
     ] {
         assert!(
             names.iter().any(|n| n == want),
