@@ -564,7 +564,9 @@ struct NotifierArgs {
     /// Timed pages published as escalation publishes a burst: runs of
     /// this many consecutive pages of one channel, each run one message on
     /// `tocsin.notify.<channel>.batch` with `Tocsin-Items`; 1 publishes a
-    /// message a page. Not with `--mixed`.
+    /// message a page. With `--mixed`, each channel's pages (Slack DMs and
+    /// the #incidents channel together, as escalation groups a burst by
+    /// channel) in runs of this many, in the order of the incidents.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     per_message: u32,
 }
@@ -2906,9 +2908,6 @@ impl NotifierRound {
 }
 
 async fn notifier(args: NotifierArgs) -> anyhow::Result<()> {
-    if args.mixed && args.per_message > 1 {
-        bail!("--per-message is for the bench without --mixed");
-    }
     let failures: Vec<String> = if args.mixed {
         notifier_mixed(&args).await?.failures
     } else {
@@ -3203,8 +3202,16 @@ async fn notifier_mixed(args: &NotifierArgs) -> anyhow::Result<MixedResult> {
     println!(
         "tocsin bench notifier --mixed: {incidents} incidents, each paging a user by SMS and Slack DM \
          ({MIXED_USERS} users in turn), the #incidents Slack channel, PagerDuty and a webhook; {} rounds \
-         of 1 and 2 replicas",
-        args.rounds
+         of 1 and 2 replicas; {}",
+        args.rounds,
+        if args.per_message > 1 {
+            format!(
+                "each channel's pages in messages of {} (--per-message)",
+                args.per_message
+            )
+        } else {
+            "a message a page".to_string()
+        }
     );
     println!(
         "rate limits: the notifier paces Slack at 1/s per channel or user (burst 3), PagerDuty 2/s per \
@@ -3320,11 +3327,11 @@ async fn notifier_mixed(args: &NotifierArgs) -> anyhow::Result<MixedResult> {
                     (key, (i, *c))
                 })
                 .collect();
-            let messages = all
-                .iter()
-                .map(|(_, p)| page_message(p))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let sent_at = publish_timed(&js, messages, 0).await?;
+            let (messages, message_of) = mixed_messages(&all, args.per_message as usize)?;
+            let sent_at: Vec<Instant> = {
+                let at = publish_timed(&js, messages, 0).await?;
+                message_of.iter().map(|m| at[*m]).collect()
+            };
             let total = all.len();
             let first = sent_at[0];
             // The #incidents channel's pages at 1/s, and room for a few of
@@ -3406,9 +3413,16 @@ async fn notifier_mixed(args: &NotifierArgs) -> anyhow::Result<MixedResult> {
                 ));
             }
             let elapsed = first.elapsed();
+            // Messages the replicas handed back to wait (a message of
+            // several pages comes back whole, its sent pages looked up again).
+            let handed_back: u64 = running
+                .iter()
+                .flat_map(|r| counter_samples(&r.metrics, "tocsin_notifier_handed_back_total"))
+                .map(|(_, v)| v as u64)
+                .sum();
             println!(
                 "round {} with {replicas} {}: {total} pages in {:.1}s, {}; {refused} requests refused \
-                 with 429 by the fakes (retried after Retry-After)",
+                 with 429 by the fakes (retried after Retry-After); {handed_back} messages handed back",
                 round + 1,
                 replicas_word(replicas),
                 elapsed.as_secs_f64(),
@@ -3729,6 +3743,48 @@ fn page_message(page: &Page) -> anyhow::Result<(String, PublishMessage)> {
         .headers(h)
         .message_id(page.id.clone());
     Ok((page.subject(), msg))
+}
+
+/// A message to publish, with its subject.
+type SubjectMessage = (String, PublishMessage);
+
+/// The messages of `--mixed`'s pages: a message a page, or with
+/// `per_message` above 1 each channel's pages in runs of that many (as
+/// escalation sends a burst: `batch_message`); and for each page the index
+/// of its message.
+fn mixed_messages(
+    all: &[(&str, Page)],
+    per_message: usize,
+) -> anyhow::Result<(Vec<SubjectMessage>, Vec<usize>)> {
+    if per_message <= 1 {
+        let messages = all
+            .iter()
+            .map(|(_, p)| page_message(p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        return Ok((messages, (0..all.len()).collect()));
+    }
+    let mut by_channel: Vec<(Channel, Vec<usize>)> = Vec::new();
+    for (i, (_, p)) in all.iter().enumerate() {
+        match by_channel.iter_mut().find(|(c, _)| *c == p.channel) {
+            Some((_, pages)) => pages.push(i),
+            None => by_channel.push((p.channel, vec![i])),
+        }
+    }
+    let mut messages = Vec::new();
+    let mut message_of = vec![0; all.len()];
+    for (_, pages) in &by_channel {
+        for run in pages.chunks(per_message) {
+            let batch: Vec<Page> = run.iter().map(|i| all[*i].1.clone()).collect();
+            for i in run {
+                message_of[*i] = messages.len();
+            }
+            messages.push(tocsin_tests::notifier::batch_message(
+                &batch,
+                Some(batch.len()),
+            ));
+        }
+    }
+    Ok((messages, message_of))
 }
 
 /// Publishes the timed pages in chunks of [`PRELOAD_CHUNK`], then their
