@@ -164,18 +164,29 @@ async fn handle(
         permits = all;
     }
     // A message of several pages (a burst's, for this channel): all at
-    // once, and the message handed back whole if any must come again (the
-    // soonest); those already sent then find their delivery records and
-    // are not sent twice.
-    let f = futures::future::join_all(
-        pages
-            .into_iter()
-            .map(|page| async { d.deliver(&Job::page(page), &shutdown).await }),
-    )
+    // once, each with a permit of its own, given back as soon as that page
+    // is done (sent, failed, or to come again), with the page itself. So
+    // a page that waits in place for its destination's next turn holds
+    // only its own room, not that of the pages sent beside it: the
+    // messages behind, for other destinations, get it. The message is
+    // handed back whole if any must come again (the soonest); those
+    // already sent then find their delivery records and are not sent
+    // twice. (Pages beyond the whole room, a message larger than it, go
+    // without a permit; permits beyond the pages, a message that said
+    // more than it holds, are given back now.)
+    let each: Vec<_> = pages.iter().map(|_| permits.split(1)).collect();
+    drop(permits);
+    let (d, shutdown) = (&d, &shutdown);
+    let f = futures::future::join_all(pages.into_iter().zip(each).map(
+        |(page, permit)| async move {
+            let f = d.deliver(&Job::page(page), shutdown).await;
+            drop(permit);
+            f
+        },
+    ))
     .await
     .into_iter()
     .fold(Finish::Ack, Finish::and);
-    drop(permits);
     alive.abort();
     consumer::finish(&msg, f).await;
 }
