@@ -105,6 +105,25 @@ impl Page {
         crate::subjects::notify_subject(self.channel.as_str())
     }
 
+    /// The destination whose pace and limits the notifier applies to this
+    /// page, its lane: a Slack conversation (the page's address), a
+    /// PagerDuty service, a webhook; a channel's SMS or email all share
+    /// one (the account's: ""). What the notifier's
+    /// `Provider::destination` gives for a page not yet sent. Escalation
+    /// puts a burst's pages together by lane, so a page that waits for its
+    /// destination's turn in a message waits beside pages that wait for
+    /// the same turns.
+    pub fn lane(&self) -> &str {
+        match (&self.channel, &self.target) {
+            (Channel::Sms | Channel::Email, _) => "",
+            (Channel::Slack, _) => &self.address,
+            (_, PageTarget::PagerdutyService { service }) => service,
+            (_, PageTarget::Webhook { name }) => name,
+            (_, PageTarget::User { name, .. }) => name,
+            (_, PageTarget::SlackChannel { channel }) => channel,
+        }
+    }
+
     /// The stable page id for these coordinates.
     pub fn make_id(
         incident: &uuid::Uuid,

@@ -732,16 +732,7 @@ impl Service {
     async fn send_all(&self, keys: Vec<Key>, effects: Vec<Effect>, now: Timestamp) -> InFlight {
         let (records, mut pages): (Vec<usize>, Vec<usize>) =
             (0..effects.len()).partition(|i| matches!(effects[*i], Effect::Record(_)));
-        // A channel's pages together (each channel has its own consumer),
-        // channels in the order they first come, pages in theirs.
-        let mut first: Vec<String> = Vec::new();
-        pages.sort_by_cached_key(|i| {
-            let subject = effects[*i].subject();
-            first.iter().position(|s| *s == subject).unwrap_or_else(|| {
-                first.push(subject);
-                first.len() - 1
-            })
-        });
+        page_order(&effects, &mut pages);
         let (pending, retry) = self.send_group(&effects, &pages, now).await;
         InFlight {
             keys,
@@ -1011,6 +1002,20 @@ impl Service {
     }
 }
 
+/// Puts `pages` (places in `effects`) in the order they are sent: a
+/// channel's pages together (each channel has its own consumer), channels
+/// in the order they first come, pages in theirs.
+fn page_order(effects: &[Effect], pages: &mut [usize]) {
+    let mut first: Vec<String> = Vec::new();
+    pages.sort_by_cached_key(|i| {
+        let subject = effects[*i].subject();
+        first.iter().position(|s| *s == subject).unwrap_or_else(|| {
+            first.push(subject);
+            first.len() - 1
+        })
+    });
+}
+
 /// Most timeline records in one message.
 const RECORDS_PER_MESSAGE: usize = 256;
 /// Most pages in one message: the notifier works on a message's pages at
@@ -1142,6 +1147,66 @@ mod batch_tests {
         ];
         assert_eq!(sizes(&huge), [1, 1, 1]);
         assert!(sizes(&[]).is_empty());
+    }
+
+    /// A page of `channel` to the Slack conversation, phone or webhook
+    /// `to` (its lane, [`Page::lane`]).
+    fn page_to(n: u64, channel: tocsin_proto::notify::Channel, to: &str) -> Effect {
+        use tocsin_proto::notify::{Channel, PageTarget};
+        let Effect::Page(mut p) = page(n, channel) else {
+            unreachable!("a page")
+        };
+        match channel {
+            Channel::Webhook => p.target = PageTarget::Webhook { name: to.into() },
+            Channel::Pagerduty => p.target = PageTarget::PagerdutyService { service: to.into() },
+            _ => p.address = to.into(),
+        }
+        Effect::Page(p)
+    }
+
+    /// The sizes of the messages a chunk's pages go in, in the order
+    /// [`Service::send_all`] sends them.
+    fn page_sizes(effects: &[Effect]) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..effects.len()).collect();
+        page_order(effects, &mut order);
+        let refs: Vec<&Effect> = order.iter().map(|i| &effects[*i]).collect();
+        batches(&refs).iter().map(Vec::len).collect()
+    }
+
+    /// A burst's pages for a channel go together by destination (lane): a
+    /// page that waits in its message for its destination's turn then
+    /// waits only beside pages that wait for the same turns, never in front
+    /// of a Slack DM to someone else. (Mixed in one message, `bench notifier
+    /// --mixed --per-message 64` with 2 replicas had DMs 20 s late at p99
+    /// behind the #incidents channel's pages, 3 s a page a message.) SMS
+    /// and email share their account's lane.
+    #[test]
+    fn a_bursts_pages_go_together_by_channel_and_destination() {
+        use tocsin_proto::notify::Channel;
+        let burst = [
+            page_to(1, Channel::Slack, "U1"),
+            page_to(2, Channel::Slack, "C0INCIDENTS"),
+            page_to(3, Channel::Sms, "+15550001"),
+            page_to(4, Channel::Slack, "U2"),
+            page_to(5, Channel::Slack, "C0INCIDENTS"),
+            page_to(6, Channel::Sms, "+15550002"),
+            page_to(7, Channel::Slack, "U1"),
+            page_to(8, Channel::Webhook, "teams"),
+            page_to(9, Channel::Webhook, "ops"),
+            page_to(10, Channel::Webhook, "teams"),
+        ];
+        // Slack: U1 (1, 7), #incidents (2, 5), U2 (4); SMS (3, 6);
+        // webhooks teams (8, 10), ops (9).
+        assert_eq!(page_sizes(&burst), [2, 2, 1, 2, 2, 1]);
+        let mut order: Vec<usize> = (0..burst.len()).collect();
+        page_order(&burst, &mut order);
+        assert_eq!(order, [0, 6, 1, 4, 3, 2, 5, 7, 9, 8]);
+        // One destination's pages still go 64 to a message.
+        let many: Vec<Effect> = (0..150)
+            .map(|n| page_to(n, Channel::Slack, "C0INCIDENTS"))
+            .collect();
+        let p = PAGES_PER_MESSAGE;
+        assert_eq!(page_sizes(&many), [p, p, 150 - 2 * p]);
     }
 
     fn page(n: u64, channel: tocsin_proto::notify::Channel) -> Effect {
