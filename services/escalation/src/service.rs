@@ -1003,17 +1003,37 @@ impl Service {
 }
 
 /// Puts `pages` (places in `effects`) in the order they are sent: a
-/// channel's pages together (each channel has its own consumer), channels
-/// in the order they first come, pages in theirs.
+/// channel's pages together (each channel has its own consumer), and
+/// within it a destination's ([`Page::lane`]: the notifier paces each
+/// destination on its own, and works on a message's pages together,
+/// handing it back whole once the last is done or must come again, so a
+/// page of one destination that waits for its turn would hold up another
+/// destination's beside it); channels and destinations in the order they
+/// first come, pages in theirs.
 fn page_order(effects: &[Effect], pages: &mut [usize]) {
-    let mut first: Vec<String> = Vec::new();
-    pages.sort_by_cached_key(|i| {
-        let subject = effects[*i].subject();
-        first.iter().position(|s| *s == subject).unwrap_or_else(|| {
-            first.push(subject);
+    fn place<T: PartialEq>(first: &mut Vec<T>, key: T) -> usize {
+        first.iter().position(|k| *k == key).unwrap_or_else(|| {
+            first.push(key);
             first.len() - 1
         })
+    }
+    let mut channels: Vec<String> = Vec::new();
+    let mut lanes: Vec<(String, &str)> = Vec::new();
+    pages.sort_by_cached_key(|i| {
+        let subject = effects[*i].subject();
+        (
+            place(&mut channels, subject.clone()),
+            place(&mut lanes, (subject, lane(&effects[*i]))),
+        )
     });
+}
+
+/// A page's lane ([`Page::lane`]); "" for a record.
+fn lane(effect: &Effect) -> &str {
+    match effect {
+        Effect::Page(p) => p.lane(),
+        Effect::Record(_) => "",
+    }
 }
 
 /// Most timeline records in one message.
@@ -1029,13 +1049,14 @@ const BYTES_PER_MESSAGE: usize = 256 * 1024;
 
 /// The effects of a chunk grouped into messages: in order, consecutive
 /// effects of one subject each (records of one action, pages for one
-/// channel), at most [`RECORDS_PER_MESSAGE`] records or
+/// channel and destination, [`page_order`]), at most [`RECORDS_PER_MESSAGE`] records or
 /// [`PAGES_PER_MESSAGE`] pages and [`BYTES_PER_MESSAGE`] a message (an
 /// effect too large to share goes alone).
 fn batches<'a>(effects: &[&'a Effect]) -> Vec<Vec<&'a Effect>> {
     let mut out: Vec<Vec<&'a Effect>> = Vec::new();
     let mut bytes: usize = 0;
     let mut subject = String::new();
+    let mut dest = "";
     for effect in effects {
         // Counted, not encoded: the message's payload is encoded once, when
         // it is sent.
@@ -1049,9 +1070,12 @@ fn batches<'a>(effects: &[&'a Effect]) -> Vec<Vec<&'a Effect>> {
                 PAGES_PER_MESSAGE,
             ),
         };
-        let this = effect.subject();
+        let (this, its_lane) = (effect.subject(), lane(effect));
         let fits = out.last().is_some_and(|last| {
-            last.len() < most && subject == this && bytes.saturating_add(size) <= BYTES_PER_MESSAGE
+            last.len() < most
+                && subject == this
+                && dest == its_lane
+                && bytes.saturating_add(size) <= BYTES_PER_MESSAGE
         });
         if fits {
             bytes += size;
@@ -1059,6 +1083,7 @@ fn batches<'a>(effects: &[&'a Effect]) -> Vec<Vec<&'a Effect>> {
             out.push(Vec::new());
             bytes = size;
             subject = this;
+            dest = its_lane;
         }
         out.last_mut().expect("pushed above").push(*effect);
     }

@@ -519,3 +519,93 @@ pub fn http_client(timeout: Duration) -> reqwest::Client {
 pub fn epoch_string(t: Timestamp) -> String {
     format!("{}.{:06}", t.as_second(), t.subsec_microsecond().max(0))
 }
+
+#[cfg(test)]
+mod tests {
+    use tocsin_proto::{
+        incident::IncidentSummary,
+        notify::{Page, PageTarget},
+    };
+
+    use super::*;
+
+    /// Escalation puts a burst's pages together by [`Page::lane`]; that is
+    /// only worth it while it is the destination the provider paces a page
+    /// by (`Provider::destination`, for a page not yet sent).
+    #[test]
+    fn a_pages_lane_is_the_destination_its_provider_paces_it_by() {
+        let cfg: NotifierConfig = serde_yaml_ng::from_str(
+            r#"
+slack: {api_url: "http://127.0.0.1:1/api", token: xoxb-test-token}
+pagerduty:
+  url: "http://127.0.0.1:1/v2/enqueue"
+  services: {payments: {routing_key: 0123456789abcdef0123456789abcdef}}
+sms: {api_url: "http://127.0.0.1:1", account_sid: AC00000000000000000000000000000000, auth_token: twilio-auth-token, from: "+15005550006"}
+email: {host: 127.0.0.1, port: 2525, tls: none, from: "Tocsin <tocsin@example.com>"}
+webhooks:
+  - {name: teams, url: "http://127.0.0.1:1/hook", secret: "whsec_dG9jc2luLXdlYmhvb2stdGVzdC1rZXk="}
+"#,
+        )
+        .expect("config");
+        let registry = Registry::build(&cfg).expect("providers");
+        let user = |name: &str| PageTarget::User {
+            name: name.into(),
+            schedule: None,
+        };
+        let pages = [
+            (Channel::Slack, user("alice"), "U0ALICE"),
+            (
+                Channel::Slack,
+                PageTarget::SlackChannel {
+                    channel: "#incidents".into(),
+                },
+                "C0INCIDENTS",
+            ),
+            (Channel::Sms, user("alice"), "+15550001"),
+            (Channel::Email, user("bob"), "bob@example.com"),
+            (
+                Channel::Pagerduty,
+                PageTarget::PagerdutyService {
+                    service: "payments".into(),
+                },
+                "",
+            ),
+            (
+                Channel::Webhook,
+                PageTarget::Webhook {
+                    name: "teams".into(),
+                },
+                "",
+            ),
+        ];
+        for (channel, target, address) in pages {
+            let page = Page {
+                id: "p".into(),
+                incident: IncidentSummary::new(
+                    uuid::Uuid::nil(),
+                    1,
+                    "k",
+                    "t",
+                    Timestamp::UNIX_EPOCH,
+                ),
+                level: 0,
+                repeat: 0,
+                target: target.clone(),
+                channel,
+                address: address.into(),
+                reason: String::new(),
+                due_at: Timestamp::UNIX_EPOCH,
+                kind: Default::default(),
+            };
+            let name = crate::deliver::target_name(&target);
+            let Found::Provider(p) = registry.get(channel, &name) else {
+                panic!("no provider for {channel:?}");
+            };
+            assert_eq!(
+                p.destination(None, &name, address),
+                page.lane(),
+                "{channel:?} to {target:?}"
+            );
+        }
+    }
+}

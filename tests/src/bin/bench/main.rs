@@ -564,9 +564,9 @@ struct NotifierArgs {
     /// Timed pages published as escalation publishes a burst: runs of
     /// this many consecutive pages of one channel, each run one message on
     /// `tocsin.notify.<channel>.batch` with `Tocsin-Items`; 1 publishes a
-    /// message a page. With `--mixed`, each channel's pages (Slack DMs and
-    /// the #incidents channel together, as escalation groups a burst by
-    /// channel) in runs of this many, in the order of the incidents.
+    /// message a page. With `--mixed`, the pages of each channel and
+    /// destination (a Slack user or channel, the SMS account, ...) in runs
+    /// of this many, as escalation groups a burst.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     per_message: u32,
 }
@@ -3206,7 +3206,7 @@ async fn notifier_mixed(args: &NotifierArgs) -> anyhow::Result<MixedResult> {
         args.rounds,
         if args.per_message > 1 {
             format!(
-                "each channel's pages in messages of {} (--per-message)",
+                "each destination's pages in messages of {} (--per-message)",
                 args.per_message
             )
         } else {
@@ -3749,9 +3749,9 @@ fn page_message(page: &Page) -> anyhow::Result<(String, PublishMessage)> {
 type SubjectMessage = (String, PublishMessage);
 
 /// The messages of `--mixed`'s pages: a message a page, or with
-/// `per_message` above 1 each channel's pages in runs of that many (as
-/// escalation sends a burst: `batch_message`); and for each page the index
-/// of its message.
+/// `per_message` above 1 the pages of each channel and destination
+/// (`Page::lane`) in runs of that many (as escalation sends a burst:
+/// `batch_message`); and for each page the index of its message.
 fn mixed_messages(
     all: &[(&str, Page)],
     per_message: usize,
@@ -3763,16 +3763,17 @@ fn mixed_messages(
             .collect::<anyhow::Result<Vec<_>>>()?;
         return Ok((messages, (0..all.len()).collect()));
     }
-    let mut by_channel: Vec<(Channel, Vec<usize>)> = Vec::new();
+    let mut by_lane: Vec<((Channel, &str), Vec<usize>)> = Vec::new();
     for (i, (_, p)) in all.iter().enumerate() {
-        match by_channel.iter_mut().find(|(c, _)| *c == p.channel) {
+        let key = (p.channel, p.lane());
+        match by_lane.iter_mut().find(|(k, _)| *k == key) {
             Some((_, pages)) => pages.push(i),
-            None => by_channel.push((p.channel, vec![i])),
+            None => by_lane.push((key, vec![i])),
         }
     }
     let mut messages = Vec::new();
     let mut message_of = vec![0; all.len()];
-    for (_, pages) in &by_channel {
+    for (_, pages) in &by_lane {
         for run in pages.chunks(per_message) {
             let batch: Vec<Page> = run.iter().map(|i| all[*i].1.clone()).collect();
             for i in run {
