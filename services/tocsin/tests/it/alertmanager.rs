@@ -42,7 +42,9 @@ use tocsin_tests::{
     NatsServer,
 };
 
-use crate::support::{free_port, full_config, Proc, Setup, TOKEN};
+use crate::support::{
+    free_port, full_config, own_credentials, wait_paged_everywhere, Proc, Setup, TOKEN,
+};
 
 /// Deadline of every wait (generous: a loaded 2-core machine runs seven
 /// processes here; a passing run takes a few seconds).
@@ -269,20 +271,10 @@ fn config(
         ..Setup::default()
     };
     let path = full_config(nats, fakes, smtp, ingest, dir, &setup);
-    let mut credentials = String::from("  credentials:\n");
-    for who in SERVICES {
-        credentials.push_str(&format!(
-            "    {who}:\n      user: {who}\n      password: ${{{}}}\n",
-            password_variable(who)
-        ));
-    }
-    let text = std::fs::read_to_string(&path).unwrap();
-    let with_admin = format!("  url: {}\n", nats.url());
-    assert!(text.contains(&with_admin), "{text}");
-    let mut text = text.replace(
-        &with_admin,
-        &format!("  url: {}\n{credentials}", nats.address()),
-    );
+    // Each service with its own NATS user (each process gets only its own
+    // password, below).
+    own_credentials(&path, nats, &SERVICES);
+    let mut text = std::fs::read_to_string(&path).unwrap();
     let incidents = format!("incidents:\n  data_dir: {}/incidents\n", dir.display());
     assert!(text.contains(&incidents), "{text}");
     text = text.replace(&incidents, &format!("{incidents}  group_wait: 2s\n"));
@@ -472,24 +464,7 @@ async fn alertmanager_to_resolved_with_every_service_a_separate_process() {
 
     // Pages on every channel the policy names: alice by SMS, email and
     // Slack DM, #incidents, PagerDuty, the webhook.
-    assert!(
-        fakes
-            .wait_for(
-                |f| f.sms().len() == 1
-                    && f.slack_posts().len() == 2
-                    && f.pagerduty_events().len() == 1
-                    && f.webhooks().len() == 1,
-                WAIT
-            )
-            .await,
-        "pages: sms {} slack {} pagerduty {} webhooks {}; rejected {:?}{}",
-        fakes.sms().len(),
-        fakes.slack_posts().len(),
-        fakes.pagerduty_events().len(),
-        fakes.webhooks().len(),
-        fakes.rejected(),
-        logs(&procs, &am)
-    );
+    wait_paged_everywhere(&fakes, WAIT, || logs(&procs, &am)).await;
     let mails = smtp.wait_for(1, WAIT).await;
     assert_eq!(mails.len(), 1, "email page{}", logs(&procs, &am));
     assert_eq!(mails[0].rcpt_tos, vec!["alice@example.com".to_string()]);

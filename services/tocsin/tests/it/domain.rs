@@ -5,11 +5,12 @@
 
 use std::time::Duration;
 
-use tocsin_tests::{
-    fakes::FakeProviders, nats::password_variable, smtp::SmtpSink, tocsin::SERVICES, NatsDomain,
-};
+use tocsin_tests::{fakes::FakeProviders, smtp::SmtpSink, tocsin::SERVICES, NatsDomain};
 
-use crate::support::{alert, bin, free_port, full_config, post_alerts, Proc, Setup};
+use crate::support::{
+    alert, bin, free_port, full_config, own_credentials, post_alerts, wait_paged_everywhere, Proc,
+    Setup,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -36,33 +37,22 @@ async fn services_on_a_leaf_node_page_and_take_acks_in_the_hubs_domain() {
     );
     // Each service (and the operator) as its own user of the leaf, not as
     // the admin full_config connects as.
-    let mut credentials = String::from("  credentials:\n");
-    let mut env = Vec::new();
-    for who in SERVICES.into_iter().chain(["operator"]) {
-        credentials.push_str(&format!(
-            "    {who}:\n      user: {who}\n      password: ${{{}}}\n",
-            password_variable(who)
-        ));
-        env.push((password_variable(who), nats.leaf.password(who).to_string()));
-    }
+    let who: Vec<&str> = SERVICES.into_iter().chain(["operator"]).collect();
+    let mut env = own_credentials(&path, &nats.leaf, &who);
     let text = std::fs::read_to_string(&path).unwrap();
-    let with_admin = format!("  url: {}\n", nats.leaf.url());
-    assert!(text.contains(&with_admin), "{text}");
     // Chat-ops and remediation run too (their queries and KV buckets).
     let runbooks = dir.path().join("runbooks");
     std::fs::create_dir_all(&runbooks).unwrap();
-    let text = text.replace(
-        &with_admin,
-        &format!("  url: {}\n{credentials}", nats.leaf.address()),
-    ) + &format!(
-        "jetstream:\n  domain: {domain}\n\
+    let text = text
+        + &format!(
+            "jetstream:\n  domain: {domain}\n\
          remediation:\n  runbook_dirs: [\"{runbooks}\"]\n\
          chatops:\n  listen: 127.0.0.1:{chatops}\n  slack:\n    \
          signing_secret: ${{TOCSIN_SLACK_SIGNING_SECRET}}\n",
-        domain = NatsDomain::DOMAIN,
-        runbooks = runbooks.display(),
-        chatops = free_port(),
-    );
+            domain = NatsDomain::DOMAIN,
+            runbooks = runbooks.display(),
+            chatops = free_port(),
+        );
     std::fs::write(&path, text).unwrap();
     env.push((
         "TOCSIN_SLACK_SIGNING_SECRET".to_string(),
@@ -72,23 +62,7 @@ async fn services_on_a_leaf_node_page_and_take_acks_in_the_hubs_domain() {
     let mut up = Proc::start_with_env(&path, dir.path(), &["up"], &env);
     up.ready().await;
     post_alerts(ingest, &serde_json::json!([alert("DiskFull", "firing")])).await;
-    assert!(
-        fakes
-            .wait_for(
-                |f| f.sms().len() == 1
-                    && f.slack_posts().len() == 2
-                    && f.pagerduty_events().len() == 1
-                    && f.webhooks().len() == 1,
-                WAIT
-            )
-            .await,
-        "pages on every channel: sms {} slack {} pd {} hooks {}\n{}",
-        fakes.sms().len(),
-        fakes.slack_posts().len(),
-        fakes.pagerduty_events().len(),
-        fakes.webhooks().len(),
-        up.log_text()
-    );
+    wait_paged_everywhere(&fakes, WAIT, || up.log_text()).await;
     assert_eq!(smtp.wait_for(1, WAIT).await.len(), 1, "{}", up.log_text());
 
     // The operator's ack goes through the leaf to the incidents service,

@@ -12,7 +12,9 @@ use tocsin_tests::{
     NatsServer,
 };
 
-use crate::support::{alert, free_port, full_config, post_alerts, Proc, Setup};
+use crate::support::{
+    alert, free_port, full_config, post_alerts, wait_paged_everywhere, Proc, Setup,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -50,23 +52,7 @@ async fn every_channel_configured_starts_and_pages_everywhere() {
     let mut up = Proc::start(&config, dir.path(), &["up"]);
     up.ready().await;
     post_alerts(ingest, &serde_json::json!([alert("DiskFull", "firing")])).await;
-    assert!(
-        fakes
-            .wait_for(
-                |f| f.sms().len() == 1
-                    && f.slack_posts().len() == 2
-                    && f.pagerduty_events().len() == 1
-                    && f.webhooks().len() == 1,
-                WAIT
-            )
-            .await,
-        "pages on every channel: sms {} slack {} pd {} hooks {}\n{}",
-        fakes.sms().len(),
-        fakes.slack_posts().len(),
-        fakes.pagerduty_events().len(),
-        fakes.webhooks().len(),
-        up.log_text()
-    );
+    wait_paged_everywhere(&fakes, WAIT, || up.log_text()).await;
     let mails = smtp.wait_for(1, WAIT).await;
     assert_eq!(mails.len(), 1, "{}", up.log_text());
     // What the page carries: the alert that fired (its instance), where

@@ -561,3 +561,59 @@ pub fn terms_never_go_back(raws: &[Raw], role: &str, stream: &str) -> Vec<u64> {
     }
     terms
 }
+
+/// Waits up to `within` until the first page of an incident has reached
+/// every channel the tests' policies name once: an SMS, two Slack posts
+/// (a DM and #incidents), a PagerDuty event and a webhook call (the email
+/// is the SMTP server's to wait for);
+/// panics with what arrived and `context()` (the processes' logs).
+pub async fn wait_paged_everywhere(
+    fakes: &FakeProviders,
+    within: Duration,
+    context: impl Fn() -> String,
+) {
+    assert!(
+        fakes
+            .wait_for(
+                |f| f.sms().len() == 1
+                    && f.slack_posts().len() == 2
+                    && f.pagerduty_events().len() == 1
+                    && f.webhooks().len() == 1,
+                within
+            )
+            .await,
+        "pages on every channel: sms {} slack {} pd {} hooks {}; rejected {:?}\n{}",
+        fakes.sms().len(),
+        fakes.slack_posts().len(),
+        fakes.pagerduty_events().len(),
+        fakes.webhooks().len(),
+        fakes.rejected(),
+        context()
+    );
+}
+
+/// Rewrites the config at `path` (as [`full_config`] wrote it for `nats`,
+/// connecting as the admin) so that each of `who` connects as its own
+/// NATS user, its password from `$TOCSIN_NATS_<WHO>_PASSWORD`; the
+/// environment that sets them.
+pub fn own_credentials(path: &Path, nats: &NatsServer, who: &[&str]) -> Vec<(String, String)> {
+    use tocsin_tests::nats::password_variable;
+    let mut credentials = String::from("  credentials:\n");
+    let mut env = Vec::new();
+    for w in who {
+        credentials.push_str(&format!(
+            "    {w}:\n      user: {w}\n      password: ${{{}}}\n",
+            password_variable(w)
+        ));
+        env.push((password_variable(w), nats.password(w).to_string()));
+    }
+    let text = std::fs::read_to_string(path).unwrap();
+    let with_admin = format!("  url: {}\n", nats.url());
+    assert!(text.contains(&with_admin), "{text}");
+    let text = text.replace(
+        &with_admin,
+        &format!("  url: {}\n{credentials}", nats.address()),
+    );
+    std::fs::write(path, text).unwrap();
+    env
+}
