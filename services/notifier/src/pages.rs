@@ -6,7 +6,7 @@
 //! never waits for PagerDuty's rate limit. Within a channel the lanes
 //! ([`crate::lanes`]) keep one destination from holding more than its
 //! share. Each message is handled in its own task: a page, or the pages
-//! of an escalation burst for this channel (up to 64, on
+//! of an escalation burst for one destination of this channel (up to 64, on
 //! `tocsin.notify.<channel>.batch`), worked on at once and acknowledged
 //! together.
 
@@ -163,8 +163,8 @@ async fn handle(
         };
         permits = all;
     }
-    // A message of several pages (a burst's, for this channel): all at
-    // once, each with a permit of its own, given back as soon as that page
+    // A message of several pages (a burst's, for one destination of this
+    // channel; an older escalation's, for any): all at once, each with a permit of its own, given back as soon as that page
     // is done (sent, failed, or to come again), with the page itself. So
     // a page that waits in place for its destination's next turn holds
     // only its own room, not that of the pages sent beside it: the
