@@ -25,15 +25,12 @@ use tokio_util::sync::CancellationToken;
 async fn a_query_that_waits_does_not_hold_up_the_ones_behind_it() {
     tocsin_tests::init_logs();
     let nats = NatsServer::start().await;
-    let incidents = nats.client_as("incidents").await.expect("incidents");
+    let incidents =
+        async_nats::jetstream::new(nats.client_as("incidents").await.expect("incidents"));
     let notifier = nats.client_as("notifier").await.expect("notifier");
-    let queries = Queries::subscribe(
-        &async_nats::jetstream::new(incidents.clone()),
-        "tocsin-incidents",
-        &[query::GET_INCIDENT],
-    )
-    .await
-    .expect("subscribe");
+    let queries = Queries::subscribe(&incidents, "tocsin-incidents", &[query::GET_INCIDENT])
+        .await
+        .expect("subscribe");
     const ASKED: usize = 8;
     let all_asked = Arc::new(tokio::sync::Barrier::new(ASKED));
     let stop = CancellationToken::new();
@@ -76,17 +73,14 @@ async fn a_query_that_waits_does_not_hold_up_the_ones_behind_it() {
 async fn a_query_asked_as_soon_as_the_subscription_returns_is_answered() {
     tocsin_tests::init_logs();
     let nats = NatsServer::start().await;
-    let incidents = nats.client_as("incidents").await.expect("incidents");
+    let incidents =
+        async_nats::jetstream::new(nats.client_as("incidents").await.expect("incidents"));
     let asker = nats.client_as("admin").await.expect("admin");
     for round in 0..300 {
         let subject = format!("tocsin.query.incidents.round{round}");
-        let queries = Queries::subscribe(
-            &async_nats::jetstream::new(incidents.clone()),
-            "tocsin-incidents",
-            &[subject.as_str()],
-        )
-        .await
-        .expect("subscribe");
+        let queries = Queries::subscribe(&incidents, "tocsin-incidents", &[subject.as_str()])
+            .await
+            .expect("subscribe");
         let stop = CancellationToken::new();
         let serving =
             tokio::spawn(queries.serve(

@@ -1011,20 +1011,18 @@ impl Service {
 /// destination's beside it); channels and destinations in the order they
 /// first come, pages in theirs.
 fn page_order(effects: &[Effect], pages: &mut [usize]) {
-    fn place<T: PartialEq>(first: &mut Vec<T>, key: T) -> usize {
-        first.iter().position(|k| *k == key).unwrap_or_else(|| {
-            first.push(key);
-            first.len() - 1
-        })
+    use std::collections::HashMap;
+    // Each key's place in the order it first comes (a burst may page a
+    // thousand different people: looked up, not searched for).
+    fn place<K: std::hash::Hash + Eq>(first: &mut HashMap<K, usize>, key: K) -> usize {
+        let next = first.len();
+        *first.entry(key).or_insert(next)
     }
-    let mut channels: Vec<String> = Vec::new();
-    let mut lanes: Vec<(String, &str)> = Vec::new();
+    let mut channels: HashMap<String, usize> = HashMap::new();
+    let mut lanes: HashMap<(usize, &str), usize> = HashMap::new();
     pages.sort_by_cached_key(|i| {
-        let subject = effects[*i].subject();
-        (
-            place(&mut channels, subject.clone()),
-            place(&mut lanes, (subject, lane(&effects[*i]))),
-        )
+        let channel = place(&mut channels, effects[*i].subject());
+        (channel, place(&mut lanes, (channel, lane(&effects[*i]))))
     });
 }
 
