@@ -660,6 +660,7 @@ async fn a_burst_handed_back_comes_again_when_its_turn_is_near_not_a_whole_wait_
     .await
     .expect("two pages beyond max_hold");
     let posts = |f: &FakeProviders| f.slack_posts().len();
+    assert!(fakes.wait_for(|f| posts(f) >= 1, WAIT).await, "the turn now");
     assert_eq!(posts(&fakes), 1, "one turn now, the next a second away");
     clock.advance(jiff::SignedDuration::from_secs(60));
     assert!(

@@ -173,22 +173,75 @@ async fn handle(
     // already sent then find their delivery records and are not sent
     // twice. (Pages beyond the whole room, a message larger than it, go
     // without a permit; permits beyond the pages, a message that said
-    // more than it holds, are given back now.)
+    // more than it holds, are given back now.) A page told to come again
+    // after a while is due that long after it was told, on the clock, not
+    // after the message is handed back: a page whose turn was a minute
+    // away, in a message whose other pages waited that minute in place,
+    // is due at once.
     let each: Vec<_> = pages.iter().map(|_| permits.split(1)).collect();
     drop(permits);
     let (d, shutdown) = (&d, &shutdown);
-    let f = futures::future::join_all(pages.into_iter().zip(each).map(
+    let due = futures::future::join_all(pages.into_iter().zip(each).map(
         |(page, permit)| async move {
             let f = d.deliver(&Job::page(page), shutdown).await;
             drop(permit);
-            f
+            Due::of(f, d.clock.now())
         },
     ))
     .await
     .into_iter()
-    .fold(Finish::Ack, Finish::and);
+    .fold(Due::Done, Due::sooner);
     alive.abort();
-    consumer::finish(&msg, f).await;
+    consumer::finish(&msg, due.finish(d.clock.now())).await;
+}
+
+/// The shortest a message of several pages is handed back for, however
+/// long ago its soonest page was due: its next delivery is no tighter loop
+/// than this.
+const SHORTEST_HAND_BACK: Duration = Duration::from_millis(100);
+
+/// When a message of pages is due again: never (every page is done), or
+/// at the soonest time one of its pages was told to come again, on the
+/// notifier's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    Done,
+    At(jiff::Timestamp),
+}
+
+impl Due {
+    /// A page's outcome, decided at `now`.
+    fn of(f: Finish, now: jiff::Timestamp) -> Due {
+        match f {
+            Finish::Ack => Due::Done,
+            Finish::Later(d) => Due::At(
+                jiff::SignedDuration::try_from(d)
+                    .ok()
+                    .and_then(|d| now.checked_add(d).ok())
+                    .unwrap_or(jiff::Timestamp::MAX),
+            ),
+        }
+    }
+
+    fn sooner(self, other: Due) -> Due {
+        match (self, other) {
+            (Due::Done, x) | (x, Due::Done) => x,
+            (Due::At(a), Due::At(b)) => Due::At(a.min(b)),
+        }
+    }
+
+    /// What to do with the message at `now`: acknowledged, or handed back
+    /// for what is left of the wait (at least [`SHORTEST_HAND_BACK`]).
+    fn finish(self, now: jiff::Timestamp) -> Finish {
+        match self {
+            Due::Done => Finish::Ack,
+            Due::At(at) => Finish::Later(
+                Duration::try_from(at.duration_since(now))
+                    .unwrap_or(Duration::ZERO)
+                    .max(SHORTEST_HAND_BACK),
+            ),
+        }
+    }
 }
 
 /// The permits a message of pages waits for before it is decoded: the
@@ -258,6 +311,28 @@ mod tests {
         assert_eq!(permits_for(100_000, 128), 128);
         assert_eq!(permits_for(u64::MAX, 128), 128);
         assert_eq!(permits_for(2, 0), 1);
+    }
+
+    #[test]
+    fn a_page_handed_back_is_due_counted_from_when_it_was_told() {
+        let t0 = jiff::Timestamp::from_second(1_700_000_000).unwrap();
+        let at = |s: i64| t0.checked_add(jiff::SignedDuration::from_secs(s)).unwrap();
+        let later = |s: u64| Finish::Later(Duration::from_secs(s));
+        // Told at t0 to come again in 60 s, handed back 60 s later beside
+        // a page that waited in place: due at once.
+        let due = Due::of(later(60), t0).sooner(Due::of(Finish::Ack, at(60)));
+        assert_eq!(due.finish(at(60)), Finish::Later(SHORTEST_HAND_BACK));
+        assert_eq!(due.finish(at(45)), later(15));
+        // The soonest of two, each from when it was told.
+        let due = Due::of(later(30), t0).sooner(Due::of(later(5), at(40)));
+        assert_eq!(due, Due::At(at(30)));
+        assert_eq!(due.finish(at(10)), later(20));
+        assert_eq!(Due::Done.sooner(Due::Done).finish(t0), Finish::Ack);
+        // A wait no timestamp holds is never a panic.
+        assert_eq!(
+            Due::of(Finish::Later(Duration::MAX), t0),
+            Due::At(jiff::Timestamp::MAX)
+        );
     }
 
     #[tokio::test]
