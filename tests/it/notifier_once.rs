@@ -660,7 +660,10 @@ async fn a_burst_handed_back_comes_again_when_its_turn_is_near_not_a_whole_wait_
     .await
     .expect("two pages beyond max_hold");
     let posts = |f: &FakeProviders| f.slack_posts().len();
-    assert!(fakes.wait_for(|f| posts(f) >= 1, WAIT).await, "the turn now");
+    assert!(
+        fakes.wait_for(|f| posts(f) >= 1, WAIT).await,
+        "the turn now"
+    );
     assert_eq!(posts(&fakes), 1, "one turn now, the next a second away");
     clock.advance(jiff::SignedDuration::from_secs(60));
     assert!(
@@ -688,6 +691,12 @@ async fn a_burst_handed_back_comes_again_when_its_turn_is_near_not_a_whole_wait_
     notifier::settled(&js, WAIT).await;
     assert_eq!(fakes.counts(Provider::Slack).accepted, 63, "each page once");
     assert_eq!(r.count("slack", "sent"), 63);
+    // The 61 sent before the message came back were known done here: no
+    // record read, no receipt sent again.
+    assert_eq!(
+        r.metric("tocsin_notifier_done_here_total{channel=\"slack\"}"),
+        61
+    );
     r.stop().await;
 }
 

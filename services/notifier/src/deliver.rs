@@ -15,7 +15,7 @@
 //! one and a reopened incident is never shown as resolved.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -160,6 +160,7 @@ pub(crate) struct Deliverer {
     times: Times,
     locks: Locks,
     working: Working,
+    finished: Finished,
     /// Follow-up syncs spawned after a page was sent.
     pub(crate) tasks: tokio_util::task::TaskTracker,
     receipts: receipts::Receipts,
@@ -180,6 +181,43 @@ impl Working {
         let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
         set.insert(key.to_string())
             .then(|| WorkingOn(self, key.to_string()))
+    }
+}
+
+/// The deliveries this replica finished (their outcome recorded, their
+/// receipt stored), the newest [`Finished::KEPT`] by record key. A burst's
+/// message is handed back whole when some of its pages must come again;
+/// the pages of it already sent here are then acknowledged at once, not
+/// read from their records and receipted again, each time it comes back.
+/// Another replica that gets the message reads their records as before.
+#[derive(Default)]
+struct Finished(Mutex<(HashSet<String>, VecDeque<String>)>);
+
+impl Finished {
+    /// Enough for the pages a replica works on at once on every channel
+    /// (four times `notifier.concurrency`, 256 by default, each), about
+    /// 100 bytes each.
+    const KEPT: usize = 4096;
+
+    fn contains(&self, key: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .contains(key)
+    }
+
+    fn insert(&self, key: &str) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (set, order) = &mut *g;
+        if set.insert(key.to_string()) {
+            order.push_back(key.to_string());
+            while order.len() > Self::KEPT {
+                if let Some(old) = order.pop_front() {
+                    set.remove(&old);
+                }
+            }
+        }
     }
 }
 
@@ -228,6 +266,7 @@ impl Deliverer {
             times: Times { zone },
             locks: Locks::default(),
             working: Working::default(),
+            finished: Finished::default(),
             tasks: tokio_util::task::TaskTracker::new(),
             receipts,
         })
@@ -496,6 +535,10 @@ impl Deliverer {
         shutdown: &CancellationToken,
     ) -> Finish {
         let key = records::key(&job.about.incident, &job.id);
+        if self.finished.contains(&key) {
+            self.metrics.done_here(job.about.channel.as_str());
+            return Finish::Ack;
+        }
         let Some(_working) = self.working.start(&key) else {
             self.metrics.handed_back(job.about.channel.as_str(), "busy");
             return Finish::Later(Duration::from_millis(500) + Self::jitter(500));
@@ -504,7 +547,14 @@ impl Deliverer {
         // record on, and the next round decides again from what it wrote.
         for _ in 0..5 {
             match self.attempt(job, &key, shutdown).await {
-                Some(f) => return f,
+                Some(f) => {
+                    // Acknowledged: its final record is written and its
+                    // receipt stored (every such way ends in a receipt).
+                    if f == Finish::Ack {
+                        self.finished.insert(&key);
+                    }
+                    return f;
+                }
                 None => continue,
             }
         }
@@ -1144,5 +1194,27 @@ impl Deliverer {
         let results =
             futures::future::join_all(jobs.iter().map(|j| self.deliver(j, shutdown))).await;
         results.into_iter().fold(Finish::Ack, Finish::and)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finished_deliveries_are_kept_newest_first_within_the_bound() {
+        let f = Finished::default();
+        for i in 0..Finished::KEPT + 10 {
+            f.insert(&format!("k{i}"));
+        }
+        // The same key twice takes one place.
+        f.insert(&format!("k{}", Finished::KEPT + 9));
+        {
+            let g = f.0.lock().unwrap();
+            assert_eq!((g.0.len(), g.1.len()), (Finished::KEPT, Finished::KEPT));
+        }
+        assert!(!f.contains("k9"), "the oldest went first");
+        assert!(f.contains("k10"));
+        assert!(f.contains(&format!("k{}", Finished::KEPT + 9)));
     }
 }

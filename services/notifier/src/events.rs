@@ -32,6 +32,7 @@ pub(crate) struct NotifierMetrics {
     breaker_opened: Family<Labels, Counter>,
     lookups: Family<Labels, Counter>,
     handed_back: Family<Labels, Counter>,
+    done_here: Family<Labels, Counter>,
     booked_alone: Family<Labels, Counter>,
     updates: Family<Labels, Counter>,
     pub(crate) dead_letters: Counter,
@@ -64,6 +65,7 @@ impl NotifierMetrics {
             breaker_opened: Family::default(),
             lookups: Family::default(),
             handed_back: Family::default(),
+            done_here: Family::default(),
             booked_alone: Family::default(),
             updates: Family::default(),
             dead_letters: Counter::default(),
@@ -120,9 +122,17 @@ impl NotifierMetrics {
         );
         m.register(
             "tocsin_notifier_handed_back",
-            "Messages handed back to the bus to come back later, by channel and why \
+            "Pages (and message updates) told to come back later, their bus message handed back \
+             (a burst's once its other pages are done), by channel and why \
              (rate_limit, breaker, busy, retry)",
             s.handed_back.clone(),
+        );
+        m.register(
+            "tocsin_notifier_done_here",
+            "Deliveries that came again (in a burst's message handed back for its other pages) \
+             after this replica had finished them: acknowledged without reading their record or \
+             sending their receipt again; by channel",
+            s.done_here.clone(),
         );
         m.register(
             "tocsin_notifier_booked_alone",
@@ -238,6 +248,12 @@ impl NotifierMetrics {
     pub(crate) fn booked_alone(&self, provider: &str) {
         self.booked_alone
             .get_or_create(&provider_labels(provider))
+            .inc();
+    }
+
+    pub(crate) fn done_here(&self, channel: &str) {
+        self.done_here
+            .get_or_create(&labels(&[("channel", channel)]))
             .inc();
     }
 
