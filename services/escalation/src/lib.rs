@@ -50,6 +50,7 @@ use tokio::net::TcpListener;
 use tokio_util::task::AbortOnDropHandle;
 
 pub use config::EscalationConfig;
+pub use service::PAGES_PER_MESSAGE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EscalationError {

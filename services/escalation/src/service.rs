@@ -1040,7 +1040,7 @@ const RECORDS_PER_MESSAGE: usize = 256;
 /// once and acknowledges them as one (handing it back whole if any must
 /// come again), and waits for room for as many pages as its
 /// `Tocsin-Items` says before it decodes it.
-const PAGES_PER_MESSAGE: usize = 64;
+pub const PAGES_PER_MESSAGE: usize = 64;
 /// Most bytes in one message (the effects' encoded sizes summed; far below
 /// NATS's 1 MiB `max_payload`).
 const BYTES_PER_MESSAGE: usize = 256 * 1024;

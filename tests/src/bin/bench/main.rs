@@ -3413,16 +3413,23 @@ async fn notifier_mixed(args: &NotifierArgs) -> anyhow::Result<MixedResult> {
                 ));
             }
             let elapsed = first.elapsed();
-            // Messages the replicas handed back to wait (a message of
-            // several pages comes back whole, its sent pages looked up again).
-            let handed_back: u64 = running
-                .iter()
-                .flat_map(|r| counter_samples(&r.metrics, "tocsin_notifier_handed_back_total"))
-                .map(|(_, v)| v as u64)
-                .sum();
+            // Pages the replicas told to come again (a message of several
+            // pages is handed back whole once its pages are done or told
+            // so), and pages that came again in such a message after the
+            // replica holding it had sent them (acknowledged at once).
+            let counted = |name: &str| -> u64 {
+                running
+                    .iter()
+                    .flat_map(|r| counter_samples(&r.metrics, name))
+                    .map(|(_, v)| v as u64)
+                    .sum()
+            };
+            let handed_back = counted("tocsin_notifier_handed_back_total");
+            let done_here = counted("tocsin_notifier_done_here_total");
             println!(
                 "round {} with {replicas} {}: {total} pages in {:.1}s, {}; {refused} requests refused \
-                 with 429 by the fakes (retried after Retry-After); {handed_back} messages handed back",
+                 with 429 by the fakes (retried after Retry-After); {handed_back} pages told to come \
+                 again, {done_here} found sent when their message came back",
                 round + 1,
                 replicas_word(replicas),
                 elapsed.as_secs_f64(),

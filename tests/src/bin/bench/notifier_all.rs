@@ -65,8 +65,10 @@ pub async fn notifier(quick: bool, reps: u32) -> anyhow::Result<Outcome> {
     outcome.figures.extend(plain);
     println!();
 
+    // All paged at once, as one escalation turn pages them: each
+    // destination's pages go up to 64 to a NOTIFY message.
     println!(
-        "-- production rate limits: {incidents} incidents, 5 pages each (sms, slack DM, slack #incidents, pagerduty, webhook)"
+        "-- production rate limits: {incidents} incidents, 5 pages each (sms, slack DM, slack #incidents, pagerduty, webhook), each destination's pages up to 64 a message as escalation sends a burst"
     );
     let MixedResult { rows, failures } = super::notifier_mixed(&NotifierArgs {
         pages: incidents,
@@ -74,7 +76,7 @@ pub async fn notifier(quick: bool, reps: u32) -> anyhow::Result<Outcome> {
         rate: 0,
         pagerduty: true,
         mixed: true,
-        per_message: 1,
+        per_message: tocsin_escalation::PAGES_PER_MESSAGE as u32,
     })
     .await?;
     for channel in MIXED_CHANNELS {
