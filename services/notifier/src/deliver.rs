@@ -184,19 +184,19 @@ impl Working {
     }
 }
 
-/// The deliveries this replica finished (their outcome recorded, their
-/// receipt stored), the newest [`Finished::KEPT`] by record key. A burst's
-/// message is handed back whole when some of its pages must come again;
-/// the pages of it already sent here are then acknowledged at once, not
-/// read from their records and receipted again, each time it comes back.
-/// Another replica that gets the message reads their records as before.
+/// Pages this replica finished (their outcome recorded, their receipt
+/// stored) in a burst's message it handed back, the newest
+/// [`Finished::KEPT`] by record key. Such a message comes back whole, once
+/// for each wait of its other pages; the pages of it already done here are
+/// then acknowledged at once, not read from their records and receipted
+/// again each time. A replica that did not send them (the message went to
+/// another, or this one restarted) reads their records as before.
 #[derive(Default)]
 struct Finished(Mutex<(HashSet<String>, VecDeque<String>)>);
 
 impl Finished {
-    /// Enough for the pages a replica works on at once on every channel
-    /// (four times `notifier.concurrency`, 256 by default, each), about
-    /// 100 bytes each.
+    /// 64 full messages' pages, about 100 bytes each; one forgotten is
+    /// read from its record when it comes back, as any other.
     const KEPT: usize = 4096;
 
     fn contains(&self, key: &str) -> bool {
@@ -547,19 +547,22 @@ impl Deliverer {
         // record on, and the next round decides again from what it wrote.
         for _ in 0..5 {
             match self.attempt(job, &key, shutdown).await {
-                Some(f) => {
-                    // Acknowledged: its final record is written and its
-                    // receipt stored (every such way ends in a receipt).
-                    if f == Finish::Ack {
-                        self.finished.insert(&key);
-                    }
-                    return f;
-                }
+                Some(f) => return f,
                 None => continue,
             }
         }
         self.metrics.handed_back(job.about.channel.as_str(), "busy");
         Finish::Later(Duration::from_millis(500) + Self::jitter(500))
+    }
+
+    /// The jobs of `keys` were acknowledged ([`Self::deliver`] gave
+    /// [`Finish::Ack`]: their final record is written and their receipt
+    /// stored) in a message that goes back to the bus for its other pages:
+    /// when it comes back here they are acknowledged at once.
+    pub(crate) fn finished_in_handed_back(&self, keys: impl IntoIterator<Item = String>) {
+        for k in keys {
+            self.finished.insert(&k);
+        }
     }
 
     /// One round; `None` after a conflict (decide again).

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     consumer,
     deliver::{Deliverer, Finish, Job},
+    records,
 };
 
 /// The prefix of the durable consumers every replica shares for pages:
@@ -181,16 +182,24 @@ async fn handle(
     let each: Vec<_> = pages.iter().map(|_| permits.split(1)).collect();
     drop(permits);
     let (d, shutdown) = (&d, &shutdown);
-    let due = futures::future::join_all(pages.into_iter().zip(each).map(
+    let done = futures::future::join_all(pages.into_iter().zip(each).map(
         |(page, permit)| async move {
-            let f = d.deliver(&Job::page(page), shutdown).await;
+            let job = Job::page(page);
+            let f = d.deliver(&job, shutdown).await;
             drop(permit);
-            Due::of(f, d.clock.now())
+            let key = (f == Finish::Ack).then(|| records::key(&job.about.incident, &job.id));
+            (Due::of(f, d.clock.now()), key)
         },
     ))
-    .await
-    .into_iter()
-    .fold(Due::Done, Due::sooner);
+    .await;
+    let due = done
+        .iter()
+        .map(|(due, _)| *due)
+        .fold(Due::Done, Due::sooner);
+    if due != Due::Done {
+        // The pages sent are acknowledged at once when it comes back.
+        d.finished_in_handed_back(done.into_iter().filter_map(|(_, key)| key));
+    }
     alive.abort();
     consumer::finish(&msg, due.finish(d.clock.now())).await;
 }
