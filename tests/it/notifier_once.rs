@@ -544,6 +544,51 @@ async fn pages_of_a_message_that_misstates_its_count_are_each_delivered_once() {
     r.stop().await;
 }
 
+/// A notifier replica on a `ManualClock` whose Slack destinations each
+/// take a page a second (burst 1), its config edited by `edit` first.
+struct SlackPaced {
+    nats: NatsServer,
+    fakes: FakeProviders,
+    _dir: tempfile::TempDir,
+    clock: std::sync::Arc<tocsin_runtime::clock::ManualClock>,
+    r: Replica,
+}
+
+impl SlackPaced {
+    async fn start(edit: impl FnOnce(&mut tocsin_notifier::NotifierConfig)) -> SlackPaced {
+        let nats = NatsServer::start().await;
+        let fakes = FakeProviders::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let clock = std::sync::Arc::new(tocsin_runtime::clock::ManualClock::new(
+            jiff::Timestamp::now(),
+        ));
+        let mut config = notifier::config(&fakes, None, dir.path());
+        edit(&mut config);
+        let guard = &mut config.slack.as_mut().expect("slack").guard;
+        guard.rate_per_second = 1;
+        guard.burst = Some(1);
+        let r = Replica::start_with_clock(&nats, config, clock.clone()).await;
+        r.wait_ready().await;
+        SlackPaced {
+            nats,
+            fakes,
+            _dir: dir,
+            clock,
+            r,
+        }
+    }
+}
+
+/// Page `n` to the Slack channel `channel`.
+fn to_slack_channel(n: u64, channel: &str) -> tocsin_proto::notify::Page {
+    let mut p = page(n, Channel::Slack);
+    p.target = tocsin_proto::notify::PageTarget::SlackChannel {
+        channel: channel.to_string(),
+    };
+    p.address = channel.to_string();
+    p
+}
+
 /// A page of a burst frees its room once it is done, not when the whole
 /// message is: a page that waits in its message for its destination's
 /// next turn holds only its own, so a message behind it, for another
@@ -557,30 +602,16 @@ async fn pages_of_a_message_that_misstates_its_count_are_each_delivered_once() {
 /// pages in the same messages: 33 s at p99, 3 s with a message a page.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_page_waiting_in_a_burst_holds_no_room_for_the_pages_already_sent() {
-    use tocsin_proto::notify::PageTarget;
-    let nats = NatsServer::start().await;
-    let fakes = FakeProviders::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let clock = std::sync::Arc::new(tocsin_runtime::clock::ManualClock::new(
-        jiff::Timestamp::now(),
-    ));
-    let mut config = notifier::config(&fakes, None, dir.path());
     // Room for 8 pages of a channel at once; one page waiting per
     // destination.
-    config.concurrency = Some(2);
-    let guard = &mut config.slack.as_mut().expect("slack").guard;
-    guard.rate_per_second = 1;
-    guard.burst = Some(1);
-    let r = Replica::start_with_clock(&nats, config, clock.clone()).await;
-    r.wait_ready().await;
-    let to = |n: u64, channel: &str| {
-        let mut p = page(n, Channel::Slack);
-        p.target = PageTarget::SlackChannel {
-            channel: channel.to_string(),
-        };
-        p.address = channel.to_string();
-        p
-    };
+    let SlackPaced {
+        nats,
+        fakes,
+        clock,
+        r,
+        ..
+    } = SlackPaced::start(|c| c.concurrency = Some(2)).await;
+    let to = to_slack_channel;
     let mut burst = vec![to(1, "C0FIRST"), to(2, "C0FIRST")];
     burst.extend((3..=8).map(|n| to(n, &format!("C0OTHER{n}"))));
     let js = async_nats::jetstream::new(nats.client().await);
@@ -623,32 +654,20 @@ async fn a_page_waiting_in_a_burst_holds_no_room_for_the_pages_already_sent() {
 /// second time.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_handed_back_comes_again_when_its_turn_is_near_not_a_whole_wait_later() {
-    use tocsin_proto::notify::PageTarget;
-    let nats = NatsServer::start().await;
-    let fakes = FakeProviders::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let clock = std::sync::Arc::new(tocsin_runtime::clock::ManualClock::new(
-        jiff::Timestamp::now(),
-    ));
-    let mut config = notifier::config(&fakes, None, dir.path());
-    config.max_hold = Some(HumanDuration::secs(60));
-    // The default: up to 128 pages may wait in place for one destination.
-    config.concurrency = Some(256);
-    let guard = &mut config.slack.as_mut().expect("slack").guard;
-    guard.rate_per_second = 1;
-    guard.burst = Some(1);
-    let r = Replica::start_with_clock(&nats, config, clock.clone()).await;
-    r.wait_ready().await;
-    let burst: Vec<_> = (1..=63)
-        .map(|n| {
-            let mut p = page(n, Channel::Slack);
-            p.target = PageTarget::SlackChannel {
-                channel: "C0BUSY".to_string(),
-            };
-            p.address = "C0BUSY".to_string();
-            p
-        })
-        .collect();
+    let SlackPaced {
+        nats,
+        fakes,
+        clock,
+        r,
+        ..
+    } = SlackPaced::start(|c| {
+        c.max_hold = Some(HumanDuration::secs(60));
+        // The default: up to 128 pages may wait in place for one
+        // destination.
+        c.concurrency = Some(256);
+    })
+    .await;
+    let burst: Vec<_> = (1..=63).map(|n| to_slack_channel(n, "C0BUSY")).collect();
     let js = async_nats::jetstream::new(nats.client().await);
     publish_batch(&js, &burst).await;
     // Every page has asked for its turn once the two beyond the minute
