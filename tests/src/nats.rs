@@ -476,20 +476,17 @@ impl NatsDomain {
             ),
         )
         .await;
-        let deadline = Instant::now() + Duration::from_secs(20);
         let client = leaf.client().await;
         let js = async_nats::jetstream::with_domain(client, Self::DOMAIN);
-        while js.query_account().await.is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the hub's JetStream does not answer through the leaf node within 20 s; \
-                 hub log:\n{}\nleaf log:\n{}",
-                hub.log(),
-                leaf.log()
-            );
-            // Poll interval of a wait for the link to come up (with a deadline).
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let linked = crate::eventually_within(Duration::from_secs(20), || js.query_account()).await;
+        assert!(
+            linked.is_ok(),
+            "the hub's JetStream does not answer through the leaf node within 20 s ({:?}); \
+             hub log:\n{}\nleaf log:\n{}",
+            linked.err(),
+            hub.log(),
+            leaf.log()
+        );
         NatsDomain { hub, leaf }
     }
 }
