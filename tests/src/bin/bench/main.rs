@@ -2255,6 +2255,7 @@ async fn escalation_run(args: &EscalationArgs) -> anyhow::Result<EscalationResul
     );
     let mut lateness = Vec::with_capacity(n as usize);
     let mut drains = Vec::with_capacity(bursts as usize);
+    let busy_before = counter_samples(&svc.metrics, BUSY);
     let phase3_started = Instant::now();
     for k in 0..bursts {
         let due = burst_due(k);
@@ -2339,6 +2340,11 @@ async fn escalation_run(args: &EscalationArgs) -> anyhow::Result<EscalationResul
         ms(percentile(&lateness, 0.50)),
         ms(percentile(&lateness, 0.99)),
         ms(lateness.last().copied()),
+    );
+    busy_split(
+        phase3_elapsed,
+        &busy_before,
+        &counter_samples(&svc.metrics, BUSY),
     );
     drains.sort_unstable();
     println!(
@@ -4187,6 +4193,31 @@ async fn wait_for_incident(
 }
 
 /// The samples of counter `name` (labels, value) in `metrics`' text form.
+/// The escalation loop's time by stage.
+const BUSY: &str = "tocsin_escalation_busy_seconds_total";
+
+/// Prints where the escalation loop's time went between two samples of
+/// [`BUSY`], as points of `elapsed` (what is left is the loop waiting for
+/// the clock or an entry).
+fn busy_split(elapsed: Duration, before: &[(String, f64)], after: &[(String, f64)]) {
+    let mut parts = Vec::new();
+    let mut total = 0.0;
+    for (labels, v) in after {
+        let was = before
+            .iter()
+            .find(|(l, _)| l == labels)
+            .map_or(0.0, |(_, v)| *v);
+        let stage = labels.replace("stage=", "").replace('"', "");
+        let points = (v - was) / elapsed.as_secs_f64() * 100.0;
+        total += points;
+        parts.push(format!("{stage} {points:.0}"));
+    }
+    println!(
+        "  the service's loop ({BUSY}): busy {total:.0}% of it: {}",
+        parts.join(", ")
+    );
+}
+
 fn counter_samples(metrics: &Metrics, name: &str) -> Vec<(String, f64)> {
     samples(&metrics.encode(), name)
 }
