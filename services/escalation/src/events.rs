@@ -60,9 +60,11 @@ impl EscalationMetrics {
             "Time spent by the escalation loop, by stage: apply (applying INCIDENTS \
              entries), read (waiting for them while catching up to the stream's end), info \
              (asking INCIDENTS for its last sequence before firing), \
-             fire (reading due tracks, firing them and sending their pages), pages \
-             (waiting for JetStream to store the pages), records (sending the timeline \
-             records and waiting for them to be stored), save (the local store). The \
+             load (reading a burst's due tracks from the local store), fire (firing \
+             them), send (sending their pages), pages (waiting for JetStream to store \
+             the pages), records (sending the timeline records and waiting for them to \
+             be stored), save (the local store; a burst's chunk is written on another \
+             thread while the next fires, and this is the wait for it). The \
              rate of the sum is the share of time the loop is busy; near 1 it is saturated",
             s.busy.clone(),
         );

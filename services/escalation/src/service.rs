@@ -56,6 +56,16 @@ struct InFlight {
     now: Timestamp,
 }
 
+/// A chunk's tracks being written to the store on a blocking thread while
+/// a burst fires the next chunk ([`Service::save_behind`]).
+struct Saving {
+    /// The keys written, and the entries applied the cursor covers: both
+    /// go back to `unsaved` if the write fails.
+    keys: Vec<Key>,
+    entries: usize,
+    task: tokio::task::JoinHandle<Result<(), store::StoreError>>,
+}
+
 /// Why [`Service::drain`] stopped short.
 enum DrainError {
     /// Reading INCIDENTS failed: read again.
@@ -98,6 +108,8 @@ pub(crate) struct Service {
     /// Set when the tracks started over from the stream's start (see
     /// `start_over_if_behind`): the reader must start there too.
     started_over: bool,
+    /// A burst's chunk being saved behind the next one, if any.
+    saving: Option<Saving>,
 }
 
 fn open_store(dir: &Path) -> Result<(Store, Tracks, u64), EscalationError> {
@@ -130,6 +142,7 @@ impl Service {
             watchdog,
             fence: std::sync::Mutex::new(None),
             started_over: false,
+            saving: None,
         })
     }
 
@@ -143,22 +156,9 @@ impl Service {
     /// about that many of them again (a backlog of receipts, which change
     /// no track, made a restart read 150,000 entries again: 5 s).
     fn save(&mut self, changed: &[Key]) {
-        self.save_then(changed, true);
-    }
-
-    /// Saves like [`Service::save`] but keeps the tracks at hand: some of
-    /// them are fired and not yet saved (the next chunk of a burst, whose
-    /// acks are not all in).
-    fn save_keeping(&mut self, changed: &[Key]) {
-        self.save_then(changed, false);
-    }
-
-    fn save_then(&mut self, changed: &[Key], release: bool) {
         self.unsaved.extend_from_slice(changed);
         if self.unsaved.is_empty() {
-            if release {
-                self.tracks.release();
-            }
+            self.tracks.release();
             if self.unsaved_entries < SAVE_EVERY {
                 return;
             }
@@ -174,9 +174,7 @@ impl Service {
             Ok(()) => {
                 self.unsaved.clear();
                 self.unsaved_entries = 0;
-                if release {
-                    self.tracks.release();
-                }
+                self.tracks.release();
             }
             Err(e) => EscalationEvent::SaveFailed {
                 error: &e.to_string(),
@@ -187,6 +185,57 @@ impl Service {
             count: self.tracks.count(),
         }
         .emit(&self.metrics);
+    }
+
+    /// Like [`Service::save`], for a burst, but keeps the tracks at hand
+    /// (some are fired and not yet saved: the next chunk's, whose acks are
+    /// not all in). The tracks are encoded now and written on a blocking thread while the loop fires the next
+    /// chunk (the write is a chunk's thousand sled inserts, a quarter of a
+    /// burst's time when the loop made them itself). The save before it,
+    /// if any, is awaited first, so saves land in order; every other use
+    /// of the store or release of the tracks at hand comes after
+    /// [`Service::saved`].
+    async fn save_behind(&mut self, changed: &[Key]) {
+        self.saved().await;
+        self.unsaved.extend_from_slice(changed);
+        if self.unsaved.is_empty() && self.unsaved_entries < SAVE_EVERY {
+            return;
+        }
+        let encoding = std::time::Instant::now();
+        let batch = Store::batch(&self.tracks, &self.unsaved, self.seq);
+        self.metrics.busy("save", encoding.elapsed());
+        let store = self.store.clone();
+        let busy = self.watchdog.busy("saving tracks to the local store");
+        let task = tokio::task::spawn_blocking(move || {
+            let _busy = busy;
+            store.apply(batch)
+        });
+        self.saving = Some(Saving {
+            keys: std::mem::take(&mut self.unsaved),
+            entries: std::mem::take(&mut self.unsaved_entries),
+            task,
+        });
+    }
+
+    /// Awaits the save [`Service::save_behind`] started, if any; if it
+    /// failed, its keys are saved with the next change (their tracks stay
+    /// at hand until then).
+    async fn saved(&mut self) {
+        let Some(saving) = self.saving.take() else {
+            return;
+        };
+        let waiting = std::time::Instant::now();
+        let written = saving.task.await;
+        self.metrics.busy("save", waiting.elapsed());
+        let error = match written {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => format!("the save stopped: {e}"),
+        };
+        EscalationEvent::SaveFailed { error: &error }.emit(&self.metrics);
+        self.unsaved.extend(saving.keys);
+        self.unsaved_entries += saving.entries;
     }
 
     /// Puts `incident`'s stored tracks at hand, if they are not yet.
@@ -590,6 +639,7 @@ impl Service {
                 }
             }
         }
+        self.saved().await;
         self.store.flush().await;
         tracing::info!("escalation service stopped");
         Ok(())
@@ -614,13 +664,20 @@ impl Service {
         // Steps are fired a chunk at a time: the chunk's pages are all
         // sent, then the next chunk is read from the store and fired while
         // their acks come in (each waits for an fsync); once they are in,
-        // the chunk's records are sent, and once those are in, its tracks
-        // are saved. A crash before that fires them again with the same
-        // ids, unless the records were stored. Two chunks' messages stay
-        // far below async-nats's 5,000 in-flight publishes, which ingest
-        // shares in `tocsin up`.
+        // the chunk's records are sent, and their acks come in while the
+        // chunk after is fired; once those are in, its tracks are saved
+        // (written on a blocking thread while the next chunk fires). A
+        // crash before that fires them again with the same ids, unless the
+        // records were stored. A record goes only after its own chunk's
+        // pages are stored, so a standby taking a `paged` record as "sent"
+        // is right; a chunk's records may be stored before an earlier
+        // chunk's that failed and were sent again, which only orders two
+        // incidents' timelines differently. Three chunks' messages (about
+        // 20 each) stay far below async-nats's 5,000 in-flight publishes,
+        // which ingest shares in `tocsin up`.
         let mut after = None;
         let mut on_its_way: Option<InFlight> = None;
+        let mut recording: Option<InFlight> = None;
         let mut since_release = 0usize;
         loop {
             // A long burst takes seconds: take in acknowledgements that came
@@ -632,7 +689,10 @@ impl Service {
             // entry applied, or tracks let go, must find its tracks saved.
             let drain = drained_at.elapsed() > Duration::from_millis(250);
             if drain || since_release >= RELEASE_EVERY {
-                if !self.land(on_its_way.take(), shutdown).await {
+                if !self
+                    .land(on_its_way.take(), recording.take(), shutdown)
+                    .await
+                {
                     return Ok(false);
                 }
                 since_release = 0;
@@ -662,6 +722,8 @@ impl Service {
             }
             let incidents: Vec<uuid::Uuid> = chunk.iter().map(|k| k.0).collect();
             self.fetch_many(&incidents).await?;
+            self.metrics.busy("load", firing.elapsed());
+            let firing = std::time::Instant::now();
             let mut effects = Vec::new();
             let mut started = Vec::new();
             for key in &chunk {
@@ -681,24 +743,36 @@ impl Service {
             // saved with the chunk.
             let mut chunk = chunk;
             chunk.extend(started);
-            let sent = self.send_all(chunk, effects, now).await;
             self.metrics.busy("fire", firing.elapsed());
+            let firing = std::time::Instant::now();
+            let sent = self.send_all(chunk, effects, now).await;
+            self.metrics.busy("send", firing.elapsed());
             if let Some(mut before) = on_its_way.replace(sent) {
-                if !self.finish(&mut before, shutdown).await {
+                if !self.pages_stored(&mut before, shutdown).await {
                     return Ok(false);
                 }
-                // The chunk just sent is at hand, fired but not saved: it
-                // must stay so until its own acks are in. A step of both
-                // (fired again at once, a level with no delay) is saved
-                // with the later one.
-                let later: HashSet<&Key> = on_its_way.iter().flat_map(|s| &s.keys).collect();
-                let keys: Vec<Key> = before
-                    .keys
-                    .into_iter()
-                    .filter(|k| !later.contains(k))
-                    .collect();
-                self.unsaved.retain(|k| !later.contains(k));
-                self.save_keeping(&keys);
+                self.send_records(&mut before).await;
+                if let Some(mut older) = recording.replace(before) {
+                    if !self.records_stored(&mut older, shutdown).await {
+                        return Ok(false);
+                    }
+                    // The two chunks after it are at hand, fired but not
+                    // saved: they must stay so until their own acks are
+                    // in. A step of two (fired again at once, a level with
+                    // no delay) is saved with the later one.
+                    let later: HashSet<&Key> = on_its_way
+                        .iter()
+                        .chain(recording.iter())
+                        .flat_map(|s| &s.keys)
+                        .collect();
+                    let keys: Vec<Key> = older
+                        .keys
+                        .into_iter()
+                        .filter(|k| !later.contains(k))
+                        .collect();
+                    self.unsaved.retain(|k| !later.contains(k));
+                    self.save_behind(&keys).await;
+                }
             }
             since_release += 1;
             match next {
@@ -706,21 +780,35 @@ impl Service {
                 None => break,
             }
         }
-        Ok(self.land(on_its_way, shutdown).await)
+        Ok(self.land(on_its_way, recording, shutdown).await)
     }
 
-    /// Finishes the chunk on its way, if any, saves its tracks and lets
-    /// the tracks at hand go. False if the service stopped first.
-    async fn land(&mut self, on_its_way: Option<InFlight>, shutdown: &CancellationToken) -> bool {
-        let Some(mut sent) = on_its_way else {
-            // Nothing fired: what the entries read before changed.
-            self.save(&[]);
-            return true;
-        };
-        if !self.finish(&mut sent, shutdown).await {
-            return false;
+    /// Finishes the chunks on their way, if any (`recording`: the older,
+    /// whose records are sent; `on_its_way`: the newer, whose pages are),
+    /// saves their tracks and lets the tracks at hand go. False if the
+    /// service stopped first.
+    async fn land(
+        &mut self,
+        on_its_way: Option<InFlight>,
+        recording: Option<InFlight>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        self.saved().await;
+        let mut keys = Vec::new();
+        if let Some(mut older) = recording {
+            if !self.records_stored(&mut older, shutdown).await {
+                return false;
+            }
+            keys.extend(older.keys);
         }
-        self.save(&sent.keys);
+        if let Some(mut sent) = on_its_way {
+            if !self.finish(&mut sent, shutdown).await {
+                return false;
+            }
+            keys.extend(sent.keys);
+        }
+        // With nothing fired: what the entries read before changed.
+        self.save(&keys);
         true
     }
 
@@ -787,17 +875,44 @@ impl Service {
     /// failed is sent again on its own until it succeeds. False if the
     /// service stopped first.
     async fn finish(&self, sent: &mut InFlight, shutdown: &CancellationToken) -> bool {
+        if !self.pages_stored(sent, shutdown).await {
+            return false;
+        }
+        self.send_records(sent).await;
+        self.records_stored(sent, shutdown).await
+    }
+
+    /// Awaits the acks of the pages [`Service::send_all`] sent (any whose
+    /// message failed is sent again on its own until it is stored). False
+    /// if the service stopped first.
+    async fn pages_stored(&self, sent: &mut InFlight, shutdown: &CancellationToken) -> bool {
         let pending = std::mem::take(&mut sent.pending);
         let retry = std::mem::take(&mut sent.retry);
         let waiting = std::time::Instant::now();
         let stored = self.settle(sent, pending, retry, shutdown).await;
         self.metrics.busy("pages", waiting.elapsed());
-        if !stored {
-            return false;
-        }
-        let waiting = std::time::Instant::now();
+        stored
+    }
+
+    /// Sends the chunk's timeline records, once its pages are stored
+    /// ([`Service::pages_stored`]); [`Service::records_stored`] awaits
+    /// them.
+    async fn send_records(&self, sent: &mut InFlight) {
+        let sending = std::time::Instant::now();
         let records = std::mem::take(&mut sent.records);
         let (pending, retry) = self.send_group(&sent.effects, &records, sent.now).await;
+        sent.pending = pending;
+        sent.retry = retry;
+        self.metrics.busy("records", sending.elapsed());
+    }
+
+    /// Awaits the acks of the records [`Service::send_records`] sent (any
+    /// whose message failed is sent again on its own until it is stored).
+    /// False if the service stopped first.
+    async fn records_stored(&self, sent: &mut InFlight, shutdown: &CancellationToken) -> bool {
+        let pending = std::mem::take(&mut sent.pending);
+        let retry = std::mem::take(&mut sent.retry);
+        let waiting = std::time::Instant::now();
         let stored = self.settle(sent, pending, retry, shutdown).await;
         self.metrics.busy("records", waiting.elapsed());
         stored

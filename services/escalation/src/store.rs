@@ -22,6 +22,9 @@ struct Meta {
     incidents_seq: u64,
 }
 
+/// Tracks and a cursor encoded for the store, not yet written.
+pub struct Batch(sled::Batch);
+
 /// Cheap to clone (sled's handles are shared): the query task reads
 /// through a clone.
 #[derive(Clone)]
@@ -161,6 +164,12 @@ impl Store {
         changed: &[Key],
         incidents_seq: u64,
     ) -> Result<(), StoreError> {
+        self.apply(Self::batch(tracks, changed, incidents_seq))
+    }
+
+    /// What [`Store::save`] writes, encoded now: a burst applies it
+    /// ([`Store::apply`]) on another thread while it fires the next chunk.
+    pub fn batch(tracks: &Tracks, changed: &[Key], incidents_seq: u64) -> Batch {
         let mut batch = sled::Batch::default();
         for k in changed {
             match tracks.map.get(k) {
@@ -172,7 +181,12 @@ impl Store {
             b"m/meta".as_slice(),
             rmp_serde::to_vec_named(&Meta { incidents_seq }).expect("meta encodes"),
         );
-        self.tree.apply_batch(batch)?;
+        Batch(batch)
+    }
+
+    /// Writes a [`Store::batch`] at once.
+    pub fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+        self.tree.apply_batch(batch.0)?;
         Ok(())
     }
 
