@@ -255,51 +255,34 @@ impl Service {
     }
 
     /// [`Service::fetch`] for many incidents: those whose tracks are not at
-    /// hand are read side by side on up to [`READ_THREADS`] of the
-    /// runtime's blocking threads ([`store::parts`]; the same few threads
-    /// through a burst, so the allocator's per-thread arenas stay few).
+    /// hand are read ([`read_tracks`]) and put at hand.
     async fn fetch_many(&mut self, incidents: &[uuid::Uuid]) -> Result<(), EscalationError> {
-        let incidents: Vec<uuid::Uuid> = incidents
-            .iter()
-            .copied()
-            .filter(|id| !self.tracks.is_loaded(*id))
-            .collect();
+        let incidents = self.not_at_hand(incidents);
         if incidents.is_empty() {
             return Ok(());
         }
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(READ_THREADS);
         let _busy = self.watchdog.busy("reading tracks from the local store");
-        let mut parts = store::parts(&incidents, threads);
-        let reads: Vec<_> = if parts.len() == 1 {
-            vec![Ok(self.store.tracks_of_each(&parts.remove(0)))]
-        } else {
-            let handles: Vec<_> = parts
-                .into_iter()
-                .map(|part| {
-                    let store = self.store.clone();
-                    tokio::task::spawn_blocking(move || store.tracks_of_each(&part))
-                })
-                .collect();
-            futures::future::join_all(handles).await
-        };
-        for read in reads {
-            let stored = match read {
-                Ok(stored) => stored
-                    .map_err(|e| EscalationError::Store(format!("cannot read tracks: {e}")))?,
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(e) => {
-                    return Err(EscalationError::Store(format!(
-                        "reading tracks stopped: {e}"
-                    )))
-                }
-            };
-            for (incident, tracks) in stored {
-                self.tracks.load(incident, tracks);
-            }
-        }
+        let read = read_tracks(self.store.clone(), incidents).await?;
+        self.put_at_hand(read);
         Ok(())
+    }
+
+    /// Those of `incidents` whose tracks are not at hand.
+    fn not_at_hand(&self, incidents: &[uuid::Uuid]) -> Vec<uuid::Uuid> {
+        incidents
+            .iter()
+            .copied()
+            .filter(|id| !self.tracks.is_loaded(*id))
+            .collect()
+    }
+
+    /// Tracks read from the store put at hand (those of an incident already
+    /// at hand are not: what is at hand may have changed since it was
+    /// stored).
+    fn put_at_hand(&mut self, read: ReadTracks) {
+        for (incident, tracks) in read {
+            self.tracks.load(incident, tracks);
+        }
     }
 
     /// This tenure's fence, if taken.
@@ -678,6 +661,9 @@ impl Service {
         let mut after = None;
         let mut on_its_way: Option<InFlight> = None;
         let mut recording: Option<InFlight> = None;
+        // The next chunk's tracks, being read.
+        let mut read_ahead: Option<tokio::task::JoinHandle<Result<ReadTracks, EscalationError>>> =
+            None;
         let mut since_release = 0usize;
         loop {
             // A long burst takes seconds: take in acknowledgements that came
@@ -698,6 +684,8 @@ impl Service {
                 since_release = 0;
             }
             if drain {
+                // What is read ahead may be changed by the entries.
+                read_ahead = None;
                 let drained = self.drain(msgs).await;
                 self.drained(drained, "a burst")?;
                 if self.started_over {
@@ -720,8 +708,32 @@ impl Service {
             if chunk.is_empty() {
                 break;
             }
+            if let Some(ahead) = read_ahead.take() {
+                match ahead.await {
+                    Ok(Ok(read)) => self.put_at_hand(read),
+                    // Read again below, where a failure counts.
+                    Ok(Err(_)) => {}
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(_) => {}
+                }
+            }
             let incidents: Vec<uuid::Uuid> = chunk.iter().map(|k| k.0).collect();
             self.fetch_many(&incidents).await?;
+            // The next chunk's tracks are read while this one fires and
+            // its acks come in (those fired again at once are at hand; a
+            // step that comes due meanwhile is read when its chunk is).
+            if let Some(c) = &next {
+                let (ahead, _) = self.tracks.due_after(now, Some(c), FIRE_CHUNK);
+                let ids = self.not_at_hand(&ahead.iter().map(|k| k.0).collect::<Vec<_>>());
+                if !ids.is_empty() {
+                    let store = self.store.clone();
+                    let busy = self.watchdog.busy("reading tracks from the local store");
+                    read_ahead = Some(tokio::spawn(async move {
+                        let _busy = busy;
+                        read_tracks(store, ids).await
+                    }));
+                }
+            }
             self.metrics.busy("load", firing.elapsed());
             let firing = std::time::Instant::now();
             let mut effects = Vec::new();
@@ -1115,6 +1127,50 @@ impl Service {
             }
         }
     }
+}
+
+/// Tracks read from the store, by incident.
+type ReadTracks = Vec<(uuid::Uuid, Vec<crate::track::Track>)>;
+
+/// The stored tracks of `incidents`, read side by side on up to
+/// [`READ_THREADS`] of the runtime's blocking threads ([`store::parts`];
+/// the same few threads through a burst, so the allocator's per-thread
+/// arenas stay few).
+async fn read_tracks(
+    store: Store,
+    incidents: Vec<uuid::Uuid>,
+) -> Result<ReadTracks, EscalationError> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(READ_THREADS);
+    let mut parts = store::parts(&incidents, threads);
+    let reads: Vec<_> = if parts.len() == 1 {
+        vec![Ok(store.tracks_of_each(&parts.remove(0)))]
+    } else {
+        let handles: Vec<_> = parts
+            .into_iter()
+            .map(|part| {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.tracks_of_each(&part))
+            })
+            .collect();
+        futures::future::join_all(handles).await
+    };
+    let mut out = Vec::with_capacity(incidents.len());
+    for read in reads {
+        match read {
+            Ok(stored) => out.extend(
+                stored.map_err(|e| EscalationError::Store(format!("cannot read tracks: {e}")))?,
+            ),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => {
+                return Err(EscalationError::Store(format!(
+                    "reading tracks stopped: {e}"
+                )))
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Puts `pages` (places in `effects`) in the order they are sent: a
