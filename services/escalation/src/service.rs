@@ -35,9 +35,6 @@ use crate::{
 const FIRE_CHUNK: usize = 1024;
 /// Most threads reading a chunk's tracks from the store at once.
 const READ_THREADS: usize = 4;
-/// Chunks fired between lettings go of the tracks at hand (about 1.5 KiB
-/// each), so a long burst holds a bounded number.
-const RELEASE_EVERY: usize = 4;
 
 /// A chunk's pages sent, their acks not yet awaited
 /// ([`Service::send_all`], [`Service::finish`]).
@@ -195,11 +192,14 @@ impl Service {
     /// if any, is awaited first, so saves land in order; every other use
     /// of the store or release of the tracks at hand comes after
     /// [`Service::saved`].
-    async fn save_behind(&mut self, changed: &[Key]) {
-        self.saved().await;
+    ///
+    /// The keys of the save before it, once it landed (None if there was
+    /// none or it failed).
+    async fn save_behind(&mut self, changed: &[Key]) -> Option<Vec<Key>> {
+        let before = self.saved().await;
         self.unsaved.extend_from_slice(changed);
         if self.unsaved.is_empty() && self.unsaved_entries < SAVE_EVERY {
-            return;
+            return before;
         }
         let encoding = std::time::Instant::now();
         let batch = Store::batch(&self.tracks, &self.unsaved, self.seq);
@@ -215,20 +215,19 @@ impl Service {
             entries: std::mem::take(&mut self.unsaved_entries),
             task,
         });
+        before
     }
 
     /// Awaits the save [`Service::save_behind`] started, if any; if it
     /// failed, its keys are saved with the next change (their tracks stay
-    /// at hand until then).
-    async fn saved(&mut self) {
-        let Some(saving) = self.saving.take() else {
-            return;
-        };
+    /// at hand until then). The keys saved, if it landed.
+    async fn saved(&mut self) -> Option<Vec<Key>> {
+        let saving = self.saving.take()?;
         let waiting = std::time::Instant::now();
         let written = saving.task.await;
         self.metrics.busy("save", waiting.elapsed());
         let error = match written {
-            Ok(Ok(())) => return,
+            Ok(Ok(())) => return Some(saving.keys),
             Ok(Err(e)) => e.to_string(),
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => format!("the save stopped: {e}"),
@@ -236,6 +235,7 @@ impl Service {
         EscalationEvent::SaveFailed { error: &error }.emit(&self.metrics);
         self.unsaved.extend(saving.keys);
         self.unsaved_entries += saving.entries;
+        None
     }
 
     /// Puts `incident`'s stored tracks at hand, if they are not yet.
@@ -664,26 +664,21 @@ impl Service {
         // The next chunk's tracks, being read.
         let mut read_ahead: Option<tokio::task::JoinHandle<Result<ReadTracks, EscalationError>>> =
             None;
-        let mut since_release = 0usize;
         loop {
             // A long burst takes seconds: take in acknowledgements that came
             // meanwhile, so a step is not fired for an incident acknowledged
             // after the burst began. (A step they make due at once, such as
-            // an escalate-now, fires on the loop's next turn.) Every few
-            // chunks the tracks at hand are let go, so a long burst holds a
-            // bounded number. Both first finish the chunk on its way: an
-            // entry applied, or tracks let go, must find its tracks saved.
+            // an escalate-now, fires on the loop's next turn.) It first
+            // finishes the chunks on their way: an entry applied must find
+            // its tracks saved.
             let drain = drained_at.elapsed() > Duration::from_millis(250);
-            if drain || since_release >= RELEASE_EVERY {
+            if drain {
                 if !self
                     .land(on_its_way.take(), recording.take(), shutdown)
                     .await
                 {
                     return Ok(false);
                 }
-                since_release = 0;
-            }
-            if drain {
                 // What is read ahead may be changed by the entries.
                 read_ahead = None;
                 let drained = self.drain(msgs).await;
@@ -783,10 +778,26 @@ impl Service {
                         .filter(|k| !later.contains(k))
                         .collect();
                     self.unsaved.retain(|k| !later.contains(k));
-                    self.save_behind(&keys).await;
+                    if let Some(saved) = self.save_behind(&keys).await {
+                        // The chunk before it is saved: its tracks go, but
+                        // for those of an incident still on its way or
+                        // unsaved. A long burst holds four chunks' tracks
+                        // at most (about 1.5 KiB each).
+                        let keep: HashSet<uuid::Uuid> = later
+                            .iter()
+                            .map(|k| k.0)
+                            .chain(keys.iter().map(|k| k.0))
+                            .chain(self.unsaved.iter().map(|k| k.0))
+                            .collect();
+                        let go: HashSet<uuid::Uuid> = saved
+                            .iter()
+                            .map(|k| k.0)
+                            .filter(|id| !keep.contains(id))
+                            .collect();
+                        self.tracks.release_incidents(&go, &saved);
+                    }
                 }
             }
-            since_release += 1;
             match next {
                 Some(c) => after = Some(c),
                 None => break,

@@ -200,6 +200,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use jiff::Timestamp;
+    use std::collections::HashSet;
     use tocsin_proto::incident::IncidentSummary;
 
     use super::*;
@@ -454,6 +455,55 @@ mod tests {
         assert!(store.tree.is_empty());
         let (tracks, seq) = store.load().unwrap();
         assert_eq!((tracks.count(), tracks.next_due(), seq), (0, None, 0));
+    }
+
+    /// A burst lets a saved chunk's incidents go while later chunks stay at
+    /// hand: only the named incidents' tracks go (every policy of them,
+    /// and the record of a track removed since they were loaded), the
+    /// index and the count keep them, and they come back from the store
+    /// as saved.
+    #[test]
+    fn letting_some_incidents_go_keeps_the_others_at_hand_and_every_track_indexed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut keys = Vec::new();
+        let mut stored = Tracks::default();
+        for n in 1..=4u128 {
+            for policy in ["default", "db"] {
+                let t = track(n, policy);
+                let key = (t.incident.id, t.policy.clone());
+                stored.map.insert(key.clone(), t);
+                keys.push(key);
+            }
+        }
+        store.save(&stored, &keys, 3).unwrap();
+        let (mut tracks, _) = store.load().unwrap();
+        let due = tracks.next_due();
+        for n in 1..=4u128 {
+            let id = Uuid::from_u128(n);
+            tracks.load(id, store.tracks_of(id).unwrap());
+        }
+        assert_eq!(tracks.map.len(), 8);
+
+        let go: HashSet<Uuid> = [1u128, 3].into_iter().map(Uuid::from_u128).collect();
+        let saved: Vec<_> = keys.iter().filter(|k| go.contains(&k.0)).cloned().collect();
+        tracks.release_incidents(&go, &saved);
+        for n in 1..=4u128 {
+            let id = Uuid::from_u128(n);
+            let at_hand = tracks.map.keys().filter(|k| k.0 == id).count();
+            if go.contains(&id) {
+                assert!(!tracks.is_loaded(id), "incident {n} let go");
+                assert_eq!(at_hand, 0, "incident {n}: no track at hand");
+            } else {
+                assert!(tracks.is_loaded(id), "incident {n} kept");
+                assert_eq!(at_hand, 2, "incident {n}: both tracks at hand");
+            }
+        }
+        assert_eq!(tracks.count(), 8, "the count keeps every track");
+        assert_eq!(tracks.next_due(), due, "the index keeps every track");
+        let id = Uuid::from_u128(1);
+        tracks.load(id, store.tracks_of(id).unwrap());
+        assert_eq!(tracks.map.keys().filter(|k| k.0 == id).count(), 2);
     }
 
     #[test]

@@ -302,6 +302,33 @@ impl Tracks {
         self.loaded.clear();
     }
 
+    /// Lets the tracks of `incidents` at hand go (once every change of them
+    /// is saved; `keys`, what was saved for them, may name tracks removed
+    /// since they were loaded): a long burst lets each chunk go once it is
+    /// saved, while the chunks after it are still on their way.
+    pub fn release_incidents(&mut self, incidents: &HashSet<Uuid>, keys: &[Key]) {
+        for k in keys {
+            if incidents.contains(&k.0) {
+                self.known.remove(k);
+            }
+        }
+        for id in incidents {
+            if !self.loaded.remove(id) {
+                continue;
+            }
+            let at_hand: Vec<Key> = self
+                .map
+                .range((*id, String::new())..)
+                .take_while(|(k, _)| k.0 == *id)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in at_hand {
+                self.map.remove(&k);
+                self.known.remove(&k);
+            }
+        }
+    }
+
     /// How many tracks there are.
     pub fn count(&self) -> usize {
         self.count
