@@ -457,25 +457,34 @@ mod tests {
         assert_eq!((tracks.count(), tracks.next_due(), seq), (0, None, 0));
     }
 
+    /// Tracks at hand of `incidents`, each under its first `policies(n)` of
+    /// "default" and "db", and their keys.
+    fn at_hand(
+        incidents: std::ops::RangeInclusive<u128>,
+        policies: impl Fn(u128) -> usize,
+    ) -> (Tracks, Vec<Key>) {
+        let mut tracks = Tracks::default();
+        let mut keys = Vec::new();
+        for n in incidents {
+            for policy in ["default", "db"].iter().take(policies(n)) {
+                let t = track(n, policy);
+                let key = (t.incident.id, t.policy.clone());
+                tracks.map.insert(key.clone(), t);
+                keys.push(key);
+            }
+        }
+        (tracks, keys)
+    }
+
     /// A burst lets a saved chunk's incidents go while later chunks stay at
-    /// hand: only the named incidents' tracks go (every policy of them,
-    /// and the record of a track removed since they were loaded), the
-    /// index and the count keep them, and they come back from the store
-    /// as saved.
+    /// hand: only the named incidents' tracks go (every policy of them),
+    /// the index and the count keep them, and they come back from the
+    /// store as saved.
     #[test]
     fn letting_some_incidents_go_keeps_the_others_at_hand_and_every_track_indexed() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let mut keys = Vec::new();
-        let mut stored = Tracks::default();
-        for n in 1..=4u128 {
-            for policy in ["default", "db"] {
-                let t = track(n, policy);
-                let key = (t.incident.id, t.policy.clone());
-                stored.map.insert(key.clone(), t);
-                keys.push(key);
-            }
-        }
+        let (stored, keys) = at_hand(1..=4, |_| 2);
         store.save(&stored, &keys, 3).unwrap();
         let (mut tracks, _) = store.load().unwrap();
         let due = tracks.next_due();
@@ -510,17 +519,8 @@ mod tests {
     fn incidents_read_in_parts_are_each_read_once_with_every_stored_track() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let mut tracks = Tracks::default();
-        let mut keys = Vec::new();
         // 500 incidents, every third under two policies, and one with none.
-        for n in 1..=500u128 {
-            for policy in ["default", "db"].iter().take(1 + usize::from(n % 3 == 0)) {
-                let t = track(n, policy);
-                let key = (t.incident.id, t.policy.clone());
-                tracks.map.insert(key.clone(), t);
-                keys.push(key);
-            }
-        }
+        let (tracks, keys) = at_hand(1..=500, |n| 1 + usize::from(n % 3 == 0));
         store.save(&tracks, &keys, 7).unwrap();
 
         let mut wanted: Vec<Uuid> = (1..=501u128).rev().map(Uuid::from_u128).collect();
