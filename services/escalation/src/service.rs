@@ -186,12 +186,12 @@ impl Service {
 
     /// Like [`Service::save`], for a burst, but keeps the tracks at hand
     /// (some are fired and not yet saved: the next chunk's, whose acks are
-    /// not all in). The tracks are encoded now and written on a blocking thread while the loop fires the next
-    /// chunk (the write is a chunk's thousand sled inserts, a quarter of a
-    /// burst's time when the loop made them itself). The save before it,
-    /// if any, is awaited first, so saves land in order; every other use
-    /// of the store or release of the tracks at hand comes after
-    /// [`Service::saved`].
+    /// not all in). The tracks are encoded now and written on a blocking
+    /// thread while the loop fires the next chunk (the write is a chunk's
+    /// thousand sled inserts, a quarter of a burst's time when the loop
+    /// made them itself). The save before it, if any, is awaited first, so
+    /// saves land in order; every other use of the store or release of the
+    /// tracks at hand comes after [`Service::saved`].
     ///
     /// The keys of the save before it, once it landed (None if there was
     /// none or it failed).
