@@ -780,15 +780,12 @@ impl Service {
                     self.unsaved.retain(|k| !later.contains(k));
                     if let Some(saved) = self.save_behind(&keys).await {
                         // The chunk before it is saved: its tracks go, but
-                        // for those of an incident still on its way or
-                        // unsaved. A long burst holds four chunks' tracks
-                        // at most (about 1.5 KiB each).
-                        let keep: HashSet<uuid::Uuid> = later
-                            .iter()
-                            .map(|k| k.0)
-                            .chain(keys.iter().map(|k| k.0))
-                            .chain(self.unsaved.iter().map(|k| k.0))
-                            .collect();
+                        // for those of an incident still on its way (the
+                        // save just started took every unsaved key). A long
+                        // burst holds four chunks' tracks at most (about
+                        // 1.5 KiB each).
+                        let keep: HashSet<uuid::Uuid> =
+                            later.iter().copied().chain(&keys).map(|k| k.0).collect();
                         let go: HashSet<uuid::Uuid> = saved
                             .iter()
                             .map(|k| k.0)
